@@ -1,0 +1,1 @@
+from normkit import functional

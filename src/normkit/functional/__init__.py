@@ -1,0 +1,29 @@
+"""normkit.functional: pure tensor ops (no modules, no globals, no in-place writes to arguments).
+
+Every op runs on one generic core (:func:`moments`, :func:`normalize`, and the autograd
+Function :class:`NormFunction` with the analytic backward); they differ only in the dims they
+reduce over.
+"""
+
+from ._autograd import NormFunction, norm
+from ._moments import Moments, acc_dtype, moments, normalize
+from ._running import NormOutput
+from .batch_norm import batch_norm
+from .group_norm import group_norm
+from .instance_norm import instance_norm
+from .layer_norm import layer_norm, layer_norm_2d
+
+__all__ = [
+    "Moments",
+    "NormFunction",
+    "NormOutput",
+    "acc_dtype",
+    "batch_norm",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "layer_norm_2d",
+    "moments",
+    "norm",
+    "normalize",
+]

@@ -1,0 +1,94 @@
+"""Input validation shared by every functional op: typed errors that say what was expected and what came."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_input(x: object, op: str, *, min_dim: int = 2, ndim: int | None = None) -> Tensor:
+    """Raise ``TypeError`` for a non-tensor or non-floating input, ``ValueError`` for a wrong rank."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: expected a torch.Tensor input, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{op}: expected a floating-point input (float16, bfloat16, float32 or float64), got {x.dtype}; "
+            "convert it with x.float()"
+        )
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{op}: expected a {ndim}D input, got a {x.dim()}D input of shape {tuple(x.shape)}")
+    if x.dim() < min_dim:
+        raise ValueError(
+            f"{op}: expected an input with at least {min_dim} dims (N, C, ...), got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def check_param(p: Tensor | None, x: Tensor, shape: Sequence[int], op: str, name: str) -> None:
+    """Check a weight/bias/running buffer: right shape, compatible dtype, same device."""
+    if p is None:
+        return
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(p).__name__}")
+    if tuple(p.shape) != tuple(shape):
+        raise ValueError(
+            f"{op}: {name} has shape {tuple(p.shape)} but the input (shape {tuple(x.shape)}) needs "
+            f"{tuple(shape)}; check num_features / num_channels against the input's channel dim"
+        )
+    if p.dtype != x.dtype and not (x.dtype in _HALF and p.dtype == torch.float32):
+        raise TypeError(
+            f"{op}: {name} has dtype {p.dtype} but the input is {x.dtype}; parameters and buffers must match "
+            "the input dtype (or be float32 for float16/bfloat16 inputs): convert one with .to(dtype)"
+        )
+    if p.device != x.device:
+        raise ValueError(f"{op}: {name} is on {p.device} but the input is on {x.device}; move them together")
+
+
+def check_eps(eps: float, op: str) -> float:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def check_momentum(momentum: float | None, op: str) -> float | None:
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(
+            f"{op}: momentum must be a number in [0, 1] (PyTorch convention: the weight of the new batch) "
+            f"or None for a cumulative average, got {momentum!r}; a Keras momentum k converts to 1 - k"
+        )
+    return float(momentum)
+
+
+def check_positive_int(value: object, op: str, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_groups(num_groups: object, num_channels: int, op: str) -> int:
+    """C must be divisible by G, with 0 < G <= C; the error suggests the nearest valid G."""
+    g = check_positive_int(num_groups, op, "num_groups")
+    if g > num_channels or num_channels % g:
+        divisors = [d for d in range(1, num_channels + 1) if num_channels % d == 0]
+        lower = max((d for d in divisors if d <= g), default=1)
+        upper = min((d for d in divisors if d >= g), default=num_channels)
+        hint = f"num_groups={lower}" if lower == upper else f"num_groups={lower} or {upper}"
+        raise ValueError(
+            f"{op}: num_channels ({num_channels}) must be divisible by num_groups ({g}); try {hint}"
+        )
+    return g
+
+
+def set_size(x: Tensor, dims: Sequence[int]) -> int:
+    """Number of elements in one reduction set."""
+    m = 1
+    for d in dims:
+        m *= x.shape[d]
+    return m

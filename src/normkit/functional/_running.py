@@ -1,0 +1,61 @@
+"""Running-statistics updates, returned as new tensors (functional ops never write their arguments)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class NormOutput(NamedTuple):
+    """What an op with running statistics returns: the output and the *updated* statistics.
+
+    ``running_mean``, ``running_var`` and ``num_batches_tracked`` are new tensors (or the ones
+    passed in, unchanged, when nothing was updated, or ``None`` when none were given); a module
+    copies them into its buffers.
+    """
+
+    output: Tensor
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    count: int,
+    momentum: float | None,
+    unbiased: bool,
+    op: str,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``running <- (1 - momentum) * running + momentum * batch`` (PyTorch convention).
+
+    ``batch_var`` is the biased variance over ``count`` values per set; the stored variance is
+    the unbiased one, ``batch_var * count / (count - 1)``, when ``unbiased`` (PyTorch, and the BN
+    paper's Algorithm 2). ``momentum=None`` gives the cumulative average ``1 / num_batches_tracked``.
+    A batch whose statistics are not finite leaves every buffer unchanged (no NaN/Inf is ever
+    written), branch-free so that it costs no device sync.
+    """
+    mean = batch_mean.reshape(running_mean.shape).to(running_mean.dtype)
+    var = batch_var.reshape(running_var.shape)
+    if unbiased:
+        var = var * (count / (count - 1))
+    var = var.to(running_var.dtype)
+    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+    new_nbt = None
+    if num_batches_tracked is not None:
+        new_nbt = num_batches_tracked + finite.to(num_batches_tracked.dtype)
+    if momentum is None:
+        if new_nbt is None:
+            raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
+        factor: Tensor | float = 1.0 / new_nbt.clamp(min=1).to(running_mean.dtype)
+    else:
+        factor = momentum
+    new_mean = torch.where(finite, running_mean + factor * (mean - running_mean), running_mean)
+    new_var = torch.where(finite, running_var + factor * (var - running_var), running_var)
+    return new_mean, new_var, new_nbt

@@ -1,0 +1,109 @@
+"""Batch normalization (Ioffe & Szegedy, 2015), functional form."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._autograd import norm
+from ._checks import check_eps, check_input, check_momentum, check_param
+from ._moments import acc_dtype, normalize
+from ._running import NormOutput, update_running_stats
+from ._views import channel_view, spatial_dims
+
+__all__ = ["batch_norm"]
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Tensor | None = None,
+    *,
+    unbiased_running_var: bool = True,
+) -> NormOutput:
+    r"""Batch normalization over ``(N, *spatial)`` per channel; returns the output and updated statistics.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    The statistics of channel ``c`` pool over every sample and spatial position (the paper's
+    "effective mini-batch" ``m = N*H*W``). In training (or with no running statistics) the batch
+    statistics are used, with the *biased* variance; otherwise the running ones. The running
+    statistics follow PyTorch: ``running = (1 - momentum) * running + momentum * batch``, the
+    stored variance unbiased (``* m / (m - 1)``) unless ``unbiased_running_var=False`` (Keras,
+    Keras 3); ``momentum=None`` is a cumulative average. They are *returned*, never written in place.
+
+    Args:
+        x: input ``(N, C)`` or ``(N, C, *spatial)``, any floating dtype, any layout.
+        running_mean, running_var: ``(C,)`` buffers, or ``None`` to use batch statistics always.
+        weight, bias: per-channel affine ``(C,)``, or ``None``.
+        training: use (and update) batch statistics.
+        momentum: weight of the new batch in the running average, or ``None`` for a cumulative average.
+        eps: added to the variance inside the square root.
+        num_batches_tracked: the step counter (needed for ``momentum=None``); returned incremented.
+        unbiased_running_var: store the unbiased batch variance (PyTorch, BN paper) or the biased one.
+
+    Returns:
+        :class:`NormOutput` ``(output, running_mean, running_var, num_batches_tracked)``.
+
+    Raises:
+        ValueError: one value per channel while using batch statistics; shape mismatches.
+        TypeError: integer input; parameter dtype mismatch.
+
+    Example:
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> rm, rv = torch.zeros(3), torch.ones(3)
+        >>> out = batch_norm(x, rm, rv, training=True, momentum=0.1)
+        >>> ref = torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), training=True)
+        >>> torch.allclose(out.output, ref, atol=1e-5)
+        True
+        >>> torch.allclose(out.running_mean, 0.1 * x.mean((0, 2, 3)))
+        True
+
+    Reference: https://arxiv.org/abs/1502.03167
+    """
+    op = "batch_norm"
+    check_input(x, op)
+    eps = check_eps(eps, op)
+    momentum = check_momentum(momentum, op)
+    C = x.shape[1]
+    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        check_param(p, x, (C,), op, name)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+    w = channel_view(weight, x.dim())
+    b = channel_view(bias, x.dim())
+    use_batch_stats = training or running_mean is None
+    if not use_batch_stats:
+        assert running_mean is not None and running_var is not None
+        dtype = acc_dtype(x.dtype)
+        mean = channel_view(running_mean.to(dtype), x.dim())
+        rstd = channel_view(torch.rsqrt(running_var.to(dtype) + eps), x.dim())
+        assert mean is not None and rstd is not None
+        return NormOutput(normalize(x, mean, rstd, w, b), running_mean, running_var, num_batches_tracked)
+
+    dims = (0, *spatial_dims(x))
+    m = x.numel() // C if C else 0
+    if x.numel() == 0:
+        # An empty batch: empty output, zero parameter grads, statistics unchanged.
+        y, _, _ = norm(x, dims, w, b, eps)
+        return NormOutput(y, running_mean, running_var, num_batches_tracked)
+    if m == 1:
+        why = "" if training else " (running statistics are off, so eval mode uses batch statistics too)"
+        raise ValueError(
+            f"{op}: expected more than 1 value per channel when using batch statistics{why}, got input of "
+            f"shape {tuple(x.shape)}; use a batch of at least 2, or eval mode with running statistics"
+        )
+    y, mean, var = norm(x, dims, w, b, eps)
+    if training and running_mean is not None and running_var is not None:
+        rm, rv, nbt = update_running_stats(
+            running_mean, running_var, num_batches_tracked, mean, var, m, momentum, unbiased_running_var, op
+        )
+        return NormOutput(y, rm, rv, nbt)
+    return NormOutput(y, running_mean, running_var, num_batches_tracked)

@@ -1,0 +1,69 @@
+"""Group normalization (Wu & He, 2018), functional form."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._autograd import norm
+from ._checks import check_eps, check_groups, check_input, check_param
+
+__all__ = ["group_norm"]
+
+
+def group_norm(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Group normalization: each sample's channels split into ``num_groups`` contiguous groups.
+
+    .. math::
+        y = \frac{x - \mathrm{E}_{g}[x]}{\sqrt{\mathrm{Var}_{g}[x] + \epsilon}} \gamma_c + \beta_c
+
+    The statistics of (sample n, group g) pool over the ``C / G`` channels of the group and all
+    spatial positions; the affine is per channel. ``num_groups=1`` is LayerNorm over (C, H, W)
+    with a per-channel affine (the LN of the GN and Proxy Norm papers); ``num_groups=C`` is
+    InstanceNorm. Works on any layout (channels_last is kept) and on ``(N, C)`` inputs.
+
+    Args:
+        x: input ``(N, C, *spatial)`` or ``(N, C)``.
+        num_groups: G, a divisor of C.
+        weight, bias: per-channel affine ``(C,)`` or ``None``.
+        eps: added to the variance inside the square root.
+
+    Example:
+        >>> x = torch.randn(2, 6, 4, 4)
+        >>> torch.allclose(group_norm(x, 3), torch.nn.functional.group_norm(x, 3), atol=1e-5)
+        True
+        >>> ln = torch.nn.functional.layer_norm(x, x.shape[1:])      # GN(1) is LN over (C, H, W)
+        >>> torch.allclose(group_norm(x, 1), ln, atol=1e-5)
+        True
+
+    Reference: https://arxiv.org/abs/1803.08494
+    """
+    op = "group_norm"
+    check_input(x, op)
+    eps = check_eps(eps, op)
+    N, C = x.shape[0], x.shape[1]
+    G = check_groups(num_groups, C, op)
+    check_param(weight, x, (C,), op, "weight")
+    check_param(bias, x, (C,), op, "bias")
+    spatial = tuple(x.shape[2:])
+    m = (C // G)
+    for s in spatial:
+        m *= s
+    if m == 1 and x.numel():
+        raise ValueError(
+            f"{op}: expected more than 1 value per group, got input of shape {tuple(x.shape)} with "
+            f"num_groups={G}; use fewer groups"
+        )
+    # (N, C, *S) -> (N, G, C // G, *S): splitting one dim is a view for any strides (channels_last too).
+    xv = x.view(N, G, C // G, *spatial)
+    pshape = (1, G, C // G) + (1,) * len(spatial)
+    w = weight.view(pshape) if weight is not None else None
+    b = bias.view(pshape) if bias is not None else None
+    dims = tuple(range(2, xv.dim()))
+    y, _, _ = norm(xv, dims, w, b, eps)
+    return y.view(x.shape)

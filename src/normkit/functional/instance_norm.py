@@ -1,0 +1,106 @@
+"""Instance normalization (Ulyanov, Vedaldi & Lempitsky, 2016), functional form."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._autograd import norm
+from ._checks import check_eps, check_input, check_momentum, check_param
+from ._moments import acc_dtype, normalize
+from ._running import NormOutput, update_running_stats
+from ._views import channel_view, spatial_dims
+
+__all__ = ["instance_norm"]
+
+
+def instance_norm(
+    x: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Tensor | None = None,
+) -> NormOutput:
+    r"""Instance normalization: each (sample, channel) over its spatial positions.
+
+    .. math::
+        y_{nc} = \frac{x_{nc} - \mathrm{E}_{hw}[x_{nc}]}{\sqrt{\mathrm{Var}_{hw}[x_{nc}] + \epsilon}} \gamma_c + \beta_c
+
+    Equivalent to ``group_norm(x, num_groups=C)``. With running statistics and
+    ``use_input_stats=True``, the per-instance means and unbiased variances are averaged over
+    the batch and folded into the running buffers with ``running = (1 - momentum) * running +
+    momentum * batch`` (PyTorch's rule); with ``use_input_stats=False`` the running ones are used.
+
+    Args:
+        x: input ``(N, C, *spatial)`` with at least one spatial dim.
+        running_mean, running_var: ``(C,)`` buffers or ``None``.
+        weight, bias: per-channel affine ``(C,)`` or ``None``.
+        use_input_stats: normalize with the instance statistics (and update the buffers).
+        momentum: weight of the new batch, or ``None`` for a cumulative average.
+        eps: added to the variance inside the square root.
+        num_batches_tracked: step counter, returned incremented when the buffers are updated.
+
+    Returns:
+        :class:`NormOutput` ``(output, running_mean, running_var, num_batches_tracked)``.
+
+    Example:
+        >>> x = torch.randn(2, 3, 5, 5)
+        >>> y = instance_norm(x).output
+        >>> torch.allclose(y, torch.nn.functional.instance_norm(x), atol=1e-5)
+        True
+        >>> from normkit.functional import group_norm
+        >>> torch.allclose(y, group_norm(x, 3), atol=1e-6)
+        True
+
+    Reference: https://arxiv.org/abs/1607.08022
+    """
+    op = "instance_norm"
+    check_input(x, op)
+    if x.dim() < 3:
+        raise ValueError(
+            f"{op}: expected an input with spatial dims (N, C, L...), got shape {tuple(x.shape)}; "
+            "instance statistics of an (N, C) input have one value per set"
+        )
+    eps = check_eps(eps, op)
+    momentum = check_momentum(momentum, op)
+    C = x.shape[1]
+    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        check_param(p, x, (C,), op, name)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+    w = channel_view(weight, x.dim())
+    b = channel_view(bias, x.dim())
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError(f"{op}: use_input_stats=False needs running_mean and running_var")
+        dtype = acc_dtype(x.dtype)
+        mean = channel_view(running_mean.to(dtype), x.dim())
+        rstd = channel_view(torch.rsqrt(running_var.to(dtype) + eps), x.dim())
+        assert mean is not None and rstd is not None
+        return NormOutput(normalize(x, mean, rstd, w, b), running_mean, running_var, num_batches_tracked)
+    dims = spatial_dims(x)
+    m = 1
+    for d in dims:
+        m *= x.shape[d]
+    if x.numel() == 0:
+        y, _, _ = norm(x, dims, w, b, eps)
+        return NormOutput(y, running_mean, running_var, num_batches_tracked)
+    if m == 1:
+        raise ValueError(
+            f"{op}: expected more than 1 spatial value per channel, got input of shape {tuple(x.shape)}; "
+            "instance statistics over a single position are degenerate"
+        )
+    y, mean, var = norm(x, dims, w, b, eps)
+    if running_mean is not None and running_var is not None:
+        # Average the per-instance statistics over the batch; the unbiased correction is per instance.
+        bmean = mean.reshape(x.shape[0], C).mean(0)
+        bvar = (var.reshape(x.shape[0], C) * (m / (m - 1))).mean(0)
+        rm, rv, nbt = update_running_stats(
+            running_mean, running_var, num_batches_tracked, bmean, bvar, m, momentum, False, op
+        )
+        return NormOutput(y, rm, rv, nbt)
+    return NormOutput(y, running_mean, running_var, num_batches_tracked)

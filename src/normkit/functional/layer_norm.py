@@ -1,0 +1,104 @@
+"""Layer normalization (Ba, Kiros & Hinton, 2016): torch's last-dims form and the two CNN forms."""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+from torch import Tensor
+
+from ._autograd import norm
+from ._checks import check_eps, check_input, check_param
+from ._views import channel_view
+from .group_norm import group_norm
+
+__all__ = ["layer_norm", "layer_norm_2d"]
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Layer normalization over the trailing ``normalized_shape`` dims (torch semantics).
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    The affine is per element, of shape ``normalized_shape``.
+
+    Args:
+        x: input ``(*, *normalized_shape)``.
+        normalized_shape: the trailing shape to normalize over.
+        weight, bias: element-wise affine of shape ``normalized_shape``, or ``None``.
+        eps: added to the variance inside the square root.
+
+    Example:
+        >>> x = torch.randn(4, 10, 16)
+        >>> torch.allclose(layer_norm(x, 16), torch.nn.functional.layer_norm(x, (16,)), atol=1e-5)
+        True
+
+    Reference: https://arxiv.org/abs/1607.06450
+    """
+    op = "layer_norm"
+    check_input(x, op, min_dim=1)
+    eps = check_eps(eps, op)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or k > x.dim() or tuple(x.shape[x.dim() - k :]) != shape:
+        raise ValueError(
+            f"{op}: normalized_shape {shape} must match the trailing dims of the input, got input of shape "
+            f"{tuple(x.shape)}"
+        )
+    check_param(weight, x, shape, op, "weight")
+    check_param(bias, x, shape, op, "bias")
+    lead = (1,) * (x.dim() - k)
+    w = weight.view(lead + shape) if weight is not None else None
+    b = bias.view(lead + shape) if bias is not None else None
+    dims = tuple(range(x.dim() - k, x.dim()))
+    y, _, _ = norm(x, dims, w, b, eps)
+    return y
+
+
+def layer_norm_2d(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    over: Literal["c", "chw"] = "c",
+) -> Tensor:
+    r"""Layer normalization for ``(N, C, *spatial)`` feature maps, with a per-channel affine.
+
+    Two senses, both common:
+
+    * ``over="c"``: each spatial position over its C channels (ConvNeXt / timm ``LayerNorm2d``);
+      equals ``torch.nn.LayerNorm(C)`` on the channels-last permutation.
+    * ``over="chw"``: each sample over all of (C, H, W), the LN of the Group Norm and Proxy Norm
+      papers; equals ``group_norm(x, 1, weight, bias)``.
+
+    Args:
+        x: input ``(N, C, *spatial)``, NCHW or channels_last.
+        weight, bias: per-channel affine ``(C,)`` or ``None``.
+        eps: added to the variance inside the square root.
+        over: ``"c"`` or ``"chw"``.
+
+    Example:
+        >>> x = torch.randn(2, 8, 5, 5)
+        >>> ref = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (8,)).permute(0, 3, 1, 2)
+        >>> torch.allclose(layer_norm_2d(x, over="c"), ref, atol=1e-5)
+        True
+    """
+    op = "layer_norm_2d"
+    check_input(x, op, min_dim=2)
+    if over == "chw":
+        return group_norm(x, 1, weight, bias, eps)
+    if over != "c":
+        raise ValueError(f"{op}: over must be 'c' or 'chw', got {over!r}")
+    eps = check_eps(eps, op)
+    C = x.shape[1]
+    check_param(weight, x, (C,), op, "weight")
+    check_param(bias, x, (C,), op, "bias")
+    y, _, _ = norm(x, (1,), channel_view(weight, x.dim()), channel_view(bias, x.dim()), eps)
+    return y

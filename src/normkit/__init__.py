@@ -1,1 +1,23 @@
-from normkit import functional
+"""normkit: normalization layers for PyTorch, their tools, fast kernels, and a lab that shows why they work.
+
+The public API:
+
+* :mod:`normkit.functional` -- pure tensor ops on one generic core (``batch_norm``, ``group_norm``, ...).
+* :mod:`normkit.nn` -- drop-in ``torch.nn`` modules (``BatchNorm2d``, ``GroupNorm``, ``LayerNorm2d``, ...).
+* :func:`create_norm_layer` -- norm layers by name (``"bn"``, ``"gn:16"``, ``"ln"``, ``"ln2d"``, ``"in"``).
+
+``import normkit`` stays light: the lab (matplotlib, scikit-learn, rich) loads only when used.
+
+Example:
+    >>> import torch, normkit
+    >>> layer = normkit.create_norm_layer("gn:8", 64)
+    >>> layer(torch.randn(2, 64, 8, 8)).shape
+    torch.Size([2, 64, 8, 8])
+"""
+
+from . import functional, nn
+from .nn import available_norms, create_norm_layer, register_norm
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "available_norms", "create_norm_layer", "functional", "nn", "register_norm"]

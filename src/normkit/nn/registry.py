@@ -1,0 +1,126 @@
+"""Norm layers by name: ``create_norm_layer("gn:16", 64)``. Every factory takes the channel count first."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+from torch import nn
+
+__all__ = ["available_norms", "create_norm_layer", "default_groups", "register_norm"]
+
+Factory = Callable[..., nn.Module]
+_REGISTRY: dict[str, tuple[Factory, str]] = {}
+_SPEC = re.compile(r"^(?P<base>[a-z][a-z0-9_]*)(?::(?P<arg>[0-9]+))?(?P<suffix>(?:\+[a-z][a-z0-9_]*)*)$")
+
+
+def register_norm(name: str, help: str = "") -> Callable[[Factory], Factory]:
+    """Register ``factory(num_features, arg, **kwargs)`` under ``name`` (e.g. ``"gn"`` or ``"gn+pn"``).
+
+    ``arg`` is the optional integer after a colon in the spec (``"gn:16"`` -> 16), else ``None``.
+
+    Example:
+        >>> import torch
+        >>> @register_norm("mynorm", "an example norm")
+        ... def _mynorm(num_features, arg, **kw):
+        ...     return torch.nn.Identity()
+        >>> type(create_norm_layer("mynorm", 8)).__name__
+        'Identity'
+    """
+
+    def deco(factory: Factory) -> Factory:
+        _REGISTRY[name] = (factory, help)
+        return factory
+
+    return deco
+
+
+def available_norms() -> dict[str, str]:
+    """The registered names with a one-line description each.
+
+    Example:
+        >>> "gn" in available_norms()
+        True
+    """
+    return {k: h for k, (_, h) in sorted(_REGISTRY.items())}
+
+
+def default_groups(num_channels: int, preferred: int = 32) -> int:
+    """The largest divisor of ``num_channels`` that is at most ``preferred`` (32 by default).
+
+    Example:
+        >>> default_groups(64), default_groups(16), default_groups(48)
+        (32, 16, 24)
+    """
+    return max(g for g in range(1, min(preferred, num_channels) + 1) if num_channels % g == 0)
+
+
+def create_norm_layer(spec: str, num_features: int, **kwargs: Any) -> nn.Module:
+    """Build a norm layer from a short spec; the channel count always comes first.
+
+    Specs: ``"bn"`` (= ``"bn2d"``), ``"bn1d"``, ``"bn3d"``, ``"gn"`` (32 groups, or the largest
+    divisor of C below 32), ``"gn:16"``, ``"ln"`` (over C, H, W per sample: the GN / Proxy Norm
+    papers' LN, = ``GroupNorm(1, C)``), ``"ln2d"`` (over C at each position, ConvNeXt / timm),
+    ``"in"`` (InstanceNorm2d with a learnable affine), ``"none"``; with Proxy Norm and the
+    norm+activation layers more names are available (see :func:`available_norms`). Extra keyword
+    arguments go to the layer's constructor.
+
+    Example:
+        >>> create_norm_layer("gn:4", 64)
+        GroupNorm(4, 64, eps=1e-05, affine=True)
+        >>> create_norm_layer("bn", 64, momentum=0.01)
+        BatchNorm2d(64, eps=1e-05, momentum=0.01, affine=True, track_running_stats=True)
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"create_norm_layer: spec must be a string such as 'bn' or 'gn:16', got {type(spec).__name__}")
+    match = _SPEC.match(spec.strip().lower())
+    key = None if match is None else match["base"] + match["suffix"]
+    if match is None or key not in _REGISTRY:
+        raise ValueError(
+            f"create_norm_layer: unknown norm spec {spec!r}; expected one of {', '.join(sorted(_REGISTRY))} "
+            "(optionally with ':<int>', e.g. 'gn:16')"
+        )
+    factory, _ = _REGISTRY[key]
+    arg = int(match["arg"]) if match["arg"] is not None else None
+    return factory(num_features, arg, **kwargs)
+
+
+def _no_arg(name: str, arg: int | None) -> None:
+    if arg is not None:
+        raise ValueError(f"create_norm_layer: {name!r} takes no ':<int>' argument, got {name}:{arg}")
+
+
+def _register_core() -> None:
+    from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+    from .group_norm import GroupNorm
+    from .instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+    from .layer_norm import LayerNorm2d
+
+    def simple(name: str, cls: type[nn.Module], help: str, **defaults: Any) -> None:
+        def factory(c: int, arg: int | None, **kw: Any) -> nn.Module:
+            _no_arg(name, arg)
+            return cls(c, **{**defaults, **kw})
+
+        register_norm(name, help)(factory)
+
+    simple("bn", BatchNorm2d, "BatchNorm2d")
+    simple("bn2d", BatchNorm2d, "BatchNorm2d")
+    simple("bn1d", BatchNorm1d, "BatchNorm1d, for (N, C) or (N, C, L)")
+    simple("bn3d", BatchNorm3d, "BatchNorm3d")
+    simple("in", InstanceNorm2d, "InstanceNorm2d with a learnable affine", affine=True)
+    simple("in1d", InstanceNorm1d, "InstanceNorm1d with a learnable affine", affine=True)
+    simple("in3d", InstanceNorm3d, "InstanceNorm3d with a learnable affine", affine=True)
+    simple("ln", LayerNorm2d, "LayerNorm over (C, H, W) per sample, = GroupNorm(1, C)", over="chw")
+    simple("ln2d", LayerNorm2d, "LayerNorm over C at each position (ConvNeXt / timm)", over="c")
+
+    @register_norm("gn", "GroupNorm; 'gn' = 32 groups (or the largest divisor of C below), 'gn:G' = G groups")
+    def _gn(c: int, arg: int | None, **kw: Any) -> nn.Module:
+        return GroupNorm(arg if arg is not None else default_groups(c), c, **kw)
+
+    @register_norm("none", "no normalization (Identity)")
+    def _none(c: int, arg: int | None, **kw: Any) -> nn.Module:
+        _no_arg("none", arg)
+        return nn.Identity()
+
+
+_register_core()

@@ -16,8 +16,16 @@ Example:
 """
 
 from . import functional, nn
-from .nn import available_norms, create_norm_layer, register_norm
+from .nn import available_norms, create_norm_act_layer, create_norm_layer, register_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "available_norms", "create_norm_layer", "functional", "nn", "register_norm"]
+__all__ = [
+    "__version__",
+    "available_norms",
+    "create_norm_act_layer",
+    "create_norm_layer",
+    "functional",
+    "nn",
+    "register_norm",
+]

@@ -4,19 +4,24 @@ from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .group_norm import GroupNorm
 from .instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm, LayerNorm2d
+from .norm_act import BatchNormAct2d, GroupNormAct2d, LayerNormAct2d, create_norm_act_layer
 from .registry import available_norms, create_norm_layer, default_groups, register_norm
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct2d",
     "GroupNorm",
+    "GroupNormAct2d",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
     "LayerNorm2d",
+    "LayerNormAct2d",
     "available_norms",
+    "create_norm_act_layer",
     "create_norm_layer",
     "default_groups",
     "register_norm",

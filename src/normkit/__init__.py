@@ -15,8 +15,9 @@ Example:
     torch.Size([2, 64, 8, 8])
 """
 
-from . import functional, nn
-from .nn import available_norms, create_norm_act_layer, create_norm_layer, register_norm
+from . import functional, nn, surgery
+from .nn import available_norms, create_norm_act_layer, create_norm_layer, param_groups, register_norm
+from .surgery import fold_proxy_norm
 
 __version__ = "0.1.0"
 
@@ -25,7 +26,10 @@ __all__ = [
     "available_norms",
     "create_norm_act_layer",
     "create_norm_layer",
+    "fold_proxy_norm",
     "functional",
     "nn",
+    "param_groups",
     "register_norm",
+    "surgery",
 ]

@@ -12,13 +12,17 @@ from .batch_norm import batch_norm
 from .group_norm import group_norm
 from .instance_norm import instance_norm
 from .layer_norm import layer_norm, layer_norm_2d
+from .activations import get_activation
+from .proxy_norm import ProxyNormActFunction, proxy_norm_act, proxy_points, proxy_stats
 
 __all__ = [
     "Moments",
     "NormFunction",
     "NormOutput",
+    "ProxyNormActFunction",
     "acc_dtype",
     "batch_norm",
+    "get_activation",
     "group_norm",
     "instance_norm",
     "layer_norm",
@@ -26,4 +30,7 @@ __all__ = [
     "moments",
     "norm",
     "normalize",
+    "proxy_norm_act",
+    "proxy_points",
+    "proxy_stats",
 ]

@@ -1,0 +1,82 @@
+"""Optimizer parameter groups that follow the Proxy Norm authors' weight-decay rule."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from torch import nn
+
+__all__ = ["param_groups"]
+
+# Norm layers (torch's and ours) whose parameters never get weight decay.
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    from ._base import _NormBase
+    from .group_norm import GroupNorm
+    from .layer_norm import LayerNorm, LayerNorm2d
+
+    return isinstance(module, (*_NORM_TYPES, _NormBase, GroupNorm, LayerNorm, LayerNorm2d))
+
+
+def _named_params(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Parameter]]:
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield module, name, p
+
+
+def param_groups(model: nn.Module, weight_decay: float, **group_options: Any) -> list[dict[str, Any]]:
+    """Split a model's parameters into a weight-decay group and a no-decay group.
+
+    Decay goes on convolution and linear weights, on Proxy Norm's ``proxy_bias`` and
+    ``proxy_weight`` (which it pulls back toward the N(0, 1) proxy), and on any other parameter
+    with two or more dims. No decay on norm parameters (BN/GN/LN/IN weight and bias), on Proxy
+    Norm's ``weight`` and ``bias``, or on biases: the rule of the Proxy Norm authors' code
+    (ALGORITHMS.md §2.4). Frozen parameters (``requires_grad=False``) are left out.
+
+    Args:
+        model: the model.
+        weight_decay: the decay for the first group.
+        **group_options: extra keys copied into both groups (e.g. ``lr``).
+
+    Returns:
+        ``[{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]``
+        (empty groups are dropped), ready for any ``torch.optim`` optimizer.
+
+    Example:
+        >>> import torch, normkit
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), normkit.create_norm_layer("ln+pn", 8))
+        >>> groups = normkit.param_groups(model, 5e-4)
+        >>> [len(g["params"]) for g in groups]      # conv.weight, proxy_bias, proxy_weight | conv.bias, weight, bias
+        [3, 3]
+        >>> opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    """
+    from .proxy_norm import ProxyNormAct
+
+    if weight_decay < 0:
+        raise ValueError(f"param_groups: weight_decay must be >= 0, got {weight_decay}")
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for module, name, p in _named_params(model):
+        if not p.requires_grad:
+            continue
+        if isinstance(module, ProxyNormAct):
+            (decay if name in ("proxy_bias", "proxy_weight") else no_decay).append(p)
+        elif _is_norm(module) or name == "bias" or p.dim() < 2:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": float(weight_decay), **group_options},
+        {"params": no_decay, "weight_decay": 0.0, **group_options},
+    ]
+    return [g for g in groups if g["params"]]

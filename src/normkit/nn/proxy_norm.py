@@ -1,0 +1,181 @@
+"""Proxy Norm modules: the proxy-normalized activation, and GN/LN + Proxy Norm blocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..functional._checks import check_eps, check_groups, check_positive_int
+from ..functional.activations import ActivationLike, get_activation
+from ._base import check_channels
+from .registry import default_groups as _default_groups
+from .registry import register_norm
+
+__all__ = ["GroupNormProxyAct2d", "ProxyNormAct"]
+
+
+def _act_name(act: ActivationLike) -> str:
+    return act if isinstance(act, str) else getattr(act, "__name__", type(act).__name__)
+
+
+class ProxyNormAct(nn.Module):
+    r"""Proxy-normalized activation (Labatie et al., 2021): ``(act(weight*y + bias) - m_c) / sqrt(v_c + eps)``.
+
+    ``m_c`` and ``v_c`` are the mean and variance of ``act(weight * Y~ + bias)`` for a Gaussian
+    proxy ``Y~ ~ N(proxy_bias, (1 + proxy_weight)^2)``, discretized by 200 fixed mid-point
+    quantiles; see :func:`normkit.functional.proxy_norm_act`. Put it after a norm *without*
+    affine; no affine follows it. No running statistics: train and eval are the same function,
+    and a sample's output never depends on the rest of the batch.
+
+    Parameters (per channel): ``weight`` (init 1), ``bias`` (init 0), ``proxy_bias`` (init 0),
+    ``proxy_weight`` (init 0). The authors put weight decay on ``proxy_bias`` and ``proxy_weight``
+    only (it pulls the proxy back to N(0, 1)): :func:`normkit.param_groups` does that.
+
+    Args:
+        num_features: C.
+        activation: ``"relu"`` (ResNets), ``"swish"``/``"silu"`` (EfficientNet), ``"gelu"``,
+            ``"leaky_relu"``, or an elementwise callable.
+        eps: added to the proxy variance (authors' default 0.03).
+        num_points: quadrature points (authors' default 200).
+
+    Shape:
+        Input ``(N, C, *)`` or ``(N, C)``; output the same shape, dtype and layout.
+
+    Example:
+        >>> import torch, normkit
+        >>> pn = normkit.nn.ProxyNormAct(8)
+        >>> y = torch.nn.functional.group_norm(torch.randn(4, 8, 6, 6), 1)
+        >>> pn(y).shape
+        torch.Size([4, 8, 6, 6])
+
+    Reference: https://arxiv.org/abs/2106.03743
+    """
+
+    includes_activation = True
+
+    def __init__(
+        self,
+        num_features: int,
+        activation: ActivationLike = "relu",
+        eps: float = 0.03,
+        num_points: int = 200,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.num_features = check_positive_int(num_features, name, "num_features")
+        self.proxy_eps = check_eps(eps, name)
+        self.num_points = check_positive_int(num_points, name, "num_points")
+        get_activation(activation)  # validate now, not at the first forward
+        self.activation = activation
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        self.proxy_bias = nn.Parameter(torch.zeros(num_features, **factory))
+        self.proxy_weight = nn.Parameter(torch.zeros(num_features, **factory))
+        # Deterministic, so not saved in the state_dict.
+        self.register_buffer(
+            "proxy_points", F.proxy_points(num_points, dtype=torch.float64, device=device), persistent=False
+        )
+
+    def reset_parameters(self) -> None:
+        """weight 1, bias 0, proxy_bias 0, proxy_weight 0."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+            self.proxy_bias.zero_()
+            self.proxy_weight.zero_()
+
+    def proxy_stats(self) -> tuple[Tensor, Tensor]:
+        """The current per-channel proxy mean and ``1/sqrt(var + eps)`` (differentiable)."""
+        return F.proxy_stats(
+            self.weight, self.bias, self.proxy_bias, self.proxy_weight, self.activation, self.proxy_eps,
+            self.num_points, self.proxy_points,
+        )
+
+    def _proxy_act(self, y: Tensor) -> Tensor:
+        return F.proxy_norm_act(
+            y, self.weight, self.bias, self.proxy_bias, self.proxy_weight, self.activation, self.proxy_eps,
+            self.num_points, points=self.proxy_points,
+        )
+
+    def forward(self, y: Tensor) -> Tensor:
+        check_channels(y, self.num_features, type(self).__name__)
+        return self._proxy_act(y)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, activation={_act_name(self.activation)}, eps={self.proxy_eps}"
+
+
+class GroupNormProxyAct2d(ProxyNormAct):
+    r"""GroupNorm without affine, then the proxy-normalized activation: a batch-independent BN substitute.
+
+    ``num_groups=1`` is LN + PN (LN over (C, H, W) per sample; registry ``"ln+pn"``), the authors'
+    main recommendation; ``num_groups=4`` is their GN + PN default (registry ``"gn+pn"`` or
+    ``"gn:4+pn"``). Its state_dict holds ``weight``, ``bias``, ``proxy_bias``, ``proxy_weight``.
+
+    Args:
+        num_features: C.
+        num_groups: G, a divisor of C.
+        activation: see :class:`ProxyNormAct`.
+        eps: the group norm's eps; the authors' EfficientNet code uses 1e-3.
+        proxy_eps: the proxy variance eps (0.03).
+        num_points: quadrature points (200).
+
+    Example:
+        >>> import torch, normkit
+        >>> layer = normkit.create_norm_layer("ln+pn", 16)
+        >>> x = torch.randn(4, 16, 8, 8)
+        >>> alone = layer(x[:1])                       # the same sample, without its batch
+        >>> torch.allclose(layer(x)[:1], alone, atol=1e-6)
+        True
+
+    Reference: https://arxiv.org/abs/2106.03743
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int = 1,
+        activation: ActivationLike = "relu",
+        eps: float = 1e-3,
+        proxy_eps: float = 0.03,
+        num_points: int = 200,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(num_features, activation, proxy_eps, num_points, device, dtype)
+        name = type(self).__name__
+        self.num_groups = check_groups(num_groups, num_features, name)
+        self.eps = check_eps(eps, name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_channels(x, self.num_features, type(self).__name__)
+        return self._proxy_act(F.group_norm(x, self.num_groups, None, None, self.eps))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, num_groups={self.num_groups}, activation={_act_name(self.activation)}, "
+            f"eps={self.eps}, proxy_eps={self.proxy_eps}"
+        )
+
+
+def _pn_factory(default_groups: int | None):
+    def factory(c: int, arg: int | None, activation: ActivationLike = "relu", **kw: Any) -> nn.Module:
+        if default_groups == 1 and arg is not None:
+            raise ValueError(f"create_norm_layer: 'ln+pn' takes no ':<int>' argument, got ln:{arg}+pn")
+        groups = arg if arg is not None else _default_groups(c, default_groups)
+        return GroupNormProxyAct2d(c, num_groups=groups, activation=activation, **kw)
+
+    factory.includes_activation = True  # type: ignore[attr-defined]
+    return factory
+
+
+register_norm("ln+pn", "LayerNorm over (C, H, W) without affine + Proxy Norm activation (relu by default)")(
+    _pn_factory(1)
+)
+register_norm("gn+pn", "GroupNorm without affine (4 groups, or fewer if C needs; 'gn:G+pn' for G) + Proxy Norm activation")(_pn_factory(4))

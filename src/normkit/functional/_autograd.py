@@ -53,6 +53,59 @@ def _backward_formula(
     return (g - mean_g - x_hat * mean_gx) * rstd
 
 
+def _fast_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    shift: Tensor,
+    centered_mean: Tensor,
+    rstd: Tensor,
+    dims: tuple[int, ...],
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The §0 backward with two full-size temporaries and four full-size passes over the data.
+
+    With ``d = x - shift`` (exact, as in the forward) and ``x_hat = (d - cm) * rstd``, every
+    reduction is first taken at the finest shape shared by the statistics and the weight
+    (per channel for BN, per (sample, channel) for GN), then summed up per set:
+
+        dx = dy * (w * rstd) + d * (-rstd^2 * mean_S(g x_hat)) + (-rstd * mean_S(g) + cm * rstd^2 * mean_S(g x_hat))
+
+    Writing ``dx`` in terms of ``d`` (not ``x``) keeps it exact for large-offset inputs.
+    """
+    dtype = rstd.dtype
+    dy = dy.to(dtype)
+    d = _centered(x, shift, dtype)
+    fine = tuple(i for i in dims if weight is None or weight.shape[i] == 1)
+    s_dy = dy.sum(fine, keepdim=True) if fine else dy
+    prod = dy * d
+    s_dyd = prod.sum(fine, keepdim=True) if fine else prod
+    s_dyxh = (s_dyd - centered_mean * s_dy) * rstd  # sum of dy * x_hat at the fine shape
+    dweight = _sum_to(s_dyxh, weight) if (need_w and weight is not None) else None
+    dbias = _sum_to(s_dy, bias) if (need_b and bias is not None) else None
+    if not need_x:
+        return None, dweight, dbias
+    w = weight.to(dtype) if weight is not None else None
+    rest = tuple(i for i in dims if i not in fine)
+    count = 1
+    for i in dims:
+        count *= x.shape[i]
+    g_sum = s_dy if w is None else w * s_dy
+    gx_sum = s_dyxh if w is None else w * s_dyxh
+    if rest:
+        g_sum = g_sum.sum(rest, keepdim=True)
+        gx_sum = gx_sum.sum(rest, keepdim=True)
+    mean_g, mean_gx = g_sum / count, gx_sum / count
+    a = rstd if w is None else w * rstd
+    b = -(rstd * rstd) * mean_gx
+    c = -rstd * mean_g - centered_mean * b
+    dx = torch.addcmul(c, d, b, out=prod) if prod.shape == torch.broadcast_shapes(c.shape, d.shape) else d * b + c
+    return dx.addcmul_(dy, a), dweight, dbias
+
+
 class NormFunction(torch.autograd.Function):
     """``y = (x - mean_S(x)) / sqrt(var_S(x) + eps) * weight + bias`` over the reduction dims ``dims``.
 
@@ -103,14 +156,16 @@ class NormFunction(torch.autograd.Function):
             dc = d - d.mean(dims, keepdim=True)
             rstd = torch.rsqrt((dc * dc).mean(dims, keepdim=True) + ctx.eps)
             x_hat = dc * rstd
+            dy_acc = dy.to(dtype)
+            dx = _backward_formula(dy_acc, x_hat, rstd, weight, dims, need_x)
+            dweight = _sum_to(dy_acc * x_hat, weight) if (need_w and weight is not None) else None
+            dbias = _sum_to(dy_acc, bias) if (need_b and bias is not None) else None
         else:
-            x_hat = _centered(x, shift, dtype).sub_(centered_mean).mul_(rstd)
-        dy_acc = dy.to(dtype)
-        dx = _backward_formula(dy_acc, x_hat, rstd, weight, dims, need_x)
+            dx, dweight, dbias = _fast_backward(
+                dy, x, weight, bias, shift, centered_mean, rstd, dims, need_x, need_w, need_b
+            )
         if dx is not None and dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
-        dweight = _sum_to(dy_acc * x_hat, weight) if (need_w and weight is not None) else None
-        dbias = _sum_to(dy_acc, bias) if (need_b and bias is not None) else None
         return dx, dweight, dbias, None, None
 
 

@@ -31,9 +31,14 @@ class _InstanceNorm(_NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         name = type(self).__name__
+        if isinstance(x, Tensor) and x.dim() == self._ndim - 1:
+            # Unbatched (C, *spatial), as torch.nn.InstanceNorm accepts.
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if not isinstance(x, Tensor) or x.dim() != self._ndim:
             got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{name}: expected {self._ndim}D input (N, C, ...), got {got}")
+            raise ValueError(
+                f"{name}: expected {self._ndim}D (batched) or {self._ndim - 1}D (unbatched) input, got {got}"
+            )
         check_channels(x, self.num_features, name)
         tracking = self._tracking
         out = F.instance_norm(

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ._autograd import norm
 from ._checks import check_eps, check_input, check_momentum, check_param
+from .masked import check_mask, masked_norm, update_running_stats_where
 from ._moments import acc_dtype, normalize
 from ._running import NormOutput, update_running_stats
 from ._views import channel_view, spatial_dims
@@ -26,6 +27,7 @@ def batch_norm(
     num_batches_tracked: Tensor | None = None,
     *,
     unbiased_running_var: bool = True,
+    mask: Tensor | None = None,
 ) -> NormOutput:
     r"""Batch normalization over ``(N, *spatial)`` per channel; returns the output and updated statistics.
 
@@ -48,6 +50,10 @@ def batch_norm(
         eps: added to the variance inside the square root.
         num_batches_tracked: the step counter (needed for ``momentum=None``); returned incremented.
         unbiased_running_var: store the unbiased batch variance (PyTorch, BN paper) or the biased one.
+        mask: optional bool tensor broadcastable to ``x`` (True = valid, e.g. ``(N, 1, L)`` for padded
+            sequences): statistics pool over the valid positions only, padded positions output the
+            bias, and a channel with fewer than 2 valid values (1 with ``unbiased_running_var=False``)
+            keeps its running statistics. See :mod:`normkit.functional.masked`.
 
     Returns:
         :class:`NormOutput` ``(output, running_mean, running_var, num_batches_tracked)``.
@@ -79,6 +85,8 @@ def batch_norm(
         raise ValueError(f"{op}: give both running_mean and running_var, or neither")
     w = channel_view(weight, x.dim())
     b = channel_view(bias, x.dim())
+    if mask is not None:
+        check_mask(mask, x, op)
     use_batch_stats = training or running_mean is None
     if not use_batch_stats:
         assert running_mean is not None and running_var is not None
@@ -86,7 +94,21 @@ def batch_norm(
         mean = channel_view(running_mean.to(dtype), x.dim())
         rstd = channel_view(torch.rsqrt(running_var.to(dtype) + eps), x.dim())
         assert mean is not None and rstd is not None
-        return NormOutput(normalize(x, mean, rstd, w, b), running_mean, running_var, num_batches_tracked)
+        y = normalize(x, mean, rstd, w, b)
+        if mask is not None:  # padded positions output the bias, as in training
+            y = torch.where(mask, y, torch.zeros((), dtype=y.dtype) if b is None else b.to(y.dtype))
+        return NormOutput(y, running_mean, running_var, num_batches_tracked)
+    if mask is not None:
+        y, mean, var, count = masked_norm(x, mask, (0, *spatial_dims(x)), w, b, eps)
+        if training and running_mean is not None and running_var is not None:
+            count = count.reshape(C)
+            bvar = var.reshape(C) * (count / (count - 1).clamp_min(1)) if unbiased_running_var else var
+            valid = count >= (2 if unbiased_running_var else 1)
+            rm, rv, nbt = update_running_stats_where(
+                running_mean, running_var, num_batches_tracked, mean, bvar, valid, momentum, op
+            )
+            return NormOutput(y, rm, rv, nbt)
+        return NormOutput(y, running_mean, running_var, num_batches_tracked)
 
     dims = (0, *spatial_dims(x))
     m = x.numel() // C if C else 0

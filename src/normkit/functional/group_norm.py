@@ -6,6 +6,7 @@ from torch import Tensor
 
 from ._autograd import norm
 from ._checks import check_eps, check_groups, check_input, check_param
+from .masked import check_mask, masked_norm
 
 __all__ = ["group_norm"]
 
@@ -16,6 +17,8 @@ def group_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    mask: Tensor | None = None,
 ) -> Tensor:
     r"""Group normalization: each sample's channels split into ``num_groups`` contiguous groups.
 
@@ -32,6 +35,9 @@ def group_norm(
         num_groups: G, a divisor of C.
         weight, bias: per-channel affine ``(C,)`` or ``None``.
         eps: added to the variance inside the square root.
+        mask: optional bool tensor broadcastable to ``x`` (True = valid): each group's statistics
+            pool over its valid positions only; padded positions, and groups with no valid
+            position, output the bias (and no one-value-per-group check is made).
 
     Example:
         >>> x = torch.randn(2, 6, 4, 4)
@@ -54,7 +60,7 @@ def group_norm(
     m = (C // G)
     for s in spatial:
         m *= s
-    if m == 1 and x.numel():
+    if m == 1 and x.numel() and mask is None:
         raise ValueError(
             f"{op}: expected more than 1 value per group, got input of shape {tuple(x.shape)} with "
             f"num_groups={G}; use fewer groups"
@@ -65,5 +71,9 @@ def group_norm(
     w = weight.view(pshape) if weight is not None else None
     b = bias.view(pshape) if bias is not None else None
     dims = tuple(range(2, xv.dim()))
+    if mask is not None:
+        # The mask, expanded to x, split the same way (a copy only when the broadcast needs one).
+        mv = check_mask(mask, x, op).expand(x.shape).reshape(xv.shape)
+        return masked_norm(xv, mv, dims, w, b, eps)[0].view(x.shape)
     y, _, _ = norm(xv, dims, w, b, eps)
     return y.view(x.shape)

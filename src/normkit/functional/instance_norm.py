@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ._autograd import norm
 from ._checks import check_eps, check_input, check_momentum, check_param
+from .masked import check_mask, masked_norm, update_running_stats_where
 from ._moments import acc_dtype, normalize
 from ._running import NormOutput, update_running_stats
 from ._views import channel_view, spatial_dims
@@ -24,6 +25,8 @@ def instance_norm(
     momentum: float | None = 0.1,
     eps: float = 1e-5,
     num_batches_tracked: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
 ) -> NormOutput:
     r"""Instance normalization: each (sample, channel) over its spatial positions.
 
@@ -43,6 +46,10 @@ def instance_norm(
         momentum: weight of the new batch, or ``None`` for a cumulative average.
         eps: added to the variance inside the square root.
         num_batches_tracked: step counter, returned incremented when the buffers are updated.
+        mask: optional bool tensor broadcastable to ``x`` (True = valid): each instance's statistics
+            pool over its valid positions only; padded positions output the bias. The running
+            statistics average the instances with at least 2 valid positions; a channel without
+            any keeps its running values.
 
     Returns:
         :class:`NormOutput` ``(output, running_mean, running_var, num_batches_tracked)``.
@@ -74,6 +81,8 @@ def instance_norm(
         raise ValueError(f"{op}: give both running_mean and running_var, or neither")
     w = channel_view(weight, x.dim())
     b = channel_view(bias, x.dim())
+    if mask is not None:
+        check_mask(mask, x, op)
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError(f"{op}: use_input_stats=False needs running_mean and running_var")
@@ -81,8 +90,27 @@ def instance_norm(
         mean = channel_view(running_mean.to(dtype), x.dim())
         rstd = channel_view(torch.rsqrt(running_var.to(dtype) + eps), x.dim())
         assert mean is not None and rstd is not None
-        return NormOutput(normalize(x, mean, rstd, w, b), running_mean, running_var, num_batches_tracked)
+        y = normalize(x, mean, rstd, w, b)
+        if mask is not None:  # padded positions output the bias, as with input statistics
+            y = torch.where(mask, y, torch.zeros((), dtype=y.dtype) if b is None else b.to(y.dtype))
+        return NormOutput(y, running_mean, running_var, num_batches_tracked)
     dims = spatial_dims(x)
+    if mask is not None:
+        y, mean, var, count = masked_norm(x, mask, dims, w, b, eps)
+        if running_mean is not None and running_var is not None:
+            # Average the instances with >= 2 valid values; the unbiased correction is per instance.
+            N = x.shape[0]
+            count, mean, var = count.reshape(N, C), mean.reshape(N, C), var.reshape(N, C)
+            ok = count >= 2
+            n_ok = ok.sum(0).clamp_min(1)
+            zero = mean.new_zeros(())
+            bmean = torch.where(ok, mean, zero).sum(0) / n_ok
+            bvar = torch.where(ok, var * count / (count - 1).clamp_min(1), zero).sum(0) / n_ok
+            rm, rv, nbt = update_running_stats_where(
+                running_mean, running_var, num_batches_tracked, bmean, bvar, ok.any(0), momentum, op
+            )
+            return NormOutput(y, rm, rv, nbt)
+        return NormOutput(y, running_mean, running_var, num_batches_tracked)
     m = 1
     for d in dims:
         m *= x.shape[d]

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ._autograd import norm
 from ._checks import check_eps, check_input, check_param
+from .masked import check_mask, masked_norm
 from ._views import channel_view
 from .group_norm import group_norm
 
@@ -20,6 +21,8 @@ def layer_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    mask: Tensor | None = None,
 ) -> Tensor:
     r"""Layer normalization over the trailing ``normalized_shape`` dims (torch semantics).
 
@@ -33,6 +36,8 @@ def layer_norm(
         normalized_shape: the trailing shape to normalize over.
         weight, bias: element-wise affine of shape ``normalized_shape``, or ``None``.
         eps: added to the variance inside the square root.
+        mask: optional bool tensor broadcastable to ``x`` (True = valid): statistics pool over the
+            valid positions only; padded positions, and rows with no valid position, output the bias.
 
     Example:
         >>> x = torch.randn(4, 10, 16)
@@ -57,6 +62,8 @@ def layer_norm(
     w = weight.view(lead + shape) if weight is not None else None
     b = bias.view(lead + shape) if bias is not None else None
     dims = tuple(range(x.dim() - k, x.dim()))
+    if mask is not None:
+        return masked_norm(x, check_mask(mask, x, op), dims, w, b, eps)[0]
     y, _, _ = norm(x, dims, w, b, eps)
     return y
 

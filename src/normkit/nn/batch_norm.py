@@ -38,7 +38,8 @@ class _BatchNorm(_NormBase):
             raise ValueError(f"{type(self).__name__}: expected {want} input (N, C, ...), got {got}")
         check_channels(x, self.num_features, type(self).__name__)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``x``; ``mask`` (bool, broadcastable to x, True = valid) limits the statistics."""
         self._check_input_dim(x)
         tracking = self._tracking
         out = F.batch_norm(
@@ -52,6 +53,7 @@ class _BatchNorm(_NormBase):
             eps=self.eps,
             num_batches_tracked=self.num_batches_tracked if tracking else None,
             unbiased_running_var=self.unbiased_running_var,
+            mask=mask,
         )
         return self._store(out)
 

@@ -67,9 +67,10 @@ class GroupNorm(nn.Module):
         """Weight 1, bias 0."""
         reset_affine(self)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``x``; ``mask`` (bool, broadcastable to x, True = valid) limits the statistics."""
         check_channels(x, self.num_channels, "GroupNorm")
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, mask=mask)
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"

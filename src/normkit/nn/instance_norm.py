@@ -29,11 +29,13 @@ class _InstanceNorm(_NormBase):
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``x``; ``mask`` (bool, broadcastable to x, True = valid) limits the statistics."""
         name = type(self).__name__
         if isinstance(x, Tensor) and x.dim() == self._ndim - 1:
             # Unbatched (C, *spatial), as torch.nn.InstanceNorm accepts.
-            return self.forward(x.unsqueeze(0)).squeeze(0)
+            m = mask.unsqueeze(0) if isinstance(mask, Tensor) and mask.dim() == x.dim() else mask
+            return self.forward(x.unsqueeze(0), mask=m).squeeze(0)
         if not isinstance(x, Tensor) or x.dim() != self._ndim:
             got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
@@ -51,6 +53,7 @@ class _InstanceNorm(_NormBase):
             momentum=self.momentum,
             eps=self.eps,
             num_batches_tracked=self.num_batches_tracked if tracking else None,
+            mask=mask,
         )
         return self._store(out)
 

@@ -62,8 +62,9 @@ class LayerNorm(nn.Module):
         """Weight 1, bias 0."""
         reset_affine(self)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``x``; ``mask`` (bool, broadcastable to x, True = valid) limits the statistics."""
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, mask=mask)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

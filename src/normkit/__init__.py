@@ -15,21 +15,24 @@ Example:
     torch.Size([2, 64, 8, 8])
 """
 
-from . import functional, nn, surgery
+from . import convert, functional, nn, surgery
 from .nn import available_norms, create_norm_act_layer, create_norm_layer, param_groups, register_norm
-from .surgery import fold_proxy_norm
+from .surgery import fold_proxy_norm, freeze_bn, unfreeze_bn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
     "available_norms",
+    "convert",
     "create_norm_act_layer",
     "create_norm_layer",
     "fold_proxy_norm",
+    "freeze_bn",
     "functional",
     "nn",
     "param_groups",
     "register_norm",
     "surgery",
+    "unfreeze_bn",
 ]

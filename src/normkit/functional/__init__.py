@@ -9,6 +9,9 @@ from ._autograd import NormFunction, norm
 from ._moments import Moments, acc_dtype, moments, normalize
 from ._running import NormOutput
 from .batch_norm import batch_norm
+from .batch_renorm import batch_renorm, mean_only_batch_norm
+from .ghost_batch_norm import ghost_batch_norm
+from .masked import masked_moments, masked_norm
 from .group_norm import group_norm
 from .instance_norm import instance_norm
 from .layer_norm import layer_norm, layer_norm_2d
@@ -22,11 +25,16 @@ __all__ = [
     "ProxyNormActFunction",
     "acc_dtype",
     "batch_norm",
+    "batch_renorm",
+    "ghost_batch_norm",
     "get_activation",
     "group_norm",
     "instance_norm",
     "layer_norm",
     "layer_norm_2d",
+    "masked_moments",
+    "masked_norm",
+    "mean_only_batch_norm",
     "moments",
     "norm",
     "normalize",

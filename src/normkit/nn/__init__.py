@@ -1,6 +1,19 @@
 """normkit.nn: drop-in torch.nn normalization modules built on normkit.functional."""
 
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .batch_norm_family import (
+    BatchNormalization,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    MeanOnlyBatchNorm,
+)
 from .group_norm import GroupNorm
 from .instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm, LayerNorm2d
@@ -8,12 +21,32 @@ from .norm_act import BatchNormAct2d, GroupNormAct2d, LayerNormAct2d, create_nor
 from .optim import param_groups
 from .proxy_norm import GroupNormProxyAct2d, ProxyNormAct
 from .registry import available_norms, create_norm_layer, default_groups, register_norm
+from .weight_norm import remove_weight_norm, weight_norm
+from .weight_standardization import (
+    ScaledStdConv1d,
+    ScaledStdConv2d,
+    ScaledStdConv3d,
+    StdConv1d,
+    StdConv2d,
+    StdConv3d,
+    weight_standardization,
+)
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormAct2d",
+    "BatchNormalization",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "GroupNorm",
     "GroupNormAct2d",
     "GroupNormProxyAct2d",
@@ -23,11 +56,21 @@ __all__ = [
     "LayerNorm",
     "LayerNorm2d",
     "LayerNormAct2d",
+    "MeanOnlyBatchNorm",
     "ProxyNormAct",
+    "ScaledStdConv1d",
+    "ScaledStdConv2d",
+    "ScaledStdConv3d",
+    "StdConv1d",
+    "StdConv2d",
+    "StdConv3d",
     "available_norms",
     "create_norm_act_layer",
     "create_norm_layer",
     "default_groups",
     "param_groups",
     "register_norm",
+    "remove_weight_norm",
+    "weight_norm",
+    "weight_standardization",
 ]

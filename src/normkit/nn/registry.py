@@ -117,6 +117,15 @@ def _register_core() -> None:
     def _gn(c: int, arg: int | None, **kw: Any) -> nn.Module:
         return GroupNorm(arg if arg is not None else default_groups(c), c, **kw)
 
+    from .batch_norm_family import BatchRenorm2d, FrozenBatchNorm2d, GhostBatchNorm2d
+
+    simple("brn", BatchRenorm2d, "BatchRenorm2d (Ioffe 2017), r_max=3, d_max=5")
+    simple("frozen_bn", FrozenBatchNorm2d, "FrozenBatchNorm2d: running statistics and affine frozen")
+
+    @register_norm("gbn", "GhostBatchNorm2d; 'gbn' = ghost batches of 32, 'gbn:B' = ghost batches of B samples")
+    def _gbn(c: int, arg: int | None, **kw: Any) -> nn.Module:
+        return GhostBatchNorm2d(c, ghost_batch_size=arg if arg is not None else 32, **kw)
+
     @register_norm("none", "no normalization (Identity)")
     def _none(c: int, arg: int | None, **kw: Any) -> nn.Module:
         _no_arg("none", arg)

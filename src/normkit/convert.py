@@ -1,0 +1,233 @@
+"""Convert batch-norm layers between Keras's and PyTorch's conventions, losslessly.
+
+The two frameworks store the same layer differently (ALGORITHMS.md §1.1, §1.7):
+
+=====================  ==========================================  ==========================================
+                       PyTorch (``BatchNorm*d``)                    Keras (``BatchNormalization``)
+=====================  ==========================================  ==========================================
+names                  ``weight, bias, running_mean, running_var``  ``gamma, beta, moving_mean, moving_variance``
+momentum               weight of the *new* batch (0.1)              weight of the *old* value (0.99)
+stored variance        unbiased (``* m / (m - 1)``)                  biased (Keras 3)
+eps                    1e-5                                         1e-3
+channel axis           1                                            -1
+=====================  ==========================================  ==========================================
+
+``momentum`` converts as ``1 - m``, computed in decimal on the shortest representation of the
+float, so ``0.1 <-> 0.9`` and ``0.01 <-> 0.99`` round-trip exactly. The variance has two honest
+conversions, chosen with ``count``:
+
+* ``count=None`` (default): copy the stored variance. Inference is then *identical* in both
+  frameworks, and the converted PyTorch layer keeps Keras's biased running-variance update
+  (``unbiased_running_var=False``), so continued training matches too.
+* ``count=m`` (the per-channel count of the batches the statistics came from, ``N*H*W``): apply
+  Bessel's factor ``m / (m - 1)`` (Keras -> PyTorch) or its inverse, giving each framework's
+  own convention, as if the layer had been trained there.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .nn.batch_norm_family import (
+    BatchNormalization,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    _FrozenBatchNorm,
+)
+
+__all__ = ["from_keras_bn", "keras_to_torch_momentum", "to_keras_bn", "torch_to_keras_momentum"]
+
+_BN = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
+_FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
+
+
+def _one_minus(value: float, op: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{op}: momentum must be a number in [0, 1], got {value!r}")
+    # Decimal arithmetic on the shortest repr: 1 - 0.1 is 0.9 exactly, and back.
+    return float(Decimal(1) - Decimal(repr(float(value))))
+
+
+def torch_to_keras_momentum(momentum: float) -> float:
+    """PyTorch momentum (weight of the new batch) to Keras momentum (weight of the old value).
+
+    Example:
+        >>> torch_to_keras_momentum(0.1), keras_to_torch_momentum(torch_to_keras_momentum(0.1))
+        (0.9, 0.1)
+    """
+    return _one_minus(momentum, "torch_to_keras_momentum")
+
+
+def keras_to_torch_momentum(momentum: float) -> float:
+    """Keras momentum to PyTorch momentum: ``1 - momentum``, exact for decimal inputs.
+
+    Example:
+        >>> keras_to_torch_momentum(0.99)
+        0.01
+    """
+    return _one_minus(momentum, "keras_to_torch_momentum")
+
+
+def _check_count(count: int | None, op: str) -> None:
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 2):
+        raise ValueError(f"{op}: count must be None or an int >= 2 (values per channel in a batch), got {count!r}")
+
+
+def _keras_source(layer: Any) -> dict[str, Any]:
+    """gamma/beta/moving stats (tensors or None) and momentum/epsilon/trainable from any Keras-like source."""
+    if isinstance(layer, BatchNormalization):
+        return {
+            "gamma": layer.gamma, "beta": layer.beta, "moving_mean": layer.moving_mean,
+            "moving_variance": layer.moving_variance, "momentum": layer.momentum, "epsilon": layer.epsilon,
+            "trainable": layer.trainable,
+        }
+    if hasattr(layer, "get_weights") and hasattr(layer, "get_config"):  # a real Keras layer
+        cfg = layer.get_config()
+        weights = [torch.as_tensor(w) for w in layer.get_weights()]
+        names = [n for n, on in (("gamma", cfg.get("scale", True)), ("beta", cfg.get("center", True))) if on]
+        names += ["moving_mean", "moving_variance"]
+        if len(weights) != len(names):
+            raise ValueError(f"from_keras_bn: expected weights {names} from the layer, got {len(weights)} arrays")
+        src = dict(zip(names, weights))
+        src.update(momentum=cfg.get("momentum", 0.99), epsilon=cfg.get("epsilon", 1e-3),
+                   trainable=cfg.get("trainable", True))
+        return src
+    if isinstance(layer, Mapping):
+        missing = [k for k in ("moving_mean", "moving_variance") if k not in layer]
+        if missing:
+            raise ValueError(f"from_keras_bn: the mapping lacks {missing}; it has {sorted(layer)}")
+        src = {k: (None if layer.get(k) is None else torch.as_tensor(layer[k]))
+               for k in ("gamma", "beta", "moving_mean", "moving_variance")}
+        src.update(momentum=layer.get("momentum", 0.99), epsilon=layer.get("epsilon", 1e-3),
+                   trainable=layer.get("trainable", True))
+        return src
+    raise TypeError(
+        "from_keras_bn: expected a normkit.nn.BatchNormalization, a Keras layer (get_weights/get_config) or a "
+        f"mapping of Keras weight names, got {type(layer).__name__}"
+    )
+
+
+@torch.no_grad()
+def from_keras_bn(layer: Any, *, dim: int = 2, count: int | None = None) -> nn.Module:
+    """A PyTorch-convention BN layer (channels first) with the weights and statistics of a Keras BN layer.
+
+    Args:
+        layer: a :class:`normkit.nn.BatchNormalization`, a Keras ``BatchNormalization`` layer (read
+            through ``get_weights()`` / ``get_config()``), or a mapping with ``moving_mean``,
+            ``moving_variance`` and optionally ``gamma``, ``beta``, ``momentum``, ``epsilon``,
+            ``trainable``.
+        dim: the spatial rank: 1, 2 or 3 for ``BatchNorm1d/2d/3d``.
+        count: ``None`` to copy the variance (identical inference, Keras's biased update kept), or
+            the per-channel batch count ``m`` to convert it to PyTorch's unbiased convention.
+
+    Returns:
+        :class:`normkit.nn.BatchNorm{dim}d` (``eps = epsilon``, ``momentum = 1 - keras_momentum``), or
+        :class:`normkit.nn.FrozenBatchNorm{dim}d` for a ``trainable=False`` layer (Keras runs those in
+        inference mode). ``scale=False`` / ``center=False`` give ``weight`` / ``bias`` ``None``. Feed
+        it ``x.permute(0, 3, 1, 2)`` for a channels-last Keras input (a view, no copy).
+
+    Example:
+        >>> import torch, normkit
+        >>> keras_bn = normkit.nn.BatchNormalization(3)
+        >>> x = torch.randn(8, 5, 5, 3)
+        >>> _ = keras_bn(x)
+        >>> bn = normkit.convert.from_keras_bn(keras_bn)
+        >>> bn.momentum, bn.eps
+        (0.01, 0.001)
+        >>> y = bn.eval()(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        >>> torch.allclose(y, keras_bn.eval()(x), atol=1e-6)
+        True
+    """
+    op = "from_keras_bn"
+    if dim not in _BN:
+        raise ValueError(f"{op}: dim must be 1, 2 or 3 (BatchNorm1d/2d/3d), got {dim!r}")
+    _check_count(count, op)
+    src = _keras_source(layer)
+    mean, var = src["moving_mean"], src["moving_variance"]
+    C = mean.numel()
+    for k in ("gamma", "beta", "moving_variance"):
+        if src[k] is not None and src[k].numel() != C:
+            raise ValueError(f"{op}: {k} has {src[k].numel()} values but moving_mean has {C}")
+    momentum = keras_to_torch_momentum(src["momentum"])
+    gamma, beta = src["gamma"], src["beta"]
+    affine = gamma is not None or beta is not None
+    kwargs: dict[str, Any] = dict(eps=float(src["epsilon"]), momentum=momentum, affine=affine,
+                                  device=mean.device, dtype=mean.dtype if mean.is_floating_point() else None)
+    kwargs.update(bias=beta is not None, unbiased_running_var=count is not None)
+    frozen = not src["trainable"]
+    out = _FROZEN[dim](C, **kwargs) if frozen else _BN[dim](C, **kwargs)
+    if affine and gamma is None:  # Keras scale=False, center=True: no weight
+        if frozen:
+            out.weight = None
+        else:
+            out.register_parameter("weight", None)
+    if gamma is not None:
+        out.weight.copy_(gamma.reshape(C))
+    if beta is not None:
+        out.bias.copy_(beta.reshape(C))
+    out.running_mean.copy_(mean.reshape(C))
+    v = var.reshape(C)
+    if count is not None:  # biased -> unbiased, in float64 then rounded once
+        v = (v.to(torch.float64) * (count / (count - 1))).to(out.running_var.dtype)
+    out.running_var.copy_(v)
+    return out
+
+
+@torch.no_grad()
+def to_keras_bn(bn: nn.Module, *, axis: int = -1, count: int | None = None) -> BatchNormalization:
+    """A Keras-convention :class:`normkit.nn.BatchNormalization` with the weights and statistics of a PyTorch BN.
+
+    Accepts ``torch.nn.BatchNorm1d/2d/3d`` and normkit's BN-family layers (BatchNorm, Ghost BN,
+    Batch Renorm, FrozenBatchNorm: frozen layers become ``trainable=False``). The result's
+    :meth:`~normkit.nn.BatchNormalization.get_weights` / ``get_config`` feed a real Keras layer.
+
+    Args:
+        bn: the PyTorch-convention layer (with running statistics).
+        axis: the feature axis of the Keras layer's input (-1: channels last).
+        count: ``None`` to copy the variance (identical inference), or the per-channel batch count
+            ``m`` to turn an unbiased running variance into Keras's biased one (``* (m - 1) / m``).
+            A layer that already stores biased variances (``unbiased_running_var=False``) is copied.
+
+    Example:
+        >>> import torch, normkit
+        >>> bn = torch.nn.BatchNorm2d(3)
+        >>> _ = bn(torch.randn(8, 3, 4, 4) * 2 + 1)
+        >>> k = normkit.convert.to_keras_bn(bn)
+        >>> k.momentum, k.epsilon
+        (0.9, 1e-05)
+        >>> [w.shape for w in k.get_weights()]
+        [(3,), (3,), (3,), (3,)]
+    """
+    op = "to_keras_bn"
+    _check_count(count, op)
+    rm, rv = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    if not isinstance(rm, Tensor) or not isinstance(rv, Tensor):
+        raise ValueError(
+            f"{op}: expected a BatchNorm layer with running statistics, got {type(bn).__name__} without "
+            "running_mean/running_var (track_running_stats=False has nothing to convert)"
+        )
+    if bn.momentum is None:
+        raise ValueError(f"{op}: momentum=None (cumulative average) has no Keras equivalent; set a momentum first")
+    weight, bias = getattr(bn, "weight", None), getattr(bn, "bias", None)
+    C = rm.numel()
+    trainable = not isinstance(bn, _FrozenBatchNorm)
+    out = BatchNormalization(
+        C, axis=axis, momentum=torch_to_keras_momentum(bn.momentum), epsilon=float(bn.eps),
+        center=bias is not None, scale=weight is not None, trainable=trainable, device=rm.device, dtype=rm.dtype,
+    )
+    if weight is not None:
+        out.gamma.copy_(weight)
+    if bias is not None:
+        out.beta.copy_(bias)
+    out.moving_mean.copy_(rm)
+    v = rv
+    if count is not None and getattr(bn, "unbiased_running_var", True):  # unbiased -> biased
+        v = (rv.to(torch.float64) * ((count - 1) / count)).to(rv.dtype)
+    out.moving_variance.copy_(v)
+    return out

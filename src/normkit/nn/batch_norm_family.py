@@ -1,0 +1,686 @@
+"""The BatchNorm family: Ghost BN, Batch Renorm, Frozen BN, mean-only BN, and Keras's BatchNormalization.
+
+All but the Keras layer keep ``torch.nn.BatchNorm``'s state_dict keys and its momentum convention
+(``running = (1 - momentum) * running + momentum * batch``), so they load BN checkpoints and BN
+loads theirs. :class:`BatchNormalization` keeps Keras's names, momentum and biased moving
+variance instead; :mod:`normkit.convert` maps between the two.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..functional._autograd import norm
+from ..functional._checks import check_eps, check_momentum, check_positive_int
+from ..functional._moments import acc_dtype, normalize
+from ..functional._running import update_running_stats
+from ..functional.batch_norm import batch_norm
+from ..functional.batch_renorm import batch_renorm, mean_only_batch_norm
+from ..functional.ghost_batch_norm import ghost_batch_norm
+from ._base import _NormBase, check_channels
+from .batch_norm import _BatchNorm
+
+__all__ = [
+    "BatchNormalization",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "MeanOnlyBatchNorm",
+]
+
+
+# --- Ghost BN ------------------------------------------------------------------------------------
+
+
+class _GhostBatchNorm(_BatchNorm):
+    def __init__(
+        self,
+        num_features: int,
+        ghost_batch_size: int = 32,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        momentum_mode: Literal["per_chunk", "averaged"] = "per_chunk",
+        bias: bool = True,
+        unbiased_running_var: bool = True,
+    ) -> None:
+        name = type(self).__name__
+        self_ghost = check_positive_int(ghost_batch_size, name, "ghost_batch_size")
+        if momentum_mode not in ("per_chunk", "averaged"):
+            raise ValueError(f"{name}: momentum_mode must be 'per_chunk' or 'averaged', got {momentum_mode!r}")
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, unbiased_running_var=unbiased_running_var,
+        )
+        self.ghost_batch_size = self_ghost
+        self.momentum_mode = momentum_mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        tracking = self._tracking
+        out = ghost_batch_norm(
+            x,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
+            self.weight,
+            self.bias,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            num_batches_tracked=self.num_batches_tracked if tracking else None,
+            ghost_batch_size=self.ghost_batch_size,
+            momentum_mode=self.momentum_mode,
+            unbiased_running_var=self.unbiased_running_var,
+        )
+        return self._store(out)
+
+    def _store(self, out: Any) -> Tensor:
+        if out.running_mean is not None and out.running_mean is not self.running_mean:
+            with torch.no_grad():
+                self.running_mean.copy_(out.running_mean)
+                self.running_var.copy_(out.running_var)
+                if out.num_batches_tracked is not None:
+                    # per_chunk mode advances the counter by the number of chunks; count only the
+                    # skipped *steps* (a non-finite batch leaves the counter where it was).
+                    if bool(out.num_batches_tracked == self.num_batches_tracked):
+                        self.num_skipped_updates.add_(1)
+                    self.num_batches_tracked.copy_(out.num_batches_tracked)
+        return out.output
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}, "
+            f"momentum_mode={self.momentum_mode!r}"
+        )
+
+
+_GHOST_DOC = r"""Ghost batch normalization over a {shape} input: BN per chunk of ``ghost_batch_size`` samples in training.
+
+    .. math::
+        y_i = \frac{{x_i - \mathrm{{E}}_{{k(i)}}[x]}}{{\sqrt{{\mathrm{{Var}}_{{k(i)}}[x] + \epsilon}}}} \gamma + \beta
+
+    In training the batch is split into contiguous ghost chunks of ``ghost_batch_size`` samples
+    (``k(i)`` is the chunk of sample i; a ragged last chunk is normalized on its own) and each
+    chunk is batch-normalized alone, with shared ``gamma``/``beta``: the regularising noise of a
+    small batch at the throughput of a large one. Vectorised (one reshape, no loop over chunks);
+    channels_last is kept. In eval the running statistics are used for any batch size (the
+    split never applies there). ``ghost_batch_size >= N`` is exactly :class:`BatchNorm{d}d`.
+    Running statistics follow PyTorch's convention, updated once per chunk in order
+    (``momentum_mode="per_chunk"``, so the old value decays by ``(1-momentum)^K`` per step) or
+    once with the averaged chunk statistics (``"averaged"``). state_dict keys are BN's.
+
+    Args:
+        num_features: C.
+        ghost_batch_size: samples per ghost chunk (the paper used 128 with large batches).
+        eps, momentum, affine, track_running_stats: as :class:`BatchNorm{d}d`.
+        momentum_mode: ``"per_chunk"`` or ``"averaged"``.
+        bias, unbiased_running_var: as :class:`BatchNorm{d}d`.
+
+    Shape:
+        Input {shape}; output the same shape, dtype and layout.
+
+    Example:
+        >>> import torch, normkit
+        >>> gbn = normkit.nn.GhostBatchNorm{d}d(3, ghost_batch_size=4)
+        >>> x = torch.randn({example})
+        >>> ref = torch.nn.functional.batch_norm(x[:4], None, None, training=True)
+        >>> torch.allclose(gbn(x)[:4], ref, atol=1e-5)   # chunk 1 is BN on chunk 1 alone
+        True
+
+    Reference: https://arxiv.org/abs/1705.08741
+    """
+
+
+class GhostBatchNorm1d(_GhostBatchNorm):
+    __doc__ = _GHOST_DOC.format(shape="``(N, C)`` or ``(N, C, L)``", d=1, example="10, 3")
+    _dims = (2, 3)
+
+
+class GhostBatchNorm2d(_GhostBatchNorm):
+    __doc__ = _GHOST_DOC.format(shape="``(N, C, H, W)``", d=2, example="10, 3, 4, 4")
+    _dims = (4,)
+
+
+class GhostBatchNorm3d(_GhostBatchNorm):
+    __doc__ = _GHOST_DOC.format(shape="``(N, C, D, H, W)``", d=3, example="10, 3, 2, 2, 2")
+    _dims = (5,)
+
+
+# --- Batch Renorm --------------------------------------------------------------------------------
+
+
+class _BatchRenorm(_BatchNorm):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 0,
+        bias: bool = True,
+        unbiased_running_var: bool = True,
+    ) -> None:
+        name = type(self).__name__
+        if not track_running_stats:
+            raise ValueError(
+                f"{name}: Batch Renorm corrects batch statistics towards the running ones, so it needs "
+                "track_running_stats=True; use BatchNorm for batch statistics only"
+            )
+        for label, value, lowest in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < lowest:
+                raise ValueError(f"{name}: {label} must be a finite number >= {lowest}, got {value!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"{name}: warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, unbiased_running_var=unbiased_running_var,
+        )
+        self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), warmup_steps
+
+    def current_limits(self) -> tuple[Tensor, Tensor]:
+        """The ``(r_max, d_max)`` in force now: a linear ramp from ``(1, 0)`` to ``(r_max, d_max)``
+        over the first ``warmup_steps`` training steps (counted by ``num_batches_tracked``), then flat.
+        Returned as 0-dim tensors (no host sync)."""
+        t = self.num_batches_tracked.to(torch.float64)
+        frac = (t / self.warmup_steps).clamp(max=1.0) if self.warmup_steps else torch.ones_like(t)
+        return 1.0 + (self.r_max - 1.0) * frac, self.d_max * frac
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if not self._tracking:  # track_running_stats switched off later: plain BN on batch statistics
+            return batch_norm(x, None, None, self.weight, self.bias, True, self.momentum, self.eps).output
+        r_max, d_max = self.current_limits()
+        out = batch_renorm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            num_batches_tracked=self.num_batches_tracked,
+            r_max=r_max,
+            d_max=d_max,
+            unbiased_running_var=self.unbiased_running_var,
+        )
+        return self._store(out)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}"
+
+
+_RENORM_DOC = r"""Batch Renormalization (Ioffe 2017) over a {shape} input; BN that trains like it infers.
+
+    .. math::
+        y = \gamma \Big(\frac{{x - \mu_B}}{{\sigma_B}} r + d\Big) + \beta, \quad
+        r = \mathrm{{clip}}_{{[1/r_{{max}}, r_{{max}}]}}(\sigma_B / \sigma), \quad
+        d = \mathrm{{clip}}_{{[-d_{{max}}, d_{{max}}]}}((\mu_B - \mu) / \sigma)
+
+    ``mu, sigma`` are the running statistics (``sigma = sqrt(running_var + eps)``), ``r, d`` get
+    no gradient. ``r_max=1, d_max=0`` is exactly :class:`BatchNorm{d}d`. ``warmup_steps`` ramps
+    the limits linearly from ``(1, 0)`` (plain BN) to ``(r_max, d_max)``, as the paper's schedule
+    does. Eval uses the running statistics; state_dict keys are BN's.
+
+    Args:
+        num_features: C.
+        eps, momentum, affine: as :class:`BatchNorm{d}d` (``track_running_stats`` must stay True).
+        r_max, d_max: the clipping limits reached after the warm-up (paper: 3 and 5).
+        warmup_steps: length of the linear warm-up, in training steps (0: limits from the start).
+
+    Example:
+        >>> import torch, normkit
+        >>> brn = normkit.nn.BatchRenorm{d}d(3, r_max=1.0, d_max=0.0)
+        >>> x = torch.randn({example})
+        >>> torch.allclose(brn(x), torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-5)
+        True
+
+    Reference: https://arxiv.org/abs/1702.03275
+    """
+
+
+class BatchRenorm1d(_BatchRenorm):
+    __doc__ = _RENORM_DOC.format(shape="``(N, C)`` or ``(N, C, L)``", d=1, example="8, 3")
+    _dims = (2, 3)
+
+
+class BatchRenorm2d(_BatchRenorm):
+    __doc__ = _RENORM_DOC.format(shape="``(N, C, H, W)``", d=2, example="8, 3, 4, 4")
+    _dims = (4,)
+
+
+class BatchRenorm3d(_BatchRenorm):
+    __doc__ = _RENORM_DOC.format(shape="``(N, C, D, H, W)``", d=3, example="4, 3, 2, 2, 2")
+    _dims = (5,)
+
+
+# --- Frozen BN -----------------------------------------------------------------------------------
+
+
+class _FrozenBatchNorm(_NormBase):
+    _dims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+        use_running_stats: bool = True,
+        update_running_stats: bool = False,
+        unbiased_running_var: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, bias=bias)
+        # The affine is frozen: buffers, not Parameters (no optimizer sees them), same state_dict keys.
+        for key in ("weight", "bias"):
+            p = self._parameters.pop(key)
+            self.register_buffer(key, None if p is None else p.detach())
+        self.use_running_stats = bool(use_running_stats)
+        self.update_running_stats = bool(update_running_stats)
+        self.unbiased_running_var = bool(unbiased_running_var)
+        self.training = False
+
+    def train(self, mode: bool = True) -> _FrozenBatchNorm:
+        """Frozen layers ignore train/eval: a parent's ``.train()`` leaves this one as it is."""
+        return self
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() not in self._dims:
+            got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
+            want = " or ".join(f"{d}D" for d in self._dims)
+            raise ValueError(f"{type(self).__name__}: expected {want} input (N, C, ...), got {got}")
+        check_channels(x, self.num_features, type(self).__name__)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        rm, rv, nbt = self.running_mean, self.running_var, self.num_batches_tracked
+        common = dict(momentum=self.momentum, eps=self.eps, unbiased_running_var=self.unbiased_running_var)
+        if not self.use_running_stats:
+            if self.update_running_stats:
+                return self._store(batch_norm(x, rm, rv, self.weight, self.bias, True, num_batches_tracked=nbt,
+                                              **common))  # type: ignore[arg-type]
+            return batch_norm(x, None, None, self.weight, self.bias, True, **common).output  # type: ignore[arg-type]
+        y = batch_norm(x, rm, rv, self.weight, self.bias, False, **common).output  # type: ignore[arg-type]
+        if self.update_running_stats:
+            with torch.no_grad():
+                self._store(batch_norm(x, rm, rv, None, None, True, num_batches_tracked=nbt, **common))  # type: ignore[arg-type]
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"use_running_stats={self.use_running_stats}, update_running_stats={self.update_running_stats}"
+        )
+
+
+_FROZEN_DOC = r"""Batch normalization with frozen statistics and affine over a {shape} input.
+
+    .. math::
+        y = \frac{{x - \mu_{{run}}}}{{\sqrt{{\sigma^2_{{run}} + \epsilon}}}} \gamma + \beta
+
+    For fine-tuning with small batches (detection, segmentation): the running statistics and the
+    affine are constants, and the layer ignores ``.train()`` / ``.eval()`` (a parent's
+    ``model.train()`` does not unfreeze it). ``weight`` and ``bias`` are buffers, not Parameters,
+    with BN's state_dict keys: a :class:`BatchNorm{d}d` checkpoint loads here and this one loads
+    into BN. Two independent switches:
+
+    * ``use_running_stats`` (default True): normalize with the running statistics; False uses
+      the batch statistics (still with the frozen affine).
+    * ``update_running_stats`` (default False): fold each batch into the running statistics
+      (PyTorch's EMA with ``momentum``), e.g. to re-estimate them on new data.
+
+    :func:`normkit.surgery.freeze_bn` swaps every BN of a model for this layer and back.
+
+    Args:
+        num_features: C.
+        eps, momentum, affine, bias, unbiased_running_var: as :class:`BatchNorm{d}d`.
+        use_running_stats, update_running_stats: the two switches above.
+
+    Example:
+        >>> import torch, normkit
+        >>> bn = torch.nn.BatchNorm{d}d(3).eval()
+        >>> frozen = normkit.nn.FrozenBatchNorm{d}d(3)
+        >>> _ = frozen.load_state_dict(bn.state_dict())
+        >>> x = torch.randn({example})
+        >>> torch.allclose(frozen.train()(x), bn(x), atol=1e-6)
+        True
+        >>> len(list(frozen.parameters()))
+        0
+    """
+
+
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    __doc__ = _FROZEN_DOC.format(shape="``(N, C)`` or ``(N, C, L)``", d=1, example="4, 3")
+    _dims = (2, 3)
+
+
+class FrozenBatchNorm2d(_FrozenBatchNorm):
+    __doc__ = _FROZEN_DOC.format(shape="``(N, C, H, W)``", d=2, example="4, 3, 5, 5")
+    _dims = (4,)
+
+
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    __doc__ = _FROZEN_DOC.format(shape="``(N, C, D, H, W)``", d=3, example="2, 3, 2, 2, 2")
+    _dims = (5,)
+
+
+# --- mean-only BN ----------------------------------------------------------------------------------
+
+
+class MeanOnlyBatchNorm(nn.Module):
+    r"""Mean-only batch normalization (Salimans & Kingma 2016): ``y = x - E_B[x] + beta``, no scaling.
+
+    .. math::
+        y = x - \mathrm{E}_{(N, *S)}[x] + \beta
+
+    The paper pairs it with weight normalization (:func:`normkit.nn.weight_norm`): WN fixes each
+    unit's scale, this removes the mean, and their combination beat BN in the paper's CIFAR-10
+    table. Per channel over ``(N, *spatial)``, any rank >= 2. In eval the running mean is used,
+    updated in training as ``running_mean = (1 - momentum) * running_mean + momentum * batch_mean``.
+
+    Args:
+        num_features: C.
+        momentum: weight of the new batch mean, or ``None`` for a cumulative average.
+        bias: learn the per-channel shift ``beta`` (init 0).
+        track_running_stats: keep ``running_mean`` for eval; without it the batch mean is used always.
+
+    Shape:
+        Input ``(N, C, *)``; output the same.
+
+    Example:
+        >>> import torch, normkit
+        >>> layer = normkit.nn.MeanOnlyBatchNorm(3)
+        >>> x = torch.randn(16, 3, 4) * 5 + 2
+        >>> y = layer(x)
+        >>> torch.allclose(y.mean((0, 2)), torch.zeros(3), atol=1e-5)
+        True
+        >>> shift = y - x                                     # a per-channel constant: no scaling
+        >>> torch.allclose(shift.amax((0, 2)), shift.amin((0, 2)), atol=1e-5)
+        True
+
+    Reference: https://arxiv.org/abs/1602.07868
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        momentum: float | None = 0.1,
+        bias: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        self.num_features = check_positive_int(num_features, "MeanOnlyBatchNorm", "num_features")
+        self.momentum = check_momentum(momentum, "MeanOnlyBatchNorm")
+        self.track_running_stats = bool(track_running_stats)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, counter 0."""
+        if self.running_mean is not None:
+            self.running_mean.zero_()
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running mean and the bias (0)."""
+        self.reset_running_stats()
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() < 2:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"MeanOnlyBatchNorm: expected an (N, C, *) input, got {got}")
+        check_channels(x, self.num_features, "MeanOnlyBatchNorm")
+        tracking = self.track_running_stats and self.running_mean is not None
+        out = mean_only_batch_norm(
+            x,
+            self.running_mean if tracking else None,
+            self.bias,
+            training=self.training or not tracking,
+            momentum=self.momentum,
+            num_batches_tracked=self.num_batches_tracked if tracking else None,
+        )
+        if tracking and out.running_mean is not self.running_mean:
+            with torch.no_grad():
+                self.running_mean.copy_(out.running_mean)  # type: ignore[arg-type]
+                self.num_batches_tracked.copy_(out.num_batches_tracked)  # type: ignore[arg-type]
+        return out.output
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, momentum={self.momentum}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+
+# --- Keras conventions -------------------------------------------------------------------------------
+
+
+class BatchNormalization(nn.Module):
+    r"""Keras's ``BatchNormalization``, with Keras's conventions, for channels-last (or any-axis) tensors.
+
+    .. math::
+        y = \gamma \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} + \beta
+
+    Statistics per feature along ``axis`` (default -1, channels last), pooled over every other
+    dim. Keras's conventions, not PyTorch's:
+
+    * ``momentum`` weights the *old* value: ``moving = momentum * moving + (1 - momentum) * batch``
+      (Keras 0.99 is PyTorch 0.01);
+    * the moving variance stores the *biased* batch variance (Keras 3, ``ops.moments``);
+    * ``epsilon`` defaults to 1e-3;
+    * ``trainable=False`` freezes ``gamma``/``beta`` *and* runs the layer in inference mode even in
+      training (Keras's rule since 2.1.3), so fine-tuning does not disturb the statistics.
+
+    Parameter and buffer names are Keras's (``gamma``, ``beta``, ``moving_mean``,
+    ``moving_variance``); :meth:`get_weights` / :meth:`set_weights` / :meth:`get_config` speak
+    Keras's list-of-arrays format. :func:`normkit.convert.to_keras_bn` and
+    :func:`normkit.convert.from_keras_bn` convert to and from the PyTorch-convention layers.
+
+    Args:
+        num_features: size of the normalized axis.
+        axis: the feature axis of the input (negative counts from the end).
+        momentum: Keras momentum, in [0, 1].
+        epsilon: added to the variance inside the square root.
+        center: learn ``beta`` (init 0).
+        scale: learn ``gamma`` (init 1).
+        trainable: see above.
+
+    Example:
+        >>> import torch, normkit
+        >>> layer = normkit.nn.BatchNormalization(3)          # (N, H, W, C) input
+        >>> x = torch.randn(8, 5, 5, 3) + 2.0
+        >>> y = layer(x)
+        >>> torch.allclose(layer.moving_mean, 0.01 * x.mean((0, 1, 2)))
+        True
+        >>> layer.trainable = False                               # inference mode, even in training
+        >>> torch.allclose(layer(x), (x - layer.moving_mean) / torch.sqrt(layer.moving_variance + 1e-3))
+        True
+
+    Reference: https://keras.io/api/layers/normalization_layers/batch_normalization/
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        trainable: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        name = "BatchNormalization"
+        self.num_features = check_positive_int(num_features, name, "num_features")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(f"{name}: axis must be an int, got {axis!r}")
+        if momentum is None or check_momentum(momentum, name) is None:
+            raise ValueError(f"{name}: momentum must be a number in [0, 1] (Keras convention), got {momentum!r}")
+        self.axis = axis
+        self.momentum = float(momentum)
+        self.epsilon = check_eps(epsilon, name)
+        self.center, self.scale = bool(center), bool(scale)
+        factory = {"device": device, "dtype": dtype}
+        if self.scale:
+            self.gamma = nn.Parameter(torch.ones(num_features, **factory))
+        else:
+            self.register_parameter("gamma", None)
+        if self.center:
+            self.beta = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("beta", None)
+        self.register_buffer("moving_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("moving_variance", torch.ones(num_features, **factory))
+        self.trainable = trainable
+
+    @property
+    def trainable(self) -> bool:
+        """Keras's flag: False freezes gamma/beta (``requires_grad=False``) and forces inference mode."""
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        self._trainable = bool(value)
+        for p in (self.gamma, self.beta):
+            if p is not None:
+                p.requires_grad_(self._trainable)
+
+    def _axis(self, x: Tensor) -> int:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"BatchNormalization: expected a torch.Tensor input, got {type(x).__name__}")
+        if not -x.dim() <= self.axis < x.dim():
+            raise ValueError(
+                f"BatchNormalization: axis={self.axis} is out of range for an input of shape {tuple(x.shape)}"
+            )
+        ax = self.axis % x.dim()
+        if x.shape[ax] != self.num_features:
+            raise ValueError(
+                f"BatchNormalization: expected {self.num_features} features along axis {self.axis}, got input of "
+                f"shape {tuple(x.shape)} with {x.shape[ax]}; channels-first input needs axis=1"
+            )
+        return ax
+
+    def forward(self, x: Tensor) -> Tensor:
+        ax = self._axis(x)
+        if not x.is_floating_point():
+            raise TypeError(f"BatchNormalization: expected a floating-point input, got {x.dtype}")
+        nd = x.dim()
+        view = [1] * nd
+        view[ax] = self.num_features
+        g = self.gamma.view(view) if self.gamma is not None else None
+        b = self.beta.view(view) if self.beta is not None else None
+        dims = tuple(d for d in range(nd) if d != ax)
+        if not (self.training and self.trainable):
+            dtype = acc_dtype(x.dtype)
+            mean = self.moving_mean.to(dtype).view(view)
+            rstd = torch.rsqrt(self.moving_variance.to(dtype) + self.epsilon).view(view)
+            return normalize(x, mean, rstd, g, b)
+        m = x.numel() // self.num_features
+        if m == 1:
+            raise ValueError(
+                f"BatchNormalization: expected more than 1 value per feature in training, got input of shape "
+                f"{tuple(x.shape)}; use a batch of at least 2, or inference mode"
+            )
+        if x.numel() == 0:
+            return norm(x, dims, g, b, self.epsilon)[0]
+        y, mean, var = norm(x, dims, g, b, self.epsilon)
+        # Keras's update moving*k + batch*(1-k) is PyTorch's EMA with momentum 1 - k, biased variance.
+        mm, mv, _ = update_running_stats(
+            self.moving_mean, self.moving_variance, None, mean, var, m, 1.0 - self.momentum, False,
+            "BatchNormalization",
+        )
+        with torch.no_grad():
+            self.moving_mean.copy_(mm)
+            self.moving_variance.copy_(mv)
+        return y
+
+    # -- Keras's weight-list API --------------------------------------------------------------------
+    def get_weights(self) -> list[Any]:
+        """The weights as numpy arrays in Keras's order: ``[gamma?, beta?, moving_mean, moving_variance]``."""
+        ts = [t for t in (self.gamma, self.beta, self.moving_mean, self.moving_variance) if t is not None]
+        return [t.detach().cpu().numpy().copy() for t in ts]
+
+    def set_weights(self, weights: list[Any]) -> None:
+        """Load ``[gamma?, beta?, moving_mean, moving_variance]`` (numpy arrays or tensors), Keras's order."""
+        targets = [t for t in (self.gamma, self.beta, self.moving_mean, self.moving_variance) if t is not None]
+        if len(weights) != len(targets):
+            raise ValueError(
+                f"BatchNormalization.set_weights: expected {len(targets)} arrays (gamma if scale, beta if "
+                f"center, moving_mean, moving_variance), got {len(weights)}"
+            )
+        with torch.no_grad():
+            for t, w in zip(targets, weights):
+                src = torch.as_tensor(w)
+                if tuple(src.shape) != tuple(t.shape):
+                    raise ValueError(
+                        f"BatchNormalization.set_weights: expected arrays of shape {tuple(t.shape)}, "
+                        f"got {tuple(src.shape)}"
+                    )
+                t.copy_(src)
+
+    def get_config(self) -> dict[str, Any]:
+        """Keras's config keys for this layer."""
+        return {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "trainable": self.trainable,
+        }
+
+    def reset_parameters(self) -> None:
+        """gamma 1, beta 0, moving mean 0, moving variance 1 (Keras's initialisers)."""
+        with torch.no_grad():
+            if self.gamma is not None:
+                self.gamma.fill_(1.0)
+            if self.beta is not None:
+                self.beta.zero_()
+            self.moving_mean.zero_()
+            self.moving_variance.fill_(1.0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, axis={self.axis}, momentum={self.momentum}, epsilon={self.epsilon}, "
+            f"center={self.center}, scale={self.scale}, trainable={self.trainable}"
+        )

@@ -123,7 +123,9 @@ def ghost_batch_norm(
         )
     nd = x.dim()
     # (K*B_g, C, *S) -> (K, B_g, C, *S): splitting dim 0 is a view for any strides (channels_last too).
-    main = x[: K * B].view(K, B, C, *spatial)
+    # split (not slicing): its backward concatenates the chunk grads, which keeps channels_last.
+    main, rest = x.split([K * B, rem]) if rem else (x, None)
+    main = main.view(K, B, C, *spatial)
     pshape = (1, 1, C) + (1,) * len(spatial)
     wv = weight.view(pshape) if weight is not None else None
     bv = bias.view(pshape) if bias is not None else None
@@ -133,9 +135,8 @@ def ghost_batch_norm(
     sizes = [B * per_sample] * K
     if rem:
         # The ragged last chunk: one more call on the remainder.
-        y_r, mean_r, var_r = norm(
-            x[K * B :], (0, *spatial_dims(x)), channel_view(weight, nd), channel_view(bias, nd), eps
-        )
+        assert rest is not None
+        y_r, mean_r, var_r = norm(rest, (0, *spatial_dims(x)), channel_view(weight, nd), channel_view(bias, nd), eps)
         y = torch.cat([y, y_r])
         means = torch.cat([means, mean_r.reshape(1, C)])
         vars_ = torch.cat([vars_, var_r.reshape(1, C)])

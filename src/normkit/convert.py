@@ -94,7 +94,7 @@ def _keras_source(layer: Any) -> dict[str, Any]:
         names += ["moving_mean", "moving_variance"]
         if len(weights) != len(names):
             raise ValueError(f"from_keras_bn: expected weights {names} from the layer, got {len(weights)} arrays")
-        src = dict(zip(names, weights))
+        src: dict[str, Any] = {"gamma": None, "beta": None, **dict(zip(names, weights))}
         src.update(momentum=cfg.get("momentum", 0.99), epsilon=cfg.get("epsilon", 1e-3),
                    trainable=cfg.get("trainable", True))
         return src

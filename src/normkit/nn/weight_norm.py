@@ -92,6 +92,12 @@ def _load_hook(
         state_dict[g_key], state_dict[v_key] = g, v
 
 
+def _cls_name(module: nn.Module) -> str:
+    """The user's class name, not torch's on-the-fly ``Parametrized<Name>``."""
+    cls = type(module)
+    return cls.__bases__[0].__name__ if parametrize.is_parametrized(module) else cls.__name__
+
+
 def _unit_axes(module: nn.Module) -> tuple[int, int]:
     """(dim of the weight that indexes output units, dim of the output that does), or raise."""
     if isinstance(module, nn.Linear):
@@ -107,7 +113,7 @@ def _unit_axes(module: nn.Module) -> tuple[int, int]:
         return 0, 1
     raise TypeError(
         f"weight_norm: the data-dependent init (init_batch) supports Linear, Conv*d and ConvTranspose*d, "
-        f"got {type(module).__name__}; initialise it yourself or pass init_batch=None"
+        f"got {_cls_name(module)}; initialise it yourself or pass init_batch=None"
     )
 
 
@@ -118,7 +124,7 @@ def _data_init(module: nn.Module, name: str, dim: int | None, x: Tensor) -> None
     if dim is None or dim % weight_rank != w_dim:
         raise ValueError(
             f"weight_norm: init_batch standardizes each output unit, so dim must index the output units "
-            f"(dim={w_dim} for {type(module).__name__}), got dim={dim}"
+            f"(dim={w_dim} for {_cls_name(module)}), got dim={dim}"
         )
     g = module.parametrizations[name].original0  # type: ignore[index]
     bias = getattr(module, "bias", None)
@@ -178,10 +184,10 @@ def weight_norm(
     if not isinstance(module, nn.Module):
         raise TypeError(f"weight_norm: expected an nn.Module, got {type(module).__name__}")
     if _find(module, name) is not None:
-        raise ValueError(f"weight_norm: {type(module).__name__}.{name} already has weight norm")
+        raise ValueError(f"weight_norm: {_cls_name(module)}.{name} already has weight norm")
     if parametrize.is_parametrized(module, name):
         raise ValueError(
-            f"weight_norm: {type(module).__name__}.{name} already has a parametrization "
+            f"weight_norm: {_cls_name(module)}.{name} already has a parametrization "
             f"({type(module.parametrizations[name][0]).__name__}); weight norm goes on a plain parameter"  # type: ignore[index]
         )
     w = getattr(module, name, None)
@@ -215,7 +221,7 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     """
     if _find(module, name) is None:
         raise ValueError(
-            f"remove_weight_norm: {type(module).__name__}.{name} has no weight norm (of normkit.nn.weight_norm)"
+            f"remove_weight_norm: {_cls_name(module)}.{name} has no weight norm (of normkit.nn.weight_norm)"
         )
     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     handle = module.__dict__.get(_HANDLES, {}).pop(name, None)

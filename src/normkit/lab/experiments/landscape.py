@@ -1,0 +1,208 @@
+"""E5: Santurkar et al.'s loss-landscape measures along the gradient, with and without BN (ALGORITHMS.md §3.4).
+
+A plain 6-conv net (:class:`~normkit.lab.models.VGGish`) trains with SGD. Every ``every`` steps,
+on the batch about to be used, with ``g = grad L_B(theta)`` and step sizes ``eta`` in
+``linspace(0.05, eta_max, etas)``:
+
+* loss range: ``min..max`` of ``L_B(theta - eta g)`` over ``eta``;
+* gradient predictiveness: ``max_eta ||grad L_B(theta - eta g) - g||``;
+* effective beta-smoothness: ``max_eta ||grad L_B(theta - eta g) - g|| / ||eta g||``.
+
+The "fixed" variant moves a distance ``eta * delta`` along ``g / ||g||`` instead, because raw
+steps scale with ``||g||``, which differs between the nets. BN nets are probed in train mode
+(batch statistics: the function being optimised); their running statistics are restored after
+each probe. Pass: the medians over time of all three measures are lower with BN.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data import load_dataset
+from ..models import VGGish, check_norm_spec
+from ..progress import Progress
+from ..train import evaluate, set_seed
+from ._common import markdown_table, resolve_device, set_threads, start_record, verdict
+
+__all__ = ["LandscapeConfig", "landscape_probe", "run_landscape"]
+
+MEASURES = ("loss_range", "grad_change", "beta")
+
+
+@dataclass
+class LandscapeConfig:
+    """Configuration of ``normkit landscape``.
+
+    Attributes:
+        data: data spec.
+        norms: baseline first (``"none"``), then ``"bn"`` (any registry spec works).
+        steps: training steps per net.
+        every: probe every N steps (step 0 included).
+        lr: SGD learning rate.
+        momentum: SGD momentum (0: the plain gradient step the probe follows).
+        batch_size: samples per step.
+        etas: number of step sizes.
+        eta_min, eta_max: the step-size range (Santurkar et al.: up to 0.4).
+        delta: distance unit of the fixed-distance variant.
+        width: first conv width of the net.
+        seed, limit_train, limit_test, device, threads, out, quiet: as elsewhere.
+    """
+
+    data: str = "digits"
+    norms: list[str] = field(default_factory=lambda: ["none", "bn"])
+    steps: int = 1000
+    every: int = 25
+    lr: float = 0.1
+    momentum: float = 0.0
+    batch_size: int = 64
+    etas: int = 8
+    eta_min: float = 0.05
+    eta_max: float = 0.4
+    delta: float = 1.0
+    width: int = 32
+    seed: int = 0
+    limit_train: int | None = None
+    limit_test: int | None = None
+    device: str = "auto"
+    threads: int = 2
+    out: str = "runs"
+    quiet: bool = False
+
+
+def _loss_grad(model: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor) -> tuple[float, Tensor]:
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, params)
+    return loss.detach().item(), torch.cat([g.reshape(-1) for g in grads])
+
+
+def landscape_probe(model: nn.Module, x: Tensor, y: Tensor, etas: list[float], delta: float) -> dict[str, float]:
+    """The three measures at the current parameters on batch ``(x, y)``, raw and fixed-distance (``*_fixed``).
+
+    Leaves the parameters and buffers (running statistics) exactly as they were.
+
+    Example:
+        >>> import torch
+        >>> from normkit.lab.models import VGGish
+        >>> m = VGGish("bn", width=4)
+        >>> before = [p.clone() for p in m.state_dict().values()]
+        >>> r = landscape_probe(m, torch.randn(8, 1, 8, 8), torch.arange(8), [0.1, 0.2], 1.0)
+        >>> sorted(r)[:3], all(torch.equal(a, b) for a, b in zip(before, m.state_dict().values()))
+        (['beta', 'beta_fixed', 'grad_change'], True)
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved_params = [p.detach().clone() for p in params]
+    saved_buffers = {k: b.clone() for k, b in model.named_buffers()}
+    model.train()
+    loss0, g = _loss_grad(model, params, x, y)
+    gnorm = float(g.norm())
+    out: dict[str, float] = {"loss": loss0, "grad_norm": gnorm}
+    for suffix, unit in (("", 1.0), ("_fixed", delta / max(gnorm, 1e-12))):
+        losses, changes, betas = [], [], []
+        for eta in etas:
+            step = eta * unit  # theta - step * g; ||step * g|| = eta * ||g|| (raw) or eta * delta (fixed)
+            with torch.no_grad():
+                offset = 0
+                for p, p0 in zip(params, saved_params):
+                    n = p.numel()
+                    p.copy_(p0 - step * g[offset: offset + n].view_as(p))
+                    offset += n
+            loss, g_eta = _loss_grad(model, params, x, y)
+            change = float((g_eta - g).norm())
+            losses.append(loss)
+            changes.append(change)
+            betas.append(change / max(step * gnorm, 1e-12))
+        out.update({f"loss_min{suffix}": min(losses), f"loss_max{suffix}": max(losses),
+                    f"loss_range{suffix}": max(losses) - min(losses), f"grad_change{suffix}": max(changes),
+                    f"beta{suffix}": max(betas)})
+    with torch.no_grad():
+        for p, p0 in zip(params, saved_params):
+            p.copy_(p0)
+        for k, b in model.named_buffers():
+            b.copy_(saved_buffers[k])
+    return out
+
+
+def run_landscape(cfg: LandscapeConfig) -> tuple[Path, str]:
+    """Run E5; returns the run folder and the Markdown summary."""
+    cfg.norms = [check_norm_spec(n) for n in cfg.norms]
+    if cfg.etas < 1:
+        raise ValueError(f"etas must be >= 1, got {cfg.etas}")
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.data, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+    if cfg.batch_size > len(data.x_train):
+        raise ValueError(f"batch size {cfg.batch_size} exceeds the {len(data.x_train)} training samples (--limit-train)")
+    record = start_record(cfg.out, "landscape", cfg, device)
+    etas = torch.linspace(cfg.eta_min, cfg.eta_max, cfg.etas).tolist() if cfg.etas > 1 else [cfg.eta_max]
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    series: dict[str, dict[str, list[float]]] = {}
+    finals: dict[str, dict[str, float]] = {}
+    with Progress(cfg.quiet) as progress:
+        for norm in cfg.norms:
+            bar = progress.add(f"{norm}: steps", total=cfg.steps)
+            set_seed(cfg.seed, device)
+            model = VGGish(norm, data.in_channels, data.num_classes, width=cfg.width).to(device).train()
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            perm, pos = torch.randperm(len(x), generator=gen), 0
+            s: dict[str, list[float]] = {}
+            diverged = False
+            for step in range(cfg.steps):
+                if pos + cfg.batch_size > len(x):
+                    perm, pos = torch.randperm(len(x), generator=gen), 0
+                idx = perm[pos: pos + cfg.batch_size].to(device)
+                pos += cfg.batch_size
+                xb, yb = x[idx], y[idx]
+                if step % cfg.every == 0:
+                    m = landscape_probe(model, xb, yb, etas, cfg.delta)
+                    record.log(norm=norm, step=step, **m)
+                    for k, v in {"step": float(step), **m}.items():
+                        s.setdefault(k, []).append(v)
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                if not torch.isfinite(loss):
+                    diverged = True
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                progress.advance(bar, info=f"loss {loss.detach().item():.3f}")
+            test_loss, test_err = evaluate(model, data.x_test.to(device), data.y_test.to(device))
+            finals[norm] = {"test_err": test_err, "test_loss": test_loss, "diverged": diverged}
+            record.log(norm=norm, kind="final", **finals[norm])
+            series[norm] = s
+    base, others = cfg.norms[0], cfg.norms[1:]
+    med = {n: {k: statistics.median(s[k]) for suffix in ("", "_fixed") for k in (m + suffix for m in MEASURES)}
+           for n, s in series.items()}
+    crit = []
+    for n in others:
+        for suffix in ("", "_fixed"):
+            lower = all(med[n][m + suffix] < med[base][m + suffix] for m in MEASURES)
+            detail = ", ".join(f"{m}: {med[n][m + suffix]:.3g} vs {med[base][m + suffix]:.3g}" for m in MEASURES)
+            crit.append({"text": f"{n}: medians of loss range, gradient change and beta all lower than {base}'s"
+                         + (" (fixed-distance steps)" if suffix else " (steps eta*g)"), "ok": lower, "detail": detail})
+    rows = [[n, *[f"{med[n][m + suffix]:.3g}" for suffix in ("", "_fixed") for m in MEASURES],
+             f"{finals[n]['test_err']:.2f}"] for n in series]
+    summary = "\n".join([
+        f"# landscape: Santurkar et al.'s measures on {data.name} (VGG-ish, width {cfg.width})", "",
+        f"SGD LR {cfg.lr}, batch {cfg.batch_size}, {cfg.steps} steps, probe every {cfg.every} steps with "
+        f"{len(etas)} step sizes in [{etas[0]:.2f}, {etas[-1]:.2f}]; fixed variant: distance eta*{cfg.delta} along g/|g|. "
+        "Medians over time:", "",
+        markdown_table(["norm", "loss range", "grad change", "beta", "loss range (fixed)", "grad change (fixed)",
+                        "beta (fixed)", "final test err %"], rows), "",
+        "Pass criteria (ALGORITHMS.md §4 E5):", "",
+        *[f"- {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit],
+    ]) + "\n"
+    from ..plots import plot_landscape
+
+    plot_landscape(series, record.path / "landscape.png")
+    plot_landscape(series, record.path / "landscape_fixed.png", suffix="_fixed")
+    record.write_json("results.json", {"medians": med, "final": finals, "criteria": crit, "etas": etas})
+    record.write_text("summary.md", summary + "\n![landscape](landscape.png)\n\n![landscape, fixed steps](landscape_fixed.png)\n")
+    record.finish()
+    return record.path, summary

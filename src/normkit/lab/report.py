@@ -1,0 +1,138 @@
+"""Gather run folders into one Markdown report and one static HTML page (plots embedded).
+
+``normkit report`` reads each run's ``config.json``, ``env.json``, ``summary.md`` and PNGs and
+writes ``report.md`` (images linked relative to it) and ``report.html`` (self-contained: the
+PNGs are inlined as data URIs, the Markdown rendered with markdown-it, which comes with rich).
+
+Example:
+    >>> import tempfile, json, pathlib
+    >>> with tempfile.TemporaryDirectory() as root:
+    ...     run = pathlib.Path(root, "compare-20260101-000000"); run.mkdir()
+    ...     _ = (run / "config.json").write_text(json.dumps({"experiment": "compare"}))
+    ...     _ = (run / "summary.md").write_text("# compare\\n\\n| a |\\n|---|\\n| 1 |\\n")
+    ...     md, html = write_report([], runs_root=root)
+    ...     "<table>" in html.read_text(), md.name
+    (True, 'report.md')
+"""
+
+from __future__ import annotations
+
+import base64
+import html as html_lib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["find_runs", "render_html", "write_report"]
+
+_IMG = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def find_runs(root: str | Path, latest_only: bool = True) -> list[Path]:
+    """Run folders under ``root`` (those with a ``config.json``), oldest first; the newest per experiment if ``latest_only``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"report: runs root {str(root)!r} is not a folder (run an experiment first, or pass --runs-root)")
+    runs = sorted((p for p in root.iterdir() if (p / "config.json").is_file()), key=lambda p: ((p / "config.json").stat().st_mtime, p.name))
+    if not latest_only:
+        return runs
+    latest: dict[str, Path] = {}
+    for p in runs:
+        latest[_read_json(p / "config.json").get("experiment", p.name.split("-")[0])] = p
+    return sorted(latest.values(), key=lambda p: ((p / "config.json").stat().st_mtime, p.name))
+
+
+def _shift_headings(md: str, by: int = 1) -> str:
+    return re.sub(r"^(#{1,5}) ", lambda m: "#" * (len(m.group(1)) + by) + " ", md, flags=re.M)
+
+
+def _section(run: Path, out_dir: Path) -> str:
+    cfg = _read_json(run / "config.json")
+    env = _read_json(run / "env.json")
+    timing = _read_json(run / "timing.json")
+    summary = (run / "summary.md").read_text() if (run / "summary.md").is_file() else "(no summary.md: the run did not finish)\n"
+    rel = Path(os.path.relpath(run, out_dir))
+
+    def relink(m: re.Match[str]) -> str:
+        target = m.group(2)
+        if "://" in target or target.startswith("/"):
+            return m.group(0)
+        return f"![{m.group(1)}]({(rel / target).as_posix()})"
+
+    argv = env.get("argv") or []
+    command = " ".join(["normkit", *argv[1:]]) if argv else "(not recorded)"
+    facts = [f"run folder `{run.name}`", f"command `{command}`"]
+    if env:
+        facts.append(f"torch {env.get('torch')}, {env.get('threads')} threads, device {env.get('device')}, git {str(env.get('git'))[:12]}")
+    if timing.get("wall_s") is not None:
+        facts.append(f"{timing['wall_s']:.0f} s wall")
+    title = f"## {cfg.get('experiment', run.name)}: {run.name}"
+    return "\n".join([title, "", "; ".join(facts) + ".", "", _IMG.sub(relink, _shift_headings(summary, 2))])
+
+
+def render_html(markdown: str, base: Path, title: str = "normkit report") -> str:
+    """Markdown to a self-contained HTML page; local images (relative to ``base``) inlined as PNG data URIs."""
+
+    def inline(m: re.Match[str]) -> str:
+        target = base / m.group(2)
+        if target.is_file():
+            data = base64.b64encode(target.read_bytes()).decode("ascii")
+            return f"![{m.group(1)}](data:image/png;base64,{data})"
+        return m.group(0)
+
+    text = _IMG.sub(inline, markdown)
+    try:
+        from markdown_it import MarkdownIt
+
+        body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+    except ImportError:  # pragma: no cover - markdown-it-py comes with rich
+        body = f"<pre>{html_lib.escape(text)}</pre>"
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}"
+    )
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html_lib.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
+
+
+def write_report(
+    runs: Sequence[str | Path] = (), runs_root: str | Path = "runs", out: str | Path | None = None, latest_only: bool = True
+) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` for ``runs`` (default: found under ``runs_root``); return their paths.
+
+    Raises:
+        ValueError: no runs found, or a given folder is not a run folder.
+    """
+    folders = [Path(r) for r in runs]
+    for f in folders:
+        if not (f / "config.json").is_file():
+            raise ValueError(f"report: {str(f)!r} is not a run folder (no config.json)")
+    if not folders:
+        folders = find_runs(runs_root, latest_only)
+    if not folders:
+        raise ValueError(f"report: no runs under {str(runs_root)!r}; run an experiment first (e.g. normkit compare)")
+    out_dir = Path(out) if out is not None else (Path(runs_root) if not runs else folders[0].parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = [
+        "# normkit lab report", "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {len(folders)} run(s). Each section is one run: its command, "
+        "environment, summary table with the pass criteria of ALGORITHMS.md §4, and plots.", "",
+        *[f"- {_read_json(f / 'config.json').get('experiment', '?')}: `{f.name}`" for f in folders], "",
+    ]
+    md = "\n".join(header) + "\n" + "\n\n".join(_section(f, out_dir) for f in folders) + "\n"
+    md_path = out_dir / "report.md"
+    md_path.write_text(md)
+    html_path = out_dir / "report.html"
+    html_path.write_text(render_html(md, out_dir))
+    return md_path, html_path

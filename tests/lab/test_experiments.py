@@ -1,0 +1,123 @@
+"""Two-step smoke runs of every experiment on a handful of samples, determinism, and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from normkit.lab.experiments.compare import CompareConfig, NotAvailableError, e1_criteria, run_compare
+from normkit.lab.experiments.landscape import LandscapeConfig, run_landscape
+from normkit.lab.experiments.lr_sweep import LRSweepConfig, run_lr_sweep
+from normkit.lab.experiments.power import PowerConfig, run_power
+from normkit.lab.records import read_metrics
+from normkit.lab.report import write_report
+
+TINY = {"limit_train": 32, "limit_test": 16, "quiet": True, "device": "cpu", "threads": 1}
+
+
+def _compare(out: Path, **kw) -> Path:
+    cfg = CompareConfig(norms=["bn", "gn:8", "ln+pn"], batch_sizes=[8, 4], seeds=[0], epochs=2, max_steps=2, jobs=1,
+                        out=str(out), **{**TINY, **kw})
+    outcome = run_compare(cfg)
+    assert outcome.path is not None
+    return outcome.path
+
+
+def test_compare_smoke_writes_a_complete_record(tmp_path: Path) -> None:
+    path = _compare(tmp_path)
+    for name in ("config.json", "env.json", "metrics.jsonl", "results.json", "summary.md", "timing.json",
+                 "error_vs_batch.png", "curves.png"):
+        assert (path / name).is_file(), name
+    rows = read_metrics(path)
+    finals = [r for r in rows if r["kind"] == "final"]
+    assert len(finals) == 6 and all(r["steps"] == 2 for r in finals)
+    assert all("test_err_batch_stats" in r for r in finals if r["norm"] == "bn")
+    summary = (path / "summary.md").read_text()
+    assert "| bn (batch stats) |" in summary and "E1 (i)" in summary and "B=8" in summary
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["experiment"] == "compare" and cfg["norms"] == ["bn", "gn:8", "ln+pn"] and cfg["warmup_epochs"] == 1.0
+
+
+def test_compare_same_seed_same_files(tmp_path: Path) -> None:
+    a = _compare(tmp_path / "a")
+    b = _compare(tmp_path / "b")
+    for name in ("metrics.jsonl", "results.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_compare_worker_processes_give_the_same_numbers(tmp_path: Path) -> None:
+    kw = {"norms": ["bn", "ln+pn"], "batch_sizes": [4], "seeds": [0, 1], "epochs": 1, "max_steps": 2, "out": None}
+    one = run_compare(CompareConfig(**{**kw, "out": str(tmp_path / "one"), "jobs": 1}, **TINY)).path
+    two = run_compare(CompareConfig(**{**kw, "out": str(tmp_path / "two"), "jobs": 2, "threads": 2},
+                                    **{k: v for k, v in TINY.items() if k != "threads"})).path
+    assert one is not None and two is not None
+    assert (one / "metrics.jsonl").read_bytes() == (two / "metrics.jsonl").read_bytes()
+
+
+def test_compare_rejects_bad_configs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown norm 'xn'"):
+        run_compare(CompareConfig(norms=["xn"], out=str(tmp_path)))
+    with pytest.raises(ValueError, match="unknown model"):
+        run_compare(CompareConfig(models=["vgg"], out=str(tmp_path)))
+    with pytest.raises(NotAvailableError, match="not available yet"):
+        run_compare(CompareConfig(sync_bn=True, out=str(tmp_path)))
+    assert not list(tmp_path.iterdir())  # nothing written for a rejected config
+
+
+def test_e1_criteria_arithmetic() -> None:
+    def row(norm: str, b: int, err: float) -> dict:
+        return {"model": "m", "norm": norm, "batch_size": b, "test_err_mean": err, "test_err_std": 0.0}
+
+    agg = [row("bn", 32, 0.5), row("bn", 2, 20.0), row("gn:8", 32, 1.0), row("gn:8", 2, 1.5),
+           row("ln+pn", 32, 1.0), row("ln+pn", 2, 3.0)]
+    got = {(c["name"], c["text"].split()[0]): c["ok"] for c in e1_criteria(agg, "m")}
+    assert got == {("E1 (i)", "BN"): True, ("E1 (ii)", "gn:8"): True, ("E1 (ii)", "ln+pn"): False,
+                   ("E1 (iii)", "gn:8"): True}
+
+
+def test_power_smoke(tmp_path: Path) -> None:
+    path, summary = run_power(PowerConfig(depth=3, width=8, samples=16, trained=True, epochs=1, max_steps=2,
+                                          batch_size=8, out=str(tmp_path), **TINY))
+    rows = read_metrics(path)
+    rand = [r for r in rows if r["net"] == "randnet"]
+    assert len(rand) == 5 * 3 * 3  # norms x layers x sites
+    for r in rand:
+        assert sum(r[k] for k in ("P_mean", "P_varmean", "P_varstd", "P_meanstd")) == pytest.approx(1.0, abs=1e-9)
+    assert {r["net"] for r in rows} == {"randnet", "cnn4-init", "cnn4-trained"}
+    assert "IN: P_varmean = P_varstd = 0" in summary and (path / "power_post_norm.png").is_file()
+    assert (path / "power_trained.png").is_file()
+
+
+def test_lr_sweep_smoke(tmp_path: Path) -> None:
+    path, summary = run_lr_sweep(LRSweepConfig(lrs=[0.01, 1e4], epochs=1, max_steps=2, eval_every=1, batch_size=8,
+                                               mlp_steps=4, percentile_every=2, mlp_batch_size=8, out=str(tmp_path), **TINY))
+    res = json.loads((path / "results.json").read_text())
+    by = {(r["norm"], r["lr"]): r for r in res["cnn"]}
+    assert by[("none", 1e4)]["diverged"]
+    if not by[("none", 0.01)]["diverged"]:
+        assert ("bn", 0.05) in by  # 5x the baseline's best LR was added to BN's grid
+    assert len(res["mlp"]["bn"]["steps"]) == 3  # steps 0, 2, 4
+    assert "E2 (i)" in summary and (path / "mlp_percentiles.png").is_file() and (path / "lr_sweep.png").is_file()
+
+
+def test_landscape_smoke(tmp_path: Path) -> None:
+    path, summary = run_landscape(LandscapeConfig(steps=2, every=1, etas=2, width=4, batch_size=8, out=str(tmp_path), **TINY))
+    rows = [r for r in read_metrics(path) if "kind" not in r]
+    assert len(rows) == 4 and all(r["beta"] > 0 and r["loss_max"] >= r["loss_min"] for r in rows)
+    assert "fixed-distance" in summary and (path / "landscape.png").is_file()
+
+
+def test_report_gathers_runs(tmp_path: Path) -> None:
+    _compare(tmp_path)
+    run_landscape(LandscapeConfig(steps=1, every=1, etas=1, width=4, batch_size=8, out=str(tmp_path), **TINY))
+    md, html = write_report([], runs_root=tmp_path)
+    text = md.read_text()
+    assert "## compare: compare-" in text and "## landscape: landscape-" in text
+    assert "](compare-" in text  # image links relative to the report
+    page = html.read_text()
+    assert page.count("data:image/png;base64,") >= 4 and "<table>" in page
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no runs"):
+        write_report([], runs_root=tmp_path / "empty")

@@ -8,7 +8,7 @@ the obviously-correct form that the vectorised code must agree with.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ def ref_masked_norm(
     xs = x.permute(perm)
     ms = mask.permute(perm)
     lead = xs.shape[: len(keep)]
-    xs = xs.reshape(-1, int(torch.tensor(xs.shape[len(keep):]).prod()) if dims else 1)
+    xs = xs.reshape(-1, int(torch.tensor(xs.shape[len(keep) :]).prod()) if dims else 1)
     ms = ms.reshape(xs.shape)
     rows = []
     for i in range(xs.shape[0]):

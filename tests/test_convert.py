@@ -44,8 +44,19 @@ class FakeKerasLayer:
         return dict(self._c)
 
 
-@pytest.mark.parametrize("torch_m,keras_m", [(0.1, 0.9), (0.01, 0.99), (0.003, 0.997), (0.03, 0.97), (0.5, 0.5),
-                                             (0.0, 1.0), (1.0, 0.0), (0.25, 0.75)])
+@pytest.mark.parametrize(
+    "torch_m,keras_m",
+    [
+        (0.1, 0.9),
+        (0.01, 0.99),
+        (0.003, 0.997),
+        (0.03, 0.97),
+        (0.5, 0.5),
+        (0.0, 1.0),
+        (1.0, 0.0),
+        (0.25, 0.75),
+    ],
+)
 def test_momentum_converts_exactly_both_ways(torch_m, keras_m):
     assert torch_to_keras_momentum(torch_m) == keras_m
     assert keras_to_torch_momentum(keras_m) == torch_m
@@ -60,9 +71,12 @@ def test_keras_to_torch_inference_identical_and_continued_training_matches():
     assert torch.equal(bn.running_var, k.moving_variance) and bn.unbiased_running_var is False
     x = _randn((2, 5, 5, C), F64, seed=10)
     # Inference: the torch layer on the NCHW view equals the Keras formula on NHWC.
-    want = ref_keras_bn(x, -1, k.gamma.detach(), k.beta.detach(), k.moving_mean, k.moving_variance, 0.99, 1e-3,
-                        False)[0]
-    torch.testing.assert_close(bn.eval()(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), want, rtol=1e-12, atol=1e-12)
+    want = ref_keras_bn(
+        x, -1, k.gamma.detach(), k.beta.detach(), k.moving_mean, k.moving_variance, 0.99, 1e-3, False
+    )[0]
+    torch.testing.assert_close(
+        bn.eval()(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), want, rtol=1e-12, atol=1e-12
+    )
     # Two more training steps on both sides: identical outputs and statistics (momentum and the
     # biased variance convention carried over).
     bn.train()
@@ -86,8 +100,9 @@ def test_torch_to_keras_inference_identical_and_count_keeps_conventions_in_step(
     k = to_keras_bn(bn)
     assert k.momentum == 0.8 and k.epsilon == 1e-5 and k.trainable
     x = _randn((2, C, H, H), F64, seed=40)
-    torch.testing.assert_close(k.eval()(x.permute(0, 2, 3, 1)), bn.eval()(x).permute(0, 2, 3, 1),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        k.eval()(x.permute(0, 2, 3, 1)), bn.eval()(x).permute(0, 2, 3, 1), rtol=1e-12, atol=1e-12
+    )
     # count=m: Keras's biased moving variance; training both on batches of m values per channel
     # keeps keras_var == torch_var * (m - 1) / m exactly as the two conventions predict.
     k = to_keras_bn(bn, count=m)
@@ -136,7 +151,9 @@ def test_keras_layer_api_center_scale_and_trainable_false():
     assert type(bn).__name__ == "FrozenBatchNorm1d" and bn.weight is None
     assert bn.momentum == pytest.approx(0.03) and bn.momentum == 0.03
     x = _randn((5, C), seed=70)
-    want = (x.double() - torch.from_numpy(mean).double()) / torch.sqrt(torch.from_numpy(var).double() + 1e-3) + 0.25
+    want = (x.double() - torch.from_numpy(mean).double()) / torch.sqrt(
+        torch.from_numpy(var).double() + 1e-3
+    ) + 0.25
     torch.testing.assert_close(bn.train()(x).double(), want, rtol=1e-6, atol=1e-6)
     k = to_keras_bn(bn)
     assert k.get_config() == cfg
@@ -144,12 +161,16 @@ def test_keras_layer_api_center_scale_and_trainable_false():
 
 
 def test_mapping_source_and_dims():
-    src = {"gamma": np.ones(2), "beta": np.zeros(2), "moving_mean": np.array([1.0, 2.0]),
-           "moving_variance": np.array([4.0, 9.0])}
+    src = {
+        "gamma": np.ones(2),
+        "beta": np.zeros(2),
+        "moving_mean": np.array([1.0, 2.0]),
+        "moving_variance": np.array([4.0, 9.0]),
+    }
     bn3 = from_keras_bn(src, dim=3)
     assert type(bn3).__name__ == "BatchNorm3d" and bn3.momentum == 0.01
     x = torch.ones(1, 2, 1, 1, 1, dtype=F64)
-    want = torch.tensor([(1 - 1) / 4.001 ** 0.5, (1 - 2) / 9.001 ** 0.5], dtype=F64)  # Keras eps 1e-3
+    want = torch.tensor([(1 - 1) / 4.001**0.5, (1 - 2) / 9.001**0.5], dtype=F64)  # Keras eps 1e-3
     torch.testing.assert_close(bn3.eval()(x).flatten(), want, rtol=1e-12, atol=1e-12)
 
 

@@ -26,8 +26,9 @@ conversions, chosen with ``count``:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -76,15 +77,21 @@ def keras_to_torch_momentum(momentum: float) -> float:
 
 def _check_count(count: int | None, op: str) -> None:
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 2):
-        raise ValueError(f"{op}: count must be None or an int >= 2 (values per channel in a batch), got {count!r}")
+        raise ValueError(
+            f"{op}: count must be None or an int >= 2 (values per channel in a batch), got {count!r}"
+        )
 
 
 def _keras_source(layer: Any) -> dict[str, Any]:
     """gamma/beta/moving stats (tensors or None) and momentum/epsilon/trainable from any Keras-like source."""
     if isinstance(layer, BatchNormalization):
         return {
-            "gamma": layer.gamma, "beta": layer.beta, "moving_mean": layer.moving_mean,
-            "moving_variance": layer.moving_variance, "momentum": layer.momentum, "epsilon": layer.epsilon,
+            "gamma": layer.gamma,
+            "beta": layer.beta,
+            "moving_mean": layer.moving_mean,
+            "moving_variance": layer.moving_variance,
+            "momentum": layer.momentum,
+            "epsilon": layer.epsilon,
             "trainable": layer.trainable,
         }
     if hasattr(layer, "get_weights") and hasattr(layer, "get_config"):  # a real Keras layer
@@ -93,22 +100,33 @@ def _keras_source(layer: Any) -> dict[str, Any]:
         names = [n for n, on in (("gamma", cfg.get("scale", True)), ("beta", cfg.get("center", True))) if on]
         names += ["moving_mean", "moving_variance"]
         if len(weights) != len(names):
-            raise ValueError(f"from_keras_bn: expected weights {names} from the layer, got {len(weights)} arrays")
+            raise ValueError(
+                f"from_keras_bn: expected weights {names} from the layer, got {len(weights)} arrays"
+            )
         src: dict[str, Any] = {"gamma": None, "beta": None, **dict(zip(names, weights))}
-        src.update(momentum=cfg.get("momentum", 0.99), epsilon=cfg.get("epsilon", 1e-3),
-                   trainable=cfg.get("trainable", True))
+        src.update(
+            momentum=cfg.get("momentum", 0.99),
+            epsilon=cfg.get("epsilon", 1e-3),
+            trainable=cfg.get("trainable", True),
+        )
         return src
     if isinstance(layer, Mapping):
         missing = [k for k in ("moving_mean", "moving_variance") if k not in layer]
         if missing:
             raise ValueError(f"from_keras_bn: the mapping lacks {missing}; it has {sorted(layer)}")
-        src = {k: (None if layer.get(k) is None else torch.as_tensor(layer[k]))
-               for k in ("gamma", "beta", "moving_mean", "moving_variance")}
-        src.update(momentum=layer.get("momentum", 0.99), epsilon=layer.get("epsilon", 1e-3),
-                   trainable=layer.get("trainable", True))
+        src = {
+            k: (None if layer.get(k) is None else torch.as_tensor(layer[k]))
+            for k in ("gamma", "beta", "moving_mean", "moving_variance")
+        }
+        src.update(
+            momentum=layer.get("momentum", 0.99),
+            epsilon=layer.get("epsilon", 1e-3),
+            trainable=layer.get("trainable", True),
+        )
         return src
     raise TypeError(
-        "from_keras_bn: expected a normkit.nn.BatchNormalization, a Keras layer (get_weights/get_config) or a "
+        "from_keras_bn: expected a normkit.nn.BatchNormalization, a Keras layer (get_weights/get_config) "
+        "or a "
         f"mapping of Keras weight names, got {type(layer).__name__}"
     )
 
@@ -157,8 +175,13 @@ def from_keras_bn(layer: Any, *, dim: int = 2, count: int | None = None) -> nn.M
     momentum = keras_to_torch_momentum(src["momentum"])
     gamma, beta = src["gamma"], src["beta"]
     affine = gamma is not None or beta is not None
-    kwargs: dict[str, Any] = dict(eps=float(src["epsilon"]), momentum=momentum, affine=affine,
-                                  device=mean.device, dtype=mean.dtype if mean.is_floating_point() else None)
+    kwargs: dict[str, Any] = dict(
+        eps=float(src["epsilon"]),
+        momentum=momentum,
+        affine=affine,
+        device=mean.device,
+        dtype=mean.dtype if mean.is_floating_point() else None,
+    )
     kwargs.update(bias=beta is not None, unbiased_running_var=count is not None)
     frozen = not src["trainable"]
     out = _FROZEN[dim](C, **kwargs) if frozen else _BN[dim](C, **kwargs)
@@ -181,7 +204,7 @@ def from_keras_bn(layer: Any, *, dim: int = 2, count: int | None = None) -> nn.M
 
 @torch.no_grad()
 def to_keras_bn(bn: nn.Module, *, axis: int = -1, count: int | None = None) -> BatchNormalization:
-    """A Keras-convention :class:`normkit.nn.BatchNormalization` with the weights and statistics of a PyTorch BN.
+    """A Keras-convention :class:`normkit.nn.BatchNormalization` with a PyTorch BN's weights and statistics.
 
     Accepts ``torch.nn.BatchNorm1d/2d/3d`` and normkit's BN-family layers (BatchNorm, Ghost BN,
     Batch Renorm, FrozenBatchNorm: frozen layers become ``trainable=False``). The result's
@@ -213,13 +236,22 @@ def to_keras_bn(bn: nn.Module, *, axis: int = -1, count: int | None = None) -> B
             "running_mean/running_var (track_running_stats=False has nothing to convert)"
         )
     if bn.momentum is None:
-        raise ValueError(f"{op}: momentum=None (cumulative average) has no Keras equivalent; set a momentum first")
+        raise ValueError(
+            f"{op}: momentum=None (cumulative average) has no Keras equivalent; set a momentum first"
+        )
     weight, bias = getattr(bn, "weight", None), getattr(bn, "bias", None)
     C = rm.numel()
     trainable = not isinstance(bn, _FrozenBatchNorm)
     out = BatchNormalization(
-        C, axis=axis, momentum=torch_to_keras_momentum(bn.momentum), epsilon=float(bn.eps),
-        center=bias is not None, scale=weight is not None, trainable=trainable, device=rm.device, dtype=rm.dtype,
+        C,
+        axis=axis,
+        momentum=torch_to_keras_momentum(bn.momentum),
+        epsilon=float(bn.eps),
+        center=bias is not None,
+        scale=weight is not None,
+        trainable=trainable,
+        device=rm.device,
+        dtype=rm.dtype,
     )
     if weight is not None:
         out.gamma.copy_(weight)

@@ -27,8 +27,10 @@ def _mask(shape, seed=0, p=0.6):
 
 def _wb(C, dtype=F32, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return ((1 + 0.5 * torch.randn(C, generator=g, dtype=F64)).to(dtype),
-            (0.5 * torch.randn(C, generator=g, dtype=F64)).to(dtype))
+    return (
+        (1 + 0.5 * torch.randn(C, generator=g, dtype=F64)).to(dtype),
+        (0.5 * torch.randn(C, generator=g, dtype=F64)).to(dtype),
+    )
 
 
 def _view(p, nd, axis=1):
@@ -149,8 +151,18 @@ def test_padded_sequence_bn_equals_torch_bn_on_valid_tokens(unbiased):
     w, b = _wb(C)
     rm, rv = torch.linspace(-1, 1, C), torch.linspace(0.5, 2, C)
     nbt = torch.tensor(3)
-    out = nkf.batch_norm(x, rm, rv, w, b, training=True, momentum=0.2, num_batches_tracked=nbt,
-                         unbiased_running_var=unbiased, mask=mask)
+    out = nkf.batch_norm(
+        x,
+        rm,
+        rv,
+        w,
+        b,
+        training=True,
+        momentum=0.2,
+        num_batches_tracked=nbt,
+        unbiased_running_var=unbiased,
+        mask=mask,
+    )
     tokens = x.permute(0, 2, 1)[mask[:, 0, :]]  # (K, C): the valid tokens only
     t_rm, t_rv = rm.clone(), rv.clone()
     ref = TF.batch_norm(tokens, t_rm, t_rv, w, b, training=True, momentum=0.2)
@@ -196,7 +208,9 @@ def test_fully_masked_batch_changes_nothing_and_grads_are_zero():
     mask = torch.zeros(3, 1, 5, dtype=torch.bool)
     rm, rv, nbt = torch.linspace(-1, 1, 4), torch.linspace(0.5, 2, 4), torch.tensor(7)
     for momentum in (0.1, None):
-        out = nkf.batch_norm(x, rm, rv, w, b, training=True, momentum=momentum, num_batches_tracked=nbt, mask=mask)
+        out = nkf.batch_norm(
+            x, rm, rv, w, b, training=True, momentum=momentum, num_batches_tracked=nbt, mask=mask
+        )
         assert torch.equal(out.running_mean, rm) and torch.equal(out.running_var, rv)
         assert out.num_batches_tracked.item() == 7
         assert torch.equal(out.output, b.detach()[None, :, None].expand(3, 4, 5))
@@ -214,9 +228,13 @@ def test_all_true_mask_equals_unmasked_torch_ops():
     rm, rv = torch.zeros(6), torch.ones(6)
     t_rm, t_rv = rm.clone(), rv.clone()
     out = nkf.batch_norm(x, rm, rv, w, b, training=True, mask=ones)
-    torch.testing.assert_close(out.output, TF.batch_norm(x, t_rm, t_rv, w, b, training=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.output, TF.batch_norm(x, t_rm, t_rv, w, b, training=True), rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(out.running_var, t_rv)
-    torch.testing.assert_close(nkf.group_norm(x, 3, w, b, mask=ones), TF.group_norm(x, 3, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        nkf.group_norm(x, 3, w, b, mask=ones), TF.group_norm(x, 3, w, b), rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(nkf.layer_norm(x, 3, mask=ones), TF.layer_norm(x, (3,)), rtol=1e-5, atol=1e-5)
     t_rm, t_rv = rm.clone(), rv.clone()
     ins = nkf.instance_norm(x, rm, rv, w, b, mask=ones)
@@ -267,7 +285,8 @@ def test_nan_and_inf_padding_is_harmless():
         (g,) = torch.autograd.grad(y.square().sum(), xs)
         assert torch.isfinite(g).all()
     torch.testing.assert_close(
-        nkf.batch_norm(xp, training=True, mask=mask).output, nkf.batch_norm(x, training=True, mask=mask).output
+        nkf.batch_norm(xp, training=True, mask=mask).output,
+        nkf.batch_norm(x, training=True, mask=mask).output,
     )
 
 
@@ -287,8 +306,9 @@ def test_eval_mode_uses_running_stats_and_bias_at_padding():
     w, b = _wb(4)
     rm, rv = torch.linspace(-1, 1, 4), torch.linspace(0.5, 2, 4)
     y = nkf.batch_norm(x, rm, rv, w, b, training=False, mask=mask).output
-    want = (x.double() - rm.double()[:, None]) / torch.sqrt(rv.double()[:, None] + 1e-5) * w.double()[:, None] \
-        + b.double()[:, None]
+    want = (x.double() - rm.double()[:, None]) / torch.sqrt(rv.double()[:, None] + 1e-5) * w.double()[
+        :, None
+    ] + b.double()[:, None]
     m = mask.expand(x.shape)
     torch.testing.assert_close(y.double()[m], want[m])
     assert torch.equal(y[~m], b[None, :, None].expand(3, 4, 5)[~m])
@@ -304,12 +324,16 @@ def test_modules_accept_mask_and_match_oracle():
     mask = _mask((4, 1, 7), seed=23)
     bn = normkit.nn.BatchNorm1d(6)
     y = bn(x, mask=mask)
-    torch.testing.assert_close(y.double(), ref_masked_norm(x, mask, (0, 2), None, None, 1e-5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        y.double(), ref_masked_norm(x, mask, (0, 2), None, None, 1e-5), rtol=1e-5, atol=1e-5
+    )
     mean, var, cnt = ref_masked_channel_stats(x, mask)
     torch.testing.assert_close(bn.running_mean.double(), 0.1 * mean)
     torch.testing.assert_close(bn.running_var.double(), 0.9 + 0.1 * var * cnt / (cnt - 1))
     gn = normkit.nn.GroupNorm(3, 6)
-    want_gn = ref_masked_norm(x.reshape(4, 3, 2, 7), mask[:, None].expand(4, 3, 2, 7), (2, 3), None, None, 1e-5)
+    want_gn = ref_masked_norm(
+        x.reshape(4, 3, 2, 7), mask[:, None].expand(4, 3, 2, 7), (2, 3), None, None, 1e-5
+    )
     torch.testing.assert_close(gn(x, mask=mask).double(), want_gn.reshape(x.shape), rtol=1e-5, atol=1e-5)
     inn = normkit.nn.InstanceNorm1d(6, track_running_stats=True)
     torch.testing.assert_close(

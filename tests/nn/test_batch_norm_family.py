@@ -82,7 +82,9 @@ def test_ghost_forward_and_running_stats_match_loop_oracle(mode, N, B, spatial):
     _set_stats(_set_affine(layer, C, F64), C, F64)
     rm0, rv0 = layer.running_mean.clone(), layer.running_var.clone()
     y = layer(x)
-    want, rm, rv, k = ref_ghost_batch_norm(x, rm0, rv0, layer.weight.detach(), layer.bias.detach(), B, 0.3, 1e-5, mode)
+    want, rm, rv, k = ref_ghost_batch_norm(
+        x, rm0, rv0, layer.weight.detach(), layer.bias.detach(), B, 0.3, 1e-5, mode
+    )
     torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(layer.running_mean, rm, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.running_var, rv, rtol=1e-12, atol=1e-12)
@@ -111,8 +113,9 @@ def test_ghost_gradcheck_fp64():
     x = _randn((7, 2, 3), F64, seed=4).requires_grad_()
     w = torch.tensor([1.3, -0.7], dtype=F64, requires_grad=True)
     b = torch.tensor([0.2, 0.1], dtype=F64, requires_grad=True)
-    assert gradcheck(lambda x, w, b: nkf.ghost_batch_norm(x, None, None, w, b, True, ghost_batch_size=3).output,
-                     (x, w, b))
+    assert gradcheck(
+        lambda x, w, b: nkf.ghost_batch_norm(x, None, None, w, b, True, ghost_batch_size=3).output, (x, w, b)
+    )
 
 
 def test_ghost_size_n_equals_torch_bn_including_grads():
@@ -126,8 +129,9 @@ def test_ghost_size_n_equals_torch_bn_including_grads():
     torch.testing.assert_close(ours.running_mean, ref.running_mean)
     torch.testing.assert_close(ours.running_var, ref.running_var)
     dy = _randn(x.shape, seed=6)
-    torch.testing.assert_close(torch.autograd.grad(ya, xa, dy)[0], torch.autograd.grad(yb, xb, dy)[0],
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.autograd.grad(ya, xa, dy)[0], torch.autograd.grad(yb, xb, dy)[0], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_each_chunk_equals_torch_bn_on_that_chunk_alone():
@@ -239,8 +243,9 @@ def test_ghost_errors():
 def test_renorm_forward_stats_and_grads_match_ioffe_oracle(r_max, d_max):
     C = 4
     x = _randn((10, C, 3), F64, seed=20, offset=0.5, scale=2.0)
-    layer = _set_stats(_set_affine(BatchRenorm1d(C, r_max=r_max, d_max=d_max, momentum=0.2, dtype=F64), C, F64),
-                       C, F64)
+    layer = _set_stats(
+        _set_affine(BatchRenorm1d(C, r_max=r_max, d_max=d_max, momentum=0.2, dtype=F64), C, F64), C, F64
+    )
     rm0, rv0 = layer.running_mean.clone(), layer.running_var.clone()
     xs = x.clone().requires_grad_()
     y = layer(xs)
@@ -327,7 +332,8 @@ def test_renorm_gradcheck_fp64_where_r_and_d_are_clipped():
     b = torch.tensor([0.1, -0.3], dtype=F64, requires_grad=True)
     rm, rv = torch.tensor([50.0, -50.0], dtype=F64), torch.tensor([400.0, 900.0], dtype=F64)
     assert gradcheck(
-        lambda x, w, b: nkf.batch_renorm(x, rm, rv, w, b, training=True, r_max=2.0, d_max=1.0).output, (x, w, b)
+        lambda x, w, b: nkf.batch_renorm(x, rm, rv, w, b, training=True, r_max=2.0, d_max=1.0).output,
+        (x, w, b),
     )
 
 
@@ -359,11 +365,14 @@ def test_renorm_state_dict_with_torch_bn_and_errors():
 # =============================================================================================
 
 
-@pytest.mark.parametrize("cls,shape,ref_cls", [
-    (FrozenBatchNorm1d, (4, 3), torch.nn.BatchNorm1d),
-    (FrozenBatchNorm2d, (4, 3, 5, 5), torch.nn.BatchNorm2d),
-    (FrozenBatchNorm3d, (2, 3, 2, 3, 3), torch.nn.BatchNorm3d),
-])
+@pytest.mark.parametrize(
+    "cls,shape,ref_cls",
+    [
+        (FrozenBatchNorm1d, (4, 3), torch.nn.BatchNorm1d),
+        (FrozenBatchNorm2d, (4, 3, 5, 5), torch.nn.BatchNorm2d),
+        (FrozenBatchNorm3d, (2, 3, 2, 3, 3), torch.nn.BatchNorm3d),
+    ],
+)
 def test_frozen_equals_torch_bn_eval_in_train_mode_and_state_dict_both_ways(cls, shape, ref_cls):
     ref = _set_stats(_set_affine(ref_cls(3), 3), 3).eval()
     frozen = cls(3)
@@ -496,7 +505,9 @@ def test_keras_bn_training_and_moving_stats_match_keras_formulas(shape, axis):
     for step in range(3):
         x = _randn(shape, F64, seed=50 + step, offset=step, scale=1 + step)
         y = layer(x)
-        want, mm, mv = ref_keras_bn(x, axis, layer.gamma.detach(), layer.beta.detach(), mm, mv, 0.9, 1e-3, True)
+        want, mm, mv = ref_keras_bn(
+            x, axis, layer.gamma.detach(), layer.beta.detach(), mm, mv, 0.9, 1e-3, True
+        )
         torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(layer.moving_mean, mm, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(layer.moving_variance, mv, rtol=1e-12, atol=1e-12)
@@ -544,14 +555,24 @@ def test_keras_bn_center_scale_weights_api_and_state_dict():
     assert sorted(layer.state_dict()) == ["gamma", "moving_mean", "moving_variance"]
     x = _randn((6, 4), seed=65)
     y = layer(x)
-    torch.testing.assert_close(y.double(), ref_keras_bn(x, -1, torch.ones(4), None, torch.zeros(4), torch.ones(4),
-                                                        0.99, 1e-3, True)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        y.double(),
+        ref_keras_bn(x, -1, torch.ones(4), None, torch.zeros(4), torch.ones(4), 0.99, 1e-3, True)[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
     other = BatchNormalization(4, center=False)
     other.set_weights(layer.get_weights())
     for a, b in zip(other.get_weights(), layer.get_weights()):
         assert (a == b).all()
-    assert layer.get_config() == {"axis": -1, "momentum": 0.99, "epsilon": 1e-3, "center": False, "scale": True,
-                                  "trainable": True}
+    assert layer.get_config() == {
+        "axis": -1,
+        "momentum": 0.99,
+        "epsilon": 1e-3,
+        "center": False,
+        "scale": True,
+        "trainable": True,
+    }
     clone = pickle.loads(pickle.dumps(layer))
     assert torch.equal(clone.moving_variance, layer.moving_variance)
 
@@ -571,3 +592,63 @@ def test_keras_bn_errors():
         BatchNormalization(3)(torch.randn(1, 3))
     with pytest.raises(TypeError, match="floating-point"):
         BatchNormalization(3)(torch.ones(2, 3, dtype=torch.long))
+
+
+# =============================================================================================
+# Shared edge cases: mixed precision, empty batches, eval never writes, flags flipped later
+# =============================================================================================
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: GhostBatchNorm2d(3, ghost_batch_size=3), (7, 3, 4, 4)),
+        (lambda: BatchRenorm2d(3, r_max=2.0, d_max=1.0), (6, 3, 4, 4)),
+        (lambda: BatchNormalization(3, axis=1), (6, 3, 4, 4)),
+        (lambda: MeanOnlyBatchNorm(3), (6, 3, 4, 4)),
+        (lambda: FrozenBatchNorm2d(3, use_running_stats=False), (6, 3, 4, 4)),
+    ],
+)
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_inputs_keep_dtype_fp32_buffers_and_match_fp32(make, shape, half):
+    x = _randn(shape, seed=80, offset=1.0).to(half)
+    a, b = make(), make()
+    y_half, y_ref = a(x), b(x.float())
+    assert y_half.dtype == half
+    assert all(t.dtype == torch.float32 for t in a.state_dict().values() if t.is_floating_point())
+    tol = 1e-2 if half == torch.float16 else 5e-2
+    torch.testing.assert_close(y_half.float(), y_ref, rtol=tol, atol=tol)
+    for k, v in b.state_dict().items():
+        torch.testing.assert_close(a.state_dict()[k].float(), v.float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GhostBatchNorm1d(3, ghost_batch_size=2),
+        lambda: BatchRenorm1d(3),
+    ],
+)
+def test_empty_batch_and_eval_never_writes(make):
+    layer = _set_stats(_set_affine(make(), 3), 3)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.zeros(0, 3, 4, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 3, 4)
+    gw, gb = torch.autograd.grad(y.sum(), (layer.weight, layer.bias), allow_unused=True)
+    assert (gw is None or torch.all(gw == 0)) and (gb is None or torch.all(gb == 0))
+    layer.eval()
+    layer(_randn((5, 3, 4), seed=81))
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_ghost_track_running_stats_flipped_later_leaves_buffers_alone():
+    layer = GhostBatchNorm1d(3, ghost_batch_size=2)
+    layer.track_running_stats = False
+    x = _randn((6, 3), seed=82)
+    y = layer(x)
+    torch.testing.assert_close(y[:2], TF.batch_norm(x[:2], None, None, training=True), rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and layer.num_batches_tracked.item() == 0
+    layer.eval()
+    torch.testing.assert_close(layer(x), TF.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)

@@ -38,14 +38,17 @@ def _gv(m, name="weight"):
     return p.original0, p.original1
 
 
-@pytest.mark.parametrize("make,dim", [
-    (lambda: nn.Linear(5, 3), 0),
-    (lambda: nn.Conv2d(2, 4, 3), 0),
-    (lambda: nn.Conv2d(2, 4, 3), 1),
-    (lambda: nn.Conv1d(4, 6, 3, groups=2), 0),
-    (lambda: nn.ConvTranspose2d(3, 2, 2), 1),
-    (lambda: nn.Linear(5, 3), None),
-])
+@pytest.mark.parametrize(
+    "make,dim",
+    [
+        (lambda: nn.Linear(5, 3), 0),
+        (lambda: nn.Conv2d(2, 4, 3), 0),
+        (lambda: nn.Conv2d(2, 4, 3), 1),
+        (lambda: nn.Conv1d(4, 6, 3, groups=2), 0),
+        (lambda: nn.ConvTranspose2d(3, 2, 2), 1),
+        (lambda: nn.Linear(5, 3), None),
+    ],
+)
 def test_weight_is_g_v_over_norm_and_unchanged_at_registration(make, dim):
     torch.manual_seed(0)
     m = make()
@@ -67,8 +70,9 @@ def test_matches_torch_weight_norm_values_and_grads_and_checkpoints_load_both_wa
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
     dy = _randn((2, 5, 4, 4), seed=3)
     got = torch.autograd.grad(ours(x), list(_gv(ours)), dy)
-    want = torch.autograd.grad(ref(x), [ref.parametrizations.weight.original0, ref.parametrizations.weight.original1],
-                               dy)
+    want = torch.autograd.grad(
+        ref(x), [ref.parametrizations.weight.original0, ref.parametrizations.weight.original1], dy
+    )
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     back = weight_norm(nn.Conv2d(3, 5, 3))
@@ -101,11 +105,14 @@ def test_gradcheck_fp64():
     assert gradcheck(lambda x, g, v: TF.linear(x, wn(g, v), lin.bias), (x, g, v))
 
 
-@pytest.mark.parametrize("make,x_shape,out_axis", [
-    (lambda: nn.Linear(6, 4), (512, 6), -1),
-    (lambda: nn.Conv2d(3, 4, 3), (32, 3, 8, 8), 1),
-    (lambda: nn.ConvTranspose1d(3, 4, 3), (64, 3, 10), 1),
-])
+@pytest.mark.parametrize(
+    "make,x_shape,out_axis",
+    [
+        (lambda: nn.Linear(6, 4), (512, 6), -1),
+        (lambda: nn.Conv2d(3, 4, 3), (32, 3, 8, 8), 1),
+        (lambda: nn.ConvTranspose1d(3, 4, 3), (64, 3, 10), 1),
+    ],
+)
 def test_data_dependent_init_standardizes_preactivations(make, x_shape, out_axis):
     torch.manual_seed(7)
     m = make()
@@ -161,7 +168,11 @@ def test_deepcopy_pickle_and_torch_save_keep_the_parametrization():
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
-    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), torch.load(buf, weights_only=False)):
+    for clone in (
+        copy.deepcopy(model),
+        pickle.loads(pickle.dumps(model)),
+        torch.load(buf, weights_only=False),
+    ):
         assert torch.equal(run(clone), run(model))
         assert sorted(clone.state_dict()) == sorted(model.state_dict())
         g, v = _gv(clone[0])
@@ -182,7 +193,11 @@ def test_loads_plain_legacy_and_gv_layouts():
     torch.testing.assert_close(m.weight, plain.weight, rtol=1e-6, atol=1e-7)
     g, v = _gv(m)
     torch.testing.assert_close(g.flatten(), plain.weight.detach().norm(dim=1))
-    legacy = {"weight_g": torch.full((3, 1), 2.0), "weight_v": plain.weight.detach().clone(), "bias": plain.bias}
+    legacy = {
+        "weight_g": torch.full((3, 1), 2.0),
+        "weight_v": plain.weight.detach().clone(),
+        "bias": plain.bias,
+    }
     m.load_state_dict(legacy)  # torch's old hook-based layout
     torch.testing.assert_close(m.weight.double(), _ref_weight(legacy["weight_g"], legacy["weight_v"], 0))
     other = weight_norm(nn.Linear(4, 3))

@@ -45,15 +45,18 @@ def _ref_ws(w: torch.Tensor, eps: float, groups: int = 1, transposed: bool = Fal
     return out
 
 
-@pytest.mark.parametrize("make", [
-    lambda: nn.Conv1d(4, 6, 3),
-    lambda: nn.Conv1d(4, 6, 3, groups=2),
-    lambda: nn.Conv2d(6, 6, 3, groups=6),  # depthwise
-    lambda: nn.Conv3d(2, 3, 2),
-    lambda: nn.Linear(5, 4),
-    lambda: nn.ConvTranspose2d(4, 6, 3, groups=2),
-    lambda: nn.ConvTranspose1d(3, 2, 3),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Conv1d(4, 6, 3),
+        lambda: nn.Conv1d(4, 6, 3, groups=2),
+        lambda: nn.Conv2d(6, 6, 3, groups=6),  # depthwise
+        lambda: nn.Conv3d(2, 3, 2),
+        lambda: nn.Linear(5, 4),
+        lambda: nn.ConvTranspose2d(4, 6, 3, groups=2),
+        lambda: nn.ConvTranspose1d(3, 2, 3),
+    ],
+)
 def test_parametrization_matches_slice_oracle_and_conv_output(make):
     torch.manual_seed(0)
     m = make().double()
@@ -81,8 +84,10 @@ def test_stdconv_forward_and_grads_vs_oracle_and_gradcheck():
     (gw_ref,) = torch.autograd.grad(y_ref, w_ref, dy)
     torch.testing.assert_close(gw, gw_ref, rtol=1e-9, atol=1e-9)
     small = StdConv1d(2, 2, 2, eps=1e-5).double()
-    assert gradcheck(lambda x, w: TF.conv1d(x, standardize_weight(w, 1e-5)), (torch.randn(1, 2, 4, dtype=F64),
-                                                                              small.weight.detach().requires_grad_()))
+    assert gradcheck(
+        lambda x, w: TF.conv1d(x, standardize_weight(w, 1e-5)),
+        (torch.randn(1, 2, 4, dtype=F64), small.weight.detach().requires_grad_()),
+    )
 
 
 def test_stdconv_loads_conv_checkpoints_and_serializes():
@@ -92,8 +97,9 @@ def test_stdconv_loads_conv_checkpoints_and_serializes():
     ours.load_state_dict(ref.state_dict())
     nn.Conv3d(2, 3, 2).load_state_dict(ours.state_dict())
     x = torch.randn(1, 2, 3, 3, 3)
-    torch.testing.assert_close(ours(x), TF.conv3d(x, _ref_ws(ref.weight, 1e-6).float(), ref.bias),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ours(x), TF.conv3d(x, _ref_ws(ref.weight, 1e-6).float(), ref.bias), rtol=1e-5, atol=1e-5
+    )
     for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
         assert torch.equal(clone(x), ours(x))
     assert "eps=1e-06" in repr(ours)
@@ -105,7 +111,9 @@ def test_scaled_stdconv_is_gain_gamma_over_sqrt_fan_in_times_ws():
     with torch.no_grad():
         conv.gain.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=F64))
     fan_in = 4 * 9
-    want = conv.gain.detach()[:, None, None, None] * 1.7139 / fan_in**0.5 * _ref_ws(conv.weight.detach(), 1e-5)
+    want = (
+        conv.gain.detach()[:, None, None, None] * 1.7139 / fan_in**0.5 * _ref_ws(conv.weight.detach(), 1e-5)
+    )
     torch.testing.assert_close(conv.standardized_weight(), want, rtol=1e-10, atol=1e-10)
     x = torch.randn(2, 4, 6, 6, dtype=F64)
     torch.testing.assert_close(conv(x), TF.conv2d(x, want, conv.bias), rtol=1e-10, atol=1e-10)
@@ -113,7 +121,9 @@ def test_scaled_stdconv_is_gain_gamma_over_sqrt_fan_in_times_ws():
     assert torch.isfinite(ggain).all() and (ggain != 0).all()
     assert sorted(conv.state_dict()) == ["bias", "gain", "weight"]
     conv1 = ScaledStdConv1d(2, 2, 3)
-    torch.testing.assert_close(conv1.standardized_weight().square().sum((1, 2)), torch.ones(2), atol=2e-3, rtol=0)
+    torch.testing.assert_close(
+        conv1.standardized_weight().square().sum((1, 2)), torch.ones(2), atol=2e-3, rtol=0
+    )
 
 
 def test_parametrized_conv_deepcopy_pickle_and_state_dict():

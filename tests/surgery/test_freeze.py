@@ -24,9 +24,15 @@ from normkit.surgery import freeze_bn, unfreeze_bn
 def _net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), GhostBatchNorm2d(4, ghost_batch_size=2), BatchRenorm2d(4)),
-        nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Sequential(
+            nn.Conv2d(4, 4, 3, padding=1), GhostBatchNorm2d(4, ghost_batch_size=2), BatchRenorm2d(4)
+        ),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+        nn.BatchNorm1d(5),
     )
 
 
@@ -97,8 +103,12 @@ def test_unfreeze_restores_classes_values_flags_and_mode():
 
 
 def test_what_is_left_alone_inplace_false_and_single_layers():
-    model = nn.Sequential(BatchNormAct2d(3), nn.BatchNorm2d(3, track_running_stats=False), nn.BatchNorm3d(3),
-                          BatchNorm1d(3, bias=False))
+    model = nn.Sequential(
+        BatchNormAct2d(3),
+        nn.BatchNorm2d(3, track_running_stats=False),
+        nn.BatchNorm3d(3),
+        BatchNorm1d(3, bias=False),
+    )
     out = freeze_bn(model, inplace=False)
     assert type(model[2]) is nn.BatchNorm3d  # the original is untouched
     assert type(out[0]) is BatchNormAct2d and type(out[1]) is nn.BatchNorm2d
@@ -106,7 +116,9 @@ def test_what_is_left_alone_inplace_false_and_single_layers():
     back = unfreeze_bn(out)
     assert type(back[3]) is BatchNorm1d and back[3].bias is None
     single = freeze_bn(nn.BatchNorm1d(3), use_running_stats=False, update_running_stats=True)
-    assert isinstance(single, FrozenBatchNorm1d) and single.update_running_stats and not single.use_running_stats
+    assert (
+        isinstance(single, FrozenBatchNorm1d) and single.update_running_stats and not single.use_running_stats
+    )
     x = torch.randn(5, 3)
     ref = nn.BatchNorm1d(3)
     torch.testing.assert_close(single(x), ref(x))

@@ -25,7 +25,12 @@ def _check_limit(value: float | Tensor, lowest: float, op: str, name: str) -> No
                 f"{tuple(value.shape)} and dtype {value.dtype}"
             )
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < lowest:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < lowest
+    ):
         raise ValueError(f"{op}: {name} must be a finite number >= {lowest}, got {value!r}")
 
 
@@ -80,18 +85,33 @@ def batch_renorm(
     op = "batch_renorm"
     check_input(x, op)
     if not isinstance(running_mean, Tensor) or not isinstance(running_var, Tensor):
-        raise ValueError(f"{op}: running_mean and running_var are required (r and d are measured against them)")
+        raise ValueError(
+            f"{op}: running_mean and running_var are required (r and d are measured against them)"
+        )
     _check_limit(r_max, 1.0, op, "r_max")
     _check_limit(d_max, 0.0, op, "d_max")
     if not training:
         return batch_norm(
-            x, running_mean, running_var, weight, bias, False, momentum, eps, num_batches_tracked,
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            False,
+            momentum,
+            eps,
+            num_batches_tracked,
             unbiased_running_var=unbiased_running_var,
         )
     eps = check_eps(eps, op)
     momentum = check_momentum(momentum, op)
     C = x.shape[1]
-    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+    for name, p in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         check_param(p, x, (C,), op, name)
     dims = (0, *spatial_dims(x))
     m = x.numel() // C if C else 0

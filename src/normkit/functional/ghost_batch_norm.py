@@ -18,9 +18,7 @@ __all__ = ["ghost_batch_norm"]
 MomentumMode = Literal["per_chunk", "averaged"]
 
 
-def _chunk_update(
-    running: Tensor, stats: Tensor, start: Tensor | int, momentum: float | None
-) -> Tensor:
+def _chunk_update(running: Tensor, stats: Tensor, start: Tensor | int, momentum: float | None) -> Tensor:
     """``running`` after the EMA was applied once per row of ``stats`` (K, C), in order, in closed form:
 
     ``r_K = (1 - m)^K r_0 + sum_j m (1 - m)^(K - 1 - j) s_j``, or for ``momentum=None`` (cumulative
@@ -32,7 +30,9 @@ def _chunk_update(
         t = torch.as_tensor(start, dtype=running.dtype, device=running.device)
         return (t * running + stats.sum(0)) / (t + K)
     decay = torch.full((K,), 1.0 - momentum, dtype=running.dtype, device=running.device)
-    powers = decay.pow(torch.arange(K - 1, -1, -1, device=running.device, dtype=running.dtype))  # (1-m)^(K-1-j)
+    powers = decay.pow(
+        torch.arange(K - 1, -1, -1, device=running.device, dtype=running.dtype)
+    )  # (1-m)^(K-1-j)
     return (1.0 - momentum) ** K * running + momentum * (powers[:, None] * stats).sum(0)
 
 
@@ -101,12 +101,25 @@ def ghost_batch_norm(
     if not training or N <= B or x.numel() == 0:
         # Eval, or a single chunk: exactly BN (which also handles the checks and empty input).
         return batch_norm(
-            x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            num_batches_tracked,
             unbiased_running_var=unbiased_running_var,
         )
     eps = check_eps(eps, op)
     momentum = check_momentum(momentum, op)
-    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+    for name, p in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         check_param(p, x, (C,), op, name)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: give both running_mean and running_var, or neither")
@@ -136,7 +149,9 @@ def ghost_batch_norm(
     if rem:
         # The ragged last chunk: one more call on the remainder.
         assert rest is not None
-        y_r, mean_r, var_r = norm(rest, (0, *spatial_dims(x)), channel_view(weight, nd), channel_view(bias, nd), eps)
+        y_r, mean_r, var_r = norm(
+            rest, (0, *spatial_dims(x)), channel_view(weight, nd), channel_view(bias, nd), eps
+        )
         y = torch.cat([y, y_r])
         means = torch.cat([means, mean_r.reshape(1, C)])
         vars_ = torch.cat([vars_, var_r.reshape(1, C)])
@@ -150,8 +165,15 @@ def ghost_batch_norm(
     if momentum_mode == "averaged":
         frac = m / m.sum()
         rm, rv, nbt = update_running_stats(
-            running_mean, running_var, num_batches_tracked, (frac * means).sum(0), (frac * vars_).sum(0),
-            2, momentum, False, op,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            (frac * means).sum(0),
+            (frac * vars_).sum(0),
+            2,
+            momentum,
+            False,
+            op,
         )
         return NormOutput(y, rm, rv, nbt)
     if momentum is None and num_batches_tracked is None:

@@ -113,7 +113,7 @@ class MaskedNormFunction(torch.autograd.Function):
         dims: tuple[int, ...],
         eps: float,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        count, mean, rstd, var, x_hat = _stats(x, mask, dims, eps)
+        count, mean, _, var, x_hat = _stats(x, mask, dims, eps)
         y = x_hat if weight is None else x_hat * weight.to(x_hat.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)

@@ -26,7 +26,7 @@ def _new(base_cls: type) -> nn.Module:
 def _set_state(module: nn.Module, state: dict[str, Any]) -> None:
     module.__dict__.update(state)
     parametrize._inject_new_class(module)  # type: ignore[attr-defined]
-    for name in module.parametrizations.keys():  # type: ignore[union-attr]
+    for name in module.parametrizations:  # type: ignore[union-attr]
         parametrize._inject_property(module, name)  # type: ignore[attr-defined]
     make_picklable(module)
 

@@ -61,10 +61,19 @@ class _GhostBatchNorm(_BatchNorm):
         name = type(self).__name__
         self_ghost = check_positive_int(ghost_batch_size, name, "ghost_batch_size")
         if momentum_mode not in ("per_chunk", "averaged"):
-            raise ValueError(f"{name}: momentum_mode must be 'per_chunk' or 'averaged', got {momentum_mode!r}")
+            raise ValueError(
+                f"{name}: momentum_mode must be 'per_chunk' or 'averaged', got {momentum_mode!r}"
+            )
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            bias=bias, unbiased_running_var=unbiased_running_var,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            unbiased_running_var=unbiased_running_var,
         )
         self.ghost_batch_size = self_ghost
         self.momentum_mode = momentum_mode
@@ -108,10 +117,11 @@ class _GhostBatchNorm(_BatchNorm):
         )
 
 
-_GHOST_DOC = r"""Ghost batch normalization over a {shape} input: BN per chunk of ``ghost_batch_size`` samples in training.
+_GHOST_DOC = r"""Ghost batch normalization over a {shape} input: BN per chunk of ``ghost_batch_size`` samples.
 
     .. math::
-        y_i = \frac{{x_i - \mathrm{{E}}_{{k(i)}}[x]}}{{\sqrt{{\mathrm{{Var}}_{{k(i)}}[x] + \epsilon}}}} \gamma + \beta
+        y_i = \frac{{x_i - \mathrm{{E}}_{{k(i)}}[x]}}
+                   {{\sqrt{{\mathrm{{Var}}_{{k(i)}}[x] + \epsilon}}}} \gamma + \beta
 
     In training the batch is split into contiguous ghost chunks of ``ghost_batch_size`` samples
     (``k(i)`` is the chunk of sample i; a ragged last chunk is normalized on its own) and each
@@ -187,14 +197,25 @@ class _BatchRenorm(_BatchNorm):
                 "track_running_stats=True; use BatchNorm for batch statistics only"
             )
         for label, value, lowest in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < lowest:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < lowest
+            ):
                 raise ValueError(f"{name}: {label} must be a finite number >= {lowest}, got {value!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"{name}: warmup_steps must be an int >= 0, got {warmup_steps!r}")
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            bias=bias, unbiased_running_var=unbiased_running_var,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            unbiased_running_var=unbiased_running_var,
         )
         self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), warmup_steps
 
@@ -228,7 +249,8 @@ class _BatchRenorm(_BatchNorm):
         return self._store(out)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}"
+        limits = f"r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}"
+        return f"{super().extra_repr()}, {limits}"
 
 
 _RENORM_DOC = r"""Batch Renormalization (Ioffe 2017) over a {shape} input; BN that trains like it infers.
@@ -322,13 +344,16 @@ class _FrozenBatchNorm(_NormBase):
         common = dict(momentum=self.momentum, eps=self.eps, unbiased_running_var=self.unbiased_running_var)
         if not self.use_running_stats:
             if self.update_running_stats:
-                return self._store(batch_norm(x, rm, rv, self.weight, self.bias, True, num_batches_tracked=nbt,
-                                              **common))  # type: ignore[arg-type]
-            return batch_norm(x, None, None, self.weight, self.bias, True, **common).output  # type: ignore[arg-type]
+                return self._store(
+                    batch_norm(x, rm, rv, self.weight, self.bias, True, num_batches_tracked=nbt, **common)
+                )  # type: ignore[arg-type]
+            out = batch_norm(x, None, None, self.weight, self.bias, True, **common)  # type: ignore[arg-type]
+            return out.output
         y = batch_norm(x, rm, rv, self.weight, self.bias, False, **common).output  # type: ignore[arg-type]
         if self.update_running_stats:
             with torch.no_grad():
-                self._store(batch_norm(x, rm, rv, None, None, True, num_batches_tracked=nbt, **common))  # type: ignore[arg-type]
+                upd = batch_norm(x, rm, rv, None, None, True, num_batches_tracked=nbt, **common)  # type: ignore[arg-type]
+                self._store(upd)
         return y
 
     def extra_repr(self) -> str:
@@ -555,7 +580,9 @@ class BatchNormalization(nn.Module):
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError(f"{name}: axis must be an int, got {axis!r}")
         if momentum is None or check_momentum(momentum, name) is None:
-            raise ValueError(f"{name}: momentum must be a number in [0, 1] (Keras convention), got {momentum!r}")
+            raise ValueError(
+                f"{name}: momentum must be a number in [0, 1] (Keras convention), got {momentum!r}"
+            )
         self.axis = axis
         self.momentum = float(momentum)
         self.epsilon = check_eps(epsilon, name)
@@ -595,7 +622,8 @@ class BatchNormalization(nn.Module):
         ax = self.axis % x.dim()
         if x.shape[ax] != self.num_features:
             raise ValueError(
-                f"BatchNormalization: expected {self.num_features} features along axis {self.axis}, got input of "
+                f"BatchNormalization: expected {self.num_features} features along axis {self.axis}, "
+                f"got input of "
                 f"shape {tuple(x.shape)} with {x.shape[ax]}; channels-first input needs axis=1"
             )
         return ax
@@ -626,7 +654,14 @@ class BatchNormalization(nn.Module):
         y, mean, var = norm(x, dims, g, b, self.epsilon)
         # Keras's update moving*k + batch*(1-k) is PyTorch's EMA with momentum 1 - k, biased variance.
         mm, mv, _ = update_running_stats(
-            self.moving_mean, self.moving_variance, None, mean, var, m, 1.0 - self.momentum, False,
+            self.moving_mean,
+            self.moving_variance,
+            None,
+            mean,
+            var,
+            m,
+            1.0 - self.momentum,
+            False,
             "BatchNormalization",
         )
         with torch.no_grad():
@@ -642,7 +677,9 @@ class BatchNormalization(nn.Module):
 
     def set_weights(self, weights: list[Any]) -> None:
         """Load ``[gamma?, beta?, moving_mean, moving_variance]`` (numpy arrays or tensors), Keras's order."""
-        targets = [t for t in (self.gamma, self.beta, self.moving_mean, self.moving_variance) if t is not None]
+        targets = [
+            t for t in (self.gamma, self.beta, self.moving_mean, self.moving_variance) if t is not None
+        ]
         if len(weights) != len(targets):
             raise ValueError(
                 f"BatchNormalization.set_weights: expected {len(targets)} arrays (gamma if scale, beta if "

@@ -146,8 +146,9 @@ class _ScaledStdConvMixin(_StdConvMixin):
         self.eps = check_eps(eps, type(self).__name__)
         self.gamma = float(gamma)
         out = self.weight.shape[0]
-        self.gain = nn.Parameter(torch.full((out,), float(gain_init), device=self.weight.device,
-                                            dtype=self.weight.dtype))
+        self.gain = nn.Parameter(
+            torch.full((out,), float(gain_init), device=self.weight.device, dtype=self.weight.dtype)
+        )
         self.fan_in = self.weight[0].numel()
 
     def standardized_weight(self) -> Tensor:
@@ -158,7 +159,7 @@ class _ScaledStdConvMixin(_StdConvMixin):
         return f"{super().extra_repr()}, gamma={self.gamma}"
 
 
-_STD_DOC = r"""``Conv{d}d`` with Weight Standardization: the kernel is standardized per output channel at each call.
+_STD_DOC = r"""``Conv{d}d`` with Weight Standardization: the kernel standardized per output channel at each call.
 
     .. math::
         \hat W_o = \frac{{W_o - \mathrm{{E}}[W_o]}}{{\sqrt{{\mathrm{{Var}}[W_o] + \epsilon}}}}
@@ -232,8 +233,9 @@ class StdConv3d(_StdConvMixin, nn.Conv3d):
 class ScaledStdConv1d(_ScaledStdConvMixin, nn.Conv1d):
     __doc__ = _SCALED_DOC.format(d=1)
 
-    def __init__(self, *args: Any, gamma: float = 1.0, gain_init: float = 1.0, eps: float = 1e-6,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, gamma: float = 1.0, gain_init: float = 1.0, eps: float = 1e-6, **kwargs: Any
+    ) -> None:
         nn.Conv1d.__init__(self, *args, **kwargs)
         self._init_gain(gamma, gain_init, eps)
 
@@ -241,8 +243,9 @@ class ScaledStdConv1d(_ScaledStdConvMixin, nn.Conv1d):
 class ScaledStdConv2d(_ScaledStdConvMixin, nn.Conv2d):
     __doc__ = _SCALED_DOC.format(d=2)
 
-    def __init__(self, *args: Any, gamma: float = 1.0, gain_init: float = 1.0, eps: float = 1e-6,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, gamma: float = 1.0, gain_init: float = 1.0, eps: float = 1e-6, **kwargs: Any
+    ) -> None:
         nn.Conv2d.__init__(self, *args, **kwargs)
         self._init_gain(gamma, gain_init, eps)
 
@@ -250,7 +253,8 @@ class ScaledStdConv2d(_ScaledStdConvMixin, nn.Conv2d):
 class ScaledStdConv3d(_ScaledStdConvMixin, nn.Conv3d):
     __doc__ = _SCALED_DOC.format(d=3)
 
-    def __init__(self, *args: Any, gamma: float = 1.0, gain_init: float = 1.0, eps: float = 1e-6,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, gamma: float = 1.0, gain_init: float = 1.0, eps: float = 1e-6, **kwargs: Any
+    ) -> None:
         nn.Conv3d.__init__(self, *args, **kwargs)
         self._init_gain(gamma, gain_init, eps)

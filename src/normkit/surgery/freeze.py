@@ -15,10 +15,18 @@ __all__ = ["freeze_bn", "unfreeze_bn"]
 
 # Exact types only: a subclass with its own forward (e.g. BatchNormAct2d) would lose behaviour.
 _RANK = {
-    nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3,
-    nk_bn.BatchNorm1d: 1, nk_bn.BatchNorm2d: 2, nk_bn.BatchNorm3d: 3,
-    fam.GhostBatchNorm1d: 1, fam.GhostBatchNorm2d: 2, fam.GhostBatchNorm3d: 3,
-    fam.BatchRenorm1d: 1, fam.BatchRenorm2d: 2, fam.BatchRenorm3d: 3,
+    nn.BatchNorm1d: 1,
+    nn.BatchNorm2d: 2,
+    nn.BatchNorm3d: 3,
+    nk_bn.BatchNorm1d: 1,
+    nk_bn.BatchNorm2d: 2,
+    nk_bn.BatchNorm3d: 3,
+    fam.GhostBatchNorm1d: 1,
+    fam.GhostBatchNorm2d: 2,
+    fam.GhostBatchNorm3d: 3,
+    fam.BatchRenorm1d: 1,
+    fam.BatchRenorm2d: 2,
+    fam.BatchRenorm3d: 3,
 }
 _FROZEN = {1: fam.FrozenBatchNorm1d, 2: fam.FrozenBatchNorm2d, 3: fam.FrozenBatchNorm3d}
 _RANK_OF_FROZEN = {fam.FrozenBatchNorm1d: 1, fam.FrozenBatchNorm2d: 2, fam.FrozenBatchNorm3d: 3}
@@ -28,8 +36,14 @@ _RANK_OF_FROZEN = {fam.FrozenBatchNorm1d: 1, fam.FrozenBatchNorm2d: 2, fam.Froze
 def _frozen_from(bn: nn.Module, use_running_stats: bool, update_running_stats: bool) -> fam._FrozenBatchNorm:
     rm = bn.running_mean
     frozen = _FROZEN[_RANK[type(bn)]](
-        bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine, device=rm.device, dtype=rm.dtype,
-        bias=bn.bias is not None, use_running_stats=use_running_stats,
+        bn.num_features,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        device=rm.device,
+        dtype=rm.dtype,
+        bias=bn.bias is not None,
+        use_running_stats=use_running_stats,
         update_running_stats=update_running_stats,
         unbiased_running_var=getattr(bn, "unbiased_running_var", True),
     )
@@ -75,7 +89,7 @@ def freeze_bn(
     update_running_stats: bool = False,
     inplace: bool = True,
 ) -> nn.Module:
-    """Replace every batch-norm layer of ``model`` by a :class:`~normkit.nn.FrozenBatchNorm2d` (1d/3d); returns the model.
+    """Swap every BN layer of ``model`` for a :class:`~normkit.nn.FrozenBatchNorm2d` (1d/3d); returns the model.
 
     Frozen layers normalize with their running statistics and fixed affine, ignore
     ``model.train()``, and their ``weight``/``bias`` become buffers, so no optimizer built
@@ -127,8 +141,15 @@ def _unfrozen_from(frozen: fam._FrozenBatchNorm, training: bool) -> nn.Module:
         kwargs.setdefault("bias", frozen.bias is not None or not frozen.affine)
         kwargs.setdefault("unbiased_running_var", frozen.unbiased_running_var)
     rm = frozen.running_mean
-    bn = cls(frozen.num_features, eps=frozen.eps, momentum=frozen.momentum, affine=frozen.affine,
-             device=rm.device, dtype=rm.dtype, **kwargs)
+    bn = cls(
+        frozen.num_features,
+        eps=frozen.eps,
+        momentum=frozen.momentum,
+        affine=frozen.affine,
+        device=rm.device,
+        dtype=rm.dtype,
+        **kwargs,
+    )
     for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
         src = getattr(frozen, key)
         dst = getattr(bn, key)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._moments import _centered, _shift_of, _var_rstd, acc_dtype
+from ._moments import _centered, acc_dtype, centered_stats
 
 __all__ = ["NormFunction", "norm"]
 
@@ -66,24 +66,28 @@ def _fast_backward(
     need_w: bool,
     need_b: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The §0 backward with two full-size temporaries and four full-size passes over the data.
+    """The §0 backward with two full-size temporaries and five full-size passes over the data.
 
-    With ``d = x - shift`` (exact, as in the forward) and ``x_hat = (d - cm) * rstd``, every
-    reduction is first taken at the finest shape shared by the statistics and the weight
-    (per channel for BN, per (sample, channel) for GN), then summed up per set:
+    With ``e = (x - shift) * rstd`` (the shift makes it exact, as in the forward) and
+    ``x_hat = e - cm * rstd``, every reduction is first taken at the finest shape shared by the
+    statistics and the weight (per channel for BN, per (sample, channel) for GN), then summed
+    up per set:
 
-        dx = dy * (w * rstd) + d * (-rstd^2 * mean_S(g x_hat)) + (-rstd * mean_S(g) + cm * rstd^2 * mean_S(g x_hat))
+        dx = dy * (w * rstd) + e * (-rstd * mean_S(g x_hat)) + (-rstd * mean_S(g) + cm * rstd^2 * mean_S(g x_hat))
 
-    Writing ``dx`` in terms of ``d`` (not ``x``) keeps it exact for large-offset inputs.
+    Writing ``dx`` in terms of ``e`` keeps every factor representable: ``rstd^2`` alone would
+    underflow for |x| ~ 1e30 and overflow for tiny variances with ``eps = 0``.
     """
     dtype = rstd.dtype
     dy = dy.to(dtype)
-    d = _centered(x, shift, dtype)
-    fine = tuple(i for i in dims if weight is None or weight.shape[i] == 1)
+    e = _centered(x, shift, dtype).mul_(rstd)
+    cm_r = centered_mean * rstd
+    # Reduce first over the set dims along which neither weight nor bias varies.
+    fine = tuple(i for i in dims if all(p is None or p.shape[i] == 1 for p in (weight, bias)))
     s_dy = dy.sum(fine, keepdim=True) if fine else dy
-    prod = dy * d
-    s_dyd = prod.sum(fine, keepdim=True) if fine else prod
-    s_dyxh = (s_dyd - centered_mean * s_dy) * rstd  # sum of dy * x_hat at the fine shape
+    prod = dy * e
+    s_dye = prod.sum(fine, keepdim=True) if fine else prod
+    s_dyxh = s_dye - cm_r * s_dy  # sum of dy * x_hat at the fine shape
     dweight = _sum_to(s_dyxh, weight) if (need_w and weight is not None) else None
     dbias = _sum_to(s_dy, bias) if (need_b and bias is not None) else None
     if not need_x:
@@ -98,11 +102,10 @@ def _fast_backward(
     if rest:
         g_sum = g_sum.sum(rest, keepdim=True)
         gx_sum = gx_sum.sum(rest, keepdim=True)
-    mean_g, mean_gx = g_sum / count, gx_sum / count
     a = rstd if w is None else w * rstd
-    b = -(rstd * rstd) * mean_gx
-    c = -rstd * mean_g - centered_mean * b
-    dx = torch.addcmul(c, d, b, out=prod) if prod.shape == torch.broadcast_shapes(c.shape, d.shape) else d * b + c
+    b = -rstd * (gx_sum / count)
+    c = -rstd * (g_sum / count) - cm_r * b
+    dx = torch.addcmul(c, e, b, out=prod) if prod.shape == torch.broadcast_shapes(c.shape, e.shape) else e * b + c
     return dx.addcmul_(dy, a), dweight, dbias
 
 
@@ -122,12 +125,8 @@ class NormFunction(torch.autograd.Function):
         dims: tuple[int, ...],
         eps: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        dtype = acc_dtype(x.dtype)
-        shift = _shift_of(x, dims).to(dtype)
-        dc = _centered(x, shift, dtype)
-        centered_mean = dc.mean(dims, keepdim=True)
-        dc.sub_(centered_mean)
-        var, rstd = _var_rstd(dc, dims, eps)
+        shift, centered_mean, var, rstd, dc = centered_stats(x, dims, eps)
+        dtype = rstd.dtype
         scale = rstd if weight is None else rstd * weight.to(dtype)
         if bias is None:
             y = dc.mul_(scale)
@@ -147,7 +146,7 @@ class NormFunction(torch.autograd.Function):
         x, weight, bias, shift, centered_mean, rstd = ctx.saved_tensors
         dims: tuple[int, ...] = ctx.dims
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dtype = acc_dtype(x.dtype)
+        dtype = rstd.dtype  # the precision the forward used (float64 after an overflow fallback)
         if torch.is_grad_enabled():
             # create_graph=True: recompute the statistics differentiably so that autograd can
             # differentiate this backward (gradgradcheck). The shift is a constant: the result

@@ -278,8 +278,9 @@ def test_layer_norm_2d_single_channel_sets(fmt):
     y.backward(g.contiguous(memory_format=fmt))
     y_ref, dx_ref = _fwd_bwd(ref, x, g, _to_last, _to_first)
     torch.testing.assert_close(y, y_ref, **TOL)
-    assert torch.equal(dx_ref, torch.zeros_like(dx_ref))  # the closed form, and torch's answer
-    torch.testing.assert_close(xc.grad, dx_ref, **TOL)
+    # the closed form is exactly 0; torch's fp32 backward leaves rounding noise of ~1e-4
+    assert torch.equal(xc.grad, torch.zeros_like(xc.grad))
+    torch.testing.assert_close(dx_ref, torch.zeros_like(dx_ref), atol=2e-4, rtol=0)
 
 
 def test_layer_norm_2d_bad_arguments_and_inputs():

@@ -92,6 +92,9 @@ def _fast_backward(
     dbias = _sum_to(s_dy, bias) if (need_b and bias is not None) else None
     if not need_x:
         return None, dweight, dbias
+    if all(x.shape[i] == 1 for i in dims):
+        # One value per set: x_hat is identically 0, so is dx (avoid rounding noise * 1/sqrt(eps)).
+        return torch.zeros_like(x, dtype=dtype), dweight, dbias
     w = weight.to(dtype) if weight is not None else None
     rest = tuple(i for i in dims if i not in fine)
     count = 1

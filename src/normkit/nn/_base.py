@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -118,7 +119,7 @@ class _NormBase(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
 
     # -- helpers for subclasses -------------------------------------------------------------
@@ -156,13 +157,18 @@ class _NormBase(nn.Module):
             # Checkpoints from before num_batches_tracked existed: keep the current counter
             # (a non-strict load of a partial dict must not reset it; pytorch#110361).
             state_dict[key] = self.num_batches_tracked.detach().clone()
-        if self.running_mean is None and strict:
+        if self.running_mean is None:
             found = [prefix + k for k in self._stat_keys if prefix + k in state_dict]
             if found:
-                error_msgs.append(
+                # torch always passes strict=True here and applies strictness afterwards, so we
+                # cannot raise only for strict loads: warn with the reason; a strict load then fails
+                # on the unexpected keys, a non-strict one reports them.
+                warnings.warn(
                     f"{type(self).__name__}: the state_dict has running statistics ({', '.join(found)}) but this "
-                    "layer was built with track_running_stats=False; build it with track_running_stats=True "
-                    "to load them, or load with strict=False to drop them"
+                    "layer was built with track_running_stats=False, so they are not loaded; build it with "
+                    "track_running_stats=True to load them",
+                    UserWarning,
+                    stacklevel=4,
                 )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -48,7 +48,7 @@ class _BatchNorm(_NormBase):
             self.running_var if tracking else None,
             self.weight,
             self.bias,
-            training=self.training or not tracking,
+            training=self.training,
             momentum=self.momentum,
             eps=self.eps,
             num_batches_tracked=self.num_batches_tracked if tracking else None,

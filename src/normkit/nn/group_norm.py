@@ -73,4 +73,7 @@ class GroupNorm(nn.Module):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, mask=mask)
 
     def extra_repr(self) -> str:
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        return (
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+            f"bias={self.bias is not None}"
+        )

@@ -48,7 +48,14 @@ class LayerNorm(nn.Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        if isinstance(normalized_shape, int):
+            shape: tuple[int, ...] = (normalized_shape,)
+        elif isinstance(normalized_shape, (tuple, list, torch.Size)):
+            shape = tuple(normalized_shape)
+        else:
+            raise TypeError(
+                f"LayerNorm: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+            )
         for s in shape:
             check_positive_int(s, "LayerNorm", "each entry of normalized_shape")
         self.normalized_shape = shape
@@ -67,7 +74,10 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, mask=mask)
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class LayerNorm2d(nn.Module):
@@ -130,4 +140,4 @@ class LayerNorm2d(nn.Module):
         return F.layer_norm_2d(x, self.weight, self.bias, self.eps, over=self.over)
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}, over={self.over!r}"
+        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}, bias={self.bias is not None}, over={self.over!r}"

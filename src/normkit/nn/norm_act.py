@@ -117,7 +117,7 @@ def create_norm_act_layer(spec: str, num_features: int, activation: ActivationLi
 
     Example:
         >>> create_norm_act_layer("gn:4", 16, "relu")
-        GroupNormAct2d(4, 16, eps=1e-05, affine=True, activation=relu)
+        GroupNormAct2d(4, 16, eps=1e-05, affine=True, bias=True, activation=relu)
     """
     match = _SPEC.match(spec.strip().lower()) if isinstance(spec, str) else None
     key = match["base"] + match["suffix"] if match else None

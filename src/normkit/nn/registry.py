@@ -67,9 +67,9 @@ def create_norm_layer(spec: str, num_features: int, **kwargs: Any) -> nn.Module:
 
     Example:
         >>> create_norm_layer("gn:4", 64)
-        GroupNorm(4, 64, eps=1e-05, affine=True)
+        GroupNorm(4, 64, eps=1e-05, affine=True, bias=True)
         >>> create_norm_layer("bn", 64, momentum=0.01)
-        BatchNorm2d(64, eps=1e-05, momentum=0.01, affine=True, track_running_stats=True)
+        BatchNorm2d(64, eps=1e-05, momentum=0.01, affine=True, bias=True, track_running_stats=True)
     """
     if not isinstance(spec, str):
         raise TypeError(f"create_norm_layer: spec must be a string such as 'bn' or 'gn:16', got {type(spec).__name__}")

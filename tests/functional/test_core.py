@@ -1,0 +1,224 @@
+"""The generic core: moments, normalize, NormFunction / norm, against the float64 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch.autograd import gradcheck, gradgradcheck
+
+from normkit.functional import NormFunction, acc_dtype, moments, norm, normalize
+from tests.functional.helpers import F32, F64, TOL, affine_params, randn
+from tests.reference import (
+    ref_batch_norm,
+    ref_group_norm,
+    ref_instance_norm,
+    ref_layer_norm,
+    ref_layer_norm_2d,
+    ref_moments,
+)
+
+HALF = [torch.float16, torch.bfloat16]
+DIMS = [
+    ((4, 5), (0,)),
+    ((4, 5), (1,)),
+    ((3, 4, 5), (0, 2)),
+    ((2, 3, 4, 5), (1, 2, 3)),
+    ((2, 3, 4, 5), (0, 2, 3)),
+]
+
+
+# --- the oracle itself, checked once against torch's own kernels (float64) -------------------
+
+
+def test_reference_agrees_with_torch_kernels():
+    x = randn((4, 6, 5, 3), F64, seed=3)
+    w, b = affine_params((6,), F64)
+    rm, rv = torch.zeros(6, dtype=F64), torch.ones(6, dtype=F64)
+    t_rm, t_rv = rm.clone(), rv.clone()
+    y_t = TF.batch_norm(x, t_rm, t_rv, w, b, training=True, momentum=0.3, eps=1e-3)
+    r = ref_batch_norm(x, rm, rv, w, b, training=True, momentum=0.3, eps=1e-3)
+    torch.testing.assert_close(r.output, y_t, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r.running_mean, t_rm, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r.running_var, t_rv, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        ref_group_norm(x, 3, w, b, 1e-3), TF.group_norm(x, 3, w, b, 1e-3), rtol=1e-12, atol=1e-12
+    )
+    t_rm, t_rv = rm.clone(), rv.clone()
+    y_t = TF.instance_norm(x, t_rm, t_rv, w, b, use_input_stats=True, momentum=0.3, eps=1e-3)
+    r = ref_instance_norm(x, rm, rv, w, b, use_input_stats=True, momentum=0.3, eps=1e-3)
+    torch.testing.assert_close(r.output, y_t, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r.running_mean, t_rm, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r.running_var, t_rv, rtol=1e-12, atol=1e-12)
+    wl, bl = affine_params((5, 3), F64)
+    torch.testing.assert_close(
+        ref_layer_norm(x, (5, 3), wl, bl, 1e-3),
+        TF.layer_norm(x, (5, 3), wl, bl, 1e-3),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    ln_c = TF.layer_norm(x.permute(0, 2, 3, 1), (6,), w, b, 1e-3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(ref_layer_norm_2d(x, w, b, 1e-3, over="c"), ln_c, rtol=1e-12, atol=1e-12)
+
+
+# --- acc_dtype -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype,expected",
+    [(torch.float16, F32), (torch.bfloat16, F32), (F32, F32), (F64, F64)],
+)
+def test_acc_dtype(dtype, expected):
+    assert acc_dtype(dtype) == expected
+
+
+# --- moments ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,dims", DIMS)
+@pytest.mark.parametrize("dtype", [F32, F64, *HALF])
+def test_moments_matches_reference(shape, dims, dtype):
+    x = randn(shape, dtype, seed=5, offset=0.7, scale=2.0)
+    eps = 1e-3
+    m = moments(x, dims, eps=eps)
+    mu, var = ref_moments(x, dims)  # float64 from the same (possibly half) input
+    acc = F64 if dtype == F64 else F32
+    for t in m:
+        assert t.dtype == acc
+        assert t.shape == mu.shape
+    tol = TOL[F64] if dtype == F64 else TOL[F32]
+    torch.testing.assert_close(m.mean, mu.to(acc), **tol)
+    torch.testing.assert_close(m.var, var.to(acc), **tol)
+    torch.testing.assert_close(m.rstd, (1.0 / torch.sqrt(var + eps)).to(acc), **tol)
+    torch.testing.assert_close(m.shift + m.centered_mean, m.mean, rtol=0, atol=0)
+
+
+def test_moments_negative_dims_mean_the_same_sets():
+    x = randn((3, 4, 5), seed=2)
+    m = moments(x, (-1, -3), eps=0.0)
+    mu, var = ref_moments(x, (0, 2))
+    torch.testing.assert_close(m.mean, mu.float(), **TOL[F32])
+    torch.testing.assert_close(m.var, var.float(), **TOL[F32])
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e5, 1e6])
+def test_moments_large_mean_small_spread(offset):
+    x = randn((64, 257), F32, seed=11, offset=offset, scale=1e-2)
+    m = moments(x, (1,), eps=0.0)
+    mu, var = ref_moments(x, (1,))  # float64 from the same float32 input
+    assert bool((m.var >= 0).all())
+    torch.testing.assert_close(m.mean, mu.float(), rtol=1e-7, atol=0.0)
+    # the spread is tiny next to the mean: compare the variance relative to itself
+    torch.testing.assert_close(m.var, var.float(), rtol=1e-4, atol=1e-9)
+
+
+def test_moments_overflowing_squares_keep_rstd_exact():
+    x = randn((3, 100), F32, seed=4, scale=1e30)
+    x[1] = randn((100,), F32, seed=5)  # an ordinary row next to the huge ones
+    eps = 1e-5
+    m = moments(x, (1,), eps=eps)
+    _, var = ref_moments(x, (1,))
+    rstd_ref = 1.0 / torch.sqrt(var + eps)
+    assert bool(torch.isfinite(m.rstd).all())
+    assert bool((m.rstd > 0).all())
+    torch.testing.assert_close(m.rstd.double(), rstd_ref, rtol=1e-5, atol=0.0)
+
+
+# --- normalize -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["wb", "w", "b", "none"])
+@pytest.mark.parametrize("dtype", [F32, F64, *HALF])
+def test_normalize_is_the_affine_map(kind, dtype):
+    x = randn((2, 3, 4, 5), dtype, seed=6)
+    acc = F64 if dtype == F64 else F32
+    mean = randn((1, 3, 1, 1), acc, seed=7)
+    rstd = randn((1, 3, 1, 1), acc, seed=8).abs() + 0.5
+    w, b = affine_params((1, 3, 1, 1), F32 if dtype != F64 else F64, kind=kind)
+    y = normalize(x, mean, rstd, w, b)
+    assert y.dtype == dtype and y.shape == x.shape
+    expected = (x.double() - mean.double()) * rstd.double()
+    if w is not None:
+        expected = expected * w.double()
+    if b is not None:
+        expected = expected + b.double()
+    if dtype in HALF:
+        torch.testing.assert_close(y.double(), expected.to(dtype).double(), rtol=2e-2, atol=2e-2)
+    else:
+        torch.testing.assert_close(y.double(), expected, **TOL[dtype])
+
+
+def test_normalize_does_not_mutate_its_arguments():
+    x = randn((2, 3, 4), seed=1)
+    mean, rstd = randn((1, 3, 1), seed=2), randn((1, 3, 1), seed=3).abs() + 1
+    w, b = affine_params((1, 3, 1))
+    before = [t.clone() for t in (x, mean, rstd, w, b)]
+    versions = [t._version for t in (x, mean, rstd, w, b)]
+    normalize(x, mean, rstd, w, b)
+    for t, t0, v in zip((x, mean, rstd, w, b), before, versions):
+        assert t._version == v
+        assert torch.equal(t, t0)
+
+
+# --- NormFunction / norm ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dims", [(0, 2, 3), (2, 3), (1, 2, 3), (1,)])
+def test_norm_function_forward_and_stats(dims):
+    x = randn((3, 4, 5, 2), F32, seed=9, offset=3.0, scale=2.0).requires_grad_()
+    pshape = [1 if i in dims else s for i, s in enumerate(x.shape)]
+    pshape[0] = 1
+    w, b = affine_params(tuple(pshape))
+    w.requires_grad_()
+    y, mean, var = NormFunction.apply(x, w, b, dims, 1e-5)
+    mu, v = ref_moments(x.detach(), dims)
+    ref = (x.detach().double() - mu) / torch.sqrt(v + 1e-5) * w.detach().double() + b.double()
+    torch.testing.assert_close(y.double(), ref, **TOL[F32])
+    torch.testing.assert_close(mean.double(), mu, **TOL[F32])
+    torch.testing.assert_close(var.double(), v, **TOL[F32])
+    assert y.requires_grad and not mean.requires_grad and not var.requires_grad
+
+
+@pytest.mark.parametrize("dims", [(0, 2), (1,), (1, 2)])
+def test_norm_function_gradcheck_and_gradgradcheck(dims):
+    x = randn((3, 4, 3), F64, seed=10).requires_grad_()
+    pshape = tuple(1 if (i in dims or i == 0) else s for i, s in enumerate(x.shape))
+    w, b = (t.requires_grad_() for t in affine_params(pshape, F64))
+
+    def f(x, w, b):
+        return NormFunction.apply(x, w, b, dims, 1e-3)[0]
+
+    assert gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert gradgradcheck(f, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_norm_on_empty_input_returns_empty_output_and_nan_stats():
+    x = torch.zeros((0, 3, 4), requires_grad=True)
+    w, b = (t.requires_grad_() for t in affine_params((1, 3, 1)))
+    y, mean, var = norm(x, (0, 2), w, b, 1e-5)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert mean.shape == (1, 3, 1) and var.shape == (1, 3, 1)
+    assert bool(torch.isnan(mean).all()) and bool(torch.isnan(var).all())
+    dx, dw, db = torch.autograd.grad(y.sum(), (x, w, b))
+    assert dx.shape == x.shape
+    torch.testing.assert_close(dw, torch.zeros_like(w), rtol=0, atol=0)
+    torch.testing.assert_close(db, torch.zeros_like(b), rtol=0, atol=0)
+
+
+def test_first_order_grads_under_create_graph_match_reference_for_huge_inputs():
+    """|x| ~ 1e30 in fp32: the grads from a create_graph=True backward (gradient penalties,
+    double backward) must be the same as without it, and match the float64 oracle."""
+    x = randn((4, 3, 5), F32, seed=12, scale=1e30).requires_grad_()
+    w, b = (t.requires_grad_() for t in affine_params((1, 3, 1)))
+    dy = randn((4, 3, 5), F32, seed=13)
+    y, _, _ = norm(x, (0, 2), w, b, 1e-5)
+    x64 = x.detach().double().requires_grad_()
+    mu, v = ref_moments(x64, (0, 2))
+    ref = (x64 - mu) / torch.sqrt(v + 1e-5) * w.detach().double() + b.detach().double()
+    (dx_ref,) = torch.autograd.grad(ref, x64, dy.double())
+    dx, dw, _db = torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
+    torch.testing.assert_close((dx * 1e30).double(), dx_ref * 1e30, rtol=1e-4, atol=1e-4)
+    xhat = ((x64 - mu) / torch.sqrt(v + 1e-5)).detach()
+    torch.testing.assert_close(
+        dw.double(), (dy.double() * xhat).sum((0, 2), keepdim=True), rtol=1e-4, atol=1e-4
+    )

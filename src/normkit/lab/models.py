@@ -18,7 +18,6 @@ Models (ALGORITHMS.md §4):
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Callable, Union
 
@@ -88,7 +87,7 @@ def norm_act_factory(norm: NormLayer, activation: str = "relu") -> Callable[[int
 
     Example:
         >>> norm_act_factory("gn:4")(16)
-        GroupNormAct2d(4, 16, eps=1e-05, affine=True, activation=relu)
+        GroupNormAct2d(4, 16, eps=1e-05, affine=True, bias=True, activation=relu)
     """
     if callable(norm):
         return norm

@@ -62,6 +62,11 @@ class Progress:
             kw = {"description": description} if description is not None else {}
             self._p.reset(task, total=total, info="", **kw)
 
+    def remove(self, task: int) -> None:
+        """Remove a finished bar (e.g. a worker's run)."""
+        if self._p is not None:
+            self._p.remove_task(task)
+
     def log(self, message: str) -> None:
         """Print a line above the bars (stderr); nothing when quiet."""
         if self._p is not None:

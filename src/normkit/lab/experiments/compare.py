@@ -415,8 +415,7 @@ def _run_pool(
 ) -> None:
     """Spread the runs over ``jobs`` spawned worker processes; longest runs first; epoch events through a queue."""
     import multiprocessing as mp
-    import queue as queue_lib
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor
 
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
@@ -424,18 +423,34 @@ def _run_pool(
     order = sorted(range(len(runs)), key=lambda i: -_cost(runs[i]))
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(events, threads)) as pool:
         pending = {pool.submit(_worker_run, cfg, i, runs[i]): i for i in order}
-        while pending:
-            done, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-            while True:
-                try:
-                    i, err = events.get_nowait()
-                except queue_lib.Empty:
-                    break
-                if i not in bars:
-                    bars[i] = progress.add(_label(runs[i]), total=cfg.epochs)
-                progress.advance(bars[i], info=f"test err {err:.2f}%")
-            for fut in done:
-                i = pending.pop(fut)
-                results[i] = fut.result()
-                progress.advance(run_bar, info=f"{_label(runs[i])}: {results[i]['final'].get('test_err', float('nan')):.2f}%")
-            flush()
+        try:
+            _drain(pending, events, runs, results, cfg, progress, run_bar, bars, flush)
+        except BaseException:  # Ctrl-C or a failed run: drop the queued runs, do not wait for them
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _drain(pending: dict[Any, int], events: Any, runs: list[tuple[int, str, int, str]],
+           results: list[dict[str, Any] | None], cfg: CompareConfig, progress: Progress, run_bar: int,
+           bars: dict[int, int], flush: Callable[[], None]) -> None:
+    """Collect finished runs and epoch events until every run is done."""
+    import queue as queue_lib
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    while pending:
+        done, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+        while True:
+            try:
+                i, err = events.get_nowait()
+            except queue_lib.Empty:
+                break
+            if i not in bars:
+                bars[i] = progress.add(_label(runs[i]), total=cfg.epochs)
+            progress.advance(bars[i], info=f"test err {err:.2f}%")
+        for fut in done:
+            i = pending.pop(fut)
+            results[i] = fut.result()
+            if i in bars:
+                progress.remove(bars.pop(i))
+            progress.advance(run_bar, info=f"{_label(runs[i])}: {results[i]['final'].get('test_err', float('nan')):.2f}%")
+        flush()

@@ -11,7 +11,8 @@ inputs; at every layer the activations are decomposed at three sites:
   next conv receives.
 
 With ``trained=True`` CNN-4 is also trained with each norm and its 4 layers decomposed on test
-inputs, at initialisation and after training (informational).
+inputs, at initialisation (train mode: batch statistics) and after training (eval mode: BN's running
+statistics, the function the trained net computes), informational.
 
 Pass criteria (post-norm site): BN's P_mean fraction < 0.02 at every layer; LN's P_mean fraction
 grows with depth (mean over the deeper half > mean over the shallower half, last > first) and at
@@ -21,6 +22,7 @@ P_varmean and P_varstd fractions > 1e-6 at every layer.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -229,7 +231,8 @@ def run_power(cfg: PowerConfig) -> tuple[Path, str]:
             for norm in cfg.norms:
                 set_seed(cfg.seed, device)
                 model = CNN4(norm, data.in_channels, data.num_classes).to(device)
-                trained_fr["init"][norm] = decompose_sequence(list(model.eval().features), xt)
+                # at initialisation BN's running statistics are still (0, 1): measure with batch statistics
+                trained_fr["init"][norm] = decompose_sequence(list(copy.deepcopy(model).train().features), xt)
                 res = train_classifier(model, data, TrainConfig(
                     epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr * cfg.batch_size / 32, warmup_epochs=1.0,
                     max_steps=cfg.max_steps, seed=cfg.seed, eval_batch_stats=False), device=device)

@@ -20,6 +20,7 @@ DistributedDataParallel; ``batch_size`` is per process and BN statistics are per
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -61,7 +62,8 @@ class CompareConfig:
         max_steps: cap on optimizer steps per run (quick runs), ``None`` for none.
         limit_train, limit_test: use only the first samples (quick runs).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
-        threads: torch intra-op threads in all (each of ``jobs`` workers gets ``threads // jobs``).
+        threads: torch intra-op threads in all (each of ``jobs`` workers, or of torchrun's processes on
+            this node, gets ``threads // jobs``, at least 1).
         jobs: runs trained in parallel worker processes (CPU only; 1 under torchrun or on GPU). On
             2 cores, 2 single-threaded workers beat 1 two-threaded process: these nets are too
             small for intra-op threads (measured: docs/RESULTS.md).
@@ -347,7 +349,9 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
         )
     device = resolve_device(cfg.device, local_rank if world > 1 else None)
     jobs = cfg.jobs if (world == 1 and device.type == "cpu") else 1
-    threads = max(1, cfg.threads // jobs)
+    # the thread budget is shared by the worker processes, or by torchrun's processes on this node
+    sharers = jobs if world == 1 else int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    threads = max(1, cfg.threads // sharers)
     set_threads(threads)
     if world > 1:
         _init_distributed(world, device)

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normkit",
         description="normkit's lab: experiments that reproduce the normalization papers' claims on small data.",
-        epilog="Run 'normkit compare' for the main job (about 6 minutes on 2 CPU cores).",
+        epilog="Run 'normkit compare' for the main job (3 to 6 minutes on 2 CPU cores). Results measured here: docs/RESULTS.md.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -17,7 +17,7 @@ Numerics, and why:
   ``E[x^2] - E[x]^2`` gives negative variances there.
 * If the squares overflow (|x| ~ 1e30 in float32) or underflow (subnormals with eps = 0), the
   statistics of that call are recomputed in float64, so the output stays finite and exact.
-* Per-dim ``torch.var`` / ``var_mean`` are never used: on this CPU they run 58x slower than a sum
+* Per-dim variance reductions from torch are never used (ok): on this CPU they run 58x slower than a sum
   (PERFORMANCE.md §4).
 """
 

@@ -32,7 +32,7 @@ def proxy_points(num_points: int = 200, *, dtype: torch.dtype = torch.float32, d
 
     Example:
         >>> u = proxy_points(200, dtype=torch.float64)
-        >>> round(u.mean().item(), 12), round(u.var(unbiased=False).item(), 6)
+        >>> round(u.mean().item(), 12), round(u.var(unbiased=False).item(), 6)  # ok: doctest
         (0.0, 0.993596)
     """
     check_positive_int(num_points, "proxy_points", "num_points")

@@ -123,7 +123,7 @@ def load_digits(image_size: int = 8) -> Dataset:
         >>> ds = load_digits()
         >>> ds.x_train.shape, ds.x_test.shape
         (torch.Size([1437, 1, 8, 8]), torch.Size([360, 1, 8, 8]))
-        >>> round(float(ds.x_train.mean()), 6), round(float(ds.x_train.std()), 4)
+        >>> round(float(ds.x_train.mean()), 6), round(float(ds.x_train.std()), 4)  # ok: doctest
         (0.0, 1.0)
     """
     try:

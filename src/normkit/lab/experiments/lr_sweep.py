@@ -155,7 +155,7 @@ def _mlp_run(cfg: LRSweepConfig, data: Any, norm: str, device: torch.device, rec
     return {
         **series,
         "median_std_unit": float(torch.tensor(series["p50"], dtype=torch.float64).std()) if len(series["p50"]) > 1 else 0.0,
-        "median_std_all_units": float(meds.std(dim=0).mean()) if len(meds) > 1 else 0.0,
+        "median_std_all_units": float(meds.std(dim=0).mean()) if len(meds) > 1 else 0.0,  # ok: one summary number, not a hot path
         "mean_acc": sum(series["acc"]) / len(series["acc"]),
         "final_acc": series["acc"][-1],
     }

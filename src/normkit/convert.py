@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._errors import NormError
 from .nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .nn.batch_norm_family import (
     BatchNormalization,
@@ -50,7 +51,7 @@ _FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
 
 def _one_minus(value: float, op: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{op}: momentum must be a number in [0, 1], got {value!r}")
+        raise NormError(f"{op}: momentum must be a number in [0, 1], got {value!r}")
     # Decimal arithmetic on the shortest repr: 1 - 0.1 is 0.9 exactly, and back.
     return float(Decimal(1) - Decimal(repr(float(value))))
 
@@ -77,7 +78,7 @@ def keras_to_torch_momentum(momentum: float) -> float:
 
 def _check_count(count: int | None, op: str) -> None:
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 2):
-        raise ValueError(
+        raise NormError(
             f"{op}: count must be None or an int >= 2 (values per channel in a batch), got {count!r}"
         )
 
@@ -100,7 +101,7 @@ def _keras_source(layer: Any) -> dict[str, Any]:
         names = [n for n, on in (("gamma", cfg.get("scale", True)), ("beta", cfg.get("center", True))) if on]
         names += ["moving_mean", "moving_variance"]
         if len(weights) != len(names):
-            raise ValueError(
+            raise NormError(
                 f"from_keras_bn: expected weights {names} from the layer, got {len(weights)} arrays"
             )
         src: dict[str, Any] = {"gamma": None, "beta": None, **dict(zip(names, weights))}
@@ -113,7 +114,7 @@ def _keras_source(layer: Any) -> dict[str, Any]:
     if isinstance(layer, Mapping):
         missing = [k for k in ("moving_mean", "moving_variance") if k not in layer]
         if missing:
-            raise ValueError(f"from_keras_bn: the mapping lacks {missing}; it has {sorted(layer)}")
+            raise NormError(f"from_keras_bn: the mapping lacks {missing}; it has {sorted(layer)}")
         src = {
             k: (None if layer.get(k) is None else torch.as_tensor(layer[k]))
             for k in ("gamma", "beta", "moving_mean", "moving_variance")
@@ -164,14 +165,14 @@ def from_keras_bn(layer: Any, *, dim: int = 2, count: int | None = None) -> nn.M
     """
     op = "from_keras_bn"
     if dim not in _BN:
-        raise ValueError(f"{op}: dim must be 1, 2 or 3 (BatchNorm1d/2d/3d), got {dim!r}")
+        raise NormError(f"{op}: dim must be 1, 2 or 3 (BatchNorm1d/2d/3d), got {dim!r}")
     _check_count(count, op)
     src = _keras_source(layer)
     mean, var = src["moving_mean"], src["moving_variance"]
     C = mean.numel()
     for k in ("gamma", "beta", "moving_variance"):
         if src[k] is not None and src[k].numel() != C:
-            raise ValueError(f"{op}: {k} has {src[k].numel()} values but moving_mean has {C}")
+            raise NormError(f"{op}: {k} has {src[k].numel()} values but moving_mean has {C}")
     momentum = keras_to_torch_momentum(src["momentum"])
     gamma, beta = src["gamma"], src["beta"]
     affine = gamma is not None or beta is not None
@@ -231,12 +232,12 @@ def to_keras_bn(bn: nn.Module, *, axis: int = -1, count: int | None = None) -> B
     _check_count(count, op)
     rm, rv = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
     if not isinstance(rm, Tensor) or not isinstance(rv, Tensor):
-        raise ValueError(
+        raise NormError(
             f"{op}: expected a BatchNorm layer with running statistics, got {type(bn).__name__} without "
             "running_mean/running_var (track_running_stats=False has nothing to convert)"
         )
     if bn.momentum is None:
-        raise ValueError(
+        raise NormError(
             f"{op}: momentum=None (cumulative average) has no Keras equivalent; set a momentum first"
         )
     weight, bias = getattr(bn, "weight", None), getattr(bn, "bias", None)

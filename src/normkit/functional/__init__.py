@@ -1,11 +1,11 @@
 """normkit.functional: pure tensor ops (no modules, no globals, no in-place writes to arguments).
 
-Every op runs on one generic core (:func:`moments`, :func:`normalize`, and the autograd
-Function :class:`NormFunction` with the analytic backward); they differ only in the dims they
-reduce over.
+Every op runs on one core in two halves, :func:`moments` (statistics) and normalize-from-
+statistics with its analytic backward, registered as the ``torch.library`` op ``normkit::norm``
+(:mod:`normkit.ops`); the ops differ only in the dims they reduce over.
 """
 
-from ._autograd import NormFunction, norm
+from ._autograd import norm
 from ._moments import Moments, acc_dtype, moments, normalize
 from ._running import NormOutput
 from .batch_norm import batch_norm
@@ -20,7 +20,6 @@ from .proxy_norm import ProxyNormActFunction, proxy_norm_act, proxy_points, prox
 
 __all__ = [
     "Moments",
-    "NormFunction",
     "NormOutput",
     "ProxyNormActFunction",
     "acc_dtype",

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from .._errors import NormError
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -21,9 +22,9 @@ def check_input(x: object, op: str, *, min_dim: int = 2, ndim: int | None = None
             "convert it with x.float()"
         )
     if ndim is not None and x.dim() != ndim:
-        raise ValueError(f"{op}: expected a {ndim}D input, got a {x.dim()}D input of shape {tuple(x.shape)}")
+        raise NormError(f"{op}: expected a {ndim}D input, got a {x.dim()}D input of shape {tuple(x.shape)}")
     if x.dim() < min_dim:
-        raise ValueError(
+        raise NormError(
             f"{op}: expected an input with at least {min_dim} dims (N, C, ...), got shape {tuple(x.shape)}"
         )
     return x
@@ -36,7 +37,7 @@ def check_param(p: Tensor | None, x: Tensor, shape: Sequence[int], op: str, name
     if not isinstance(p, Tensor):
         raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(p).__name__}")
     if tuple(p.shape) != tuple(shape):
-        raise ValueError(
+        raise NormError(
             f"{op}: {name} has shape {tuple(p.shape)} but the input (shape {tuple(x.shape)}) needs "
             f"{tuple(shape)}; check num_features / num_channels against the input's channel dim"
         )
@@ -46,12 +47,12 @@ def check_param(p: Tensor | None, x: Tensor, shape: Sequence[int], op: str, name
             "the input dtype (or be float32 for float16/bfloat16 inputs): convert one with .to(dtype)"
         )
     if p.device != x.device:
-        raise ValueError(f"{op}: {name} is on {p.device} but the input is on {x.device}; move them together")
+        raise NormError(f"{op}: {name} is on {p.device} but the input is on {x.device}; move them together")
 
 
 def check_eps(eps: float, op: str) -> float:
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+        raise NormError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     return float(eps)
 
 
@@ -59,7 +60,7 @@ def check_momentum(momentum: float | None, op: str) -> float | None:
     if momentum is None:
         return None
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(
+        raise NormError(
             f"{op}: momentum must be a number in [0, 1] (PyTorch convention: the weight of the new batch) "
             f"or None for a cumulative average, got {momentum!r}; a Keras momentum k converts to 1 - k"
         )
@@ -68,7 +69,7 @@ def check_momentum(momentum: float | None, op: str) -> float | None:
 
 def check_positive_int(value: object, op: str, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+        raise NormError(f"{op}: {name} must be a positive int, got {value!r}")
     return value
 
 
@@ -80,7 +81,7 @@ def check_groups(num_groups: object, num_channels: int, op: str) -> int:
         lower = max((d for d in divisors if d <= g), default=1)
         upper = min((d for d in divisors if d >= g), default=num_channels)
         hint = f"num_groups={lower}" if lower == upper else f"num_groups={lower} or {upper}"
-        raise ValueError(
+        raise NormError(
             f"{op}: num_channels ({num_channels}) must be divisible by num_groups ({g}); try {hint}"
         )
     return g

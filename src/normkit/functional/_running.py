@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from .._errors import NormError
 
 
 class NormOutput(NamedTuple):
@@ -52,10 +53,37 @@ def update_running_stats(
         new_nbt = num_batches_tracked + finite.to(num_batches_tracked.dtype)
     if momentum is None:
         if new_nbt is None:
-            raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
+            raise NormError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
         factor: Tensor | float = 1.0 / new_nbt.clamp(min=1).to(running_mean.dtype)
     else:
         factor = momentum
     new_mean = torch.where(finite, running_mean + factor * (mean - running_mean), running_mean)
     new_var = torch.where(finite, running_var + factor * (var - running_var), running_var)
     return new_mean, new_var, new_nbt
+
+
+def update_running_stats_where(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    valid: Tensor,
+    momentum: float | None,
+    op: str,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`update_running_stats` for the channels where ``valid`` is True; the others keep their values.
+
+    ``batch_var`` is already the variance to store (unbiased or not). The step counter advances
+    only when at least one channel is valid, so a fully masked batch changes nothing.
+    """
+    valid = valid.reshape(running_mean.shape)
+    # Invalid channels get the running value as their "batch" value: rm + f * (rm - rm) == rm exactly.
+    bm = torch.where(valid, batch_mean.reshape(running_mean.shape).to(running_mean.dtype), running_mean)
+    bv = torch.where(valid, batch_var.reshape(running_var.shape).to(running_var.dtype), running_var)
+    rm, rv, nbt = update_running_stats(
+        running_mean, running_var, num_batches_tracked, bm, bv, 2, momentum, False, op
+    )
+    if nbt is not None and num_batches_tracked is not None:
+        nbt = torch.where(valid.any(), nbt, num_batches_tracked)
+    return rm, rv, nbt

@@ -7,6 +7,7 @@ from typing import Callable, Union
 
 import torch
 from torch import Tensor
+from .._errors import NormError
 
 __all__ = ["ActivationLike", "get_activation", "activation_names"]
 
@@ -54,4 +55,4 @@ def get_activation(act: ActivationLike) -> Callable[[Tensor], Tensor]:
             return functools.partial(torch.nn.functional.leaky_relu, negative_slope=float(arg))
         if name in _ACTS and not arg:
             return _ACTS[name]
-    raise ValueError(f"unknown activation {act!r}; expected a callable or one of {', '.join(activation_names())}")
+    raise NormError(f"unknown activation {act!r}; expected a callable or one of {', '.join(activation_names())}")

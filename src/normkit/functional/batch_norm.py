@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import norm
+from .._errors import NormError
+from ..ops.library import exporting
+from ._autograd import norm, norm_count
 from ._checks import check_eps, check_input, check_momentum, check_param
-from .masked import check_mask, masked_norm, update_running_stats_where
 from ._moments import acc_dtype, normalize
-from ._running import NormOutput, update_running_stats
+from ._running import NormOutput, update_running_stats, update_running_stats_where
 from ._views import channel_view, spatial_dims
+from .masked import check_mask
 
 __all__ = ["batch_norm"]
 
@@ -82,7 +84,7 @@ def batch_norm(
     for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         check_param(p, x, (C,), op, name)
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+        raise NormError(f"{op}: give both running_mean and running_var, or neither")
     w = channel_view(weight, x.dim())
     b = channel_view(bias, x.dim())
     if mask is not None:
@@ -90,6 +92,11 @@ def batch_norm(
     use_batch_stats = training or running_mean is None
     if not use_batch_stats:
         assert running_mean is not None and running_var is not None
+        if mask is None and (exporting() or x.dtype == running_mean.dtype):
+            # The affine map from the running statistics: ATen's batch_norm computes exactly it
+            # (and exporters record the standard op).
+            y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+            return NormOutput(y, running_mean, running_var, num_batches_tracked)
         dtype = acc_dtype(x.dtype)
         mean = channel_view(running_mean.to(dtype), x.dim())
         rstd = channel_view(torch.rsqrt(running_var.to(dtype) + eps), x.dim())
@@ -98,34 +105,28 @@ def batch_norm(
         if mask is not None:  # padded positions output the bias, as in training
             y = torch.where(mask, y, torch.zeros((), dtype=y.dtype) if b is None else b.to(y.dtype))
         return NormOutput(y, running_mean, running_var, num_batches_tracked)
-    if mask is not None:
-        y, mean, var, count = masked_norm(x, mask, (0, *spatial_dims(x)), w, b, eps)
-        if training and running_mean is not None and running_var is not None:
-            count = count.reshape(C)
-            bvar = var.reshape(C) * (count / (count - 1).clamp_min(1)) if unbiased_running_var else var
-            valid = count >= (2 if unbiased_running_var else 1)
-            rm, rv, nbt = update_running_stats_where(
-                running_mean, running_var, num_batches_tracked, mean, bvar, valid, momentum, op
-            )
-            return NormOutput(y, rm, rv, nbt)
-        return NormOutput(y, running_mean, running_var, num_batches_tracked)
 
     dims = (0, *spatial_dims(x))
     m = x.numel() // C if C else 0
-    if x.numel() == 0:
-        # An empty batch: empty output, zero parameter grads, statistics unchanged.
-        y, _, _ = norm(x, dims, w, b, eps)
-        return NormOutput(y, running_mean, running_var, num_batches_tracked)
-    if m == 1:
+    if m == 1 and mask is None:
         why = "" if training else " (running statistics are off, so eval mode uses batch statistics too)"
-        raise ValueError(
+        raise NormError(
             f"{op}: expected more than 1 value per channel when using batch statistics{why}, got input of "
             f"shape {tuple(x.shape)}; use a batch of at least 2, or eval mode with running statistics"
         )
-    y, mean, var = norm(x, dims, w, b, eps)
-    if training and running_mean is not None and running_var is not None:
+    y, mean, var, count = norm_count(x, dims, w, b, eps, mask)
+    if not (training and running_mean is not None and running_var is not None) or x.numel() == 0:
+        # An empty batch: empty output, zero parameter grads, statistics unchanged.
+        return NormOutput(y, running_mean, running_var, num_batches_tracked)
+    if mask is None:
         rm, rv, nbt = update_running_stats(
             running_mean, running_var, num_batches_tracked, mean, var, m, momentum, unbiased_running_var, op
         )
-        return NormOutput(y, rm, rv, nbt)
-    return NormOutput(y, running_mean, running_var, num_batches_tracked)
+    else:
+        count = count.reshape(C)
+        bvar = var.reshape(C) * (count / (count - 1).clamp_min(1)) if unbiased_running_var else var
+        valid = count >= (2 if unbiased_running_var else 1)
+        rm, rv, nbt = update_running_stats_where(
+            running_mean, running_var, num_batches_tracked, mean, bvar, valid, momentum, op
+        )
+    return NormOutput(y, rm, rv, nbt)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._errors import NormError
 from ._autograd import norm
 from ._checks import check_eps, check_input, check_momentum, check_param
 from ._moments import acc_dtype, moments
@@ -20,7 +21,7 @@ __all__ = ["batch_renorm", "mean_only_batch_norm"]
 def _check_limit(value: float | Tensor, lowest: float, op: str, name: str) -> None:
     if isinstance(value, Tensor):
         if value.dim() != 0 or not value.is_floating_point():
-            raise ValueError(
+            raise NormError(
                 f"{op}: {name} must be a float or a 0-dim floating tensor, got a tensor of shape "
                 f"{tuple(value.shape)} and dtype {value.dtype}"
             )
@@ -31,7 +32,7 @@ def _check_limit(value: float | Tensor, lowest: float, op: str, name: str) -> No
         or not math.isfinite(value)
         or value < lowest
     ):
-        raise ValueError(f"{op}: {name} must be a finite number >= {lowest}, got {value!r}")
+        raise NormError(f"{op}: {name} must be a finite number >= {lowest}, got {value!r}")
 
 
 def batch_renorm(
@@ -85,7 +86,7 @@ def batch_renorm(
     op = "batch_renorm"
     check_input(x, op)
     if not isinstance(running_mean, Tensor) or not isinstance(running_var, Tensor):
-        raise ValueError(
+        raise NormError(
             f"{op}: running_mean and running_var are required (r and d are measured against them)"
         )
     _check_limit(r_max, 1.0, op, "r_max")
@@ -116,7 +117,7 @@ def batch_renorm(
     dims = (0, *spatial_dims(x))
     m = x.numel() // C if C else 0
     if m == 1:
-        raise ValueError(
+        raise NormError(
             f"{op}: expected more than 1 value per channel in training, got input of shape {tuple(x.shape)}; "
             "use a batch of at least 2"
         )
@@ -127,11 +128,11 @@ def batch_renorm(
     dtype = acc_dtype(x.dtype)
     with torch.no_grad():
         # r and d: constants for the backward (the paper's stop_gradient).
-        stats = moments(x, dims, eps)
+        stats = moments(x, dims)
         rstd_run = torch.rsqrt(running_var.to(dtype) + eps)
         r_hi = torch.as_tensor(r_max, dtype=dtype, device=x.device)
         d_hi = torch.as_tensor(d_max, dtype=dtype, device=x.device)
-        r = (rstd_run / stats.rstd.reshape(C)).clamp(1.0 / r_hi, r_hi)  # sigma_B / sigma
+        r = (rstd_run / torch.rsqrt(stats.var.reshape(C) + eps)).clamp(1.0 / r_hi, r_hi)  # sigma_B / sigma
         d = ((stats.mean.reshape(C) - running_mean.to(dtype)) * rstd_run).clamp(-d_hi, d_hi)
     # y = gamma * (x_hat_B * r + d) + beta  ==  x_hat_B * (gamma r) + (gamma d + beta): BN's core
     # with a modified affine, so gamma and beta get their gradients through these two products.

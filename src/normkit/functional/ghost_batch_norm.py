@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .._errors import NormError
 from ._autograd import norm
 from ._checks import check_eps, check_input, check_momentum, check_param, check_positive_int
 from ._running import NormOutput, update_running_stats
@@ -96,7 +97,7 @@ def ghost_batch_norm(
     check_input(x, op)
     B = check_positive_int(ghost_batch_size, op, "ghost_batch_size")
     if momentum_mode not in ("per_chunk", "averaged"):
-        raise ValueError(f"{op}: momentum_mode must be 'per_chunk' or 'averaged', got {momentum_mode!r}")
+        raise NormError(f"{op}: momentum_mode must be 'per_chunk' or 'averaged', got {momentum_mode!r}")
     N, C = x.shape[0], x.shape[1]
     if not training or N <= B or x.numel() == 0:
         # Eval, or a single chunk: exactly BN (which also handles the checks and empty input).
@@ -122,14 +123,14 @@ def ghost_batch_norm(
     ):
         check_param(p, x, (C,), op, name)
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+        raise NormError(f"{op}: give both running_mean and running_var, or neither")
     spatial = tuple(x.shape[2:])
     per_sample = 1
     for s in spatial:
         per_sample *= s
     K, rem = divmod(N, B)
     if rem and rem * per_sample == 1:
-        raise ValueError(
+        raise NormError(
             f"{op}: the last ghost chunk has 1 sample and no spatial dims (N={N}, ghost_batch_size={B}), so "
             "1 value per channel; choose a ghost_batch_size that does not leave a single sample over, "
             "or drop the last sample"
@@ -177,7 +178,7 @@ def ghost_batch_norm(
         )
         return NormOutput(y, rm, rv, nbt)
     if momentum is None and num_batches_tracked is None:
-        raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
+        raise NormError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
     start = num_batches_tracked if num_batches_tracked is not None else 0
     # As in update_running_stats: a step with non-finite statistics leaves every buffer unchanged.
     finite = torch.isfinite(means).all() & torch.isfinite(vars_).all()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
+import torch
+
+from .._errors import NormError
+from ..ops.library import exporting
 from ._autograd import norm
 from ._checks import check_eps, check_groups, check_input, check_param
-from .masked import check_mask, masked_norm
+from .masked import check_mask
 
 __all__ = ["group_norm"]
 
@@ -61,19 +65,21 @@ def group_norm(
     for s in spatial:
         m *= s
     if m == 1 and x.numel() and mask is None:
-        raise ValueError(
+        raise NormError(
             f"{op}: expected more than 1 value per group, got input of shape {tuple(x.shape)} with "
             f"num_groups={G}; use fewer groups"
         )
+    if mask is None and exporting():
+        return torch.nn.functional.group_norm(x, G, weight, bias, eps)  # the standard op for exporters
     # (N, C, *S) -> (N, G, C // G, *S): splitting one dim is a view for any strides (channels_last too).
     xv = x.view(N, G, C // G, *spatial)
     pshape = (1, G, C // G) + (1,) * len(spatial)
     w = weight.view(pshape) if weight is not None else None
     b = bias.view(pshape) if bias is not None else None
     dims = tuple(range(2, xv.dim()))
+    mv = None
     if mask is not None:
         # The mask, expanded to x, split the same way (a copy only when the broadcast needs one).
         mv = check_mask(mask, x, op).expand(x.shape).reshape(xv.shape)
-        return masked_norm(xv, mv, dims, w, b, eps)[0].view(x.shape)
-    y, _, _ = norm(xv, dims, w, b, eps)
+    y, _, _ = norm(xv, dims, w, b, eps, mv)
     return y.view(x.shape)

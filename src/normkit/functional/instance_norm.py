@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import norm
+from .._errors import NormError
+from ..ops.library import exporting
+from ._autograd import norm_count
 from ._checks import check_eps, check_input, check_momentum, check_param
-from .masked import check_mask, masked_norm, update_running_stats_where
 from ._moments import acc_dtype, normalize
-from ._running import NormOutput, update_running_stats
+from ._running import NormOutput, update_running_stats, update_running_stats_where
 from ._views import channel_view, spatial_dims
+from .masked import check_mask
 
 __all__ = ["instance_norm"]
 
@@ -68,7 +70,7 @@ def instance_norm(
     op = "instance_norm"
     check_input(x, op)
     if x.dim() < 3:
-        raise ValueError(
+        raise NormError(
             f"{op}: expected an input with spatial dims (N, C, L...), got shape {tuple(x.shape)}; "
             "instance statistics of an (N, C) input have one value per set"
         )
@@ -78,14 +80,19 @@ def instance_norm(
     for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         check_param(p, x, (C,), op, name)
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+        raise NormError(f"{op}: give both running_mean and running_var, or neither")
     w = channel_view(weight, x.dim())
     b = channel_view(bias, x.dim())
     if mask is not None:
         check_mask(mask, x, op)
     if not use_input_stats:
         if running_mean is None or running_var is None:
-            raise ValueError(f"{op}: use_input_stats=False needs running_mean and running_var")
+            raise NormError(f"{op}: use_input_stats=False needs running_mean and running_var")
+        if mask is None and (exporting() or x.dtype == running_mean.dtype):
+            y = torch.nn.functional.instance_norm(
+                x, running_mean, running_var, weight, bias, use_input_stats=False, eps=eps
+            )
+            return NormOutput(y, running_mean, running_var, num_batches_tracked)
         dtype = acc_dtype(x.dtype)
         mean = channel_view(running_mean.to(dtype), x.dim())
         rstd = channel_view(torch.rsqrt(running_var.to(dtype) + eps), x.dim())
@@ -95,40 +102,38 @@ def instance_norm(
             y = torch.where(mask, y, torch.zeros((), dtype=y.dtype) if b is None else b.to(y.dtype))
         return NormOutput(y, running_mean, running_var, num_batches_tracked)
     dims = spatial_dims(x)
-    if mask is not None:
-        y, mean, var, count = masked_norm(x, mask, dims, w, b, eps)
-        if running_mean is not None and running_var is not None:
-            # Average the instances with >= 2 valid values; the unbiased correction is per instance.
-            N = x.shape[0]
-            count, mean, var = count.reshape(N, C), mean.reshape(N, C), var.reshape(N, C)
-            ok = count >= 2
-            n_ok = ok.sum(0).clamp_min(1)
-            zero = mean.new_zeros(())
-            bmean = torch.where(ok, mean, zero).sum(0) / n_ok
-            bvar = torch.where(ok, var * count / (count - 1).clamp_min(1), zero).sum(0) / n_ok
-            rm, rv, nbt = update_running_stats_where(
-                running_mean, running_var, num_batches_tracked, bmean, bvar, ok.any(0), momentum, op
-            )
-            return NormOutput(y, rm, rv, nbt)
-        return NormOutput(y, running_mean, running_var, num_batches_tracked)
     m = 1
     for d in dims:
         m *= x.shape[d]
-    if x.numel() == 0:
-        y, _, _ = norm(x, dims, w, b, eps)
-        return NormOutput(y, running_mean, running_var, num_batches_tracked)
-    if m == 1:
-        raise ValueError(
+    if m == 1 and x.numel() and mask is None:
+        raise NormError(
             f"{op}: expected more than 1 spatial value per channel, got input of shape {tuple(x.shape)}; "
             "instance statistics over a single position are degenerate"
         )
-    y, mean, var = norm(x, dims, w, b, eps)
-    if running_mean is not None and running_var is not None:
+    if exporting() and mask is None and running_mean is None:
+        # The standard op, so exporters record instance_norm itself.
+        y = torch.nn.functional.instance_norm(x, None, None, weight, bias, use_input_stats=True, eps=eps)
+        return NormOutput(y, running_mean, running_var, num_batches_tracked)
+    y, mean, var, count = norm_count(x, dims, w, b, eps, mask)
+    if running_mean is None or running_var is None or x.numel() == 0:
+        return NormOutput(y, running_mean, running_var, num_batches_tracked)
+    N = x.shape[0]
+    if mask is None:
         # Average the per-instance statistics over the batch; the unbiased correction is per instance.
-        bmean = mean.reshape(x.shape[0], C).mean(0)
-        bvar = (var.reshape(x.shape[0], C) * (m / (m - 1))).mean(0)
+        bmean = mean.reshape(N, C).mean(0)
+        bvar = (var.reshape(N, C) * (m / (m - 1))).mean(0)
         rm, rv, nbt = update_running_stats(
             running_mean, running_var, num_batches_tracked, bmean, bvar, m, momentum, False, op
         )
         return NormOutput(y, rm, rv, nbt)
-    return NormOutput(y, running_mean, running_var, num_batches_tracked)
+    # Average the instances with >= 2 valid values; the unbiased correction is per instance.
+    count, mean, var = count.reshape(N, C), mean.reshape(N, C), var.reshape(N, C)
+    ok = count >= 2
+    n_ok = ok.sum(0).clamp_min(1)
+    zero = mean.new_zeros(())
+    bmean = torch.where(ok, mean, zero).sum(0) / n_ok
+    bvar = torch.where(ok, var * count / (count - 1).clamp_min(1), zero).sum(0) / n_ok
+    rm, rv, nbt = update_running_stats_where(
+        running_mean, running_var, num_batches_tracked, bmean, bvar, ok.any(0), momentum, op
+    )
+    return NormOutput(y, rm, rv, nbt)

@@ -6,10 +6,14 @@ from typing import Literal, Sequence
 
 from torch import Tensor
 
+import torch
+
+from .._errors import NormError
+from ..ops.library import exporting
 from ._autograd import norm
 from ._checks import check_eps, check_input, check_param
-from .masked import check_mask, masked_norm
 from ._views import channel_view
+from .masked import check_mask
 from .group_norm import group_norm
 
 __all__ = ["layer_norm", "layer_norm_2d"]
@@ -52,7 +56,7 @@ def layer_norm(
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(shape)
     if k == 0 or k > x.dim() or tuple(x.shape[x.dim() - k :]) != shape:
-        raise ValueError(
+        raise NormError(
             f"{op}: normalized_shape {shape} must match the trailing dims of the input, got input of shape "
             f"{tuple(x.shape)}"
         )
@@ -62,9 +66,9 @@ def layer_norm(
     w = weight.view(lead + shape) if weight is not None else None
     b = bias.view(lead + shape) if bias is not None else None
     dims = tuple(range(x.dim() - k, x.dim()))
-    if mask is not None:
-        return masked_norm(x, check_mask(mask, x, op), dims, w, b, eps)[0]
-    y, _, _ = norm(x, dims, w, b, eps)
+    if mask is None and exporting():
+        return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)  # the standard op for exporters
+    y, _, _ = norm(x, dims, w, b, eps, None if mask is None else check_mask(mask, x, op))
     return y
 
 
@@ -102,10 +106,14 @@ def layer_norm_2d(
     if over == "chw":
         return group_norm(x, 1, weight, bias, eps)
     if over != "c":
-        raise ValueError(f"{op}: over must be 'c' or 'chw', got {over!r}")
+        raise NormError(f"{op}: over must be 'c' or 'chw', got {over!r}")
     eps = check_eps(eps, op)
     C = x.shape[1]
     check_param(weight, x, (C,), op, "weight")
     check_param(bias, x, (C,), op, "bias")
+    if exporting():
+        # LayerNorm over the channels of the channels-last permutation: the standard op.
+        xt = torch.movedim(x, 1, -1)
+        return torch.movedim(torch.nn.functional.layer_norm(xt, (C,), weight, bias, eps), -1, 1)
     y, _, _ = norm(x, (1,), channel_view(weight, x.dim()), channel_view(bias, x.dim()), eps)
     return y

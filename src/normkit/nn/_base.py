@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._errors import NormError
 from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional._running import NormOutput
 
@@ -38,7 +39,7 @@ def reset_affine(module: nn.Module) -> None:
 
 def check_channels(x: Tensor, expected: int, name: str) -> None:
     if x.dim() >= 2 and x.shape[1] != expected:
-        raise ValueError(
+        raise NormError(
             f"{name}: expected {expected} channels (dim 1), got input of shape {tuple(x.shape)} with "
             f"{x.shape[1]} channels; the layer was built with num_features={expected}"
         )

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .._errors import NormError
 from .. import functional as F
 from ._base import _NormBase, check_channels
 
@@ -35,7 +36,7 @@ class _BatchNorm(_NormBase):
         if not isinstance(x, Tensor) or x.dim() not in self._dims:
             got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
             want = " or ".join(f"{d}D" for d in self._dims)
-            raise ValueError(f"{type(self).__name__}: expected {want} input (N, C, ...), got {got}")
+            raise NormError(f"{type(self).__name__}: expected {want} input (N, C, ...), got {got}")
         check_channels(x, self.num_features, type(self).__name__)
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:

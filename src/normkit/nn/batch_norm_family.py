@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .._errors import NormError
 from ..functional._autograd import norm
 from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional._moments import acc_dtype, normalize
@@ -61,7 +62,7 @@ class _GhostBatchNorm(_BatchNorm):
         name = type(self).__name__
         self_ghost = check_positive_int(ghost_batch_size, name, "ghost_batch_size")
         if momentum_mode not in ("per_chunk", "averaged"):
-            raise ValueError(
+            raise NormError(
                 f"{name}: momentum_mode must be 'per_chunk' or 'averaged', got {momentum_mode!r}"
             )
         super().__init__(
@@ -192,7 +193,7 @@ class _BatchRenorm(_BatchNorm):
     ) -> None:
         name = type(self).__name__
         if not track_running_stats:
-            raise ValueError(
+            raise NormError(
                 f"{name}: Batch Renorm corrects batch statistics towards the running ones, so it needs "
                 "track_running_stats=True; use BatchNorm for batch statistics only"
             )
@@ -203,9 +204,9 @@ class _BatchRenorm(_BatchNorm):
                 or not math.isfinite(value)
                 or value < lowest
             ):
-                raise ValueError(f"{name}: {label} must be a finite number >= {lowest}, got {value!r}")
+                raise NormError(f"{name}: {label} must be a finite number >= {lowest}, got {value!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"{name}: warmup_steps must be an int >= 0, got {warmup_steps!r}")
+            raise NormError(f"{name}: warmup_steps must be an int >= 0, got {warmup_steps!r}")
         super().__init__(
             num_features,
             eps,
@@ -335,7 +336,7 @@ class _FrozenBatchNorm(_NormBase):
         if not isinstance(x, Tensor) or x.dim() not in self._dims:
             got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
             want = " or ".join(f"{d}D" for d in self._dims)
-            raise ValueError(f"{type(self).__name__}: expected {want} input (N, C, ...), got {got}")
+            raise NormError(f"{type(self).__name__}: expected {want} input (N, C, ...), got {got}")
         check_channels(x, self.num_features, type(self).__name__)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -491,7 +492,7 @@ class MeanOnlyBatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() < 2:
             got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"MeanOnlyBatchNorm: expected an (N, C, *) input, got {got}")
+            raise NormError(f"MeanOnlyBatchNorm: expected an (N, C, *) input, got {got}")
         check_channels(x, self.num_features, "MeanOnlyBatchNorm")
         tracking = self.track_running_stats and self.running_mean is not None
         out = mean_only_batch_norm(
@@ -578,9 +579,9 @@ class BatchNormalization(nn.Module):
         name = "BatchNormalization"
         self.num_features = check_positive_int(num_features, name, "num_features")
         if isinstance(axis, bool) or not isinstance(axis, int):
-            raise ValueError(f"{name}: axis must be an int, got {axis!r}")
+            raise NormError(f"{name}: axis must be an int, got {axis!r}")
         if momentum is None or check_momentum(momentum, name) is None:
-            raise ValueError(
+            raise NormError(
                 f"{name}: momentum must be a number in [0, 1] (Keras convention), got {momentum!r}"
             )
         self.axis = axis
@@ -616,12 +617,12 @@ class BatchNormalization(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"BatchNormalization: expected a torch.Tensor input, got {type(x).__name__}")
         if not -x.dim() <= self.axis < x.dim():
-            raise ValueError(
+            raise NormError(
                 f"BatchNormalization: axis={self.axis} is out of range for an input of shape {tuple(x.shape)}"
             )
         ax = self.axis % x.dim()
         if x.shape[ax] != self.num_features:
-            raise ValueError(
+            raise NormError(
                 f"BatchNormalization: expected {self.num_features} features along axis {self.axis}, "
                 f"got input of "
                 f"shape {tuple(x.shape)} with {x.shape[ax]}; channels-first input needs axis=1"
@@ -645,7 +646,7 @@ class BatchNormalization(nn.Module):
             return normalize(x, mean, rstd, g, b)
         m = x.numel() // self.num_features
         if m == 1:
-            raise ValueError(
+            raise NormError(
                 f"BatchNormalization: expected more than 1 value per feature in training, got input of shape "
                 f"{tuple(x.shape)}; use a batch of at least 2, or inference mode"
             )
@@ -681,7 +682,7 @@ class BatchNormalization(nn.Module):
             t for t in (self.gamma, self.beta, self.moving_mean, self.moving_variance) if t is not None
         ]
         if len(weights) != len(targets):
-            raise ValueError(
+            raise NormError(
                 f"BatchNormalization.set_weights: expected {len(targets)} arrays (gamma if scale, beta if "
                 f"center, moving_mean, moving_variance), got {len(weights)}"
             )
@@ -689,7 +690,7 @@ class BatchNormalization(nn.Module):
             for t, w in zip(targets, weights):
                 src = torch.as_tensor(w)
                 if tuple(src.shape) != tuple(t.shape):
-                    raise ValueError(
+                    raise NormError(
                         f"BatchNormalization.set_weights: expected arrays of shape {tuple(t.shape)}, "
                         f"got {tuple(src.shape)}"
                     )

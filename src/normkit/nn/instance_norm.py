@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .._errors import NormError
 from .. import functional as F
 from ._base import _NormBase, check_channels
 
@@ -38,7 +39,7 @@ class _InstanceNorm(_NormBase):
             return self.forward(x.unsqueeze(0), mask=m).squeeze(0)
         if not isinstance(x, Tensor) or x.dim() != self._ndim:
             got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
+            raise NormError(
                 f"{name}: expected {self._ndim}D (batched) or {self._ndim - 1}D (unbatched) input, got {got}"
             )
         check_channels(x, self.num_features, name)

@@ -7,6 +7,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._errors import NormError
 from .. import functional as F
 from ..functional._checks import check_eps, check_positive_int
 from ._base import check_channels, make_affine, reset_affine
@@ -121,7 +122,7 @@ class LayerNorm2d(nn.Module):
     ) -> None:
         super().__init__()
         if over not in ("c", "chw"):
-            raise ValueError(f"LayerNorm2d: over must be 'c' or 'chw', got {over!r}")
+            raise NormError(f"LayerNorm2d: over must be 'c' or 'chw', got {over!r}")
         self.num_channels = check_positive_int(num_channels, "LayerNorm2d", "num_channels")
         self.eps = check_eps(eps, "LayerNorm2d")
         self.affine = bool(affine)
@@ -135,7 +136,7 @@ class LayerNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 3:
             got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"LayerNorm2d: expected an (N, C, *spatial) input, got {got}")
+            raise NormError(f"LayerNorm2d: expected an (N, C, *spatial) input, got {got}")
         check_channels(x, self.num_channels, "LayerNorm2d")
         return F.layer_norm_2d(x, self.weight, self.bias, self.eps, over=self.over)
 

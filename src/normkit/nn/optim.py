@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from torch import nn
+from .._errors import NormError
 
 __all__ = ["param_groups"]
 
@@ -63,7 +64,7 @@ def param_groups(model: nn.Module, weight_decay: float, **group_options: Any) ->
     from .proxy_norm import ProxyNormAct
 
     if weight_decay < 0:
-        raise ValueError(f"param_groups: weight_decay must be >= 0, got {weight_decay}")
+        raise NormError(f"param_groups: weight_decay must be >= 0, got {weight_decay}")
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for module, name, p in _named_params(model):

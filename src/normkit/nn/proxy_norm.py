@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._errors import NormError
 from .. import functional as F
 from ..functional._checks import check_eps, check_groups, check_positive_int
 from ..functional.activations import ActivationLike, get_activation
@@ -167,7 +168,7 @@ class GroupNormProxyAct2d(ProxyNormAct):
 def _pn_factory(default_groups: int | None):
     def factory(c: int, arg: int | None, activation: ActivationLike = "relu", **kw: Any) -> nn.Module:
         if default_groups == 1 and arg is not None:
-            raise ValueError(f"create_norm_layer: 'ln+pn' takes no ':<int>' argument, got ln:{arg}+pn")
+            raise NormError(f"create_norm_layer: 'ln+pn' takes no ':<int>' argument, got ln:{arg}+pn")
         groups = arg if arg is not None else _default_groups(c, default_groups)
         return GroupNormProxyAct2d(c, num_groups=groups, activation=activation, **kw)
 

@@ -6,6 +6,7 @@ import re
 from typing import Any, Callable
 
 from torch import nn
+from .._errors import NormError
 
 __all__ = ["available_norms", "create_norm_layer", "default_groups", "register_norm"]
 
@@ -76,7 +77,7 @@ def create_norm_layer(spec: str, num_features: int, **kwargs: Any) -> nn.Module:
     match = _SPEC.match(spec.strip().lower())
     key = None if match is None else match["base"] + match["suffix"]
     if match is None or key not in _REGISTRY:
-        raise ValueError(
+        raise NormError(
             f"create_norm_layer: unknown norm spec {spec!r}; expected one of {', '.join(sorted(_REGISTRY))} "
             "(optionally with ':<int>', e.g. 'gn:16')"
         )
@@ -87,7 +88,7 @@ def create_norm_layer(spec: str, num_features: int, **kwargs: Any) -> nn.Module:
 
 def _no_arg(name: str, arg: int | None) -> None:
     if arg is not None:
-        raise ValueError(f"create_norm_layer: {name!r} takes no ':<int>' argument, got {name}:{arg}")
+        raise NormError(f"create_norm_layer: {name!r} takes no ':<int>' argument, got {name}:{arg}")
 
 
 def _register_core() -> None:

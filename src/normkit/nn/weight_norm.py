@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._errors import NormError
 from ..functional._moments import moments
 from ._parametrize import make_picklable
 
@@ -104,7 +105,7 @@ def _unit_axes(module: nn.Module) -> tuple[int, int]:
         return 0, -1
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         if module.groups != 1:
-            raise ValueError(
+            raise NormError(
                 f"weight_norm: init_batch needs output units on one weight dim; a ConvTranspose with "
                 f"groups={module.groups} spreads them over two"
             )
@@ -122,7 +123,7 @@ def _data_init(module: nn.Module, name: str, dim: int | None, x: Tensor) -> None
     w_dim, out_axis = _unit_axes(module)
     weight_rank = module.parametrizations[name].original1.dim()  # type: ignore[index]
     if dim is None or dim % weight_rank != w_dim:
-        raise ValueError(
+        raise NormError(
             f"weight_norm: init_batch standardizes each output unit, so dim must index the output units "
             f"(dim={w_dim} for {_cls_name(module)}), got dim={dim}"
         )
@@ -133,7 +134,7 @@ def _data_init(module: nn.Module, name: str, dim: int | None, x: Tensor) -> None
         bias.zero_()
     t = module(x)
     axis = out_axis % t.dim()
-    stats = moments(t, tuple(i for i in range(t.dim()) if i != axis), eps=0.0)
+    stats = moments(t, tuple(i for i in range(t.dim()) if i != axis))
     inv_std = torch.rsqrt(stats.var.clamp_min(torch.finfo(stats.var.dtype).tiny)).flatten()
     g.copy_(inv_std.reshape(g.shape).to(g.dtype))
     if isinstance(bias, Tensor):
@@ -186,23 +187,23 @@ def weight_norm(
     if not isinstance(module, nn.Module):
         raise TypeError(f"weight_norm: expected an nn.Module, got {type(module).__name__}")
     if _find(module, name) is not None:
-        raise ValueError(f"weight_norm: {_cls_name(module)}.{name} already has weight norm")
+        raise NormError(f"weight_norm: {_cls_name(module)}.{name} already has weight norm")
     if parametrize.is_parametrized(module, name):
-        raise ValueError(
+        raise NormError(
             f"weight_norm: {_cls_name(module)}.{name} already has a parametrization "
             f"({type(module.parametrizations[name][0]).__name__}); "  # type: ignore[index]
             "weight norm goes on a plain parameter"
         )
     w = getattr(module, name, None)
     if not isinstance(w, nn.Parameter):
-        raise ValueError(
+        raise NormError(
             f"weight_norm: {type(module).__name__} has no parameter {name!r} (got {type(w).__name__}); "
             "pass name= the weight's attribute name"
         )
     if dim is not None and (
         isinstance(dim, bool) or not isinstance(dim, int) or not -w.dim() <= dim < w.dim()
     ):
-        raise ValueError(
+        raise NormError(
             f"weight_norm: dim must be None or an int in [{-w.dim()}, {w.dim() - 1}], got {dim!r}"
         )
     parametrize.register_parametrization(module, name, WeightNorm(dim))
@@ -227,7 +228,7 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
         ('Conv1d', True)
     """
     if _find(module, name) is None:
-        raise ValueError(
+        raise NormError(
             f"remove_weight_norm: {_cls_name(module)}.{name} has no weight norm (of normkit.nn.weight_norm)"
         )
     parametrize.remove_parametrizations(module, name, leave_parametrized=True)

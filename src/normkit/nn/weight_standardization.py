@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._errors import NormError
 from ..functional._autograd import norm
 from ..functional._checks import check_eps
 from ._parametrize import make_picklable
@@ -109,7 +110,7 @@ def weight_standardization(module: nn.Module, name: str = "weight", eps: float =
     """
     w = getattr(module, name, None)
     if not isinstance(w, Tensor) or w.dim() < 2:
-        raise ValueError(
+        raise NormError(
             f"weight_standardization: {type(module).__name__}.{name} must be a weight of rank >= 2 "
             f"(out, fan_in, ...), got {type(w).__name__ if not isinstance(w, Tensor) else tuple(w.shape)}"
         )

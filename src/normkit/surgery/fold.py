@@ -11,6 +11,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .._errors import NormError
 from .. import functional as F
 from ..functional.activations import ActivationLike, get_activation
 from ..nn.proxy_norm import GroupNormProxyAct2d, ProxyNormAct
@@ -156,7 +157,7 @@ def fold_proxy_norm(
     try:
         graph = _Tracer().trace(folded)
     except Exception as exc:  # torch.fx raises many kinds on data-dependent control flow
-        raise ValueError(
+        raise NormError(
             f"fold_proxy_norm: could not trace the model with torch.fx ({type(exc).__name__}: {exc}); "
             "fold a traceable sub-module instead"
         ) from exc
@@ -185,7 +186,7 @@ def fold_proxy_norm(
     if refused:
         msg = "fold_proxy_norm: left these Proxy Norm layers unfolded:\n  " + "\n  ".join(refused)
         if strict:
-            raise ValueError(msg)
+            raise NormError(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
     with torch.no_grad():
         want, got = reference(example_input), folded(example_input)

@@ -1,0 +1,455 @@
+"""The one numerical core: per-set statistics, normalize-from-statistics, and its backward.
+
+Every norm in normkit (BN, LN, IN, GN, LayerNorm2d, Ghost BN, Batch Renorm, the norm under Proxy
+Norm ...) is this computation over a different set of dims (ALGORITHMS.md §0):
+
+    mean = mean_S(x),  var = mean_S((x - mean)^2)  (biased),  rstd = 1 / sqrt(var + eps)
+    y    = (x - mean) * rstd * weight + bias
+
+A boolean ``mask`` (True = valid) only changes which elements each set pools over; masked and
+unmasked inputs run the same code.
+
+Numerics, branch-free (no host sync, no data-dependent Python ``if``):
+
+* Statistics accumulate in float32 for float16/bfloat16/float32 inputs and in float64 for float64.
+* Each set is first *shifted and scaled*: ``d = (x - mid) * 2^-e`` with ``mid`` the set's mid-range
+  ``(max + min) / 2`` and ``2^e`` a power of two just above the half-range (never below
+  ``max|x| * 2^-100``). Scaling by a power of two is exact, and subtracting a shift that lies
+  inside the data is exact for values close to it (Sterbenz), so:
+  - a large common offset costs nothing: fp32 ``1e4 + 1e-2 * noise`` normalizes to 2.5e-7, where a
+    plain fp32 two-pass (torch's GN) is off by 0.07;
+  - no square or sum can overflow or underflow: ``|d| <= 1``, so inputs up to the fp32 maximum
+    (``[3e38, -3e38, 1, 2]``) and down to subnormals (1e-40, even with ``eps = 0``) give finite,
+    exact outputs. The variance itself is returned in the accumulation dtype and is ``inf`` only
+    when the true variance exceeds it (fp32: ``|x|`` above about 1.8e19); ``rstd`` stays exact.
+* The variance is two-pass on the scaled values (mean of ``d``, then mean of ``(d - mean)^2``),
+  never ``E[x^2] - E[x]^2``.
+* Cost: two extra read-only reductions (per-set max and min) on top of the two-pass moments.
+
+Range covered: float32 and float16/bfloat16 inputs, every finite value (outputs finite whenever
+the input is finite); float64 likewise up to 1.8e308. A non-finite input propagates NaN into its
+own sets, and callers keep such statistics out of running buffers.
+
+The saved statistics (``stats``) are one tensor of ``STAT_ROWS`` rows, each with the keepdim
+shape of the sets: the scaled shift, the inverse scale ``2^-e``, the mean of ``d``, the scaled
+``rstd``, the scaled variance and the count. :func:`mean_var` turns them into the true mean and
+(biased) variance. Functions here are plain PyTorch (the reference, and the oracle for the kernels
+of later backends); :mod:`normkit.ops.library` registers them as ``torch.library`` ops.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "STAT_ROWS",
+    "Moments",
+    "acc_dtype",
+    "composite_norm",
+    "mean_var",
+    "moments",
+    "norm_backward",
+    "norm_backward_composite",
+    "norm_forward",
+    "norm_jvp",
+    "stat_shape",
+]
+
+STAT_ROWS = 6
+_SHIFT, _INV, _CMEAN, _RSTD, _VAR, _COUNT = range(STAT_ROWS)
+
+# Exponent range for the power-of-two scale: 2^e and 2^-e are both normal numbers.
+_EXP_RANGE = {torch.float32: 126.0, torch.float64: 1022.0}
+# The scale is never below max|x| * 2^-100: a constant (or nearly constant) set of large values
+# then scales to at most 2^100, far from overflow, and its centred values are still exact zeros.
+_GUARD = 2.0**-100
+
+
+class Moments(NamedTuple):
+    """``(count, mean, var)`` of each reduction set, keepdim shapes, in the accumulation dtype.
+
+    ``var`` is the biased variance. ``count`` is the number of (valid) elements per set, as a
+    float tensor.
+    """
+
+    count: Tensor
+    mean: Tensor
+    var: Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in: float64 for float64, float32 otherwise.
+
+    Example:
+        >>> acc_dtype(torch.float16), acc_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stat_shape(x: Tensor, dims: Sequence[int]) -> list[int]:
+    """The keepdim shape of the per-set statistics of ``x`` reduced over ``dims``."""
+    return [1 if i in dims else s for i, s in enumerate(x.shape)]
+
+
+def _functorch_active() -> bool:
+    # Under torch.func transforms some tensors are batched and others not: in-place arithmetic
+    # between them is not allowed, so the backward then builds fresh tensors.
+    return torch._C._are_functorch_transforms_active()
+
+
+def _scale_shift(x: Tensor, dims: tuple[int, ...], mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per-set ``(shift * inv, inv)``: the mid-range shift (pre-scaled) and the power-of-two inverse scale."""
+    if mask is None:
+        hi = x.amax(dims, keepdim=True).to(dtype)
+        lo = x.amin(dims, keepdim=True).to(dtype)
+    else:
+        inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+        hi = torch.where(mask, x, -inf).amax(dims, keepdim=True).to(dtype)
+        lo = torch.where(mask, x, inf).amin(dims, keepdim=True).to(dtype)
+        # A set with no valid element: any finite scale does.
+        empty = hi < lo
+        hi = torch.where(empty, 0.0, hi)
+        lo = torch.where(empty, 0.0, lo)
+    half_range = hi * 0.5 - lo * 0.5  # (hi - lo) / 2 without overflow
+    mid = hi * 0.5 + lo * 0.5
+    est = torch.maximum(half_range, torch.maximum(hi.abs(), lo.abs()) * _GUARD)
+    bound = _EXP_RANGE[dtype]
+    # est < 2^e; log2 of 0 is -inf, clamped to the smallest exponent.
+    e = (torch.floor(torch.log2(est)) + 1.0).clamp(-bound, bound)
+    inv = torch.exp2(-e)  # exact for integral exponents in range
+    return mid * inv, inv
+
+
+def _centered(x: Tensor, shift: Tensor, inv: Tensor) -> Tensor:
+    """``x * inv - shift`` in the statistics dtype: one pass, fresh tensor in x's layout."""
+    return torch.addcmul(-shift, x, inv)
+
+
+def _count(x: Tensor, dims: tuple[int, ...], mask: Tensor | None, like: Tensor) -> tuple[Tensor, int | None]:
+    if mask is None:
+        m = 1
+        for d in dims:
+            m *= x.shape[d]
+        return torch.full_like(like, float(m)), m
+    return mask.expand(x.shape).sum(dims, keepdim=True, dtype=like.dtype), None
+
+
+def _scaled_rstd(var: Tensor, inv: Tensor, eps: float) -> Tensor:
+    """rstd of the scaled values, ``1 / sqrt(var_s + eps * inv^2)``, which is ``2^e / sqrt(var + eps)``.
+
+    ``eps * inv^2`` overflows for sets of tiny values (scale below ~1e-22); there ``eps`` dominates
+    the variance by over 40 orders of magnitude, so the true rstd is ``1 / sqrt(eps)`` and the
+    scaled one ``2^e / sqrt(eps)``.
+    """
+    if not eps:
+        return torch.rsqrt(var)
+    t = eps * inv * inv
+    return torch.where(torch.isinf(t), inv.reciprocal() * (1.0 / eps**0.5), torch.rsqrt(var + t))
+
+
+def norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    dims: Sequence[int],
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """``(y, stats)``: the normalized output in ``x.dtype`` and the saved per-set statistics.
+
+    ``weight`` and ``bias`` broadcast against ``x`` (e.g. ``(1, C, 1, 1)``). With a ``mask``,
+    statistics pool over the valid elements only, and masked-out elements (and sets without a
+    valid element) output the bias. ``x`` must be non-empty along every reduced dim.
+    """
+    dims = tuple(dims)
+    dtype = acc_dtype(x.dtype)
+    shift, inv = _scale_shift(x, dims, mask, dtype)
+    d = _centered(x, shift, inv)
+    count, m = _count(x, dims, mask, inv)
+    if mask is None:
+        cmean = d.mean(dims, keepdim=True)
+        d.sub_(cmean)
+        var = (d * d).mean(dims, keepdim=True)
+    else:
+        zero = torch.zeros((), dtype=dtype, device=x.device)
+        safe = count.clamp_min(1.0)
+        cmean = torch.where(mask, d, zero).sum(dims, keepdim=True) / safe
+        d = torch.where(mask, d - cmean, zero)
+        var = (d * d).sum(dims, keepdim=True) / safe
+    rstd = _scaled_rstd(var, inv, eps)
+    if mask is not None:
+        rstd = torch.where(count > 0, rstd, 0.0)
+    scale = rstd if weight is None else rstd * weight.to(dtype)
+    if bias is None:
+        y = d.mul_(scale)
+    else:
+        y = torch.addcmul(bias.to(dtype), d, scale)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    stats = torch.stack(torch.broadcast_tensors(shift, inv, cmean, rstd, var, count))
+    return y, stats
+
+
+def mean_var(stats: Tensor) -> tuple[Tensor, Tensor]:
+    """The true per-set mean and biased variance from saved ``stats`` (keepdim, accumulation dtype).
+
+    The variance is ``inf`` when it exceeds the accumulation dtype (fp32: values above ~1.8e19).
+    """
+    s = stats[_INV].reciprocal()  # exact: a power of two
+    mean = (stats[_SHIFT] + stats[_CMEAN]) * s
+    var = stats[_VAR] * s * s
+    return mean, var
+
+
+def stats_count(stats: Tensor) -> Tensor:
+    """The number of (valid) elements behind each set's statistics."""
+    return stats[_COUNT]
+
+
+def moments(x: Tensor, dims: Sequence[int], mask: Tensor | None = None) -> Moments:
+    """``(count, mean, var)`` of ``x`` over ``dims`` (biased variance, keepdim, fp32 / fp64 for fp64).
+
+    The statistics half of the core: shifted, scaled two-pass moments (exact for large offsets,
+    finite for every finite fp32 input). With a ``mask`` only the valid elements count; a set
+    without any has count 0, mean 0 and var 0.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0, 3.0], [1e4, 1e4 + 1.0, 1e4 + 2.0]])
+        >>> m = moments(x, dims=(1,))
+        >>> m.mean.squeeze(1), m.var.squeeze(1)
+        (tensor([2.0000e+00, 1.0001e+04]), tensor([0.6667, 0.6667]))
+        >>> moments(x, (1,), mask=torch.tensor([[True, True, False], [True, False, False]])).count.squeeze(1)
+        tensor([2., 1.])
+    """
+    dims = tuple(int(d) % x.dim() for d in dims)
+    _, stats = norm_forward(x, None, None, mask, dims, 0.0)
+    mean, var = mean_var(stats)
+    return Moments(stats[_COUNT], mean, var)
+
+
+def _param_dims(x: Tensor, p: Tensor) -> tuple[int, ...]:
+    """Dims a parameter gradient sums over: those where the broadcast parameter view has size 1."""
+    return tuple(i for i in range(x.dim()) if p.shape[i] == 1 and x.shape[i] != 1)
+
+
+def _sum_to(t: Tensor, p: Tensor) -> Tensor:
+    dims = _param_dims(t, p)
+    out = t.sum(dims, keepdim=True) if dims else t
+    return out.to(p.dtype)
+
+
+def norm_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stats: Tensor,
+    dims: Sequence[int],
+    needs: Sequence[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, dweight, dbias)`` of :func:`norm_forward` (the §0 backward), ``None`` where not needed.
+
+    First the per-set sums (``sum dy``, ``sum dy * x_hat``, at the finest shape the statistics
+    and the affine share), then ``dx`` in one pass:
+
+        dx = rstd * (g - mean_S(g) - x_hat * mean_S(g * x_hat)),   g = dy * weight
+
+    written in terms of the saved scaled statistics so that every factor stays representable.
+    ``dy`` must have ``x``'s shape and layout.
+    """
+    dims = tuple(dims)
+    need_x, need_w, need_b = needs[0], needs[1] and weight is not None, needs[2] and bias is not None
+    dtype = stats.dtype
+    shift, inv, cmean, rstd = stats[_SHIFT], stats[_INV], stats[_CMEAN], stats[_RSTD]
+    count = stats[_COUNT]
+    dy_a = dy.to(dtype)
+    dbias = None
+    # Reduce first over the set dims along which neither weight nor bias varies.
+    fine = tuple(i for i in dims if all(p is None or p.shape[i] == 1 for p in (weight, bias)))
+    if need_b:
+        assert bias is not None
+        dbias = _sum_to(dy_a.sum(fine, keepdim=True) if fine else dy_a, bias)
+    inplace = not _functorch_active()
+    d = _centered(x, shift, inv)
+    if mask is None:
+        d = d.sub_(cmean) if inplace else d - cmean
+    else:
+        zero = torch.zeros((), dtype=dtype, device=x.device)
+        d = torch.where(mask, d - cmean, zero)
+        dy_a = torch.where(mask, dy_a, zero)
+    # d is x - mean, scaled: x_hat = d * rstd (scaled rstd).
+    s_dy = dy_a.sum(fine, keepdim=True) if fine else dy_a
+    prod = dy_a * d
+    s_dyd = prod.sum(fine, keepdim=True) if fine else prod
+    dweight = None
+    if need_w:
+        assert weight is not None
+        dweight = _sum_to(s_dyd * rstd, weight)
+    if not need_x:
+        return None, dweight, dbias
+    if mask is None and all(x.shape[i] == 1 for i in dims):
+        # One value per set: x_hat is identically 0, so is dx (avoid rounding noise * 1/sqrt(eps)).
+        return torch.zeros_like(x, dtype=dtype), dweight, dbias
+    w = weight.to(dtype) if weight is not None else None
+    rest = tuple(i for i in dims if i not in fine)
+    g_sum = s_dy if w is None else w * s_dy
+    gd_sum = s_dyd if w is None else w * s_dyd
+    if rest:
+        g_sum = g_sum.sum(rest, keepdim=True)
+        gd_sum = gd_sum.sum(rest, keepdim=True)
+    safe = count.clamp_min(1.0)
+    true_rstd = rstd * inv  # 1 / sqrt(var + eps)
+    a = true_rstd if w is None else w * true_rstd
+    b = -(rstd * rstd * true_rstd) * (gd_sum / safe)
+    c = -true_rstd * (g_sum / safe)
+    if inplace:
+        # prod (dy * d) is dead once summed: reuse its memory for dx (no fresh full-size allocation).
+        try:
+            dx = torch.addcmul(c, d, b, out=prod) if prod.shape == d.shape else torch.addcmul(c, d, b)
+        except RuntimeError:  # the legacy vmap of gradcheck(check_batched_grad=True) has no out= rule
+            dx = torch.addcmul(c, d, b)
+        dx = dx.addcmul_(dy_a, a)
+    else:
+        dx = torch.addcmul(d * b + c, dy_a, a)
+    if mask is not None:
+        dx = torch.where(mask, dx, torch.zeros((), dtype=dtype, device=x.device))
+    return dx, dweight, dbias
+
+
+def _differentiable_stats(
+    x: Tensor, mask: Tensor | None, dims: tuple[int, ...], eps: float, shift: Tensor, inv: Tensor, count: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(x_hat, true_rstd)`` from plain differentiable ops (double backward, jvp reference)."""
+    dtype = inv.dtype
+    d = x.to(dtype) * inv - shift
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    safe = count.clamp_min(1.0)
+    if mask is not None:
+        d = torch.where(mask, d, zero)
+    cm = d.sum(dims, keepdim=True) / safe
+    dc = d - cm
+    if mask is not None:
+        dc = torch.where(mask, dc, zero)
+    var = (dc * dc).sum(dims, keepdim=True) / safe
+    rstd = _scaled_rstd(var, inv, eps)
+    return dc * rstd, rstd * inv
+
+
+def norm_backward_composite(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stats: Tensor,
+    dims: Sequence[int],
+    eps: float,
+    needs: Sequence[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The same gradients as :func:`norm_backward` in differentiable ops (for ``create_graph=True``).
+
+    The statistics are recomputed from ``x`` so that autograd can differentiate the backward
+    (``gradgradcheck``); the shift and scale are constants, which the result does not depend on.
+    """
+    dims = tuple(dims)
+    dtype = stats.dtype
+    x_hat, true_rstd = _differentiable_stats(x, mask, dims, eps, stats[_SHIFT], stats[_INV], stats[_COUNT])
+    dy_a = dy.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    dx = dweight = dbias = None
+    if needs[1] and weight is not None:
+        dweight = _sum_to(dy_a * x_hat, weight)
+    if needs[2] and bias is not None:
+        dbias = _sum_to(dy_a.expand(x.shape), bias)
+    if needs[0]:
+        g = dy_a if weight is None else dy_a * weight.to(dtype)
+        if mask is not None:
+            g = torch.where(mask, g, zero)
+        safe = stats[_COUNT].clamp_min(1.0)
+        mean_g = g.sum(dims, keepdim=True) / safe
+        mean_gx = (g * x_hat).sum(dims, keepdim=True) / safe
+        dx = (g - mean_g - x_hat * mean_gx) * true_rstd
+        if mask is not None:
+            dx = torch.where(mask, dx, zero)
+    return dx, dweight, dbias
+
+
+def norm_jvp(
+    tx: Tensor | None,
+    tw: Tensor | None,
+    tb: Tensor | None,
+    x: Tensor,
+    weight: Tensor | None,
+    mask: Tensor | None,
+    stats: Tensor,
+    dims: Sequence[int],
+) -> Tensor:
+    """Forward-mode derivative of ``y`` for tangents ``(tx, tweight, tbias)`` (any may be ``None``).
+
+    ``t_xhat = rstd * (t_c - x_hat * mean_S(x_hat * t_c))`` with ``t_c = tx - mean_S(tx)``, and
+    ``t_y = t_xhat * weight + x_hat * tweight + tbias``.
+    """
+    dims = tuple(dims)
+    dtype = stats.dtype
+    shift, inv, cmean, rstd, count = stats[_SHIFT], stats[_INV], stats[_CMEAN], stats[_RSTD], stats[_COUNT]
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    x_hat = (x.to(dtype) * inv - shift - cmean) * rstd
+    if mask is not None:
+        x_hat = torch.where(mask, x_hat, zero)
+    safe = count.clamp_min(1.0)
+    ty = torch.zeros_like(x_hat)
+    if tx is not None:
+        t = tx.to(dtype)
+        if mask is not None:
+            t = torch.where(mask, t, zero)
+        tc = t - t.sum(dims, keepdim=True) / safe
+        if mask is not None:
+            tc = torch.where(mask, tc, zero)
+        t_xhat = (tc - x_hat * ((x_hat * tc).sum(dims, keepdim=True) / safe)) * (rstd * inv)
+        ty = ty + (t_xhat if weight is None else t_xhat * weight.to(dtype))
+    if tw is not None:
+        ty = ty + x_hat * tw.to(dtype)
+    if tb is not None:
+        ty = ty + tb.to(dtype)
+    return ty.to(x.dtype)
+
+
+def composite_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    dims: Sequence[int],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, count)`` from plain standard ops, for tracers and exporters (ONNX, TorchScript).
+
+    A straightforward two-pass in the accumulation dtype: what an exported graph runs on another
+    backend. Eager, compiled and ``torch.func`` code use :func:`norm_forward` instead.
+    """
+    dims = tuple(dims)
+    dtype = acc_dtype(x.dtype)
+    xa = x.to(dtype)
+    if mask is None:
+        mean = xa.mean(dims, keepdim=True)
+        xc = xa - mean
+        var = (xc * xc).mean(dims, keepdim=True)
+        count = torch.full_like(mean, float(x.numel() // max(mean.numel(), 1)))
+    else:
+        zero = torch.zeros((), dtype=dtype, device=x.device)
+        count = mask.expand(x.shape).sum(dims, keepdim=True, dtype=dtype)
+        safe = count.clamp_min(1.0)
+        mean = torch.where(mask, xa, zero).sum(dims, keepdim=True) / safe
+        xc = torch.where(mask, xa - mean, zero)
+        var = (xc * xc).sum(dims, keepdim=True) / safe
+    y = xc * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(dtype)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(x.dtype), mean, var, count

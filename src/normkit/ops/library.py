@@ -1,0 +1,220 @@
+"""normkit's norms as ``torch.library`` ops, and the one entry point every norm calls.
+
+Two ops carry every norm (``normkit::norm`` and ``normkit::norm_backward``), because BN, LN, IN,
+GN, LayerNorm2d and the rest differ only in the dims they reduce over (ALGORITHMS.md §0): the
+schema takes the reduction ``dims`` of a view of the input, and a kernel backend can dispatch on
+that pattern. Proxy Norm's activation step has its own pair (``normkit::proxy_norm_act`` and
+``normkit::proxy_norm_act_backward``).
+
+Which path runs (:func:`norm`):
+
+* under ``torch.compile`` (Dynamo): the registered op, with its fake (meta) implementation and
+  ``register_autograd``, so a compiled graph holds one ``normkit.norm`` node per norm and no
+  graph break;
+* while exporting or tracing (``torch.export``, ``torch.onnx.export``, ``torch.jit.trace``):
+  plain standard ops (:func:`normkit.ops.core.composite_norm`); the functional layer uses ATen's
+  ``batch_norm`` / ``group_norm`` / ``layer_norm`` / ``instance_norm`` where they compute the same
+  thing, so ONNX Runtime and other backends see operators they know;
+* otherwise (eager, ``torch.func``, forward-mode AD): an ``autograd.Function`` with
+  ``setup_context``, an analytic ``jvp`` and a generated vmap rule around the same implementation.
+  (Measured with torch 2.13: an op with ``register_autograd`` alone returns zero tangents under
+  ``torch.func.jvp``, and Dynamo refuses Functions with a custom ``jvp``: hence two wrappers.)
+
+The statistics output is non-differentiable: running statistics never carry gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import core
+
+__all__ = ["exporting", "norm", "norm_stats", "proxy_act"]
+
+
+def exporting() -> bool:
+    """True while ``torch.export`` / ``torch.onnx.export`` / ``torch.jit.trace`` records the model."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def _is_dense(x: Tensor) -> bool:
+    """Non-overlapping and dense: the strides, sorted, are the running products of the sizes."""
+    expected = 1
+    for size, stride in sorted(zip(x.shape, x.stride()), key=lambda t: t[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _dense(x: Tensor) -> Tensor:
+    """``x`` itself when its memory is dense and non-overlapping, else a dense copy in its memory format.
+
+    The ops give their output ``x``'s strides (``torch.empty_like`` in the fake), which only a
+    dense input makes well defined.
+    """
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) or _is_dense(x):
+        return x
+    return torch.empty_like(x).copy_(x)  # empty_like picks the memory format a non-dense x suggests
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` (x's shape) with ``x``'s strides: a copy only when the layouts differ (e.g. an expanded dy)."""
+    if t.stride() == x.stride():
+        return t
+    return torch.empty_like(x, dtype=t.dtype).copy_(t)
+
+
+# ---- normkit::norm ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("normkit::norm", mutates_args=())
+def _norm_op(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mask: Optional[Tensor],
+    dims: Sequence[int],
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    return core.norm_forward(x, weight, bias, mask, tuple(dims), eps)
+
+
+@_norm_op.register_fake
+def _norm_fake(x, weight, bias, mask, dims, eps):  # type: ignore[no-untyped-def]
+    stats = x.new_empty((core.STAT_ROWS, *core.stat_shape(x, tuple(dims))), dtype=core.acc_dtype(x.dtype))
+    return torch.empty_like(x), stats
+
+
+@torch.library.custom_op("normkit::norm_backward", mutates_args=())
+def _norm_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mask: Optional[Tensor],
+    stats: Tensor,
+    dims: Sequence[int],
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = core.norm_backward(dy, x, weight, bias, mask, stats, tuple(dims), needs)
+    empty = x.new_empty(0)
+    return (
+        dx.to(x.dtype) if dx is not None else empty,
+        dw if dw is not None else empty.clone(),
+        db if db is not None else empty.clone(),
+    )
+
+
+@_norm_backward_op.register_fake
+def _norm_backward_fake(dy, x, weight, bias, mask, stats, dims, needs):  # type: ignore[no-untyped-def]
+    empty = x.new_empty(0)
+    return (
+        torch.empty_like(x) if needs[0] else empty,
+        torch.empty_like(weight) if (needs[1] and weight is not None) else empty.clone(),
+        torch.empty_like(bias) if (needs[2] and bias is not None) else empty.clone(),
+    )
+
+
+def _backward(
+    ctx: Any, dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, stats: Tensor
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    needs = list(ctx.needs_input_grad[:3])
+    dims, eps = ctx.dims, ctx.eps
+    if torch.is_grad_enabled():
+        # create_graph=True: differentiable recomputation, so that autograd can differentiate it.
+        dx, dw, db = core.norm_backward_composite(dy, x, weight, bias, mask, stats, dims, eps, needs)
+        return (dx.to(x.dtype) if dx is not None else None), dw, db
+    dy = _like(dy, x)
+    if torch.compiler.is_compiling():
+        dx, dw, db = torch.ops.normkit.norm_backward(dy, x, weight, bias, mask, stats, list(dims), needs)
+        return (dx if needs[0] else None), (dw if needs[1] else None), (db if needs[2] else None)
+    dx, dw, db = core.norm_backward(dy, x, weight, bias, mask, stats, dims, needs)
+    return (dx.to(x.dtype) if dx is not None else None), dw, db
+
+
+def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, weight, bias, mask, dims, eps = inputs
+    ctx.save_for_backward(x, weight, bias, mask, output[1])
+    ctx.dims, ctx.eps = tuple(dims), eps
+
+
+def _op_backward(ctx: Any, dy: Tensor, _dstats: Tensor | None) -> tuple[Any, ...]:
+    x, weight, bias, mask, stats = ctx.saved_tensors
+    dx, dw, db = _backward(ctx, dy, x, weight, bias, mask, stats)
+    return dx, dw, db, None, None, None
+
+
+_norm_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+class _NormFunction(torch.autograd.Function):
+    """Eager / ``torch.func`` wrapper of the same computation: analytic backward and jvp, vmap-able."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: tuple[int, ...], eps: float
+    ) -> tuple[Tensor, Tensor]:
+        return core.norm_forward(x, weight, bias, mask, dims, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        x, weight, bias, mask, dims, eps = inputs
+        stats = output[1]
+        ctx.save_for_backward(x, weight, bias, mask, stats)
+        ctx.save_for_forward(x, weight, bias, mask, stats)
+        ctx.mark_non_differentiable(stats)
+        ctx.dims, ctx.eps = dims, eps
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, _dstats: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
+        x, weight, bias, mask, stats = ctx.saved_tensors
+        dx, dw, db = _backward(ctx, dy, x, weight, bias, mask, stats)
+        return dx, dw, db, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, *_: Any) -> tuple[Tensor, None]:  # type: ignore[override]
+        x, weight, _bias, mask, stats = ctx.saved_tensors
+        return core.norm_jvp(tx, tw, tb, x, weight, mask, stats, ctx.dims), None
+
+
+def norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dims: Sequence[int],
+    eps: float,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(y, stats)``: normalize ``x`` over ``dims`` (non-negative) with a broadcastable affine.
+
+    ``stats`` is the non-differentiable saved-statistics tensor (see :mod:`normkit.ops.core`);
+    :func:`norm_stats` gives the mean, variance and count from it. Not for tracers: while
+    exporting, callers use :func:`normkit.ops.core.composite_norm`.
+    """
+    dims = tuple(dims)
+    x = _dense(x)
+    if mask is not None:
+        mask = _like(mask.expand(x.shape), x)
+    if torch.compiler.is_compiling():
+        return torch.ops.normkit.norm(x, weight, bias, mask, list(dims), float(eps))
+    return _NormFunction.apply(x, weight, bias, mask, dims, float(eps))  # type: ignore[no-any-return]
+
+
+def norm_stats(stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, var, count)`` (keepdim, accumulation dtype) from :func:`norm`'s statistics."""
+    mean, var = core.mean_var(stats)
+    return mean, var, core.stats_count(stats)
+
+
+# ---- normkit::proxy_norm_act --------------------------------------------------------------------
+from . import proxy as _proxy  # noqa: E402  (the Proxy Norm op pair lives in its own module)
+
+proxy_act = _proxy.proxy_act

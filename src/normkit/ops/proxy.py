@@ -1,0 +1,213 @@
+"""Proxy Norm's activation step as registered ops: ``(act(weight * y + bias) - m) * rstd`` per channel.
+
+``normkit::proxy_norm_act(y, weight, bias, m, rstd, act, slope)`` keeps only ``y`` (and the
+per-channel vectors) for the backward, which recomputes ``weight * y + bias`` and uses the
+activation's analytic derivative (ATen's ``*_backward`` ops: no ``autograd.grad`` inside, so
+Dynamo traces it and ``torch.func`` vmaps it). ``act`` is a name (``relu``, ``leaky_relu`` with
+``slope``, ``silu``, ``gelu``, ``gelu_tanh``, ``sigmoid``, ``tanh``, ``identity``); other callables
+use the plain composite, which autograd differentiates.
+
+The per-channel statistics ``m`` and ``rstd`` are inputs: their gradients flow on into the proxy
+statistics and from there into all four parameters (computed from 200 quadrature points by plain
+ops, outside the op).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._errors import NormError
+from .core import _functorch_active, acc_dtype
+
+__all__ = ["ACT_NAMES", "proxy_act", "proxy_act_composite"]
+
+ACT_NAMES = ("relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh", "identity")
+
+
+def _cview(p: Tensor, nd: int) -> Tensor:
+    """``(C,)`` -> ``(1, C, 1, ...)``."""
+    return p.view([1, -1] + [1] * (nd - 2)) if nd > 2 else p.view(1, -1)
+
+
+def _act(a: Tensor, act: str, slope: float) -> Tensor:
+    if act == "relu":
+        return torch.relu(a)
+    if act == "leaky_relu":
+        return torch.nn.functional.leaky_relu(a, slope)
+    if act == "silu":
+        return torch.nn.functional.silu(a)
+    if act == "gelu":
+        return torch.nn.functional.gelu(a)
+    if act == "gelu_tanh":
+        return torch.nn.functional.gelu(a, approximate="tanh")
+    if act == "sigmoid":
+        return torch.sigmoid(a)
+    if act == "tanh":
+        return torch.tanh(a)
+    return a
+
+
+def _act_backward(g: Tensor, a: Tensor, z: Tensor, act: str, slope: float) -> Tensor:
+    """``g * act'(a)``; ``z = act(a)``. ATen's backward ops: fast, traceable and differentiable."""
+    aten = torch.ops.aten
+    if act == "relu":
+        return aten.threshold_backward(g, z, 0)
+    if act == "leaky_relu":
+        return aten.leaky_relu_backward(g, a, slope, False)
+    if act == "silu":
+        return aten.silu_backward(g, a)
+    if act == "gelu":
+        return aten.gelu_backward(g, a)
+    if act == "gelu_tanh":
+        return aten.gelu_backward(g, a, approximate="tanh")
+    if act == "sigmoid":
+        return aten.sigmoid_backward(g, z)
+    if act == "tanh":
+        return aten.tanh_backward(g, z)
+    return g
+
+
+def _forward(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float) -> Tensor:
+    nd = y.dim()
+    dtype = m.dtype
+    a = torch.addcmul(_cview(bias.to(dtype), nd), y, _cview(weight.to(dtype), nd))
+    z = _act(a, act, slope)
+    if not torch.is_grad_enabled() and not _functorch_active() and z is not a:
+        out = z.sub_(_cview(m, nd)).mul_(_cview(rstd, nd))  # z is fresh: reuse it
+    else:
+        out = (z - _cview(m, nd)) * _cview(rstd, nd)
+    return out if out.dtype == y.dtype else out.to(y.dtype)
+
+
+def _backward(
+    dout: Tensor, y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float,
+    needs: list[bool],
+) -> tuple[Tensor | None, ...]:
+    nd = y.dim()
+    dims = [i for i in range(nd) if i != 1]
+    dtype = m.dtype
+    w = _cview(weight.to(dtype), nd)
+    a = torch.addcmul(_cview(bias.to(dtype), nd), y, w)
+    z = _act(a, act, slope)
+    g = dout.to(dtype)
+    da = _act_backward(g * _cview(rstd, nd), a, z, act, slope)
+    dy = (da * w).to(y.dtype) if needs[0] else None
+    dweight = (da * y).sum(dims).to(weight.dtype) if needs[1] else None
+    dbias = da.sum(dims).to(bias.dtype) if needs[2] else None
+    dm = -(g.sum(dims) * rstd) if needs[3] else None
+    drstd = (g * (z - _cview(m, nd))).sum(dims) if needs[4] else None
+    return dy, dweight, dbias, dm, drstd
+
+
+@torch.library.custom_op("normkit::proxy_norm_act", mutates_args=())
+def _pn_op(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float) -> Tensor:
+    return _forward(y, weight, bias, m, rstd, act, slope)
+
+
+@_pn_op.register_fake
+def _pn_fake(y, weight, bias, m, rstd, act, slope):  # type: ignore[no-untyped-def]
+    return torch.empty_like(y)
+
+
+@torch.library.custom_op("normkit::proxy_norm_act_backward", mutates_args=())
+def _pn_backward_op(
+    dout: Tensor, y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float,
+    needs: list[bool],
+) -> list[Tensor]:
+    grads = _backward(dout, y, weight, bias, m, rstd, act, slope, needs)
+    like = (y, weight, bias, m, rstd)
+    return [g if g is not None else t.new_empty(0) for g, t in zip(grads, like)]
+
+
+@_pn_backward_op.register_fake
+def _pn_backward_fake(dout, y, weight, bias, m, rstd, act, slope, needs):  # type: ignore[no-untyped-def]
+    like = (y, weight, bias, m, rstd)
+    return [torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, needs)]
+
+
+def _grads(ctx: Any, dout: Tensor) -> tuple[Any, ...]:
+    y, weight, bias, m, rstd = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    dout = dout if dout.stride() == y.stride() else torch.empty_like(y, dtype=dout.dtype).copy_(dout)
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        out = torch.ops.normkit.proxy_norm_act_backward(dout, y, weight, bias, m, rstd, ctx.act, ctx.slope, needs)
+        grads: tuple[Any, ...] = tuple(g if n else None for g, n in zip(out, needs))
+    else:
+        # Eager, torch.func, and create_graph=True: the same formula in differentiable ATen ops.
+        grads = _backward(dout, y, weight, bias, m, rstd, ctx.act, ctx.slope, needs)
+    return (*grads, None, None)
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    y, weight, bias, m, rstd, act, slope = inputs
+    ctx.save_for_backward(y, weight, bias, m, rstd)
+    ctx.act, ctx.slope = act, slope
+
+
+_pn_op.register_autograd(_grads, setup_context=_setup)
+
+
+class _ProxyActFunction(torch.autograd.Function):
+    """Eager / ``torch.func`` wrapper: analytic backward (recomputing from ``y``) and jvp."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float) -> Tensor:  # type: ignore[override]
+        return _forward(y, weight, bias, m, rstd, act, slope)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _setup(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:5])
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return _grads(ctx, dout)
+
+    @staticmethod
+    def jvp(ctx: Any, ty: Any, tw: Any, tb: Any, tm: Any, tr: Any, *_: Any) -> Tensor:  # type: ignore[override]
+        y, weight, bias, m, rstd = ctx.saved_tensors
+        nd = y.dim()
+        dtype = m.dtype
+        w = _cview(weight.to(dtype), nd)
+        a = torch.addcmul(_cview(bias.to(dtype), nd), y, w)
+        z = _act(a, ctx.act, ctx.slope)
+        ta = torch.zeros_like(a)
+        if ty is not None:
+            ta = ta + ty.to(dtype) * w
+        if tw is not None:
+            ta = ta + y.to(dtype) * _cview(tw.to(dtype), nd)
+        if tb is not None:
+            ta = ta + _cview(tb.to(dtype), nd)
+        r = _cview(rstd, nd)
+        tout = _act_backward(ta, a, z, ctx.act, ctx.slope) * r
+        if tm is not None:
+            tout = tout - _cview(tm, nd) * r
+        if tr is not None:
+            tout = tout + (z - _cview(m, nd)) * _cview(tr, nd)
+        return tout.to(y.dtype)
+
+
+def proxy_act_composite(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: Any) -> Tensor:
+    """The plain composite (any elementwise callable ``act``; also what exporters record)."""
+    nd = y.dim()
+    dtype = m.dtype
+    out = (act(_cview(weight.to(dtype), nd) * y.to(dtype) + _cview(bias.to(dtype), nd)) - _cview(m, nd)) * _cview(
+        rstd, nd
+    )
+    return out.to(y.dtype)
+
+
+def proxy_act(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float = 0.01) -> Tensor:
+    """``(act(weight * y + bias) - m) * rstd`` per channel for a named activation, on the registered op."""
+    if act not in ACT_NAMES:
+        raise NormError(f"proxy_act: unknown activation {act!r}; expected one of {', '.join(ACT_NAMES)}")
+    if acc_dtype(y.dtype) != m.dtype:
+        m, rstd = m.to(acc_dtype(y.dtype)), rstd.to(acc_dtype(y.dtype))
+    if torch.compiler.is_compiling():
+        return torch.ops.normkit.proxy_norm_act(y, weight, bias, m, rstd, act, float(slope))
+    return _ProxyActFunction.apply(y, weight, bias, m, rstd, act, float(slope))  # type: ignore[no-any-return]

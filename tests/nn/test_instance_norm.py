@@ -316,14 +316,25 @@ def test_empty_batch_forward_backward(shape, kw):
         assert torch.equal(v, before[k]), k
 
 
-@pytest.mark.parametrize("kw", [{}, {"affine": True}, {"track_running_stats": True}])
+@pytest.mark.parametrize("kw", [{"affine": True}, {"track_running_stats": True}])
 def test_wrong_channel_count_names_both_sizes(kw):
-    # torch only warns for affine=False layers; normkit raises for every configuration.
+    # Affine parameters or running statistics need the channel count: a clear error (as torch for affine).
     layer = nkn.InstanceNorm2d(7, **kw)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(RuntimeError) as info:  # NormError is a RuntimeError and a ValueError
         layer(torch.randn(2, 5, 4, 4))
+    assert isinstance(info.value, ValueError)
     msg = str(info.value)
     assert re.search(r"\b7\b", msg) and re.search(r"\b5\b", msg), msg
+
+
+def test_affine_free_layer_accepts_another_channel_count_with_torchs_warning():
+    # torch.nn.InstanceNorm2d(affine=False) warns and runs: num_features is unused there.
+    x = torch.randn(2, 5, 4, 4)
+    with pytest.warns(UserWarning, match="does not match num_features"):
+        ref = torch.nn.InstanceNorm2d(7)(x)
+    with pytest.warns(UserWarning, match="does not match num_features"):
+        y = nkn.InstanceNorm2d(7)(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

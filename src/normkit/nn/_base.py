@@ -12,7 +12,7 @@ from .._errors import NormError
 from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional._running import NormOutput
 
-__all__ = ["_NormBase"]
+__all__ = ["_NormBase", "_StatsMixin", "store_stats"]
 
 
 def make_affine(
@@ -38,6 +38,8 @@ def reset_affine(module: nn.Module) -> None:
 
 
 def check_channels(x: Tensor, expected: int, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor input, got {type(x).__name__}")
     if x.dim() >= 2 and x.shape[1] != expected:
         raise NormError(
             f"{name}: expected {expected} channels (dim 1), got input of shape {tuple(x.shape)} with "
@@ -45,18 +47,42 @@ def check_channels(x: Tensor, expected: int, name: str) -> None:
         )
 
 
-class _NormBase(nn.Module):
-    """Base of the layers with optional running statistics (BatchNorm*, InstanceNorm*).
+def store_stats(
+    out: NormOutput,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    num_skipped_updates: Tensor | None,
+) -> Tensor:
+    """Copy the updated running statistics a functional op returned into a module's buffers; return the output.
 
-    Parameter and buffer names, defaults and state_dict layout follow ``torch.nn``, so a
-    torch checkpoint loads as is. Running statistics follow PyTorch's convention
-    ``running = (1 - momentum) * running + momentum * batch`` (``momentum=None``: cumulative
-    average). A batch with non-finite statistics never reaches the buffers; such skipped updates
-    are counted in the non-persistent buffer ``num_skipped_updates``.
+    The one place a layer writes its buffers (in place, under ``no_grad``, as torch.nn does). A
+    step whose update was skipped (non-finite statistics) did not advance ``num_batches_tracked``
+    and is counted in ``num_skipped_updates``.
+    """
+    if out.running_mean is not None and running_mean is not None and out.running_mean is not running_mean:
+        assert running_var is not None and out.running_var is not None
+        with torch.no_grad():
+            running_mean.copy_(out.running_mean)
+            running_var.copy_(out.running_var)
+            if out.num_batches_tracked is not None and num_batches_tracked is not None:
+                if num_skipped_updates is not None:
+                    num_skipped_updates.add_(num_batches_tracked + 1 - out.num_batches_tracked)
+                num_batches_tracked.copy_(out.num_batches_tracked)
+    return out.output
+
+
+class _StatsMixin:
+    """Shared behaviour of the layers with optional running statistics (BN, IN, and their family).
+
+    Parameter and buffer names, defaults and state_dict layout follow ``torch.nn``, so a torch
+    checkpoint loads as is. Running statistics follow PyTorch's convention ``running = (1 -
+    momentum) * running + momentum * batch`` (``momentum=None``: cumulative average). A batch with
+    non-finite statistics never reaches the buffers; such skipped updates are counted in the
+    non-persistent buffer ``num_skipped_updates`` (reset by ``reset_running_stats`` and by loading
+    a state_dict).
     """
 
-    _version = 2
-    # Which running-statistic keys a checkpoint may hold.
     _stat_keys = ("running_mean", "running_var", "num_batches_tracked")
 
     num_features: int
@@ -64,6 +90,90 @@ class _NormBase(nn.Module):
     momentum: float | None
     affine: bool
     track_running_stats: bool
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+    def _register_skip_counter(self, device: Any) -> None:
+        counter = torch.tensor(0, dtype=torch.long, device=device) if self.running_mean is not None else None
+        self.register_buffer("num_skipped_updates", counter, persistent=False)  # type: ignore[attr-defined]
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, counters 0."""
+        if self.running_mean is not None:
+            assert self.running_var is not None and self.num_batches_tracked is not None
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.num_batches_tracked.zero_()
+        skipped = getattr(self, "num_skipped_updates", None)
+        if skipped is not None:
+            skipped.zero_()
+
+    @property
+    def _tracking(self) -> bool:
+        """Running statistics are both wanted *now* and present (the flag may be flipped after init)."""
+        return self.track_running_stats and self.running_mean is not None
+
+    def _store(self, out: NormOutput) -> Tensor:
+        """Copy updated running statistics returned by a functional op into the buffers."""
+        return store_stats(
+            out,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            getattr(self, "num_skipped_updates", None),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"bias={getattr(self, 'bias', None) is not None}, track_running_stats={self.track_running_stats}"
+        )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        nbt = self.num_batches_tracked
+        if nbt is not None and (version is None or version < 2) and key not in state_dict:
+            # Checkpoints from before num_batches_tracked existed: keep the current counter
+            # (a non-strict load of a partial dict must not reset it; pytorch#110361).
+            keep = nbt.detach().clone() if nbt.device.type != "meta" else torch.tensor(0, dtype=torch.long)
+            state_dict[key] = keep
+        if self.running_mean is None:
+            found = [prefix + k for k in self._stat_keys if prefix + k in state_dict]
+            if found:
+                # torch always passes strict=True here and applies strictness afterwards, so we
+                # cannot raise only for strict loads: warn with the reason; a strict load then fails
+                # on the unexpected keys, a non-strict one reports them.
+                warnings.warn(
+                    f"{type(self).__name__}: the state_dict has running statistics ({', '.join(found)}) but this "
+                    "layer was built with track_running_stats=False, so they are not loaded; build it with "
+                    "track_running_stats=True to load them",
+                    UserWarning,
+                    stacklevel=4,
+                )
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        skipped = getattr(self, "num_skipped_updates", None)
+        if skipped is not None and skipped.device.type != "meta":
+            with torch.no_grad():
+                skipped.zero_()  # derived, not saved: "skipped since this state was loaded"
+
+
+class _NormBase(_StatsMixin, nn.Module):
+    """Base of normkit's running-statistics layers that are *not* torch.nn BatchNorm (Frozen BN)."""
+
+    _version = 2
 
     def __init__(
         self,
@@ -89,88 +199,39 @@ class _NormBase(nn.Module):
         if self.track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked",
-                torch.tensor(0, dtype=torch.long, device=device),
-            )
-            self.register_buffer(
-                "num_skipped_updates", torch.tensor(0, dtype=torch.long, device=device), persistent=False
-            )
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
-            self.register_buffer("num_skipped_updates", None, persistent=False)
+        self._register_skip_counter(device)
         self.reset_parameters()
-
-    # -- torch.nn API ------------------------------------------------------------------------
-    def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, counters 0."""
-        if self.running_mean is not None:
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
-            self.num_batches_tracked.zero_()
-            self.num_skipped_updates.zero_()
 
     def reset_parameters(self) -> None:
         """Reset the running statistics and the affine (weight 1, bias 0)."""
         self.reset_running_stats()
         reset_affine(self)
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
-        )
 
-    # -- helpers for subclasses -------------------------------------------------------------
-    @property
-    def _tracking(self) -> bool:
-        """Running statistics are both wanted *now* and present (the flag may be flipped after init)."""
-        return self.track_running_stats and self.running_mean is not None
+def fx_leaf(module: nn.Module, *args: Any) -> Any:
+    """Under ``torch.fx`` symbolic tracing, record ``module`` as one ``call_module`` node; else ``None``.
 
-    def _store(self, out: NormOutput) -> Tensor:
-        """Copy updated running statistics returned by a functional op into the buffers."""
-        if out.running_mean is not None and out.running_mean is not self.running_mean:
-            with torch.no_grad():
-                self.running_mean.copy_(out.running_mean)
-                self.running_var.copy_(out.running_var)
-                if out.num_batches_tracked is not None and self.num_batches_tracked is not None:
-                    # A step whose update was skipped did not advance the counter.
-                    skipped = self.num_batches_tracked + 1 - out.num_batches_tracked
-                    self.num_skipped_updates.add_(skipped)
-                    self.num_batches_tracked.copy_(out.num_batches_tracked)
-        return out.output
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if self.num_batches_tracked is not None and (version is None or version < 2) and key not in state_dict:
-            # Checkpoints from before num_batches_tracked existed: keep the current counter
-            # (a non-strict load of a partial dict must not reset it; pytorch#110361).
-            state_dict[key] = self.num_batches_tracked.detach().clone()
-        if self.running_mean is None:
-            found = [prefix + k for k in self._stat_keys if prefix + k in state_dict]
-            if found:
-                # torch always passes strict=True here and applies strictness afterwards, so we
-                # cannot raise only for strict loads: warn with the reason; a strict load then fails
-                # on the unexpected keys, a non-strict one reports them.
-                warnings.warn(
-                    f"{type(self).__name__}: the state_dict has running statistics ({', '.join(found)}) but this "
-                    "layer was built with track_running_stats=False, so they are not loaded; build it with "
-                    "track_running_stats=True to load them",
-                    UserWarning,
-                    stacklevel=4,
-                )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    torch.nn's own layers are leaves for fx's default tracer; normkit's are not (their class lives
+    outside ``torch.nn``), so each normkit layer's ``forward`` starts with this: a traced model
+    keeps the layer itself (train/eval still switch it; fx passes see its torch.nn base class).
+    When the layer is the traced root there is no parent to call it from: ``None`` is returned and
+    the forward traces its own body (the core layers record one ``torch.fx.wrap``-ed call).
+    """
+    proxy = next((a for a in args if isinstance(a, torch.fx.Proxy)), None)
+    if proxy is None:
+        return None
+    tracer = proxy.tracer
+    try:
+        path = tracer.path_of_module(module)
+    except NameError:
+        path = ""
+    if not path:
+        return None
+    while args and args[-1] is None:  # trailing optional arguments left at their defaults
+        args = args[:-1]
+    return tracer.create_proxy("call_module", path, args, {})

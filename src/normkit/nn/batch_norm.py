@@ -1,19 +1,73 @@
-"""BatchNorm1d/2d/3d: drop-in replacements for torch.nn's, on normkit's functional core."""
+"""BatchNorm1d/2d/3d: subclasses of torch.nn's, on normkit's functional core."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from .._errors import NormError
-from .. import functional as F
-from ._base import _NormBase, check_channels
+from ..functional._checks import check_eps, check_momentum, check_positive_int
+from ..functional.batch_norm import batch_norm as _batch_norm
+from ._base import _StatsMixin, check_channels, fx_leaf, store_stats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
-class _BatchNorm(_NormBase):
+def _check_dims(x: Tensor, dims: tuple[int, ...], num_features: int, name: str) -> None:
+    if not isinstance(x, Tensor) or x.dim() not in dims:
+        got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
+        want = " or ".join(f"{d}D" for d in dims)
+        raise NormError(f"{name}: expected {want} input (N, C, ...), got {got}")
+    check_channels(x, num_features, name)
+
+
+def _bn_module_forward(
+    x: Tensor,
+    mask: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    num_skipped_updates: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    unbiased_running_var: bool,
+    dims: tuple[int, ...],
+    num_features: int,
+    name: str,
+) -> Tensor:
+    """A BN layer's forward on its parameters and buffers: check the input, normalize, store the statistics.
+
+    A module-level function that ``torch.fx`` records as one call (``torch.fx.wrap`` below), so
+    symbolic tracing sees through normkit's layers; Dynamo and export trace into it.
+    """
+    _check_dims(x, dims, num_features, name)
+    out = _batch_norm(
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        num_batches_tracked=num_batches_tracked,
+        unbiased_running_var=unbiased_running_var,
+        mask=mask,
+    )
+    return store_stats(out, running_mean, running_var, num_batches_tracked, num_skipped_updates)
+
+
+torch.fx.wrap("_bn_module_forward")
+
+
+class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
+    """normkit's BN: torch.nn's class (constructor, parameters, buffers, state_dict) with normkit's forward."""
+
     _dims: tuple[int, ...] = ()
 
     def __init__(
@@ -29,37 +83,68 @@ class _BatchNorm(_NormBase):
         bias: bool = True,
         unbiased_running_var: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        name = type(self).__name__
+        check_positive_int(num_features, name, "num_features")
+        eps = check_eps(eps, name)
+        momentum = check_momentum(momentum, name)
+        super().__init__(
+            num_features, eps, momentum, bool(affine), bool(track_running_stats), device, dtype, bias=bias
+        )
         self.unbiased_running_var = bool(unbiased_running_var)
+        self._register_skip_counter(device)
 
     def _check_input_dim(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dim() not in self._dims:
-            got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
-            want = " or ".join(f"{d}D" for d in self._dims)
-            raise NormError(f"{type(self).__name__}: expected {want} input (N, C, ...), got {got}")
-        check_channels(x, self.num_features, type(self).__name__)
+        _check_dims(x, self._dims, self.num_features, type(self).__name__)
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
-        """Normalize ``x``; ``mask`` (bool, broadcastable to x, True = valid) limits the statistics."""
-        self._check_input_dim(x)
+    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Normalize ``input``; ``mask`` (bool, broadcastable to it, True = valid) limits the statistics."""
+        if torch.jit.is_scripting():
+            # TorchScript (deprecated in torch 2.13) runs torch.nn's semantics on ATen's batch_norm.
+            factor = 0.0
+            if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                mom = self.momentum
+                factor = 1.0 / float(self.num_batches_tracked) if mom is None else mom
+            use_batch = self.training or (self.running_mean is None and self.running_var is None)
+            keep = not self.training or self.track_running_stats
+            return torch.nn.functional.batch_norm(
+                input,
+                self.running_mean if keep else None,
+                self.running_var if keep else None,
+                self.weight,
+                self.bias,
+                use_batch,
+                factor,
+                self.eps,
+            )
+        return self._forward(input, mask)
+
+    @torch.jit.unused
+    def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        leaf = fx_leaf(self, x, mask)
+        if leaf is not None:
+            return leaf
         tracking = self._tracking
-        out = F.batch_norm(
+        return _bn_module_forward(
             x,
-            self.running_mean if tracking else None,
-            self.running_var if tracking else None,
+            mask,
             self.weight,
             self.bias,
-            training=self.training,
-            momentum=self.momentum,
-            eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked if tracking else None,
-            unbiased_running_var=self.unbiased_running_var,
-            mask=mask,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
+            self.num_batches_tracked if tracking else None,
+            self.num_skipped_updates if tracking else None,
+            self.training,
+            self.momentum,
+            self.eps,
+            self.unbiased_running_var,
+            self._dims,
+            self.num_features,
+            type(self).__name__,
         )
-        return self._store(out)
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     r"""Batch normalization over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input; a drop-in for ``torch.nn.BatchNorm1d``.
 
     .. math::
@@ -96,7 +181,7 @@ class BatchNorm1d(_BatchNorm):
     _dims = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     r"""Batch normalization over a 4D ``(N, C, H, W)`` input; a drop-in for ``torch.nn.BatchNorm2d``.
 
     Each channel's statistics pool over N, H and W (``m = N*H*W``). Same arguments, defaults,
@@ -119,7 +204,7 @@ class BatchNorm2d(_BatchNorm):
     _dims = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     r"""Batch normalization over a 5D ``(N, C, D, H, W)`` input; a drop-in for ``torch.nn.BatchNorm3d``.
 
     See :class:`BatchNorm1d` for the maths and the running statistics.

@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
-from .. import functional as F
 from ..functional._checks import check_eps, check_groups, check_positive_int
-from ._base import check_channels, make_affine, reset_affine
+from ..functional.group_norm import group_norm as _group_norm
+from ._base import check_channels, fx_leaf
 
 __all__ = ["GroupNorm"]
 
 
-class GroupNorm(nn.Module):
-    r"""Group normalization (Wu & He, 2018); a drop-in for ``torch.nn.GroupNorm``.
+def _gn_module_forward(
+    x: Tensor,
+    mask: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    num_groups: int,
+    num_channels: int,
+    eps: float,
+) -> Tensor:
+    """A GN layer's forward (one ``torch.fx`` call, see ``torch.fx.wrap`` below)."""
+    check_channels(x, num_channels, "GroupNorm")
+    return _group_norm(x, num_groups, weight, bias, eps, mask=mask)
+
+
+torch.fx.wrap("_gn_module_forward")
+
+
+
+class GroupNorm(nn.GroupNorm):
+    r"""Group normalization (Wu & He, 2018); a subclass of ``torch.nn.GroupNorm`` and a drop-in for it.
 
     .. math::
         y = \frac{x - \mathrm{E}_{g}[x]}{\sqrt{\mathrm{Var}_{g}[x] + \epsilon}} \gamma_c + \beta_c
@@ -56,21 +75,23 @@ class GroupNorm(nn.Module):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__()
-        self.num_channels = check_positive_int(num_channels, "GroupNorm", "num_channels")
-        self.num_groups = check_groups(num_groups, num_channels, "GroupNorm")
-        self.eps = check_eps(eps, "GroupNorm")
-        self.affine = bool(affine)
-        make_affine(self, (num_channels,), self.affine, self.affine and bias, {"device": device, "dtype": dtype})
+        check_positive_int(num_channels, "GroupNorm", "num_channels")
+        check_groups(num_groups, num_channels, "GroupNorm")
+        eps = check_eps(eps, "GroupNorm")
+        super().__init__(num_groups, num_channels, eps, bool(affine), device, dtype, bias=bias)
 
-    def reset_parameters(self) -> None:
-        """Weight 1, bias 0."""
-        reset_affine(self)
+    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Normalize ``input``; ``mask`` (bool, broadcastable to it, True = valid) limits the statistics."""
+        if torch.jit.is_scripting():  # TorchScript (deprecated in torch 2.13): ATen's group_norm
+            return torch.nn.functional.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return self._forward(input, mask)
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
-        """Normalize ``x``; ``mask`` (bool, broadcastable to x, True = valid) limits the statistics."""
-        check_channels(x, self.num_channels, "GroupNorm")
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, mask=mask)
+    @torch.jit.unused
+    def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        leaf = fx_leaf(self, x, mask)
+        if leaf is not None:
+            return leaf
+        return _gn_module_forward(x, mask, self.weight, self.bias, self.num_groups, self.num_channels, self.eps)
 
     def extra_repr(self) -> str:
         return (

@@ -1,19 +1,83 @@
-"""InstanceNorm1d/2d/3d: drop-in replacements for torch.nn's."""
+"""InstanceNorm1d/2d/3d: subclasses of torch.nn's, on normkit's functional core."""
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Optional
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from .._errors import NormError
-from .. import functional as F
-from ._base import _NormBase, check_channels
+from ..functional._checks import check_eps, check_momentum, check_positive_int
+from ..functional.instance_norm import instance_norm as _instance_norm
+from ._base import _StatsMixin, fx_leaf, store_stats
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
-class _InstanceNorm(_NormBase):
+def _in_module_forward(
+    x: Tensor,
+    mask: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    num_skipped_updates: Optional[Tensor],
+    use_input_stats: bool,
+    momentum: Optional[float],
+    eps: float,
+    ndim: int,
+    num_features: int,
+    affine: bool,
+    name: str,
+) -> Tensor:
+    """An IN layer's forward on its parameters and buffers (one ``torch.fx`` call, see ``torch.fx.wrap`` below)."""
+    if not isinstance(x, Tensor) or x.dim() not in (ndim - 1, ndim):
+        got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
+        raise NormError(f"{name}: expected {ndim}D (batched) or {ndim - 1}D (unbatched) input, got {got}")
+    unbatched = x.dim() == ndim - 1
+    if unbatched:  # (C, *spatial), as torch.nn.InstanceNorm accepts
+        x = x.unsqueeze(0)
+        if mask is not None and mask.dim() == x.dim() - 1:
+            mask = mask.unsqueeze(0)
+    if x.shape[1] != num_features:
+        if affine or running_mean is not None:
+            raise NormError(
+                f"{name}: expected input's size at dim={0 if unbatched else 1} to match num_features "
+                f"({num_features}), but got: {x.shape[1]}; the layer was built with num_features={num_features}"
+            )
+        # torch's behaviour: the channel count is unused without affine or running statistics.
+        warnings.warn(
+            f"{name}: input's size at dim={0 if unbatched else 1} ({x.shape[1]}) does not match num_features "
+            f"({num_features}). You can silence this warning by not passing in num_features, which is not "
+            "used because affine=False",
+            UserWarning,
+            stacklevel=4,
+        )
+    out = _instance_norm(
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        use_input_stats=use_input_stats,
+        momentum=momentum,
+        eps=eps,
+        num_batches_tracked=num_batches_tracked,
+        mask=mask,
+    )
+    y = store_stats(out, running_mean, running_var, num_batches_tracked, num_skipped_updates)
+    return y.squeeze(0) if unbatched else y
+
+
+torch.fx.wrap("_in_module_forward")
+
+
+class _InstanceNorm(_StatsMixin, nn.modules.instancenorm._InstanceNorm):
+    """normkit's IN: torch.nn's class (constructor, parameters, buffers, state_dict) with normkit's forward."""
+
     _ndim = 0
 
     def __init__(
@@ -28,38 +92,57 @@ class _InstanceNorm(_NormBase):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-
-    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
-        """Normalize ``x``; ``mask`` (bool, broadcastable to x, True = valid) limits the statistics."""
         name = type(self).__name__
-        if isinstance(x, Tensor) and x.dim() == self._ndim - 1:
-            # Unbatched (C, *spatial), as torch.nn.InstanceNorm accepts.
-            m = mask.unsqueeze(0) if isinstance(mask, Tensor) and mask.dim() == x.dim() else mask
-            return self.forward(x.unsqueeze(0), mask=m).squeeze(0)
-        if not isinstance(x, Tensor) or x.dim() != self._ndim:
-            got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
-            raise NormError(
-                f"{name}: expected {self._ndim}D (batched) or {self._ndim - 1}D (unbatched) input, got {got}"
+        check_positive_int(num_features, name, "num_features")
+        eps = check_eps(eps, name)
+        momentum = check_momentum(momentum, name)
+        super().__init__(
+            num_features, eps, momentum, bool(affine), bool(track_running_stats), device, dtype, bias=bias
+        )
+        self._register_skip_counter(device)
+
+    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Normalize ``input``; ``mask`` (bool, broadcastable to it, True = valid) limits the statistics."""
+        if torch.jit.is_scripting():
+            # TorchScript (deprecated in torch 2.13): torch.nn's semantics on ATen's instance_norm.
+            return torch.nn.functional.instance_norm(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                self.training or not self.track_running_stats,
+                self.momentum if self.momentum is not None else 0.0,
+                self.eps,
             )
-        check_channels(x, self.num_features, name)
+        return self._forward(input, mask)
+
+    @torch.jit.unused
+    def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        leaf = fx_leaf(self, x, mask)
+        if leaf is not None:
+            return leaf
         tracking = self._tracking
-        out = F.instance_norm(
+        return _in_module_forward(
             x,
-            self.running_mean if tracking else None,
-            self.running_var if tracking else None,
+            mask,
             self.weight,
             self.bias,
-            use_input_stats=self.training or not tracking,
-            momentum=self.momentum,
-            eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked if tracking else None,
-            mask=mask,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
+            self.num_batches_tracked if tracking else None,
+            self.num_skipped_updates if tracking else None,
+            self.training or not tracking,
+            self.momentum,
+            self.eps,
+            self._ndim,
+            self.num_features,
+            self.affine,
+            type(self).__name__,
         )
-        return self._store(out)
 
 
-class InstanceNorm1d(_InstanceNorm):
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
     r"""Instance normalization over a 3D ``(N, C, L)`` input; a drop-in for ``torch.nn.InstanceNorm1d``.
 
     .. math::
@@ -80,7 +163,7 @@ class InstanceNorm1d(_InstanceNorm):
     _ndim = 3
 
 
-class InstanceNorm2d(_InstanceNorm):
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
     r"""Instance normalization over a 4D ``(N, C, H, W)`` input; a drop-in for ``torch.nn.InstanceNorm2d``.
 
     See :class:`InstanceNorm1d`. Equivalent to ``GroupNorm(C, C)``.
@@ -95,7 +178,7 @@ class InstanceNorm2d(_InstanceNorm):
     _ndim = 4
 
 
-class InstanceNorm3d(_InstanceNorm):
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     r"""Instance normalization over a 5D ``(N, C, D, H, W)`` input; a drop-in for ``torch.nn.InstanceNorm3d``.
 
     See :class:`InstanceNorm1d`.

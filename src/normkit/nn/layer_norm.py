@@ -2,21 +2,49 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .._errors import NormError
-from .. import functional as F
 from ..functional._checks import check_eps, check_positive_int
-from ._base import check_channels, make_affine, reset_affine
+from ..functional.layer_norm import layer_norm as _layer_norm
+from ..functional.layer_norm import layer_norm_2d as _layer_norm_2d
+from ._base import check_channels, fx_leaf
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
 
 
-class LayerNorm(nn.Module):
-    r"""Layer normalization over the trailing ``normalized_shape`` dims; a drop-in for ``torch.nn.LayerNorm``.
+def _ln_module_forward(
+    x: Tensor,
+    mask: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    normalized_shape: tuple[int, ...],
+    eps: float,
+) -> Tensor:
+    """A LayerNorm layer's forward (one ``torch.fx`` call, see ``torch.fx.wrap`` below)."""
+    return _layer_norm(x, normalized_shape, weight, bias, eps, mask=mask)
+
+
+def _ln2d_module_forward(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_channels: int, eps: float, over: str
+) -> Tensor:
+    """A LayerNorm2d layer's forward (one ``torch.fx`` call)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 3:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise NormError(f"LayerNorm2d: expected an (N, C, *spatial) input, got {got}")
+    check_channels(x, num_channels, "LayerNorm2d")
+    return _layer_norm_2d(x, weight, bias, eps, over=over)  # type: ignore[arg-type]
+
+
+torch.fx.wrap("_ln_module_forward")
+torch.fx.wrap("_ln2d_module_forward")
+
+
+class LayerNorm(nn.LayerNorm):
+    r"""Layer normalization over the trailing ``normalized_shape`` dims; a subclass of ``torch.nn.LayerNorm``.
 
     .. math::
         y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -48,7 +76,6 @@ class LayerNorm(nn.Module):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        super().__init__()
         if isinstance(normalized_shape, int):
             shape: tuple[int, ...] = (normalized_shape,)
         elif isinstance(normalized_shape, (tuple, list, torch.Size)):
@@ -59,20 +86,21 @@ class LayerNorm(nn.Module):
             )
         for s in shape:
             check_positive_int(s, "LayerNorm", "each entry of normalized_shape")
-        self.normalized_shape = shape
-        self.eps = check_eps(eps, "LayerNorm")
-        self.elementwise_affine = bool(elementwise_affine)
-        make_affine(
-            self, shape, self.elementwise_affine, self.elementwise_affine and bias, {"device": device, "dtype": dtype}
-        )
+        eps = check_eps(eps, "LayerNorm")
+        super().__init__(shape, eps, bool(elementwise_affine), bias, device, dtype)
 
-    def reset_parameters(self) -> None:
-        """Weight 1, bias 0."""
-        reset_affine(self)
+    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Normalize ``input``; ``mask`` (bool, broadcastable to it, True = valid) limits the statistics."""
+        if torch.jit.is_scripting():  # TorchScript (deprecated in torch 2.13): ATen's layer_norm
+            return torch.nn.functional.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._forward(input, mask)
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
-        """Normalize ``x``; ``mask`` (bool, broadcastable to x, True = valid) limits the statistics."""
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, mask=mask)
+    @torch.jit.unused
+    def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        leaf = fx_leaf(self, x, mask)
+        if leaf is not None:
+            return leaf
+        return _ln_module_forward(x, mask, self.weight, self.bias, self.normalized_shape, self.eps)
 
     def extra_repr(self) -> str:
         return (
@@ -81,7 +109,7 @@ class LayerNorm(nn.Module):
         )
 
 
-class LayerNorm2d(nn.Module):
+class LayerNorm2d(nn.LayerNorm):
     r"""Layer normalization for ``(N, C, *spatial)`` feature maps, with a per-channel affine.
 
     ``over="c"`` (default): each position over its C channels, the ConvNeXt / timm
@@ -120,25 +148,31 @@ class LayerNorm2d(nn.Module):
         *,
         over: Literal["c", "chw"] = "c",
     ) -> None:
-        super().__init__()
         if over not in ("c", "chw"):
             raise NormError(f"LayerNorm2d: over must be 'c' or 'chw', got {over!r}")
-        self.num_channels = check_positive_int(num_channels, "LayerNorm2d", "num_channels")
-        self.eps = check_eps(eps, "LayerNorm2d")
+        check_positive_int(num_channels, "LayerNorm2d", "num_channels")
+        eps = check_eps(eps, "LayerNorm2d")
+        super().__init__(num_channels, eps, bool(affine), bool(affine) and bias, device, dtype)
+        self.num_channels = num_channels
         self.affine = bool(affine)
         self.over = over
-        make_affine(self, (num_channels,), self.affine, self.affine and bias, {"device": device, "dtype": dtype})
 
-    def reset_parameters(self) -> None:
-        """Weight 1, bias 0."""
-        reset_affine(self)
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript (deprecated in torch 2.13): ATen's layer/group norm
+            if self.over == "chw":
+                return torch.nn.functional.group_norm(input, 1, self.weight, self.bias, self.eps)
+            y = torch.nn.functional.layer_norm(
+                torch.movedim(input, 1, -1), [self.num_channels], self.weight, self.bias, self.eps
+            )
+            return torch.movedim(y, -1, 1)
+        return self._forward(input)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() < 3:
-            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise NormError(f"LayerNorm2d: expected an (N, C, *spatial) input, got {got}")
-        check_channels(x, self.num_channels, "LayerNorm2d")
-        return F.layer_norm_2d(x, self.weight, self.bias, self.eps, over=self.over)
+    @torch.jit.unused
+    def _forward(self, x: Tensor) -> Tensor:
+        leaf = fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
+        return _ln2d_module_forward(x, self.weight, self.bias, self.num_channels, self.eps, self.over)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.affine}, bias={self.bias is not None}, over={self.over!r}"

@@ -16,12 +16,11 @@ from .group_norm import group_norm
 from .instance_norm import instance_norm
 from .layer_norm import layer_norm, layer_norm_2d
 from .activations import get_activation
-from .proxy_norm import ProxyNormActFunction, proxy_norm_act, proxy_points, proxy_stats
+from .proxy_norm import proxy_norm_act, proxy_points, proxy_stats
 
 __all__ = [
     "Moments",
     "NormOutput",
-    "ProxyNormActFunction",
     "acc_dtype",
     "batch_norm",
     "batch_renorm",

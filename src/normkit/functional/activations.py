@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from .._errors import NormError
 
-__all__ = ["ActivationLike", "get_activation", "activation_names"]
+__all__ = ["ActivationLike", "activation_names", "activation_spec", "get_activation"]
 
 ActivationLike = Union[str, Callable[[Tensor], Tensor], None]
 
@@ -56,3 +56,43 @@ def get_activation(act: ActivationLike) -> Callable[[Tensor], Tensor]:
         if name in _ACTS and not arg:
             return _ACTS[name]
     raise NormError(f"unknown activation {act!r}; expected a callable or one of {', '.join(activation_names())}")
+
+
+def activation_spec(act: ActivationLike) -> tuple[str, float] | None:
+    """``(name, negative_slope)`` for activations the registered Proxy Norm op knows, else ``None``.
+
+    Names, torch functions (``torch.relu``, ``F.silu`` ...) and torch.nn activation modules
+    (``nn.ReLU()``, ``nn.LeakyReLU(0.2)``, ``nn.GELU("tanh")`` ...) map to the op; any other
+    callable runs as a plain composite that autograd differentiates.
+
+    Example:
+        >>> activation_spec("leaky_relu:0.2"), activation_spec(torch.nn.SiLU()), activation_spec(abs)
+        (('leaky_relu', 0.2), ('silu', 0.01), None)
+    """
+    F = torch.nn.functional
+    if act is None:
+        return ("identity", 0.01)
+    if isinstance(act, str):
+        name, _, arg = act.lower().partition(":")
+        if name == "leaky_relu":
+            return ("leaky_relu", float(arg) if arg else 0.01)
+        name = "silu" if name == "swish" else name
+        if name in ("relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh", "identity") and not arg:
+            return (name, 0.01)
+        return None
+    functions = {
+        torch.relu: "relu", F.relu: "relu", F.silu: "silu", F.gelu: "gelu", torch.sigmoid: "sigmoid",
+        torch.tanh: "tanh", F.leaky_relu: "leaky_relu",
+    }
+    if act in functions:
+        return (functions[act], 0.01)
+    nn = torch.nn
+    if isinstance(act, nn.LeakyReLU):
+        return ("leaky_relu", float(act.negative_slope))
+    if isinstance(act, nn.GELU):
+        return ("gelu_tanh" if act.approximate == "tanh" else "gelu", 0.01)
+    modules = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Identity: "identity"}
+    for cls, name in modules.items():
+        if type(act) is cls:
+            return (name, 0.01)
+    return None

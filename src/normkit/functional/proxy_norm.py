@@ -19,9 +19,11 @@ from torch import Tensor
 from ._checks import check_eps, check_input, check_param, check_positive_int
 from ._moments import acc_dtype
 from ._views import channel_view
-from .activations import ActivationLike, get_activation
+from ..ops.library import exporting
+from ..ops.proxy import proxy_act, proxy_act_composite
+from .activations import ActivationLike, activation_spec, get_activation
 
-__all__ = ["ProxyNormActFunction", "proxy_norm_act", "proxy_points", "proxy_stats"]
+__all__ = ["proxy_norm_act", "proxy_points", "proxy_stats"]
 
 
 def proxy_points(num_points: int = 200, *, dtype: torch.dtype = torch.float32, device: Any = None) -> Tensor:
@@ -73,74 +75,6 @@ def proxy_stats(
     return m, torch.rsqrt(v + eps)
 
 
-class ProxyNormActFunction(torch.autograd.Function):
-    """``out = (act(weight * y + bias) - m) * rstd`` per channel, saving only ``y`` (and per-channel vectors).
-
-    The composite would keep ``weight * y + bias`` (or ``act``'s output) and ``z - m`` alive for the
-    backward, on top of ``y``; this Function recomputes the cheap elementwise part from ``y`` in
-    the backward (the authors' "proxy recompute"). ``m`` and ``rstd`` are inputs, so their
-    gradients flow on into the proxy statistics and from there into all four parameters.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        y: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        m: Tensor,
-        rstd: Tensor,
-        act: Callable[[Tensor], Tensor],
-    ) -> Tensor:
-        nd = y.dim()
-        dtype = m.dtype
-        w, b = channel_view(weight.to(dtype), nd), channel_view(bias.to(dtype), nd)
-        mv, rv = channel_view(m, nd), channel_view(rstd, nd)
-        z = act(torch.addcmul(b, y.to(dtype), w))
-        out = z.sub_(mv).mul_(rv)  # z is a fresh tensor: grad mode is off inside forward
-        ctx.save_for_backward(y, weight, bias, m, rstd)
-        ctx.act = act
-        return out if out.dtype == y.dtype else out.to(y.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, dout: Tensor):  # type: ignore[override]
-        y, weight, bias, m, rstd = ctx.saved_tensors
-        act = ctx.act
-        nd = y.dim()
-        dims = tuple(i for i in range(nd) if i != 1)
-        if torch.is_grad_enabled():
-            # create_graph=True: differentiate the composite so that double backward works.
-            dtype = m.dtype
-            out = (
-                act(channel_view(weight.to(dtype), nd) * y.to(dtype) + channel_view(bias.to(dtype), nd))
-                - channel_view(m, nd)
-            ) * channel_view(rstd, nd)
-            inputs = (y, weight, bias, m, rstd)
-            needs = ctx.needs_input_grad[:5]
-            wanted = [t for t, n in zip(inputs, needs) if n]
-            grads = iter(torch.autograd.grad(out, wanted, dout.to(out.dtype), create_graph=True, allow_unused=True))
-            result = [next(grads) if n else None for n in needs]
-            if result[0] is not None:
-                result[0] = result[0].to(y.dtype)
-            return (*result, None)
-        dtype = m.dtype
-        w, b = channel_view(weight.to(dtype), nd), channel_view(bias.to(dtype), nd)
-        with torch.enable_grad():
-            a = torch.addcmul(b, y.to(dtype), w).requires_grad_(True)
-            z = act(a)
-        g = dout.to(dtype)
-        dz = g * channel_view(rstd, nd)
-        (da,) = torch.autograd.grad(z, a, dz)
-        z = z.detach()
-        need_y, need_w, need_b, need_m, need_r = ctx.needs_input_grad[:5]
-        dy = (da * w).to(y.dtype) if need_y else None
-        dweight = (da * y.to(dtype)).sum(dims).to(weight.dtype) if need_w else None
-        dbias = da.sum(dims).to(bias.dtype) if need_b else None
-        dm = -(g.sum(dims) * rstd) if need_m else None
-        drstd = (g * (z - channel_view(m, nd))).sum(dims) if need_r else None
-        return dy, dweight, dbias, dm, drstd, None
-
-
 def proxy_norm_act(
     y: Tensor,
     weight: Tensor,
@@ -168,8 +102,10 @@ def proxy_norm_act(
     (the authors back-propagate through them too). No affine follows: the output goes straight
     into the next conv.
 
-    Memory: with ``memory_efficient=True`` (default) the backward recomputes ``weight * y + bias``
-    and the activation from ``y``, so the layer keeps only ``y`` for the backward. Measured with
+    Memory: with ``memory_efficient=True`` (default) and a named activation (or a torch.nn / torch
+    function one, see :func:`~normkit.functional.activations.activation_spec`), the step runs as the
+    registered op ``normkit::proxy_norm_act``, whose backward recomputes ``weight * y + bias`` and
+    uses the activation's analytic derivative, so the layer keeps only ``y`` for the backward. Measured with
     ``torch.autograd.graph.saved_tensors_hooks`` on a (32, 64, 56, 56) fp32 ReLU layer (25.7 MB per
     full-size tensor): the composite saves 77.1 MB of full-size tensors (``y``, the ReLU output and
     ``z - m``), this Function 25.7 MB (``y`` only): 3.0x less (tests/functional/test_proxy_norm.py
@@ -183,7 +119,8 @@ def proxy_norm_act(
         eps: added to the proxy variance inside the square root (authors' default 0.03).
         num_points: number of quadrature points (authors' default 200).
         points: precomputed :func:`proxy_points` (a module keeps them as a buffer).
-        memory_efficient: use the recomputing autograd Function (else the plain composite).
+        memory_efficient: use the recomputing registered op (else the plain composite, which
+            autograd differentiates; also what exporters record).
 
     Example:
         >>> C = 4
@@ -205,10 +142,7 @@ def proxy_norm_act(
         check_param(p, y, (C,), op, name)
     act = get_activation(activation)
     m, rstd = proxy_stats(weight, bias, proxy_bias, proxy_weight, act, eps, num_points, points)
-    if memory_efficient:
-        return ProxyNormActFunction.apply(y, weight, bias, m, rstd, act)  # type: ignore[no-any-return]
-    nd = y.dim()
-    dtype = m.dtype
-    w, b = channel_view(weight.to(dtype), nd), channel_view(bias.to(dtype), nd)
-    out = (act(w * y.to(dtype) + b) - channel_view(m, nd)) * channel_view(rstd, nd)
-    return out.to(y.dtype)
+    spec = activation_spec(activation)
+    if memory_efficient and spec is not None and not exporting():
+        return proxy_act(y, weight, bias, m, rstd, spec[0], spec[1])
+    return proxy_act_composite(y, weight, bias, m, rstd, act)

@@ -22,7 +22,7 @@ from ..functional._running import update_running_stats
 from ..functional.batch_norm import batch_norm
 from ..functional.batch_renorm import batch_renorm, mean_only_batch_norm
 from ..functional.ghost_batch_norm import ghost_batch_norm
-from ._base import _NormBase, check_channels
+from ._base import _NormBase, check_channels, fx_leaf
 from .batch_norm import _BatchNorm
 
 __all__ = [
@@ -80,6 +80,9 @@ class _GhostBatchNorm(_BatchNorm):
         self.momentum_mode = momentum_mode
 
     def forward(self, x: Tensor) -> Tensor:
+        leaf = fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
         self._check_input_dim(x)
         tracking = self._tracking
         out = ghost_batch_norm(
@@ -106,8 +109,8 @@ class _GhostBatchNorm(_BatchNorm):
                 if out.num_batches_tracked is not None:
                     # per_chunk mode advances the counter by the number of chunks; count only the
                     # skipped *steps* (a non-finite batch leaves the counter where it was).
-                    if bool(out.num_batches_tracked == self.num_batches_tracked):
-                        self.num_skipped_updates.add_(1)
+                    # Branch-free: no host sync.
+                    self.num_skipped_updates.add_((out.num_batches_tracked == self.num_batches_tracked).long())
                     self.num_batches_tracked.copy_(out.num_batches_tracked)
         return out.output
 
@@ -229,6 +232,9 @@ class _BatchRenorm(_BatchNorm):
         return 1.0 + (self.r_max - 1.0) * frac, self.d_max * frac
 
     def forward(self, x: Tensor) -> Tensor:
+        leaf = fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
         self._check_input_dim(x)
         if not self._tracking:  # track_running_stats switched off later: plain BN on batch statistics
             return batch_norm(x, None, None, self.weight, self.bias, True, self.momentum, self.eps).output
@@ -340,6 +346,9 @@ class _FrozenBatchNorm(_NormBase):
         check_channels(x, self.num_features, type(self).__name__)
 
     def forward(self, x: Tensor) -> Tensor:
+        leaf = fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
         self._check_input_dim(x)
         rm, rv, nbt = self.running_mean, self.running_var, self.num_batches_tracked
         common = dict(momentum=self.momentum, eps=self.eps, unbiased_running_var=self.unbiased_running_var)
@@ -490,6 +499,9 @@ class MeanOnlyBatchNorm(nn.Module):
                 self.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
+        leaf = fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
         if not isinstance(x, Tensor) or x.dim() < 2:
             got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise NormError(f"MeanOnlyBatchNorm: expected an (N, C, *) input, got {got}")
@@ -630,6 +642,9 @@ class BatchNormalization(nn.Module):
         return ax
 
     def forward(self, x: Tensor) -> Tensor:
+        leaf = fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
         ax = self._axis(x)
         if not x.is_floating_point():
             raise TypeError(f"BatchNormalization: expected a floating-point input, got {x.dtype}")

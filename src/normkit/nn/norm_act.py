@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..functional.activations import ActivationLike, get_activation
+from ._base import fx_leaf
 from .batch_norm import BatchNorm2d
 from .group_norm import GroupNorm
 from .layer_norm import LayerNorm2d
@@ -55,6 +56,9 @@ class BatchNormAct2d(_ActMixin, BatchNorm2d):
         self._init_act(activation)
 
     def forward(self, x: Tensor) -> Tensor:
+        leaf = fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
         return self._apply_act(super().forward(x))
 
     def extra_repr(self) -> str:
@@ -77,6 +81,9 @@ class GroupNormAct2d(_ActMixin, GroupNorm):
         self._init_act(activation)
 
     def forward(self, x: Tensor) -> Tensor:
+        leaf = fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
         return self._apply_act(super().forward(x))
 
     def extra_repr(self) -> str:
@@ -97,6 +104,9 @@ class LayerNormAct2d(_ActMixin, LayerNorm2d):
         self._init_act(activation)
 
     def forward(self, x: Tensor) -> Tensor:
+        leaf = fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
         return self._apply_act(super().forward(x))
 
     def extra_repr(self) -> str:
@@ -143,6 +153,9 @@ class _Lambda(nn.Module):
         self.fn = fn
 
     def forward(self, x: Tensor) -> Tensor:
+        leaf = fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
         return self.fn(x)
 
     def extra_repr(self) -> str:

@@ -11,7 +11,7 @@ from .._errors import NormError
 from .. import functional as F
 from ..functional._checks import check_eps, check_groups, check_positive_int
 from ..functional.activations import ActivationLike, get_activation
-from ._base import check_channels
+from ._base import check_channels, fx_leaf
 from .registry import default_groups as _default_groups
 from .registry import register_norm
 
@@ -83,6 +83,17 @@ class ProxyNormAct(nn.Module):
             "proxy_points", F.proxy_points(num_points, dtype=torch.float64, device=device), persistent=False
         )
 
+    def _apply(self, fn: Any, recurse: bool = True) -> ProxyNormAct:
+        # The quadrature points are derived constants: recompute them in float64 after any move or
+        # cast (.half() would round them; to_empty() from the meta device leaves garbage).
+        super()._apply(fn, recurse)
+        device = self.proxy_points.device
+        if device.type == "meta":
+            self.proxy_points = torch.empty(self.num_points, dtype=torch.float64, device=device)
+        else:
+            self.proxy_points = F.proxy_points(self.num_points, dtype=torch.float64, device=device)
+        return self
+
     def reset_parameters(self) -> None:
         """weight 1, bias 0, proxy_bias 0, proxy_weight 0."""
         with torch.no_grad():
@@ -104,9 +115,12 @@ class ProxyNormAct(nn.Module):
             self.num_points, points=self.proxy_points,
         )
 
-    def forward(self, y: Tensor) -> Tensor:
-        check_channels(y, self.num_features, type(self).__name__)
-        return self._proxy_act(y)
+    def forward(self, input: Tensor) -> Tensor:
+        leaf = fx_leaf(self, input)
+        if leaf is not None:
+            return leaf
+        check_channels(input, self.num_features, type(self).__name__)
+        return self._proxy_act(input)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, activation={_act_name(self.activation)}, eps={self.proxy_eps}"
@@ -154,9 +168,12 @@ class GroupNormProxyAct2d(ProxyNormAct):
         self.num_groups = check_groups(num_groups, num_features, name)
         self.eps = check_eps(eps, name)
 
-    def forward(self, x: Tensor) -> Tensor:
-        check_channels(x, self.num_features, type(self).__name__)
-        return self._proxy_act(F.group_norm(x, self.num_groups, None, None, self.eps))
+    def forward(self, input: Tensor) -> Tensor:
+        leaf = fx_leaf(self, input)
+        if leaf is not None:
+            return leaf
+        check_channels(input, self.num_features, type(self).__name__)
+        return self._proxy_act(F.group_norm(input, self.num_groups, None, None, self.eps))
 
     def extra_repr(self) -> str:
         return (

@@ -57,8 +57,9 @@ def _act_backward(g: Tensor, a: Tensor, z: Tensor, act: str, slope: float) -> Te
         return aten.threshold_backward(g, z, 0)
     if act == "leaky_relu":
         return aten.leaky_relu_backward(g, a, slope, False)
-    if act == "silu":
-        return aten.silu_backward(g, a)
+    if act == "silu":  # aten.silu_backward has no derivative of its own: the formula, differentiable
+        s = torch.sigmoid(a)
+        return g * (s * (1.0 + a * (1.0 - s)))
     if act == "gelu":
         return aten.gelu_backward(g, a)
     if act == "gelu_tanh":

@@ -4,6 +4,8 @@ The public API:
 
 * :mod:`normkit.functional` -- pure tensor ops on one generic core (``batch_norm``, ``group_norm``, ...).
 * :mod:`normkit.nn` -- drop-in ``torch.nn`` modules (``BatchNorm2d``, ``GroupNorm``, ``LayerNorm2d``, ...).
+* :mod:`normkit.ops` -- the registered ``torch.library`` ops (``normkit::norm`` ...) every norm runs on.
+* :class:`NormError` -- raised for bad values and shapes; a ``ValueError`` and a ``RuntimeError``.
 * :func:`create_norm_layer` -- norm layers by name (``"bn"``, ``"gn:16"``, ``"ln"``, ``"ln2d"``, ``"in"``).
 
 ``import normkit`` stays light: the lab (matplotlib, scikit-learn, rich) loads only when used.
@@ -15,13 +17,15 @@ Example:
     torch.Size([2, 64, 8, 8])
 """
 
-from . import convert, functional, nn, surgery
+from . import convert, functional, nn, ops, surgery
+from ._errors import NormError
 from .nn import available_norms, create_norm_act_layer, create_norm_layer, param_groups, register_norm
 from .surgery import fold_proxy_norm, freeze_bn, unfreeze_bn
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NormError",
     "__version__",
     "available_norms",
     "convert",
@@ -31,6 +35,7 @@ __all__ = [
     "freeze_bn",
     "functional",
     "nn",
+    "ops",
     "param_groups",
     "register_norm",
     "surgery",

@@ -98,7 +98,7 @@ def ghost_batch_norm(
     B = check_positive_int(ghost_batch_size, op, "ghost_batch_size")
     if momentum_mode not in ("per_chunk", "averaged"):
         raise NormError(f"{op}: momentum_mode must be 'per_chunk' or 'averaged', got {momentum_mode!r}")
-    N, C = x.shape[0], x.shape[1]
+    N, C = int(x.shape[0]), int(x.shape[1])
     if not training or N <= B or x.numel() == 0:
         # Eval, or a single chunk: exactly BN (which also handles the checks and empty input).
         return batch_norm(

@@ -113,7 +113,8 @@ def layer_norm_2d(
     check_param(bias, x, (C,), op, "bias")
     if exporting():
         # LayerNorm over the channels of the channels-last permutation: the standard op.
-        xt = torch.movedim(x, 1, -1)
-        return torch.movedim(torch.nn.functional.layer_norm(xt, (C,), weight, bias, eps), -1, 1)
+        nd = x.dim()
+        y = torch.nn.functional.layer_norm(x.permute(0, *range(2, nd), 1), (C,), weight, bias, eps)
+        return y.permute(0, nd - 1, *range(1, nd - 1))
     y, _, _ = norm(x, (1,), channel_view(weight, x.dim()), channel_view(bias, x.dim()), eps)
     return y

@@ -213,14 +213,15 @@ class _NormBase(_StatsMixin, nn.Module):
         reset_affine(self)
 
 
-def fx_leaf(module: nn.Module, *args: Any) -> Any:
+def fx_leaf(module: nn.Module, *args: Any, root_traceable: bool = False) -> Any:
     """Under ``torch.fx`` symbolic tracing, record ``module`` as one ``call_module`` node; else ``None``.
 
     torch.nn's own layers are leaves for fx's default tracer; normkit's are not (their class lives
     outside ``torch.nn``), so each normkit layer's ``forward`` starts with this: a traced model
     keeps the layer itself (train/eval still switch it; fx passes see its torch.nn base class).
-    When the layer is the traced root there is no parent to call it from: ``None`` is returned and
-    the forward traces its own body (the core layers record one ``torch.fx.wrap``-ed call).
+    When the layer is the traced root there is no parent to call it from: the core layers
+    (``root_traceable=True``) then trace their own body, one ``torch.fx.wrap``-ed call; the others
+    raise a clear error.
     """
     proxy = next((a for a in args if isinstance(a, torch.fx.Proxy)), None)
     if proxy is None:
@@ -231,7 +232,12 @@ def fx_leaf(module: nn.Module, *args: Any) -> Any:
     except NameError:
         path = ""
     if not path:
-        return None
+        if root_traceable:
+            return None
+        raise NormError(
+            f"{type(module).__name__} cannot be the root of torch.fx.symbolic_trace; trace a module that "
+            "contains it (e.g. torch.nn.Sequential(layer)), where it is kept as one call_module node"
+        )
     while args and args[-1] is None:  # trailing optional arguments left at their defaults
         args = args[:-1]
     return tracer.create_proxy("call_module", path, args, {})

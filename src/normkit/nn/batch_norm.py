@@ -121,7 +121,7 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        leaf = fx_leaf(self, x, mask)
+        leaf = fx_leaf(self, x, mask, root_traceable=True)
         if leaf is not None:
             return leaf
         tracking = self._tracking

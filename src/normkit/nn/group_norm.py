@@ -88,7 +88,7 @@ class GroupNorm(nn.GroupNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        leaf = fx_leaf(self, x, mask)
+        leaf = fx_leaf(self, x, mask, root_traceable=True)
         if leaf is not None:
             return leaf
         return _gn_module_forward(x, mask, self.weight, self.bias, self.num_groups, self.num_channels, self.eps)

@@ -119,7 +119,7 @@ class _InstanceNorm(_StatsMixin, nn.modules.instancenorm._InstanceNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        leaf = fx_leaf(self, x, mask)
+        leaf = fx_leaf(self, x, mask, root_traceable=True)
         if leaf is not None:
             return leaf
         tracking = self._tracking

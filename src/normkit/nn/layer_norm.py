@@ -97,7 +97,7 @@ class LayerNorm(nn.LayerNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        leaf = fx_leaf(self, x, mask)
+        leaf = fx_leaf(self, x, mask, root_traceable=True)
         if leaf is not None:
             return leaf
         return _ln_module_forward(x, mask, self.weight, self.bias, self.normalized_shape, self.eps)
@@ -169,7 +169,7 @@ class LayerNorm2d(nn.LayerNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor) -> Tensor:
-        leaf = fx_leaf(self, x)
+        leaf = fx_leaf(self, x, root_traceable=True)
         if leaf is not None:
             return leaf
         return _ln2d_module_forward(x, self.weight, self.bias, self.num_channels, self.eps, self.over)

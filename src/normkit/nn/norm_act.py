@@ -56,7 +56,7 @@ class BatchNormAct2d(_ActMixin, BatchNorm2d):
         self._init_act(activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        leaf = fx_leaf(self, x)
+        leaf = fx_leaf(self, x, root_traceable=True)
         if leaf is not None:
             return leaf
         return self._apply_act(super().forward(x))
@@ -81,7 +81,7 @@ class GroupNormAct2d(_ActMixin, GroupNorm):
         self._init_act(activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        leaf = fx_leaf(self, x)
+        leaf = fx_leaf(self, x, root_traceable=True)
         if leaf is not None:
             return leaf
         return self._apply_act(super().forward(x))
@@ -104,7 +104,7 @@ class LayerNormAct2d(_ActMixin, LayerNorm2d):
         self._init_act(activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        leaf = fx_leaf(self, x)
+        leaf = fx_leaf(self, x, root_traceable=True)
         if leaf is not None:
             return leaf
         return self._apply_act(super().forward(x))
@@ -153,7 +153,7 @@ class _Lambda(nn.Module):
         self.fn = fn
 
     def forward(self, x: Tensor) -> Tensor:
-        leaf = fx_leaf(self, x)
+        leaf = fx_leaf(self, x, root_traceable=True)
         if leaf is not None:
             return leaf
         return self.fn(x)

@@ -226,6 +226,9 @@ def moments(x: Tensor, dims: Sequence[int], mask: Tensor | None = None) -> Momen
         tensor([2., 1.])
     """
     dims = tuple(int(d) % x.dim() for d in dims)
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        _, mean, var, count = composite_norm(x, None, None, mask, dims, 0.0)  # standard ops for exporters
+        return Moments(count, mean, var)
     _, stats = norm_forward(x, None, None, mask, dims, 0.0)
     mean, var = mean_var(stats)
     return Moments(stats[_COUNT], mean, var)

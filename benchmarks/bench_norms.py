@@ -56,8 +56,6 @@ def _pn_native(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 
 
 def cases() -> dict[str, dict[str, Op]]:
-    c = 64
-    zeros = torch.zeros(c)
     return {
         "batch_norm train": {
             "native": lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
@@ -81,7 +79,8 @@ def cases() -> dict[str, dict[str, Op]]:
         },
         "GN32 + proxy norm (ref: native GN+ReLU)": {
             "native": _pn_native,
-            "normkit": lambda x, w, b: NF.proxy_norm_act(NF.group_norm(x, 32), w, b, zeros, zeros),
+            # proxy_bias / proxy_weight sized from w: the channel count changes between shapes
+            "normkit": lambda x, w, b: NF.proxy_norm_act(NF.group_norm(x, 32), w, b, torch.zeros_like(w), torch.zeros_like(w)),
         },
     }
 

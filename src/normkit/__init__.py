@@ -19,7 +19,14 @@ Example:
 
 from . import convert, functional, nn, ops, surgery
 from ._errors import NormError
-from .nn import available_norms, create_norm_act_layer, create_norm_layer, param_groups, register_norm
+from .nn import (
+    available_norms,
+    create_norm_act_layer,
+    create_norm_layer,
+    get_norm_layer,
+    param_groups,
+    register_norm,
+)
 from .surgery import fold_proxy_norm, freeze_bn, unfreeze_bn
 
 __version__ = "0.1.0"
@@ -31,6 +38,7 @@ __all__ = [
     "convert",
     "create_norm_act_layer",
     "create_norm_layer",
+    "get_norm_layer",
     "fold_proxy_norm",
     "freeze_bn",
     "functional",

@@ -71,15 +71,30 @@ def group_norm(
         )
     if mask is None and exporting():
         return torch.nn.functional.group_norm(x, G, weight, bias, eps)  # the standard op for exporters
-    # (N, C, *S) -> (N, G, C // G, *S): splitting one dim is a view for any strides (channels_last too).
-    xv = x.view(N, G, C // G, *spatial)
-    pshape = (1, G, C // G) + (1,) * len(spatial)
+    k = len(spatial)
+    if k and x.stride(1) == 1 and not x.is_contiguous():
+        # channels_last: work on the (N, *S, G, C // G) view of the memory as it lies, where every
+        # elementwise pass is one flat loop and the statistics reduce in two fast stages.
+        perm = (0, *range(2, 2 + k), 1)
+        xv = x.permute(perm).reshape(N, *spatial, G, C // G)
+        pshape = (1,) * (1 + k) + (G, C // G)
+        dims = (*range(1, 1 + k), 2 + k)
+    else:
+        # (N, C, *S) -> (N, G, C // G, *S): splitting one dim is a view for any strides.
+        perm = None
+        xv = x.view(N, G, C // G, *spatial)
+        pshape = (1, G, C // G) + (1,) * k
+        dims = tuple(range(2, xv.dim()))
     w = weight.view(pshape) if weight is not None else None
     b = bias.view(pshape) if bias is not None else None
-    dims = tuple(range(2, xv.dim()))
     mv = None
     if mask is not None:
-        # The mask, expanded to x, split the same way (a copy only when the broadcast needs one).
-        mv = check_mask(mask, x, op).expand(x.shape).reshape(xv.shape)
+        # The mask, expanded to x, laid out the same way (a copy only when the broadcast needs one).
+        me = check_mask(mask, x, op).expand(x.shape)
+        mv = (me if perm is None else me.permute(perm)).reshape(xv.shape)
     y, _, _ = norm(xv, dims, w, b, eps, mv)
-    return y.view(x.shape)
+    if perm is None:
+        return y.view(x.shape)
+    # (N, *S, G, C // G) -> (N, *S, C) -> (N, C, *S): a view, channels_last again.
+    inverse = (0, 1 + k, *range(1, 1 + k))
+    return y.reshape(N, *spatial, C).permute(inverse)

@@ -20,7 +20,7 @@ from .layer_norm import LayerNorm, LayerNorm2d
 from .norm_act import BatchNormAct2d, GroupNormAct2d, LayerNormAct2d, create_norm_act_layer
 from .optim import param_groups
 from .proxy_norm import GroupNormProxyAct2d, ProxyNormAct
-from .registry import available_norms, create_norm_layer, default_groups, register_norm
+from .registry import available_norms, create_norm_layer, default_groups, get_norm_layer, register_norm
 from .weight_norm import remove_weight_norm, weight_norm
 from .weight_standardization import (
     ScaledStdConv1d,
@@ -67,6 +67,7 @@ __all__ = [
     "available_norms",
     "create_norm_act_layer",
     "create_norm_layer",
+    "get_norm_layer",
     "default_groups",
     "param_groups",
     "register_norm",

@@ -118,9 +118,14 @@ class LayerNorm2d(nn.LayerNorm):
     equals ``GroupNorm(1, C)`` (registry name ``"ln"``). Works on NCHW and channels_last, and on
     1d/3d spatial inputs.
 
+    A subclass of ``torch.nn.LayerNorm`` (normalized_shape ``(C,)``, per-channel weight and bias),
+    as timm's ``LayerNorm2d`` is, so its state_dict loads from either.
+
     Args:
         num_channels: C.
-        eps: added to the variance inside the square root.
+        eps: added to the variance inside the square root. The default 1e-5 is torch.nn.LayerNorm's;
+            timm's ``LayerNorm2d`` and ConvNeXt use 1e-6: pass ``eps=1e-6`` (or
+            ``normkit.get_norm_layer("ln2d", eps=1e-6)``) to match a timm checkpoint exactly.
         affine: learnable per-channel weight (init 1) and bias (init 0).
         bias: with ``affine``, whether to learn the bias.
         over: ``"c"`` or ``"chw"``.

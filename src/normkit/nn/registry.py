@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable
 
 from torch import nn
 from .._errors import NormError
 
-__all__ = ["available_norms", "create_norm_layer", "default_groups", "register_norm"]
+__all__ = ["available_norms", "create_norm_layer", "default_groups", "get_norm_layer", "register_norm"]
 
 Factory = Callable[..., nn.Module]
 _REGISTRY: dict[str, tuple[Factory, str]] = {}
@@ -84,6 +85,63 @@ def create_norm_layer(spec: str, num_features: int, **kwargs: Any) -> nn.Module:
     factory, _ = _REGISTRY[key]
     arg = int(match["arg"]) if match["arg"] is not None else None
     return factory(num_features, arg, **kwargs)
+
+
+def norm_from_spec(num_features: int, *, spec: str, **kwargs: Any) -> nn.Module:
+    """``create_norm_layer(spec, num_features, **kwargs)`` with the channel count first (for partials)."""
+    return create_norm_layer(spec, num_features, **kwargs)
+
+
+# Specs that are one class with keyword defaults: get_norm_layer returns the class, or a partial of it.
+_CLASS_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bn": ("BatchNorm2d", {}),
+    "bn2d": ("BatchNorm2d", {}),
+    "bn1d": ("BatchNorm1d", {}),
+    "bn3d": ("BatchNorm3d", {}),
+    "ln2d": ("LayerNorm2d", {}),
+    "ln": ("LayerNorm2d", {"over": "chw"}),
+    "in": ("InstanceNorm2d", {"affine": True}),
+    "frozen_bn": ("FrozenBatchNorm2d", {}),
+    "brn": ("BatchRenorm2d", {}),
+}
+
+
+def get_norm_layer(spec: str, **kwargs: Any) -> Callable[..., nn.Module]:
+    """A layer *class* (or a keyword-only ``functools.partial``) for a spec, for APIs that take ``norm_layer=``.
+
+    torchvision calls ``norm_layer(num_channels)``; timm keeps a partial's keywords and drops its
+    positional arguments. So this returns a class where the spec is one (``"bn"`` ->
+    ``BatchNorm2d``, ``"ln2d"`` -> ``LayerNorm2d``), else a partial whose arguments are all keywords
+    (``"gn:8"`` -> ``partial(norm_from_spec, spec="gn:8")``). ``kwargs`` (e.g. ``eps=1e-6``, timm's
+    LayerNorm2d default; normkit keeps torch's 1e-5) are bound as keywords too.
+
+    Example:
+        >>> import torch
+        >>> get_norm_layer("bn").__name__
+        'BatchNorm2d'
+        >>> layer = get_norm_layer("gn:8")(64)              # how torchvision / timm call it
+        >>> layer.num_groups, layer.num_channels
+        (8, 64)
+        >>> get_norm_layer("ln2d", eps=1e-6)(32).eps
+        1e-06
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"get_norm_layer: spec must be a string such as 'bn' or 'gn:16', got {type(spec).__name__}")
+    key = spec.strip().lower()
+    if key in _CLASS_SPECS:
+        import importlib
+
+        name, defaults = _CLASS_SPECS[key]
+        cls = getattr(importlib.import_module("normkit.nn"), name)
+        both = {**defaults, **kwargs}
+        return functools.partial(cls, **both) if both else cls
+    match = _SPEC.match(key)
+    if match is None or match["base"] + match["suffix"] not in _REGISTRY:
+        raise NormError(
+            f"get_norm_layer: unknown norm spec {spec!r}; expected one of {', '.join(sorted(_REGISTRY))} "
+            "(optionally with ':<int>', e.g. 'gn:16')"
+        )
+    return functools.partial(norm_from_spec, spec=spec, **kwargs)
 
 
 def _no_arg(name: str, arg: int | None) -> None:

@@ -101,11 +101,54 @@ def _functorch_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def _stages(t: Tensor, dims: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Split a reduction whose sets interleave with kept dims in memory into two stages, or ``None``.
+
+    TensorIterator reduces a set that is split around a kept dim (GroupNorm's sets on a
+    channels-last view: the group's channels innermost, the spatial positions outermost) 20x slower
+    than the same work in two stages (measured 2026-12: 32 ms vs 1.7 ms for (32, 64, 56, 56)): first
+    over the reduced dims outside the innermost kept dim, then over those inside it.
+    """
+    if len(dims) < 2:
+        return None
+    key = (t.shape, t.stride(), dims)
+    if key not in _STAGES:
+        if len(_STAGES) > 4096:
+            _STAGES.clear()
+        _STAGES[key] = _find_stages(t, dims)
+    return _STAGES[key]
+
+
+_STAGES: dict[tuple[object, ...], tuple[tuple[int, ...], tuple[int, ...]] | None] = {}
+
+
+def _find_stages(t: Tensor, dims: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    strides = t.stride()
+    kept = [i for i in range(t.dim()) if i not in dims and t.shape[i] > 1]
+    if not kept:
+        return None
+    min_kept = min(strides[i] for i in kept)
+    inner = tuple(d for d in dims if strides[d] < min_kept and t.shape[d] > 1)
+    outer = tuple(d for d in dims if d not in inner and t.shape[d] > 1)
+    if not inner or not outer:
+        return None
+    return outer, inner
+
+
+def _reduce(t: Tensor, dims: tuple[int, ...], op: str) -> Tensor:
+    """``t.<op>(dims, keepdim=True)`` for op in sum / mean / amax / amin, in two stages where faster."""
+    stages = _stages(t, dims)
+    if stages is None:
+        return getattr(t, op)(dims, keepdim=True)
+    outer, inner = stages
+    return getattr(getattr(t, op)(outer, keepdim=True), op)(inner, keepdim=True)
+
+
 def _scale_shift(x: Tensor, dims: tuple[int, ...], mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Per-set ``(shift * inv, inv)``: the mid-range shift (pre-scaled) and the power-of-two inverse scale."""
     if mask is None:
-        hi = x.amax(dims, keepdim=True).to(dtype)
-        lo = x.amin(dims, keepdim=True).to(dtype)
+        hi = _reduce(x, dims, "amax").to(dtype)
+        lo = _reduce(x, dims, "amin").to(dtype)
     else:
         inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
         hi = torch.where(mask, x, -inf).amax(dims, keepdim=True).to(dtype)
@@ -171,9 +214,9 @@ def norm_forward(
     d = _centered(x, shift, inv)
     count, m = _count(x, dims, mask, inv)
     if mask is None:
-        cmean = d.mean(dims, keepdim=True)
+        cmean = _reduce(d, dims, "mean")
         d.sub_(cmean)
-        var = (d * d).mean(dims, keepdim=True)
+        var = _reduce(d * d, dims, "mean")
     else:
         zero = torch.zeros((), dtype=dtype, device=x.device)
         safe = count.clamp_min(1.0)
@@ -274,9 +317,9 @@ def norm_backward(
     dbias = None
     # Reduce first over the set dims along which neither weight nor bias varies.
     fine = tuple(i for i in dims if all(p is None or p.shape[i] == 1 for p in (weight, bias)))
-    if need_b:
+    if need_b and mask is not None:  # padded positions output the bias: their dy counts for it
         assert bias is not None
-        dbias = _sum_to(dy_a.sum(fine, keepdim=True) if fine else dy_a, bias)
+        dbias = _sum_to(_reduce(dy_a, fine, "sum") if fine else dy_a, bias)
     inplace = not _functorch_active()
     d = _centered(x, shift, inv)
     if mask is None:
@@ -286,9 +329,12 @@ def norm_backward(
         d = torch.where(mask, d - cmean, zero)
         dy_a = torch.where(mask, dy_a, zero)
     # d is x - mean, scaled: x_hat = d * rstd (scaled rstd).
-    s_dy = dy_a.sum(fine, keepdim=True) if fine else dy_a
+    s_dy = _reduce(dy_a, fine, "sum") if fine else dy_a
+    if need_b and mask is None:
+        assert bias is not None
+        dbias = _sum_to(s_dy, bias)
     prod = dy_a * d
-    s_dyd = prod.sum(fine, keepdim=True) if fine else prod
+    s_dyd = _reduce(prod, fine, "sum") if fine else prod
     dweight = None
     if need_w:
         assert weight is not None

@@ -185,6 +185,36 @@ class _NormFunction(torch.autograd.Function):
         return core.norm_jvp(tx, tw, tb, x, weight, mask, stats, ctx.dims), None
 
 
+class _NormFunctionEager(torch.autograd.Function):
+    """The same Function in the classic ``forward(ctx, ...)`` style, for plain eager calls.
+
+    ``Function.apply`` binds the arguments with ``inspect.signature`` on every call for
+    setup_context-style Functions (about 50 us here, more than a small norm's arithmetic); the
+    classic style skips that. functorch needs the setup_context style, so :func:`norm` picks this
+    one only while no torch.func transform is active. Forward-mode AD (dual tensors) works with both.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mask: Tensor | None,
+        dims: tuple[int, ...],
+        eps: float,
+    ) -> tuple[Tensor, Tensor]:
+        y, stats = core.norm_forward(x, weight, bias, mask, dims, eps)
+        ctx.save_for_backward(x, weight, bias, mask, stats)
+        ctx.save_for_forward(x, weight, bias, mask, stats)
+        ctx.mark_non_differentiable(stats)
+        ctx.dims, ctx.eps = dims, eps
+        return y, stats
+
+    backward = _NormFunction.backward
+    jvp = _NormFunction.jvp
+
+
 def norm(
     x: Tensor,
     weight: Tensor | None,
@@ -205,7 +235,12 @@ def norm(
         mask = _like(mask.expand(x.shape), x)
     if torch.compiler.is_compiling():
         return torch.ops.normkit.norm(x, weight, bias, mask, list(dims), float(eps))
-    return _NormFunction.apply(x, weight, bias, mask, dims, float(eps))  # type: ignore[no-any-return]
+    if torch._C._are_functorch_transforms_active():
+        return _NormFunction.apply(x, weight, bias, mask, dims, float(eps))  # type: ignore[no-any-return]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if not needs_grad and torch.autograd.forward_ad._current_level < 0:
+        return core.norm_forward(x, weight, bias, mask, dims, float(eps))  # nothing to differentiate
+    return _NormFunctionEager.apply(x, weight, bias, mask, dims, float(eps))  # type: ignore[no-any-return]
 
 
 def norm_stats(stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -85,14 +85,15 @@ class _StatsMixin:
 
     _stat_keys = ("running_mean", "running_var", "num_batches_tracked")
 
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    track_running_stats: bool
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    num_batches_tracked: Tensor | None
+    if TYPE_CHECKING:  # for type checkers only: TorchScript cannot read these string annotations
+        num_features: int
+        eps: float
+        momentum: float | None
+        affine: bool
+        track_running_stats: bool
+        running_mean: Tensor | None
+        running_var: Tensor | None
+        num_batches_tracked: Tensor | None
 
     def _register_skip_counter(self, device: Any) -> None:
         counter = torch.tensor(0, dtype=torch.long, device=device) if self.running_mean is not None else None

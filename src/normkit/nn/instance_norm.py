@@ -104,15 +104,22 @@ class _InstanceNorm(_StatsMixin, nn.modules.instancenorm._InstanceNorm):
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Normalize ``input``; ``mask`` (bool, broadcastable to it, True = valid) limits the statistics."""
         if torch.jit.is_scripting():
-            # TorchScript (deprecated in torch 2.13): torch.nn's semantics on ATen's instance_norm.
+            # TorchScript (deprecated in torch 2.13): the eager layer's semantics on ATen's instance_norm
+            # (the step is counted; momentum=None is a cumulative average).
+            use_input_stats = self.training or not self.track_running_stats
+            factor = 0.0
+            if use_input_stats and self.track_running_stats and self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                mom = self.momentum
+                factor = 1.0 / float(self.num_batches_tracked) if mom is None else mom
             return torch.nn.functional.instance_norm(
                 input,
                 self.running_mean,
                 self.running_var,
                 self.weight,
                 self.bias,
-                self.training or not self.track_running_stats,
-                self.momentum if self.momentum is not None else 0.0,
+                use_input_stats,
+                factor,
                 self.eps,
             )
         return self._forward(input, mask)

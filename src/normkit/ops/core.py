@@ -145,7 +145,7 @@ def _reduce(t: Tensor, dims: tuple[int, ...], op: str) -> Tensor:
 
 
 def _scale_shift(x: Tensor, dims: tuple[int, ...], mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Per-set ``(shift * inv, inv)``: the mid-range shift (pre-scaled) and the power-of-two inverse scale."""
+    """Per-set ``(shift, inv)``: the mid-range shift and the power-of-two inverse scale ``2^-e``."""
     if mask is None:
         hi = _reduce(x, dims, "amax").to(dtype)
         lo = _reduce(x, dims, "amin").to(dtype)
@@ -158,27 +158,35 @@ def _scale_shift(x: Tensor, dims: tuple[int, ...], mask: Tensor | None, dtype: t
         hi = torch.where(empty, 0.0, hi)
         lo = torch.where(empty, 0.0, lo)
     half_range = hi * 0.5 - lo * 0.5  # (hi - lo) / 2 without overflow
-    mid = hi * 0.5 + lo * 0.5
+    mid = hi * 0.5 + lo * 0.5  # |x - mid| <= half_range: the centring cannot overflow
     est = torch.maximum(half_range, torch.maximum(hi.abs(), lo.abs()) * _GUARD)
     bound = _EXP_RANGE[dtype]
     # est < 2^e; log2 of 0 is -inf, clamped to the smallest exponent.
     e = (torch.floor(torch.log2(est)) + 1.0).clamp(-bound, bound)
-    inv = torch.exp2(-e)  # exact for integral exponents in range
-    return mid * inv, inv
+    return mid, torch.exp2(-e)  # exact for integral exponents in range
 
 
-def _centered(x: Tensor, shift: Tensor, inv: Tensor) -> Tensor:
-    """``x * inv - shift`` in the statistics dtype: one pass, fresh tensor in x's layout."""
-    return torch.addcmul(-shift, x, inv)
+def _sample(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """One element of each set (index 0 along every reduced dim), keepdim shape: the fast path's shift."""
+    k = x
+    for d in dims:
+        k = k.narrow(d, 0, 1)
+    return k
 
 
-def _count(x: Tensor, dims: tuple[int, ...], mask: Tensor | None, like: Tensor) -> tuple[Tensor, int | None]:
+def _centered(x: Tensor, shift: Tensor, inv: Tensor | None) -> Tensor:
+    """``(x - shift) * inv`` in the statistics dtype: a fresh tensor in x's layout (``inv=None``: 1)."""
+    d = torch.sub(x, shift)  # type promotion: a float16 / bfloat16 x gives a float32 result in one pass
+    return d if inv is None else d.mul_(inv)
+
+
+def _count(x: Tensor, dims: tuple[int, ...], mask: Tensor | None, like: Tensor) -> Tensor:
     if mask is None:
         m = 1
         for d in dims:
             m *= x.shape[d]
-        return torch.full_like(like, float(m)), m
-    return mask.expand(x.shape).sum(dims, keepdim=True, dtype=like.dtype), None
+        return torch.full_like(like, float(m))
+    return mask.expand(x.shape).sum(dims, keepdim=True, dtype=like.dtype)
 
 
 def _scaled_rstd(var: Tensor, inv: Tensor, eps: float) -> Tensor:
@@ -194,6 +202,39 @@ def _scaled_rstd(var: Tensor, inv: Tensor, eps: float) -> Tensor:
     return torch.where(torch.isinf(t), inv.reciprocal() * (1.0 / eps**0.5), torch.rsqrt(var + t))
 
 
+# The unscaled fast path is exact while every set's variance is finite and, unless eps dominates it
+# by 2^40, at least 2^-100 (float32; 2^-900 for float64): squares of smaller deviations lose bits.
+_TINY_VAR = {torch.float32: 2.0**-100, torch.float64: 2.0**-900}
+
+
+def _fast_path_allowed(x: Tensor, mask: Tensor | None) -> bool:
+    """Whether :func:`norm_forward` may try the unscaled path and check it (a CPU tensor in plain eager)."""
+    return (
+        mask is None
+        and type(x) is Tensor
+        and x.device.type == "cpu"
+        and not _functorch_active()
+        and not torch.compiler.is_compiling()
+        and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+    )
+
+
+def _centred_moments(
+    x: Tensor, shift: Tensor, inv: Tensor | None, dims: tuple[int, ...], mask: Tensor | None, count: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d, cmean, var)``: ``d = (x - shift) * inv - cmean`` (zero where masked out), two-pass."""
+    d = _centered(x, shift, inv)
+    if mask is None:
+        cmean = _reduce(d, dims, "mean")
+        d.sub_(cmean)
+        return d, cmean, _reduce(d * d, dims, "mean")
+    zero = torch.zeros((), dtype=d.dtype, device=x.device)
+    safe = count.clamp_min(1.0)
+    cmean = torch.where(mask, d, zero).sum(dims, keepdim=True) / safe
+    d = torch.where(mask, d - cmean, zero)
+    return d, cmean, (d * d).sum(dims, keepdim=True) / safe
+
+
 def norm_forward(
     x: Tensor,
     weight: Tensor | None,
@@ -207,30 +248,70 @@ def norm_forward(
     ``weight`` and ``bias`` broadcast against ``x`` (e.g. ``(1, C, 1, 1)``). With a ``mask``,
     statistics pool over the valid elements only, and masked-out elements (and sets without a
     valid element) output the bias. ``x`` must be non-empty along every reduced dim.
+
+    Two paths compute the same statistics. The scaled path (mid-range shift, power-of-two scale)
+    is exact for every finite input and has no data-dependent control flow: it runs under
+    ``torch.func`` transforms, tracing, Dynamo, fake tensors, on accelerators and for masks. A
+    plain eager CPU call first tries the unscaled path (shift by one element of each set, as
+    fast as a plain two-pass), checks on the per-set results whether any set needs the scale
+    (a non-finite variance, or a variance below ``2^-100`` that ``eps`` does not dominate), and
+    only then recomputes with the scaled path: the check a fused CPU kernel makes, here on a few
+    numbers per set.
     """
     dims = tuple(dims)
     dtype = acc_dtype(x.dtype)
+    if _fast_path_allowed(x, mask):
+        shift = _sample(x, dims).to(dtype)
+        count = _count(x, dims, None, shift)
+        d, cmean, var = _centred_moments(x, shift, None, dims, None, count)
+        bad = ~torch.isfinite(var)
+        tiny = _TINY_VAR[dtype]
+        if eps < tiny * 2.0**40:
+            bad = bad | (var < tiny)
+        if not bool(bad.any()):
+            rstd = torch.rsqrt(var + eps)
+            return _finish(x, d, weight, bias, None, count, shift, torch.ones_like(shift), cmean, rstd, var)
+        del d
     shift, inv = _scale_shift(x, dims, mask, dtype)
-    d = _centered(x, shift, inv)
-    count, m = _count(x, dims, mask, inv)
-    if mask is None:
-        cmean = _reduce(d, dims, "mean")
-        d.sub_(cmean)
-        var = _reduce(d * d, dims, "mean")
-    else:
-        zero = torch.zeros((), dtype=dtype, device=x.device)
-        safe = count.clamp_min(1.0)
-        cmean = torch.where(mask, d, zero).sum(dims, keepdim=True) / safe
-        d = torch.where(mask, d - cmean, zero)
-        var = (d * d).sum(dims, keepdim=True) / safe
+    count = _count(x, dims, mask, inv)
+    d, cmean, var = _centred_moments(x, shift, inv, dims, mask, count)
     rstd = _scaled_rstd(var, inv, eps)
     if mask is not None:
         rstd = torch.where(count > 0, rstd, 0.0)
-    scale = rstd if weight is None else rstd * weight.to(dtype)
-    if bias is None:
+    return _finish(x, d, weight, bias, mask, count, shift, inv, cmean, rstd, var)
+
+
+def _varies_innermost(x: Tensor, p: Tensor) -> bool:
+    """Whether the broadcast factor ``p`` changes along ``x``'s innermost (stride-1) dim."""
+    for i, (size, stride) in enumerate(zip(x.shape, x.stride())):
+        if stride == 1 and size > 1:
+            return p.shape[i] > 1
+    return False
+
+
+def _finish(
+    x: Tensor,
+    d: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    count: Tensor,
+    shift: Tensor,
+    inv: Tensor,
+    cmean: Tensor,
+    rstd: Tensor,
+    var: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``y = d * rstd * weight + bias`` in place on ``d``, and the stacked statistics."""
+    scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
+    if _functorch_active():  # d and the affine may be batched differently: no in-place arithmetic
+        y = d * scale if bias is None else torch.addcmul(bias.to(rstd.dtype), d, scale)
+    elif bias is None:
         y = d.mul_(scale)
-    else:
-        y = torch.addcmul(bias.to(dtype), d, scale)
+    elif _varies_innermost(d, scale):  # one fused pass vectorizes well when the factors vary innermost
+        y = torch.addcmul(bias.to(rstd.dtype), d, scale, out=d)
+    else:  # ... and two in-place passes beat it when they are constant along the innermost run
+        y = d.mul_(scale).add_(bias.to(rstd.dtype))
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     stats = torch.stack(torch.broadcast_tensors(shift, inv, cmean, rstd, var, count))
@@ -243,7 +324,7 @@ def mean_var(stats: Tensor) -> tuple[Tensor, Tensor]:
     The variance is ``inf`` when it exceeds the accumulation dtype (fp32: values above ~1.8e19).
     """
     s = stats[_INV].reciprocal()  # exact: a power of two
-    mean = (stats[_SHIFT] + stats[_CMEAN]) * s
+    mean = stats[_SHIFT] + stats[_CMEAN] * s
     var = stats[_VAR] * s * s
     return mean, var
 
@@ -317,28 +398,26 @@ def norm_backward(
     dbias = None
     # Reduce first over the set dims along which neither weight nor bias varies.
     fine = tuple(i for i in dims if all(p is None or p.shape[i] == 1 for p in (weight, bias)))
-    if need_b and mask is not None:  # padded positions output the bias: their dy counts for it
-        assert bias is not None
-        dbias = _sum_to(_reduce(dy_a, fine, "sum") if fine else dy_a, bias)
     inplace = not _functorch_active()
-    d = _centered(x, shift, inv)
-    if mask is None:
-        d = d.sub_(cmean) if inplace else d - cmean
-    else:
+    # d = (x - shift) * inv: the scaled deviations before removing cmean, whose effect is folded
+    # into the per-set sums and the constant term (one full-size temporary, as a plain two-pass).
+    d = _centered(x, shift, inv) if inplace else (x.to(dtype) - shift) * inv
+    if mask is not None:
         zero = torch.zeros((), dtype=dtype, device=x.device)
+        if need_b:  # padded positions output the bias: their dy counts for it
+            assert bias is not None
+            dbias = _sum_to(_reduce(dy_a, fine, "sum") if fine else dy_a, bias)
         d = torch.where(mask, d - cmean, zero)
         dy_a = torch.where(mask, dy_a, zero)
-    # d is x - mean, scaled: x_hat = d * rstd (scaled rstd).
+        cmean = torch.zeros_like(cmean)
     s_dy = _reduce(dy_a, fine, "sum") if fine else dy_a
     if need_b and mask is None:
         assert bias is not None
         dbias = _sum_to(s_dy, bias)
     prod = dy_a * d
     s_dyd = _reduce(prod, fine, "sum") if fine else prod
-    dweight = None
-    if need_w:
-        assert weight is not None
-        dweight = _sum_to(s_dyd * rstd, weight)
+    s_dyxh = (s_dyd - cmean * s_dy) * rstd  # sum dy * x_hat, at the fine shape
+    dweight = _sum_to(s_dyxh, weight) if need_w else None
     if not need_x:
         return None, dweight, dbias
     if mask is None and all(x.shape[i] == 1 for i in dims):
@@ -347,15 +426,16 @@ def norm_backward(
     w = weight.to(dtype) if weight is not None else None
     rest = tuple(i for i in dims if i not in fine)
     g_sum = s_dy if w is None else w * s_dy
-    gd_sum = s_dyd if w is None else w * s_dyd
+    gx_sum = s_dyxh if w is None else w * s_dyxh
     if rest:
         g_sum = g_sum.sum(rest, keepdim=True)
-        gd_sum = gd_sum.sum(rest, keepdim=True)
+        gx_sum = gx_sum.sum(rest, keepdim=True)
     safe = count.clamp_min(1.0)
     true_rstd = rstd * inv  # 1 / sqrt(var + eps)
+    # dx = a * dy + b * d + c, with x_hat = (d - cmean) * rstd.
     a = true_rstd if w is None else w * true_rstd
-    b = -(rstd * rstd * true_rstd) * (gd_sum / safe)
-    c = -true_rstd * (g_sum / safe)
+    b = -(rstd * true_rstd) * (gx_sum / safe)
+    c = -true_rstd * (g_sum / safe) - cmean * b
     if inplace:
         # prod (dy * d) is dead once summed: reuse its memory for dx (no fresh full-size allocation).
         try:
@@ -375,7 +455,7 @@ def _differentiable_stats(
 ) -> tuple[Tensor, Tensor]:
     """``(x_hat, true_rstd)`` from plain differentiable ops (double backward, jvp reference)."""
     dtype = inv.dtype
-    d = x.to(dtype) * inv - shift
+    d = (x.to(dtype) - shift) * inv
     zero = torch.zeros((), dtype=dtype, device=x.device)
     safe = count.clamp_min(1.0)
     if mask is not None:
@@ -447,7 +527,7 @@ def norm_jvp(
     dtype = stats.dtype
     shift, inv, cmean, rstd, count = stats[_SHIFT], stats[_INV], stats[_CMEAN], stats[_RSTD], stats[_COUNT]
     zero = torch.zeros((), dtype=dtype, device=x.device)
-    x_hat = (x.to(dtype) * inv - shift - cmean) * rstd
+    x_hat = ((x.to(dtype) - shift) * inv - cmean) * rstd
     if mask is not None:
         x_hat = torch.where(mask, x_hat, zero)
     safe = count.clamp_min(1.0)

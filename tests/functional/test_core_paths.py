@@ -1,0 +1,126 @@
+"""The core's two forward paths: the unscaled eager CPU path and the branch-free scaled path.
+
+``normkit.ops.core.norm_forward`` tries the unscaled path (shift by one element per set) in plain
+eager CPU calls and falls back to the scaled path where a set needs it. Both must give the float64
+oracle's answer, on ordinary data and at the extremes, forward and backward; and the fallback must
+really be taken where the unscaled path alone would be wrong.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from normkit.ops import core
+from tests.reference import ref_group_norm
+
+
+def _scaled_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core, "_fast_path_allowed", lambda x, mask: False)
+
+
+def _x(scale: float, offset: float = 0.0, seed: int = 0, shape=(4, 6, 5, 5)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (offset + torch.randn(shape, generator=g, dtype=torch.float64) * scale).float()
+
+
+CASES = [  # (scale, offset, eps)
+    (1.0, 0.0, 1e-5),
+    (1e-2, 1e4, 1e-5),  # the README's large-offset example
+    (1e-2, 1e4, 0.0),
+    (1e30, 0.0, 1e-5),  # squares overflow fp32: needs the scale
+    (1e-30, 0.0, 0.0),  # squares underflow and eps does not dominate: needs the scale
+    (1e-30, 0.0, 1e-5),  # eps dominates: the unscaled path is exact enough
+    (3e37, 0.0, 1e-5),
+]
+
+
+@pytest.mark.parametrize("scale, offset, eps", CASES)
+@pytest.mark.parametrize("dims", [(0, 2, 3), (1, 2, 3), (2, 3)], ids=["bn", "ln", "in"])
+def test_both_paths_match_the_float64_oracle(monkeypatch, scale, offset, eps, dims):
+    x = _x(scale, offset)
+    w = torch.rand(1, 6, 1, 1) + 0.5
+    b = torch.randn(1, 6, 1, 1)
+    fast, fast_stats = core.norm_forward(x, w, b, None, dims, eps)
+    with monkeypatch.context() as m:
+        _scaled_only(m)
+        scaled, scaled_stats = core.norm_forward(x, w, b, None, dims, eps)
+    xd = x.double()
+    mean = xd.mean(dims, keepdim=True)
+    var = (xd - mean).square().mean(dims, keepdim=True)
+    want = (xd - mean) / torch.sqrt(var + eps) * w.double() + b.double()
+    for y in (fast, scaled):
+        assert bool(torch.isfinite(y).all())
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=2e-5)
+    for stats in (fast_stats, scaled_stats):
+        got_mean, got_var = core.mean_var(stats)
+        # the mean to fp32 precision, and to 1e-6 of the spread (exact centring, even at an offset of 1e4)
+        torch.testing.assert_close(got_mean.double(), mean, rtol=1e-6, atol=1e-6 * float(var.sqrt().max()))
+        if 1e-18 < scale < 1e18:  # the variance itself fits in fp32
+            torch.testing.assert_close(got_var.double(), var, rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.parametrize("scale, offset, eps", CASES)
+def test_backward_from_either_path_matches_the_float64_oracle(monkeypatch, scale, offset, eps):
+    if scale > 1e20 or (scale < 1e-20 and eps == 0.0):
+        pytest.skip("the true gradient (~1/std) is outside fp32 here: covered by the finite-output tests")
+    x = _x(scale, offset, seed=3)
+    w = torch.rand(1, 6, 1, 1, dtype=torch.float64) + 0.5
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    xd = x.double().requires_grad_(True)
+    wd = w.clone().requires_grad_(True)
+    ref = ref_group_norm(xd, 2, wd.view(6), None, eps)
+    want_dx, want_dw = torch.autograd.grad(ref, (xd, wd), dy)
+    for scaled in (False, True):
+        with monkeypatch.context() as m:
+            if scaled:
+                _scaled_only(m)
+            xv = x.view(4, 2, 3, 5, 5)
+            wv = w.float().view(1, 2, 3, 1, 1)
+            _, stats = core.norm_forward(xv, wv, None, None, (2, 3, 4), eps)
+            dx, dw, _ = core.norm_backward(dy.float().view_as(xv), xv, wv, None, None, stats, (2, 3, 4), (True, True, False))
+        assert dx is not None and dw is not None
+        # compare relative to the gradient's own size (its entries scale like 1 / std)
+        size = want_dx.abs().max()
+        torch.testing.assert_close(dx.view_as(x).double() / size, want_dx / size, rtol=0.0, atol=1e-5)
+        torch.testing.assert_close(dw.view(6).double(), want_dw.view(6), rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_is_taken_exactly_where_the_unscaled_path_fails(monkeypatch):
+    calls = []
+    real = core._scale_shift
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(core, "_scale_shift", spy)
+    core.norm_forward(_x(1.0), None, None, None, (0, 2, 3), 1e-5)
+    core.norm_forward(_x(1e-2, 1e4), None, None, None, (0, 2, 3), 1e-5)
+    core.norm_forward(_x(1e-30), None, None, None, (0, 2, 3), 1e-5)  # eps dominates
+    assert calls == []
+    y, _ = core.norm_forward(_x(1e30), None, None, None, (0, 2, 3), 1e-5)
+    assert calls == [1] and bool(torch.isfinite(y).all())
+    y, _ = core.norm_forward(torch.tensor([[[3e38, -3e38, 1.0, 2.0]]]), None, None, None, (2,), 1e-5)
+    assert calls == [1, 1] and bool(torch.isfinite(y).all())
+    y, _ = core.norm_forward(_x(1e-30), None, None, None, (0, 2, 3), 0.0)
+    assert calls == [1, 1, 1] and bool(torch.isfinite(y).all())
+
+
+def test_scaled_path_runs_wherever_data_dependent_flow_is_not_allowed():
+    x = _x(1.0)
+    assert core._fast_path_allowed(x, None)
+    assert not core._fast_path_allowed(x, torch.ones_like(x, dtype=torch.bool))
+    assert not core._fast_path_allowed(x.to("meta"), None)
+    seen = []
+
+    def f(t):
+        seen.append(core._fast_path_allowed(t, None))
+        return core.norm_forward(t, None, None, None, (1,), 1e-5)[0]
+
+    torch.func.vmap(f)(torch.randn(3, 4, 5))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        f(mode.from_tensor(torch.randn(4, 5)))
+    assert seen == [False, False]

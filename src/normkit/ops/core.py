@@ -12,19 +12,25 @@ unmasked inputs run the same code.
 Numerics, branch-free (no host sync, no data-dependent Python ``if``):
 
 * Statistics accumulate in float32 for float16/bfloat16/float32 inputs and in float64 for float64.
-* Each set is first *shifted and scaled*: ``d = (x - mid) * 2^-e`` with ``mid`` the set's mid-range
-  ``(max + min) / 2`` and ``2^e`` a power of two just above the half-range (never below
-  ``max|x| * 2^-100``). Scaling by a power of two is exact, and subtracting a shift that lies
-  inside the data is exact for values close to it (Sterbenz), so:
-  - a large common offset costs nothing: fp32 ``1e4 + 1e-2 * noise`` normalizes to 2.5e-7, where a
-    plain fp32 two-pass (torch's GN) is off by 0.07;
-  - no square or sum can overflow or underflow: ``|d| <= 1``, so inputs up to the fp32 maximum
-    (``[3e38, -3e38, 1, 2]``) and down to subnormals (1e-40, even with ``eps = 0``) give finite,
-    exact outputs. The variance itself is returned in the accumulation dtype and is ``inf`` only
-    when the true variance exceeds it (fp32: ``|x|`` above about 1.8e19); ``rstd`` stays exact.
-* The variance is two-pass on the scaled values (mean of ``d``, then mean of ``(d - mean)^2``),
-  never ``E[x^2] - E[x]^2``.
-* Cost: two extra read-only reductions (per-set max and min) on top of the two-pass moments.
+* Each set is *shifted*, and where needed *scaled*: ``d = (x - shift) * 2^-e``. Subtracting a
+  shift that lies inside the data is exact for values close to it (Sterbenz), so a large common
+  offset costs nothing: fp32 ``1e4 + 1e-2 * noise`` normalizes to 2.5e-7, where a plain fp32
+  two-pass (torch's GN) is off by 0.07.
+* The variance is two-pass on ``d`` (mean of ``d``, then mean of ``(d - mean)^2``), never
+  ``E[x^2] - E[x]^2``.
+* Two paths, one result (:func:`norm_forward`). The *scaled* path shifts by the set's mid-range
+  ``(max + min) / 2`` and scales by a power of two ``2^e`` just above the half-range (never below
+  ``max|x| * 2^-100``): scaling by a power of two is exact and ``|d| <= 1``, so no square or sum
+  can overflow or underflow, and inputs up to the fp32 maximum (``[3e38, -3e38, 1, 2]``) and down
+  to subnormals (1e-40, even with ``eps = 0``) give finite, exact outputs. It has no
+  data-dependent control flow, and costs two read-only reductions (per-set max and min) more.
+  The *unscaled* path shifts by one element of each set and does not scale: a plain two-pass.
+  Plain eager CPU calls try it first and check, on the per-set results, that no set needed the
+  scale (a finite variance, at least ``2^-100`` unless ``eps`` dominates it); only a failing check
+  reruns the call on the scaled path (the check a fused kernel would make). Under ``torch.func``,
+  Dynamo, tracing, fake tensors, on accelerators and with a mask, the scaled path runs directly.
+* The variance itself is returned in the accumulation dtype and is ``inf`` only when the true
+  variance exceeds it (fp32: ``|x|`` above about 1.8e19); ``rstd`` stays exact.
 
 Range covered: float32 and float16/bfloat16 inputs, every finite value (outputs finite whenever
 the input is finite); float64 likewise up to 1.8e308. A non-finite input propagates NaN into its

@@ -60,10 +60,13 @@ def test_both_paths_match_the_float64_oracle(monkeypatch, scale, offset, eps, di
             torch.testing.assert_close(got_var.double(), var, rtol=1e-4, atol=0.0)
 
 
-@pytest.mark.parametrize("scale, offset, eps", CASES)
+# The gradient's entries scale like 1 / std: cases where that is outside fp32 are left to the
+# forward tests above.
+GRAD_CASES = [c for c in CASES if c[0] < 1e20 and not (c[0] < 1e-20 and c[2] == 0.0)]
+
+
+@pytest.mark.parametrize("scale, offset, eps", GRAD_CASES)
 def test_backward_from_either_path_matches_the_float64_oracle(monkeypatch, scale, offset, eps):
-    if scale > 1e20 or (scale < 1e-20 and eps == 0.0):
-        pytest.skip("the true gradient (~1/std) is outside fp32 here: covered by the finite-output tests")
     x = _x(scale, offset, seed=3)
     w = torch.rand(1, 6, 1, 1, dtype=torch.float64) + 0.5
     dy = torch.randn(x.shape, dtype=torch.float64)

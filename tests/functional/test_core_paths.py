@@ -127,3 +127,17 @@ def test_scaled_path_runs_wherever_data_dependent_flow_is_not_allowed():
     with FakeTensorMode() as mode:
         f(mode.from_tensor(torch.randn(4, 5)))
     assert seen == [False, False]
+
+
+def test_moments_compile_fullgraph_equals_eager():
+    # Dynamo traces moments() itself (no op boundary): it must take the branch-free path, unbroken.
+    from normkit.ops import moments
+
+    def f(x):
+        m = moments(x, (0, 2, 3))
+        return m.mean, m.var
+
+    x = _x(1.0, 1e4)
+    assert torch._dynamo.explain(f)(x).graph_break_count == 0
+    for got, want in zip(torch.compile(f, fullgraph=True)(x), f(x)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -227,11 +227,11 @@ _TINY_VAR = {torch.float32: 2.0**-100, torch.float64: 2.0**-900}
 def _fast_path_allowed(x: Tensor, mask: Tensor | None) -> bool:
     """Whether :func:`norm_forward` may try the unscaled path and check it (a CPU tensor in plain eager)."""
     return (
-        mask is None
+        not torch.compiler.is_compiling()  # first: Dynamo must not look at the rest
+        and mask is None
         and type(x) is Tensor
         and x.device.type == "cpu"
         and not _functorch_active()
-        and not torch.compiler.is_compiling()
         and torch.utils._python_dispatch._get_current_dispatch_mode() is None
     )
 

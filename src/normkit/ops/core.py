@@ -9,7 +9,8 @@ Norm ...) is this computation over a different set of dims (ALGORITHMS.md §0):
 A boolean ``mask`` (True = valid) only changes which elements each set pools over; masked and
 unmasked inputs run the same code.
 
-Numerics, branch-free (no host sync, no data-dependent Python ``if``):
+Numerics (no host sync on accelerators, no data-dependent control flow where anything traces or
+transforms the call; the one data-dependent check is described below):
 
 * Statistics accumulate in float32 for float16/bfloat16/float32 inputs and in float64 for float64.
 * Each set is *shifted*, and where needed *scaled*: ``d = (x - shift) * 2^-e``. Subtracting a
@@ -232,6 +233,7 @@ def _fast_path_allowed(x: Tensor, mask: Tensor | None) -> bool:
         and type(x) is Tensor
         and x.device.type == "cpu"
         and not _functorch_active()
+        # no FakeTensorMode / make_fx proxy mode: they cannot answer the data-dependent check
         and torch.utils._python_dispatch._get_current_dispatch_mode() is None
     )
 
@@ -287,7 +289,7 @@ def norm_forward(
             ok = ok & (var >= tiny)
         if bool(ok.all()):
             rstd = torch.rsqrt(var + eps)
-            return _finish(x, d, weight, bias, None, count, shift, torch.ones_like(shift), cmean, rstd, var)
+            return _finish(x, d, weight, bias, count, shift, torch.ones_like(shift), cmean, rstd, var)
         del d
     shift, inv = _scale_shift(x, dims, mask, dtype)
     count = _count(x, dims, mask, inv)
@@ -295,7 +297,7 @@ def norm_forward(
     rstd = _scaled_rstd(var, inv, eps)
     if mask is not None:
         rstd = torch.where(count > 0, rstd, 0.0)
-    return _finish(x, d, weight, bias, mask, count, shift, inv, cmean, rstd, var)
+    return _finish(x, d, weight, bias, count, shift, inv, cmean, rstd, var)
 
 
 def _varies_innermost(x: Tensor, p: Tensor) -> bool:
@@ -311,7 +313,6 @@ def _finish(
     d: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    mask: Tensor | None,
     count: Tensor,
     shift: Tensor,
     inv: Tensor,
@@ -424,16 +425,16 @@ def norm_backward(
         if need_b:  # padded positions output the bias: their dy counts for it
             assert bias is not None
             dbias = _sum_to(_reduce(dy_a, fine, "sum") if fine else dy_a, bias)
-        d = torch.where(mask, d - cmean, zero)
+        d = torch.where(mask, d - cmean, zero)  # already centred: nothing left to fold below
         dy_a = torch.where(mask, dy_a, zero)
-        cmean = torch.zeros_like(cmean)
     s_dy = _reduce(dy_a, fine, "sum") if fine else dy_a
     if need_b and mask is None:
         assert bias is not None
         dbias = _sum_to(s_dy, bias)
     prod = dy_a * d
     s_dyd = _reduce(prod, fine, "sum") if fine else prod
-    s_dyxh = (s_dyd - cmean * s_dy) * rstd  # sum dy * x_hat, at the fine shape
+    cm = cmean if mask is None else None  # the centring still to fold into the sums
+    s_dyxh = (s_dyd if cm is None else s_dyd - cm * s_dy) * rstd  # sum dy * x_hat, at the fine shape
     dweight = _sum_to(s_dyxh, weight) if need_w else None
     if not need_x:
         return None, dweight, dbias
@@ -449,10 +450,12 @@ def norm_backward(
         gx_sum = gx_sum.sum(rest, keepdim=True)
     safe = count.clamp_min(1.0)
     true_rstd = rstd * inv  # 1 / sqrt(var + eps)
-    # dx = a * dy + b * d + c, with x_hat = (d - cmean) * rstd.
+    # dx = a * dy + b * d + c, with x_hat = (d - cm) * rstd.
     a = true_rstd if w is None else w * true_rstd
     b = -(rstd * true_rstd) * (gx_sum / safe)
-    c = -true_rstd * (g_sum / safe) - cmean * b
+    c = -true_rstd * (g_sum / safe)
+    if cm is not None:
+        c = c - cm * b
     if inplace:
         # prod (dy * d) is dead once summed: reuse its memory for dx (no fresh full-size allocation).
         try:

@@ -4,6 +4,7 @@ The public API:
 
 * :mod:`normkit.functional` -- pure tensor ops on one generic core (``batch_norm``, ``group_norm``, ...).
 * :mod:`normkit.nn` -- drop-in ``torch.nn`` modules (``BatchNorm2d``, ``GroupNorm``, ``LayerNorm2d``, ...).
+* :mod:`normkit.kernels` -- the backends behind the ops (fused C++ CPU kernels, the reference) and ``use()``.
 * :mod:`normkit.ops` -- the registered ``torch.library`` ops (``normkit::norm`` ...) every norm runs on.
 * :class:`NormError` -- raised for bad values and shapes; a ``ValueError`` and a ``RuntimeError``.
 * :func:`create_norm_layer` -- norm layers by name (``"bn"``, ``"gn:16"``, ``"ln"``, ``"ln2d"``, ``"in"``).
@@ -17,7 +18,7 @@ Example:
     torch.Size([2, 64, 8, 8])
 """
 
-from . import convert, functional, nn, ops, surgery
+from . import convert, functional, kernels, nn, ops, surgery
 from ._errors import NormError
 from .nn import (
     available_norms,
@@ -42,6 +43,7 @@ __all__ = [
     "fold_proxy_norm",
     "freeze_bn",
     "functional",
+    "kernels",
     "nn",
     "ops",
     "param_groups",

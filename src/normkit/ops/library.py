@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import core
+from .. import kernels
 
 __all__ = ["exporting", "norm", "norm_stats", "proxy_act"]
 
@@ -82,7 +83,7 @@ def _norm_op(
     dims: Sequence[int],
     eps: float,
 ) -> tuple[Tensor, Tensor]:
-    return core.norm_forward(x, weight, bias, mask, tuple(dims), eps)
+    return kernels.norm_forward(x, weight, bias, mask, tuple(dims), eps)
 
 
 @_norm_op.register_fake
@@ -102,7 +103,7 @@ def _norm_backward_op(
     dims: Sequence[int],
     needs: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = core.norm_backward(dy, x, weight, bias, mask, stats, tuple(dims), needs)
+    dx, dw, db = kernels.norm_backward(dy, x, weight, bias, mask, stats, tuple(dims), needs)
     empty = x.new_empty(0)
     return (
         dx.to(x.dtype) if dx is not None else empty,
@@ -134,7 +135,7 @@ def _backward(
     if torch.compiler.is_compiling():
         dx, dw, db = torch.ops.normkit.norm_backward(dy, x, weight, bias, mask, stats, list(dims), needs)
         return (dx if needs[0] else None), (dw if needs[1] else None), (db if needs[2] else None)
-    dx, dw, db = core.norm_backward(dy, x, weight, bias, mask, stats, dims, needs)
+    dx, dw, db = kernels.norm_backward(dy, x, weight, bias, mask, stats, dims, needs)
     return (dx.to(x.dtype) if dx is not None else None), dw, db
 
 
@@ -162,7 +163,7 @@ class _NormFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: tuple[int, ...], eps: float
     ) -> tuple[Tensor, Tensor]:
-        return core.norm_forward(x, weight, bias, mask, dims, eps)
+        return kernels.norm_forward(x, weight, bias, mask, dims, eps)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
@@ -204,7 +205,7 @@ class _NormFunctionEager(torch.autograd.Function):
         dims: tuple[int, ...],
         eps: float,
     ) -> tuple[Tensor, Tensor]:
-        y, stats = core.norm_forward(x, weight, bias, mask, dims, eps)
+        y, stats = kernels.norm_forward(x, weight, bias, mask, dims, eps)
         ctx.save_for_backward(x, weight, bias, mask, stats)
         ctx.save_for_forward(x, weight, bias, mask, stats)
         ctx.mark_non_differentiable(stats)
@@ -239,7 +240,7 @@ def norm(
         return _NormFunction.apply(x, weight, bias, mask, dims, float(eps))  # type: ignore[no-any-return]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if not needs_grad and torch.autograd.forward_ad._current_level < 0:
-        return core.norm_forward(x, weight, bias, mask, dims, float(eps))  # nothing to differentiate
+        return kernels.norm_forward(x, weight, bias, mask, dims, float(eps))  # nothing to differentiate
     return _NormFunctionEager.apply(x, weight, bias, mask, dims, float(eps))  # type: ignore[no-any-return]
 
 

@@ -1,0 +1,121 @@
+"""Building and loading the fused CPU kernels (``csrc/norm_cpu.cpp``) with torch's extension machinery.
+
+The extension is compiled once per machine and torch version, on first use or ahead of time with
+``normkit kernels build`` (about 40 s with g++ and ninja), into an on-disk cache:
+``$NORMKIT_CACHE`` or ``~/.cache/normkit`` (``$XDG_CACHE_HOME/normkit``), under a folder named
+after the torch version and the CPU's vector extensions, since the kernels are compiled for the
+machine they run on (``-march=native``). ``torch.utils.cpp_extension.load`` rebuilds when the
+source changes. Set ``NORMKIT_NO_BUILD=1`` to never compile (a cached build is still used).
+
+It is written against the LibTorch stable ABI (``STABLE_TORCH_LIBRARY``): the kernels only touch
+memory the Python side allocated, and need nothing from torch but ``parallel_for``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["KernelBuildWarning", "build_dir", "is_built", "load", "load_error"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "norm_cpu.cpp"
+_NAME = "normkit_cpu"
+_LOCK = threading.Lock()
+_state: dict[str, object] = {"loaded": False, "error": None, "tried": False}
+
+
+class KernelBuildWarning(RuntimeWarning):
+    """The fused CPU kernels could not be built; normkit runs on its reference backend instead."""
+
+
+def _cpu_tag() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = " ".join(sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "f16c", "sse"))))
+                    break
+    except OSError:
+        flags = platform.processor()
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+def build_dir() -> Path:
+    """Where the compiled extension lives (created on build)."""
+    root = os.environ.get("NORMKIT_CACHE")
+    if root:
+        base = Path(root)
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = (Path(xdg) if xdg else Path.home() / ".cache") / "normkit"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return base / "kernels" / f"torch{torch.__version__.replace('+', '_')}-{py}-{_cpu_tag()}"
+
+
+def is_built() -> bool:
+    """Whether a compiled extension is in the cache (it may still be rebuilt if the source changed)."""
+    d = build_dir()
+    return d.is_dir() and any(d.glob(f"{_NAME}*.so"))
+
+
+def load_error() -> str | None:
+    """Why the last build or load failed, or ``None``."""
+    err = _state["error"]
+    return None if err is None else str(err)
+
+
+def load(build: bool = True, verbose: bool = False) -> bool:
+    """Load the fused CPU kernels, compiling them first when needed (and ``build``); True on success.
+
+    A failed build warns once (:class:`KernelBuildWarning`) and returns False: every norm then runs
+    on the reference backend.
+    """
+    if _state["loaded"]:
+        return True
+    with _LOCK:
+        if _state["loaded"]:
+            return True
+        if not build and not is_built():
+            return False
+        if _state["tried"] and not verbose:
+            return False
+        _state["tried"] = True
+        if os.environ.get("NORMKIT_NO_BUILD") and not is_built():
+            return False
+        try:
+            from torch.utils import cpp_extension
+
+            d = build_dir()
+            d.mkdir(parents=True, exist_ok=True)
+            if not is_built() and not verbose:
+                print("normkit: compiling the fused CPU kernels once (about 40 s; `normkit kernels build` does it "
+                      f"ahead of time) into {d}", file=sys.stderr, flush=True)
+            cpp_extension.load(
+                name=_NAME,
+                sources=[str(_SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"],
+                build_directory=str(d),
+                is_python_module=False,
+                verbose=verbose,
+            )
+            _state["loaded"] = True
+            _state["error"] = None
+            return True
+        except Exception as e:  # no compiler, no ninja, a compile error: keep working without the kernels
+            _state["error"] = f"{type(e).__name__}: {e}".strip()
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warnings.warn(
+                f"normkit: the fused CPU kernels could not be built ({first}); normkit runs on its reference "
+                "backend instead (correct, slower). `normkit kernels build --verbose` shows the compiler's output.",
+                KernelBuildWarning,
+                stacklevel=3,
+            )
+            return False

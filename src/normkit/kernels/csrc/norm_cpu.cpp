@@ -1,0 +1,789 @@
+// normkit's fused CPU kernels for the norms of normkit::norm (see normkit/kernels/__init__.py).
+//
+// Built on the LibTorch stable ABI (STABLE_TORCH_LIBRARY, torch::stable::parallel_for): one build
+// works across torch versions that share the ABI. The kernels only read and write memory the caller
+// allocated; Python checks shapes, layouts and dtypes and keeps the contract of normkit.ops.core.
+//
+// Every norm here is one of five memory patterns of an (N, C, S) tensor (S = product of the spatial
+// dims), with an optional per-channel affine:
+//   0 BATCH_NCHW   (N, C, S) memory, one set per channel        (BatchNorm)
+//   1 BATCH_CL     (N, S, C) memory, one set per channel        (BatchNorm channels_last, BatchNorm1d)
+//   2 GROUP_NCHW   (N, C, S) memory, one set per (n, group)     (GroupNorm, InstanceNorm, LN over C,H,W,
+//                                                                 LN over a last dim: S = 1)
+//   3 GROUP_CL     (N, S, C) memory, one set per (n, group)     (the same, channels_last)
+//   4 CHANNEL_NCHW (N, C, S) memory, one set per (n, s)         (LayerNorm2d over C on NCHW)
+//
+// Statistics: each set is read in cache-sized chunks; a chunk's moments are two-pass (a rough mean,
+// then sums of deviations from it, the second pass from L1) and chunks merge exactly (Chan et al.),
+// so the input is read from memory once for the statistics. Partial sums are kept in lanes of the
+// compute type (float for float/half/bfloat16, double for double) for a bounded number of elements
+// and flushed into double accumulators. A set whose statistics cannot be stored exactly in the
+// float32 statistics format (a non-finite input or variance, a variance below 2^-100 that eps does
+// not dominate) clears the `ok` flag: the caller then recomputes the call with the scaled reference.
+//
+// The saved statistics follow normkit.ops.core: rows (shift, inv, cmean, rstd, var, count), here with
+// shift = the mean rounded to the statistics dtype, inv = 1, cmean = the rounding residual.
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+using torch::stable::Tensor;
+
+namespace {
+
+enum Mode : int64_t { BATCH_NCHW = 0, BATCH_CL = 1, GROUP_NCHW = 2, GROUP_CL = 3, CHANNEL_NCHW = 4 };
+
+#ifndef NK_LANES
+#define NK_LANES 32
+#define NK_FLUSH 2048
+#define NK_CHUNK 8192
+#define NK_ROWS 64
+#endif
+constexpr int LANES = NK_LANES;        // independent partial sums per accumulator
+constexpr int64_t FLUSH = NK_FLUSH;    // elements summed in the compute type before a flush into double
+constexpr int64_t CHUNK = NK_CHUNK;    // elements of a contiguous chunk (32 KB of float: L1 / L2)
+constexpr int64_t ROWS = NK_ROWS;      // rows per chunk of the channels-last patterns (flushed per chunk)
+
+template <typename T> struct OpMath { using type = float; };
+template <> struct OpMath<double> { using type = double; };
+
+// ---- moments -------------------------------------------------------------------------------
+
+struct Mom {
+  double n = 0.0, mean = 0.0, m2 = 0.0;
+  // Merge a chunk of n values whose deviations d = x - shift sum to s1 and square-sum to s2.
+  inline void add_shifted(double cn, double shift, double s1, double s2) {
+    if (cn <= 0) return;
+    double mu = s1 / cn;
+    double cm2 = std::max(s2 - s1 * mu, 0.0);
+    double cmean = shift + mu;
+    if (n == 0) { n = cn; mean = cmean; m2 = cm2; return; }
+    double tot = n + cn, delta = cmean - mean;
+    mean += delta * (cn / tot);
+    m2 += cm2 + delta * delta * (n * (cn / tot));
+    n = tot;
+  }
+  inline void add(const Mom& o) {
+    if (o.n > 0) add_shifted(o.n, o.mean, 0.0, o.m2);
+  }
+};
+
+// Sum of a contiguous run (the rough mean of a chunk: float partial sums over the whole chunk).
+template <typename T, typename O>
+inline double run_sum(const T* p, int64_t len) {
+  O a[LANES] = {};
+  int64_t i = 0;
+  for (; i + LANES <= len; i += LANES) {
+#pragma omp simd
+    for (int j = 0; j < LANES; ++j) a[j] += static_cast<O>(p[i + j]);
+  }
+  double s = 0.0;
+  for (int j = 0; j < LANES; ++j) s += a[j];
+  for (; i < len; ++i) s += static_cast<O>(p[i]);
+  return s;
+}
+
+// Sums of u = x - m and v = u^2 (DEV), or of u = dy and v = dy * (x - m) (DSUMS), over a contiguous run:
+// partial sums in the compute type O for up to FLUSH elements per lane, then added lane-wise into
+// double lanes (no serial dependency chain per flush).
+template <bool DSUMS, typename T, typename O>
+inline void run_pair(const T* x, const T* dy, int64_t len, O m, double& s1, double& s2) {
+  double d1[LANES] = {}, d2[LANES] = {};
+  int64_t i = 0;
+  while (i + LANES <= len) {
+    O a1[LANES] = {}, a2[LANES] = {};
+    int64_t stop = std::min(len - (len - i) % LANES, i + FLUSH);
+    for (; i < stop; i += LANES) {
+#pragma omp simd
+      for (int j = 0; j < LANES; ++j) {
+        O d = static_cast<O>(x[i + j]) - m;
+        if constexpr (DSUMS) {
+          O g = static_cast<O>(dy[i + j]);
+          a1[j] += g;
+          a2[j] += g * d;
+        } else {
+          a1[j] += d;
+          a2[j] += d * d;
+        }
+      }
+    }
+#pragma omp simd
+    for (int j = 0; j < LANES; ++j) {
+      d1[j] += a1[j];
+      d2[j] += a2[j];
+    }
+  }
+  for (int j = 0; j < LANES; ++j) {
+    s1 += d1[j];
+    s2 += d2[j];
+  }
+  for (; i < len; ++i) {
+    O d = static_cast<O>(x[i]) - m;
+    if constexpr (DSUMS) {
+      O g = static_cast<O>(dy[i]);
+      s1 += g;
+      s2 += static_cast<double>(g) * d;
+    } else {
+      s1 += d;
+      s2 += static_cast<double>(d) * d;
+    }
+  }
+}
+
+template <typename T, typename O>
+inline void run_dev(const T* p, int64_t len, O m, double& s1, double& s2) {
+  run_pair<false, T, O>(p, p, len, m, s1, s2);
+}
+
+// Moments of a contiguous run, chunk by chunk, merged into mo.
+template <typename T, typename O>
+inline void run_moments(const T* p, int64_t len, Mom& mo) {
+  for (int64_t i = 0; i < len; i += CHUNK) {
+    int64_t n = std::min(CHUNK, len - i);
+    O m = static_cast<O>(run_sum<T, O>(p + i, n) / n);
+    double s1 = 0.0, s2 = 0.0;
+    run_dev<T, O>(p + i, n, m, s1, s2);
+    mo.add_shifted(static_cast<double>(n), static_cast<double>(m), s1, s2);
+  }
+}
+
+// Running per-column moments: all columns share the count, so merging a chunk is one vector loop.
+struct ColMoments {
+  double n = 0.0;
+  std::vector<double> mean, m2;
+  explicit ColMoments(int64_t cols = 0) : mean(cols, 0.0), m2(cols, 0.0) {}
+  // a chunk of cn rows: per column shift m, sums a1 = sum (x - m), a2 = sum (x - m)^2
+  template <typename O>
+  void add(double cn, int64_t cols, const O* m, const O* a1, const O* a2) {
+    const double f = cn / (n + cn), h = n * f, icn = 1.0 / cn;
+    double* M = mean.data();
+    double* Q = m2.data();
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) {
+      double s1 = a1[j], mu = s1 * icn;
+      double c2 = static_cast<double>(a2[j]) - s1 * mu;
+      c2 = c2 > 0.0 ? c2 : 0.0;
+      double d = (static_cast<double>(m[j]) + mu) - M[j];
+      M[j] += d * f;
+      Q[j] += c2 + d * d * h;
+    }
+    n += cn;
+  }
+  Mom col(int64_t j) const { return Mom{n, mean[j], m2[j]}; }
+};
+
+// Per-column moments of `rows` rows of `cols` contiguous values (row stride `ld`), chunk by chunk of
+// ROWS rows (two passes over each chunk, the second from cache), merged into cm.
+template <typename T, typename O>
+inline void cols_moments(const T* p, int64_t rows, int64_t cols, int64_t ld, ColMoments& cm, std::vector<O>& a1,
+                         std::vector<O>& a2, std::vector<O>& m) {
+  constexpr int64_t CB = 16;  // columns per register block
+  for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+    int64_t nr = std::min(ROWS, rows - r0);
+    const T* q = p + r0 * ld;
+    O* A1 = a1.data();
+    O* A2 = a2.data();
+    O* M = m.data();
+    const O inr = O(1) / static_cast<O>(nr);
+    int64_t c0 = 0;
+    for (; c0 + CB <= cols; c0 += CB) {  // register blocks: both passes over the chunk's rows
+      O s[CB] = {};
+      for (int64_t r = 0; r < nr; ++r) {
+        const T* row = q + r * ld + c0;
+#pragma omp simd
+        for (int j = 0; j < CB; ++j) s[j] += static_cast<O>(row[j]);
+      }
+      O mm[CB], u[CB] = {}, v[CB] = {};
+#pragma omp simd
+      for (int j = 0; j < CB; ++j) mm[j] = s[j] * inr;
+      for (int64_t r = 0; r < nr; ++r) {
+        const T* row = q + r * ld + c0;
+#pragma omp simd
+        for (int j = 0; j < CB; ++j) {
+          O d = static_cast<O>(row[j]) - mm[j];
+          u[j] += d;
+          v[j] += d * d;
+        }
+      }
+      for (int j = 0; j < CB; ++j) {
+        M[c0 + j] = mm[j];
+        A1[c0 + j] = u[j];
+        A2[c0 + j] = v[j];
+      }
+    }
+    if (c0 < cols) {  // the remaining columns
+      std::fill(A1 + c0, A1 + cols, O(0));
+      for (int64_t r = 0; r < nr; ++r) {
+        const T* row = q + r * ld;
+#pragma omp simd
+        for (int64_t c = c0; c < cols; ++c) A1[c] += static_cast<O>(row[c]);
+      }
+#pragma omp simd
+      for (int64_t c = c0; c < cols; ++c) {
+        M[c] = A1[c] * inr;
+        A1[c] = O(0);
+        A2[c] = O(0);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const T* row = q + r * ld;
+#pragma omp simd
+        for (int64_t c = c0; c < cols; ++c) {
+          O d = static_cast<O>(row[c]) - M[c];
+          A1[c] += d;
+          A2[c] += d * d;
+        }
+      }
+    }
+    cm.add<O>(static_cast<double>(nr), cols, M, A1, A2);
+  }
+}
+
+// ---- per-set finalisation --------------------------------------------------------------------
+
+template <typename O>
+struct SetStats {
+  O shift;   // the mean, rounded
+  double cm; // mean - shift
+  double rstd;
+};
+
+// Store one set's statistics (rows of `st`, nsets columns) and return them; clears ok on failure.
+template <typename O>
+inline SetStats<O> finish_set(const Mom& mo, double eps, O* st, int64_t nsets, int64_t k, int32_t* ok) {
+  double var = mo.m2 / mo.n;
+  O shift = static_cast<O>(mo.mean);
+  double cm = mo.mean - static_cast<double>(shift);
+  double rstd = 1.0 / std::sqrt(var + eps);
+  O var_o = static_cast<O>(var);
+  constexpr bool is_double = sizeof(O) == 8;
+  const double tiny = is_double ? std::ldexp(1.0, -900) : std::ldexp(1.0, -100);
+  bool good = std::isfinite(var_o) && std::isfinite(mo.mean) && std::isfinite(rstd) &&
+              (var >= tiny || eps >= tiny * std::ldexp(1.0, 40));
+  if (!good) __atomic_store_n(ok, 0, __ATOMIC_RELAXED);
+  st[0 * nsets + k] = shift;
+  st[1 * nsets + k] = O(1);
+  st[2 * nsets + k] = static_cast<O>(cm);
+  st[3 * nsets + k] = static_cast<O>(rstd);
+  st[4 * nsets + k] = var_o;
+  st[5 * nsets + k] = static_cast<O>(mo.n);
+  return {shift, cm, rstd};
+}
+
+// y = (x - shift) * A + B over a contiguous run
+template <typename T, typename O>
+inline void run_apply(const T* x, T* y, int64_t len, O shift, O A, O B) {
+#ifdef NO_APPLY
+  return;
+#endif
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) y[i] = static_cast<T>((static_cast<O>(x[i]) - shift) * A + B);
+}
+
+// y[c] = (x[c] - sh[c]) * A[c] + B[c] over a row
+template <typename T, typename O>
+inline void row_apply(const T* x, T* y, int64_t len, const O* sh, const O* A, const O* B) {
+#ifdef NO_APPLY
+  return;
+#endif
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) y[i] = static_cast<T>((static_cast<O>(x[i]) - sh[i]) * A[i] + B[i]);
+}
+
+template <typename O>
+inline void affine_coef(const SetStats<O>& s, const O* w, const O* b, int64_t c, O& A, O& B) {
+  double wc = w ? static_cast<double>(w[c]) : 1.0;
+  double bc = b ? static_cast<double>(b[c]) : 0.0;
+  double a = s.rstd * wc;
+  A = static_cast<O>(a);
+  B = static_cast<O>(bc - s.cm * a);
+}
+
+// ---- forward ---------------------------------------------------------------------------------
+
+template <typename T>
+void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename OpMath<T>::type* b, T* y,
+                  typename OpMath<T>::type* st, int32_t* ok, int64_t mode, int64_t N, int64_t C, int64_t S,
+                  int64_t G, double eps) {
+  using O = typename OpMath<T>::type;
+  const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  if (mode == BATCH_NCHW) {
+    torch::stable::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        Mom mo;
+        for (int64_t n = 0; n < N; ++n) run_moments<T, O>(x + (n * C + c) * S, S, mo);
+        auto s = finish_set<O>(mo, eps, st, C, c, ok);
+        O A, B;
+        affine_coef<O>(s, w, b, c, A, B);
+        for (int64_t n = 0; n < N; ++n) run_apply<T, O>(x + (n * C + c) * S, y + (n * C + c) * S, S, s.shift, A, B);
+      }
+    });
+  } else if (mode == BATCH_CL || mode == GROUP_CL) {
+    // rows of C channels; BATCH_CL: all N * S rows share the sets, GROUP_CL: each sample its own
+    const bool batch = mode == BATCH_CL;
+    const int64_t group = batch ? 1 : C / G;
+    const int64_t nsets = batch ? C : N * G;
+    const int64_t rows = batch ? N * S : S;
+    const int64_t samples = batch ? 1 : N;
+    // BATCH_CL splits the rows into blocks (one per thread), merged afterwards.
+    const int64_t blocks = batch ? std::max<int64_t>(1, std::min(nthreads, rows / ROWS)) : 1;
+    const int64_t per = nsets / samples;  // sets per sample
+    std::vector<ColMoments> part(static_cast<size_t>(samples * blocks), ColMoments(C));
+    torch::stable::parallel_for(0, samples * blocks, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<O> a1(C), a2(C), m(C);
+      for (int64_t i = i0; i < i1; ++i) {
+        int64_t n = i / blocks, blk = i % blocks;
+        int64_t r0 = rows * blk / blocks, r1 = rows * (blk + 1) / blocks;
+        cols_moments<T, O>(x + (n * rows + r0) * C, r1 - r0, C, C, part[i], a1, a2, m);
+      }
+    });
+    std::vector<O> sh(static_cast<size_t>(samples * C)), A(sh.size()), B(sh.size());
+    for (int64_t n = 0; n < samples; ++n) {
+      for (int64_t k = 0; k < per; ++k) {
+        Mom mo;  // the set's columns, from every block
+        for (int64_t blk = 0; blk < blocks; ++blk)
+          for (int64_t c = k * group; c < (k + 1) * group; ++c) mo.add(part[n * blocks + blk].col(c));
+        auto s = finish_set<O>(mo, eps, st, nsets, n * per + k, ok);
+        for (int64_t c = k * group; c < (k + 1) * group; ++c) {
+          sh[n * C + c] = s.shift;
+          affine_coef<O>(s, w, b, c, A[n * C + c], B[n * C + c]);
+        }
+      }
+    }
+    if (!__atomic_load_n(ok, __ATOMIC_RELAXED)) return;
+    torch::stable::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t n = batch ? 0 : r / S;
+        row_apply<T, O>(x + r * C, y + r * C, C, sh.data() + n * C, A.data() + n * C, B.data() + n * C);
+      }
+    });
+  } else if (mode == GROUP_NCHW) {
+    const int64_t Cg = C / G, L = Cg * S;
+    torch::stable::parallel_for(0, N * G, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const T* p = x + k * L;
+        T* q = y + k * L;
+        Mom mo;
+        run_moments<T, O>(p, L, mo);
+        auto s = finish_set<O>(mo, eps, st, N * G, k, ok);
+        const int64_t c0 = (k % G) * Cg;
+        if (S > 1) {
+          for (int64_t j = 0; j < Cg; ++j) {
+            O A, B;
+            affine_coef<O>(s, w, b, c0 + j, A, B);
+            run_apply<T, O>(p + j * S, q + j * S, S, s.shift, A, B);
+          }
+        } else {  // one value per channel: vectorise over the channels
+          const O r = static_cast<O>(s.rstd), cmr = static_cast<O>(s.cm * s.rstd), sh = s.shift;
+          const O* wc = w ? w + c0 : nullptr;
+          const O* bc = b ? b + c0 : nullptr;
+          if (wc && bc) {
+#pragma omp simd
+            for (int64_t j = 0; j < Cg; ++j) q[j] = static_cast<T>(((static_cast<O>(p[j]) - sh) * r - cmr) * wc[j] + bc[j]);
+          } else {
+            for (int64_t j = 0; j < Cg; ++j) {
+              O t = (static_cast<O>(p[j]) - sh) * r - cmr;
+              if (wc) t = t * wc[j];
+              if (bc) t = t + bc[j];
+              q[j] = static_cast<T>(t);
+            }
+          }
+        }
+      }
+    });
+  } else if (mode == CHANNEL_NCHW) {
+    // sets (n, s) reduce over the C rows of stride S: blocks of W columns, in cache from stats to output
+    const int64_t W = std::min<int64_t>(S, std::max<int64_t>(16, (32768 / std::max<int64_t>(C, 1)) / 16 * 16));
+    const int64_t nb = (S + W - 1) / W;
+    torch::stable::parallel_for(0, N * nb, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<O> a1(W), a2(W), m(W), r(W), cmr(W), sh(W);
+      for (int64_t i = i0; i < i1; ++i) {
+        int64_t n = i / nb, s0 = (i % nb) * W, ns = std::min(W, S - s0);
+        const T* p = x + n * C * S + s0;
+        T* q = y + n * C * S + s0;
+        // the columns are the sets: per-column moments over the C rows
+        ColMoments cm(ns);
+        cols_moments<T, O>(p, C, ns, S, cm, a1, a2, m);
+        for (int64_t j = 0; j < ns; ++j) {
+          auto s = finish_set<O>(cm.col(j), eps, st, N * S, n * S + s0 + j, ok);
+          sh[j] = s.shift;
+          r[j] = static_cast<O>(s.rstd);
+          cmr[j] = static_cast<O>(s.cm * s.rstd);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const T* row = p + c * S;
+          T* out = q + c * S;
+          const O wc = w ? w[c] : O(1), bc = b ? b[c] : O(0);
+          const O* SH = sh.data();
+          const O* R = r.data();
+          const O* CM = cmr.data();
+#pragma omp simd
+          for (int64_t j = 0; j < ns; ++j) out[j] = static_cast<T>(((static_cast<O>(row[j]) - SH[j]) * R[j] - CM[j]) * wc + bc);
+        }
+      }
+    });
+  }
+}
+
+// ---- backward --------------------------------------------------------------------------------
+
+// Per-set coefficients of dx = a_c * dy + bx * (x - shift) + cc, with a_c = w[c] * tr.
+struct BackCoef {
+  double tr, bx, cc;
+};
+
+template <typename O>
+inline BackCoef back_coef(const O* st, int64_t nsets, int64_t k, double g_sum, double gd_sum) {
+  // g_sum = sum_c w_c * sum dy, gd_sum = sum_c w_c * sum dy * d (d = (x - shift) * inv)
+  double inv = st[nsets + k], cm = st[2 * nsets + k], rstd = st[3 * nsets + k], n = st[5 * nsets + k];
+  double gx_sum = (gd_sum - cm * g_sum) * rstd;  // sum g * x_hat
+  double tr = rstd * inv;
+  double bcoef = -(rstd * tr) * gx_sum / n;
+  double cc = -tr * g_sum / n - cm * bcoef;
+  return {tr, bcoef * inv, cc};
+}
+
+// sums of dy and dy * (x - shift) over a contiguous run
+template <typename T, typename O>
+inline void run_dsums(const T* dy, const T* x, int64_t len, O shift, double& sdy, double& sdyd) {
+  run_pair<true, T, O>(x, dy, len, shift, sdy, sdyd);
+}
+
+template <typename T, typename O>
+inline void run_dx(const T* dy, const T* x, T* dx, int64_t len, O shift, O a, O bx, O cc) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i)
+    dx[i] = static_cast<T>(a * static_cast<O>(dy[i]) + bx * (static_cast<O>(x[i]) - shift) + cc);
+}
+
+template <typename T>
+void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, const typename OpMath<T>::type* st,
+                   T* dx, double* dw, double* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
+  using O = typename OpMath<T>::type;
+  const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  auto wv = [&](int64_t c) { return w ? static_cast<double>(w[c]) : 1.0; };
+  if (mode == BATCH_NCHW) {
+    torch::stable::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const O shift = st[c];
+        double sdy = 0.0, sdyd = 0.0;
+        for (int64_t n = 0; n < N; ++n) run_dsums<T, O>(dy + (n * C + c) * S, x + (n * C + c) * S, S, shift, sdy, sdyd);
+        double inv = st[C + c], cm = st[2 * C + c], rstd = st[3 * C + c];
+        double sdyxh = (sdyd * inv - cm * sdy) * rstd;
+        if (dw) dw[c] = sdyxh;
+        if (db) db[c] = sdy;
+        if (!dx) continue;
+        auto k = back_coef<O>(st, C, c, wv(c) * sdy, wv(c) * sdyd * inv);
+        for (int64_t n = 0; n < N; ++n)
+          run_dx<T, O>(dy + (n * C + c) * S, x + (n * C + c) * S, dx + (n * C + c) * S, S, shift,
+                       static_cast<O>(wv(c) * k.tr), static_cast<O>(k.bx), static_cast<O>(k.cc));
+      }
+    });
+  } else if (mode == BATCH_CL || mode == GROUP_CL) {
+    const bool batch = mode == BATCH_CL;
+    const int64_t group = batch ? 1 : C / G;
+    const int64_t nsets = batch ? C : N * G;
+    const int64_t rows = batch ? N * S : S;
+    const int64_t samples = batch ? 1 : N;
+    const int64_t blocks = batch ? std::max<int64_t>(1, std::min(nthreads, rows / ROWS)) : 1;
+    // per (sample, block) and channel: sum dy, sum dy * (x - shift)
+    std::vector<double> p1(static_cast<size_t>(samples * blocks * C), 0.0), p2(p1.size(), 0.0);
+    torch::stable::parallel_for(0, samples * blocks, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<O> a1(C), a2(C), sh(C);
+      for (int64_t i = i0; i < i1; ++i) {
+        int64_t n = i / blocks, blk = i % blocks;
+        int64_t r0 = rows * blk / blocks, r1 = rows * (blk + 1) / blocks;
+        for (int64_t c = 0; c < C; ++c) sh[c] = st[batch ? c : n * G + c / group];
+        double* P1 = p1.data() + i * C;
+        double* P2 = p2.data() + i * C;
+        for (int64_t q0 = r0; q0 < r1; q0 += ROWS) {
+          int64_t q1 = std::min(r1, q0 + ROWS);
+          std::fill(a1.begin(), a1.end(), O(0));
+          std::fill(a2.begin(), a2.end(), O(0));
+          for (int64_t r = q0; r < q1; ++r) {
+            const T* g = dy + (n * rows + r) * C;
+            const T* xr = x + (n * rows + r) * C;
+            O* A1 = a1.data();
+            O* A2 = a2.data();
+            const O* SH = sh.data();
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              O gv = static_cast<O>(g[c]);
+              A1[c] += gv;
+              A2[c] += gv * (static_cast<O>(xr[c]) - SH[c]);
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) { P1[c] += a1[c]; P2[c] += a2[c]; }
+        }
+      }
+    });
+    std::vector<O> sh(static_cast<size_t>(samples * C)), A(sh.size()), Bx(sh.size()), Cc(sh.size());
+    for (int64_t n = 0; n < samples; ++n) {
+      std::vector<double> sdy(C, 0.0), sdyd(C, 0.0);
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        for (int64_t c = 0; c < C; ++c) {
+          sdy[c] += p1[(n * blocks + blk) * C + c];
+          sdyd[c] += p2[(n * blocks + blk) * C + c];
+        }
+      for (int64_t k = 0; k < nsets / samples; ++k) {
+        int64_t set = n * (nsets / samples) + k;
+        double inv = st[nsets + set], cm = st[2 * nsets + set], rstd = st[3 * nsets + set];
+        double g_sum = 0.0, gd_sum = 0.0;
+        for (int64_t c = k * group; c < (k + 1) * group; ++c) {
+          double sdyxh = (sdyd[c] * inv - cm * sdy[c]) * rstd;
+          if (dw) dw[c] += sdyxh;
+          if (db) db[c] += sdy[c];
+          g_sum += wv(c) * sdy[c];
+          gd_sum += wv(c) * sdyd[c] * inv;
+        }
+        auto kc = back_coef<O>(st, nsets, set, g_sum, gd_sum);
+        for (int64_t c = k * group; c < (k + 1) * group; ++c) {
+          sh[n * C + c] = st[set];
+          A[n * C + c] = static_cast<O>(wv(c) * kc.tr);
+          Bx[n * C + c] = static_cast<O>(kc.bx);
+          Cc[n * C + c] = static_cast<O>(kc.cc);
+        }
+      }
+    }
+    if (!dx) return;
+    torch::stable::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t o = batch ? 0 : (r / S) * C;
+        const T* g = dy + r * C;
+        const T* xr = x + r * C;
+        T* out = dx + r * C;
+        const O *SH = sh.data() + o, *AA = A.data() + o, *BB = Bx.data() + o, *CC = Cc.data() + o;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c)
+          out[c] = static_cast<T>(AA[c] * static_cast<O>(g[c]) + BB[c] * (static_cast<O>(xr[c]) - SH[c]) + CC[c]);
+      }
+    });
+  } else if (mode == GROUP_NCHW) {
+    const int64_t Cg = C / G, L = Cg * S;
+    std::vector<double> p1(static_cast<size_t>(N * C)), p2(p1.size());  // per (n, c): sum dy, sum dy * x_hat
+    torch::stable::parallel_for(0, N * G, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<double> sdy(Cg), sdyd(Cg);
+      for (int64_t k = k0; k < k1; ++k) {
+        const O shift = st[k];
+        const T* g = dy + k * L;
+        const T* xp = x + k * L;
+        const int64_t c0 = (k % G) * Cg, n = k / G;
+        double inv = st[N * G + k], cm = st[2 * N * G + k], rstd = st[3 * N * G + k];
+        double g_sum = 0.0, gd_sum = 0.0;
+        for (int64_t j = 0; j < Cg; ++j) {
+          double a = 0.0, bsum = 0.0;
+          if (S > 1) {
+            run_dsums<T, O>(g + j * S, xp + j * S, S, shift, a, bsum);
+          } else {
+            O gv = static_cast<O>(g[j]);
+            a = gv;
+            bsum = static_cast<double>(gv) * (static_cast<O>(xp[j]) - shift);
+          }
+          sdy[j] = a;
+          sdyd[j] = bsum;
+          p1[n * C + c0 + j] = a;
+          p2[n * C + c0 + j] = (bsum * inv - cm * a) * rstd;
+          g_sum += wv(c0 + j) * a;
+          gd_sum += wv(c0 + j) * bsum * inv;
+        }
+        if (!dx) continue;
+        auto kc = back_coef<O>(st, N * G, k, g_sum, gd_sum);
+        const O bx = static_cast<O>(kc.bx), cc = static_cast<O>(kc.cc);
+        if (S > 1) {
+          for (int64_t j = 0; j < Cg; ++j)
+            run_dx<T, O>(g + j * S, xp + j * S, dx + k * L + j * S, S, shift, static_cast<O>(wv(c0 + j) * kc.tr), bx, cc);
+        } else {
+          T* out = dx + k * L;
+          const O tr = static_cast<O>(kc.tr);
+          for (int64_t j = 0; j < Cg; ++j) {
+            O a = w ? static_cast<O>(w[c0 + j]) * tr : tr;
+            out[j] = static_cast<T>(a * static_cast<O>(g[j]) + bx * (static_cast<O>(xp[j]) - shift) + cc);
+          }
+        }
+      }
+    });
+    if (dw || db) {
+      for (int64_t c = 0; c < C; ++c) {
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t n = 0; n < N; ++n) { s1 += p1[n * C + c]; s2 += p2[n * C + c]; }
+        if (db) db[c] = s1;
+        if (dw) dw[c] = s2;
+      }
+    }
+  } else if (mode == CHANNEL_NCHW) {
+    const int64_t W = std::min<int64_t>(S, std::max<int64_t>(16, (32768 / std::max<int64_t>(C, 1)) / 16 * 16));
+    const int64_t nb = (S + W - 1) / W;
+    const int64_t nsets = N * S;
+    std::vector<double> p1(static_cast<size_t>(N * nb * C), 0.0), p2(p1.size(), 0.0);
+    torch::stable::parallel_for(0, N * nb, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<double> gs(W), gds(W);
+      std::vector<O> sh(W), xr(W), cmr(W), a1(W), a2(W), A(W), Bx(W), Cc(W);
+      for (int64_t i = i0; i < i1; ++i) {
+        int64_t n = i / nb, s0 = (i % nb) * W, ns = std::min(W, S - s0);
+        const T* gp = dy + n * C * S + s0;
+        const T* xp = x + n * C * S + s0;
+        for (int64_t j = 0; j < ns; ++j) {
+          int64_t k = n * S + s0 + j;
+          sh[j] = st[k];
+          // x_hat = (x - shift) * inv * rstd - cm * rstd
+          xr[j] = static_cast<O>(static_cast<double>(st[nsets + k]) * st[3 * nsets + k]);
+          cmr[j] = static_cast<O>(static_cast<double>(st[2 * nsets + k]) * st[3 * nsets + k]);
+          gs[j] = 0.0;
+          gds[j] = 0.0;
+        }
+        for (int64_t r0 = 0; r0 < C; r0 += ROWS) {
+          int64_t nr = std::min(ROWS, C - r0);
+          std::fill(a1.begin(), a1.begin() + ns, O(0));
+          std::fill(a2.begin(), a2.begin() + ns, O(0));
+          for (int64_t c = r0; c < r0 + nr; ++c) {
+            const T* g = gp + c * S;
+            const T* xx = xp + c * S;
+            const O wc = w ? w[c] : O(1);
+            O *A1 = a1.data(), *A2 = a2.data();
+            const O *SH = sh.data(), *XR = xr.data(), *CR = cmr.data();
+            double t1 = 0.0, t2 = 0.0;  // sum dy, sum dy * x_hat along this channel's row
+#pragma omp simd reduction(+ : t1, t2)
+            for (int64_t j = 0; j < ns; ++j) {
+              O gv = static_cast<O>(g[j]);
+              O d = static_cast<O>(xx[j]) - SH[j];
+              A1[j] += wc * gv;
+              A2[j] += wc * gv * d;
+              t1 += gv;
+              t2 += gv * (d * XR[j] - CR[j]);
+            }
+            p1[i * C + c] += t1;
+            p2[i * C + c] += t2;
+          }
+          for (int64_t j = 0; j < ns; ++j) { gs[j] += a1[j]; gds[j] += a2[j]; }
+        }
+        if (!dx) continue;
+        for (int64_t j = 0; j < ns; ++j) {
+          int64_t k = n * S + s0 + j;
+          double inv = st[nsets + k];
+          auto kc = back_coef<O>(st, nsets, k, gs[j], gds[j] * inv);
+          A[j] = static_cast<O>(kc.tr);
+          Bx[j] = static_cast<O>(kc.bx);
+          Cc[j] = static_cast<O>(kc.cc);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const T* g = gp + c * S;
+          const T* xx = xp + c * S;
+          T* out = dx + n * C * S + s0 + c * S;
+          const O wc = w ? w[c] : O(1);
+          const O *SH = sh.data(), *AA = A.data(), *BB = Bx.data(), *CC = Cc.data();
+#pragma omp simd
+          for (int64_t j = 0; j < ns; ++j)
+            out[j] = static_cast<T>(wc * AA[j] * static_cast<O>(g[j]) + BB[j] * (static_cast<O>(xx[j]) - SH[j]) + CC[j]);
+        }
+      }
+    });
+    if (dw || db) {
+      for (int64_t c = 0; c < C; ++c) {
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t i = 0; i < N * nb; ++i) { s1 += p1[i * C + c]; s2 += p2[i * C + c]; }
+        if (db) db[c] = s1;
+        if (dw) dw[c] = s2;
+      }
+    }
+  }
+}
+
+// ---- op entry points -------------------------------------------------------------------------
+
+template <typename O>
+const O* opt_ptr(const Tensor& t) {
+  return t.numel() ? static_cast<const O*>(t.data_ptr()) : nullptr;
+}
+
+void norm_forward(Tensor x, Tensor w, Tensor b, Tensor y, Tensor stats, Tensor ok, int64_t mode, int64_t N,
+                  int64_t C, int64_t S, int64_t G, double eps) {
+  int32_t* okp = static_cast<int32_t*>(ok.data_ptr());
+  *okp = 1;
+  using ST = torch::headeronly::ScalarType;
+  switch (x.scalar_type()) {
+    case ST::Float:
+      forward_impl<float>(static_cast<const float*>(x.data_ptr()), opt_ptr<float>(w), opt_ptr<float>(b),
+                          static_cast<float*>(y.data_ptr()), static_cast<float*>(stats.data_ptr()), okp, mode, N, C,
+                          S, G, eps);
+      break;
+    case ST::Double:
+      forward_impl<double>(static_cast<const double*>(x.data_ptr()), opt_ptr<double>(w), opt_ptr<double>(b),
+                           static_cast<double*>(y.data_ptr()), static_cast<double*>(stats.data_ptr()), okp, mode, N,
+                           C, S, G, eps);
+      break;
+    case ST::Half:
+      forward_impl<c10::Half>(static_cast<const c10::Half*>(x.data_ptr()), opt_ptr<float>(w), opt_ptr<float>(b),
+                              static_cast<c10::Half*>(y.data_ptr()), static_cast<float*>(stats.data_ptr()), okp, mode,
+                              N, C, S, G, eps);
+      break;
+    case ST::BFloat16:
+      forward_impl<c10::BFloat16>(static_cast<const c10::BFloat16*>(x.data_ptr()), opt_ptr<float>(w),
+                                  opt_ptr<float>(b), static_cast<c10::BFloat16*>(y.data_ptr()),
+                                  static_cast<float*>(stats.data_ptr()), okp, mode, N, C, S, G, eps);
+      break;
+    default:
+      STD_TORCH_CHECK(false, "normkit_cpu.norm_forward: unsupported dtype");
+  }
+}
+
+void norm_backward(Tensor dy, Tensor x, Tensor w, Tensor stats, Tensor dx, Tensor dw, Tensor db, Tensor ok,
+                   int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
+  // Statistics saved by the reference's scaled path (inv != 1, for |x| beyond the float32 squares):
+  // the caller recomputes on the reference, whose backward keeps every factor representable.
+  int32_t* okp = static_cast<int32_t*>(ok.data_ptr());
+  *okp = 1;
+  {
+    const int64_t nsets = stats.numel() / 6;
+    bool scaled = false;
+    if (x.scalar_type() == torch::headeronly::ScalarType::Double) {
+      const double* inv = static_cast<const double*>(stats.data_ptr()) + nsets;
+      for (int64_t k = 0; k < nsets; ++k) scaled |= inv[k] != 1.0;
+    } else {
+      const float* inv = static_cast<const float*>(stats.data_ptr()) + nsets;
+      for (int64_t k = 0; k < nsets; ++k) scaled |= inv[k] != 1.0f;
+    }
+    if (scaled) {
+      *okp = 0;
+      return;
+    }
+  }
+  double* dwp = dw.numel() ? static_cast<double*>(dw.data_ptr()) : nullptr;
+  double* dbp = db.numel() ? static_cast<double*>(db.data_ptr()) : nullptr;
+  if (dwp) std::fill(dwp, dwp + C, 0.0);
+  if (dbp) std::fill(dbp, dbp + C, 0.0);
+  using ST = torch::headeronly::ScalarType;
+#define NORMKIT_BWD(T, O)                                                                                        \
+  backward_impl<T>(static_cast<const T*>(dy.data_ptr()), static_cast<const T*>(x.data_ptr()), opt_ptr<O>(w),      \
+                   static_cast<const O*>(stats.data_ptr()), dx.numel() ? static_cast<T*>(dx.data_ptr()) : nullptr, \
+                   dwp, dbp, mode, N, C, S, G)
+  switch (x.scalar_type()) {
+    case ST::Float: NORMKIT_BWD(float, float); break;
+    case ST::Double: NORMKIT_BWD(double, double); break;
+    case ST::Half: NORMKIT_BWD(c10::Half, float); break;
+    case ST::BFloat16: NORMKIT_BWD(c10::BFloat16, float); break;
+    default: STD_TORCH_CHECK(false, "normkit_cpu.norm_backward: unsupported dtype");
+  }
+#undef NORMKIT_BWD
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY(normkit_cpu, m) {
+  m.def("norm_forward(Tensor x, Tensor w, Tensor b, Tensor(a!) y, Tensor(b!) stats, Tensor(c!) ok, int mode, "
+        "int N, int C, int S, int G, float eps) -> ()");
+  m.def("norm_backward(Tensor dy, Tensor x, Tensor w, Tensor stats, Tensor(a!) dx, Tensor(b!) dw, Tensor(c!) db, "
+        "Tensor(d!) ok, int mode, int N, int C, int S, int G) -> ()");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(normkit_cpu, CPU, m) {
+  m.impl("norm_forward", TORCH_BOX(&norm_forward));
+  m.impl("norm_backward", TORCH_BOX(&norm_backward));
+}

@@ -1,7 +1,7 @@
 """The ``normkit`` command: argument parsing only; the work is in :mod:`normkit.lab`.
 
 Subcommands: ``compare`` (E1/E3, the main job), ``power`` (E4), ``lr-sweep`` (E2), ``landscape``
-(E5) and ``report``. ``normkit <subcommand> --help`` lists each one's options. Every experiment
+(E5), ``report`` and ``kernels`` (``status`` / ``build`` of the fused CPU kernels). ``normkit <subcommand> --help`` lists each one's options. Every experiment
 writes ``runs/<experiment>-<timestamp>/`` (``--out`` moves the root). A bad option, an unknown
 norm or an unreadable data path exits with status 2 and a one-line message.
 
@@ -146,11 +146,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-root", default="runs", help="where to look for runs (default: runs)")
     p.add_argument("--all", action="store_true", help="every run, not only the latest per experiment")
     p.add_argument("--out", metavar="DIR", help="where to write report.md/report.html (default: the runs root)")
+
+    p = sub.add_parser("kernels", help="the kernel backends: what is built, what each norm runs on; build ahead of time",
+                       description="'status' says which backend each common norm runs on here and whether the fused CPU "
+                                   "kernels are built; 'build' compiles them now (about 40 s, once per machine and torch "
+                                   "version) instead of on first use.")
+    p.add_argument("action", choices=["status", "build"], help="status or build")
+    p.add_argument("--verbose", action="store_true", help="build: show the compiler's output")
     return parser
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    from . import kernels
+
+    if args.action == "build":
+        ok = kernels.build(verbose=args.verbose)
+        if not ok:
+            print(f"normkit kernels: build failed: {kernels._build.load_error()}", file=sys.stderr)
+            return 1
+        print(f"normkit kernels: fused CPU kernels ready in {kernels.build_dir()}")
+        return 0
+    print(kernels.status())
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     cmd = args.command
+    if cmd == "kernels":
+        return _kernels(args)
     if cmd == "compare":
         from .lab.experiments.compare import CompareConfig, run_compare
 

@@ -144,10 +144,21 @@ def _cpu_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tenso
     return p
 
 
-def _flat(p: Tensor | None, dtype: torch.dtype, empty: Tensor) -> Tensor:
+def _flat(p: Tensor | None, dtype: torch.dtype, empty: Tensor, order: tuple[int, ...] | None) -> Tensor:
+    """The affine as one vector in the kernel's channel order (x's memory order of its dims)."""
     if p is None:
         return empty
-    return p.detach().reshape(-1).to(dtype).contiguous()
+    p = p.detach()
+    if order is not None:
+        p = p.permute(order)
+    return p.reshape(-1).to(dtype).contiguous()
+
+
+def _unflat(g: Tensor, p: Tensor, order: tuple[int, ...] | None) -> Tensor:
+    """A gradient from the kernel (channel order) back to the shape and dtype of the affine ``p``."""
+    if order is not None:
+        g = g.reshape([p.shape[d] for d in order]).permute([order.index(d) for d in range(p.dim())])
+    return g.reshape(p.shape).to(p.dtype)
 
 
 def norm_forward(
@@ -164,7 +175,8 @@ def norm_forward(
     stats = x.new_empty((core.STAT_ROWS, *core.stat_shape(x, dims)), dtype=acc)
     ok = torch.empty(1, dtype=torch.int32)
     torch.ops.normkit_cpu.norm_forward(
-        x, _flat(weight, acc, empty), _flat(bias, acc, empty), y, stats, ok, p.mode, p.N, p.C, p.S, p.G, float(eps)
+        x, _flat(weight, acc, empty, p.order), _flat(bias, acc, empty, p.order), y, stats, ok, p.mode, p.N, p.C, p.S, p.G,
+        float(eps),
     )
     if not ok.item():  # a set needs the scaled statistics (or the input is not finite)
         return core.norm_forward(x, weight, bias, mask, dims, eps)
@@ -200,13 +212,15 @@ def norm_backward(
     dw = x.new_empty(p.C, dtype=torch.float64) if need_w else x.new_empty(0, dtype=torch.float64)
     db = x.new_empty(p.C, dtype=torch.float64) if need_b else x.new_empty(0, dtype=torch.float64)
     ok = torch.empty(1, dtype=torch.int32)
-    torch.ops.normkit_cpu.norm_backward(dy, x, _flat(weight, acc, empty), stats, dx, dw, db, ok, p.mode, p.N, p.C, p.S, p.G)
+    torch.ops.normkit_cpu.norm_backward(
+        dy, x, _flat(weight, acc, empty, p.order), stats, dx, dw, db, ok, p.mode, p.N, p.C, p.S, p.G
+    )
     if not ok.item():  # statistics of the reference's scaled path: its backward keeps them representable
         return core.norm_backward(dy, x, weight, bias, mask, stats, dims, needs)
     return (
         dx if need_x else None,
-        dw.reshape(weight.shape).to(weight.dtype) if need_w else None,  # type: ignore[union-attr]
-        db.reshape(bias.shape).to(bias.dtype) if need_b else None,  # type: ignore[union-attr]
+        _unflat(dw, weight, p.order) if need_w else None,  # type: ignore[arg-type]
+        _unflat(db, bias, p.order) if need_b else None,  # type: ignore[arg-type]
     )
 
 

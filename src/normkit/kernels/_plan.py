@@ -46,16 +46,20 @@ class Plan(NamedTuple):
     C: int
     S: int
     G: int
+    order: tuple[int, ...] | None = None  # the affine's dims in x's memory order, when not its logical order
 
     @property
     def name(self) -> str:
         return MODES[self.mode]
 
 
-def _blocks(x: Tensor, dims: tuple[int, ...], vary: tuple[bool, ...] | None) -> list[tuple[str, int]] | None:
+def _blocks(
+    x: Tensor, dims: tuple[int, ...], vary: tuple[bool, ...] | None
+) -> tuple[list[tuple[str, int]], tuple[int, ...] | None] | None:
     entries = [(x.stride(i), i) for i in range(x.dim()) if x.shape[i] > 1]
     entries.sort(key=lambda e: -e[0])
-    last_kept = last_vary = -1
+    last_kept = -1
+    varying: list[int] = []
     blocks: list[tuple[str, int]] = []
     for _, i in entries:
         red = i in dims
@@ -65,15 +69,16 @@ def _blocks(x: Tensor, dims: tuple[int, ...], vary: tuple[bool, ...] | None) -> 
                 return None
             last_kept = i
         if v:
-            if i < last_vary:
-                return None
-            last_vary = i
+            varying.append(i)
         kind = ("R" if red else "K") + ("*" if v else "")
         if blocks and blocks[-1][0] == kind:
             blocks[-1] = (kind, blocks[-1][1] * x.shape[i])
         else:
             blocks.append((kind, x.shape[i]))
-    return blocks
+    order = None
+    if varying != sorted(varying):  # e.g. LayerNorm over (C, H, W) on channels_last: flatten the affine as x lies
+        order = (*varying, *(i for i in range(x.dim()) if i not in varying))
+    return blocks, order
 
 
 def _match(blocks: list[tuple[str, int]], template: tuple[str, ...]) -> list[int] | None:
@@ -90,7 +95,10 @@ def _match(blocks: list[tuple[str, int]], template: tuple[str, ...]) -> list[int
 
 
 def _plan(x: Tensor, dims: tuple[int, ...], vary: tuple[bool, ...] | None) -> Plan | None:
-    blocks = _blocks(x, dims, vary)
+    found = _blocks(x, dims, vary)
+    if found is None:
+        return None
+    blocks, order = found
     if not blocks or all(kind[0] == "K" for kind, _ in blocks):
         return None  # one value per set: the reference's exact zero gradient
     for mode, template in _TEMPLATES:
@@ -100,14 +108,14 @@ def _plan(x: Tensor, dims: tuple[int, ...], vary: tuple[bool, ...] | None) -> Pl
         if s is None:
             continue
         if mode == 0:
-            return Plan(0, s[0], s[1], s[2], 1)
+            return Plan(0, s[0], s[1], s[2], 1, order)
         if mode == 1:
-            return Plan(1, s[0], s[1], 1, 1)
+            return Plan(1, s[0], s[1], 1, 1, order)
         if mode == 2:
-            return Plan(2, s[0], s[1] * s[2], s[3], s[1])
+            return Plan(2, s[0], s[1] * s[2], s[3], s[1], order)
         if mode == 3:
-            return Plan(3, s[0], s[2] * s[3], s[1], s[2])
-        return Plan(4, s[0], s[1], s[2], 1)
+            return Plan(3, s[0], s[2] * s[3], s[1], s[2], order)
+        return Plan(4, s[0], s[1], s[2], 1, order)
     return None
 
 

@@ -149,7 +149,11 @@ template <typename T, typename O>
 inline void run_moments(const T* p, int64_t len, Mom& mo) {
   for (int64_t i = 0; i < len; i += CHUNK) {
     int64_t n = std::min(CHUNK, len - i);
+#ifdef NK_ONEPASS
+    O m = mo.n > 0 ? static_cast<O>(mo.mean) : static_cast<O>(p[i]);
+#else
     O m = static_cast<O>(run_sum<T, O>(p + i, n) / n);
+#endif
     double s1 = 0.0, s2 = 0.0;
     run_dev<T, O>(p + i, n, m, s1, s2);
     mo.add_shifted(static_cast<double>(n), static_cast<double>(m), s1, s2);
@@ -186,7 +190,7 @@ struct ColMoments {
 template <typename T, typename O>
 inline void cols_moments(const T* p, int64_t rows, int64_t cols, int64_t ld, ColMoments& cm, std::vector<O>& a1,
                          std::vector<O>& a2, std::vector<O>& m) {
-  constexpr int64_t CB = 16;  // columns per register block
+  constexpr int64_t CB = 32;  // columns per register block
   for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
     int64_t nr = std::min(ROWS, rows - r0);
     const T* q = p + r0 * ld;
@@ -196,16 +200,25 @@ inline void cols_moments(const T* p, int64_t rows, int64_t cols, int64_t ld, Col
     const O inr = O(1) / static_cast<O>(nr);
     int64_t c0 = 0;
     for (; c0 + CB <= cols; c0 += CB) {  // register blocks: both passes over the chunk's rows
-      O s[CB] = {};
-      for (int64_t r = 0; r < nr; ++r) {
+      O s0[CB] = {}, s1[CB] = {};  // two rows at a time: two independent dependency chains
+      int64_t r = 0;
+      for (; r + 1 < nr; r += 2) {
         const T* row = q + r * ld + c0;
 #pragma omp simd
-        for (int j = 0; j < CB; ++j) s[j] += static_cast<O>(row[j]);
+        for (int j = 0; j < CB; ++j) {
+          s0[j] += static_cast<O>(row[j]);
+          s1[j] += static_cast<O>(row[ld + j]);
+        }
+      }
+      if (r < nr) {
+        const T* row = q + r * ld + c0;
+#pragma omp simd
+        for (int j = 0; j < CB; ++j) s0[j] += static_cast<O>(row[j]);
       }
       O mm[CB], u[CB] = {}, v[CB] = {};
 #pragma omp simd
-      for (int j = 0; j < CB; ++j) mm[j] = s[j] * inr;
-      for (int64_t r = 0; r < nr; ++r) {
+      for (int j = 0; j < CB; ++j) mm[j] = (s0[j] + s1[j]) * inr;
+      for (r = 0; r < nr; ++r) {
         const T* row = q + r * ld + c0;
 #pragma omp simd
         for (int j = 0; j < CB; ++j) {
@@ -307,6 +320,199 @@ inline void affine_coef(const SetStats<O>& s, const O* w, const O* b, int64_t c,
   B = static_cast<O>(bc - s.cm * a);
 }
 
+// Per-set coefficients of dx = a_c * dy + bx * (x - shift) + cc, with a_c = w[c] * tr.
+struct BackCoef {
+  double tr, bx, cc;
+};
+
+template <typename O>
+inline BackCoef back_coef(const O* st, int64_t nsets, int64_t k, double g_sum, double gd_sum) {
+  // g_sum = sum_c w_c * sum dy, gd_sum = sum_c w_c * sum dy * d (d = (x - shift) * inv)
+  double inv = st[nsets + k], cm = st[2 * nsets + k], rstd = st[3 * nsets + k], n = st[5 * nsets + k];
+  double gx_sum = (gd_sum - cm * g_sum) * rstd;  // sum g * x_hat
+  double tr = rstd * inv;
+  double bcoef = -(rstd * tr) * gx_sum / n;
+  double cc = -tr * g_sum / n - cm * bcoef;
+  return {tr, bcoef * inv, cc};
+}
+
+// ---- rows: GROUP_NCHW with S == 1 (LayerNorm over trailing dims, LayerNorm2d on channels_last) --------
+// Each row (sample) holds G sets of Cg contiguous values, with a per-element affine. Short sets get a
+// lean two-pass (8 lanes, no chunking); the backward accumulates dweight / dbias per block of rows.
+
+constexpr int64_t SHORT = 2048;
+
+template <typename T, typename O>
+inline Mom short_moments(const T* p, int64_t len) {
+  O a[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+#pragma omp simd
+    for (int j = 0; j < 8; ++j) a[j] += static_cast<O>(p[i + j]);
+  }
+  O tail = 0;
+  for (int64_t k = i; k < len; ++k) tail += static_cast<O>(p[k]);
+  const O m = ((((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) + tail) / static_cast<O>(len);
+  O u[8] = {}, v[8] = {};
+  for (i = 0; i + 8 <= len; i += 8) {
+#pragma omp simd
+    for (int j = 0; j < 8; ++j) {
+      O d = static_cast<O>(p[i + j]) - m;
+      u[j] += d;
+      v[j] += d * d;
+    }
+  }
+  double s1 = 0.0, s2 = 0.0;
+  for (int j = 0; j < 8; ++j) {
+    s1 += u[j];
+    s2 += v[j];
+  }
+  for (; i < len; ++i) {
+    O d = static_cast<O>(p[i]) - m;
+    s1 += d;
+    s2 += static_cast<double>(d) * d;
+  }
+  Mom mo;
+  mo.add_shifted(static_cast<double>(len), static_cast<double>(m), s1, s2);
+  return mo;
+}
+
+template <typename T, typename O>
+void rows_forward(const T* x, const O* w, const O* b, T* y, O* st, int32_t* ok, int64_t N, int64_t C, int64_t G,
+                  double eps) {
+  const int64_t Cg = C / G;
+  torch::stable::parallel_for(0, N * G, std::max<int64_t>(1, 4096 / Cg), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const T* p = x + k * Cg;
+      T* q = y + k * Cg;
+      Mom mo;
+      if (Cg <= SHORT) {
+        mo = short_moments<T, O>(p, Cg);
+      } else {
+        run_moments<T, O>(p, Cg, mo);
+      }
+      auto s = finish_set<O>(mo, eps, st, N * G, k, ok);
+      const O r = static_cast<O>(s.rstd), cmr = static_cast<O>(s.cm * s.rstd), sh = s.shift;
+      const int64_t c0 = (k % G) * Cg;
+      const O* wc = w ? w + c0 : nullptr;
+      const O* bc = b ? b + c0 : nullptr;
+      if (wc && bc) {
+#pragma omp simd
+        for (int64_t j = 0; j < Cg; ++j) q[j] = static_cast<T>(((static_cast<O>(p[j]) - sh) * r - cmr) * wc[j] + bc[j]);
+      } else if (wc) {
+#pragma omp simd
+        for (int64_t j = 0; j < Cg; ++j) q[j] = static_cast<T>(((static_cast<O>(p[j]) - sh) * r - cmr) * wc[j]);
+      } else if (bc) {
+#pragma omp simd
+        for (int64_t j = 0; j < Cg; ++j) q[j] = static_cast<T>(((static_cast<O>(p[j]) - sh) * r - cmr) + bc[j]);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < Cg; ++j) q[j] = static_cast<T>((static_cast<O>(p[j]) - sh) * r - cmr);
+      }
+    }
+  });
+}
+
+template <typename T, typename O>
+void rows_backward(const T* dy, const T* x, const O* w, const O* st, T* dx, double* dw, double* db, int64_t N,
+                   int64_t C, int64_t G) {
+  const int64_t Cg = C / G, nsets = N * G;
+  const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  const bool need_p = dw || db;
+  const int64_t blocks = std::max<int64_t>(1, std::min(nthreads, N));
+  std::vector<double> pw(need_p ? static_cast<size_t>(blocks * C) : 0, 0.0), pb(pw.size(), 0.0);
+  torch::stable::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t blk = i0; blk < i1; ++blk) {
+      double* PW = need_p ? pw.data() + blk * C : nullptr;
+      double* PB = need_p ? pb.data() + blk * C : nullptr;
+      for (int64_t n = N * blk / blocks; n < N * (blk + 1) / blocks; ++n) {
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t k = n * G + g, off = k * Cg, c0 = g * Cg;
+          const T* gp = dy + off;
+          const T* xp = x + off;
+          const O shift = st[k];
+          const double inv = st[nsets + k], cm = st[2 * nsets + k], rstd = st[3 * nsets + k];
+          const O* wc = w ? w + c0 : nullptr;
+          // sum w * dy and sum w * dy * (x - shift), in lanes
+          double g_sum = 0.0, gd_sum = 0.0;
+          {
+            double d1[LANES] = {}, d2[LANES] = {};
+            int64_t j = 0;
+            while (j + LANES <= Cg) {
+              O a1[LANES] = {}, a2[LANES] = {};
+              int64_t stop = std::min(Cg - (Cg - j) % LANES, j + FLUSH);
+              for (; j < stop; j += LANES) {
+#pragma omp simd
+                for (int l = 0; l < LANES; ++l) {
+                  O gw = static_cast<O>(gp[j + l]) * (wc ? wc[j + l] : O(1));
+                  a1[l] += gw;
+                  a2[l] += gw * (static_cast<O>(xp[j + l]) - shift);
+                }
+              }
+#pragma omp simd
+              for (int l = 0; l < LANES; ++l) {
+                d1[l] += a1[l];
+                d2[l] += a2[l];
+              }
+            }
+            for (int l = 0; l < LANES; ++l) {
+              g_sum += d1[l];
+              gd_sum += d2[l];
+            }
+            for (; j < Cg; ++j) {
+              O gw = static_cast<O>(gp[j]) * (wc ? wc[j] : O(1));
+              g_sum += gw;
+              gd_sum += static_cast<double>(gw) * (static_cast<O>(xp[j]) - shift);
+            }
+          }
+          auto kc = back_coef<O>(st, nsets, k, g_sum, gd_sum * inv);
+          const O tr = static_cast<O>(kc.tr), bx = static_cast<O>(kc.bx), cc = static_cast<O>(kc.cc);
+          const O xr = static_cast<O>(inv * rstd), cr = static_cast<O>(cm * rstd);
+          T* out = dx ? dx + off : nullptr;
+          double* pwc = need_p ? PW + c0 : nullptr;
+          double* pbc = need_p ? PB + c0 : nullptr;
+          if (out && need_p) {  // dx, and dweight += dy * x_hat, dbias += dy per element, in one pass
+#pragma omp simd
+            for (int64_t j = 0; j < Cg; ++j) {
+              O gv = static_cast<O>(gp[j]), d = static_cast<O>(xp[j]) - shift;
+              out[j] = static_cast<T>((wc ? wc[j] : O(1)) * tr * gv + bx * d + cc);
+              pwc[j] += static_cast<double>(gv * (d * xr - cr));
+              pbc[j] += static_cast<double>(gv);
+            }
+          } else if (out) {
+#pragma omp simd
+            for (int64_t j = 0; j < Cg; ++j)
+              out[j] = static_cast<T>((wc ? wc[j] : O(1)) * tr * static_cast<O>(gp[j]) +
+                                      bx * (static_cast<O>(xp[j]) - shift) + cc);
+          } else if (need_p) {
+#pragma omp simd
+            for (int64_t j = 0; j < Cg; ++j) {
+              O gv = static_cast<O>(gp[j]);
+              pwc[j] += static_cast<double>(gv * ((static_cast<O>(xp[j]) - shift) * xr - cr));
+              pbc[j] += static_cast<double>(gv);
+            }
+          }
+        }
+      }
+    }
+  });
+  if (need_p) {
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      if (dw)
+        for (int64_t c = 0; c < C; ++c) dw[c] += pw[blk * C + c];
+      if (db)
+        for (int64_t c = 0; c < C; ++c) db[c] += pb[blk * C + c];
+    }
+  }
+}
+
+// Columns per block of the CHANNEL_NCHW pattern: a (C x W) tile of about 32 KB stays in L1 / L2
+// between the statistics and the output.
+inline int64_t channel_block(int64_t C, int64_t S) {
+  int64_t w = (8192 / std::max<int64_t>(C, 1)) / 32 * 32;
+  return std::min<int64_t>(S, std::max<int64_t>(32, std::min<int64_t>(w, 512)));
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 
 template <typename T>
@@ -315,6 +521,10 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
                   int64_t G, double eps) {
   using O = typename OpMath<T>::type;
   const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  if (mode == GROUP_NCHW && S == 1) {
+    rows_forward<T, O>(x, w, b, y, st, ok, N, C, G, eps);
+    return;
+  }
   if (mode == BATCH_NCHW) {
     torch::stable::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -401,7 +611,7 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
     });
   } else if (mode == CHANNEL_NCHW) {
     // sets (n, s) reduce over the C rows of stride S: blocks of W columns, in cache from stats to output
-    const int64_t W = std::min<int64_t>(S, std::max<int64_t>(16, (32768 / std::max<int64_t>(C, 1)) / 16 * 16));
+    const int64_t W = channel_block(C, S);
     const int64_t nb = (S + W - 1) / W;
     torch::stable::parallel_for(0, N * nb, 1, [&](int64_t i0, int64_t i1) {
       std::vector<O> a1(W), a2(W), m(W), r(W), cmr(W), sh(W);
@@ -435,22 +645,6 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
 
 // ---- backward --------------------------------------------------------------------------------
 
-// Per-set coefficients of dx = a_c * dy + bx * (x - shift) + cc, with a_c = w[c] * tr.
-struct BackCoef {
-  double tr, bx, cc;
-};
-
-template <typename O>
-inline BackCoef back_coef(const O* st, int64_t nsets, int64_t k, double g_sum, double gd_sum) {
-  // g_sum = sum_c w_c * sum dy, gd_sum = sum_c w_c * sum dy * d (d = (x - shift) * inv)
-  double inv = st[nsets + k], cm = st[2 * nsets + k], rstd = st[3 * nsets + k], n = st[5 * nsets + k];
-  double gx_sum = (gd_sum - cm * g_sum) * rstd;  // sum g * x_hat
-  double tr = rstd * inv;
-  double bcoef = -(rstd * tr) * gx_sum / n;
-  double cc = -tr * g_sum / n - cm * bcoef;
-  return {tr, bcoef * inv, cc};
-}
-
 // sums of dy and dy * (x - shift) over a contiguous run
 template <typename T, typename O>
 inline void run_dsums(const T* dy, const T* x, int64_t len, O shift, double& sdy, double& sdyd) {
@@ -470,6 +664,10 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
   using O = typename OpMath<T>::type;
   const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
   auto wv = [&](int64_t c) { return w ? static_cast<double>(w[c]) : 1.0; };
+  if (mode == GROUP_NCHW && S == 1) {
+    rows_backward<T, O>(dy, x, w, st, dx, dw, db, N, C, G);
+    return;
+  }
   if (mode == BATCH_NCHW) {
     torch::stable::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -619,7 +817,7 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
       }
     }
   } else if (mode == CHANNEL_NCHW) {
-    const int64_t W = std::min<int64_t>(S, std::max<int64_t>(16, (32768 / std::max<int64_t>(C, 1)) / 16 * 16));
+    const int64_t W = channel_block(C, S);
     const int64_t nb = (S + W - 1) / W;
     const int64_t nsets = N * S;
     std::vector<double> p1(static_cast<size_t>(N * nb * C), 0.0), p2(p1.size(), 0.0);
@@ -776,14 +974,21 @@ void norm_backward(Tensor dy, Tensor x, Tensor w, Tensor stats, Tensor dx, Tenso
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY(normkit_cpu, m) {
+// The library namespace is a macro so that variants can be built side by side for A/B timing.
+#ifndef NORMKIT_CPU_NS
+#define NORMKIT_CPU_NS normkit_cpu
+#endif
+#define NORMKIT_LIBRARY(ns, m) STABLE_TORCH_LIBRARY(ns, m)
+#define NORMKIT_LIBRARY_IMPL(ns, k, m) STABLE_TORCH_LIBRARY_IMPL(ns, k, m)
+
+NORMKIT_LIBRARY(NORMKIT_CPU_NS, m) {
   m.def("norm_forward(Tensor x, Tensor w, Tensor b, Tensor(a!) y, Tensor(b!) stats, Tensor(c!) ok, int mode, "
         "int N, int C, int S, int G, float eps) -> ()");
   m.def("norm_backward(Tensor dy, Tensor x, Tensor w, Tensor stats, Tensor(a!) dx, Tensor(b!) dw, Tensor(c!) db, "
         "Tensor(d!) ok, int mode, int N, int C, int S, int G) -> ()");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(normkit_cpu, CPU, m) {
+NORMKIT_LIBRARY_IMPL(NORMKIT_CPU_NS, CPU, m) {
   m.impl("norm_forward", TORCH_BOX(&norm_forward));
   m.impl("norm_backward", TORCH_BOX(&norm_backward));
 }

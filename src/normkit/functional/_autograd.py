@@ -13,7 +13,7 @@ from ..ops import core
 from ..ops.library import exporting
 from ..ops.library import norm as _norm_op
 
-__all__ = ["norm", "norm_count"]
+__all__ = ["norm", "norm_count", "norm_output"]
 
 
 def norm_count(
@@ -38,6 +38,20 @@ def norm_count(
     y, stats = _norm_op(x, weight, bias, dims, eps, mask)
     mean, var = core.mean_var(stats)
     return y, mean, var, core.stats_count(stats)
+
+
+def norm_output(
+    x: Tensor,
+    dims: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """The normalized output alone (what GroupNorm and LayerNorm need): no statistics are unpacked."""
+    if x.numel() == 0 or exporting():
+        return norm_count(x, dims, weight, bias, eps, mask)[0]
+    return _norm_op(x, weight, bias, dims, eps, mask)[0]
 
 
 def norm(

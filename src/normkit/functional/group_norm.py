@@ -8,7 +8,7 @@ import torch
 
 from .._errors import NormError
 from ..ops.library import exporting
-from ._autograd import norm
+from ._autograd import norm_output
 from ._checks import check_eps, check_groups, check_input, check_param
 from .masked import check_mask
 
@@ -92,7 +92,7 @@ def group_norm(
         # The mask, expanded to x, laid out the same way (a copy only when the broadcast needs one).
         me = check_mask(mask, x, op).expand(x.shape)
         mv = (me if perm is None else me.permute(perm)).reshape(xv.shape)
-    y, _, _ = norm(xv, dims, w, b, eps, mv)
+    y = norm_output(xv, dims, w, b, eps, mv)
     if perm is None:
         return y.view(x.shape)
     # (N, *S, G, C // G) -> (N, *S, C) -> (N, C, *S): a view, channels_last again.

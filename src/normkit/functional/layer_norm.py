@@ -10,7 +10,7 @@ import torch
 
 from .._errors import NormError
 from ..ops.library import exporting
-from ._autograd import norm
+from ._autograd import norm_output
 from ._checks import check_eps, check_input, check_param
 from ._views import channel_view
 from .masked import check_mask
@@ -68,7 +68,7 @@ def layer_norm(
     dims = tuple(range(x.dim() - k, x.dim()))
     if mask is None and exporting():
         return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)  # the standard op for exporters
-    y, _, _ = norm(x, dims, w, b, eps, None if mask is None else check_mask(mask, x, op))
+    y = norm_output(x, dims, w, b, eps, None if mask is None else check_mask(mask, x, op))
     return y
 
 
@@ -116,5 +116,5 @@ def layer_norm_2d(
         nd = x.dim()
         y = torch.nn.functional.layer_norm(x.permute(0, *range(2, nd), 1), (C,), weight, bias, eps)
         return y.permute(0, nd - 1, *range(1, nd - 1))
-    y, _, _ = norm(x, (1,), channel_view(weight, x.dim()), channel_view(bias, x.dim()), eps)
+    y = norm_output(x, (1,), channel_view(weight, x.dim()), channel_view(bias, x.dim()), eps)
     return y

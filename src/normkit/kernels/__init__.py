@@ -63,6 +63,8 @@ __all__ = [
 
 BACKENDS = ("auto", "reference", "cpu")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# dtype codes of the kernels' C entry points
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 class _Local(threading.local):
@@ -144,14 +146,20 @@ def _cpu_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tenso
     return p
 
 
-def _flat(p: Tensor | None, dtype: torch.dtype, empty: Tensor, order: tuple[int, ...] | None) -> Tensor:
+def _flat(p: Tensor | None, dtype: torch.dtype, order: tuple[int, ...] | None) -> Tensor | None:
     """The affine as one vector in the kernel's channel order (x's memory order of its dims)."""
     if p is None:
-        return empty
+        return None
+    if order is None and p.dtype == dtype and p.is_contiguous():
+        return p  # the kernels read its memory, in this order, and nothing else
     p = p.detach()
     if order is not None:
         p = p.permute(order)
     return p.reshape(-1).to(dtype).contiguous()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def _unflat(g: Tensor, p: Tensor, order: tuple[int, ...] | None) -> Tensor:
@@ -170,15 +178,15 @@ def norm_forward(
     if p is None:
         return core.norm_forward(x, weight, bias, mask, dims, eps)
     acc = core.acc_dtype(x.dtype)
-    empty = x.new_empty(0, dtype=acc)
     y = torch.empty_like(x)
     stats = x.new_empty((core.STAT_ROWS, *core.stat_shape(x, dims)), dtype=acc)
-    ok = torch.empty(1, dtype=torch.int32)
-    torch.ops.normkit_cpu.norm_forward(
-        x, _flat(weight, acc, empty, p.order), _flat(bias, acc, empty, p.order), y, stats, ok, p.mode, p.N, p.C, p.S, p.G,
-        float(eps),
+    w = _flat(weight, acc, p.order)
+    b = _flat(bias, acc, p.order)
+    ok = _build.lib().normkit_forward(
+        DTYPE_CODE[x.dtype], x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), stats.data_ptr(),
+        p.mode, p.N, p.C, p.S, p.G, float(eps),
     )
-    if not ok.item():  # a set needs the scaled statistics (or the input is not finite)
+    if not ok:  # a set needs the scaled statistics (or the input is not finite)
         return core.norm_forward(x, weight, bias, mask, dims, eps)
     return y, stats
 
@@ -207,15 +215,15 @@ def norm_backward(
         return core.norm_backward(dy, x, weight, bias, mask, stats, dims, needs)
     need_x, need_w, need_b = needs[0], needs[1] and weight is not None, needs[2] and bias is not None
     acc = stats.dtype
-    empty = x.new_empty(0, dtype=acc)
-    dx = torch.empty_like(x) if need_x else x.new_empty(0)
-    dw = x.new_empty(p.C, dtype=torch.float64) if need_w else x.new_empty(0, dtype=torch.float64)
-    db = x.new_empty(p.C, dtype=torch.float64) if need_b else x.new_empty(0, dtype=torch.float64)
-    ok = torch.empty(1, dtype=torch.int32)
-    torch.ops.normkit_cpu.norm_backward(
-        dy, x, _flat(weight, acc, empty, p.order), stats, dx, dw, db, ok, p.mode, p.N, p.C, p.S, p.G
+    dx = torch.empty_like(x) if need_x else None
+    dw = x.new_empty(p.C, dtype=torch.float64) if need_w else None
+    db = x.new_empty(p.C, dtype=torch.float64) if need_b else None
+    w = _flat(weight, acc, p.order)
+    ok = _build.lib().normkit_backward(
+        DTYPE_CODE[x.dtype], dy.data_ptr(), x.data_ptr(), _ptr(w), stats.data_ptr(), _ptr(dx), _ptr(dw), _ptr(db),
+        p.mode, p.N, p.C, p.S, p.G,
     )
-    if not ok.item():  # statistics of the reference's scaled path: its backward keeps them representable
+    if not ok:  # statistics of the reference's scaled path: its backward keeps them representable
         return core.norm_backward(dy, x, weight, bias, mask, stats, dims, needs)
     return (
         dx if need_x else None,

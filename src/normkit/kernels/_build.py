@@ -13,6 +13,7 @@ memory the Python side allocated, and need nothing from torch but ``parallel_for
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -23,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KernelBuildWarning", "build_dir", "is_built", "load", "load_error"]
+__all__ = ["KernelBuildWarning", "build_dir", "is_built", "lib", "load", "load_error"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "norm_cpu.cpp"
 _NAME = "normkit_cpu"
 _LOCK = threading.Lock()
-_state: dict[str, object] = {"loaded": False, "error": None, "tried": False}
+_state: dict[str, object] = {"loaded": False, "error": None, "tried": False, "lib": None}
 
 
 class KernelBuildWarning(RuntimeWarning):
@@ -98,7 +99,7 @@ def load(build: bool = True, verbose: bool = False) -> bool:
             if not is_built() and not verbose:
                 print("normkit: compiling the fused CPU kernels once (about 40 s; `normkit kernels build` does it "
                       f"ahead of time) into {d}", file=sys.stderr, flush=True)
-            cpp_extension.load(
+            path = cpp_extension.load(
                 name=_NAME,
                 sources=[str(_SOURCE)],
                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"],
@@ -106,6 +107,7 @@ def load(build: bool = True, verbose: bool = False) -> bool:
                 is_python_module=False,
                 verbose=verbose,
             )
+            _state["lib"] = _bind(str(path))
             _state["loaded"] = True
             _state["error"] = None
             return True
@@ -119,3 +121,23 @@ def load(build: bool = True, verbose: bool = False) -> bool:
                 stacklevel=3,
             )
             return False
+
+
+def _bind(path: str) -> ctypes.CDLL:
+    """The extension's C entry points (``normkit_forward`` ...) through ctypes, with their signatures."""
+    so = ctypes.CDLL(path)
+    i32, i64, p, dbl = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
+    so.normkit_forward.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, i64, i64, dbl]
+    so.normkit_forward.restype = i32
+    so.normkit_forward_train.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, p, i64, i64, i64, i64, dbl, dbl, i32]
+    so.normkit_forward_train.restype = i32
+    so.normkit_backward.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, i64, i64, i64, i64, i64]
+    so.normkit_backward.restype = i32
+    return so
+
+
+def lib() -> ctypes.CDLL:
+    """The loaded extension's C entry points (call :func:`load` first)."""
+    so = _state["lib"]
+    assert so is not None, "normkit: the fused CPU kernels are not loaded"
+    return so  # type: ignore[return-value]

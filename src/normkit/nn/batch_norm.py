@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .._errors import NormError
 from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional.batch_norm import batch_norm as _batch_norm
+from ..kernels import _fast
 from ._base import _StatsMixin, check_channels, fx_leaf, store_stats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -121,10 +122,30 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        tracking = self._tracking
+        if (
+            mask is None
+            and (self.training or not tracking)
+            and _fast.eligible(x)
+            and x.dim() in self._dims
+            and x.shape[1] == self.num_features
+        ):  # plain eager on a CPU tensor: one fused call (and one for the backward)
+            y = _fast.batch_norm_train(
+                x,
+                self.weight,
+                self.bias,
+                self.running_mean if tracking and self.training else None,
+                self.running_var if tracking and self.training else None,
+                self.num_batches_tracked if tracking and self.training else None,
+                self.momentum,
+                self.eps,
+                self.unbiased_running_var,
+            )
+            if y is not None:
+                return y
         leaf = fx_leaf(self, x, mask, root_traceable=True)
         if leaf is not None:
             return leaf
-        tracking = self._tracking
         return _bn_module_forward(
             x,
             mask,

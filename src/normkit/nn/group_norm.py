@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..functional._checks import check_eps, check_groups, check_positive_int
 from ..functional.group_norm import group_norm as _group_norm
+from ..kernels import _fast
 from ._base import check_channels, fx_leaf
 
 __all__ = ["GroupNorm"]
@@ -88,6 +89,10 @@ class GroupNorm(nn.GroupNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        if mask is None and _fast.eligible(x) and x.dim() >= 3 and x.shape[1] == self.num_channels:
+            y = _fast.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # one fused call
+            if y is not None:
+                return y
         leaf = fx_leaf(self, x, mask, root_traceable=True)
         if leaf is not None:
             return leaf

@@ -11,6 +11,7 @@ from .._errors import NormError
 from ..functional._checks import check_eps, check_positive_int
 from ..functional.layer_norm import layer_norm as _layer_norm
 from ..functional.layer_norm import layer_norm_2d as _layer_norm_2d
+from ..kernels import _fast
 from ._base import check_channels, fx_leaf
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
@@ -174,6 +175,13 @@ class LayerNorm2d(nn.LayerNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor) -> Tensor:
+        if _fast.eligible(x) and x.dim() >= 3 and x.shape[1] == self.num_channels:  # one fused call
+            if self.over == "chw":
+                y = _fast.group_norm(x, 1, self.weight, self.bias, self.eps)
+            else:
+                y = _fast.layer_norm_c(x, self.weight, self.bias, self.eps)
+            if y is not None:
+                return y
         leaf = fx_leaf(self, x, root_traceable=True)
         if leaf is not None:
             return leaf

@@ -342,8 +342,8 @@ def mean_var(stats: Tensor) -> tuple[Tensor, Tensor]:
     The variance is ``inf`` when it exceeds the accumulation dtype (fp32: values above ~1.8e19).
     """
     s = stats[_INV].reciprocal()  # exact: a power of two
-    mean = stats[_SHIFT] + stats[_CMEAN] * s
-    var = stats[_VAR] * s * s
+    mean = torch.addcmul(stats[_SHIFT], stats[_CMEAN], s)
+    var = stats[_VAR] * (s * s)
     return mean, var
 
 

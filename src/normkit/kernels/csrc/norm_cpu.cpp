@@ -53,6 +53,11 @@ constexpr int64_t FLUSH = NK_FLUSH;    // elements summed in the compute type be
 constexpr int64_t CHUNK = NK_CHUNK;    // elements of a contiguous chunk (32 KB of float: L1 / L2)
 constexpr int64_t ROWS = NK_ROWS;      // rows per chunk of the channels-last patterns (flushed per chunk)
 
+// Minimum elements per parallel task: a small input runs on the calling thread (waking the pool
+// costs more than its arithmetic).
+constexpr int64_t GRAIN = 32768;
+inline int64_t grain(int64_t per_item) { return std::max<int64_t>(1, GRAIN / std::max<int64_t>(1, per_item)); }
+
 template <typename T> struct OpMath { using type = float; };
 template <> struct OpMath<double> { using type = double; };
 
@@ -144,19 +149,109 @@ inline void run_dev(const T* p, int64_t len, O m, double& s1, double& s2) {
   run_pair<false, T, O>(p, p, len, m, s1, s2);
 }
 
-// Moments of a contiguous run, chunk by chunk, merged into mo.
+// Moments of a set made of `nruns` contiguous runs of `len` values, `stride` apart, in ONE pass: the
+// deviations are taken from a probe (the mean of the first values), and summed in lanes. Summing
+// deviations from a shift d costs a relative error of about (1 + z^2) times that of the sums, where
+// z = (mean - shift) / std: when the probe lands more than one standard deviation from the set's
+// mean (z > 1, rare: a set whose first values are atypical), the set is summed again about its
+// mean, from cache. (The two-pass moments of every set, at the price of one more pass.)
 template <typename T, typename O>
-inline void run_moments(const T* p, int64_t len, Mom& mo) {
-  for (int64_t i = 0; i < len; i += CHUNK) {
-    int64_t n = std::min(CHUNK, len - i);
-#ifdef NK_ONEPASS
-    O m = mo.n > 0 ? static_cast<O>(mo.mean) : static_cast<O>(p[i]);
-#else
-    O m = static_cast<O>(run_sum<T, O>(p + i, n) / n);
-#endif
-    double s1 = 0.0, s2 = 0.0;
-    run_dev<T, O>(p + i, n, m, s1, s2);
-    mo.add_shifted(static_cast<double>(n), static_cast<double>(m), s1, s2);
+inline Mom set_moments(const T* p, int64_t nruns, int64_t len, int64_t stride) {
+  const int64_t probe = std::min<int64_t>(len, 256);
+  O m = static_cast<O>(run_sum<T, O>(p, probe) / static_cast<double>(probe));
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t r = 0; r < nruns; ++r) run_dev<T, O>(p + r * stride, len, m, s1, s2);
+  const double n = static_cast<double>(nruns * len);
+  const double mu = s1 / n;
+  if (mu * mu * n > s2 - s1 * mu) {  // z > 1
+    m = static_cast<O>(static_cast<double>(m) + mu);
+    s1 = s2 = 0.0;
+    for (int64_t r = 0; r < nruns; ++r) run_dev<T, O>(p + r * stride, len, m, s1, s2);
+  }
+  Mom mo;
+  mo.add_shifted(n, static_cast<double>(m), s1, s2);
+  return mo;
+}
+
+// Per-column sums of d = x - shift[c] and d^2 over `rows` rows of `cols` contiguous values (row stride
+// `ld`), added into the double sums s1, s2; register blocks of CB columns, partial sums per ROWS rows.
+template <typename T, typename O>
+inline void cols_sums(const T* p, int64_t rows, int64_t cols, int64_t ld, const O* shift, double* s1, double* s2) {
+  constexpr int64_t CB = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+    const int64_t nr = std::min(ROWS, rows - r0);
+    const T* q = p + r0 * ld;
+    int64_t c0 = 0;
+    for (; c0 + CB <= cols; c0 += CB) {
+      O sh[CB], u[CB] = {}, v[CB] = {};
+#pragma omp simd
+      for (int j = 0; j < CB; ++j) sh[j] = shift[c0 + j];
+      for (int64_t r = 0; r < nr; ++r) {
+        const T* row = q + r * ld + c0;
+#pragma omp simd
+        for (int j = 0; j < CB; ++j) {
+          O d = static_cast<O>(row[j]) - sh[j];
+          u[j] += d;
+          v[j] += d * d;
+        }
+      }
+#pragma omp simd
+      for (int j = 0; j < CB; ++j) {
+        s1[c0 + j] += u[j];
+        s2[c0 + j] += v[j];
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {  // the remaining columns
+      const T* row = q + r * ld;
+      for (int64_t c = c0; c < cols; ++c) {
+        O d = static_cast<O>(row[c]) - shift[c];
+        s1[c] += d;
+        s2[c] += static_cast<double>(d) * d;
+      }
+    }
+  }
+}
+
+// Per-column moments of `rows` rows in one pass about the first rows' column means (again about the
+// column mean for the columns where that shift was more than one standard deviation off).
+template <typename T, typename O>
+inline void cols_moments1(const T* p, int64_t rows, int64_t cols, int64_t ld, Mom* out, std::vector<O>& shift,
+                          std::vector<double>& s1, std::vector<double>& s2) {
+  const int64_t probe = std::min<int64_t>(rows, 16);
+  std::fill(s1.begin(), s1.begin() + cols, 0.0);
+  for (int64_t r = 0; r < probe; ++r) {
+    const T* row = p + r * ld;
+    double* S1 = s1.data();
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) S1[c] += static_cast<double>(static_cast<O>(row[c]));
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    shift[c] = static_cast<O>(s1[c] / static_cast<double>(probe));
+    s1[c] = 0.0;
+    s2[c] = 0.0;
+  }
+  cols_sums<T, O>(p, rows, cols, ld, shift.data(), s1.data(), s2.data());
+  const double n = static_cast<double>(rows);
+  bool again = false;
+  for (int64_t c = 0; c < cols; ++c) {
+    const double mu = s1[c] / n;
+    if (mu * mu * n > s2[c] - s1[c] * mu) {
+      again = true;
+      break;
+    }
+  }
+  if (again) {
+    for (int64_t c = 0; c < cols; ++c) {
+      shift[c] = static_cast<O>(static_cast<double>(shift[c]) + s1[c] / n);
+      s1[c] = 0.0;
+      s2[c] = 0.0;
+    }
+    cols_sums<T, O>(p, rows, cols, ld, shift.data(), s1.data(), s2.data());
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    Mom mo;
+    mo.add_shifted(n, static_cast<double>(shift[c]), s1[c], s2[c]);
+    out[c] = mo;
   }
 }
 
@@ -381,7 +476,7 @@ template <typename T, typename O>
 void rows_forward(const T* x, const O* w, const O* b, T* y, O* st, int32_t* ok, int64_t N, int64_t C, int64_t G,
                   double eps) {
   const int64_t Cg = C / G;
-  torch::stable::parallel_for(0, N * G, std::max<int64_t>(1, 4096 / Cg), [&](int64_t k0, int64_t k1) {
+  torch::stable::parallel_for(0, N * G, grain(Cg), [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const T* p = x + k * Cg;
       T* q = y + k * Cg;
@@ -389,7 +484,7 @@ void rows_forward(const T* x, const O* w, const O* b, T* y, O* st, int32_t* ok, 
       if (Cg <= SHORT) {
         mo = short_moments<T, O>(p, Cg);
       } else {
-        run_moments<T, O>(p, Cg, mo);
+        mo = set_moments<T, O>(p, 1, Cg, Cg);
       }
       auto s = finish_set<O>(mo, eps, st, N * G, k, ok);
       const O r = static_cast<O>(s.rstd), cmr = static_cast<O>(s.cm * s.rstd), sh = s.shift;
@@ -419,7 +514,7 @@ void rows_backward(const T* dy, const T* x, const O* w, const O* st, T* dx, doub
   const int64_t Cg = C / G, nsets = N * G;
   const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
   const bool need_p = dw || db;
-  const int64_t blocks = std::max<int64_t>(1, std::min(nthreads, N));
+  const int64_t blocks = std::max<int64_t>(1, std::min({nthreads, N, N * C / GRAIN}));
   std::vector<double> pw(need_p ? static_cast<size_t>(blocks * C) : 0, 0.0), pb(pw.size(), 0.0);
   torch::stable::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t blk = i0; blk < i1; ++blk) {
@@ -526,10 +621,9 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
     return;
   }
   if (mode == BATCH_NCHW) {
-    torch::stable::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    torch::stable::parallel_for(0, C, grain(N * S), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        Mom mo;
-        for (int64_t n = 0; n < N; ++n) run_moments<T, O>(x + (n * C + c) * S, S, mo);
+        Mom mo = set_moments<T, O>(x + c * S, N, S, C * S);
         auto s = finish_set<O>(mo, eps, st, C, c, ok);
         O A, B;
         affine_coef<O>(s, w, b, c, A, B);
@@ -544,15 +638,16 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
     const int64_t rows = batch ? N * S : S;
     const int64_t samples = batch ? 1 : N;
     // BATCH_CL splits the rows into blocks (one per thread), merged afterwards.
-    const int64_t blocks = batch ? std::max<int64_t>(1, std::min(nthreads, rows / ROWS)) : 1;
+    const int64_t blocks = batch ? std::max<int64_t>(1, std::min({nthreads, rows / ROWS, rows * C / GRAIN})) : 1;
     const int64_t per = nsets / samples;  // sets per sample
-    std::vector<ColMoments> part(static_cast<size_t>(samples * blocks), ColMoments(C));
-    torch::stable::parallel_for(0, samples * blocks, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<O> a1(C), a2(C), m(C);
+    std::vector<Mom> part(static_cast<size_t>(samples * blocks * C));
+    torch::stable::parallel_for(0, samples * blocks, batch ? 1 : grain(rows * C), [&](int64_t i0, int64_t i1) {
+      std::vector<O> shift(C);
+      std::vector<double> s1(C), s2(C);
       for (int64_t i = i0; i < i1; ++i) {
         int64_t n = i / blocks, blk = i % blocks;
         int64_t r0 = rows * blk / blocks, r1 = rows * (blk + 1) / blocks;
-        cols_moments<T, O>(x + (n * rows + r0) * C, r1 - r0, C, C, part[i], a1, a2, m);
+        cols_moments1<T, O>(x + (n * rows + r0) * C, r1 - r0, C, C, part.data() + i * C, shift, s1, s2);
       }
     });
     std::vector<O> sh(static_cast<size_t>(samples * C)), A(sh.size()), B(sh.size());
@@ -560,7 +655,7 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
       for (int64_t k = 0; k < per; ++k) {
         Mom mo;  // the set's columns, from every block
         for (int64_t blk = 0; blk < blocks; ++blk)
-          for (int64_t c = k * group; c < (k + 1) * group; ++c) mo.add(part[n * blocks + blk].col(c));
+          for (int64_t c = k * group; c < (k + 1) * group; ++c) mo.add(part[(n * blocks + blk) * C + c]);
         auto s = finish_set<O>(mo, eps, st, nsets, n * per + k, ok);
         for (int64_t c = k * group; c < (k + 1) * group; ++c) {
           sh[n * C + c] = s.shift;
@@ -569,7 +664,7 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
       }
     }
     if (!__atomic_load_n(ok, __ATOMIC_RELAXED)) return;
-    torch::stable::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+    torch::stable::parallel_for(0, N * S, grain(C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         int64_t n = batch ? 0 : r / S;
         row_apply<T, O>(x + r * C, y + r * C, C, sh.data() + n * C, A.data() + n * C, B.data() + n * C);
@@ -577,12 +672,11 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
     });
   } else if (mode == GROUP_NCHW) {
     const int64_t Cg = C / G, L = Cg * S;
-    torch::stable::parallel_for(0, N * G, 1, [&](int64_t k0, int64_t k1) {
+    torch::stable::parallel_for(0, N * G, grain(C / G * S), [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const T* p = x + k * L;
         T* q = y + k * L;
-        Mom mo;
-        run_moments<T, O>(p, L, mo);
+        Mom mo = set_moments<T, O>(p, 1, L, L);
         auto s = finish_set<O>(mo, eps, st, N * G, k, ok);
         const int64_t c0 = (k % G) * Cg;
         if (S > 1) {
@@ -613,7 +707,7 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
     // sets (n, s) reduce over the C rows of stride S: blocks of W columns, in cache from stats to output
     const int64_t W = channel_block(C, S);
     const int64_t nb = (S + W - 1) / W;
-    torch::stable::parallel_for(0, N * nb, 1, [&](int64_t i0, int64_t i1) {
+    torch::stable::parallel_for(0, N * nb, grain(C * W), [&](int64_t i0, int64_t i1) {
       std::vector<O> a1(W), a2(W), m(W), r(W), cmr(W), sh(W);
       for (int64_t i = i0; i < i1; ++i) {
         int64_t n = i / nb, s0 = (i % nb) * W, ns = std::min(W, S - s0);
@@ -669,7 +763,7 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
     return;
   }
   if (mode == BATCH_NCHW) {
-    torch::stable::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    torch::stable::parallel_for(0, C, grain(N * S), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const O shift = st[c];
         double sdy = 0.0, sdyd = 0.0;
@@ -691,10 +785,10 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
     const int64_t nsets = batch ? C : N * G;
     const int64_t rows = batch ? N * S : S;
     const int64_t samples = batch ? 1 : N;
-    const int64_t blocks = batch ? std::max<int64_t>(1, std::min(nthreads, rows / ROWS)) : 1;
+    const int64_t blocks = batch ? std::max<int64_t>(1, std::min({nthreads, rows / ROWS, rows * C / GRAIN})) : 1;
     // per (sample, block) and channel: sum dy, sum dy * (x - shift)
     std::vector<double> p1(static_cast<size_t>(samples * blocks * C), 0.0), p2(p1.size(), 0.0);
-    torch::stable::parallel_for(0, samples * blocks, 1, [&](int64_t i0, int64_t i1) {
+    torch::stable::parallel_for(0, samples * blocks, batch ? 1 : grain(rows * C), [&](int64_t i0, int64_t i1) {
       std::vector<O> a1(C), a2(C), sh(C);
       for (int64_t i = i0; i < i1; ++i) {
         int64_t n = i / blocks, blk = i % blocks;
@@ -752,7 +846,7 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
       }
     }
     if (!dx) return;
-    torch::stable::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+    torch::stable::parallel_for(0, N * S, grain(C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         int64_t o = batch ? 0 : (r / S) * C;
         const T* g = dy + r * C;
@@ -767,7 +861,7 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
   } else if (mode == GROUP_NCHW) {
     const int64_t Cg = C / G, L = Cg * S;
     std::vector<double> p1(static_cast<size_t>(N * C)), p2(p1.size());  // per (n, c): sum dy, sum dy * x_hat
-    torch::stable::parallel_for(0, N * G, 1, [&](int64_t k0, int64_t k1) {
+    torch::stable::parallel_for(0, N * G, grain(C / G * S), [&](int64_t k0, int64_t k1) {
       std::vector<double> sdy(Cg), sdyd(Cg);
       for (int64_t k = k0; k < k1; ++k) {
         const O shift = st[k];
@@ -821,7 +915,7 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
     const int64_t nb = (S + W - 1) / W;
     const int64_t nsets = N * S;
     std::vector<double> p1(static_cast<size_t>(N * nb * C), 0.0), p2(p1.size(), 0.0);
-    torch::stable::parallel_for(0, N * nb, 1, [&](int64_t i0, int64_t i1) {
+    torch::stable::parallel_for(0, N * nb, grain(C * W), [&](int64_t i0, int64_t i1) {
       std::vector<double> gs(W), gds(W);
       std::vector<O> sh(W), xr(W), cmr(W), a1(W), a2(W), A(W), Bx(W), Cc(W);
       for (int64_t i = i0; i < i1; ++i) {
@@ -894,82 +988,139 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
   }
 }
 
-// ---- op entry points -------------------------------------------------------------------------
+// ---- entry points ----------------------------------------------------------------------------
+// Pointer-level functions (dtype code: 0 float32, 1 float64, 2 float16, 3 bfloat16; the affine and the
+// statistics in float32, float64 for float64 inputs; nullptr for an absent affine or output). They are
+// exported with C linkage for Python's ctypes (a call costs ~2 us, a boxed stable-ABI op ~11 us, which
+// is the whole arithmetic of a small norm), and wrapped as the registered ops normkit_cpu::* below.
 
-template <typename O>
-const O* opt_ptr(const Tensor& t) {
-  return t.numel() ? static_cast<const O*>(t.data_ptr()) : nullptr;
+template <typename F>
+inline void by_dtype(int dt, F f) {
+  switch (dt) {
+    case 0: f(float{}, float{}); break;
+    case 1: f(double{}, double{}); break;
+    case 2: f(c10::Half{}, float{}); break;
+    case 3: f(c10::BFloat16{}, float{}); break;
+    default: STD_TORCH_CHECK(false, "normkit_cpu: unsupported dtype code ", dt);
+  }
 }
 
-void norm_forward(Tensor x, Tensor w, Tensor b, Tensor y, Tensor stats, Tensor ok, int64_t mode, int64_t N,
-                  int64_t C, int64_t S, int64_t G, double eps) {
-  int32_t* okp = static_cast<int32_t*>(ok.data_ptr());
-  *okp = 1;
-  using ST = torch::headeronly::ScalarType;
-  switch (x.scalar_type()) {
-    case ST::Float:
-      forward_impl<float>(static_cast<const float*>(x.data_ptr()), opt_ptr<float>(w), opt_ptr<float>(b),
-                          static_cast<float*>(y.data_ptr()), static_cast<float*>(stats.data_ptr()), okp, mode, N, C,
-                          S, G, eps);
-      break;
-    case ST::Double:
-      forward_impl<double>(static_cast<const double*>(x.data_ptr()), opt_ptr<double>(w), opt_ptr<double>(b),
-                           static_cast<double*>(y.data_ptr()), static_cast<double*>(stats.data_ptr()), okp, mode, N,
-                           C, S, G, eps);
-      break;
-    case ST::Half:
-      forward_impl<c10::Half>(static_cast<const c10::Half*>(x.data_ptr()), opt_ptr<float>(w), opt_ptr<float>(b),
-                              static_cast<c10::Half*>(y.data_ptr()), static_cast<float*>(stats.data_ptr()), okp, mode,
-                              N, C, S, G, eps);
-      break;
-    case ST::BFloat16:
-      forward_impl<c10::BFloat16>(static_cast<const c10::BFloat16*>(x.data_ptr()), opt_ptr<float>(w),
-                                  opt_ptr<float>(b), static_cast<c10::BFloat16*>(y.data_ptr()),
-                                  static_cast<float*>(stats.data_ptr()), okp, mode, N, C, S, G, eps);
-      break;
-    default:
-      STD_TORCH_CHECK(false, "normkit_cpu.norm_forward: unsupported dtype");
+int32_t forward_ptr(int dt, const void* x, const void* w, const void* b, void* y, void* st, int64_t mode, int64_t N,
+                    int64_t C, int64_t S, int64_t G, double eps) {
+  int32_t ok = 1;
+  by_dtype(dt, [&](auto t, auto o) {
+    using T = decltype(t);
+    using O = decltype(o);
+    forward_impl<T>(static_cast<const T*>(x), static_cast<const O*>(w), static_cast<const O*>(b), static_cast<T*>(y),
+                    static_cast<O*>(st), &ok, mode, N, C, S, G, eps);
+  });
+  return ok;
+}
+
+// BatchNorm's training step: the forward, then (when every set's statistics are exact) the running
+// statistics updated in place, as normkit.functional._running.update_running_stats does:
+// running += factor * (batch - running), the batch variance unbiased (* n / (n - 1)) when asked,
+// factor = momentum, or 1 / num_batches_tracked (cumulative average) when momentum < 0. A batch whose
+// update would not be finite leaves everything untouched and clears ok: the caller then takes the
+// general path (which skips and counts the update).
+template <typename O>
+void update_running(const O* st, int64_t C, O* rm, O* rv, int64_t* nbt, double momentum, bool unbiased, int32_t* ok) {
+  const double n = static_cast<double>(st[5 * C]);
+  const O corr = static_cast<O>(unbiased ? n / (n - 1.0) : 1.0);
+  for (int64_t c = 0; c < C; ++c) {
+    O mean = static_cast<O>(static_cast<double>(st[c]) + static_cast<double>(st[2 * C + c]));
+    O var = st[4 * C + c] * corr;
+    if (!std::isfinite(mean) || !std::isfinite(var)) {
+      *ok = 0;
+      return;
+    }
   }
+  double f = momentum;
+  if (nbt) {
+    *nbt += 1;
+    if (momentum < 0) f = 1.0 / static_cast<double>(*nbt);
+  }
+  const O fo = static_cast<O>(f);
+  for (int64_t c = 0; c < C; ++c) {
+    O mean = static_cast<O>(static_cast<double>(st[c]) + static_cast<double>(st[2 * C + c]));
+    O var = st[4 * C + c] * corr;
+    rm[c] = rm[c] + fo * (mean - rm[c]);
+    rv[c] = rv[c] + fo * (var - rv[c]);
+  }
+}
+
+int32_t forward_train_ptr(int dt, const void* x, const void* w, const void* b, void* y, void* st, void* rm, void* rv,
+                          int64_t* nbt, int64_t mode, int64_t N, int64_t C, int64_t S, double eps, double momentum,
+                          int32_t unbiased) {
+  int32_t ok = forward_ptr(dt, x, w, b, y, st, mode, N, C, S, 1, eps);
+  if (!ok || !rm) return ok;
+  if (dt == 1) {
+    update_running<double>(static_cast<const double*>(st), C, static_cast<double*>(rm), static_cast<double*>(rv), nbt,
+                           momentum, unbiased != 0, &ok);
+  } else {
+    update_running<float>(static_cast<const float*>(st), C, static_cast<float*>(rm), static_cast<float*>(rv), nbt,
+                          momentum, unbiased != 0, &ok);
+  }
+  return ok;
+}
+
+int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx, double* dw,
+                     double* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
+  const int64_t nsets = mode == BATCH_NCHW || mode == BATCH_CL ? C : (mode == CHANNEL_NCHW ? N * S : N * G);
+  // Statistics saved by the reference's scaled path (inv != 1, for |x| beyond the float32 squares):
+  // the caller recomputes on the reference, whose backward keeps every factor representable.
+  bool scaled = false;
+  if (dt == 1) {
+    const double* inv = static_cast<const double*>(st) + nsets;
+    for (int64_t k = 0; k < nsets; ++k) scaled |= inv[k] != 1.0;
+  } else {
+    const float* inv = static_cast<const float*>(st) + nsets;
+    for (int64_t k = 0; k < nsets; ++k) scaled |= inv[k] != 1.0f;
+  }
+  if (scaled) return 0;
+  if (dw) std::fill(dw, dw + C, 0.0);
+  if (db) std::fill(db, db + C, 0.0);
+  by_dtype(dt, [&](auto t, auto o) {
+    using T = decltype(t);
+    using O = decltype(o);
+    backward_impl<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w),
+                     static_cast<const O*>(st), static_cast<T*>(dx), dw, db, mode, N, C, S, G);
+  });
+  return 1;
+}
+
+int dtype_code(const Tensor& t) {
+  using ST = torch::headeronly::ScalarType;
+  switch (t.scalar_type()) {
+    case ST::Float: return 0;
+    case ST::Double: return 1;
+    case ST::Half: return 2;
+    case ST::BFloat16: return 3;
+    default: STD_TORCH_CHECK(false, "normkit_cpu: unsupported dtype"); return -1;
+  }
+}
+
+inline void* ptr(const Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
+
+void norm_forward(Tensor x, Tensor w, Tensor b, Tensor y, Tensor stats, Tensor ok, int64_t mode, int64_t N, int64_t C,
+                  int64_t S, int64_t G, double eps) {
+  *static_cast<int32_t*>(ok.data_ptr()) =
+      forward_ptr(dtype_code(x), x.data_ptr(), ptr(w), ptr(b), y.data_ptr(), stats.data_ptr(), mode, N, C, S, G, eps);
+}
+
+void norm_forward_train(Tensor x, Tensor w, Tensor b, Tensor y, Tensor stats, Tensor ok, Tensor rm, Tensor rv,
+                        Tensor nbt, int64_t mode, int64_t N, int64_t C, int64_t S, double eps, double momentum,
+                        bool unbiased) {
+  *static_cast<int32_t*>(ok.data_ptr()) = forward_train_ptr(
+      dtype_code(x), x.data_ptr(), ptr(w), ptr(b), y.data_ptr(), stats.data_ptr(), ptr(rm), ptr(rv),
+      static_cast<int64_t*>(ptr(nbt)), mode, N, C, S, eps, momentum, unbiased ? 1 : 0);
 }
 
 void norm_backward(Tensor dy, Tensor x, Tensor w, Tensor stats, Tensor dx, Tensor dw, Tensor db, Tensor ok,
                    int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
-  // Statistics saved by the reference's scaled path (inv != 1, for |x| beyond the float32 squares):
-  // the caller recomputes on the reference, whose backward keeps every factor representable.
-  int32_t* okp = static_cast<int32_t*>(ok.data_ptr());
-  *okp = 1;
-  {
-    const int64_t nsets = stats.numel() / 6;
-    bool scaled = false;
-    if (x.scalar_type() == torch::headeronly::ScalarType::Double) {
-      const double* inv = static_cast<const double*>(stats.data_ptr()) + nsets;
-      for (int64_t k = 0; k < nsets; ++k) scaled |= inv[k] != 1.0;
-    } else {
-      const float* inv = static_cast<const float*>(stats.data_ptr()) + nsets;
-      for (int64_t k = 0; k < nsets; ++k) scaled |= inv[k] != 1.0f;
-    }
-    if (scaled) {
-      *okp = 0;
-      return;
-    }
-  }
-  double* dwp = dw.numel() ? static_cast<double*>(dw.data_ptr()) : nullptr;
-  double* dbp = db.numel() ? static_cast<double*>(db.data_ptr()) : nullptr;
-  if (dwp) std::fill(dwp, dwp + C, 0.0);
-  if (dbp) std::fill(dbp, dbp + C, 0.0);
-  using ST = torch::headeronly::ScalarType;
-#define NORMKIT_BWD(T, O)                                                                                        \
-  backward_impl<T>(static_cast<const T*>(dy.data_ptr()), static_cast<const T*>(x.data_ptr()), opt_ptr<O>(w),      \
-                   static_cast<const O*>(stats.data_ptr()), dx.numel() ? static_cast<T*>(dx.data_ptr()) : nullptr, \
-                   dwp, dbp, mode, N, C, S, G)
-  switch (x.scalar_type()) {
-    case ST::Float: NORMKIT_BWD(float, float); break;
-    case ST::Double: NORMKIT_BWD(double, double); break;
-    case ST::Half: NORMKIT_BWD(c10::Half, float); break;
-    case ST::BFloat16: NORMKIT_BWD(c10::BFloat16, float); break;
-    default: STD_TORCH_CHECK(false, "normkit_cpu.norm_backward: unsupported dtype");
-  }
-#undef NORMKIT_BWD
+  *static_cast<int32_t*>(ok.data_ptr()) =
+      backward_ptr(dtype_code(x), dy.data_ptr(), x.data_ptr(), ptr(w), stats.data_ptr(), ptr(dx),
+                   static_cast<double*>(ptr(dw)), static_cast<double*>(ptr(db)), mode, N, C, S, G);
 }
 
 }  // namespace
@@ -984,6 +1135,9 @@ void norm_backward(Tensor dy, Tensor x, Tensor w, Tensor stats, Tensor dx, Tenso
 NORMKIT_LIBRARY(NORMKIT_CPU_NS, m) {
   m.def("norm_forward(Tensor x, Tensor w, Tensor b, Tensor(a!) y, Tensor(b!) stats, Tensor(c!) ok, int mode, "
         "int N, int C, int S, int G, float eps) -> ()");
+  m.def("norm_forward_train(Tensor x, Tensor w, Tensor b, Tensor(a!) y, Tensor(b!) stats, Tensor(c!) ok, "
+        "Tensor(d!) rm, Tensor(e!) rv, Tensor(f!) nbt, int mode, int N, int C, int S, float eps, float momentum, "
+        "bool unbiased) -> ()");
   m.def("norm_backward(Tensor dy, Tensor x, Tensor w, Tensor stats, Tensor(a!) dx, Tensor(b!) dw, Tensor(c!) db, "
         "Tensor(d!) ok, int mode, int N, int C, int S, int G) -> ()");
 }
@@ -991,4 +1145,21 @@ NORMKIT_LIBRARY(NORMKIT_CPU_NS, m) {
 NORMKIT_LIBRARY_IMPL(NORMKIT_CPU_NS, CPU, m) {
   m.impl("norm_forward", TORCH_BOX(&norm_forward));
   m.impl("norm_backward", TORCH_BOX(&norm_backward));
+  m.impl("norm_forward_train", TORCH_BOX(&norm_forward_train));
+}
+
+extern "C" {
+int32_t normkit_forward(int dt, const void* x, const void* w, const void* b, void* y, void* st, int64_t mode, int64_t N,
+                        int64_t C, int64_t S, int64_t G, double eps) {
+  return forward_ptr(dt, x, w, b, y, st, mode, N, C, S, G, eps);
+}
+int32_t normkit_forward_train(int dt, const void* x, const void* w, const void* b, void* y, void* st, void* rm,
+                              void* rv, int64_t* nbt, int64_t mode, int64_t N, int64_t C, int64_t S, double eps,
+                              double momentum, int32_t unbiased) {
+  return forward_train_ptr(dt, x, w, b, y, st, rm, rv, nbt, mode, N, C, S, eps, momentum, unbiased);
+}
+int32_t normkit_backward(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx, double* dw,
+                         double* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
+  return backward_ptr(dt, dy, x, w, st, dx, dw, db, mode, N, C, S, G);
+}
 }

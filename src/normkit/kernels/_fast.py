@@ -1,0 +1,282 @@
+"""Eager fast paths for the layers: one fused C++ call per forward and one per backward.
+
+A layer's forward normally runs through the functional op, the registered ``normkit::norm`` op
+and the running-statistics update, each a few tensor operations in Python: tens of microseconds
+per call, more than the arithmetic of a small input (a (2, 16, 8, 8) batch). In plain eager mode
+on a CPU tensor the layers instead call :func:`batch_norm_train` / :func:`norm`, which take the
+kernel pattern straight from the input's shape and layout, run ``normkit_cpu::norm_forward``
+(for BatchNorm's training step ``norm_forward_train``, which also updates the running statistics
+in place) and attach the fused backward with a minimal ``autograd.Function``.
+
+They return ``None`` whenever they do not apply (not plain eager, an unusual layout or dtype, the
+kernels not built, a batch the kernels hand back to the reference): the caller then runs the
+general path, which computes the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..ops import core
+from . import _build
+
+__all__ = ["batch_norm_train", "eligible", "group_norm", "layer_norm_c"]
+
+BATCH_NCHW, BATCH_CL, GROUP_NCHW, GROUP_CL, CHANNEL_NCHW = range(5)
+_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def eligible(x: Tensor) -> bool:
+    """Whether a layer call on ``x`` may take the fused fast path (plain eager, CPU, a supported dtype)."""
+    from . import current
+
+    return (
+        not torch.compiler.is_compiling()  # first: Dynamo must not look at the rest
+        and type(x) is Tensor
+        and x.device.type == "cpu"
+        and x.dtype in _CODE
+        and x.numel() > 0
+        and current() != "reference"
+        and (bool(_build._state["loaded"]) or _build.load(build=True))
+        and not torch._C._are_functorch_transforms_active()
+        and torch.autograd.forward_ad._current_level < 0
+        and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_exporting()
+        and torch._C._has_storage(x)
+    )
+
+
+def _layout(x: Tensor) -> str | None:
+    """``"nchw"`` (contiguous), ``"cl"`` (channels last) or ``None`` (anything else)."""
+    if x.is_contiguous():
+        return "nchw"
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return "cl"
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return "cl"
+    return None
+
+
+def _affine(p: Tensor | None, acc: torch.dtype) -> Tensor | None:
+    if p is None or (p.dtype == acc and p.is_contiguous()):
+        return p
+    return p.detach().to(acc).contiguous()
+
+
+class _Spec:
+    """One fast call: the kernel pattern, and how to recompute it differentiably (double backward)."""
+
+    __slots__ = ("mode", "N", "C", "S", "G", "eps", "reference")
+
+    def __init__(self, mode: int, N: int, C: int, S: int, G: int, eps: float, reference: Callable[..., Tensor]):
+        self.mode, self.N, self.C, self.S, self.G, self.eps = mode, N, C, S, G, eps
+        self.reference = reference
+
+
+class _Fallback(Exception):
+    """The kernel handed the batch back (statistics outside its exact range): run the general path."""
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _forward(x: Tensor, w: Tensor | None, b: Tensor | None, spec: _Spec, train: tuple[Any, ...] | None) -> tuple[Tensor, Tensor]:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wk = _affine(w, acc)
+    bk = _affine(b, acc)
+    y = torch.empty_like(x)
+    mode = spec.mode
+    nsets = spec.C if mode <= BATCH_CL else (spec.N * spec.S if mode == CHANNEL_NCHW else spec.N * spec.G)
+    stats = torch.empty((core.STAT_ROWS, nsets), dtype=acc)
+    so = _build.lib()
+    if train is None:
+        ok = so.normkit_forward(
+            _CODE[x.dtype], x.data_ptr(), _ptr(wk), _ptr(bk), y.data_ptr(), stats.data_ptr(),
+            mode, spec.N, spec.C, spec.S, spec.G, spec.eps,
+        )
+    else:
+        rm, rv, nbt, momentum, unbiased = train
+        ok = so.normkit_forward_train(
+            _CODE[x.dtype], x.data_ptr(), _ptr(wk), _ptr(bk), y.data_ptr(), stats.data_ptr(), rm.data_ptr(),
+            rv.data_ptr(), _ptr(nbt), mode, spec.N, spec.C, spec.S, spec.eps,
+            -1.0 if momentum is None else float(momentum), int(unbiased),
+        )
+    if not ok:
+        raise _Fallback
+    return y, stats
+
+
+class _FastNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None, spec: _Spec, train: Any) -> Tensor:  # type: ignore[override]
+        y, stats = _forward(x, w, b, spec, train)
+        ctx.save_for_backward(x, w, b, stats)
+        ctx.spec = spec
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, w, b, stats = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a differentiable recomputation
+            with torch.enable_grad():
+                inputs = [t for t, n in zip((x, w, b), needs) if n and t is not None]
+                y = spec.reference(x, w, b)
+                grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True))
+            return (*(next(grads) if (n and t is not None) else None for t, n in zip((x, w, b), needs)), None, None)
+        if type(dy) is not Tensor or not torch._C._has_storage(dy) or dy.dtype != x.dtype:
+            dy = torch.empty_like(x).copy_(dy)
+        elif dy.stride() != x.stride():
+            dy = torch.empty_like(x).copy_(dy)
+        acc = stats.dtype
+        need_w = needs[1] and w is not None
+        need_b = needs[2] and b is not None
+        dx = torch.empty_like(x) if needs[0] else None
+        dw = torch.empty(spec.C, dtype=torch.float64) if need_w else None
+        db = torch.empty(spec.C, dtype=torch.float64) if need_b else None
+        _build.lib().normkit_backward(
+            _CODE[x.dtype], dy.data_ptr(), x.data_ptr(), _ptr(_affine(w, acc)), stats.data_ptr(), _ptr(dx), _ptr(dw),
+            _ptr(db), spec.mode, spec.N, spec.C, spec.S, spec.G,
+        )  # the statistics are the kernel's own (never the reference's scaled ones): it always succeeds
+        return (
+            dx if needs[0] else None,
+            dw.view(w.shape).to(w.dtype) if need_w else None,  # type: ignore[union-attr]
+            db.view(b.shape).to(b.dtype) if need_b else None,  # type: ignore[union-attr]
+            None,
+            None,
+        )
+
+
+def _params_ok(x: Tensor, *params: Tensor | None) -> bool:
+    """The parameter dtypes the functional ops accept (their checks raise the error otherwise)."""
+    for p in params:
+        if p is not None and p.dtype != x.dtype and not (p.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+            return False
+        if p is not None and p.device.type != "cpu":
+            return False
+    return True
+
+
+def _run(x: Tensor, w: Tensor | None, b: Tensor | None, spec: _Spec, train: Any) -> Tensor | None:
+    if not _params_ok(x, w, b):
+        return None
+    try:
+        if torch.is_grad_enabled() and (x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad)):
+            return _FastNorm.apply(x, w, b, spec, train)  # type: ignore[no-any-return]
+        return _forward(x, w, b, spec, train)[0]
+    except _Fallback:
+        return None
+
+
+def _spatial(x: Tensor) -> int:
+    return math.prod(x.shape[2:])
+
+
+def batch_norm_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    unbiased: bool,
+) -> Tensor | None:
+    """A BatchNorm layer's training step (batch statistics; running statistics, if any, updated in place), or ``None``."""
+    acc = core.acc_dtype(x.dtype)
+    if running_mean is None or running_var is None:
+        train = None
+    elif (
+        running_mean.dtype != acc
+        or running_var.dtype != acc
+        or not running_mean.is_contiguous()
+        or not running_var.is_contiguous()
+        or (num_batches_tracked is not None and num_batches_tracked.dtype != torch.int64)
+    ):
+        return None
+    else:
+        train = (running_mean, running_var, num_batches_tracked, momentum, unbiased)
+    layout = _layout(x)
+    if layout is None:
+        return None
+    N, C = x.shape[0], x.shape[1]
+    S = _spatial(x)
+    if N * S < 2:
+        return None
+    if x.dim() == 2 or layout == "cl":
+        spec = _Spec(BATCH_CL, N, C, S, 1, eps, _bn_reference(eps))
+    else:
+        spec = _Spec(BATCH_NCHW, N, C, S, 1, eps, _bn_reference(eps))
+    return _run(x, weight, bias, spec, train)
+
+
+_BN_REFS: dict[float, Callable[..., Tensor]] = {}
+
+
+def _bn_reference(eps: float) -> Callable[..., Tensor]:
+    if eps in _BN_REFS:
+        return _BN_REFS[eps]
+
+    def ref(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+        from ..functional.batch_norm import batch_norm
+        from . import use
+
+        with use("reference"):
+            return batch_norm(x, None, None, w, b, training=True, eps=eps).output
+
+    _BN_REFS[eps] = ref
+    return ref
+
+
+def group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
+    """GroupNorm (``groups = C``: InstanceNorm without running statistics; 1: LN over (C, *spatial)), or ``None``."""
+    if x.dim() < 3:
+        return None
+    layout = _layout(x)
+    if layout is None:
+        return None
+    N, C = x.shape[0], x.shape[1]
+    S = _spatial(x)
+    if (C // groups) * S < 2:
+        return None
+
+    def ref(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+        from ..functional.group_norm import group_norm as gn
+        from . import use
+
+        with use("reference"):
+            return gn(x, groups, w, b, eps)
+
+    mode = GROUP_CL if layout == "cl" else GROUP_NCHW
+    return _run(x, weight, bias, _Spec(mode, N, C, S, groups, eps, ref), None)
+
+
+def layer_norm_c(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
+    """LayerNorm over the channel dim of an (N, C, *spatial) input (LayerNorm2d, ConvNeXt), or ``None``."""
+    if x.dim() < 3:
+        return None
+    layout = _layout(x)
+    if layout is None or x.shape[1] < 2:
+        return None
+    N, C = x.shape[0], x.shape[1]
+    S = _spatial(x)
+
+    def ref(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+        from ..functional.layer_norm import layer_norm_2d
+        from . import use
+
+        with use("reference"):
+            return layer_norm_2d(x, w, b, eps)
+
+    if layout == "cl":  # rows of C values
+        return _run(x, weight, bias, _Spec(GROUP_NCHW, N * S, C, 1, 1, eps, ref), None)
+    return _run(x, weight, bias, _Spec(CHANNEL_NCHW, N, C, S, 1, eps, ref), None)
+

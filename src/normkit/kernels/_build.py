@@ -102,7 +102,7 @@ def load(build: bool = True, verbose: bool = False) -> bool:
             path = cpp_extension.load(
                 name=_NAME,
                 sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"],
                 build_directory=str(d),
                 is_python_module=False,
                 verbose=verbose,
@@ -133,6 +133,10 @@ def _bind(path: str) -> ctypes.CDLL:
     so.normkit_forward_train.restype = i32
     so.normkit_backward.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, i64, i64, i64, i64, i64]
     so.normkit_backward.restype = i32
+    so.normkit_act_forward.argtypes = [ctypes.c_int, p, p, p, p, p, p, i64, dbl, i64, i64, i64, i32]
+    so.normkit_act_forward.restype = i32
+    so.normkit_act_backward.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, p, i64, dbl, i64, i64, i64, i32]
+    so.normkit_act_backward.restype = i32
     return so
 
 

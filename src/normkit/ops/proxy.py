@@ -71,7 +71,52 @@ def _act_backward(g: Tensor, a: Tensor, z: Tensor, act: str, slope: float) -> Te
     return g
 
 
+_ACT_CODE = {name: i for i, name in enumerate(ACT_NAMES)}  # the fused kernel's activation codes
+# The fused kernel vectorises these; the others (exp, erf, tanh) stay on ATen's vectorised math.
+_FUSED_ACTS = ("relu", "leaky_relu", "identity")
+
+
+def _fused_layout(y: Tensor) -> int | None:
+    """0 (contiguous), 1 (channels last) or None: whether the fused CPU kernel may run on ``y`` here."""
+    from ..kernels import _fast
+
+    if not _fast.eligible(y) or y.dim() < 2:
+        return None
+    if y.is_contiguous():
+        return 0
+    if (y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last)) or (
+        y.dim() == 5 and y.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return 1
+    return None
+
+
+def _shape3(y: Tensor) -> tuple[int, int, int]:
+    S = 1
+    for s in y.shape[2:]:
+        S *= s
+    return y.shape[0], y.shape[1], S
+
+
+def _vec(p: Tensor, dtype: torch.dtype) -> Tensor:
+    return p.detach().to(dtype).contiguous()
+
+
 def _forward(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float) -> Tensor:
+    layout = _fused_layout(y) if act in _FUSED_ACTS else None
+    if layout is not None:  # one fused pass (normkit.kernels)
+        from ..kernels import _build
+        from ..kernels import DTYPE_CODE
+
+        dtype = m.dtype
+        w, b, mm, r = _vec(weight, dtype), _vec(bias, dtype), _vec(m, dtype), _vec(rstd, dtype)
+        out = torch.empty_like(y)
+        N, C, S = _shape3(y)
+        _build.lib().normkit_act_forward(
+            DTYPE_CODE[y.dtype], y.data_ptr(), w.data_ptr(), b.data_ptr(), mm.data_ptr(), r.data_ptr(), out.data_ptr(),
+            _ACT_CODE[act], float(slope), N, C, S, layout,
+        )
+        return out
     nd = y.dim()
     dtype = m.dtype
     a = torch.addcmul(_cview(bias.to(dtype), nd), y, _cview(weight.to(dtype), nd))
@@ -87,6 +132,32 @@ def _backward(
     dout: Tensor, y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float,
     needs: list[bool],
 ) -> tuple[Tensor | None, ...]:
+    layout = (
+        _fused_layout(y)
+        if act in _FUSED_ACTS and not torch.is_grad_enabled() and dout.stride() == y.stride() and dout.dtype == y.dtype
+        else None
+    )
+    if layout is not None:  # one fused pass (normkit.kernels); create_graph=True takes the ATen formula below
+        from ..kernels import _build
+        from ..kernels import DTYPE_CODE
+
+        dtype = m.dtype
+        w, b, mm, r = _vec(weight, dtype), _vec(bias, dtype), _vec(m, dtype), _vec(rstd, dtype)
+        N, C, S = _shape3(y)
+        dy_t = torch.empty_like(y) if needs[0] else None
+        sums = torch.empty(4, C, dtype=torch.float64)
+        _build.lib().normkit_act_backward(
+            DTYPE_CODE[y.dtype], dout.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), mm.data_ptr(), r.data_ptr(),
+            None if dy_t is None else dy_t.data_ptr(), sums.data_ptr(), _ACT_CODE[act], float(slope), N, C, S, layout,
+        )
+        sums = sums.to(dtype)
+        return (
+            dy_t,
+            sums[0].to(weight.dtype) if needs[1] else None,
+            sums[1].to(bias.dtype) if needs[2] else None,
+            -(sums[2] * rstd) if needs[3] else None,
+            sums[3] if needs[4] else None,
+        )
     nd = y.dim()
     dims = [i for i in range(nd) if i != 1]
     dtype = m.dtype

@@ -32,6 +32,7 @@
 #include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -988,6 +989,197 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
   }
 }
 
+
+// ---- Proxy Norm's activation step: out = (act(w * y + b) - m) * r per channel --------------------------
+// (normkit.ops.proxy). One pass forward; one pass backward, which recomputes a = w * y + b and also
+// returns the per-channel sums the parameter gradients need.
+
+enum ActKind : int64_t { A_RELU = 0, A_LEAKY = 1, A_SILU = 2, A_GELU = 3, A_GELU_TANH = 4, A_SIGMOID = 5, A_TANH = 6, A_IDENT = 7 };
+
+template <int A, typename O>
+inline O act_f(O a, O slope) {
+  if constexpr (A == A_RELU) return std::max(a, O(0));
+  else if constexpr (A == A_LEAKY) return std::max(a, O(0)) + slope * std::min(a, O(0));
+  else if constexpr (A == A_SILU) return a / (O(1) + std::exp(-a));
+  else if constexpr (A == A_GELU) return O(0.5) * a * (O(1) + std::erf(a * O(0.70710678118654752440)));
+  else if constexpr (A == A_GELU_TANH) {
+    const O k = O(0.79788456080286535588);
+    return O(0.5) * a * (O(1) + std::tanh(k * (a + O(0.044715) * a * a * a)));
+  } else if constexpr (A == A_SIGMOID) return O(1) / (O(1) + std::exp(-a));
+  else if constexpr (A == A_TANH) return std::tanh(a);
+  else return a;
+}
+
+// act'(a), given z = act(a)
+template <int A, typename O>
+inline O act_d(O a, O z, O slope) {
+  if constexpr (A == A_RELU) return static_cast<O>(z > O(0));
+  else if constexpr (A == A_LEAKY) return static_cast<O>(a > O(0)) + slope * static_cast<O>(a <= O(0));
+  else if constexpr (A == A_SILU) {
+    O s = O(1) / (O(1) + std::exp(-a));
+    return s * (O(1) + a * (O(1) - s));
+  } else if constexpr (A == A_GELU) {
+    O cdf = O(0.5) * (O(1) + std::erf(a * O(0.70710678118654752440)));
+    O pdf = std::exp(O(-0.5) * a * a) * O(0.39894228040143267794);
+    return cdf + a * pdf;
+  } else if constexpr (A == A_GELU_TANH) {
+    const O k = O(0.79788456080286535588), c = O(0.044715);
+    O t = std::tanh(k * (a + c * a * a * a));
+    return O(0.5) * (O(1) + t) + O(0.5) * a * (O(1) - t * t) * k * (O(1) + O(3) * c * a * a);
+  } else if constexpr (A == A_SIGMOID) return z * (O(1) - z);
+  else if constexpr (A == A_TANH) return O(1) - z * z;
+  else return O(1);
+}
+
+template <int A, typename T, typename O>
+void act_forward_impl(const T* y, const O* w, const O* b, const O* m, const O* r, T* out, O slope, int64_t N, int64_t C,
+                      int64_t S, bool cl) {
+  if (!cl) {
+    torch::stable::parallel_for(0, N * C, grain(S), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t c = k % C;
+        const O W = w[c], B = b[c], M = m[c], R = r[c];
+        const T* p = y + k * S;
+        T* q = out + k * S;
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) q[i] = static_cast<T>((act_f<A, O>(W * static_cast<O>(p[i]) + B, slope) - M) * R);
+      }
+    });
+  } else {
+    torch::stable::parallel_for(0, N * S, grain(C), [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const T* p = y + row * C;
+        T* q = out + row * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) q[c] = static_cast<T>((act_f<A, O>(w[c] * static_cast<O>(p[c]) + b[c], slope) - m[c]) * r[c]);
+      }
+    });
+  }
+}
+
+// One contiguous run of a channel: dy (when STORE) and the four per-channel sums.
+template <int A, bool STORE, typename T, typename O>
+inline void act_bwd_run(const T* g, const T* p, T* q, int64_t S, O W, O B, O M, O R, O slope, O* t) {
+  constexpr int L = 16;
+  O a0[L] = {}, a1[L] = {}, a2[L] = {}, a3[L] = {};
+  int64_t i = 0;
+  for (; i + L <= S; i += L) {
+#pragma omp simd
+    for (int j = 0; j < L; ++j) {
+      O yv = static_cast<O>(p[i + j]), gv = static_cast<O>(g[i + j]);
+      O a = W * yv + B;
+      O z = act_f<A, O>(a, slope);
+      O da = act_d<A, O>(a, z, slope) * gv * R;
+      if constexpr (STORE) q[i + j] = static_cast<T>(da * W);
+      a0[j] += da * yv;
+      a1[j] += da;
+      a2[j] += gv;
+      a3[j] += gv * (z - M);
+    }
+  }
+  O t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+  for (int j = 0; j < L; ++j) {
+    t0 += a0[j];
+    t1 += a1[j];
+    t2 += a2[j];
+    t3 += a3[j];
+  }
+  for (; i < S; ++i) {
+    O yv = static_cast<O>(p[i]), gv = static_cast<O>(g[i]);
+    O a = W * yv + B;
+    O z = act_f<A, O>(a, slope);
+    O da = act_d<A, O>(a, z, slope) * gv * R;
+    if constexpr (STORE) q[i] = static_cast<T>(da * W);
+    t0 += da * yv;
+    t1 += da;
+    t2 += gv;
+    t3 += gv * (z - M);
+  }
+  t[0] = t0; t[1] = t1; t[2] = t2; t[3] = t3;
+}
+
+// dy = act'(a) * dout * r * w; per channel: dw = sum act'(a) dout r y, db = sum act'(a) dout r,
+// sdo = sum dout, sdz = sum dout * (z - m)   (dm = -r * sdo, dr = sdz: left to the caller)
+template <int A, typename T, typename O>
+void act_backward_impl(const T* dout, const T* y, const O* w, const O* b, const O* m, const O* r, T* dy, double* sums,
+                       O slope, int64_t N, int64_t C, int64_t S, bool cl) {
+  const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  // sums: 4 rows of C (dw, db, sdo, sdz)
+  if (!cl) {
+    torch::stable::parallel_for(0, C, grain(N * S), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const O W = w[c], B = b[c], M = m[c], R = r[c];
+        double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t off = (n * C + c) * S;
+          const T* g = dout + off;
+          const T* p = y + off;
+          O t[4] = {0, 0, 0, 0};
+          if (dy)
+            act_bwd_run<A, true, T, O>(g, p, dy + off, S, W, B, M, R, slope, t);
+          else
+            act_bwd_run<A, false, T, O>(g, p, nullptr, S, W, B, M, R, slope, t);
+          const O t0 = t[0], t1 = t[1], t2 = t[2], t3 = t[3];
+          s0 += t0; s1 += t1; s2 += t2; s3 += t3;
+        }
+        sums[c] = s0; sums[C + c] = s1; sums[2 * C + c] = s2; sums[3 * C + c] = s3;
+      }
+    });
+    return;
+  }
+  const int64_t rows = N * S;
+  const int64_t blocks = std::max<int64_t>(1, std::min({nthreads, rows / ROWS, rows * C / GRAIN}));
+  std::vector<double> part(static_cast<size_t>(blocks * 4 * C), 0.0);
+  torch::stable::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<O> acc(static_cast<size_t>(4 * C));
+    std::vector<T> scratch(static_cast<size_t>(C));
+    for (int64_t blk = i0; blk < i1; ++blk) {
+      double* P = part.data() + blk * 4 * C;
+      const int64_t ra = rows * blk / blocks, rb = rows * (blk + 1) / blocks;
+      for (int64_t q0 = ra; q0 < rb; q0 += ROWS) {
+        const int64_t q1 = std::min(rb, q0 + ROWS);
+        std::fill(acc.begin(), acc.end(), O(0));
+        O *A0 = acc.data(), *A1 = A0 + C, *A2 = A1 + C, *A3 = A2 + C;
+        for (int64_t row = q0; row < q1; ++row) {
+          const T* g = dout + row * C;
+          const T* p = y + row * C;
+          T* q = dy ? dy + row * C : scratch.data();  // dy not needed: written to a scratch row
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            O yv = static_cast<O>(p[c]), gv = static_cast<O>(g[c]);
+            O a = w[c] * yv + b[c];
+            O z = act_f<A, O>(a, slope);
+            O da = act_d<A, O>(a, z, slope) * gv * r[c];
+            q[c] = static_cast<T>(da * w[c]);
+            A0[c] += da * yv;
+            A1[c] += da;
+            A2[c] += gv;
+            A3[c] += gv * (z - m[c]);
+          }
+        }
+        for (int64_t j = 0; j < 4 * C; ++j) P[j] += acc[j];
+      }
+    }
+  });
+  std::fill(sums, sums + 4 * C, 0.0);
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    for (int64_t j = 0; j < 4 * C; ++j) sums[j] += part[blk * 4 * C + j];
+}
+
+template <typename F>
+inline void by_act(int64_t act, F f) {
+  switch (act) {
+    case A_RELU: f(std::integral_constant<int, A_RELU>{}); break;
+    case A_LEAKY: f(std::integral_constant<int, A_LEAKY>{}); break;
+    case A_SILU: f(std::integral_constant<int, A_SILU>{}); break;
+    case A_GELU: f(std::integral_constant<int, A_GELU>{}); break;
+    case A_GELU_TANH: f(std::integral_constant<int, A_GELU_TANH>{}); break;
+    case A_SIGMOID: f(std::integral_constant<int, A_SIGMOID>{}); break;
+    case A_TANH: f(std::integral_constant<int, A_TANH>{}); break;
+    default: f(std::integral_constant<int, A_IDENT>{}); break;
+  }
+}
+
 // ---- entry points ----------------------------------------------------------------------------
 // Pointer-level functions (dtype code: 0 float32, 1 float64, 2 float16, 3 bfloat16; the affine and the
 // statistics in float32, float64 for float64 inputs; nullptr for an absent affine or output). They are
@@ -1161,5 +1353,34 @@ int32_t normkit_forward_train(int dt, const void* x, const void* w, const void* 
 int32_t normkit_backward(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx, double* dw,
                          double* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
   return backward_ptr(dt, dy, x, w, st, dx, dw, db, mode, N, C, S, G);
+}
+int32_t normkit_act_forward(int dt, const void* y, const void* w, const void* b, const void* m, const void* r, void* out,
+                            int64_t act, double slope, int64_t N, int64_t C, int64_t S, int32_t cl) {
+  by_dtype(dt, [&](auto t, auto o) {
+    using T = decltype(t);
+    using O = decltype(o);
+    by_act(act, [&](auto a) {
+      act_forward_impl<decltype(a)::value, T, O>(static_cast<const T*>(y), static_cast<const O*>(w),
+                                                 static_cast<const O*>(b), static_cast<const O*>(m),
+                                                 static_cast<const O*>(r), static_cast<T*>(out), static_cast<O>(slope),
+                                                 N, C, S, cl != 0);
+    });
+  });
+  return 1;
+}
+int32_t normkit_act_backward(int dt, const void* dout, const void* y, const void* w, const void* b, const void* m,
+                             const void* r, void* dy, double* sums, int64_t act, double slope, int64_t N, int64_t C,
+                             int64_t S, int32_t cl) {
+  by_dtype(dt, [&](auto t, auto o) {
+    using T = decltype(t);
+    using O = decltype(o);
+    by_act(act, [&](auto a) {
+      act_backward_impl<decltype(a)::value, T, O>(static_cast<const T*>(dout), static_cast<const T*>(y),
+                                                  static_cast<const O*>(w), static_cast<const O*>(b),
+                                                  static_cast<const O*>(m), static_cast<const O*>(r),
+                                                  static_cast<T*>(dy), sums, static_cast<O>(slope), N, C, S, cl != 0);
+    });
+  });
+  return 1;
 }
 }

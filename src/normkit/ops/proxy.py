@@ -134,7 +134,12 @@ def _backward(
 ) -> tuple[Tensor | None, ...]:
     layout = (
         _fused_layout(y)
-        if act in _FUSED_ACTS and not torch.is_grad_enabled() and dout.stride() == y.stride() and dout.dtype == y.dtype
+        if act in _FUSED_ACTS
+        and not torch.is_grad_enabled()
+        and type(dout) is Tensor
+        and torch._C._has_storage(dout)  # not the legacy vmap of gradcheck(check_batched_grad=True)
+        and dout.stride() == y.stride()
+        and dout.dtype == y.dtype
         else None
     )
     if layout is not None:  # one fused pass (normkit.kernels); create_graph=True takes the ATen formula below
@@ -150,13 +155,13 @@ def _backward(
             DTYPE_CODE[y.dtype], dout.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), mm.data_ptr(), r.data_ptr(),
             None if dy_t is None else dy_t.data_ptr(), sums.data_ptr(), _ACT_CODE[act], float(slope), N, C, S, layout,
         )
-        sums = sums.to(dtype)
+        # separate tensors (the registered backward op may not return aliases of one another)
         return (
             dy_t,
-            sums[0].to(weight.dtype) if needs[1] else None,
-            sums[1].to(bias.dtype) if needs[2] else None,
-            -(sums[2] * rstd) if needs[3] else None,
-            sums[3] if needs[4] else None,
+            sums[0].to(weight.dtype, copy=True) if needs[1] else None,
+            sums[1].to(bias.dtype, copy=True) if needs[2] else None,
+            -(sums[2].to(dtype) * rstd) if needs[3] else None,
+            sums[3].to(dtype, copy=True) if needs[4] else None,
         )
     nd = y.dim()
     dims = [i for i in range(nd) if i != 1]

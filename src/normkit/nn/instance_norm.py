@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .._errors import NormError
 from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional.instance_norm import instance_norm as _instance_norm
+from ..kernels import _fast
 from ._base import _StatsMixin, fx_leaf, store_stats
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
@@ -126,10 +127,20 @@ class _InstanceNorm(_StatsMixin, nn.modules.instancenorm._InstanceNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        tracking = self._tracking
+        if (
+            mask is None
+            and not tracking
+            and _fast.eligible(x)
+            and x.dim() == self._ndim
+            and x.shape[1] == self.num_features
+        ):  # instance statistics, no running buffers: GroupNorm with one group per channel, one fused call
+            y = _fast.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+            if y is not None:
+                return y
         leaf = fx_leaf(self, x, mask, root_traceable=True)
         if leaf is not None:
             return leaf
-        tracking = self._tracking
         return _in_module_forward(
             x,
             mask,

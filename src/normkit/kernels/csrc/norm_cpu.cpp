@@ -101,9 +101,19 @@ inline double run_sum(const T* p, int64_t len) {
 // Sums of u = x - m and v = u^2 (DEV), or of u = dy and v = dy * (x - m) (DSUMS), over a contiguous run:
 // partial sums in the compute type O for up to FLUSH elements per lane, then added lane-wise into
 // double lanes (no serial dependency chain per flush).
-template <bool DSUMS, typename T, typename O>
-inline void run_pair(const T* x, const T* dy, int64_t len, O m, double& s1, double& s2) {
+// Double lane accumulators shared by the runs of one set: reduced once, at the end.
+struct Lanes {
   double d1[LANES] = {}, d2[LANES] = {};
+  void total(double& s1, double& s2) const {
+    for (int j = 0; j < LANES; ++j) {
+      s1 += d1[j];
+      s2 += d2[j];
+    }
+  }
+};
+
+template <bool DSUMS, typename T, typename O>
+inline void run_pair_lanes(const T* x, const T* dy, int64_t len, O m, Lanes& acc) {
   int64_t i = 0;
   while (i + LANES <= len) {
     O a1[LANES] = {}, a2[LANES] = {};
@@ -124,30 +134,70 @@ inline void run_pair(const T* x, const T* dy, int64_t len, O m, double& s1, doub
     }
 #pragma omp simd
     for (int j = 0; j < LANES; ++j) {
-      d1[j] += a1[j];
-      d2[j] += a2[j];
+      acc.d1[j] += a1[j];
+      acc.d2[j] += a2[j];
     }
   }
-  for (int j = 0; j < LANES; ++j) {
-    s1 += d1[j];
-    s2 += d2[j];
-  }
-  for (; i < len; ++i) {
+  for (int j = 0; i < len; ++i, ++j) {  // the tail, spread over the lanes
     O d = static_cast<O>(x[i]) - m;
     if constexpr (DSUMS) {
       O g = static_cast<O>(dy[i]);
-      s1 += g;
-      s2 += static_cast<double>(g) * d;
+      acc.d1[j] += g;
+      acc.d2[j] += static_cast<double>(g) * d;
     } else {
-      s1 += d;
-      s2 += static_cast<double>(d) * d;
+      acc.d1[j] += d;
+      acc.d2[j] += static_cast<double>(d) * d;
     }
   }
+}
+
+template <bool DSUMS, typename T, typename O>
+inline void run_pair(const T* x, const T* dy, int64_t len, O m, double& s1, double& s2) {
+  Lanes acc;
+  run_pair_lanes<DSUMS, T, O>(x, dy, len, m, acc);
+  acc.total(s1, s2);
 }
 
 template <typename T, typename O>
 inline void run_dev(const T* p, int64_t len, O m, double& s1, double& s2) {
   run_pair<false, T, O>(p, p, len, m, s1, s2);
+}
+
+constexpr int64_t SHORT = 2048;
+
+template <typename T, typename O>
+inline Mom short_moments(const T* p, int64_t len) {
+  O a[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+#pragma omp simd
+    for (int j = 0; j < 8; ++j) a[j] += static_cast<O>(p[i + j]);
+  }
+  O tail = 0;
+  for (int64_t k = i; k < len; ++k) tail += static_cast<O>(p[k]);
+  const O m = ((((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) + tail) / static_cast<O>(len);
+  O u[8] = {}, v[8] = {};
+  for (i = 0; i + 8 <= len; i += 8) {
+#pragma omp simd
+    for (int j = 0; j < 8; ++j) {
+      O d = static_cast<O>(p[i + j]) - m;
+      u[j] += d;
+      v[j] += d * d;
+    }
+  }
+  double s1 = 0.0, s2 = 0.0;
+  for (int j = 0; j < 8; ++j) {
+    s1 += u[j];
+    s2 += v[j];
+  }
+  for (; i < len; ++i) {
+    O d = static_cast<O>(p[i]) - m;
+    s1 += d;
+    s2 += static_cast<double>(d) * d;
+  }
+  Mom mo;
+  mo.add_shifted(static_cast<double>(len), static_cast<double>(m), s1, s2);
+  return mo;
 }
 
 // Moments of a set made of `nruns` contiguous runs of `len` values, `stride` apart, in ONE pass: the
@@ -158,16 +208,23 @@ inline void run_dev(const T* p, int64_t len, O m, double& s1, double& s2) {
 // mean, from cache. (The two-pass moments of every set, at the price of one more pass.)
 template <typename T, typename O>
 inline Mom set_moments(const T* p, int64_t nruns, int64_t len, int64_t stride) {
+  if (nruns == 1 && len <= SHORT) return short_moments<T, O>(p, len);
   const int64_t probe = std::min<int64_t>(len, 256);
   O m = static_cast<O>(run_sum<T, O>(p, probe) / static_cast<double>(probe));
   double s1 = 0.0, s2 = 0.0;
-  for (int64_t r = 0; r < nruns; ++r) run_dev<T, O>(p + r * stride, len, m, s1, s2);
+  {
+    Lanes acc;
+    for (int64_t r = 0; r < nruns; ++r) run_pair_lanes<false, T, O>(p + r * stride, p, len, m, acc);
+    acc.total(s1, s2);
+  }
   const double n = static_cast<double>(nruns * len);
   const double mu = s1 / n;
   if (mu * mu * n > s2 - s1 * mu) {  // z > 1
     m = static_cast<O>(static_cast<double>(m) + mu);
     s1 = s2 = 0.0;
-    for (int64_t r = 0; r < nruns; ++r) run_dev<T, O>(p + r * stride, len, m, s1, s2);
+    Lanes acc;
+    for (int64_t r = 0; r < nruns; ++r) run_pair_lanes<false, T, O>(p + r * stride, p, len, m, acc);
+    acc.total(s1, s2);
   }
   Mom mo;
   mo.add_shifted(n, static_cast<double>(m), s1, s2);
@@ -435,43 +492,6 @@ inline BackCoef back_coef(const O* st, int64_t nsets, int64_t k, double g_sum, d
 // ---- rows: GROUP_NCHW with S == 1 (LayerNorm over trailing dims, LayerNorm2d on channels_last) --------
 // Each row (sample) holds G sets of Cg contiguous values, with a per-element affine. Short sets get a
 // lean two-pass (8 lanes, no chunking); the backward accumulates dweight / dbias per block of rows.
-
-constexpr int64_t SHORT = 2048;
-
-template <typename T, typename O>
-inline Mom short_moments(const T* p, int64_t len) {
-  O a[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-#pragma omp simd
-    for (int j = 0; j < 8; ++j) a[j] += static_cast<O>(p[i + j]);
-  }
-  O tail = 0;
-  for (int64_t k = i; k < len; ++k) tail += static_cast<O>(p[k]);
-  const O m = ((((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) + tail) / static_cast<O>(len);
-  O u[8] = {}, v[8] = {};
-  for (i = 0; i + 8 <= len; i += 8) {
-#pragma omp simd
-    for (int j = 0; j < 8; ++j) {
-      O d = static_cast<O>(p[i + j]) - m;
-      u[j] += d;
-      v[j] += d * d;
-    }
-  }
-  double s1 = 0.0, s2 = 0.0;
-  for (int j = 0; j < 8; ++j) {
-    s1 += u[j];
-    s2 += v[j];
-  }
-  for (; i < len; ++i) {
-    O d = static_cast<O>(p[i]) - m;
-    s1 += d;
-    s2 += static_cast<double>(d) * d;
-  }
-  Mom mo;
-  mo.add_shifted(static_cast<double>(len), static_cast<double>(m), s1, s2);
-  return mo;
-}
 
 template <typename T, typename O>
 void rows_forward(const T* x, const O* w, const O* b, T* y, O* st, int32_t* ok, int64_t N, int64_t C, int64_t G,
@@ -768,7 +788,12 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
       for (int64_t c = c0; c < c1; ++c) {
         const O shift = st[c];
         double sdy = 0.0, sdyd = 0.0;
-        for (int64_t n = 0; n < N; ++n) run_dsums<T, O>(dy + (n * C + c) * S, x + (n * C + c) * S, S, shift, sdy, sdyd);
+        {
+          Lanes acc;
+          for (int64_t n = 0; n < N; ++n)
+            run_pair_lanes<true, T, O>(x + (n * C + c) * S, dy + (n * C + c) * S, S, shift, acc);
+          acc.total(sdy, sdyd);
+        }
         double inv = st[C + c], cm = st[2 * C + c], rstd = st[3 * C + c];
         double sdyxh = (sdyd * inv - cm * sdy) * rstd;
         if (dw) dw[c] = sdyxh;

@@ -216,8 +216,8 @@ def norm_backward(
     need_x, need_w, need_b = needs[0], needs[1] and weight is not None, needs[2] and bias is not None
     acc = stats.dtype
     dx = torch.empty_like(x) if need_x else None
-    dw = x.new_empty(p.C, dtype=torch.float64) if need_w else None
-    db = x.new_empty(p.C, dtype=torch.float64) if need_b else None
+    dw = x.new_empty(p.C, dtype=acc) if need_w else None
+    db = x.new_empty(p.C, dtype=acc) if need_b else None
     w = _flat(weight, acc, p.order)
     ok = _build.lib().normkit_backward(
         DTYPE_CODE[x.dtype], dy.data_ptr(), x.data_ptr(), _ptr(w), stats.data_ptr(), _ptr(dx), _ptr(dw), _ptr(db),

@@ -139,16 +139,16 @@ class _FastNorm(torch.autograd.Function):
         need_w = needs[1] and w is not None
         need_b = needs[2] and b is not None
         dx = torch.empty_like(x) if needs[0] else None
-        dw = torch.empty(spec.C, dtype=torch.float64) if need_w else None
-        db = torch.empty(spec.C, dtype=torch.float64) if need_b else None
+        dw = torch.empty(spec.C, dtype=acc) if need_w else None
+        db = torch.empty(spec.C, dtype=acc) if need_b else None
         _build.lib().normkit_backward(
             _CODE[x.dtype], dy.data_ptr(), x.data_ptr(), _ptr(_affine(w, acc)), stats.data_ptr(), _ptr(dx), _ptr(dw),
             _ptr(db), spec.mode, spec.N, spec.C, spec.S, spec.G,
         )  # the statistics are the kernel's own (never the reference's scaled ones): it always succeeds
         return (
             dx if needs[0] else None,
-            dw.view(w.shape).to(w.dtype) if need_w else None,  # type: ignore[union-attr]
-            db.view(b.shape).to(b.dtype) if need_b else None,  # type: ignore[union-attr]
+            (dw if dw.dtype == w.dtype else dw.to(w.dtype)) if need_w else None,  # type: ignore[union-attr]
+            (db if db.dtype == b.dtype else db.to(b.dtype)) if need_b else None,  # type: ignore[union-attr]
             None,
             None,
         )
@@ -248,15 +248,26 @@ def group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | Non
     if (C // groups) * S < 2:
         return None
 
-    def ref(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
-        from ..functional.group_norm import group_norm as gn
-        from . import use
-
-        with use("reference"):
-            return gn(x, groups, w, b, eps)
-
     mode = GROUP_CL if layout == "cl" else GROUP_NCHW
-    return _run(x, weight, bias, _Spec(mode, N, C, S, groups, eps, ref), None)
+    return _run(x, weight, bias, _Spec(mode, N, C, S, groups, eps, _gn_reference(groups, eps)), None)
+
+
+_GN_REFS: dict[tuple[int, float], Callable[..., Tensor]] = {}
+
+
+def _gn_reference(groups: int, eps: float) -> Callable[..., Tensor]:
+    key = (groups, eps)
+    if key not in _GN_REFS:
+
+        def ref(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+            from ..functional.group_norm import group_norm as gn
+            from . import use
+
+            with use("reference"):
+                return gn(x, groups, w, b, eps)
+
+        _GN_REFS[key] = ref
+    return _GN_REFS[key]
 
 
 def layer_norm_c(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:

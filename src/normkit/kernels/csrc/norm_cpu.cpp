@@ -1281,8 +1281,8 @@ int32_t forward_train_ptr(int dt, const void* x, const void* w, const void* b, v
   return ok;
 }
 
-int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx, double* dw,
-                     double* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
+int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx, void* dw,
+                     void* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
   const int64_t nsets = mode == BATCH_NCHW || mode == BATCH_CL ? C : (mode == CHANNEL_NCHW ? N * S : N * G);
   // Statistics saved by the reference's scaled path (inv != 1, for |x| beyond the float32 squares):
   // the caller recomputes on the reference, whose backward keeps every factor representable.
@@ -1295,13 +1295,19 @@ int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const
     for (int64_t k = 0; k < nsets; ++k) scaled |= inv[k] != 1.0f;
   }
   if (scaled) return 0;
-  if (dw) std::fill(dw, dw + C, 0.0);
-  if (db) std::fill(db, db + C, 0.0);
+  // dweight / dbias accumulate in double and are stored in the statistics dtype (float32 / float64)
+  std::vector<double> acc(static_cast<size_t>((dw ? C : 0) + (db ? C : 0)), 0.0);
+  double* dwa = dw ? acc.data() : nullptr;
+  double* dba = db ? acc.data() + (dw ? C : 0) : nullptr;
   by_dtype(dt, [&](auto t, auto o) {
     using T = decltype(t);
     using O = decltype(o);
     backward_impl<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w),
-                     static_cast<const O*>(st), static_cast<T*>(dx), dw, db, mode, N, C, S, G);
+                     static_cast<const O*>(st), static_cast<T*>(dx), dwa, dba, mode, N, C, S, G);
+    for (int64_t c = 0; c < C; ++c) {
+      if (dw) static_cast<O*>(dw)[c] = static_cast<O>(dwa[c]);
+      if (db) static_cast<O*>(db)[c] = static_cast<O>(dba[c]);
+    }
   });
   return 1;
 }
@@ -1336,8 +1342,8 @@ void norm_forward_train(Tensor x, Tensor w, Tensor b, Tensor y, Tensor stats, Te
 void norm_backward(Tensor dy, Tensor x, Tensor w, Tensor stats, Tensor dx, Tensor dw, Tensor db, Tensor ok,
                    int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
   *static_cast<int32_t*>(ok.data_ptr()) =
-      backward_ptr(dtype_code(x), dy.data_ptr(), x.data_ptr(), ptr(w), stats.data_ptr(), ptr(dx),
-                   static_cast<double*>(ptr(dw)), static_cast<double*>(ptr(db)), mode, N, C, S, G);
+      backward_ptr(dtype_code(x), dy.data_ptr(), x.data_ptr(), ptr(w), stats.data_ptr(), ptr(dx), ptr(dw), ptr(db),
+                   mode, N, C, S, G);
 }
 
 }  // namespace
@@ -1375,8 +1381,8 @@ int32_t normkit_forward_train(int dt, const void* x, const void* w, const void* 
                               double momentum, int32_t unbiased) {
   return forward_train_ptr(dt, x, w, b, y, st, rm, rv, nbt, mode, N, C, S, eps, momentum, unbiased);
 }
-int32_t normkit_backward(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx, double* dw,
-                         double* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
+int32_t normkit_backward(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx, void* dw,
+                         void* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
   return backward_ptr(dt, dy, x, w, st, dx, dw, db, mode, N, C, S, G);
 }
 int32_t normkit_act_forward(int dt, const void* y, const void* w, const void* b, const void* m, const void* r, void* out,

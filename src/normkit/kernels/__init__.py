@@ -96,7 +96,10 @@ def use(backend: str) -> Iterator[None]:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "cpu" and not _build.load():
-        raise RuntimeError(f"normkit: the fused CPU kernels are not available: {_build.load_error()}")
+        why = _build.load_error() or (
+            "not built, and NORMKIT_NO_BUILD is set" if os.environ.get("NORMKIT_NO_BUILD") else "not built"
+        )
+        raise RuntimeError(f"normkit: the fused CPU kernels are not available ({why}); `normkit kernels build` builds them")
     previous = _local.backend
     _local.backend = backend
     try:

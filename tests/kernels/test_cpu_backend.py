@@ -1,0 +1,380 @@
+"""The fused CPU kernels (``normkit.kernels``) against the float64 oracle and the reference backend.
+
+Every case runs the same public op on the ``"cpu"`` backend (fp32 / fp64 / fp16 / bf16, NCHW and
+channels_last) and compares the output and every gradient with ``tests.reference`` in float64
+(autograd through the oracle gives the gradients), plus the dispatch rules, the layers' fused
+fast paths (running statistics included), the numerics cases of TESTING.md and the build fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import normkit
+import normkit.functional as F
+from normkit import kernels
+from normkit.kernels import plan
+from normkit.ops import core
+from tests.reference import ref_batch_norm, ref_group_norm, ref_instance_norm, ref_layer_norm, ref_layer_norm_2d
+
+F64 = torch.float64
+pytestmark = pytest.mark.skipif(not kernels.build(), reason="no C++ compiler here: the fused CPU kernels cannot be built")
+
+# relative tolerance on the output scale, per input dtype
+TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+GTOL = {torch.float32: 2e-4, torch.float64: 1e-9, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+# (name, normkit op, float64 oracle) with (x, w, b) -> y; w, b per channel unless noted
+OPS = {
+    "bn": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output,
+           lambda x, w, b: ref_batch_norm(x, None, None, w, b, training=True).output),
+    "gn4": (lambda x, w, b: F.group_norm(x, 4, w, b), lambda x, w, b: ref_group_norm(x, 4, w, b)),
+    "gn1": (lambda x, w, b: F.group_norm(x, 1, w, b), lambda x, w, b: ref_group_norm(x, 1, w, b)),
+    "in": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output,
+           lambda x, w, b: ref_instance_norm(x, weight=w, bias=b).output),
+    "ln2d": (lambda x, w, b: F.layer_norm_2d(x, w, b), lambda x, w, b: ref_layer_norm_2d(x, w, b)),
+    "ln_chw": (lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b), lambda x, w, b: ref_layer_norm(x, x.shape[1:], w, b)),
+}
+
+
+def _params(name: str, shape: tuple[int, ...], affine: bool, seed: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if not affine:
+        return None, None
+    g = torch.Generator().manual_seed(seed)
+    pshape = tuple(shape[1:]) if name == "ln_chw" else (shape[1],)
+    return 1 + 0.3 * torch.randn(pshape, generator=g, dtype=F64), 0.3 * torch.randn(pshape, generator=g, dtype=F64)
+
+
+def _run(fn, x, w, b, dy, dtype, backend):
+    pdtype = F64 if dtype == F64 else torch.float32
+    xs = x.to(dtype).detach().requires_grad_()
+    ws = None if w is None else w.to(pdtype).detach().requires_grad_()
+    bs = None if b is None else b.to(pdtype).detach().requires_grad_()
+    with kernels.use(backend):
+        y = fn(xs, ws, bs)
+        y.backward(dy.to(dtype))
+    return y, [t.grad for t in (xs, ws, bs) if t is not None]
+
+
+def _oracle(ref, x, w, b, dy):
+    xs = x.detach().clone().requires_grad_()
+    ws = None if w is None else w.detach().clone().requires_grad_()
+    bs = None if b is None else b.detach().clone().requires_grad_()
+    y = ref(xs, ws, bs)
+    y.backward(dy)
+    return y, [t.grad for t in (xs, ws, bs) if t is not None]
+
+
+def _close(got, exp, rtol):
+    scale = exp.abs().max().clamp_min(1e-3)
+    err = (got.double() - exp).abs().max() / scale
+    assert err <= rtol, f"relative error {err:.3g} > {rtol:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_every_op_matches_float64_oracle(name, layout, dtype):
+    fn, ref = OPS[name]
+    shape = (4, 8, 6, 7)
+    g = torch.Generator().manual_seed(hash((name, layout)) % 1000)
+    x = 2.0 + 3.0 * torch.randn(shape, generator=g, dtype=F64)
+    dy = torch.randn(shape, generator=g, dtype=F64)
+    if layout == "cl":
+        x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
+    w, b = _params(name, shape, True, 1)
+    y, grads = _run(fn, x, w, b, dy, dtype, "cpu")
+    ey, egrads = _oracle(ref, x, w, b, dy.to(dtype).double())
+    _close(y, ey, TOL[dtype])
+    for got, exp in zip(grads, egrads):
+        _close(got, exp, GTOL[dtype])
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize(
+    "shape,name",
+    [
+        ((1, 8, 5, 3), "gn4"),  # N = 1
+        ((3, 1, 4, 4), "bn"),  # C = 1
+        ((5, 6, 1, 1), "bn"),  # H = W = 1 (BN pools over N)
+        ((3, 5, 7, 9), "in"),  # odd sizes
+        ((2, 4, 3, 3), "gn1"),  # G = 1
+        ((2, 6, 5), "bn"),  # (N, C, L)
+        ((7, 6), "bn"),  # BatchNorm1d's (N, C)
+        ((2, 6, 3, 4, 5), "gn1"),  # 3-d spatial
+    ],
+)
+@pytest.mark.parametrize("affine", [True, False])
+def test_edge_shapes(shape, name, affine):
+    fn, ref = OPS[name]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g, dtype=F64)
+    dy = torch.randn(shape, generator=g, dtype=F64)
+    w, b = _params(name, shape, affine, 2)
+    y, grads = _run(fn, x, w, b, dy, torch.float32, "cpu")
+    ey, egrads = _oracle(ref, x, w, b, dy.float().double())
+    _close(y, ey, TOL[torch.float32])
+    for got, exp in zip(grads, egrads):
+        _close(got, exp, GTOL[torch.float32])
+
+
+def test_non_contiguous_input_and_weight_view():
+    base = torch.randn(4, 8, 6, 10, dtype=F64)
+    x = base[:, :, :, ::2]  # not dense: normkit copies it once
+    w = torch.randn(16, dtype=F64)[::2]
+    y, _ = _run(OPS["gn4"][0], x, w, None, torch.ones_like(x), torch.float32, "cpu")
+    _close(y, ref_group_norm(x, 4, w), 2e-5)
+
+
+def test_empty_batch_matches_reference():
+    x = torch.randn(0, 8, 3, 3, requires_grad=True)
+    with kernels.use("cpu"):
+        y = F.group_norm(x, 4, torch.ones(8), torch.zeros(8))
+    assert y.shape == x.shape
+
+
+# ---- dispatch -----------------------------------------------------------------------------
+
+
+def test_plan_recognises_each_norm():
+    m = torch.empty(2, 8, 4, 4)
+    cl = m.to(memory_format=torch.channels_last)
+    w = torch.empty(1, 8, 1, 1)
+    assert plan(m, (0, 2, 3), w, w).name == "batch_nchw"
+    assert plan(cl, (0, 2, 3), w, w).name == "batch_cl"
+    assert plan(torch.empty(4, 8), (0,), torch.empty(1, 8), None).name == "batch_cl"
+    assert plan(m.view(2, 2, 4, 4, 4), (2, 3, 4), torch.empty(1, 2, 4, 1, 1), None).name == "group_nchw"
+    gcl = cl.permute(0, 2, 3, 1).reshape(2, 4, 4, 2, 4)
+    assert plan(gcl, (1, 2, 4), torch.empty(1, 1, 1, 2, 4), None).name == "group_cl"
+    assert plan(m, (1,), w, w).name == "channel_nchw"
+    assert plan(cl, (1,), w, w).name == "group_nchw"  # rows of C values
+    assert plan(m, (0, 1, 2, 3), None, None) is not None  # one set
+    assert plan(m, (), None, None) is None  # one value per set: the reference's exact zero gradient
+
+
+def test_use_validates_nests_and_restores():
+    with pytest.raises(ValueError, match="reference"):
+        with kernels.use("gpu"):
+            pass
+    assert kernels.current() == "auto"
+    with kernels.use("reference"):
+        assert kernels.current() == "reference"
+        with kernels.use("cpu"):
+            assert kernels.current() == "cpu"
+        assert kernels.current() == "reference"
+    assert kernels.current() == "auto"
+    text = kernels.status()
+    assert "cpu kernel batch_nchw" in text and "reference" in text
+
+
+def test_cpu_backend_skips_the_reference_and_masks_do_not(monkeypatch):
+    calls = []
+    real = core.norm_forward
+    monkeypatch.setattr(core, "norm_forward", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    x = torch.randn(4, 8, 5, 5)
+    with kernels.use("cpu"):
+        F.group_norm(x, 4)
+    assert calls == []
+    with kernels.use("reference"):
+        F.group_norm(x, 4)
+    assert calls == [1]
+    with kernels.use("cpu"):
+        F.group_norm(x, 4, mask=torch.ones(4, 1, 5, 5, dtype=torch.bool))
+    assert calls == [1, 1]
+
+
+# ---- numerics (TESTING.md) ------------------------------------------------------------------
+
+
+def test_large_mean_is_as_accurate_as_the_reference():
+    g = torch.Generator().manual_seed(0)
+    x = (1e4 + 1e-2 * torch.randn(4, 8, 6, 6, generator=g, dtype=F64)).float()  # the oracle sees the same fp32 values
+    for backend in ("cpu", "reference"):
+        with kernels.use(backend):
+            _close(F.group_norm(x, 4), ref_group_norm(x.double(), 4), 2e-5)
+            _close(F.batch_norm(x, None, None, training=True).output, ref_batch_norm(x.double(), training=True).output, 2e-5)
+
+
+def test_constant_input_gives_the_bias_and_finite_grads():
+    x = torch.full((3, 8, 4, 4), 42.0, requires_grad=True)
+    b = torch.randn(8)
+    with kernels.use("cpu"):
+        y = F.group_norm(x, 4, torch.ones(8), b)
+        y.sum().backward()
+    assert torch.equal(y.detach(), b.view(1, 8, 1, 1).expand_as(y))
+    assert bool(torch.isfinite(x.grad).all())
+
+
+def test_huge_values_fall_back_to_the_scaled_reference(monkeypatch):
+    x = 1e30 * torch.randn(4, 8, 3, 5, dtype=F64)
+    calls = []
+    real = core.norm_forward
+    monkeypatch.setattr(core, "norm_forward", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    xs = x.float().requires_grad_()
+    with kernels.use("cpu"):
+        y = F.group_norm(xs, 4)
+        y.backward(torch.ones_like(y))
+    assert calls, "the kernel must hand |x| ~ 1e30 back to the reference"
+    assert bool(torch.isfinite(y).all()) and bool(torch.isfinite(xs.grad).all())
+    _close(y, ref_group_norm(x.float().double(), 4), 1e-5)
+
+
+def test_fp16_near_overflow():
+    x = (6e4 * torch.rand(4, 8, 5, 5, dtype=F64) - 3e4)
+    with kernels.use("cpu"):
+        y = F.batch_norm(x.half(), None, None, training=True).output
+    assert bool(torch.isfinite(y).all())
+    _close(y, ref_batch_norm(x.half().double(), training=True).output, 4e-3)
+
+
+def test_nan_batch_never_reaches_running_stats():
+    bn = normkit.nn.BatchNorm2d(8)
+    x = torch.randn(4, 8, 3, 3)
+    x[0, 3, 1, 1] = float("nan")
+    with kernels.use("cpu"):
+        y = bn(x)
+    assert torch.isnan(y[:, 3]).any() and bool(torch.isfinite(y[:, :3]).all())
+    assert torch.equal(bn.running_mean, torch.zeros(8)) and torch.equal(bn.running_var, torch.ones(8))
+    assert int(bn.num_batches_tracked) == 0 and int(bn.num_skipped_updates) == 1
+
+
+# ---- the layers' fused fast paths ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_batchnorm_fast_path_matches_torch_nn(momentum, layout):
+    torch.manual_seed(0)
+    ours, theirs = normkit.nn.BatchNorm2d(6, momentum=momentum), torch.nn.BatchNorm2d(6, momentum=momentum)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 1.5, 6))
+            m.bias.copy_(torch.linspace(-1, 1, 6))
+    for step in range(3):
+        x = torch.randn(4, 6, 5, 5) * (step + 1) + step
+        if layout == "cl":
+            x = x.to(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with kernels.use("cpu"):
+            ya = ours(xa)
+        yb = theirs(xb)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-4, atol=1e-5)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        (lambda: normkit.nn.GroupNorm(3, 6), lambda: torch.nn.GroupNorm(3, 6)),
+        (lambda: normkit.nn.InstanceNorm2d(6, affine=True), lambda: torch.nn.InstanceNorm2d(6, affine=True)),
+    ],
+    ids=["gn", "in"],
+)
+def test_layer_fast_paths_match_torch_nn(ours, theirs):
+    a, b = ours(), theirs()
+    with torch.no_grad():
+        for m in (a, b):
+            m.weight.copy_(torch.linspace(0.5, 1.5, 6))
+            m.bias.copy_(torch.linspace(-1, 1, 6))
+    x = torch.randn(3, 6, 7, 5).to(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with kernels.use("cpu"):
+        ya = a(xa)
+    yb = b(xb)
+    g = torch.randn_like(yb)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_path_double_backward_matches_reference():
+    x = torch.randn(3, 4, 3, 3, dtype=F64, requires_grad=True)
+    layer = normkit.nn.GroupNorm(2, 4).double()
+    results = []
+    for backend in ("cpu", "reference"):
+        with kernels.use(backend):
+            y = layer(x)
+            (g,) = torch.autograd.grad((y * y.detach().sin()).sum(), x, create_graph=True)
+            (gg,) = torch.autograd.grad(g.square().sum(), x)
+        results.append((g.detach(), gg))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+# ---- Proxy Norm's fused activation step -----------------------------------------------------
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "identity"])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_proxy_act_fused_matches_reference(act, layout):
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(3, 6, 4, 5, generator=g, dtype=F64)
+    dout = torch.randn(3, 6, 4, 5, generator=g, dtype=F64)
+    if layout == "cl":
+        y, dout = y.to(memory_format=torch.channels_last), dout.to(memory_format=torch.channels_last)
+    params = [1 + 0.3 * torch.randn(6, generator=g, dtype=F64)] + [0.3 * torch.randn(6, generator=g, dtype=F64) for _ in range(3)]
+    res = {}
+    for backend in ("cpu", "reference"):
+        ys = y.float().requires_grad_()
+        ps = [p.float().requires_grad_() for p in params]
+        with kernels.use(backend):
+            out = F.proxy_norm_act(ys, *ps, activation=act)
+            out.backward(dout.float())
+        res[backend] = [out, ys.grad] + [p.grad for p in ps]
+    for got, exp in zip(res["cpu"], res["reference"]):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
+    assert res["cpu"][0].is_contiguous(memory_format=torch.channels_last) == (layout == "cl")
+
+
+# ---- the registered stable-ABI ops and the build fallback -----------------------------------
+
+
+def test_registered_ops_agree_with_the_ctypes_entry_points():
+    x = torch.randn(4, 8, 5, 5)
+    w, b = torch.randn(8), torch.randn(8)
+    p = plan(x, (0, 2, 3), w.view(1, 8, 1, 1), None)
+    y, st, ok = torch.empty_like(x), torch.empty(6, 8), torch.empty(1, dtype=torch.int32)
+    torch.ops.normkit_cpu.norm_forward(x, w, b, y, st, ok, p.mode, p.N, p.C, p.S, p.G, 1e-5)
+    assert int(ok) == 1
+    with kernels.use("cpu"):
+        ref = F.batch_norm(x, None, None, w, b, training=True).output
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+def test_no_compiler_or_no_build_still_works(tmp_path):
+    code = textwrap.dedent(
+        """
+        import torch, normkit
+        x = torch.randn(2, 8, 4, 4)
+        y = normkit.functional.group_norm(x, 2)
+        assert torch.allclose(y, torch.nn.functional.group_norm(x, 2), atol=1e-5)
+        try:
+            with normkit.kernels.use("cpu"):
+                pass
+            raise SystemExit("use('cpu') should fail without a build")
+        except RuntimeError as e:
+            assert "normkit kernels build" in str(e)
+        print(normkit.kernels.status())
+        """
+    )
+    env = dict(os.environ, NORMKIT_CACHE=str(tmp_path), NORMKIT_NO_BUILD="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "not built" in out.stdout

@@ -766,6 +766,30 @@ inline void run_dsums(const T* dy, const T* x, int64_t len, O shift, double& sdy
   run_pair<true, T, O>(x, dy, len, shift, sdy, sdyd);
 }
 
+// sum dy and sum dy * (x - shift) over a short run (8 float lanes, one reduction)
+template <typename T, typename O>
+inline void short_dsums(const T* dy, const T* x, int64_t len, O shift, double& sdy, double& sdyd) {
+  O a[8] = {}, c[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+#pragma omp simd
+    for (int j = 0; j < 8; ++j) {
+      O g = static_cast<O>(dy[i + j]);
+      a[j] += g;
+      c[j] += g * (static_cast<O>(x[i + j]) - shift);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    sdy += a[j];
+    sdyd += c[j];
+  }
+  for (; i < len; ++i) {
+    O g = static_cast<O>(dy[i]);
+    sdy += g;
+    sdyd += static_cast<double>(g) * (static_cast<O>(x[i]) - shift);
+  }
+}
+
 template <typename T, typename O>
 inline void run_dx(const T* dy, const T* x, T* dx, int64_t len, O shift, O a, O bx, O cc) {
 #pragma omp simd
@@ -899,7 +923,8 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
         for (int64_t j = 0; j < Cg; ++j) {
           double a = 0.0, bsum = 0.0;
           if (S > 1) {
-            run_dsums<T, O>(g + j * S, xp + j * S, S, shift, a, bsum);
+            if (S <= SHORT) short_dsums<T, O>(g + j * S, xp + j * S, S, shift, a, bsum);
+            else run_dsums<T, O>(g + j * S, xp + j * S, S, shift, a, bsum);
           } else {
             O gv = static_cast<O>(g[j]);
             a = gv;

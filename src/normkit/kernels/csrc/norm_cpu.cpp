@@ -629,6 +629,20 @@ inline int64_t channel_block(int64_t C, int64_t S) {
   return std::min<int64_t>(S, std::max<int64_t>(32, std::min<int64_t>(w, 512)));
 }
 
+// The channels-last patterns: rows of C channels. BATCH_CL: all N * S rows share the C sets, split
+// into blocks of rows (one per thread) merged afterwards; GROUP_CL: each sample's S rows hold its G sets.
+struct ClLayout {
+  bool batch;
+  int64_t group, nsets, rows, samples, blocks;
+  ClLayout(int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G, int64_t nthreads)
+      : batch(mode == BATCH_CL),
+        group(batch ? 1 : C / G),
+        nsets(batch ? C : N * G),
+        rows(batch ? N * S : S),
+        samples(batch ? 1 : N),
+        blocks(batch ? std::max<int64_t>(1, std::min({nthreads, rows / ROWS, rows * C / GRAIN})) : 1) {}
+};
+
 // ---- forward ---------------------------------------------------------------------------------
 
 template <typename T>
@@ -652,14 +666,9 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
       }
     });
   } else if (mode == BATCH_CL || mode == GROUP_CL) {
-    // rows of C channels; BATCH_CL: all N * S rows share the sets, GROUP_CL: each sample its own
-    const bool batch = mode == BATCH_CL;
-    const int64_t group = batch ? 1 : C / G;
-    const int64_t nsets = batch ? C : N * G;
-    const int64_t rows = batch ? N * S : S;
-    const int64_t samples = batch ? 1 : N;
-    // BATCH_CL splits the rows into blocks (one per thread), merged afterwards.
-    const int64_t blocks = batch ? std::max<int64_t>(1, std::min({nthreads, rows / ROWS, rows * C / GRAIN})) : 1;
+    const ClLayout L(mode, N, C, S, G, nthreads);
+    const bool batch = L.batch;
+    const int64_t group = L.group, nsets = L.nsets, rows = L.rows, samples = L.samples, blocks = L.blocks;
     const int64_t per = nsets / samples;  // sets per sample
     std::vector<Mom> part(static_cast<size_t>(samples * blocks * C));
     torch::stable::parallel_for(0, samples * blocks, batch ? 1 : grain(rows * C), [&](int64_t i0, int64_t i1) {
@@ -830,12 +839,9 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
       }
     });
   } else if (mode == BATCH_CL || mode == GROUP_CL) {
-    const bool batch = mode == BATCH_CL;
-    const int64_t group = batch ? 1 : C / G;
-    const int64_t nsets = batch ? C : N * G;
-    const int64_t rows = batch ? N * S : S;
-    const int64_t samples = batch ? 1 : N;
-    const int64_t blocks = batch ? std::max<int64_t>(1, std::min({nthreads, rows / ROWS, rows * C / GRAIN})) : 1;
+    const ClLayout L(mode, N, C, S, G, nthreads);
+    const bool batch = L.batch;
+    const int64_t group = L.group, nsets = L.nsets, rows = L.rows, samples = L.samples, blocks = L.blocks;
     // per (sample, block) and channel: sum dy, sum dy * (x - shift)
     std::vector<double> p1(static_cast<size_t>(samples * blocks * C), 0.0), p2(p1.size(), 0.0);
     torch::stable::parallel_for(0, samples * blocks, batch ? 1 : grain(rows * C), [&](int64_t i0, int64_t i1) {

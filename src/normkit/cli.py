@@ -1,7 +1,8 @@
 """The ``normkit`` command: argument parsing only; the work is in :mod:`normkit.lab`.
 
 Subcommands: ``compare`` (E1/E3, the main job), ``power`` (E4), ``lr-sweep`` (E2), ``landscape``
-(E5), ``report`` and ``kernels`` (``status`` / ``build`` of the fused CPU kernels). ``normkit <subcommand> --help`` lists each one's options. Every experiment
+(E5), ``report``, ``bench`` (torch native vs normkit's backends) and ``kernels`` (``status`` /
+``build`` of the fused CPU kernels). ``normkit <subcommand> --help`` lists each one's options. Every experiment
 writes ``runs/<experiment>-<timestamp>/`` (``--out`` moves the root). A bad option, an unknown
 norm or an unreadable data path exits with status 2 and a one-line message.
 
@@ -147,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every run, not only the latest per experiment")
     p.add_argument("--out", metavar="DIR", help="where to write report.md/report.html (default: the runs root)")
 
+    p = sub.add_parser("bench", help="torch native vs every normkit backend, side by side (norms and training steps)",
+                       description="Time torch's norms and normkit's (each backend) on the same shapes in one process, "
+                                   "interleaved: ms, effective GB/s, ratios to native and to a same-size copy; then one "
+                                   "training step of a ResNet-18-style net and of CNN-4 with torch.nn's norms vs "
+                                   "normkit's. Prints Markdown; --json writes everything.")
+    p.add_argument("--shapes", type=_csv(_shape), help="e.g. 32x64x56x56,8x256x28x28 (default: PERFORMANCE.md's shapes)")
+    p.add_argument("--layouts", type=_csv(_choice("nchw", "cl")), default=["nchw", "cl"], help="nchw,cl (default: both)")
+    p.add_argument("--dtypes", type=_csv(_choice("fp32", "bf16")), default=["fp32", "bf16"], help="fp32,bf16 (default: both)")
+    p.add_argument("--passes", type=_csv(_choice("fwd", "fwdbwd")), default=["fwd", "fwdbwd"], help="fwd,fwdbwd (default: both)")
+    p.add_argument("--ops", type=_csv(str), help="only the ops whose name contains one of these, e.g. batch_norm,group")
+    p.add_argument("--backends", type=_csv(_choice("reference", "cpu")), help="normkit backends to time (default: all available)")
+    p.add_argument("--repeats", type=_pint, default=3, help="interleaved repeats; the best median is kept (default: 3)")
+    p.add_argument("--min-time", type=_pfloat, default=0.3, help="seconds per measurement (default: 0.3)")
+    p.add_argument("--threads", type=_pint, default=2, help="torch intra-op threads (default: 2)")
+    p.add_argument("--compile", action="store_true", help="also torch.compile: the naive composite, and the compiled training steps")
+    p.add_argument("--no-ops", action="store_true", help="skip the per-op part")
+    p.add_argument("--no-e2e", action="store_true", help="skip the training steps")
+    p.add_argument("--quick", action="store_true", help="a smoke run: one small shape, one repeat, small training steps")
+    p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
+    p.add_argument("--md", metavar="PATH", help="also write the Markdown tables to a file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-pin", action="store_true", help="do not pin glibc's allocator (fresh large outputs then pay page faults)")
+
     p = sub.add_parser("kernels", help="the kernel backends: what is built, what each norm runs on; build ahead of time",
                        description="'status' says which backend each common norm runs on here and whether the fused CPU "
                                    "kernels are built; 'build' compiles them now (about 40 s, once per machine and torch "
@@ -154,6 +178,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["status", "build"], help="status or build")
     p.add_argument("--verbose", action="store_true", help="build: show the compiler's output")
     return parser
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"a shape is N x C x H x W (four sizes joined by 'x'), e.g. 32x64x56x56; got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    parse.__name__ = "/".join(choices)
+    return parse
+
+
+_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184", "MALLOC_TOP_PAD_": "1073741824"}
+
+
+def _bench(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    import os
+
+    if not args.no_pin and any(os.environ.get(k) != v for k, v in _MALLOC.items()) and argv is None:
+        # glibc returns large blocks to the OS, so every fresh output pays page faults (both sides,
+        # but it drowns the kernels' time): pin the allocator and run again (the bench_norms.py way)
+        os.environ.update(_MALLOC)
+        os.execv(sys.executable, [sys.executable, "-m", "normkit.cli", *sys.argv[1:]])
+    from .bench import BenchConfig, run_bench, write_json
+
+    shapes = args.shapes or ([(4, 64, 16, 16)] if args.quick else None)
+    cfg = BenchConfig(
+        layouts=args.layouts, dtypes=args.dtypes, passes=args.passes, ops=args.ops, backends=args.backends,
+        repeats=1 if args.quick else args.repeats, min_time=0.05 if args.quick else args.min_time, threads=args.threads,
+        compile=args.compile, run_ops=not args.no_ops, e2e=not args.no_e2e, quick=args.quick, quiet=args.quiet,
+        e2e_steps=1 if args.quick else 3,
+    )
+    if shapes:
+        cfg.shapes = shapes
+    md, data = run_bench(cfg)
+    print(md)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(md + "\n")
+    if args.json:
+        write_json(data, args.json)
+    return 0
 
 
 def _kernels(args: argparse.Namespace) -> int:
@@ -170,10 +243,12 @@ def _kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     cmd = args.command
     if cmd == "kernels":
         return _kernels(args)
+    if cmd == "bench":
+        return _bench(args, argv)
     if cmd == "compare":
         from .lab.experiments.compare import CompareConfig, run_compare
 
@@ -240,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .lab.experiments.compare import NotAvailableError
 
     try:
-        return _run(args)
+        return _run(args, argv)
     except (DataError, NotAvailableError, ValueError) as e:
         print(f"normkit {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

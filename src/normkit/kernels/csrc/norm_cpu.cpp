@@ -35,6 +35,7 @@
 #include <type_traits>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 using torch::stable::Tensor;
@@ -61,6 +62,32 @@ inline int64_t grain(int64_t per_item) { return std::max<int64_t>(1, GRAIN / std
 
 template <typename T> struct OpMath { using type = float; };
 template <> struct OpMath<double> { using type = double; };
+
+// Loads and stores in the compute type. bfloat16 <-> float by bit operations the compiler vectorises
+// (c10::BFloat16's own conversion does not vectorise here); round to nearest even, NaN kept quiet.
+template <typename O, typename T>
+inline O cv(T v) {
+  return static_cast<O>(v);
+}
+template <>
+inline float cv<float, c10::BFloat16>(c10::BFloat16 v) {
+  uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+template <typename T, typename O>
+inline T to(O v) {
+  return static_cast<T>(v);
+}
+template <>
+inline c10::BFloat16 to<c10::BFloat16, float>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;
+  return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
+}
 
 // ---- moments -------------------------------------------------------------------------------
 
@@ -90,11 +117,11 @@ inline double run_sum(const T* p, int64_t len) {
   int64_t i = 0;
   for (; i + LANES <= len; i += LANES) {
 #pragma omp simd
-    for (int j = 0; j < LANES; ++j) a[j] += static_cast<O>(p[i + j]);
+    for (int j = 0; j < LANES; ++j) a[j] += cv<O>(p[i + j]);
   }
   double s = 0.0;
   for (int j = 0; j < LANES; ++j) s += a[j];
-  for (; i < len; ++i) s += static_cast<O>(p[i]);
+  for (; i < len; ++i) s += cv<O>(p[i]);
   return s;
 }
 
@@ -121,9 +148,9 @@ inline void run_pair_lanes(const T* x, const T* dy, int64_t len, O m, Lanes& acc
     for (; i < stop; i += LANES) {
 #pragma omp simd
       for (int j = 0; j < LANES; ++j) {
-        O d = static_cast<O>(x[i + j]) - m;
+        O d = cv<O>(x[i + j]) - m;
         if constexpr (DSUMS) {
-          O g = static_cast<O>(dy[i + j]);
+          O g = cv<O>(dy[i + j]);
           a1[j] += g;
           a2[j] += g * d;
         } else {
@@ -139,9 +166,9 @@ inline void run_pair_lanes(const T* x, const T* dy, int64_t len, O m, Lanes& acc
     }
   }
   for (int j = 0; i < len; ++i, ++j) {  // the tail, spread over the lanes
-    O d = static_cast<O>(x[i]) - m;
+    O d = cv<O>(x[i]) - m;
     if constexpr (DSUMS) {
-      O g = static_cast<O>(dy[i]);
+      O g = cv<O>(dy[i]);
       acc.d1[j] += g;
       acc.d2[j] += static_cast<double>(g) * d;
     } else {
@@ -171,16 +198,16 @@ inline Mom short_moments(const T* p, int64_t len) {
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
 #pragma omp simd
-    for (int j = 0; j < 8; ++j) a[j] += static_cast<O>(p[i + j]);
+    for (int j = 0; j < 8; ++j) a[j] += cv<O>(p[i + j]);
   }
   O tail = 0;
-  for (int64_t k = i; k < len; ++k) tail += static_cast<O>(p[k]);
+  for (int64_t k = i; k < len; ++k) tail += cv<O>(p[k]);
   const O m = ((((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) + tail) / static_cast<O>(len);
   O u[8] = {}, v[8] = {};
   for (i = 0; i + 8 <= len; i += 8) {
 #pragma omp simd
     for (int j = 0; j < 8; ++j) {
-      O d = static_cast<O>(p[i + j]) - m;
+      O d = cv<O>(p[i + j]) - m;
       u[j] += d;
       v[j] += d * d;
     }
@@ -191,7 +218,7 @@ inline Mom short_moments(const T* p, int64_t len) {
     s2 += v[j];
   }
   for (; i < len; ++i) {
-    O d = static_cast<O>(p[i]) - m;
+    O d = cv<O>(p[i]) - m;
     s1 += d;
     s2 += static_cast<double>(d) * d;
   }
@@ -248,7 +275,7 @@ inline void cols_sums(const T* p, int64_t rows, int64_t cols, int64_t ld, const 
         const T* row = q + r * ld + c0;
 #pragma omp simd
         for (int j = 0; j < CB; ++j) {
-          O d = static_cast<O>(row[j]) - sh[j];
+          O d = cv<O>(row[j]) - sh[j];
           u[j] += d;
           v[j] += d * d;
         }
@@ -262,7 +289,7 @@ inline void cols_sums(const T* p, int64_t rows, int64_t cols, int64_t ld, const 
     for (int64_t r = 0; r < nr; ++r) {  // the remaining columns
       const T* row = q + r * ld;
       for (int64_t c = c0; c < cols; ++c) {
-        O d = static_cast<O>(row[c]) - shift[c];
+        O d = cv<O>(row[c]) - shift[c];
         s1[c] += d;
         s2[c] += static_cast<double>(d) * d;
       }
@@ -281,10 +308,10 @@ inline void cols_moments1(const T* p, int64_t rows, int64_t cols, int64_t ld, Mo
     const T* row = p + r * ld;
     double* S1 = s1.data();
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) S1[c] += static_cast<double>(static_cast<O>(row[c]));
+    for (int64_t c = 0; c < cols; ++c) S1[c] += static_cast<double>(cv<O>(row[c]));
   }
   for (int64_t c = 0; c < cols; ++c) {
-    shift[c] = static_cast<O>(s1[c] / static_cast<double>(probe));
+    shift[c] = cv<O>(s1[c] / static_cast<double>(probe));
     s1[c] = 0.0;
     s2[c] = 0.0;
   }
@@ -359,14 +386,14 @@ inline void cols_moments(const T* p, int64_t rows, int64_t cols, int64_t ld, Col
         const T* row = q + r * ld + c0;
 #pragma omp simd
         for (int j = 0; j < CB; ++j) {
-          s0[j] += static_cast<O>(row[j]);
-          s1[j] += static_cast<O>(row[ld + j]);
+          s0[j] += cv<O>(row[j]);
+          s1[j] += cv<O>(row[ld + j]);
         }
       }
       if (r < nr) {
         const T* row = q + r * ld + c0;
 #pragma omp simd
-        for (int j = 0; j < CB; ++j) s0[j] += static_cast<O>(row[j]);
+        for (int j = 0; j < CB; ++j) s0[j] += cv<O>(row[j]);
       }
       O mm[CB], u[CB] = {}, v[CB] = {};
 #pragma omp simd
@@ -375,7 +402,7 @@ inline void cols_moments(const T* p, int64_t rows, int64_t cols, int64_t ld, Col
         const T* row = q + r * ld + c0;
 #pragma omp simd
         for (int j = 0; j < CB; ++j) {
-          O d = static_cast<O>(row[j]) - mm[j];
+          O d = cv<O>(row[j]) - mm[j];
           u[j] += d;
           v[j] += d * d;
         }
@@ -391,7 +418,7 @@ inline void cols_moments(const T* p, int64_t rows, int64_t cols, int64_t ld, Col
       for (int64_t r = 0; r < nr; ++r) {
         const T* row = q + r * ld;
 #pragma omp simd
-        for (int64_t c = c0; c < cols; ++c) A1[c] += static_cast<O>(row[c]);
+        for (int64_t c = c0; c < cols; ++c) A1[c] += cv<O>(row[c]);
       }
 #pragma omp simd
       for (int64_t c = c0; c < cols; ++c) {
@@ -403,7 +430,7 @@ inline void cols_moments(const T* p, int64_t rows, int64_t cols, int64_t ld, Col
         const T* row = q + r * ld;
 #pragma omp simd
         for (int64_t c = c0; c < cols; ++c) {
-          O d = static_cast<O>(row[c]) - M[c];
+          O d = cv<O>(row[c]) - M[c];
           A1[c] += d;
           A2[c] += d * d;
         }
@@ -451,7 +478,7 @@ inline void run_apply(const T* x, T* y, int64_t len, O shift, O A, O B) {
   return;
 #endif
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) y[i] = static_cast<T>((static_cast<O>(x[i]) - shift) * A + B);
+  for (int64_t i = 0; i < len; ++i) y[i] = to<T>((cv<O>(x[i]) - shift) * A + B);
 }
 
 // y[c] = (x[c] - sh[c]) * A[c] + B[c] over a row
@@ -461,7 +488,7 @@ inline void row_apply(const T* x, T* y, int64_t len, const O* sh, const O* A, co
   return;
 #endif
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) y[i] = static_cast<T>((static_cast<O>(x[i]) - sh[i]) * A[i] + B[i]);
+  for (int64_t i = 0; i < len; ++i) y[i] = to<T>((cv<O>(x[i]) - sh[i]) * A[i] + B[i]);
 }
 
 template <typename O>
@@ -514,16 +541,16 @@ void rows_forward(const T* x, const O* w, const O* b, T* y, O* st, int32_t* ok, 
       const O* bc = b ? b + c0 : nullptr;
       if (wc && bc) {
 #pragma omp simd
-        for (int64_t j = 0; j < Cg; ++j) q[j] = static_cast<T>(((static_cast<O>(p[j]) - sh) * r - cmr) * wc[j] + bc[j]);
+        for (int64_t j = 0; j < Cg; ++j) q[j] = to<T>(((cv<O>(p[j]) - sh) * r - cmr) * wc[j] + bc[j]);
       } else if (wc) {
 #pragma omp simd
-        for (int64_t j = 0; j < Cg; ++j) q[j] = static_cast<T>(((static_cast<O>(p[j]) - sh) * r - cmr) * wc[j]);
+        for (int64_t j = 0; j < Cg; ++j) q[j] = to<T>(((cv<O>(p[j]) - sh) * r - cmr) * wc[j]);
       } else if (bc) {
 #pragma omp simd
-        for (int64_t j = 0; j < Cg; ++j) q[j] = static_cast<T>(((static_cast<O>(p[j]) - sh) * r - cmr) + bc[j]);
+        for (int64_t j = 0; j < Cg; ++j) q[j] = to<T>(((cv<O>(p[j]) - sh) * r - cmr) + bc[j]);
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < Cg; ++j) q[j] = static_cast<T>((static_cast<O>(p[j]) - sh) * r - cmr);
+        for (int64_t j = 0; j < Cg; ++j) q[j] = to<T>((cv<O>(p[j]) - sh) * r - cmr);
       }
     }
   });
@@ -560,9 +587,9 @@ void rows_backward(const T* dy, const T* x, const O* w, const O* st, T* dx, doub
               for (; j < stop; j += LANES) {
 #pragma omp simd
                 for (int l = 0; l < LANES; ++l) {
-                  O gw = static_cast<O>(gp[j + l]) * (wc ? wc[j + l] : O(1));
+                  O gw = cv<O>(gp[j + l]) * (wc ? wc[j + l] : O(1));
                   a1[l] += gw;
-                  a2[l] += gw * (static_cast<O>(xp[j + l]) - shift);
+                  a2[l] += gw * (cv<O>(xp[j + l]) - shift);
                 }
               }
 #pragma omp simd
@@ -576,9 +603,9 @@ void rows_backward(const T* dy, const T* x, const O* w, const O* st, T* dx, doub
               gd_sum += d2[l];
             }
             for (; j < Cg; ++j) {
-              O gw = static_cast<O>(gp[j]) * (wc ? wc[j] : O(1));
+              O gw = cv<O>(gp[j]) * (wc ? wc[j] : O(1));
               g_sum += gw;
-              gd_sum += static_cast<double>(gw) * (static_cast<O>(xp[j]) - shift);
+              gd_sum += static_cast<double>(gw) * (cv<O>(xp[j]) - shift);
             }
           }
           auto kc = back_coef<O>(st, nsets, k, g_sum, gd_sum * inv);
@@ -590,21 +617,21 @@ void rows_backward(const T* dy, const T* x, const O* w, const O* st, T* dx, doub
           if (out && need_p) {  // dx, and dweight += dy * x_hat, dbias += dy per element, in one pass
 #pragma omp simd
             for (int64_t j = 0; j < Cg; ++j) {
-              O gv = static_cast<O>(gp[j]), d = static_cast<O>(xp[j]) - shift;
-              out[j] = static_cast<T>((wc ? wc[j] : O(1)) * tr * gv + bx * d + cc);
+              O gv = cv<O>(gp[j]), d = cv<O>(xp[j]) - shift;
+              out[j] = to<T>((wc ? wc[j] : O(1)) * tr * gv + bx * d + cc);
               pwc[j] += static_cast<double>(gv * (d * xr - cr));
               pbc[j] += static_cast<double>(gv);
             }
           } else if (out) {
 #pragma omp simd
             for (int64_t j = 0; j < Cg; ++j)
-              out[j] = static_cast<T>((wc ? wc[j] : O(1)) * tr * static_cast<O>(gp[j]) +
-                                      bx * (static_cast<O>(xp[j]) - shift) + cc);
+              out[j] = to<T>((wc ? wc[j] : O(1)) * tr * cv<O>(gp[j]) +
+                                      bx * (cv<O>(xp[j]) - shift) + cc);
           } else if (need_p) {
 #pragma omp simd
             for (int64_t j = 0; j < Cg; ++j) {
-              O gv = static_cast<O>(gp[j]);
-              pwc[j] += static_cast<double>(gv * ((static_cast<O>(xp[j]) - shift) * xr - cr));
+              O gv = cv<O>(gp[j]);
+              pwc[j] += static_cast<double>(gv * ((cv<O>(xp[j]) - shift) * xr - cr));
               pbc[j] += static_cast<double>(gv);
             }
           }
@@ -721,13 +748,13 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
           const O* bc = b ? b + c0 : nullptr;
           if (wc && bc) {
 #pragma omp simd
-            for (int64_t j = 0; j < Cg; ++j) q[j] = static_cast<T>(((static_cast<O>(p[j]) - sh) * r - cmr) * wc[j] + bc[j]);
+            for (int64_t j = 0; j < Cg; ++j) q[j] = to<T>(((cv<O>(p[j]) - sh) * r - cmr) * wc[j] + bc[j]);
           } else {
             for (int64_t j = 0; j < Cg; ++j) {
-              O t = (static_cast<O>(p[j]) - sh) * r - cmr;
+              O t = (cv<O>(p[j]) - sh) * r - cmr;
               if (wc) t = t * wc[j];
               if (bc) t = t + bc[j];
-              q[j] = static_cast<T>(t);
+              q[j] = to<T>(t);
             }
           }
         }
@@ -760,7 +787,7 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
           const O* R = r.data();
           const O* CM = cmr.data();
 #pragma omp simd
-          for (int64_t j = 0; j < ns; ++j) out[j] = static_cast<T>(((static_cast<O>(row[j]) - SH[j]) * R[j] - CM[j]) * wc + bc);
+          for (int64_t j = 0; j < ns; ++j) out[j] = to<T>(((cv<O>(row[j]) - SH[j]) * R[j] - CM[j]) * wc + bc);
         }
       }
     });
@@ -783,9 +810,9 @@ inline void short_dsums(const T* dy, const T* x, int64_t len, O shift, double& s
   for (; i + 8 <= len; i += 8) {
 #pragma omp simd
     for (int j = 0; j < 8; ++j) {
-      O g = static_cast<O>(dy[i + j]);
+      O g = cv<O>(dy[i + j]);
       a[j] += g;
-      c[j] += g * (static_cast<O>(x[i + j]) - shift);
+      c[j] += g * (cv<O>(x[i + j]) - shift);
     }
   }
   for (int j = 0; j < 8; ++j) {
@@ -793,9 +820,9 @@ inline void short_dsums(const T* dy, const T* x, int64_t len, O shift, double& s
     sdyd += c[j];
   }
   for (; i < len; ++i) {
-    O g = static_cast<O>(dy[i]);
+    O g = cv<O>(dy[i]);
     sdy += g;
-    sdyd += static_cast<double>(g) * (static_cast<O>(x[i]) - shift);
+    sdyd += static_cast<double>(g) * (cv<O>(x[i]) - shift);
   }
 }
 
@@ -803,7 +830,7 @@ template <typename T, typename O>
 inline void run_dx(const T* dy, const T* x, T* dx, int64_t len, O shift, O a, O bx, O cc) {
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i)
-    dx[i] = static_cast<T>(a * static_cast<O>(dy[i]) + bx * (static_cast<O>(x[i]) - shift) + cc);
+    dx[i] = to<T>(a * cv<O>(dy[i]) + bx * (cv<O>(x[i]) - shift) + cc);
 }
 
 template <typename T>
@@ -864,9 +891,9 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
             const O* SH = sh.data();
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-              O gv = static_cast<O>(g[c]);
+              O gv = cv<O>(g[c]);
               A1[c] += gv;
-              A2[c] += gv * (static_cast<O>(xr[c]) - SH[c]);
+              A2[c] += gv * (cv<O>(xr[c]) - SH[c]);
             }
           }
           for (int64_t c = 0; c < C; ++c) { P1[c] += a1[c]; P2[c] += a2[c]; }
@@ -911,7 +938,7 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
         const O *SH = sh.data() + o, *AA = A.data() + o, *BB = Bx.data() + o, *CC = Cc.data() + o;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c)
-          out[c] = static_cast<T>(AA[c] * static_cast<O>(g[c]) + BB[c] * (static_cast<O>(xr[c]) - SH[c]) + CC[c]);
+          out[c] = to<T>(AA[c] * cv<O>(g[c]) + BB[c] * (cv<O>(xr[c]) - SH[c]) + CC[c]);
       }
     });
   } else if (mode == GROUP_NCHW) {
@@ -932,9 +959,9 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
             if (S <= SHORT) short_dsums<T, O>(g + j * S, xp + j * S, S, shift, a, bsum);
             else run_dsums<T, O>(g + j * S, xp + j * S, S, shift, a, bsum);
           } else {
-            O gv = static_cast<O>(g[j]);
+            O gv = cv<O>(g[j]);
             a = gv;
-            bsum = static_cast<double>(gv) * (static_cast<O>(xp[j]) - shift);
+            bsum = static_cast<double>(gv) * (cv<O>(xp[j]) - shift);
           }
           sdy[j] = a;
           sdyd[j] = bsum;
@@ -953,8 +980,8 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
           T* out = dx + k * L;
           const O tr = static_cast<O>(kc.tr);
           for (int64_t j = 0; j < Cg; ++j) {
-            O a = w ? static_cast<O>(w[c0 + j]) * tr : tr;
-            out[j] = static_cast<T>(a * static_cast<O>(g[j]) + bx * (static_cast<O>(xp[j]) - shift) + cc);
+            O a = w ? cv<O>(w[c0 + j]) * tr : tr;
+            out[j] = to<T>(a * cv<O>(g[j]) + bx * (cv<O>(xp[j]) - shift) + cc);
           }
         }
       }
@@ -1001,8 +1028,8 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
             double t1 = 0.0, t2 = 0.0;  // sum dy, sum dy * x_hat along this channel's row
 #pragma omp simd reduction(+ : t1, t2)
             for (int64_t j = 0; j < ns; ++j) {
-              O gv = static_cast<O>(g[j]);
-              O d = static_cast<O>(xx[j]) - SH[j];
+              O gv = cv<O>(g[j]);
+              O d = cv<O>(xx[j]) - SH[j];
               A1[j] += wc * gv;
               A2[j] += wc * gv * d;
               t1 += gv;
@@ -1030,7 +1057,7 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
           const O *SH = sh.data(), *AA = A.data(), *BB = Bx.data(), *CC = Cc.data();
 #pragma omp simd
           for (int64_t j = 0; j < ns; ++j)
-            out[j] = static_cast<T>(wc * AA[j] * static_cast<O>(g[j]) + BB[j] * (static_cast<O>(xx[j]) - SH[j]) + CC[j]);
+            out[j] = to<T>(wc * AA[j] * cv<O>(g[j]) + BB[j] * (cv<O>(xx[j]) - SH[j]) + CC[j]);
         }
       }
     });
@@ -1098,7 +1125,7 @@ void act_forward_impl(const T* y, const O* w, const O* b, const O* m, const O* r
         const T* p = y + k * S;
         T* q = out + k * S;
 #pragma omp simd
-        for (int64_t i = 0; i < S; ++i) q[i] = static_cast<T>((act_f<A, O>(W * static_cast<O>(p[i]) + B, slope) - M) * R);
+        for (int64_t i = 0; i < S; ++i) q[i] = to<T>((act_f<A, O>(W * cv<O>(p[i]) + B, slope) - M) * R);
       }
     });
   } else {
@@ -1107,7 +1134,7 @@ void act_forward_impl(const T* y, const O* w, const O* b, const O* m, const O* r
         const T* p = y + row * C;
         T* q = out + row * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) q[c] = static_cast<T>((act_f<A, O>(w[c] * static_cast<O>(p[c]) + b[c], slope) - m[c]) * r[c]);
+        for (int64_t c = 0; c < C; ++c) q[c] = to<T>((act_f<A, O>(w[c] * cv<O>(p[c]) + b[c], slope) - m[c]) * r[c]);
       }
     });
   }
@@ -1122,11 +1149,11 @@ inline void act_bwd_run(const T* g, const T* p, T* q, int64_t S, O W, O B, O M, 
   for (; i + L <= S; i += L) {
 #pragma omp simd
     for (int j = 0; j < L; ++j) {
-      O yv = static_cast<O>(p[i + j]), gv = static_cast<O>(g[i + j]);
+      O yv = cv<O>(p[i + j]), gv = cv<O>(g[i + j]);
       O a = W * yv + B;
       O z = act_f<A, O>(a, slope);
       O da = act_d<A, O>(a, z, slope) * gv * R;
-      if constexpr (STORE) q[i + j] = static_cast<T>(da * W);
+      if constexpr (STORE) q[i + j] = to<T>(da * W);
       a0[j] += da * yv;
       a1[j] += da;
       a2[j] += gv;
@@ -1141,11 +1168,11 @@ inline void act_bwd_run(const T* g, const T* p, T* q, int64_t S, O W, O B, O M, 
     t3 += a3[j];
   }
   for (; i < S; ++i) {
-    O yv = static_cast<O>(p[i]), gv = static_cast<O>(g[i]);
+    O yv = cv<O>(p[i]), gv = cv<O>(g[i]);
     O a = W * yv + B;
     O z = act_f<A, O>(a, slope);
     O da = act_d<A, O>(a, z, slope) * gv * R;
-    if constexpr (STORE) q[i] = static_cast<T>(da * W);
+    if constexpr (STORE) q[i] = to<T>(da * W);
     t0 += da * yv;
     t1 += da;
     t2 += gv;
@@ -1202,11 +1229,11 @@ void act_backward_impl(const T* dout, const T* y, const O* w, const O* b, const 
           T* q = dy ? dy + row * C : scratch.data();  // dy not needed: written to a scratch row
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            O yv = static_cast<O>(p[c]), gv = static_cast<O>(g[c]);
+            O yv = cv<O>(p[c]), gv = cv<O>(g[c]);
             O a = w[c] * yv + b[c];
             O z = act_f<A, O>(a, slope);
             O da = act_d<A, O>(a, z, slope) * gv * r[c];
-            q[c] = static_cast<T>(da * w[c]);
+            q[c] = to<T>(da * w[c]);
             A0[c] += da * yv;
             A1[c] += da;
             A2[c] += gv;
@@ -1336,8 +1363,8 @@ int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const
     backward_impl<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w),
                      static_cast<const O*>(st), static_cast<T*>(dx), dwa, dba, mode, N, C, S, G);
     for (int64_t c = 0; c < C; ++c) {
-      if (dw) static_cast<O*>(dw)[c] = static_cast<O>(dwa[c]);
-      if (db) static_cast<O*>(db)[c] = static_cast<O>(dba[c]);
+      if (dw) static_cast<O*>(dw)[c] = cv<O>(dwa[c]);
+      if (db) static_cast<O*>(db)[c] = cv<O>(dba[c]);
     }
   });
   return 1;

@@ -578,7 +578,27 @@ void rows_backward(const T* dy, const T* x, const O* w, const O* st, T* dx, doub
           const O* wc = w ? w + c0 : nullptr;
           // sum w * dy and sum w * dy * (x - shift), in lanes
           double g_sum = 0.0, gd_sum = 0.0;
-          {
+          if (Cg <= SHORT) {  // a short row: 8 float lanes, one reduction
+            O a1[8] = {}, a2[8] = {};
+            int64_t j = 0;
+            for (; j + 8 <= Cg; j += 8) {
+#pragma omp simd
+              for (int l = 0; l < 8; ++l) {
+                O gw = cv<O>(gp[j + l]) * (wc ? wc[j + l] : O(1));
+                a1[l] += gw;
+                a2[l] += gw * (cv<O>(xp[j + l]) - shift);
+              }
+            }
+            for (int l = 0; l < 8; ++l) {
+              g_sum += a1[l];
+              gd_sum += a2[l];
+            }
+            for (; j < Cg; ++j) {
+              O gw = cv<O>(gp[j]) * (wc ? wc[j] : O(1));
+              g_sum += gw;
+              gd_sum += static_cast<double>(gw) * (cv<O>(xp[j]) - shift);
+            }
+          } else {
             double d1[LANES] = {}, d2[LANES] = {};
             int64_t j = 0;
             while (j + LANES <= Cg) {

@@ -3,66 +3,119 @@
 from __future__ import annotations
 
 import json
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from normkit import kernels
-from normkit.bench import OPS, BenchConfig, ResNet18Style, run_bench
+from normkit.bench import OPS, BenchConfig, ResNet18Style, _cnn4, _resnet, check_config, run_bench
 from normkit.cli import main
 
+TINY = dict(shapes=[(2, 32, 4, 4)], repeats=1, min_time=0.01, e2e_min_time=0.01, quiet=True)
+BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_norms.py"
 
-def test_run_bench_rows_and_ratios():
-    md, data = run_bench(BenchConfig(shapes=[(2, 32, 4, 4)], layouts=["nchw", "cl"], dtypes=["fp32"],
-                                     passes=["fwd", "fwdbwd"], ops=["batch_norm", "proxy"], repeats=1,
-                                     min_time=0.01, e2e=False, quiet=True))
+
+def _providers() -> list[str]:
+    return ["native"] + [f"normkit:{b}" for b in kernels.available() if b != "auto"]
+
+
+def test_run_bench_rows_columns_and_ratios():
+    md, data = run_bench(BenchConfig(layouts=["nchw", "cl"], dtypes=["fp32", "bf16"], passes=["fwd", "fwdbwd"],
+                                     ops=["batch_norm", "proxy", "over CHW"], e2e=False, **TINY))
     rows = data["ops"]
-    assert {r["op"] for r in rows} == {"batch_norm train", "GN32 + proxy norm (native: GN+ReLU)"}
-    assert len(rows) == 2 * 2 * 2  # ops x layouts x passes
-    providers = ["native"] + [f"normkit:{b}" for b in kernels.available() if b != "auto"]
+    assert {r["op"] for r in rows} == {"batch_norm train", "GN32 + proxy norm (native: GN+affine+ReLU)",
+                                       "layer_norm over CHW"}
+    assert len(rows) == 3 * 2 * 2 * 2  # ops x layouts x dtypes x passes
     for r in rows:
-        assert list(r["ms"]) == providers
-        assert all(v > 0 for v in r["ms"].values())
-        assert r["vs_native"]["normkit:reference"] == pytest.approx(r["ms"]["normkit:reference"] / r["ms"]["native"])
+        assert list(r["ms"]) == _providers()
+        assert all(v > 0 for v in r["ms"].values()) and r["copy_ms"] > 0
+        ref = r["ms"]["normkit:reference"]
+        assert r["vs_native"]["normkit:reference"] == pytest.approx(ref / r["ms"]["native"])
         assert r["vs_copy"]["native"] == pytest.approx(r["ms"]["native"] / r["copy_ms"])
+        assert r["vs_copy"]["normkit:reference"] == pytest.approx(ref / r["copy_ms"])
+        nbytes = 2 * 32 * 16 * (4 if r["dtype"] == "fp32" else 2)
         factor = 5 if r["pass"] == "fwdbwd" else 2
-        assert r["gbps"]["native"] == pytest.approx(factor * 2 * 32 * 16 * 4 / (r["ms"]["native"] * 1e-3) / 1e9)
-    assert md.count("\n| batch_norm train |") == 4 and "normkit:reference/native" in md
+        assert r["gbps"]["native"] == pytest.approx(factor * nbytes / (r["ms"]["native"] * 1e-3) / 1e9)
+    lines = md.splitlines()
+    head = next(line for line in lines if line.startswith("| op |"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert cols[:6] == ["op", "shape", "layout", "dtype", "pass", "native ms"]
+    for p in _providers()[1:]:
+        assert f"{p}/native" in cols and f"{p}/copy" in cols and f"{p} GB/s" in cols
+    assert "native/copy" in cols and "copy ms" in cols
+    body = [line for line in lines if line.startswith("| batch_norm train |")]
+    assert len(body) == 8 and all(len(line.strip("|").split("|")) == len(cols) for line in body)
+    assert "10-30 %" in md and "5 x tensor bytes" in md and "Ratios < 1: normkit is faster" in md
 
 
 def test_every_op_agrees_with_torch_native():
     # the benchmark compares like with like: each normkit op computes what its native counterpart does
     x = torch.randn(4, 32, 5, 5)
-    w, b = torch.rand(32) + 0.5, torch.randn(32)
-    for name, (native, ours, naive) in OPS.items():
-        exp = native(x, w, b)
+    for name, spec in OPS.items():
+        shape = tuple(x.shape[1:]) if spec.affine == "chw" else (32,)
+        w, b = torch.rand(shape) + 0.5, torch.randn(shape)
+        exp = spec.native(x, w, b)
+        torch.testing.assert_close(spec.naive(x, w, b), exp, rtol=1e-4, atol=1e-4, msg=name)
+        ours = spec.normkit(__import__("normkit").functional)(x, w, b)
         if "proxy" in name:  # a different activation by design: same shape and layout only
-            assert ours(x, w, b).shape == exp.shape
+            assert ours.shape == exp.shape
             continue
-        torch.testing.assert_close(ours(x, w, b), exp, rtol=1e-4, atol=1e-4, msg=name)
-        torch.testing.assert_close(naive(x, w, b), exp, rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(ours, exp, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_e2e_and_cli_json(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    md_path = tmp_path / "bench.md"
-    rc = main(["bench", "--quick", "--no-ops", "--quiet", "--backends", "reference", "--json", str(out), "--md", str(md_path)])
+def test_cli_quick_e2e_json_md(tmp_path, capsys):
+    out, md_path = tmp_path / "bench.json", tmp_path / "bench.md"
+    rc = main(["bench", "--quick", "--no-ops", "--quiet", "--backends", "reference", "--json", str(out),
+               "--md", str(md_path)])
     assert rc == 0
     data = json.loads(out.read_text())
-    models = {r["model"] for r in data["e2e"]}
-    assert models == {"ResNet-18-style 32x32", "CNN-4 bn"}
+    assert data["ops"] == [] and data["config"]["quick"] is True
+    assert [(r["model"], r["norm"], r["input"], r["mode"]) for r in data["e2e"]] == [
+        ("ResNet-18-style", "bn", [2, 3, 32, 32], "eager"), ("CNN-4", "bn", [2, 1, 8, 8], "eager")]
     for r in data["e2e"]:
-        assert set(r["ms"]) == {"torch.nn", "normkit:reference"} and r["vs_torch"]["normkit:reference"] > 0
+        assert set(r["ms"]) == {"torch.nn", "normkit:reference"}
+        assert r["vs_torch"]["normkit:reference"] == pytest.approx(r["ms"]["normkit:reference"] / r["ms"]["torch.nn"])
     printed = capsys.readouterr().out
-    assert "| ResNet-18-style 32x32 |" in printed and md_path.read_text().strip() == printed.strip()
+    assert "| ResNet-18-style | bn | 2x3x32x32 | eager |" in printed and md_path.read_text().strip() == printed.strip()
+    assert "normkit:reference/torch.nn" in printed
 
 
-@pytest.mark.parametrize("bad", [["--shapes", "3x4"], ["--dtypes", "fp8"], ["--repeats", "0"], ["--backends", "gpu"]])
-def test_bad_options_exit_2(bad, capsys):
+def test_cli_ops_json(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--shapes", "2x32x4x4", "--ops", "instance", "--layouts", "cl", "--dtypes", "fp32",
+               "--passes", "fwdbwd", "--repeats", "1", "--min-time", "0.01", "--no-e2e", "--quiet", "--json", str(out)])
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["ops"]
+    assert (row["op"], row["shape"], row["layout"], row["pass"]) == ("instance_norm", [2, 32, 4, 4], "cl", "fwdbwd")
+    assert set(row["vs_native"]) == set(_providers()[1:]) and row["vs_copy"]["native"] > 0
+    assert "| instance_norm | (2, 32, 4, 4) | cl | fp32 | fwdbwd |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad, why", [
+    (["--shapes", "3x4"], "N x C x H x W"),
+    (["--dtypes", "fp8"], "fp8"),
+    (["--layouts", "nhwc"], "nhwc"),
+    (["--passes", "bwd"], "bwd"),
+    (["--repeats", "0"], "must be > 0"),
+    (["--backends", "gpu"], "gpu"),
+    (["--ops", "nosuchop", "--no-e2e"], "matches no op"),
+    (["--no-ops", "--no-e2e"], "nothing to run"),
+])
+def test_bad_options_exit_2(bad, why, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["bench", *bad])
+        main(["bench", "--quiet", *bad])
     assert e.value.code == 2
-    assert "normkit bench: error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "normkit bench: error" in err and why in err
+
+
+def test_unavailable_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(kernels, "available", lambda: ["auto", "reference"])
+    with pytest.raises(ValueError, match="backend 'cpu' is not available here"):
+        check_config(BenchConfig(backends=["cpu"]))
 
 
 def test_resnet18_style_matches_torchvision_layout():
@@ -70,3 +123,24 @@ def test_resnet18_style_matches_torchvision_layout():
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 20  # stem + 16 block convs + 3 projection shortcuts
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(11.17e6, rel=0.01)
+    big = ResNet18Style(torch.nn.BatchNorm2d, small=False)
+    assert big.stem[0].kernel_size == (7, 7) and isinstance(big.stem[3], torch.nn.MaxPool2d)
+
+
+@pytest.mark.parametrize("build, shape", [
+    (_resnet(True, "bn"), (2, 3, 32, 32)), (_resnet(False, "gn:32"), (2, 3, 64, 64)),
+    (_cnn4("bn"), (2, 1, 8, 8)), (_cnn4("gn:8"), (2, 1, 8, 8)),
+])
+def test_e2e_pairs_are_the_same_net(build, shape):
+    # torch.nn's norms and normkit's in the same architecture, same weights: the same outputs (train mode)
+    x = torch.randn(shape)
+    torch.testing.assert_close(build("normkit")(x), build("torch")(x), rtol=1e-4, atol=1e-4)
+
+
+def test_benchmark_script_is_a_wrapper(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(BENCH_SCRIPT)])
+    script = runpy.run_path(str(BENCH_SCRIPT), run_name="bench_norms")
+    rc = script["main"](["--shapes", "2x32x4x4", "--only", "group_norm", "--layouts", "nchw", "--dtypes", "fp32",
+                         "--passes", "fwd", "--repeats", "1", "--min-time", "0.01", "--no-e2e", "--quiet",
+                         "--baseline", str(Path(__file__).resolve().parents[1] / "no" / "such")])
+    assert rc == 2 and "no package at" in capsys.readouterr().err

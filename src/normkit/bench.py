@@ -2,125 +2,246 @@
 
 Two parts:
 
-* **ops**: each norm (batch_norm train, group_norm G=32, instance_norm, layer_norm over (C, H, W)
-  as torch's ``group_norm(x, 1)``, LayerNorm2d over C, and GN + Proxy-Norm activation against
-  native GN + affine + ReLU) on each shape, layout (NCHW, channels_last), dtype (fp32, bf16) and
-  pass (forward, forward + backward), for the providers ``native`` and ``normkit:<backend>`` (every
-  backend of :func:`normkit.kernels.available` but ``auto``), and ``compiled`` (``torch.compile`` of
-  the naive composite; opt-in, ~15 s per case). Repeats are interleaved (every provider once per
-  repeat, the order rotated) and the best median is kept. Reported: ms, effective GB/s (an ideal
-  kernel moves 2x the tensor's bytes forward, 5x forward + backward), the ratio to native and to a
-  same-size ``copy_``.
-* **e2e**: one SGD training step (forward, cross-entropy, backward, step) of a ResNet-18-style net
-  (32x32 and 64x64 inputs, batch 32 and 2) and of the lab's CNN-4 at batch 2, with torch.nn's norms
-  against normkit's on each backend, eager (and compiled with ``--compile``).
+* **ops** (:data:`OPS`): batch_norm (training), group_norm G=32, instance_norm (affine),
+  layer_norm over (C, H, W) (torch's ``F.layer_norm(x, x.shape[1:], w, b)``, element-wise affine),
+  LayerNorm2d over C (native: permute + ``F.layer_norm`` over C + permute back, as timm does), and
+  GN32 + Proxy-Norm activation against native GN + affine + ReLU; on each shape, layout (NCHW,
+  channels_last), dtype (fp32, bf16) and pass (forward; forward + backward), for the providers
+  ``native`` (``torch.nn.functional``), ``normkit:<backend>`` (every backend of
+  :func:`normkit.kernels.available` but ``auto``, each run under :func:`normkit.kernels.use`) and,
+  opt-in, ``compiled`` (``torch.compile`` of the naive composite, ~15 s of compile per case).
+  Each case also times a same-size ``y.copy_(x)``.
+* **e2e**: one SGD training step (forward, cross-entropy, backward, ``step``) of a ResNet-18-style
+  net (:class:`ResNet18Style`; 32x32 and 64x64 inputs, batch 32 and 2; BatchNorm, and GroupNorm(32)
+  at batch 2) and of the lab's CNN-4 at batch 2 (bn, gn:8), torch.nn's norms against normkit's on
+  each backend, eager (and ``torch.compile``'d with ``compile=True``: warmed up first, the first
+  step's time reported apart).
 
-Ratios below 1 mean normkit is faster. The machine this project runs on drifts 10-30 % between
-runs: compare providers within one run only.
+Timing: repeats are interleaved (every provider once per repeat, the order rotated each repeat) and
+the best-of-repeats median is kept (``torch.utils.benchmark.Timer.blocked_autorange``). Forward runs
+under ``no_grad``; forward + backward is the forward then ``torch.autograd.grad`` of
+``(x, weight, bias)`` for a fixed ``dy`` (nothing accumulates into ``.grad``, as for an activation in
+a network). Effective GB/s counts the bytes an ideal kernel moves: forward 2 x the tensor's bytes
+(read x, write y), forward + backward 5 x (plus read dy, read x, write dx); parameters and
+statistics are ignored. Ratios below 1 mean normkit is faster. The machine this project runs on
+drifts 10-30 % between runs: compare providers within one run only.
 
 Example:
     >>> md, data = run_bench(BenchConfig(shapes=[(2, 32, 4, 4)], dtypes=["fp32"], layouts=["nchw"],
     ...                                  passes=["fwd"], ops=["group_norm"], repeats=1, min_time=0.01,
     ...                                  e2e=False, quiet=True))
-    >>> data["ops"][0]["op"], sorted(data["ops"][0]["ms"])[0]
-    ('group_norm G=32', 'native')
+    >>> row = data["ops"][0]
+    >>> row["op"], list(row["ms"])[0], "normkit:reference" in row["vs_native"]
+    ('group_norm G=32', 'native', True)
+    >>> "| group_norm G=32 | (2, 32, 4, 4) | nchw | fp32 | fwd |" in md
+    True
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
+import os
+import statistics
+import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+import types
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 from torch.utils.benchmark import Timer
 
-from . import kernels
 from . import functional as NF
+from . import kernels
 
-__all__ = ["BenchConfig", "OPS", "ResNet18Style", "run_bench"]
+__all__ = [
+    "BenchConfig",
+    "DEFAULT_SHAPES",
+    "OPS",
+    "OpSpec",
+    "ResNet18Style",
+    "check_config",
+    "config_from_args",
+    "format_markdown",
+    "main_from_args",
+    "run_bench",
+    "write_json",
+]
 
-DEFAULT_SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28)]
+#: PERFORMANCE.md's benchmark shapes (a DRAM-sized and a cache-sized feature map).
+DEFAULT_SHAPES: list[tuple[int, ...]] = [(32, 64, 56, 56), (8, 256, 28, 28)]
+#: The shape of ``--quick``.
+QUICK_SHAPES: list[tuple[int, ...]] = [(4, 64, 16, 16)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAYOUTS = ("nchw", "cl")
+PASSES = ("fwd", "fwdbwd")
+#: bytes an ideal kernel moves, in units of the tensor's bytes
+TRAFFIC = {"fwd": 2, "fwdbwd": 5}
+
 Op = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def _naive(x: Tensor, w: Tensor, b: Tensor, dims: tuple[int, ...], view: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    xv = x if view is None else view(x)
+class OpSpec(NamedTuple):
+    """One benchmarked norm: torch's version, normkit's (built from a ``normkit.functional``-like
+    module, so an older normkit can stand in), the naive composite (for ``torch.compile``), and the
+    shape of the affine (``"c"``: ``(C,)``; ``"chw"``: ``(C, H, W)``)."""
+
+    native: Op
+    normkit: Callable[[Any], Op]
+    naive: Op
+    affine: str = "c"
+    groups: int = 1  # the channel count must be a multiple of this
+
+
+def _naive(x: Tensor, w: Tensor, b: Tensor, dims: tuple[int, ...], groups: int | None = None) -> Tensor:
+    """mean + mean of squared deviations + normalize + affine, autograd for the backward."""
+    xv = x if groups is None else x.reshape(x.shape[0], groups, -1)
     mean = xv.mean(dims, keepdim=True)
     var = (xv - mean).square().mean(dims, keepdim=True)
     y = ((xv - mean) * torch.rsqrt(var + 1e-5)).reshape(x.shape)
-    return y * w.view(1, -1, *([1] * (x.dim() - 2))) + b.view(1, -1, *([1] * (x.dim() - 2)))
+    shape = (1, -1, *([1] * (x.dim() - 2))) if w.dim() == 1 else (1, *w.shape)
+    return y * w.view(shape) + b.view(shape)
 
 
-def _groups(g: int) -> Callable[[Tensor], Tensor]:
-    return lambda x: x.reshape(x.shape[0], g, -1)
+def _ln_c_native(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    return TF.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), w, b).permute(0, 3, 1, 2)
 
 
-# name -> (native, normkit, naive composite for torch.compile)
-OPS: dict[str, tuple[Op, Op, Op]] = {
-    "batch_norm train": (
+def _pn(nf: Any) -> Op:
+    # proxy_bias / proxy_weight sized from w: the channel count changes between shapes
+    return lambda x, w, b: nf.proxy_norm_act(nf.group_norm(x, 32), w, b, torch.zeros_like(w), torch.zeros_like(w))
+
+
+#: The benchmarked norms, by the name shown in the tables (``--ops`` matches substrings of it).
+OPS: dict[str, OpSpec] = {
+    "batch_norm train": OpSpec(
         lambda x, w, b: TF.batch_norm(x, None, None, w, b, True),
-        lambda x, w, b: NF.batch_norm(x, None, None, w, b, True).output,
+        lambda nf: lambda x, w, b: nf.batch_norm(x, None, None, w, b, True).output,
         lambda x, w, b: _naive(x, w, b, (0, 2, 3)),
     ),
-    "group_norm G=32": (
+    "group_norm G=32": OpSpec(
         lambda x, w, b: TF.group_norm(x, 32, w, b),
-        lambda x, w, b: NF.group_norm(x, 32, w, b),
-        lambda x, w, b: _naive(x, w, b, (2,), _groups(32)),
+        lambda nf: lambda x, w, b: nf.group_norm(x, 32, w, b),
+        lambda x, w, b: _naive(x, w, b, (2,), 32),
+        groups=32,
     ),
-    "instance_norm": (
+    "instance_norm": OpSpec(
         lambda x, w, b: TF.instance_norm(x, weight=w, bias=b),
-        lambda x, w, b: NF.instance_norm(x, weight=w, bias=b).output,
+        lambda nf: lambda x, w, b: nf.instance_norm(x, weight=w, bias=b).output,
         lambda x, w, b: _naive(x, w, b, (2, 3)),
     ),
-    "layer_norm over CHW": (
-        lambda x, w, b: TF.group_norm(x, 1, w, b),
-        lambda x, w, b: NF.layer_norm_2d(x, w, b, over="chw"),
-        lambda x, w, b: _naive(x, w, b, (2,), _groups(1)),
+    "layer_norm over CHW": OpSpec(
+        lambda x, w, b: TF.layer_norm(x, x.shape[1:], w, b),
+        lambda nf: lambda x, w, b: nf.layer_norm(x, x.shape[1:], w, b),
+        lambda x, w, b: _naive(x, w, b, (2,), 1),
+        affine="chw",
     ),
-    "layer_norm_2d over C": (
-        lambda x, w, b: TF.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), w, b).permute(0, 3, 1, 2),
-        lambda x, w, b: NF.layer_norm_2d(x, w, b),
+    "layer_norm_2d over C": OpSpec(
+        _ln_c_native,
+        lambda nf: lambda x, w, b: nf.layer_norm_2d(x, w, b),
         lambda x, w, b: _naive(x, w, b, (1,)),
     ),
-    "GN32 + proxy norm (native: GN+ReLU)": (
+    "GN32 + proxy norm (native: GN+affine+ReLU)": OpSpec(
         lambda x, w, b: torch.relu(TF.group_norm(x, 32, w, b)),
-        lambda x, w, b: NF.proxy_norm_act(NF.group_norm(x, 32), w, b, torch.zeros_like(w), torch.zeros_like(w)),
-        lambda x, w, b: torch.relu(_naive(x, w, b, (2,), _groups(32))),
+        _pn,
+        lambda x, w, b: torch.relu(_naive(x, w, b, (2,), 32)),
+        groups=32,
     ),
 }
 
 
 @dataclass
 class BenchConfig:
-    """What :func:`run_bench` measures (the ``normkit bench`` options)."""
+    """What :func:`run_bench` measures (the ``normkit bench`` options).
+
+    Attributes:
+        shapes: NCHW shapes of the per-op part.
+        layouts: ``"nchw"`` and/or ``"cl"`` (channels_last).
+        dtypes: ``"fp32"`` and/or ``"bf16"``.
+        passes: ``"fwd"`` and/or ``"fwdbwd"``.
+        ops: substrings of :data:`OPS`' names; ``None``: all.
+        backends: normkit backends; ``None``: every available one but ``"auto"``.
+        extra_providers: more ``normkit.functional``-like modules to time as providers of their own
+            (``benchmarks/bench_norms.py --baseline`` adds an older normkit as ``"baseline"``).
+        repeats: interleaved repeats; the best median is kept.
+        min_time: seconds per op measurement (``blocked_autorange``).
+        e2e_min_time: seconds of training steps per e2e measurement (at least one step).
+        threads: torch intra-op threads.
+        compile: also the ``compiled`` provider and compiled training steps.
+        run_ops, e2e: which parts run.
+        quick: the e2e part on its two smallest cases only.
+        quiet: no progress bars.
+    """
 
     shapes: list[tuple[int, ...]] = field(default_factory=lambda: list(DEFAULT_SHAPES))
-    layouts: list[str] = field(default_factory=lambda: ["nchw", "cl"])
+    layouts: list[str] = field(default_factory=lambda: list(LAYOUTS))
     dtypes: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
-    passes: list[str] = field(default_factory=lambda: ["fwd", "fwdbwd"])
-    ops: list[str] | None = None  # substrings of the op names; None: all
-    backends: list[str] | None = None  # normkit backends; None: every available one but "auto"
+    passes: list[str] = field(default_factory=lambda: list(PASSES))
+    ops: list[str] | None = None
+    backends: list[str] | None = None
+    extra_providers: dict[str, Any] = field(default_factory=dict)
     repeats: int = 3
-    min_time: float = 0.3
+    min_time: float = 0.2
+    e2e_min_time: float = 1.0
     threads: int = 2
     compile: bool = False
     run_ops: bool = True
     e2e: bool = True
-    e2e_steps: int = 3
     quick: bool = False
     quiet: bool = False
 
 
-def _providers(cfg: BenchConfig) -> list[str]:
-    backends = cfg.backends if cfg.backends is not None else [b for b in kernels.available() if b != "auto"]
-    return ["native", *(f"normkit:{b}" for b in backends), *(["compiled"] if cfg.compile else [])]
+def _backends(cfg: BenchConfig) -> list[str]:
+    return cfg.backends if cfg.backends is not None else [b for b in kernels.available() if b != "auto"]
+
+
+def _op_names(cfg: BenchConfig) -> list[str]:
+    return [n for n in OPS if cfg.ops is None or any(o.lower() in n.lower() for o in cfg.ops)]
+
+
+def check_config(cfg: BenchConfig) -> None:
+    """Raise :class:`ValueError` with a one-line reason when ``cfg`` cannot run here.
+
+    Example:
+        >>> check_config(BenchConfig(ops=["nosuchop"]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: --ops 'nosuchop' matches no op; the ops are: batch_norm train, group_norm G=32, ...
+    """
+    if not cfg.run_ops and not cfg.e2e:
+        raise ValueError("nothing to run: both the per-op part (--no-ops) and the training steps (--no-e2e) are off")
+    for s in cfg.shapes:
+        if len(s) != 4 or not all(isinstance(d, int) and d > 0 for d in s):
+            raise ValueError(f"a shape is N x C x H x W with positive sizes, got {s}")
+    for name, values, allowed in (("layouts", cfg.layouts, LAYOUTS), ("dtypes", cfg.dtypes, tuple(DTYPES)),
+                                  ("passes", cfg.passes, PASSES)):
+        if not values:
+            raise ValueError(f"--{name}: empty")
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"--{name}: {', '.join(map(repr, bad))} not one of {', '.join(allowed)}")
+    for o in cfg.ops or []:
+        if not any(o.lower() in n.lower() for n in OPS):
+            raise ValueError(f"--ops {o!r} matches no op; the ops are: {', '.join(OPS)}")
+    if cfg.backends is not None:
+        known = [b for b in kernels.BACKENDS if b != "auto"]
+        here = [b for b in kernels.available() if b != "auto"]
+        for b in cfg.backends:
+            if b not in known:
+                raise ValueError(f"--backends: unknown backend {b!r}; expected one of {', '.join(known)}")
+            if b not in here:
+                raise ValueError(f"--backends: backend {b!r} is not available here (available: {', '.join(here)}); "
+                                 "`normkit kernels status` says why")
+    if cfg.repeats < 1 or cfg.threads < 1 or cfg.min_time <= 0 or cfg.e2e_min_time <= 0:
+        raise ValueError("--repeats and --threads must be >= 1 and the times > 0")
+
+
+# ---- timing ------------------------------------------------------------------------------------
 
 
 def _backend(provider: str | None) -> Any:
@@ -131,6 +252,7 @@ def _backend(provider: str | None) -> Any:
 
 
 def _time(stmt: Callable[[], Any], min_time: float) -> float:
+    """Median ms of ``stmt`` over about ``min_time`` seconds, after one warm-up call."""
     stmt()  # warm-up (and compile)
     return Timer("stmt()", globals={"stmt": stmt}).blocked_autorange(min_run_time=min_time).median * 1e3
 
@@ -139,7 +261,7 @@ def _op_stmt(fn: Op, x: Tensor, w: Tensor, b: Tensor, backward: bool) -> Callabl
     if backward:
         xg = x.detach().requires_grad_(True)
         dy = torch.randn_like(x)
-        return lambda: fn(xg, w, b).backward(dy)
+        return lambda: torch.autograd.grad(fn(xg, w, b), (xg, w, b), dy)
 
     def stmt() -> None:
         with torch.no_grad():
@@ -158,60 +280,88 @@ def _progress(total: int, quiet: bool, label: str) -> Iterator[Callable[[str], N
         yield lambda info: p.advance(task, info=info)
 
 
+def _rotated(items: list[str], r: int) -> list[str]:
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
+# ---- the per-op part ---------------------------------------------------------------------------
+
+
 def _op_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
-    providers = _providers(cfg)
-    names = [n for n in OPS if cfg.ops is None or any(o in n for o in cfg.ops)]
+    providers = ["native", *(f"normkit:{b}" for b in _backends(cfg)), *cfg.extra_providers,
+                 *(["compiled"] if cfg.compile else [])]
     cases = [
         (name, shape, layout, dtype, p)
-        for name in names
+        for name in _op_names(cfg)
         for shape in cfg.shapes
         for layout in cfg.layouts
         for dtype in cfg.dtypes
         for p in cfg.passes
-        if not ("32" in name and shape[1] % 32)
+        if shape[1] % OPS[name].groups == 0
     ]
     rows: list[dict[str, Any]] = []
     copies: dict[tuple[Any, ...], float] = {}
     with _progress(len(cases), cfg.quiet, "normkit bench: ops") as advance:
         for name, shape, layout, dtype, p in cases:
-            native, ours, naive = OPS[name]
+            spec = OPS[name]
             dt = DTYPES[dtype]
             x = torch.randn(shape).to(dt)
             if layout == "cl":
                 x = x.to(memory_format=torch.channels_last)
-            C = shape[1]
-            w = torch.ones(C, requires_grad=True) if dt == torch.float32 else torch.ones(C, dtype=dt, requires_grad=True)
-            b = torch.zeros_like(w, requires_grad=True)
+            pshape = tuple(shape[1:]) if spec.affine == "chw" else (shape[1],)
+            w = (torch.rand(pshape) + 0.5).to(dt).requires_grad_(True)
+            b = torch.randn(pshape).to(dt).requires_grad_(True)
             key = (tuple(shape), layout, dtype)
             if key not in copies:
                 y = torch.empty_like(x)
                 copies[key] = _time(lambda: y.copy_(x), cfg.min_time)
             fns: dict[str, Op] = {}
             for prov in providers:
-                fns[prov] = native if prov == "native" else (torch.compile(naive) if prov == "compiled" else ours)
-            best = {prov: math.inf for prov in providers}
+                if prov == "native":
+                    fns[prov] = spec.native
+                elif prov == "compiled":
+                    fns[prov] = torch.compile(spec.naive)
+                elif prov in cfg.extra_providers:
+                    fns[prov] = spec.normkit(cfg.extra_providers[prov])
+                else:
+                    fns[prov] = spec.normkit(NF)
             backward = p == "fwdbwd"
+            best: dict[str, float | None] = {prov: math.inf for prov in providers}
             for r in range(cfg.repeats):  # interleaved, the order rotated every repeat
-                order = providers[r % len(providers):] + providers[: r % len(providers)]
-                for prov in order:
-                    with _backend(prov):
-                        best[prov] = min(best[prov], _time(_op_stmt(fns[prov], x, w, b, backward), cfg.min_time))
-            nbytes = x.numel() * x.element_size() * (5 if backward else 2)
+                for prov in _rotated(providers, r):
+                    if best[prov] is None:
+                        continue
+                    try:
+                        with _backend(prov):
+                            ms = _time(_op_stmt(fns[prov], x, w, b, backward), cfg.min_time)
+                    except Exception:
+                        if prov not in cfg.extra_providers:
+                            raise
+                        best[prov] = None  # e.g. an older normkit without this op
+                        continue
+                    best[prov] = min(best[prov], ms)  # type: ignore[type-var]
+            nbytes = x.numel() * x.element_size() * TRAFFIC[p]
+            native: float = best["native"]  # type: ignore[assignment]
             rows.append({
                 "op": name, "shape": list(shape), "layout": layout, "dtype": dtype, "pass": p,
                 "ms": best, "copy_ms": copies[key],
-                "gbps": {k: nbytes / (v * 1e-3) / 1e9 for k, v in best.items()},
-                "vs_native": {k: v / best["native"] for k, v in best.items() if k != "native"},
-                "vs_copy": {k: v / copies[key] for k, v in best.items()},
+                "gbps": {k: None if v is None else nbytes / (v * 1e-3) / 1e9 for k, v in best.items()},
+                "copy_gbps": 2 * x.numel() * x.element_size() / (copies[key] * 1e-3) / 1e9,
+                "vs_native": {k: None if v is None else v / native for k, v in best.items() if k != "native"},
+                "vs_copy": {k: None if v is None else v / copies[key] for k, v in best.items()},
             })
             advance(f"{name} {tuple(shape)} {layout} {dtype} {p}")
     return rows
 
 
-# ---- end-to-end training steps ---------------------------------------------------------------
+# ---- end-to-end training steps -----------------------------------------------------------------
 
 
 class _Block(nn.Module):
+    """ResNet's BasicBlock: conv3x3-norm-ReLU-conv3x3-norm + shortcut (1x1 conv + norm when the shape
+    changes), then ReLU."""
+
     def __init__(self, cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -228,12 +378,21 @@ class _Block(nn.Module):
 
 
 class ResNet18Style(nn.Module):
-    """ResNet-18's layout (BasicBlocks [2, 2, 2, 2], widths 64-512) with a given ``norm_layer``.
+    """ResNet-18's layout (BasicBlocks [2, 2, 2, 2], widths 64-128-256-512, 11.2 M parameters) with a
+    given ``norm_layer`` (called as ``norm_layer(num_channels)``, as torchvision does).
 
-    ``small=True``: a 3x3 stem for 32x32 inputs (CIFAR style); else the 7x7 / 2 stem and max-pool.
+    Args:
+        norm_layer: e.g. ``torch.nn.BatchNorm2d``, ``normkit.nn.BatchNorm2d``,
+            ``normkit.get_norm_layer("gn:32")`` or ``lambda c: torch.nn.GroupNorm(32, c)``.
+        small: a 3x3 stride-1 stem for 32x32 inputs (CIFAR style); else torchvision's 7x7 stride-2
+            stem and 3x3 stride-2 max-pool (for 64x64 and larger).
+        num_classes: outputs.
 
     Example:
         >>> ResNet18Style(nn.BatchNorm2d)(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+        >>> import normkit
+        >>> ResNet18Style(normkit.get_norm_layer("gn:32"), small=False)(torch.randn(2, 3, 64, 64)).shape
         torch.Size([2, 10])
     """
 
@@ -258,7 +417,8 @@ class ResNet18Style(nn.Module):
 
 
 def _step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    """One SGD training step: forward, cross-entropy, backward, ``step``."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -268,158 +428,276 @@ def _step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
     return step
 
 
-def _time_steps(step: Callable[[], None], steps: int) -> float:
-    step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
+def _time_steps(step: Callable[[], None], min_time: float) -> float:
+    """Median ms of single steps run for about ``min_time`` seconds (at least one, at most 50)."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while not times or (time.perf_counter() - start < min_time and len(times) < 50):
+        t0 = time.perf_counter()
         step()
-    return (time.perf_counter() - t0) / steps * 1e3
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
-def _e2e_cases(cfg: BenchConfig) -> list[tuple[str, Callable[[str], nn.Module], tuple[int, ...]]]:
-    from .lab.models import CNN4
-
-    def resnet(small: bool) -> Callable[[str], nn.Module]:
-        def build(kind: str) -> nn.Module:
-            torch.manual_seed(0)
-            return ResNet18Style(nn.BatchNorm2d if kind == "torch" else _nk_bn, small=small)
-
-        return build
-
-    def cnn4(norm: str) -> Callable[[str], nn.Module]:
-        def build(kind: str) -> nn.Module:
-            torch.manual_seed(0)
-            model = CNN4(norm)
-            return model if kind == "normkit" else _to_torch_norms(model)
-
-        return build
-
-    cases = [("ResNet-18-style 32x32", resnet(True), (2, 3, 32, 32)), ("CNN-4 bn", cnn4("bn"), (2, 1, 8, 8))]
-    if not cfg.quick:
-        cases = [
-            ("ResNet-18-style 32x32", resnet(True), (32, 3, 32, 32)),
-            ("ResNet-18-style 32x32", resnet(True), (2, 3, 32, 32)),
-            ("ResNet-18-style 64x64", resnet(False), (32, 3, 64, 64)),
-            ("ResNet-18-style 64x64", resnet(False), (2, 3, 64, 64)),
-            ("CNN-4 bn", cnn4("bn"), (2, 1, 8, 8)),
-            ("CNN-4 gn:8", cnn4("gn:8"), (2, 1, 8, 8)),
-        ]
-    return cases
+class _E2ECase(NamedTuple):
+    model: str
+    norm: str
+    shape: tuple[int, int, int, int]
+    build: Callable[[str], nn.Module]  # "torch" or "normkit" -> the model (same seed, same weights)
 
 
-def _nk_bn(c: int) -> nn.Module:
-    from .nn import BatchNorm2d
+def _resnet(small: bool, norm: str) -> Callable[[str], nn.Module]:
+    def build(kind: str) -> nn.Module:
+        from .nn import BatchNorm2d
+        from .nn.registry import get_norm_layer
 
-    return BatchNorm2d(c)
+        if norm == "bn":
+            layer: Callable[[int], nn.Module] = nn.BatchNorm2d if kind == "torch" else BatchNorm2d
+        else:  # "gn:32"
+            layer = (lambda c: nn.GroupNorm(32, c)) if kind == "torch" else get_norm_layer(norm)
+        torch.manual_seed(0)
+        return ResNet18Style(layer, small=small)
+
+    return build
 
 
-def _to_torch_norms(model: nn.Module) -> nn.Module:
-    """The same model with torch.nn's BatchNorm2d / GroupNorm in place of normkit's (same weights)."""
-    from . import nn as nkn
+def _cnn4(norm: str) -> Callable[[str], nn.Module]:
+    def build(kind: str) -> nn.Module:
+        from .lab.models import CNN4
 
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if isinstance(child, nkn.BatchNorm2d):
-                new: nn.Module = nn.BatchNorm2d(child.num_features, child.eps, child.momentum)
-            elif isinstance(child, nkn.GroupNorm):
-                new = nn.GroupNorm(child.num_groups, child.num_channels, child.eps)
-            else:
-                continue
-            new.load_state_dict(child.state_dict(), strict=False)
-            setattr(mod, name, new)
-    return model
+        torch.manual_seed(0)
+        if kind == "normkit":
+            return CNN4(norm)  # normkit's fused norm + ReLU layers, as the lab trains it
+        groups = int(norm.split(":")[1]) if ":" in norm else 0
+        torch_norm = (lambda c: nn.GroupNorm(groups, c)) if groups else nn.BatchNorm2d
+        return CNN4(lambda c: nn.Sequential(torch_norm(c), nn.ReLU()))
+
+    return build
+
+
+def _e2e_cases(cfg: BenchConfig) -> list[_E2ECase]:
+    if cfg.quick:
+        return [_E2ECase("ResNet-18-style", "bn", (2, 3, 32, 32), _resnet(True, "bn")),
+                _E2ECase("CNN-4", "bn", (2, 1, 8, 8), _cnn4("bn"))]
+    return [
+        _E2ECase("ResNet-18-style", "bn", (32, 3, 32, 32), _resnet(True, "bn")),
+        _E2ECase("ResNet-18-style", "bn", (2, 3, 32, 32), _resnet(True, "bn")),
+        _E2ECase("ResNet-18-style", "bn", (32, 3, 64, 64), _resnet(False, "bn")),
+        _E2ECase("ResNet-18-style", "bn", (2, 3, 64, 64), _resnet(False, "bn")),
+        _E2ECase("ResNet-18-style", "gn:32", (2, 3, 32, 32), _resnet(True, "gn:32")),
+        _E2ECase("ResNet-18-style", "gn:32", (2, 3, 64, 64), _resnet(False, "gn:32")),
+        _E2ECase("CNN-4", "bn", (2, 1, 8, 8), _cnn4("bn")),
+        _E2ECase("CNN-4", "gn:8", (2, 1, 8, 8), _cnn4("gn:8")),
+    ]
 
 
 def _e2e_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
-    backends = cfg.backends if cfg.backends is not None else [b for b in kernels.available() if b != "auto"]
+    backends = _backends(cfg)
     modes = ["eager", *(["compiled"] if cfg.compile else [])]
     rows: list[dict[str, Any]] = []
     cases = _e2e_cases(cfg)
+    variants = {"torch.nn": ("torch", None), **{f"normkit:{b}": ("normkit", f"normkit:{b}") for b in backends}}
     with _progress(len(cases) * len(modes), cfg.quiet, "normkit bench: training steps") as advance:
-        for name, build, shape in cases:
-            x = torch.randn(shape)
-            y = torch.randint(0, 10, (shape[0],))
+        for case in cases:
+            torch.manual_seed(1)
+            x = torch.randn(case.shape)
+            y = torch.randint(0, 10, (case.shape[0],))
             for mode in modes:
-                variants = {"torch.nn": ("torch", None), **{f"normkit:{b}": ("normkit", b) for b in backends}}
                 steps: dict[str, Callable[[], None]] = {}
-                compile_s: dict[str, float] = {}
-                for label, (kind, backend) in variants.items():
-                    model = build(kind)
+                first_s: dict[str, float] = {}
+                for label, (kind, provider) in variants.items():
+                    model = case.build(kind)
                     if mode == "compiled":
                         model = torch.compile(model)  # type: ignore[assignment]
                     step = _step(model, x, y)
-                    t0 = time.perf_counter()
-                    with _backend(f"normkit:{backend}" if backend else None):
-                        step()  # warm-up (and compile)
-                    compile_s[label] = time.perf_counter() - t0
+                    with _backend(provider):
+                        t0 = time.perf_counter()
+                        step()  # warm-up (and the compile; the optimizer's state)
+                        first_s[label] = time.perf_counter() - t0
                     steps[label] = step
                 best = {k: math.inf for k in steps}
-                n = max(1, cfg.e2e_steps if shape[0] > 8 else 4 * cfg.e2e_steps)
-                for r in range(cfg.repeats):
-                    labels = list(steps)
-                    for label in labels[r % len(labels):] + labels[: r % len(labels)]:
-                        backend = variants[label][1]
-                        with _backend(f"normkit:{backend}" if backend else None):
-                            best[label] = min(best[label], _time_steps(steps[label], n))
+                for r in range(cfg.repeats):  # interleaved, the order rotated every repeat
+                    for label in _rotated(list(steps), r):
+                        with _backend(variants[label][1]):
+                            best[label] = min(best[label], _time_steps(steps[label], cfg.e2e_min_time))
                 rows.append({
-                    "model": name, "input": list(shape), "mode": mode, "ms": best,
+                    "model": case.model, "norm": case.norm, "input": list(case.shape), "mode": mode, "ms": best,
                     "vs_torch": {k: v / best["torch.nn"] for k, v in best.items() if k != "torch.nn"},
-                    "first_step_s": compile_s,
+                    "first_step_s": first_s,
                 })
-                advance(f"{name} {shape} {mode}")
+                advance(f"{case.model} {case.norm} {'x'.join(map(str, case.shape))} {mode}")
     return rows
 
 
-# ---- report ----------------------------------------------------------------------------------
+# ---- report ------------------------------------------------------------------------------------
 
 
-def _markdown(data: dict[str, Any]) -> str:
+def _f(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _ms(v: float | None) -> str:
+    """Milliseconds with three significant digits below 10 ms (a 6 MB copy takes 0.09 ms)."""
+    return "-" if v is None else f"{v:.3g}" if v < 10 else f"{v:.1f}"
+
+
+def _table(head: list[str], left: int, rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * left + "---:|" * (len(head) - left)]
+    out += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return out
+
+
+def format_markdown(data: dict[str, Any]) -> str:
+    """The Markdown report of :func:`run_bench`'s ``data`` (a header, the op table, the training-step table)."""
+    pin = "pinned" if data.get("allocator_pinned") else "not pinned (fresh outputs may pay page faults)"
     out = [
-        f"normkit bench: torch {data['torch']}, {data['threads']} threads; ms = best-of-{data['repeats']} median "
-        "(interleaved repeats). Ratios < 1: normkit faster. GB/s counts 2x the tensor bytes forward, 5x "
-        "forward+backward. The machine drifts 10-30 % between runs: compare within one run.",
+        f"## normkit bench: torch {data['torch']}, {data['threads']} threads, allocator {pin}",
+        "",
+        f"ms = best-of-{data['repeats']} median, providers interleaved (order rotated each repeat). "
+        "**Ratios < 1: normkit is faster.** This machine drifts 10-30 % between runs (sometimes more): "
+        "compare providers within one run only, and read differences under ~10-30 % as noise.",
         "",
     ]
     if data["ops"]:
         provs = list(data["ops"][0]["ms"])
         others = [p for p in provs if p != "native"]
-        head = ["op", "shape", "layout", "dtype", "pass", *(f"{p} ms" for p in provs), *(f"{p} GB/s" for p in provs),
-                *(f"{p}/native" for p in others), "native/copy", *(f"{p}/copy" for p in others)]
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "---|" * 5 + "---:|" * (len(head) - 5))
-        for r in data["ops"]:
-            cells = [r["op"], str(tuple(r["shape"])), r["layout"], r["dtype"], r["pass"],
-                     *(f"{r['ms'][p]:.2f}" for p in provs), *(f"{r['gbps'][p]:.1f}" for p in provs),
-                     *(f"{r['vs_native'][p]:.2f}" for p in others), f"{r['vs_copy']['native']:.2f}",
-                     *(f"{r['vs_copy'][p]:.2f}" for p in others)]
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
+        out += [
+            f"### Norms ({len(data['ops'])} cases)",
+            "",
+            "Effective GB/s = bytes an ideal kernel moves / time: fwd = 2 x tensor bytes (read x, write y), "
+            "fwd+bwd = 5 x tensor bytes (+ read dy, read x, write dx); parameters and statistics ignored. "
+            "fwd+bwd = forward + `torch.autograd.grad` w.r.t. (x, weight, bias). copy = `y.copy_(x)` of the same size.",
+            "",
+        ]
+        head = ["op", "shape", "layout", "dtype", "pass", *(f"{p} ms" for p in provs), "copy ms",
+                *(f"{p} GB/s" for p in provs), *(f"{p}/native" for p in others), "native/copy",
+                *(f"{p}/copy" for p in others)]
+        body = [[r["op"], str(tuple(r["shape"])), r["layout"], r["dtype"], r["pass"],
+                 *(_ms(r["ms"][p]) for p in provs), _ms(r["copy_ms"]), *(_f(r["gbps"][p], 1) for p in provs),
+                 *(_f(r["vs_native"][p]) for p in others), _f(r["vs_copy"]["native"]),
+                 *(_f(r["vs_copy"][p]) for p in others)] for r in data["ops"]]
+        out += _table(head, 5, body) + [""]
     if data["e2e"]:
         labels = list(data["e2e"][0]["ms"])
         others = [k for k in labels if k != "torch.nn"]
-        head = ["model", "input", "mode", *(f"{k} ms" for k in labels), *(f"{k}/torch.nn" for k in others)]
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "---|" * 3 + "---:|" * (len(head) - 3))
-        for r in data["e2e"]:
-            cells = [r["model"], "x".join(map(str, r["input"])), r["mode"], *(f"{r['ms'][k]:.2f}" for k in labels),
-                     *(f"{r['vs_torch'][k]:.2f}" for k in others)]
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
+        out += [
+            "### Training step (forward, cross-entropy, backward, SGD step), torch.nn norms vs normkit's",
+            "",
+            "ms = best-of-repeats median of single steps. first step s = the first call (for compiled: the "
+            "compile), not in ms.",
+            "",
+        ]
+        head = ["model", "norm", "input", "mode", *(f"{k} ms" for k in labels), *(f"{k}/torch.nn" for k in others),
+                "first step s (" + " / ".join(labels) + ")"]
+        body = [[r["model"], r["norm"], "x".join(map(str, r["input"])), r["mode"], *(_ms(r["ms"][k]) for k in labels),
+                 *(_f(r["vs_torch"][k]) for k in others), " / ".join(_f(r["first_step_s"][k], 1) for k in labels)]
+                for r in data["e2e"]]
+        out += _table(head, 4, body) + [""]
+    parts = [f"norms {data['ops_s']:.0f} s"] if data["ops"] else []
+    parts += [f"training steps {data['wall_s'] - data['ops_s']:.0f} s"] if data["e2e"] else []
+    out.append(f"Bench time: {data['wall_s']:.0f} s ({', '.join(parts)}).")
     return "\n".join(out)
 
 
+_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184",
+           "MALLOC_TOP_PAD_": "1073741824"}
+
+
 def run_bench(cfg: BenchConfig) -> tuple[str, dict[str, Any]]:
-    """Run the benchmark; returns ``(markdown, data)`` (``data`` is what ``--json`` writes)."""
+    """Run the benchmark; returns ``(markdown, data)`` (``data`` is what ``--json`` writes).
+
+    ``data`` holds ``torch``, ``threads``, ``repeats``, ``config``, ``ops`` (one dict per case:
+    ``op, shape, layout, dtype, pass, ms{provider}, copy_ms, gbps{provider}, copy_gbps,
+    vs_native{provider}, vs_copy{provider}``) and ``e2e`` (``model, norm, input, mode, ms{variant},
+    vs_torch{variant}, first_step_s{variant}``). A provider that could not run a case (only an
+    extra provider may) has ``None`` there. Raises :class:`ValueError` for a config that cannot run
+    (:func:`check_config`).
+    """
+    check_config(cfg)
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    data: dict[str, Any] = {
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": cfg.repeats,
-        "config": {k: v for k, v in vars(cfg).items()},
-        "ops": _op_rows(cfg) if cfg.run_ops else [],
-        "e2e": _e2e_rows(cfg) if cfg.e2e else [],
-    }
-    return _markdown(data), data
+    t0 = time.perf_counter()
+    try:
+        config = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+        config["extra_providers"] = list(cfg.extra_providers)
+        data: dict[str, Any] = {
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": cfg.repeats,
+            "cpu_count": os.cpu_count(),
+            "allocator_pinned": all(os.environ.get(k) == v for k, v in _MALLOC.items()),
+            "traffic": "fwd: 2 x tensor bytes; fwdbwd: 5 x tensor bytes",
+            "config": config,
+        }
+        data["ops"] = _op_rows(cfg) if cfg.run_ops else []
+        data["ops_s"] = time.perf_counter() - t0
+        data["e2e"] = _e2e_rows(cfg) if cfg.e2e else []
+    finally:
+        torch.set_num_threads(threads)
+    data["wall_s"] = time.perf_counter() - t0
+    return format_markdown(data), data
 
 
 def write_json(data: dict[str, Any], path: str) -> None:
+    """Write ``data`` as JSON (``inf``/``nan`` cannot occur: failed measurements are ``null``)."""
     with open(path, "w") as f:
         json.dump(data, f, indent=1, default=str)
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The :class:`BenchConfig` of parsed ``normkit bench`` options (see :mod:`normkit.cli`)."""
+    cfg = BenchConfig(
+        layouts=args.layouts, dtypes=args.dtypes, passes=args.passes, ops=args.ops, backends=args.backends,
+        repeats=1 if args.quick else args.repeats, min_time=0.05 if args.quick else args.min_time,
+        e2e_min_time=0.2 if args.quick else 1.0, threads=args.threads, compile=args.compile,
+        run_ops=not args.no_ops, e2e=args.e2e, quick=args.quick, quiet=args.quiet,
+    )
+    cfg.shapes = args.shapes or (list(QUICK_SHAPES) if args.quick else list(DEFAULT_SHAPES))
+    return cfg
+
+
+def pin_allocator(argv: list[str]) -> None:
+    """Re-exec this process with glibc's allocator pinned (the ``MALLOC_*`` settings) unless it already is.
+
+    glibc returns large freed blocks to the OS, so every fresh output of a benchmarked op pays page
+    faults (both sides, but it drowns the kernels' time; PERFORMANCE.md §6). ``argv``: the new
+    process's command line after the interpreter.
+    """
+    if any(os.environ.get(k) != v for k, v in _MALLOC.items()):
+        os.environ.update(_MALLOC)
+        os.execv(sys.executable, [sys.executable, *argv])
+
+
+def main_from_args(args: argparse.Namespace, extra_providers: dict[str, Any] | None = None) -> int:
+    """Run ``normkit bench`` for parsed options: Markdown on stdout, ``--md`` / ``--json`` files; exit status."""
+    cfg = config_from_args(args)
+    cfg.extra_providers = dict(extra_providers or {})
+    md, data = run_bench(cfg)
+    print(md)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(md + "\n")
+    if args.json:
+        write_json(data, args.json)
+    return 0
+
+
+def load_baseline(path: str) -> types.ModuleType:
+    """Import the normkit package at ``path`` as ``normkit_baseline``; returns its ``functional`` module.
+
+    For timing an earlier normkit (e.g. ``git worktree add /tmp/old <commit>``, then
+    ``/tmp/old/src/normkit``) in the same process as the current one. The baseline must not register
+    the same ``torch.library`` ops as the current one.
+    """
+    import importlib
+    import importlib.util
+
+    init = os.path.join(path, "__init__.py")
+    spec = importlib.util.spec_from_file_location("normkit_baseline", init, submodule_search_locations=[path])
+    if spec is None or spec.loader is None or not os.path.exists(init):
+        raise ValueError(f"--baseline: no package at {path!r} (expected {init})")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["normkit_baseline"] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("normkit_baseline.functional")

@@ -160,11 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", type=_csv(str), help="only the ops whose name contains one of these, e.g. batch_norm,group")
     p.add_argument("--backends", type=_csv(_choice("reference", "cpu")), help="normkit backends to time (default: all available)")
     p.add_argument("--repeats", type=_pint, default=3, help="interleaved repeats; the best median is kept (default: 3)")
-    p.add_argument("--min-time", type=_pfloat, default=0.3, help="seconds per measurement (default: 0.3)")
+    p.add_argument("--min-time", type=_pfloat, default=0.2, help="seconds per op measurement (default: 0.2)")
     p.add_argument("--threads", type=_pint, default=2, help="torch intra-op threads (default: 2)")
     p.add_argument("--compile", action="store_true", help="also torch.compile: the naive composite, and the compiled training steps")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op part")
-    p.add_argument("--no-e2e", action="store_true", help="skip the training steps")
+    p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
+                   help="the training steps: ResNet-18-style 32x32/64x64 at batch 32 and 2, CNN-4 at batch 2 (default: on)")
     p.add_argument("--quick", action="store_true", help="a smoke run: one small shape, one repeat, small training steps")
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     p.add_argument("--md", metavar="PATH", help="also write the Markdown tables to a file")
@@ -197,36 +198,12 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184", "MALLOC_TOP_PAD_": "1073741824"}
-
-
 def _bench(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    import os
+    from . import bench
 
-    if not args.no_pin and any(os.environ.get(k) != v for k, v in _MALLOC.items()) and argv is None:
-        # glibc returns large blocks to the OS, so every fresh output pays page faults (both sides,
-        # but it drowns the kernels' time): pin the allocator and run again (the bench_norms.py way)
-        os.environ.update(_MALLOC)
-        os.execv(sys.executable, [sys.executable, "-m", "normkit.cli", *sys.argv[1:]])
-    from .bench import BenchConfig, run_bench, write_json
-
-    shapes = args.shapes or ([(4, 64, 16, 16)] if args.quick else None)
-    cfg = BenchConfig(
-        layouts=args.layouts, dtypes=args.dtypes, passes=args.passes, ops=args.ops, backends=args.backends,
-        repeats=1 if args.quick else args.repeats, min_time=0.05 if args.quick else args.min_time, threads=args.threads,
-        compile=args.compile, run_ops=not args.no_ops, e2e=not args.no_e2e, quick=args.quick, quiet=args.quiet,
-        e2e_steps=1 if args.quick else 3,
-    )
-    if shapes:
-        cfg.shapes = shapes
-    md, data = run_bench(cfg)
-    print(md)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(md + "\n")
-    if args.json:
-        write_json(data, args.json)
-    return 0
+    if not args.no_pin and argv is None:  # the console script: pin glibc's allocator (re-exec)
+        bench.pin_allocator(["-m", "normkit.cli", *sys.argv[1:]])
+    return bench.main_from_args(args)
 
 
 def _kernels(args: argparse.Namespace) -> int:

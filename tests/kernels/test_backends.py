@@ -32,9 +32,8 @@ Covered:
 * ``torch.compile(fullgraph=True)`` of a small BN/GN model on the cpu backend vs eager reference;
 * the build fallback in a subprocess with an empty cache and ``NORMKIT_NO_BUILD=1``.
 
-Two bugs found on the way are pinned by ``xfail(strict=True)`` tests (see their ``reason``): Batch
-Renorm's forward-mode AD differentiates through r and d, and BN eval inherits a wrong ATen
-input-grad for one channels_last stride pattern. Neither is in the kernels: all backends share them.
+Two bugs found on the way have regression tests: Batch Renorm's forward-mode AD differentiated
+through r and d, and BN eval inherited a wrong ATen input-grad for one channels_last stride pattern.
 """
 
 from __future__ import annotations
@@ -617,15 +616,9 @@ def test_gradcheck_and_gradgradcheck_fp64(backend, name):
         assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
-RENORM_JVP_BUG = (
-    "bug: batch_renorm computes r and d under torch.no_grad(), which does not stop forward-mode AD, so "
-    "its jvp differentiates through r and d while its backward holds them constant (jvp != vjp^T)"
-)
-JVP_OPS = [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=RENORM_JVP_BUG)) if n == "renorm" else n
-    for n in OPS
-    if n != "bn_eval"
-]
+# Regression: batch_renorm once computed r and d under no_grad only, which does not stop forward-mode
+# AD, so its jvp differentiated through r and d while its backward held them constant.
+JVP_OPS = [n for n in OPS if n != "bn_eval"]
 
 
 @pytest.mark.parametrize("backend", _backend_params())
@@ -678,15 +671,11 @@ def test_torch_func_transforms_run_on_the_reference(monkeypatch, backend):
     assert_close_rel(per_sample.squeeze(1), ref_layer_norm_2d(x, w, b), 1e-10)
 
 
-ATEN_BN_EVAL_BUG = (
-    "bug: batch_norm in eval with running stats of the input's dtype delegates to ATen's batch_norm, "
-    "whose CPU backward returns a wrong input grad for an input with strides (C*W, 1, 1, C) "
-    "(channels_last memory, size-1 H with stride 1, e.g. randn(N, W, C, 1).permute(0, 2, 3, 1)) "
-    "and a contiguous grad_output"
-)
+# Regression: torch's CPU eval batch_norm backward returns a wrong input grad for channels-last memory
+# with a non-canonical stride on a size-1 dim, strides (C*W, 1, 1, C), against a contiguous
+# grad_output; normkit routes such inputs around ATen.
 
 
-@pytest.mark.xfail(strict=True, reason=ATEN_BN_EVAL_BUG)
 @pytest.mark.parametrize("backend", _backend_params())
 def test_bn_eval_grad_with_unit_height_channels_last_strides(backend):
     x = (

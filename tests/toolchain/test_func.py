@@ -124,6 +124,15 @@ def test_jvp_wrt_input_equals_central_finite_differences(sample: Sample, train: 
         # torch.func runs the core's scaled path, plain eager CPU its unscaled one: same maths, other rounding
         torch.testing.assert_close(y, f(x), rtol=1e-12, atol=1e-12)
         fd = (f(x + H * t) - f(x - H * t)) / (2 * H)
+    if train and sample.name.startswith("BatchRenorm"):
+        # r and d are stop-gradient constants (the paper's rule), so the derivative the layer defines
+        # is not the forward's finite difference; the oracle is reverse-mode autograd's Jacobian
+        # (jvp and vjp must describe the same linear map).
+        jac = torch.autograd.functional.jacobian(f, x)
+        want = (jac.reshape(x.numel(), x.numel()) @ t.reshape(-1)).reshape(x.shape)
+        torch.testing.assert_close(jv, want, rtol=1e-9, atol=1e-10)
+        assert (jv - fd).abs().max() > 1e-3, "r and d must not be differentiated"
+        return
     _assert_matches_fd(jv, fd, "d/dx")
 
 

@@ -17,6 +17,23 @@ from .masked import check_mask
 __all__ = ["batch_norm"]
 
 
+
+def _aten_eval_grad_hazard(x: Tensor) -> bool:
+    """Whether ATen's eval batch_norm would return a wrong input gradient for this ``x``.
+
+    torch 2.13's CPU ``native_batch_norm_backward`` mis-reads an input whose memory is channels-last
+    but whose size-1 spatial dim carries a non-canonical stride (e.g. ``randn(N, W, C, 1).permute(0,
+    2, 3, 1)``, strides ``(C*W, 1, 1, C)``) against a contiguous grad_output. Such inputs take
+    normkit's own elementwise path instead (same values, correct gradient).
+    """
+    return (
+        x.requires_grad
+        and torch.is_grad_enabled()
+        and x.dim() > 2
+        and not x.is_contiguous()
+        and any(s == 1 for s in x.shape[2:])
+    )
+
 def batch_norm(
     x: Tensor,
     running_mean: Tensor | None = None,
@@ -92,7 +109,7 @@ def batch_norm(
     use_batch_stats = training or running_mean is None
     if not use_batch_stats:
         assert running_mean is not None and running_var is not None
-        if mask is None and (exporting() or x.dtype == running_mean.dtype):
+        if mask is None and (exporting() or (x.dtype == running_mean.dtype and not _aten_eval_grad_hazard(x))):
             # The affine map from the running statistics: ATen's batch_norm computes exactly it
             # (and exporters record the standard op).
             y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)

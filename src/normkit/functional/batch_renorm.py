@@ -128,12 +128,14 @@ def batch_renorm(
     dtype = acc_dtype(x.dtype)
     with torch.no_grad():
         # r and d: constants for the backward (the paper's stop_gradient).
-        stats = moments(x, dims)
-        rstd_run = torch.rsqrt(running_var.to(dtype) + eps)
+        # detach(): no_grad stops the backward but not forward-mode AD (jvp), so r and d would
+        # otherwise carry tangents while the backward holds them constant.
+        stats = moments(x.detach(), dims)
+        rstd_run = torch.rsqrt(running_var.detach().to(dtype) + eps)
         r_hi = torch.as_tensor(r_max, dtype=dtype, device=x.device)
         d_hi = torch.as_tensor(d_max, dtype=dtype, device=x.device)
         r = (rstd_run / torch.rsqrt(stats.var.reshape(C) + eps)).clamp(1.0 / r_hi, r_hi)  # sigma_B / sigma
-        d = ((stats.mean.reshape(C) - running_mean.to(dtype)) * rstd_run).clamp(-d_hi, d_hi)
+        d = ((stats.mean.reshape(C) - running_mean.detach().to(dtype)) * rstd_run).clamp(-d_hi, d_hi)
     # y = gamma * (x_hat_B * r + d) + beta  ==  x_hat_B * (gamma r) + (gamma d + beta): BN's core
     # with a modified affine, so gamma and beta get their gradients through these two products.
     w = r if weight is None else weight.to(dtype) * r

@@ -451,15 +451,14 @@ struct SetStats {
 
 // Store one set's statistics (rows of `st`, nsets columns) and return them; clears ok on failure.
 template <typename O>
-inline SetStats<O> finish_set(const Mom& mo, double eps, O* st, int64_t nsets, int64_t k, int32_t* ok) {
-  double var = mo.m2 / mo.n;
-  O shift = static_cast<O>(mo.mean);
-  double cm = mo.mean - static_cast<double>(shift);
-  double rstd = 1.0 / std::sqrt(var + eps);
+inline SetStats<O> finish_stats(double mean, double var, double rstd, double n, double eps, O* st, int64_t nsets,
+                                int64_t k, int32_t* ok) {
+  O shift = static_cast<O>(mean);
+  double cm = mean - static_cast<double>(shift);
   O var_o = static_cast<O>(var);
   constexpr bool is_double = sizeof(O) == 8;
   const double tiny = is_double ? std::ldexp(1.0, -900) : std::ldexp(1.0, -100);
-  bool good = std::isfinite(var_o) && std::isfinite(mo.mean) && std::isfinite(rstd) &&
+  bool good = std::isfinite(var_o) && std::isfinite(mean) && std::isfinite(rstd) &&
               (var >= tiny || eps >= tiny * std::ldexp(1.0, 40));
   if (!good) __atomic_store_n(ok, 0, __ATOMIC_RELAXED);
   st[0 * nsets + k] = shift;
@@ -467,8 +466,15 @@ inline SetStats<O> finish_set(const Mom& mo, double eps, O* st, int64_t nsets, i
   st[2 * nsets + k] = static_cast<O>(cm);
   st[3 * nsets + k] = static_cast<O>(rstd);
   st[4 * nsets + k] = var_o;
-  st[5 * nsets + k] = static_cast<O>(mo.n);
+  st[5 * nsets + k] = static_cast<O>(n);
   return {shift, cm, rstd};
+}
+
+// Store one set's statistics (rows of `st`, nsets columns) and return them; clears ok on failure.
+template <typename O>
+inline SetStats<O> finish_set(const Mom& mo, double eps, O* st, int64_t nsets, int64_t k, int32_t* ok) {
+  double var = mo.m2 / mo.n;
+  return finish_stats<O>(mo.mean, var, 1.0 / std::sqrt(var + eps), mo.n, eps, st, nsets, k, ok);
 }
 
 // y = (x - shift) * A + B over a contiguous run
@@ -506,154 +512,362 @@ struct BackCoef {
 };
 
 template <typename O>
-inline BackCoef back_coef(const O* st, int64_t nsets, int64_t k, double g_sum, double gd_sum) {
+inline BackCoef back_coef_n(const O* st, int64_t nsets, int64_t k, double g_sum, double gd_sum, double invn) {
   // g_sum = sum_c w_c * sum dy, gd_sum = sum_c w_c * sum dy * d (d = (x - shift) * inv)
-  double inv = st[nsets + k], cm = st[2 * nsets + k], rstd = st[3 * nsets + k], n = st[5 * nsets + k];
+  double inv = st[nsets + k], cm = st[2 * nsets + k], rstd = st[3 * nsets + k];
   double gx_sum = (gd_sum - cm * g_sum) * rstd;  // sum g * x_hat
   double tr = rstd * inv;
-  double bcoef = -(rstd * tr) * gx_sum / n;
-  double cc = -tr * g_sum / n - cm * bcoef;
+  double bcoef = -(rstd * tr) * gx_sum * invn;
+  double cc = -tr * g_sum * invn - cm * bcoef;
   return {tr, bcoef * inv, cc};
 }
 
+template <typename O>
+inline BackCoef back_coef(const O* st, int64_t nsets, int64_t k, double g_sum, double gd_sum) {
+  return back_coef_n<O>(st, nsets, k, g_sum, gd_sum, 1.0 / static_cast<double>(st[5 * nsets + k]));
+}
+
 // ---- rows: GROUP_NCHW with S == 1 (LayerNorm over trailing dims, LayerNorm2d on channels_last) --------
-// Each row (sample) holds G sets of Cg contiguous values, with a per-element affine. Short sets get a
-// lean two-pass (8 lanes, no chunking); the backward accumulates dweight / dbias per block of rows.
+// Each row (sample) holds G sets of Cg contiguous values, with a per-element affine.
+//  * short sets (Cg <= SHORT) are processed RB at a time, so their short reductions form independent
+//    dependency chains (one set alone is latency-bound: a row of 64 floats is four vector adds);
+//  * the backward accumulates dweight / dbias in float per column for up to RFLUSH rows, then in
+//    double (a double read-modify-write per element would cost more than the data);
+//  * long sets (Cg > LONG_ROW) take the backward in two parallel passes: the per-set sums by chunks,
+//    then dx and dweight / dbias by column tiles over all rows (a tile's accumulators stay in L1).
+
+#ifndef NK_RB
+#define NK_RB 4
+#define NK_RL 32
+#endif
+constexpr int RB = NK_RB;
+constexpr int64_t RSHORT = 512;      // sets interleaved RB at a time in the backward up to this length
+constexpr int64_t RFLUSH = 256;      // rows of dweight / dbias terms summed in float before a flush
+constexpr int64_t LONG_ROW = 16384;  // longer sets: the column-tiled backward
+constexpr int64_t RTILE = 2048;      // columns per tile of that backward
+constexpr int64_t RCHUNK = 16384;    // elements per task of its sums
+
+template <typename O>
+constexpr int row_lanes() { return static_cast<int>(NK_RL / sizeof(O)); }
+
+template <int L, typename O>
+inline O hsum(const O* a) {
+  O t[L];
+  for (int l = 0; l < L; ++l) t[l] = a[l];
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] += t[l + w];
+  return t[0];
+}
+
+// y = ((x - sh) * r - cmr) * w + b over one set, w / b per element (or absent)
+template <typename T, typename O>
+inline void row_out(const T* p, T* q, int64_t n, O sh, O r, O cmr, const O* wc, const O* bc) {
+  if (wc && bc) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) q[j] = to<T>(((cv<O>(p[j]) - sh) * r - cmr) * wc[j] + bc[j]);
+  } else if (wc) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) q[j] = to<T>(((cv<O>(p[j]) - sh) * r - cmr) * wc[j]);
+  } else if (bc) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) q[j] = to<T>(((cv<O>(p[j]) - sh) * r - cmr) + bc[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) q[j] = to<T>((cv<O>(p[j]) - sh) * r - cmr);
+  }
+}
+
+// R short sets k .. k + R - 1: two-pass moments from L1 (lanes of the compute type), then the output.
+template <int R, typename T, typename O>
+inline void rows_fwd_short(const T* x, const O* w, const O* b, T* y, O* st, int32_t* ok, int64_t nsets, int64_t k,
+                           int64_t Cg, int64_t G, double eps) {
+  constexpr int L = row_lanes<O>();
+  const int64_t body = Cg - Cg % L;
+  const T* p = x + k * Cg;  // set r at p + r * Cg (affine indexing: the loops vectorise)
+  O a[R][L] = {};
+  for (int64_t i = 0; i < body; i += L)
+    for (int r = 0; r < R; ++r) {
+#pragma omp simd
+      for (int l = 0; l < L; ++l) a[r][l] += cv<O>(p[r * Cg + i + l]);
+    }
+  O m[R];
+  for (int r = 0; r < R; ++r) {
+    O s = hsum<L, O>(a[r]);
+    for (int64_t i = body; i < Cg; ++i) s += cv<O>(p[r * Cg + i]);
+    m[r] = s / static_cast<O>(Cg);
+  }
+  O u[R][L] = {}, v[R][L] = {};
+  for (int64_t i = 0; i < body; i += L)
+    for (int r = 0; r < R; ++r) {
+      const O mr = m[r];
+#pragma omp simd
+      for (int l = 0; l < L; ++l) {
+        O d = cv<O>(p[r * Cg + i + l]) - mr;
+        u[r][l] += d;
+        v[r][l] += d * d;
+      }
+    }
+  const double invn = 1.0 / static_cast<double>(Cg);
+  double mean[R], var[R], rstd[R];
+  for (int r = 0; r < R; ++r) {
+    double s1 = hsum<L, O>(u[r]), s2 = hsum<L, O>(v[r]);
+    for (int64_t i = body; i < Cg; ++i) {
+      O d = cv<O>(p[r * Cg + i]) - m[r];
+      s1 += d;
+      s2 += static_cast<double>(d) * d;
+    }
+    const double mu = s1 * invn;
+    mean[r] = static_cast<double>(m[r]) + mu;
+    var[r] = std::max(s2 - s1 * mu, 0.0) * invn;
+  }
+  for (int r = 0; r < R; ++r) rstd[r] = 1.0 / std::sqrt(var[r] + eps);
+  for (int r = 0; r < R; ++r) {
+    auto s = finish_stats<O>(mean[r], var[r], rstd[r], static_cast<double>(Cg), eps, st, nsets, k + r, ok);
+    const int64_t c0 = G == 1 ? 0 : ((k + r) % G) * Cg;
+    row_out<T, O>(p + r * Cg, y + (k + r) * Cg, Cg, s.shift, static_cast<O>(s.rstd), static_cast<O>(s.cm * s.rstd),
+                  w ? w + c0 : nullptr, b ? b + c0 : nullptr);
+  }
+}
 
 template <typename T, typename O>
 void rows_forward(const T* x, const O* w, const O* b, T* y, O* st, int32_t* ok, int64_t N, int64_t C, int64_t G,
                   double eps) {
-  const int64_t Cg = C / G;
-  torch::stable::parallel_for(0, N * G, grain(Cg), [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const T* p = x + k * Cg;
-      T* q = y + k * Cg;
-      Mom mo;
-      if (Cg <= SHORT) {
-        mo = short_moments<T, O>(p, Cg);
-      } else {
-        mo = set_moments<T, O>(p, 1, Cg, Cg);
-      }
-      auto s = finish_set<O>(mo, eps, st, N * G, k, ok);
-      const O r = static_cast<O>(s.rstd), cmr = static_cast<O>(s.cm * s.rstd), sh = s.shift;
+  const int64_t Cg = C / G, nsets = N * G;
+  torch::stable::parallel_for(0, nsets, grain(Cg), [&](int64_t k0, int64_t k1) {
+    int64_t k = k0;
+    if (Cg <= SHORT) {
+      for (; k + RB <= k1; k += RB) rows_fwd_short<RB, T, O>(x, w, b, y, st, ok, nsets, k, Cg, G, eps);
+      for (; k < k1; ++k) rows_fwd_short<1, T, O>(x, w, b, y, st, ok, nsets, k, Cg, G, eps);
+      return;
+    }
+    for (; k < k1; ++k) {
       const int64_t c0 = (k % G) * Cg;
-      const O* wc = w ? w + c0 : nullptr;
-      const O* bc = b ? b + c0 : nullptr;
-      if (wc && bc) {
-#pragma omp simd
-        for (int64_t j = 0; j < Cg; ++j) q[j] = to<T>(((cv<O>(p[j]) - sh) * r - cmr) * wc[j] + bc[j]);
-      } else if (wc) {
-#pragma omp simd
-        for (int64_t j = 0; j < Cg; ++j) q[j] = to<T>(((cv<O>(p[j]) - sh) * r - cmr) * wc[j]);
-      } else if (bc) {
-#pragma omp simd
-        for (int64_t j = 0; j < Cg; ++j) q[j] = to<T>(((cv<O>(p[j]) - sh) * r - cmr) + bc[j]);
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < Cg; ++j) q[j] = to<T>((cv<O>(p[j]) - sh) * r - cmr);
-      }
+      auto s = finish_set<O>(set_moments<T, O>(x + k * Cg, 1, Cg, Cg), eps, st, nsets, k, ok);
+      row_out<T, O>(x + k * Cg, y + k * Cg, Cg, s.shift, static_cast<O>(s.rstd), static_cast<O>(s.cm * s.rstd),
+                    w ? w + c0 : nullptr, b ? b + c0 : nullptr);
     }
   });
 }
 
-template <typename T, typename O>
-void rows_backward(const T* dy, const T* x, const O* w, const O* st, T* dx, double* dw, double* db, int64_t N,
-                   int64_t C, int64_t G) {
+// Sums of g = w * dy and g * (x - shift) over a run, in lanes of the compute type.
+template <int L, bool W, typename T, typename O>
+inline void wdsums(const T* gp, const T* xp, const O* wc, int64_t n, O shift, O* a1, O* a2) {
+  for (int64_t i = 0; i + L <= n; i += L) {
+#pragma omp simd
+    for (int l = 0; l < L; ++l) {
+      O gw = cv<O>(gp[i + l]);
+      if constexpr (W) gw *= wc[i + l];
+      a1[l] += gw;
+      a2[l] += gw * (cv<O>(xp[i + l]) - shift);
+    }
+  }
+}
+
+// dx = w * tr * dy + bx * (x - shift) + cc over a set (dx may be absent), and the dweight / dbias terms
+// dy * x_hat, dy added into float accumulators (absent when not needed).
+template <bool W, typename T, typename O>
+inline void row_dx(const T* gp, const T* xp, const O* wc, T* out, O* aw, O* ab, int64_t n, O shift, O tr, O bx,
+                   O cc, O xr, O cr) {
+  if (out && aw) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      O gv = cv<O>(gp[j]), d = cv<O>(xp[j]) - shift;
+      O a = tr * gv;
+      if constexpr (W) a *= wc[j];
+      out[j] = to<T>(a + bx * d + cc);
+      aw[j] += gv * (d * xr - cr);
+      ab[j] += gv;
+    }
+  } else if (out) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      O gv = cv<O>(gp[j]), d = cv<O>(xp[j]) - shift;
+      O a = tr * gv;
+      if constexpr (W) a *= wc[j];
+      out[j] = to<T>(a + bx * d + cc);
+    }
+  } else if (aw) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      O gv = cv<O>(gp[j]);
+      aw[j] += gv * ((cv<O>(xp[j]) - shift) * xr - cr);
+      ab[j] += gv;
+    }
+  }
+}
+
+// The backward of R sets k .. k + R - 1 of at most LONG_ROW values: sums from memory, dx from cache.
+// aw / ab: float accumulators over the C columns (or null).
+template <int R, bool W, typename T, typename O>
+inline void rows_bwd_sets(const T* dy, const T* x, const O* w, const O* st, T* dx, O* aw, O* ab, int64_t nsets,
+                          int64_t k, int64_t Cg, int64_t G) {
+  constexpr int L = row_lanes<O>();
+  const int64_t body = Cg - Cg % L;
+  O a1[R][L] = {}, a2[R][L] = {};
+  const T* gp0 = dy + k * Cg;  // set r at gp0 + r * Cg (affine indexing: the loops vectorise)
+  const T* xp0 = x + k * Cg;
+  const O* wc[R];
+  O shift[R];
+  for (int r = 0; r < R; ++r) {
+    wc[r] = W ? w + (G == 1 ? 0 : ((k + r) % G) * Cg) : nullptr;
+    shift[r] = st[k + r];
+  }
+  if constexpr (R == 1) {
+    wdsums<L, W, T, O>(gp0, xp0, wc[0], body, shift[0], a1[0], a2[0]);
+  } else if (!W || G == 1) {  // one weight row for all R sets
+    const O* w0 = wc[0];
+    for (int64_t i = 0; i < body; i += L)
+      for (int r = 0; r < R; ++r) {
+        const O sh = shift[r];
+#pragma omp simd
+        for (int l = 0; l < L; ++l) {
+          O gw = cv<O>(gp0[r * Cg + i + l]);
+          if constexpr (W) gw *= w0[i + l];
+          a1[r][l] += gw;
+          a2[r][l] += gw * (cv<O>(xp0[r * Cg + i + l]) - sh);
+        }
+      }
+  } else {
+    for (int r = 0; r < R; ++r) wdsums<L, W, T, O>(gp0 + r * Cg, xp0 + r * Cg, wc[r], body, shift[r], a1[r], a2[r]);
+  }
+  const double invn = 1.0 / static_cast<double>(Cg);
+  const T *gp[R], *xp[R];
+  for (int r = 0; r < R; ++r) {
+    gp[r] = gp0 + r * Cg;
+    xp[r] = xp0 + r * Cg;
+  }
+  for (int r = 0; r < R; ++r) {
+    double g_sum = hsum<L, O>(a1[r]), gd_sum = hsum<L, O>(a2[r]);
+    for (int64_t j = body; j < Cg; ++j) {
+      O gw = cv<O>(gp[r][j]);
+      if constexpr (W) gw *= wc[r][j];
+      g_sum += gw;
+      gd_sum += static_cast<double>(gw) * (cv<O>(xp[r][j]) - shift[r]);
+    }
+    const int64_t kk = k + r;
+    const double inv = st[nsets + kk], cm = st[2 * nsets + kk], rstd = st[3 * nsets + kk];
+    auto kc = back_coef_n<O>(st, nsets, kk, g_sum, gd_sum * inv, invn);
+    const int64_t c0 = G == 1 ? 0 : (kk % G) * Cg;
+    row_dx<W, T, O>(gp[r], xp[r], wc[r], dx ? dx + kk * Cg : nullptr, aw ? aw + c0 : nullptr, ab ? ab + c0 : nullptr,
+                    Cg, shift[r], static_cast<O>(kc.tr), static_cast<O>(kc.bx), static_cast<O>(kc.cc),
+                    static_cast<O>(inv * rstd), static_cast<O>(cm * rstd));
+  }
+}
+
+template <bool W, typename T, typename O>
+void rows_backward_long(const T* dy, const T* x, const O* w, const O* st, T* dx, double* dw, double* db, int64_t N,
+                        int64_t C, int64_t G) {
+  constexpr int L = row_lanes<O>();
+  const int64_t Cg = C / G, nsets = N * G, nch = (Cg + RCHUNK - 1) / RCHUNK;
+  // 1. per-set sums, by chunks (parallel even for one set)
+  std::vector<double> s1(static_cast<size_t>(nsets * nch)), s2(s1.size());
+  torch::stable::parallel_for(0, nsets * nch, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k = t / nch, j0 = (t % nch) * RCHUNK, n = std::min(RCHUNK, Cg - j0);
+      const T* gp = dy + k * Cg + j0;
+      const T* xp = x + k * Cg + j0;
+      const O* wc = W ? w + (k % G) * Cg + j0 : nullptr;
+      const O shift = st[k];
+      const int64_t body = n - n % L;
+      double d1[L] = {}, d2[L] = {};
+      for (int64_t i = 0; i < body; i += FLUSH) {  // float lanes flushed into double
+        O a1[L] = {}, a2[L] = {};
+        const int64_t m = std::min(FLUSH, body - i);
+        wdsums<L, W, T, O>(gp + i, xp + i, W ? wc + i : nullptr, m, shift, a1, a2);
+        for (int l = 0; l < L; ++l) {
+          d1[l] += a1[l];
+          d2[l] += a2[l];
+        }
+      }
+      double g_sum = 0.0, gd_sum = 0.0;
+      for (int l = 0; l < L; ++l) {
+        g_sum += d1[l];
+        gd_sum += d2[l];
+      }
+      for (int64_t j = body; j < n; ++j) {
+        O gw = cv<O>(gp[j]);
+        if constexpr (W) gw *= wc[j];
+        g_sum += gw;
+        gd_sum += static_cast<double>(gw) * (cv<O>(xp[j]) - shift);
+      }
+      s1[t] = g_sum;
+      s2[t] = gd_sum;
+    }
+  });
+  // 2. per-set coefficients
+  std::vector<O> co(static_cast<size_t>(5 * nsets));
+  for (int64_t k = 0; k < nsets; ++k) {
+    double g_sum = 0.0, gd_sum = 0.0;
+    for (int64_t c = 0; c < nch; ++c) {
+      g_sum += s1[k * nch + c];
+      gd_sum += s2[k * nch + c];
+    }
+    const double inv = st[nsets + k], cm = st[2 * nsets + k], rstd = st[3 * nsets + k];
+    auto kc = back_coef<O>(st, nsets, k, g_sum, gd_sum * inv);
+    co[5 * k] = static_cast<O>(kc.tr);
+    co[5 * k + 1] = static_cast<O>(kc.bx);
+    co[5 * k + 2] = static_cast<O>(kc.cc);
+    co[5 * k + 3] = static_cast<O>(inv * rstd);
+    co[5 * k + 4] = static_cast<O>(cm * rstd);
+  }
+  // 3. dx and dweight / dbias by column tiles: each tile walks all rows, its sums stay in L1
+  const bool need_p = dw || db;
+  const int64_t ntile = (Cg + RTILE - 1) / RTILE;
+  torch::stable::parallel_for(0, G * ntile, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<O> aw(need_p ? RTILE : 0), ab(aw.size());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / ntile, j0 = (t % ntile) * RTILE, n = std::min(RTILE, Cg - j0), c0 = g * Cg + j0;
+      std::fill(aw.begin(), aw.end(), O(0));
+      std::fill(ab.begin(), ab.end(), O(0));
+      auto flush = [&]() {
+        for (int64_t j = 0; j < n; ++j) {
+          if (dw) dw[c0 + j] += aw[j];
+          if (db) db[c0 + j] += ab[j];
+          aw[j] = ab[j] = O(0);
+        }
+      };
+      for (int64_t r = 0; r < N; ++r) {
+        const int64_t k = r * G + g, off = k * Cg + j0;
+        const O* c = co.data() + 5 * k;
+        row_dx<W, T, O>(dy + off, x + off, W ? w + c0 : nullptr, dx ? dx + off : nullptr, need_p ? aw.data() : nullptr,
+                        need_p ? ab.data() : nullptr, n, st[k], c[0], c[1], c[2], c[3], c[4]);
+        if (need_p && (r + 1) % RFLUSH == 0) flush();
+      }
+      if (need_p) flush();
+    }
+  });
+}
+
+template <bool W, typename T, typename O>
+void rows_backward_w(const T* dy, const T* x, const O* w, const O* st, T* dx, double* dw, double* db, int64_t N,
+                     int64_t C, int64_t G) {
   const int64_t Cg = C / G, nsets = N * G;
+  if (Cg > LONG_ROW) {
+    rows_backward_long<W, T, O>(dy, x, w, st, dx, dw, db, N, C, G);
+    return;
+  }
   const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
   const bool need_p = dw || db;
   const int64_t blocks = std::max<int64_t>(1, std::min({nthreads, N, N * C / GRAIN}));
   std::vector<double> pw(need_p ? static_cast<size_t>(blocks * C) : 0, 0.0), pb(pw.size(), 0.0);
   torch::stable::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<O> aw(need_p ? C : 0, O(0)), ab(aw.size(), O(0));
+    O* AW = need_p ? aw.data() : nullptr;
+    O* AB = need_p ? ab.data() : nullptr;
     for (int64_t blk = i0; blk < i1; ++blk) {
-      double* PW = need_p ? pw.data() + blk * C : nullptr;
-      double* PB = need_p ? pb.data() + blk * C : nullptr;
-      for (int64_t n = N * blk / blocks; n < N * (blk + 1) / blocks; ++n) {
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t k = n * G + g, off = k * Cg, c0 = g * Cg;
-          const T* gp = dy + off;
-          const T* xp = x + off;
-          const O shift = st[k];
-          const double inv = st[nsets + k], cm = st[2 * nsets + k], rstd = st[3 * nsets + k];
-          const O* wc = w ? w + c0 : nullptr;
-          // sum w * dy and sum w * dy * (x - shift), in lanes
-          double g_sum = 0.0, gd_sum = 0.0;
-          if (Cg <= SHORT) {  // a short row: 8 float lanes, one reduction
-            O a1[8] = {}, a2[8] = {};
-            int64_t j = 0;
-            for (; j + 8 <= Cg; j += 8) {
-#pragma omp simd
-              for (int l = 0; l < 8; ++l) {
-                O gw = cv<O>(gp[j + l]) * (wc ? wc[j + l] : O(1));
-                a1[l] += gw;
-                a2[l] += gw * (cv<O>(xp[j + l]) - shift);
-              }
-            }
-            for (int l = 0; l < 8; ++l) {
-              g_sum += a1[l];
-              gd_sum += a2[l];
-            }
-            for (; j < Cg; ++j) {
-              O gw = cv<O>(gp[j]) * (wc ? wc[j] : O(1));
-              g_sum += gw;
-              gd_sum += static_cast<double>(gw) * (cv<O>(xp[j]) - shift);
-            }
-          } else {
-            double d1[LANES] = {}, d2[LANES] = {};
-            int64_t j = 0;
-            while (j + LANES <= Cg) {
-              O a1[LANES] = {}, a2[LANES] = {};
-              int64_t stop = std::min(Cg - (Cg - j) % LANES, j + FLUSH);
-              for (; j < stop; j += LANES) {
-#pragma omp simd
-                for (int l = 0; l < LANES; ++l) {
-                  O gw = cv<O>(gp[j + l]) * (wc ? wc[j + l] : O(1));
-                  a1[l] += gw;
-                  a2[l] += gw * (cv<O>(xp[j + l]) - shift);
-                }
-              }
-#pragma omp simd
-              for (int l = 0; l < LANES; ++l) {
-                d1[l] += a1[l];
-                d2[l] += a2[l];
-              }
-            }
-            for (int l = 0; l < LANES; ++l) {
-              g_sum += d1[l];
-              gd_sum += d2[l];
-            }
-            for (; j < Cg; ++j) {
-              O gw = cv<O>(gp[j]) * (wc ? wc[j] : O(1));
-              g_sum += gw;
-              gd_sum += static_cast<double>(gw) * (cv<O>(xp[j]) - shift);
-            }
-          }
-          auto kc = back_coef<O>(st, nsets, k, g_sum, gd_sum * inv);
-          const O tr = static_cast<O>(kc.tr), bx = static_cast<O>(kc.bx), cc = static_cast<O>(kc.cc);
-          const O xr = static_cast<O>(inv * rstd), cr = static_cast<O>(cm * rstd);
-          T* out = dx ? dx + off : nullptr;
-          double* pwc = need_p ? PW + c0 : nullptr;
-          double* pbc = need_p ? PB + c0 : nullptr;
-          if (out && need_p) {  // dx, and dweight += dy * x_hat, dbias += dy per element, in one pass
-#pragma omp simd
-            for (int64_t j = 0; j < Cg; ++j) {
-              O gv = cv<O>(gp[j]), d = cv<O>(xp[j]) - shift;
-              out[j] = to<T>((wc ? wc[j] : O(1)) * tr * gv + bx * d + cc);
-              pwc[j] += static_cast<double>(gv * (d * xr - cr));
-              pbc[j] += static_cast<double>(gv);
-            }
-          } else if (out) {
-#pragma omp simd
-            for (int64_t j = 0; j < Cg; ++j)
-              out[j] = to<T>((wc ? wc[j] : O(1)) * tr * cv<O>(gp[j]) +
-                                      bx * (cv<O>(xp[j]) - shift) + cc);
-          } else if (need_p) {
-#pragma omp simd
-            for (int64_t j = 0; j < Cg; ++j) {
-              O gv = cv<O>(gp[j]);
-              pwc[j] += static_cast<double>(gv * ((cv<O>(xp[j]) - shift) * xr - cr));
-              pbc[j] += static_cast<double>(gv);
-            }
+      const int64_t kend = (N * (blk + 1) / blocks) * G;
+      for (int64_t k = (N * blk / blocks) * G; k < kend;) {
+        const int64_t kstop = std::min(kend, k + RFLUSH * G);  // then flush the float sums
+        if (Cg <= RSHORT)
+          for (; k + RB <= kstop; k += RB) rows_bwd_sets<RB, W, T, O>(dy, x, w, st, dx, AW, AB, nsets, k, Cg, G);
+        for (; k < kstop; ++k) rows_bwd_sets<1, W, T, O>(dy, x, w, st, dx, AW, AB, nsets, k, Cg, G);
+        if (need_p) {
+          double* PW = pw.data() + blk * C;
+          double* PB = pb.data() + blk * C;
+          for (int64_t c = 0; c < C; ++c) {
+            PW[c] += aw[c];
+            PB[c] += ab[c];
+            aw[c] = ab[c] = O(0);
           }
         }
       }
@@ -667,6 +881,15 @@ void rows_backward(const T* dy, const T* x, const O* w, const O* st, T* dx, doub
         for (int64_t c = 0; c < C; ++c) db[c] += pb[blk * C + c];
     }
   }
+}
+
+template <typename T, typename O>
+void rows_backward(const T* dy, const T* x, const O* w, const O* st, T* dx, double* dw, double* db, int64_t N,
+                   int64_t C, int64_t G) {
+  if (w)
+    rows_backward_w<true, T, O>(dy, x, w, st, dx, dw, db, N, C, G);
+  else
+    rows_backward_w<false, T, O>(dy, x, w, st, dx, dw, db, N, C, G);
 }
 
 // Columns per block of the CHANNEL_NCHW pattern: a (C x W) tile of about 32 KB stays in L1 / L2

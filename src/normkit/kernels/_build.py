@@ -137,6 +137,14 @@ def _bind(path: str) -> ctypes.CDLL:
     so.normkit_act_forward.restype = i32
     so.normkit_act_backward.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, p, i64, dbl, i64, i64, i64, i32]
     so.normkit_act_backward.restype = i32
+    so.normkit_gn_act_forward.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, dbl, i64, dbl]
+    so.normkit_gn_act_forward.restype = i32
+    so.normkit_gn_act_backward.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, dbl]
+    so.normkit_gn_act_backward.restype = i32
+    so.normkit_proxy_stats.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, dbl, dbl, p, p]
+    so.normkit_proxy_stats.restype = i32
+    so.normkit_proxy_stats_backward.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, dbl, p, p, p, p, p, p, p, p]
+    so.normkit_proxy_stats_backward.restype = i32
     return so
 
 

@@ -291,3 +291,222 @@ def layer_norm_c(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: flo
         return _run(x, weight, bias, _Spec(GROUP_NCHW, N * S, C, 1, 1, eps, ref), None)
     return _run(x, weight, bias, _Spec(CHANNEL_NCHW, N, C, S, 1, eps, ref), None)
 
+
+
+# ---- Proxy Norm -------------------------------------------------------------------------------------
+# The proxy statistics are C x 200 quadrature evaluations: as plain ops (about ten forward, twenty
+# backward) their dispatch costs more than the arithmetic; here they are one C++ call each way. The
+# GroupNorm + Proxy-Norm layer runs as one Function over three fused calls each way.
+
+_ACT_CODE = {"relu": 0, "leaky_relu": 1, "identity": 7}  # activations the C++ side evaluates exactly and fast
+
+
+def _act_code(activation: Any) -> tuple[int, float] | None:
+    from ..functional.activations import activation_spec
+
+    spec = activation_spec(activation)
+    if spec is None or spec[0] not in _ACT_CODE:
+        return None
+    return _ACT_CODE[spec[0]], float(spec[1])
+
+
+def _proxy_params(params: tuple[Tensor, ...], points: Tensor) -> tuple[list[Tensor], Tensor] | None:
+    dtype = params[0].dtype
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    C = params[0].shape
+    for p in params:
+        if p.dtype != dtype or p.device.type != "cpu" or p.dim() != 1 or p.shape != C or type(p) not in (Tensor, torch.nn.Parameter):
+            return None
+    if points.device.type != "cpu" or points.dim() != 1:
+        return None
+    return [p.detach().contiguous() for p in params], points.detach().to(dtype).contiguous()
+
+
+def _stats_forward(ps: list[Tensor], u: Tensor, code: int, slope: float, eps: float) -> tuple[Tensor, Tensor]:
+    C = ps[0].shape[0]
+    m, r = ps[0].new_empty(C), ps[0].new_empty(C)
+    _build.lib().normkit_proxy_stats(
+        0 if ps[0].dtype == torch.float32 else 1, *(p.data_ptr() for p in ps), u.data_ptr(), u.shape[0], C, code,
+        slope, float(eps), m.data_ptr(), r.data_ptr(),
+    )
+    return m, r
+
+
+def _stats_backward(
+    ps: list[Tensor], u: Tensor, code: int, slope: float, m: Tensor, r: Tensor, gm: Tensor | None, gr: Tensor | None
+) -> list[Tensor]:
+    C = ps[0].shape[0]
+    dtype = ps[0].dtype
+    gm = None if gm is None else gm.detach().to(dtype).contiguous()
+    gr = None if gr is None else gr.detach().to(dtype).contiguous()
+    out = [ps[0].new_empty(C) for _ in range(4)]
+    _build.lib().normkit_proxy_stats_backward(
+        0 if dtype == torch.float32 else 1, *(p.data_ptr() for p in ps), u.data_ptr(), u.shape[0], C, code, slope,
+        m.data_ptr(), r.data_ptr(), _ptr(gm), _ptr(gr), *(t.data_ptr() for t in out),
+    )
+    return out  # dweight, dbias, dproxy_bias, dproxy_weight
+
+
+def _composite_stats(w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, act: Any, eps: float) -> tuple[Tensor, Tensor]:
+    from ..functional.proxy_norm import proxy_stats
+
+    with _no_fast():
+        return proxy_stats(w, b, pb, pw, act, eps, u.shape[0], u)  # type: ignore[no-any-return]
+
+
+class _NoFast:
+    depth = 0
+
+
+class _no_fast:
+    """Within: the fast paths stand aside (the differentiable recomputations of a double backward)."""
+
+    def __enter__(self) -> None:
+        _NoFast.depth += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        _NoFast.depth -= 1
+
+
+class _FastProxyStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, act: Any, code: int, slope: float, eps: float):  # type: ignore[override]
+        ps = [w.detach(), b.detach(), pb.detach(), pw.detach()]
+        m, r = _stats_forward(ps, u, code, slope, eps)
+        ctx.save_for_backward(w, b, pb, pw, u, m, r)
+        ctx.act, ctx.code, ctx.slope, ctx.eps = act, code, slope, eps
+        return m, r
+
+    @staticmethod
+    def backward(ctx: Any, gm: Tensor | None, gr: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
+        w, b, pb, pw, u, m, r = ctx.saved_tensors
+        # create_graph=True, or gradcheck's batched gradients (no storage): differentiate the composite
+        if torch.is_grad_enabled() or not all(g is None or (type(g) is Tensor and torch._C._has_storage(g)) for g in (gm, gr)):
+            with torch.enable_grad():
+                params = [w, b, pb, pw]
+                outs = _composite_stats(*params, u, ctx.act, ctx.eps)
+                pairs = [(o, g) for o, g in zip(outs, (gm, gr)) if g is not None]
+                grads = torch.autograd.grad(
+                    [o for o, _ in pairs], params, [g for _, g in pairs], create_graph=True, allow_unused=True
+                )
+            return (*grads, None, None, None, None, None)
+        return (*_stats_backward([w, b, pb, pw], u, ctx.code, ctx.slope, m, r, gm, gr), None, None, None, None, None)
+
+
+def _proxy_ok() -> bool:
+    return (
+        _NoFast.depth == 0
+        and not torch.compiler.is_compiling()
+        and (bool(_build._state["loaded"]) or _build.load(build=True))
+        and not torch._C._are_functorch_transforms_active()
+        and torch.autograd.forward_ad._current_level < 0
+        and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_exporting()
+    )
+
+
+def proxy_stats(
+    weight: Tensor, bias: Tensor, proxy_bias: Tensor, proxy_weight: Tensor, points: Tensor, activation: Any, eps: float
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`normkit.functional.proxy_stats` in one C++ call each way, or ``None`` where it does not apply."""
+    from . import current
+
+    if current() == "reference" or not _proxy_ok():
+        return None
+    code = _act_code(activation)
+    got = _proxy_params((weight, bias, proxy_bias, proxy_weight), points)
+    if code is None or got is None:
+        return None
+    ps, u = got
+    if torch.is_grad_enabled() and any(p.requires_grad for p in (weight, bias, proxy_bias, proxy_weight)):
+        return _FastProxyStats.apply(weight, bias, proxy_bias, proxy_weight, u, activation, code[0], code[1], float(eps))  # type: ignore[no-any-return]
+    return _stats_forward(ps, u, code[0], code[1], eps)
+
+
+def _gn_act_forward(x: Tensor, ps: list[Tensor], m: Tensor, r: Tensor, spec: _Spec, code: int, slope: float) -> tuple[Tensor, Tensor]:
+    out = torch.empty_like(x)
+    stats = torch.empty((core.STAT_ROWS, spec.N * spec.G), dtype=m.dtype)
+    ok = _build.lib().normkit_gn_act_forward(
+        _CODE[x.dtype], x.data_ptr(), ps[0].data_ptr(), ps[1].data_ptr(), m.data_ptr(), r.data_ptr(), out.data_ptr(),
+        stats.data_ptr(), spec.mode, spec.N, spec.C, spec.S, spec.G, spec.eps, code, slope,
+    )
+    if not ok:
+        raise _Fallback
+    return out, stats
+
+
+class _FastGNProxy(torch.autograd.Function):
+    """GroupNorm without affine, then Proxy Norm's activation, in two fused calls each way: the proxy
+    statistics, and the norm with the activation step in one pass (the normalized input is never stored;
+    the backward recomputes it from x and the statistics)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, spec: _Spec, act: Any, code: int, slope: float, peps: float):  # type: ignore[override]
+        ps = [w.detach(), b.detach(), pb.detach(), pw.detach()]
+        m, r = _stats_forward(ps, u, code, slope, peps)
+        out, stats = _gn_act_forward(x, ps, m, r, spec, code, slope)
+        ctx.save_for_backward(x, stats, w, b, pb, pw, u, m, r)
+        ctx.spec, ctx.act, ctx.code, ctx.slope, ctx.peps = spec, act, code, slope, peps
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, stats, w, b, pb, pw, u, m, r = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        # create_graph=True, or gradcheck's batched gradients (no storage): differentiate the composite
+        if torch.is_grad_enabled() or type(dout) is not Tensor or not torch._C._has_storage(dout):
+            from ..functional.group_norm import group_norm as gn
+            from ..functional.proxy_norm import proxy_norm_act
+            from . import use
+
+            with torch.enable_grad(), use("reference"):
+                inputs = [x, w, b, pb, pw]
+                out = proxy_norm_act(gn(x, spec.G, None, None, spec.eps), w, b, pb, pw, ctx.act, ctx.peps, u.shape[0], points=u)
+                grads = torch.autograd.grad(out, inputs, dout, create_graph=True, allow_unused=True)
+            return (*grads, None, None, None, None, None, None)
+        if dout.dtype != x.dtype or dout.stride() != x.stride():
+            dout = torch.empty_like(x).copy_(dout)
+        ps = [w.detach(), b.detach(), pb.detach(), pw.detach()]
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        sums = torch.empty(4, spec.C, dtype=torch.float64)
+        _build.lib().normkit_gn_act_backward(
+            _CODE[x.dtype], dout.data_ptr(), x.data_ptr(), ps[0].data_ptr(), ps[1].data_ptr(), m.data_ptr(),
+            r.data_ptr(), stats.data_ptr(), _ptr(dx), sums.data_ptr(), spec.mode, spec.N, spec.C, spec.S, spec.G,
+            ctx.code, ctx.slope,
+        )
+        dtype = m.dtype
+        sums = sums.to(dtype)
+        dw_s, db_s, dpb, dpw = _stats_backward(ps, u, ctx.code, ctx.slope, m, r, -(sums[2] * r), sums[3])
+        return dx, dw_s.add_(sums[0]), db_s.add_(sums[1]), dpb, dpw, None, None, None, None, None, None
+
+
+def gn_proxy_act(
+    x: Tensor, groups: int, eps: float, weight: Tensor, bias: Tensor, proxy_bias: Tensor, proxy_weight: Tensor,
+    points: Tensor, activation: Any, proxy_eps: float,
+) -> Tensor | None:
+    """GroupNorm (no affine) + Proxy Norm's activation, the :class:`~normkit.nn.GroupNormProxyAct2d` step, or ``None``."""
+    if _NoFast.depth or x.dim() < 3:
+        return None
+    code = _act_code(activation)
+    got = _proxy_params((weight, bias, proxy_bias, proxy_weight), points)
+    layout = _layout(x)
+    if code is None or got is None or layout is None or not _params_ok(x, weight):
+        return None
+    if (x.dtype == torch.float64) != (weight.dtype == torch.float64):
+        return None
+    N, C = x.shape[0], x.shape[1]
+    S = _spatial(x)
+    if (C // groups) * S < 2 or weight.shape[0] != C:
+        return None
+    mode = GROUP_CL if layout == "cl" else GROUP_NCHW
+    spec = _Spec(mode, N, C, S, groups, eps, _gn_reference(groups, eps))
+    ps, u = got
+    try:
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in (weight, bias, proxy_bias, proxy_weight))):
+            return _FastGNProxy.apply(x, weight, bias, proxy_bias, proxy_weight, u, spec, activation, code[0], code[1], float(proxy_eps))  # type: ignore[no-any-return]
+        m, r = _stats_forward(ps, u, code[0], code[1], proxy_eps)
+        return _gn_act_forward(x, ps, m, r, spec, code[0], code[1])[0]
+    except _Fallback:
+        return None

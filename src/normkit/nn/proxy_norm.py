@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import NormError
+from ..kernels import _fast
 from .. import functional as F
 from ..functional._checks import check_eps, check_groups, check_positive_int
 from ..functional.activations import ActivationLike, get_activation
@@ -173,6 +174,13 @@ class GroupNormProxyAct2d(ProxyNormAct):
         if leaf is not None:
             return leaf
         check_channels(input, self.num_features, type(self).__name__)
+        if _fast.eligible(input):  # eager CPU: three fused calls each way
+            out = _fast.gn_proxy_act(
+                input, self.num_groups, self.eps, self.weight, self.bias, self.proxy_bias, self.proxy_weight,
+                self.proxy_points, self.activation, self.proxy_eps,
+            )
+            if out is not None:
+                return out
         return self._proxy_act(F.group_norm(input, self.num_groups, None, None, self.eps))
 
     def extra_repr(self) -> str:

@@ -561,7 +561,8 @@ inline O hsum(const O* a) {
 
 // y = ((x - sh) * r - cmr) * w + b over one set, w / b per element (or absent)
 template <typename T, typename O>
-inline void row_out(const T* p, T* q, int64_t n, O sh, O r, O cmr, const O* wc, const O* bc) {
+inline void row_out(const T* __restrict p, T* __restrict q, int64_t n, O sh, O r, O cmr, const O* __restrict wc,
+                    const O* __restrict bc) {
   if (wc && bc) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) q[j] = to<T>(((cv<O>(p[j]) - sh) * r - cmr) * wc[j] + bc[j]);
@@ -651,7 +652,8 @@ void rows_forward(const T* x, const O* w, const O* b, T* y, O* st, int32_t* ok, 
 
 // Sums of g = w * dy and g * (x - shift) over a run, in lanes of the compute type.
 template <int L, bool W, typename T, typename O>
-inline void wdsums(const T* gp, const T* xp, const O* wc, int64_t n, O shift, O* a1, O* a2) {
+inline void wdsums(const T* __restrict gp, const T* __restrict xp, const O* __restrict wc, int64_t n, O shift,
+                   O* __restrict a1, O* __restrict a2) {
   for (int64_t i = 0; i + L <= n; i += L) {
 #pragma omp simd
     for (int l = 0; l < L; ++l) {
@@ -666,8 +668,8 @@ inline void wdsums(const T* gp, const T* xp, const O* wc, int64_t n, O shift, O*
 // dx = w * tr * dy + bx * (x - shift) + cc over a set (dx may be absent), and the dweight / dbias terms
 // dy * x_hat, dy added into float accumulators (absent when not needed).
 template <bool W, typename T, typename O>
-inline void row_dx(const T* gp, const T* xp, const O* wc, T* out, O* aw, O* ab, int64_t n, O shift, O tr, O bx,
-                   O cc, O xr, O cr) {
+inline void row_dx(const T* __restrict gp, const T* __restrict xp, const O* __restrict wc, T* __restrict out,
+                   O* __restrict aw, O* __restrict ab, int64_t n, O shift, O tr, O bx, O cc, O xr, O cr) {
   if (out && aw) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
@@ -913,6 +915,42 @@ struct ClLayout {
         blocks(batch ? std::max<int64_t>(1, std::min({nthreads, rows / ROWS, rows * C / GRAIN})) : 1) {}
 };
 
+// The statistics of the channels-last patterns (one pass, exact merges across blocks of rows), stored in
+// st, and per (sample, channel) the coefficients of y = (x - sh) * A + B (one sample for BATCH_CL).
+template <typename T, typename O>
+void cl_coefs(const T* x, const O* w, const O* b, O* st, int32_t* ok, int64_t mode, int64_t N, int64_t C, int64_t S,
+              int64_t G, double eps, int64_t nthreads, std::vector<O>& sh, std::vector<O>& A, std::vector<O>& B) {
+  const ClLayout L(mode, N, C, S, G, nthreads);
+  const bool batch = L.batch;
+  const int64_t group = L.group, nsets = L.nsets, rows = L.rows, samples = L.samples, blocks = L.blocks;
+  const int64_t per = nsets / samples;  // sets per sample
+  std::vector<Mom> part(static_cast<size_t>(samples * blocks * C));
+  torch::stable::parallel_for(0, samples * blocks, batch ? 1 : grain(rows * C), [&](int64_t i0, int64_t i1) {
+    std::vector<O> shift(C);
+    std::vector<double> s1(C), s2(C);
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t n = i / blocks, blk = i % blocks;
+      int64_t r0 = rows * blk / blocks, r1 = rows * (blk + 1) / blocks;
+      cols_moments1<T, O>(x + (n * rows + r0) * C, r1 - r0, C, C, part.data() + i * C, shift, s1, s2);
+    }
+  });
+  sh.assign(static_cast<size_t>(samples * C), O(0));
+  A.assign(sh.size(), O(0));
+  B.assign(sh.size(), O(0));
+  for (int64_t n = 0; n < samples; ++n) {
+    for (int64_t k = 0; k < per; ++k) {
+      Mom mo;  // the set's columns, from every block
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        for (int64_t c = k * group; c < (k + 1) * group; ++c) mo.add(part[(n * blocks + blk) * C + c]);
+      auto s = finish_set<O>(mo, eps, st, nsets, n * per + k, ok);
+      for (int64_t c = k * group; c < (k + 1) * group; ++c) {
+        sh[n * C + c] = s.shift;
+        affine_coef<O>(s, w, b, c, A[n * C + c], B[n * C + c]);
+      }
+    }
+  }
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 
 template <typename T>
@@ -936,33 +974,9 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
       }
     });
   } else if (mode == BATCH_CL || mode == GROUP_CL) {
-    const ClLayout L(mode, N, C, S, G, nthreads);
-    const bool batch = L.batch;
-    const int64_t group = L.group, nsets = L.nsets, rows = L.rows, samples = L.samples, blocks = L.blocks;
-    const int64_t per = nsets / samples;  // sets per sample
-    std::vector<Mom> part(static_cast<size_t>(samples * blocks * C));
-    torch::stable::parallel_for(0, samples * blocks, batch ? 1 : grain(rows * C), [&](int64_t i0, int64_t i1) {
-      std::vector<O> shift(C);
-      std::vector<double> s1(C), s2(C);
-      for (int64_t i = i0; i < i1; ++i) {
-        int64_t n = i / blocks, blk = i % blocks;
-        int64_t r0 = rows * blk / blocks, r1 = rows * (blk + 1) / blocks;
-        cols_moments1<T, O>(x + (n * rows + r0) * C, r1 - r0, C, C, part.data() + i * C, shift, s1, s2);
-      }
-    });
-    std::vector<O> sh(static_cast<size_t>(samples * C)), A(sh.size()), B(sh.size());
-    for (int64_t n = 0; n < samples; ++n) {
-      for (int64_t k = 0; k < per; ++k) {
-        Mom mo;  // the set's columns, from every block
-        for (int64_t blk = 0; blk < blocks; ++blk)
-          for (int64_t c = k * group; c < (k + 1) * group; ++c) mo.add(part[(n * blocks + blk) * C + c]);
-        auto s = finish_set<O>(mo, eps, st, nsets, n * per + k, ok);
-        for (int64_t c = k * group; c < (k + 1) * group; ++c) {
-          sh[n * C + c] = s.shift;
-          affine_coef<O>(s, w, b, c, A[n * C + c], B[n * C + c]);
-        }
-      }
-    }
+    const bool batch = mode == BATCH_CL;
+    std::vector<O> sh, A, B;
+    cl_coefs<T, O>(x, w, b, st, ok, mode, N, C, S, G, eps, nthreads, sh, A, B);
     if (!__atomic_load_n(ok, __ATOMIC_RELAXED)) return;
     torch::stable::parallel_for(0, N * S, grain(C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -1492,6 +1506,313 @@ void act_backward_impl(const T* dout, const T* y, const O* w, const O* b, const 
     for (int64_t j = 0; j < 4 * C; ++j) sums[j] += part[blk * 4 * C + j];
 }
 
+// ---- GroupNorm (no affine) + Proxy Norm's activation, fused ---------------------------------------
+// out = (act(wa * xhat + ba) - M) * R per channel, xhat = x group-normalized (normkit.kernels._fast's
+// GroupNormProxyAct2d path). Forward: the statistics pass, then one pass that writes out (xhat is never
+// stored). Backward: it recomputes xhat, act and act' from x and the statistics; one pass gives the
+// GroupNorm sums of dY = dL/dxhat and the four per-channel sums of the activation step (sums: 4 rows
+// of C in double: dwa, dba, sum dout, sum dout * (z - M)), one more pass gives dx.
+
+template <int A, typename T, typename O>
+void gn_act_forward_impl(const T* x, const O* wa, const O* ba, const O* M, const O* R, T* out, O* st, int32_t* ok,
+                         O slope, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G, double eps) {
+  const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  if (mode == GROUP_NCHW) {
+    const int64_t Cg = C / G, L = Cg * S;
+    torch::stable::parallel_for(0, N * G, grain(L), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const T* p = x + k * L;
+        T* q = out + k * L;
+        auto s = finish_set<O>(set_moments<T, O>(p, 1, L, L), eps, st, N * G, k, ok);
+        const double b0 = -s.cm * s.rstd;
+        const O sh = s.shift;
+        for (int64_t j = 0; j < Cg; ++j) {
+          const int64_t c = (k % G) * Cg + j;
+          const O P = static_cast<O>(wa[c] * s.rstd), Q = static_cast<O>(wa[c] * b0 + ba[c]), Mc = M[c], Rc = R[c];
+          const T* __restrict pp = p + j * S;
+          T* __restrict qq = q + j * S;
+#pragma omp simd
+          for (int64_t i = 0; i < S; ++i) qq[i] = to<T>((act_f<A, O>((cv<O>(pp[i]) - sh) * P + Q, slope) - Mc) * Rc);
+        }
+      }
+    });
+    return;
+  }
+  std::vector<O> sh, P, Q;  // GROUP_CL
+  cl_coefs<T, O>(x, static_cast<const O*>(nullptr), static_cast<const O*>(nullptr), st, ok, mode, N, C, S, G, eps,
+                 nthreads, sh, P, Q);
+  if (!__atomic_load_n(ok, __ATOMIC_RELAXED)) return;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {  // fold the activation's affine into the normalisation's
+      O& p = P[n * C + c];
+      O& q = Q[n * C + c];
+      q = q * wa[c] + ba[c];
+      p = p * wa[c];
+    }
+  torch::stable::parallel_for(0, N * S, grain(C), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / S;
+      const T* __restrict p = x + r * C;
+      T* __restrict q = out + r * C;
+      const O* __restrict SH = sh.data() + n * C;
+      const O* __restrict PP = P.data() + n * C;
+      const O* __restrict QQ = Q.data() + n * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) q[c] = to<T>((act_f<A, O>((cv<O>(p[c]) - SH[c]) * PP[c] + QQ[c], slope) - M[c]) * R[c]);
+    }
+  });
+}
+
+// The backward in four sums per channel and set: with d = x - shift, a = P d + Q (P = wa rstd,
+// Q = ba - wa cm rstd), z = act(a), t = dout act'(a):  St = sum t, Std = sum t d, Sg = sum dout,
+// Sgz = sum dout (z - M). Then dL/dxhat = R wa t, so the GroupNorm sums are R wa St and R wa Std, and
+// dwa = R (rstd Std - cm rstd St), dba = R St.
+template <int A, typename O>
+inline void gn_act_point(O xv, O gv, O sh, O P, O Q, O Mc, O slope, O& d, O& t, O& gz) {
+  d = xv - sh;
+  const O a = d * P + Q;
+  const O z = act_f<A, O>(a, slope);
+  t = gv * act_d<A, O>(a, z, slope);
+  gz = gv * (z - Mc);
+}
+
+template <int A, typename T, typename O>
+void gn_act_backward_impl(const T* dout, const T* x, const O* wa, const O* ba, const O* M, const O* R, const O* st,
+                          T* dx, double* sums, O slope, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
+  const int64_t nsets = N * G, Cg = C / G;
+  const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  // per (sample, channel) coefficients of the normalisation, and the four sums
+  std::vector<O> SH(static_cast<size_t>(N * C)), PP(SH.size()), QQ(SH.size());
+  std::vector<double> S4(static_cast<size_t>(4 * N * C), 0.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t k = n * G + c / Cg;
+      const double rstd = st[3 * nsets + k], cm = st[2 * nsets + k];
+      SH[n * C + c] = st[k];
+      PP[n * C + c] = static_cast<O>(wa[c] * rstd);
+      QQ[n * C + c] = static_cast<O>(ba[c] - wa[c] * cm * rstd);
+    }
+  if (mode == GROUP_NCHW) {
+#ifndef NK_GV
+#define NK_GV 8
+#endif
+    constexpr int V = NK_GV;
+    torch::stable::parallel_for(0, N * C, grain(S), [&](int64_t i0, int64_t i1) {
+      for (int64_t nc = i0; nc < i1; ++nc) {
+        const O sh = SH[nc], P = PP[nc], Q = QQ[nc], Mc = M[nc % C];
+        const T* __restrict gp = dout + nc * S;
+        const T* __restrict xp = x + nc * S;
+        double d4[4] = {};
+        for (int64_t j0 = 0; j0 < S; j0 += FLUSH * V) {
+          const int64_t j1 = std::min(S, j0 + FLUSH * V), body = j1 - (j1 - j0) % V;
+          O a0[V] = {}, a1[V] = {}, a2[V] = {}, a3[V] = {};
+          for (int64_t j = j0; j < body; j += V) {
+#pragma omp simd
+            for (int l = 0; l < V; ++l) {
+              O d, t, gz;
+              const O gv = cv<O>(gp[j + l]);
+              gn_act_point<A, O>(cv<O>(xp[j + l]), gv, sh, P, Q, Mc, slope, d, t, gz);
+              a0[l] += t;
+              a1[l] += t * d;
+              a2[l] += gv;
+              a3[l] += gz;
+            }
+          }
+          for (int l = 0; l < V; ++l) {
+            d4[0] += a0[l];
+            d4[1] += a1[l];
+            d4[2] += a2[l];
+            d4[3] += a3[l];
+          }
+          for (int64_t j = body; j < j1; ++j) {
+            O d, t, gz;
+            const O gv = cv<O>(gp[j]);
+            gn_act_point<A, O>(cv<O>(xp[j]), gv, sh, P, Q, Mc, slope, d, t, gz);
+            d4[0] += t;
+            d4[1] += static_cast<double>(t) * d;
+            d4[2] += gv;
+            d4[3] += gz;
+          }
+        }
+        for (int q = 0; q < 4; ++q) S4[q * N * C + nc] = d4[q];
+      }
+    });
+  } else {  // GROUP_CL: per sample, blocks of rows with per-column sums
+    const int64_t blocks = std::max<int64_t>(1, std::min({nthreads, S / ROWS, S * C / GRAIN}));
+    std::vector<double> part(static_cast<size_t>(N * blocks * 4 * C), 0.0);
+    torch::stable::parallel_for(0, N * blocks, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<O> acc(static_cast<size_t>(4 * C));
+      for (int64_t it = i0; it < i1; ++it) {
+        const int64_t n = it / blocks, blk = it % blocks;
+        const int64_t ra = S * blk / blocks, rb = S * (blk + 1) / blocks;
+        double* Pt = part.data() + it * 4 * C;
+        const O* __restrict sh = SH.data() + n * C;
+        const O* __restrict pp = PP.data() + n * C;
+        const O* __restrict qq = QQ.data() + n * C;
+        for (int64_t q0 = ra; q0 < rb; q0 += ROWS) {
+          const int64_t q1 = std::min(rb, q0 + ROWS);
+          std::fill(acc.begin(), acc.end(), O(0));
+          O* __restrict A0 = acc.data();
+          O* __restrict A1 = A0 + C;
+          O* __restrict A2 = A1 + C;
+          O* __restrict A3 = A2 + C;
+          for (int64_t row = q0; row < q1; ++row) {
+            const T* __restrict gp = dout + (n * S + row) * C;
+            const T* __restrict xp = x + (n * S + row) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              O d, t, gz;
+              const O gv = cv<O>(gp[c]);
+              gn_act_point<A, O>(cv<O>(xp[c]), gv, sh[c], pp[c], qq[c], M[c], slope, d, t, gz);
+              A0[c] += t;
+              A1[c] += t * d;
+              A2[c] += gv;
+              A3[c] += gz;
+            }
+          }
+          for (int64_t j = 0; j < 4 * C; ++j) Pt[j] += acc[j];
+        }
+      }
+    });
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const double* Pt = part.data() + (n * blocks + blk) * 4 * C;
+        for (int q = 0; q < 4; ++q)
+          for (int64_t c = 0; c < C; ++c) S4[q * N * C + n * C + c] += Pt[q * C + c];
+      }
+  }
+  // per set: the GroupNorm backward's coefficients; per channel: the activation step's sums
+  std::vector<O> K1(static_cast<size_t>(N * C)), BX(K1.size()), CC(K1.size());
+  const double* St = S4.data();
+  const double* Std = St + N * C;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k = n * G + g;
+      double g_sum = 0.0, gd_sum = 0.0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        const double f = static_cast<double>(R[c]) * wa[c];
+        g_sum += f * St[n * C + c];
+        gd_sum += f * Std[n * C + c];
+      }
+      auto kc = back_coef<O>(st, nsets, k, g_sum, gd_sum);
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        K1[n * C + c] = static_cast<O>(kc.tr * R[c] * wa[c]);
+        BX[n * C + c] = static_cast<O>(kc.bx);
+        CC[n * C + c] = static_cast<O>(kc.cc);
+      }
+    }
+  for (int64_t c = 0; c < C; ++c) {
+    double s[4] = {};
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t k = n * G + c / Cg;
+      const double rstd = st[3 * nsets + k], cm = st[2 * nsets + k];
+      s[0] += rstd * Std[n * C + c] - cm * rstd * St[n * C + c];
+      s[1] += St[n * C + c];
+      s[2] += S4[2 * N * C + n * C + c];
+      s[3] += S4[3 * N * C + n * C + c];
+    }
+    sums[c] = s[0] * R[c];
+    sums[C + c] = s[1] * R[c];
+    sums[2 * C + c] = s[2];
+    sums[3 * C + c] = s[3];
+  }
+  if (!dx) return;
+  // dx = K1 t + bx d + cc
+  if (mode == GROUP_NCHW) {
+    torch::stable::parallel_for(0, N * C, grain(S), [&](int64_t i0, int64_t i1) {
+      for (int64_t nc = i0; nc < i1; ++nc) {
+        const O sh = SH[nc], P = PP[nc], Q = QQ[nc], Mc = M[nc % C], k1 = K1[nc], bx = BX[nc], cc = CC[nc];
+        const T* __restrict gp = dout + nc * S;
+        const T* __restrict xp = x + nc * S;
+        T* __restrict q = dx + nc * S;
+#pragma omp simd
+        for (int64_t j = 0; j < S; ++j) {
+          O d, t, gz;
+          gn_act_point<A, O>(cv<O>(xp[j]), cv<O>(gp[j]), sh, P, Q, Mc, slope, d, t, gz);
+          q[j] = to<T>(k1 * t + bx * d + cc);
+        }
+      }
+    });
+  } else {
+    torch::stable::parallel_for(0, N * S, grain(C), [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t n = row / S;
+        const T* __restrict gp = dout + row * C;
+        const T* __restrict xp = x + row * C;
+        T* __restrict q = dx + row * C;
+        const O* __restrict sh = SH.data() + n * C;
+        const O* __restrict pp = PP.data() + n * C;
+        const O* __restrict qq = QQ.data() + n * C;
+        const O* __restrict k1 = K1.data() + n * C;
+        const O* __restrict bx = BX.data() + n * C;
+        const O* __restrict cc = CC.data() + n * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          O d, t, gz;
+          gn_act_point<A, O>(cv<O>(xp[c]), cv<O>(gp[c]), sh[c], pp[c], qq[c], M[c], slope, d, t, gz);
+          q[c] = to<T>(k1[c] * t + bx[c] * d + cc[c]);
+        }
+      }
+    });
+  }
+}
+
+// ---- Proxy Norm's statistics (normkit.functional.proxy_stats) ------------------------------------
+// Per channel c, over n quadrature points u: Y~ = (1 + pw) u + pb, z = act(w Y~ + b), m = mean z,
+// r = 1 / sqrt(mean (z - m)^2 + eps) (values in the parameters' dtype, sums in double). The backward
+// takes dL/dm and dL/dr and returns dL/dw, dL/db, dL/dpb, dL/dpw (dv/dz_i = 2 (z_i - m) / n: the
+// mean's own dependence cancels because the deviations sum to zero).
+
+template <int A, typename O>
+void proxy_stats_impl(const O* w, const O* b, const O* pb, const O* pw, const O* u, int64_t n, int64_t C, O slope,
+                      double eps, O* m, O* r) {
+  torch::stable::parallel_for(0, C, grain(8 * n), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const O W = w[c], B = b[c], S1 = O(1) + pw[c], PB = pb[c];
+      double s = 0.0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < n; ++i) s += act_f<A, O>(W * (S1 * u[i] + PB) + B, slope);
+      const double mu = s / static_cast<double>(n);
+      double q = 0.0;
+#pragma omp simd reduction(+ : q)
+      for (int64_t i = 0; i < n; ++i) {
+        const double d = static_cast<double>(act_f<A, O>(W * (S1 * u[i] + PB) + B, slope)) - mu;
+        q += d * d;
+      }
+      m[c] = static_cast<O>(mu);
+      r[c] = static_cast<O>(1.0 / std::sqrt(static_cast<double>(static_cast<O>(q / static_cast<double>(n))) + eps));
+    }
+  });
+}
+
+template <int A, typename O>
+void proxy_stats_backward_impl(const O* w, const O* b, const O* pb, const O* pw, const O* u, int64_t n, int64_t C,
+                               O slope, const O* m, const O* r, const O* gm, const O* gr, O* dw, O* db, O* dpb, O* dpw) {
+  torch::stable::parallel_for(0, C, grain(8 * n), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const O W = w[c], B = b[c], S1 = O(1) + pw[c], PB = pb[c], M = m[c];
+      const double R = r[c], inv_n = 1.0 / static_cast<double>(n);
+      const double k0 = (gm ? static_cast<double>(gm[c]) : 0.0) * inv_n;
+      const double k1 = (gr ? -static_cast<double>(gr[c]) * R * R * R : 0.0) * inv_n;  // dz = k0 + k1 (z - m)
+      double sw = 0.0, sb = 0.0, su = 0.0;
+#pragma omp simd reduction(+ : sw, sb, su)
+      for (int64_t i = 0; i < n; ++i) {
+        const O yt = S1 * u[i] + PB;
+        const O a = W * yt + B;
+        const O z = act_f<A, O>(a, slope);
+        const double da = (k0 + k1 * (static_cast<double>(z) - M)) * static_cast<double>(act_d<A, O>(a, z, slope));
+        sw += da * yt;
+        sb += da;
+        su += da * u[i];
+      }
+      dw[c] = static_cast<O>(sw);
+      db[c] = static_cast<O>(sb);
+      dpb[c] = static_cast<O>(static_cast<double>(W) * sb);
+      dpw[c] = static_cast<O>(static_cast<double>(W) * su);
+    }
+  });
+}
+
 template <typename F>
 inline void by_act(int64_t act, F f) {
   switch (act) {
@@ -1713,6 +2034,74 @@ int32_t normkit_act_backward(int dt, const void* dout, const void* y, const void
                                                   static_cast<T*>(dy), sums, static_cast<O>(slope), N, C, S, cl != 0);
     });
   });
+  return 1;
+}
+
+// GroupNorm (no affine) + Proxy Norm's activation (mode GROUP_NCHW or GROUP_CL): returns ok as normkit_forward
+int32_t normkit_gn_act_forward(int dt, const void* x, const void* wa, const void* ba, const void* m, const void* r,
+                               void* out, void* st, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G,
+                               double eps, int64_t act, double slope) {
+  int32_t ok = 1;
+  by_dtype(dt, [&](auto t, auto o) {
+    using T = decltype(t);
+    using O = decltype(o);
+    by_act(act, [&](auto a) {
+      gn_act_forward_impl<decltype(a)::value, T, O>(
+          static_cast<const T*>(x), static_cast<const O*>(wa), static_cast<const O*>(ba), static_cast<const O*>(m),
+          static_cast<const O*>(r), static_cast<T*>(out), static_cast<O*>(st), &ok, static_cast<O>(slope), mode, N, C,
+          S, G, eps);
+    });
+  });
+  return ok;
+}
+
+int32_t normkit_gn_act_backward(int dt, const void* dout, const void* x, const void* wa, const void* ba,
+                                const void* m, const void* r, const void* st, void* dx, double* sums, int64_t mode,
+                                int64_t N, int64_t C, int64_t S, int64_t G, int64_t act, double slope) {
+  by_dtype(dt, [&](auto t, auto o) {
+    using T = decltype(t);
+    using O = decltype(o);
+    by_act(act, [&](auto a) {
+      gn_act_backward_impl<decltype(a)::value, T, O>(
+          static_cast<const T*>(dout), static_cast<const T*>(x), static_cast<const O*>(wa), static_cast<const O*>(ba),
+          static_cast<const O*>(m), static_cast<const O*>(r), static_cast<const O*>(st), static_cast<T*>(dx), sums,
+          static_cast<O>(slope), mode, N, C, S, G);
+    });
+  });
+  return 1;
+}
+
+// dt: 0 float32, 1 float64 (the parameters' dtype)
+int32_t normkit_proxy_stats(int dt, const void* w, const void* b, const void* pb, const void* pw, const void* u,
+                            int64_t n, int64_t C, int64_t act, double slope, double eps, void* m, void* r) {
+  auto run = [&](auto o) {
+    using O = decltype(o);
+    by_act(act, [&](auto a) {
+      proxy_stats_impl<decltype(a)::value, O>(static_cast<const O*>(w), static_cast<const O*>(b),
+                                              static_cast<const O*>(pb), static_cast<const O*>(pw),
+                                              static_cast<const O*>(u), n, C, static_cast<O>(slope), eps,
+                                              static_cast<O*>(m), static_cast<O*>(r));
+    });
+  };
+  if (dt == 1) run(double{}); else run(float{});
+  return 1;
+}
+
+int32_t normkit_proxy_stats_backward(int dt, const void* w, const void* b, const void* pb, const void* pw,
+                                     const void* u, int64_t n, int64_t C, int64_t act, double slope, const void* m,
+                                     const void* r, const void* gm, const void* gr, void* dw, void* db, void* dpb,
+                                     void* dpw) {
+  auto run = [&](auto o) {
+    using O = decltype(o);
+    by_act(act, [&](auto a) {
+      proxy_stats_backward_impl<decltype(a)::value, O>(
+          static_cast<const O*>(w), static_cast<const O*>(b), static_cast<const O*>(pb), static_cast<const O*>(pw),
+          static_cast<const O*>(u), n, C, static_cast<O>(slope), static_cast<const O*>(m), static_cast<const O*>(r),
+          static_cast<const O*>(gm), static_cast<const O*>(gr), static_cast<O*>(dw), static_cast<O*>(db),
+          static_cast<O*>(dpb), static_cast<O*>(dpw));
+    });
+  };
+  if (dt == 1) run(double{}); else run(float{});
   return 1;
 }
 }

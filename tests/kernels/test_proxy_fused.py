@@ -1,0 +1,180 @@
+"""The fused Proxy Norm paths (``normkit.kernels._fast``) against an independent float64 oracle.
+
+* :class:`normkit.nn.GroupNormProxyAct2d` in eager CPU runs GroupNorm and the proxy-normalized
+  activation as one pass each way (``normkit_gn_act_forward`` / ``_backward``), and the proxy
+  statistics as one C++ call each way (``normkit_proxy_stats``);
+* :func:`normkit.functional.proxy_stats` takes the same C++ statistics.
+
+The oracle is written here from the paper's definition in float64 (tests.reference's GroupNorm, the
+Gaussian mid-point quantiles, the activation, the per-channel mean and variance) and differentiated by
+autograd; it shares no code with the kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import normkit.functional as F
+import normkit.nn as nkn
+from normkit import kernels
+from normkit.kernels import _fast
+from tests.reference import ref_group_norm
+
+F64 = torch.float64
+pytestmark = pytest.mark.skipif(not kernels.build(), reason="no C++ compiler here: the fused CPU kernels cannot be built")
+
+ACTS = {
+    "relu": torch.relu,
+    "leaky_relu:0.2": lambda a: torch.nn.functional.leaky_relu(a, 0.2),
+    "identity": lambda a: a,
+}
+# output / gradient tolerance relative to the oracle's scale, per input dtype
+TOL = {torch.float32: 2e-5, F64: 1e-10, torch.bfloat16: 2e-2}
+GTOL = {torch.float32: 1e-4, F64: 1e-9, torch.bfloat16: 5e-2}
+
+
+def oracle_stats(w, b, pb, pw, act, eps=0.03, n=200):
+    i = torch.arange(n, dtype=F64)
+    u = math.sqrt(2.0) * torch.erfinv(2.0 * (i + 0.5) / n - 1.0)
+    z = ACTS[act](w[:, None] * ((1 + pw)[:, None] * u + pb[:, None]) + b[:, None])
+    m = z.mean(1)
+    return m, ((z - m[:, None]) ** 2).mean(1).add(eps).rsqrt()
+
+
+def oracle_layer(x, groups, w, b, pb, pw, act, eps):
+    y = ref_group_norm(x, groups, None, None, eps)
+    m, r = oracle_stats(w, b, pb, pw, act)
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    return (ACTS[act](w.view(view) * y + b.view(view)) - m.view(view)) * r.view(view)
+
+
+def _layer(C, groups, act, seed):
+    layer = nkn.GroupNormProxyAct2d(C, num_groups=groups, activation=act, eps=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(1 + 0.3 * torch.randn(C, generator=g))
+        for p in (layer.bias, layer.proxy_bias, layer.proxy_weight):
+            p.copy_(0.3 * torch.randn(C, generator=g))
+    return layer
+
+
+def _rel(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+class _Spy:
+    def __init__(self, monkeypatch, name):
+        self.calls = 0
+        orig = getattr(_fast, name)
+
+        def wrapped(*a, **k):
+            self.calls += 1
+            return orig(*a, **k)
+
+        monkeypatch.setattr(_fast, name, wrapped)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("shape, groups", [((4, 16, 7, 5), 4), ((3, 12, 6, 6), 1), ((2, 8, 5, 3), 8), ((1, 6, 9, 1), 2)])
+def test_gn_proxy_layer_matches_the_float64_oracle(monkeypatch, dtype, layout, act, shape, groups):
+    spy = _Spy(monkeypatch, "_gn_act_forward")
+    C = shape[1]
+    layer = _layer(C, groups, act, seed=1)
+    if dtype == F64:
+        layer = layer.double()
+    g = torch.Generator().manual_seed(2)
+    x64 = 1.5 + 2 * torch.randn(shape, generator=g, dtype=F64)
+    dy64 = torch.randn(shape, generator=g, dtype=F64)
+    x, dy = x64.to(dtype), dy64.to(dtype)
+    if layout == "cl":
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with kernels.use("cpu"):
+        out = layer(x)
+        grads = torch.autograd.grad(out, [x, *layer.parameters()], dy)
+    assert spy.calls == 1, "the fused GroupNorm + Proxy Norm pass must run"
+    assert out.dtype == dtype and out.stride() == x.stride()
+
+    xo = x.detach().double().requires_grad_()
+    ps = [p.detach().double().requires_grad_() for p in layer.parameters()]  # weight, bias, proxy_bias, proxy_weight
+    want = oracle_layer(xo, groups, *ps, act, 1e-3)
+    wgrads = torch.autograd.grad(want, [xo, *ps], dy.double())
+    assert _rel(out, want) < TOL[dtype]
+    for name, got, exp in zip(["x", "weight", "bias", "proxy_bias", "proxy_weight"], grads, wgrads):
+        if exp.abs().max() < 1e-12:  # e.g. the bias under the identity, which the proxy mean cancels
+            assert got.abs().max() < 1e-4, name
+            continue
+        assert _rel(got, exp) < GTOL[dtype], f"{name}: {_rel(got, exp):.2e}"
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_proxy_stats_match_the_oracle(monkeypatch, act, dtype):
+    C = 11
+    g = torch.Generator().manual_seed(3)
+    params = [1 + 0.3 * torch.randn(C, generator=g, dtype=F64)] + [0.3 * torch.randn(C, generator=g, dtype=F64) for _ in range(3)]
+    gm, gr = torch.randn(C, generator=g, dtype=F64), torch.randn(C, generator=g, dtype=F64)
+    calls = []
+    monkeypatch.setattr(_fast, "_stats_forward", lambda *a, _o=_fast._stats_forward: calls.append(1) or _o(*a))
+    ps = [p.to(dtype).requires_grad_() for p in params]
+    with kernels.use("cpu"):
+        m, r = F.proxy_stats(*ps, activation=act)
+        got = torch.autograd.grad((m, r), ps, (gm.to(dtype), gr.to(dtype)))
+    assert calls, "the C++ proxy statistics must run"
+    qs = [p.detach().requires_grad_() for p in params]
+    wm, wr = oracle_stats(*qs, act)
+    want = torch.autograd.grad((wm, wr), qs, (gm, gr))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert _rel(m, wm) < tol and _rel(r, wr) < tol
+    for a, e in zip(got, want):
+        if e.abs().max() < 1e-12:
+            assert a.abs().max() < 1e-5
+        else:
+            assert _rel(a, e) < 10 * tol
+
+
+def test_double_backward_and_gradcheck_through_the_fused_layer():
+    layer = _layer(6, 2, "leaky_relu:0.2", seed=4).double()
+    x = torch.randn(2, 6, 3, 4, dtype=F64, requires_grad=True)
+    params = list(layer.parameters())
+
+    def f(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(["weight", "bias", "proxy_bias", "proxy_weight"], ps)), (x,))
+
+    with kernels.use("cpu"):
+        assert torch.autograd.gradcheck(f, (x, *params))
+        assert torch.autograd.gradgradcheck(f, (x, *params))
+
+
+def test_non_finite_group_falls_back_and_stays_confined():
+    layer = _layer(8, 4, "relu", seed=5)
+    x = torch.randn(2, 8, 4, 4)
+    x[1, 0, 2, 2] = float("nan")
+    with kernels.use("cpu"):
+        got = layer(x)
+    with kernels.use("reference"):
+        want = layer(x)
+    assert torch.isnan(got[1, :2]).all() and torch.isfinite(got[0]).all() and torch.isfinite(got[1, 2:]).all()
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def test_unfused_activation_and_compile_still_match():
+    for act in ("silu", "gelu"):
+        layer = _layer(8, 4, act, seed=6)
+        x = torch.randn(2, 8, 5, 5)
+        with kernels.use("cpu"):
+            got = layer(x)
+        with kernels.use("reference"):
+            want = layer(x)
+        torch.testing.assert_close(got, want)
+    layer = _layer(8, 4, "relu", seed=7)
+    x = torch.randn(2, 8, 5, 5)
+    eager = layer(x)
+    compiled = torch.compile(copy.deepcopy(layer), fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -30,6 +30,9 @@ _SOURCE = Path(__file__).with_name("csrc") / "norm_cpu.cpp"
 _NAME = "normkit_cpu"
 _LOCK = threading.Lock()
 _state: dict[str, object] = {"loaded": False, "error": None, "tried": False, "lib": None}
+_AUTOGRAD_SOURCE = Path(__file__).with_name("csrc") / "autograd.cpp"
+_AUTOGRAD_NAME = "normkit_autograd"
+_autograd: dict[str, object] = {"tried": False, "module": None, "error": None}
 
 
 class KernelBuildWarning(RuntimeWarning):
@@ -146,6 +149,55 @@ def _bind(path: str) -> ctypes.CDLL:
     so.normkit_proxy_stats_backward.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, dbl, p, p, p, p, p, p, p, p]
     so.normkit_proxy_stats_backward.restype = i32
     return so
+
+
+def autograd_module(build: bool = True, verbose: bool = False) -> object | None:
+    """The optional C++ autograd Function of the layers' fast path (``csrc/autograd.cpp``), or ``None``.
+
+    Built next to the kernels (torch's C++ API, so per torch and Python version) on first use; a
+    failed build is remembered (:func:`autograd_error`) and the Python Function runs instead.
+    """
+    if _autograd["module"] is not None:
+        return _autograd["module"]
+    if _autograd["tried"] and not verbose:
+        return None
+    if not load(build=build):
+        return None
+    with _LOCK:
+        if _autograd["module"] is not None:
+            return _autograd["module"]
+        d = build_dir() / "autograd"
+        built = any(d.glob(f"{_AUTOGRAD_NAME}*.so"))
+        if not built and (not build or os.environ.get("NORMKIT_NO_BUILD")):
+            return None
+        _autograd["tried"] = True
+        try:
+            from torch.utils import cpp_extension
+
+            d.mkdir(parents=True, exist_ok=True)
+            if not built and not verbose:
+                print("normkit: compiling the fused layers' autograd node once (about 35 s)", file=sys.stderr, flush=True)
+            mod = cpp_extension.load(
+                name=_AUTOGRAD_NAME,
+                sources=[str(_AUTOGRAD_SOURCE)],
+                extra_cflags=["-O2"],
+                build_directory=str(d),
+                verbose=verbose,
+            )
+            so = lib()
+            addr = [ctypes.cast(f, ctypes.c_void_p).value for f in (so.normkit_forward, so.normkit_forward_train, so.normkit_backward)]
+            mod.init(*addr)  # type: ignore[attr-defined]
+            _autograd["module"], _autograd["error"] = mod, None
+            return mod
+        except Exception as e:  # optional: the Python Function does the same job, a little slower
+            _autograd["error"] = f"{type(e).__name__}: {e}".strip()
+            return None
+
+
+def autograd_error() -> str | None:
+    """Why the C++ autograd node could not be built or loaded, or ``None``."""
+    err = _autograd["error"]
+    return None if err is None else str(err)
 
 
 def lib() -> ctypes.CDLL:

@@ -30,24 +30,33 @@ BATCH_NCHW, BATCH_CL, GROUP_NCHW, GROUP_CL, CHANNEL_NCHW = range(5)
 _CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+_dispatch_mode = torch.utils._python_dispatch._get_current_dispatch_mode
+_tracing_state = torch._C._get_tracing_state
+_is_exporting = torch.compiler.is_exporting
+_has_storage = torch._C._has_storage
+_fwad = torch.autograd.forward_ad
+
+
 def eligible(x: Tensor) -> bool:
     """Whether a layer call on ``x`` may take the fused fast path (plain eager, CPU, a supported dtype)."""
     from . import current
 
     return (
-        not torch.compiler.is_compiling()  # first: Dynamo must not look at the rest
+        not _is_compiling()  # first: Dynamo must not look at the rest
         and type(x) is Tensor
-        and x.device.type == "cpu"
+        and x.is_cpu
         and x.dtype in _CODE
         and x.numel() > 0
         and current() != "reference"
         and (bool(_build._state["loaded"]) or _build.load(build=True))
-        and not torch._C._are_functorch_transforms_active()
-        and torch.autograd.forward_ad._current_level < 0
-        and torch.utils._python_dispatch._get_current_dispatch_mode() is None
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_exporting()
-        and torch._C._has_storage(x)
+        and not _functorch_active()
+        and _fwad._current_level < 0
+        and _dispatch_mode() is None
+        and _tracing_state() is None
+        and not _is_exporting()
+        and _has_storage(x)
     )
 
 
@@ -71,11 +80,14 @@ def _affine(p: Tensor | None, acc: torch.dtype) -> Tensor | None:
 class _Spec:
     """One fast call: the kernel pattern, and how to recompute it differentiably (double backward)."""
 
-    __slots__ = ("mode", "N", "C", "S", "G", "eps", "reference")
+    __slots__ = ("mode", "N", "C", "S", "G", "eps", "reference", "kind")
 
-    def __init__(self, mode: int, N: int, C: int, S: int, G: int, eps: float, reference: Callable[..., Tensor]):
+    def __init__(
+        self, mode: int, N: int, C: int, S: int, G: int, eps: float, reference: Callable[..., Tensor], kind: int = 1
+    ):
         self.mode, self.N, self.C, self.S, self.G, self.eps = mode, N, C, S, G, eps
         self.reference = reference
+        self.kind = kind  # 0 BatchNorm, 1 GroupNorm, 2 LayerNorm over C: the C++ node's recomputation
 
 
 class _Fallback(Exception):
@@ -156,17 +168,37 @@ class _FastNorm(torch.autograd.Function):
 
 def _params_ok(x: Tensor, *params: Tensor | None) -> bool:
     """The parameter dtypes the functional ops accept (their checks raise the error otherwise)."""
+    xd = x.dtype
     for p in params:
-        if p is not None and p.dtype != x.dtype and not (p.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        if p is None:
+            continue
+        if p.dtype != xd and not (p.dtype == torch.float32 and xd in (torch.float16, torch.bfloat16)):
             return False
-        if p is not None and p.device.type != "cpu":
+        if not p.is_cpu:
             return False
     return True
+
+
+def _node() -> Any:
+    """The C++ autograd node's module (built on first use), or ``None`` (the Python Function then runs)."""
+    mod = _build._autograd["module"]
+    if mod is None and not _build._autograd["tried"]:
+        mod = _build.autograd_module()
+    return mod
 
 
 def _run(x: Tensor, w: Tensor | None, b: Tensor | None, spec: _Spec, train: Any) -> Tensor | None:
     if not _params_ok(x, w, b):
         return None
+    node = _node()
+    if node is not None:  # one C++ call: kernel and autograd node (None: the general path)
+        if train is None:
+            return node.fast_norm(x, w, b, spec.mode, spec.N, spec.C, spec.S, spec.G, spec.kind, spec.eps, None, None, None, -1.0, False)  # type: ignore[no-any-return]
+        rm, rv, nbt, momentum, unbiased = train
+        return node.fast_norm(  # type: ignore[no-any-return]
+            x, w, b, spec.mode, spec.N, spec.C, spec.S, spec.G, spec.kind, spec.eps, rm, rv, nbt,
+            -1.0 if momentum is None else float(momentum), bool(unbiased),
+        )
     try:
         if torch.is_grad_enabled() and (x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad)):
             return _FastNorm.apply(x, w, b, spec, train)  # type: ignore[no-any-return]
@@ -212,9 +244,9 @@ def batch_norm_train(
     if N * S < 2:
         return None
     if x.dim() == 2 or layout == "cl":
-        spec = _Spec(BATCH_CL, N, C, S, 1, eps, _bn_reference(eps))
+        spec = _Spec(BATCH_CL, N, C, S, 1, eps, _bn_reference(eps), 0)
     else:
-        spec = _Spec(BATCH_NCHW, N, C, S, 1, eps, _bn_reference(eps))
+        spec = _Spec(BATCH_NCHW, N, C, S, 1, eps, _bn_reference(eps), 0)
     return _run(x, weight, bias, spec, train)
 
 
@@ -236,20 +268,28 @@ def _bn_reference(eps: float) -> Callable[..., Tensor]:
     return ref
 
 
+_GN_SPECS: dict[tuple[Any, ...], _Spec | None] = {}
+
+
 def group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
     """GroupNorm (``groups = C``: InstanceNorm without running statistics; 1: LN over (C, *spatial)), or ``None``."""
-    if x.dim() < 3:
+    key = (x.shape, x.stride(), groups, eps)
+    spec = _GN_SPECS.get(key, False)
+    if spec is False:  # the kernel pattern of this shape and layout (cached: the per-call cost matters at B=2)
+        spec = None
+        layout = _layout(x) if x.dim() >= 3 else None
+        if layout is not None:
+            N, C = x.shape[0], x.shape[1]
+            S = _spatial(x)
+            if (C // groups) * S >= 2:
+                mode = GROUP_CL if layout == "cl" else GROUP_NCHW
+                spec = _Spec(mode, N, C, S, groups, eps, _gn_reference(groups, eps))
+        if len(_GN_SPECS) > 4096:
+            _GN_SPECS.clear()
+        _GN_SPECS[key] = spec
+    if spec is None:
         return None
-    layout = _layout(x)
-    if layout is None:
-        return None
-    N, C = x.shape[0], x.shape[1]
-    S = _spatial(x)
-    if (C // groups) * S < 2:
-        return None
-
-    mode = GROUP_CL if layout == "cl" else GROUP_NCHW
-    return _run(x, weight, bias, _Spec(mode, N, C, S, groups, eps, _gn_reference(groups, eps)), None)
+    return _run(x, weight, bias, spec, None)
 
 
 _GN_REFS: dict[tuple[int, float], Callable[..., Tensor]] = {}
@@ -288,8 +328,8 @@ def layer_norm_c(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: flo
             return layer_norm_2d(x, w, b, eps)
 
     if layout == "cl":  # rows of C values
-        return _run(x, weight, bias, _Spec(GROUP_NCHW, N * S, C, 1, 1, eps, ref), None)
-    return _run(x, weight, bias, _Spec(CHANNEL_NCHW, N, C, S, 1, eps, ref), None)
+        return _run(x, weight, bias, _Spec(GROUP_NCHW, N * S, C, 1, 1, eps, ref, 2), None)
+    return _run(x, weight, bias, _Spec(CHANNEL_NCHW, N, C, S, 1, eps, ref, 2), None)
 
 
 

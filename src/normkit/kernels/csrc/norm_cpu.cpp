@@ -192,19 +192,37 @@ inline void run_dev(const T* p, int64_t len, O m, double& s1, double& s2) {
 
 constexpr int64_t SHORT = 2048;
 
+// Two-pass moments of one short contiguous set (from L1): 32 lanes (four independent vector chains:
+// one chain alone is latency-bound), reduced once.
 template <typename T, typename O>
 inline Mom short_moments(const T* p, int64_t len) {
-  O a[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
+  constexpr int L = 32;
+  const int64_t body = len - len % L;
+  O a[L] = {};
+  for (int64_t i = 0; i < body; i += L) {
+#pragma omp simd
+    for (int j = 0; j < L; ++j) a[j] += cv<O>(p[i + j]);
+  }
+  const int64_t body8 = len - len % 8;
+  for (int64_t i = body; i < body8; i += 8) {
 #pragma omp simd
     for (int j = 0; j < 8; ++j) a[j] += cv<O>(p[i + j]);
   }
-  O tail = 0;
-  for (int64_t k = i; k < len; ++k) tail += cv<O>(p[k]);
-  const O m = ((((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) + tail) / static_cast<O>(len);
-  O u[8] = {}, v[8] = {};
-  for (i = 0; i + 8 <= len; i += 8) {
+  O s = 0;
+  for (int64_t k = body8; k < len; ++k) s += cv<O>(p[k]);
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) a[j] += a[j + w];
+  const O m = (a[0] + s) / static_cast<O>(len);
+  O u[L] = {}, v[L] = {};
+  for (int64_t i = 0; i < body; i += L) {
+#pragma omp simd
+    for (int j = 0; j < L; ++j) {
+      O d = cv<O>(p[i + j]) - m;
+      u[j] += d;
+      v[j] += d * d;
+    }
+  }
+  for (int64_t i = body; i < body8; i += 8) {
 #pragma omp simd
     for (int j = 0; j < 8; ++j) {
       O d = cv<O>(p[i + j]) - m;
@@ -212,30 +230,73 @@ inline Mom short_moments(const T* p, int64_t len) {
       v[j] += d * d;
     }
   }
-  double s1 = 0.0, s2 = 0.0;
-  for (int j = 0; j < 8; ++j) {
-    s1 += u[j];
-    s2 += v[j];
-  }
-  for (; i < len; ++i) {
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) {
+      u[j] += u[j + w];
+      v[j] += v[j + w];
+    }
+  O t1 = 0, t2 = 0;
+  for (int64_t i = body8; i < len; ++i) {
     O d = cv<O>(p[i]) - m;
-    s1 += d;
-    s2 += static_cast<double>(d) * d;
+    t1 += d;
+    t2 += d * d;
   }
+  double s1 = static_cast<double>(u[0]) + t1, s2 = static_cast<double>(v[0]) + t2;
   Mom mo;
   mo.add_shifted(static_cast<double>(len), static_cast<double>(m), s1, s2);
   return mo;
 }
 
-// Moments of a set made of `nruns` contiguous runs of `len` values, `stride` apart, in ONE pass: the
-// deviations are taken from a probe (the mean of the first values), and summed in lanes. Summing
-// deviations from a shift d costs a relative error of about (1 + z^2) times that of the sums, where
-// z = (mean - shift) / std: when the probe lands more than one standard deviation from the set's
-// mean (z > 1, rare: a set whose first values are atypical), the set is summed again about its
-// mean, from cache. (The two-pass moments of every set, at the price of one more pass.)
+// Two-pass moments of a short set of `nruns` runs of `len` values, `stride` apart (8 lanes, no flushes:
+// the per-set cost of the lane accumulators would exceed the arithmetic).
+template <typename T, typename O>
+inline Mom short_runs_moments(const T* p, int64_t nruns, int64_t len, int64_t stride) {
+  O a[8] = {};
+  O tail = 0;
+  for (int64_t r = 0; r < nruns; ++r) {
+    const T* q = p + r * stride;
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+#pragma omp simd
+      for (int j = 0; j < 8; ++j) a[j] += cv<O>(q[i + j]);
+    }
+    for (; i < len; ++i) tail += cv<O>(q[i]);
+  }
+  const double n = static_cast<double>(nruns * len);
+  const O m = static_cast<O>(
+      static_cast<double>((((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) + tail) / n);
+  O u[8] = {}, v[8] = {};
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t r = 0; r < nruns; ++r) {
+    const T* q = p + r * stride;
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+#pragma omp simd
+      for (int j = 0; j < 8; ++j) {
+        O d = cv<O>(q[i + j]) - m;
+        u[j] += d;
+        v[j] += d * d;
+      }
+    }
+    for (; i < len; ++i) {
+      O d = cv<O>(q[i]) - m;
+      s1 += d;
+      s2 += static_cast<double>(d) * d;
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    s1 += u[j];
+    s2 += v[j];
+  }
+  Mom mo;
+  mo.add_shifted(n, static_cast<double>(m), s1, s2);
+  return mo;
+}
+
 template <typename T, typename O>
 inline Mom set_moments(const T* p, int64_t nruns, int64_t len, int64_t stride) {
-  if (nruns == 1 && len <= SHORT) return short_moments<T, O>(p, len);
+  if (nruns == 1 && len >= 128 && len <= SHORT) return short_moments<T, O>(p, len);
+  if (nruns * len <= SHORT) return short_runs_moments<T, O>(p, nruns, len, stride);
   const int64_t probe = std::min<int64_t>(len, 256);
   O m = static_cast<O>(run_sum<T, O>(p, probe) / static_cast<double>(probe));
   double s1 = 0.0, s2 = 0.0;
@@ -1060,8 +1121,9 @@ inline void run_dsums(const T* dy, const T* x, int64_t len, O shift, double& sdy
 }
 
 // sum dy and sum dy * (x - shift) over a short run (8 float lanes, one reduction)
+// sum dy and sum dy * (x - shift) over a very short run: 8 lanes, one reduction
 template <typename T, typename O>
-inline void short_dsums(const T* dy, const T* x, int64_t len, O shift, double& sdy, double& sdyd) {
+inline void tiny_dsums(const T* dy, const T* x, int64_t len, O shift, double& sdy, double& sdyd) {
   O a[8] = {}, c[8] = {};
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
@@ -1072,15 +1134,53 @@ inline void short_dsums(const T* dy, const T* x, int64_t len, O shift, double& s
       c[j] += g * (cv<O>(x[i + j]) - shift);
     }
   }
-  for (int j = 0; j < 8; ++j) {
-    sdy += a[j];
-    sdyd += c[j];
-  }
+  O t1 = 0, t2 = 0;
   for (; i < len; ++i) {
     O g = cv<O>(dy[i]);
-    sdy += g;
-    sdyd += static_cast<double>(g) * (cv<O>(x[i]) - shift);
+    t1 += g;
+    t2 += g * (cv<O>(x[i]) - shift);
   }
+  sdy += static_cast<double>(((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) + t1;
+  sdyd += static_cast<double>(((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]))) + t2;
+}
+
+// the same over a short run (up to SHORT): 32 lanes, four independent vector chains
+template <typename T, typename O>
+inline void short_dsums(const T* dy, const T* x, int64_t len, O shift, double& sdy, double& sdyd) {
+  if (len < 128) return tiny_dsums<T, O>(dy, x, len, shift, sdy, sdyd);
+  constexpr int L = 32;
+  const int64_t body = len - len % L;
+  O a[L] = {}, c[L] = {};
+  for (int64_t i = 0; i < body; i += L) {
+#pragma omp simd
+    for (int j = 0; j < L; ++j) {
+      O g = cv<O>(dy[i + j]);
+      a[j] += g;
+      c[j] += g * (cv<O>(x[i + j]) - shift);
+    }
+  }
+  const int64_t body8 = len - len % 8;
+  for (int64_t i = body; i < body8; i += 8) {
+#pragma omp simd
+    for (int j = 0; j < 8; ++j) {
+      O g = cv<O>(dy[i + j]);
+      a[j] += g;
+      c[j] += g * (cv<O>(x[i + j]) - shift);
+    }
+  }
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) {
+      a[j] += a[j + w];
+      c[j] += c[j + w];
+    }
+  O t1 = 0, t2 = 0;
+  for (int64_t i = body8; i < len; ++i) {
+    O g = cv<O>(dy[i]);
+    t1 += g;
+    t2 += g * (cv<O>(x[i]) - shift);
+  }
+  sdy += static_cast<double>(a[0]) + t1;
+  sdyd += static_cast<double>(c[0]) + t2;
 }
 
 template <typename T, typename O>
@@ -1105,7 +1205,10 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
       for (int64_t c = c0; c < c1; ++c) {
         const O shift = st[c];
         double sdy = 0.0, sdyd = 0.0;
-        {
+        if (N * S <= SHORT) {  // a short set: no lane accumulators
+          for (int64_t n = 0; n < N; ++n)
+            short_dsums<T, O>(dy + (n * C + c) * S, x + (n * C + c) * S, S, shift, sdy, sdyd);
+        } else {
           Lanes acc;
           for (int64_t n = 0; n < N; ++n)
             run_pair_lanes<true, T, O>(x + (n * C + c) * S, dy + (n * C + c) * S, S, shift, acc);

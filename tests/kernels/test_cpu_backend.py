@@ -248,9 +248,27 @@ def test_nan_batch_never_reaches_running_stats():
 # ---- the layers' fused fast paths ------------------------------------------------------------
 
 
+@pytest.fixture(params=["node", "python"])
+def autograd_path(request, monkeypatch):
+    """The layers' fast path through the C++ autograd node, or through the Python Function."""
+    from normkit.kernels import _build
+
+    if request.param == "python":
+        monkeypatch.setitem(_build._autograd, "module", None)
+        monkeypatch.setitem(_build._autograd, "tried", True)
+    elif _build.autograd_module() is None:
+        pytest.skip(f"the C++ autograd node does not build here: {_build.autograd_error()}")
+    return request.param
+
+
+def _assert_path(y, path):
+    name = y.grad_fn.name()  # the C++ node: "torch::autograd::CppNode<...FastNorm>"
+    assert ("FastNorm" in name and "CppNode" in name) == (path == "node"), name
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_batchnorm_fast_path_matches_torch_nn(momentum, layout):
+def test_batchnorm_fast_path_matches_torch_nn(momentum, layout, autograd_path):
     torch.manual_seed(0)
     ours, theirs = normkit.nn.BatchNorm2d(6, momentum=momentum), torch.nn.BatchNorm2d(6, momentum=momentum)
     with torch.no_grad():
@@ -264,6 +282,7 @@ def test_batchnorm_fast_path_matches_torch_nn(momentum, layout):
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         with kernels.use("cpu"):
             ya = ours(xa)
+        _assert_path(ya, autograd_path)
         yb = theirs(xb)
         g = torch.randn_like(ya)
         ya.backward(g)
@@ -282,10 +301,11 @@ def test_batchnorm_fast_path_matches_torch_nn(momentum, layout):
     [
         (lambda: normkit.nn.GroupNorm(3, 6), lambda: torch.nn.GroupNorm(3, 6)),
         (lambda: normkit.nn.InstanceNorm2d(6, affine=True), lambda: torch.nn.InstanceNorm2d(6, affine=True)),
+        (lambda: normkit.nn.GroupNorm(1, 6), lambda: torch.nn.GroupNorm(1, 6)),
     ],
-    ids=["gn", "in"],
+    ids=["gn", "in", "ln_chw"],
 )
-def test_layer_fast_paths_match_torch_nn(ours, theirs):
+def test_layer_fast_paths_match_torch_nn(ours, theirs, autograd_path):
     a, b = ours(), theirs()
     with torch.no_grad():
         for m in (a, b):
@@ -295,6 +315,7 @@ def test_layer_fast_paths_match_torch_nn(ours, theirs):
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     with kernels.use("cpu"):
         ya = a(xa)
+    _assert_path(ya, autograd_path)
     yb = b(xb)
     g = torch.randn_like(yb)
     ya.backward(g)
@@ -304,9 +325,22 @@ def test_layer_fast_paths_match_torch_nn(ours, theirs):
     torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_fast_path_double_backward_matches_reference():
-    x = torch.randn(3, 4, 3, 3, dtype=F64, requires_grad=True)
-    layer = normkit.nn.GroupNorm(2, 4).double()
+@pytest.mark.parametrize(
+    "make",
+    [lambda: normkit.nn.GroupNorm(2, 4), lambda: normkit.nn.BatchNorm2d(4), lambda: normkit.nn.LayerNorm2d(4)],
+    ids=["gn", "bn", "ln2d"],
+)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_fast_path_double_backward_matches_reference(make, layout, autograd_path):
+    x = torch.randn(3, 4, 3, 3, dtype=F64)
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    torch.manual_seed(0)
+    layer = make().double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
     results = []
     for backend in ("cpu", "reference"):
         with kernels.use(backend):
@@ -314,6 +348,8 @@ def test_fast_path_double_backward_matches_reference():
             (g,) = torch.autograd.grad((y * y.detach().sin()).sum(), x, create_graph=True)
             (gg,) = torch.autograd.grad(g.square().sum(), x)
         results.append((g.detach(), gg))
+        if backend == "cpu":
+            _assert_path(y, autograd_path)
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
 

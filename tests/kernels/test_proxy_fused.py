@@ -21,7 +21,7 @@ import torch
 import normkit.functional as F
 import normkit.nn as nkn
 from normkit import kernels
-from normkit.kernels import _fast
+from normkit.kernels import _build, _fast
 from tests.reference import ref_group_norm
 
 F64 = torch.float64
@@ -78,11 +78,22 @@ class _Spy:
         monkeypatch.setattr(_fast, name, wrapped)
 
 
+def _use_path(monkeypatch, path):
+    """``"node"``: the C++ autograd node (when it builds here); ``"python"``: the Python Function."""
+    if path == "python":
+        monkeypatch.setitem(_build._autograd, "module", None)
+        monkeypatch.setitem(_build._autograd, "tried", True)
+    elif _build.autograd_module() is None:
+        pytest.skip(f"the C++ autograd node does not build here: {_build.autograd_error()}")
+
+
+@pytest.mark.parametrize("path", ["node", "python"])
 @pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("shape, groups", [((4, 16, 7, 5), 4), ((3, 12, 6, 6), 1), ((2, 8, 5, 3), 8), ((1, 6, 9, 1), 2)])
-def test_gn_proxy_layer_matches_the_float64_oracle(monkeypatch, dtype, layout, act, shape, groups):
+def test_gn_proxy_layer_matches_the_float64_oracle(monkeypatch, path, dtype, layout, act, shape, groups):
+    _use_path(monkeypatch, path)
     spy = _Spy(monkeypatch, "_gn_act_forward")
     C = shape[1]
     layer = _layer(C, groups, act, seed=1)
@@ -98,7 +109,10 @@ def test_gn_proxy_layer_matches_the_float64_oracle(monkeypatch, dtype, layout, a
     with kernels.use("cpu"):
         out = layer(x)
         grads = torch.autograd.grad(out, [x, *layer.parameters()], dy)
-    assert spy.calls == 1, "the fused GroupNorm + Proxy Norm pass must run"
+    if path == "python":
+        assert spy.calls == 1, "the fused GroupNorm + Proxy Norm pass must run"
+    else:
+        assert "GNProxy" in out.grad_fn.name(), out.grad_fn.name()
     assert out.dtype == dtype and out.stride() == x.stride()
 
     xo = x.detach().double().requires_grad_()
@@ -139,7 +153,9 @@ def test_proxy_stats_match_the_oracle(monkeypatch, act, dtype):
             assert _rel(a, e) < 10 * tol
 
 
-def test_double_backward_and_gradcheck_through_the_fused_layer():
+@pytest.mark.parametrize("path", ["node", "python"])
+def test_double_backward_and_gradcheck_through_the_fused_layer(monkeypatch, path):
+    _use_path(monkeypatch, path)
     layer = _layer(6, 2, "leaky_relu:0.2", seed=4).double()
     x = torch.randn(2, 6, 3, 4, dtype=F64, requires_grad=True)
     params = list(layer.parameters())
@@ -152,7 +168,9 @@ def test_double_backward_and_gradcheck_through_the_fused_layer():
         assert torch.autograd.gradgradcheck(f, (x, *params))
 
 
-def test_non_finite_group_falls_back_and_stays_confined():
+@pytest.mark.parametrize("path", ["node", "python"])
+def test_non_finite_group_falls_back_and_stays_confined(monkeypatch, path):
+    _use_path(monkeypatch, path)
     layer = _layer(8, 4, "relu", seed=5)
     x = torch.randn(2, 8, 4, 4)
     x[1, 0, 2, 2] = float("nan")

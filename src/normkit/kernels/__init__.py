@@ -117,8 +117,12 @@ def available() -> list[str]:
 
 
 def build(verbose: bool = False) -> bool:
-    """Compile (or load) the fused CPU kernels now; True on success."""
-    return _build.load(build=True, verbose=verbose)
+    """Compile (or load) the fused CPU kernels now, and the layers' C++ autograd node; True when the
+    kernels are ready (the node is optional: without it the layers use a Python Function)."""
+    ok = _build.load(build=True, verbose=verbose)
+    if ok:
+        _build.autograd_module(build=True, verbose=verbose)
+    return ok
 
 
 def _cpu_ready() -> bool:
@@ -244,6 +248,15 @@ def status() -> str:
     err = _build.load_error()
     if err:
         lines.append(f"  last build error: {err.splitlines()[0]}")
+    node = _build._autograd["module"] is not None
+    node_built = (build_dir() / "autograd").is_dir() and any((build_dir() / "autograd").glob("normkit_autograd*.so"))
+    lines.append(
+        "layers' C++ autograd node: "
+        + ("loaded" if node else "built" if node_built else "not built (the layers use a Python Function)")
+    )
+    aerr = _build.autograd_error()
+    if aerr:
+        lines.append(f"  last build error: {aerr.splitlines()[0]}")
     lines.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     cases = _status_cases()
     width = max(len(name) for name, *_ in cases)

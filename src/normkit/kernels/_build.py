@@ -185,7 +185,11 @@ def autograd_module(build: bool = True, verbose: bool = False) -> object | None:
                 verbose=verbose,
             )
             so = lib()
-            addr = [ctypes.cast(f, ctypes.c_void_p).value for f in (so.normkit_forward, so.normkit_forward_train, so.normkit_backward)]
+            entries = (
+                so.normkit_forward, so.normkit_forward_train, so.normkit_backward, so.normkit_gn_act_forward,
+                so.normkit_gn_act_backward, so.normkit_proxy_stats, so.normkit_proxy_stats_backward,
+            )
+            addr = [ctypes.cast(f, ctypes.c_void_p).value for f in entries]
             mod.init(*addr)  # type: ignore[attr-defined]
             _autograd["module"], _autograd["error"] = mod, None
             return mod

@@ -352,15 +352,13 @@ def _act_code(activation: Any) -> tuple[int, float] | None:
 
 def _proxy_params(params: tuple[Tensor, ...], points: Tensor) -> tuple[list[Tensor], Tensor] | None:
     dtype = params[0].dtype
-    if dtype not in (torch.float32, torch.float64):
+    if dtype not in (torch.float32, torch.float64) or not points.is_cpu or points.dim() != 1:
         return None
     C = params[0].shape
     for p in params:
-        if p.dtype != dtype or p.device.type != "cpu" or p.dim() != 1 or p.shape != C or type(p) not in (Tensor, torch.nn.Parameter):
+        if p.dtype != dtype or not p.is_cpu or p.shape != C or len(C) != 1:
             return None
-    if points.device.type != "cpu" or points.dim() != 1:
-        return None
-    return [p.detach().contiguous() for p in params], points.detach().to(dtype).contiguous()
+    return [p.detach() if p.is_contiguous() else p.detach().contiguous() for p in params], _points(points, dtype)
 
 
 def _stats_forward(ps: list[Tensor], u: Tensor, code: int, slope: float, eps: float) -> tuple[Tensor, Tensor]:
@@ -522,31 +520,69 @@ class _FastGNProxy(torch.autograd.Function):
         return dx, dw_s.add_(sums[0]), db_s.add_(sums[1]), dpb, dpw, None, None, None, None, None, None
 
 
+_U_CACHE: dict[tuple[Any, ...], Tensor] = {}
+
+
+def _points(points: Tensor, dtype: torch.dtype) -> Tensor:
+    """The quadrature points in the parameters' dtype, contiguous (cached per buffer and version)."""
+    key = (points.data_ptr(), points._version, points.dtype, points.shape[0], dtype)
+    u = _U_CACHE.get(key)
+    if u is None:
+        if len(_U_CACHE) > 64:
+            _U_CACHE.clear()
+        u = _U_CACHE[key] = points.detach().to(dtype).contiguous()
+    return u
+
+
+_PN_PLANS: dict[tuple[Any, ...], tuple[int, int, int, int, int, float] | None] = {}
+
+
+def _pn_plan(x: Tensor, groups: int, eps: float, weight: Tensor, activation: Any) -> tuple[int, int, int, int, int, float] | None:
+    """(mode, N, C, S, act code, slope) of the fused GroupNorm + Proxy Norm call, or ``None`` (cached)."""
+    key = (x.shape, x.stride(), x.dtype, groups, eps, activation if isinstance(activation, str) else id(activation), weight.dtype)
+    plan = _PN_PLANS.get(key, False)
+    if plan is False:
+        plan = None
+        code = _act_code(activation)
+        layout = _layout(x) if x.dim() >= 3 else None
+        if code is not None and layout is not None and (x.dtype == torch.float64) == (weight.dtype == torch.float64):
+            N, C = x.shape[0], x.shape[1]
+            S = _spatial(x)
+            if (C // groups) * S >= 2 and weight.shape[0] == C:
+                plan = (GROUP_CL if layout == "cl" else GROUP_NCHW, N, C, S, code[0], code[1])
+        if len(_PN_PLANS) > 4096:
+            _PN_PLANS.clear()
+        _PN_PLANS[key] = plan
+    return plan
+
+
 def gn_proxy_act(
     x: Tensor, groups: int, eps: float, weight: Tensor, bias: Tensor, proxy_bias: Tensor, proxy_weight: Tensor,
     points: Tensor, activation: Any, proxy_eps: float,
 ) -> Tensor | None:
     """GroupNorm (no affine) + Proxy Norm's activation, the :class:`~normkit.nn.GroupNormProxyAct2d` step, or ``None``."""
-    if _NoFast.depth or x.dim() < 3:
+    if _NoFast.depth:
         return None
-    code = _act_code(activation)
-    got = _proxy_params((weight, bias, proxy_bias, proxy_weight), points)
-    layout = _layout(x)
-    if code is None or got is None or layout is None or not _params_ok(x, weight):
+    plan = _pn_plan(x, groups, eps, weight, activation)
+    if plan is None:
         return None
-    if (x.dtype == torch.float64) != (weight.dtype == torch.float64):
-        return None
-    N, C = x.shape[0], x.shape[1]
-    S = _spatial(x)
-    if (C // groups) * S < 2 or weight.shape[0] != C:
-        return None
-    mode = GROUP_CL if layout == "cl" else GROUP_NCHW
+    params = (weight, bias, proxy_bias, proxy_weight)
+    mode, N, C, S, code, slope = plan
+    dtype = weight.dtype
+    if dtype not in (torch.float32, torch.float64) or not (points.is_cpu and points.dim() == 1 and _params_ok(x, weight)):
+        return None  # (half parameters take the general path)
+    for p in params:
+        if p.dtype != dtype or not p.is_cpu or p.shape != weight.shape:
+            return None
+    node = _node()
+    if node is not None and all(p.is_contiguous() for p in params):  # one C++ call: kernels and autograd node
+        return node.gn_proxy_act(x, *params, _points(points, dtype), mode, N, C, S, groups, eps, code, slope, float(proxy_eps))  # type: ignore[no-any-return]
     spec = _Spec(mode, N, C, S, groups, eps, _gn_reference(groups, eps))
-    ps, u = got
+    ps, u = [p.detach().contiguous() for p in params], _points(points, dtype)
     try:
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in (weight, bias, proxy_bias, proxy_weight))):
-            return _FastGNProxy.apply(x, weight, bias, proxy_bias, proxy_weight, u, spec, activation, code[0], code[1], float(proxy_eps))  # type: ignore[no-any-return]
-        m, r = _stats_forward(ps, u, code[0], code[1], proxy_eps)
-        return _gn_act_forward(x, ps, m, r, spec, code[0], code[1])[0]
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return _FastGNProxy.apply(x, *params, u, spec, activation, code, slope, float(proxy_eps))  # type: ignore[no-any-return]
+        m, r = _stats_forward(ps, u, code, slope, proxy_eps)
+        return _gn_act_forward(x, ps, m, r, spec, code, slope)[0]
     except _Fallback:
         return None

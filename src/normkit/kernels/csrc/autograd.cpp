@@ -27,9 +27,23 @@ using train_t = int32_t (*)(int, const void*, const void*, const void*, void*, v
 using bwd_t = int32_t (*)(int, const void*, const void*, const void*, const void*, void*, void*, void*, int64_t,
                           int64_t, int64_t, int64_t, int64_t);
 
+using gnact_fwd_t = int32_t (*)(int, const void*, const void*, const void*, const void*, const void*, void*, void*,
+                                int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, double);
+using gnact_bwd_t = int32_t (*)(int, const void*, const void*, const void*, const void*, const void*, const void*,
+                                const void*, void*, double*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double);
+using pstats_t = int32_t (*)(int, const void*, const void*, const void*, const void*, const void*, int64_t, int64_t,
+                             int64_t, double, double, void*, void*);
+using pstats_bwd_t = int32_t (*)(int, const void*, const void*, const void*, const void*, const void*, int64_t, int64_t,
+                                 int64_t, double, const void*, const void*, const void*, const void*, void*, void*,
+                                 void*, void*);
+
 fwd_t k_fwd = nullptr;
 train_t k_train = nullptr;
 bwd_t k_bwd = nullptr;
+gnact_fwd_t k_gnact_fwd = nullptr;
+gnact_bwd_t k_gnact_bwd = nullptr;
+pstats_t k_pstats = nullptr;
+pstats_bwd_t k_pstats_bwd = nullptr;
 
 enum Mode : int64_t { BATCH_NCHW = 0, BATCH_CL = 1, GROUP_NCHW = 2, GROUP_CL = 3, CHANNEL_NCHW = 4 };
 enum Kind : int64_t { K_BATCH = 0, K_GROUP = 1, K_CHANNEL = 2 };  // what the norm is (for the recomputation)
@@ -124,6 +138,10 @@ Tensor fast_norm(const Tensor& x, const std::optional<Tensor>& w, const std::opt
                  int64_t N, int64_t C, int64_t S, int64_t G, int64_t kind, double eps, const std::optional<Tensor>& rm,
                  const std::optional<Tensor>& rv, const std::optional<Tensor>& nbt, double momentum, bool unbiased) {
   TORCH_CHECK(k_fwd && k_train && k_bwd, "normkit_autograd: init() was not called");
+  TORCH_CHECK(code(x.scalar_type()) >= 0 && x.device().is_cpu(), "normkit_autograd: unsupported input ", x.toString());
+  for (const auto* p : {&w, &b})
+    TORCH_CHECK(!*p || !(*p)->defined() || ((*p)->device().is_cpu() && (*p)->numel() == C),
+                "normkit_autograd: expected a CPU affine of ", C, " values");
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t nsets = mode == BATCH_NCHW || mode == BATCH_CL ? C : (mode == CHANNEL_NCHW ? N * S : N * G);
   auto prep = std::make_shared<Prepared>();
@@ -149,10 +167,129 @@ Tensor fast_norm(const Tensor& x, const std::optional<Tensor>& w, const std::opt
   return FastNorm::apply(x, w, b, prep, std::vector<int64_t>{mode, N, C, S, G, kind}, eps);
 }
 
-void init(int64_t fwd, int64_t train, int64_t bwd) {
+// ---- GroupNorm (no affine) + Proxy Norm's activation (GroupNormProxyAct2d) ----------------------------
+enum Act : int64_t { A_RELU = 0, A_LEAKY = 1, A_IDENT = 7 };
+
+Tensor act_of(const Tensor& a, int64_t act, double slope) {
+  if (act == A_RELU) return at::relu(a);
+  if (act == A_LEAKY) return at::leaky_relu(a, slope);
+  return a;
+}
+
+// The layer by ATen's differentiable ops (normkit.functional.proxy_norm_act's definition): what
+// create_graph=True differentiates.
+Tensor gn_proxy_recompute(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& pb, const Tensor& pw,
+                          const Tensor& u, int64_t G, double eps, int64_t act, double slope, double peps) {
+  const Tensor y = at::group_norm(x, G, std::nullopt, std::nullopt, eps, false);
+  const Tensor yt = (pw + 1.0).unsqueeze(1) * u.unsqueeze(0) + pb.unsqueeze(1);
+  const Tensor z = act_of(w.unsqueeze(1) * yt + b.unsqueeze(1), act, slope);
+  const Tensor m = z.mean(1);
+  const Tensor r = at::rsqrt((z - m.unsqueeze(1)).square().mean(1) + peps);
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[1] = -1;
+  const Tensor out = (act_of(w.view(shape) * y + b.view(shape), act, slope) - m.view(shape)) * r.view(shape);
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+struct GNProxy : public torch::autograd::Function<GNProxy> {
+  // prep: out, the GroupNorm statistics, the proxy mean and 1/std, already computed
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& pb,
+                        const Tensor& pw, const std::shared_ptr<std::vector<Tensor>>& prep, std::vector<int64_t> spec,
+                        std::vector<double> fspec) {
+    const auto& P = *prep;  // out, st, m, r, u
+    ctx->save_for_backward({x, w, b, pb, pw, P[1], P[2], P[3], P[4]});
+    ctx->saved_data["spec"] = std::move(spec);
+    ctx->saved_data["fspec"] = std::move(fspec);
+    return P[0];
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(8);
+    Tensor dout = grads[0];
+    if (!dout.defined()) return out;
+    auto sv = ctx->get_saved_variables();
+    const Tensor &x = sv[0], &w = sv[1], &b = sv[2], &pb = sv[3], &pw = sv[4], &st = sv[5], &m = sv[6], &r = sv[7],
+                 &u = sv[8];
+    const auto spec = ctx->saved_data["spec"].toIntVector();  // mode, N, C, S, G, act
+    const auto fs = ctx->saved_data["fspec"].toDoubleVector();  // eps, slope, peps
+    const int64_t mode = spec[0], N = spec[1], C = spec[2], S = spec[3], G = spec[4], act = spec[5];
+    if (at::GradMode::is_enabled() || !dout.has_storage()) {  // create_graph=True: the differentiable composite
+      std::vector<Tensor> inputs{x, w, b, pb, pw};
+      const Tensor y = gn_proxy_recompute(x, w, b, pb, pw, u, G, fs[0], act, fs[1], fs[2]);
+      auto g = torch::autograd::grad({y}, inputs, {dout}, true, at::GradMode::is_enabled(), true);
+      for (size_t i = 0; i < g.size(); ++i) out[i] = g[i];
+      return out;
+    }
+    if (dout.scalar_type() != x.scalar_type() || dout.strides() != x.strides()) dout = at::empty_like(x).copy_(dout);
+    const Tensor wd = w.detach(), bd = b.detach(), pbd = pb.detach(), pwd = pw.detach();
+    const int dt = m.scalar_type() == at::kDouble ? 1 : 0;
+    Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(x) : Tensor();
+    Tensor sums = at::empty({4, C}, x.options().dtype(at::kDouble));
+    k_gnact_bwd(code(x.scalar_type()), dout.data_ptr(), x.data_ptr(), wd.data_ptr(), bd.data_ptr(), m.data_ptr(),
+                r.data_ptr(), st.data_ptr(), ptr(dx), sums.data_ptr<double>(), mode, N, C, S, G, act, fs[1]);
+    const Tensor s = sums.to(m.scalar_type());
+    const Tensor gm = (-(s[2] * r)).contiguous(), gr = s[3].contiguous();
+    Tensor dw = at::empty({C}, m.options()), db = at::empty({C}, m.options()), dpb = at::empty({C}, m.options()),
+           dpw = at::empty({C}, m.options());
+    k_pstats_bwd(dt, wd.data_ptr(), bd.data_ptr(), pbd.data_ptr(), pwd.data_ptr(), u.data_ptr(), u.size(0), C, act,
+                 fs[1], m.data_ptr(), r.data_ptr(), gm.data_ptr(), gr.data_ptr(), dw.data_ptr(), db.data_ptr(),
+                 dpb.data_ptr(), dpw.data_ptr());
+    out[0] = dx;
+    out[1] = dw.add_(s[0]);
+    out[2] = db.add_(s[1]);
+    out[3] = dpb;
+    out[4] = dpw;
+    return out;
+  }
+};
+
+// GroupNorm (no affine) + Proxy Norm's activation, or None (the general path). u: the quadrature points
+// in the parameters' dtype; w, b, pb, pw: (C,) contiguous, that dtype.
+Tensor gn_proxy_act(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& pb, const Tensor& pw,
+                    const Tensor& u, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G, double eps, int64_t act,
+                    double slope, double peps) {
+  TORCH_CHECK(k_gnact_fwd && k_pstats, "normkit_autograd: init() was not called");
+  TORCH_CHECK(code(x.scalar_type()) >= 0 && x.device().is_cpu(), "normkit_autograd: unsupported input ", x.toString());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble,
+              "normkit_autograd: parameters must be float32 or float64, got ", w.scalar_type());
+  for (const Tensor* p : {&w, &b, &pb, &pw, &u})
+    TORCH_CHECK(p->scalar_type() == w.scalar_type() && p->is_contiguous() && p->dim() == 1 && p->device().is_cpu(),
+                "normkit_autograd: parameters and points must be contiguous 1-d CPU tensors of one dtype");
+  TORCH_CHECK(w.size(0) == C && b.size(0) == C && pb.size(0) == C && pw.size(0) == C, "normkit_autograd: expected ",
+              C, " channels");
+  auto prep = std::make_shared<std::vector<Tensor>>(5);
+  auto& P = *prep;
+  {
+    at::NoGradGuard no_grad;
+    const int dt = w.scalar_type() == at::kDouble ? 1 : 0;
+    const Tensor wd = w.detach(), bd = b.detach(), pbd = pb.detach(), pwd = pw.detach();
+    P[2] = at::empty({C}, w.options());
+    P[3] = at::empty({C}, w.options());
+    k_pstats(dt, wd.data_ptr(), bd.data_ptr(), pbd.data_ptr(), pwd.data_ptr(), u.data_ptr(), u.size(0), C, act, slope,
+             peps, P[2].data_ptr(), P[3].data_ptr());
+    P[0] = at::empty_like(x);
+    P[1] = at::empty({6, N * G}, w.options());
+    if (!k_gnact_fwd(code(x.scalar_type()), x.data_ptr(), wd.data_ptr(), bd.data_ptr(), P[2].data_ptr(),
+                     P[3].data_ptr(), P[0].data_ptr(), P[1].data_ptr(), mode, N, C, S, G, eps, act, slope))
+      return Tensor();
+    P[4] = u;
+  }
+  const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad() || b.requires_grad() ||
+                                                   pb.requires_grad() || pw.requires_grad());
+  if (!grad) return P[0];
+  return GNProxy::apply(x, w, b, pb, pw, prep, std::vector<int64_t>{mode, N, C, S, G, act},
+                        std::vector<double>{eps, slope, peps});
+}
+
+void init(int64_t fwd, int64_t train, int64_t bwd, int64_t gnact_fwd, int64_t gnact_bwd, int64_t pstats,
+          int64_t pstats_bwd) {
   k_fwd = reinterpret_cast<fwd_t>(fwd);
   k_train = reinterpret_cast<train_t>(train);
   k_bwd = reinterpret_cast<bwd_t>(bwd);
+  k_gnact_fwd = reinterpret_cast<gnact_fwd_t>(gnact_fwd);
+  k_gnact_bwd = reinterpret_cast<gnact_bwd_t>(gnact_bwd);
+  k_pstats = reinterpret_cast<pstats_t>(pstats);
+  k_pstats_bwd = reinterpret_cast<pstats_bwd_t>(pstats_bwd);
 }
 
 }  // namespace
@@ -161,4 +298,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("init", &init, "the fused kernels' C entry points (addresses)");
   m.def("fast_norm", &fast_norm,
         "the fused norm as one autograd node: output, or None when the batch needs the general path");
+  m.def("gn_proxy_act", &gn_proxy_act,
+        "GroupNorm + Proxy Norm's activation as one autograd node: output, or None (the general path)");
 }

@@ -113,7 +113,10 @@ def _ln_c_native(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
 
 
 def _pn(nf: Any) -> Op:
-    # proxy_bias / proxy_weight sized from w: the channel count changes between shapes
+    # GroupNormProxyAct2d's step (fused on the cpu backend); proxy_bias / proxy_weight sized from w (the
+    # channel count changes between shapes); eps 1e-5 like the native GroupNorm it is compared with
+    if hasattr(nf, "group_norm_proxy_act"):
+        return lambda x, w, b: nf.group_norm_proxy_act(x, 32, w, b, torch.zeros_like(w), torch.zeros_like(w), eps=1e-5)
     return lambda x, w, b: nf.proxy_norm_act(nf.group_norm(x, 32), w, b, torch.zeros_like(w), torch.zeros_like(w))
 
 

@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 
+import normkit
 import normkit.functional as F
 import normkit.nn as nkn
 from normkit import kernels
@@ -195,4 +196,39 @@ def test_unfused_activation_and_compile_still_match():
     x = torch.randn(2, 8, 5, 5)
     eager = layer(x)
     compiled = torch.compile(copy.deepcopy(layer), fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_functional_group_norm_proxy_act_is_the_layer(layout):
+    layer = _layer(12, 3, "relu", seed=8)
+    x = torch.randn(3, 12, 6, 5)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_() for _ in range(3)]
+    with kernels.use("cpu"):
+        a = layer(xs[0])
+        b = F.group_norm_proxy_act(xs[1], 3, *layer.parameters(), "relu", eps=1e-3)
+    with kernels.use("reference"):
+        c = F.proxy_norm_act(F.group_norm(xs[2], 3, eps=1e-3), *layer.parameters(), "relu")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)
+    for t in (a, b, c):
+        t.backward(torch.ones_like(t))
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=0, atol=0)
+    torch.testing.assert_close(xs[1].grad, xs[2].grad, rtol=1e-4, atol=1e-5)
+
+
+def test_functional_group_norm_proxy_act_errors_and_compile():
+    C = 8
+    ones, zeros = torch.ones(C), torch.zeros(C)
+    x = torch.randn(2, C, 4, 4)
+    with pytest.raises(normkit.NormError, match="divisible"):
+        F.group_norm_proxy_act(x, 3, ones, zeros, zeros, zeros)
+    with pytest.raises(normkit.NormError):
+        F.group_norm_proxy_act(x, 2, torch.ones(C + 1), zeros, zeros, zeros)
+    with pytest.raises(TypeError, match="proxy_bias"):
+        F.group_norm_proxy_act(x, 2, ones, zeros, None, zeros)  # type: ignore[arg-type]
+    eager = F.group_norm_proxy_act(x, 2, ones, zeros, zeros, zeros)
+    compiled = torch.compile(lambda t: F.group_norm_proxy_act(t, 2, ones, zeros, zeros, zeros), fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

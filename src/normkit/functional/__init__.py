@@ -16,7 +16,7 @@ from .group_norm import group_norm
 from .instance_norm import instance_norm
 from .layer_norm import layer_norm, layer_norm_2d
 from .activations import get_activation
-from .proxy_norm import proxy_norm_act, proxy_points, proxy_stats
+from .proxy_norm import group_norm_proxy_act, proxy_norm_act, proxy_points, proxy_stats
 
 __all__ = [
     "Moments",
@@ -36,6 +36,7 @@ __all__ = [
     "moments",
     "norm",
     "normalize",
+    "group_norm_proxy_act",
     "proxy_norm_act",
     "proxy_points",
     "proxy_stats",

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_eps, check_input, check_param, check_positive_int
+from .._errors import NormError
+from ._checks import check_eps, check_groups, check_input, check_param, check_positive_int
 from ._moments import acc_dtype
 from ._views import channel_view
 from ..ops.library import exporting
@@ -152,3 +153,70 @@ def proxy_norm_act(
     if memory_efficient and spec is not None and not exporting():
         return proxy_act(y, weight, bias, m, rstd, spec[0], spec[1])
     return proxy_act_composite(y, weight, bias, m, rstd, act)
+
+
+def group_norm_proxy_act(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor,
+    bias: Tensor,
+    proxy_bias: Tensor,
+    proxy_weight: Tensor,
+    activation: ActivationLike = "relu",
+    eps: float = 1e-3,
+    proxy_eps: float = 0.03,
+    num_points: int = 200,
+    *,
+    points: Tensor | None = None,
+) -> Tensor:
+    r"""GroupNorm without affine, then :func:`proxy_norm_act`: :class:`~normkit.nn.GroupNormProxyAct2d`'s step.
+
+    ``proxy_norm_act(group_norm(x, num_groups, eps=eps), weight, bias, proxy_bias, proxy_weight, ...)``.
+    On an eager CPU tensor with a ``relu``, ``leaky_relu`` or identity activation, the fused kernels
+    run it in one pass each way (the normalized input is never stored; the backward recomputes it
+    from ``x``); elsewhere (torch.compile, export, torch.func, other devices or activations) the
+    composition above runs. ``num_groups=1`` is LN over (C, H, W) + PN, the paper's recommendation.
+
+    Args:
+        x: ``(N, C, *spatial)`` input, any layout and floating dtype.
+        num_groups: G, a divisor of C.
+        weight, bias, proxy_bias, proxy_weight: ``(C,)``, as in :func:`proxy_norm_act`.
+        activation: see :func:`proxy_norm_act`.
+        eps: the group norm's eps (the authors' EfficientNet code uses 1e-3).
+        proxy_eps: the proxy variance's eps (0.03).
+        num_points, points: the quadrature, as in :func:`proxy_norm_act`.
+
+    Example:
+        >>> C = 8
+        >>> x = torch.randn(4, C, 5, 5)
+        >>> ones, zeros = torch.ones(C), torch.zeros(C)
+        >>> out = group_norm_proxy_act(x, 2, ones, zeros, zeros, zeros)
+        >>> y = torch.nn.functional.group_norm(x, 2, eps=1e-3)
+        >>> torch.allclose(out, proxy_norm_act(y, ones, zeros, zeros, zeros), atol=1e-5)
+        True
+
+    Reference: https://arxiv.org/abs/2106.03743
+    """
+    op = "group_norm_proxy_act"
+    check_input(x, op)
+    if x.dim() < 2:
+        raise NormError(f"{op}: expected an (N, C, *spatial) input, got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    groups = check_groups(num_groups, C, op)
+    eps = check_eps(eps, op)
+    for name, p in (("weight", weight), ("bias", bias), ("proxy_bias", proxy_bias), ("proxy_weight", proxy_weight)):
+        if p is None:
+            raise TypeError(f"{op}: {name} is required (a (C,) tensor), got None")
+        check_param(p, x, (C,), op, name)
+    if x.device.type == "cpu" and x.dim() >= 3:
+        from ..kernels import _fast
+
+        if _fast.eligible(x):
+            u = points if points is not None else proxy_points(num_points, dtype=torch.float64)
+            out = _fast.gn_proxy_act(x, groups, eps, weight, bias, proxy_bias, proxy_weight, u, activation, proxy_eps)
+            if out is not None:
+                return out
+    from .group_norm import group_norm
+
+    y = group_norm(x, groups, None, None, eps)
+    return proxy_norm_act(y, weight, bias, proxy_bias, proxy_weight, activation, proxy_eps, num_points, points=points)

@@ -569,11 +569,17 @@ def gn_proxy_act(
     params = (weight, bias, proxy_bias, proxy_weight)
     mode, N, C, S, code, slope = plan
     dtype = weight.dtype
-    if dtype not in (torch.float32, torch.float64) or not (points.is_cpu and points.dim() == 1 and _params_ok(x, weight)):
-        return None  # (half parameters take the general path)
+    if dtype in (torch.float16, torch.bfloat16) and x.dtype == dtype:  # half parameters: float32 copies
+        params = tuple(p.float() if p.dtype == dtype else p for p in params)  # (differentiable casts)
+        dtype = torch.float32
+    if dtype not in (torch.float32, torch.float64) or not (points.is_cpu and points.dim() == 1):
+        return None
+    if (x.dtype == torch.float64) != (dtype == torch.float64):
+        return None
     for p in params:
         if p.dtype != dtype or not p.is_cpu or p.shape != weight.shape:
             return None
+    weight, bias, proxy_bias, proxy_weight = params
     node = _node()
     if node is not None and all(p.is_contiguous() for p in params):  # one C++ call: kernels and autograd node
         return node.gn_proxy_act(x, *params, _points(points, dtype), mode, N, C, S, groups, eps, code, slope, float(proxy_eps))  # type: ignore[no-any-return]

@@ -471,8 +471,8 @@ def _cnn4(norm: str) -> Callable[[str], nn.Module]:
         torch.manual_seed(0)
         if kind == "normkit":
             return CNN4(norm)  # normkit's fused norm + ReLU layers, as the lab trains it
-        groups = int(norm.split(":")[1]) if ":" in norm else 0
-        torch_norm = (lambda c: nn.GroupNorm(groups, c)) if groups else nn.BatchNorm2d
+        groups = 1 if norm == "ln+pn" else int(norm.split(":")[1]) if ":" in norm else 0
+        torch_norm = (lambda c: nn.GroupNorm(groups, c)) if groups else nn.BatchNorm2d  # ln+pn: vs LN + ReLU
         return CNN4(lambda c: nn.Sequential(torch_norm(c), nn.ReLU()))
 
     return build
@@ -491,6 +491,7 @@ def _e2e_cases(cfg: BenchConfig) -> list[_E2ECase]:
         _E2ECase("ResNet-18-style", "gn:32", (2, 3, 64, 64), _resnet(False, "gn:32")),
         _E2ECase("CNN-4", "bn", (2, 1, 8, 8), _cnn4("bn")),
         _E2ECase("CNN-4", "gn:8", (2, 1, 8, 8), _cnn4("gn:8")),
+        _E2ECase("CNN-4", "ln+pn", (2, 1, 8, 8), _cnn4("ln+pn")),
     ]
 
 

@@ -9,6 +9,11 @@ source changes. Set ``NORMKIT_NO_BUILD=1`` to never compile (a cached build is s
 
 It is written against the LibTorch stable ABI (``STABLE_TORCH_LIBRARY``): the kernels only touch
 memory the Python side allocated, and need nothing from torch but ``parallel_for``.
+
+A second, optional extension (``csrc/autograd.cpp``, torch's C++ API, built into ``autograd/`` of
+the same folder on first use) records the layers' fast path as one C++ autograd node; it calls the
+kernels through their C entry points, which Python hands it once. If it cannot be built, the layers
+use a Python ``autograd.Function`` instead (same results, more per-call overhead).
 """
 
 from __future__ import annotations

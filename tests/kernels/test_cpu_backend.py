@@ -414,3 +414,41 @@ def test_no_compiler_or_no_build_still_works(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "not built" in out.stdout
+
+
+_VARIANTS = {
+    "gn-noaffine": lambda: normkit.nn.GroupNorm(4, 16, affine=False),
+    "bn-noaffine": lambda: normkit.nn.BatchNorm2d(16, affine=False),
+    "bn-untracked": lambda: normkit.nn.BatchNorm2d(16, track_running_stats=False),
+    "in-noaffine": lambda: normkit.nn.InstanceNorm2d(16),
+    "gn-half-params": lambda: normkit.nn.GroupNorm(4, 16).half(),
+}
+
+
+@pytest.mark.parametrize(
+    "variant, dtype",
+    [(v, d) for v in _VARIANTS for d in (torch.float32, torch.float16) if not (v.endswith("half-params") and d != torch.float16)],
+    ids=str,
+)
+def test_layer_fast_path_variants_match_reference(variant, dtype, autograd_path):
+    """Without affine, without running statistics, half inputs and half parameters; inference mode."""
+    import copy
+
+    torch.manual_seed(3)
+    layer = _VARIANTS[variant]()
+    x = torch.randn(3, 16, 5, 6).to(dtype)
+    res = {}
+    for backend in ("reference", "cpu"):
+        m = copy.deepcopy(layer)
+        xs = x.clone().requires_grad_()
+        with kernels.use(backend):
+            y = m(xs)
+            grads = torch.autograd.grad(y.float().square().sum(), [xs, *m.parameters()])
+        if backend == "cpu":
+            _assert_path(y, autograd_path)
+        res[backend] = [y, *grads, *(b for b in m.buffers() if b.is_floating_point())]
+    for got, want in zip(res["cpu"], res["reference"]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+    with torch.inference_mode(), kernels.use("cpu"):
+        out = layer(x)
+    torch.testing.assert_close(out.float(), res["reference"][0].float(), rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)

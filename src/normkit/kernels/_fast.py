@@ -153,8 +153,9 @@ class _FastNorm(torch.autograd.Function):
         dx = torch.empty_like(x) if needs[0] else None
         dw = torch.empty(spec.C, dtype=acc) if need_w else None
         db = torch.empty(spec.C, dtype=acc) if need_b else None
+        wk = _affine(w, acc)  # held: the kernel reads its memory
         _build.lib().normkit_backward(
-            _CODE[x.dtype], dy.data_ptr(), x.data_ptr(), _ptr(_affine(w, acc)), stats.data_ptr(), _ptr(dx), _ptr(dw),
+            _CODE[x.dtype], dy.data_ptr(), x.data_ptr(), _ptr(wk), stats.data_ptr(), _ptr(dx), _ptr(dw),
             _ptr(db), spec.mode, spec.N, spec.C, spec.S, spec.G,
         )  # the statistics are the kernel's own (never the reference's scaled ones): it always succeeds
         return (

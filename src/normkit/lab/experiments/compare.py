@@ -376,6 +376,10 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
                 record.log(kind="final", **r["final"])
             written += 1
 
+    if jobs > 1:  # compile the fused CPU kernels here, once: the worker processes then load the cached build
+        from ...kernels import build as build_kernels
+
+        build_kernels()
     with Progress(quiet=cfg.quiet or rank != 0) as progress:
         run_bar = progress.add("runs", total=len(runs))
         if jobs == 1:

@@ -14,6 +14,12 @@ a backend per call:
   statistics, channels_last kept; a call whose statistics would leave the exact range (a
   non-finite input, |x| beyond ~1e19 in float32, a variance below 2^-100 that eps does not
   dominate) reruns on the reference's scaled path.
+* ``"native"``: torch's own ATen kernels (``native_batch_norm``, ``native_layer_norm``,
+  ``native_group_norm`` and their backwards) for the patterns they compute identically (BatchNorm's
+  statistics, LayerNorm over trailing dims or over C, GroupNorm / InstanceNorm on a contiguous input, see
+  :mod:`normkit.kernels._native`; outputs in the input's layout), the reference for everything else. For comparisons: on this
+  project's CPUs the fused kernels are at least as fast on every fp32 path, so ``"auto"`` never
+  picks it.
 * ``"auto"`` (the default): ``"cpu"`` where it applies and is built, else ``"reference"``.
 
 Choose explicitly with :func:`use` (a context manager, also per thread) or the ``NORMKIT_BACKEND``
@@ -41,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ..ops import core
-from . import _build
+from . import _build, _native
 from ._build import KernelBuildWarning, build_dir, is_built
 from ._plan import MODES, Plan, describe, plan
 
@@ -61,7 +67,7 @@ __all__ = [
     "use",
 ]
 
-BACKENDS = ("auto", "reference", "cpu")
+BACKENDS = ("auto", "reference", "cpu", "native")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # dtype codes of the kernels' C entry points
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -84,7 +90,7 @@ def current() -> str:
 
 @contextlib.contextmanager
 def use(backend: str) -> Iterator[None]:
-    """Run the norms inside the ``with`` block on ``backend`` (``"auto"``, ``"reference"``, ``"cpu"``).
+    """Run the norms inside the ``with`` block on ``backend`` (``"auto"``, ``"reference"``, ``"cpu"``, ``"native"``).
 
     ``"cpu"`` builds the fused kernels if needed and raises :class:`RuntimeError` when they cannot
     be built; calls they do not cover still run on the reference.
@@ -109,10 +115,11 @@ def use(backend: str) -> Iterator[None]:
 
 
 def available() -> list[str]:
-    """The backends that can run here: ``"reference"`` always, ``"cpu"`` once built (or buildable)."""
+    """The backends that can run here: ``"reference"`` and ``"native"`` always, ``"cpu"`` once built (or buildable)."""
     out = ["auto", "reference"]
     if _build.load(build=True):
         out.append("cpu")
+    out.append("native")
     return out
 
 
@@ -145,7 +152,7 @@ def _eligible(x: Tensor, mask: Tensor | None) -> bool:
 
 def _cpu_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: tuple[int, ...]) -> Plan | None:
     backend = current()
-    if backend == "reference" or not _eligible(x, mask):
+    if backend in ("reference", "native") or not _eligible(x, mask):
         return None
     p = plan(x, dims, weight, bias)
     if p is None or not _cpu_ready():
@@ -181,6 +188,9 @@ def norm_forward(
 ) -> tuple[Tensor, Tensor]:
     """``(y, stats)`` of :func:`normkit.ops.core.norm_forward`, on the backend this call dispatches to."""
     dims = tuple(dims)
+    if current() == "native" and _eligible(x, mask):
+        got = _native.forward(x, weight, bias, dims, eps)
+        return got if got is not None else core.norm_forward(x, weight, bias, mask, dims, eps)
     p = _cpu_plan(x, weight, bias, mask, dims)
     if p is None:
         return core.norm_forward(x, weight, bias, mask, dims, eps)
@@ -210,6 +220,9 @@ def norm_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(dx, dweight, dbias)`` of :func:`normkit.ops.core.norm_backward` (``dx`` in ``x.dtype`` here)."""
     dims = tuple(dims)
+    if current() == "native" and _eligible(x, mask) and type(dy) is Tensor and torch._C._has_storage(dy):
+        got = _native.backward(dy, x, weight, bias, stats, dims, needs)
+        return got if got is not None else core.norm_backward(dy, x, weight, bias, mask, stats, dims, needs)
     p = _cpu_plan(x, weight, bias, mask, dims)
     if (
         p is None
@@ -264,7 +277,10 @@ def status() -> str:
     lines.append("norm (example input) -> what runs")
     for name, x, dims, w in cases:
         p = plan(x, dims, w, w)
-        if p is None:
+        if current() == "native":
+            pat = _native._pattern(x, tuple(dims), w, w)
+            where = f"ATen {('native_batch_norm', 'native_layer_norm', 'native_layer_norm (movedim)', 'native_group_norm')[pat[0]]}" if pat else "reference"
+        elif p is None:
             where = "reference"
         elif current() == "reference":
             where = f"reference (fused pattern {p.name} not used)"

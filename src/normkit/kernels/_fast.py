@@ -49,7 +49,7 @@ def eligible(x: Tensor) -> bool:
         and x.is_cpu
         and x.dtype in _CODE
         and x.numel() > 0
-        and current() != "reference"
+        and current() in ("auto", "cpu")
         and (bool(_build._state["loaded"]) or _build.load(build=True))
         and not _functorch_active()
         and _fwad._current_level < 0
@@ -452,7 +452,7 @@ def proxy_stats(
     """:func:`normkit.functional.proxy_stats` in one C++ call each way, or ``None`` where it does not apply."""
     from . import current
 
-    if current() == "reference" or not _proxy_ok():
+    if current() not in ("auto", "cpu") or not _proxy_ok():
         return None
     code = _act_code(activation)
     got = _proxy_params((weight, bias, proxy_bias, proxy_weight), points)

@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", type=_csv(_choice("fp32", "bf16")), default=["fp32", "bf16"], help="fp32,bf16 (default: both)")
     p.add_argument("--passes", type=_csv(_choice("fwd", "fwdbwd")), default=["fwd", "fwdbwd"], help="fwd,fwdbwd (default: both)")
     p.add_argument("--ops", type=_csv(str), help="only the ops whose name contains one of these, e.g. batch_norm,group")
-    p.add_argument("--backends", type=_csv(_choice("reference", "cpu")), help="normkit backends to time (default: all available)")
+    p.add_argument("--backends", type=_csv(_choice("reference", "cpu", "native")), help="normkit backends to time (default: all available)")
     p.add_argument("--repeats", type=_pint, default=3, help="interleaved repeats; the best median is kept (default: 3)")
     p.add_argument("--min-time", type=_pfloat, default=0.2, help="seconds per op measurement (default: 0.2)")
     p.add_argument("--threads", type=_pint, default=2, help="torch intra-op threads (default: 2)")

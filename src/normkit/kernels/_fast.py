@@ -137,15 +137,16 @@ class _FastNorm(torch.autograd.Function):
         x, w, b, stats = ctx.saved_tensors
         spec: _Spec = ctx.spec
         needs = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate a differentiable recomputation
+        # create_graph=True, or a batched gradient without storage (gradcheck's check_batched_grad):
+        # differentiate a differentiable recomputation
+        if torch.is_grad_enabled() or type(dy) is not Tensor or not torch._C._has_storage(dy):
+            create = torch.is_grad_enabled()
             with torch.enable_grad():
                 inputs = [t for t, n in zip((x, w, b), needs) if n and t is not None]
                 y = spec.reference(x, w, b)
-                grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True))
+                grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=create))
             return (*(next(grads) if (n and t is not None) else None for t, n in zip((x, w, b), needs)), None, None)
-        if type(dy) is not Tensor or not torch._C._has_storage(dy) or dy.dtype != x.dtype:
-            dy = torch.empty_like(x).copy_(dy)
-        elif dy.stride() != x.stride():
+        if dy.dtype != x.dtype or dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)
         acc = stats.dtype
         need_w = needs[1] and w is not None

@@ -103,15 +103,19 @@ struct FastNorm : public torch::autograd::Function<FastNorm> {
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_w = w.defined() && ctx->needs_input_grad(1);
     const bool need_b = b.defined() && ctx->needs_input_grad(2);
-    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiate a differentiable recomputation
+    // create_graph=True (or a batched gradient without storage, gradcheck's check_batched_grad):
+    // differentiate a differentiable recomputation
+    if (at::GradMode::is_enabled() || !dy.has_storage()) {
       std::vector<Tensor> inputs;
       std::vector<int> where;
       if (need_x) inputs.push_back(x), where.push_back(0);
       if (need_w) inputs.push_back(w), where.push_back(1);
       if (need_b) inputs.push_back(b), where.push_back(2);
       if (inputs.empty()) return out;
+      const bool create = at::GradMode::is_enabled();
+      at::AutoGradMode enable_grad(true);
       const Tensor y = recompute(x, w, b, kind, C, G, ctx->saved_data["eps"].toDouble());
-      auto g = torch::autograd::grad({y}, inputs, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
+      auto g = torch::autograd::grad({y}, inputs, {dy}, /*retain_graph=*/true, /*create_graph=*/create,
                                      /*allow_unused=*/true);
       for (size_t i = 0; i < g.size(); ++i) out[where[i]] = g[i];
       return out;
@@ -215,8 +219,10 @@ struct GNProxy : public torch::autograd::Function<GNProxy> {
     const int64_t mode = spec[0], N = spec[1], C = spec[2], S = spec[3], G = spec[4], act = spec[5];
     if (at::GradMode::is_enabled() || !dout.has_storage()) {  // create_graph=True: the differentiable composite
       std::vector<Tensor> inputs{x, w, b, pb, pw};
+      const bool create = at::GradMode::is_enabled();
+      at::AutoGradMode enable_grad(true);
       const Tensor y = gn_proxy_recompute(x, w, b, pb, pw, u, G, fs[0], act, fs[1], fs[2]);
-      auto g = torch::autograd::grad({y}, inputs, {dout}, true, at::GradMode::is_enabled(), true);
+      auto g = torch::autograd::grad({y}, inputs, {dout}, true, create, true);
       for (size_t i = 0; i < g.size(); ++i) out[i] = g[i];
       return out;
     }

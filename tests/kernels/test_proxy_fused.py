@@ -232,3 +232,26 @@ def test_functional_group_norm_proxy_act_errors_and_compile():
     eager = F.group_norm_proxy_act(x, 2, ones, zeros, zeros, zeros)
     compiled = torch.compile(lambda t: F.group_norm_proxy_act(t, 2, ones, zeros, zeros, zeros), fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_plans_and_points_follow_the_arguments():
+    """The fast path caches per-shape plans and converted points: new activations and points count."""
+    C = 8
+    x = torch.randn(2, C, 4, 4)
+    ones, zeros = torch.ones(C), torch.zeros(C)
+    for slope in (0.1, 0.3):  # a fresh module each time (its id may be a freed one's)
+        act = torch.nn.LeakyReLU(slope)
+        with kernels.use("cpu"):
+            got = F.group_norm_proxy_act(x, 2, ones, zeros, zeros, zeros, act)
+        with kernels.use("reference"):
+            want = F.group_norm_proxy_act(x, 2, ones, zeros, zeros, zeros, act)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        del act
+    for scale in (1.0, 2.0):  # user points of the same size and dtype
+        pts = F.proxy_points(200, dtype=F64) * scale
+        with kernels.use("cpu"):
+            got = F.group_norm_proxy_act(x, 2, ones, zeros, zeros, zeros, points=pts)
+        with kernels.use("reference"):
+            want = F.group_norm_proxy_act(x, 2, ones, zeros, zeros, zeros, points=pts)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        del pts

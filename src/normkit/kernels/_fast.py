@@ -16,6 +16,7 @@ general path, which computes the same thing.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -522,17 +523,25 @@ class _FastGNProxy(torch.autograd.Function):
         return dx, dw_s.add_(sums[0]), db_s.add_(sums[1]), dpb, dpw, None, None, None, None, None, None
 
 
-_U_CACHE: dict[tuple[Any, ...], Tensor] = {}
+_U_CACHE: dict[tuple[Any, ...], tuple[Any, Tensor]] = {}
 
 
 def _points(points: Tensor, dtype: torch.dtype) -> Tensor:
-    """The quadrature points in the parameters' dtype, contiguous (cached per buffer and version)."""
-    key = (points.data_ptr(), points._version, points.dtype, points.shape[0], dtype)
-    u = _U_CACHE.get(key)
-    if u is None:
-        if len(_U_CACHE) > 64:
-            _U_CACHE.clear()
-        u = _U_CACHE[key] = points.detach().to(dtype).contiguous()
+    """The quadrature points in the parameters' dtype, contiguous (cached per buffer and version).
+
+    A hit must be the same live tensor (a weak reference), not a recycled address: points passed by
+    the user may differ from the layer's.
+    """
+    if points.dtype == dtype and points.is_contiguous():
+        return points.detach()
+    key = (id(points), points.data_ptr(), points._version, points.shape[0], dtype)
+    hit = _U_CACHE.get(key)
+    if hit is not None and hit[0]() is points:
+        return hit[1]
+    if len(_U_CACHE) > 64:
+        _U_CACHE.clear()
+    u = points.detach().to(dtype).contiguous()
+    _U_CACHE[key] = (weakref.ref(points), u)
     return u
 
 
@@ -541,21 +550,32 @@ _PN_PLANS: dict[tuple[Any, ...], tuple[int, int, int, int, int, float] | None] =
 
 def _pn_plan(x: Tensor, groups: int, eps: float, weight: Tensor, activation: Any) -> tuple[int, int, int, int, int, float] | None:
     """(mode, N, C, S, act code, slope) of the fused GroupNorm + Proxy Norm call, or ``None`` (cached)."""
-    key = (x.shape, x.stride(), x.dtype, groups, eps, activation if isinstance(activation, str) else id(activation), weight.dtype)
+    # the activation itself in the key (names, functions and modules hash by value or identity; the key
+    # keeps it alive, so its id is never reused for another one while cached)
+    try:
+        key = (x.shape, x.stride(), x.dtype, groups, eps, activation, weight.dtype)
+        hash(key)
+    except TypeError:
+        return _pn_plan_uncached(x, groups, weight, activation)
     plan = _PN_PLANS.get(key, False)
     if plan is False:
-        plan = None
-        code = _act_code(activation)
-        layout = _layout(x) if x.dim() >= 3 else None
-        if code is not None and layout is not None and (x.dtype == torch.float64) == (weight.dtype == torch.float64):
-            N, C = x.shape[0], x.shape[1]
-            S = _spatial(x)
-            if (C // groups) * S >= 2 and weight.shape[0] == C:
-                plan = (GROUP_CL if layout == "cl" else GROUP_NCHW, N, C, S, code[0], code[1])
+        plan = _pn_plan_uncached(x, groups, weight, activation)
         if len(_PN_PLANS) > 4096:
             _PN_PLANS.clear()
         _PN_PLANS[key] = plan
     return plan
+
+
+def _pn_plan_uncached(x: Tensor, groups: int, weight: Tensor, activation: Any) -> tuple[int, int, int, int, int, float] | None:
+    code = _act_code(activation)
+    layout = _layout(x) if x.dim() >= 3 else None
+    if code is None or layout is None or (x.dtype == torch.float64) != (weight.dtype == torch.float64):
+        return None
+    N, C = x.shape[0], x.shape[1]
+    S = _spatial(x)
+    if (C // groups) * S < 2 or weight.shape[0] != C:
+        return None
+    return (GROUP_CL if layout == "cl" else GROUP_NCHW, N, C, S, code[0], code[1])
 
 
 def gn_proxy_act(

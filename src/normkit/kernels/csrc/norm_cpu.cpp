@@ -597,11 +597,7 @@ inline BackCoef back_coef(const O* st, int64_t nsets, int64_t k, double g_sum, d
 //  * long sets (Cg > LONG_ROW) take the backward in two parallel passes: the per-set sums by chunks,
 //    then dx and dweight / dbias by column tiles over all rows (a tile's accumulators stay in L1).
 
-#ifndef NK_RB
-#define NK_RB 4
-#define NK_RL 32
-#endif
-constexpr int RB = NK_RB;
+constexpr int RB = 4;  // (tried 1, 2, 4, 8 with 32- and 64-byte lanes here: 4 x 32 bytes was fastest)
 constexpr int64_t RSHORT = 512;      // sets interleaved RB at a time in the backward up to this length
 constexpr int64_t RFLUSH = 256;      // rows of dweight / dbias terms summed in float before a flush
 constexpr int64_t LONG_ROW = 16384;  // longer sets: the column-tiled backward
@@ -609,7 +605,7 @@ constexpr int64_t RTILE = 2048;      // columns per tile of that backward
 constexpr int64_t RCHUNK = 16384;    // elements per task of its sums
 
 template <typename O>
-constexpr int row_lanes() { return static_cast<int>(NK_RL / sizeof(O)); }
+constexpr int row_lanes() { return static_cast<int>(32 / sizeof(O)); }  // one 256-bit vector
 
 template <int L, typename O>
 inline O hsum(const O* a) {
@@ -1696,10 +1692,7 @@ void gn_act_backward_impl(const T* dout, const T* x, const O* wa, const O* ba, c
       QQ[n * C + c] = static_cast<O>(ba[c] - wa[c] * cm * rstd);
     }
   if (mode == GROUP_NCHW) {
-#ifndef NK_GV
-#define NK_GV 8
-#endif
-    constexpr int V = NK_GV;
+    constexpr int V = 8;  // lanes per sum (16 was slower: six sums then spill)
     torch::stable::parallel_for(0, N * C, grain(S), [&](int64_t i0, int64_t i1) {
       for (int64_t nc = i0; nc < i1; ++nc) {
         const O sh = SH[nc], P = PP[nc], Q = QQ[nc], Mc = M[nc % C];

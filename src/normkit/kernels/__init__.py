@@ -115,7 +115,12 @@ def use(backend: str) -> Iterator[None]:
 
 
 def available() -> list[str]:
-    """The backends that can run here: ``"reference"`` and ``"native"`` always, ``"cpu"`` once built (or buildable)."""
+    """The backends that can run here: ``"reference"`` and ``"native"`` always, ``"cpu"`` once built (or buildable).
+
+    Example:
+        >>> {"auto", "reference", "native"} <= set(normkit.kernels.available())
+        True
+    """
     out = ["auto", "reference"]
     if _build.load(build=True):
         out.append("cpu")
@@ -125,7 +130,13 @@ def available() -> list[str]:
 
 def build(verbose: bool = False) -> bool:
     """Compile (or load) the fused CPU kernels now, and the layers' C++ autograd node; True when the
-    kernels are ready (the node is optional: without it the layers use a Python Function)."""
+    kernels are ready (the node is optional: without it the layers use a Python Function).
+
+    Example:
+        >>> # on a fresh machine this compiles for about 75 s
+        >>> normkit.kernels.build()  # doctest: +SKIP
+        True
+    """
     ok = _build.load(build=True, verbose=verbose)
     if ok:
         _build.autograd_module(build=True, verbose=verbose)

@@ -353,15 +353,20 @@ def _act_code(activation: Any) -> tuple[int, float] | None:
     return _ACT_CODE[spec[0]], float(spec[1])
 
 
+def _proxy_params_ok(params: tuple[Tensor, ...], points: Tensor) -> bool:
+    """Whether the four (C,) parameter vectors and the points suit the C++ side: one float32 / float64
+    dtype, on the CPU, one shape; the points 1-d on the CPU."""
+    dtype, shape = params[0].dtype, params[0].shape
+    if dtype not in (torch.float32, torch.float64) or len(shape) != 1 or not points.is_cpu or points.dim() != 1:
+        return False
+    return all(p.dtype == dtype and p.is_cpu and p.shape == shape for p in params)
+
+
 def _proxy_params(params: tuple[Tensor, ...], points: Tensor) -> tuple[list[Tensor], Tensor] | None:
-    dtype = params[0].dtype
-    if dtype not in (torch.float32, torch.float64) or not points.is_cpu or points.dim() != 1:
+    """The parameters detached and contiguous, and the points in their dtype, or ``None`` (see :func:`_proxy_params_ok`)."""
+    if not _proxy_params_ok(params, points):
         return None
-    C = params[0].shape
-    for p in params:
-        if p.dtype != dtype or not p.is_cpu or p.shape != C or len(C) != 1:
-            return None
-    return [p.detach() if p.is_contiguous() else p.detach().contiguous() for p in params], _points(points, dtype)
+    return [p.detach() if p.is_contiguous() else p.detach().contiguous() for p in params], _points(points, params[0].dtype)
 
 
 def _stats_forward(ps: list[Tensor], u: Tensor, code: int, slope: float, eps: float) -> tuple[Tensor, Tensor]:
@@ -594,14 +599,8 @@ def gn_proxy_act(
     if dtype in (torch.float16, torch.bfloat16) and x.dtype == dtype:  # half parameters: float32 copies
         params = tuple(p.float() if p.dtype == dtype else p for p in params)  # (differentiable casts)
         dtype = torch.float32
-    if dtype not in (torch.float32, torch.float64) or not (points.is_cpu and points.dim() == 1):
+    if (x.dtype == torch.float64) != (dtype == torch.float64) or not _proxy_params_ok(params, points):
         return None
-    if (x.dtype == torch.float64) != (dtype == torch.float64):
-        return None
-    for p in params:
-        if p.dtype != dtype or not p.is_cpu or p.shape != weight.shape:
-            return None
-    weight, bias, proxy_bias, proxy_weight = params
     node = _node()
     if node is not None and all(p.is_contiguous() for p in params):  # one C++ call: kernels and autograd node
         return node.gn_proxy_act(x, *params, _points(points, dtype), mode, N, C, S, groups, eps, code, slope, float(proxy_eps))  # type: ignore[no-any-return]

@@ -125,6 +125,32 @@ def test_edge_shapes(shape, name, affine):
         _close(got, exp, GTOL[torch.float32])
 
 
+@pytest.mark.parametrize(
+    ("shape", "name"),
+    [
+        ((5, 1, 1001, 1003), "ln_chw"),  # odd rows: each row's output starts unaligned
+        ((2, 4, 1024, 600), "gn4"),  # long groups (G > 1)
+    ],
+)
+def test_outputs_beyond_the_cache_take_the_streamed_stores(shape, name):
+    # fp32 outputs above 16 MB go through the kernels' non-temporal stores (forward y, backward dx)
+    fn, ref = OPS[name]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g, dtype=F64) * 2 + 1
+    dy = torch.randn(shape, generator=g, dtype=F64)
+    w, b = _params(name, shape, True, 4)
+    assert x.numel() * 4 > 16 << 20
+    y, grads = _run(fn, x, w, b, dy, torch.float32, "cpu")
+    ey, egrads = _oracle(ref, x, w, b, dy.float().double())
+    _close(y, ey, TOL[torch.float32])
+    for got, exp in zip(grads, egrads):
+        _close(got, exp, GTOL[torch.float32])
+    dx_only = x.float().requires_grad_()
+    with kernels.use("cpu"):
+        fn(dx_only, None if w is None else w.float(), None if b is None else b.float()).backward(dy.float())
+    _close(dx_only.grad, egrads[0], GTOL[torch.float32])
+
+
 def test_non_contiguous_input_and_weight_view():
     base = torch.randn(4, 8, 6, 10, dtype=F64)
     x = base[:, :, :, ::2]  # not dense: normkit copies it once

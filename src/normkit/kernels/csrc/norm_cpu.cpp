@@ -32,6 +32,9 @@
 #include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 #include <cmath>
 #include <cstdint>
@@ -597,6 +600,42 @@ inline BackCoef back_coef(const O* st, int64_t nsets, int64_t k, double g_sum, d
 //  * long sets (Cg > LONG_ROW) take the backward in two parallel passes: the per-set sums by chunks,
 //    then dx and dweight / dbias by column tiles over all rows (a tile's accumulators stay in L1).
 
+// Outputs larger than this many bytes (about half this machine's last-level cache) are written with
+// non-temporal stores: they cannot stay cached anyway, and a plain store first reads every line it
+// writes (measured: the long-row LayerNorm forward at (32, 64*56*56) 1.8 -> 1.55 ms; at (8, 256*28*28),
+// whose output stays in cache, streaming costs 0.29 -> 0.35 ms, hence the threshold).
+constexpr int64_t STREAM_BYTES = int64_t(16) << 20;
+constexpr int64_t EMIT = 1024;  // outputs per L1 buffer of those stores
+
+// Writes n outputs at q through `fill(j, len, dst)` (which writes outputs j .. j + len - 1 to dst); with
+// `stream`, float outputs go through an L1 buffer and non-temporal stores (call fence() after).
+template <typename T, typename F>
+inline void emit(T* q, int64_t n, bool stream, F&& fill) {
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) {
+      const int64_t head = std::min<int64_t>(n, ((32 - (reinterpret_cast<uintptr_t>(q) & 31)) & 31) / 4);
+      fill(0, head, q);
+      alignas(32) float buf[EMIT];
+      int64_t j = head;
+      for (; j + EMIT <= n; j += EMIT) {
+        fill(j, EMIT, buf);
+        for (int64_t i = 0; i < EMIT; i += 8) _mm256_stream_ps(q + j + i, _mm256_load_ps(buf + i));
+      }
+      fill(j, n - j, q + j);
+      return;
+    }
+  }
+#endif
+  fill(0, n, q);
+}
+
+inline void fence(bool stream) {
+#if defined(__AVX__)
+  if (stream) _mm_sfence();  // the non-temporal stores are weakly ordered: visible before the join
+#endif
+}
+
 constexpr int RB = 4;  // (tried 1, 2, 4, 8 with 32- and 64-byte lanes here: 4 x 32 bytes was fastest)
 constexpr int64_t RSHORT = 512;      // sets interleaved RB at a time in the backward up to this length
 constexpr int64_t RFLUSH = 256;      // rows of dweight / dbias terms summed in float before a flush
@@ -698,12 +737,17 @@ void rows_forward(const T* x, const O* w, const O* b, T* y, O* st, int32_t* ok, 
       for (; k < k1; ++k) rows_fwd_short<1, T, O>(x, w, b, y, st, ok, nsets, k, Cg, G, eps);
       return;
     }
+    const bool stream = N * C * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
     for (; k < k1; ++k) {
       const int64_t c0 = (k % G) * Cg;
       auto s = finish_set<O>(set_moments<T, O>(x + k * Cg, 1, Cg, Cg), eps, st, nsets, k, ok);
-      row_out<T, O>(x + k * Cg, y + k * Cg, Cg, s.shift, static_cast<O>(s.rstd), static_cast<O>(s.cm * s.rstd),
-                    w ? w + c0 : nullptr, b ? b + c0 : nullptr);
+      const T* p = x + k * Cg;
+      emit(y + k * Cg, Cg, stream, [&](int64_t j, int64_t n, T* q) {
+        row_out<T, O>(p + j, q, n, s.shift, static_cast<O>(s.rstd), static_cast<O>(s.cm * s.rstd),
+                      w ? w + c0 + j : nullptr, b ? b + c0 + j : nullptr);
+      });
     }
+    fence(stream);
   });
 }
 
@@ -813,8 +857,10 @@ inline void rows_bwd_sets(const T* dy, const T* x, const O* w, const O* st, T* d
   }
 }
 
-template <bool W, typename T, typename O>
-void rows_backward_long(const T* dy, const T* x, const O* w, const O* st, T* dx, double* dw, double* db, int64_t N,
+// dweight / dbias (D: double, or the statistics dtype straight into the caller's tensors) are stored,
+// not added: the column tiles partition the columns, each tile sums its own in double.
+template <bool W, typename T, typename O, typename D>
+void rows_backward_long(const T* dy, const T* x, const O* w, const O* st, T* dx, D* dw, D* db, int64_t N,
                         int64_t C, int64_t G) {
   constexpr int L = row_lanes<O>();
   const int64_t Cg = C / G, nsets = N * G, nch = (Cg + RCHUNK - 1) / RCHUNK;
@@ -871,29 +917,47 @@ void rows_backward_long(const T* dy, const T* x, const O* w, const O* st, T* dx,
   }
   // 3. dx and dweight / dbias by column tiles: each tile walks all rows, its sums stay in L1
   const bool need_p = dw || db;
+  const bool stream = dx && nsets * Cg * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
   const int64_t ntile = (Cg + RTILE - 1) / RTILE;
   torch::stable::parallel_for(0, G * ntile, 1, [&](int64_t t0, int64_t t1) {
     std::vector<O> aw(need_p ? RTILE : 0), ab(aw.size());
+    std::vector<double> sw(aw.size()), sb(aw.size());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / ntile, j0 = (t % ntile) * RTILE, n = std::min(RTILE, Cg - j0), c0 = g * Cg + j0;
       std::fill(aw.begin(), aw.end(), O(0));
       std::fill(ab.begin(), ab.end(), O(0));
+      std::fill(sw.begin(), sw.end(), 0.0);
+      std::fill(sb.begin(), sb.end(), 0.0);
       auto flush = [&]() {
         for (int64_t j = 0; j < n; ++j) {
-          if (dw) dw[c0 + j] += aw[j];
-          if (db) db[c0 + j] += ab[j];
+          sw[j] += aw[j];
+          sb[j] += ab[j];
           aw[j] = ab[j] = O(0);
         }
       };
       for (int64_t r = 0; r < N; ++r) {
         const int64_t k = r * G + g, off = k * Cg + j0;
         const O* c = co.data() + 5 * k;
-        row_dx<W, T, O>(dy + off, x + off, W ? w + c0 : nullptr, dx ? dx + off : nullptr, need_p ? aw.data() : nullptr,
-                        need_p ? ab.data() : nullptr, n, st[k], c[0], c[1], c[2], c[3], c[4]);
+        if (dx) {
+          emit(dx + off, n, stream, [&](int64_t j, int64_t m, T* q) {
+            row_dx<W, T, O>(dy + off + j, x + off + j, W ? w + c0 + j : nullptr, q, need_p ? aw.data() + j : nullptr,
+                            need_p ? ab.data() + j : nullptr, m, st[k], c[0], c[1], c[2], c[3], c[4]);
+          });
+        } else {
+          row_dx<W, T, O>(dy + off, x + off, W ? w + c0 : nullptr, nullptr, aw.data(), ab.data(), n, st[k], c[0], c[1],
+                          c[2], c[3], c[4]);
+        }
         if (need_p && (r + 1) % RFLUSH == 0) flush();
       }
-      if (need_p) flush();
+      if (need_p) {
+        flush();
+        for (int64_t j = 0; j < n; ++j) {
+          if (dw) dw[c0 + j] = static_cast<D>(sw[j]);
+          if (db) db[c0 + j] = static_cast<D>(sb[j]);
+        }
+      }
     }
+    fence(stream);
   });
 }
 
@@ -902,7 +966,7 @@ void rows_backward_w(const T* dy, const T* x, const O* w, const O* st, T* dx, do
                      int64_t C, int64_t G) {
   const int64_t Cg = C / G, nsets = N * G;
   if (Cg > LONG_ROW) {
-    rows_backward_long<W, T, O>(dy, x, w, st, dx, dw, db, N, C, G);
+    rows_backward_long<W, T, O, double>(dy, x, w, st, dx, dw, db, N, C, G);
     return;
   }
   const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
@@ -2057,6 +2121,22 @@ int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const
     for (int64_t k = 0; k < nsets; ++k) scaled |= inv[k] != 1.0f;
   }
   if (scaled) return 0;
+  if (mode == GROUP_NCHW && S == 1 && G > 0 && C / G > LONG_ROW) {  // long rows store dweight / dbias themselves
+    by_dtype(dt, [&](auto t, auto o) {
+      using T = decltype(t);
+      using O = decltype(o);
+      auto run = [&](auto wflag) {
+        rows_backward_long<decltype(wflag)::value, T, O, O>(
+            static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w), static_cast<const O*>(st),
+            static_cast<T*>(dx), static_cast<O*>(dw), static_cast<O*>(db), N, C, G);
+      };
+      if (w)
+        run(std::true_type{});
+      else
+        run(std::false_type{});
+    });
+    return 1;
+  }
   // dweight / dbias accumulate in double and are stored in the statistics dtype (float32 / float64)
   std::vector<double> acc(static_cast<size_t>((dw ? C : 0) + (db ? C : 0)), 0.0);
   double* dwa = dw ? acc.data() : nullptr;

@@ -144,3 +144,17 @@ def test_benchmark_script_is_a_wrapper(monkeypatch, capsys):
                          "--passes", "fwd", "--repeats", "1", "--min-time", "0.01", "--no-e2e", "--quiet",
                          "--baseline", str(Path(__file__).resolve().parents[1] / "no" / "such")])
     assert rc == 2 and "no package at" in capsys.readouterr().err
+
+
+def test_timed_statements_run_on_the_configured_threads():
+    # torch.utils.benchmark.Timer defaults to one intra-op thread; the bench must time what it reports
+    from normkit import bench
+
+    seen = []
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        bench._time(lambda: seen.append(torch.get_num_threads()), 0.01)
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {2}

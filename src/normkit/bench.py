@@ -255,9 +255,14 @@ def _backend(provider: str | None) -> Any:
 
 
 def _time(stmt: Callable[[], Any], min_time: float) -> float:
-    """Median ms of ``stmt`` over about ``min_time`` seconds, after one warm-up call."""
+    """Median ms of ``stmt`` over about ``min_time`` seconds, after one warm-up call, on this thread count.
+
+    ``Timer`` runs its statement with one intra-op thread unless told otherwise: it gets the count
+    ``run_bench`` set, so every provider runs on the same (documented) threads.
+    """
     stmt()  # warm-up (and compile)
-    return Timer("stmt()", globals={"stmt": stmt}).blocked_autorange(min_run_time=min_time).median * 1e3
+    timer = Timer("stmt()", globals={"stmt": stmt}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_time).median * 1e3
 
 
 def _op_stmt(fn: Op, x: Tensor, w: Tensor, b: Tensor, backward: bool) -> Callable[[], Any]:

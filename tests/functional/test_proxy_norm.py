@@ -116,7 +116,9 @@ def test_recompute_function_equals_composite(act, layout):
         out.backward(dout)
         results.append((out.detach(), y.grad, *[q.grad for q in qs]))
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        # two float32 evaluation orders: parameter gradients are sums over the batch, so the
+        # tolerance follows their scale (seen: 2.3e-5 apart on a gradient of 61 over 300 seeds)
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-5)
     if layout == "channels_last":
         assert results[0][0].is_contiguous(memory_format=torch.channels_last)
         assert results[0][1].is_contiguous(memory_format=torch.channels_last)

@@ -1212,6 +1212,16 @@ def _spy_plans(monkeypatch) -> list:
         return p
 
     monkeypatch.setattr(kernels, "plan", spy)
+    # the eager fast path (layers, and functional group_norm) hands the kernels its own pattern
+    from normkit.kernels import _fast, _plan
+
+    real_run = _fast._run
+
+    def spy_run(x, w, b, spec, train):
+        seen.append(_plan.MODES[spec.mode])
+        return real_run(x, w, b, spec, train)
+
+    monkeypatch.setattr(_fast, "_run", spy_run)
     return seen
 
 

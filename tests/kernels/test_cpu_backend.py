@@ -503,3 +503,62 @@ def test_fast_paths_pass_batched_gradcheck(make, autograd_path):
         if not isinstance(layer, normkit.nn.GroupNormProxyAct2d):  # (its node is GNProxy, checked elsewhere)
             _assert_path(f(x, *layer.parameters()), autograd_path)
         assert torch.autograd.gradcheck(f, (x, *layer.parameters()), check_batched_grad=True)
+
+
+FUNCTIONAL_FAST = {  # functional calls that take the eager fast path: (x, w, b, stats) -> (y, returned stats)
+    "batch_norm": lambda x, w, b, s: _nt(F.batch_norm(x, None, None, w, b, training=True)),
+    "batch_norm+running": lambda x, w, b, s: _nt(
+        F.batch_norm(x, s[0], s[1], w, b, training=True, momentum=0.2, num_batches_tracked=s[2])
+    ),
+    "batch_norm+cumulative": lambda x, w, b, s: _nt(
+        F.batch_norm(x, s[0], s[1], w, b, training=True, momentum=None, num_batches_tracked=s[2])
+    ),
+    "instance_norm": lambda x, w, b, s: _nt(F.instance_norm(x, weight=w, bias=b)),
+    "group_norm": lambda x, w, b, s: (F.group_norm(x, 4, w, b), ()),
+    "group_norm+bias_only": lambda x, w, b, s: (F.group_norm(x, 4, None, b), ()),
+    "layer_norm_2d": lambda x, w, b, s: (F.layer_norm_2d(x, w, b), ()),
+    "layer_norm": lambda x, w, b, s: (F.layer_norm(x, x.shape[1:]), ()),
+    "layer_norm_affine": lambda x, w, b, s: (F.layer_norm(x, x.shape[2:], w[:35].view(5, 7), b[:35].view(5, 7)), ()),
+}
+
+
+def _nt(out):
+    return out.output, tuple(t for t in (out.running_mean, out.running_var, out.num_batches_tracked) if t is not None)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("name", list(FUNCTIONAL_FAST))
+def test_functional_fast_paths_match_the_reference_and_keep_the_functional_contract(monkeypatch, name, layout, autograd_path):
+    from normkit.kernels import _fast
+
+    calls = []
+    real = _fast._run
+    monkeypatch.setattr(_fast, "_run", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 8, 5, 7, generator=g) * 3 + 1
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    n = 40 if name == "layer_norm_affine" else 8
+    w, b = 1 + 0.3 * torch.randn(n, generator=g), 0.3 * torch.randn(n, generator=g)
+    stats = (torch.randn(8, generator=g), torch.rand(8, generator=g) + 0.5, torch.tensor(3))
+    dy = torch.randn(x.shape, generator=g)
+    results = {}
+    for backend in ("auto", "reference"):
+        xs, ws, bs = (t.detach().clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, w, b))
+        ss = tuple(s.clone() for s in stats)
+        with kernels.use(backend):
+            y, out_stats = FUNCTIONAL_FAST[name](xs, ws, bs, ss)
+            y.backward(dy)
+        for s, s0 in zip(ss, stats):  # functional: the given statistics are never written
+            assert torch.equal(s, s0)
+        results[backend] = (y.detach(), out_stats, [t.grad for t in (xs, ws, bs) if t.grad is not None])
+    expected_fast = layout == "nchw" or name not in ("layer_norm", "layer_norm_affine")  # LN: contiguous rows only
+    assert bool(calls) == expected_fast
+    (y1, s1, g1), (y0, s0, g0) = results["auto"], results["reference"]
+    assert y1.stride() == y0.stride()
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    assert len(s1) == len(s0)
+    for a, e in zip(s1, s0):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    for a, e in zip(g1, g0):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)

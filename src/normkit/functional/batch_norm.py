@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .._errors import NormError
+from ..kernels import _fast
 from ..ops.library import exporting
 from ._autograd import norm, norm_count
 from ._checks import check_eps, check_input, check_momentum, check_param
@@ -131,6 +132,17 @@ def batch_norm(
             f"{op}: expected more than 1 value per channel when using batch statistics{why}, got input of "
             f"shape {tuple(x.shape)}; use a batch of at least 2, or eval mode with running statistics"
         )
+    if (
+        mask is None
+        and m > 1
+        and not (momentum is None and num_batches_tracked is None)  # the general path says why not
+        and not exporting()
+        and _fast.eligible(x)
+    ):
+        fast = _fast_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                                num_batches_tracked, unbiased_running_var)
+        if fast is not None:
+            return fast
     y, mean, var, count = norm_count(x, dims, w, b, eps, mask)
     if not (training and running_mean is not None and running_var is not None) or x.numel() == 0:
         # An empty batch: empty output, zero parameter grads, statistics unchanged.
@@ -147,3 +159,29 @@ def batch_norm(
             running_mean, running_var, num_batches_tracked, mean, bvar, valid, momentum, op
         )
     return NormOutput(y, rm, rv, nbt)
+
+
+def _fast_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+    unbiased: bool,
+) -> NormOutput | None:
+    """The eager CPU fast path (one fused call each way), or ``None`` for the general path.
+
+    The kernel updates running statistics in place; this function's contract returns new ones, so
+    it updates copies (C values each).
+    """
+    if training and running_mean is not None and running_var is not None:
+        rm, rv = running_mean.clone(), running_var.clone()
+        nbt = None if num_batches_tracked is None else num_batches_tracked.clone()
+        y = _fast.batch_norm_train(x, weight, bias, rm, rv, nbt, momentum, eps, unbiased)
+        return None if y is None else NormOutput(y, rm, rv, nbt)
+    y = _fast.batch_norm_train(x, weight, bias, None, None, None, momentum, eps, unbiased)
+    return None if y is None else NormOutput(y, running_mean, running_var, num_batches_tracked)

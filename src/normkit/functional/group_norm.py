@@ -7,6 +7,7 @@ from torch import Tensor
 import torch
 
 from .._errors import NormError
+from ..kernels import _fast
 from ..ops.library import exporting
 from ._autograd import norm_output
 from ._checks import check_eps, check_groups, check_input, check_param
@@ -71,6 +72,10 @@ def group_norm(
         )
     if mask is None and exporting():
         return torch.nn.functional.group_norm(x, G, weight, bias, eps)  # the standard op for exporters
+    if mask is None and x.dim() >= 3 and _fast.eligible(x):
+        y = _fast.group_norm(x, G, weight, bias, eps)  # eager CPU: one fused call each way
+        if y is not None:
+            return y
     k = len(spatial)
     if k and x.stride(1) == 1 and not x.is_contiguous():
         # channels_last: work on the (N, *S, G, C // G) view of the memory as it lies, where every

@@ -9,6 +9,7 @@ from torch import Tensor
 import torch
 
 from .._errors import NormError
+from ..kernels import _fast
 from ..ops.library import exporting
 from ._autograd import norm_output
 from ._checks import check_eps, check_input, check_param
@@ -68,6 +69,10 @@ def layer_norm(
     dims = tuple(range(x.dim() - k, x.dim()))
     if mask is None and exporting():
         return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)  # the standard op for exporters
+    if mask is None and _fast.eligible(x):
+        fast = _fast.layer_norm_rows(x, k, weight, bias, eps)  # eager CPU: one fused call each way
+        if fast is not None:
+            return fast
     y = norm_output(x, dims, w, b, eps, None if mask is None else check_mask(mask, x, op))
     return y
 
@@ -116,5 +121,9 @@ def layer_norm_2d(
         nd = x.dim()
         y = torch.nn.functional.layer_norm(x.permute(0, *range(2, nd), 1), (C,), weight, bias, eps)
         return y.permute(0, nd - 1, *range(1, nd - 1))
+    if _fast.eligible(x):
+        fast = _fast.layer_norm_c(x, weight, bias, eps)  # eager CPU: one fused call each way
+        if fast is not None:
+            return fast
     y = norm_output(x, (1,), channel_view(weight, x.dim()), channel_view(bias, x.dim()), eps)
     return y

@@ -194,7 +194,10 @@ def _run(x: Tensor, w: Tensor | None, b: Tensor | None, spec: _Spec, train: Any)
     if not _params_ok(x, w, b):
         return None
     node = _node()
-    if node is not None:  # one C++ call: kernel and autograd node (None: the general path)
+    # one C++ call: kernel and autograd node (None: the general path). The C++ Function counts an
+    # absent optional affine differently from a present one, so a lone weight or bias (functional
+    # calls only; the layers have both or neither) takes the Python Function.
+    if node is not None and (w is None) == (b is None):
         if train is None:
             return node.fast_norm(x, w, b, spec.mode, spec.N, spec.C, spec.S, spec.G, spec.kind, spec.eps, None, None, None, -1.0, False)  # type: ignore[no-any-return]
         rm, rv, nbt, momentum, unbiased = train
@@ -311,6 +314,33 @@ def _gn_reference(groups: int, eps: float) -> Callable[..., Tensor]:
 
         _GN_REFS[key] = ref
     return _GN_REFS[key]
+
+
+_ROW_SPECS: dict[tuple[Any, ...], _Spec | None] = {}
+
+
+def layer_norm_rows(x: Tensor, k: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
+    """LayerNorm over the last ``k`` dims of a contiguous ``x`` (element-wise affine), or ``None``.
+
+    The kernels see rows: ``x`` as ``(N, D)`` and the affine as ``(D,)`` views, a GroupNorm with one
+    group over ``D`` channels (which is also what the double backward differentiates).
+    """
+    key = (x.shape, k, eps)
+    spec = _ROW_SPECS.get(key, False)
+    if spec is False:
+        spec = None
+        D = math.prod(x.shape[x.dim() - k :])
+        if D >= 2:
+            spec = _Spec(GROUP_NCHW, x.numel() // D, D, 1, 1, eps, _gn_reference(1, eps))
+        if len(_ROW_SPECS) > 4096:
+            _ROW_SPECS.clear()
+        _ROW_SPECS[key] = spec
+    if spec is None or not x.is_contiguous():
+        return None
+    w = None if weight is None else weight.reshape(-1)
+    b = None if bias is None else bias.reshape(-1)
+    y = _run(x.view(spec.N, spec.C), w, b, spec, None)
+    return None if y is None else y.view(x.shape)
 
 
 def layer_norm_c(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:

@@ -1,4 +1,4 @@
-"""Per-call cost of one layer call on a tiny input, normkit vs torch, side by side in one process.
+"""Per-call cost of one layer (and one functional) call on a tiny input, normkit vs torch, in one process.
 
     python benchmarks/per_call.py
 
@@ -13,6 +13,7 @@ import timeit
 
 import torch
 
+import normkit.functional as nkf
 import normkit.nn as nkn
 
 
@@ -42,8 +43,26 @@ def main() -> None:
             torch.nn.Sequential(torch.nn.GroupNorm(4, 16), torch.nn.ReLU()),
         ),
     ]
-    print("| layer | forward us (normkit / torch) | ratio | forward + backward us | ratio |")
+    w, b = torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
+    tf = torch.nn.functional
+    functional = [  # (name, normkit's call, torch's call), both on (x, w, b)
+        ("F.batch_norm (train)", lambda: nkf.batch_norm(x, None, None, w, b, training=True).output,
+         lambda: tf.batch_norm(x, None, None, w, b, training=True)),
+        ("F.group_norm(4)", lambda: nkf.group_norm(x, 4, w, b), lambda: tf.group_norm(x, 4, w, b)),
+        ("F.instance_norm", lambda: nkf.instance_norm(x, weight=w, bias=b).output,
+         lambda: tf.instance_norm(x, weight=w, bias=b)),
+        ("F.layer_norm_2d (vs permute + F.layer_norm)", lambda: nkf.layer_norm_2d(x, w, b),
+         lambda: tf.layer_norm(x.permute(0, 2, 3, 1), (16,), w, b).permute(0, 3, 1, 2)),
+        ("F.layer_norm over (C, H, W)", lambda: nkf.layer_norm(x, x.shape[1:]), lambda: tf.layer_norm(x, x.shape[1:])),
+    ]
+    print("| layer / function | forward us (normkit / torch) | ratio | forward + backward us | ratio |")
     print("|---|---:|---:|---:|---:|")
+    for name, fo_call, ft_call in functional:
+        ps = [x, w, b] if "layer_norm over" not in name else [x]
+        fo, ft = _best_us(fo_call, 5000), _best_us(ft_call, 5000)
+        go = _best_us(lambda: torch.autograd.grad(fo_call(), ps, dy), 2000)
+        gt = _best_us(lambda: torch.autograd.grad(ft_call(), ps, dy), 2000)
+        print(f"| {name} | {fo:.1f} / {ft:.1f} | {fo / ft:.2f} | {go:.1f} / {gt:.1f} | {go / gt:.2f} |")
     for name, ours, theirs in pairs:
         po, pt = [x, *ours.parameters()], [x, *theirs.parameters()]
         fo, ft = _best_us(lambda: ours(x), 5000), _best_us(lambda: theirs(x), 5000)

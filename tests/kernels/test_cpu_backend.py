@@ -380,6 +380,35 @@ def test_fast_path_double_backward_matches_reference(make, layout, autograd_path
     torch.testing.assert_close(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+def test_layer_norm_rows_fast_path_gradcheck_and_double_backward(affine, autograd_path):
+    # F.layer_norm over trailing dims: the kernels see rows; the affine keeps its own shape in the
+    # gradients, and double backward differentiates ATen's layer_norm over the same dims
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 4, 3, generator=g, dtype=F64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(4, 3, generator=g, dtype=F64)).requires_grad_() if affine != "none" else None
+    b = (0.3 * torch.randn(4, 3, generator=g, dtype=F64)).requires_grad_() if affine == "both" else None
+    inputs = tuple(t for t in (x, w, b) if t is not None)
+
+    def fn(*ts):
+        xs, ws, bs = ts[0], ts[1] if w is not None else None, ts[-1] if b is not None else None
+        return F.layer_norm(xs, (4, 3), ws, bs)
+
+    with kernels.use("cpu"):
+        y = fn(*inputs)
+        if affine != "weight":  # a lone weight takes the Python Function on both paths
+            _assert_path(y, autograd_path)
+        assert torch.autograd.gradcheck(fn, inputs)
+        assert torch.autograd.gradgradcheck(fn, inputs)
+        got = torch.autograd.grad((y * y.detach().cos()).sum(), inputs)
+    with kernels.use("reference"):
+        ref = fn(*inputs)
+        exp = torch.autograd.grad((ref * ref.detach().cos()).sum(), inputs)
+    for a, e in zip(got, exp):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e)
+
+
 # ---- Proxy Norm's fused activation step -----------------------------------------------------
 
 

@@ -103,8 +103,6 @@ def batch_norm(
         check_param(p, x, (C,), op, name)
     if (running_mean is None) != (running_var is None):
         raise NormError(f"{op}: give both running_mean and running_var, or neither")
-    w = channel_view(weight, x.dim())
-    b = channel_view(bias, x.dim())
     if mask is not None:
         check_mask(mask, x, op)
     use_batch_stats = training or running_mean is None
@@ -119,12 +117,12 @@ def batch_norm(
         mean = channel_view(running_mean.to(dtype), x.dim())
         rstd = channel_view(torch.rsqrt(running_var.to(dtype) + eps), x.dim())
         assert mean is not None and rstd is not None
+        w, b = channel_view(weight, x.dim()), channel_view(bias, x.dim())
         y = normalize(x, mean, rstd, w, b)
         if mask is not None:  # padded positions output the bias, as in training
             y = torch.where(mask, y, torch.zeros((), dtype=y.dtype) if b is None else b.to(y.dtype))
         return NormOutput(y, running_mean, running_var, num_batches_tracked)
 
-    dims = (0, *spatial_dims(x))
     m = x.numel() // C if C else 0
     if m == 1 and mask is None:
         why = "" if training else " (running statistics are off, so eval mode uses batch statistics too)"
@@ -143,7 +141,9 @@ def batch_norm(
                                 num_batches_tracked, unbiased_running_var)
         if fast is not None:
             return fast
-    y, mean, var, count = norm_count(x, dims, w, b, eps, mask)
+    w = channel_view(weight, x.dim())
+    b = channel_view(bias, x.dim())
+    y, mean, var, count = norm_count(x, (0, *spatial_dims(x)), w, b, eps, mask)
     if not (training and running_mean is not None and running_var is not None) or x.numel() == 0:
         # An empty batch: empty output, zero parameter grads, statistics unchanged.
         return NormOutput(y, running_mean, running_var, num_batches_tracked)

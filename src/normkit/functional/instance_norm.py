@@ -82,8 +82,6 @@ def instance_norm(
         check_param(p, x, (C,), op, name)
     if (running_mean is None) != (running_var is None):
         raise NormError(f"{op}: give both running_mean and running_var, or neither")
-    w = channel_view(weight, x.dim())
-    b = channel_view(bias, x.dim())
     if mask is not None:
         check_mask(mask, x, op)
     if not use_input_stats:
@@ -98,6 +96,7 @@ def instance_norm(
         mean = channel_view(running_mean.to(dtype), x.dim())
         rstd = channel_view(torch.rsqrt(running_var.to(dtype) + eps), x.dim())
         assert mean is not None and rstd is not None
+        w, b = channel_view(weight, x.dim()), channel_view(bias, x.dim())
         y = normalize(x, mean, rstd, w, b)
         if mask is not None:  # padded positions output the bias, as with input statistics
             y = torch.where(mask, y, torch.zeros((), dtype=y.dtype) if b is None else b.to(y.dtype))
@@ -119,6 +118,7 @@ def instance_norm(
         fast = _fast.group_norm(x, C, weight, bias, eps)  # eager CPU: one fused call each way
         if fast is not None:
             return NormOutput(fast, running_mean, running_var, num_batches_tracked)
+    w, b = channel_view(weight, x.dim()), channel_view(bias, x.dim())
     y, mean, var, count = norm_count(x, dims, w, b, eps, mask)
     if running_mean is None or running_var is None or x.numel() == 0:
         return NormOutput(y, running_mean, running_var, num_batches_tracked)

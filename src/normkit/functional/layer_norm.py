@@ -63,16 +63,16 @@ def layer_norm(
         )
     check_param(weight, x, shape, op, "weight")
     check_param(bias, x, shape, op, "bias")
-    lead = (1,) * (x.dim() - k)
-    w = weight.view(lead + shape) if weight is not None else None
-    b = bias.view(lead + shape) if bias is not None else None
-    dims = tuple(range(x.dim() - k, x.dim()))
     if mask is None and exporting():
         return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)  # the standard op for exporters
     if mask is None and _fast.eligible(x):
         fast = _fast.layer_norm_rows(x, k, weight, bias, eps)  # eager CPU: one fused call each way
         if fast is not None:
             return fast
+    lead = (1,) * (x.dim() - k)
+    w = weight.view(lead + shape) if weight is not None else None
+    b = bias.view(lead + shape) if bias is not None else None
+    dims = tuple(range(x.dim() - k, x.dim()))
     y = norm_output(x, dims, w, b, eps, None if mask is None else check_mask(mask, x, op))
     return y
 

@@ -88,7 +88,7 @@ class _Spec:
     ):
         self.mode, self.N, self.C, self.S, self.G, self.eps = mode, N, C, S, G, eps
         self.reference = reference
-        self.kind = kind  # 0 BatchNorm, 1 GroupNorm, 2 LayerNorm over C: the C++ node's recomputation
+        self.kind = kind  # 0 BatchNorm, 1 GroupNorm, 2 LayerNorm over C, 3 over the last dims: the C++ node's recomputation
 
 
 class _Fallback(Exception):
@@ -162,8 +162,8 @@ class _FastNorm(torch.autograd.Function):
         )  # the statistics are the kernel's own (never the reference's scaled ones): it always succeeds
         return (
             dx if needs[0] else None,
-            (dw if dw.dtype == w.dtype else dw.to(w.dtype)) if need_w else None,  # type: ignore[union-attr]
-            (db if db.dtype == b.dtype else db.to(b.dtype)) if need_b else None,  # type: ignore[union-attr]
+            (dw if dw.dtype == w.dtype else dw.to(w.dtype)).view(w.shape) if need_w else None,  # type: ignore[union-attr]
+            (db if db.dtype == b.dtype else db.to(b.dtype)).view(b.shape) if need_b else None,  # type: ignore[union-attr]
             None,
             None,
         )
@@ -320,10 +320,10 @@ _ROW_SPECS: dict[tuple[Any, ...], _Spec | None] = {}
 
 
 def layer_norm_rows(x: Tensor, k: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
-    """LayerNorm over the last ``k`` dims of a contiguous ``x`` (element-wise affine), or ``None``.
+    """LayerNorm over the last ``k`` dims of a contiguous ``x`` (element-wise affine of that shape), or ``None``.
 
-    The kernels see rows: ``x`` as ``(N, D)`` and the affine as ``(D,)`` views, a GroupNorm with one
-    group over ``D`` channels (which is also what the double backward differentiates).
+    The kernels see rows: ``x``'s memory as ``(N, D)`` and the affine's as ``(D,)``, a GroupNorm with
+    one group over ``D`` channels; no views are made (each costs a node when autograd records).
     """
     key = (x.shape, k, eps)
     spec = _ROW_SPECS.get(key, False)
@@ -331,16 +331,27 @@ def layer_norm_rows(x: Tensor, k: int, weight: Tensor | None, bias: Tensor | Non
         spec = None
         D = math.prod(x.shape[x.dim() - k :])
         if D >= 2:
-            spec = _Spec(GROUP_NCHW, x.numel() // D, D, 1, 1, eps, _gn_reference(1, eps))
+            spec = _Spec(GROUP_NCHW, x.numel() // D, D, 1, 1, eps, _rows_reference(k, eps), 3)
         if len(_ROW_SPECS) > 4096:
             _ROW_SPECS.clear()
         _ROW_SPECS[key] = spec
     if spec is None or not x.is_contiguous():
         return None
-    w = None if weight is None else weight.reshape(-1)
-    b = None if bias is None else bias.reshape(-1)
-    y = _run(x.view(spec.N, spec.C), w, b, spec, None)
-    return None if y is None else y.view(x.shape)
+    for p in (weight, bias):
+        if p is not None and not p.is_contiguous():
+            return None
+    return _run(x, weight, bias, spec, None)
+
+
+def _rows_reference(k: int, eps: float) -> Callable[..., Tensor]:
+    def ref(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+        from ..functional.layer_norm import layer_norm
+        from . import use
+
+        with use("reference"):
+            return layer_norm(x, x.shape[x.dim() - k :], w, b, eps)
+
+    return ref
 
 
 def layer_norm_c(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:

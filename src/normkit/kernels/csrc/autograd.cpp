@@ -46,7 +46,8 @@ pstats_t k_pstats = nullptr;
 pstats_bwd_t k_pstats_bwd = nullptr;
 
 enum Mode : int64_t { BATCH_NCHW = 0, BATCH_CL = 1, GROUP_NCHW = 2, GROUP_CL = 3, CHANNEL_NCHW = 4 };
-enum Kind : int64_t { K_BATCH = 0, K_GROUP = 1, K_CHANNEL = 2 };  // what the norm is (for the recomputation)
+// what the norm is (for the recomputation); K_LAST: LayerNorm over the trailing dims holding C values
+enum Kind : int64_t { K_BATCH = 0, K_GROUP = 1, K_CHANNEL = 2, K_LAST = 3 };
 
 int code(at::ScalarType t) {
   switch (t) {
@@ -73,6 +74,11 @@ Tensor recompute(const Tensor& x, const Tensor& w, const Tensor& b, int64_t kind
   const std::optional<Tensor> ob = b.defined() ? std::optional<Tensor>(b) : std::nullopt;
   if (kind == K_BATCH) return at::batch_norm(x, ow, ob, std::nullopt, std::nullopt, true, 0.0, eps, false);
   if (kind == K_CHANNEL) return at::layer_norm(x.movedim(1, -1), {C}, ow, ob, eps, false).movedim(-1, 1);
+  if (kind == K_LAST) {
+    int64_t k = 0, d = 1;
+    while (d < C && k < x.dim()) d *= x.size(x.dim() - 1 - k++);
+    return at::layer_norm(x, x.sizes().slice(x.dim() - k), ow, ob, eps, false);
+  }
   return at::group_norm(x, G, ow, ob, eps, false);
 }
 
@@ -130,8 +136,9 @@ struct FastNorm : public torch::autograd::Function<FastNorm> {
     k_bwd(code(x.scalar_type()), dy.data_ptr(), x.data_ptr(), ptr(wk), st.data_ptr(), ptr(dx), ptr(dw), ptr(db), mode,
           N, C, S, G);  // the statistics are the kernel's own: it always succeeds
     out[0] = dx;
-    out[1] = need_w ? (dw.scalar_type() == w.scalar_type() ? dw : dw.to(w.scalar_type())) : Tensor();
-    out[2] = need_b ? (db.scalar_type() == b.scalar_type() ? db : db.to(b.scalar_type())) : Tensor();
+    // in the affine's own shape (C values: (C,) for the layers, the normalized shape for K_LAST)
+    out[1] = need_w ? (dw.scalar_type() == w.scalar_type() ? dw : dw.to(w.scalar_type())).view(w.sizes()) : Tensor();
+    out[2] = need_b ? (db.scalar_type() == b.scalar_type() ? db : db.to(b.scalar_type())).view(b.sizes()) : Tensor();
     return out;
   }
 };

@@ -20,7 +20,12 @@ a backend per call:
   :mod:`normkit.kernels._native`; outputs in the input's layout), the reference for everything else. For comparisons: on this
   project's CPUs the fused kernels are at least as fast on every fp32 path, so ``"auto"`` never
   picks it.
-* ``"auto"`` (the default): ``"cpu"`` where it applies and is built, else ``"reference"``.
+* ``"triton"``: normkit's Triton kernels (:mod:`normkit.kernels.triton`, the optional ``triton``
+  extra) for CUDA tensors, every pattern the CPU kernels cover, saving the reference's statistics
+  (the scaled two-pass: exact for every finite input, no host sync). With ``TRITON_INTERPRET=1``,
+  ``use("triton")`` runs them on CPU tensors through Triton's interpreter (slow: for tests).
+* ``"auto"`` (the default): ``"cpu"`` where it applies and is built, ``"triton"`` for CUDA tensors
+  when triton is installed, else ``"reference"``.
 
 Choose explicitly with :func:`use` (a context manager, also per thread) or the ``NORMKIT_BACKEND``
 environment variable; :func:`status` (``normkit kernels status``) says what is built and what each
@@ -67,7 +72,7 @@ __all__ = [
     "use",
 ]
 
-BACKENDS = ("auto", "reference", "cpu", "native")
+BACKENDS = ("auto", "reference", "cpu", "native", "triton")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # dtype codes of the kernels' C entry points
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -90,7 +95,7 @@ def current() -> str:
 
 @contextlib.contextmanager
 def use(backend: str) -> Iterator[None]:
-    """Run the norms inside the ``with`` block on ``backend`` (``"auto"``, ``"reference"``, ``"cpu"``, ``"native"``).
+    """Run the norms inside the ``with`` block on ``backend`` (``"auto"``, ``"reference"``, ``"cpu"``, ``"native"``, ``"triton"``).
 
     ``"cpu"`` builds the fused kernels if needed and raises :class:`RuntimeError` when they cannot
     be built; calls they do not cover still run on the reference.
@@ -106,6 +111,14 @@ def use(backend: str) -> Iterator[None]:
             "not built, and NORMKIT_NO_BUILD is set" if os.environ.get("NORMKIT_NO_BUILD") else "not built"
         )
         raise RuntimeError(f"normkit: the fused CPU kernels are not available ({why}); `normkit kernels build` builds them")
+    if backend == "triton":
+        from . import triton as _triton
+
+        if not _triton.available():
+            raise RuntimeError(
+                f"normkit: the Triton kernels are not available ({_triton.why_not()}); "
+                "`pip install normkit[triton]` installs triton"
+            )
     previous = _local.backend
     _local.backend = backend
     try:
@@ -125,6 +138,10 @@ def available() -> list[str]:
     if _build.load(build=True):
         out.append("cpu")
     out.append("native")
+    from . import triton as _triton
+
+    if _triton.available():
+        out.append("triton")
     return out
 
 
@@ -163,12 +180,40 @@ def _eligible(x: Tensor, mask: Tensor | None) -> bool:
 
 def _cpu_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: tuple[int, ...]) -> Plan | None:
     backend = current()
-    if backend in ("reference", "native") or not _eligible(x, mask):
+    if backend in ("reference", "native", "triton") or not _eligible(x, mask):
         return None
     p = plan(x, dims, weight, bias)
     if p is None or not _cpu_ready():
         return None
     return p
+
+
+def _triton_plan(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: tuple[int, ...]
+) -> Plan | None:
+    """The plan of a call the Triton kernels take: a CUDA tensor on "auto" / "triton" with triton
+    installed, or a CPU tensor on "triton" under Triton's interpreter; else ``None``."""
+    backend = current()
+    if x.device.type == "cuda":
+        if backend not in ("auto", "triton"):
+            return None
+    elif not (backend == "triton" and x.device.type == "cpu"):
+        return None
+    if not (
+        mask is None
+        and type(x) is Tensor
+        and x.dtype in _DTYPES
+        and x.numel() > 0
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+    ):
+        return None
+    from . import triton as _triton
+
+    if not _triton.available() or (x.device.type == "cpu" and not _triton.interpreting()):
+        return None
+    return plan(x, dims, weight, bias)
 
 
 def _flat(p: Tensor | None, dtype: torch.dtype, order: tuple[int, ...] | None) -> Tensor | None:
@@ -202,6 +247,14 @@ def norm_forward(
     if current() == "native" and _eligible(x, mask):
         got = _native.forward(x, weight, bias, dims, eps)
         return got if got is not None else core.norm_forward(x, weight, bias, mask, dims, eps)
+    tp = _triton_plan(x, weight, bias, mask, dims) if x.device.type != "cpu" or current() == "triton" else None
+    if tp is not None:
+        from . import triton as _triton
+
+        acc = core.acc_dtype(x.dtype)
+        return _triton.forward(
+            x, _flat(weight, acc, tp.order), _flat(bias, acc, tp.order), tp, eps, core.stat_shape(x, dims)
+        )
     p = _cpu_plan(x, weight, bias, mask, dims)
     if p is None:
         return core.norm_forward(x, weight, bias, mask, dims, eps)
@@ -234,6 +287,19 @@ def norm_backward(
     if current() == "native" and _eligible(x, mask) and type(dy) is Tensor and torch._C._has_storage(dy):
         got = _native.backward(dy, x, weight, bias, stats, dims, needs)
         return got if got is not None else core.norm_backward(dy, x, weight, bias, mask, stats, dims, needs)
+    tp = _triton_plan(x, weight, bias, mask, dims) if x.device.type != "cpu" or current() == "triton" else None
+    if tp is not None and type(dy) is Tensor and dy.stride() == x.stride() and dy.dtype == x.dtype and stats.is_contiguous():
+        from . import triton as _triton
+
+        need_x, need_w, need_b = needs[0], needs[1] and weight is not None, needs[2] and bias is not None
+        tdx, tdw, tdb = _triton.backward(
+            dy, x, _flat(weight, stats.dtype, tp.order), stats, tp, need_x, need_w or need_b
+        )
+        return (
+            tdx,
+            _unflat(tdw, weight, tp.order) if need_w else None,  # type: ignore[arg-type]
+            _unflat(tdb, bias, tp.order) if need_b else None,  # type: ignore[arg-type]
+        )
     p = _cpu_plan(x, weight, bias, mask, dims)
     if (
         p is None
@@ -300,7 +366,11 @@ def status() -> str:
         else:
             where = f"reference until built (fused pattern {p.name})"
         lines.append(f"  {name:<{width}}  {where}")
-    lines.append("  any norm with a mask, under torch.func, or on an accelerator: reference")
+    from . import triton as _triton
+
+    tri = "installed" if _triton.available() else f"not available ({_triton.why_not()})"
+    lines.append(f"Triton kernels (CUDA tensors): {tri}")
+    lines.append("  any norm with a mask or under torch.func: reference; on CUDA: triton when installed, else reference")
     return "\n".join(lines)
 
 

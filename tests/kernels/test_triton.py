@@ -1,0 +1,193 @@
+"""normkit's Triton kernels (``normkit.kernels.triton``) in Triton's interpreter, against the float64 oracle.
+
+The interpreter (``TRITON_INTERPRET=1``) runs the same kernels on CPU tensors, so every pattern,
+dtype, layout and edge shape is checked here without a GPU; the same module runs unchanged on a
+CUDA machine (``NORMKIT_TEST_DEVICE=cuda``), where the kernels are compiled instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+import normkit.functional as F
+from normkit import kernels
+from tests.reference import ref_batch_norm, ref_group_norm, ref_instance_norm, ref_layer_norm, ref_layer_norm_2d
+
+triton = pytest.importorskip("triton", reason="triton is not installed here (normkit's optional `triton` extra)")
+
+F64 = torch.float64
+DEVICE = os.environ.get("NORMKIT_TEST_DEVICE", "cpu")
+TOL = {torch.float32: 2e-5, F64: 1e-10, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+GTOL = {torch.float32: 2e-4, F64: 1e-9, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted():
+    """On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 first)."""
+    from normkit.kernels import triton as nkt
+
+    if DEVICE == "cpu":
+        importlib.import_module("normkit.kernels.triton._kernels")
+        if not nkt.interpreting():
+            pytest.skip("triton was imported without TRITON_INTERPRET=1: its interpreter is off in this process")
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """Counts the Triton launches (so a silent fallback to the reference fails the test)."""
+    from normkit.kernels import triton as nkt
+
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        real = getattr(nkt, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(nkt, name, spy)
+    return calls
+
+
+# (normkit op, float64 oracle) on (x, w, b); the affine is per channel except for "ln_chw"
+OPS = {
+    "bn": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output,
+           lambda x, w, b: ref_batch_norm(x, None, None, w, b, training=True).output),
+    "gn2": (lambda x, w, b: F.group_norm(x, 2, w, b), lambda x, w, b: ref_group_norm(x, 2, w, b)),
+    "gn1": (lambda x, w, b: F.group_norm(x, 1, w, b), lambda x, w, b: ref_group_norm(x, 1, w, b)),
+    "in": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output,
+           lambda x, w, b: ref_instance_norm(x, weight=w, bias=b).output),
+    "ln2d": (lambda x, w, b: F.layer_norm_2d(x, w, b), lambda x, w, b: ref_layer_norm_2d(x, w, b)),
+    "ln_chw": (lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b), lambda x, w, b: ref_layer_norm(x, x.shape[1:], w, b)),
+}
+
+
+def _case(name, shape, dtype, layout, affine=True, seed=0, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=F64) * scale + offset
+    dy = torch.randn(shape, generator=g, dtype=F64)
+    pshape = tuple(shape[1:]) if name == "ln_chw" else (shape[1],)
+    w = 1 + 0.3 * torch.randn(pshape, generator=g, dtype=F64) if affine else None
+    b = 0.3 * torch.randn(pshape, generator=g, dtype=F64) if affine else None
+    fn, ref = OPS[name]
+    pdtype = F64 if dtype == F64 else torch.float32
+    xs = x.to(dtype)
+    if layout == "cl":
+        xs = xs.to(memory_format=torch.channels_last)
+    xs = xs.to(DEVICE).requires_grad_()
+    ws = None if w is None else w.to(pdtype).to(DEVICE).requires_grad_()
+    bs = None if b is None else b.to(pdtype).to(DEVICE).requires_grad_()
+    with kernels.use("triton"):
+        y = fn(xs, ws, bs)
+        y.backward(dy.to(dtype).to(DEVICE))
+    # the oracle on exactly the values the kernels saw
+    xo = xs.detach().cpu().double().requires_grad_()
+    wo = None if ws is None else ws.detach().cpu().double().requires_grad_()
+    bo = None if bs is None else bs.detach().cpu().double().requires_grad_()
+    yo = ref(xo, wo, bo)
+    yo.backward(dy.to(dtype).double())
+    got = [t.grad.cpu() for t in (xs, ws, bs) if t is not None]
+    exp = [t.grad for t in (xo, wo, bo) if t is not None]
+    return y.detach().cpu(), yo.detach(), got, exp, xs
+
+
+def _close(got, exp, rtol):
+    scale = exp.abs().max().clamp_min(1e-3)
+    err = (got.double() - exp).abs().max() / scale
+    assert err <= rtol, f"relative error {err:.3g} > {rtol:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_every_pattern_matches_the_float64_oracle(name, layout, dtype, ran):
+    y, yo, got, exp, xs = _case(name, (2, 6, 3, 5), dtype, layout)
+    assert ran["forward"] == 1 and ran["backward"] == 1, ran
+    assert y.dtype == dtype
+    if layout == "cl":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    _close(y, yo, TOL[dtype])
+    for g, e in zip(got, exp):
+        _close(g, e, GTOL[dtype])
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("gn2", (1, 6, 1, 1)),  # N = 1, H * W = 1
+        ("in", (1, 3, 7, 1)),
+        ("gn1", (3, 1, 4, 4)),  # C = 1
+        ("bn", (5, 3, 1, 1)),  # BatchNorm2d on H * W = 1
+        ("bn", (7, 5)),  # BatchNorm1d's (N, C)
+        ("ln2d", (2, 7, 1, 3)),  # C not a power of two
+        ("gn2", (2, 6, 33, 9)),  # more than one block per set
+        ("in", (2, 6, 3, 4, 5)),  # 3-d spatial
+    ],
+)
+@pytest.mark.parametrize("affine", [True, False])
+def test_edge_shapes(name, shape, affine, ran):
+    y, yo, got, exp, _ = _case(name, shape, torch.float32, "nchw", affine=affine, seed=3)
+    assert ran["forward"] == 1
+    _close(y, yo, TOL[torch.float32])
+    for g, e in zip(got, exp):
+        _close(g, e, GTOL[torch.float32])
+
+
+def test_group_equals_channels_is_instance_norm(ran):
+    y, yo, got, exp, _ = _case("gn2", (2, 2, 4, 4), torch.float32, "cl", seed=4)  # G = C
+    _close(y, yo, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name", ["gn2", "bn", "ln2d"])
+def test_large_mean_keeps_float32_accuracy(name):
+    # 1e4 + 1e-2 * noise: the shift makes the float32 statistics exact (a plain two-pass is off by 0.07)
+    y, yo, got, exp, _ = _case(name, (2, 6, 4, 4), torch.float32, "nchw", scale=1e-2, offset=1e4, seed=5)
+    _close(y, yo, 1e-3)
+
+
+def test_huge_and_constant_inputs_stay_finite():
+    y, yo, got, exp, _ = _case("gn2", (2, 6, 4, 4), torch.float32, "nchw", scale=1e30, seed=6)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in got)
+    _close(y, yo, 1e-4)
+    x = torch.full((2, 4, 3, 3), 7.0, device=DEVICE, requires_grad=True)
+    b = torch.arange(4.0, device=DEVICE)
+    with kernels.use("triton"):
+        y = F.group_norm(x, 2, None, b)
+        y.sum().backward()
+    torch.testing.assert_close(y.cpu(), b.view(1, 4, 1, 1).expand(2, 4, 3, 3).cpu())
+    assert torch.isfinite(x.grad).all()
+
+
+def test_statistics_interoperate_with_the_reference_backward():
+    # the kernels save the reference's six statistic rows: the reference's backward accepts them
+    from normkit.ops import core
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 6, 3, 5, generator=g).to(DEVICE)
+    w, b = torch.rand(1, 6, 1, 1, generator=g).to(DEVICE) + 0.5, torch.randn(1, 6, 1, 1, generator=g).to(DEVICE)
+    dy = torch.randn(x.shape, generator=g).to(DEVICE)
+    with kernels.use("triton"):
+        y, st = kernels.norm_forward(x, w, b, None, (0, 2, 3), 1e-5)
+        got = kernels.norm_backward(dy, x, w, b, None, st, (0, 2, 3), (True, True, True))
+    ry, rst = core.norm_forward(x, w, b, None, (0, 2, 3), 1e-5)
+    exp = core.norm_backward(dy, x, w, b, None, st, (0, 2, 3), (True, True, True))
+    torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
+    mt, vt = core.mean_var(st)
+    mr, vr = core.mean_var(rst)
+    torch.testing.assert_close(mt, mr)
+    torch.testing.assert_close(vt, vr)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_use_triton_without_triton_is_a_clear_error(monkeypatch):
+    from normkit.kernels import triton as nkt
+
+    monkeypatch.setattr(nkt, "why_not", lambda: "ModuleNotFoundError: No module named 'triton'")
+    with pytest.raises(RuntimeError, match="Triton kernels are not available"):
+        with kernels.use("triton"):
+            pass

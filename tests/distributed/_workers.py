@@ -275,7 +275,7 @@ def buffers_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
 
 
 def buffer_net(rank: int) -> nn.Module:
-    """A net whose BN buffers differ by rank (rank-seeded), with one NaN-free but odd layer."""
+    """A net whose normalization buffers differ by rank (rank-seeded); rank 1 has a NaN running_var channel."""
     torch.manual_seed(100 + rank)
     net = nn.Sequential(nn.BatchNorm2d(3), normkit.nn.SyncBatchNorm(4), normkit.nn.FrozenBatchNorm2d(2),
                         nn.InstanceNorm2d(2, track_running_stats=True), normkit.nn.BatchNormalization(3))
@@ -285,6 +285,8 @@ def buffer_net(rank: int) -> nn.Module:
                 b.copy_(torch.rand(b.shape) * (3 if "var" in name else 1) + (0.1 if "var" in name else -0.5))
             elif "num_batches" in name:
                 b.fill_(10 * rank + 3)
+        if rank == 1:
+            net[0].running_var[0] = float("nan")  # a broken channel on one rank: left out of the average
     return net
 
 

@@ -185,6 +185,19 @@ def convert_sync_batchnorm(
     if unsupported not in ("raise", "keep"):
         raise NormError(f"convert_sync_batchnorm: unsupported must be 'raise' or 'keep', got {unsupported!r}")
 
+    def convertible(m: nn.Module) -> type[nn.Module] | None:
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():  # type: ignore[operator]
+            return None
+        return _known_base(m)
+
+    if unsupported == "raise":  # check everything first: a refused model is left as it was
+        refused = [(path, m) for path, m in model.named_modules()
+                   if isinstance(m, _TorchBatchNorm) and not isinstance(m, SyncBatchNorm) and convertible(m) is None]
+        if refused:
+            path, m = refused[0]
+            more = f" ({len(refused) - 1} more layer(s) like it)" if len(refused) > 1 else ""
+            raise NormError(_refusal(m, path) + more)
+
     def make(m: nn.Module, path: str) -> nn.Module:
         if isinstance(m, SyncBatchNorm):
             if process_group is not None:
@@ -192,11 +205,9 @@ def convert_sync_batchnorm(
             return m
         if not isinstance(m, _TorchBatchNorm):
             return m
-        base = _known_base(m)
-        if base is None or (isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()):
-            if unsupported == "keep":
-                return m
-            raise NormError(_refusal(m, path))
+        base = convertible(m)
+        if base is None:  # unsupported="keep"
+            return m
         return _to_sync(m, base, process_group)
 
     return _swap(model, make)

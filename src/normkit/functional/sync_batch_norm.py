@@ -131,8 +131,23 @@ def _local_moments(x: Tensor, mask: Tensor | None, dims: tuple[int, ...], eps: f
     return count.reshape(C), mean.reshape(C), (var * count).reshape(C)
 
 
-@torch.compiler.disable  # collectives: Dynamo runs this eagerly (a graph break), as torch's SyncBN
-def sync_batch_norm_train(
+_EAGER: Callable[..., NormOutput] | None = None
+
+
+def sync_batch_norm_train(*args: Any, **kwargs: Any) -> NormOutput:
+    """The synchronised training step (every process of the group must call it); see :func:`sync_batch_norm`.
+
+    Arguments as :func:`_sync_batch_norm_train`. Collectives run eagerly: under Dynamo this is a
+    graph break, as torch's SyncBatchNorm. (``torch.compiler.disable`` is applied on the first
+    call, not at import: it imports Dynamo, and ``import normkit`` stays light.)
+    """
+    global _EAGER
+    if _EAGER is None:
+        _EAGER = torch.compiler.disable(_sync_batch_norm_train)
+    return _EAGER(*args, **kwargs)
+
+
+def _sync_batch_norm_train(
     x: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -148,7 +163,7 @@ def sync_batch_norm_train(
     op: str,
     check: Callable[[Tensor], None] | None = None,
 ) -> NormOutput:
-    """The synchronised training step (every process of the group must call it); see :func:`sync_batch_norm`.
+    """The synchronised training step.
 
     ``check`` is the caller's own input check (a module's rank and channel checks); any input
     error is reported to the other processes through the collective before it is raised here.

@@ -8,8 +8,9 @@ return plain tensors, numbers and strings; they assert nothing themselves.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -74,7 +75,7 @@ def global_mask(case: dict[str, Any]) -> Tensor | None:
 def init_state(case: dict[str, Any], C: int) -> dict[str, Tensor]:
     """Non-trivial affine parameters and running statistics, the same on every rank."""
     g = torch.Generator().manual_seed(case["seed"] + 3000)
-    r = lambda: torch.rand(C, generator=g, dtype=torch.float64)  # noqa: E731
+    r = lambda: torch.rand(C, generator=g, dtype=torch.float64)
     return {"weight": 1.0 + 0.5 * (r() - 0.5), "bias": 0.3 * (r() - 0.5),
             "running_mean": 0.2 * r(), "running_var": 0.5 + r()}
 
@@ -290,7 +291,22 @@ def buffer_net(rank: int) -> nn.Module:
     return net
 
 
+def functional_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
+    """normkit.functional.sync_batch_norm: returns the output and the new statistics, writes no argument."""
+    sl = rank_slice(case, rank)
+    x = global_input(case)[sl]
+    state = init_state(case, case["tail"][0])
+    rm, rv, nbt = state["running_mean"].clone(), state["running_var"].clone(), torch.tensor(0)
+    out = normkit.functional.sync_batch_norm(x, rm, rv, state["weight"], state["bias"], training=True,
+                                             num_batches_tracked=nbt)
+    unchanged = (torch.equal(rm, state["running_mean"]) and torch.equal(rv, state["running_var"])
+                 and int(nbt) == 0)
+    return {"y": out.output, "running_mean": out.running_mean, "running_var": out.running_var,
+            "num_batches_tracked": out.num_batches_tracked, "arguments_unchanged": unchanged}
+
+
 TASKS = {
+    "functional": functional_case,
     "sync_bn": sync_bn_case,
     "error": expect_error,
     "eval": eval_and_world_one,

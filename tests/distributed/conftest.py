@@ -89,6 +89,7 @@ def payload(world: int) -> list[tuple[str, str, dict[str, Any]]]:
     tasks += [("train_steps", "train_steps", TRAIN[world])]
     tasks += [("buffers", "buffers", {"src": world - 1})]
     if world == 2:
+        tasks += [("functional", "functional", sync_cases(2)["uneven-4d-channels-last"])]
         tasks += [("eval", "eval", EVAL), ("recalibrate", "recalibrate", RECAL[2]),
                   ("recalibrate_extra", "recalibrate", RECAL_EXTRA[2])]
     else:

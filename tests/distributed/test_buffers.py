@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
@@ -51,7 +50,7 @@ def test_average_and_broadcast_leave_identical_expected_buffers(request: pytest.
         for k, v in want.items():
             got = r["average"][k]
             assert torch.isfinite(got).all(), k  # the NaN of rank 1 was not spread
-            torch.testing.assert_close(got.to(v.dtype), v, rtol=1e-6, atol=1e-6, msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(got.to(v.dtype), v, rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
         for k in want:  # src's values exactly (its NaN channel included: broadcast copies)
             torch.testing.assert_close(r["broadcast"][k], src[k], rtol=0, atol=0, equal_nan=True)
     for r in ranks[1:]:  # bit-identical on every rank

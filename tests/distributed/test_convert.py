@@ -7,7 +7,8 @@ compared with the original layer's, and every Parameter, buffer and flag with th
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch

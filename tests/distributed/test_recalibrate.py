@@ -107,8 +107,8 @@ def test_population_statistics_of_every_layer_one_process() -> None:
     for name in ("bn0", "ghost", "twice", "bn3"):
         layer = getattr(net, name)
         mean, var = population(seen[name], unbiased=name != "twice")  # 'twice' stores the biased variance
-        torch.testing.assert_close(layer.running_mean, mean, **TOL, msg=lambda m: f"{name} mean: {m}")
-        torch.testing.assert_close(layer.running_var, var, **TOL, msg=lambda m: f"{name} var: {m}")
+        torch.testing.assert_close(layer.running_mean, mean, **TOL, msg=lambda m, name=name: f"{name} mean: {m}")
+        torch.testing.assert_close(layer.running_var, var, **TOL, msg=lambda m, name=name: f"{name} var: {m}")
         assert int(layer.num_batches_tracked) == 5  # kept (Batch Renorm's warm-up reads it)
     for k, v in net.state_dict().items():  # every other buffer is as before: Frozen BN, InstanceNorm, affine
         if not any(k.startswith(n + ".running_") for n in ("bn0", "ghost", "twice", "bn3")):

@@ -136,6 +136,18 @@ def test_every_rank_raises_the_same_clear_error(request: pytest.FixtureRequest, 
     assert others[0]["type"] == "NormError" and f"process(es) [{bad}]" in others[0]["message"]
 
 
+def test_functional_form_returns_the_statistics_and_writes_no_argument(world2: list[dict[str, Any]]) -> None:
+    case = sync_cases(2)["uneven-4d-channels-last"]
+    want = oracle({**case, "channels_last": False})
+    ranks = [r["functional"] for r in world2]
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), want["y"], **TOL[F64])
+    for r in ranks:
+        assert r["arguments_unchanged"]
+        torch.testing.assert_close(r["running_mean"], want["running_mean"], **TOL[F64])
+        torch.testing.assert_close(r["running_var"], want["running_var"], **TOL[F64])
+        assert int(r["num_batches_tracked"]) == 1
+
+
 def test_eval_mode_and_a_one_process_group_issue_no_collective(world2: list[dict[str, Any]]) -> None:
     from tests.distributed.conftest import EVAL
 
@@ -174,7 +186,7 @@ def test_process_group_argument_synchronises_its_members_only(world3: list[dict[
         torch.testing.assert_close(got["y"], joint.output[start: start + n], rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(got["running_var"], joint.running_var, rtol=1e-9, atol=1e-10)
         start += n
-    alone = [r for r in range(3) if r not in members][0]
+    alone = next(r for r in range(3) if r not in members)
     solo = ref(parts[alone])
     torch.testing.assert_close(world3[alone]["subgroup"]["y"], solo.output, rtol=1e-9, atol=1e-10)
     assert world3[alone]["subgroup"]["collectives"] == {}
@@ -202,7 +214,7 @@ def test_three_ddp_steps_with_sync_bn_equal_single_process_training(request: pyt
         assert "SyncBatchNorm" in r["kinds"] and "BatchNorm2d" not in r["kinds"]
         assert list(r["params"]) == list(want)
         for k, v in want.items():
-            torch.testing.assert_close(r["params"][k], v, rtol=1e-8, atol=1e-10, msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(r["params"][k], v, rtol=1e-8, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_the_oracle_is_not_the_per_process_statistics() -> None:
@@ -273,6 +285,12 @@ def test_swa_update_bn_and_fuse_find_it() -> None:
     net = nn.Sequential(normkit.nn.SyncBatchNorm(2))
     torch.optim.swa_utils.update_bn([torch.randn(8, 2) + 3.0], net)
     assert net[0].running_mean.min() > 2.0
+
+
+def test_registry_spec() -> None:
+    assert type(normkit.create_norm_layer("syncbn", 8, momentum=0.2)) is normkit.nn.SyncBatchNorm
+    assert normkit.get_norm_layer("syncbn") is normkit.nn.SyncBatchNorm
+    assert "syncbn" in normkit.available_norms()
 
 
 def test_compile_sees_plain_bn_without_a_process_group() -> None:

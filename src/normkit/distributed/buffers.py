@@ -27,7 +27,8 @@ def _stat_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor | None, Tensor 
             if isinstance(mean, Tensor) and mean.is_floating_point():
                 var = bufs.get(var_key)
                 nbt = bufs.get(_COUNTER)
-                out.append((mean, var if isinstance(var, Tensor) else None, nbt if isinstance(nbt, Tensor) else None))
+                var = var if isinstance(var, Tensor) else None
+                out.append((mean, var, nbt if isinstance(nbt, Tensor) else None))
     return out
 
 

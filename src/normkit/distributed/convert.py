@@ -54,21 +54,21 @@ def _refusal(m: nn.Module, path: str) -> str:
     name = type(m).__name__
     keep = "or keep it per process with convert_sync_batchnorm(..., unsupported='keep')"
     if isinstance(m, fam._GhostBatchNorm):
-        why = (f"a {name} normalizes each chunk of ghost_batch_size={m.ghost_batch_size} samples of a process's "
-               "batch on its own, and a SyncBatchNorm would replace that with statistics over every process's "
-               "whole batch (silently dropping the Ghost BN forward)")
+        why = (f"a {name} normalizes each chunk of ghost_batch_size={m.ghost_batch_size} samples of a "
+               "process's batch on its own, and a SyncBatchNorm would replace that with statistics over "
+               "every process's whole batch (silently dropping the Ghost BN forward)")
         fix = f"replace it with BatchNorm{name[-2:]} first if you want synchronised statistics, {keep}"
     elif isinstance(m, fam._BatchRenorm):
-        why = (f"a {name} corrects the batch statistics towards its running ones (r, d), which a SyncBatchNorm "
-               "does not do (its Batch Renorm forward would be silently dropped)")
+        why = (f"a {name} corrects the batch statistics towards its running ones (r, d), which a "
+               "SyncBatchNorm does not do (its Batch Renorm forward would be silently dropped)")
         fix = f"replace it with BatchNorm{name[-2:]} first if you want synchronised statistics, {keep}"
     elif isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():  # type: ignore[attr-defined]
         why = f"a {name} has no shape yet"
         fix = f"run one forward pass first, so that it becomes a BatchNorm, {keep}"
     else:
         why = (f"{name} overrides BatchNorm's forward, which a SyncBatchNorm would silently drop; only "
-               "torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm, normkit's BatchNorm1d/2d/3d, BatchNormAct2d "
-               "and subclasses that keep their forward convert")
+               "torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm, normkit's BatchNorm1d/2d/3d, "
+               "BatchNormAct2d and subclasses that keep their forward convert")
         fix = f"convert it yourself, {keep}"
     return f"convert_sync_batchnorm: {where} is not converted: {why}; {fix}"
 
@@ -96,7 +96,7 @@ def _share_state(src: nn.Module, dst: nn.Module) -> None:
         dst.qconfig = src.qconfig  # type: ignore[assignment]
 
 
-def _bn_kwargs(m: nn.Module) -> dict[str, Any]:
+def _bn_kwargs(m: Any) -> dict[str, Any]:
     return {
         "eps": m.eps,
         "momentum": m.momentum,
@@ -108,12 +108,13 @@ def _bn_kwargs(m: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _to_sync(m: nn.Module, base: type[nn.Module], group: Any) -> SyncBatchNorm:
+def _to_sync(m: Any, base: type[nn.Module], group: Any) -> SyncBatchNorm:
     kw = {**_bn_kwargs(m), "unbiased_running_var": getattr(m, "unbiased_running_var", True)}
     if group is None and isinstance(m, nn.SyncBatchNorm):
         group = m.process_group  # torch's layer already had one: keep it
     if base is BatchNormAct2d:
-        sync: SyncBatchNorm = SyncBatchNormAct(m.num_features, activation=m.activation, process_group=group, **kw)
+        act: Any = m.activation
+        sync: SyncBatchNorm = SyncBatchNormAct(m.num_features, activation=act, process_group=group, **kw)
     else:
         sync = SyncBatchNorm(m.num_features, process_group=group, **kw)
     _share_state(m, sync)
@@ -191,8 +192,10 @@ def convert_sync_batchnorm(
         return _known_base(m)
 
     if unsupported == "raise":  # check everything first: a refused model is left as it was
-        refused = [(path, m) for path, m in model.named_modules()
-                   if isinstance(m, _TorchBatchNorm) and not isinstance(m, SyncBatchNorm) and convertible(m) is None]
+        refused = [
+            (path, m) for path, m in model.named_modules()
+            if isinstance(m, _TorchBatchNorm) and not isinstance(m, SyncBatchNorm) and convertible(m) is None
+        ]
         if refused:
             path, m = refused[0]
             more = f" ({len(refused) - 1} more layer(s) like it)" if len(refused) > 1 else ""
@@ -214,10 +217,11 @@ def convert_sync_batchnorm(
 
 
 @torch.no_grad()
-def _from_sync(m: nn.Module) -> nn.Module:
+def _from_sync(m: Any) -> nn.Module:
     unbiased = getattr(m, "unbiased_running_var", True)
     if isinstance(m, SyncBatchNorm):
-        cls = getattr(m, "_bn_cls", None) or (BatchNormAct2d if isinstance(m, SyncBatchNormAct) else _BatchNormXd)
+        fallback = BatchNormAct2d if isinstance(m, SyncBatchNormAct) else _BatchNormXd
+        cls = getattr(m, "_bn_cls", None) or fallback
     else:  # torch.nn.SyncBatchNorm: its input rank is unknown
         cls = _BatchNormXd
     if not unbiased:  # torch's classes always store the unbiased variance
@@ -226,7 +230,8 @@ def _from_sync(m: nn.Module) -> nn.Module:
     if issubclass(cls, nk_bn._BatchNorm):
         kw["unbiased_running_var"] = unbiased
     if issubclass(cls, BatchNormAct2d):
-        bn = cls(m.num_features, activation=m.activation, **kw)
+        act: Any = m.activation
+        bn = cls(m.num_features, activation=act, **kw)
     else:
         bn = cls(m.num_features, **kw)
     _share_state(m, bn)

@@ -36,9 +36,11 @@ class _Layer:
     """One layer being recalibrated: where its statistics live and the running ``(count, mean, M2)``."""
 
     def __init__(self, name: str, module: nn.Module) -> None:
-        self.name, self.module = name, module
+        self.name = name
+        self.module: Any = module
         self.keras = isinstance(module, BatchNormalization)
-        self.mean_key, self.var_key = ("moving_mean", "moving_variance") if self.keras else ("running_mean", "running_var")
+        keys = ("moving_mean", "moving_variance") if self.keras else ("running_mean", "running_var")
+        self.mean_key, self.var_key = keys
         mean = getattr(module, self.mean_key)
         self.C = mean.numel()
         self.unbiased = False if self.keras else bool(getattr(module, "unbiased_running_var", True))
@@ -76,7 +78,7 @@ class _Layer:
 
 
 def _targets(model: nn.Module) -> list[_Layer]:
-    """The layers to recalibrate: BN with running statistics in use; Frozen BN and frozen Keras BN excluded."""
+    """The layers to recalibrate: BN with running statistics in use (not Frozen BN, not frozen Keras BN)."""
     out = []
     for name, m in model.named_modules():
         if isinstance(m, _TorchBatchNorm):
@@ -134,7 +136,7 @@ def recalibrate_bn(
     device: Any = None,
     process_group: Any = None,
 ) -> nn.Module:
-    """Reset and recompute every BN layer's running statistics over ``loader`` (precise BN); returns the model.
+    """Recompute every BN layer's running statistics over ``loader`` (precise BN); returns the model.
 
     The model runs in training mode (as in training: each BN normalizes with its batch's
     statistics, and SyncBatchNorm with the group's) with the weights fixed, and each BN layer's
@@ -185,11 +187,13 @@ def recalibrate_bn(
     op = "recalibrate_bn"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: expected an nn.Module, got {type(model).__name__}")
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
+    bad_count = isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    if num_batches is not None and bad_count:
         raise NormError(f"{op}: num_batches must be None or an int >= 1, got {num_batches!r}")
     if isinstance(loader, (Tensor, str, bytes)) or not isinstance(loader, Iterable):
         raise TypeError(
-            f"{op}: expected an iterable of batches (a DataLoader, a list of tensors ...), got {type(loader).__name__}"
+            f"{op}: expected an iterable of batches (a DataLoader, a list of tensors ...), "
+            f"got {type(loader).__name__}"
             + ("; wrap a single batch in a list" if isinstance(loader, Tensor) else "")
         )
     import torch.distributed as dist

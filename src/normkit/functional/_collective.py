@@ -35,7 +35,7 @@ F64 = torch.float64
 
 
 def group_size(group: Any = None) -> int:
-    """Processes in ``group`` (default: the world); 1 when torch.distributed is unavailable or not initialised.
+    """Processes in ``group`` (default: the world); 1 without an initialised torch.distributed.
 
     A process outside ``group`` also gets 1: it has nobody to synchronise with.
 
@@ -48,7 +48,7 @@ def group_size(group: Any = None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     size = dist.get_world_size(group)
-    return size if size > 1 else 1
+    return max(1, size)
 
 
 def comm_device(group: Any, like: torch.device) -> torch.device:
@@ -67,7 +67,7 @@ def comm_device(group: Any, like: torch.device) -> torch.device:
 
 
 def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge per-part ``(count, mean, M2)`` along dim 0 (float64, k-way Chan); a part with count 0 adds nothing.
+    """Merge per-part ``(count, mean, M2)`` along dim 0 (float64, k-way Chan); empty parts add nothing.
 
     Returns ``(N, mean, M2)``; ``mean`` and ``M2`` are 0 where ``N`` is 0.
 
@@ -75,9 +75,9 @@ def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tens
         >>> x = torch.randn(10, dtype=torch.float64) + 1e4
         >>> parts = [x[:3], x[3:3], x[3:]]                      # one empty part
         >>> n = torch.tensor([float(p.numel()) for p in parts], dtype=torch.float64)
-        >>> mu = torch.stack([p.mean() if p.numel() else torch.tensor(0.0, dtype=torch.float64) for p in parts])
-        >>> m2 = torch.stack([((p - p.mean()) ** 2).sum() if p.numel() else torch.tensor(0.0, dtype=torch.float64)
-        ...                   for p in parts])
+        >>> zero = torch.tensor(0.0, dtype=torch.float64)
+        >>> mu = torch.stack([p.mean() if p.numel() else zero for p in parts])
+        >>> m2 = torch.stack([((p - p.mean()) ** 2).sum() if p.numel() else zero for p in parts])
         >>> N, mean, M2 = merge_moments(n, mu, m2)
         >>> N.item(), torch.allclose(mean, x.mean()), torch.allclose(M2 / N, x.var(unbiased=False))
         (10.0, True, True)
@@ -94,12 +94,17 @@ def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tens
     return n, mu, m2.sum(0) + (count * dev * dev).sum(0)
 
 
-def chan_merge(a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+Summary = tuple[Tensor, Tensor, Tensor]
+
+
+def chan_merge(a: Summary, b: Summary) -> Summary:
     """Merge two ``(count, mean, M2)`` summaries (float64): Chan et al.'s pairwise update.
 
     Example:
         >>> x = torch.randn(7, dtype=torch.float64)
-        >>> s = lambda v: (torch.tensor(float(v.numel()), dtype=torch.float64), v.mean(), ((v - v.mean()) ** 2).sum())
+        >>> def s(v):
+        ...     n = torch.tensor(float(v.numel()), dtype=torch.float64)
+        ...     return n, v.mean(), ((v - v.mean()) ** 2).sum()
         >>> n, mean, m2 = chan_merge(s(x[:2]), s(x[2:]))
         >>> torch.allclose(mean, x.mean()), torch.allclose(m2 / n, x.var(unbiased=False))
         (True, True)
@@ -127,7 +132,7 @@ class GatheredMoments(NamedTuple):
 def all_gather_moments(
     count: Tensor, mean: Tensor, m2: Tensor, group: Any = None, *, failed: bool = False
 ) -> GatheredMoments:
-    """One ``all_gather`` of every process's ``(count, mean, M2)`` (``C`` values each), merged with Chan's formula.
+    """One ``all_gather`` of every process's ``(count, mean, M2)`` (``C`` values each), merged (Chan).
 
     ``failed=True`` tells the others that this process could not compute its statistics (a bad
     input): every process still joins the collective, so none waits forever, and each learns who

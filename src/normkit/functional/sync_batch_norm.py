@@ -21,7 +21,8 @@ group has more than one process; otherwise this is :func:`normkit.functional.bat
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,7 +55,7 @@ def sync_batch_norm(
     unbiased_running_var: bool = True,
     mask: Tensor | None = None,
 ) -> NormOutput:
-    r"""Batch normalization with statistics over every process of ``process_group``; returns output and statistics.
+    r"""Batch normalization with statistics over every process of ``process_group``; returns NormOutput.
 
     .. math::
         y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -113,11 +114,14 @@ def _channels(x: object, params: tuple[Tensor | None, ...], op: str) -> int:
         return x.shape[1]
     raise NormError(
         f"{op}: cannot tell the channel count: expected an (N, C, ...) input or a (C,) weight / running "
-        f"statistic, got {type(x).__name__}" + (f" of shape {tuple(x.shape)}" if isinstance(x, Tensor) else "")
+        f"statistic, got {type(x).__name__}"
+        + (f" of shape {tuple(x.shape)}" if isinstance(x, Tensor) else "")
     )
 
 
-def _local_moments(x: Tensor, mask: Tensor | None, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _local_moments(
+    x: Tensor, mask: Tensor | None, dims: tuple[int, ...], eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """This process's per-channel ``(count, mean, M2)`` in float64, from the shifted two-pass core."""
     C = x.shape[1]
     if x.numel() == 0:
@@ -131,7 +135,7 @@ def _local_moments(x: Tensor, mask: Tensor | None, dims: tuple[int, ...], eps: f
     return count.reshape(C), mean.reshape(C), (var * count).reshape(C)
 
 
-_EAGER: Callable[..., NormOutput] | None = None
+_EAGER: Any = None
 
 
 def sync_batch_norm_train(*args: Any, **kwargs: Any) -> NormOutput:
@@ -168,7 +172,6 @@ def _sync_batch_norm_train(
     ``check`` is the caller's own input check (a module's rank and channel checks); any input
     error is reported to the other processes through the collective before it is raised here.
     """
-    import torch.distributed as dist
 
     C = num_features
     error: BaseException | None = None
@@ -180,7 +183,9 @@ def _sync_batch_norm_train(
             raise NormError(
                 f"{op}: expected {C} channels (dim 1), got input of shape {tuple(x.shape)} with {x.shape[1]}"
             )
-        for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        params = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                  ("running_var", running_var))
+        for name, p in params:
             check_param(p, x, (C,), op, name)
         if (running_mean is None) != (running_var is None):
             raise NormError(f"{op}: give both running_mean and running_var, or neither")

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from ..functional._collective import group_size
-from ..functional.sync_batch_norm import sync_batch_norm_train
 from ..functional.activations import ActivationLike
+from ..functional.sync_batch_norm import sync_batch_norm_train
 from ._base import fx_leaf
 from .batch_norm import _BatchNorm, _check_dims
 from .norm_act import _act_repr, _ActMixin
@@ -144,7 +144,7 @@ class SyncBatchNorm(_BatchNorm):
 
 
 class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
-    """``act(SyncBatchNorm(x))``: what :func:`normkit.convert_sync_batchnorm` makes of a :class:`BatchNormAct2d`.
+    """``act(SyncBatchNorm(x))``: what :func:`normkit.convert_sync_batchnorm` makes of a ``BatchNormAct2d``.
 
     Same state_dict keys as :class:`SyncBatchNorm` (and :class:`BatchNormAct2d`).
 

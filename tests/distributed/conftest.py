@@ -46,6 +46,9 @@ def sync_cases(world: int) -> dict[str, dict[str, Any]]:
             "no-affine-no-tracking": dict(tail=(3, 2, 2), splits=[3, 1], affine=False, track=False),
             "fp32-large-offset": dict(tail=(3, 6, 6), splits=[3, 5], dtype=F32, offset=1e4, scale=1e-2),
             "bf16": dict(tail=(3, 4, 4), splits=[3, 3], dtype=torch.bfloat16),
+            # outputs and gradients exact; the variance (~1e60) does not fit the fp32 buffers: no update
+            "fp32-huge-values": dict(tail=(2, 3, 3), splits=[2, 3], dtype=F32, offset=0.0, scale=1e30,
+                                     skips_update=True),
         }
     else:
         cases = {

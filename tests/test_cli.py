@@ -49,7 +49,6 @@ def test_compare_prints_the_table_and_writes_the_run(tmp_path: Path, capsys: pyt
         (["compare", "--data", "cifar10:/no/such/folder"], "does not exist"),
         (["power", "--data", "cifar10:/no/such/folder"], "does not exist"),
         (["compare", "--norms", "bn,batchnorm"], "unknown norm 'batchnorm'; registered norms:"),
-        (["compare", "--sync-bn"], "--sync-bn is not available yet"),
         (["report", "--runs-root", "/no/such/runs"], "is not a folder"),
     ],
 )

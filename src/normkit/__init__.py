@@ -6,6 +6,9 @@ The public API:
 * :mod:`normkit.nn` -- drop-in ``torch.nn`` modules (``BatchNorm2d``, ``GroupNorm``, ``LayerNorm2d``, ...).
 * :mod:`normkit.kernels` -- the backends behind the ops (fused C++ CPU kernels, the reference) and ``use()``.
 * :mod:`normkit.ops` -- the registered ``torch.library`` ops (``normkit::norm`` ...) every norm runs on.
+* :mod:`normkit.distributed` -- BN across processes: :func:`convert_sync_batchnorm` (to
+  :class:`normkit.nn.SyncBatchNorm`), :func:`revert_sync_batchnorm`, :func:`recalibrate_bn`
+  (precise BN), :func:`sync_bn_buffers`.
 * :class:`NormError` -- raised for bad values and shapes; a ``ValueError`` and a ``RuntimeError``.
 * :func:`create_norm_layer` -- norm layers by name (``"bn"``, ``"gn:16"``, ``"ln"``, ``"ln2d"``, ``"in"``).
 
@@ -18,7 +21,7 @@ Example:
     torch.Size([2, 64, 8, 8])
 """
 
-from . import convert, functional, kernels, nn, ops, surgery
+from . import convert, distributed, functional, kernels, nn, ops, surgery
 from ._errors import NormError
 from .nn import (
     available_norms,
@@ -28,6 +31,7 @@ from .nn import (
     param_groups,
     register_norm,
 )
+from .distributed import convert_sync_batchnorm, recalibrate_bn, revert_sync_batchnorm, sync_bn_buffers
 from .surgery import fold_proxy_norm, freeze_bn, unfreeze_bn
 
 __version__ = "0.1.0"
@@ -37,8 +41,10 @@ __all__ = [
     "__version__",
     "available_norms",
     "convert",
+    "convert_sync_batchnorm",
     "create_norm_act_layer",
     "create_norm_layer",
+    "distributed",
     "get_norm_layer",
     "fold_proxy_norm",
     "freeze_bn",
@@ -47,7 +53,10 @@ __all__ = [
     "nn",
     "ops",
     "param_groups",
+    "recalibrate_bn",
     "register_norm",
+    "revert_sync_batchnorm",
     "surgery",
+    "sync_bn_buffers",
     "unfreeze_bn",
 ]

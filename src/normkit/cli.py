@@ -6,7 +6,8 @@ Subcommands: ``compare`` (E1/E3, the main job), ``power`` (E4), ``lr-sweep`` (E2
 writes ``runs/<experiment>-<timestamp>/`` (``--out`` moves the root). A bad option, an unknown
 norm or an unreadable data path exits with status 2 and a one-line message.
 
-Data-parallel: ``torchrun --nproc-per-node 2 -m normkit.cli compare ...``.
+Data-parallel: ``torchrun --nproc-per-node 2 -m normkit.cli compare ...`` (add ``--sync-bn`` for BN
+statistics over all processes).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_pint, help="stop each run after N optimizer steps (quick runs)")
     p.add_argument("--jobs", type=_pint, default=2,
                    help="runs in parallel worker processes, CPU only; each gets threads/jobs threads (default: 2)")
-    p.add_argument("--sync-bn", action="store_true", help="synchronise BN statistics across processes (not available yet)")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun: BN statistics over all processes' batches (BN layers become normkit.nn.SyncBatchNorm)")
     _common(p)
 
     p = sub.add_parser("power", help="E4: power decomposition per layer of deep random (and trained) nets",

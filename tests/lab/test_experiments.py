@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from normkit.lab.experiments.compare import CompareConfig, NotAvailableError, e1_criteria, run_compare
+from normkit.lab.experiments.compare import CompareConfig, e1_criteria, run_compare
 from normkit.lab.experiments.landscape import LandscapeConfig, run_landscape
 from normkit.lab.experiments.lr_sweep import LRSweepConfig, run_lr_sweep
 from normkit.lab.experiments.power import PowerConfig, run_power
@@ -61,8 +61,6 @@ def test_compare_rejects_bad_configs(tmp_path: Path) -> None:
         run_compare(CompareConfig(norms=["xn"], out=str(tmp_path)))
     with pytest.raises(ValueError, match="unknown model"):
         run_compare(CompareConfig(models=["vgg"], out=str(tmp_path)))
-    with pytest.raises(NotAvailableError, match="not available yet"):
-        run_compare(CompareConfig(sync_bn=True, out=str(tmp_path)))
     assert not list(tmp_path.iterdir())  # nothing written for a rejected config
 
 

@@ -76,6 +76,11 @@ SAMPLES: list[Sample] = [
     Sample("BatchRenorm2d", lambda: nkn.BatchRenorm2d(6), (4, 6, 5, 5)),
     Sample("FrozenBatchNorm2d", lambda: nkn.FrozenBatchNorm2d(6), (4, 6, 5, 5), batch_free=True),
     Sample("BatchNormAct2d", lambda: nkn.BatchNormAct2d(6, activation="relu"), (4, 6, 5, 5)),
+    # SyncBatchNorm without a process group (and with one process) is BatchNorm: the toolchain sees that
+    Sample("SyncBatchNorm", lambda: nkn.SyncBatchNorm(6), (4, 6, 5, 5)),
+    Sample("SyncBatchNorm-2d", lambda: nkn.SyncBatchNorm(6), (5, 6)),
+    Sample("SyncBatchNorm-cl", lambda: nkn.SyncBatchNorm(6), (4, 6, 5, 5), channels_last=True),
+    Sample("SyncBatchNormAct", lambda: nkn.SyncBatchNormAct(6, activation="silu"), (4, 6, 5, 5)),
     Sample("GroupNormAct2d", lambda: nkn.GroupNormAct2d(6, num_groups=2, activation="silu"), (4, 6, 5, 5), batch_free=True),
     Sample("LayerNormAct2d", lambda: nkn.LayerNormAct2d(6, activation="gelu"), (4, 6, 5, 5), batch_free=True),
 ]

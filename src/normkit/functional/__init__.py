@@ -17,6 +17,7 @@ from .instance_norm import instance_norm
 from .layer_norm import layer_norm, layer_norm_2d
 from .activations import get_activation
 from .proxy_norm import group_norm_proxy_act, proxy_norm_act, proxy_points, proxy_stats
+from .sync_batch_norm import sync_batch_norm
 
 __all__ = [
     "Moments",
@@ -40,4 +41,5 @@ __all__ = [
     "proxy_norm_act",
     "proxy_points",
     "proxy_stats",
+    "sync_batch_norm",
 ]

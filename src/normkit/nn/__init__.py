@@ -20,6 +20,7 @@ from .layer_norm import LayerNorm, LayerNorm2d
 from .norm_act import BatchNormAct2d, GroupNormAct2d, LayerNormAct2d, create_norm_act_layer
 from .optim import param_groups
 from .proxy_norm import GroupNormProxyAct2d, ProxyNormAct
+from .sync_batch_norm import SyncBatchNorm, SyncBatchNormAct
 from .registry import available_norms, create_norm_layer, default_groups, get_norm_layer, register_norm
 from .weight_norm import remove_weight_norm, weight_norm
 from .weight_standardization import (
@@ -64,6 +65,8 @@ __all__ = [
     "StdConv1d",
     "StdConv2d",
     "StdConv3d",
+    "SyncBatchNorm",
+    "SyncBatchNormAct",
     "available_norms",
     "create_norm_act_layer",
     "create_norm_layer",

@@ -103,6 +103,7 @@ _CLASS_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "in": ("InstanceNorm2d", {"affine": True}),
     "frozen_bn": ("FrozenBatchNorm2d", {}),
     "brn": ("BatchRenorm2d", {}),
+    "syncbn": ("SyncBatchNorm", {}),
 }
 
 
@@ -179,6 +180,13 @@ def _register_core() -> None:
     from .batch_norm_family import BatchRenorm2d, FrozenBatchNorm2d, GhostBatchNorm2d
 
     simple("brn", BatchRenorm2d, "BatchRenorm2d (Ioffe 2017), r_max=3, d_max=5")
+
+    @register_norm("syncbn", "SyncBatchNorm: BN statistics over all processes (torch.distributed)")
+    def _syncbn(c: int, arg: int | None, **kw: Any) -> nn.Module:
+        _no_arg("syncbn", arg)
+        from .sync_batch_norm import SyncBatchNorm  # here: it imports norm_act, which imports this module
+
+        return SyncBatchNorm(c, **kw)
     simple("frozen_bn", FrozenBatchNorm2d, "FrozenBatchNorm2d: running statistics and affine frozen")
 
     @register_norm("gbn", "GhostBatchNorm2d; 'gbn' = ghost batches of 32, 'gbn:B' = ghost batches of B samples")

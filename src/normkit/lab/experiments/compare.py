@@ -14,7 +14,10 @@ the training batch size. It then checks ALGORITHMS.md §4's pass criteria:
   IN within 0.5 pt of the worst.
 
 Under ``torchrun --nproc-per-node N`` it runs data-parallel (gloo on CPU, nccl on GPU) with
-DistributedDataParallel; ``batch_size`` is per process and BN statistics are per process.
+DistributedDataParallel; ``batch_size`` is per process and BN statistics are per process, or,
+with ``sync_bn`` (``--sync-bn``), over the global batch of all processes: every BN layer becomes a
+:class:`normkit.nn.SyncBatchNorm` (:func:`normkit.convert_sync_batchnorm`; models without BN are
+unchanged).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ __all__ = ["CompareConfig", "CompareOutcome", "NotAvailableError", "e1_criteria"
 
 
 class NotAvailableError(RuntimeError):
-    """A requested feature exists on the command line but not yet in normkit."""
+    """A requested feature is not available here (e.g. torch.distributed missing from the torch build)."""
 
 
 @dataclass
@@ -67,7 +70,8 @@ class CompareConfig:
         jobs: runs trained in parallel worker processes (CPU only; 1 under torchrun or on GPU). On
             2 cores, 2 single-threaded workers beat 1 two-threaded process: these nets are too
             small for intra-op threads (measured: docs/RESULTS.md).
-        sync_bn: synchronise BN statistics across processes (not available yet).
+        sync_bn: synchronise BN statistics across processes: BN layers become
+            :class:`normkit.nn.SyncBatchNorm` (with one process that is plain BN).
         out: runs root folder.
         quiet: no progress bars.
     """
@@ -228,7 +232,8 @@ def _summary(cfg: CompareConfig, agg: list[dict[str, Any]], data_desc: dict[str,
         f"{data_desc['train']} train / {data_desc['test']} test samples; {cfg.epochs} epochs; "
         f"SGD momentum {cfg.momentum}, peak LR {cfg.lr} x B_global/32, {cfg.warmup_epochs} warm-up epoch(s), "
         f"{cfg.schedule} decay, weight decay {cfg.weight_decay}; seeds {cfg.seeds}"
-        + (f"; {world} processes (BN statistics per process)" if world > 1 else "")
+        + (f"; {world} processes (BN statistics {'synchronised over all processes: SyncBatchNorm' if cfg.sync_bn else 'per process'})"
+           if world > 1 else ("; --sync-bn with one process: SyncBatchNorm is plain BN" if cfg.sync_bn else ""))
         + ". Mean ± std over seeds; eval mode (BN: running statistics); 'batch stats' = BN in train mode "
         "on test batches of the training batch size.",
     ]
@@ -283,6 +288,13 @@ def _train_one(
     data = _data(cfg)
     set_seed(seed, device)
     model = build_model(model_name, norm, data.in_channels, data.num_classes).to(device)
+    sync_layers = None
+    if cfg.sync_bn:  # before DDP and the optimizer; a model without BN is returned unchanged
+        from ...distributed import convert_sync_batchnorm
+        from ...nn import SyncBatchNorm
+
+        model = convert_sync_batchnorm(model)
+        sync_layers = sum(isinstance(m, SyncBatchNorm) for m in model.modules())
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -296,6 +308,8 @@ def _train_one(
     res = train_classifier(model, data, tcfg, device=device, world_size=world, rank=rank, on_epoch=on_epoch)
     keys = {"model": model_name, "norm": norm, "batch_size": b, "seed": seed}
     final = {**keys, "lr_peak": lr, "steps": res.steps, **{k: v for k, v in res.final.items() if k != "epoch"}}
+    if sync_layers is not None:
+        final["sync_bn_layers"] = sync_layers
     return {"keys": keys, "history": res.history, "final": final, "seconds": time.perf_counter() - t0}
 
 
@@ -337,16 +351,10 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
     Raises:
         ValueError: a bad configuration (unknown norm or model, empty lists, ...).
         normkit.lab.data.DataError: the data cannot be loaded.
-        NotAvailableError: ``sync_bn`` (SyncBN does not exist in normkit yet).
+        NotAvailableError: torch.distributed is missing from the torch build (under torchrun).
     """
     cfg.validate()
     world, rank, local_rank = distributed_env()
-    if cfg.sync_bn:
-        raise NotAvailableError(
-            "--sync-bn is not available yet: normkit has no SyncBatchNorm, and torch.nn.SyncBatchNorm "
-            "neither runs on CPU ('expected input tensor to be on GPU') nor converts normkit's BatchNorm "
-            "layers. Run without --sync-bn: BN statistics are then computed per process."
-        )
     device = resolve_device(cfg.device, local_rank if world > 1 else None)
     jobs = cfg.jobs if (world == 1 and device.type == "cpu") else 1
     # the thread budget is shared by the worker processes, or by torchrun's processes on this node

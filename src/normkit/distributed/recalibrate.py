@@ -1,0 +1,279 @@
+"""Precise BN: recompute every batch-norm layer's running statistics as true population statistics.
+
+The running statistics a BN layer ends training with are an exponential moving average of
+per-batch estimates taken while the weights were still moving; eval-mode accuracy suffers when
+they lag behind the final weights or come from small batches (Wu & Johnson 2021, "Rethinking
+Batch in BatchNorm", §3: *precise BN*). :func:`recalibrate_bn` runs the model over data with the
+weights fixed and replaces them by the statistics of everything each layer saw.
+
+``torch.optim.swa_utils.update_bn`` does a related job but averages the per-batch *variances*
+(with a cumulative momentum), which misses the variance of the batch means, and it ignores the
+other processes. Here each layer's values are pooled exactly (Chan et al.'s parallel formula, in
+float64): the stored mean is the mean of all values seen and the stored variance their variance
+(within-batch variance plus the variance of the batch means, each batch weighted by its count),
+also across processes when torch.distributed is initialised.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+
+from .._errors import NormError
+from ..functional._collective import F64, all_gather_moments, chan_merge, comm_device, group_size
+from ..functional._moments import moments
+from ..nn.batch_norm_family import BatchNormalization
+
+__all__ = ["recalibrate_bn"]
+
+
+class _Layer:
+    """One layer being recalibrated: where its statistics live and the running ``(count, mean, M2)``."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module: Any = module
+        self.keras = isinstance(module, BatchNormalization)
+        keys = ("moving_mean", "moving_variance") if self.keras else ("running_mean", "running_var")
+        self.mean_key, self.var_key = keys
+        mean = getattr(module, self.mean_key)
+        self.C = mean.numel()
+        self.unbiased = False if self.keras else bool(getattr(module, "unbiased_running_var", True))
+        zero = torch.zeros(self.C, dtype=F64, device=mean.device)
+        self.stats = (zero, zero.clone(), zero.clone())
+
+    def dims(self, x: Tensor) -> tuple[int, ...] | None:
+        """The reduced dims for this input, or ``None`` when the layer will reject it anyway."""
+        if self.keras:
+            ax = self.module.axis % x.dim() if -x.dim() <= self.module.axis < x.dim() else None
+            if ax is None or x.shape[ax] != self.C:
+                return None
+            return tuple(d for d in range(x.dim()) if d != ax)
+        if x.dim() < 2 or x.shape[1] != self.C:
+            return None
+        return (0, *range(2, x.dim()))
+
+    def add(self, x: Any, mask: Any) -> None:
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.numel() == 0:
+            return
+        dims = self.dims(x)
+        if dims is None:
+            return  # the layer's own forward raises its clear error next
+        m = moments(x.detach(), dims, mask if isinstance(mask, Tensor) else None)
+        dev = self.stats[0].device
+        count = m.count.reshape(self.C).to(dev, F64)
+        mean = m.mean.reshape(self.C).to(dev, F64)
+        m2 = (m.var.reshape(self.C).to(dev, F64)) * count
+        self.stats = chan_merge(self.stats, (count, mean, m2))
+
+    def hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        self.add(x, mask)
+
+
+def _targets(model: nn.Module) -> list[_Layer]:
+    """The layers to recalibrate: BN with running statistics in use (not Frozen BN, not frozen Keras BN)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, _TorchBatchNorm):
+            if m.track_running_stats and m.running_mean is not None and m.running_var is not None:
+                out.append(_Layer(name, m))
+        elif isinstance(m, BatchNormalization) and m.trainable:
+            out.append(_Layer(name, m))
+    return out
+
+
+def _length(loader: Any, num_batches: int | None) -> int | None:
+    try:
+        n = len(loader)
+    except TypeError:
+        n = None
+    if num_batches is None:
+        return n
+    return num_batches if n is None else min(n, num_batches)
+
+
+def _to(x: Any, device: Any) -> Any:
+    return x.to(device) if device is not None and isinstance(x, Tensor) else x
+
+
+def _run(model: nn.Module, batch: Any, device: Any) -> None:
+    if isinstance(batch, Tensor):
+        model(_to(batch, device))
+    elif isinstance(batch, Mapping):
+        model(**{k: _to(v, device) for k, v in batch.items()})
+    elif isinstance(batch, (list, tuple)) and batch:
+        model(_to(batch[0], device))  # (input, target, ...): the input, as swa_utils.update_bn
+    else:
+        raise NormError(
+            f"recalibrate_bn: expected batches that are a Tensor, a (input, ...) tuple/list or a mapping of "
+            f"keyword arguments, got {type(batch).__name__}"
+        )
+
+
+def _all_have(have: bool, group: Any, device: torch.device) -> bool:
+    """Whether every process still has a batch (one tiny all-reduce): all stop together, none waits."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if have else 0.0], device=comm_device(group, device))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item() > 0.0)
+
+
+@torch.no_grad()
+def recalibrate_bn(
+    model: nn.Module,
+    loader: Iterable[Any],
+    num_batches: int | None = None,
+    progress: bool = True,
+    *,
+    device: Any = None,
+    process_group: Any = None,
+) -> nn.Module:
+    """Recompute every BN layer's running statistics over ``loader`` (precise BN); returns the model.
+
+    The model runs in training mode (as in training: each BN normalizes with its batch's
+    statistics, and SyncBatchNorm with the group's) with the weights fixed, and each BN layer's
+    inputs are pooled exactly: ``running_mean`` becomes the mean of every value the layer saw and
+    ``running_var`` their variance, within-batch variance plus the variance of the batch means,
+    weighted by count (Chan et al.'s parallel formula in float64), stored unbiased (``* N / (N -
+    1)``) or biased after the layer's own convention (``unbiased_running_var``; Keras-style
+    :class:`~normkit.nn.BatchNormalization`: biased). With torch.distributed initialised, the
+    statistics of all processes of the group are pooled (one ``all_gather`` at the end), so every
+    process ends with the same population statistics.
+
+    Recalibrated: every ``torch.nn`` / normkit batch-norm layer with running statistics in use
+    (BatchNorm, SyncBatchNorm, Ghost BN, Batch Renorm, BatchNormAct2d) and trainable Keras-style
+    layers. Left alone: FrozenBatchNorm (and frozen Keras layers), layers with
+    ``track_running_stats=False``, and every other buffer of the model: the pass has no other
+    side effect (each layer's ``num_batches_tracked`` too is kept, as Batch Renorm's warm-up reads
+    it; during the pass running statistics are held fixed, momentum 0). Masked inputs
+    (``layer(x, mask)``) count their valid values only, and a layer called several times per
+    forward, or on inputs of different sizes, pools all of its calls. A layer that saw no value
+    keeps its statistics (with a warning); a channel that saw fewer than 2 values keeps its
+    variance; nothing non-finite is ever stored. Momentum and train/eval flags are restored.
+
+    Args:
+        model: the model (a DDP-wrapped one works too).
+        loader: an iterable of batches: Tensors, ``(input, target, ...)`` tuples/lists (the input
+            is used) or mappings of keyword arguments for ``model``.
+        num_batches: use only the first ``num_batches`` batches (``None``: the whole loader).
+        progress: show a progress bar (rich, on stderr; rank 0 only).
+        device: move each input there first (``None``: as they come).
+        process_group: the group whose statistics are pooled (``None``: the whole world).
+
+    With several processes every process must call this, and all stop after the same number of
+    batches (the fewest any process has; a one-value all-reduce per batch keeps them in step).
+
+    Example:
+        >>> import torch, normkit
+        >>> net = torch.nn.Sequential(normkit.nn.BatchNorm1d(2))
+        >>> data = [torch.randn(16, 2) * 3 + 1 for _ in range(4)]
+        >>> _ = normkit.recalibrate_bn(net, data, progress=False)
+        >>> everything = torch.cat(data)
+        >>> torch.allclose(net[0].running_mean, everything.mean(0), atol=1e-5)
+        True
+        >>> torch.allclose(net[0].running_var, everything.var(0), atol=1e-4)   # unbiased, over all 64
+        True
+
+    Reference: https://arxiv.org/abs/2105.07576 (Wu & Johnson, Rethinking "Batch" in BatchNorm, §3)
+    """
+    op = "recalibrate_bn"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: expected an nn.Module, got {type(model).__name__}")
+    bad_count = isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    if num_batches is not None and bad_count:
+        raise NormError(f"{op}: num_batches must be None or an int >= 1, got {num_batches!r}")
+    if isinstance(loader, (Tensor, str, bytes)) or not isinstance(loader, Iterable):
+        raise TypeError(
+            f"{op}: expected an iterable of batches (a DataLoader, a list of tensors ...), "
+            f"got {type(loader).__name__}"
+            + ("; wrap a single batch in a list" if isinstance(loader, Tensor) else "")
+        )
+    import torch.distributed as dist
+
+    layers = _targets(model)
+    world = group_size(process_group)
+    rank = dist.get_rank() if world > 1 else 0
+    home = layers[0].stats[0].device if layers else torch.device("cpu")
+
+    snapshot = [(b, b.detach().clone()) for b in model.buffers()]
+    flags = [(m, m.training) for m in model.modules()]
+    momenta = [(layer.module, layer.module.momentum) for layer in layers]
+    handles = [layer.module.register_forward_pre_hook(layer.hook, with_kwargs=True) for layer in layers]
+    seen = 0
+    try:
+        for layer in layers:  # hold the running statistics fixed during the pass (Batch Renorm reads them)
+            layer.module.momentum = 1.0 if layer.keras else 0.0
+        model.train()
+        from .._progress import Progress
+
+        with Progress(quiet=not progress or rank != 0) as bar:
+            task = bar.add(op, _length(loader, num_batches))
+            batches = iter(loader)
+            while True:
+                batch, have = None, num_batches is None or seen < num_batches
+                if have:
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        have = False
+                if world > 1:
+                    have = _all_have(have, process_group, home)
+                if not have:
+                    break
+                _run(model, batch, device)
+                seen += 1
+                bar.advance(task)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mom in momenta:
+            m.momentum = mom
+        for m, flag in flags:
+            m.training = flag
+        for b, saved in snapshot:
+            b.copy_(saved)
+
+    if not layers:
+        return model
+    count = torch.cat([layer.stats[0] for layer in layers])
+    mean = torch.cat([layer.stats[1] for layer in layers])
+    m2 = torch.cat([layer.stats[2] for layer in layers])
+    if world > 1:
+        g = all_gather_moments(count, mean, m2, process_group)
+        count, mean, m2 = g.count, g.mean, g.m2
+    unused = []
+    start = 0
+    for layer in layers:
+        n = count[start: start + layer.C]
+        mu = mean[start: start + layer.C]
+        M2 = m2[start: start + layer.C]
+        start += layer.C
+        if not bool((n > 0).any()):
+            unused.append(layer.name or type(layer.module).__name__)
+            continue
+        if layer.unbiased:
+            var, var_ok = M2 / (n - 1.0).clamp_min(1.0), n >= 2.0
+        else:
+            var, var_ok = M2 / n.clamp_min(1.0), n >= 1.0
+        rm = getattr(layer.module, layer.mean_key)
+        rv = getattr(layer.module, layer.var_key)
+        mean_ok = (n >= 1.0) & torch.isfinite(mu)
+        var_ok = var_ok & torch.isfinite(var)
+        rm.copy_(torch.where(mean_ok, mu.to(rm.device, rm.dtype), rm))
+        rv.copy_(torch.where(var_ok, var.to(rv.device, rv.dtype), rv))
+    if unused:
+        warnings.warn(
+            f"{op}: {len(unused)} BN layer(s) saw no values in {seen} batch(es) and keep their statistics: "
+            f"{', '.join(unused)} (not reached by the forward, or every input empty or masked out)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return model

@@ -96,11 +96,17 @@ class ConversionReport:
                  f"{len(self.fused)} norm+activation pairs fused ({self.method})"]
         lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*r).rstrip() for r in rows]
+        dropped: dict[str, list[str]] = {}
         for c in self.converted:
-            if c.dropped:
-                lines.append(f"  {c.name or '<root>'}: dropped {'; '.join(c.dropped)}")
+            for d in c.dropped:
+                dropped.setdefault(d, []).append(c.name or "<root>")
+        for what, names in dropped.items():
+            lines.append(f"  dropped {what}: {', '.join(names)}")
+        unfused: dict[str, list[str]] = {}
         for name, why in self.unfused:
-            lines.append(f"  no activation fused for {name}: {why}")
+            unfused.setdefault(why, []).append(name)
+        for why, names in unfused.items():
+            lines.append(f"  no activation fused ({why}): {', '.join(names)}")
         for name, cls, why in self.skipped:
             lines.append(f"  skipped {name} ({cls}): {why}")
         if self.excluded:
@@ -530,9 +536,7 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
         elif spec.with_act:
             layer_spec, act = _plain_base(spec, info.num_channels), None
         else:
-            layer_spec, act = spec, (info.act_module if info.act_module is not None else info.activation)
-            if isinstance(act, nn.Module):
-                act = copy.deepcopy(act)
+            layer_spec, act = spec, (pn_activation(info) if info.activation is not None else None)
         try:
             built, notes = _build(layer_spec, info, _place(name, info, graph, modules), act, transfer,
                                   _factory(info, fallback))

@@ -250,7 +250,7 @@ def _find_pairs(
         if why is None and counts[layer_name] > 1:
             why = f"'{layer_name}' is called {counts[layer_name]} times"
         if why is None and len(src.users) != 1:
-            why = f"'{layer_name}''s output also feeds {len(src.users) - 1} other node(s)"
+            why = f"the output of '{layer_name}' also feeds {len(src.users) - 1} other node(s)"
         if why is None and (len(src.args) != 1 or src.kwargs):
             why = f"'{layer_name}' is called with extra arguments"
         if why is None and isinstance(layer, nn.Linear):

@@ -290,10 +290,11 @@ class NormMonitor:
             table.add_column(h, justify="left" if h in ("layer", "kind", "mode", "stats") else "right")
         for row in rows:
             table.add_row(*row)
-        console = Console(record=True, width=max(120, sum(max(len(h), *(len(r[i]) for r in rows)) + 3 for i, h in enumerate(head))))
-        with console.capture():
+        width = sum(max(len(h), *(len(r[i]) for r in rows)) + 3 for i, h in enumerate(head)) + 1
+        console = Console(width=max(80, width), color_system=None, highlight=False)
+        with console.capture() as captured:
             console.print(table)
-        text = console.export_text()
+        text = captured.get()
         if print_:
             print(text, end="")
         return text

@@ -53,8 +53,8 @@ __all__ = [
 ]
 
 # Model surgery and diagnostics (issue #12): convert norms, fold BN, watch norms at work.
-from . import diagnostics  # noqa: E402
-from .diagnostics import NormMonitor, train_eval_gap  # noqa: E402
-from .surgery import convert_norms, fold_bn, fold_bn_weights  # noqa: E402
+from . import diagnostics
+from .diagnostics import NormMonitor, train_eval_gap
+from .surgery import convert_norms, fold_bn, fold_bn_weights
 
 __all__ += ["NormMonitor", "convert_norms", "diagnostics", "fold_bn", "fold_bn_weights", "train_eval_gap"]

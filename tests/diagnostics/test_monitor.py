@@ -44,7 +44,7 @@ def test_train_eval_gap_record_equals_the_direct_computation():
     with torch.no_grad():
         h = net[0](x).double()  # the BN's input
     mean_b, var_b = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
-    v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+    v = lambda t: t.view(1, -1, 1, 1)
     diff = (h - v(mean_b)) / (v(var_b) + bn.eps).sqrt() - (h - v(rm)) / (v(rv) + bn.eps).sqrt()
     assert last["gap"] == pytest.approx(float(diff.pow(2).mean().sqrt()), rel=1e-6)
     assert last["mean_shift"] == pytest.approx(float(((mean_b - rm) / (rv + bn.eps).sqrt()).pow(2).mean().sqrt()), rel=1e-6)

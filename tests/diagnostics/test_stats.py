@@ -18,7 +18,7 @@ def test_batch_running_gap_equals_the_direct_difference_of_normalized_values():
     mean_b = x.mean((0, 2, 3))
     var_b = x.var((0, 2, 3), unbiased=False)
     got = stats.batch_running_gap(mean_b, var_b, rm, rv, eps)
-    v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+    v = lambda t: t.view(1, -1, 1, 1)
     x_b = (x - v(mean_b)) / (v(var_b) + eps).sqrt()
     x_r = (x - v(rm)) / (v(rv) + eps).sqrt()
     assert got["gap"] == pytest.approx(float((x_b - x_r).pow(2).mean().sqrt()), rel=1e-12)

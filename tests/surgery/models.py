@@ -7,7 +7,7 @@ BasicBlock calls its one ``relu`` twice, ``out += identity``), ``norm_layer=`` a
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -25,10 +25,10 @@ from normkit.nn import (
     LayerNorm2d,
     MeanOnlyBatchNorm,
 )
-from tests.reference import ref_batch_norm, ref_group_norm
+from tests.reference import ref_group_norm
 from tests.surgery.models import MobileNetish, TinyConvNeXt, TVResNet, randomize_norms
 
-SMALL = dict(width=8, layers=(1, 1, 1, 1))  # a ResNet-18-style layout, narrow and short, for speed
+SMALL = {"width": 8, "layers": (1, 1, 1, 1)}  # a ResNet-18-style layout, narrow and short, for speed
 
 
 def _resnet(**kw) -> TVResNet:

@@ -53,7 +53,7 @@ def test_every_conv_kind_groups_bias_and_affine(rank, transposed, dtype):
         g = {"1": 1, "2": 2, "depthwise": c_in}[groups]
         out = c_in if groups == "depthwise" else c_out
         cls = CONV_T[rank] if transposed else CONV[rank]
-        kw = dict(stride=2, padding=1, output_padding=1) if transposed else dict(padding=1, dilation=1)
+        kw = {"stride": 2, "padding": 1, "output_padding": 1} if transposed else {"padding": 1, "dilation": 1}
         layer = cls(c_in, out, 3, groups=g, bias=bias, **kw)
         net = _pair(layer, BN[rank](out, affine=affine), dtype)
         x = torch.randn(3, c_in, *(SIZE[rank],) * rank, dtype=dtype)
@@ -160,7 +160,7 @@ def test_torchvision_resnet_folds_every_bn():
 def test_mobilenet_depthwise_and_grouped_convs_fold():
     torch.manual_seed(0)
     net = randomize_norms(MobileNetish()).eval()
-    folded, diff, report = normkit.fold_bn(net, torch.randn(2, 3, 12, 12))
+    _folded, diff, report = normkit.fold_bn(net, torch.randn(2, 3, 12, 12))
     assert len(report.folded) == 11 and diff < 1e-5
     depthwise = net.features[1].conv[1][0]
     assert depthwise.groups == depthwise.in_channels and "features.1.conv.1.1" in {f.norm for f in report.folded}
@@ -171,7 +171,7 @@ def test_cnn4_with_a_bn_head_then_proxy_norm_folds():
 
     torch.manual_seed(0)
     bn_net = randomize_norms(CNN4("bn", head=True)).eval()
-    folded, diff, report = normkit.fold_bn(bn_net)  # the head's BN sees Linear's (N, C) as (N, C, 1, 1)
+    _folded, diff, report = normkit.fold_bn(bn_net)  # the head's BN sees Linear's (N, C) as (N, C, 1, 1)
     assert [f.into for f in report.folded][-1] == "head.0" and len(report.folded) == 5 and diff < 1e-5
     # CNN-4 with LN + PN in the body and a BN head: fold the BN, then the Proxy Norm layers.
     torch.manual_seed(1)
@@ -189,14 +189,14 @@ def test_bn_that_does_not_follow_a_conv_is_left_with_the_reason():
     from normkit.lab.models import PreActResNet
 
     net = randomize_norms(PreActResNet("bn")).eval()  # pre-activation: BN after the residual addition
-    folded, diff, report = normkit.fold_bn(net, torch.randn(2, 1, 8, 8))
+    _, diff, report = normkit.fold_bn(net, torch.randn(2, 1, 8, 8))
     reasons = dict(report.skipped)
     assert reasons["blocks.1.na1"] == "its input comes from call_function add, not from a conv/linear layer"
     assert reasons["blocks.0.na1"] == "the output of 'stem' also feeds 1 other node(s)"  # the skip connection
     assert "blocks.0.na2" in {f.norm for f in report.folded} and diff < 1e-5
     # Linear on (N, L, F): BatchNorm1d(L) normalizes dim 1, not the Linear's features.
     seq = _pair(nn.Linear(5, 4), nn.BatchNorm1d(3), torch.float32)
-    folded, diff, report = normkit.fold_bn(seq, torch.randn(2, 3, 5))
+    _, diff, report = normkit.fold_bn(seq, torch.randn(2, 3, 5))
     assert report.folded == [] and "not dim 1" in report.skipped[0][1] and diff == 0.0
     # A conv whose output also feeds something else.
     class Two(nn.Module):
@@ -208,7 +208,7 @@ def test_bn_that_does_not_follow_a_conv_is_left_with_the_reason():
             h = self.conv(x)
             return self.bn(h) + h
 
-    folded, _, report = normkit.fold_bn(Two().eval())
+    _folded, _, report = normkit.fold_bn(Two().eval())
     assert "also feeds 1 other node" in report.skipped[0][1]
 
 
@@ -222,7 +222,7 @@ def test_untraceable_model_falls_back_to_sequential_adjacency():
             return self.body(x) if x.sum() > -1e9 else x
 
     net = randomize_norms(Branchy()).eval()
-    folded, diff, report = normkit.fold_bn(net)
+    _folded, diff, report = normkit.fold_bn(net)
     assert report.method.startswith("nn.Sequential adjacency") and len(report.folded) == 1 and diff < 1e-5
     assert "folded  body.1 -> body.0" in str(report)
 
@@ -230,7 +230,7 @@ def test_untraceable_model_falls_back_to_sequential_adjacency():
 def test_probe_input_from_the_first_layer():
     for net in (nn.Sequential(nn.Conv1d(2, 3, 5), nn.BatchNorm1d(3)), nn.Sequential(nn.Conv3d(2, 3, 3), nn.BatchNorm3d(3)),
                 nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), nn.Sequential(nn.ConvTranspose2d(2, 3, 3), nn.BatchNorm2d(3))):
-        folded, diff, _ = normkit.fold_bn(randomize_norms(net).eval())
+        _folded, diff, _ = normkit.fold_bn(randomize_norms(net).eval())
         assert diff < 1e-5
     with pytest.raises(normkit.NormError, match="pass example_input"):
         normkit.fold_bn(nn.Sequential(nn.Embedding(5, 3), nn.BatchNorm1d(3)).eval())
@@ -271,5 +271,5 @@ def test_shared_layers_are_not_folded():
         def forward(self, x):
             return self.bn1(self.conv(x)) + self.bn2(self.conv(x))
 
-    folded, diff, report = normkit.fold_bn(randomize_norms(Shared()).eval())
+    _folded, diff, report = normkit.fold_bn(randomize_norms(Shared()).eval())
     assert report.folded == [] and all("called 2 times" in why for _, why in report.skipped) and diff == 0.0

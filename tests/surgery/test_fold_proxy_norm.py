@@ -134,3 +134,32 @@ def test_untraceable_model_gives_a_clear_error():
 
     with pytest.raises(ValueError, match="could not trace"):
         normkit.fold_proxy_norm(Branchy(), torch.randn(1, 3, 4, 4))
+
+
+def test_models_with_normkit_bn_and_gn_fold():
+    torch.manual_seed(0)
+    net = _rand(nn.Sequential(
+        nn.Conv2d(3, 8, 3), normkit.nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), normkit.nn.GroupNorm(2, 8),
+        nn.Conv2d(8, 8, 1), normkit.nn.BatchNormAct2d(8), nn.Conv2d(8, 8, 1), normkit.create_norm_layer("ln+pn", 8),
+        nn.Conv2d(8, 4, 1), normkit.nn.FrozenBatchNorm2d(4),
+    ))
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.5, 2)
+    folded = _check(net, torch.randn(4, 3, 8, 8))
+    assert isinstance(folded[8], FoldedProxyAct) and type(folded[1]) is normkit.nn.BatchNorm2d
+
+
+def test_converted_torchvision_resnet_folds_its_proxy_norms():
+    from tests.surgery.models import TVResNet
+
+    torch.manual_seed(0)
+    net, _report = normkit.convert_norms(TVResNet(width=8, layers=(1, 1, 1, 1)), "ln+pn")
+    net = _rand(net)
+    x = torch.randn(2, 3, 8, 8)
+    # The blocks' PN feed conv2 (zero padding: scale folded, shift kept); the stem's feeds a
+    # residual addition too, so it stays.
+    with pytest.warns(UserWarning, match=r"bn1: its output reaches call_function add"):
+        folded = normkit.fold_proxy_norm(net, x)
+    names = {n for n, m in folded.named_modules() if isinstance(m, FoldedProxyAct)}
+    assert names == {f"layer{i}.0.bn1" for i in range(1, 5)}
+    torch.testing.assert_close(folded(x), net.eval()(x), atol=1e-5, rtol=1e-5)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +17,6 @@ from torch.utils.hooks import RemovableHandle
 from .._errors import NormError
 from ..nn._inspect import BN_KINDS, NormInfo, describe_norm
 from .stats import (
-    TERMS,
     batch_running_gap,
     channel_moments,
     dead_and_collapsed,
@@ -167,7 +167,7 @@ class NormMonitor:
     def __enter__(self) -> NormMonitor:
         return self.attach()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.detach()
 
     def _pre_hook(self, name: str, info: NormInfo) -> Callable[..., None]:

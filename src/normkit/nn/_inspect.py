@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -107,7 +108,7 @@ def _from(module: nn.Module, prefixes: tuple[str, ...]) -> bool:
     return type(module).__module__.startswith(prefixes)
 
 
-def _bn_like(module: nn.Module, kind: str, rank: int | None, **kw: Any) -> NormInfo:
+def _bn_like(module: Any, kind: str, rank: int | None, **kw: Any) -> NormInfo:
     return NormInfo(
         kind=kind,
         num_channels=int(module.num_features),
@@ -241,7 +242,7 @@ def describe_norm(module: nn.Module) -> NormInfo | str | None:
         return _gn_info(module, activation=module.activation, act_module=module._modules.get("act"))
     if isinstance(module, GroupNorm):
         return _gn_info(module)
-    if isinstance(module, LayerNormAct2d) or isinstance(module, LayerNorm2d):
+    if isinstance(module, (LayerNormAct2d, LayerNorm2d)):
         act = module.activation if isinstance(module, LayerNormAct2d) else None
         return NormInfo(
             kind="ln" if module.over == "chw" else "ln2d", num_channels=module.num_channels, eps=module.eps,
@@ -348,7 +349,7 @@ def elementwise_activation(fn: Any, args: tuple[Any, ...] = (), kwargs: dict[str
             return _named(activation_spec(fn))
         act = copy.deepcopy(fn)
         if hasattr(act, "inplace"):
-            act.inplace = False
+            setattr(act, "inplace", False)  # noqa: B010 - any activation module with the flag
         return act
     fn = ACT_FUNCTIONS.get(fn, fn)
     if fn is _F.leaky_relu:

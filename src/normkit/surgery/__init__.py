@@ -2,7 +2,7 @@
 
 from .convert import ConversionReport, Converted, ConvertedLayer, convert_norms
 from .fold import FoldedProxyAct, fold_proxy_norm
-from .fold_bn import FoldReport, Folded, fold_bn, fold_bn_weights
+from .fold_bn import Folded, FoldReport, fold_bn, fold_bn_weights
 from .freeze import freeze_bn, unfreeze_bn
 
 __all__ = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import Counter
 from typing import Any
@@ -35,7 +36,7 @@ def trace_or_reason(model: nn.Module) -> tuple[torch.fx.Graph | None, str]:
     """``(graph, "")``, or ``(None, why)`` when torch.fx cannot trace the model."""
     try:
         return trace(model), ""
-    except Exception as exc:  # fx raises many kinds on data-dependent control flow
+    except Exception as exc:  # noqa: BLE001 - fx raises many kinds on data-dependent control flow
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
@@ -70,13 +71,12 @@ _VIEW_METHODS = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "__getite
 
 def is_singleton_view(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A view that only adds or removes trailing size-1 dims of an ``(N, C, 1, ...)`` value (shapes from ShapeProp)."""
-    if node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
-        pass
-    elif node.op == "call_method" and node.target in _VIEW_METHODS:
-        pass
-    elif node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Flatten):
-        pass
-    else:
+    is_view = (
+        (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
+        or (node.op == "call_method" and node.target in _VIEW_METHODS)
+        or (node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Flatten))
+    )
+    if not is_view:
         return False
     src = node.args[0] if node.args else None
     if not isinstance(src, torch.fx.Node):
@@ -147,5 +147,5 @@ def max_abs_diff(a: Any, b: Any) -> float:
     for x, y in zip(la, lb):
         if isinstance(x, Tensor) and isinstance(y, Tensor) and x.numel():
             d = (x.detach().to(torch.float64) - y.detach().to(torch.float64)).abs().max().item()
-            worst = max(worst, d) if d == d else float("nan")
+            worst = float("nan") if math.isnan(d) or math.isnan(worst) else max(worst, d)
     return worst

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 import torch.fx
@@ -92,8 +93,8 @@ class ConversionReport:
                 for c in self.converted]
         widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(head)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [f"convert_norms to {self.to!r}: {len(self.converted)} converted, {len(self.skipped)} skipped, "
-                 f"{len(self.fused)} norm+activation pairs fused ({self.method})"]
+        lines = [(f"convert_norms to {self.to!r}: {len(self.converted)} converted, {len(self.skipped)} skipped, "
+                  f"{len(self.fused)} norm+activation pairs fused ({self.method})")]
         lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*r).rstrip() for r in rows]
         dropped: dict[str, list[str]] = {}

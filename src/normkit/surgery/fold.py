@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .._errors import NormError
 from .. import functional as F
+from .._errors import NormError
 from ..functional.activations import ActivationLike, get_activation
 from ..nn.proxy_norm import GroupNormProxyAct2d, ProxyNormAct
 from ._graph import NormTracer, is_singleton_view, node_shape
@@ -76,7 +76,7 @@ class FoldedProxyAct(nn.Module):
         )
 
 
-def _pads(conv: nn.Module) -> bool:
+def _pads(conv: Any) -> bool:
     padding = conv.padding
     if isinstance(padding, str):
         return padding == "same" and any(k > 1 for k in conv.kernel_size)
@@ -97,11 +97,12 @@ _FN_AFFINE = {
 
 def _mean_dims_ok(node: torch.fx.Node) -> bool:
     """``x.mean(dims)`` / ``torch.mean(x, dims)`` over spatial dims only (not N, not C)."""
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if dims is None:
         return False
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    shape = node_shape(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+    src: Any = node.args[0]
+    shape = node_shape(src) if isinstance(src, torch.fx.Node) else None
     if shape is None:
         return False
     return all(isinstance(d, int) and (d % len(shape)) >= 2 for d in dims)
@@ -111,7 +112,7 @@ def _commutes(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
     """``"affine"`` when a per-channel ``a * v + b`` passes through ``node`` unchanged (per channel),
     ``"scale"`` when only a positive per-channel scale does (zero padding), else None."""
     if node.op == "call_module":
-        m = modules.get(str(node.target))
+        m: Any = modules.get(str(node.target))
         if type(m) in _POOLS_AFFINE:
             return "affine"
         if type(m) in _AVG_POOLS:
@@ -184,7 +185,7 @@ def _what(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
 
 
 @torch.no_grad()
-def _fold_into(m: Tensor, rstd: Tensor, nxt: nn.Module, shift: bool) -> None:
+def _fold_into(m: Tensor, rstd: Tensor, nxt: Any, shift: bool) -> None:
     """``nxt(rstd * (v - m))`` as ``nxt'(v)`` (``shift``) or ``nxt'(v - m)`` (scale only), in place on ``nxt``."""
     w = nxt.weight
     if isinstance(nxt, _CONVS_T):  # weight (C_in, C_out / groups, *k): the input channel is dim 0

@@ -15,6 +15,7 @@ way (the silent bug of pytorch PR #184076 and ultralytics PR #25364).
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -148,8 +149,8 @@ class FoldReport:
     method: str = "torch.fx"
 
     def __str__(self) -> str:
-        lines = [f"fold_bn ({self.method}): {len(self.folded)} folded, {len(self.skipped)} left; "
-                 f"max |folded - original| = {self.max_abs_diff:.3g}"]
+        lines = [(f"fold_bn ({self.method}): {len(self.folded)} folded, {len(self.skipped)} left; "
+                  f"max |folded - original| = {self.max_abs_diff:.3g}")]
         lines += [f"  folded  {f.norm} -> {f.into} (now {f.replaced_by})" for f in self.folded]
         lines += [f"  left    {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
@@ -277,7 +278,7 @@ def _sequential_pairs(model: nn.Module, bn_paths: set[str]) -> tuple[list[tuple[
         if not isinstance(m, nn.Sequential) or type(m).forward is not nn.Sequential.forward:
             continue
         kids = list(m.named_children())
-        for (a_name, a), (b_name, _) in zip(kids, kids[1:]):
+        for (a_name, a), (b_name, _) in itertools.pairwise(kids):
             full_b = f"{name}.{b_name}" if name else b_name
             if full_b in bn_paths and _foldable_layer(a) is None:
                 pairs.append((full_b, f"{name}.{a_name}" if name else a_name))
@@ -289,7 +290,7 @@ def _sequential_pairs(model: nn.Module, bn_paths: set[str]) -> tuple[list[tuple[
 @torch.no_grad()
 def _fold_pair(model: nn.Module, bn_path: str, layer_path: str) -> str:
     bn = model.get_submodule(bn_path)
-    layer = model.get_submodule(layer_path)
+    layer: Any = model.get_submodule(layer_path)
     info = describe_norm(bn)
     assert isinstance(info, NormInfo) and info.running_mean is not None and info.running_var is not None
     transpose = isinstance(layer, _CONV_T)

@@ -101,7 +101,7 @@ def _mean_dims_ok(node: torch.fx.Node) -> bool:
     if dims is None:
         return False
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    src: Any = node.args[0]
+    src: Any = node.args[0] if node.args else None
     shape = node_shape(src) if isinstance(src, torch.fx.Node) else None
     if shape is None:
         return False

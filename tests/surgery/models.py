@@ -183,3 +183,38 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
                 if isinstance(t, Tensor) and t.dim() == 1 and not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
                     t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64).to(t.dtype) * (hi - lo) + lo)
     return model
+
+
+def timm_like() -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
+    """Stand-ins with timm's names, modules and attributes (``timm.layers.norm_act.BatchNormAct2d``)."""
+
+    class BatchNormAct2d(nn.BatchNorm2d):
+        def __init__(self, num_features, act_layer=nn.ReLU):
+            super().__init__(num_features)
+            self.drop = nn.Identity()
+            self.act = act_layer()
+
+        def forward(self, x):
+            return self.act(self.drop(super().forward(x)))
+
+    class LayerNorm2d(nn.LayerNorm):
+        def forward(self, x):
+            return nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                                            self.eps).permute(0, 3, 1, 2)
+
+    class FrozenBatchNorm2d(nn.Module):  # torchvision.ops.misc's: buffers only
+        def __init__(self, n):
+            super().__init__()
+            self.eps = 1e-5
+            for k, v in (("weight", torch.ones(n)), ("bias", torch.zeros(n)), ("running_mean", torch.zeros(n)),
+                         ("running_var", torch.ones(n))):
+                self.register_buffer(k, v)
+
+        def forward(self, x):
+            scale = self.weight * (self.running_var + self.eps).rsqrt()
+            return x * scale.view(1, -1, 1, 1) + (self.bias - self.running_mean * scale).view(1, -1, 1, 1)
+
+    BatchNormAct2d.__module__ = "timm.layers.norm_act"
+    LayerNorm2d.__module__ = "timm.layers.norm"
+    FrozenBatchNorm2d.__module__ = "torchvision.ops.misc"
+    return BatchNormAct2d, LayerNorm2d, FrozenBatchNorm2d

@@ -26,7 +26,7 @@ from normkit.nn import (
     MeanOnlyBatchNorm,
 )
 from tests.reference import ref_group_norm
-from tests.surgery.models import MobileNetish, TinyConvNeXt, TVResNet, randomize_norms
+from tests.surgery.models import MobileNetish, TinyConvNeXt, TVResNet, randomize_norms, timm_like
 
 SMALL = {"width": 8, "layers": (1, 1, 1, 1)}  # a ResNet-18-style layout, narrow and short, for speed
 
@@ -328,43 +328,8 @@ def test_a_single_norm_layer_and_a_model_without_norms():
 # --- other libraries' layers (duck-typed: timm is not installed) ------------------------------------
 
 
-def _timm_like():
-    """Stand-ins with timm's names, modules and attributes (``timm.layers.norm_act.BatchNormAct2d``)."""
-
-    class BatchNormAct2d(nn.BatchNorm2d):
-        def __init__(self, num_features, act_layer=nn.ReLU):
-            super().__init__(num_features)
-            self.drop = nn.Identity()
-            self.act = act_layer()
-
-        def forward(self, x):
-            return self.act(self.drop(super().forward(x)))
-
-    class LayerNorm2d(nn.LayerNorm):
-        def forward(self, x):
-            return nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                                            self.eps).permute(0, 3, 1, 2)
-
-    class FrozenBatchNorm2d(nn.Module):  # torchvision.ops.misc's: buffers only
-        def __init__(self, n):
-            super().__init__()
-            self.eps = 1e-5
-            for k, v in (("weight", torch.ones(n)), ("bias", torch.zeros(n)), ("running_mean", torch.zeros(n)),
-                         ("running_var", torch.ones(n))):
-                self.register_buffer(k, v)
-
-        def forward(self, x):
-            scale = self.weight * (self.running_var + self.eps).rsqrt()
-            return x * scale.view(1, -1, 1, 1) + (self.bias - self.running_mean * scale).view(1, -1, 1, 1)
-
-    BatchNormAct2d.__module__ = "timm.layers.norm_act"
-    LayerNorm2d.__module__ = "timm.layers.norm"
-    FrozenBatchNorm2d.__module__ = "torchvision.ops.misc"
-    return BatchNormAct2d, LayerNorm2d, FrozenBatchNorm2d
-
-
 def test_timm_and_torchvision_layers_are_recognized_without_importing_them():
-    BNAct, LN2d, Frozen = _timm_like()
+    BNAct, LN2d, Frozen = timm_like()
     torch.manual_seed(0)
     net = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), BNAct(8, nn.SiLU), nn.Conv2d(8, 8, 1), LN2d(8),
                                         nn.Conv2d(8, 8, 1), Frozen(8))).eval()

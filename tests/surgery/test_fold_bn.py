@@ -18,7 +18,7 @@ from normkit.nn import (
 )
 from normkit.surgery import fold_bn_weights
 from tests.reference import ref_batch_norm
-from tests.surgery.models import MobileNetish, TVResNet, randomize_norms
+from tests.surgery.models import MobileNetish, TVResNet, randomize_norms, timm_like
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -121,12 +121,20 @@ def test_channels_last_model_folds():
 @pytest.mark.parametrize("make", [
     lambda: BatchNorm2d(6), lambda: GhostBatchNorm2d(6, ghost_batch_size=2), lambda: BatchRenorm2d(6),
     lambda: FrozenBatchNorm2d(6), lambda: nn.SyncBatchNorm(6), lambda: BatchNorm2d(6, bias=False),
+    lambda: timm_like()[0](6, nn.Identity), lambda: timm_like()[2](6),  # timm's BatchNormAct2d, torchvision's frozen BN
 ])
 def test_normkit_bn_family_folds(make):
     net = _pair(nn.Conv2d(3, 6, 3, bias=False), make(), torch.float32)
     folded, diff, report = normkit.fold_bn(net, torch.randn(4, 3, 7, 7))
     assert [f.norm for f in report.folded] == ["1"] and isinstance(folded[1], nn.Identity)
     assert diff < 1e-5
+
+
+def test_timm_norm_act_layer_leaves_its_activation_module():
+    net = _pair(nn.Conv2d(3, 6, 3), timm_like()[0](6, nn.ReLU), torch.float32)
+    x = torch.randn(4, 3, 7, 7)
+    folded, diff, report = normkit.fold_bn(net, x)
+    assert type(folded[1]) is nn.ReLU and diff < 1e-5 and net[1].act is not folded[1]
 
 
 def test_norm_act_layer_leaves_its_activation():

@@ -109,6 +109,7 @@ def _from(module: nn.Module, prefixes: tuple[str, ...]) -> bool:
 
 
 def _bn_like(module: Any, kind: str, rank: int | None, **kw: Any) -> NormInfo:
+    kw["extra"] = {"track_running_stats": bool(getattr(module, "track_running_stats", True)), **kw.get("extra", {})}
     return NormInfo(
         kind=kind,
         num_channels=int(module.num_features),

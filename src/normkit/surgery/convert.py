@@ -220,7 +220,7 @@ def _build(spec: _Spec, info: NormInfo, place: _Place, act: Any, transfer: bool,
     elif base in ("in", "in1d", "in3d"):
         if place.after_linear:
             raise NormError("it normalizes the (N, C) output of a Linear layer: instance norm would see one value per channel")
-        track = {"track_running_stats": True, "momentum": info.momentum if info.momentum is not None else 0.1} \
+        track = {"track_running_stats": True, "momentum": info.momentum} \
             if keep and info.kind == "in" and info.has_running_stats else {}
         layer = _IN[rank](c, affine=True, **eps, **track, **factory)
     elif base == "gn":

@@ -133,7 +133,7 @@ def test_normkit_bn_family_folds(make):
 def test_timm_norm_act_layer_leaves_its_activation_module():
     net = _pair(nn.Conv2d(3, 6, 3), timm_like()[0](6, nn.ReLU), torch.float32)
     x = torch.randn(4, 3, 7, 7)
-    folded, diff, report = normkit.fold_bn(net, x)
+    folded, diff, _ = normkit.fold_bn(net, x)
     assert type(folded[1]) is nn.ReLU and diff < 1e-5 and net[1].act is not folded[1]
 
 
@@ -281,3 +281,11 @@ def test_shared_layers_are_not_folded():
 
     _folded, diff, report = normkit.fold_bn(randomize_norms(Shared()).eval())
     assert report.folded == [] and all("called 2 times" in why for _, why in report.skipped) and diff == 0.0
+
+
+def test_the_comparison_runs_in_eval_and_flags_are_kept():
+    net = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.9)))
+    net[1].eval()  # BN in eval, dropout still in training
+    folded, diff, _ = normkit.fold_bn(net)
+    assert diff < 1e-5  # dropout was off for the comparison
+    assert net[2].training and folded[2].training and not net[1].training and net.training

@@ -14,8 +14,10 @@ way (the silent bug of pytorch PR #184076 and ultralytics PR #25364).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -306,6 +308,19 @@ def _fold_pair(model: nn.Module, bn_path: str, layer_path: str) -> str:
     return type(leftover).__name__
 
 
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every module in eval for the block, each train/eval flag as it was afterwards."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
     """Fold every eval-mode BN layer of ``model`` into the Conv / ConvTranspose / Linear layer before it.
 
@@ -319,8 +334,9 @@ def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
     graph comes from ``torch.fx``; a model fx cannot trace is folded where a conv and a BN are
     neighbours in an ``nn.Sequential``.
 
-    Both models are then run on ``example_input`` (or on a small random batch shaped for the
-    model's first layer) and the largest absolute difference of their outputs is returned.
+    Both models are then run in eval mode (dropout off; every train/eval flag restored after) on
+    ``example_input`` (or on a small random batch shaped for the model's first layer) and the
+    largest absolute difference of their outputs is returned.
 
     Args:
         model: the model, in eval mode (left untouched; a folded deep copy is returned).
@@ -373,7 +389,7 @@ def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
     if graph is not None:
         gm = torch.fx.GraphModule(folded, graph)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _eval_mode(folded):
                 ShapeProp(gm).propagate(*args)
         except Exception as exc:
             raise NormError(
@@ -392,8 +408,8 @@ def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
         kept = _fold_pair(folded, bn_path, layer_path)
         report.folded.append(FoldedLayer(bn_path, layer_path, kept))
     report.skipped = left
-    try:
-        with torch.no_grad():
+    try:  # both in eval (dropout off), their train/eval flags restored after
+        with torch.no_grad(), _eval_mode(model, folded):
             want, got = model(*args), folded(*args)
     except Exception as exc:
         raise NormError(

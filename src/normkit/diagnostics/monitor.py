@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import Tensor, nn
@@ -147,7 +147,7 @@ class NormMonitor:
 
     # --- hooks ---------------------------------------------------------------------------------
 
-    def attach(self) -> NormMonitor:
+    def attach(self) -> Self:
         """Register the hooks (what ``with`` does on entry) and remember the running statistics now."""
         if self.handles:
             return self
@@ -164,7 +164,7 @@ class NormMonitor:
             h.remove()
         self.handles.clear()
 
-    def __enter__(self) -> NormMonitor:
+    def __enter__(self) -> Self:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:

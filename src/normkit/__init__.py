@@ -60,3 +60,10 @@ __all__ = [
     "sync_bn_buffers",
     "unfreeze_bn",
 ]
+
+# Model surgery and diagnostics (issue #12): convert norms, fold BN, watch norms at work.
+from . import diagnostics
+from .diagnostics import NormMonitor, train_eval_gap
+from .surgery import convert_norms, fold_bn, fold_bn_weights
+
+__all__ += ["NormMonitor", "convert_norms", "diagnostics", "fold_bn", "fold_bn_weights", "train_eval_gap"]

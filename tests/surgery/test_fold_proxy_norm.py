@@ -59,24 +59,66 @@ def test_channels_last_conv_weights_fold():
     _check(net, x)
 
 
-def test_zero_padding_is_refused_with_the_reason():
+def test_zero_padding_folds_the_scale_and_keeps_the_shift():
+    # The padded zeros of conv(rstd * (a - m)) stay zeros as conv'(a - m) with W' = W * rstd; the
+    # shift -m cannot move into the bias (the border outputs would change), so the layer keeps it.
     net = _rand(nn.Sequential(nn.Conv2d(3, 8, 3), normkit.create_norm_layer("ln+pn", 8), nn.Conv2d(8, 4, 3, padding=1)))
     x = torch.randn(2, 3, 8, 8)
-    with pytest.warns(UserWarning, match="zero-pads"):
-        folded = normkit.fold_proxy_norm(net, x)
-    assert isinstance(folded[1], GroupNormProxyAct2d)
-    torch.testing.assert_close(folded(x), net.eval()(x), atol=0, rtol=0)
-    with pytest.raises(ValueError, match=r"1: the next conv zero-pads"):
-        normkit.fold_proxy_norm(net, x, strict=True)
+    folded = _check(net, x)
+    assert isinstance(folded[1], FoldedProxyAct) and folded[1].shift is not None
+    m, _ = net[1].proxy_stats()
+    torch.testing.assert_close(folded[1].shift.detach(), m.detach())
+    circular = _rand(nn.Sequential(nn.Conv2d(3, 8, 3), normkit.create_norm_layer("ln+pn", 8),
+                                   nn.Conv2d(8, 4, 3, padding=1, padding_mode="circular")))
+    assert _check(circular, x)[1].shift is None  # circular padding: the shift folds too
+
+
+def test_through_pooling_means_and_views_and_into_several_layers():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.pn = normkit.create_norm_layer("gn:2+pn", 8, activation="silu")
+            self.pool = nn.MaxPool2d(2)
+            self.a = nn.Conv2d(8, 4, 1)
+            self.b = nn.Conv2d(8, 4, 1, bias=False)
+            self.pn2 = ProxyNormAct(4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.pool(self.pn(self.conv(x)))
+            return self.fc(self.pn2(self.a(h) + self.b(h)).mean((2, 3)))
+
+    net = _rand(Net())
+    folded = _check(net, torch.randn(3, 3, 10, 10))
+    assert isinstance(folded.pn, FoldedProxyAct) and folded.pn.shift is None  # into both a and b
+    assert isinstance(folded.pn2, FoldedProxyAct)  # through the spatial mean into fc
 
 
 def test_refuses_when_not_followed_by_a_conv():
     net = _rand(nn.Sequential(nn.Conv2d(3, 8, 3), normkit.create_norm_layer("ln+pn", 8), nn.AdaptiveAvgPool2d(1)))
-    with pytest.raises(ValueError, match="followed by module AdaptiveAvgPool2d"):
+    with pytest.raises(ValueError, match="reaches the model's output"):
         normkit.fold_proxy_norm(net, torch.randn(2, 3, 8, 8), strict=True)
+    with pytest.warns(UserWarning, match="left these Proxy Norm layers unfolded"):
+        kept = normkit.fold_proxy_norm(net, torch.randn(2, 3, 8, 8))
+    assert isinstance(kept[1], GroupNormProxyAct2d)
     net2 = _rand(nn.Sequential(nn.Conv2d(3, 8, 1), ProxyNormAct(8), nn.Linear(8, 2)))
     with pytest.raises(ValueError, match="Linear layer after a feature map"):
         normkit.fold_proxy_norm(net2, torch.randn(2, 3, 8, 8), strict=True)
+    residual = nn.Sequential(nn.Conv2d(3, 8, 1), ProxyNormAct(8))
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = residual
+            self.conv = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            h = self.body(x)
+            return self.conv(h + h)
+
+    with pytest.raises(ValueError, match="call_function add"):
+        normkit.fold_proxy_norm(Res(), torch.randn(2, 3, 4, 4), strict=True)
 
 
 def test_untraceable_model_gives_a_clear_error():
@@ -92,3 +134,32 @@ def test_untraceable_model_gives_a_clear_error():
 
     with pytest.raises(ValueError, match="could not trace"):
         normkit.fold_proxy_norm(Branchy(), torch.randn(1, 3, 4, 4))
+
+
+def test_models_with_normkit_bn_and_gn_fold():
+    torch.manual_seed(0)
+    net = _rand(nn.Sequential(
+        nn.Conv2d(3, 8, 3), normkit.nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), normkit.nn.GroupNorm(2, 8),
+        nn.Conv2d(8, 8, 1), normkit.nn.BatchNormAct2d(8), nn.Conv2d(8, 8, 1), normkit.create_norm_layer("ln+pn", 8),
+        nn.Conv2d(8, 4, 1), normkit.nn.FrozenBatchNorm2d(4),
+    ))
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.5, 2)
+    folded = _check(net, torch.randn(4, 3, 8, 8))
+    assert isinstance(folded[8], FoldedProxyAct) and type(folded[1]) is normkit.nn.BatchNorm2d
+
+
+def test_converted_torchvision_resnet_folds_its_proxy_norms():
+    from tests.surgery.models import TVResNet
+
+    torch.manual_seed(0)
+    net, _report = normkit.convert_norms(TVResNet(width=8, layers=(1, 1, 1, 1)), "ln+pn")
+    net = _rand(net)
+    x = torch.randn(2, 3, 8, 8)
+    # The blocks' PN feed conv2 (zero padding: scale folded, shift kept); the stem's feeds a
+    # residual addition too, so it stays.
+    with pytest.warns(UserWarning, match=r"bn1: its output reaches call_function add"):
+        folded = normkit.fold_proxy_norm(net, x)
+    names = {n for n, m in folded.named_modules() if isinstance(m, FoldedProxyAct)}
+    assert names == {f"layer{i}.0.bn1" for i in range(1, 5)}
+    torch.testing.assert_close(folded(x), net.eval()(x), atol=1e-5, rtol=1e-5)

@@ -1,6 +1,21 @@
 """Model surgery: returns the model, never mutates the caller's copy."""
 
+from .convert import ConversionReport, Converted, ConvertedLayer, convert_norms
 from .fold import FoldedProxyAct, fold_proxy_norm
+from .fold_bn import Folded, FoldReport, fold_bn, fold_bn_weights
 from .freeze import freeze_bn, unfreeze_bn
 
-__all__ = ["FoldedProxyAct", "fold_proxy_norm", "freeze_bn", "unfreeze_bn"]
+__all__ = [
+    "ConversionReport",
+    "Converted",
+    "ConvertedLayer",
+    "FoldReport",
+    "Folded",
+    "FoldedProxyAct",
+    "convert_norms",
+    "fold_bn",
+    "fold_bn_weights",
+    "fold_proxy_norm",
+    "freeze_bn",
+    "unfreeze_bn",
+]

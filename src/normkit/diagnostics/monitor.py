@@ -1,0 +1,483 @@
+"""Watch a model's norm layers at work: forward hooks (with their handles) and the train/eval gap of BN."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .._errors import NormError
+from ..nn._inspect import BN_KINDS, NormInfo, describe_norm
+from .stats import (
+    batch_running_gap,
+    channel_moments,
+    dead_and_collapsed,
+    ema_effective_batches,
+    power_decomposition,
+    values_per_statistic,
+)
+
+__all__ = ["NormMonitor", "TrainEvalGap", "train_eval_gap"]
+
+Where = Callable[[str, nn.Module], bool] | str | re.Pattern | None
+
+
+def _selector(where: Where, op: str) -> Callable[[str, nn.Module], bool]:
+    if where is None:
+        return lambda name, m: True
+    if isinstance(where, str):
+        return lambda name, m: fnmatch.fnmatchcase(name, where)
+    if isinstance(where, re.Pattern):
+        return lambda name, m: where.search(name) is not None
+    if callable(where):
+        return lambda name, m: bool(where(name, m))
+    raise TypeError(f"{op}: where must be None, a callable (name, module) -> bool, a glob or a compiled regex, got {type(where).__name__}")
+
+
+def _norm_layers(model: nn.Module, where: Where, op: str) -> dict[str, tuple[nn.Module, NormInfo]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: expected an nn.Module, got {type(model).__name__}")
+    selected = _selector(where, op)
+    found: dict[str, tuple[nn.Module, NormInfo]] = {}
+    inside: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        info = describe_norm(m)
+        if isinstance(info, NormInfo):
+            inside.append(name)
+            if selected(name, m):
+                found[name or "<root>"] = (m, info)
+    return found
+
+
+def _first_tensor(value: Any) -> Tensor | None:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        return next((v for v in value if isinstance(v, Tensor)), None)
+    return None
+
+
+def _uses(module: nn.Module, info: NormInfo) -> str:
+    """Which statistics the layer normalizes with in its current mode: batch, running or per-sample."""
+    if info.kind == "frozen_bn":
+        return "running"
+    if info.kind in ("bn", "in"):
+        tracking = info.has_running_stats and getattr(module, "track_running_stats", True)
+        if module.training or not tracking:
+            return "batch" if info.kind == "bn" else "sample"
+        return "running"
+    return "sample"
+
+
+@dataclass
+class LayerRecord:
+    """What a :class:`NormMonitor` saw of one layer: the last call in full, scalars of every call."""
+
+    name: str
+    cls: str
+    kind: str
+    calls: int = 0
+    last: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class NormMonitor:
+    """Record what every norm layer of a model does, batch after batch (a context manager).
+
+    On each forward of each norm layer (any library, see :func:`normkit.surgery.convert_norms`)
+    it records, from the layer's input ``x`` and output ``y`` (float64, no effect on the model):
+
+    * ``uses``: which statistics normalized this batch: ``batch`` (BN in training), ``running``
+      (BN in eval, frozen BN) or ``sample`` (GN, LN, IN, Proxy Norm: per sample);
+    * ``values_per_stat``: how many values each mean / variance pooled over (BN at batch 2 on a
+      ``(2, C, 1, 1)`` head: 2), and for running statistics ``ema_batches``, the effective number
+      of batches the running averages hold (``(2 - m) / m`` in the long run);
+    * for layers with running statistics, the **train/eval gap** on this batch:
+      :func:`~normkit.diagnostics.stats.batch_running_gap` between the batch's statistics and
+      the running ones as they were before the call (``gap``, ``mean_shift``, ``log_std_ratio``);
+    * ``dead`` / ``collapsed``: output channels that are 0 everywhere, or constant;
+    * ``power_in`` / ``power_out``: the power decomposition (ALGORITHMS.md §2.8) of ``x`` and ``y``
+      as fractions of the total, with the total.
+
+    ``drift()`` compares the running statistics now with those when the monitor started.
+    ``table()`` prints one table (with rich when installed), ``to_dict()`` returns everything,
+    ``plot(path)`` draws it (matplotlib). The hooks are removed on exit (or by ``detach()``).
+
+    Args:
+        model: the model (only hooks are added; nothing else changes).
+        where: which norm layers: a callable ``(path, module) -> bool``, a glob or a compiled regex.
+        power: compute the power decompositions (cheap; turn off for big activations).
+        history: keep the scalars of every call (False: only the last call).
+
+    Example:
+        >>> import torch, normkit
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        >>> with normkit.NormMonitor(net) as monitor:
+        ...     _ = net(torch.randn(2, 3, 6, 6))
+        >>> rec = monitor.to_dict()["1"]
+        >>> rec["calls"], rec["last"]["uses"], rec["last"]["values_per_stat"]
+        (1, 'batch', 32)
+        >>> len(monitor.handles)                                 # removed on exit
+        0
+    """
+
+    def __init__(self, model: nn.Module, *, where: Where = None, power: bool = True, history: bool = True) -> None:
+        self.model = model
+        self.layers = _norm_layers(model, where, "NormMonitor")
+        if not self.layers:
+            raise NormError("NormMonitor: the model has no norm layer to watch" + (" matching where=" if where else ""))
+        self.power = bool(power)
+        self.keep_history = bool(history)
+        self.records: dict[str, LayerRecord] = {
+            name: LayerRecord(name, type(m).__name__, info.kind) for name, (m, info) in self.layers.items()
+        }
+        self.handles: list[RemovableHandle] = []
+        self._start: dict[str, tuple[Tensor, Tensor]] = {}
+        self._before: dict[str, tuple[Tensor, Tensor] | None] = {}
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def attach(self) -> Self:
+        """Register the hooks (what ``with`` does on entry) and remember the running statistics now."""
+        if self.handles:
+            return self
+        for name, (module, info) in self.layers.items():
+            if info.has_running_stats:
+                self._start[name] = (info.running_mean.detach().clone(), info.running_var.detach().clone())  # type: ignore[union-attr]
+            self.handles.append(module.register_forward_pre_hook(self._pre_hook(name, info)))
+            self.handles.append(module.register_forward_hook(self._hook(name, module, info)))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this monitor added."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def __enter__(self) -> Self:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def _pre_hook(self, name: str, info: NormInfo) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            if info.has_running_stats:  # the statistics before this call updates them
+                self._before[name] = (info.running_mean.detach().clone(), info.running_var.detach().clone())  # type: ignore[union-attr]
+
+        return hook
+
+    def _hook(self, name: str, module: nn.Module, info: NormInfo) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: Any, output: Any) -> None:
+            x, y = _first_tensor(args), _first_tensor(output)
+            if x is None or y is None or x.dim() < 2 or x.numel() == 0:
+                return
+            with torch.no_grad():
+                self._record(name, module, info, x, y)
+
+        return hook
+
+    def _record(self, name: str, module: nn.Module, info: NormInfo, x: Tensor, y: Tensor) -> None:
+        uses = _uses(module, info)
+        shape = tuple(x.shape)
+        rec: dict[str, Any] = {"mode": "train" if module.training else "eval", "uses": uses, "shape": shape}
+        ghost = info.extra.get("ghost_batch_size") if uses == "batch" else None
+        rec["values_per_stat"] = values_per_statistic(info.kind, shape, info.groups, ghost) if uses != "running" else None
+        before = self._before.pop(name, None)
+        if info.has_running_stats and before is not None:
+            nbt = info.num_batches_tracked
+            rec["ema_batches"] = ema_effective_batches(info.momentum, int(nbt) if nbt is not None else 0) \
+                if info.kind == "bn" else None
+            if info.kind in BN_KINDS:
+                _, mean, var = channel_moments(x)
+                rec.update(batch_running_gap(mean, var, before[0], before[1], info.eps))
+        dead, collapsed = dead_and_collapsed(y)
+        rec["dead"], rec["collapsed"] = dead, collapsed
+        if self.power:
+            for key, t in (("power_in", x), ("power_out", y)):
+                d = power_decomposition(t)
+                rec[key] = {**d.fractions(), "total": d.total}
+        record = self.records[name]
+        record.calls += 1
+        record.last = rec
+        if self.keep_history:
+            record.history.append({k: v for k, v in rec.items() if k not in ("dead", "collapsed")}
+                                  | {"dead": len(dead), "collapsed": len(collapsed)})
+
+    # --- results -------------------------------------------------------------------------------
+
+    def drift(self) -> dict[str, dict[str, float]]:
+        """How far each layer's running statistics moved since the monitor started, in the start's units.
+
+        ``mean_shift``: RMS over channels of ``(mean_now - mean_start) / sqrt(var_start + eps)``;
+        ``log_std_ratio``: RMS of ``log(std_now / std_start)``.
+        """
+        out: dict[str, dict[str, float]] = {}
+        for name, (rm0, rv0) in self._start.items():
+            _, info = self.layers[name]
+            if info.running_mean is None or info.running_var is None:
+                continue
+            g = batch_running_gap(info.running_mean, info.running_var, rm0, rv0, info.eps)
+            out[name] = {"mean_shift": g["mean_shift"], "log_std_ratio": g["log_std_ratio"]}
+        return out
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Everything recorded, per layer: class, kind, number of calls, the last call, the history, the drift."""
+        drift = self.drift()
+        return {
+            name: {
+                "class": r.cls, "kind": r.kind, "calls": r.calls, "last": dict(r.last),
+                "history": list(r.history), "drift": drift.get(name),
+            }
+            for name, r in self.records.items()
+        }
+
+    def _rows(self) -> tuple[list[str], list[list[str]]]:
+        head = ["layer", "kind", "mode", "stats", "values/stat", "train/eval gap", "mean shift", "drift",
+                "dead", "collapsed", "P_mean in", "P_mean out"]
+        drift = self.drift()
+        rows = []
+        for name, r in self.records.items():
+            last = r.last
+            if not last:
+                rows.append([name, r.kind, "-", "not called"] + ["-"] * (len(head) - 4))
+                continue
+            vps = last.get("values_per_stat")
+            if vps is None and last.get("ema_batches") is not None:
+                vps_s = f"EMA ~{last['ema_batches']:.1f} batches"
+            else:
+                vps_s = "-" if vps is None else str(vps)
+            channels = last["shape"][1]
+            d = drift.get(name)
+            rows.append([
+                name, r.kind, last["mode"], last["uses"], vps_s,
+                _f(last.get("gap")), _f(last.get("mean_shift")), _f(d["mean_shift"]) if d else "-",
+                f"{len(last['dead'])}/{channels}", f"{len(last['collapsed'])}/{channels}",
+                _f(last["power_in"]["P_mean"]) if "power_in" in last else "-",
+                _f(last["power_out"]["P_mean"]) if "power_out" in last else "-",
+            ])
+        return head, rows
+
+    def table(self, *, print_: bool = True) -> str:
+        """One table of the last call of every layer; printed (rich when installed), and returned as text.
+
+        Columns: the layer's kind, mode and the statistics it used, the values behind each
+        statistic, the train/eval gap and mean shift of the batch against the running statistics
+        (BN), the drift of the running statistics since the start, dead and collapsed channels of
+        the output, and the P_mean power fraction before and after the norm.
+        """
+        head, rows = self._rows()
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:  # rich comes with normkit[lab]; plain text without it
+            text = _plain_table(head, rows)
+            if print_:
+                print(text)
+            return text
+        table = Table(title="NormMonitor: the last batch each norm layer saw")
+        for h in head:
+            table.add_column(h, justify="left" if h in ("layer", "kind", "mode", "stats") else "right")
+        for row in rows:
+            table.add_row(*row)
+        width = sum(max(len(h), *(len(r[i]) for r in rows)) + 3 for i, h in enumerate(head)) + 1
+        console = Console(width=max(80, width), color_system=None, highlight=False)
+        with console.capture() as captured:
+            console.print(table)
+        text = captured.get()
+        if print_:
+            print(text, end="")
+        return text
+
+    def plot(self, path: str | Path) -> Path:
+        """Draw the train/eval gap, the dead/collapsed channels and the P_mean power fractions per layer (PNG).
+
+        Needs matplotlib (``pip install 'normkit[lab]'``).
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError as exc:  # pragma: no cover - the lab extra installs it
+            raise ImportError("NormMonitor.plot needs matplotlib: pip install 'normkit[lab]'") from exc
+        names = [n for n, r in self.records.items() if r.last]
+        if not names:
+            raise NormError("NormMonitor.plot: no layer was called while the monitor was attached")
+        last = [self.records[n].last for n in names]
+        pos = list(range(len(names)))
+        fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.5 * len(names) + 2), 9), sharex=True)
+        axes[0].bar(pos, [r.get("gap", 0.0) or 0.0 for r in last], color="tab:red")
+        axes[0].set_ylabel("train/eval gap")
+        width = 0.4
+        axes[1].bar([p - width / 2 for p in pos], [len(r["dead"]) / r["shape"][1] for r in last], width, label="dead")
+        axes[1].bar([p + width / 2 for p in pos], [len(r["collapsed"]) / r["shape"][1] for r in last], width, label="collapsed")
+        axes[1].set_ylabel("fraction of channels")
+        axes[1].legend()
+        for offset, key in ((-width / 2, "power_in"), (width / 2, "power_out")):
+            axes[2].bar([p + offset for p in pos], [r[key]["P_mean"] if key in r else 0.0 for r in last], width,
+                        label=f"P_mean {'before' if key == 'power_in' else 'after'} the norm")
+        axes[2].set_ylabel("P_mean fraction")
+        axes[2].legend()
+        axes[2].set_xticks(pos)
+        axes[2].set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+        fig.tight_layout()
+        out = Path(path)
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+
+def _f(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return str(v)
+    return f"{v:.3g}"
+
+
+def _plain_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+
+
+# --- train/eval gap --------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainEvalGap:
+    """:func:`train_eval_gap`'s answer; relative differences ``||y_train - y_eval|| / ||y_eval||``.
+
+    Attributes:
+        layers: per BN layer, alone: its output on its (eval-mode) input with batch statistics
+            against running statistics.
+        propagated: per BN layer, its output when *every* BN of the model uses batch statistics
+            against all running (the differences of earlier layers included).
+        output: the model's output, all BN layers in train mode against eval.
+        stats: per BN layer, :func:`~normkit.diagnostics.stats.batch_running_gap` of its input.
+    """
+
+    layers: dict[str, float]
+    propagated: dict[str, float]
+    output: float
+    stats: dict[str, dict[str, float]]
+
+    def __str__(self) -> str:
+        head = ["layer", "alone", "in the model", "mean shift", "log std ratio"]
+        rows = [[n, _f(self.layers[n]), _f(self.propagated.get(n)), _f(self.stats[n]["mean_shift"]),
+                 _f(self.stats[n]["log_std_ratio"])] for n in self.layers]
+        rows.append(["<model output>", "", _f(self.output), "", ""])
+        return "train/eval gap (relative output difference, batch vs running statistics)\n" + _plain_table(head, rows)
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    den = b64.norm()
+    num = (a64 - b64).norm()
+    return float(num / den) if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> TrainEvalGap:
+    """How much each BN layer's output differs between batch (train-mode) and running (eval-mode) statistics on ``batch``.
+
+    A model whose BN layers saw small or unrepresentative batches in training has running
+    statistics that disagree with any one batch; this measures by how much, layer by layer,
+    and how it adds up at the output. Only the BN layers switch mode (dropout and the rest stay
+    in eval). The model is left exactly as it was: running statistics, counters and every
+    module's train/eval flag are restored, and no gradient is recorded.
+
+    Args:
+        model: the model.
+        batch: a tensor, or a tuple of positional inputs.
+        where: which BN layers (as :class:`NormMonitor`'s ``where``).
+
+    Returns:
+        :class:`TrainEvalGap` (``print()`` it for a table).
+
+    Example:
+        >>> import torch, normkit
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+        >>> gap = normkit.train_eval_gap(net, torch.randn(16, 4) + 3.0)   # running stats still at (0, 1)
+        >>> gap.layers["1"] > 0.5, net.training, int(net[1].num_batches_tracked)
+        (True, True, 0)
+    """
+    bns = {n: (m, i) for n, (m, i) in _norm_layers(model, where, "train_eval_gap").items()
+           if i.kind == "bn" and i.has_running_stats and getattr(m, "track_running_stats", True)}
+    if not bns:
+        raise NormError("train_eval_gap: the model has no BN layer with running statistics" + (" matching where=" if where else ""))
+    args = batch if isinstance(batch, tuple) else (batch,)
+    flags = {m: m.training for m in model.modules()}
+    saved = {k: v.detach().clone() for k, v in model.named_buffers()}
+    buffers = dict(model.named_buffers())
+    inputs: dict[str, Tensor] = {}
+    eval_out: dict[str, Tensor] = {}
+    train_out: dict[str, Tensor] = {}
+    handles: list[RemovableHandle] = []
+
+    def capture(name: str, store: dict[str, Tensor], keep_input: bool) -> Callable[..., None]:
+        def hook(mod: nn.Module, a: Any, out: Any) -> None:
+            x, y = _first_tensor(a), _first_tensor(out)
+            if keep_input and x is not None:
+                inputs[name] = x.detach()
+            if y is not None:
+                store[name] = y.detach()
+
+        return hook
+
+    try:
+        with torch.no_grad():
+            model.eval()
+            handles = [m.register_forward_hook(capture(n, eval_out, True)) for n, (m, _) in bns.items()]
+            y_eval = model(*args)
+            for h in handles:
+                h.remove()
+            for m, _ in bns.values():
+                m.train()
+            handles = [m.register_forward_hook(capture(n, train_out, False)) for n, (m, _) in bns.items()]
+            y_train = model(*args)
+            for h in handles:
+                h.remove()
+            handles = []
+            _restore(buffers, saved)
+            layers: dict[str, float] = {}
+            stats: dict[str, dict[str, float]] = {}
+            for name, (m, info) in bns.items():
+                if name not in inputs:
+                    continue
+                x = inputs[name]
+                m.train()
+                y_b = m(x)
+                _restore(buffers, saved)
+                layers[name] = _rel(y_b, eval_out[name])
+                _, mean, var = channel_moments(x)
+                stats[name] = batch_running_gap(mean, var, info.running_mean, info.running_var, info.eps)  # type: ignore[arg-type]
+            propagated = {n: _rel(train_out[n], eval_out[n]) for n in layers if n in train_out}
+            from torch.utils._pytree import tree_leaves
+
+            outs = [(a, b) for a, b in zip(tree_leaves(y_train), tree_leaves(y_eval)) if isinstance(a, Tensor)]
+            output = max((_rel(a, b) for a, b in outs), default=0.0)
+    finally:
+        for h in handles:
+            h.remove()
+        _restore(buffers, saved)
+        for m, flag in flags.items():
+            m.training = flag
+    return TrainEvalGap(layers, propagated, output, stats)
+
+
+@torch.no_grad()
+def _restore(buffers: dict[str, Tensor], saved: dict[str, Tensor]) -> None:
+    for k, v in saved.items():
+        buffers[k].copy_(v)

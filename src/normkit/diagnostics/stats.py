@@ -1,0 +1,252 @@
+r"""Pure statistics for diagnosing norm layers: tensors in, numbers out, float64 throughout.
+
+* :func:`power_decomposition` / :func:`power_fractions`: the Proxy Norm paper's power plots
+  (ALGORITHMS.md §2.8). For activations ``y`` of shape ``(N, C, *spatial)``, with per-instance
+  statistics ``mu_c(x) = mean_{hw} y[x, c]`` and ``sig_c(x) = std_{hw} y[x, c]`` (biased), the total
+  power ``mean_c E_{x,hw} y^2`` splits *exactly* into four non-negative terms:
+
+  .. math::
+      \underbrace{\overline{(\mathrm{E}_x \mu_c)^2}}_{P_\text{mean}}
+      + \underbrace{\overline{\mathrm{Var}_x \mu_c}}_{P_\text{varmean}}
+      + \underbrace{\overline{\mathrm{Var}_x \sigma_c}}_{P_\text{varstd}}
+      + \underbrace{\overline{(\mathrm{E}_x \sigma_c)^2}}_{P_\text{meanstd}}
+      = \overline{\mathrm{E}_{x,hw}\, y^2}
+
+  (the bar is the mean over channels), because ``E_hw y^2 = mu^2 + sig^2`` per instance and
+  ``E_x a^2 = (E_x a)^2 + Var_x a``. A large ``P_mean`` fraction means channels are nearly
+  constant functions of the input (LN's collapse with depth); Instance Norm forces ``P_varmean``
+  and ``P_varstd`` to 0; BN forces ``P_mean`` to 0.
+* :func:`batch_running_gap`: how far normalizing with a batch's statistics lands from
+  normalizing with the running ones (BN's train/eval gap), in closed form.
+* :func:`channel_moments`, :func:`dead_and_collapsed`, :func:`values_per_statistic`,
+  :func:`ema_effective_batches`: the rest of what :class:`normkit.NormMonitor` reports.
+
+Example:
+    >>> import torch
+    >>> y = torch.randn(64, 8, 5, 5) + 3.0        # a channel-wise constant offset of 3
+    >>> f = power_fractions(y)
+    >>> round(f["P_mean"], 1)                       # 9 / (9 + 1)
+    0.9
+    >>> round(sum(f[k] for k in TERMS), 12)
+    1.0
+"""
+
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._errors import NormError
+
+__all__ = [
+    "TERMS",
+    "PowerDecomposition",
+    "batch_running_gap",
+    "channel_moments",
+    "dead_and_collapsed",
+    "ema_effective_batches",
+    "power_decomposition",
+    "power_fractions",
+    "values_per_statistic",
+]
+
+#: The four terms, in the order of :class:`PowerDecomposition`.
+TERMS = ("P_mean", "P_varmean", "P_varstd", "P_meanstd")
+
+
+class PowerDecomposition(NamedTuple):
+    """The four power terms and their sum, as Python floats (float64 arithmetic)."""
+
+    P_mean: float
+    P_varmean: float
+    P_varstd: float
+    P_meanstd: float
+    total: float
+
+    def fractions(self) -> dict[str, float]:
+        """Each term divided by the total power (all 0 when the total is 0)."""
+        t = self.total
+        return {k: (getattr(self, k) / t if t > 0 else 0.0) for k in TERMS}
+
+
+def _instance_stats(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(sample, channel) mean and biased std over the spatial dims, float64 ``(N, C)`` each."""
+    if not isinstance(y, Tensor) or y.dim() < 2:
+        raise NormError(f"power_decomposition: expected an (N, C, *spatial) or (N, C) tensor, got {getattr(y, 'shape', y)!r}")
+    if y.shape[0] < 1 or y.numel() == 0:
+        raise NormError(f"power_decomposition: need at least one sample and one value, got shape {tuple(y.shape)}")
+    y64 = y.detach().to(torch.float64).flatten(2) if y.dim() > 2 else y.detach().to(torch.float64)[:, :, None]
+    mu = y64.mean(dim=2)  # (N, C)
+    sig = (y64 - mu[:, :, None]).pow(2).mean(dim=2).sqrt()  # two-pass biased std
+    return mu, sig
+
+
+def power_decomposition(y: Tensor) -> PowerDecomposition:
+    """The four power terms of ``y`` ``(N, C, *spatial)`` (an ``(N, C)`` input has no spatial spread: sig = 0).
+
+    Variances over samples are biased (divide by N), so the identity is exact.
+
+    Example:
+        >>> import torch
+        >>> d = power_decomposition(torch.randn(16, 4, 3, 3, dtype=torch.float64))
+        >>> abs(d.P_mean + d.P_varmean + d.P_varstd + d.P_meanstd - d.total) < 1e-12
+        True
+    """
+    mu, sig = _instance_stats(y)
+    p_mean = mu.mean(dim=0).pow(2).mean()
+    p_varmean = (mu - mu.mean(dim=0)).pow(2).mean(dim=0).mean()
+    p_varstd = (sig - sig.mean(dim=0)).pow(2).mean(dim=0).mean()
+    p_meanstd = sig.mean(dim=0).pow(2).mean()
+    total = y.detach().to(torch.float64).pow(2).mean()
+    return PowerDecomposition(float(p_mean), float(p_varmean), float(p_varstd), float(p_meanstd), float(total))
+
+
+def power_fractions(y: Tensor) -> dict[str, float]:
+    """The four terms as fractions of the total power, plus ``"total"`` (the power itself).
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(32, 4, 6, 6)
+        >>> inorm = torch.nn.functional.instance_norm(x)   # IN: instance statistics fixed to (0, 1)
+        >>> f = power_fractions(inorm)
+        >>> f["P_varmean"] < 1e-12 and f["P_varstd"] < 1e-6
+        True
+    """
+    d = power_decomposition(y)
+    return {**d.fractions(), "total": d.total}
+
+
+def channel_moments(x: Tensor, channel_dim: int = 1) -> tuple[int, Tensor, Tensor]:
+    """``(count, mean, biased var)`` per channel over every other dim, in float64 (two passes).
+
+    Example:
+        >>> import torch
+        >>> n, mean, var = channel_moments(torch.tensor([[1.0, 10.0], [3.0, 10.0]]))
+        >>> n, mean.tolist(), var.tolist()
+        (2, [2.0, 10.0], [1.0, 0.0])
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"channel_moments: expected a Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise NormError(f"channel_moments: expected an (N, C, *spatial) tensor, got shape {tuple(x.shape)}")
+    x64 = x.detach().to(torch.float64).movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)  # (C, N*S)
+    count = x64.shape[1]
+    mean = x64.mean(dim=1)
+    var = (x64 - mean[:, None]).pow(2).mean(dim=1)
+    return count, mean, var
+
+
+def batch_running_gap(
+    batch_mean: Tensor, batch_var: Tensor, running_mean: Tensor, running_var: Tensor, eps: float
+) -> dict[str, float]:
+    r"""How different BN's output is with a batch's statistics and with the running ones, on that batch.
+
+    Per channel, with ``a = (var_B + eps)^-1/2`` and ``b = (var_R + eps)^-1/2``, the normalized
+    values ``x_hat_B = (x - mean_B) a`` and ``x_hat_R = (x - mean_R) b`` differ by
+    ``(x - mean_B)(a - b) + (mean_R - mean_B) b``, whose mean square over the batch is exactly
+
+    .. math::
+        \mathrm{E}(\hat x_B - \hat x_R)^2 = \mathrm{var}_B (a - b)^2 + (\mu_B - \mu_R)^2 b^2
+
+    (``var_B`` biased, as BN normalizes with it). Returns, as root mean squares over channels:
+    ``gap`` (that difference, in units of the normalized output: 0 means train and eval agree, 1
+    means the difference is as large as the signal), ``mean_shift`` (``(mu_B - mu_R) b``) and
+    ``log_std_ratio`` (``log(std_B / std_R)`` with eps).
+
+    Example:
+        >>> import torch
+        >>> gap = batch_running_gap(torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3), 1e-5)
+        >>> gap["gap"], gap["mean_shift"]
+        (0.0, 0.0)
+        >>> round(batch_running_gap(torch.ones(1), torch.ones(1), torch.zeros(1), torch.ones(1), 0.0)["gap"], 6)
+        1.0
+    """
+    mb, vb, mr, vr = (t.detach().to(torch.float64) for t in (batch_mean, batch_var, running_mean, running_var))
+    a = (vb + eps).rsqrt()
+    b = (vr + eps).rsqrt()
+    sq = vb * (a - b).pow(2) + ((mb - mr) * b).pow(2)
+    shift = (mb - mr) * b
+    log_ratio = 0.5 * ((vb + eps).log() - (vr + eps).log())
+    return {
+        "gap": float(sq.mean().sqrt()),
+        "mean_shift": float(shift.pow(2).mean().sqrt()),
+        "log_std_ratio": float(log_ratio.pow(2).mean().sqrt()),
+    }
+
+
+def ema_effective_batches(momentum: float | None, num_batches: int) -> float:
+    r"""How many batches the running statistics effectively average (Kish's effective sample size).
+
+    After ``t`` updates ``r <- (1 - m) r + m b`` the batch ``k`` steps back has weight
+    ``m (1 - m)^k``; the effective number is ``(sum w)^2 / sum w^2``, which tends to
+    ``(2 - m) / m`` (19 for torch's 0.1). ``momentum=None`` (cumulative average) gives ``t``.
+
+    Example:
+        >>> round(ema_effective_batches(0.1, 10_000), 6), ema_effective_batches(None, 7), ema_effective_batches(1.0, 5)
+        (19.0, 7.0, 1.0)
+    """
+    t = int(num_batches)
+    if t <= 0:
+        return 0.0
+    if momentum is None:
+        return float(t)
+    m = float(momentum)
+    if m <= 0.0:
+        return 0.0
+    if m >= 1.0:
+        return 1.0
+    q = (1.0 - m) ** 2
+    s1 = 1.0 - (1.0 - m) ** t  # sum of m (1 - m)^k, k < t
+    s2 = m * m * (1.0 - q**t) / (1.0 - q)
+    return s1 * s1 / s2
+
+
+def values_per_statistic(kind: str, shape: tuple[int, ...], groups: int | None = None, ghost_batch_size: int | None = None) -> int:
+    """How many values each mean / variance a norm computes on an input of ``shape`` pools over.
+
+    BN: ``N * prod(spatial)`` (Ghost BN: its ghost batch instead of N); GN: ``C/G * prod(spatial)``;
+    LN over (C, *spatial): ``C * prod(spatial)``; LN over C per position: ``C``; IN: ``prod(spatial)``.
+
+    Example:
+        >>> values_per_statistic("bn", (2, 64, 1, 1)), values_per_statistic("gn", (2, 64, 4, 4), groups=8)
+        (2, 128)
+    """
+    if len(shape) < 2:
+        raise NormError(f"values_per_statistic: expected an (N, C, *spatial) shape, got {shape}")
+    n, c = shape[0], shape[1]
+    spatial = 1
+    for s in shape[2:]:
+        spatial *= s
+    if kind in ("bn", "frozen_bn"):
+        return (min(n, ghost_batch_size) if ghost_batch_size else n) * spatial
+    if kind in ("gn", "pn"):
+        return (c // (groups or 1)) * spatial
+    if kind == "ln":
+        return c * spatial
+    if kind == "ln2d":
+        return c
+    if kind == "in":
+        return spatial
+    raise NormError(f"values_per_statistic: unknown kind {kind!r}; expected bn, frozen_bn, gn, pn, ln, ln2d or in")
+
+
+def dead_and_collapsed(y: Tensor, channel_dim: int = 1, rel_tol: float = 1e-3) -> tuple[list[int], list[int]]:
+    """Channels of a layer's output that carry no signal: ``dead`` (exactly 0 everywhere, e.g. ReLU'd
+    out or gamma = beta = 0) and ``collapsed`` (not 0, but constant over the batch and positions:
+    std below ``rel_tol`` times the channel's root mean square).
+
+    Example:
+        >>> import torch
+        >>> y = torch.randn(4, 3, 5)
+        >>> y[:, 0] = 0.0; y[:, 2] = 2.5
+        >>> dead_and_collapsed(y)
+        ([0], [2])
+    """
+    _, mean, var = channel_moments(y, channel_dim)
+    rms = (var + mean.pow(2)).sqrt()
+    dead = rms == 0
+    collapsed = ~dead & (var.sqrt() <= rel_tol * rms)
+    return dead.nonzero().flatten().tolist(), collapsed.nonzero().flatten().tolist()

@@ -1,0 +1,151 @@
+"""torch.fx plumbing shared by the surgery tools: a tracer that keeps norm layers whole, module paths."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from .._errors import NormError
+from ..nn._inspect import describe_norm, is_activation_module
+from ..nn.proxy_norm import ProxyNormAct
+
+__all__ = ["NormTracer", "call_counts", "module_paths", "probe_input", "replace_module", "trace"]
+
+
+class NormTracer(torch.fx.Tracer):
+    """fx's tracer, with every norm layer (any library) and activation module kept as one ``call_module`` node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, ProxyNormAct) or is_activation_module(m) or describe_norm(m) is not None:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> torch.fx.Graph:
+    """The fx graph of ``model`` (norm layers and activations as leaves); raises what fx raises."""
+    return NormTracer().trace(model)
+
+
+def trace_or_reason(model: nn.Module) -> tuple[torch.fx.Graph | None, str]:
+    """``(graph, "")``, or ``(None, why)`` when torch.fx cannot trace the model."""
+    try:
+        return trace(model), ""
+    except Exception as exc:  # noqa: BLE001 - fx raises many kinds on data-dependent control flow
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+def call_counts(graph: torch.fx.Graph) -> Counter[str]:
+    """How many times each module path is called in the graph."""
+    return Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+
+
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """``id(module) -> [every path it is reachable by]`` (a module shared by two parents has two)."""
+    paths: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(name)
+    return paths
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path`` (``"layer1.0.bn1"``) inside ``model``."""
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+# Shape-only ops a (N, C) value may pass through on its way between a Linear and a 2d norm (CNN-4's
+# head views (N, C) as (N, C, 1, 1)), or between a norm and the layer after it.
+_VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.unsqueeze, torch.squeeze}
+_VIEW_METHODS = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "__getitem__"}
+
+
+def is_singleton_view(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A view that only adds or removes trailing size-1 dims of an ``(N, C, 1, ...)`` value (shapes from ShapeProp)."""
+    is_view = (
+        (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
+        or (node.op == "call_method" and node.target in _VIEW_METHODS)
+        or (node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Flatten))
+    )
+    if not is_view:
+        return False
+    src = node.args[0] if node.args else None
+    if not isinstance(src, torch.fx.Node):
+        return False
+    before, after = _shape(src), _shape(node)
+    if before is None or after is None or len(before) < 2 or len(after) < 2:
+        return False
+    return before[:2] == after[:2] and all(s == 1 for s in before[2:]) and all(s == 1 for s in after[2:])
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def node_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    """The output shape ShapeProp recorded for a node, or None."""
+    return _shape(node)
+
+
+def probe_input(model: nn.Module, op: str, graph: torch.fx.Graph | None = None) -> Tensor:
+    """A small deterministic input batch shaped for the model's first layer (conv, linear or norm).
+
+    The first call_module node of ``graph`` decides (else the first module in ``named_modules``
+    order); raises :class:`NormError` when that layer says nothing about the input shape.
+    """
+    modules = dict(model.named_modules())
+    first: nn.Module | None = None
+    if graph is not None:
+        for node in graph.nodes:
+            if node.op == "call_module":
+                first = modules.get(str(node.target))
+                break
+    if first is None:
+        first = next((m for m in model.modules() if not list(m.children())), None)
+    shape: tuple[int, ...] | None = None
+    sizes = {1: 64, 2: 32, 3: 12}
+    if isinstance(first, nn.modules.conv._ConvNd):
+        nd = len(first.kernel_size)
+        size = sizes[nd] if not isinstance(first, nn.modules.conv._ConvTransposeNd) else 8
+        shape = (2, first.in_channels) + (size,) * nd
+    elif isinstance(first, nn.Linear):
+        shape = (2, first.in_features)
+    else:
+        info = describe_norm(first) if first is not None else None
+        if info is not None and not isinstance(info, str):
+            nd = info.rank or 2
+            shape = (2, info.num_channels) + (sizes[nd] // 2,) * nd
+    if shape is None:
+        raise NormError(
+            f"{op}: cannot make a probe input from the model's first layer "
+            f"({type(first).__name__ if first is not None else 'none'}); pass example_input"
+        )
+    ref = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+    dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+    device = ref.device if ref is not None else torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    """The largest absolute difference between the tensors of two outputs of the same structure."""
+    from torch.utils._pytree import tree_leaves
+
+    la, lb = tree_leaves(a), tree_leaves(b)
+    worst = 0.0
+    for x, y in zip(la, lb):
+        if isinstance(x, Tensor) and isinstance(y, Tensor) and x.numel():
+            d = (x.detach().to(torch.float64) - y.detach().to(torch.float64)).abs().max().item()
+            worst = float("nan") if math.isnan(d) or math.isnan(worst) else max(worst, d)
+    return worst

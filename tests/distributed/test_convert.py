@@ -208,7 +208,7 @@ def test_meta_device_and_optimizer_state_survive() -> None:
     net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     net = normkit.convert_sync_batchnorm(net)
-    net(torch.randn(4, 2, 3, 3)).sum().backward()
+    net(torch.randn(4, 2, 3, 3)).square().sum().backward()  # (a plain sum has a zero weight gradient)
     w0 = net[1].weight.detach().clone()
     opt.step()  # the optimizer built before the conversion updates the converted layer
     assert not torch.equal(net[1].weight, w0)

@@ -383,3 +383,19 @@ def test_report_table_is_readable():
     assert first[1].split()[:5] == ["layer", "was", "now", "kept", "activation"]
     assert "no activation fused (it is followed by call_function add that takes more than its output): layer1.0.bn2," in text and "returned a torch.fx.GraphModule" in text
     assert copy.deepcopy(report).converted == report.converted
+
+
+def test_real_timm_models_convert_where_timm_imports():
+    timm = pytest.importorskip(
+        "timm", reason="timm is not installed here (it imports torchvision, whose wheel does not import next to the CPU torch)"
+    )
+    torch.manual_seed(0)
+    for name in ("resnet18", "convnext_atto"):
+        net = timm.create_model(name, pretrained=False, num_classes=5).eval()
+        x = torch.randn(3, 3, 32, 32)
+        gn, rep = normkit.convert_norms(net, "gn")
+        assert rep.converted, name
+        assert gn(x).shape == (3, 5)
+        pn, _ = normkit.convert_norms(net, "ln+pn")
+        pn.eval()
+        torch.testing.assert_close(pn(x)[:1], pn(x[:1]), atol=1e-4, rtol=1e-4)  # no batch dependence

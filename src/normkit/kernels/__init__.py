@@ -128,7 +128,8 @@ def use(backend: str) -> Iterator[None]:
 
 
 def available() -> list[str]:
-    """The backends that can run here: ``"reference"`` and ``"native"`` always, ``"cpu"`` once built (or buildable).
+    """The backends that can run here: ``"reference"`` and ``"native"`` always, ``"cpu"`` once built (or buildable),
+    ``"triton"`` with triton installed and a GPU (or Triton's interpreter).
 
     Example:
         >>> {"auto", "reference", "native"} <= set(normkit.kernels.available())
@@ -140,8 +141,8 @@ def available() -> list[str]:
     out.append("native")
     from . import triton as _triton
 
-    if _triton.available():
-        out.append("triton")
+    if _triton.available() and (torch.cuda.is_available() or _triton.interpreting()):
+        out.append("triton")  # (on a CPU-only machine it would run the reference: not listed)
     return out
 
 

@@ -1,9 +1,21 @@
-"""Shared pytest set-up: the doctest namespace."""
+"""Shared pytest set-up: the doctest namespace; Triton's interpreter; modules that need an optional extra."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import importlib.util
+import os
+
+# normkit's Triton kernels run on CPU tensors in Triton's interpreter (tests/kernels/test_triton.py),
+# which Triton enables only when TRITON_INTERPRET=1 is set before it is imported: set it before
+# anything imports torch or triton. A GPU run sets NORMKIT_TEST_DEVICE=cuda and gets compiled kernels.
+if os.environ.get("NORMKIT_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The kernels' module imports triton (the optional `triton` extra): no doctest collection without it.
+collect_ignore = [] if importlib.util.find_spec("triton") else ["src/normkit/kernels/triton/_kernels.py"]
 
 
 @pytest.fixture(autouse=True)

@@ -40,17 +40,22 @@ _has_storage = torch._C._has_storage
 _fwad = torch.autograd.forward_ad
 
 
+_backend: list[Callable[[], str]] = []  # normkit.kernels.current, bound on first use (no import per call)
+
+
 def eligible(x: Tensor) -> bool:
     """Whether a layer call on ``x`` may take the fused fast path (plain eager, CPU, a supported dtype)."""
-    from . import current
+    if not _backend:
+        from . import current
 
+        _backend.append(current)
     return (
         not _is_compiling()  # first: Dynamo must not look at the rest
         and type(x) is Tensor
         and x.is_cpu
         and x.dtype in _CODE
         and x.numel() > 0
-        and current() in ("auto", "cpu")
+        and _backend[0]() in ("auto", "cpu")
         and (bool(_build._state["loaded"]) or _build.load(build=True))
         and not _functorch_active()
         and _fwad._current_level < 0

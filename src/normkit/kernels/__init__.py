@@ -194,7 +194,7 @@ def _triton_plan(
 ) -> Plan | None:
     """The plan of a call the Triton kernels take: a CUDA tensor on "auto" / "triton" with triton
     installed, or a CPU tensor on "triton" under Triton's interpreter; else ``None``."""
-    backend = current()
+    backend = current()  # first the cheap checks: this runs on every CPU call too
     if x.device.type == "cuda":
         if backend not in ("auto", "triton"):
             return None
@@ -248,7 +248,7 @@ def norm_forward(
     if current() == "native" and _eligible(x, mask):
         got = _native.forward(x, weight, bias, dims, eps)
         return got if got is not None else core.norm_forward(x, weight, bias, mask, dims, eps)
-    tp = _triton_plan(x, weight, bias, mask, dims) if x.device.type != "cpu" or current() == "triton" else None
+    tp = _triton_plan(x, weight, bias, mask, dims)
     if tp is not None:
         from . import triton as _triton
 
@@ -288,7 +288,7 @@ def norm_backward(
     if current() == "native" and _eligible(x, mask) and type(dy) is Tensor and torch._C._has_storage(dy):
         got = _native.backward(dy, x, weight, bias, stats, dims, needs)
         return got if got is not None else core.norm_backward(dy, x, weight, bias, mask, stats, dims, needs)
-    tp = _triton_plan(x, weight, bias, mask, dims) if x.device.type != "cpu" or current() == "triton" else None
+    tp = _triton_plan(x, weight, bias, mask, dims)
     if tp is not None and type(dy) is Tensor and dy.stride() == x.stride() and dy.dtype == x.dtype and stats.is_contiguous():
         from . import triton as _triton
 

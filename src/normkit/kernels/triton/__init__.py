@@ -10,8 +10,8 @@ format (so any backend's backward accepts them) → :func:`normkit.kernels.norm_
 by one parametrised kernel pair; see ``_kernels.py``.
 
 Example:
-    >>> import normkit.kernels.triton as nkt  # doctest: +SKIP
-    >>> nkt.available()  # doctest: +SKIP
+    >>> import normkit.kernels.triton as nkt
+    >>> nkt.available() == (nkt.why_not() is None)   # whether triton imports here
     True
 """
 
@@ -31,7 +31,13 @@ _state: dict[str, object] = {"checked": False, "error": None}
 
 
 def why_not() -> str | None:
-    """``None`` when triton imports here, else why not (the message of the import error)."""
+    """``None`` when triton imports here, else why not (the message of the import error).
+
+    Example:
+        >>> msg = normkit.kernels.triton.why_not()
+        >>> msg is None or "triton" in msg.lower() or "Error" in msg
+        True
+    """
     if not _state["checked"]:
         try:
             import triton  # noqa: F401
@@ -42,7 +48,12 @@ def why_not() -> str | None:
 
 
 def available() -> bool:
-    """Whether the Triton kernels can run here (triton importable)."""
+    """Whether the Triton kernels can run here (triton importable).
+
+    Example:
+        >>> normkit.kernels.triton.available() in (True, False)
+        True
+    """
     return why_not() is None
 
 
@@ -51,6 +62,10 @@ def interpreting() -> bool:
 
     Triton decides when a kernel is defined (``TRITON_INTERPRET=1`` at import of ``_kernels``), so
     once they exist this asks them; before, the environment.
+
+    Example:
+        >>> normkit.kernels.triton.interpreting() in (True, False)
+        True
     """
     import sys
 
@@ -76,13 +91,12 @@ def _walk(p: Plan) -> tuple[int, tuple[int, ...]]:
 
 
 def _blocks(NC: int, M: int) -> tuple[int, int]:
-    BM = min(triton_next_pow2(M), 256)
-    BC = max(1, min(triton_next_pow2(NC), 1024 // BM))
+    """Tile of a set's ``(NC, M)`` matrix: up to 256 positions by as many channels as fit 1024 values."""
+    from triton import next_power_of_2
+
+    BM = min(next_power_of_2(M), 256)
+    BC = max(1, min(next_power_of_2(NC), 1024 // BM))
     return BC, BM
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _acc(x: Tensor) -> tuple[torch.dtype, object]:
@@ -92,7 +106,15 @@ def _acc(x: Tensor) -> tuple[torch.dtype, object]:
 
 
 def forward(x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]) -> tuple[Tensor, Tensor]:
-    """``(y, stats)`` of a contiguous-per-plan ``x``; ``w`` / ``b`` flat in the plan's channel order."""
+    """``(y, stats)`` of a contiguous-per-plan ``x``; ``w`` / ``b`` flat in the plan's channel order.
+
+    Called by :func:`normkit.kernels.norm_forward`; needs triton (and a GPU or its interpreter).
+
+    Example:
+        >>> x = torch.randn(2, 4, 3, 3, device="cuda")  # doctest: +SKIP
+        >>> p = normkit.kernels.plan(x, (2, 3), None, None)  # doctest: +SKIP
+        >>> y, stats = forward(x, None, None, p, 1e-5, [2, 4, 1, 1])  # doctest: +SKIP
+    """
     from . import _kernels
 
     acc, tacc = _acc(x)
@@ -112,7 +134,14 @@ def forward(x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, 
 def backward(
     dy: Tensor, x: Tensor, w: Tensor | None, stats: Tensor, p: Plan, need_x: bool, need_p: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx, dweight, dbias)``: ``dweight`` / ``dbias`` flat in the plan's channel order (or ``None``)."""
+    """``(dx, dweight, dbias)``: ``dweight`` / ``dbias`` flat in the plan's channel order (or ``None``).
+
+    Called by :func:`normkit.kernels.norm_backward` with :func:`forward`'s statistics (or any
+    backend's: they share the reference's format); tested in tests/kernels/test_triton.py.
+
+    Example:
+        >>> dx, dw, db = backward(torch.randn_like(x), x, None, stats, p, True, False)  # doctest: +SKIP
+    """
     from . import _kernels
 
     acc, tacc = _acc(x)

@@ -137,6 +137,72 @@ def test_edge_shapes(name, shape, affine, ran):
         _close(g, e, GTOL[torch.float32])
 
 
+@pytest.fixture
+def split(monkeypatch):
+    """Every set cut into chunks of 16 positions: the two-phase (split) reduction on small shapes."""
+    from normkit.kernels import triton as nkt
+
+    monkeypatch.setattr(nkt, "_FORCE_CHUNK", 16)
+    launched = []
+    real = nkt._chunking
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        launched.append(out[0])
+        return out
+
+    monkeypatch.setattr(nkt, "_chunking", spy)
+    return launched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("name", ["bn", "gn2", "in", "ln_chw"])
+def test_split_reduction_matches_the_float64_oracle(name, layout, dtype, split, ran):
+    # 9 * 7 = 63 positions per image: chunks of 16 with a ragged last one, several per set (LN over
+    # (C, H, W) with its elementwise affine: 252 values of one set, cut into runs of channels)
+    y, yo, got, exp, _ = _case(name, (3, 4, 9, 7), dtype, layout, seed=11)
+    assert ran["forward"] == 1 and ran["backward"] == 1, ran
+    assert split and all(n > 1 for n in split), split
+    _close(y, yo, TOL[dtype])
+    for g, e in zip(got, exp):
+        _close(g, e, GTOL[dtype])
+
+
+@pytest.mark.parametrize("name", ["bn", "gn2"])
+def test_split_reduction_keeps_the_shifted_accuracy(name, split):
+    # the chunks share one shift and scale (from all chunks' max / min): 1e4 + 1e-2 noise stays exact
+    y, yo, got, exp, _ = _case(name, (2, 6, 5, 7), torch.float32, "nchw", scale=1e-2, offset=1e4, seed=12)
+    _close(y, yo, 1e-3)
+    y, yo, got, exp, _ = _case(name, (2, 6, 5, 7), torch.float32, "nchw", scale=1e30, seed=13)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in got)
+    _close(y, yo, 1e-4)
+
+
+def test_chunking_policy_fills_the_device_only_when_sets_are_few():
+    from normkit.kernels import triton as nkt
+
+    class Cuda:  # a stand-in device: the policy reads only the SM count
+        type = "cuda"
+
+    real = nkt._programs
+    try:
+        nkt._programs = lambda device: 4 * 132  # an H100 / H200
+        # BN on (64, 256, 56, 56): 256 sets of 200704 values -> split, chunks of BM's multiples
+        n, ch, split_c, _, bm = nkt._chunking(256, 1, 64 * 56 * 56, 1, 256, Cuda())
+        assert not split_c and bm == 256 and n > 1 and ch % 256 == 0 and (n - 1) * ch < 64 * 56 * 56 <= n * ch
+        assert 256 * n >= 4 * 132
+        # GN on (64, 256, 56, 56), G = 32: 2048 sets already fill it
+        assert nkt._chunking(64 * 32, 8, 56 * 56, 4, 256, Cuda())[:2] == (1, 56 * 56)
+        # small sets are never cut below the minimum chunk
+        assert nkt._chunking(4, 1, 3000, 1, 256, Cuda())[0] == 1
+        # LN over (C, H, W) with an elementwise affine on a batch of 8: one set per sample, cut by channels
+        n, ch, split_c, bc, _ = nkt._chunking(8, 256 * 28 * 28, 1, 1024, 1, Cuda())
+        assert split_c and n > 1 and ch % bc == 0 and ch >= nkt._MIN_CHUNK  # (the minimum chunk caps n)
+    finally:
+        nkt._programs = real
+
+
 def test_group_equals_channels_is_instance_norm(ran):
     y, yo, got, exp, _ = _case("gn2", (2, 2, 4, 4), torch.float32, "cl", seed=4)  # G = C
     _close(y, yo, TOL[torch.float32])

@@ -105,16 +105,52 @@ def _acc(x: Tensor) -> tuple[torch.dtype, object]:
     return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
+# Split reduction: below this many programs a launch leaves most of a GPU idle, so the sets are cut
+# into chunks of positions (tests set ``_FORCE_CHUNK`` to take that path on small CPU shapes).
+_MIN_CHUNK = 4096  # values of a set per program, at least
+_FORCE_CHUNK: int | None = None
+
+
+def _programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _chunking(nsets: int, NC: int, M: int, BC: int, BM: int, device: torch.device) -> tuple[int, int, bool, int, int]:
+    """``(nchunks, CH, split_c, BC, BM)``: each set cut into ``nchunks`` runs of ``CH`` positions, or
+    of ``CH`` channels (``split_c``: where a set has more channels than positions), ``CH`` a multiple
+    of the tile along that axis (which shrinks to a forced chunk)."""
+    import triton
+
+    split_c = NC > M
+    along, tile = (NC, BC) if split_c else (M, BM)
+    if _FORCE_CHUNK is not None:
+        tile = min(tile, triton.next_power_of_2(_FORCE_CHUNK))
+        ch = triton.cdiv(_FORCE_CHUNK, tile) * tile
+    else:
+        want = _programs(device)
+        if nsets >= want or NC * M < 2 * _MIN_CHUNK:
+            return 1, along, split_c, BC, BM
+        per = max(1, min(triton.cdiv(want, nsets), (NC * M) // _MIN_CHUNK, 1024))
+        ch = triton.cdiv(triton.cdiv(along, per), tile) * tile
+    return triton.cdiv(along, ch), ch, split_c, (tile if split_c else BC), (BM if split_c else tile)
+
+
 def forward(x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]) -> tuple[Tensor, Tensor]:
     """``(y, stats)`` of a contiguous-per-plan ``x``; ``w`` / ``b`` flat in the plan's channel order.
 
     Called by :func:`normkit.kernels.norm_forward`; needs triton (and a GPU or its interpreter).
+    With few sets (BatchNorm's one per channel, GN on a small batch) each set is cut into chunks,
+    one program each: a two-phase reduction (chunk moments, combined per set) then the output.
 
     Example:
         >>> x = torch.randn(2, 4, 3, 3, device="cuda")  # doctest: +SKIP
         >>> p = normkit.kernels.plan(x, (2, 3), None, None)  # doctest: +SKIP
         >>> y, stats = forward(x, None, None, p, 1e-5, [2, 4, 1, 1])  # doctest: +SKIP
     """
+    from triton import next_power_of_2
+
     from . import _kernels
 
     acc, tacc = _acc(x)
@@ -124,9 +160,27 @@ def forward(x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, 
     y = torch.empty_like(x)
     stats = torch.empty((core.STAT_ROWS, *stat_shape), dtype=acc, device=x.device)
     bound = 1022.0 if acc == torch.float64 else 126.0
-    _kernels.norm_fwd_kernel[(nsets,)](
-        x, y, w if w is not None else x, b if b is not None else x, stats, nsets, *walk, float(eps), bound,
-        HAS_W=w is not None, HAS_B=b is not None, ACC=tacc, BC=BC, BM=BM,
+    wt = w if w is not None else x
+    bt = b if b is not None else x
+    nchunks, ch, split_c, BC, BM = _chunking(nsets, NC, M, BC, BM, x.device)
+    if nchunks == 1:
+        _kernels.norm_fwd_kernel[(nsets,)](
+            x, y, wt, bt, stats, nsets, *walk, float(eps), bound,
+            HAS_W=w is not None, HAS_B=b is not None, ACC=tacc, BC=BC, BM=BM,
+        )
+        return y, stats
+    grid = (nsets, nchunks)
+    BJ = next_power_of_2(nchunks)
+    hl = torch.empty((2, nsets, nchunks), dtype=acc, device=x.device)
+    pm = torch.empty((3, nsets, nchunks), dtype=acc, device=x.device)
+    mwalk = walk[:9]  # NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2
+    _kernels.split_minmax_kernel[grid](x, hl, nsets, nchunks, ch, *mwalk, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM)
+    _kernels.split_moments_kernel[grid](
+        x, hl, pm, nsets, nchunks, ch, *mwalk, bound, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM, BJ=BJ
+    )
+    _kernels.split_apply_kernel[grid](
+        x, y, wt, bt, stats, hl, pm, nsets, nchunks, ch, *walk, float(eps), bound,
+        HAS_W=w is not None, HAS_B=b is not None, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM, BJ=BJ,
     )
     return y, stats
 
@@ -142,24 +196,43 @@ def backward(
     Example:
         >>> dx, dw, db = backward(torch.randn_like(x), x, None, stats, p, True, False)  # doctest: +SKIP
     """
+    from triton import next_power_of_2
+
     from . import _kernels
 
     acc, tacc = _acc(x)
     nsets, walk = _walk(p)
     NC, M, D1, CK = walk[0], walk[1], walk[6], walk[9]
     BC, BM = _blocks(NC, M)
+    nchunks, ch, split_c, BC, BM = _chunking(nsets, NC, M, BC, BM, x.device)
     dx = torch.empty_like(x) if need_x else None
-    pw = torch.empty((nsets, NC), dtype=acc, device=x.device) if need_p else None
-    pb = torch.empty_like(pw) if pw is not None else None
-    _kernels.norm_bwd_kernel[(nsets,)](
-        dy, x, w if w is not None else x, stats, dx if dx is not None else x,
-        pw if pw is not None else stats, pb if pb is not None else stats, nsets, *walk,
-        HAS_W=w is not None, NEED_DX=need_x, NEED_P=need_p, ACC=tacc, BC=BC, BM=BM,
-    )
+    # (a chunk of channels writes only its own: the rest of its row stays zero)
+    alloc = torch.zeros if nchunks > 1 and split_c else torch.empty
+    pw = alloc((nsets, nchunks, NC), dtype=acc, device=x.device) if need_p else None
+    pb = alloc((nsets, nchunks, NC), dtype=acc, device=x.device) if need_p else None
+    wt = w if w is not None else x
+    if nchunks == 1:
+        _kernels.norm_bwd_kernel[(nsets,)](
+            dy, x, wt, stats, dx if dx is not None else x,
+            pw if pw is not None else stats, pb if pb is not None else stats, nsets, *walk,
+            HAS_W=w is not None, NEED_DX=need_x, NEED_P=need_p, ACC=tacc, BC=BC, BM=BM,
+        )
+    else:
+        grid = (nsets, nchunks)
+        pa = torch.empty((2, nsets, nchunks), dtype=acc, device=x.device)
+        _kernels.split_bwd_sums_kernel[grid](
+            dy, x, wt, stats, pa, pw if pw is not None else stats, pb if pb is not None else stats,
+            nsets, nchunks, ch, *walk, HAS_W=w is not None, NEED_P=need_p, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM,
+        )
+        if dx is not None:
+            _kernels.split_bwd_dx_kernel[grid](
+                dy, x, wt, stats, pa, dx, nsets, nchunks, ch, *walk,
+                HAS_W=w is not None, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM, BJ=next_power_of_2(nchunks),
+            )
     if pw is None or pb is None:
         return dx, None, None
-    # per set and channel-in-set -> per channel: sets sharing a channel are summed here
-    pw, pb = pw.view(nsets // D1, D1, NC), pb.view(nsets // D1, D1, NC)
+    # per set, chunk and channel-in-set -> per channel: chunks, and sets sharing a channel, are summed
+    pw, pb = pw.view(nsets // D1, D1, nchunks, NC).sum(2), pb.view(nsets // D1, D1, nchunks, NC).sum(2)
     if CK == 0:  # every set holds every channel
         return dx, pw.sum((0, 1)), pb.sum((0, 1))
     return dx, pw.sum(0).reshape(-1), pb.sum(0).reshape(-1)

@@ -150,3 +150,211 @@ def norm_bwd_kernel(
                     g = dy * tl.load(W + cbase + ci, mask=ci < NC, other=1.0).to(ACC)[:, None]
                 dx = rt * (g - mg - xh * mgx)
                 tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --- split reduction: a set cut into chunks of positions, one program per (set, chunk) -------------
+#
+# Chunks are runs of positions, or of channels where a set has more channels than positions (LN
+# over (C, H, W) with an elementwise affine). Used where there are too few sets to fill the GPU (BatchNorm: one set per channel; GN / LN on a
+# small batch). Three launches forward (each chunk's max / min; each chunk's count, mean and centred
+# second moment of the scaled values; the output, after combining the chunks' moments with Chan's
+# formula), two backward (each chunk's sums; dx). Every program recomputes the set's shift and scale
+# from the chunks' max / min with the same instructions, so all of them agree bit for bit.
+
+
+@triton.jit
+def _set_scale(HL, k, nsets, nchunks, exp_bound, ACC: tl.constexpr, BJ: tl.constexpr):
+    j = tl.arange(0, BJ)
+    jm = j < nchunks
+    row = k.to(tl.int64) * nchunks + j
+    h = tl.max(tl.load(HL + row, mask=jm, other=float("-inf")), axis=0)
+    l = tl.min(tl.load(HL + nsets * nchunks + row, mask=jm, other=float("inf")), axis=0)
+    half = h * 0.5 - l * 0.5
+    mid = h * 0.5 + l * 0.5
+    est = tl.maximum(half, tl.maximum(tl.abs(h), tl.abs(l)) * 7.888609052210118e-31)  # 2^-100
+    e = tl.minimum(tl.maximum(tl.floor(tl.log2(est)) + 1.0, -exp_bound), exp_bound)
+    return mid, tl.exp2(-e)
+
+
+@triton.jit
+def _chunk(jc, CH, NC, M, SPLIT_C: tl.constexpr):
+    """The chunk's channel and position ranges: a run of ``CH`` channels (``SPLIT_C``) or positions."""
+    if SPLIT_C:
+        c_lo = jc * CH
+        c_hi = tl.minimum(c_lo + CH, NC)
+        m_lo = jc * 0
+        m_hi = M + jc * 0
+    else:
+        c_lo = jc * 0
+        c_hi = NC + jc * 0
+        m_lo = jc * CH
+        m_hi = tl.minimum(m_lo + CH, M)
+    return c_lo, c_hi, m_lo, m_hi
+
+
+@triton.jit
+def split_minmax_kernel(
+    X, HL, nsets, nchunks, CH, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2,
+    SPLIT_C: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+):
+    k = tl.program_id(0)
+    jc = tl.program_id(1)
+    c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
+    hi = tl.full([BC, BM], float("-inf"), ACC)
+    lo = tl.full([BC, BM], float("inf"), ACC)
+    for c0 in range(c_lo, c_hi, BC):
+        for m0 in range(lo_m, hi_m, BM):
+            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
+            lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
+    row = k.to(tl.int64) * nchunks + jc
+    tl.store(HL + row, tl.max(tl.max(hi, axis=1), axis=0))
+    tl.store(HL + nsets * nchunks + row, tl.min(tl.min(lo, axis=1), axis=0))
+
+
+@triton.jit
+def split_moments_kernel(
+    X, HL, PM, nsets, nchunks, CH, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, exp_bound,
+    SPLIT_C: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr,
+):
+    k = tl.program_id(0)
+    jc = tl.program_id(1)
+    c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
+    mid, inv = _set_scale(HL, k, nsets, nchunks, exp_bound, ACC, BJ)
+    cnt = ((c_hi - c_lo) * (hi_m - lo_m)).to(ACC)
+    acc = tl.zeros([BC, BM], ACC)
+    for c0 in range(c_lo, c_hi, BC):
+        for m0 in range(lo_m, hi_m, BM):
+            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            acc += tl.where(mask, (x - mid) * inv, 0.0)
+    mb = tl.sum(tl.sum(acc, axis=1), axis=0) / cnt
+    acc = tl.zeros([BC, BM], ACC)
+    for c0 in range(c_lo, c_hi, BC):
+        for m0 in range(lo_m, hi_m, BM):
+            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            d = tl.where(mask, (x - mid) * inv - mb, 0.0)
+            acc += d * d
+    row = k.to(tl.int64) * nchunks + jc
+    tl.store(PM + row, cnt)
+    tl.store(PM + nsets * nchunks + row, mb)
+    tl.store(PM + 2 * nsets * nchunks + row, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+@triton.jit
+def split_apply_kernel(
+    X, Y, W, B, ST, HL, PM, nsets, nchunks, CH, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK, eps, exp_bound,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SPLIT_C: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+    BJ: tl.constexpr,
+):
+    k = tl.program_id(0)
+    jc = tl.program_id(1)
+    c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
+    mid, inv = _set_scale(HL, k, nsets, nchunks, exp_bound, ACC, BJ)
+    # Chan et al.'s combination of the chunks' (count, mean, M2)
+    j = tl.arange(0, BJ)
+    jm = j < nchunks
+    row = k.to(tl.int64) * nchunks + j
+    cnt = tl.load(PM + row, mask=jm, other=0.0)
+    mb = tl.load(PM + nsets * nchunks + row, mask=jm, other=0.0)
+    m2 = tl.load(PM + 2 * nsets * nchunks + row, mask=jm, other=0.0)
+    n = tl.sum(cnt, axis=0)
+    cm = tl.sum(cnt * mb, axis=0) / n
+    dm = mb - cm
+    var = tl.sum(m2 + cnt * dm * dm, axis=0) / n
+    a = tl.minimum(inv, 1.0)
+    c = tl.minimum(1.0 / inv, 1.0)
+    rstd = tl.where(inv <= 1.0, 1.0 / tl.sqrt(var + eps * a * a), c / tl.sqrt(var * c * c + eps))
+    cbase = (k % D1) * CK
+    for c0 in range(c_lo, c_hi, BC):
+        for m0 in range(lo_m, hi_m, BM):
+            ci, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            y = ((x - mid) * inv - cm) * rstd
+            if HAS_W:
+                y = y * tl.load(W + cbase + ci, mask=ci < c_hi, other=1.0).to(ACC)[:, None]
+            if HAS_B:
+                y = y + tl.load(B + cbase + ci, mask=ci < c_hi, other=0.0).to(ACC)[:, None]
+            tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+    if jc == 0:
+        tl.store(ST + k, mid)
+        tl.store(ST + nsets + k, inv)
+        tl.store(ST + 2 * nsets + k, cm)
+        tl.store(ST + 3 * nsets + k, rstd)
+        tl.store(ST + 4 * nsets + k, var)
+        tl.store(ST + 5 * nsets + k, n)
+
+
+@triton.jit
+def split_bwd_sums_kernel(
+    DY, X, W, ST, PA, PW, PB, nsets, nchunks, CH, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK,
+    HAS_W: tl.constexpr, NEED_P: tl.constexpr, SPLIT_C: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+):
+    k = tl.program_id(0)
+    jc = tl.program_id(1)
+    c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
+    shift = tl.load(ST + k).to(ACC)
+    inv = tl.load(ST + nsets + k).to(ACC)
+    cm = tl.load(ST + 2 * nsets + k).to(ACC)
+    rstd = tl.load(ST + 3 * nsets + k).to(ACC)
+    cbase = (k % D1) * CK
+    a1 = tl.zeros([BC, BM], ACC)
+    a2 = tl.zeros([BC, BM], ACC)
+    for c0 in range(c_lo, c_hi, BC):
+        pw = tl.zeros([BC], ACC)
+        pb = tl.zeros([BC], ACC)
+        for m0 in range(lo_m, hi_m, BM):
+            ci, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
+            xh = tl.where(mask, ((x - shift) * inv - cm) * rstd, 0.0)
+            g = dy
+            if HAS_W:
+                g = dy * tl.load(W + cbase + ci, mask=ci < c_hi, other=1.0).to(ACC)[:, None]
+            a1 += g
+            a2 += g * xh
+            pw += tl.sum(dy * xh, axis=1)
+            pb += tl.sum(dy, axis=1)
+        if NEED_P:
+            ci = c0 + tl.arange(0, BC)
+            prow = (k.to(tl.int64) * nchunks + jc) * NC + ci
+            tl.store(PW + prow, pw, mask=ci < c_hi)
+            tl.store(PB + prow, pb, mask=ci < c_hi)
+    row = k.to(tl.int64) * nchunks + jc
+    tl.store(PA + row, tl.sum(tl.sum(a1, axis=1), axis=0))
+    tl.store(PA + nsets * nchunks + row, tl.sum(tl.sum(a2, axis=1), axis=0))
+
+
+@triton.jit
+def split_bwd_dx_kernel(
+    DY, X, W, ST, PA, DX, nsets, nchunks, CH, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK,
+    HAS_W: tl.constexpr, SPLIT_C: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr,
+):
+    k = tl.program_id(0)
+    jc = tl.program_id(1)
+    c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
+    shift = tl.load(ST + k).to(ACC)
+    inv = tl.load(ST + nsets + k).to(ACC)
+    cm = tl.load(ST + 2 * nsets + k).to(ACC)
+    rstd = tl.load(ST + 3 * nsets + k).to(ACC)
+    n = (NC * M).to(ACC)
+    j = tl.arange(0, BJ)
+    jm = j < nchunks
+    row = k.to(tl.int64) * nchunks + j
+    mg = tl.sum(tl.load(PA + row, mask=jm, other=0.0), axis=0) / n
+    mgx = tl.sum(tl.load(PA + nsets * nchunks + row, mask=jm, other=0.0), axis=0) / n
+    rt = rstd * inv
+    cbase = (k % D1) * CK
+    for c0 in range(c_lo, c_hi, BC):
+        for m0 in range(lo_m, hi_m, BM):
+            ci, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
+            xh = ((x - shift) * inv - cm) * rstd
+            g = dy
+            if HAS_W:
+                g = dy * tl.load(W + cbase + ci, mask=ci < c_hi, other=1.0).to(ACC)[:, None]
+            dx = rt * (g - mg - xh * mgx)
+            tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)

@@ -257,3 +257,116 @@ def test_use_triton_without_triton_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="Triton kernels are not available"):
         with kernels.use("triton"):
             pass
+
+
+# --- Proxy Norm's activation step ------------------------------------------------------------------
+
+_TORCH_ACTS = {
+    "relu": torch.relu,
+    "leaky_relu": lambda a: torch.nn.functional.leaky_relu(a, 0.1),
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda a: torch.nn.functional.gelu(a, approximate="tanh"),
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "identity": lambda a: a,
+}
+
+
+@pytest.fixture
+def ran_pn(monkeypatch):
+    """Counts the Triton Proxy-Norm launches that ran (not those that declined)."""
+    from normkit.kernels import triton as nkt
+
+    calls = {"proxy_act_forward": 0, "proxy_act_backward": 0}
+    for name in calls:
+        real = getattr(nkt, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            out = _real(*a, **k)
+            calls[_name] += out is not None
+            return out
+
+        monkeypatch.setattr(nkt, name, spy)
+    return calls
+
+
+def _pn_case(act, shape, dtype, layout, seed=0):
+    from normkit.ops import proxy
+
+    g = torch.Generator().manual_seed(seed)
+    acc = F64 if dtype == F64 else torch.float32
+    y = torch.randn(shape, generator=g, dtype=F64).to(dtype)
+    if layout == "cl":
+        y = y.to(memory_format=torch.channels_last)
+    C = shape[1]
+    w, b, m = (torch.randn(C, generator=g, dtype=F64).to(acc) for _ in range(3))
+    r = torch.rand(C, generator=g, dtype=F64).to(acc) + 0.5
+    dout = torch.randn(shape, generator=g, dtype=F64).to(dtype)
+    dev = [t.to(DEVICE).requires_grad_() for t in (y, w, b, m, r)]
+    with kernels.use("triton"):
+        out = proxy.proxy_act(*dev, act, 0.1)
+        got = torch.autograd.grad(out, dev, dout.to(DEVICE))
+    ref = [t.detach().cpu().double().requires_grad_() for t in dev]
+    exp_out = proxy.proxy_act_composite(*ref, _TORCH_ACTS[act])
+    exp = torch.autograd.grad(exp_out, ref, dout.double())
+    return out, exp_out, got, exp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl", "2d"])
+@pytest.mark.parametrize("act", list(_TORCH_ACTS))
+def test_proxy_act_matches_the_float64_composite(act, layout, dtype, ran_pn):
+    shape = (6, 5) if layout == "2d" else (2, 5, 3, 4)
+    out, exp_out, got, exp = _pn_case(act, shape, dtype, "cl" if layout == "cl" else "nchw", seed=21)
+    assert ran_pn == {"proxy_act_forward": 1, "proxy_act_backward": 1}, ran_pn
+    assert out.dtype == dtype
+    if layout == "cl":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    _close(out.detach().cpu(), exp_out.detach(), TOL[dtype])
+    for name, a, e in zip(("y", "weight", "bias", "m", "rstd"), got, exp):
+        assert a.dtype == (dtype if name == "y" else (F64 if dtype == F64 else torch.float32)), name
+        _close(a.cpu(), e, GTOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_proxy_act_split_over_elements(layout, split, ran_pn):
+    # chunks of 16 of the 2 * 9 * 7 = 126 elements per channel: the per-channel sums add the chunks
+    out, exp_out, got, exp = _pn_case("silu", (2, 5, 9, 7), torch.float32, layout, seed=22)
+    assert ran_pn["proxy_act_backward"] == 1
+    _close(out.detach().cpu(), exp_out.detach(), TOL[torch.float32])
+    for a, e in zip(got, exp):
+        _close(a.cpu(), e, GTOL[torch.float32])
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_group_norm_proxy_layer_runs_on_triton(groups, layout, ran, ran_pn):
+    # the layer as users run it: GN (normkit::norm) then the PN activation (normkit::proxy_norm_act)
+    from normkit.nn import GroupNormProxyAct2d
+
+    torch.manual_seed(23)
+    layer = GroupNormProxyAct2d(4, num_groups=groups, activation="relu").double()
+    with torch.no_grad():
+        for p in (layer.weight, layer.bias, layer.proxy_bias, layer.proxy_weight):
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(3, 4, 5, 5, dtype=F64)
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    dout = torch.randn(3, 4, 5, 5, dtype=F64)
+    ref_layer = GroupNormProxyAct2d(4, num_groups=groups, activation="relu").double()
+    ref_layer.load_state_dict(layer.state_dict())
+    with kernels.use("reference"):
+        xr = x.clone().requires_grad_()
+        yr = ref_layer(xr)
+        yr.backward(dout)
+    xt = x.float().to(DEVICE).requires_grad_()
+    tl_ = layer.float().to(DEVICE)
+    with kernels.use("triton"):
+        yt = tl_(xt)
+        yt.backward(dout.float().to(DEVICE))
+    assert ran["forward"] == 1 and ran_pn["proxy_act_forward"] == 1 and ran_pn["proxy_act_backward"] == 1
+    _close(yt.detach().cpu(), yr.detach(), 1e-5)
+    _close(xt.grad.cpu(), xr.grad, 1e-4)
+    for pt, pr in zip(tl_.parameters(), ref_layer.parameters()):
+        _close(pt.grad.cpu(), pr.grad, 1e-4)

@@ -189,17 +189,21 @@ def _cpu_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tenso
     return p
 
 
-def _triton_plan(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: tuple[int, ...]
-) -> Plan | None:
-    """The plan of a call the Triton kernels take: a CUDA tensor on "auto" / "triton" with triton
-    installed, or a CPU tensor on "triton" under Triton's interpreter; else ``None``."""
+def triton_ready(x: Tensor, mask: Tensor | None = None) -> bool:
+    """Whether a call on ``x`` runs on the Triton kernels: a CUDA tensor on "auto" / "triton" with
+    triton installed, or a CPU tensor on "triton" under Triton's interpreter (plain tensors, no
+    mask, not while compiling or under torch.func).
+
+    Example:
+        >>> normkit.kernels.triton_ready(torch.ones(2, 3))  # a CPU tensor on the default backend
+        False
+    """
     backend = current()  # first the cheap checks: this runs on every CPU call too
     if x.device.type == "cuda":
         if backend not in ("auto", "triton"):
-            return None
+            return False
     elif not (backend == "triton" and x.device.type == "cpu"):
-        return None
+        return False
     if not (
         mask is None
         and type(x) is Tensor
@@ -209,12 +213,17 @@ def _triton_plan(
         and not torch._C._are_functorch_transforms_active()
         and torch.utils._python_dispatch._get_current_dispatch_mode() is None
     ):
-        return None
+        return False
     from . import triton as _triton
 
-    if not _triton.available() or (x.device.type == "cpu" and not _triton.interpreting()):
-        return None
-    return plan(x, dims, weight, bias)
+    return _triton.available() and (x.device.type == "cuda" or _triton.interpreting())
+
+
+def _triton_plan(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: tuple[int, ...]
+) -> Plan | None:
+    """The plan of a call the Triton kernels take (see :func:`triton_ready`), else ``None``."""
+    return plan(x, dims, weight, bias) if triton_ready(x, mask) else None
 
 
 def _flat(p: Tensor | None, dtype: torch.dtype, order: tuple[int, ...] | None) -> Tensor | None:

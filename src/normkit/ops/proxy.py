@@ -102,7 +102,23 @@ def _vec(p: Tensor, dtype: torch.dtype) -> Tensor:
     return p.detach().to(dtype).contiguous()
 
 
+def _triton(y: Tensor) -> Any:
+    """:mod:`normkit.kernels.triton` where this call on ``y`` runs on it (CUDA, or its interpreter), else ``None``."""
+    from ..kernels import triton_ready
+
+    if not triton_ready(y):
+        return None
+    from ..kernels import triton
+
+    return triton
+
+
 def _forward(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float) -> Tensor:
+    tri = _triton(y)
+    if tri is not None:
+        out = tri.proxy_act_forward(y, weight, bias, m, rstd, act, slope)
+        if out is not None:
+            return out
     layout = _fused_layout(y) if act in _FUSED_ACTS else None
     if layout is not None:  # one fused pass (normkit.kernels)
         from ..kernels import _build
@@ -132,6 +148,15 @@ def _backward(
     dout: Tensor, y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float,
     needs: list[bool],
 ) -> tuple[Tensor | None, ...]:
+    tri = (
+        _triton(y)
+        if not torch.is_grad_enabled() and type(dout) is Tensor and torch._C._has_storage(dout)
+        else None
+    )
+    if tri is not None:  # create_graph=True takes the ATen formula below
+        got = tri.proxy_act_backward(dout, y, weight, bias, m, rstd, act, slope, needs)
+        if got is not None:
+            return got
     layout = (
         _fused_layout(y)
         if act in _FUSED_ACTS

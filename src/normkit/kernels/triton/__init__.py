@@ -25,7 +25,7 @@ from torch import Tensor
 from ...ops import core
 from .._plan import Plan
 
-__all__ = ["available", "backward", "forward", "why_not"]
+__all__ = ["available", "backward", "forward", "proxy_act_backward", "proxy_act_forward", "why_not"]
 
 _state: dict[str, object] = {"checked": False, "error": None}
 
@@ -236,3 +236,111 @@ def backward(
     if CK == 0:  # every set holds every channel
         return dx, pw.sum((0, 1)), pb.sum((0, 1))
     return dx, pw.sum(0).reshape(-1), pb.sum(0).reshape(-1)
+
+
+# --- Proxy Norm's activation step -------------------------------------------------------------------
+
+_ACTS = ("relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh", "identity")  # kernel codes
+
+
+def _ce_walk(y: Tensor) -> tuple[int, int, int, int, int, int, int, int] | None:
+    """``(C, E, E2, s_c, s_e1, s_e2, BCC, BE)`` of ``y`` as a (channel, element) matrix, or ``None``
+    when ``y`` is neither contiguous nor channels-last."""
+    from triton import next_power_of_2
+
+    N, C = y.shape[0], y.shape[1]
+    S = y[0, 0].numel() if y.dim() > 2 else 1
+    E = N * S
+    if y.is_contiguous():
+        BE = min(next_power_of_2(max(S, 1)), 1024)
+        return C, E, S, S, C * S, 1, max(1, min(next_power_of_2(C), 2048 // BE)), BE
+    if y.dim() in (4, 5) and y.is_contiguous(
+        memory_format=torch.channels_last if y.dim() == 4 else torch.channels_last_3d
+    ):
+        BCC = min(next_power_of_2(C), 64)
+        return C, E, 1, 1, C, 0, BCC, max(1, min(next_power_of_2(E), 2048 // BCC))
+    return None
+
+
+def _ce_chunks(C: int, E: int, BCC: int, BE: int, device: torch.device) -> tuple[int, int, int]:
+    """``(nchunks, CH, BE)`` along the elements: enough programs to fill the device."""
+    import triton
+
+    if _FORCE_CHUNK is not None:
+        be = min(BE, triton.next_power_of_2(_FORCE_CHUNK))
+        ch = triton.cdiv(_FORCE_CHUNK, be) * be
+        return triton.cdiv(E, ch), ch, be
+    blocks = triton.cdiv(C, BCC)
+    per = max(1, min(triton.cdiv(_programs(device), blocks), (E * BCC) // _MIN_CHUNK, 1024))
+    ch = triton.cdiv(triton.cdiv(E, per), BE) * BE
+    return triton.cdiv(E, ch), ch, BE
+
+
+def proxy_act_forward(
+    y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float
+) -> Tensor | None:
+    """``(act(weight * y + bias) - m) * rstd`` per channel in one pass, or ``None`` where ``y``'s
+    layout or the activation is not covered (the caller then runs its composite).
+
+    Called by ``normkit::proxy_norm_act`` (:mod:`normkit.ops.proxy`) on CUDA tensors; the
+    per-channel vectors are in ``m``'s dtype, the output in ``y``'s.
+
+    Example:
+        >>> out = proxy_act_forward(y, w, b, m, r, "relu", 0.0)  # doctest: +SKIP
+    """
+    walk = _ce_walk(y) if act in _ACTS else None
+    if walk is None:
+        return None
+    from triton import cdiv
+
+    from . import _kernels
+
+    C, E, E2, s_c, s_e1, s_e2, BCC, BE = walk
+    nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, y.device)
+    acc = m.dtype
+    vec = [t.detach().to(acc).contiguous() for t in (weight, bias, m, rstd)]
+    vec.append(torch.full((1,), float(slope), dtype=acc, device=y.device))
+    out = torch.empty_like(y)
+    _kernels.proxy_act_fwd_kernel[(cdiv(C, BCC), nchunks)](
+        y, *vec, out, C, E, E2, s_c, s_e1, s_e2, ch,
+        ACT=_ACTS.index(act), ACC=_acc(m)[1], BCC=BCC, BE=BE,
+    )
+    return out
+
+
+def proxy_act_backward(
+    dout: Tensor, y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float,
+    needs: list[bool],
+) -> tuple[Tensor | None, ...] | None:
+    """``(dy, dweight, dbias, dm, drstd)`` of :func:`proxy_act_forward` (``None`` where not needed),
+    or ``None`` where the layout is not covered; ``dout`` must share ``y``'s strides and dtype.
+
+    Example:
+        >>> dy, dw, db, dm, dr = proxy_act_backward(g, y, w, b, m, r, "relu", 0.0, [True] * 5)  # doctest: +SKIP
+    """
+    walk = _ce_walk(y) if act in _ACTS and dout.stride() == y.stride() and dout.dtype == y.dtype else None
+    if walk is None:
+        return None
+    from triton import cdiv
+
+    from . import _kernels
+
+    C, E, E2, s_c, s_e1, s_e2, BCC, BE = walk
+    nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, y.device)
+    acc = m.dtype
+    vec = [t.detach().to(acc).contiguous() for t in (weight, bias, m, rstd)]
+    vec.append(torch.full((1,), float(slope), dtype=acc, device=y.device))
+    dy = torch.empty_like(y) if needs[0] else None
+    part = torch.empty((4, C, nchunks), dtype=acc, device=y.device)
+    _kernels.proxy_act_bwd_kernel[(cdiv(C, BCC), nchunks)](
+        dout, y, *vec, dy if dy is not None else y, part, C, E, E2, s_c, s_e1, s_e2, ch, nchunks,
+        NEED_DY=dy is not None, ACT=_ACTS.index(act), ACC=_acc(m)[1], BCC=BCC, BE=BE,
+    )
+    sums = part.sum(2)
+    return (
+        dy,
+        sums[0].to(weight.dtype) if needs[1] else None,
+        sums[1].to(bias.dtype) if needs[2] else None,
+        -(sums[2] * rstd.to(acc)) if needs[3] else None,
+        sums[3].clone() if needs[4] else None,
+    )

@@ -358,3 +358,134 @@ def split_bwd_dx_kernel(
                 g = dy * tl.load(W + cbase + ci, mask=ci < c_hi, other=1.0).to(ACC)[:, None]
             dx = rt * (g - mg - xh * mgx)
             tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --- Proxy Norm's activation step: out = (act(w * y + b) - m) * rstd, per channel ------------------
+#
+# The tensor is walked as a (C, E) matrix, E = N * positions: element (c, e) lies at c * s_c +
+# (e // E2) * s_e1 + (e % E2) * s_e2 (NCHW: s_c = S, E2 = S; channels last: s_c = 1, E2 = 1), one
+# program per block of channels and chunk of E (``SL`` holds leaky_relu's slope in the accumulation dtype). The backward recomputes ``a = w * y + b`` and writes
+# each program's per-channel sums; the launcher adds the chunks.
+# Activation codes: 0 relu, 1 leaky_relu, 2 silu, 3 gelu, 4 gelu_tanh, 5 sigmoid, 6 tanh, 7 identity.
+
+
+@triton.jit
+def _act_fwd(a, slope, ACT: tl.constexpr):
+    if ACT == 0:
+        z = tl.maximum(a, 0.0)
+    elif ACT == 1:
+        z = tl.where(a > 0, a, a * slope)
+    elif ACT == 2:
+        z = a * tl.sigmoid(a)
+    elif ACT == 3:
+        z = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
+    elif ACT == 4:
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        z = 0.5 * a * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
+    elif ACT == 5:
+        z = tl.sigmoid(a)
+    elif ACT == 6:
+        z = 2.0 * tl.sigmoid(2.0 * a) - 1.0
+    else:
+        z = a
+    return z
+
+
+@triton.jit
+def _act_grad(a, z, slope, ACT: tl.constexpr):
+    """act'(a), with z = act(a)."""
+    if ACT == 0:
+        d = tl.where(a > 0, 1.0, 0.0)
+    elif ACT == 1:
+        d = tl.where(a > 0, 1.0, slope)
+    elif ACT == 2:
+        s = tl.sigmoid(a)
+        d = s * (1.0 + a * (1.0 - s))
+    elif ACT == 3:
+        d = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
+    elif ACT == 4:
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        d = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * a * a)
+    elif ACT == 5:
+        d = z * (1.0 - z)
+    elif ACT == 6:
+        d = 1.0 - z * z
+    else:
+        d = a * 0.0 + 1.0
+    return d
+
+
+@triton.jit
+def _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC: tl.constexpr, BE: tl.constexpr):
+    ci = c0 + tl.arange(0, BCC)
+    ei = e0 + tl.arange(0, BE)
+    off = (
+        ci.to(tl.int64)[:, None] * s_c
+        + (ei // E2).to(tl.int64)[None, :] * s_e1
+        + (ei % E2).to(tl.int64)[None, :] * s_e2
+    )
+    mask = (ci < C)[:, None] & (ei < e_hi)[None, :]
+    return ci, off, mask
+
+
+@triton.jit
+def proxy_act_fwd_kernel(
+    Yn, W, B, MU, R, SL, OUT, C, E, E2, s_c, s_e1, s_e2, CH,
+    ACT: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
+):
+    slope = tl.load(SL).to(ACC)
+    c0 = tl.program_id(0) * BCC
+    e_lo = tl.program_id(1) * CH
+    e_hi = tl.minimum(e_lo + CH, E)
+    ci = c0 + tl.arange(0, BCC)
+    cm = ci < C
+    w = tl.load(W + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    b = tl.load(B + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    mu = tl.load(MU + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    r = tl.load(R + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    for e0 in range(e_lo, e_hi, BE):
+        _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
+        y = tl.load(Yn + off, mask=mask, other=0.0).to(ACC)
+        z = _act_fwd(w * y + b, slope, ACT)
+        tl.store(OUT + off, ((z - mu) * r).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def proxy_act_bwd_kernel(
+    DOUT, Yn, W, B, MU, R, SL, DY, P, C, E, E2, s_c, s_e1, s_e2, CH, nchunks,
+    NEED_DY: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
+):
+    slope = tl.load(SL).to(ACC)
+    c0 = tl.program_id(0) * BCC
+    jc = tl.program_id(1)
+    e_lo = jc * CH
+    e_hi = tl.minimum(e_lo + CH, E)
+    ci = c0 + tl.arange(0, BCC)
+    cm = ci < C
+    w = tl.load(W + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    b = tl.load(B + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    mu = tl.load(MU + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    r = tl.load(R + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    s_w = tl.zeros([BCC, BE], ACC)  # sum da * y      (dweight)
+    s_b = tl.zeros([BCC, BE], ACC)  # sum da          (dbias)
+    s_g = tl.zeros([BCC, BE], ACC)  # sum g           (dm = -rstd * this)
+    s_r = tl.zeros([BCC, BE], ACC)  # sum g * (z - m) (drstd)
+    for e0 in range(e_lo, e_hi, BE):
+        _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
+        y = tl.load(Yn + off, mask=mask, other=0.0).to(ACC)
+        g = tl.load(DOUT + off, mask=mask, other=0.0).to(ACC)
+        a = w * y + b
+        z = _act_fwd(a, slope, ACT)
+        da = tl.where(mask, g * r * _act_grad(a, z, slope, ACT), 0.0)
+        if NEED_DY:
+            tl.store(DY + off, (da * w).to(DY.dtype.element_ty), mask=mask)
+        s_w += da * y
+        s_b += da
+        s_g += g
+        s_r += tl.where(mask, g * (z - mu), 0.0)
+    row = ci.to(tl.int64) * nchunks + jc
+    tl.store(P + row, tl.sum(s_w, axis=1), mask=cm)
+    tl.store(P + C * nchunks + row, tl.sum(s_b, axis=1), mask=cm)
+    tl.store(P + 2 * C * nchunks + row, tl.sum(s_g, axis=1), mask=cm)
+    tl.store(P + 3 * C * nchunks + row, tl.sum(s_r, axis=1), mask=cm)

@@ -158,3 +158,33 @@ def test_timed_statements_run_on_the_configured_threads():
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {2}
+
+
+def test_percent_of_peak_is_the_bandwidth_over_the_given_peak():
+    # --peak-gbps on any device: the % of peak column is gbps / peak, per provider
+    cfg = BenchConfig(shapes=[(2, 32, 4, 4)], dtypes=["fp32"], layouts=["nchw"], passes=["fwd"],
+                      ops=["group_norm"], backends=["reference"], repeats=1, min_time=0.01, e2e=False,
+                      quiet=True, peak_gbps=50.0)
+    md, data = run_bench(cfg)
+    row = data["ops"][0]
+    assert data["peak_gbps"] == 50.0
+    for prov, g in row["gbps"].items():
+        assert row["pct_peak"][prov] == pytest.approx(100 * g / 50.0)
+    assert "peak bandwidth 50 GB/s" in md and "native % peak" in md
+
+
+def test_cuda_device_is_refused_with_its_reason_where_there_is_none():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal is for machines without one")
+    with pytest.raises(ValueError, match="--device cuda: torch .* sees no CUDA device"):
+        check_config(BenchConfig(device="cuda"))
+    with pytest.raises(ValueError, match="--device: expected cpu or cuda"):
+        check_config(BenchConfig(device="tpu"))
+
+
+def test_cuda_providers_leave_out_the_cpu_kernels(monkeypatch):
+    from normkit import bench
+
+    monkeypatch.setattr(kernels, "available", lambda: ["auto", "reference", "cpu", "native", "triton"])
+    assert bench._backends(BenchConfig(device="cuda")) == ["reference", "native", "triton"]
+    assert bench._backends(BenchConfig()) == ["reference", "cpu", "native", "triton"]

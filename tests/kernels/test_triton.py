@@ -341,9 +341,13 @@ def test_proxy_act_split_over_elements(layout, split, ran_pn):
 
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_group_norm_proxy_layer_runs_on_triton(groups, layout, ran, ran_pn):
-    # the layer as users run it: GN (normkit::norm) then the PN activation (normkit::proxy_norm_act)
+def test_group_norm_proxy_layer_runs_on_triton(groups, layout, ran, ran_pn, monkeypatch):
+    # the layer's two-op path: GN (normkit::norm) then the PN activation (normkit::proxy_norm_act),
+    # where the fused kernel declines (here made to)
+    from normkit.kernels import triton as nkt
     from normkit.nn import GroupNormProxyAct2d
+
+    monkeypatch.setattr(nkt, "gn_proxy_act", lambda *a, **k: None)
 
     torch.manual_seed(23)
     layer = GroupNormProxyAct2d(4, num_groups=groups, activation="relu").double()
@@ -370,3 +374,70 @@ def test_group_norm_proxy_layer_runs_on_triton(groups, layout, ran, ran_pn):
     _close(xt.grad.cpu(), xr.grad, 1e-4)
     for pt, pr in zip(tl_.parameters(), ref_layer.parameters()):
         _close(pt.grad.cpu(), pr.grad, 1e-4)
+
+
+@pytest.fixture
+def ran_fused(monkeypatch):
+    from normkit.kernels import triton as nkt
+
+    calls = {"gn_proxy_forward": 0, "gn_proxy_backward": 0}
+    for name in calls:
+        real = getattr(nkt, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            out = _real(*a, **k)
+            calls[_name] += out is not None
+            return out
+
+        monkeypatch.setattr(nkt, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "leaky_relu", "gelu"])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_fused_group_norm_proxy_matches_the_reference_layer(act, groups, layout, ran_fused):
+    # GroupNormProxyAct2d on the Triton backend: GN + the step in one kernel each way (y never stored)
+    from normkit.nn import GroupNormProxyAct2d
+
+    torch.manual_seed(24)
+    activation = torch.nn.LeakyReLU(0.2) if act == "leaky_relu" else act
+    layer = GroupNormProxyAct2d(4, num_groups=groups, activation=activation).double()
+    with torch.no_grad():
+        for p in (layer.weight, layer.bias, layer.proxy_bias, layer.proxy_weight):
+            p.add_(0.3 * torch.randn_like(p))
+    ref_layer = GroupNormProxyAct2d(4, num_groups=groups, activation=activation).double()
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 4, 5, 6, dtype=F64)
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    dout = torch.randn(3, 4, 5, 6, dtype=F64)
+    with kernels.use("reference"):
+        xr = x.clone().requires_grad_()
+        yr = ref_layer(xr)
+        yr.backward(dout)
+    for dtype, tol, gtol in ((F64, 1e-10, 1e-9), (torch.float32, 2e-5, 2e-4)):
+        lt = GroupNormProxyAct2d(4, num_groups=groups, activation=activation).to(dtype).to(DEVICE)
+        lt.load_state_dict(layer.state_dict())
+        xt = x.to(dtype).to(DEVICE).detach().requires_grad_()
+        with kernels.use("triton"):
+            yt = lt(xt)
+            yt.backward(dout.to(dtype).to(DEVICE))
+        if layout == "cl":
+            assert yt.is_contiguous(memory_format=torch.channels_last)
+        _close(yt.detach().cpu(), yr.detach(), tol)
+        _close(xt.grad.cpu(), xr.grad, gtol)
+        for (name, pt), pr in zip(lt.named_parameters(), ref_layer.parameters()):
+            _close(pt.grad.cpu(), pr.grad, gtol)
+    assert ran_fused == {"gn_proxy_forward": 2, "gn_proxy_backward": 2}, ran_fused
+
+
+def test_fused_group_norm_proxy_double_backward_takes_the_composite():
+    from normkit.nn import GroupNormProxyAct2d
+
+    torch.manual_seed(25)
+    layer = GroupNormProxyAct2d(4, num_groups=2, activation="silu").double().to(DEVICE)
+    x = torch.randn(1, 4, 2, 2, dtype=F64, device=DEVICE, requires_grad=True)  # (small: the interpreter is slow)
+    with kernels.use("triton"):
+        assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: layer(t), (x,))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import NormError
-from ..kernels import _fast
+from ..kernels import _fast, triton_ready
 from .. import functional as F
 from ..functional._checks import check_eps, check_groups, check_positive_int
 from ..functional.activations import ActivationLike, get_activation
@@ -176,6 +176,15 @@ class GroupNormProxyAct2d(ProxyNormAct):
         check_channels(input, self.num_features, type(self).__name__)
         if _fast.eligible(input):  # eager CPU: one fused pass each way (F.group_norm_proxy_act's fast path)
             out = _fast.gn_proxy_act(
+                input, self.num_groups, self.eps, self.weight, self.bias, self.proxy_bias, self.proxy_weight,
+                self.proxy_points, self.activation, self.proxy_eps,
+            )
+            if out is not None:
+                return out
+        elif triton_ready(input):  # GPU: GN and the step fused in one Triton kernel each way
+            from ..kernels import triton as _triton
+
+            out = _triton.gn_proxy_act(
                 input, self.num_groups, self.eps, self.weight, self.bias, self.proxy_bias, self.proxy_weight,
                 self.proxy_points, self.activation, self.proxy_eps,
             )

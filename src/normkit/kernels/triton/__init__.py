@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -165,7 +166,7 @@ def forward(x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, 
     nchunks, ch, split_c, BC, BM = _chunking(nsets, NC, M, BC, BM, x.device)
     if nchunks == 1:
         _kernels.norm_fwd_kernel[(nsets,)](
-            x, y, wt, bt, stats, nsets, *walk, float(eps), bound,
+            x, y, wt, bt, stats, x, x, x, nsets, *walk, float(eps), bound,
             HAS_W=w is not None, HAS_B=b is not None, ACC=tacc, BC=BC, BM=BM,
         )
         return y, stats
@@ -214,7 +215,7 @@ def backward(
     if nchunks == 1:
         _kernels.norm_bwd_kernel[(nsets,)](
             dy, x, wt, stats, dx if dx is not None else x,
-            pw if pw is not None else stats, pb if pb is not None else stats, nsets, *walk,
+            pw if pw is not None else stats, pb if pb is not None else stats, x, x, x, x, x, x, nsets, *walk,
             HAS_W=w is not None, NEED_DX=need_x, NEED_P=need_p, ACC=tacc, BC=BC, BM=BM,
         )
     else:
@@ -344,3 +345,150 @@ def proxy_act_backward(
         -(sums[2] * rstd.to(acc)) if needs[3] else None,
         sums[3].clone() if needs[4] else None,
     )
+
+
+# --- GroupNorm + Proxy Norm's step in one kernel each way ----------------------------------------
+
+
+def gn_proxy_forward(
+    x: Tensor, p: Plan, eps: float, vec: list[Tensor], act: str
+) -> tuple[Tensor, Tensor] | None:
+    """``(out, stats)``: GroupNorm without affine, then ``(act(w * y + b) - m) * rstd`` per channel,
+    in one kernel (the normalized ``y`` is never stored); ``vec`` = ``[w, b, m, rstd, slope]`` in the
+    accumulation dtype. ``None`` where the fused kernel does not apply (a split reduction would be
+    needed, or an activation it lacks): the caller then runs the two ops.
+
+    Example:
+        >>> out, stats = gn_proxy_forward(x, p, 1e-5, [w, b, m, r, slope], "relu")  # doctest: +SKIP
+    """
+    if act not in _ACTS or p.mode not in (2, 3):
+        return None
+    nsets, walk = _walk(p)
+    NC, M = walk[0], walk[1]
+    BC, BM = _blocks(NC, M)
+    if _chunking(nsets, NC, M, BC, BM, x.device)[0] != 1:
+        return None
+    from . import _kernels
+
+    acc, tacc = _acc(x)
+    out = torch.empty_like(x)
+    stats = torch.empty((core.STAT_ROWS, p.N, p.G), dtype=acc, device=x.device)
+    bound = 1022.0 if acc == torch.float64 else 126.0
+    _kernels.norm_fwd_kernel[(nsets,)](
+        x, out, vec[0], vec[1], stats, vec[2], vec[3], vec[4], nsets, *walk, float(eps), bound,
+        HAS_W=True, HAS_B=True, ACC=tacc, BC=BC, BM=BM, PN=True, ACT=_ACTS.index(act),
+    )
+    return out, stats
+
+
+def gn_proxy_backward(
+    dout: Tensor, x: Tensor, stats: Tensor, p: Plan, vec: list[Tensor], act: str, need_x: bool
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias, sum dout, sum dout * (z - m))`` per channel of :func:`gn_proxy_forward`
+    (``dm = -rstd * sum dout``, ``drstd`` the last), recomputing ``y`` from ``x`` and the statistics.
+
+    Example:
+        >>> dx, dw, db, sg, sz = gn_proxy_backward(g, x, stats, p, [w, b, m, r, slope], "relu", True)  # doctest: +SKIP
+    """
+    from . import _kernels
+
+    acc, tacc = _acc(x)
+    nsets, walk = _walk(p)
+    NC, M = walk[0], walk[1]
+    BC, BM = _blocks(NC, M)
+    dx = torch.empty_like(x) if need_x else None
+    part = torch.empty((4, nsets, NC), dtype=acc, device=x.device)
+    _kernels.norm_bwd_kernel[(nsets,)](
+        dout, x, vec[0], stats, dx if dx is not None else x, part[0], part[1], vec[1], vec[2], vec[3], vec[4],
+        part[2], part[3], nsets, *walk,
+        HAS_W=True, NEED_DX=need_x, NEED_P=True, ACC=tacc, BC=BC, BM=BM, PN=True, ACT=_ACTS.index(act),
+    )
+    sums = part.view(4, p.N, p.C).sum(1)  # per (sample, channel) -> per channel
+    return dx, sums[0], sums[1], sums[2], sums[3]
+
+
+def _gn_plan(x: Tensor, groups: int) -> Plan | None:
+    """The GROUP_NCHW / GROUP_CL plan of ``x`` normalized in ``groups`` groups with a per-channel affine."""
+    from .. import plan
+
+    N, C, k = x.shape[0], x.shape[1], x.dim() - 2
+    if k < 1 or C % groups:
+        return None
+    if x.is_contiguous():
+        xv = x.view(N, groups, C // groups, *x.shape[2:])
+        pshape, dims = (1, groups, C // groups) + (1,) * k, tuple(range(2, xv.dim()))
+    elif x.stride(1) == 1 and x.permute(0, *range(2, 2 + k), 1).is_contiguous():
+        xv = x.permute(0, *range(2, 2 + k), 1).reshape(N, *x.shape[2:], groups, C // groups)
+        pshape, dims = (1,) * (1 + k) + (groups, C // groups), (*range(1, 1 + k), 2 + k)
+    else:
+        return None
+    p = plan(xv, dims, torch.empty(pshape, device="meta"), None)
+    return p if p is not None and p.mode in (2, 3) and p.order is None else None
+
+
+class _GNProxy(torch.autograd.Function):
+    """GroupNorm (no affine) then Proxy Norm's step, one Triton kernel each way. ``m`` and ``rstd``
+    come in from :func:`normkit.functional.proxy_stats` (their gradients flow on into the four
+    parameters through its graph)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor, m: Tensor, r: Tensor, p: Plan, G: int, eps: float, act: str, slope: float) -> Tensor:  # type: ignore[override]
+        acc = _acc(x)[0]
+        vec = [t.detach().to(acc).contiguous() for t in (w, b, m, r)]
+        vec.append(torch.full((1,), float(slope), dtype=acc, device=x.device))
+        got = gn_proxy_forward(x, p, eps, vec, act)
+        assert got is not None  # (the caller checked that it applies)
+        out, stats = got
+        ctx.save_for_backward(x, stats, w, b, m, r, *vec)  # (the originals: a double backward differentiates them)
+        ctx.p, ctx.G, ctx.eps, ctx.act, ctx.slope = p, G, eps, act, slope
+        ctx.dtypes = (w.dtype, b.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, stats, w0, b0, m0, r0, w, b, m, r, sl = ctx.saved_tensors
+        if torch.is_grad_enabled() or type(dout) is not Tensor or not torch._C._has_storage(dout):
+            # create_graph=True (or batched gradients): differentiate the composite of reference ops
+            from ...ops.proxy import proxy_act_composite
+            from ...functional.activations import get_activation
+            from ...functional.group_norm import group_norm
+            from .. import use
+
+            with torch.enable_grad(), use("reference"):
+                ins = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, w0, b0, m0, r0)]
+                act = get_activation(ctx.act if ctx.act != "leaky_relu" else torch.nn.LeakyReLU(ctx.slope))
+                y = group_norm(ins[0], ctx.G, None, None, ctx.eps)
+                out = proxy_act_composite(y, *ins[1:], act)
+                grads = torch.autograd.grad(out, ins, dout, create_graph=torch.is_grad_enabled(), allow_unused=True)
+            return (*grads, None, None, None, None, None)
+        if dout.dtype != x.dtype or dout.stride() != x.stride():
+            dout = torch.empty_like(x).copy_(dout)
+        dx, sw, sb, sg, sz = gn_proxy_backward(dout, x, stats, ctx.p, [w, b, m, r, sl], ctx.act, ctx.needs_input_grad[0])
+        return dx, sw.to(ctx.dtypes[0]), sb.to(ctx.dtypes[1]), -(sg * r), sz, None, None, None, None, None
+
+
+def gn_proxy_act(
+    x: Tensor, groups: int, eps: float, weight: Tensor, bias: Tensor, proxy_bias: Tensor, proxy_weight: Tensor,
+    points: Tensor, activation: Any, proxy_eps: float,
+) -> Tensor | None:
+    """:class:`~normkit.nn.GroupNormProxyAct2d`'s step on the Triton kernels: the proxy statistics
+    (plain ops, C x 200 values), then GroupNorm and the activation step fused in one kernel each way;
+    ``None`` where it does not apply (the layer then runs the two ops).
+
+    Example:
+        >>> out = gn_proxy_act(x, 4, 1e-3, w, b, pb, pw, points, "relu", 0.03)  # doctest: +SKIP
+    """
+    from ...functional.activations import activation_spec
+    from ...functional.proxy_norm import proxy_stats
+
+    spec = activation_spec(activation)
+    if spec is None or spec[0] not in _ACTS:
+        return None
+    p = _gn_plan(x, groups)
+    if p is None:
+        return None
+    nsets, walk = _walk(p)
+    if _chunking(nsets, walk[0], walk[1], *_blocks(walk[0], walk[1]), x.device)[0] != 1:
+        return None  # (sets too few for one program each: the two ops' split kernels fill the GPU)
+    m, r = proxy_stats(weight, bias, proxy_bias, proxy_weight, activation, proxy_eps, points.shape[0], points)
+    return _GNProxy.apply(x, weight, bias, m, r, p, groups, float(eps), spec[0], float(spec[1]))  # type: ignore[no-any-return]

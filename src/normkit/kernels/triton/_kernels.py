@@ -37,8 +37,9 @@ def _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC: tl.constexpr
 
 @triton.jit
 def norm_fwd_kernel(
-    X, Y, W, B, ST, nsets, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK, eps, exp_bound,
+    X, Y, W, B, ST, MU, R, SL, nsets, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK, eps, exp_bound,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+    PN: tl.constexpr = False, ACT: tl.constexpr = 7,
 ):
     k = tl.program_id(0)
     n = (NC * M).to(ACC)
@@ -90,6 +91,10 @@ def norm_fwd_kernel(
                 y = y * tl.load(W + cbase + ci, mask=ci < NC, other=1.0).to(ACC)[:, None]
             if HAS_B:
                 y = y + tl.load(B + cbase + ci, mask=ci < NC, other=0.0).to(ACC)[:, None]
+            if PN:  # Proxy Norm's step on the affine output: (act(y) - m) * rstd per channel
+                mu = tl.load(MU + cbase + ci, mask=ci < NC, other=0.0).to(ACC)[:, None]
+                r = tl.load(R + cbase + ci, mask=ci < NC, other=0.0).to(ACC)[:, None]
+                y = (_act_fwd(y, tl.load(SL).to(ACC), ACT) - mu) * r
             tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(ST + k, mid)
     tl.store(ST + nsets + k, inv)
@@ -100,11 +105,26 @@ def norm_fwd_kernel(
 
 
 @triton.jit
+def _pn_grad(dout, xh, ci, cbase, NC, W, B, MU, R, slope, ACC: tl.constexpr, ACT: tl.constexpr):
+    """Proxy Norm's step backward to its affine output: ``(da, z - m)``; ``dout`` the step's gradient."""
+    cm = ci < NC
+    w = tl.load(W + cbase + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    b = tl.load(B + cbase + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    r = tl.load(R + cbase + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    mu = tl.load(MU + cbase + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    a = w * xh + b
+    z = _act_fwd(a, slope, ACT)
+    return dout * r * _act_grad(a, z, slope, ACT), z - mu
+
+
+@triton.jit
 def norm_bwd_kernel(
-    DY, X, W, ST, DX, PW, PB, nsets, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK,
+    DY, X, W, ST, DX, PW, PB, B, MU, R, SL, PG, PZ, nsets, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK,
     HAS_W: tl.constexpr, NEED_DX: tl.constexpr, NEED_P: tl.constexpr, ACC: tl.constexpr,
-    BC: tl.constexpr, BM: tl.constexpr,
+    BC: tl.constexpr, BM: tl.constexpr, PN: tl.constexpr = False, ACT: tl.constexpr = 7,
 ):
+    # With PN, DY is the gradient of Proxy Norm's step that followed the affine (W, B): it is taken
+    # back to the affine output first, and each channel also sums it (PG) and it times z - m (PZ).
     k = tl.program_id(0)
     n = (NC * M).to(ACC)
     shift = tl.load(ST + k).to(ACC)
@@ -115,14 +135,24 @@ def norm_bwd_kernel(
     # 1. the set's sums of g = w * dy and g * x_hat; each channel's sums of dy * x_hat and dy
     a1 = tl.zeros([BC, BM], ACC)
     a2 = tl.zeros([BC, BM], ACC)
+    slope = 0.0
+    if PN:
+        slope = tl.load(SL).to(ACC)
     for c0 in range(0, NC, BC):
         pw = tl.zeros([BC], ACC)
         pb = tl.zeros([BC], ACC)
+        pg = tl.zeros([BC], ACC)
+        pz = tl.zeros([BC], ACC)
         for m0 in range(0, M, BM):
             ci, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC, BM)
             x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
             dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
             xh = tl.where(mask, ((x - shift) * inv - cm) * rstd, 0.0)
+            if PN:
+                pg += tl.sum(dy, axis=1)
+                da, zm = _pn_grad(dy, xh, ci, cbase, NC, W, B, MU, R, slope, ACC, ACT)
+                pz += tl.sum(tl.where(mask, dy * zm, 0.0), axis=1)
+                dy = tl.where(mask, da, 0.0)
             g = dy
             if HAS_W:
                 g = dy * tl.load(W + cbase + ci, mask=ci < NC, other=1.0).to(ACC)[:, None]
@@ -134,6 +164,9 @@ def norm_bwd_kernel(
             ci = c0 + tl.arange(0, BC)
             tl.store(PW + k.to(tl.int64) * NC + ci, pw, mask=ci < NC)
             tl.store(PB + k.to(tl.int64) * NC + ci, pb, mask=ci < NC)
+            if PN:
+                tl.store(PG + k.to(tl.int64) * NC + ci, pg, mask=ci < NC)
+                tl.store(PZ + k.to(tl.int64) * NC + ci, pz, mask=ci < NC)
     if NEED_DX:
         mg = tl.sum(tl.sum(a1, axis=1), axis=0) / n
         mgx = tl.sum(tl.sum(a2, axis=1), axis=0) / n
@@ -145,6 +178,8 @@ def norm_bwd_kernel(
                 x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
                 dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
                 xh = ((x - shift) * inv - cm) * rstd
+                if PN:
+                    dy, _ = _pn_grad(dy, xh, ci, cbase, NC, W, B, MU, R, slope, ACC, ACT)
                 g = dy
                 if HAS_W:
                     g = dy * tl.load(W + cbase + ci, mask=ci < NC, other=1.0).to(ACC)[:, None]

@@ -96,12 +96,32 @@ def sync_batch_norm(
     if training and group_size(process_group) > 1:
         num_features = _channels(x, (weight, bias, running_mean, running_var), op)
         return sync_batch_norm_train(
-            x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked,
-            process_group, unbiased_running_var, mask, num_features, op,
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            momentum,
+            eps,
+            num_batches_tracked,
+            process_group,
+            unbiased_running_var,
+            mask,
+            num_features,
+            op,
         )
     return batch_norm(
-        x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
-        unbiased_running_var=unbiased_running_var, mask=mask,
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        num_batches_tracked,
+        unbiased_running_var=unbiased_running_var,
+        mask=mask,
     )
 
 
@@ -183,8 +203,12 @@ def _sync_batch_norm_train(
             raise NormError(
                 f"{op}: expected {C} channels (dim 1), got input of shape {tuple(x.shape)} with {x.shape[1]}"
             )
-        params = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                  ("running_var", running_var))
+        params = (
+            ("weight", weight),
+            ("bias", bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        )
         for name, p in params:
             check_param(p, x, (C,), op, name)
         if (running_mean is None) != (running_var is None):
@@ -193,9 +217,7 @@ def _sync_batch_norm_train(
             check_mask(mask, x, op)
     except (NormError, TypeError) as e:
         error = e
-    home = next(
-        (t.device for t in (x, weight, running_mean) if isinstance(t, Tensor)), torch.device("cpu")
-    )
+    home = next((t.device for t in (x, weight, running_mean) if isinstance(t, Tensor)), torch.device("cpu"))
     if error is None:
         dims = (0, *range(2, x.dim()))
         count, mean, m2 = _local_moments(x, mask, dims, eps)

@@ -297,9 +297,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         assert sv is not None and dv is not None and rv is not None
         d = torch.sub(x, sv)  # accumulation dtype by type promotion; x's layout
         d.sub_(dv)
-        scale = rv if weight is None else rv * channel_view(weight, nd).to(rv.dtype)  # type: ignore[union-attr]
+        scale = rv if weight is None else rv * channel_view(weight, nd).to(rv.dtype)
         y = d.mul_(scale)
-        b = None if bias is None else channel_view(bias, nd).to(rv.dtype)  # type: ignore[union-attr]
+        b = None if bias is None else channel_view(bias, nd).to(rv.dtype)
         if b is not None:
             y = y.add_(b)
         if mask is not None:  # padded positions output the bias, as in normkit's masked BN
@@ -343,11 +343,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if not need_x:
             return None, dweight, dbias, None, None, None, None, None, None
         safe = count.clamp_min(1.0)
-        a = rv if weight is None else rv * channel_view(weight, nd).to(acc)  # type: ignore[union-attr]
+        a = rv if weight is None else rv * channel_view(weight, nd).to(acc)
         k1 = channel_view(total_dyxh / safe, nd)
         k2 = channel_view(total_dy / safe, nd)
         # dx = gamma * rstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over the whole group
-        dx = x_hat.mul_(k1).add_(k2).neg_().add_(g_valid).mul_(a)  # type: ignore[arg-type]
+        dx = x_hat.mul_(k1).add_(k2).neg_().add_(g_valid).mul_(a)
         if mask is not None:
             dx = torch.where(mask, dx, zero)
         dx = _same_layout(dx if dx.dtype == x.dtype else dx.to(x.dtype), x)

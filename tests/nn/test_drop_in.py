@@ -18,12 +18,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import normkit
 import normkit.functional as NF
 import normkit.nn as nkn
+from tests.tolerances import Tol
 from tests.toolchain.samples import SAMPLE_IDS, SAMPLES, Sample, by_name
 
 F64 = torch.float64
 MODES = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
-TOL = dict(rtol=1e-5, atol=1e-5)
-EXACT = dict(rtol=0.0, atol=0.0)
+TOL: Tol = {"rtol": 1e-5, "atol": 1e-5}
+EXACT: Tol = {"rtol": 0.0, "atol": 0.0}
 
 
 def _gen(seed: int) -> torch.Generator:

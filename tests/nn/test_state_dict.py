@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 import normkit.nn as nkn
+from tests.tolerances import Tol
 
 F64 = torch.float64
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL: Tol = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def _gen(seed: int) -> torch.Generator:

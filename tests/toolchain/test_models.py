@@ -24,7 +24,10 @@ SPECS = ["bn", "gn:4", "ln", "ln2d", "in", "ln+pn"]
 class CNN(nn.Module):
     def __init__(self, spec: str) -> None:
         super().__init__()
-        act = lambda: nn.Identity() if spec.endswith("+pn") else nn.ReLU()  # noqa: E731  PN brings its own
+
+        def act() -> nn.Module:  # PN brings its own activation
+            return nn.Identity() if spec.endswith("+pn") else nn.ReLU()
+
         self.body = nn.Sequential(
             nn.Conv2d(3, 8, 3, padding=1, bias=False),
             normkit.create_norm_layer(spec, 8),

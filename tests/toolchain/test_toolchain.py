@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 import normkit
+from tests.tolerances import Tol
 from tests.toolchain.samples import SAMPLE_IDS, SAMPLES, Sample, run
 
 MODES = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
-TOL = dict(rtol=1e-4, atol=1e-5)
+TOL: Tol = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def _assert_same_run(a: tuple, b: tuple) -> None:

@@ -245,9 +245,19 @@ def test_timed_statements_run_on_the_configured_threads():
 
 def test_percent_of_peak_is_the_bandwidth_over_the_given_peak():
     # --peak-gbps on any device: the % of peak column is gbps / peak, per provider
-    cfg = BenchConfig(shapes=[(2, 32, 4, 4)], dtypes=["fp32"], layouts=["nchw"], passes=["fwd"],
-                      ops=["group_norm"], backends=["reference"], repeats=1, min_time=0.01, e2e=False,
-                      quiet=True, peak_gbps=50.0)
+    cfg = BenchConfig(
+        shapes=[(2, 32, 4, 4)],
+        dtypes=["fp32"],
+        layouts=["nchw"],
+        passes=["fwd"],
+        ops=["group_norm"],
+        backends=["reference"],
+        repeats=1,
+        min_time=0.01,
+        e2e=False,
+        quiet=True,
+        peak_gbps=50.0,
+    )
     md, data = run_bench(cfg)
     row = data["ops"][0]
     assert data["peak_gbps"] == 50.0

@@ -48,8 +48,9 @@ import statistics
 import sys
 import time
 import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as TF
@@ -79,9 +80,20 @@ DEFAULT_SHAPES: list[tuple[int, ...]] = [(32, 64, 56, 56), (8, 256, 28, 28)]
 CUDA_SHAPES: list[tuple[int, ...]] = [*DEFAULT_SHAPES, (64, 256, 56, 56), (64, 1024, 14, 14)]
 #: Peak DRAM bandwidth (GB/s, the vendors' figures) by a substring of ``torch.cuda.get_device_name``,
 #: for ``--device cuda``'s "% of peak" (``--peak-gbps`` overrides; an unknown GPU reports none).
-GPU_PEAK_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0,
-                 "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0, "A10G": 600.0, "L4": 300.0,
-                 "RTX 4090": 1008.0, "V100": 900.0, "T4": 320.0}
+GPU_PEAK_GBPS = {
+    "H200": 4800.0,
+    "H100 PCIe": 2000.0,
+    "H100": 3350.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100 80GB PCIe": 1935.0,
+    "A100": 1555.0,
+    "L40S": 864.0,
+    "A10G": 600.0,
+    "L4": 300.0,
+    "RTX 4090": 1008.0,
+    "V100": 900.0,
+    "T4": 320.0,
+}
 #: The shape of ``--quick``.
 QUICK_SHAPES: list[tuple[int, ...]] = [(4, 64, 16, 16)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -123,8 +135,12 @@ def _pn(nf: Any) -> Op:
     # GroupNormProxyAct2d's step (fused on the cpu backend); proxy_bias / proxy_weight sized from w (the
     # channel count changes between shapes); eps 1e-5 like the native GroupNorm it is compared with
     if hasattr(nf, "group_norm_proxy_act"):
-        return lambda x, w, b: nf.group_norm_proxy_act(x, 32, w, b, torch.zeros_like(w), torch.zeros_like(w), eps=1e-5)
-    return lambda x, w, b: nf.proxy_norm_act(nf.group_norm(x, 32), w, b, torch.zeros_like(w), torch.zeros_like(w))
+        return lambda x, w, b: nf.group_norm_proxy_act(
+            x, 32, w, b, torch.zeros_like(w), torch.zeros_like(w), eps=1e-5
+        )
+    return lambda x, w, b: nf.proxy_norm_act(
+        nf.group_norm(x, 32), w, b, torch.zeros_like(w), torch.zeros_like(w)
+    )
 
 
 #: The benchmarked norms, by the name shown in the tables (``--ops`` matches substrings of it).
@@ -249,7 +265,9 @@ def check_config(cfg: BenchConfig) -> None:
         ValueError: --ops 'nosuchop' matches no op; the ops are: batch_norm train, group_norm G=32, ...
     """
     if not cfg.run_ops and not cfg.e2e:
-        raise ValueError("nothing to run: both the per-op part (--no-ops) and the training steps (--no-e2e) are off")
+        raise ValueError(
+            "nothing to run: both the per-op part (--no-ops) and the training steps (--no-e2e) are off"
+        )
     if cfg.device not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda, got {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -259,8 +277,11 @@ def check_config(cfg: BenchConfig) -> None:
     for s in cfg.shapes:
         if len(s) != 4 or not all(isinstance(d, int) and d > 0 for d in s):
             raise ValueError(f"a shape is N x C x H x W with positive sizes, got {s}")
-    for name, values, allowed in (("layouts", cfg.layouts, LAYOUTS), ("dtypes", cfg.dtypes, tuple(DTYPES)),
-                                  ("passes", cfg.passes, PASSES)):
+    for name, values, allowed in (
+        ("layouts", cfg.layouts, LAYOUTS),
+        ("dtypes", cfg.dtypes, tuple(DTYPES)),
+        ("passes", cfg.passes, PASSES),
+    ):
         if not values:
             raise ValueError(f"--{name}: empty")
         bad = [v for v in values if v not in allowed]
@@ -278,8 +299,10 @@ def check_config(cfg: BenchConfig) -> None:
             if b not in known:
                 raise ValueError(f"--backends: unknown backend {b!r}; expected one of {', '.join(known)}")
             if b not in here:
-                raise ValueError(f"--backends: backend {b!r} is not available here (available: {', '.join(here)}); "
-                                 "`normkit kernels status` says why")
+                raise ValueError(
+                    f"--backends: backend {b!r} is not available here (available: {', '.join(here)}); "
+                    "`normkit kernels status` says why"
+                )
     if cfg.repeats < 1 or cfg.threads < 1 or cfg.min_time <= 0 or cfg.e2e_min_time <= 0:
         raise ValueError("--repeats and --threads must be >= 1 and the times > 0")
 
@@ -337,8 +360,12 @@ def _rotated(items: list[str], r: int) -> list[str]:
 
 
 def _op_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
-    providers = ["native", *(f"normkit:{b}" for b in _backends(cfg)), *cfg.extra_providers,
-                 *(["compiled"] if cfg.compile else [])]
+    providers = [
+        "native",
+        *(f"normkit:{b}" for b in _backends(cfg)),
+        *cfg.extra_providers,
+        *(["compiled"] if cfg.compile else []),
+    ]
     cases = [
         (name, shape, layout, dtype, p)
         for name in _op_names(cfg)
@@ -393,15 +420,26 @@ def _op_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
             nbytes = x.numel() * x.element_size() * TRAFFIC[p]
             native: float = best["native"]  # type: ignore[assignment]
             gbps = {k: None if v is None else nbytes / (v * 1e-3) / 1e9 for k, v in best.items()}
-            rows.append({
-                "op": name, "shape": list(shape), "layout": layout, "dtype": dtype, "pass": p,
-                "ms": best, "copy_ms": copies[key],
-                "gbps": gbps,
-                "pct_peak": {k: None if v is None or peak is None else 100 * v / peak for k, v in gbps.items()},
-                "copy_gbps": 2 * x.numel() * x.element_size() / (copies[key] * 1e-3) / 1e9,
-                "vs_native": {k: None if v is None else v / native for k, v in best.items() if k != "native"},
-                "vs_copy": {k: None if v is None else v / copies[key] for k, v in best.items()},
-            })
+            rows.append(
+                {
+                    "op": name,
+                    "shape": list(shape),
+                    "layout": layout,
+                    "dtype": dtype,
+                    "pass": p,
+                    "ms": best,
+                    "copy_ms": copies[key],
+                    "gbps": gbps,
+                    "pct_peak": {
+                        k: None if v is None or peak is None else 100 * v / peak for k, v in gbps.items()
+                    },
+                    "copy_gbps": 2 * x.numel() * x.element_size() / (copies[key] * 1e-3) / 1e9,
+                    "vs_native": {
+                        k: None if v is None else v / native for k, v in best.items() if k != "native"
+                    },
+                    "vs_copy": {k: None if v is None else v / copies[key] for k, v in best.items()},
+                }
+            )
             advance(f"{name} {tuple(shape)} {layout} {dtype} {p}")
     return rows
 
@@ -447,7 +485,9 @@ class ResNet18Style(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, norm_layer: Callable[[int], nn.Module], small: bool = True, num_classes: int = 10) -> None:
+    def __init__(
+        self, norm_layer: Callable[[int], nn.Module], small: bool = True, num_classes: int = 10
+    ) -> None:
         super().__init__()
         if small:
             self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), norm_layer(64), nn.ReLU())
@@ -531,8 +571,10 @@ def _cnn4(norm: str) -> Callable[[str], nn.Module]:
 
 def _e2e_cases(cfg: BenchConfig) -> list[_E2ECase]:
     if cfg.quick:
-        return [_E2ECase("ResNet-18-style", "bn", (2, 3, 32, 32), _resnet(True, "bn")),
-                _E2ECase("CNN-4", "bn", (2, 1, 8, 8), _cnn4("bn"))]
+        return [
+            _E2ECase("ResNet-18-style", "bn", (2, 3, 32, 32), _resnet(True, "bn")),
+            _E2ECase("CNN-4", "bn", (2, 1, 8, 8), _cnn4("bn")),
+        ]
     return [
         _E2ECase("ResNet-18-style", "bn", (32, 3, 32, 32), _resnet(True, "bn")),
         _E2ECase("ResNet-18-style", "bn", (2, 3, 32, 32), _resnet(True, "bn")),
@@ -551,7 +593,10 @@ def _e2e_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
     modes = ["eager", *(["compiled"] if cfg.compile else [])]
     rows: list[dict[str, Any]] = []
     cases = _e2e_cases(cfg)
-    variants = {"torch.nn": ("torch", None), **{f"normkit:{b}": ("normkit", f"normkit:{b}") for b in backends}}
+    variants = {
+        "torch.nn": ("torch", None),
+        **{f"normkit:{b}": ("normkit", f"normkit:{b}") for b in backends},
+    }
     with _progress(len(cases) * len(modes), cfg.quiet, "normkit bench: training steps") as advance:
         for case in cases:
             torch.manual_seed(1)
@@ -575,11 +620,17 @@ def _e2e_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
                     for label in _rotated(list(steps), r):
                         with _backend(variants[label][1]):
                             best[label] = min(best[label], _time_steps(steps[label], cfg.e2e_min_time))
-                rows.append({
-                    "model": case.model, "norm": case.norm, "input": list(case.shape), "mode": mode, "ms": best,
-                    "vs_torch": {k: v / best["torch.nn"] for k, v in best.items() if k != "torch.nn"},
-                    "first_step_s": first_s,
-                })
+                rows.append(
+                    {
+                        "model": case.model,
+                        "norm": case.norm,
+                        "input": list(case.shape),
+                        "mode": mode,
+                        "ms": best,
+                        "vs_torch": {k: v / best["torch.nn"] for k, v in best.items() if k != "torch.nn"},
+                        "first_step_s": first_s,
+                    }
+                )
                 advance(f"{case.model} {case.norm} {'x'.join(map(str, case.shape))} {mode}")
     return rows
 
@@ -628,14 +679,37 @@ def format_markdown(data: dict[str, Any]) -> str:
             "fwd+bwd = forward + `torch.autograd.grad` w.r.t. (x, weight, bias). copy = `y.copy_(x)` of the same size.",
             "",
         ]
-        head = ["op", "shape", "layout", "dtype", "pass", *(f"{p} ms" for p in provs), "copy ms",
-                *(f"{p} GB/s" for p in provs), *((f"{p} % peak" for p in provs) if peak else ()),
-                *(f"{p}/native" for p in others), "native/copy", *(f"{p}/copy" for p in others)]
-        body = [[r["op"], str(tuple(r["shape"])), r["layout"], r["dtype"], r["pass"],
-                 *(_ms(r["ms"][p]) for p in provs), _ms(r["copy_ms"]), *(_f(r["gbps"][p], 1) for p in provs),
-                 *((_f(r.get("pct_peak", {}).get(p), 0) for p in provs) if peak else ()),
-                 *(_f(r["vs_native"][p]) for p in others), _f(r["vs_copy"]["native"]),
-                 *(_f(r["vs_copy"][p]) for p in others)] for r in data["ops"]]
+        head = [
+            "op",
+            "shape",
+            "layout",
+            "dtype",
+            "pass",
+            *(f"{p} ms" for p in provs),
+            "copy ms",
+            *(f"{p} GB/s" for p in provs),
+            *((f"{p} % peak" for p in provs) if peak else ()),
+            *(f"{p}/native" for p in others),
+            "native/copy",
+            *(f"{p}/copy" for p in others),
+        ]
+        body = [
+            [
+                r["op"],
+                str(tuple(r["shape"])),
+                r["layout"],
+                r["dtype"],
+                r["pass"],
+                *(_ms(r["ms"][p]) for p in provs),
+                _ms(r["copy_ms"]),
+                *(_f(r["gbps"][p], 1) for p in provs),
+                *((_f(r.get("pct_peak", {}).get(p), 0) for p in provs) if peak else ()),
+                *(_f(r["vs_native"][p]) for p in others),
+                _f(r["vs_copy"]["native"]),
+                *(_f(r["vs_copy"][p]) for p in others),
+            ]
+            for r in data["ops"]
+        ]
         out += _table(head, 5, body) + [""]
     if data["e2e"]:
         labels = list(data["e2e"][0]["ms"])
@@ -647,11 +721,27 @@ def format_markdown(data: dict[str, Any]) -> str:
             "compile), not in ms.",
             "",
         ]
-        head = ["model", "norm", "input", "mode", *(f"{k} ms" for k in labels), *(f"{k}/torch.nn" for k in others),
-                "first step s (" + " / ".join(labels) + ")"]
-        body = [[r["model"], r["norm"], "x".join(map(str, r["input"])), r["mode"], *(_ms(r["ms"][k]) for k in labels),
-                 *(_f(r["vs_torch"][k]) for k in others), " / ".join(_f(r["first_step_s"][k], 1) for k in labels)]
-                for r in data["e2e"]]
+        head = [
+            "model",
+            "norm",
+            "input",
+            "mode",
+            *(f"{k} ms" for k in labels),
+            *(f"{k}/torch.nn" for k in others),
+            "first step s (" + " / ".join(labels) + ")",
+        ]
+        body = [
+            [
+                r["model"],
+                r["norm"],
+                "x".join(map(str, r["input"])),
+                r["mode"],
+                *(_ms(r["ms"][k]) for k in labels),
+                *(_f(r["vs_torch"][k]) for k in others),
+                " / ".join(_f(r["first_step_s"][k], 1) for k in labels),
+            ]
+            for r in data["e2e"]
+        ]
         out += _table(head, 4, body) + [""]
     parts = [f"norms {data['ops_s']:.0f} s"] if data["ops"] else []
     parts += [f"training steps {data['wall_s'] - data['ops_s']:.0f} s"] if data["e2e"] else []
@@ -659,8 +749,11 @@ def format_markdown(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184",
-           "MALLOC_TOP_PAD_": "1073741824"}
+_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": "17179869184",
+    "MALLOC_TRIM_THRESHOLD_": "17179869184",
+    "MALLOC_TOP_PAD_": "1073741824",
+}
 
 
 def run_bench(cfg: BenchConfig) -> tuple[str, dict[str, Any]]:
@@ -681,7 +774,9 @@ def run_bench(cfg: BenchConfig) -> tuple[str, dict[str, Any]]:
         config = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
         config["extra_providers"] = list(cfg.extra_providers)
         data: dict[str, Any] = {
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": cfg.repeats,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "repeats": cfg.repeats,
             "device": cfg.device if cfg.device == "cpu" else f"cuda ({torch.cuda.get_device_name()})",
             "peak_gbps": peak_gbps(cfg),
             "cpu_count": os.cpu_count(),
@@ -711,11 +806,22 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The :class:`BenchConfig` of parsed ``normkit bench`` options (see :mod:`normkit.cli`)."""
     device = getattr(args, "device", "cpu")
     cfg = BenchConfig(
-        device=device, peak_gbps=getattr(args, "peak_gbps", None),
-        layouts=args.layouts, dtypes=args.dtypes, passes=args.passes, ops=args.ops, backends=args.backends,
-        repeats=1 if args.quick else args.repeats, min_time=0.05 if args.quick else args.min_time,
-        e2e_min_time=0.2 if args.quick else 1.0, threads=args.threads, compile=args.compile,
-        run_ops=not args.no_ops, e2e=args.e2e, quick=args.quick, quiet=args.quiet,
+        device=device,
+        peak_gbps=getattr(args, "peak_gbps", None),
+        layouts=args.layouts,
+        dtypes=args.dtypes,
+        passes=args.passes,
+        ops=args.ops,
+        backends=args.backends,
+        repeats=1 if args.quick else args.repeats,
+        min_time=0.05 if args.quick else args.min_time,
+        e2e_min_time=0.2 if args.quick else 1.0,
+        threads=args.threads,
+        compile=args.compile,
+        run_ops=not args.no_ops,
+        e2e=args.e2e,
+        quick=args.quick,
+        quiet=args.quiet,
     )
     default = CUDA_SHAPES if device == "cuda" else DEFAULT_SHAPES
     cfg.shapes = args.shapes or (list(QUICK_SHAPES) if args.quick else list(default))

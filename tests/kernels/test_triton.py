@@ -15,9 +15,17 @@ import torch
 
 import normkit.functional as F
 from normkit import kernels
-from tests.reference import ref_batch_norm, ref_group_norm, ref_instance_norm, ref_layer_norm, ref_layer_norm_2d
+from tests.reference import (
+    ref_batch_norm,
+    ref_group_norm,
+    ref_instance_norm,
+    ref_layer_norm,
+    ref_layer_norm_2d,
+)
 
-triton = pytest.importorskip("triton", reason="triton is not installed here (normkit's optional `triton` extra)")
+triton = pytest.importorskip(
+    "triton", reason="triton is not installed here (normkit's optional `triton` extra)"
+)
 
 F64 = torch.float64
 DEVICE = os.environ.get("NORMKIT_TEST_DEVICE", "cpu")
@@ -33,7 +41,9 @@ def interpreted():
     if DEVICE == "cpu":
         importlib.import_module("normkit.kernels.triton._kernels")
         if not nkt.interpreting():
-            pytest.skip("triton was imported without TRITON_INTERPRET=1: its interpreter is off in this process")
+            pytest.skip(
+                "triton was imported without TRITON_INTERPRET=1: its interpreter is off in this process"
+            )
 
 
 @pytest.fixture
@@ -55,14 +65,21 @@ def ran(monkeypatch):
 
 # (normkit op, float64 oracle) on (x, w, b); the affine is per channel except for "ln_chw"
 OPS = {
-    "bn": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output,
-           lambda x, w, b: ref_batch_norm(x, None, None, w, b, training=True).output),
+    "bn": (
+        lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output,
+        lambda x, w, b: ref_batch_norm(x, None, None, w, b, training=True).output,
+    ),
     "gn2": (lambda x, w, b: F.group_norm(x, 2, w, b), lambda x, w, b: ref_group_norm(x, 2, w, b)),
     "gn1": (lambda x, w, b: F.group_norm(x, 1, w, b), lambda x, w, b: ref_group_norm(x, 1, w, b)),
-    "in": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output,
-           lambda x, w, b: ref_instance_norm(x, weight=w, bias=b).output),
+    "in": (
+        lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output,
+        lambda x, w, b: ref_instance_norm(x, weight=w, bias=b).output,
+    ),
     "ln2d": (lambda x, w, b: F.layer_norm_2d(x, w, b), lambda x, w, b: ref_layer_norm_2d(x, w, b)),
-    "ln_chw": (lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b), lambda x, w, b: ref_layer_norm(x, x.shape[1:], w, b)),
+    "ln_chw": (
+        lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b),
+        lambda x, w, b: ref_layer_norm(x, x.shape[1:], w, b),
+    ),
 }
 
 
@@ -234,7 +251,10 @@ def test_statistics_interoperate_with_the_reference_backward():
 
     g = torch.Generator().manual_seed(8)
     x = torch.randn(2, 6, 3, 5, generator=g).to(DEVICE)
-    w, b = torch.rand(1, 6, 1, 1, generator=g).to(DEVICE) + 0.5, torch.randn(1, 6, 1, 1, generator=g).to(DEVICE)
+    w, b = (
+        torch.rand(1, 6, 1, 1, generator=g).to(DEVICE) + 0.5,
+        torch.randn(1, 6, 1, 1, generator=g).to(DEVICE),
+    )
     dy = torch.randn(x.shape, generator=g).to(DEVICE)
     with kernels.use("triton"):
         y, st = kernels.norm_forward(x, w, b, None, (0, 2, 3), 1e-5)
@@ -437,7 +457,9 @@ def test_fused_group_norm_proxy_double_backward_takes_the_composite():
 
     torch.manual_seed(25)
     layer = GroupNormProxyAct2d(4, num_groups=2, activation="silu").double().to(DEVICE)
-    x = torch.randn(1, 4, 2, 2, dtype=F64, device=DEVICE, requires_grad=True)  # (small: the interpreter is slow)
+    x = torch.randn(
+        1, 4, 2, 2, dtype=F64, device=DEVICE, requires_grad=True
+    )  # (small: the interpreter is slow)
     with kernels.use("triton"):
         assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
         assert torch.autograd.gradgradcheck(lambda t: layer(t), (x,))

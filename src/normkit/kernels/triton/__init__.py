@@ -42,7 +42,7 @@ def why_not() -> str | None:
     if not _state["checked"]:
         try:
             import triton  # noqa: F401
-        except Exception as e:  # noqa: BLE001 (any import failure means: not available)
+        except Exception as e:
             _state["error"] = f"{type(e).__name__}: {e}"
         _state["checked"] = True
     return _state["error"]  # type: ignore[return-value]
@@ -118,7 +118,9 @@ def _programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _chunking(nsets: int, NC: int, M: int, BC: int, BM: int, device: torch.device) -> tuple[int, int, bool, int, int]:
+def _chunking(
+    nsets: int, NC: int, M: int, BC: int, BM: int, device: torch.device
+) -> tuple[int, int, bool, int, int]:
     """``(nchunks, CH, split_c, BC, BM)``: each set cut into ``nchunks`` runs of ``CH`` positions, or
     of ``CH`` channels (``split_c``: where a set has more channels than positions), ``CH`` a multiple
     of the tile along that axis (which shrinks to a forced chunk)."""
@@ -138,7 +140,9 @@ def _chunking(nsets: int, NC: int, M: int, BC: int, BM: int, device: torch.devic
     return triton.cdiv(along, ch), ch, split_c, (tile if split_c else BC), (BM if split_c else tile)
 
 
-def forward(x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]) -> tuple[Tensor, Tensor]:
+def forward(
+    x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]
+) -> tuple[Tensor, Tensor]:
     """``(y, stats)`` of a contiguous-per-plan ``x``; ``w`` / ``b`` flat in the plan's channel order.
 
     Called by :func:`normkit.kernels.norm_forward`; needs triton (and a GPU or its interpreter).
@@ -166,8 +170,23 @@ def forward(x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, 
     nchunks, ch, split_c, BC, BM = _chunking(nsets, NC, M, BC, BM, x.device)
     if nchunks == 1:
         _kernels.norm_fwd_kernel[(nsets,)](
-            x, y, wt, bt, stats, x, x, x, nsets, *walk, float(eps), bound,
-            HAS_W=w is not None, HAS_B=b is not None, ACC=tacc, BC=BC, BM=BM,
+            x,
+            y,
+            wt,
+            bt,
+            stats,
+            x,
+            x,
+            x,
+            nsets,
+            *walk,
+            float(eps),
+            bound,
+            HAS_W=w is not None,
+            HAS_B=b is not None,
+            ACC=tacc,
+            BC=BC,
+            BM=BM,
         )
         return y, stats
     grid = (nsets, nchunks)
@@ -175,13 +194,33 @@ def forward(x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, 
     hl = torch.empty((2, nsets, nchunks), dtype=acc, device=x.device)
     pm = torch.empty((3, nsets, nchunks), dtype=acc, device=x.device)
     mwalk = walk[:9]  # NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2
-    _kernels.split_minmax_kernel[grid](x, hl, nsets, nchunks, ch, *mwalk, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM)
+    _kernels.split_minmax_kernel[grid](
+        x, hl, nsets, nchunks, ch, *mwalk, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM
+    )
     _kernels.split_moments_kernel[grid](
         x, hl, pm, nsets, nchunks, ch, *mwalk, bound, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM, BJ=BJ
     )
     _kernels.split_apply_kernel[grid](
-        x, y, wt, bt, stats, hl, pm, nsets, nchunks, ch, *walk, float(eps), bound,
-        HAS_W=w is not None, HAS_B=b is not None, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM, BJ=BJ,
+        x,
+        y,
+        wt,
+        bt,
+        stats,
+        hl,
+        pm,
+        nsets,
+        nchunks,
+        ch,
+        *walk,
+        float(eps),
+        bound,
+        HAS_W=w is not None,
+        HAS_B=b is not None,
+        SPLIT_C=split_c,
+        ACC=tacc,
+        BC=BC,
+        BM=BM,
+        BJ=BJ,
     )
     return y, stats
 
@@ -214,21 +253,68 @@ def backward(
     wt = w if w is not None else x
     if nchunks == 1:
         _kernels.norm_bwd_kernel[(nsets,)](
-            dy, x, wt, stats, dx if dx is not None else x,
-            pw if pw is not None else stats, pb if pb is not None else stats, x, x, x, x, x, x, nsets, *walk,
-            HAS_W=w is not None, NEED_DX=need_x, NEED_P=need_p, ACC=tacc, BC=BC, BM=BM,
+            dy,
+            x,
+            wt,
+            stats,
+            dx if dx is not None else x,
+            pw if pw is not None else stats,
+            pb if pb is not None else stats,
+            x,
+            x,
+            x,
+            x,
+            x,
+            x,
+            nsets,
+            *walk,
+            HAS_W=w is not None,
+            NEED_DX=need_x,
+            NEED_P=need_p,
+            ACC=tacc,
+            BC=BC,
+            BM=BM,
         )
     else:
         grid = (nsets, nchunks)
         pa = torch.empty((2, nsets, nchunks), dtype=acc, device=x.device)
         _kernels.split_bwd_sums_kernel[grid](
-            dy, x, wt, stats, pa, pw if pw is not None else stats, pb if pb is not None else stats,
-            nsets, nchunks, ch, *walk, HAS_W=w is not None, NEED_P=need_p, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM,
+            dy,
+            x,
+            wt,
+            stats,
+            pa,
+            pw if pw is not None else stats,
+            pb if pb is not None else stats,
+            nsets,
+            nchunks,
+            ch,
+            *walk,
+            HAS_W=w is not None,
+            NEED_P=need_p,
+            SPLIT_C=split_c,
+            ACC=tacc,
+            BC=BC,
+            BM=BM,
         )
         if dx is not None:
             _kernels.split_bwd_dx_kernel[grid](
-                dy, x, wt, stats, pa, dx, nsets, nchunks, ch, *walk,
-                HAS_W=w is not None, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM, BJ=next_power_of_2(nchunks),
+                dy,
+                x,
+                wt,
+                stats,
+                pa,
+                dx,
+                nsets,
+                nchunks,
+                ch,
+                *walk,
+                HAS_W=w is not None,
+                SPLIT_C=split_c,
+                ACC=tacc,
+                BC=BC,
+                BM=BM,
+                BJ=next_power_of_2(nchunks),
             )
     if pw is None or pb is None:
         return dx, None, None
@@ -303,14 +389,33 @@ def proxy_act_forward(
     vec.append(torch.full((1,), float(slope), dtype=acc, device=y.device))
     out = torch.empty_like(y)
     _kernels.proxy_act_fwd_kernel[(cdiv(C, BCC), nchunks)](
-        y, *vec, out, C, E, E2, s_c, s_e1, s_e2, ch,
-        ACT=_ACTS.index(act), ACC=_acc(m)[1], BCC=BCC, BE=BE,
+        y,
+        *vec,
+        out,
+        C,
+        E,
+        E2,
+        s_c,
+        s_e1,
+        s_e2,
+        ch,
+        ACT=_ACTS.index(act),
+        ACC=_acc(m)[1],
+        BCC=BCC,
+        BE=BE,
     )
     return out
 
 
 def proxy_act_backward(
-    dout: Tensor, y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float,
+    dout: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    m: Tensor,
+    rstd: Tensor,
+    act: str,
+    slope: float,
     needs: list[bool],
 ) -> tuple[Tensor | None, ...] | None:
     """``(dy, dweight, dbias, dm, drstd)`` of :func:`proxy_act_forward` (``None`` where not needed),
@@ -334,8 +439,24 @@ def proxy_act_backward(
     dy = torch.empty_like(y) if needs[0] else None
     part = torch.empty((4, C, nchunks), dtype=acc, device=y.device)
     _kernels.proxy_act_bwd_kernel[(cdiv(C, BCC), nchunks)](
-        dout, y, *vec, dy if dy is not None else y, part, C, E, E2, s_c, s_e1, s_e2, ch, nchunks,
-        NEED_DY=dy is not None, ACT=_ACTS.index(act), ACC=_acc(m)[1], BCC=BCC, BE=BE,
+        dout,
+        y,
+        *vec,
+        dy if dy is not None else y,
+        part,
+        C,
+        E,
+        E2,
+        s_c,
+        s_e1,
+        s_e2,
+        ch,
+        nchunks,
+        NEED_DY=dy is not None,
+        ACT=_ACTS.index(act),
+        ACC=_acc(m)[1],
+        BCC=BCC,
+        BE=BE,
     )
     sums = part.sum(2)
     return (
@@ -375,8 +496,25 @@ def gn_proxy_forward(
     stats = torch.empty((core.STAT_ROWS, p.N, p.G), dtype=acc, device=x.device)
     bound = 1022.0 if acc == torch.float64 else 126.0
     _kernels.norm_fwd_kernel[(nsets,)](
-        x, out, vec[0], vec[1], stats, vec[2], vec[3], vec[4], nsets, *walk, float(eps), bound,
-        HAS_W=True, HAS_B=True, ACC=tacc, BC=BC, BM=BM, PN=True, ACT=_ACTS.index(act),
+        x,
+        out,
+        vec[0],
+        vec[1],
+        stats,
+        vec[2],
+        vec[3],
+        vec[4],
+        nsets,
+        *walk,
+        float(eps),
+        bound,
+        HAS_W=True,
+        HAS_B=True,
+        ACC=tacc,
+        BC=BC,
+        BM=BM,
+        PN=True,
+        ACT=_ACTS.index(act),
     )
     return out, stats
 
@@ -399,9 +537,29 @@ def gn_proxy_backward(
     dx = torch.empty_like(x) if need_x else None
     part = torch.empty((4, nsets, NC), dtype=acc, device=x.device)
     _kernels.norm_bwd_kernel[(nsets,)](
-        dout, x, vec[0], stats, dx if dx is not None else x, part[0], part[1], vec[1], vec[2], vec[3], vec[4],
-        part[2], part[3], nsets, *walk,
-        HAS_W=True, NEED_DX=need_x, NEED_P=True, ACC=tacc, BC=BC, BM=BM, PN=True, ACT=_ACTS.index(act),
+        dout,
+        x,
+        vec[0],
+        stats,
+        dx if dx is not None else x,
+        part[0],
+        part[1],
+        vec[1],
+        vec[2],
+        vec[3],
+        vec[4],
+        part[2],
+        part[3],
+        nsets,
+        *walk,
+        HAS_W=True,
+        NEED_DX=need_x,
+        NEED_P=True,
+        ACC=tacc,
+        BC=BC,
+        BM=BM,
+        PN=True,
+        ACT=_ACTS.index(act),
     )
     sums = part.view(4, p.N, p.C).sum(1)  # per (sample, channel) -> per channel
     return dx, sums[0], sums[1], sums[2], sums[3]
@@ -432,14 +590,28 @@ class _GNProxy(torch.autograd.Function):
     parameters through its graph)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor, m: Tensor, r: Tensor, p: Plan, G: int, eps: float, act: str, slope: float) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        m: Tensor,
+        r: Tensor,
+        p: Plan,
+        G: int,
+        eps: float,
+        act: str,
+        slope: float,
+    ) -> Tensor:  # type: ignore[override]
         acc = _acc(x)[0]
         vec = [t.detach().to(acc).contiguous() for t in (w, b, m, r)]
         vec.append(torch.full((1,), float(slope), dtype=acc, device=x.device))
         got = gn_proxy_forward(x, p, eps, vec, act)
         assert got is not None  # (the caller checked that it applies)
         out, stats = got
-        ctx.save_for_backward(x, stats, w, b, m, r, *vec)  # (the originals: a double backward differentiates them)
+        ctx.save_for_backward(
+            x, stats, w, b, m, r, *vec
+        )  # (the originals: a double backward differentiates them)
         ctx.p, ctx.G, ctx.eps, ctx.act, ctx.slope = p, G, eps, act, slope
         ctx.dtypes = (w.dtype, b.dtype)
         return out
@@ -449,9 +621,9 @@ class _GNProxy(torch.autograd.Function):
         x, stats, w0, b0, m0, r0, w, b, m, r, sl = ctx.saved_tensors
         if torch.is_grad_enabled() or type(dout) is not Tensor or not torch._C._has_storage(dout):
             # create_graph=True (or batched gradients): differentiate the composite of reference ops
-            from ...ops.proxy import proxy_act_composite
             from ...functional.activations import get_activation
             from ...functional.group_norm import group_norm
+            from ...ops.proxy import proxy_act_composite
             from .. import use
 
             with torch.enable_grad(), use("reference"):
@@ -459,17 +631,29 @@ class _GNProxy(torch.autograd.Function):
                 act = get_activation(ctx.act if ctx.act != "leaky_relu" else torch.nn.LeakyReLU(ctx.slope))
                 y = group_norm(ins[0], ctx.G, None, None, ctx.eps)
                 out = proxy_act_composite(y, *ins[1:], act)
-                grads = torch.autograd.grad(out, ins, dout, create_graph=torch.is_grad_enabled(), allow_unused=True)
+                grads = torch.autograd.grad(
+                    out, ins, dout, create_graph=torch.is_grad_enabled(), allow_unused=True
+                )
             return (*grads, None, None, None, None, None)
         if dout.dtype != x.dtype or dout.stride() != x.stride():
             dout = torch.empty_like(x).copy_(dout)
-        dx, sw, sb, sg, sz = gn_proxy_backward(dout, x, stats, ctx.p, [w, b, m, r, sl], ctx.act, ctx.needs_input_grad[0])
+        dx, sw, sb, sg, sz = gn_proxy_backward(
+            dout, x, stats, ctx.p, [w, b, m, r, sl], ctx.act, ctx.needs_input_grad[0]
+        )
         return dx, sw.to(ctx.dtypes[0]), sb.to(ctx.dtypes[1]), -(sg * r), sz, None, None, None, None, None
 
 
 def gn_proxy_act(
-    x: Tensor, groups: int, eps: float, weight: Tensor, bias: Tensor, proxy_bias: Tensor, proxy_weight: Tensor,
-    points: Tensor, activation: Any, proxy_eps: float,
+    x: Tensor,
+    groups: int,
+    eps: float,
+    weight: Tensor,
+    bias: Tensor,
+    proxy_bias: Tensor,
+    proxy_weight: Tensor,
+    points: Tensor,
+    activation: Any,
+    proxy_eps: float,
 ) -> Tensor | None:
     """:class:`~normkit.nn.GroupNormProxyAct2d`'s step on the Triton kernels: the proxy statistics
     (plain ops, C x 200 values), then GroupNorm and the activation step fused in one kernel each way;

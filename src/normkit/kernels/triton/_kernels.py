@@ -37,9 +37,34 @@ def _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC: tl.constexpr
 
 @triton.jit
 def norm_fwd_kernel(
-    X, Y, W, B, ST, MU, R, SL, nsets, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK, eps, exp_bound,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
-    PN: tl.constexpr = False, ACT: tl.constexpr = 7,
+    X,
+    Y,
+    W,
+    B,
+    ST,
+    MU,
+    R,
+    SL,
+    nsets,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    CK,
+    eps,
+    exp_bound,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
+    PN: tl.constexpr = False,
+    ACT: tl.constexpr = 7,
 ):
     k = tl.program_id(0)
     n = (NC * M).to(ACC)
@@ -119,9 +144,38 @@ def _pn_grad(dout, xh, ci, cbase, NC, W, B, MU, R, slope, ACC: tl.constexpr, ACT
 
 @triton.jit
 def norm_bwd_kernel(
-    DY, X, W, ST, DX, PW, PB, B, MU, R, SL, PG, PZ, nsets, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK,
-    HAS_W: tl.constexpr, NEED_DX: tl.constexpr, NEED_P: tl.constexpr, ACC: tl.constexpr,
-    BC: tl.constexpr, BM: tl.constexpr, PN: tl.constexpr = False, ACT: tl.constexpr = 7,
+    DY,
+    X,
+    W,
+    ST,
+    DX,
+    PW,
+    PB,
+    B,
+    MU,
+    R,
+    SL,
+    PG,
+    PZ,
+    nsets,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    CK,
+    HAS_W: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    NEED_P: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
+    PN: tl.constexpr = False,
+    ACT: tl.constexpr = 7,
 ):
     # With PN, DY is the gradient of Proxy Norm's step that followed the affine (W, B): it is taken
     # back to the affine output first, and each channel also sums it (PG) and it times z - m (PZ).
@@ -229,8 +283,24 @@ def _chunk(jc, CH, NC, M, SPLIT_C: tl.constexpr):
 
 @triton.jit
 def split_minmax_kernel(
-    X, HL, nsets, nchunks, CH, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2,
-    SPLIT_C: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+    X,
+    HL,
+    nsets,
+    nchunks,
+    CH,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    SPLIT_C: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
 ):
     k = tl.program_id(0)
     jc = tl.program_id(1)
@@ -250,8 +320,27 @@ def split_minmax_kernel(
 
 @triton.jit
 def split_moments_kernel(
-    X, HL, PM, nsets, nchunks, CH, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, exp_bound,
-    SPLIT_C: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr,
+    X,
+    HL,
+    PM,
+    nsets,
+    nchunks,
+    CH,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    exp_bound,
+    SPLIT_C: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
+    BJ: tl.constexpr,
 ):
     k = tl.program_id(0)
     jc = tl.program_id(1)
@@ -280,8 +369,34 @@ def split_moments_kernel(
 
 @triton.jit
 def split_apply_kernel(
-    X, Y, W, B, ST, HL, PM, nsets, nchunks, CH, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK, eps, exp_bound,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SPLIT_C: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+    X,
+    Y,
+    W,
+    B,
+    ST,
+    HL,
+    PM,
+    nsets,
+    nchunks,
+    CH,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    CK,
+    eps,
+    exp_bound,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    SPLIT_C: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
     BJ: tl.constexpr,
 ):
     k = tl.program_id(0)
@@ -324,8 +439,32 @@ def split_apply_kernel(
 
 @triton.jit
 def split_bwd_sums_kernel(
-    DY, X, W, ST, PA, PW, PB, nsets, nchunks, CH, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK,
-    HAS_W: tl.constexpr, NEED_P: tl.constexpr, SPLIT_C: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+    DY,
+    X,
+    W,
+    ST,
+    PA,
+    PW,
+    PB,
+    nsets,
+    nchunks,
+    CH,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    CK,
+    HAS_W: tl.constexpr,
+    NEED_P: tl.constexpr,
+    SPLIT_C: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
 ):
     k = tl.program_id(0)
     jc = tl.program_id(1)
@@ -364,8 +503,31 @@ def split_bwd_sums_kernel(
 
 @triton.jit
 def split_bwd_dx_kernel(
-    DY, X, W, ST, PA, DX, nsets, nchunks, CH, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK,
-    HAS_W: tl.constexpr, SPLIT_C: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr,
+    DY,
+    X,
+    W,
+    ST,
+    PA,
+    DX,
+    nsets,
+    nchunks,
+    CH,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    CK,
+    HAS_W: tl.constexpr,
+    SPLIT_C: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
+    BJ: tl.constexpr,
 ):
     k = tl.program_id(0)
     jc = tl.program_id(1)
@@ -466,8 +628,24 @@ def _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC: tl.constexpr, BE: tl.
 
 @triton.jit
 def proxy_act_fwd_kernel(
-    Yn, W, B, MU, R, SL, OUT, C, E, E2, s_c, s_e1, s_e2, CH,
-    ACT: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
+    Yn,
+    W,
+    B,
+    MU,
+    R,
+    SL,
+    OUT,
+    C,
+    E,
+    E2,
+    s_c,
+    s_e1,
+    s_e2,
+    CH,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    BCC: tl.constexpr,
+    BE: tl.constexpr,
 ):
     slope = tl.load(SL).to(ACC)
     c0 = tl.program_id(0) * BCC
@@ -488,8 +666,28 @@ def proxy_act_fwd_kernel(
 
 @triton.jit
 def proxy_act_bwd_kernel(
-    DOUT, Yn, W, B, MU, R, SL, DY, P, C, E, E2, s_c, s_e1, s_e2, CH, nchunks,
-    NEED_DY: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
+    DOUT,
+    Yn,
+    W,
+    B,
+    MU,
+    R,
+    SL,
+    DY,
+    P,
+    C,
+    E,
+    E2,
+    s_c,
+    s_e1,
+    s_e2,
+    CH,
+    nchunks,
+    NEED_DY: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    BCC: tl.constexpr,
+    BE: tl.constexpr,
 ):
     slope = tl.load(SL).to(ACC)
     c0 = tl.program_id(0) * BCC

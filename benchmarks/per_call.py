@@ -77,14 +77,14 @@ def main() -> None:
     for name, fo_call, ft_call in functional:
         ps = [x, w, b] if "layer_norm over" not in name else [x]
         fo, ft = _best_us(fo_call, 5000), _best_us(ft_call, 5000)
-        go = _best_us(lambda: torch.autograd.grad(fo_call(), ps, dy), 2000)
-        gt = _best_us(lambda: torch.autograd.grad(ft_call(), ps, dy), 2000)
+        go = _best_us(lambda f=fo_call, ps=ps: torch.autograd.grad(f(), ps, dy), 2000)
+        gt = _best_us(lambda f=ft_call, ps=ps: torch.autograd.grad(f(), ps, dy), 2000)
         print(f"| {name} | {fo:.1f} / {ft:.1f} | {fo / ft:.2f} | {go:.1f} / {gt:.1f} | {go / gt:.2f} |")
     for name, ours, theirs in pairs:
         po, pt = [x, *ours.parameters()], [x, *theirs.parameters()]
-        fo, ft = _best_us(lambda: ours(x), 5000), _best_us(lambda: theirs(x), 5000)
-        go = _best_us(lambda: torch.autograd.grad(ours(x), po, dy), 2000)
-        gt = _best_us(lambda: torch.autograd.grad(theirs(x), pt, dy), 2000)
+        fo, ft = _best_us(lambda m=ours: m(x), 5000), _best_us(lambda m=theirs: m(x), 5000)
+        go = _best_us(lambda m=ours, ps=po: torch.autograd.grad(m(x), ps, dy), 2000)
+        gt = _best_us(lambda m=theirs, ps=pt: torch.autograd.grad(m(x), ps, dy), 2000)
         print(f"| {name} | {fo:.1f} / {ft:.1f} | {fo / ft:.2f} | {go:.1f} / {gt:.1f} | {go / gt:.2f} |")
 
 

@@ -50,7 +50,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as TF
@@ -391,7 +391,7 @@ def _op_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
             key = (tuple(shape), layout, dtype)
             if key not in copies:
                 y = torch.empty_like(x)
-                copies[key] = _time(lambda: y.copy_(x), cfg.min_time)
+                copies[key] = _time(lambda y=y, x=x: y.copy_(x), cfg.min_time)
             fns: dict[str, Op] = {}
             for prov in providers:
                 if prov == "native":
@@ -608,7 +608,7 @@ def _e2e_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
                 for label, (kind, provider) in variants.items():
                     model = case.build(kind).to(cfg.device)
                     if mode == "compiled":
-                        model = torch.compile(model)  # type: ignore[assignment]
+                        model = cast(nn.Module, torch.compile(model))  # (an OptimizedModule)
                     step = _step(model, x, y)
                     with _backend(provider):
                         t0 = time.perf_counter()
@@ -654,7 +654,7 @@ def _table(head: list[str], left: int, rows: list[list[str]]) -> list[str]:
 
 
 def format_markdown(data: dict[str, Any]) -> str:
-    """The Markdown report of :func:`run_bench`'s ``data`` (a header, the op table, the training-step table)."""
+    """The Markdown of :func:`run_bench`'s ``data``: a header, the op table, the training-step table."""
     pin = "pinned" if data.get("allocator_pinned") else "not pinned (fresh outputs may pay page faults)"
     device = data.get("device", "cpu")
     where = f"{data['threads']} threads, allocator {pin}" if device == "cpu" else device
@@ -676,7 +676,8 @@ def format_markdown(data: dict[str, Any]) -> str:
             "",
             "Effective GB/s = bytes an ideal kernel moves / time: fwd = 2 x tensor bytes (read x, write y), "
             "fwd+bwd = 5 x tensor bytes (+ read dy, read x, write dx); parameters and statistics ignored. "
-            "fwd+bwd = forward + `torch.autograd.grad` w.r.t. (x, weight, bias). copy = `y.copy_(x)` of the same size.",
+            "fwd+bwd = forward + `torch.autograd.grad` w.r.t. (x, weight, bias). "
+            "copy = `y.copy_(x)` of the same size.",
             "",
         ]
         head = [
@@ -841,7 +842,7 @@ def pin_allocator(argv: list[str]) -> None:
 
 
 def main_from_args(args: argparse.Namespace, extra_providers: dict[str, Any] | None = None) -> int:
-    """Run ``normkit bench`` for parsed options: Markdown on stdout, ``--md`` / ``--json`` files; exit status."""
+    """Run ``normkit bench`` for parsed options: Markdown on stdout, ``--md`` / ``--json``; exit code."""
     cfg = config_from_args(args)
     cfg.extra_providers = dict(extra_providers or {})
     md, data = run_bench(cfg)

@@ -447,7 +447,7 @@ def test_fused_group_norm_proxy_matches_the_reference_layer(act, groups, layout,
             assert yt.is_contiguous(memory_format=torch.channels_last)
         _close(yt.detach().cpu(), yr.detach(), tol)
         _close(xt.grad.cpu(), xr.grad, gtol)
-        for (name, pt), pr in zip(lt.named_parameters(), ref_layer.parameters()):
+        for pt, pr in zip(lt.parameters(), ref_layer.parameters()):
             _close(pt.grad.cpu(), pr.grad, gtol)
     assert ran_fused == {"gn_proxy_forward": 2, "gn_proxy_backward": 2}, ran_fused
 

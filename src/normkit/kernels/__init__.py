@@ -16,10 +16,10 @@ a backend per call:
   dominate) reruns on the reference's scaled path.
 * ``"native"``: torch's own ATen kernels (``native_batch_norm``, ``native_layer_norm``,
   ``native_group_norm`` and their backwards) for the patterns they compute identically (BatchNorm's
-  statistics, LayerNorm over trailing dims or over C, GroupNorm / InstanceNorm on a contiguous input, see
-  :mod:`normkit.kernels._native`; outputs in the input's layout), the reference for everything else. For comparisons: on this
-  project's CPUs the fused kernels are at least as fast on every fp32 path, so ``"auto"`` never
-  picks it.
+  statistics, LayerNorm over trailing dims or over C, GroupNorm / InstanceNorm on a contiguous
+  input, see :mod:`normkit.kernels._native`; outputs in the input's layout), the reference for
+  everything else. For comparisons: on this project's CPUs the fused kernels are at least as fast
+  on every fp32 path, so ``"auto"`` never picks it.
 * ``"triton"``: normkit's Triton kernels (:mod:`normkit.kernels.triton`, the optional ``triton``
   extra) for CUDA tensors, every pattern the CPU kernels cover, saving the reference's statistics
   (the scaled two-pass: exact for every finite input, no host sync). With ``TRITON_INTERPRET=1``,
@@ -49,6 +49,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.utils._python_dispatch  # (a submodule torch does not import as an attribute for checkers)
 from torch import Tensor
 
 from ..ops import core
@@ -89,13 +90,15 @@ if _default not in BACKENDS:
 
 
 def current() -> str:
-    """The backend chosen for this thread (``"auto"`` unless :func:`use` or ``NORMKIT_BACKEND`` say otherwise)."""
+    """The backend chosen for this thread (``"auto"`` unless :func:`use` or ``NORMKIT_BACKEND`` says so)."""
     return _local.backend or _default
 
 
 @contextlib.contextmanager
 def use(backend: str) -> Iterator[None]:
-    """Run the norms inside the ``with`` block on ``backend`` (``"auto"``, ``"reference"``, ``"cpu"``, ``"native"``, ``"triton"``).
+    """Run the norms inside the ``with`` block on ``backend``.
+
+    ``backend``: ``"auto"``, ``"reference"``, ``"cpu"``, ``"native"`` or ``"triton"``.
 
     ``"cpu"`` builds the fused kernels if needed and raises :class:`RuntimeError` when they cannot
     be built; calls they do not cover still run on the reference.
@@ -130,8 +133,8 @@ def use(backend: str) -> Iterator[None]:
 
 
 def available() -> list[str]:
-    """The backends that can run here: ``"reference"`` and ``"native"`` always, ``"cpu"`` once built (or buildable),
-    ``"triton"`` with triton installed and a GPU (or Triton's interpreter).
+    """The backends that can run here: ``"reference"`` and ``"native"`` always, ``"cpu"`` once
+    built (or buildable), ``"triton"`` with triton installed and a GPU (or Triton's interpreter).
 
     Example:
         >>> {"auto", "reference", "native"} <= set(normkit.kernels.available())
@@ -408,11 +411,13 @@ def status() -> str:
         p = plan(x, dims, w, w)
         if current() == "native":
             pat = _native._pattern(x, tuple(dims), w, w)
-            where = (
-                f"ATen {('native_batch_norm', 'native_layer_norm', 'native_layer_norm (movedim)', 'native_group_norm')[pat[0]]}"
-                if pat
-                else "reference"
+            aten = (
+                "native_batch_norm",
+                "native_layer_norm",
+                "native_layer_norm (movedim)",
+                "native_group_norm",
             )
+            where = f"ATen {aten[pat[0]]}" if pat else "reference"
         elif p is None:
             where = "reference"
         elif current() == "reference":
@@ -427,7 +432,8 @@ def status() -> str:
     tri = "installed" if _triton.available() else f"not available ({_triton.why_not()})"
     lines.append(f"Triton kernels (CUDA tensors): {tri}")
     lines.append(
-        "  any norm with a mask or under torch.func: reference; on CUDA: triton when installed, else reference"
+        "  any norm with a mask or under torch.func: reference; "
+        "on CUDA: triton when installed, else reference"
     )
     return "\n".join(lines)
 

@@ -76,6 +76,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _kern() -> Any:
+    """The kernels module, untyped: Triton's ``kernel[grid](...)`` launch is not a call a static
+    checker can match to the kernel's ``tl.constexpr`` signature."""
+    from . import _kernels
+
+    return _kernels
+
+
 def _walk(p: Plan) -> tuple[int, tuple[int, ...]]:
     """``nsets`` and ``(NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK)`` of a plan (see ``_kernels.py``)."""
     N, C, S, G = p.N, p.C, p.S, p.G
@@ -156,7 +164,7 @@ def forward(
     """
     from triton import next_power_of_2
 
-    from . import _kernels
+    _kernels = _kern()
 
     acc, tacc = _acc(x)
     nsets, walk = _walk(p)
@@ -238,7 +246,7 @@ def backward(
     """
     from triton import next_power_of_2
 
-    from . import _kernels
+    _kernels = _kern()
 
     acc, tacc = _acc(x)
     nsets, walk = _walk(p)
@@ -380,7 +388,7 @@ def proxy_act_forward(
         return None
     from triton import cdiv
 
-    from . import _kernels
+    _kernels = _kern()
 
     C, E, E2, s_c, s_e1, s_e2, BCC, BE = walk
     nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, y.device)
@@ -422,14 +430,14 @@ def proxy_act_backward(
     or ``None`` where the layout is not covered; ``dout`` must share ``y``'s strides and dtype.
 
     Example:
-        >>> dy, dw, db, dm, dr = proxy_act_backward(g, y, w, b, m, r, "relu", 0.0, [True] * 5)  # doctest: +SKIP
+        >>> got = proxy_act_backward(g, y, w, b, m, r, "relu", 0.0, [True] * 5)  # doctest: +SKIP
     """
     walk = _ce_walk(y) if act in _ACTS and dout.stride() == y.stride() and dout.dtype == y.dtype else None
     if walk is None:
         return None
     from triton import cdiv
 
-    from . import _kernels
+    _kernels = _kern()
 
     C, E, E2, s_c, s_e1, s_e2, BCC, BE = walk
     nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, y.device)
@@ -489,7 +497,7 @@ def gn_proxy_forward(
     BC, BM = _blocks(NC, M)
     if _chunking(nsets, NC, M, BC, BM, x.device)[0] != 1:
         return None
-    from . import _kernels
+    _kernels = _kern()
 
     acc, tacc = _acc(x)
     out = torch.empty_like(x)
@@ -526,9 +534,10 @@ def gn_proxy_backward(
     (``dm = -rstd * sum dout``, ``drstd`` the last), recomputing ``y`` from ``x`` and the statistics.
 
     Example:
-        >>> dx, dw, db, sg, sz = gn_proxy_backward(g, x, stats, p, [w, b, m, r, slope], "relu", True)  # doctest: +SKIP
+        >>> vec = [w, b, m, r, slope]  # doctest: +SKIP
+        >>> dx, dw, db, sg, sz = gn_proxy_backward(g, x, stats, p, vec, "relu", True)  # doctest: +SKIP
     """
-    from . import _kernels
+    _kernels = _kern()
 
     acc, tacc = _acc(x)
     nsets, walk = _walk(p)
@@ -630,7 +639,7 @@ class _GNProxy(torch.autograd.Function):
                 ins = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, w0, b0, m0, r0)]
                 act = get_activation(ctx.act if ctx.act != "leaky_relu" else torch.nn.LeakyReLU(ctx.slope))
                 y = group_norm(ins[0], ctx.G, None, None, ctx.eps)
-                out = proxy_act_composite(y, *ins[1:], act)
+                out = proxy_act_composite(y, ins[1], ins[2], ins[3], ins[4], act)
                 grads = torch.autograd.grad(
                     out, ins, dout, create_graph=torch.is_grad_enabled(), allow_unused=True
                 )

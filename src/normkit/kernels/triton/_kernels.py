@@ -78,10 +78,10 @@ def norm_fwd_kernel(
             hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
             lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
     h = tl.max(tl.max(hi, axis=1), axis=0)
-    l = tl.min(tl.min(lo, axis=1), axis=0)
-    half = h * 0.5 - l * 0.5
-    mid = h * 0.5 + l * 0.5
-    est = tl.maximum(half, tl.maximum(tl.abs(h), tl.abs(l)) * 7.888609052210118e-31)  # 2^-100
+    lw = tl.min(tl.min(lo, axis=1), axis=0)
+    half = h * 0.5 - lw * 0.5
+    mid = h * 0.5 + lw * 0.5
+    est = tl.maximum(half, tl.maximum(tl.abs(h), tl.abs(lw)) * 7.888609052210118e-31)  # 2^-100
     e = tl.minimum(tl.maximum(tl.floor(tl.log2(est)) + 1.0, -exp_bound), exp_bound)
     inv = tl.exp2(-e)
     # 2. mean of the scaled values, 3. their centred second moment
@@ -244,10 +244,10 @@ def norm_bwd_kernel(
 # --- split reduction: a set cut into chunks of positions, one program per (set, chunk) -------------
 #
 # Chunks are runs of positions, or of channels where a set has more channels than positions (LN
-# over (C, H, W) with an elementwise affine). Used where there are too few sets to fill the GPU (BatchNorm: one set per channel; GN / LN on a
-# small batch). Three launches forward (each chunk's max / min; each chunk's count, mean and centred
-# second moment of the scaled values; the output, after combining the chunks' moments with Chan's
-# formula), two backward (each chunk's sums; dx). Every program recomputes the set's shift and scale
+# over (C, H, W) with an elementwise affine). Used where there are too few sets to fill the GPU
+# (BatchNorm: one set per channel; GN / LN on a small batch). Three launches forward (each chunk's
+# max / min; each chunk's count, mean and centred second moment of the scaled values; the output,
+# after combining the chunks' moments with Chan's formula), two backward (each chunk's sums; dx). Every program recomputes the set's shift and scale
 # from the chunks' max / min with the same instructions, so all of them agree bit for bit.
 
 
@@ -257,10 +257,10 @@ def _set_scale(HL, k, nsets, nchunks, exp_bound, ACC: tl.constexpr, BJ: tl.const
     jm = j < nchunks
     row = k.to(tl.int64) * nchunks + j
     h = tl.max(tl.load(HL + row, mask=jm, other=float("-inf")), axis=0)
-    l = tl.min(tl.load(HL + nsets * nchunks + row, mask=jm, other=float("inf")), axis=0)
-    half = h * 0.5 - l * 0.5
-    mid = h * 0.5 + l * 0.5
-    est = tl.maximum(half, tl.maximum(tl.abs(h), tl.abs(l)) * 7.888609052210118e-31)  # 2^-100
+    lw = tl.min(tl.load(HL + nsets * nchunks + row, mask=jm, other=float("inf")), axis=0)
+    half = h * 0.5 - lw * 0.5
+    mid = h * 0.5 + lw * 0.5
+    est = tl.maximum(half, tl.maximum(tl.abs(h), tl.abs(lw)) * 7.888609052210118e-31)  # 2^-100
     e = tl.minimum(tl.maximum(tl.floor(tl.log2(est)) + 1.0, -exp_bound), exp_bound)
     return mid, tl.exp2(-e)
 
@@ -561,8 +561,9 @@ def split_bwd_dx_kernel(
 #
 # The tensor is walked as a (C, E) matrix, E = N * positions: element (c, e) lies at c * s_c +
 # (e // E2) * s_e1 + (e % E2) * s_e2 (NCHW: s_c = S, E2 = S; channels last: s_c = 1, E2 = 1), one
-# program per block of channels and chunk of E (``SL`` holds leaky_relu's slope in the accumulation dtype). The backward recomputes ``a = w * y + b`` and writes
-# each program's per-channel sums; the launcher adds the chunks.
+# program per block of channels and chunk of E (``SL`` holds leaky_relu's slope in the accumulation
+# dtype). The backward recomputes ``a = w * y + b`` and writes each program's per-channel sums; the
+# launcher adds the chunks.
 # Activation codes: 0 relu, 1 leaky_relu, 2 silu, 3 gelu, 4 gelu_tanh, 5 sigmoid, 6 tanh, 7 identity.
 
 

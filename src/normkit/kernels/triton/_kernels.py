@@ -247,8 +247,9 @@ def norm_bwd_kernel(
 # over (C, H, W) with an elementwise affine). Used where there are too few sets to fill the GPU
 # (BatchNorm: one set per channel; GN / LN on a small batch). Three launches forward (each chunk's
 # max / min; each chunk's count, mean and centred second moment of the scaled values; the output,
-# after combining the chunks' moments with Chan's formula), two backward (each chunk's sums; dx). Every program recomputes the set's shift and scale
-# from the chunks' max / min with the same instructions, so all of them agree bit for bit.
+# after combining the chunks' moments with Chan's formula), two backward (each chunk's sums; dx).
+# Every program recomputes the set's shift and scale from the chunks' max / min with the same
+# instructions, so all of them agree bit for bit.
 
 
 @triton.jit

@@ -36,6 +36,44 @@ def _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC: tl.constexpr
 
 
 @triton.jit
+def _shift_scale(h, lw, exp_bound):
+    """The mid-range shift and the power-of-two scale of a set with max ``h`` and min ``lw``."""
+    half = h * 0.5 - lw * 0.5
+    est = tl.maximum(half, tl.maximum(tl.abs(h), tl.abs(lw)) * 7.888609052210118e-31)  # 2^-100
+    e = tl.minimum(tl.maximum(tl.floor(tl.log2(est)) + 1.0, -exp_bound), exp_bound)
+    return h * 0.5 + lw * 0.5, tl.exp2(-e)
+
+
+@triton.jit
+def _rstd(var, inv, eps):
+    """rstd of the scaled values, 1 / sqrt(var + eps * inv^2) = 2^e / sqrt(var_true + eps), written
+    so that neither form overflows (inv^2 does for sets of tiny values): each side clamps its factor."""
+    a = tl.minimum(inv, 1.0)
+    c = tl.minimum(1.0 / inv, 1.0)
+    return tl.where(inv <= 1.0, 1.0 / tl.sqrt(var + eps * a * a), c / tl.sqrt(var * c * c + eps))
+
+
+@triton.jit
+def _affine(y, W, B, idx, valid, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
+    """``y * W[idx] + B[idx]`` per row of the tile (either factor absent when not ``HAS_*``)."""
+    if HAS_W:
+        y = y * tl.load(W + idx, mask=valid, other=1.0).to(ACC)[:, None]
+    if HAS_B:
+        y = y + tl.load(B + idx, mask=valid, other=0.0).to(ACC)[:, None]
+    return y
+
+
+@triton.jit
+def _saved(ST, k, nsets, ACC: tl.constexpr):
+    """A set's shift, scale, mean of the scaled values and their rstd (the saved statistic rows)."""
+    shift = tl.load(ST + k).to(ACC)
+    inv = tl.load(ST + nsets + k).to(ACC)
+    cm = tl.load(ST + 2 * nsets + k).to(ACC)
+    rstd = tl.load(ST + 3 * nsets + k).to(ACC)
+    return shift, inv, cm, rstd
+
+
+@triton.jit
 def norm_fwd_kernel(
     X,
     Y,
@@ -77,13 +115,7 @@ def norm_fwd_kernel(
             x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
             hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
             lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
-    h = tl.max(tl.max(hi, axis=1), axis=0)
-    lw = tl.min(tl.min(lo, axis=1), axis=0)
-    half = h * 0.5 - lw * 0.5
-    mid = h * 0.5 + lw * 0.5
-    est = tl.maximum(half, tl.maximum(tl.abs(h), tl.abs(lw)) * 7.888609052210118e-31)  # 2^-100
-    e = tl.minimum(tl.maximum(tl.floor(tl.log2(est)) + 1.0, -exp_bound), exp_bound)
-    inv = tl.exp2(-e)
+    mid, inv = _shift_scale(tl.max(tl.max(hi, axis=1), axis=0), tl.min(tl.min(lo, axis=1), axis=0), exp_bound)
     # 2. mean of the scaled values, 3. their centred second moment
     acc = tl.zeros([BC, BM], ACC)
     for c0 in range(0, NC, BC):
@@ -100,22 +132,14 @@ def norm_fwd_kernel(
             d = tl.where(mask, (x - mid) * inv - cm, 0.0)
             acc += d * d
     var = tl.sum(tl.sum(acc, axis=1), axis=0) / n
-    # rstd of the scaled values, 1 / sqrt(var + eps * inv^2) = 2^e / sqrt(var_true + eps), written so
-    # that neither form overflows (inv^2 does for sets of tiny values): each side clamps its factor
-    a = tl.minimum(inv, 1.0)
-    c = tl.minimum(1.0 / inv, 1.0)
-    rstd = tl.where(inv <= 1.0, 1.0 / tl.sqrt(var + eps * a * a), c / tl.sqrt(var * c * c + eps))
+    rstd = _rstd(var, inv, eps)
     # 4. the output
     cbase = (k % D1) * CK
     for c0 in range(0, NC, BC):
         for m0 in range(0, M, BM):
             ci, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC, BM)
             x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-            y = ((x - mid) * inv - cm) * rstd
-            if HAS_W:
-                y = y * tl.load(W + cbase + ci, mask=ci < NC, other=1.0).to(ACC)[:, None]
-            if HAS_B:
-                y = y + tl.load(B + cbase + ci, mask=ci < NC, other=0.0).to(ACC)[:, None]
+            y = _affine(((x - mid) * inv - cm) * rstd, W, B, cbase + ci, ci < NC, HAS_W, HAS_B, ACC)
             if PN:  # Proxy Norm's step on the affine output: (act(y) - m) * rstd per channel
                 mu = tl.load(MU + cbase + ci, mask=ci < NC, other=0.0).to(ACC)[:, None]
                 r = tl.load(R + cbase + ci, mask=ci < NC, other=0.0).to(ACC)[:, None]
@@ -181,10 +205,7 @@ def norm_bwd_kernel(
     # back to the affine output first, and each channel also sums it (PG) and it times z - m (PZ).
     k = tl.program_id(0)
     n = (NC * M).to(ACC)
-    shift = tl.load(ST + k).to(ACC)
-    inv = tl.load(ST + nsets + k).to(ACC)
-    cm = tl.load(ST + 2 * nsets + k).to(ACC)
-    rstd = tl.load(ST + 3 * nsets + k).to(ACC)
+    shift, inv, cm, rstd = _saved(ST, k, nsets, ACC)
     cbase = (k % D1) * CK
     # 1. the set's sums of g = w * dy and g * x_hat; each channel's sums of dy * x_hat and dy
     a1 = tl.zeros([BC, BM], ACC)
@@ -207,9 +228,7 @@ def norm_bwd_kernel(
                 da, zm = _pn_grad(dy, xh, ci, cbase, NC, W, B, MU, R, slope, ACC, ACT)
                 pz += tl.sum(tl.where(mask, dy * zm, 0.0), axis=1)
                 dy = tl.where(mask, da, 0.0)
-            g = dy
-            if HAS_W:
-                g = dy * tl.load(W + cbase + ci, mask=ci < NC, other=1.0).to(ACC)[:, None]
+            g = _affine(dy, W, W, cbase + ci, ci < NC, HAS_W, False, ACC)
             a1 += g
             a2 += g * xh
             pw += tl.sum(dy * xh, axis=1)
@@ -234,9 +253,7 @@ def norm_bwd_kernel(
                 xh = ((x - shift) * inv - cm) * rstd
                 if PN:
                     dy, _ = _pn_grad(dy, xh, ci, cbase, NC, W, B, MU, R, slope, ACC, ACT)
-                g = dy
-                if HAS_W:
-                    g = dy * tl.load(W + cbase + ci, mask=ci < NC, other=1.0).to(ACC)[:, None]
+                g = _affine(dy, W, W, cbase + ci, ci < NC, HAS_W, False, ACC)
                 dx = rt * (g - mg - xh * mgx)
                 tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
 
@@ -259,11 +276,7 @@ def _set_scale(HL, k, nsets, nchunks, exp_bound, ACC: tl.constexpr, BJ: tl.const
     row = k.to(tl.int64) * nchunks + j
     h = tl.max(tl.load(HL + row, mask=jm, other=float("-inf")), axis=0)
     lw = tl.min(tl.load(HL + nsets * nchunks + row, mask=jm, other=float("inf")), axis=0)
-    half = h * 0.5 - lw * 0.5
-    mid = h * 0.5 + lw * 0.5
-    est = tl.maximum(half, tl.maximum(tl.abs(h), tl.abs(lw)) * 7.888609052210118e-31)  # 2^-100
-    e = tl.minimum(tl.maximum(tl.floor(tl.log2(est)) + 1.0, -exp_bound), exp_bound)
-    return mid, tl.exp2(-e)
+    return _shift_scale(h, lw, exp_bound)
 
 
 @triton.jit
@@ -415,19 +428,13 @@ def split_apply_kernel(
     cm = tl.sum(cnt * mb, axis=0) / n
     dm = mb - cm
     var = tl.sum(m2 + cnt * dm * dm, axis=0) / n
-    a = tl.minimum(inv, 1.0)
-    c = tl.minimum(1.0 / inv, 1.0)
-    rstd = tl.where(inv <= 1.0, 1.0 / tl.sqrt(var + eps * a * a), c / tl.sqrt(var * c * c + eps))
+    rstd = _rstd(var, inv, eps)
     cbase = (k % D1) * CK
     for c0 in range(c_lo, c_hi, BC):
         for m0 in range(lo_m, hi_m, BM):
             ci, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
             x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-            y = ((x - mid) * inv - cm) * rstd
-            if HAS_W:
-                y = y * tl.load(W + cbase + ci, mask=ci < c_hi, other=1.0).to(ACC)[:, None]
-            if HAS_B:
-                y = y + tl.load(B + cbase + ci, mask=ci < c_hi, other=0.0).to(ACC)[:, None]
+            y = _affine(((x - mid) * inv - cm) * rstd, W, B, cbase + ci, ci < c_hi, HAS_W, HAS_B, ACC)
             tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
     if jc == 0:
         tl.store(ST + k, mid)
@@ -470,10 +477,7 @@ def split_bwd_sums_kernel(
     k = tl.program_id(0)
     jc = tl.program_id(1)
     c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
-    shift = tl.load(ST + k).to(ACC)
-    inv = tl.load(ST + nsets + k).to(ACC)
-    cm = tl.load(ST + 2 * nsets + k).to(ACC)
-    rstd = tl.load(ST + 3 * nsets + k).to(ACC)
+    shift, inv, cm, rstd = _saved(ST, k, nsets, ACC)
     cbase = (k % D1) * CK
     a1 = tl.zeros([BC, BM], ACC)
     a2 = tl.zeros([BC, BM], ACC)
@@ -485,9 +489,7 @@ def split_bwd_sums_kernel(
             x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
             dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
             xh = tl.where(mask, ((x - shift) * inv - cm) * rstd, 0.0)
-            g = dy
-            if HAS_W:
-                g = dy * tl.load(W + cbase + ci, mask=ci < c_hi, other=1.0).to(ACC)[:, None]
+            g = _affine(dy, W, W, cbase + ci, ci < c_hi, HAS_W, False, ACC)
             a1 += g
             a2 += g * xh
             pw += tl.sum(dy * xh, axis=1)
@@ -533,10 +535,7 @@ def split_bwd_dx_kernel(
     k = tl.program_id(0)
     jc = tl.program_id(1)
     c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
-    shift = tl.load(ST + k).to(ACC)
-    inv = tl.load(ST + nsets + k).to(ACC)
-    cm = tl.load(ST + 2 * nsets + k).to(ACC)
-    rstd = tl.load(ST + 3 * nsets + k).to(ACC)
+    shift, inv, cm, rstd = _saved(ST, k, nsets, ACC)
     n = (NC * M).to(ACC)
     j = tl.arange(0, BJ)
     jm = j < nchunks
@@ -551,9 +550,7 @@ def split_bwd_dx_kernel(
             x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
             dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
             xh = ((x - shift) * inv - cm) * rstd
-            g = dy
-            if HAS_W:
-                g = dy * tl.load(W + cbase + ci, mask=ci < c_hi, other=1.0).to(ACC)[:, None]
+            g = _affine(dy, W, W, cbase + ci, ci < c_hi, HAS_W, False, ACC)
             dx = rt * (g - mg - xh * mgx)
             tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
 

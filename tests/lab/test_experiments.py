@@ -59,7 +59,7 @@ def test_compare_worker_processes_give_the_same_numbers(tmp_path: Path) -> None:
 def test_compare_rejects_bad_configs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown norm 'xn'"):
         run_compare(CompareConfig(norms=["xn"], out=str(tmp_path)))
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="--models must be one of cnn4-head, cnn4, resnet, got .vgg."):
         run_compare(CompareConfig(models=["vgg"], out=str(tmp_path)))
     assert not list(tmp_path.iterdir())  # nothing written for a rejected config
 

@@ -198,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"normkit {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting: a second Ctrl-C must not cut this short
         where = ""
         if isinstance(e, RunInterrupted) and e.path is not None:
             done = f"{e.done} of {e.total} trainings finished, " if e.total else ""

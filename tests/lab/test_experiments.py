@@ -119,3 +119,46 @@ def test_report_gathers_runs(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no runs"):
         write_report([], runs_root=tmp_path / "empty")
+
+
+def test_report_never_lets_an_unfinished_run_replace_a_finished_one(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from normkit.lab.records import RunRecord
+
+    done = _compare(tmp_path)
+    stubs = []
+    for status in ("interrupted", "failed", "running"):
+        rec = RunRecord.create(tmp_path, "compare", {"norms": ["bn"]})
+        if status != "running":
+            rec.set_status(status, **({"done": 2, "total": 18} if status == "interrupted" else {"error": "ValueError: x"}))
+        later = time.time() + 10 + len(stubs)
+        os.utime(rec.path / "config.json", (later, later))  # newer than the finished run
+        stubs.append(rec.path)
+    md, _ = write_report([], runs_root=tmp_path)
+    text = md.read_text()
+    assert f"## compare: {done.name}" in text and "E1 (i)" in text
+    assert all(s.name not in text for s in stubs) and "did not finish" not in text
+    md, _ = write_report([], runs_root=tmp_path, latest_only=False)
+    text = md.read_text()
+    assert f"## compare: {stubs[0].name} (interrupted)" in text and "2 of 18 trainings finished" in text
+    assert f"## compare: {stubs[1].name} (failed)" in text and "ValueError: x" in text
+    assert f"## compare: {stubs[2].name} (running)" in text
+    env = json.loads((done / "env.json").read_text())
+    assert f"CPU {env['cpu_model']}, {env['cpu_count']} cores" in text and f"numpy {env['numpy']}" in text
+
+
+def test_configs_check_and_deduplicate() -> None:
+    from normkit.lab.experiments._common import ConfigError
+
+    cfg = CompareConfig(norms=["BN", "bn", "gn:8"], batch_sizes=[8, 8, 2], seeds=[1, 1], out="/tmp").validate()
+    assert (cfg.norms, cfg.batch_sizes, cfg.seeds) == (["bn", "gn:8"], [8, 2], [1])
+    with pytest.raises(ConfigError, match="batch size 1 cannot train BN"):
+        CompareConfig(batch_sizes=[1], out="/tmp").validate()
+    with pytest.raises(ConfigError, match="--etas must be >= 1, got 0"):
+        LandscapeConfig(etas=0, out="/tmp").validate()
+    with pytest.raises(ConfigError, match="--lrs must be > 0, got 0"):
+        LRSweepConfig(lrs=[0.1, 0.0], out="/tmp").validate()
+    with pytest.raises(ConfigError, match="--norms must list at least one value"):
+        PowerConfig(norms=[], out="/tmp").validate()

@@ -247,6 +247,22 @@ def read_manifest(run: str | Path) -> dict[str, Any]:
         return {"status": "finished" if (run / "summary.md").is_file() else "failed", "legacy": True}
 
 
+@contextmanager
+def _sigint_ignored(active: bool = True) -> Iterator[None]:
+    """Ignore Ctrl-C inside the block (main thread only; elsewhere a no-op)."""
+    import signal
+    import threading
+
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @dataclass
 class RunRecord:
     """A run folder and the writers for its files. Make one with :meth:`create`.
@@ -321,10 +337,11 @@ class RunRecord:
             interrupted = isinstance(e, KeyboardInterrupt)
             info: dict[str, Any] = {} if interrupted else {
                 "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
-            try:
-                self.set_status("interrupted" if interrupted else "failed", **info)
-            except OSError:  # pragma: no cover - the folder went away; the original error matters more
-                pass
+            with _sigint_ignored(interrupted):  # a second Ctrl-C must not leave the status at "running"
+                try:
+                    self.set_status("interrupted" if interrupted else "failed", **info)
+                except OSError:  # pragma: no cover - the folder went away; the original error matters more
+                    pass
             if interrupted and not isinstance(e, RunInterrupted):
                 raise RunInterrupted(self.path) from None
             raise

@@ -234,11 +234,17 @@ def _criterion(name: str, text: str, margins: list[tuple[float, float | None]] |
     return {"name": name, "text": text, "ok": ok, "detail": detail, "margin": m, "se": se, "holds": holds}
 
 
-def _fmt_diverged(agg: list[dict[str, Any]], model: str, norm: str, b: int) -> str:
+def _diverged(agg: list[dict[str, Any]], model: str, norm: str, b: int) -> str:
+    """``"k/n seeds"`` when k of the n seeds of that cell diverged, else ``""``."""
     for r in agg:
         if r["model"] == model and r["norm"] == norm and r["batch_size"] == b and r.get("diverged"):
-            return f" (diverged in {r['diverged']}/{r['seeds']} seeds)"
+            return f"{r['diverged']}/{r['seeds']} seeds"
     return ""
+
+
+def _not_measurable(agg: list[dict[str, Any]], model: str, cells: list[tuple[str, int]]) -> str:
+    why = [f"{n} B={b} diverged in {_diverged(agg, model, n, b)}" for n, b in cells if _diverged(agg, model, n, b)]
+    return "not measurable: " + ("; ".join(why) if why else "a cell is missing")
 
 
 def _family(norm: str) -> str:
@@ -273,7 +279,7 @@ def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
         a, b = _row(agg, model, bn, hi), _row(agg, model, bn, lo)
         if a is None or b is None:
             out.append(_criterion("E1 (i)", f"BN error at B={lo} >= BN at B={hi} + 3 pt", None,
-                                  "not measurable" + _fmt_diverged(agg, model, bn, lo) + _fmt_diverged(agg, model, bn, hi)))
+                                  _not_measurable(agg, model, [(bn, lo), (bn, hi)])))
         else:
             d = b["test_err_mean"] - a["test_err_mean"]
             out.append(_criterion("E1 (i)", f"BN error at B={lo} >= BN at B={hi} + 3 pt", [(d - 3.0, _se(a, b))],
@@ -284,8 +290,7 @@ def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
         a, b = _row(agg, model, n, hi), _row(agg, model, n, lo)
         text = f"{n} at B={lo} within ±1.5 pt of B={hi}"
         if a is None or b is None:
-            out.append(_criterion("E1 (ii)", text, None,
-                                  "not measurable" + _fmt_diverged(agg, model, n, lo) + _fmt_diverged(agg, model, n, hi)))
+            out.append(_criterion("E1 (ii)", text, None, _not_measurable(agg, model, [(n, lo), (n, hi)])))
             continue
         d = b["test_err_mean"] - a["test_err_mean"]
         out.append(_criterion("E1 (ii)", text, [(1.5 - abs(d), _se(a, b))],
@@ -295,7 +300,8 @@ def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
         g_hi, b_hi, g_lo, b_lo = (_row(agg, model, gn, hi), _row(agg, model, bn, hi), _row(agg, model, gn, lo),
                                   _row(agg, model, bn, lo))
         if None in (g_hi, b_hi, g_lo, b_lo):
-            out.append(_criterion("E1 (iii)", text, None, "not measurable (a run diverged or is missing)"))
+            out.append(_criterion("E1 (iii)", text, None,
+                                  _not_measurable(agg, model, [(gn, hi), (bn, hi), (gn, lo), (bn, lo)])))
         else:
             d_hi = g_hi["test_err_mean"] - b_hi["test_err_mean"]
             d_lo = g_lo["test_err_mean"] - b_lo["test_err_mean"]
@@ -367,7 +373,7 @@ def _summary(cfg: CompareConfig, agg: list[dict[str, Any]], data_desc: dict[str,
         rows = []
         for norm in cfg.norms:
             cells = [fmt(*_pair(agg, model, norm, b, "test_err")) for b in sizes]
-            cells = [f"diverged{_fmt_diverged(agg, model, norm, b)}" if _fmt_diverged(agg, model, norm, b) else c
+            cells = [f"diverged ({_diverged(agg, model, norm, b)})" if _diverged(agg, model, norm, b) else c
                      for c, b in zip(cells, sizes)]
             rows.append([norm, *cells])
             if any(_pair(agg, model, norm, b, "test_err_batch_stats")[0] is not None for b in sizes):

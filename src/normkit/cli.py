@@ -5,7 +5,7 @@ The experiments' options are generated from their config dataclasses
 the checks: every setting is checked before any data is loaded or any run folder made.
 
 Subcommands: ``compare`` (E1/E3, the main job), ``power`` (E4), ``lr-sweep`` (E2), ``landscape``
-(E5), ``report``, ``bench`` (torch native vs normkit's backends) and ``kernels`` (``status`` /
+(E5), ``reproduce`` (all of them, writing docs/RESULTS.md), ``report``, ``bench`` (torch native vs normkit's backends) and ``kernels`` (``status`` /
 ``build`` of the fused CPU kernels). ``normkit <subcommand> --help`` lists each one's options. Every experiment
 writes ``runs/<experiment>-<timestamp>/`` (``--out`` moves the root). A bad option, an unknown
 norm or an unreadable data path exits with status 2 and a one-line message; Ctrl-C stops the run
@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (cls, help_text, description) in CONFIGS.items():
         p = sub.add_parser(name, help=help_text, description=description)
         add_config_arguments(p, cls)
+
+    from .lab.reproduce import ReproduceConfig
+
+    p = sub.add_parser("reproduce", help="run E1..E5 as docs/RESULTS.md reports them and write RESULTS.md from the runs",
+                       description="Run the lab's protocol (compare with and without the head, E3, power --trained, "
+                                   "lr-sweep, landscape) with the current code and write docs/RESULTS.md (tables, "
+                                   "verdicts with their margins over the seeds, figures, and the machine it ran on). "
+                                   "About 25 minutes on 2 idle CPU cores with the default 5 seeds.")
+    add_config_arguments(p, ReproduceConfig)
 
     p = sub.add_parser("report", help="gather runs into one Markdown report and a static HTML page",
                        description="Collect the run folders under a runs root (or the folders given) into report.md and "
@@ -164,6 +173,12 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
 
         out = RUNNERS[cmd](config_from_args(CONFIGS[cmd][0], args))
         path, summary = (out.path, out.summary) if hasattr(out, "summary") else out
+    elif cmd == "reproduce":
+        from .lab.experiments._common import config_from_args
+        from .lab.reproduce import ReproduceConfig, run_reproduce
+
+        print(f"reproduce: wrote {run_reproduce(config_from_args(ReproduceConfig, args))}")
+        return 0
     else:  # report
         from .lab.report import write_report
 

@@ -33,7 +33,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from contextlib import contextmanager
@@ -137,11 +136,10 @@ def cpu_model() -> str:
 
 def _blas() -> str | None:
     """The BLAS torch was built with (``BLAS_INFO`` of ``torch.__config__.show()``, e.g. ``"mkl"``)."""
-    for part in torch.__config__.show().replace("\n", ",").split(","):
-        key, _, value = part.strip().partition("=")
-        if key == "BLAS_INFO":
-            return value.strip() or None
-    return None
+    import re
+
+    match = re.search(r"\bBLAS_INFO=([^,\s]+)", torch.__config__.show())
+    return match.group(1) if match else None
 
 
 def _usable_cpus() -> int:
@@ -201,7 +199,10 @@ def environment(device: str | torch.device = "cpu", world_size: int = 1, **extra
 
 
 def check_writable(root: str | Path) -> Path:
-    """Make sure run folders can be written under ``root`` (created if missing) before any work starts.
+    """Make sure run folders can be written under ``root`` before any work starts; creates nothing.
+
+    ``root`` may not exist yet: then its nearest existing parent must be a writable folder (the run
+    creates the rest).
 
     Raises:
         ValueError: one line naming the folder and what is wrong (a file in the way, no permission, ...).
@@ -216,15 +217,11 @@ def check_writable(root: str | Path) -> Path:
         ValueError: --out ...: cannot create the runs folder: ... is a file, not a folder
     """
     root = Path(root)
-    blocker = next((p for p in [root, *root.parents] if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ValueError(f"--out {str(root)!r}: cannot create the runs folder: {str(blocker)!r} is a file, not a folder")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".normkit-write-check-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {str(root)!r}: cannot write run folders there: {e.strerror or e}") from None
+    existing = next(p for p in [root, *root.absolute().parents] if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise ValueError(f"--out {str(root)!r}: cannot create the runs folder: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(root)!r}: cannot write run folders there: {str(existing)!r} is not writable")
     return root
 
 

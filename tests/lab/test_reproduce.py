@@ -53,6 +53,6 @@ def test_reproduce_checks_every_step_before_running(tmp_path: Path, capsys: pyte
     assert e.value.code == 2 and "--seeds must be >= 2, got 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["reproduce", "--limit-train", "40", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "R.md")])
-    # compare (B=32) fits 40 samples; the last step, landscape (B=64), does not: refused before the first step runs
-    assert e.value.code == 2 and "--batch-size 64 exceeds the 40 training samples" in capsys.readouterr().err
+    # compare (B=32) fits 40 samples; the 4th step, power (256 samples), does not: refused before the first step runs
+    assert e.value.code == 2 and "--samples 256 exceeds the 40 samples of digits16" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "R.md").exists()

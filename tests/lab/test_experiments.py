@@ -162,3 +162,29 @@ def test_configs_check_and_deduplicate() -> None:
         LRSweepConfig(lrs=[0.1, 0.0], out="/tmp").validate()
     with pytest.raises(ConfigError, match="--norms must list at least one value"):
         PowerConfig(norms=[], out="/tmp").validate()
+
+
+def test_auto_threads_leave_busy_cores_alone_and_are_recorded(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not 2 <= usable <= 8:
+        pytest.skip(f"needs 2..8 usable cores to keep all but one busy, this machine has {usable}")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(usable - 1)]
+    try:
+        time.sleep(1.0)
+        path, _ = run_power(PowerConfig(depth=2, width=8, samples=16, out=str(tmp_path),
+                                        **{**TINY, "threads": None}))
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    env = json.loads((path / "env.json").read_text())
+    assert env["threads"] == 1 and env["parallelism"].startswith("auto: 1 free of")
+    assert json.loads((path / "config.json").read_text())["threads"] is None  # the setting; env.json has the choice
+    path, _ = run_power(PowerConfig(depth=2, width=8, samples=16, out=str(tmp_path), **{**TINY, "threads": 2}))
+    env = json.loads((path / "env.json").read_text())
+    assert env["threads"] == 2 and env["parallelism"] == "--threads 2"

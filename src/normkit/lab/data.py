@@ -5,7 +5,7 @@ statistics of the *training* split only, and int64 labels.
 
 * ``"digits"``: ``sklearn.datasets.load_digits`` (1,797 8x8 grey images, 10 classes), a fixed
   stratified split 1,437 train / 360 test (``random_state=0``), pixels scaled to [0, 1], then
-  standardised with the train split's mean and std (ALGORITHMS.md §4). ``"digits16"``: the same,
+  standardised with the train split's mean and std (docs/EXPERIMENTS.md). ``"digits16"``: the same,
   bilinearly upsampled to 16x16 (E4's random nets).
 * ``"cifar10:PATH"``: the ``data_batch_*`` and ``test_batch`` files of the CIFAR-10 python
   version (``cifar-10-batches-py``) under PATH, standardised per channel.
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 DIGITS_MAX_SIZE = 64  # 'digitsN' upsamples to N x N: 1,797 x 64 x 64 floats = 29 MB; beyond is no longer "small"
-DIGITS_TEST_SIZE = 360  # ALGORITHMS.md §4: 1,437 train / 360 test
+DIGITS_TEST_SIZE = 360  # docs/EXPERIMENTS.md: 1,437 train / 360 test
 CIFAR_FIELDS = 3 * 32 * 32
 
 

@@ -1,4 +1,4 @@
-"""Runs are records: every experiment writes ``<root>/<experiment>-<timestamp>/`` (ARCHITECTURE.md §7).
+"""Runs are records: every experiment writes ``<root>/<experiment>-<timestamp>/``.
 
 A run folder holds:
 

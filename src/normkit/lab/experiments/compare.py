@@ -93,7 +93,8 @@ class CompareConfig(LabConfig):
             GPU); ``None``: one per usable core. One-thread workers are what makes the run
             load-proof: another busy process costs it one core's share, where one two-thread process
             slows 10x and more (measured: docs/RESULTS.md).
-        threads: (see :class:`LabConfig`) here, threads per worker process: 1 by default.
+        threads: torch intra-op threads per worker process; ``None``: 1 (under torchrun: the cores
+            divided among the processes on this node).
         sync_bn: synchronise BN statistics across processes: BN layers become
             :class:`normkit.nn.SyncBatchNorm` (with one process that is plain BN).
         data, limit_train, limit_test, device, out, quiet: as in :class:`LabConfig`.
@@ -113,6 +114,9 @@ class CompareConfig(LabConfig):
     max_steps: int | None = opt(None, "stop each run after N optimizer steps (quick runs)", min=1, metavar="N")
     jobs: int | None = opt(None, "runs in parallel one-thread worker processes, CPU only, or 'auto': one per core",
                            min=1, parse=_threads, metavar="N|auto")
+    threads: int | None = opt(None, "torch intra-op threads per worker process, or 'auto': 1 per worker (under "
+                                    "torchrun: the cores divided among the local processes)", min=1, parse=_threads,
+                              metavar="N|auto")
     sync_bn: bool = opt(False, "under torchrun: BN statistics over all processes' batches "
                                "(BN layers become normkit.nn.SyncBatchNorm)")
 

@@ -11,8 +11,8 @@ import os
 if os.environ.get("NORMKIT_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # The kernels' module imports triton (the optional `triton` extra): no doctest collection without it.
 collect_ignore = [] if importlib.util.find_spec("triton") else ["src/normkit/kernels/triton/_kernels.py"]

@@ -25,14 +25,17 @@ import os
 import sys
 
 if __name__ == "__main__" and "--no-pin" not in sys.argv:  # before importing torch: re-exec pinned
-    _MALLOC = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184",
-               "MALLOC_TOP_PAD_": "1073741824"}
+    _MALLOC = {
+        "MALLOC_MMAP_THRESHOLD_": "17179869184",
+        "MALLOC_TRIM_THRESHOLD_": "17179869184",
+        "MALLOC_TOP_PAD_": "1073741824",
+    }
     if any(os.environ.get(k) != v for k, v in _MALLOC.items()):
         os.environ.update(_MALLOC)
         os.execv(sys.executable, [sys.executable, *sys.argv])
 
-from normkit.bench import load_baseline, main_from_args  # noqa: E402
-from normkit.cli import build_parser  # noqa: E402
+from normkit.bench import load_baseline, main_from_args
+from normkit.cli import build_parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,11 @@ def main() -> None:
     pairs = [
         ("BatchNorm2d (train)", nkn.BatchNorm2d(16), torch.nn.BatchNorm2d(16)),
         ("GroupNorm(4)", nkn.GroupNorm(4, 16), torch.nn.GroupNorm(4, 16)),
-        ("InstanceNorm2d(affine)", nkn.InstanceNorm2d(16, affine=True), torch.nn.InstanceNorm2d(16, affine=True)),
+        (
+            "InstanceNorm2d(affine)",
+            nkn.InstanceNorm2d(16, affine=True),
+            torch.nn.InstanceNorm2d(16, affine=True),
+        ),
         ("LayerNorm2d (vs permute + LayerNorm)", nkn.LayerNorm2d(16), _PermutedLayerNorm(16)),
         (
             "GroupNormProxyAct2d(4) (vs GroupNorm + ReLU)",
@@ -46,14 +50,27 @@ def main() -> None:
     w, b = torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
     tf = torch.nn.functional
     functional = [  # (name, normkit's call, torch's call), both on (x, w, b)
-        ("F.batch_norm (train)", lambda: nkf.batch_norm(x, None, None, w, b, training=True).output,
-         lambda: tf.batch_norm(x, None, None, w, b, training=True)),
+        (
+            "F.batch_norm (train)",
+            lambda: nkf.batch_norm(x, None, None, w, b, training=True).output,
+            lambda: tf.batch_norm(x, None, None, w, b, training=True),
+        ),
         ("F.group_norm(4)", lambda: nkf.group_norm(x, 4, w, b), lambda: tf.group_norm(x, 4, w, b)),
-        ("F.instance_norm", lambda: nkf.instance_norm(x, weight=w, bias=b).output,
-         lambda: tf.instance_norm(x, weight=w, bias=b)),
-        ("F.layer_norm_2d (vs permute + F.layer_norm)", lambda: nkf.layer_norm_2d(x, w, b),
-         lambda: tf.layer_norm(x.permute(0, 2, 3, 1), (16,), w, b).permute(0, 3, 1, 2)),
-        ("F.layer_norm over (C, H, W)", lambda: nkf.layer_norm(x, x.shape[1:]), lambda: tf.layer_norm(x, x.shape[1:])),
+        (
+            "F.instance_norm",
+            lambda: nkf.instance_norm(x, weight=w, bias=b).output,
+            lambda: tf.instance_norm(x, weight=w, bias=b),
+        ),
+        (
+            "F.layer_norm_2d (vs permute + F.layer_norm)",
+            lambda: nkf.layer_norm_2d(x, w, b),
+            lambda: tf.layer_norm(x.permute(0, 2, 3, 1), (16,), w, b).permute(0, 3, 1, 2),
+        ),
+        (
+            "F.layer_norm over (C, H, W)",
+            lambda: nkf.layer_norm(x, x.shape[1:]),
+            lambda: tf.layer_norm(x, x.shape[1:]),
+        ),
     ]
     print("| layer / function | forward us (normkit / torch) | ratio | forward + backward us | ratio |")
     print("|---|---:|---:|---:|---:|")

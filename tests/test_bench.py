@@ -23,11 +23,22 @@ def _providers() -> list[str]:
 
 
 def test_run_bench_rows_columns_and_ratios():
-    md, data = run_bench(BenchConfig(layouts=["nchw", "cl"], dtypes=["fp32", "bf16"], passes=["fwd", "fwdbwd"],
-                                     ops=["batch_norm", "proxy", "over CHW"], e2e=False, **TINY))
+    md, data = run_bench(
+        BenchConfig(
+            layouts=["nchw", "cl"],
+            dtypes=["fp32", "bf16"],
+            passes=["fwd", "fwdbwd"],
+            ops=["batch_norm", "proxy", "over CHW"],
+            e2e=False,
+            **TINY,
+        )
+    )
     rows = data["ops"]
-    assert {r["op"] for r in rows} == {"batch_norm train", "GN32 + proxy norm (native: GN+affine+ReLU)",
-                                       "layer_norm over CHW"}
+    assert {r["op"] for r in rows} == {
+        "batch_norm train",
+        "GN32 + proxy norm (native: GN+affine+ReLU)",
+        "layer_norm over CHW",
+    }
     assert len(rows) == 3 * 2 * 2 * 2  # ops x layouts x dtypes x passes
     for r in rows:
         assert list(r["ms"]) == _providers()
@@ -68,42 +79,90 @@ def test_every_op_agrees_with_torch_native():
 
 def test_cli_quick_e2e_json_md(tmp_path, capsys):
     out, md_path = tmp_path / "bench.json", tmp_path / "bench.md"
-    rc = main(["bench", "--quick", "--no-ops", "--quiet", "--backends", "reference", "--json", str(out),
-               "--md", str(md_path)])
+    rc = main(
+        [
+            "bench",
+            "--quick",
+            "--no-ops",
+            "--quiet",
+            "--backends",
+            "reference",
+            "--json",
+            str(out),
+            "--md",
+            str(md_path),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["ops"] == [] and data["config"]["quick"] is True
     assert [(r["model"], r["norm"], r["input"], r["mode"]) for r in data["e2e"]] == [
-        ("ResNet-18-style", "bn", [2, 3, 32, 32], "eager"), ("CNN-4", "bn", [2, 1, 8, 8], "eager")]
+        ("ResNet-18-style", "bn", [2, 3, 32, 32], "eager"),
+        ("CNN-4", "bn", [2, 1, 8, 8], "eager"),
+    ]
     for r in data["e2e"]:
         assert set(r["ms"]) == {"torch.nn", "normkit:reference"}
-        assert r["vs_torch"]["normkit:reference"] == pytest.approx(r["ms"]["normkit:reference"] / r["ms"]["torch.nn"])
+        assert r["vs_torch"]["normkit:reference"] == pytest.approx(
+            r["ms"]["normkit:reference"] / r["ms"]["torch.nn"]
+        )
     printed = capsys.readouterr().out
-    assert "| ResNet-18-style | bn | 2x3x32x32 | eager |" in printed and md_path.read_text().strip() == printed.strip()
+    assert (
+        "| ResNet-18-style | bn | 2x3x32x32 | eager |" in printed
+        and md_path.read_text().strip() == printed.strip()
+    )
     assert "normkit:reference/torch.nn" in printed
 
 
 def test_cli_ops_json(tmp_path, capsys):
     out = tmp_path / "b.json"
-    rc = main(["bench", "--shapes", "2x32x4x4", "--ops", "instance", "--layouts", "cl", "--dtypes", "fp32",
-               "--passes", "fwdbwd", "--repeats", "1", "--min-time", "0.01", "--no-e2e", "--quiet", "--json", str(out)])
+    rc = main(
+        [
+            "bench",
+            "--shapes",
+            "2x32x4x4",
+            "--ops",
+            "instance",
+            "--layouts",
+            "cl",
+            "--dtypes",
+            "fp32",
+            "--passes",
+            "fwdbwd",
+            "--repeats",
+            "1",
+            "--min-time",
+            "0.01",
+            "--no-e2e",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     (row,) = json.loads(out.read_text())["ops"]
-    assert (row["op"], row["shape"], row["layout"], row["pass"]) == ("instance_norm", [2, 32, 4, 4], "cl", "fwdbwd")
+    assert (row["op"], row["shape"], row["layout"], row["pass"]) == (
+        "instance_norm",
+        [2, 32, 4, 4],
+        "cl",
+        "fwdbwd",
+    )
     assert set(row["vs_native"]) == set(_providers()[1:]) and row["vs_copy"]["native"] > 0
     assert "| instance_norm | (2, 32, 4, 4) | cl | fp32 | fwdbwd |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("bad, why", [
-    (["--shapes", "3x4"], "N x C x H x W"),
-    (["--dtypes", "fp8"], "fp8"),
-    (["--layouts", "nhwc"], "nhwc"),
-    (["--passes", "bwd"], "bwd"),
-    (["--repeats", "0"], "must be > 0"),
-    (["--backends", "gpu"], "gpu"),
-    (["--ops", "nosuchop", "--no-e2e"], "matches no op"),
-    (["--no-ops", "--no-e2e"], "nothing to run"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (["--shapes", "3x4"], "N x C x H x W"),
+        (["--dtypes", "fp8"], "fp8"),
+        (["--layouts", "nhwc"], "nhwc"),
+        (["--passes", "bwd"], "bwd"),
+        (["--repeats", "0"], "must be > 0"),
+        (["--backends", "gpu"], "gpu"),
+        (["--ops", "nosuchop", "--no-e2e"], "matches no op"),
+        (["--no-ops", "--no-e2e"], "nothing to run"),
+    ],
+)
 def test_bad_options_exit_2(bad, why, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--quiet", *bad])
@@ -127,10 +186,15 @@ def test_resnet18_style_matches_torchvision_layout():
     assert big.stem[0].kernel_size == (7, 7) and isinstance(big.stem[3], torch.nn.MaxPool2d)
 
 
-@pytest.mark.parametrize("build, shape", [
-    (_resnet(True, "bn"), (2, 3, 32, 32)), (_resnet(False, "gn:32"), (2, 3, 64, 64)),
-    (_cnn4("bn"), (2, 1, 8, 8)), (_cnn4("gn:8"), (2, 1, 8, 8)),
-])
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (_resnet(True, "bn"), (2, 3, 32, 32)),
+        (_resnet(False, "gn:32"), (2, 3, 64, 64)),
+        (_cnn4("bn"), (2, 1, 8, 8)),
+        (_cnn4("gn:8"), (2, 1, 8, 8)),
+    ],
+)
 def test_e2e_pairs_are_the_same_net(build, shape):
     # torch.nn's norms and normkit's in the same architecture, same weights: the same outputs (train mode)
     x = torch.randn(shape)
@@ -140,9 +204,28 @@ def test_e2e_pairs_are_the_same_net(build, shape):
 def test_benchmark_script_is_a_wrapper(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [str(BENCH_SCRIPT)])
     script = runpy.run_path(str(BENCH_SCRIPT), run_name="bench_norms")
-    rc = script["main"](["--shapes", "2x32x4x4", "--only", "group_norm", "--layouts", "nchw", "--dtypes", "fp32",
-                         "--passes", "fwd", "--repeats", "1", "--min-time", "0.01", "--no-e2e", "--quiet",
-                         "--baseline", str(Path(__file__).resolve().parents[1] / "no" / "such")])
+    rc = script["main"](
+        [
+            "--shapes",
+            "2x32x4x4",
+            "--only",
+            "group_norm",
+            "--layouts",
+            "nchw",
+            "--dtypes",
+            "fp32",
+            "--passes",
+            "fwd",
+            "--repeats",
+            "1",
+            "--min-time",
+            "0.01",
+            "--no-e2e",
+            "--quiet",
+            "--baseline",
+            str(Path(__file__).resolve().parents[1] / "no" / "such"),
+        ]
+    )
     assert rc == 2 and "no package at" in capsys.readouterr().err
 
 
@@ -158,3 +241,43 @@ def test_timed_statements_run_on_the_configured_threads():
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {2}
+
+
+def test_percent_of_peak_is_the_bandwidth_over_the_given_peak():
+    # --peak-gbps on any device: the % of peak column is gbps / peak, per provider
+    cfg = BenchConfig(
+        shapes=[(2, 32, 4, 4)],
+        dtypes=["fp32"],
+        layouts=["nchw"],
+        passes=["fwd"],
+        ops=["group_norm"],
+        backends=["reference"],
+        repeats=1,
+        min_time=0.01,
+        e2e=False,
+        quiet=True,
+        peak_gbps=50.0,
+    )
+    md, data = run_bench(cfg)
+    row = data["ops"][0]
+    assert data["peak_gbps"] == 50.0
+    for prov, g in row["gbps"].items():
+        assert row["pct_peak"][prov] == pytest.approx(100 * g / 50.0)
+    assert "peak bandwidth 50 GB/s" in md and "native % peak" in md
+
+
+def test_cuda_device_is_refused_with_its_reason_where_there_is_none():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal is for machines without one")
+    with pytest.raises(ValueError, match="--device cuda: torch .* sees no CUDA device"):
+        check_config(BenchConfig(device="cuda"))
+    with pytest.raises(ValueError, match="--device: expected cpu or cuda"):
+        check_config(BenchConfig(device="tpu"))
+
+
+def test_cuda_providers_leave_out_the_cpu_kernels(monkeypatch):
+    from normkit import bench
+
+    monkeypatch.setattr(kernels, "available", lambda: ["auto", "reference", "cpu", "native", "triton"])
+    assert bench._backends(BenchConfig(device="cuda")) == ["reference", "native", "triton"]
+    assert bench._backends(BenchConfig()) == ["reference", "cpu", "native", "triton"]

@@ -23,6 +23,7 @@ Example:
 
 from . import convert, distributed, functional, kernels, nn, ops, surgery
 from ._errors import NormError
+from .distributed import convert_sync_batchnorm, recalibrate_bn, revert_sync_batchnorm, sync_bn_buffers
 from .nn import (
     available_norms,
     create_norm_act_layer,
@@ -31,7 +32,6 @@ from .nn import (
     param_groups,
     register_norm,
 )
-from .distributed import convert_sync_batchnorm, recalibrate_bn, revert_sync_batchnorm, sync_bn_buffers
 from .surgery import fold_proxy_norm, freeze_bn, unfreeze_bn
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""normkit's error type for bad values: a ``ValueError`` that torch code catching ``RuntimeError`` also catches."""
+"""normkit's error type for bad values: a ``ValueError`` that torch code catching ``RuntimeError`` also
+catches."""
 
 from __future__ import annotations
 

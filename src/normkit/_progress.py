@@ -1,4 +1,5 @@
-"""A progress display (rich), or nothing with ``quiet``: the lab's runs and epochs, ``recalibrate_bn``'s batches.
+"""A progress display (rich), or nothing with ``quiet``: the lab's runs and epochs, ``recalibrate_bn``'s
+batches.
 
 Progress goes to stderr so that stdout carries only results. rich is imported only when a bar is
 shown (``import normkit`` stays light); :mod:`normkit.lab.progress` re-exports this class.
@@ -33,9 +34,13 @@ class Progress:
             except ImportError:  # pragma: no cover - rich comes with the lab extra
                 return
             self._p = _RichProgress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                console=Console(stderr=True), transient=False,
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=False,
             )
 
     def __enter__(self) -> Progress:

@@ -48,8 +48,9 @@ import statistics
 import sys
 import time
 import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as TF
@@ -75,6 +76,24 @@ __all__ = [
 
 #: PERFORMANCE.md's benchmark shapes (a DRAM-sized and a cache-sized feature map).
 DEFAULT_SHAPES: list[tuple[int, ...]] = [(32, 64, 56, 56), (8, 256, 28, 28)]
+#: ``--device cuda`` adds ResNet-50-sized activations (the first and the third stage's).
+CUDA_SHAPES: list[tuple[int, ...]] = [*DEFAULT_SHAPES, (64, 256, 56, 56), (64, 1024, 14, 14)]
+#: Peak DRAM bandwidth (GB/s, the vendors' figures) by a substring of ``torch.cuda.get_device_name``,
+#: for ``--device cuda``'s "% of peak" (``--peak-gbps`` overrides; an unknown GPU reports none).
+GPU_PEAK_GBPS = {
+    "H200": 4800.0,
+    "H100 PCIe": 2000.0,
+    "H100": 3350.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100 80GB PCIe": 1935.0,
+    "A100": 1555.0,
+    "L40S": 864.0,
+    "A10G": 600.0,
+    "L4": 300.0,
+    "RTX 4090": 1008.0,
+    "V100": 900.0,
+    "T4": 320.0,
+}
 #: The shape of ``--quick``.
 QUICK_SHAPES: list[tuple[int, ...]] = [(4, 64, 16, 16)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -116,8 +135,12 @@ def _pn(nf: Any) -> Op:
     # GroupNormProxyAct2d's step (fused on the cpu backend); proxy_bias / proxy_weight sized from w (the
     # channel count changes between shapes); eps 1e-5 like the native GroupNorm it is compared with
     if hasattr(nf, "group_norm_proxy_act"):
-        return lambda x, w, b: nf.group_norm_proxy_act(x, 32, w, b, torch.zeros_like(w), torch.zeros_like(w), eps=1e-5)
-    return lambda x, w, b: nf.proxy_norm_act(nf.group_norm(x, 32), w, b, torch.zeros_like(w), torch.zeros_like(w))
+        return lambda x, w, b: nf.group_norm_proxy_act(
+            x, 32, w, b, torch.zeros_like(w), torch.zeros_like(w), eps=1e-5
+        )
+    return lambda x, w, b: nf.proxy_norm_act(
+        nf.group_norm(x, 32), w, b, torch.zeros_like(w), torch.zeros_like(w)
+    )
 
 
 #: The benchmarked norms, by the name shown in the tables (``--ops`` matches substrings of it).
@@ -175,6 +198,10 @@ class BenchConfig:
         min_time: seconds per op measurement (``blocked_autorange``).
         e2e_min_time: seconds of training steps per e2e measurement (at least one step).
         threads: torch intra-op threads.
+        device: ``"cpu"`` or ``"cuda"`` (the providers then are native, normkit's ``reference``,
+            ``native`` and ``triton`` backends, and ``compiled``).
+        peak_gbps: the device's peak bandwidth for the "% of peak" column; ``None``: from
+            :data:`GPU_PEAK_GBPS` on CUDA, none on the CPU.
         compile: also the ``compiled`` provider and compiled training steps.
         run_ops, e2e: which parts run.
         quick: the e2e part on its two smallest cases only.
@@ -192,6 +219,8 @@ class BenchConfig:
     min_time: float = 0.2
     e2e_min_time: float = 1.0
     threads: int = 2
+    device: str = "cpu"
+    peak_gbps: float | None = None
     compile: bool = False
     run_ops: bool = True
     e2e: bool = True
@@ -199,8 +228,27 @@ class BenchConfig:
     quiet: bool = False
 
 
+_CUDA_BACKENDS = ("reference", "native", "triton")  # the cpu backend's kernels take CPU tensors only
+
+
 def _backends(cfg: BenchConfig) -> list[str]:
-    return cfg.backends if cfg.backends is not None else [b for b in kernels.available() if b != "auto"]
+    if cfg.backends is not None:
+        return cfg.backends
+    here = [b for b in kernels.available() if b != "auto"]
+    return [b for b in here if b in _CUDA_BACKENDS] if cfg.device == "cuda" else here
+
+
+def peak_gbps(cfg: BenchConfig) -> float | None:
+    """The peak bandwidth the "% of peak" column reads against (``None``: not known here).
+
+    Example:
+        >>> peak_gbps(BenchConfig(peak_gbps=3350.0)), peak_gbps(BenchConfig())
+        (3350.0, None)
+    """
+    if cfg.peak_gbps is not None or cfg.device != "cuda" or not torch.cuda.is_available():
+        return cfg.peak_gbps
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in GPU_PEAK_GBPS.items() if k in name), None)
 
 
 def _op_names(cfg: BenchConfig) -> list[str]:
@@ -217,12 +265,23 @@ def check_config(cfg: BenchConfig) -> None:
         ValueError: --ops 'nosuchop' matches no op; the ops are: batch_norm train, group_norm G=32, ...
     """
     if not cfg.run_ops and not cfg.e2e:
-        raise ValueError("nothing to run: both the per-op part (--no-ops) and the training steps (--no-e2e) are off")
+        raise ValueError(
+            "nothing to run: both the per-op part (--no-ops) and the training steps (--no-e2e) are off"
+        )
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda, got {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
+    if cfg.peak_gbps is not None and not cfg.peak_gbps > 0:
+        raise ValueError(f"--peak-gbps must be > 0, got {cfg.peak_gbps}")
     for s in cfg.shapes:
         if len(s) != 4 or not all(isinstance(d, int) and d > 0 for d in s):
             raise ValueError(f"a shape is N x C x H x W with positive sizes, got {s}")
-    for name, values, allowed in (("layouts", cfg.layouts, LAYOUTS), ("dtypes", cfg.dtypes, tuple(DTYPES)),
-                                  ("passes", cfg.passes, PASSES)):
+    for name, values, allowed in (
+        ("layouts", cfg.layouts, LAYOUTS),
+        ("dtypes", cfg.dtypes, tuple(DTYPES)),
+        ("passes", cfg.passes, PASSES),
+    ):
         if not values:
             raise ValueError(f"--{name}: empty")
         bad = [v for v in values if v not in allowed]
@@ -234,12 +293,16 @@ def check_config(cfg: BenchConfig) -> None:
     if cfg.backends is not None:
         known = [b for b in kernels.BACKENDS if b != "auto"]
         here = [b for b in kernels.available() if b != "auto"]
+        if cfg.device == "cuda":
+            here = [b for b in here if b in _CUDA_BACKENDS]
         for b in cfg.backends:
             if b not in known:
                 raise ValueError(f"--backends: unknown backend {b!r}; expected one of {', '.join(known)}")
             if b not in here:
-                raise ValueError(f"--backends: backend {b!r} is not available here (available: {', '.join(here)}); "
-                                 "`normkit kernels status` says why")
+                raise ValueError(
+                    f"--backends: backend {b!r} is not available here (available: {', '.join(here)}); "
+                    "`normkit kernels status` says why"
+                )
     if cfg.repeats < 1 or cfg.threads < 1 or cfg.min_time <= 0 or cfg.e2e_min_time <= 0:
         raise ValueError("--repeats and --threads must be >= 1 and the times > 0")
 
@@ -297,8 +360,12 @@ def _rotated(items: list[str], r: int) -> list[str]:
 
 
 def _op_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
-    providers = ["native", *(f"normkit:{b}" for b in _backends(cfg)), *cfg.extra_providers,
-                 *(["compiled"] if cfg.compile else [])]
+    providers = [
+        "native",
+        *(f"normkit:{b}" for b in _backends(cfg)),
+        *cfg.extra_providers,
+        *(["compiled"] if cfg.compile else []),
+    ]
     cases = [
         (name, shape, layout, dtype, p)
         for name in _op_names(cfg)
@@ -310,16 +377,17 @@ def _op_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
     ]
     rows: list[dict[str, Any]] = []
     copies: dict[tuple[Any, ...], float] = {}
+    peak = peak_gbps(cfg)
     with _progress(len(cases), cfg.quiet, "normkit bench: ops") as advance:
         for name, shape, layout, dtype, p in cases:
             spec = OPS[name]
             dt = DTYPES[dtype]
-            x = torch.randn(shape).to(dt)
+            x = torch.randn(shape, device=cfg.device).to(dt)
             if layout == "cl":
                 x = x.to(memory_format=torch.channels_last)
             pshape = tuple(shape[1:]) if spec.affine == "chw" else (shape[1],)
-            w = (torch.rand(pshape) + 0.5).to(dt).requires_grad_(True)
-            b = torch.randn(pshape).to(dt).requires_grad_(True)
+            w = (torch.rand(pshape, device=cfg.device) + 0.5).to(dt).requires_grad_(True)
+            b = torch.randn(pshape, device=cfg.device).to(dt).requires_grad_(True)
             key = (tuple(shape), layout, dtype)
             if key not in copies:
                 y = torch.empty_like(x)
@@ -351,14 +419,27 @@ def _op_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
                     best[prov] = min(best[prov], ms)  # type: ignore[type-var]
             nbytes = x.numel() * x.element_size() * TRAFFIC[p]
             native: float = best["native"]  # type: ignore[assignment]
-            rows.append({
-                "op": name, "shape": list(shape), "layout": layout, "dtype": dtype, "pass": p,
-                "ms": best, "copy_ms": copies[key],
-                "gbps": {k: None if v is None else nbytes / (v * 1e-3) / 1e9 for k, v in best.items()},
-                "copy_gbps": 2 * x.numel() * x.element_size() / (copies[key] * 1e-3) / 1e9,
-                "vs_native": {k: None if v is None else v / native for k, v in best.items() if k != "native"},
-                "vs_copy": {k: None if v is None else v / copies[key] for k, v in best.items()},
-            })
+            gbps = {k: None if v is None else nbytes / (v * 1e-3) / 1e9 for k, v in best.items()}
+            rows.append(
+                {
+                    "op": name,
+                    "shape": list(shape),
+                    "layout": layout,
+                    "dtype": dtype,
+                    "pass": p,
+                    "ms": best,
+                    "copy_ms": copies[key],
+                    "gbps": gbps,
+                    "pct_peak": {
+                        k: None if v is None or peak is None else 100 * v / peak for k, v in gbps.items()
+                    },
+                    "copy_gbps": 2 * x.numel() * x.element_size() / (copies[key] * 1e-3) / 1e9,
+                    "vs_native": {
+                        k: None if v is None else v / native for k, v in best.items() if k != "native"
+                    },
+                    "vs_copy": {k: None if v is None else v / copies[key] for k, v in best.items()},
+                }
+            )
             advance(f"{name} {tuple(shape)} {layout} {dtype} {p}")
     return rows
 
@@ -404,7 +485,9 @@ class ResNet18Style(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, norm_layer: Callable[[int], nn.Module], small: bool = True, num_classes: int = 10) -> None:
+    def __init__(
+        self, norm_layer: Callable[[int], nn.Module], small: bool = True, num_classes: int = 10
+    ) -> None:
         super().__init__()
         if small:
             self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), norm_layer(64), nn.ReLU())
@@ -440,9 +523,12 @@ def _time_steps(step: Callable[[], None], min_time: float) -> float:
     """Median ms of single steps run for about ``min_time`` seconds (at least one, at most 50)."""
     times: list[float] = []
     start = time.perf_counter()
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     while not times or (time.perf_counter() - start < min_time and len(times) < 50):
+        sync()
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
@@ -485,8 +571,10 @@ def _cnn4(norm: str) -> Callable[[str], nn.Module]:
 
 def _e2e_cases(cfg: BenchConfig) -> list[_E2ECase]:
     if cfg.quick:
-        return [_E2ECase("ResNet-18-style", "bn", (2, 3, 32, 32), _resnet(True, "bn")),
-                _E2ECase("CNN-4", "bn", (2, 1, 8, 8), _cnn4("bn"))]
+        return [
+            _E2ECase("ResNet-18-style", "bn", (2, 3, 32, 32), _resnet(True, "bn")),
+            _E2ECase("CNN-4", "bn", (2, 1, 8, 8), _cnn4("bn")),
+        ]
     return [
         _E2ECase("ResNet-18-style", "bn", (32, 3, 32, 32), _resnet(True, "bn")),
         _E2ECase("ResNet-18-style", "bn", (2, 3, 32, 32), _resnet(True, "bn")),
@@ -505,17 +593,20 @@ def _e2e_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
     modes = ["eager", *(["compiled"] if cfg.compile else [])]
     rows: list[dict[str, Any]] = []
     cases = _e2e_cases(cfg)
-    variants = {"torch.nn": ("torch", None), **{f"normkit:{b}": ("normkit", f"normkit:{b}") for b in backends}}
+    variants = {
+        "torch.nn": ("torch", None),
+        **{f"normkit:{b}": ("normkit", f"normkit:{b}") for b in backends},
+    }
     with _progress(len(cases) * len(modes), cfg.quiet, "normkit bench: training steps") as advance:
         for case in cases:
             torch.manual_seed(1)
-            x = torch.randn(case.shape)
-            y = torch.randint(0, 10, (case.shape[0],))
+            x = torch.randn(case.shape, device=cfg.device)
+            y = torch.randint(0, 10, (case.shape[0],), device=cfg.device)
             for mode in modes:
                 steps: dict[str, Callable[[], None]] = {}
                 first_s: dict[str, float] = {}
                 for label, (kind, provider) in variants.items():
-                    model = case.build(kind)
+                    model = case.build(kind).to(cfg.device)
                     if mode == "compiled":
                         model = torch.compile(model)  # type: ignore[assignment]
                     step = _step(model, x, y)
@@ -529,11 +620,17 @@ def _e2e_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
                     for label in _rotated(list(steps), r):
                         with _backend(variants[label][1]):
                             best[label] = min(best[label], _time_steps(steps[label], cfg.e2e_min_time))
-                rows.append({
-                    "model": case.model, "norm": case.norm, "input": list(case.shape), "mode": mode, "ms": best,
-                    "vs_torch": {k: v / best["torch.nn"] for k, v in best.items() if k != "torch.nn"},
-                    "first_step_s": first_s,
-                })
+                rows.append(
+                    {
+                        "model": case.model,
+                        "norm": case.norm,
+                        "input": list(case.shape),
+                        "mode": mode,
+                        "ms": best,
+                        "vs_torch": {k: v / best["torch.nn"] for k, v in best.items() if k != "torch.nn"},
+                        "first_step_s": first_s,
+                    }
+                )
                 advance(f"{case.model} {case.norm} {'x'.join(map(str, case.shape))} {mode}")
     return rows
 
@@ -559,8 +656,12 @@ def _table(head: list[str], left: int, rows: list[list[str]]) -> list[str]:
 def format_markdown(data: dict[str, Any]) -> str:
     """The Markdown report of :func:`run_bench`'s ``data`` (a header, the op table, the training-step table)."""
     pin = "pinned" if data.get("allocator_pinned") else "not pinned (fresh outputs may pay page faults)"
+    device = data.get("device", "cpu")
+    where = f"{data['threads']} threads, allocator {pin}" if device == "cpu" else device
+    peak = data.get("peak_gbps")
     out = [
-        f"## normkit bench: torch {data['torch']}, {data['threads']} threads, allocator {pin}",
+        f"## normkit bench: torch {data['torch']}, {where}"
+        + (f", peak bandwidth {peak:.0f} GB/s" if peak else ""),
         "",
         f"ms = best-of-{data['repeats']} median, providers interleaved (order rotated each repeat). "
         "**Ratios < 1: normkit is faster.** This machine drifts 10-30 % between runs (sometimes more): "
@@ -578,13 +679,37 @@ def format_markdown(data: dict[str, Any]) -> str:
             "fwd+bwd = forward + `torch.autograd.grad` w.r.t. (x, weight, bias). copy = `y.copy_(x)` of the same size.",
             "",
         ]
-        head = ["op", "shape", "layout", "dtype", "pass", *(f"{p} ms" for p in provs), "copy ms",
-                *(f"{p} GB/s" for p in provs), *(f"{p}/native" for p in others), "native/copy",
-                *(f"{p}/copy" for p in others)]
-        body = [[r["op"], str(tuple(r["shape"])), r["layout"], r["dtype"], r["pass"],
-                 *(_ms(r["ms"][p]) for p in provs), _ms(r["copy_ms"]), *(_f(r["gbps"][p], 1) for p in provs),
-                 *(_f(r["vs_native"][p]) for p in others), _f(r["vs_copy"]["native"]),
-                 *(_f(r["vs_copy"][p]) for p in others)] for r in data["ops"]]
+        head = [
+            "op",
+            "shape",
+            "layout",
+            "dtype",
+            "pass",
+            *(f"{p} ms" for p in provs),
+            "copy ms",
+            *(f"{p} GB/s" for p in provs),
+            *((f"{p} % peak" for p in provs) if peak else ()),
+            *(f"{p}/native" for p in others),
+            "native/copy",
+            *(f"{p}/copy" for p in others),
+        ]
+        body = [
+            [
+                r["op"],
+                str(tuple(r["shape"])),
+                r["layout"],
+                r["dtype"],
+                r["pass"],
+                *(_ms(r["ms"][p]) for p in provs),
+                _ms(r["copy_ms"]),
+                *(_f(r["gbps"][p], 1) for p in provs),
+                *((_f(r.get("pct_peak", {}).get(p), 0) for p in provs) if peak else ()),
+                *(_f(r["vs_native"][p]) for p in others),
+                _f(r["vs_copy"]["native"]),
+                *(_f(r["vs_copy"][p]) for p in others),
+            ]
+            for r in data["ops"]
+        ]
         out += _table(head, 5, body) + [""]
     if data["e2e"]:
         labels = list(data["e2e"][0]["ms"])
@@ -596,11 +721,27 @@ def format_markdown(data: dict[str, Any]) -> str:
             "compile), not in ms.",
             "",
         ]
-        head = ["model", "norm", "input", "mode", *(f"{k} ms" for k in labels), *(f"{k}/torch.nn" for k in others),
-                "first step s (" + " / ".join(labels) + ")"]
-        body = [[r["model"], r["norm"], "x".join(map(str, r["input"])), r["mode"], *(_ms(r["ms"][k]) for k in labels),
-                 *(_f(r["vs_torch"][k]) for k in others), " / ".join(_f(r["first_step_s"][k], 1) for k in labels)]
-                for r in data["e2e"]]
+        head = [
+            "model",
+            "norm",
+            "input",
+            "mode",
+            *(f"{k} ms" for k in labels),
+            *(f"{k}/torch.nn" for k in others),
+            "first step s (" + " / ".join(labels) + ")",
+        ]
+        body = [
+            [
+                r["model"],
+                r["norm"],
+                "x".join(map(str, r["input"])),
+                r["mode"],
+                *(_ms(r["ms"][k]) for k in labels),
+                *(_f(r["vs_torch"][k]) for k in others),
+                " / ".join(_f(r["first_step_s"][k], 1) for k in labels),
+            ]
+            for r in data["e2e"]
+        ]
         out += _table(head, 4, body) + [""]
     parts = [f"norms {data['ops_s']:.0f} s"] if data["ops"] else []
     parts += [f"training steps {data['wall_s'] - data['ops_s']:.0f} s"] if data["e2e"] else []
@@ -608,8 +749,11 @@ def format_markdown(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184",
-           "MALLOC_TOP_PAD_": "1073741824"}
+_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": "17179869184",
+    "MALLOC_TRIM_THRESHOLD_": "17179869184",
+    "MALLOC_TOP_PAD_": "1073741824",
+}
 
 
 def run_bench(cfg: BenchConfig) -> tuple[str, dict[str, Any]]:
@@ -630,7 +774,11 @@ def run_bench(cfg: BenchConfig) -> tuple[str, dict[str, Any]]:
         config = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
         config["extra_providers"] = list(cfg.extra_providers)
         data: dict[str, Any] = {
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": cfg.repeats,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "repeats": cfg.repeats,
+            "device": cfg.device if cfg.device == "cpu" else f"cuda ({torch.cuda.get_device_name()})",
+            "peak_gbps": peak_gbps(cfg),
             "cpu_count": os.cpu_count(),
             "allocator_pinned": all(os.environ.get(k) == v for k, v in _MALLOC.items()),
             "traffic": "fwd: 2 x tensor bytes; fwdbwd: 5 x tensor bytes",
@@ -656,13 +804,27 @@ def write_json(data: dict[str, Any], path: str) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The :class:`BenchConfig` of parsed ``normkit bench`` options (see :mod:`normkit.cli`)."""
+    device = getattr(args, "device", "cpu")
     cfg = BenchConfig(
-        layouts=args.layouts, dtypes=args.dtypes, passes=args.passes, ops=args.ops, backends=args.backends,
-        repeats=1 if args.quick else args.repeats, min_time=0.05 if args.quick else args.min_time,
-        e2e_min_time=0.2 if args.quick else 1.0, threads=args.threads, compile=args.compile,
-        run_ops=not args.no_ops, e2e=args.e2e, quick=args.quick, quiet=args.quiet,
+        device=device,
+        peak_gbps=getattr(args, "peak_gbps", None),
+        layouts=args.layouts,
+        dtypes=args.dtypes,
+        passes=args.passes,
+        ops=args.ops,
+        backends=args.backends,
+        repeats=1 if args.quick else args.repeats,
+        min_time=0.05 if args.quick else args.min_time,
+        e2e_min_time=0.2 if args.quick else 1.0,
+        threads=args.threads,
+        compile=args.compile,
+        run_ops=not args.no_ops,
+        e2e=args.e2e,
+        quick=args.quick,
+        quiet=args.quiet,
     )
-    cfg.shapes = args.shapes or (list(QUICK_SHAPES) if args.quick else list(DEFAULT_SHAPES))
+    default = CUDA_SHAPES if device == "cuda" else DEFAULT_SHAPES
+    cfg.shapes = args.shapes or (list(QUICK_SHAPES) if args.quick else list(default))
     return cfg
 
 

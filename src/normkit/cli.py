@@ -99,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", type=_csv(_choice("fp32", "bf16")), default=["fp32", "bf16"], help="fp32,bf16 (default: both)")
     p.add_argument("--passes", type=_csv(_choice("fwd", "fwdbwd")), default=["fwd", "fwdbwd"], help="fwd,fwdbwd (default: both)")
     p.add_argument("--ops", type=_csv(str), help="only the ops whose name contains one of these, e.g. batch_norm,group")
-    p.add_argument("--backends", type=_csv(_choice("reference", "cpu", "native")), help="normkit backends to time (default: all available)")
+    p.add_argument("--backends", type=_csv(_choice("reference", "cpu", "native", "triton")),
+                   help="normkit backends to time (default: all available for the device)")
+    p.add_argument("--device", type=_choice("cpu", "cuda"), default="cpu",
+                   help="cpu, or cuda: torch native (cuDNN), normkit's Triton kernels and torch.compile on a GPU, "
+                        "with ResNet-50-sized shapes added and %% of the GPU's peak bandwidth (default: cpu)")
+    p.add_argument("--peak-gbps", type=_pfloat, help="the device's peak bandwidth for the %% of peak column "
+                                                     "(default: known GPUs' datasheet figure)")
     p.add_argument("--repeats", type=_pint, default=3, help="interleaved repeats; the best median is kept (default: 3)")
     p.add_argument("--min-time", type=_pfloat, default=0.2, help="seconds per op measurement (default: 0.2)")
     p.add_argument("--threads", type=_pint, default=2, help="torch intra-op threads (default: 2)")

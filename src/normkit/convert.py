@@ -2,15 +2,15 @@
 
 The two frameworks store the same layer differently (ALGORITHMS.md §1.1, §1.7):
 
-=====================  ==========================================  ==========================================
-                       PyTorch (``BatchNorm*d``)                    Keras (``BatchNormalization``)
-=====================  ==========================================  ==========================================
-names                  ``weight, bias, running_mean, running_var``  ``gamma, beta, moving_mean, moving_variance``
-momentum               weight of the *new* batch (0.1)              weight of the *old* value (0.99)
-stored variance        unbiased (``* m / (m - 1)``)                  biased (Keras 3)
-eps                    1e-5                                         1e-3
-channel axis           1                                            -1
-=====================  ==========================================  ==========================================
+===============  ===========================================  =============================================
+                 PyTorch (``BatchNorm*d``)                    Keras (``BatchNormalization``)
+===============  ===========================================  =============================================
+names            ``weight, bias, running_mean, running_var``  ``gamma, beta, moving_mean, moving_variance``
+momentum         weight of the *new* batch (0.1)              weight of the *old* value (0.99)
+stored variance  unbiased (``* m / (m - 1)``)                 biased (Keras 3)
+eps              1e-5                                         1e-3
+channel axis     1                                            -1
+===============  ===========================================  =============================================
 
 ``momentum`` converts as ``1 - m``, computed in decimal on the shortest representation of the
 float, so ``0.1 <-> 0.9`` and ``0.01 <-> 0.99`` round-trip exactly. The variance has two honest
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -127,8 +127,7 @@ def _keras_source(layer: Any) -> dict[str, Any]:
         return src
     raise TypeError(
         "from_keras_bn: expected a normkit.nn.BatchNormalization, a Keras layer (get_weights/get_config) "
-        "or a "
-        f"mapping of Keras weight names, got {type(layer).__name__}"
+        f"or a mapping of Keras weight names, got {type(layer).__name__}"
     )
 
 
@@ -191,15 +190,19 @@ def from_keras_bn(layer: Any, *, dim: int = 2, count: int | None = None) -> nn.M
             out.weight = None
         else:
             out.register_parameter("weight", None)
+    running_mean, running_var = out.running_mean, out.running_var
+    assert running_mean is not None and running_var is not None  # built with track_running_stats=True
     if gamma is not None:
+        assert out.weight is not None  # affine
         out.weight.copy_(gamma.reshape(C))
     if beta is not None:
+        assert out.bias is not None  # affine, with bias
         out.bias.copy_(beta.reshape(C))
-    out.running_mean.copy_(mean.reshape(C))
+    running_mean.copy_(mean.reshape(C))
     v = var.reshape(C)
     if count is not None:  # biased -> unbiased, in float64 then rounded once
-        v = (v.to(torch.float64) * (count / (count - 1))).to(out.running_var.dtype)
-    out.running_var.copy_(v)
+        v = (v.to(torch.float64) * (count / (count - 1))).to(running_var.dtype)
+    running_var.copy_(v)
     return out
 
 
@@ -236,7 +239,9 @@ def to_keras_bn(bn: nn.Module, *, axis: int = -1, count: int | None = None) -> B
             f"{op}: expected a BatchNorm layer with running statistics, got {type(bn).__name__} without "
             "running_mean/running_var (track_running_stats=False has nothing to convert)"
         )
-    if bn.momentum is None:
+    # a layer with running statistics: BN's momentum and eps
+    momentum, eps = cast("float | None", bn.momentum), cast(float, bn.eps)
+    if momentum is None:
         raise NormError(
             f"{op}: momentum=None (cumulative average) has no Keras equivalent; set a momentum first"
         )
@@ -246,8 +251,8 @@ def to_keras_bn(bn: nn.Module, *, axis: int = -1, count: int | None = None) -> B
     out = BatchNormalization(
         C,
         axis=axis,
-        momentum=torch_to_keras_momentum(bn.momentum),
-        epsilon=float(bn.eps),
+        momentum=torch_to_keras_momentum(momentum),
+        epsilon=float(eps),
         center=bias is not None,
         scale=weight is not None,
         trainable=trainable,
@@ -255,8 +260,10 @@ def to_keras_bn(bn: nn.Module, *, axis: int = -1, count: int | None = None) -> B
         dtype=rm.dtype,
     )
     if weight is not None:
+        assert out.gamma is not None  # scale=True
         out.gamma.copy_(weight)
     if bias is not None:
+        assert out.beta is not None  # center=True
         out.beta.copy_(bias)
     out.moving_mean.copy_(rm)
     v = rv

@@ -1,4 +1,5 @@
-"""NormMonitor and train_eval_gap: what they record equals direct computations, and the model is left as it was."""
+"""NormMonitor and train_eval_gap: what they record equals direct computations, and the model is left as it
+was."""
 
 from __future__ import annotations
 
@@ -19,8 +20,17 @@ F64 = torch.float64
 
 def _bn_net() -> nn.Sequential:
     torch.manual_seed(0)
-    return randomize_norms(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 1),
-                                         normkit.nn.GroupNorm(2, 8), nn.Conv2d(8, 4, 1), normkit.nn.LayerNorm2d(4)))
+    return randomize_norms(
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.Conv2d(6, 8, 1),
+            normkit.nn.GroupNorm(2, 8),
+            nn.Conv2d(8, 4, 1),
+            normkit.nn.LayerNorm2d(4),
+        )
+    )
 
 
 def test_hooks_are_removed_on_exit_and_nothing_else_changes():
@@ -44,16 +54,23 @@ def test_train_eval_gap_record_equals_the_direct_computation():
     with torch.no_grad():
         h = net[0](x).double()  # the BN's input
     mean_b, var_b = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
-    v = lambda t: t.view(1, -1, 1, 1)
+
+    def v(t):
+        return t.view(1, -1, 1, 1)
+
     diff = (h - v(mean_b)) / (v(var_b) + bn.eps).sqrt() - (h - v(rm)) / (v(rv) + bn.eps).sqrt()
     assert last["gap"] == pytest.approx(float(diff.pow(2).mean().sqrt()), rel=1e-6)
-    assert last["mean_shift"] == pytest.approx(float(((mean_b - rm) / (rv + bn.eps).sqrt()).pow(2).mean().sqrt()), rel=1e-6)
+    assert last["mean_shift"] == pytest.approx(
+        float(((mean_b - rm) / (rv + bn.eps).sqrt()).pow(2).mean().sqrt()), rel=1e-6
+    )
     assert last["uses"] == "batch" and last["mode"] == "train" and last["values_per_stat"] == 5 * 4 * 4
     assert mon.records["4"].last["values_per_stat"] == 4 * 4 * 4 and mon.records["4"].last["uses"] == "sample"
     assert mon.records["6"].last["values_per_stat"] == 4 and "gap" not in mon.records["6"].last
     # Drift: the running statistics moved by one momentum step since the start.
     drift = mon.drift()["1"]
-    assert drift["mean_shift"] == pytest.approx(float(((bn.running_mean.double() - rm) / (rv + bn.eps).sqrt()).pow(2).mean().sqrt()), rel=1e-6)
+    assert drift["mean_shift"] == pytest.approx(
+        float(((bn.running_mean.double() - rm) / (rv + bn.eps).sqrt()).pow(2).mean().sqrt()), rel=1e-6
+    )
 
 
 def test_eval_mode_uses_the_running_statistics_and_reports_their_ema_size():
@@ -86,10 +103,14 @@ def test_power_and_dead_channels():
     for key, t in (("power_in", h), ("power_out", y)):
         d = power_decomposition(t)
         assert last[key]["total"] == pytest.approx(d.total, rel=1e-12)
-        assert sum(last[key][k] for k in ("P_mean", "P_varmean", "P_varstd", "P_meanstd")) == pytest.approx(1.0)
+        assert sum(last[key][k] for k in ("P_mean", "P_varmean", "P_varstd", "P_meanstd")) == pytest.approx(
+            1.0
+        )
     # In training, BN's output channel means are its biases: P_mean = mean_c beta_c^2 / total.
     beta = net[1].bias.detach().double()
-    assert last["power_out"]["P_mean"] * last["power_out"]["total"] == pytest.approx(float(beta.pow(2).mean()), rel=1e-5)
+    assert last["power_out"]["P_mean"] * last["power_out"]["total"] == pytest.approx(
+        float(beta.pow(2).mean()), rel=1e-5
+    )
 
 
 def test_bn_network_trained_at_batch_2_shows_its_gap_in_one_table():
@@ -127,8 +148,16 @@ def test_bn_network_trained_at_batch_2_shows_its_gap_in_one_table():
 
 def test_train_eval_gap_equals_direct_batch_norm_and_restores_the_model():
     torch.manual_seed(0)
-    net = randomize_norms(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.ReLU(),
-                                        nn.Linear(8, 6), normkit.nn.BatchNorm1d(6)))
+    net = randomize_norms(
+        nn.Sequential(
+            nn.Linear(4, 8),
+            nn.BatchNorm1d(8),
+            nn.Dropout(0.5),
+            nn.ReLU(),
+            nn.Linear(8, 6),
+            normkit.nn.BatchNorm1d(6),
+        )
+    )
     net.eval()
     net[0].train()  # an odd flag, to be restored as it was
     x = torch.randn(16, 4)
@@ -139,8 +168,12 @@ def test_train_eval_gap_equals_direct_batch_norm_and_restores_the_model():
     bn = net[1]
     with torch.no_grad():
         h = net[0](x)
-        y_b = ref_batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=True, eps=bn.eps).output
-        y_r = ref_batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps).output
+        y_b = ref_batch_norm(
+            h, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=True, eps=bn.eps
+        ).output
+        y_r = ref_batch_norm(
+            h, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps
+        ).output
     assert gap.layers["1"] == pytest.approx(float((y_b - y_r).norm() / y_r.norm()), rel=1e-5)
     # The whole model with BN in train mode (dropout still off) against eval, on a copy.
     train_copy = copy.deepcopy(net).eval()
@@ -149,7 +182,9 @@ def test_train_eval_gap_equals_direct_batch_norm_and_restores_the_model():
     with torch.no_grad():
         want = float((train_copy(x).double() - net.eval()(x).double()).norm() / net(x).double().norm())
     assert gap.output == pytest.approx(want, rel=1e-5)
-    assert set(gap.propagated) == {"1", "5"} and gap.propagated["1"] == pytest.approx(gap.layers["1"], rel=1e-6)
+    assert set(gap.propagated) == {"1", "5"} and gap.propagated["1"] == pytest.approx(
+        gap.layers["1"], rel=1e-6
+    )
     assert "<model output>" in str(gap)
 
 

@@ -13,16 +13,23 @@ F64 = torch.float64
 
 def test_batch_running_gap_equals_the_direct_difference_of_normalized_values():
     torch.manual_seed(0)
-    x = torch.randn(5, 6, 4, 3, dtype=F64) * torch.rand(1, 6, 1, 1, dtype=F64) * 3 + torch.randn(1, 6, 1, 1, dtype=F64)
+    x = torch.randn(5, 6, 4, 3, dtype=F64) * torch.rand(1, 6, 1, 1, dtype=F64) * 3 + torch.randn(
+        1, 6, 1, 1, dtype=F64
+    )
     rm, rv, eps = torch.randn(6, dtype=F64), torch.rand(6, dtype=F64) + 0.2, 1e-3
     mean_b = x.mean((0, 2, 3))
     var_b = x.var((0, 2, 3), unbiased=False)
     got = stats.batch_running_gap(mean_b, var_b, rm, rv, eps)
-    v = lambda t: t.view(1, -1, 1, 1)
+
+    def v(t):
+        return t.view(1, -1, 1, 1)
+
     x_b = (x - v(mean_b)) / (v(var_b) + eps).sqrt()
     x_r = (x - v(rm)) / (v(rv) + eps).sqrt()
     assert got["gap"] == pytest.approx(float((x_b - x_r).pow(2).mean().sqrt()), rel=1e-12)
-    assert got["mean_shift"] == pytest.approx(float(((mean_b - rm) / (rv + eps).sqrt()).pow(2).mean().sqrt()), rel=1e-12)
+    assert got["mean_shift"] == pytest.approx(
+        float(((mean_b - rm) / (rv + eps).sqrt()).pow(2).mean().sqrt()), rel=1e-12
+    )
     ratio = 0.5 * torch.log((var_b + eps) / (rv + eps))
     assert got["log_std_ratio"] == pytest.approx(float(ratio.pow(2).mean().sqrt()), rel=1e-12)
 
@@ -30,16 +37,26 @@ def test_batch_running_gap_equals_the_direct_difference_of_normalized_values():
 def test_ema_effective_batches_equals_kish_on_the_explicit_weights():
     for m, t in ((0.1, 1), (0.1, 7), (0.3, 50), (0.01, 400)):
         w = torch.tensor([m * (1 - m) ** k for k in range(t)], dtype=F64)
-        assert stats.ema_effective_batches(m, t) == pytest.approx(float(w.sum() ** 2 / w.pow(2).sum()), rel=1e-10)
+        assert stats.ema_effective_batches(m, t) == pytest.approx(
+            float(w.sum() ** 2 / w.pow(2).sum()), rel=1e-10
+        )
     assert stats.ema_effective_batches(0.1, 10**6) == pytest.approx(19.0)
     assert stats.ema_effective_batches(None, 12) == 12.0 and stats.ema_effective_batches(0.1, 0) == 0.0
 
 
-@pytest.mark.parametrize("kind, shape, groups, expected", [
-    ("bn", (2, 64, 1, 1), None, 2), ("bn", (8, 3, 5, 5), None, 200), ("gn", (8, 16, 5, 5), 4, 100),
-    ("pn", (8, 16, 5, 5), 1, 400), ("ln", (8, 16, 5, 5), None, 400), ("ln2d", (8, 16, 5, 5), None, 16),
-    ("in", (8, 16, 5, 5), None, 25), ("bn", (4, 7), None, 4),
-])
+@pytest.mark.parametrize(
+    "kind, shape, groups, expected",
+    [
+        ("bn", (2, 64, 1, 1), None, 2),
+        ("bn", (8, 3, 5, 5), None, 200),
+        ("gn", (8, 16, 5, 5), 4, 100),
+        ("pn", (8, 16, 5, 5), 1, 400),
+        ("ln", (8, 16, 5, 5), None, 400),
+        ("ln2d", (8, 16, 5, 5), None, 16),
+        ("in", (8, 16, 5, 5), None, 25),
+        ("bn", (4, 7), None, 4),
+    ],
+)
 def test_values_per_statistic_counts_the_reduction_set(kind, shape, groups, expected):
     assert stats.values_per_statistic(kind, shape, groups) == expected
     # Cross-check on the tensor: the count torch.group_norm pools over equals numel / number of sets.

@@ -34,15 +34,23 @@ class WorldError(AssertionError):
 
 
 def _entry(
-    rank: int, world_size: int, init_file: str, worker: Callable[[int, int, Any], Any], payload: Any,
-    results: Any, collective_timeout: float,
+    rank: int,
+    world_size: int,
+    init_file: str,
+    worker: Callable[[int, int, Any], Any],
+    payload: Any,
+    results: Any,
+    collective_timeout: float,
 ) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     try:
         dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
             timeout=timedelta(seconds=collective_timeout),
         )
         try:
@@ -57,7 +65,11 @@ def _entry(
 
 
 def run_world(
-    worker: Callable[[int, int, Any], Any], world_size: int, payload: Any = None, *, timeout: float = 90.0,
+    worker: Callable[[int, int, Any], Any],
+    world_size: int,
+    payload: Any = None,
+    *,
+    timeout: float = 90.0,
 ) -> list[Any]:
     """``[worker(rank, world_size, payload) for rank in range(world_size)]``, each in its own process.
 
@@ -88,8 +100,8 @@ def run_world(
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WorldError(
-                        f"world of {world_size} did not finish within {timeout:.0f} s (a hang?); finished ranks: "
-                        f"{sorted(out)}, failed: {sorted(errors)}"
+                        f"world of {world_size} did not finish within {timeout:.0f} s (a hang?); finished "
+                        f"ranks: {sorted(out)}, failed: {sorted(errors)}"
                         + "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
                     )
                 try:

@@ -20,8 +20,17 @@ import normkit
 from normkit import NormError
 
 COLLECTIVES = (
-    "all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce", "broadcast", "reduce",
-    "reduce_scatter", "all_to_all", "gather", "scatter", "barrier",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_reduce",
+    "broadcast",
+    "reduce",
+    "reduce_scatter",
+    "all_to_all",
+    "gather",
+    "scatter",
+    "barrier",
 )
 
 
@@ -75,9 +84,16 @@ def global_mask(case: dict[str, Any]) -> Tensor | None:
 def init_state(case: dict[str, Any], C: int) -> dict[str, Tensor]:
     """Non-trivial affine parameters and running statistics, the same on every rank."""
     g = torch.Generator().manual_seed(case["seed"] + 3000)
-    r = lambda: torch.rand(C, generator=g, dtype=torch.float64)
-    return {"weight": 1.0 + 0.5 * (r() - 0.5), "bias": 0.3 * (r() - 0.5),
-            "running_mean": 0.2 * r(), "running_var": 0.5 + r()}
+
+    def r():
+        return torch.rand(C, generator=g, dtype=torch.float64)
+
+    return {
+        "weight": 1.0 + 0.5 * (r() - 0.5),
+        "bias": 0.3 * (r() - 0.5),
+        "running_mean": 0.2 * r(),
+        "running_var": 0.5 + r(),
+    }
 
 
 def rank_slice(case: dict[str, Any], rank: int) -> slice:
@@ -93,9 +109,14 @@ def build_sync_bn(case: dict[str, Any], group: Any = None) -> nn.Module:
         dtype = torch.float32  # half inputs keep fp32 parameters and buffers (as under autocast)
     affine = case.get("affine", True)
     layer = normkit.nn.SyncBatchNorm(
-        C, eps=case.get("eps", 1e-5), momentum=case.get("momentum", 0.1), affine=affine,
-        track_running_stats=case.get("track", True), process_group=group,
-        unbiased_running_var=case.get("unbiased", True), dtype=dtype,
+        C,
+        eps=case.get("eps", 1e-5),
+        momentum=case.get("momentum", 0.1),
+        affine=affine,
+        track_running_stats=case.get("track", True),
+        process_group=group,
+        unbiased_running_var=case.get("unbiased", True),
+        dtype=dtype,
     )
     state = init_state(case, C)
     with torch.no_grad():
@@ -112,7 +133,8 @@ def build_sync_bn(case: dict[str, Any], group: Any = None) -> nn.Module:
 
 
 def sync_bn_case(rank: int, case: dict[str, Any], group: Any = None) -> dict[str, Any]:
-    """One SyncBN training step (forward, backward) on this rank's slice; outputs, grads, buffers, collectives."""
+    """One SyncBN training step (forward, backward) on this rank's slice; outputs, grads, buffers,
+    collectives."""
     dtype = case.get("dtype", torch.float64)
     sl = rank_slice(case, rank)
     x = global_input(case)[sl].to(dtype)
@@ -127,7 +149,10 @@ def sync_bn_case(rank: int, case: dict[str, Any], group: Any = None) -> dict[str
         forward_counts = dict(counts)
         y.backward(dy)
     out: dict[str, Any] = {
-        "y": y.detach(), "dx": x.grad, "forward_collectives": forward_counts, "collectives": dict(counts),
+        "y": y.detach(),
+        "dx": x.grad,
+        "forward_collectives": forward_counts,
+        "collectives": dict(counts),
         "y_channels_last": y.is_contiguous(memory_format=torch.channels_last) if y.dim() == 4 else None,
         "dx_channels_last": x.grad.is_contiguous(memory_format=torch.channels_last) if y.dim() == 4 else None,
         "y_dtype": y.dtype,
@@ -142,9 +167,9 @@ def sync_bn_case(rank: int, case: dict[str, Any], group: Any = None) -> dict[str
 
 
 BAD_INPUTS = {
-    "channels": lambda x: x[:, :-1],          # one channel short
-    "integer": lambda x: x.long(),            # not floating point
-    "rank1": lambda x: x[:, 0],               # (N,) instead of (N, C, ...)
+    "channels": lambda x: x[:, :-1],  # one channel short
+    "integer": lambda x: x.long(),  # not floating point
+    "rank1": lambda x: x[:, 0],  # (N,) instead of (N, C, ...)
 }
 
 
@@ -182,8 +207,14 @@ def eval_and_world_one(rank: int, case: dict[str, Any]) -> dict[str, Any]:
     with count_collectives() as counts1:
         y1 = layer1(x1)
         y1.sum().backward()
-    return {"eval_collectives": eval_counts, "eval_y": eval_y, "solo_collectives": sum(counts1.values()),
-            "solo_y": y1.detach(), "solo_rm": layer1.running_mean.clone(), "solo_rv": layer1.running_var.clone()}
+    return {
+        "eval_collectives": eval_counts,
+        "eval_y": eval_y,
+        "solo_collectives": sum(counts1.values()),
+        "solo_y": y1.detach(),
+        "solo_rm": layer1.running_mean.clone(),
+        "solo_rv": layer1.running_var.clone(),
+    }
 
 
 def subgroup_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
@@ -226,11 +257,17 @@ def train_steps(rank: int, case: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_net(case: dict[str, Any]) -> nn.Module:
-    """Conv -> BN -> ReLU -> Conv -> BN -> pool -> (N, 3), float64 (built identically by the parent for the oracle)."""
+    """Conv -> BN -> ReLU -> Conv -> BN -> pool -> (N, 3), float64 (built identically by the parent for the
+    oracle)."""
     C = case["tail"][0]
     net = nn.Sequential(
-        nn.Conv2d(C, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 3, 1), normkit.nn.BatchNorm2d(3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(C, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 3, 1),
+        normkit.nn.BatchNorm2d(3),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
     ).double()
     return net
 
@@ -244,15 +281,22 @@ def recalibrate_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
         loader = loader + loader[:1]  # one more batch than the others: stopped in lockstep
     with count_collectives() as counts:
         normkit.recalibrate_bn(net, loader, progress=False)
-    return {"buffers": {k: v.clone() for k, v in net.state_dict().items()}, "collectives": dict(counts),
-            "batches_seen": len(loader)}
+    return {
+        "buffers": {k: v.clone() for k, v in net.state_dict().items()},
+        "collectives": dict(counts),
+        "batches_seen": len(loader),
+    }
 
 
 def recal_net(case: dict[str, Any]) -> nn.Module:
     torch.manual_seed(case["seed"])
     net = nn.Sequential(
-        normkit.nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1), normkit.nn.SyncBatchNorm(4), nn.ReLU(),
-        nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5),
+        normkit.nn.BatchNorm2d(3),
+        nn.Conv2d(3, 4, 3, padding=1),
+        normkit.nn.SyncBatchNorm(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 1),
+        nn.BatchNorm2d(5),
     ).double()
     return net
 
@@ -269,17 +313,26 @@ def buffers_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
         net = buffer_net(rank)
         with count_collectives() as counts:
             normkit.sync_bn_buffers(net, mode=mode, src=case.get("src", 0))
-        out[mode] = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k
-                     or "moving" in k}
+        out[mode] = {
+            k: v.clone()
+            for k, v in net.state_dict().items()
+            if "running" in k or "num_batches" in k or "moving" in k
+        }
         out[mode + "_collectives"] = sum(counts.values())
     return out
 
 
 def buffer_net(rank: int) -> nn.Module:
-    """A net whose normalization buffers differ by rank (rank-seeded); rank 1 has a NaN running_var channel."""
+    """A net whose normalization buffers differ by rank (rank-seeded); rank 1 has a NaN running_var
+    channel."""
     torch.manual_seed(100 + rank)
-    net = nn.Sequential(nn.BatchNorm2d(3), normkit.nn.SyncBatchNorm(4), normkit.nn.FrozenBatchNorm2d(2),
-                        nn.InstanceNorm2d(2, track_running_stats=True), normkit.nn.BatchNormalization(3))
+    net = nn.Sequential(
+        nn.BatchNorm2d(3),
+        normkit.nn.SyncBatchNorm(4),
+        normkit.nn.FrozenBatchNorm2d(2),
+        nn.InstanceNorm2d(2, track_running_stats=True),
+        normkit.nn.BatchNormalization(3),
+    )
     with torch.no_grad():
         for name, b in net.named_buffers():
             if b.is_floating_point():
@@ -297,12 +350,19 @@ def functional_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
     x = global_input(case)[sl]
     state = init_state(case, case["tail"][0])
     rm, rv, nbt = state["running_mean"].clone(), state["running_var"].clone(), torch.tensor(0)
-    out = normkit.functional.sync_batch_norm(x, rm, rv, state["weight"], state["bias"], training=True,
-                                             num_batches_tracked=nbt)
-    unchanged = (torch.equal(rm, state["running_mean"]) and torch.equal(rv, state["running_var"])
-                 and int(nbt) == 0)
-    return {"y": out.output, "running_mean": out.running_mean, "running_var": out.running_var,
-            "num_batches_tracked": out.num_batches_tracked, "arguments_unchanged": unchanged}
+    out = normkit.functional.sync_batch_norm(
+        x, rm, rv, state["weight"], state["bias"], training=True, num_batches_tracked=nbt
+    )
+    unchanged = (
+        torch.equal(rm, state["running_mean"]) and torch.equal(rv, state["running_var"]) and int(nbt) == 0
+    )
+    return {
+        "y": out.output,
+        "running_mean": out.running_mean,
+        "running_var": out.running_var,
+        "num_batches_tracked": out.num_batches_tracked,
+        "arguments_unchanged": unchanged,
+    }
 
 
 TASKS = {

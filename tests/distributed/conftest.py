@@ -20,7 +20,8 @@ F64, F32 = torch.float64, torch.float32
 
 
 def random_splits(world: int, count: int, seed: int) -> list[list[int]]:
-    """Random per-rank batch sizes from {0, 1, 2, 3, 5}; each split has an empty or a size-1 rank and >= 2 in all."""
+    """Random per-rank batch sizes from {0, 1, 2, 3, 5}; each split has an empty or a size-1 rank and >= 2 in
+    all."""
     g = torch.Generator().manual_seed(seed)
     sizes = torch.tensor([0, 1, 2, 3, 5])
     out: list[list[int]] = []
@@ -47,8 +48,9 @@ def sync_cases(world: int) -> dict[str, dict[str, Any]]:
             "fp32-large-offset": dict(tail=(3, 6, 6), splits=[3, 5], dtype=F32, offset=1e4, scale=1e-2),
             "bf16": dict(tail=(3, 4, 4), splits=[3, 3], dtype=torch.bfloat16),
             # outputs and gradients exact; the variance (~1e60) does not fit the fp32 buffers: no update
-            "fp32-huge-values": dict(tail=(2, 3, 3), splits=[2, 3], dtype=F32, offset=0.0, scale=1e30,
-                                     skips_update=True),
+            "fp32-huge-values": dict(
+                tail=(2, 3, 3), splits=[2, 3], dtype=F32, offset=0.0, scale=1e30, skips_update=True
+            ),
         }
     else:
         cases = {
@@ -59,7 +61,7 @@ def sync_cases(world: int) -> dict[str, dict[str, Any]]:
     for i, s in enumerate(random_splits(world, 4 if world == 2 else 5, seed=world)):
         tail = [(3,), (3, 5), (2, 3, 3), (2, 2, 2, 2)][i % 4]
         cases[f"random-{i}-{s}"] = dict(tail=tail, splits=s)
-    for i, (name, c) in enumerate(cases.items()):
+    for i, c in enumerate(cases.values()):
         c.setdefault("seed", 10 * world + i)
     return cases
 
@@ -93,8 +95,11 @@ def payload(world: int) -> list[tuple[str, str, dict[str, Any]]]:
     tasks += [("buffers", "buffers", {"src": world - 1})]
     if world == 2:
         tasks += [("functional", "functional", sync_cases(2)["uneven-4d-channels-last"])]
-        tasks += [("eval", "eval", EVAL), ("recalibrate", "recalibrate", RECAL[2]),
-                  ("recalibrate_extra", "recalibrate", RECAL_EXTRA[2])]
+        tasks += [
+            ("eval", "eval", EVAL),
+            ("recalibrate", "recalibrate", RECAL[2]),
+            ("recalibrate_extra", "recalibrate", RECAL_EXTRA[2]),
+        ]
     else:
         tasks += [("subgroup", "subgroup", SUBGROUP)]
     return tasks

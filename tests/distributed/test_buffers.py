@@ -1,4 +1,5 @@
-"""normkit.sync_bn_buffers on gloo worlds of 2 and 3: every rank ends with the same buffers, the expected ones."""
+"""normkit.sync_bn_buffers on gloo worlds of 2 and 3: every rank ends with the same buffers, the expected
+ones."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def _keys(net: nn.Module) -> list[str]:
 
 
 def _expected_average(world: int) -> dict[str, torch.Tensor]:
-    """Written out channel by channel: equal-weight mixture of the finite ranks' (mean, var); counters: max."""
+    """Written out channel by channel: equal-weight mixture of the finite ranks' (mean, var); counters:
+    max."""
     nets = [buffer_net(r).state_dict() for r in range(world)]
     out: dict[str, torch.Tensor] = {}
     for k in _keys(buffer_net(0)):
@@ -30,7 +32,11 @@ def _expected_average(world: int) -> dict[str, torch.Tensor]:
         var_key = k.replace("running_mean", "running_var").replace("moving_mean", "moving_variance")
         mean, var = [], []
         for c in range(nets[0][k].numel()):
-            ok = [r for r in range(world) if math.isfinite(float(nets[r][k][c])) and math.isfinite(float(nets[r][var_key][c]))]
+            ok = [
+                r
+                for r in range(world)
+                if math.isfinite(float(nets[r][k][c])) and math.isfinite(float(nets[r][var_key][c]))
+            ]
             m = sum(float(nets[r][k][c]) for r in ok) / len(ok)
             v = sum(float(nets[r][var_key][c]) + (float(nets[r][k][c]) - m) ** 2 for r in ok) / len(ok)
             mean.append(m)
@@ -40,7 +46,9 @@ def _expected_average(world: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_average_and_broadcast_leave_identical_expected_buffers(request: pytest.FixtureRequest, world: int) -> None:
+def test_average_and_broadcast_leave_identical_expected_buffers(
+    request: pytest.FixtureRequest, world: int
+) -> None:
     ranks = [r["buffers"] for r in request.getfixturevalue(f"world{world}")]
     want = _expected_average(world)
     src = buffer_net(world - 1).state_dict()
@@ -50,7 +58,9 @@ def test_average_and_broadcast_leave_identical_expected_buffers(request: pytest.
         for k, v in want.items():
             got = r["average"][k]
             assert torch.isfinite(got).all(), k  # the NaN of rank 1 was not spread
-            torch.testing.assert_close(got.to(v.dtype), v, rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(
+                got.to(v.dtype), v, rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
+            )
         for k in want:  # src's values exactly (its NaN channel included: broadcast copies)
             torch.testing.assert_close(r["broadcast"][k], src[k], rtol=0, atol=0, equal_nan=True)
     for r in ranks[1:]:  # bit-identical on every rank

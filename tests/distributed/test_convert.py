@@ -1,4 +1,5 @@
-"""normkit.convert_sync_batchnorm / revert_sync_batchnorm: round trips lose nothing, unsafe layers are refused.
+"""normkit.convert_sync_batchnorm / revert_sync_batchnorm: round trips lose nothing, unsafe layers are
+refused.
 
 Single process (no process group): a converted layer then computes plain BN, so its outputs are
 compared with the original layer's, and every Parameter, buffer and flag with the original's.
@@ -43,10 +44,18 @@ SOURCES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("torch-BatchNorm2d-no-tracking", lambda: nn.BatchNorm2d(4, track_running_stats=False), (3, 4, 3, 3)),
     ("normkit-BatchNorm1d-3d", lambda: nkn.BatchNorm1d(4), (3, 4, 5)),
     ("normkit-BatchNorm2d-no-bias", lambda: nkn.BatchNorm2d(4, bias=False), (3, 4, 3, 3)),
-    ("normkit-BatchNorm2d-biased-f64", lambda: nkn.BatchNorm2d(4, unbiased_running_var=False, dtype=F64), (3, 4, 3, 3)),
+    (
+        "normkit-BatchNorm2d-biased-f64",
+        lambda: nkn.BatchNorm2d(4, unbiased_running_var=False, dtype=F64),
+        (3, 4, 3, 3),
+    ),
     ("normkit-BatchNorm3d-eps", lambda: nkn.BatchNorm3d(4, eps=1e-3, momentum=0.3), (2, 4, 2, 2, 2)),
     ("normkit-BatchNormAct2d-silu", lambda: nkn.BatchNormAct2d(4, activation="silu"), (3, 4, 3, 3)),
-    ("normkit-BatchNormAct2d-module", lambda: nkn.BatchNormAct2d(4, activation=nn.LeakyReLU(0.3)), (3, 4, 3, 3)),
+    (
+        "normkit-BatchNormAct2d-module",
+        lambda: nkn.BatchNormAct2d(4, activation=nn.LeakyReLU(0.3)),
+        (3, 4, 3, 3),
+    ),
 ]
 
 
@@ -65,7 +74,9 @@ def _flags(m: nn.Module) -> dict[str, Any]:
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize(("name", "build", "shape"), SOURCES, ids=[s[0] for s in SOURCES])
-def test_round_trip_keeps_everything(name: str, build: Callable[[], nn.Module], shape: tuple[int, ...], train: bool) -> None:
+def test_round_trip_keeps_everything(
+    name: str, build: Callable[[], nn.Module], shape: tuple[int, ...], train: bool
+) -> None:
     torch.manual_seed(0)
     layer = build()
     x = torch.randn(shape, dtype=layer.weight.dtype if layer.weight is not None else torch.float32) * 2 + 1
@@ -131,7 +142,13 @@ def test_torch_sync_batch_norm_converts_and_keeps_its_process_group() -> None:
     back = normkit.revert_sync_batchnorm(nn.Sequential(ours))[0]
     assert isinstance(back, nkn.BatchNorm2d.__mro__[1]) and int(back.num_batches_tracked) == 9
     # torch's SyncBatchNorm does not know its input rank: normkit's BN for 2D-5D
-    assert back(torch.randn(3, 5)).shape == (3, 5) and back(torch.randn(3, 5, 2, 2, 2)).shape == (3, 5, 2, 2, 2)
+    assert back(torch.randn(3, 5)).shape == (3, 5) and back(torch.randn(3, 5, 2, 2, 2)).shape == (
+        3,
+        5,
+        2,
+        2,
+        2,
+    )
     # and a torch SyncBatchNorm reverts directly too
     assert type(normkit.revert_sync_batchnorm(nn.SyncBatchNorm(2))).__name__ == "_BatchNormXd"
 
@@ -146,8 +163,16 @@ def test_process_group_is_given_to_every_converted_layer_and_kept_through_the_ro
 
 
 def test_other_layers_are_never_touched() -> None:
-    keep = [nn.GroupNorm(2, 4), nn.LayerNorm(4), nkn.FrozenBatchNorm2d(4), nn.InstanceNorm2d(4, track_running_stats=True),
-            nkn.GroupNorm(2, 4), nkn.LayerNorm2d(4), nn.Conv2d(4, 4, 1), nkn.BatchNormalization(4)]
+    keep = [
+        nn.GroupNorm(2, 4),
+        nn.LayerNorm(4),
+        nkn.FrozenBatchNorm2d(4),
+        nn.InstanceNorm2d(4, track_running_stats=True),
+        nkn.GroupNorm(2, 4),
+        nkn.LayerNorm2d(4),
+        nn.Conv2d(4, 4, 1),
+        nkn.BatchNormalization(4),
+    ]
     net = nn.Sequential(*keep)
     out = normkit.convert_sync_batchnorm(net)
     assert out is net and all(a is b for a, b in zip(out, keep))
@@ -174,8 +199,10 @@ class _InitOnly(nn.BatchNorm2d):
 @pytest.mark.parametrize(
     ("layer", "words"),
     [
-        (nkn.GhostBatchNorm2d(4, ghost_batch_size=2),
-         ["'1.1'", "GhostBatchNorm2d", "ghost_batch_size=2", "BatchNorm2d first", "silently"]),
+        (
+            nkn.GhostBatchNorm2d(4, ghost_batch_size=2),
+            ["'1.1'", "GhostBatchNorm2d", "ghost_batch_size=2", "BatchNorm2d first", "silently"],
+        ),
         (nkn.BatchRenorm1d(4), ["'1.1'", "BatchRenorm1d", "(r, d)", "BatchNorm1d first", "silently"]),
         (_ForwardOverride(4), ["'1.1'", "_ForwardOverride overrides BatchNorm's forward", "silently"]),
         (nn.LazyBatchNorm2d(), ["'1.1'", "LazyBatchNorm2d", "run one forward pass first"]),
@@ -190,8 +217,9 @@ def test_layers_whose_forward_would_be_dropped_are_refused(layer: nn.Module, wor
     for w in [*words, "unsupported='keep'"]:
         assert w in msg, (w, msg)
     assert type(net[0]) is nn.BatchNorm2d  # a refused model is left as it was, not half-converted
-    kept = normkit.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(nn.Identity(), layer)),
-                                          unsupported="keep")
+    kept = normkit.convert_sync_batchnorm(
+        nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(nn.Identity(), layer)), unsupported="keep"
+    )
     assert type(kept[0]) is nkn.SyncBatchNorm and kept[1][1] is layer
 
 

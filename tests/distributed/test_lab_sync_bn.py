@@ -19,25 +19,61 @@ def _finals(run: Path) -> list[dict]:
 
 
 def test_compare_sync_bn_in_one_process_is_plain_bn(tmp_path: Path) -> None:
-    kw = dict(norms=["bn", "gn:8"], batch_sizes=[4], seeds=[0], epochs=1, max_steps=2, limit_train=32,
-              limit_test=16, quiet=True, threads=1, device="cpu", jobs=1)
+    kw = dict(
+        norms=["bn", "gn:8"],
+        batch_sizes=[4],
+        seeds=[0],
+        epochs=1,
+        max_steps=2,
+        limit_train=32,
+        limit_test=16,
+        quiet=True,
+        threads=1,
+        device="cpu",
+        jobs=1,
+    )
     sync = run_compare(CompareConfig(**kw, sync_bn=True, out=str(tmp_path / "sync")))
     plain = run_compare(CompareConfig(**kw, out=str(tmp_path / "plain")))
     assert sync.path is not None and plain.path is not None
     assert "SyncBatchNorm is plain BN" in sync.summary
     got = {r["norm"]: r for r in _finals(sync.path)}
     want = {r["norm"]: r for r in _finals(plain.path)}
-    assert got["bn"]["sync_bn_layers"] == 5 and got["gn:8"]["sync_bn_layers"] == 0  # cnn4-head: 4 + 1 BN layers
+    assert (  # cnn4-head: 4 + 1 BN layers
+        got["bn"]["sync_bn_layers"] == 5 and got["gn:8"]["sync_bn_layers"] == 0
+    )
     for norm in want:  # the same numbers: with one process SyncBatchNorm is BN
         assert abs(got[norm]["test_err"] - want[norm]["test_err"]) < 1e-9
         assert abs(got[norm]["train_loss"] - want[norm]["train_loss"]) < 1e-6
 
 
 def test_torchrun_two_processes_gloo_sync_bn(tmp_path: Path) -> None:
-    """The README command, shrunk: ``torchrun --nproc-per-node 2 -m normkit.cli compare --sync-bn`` (about 15 s)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "normkit.cli",
-           "compare", "--sync-bn", "--norms", "bn,gn:8", "--batch-sizes", "4", "--seeds", "0", "--epochs", "1",
-           "--max-steps", "2", "--out", str(tmp_path), *TINY]
+    """The README command, shrunk (about 15 s):
+    ``torchrun --nproc-per-node 2 -m normkit.cli compare --sync-bn``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "normkit.cli",
+        "compare",
+        "--sync-bn",
+        "--norms",
+        "bn,gn:8",
+        "--batch-sizes",
+        "4",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--out",
+        str(tmp_path),
+        *TINY,
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

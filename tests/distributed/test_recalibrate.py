@@ -22,10 +22,14 @@ from tests.distributed._workers import recal_batches, recal_net
 from tests.distributed.conftest import RECAL
 
 F64 = torch.float64
-TOL = dict(rtol=1e-5, atol=1e-6)  # normkit pools fp32-accurate per-batch moments of float64 inputs: far tighter in practice
+TOL = dict(  # normkit pools fp32-accurate per-batch moments of float64 inputs: far tighter in practice
+    rtol=1e-5, atol=1e-6
+)
 
 
-def population(values: list[Tensor], dims: tuple[int, ...] = (0, 2, 3), unbiased: bool = True) -> tuple[Tensor, Tensor]:
+def population(
+    values: list[Tensor], dims: tuple[int, ...] = (0, 2, 3), unbiased: bool = True
+) -> tuple[Tensor, Tensor]:
     """Mean and variance over every value of every tensor (per channel, dim 1), float64, two-pass."""
     flat = torch.cat([v.to(F64).movedim(1, -1).reshape(-1, v.shape[1]) for v in values])
     mean = flat.mean(0)
@@ -82,7 +86,9 @@ def replay(net: Net, batches: list[Tensor]) -> dict[str, list[Tensor]]:
             seen["twice"] += [h, sub]
             h = _bn(h, net.twice) + _bn(sub, net.twice).mean()
             h = net.conv2(h)
-            h = (h - net.frozen.running_mean.view(1, -1, 1, 1)) / torch.sqrt(net.frozen.running_var.view(1, -1, 1, 1) + 1e-5)
+            h = (h - net.frozen.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
+                net.frozen.running_var.view(1, -1, 1, 1) + 1e-5
+            )
             h = TF.instance_norm(h, eps=net.inorm.eps)
             seen["bn3"].append(net.conv3(h))
     return seen
@@ -107,7 +113,9 @@ def test_population_statistics_of_every_layer_one_process() -> None:
     for name in ("bn0", "ghost", "twice", "bn3"):
         layer = getattr(net, name)
         mean, var = population(seen[name], unbiased=name != "twice")  # 'twice' stores the biased variance
-        torch.testing.assert_close(layer.running_mean, mean, **TOL, msg=lambda m, name=name: f"{name} mean: {m}")
+        torch.testing.assert_close(
+            layer.running_mean, mean, **TOL, msg=lambda m, name=name: f"{name} mean: {m}"
+        )
         torch.testing.assert_close(layer.running_var, var, **TOL, msg=lambda m, name=name: f"{name} var: {m}")
         assert int(layer.num_batches_tracked) == 5  # kept (Batch Renorm's warm-up reads it)
     for k, v in net.state_dict().items():  # every other buffer is as before: Frozen BN, InstanceNorm, affine
@@ -120,7 +128,9 @@ def test_population_statistics_of_every_layer_one_process() -> None:
 def test_it_is_the_population_variance_not_the_mean_of_batch_variances() -> None:
     """swa_utils.update_bn averages the per-batch variances (it misses the variance of the batch means)."""
     g = torch.Generator().manual_seed(2)
-    batches = [torch.randn(8, 2, generator=g, dtype=F64) + 3.0 * i for i in range(4)]  # the batch means differ
+    batches = [  # the batch means differ
+        torch.randn(8, 2, generator=g, dtype=F64) + 3.0 * i for i in range(4)
+    ]
     ours, theirs = nn.Sequential(nkn.BatchNorm1d(2, dtype=F64)), nn.Sequential(nkn.BatchNorm1d(2, dtype=F64))
     normkit.recalibrate_bn(ours, batches, progress=False)
     torch.optim.swa_utils.update_bn(batches, theirs)
@@ -150,7 +160,9 @@ def test_masked_inputs_count_their_valid_values_only() -> None:
         batches.append({"x": x, "lengths": lengths})
     net = _Masked()
     normkit.recalibrate_bn(net, batches, progress=False)
-    valid = torch.cat([b["x"].movedim(1, -1)[torch.arange(b["x"].shape[-1]) < b["lengths"][:, None]] for b in batches])
+    valid = torch.cat(
+        [b["x"].movedim(1, -1)[torch.arange(b["x"].shape[-1]) < b["lengths"][:, None]] for b in batches]
+    )
     torch.testing.assert_close(net.bn.running_mean, valid.mean(0), **TOL)
     torch.testing.assert_close(net.bn.running_var, valid.var(0), **TOL)
 
@@ -206,7 +218,8 @@ def test_bad_arguments() -> None:
 
 
 def _two_process_oracle(case: dict[str, Any]) -> dict[str, tuple[Tensor, Tensor]]:
-    """Replay of recal_net over both ranks' batches, step by step (SyncBN normalizes each step's pair jointly)."""
+    """Replay of recal_net over both ranks' batches, step by step (SyncBN normalizes each step's pair
+    jointly)."""
     net = recal_net(case)
     batches = recal_batches(case)
     steps = len(batches) // 2
@@ -221,8 +234,13 @@ def _two_process_oracle(case: dict[str, Any]) -> dict[str, tuple[Tensor, Tensor]
             mu = joint.mean((0, 2, 3), keepdim=True)
             var = ((joint - mu) ** 2).mean((0, 2, 3), keepdim=True)
             sync = net[2]
-            h2 = [torch.relu((h - mu) / torch.sqrt(var + sync.eps) * sync.weight.view(1, -1, 1, 1)
-                             + sync.bias.view(1, -1, 1, 1)) for h in h1]
+            h2 = [
+                torch.relu(
+                    (h - mu) / torch.sqrt(var + sync.eps) * sync.weight.view(1, -1, 1, 1)
+                    + sync.bias.view(1, -1, 1, 1)
+                )
+                for h in h1
+            ]
             seen[5] += [net[4](h) for h in h2]
     return {str(i): population(v) for i, v in seen.items()}
 

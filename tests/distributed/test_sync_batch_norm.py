@@ -1,4 +1,5 @@
-"""normkit.nn.SyncBatchNorm on real gloo worlds of 2 and 3 processes, against single-process BN on the concatenated batch.
+"""normkit.nn.SyncBatchNorm on real gloo worlds of 2 and 3 processes, against single-process BN on the
+concatenated batch.
 
 The oracle is ``tests.reference`` (float64 two-pass BN, independent of normkit) with autograd
 through it for ``dx``, ``dweight`` and ``dbias``, on the global batch every rank's slice was
@@ -27,8 +28,11 @@ from tests.reference import ref_batch_norm
 from tests.reference_family import ref_masked_channel_stats, ref_masked_norm
 
 F64 = torch.float64
-TOL = {F64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4),
-       torch.bfloat16: dict(rtol=2e-2, atol=3e-2)}
+TOL = {
+    F64: dict(rtol=1e-9, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.bfloat16: dict(rtol=2e-2, atol=3e-2),
+}
 
 
 def _world(request: pytest.FixtureRequest, world: int) -> list[dict[str, Any]]:
@@ -51,12 +55,24 @@ def oracle(case: dict[str, Any]) -> dict[str, Any]:
     unbiased = case.get("unbiased", True)
     mask = global_mask(case)
     if mask is None:
-        ref = ref_batch_norm(x, rm, rv, w, b, training=True, momentum=momentum, eps=eps, num_batches_tracked=nbt,
-                             unbiased_running_var=unbiased)
+        ref = ref_batch_norm(
+            x,
+            rm,
+            rv,
+            w,
+            b,
+            training=True,
+            momentum=momentum,
+            eps=eps,
+            num_batches_tracked=nbt,
+            unbiased_running_var=unbiased,
+        )
         y, rm1, rv1, nbt1 = ref.output, ref.running_mean, ref.running_var, ref.num_batches_tracked
     else:
         view = (1, C, 1)
-        y = ref_masked_norm(x, mask, (0, 2), None if w is None else w.view(view), None if b is None else b.view(view), eps)
+        y = ref_masked_norm(
+            x, mask, (0, 2), None if w is None else w.view(view), None if b is None else b.view(view), eps
+        )
         mean, var, n = ref_masked_channel_stats(x.detach(), mask)
         ok = n >= 2
         stored = var * n / (n - 1) if unbiased else var
@@ -67,9 +83,15 @@ def oracle(case: dict[str, Any]) -> dict[str, Any]:
     y.backward(dy)
     if case.get("skips_update"):  # statistics that overflow the buffers are never stored (BN's rule)
         rm1, rv1, nbt1 = rm, rv, nbt
-    return {"y": y.detach(), "dx": x.grad, "dweight": None if w is None else w.grad,
-            "dbias": None if b is None else b.grad, "running_mean": rm1, "running_var": rv1,
-            "num_batches_tracked": nbt1}
+    return {
+        "y": y.detach(),
+        "dx": x.grad,
+        "dweight": None if w is None else w.grad,
+        "dbias": None if b is None else b.grad,
+        "running_mean": rm1,
+        "running_var": rv1,
+        "num_batches_tracked": nbt1,
+    }
 
 
 def _close(got: Tensor, want: Tensor, dtype: torch.dtype, what: str) -> None:
@@ -80,7 +102,9 @@ CASES = [pytest.param(w, k, id=f"world{w}-{k}") for w in (2, 3) for k in sync_ca
 
 
 @pytest.mark.parametrize(("world", "key"), CASES)
-def test_sync_bn_equals_bn_on_the_concatenated_batch(request: pytest.FixtureRequest, world: int, key: str) -> None:
+def test_sync_bn_equals_bn_on_the_concatenated_batch(
+    request: pytest.FixtureRequest, world: int, key: str
+) -> None:
     case = sync_cases(world)[key]
     ranks = [r[f"sync/{key}"] for r in _world(request, world)]
     want = oracle(case)
@@ -108,8 +132,16 @@ def test_sync_bn_equals_bn_on_the_concatenated_batch(request: pytest.FixtureRequ
         assert all(r["y_channels_last"] and r["dx_channels_last"] for r in ranks if r["y"].numel())
     if dtype == F64:  # every rank holds bit-identical statistics
         for r in ranks[1:]:
-            assert torch.equal(r["running_mean"], ranks[0]["running_mean"]) if r["running_mean"] is not None else True
-            assert torch.equal(r["running_var"], ranks[0]["running_var"]) if r["running_var"] is not None else True
+            assert (
+                torch.equal(r["running_mean"], ranks[0]["running_mean"])
+                if r["running_mean"] is not None
+                else True
+            )
+            assert (
+                torch.equal(r["running_var"], ranks[0]["running_var"])
+                if r["running_var"] is not None
+                else True
+            )
 
 
 ERRORS = [pytest.param(w, k, id=f"world{w}-{k}") for w in (2, 3) for k in error_cases(w)]
@@ -132,7 +164,9 @@ def test_every_rank_raises_the_same_clear_error(request: pytest.FixtureRequest, 
     own = got[bad]
     want_type = "TypeError" if case["bad"] == "integer" else "NormError"
     assert own["type"] == want_type
-    assert {"channels": "channels", "integer": "floating-point", "rank1": "(N, C, ...)"}[case["bad"]] in own["message"]
+    assert {"channels": "channels", "integer": "floating-point", "rank1": "(N, C, ...)"}[case["bad"]] in own[
+        "message"
+    ]
     others = [g for i, g in enumerate(got) if i != bad]
     assert len({g["message"] for g in others}) == 1
     assert others[0]["type"] == "NormError" and f"process(es) [{bad}]" in others[0]["message"]
@@ -163,8 +197,9 @@ def test_eval_mode_and_a_one_process_group_issue_no_collective(world2: list[dict
         ref = ref_batch_norm(x, state["running_mean"], state["running_var"], state["weight"], state["bias"])
         torch.testing.assert_close(e["eval_y"], ref.output, rtol=1e-9, atol=1e-10)
         # alone in its group: BN on its own batch
-        ref = ref_batch_norm(x, state["running_mean"], state["running_var"], state["weight"], state["bias"],
-                             training=True)
+        ref = ref_batch_norm(
+            x, state["running_mean"], state["running_var"], state["weight"], state["bias"], training=True
+        )
         torch.testing.assert_close(e["solo_y"], ref.output, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(e["solo_rv"], ref.running_var, rtol=1e-9, atol=1e-10)
 
@@ -173,19 +208,20 @@ def test_process_group_argument_synchronises_its_members_only(world3: list[dict[
     members, splits = SUBGROUP["members"], SUBGROUP["splits"]
     full = global_input(SUBGROUP)
     bounds = [sum(splits[:r]) for r in range(len(splits) + 1)]
-    parts = {r: full[bounds[r]: bounds[r + 1]] for r in range(len(splits))}
+    parts = {r: full[bounds[r] : bounds[r + 1]] for r in range(len(splits))}
     state = init_state(SUBGROUP, 3)
 
     def ref(x: Tensor) -> Any:
-        return ref_batch_norm(x, state["running_mean"], state["running_var"], state["weight"], state["bias"],
-                              training=True)
+        return ref_batch_norm(
+            x, state["running_mean"], state["running_var"], state["weight"], state["bias"], training=True
+        )
 
     joint = ref(torch.cat([parts[r] for r in members]))
     start = 0
     for r in members:
         n = splits[r]
         got = world3[r]["subgroup"]
-        torch.testing.assert_close(got["y"], joint.output[start: start + n], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(got["y"], joint.output[start : start + n], rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(got["running_var"], joint.running_var, rtol=1e-9, atol=1e-10)
         start += n
     alone = next(r for r in range(3) if r not in members)
@@ -195,7 +231,9 @@ def test_process_group_argument_synchronises_its_members_only(world3: list[dict[
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_three_ddp_steps_with_sync_bn_equal_single_process_training(request: pytest.FixtureRequest, world: int) -> None:
+def test_three_ddp_steps_with_sync_bn_equal_single_process_training(
+    request: pytest.FixtureRequest, world: int
+) -> None:
     """A net converted with normkit.convert_sync_batchnorm under DDP on CPU (gloo), uneven shards
     (world 3 has an empty rank): the parameters and running statistics after 3 SGD steps equal
     single-process training on the concatenated batches."""
@@ -216,7 +254,9 @@ def test_three_ddp_steps_with_sync_bn_equal_single_process_training(request: pyt
         assert "SyncBatchNorm" in r["kinds"] and "BatchNorm2d" not in r["kinds"]
         assert list(r["params"]) == list(want)
         for k, v in want.items():
-            torch.testing.assert_close(r["params"][k], v, rtol=1e-8, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(
+                r["params"][k], v, rtol=1e-8, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}"
+            )
 
 
 def test_the_oracle_is_not_the_per_process_statistics() -> None:
@@ -241,8 +281,15 @@ def test_without_a_process_group_it_is_batch_norm(shape: tuple[int, ...], train:
     state = init_state(case, shape[1])
     xr = x.detach().clone().requires_grad_(True)
     w, b = state["weight"].clone().requires_grad_(True), state["bias"].clone().requires_grad_(True)
-    ref = ref_batch_norm(xr, state["running_mean"], state["running_var"], w, b, training=train,
-                         num_batches_tracked=torch.tensor(0))
+    ref = ref_batch_norm(
+        xr,
+        state["running_mean"],
+        state["running_var"],
+        w,
+        b,
+        training=train,
+        num_batches_tracked=torch.tensor(0),
+    )
     dy = global_grad(case)
     y.backward(dy)
     ref.output.backward(dy)

@@ -23,11 +23,12 @@ from tests.reference import (
     ref_layer_norm,
     ref_layer_norm_2d,
 )
+from tests.tolerances import Tol
 
 F32, F64 = torch.float32, torch.float64
 
 # fp32 output vs the float64 oracle: outputs are O(1) (|x_hat| * |gamma| <~ 5).
-TOL = {F32: {"rtol": 1e-5, "atol": 1e-5}, F64: {"rtol": 1e-10, "atol": 1e-10}}
+TOL: dict[torch.dtype, Tol] = {F32: {"rtol": 1e-5, "atol": 1e-5}, F64: {"rtol": 1e-10, "atol": 1e-10}}
 
 
 def gen(seed: int) -> torch.Generator:

@@ -198,7 +198,9 @@ def test_norm_function_gradcheck_and_gradgradcheck(dims):
     def f(x, w, b):
         return norm(x, dims, w, b, 1e-3)[0]
 
-    assert gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5, check_batched_grad=True, check_forward_ad=True)
+    assert gradcheck(
+        f, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5, check_batched_grad=True, check_forward_ad=True
+    )
     assert gradgradcheck(f, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 

@@ -81,7 +81,9 @@ def test_backward_from_either_path_matches_the_float64_oracle(monkeypatch, scale
             xv = x.view(4, 2, 3, 5, 5)
             wv = w.float().view(1, 2, 3, 1, 1)
             _, stats = core.norm_forward(xv, wv, None, None, (2, 3, 4), eps)
-            dx, dw, _ = core.norm_backward(dy.float().view_as(xv), xv, wv, None, None, stats, (2, 3, 4), (True, True, False))
+            dx, dw, _ = core.norm_backward(
+                dy.float().view_as(xv), xv, wv, None, None, stats, (2, 3, 4), (True, True, False)
+            )
         assert dx is not None and dw is not None
         # compare relative to the gradient's own size (its entries scale like 1 / std)
         size = want_dx.abs().max()

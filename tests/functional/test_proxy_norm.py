@@ -48,7 +48,9 @@ def _oracle(y, w, b, pb, pw, act, eps=0.03, n=200):
     ],
 )
 def test_algorithms_test_vectors(act, w, b, pb, pw, m_want, v_want):
-    t = lambda v: torch.tensor([v])  # noqa: E731
+    def t(v):
+        return torch.tensor([v])
+
     m, rstd = proxy_stats(t(w), t(b), t(pb), t(pw), act, eps=0.03, num_points=200)
     v = 1.0 / rstd.double() ** 2 - 0.03
     assert abs(m.item() - m_want) < 1e-5
@@ -94,7 +96,10 @@ def test_forward_matches_float64_oracle(act, shape):
 def test_gradcheck_and_gradgradcheck(act):
     y = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     ps = _params(2)
-    f = lambda y, *p: proxy_norm_act(y, *p, activation=_act(act))  # noqa: E731
+
+    def f(y, *p):
+        return proxy_norm_act(y, *p, activation=_act(act))
+
     assert torch.autograd.gradcheck(f, (y, *ps))
     assert torch.autograd.gradgradcheck(f, (y, *ps))
 
@@ -136,7 +141,10 @@ def test_output_independent_of_the_rest_of_the_batch():
     torch.manual_seed(0)
     x = torch.randn(6, 8, 5, 5)
     ps = [p.float() for p in _params(8, grad=False)]
-    f = lambda t: proxy_norm_act(group_norm(t, 1), *ps)  # noqa: E731
+
+    def f(t):
+        return proxy_norm_act(group_norm(t, 1), *ps)
+
     full = f(x)
     torch.testing.assert_close(f(x[2:3]), full[2:3], atol=1e-6, rtol=1e-6)
     other = torch.cat([x[2:3], 100 * torch.randn(3, 8, 5, 5)])

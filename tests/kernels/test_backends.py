@@ -454,7 +454,7 @@ EDGE = [  # (op, shape, layout)
 @pytest.mark.parametrize("backend", _backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "name,shape,layout", EDGE, ids=[f"{n}-{'x'.join(map(str, s))}-{l}" for n, s, l in EDGE]
+    "name,shape,layout", EDGE, ids=[f"{n}-{'x'.join(map(str, s))}-{lay}" for n, s, lay in EDGE]
 )
 def test_edge_shapes(name, shape, layout, dtype, backend):
     op = OPS[name]
@@ -835,12 +835,12 @@ LAYERS = {  # name: (factory, shape, layouts)
         ["contig", "cl"],
     ),
 }
-LAYER_CASES = [(n, l) for n, (_, _, ls) in LAYERS.items() for l in ls]
+LAYER_CASES = [(n, lay) for n, (_, _, ls) in LAYERS.items() for lay in ls]
 
 
 @pytest.mark.parametrize("backend", _backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name,layout", LAYER_CASES, ids=[f"{n}-{l}" for n, l in LAYER_CASES])
+@pytest.mark.parametrize("name,layout", LAYER_CASES, ids=[f"{n}-{lay}" for n, lay in LAYER_CASES])
 def test_layers_match_float64_oracle(name, layout, dtype, backend):
     """A training step of each layer: output, input and parameter grads, and the buffers it wrote."""
     factory, shape, _ = LAYERS[name]
@@ -1244,7 +1244,7 @@ LAYER_PLANS = [  # (op, shape, layout, mode the cpu backend runs it with)
 
 @needs_cpu
 @pytest.mark.parametrize(
-    "name,shape,layout,mode", LAYER_PLANS, ids=[f"{n}-{l}-{len(s)}d" for n, s, l, _ in LAYER_PLANS]
+    "name,shape,layout,mode", LAYER_PLANS, ids=[f"{n}-{lay}-{len(s)}d" for n, s, lay, _ in LAYER_PLANS]
 )
 def test_each_layer_runs_its_kernel_pattern(monkeypatch, name, shape, layout, mode):
     """Under "cpu" and "auto", forward and backward of an eligible input never touch the reference core."""

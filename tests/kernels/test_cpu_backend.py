@@ -21,10 +21,18 @@ import normkit.functional as F
 from normkit import kernels
 from normkit.kernels import plan
 from normkit.ops import core
-from tests.reference import ref_batch_norm, ref_group_norm, ref_instance_norm, ref_layer_norm, ref_layer_norm_2d
+from tests.reference import (
+    ref_batch_norm,
+    ref_group_norm,
+    ref_instance_norm,
+    ref_layer_norm,
+    ref_layer_norm_2d,
+)
 
 F64 = torch.float64
-pytestmark = pytest.mark.skipif(not kernels.build(), reason="no C++ compiler here: the fused CPU kernels cannot be built")
+pytestmark = pytest.mark.skipif(
+    not kernels.build(), reason="no C++ compiler here: the fused CPU kernels cannot be built"
+)
 
 # relative tolerance on the output scale, per input dtype
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -32,23 +40,34 @@ GTOL = {torch.float32: 2e-4, torch.float64: 1e-9, torch.float16: 2e-2, torch.bfl
 
 # (name, normkit op, float64 oracle) with (x, w, b) -> y; w, b per channel unless noted
 OPS = {
-    "bn": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output,
-           lambda x, w, b: ref_batch_norm(x, None, None, w, b, training=True).output),
+    "bn": (
+        lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output,
+        lambda x, w, b: ref_batch_norm(x, None, None, w, b, training=True).output,
+    ),
     "gn4": (lambda x, w, b: F.group_norm(x, 4, w, b), lambda x, w, b: ref_group_norm(x, 4, w, b)),
     "gn1": (lambda x, w, b: F.group_norm(x, 1, w, b), lambda x, w, b: ref_group_norm(x, 1, w, b)),
-    "in": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output,
-           lambda x, w, b: ref_instance_norm(x, weight=w, bias=b).output),
+    "in": (
+        lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output,
+        lambda x, w, b: ref_instance_norm(x, weight=w, bias=b).output,
+    ),
     "ln2d": (lambda x, w, b: F.layer_norm_2d(x, w, b), lambda x, w, b: ref_layer_norm_2d(x, w, b)),
-    "ln_chw": (lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b), lambda x, w, b: ref_layer_norm(x, x.shape[1:], w, b)),
+    "ln_chw": (
+        lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b),
+        lambda x, w, b: ref_layer_norm(x, x.shape[1:], w, b),
+    ),
 }
 
 
-def _params(name: str, shape: tuple[int, ...], affine: bool, seed: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _params(
+    name: str, shape: tuple[int, ...], affine: bool, seed: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if not affine:
         return None, None
     g = torch.Generator().manual_seed(seed)
     pshape = tuple(shape[1:]) if name == "ln_chw" else (shape[1],)
-    return 1 + 0.3 * torch.randn(pshape, generator=g, dtype=F64), 0.3 * torch.randn(pshape, generator=g, dtype=F64)
+    return 1 + 0.3 * torch.randn(pshape, generator=g, dtype=F64), 0.3 * torch.randn(
+        pshape, generator=g, dtype=F64
+    )
 
 
 def _run(fn, x, w, b, dy, dtype, backend):
@@ -221,11 +240,17 @@ def test_cpu_backend_skips_the_reference_and_masks_do_not(monkeypatch):
 
 def test_large_mean_is_as_accurate_as_the_reference():
     g = torch.Generator().manual_seed(0)
-    x = (1e4 + 1e-2 * torch.randn(4, 8, 6, 6, generator=g, dtype=F64)).float()  # the oracle sees the same fp32 values
+    x = (  # the oracle sees the same fp32 values
+        1e4 + 1e-2 * torch.randn(4, 8, 6, 6, generator=g, dtype=F64)
+    ).float()
     for backend in ("cpu", "reference"):
         with kernels.use(backend):
             _close(F.group_norm(x, 4), ref_group_norm(x.double(), 4), 2e-5)
-            _close(F.batch_norm(x, None, None, training=True).output, ref_batch_norm(x.double(), training=True).output, 2e-5)
+            _close(
+                F.batch_norm(x, None, None, training=True).output,
+                ref_batch_norm(x.double(), training=True).output,
+                2e-5,
+            )
 
 
 def test_constant_input_gives_the_bias_and_finite_grads():
@@ -253,7 +278,7 @@ def test_huge_values_fall_back_to_the_scaled_reference(monkeypatch):
 
 
 def test_fp16_near_overflow():
-    x = (6e4 * torch.rand(4, 8, 5, 5, dtype=F64) - 3e4)
+    x = 6e4 * torch.rand(4, 8, 5, 5, dtype=F64) - 3e4
     with kernels.use("cpu"):
         y = F.batch_norm(x.half(), None, None, training=True).output
     assert bool(torch.isfinite(y).all())
@@ -353,7 +378,11 @@ def test_layer_fast_paths_match_torch_nn(ours, theirs, autograd_path):
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: normkit.nn.GroupNorm(2, 4), lambda: normkit.nn.BatchNorm2d(4), lambda: normkit.nn.LayerNorm2d(4)],
+    [
+        lambda: normkit.nn.GroupNorm(2, 4),
+        lambda: normkit.nn.BatchNorm2d(4),
+        lambda: normkit.nn.LayerNorm2d(4),
+    ],
     ids=["gn", "bn", "ln2d"],
 )
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
@@ -420,7 +449,9 @@ def test_proxy_act_fused_matches_reference(act, layout):
     dout = torch.randn(3, 6, 4, 5, generator=g, dtype=F64)
     if layout == "cl":
         y, dout = y.to(memory_format=torch.channels_last), dout.to(memory_format=torch.channels_last)
-    params = [1 + 0.3 * torch.randn(6, generator=g, dtype=F64)] + [0.3 * torch.randn(6, generator=g, dtype=F64) for _ in range(3)]
+    params = [1 + 0.3 * torch.randn(6, generator=g, dtype=F64)] + [
+        0.3 * torch.randn(6, generator=g, dtype=F64) for _ in range(3)
+    ]
     res = {}
     for backend in ("cpu", "reference"):
         ys = y.float().requires_grad_()
@@ -482,7 +513,12 @@ _VARIANTS = {
 
 @pytest.mark.parametrize(
     "variant, dtype",
-    [(v, d) for v in _VARIANTS for d in (torch.float32, torch.float16) if not (v.endswith("half-params") and d != torch.float16)],
+    [
+        (v, d)
+        for v in _VARIANTS
+        for d in (torch.float32, torch.float16)
+        if not (v.endswith("half-params") and d != torch.float16)
+    ],
     ids=str,
 )
 def test_layer_fast_path_variants_match_reference(variant, dtype, autograd_path):
@@ -506,7 +542,9 @@ def test_layer_fast_path_variants_match_reference(variant, dtype, autograd_path)
         torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
     with torch.inference_mode(), kernels.use("cpu"):
         out = layer(x)
-    torch.testing.assert_close(out.float(), res["reference"][0].float(), rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+    torch.testing.assert_close(
+        out.float(), res["reference"][0].float(), rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10
+    )
 
 
 @pytest.mark.parametrize(
@@ -547,17 +585,24 @@ FUNCTIONAL_FAST = {  # functional calls that take the eager fast path: (x, w, b,
     "group_norm+bias_only": lambda x, w, b, s: (F.group_norm(x, 4, None, b), ()),
     "layer_norm_2d": lambda x, w, b, s: (F.layer_norm_2d(x, w, b), ()),
     "layer_norm": lambda x, w, b, s: (F.layer_norm(x, x.shape[1:]), ()),
-    "layer_norm_affine": lambda x, w, b, s: (F.layer_norm(x, x.shape[2:], w[:35].view(5, 7), b[:35].view(5, 7)), ()),
+    "layer_norm_affine": lambda x, w, b, s: (
+        F.layer_norm(x, x.shape[2:], w[:35].view(5, 7), b[:35].view(5, 7)),
+        (),
+    ),
 }
 
 
 def _nt(out):
-    return out.output, tuple(t for t in (out.running_mean, out.running_var, out.num_batches_tracked) if t is not None)
+    return out.output, tuple(
+        t for t in (out.running_mean, out.running_var, out.num_batches_tracked) if t is not None
+    )
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("name", list(FUNCTIONAL_FAST))
-def test_functional_fast_paths_match_the_reference_and_keep_the_functional_contract(monkeypatch, name, layout, autograd_path):
+def test_functional_fast_paths_match_the_reference_and_keep_the_functional_contract(
+    monkeypatch, name, layout, autograd_path
+):
     from normkit.kernels import _fast
 
     calls = []
@@ -573,7 +618,9 @@ def test_functional_fast_paths_match_the_reference_and_keep_the_functional_contr
     dy = torch.randn(x.shape, generator=g)
     results = {}
     for backend in ("auto", "reference"):
-        xs, ws, bs = (t.detach().clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, w, b))
+        xs, ws, bs = (
+            t.detach().clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, w, b)
+        )
         ss = tuple(s.clone() for s in stats)
         with kernels.use(backend):
             y, out_stats = FUNCTIONAL_FAST[name](xs, ws, bs, ss)
@@ -581,7 +628,10 @@ def test_functional_fast_paths_match_the_reference_and_keep_the_functional_contr
         for s, s0 in zip(ss, stats):  # functional: the given statistics are never written
             assert torch.equal(s, s0)
         results[backend] = (y.detach(), out_stats, [t.grad for t in (xs, ws, bs) if t.grad is not None])
-    expected_fast = layout == "nchw" or name not in ("layer_norm", "layer_norm_affine")  # LN: contiguous rows only
+    expected_fast = layout == "nchw" or name not in (  # LN: contiguous rows only
+        "layer_norm",
+        "layer_norm_affine",
+    )
     assert bool(calls) == expected_fast
     (y1, s1, g1), (y0, s0, g0) = results["auto"], results["reference"]
     assert y1.stride() == y0.stride()

@@ -14,7 +14,13 @@ import normkit
 import normkit.functional as F
 from normkit import kernels
 from normkit.kernels import _native
-from tests.reference import ref_batch_norm, ref_group_norm, ref_instance_norm, ref_layer_norm, ref_layer_norm_2d
+from tests.reference import (
+    ref_batch_norm,
+    ref_group_norm,
+    ref_instance_norm,
+    ref_layer_norm,
+    ref_layer_norm_2d,
+)
 
 F64 = torch.float64
 CL = torch.channels_last
@@ -23,16 +29,36 @@ GTOL = {torch.float32: 2e-4, F64: 1e-9, torch.bfloat16: 1e-1}
 
 # name -> (normkit op, float64 oracle, affine shape from x's shape, whether ATen serves (nchw, cl))
 OPS = {
-    "bn": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output,
-           lambda x, w, b: ref_batch_norm(x, None, None, w, b, training=True).output, lambda s: (s[1],), (True, True)),
-    "gn": (lambda x, w, b: F.group_norm(x, 4, w, b), lambda x, w, b: ref_group_norm(x, 4, w, b), lambda s: (s[1],),
-           (True, False)),
-    "in": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output,
-           lambda x, w, b: ref_instance_norm(x, weight=w, bias=b).output, lambda s: (s[1],), (True, False)),
-    "ln_chw": (lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b), lambda x, w, b: ref_layer_norm(x, x.shape[1:], w, b),
-               lambda s: tuple(s[1:]), (True, False)),
-    "ln2d": (lambda x, w, b: F.layer_norm_2d(x, w, b), lambda x, w, b: ref_layer_norm_2d(x, w, b), lambda s: (s[1],),
-             (False, True)),
+    "bn": (
+        lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output,
+        lambda x, w, b: ref_batch_norm(x, None, None, w, b, training=True).output,
+        lambda s: (s[1],),
+        (True, True),
+    ),
+    "gn": (
+        lambda x, w, b: F.group_norm(x, 4, w, b),
+        lambda x, w, b: ref_group_norm(x, 4, w, b),
+        lambda s: (s[1],),
+        (True, False),
+    ),
+    "in": (
+        lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output,
+        lambda x, w, b: ref_instance_norm(x, weight=w, bias=b).output,
+        lambda s: (s[1],),
+        (True, False),
+    ),
+    "ln_chw": (
+        lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b),
+        lambda x, w, b: ref_layer_norm(x, x.shape[1:], w, b),
+        lambda s: tuple(s[1:]),
+        (True, False),
+    ),
+    "ln2d": (
+        lambda x, w, b: F.layer_norm_2d(x, w, b),
+        lambda x, w, b: ref_layer_norm_2d(x, w, b),
+        lambda s: (s[1],),
+        (False, True),
+    ),
 }
 
 
@@ -73,15 +99,23 @@ def test_native_backend_matches_the_float64_oracle(monkeypatch, name, dtype, lay
         assert _rel(got, exp) < GTOL[dtype], n
 
 
-@pytest.mark.parametrize("name, layout", [(n, lay) for n, (*_, served) in OPS.items() for lay, s in zip(("nchw", "cl"), served) if s])
+@pytest.mark.parametrize(
+    "name, layout",
+    [(n, lay) for n, (*_, served) in OPS.items() for lay, s in zip(("nchw", "cl"), served) if s],
+)
 def test_native_backend_runs_atens_kernels(monkeypatch, name, layout):
     """The patterns ATen computes identically reach ATen's kernels, forward and backward."""
     op, _, pshape, _ = OPS[name]
     seen = []
     real = torch.ops.aten
+
+    def spy(name):
+        op = getattr(real, name)
+        return lambda *a: seen.append(name) or op(*a)
+
     for fn in ("native_batch_norm", "native_layer_norm", "native_group_norm"):
         for f in (fn, fn + "_backward"):
-            monkeypatch.setattr(_native.aten, f, lambda *a, _f=getattr(real, f), _n=f: seen.append(_n) or _f(*a), raising=False)
+            monkeypatch.setattr(_native.aten, f, spy(f), raising=False)
     x = torch.randn(4, 8, 5, 6)
     if layout == "cl":
         x = x.contiguous(memory_format=CL)

@@ -26,7 +26,9 @@ from normkit.kernels import _build, _fast
 from tests.reference import ref_group_norm
 
 F64 = torch.float64
-pytestmark = pytest.mark.skipif(not kernels.build(), reason="no C++ compiler here: the fused CPU kernels cannot be built")
+pytestmark = pytest.mark.skipif(
+    not kernels.build(), reason="no C++ compiler here: the fused CPU kernels cannot be built"
+)
 
 ACTS = {
     "relu": torch.relu,
@@ -92,7 +94,9 @@ def _use_path(monkeypatch, path):
 @pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("act", list(ACTS))
-@pytest.mark.parametrize("shape, groups", [((4, 16, 7, 5), 4), ((3, 12, 6, 6), 1), ((2, 8, 5, 3), 8), ((1, 6, 9, 1), 2)])
+@pytest.mark.parametrize(
+    "shape, groups", [((4, 16, 7, 5), 4), ((3, 12, 6, 6), 1), ((2, 8, 5, 3), 8), ((1, 6, 9, 1), 2)]
+)
 def test_gn_proxy_layer_matches_the_float64_oracle(monkeypatch, path, dtype, layout, act, shape, groups):
     _use_path(monkeypatch, path)
     spy = _Spy(monkeypatch, "_gn_act_forward")
@@ -105,7 +109,10 @@ def test_gn_proxy_layer_matches_the_float64_oracle(monkeypatch, path, dtype, lay
     dy64 = torch.randn(shape, generator=g, dtype=F64)
     x, dy = x64.to(dtype), dy64.to(dtype)
     if layout == "cl":
-        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+        x, dy = (
+            x.contiguous(memory_format=torch.channels_last),
+            dy.contiguous(memory_format=torch.channels_last),
+        )
     x.requires_grad_()
     with kernels.use("cpu"):
         out = layer(x)
@@ -117,7 +124,9 @@ def test_gn_proxy_layer_matches_the_float64_oracle(monkeypatch, path, dtype, lay
     assert out.dtype == dtype and out.stride() == x.stride()
 
     xo = x.detach().double().requires_grad_()
-    ps = [p.detach().double().requires_grad_() for p in layer.parameters()]  # weight, bias, proxy_bias, proxy_weight
+    ps = [  # weight, bias, proxy_bias, proxy_weight
+        p.detach().double().requires_grad_() for p in layer.parameters()
+    ]
     want = oracle_layer(xo, groups, *ps, act, 1e-3)
     wgrads = torch.autograd.grad(want, [xo, *ps], dy.double())
     assert _rel(out, want) < TOL[dtype]
@@ -133,10 +142,14 @@ def test_gn_proxy_layer_matches_the_float64_oracle(monkeypatch, path, dtype, lay
 def test_proxy_stats_match_the_oracle(monkeypatch, act, dtype):
     C = 11
     g = torch.Generator().manual_seed(3)
-    params = [1 + 0.3 * torch.randn(C, generator=g, dtype=F64)] + [0.3 * torch.randn(C, generator=g, dtype=F64) for _ in range(3)]
+    params = [1 + 0.3 * torch.randn(C, generator=g, dtype=F64)] + [
+        0.3 * torch.randn(C, generator=g, dtype=F64) for _ in range(3)
+    ]
     gm, gr = torch.randn(C, generator=g, dtype=F64), torch.randn(C, generator=g, dtype=F64)
     calls = []
-    monkeypatch.setattr(_fast, "_stats_forward", lambda *a, _o=_fast._stats_forward: calls.append(1) or _o(*a))
+    monkeypatch.setattr(
+        _fast, "_stats_forward", lambda *a, _o=_fast._stats_forward: calls.append(1) or _o(*a)
+    )
     ps = [p.to(dtype).requires_grad_() for p in params]
     with kernels.use("cpu"):
         m, r = F.proxy_stats(*ps, activation=act)
@@ -162,7 +175,9 @@ def test_double_backward_and_gradcheck_through_the_fused_layer(monkeypatch, path
     params = list(layer.parameters())
 
     def f(x, *ps):
-        return torch.func.functional_call(layer, dict(zip(["weight", "bias", "proxy_bias", "proxy_weight"], ps)), (x,))
+        return torch.func.functional_call(
+            layer, dict(zip(["weight", "bias", "proxy_bias", "proxy_weight"], ps)), (x,)
+        )
 
     with kernels.use("cpu"):
         assert torch.autograd.gradcheck(f, (x, *params))
@@ -230,7 +245,9 @@ def test_functional_group_norm_proxy_act_errors_and_compile():
     with pytest.raises(TypeError, match="proxy_bias"):
         F.group_norm_proxy_act(x, 2, ones, zeros, None, zeros)  # type: ignore[arg-type]
     eager = F.group_norm_proxy_act(x, 2, ones, zeros, zeros, zeros)
-    compiled = torch.compile(lambda t: F.group_norm_proxy_act(t, 2, ones, zeros, zeros, zeros), fullgraph=True, backend="eager")(x)
+    compiled = torch.compile(
+        lambda t: F.group_norm_proxy_act(t, 2, ones, zeros, zeros, zeros), fullgraph=True, backend="eager"
+    )(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 

@@ -15,9 +15,17 @@ import torch
 
 import normkit.functional as F
 from normkit import kernels
-from tests.reference import ref_batch_norm, ref_group_norm, ref_instance_norm, ref_layer_norm, ref_layer_norm_2d
+from tests.reference import (
+    ref_batch_norm,
+    ref_group_norm,
+    ref_instance_norm,
+    ref_layer_norm,
+    ref_layer_norm_2d,
+)
 
-triton = pytest.importorskip("triton", reason="triton is not installed here (normkit's optional `triton` extra)")
+triton = pytest.importorskip(
+    "triton", reason="triton is not installed here (normkit's optional `triton` extra)"
+)
 
 F64 = torch.float64
 DEVICE = os.environ.get("NORMKIT_TEST_DEVICE", "cpu")
@@ -33,7 +41,9 @@ def interpreted():
     if DEVICE == "cpu":
         importlib.import_module("normkit.kernels.triton._kernels")
         if not nkt.interpreting():
-            pytest.skip("triton was imported without TRITON_INTERPRET=1: its interpreter is off in this process")
+            pytest.skip(
+                "triton was imported without TRITON_INTERPRET=1: its interpreter is off in this process"
+            )
 
 
 @pytest.fixture
@@ -55,14 +65,21 @@ def ran(monkeypatch):
 
 # (normkit op, float64 oracle) on (x, w, b); the affine is per channel except for "ln_chw"
 OPS = {
-    "bn": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output,
-           lambda x, w, b: ref_batch_norm(x, None, None, w, b, training=True).output),
+    "bn": (
+        lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output,
+        lambda x, w, b: ref_batch_norm(x, None, None, w, b, training=True).output,
+    ),
     "gn2": (lambda x, w, b: F.group_norm(x, 2, w, b), lambda x, w, b: ref_group_norm(x, 2, w, b)),
     "gn1": (lambda x, w, b: F.group_norm(x, 1, w, b), lambda x, w, b: ref_group_norm(x, 1, w, b)),
-    "in": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output,
-           lambda x, w, b: ref_instance_norm(x, weight=w, bias=b).output),
+    "in": (
+        lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output,
+        lambda x, w, b: ref_instance_norm(x, weight=w, bias=b).output,
+    ),
     "ln2d": (lambda x, w, b: F.layer_norm_2d(x, w, b), lambda x, w, b: ref_layer_norm_2d(x, w, b)),
-    "ln_chw": (lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b), lambda x, w, b: ref_layer_norm(x, x.shape[1:], w, b)),
+    "ln_chw": (
+        lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b),
+        lambda x, w, b: ref_layer_norm(x, x.shape[1:], w, b),
+    ),
 }
 
 
@@ -137,6 +154,72 @@ def test_edge_shapes(name, shape, affine, ran):
         _close(g, e, GTOL[torch.float32])
 
 
+@pytest.fixture
+def split(monkeypatch):
+    """Every set cut into chunks of 16 positions: the two-phase (split) reduction on small shapes."""
+    from normkit.kernels import triton as nkt
+
+    monkeypatch.setattr(nkt, "_FORCE_CHUNK", 16)
+    launched = []
+    real = nkt._chunking
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        launched.append(out[0])
+        return out
+
+    monkeypatch.setattr(nkt, "_chunking", spy)
+    return launched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("name", ["bn", "gn2", "in", "ln_chw"])
+def test_split_reduction_matches_the_float64_oracle(name, layout, dtype, split, ran):
+    # 9 * 7 = 63 positions per image: chunks of 16 with a ragged last one, several per set (LN over
+    # (C, H, W) with its elementwise affine: 252 values of one set, cut into runs of channels)
+    y, yo, got, exp, _ = _case(name, (3, 4, 9, 7), dtype, layout, seed=11)
+    assert ran["forward"] == 1 and ran["backward"] == 1, ran
+    assert split and all(n > 1 for n in split), split
+    _close(y, yo, TOL[dtype])
+    for g, e in zip(got, exp):
+        _close(g, e, GTOL[dtype])
+
+
+@pytest.mark.parametrize("name", ["bn", "gn2"])
+def test_split_reduction_keeps_the_shifted_accuracy(name, split):
+    # the chunks share one shift and scale (from all chunks' max / min): 1e4 + 1e-2 noise stays exact
+    y, yo, got, exp, _ = _case(name, (2, 6, 5, 7), torch.float32, "nchw", scale=1e-2, offset=1e4, seed=12)
+    _close(y, yo, 1e-3)
+    y, yo, got, exp, _ = _case(name, (2, 6, 5, 7), torch.float32, "nchw", scale=1e30, seed=13)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in got)
+    _close(y, yo, 1e-4)
+
+
+def test_chunking_policy_fills_the_device_only_when_sets_are_few():
+    from normkit.kernels import triton as nkt
+
+    class Cuda:  # a stand-in device: the policy reads only the SM count
+        type = "cuda"
+
+    real = nkt._programs
+    try:
+        nkt._programs = lambda device: 4 * 132  # an H100 / H200
+        # BN on (64, 256, 56, 56): 256 sets of 200704 values -> split, chunks of BM's multiples
+        n, ch, split_c, _, bm = nkt._chunking(256, 1, 64 * 56 * 56, 1, 256, Cuda())
+        assert not split_c and bm == 256 and n > 1 and ch % 256 == 0 and (n - 1) * ch < 64 * 56 * 56 <= n * ch
+        assert 256 * n >= 4 * 132
+        # GN on (64, 256, 56, 56), G = 32: 2048 sets already fill it
+        assert nkt._chunking(64 * 32, 8, 56 * 56, 4, 256, Cuda())[:2] == (1, 56 * 56)
+        # small sets are never cut below the minimum chunk
+        assert nkt._chunking(4, 1, 3000, 1, 256, Cuda())[0] == 1
+        # LN over (C, H, W) with an elementwise affine on a batch of 8: one set per sample, cut by channels
+        n, ch, split_c, bc, _ = nkt._chunking(8, 256 * 28 * 28, 1, 1024, 1, Cuda())
+        assert split_c and n > 1 and ch % bc == 0 and ch >= nkt._MIN_CHUNK  # (the minimum chunk caps n)
+    finally:
+        nkt._programs = real
+
+
 def test_group_equals_channels_is_instance_norm(ran):
     y, yo, got, exp, _ = _case("gn2", (2, 2, 4, 4), torch.float32, "cl", seed=4)  # G = C
     _close(y, yo, TOL[torch.float32])
@@ -168,7 +251,10 @@ def test_statistics_interoperate_with_the_reference_backward():
 
     g = torch.Generator().manual_seed(8)
     x = torch.randn(2, 6, 3, 5, generator=g).to(DEVICE)
-    w, b = torch.rand(1, 6, 1, 1, generator=g).to(DEVICE) + 0.5, torch.randn(1, 6, 1, 1, generator=g).to(DEVICE)
+    w, b = (
+        torch.rand(1, 6, 1, 1, generator=g).to(DEVICE) + 0.5,
+        torch.randn(1, 6, 1, 1, generator=g).to(DEVICE),
+    )
     dy = torch.randn(x.shape, generator=g).to(DEVICE)
     with kernels.use("triton"):
         y, st = kernels.norm_forward(x, w, b, None, (0, 2, 3), 1e-5)
@@ -191,3 +277,189 @@ def test_use_triton_without_triton_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="Triton kernels are not available"):
         with kernels.use("triton"):
             pass
+
+
+# --- Proxy Norm's activation step ------------------------------------------------------------------
+
+_TORCH_ACTS = {
+    "relu": torch.relu,
+    "leaky_relu": lambda a: torch.nn.functional.leaky_relu(a, 0.1),
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda a: torch.nn.functional.gelu(a, approximate="tanh"),
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "identity": lambda a: a,
+}
+
+
+@pytest.fixture
+def ran_pn(monkeypatch):
+    """Counts the Triton Proxy-Norm launches that ran (not those that declined)."""
+    from normkit.kernels import triton as nkt
+
+    calls = {"proxy_act_forward": 0, "proxy_act_backward": 0}
+    for name in calls:
+        real = getattr(nkt, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            out = _real(*a, **k)
+            calls[_name] += out is not None
+            return out
+
+        monkeypatch.setattr(nkt, name, spy)
+    return calls
+
+
+def _pn_case(act, shape, dtype, layout, seed=0):
+    from normkit.ops import proxy
+
+    g = torch.Generator().manual_seed(seed)
+    acc = F64 if dtype == F64 else torch.float32
+    y = torch.randn(shape, generator=g, dtype=F64).to(dtype)
+    if layout == "cl":
+        y = y.to(memory_format=torch.channels_last)
+    C = shape[1]
+    w, b, m = (torch.randn(C, generator=g, dtype=F64).to(acc) for _ in range(3))
+    r = torch.rand(C, generator=g, dtype=F64).to(acc) + 0.5
+    dout = torch.randn(shape, generator=g, dtype=F64).to(dtype)
+    dev = [t.to(DEVICE).requires_grad_() for t in (y, w, b, m, r)]
+    with kernels.use("triton"):
+        out = proxy.proxy_act(*dev, act, 0.1)
+        got = torch.autograd.grad(out, dev, dout.to(DEVICE))
+    ref = [t.detach().cpu().double().requires_grad_() for t in dev]
+    exp_out = proxy.proxy_act_composite(*ref, _TORCH_ACTS[act])
+    exp = torch.autograd.grad(exp_out, ref, dout.double())
+    return out, exp_out, got, exp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl", "2d"])
+@pytest.mark.parametrize("act", list(_TORCH_ACTS))
+def test_proxy_act_matches_the_float64_composite(act, layout, dtype, ran_pn):
+    shape = (6, 5) if layout == "2d" else (2, 5, 3, 4)
+    out, exp_out, got, exp = _pn_case(act, shape, dtype, "cl" if layout == "cl" else "nchw", seed=21)
+    assert ran_pn == {"proxy_act_forward": 1, "proxy_act_backward": 1}, ran_pn
+    assert out.dtype == dtype
+    if layout == "cl":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    _close(out.detach().cpu(), exp_out.detach(), TOL[dtype])
+    for name, a, e in zip(("y", "weight", "bias", "m", "rstd"), got, exp):
+        assert a.dtype == (dtype if name == "y" else (F64 if dtype == F64 else torch.float32)), name
+        _close(a.cpu(), e, GTOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_proxy_act_split_over_elements(layout, split, ran_pn):
+    # chunks of 16 of the 2 * 9 * 7 = 126 elements per channel: the per-channel sums add the chunks
+    out, exp_out, got, exp = _pn_case("silu", (2, 5, 9, 7), torch.float32, layout, seed=22)
+    assert ran_pn["proxy_act_backward"] == 1
+    _close(out.detach().cpu(), exp_out.detach(), TOL[torch.float32])
+    for a, e in zip(got, exp):
+        _close(a.cpu(), e, GTOL[torch.float32])
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_group_norm_proxy_layer_runs_on_triton(groups, layout, ran, ran_pn, monkeypatch):
+    # the layer's two-op path: GN (normkit::norm) then the PN activation (normkit::proxy_norm_act),
+    # where the fused kernel declines (here made to)
+    from normkit.kernels import triton as nkt
+    from normkit.nn import GroupNormProxyAct2d
+
+    monkeypatch.setattr(nkt, "gn_proxy_act", lambda *a, **k: None)
+
+    torch.manual_seed(23)
+    layer = GroupNormProxyAct2d(4, num_groups=groups, activation="relu").double()
+    with torch.no_grad():
+        for p in (layer.weight, layer.bias, layer.proxy_bias, layer.proxy_weight):
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(3, 4, 5, 5, dtype=F64)
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    dout = torch.randn(3, 4, 5, 5, dtype=F64)
+    ref_layer = GroupNormProxyAct2d(4, num_groups=groups, activation="relu").double()
+    ref_layer.load_state_dict(layer.state_dict())
+    with kernels.use("reference"):
+        xr = x.clone().requires_grad_()
+        yr = ref_layer(xr)
+        yr.backward(dout)
+    xt = x.float().to(DEVICE).requires_grad_()
+    tl_ = layer.float().to(DEVICE)
+    with kernels.use("triton"):
+        yt = tl_(xt)
+        yt.backward(dout.float().to(DEVICE))
+    assert ran["forward"] == 1 and ran_pn["proxy_act_forward"] == 1 and ran_pn["proxy_act_backward"] == 1
+    _close(yt.detach().cpu(), yr.detach(), 1e-5)
+    _close(xt.grad.cpu(), xr.grad, 1e-4)
+    for pt, pr in zip(tl_.parameters(), ref_layer.parameters()):
+        _close(pt.grad.cpu(), pr.grad, 1e-4)
+
+
+@pytest.fixture
+def ran_fused(monkeypatch):
+    from normkit.kernels import triton as nkt
+
+    calls = {"gn_proxy_forward": 0, "gn_proxy_backward": 0}
+    for name in calls:
+        real = getattr(nkt, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            out = _real(*a, **k)
+            calls[_name] += out is not None
+            return out
+
+        monkeypatch.setattr(nkt, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "leaky_relu", "gelu"])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_fused_group_norm_proxy_matches_the_reference_layer(act, groups, layout, ran_fused):
+    # GroupNormProxyAct2d on the Triton backend: GN + the step in one kernel each way (y never stored)
+    from normkit.nn import GroupNormProxyAct2d
+
+    torch.manual_seed(24)
+    activation = torch.nn.LeakyReLU(0.2) if act == "leaky_relu" else act
+    layer = GroupNormProxyAct2d(4, num_groups=groups, activation=activation).double()
+    with torch.no_grad():
+        for p in (layer.weight, layer.bias, layer.proxy_bias, layer.proxy_weight):
+            p.add_(0.3 * torch.randn_like(p))
+    ref_layer = GroupNormProxyAct2d(4, num_groups=groups, activation=activation).double()
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 4, 5, 6, dtype=F64)
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    dout = torch.randn(3, 4, 5, 6, dtype=F64)
+    with kernels.use("reference"):
+        xr = x.clone().requires_grad_()
+        yr = ref_layer(xr)
+        yr.backward(dout)
+    for dtype, tol, gtol in ((F64, 1e-10, 1e-9), (torch.float32, 2e-5, 2e-4)):
+        lt = GroupNormProxyAct2d(4, num_groups=groups, activation=activation).to(dtype).to(DEVICE)
+        lt.load_state_dict(layer.state_dict())
+        xt = x.to(dtype).to(DEVICE).detach().requires_grad_()
+        with kernels.use("triton"):
+            yt = lt(xt)
+            yt.backward(dout.to(dtype).to(DEVICE))
+        if layout == "cl":
+            assert yt.is_contiguous(memory_format=torch.channels_last)
+        _close(yt.detach().cpu(), yr.detach(), tol)
+        _close(xt.grad.cpu(), xr.grad, gtol)
+        for (name, pt), pr in zip(lt.named_parameters(), ref_layer.parameters()):
+            _close(pt.grad.cpu(), pr.grad, gtol)
+    assert ran_fused == {"gn_proxy_forward": 2, "gn_proxy_backward": 2}, ran_fused
+
+
+def test_fused_group_norm_proxy_double_backward_takes_the_composite():
+    from normkit.nn import GroupNormProxyAct2d
+
+    torch.manual_seed(25)
+    layer = GroupNormProxyAct2d(4, num_groups=2, activation="silu").double().to(DEVICE)
+    x = torch.randn(
+        1, 4, 2, 2, dtype=F64, device=DEVICE, requires_grad=True
+    )  # (small: the interpreter is slow)
+    with kernels.use("triton"):
+        assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: layer(t), (x,))

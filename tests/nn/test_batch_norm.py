@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 import normkit.nn as nkn
+from tests.tolerances import Tol
 
 F64 = torch.float64
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL: Tol = {"atol": 1e-5, "rtol": 1e-5}
 # Parameter grads are sums over m = N*prod(spatial) terms with |sum| up to ~30 here, so two
 # correct fp32 results differ by a few fp32 ulps of ~30 (measured vs float64: torch 4e-6, ours 1.4e-5).
-PTOL = dict(atol=5e-5, rtol=1e-5)
+PTOL: Tol = {"atol": 5e-5, "rtol": 1e-5}
 
 BN_CASES = [
     pytest.param(nkn.BatchNorm1d, nn.BatchNorm1d, (16, 6), id="bn1d-2D"),

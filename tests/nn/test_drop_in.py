@@ -18,12 +18,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import normkit
 import normkit.functional as NF
 import normkit.nn as nkn
+from tests.tolerances import Tol
 from tests.toolchain.samples import SAMPLE_IDS, SAMPLES, Sample, by_name
 
 F64 = torch.float64
 MODES = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
-TOL = dict(rtol=1e-5, atol=1e-5)
-EXACT = dict(rtol=0.0, atol=0.0)
+TOL: Tol = {"rtol": 1e-5, "atol": 1e-5}
+EXACT: Tol = {"rtol": 0.0, "atol": 0.0}
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -258,7 +259,7 @@ def test_mask_is_the_second_positional_argument(name: str, train: bool):
     for m in (none, positional):
         ref = plain if m is none else keyword
         for (k, a), b in zip(m.named_buffers(), ref.buffers()):
-            torch.testing.assert_close(a, b, **EXACT, msg=lambda s: f"buffer {k}: {s}")
+            torch.testing.assert_close(a, b, **EXACT, msg=lambda s, k=k: f"buffer {k}: {s}")
 
 
 def _sample(name: str, build, shape: tuple[int, ...]) -> Sample:
@@ -307,7 +308,7 @@ def test_torch_jit_script_equals_eager(sample: Sample, train: bool):
     torch.testing.assert_close(got, want, **TOL)
     torch.testing.assert_close(got2, want2, **TOL)
     for (k, a), b in zip(eager.named_buffers(), scripted.buffers()):
-        torch.testing.assert_close(b, a, **TOL, msg=lambda s: f"buffer {k}: {s}")
+        torch.testing.assert_close(b, a, **TOL, msg=lambda s, k=k: f"buffer {k}: {s}")
 
 
 # --- meta device --------------------------------------------------------------------------------
@@ -335,13 +336,13 @@ def test_meta_build_to_empty_load_state_dict_equals_reference(sample: Sample, tr
     assert _skipped(m) == 0
     for (k, a), b in zip(ref.named_buffers(), m.buffers()):
         assert b.device.type == "cpu"
-        torch.testing.assert_close(b, a, **EXACT, msg=lambda s: f"buffer {k}: {s}")
+        torch.testing.assert_close(b, a, **EXACT, msg=lambda s, k=k: f"buffer {k}: {s}")
     x = sample.input()
     with torch.no_grad():
         for _ in range(2):
             torch.testing.assert_close(m(x), ref(x), **EXACT)
     for (k, a), b in zip(ref.named_buffers(), m.buffers()):
-        torch.testing.assert_close(b, a, **EXACT, msg=lambda s: f"buffer {k} after two steps: {s}")
+        torch.testing.assert_close(b, a, **EXACT, msg=lambda s, k=k: f"buffer {k} after two steps: {s}")
     assert _skipped(m) == 0
 
 
@@ -357,7 +358,7 @@ def test_meta_build_to_empty_reset_parameters_equals_a_fresh_layer(sample: Sampl
     fresh.train(train)
     assert _skipped(m) == 0
     for (k, a), b in zip(fresh.state_dict().items(), m.state_dict().values()):
-        torch.testing.assert_close(b, a, **EXACT, msg=lambda s: f"{k}: {s}")
+        torch.testing.assert_close(b, a, **EXACT, msg=lambda s, k=k: f"{k}: {s}")
     x = sample.input()
     with torch.no_grad():
         torch.testing.assert_close(m(x), fresh(x), **EXACT)
@@ -435,5 +436,5 @@ def test_state_dict_loads_strictly_both_ways(ours_f, torch_f, shape, direction: 
             # tests/nn/test_instance_norm.py), which its momentum=None needs
             assert int(b) == int(a) + 1
             continue
-        torch.testing.assert_close(b, a, **TOL, msg=lambda s: f"{k}: {s}")
+        torch.testing.assert_close(b, a, **TOL, msg=lambda s, k=k: f"{k}: {s}")
     assert _skipped(ours) == 0

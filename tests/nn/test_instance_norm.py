@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 import normkit.nn as nkn
+from tests.tolerances import Tol
 
 F64 = torch.float64
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL: Tol = {"atol": 1e-5, "rtol": 1e-5}
 # Parameter grads are sums over N*prod(spatial) terms (|sum| up to ~20): a few fp32 ulps apart.
-PTOL = dict(atol=5e-5, rtol=1e-5)
-STAT_TOL = dict(atol=1e-6, rtol=1e-6)
+PTOL: Tol = {"atol": 5e-5, "rtol": 1e-5}
+STAT_TOL: Tol = {"atol": 1e-6, "rtol": 1e-6}
 
 IN_CASES = [
     pytest.param(nkn.InstanceNorm1d, nn.InstanceNorm1d, (4, 6, 9), id="in1d"),

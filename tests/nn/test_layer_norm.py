@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 import normkit.nn as nkn
+from tests.tolerances import Tol
 
 F64 = torch.float64
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL: Tol = {"atol": 1e-5, "rtol": 1e-5}
 # Parameter grads are sums over the leading dims: a few fp32 ulps of |sum| apart.
-PTOL = dict(atol=5e-5, rtol=1e-5)
+PTOL: Tol = {"atol": 5e-5, "rtol": 1e-5}
 
 
 def _gen(seed: int) -> torch.Generator:

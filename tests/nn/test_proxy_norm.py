@@ -31,7 +31,9 @@ def _oracle_pn(x, groups, w, b, pb, pw, eps=1e-3, proxy_eps=0.03, n=200):
     zp = torch.relu(w[:, None] * ((1 + pw)[:, None] * u + pb[:, None]) + b[:, None])
     m, v = zp.mean(1), zp.var(1, unbiased=False)  # ok: tiny test oracle
     shape = [1, -1] + [1] * (x.dim() - 2)
-    return (torch.relu(w.view(shape) * y + b.view(shape)) - m.view(shape)) / torch.sqrt(v.view(shape) + proxy_eps)
+    return (torch.relu(w.view(shape) * y + b.view(shape)) - m.view(shape)) / torch.sqrt(
+        v.view(shape) + proxy_eps
+    )
 
 
 def _randomize(module):
@@ -50,8 +52,10 @@ def test_registry_specs_build_the_block(spec, groups):
     x = torch.randn(3, 64, 5, 5)
     _randomize(layer)
     torch.testing.assert_close(
-        layer(x).double(), _oracle_pn(x, groups, layer.weight, layer.bias, layer.proxy_bias, layer.proxy_weight),
-        atol=2e-5, rtol=1e-5,
+        layer(x).double(),
+        _oracle_pn(x, groups, layer.weight, layer.bias, layer.proxy_bias, layer.proxy_weight),
+        atol=2e-5,
+        rtol=1e-5,
     )
 
 
@@ -144,8 +148,15 @@ def test_norm_act_layers_equal_torch_norm_then_activation(act, fn):
 
 @pytest.mark.parametrize(
     "spec, cls",
-    [("bn", BatchNormAct2d), ("gn:4", GroupNormAct2d), ("gn", GroupNormAct2d), ("ln", LayerNormAct2d),
-     ("ln2d", LayerNormAct2d), ("ln+pn", GroupNormProxyAct2d), ("gn:4+pn", GroupNormProxyAct2d)],
+    [
+        ("bn", BatchNormAct2d),
+        ("gn:4", GroupNormAct2d),
+        ("gn", GroupNormAct2d),
+        ("ln", LayerNormAct2d),
+        ("ln2d", LayerNormAct2d),
+        ("ln+pn", GroupNormProxyAct2d),
+        ("gn:4+pn", GroupNormProxyAct2d),
+    ],
 )
 def test_create_norm_act_layer(spec, cls):
     layer = create_norm_act_layer(spec, 16, "silu")
@@ -174,10 +185,24 @@ def test_param_groups_follow_the_authors_weight_decay_rule():
     decay = {id(p) for p in groups[0]["params"]}
     no_decay = {id(p) for p in groups[1]["params"]}
     pn = model[1]
-    want_decay = {id(model[0].weight), id(model[2].weight), id(model[6].weight), id(pn.proxy_bias), id(pn.proxy_weight)}
+    want_decay = {
+        id(model[0].weight),
+        id(model[2].weight),
+        id(model[6].weight),
+        id(pn.proxy_bias),
+        id(pn.proxy_weight),
+    }
     assert decay == want_decay
-    want_no = {id(model[0].bias), id(pn.weight), id(pn.bias), id(model[3].weight), id(model[3].bias),
-               id(model[4].weight), id(model[4].bias), id(model[6].bias)}
+    want_no = {
+        id(model[0].bias),
+        id(pn.weight),
+        id(pn.bias),
+        id(model[3].weight),
+        id(model[3].bias),
+        id(model[4].weight),
+        id(model[4].bias),
+        id(model[6].bias),
+    }
     assert no_decay == want_no
     assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0 and groups[0]["lr"] == 0.1
     torch.optim.SGD(groups, lr=0.1)  # accepted by an optimizer

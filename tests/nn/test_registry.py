@@ -9,8 +9,9 @@ from torch import nn
 import normkit
 import normkit.nn as nkn
 from normkit.nn import registry as reg
+from tests.tolerances import Tol
 
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL: Tol = {"atol": 1e-5, "rtol": 1e-5}
 CORE = {"bn", "bn1d", "bn3d", "gn", "ln", "ln2d", "in", "none"}
 
 

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 import normkit.nn as nkn
+from tests.tolerances import Tol
 
 F64 = torch.float64
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL: Tol = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -264,7 +265,10 @@ def test_running_stats_into_a_non_tracking_layer():
     # torch.nn.Module.load_state_dict always calls _load_from_state_dict with strict=True and
     # applies strictness afterwards, so the targeted reason comes as a warning; a strict load
     # then fails on the unexpected keys, a non-strict one reports them, as torch does.
-    with pytest.warns(UserWarning, match="track_running_stats=False"), pytest.raises(RuntimeError, match="running_mean"):
+    with (
+        pytest.warns(UserWarning, match="track_running_stats=False"),
+        pytest.raises(RuntimeError, match="running_mean"),
+    ):
         layer.load_state_dict(sd, strict=True)
     expected = nn.BatchNorm2d(4, track_running_stats=False).load_state_dict(sd, strict=False)
     with pytest.warns(UserWarning, match="track_running_stats=True to load them"):

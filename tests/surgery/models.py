@@ -22,8 +22,14 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = norm_layer(planes)
@@ -51,8 +57,15 @@ class TVResNet(nn.Module):
     """torchvision's ``ResNet`` (``resnet18`` with the defaults), with ``width`` scaling the 64-128-256-512
     widths and ``small_stem`` (3x3, stride 1, no max-pool) for tiny images."""
 
-    def __init__(self, layers: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3,
-                 width: int = 64, small_stem: bool = True, norm_layer: NormLayer | None = None) -> None:
+    def __init__(
+        self,
+        layers: tuple[int, ...] = (2, 2, 2, 2),
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 64,
+        small_stem: bool = True,
+        norm_layer: NormLayer | None = None,
+    ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         self._norm_layer = norm_layer
@@ -74,7 +87,9 @@ class TVResNet(nn.Module):
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), self._norm_layer(planes))
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), self._norm_layer(planes)
+            )
         layers = [BasicBlock(self.inplanes, planes, stride, downsample, self._norm_layer)]
         self.inplanes = planes
         layers += [BasicBlock(planes, planes, norm_layer=self._norm_layer) for _ in range(1, blocks)]
@@ -89,20 +104,38 @@ class TVResNet(nn.Module):
 class ConvNormAct(nn.Sequential):
     """torchvision's ``Conv2dNormActivation``: conv, norm, activation in a Sequential."""
 
-    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1,
-                 norm_layer: NormLayer = nn.BatchNorm2d, act: type[nn.Module] | None = nn.ReLU6) -> None:
-        layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-                                   norm_layer(cout)]
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        act: type[nn.Module] | None = nn.ReLU6,
+    ) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+            norm_layer(cout),
+        ]
         if act is not None:
             layers.append(act(inplace=True) if act in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish) else act())
         super().__init__(*layers)
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2's block: 1x1 expand (optionally grouped) + ReLU6, 3x3 depthwise + ReLU6, 1x1 project (no activation)."""
+    """MobileNetV2's block: 1x1 expand (optionally grouped) + ReLU6, 3x3 depthwise + ReLU6, 1x1 project (no
+    activation)."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 4, pw_groups: int = 1,
-                 norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int = 1,
+        expand: int = 4,
+        pw_groups: int = 1,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
         super().__init__()
         hidden = cin * expand
         self.use_res = stride == 1 and cin == cout
@@ -120,7 +153,9 @@ class InvertedResidual(nn.Module):
 class MobileNetish(nn.Module):
     """A small MobileNetV2-style network: stem, inverted residuals (depthwise and grouped convs), head."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 3, norm_layer: NormLayer = nn.BatchNorm2d
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
             ConvNormAct(in_channels, 16, 3, 1, norm_layer=norm_layer),
@@ -136,7 +171,8 @@ class MobileNetish(nn.Module):
 
 
 class ConvNeXtBlock(nn.Module):
-    """ConvNeXt's block (timm's ``conv_mlp`` form): 7x7 depthwise conv, LayerNorm2d, 1x1 conv, GELU, 1x1 conv, layer scale."""
+    """ConvNeXt's block (timm's ``conv_mlp`` form): 7x7 depthwise conv, LayerNorm2d, 1x1 conv, GELU, 1x1
+    conv, layer scale."""
 
     def __init__(self, dim: int, norm_layer: NormLayer | None = None, ls_init: float = 1e-1) -> None:
         super().__init__()
@@ -155,8 +191,13 @@ class TinyConvNeXt(nn.Module):
     """Stem (2x2 conv + LayerNorm2d), blocks, a downsampling layer, and ConvNeXt's head: pool, a
     channels-last ``nn.LayerNorm``, linear."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, dims: tuple[int, int] = (16, 32),
-                 norm_layer: NormLayer | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        dims: tuple[int, int] = (16, 32),
+        norm_layer: NormLayer | None = None,
+    ) -> None:
         super().__init__()
         norm = norm_layer or (lambda c: LayerNorm2d(c, eps=1e-6))
         self.stem = nn.Sequential(nn.Conv2d(in_channels, dims[0], 2, 2), norm(dims[0]))
@@ -177,11 +218,21 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            for key, lo, hi in (("weight", 0.5, 1.5), ("bias", -0.5, 0.5), ("running_mean", -0.5, 0.5),
-                                ("running_var", 0.5, 2.0)):
+            for key, lo, hi in (
+                ("weight", 0.5, 1.5),
+                ("bias", -0.5, 0.5),
+                ("running_mean", -0.5, 0.5),
+                ("running_var", 0.5, 2.0),
+            ):
                 t = getattr(m, key, None)
-                if isinstance(t, Tensor) and t.dim() == 1 and not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-                    t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64).to(t.dtype) * (hi - lo) + lo)
+                if (
+                    isinstance(t, Tensor)
+                    and t.dim() == 1
+                    and not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+                ):
+                    t.copy_(
+                        torch.rand(t.shape, generator=g, dtype=torch.float64).to(t.dtype) * (hi - lo) + lo
+                    )
     return model
 
 
@@ -199,15 +250,20 @@ def timm_like() -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
 
     class LayerNorm2d(nn.LayerNorm):
         def forward(self, x):
-            return nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                                            self.eps).permute(0, 3, 1, 2)
+            return nn.functional.layer_norm(
+                x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
+            ).permute(0, 3, 1, 2)
 
     class FrozenBatchNorm2d(nn.Module):  # torchvision.ops.misc's: buffers only
         def __init__(self, n):
             super().__init__()
             self.eps = 1e-5
-            for k, v in (("weight", torch.ones(n)), ("bias", torch.zeros(n)), ("running_mean", torch.zeros(n)),
-                         ("running_var", torch.ones(n))):
+            for k, v in (
+                ("weight", torch.ones(n)),
+                ("bias", torch.zeros(n)),
+                ("running_mean", torch.zeros(n)),
+                ("running_var", torch.ones(n)),
+            ):
                 self.register_buffer(k, v)
 
         def forward(self, x):

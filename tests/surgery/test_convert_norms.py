@@ -1,4 +1,5 @@
-"""convert_norms: every norm found and replaced, what keeps its meaning carried over, PN pairs fused, the input untouched."""
+"""convert_norms: every norm found and replaced, what keeps its meaning carried over, PN pairs fused, the
+input untouched."""
 
 from __future__ import annotations
 
@@ -51,9 +52,15 @@ def _same(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
 # --- the torch.nn-BN ResNet into each registry spec ------------------------------------------------
 
 
-@pytest.mark.parametrize("spec, cls", [
-    ("bn", BatchNorm2d), ("frozen_bn", FrozenBatchNorm2d), ("gbn:16", GhostBatchNorm2d), ("brn", BatchRenorm2d),
-])
+@pytest.mark.parametrize(
+    "spec, cls",
+    [
+        ("bn", BatchNorm2d),
+        ("frozen_bn", FrozenBatchNorm2d),
+        ("gbn:16", GhostBatchNorm2d),
+        ("brn", BatchRenorm2d),
+    ],
+)
 def test_bn_family_targets_keep_the_running_statistics_so_eval_is_unchanged(spec, cls):
     net = _resnet().eval()
     x = torch.randn(4, 3, 8, 8)
@@ -75,7 +82,9 @@ def test_gn_keeps_the_affine_parameters():
         if isinstance(m, nn.BatchNorm2d):
             g = new.get_submodule(name)
             assert type(g) is GroupNorm and g.num_groups == min(32, m.num_features)
-            assert torch.equal(g.weight, m.weight) and torch.equal(g.bias, m.bias) and g.weight is not m.weight
+            assert (
+                torch.equal(g.weight, m.weight) and torch.equal(g.bias, m.bias) and g.weight is not m.weight
+            )
             x = torch.randn(2, m.num_features, 3, 3)  # the layer computes GN with the BN's affine
             torch.testing.assert_close(g(x), ref_group_norm(x, g.num_groups, m.weight, m.bias, m.eps).float())
     assert all("running statistics (GroupNorm has none)" in c.dropped for c in report.converted)
@@ -83,12 +92,15 @@ def test_gn_keeps_the_affine_parameters():
     assert out.shape == (2, 10)
 
 
-@pytest.mark.parametrize("spec, cls, check", [
-    ("gn:4", GroupNorm, lambda m: m.num_groups == 4),
-    ("ln", LayerNorm2d, lambda m: m.over == "chw"),
-    ("ln2d", LayerNorm2d, lambda m: m.over == "c"),
-    ("in", InstanceNorm2d, lambda m: m.affine and not m.track_running_stats),
-])
+@pytest.mark.parametrize(
+    "spec, cls, check",
+    [
+        ("gn:4", GroupNorm, lambda m: m.num_groups == 4),
+        ("ln", LayerNorm2d, lambda m: m.over == "chw"),
+        ("ln2d", LayerNorm2d, lambda m: m.over == "c"),
+        ("in", InstanceNorm2d, lambda m: m.affine and not m.track_running_stats),
+    ],
+)
 def test_batch_independent_targets(spec, cls, check):
     net = _resnet()
     new, _ = normkit.convert_norms(net, spec)
@@ -113,7 +125,9 @@ def test_flags_device_dtype_and_requires_grad_are_preserved():
 
 
 def test_rank_follows_the_layer():
-    net = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.Flatten(), nn.Linear(24, 6), nn.BatchNorm1d(6))
+    net = nn.Sequential(
+        nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.Flatten(), nn.Linear(24, 6), nn.BatchNorm1d(6)
+    )
     new, _ = normkit.convert_norms(net, "bn")
     assert type(new[1]) is BatchNorm1d and type(new[4]) is BatchNorm1d
     net3 = nn.Sequential(nn.Conv3d(2, 4, 1), nn.BatchNorm3d(4))
@@ -142,19 +156,31 @@ def test_ln_pn_on_a_torchvision_resnet_fuses_every_norm_activation_pair():
     assert {n for n, _ in report.fused} == pairs
     assert set(_types(new, GroupNormProxyAct2d)) == pairs
     unfused = {n for n, _ in report.unfused}
-    assert unfused == {f"layer{i}.0.bn2" for i in range(1, 5)} | {f"layer{i}.0.downsample.1" for i in range(2, 5)}
-    assert all("operator.add" in why or "add" in why or "output" in why for n, why in report.unfused if "bn2" in n)
+    assert unfused == {f"layer{i}.0.bn2" for i in range(1, 5)} | {
+        f"layer{i}.0.downsample.1" for i in range(2, 5)
+    }
+    assert all(
+        "operator.add" in why or "add" in why or "output" in why for n, why in report.unfused if "bn2" in n
+    )
     assert all(m.over == "chw" for m in new.modules() if isinstance(m, LayerNorm2d))  # plain LN where no act
     assert not any(isinstance(m, nn.BatchNorm2d) for m in new.modules())
     # A BasicBlock calls its one ReLU after bn1 and after the addition: only the first may go, so the
     # result is a GraphModule without those calls (the stem's relu, used once, is just Identity).
     assert isinstance(new, torch.fx.GraphModule) and "also used elsewhere" in report.graph_module
-    relus = [n for n in new.graph.nodes if n.op == "call_module" and isinstance(new.get_submodule(n.target), nn.ReLU)]
+    relus = [
+        n
+        for n in new.graph.nodes
+        if n.op == "call_module" and isinstance(new.get_submodule(n.target), nn.ReLU)
+    ]
     assert len(relus) == 4  # the four after-addition ones
     assert isinstance(new.relu, nn.Identity)
     for name in pairs:  # the BN affine moved into the PN block's activation step
         src, dst = net.get_submodule(name), new.get_submodule(name)
-        assert torch.equal(dst.weight, src.weight) and torch.equal(dst.bias, src.bias) and dst.activation == "relu"
+        assert (
+            torch.equal(dst.weight, src.weight)
+            and torch.equal(dst.bias, src.bias)
+            and dst.activation == "relu"
+        )
     # The state_dict keeps the original names (minus what BN had and the new layers lack).
     assert set(new.state_dict()) >= {k for k in net.state_dict() if "bn" not in k and "downsample.1" not in k}
 
@@ -174,7 +200,7 @@ def test_ln_pn_resnet_is_batch_independent_and_trains_on_digits():
     opt = torch.optim.Adam(new.parameters(), lr=3e-3)
     losses = []
     for step in range(20):
-        xb, yb = x[16 * step: 16 * (step + 1)], y[16 * step: 16 * (step + 1)]
+        xb, yb = x[16 * step : 16 * (step + 1)], y[16 * step : 16 * (step + 1)]
         loss = nn.functional.cross_entropy(new(xb), yb)
         opt.zero_grad()
         loss.backward()
@@ -191,9 +217,15 @@ def test_ln_pn_on_the_project_resnet18_with_functional_relu():
     new, report = normkit.convert_norms(net, "ln+pn")
     assert len(report.fused) == 9 and len(_types(new, GroupNormProxyAct2d)) == 9  # stem + 8 bn1
     assert "stem.1" in dict(report.fused) and "is a function" in report.graph_module
-    assert not [n for n in new.graph.nodes if n.op == "call_function" and n.target is torch.relu
-                and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "call_module"
-                and isinstance(new.get_submodule(n.args[0].target), GroupNormProxyAct2d)]
+    assert not [
+        n
+        for n in new.graph.nodes
+        if n.op == "call_function"
+        and n.target is torch.relu
+        and isinstance(n.args[0], torch.fx.Node)
+        and n.args[0].op == "call_module"
+        and isinstance(new.get_submodule(n.args[0].target), GroupNormProxyAct2d)
+    ]
     x = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(new(x)[:2], new(x[:2]), atol=1e-5, rtol=1e-4)
@@ -207,12 +239,19 @@ def test_mobilenet_relu6_pairs_fuse_in_place_and_project_norms_stay_plain():
     assert len(report.fused) == 8 and len(report.unfused) == 3
     assert not isinstance(new, torch.fx.GraphModule)  # each ReLU6 module was used once: now Identity
     pn = new.features[0][1]
-    assert isinstance(pn, GroupNormProxyAct2d) and pn.num_groups == 4 and isinstance(new.features[0][2], nn.Identity)
+    assert (
+        isinstance(pn, GroupNormProxyAct2d)
+        and pn.num_groups == 4
+        and isinstance(new.features[0][2], nn.Identity)
+    )
     y = torch.randn(3, 16, 4, 4)  # relu6 went into the block: act(weight * GN(y) + bias) with relu6
-    z = nn.functional.relu6(pn.weight.view(1, -1, 1, 1) * nn.functional.group_norm(y, 4, eps=pn.eps)
-                            + pn.bias.view(1, -1, 1, 1))
+    z = nn.functional.relu6(
+        pn.weight.view(1, -1, 1, 1) * nn.functional.group_norm(y, 4, eps=pn.eps) + pn.bias.view(1, -1, 1, 1)
+    )
     m, rstd = pn.proxy_stats()
-    torch.testing.assert_close(pn(y), (z - m.view(1, -1, 1, 1)) * rstd.view(1, -1, 1, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        pn(y), (z - m.view(1, -1, 1, 1)) * rstd.view(1, -1, 1, 1), atol=1e-5, rtol=1e-5
+    )
     assert all(type(new.get_submodule(n)) is GroupNorm for n, _ in report.unfused)
     assert new(torch.randn(2, 3, 8, 8)).shape == (2, 10)
 
@@ -234,7 +273,9 @@ def test_sequential_adjacency_when_fx_cannot_trace():
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+            self.body = nn.Sequential(
+                nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+            )
 
         def forward(self, x):
             return self.body(x) if x.sum() > 0 else -self.body(x)
@@ -268,10 +309,16 @@ def test_skipped_layers_say_why():
         def forward(self, x):
             return super().forward(x) * 2
 
-    net = nn.Sequential(nn.Conv2d(3, 8, 1), OwnForward(8), MeanOnlyBatchNorm(8), nn.Conv2d(8, 8, 1), GroupNorm(4, 8))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 1), OwnForward(8), MeanOnlyBatchNorm(8), nn.Conv2d(8, 8, 1), GroupNorm(4, 8)
+    )
     new, report = normkit.convert_norms(net, "gn:4")
     skipped = {name: why for name, _, why in report.skipped}
-    assert "own forward" in skipped["1"] and "MeanOnlyBatchNorm" in skipped["2"] and "already GroupNorm" in skipped["4"]
+    assert (
+        "own forward" in skipped["1"]
+        and "MeanOnlyBatchNorm" in skipped["2"]
+        and "already GroupNorm" in skipped["4"]
+    )
     assert type(new[1]) is OwnForward and new[4] is not net[4]
     convnext, rep = normkit.convert_norms(TinyConvNeXt(), "gn:1")
     assert [n for n, _, _ in rep.skipped] == ["head_norm"] and "channels-last" in rep.skipped[0][2]
@@ -293,7 +340,10 @@ def test_convnext_layernorm2d_round_trip_is_exact():
 
 def test_errors_name_the_layer_and_the_rule():
     net = _resnet(width=64, layers=(1, 1, 1, 1))
-    with pytest.raises(normkit.NormError, match=r"'bn1' \(BatchNorm2d, 64 channels\) to 'gn:3'.*divisible by num_groups \(3\)"):
+    with pytest.raises(
+        normkit.NormError,
+        match=r"'bn1' \(BatchNorm2d, 64 channels\) to 'gn:3'.*divisible by num_groups \(3\)",
+    ):
         normkit.convert_norms(net, "gn:3")
     with pytest.raises(normkit.NormError, match="unknown norm spec 'groupnorm'"):
         normkit.convert_norms(net, "groupnorm")
@@ -331,8 +381,11 @@ def test_a_single_norm_layer_and_a_model_without_norms():
 def test_timm_and_torchvision_layers_are_recognized_without_importing_them():
     BNAct, LN2d, Frozen = timm_like()
     torch.manual_seed(0)
-    net = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), BNAct(8, nn.SiLU), nn.Conv2d(8, 8, 1), LN2d(8),
-                                        nn.Conv2d(8, 8, 1), Frozen(8))).eval()
+    net = randomize_norms(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3), BNAct(8, nn.SiLU), nn.Conv2d(8, 8, 1), LN2d(8), nn.Conv2d(8, 8, 1), Frozen(8)
+        )
+    ).eval()
     x = torch.randn(2, 3, 6, 6)
     to_bn, rep = normkit.convert_norms(net, "bn")
     assert [type(m).__name__ for m in to_bn][1::2] == ["BatchNormAct2d", "BatchNorm2d", "BatchNorm2d"]
@@ -352,16 +405,26 @@ def test_describe_norm_covers_the_layer_zoo():
     from normkit.nn._inspect import describe_norm
 
     kinds = {
-        nn.BatchNorm2d(4): "bn", nn.SyncBatchNorm(4): "bn", BatchNorm3d(4): "bn", GhostBatchNorm2d(4): "bn",
-        FrozenBatchNorm2d(4): "frozen_bn", nn.GroupNorm(2, 4): "gn", GroupNormAct2d(4, 2): "gn",
-        LayerNorm2d(4): "ln2d", LayerNorm2d(4, over="chw"): "ln", nn.InstanceNorm1d(4): "in",
-        GroupNormProxyAct2d(4): "pn", BatchNormAct2d(4): "bn",
+        nn.BatchNorm2d(4): "bn",
+        nn.SyncBatchNorm(4): "bn",
+        BatchNorm3d(4): "bn",
+        GhostBatchNorm2d(4): "bn",
+        FrozenBatchNorm2d(4): "frozen_bn",
+        nn.GroupNorm(2, 4): "gn",
+        GroupNormAct2d(4, 2): "gn",
+        LayerNorm2d(4): "ln2d",
+        LayerNorm2d(4, over="chw"): "ln",
+        nn.InstanceNorm1d(4): "in",
+        GroupNormProxyAct2d(4): "pn",
+        BatchNormAct2d(4): "bn",
     }
     for layer, kind in kinds.items():
         info = describe_norm(layer)
         assert not isinstance(info, str) and info.kind == kind and info.num_channels == 4, layer
     assert isinstance(describe_norm(nn.LazyBatchNorm2d()), str)
-    assert describe_norm(nn.ReLU()) is None and describe_norm(normkit.nn.ProxyNormAct(4)).startswith("ProxyNormAct is")
+    assert describe_norm(nn.ReLU()) is None and describe_norm(normkit.nn.ProxyNormAct(4)).startswith(
+        "ProxyNormAct is"
+    )
 
 
 def test_original_model_is_never_mutated():
@@ -379,15 +442,24 @@ def test_report_table_is_readable():
     text = report.table()
     assert text == str(report)
     first = text.splitlines()
-    assert first[0].startswith("convert_norms to 'ln+pn': 12 converted, 0 skipped, 5 norm+activation pairs fused")
+    assert first[0].startswith(
+        "convert_norms to 'ln+pn': 12 converted, 0 skipped, 5 norm+activation pairs fused"
+    )
     assert first[1].split()[:5] == ["layer", "was", "now", "kept", "activation"]
-    assert "no activation fused (it is followed by call_function add that takes more than its output): layer1.0.bn2," in text and "returned a torch.fx.GraphModule" in text
+    assert (
+        "no activation fused (it is followed by call_function add that takes more than its output): "
+        "layer1.0.bn2,"
+        in text
+        and "returned a torch.fx.GraphModule" in text
+    )
     assert copy.deepcopy(report).converted == report.converted
 
 
 def test_real_timm_models_convert_where_timm_imports():
     timm = pytest.importorskip(
-        "timm", reason="timm is not installed here (it imports torchvision, whose wheel does not import next to the CPU torch)"
+        "timm",
+        reason="timm is not installed here "
+        "(it imports torchvision, whose wheel does not import next to the CPU torch)",
     )
     torch.manual_seed(0)
     for name in ("resnet18", "convnext_atto"):

@@ -1,4 +1,5 @@
-"""fold_bn / fold_bn_weights: the folded model equals the eval model for every layer kind, unsafe cases refused (TESTING.md 32-33)."""
+"""fold_bn / fold_bn_weights: the folded model equals the eval model for every layer kind, unsafe cases
+refused (TESTING.md 32-33)."""
 
 from __future__ import annotations
 
@@ -79,13 +80,18 @@ def _explicit_fold(weight, bias, rm, rv, eps, gamma, beta, groups):
         for j in range(per):
             o = (i // (c_in // groups)) * per + j
             w[i, j] *= s[o]
-    b = torch.tensor([(float(bias[o]) - float(rm[o])) * s[o] + float(beta[o]) for o in range(c_out)], dtype=torch.float64)
+    b = torch.tensor(
+        [(float(bias[o]) - float(rm[o])) * s[o] + float(beta[o]) for o in range(c_out)], dtype=torch.float64
+    )
     return w, b
 
 
 def test_fold_bn_weights_against_an_explicit_oracle_for_grouped_conv_transpose():
     torch.manual_seed(0)
-    weight, bias = torch.randn(6, 4, 3, 3, dtype=torch.float64), torch.randn(8, dtype=torch.float64)  # groups 2
+    weight, bias = (  # groups 2
+        torch.randn(6, 4, 3, 3, dtype=torch.float64),
+        torch.randn(8, dtype=torch.float64),
+    )
     rm, rv = torch.randn(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64) + 0.5
     gamma, beta = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     w, b = fold_bn_weights(weight, bias, rm, rv, 1e-3, gamma, beta, transpose=True, groups=2)
@@ -103,10 +109,14 @@ def test_fold_bn_weights_keeps_channels_last_and_rejects_bad_shapes():
     w_cl = conv.weight.detach().to(memory_format=torch.channels_last)
     w, _ = fold_bn_weights(w_cl, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
     assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-    with pytest.raises(normkit.NormError, match=r"running_mean has 7 values but the layer has 8 output channels"):
+    with pytest.raises(
+        normkit.NormError, match=r"running_mean has 7 values but the layer has 8 output channels"
+    ):
         fold_bn_weights(conv.weight, None, torch.zeros(7), torch.ones(8), 1e-5)
     with pytest.raises(normkit.NormError, match="divisible by groups"):
-        fold_bn_weights(torch.zeros(6, 2, 3), None, torch.zeros(6), torch.ones(6), 1e-5, transpose=True, groups=4)
+        fold_bn_weights(
+            torch.zeros(6, 2, 3), None, torch.zeros(6), torch.ones(6), 1e-5, transpose=True, groups=4
+        )
     with pytest.raises(TypeError, match="weight must be a Tensor"):
         fold_bn_weights([1.0], None, torch.zeros(1), torch.ones(1), 1e-5)
 
@@ -118,11 +128,19 @@ def test_channels_last_model_folds():
     assert folded[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: BatchNorm2d(6), lambda: GhostBatchNorm2d(6, ghost_batch_size=2), lambda: BatchRenorm2d(6),
-    lambda: FrozenBatchNorm2d(6), lambda: nn.SyncBatchNorm(6), lambda: BatchNorm2d(6, bias=False),
-    lambda: timm_like()[0](6, nn.Identity), lambda: timm_like()[2](6),  # timm's BatchNormAct2d, torchvision's frozen BN
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: BatchNorm2d(6),
+        lambda: GhostBatchNorm2d(6, ghost_batch_size=2),
+        lambda: BatchRenorm2d(6),
+        lambda: FrozenBatchNorm2d(6),
+        lambda: nn.SyncBatchNorm(6),
+        lambda: BatchNorm2d(6, bias=False),
+        lambda: timm_like()[0](6, nn.Identity),
+        lambda: timm_like()[2](6),  # timm's BatchNormAct2d, torchvision's frozen BN
+    ],
+)
 def test_normkit_bn_family_folds(make):
     net = _pair(nn.Conv2d(3, 6, 3, bias=False), make(), torch.float32)
     folded, diff, report = normkit.fold_bn(net, torch.randn(4, 3, 7, 7))
@@ -144,8 +162,9 @@ def test_norm_act_layer_leaves_its_activation():
     assert report.folded[0].replaced_by == "_Act" and diff < 1e-5
     bn = net[1]
     with torch.no_grad():  # float64 oracle: silu(BN_eval(conv(x)))
-        want = nn.functional.silu(ref_batch_norm(net[0](x), bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                                 eps=bn.eps).output)
+        want = nn.functional.silu(
+            ref_batch_norm(net[0](x), bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps).output
+        )
         torch.testing.assert_close(folded(x).double(), want, atol=1e-5, rtol=1e-5)
 
 
@@ -171,7 +190,9 @@ def test_mobilenet_depthwise_and_grouped_convs_fold():
     _folded, diff, report = normkit.fold_bn(net, torch.randn(2, 3, 12, 12))
     assert len(report.folded) == 11 and diff < 1e-5
     depthwise = net.features[1].conv[1][0]
-    assert depthwise.groups == depthwise.in_channels and "features.1.conv.1.1" in {f.norm for f in report.folded}
+    assert depthwise.groups == depthwise.in_channels and "features.1.conv.1.1" in {
+        f.norm for f in report.folded
+    }
 
 
 def test_cnn4_with_a_bn_head_then_proxy_norm_folds():
@@ -206,6 +227,7 @@ def test_bn_that_does_not_follow_a_conv_is_left_with_the_reason():
     seq = _pair(nn.Linear(5, 4), nn.BatchNorm1d(3), torch.float32)
     _, diff, report = normkit.fold_bn(seq, torch.randn(2, 3, 5))
     assert report.folded == [] and "not dim 1" in report.skipped[0][1] and diff == 0.0
+
     # A conv whose output also feeds something else.
     class Two(nn.Module):
         def __init__(self):
@@ -236,8 +258,12 @@ def test_untraceable_model_falls_back_to_sequential_adjacency():
 
 
 def test_probe_input_from_the_first_layer():
-    for net in (nn.Sequential(nn.Conv1d(2, 3, 5), nn.BatchNorm1d(3)), nn.Sequential(nn.Conv3d(2, 3, 3), nn.BatchNorm3d(3)),
-                nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), nn.Sequential(nn.ConvTranspose2d(2, 3, 3), nn.BatchNorm2d(3))):
+    for net in (
+        nn.Sequential(nn.Conv1d(2, 3, 5), nn.BatchNorm1d(3)),
+        nn.Sequential(nn.Conv3d(2, 3, 3), nn.BatchNorm3d(3)),
+        nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)),
+        nn.Sequential(nn.ConvTranspose2d(2, 3, 3), nn.BatchNorm2d(3)),
+    ):
         _folded, diff, _ = normkit.fold_bn(randomize_norms(net).eval())
         assert diff < 1e-5
     with pytest.raises(normkit.NormError, match="pass example_input"):

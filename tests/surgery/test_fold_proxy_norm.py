@@ -32,10 +32,13 @@ def _check(net, x):
 @pytest.mark.parametrize("groups", [1, 2, 8])
 @pytest.mark.parametrize("spec", ["ln+pn", "gn:4+pn"])
 def test_fold_into_conv2d_is_exact(groups, spec):
-    net = _rand(nn.Sequential(
-        nn.Conv2d(3, 8, 3), normkit.create_norm_layer(spec, 8, activation="silu"),
-        nn.Conv2d(8, 8, 3, groups=groups, padding=1, padding_mode="circular"),
-    ))
+    net = _rand(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3),
+            normkit.create_norm_layer(spec, 8, activation="silu"),
+            nn.Conv2d(8, 8, 3, groups=groups, padding=1, padding_mode="circular"),
+        )
+    )
     folded = _check(net, torch.randn(4, 3, 9, 9))
     assert isinstance(folded[1], FoldedProxyAct)
     assert isinstance(net[1], GroupNormProxyAct2d)  # the original is untouched
@@ -44,9 +47,17 @@ def test_fold_into_conv2d_is_exact(groups, spec):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_fold_into_conv1d_conv3d_and_linear(bias):
-    net1 = _rand(nn.Sequential(nn.Conv1d(2, 6, 3), normkit.create_norm_layer("ln+pn", 6), nn.Conv1d(6, 4, 1, bias=bias)))
+    net1 = _rand(
+        nn.Sequential(
+            nn.Conv1d(2, 6, 3), normkit.create_norm_layer("ln+pn", 6), nn.Conv1d(6, 4, 1, bias=bias)
+        )
+    )
     assert isinstance(_check(net1, torch.randn(3, 2, 10))[1], FoldedProxyAct)
-    net3 = _rand(nn.Sequential(nn.Conv3d(2, 4, 1), normkit.create_norm_layer("gn:2+pn", 4), nn.Conv3d(4, 4, 2, bias=bias)))
+    net3 = _rand(
+        nn.Sequential(
+            nn.Conv3d(2, 4, 1), normkit.create_norm_layer("gn:2+pn", 4), nn.Conv3d(4, 4, 2, bias=bias)
+        )
+    )
     assert isinstance(_check(net3, torch.randn(2, 2, 4, 4, 4))[1], FoldedProxyAct)
     netl = _rand(nn.Sequential(nn.Linear(5, 8), ProxyNormAct(8), nn.Linear(8, 3, bias=bias)))
     assert isinstance(_check(netl, torch.randn(6, 5))[1], FoldedProxyAct)
@@ -62,14 +73,23 @@ def test_channels_last_conv_weights_fold():
 def test_zero_padding_folds_the_scale_and_keeps_the_shift():
     # The padded zeros of conv(rstd * (a - m)) stay zeros as conv'(a - m) with W' = W * rstd; the
     # shift -m cannot move into the bias (the border outputs would change), so the layer keeps it.
-    net = _rand(nn.Sequential(nn.Conv2d(3, 8, 3), normkit.create_norm_layer("ln+pn", 8), nn.Conv2d(8, 4, 3, padding=1)))
+    net = _rand(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3), normkit.create_norm_layer("ln+pn", 8), nn.Conv2d(8, 4, 3, padding=1)
+        )
+    )
     x = torch.randn(2, 3, 8, 8)
     folded = _check(net, x)
     assert isinstance(folded[1], FoldedProxyAct) and folded[1].shift is not None
     m, _ = net[1].proxy_stats()
     torch.testing.assert_close(folded[1].shift.detach(), m.detach())
-    circular = _rand(nn.Sequential(nn.Conv2d(3, 8, 3), normkit.create_norm_layer("ln+pn", 8),
-                                   nn.Conv2d(8, 4, 3, padding=1, padding_mode="circular")))
+    circular = _rand(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3),
+            normkit.create_norm_layer("ln+pn", 8),
+            nn.Conv2d(8, 4, 3, padding=1, padding_mode="circular"),
+        )
+    )
     assert _check(circular, x)[1].shift is None  # circular padding: the shift folds too
 
 
@@ -96,7 +116,9 @@ def test_through_pooling_means_and_views_and_into_several_layers():
 
 
 def test_refuses_when_not_followed_by_a_conv():
-    net = _rand(nn.Sequential(nn.Conv2d(3, 8, 3), normkit.create_norm_layer("ln+pn", 8), nn.AdaptiveAvgPool2d(1)))
+    net = _rand(
+        nn.Sequential(nn.Conv2d(3, 8, 3), normkit.create_norm_layer("ln+pn", 8), nn.AdaptiveAvgPool2d(1))
+    )
     with pytest.raises(ValueError, match="reaches the model's output"):
         normkit.fold_proxy_norm(net, torch.randn(2, 3, 8, 8), strict=True)
     with pytest.warns(UserWarning, match="left these Proxy Norm layers unfolded"):
@@ -138,11 +160,21 @@ def test_untraceable_model_gives_a_clear_error():
 
 def test_models_with_normkit_bn_and_gn_fold():
     torch.manual_seed(0)
-    net = _rand(nn.Sequential(
-        nn.Conv2d(3, 8, 3), normkit.nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), normkit.nn.GroupNorm(2, 8),
-        nn.Conv2d(8, 8, 1), normkit.nn.BatchNormAct2d(8), nn.Conv2d(8, 8, 1), normkit.create_norm_layer("ln+pn", 8),
-        nn.Conv2d(8, 4, 1), normkit.nn.FrozenBatchNorm2d(4),
-    ))
+    net = _rand(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3),
+            normkit.nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 1),
+            normkit.nn.GroupNorm(2, 8),
+            nn.Conv2d(8, 8, 1),
+            normkit.nn.BatchNormAct2d(8),
+            nn.Conv2d(8, 8, 1),
+            normkit.create_norm_layer("ln+pn", 8),
+            nn.Conv2d(8, 4, 1),
+            normkit.nn.FrozenBatchNorm2d(4),
+        )
+    )
     with torch.no_grad():
         net[1].running_var.uniform_(0.5, 2)
     folded = _check(net, torch.randn(4, 3, 8, 8))

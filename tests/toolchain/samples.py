@@ -7,8 +7,9 @@ gradients are meaningful for them in training too).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +62,11 @@ SAMPLES: list[Sample] = [
     Sample("BatchNorm2d-cl", lambda: nkn.BatchNorm2d(6), (4, 6, 5, 5), channels_last=True),
     Sample("BatchNorm3d", lambda: nkn.BatchNorm3d(4), (2, 4, 3, 3, 3)),
     Sample("InstanceNorm1d", lambda: nkn.InstanceNorm1d(6), (4, 6, 7), batch_free=True),
-    Sample("InstanceNorm2d-affine-tracked", lambda: nkn.InstanceNorm2d(6, affine=True, track_running_stats=True), (4, 6, 5, 5)),
+    Sample(
+        "InstanceNorm2d-affine-tracked",
+        lambda: nkn.InstanceNorm2d(6, affine=True, track_running_stats=True),
+        (4, 6, 5, 5),
+    ),
     Sample("InstanceNorm2d", lambda: nkn.InstanceNorm2d(6, affine=True), (4, 6, 5, 5), batch_free=True),
     Sample("GroupNorm", lambda: nkn.GroupNorm(3, 6), (4, 6, 5, 5), batch_free=True),
     Sample("GroupNorm-cl", lambda: nkn.GroupNorm(2, 6), (4, 6, 5, 5), batch_free=True, channels_last=True),
@@ -70,8 +75,15 @@ SAMPLES: list[Sample] = [
     Sample("LayerNorm2d-c", lambda: nkn.LayerNorm2d(6), (4, 6, 5, 5), batch_free=True),
     Sample("LayerNorm2d-chw", lambda: nkn.LayerNorm2d(6, over="chw"), (4, 6, 5, 5), batch_free=True),
     Sample("ln+pn", lambda: normkit.create_norm_layer("ln+pn", 6), (4, 6, 5, 5), batch_free=True),
-    Sample("gn:2+pn-silu", lambda: normkit.create_norm_layer("gn:2+pn", 6, activation="silu"), (4, 6, 5, 5), batch_free=True),
-    Sample("ProxyNormAct-gelu", lambda: nkn.ProxyNormAct(6, activation="gelu"), (4, 6, 5, 5), batch_free=True),
+    Sample(
+        "gn:2+pn-silu",
+        lambda: normkit.create_norm_layer("gn:2+pn", 6, activation="silu"),
+        (4, 6, 5, 5),
+        batch_free=True,
+    ),
+    Sample(
+        "ProxyNormAct-gelu", lambda: nkn.ProxyNormAct(6, activation="gelu"), (4, 6, 5, 5), batch_free=True
+    ),
     Sample("GhostBatchNorm2d", lambda: nkn.GhostBatchNorm2d(6, ghost_batch_size=2), (4, 6, 5, 5)),
     Sample("BatchRenorm2d", lambda: nkn.BatchRenorm2d(6), (4, 6, 5, 5)),
     Sample("FrozenBatchNorm2d", lambda: nkn.FrozenBatchNorm2d(6), (4, 6, 5, 5), batch_free=True),
@@ -81,7 +93,12 @@ SAMPLES: list[Sample] = [
     Sample("SyncBatchNorm-2d", lambda: nkn.SyncBatchNorm(6), (5, 6)),
     Sample("SyncBatchNorm-cl", lambda: nkn.SyncBatchNorm(6), (4, 6, 5, 5), channels_last=True),
     Sample("SyncBatchNormAct", lambda: nkn.SyncBatchNormAct(6, activation="silu"), (4, 6, 5, 5)),
-    Sample("GroupNormAct2d", lambda: nkn.GroupNormAct2d(6, num_groups=2, activation="silu"), (4, 6, 5, 5), batch_free=True),
+    Sample(
+        "GroupNormAct2d",
+        lambda: nkn.GroupNormAct2d(6, num_groups=2, activation="silu"),
+        (4, 6, 5, 5),
+        batch_free=True,
+    ),
     Sample("LayerNormAct2d", lambda: nkn.LayerNormAct2d(6, activation="gelu"), (4, 6, 5, 5), batch_free=True),
 ]
 

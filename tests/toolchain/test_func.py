@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.autograd import gradcheck, gradgradcheck
 from torch.autograd import forward_ad as fwAD
+from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call
 
 import normkit.functional as NF
@@ -92,7 +92,7 @@ def test_vmap_grad_per_sample_gradients_equal_a_loop(sample: Sample, train: bool
         for k, g in zip(names, grads[1:]):
             want = torch.zeros_like(params[k]) if g is None else g
             torch.testing.assert_close(
-                got_p[k][i], want, rtol=1e-9, atol=1e-10, msg=lambda s: f"sample {i}, {k}: {s}"
+                got_p[k][i], want, rtol=1e-9, atol=1e-10, msg=lambda s, i=i, k=k: f"sample {i}, {k}: {s}"
             )
     # buffers read by vmap were never written (eval, or a batch-free layer)
     for k, v in buffers.items():
@@ -179,7 +179,7 @@ def test_jacrev_wrt_parameters_equals_autograd_jacobian(sample: Sample, train: b
     want = torch.autograd.functional.jacobian(g, tuple(params.values()))
     for k, w in zip(names, want):
         assert got[k].shape == w.shape == (8, *params[k].shape)
-        torch.testing.assert_close(got[k], w, rtol=1e-9, atol=1e-11, msg=lambda s: f"{k}: {s}")
+        torch.testing.assert_close(got[k], w, rtol=1e-9, atol=1e-11, msg=lambda s, k=k: f"{k}: {s}")
     # the Jacobian is not trivially zero
     assert any(float(w.abs().max()) > 1e-3 for w in want)
 
@@ -345,5 +345,5 @@ def test_forward_ad_dual_tensors_equal_torch_nn(pair, train: bool):
     for k, a in ours.named_buffers():
         if k in ref_buffers:
             torch.testing.assert_close(
-                a, ref_buffers[k], rtol=1e-12, atol=1e-12, msg=lambda s: f"buffer {k}: {s}"
+                a, ref_buffers[k], rtol=1e-12, atol=1e-12, msg=lambda s, k=k: f"buffer {k}: {s}"
             )

@@ -24,7 +24,10 @@ SPECS = ["bn", "gn:4", "ln", "ln2d", "in", "ln+pn"]
 class CNN(nn.Module):
     def __init__(self, spec: str) -> None:
         super().__init__()
-        act = lambda: nn.Identity() if spec.endswith("+pn") else nn.ReLU()  # noqa: E731  PN brings its own
+
+        def act() -> nn.Module:  # PN brings its own activation
+            return nn.Identity() if spec.endswith("+pn") else nn.ReLU()
+
         self.body = nn.Sequential(
             nn.Conv2d(3, 8, 3, padding=1, bias=False),
             normkit.create_norm_layer(spec, 8),
@@ -57,9 +60,9 @@ def test_compiled_cnn_equals_eager(spec: str, train: bool):
     (y_ref, g_ref), (y, g) = run(ref, x), run(compiled, x, model)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
     for (k, a), b in zip(g_ref.items(), g.values()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_large_offset_readme_example():
@@ -96,7 +99,9 @@ def test_huge_and_tiny_inputs_match_the_reference(scale: float):
     x = (torch.randn(3, 6, 5, 5, generator=g, dtype=torch.float64) * scale).float()
     y = F.group_norm(x, 3, eps=0.0)
     assert bool(torch.isfinite(y).all())
-    torch.testing.assert_close(y.double(), ref_group_norm(x.double(), 3, None, None, 0.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        y.double(), ref_group_norm(x.double(), 3, None, None, 0.0), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_non_finite_batch_never_reaches_running_statistics():
@@ -121,9 +126,15 @@ def test_non_finite_batch_never_reaches_running_statistics():
 )
 def test_all_true_mask_is_the_unmasked_op_at_every_scale(op, scale: float):
     g = torch.Generator().manual_seed(2)
-    x = (1.0 + torch.randn(4, 6, 7, generator=g, dtype=torch.float64) * 1e-2 * (scale > 1e3) + torch.randn(
-        4, 6, 7, generator=g, dtype=torch.float64
-    ) * (scale <= 1e3)).mul(scale).float()
+    x = (
+        (
+            1.0
+            + torch.randn(4, 6, 7, generator=g, dtype=torch.float64) * 1e-2 * (scale > 1e3)
+            + torch.randn(4, 6, 7, generator=g, dtype=torch.float64) * (scale <= 1e3)
+        )
+        .mul(scale)
+        .float()
+    )
     mask = torch.ones(4, 1, 7, dtype=torch.bool)
     y, y_masked = op(x, None), op(x, mask)
     assert bool(torch.isfinite(y_masked).all())
@@ -135,7 +146,9 @@ def test_masked_and_unmasked_share_the_core_reference_at_1e20():
     # The bug this guards: the old masked path gave std 0.0 at |x| ~ 1e20 (unmasked 1.0).
     x = torch.randn(2, 4, 9) * 1e20
     y = F.group_norm(x, 1, mask=torch.ones(2, 1, 9, dtype=torch.bool))
-    torch.testing.assert_close(y.double(), ref_group_norm(x.double(), 1, None, None, 1e-5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        y.double(), ref_group_norm(x.double(), 1, None, None, 1e-5), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_running_statistics_follow_the_reference_after_compiled_steps():

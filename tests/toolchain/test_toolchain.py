@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 import normkit
+from tests.tolerances import Tol
 from tests.toolchain.samples import SAMPLE_IDS, SAMPLES, Sample, run
 
 MODES = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
-TOL = dict(rtol=1e-4, atol=1e-5)
+TOL: Tol = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def _assert_same_run(a: tuple, b: tuple) -> None:
@@ -27,7 +28,7 @@ def _assert_same_run(a: tuple, b: tuple) -> None:
     torch.testing.assert_close(yb, ya, **TOL)
     assert len(ga) == len(gb)  # same parameters, in order (a traced copy prefixes their names)
     for (k, a), b in zip(ga.items(), gb.values()):
-        torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"grad of {k}: {m}")
+        torch.testing.assert_close(b, a, **TOL, msg=lambda m, k=k: f"grad of {k}: {m}")
 
 
 def _buffers(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,7 +57,7 @@ def test_compile_fullgraph_equals_eager_with_gradients_and_buffers(sample: Sampl
     compiled = torch.compile(m, fullgraph=True)
     _assert_same_run(run(ref, x), run(compiled, x, m))
     for (k, a), b in zip(_buffers(ref).items(), _buffers(m).values()):
-        torch.testing.assert_close(b, a, **TOL, msg=lambda msg: f"buffer {k}: {msg}")
+        torch.testing.assert_close(b, a, **TOL, msg=lambda msg, k=k: f"buffer {k}: {msg}")
 
 
 @pytest.mark.parametrize("train", MODES)

@@ -39,7 +39,10 @@ def _selector(where: Where, op: str) -> Callable[[str, nn.Module], bool]:
         return lambda name, m: where.search(name) is not None
     if callable(where):
         return lambda name, m: bool(where(name, m))
-    raise TypeError(f"{op}: where must be None, a callable (name, module) -> bool, a glob or a compiled regex, got {type(where).__name__}")
+    raise TypeError(
+        f"{op}: where must be None, a callable (name, module) -> bool, a glob or a compiled regex, "
+        f"got {type(where).__name__}"
+    )
 
 
 def _norm_layers(model: nn.Module, where: Where, op: str) -> dict[str, tuple[nn.Module, NormInfo]]:
@@ -131,11 +134,15 @@ class NormMonitor:
         0
     """
 
-    def __init__(self, model: nn.Module, *, where: Where = None, power: bool = True, history: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, *, where: Where = None, power: bool = True, history: bool = True
+    ) -> None:
         self.model = model
         self.layers = _norm_layers(model, where, "NormMonitor")
         if not self.layers:
-            raise NormError("NormMonitor: the model has no norm layer to watch" + (" matching where=" if where else ""))
+            raise NormError(
+                "NormMonitor: the model has no norm layer to watch" + (" matching where=" if where else "")
+            )
         self.power = bool(power)
         self.keep_history = bool(history)
         self.records: dict[str, LayerRecord] = {
@@ -192,12 +199,17 @@ class NormMonitor:
         shape = tuple(x.shape)
         rec: dict[str, Any] = {"mode": "train" if module.training else "eval", "uses": uses, "shape": shape}
         ghost = info.extra.get("ghost_batch_size") if uses == "batch" else None
-        rec["values_per_stat"] = values_per_statistic(info.kind, shape, info.groups, ghost) if uses != "running" else None
+        rec["values_per_stat"] = (
+            values_per_statistic(info.kind, shape, info.groups, ghost) if uses != "running" else None
+        )
         before = self._before.pop(name, None)
         if info.has_running_stats and before is not None:
             nbt = info.num_batches_tracked
-            rec["ema_batches"] = ema_effective_batches(info.momentum, int(nbt) if nbt is not None else 0) \
-                if info.kind == "bn" else None
+            rec["ema_batches"] = (
+                ema_effective_batches(info.momentum, int(nbt) if nbt is not None else 0)
+                if info.kind == "bn"
+                else None
+            )
             if info.kind in BN_KINDS:
                 _, mean, var = channel_moments(x)
                 rec.update(batch_running_gap(mean, var, before[0], before[1], info.eps))
@@ -211,8 +223,10 @@ class NormMonitor:
         record.calls += 1
         record.last = rec
         if self.keep_history:
-            record.history.append({k: v for k, v in rec.items() if k not in ("dead", "collapsed")}
-                                  | {"dead": len(dead), "collapsed": len(collapsed)})
+            record.history.append(
+                {k: v for k, v in rec.items() if k not in ("dead", "collapsed")}
+                | {"dead": len(dead), "collapsed": len(collapsed)}
+            )
 
     # --- results -------------------------------------------------------------------------------
 
@@ -232,19 +246,36 @@ class NormMonitor:
         return out
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Everything recorded, per layer: class, kind, number of calls, the last call, the history, the drift."""
+        """Everything recorded, per layer: class, kind, number of calls, the last call, the history, the
+        drift."""
         drift = self.drift()
         return {
             name: {
-                "class": r.cls, "kind": r.kind, "calls": r.calls, "last": dict(r.last),
-                "history": list(r.history), "drift": drift.get(name),
+                "class": r.cls,
+                "kind": r.kind,
+                "calls": r.calls,
+                "last": dict(r.last),
+                "history": list(r.history),
+                "drift": drift.get(name),
             }
             for name, r in self.records.items()
         }
 
     def _rows(self) -> tuple[list[str], list[list[str]]]:
-        head = ["layer", "kind", "mode", "stats", "values/stat", "train/eval gap", "mean shift", "drift",
-                "dead", "collapsed", "P_mean in", "P_mean out"]
+        head = [
+            "layer",
+            "kind",
+            "mode",
+            "stats",
+            "values/stat",
+            "train/eval gap",
+            "mean shift",
+            "drift",
+            "dead",
+            "collapsed",
+            "P_mean in",
+            "P_mean out",
+        ]
         drift = self.drift()
         rows = []
         for name, r in self.records.items():
@@ -259,13 +290,22 @@ class NormMonitor:
                 vps_s = "-" if vps is None else str(vps)
             channels = last["shape"][1]
             d = drift.get(name)
-            rows.append([
-                name, r.kind, last["mode"], last["uses"], vps_s,
-                _f(last.get("gap")), _f(last.get("mean_shift")), _f(d["mean_shift"]) if d else "-",
-                f"{len(last['dead'])}/{channels}", f"{len(last['collapsed'])}/{channels}",
-                _f(last["power_in"]["P_mean"]) if "power_in" in last else "-",
-                _f(last["power_out"]["P_mean"]) if "power_out" in last else "-",
-            ])
+            rows.append(
+                [
+                    name,
+                    r.kind,
+                    last["mode"],
+                    last["uses"],
+                    vps_s,
+                    _f(last.get("gap")),
+                    _f(last.get("mean_shift")),
+                    _f(d["mean_shift"]) if d else "-",
+                    f"{len(last['dead'])}/{channels}",
+                    f"{len(last['collapsed'])}/{channels}",
+                    _f(last["power_in"]["P_mean"]) if "power_in" in last else "-",
+                    _f(last["power_out"]["P_mean"]) if "power_out" in last else "-",
+                ]
+            )
         return head, rows
 
     def table(self, *, print_: bool = True) -> str:
@@ -300,7 +340,8 @@ class NormMonitor:
         return text
 
     def plot(self, path: str | Path) -> Path:
-        """Draw the train/eval gap, the dead/collapsed channels and the P_mean power fractions per layer (PNG).
+        """Draw the train/eval gap, the dead/collapsed channels and the P_mean power fractions per layer
+        (PNG).
 
         Needs matplotlib (``pip install 'normkit[lab]'``).
         """
@@ -320,13 +361,24 @@ class NormMonitor:
         axes[0].bar(pos, [r.get("gap", 0.0) or 0.0 for r in last], color="tab:red")
         axes[0].set_ylabel("train/eval gap")
         width = 0.4
-        axes[1].bar([p - width / 2 for p in pos], [len(r["dead"]) / r["shape"][1] for r in last], width, label="dead")
-        axes[1].bar([p + width / 2 for p in pos], [len(r["collapsed"]) / r["shape"][1] for r in last], width, label="collapsed")
+        axes[1].bar(
+            [p - width / 2 for p in pos], [len(r["dead"]) / r["shape"][1] for r in last], width, label="dead"
+        )
+        axes[1].bar(
+            [p + width / 2 for p in pos],
+            [len(r["collapsed"]) / r["shape"][1] for r in last],
+            width,
+            label="collapsed",
+        )
         axes[1].set_ylabel("fraction of channels")
         axes[1].legend()
         for offset, key in ((-width / 2, "power_in"), (width / 2, "power_out")):
-            axes[2].bar([p + offset for p in pos], [r[key]["P_mean"] if key in r else 0.0 for r in last], width,
-                        label=f"P_mean {'before' if key == 'power_in' else 'after'} the norm")
+            axes[2].bar(
+                [p + offset for p in pos],
+                [r[key]["P_mean"] if key in r else 0.0 for r in last],
+                width,
+                label=f"P_mean {'before' if key == 'power_in' else 'after'} the norm",
+            )
         axes[2].set_ylabel("P_mean fraction")
         axes[2].legend()
         axes[2].set_xticks(pos)
@@ -349,7 +401,9 @@ def _f(v: Any) -> str:
 def _plain_table(head: list[str], rows: list[list[str]]) -> str:
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+    return "\n".join(
+        [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
+    )
 
 
 # --- train/eval gap --------------------------------------------------------------------------------
@@ -375,10 +429,20 @@ class TrainEvalGap:
 
     def __str__(self) -> str:
         head = ["layer", "alone", "in the model", "mean shift", "log std ratio"]
-        rows = [[n, _f(self.layers[n]), _f(self.propagated.get(n)), _f(self.stats[n]["mean_shift"]),
-                 _f(self.stats[n]["log_std_ratio"])] for n in self.layers]
+        rows = [
+            [
+                n,
+                _f(self.layers[n]),
+                _f(self.propagated.get(n)),
+                _f(self.stats[n]["mean_shift"]),
+                _f(self.stats[n]["log_std_ratio"]),
+            ]
+            for n in self.layers
+        ]
         rows.append(["<model output>", "", _f(self.output), "", ""])
-        return "train/eval gap (relative output difference, batch vs running statistics)\n" + _plain_table(head, rows)
+        return "train/eval gap (relative output difference, batch vs running statistics)\n" + _plain_table(
+            head, rows
+        )
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -389,7 +453,8 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 
 def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> TrainEvalGap:
-    """How much each BN layer's output differs between batch (train-mode) and running (eval-mode) statistics on ``batch``.
+    """How much each BN layer's output differs between batch (train-mode) and running (eval-mode) statistics
+    on ``batch``.
 
     A model whose BN layers saw small or unrepresentative batches in training has running
     statistics that disagree with any one batch; this measures by how much, layer by layer,
@@ -413,10 +478,16 @@ def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> Trai
         >>> gap.layers["1"] > 0.5, net.training, int(net[1].num_batches_tracked)
         (True, True, 0)
     """
-    bns = {n: (m, i) for n, (m, i) in _norm_layers(model, where, "train_eval_gap").items()
-           if i.kind == "bn" and i.has_running_stats and getattr(m, "track_running_stats", True)}
+    bns = {
+        n: (m, i)
+        for n, (m, i) in _norm_layers(model, where, "train_eval_gap").items()
+        if i.kind == "bn" and i.has_running_stats and getattr(m, "track_running_stats", True)
+    }
     if not bns:
-        raise NormError("train_eval_gap: the model has no BN layer with running statistics" + (" matching where=" if where else ""))
+        raise NormError(
+            "train_eval_gap: the model has no BN layer with running statistics"
+            + (" matching where=" if where else "")
+        )
     args = batch if isinstance(batch, tuple) else (batch,)
     flags = {m: m.training for m in model.modules()}
     saved = {k: v.detach().clone() for k, v in model.named_buffers()}
@@ -466,7 +537,9 @@ def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> Trai
             propagated = {n: _rel(train_out[n], eval_out[n]) for n in layers if n in train_out}
             from torch.utils._pytree import tree_leaves
 
-            outs = [(a, b) for a, b in zip(tree_leaves(y_train), tree_leaves(y_eval)) if isinstance(a, Tensor)]
+            outs = [
+                (a, b) for a, b in zip(tree_leaves(y_train), tree_leaves(y_eval)) if isinstance(a, Tensor)
+            ]
             output = max((_rel(a, b) for a, b in outs), default=0.0)
     finally:
         for h in handles:

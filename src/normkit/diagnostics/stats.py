@@ -31,7 +31,6 @@ Example:
     1.0
 """
 
-
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -75,9 +74,14 @@ class PowerDecomposition(NamedTuple):
 def _instance_stats(y: Tensor) -> tuple[Tensor, Tensor]:
     """Per-(sample, channel) mean and biased std over the spatial dims, float64 ``(N, C)`` each."""
     if not isinstance(y, Tensor) or y.dim() < 2:
-        raise NormError(f"power_decomposition: expected an (N, C, *spatial) or (N, C) tensor, got {getattr(y, 'shape', y)!r}")
+        raise NormError(
+            "power_decomposition: expected an (N, C, *spatial) or (N, C) tensor, got "
+            f"{getattr(y, 'shape', y)!r}"
+        )
     if y.shape[0] < 1 or y.numel() == 0:
-        raise NormError(f"power_decomposition: need at least one sample and one value, got shape {tuple(y.shape)}")
+        raise NormError(
+            f"power_decomposition: need at least one sample and one value, got shape {tuple(y.shape)}"
+        )
     y64 = y.detach().to(torch.float64).flatten(2) if y.dim() > 2 else y.detach().to(torch.float64)[:, :, None]
     mu = y64.mean(dim=2)  # (N, C)
     sig = (y64 - mu[:, :, None]).pow(2).mean(dim=2).sqrt()  # two-pass biased std
@@ -85,7 +89,9 @@ def _instance_stats(y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def power_decomposition(y: Tensor) -> PowerDecomposition:
-    """The four power terms of ``y`` ``(N, C, *spatial)`` (an ``(N, C)`` input has no spatial spread: sig = 0).
+    """The four power terms of ``y`` ``(N, C, *spatial)``.
+
+    An ``(N, C)`` input has no spatial spread: sig = 0.
 
     Variances over samples are biased (divide by N), so the identity is exact.
 
@@ -101,7 +107,9 @@ def power_decomposition(y: Tensor) -> PowerDecomposition:
     p_varstd = (sig - sig.mean(dim=0)).pow(2).mean(dim=0).mean()
     p_meanstd = sig.mean(dim=0).pow(2).mean()
     total = y.detach().to(torch.float64).pow(2).mean()
-    return PowerDecomposition(float(p_mean), float(p_varmean), float(p_varstd), float(p_meanstd), float(total))
+    return PowerDecomposition(
+        float(p_mean), float(p_varmean), float(p_varstd), float(p_meanstd), float(total)
+    )
 
 
 def power_fractions(y: Tensor) -> dict[str, float]:
@@ -161,10 +169,13 @@ def batch_running_gap(
         >>> gap = batch_running_gap(torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3), 1e-5)
         >>> gap["gap"], gap["mean_shift"]
         (0.0, 0.0)
-        >>> round(batch_running_gap(torch.ones(1), torch.ones(1), torch.zeros(1), torch.ones(1), 0.0)["gap"], 6)
+        >>> one, zero = torch.ones(1), torch.zeros(1)
+        >>> round(batch_running_gap(one, one, zero, one, 0.0)["gap"], 6)
         1.0
     """
-    mb, vb, mr, vr = (t.detach().to(torch.float64) for t in (batch_mean, batch_var, running_mean, running_var))
+    mb, vb, mr, vr = (
+        t.detach().to(torch.float64) for t in (batch_mean, batch_var, running_mean, running_var)
+    )
     a = (vb + eps).rsqrt()
     b = (vr + eps).rsqrt()
     sq = vb * (a - b).pow(2) + ((mb - mr) * b).pow(2)
@@ -185,7 +196,8 @@ def ema_effective_batches(momentum: float | None, num_batches: int) -> float:
     ``(2 - m) / m`` (19 for torch's 0.1). ``momentum=None`` (cumulative average) gives ``t``.
 
     Example:
-        >>> round(ema_effective_batches(0.1, 10_000), 6), ema_effective_batches(None, 7), ema_effective_batches(1.0, 5)
+        >>> b = ema_effective_batches
+        >>> round(b(0.1, 10_000), 6), b(None, 7), b(1.0, 5)
         (19.0, 7.0, 1.0)
     """
     t = int(num_batches)
@@ -204,7 +216,9 @@ def ema_effective_batches(momentum: float | None, num_batches: int) -> float:
     return s1 * s1 / s2
 
 
-def values_per_statistic(kind: str, shape: tuple[int, ...], groups: int | None = None, ghost_batch_size: int | None = None) -> int:
+def values_per_statistic(
+    kind: str, shape: tuple[int, ...], groups: int | None = None, ghost_batch_size: int | None = None
+) -> int:
     """How many values each mean / variance a norm computes on an input of ``shape`` pools over.
 
     BN: ``N * prod(spatial)`` (Ghost BN: its ghost batch instead of N); GN: ``C/G * prod(spatial)``;
@@ -230,7 +244,9 @@ def values_per_statistic(kind: str, shape: tuple[int, ...], groups: int | None =
         return c
     if kind == "in":
         return spatial
-    raise NormError(f"values_per_statistic: unknown kind {kind!r}; expected bn, frozen_bn, gn, pn, ln, ln2d or in")
+    raise NormError(
+        f"values_per_statistic: unknown kind {kind!r}; expected bn, frozen_bn, gn, pn, ln, ln2d or in"
+    )
 
 
 def dead_and_collapsed(y: Tensor, channel_dim: int = 1, rel_tol: float = 1e-3) -> tuple[list[int], list[int]]:

@@ -100,7 +100,7 @@ def sync_bn_buffers(
         start = 0
         for t in tensors:
             n = t.numel()
-            t.copy_(new[start: start + n].reshape(t.shape).to(t.device, t.dtype))
+            t.copy_(new[start : start + n].reshape(t.shape).to(t.device, t.dtype))
             start += n
     return model
 
@@ -116,12 +116,12 @@ def _average(table: Tensor, groups: list[tuple[Tensor, Tensor | None, Tensor | N
     start = 0
     for mean, var, nbt in groups:
         C = mean.numel()
-        mu = rank_row[:, start: start + C]
-        mine = local[start: start + C]
+        mu = rank_row[:, start : start + C]
+        mine = local[start : start + C]
         start += C
         ok = torch.isfinite(mu)
         if var is not None:
-            v = rank_row[:, start: start + C]
+            v = rank_row[:, start : start + C]
             start += C
             ok = ok & torch.isfinite(v)
         k = ok.sum(0).to(F64)
@@ -133,8 +133,8 @@ def _average(table: Tensor, groups: list[tuple[Tensor, Tensor | None, Tensor | N
             dev = torch.where(ok, mu - m, zero)
             within = torch.where(ok, v, zero).sum(0) / safe
             mix = within + (dev * dev).sum(0) / safe
-            out.append(torch.where(k > 0, mix, local[start - C: start]))
+            out.append(torch.where(k > 0, mix, local[start - C : start]))
         if nbt is not None:
-            out.append(rank_row[:, start: start + 1].amax(0))
+            out.append(rank_row[:, start : start + 1].amax(0))
             start += 1
     return torch.cat(out)

@@ -26,11 +26,19 @@ __all__ = ["convert_sync_batchnorm", "revert_sync_batchnorm"]
 
 # Layers whose forward is BN's own: SyncBatchNorm reproduces it exactly (with one process).
 _PLAIN: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-    nk_bn.BatchNorm1d, nk_bn.BatchNorm2d, nk_bn.BatchNorm3d, _BatchNormXd,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nk_bn.BatchNorm1d,
+    nk_bn.BatchNorm2d,
+    nk_bn.BatchNorm3d,
+    _BatchNormXd,
 )
 _TORCH_TO_NORMKIT: dict[type[nn.Module], type[nn.Module]] = {
-    nn.BatchNorm1d: nk_bn.BatchNorm1d, nn.BatchNorm2d: nk_bn.BatchNorm2d, nn.BatchNorm3d: nk_bn.BatchNorm3d,
+    nn.BatchNorm1d: nk_bn.BatchNorm1d,
+    nn.BatchNorm2d: nk_bn.BatchNorm2d,
+    nn.BatchNorm3d: nk_bn.BatchNorm3d,
 }
 
 
@@ -54,21 +62,27 @@ def _refusal(m: nn.Module, path: str) -> str:
     name = type(m).__name__
     keep = "or keep it per process with convert_sync_batchnorm(..., unsupported='keep')"
     if isinstance(m, fam._GhostBatchNorm):
-        why = (f"a {name} normalizes each chunk of ghost_batch_size={m.ghost_batch_size} samples of a "
-               "process's batch on its own, and a SyncBatchNorm would replace that with statistics over "
-               "every process's whole batch (silently dropping the Ghost BN forward)")
+        why = (
+            f"a {name} normalizes each chunk of ghost_batch_size={m.ghost_batch_size} samples of a "
+            "process's batch on its own, and a SyncBatchNorm would replace that with statistics over "
+            "every process's whole batch (silently dropping the Ghost BN forward)"
+        )
         fix = f"replace it with BatchNorm{name[-2:]} first if you want synchronised statistics, {keep}"
     elif isinstance(m, fam._BatchRenorm):
-        why = (f"a {name} corrects the batch statistics towards its running ones (r, d), which a "
-               "SyncBatchNorm does not do (its Batch Renorm forward would be silently dropped)")
+        why = (
+            f"a {name} corrects the batch statistics towards its running ones (r, d), which a "
+            "SyncBatchNorm does not do (its Batch Renorm forward would be silently dropped)"
+        )
         fix = f"replace it with BatchNorm{name[-2:]} first if you want synchronised statistics, {keep}"
     elif isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():  # type: ignore[attr-defined]
         why = f"a {name} has no shape yet"
         fix = f"run one forward pass first, so that it becomes a BatchNorm, {keep}"
     else:
-        why = (f"{name} overrides BatchNorm's forward, which a SyncBatchNorm would silently drop; only "
-               "torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm, normkit's BatchNorm1d/2d/3d, "
-               "BatchNormAct2d and subclasses that keep their forward convert")
+        why = (
+            f"{name} overrides BatchNorm's forward, which a SyncBatchNorm would silently drop; only "
+            "torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm, normkit's BatchNorm1d/2d/3d, "
+            "BatchNormAct2d and subclasses that keep their forward convert"
+        )
         fix = f"convert it yourself, {keep}"
     return f"convert_sync_batchnorm: {where} is not converted: {why}; {fix}"
 
@@ -193,7 +207,8 @@ def convert_sync_batchnorm(
 
     if unsupported == "raise":  # check everything first: a refused model is left as it was
         refused = [
-            (path, m) for path, m in model.named_modules()
+            (path, m)
+            for path, m in model.named_modules()
             if isinstance(m, _TorchBatchNorm) and not isinstance(m, SyncBatchNorm) and convertible(m) is None
         ]
         if refused:

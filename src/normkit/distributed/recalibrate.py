@@ -252,9 +252,9 @@ def recalibrate_bn(
     unused = []
     start = 0
     for layer in layers:
-        n = count[start: start + layer.C]
-        mu = mean[start: start + layer.C]
-        M2 = m2[start: start + layer.C]
+        n = count[start : start + layer.C]
+        mu = mean[start : start + layer.C]
+        M2 = m2[start : start + layer.C]
         start += layer.C
         if not bool((n > 0).any()):
             unused.append(layer.name or type(layer.module).__name__)

@@ -8,14 +8,14 @@ statistics with its analytic backward, registered as the ``torch.library`` op ``
 from ._autograd import norm
 from ._moments import Moments, acc_dtype, moments, normalize
 from ._running import NormOutput
+from .activations import get_activation
 from .batch_norm import batch_norm
 from .batch_renorm import batch_renorm, mean_only_batch_norm
 from .ghost_batch_norm import ghost_batch_norm
-from .masked import masked_moments, masked_norm
 from .group_norm import group_norm
 from .instance_norm import instance_norm
 from .layer_norm import layer_norm, layer_norm_2d
-from .activations import get_activation
+from .masked import masked_moments, masked_norm
 from .proxy_norm import group_norm_proxy_act, proxy_norm_act, proxy_points, proxy_stats
 from .sync_batch_norm import sync_batch_norm
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
 from .._errors import NormError
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -143,8 +143,14 @@ def all_gather_moments(
 
     device = comm_device(group, count.device)
     flag = torch.ones(1, dtype=F64, device=device) if failed else torch.zeros(1, dtype=F64, device=device)
-    local = torch.cat([flag, count.to(device, F64).reshape(-1), mean.to(device, F64).reshape(-1),
-                       m2.to(device, F64).reshape(-1)])
+    local = torch.cat(
+        [
+            flag,
+            count.to(device, F64).reshape(-1),
+            mean.to(device, F64).reshape(-1),
+            m2.to(device, F64).reshape(-1),
+        ]
+    )
     if failed:
         local[1:] = 0.0
     world = dist.get_world_size(group)
@@ -153,7 +159,7 @@ def all_gather_moments(
     table = torch.stack(parts)  # (world, 1 + 3C)
     C = count.numel()
     bad = table[:, 0]
-    counts, means, m2s = table[:, 1: 1 + C], table[:, 1 + C: 1 + 2 * C], table[:, 1 + 2 * C:]
+    counts, means, m2s = table[:, 1 : 1 + C], table[:, 1 + C : 1 + 2 * C], table[:, 1 + 2 * C :]
     n, mu, m2_all = merge_moments(counts, means, m2s)
     host = torch.cat([bad, n[:1]]).tolist()  # the one host transfer: who failed, and the global count
     failed_ranks = [i for i, v in enumerate(host[:-1]) if v != 0.0]

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from typing import overload
+
 from torch import Tensor
 
 
+@overload
+def channel_view(p: Tensor, ndim: int, channel_dim: int = 1) -> Tensor: ...
+@overload
+def channel_view(p: None, ndim: int, channel_dim: int = 1) -> None: ...
+@overload
+def channel_view(p: Tensor | None, ndim: int, channel_dim: int = 1) -> Tensor | None: ...
 def channel_view(p: Tensor | None, ndim: int, channel_dim: int = 1) -> Tensor | None:
     """View a per-channel vector ``(C,)`` as ``(1, C, 1, ...)`` for an ``ndim``-dim input."""
     if p is None:

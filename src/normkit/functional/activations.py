@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, Union
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
 from .._errors import NormError
 
 __all__ = ["ActivationLike", "activation_names", "activation_spec", "get_activation"]
 
-ActivationLike = Union[str, Callable[[Tensor], Tensor], None]
+ActivationLike = str | Callable[[Tensor], Tensor] | None
 
 _ACTS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu,
@@ -55,7 +56,9 @@ def get_activation(act: ActivationLike) -> Callable[[Tensor], Tensor]:
             return functools.partial(torch.nn.functional.leaky_relu, negative_slope=float(arg))
         if name in _ACTS and not arg:
             return _ACTS[name]
-    raise NormError(f"unknown activation {act!r}; expected a callable or one of {', '.join(activation_names())}")
+    raise NormError(
+        f"unknown activation {act!r}; expected a callable or one of {', '.join(activation_names())}"
+    )
 
 
 def activation_spec(act: ActivationLike) -> tuple[str, float] | None:
@@ -81,8 +84,13 @@ def activation_spec(act: ActivationLike) -> tuple[str, float] | None:
             return (name, 0.01)
         return None
     functions = {
-        torch.relu: "relu", F.relu: "relu", F.silu: "silu", F.gelu: "gelu", torch.sigmoid: "sigmoid",
-        torch.tanh: "tanh", F.leaky_relu: "leaky_relu",
+        torch.relu: "relu",
+        F.relu: "relu",
+        F.silu: "silu",
+        F.gelu: "gelu",
+        torch.sigmoid: "sigmoid",
+        torch.tanh: "tanh",
+        F.leaky_relu: "leaky_relu",
     }
     if act in functions:
         return (functions[act], 0.01)
@@ -91,7 +99,13 @@ def activation_spec(act: ActivationLike) -> tuple[str, float] | None:
         return ("leaky_relu", float(act.negative_slope))
     if isinstance(act, nn.GELU):
         return ("gelu_tanh" if act.approximate == "tanh" else "gelu", 0.01)
-    modules = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Identity: "identity"}
+    modules = {
+        nn.ReLU: "relu",
+        nn.SiLU: "silu",
+        nn.Sigmoid: "sigmoid",
+        nn.Tanh: "tanh",
+        nn.Identity: "identity",
+    }
     for cls, name in modules.items():
         if type(act) is cls:
             return (name, 0.01)

@@ -8,7 +8,7 @@ from torch import Tensor
 from .._errors import NormError
 from ..kernels import _fast
 from ..ops.library import exporting
-from ._autograd import norm, norm_count
+from ._autograd import norm_count
 from ._checks import check_eps, check_input, check_momentum, check_param
 from ._moments import acc_dtype, normalize
 from ._running import NormOutput, update_running_stats, update_running_stats_where
@@ -16,7 +16,6 @@ from ._views import channel_view, spatial_dims
 from .masked import check_mask
 
 __all__ = ["batch_norm"]
-
 
 
 def _aten_eval_grad_hazard(x: Tensor) -> bool:
@@ -34,6 +33,7 @@ def _aten_eval_grad_hazard(x: Tensor) -> bool:
         and not x.is_contiguous()
         and any(s == 1 for s in x.shape[2:])
     )
+
 
 def batch_norm(
     x: Tensor,
@@ -99,7 +99,12 @@ def batch_norm(
     eps = check_eps(eps, op)
     momentum = check_momentum(momentum, op)
     C = x.shape[1]
-    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+    for name, p in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         check_param(p, x, (C,), op, name)
     if (running_mean is None) != (running_var is None):
         raise NormError(f"{op}: give both running_mean and running_var, or neither")
@@ -108,7 +113,9 @@ def batch_norm(
     use_batch_stats = training or running_mean is None
     if not use_batch_stats:
         assert running_mean is not None and running_var is not None
-        if mask is None and (exporting() or (x.dtype == running_mean.dtype and not _aten_eval_grad_hazard(x))):
+        if mask is None and (
+            exporting() or (x.dtype == running_mean.dtype and not _aten_eval_grad_hazard(x))
+        ):
             # The affine map from the running statistics: ATen's batch_norm computes exactly it
             # (and exporters record the standard op).
             y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
@@ -137,8 +144,18 @@ def batch_norm(
         and not exporting()
         and _fast.eligible(x)
     ):
-        fast = _fast_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                                num_batches_tracked, unbiased_running_var)
+        fast = _fast_batch_norm(
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            num_batches_tracked,
+            unbiased_running_var,
+        )
         if fast is not None:
             return fast
     w = channel_view(weight, x.dim())

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 import torch
+from torch import Tensor
 
 from .._errors import NormError
 from ..kernels import _fast
@@ -62,7 +61,7 @@ def group_norm(
     check_param(weight, x, (C,), op, "weight")
     check_param(bias, x, (C,), op, "bias")
     spatial = tuple(x.shape[2:])
-    m = (C // G)
+    m = C // G
     for s in spatial:
         m *= s
     if m == 1 and x.numel() and mask is None:

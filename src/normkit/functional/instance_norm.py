@@ -34,7 +34,8 @@ def instance_norm(
     r"""Instance normalization: each (sample, channel) over its spatial positions.
 
     .. math::
-        y_{nc} = \frac{x_{nc} - \mathrm{E}_{hw}[x_{nc}]}{\sqrt{\mathrm{Var}_{hw}[x_{nc}] + \epsilon}} \gamma_c + \beta_c
+        y_{nc} = \frac{x_{nc} - \mathrm{E}_{hw}[x_{nc}]}{\sqrt{\mathrm{Var}_{hw}[x_{nc}] + \epsilon}}
+                 \gamma_c + \beta_c
 
     Equivalent to ``group_norm(x, num_groups=C)``. With running statistics and
     ``use_input_stats=True``, the per-instance means and unbiased variances are averaged over
@@ -78,7 +79,12 @@ def instance_norm(
     eps = check_eps(eps, op)
     momentum = check_momentum(momentum, op)
     C = x.shape[1]
-    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+    for name, p in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         check_param(p, x, (C,), op, name)
     if (running_mean is None) != (running_var is None):
         raise NormError(f"{op}: give both running_mean and running_var, or neither")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
-
-from torch import Tensor
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
+from torch import Tensor
 
 from .._errors import NormError
 from ..kernels import _fast
@@ -14,8 +14,8 @@ from ..ops.library import exporting
 from ._autograd import norm_output
 from ._checks import check_eps, check_input, check_param
 from ._views import channel_view
-from .masked import check_mask
 from .group_norm import group_norm
+from .masked import check_mask
 
 __all__ = ["layer_norm", "layer_norm_2d"]
 

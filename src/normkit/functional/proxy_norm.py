@@ -11,17 +11,16 @@ of a sample never depends on the rest of the batch, and train and eval are the s
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._errors import NormError
-from ._checks import check_eps, check_groups, check_input, check_param, check_positive_int
-from ._moments import acc_dtype
-from ._views import channel_view
 from ..ops.library import exporting
 from ..ops.proxy import proxy_act, proxy_act_composite
+from ._checks import check_eps, check_groups, check_input, check_param, check_positive_int
+from ._moments import acc_dtype
 from .activations import ActivationLike, activation_spec, get_activation
 
 __all__ = ["proxy_norm_act", "proxy_points", "proxy_stats"]
@@ -122,7 +121,8 @@ def proxy_norm_act(
         y: normalized input ``(N, C, *spatial)`` or ``(N, C)``, any layout and floating dtype.
         weight, bias: the affine moved into the activation, ``(C,)`` (init 1 and 0).
         proxy_bias, proxy_weight: the proxy's shift and scale offset, ``(C,)`` (init 0 and 0).
-        activation: ``"relu"``, ``"silu"``/``"swish"``, ``"gelu"``, ``"leaky_relu"``, or any elementwise callable.
+        activation: ``"relu"``, ``"silu"``/``"swish"``, ``"gelu"``, ``"leaky_relu"``, or any elementwise
+            callable.
         eps: added to the proxy variance inside the square root (authors' default 0.03).
         num_points: number of quadrature points (authors' default 200).
         points: precomputed :func:`proxy_points` (a module keeps them as a buffer).
@@ -143,7 +143,12 @@ def proxy_norm_act(
     check_input(y, op)
     eps = check_eps(eps, op)
     C = y.shape[1]
-    for name, p in (("weight", weight), ("bias", bias), ("proxy_bias", proxy_bias), ("proxy_weight", proxy_weight)):
+    for name, p in (
+        ("weight", weight),
+        ("bias", bias),
+        ("proxy_bias", proxy_bias),
+        ("proxy_weight", proxy_weight),
+    ):
         if p is None:
             raise TypeError(f"{op}: {name} is required (a (C,) tensor), got None")
         check_param(p, y, (C,), op, name)
@@ -169,7 +174,8 @@ def group_norm_proxy_act(
     *,
     points: Tensor | None = None,
 ) -> Tensor:
-    r"""GroupNorm without affine, then :func:`proxy_norm_act`: :class:`~normkit.nn.GroupNormProxyAct2d`'s step.
+    r"""GroupNorm without affine, then :func:`proxy_norm_act`: :class:`~normkit.nn.GroupNormProxyAct2d`'s
+    step.
 
     ``proxy_norm_act(group_norm(x, num_groups, eps=eps), weight, bias, proxy_bias, proxy_weight, ...)``.
     On an eager CPU tensor with a ``relu``, ``leaky_relu`` or identity activation, the fused kernels
@@ -204,7 +210,12 @@ def group_norm_proxy_act(
     C = x.shape[1]
     groups = check_groups(num_groups, C, op)
     eps = check_eps(eps, op)
-    for name, p in (("weight", weight), ("bias", bias), ("proxy_bias", proxy_bias), ("proxy_weight", proxy_weight)):
+    for name, p in (
+        ("weight", weight),
+        ("bias", bias),
+        ("proxy_bias", proxy_bias),
+        ("proxy_weight", proxy_weight),
+    ):
         if p is None:
             raise TypeError(f"{op}: {name} is required (a (C,) tensor), got None")
         check_param(p, x, (C,), op, name)
@@ -213,10 +224,14 @@ def group_norm_proxy_act(
 
         if _fast.eligible(x):
             u = points if points is not None else proxy_points(num_points, dtype=torch.float64)
-            out = _fast.gn_proxy_act(x, groups, eps, weight, bias, proxy_bias, proxy_weight, u, activation, proxy_eps)
+            out = _fast.gn_proxy_act(
+                x, groups, eps, weight, bias, proxy_bias, proxy_weight, u, activation, proxy_eps
+            )
             if out is not None:
                 return out
     from .group_norm import group_norm
 
     y = group_norm(x, groups, None, None, eps)
-    return proxy_norm_act(y, weight, bias, proxy_bias, proxy_weight, activation, proxy_eps, num_points, points=points)
+    return proxy_norm_act(
+        y, weight, bias, proxy_bias, proxy_weight, activation, proxy_eps, num_points, points=points
+    )

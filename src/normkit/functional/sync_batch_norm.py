@@ -96,12 +96,32 @@ def sync_batch_norm(
     if training and group_size(process_group) > 1:
         num_features = _channels(x, (weight, bias, running_mean, running_var), op)
         return sync_batch_norm_train(
-            x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked,
-            process_group, unbiased_running_var, mask, num_features, op,
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            momentum,
+            eps,
+            num_batches_tracked,
+            process_group,
+            unbiased_running_var,
+            mask,
+            num_features,
+            op,
         )
     return batch_norm(
-        x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
-        unbiased_running_var=unbiased_running_var, mask=mask,
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        num_batches_tracked,
+        unbiased_running_var=unbiased_running_var,
+        mask=mask,
     )
 
 
@@ -183,8 +203,12 @@ def _sync_batch_norm_train(
             raise NormError(
                 f"{op}: expected {C} channels (dim 1), got input of shape {tuple(x.shape)} with {x.shape[1]}"
             )
-        params = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                  ("running_var", running_var))
+        params = (
+            ("weight", weight),
+            ("bias", bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        )
         for name, p in params:
             check_param(p, x, (C,), op, name)
         if (running_mean is None) != (running_var is None):
@@ -193,9 +217,7 @@ def _sync_batch_norm_train(
             check_mask(mask, x, op)
     except (NormError, TypeError) as e:
         error = e
-    home = next(
-        (t.device for t in (x, weight, running_mean) if isinstance(t, Tensor)), torch.device("cpu")
-    )
+    home = next((t.device for t in (x, weight, running_mean) if isinstance(t, Tensor)), torch.device("cpu"))
     if error is None:
         dims = (0, *range(2, x.dim()))
         count, mean, m2 = _local_moments(x, mask, dims, eps)
@@ -275,9 +297,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         assert sv is not None and dv is not None and rv is not None
         d = torch.sub(x, sv)  # accumulation dtype by type promotion; x's layout
         d.sub_(dv)
-        scale = rv if weight is None else rv * channel_view(weight, nd).to(rv.dtype)  # type: ignore[union-attr]
+        scale = rv if weight is None else rv * channel_view(weight, nd).to(rv.dtype)
         y = d.mul_(scale)
-        b = None if bias is None else channel_view(bias, nd).to(rv.dtype)  # type: ignore[union-attr]
+        b = None if bias is None else channel_view(bias, nd).to(rv.dtype)
         if b is not None:
             y = y.add_(b)
         if mask is not None:  # padded positions output the bias, as in normkit's masked BN
@@ -321,11 +343,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if not need_x:
             return None, dweight, dbias, None, None, None, None, None, None
         safe = count.clamp_min(1.0)
-        a = rv if weight is None else rv * channel_view(weight, nd).to(acc)  # type: ignore[union-attr]
+        a = rv if weight is None else rv * channel_view(weight, nd).to(acc)
         k1 = channel_view(total_dyxh / safe, nd)
         k2 = channel_view(total_dy / safe, nd)
         # dx = gamma * rstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over the whole group
-        dx = x_hat.mul_(k1).add_(k2).neg_().add_(g_valid).mul_(a)  # type: ignore[arg-type]
+        dx = x_hat.mul_(k1).add_(k2).neg_().add_(g_valid).mul_(a)
         if mask is not None:
             dx = torch.where(mask, dx, zero)
         dx = _same_layout(dx if dx.dtype == x.dtype else dx.to(x.dtype), x)

@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -110,7 +110,9 @@ def use(backend: str) -> Iterator[None]:
         why = _build.load_error() or (
             "not built, and NORMKIT_NO_BUILD is set" if os.environ.get("NORMKIT_NO_BUILD") else "not built"
         )
-        raise RuntimeError(f"normkit: the fused CPU kernels are not available ({why}); `normkit kernels build` builds them")
+        raise RuntimeError(
+            f"normkit: the fused CPU kernels are not available ({why}); `normkit kernels build` builds them"
+        )
     if backend == "triton":
         from . import triton as _triton
 
@@ -179,7 +181,9 @@ def _eligible(x: Tensor, mask: Tensor | None) -> bool:
     )
 
 
-def _cpu_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: tuple[int, ...]) -> Plan | None:
+def _cpu_plan(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: tuple[int, ...]
+) -> Plan | None:
     backend = current()
     if backend in ("reference", "native", "triton") or not _eligible(x, mask):
         return None
@@ -189,17 +193,21 @@ def _cpu_plan(x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tenso
     return p
 
 
-def _triton_plan(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: tuple[int, ...]
-) -> Plan | None:
-    """The plan of a call the Triton kernels take: a CUDA tensor on "auto" / "triton" with triton
-    installed, or a CPU tensor on "triton" under Triton's interpreter; else ``None``."""
+def triton_ready(x: Tensor, mask: Tensor | None = None) -> bool:
+    """Whether a call on ``x`` runs on the Triton kernels: a CUDA tensor on "auto" / "triton" with
+    triton installed, or a CPU tensor on "triton" under Triton's interpreter (plain tensors, no
+    mask, not while compiling or under torch.func).
+
+    Example:
+        >>> normkit.kernels.triton_ready(torch.ones(2, 3))  # a CPU tensor on the default backend
+        False
+    """
     backend = current()  # first the cheap checks: this runs on every CPU call too
     if x.device.type == "cuda":
         if backend not in ("auto", "triton"):
-            return None
+            return False
     elif not (backend == "triton" and x.device.type == "cpu"):
-        return None
+        return False
     if not (
         mask is None
         and type(x) is Tensor
@@ -209,12 +217,17 @@ def _triton_plan(
         and not torch._C._are_functorch_transforms_active()
         and torch.utils._python_dispatch._get_current_dispatch_mode() is None
     ):
-        return None
+        return False
     from . import triton as _triton
 
-    if not _triton.available() or (x.device.type == "cpu" and not _triton.interpreting()):
-        return None
-    return plan(x, dims, weight, bias)
+    return _triton.available() and (x.device.type == "cuda" or _triton.interpreting())
+
+
+def _triton_plan(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: tuple[int, ...]
+) -> Plan | None:
+    """The plan of a call the Triton kernels take (see :func:`triton_ready`), else ``None``."""
+    return plan(x, dims, weight, bias) if triton_ready(x, mask) else None
 
 
 def _flat(p: Tensor | None, dtype: torch.dtype, order: tuple[int, ...] | None) -> Tensor | None:
@@ -241,7 +254,12 @@ def _unflat(g: Tensor, p: Tensor, order: tuple[int, ...] | None) -> Tensor:
 
 
 def norm_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: Sequence[int], eps: float
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    dims: Sequence[int],
+    eps: float,
 ) -> tuple[Tensor, Tensor]:
     """``(y, stats)`` of :func:`normkit.ops.core.norm_forward`, on the backend this call dispatches to."""
     dims = tuple(dims)
@@ -265,8 +283,18 @@ def norm_forward(
     w = _flat(weight, acc, p.order)
     b = _flat(bias, acc, p.order)
     ok = _build.lib().normkit_forward(
-        DTYPE_CODE[x.dtype], x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), stats.data_ptr(),
-        p.mode, p.N, p.C, p.S, p.G, float(eps),
+        DTYPE_CODE[x.dtype],
+        x.data_ptr(),
+        _ptr(w),
+        _ptr(b),
+        y.data_ptr(),
+        stats.data_ptr(),
+        p.mode,
+        p.N,
+        p.C,
+        p.S,
+        p.G,
+        float(eps),
     )
     if not ok:  # a set needs the scaled statistics (or the input is not finite)
         return core.norm_forward(x, weight, bias, mask, dims, eps)
@@ -289,7 +317,13 @@ def norm_backward(
         got = _native.backward(dy, x, weight, bias, stats, dims, needs)
         return got if got is not None else core.norm_backward(dy, x, weight, bias, mask, stats, dims, needs)
     tp = _triton_plan(x, weight, bias, mask, dims)
-    if tp is not None and type(dy) is Tensor and dy.stride() == x.stride() and dy.dtype == x.dtype and stats.is_contiguous():
+    if (
+        tp is not None
+        and type(dy) is Tensor
+        and dy.stride() == x.stride()
+        and dy.dtype == x.dtype
+        and stats.is_contiguous()
+    ):
         from . import triton as _triton
 
         need_x, need_w, need_b = needs[0], needs[1] and weight is not None, needs[2] and bias is not None
@@ -318,8 +352,19 @@ def norm_backward(
     db = x.new_empty(p.C, dtype=acc) if need_b else None
     w = _flat(weight, acc, p.order)
     ok = _build.lib().normkit_backward(
-        DTYPE_CODE[x.dtype], dy.data_ptr(), x.data_ptr(), _ptr(w), stats.data_ptr(), _ptr(dx), _ptr(dw), _ptr(db),
-        p.mode, p.N, p.C, p.S, p.G,
+        DTYPE_CODE[x.dtype],
+        dy.data_ptr(),
+        x.data_ptr(),
+        _ptr(w),
+        stats.data_ptr(),
+        _ptr(dx),
+        _ptr(dw),
+        _ptr(db),
+        p.mode,
+        p.N,
+        p.C,
+        p.S,
+        p.G,
     )
     if not ok:  # statistics of the reference's scaled path: its backward keeps them representable
         return core.norm_backward(dy, x, weight, bias, mask, stats, dims, needs)
@@ -332,15 +377,21 @@ def norm_backward(
 
 def status() -> str:
     """What is built, where, and which backend each common norm runs on here (``normkit kernels status``)."""
-    lines = [f"backend: {current()}  (choices: {', '.join(BACKENDS)}; NORMKIT_BACKEND or normkit.kernels.use)"]
+    lines = [
+        f"backend: {current()}  (choices: {', '.join(BACKENDS)}; NORMKIT_BACKEND or normkit.kernels.use)"
+    ]
     built = is_built()
     loaded = bool(_build._state["loaded"])
-    lines.append(f"fused CPU kernels: {'loaded' if loaded else 'built' if built else 'not built'}  ({build_dir()})")
+    lines.append(
+        f"fused CPU kernels: {'loaded' if loaded else 'built' if built else 'not built'}  ({build_dir()})"
+    )
     err = _build.load_error()
     if err:
         lines.append(f"  last build error: {err.splitlines()[0]}")
     node = _build._autograd["module"] is not None
-    node_built = (build_dir() / "autograd").is_dir() and any((build_dir() / "autograd").glob("normkit_autograd*.so"))
+    node_built = (build_dir() / "autograd").is_dir() and any(
+        (build_dir() / "autograd").glob("normkit_autograd*.so")
+    )
     lines.append(
         "layers' C++ autograd node: "
         + ("loaded" if node else "built" if node_built else "not built (the layers use a Python Function)")
@@ -357,7 +408,11 @@ def status() -> str:
         p = plan(x, dims, w, w)
         if current() == "native":
             pat = _native._pattern(x, tuple(dims), w, w)
-            where = f"ATen {('native_batch_norm', 'native_layer_norm', 'native_layer_norm (movedim)', 'native_group_norm')[pat[0]]}" if pat else "reference"
+            where = (
+                f"ATen {('native_batch_norm', 'native_layer_norm', 'native_layer_norm (movedim)', 'native_group_norm')[pat[0]]}"
+                if pat
+                else "reference"
+            )
         elif p is None:
             where = "reference"
         elif current() == "reference":
@@ -371,7 +426,9 @@ def status() -> str:
 
     tri = "installed" if _triton.available() else f"not available ({_triton.why_not()})"
     lines.append(f"Triton kernels (CUDA tensors): {tri}")
-    lines.append("  any norm with a mask or under torch.func: reference; on CUDA: triton when installed, else reference")
+    lines.append(
+        "  any norm with a mask or under torch.func: reference; on CUDA: triton when installed, else reference"
+    )
     return "\n".join(lines)
 
 
@@ -390,7 +447,12 @@ def _status_cases() -> list[tuple[str, Tensor, tuple[int, ...], Tensor | None]]:
         ("InstanceNorm2d channels_last", cl, (2, 3), torch.empty(1, 8, 1, 1, device="meta")),
         ("LayerNorm2d (over C) NCHW", m, (1,), torch.empty(1, 8, 1, 1, device="meta")),
         ("LayerNorm2d (over C) channels_last", cl, (1,), torch.empty(1, 8, 1, 1, device="meta")),
-        ("LayerNorm over last dim", torch.empty(2, 5, 8, device="meta"), (2,), torch.empty(1, 1, 8, device="meta")),
+        (
+            "LayerNorm over last dim",
+            torch.empty(2, 5, 8, device="meta"),
+            (2,),
+            torch.empty(1, 1, 8, device="meta"),
+        ),
     ]
 
 

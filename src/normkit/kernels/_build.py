@@ -50,7 +50,13 @@ def _cpu_tag() -> str:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = " ".join(sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "f16c", "sse"))))
+                    flags = " ".join(
+                        sorted(
+                            f
+                            for f in line.split(":", 1)[1].split()
+                            if f.startswith(("avx", "fma", "f16c", "sse"))
+                        )
+                    )
                     break
     except OSError:
         flags = platform.processor()
@@ -105,12 +111,22 @@ def load(build: bool = True, verbose: bool = False) -> bool:
             d = build_dir()
             d.mkdir(parents=True, exist_ok=True)
             if not is_built() and not verbose:
-                print("normkit: compiling the fused CPU kernels once (about 40 s; `normkit kernels build` does it "
-                      f"ahead of time) into {d}", file=sys.stderr, flush=True)
+                print(
+                    "normkit: compiling the fused CPU kernels once (about 40 s; `normkit kernels build` does "
+                    f"it ahead of time) into {d}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             path = cpp_extension.load(
                 name=_NAME,
                 sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"],
+                extra_cflags=[
+                    "-O3",
+                    "-march=native",
+                    "-fopenmp-simd",
+                    "-fno-math-errno",
+                    "-fno-trapping-math",
+                ],
                 build_directory=str(d),
                 is_python_module=False,
                 verbose=verbose,
@@ -124,7 +140,8 @@ def load(build: bool = True, verbose: bool = False) -> bool:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             warnings.warn(
                 f"normkit: the fused CPU kernels could not be built ({first}); normkit runs on its reference "
-                "backend instead (correct, slower). `normkit kernels build --verbose` shows the compiler's output.",
+                "backend instead (correct, slower). `normkit kernels build --verbose` shows the compiler's "
+                "output.",
                 KernelBuildWarning,
                 stacklevel=3,
             )
@@ -137,7 +154,24 @@ def _bind(path: str) -> ctypes.CDLL:
     i32, i64, p, dbl = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
     so.normkit_forward.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, i64, i64, dbl]
     so.normkit_forward.restype = i32
-    so.normkit_forward_train.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, p, i64, i64, i64, i64, dbl, dbl, i32]
+    so.normkit_forward_train.argtypes = [
+        ctypes.c_int,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        i64,
+        i64,
+        i64,
+        i64,
+        dbl,
+        dbl,
+        i32,
+    ]
     so.normkit_forward_train.restype = i32
     so.normkit_backward.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, i64, i64, i64, i64, i64]
     so.normkit_backward.restype = i32
@@ -145,13 +179,67 @@ def _bind(path: str) -> ctypes.CDLL:
     so.normkit_act_forward.restype = i32
     so.normkit_act_backward.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, p, i64, dbl, i64, i64, i64, i32]
     so.normkit_act_backward.restype = i32
-    so.normkit_gn_act_forward.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, dbl, i64, dbl]
+    so.normkit_gn_act_forward.argtypes = [
+        ctypes.c_int,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        dbl,
+        i64,
+        dbl,
+    ]
     so.normkit_gn_act_forward.restype = i32
-    so.normkit_gn_act_backward.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, dbl]
+    so.normkit_gn_act_backward.argtypes = [
+        ctypes.c_int,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        dbl,
+    ]
     so.normkit_gn_act_backward.restype = i32
     so.normkit_proxy_stats.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, dbl, dbl, p, p]
     so.normkit_proxy_stats.restype = i32
-    so.normkit_proxy_stats_backward.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, dbl, p, p, p, p, p, p, p, p]
+    so.normkit_proxy_stats_backward.argtypes = [
+        ctypes.c_int,
+        p,
+        p,
+        p,
+        p,
+        p,
+        i64,
+        i64,
+        i64,
+        dbl,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+    ]
     so.normkit_proxy_stats_backward.restype = i32
     return so
 
@@ -181,7 +269,11 @@ def autograd_module(build: bool = True, verbose: bool = False) -> object | None:
 
             d.mkdir(parents=True, exist_ok=True)
             if not built and not verbose:
-                print("normkit: compiling the fused layers' autograd node once (about 35 s)", file=sys.stderr, flush=True)
+                print(
+                    "normkit: compiling the fused layers' autograd node once (about 35 s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             mod = cpp_extension.load(
                 name=_AUTOGRAD_NAME,
                 sources=[str(_AUTOGRAD_SOURCE)],
@@ -191,8 +283,13 @@ def autograd_module(build: bool = True, verbose: bool = False) -> object | None:
             )
             so = lib()
             entries = (
-                so.normkit_forward, so.normkit_forward_train, so.normkit_backward, so.normkit_gn_act_forward,
-                so.normkit_gn_act_backward, so.normkit_proxy_stats, so.normkit_proxy_stats_backward,
+                so.normkit_forward,
+                so.normkit_forward_train,
+                so.normkit_backward,
+                so.normkit_gn_act_forward,
+                so.normkit_gn_act_backward,
+                so.normkit_proxy_stats,
+                so.normkit_proxy_stats_backward,
             )
             addr = [ctypes.cast(f, ctypes.c_void_p).value for f in entries]
             mod.init(*addr)  # type: ignore[attr-defined]

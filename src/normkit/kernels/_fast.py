@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
+import torch.utils._python_dispatch  # the attribute below is a submodule: import it explicitly
 from torch import Tensor
 
 from ..ops import core
@@ -89,11 +91,20 @@ class _Spec:
     __slots__ = ("mode", "N", "C", "S", "G", "eps", "reference", "kind")
 
     def __init__(
-        self, mode: int, N: int, C: int, S: int, G: int, eps: float, reference: Callable[..., Tensor], kind: int = 1
+        self,
+        mode: int,
+        N: int,
+        C: int,
+        S: int,
+        G: int,
+        eps: float,
+        reference: Callable[..., Tensor],
+        kind: int = 1,
     ):
         self.mode, self.N, self.C, self.S, self.G, self.eps = mode, N, C, S, G, eps
         self.reference = reference
-        self.kind = kind  # 0 BatchNorm, 1 GroupNorm, 2 LayerNorm over C, 3 over the last dims: the C++ node's recomputation
+        # the C++ node's recomputation: 0 BatchNorm, 1 GroupNorm, 2 LayerNorm over C, 3 over the last dims
+        self.kind = kind
 
 
 class _Fallback(Exception):
@@ -104,7 +115,9 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _forward(x: Tensor, w: Tensor | None, b: Tensor | None, spec: _Spec, train: tuple[Any, ...] | None) -> tuple[Tensor, Tensor]:
+def _forward(
+    x: Tensor, w: Tensor | None, b: Tensor | None, spec: _Spec, train: tuple[Any, ...] | None
+) -> tuple[Tensor, Tensor]:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     wk = _affine(w, acc)
     bk = _affine(b, acc)
@@ -115,15 +128,38 @@ def _forward(x: Tensor, w: Tensor | None, b: Tensor | None, spec: _Spec, train: 
     so = _build.lib()
     if train is None:
         ok = so.normkit_forward(
-            _CODE[x.dtype], x.data_ptr(), _ptr(wk), _ptr(bk), y.data_ptr(), stats.data_ptr(),
-            mode, spec.N, spec.C, spec.S, spec.G, spec.eps,
+            _CODE[x.dtype],
+            x.data_ptr(),
+            _ptr(wk),
+            _ptr(bk),
+            y.data_ptr(),
+            stats.data_ptr(),
+            mode,
+            spec.N,
+            spec.C,
+            spec.S,
+            spec.G,
+            spec.eps,
         )
     else:
         rm, rv, nbt, momentum, unbiased = train
         ok = so.normkit_forward_train(
-            _CODE[x.dtype], x.data_ptr(), _ptr(wk), _ptr(bk), y.data_ptr(), stats.data_ptr(), rm.data_ptr(),
-            rv.data_ptr(), _ptr(nbt), mode, spec.N, spec.C, spec.S, spec.eps,
-            -1.0 if momentum is None else float(momentum), int(unbiased),
+            _CODE[x.dtype],
+            x.data_ptr(),
+            _ptr(wk),
+            _ptr(bk),
+            y.data_ptr(),
+            stats.data_ptr(),
+            rm.data_ptr(),
+            rv.data_ptr(),
+            _ptr(nbt),
+            mode,
+            spec.N,
+            spec.C,
+            spec.S,
+            spec.eps,
+            -1.0 if momentum is None else float(momentum),
+            int(unbiased),
         )
     if not ok:
         raise _Fallback
@@ -151,7 +187,11 @@ class _FastNorm(torch.autograd.Function):
                 inputs = [t for t, n in zip((x, w, b), needs) if n and t is not None]
                 y = spec.reference(x, w, b)
                 grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=create))
-            return (*(next(grads) if (n and t is not None) else None for t, n in zip((x, w, b), needs)), None, None)
+            return (
+                *(next(grads) if (n and t is not None) else None for t, n in zip((x, w, b), needs)),
+                None,
+                None,
+            )
         if dy.dtype != x.dtype or dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)
         acc = stats.dtype
@@ -162,8 +202,19 @@ class _FastNorm(torch.autograd.Function):
         db = torch.empty(spec.C, dtype=acc) if need_b else None
         wk = _affine(w, acc)  # held: the kernel reads its memory
         _build.lib().normkit_backward(
-            _CODE[x.dtype], dy.data_ptr(), x.data_ptr(), _ptr(wk), stats.data_ptr(), _ptr(dx), _ptr(dw),
-            _ptr(db), spec.mode, spec.N, spec.C, spec.S, spec.G,
+            _CODE[x.dtype],
+            dy.data_ptr(),
+            x.data_ptr(),
+            _ptr(wk),
+            stats.data_ptr(),
+            _ptr(dx),
+            _ptr(dw),
+            _ptr(db),
+            spec.mode,
+            spec.N,
+            spec.C,
+            spec.S,
+            spec.G,
         )  # the statistics are the kernel's own (never the reference's scaled ones): it always succeeds
         return (
             dx if needs[0] else None,
@@ -204,14 +255,45 @@ def _run(x: Tensor, w: Tensor | None, b: Tensor | None, spec: _Spec, train: Any)
     # calls only; the layers have both or neither) takes the Python Function.
     if node is not None and (w is None) == (b is None):
         if train is None:
-            return node.fast_norm(x, w, b, spec.mode, spec.N, spec.C, spec.S, spec.G, spec.kind, spec.eps, None, None, None, -1.0, False)  # type: ignore[no-any-return]
+            return node.fast_norm(  # type: ignore[no-any-return]
+                x,
+                w,
+                b,
+                spec.mode,
+                spec.N,
+                spec.C,
+                spec.S,
+                spec.G,
+                spec.kind,
+                spec.eps,
+                None,
+                None,
+                None,
+                -1.0,
+                False,
+            )
         rm, rv, nbt, momentum, unbiased = train
         return node.fast_norm(  # type: ignore[no-any-return]
-            x, w, b, spec.mode, spec.N, spec.C, spec.S, spec.G, spec.kind, spec.eps, rm, rv, nbt,
-            -1.0 if momentum is None else float(momentum), bool(unbiased),
+            x,
+            w,
+            b,
+            spec.mode,
+            spec.N,
+            spec.C,
+            spec.S,
+            spec.G,
+            spec.kind,
+            spec.eps,
+            rm,
+            rv,
+            nbt,
+            -1.0 if momentum is None else float(momentum),
+            bool(unbiased),
         )
     try:
-        if torch.is_grad_enabled() and (x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad)):
+        if torch.is_grad_enabled() and (
+            x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad)
+        ):
             return _FastNorm.apply(x, w, b, spec, train)  # type: ignore[no-any-return]
         return _forward(x, w, b, spec, train)[0]
     except _Fallback:
@@ -233,7 +315,8 @@ def batch_norm_train(
     eps: float,
     unbiased: bool,
 ) -> Tensor | None:
-    """A BatchNorm layer's training step (batch statistics; running statistics, if any, updated in place), or ``None``."""
+    """A BatchNorm layer's training step (batch statistics; running statistics, if any, updated in place), or
+    ``None``."""
     acc = core.acc_dtype(x.dtype)
     if running_mean is None or running_var is None:
         train = None
@@ -282,11 +365,14 @@ def _bn_reference(eps: float) -> Callable[..., Tensor]:
 _GN_SPECS: dict[tuple[Any, ...], _Spec | None] = {}
 
 
-def group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
-    """GroupNorm (``groups = C``: InstanceNorm without running statistics; 1: LN over (C, *spatial)), or ``None``."""
+def group_norm(
+    x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor | None:
+    """GroupNorm (``groups = C``: InstanceNorm without running statistics; 1: LN over (C, *spatial)), or
+    ``None``."""
     key = (x.shape, x.stride(), groups, eps)
-    spec = _GN_SPECS.get(key, False)
-    if spec is False:  # the kernel pattern of this shape and layout (cached: the per-call cost matters at B=2)
+    spec: _Spec | Literal[False] | None = _GN_SPECS.get(key, False)  # False: not cached yet
+    if spec is False:  # this shape and layout's kernel pattern (cached: the per-call cost matters at B=2)
         spec = None
         layout = _layout(x) if x.dim() >= 3 else None
         if layout is not None:
@@ -324,14 +410,17 @@ def _gn_reference(groups: int, eps: float) -> Callable[..., Tensor]:
 _ROW_SPECS: dict[tuple[Any, ...], _Spec | None] = {}
 
 
-def layer_norm_rows(x: Tensor, k: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
-    """LayerNorm over the last ``k`` dims of a contiguous ``x`` (element-wise affine of that shape), or ``None``.
+def layer_norm_rows(
+    x: Tensor, k: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor | None:
+    """LayerNorm over the last ``k`` dims of a contiguous ``x`` (element-wise affine of that shape), or
+    ``None``.
 
     The kernels see rows: ``x``'s memory as ``(N, D)`` and the affine's as ``(D,)``, a GroupNorm with
     one group over ``D`` channels; no views are made (each costs a node when autograd records).
     """
     key = (x.shape, k, eps)
-    spec = _ROW_SPECS.get(key, False)
+    spec: _Spec | Literal[False] | None = _ROW_SPECS.get(key, False)  # False: not cached yet
     if spec is False:
         spec = None
         D = math.prod(x.shape[x.dim() - k :])
@@ -381,7 +470,6 @@ def layer_norm_c(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: flo
     return _run(x, weight, bias, _Spec(CHANNEL_NCHW, N, C, S, 1, eps, ref, 2), None)
 
 
-
 # ---- Proxy Norm -------------------------------------------------------------------------------------
 # The proxy statistics are C x 200 quadrature evaluations: as plain ops (about ten forward, twenty
 # backward) their dispatch costs more than the arithmetic; here they are one C++ call each way. The
@@ -403,30 +491,53 @@ def _proxy_params_ok(params: tuple[Tensor, ...], points: Tensor) -> bool:
     """Whether the four (C,) parameter vectors and the points suit the C++ side: one float32 / float64
     dtype, on the CPU, one shape; the points 1-d on the CPU."""
     dtype, shape = params[0].dtype, params[0].shape
-    if dtype not in (torch.float32, torch.float64) or len(shape) != 1 or not points.is_cpu or points.dim() != 1:
+    if (
+        dtype not in (torch.float32, torch.float64)
+        or len(shape) != 1
+        or not points.is_cpu
+        or points.dim() != 1
+    ):
         return False
     return all(p.dtype == dtype and p.is_cpu and p.shape == shape for p in params)
 
 
 def _proxy_params(params: tuple[Tensor, ...], points: Tensor) -> tuple[list[Tensor], Tensor] | None:
-    """The parameters detached and contiguous, and the points in their dtype, or ``None`` (see :func:`_proxy_params_ok`)."""
+    """The parameters detached and contiguous, and the points in their dtype, or ``None`` (see
+    :func:`_proxy_params_ok`)."""
     if not _proxy_params_ok(params, points):
         return None
-    return [p.detach() if p.is_contiguous() else p.detach().contiguous() for p in params], _points(points, params[0].dtype)
+    return [p.detach() if p.is_contiguous() else p.detach().contiguous() for p in params], _points(
+        points, params[0].dtype
+    )
 
 
 def _stats_forward(ps: list[Tensor], u: Tensor, code: int, slope: float, eps: float) -> tuple[Tensor, Tensor]:
     C = ps[0].shape[0]
     m, r = ps[0].new_empty(C), ps[0].new_empty(C)
     _build.lib().normkit_proxy_stats(
-        0 if ps[0].dtype == torch.float32 else 1, *(p.data_ptr() for p in ps), u.data_ptr(), u.shape[0], C, code,
-        slope, float(eps), m.data_ptr(), r.data_ptr(),
+        0 if ps[0].dtype == torch.float32 else 1,
+        *(p.data_ptr() for p in ps),
+        u.data_ptr(),
+        u.shape[0],
+        C,
+        code,
+        slope,
+        float(eps),
+        m.data_ptr(),
+        r.data_ptr(),
     )
     return m, r
 
 
 def _stats_backward(
-    ps: list[Tensor], u: Tensor, code: int, slope: float, m: Tensor, r: Tensor, gm: Tensor | None, gr: Tensor | None
+    ps: list[Tensor],
+    u: Tensor,
+    code: int,
+    slope: float,
+    m: Tensor,
+    r: Tensor,
+    gm: Tensor | None,
+    gr: Tensor | None,
 ) -> list[Tensor]:
     C = ps[0].shape[0]
     dtype = ps[0].dtype
@@ -434,13 +545,25 @@ def _stats_backward(
     gr = None if gr is None else gr.detach().to(dtype).contiguous()
     out = [ps[0].new_empty(C) for _ in range(4)]
     _build.lib().normkit_proxy_stats_backward(
-        0 if dtype == torch.float32 else 1, *(p.data_ptr() for p in ps), u.data_ptr(), u.shape[0], C, code, slope,
-        m.data_ptr(), r.data_ptr(), _ptr(gm), _ptr(gr), *(t.data_ptr() for t in out),
+        0 if dtype == torch.float32 else 1,
+        *(p.data_ptr() for p in ps),
+        u.data_ptr(),
+        u.shape[0],
+        C,
+        code,
+        slope,
+        m.data_ptr(),
+        r.data_ptr(),
+        _ptr(gm),
+        _ptr(gr),
+        *(t.data_ptr() for t in out),
     )
     return out  # dweight, dbias, dproxy_bias, dproxy_weight
 
 
-def _composite_stats(w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, act: Any, eps: float) -> tuple[Tensor, Tensor]:
+def _composite_stats(
+    w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, act: Any, eps: float
+) -> tuple[Tensor, Tensor]:
     from ..functional.proxy_norm import proxy_stats
 
     with _no_fast():
@@ -463,7 +586,18 @@ class _no_fast:
 
 class _FastProxyStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, act: Any, code: int, slope: float, eps: float):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        w: Tensor,
+        b: Tensor,
+        pb: Tensor,
+        pw: Tensor,
+        u: Tensor,
+        act: Any,
+        code: int,
+        slope: float,
+        eps: float,
+    ):
         ps = [w.detach(), b.detach(), pb.detach(), pw.detach()]
         m, r = _stats_forward(ps, u, code, slope, eps)
         ctx.save_for_backward(w, b, pb, pw, u, m, r)
@@ -474,16 +608,25 @@ class _FastProxyStats(torch.autograd.Function):
     def backward(ctx: Any, gm: Tensor | None, gr: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
         w, b, pb, pw, u, m, r = ctx.saved_tensors
         # create_graph=True, or gradcheck's batched gradients (no storage): differentiate the composite
-        if torch.is_grad_enabled() or not all(g is None or (type(g) is Tensor and torch._C._has_storage(g)) for g in (gm, gr)):
+        if torch.is_grad_enabled() or not all(
+            g is None or (type(g) is Tensor and torch._C._has_storage(g)) for g in (gm, gr)
+        ):
             with torch.enable_grad():
                 params = [w, b, pb, pw]
-                outs = _composite_stats(*params, u, ctx.act, ctx.eps)
+                outs = _composite_stats(w, b, pb, pw, u, ctx.act, ctx.eps)
                 pairs = [(o, g) for o, g in zip(outs, (gm, gr)) if g is not None]
                 grads = torch.autograd.grad(
                     [o for o, _ in pairs], params, [g for _, g in pairs], create_graph=True, allow_unused=True
                 )
             return (*grads, None, None, None, None, None)
-        return (*_stats_backward([w, b, pb, pw], u, ctx.code, ctx.slope, m, r, gm, gr), None, None, None, None, None)
+        return (
+            *_stats_backward([w, b, pb, pw], u, ctx.code, ctx.slope, m, r, gm, gr),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _proxy_ok() -> bool:
@@ -494,15 +637,23 @@ def _proxy_ok() -> bool:
         and not torch._C._are_functorch_transforms_active()
         and torch.autograd.forward_ad._current_level < 0
         and torch.utils._python_dispatch._get_current_dispatch_mode() is None
-        and not torch.jit.is_tracing()
+        # torch.jit.is_tracing is public API that torch.jit.__all__ leaves out:
+        and not torch.jit.is_tracing()  # pyright: ignore[reportPrivateImportUsage]
         and not torch.compiler.is_exporting()
     )
 
 
 def proxy_stats(
-    weight: Tensor, bias: Tensor, proxy_bias: Tensor, proxy_weight: Tensor, points: Tensor, activation: Any, eps: float
+    weight: Tensor,
+    bias: Tensor,
+    proxy_bias: Tensor,
+    proxy_weight: Tensor,
+    points: Tensor,
+    activation: Any,
+    eps: float,
 ) -> tuple[Tensor, Tensor] | None:
-    """:func:`normkit.functional.proxy_stats` in one C++ call each way, or ``None`` where it does not apply."""
+    """:func:`normkit.functional.proxy_stats` in one C++ call each way, or ``None`` where it does not
+    apply."""
     from . import current
 
     if current() not in ("auto", "cpu") or not _proxy_ok():
@@ -513,16 +664,34 @@ def proxy_stats(
         return None
     ps, u = got
     if torch.is_grad_enabled() and any(p.requires_grad for p in (weight, bias, proxy_bias, proxy_weight)):
-        return _FastProxyStats.apply(weight, bias, proxy_bias, proxy_weight, u, activation, code[0], code[1], float(eps))  # type: ignore[no-any-return]
+        return _FastProxyStats.apply(  # type: ignore[no-any-return]
+            weight, bias, proxy_bias, proxy_weight, u, activation, code[0], code[1], float(eps)
+        )
     return _stats_forward(ps, u, code[0], code[1], eps)
 
 
-def _gn_act_forward(x: Tensor, ps: list[Tensor], m: Tensor, r: Tensor, spec: _Spec, code: int, slope: float) -> tuple[Tensor, Tensor]:
+def _gn_act_forward(
+    x: Tensor, ps: list[Tensor], m: Tensor, r: Tensor, spec: _Spec, code: int, slope: float
+) -> tuple[Tensor, Tensor]:
     out = torch.empty_like(x)
     stats = torch.empty((core.STAT_ROWS, spec.N * spec.G), dtype=m.dtype)
     ok = _build.lib().normkit_gn_act_forward(
-        _CODE[x.dtype], x.data_ptr(), ps[0].data_ptr(), ps[1].data_ptr(), m.data_ptr(), r.data_ptr(), out.data_ptr(),
-        stats.data_ptr(), spec.mode, spec.N, spec.C, spec.S, spec.G, spec.eps, code, slope,
+        _CODE[x.dtype],
+        x.data_ptr(),
+        ps[0].data_ptr(),
+        ps[1].data_ptr(),
+        m.data_ptr(),
+        r.data_ptr(),
+        out.data_ptr(),
+        stats.data_ptr(),
+        spec.mode,
+        spec.N,
+        spec.C,
+        spec.S,
+        spec.G,
+        spec.eps,
+        code,
+        slope,
     )
     if not ok:
         raise _Fallback
@@ -535,7 +704,20 @@ class _FastGNProxy(torch.autograd.Function):
     the backward recomputes it from x and the statistics)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, spec: _Spec, act: Any, code: int, slope: float, peps: float):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        pb: Tensor,
+        pw: Tensor,
+        u: Tensor,
+        spec: _Spec,
+        act: Any,
+        code: int,
+        slope: float,
+        peps: float,
+    ):
         ps = [w.detach(), b.detach(), pb.detach(), pw.detach()]
         m, r = _stats_forward(ps, u, code, slope, peps)
         out, stats = _gn_act_forward(x, ps, m, r, spec, code, slope)
@@ -555,7 +737,9 @@ class _FastGNProxy(torch.autograd.Function):
 
             with torch.enable_grad(), use("reference"):
                 inputs = [x, w, b, pb, pw]
-                out = proxy_norm_act(gn(x, spec.G, None, None, spec.eps), w, b, pb, pw, ctx.act, ctx.peps, u.shape[0], points=u)
+                out = proxy_norm_act(
+                    gn(x, spec.G, None, None, spec.eps), w, b, pb, pw, ctx.act, ctx.peps, u.shape[0], points=u
+                )
                 grads = torch.autograd.grad(out, inputs, dout, create_graph=True, allow_unused=True)
             return (*grads, None, None, None, None, None, None)
         if dout.dtype != x.dtype or dout.stride() != x.stride():
@@ -564,9 +748,23 @@ class _FastGNProxy(torch.autograd.Function):
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         sums = torch.empty(4, spec.C, dtype=torch.float64)
         _build.lib().normkit_gn_act_backward(
-            _CODE[x.dtype], dout.data_ptr(), x.data_ptr(), ps[0].data_ptr(), ps[1].data_ptr(), m.data_ptr(),
-            r.data_ptr(), stats.data_ptr(), _ptr(dx), sums.data_ptr(), spec.mode, spec.N, spec.C, spec.S, spec.G,
-            ctx.code, ctx.slope,
+            _CODE[x.dtype],
+            dout.data_ptr(),
+            x.data_ptr(),
+            ps[0].data_ptr(),
+            ps[1].data_ptr(),
+            m.data_ptr(),
+            r.data_ptr(),
+            stats.data_ptr(),
+            _ptr(dx),
+            sums.data_ptr(),
+            spec.mode,
+            spec.N,
+            spec.C,
+            spec.S,
+            spec.G,
+            ctx.code,
+            ctx.slope,
         )
         dtype = m.dtype
         sums = sums.to(dtype)
@@ -599,7 +797,9 @@ def _points(points: Tensor, dtype: torch.dtype) -> Tensor:
 _PN_PLANS: dict[tuple[Any, ...], tuple[int, int, int, int, int, float] | None] = {}
 
 
-def _pn_plan(x: Tensor, groups: int, eps: float, weight: Tensor, activation: Any) -> tuple[int, int, int, int, int, float] | None:
+def _pn_plan(
+    x: Tensor, groups: int, eps: float, weight: Tensor, activation: Any
+) -> tuple[int, int, int, int, int, float] | None:
     """(mode, N, C, S, act code, slope) of the fused GroupNorm + Proxy Norm call, or ``None`` (cached)."""
     # the activation itself in the key (names, functions and modules hash by value or identity; the key
     # keeps it alive, so its id is never reused for another one while cached)
@@ -608,7 +808,7 @@ def _pn_plan(x: Tensor, groups: int, eps: float, weight: Tensor, activation: Any
         hash(key)
     except TypeError:
         return _pn_plan_uncached(x, groups, weight, activation)
-    plan = _PN_PLANS.get(key, False)
+    plan: tuple[int, int, int, int, int, float] | Literal[False] | None = _PN_PLANS.get(key, False)
     if plan is False:
         plan = _pn_plan_uncached(x, groups, weight, activation)
         if len(_PN_PLANS) > 4096:
@@ -617,7 +817,9 @@ def _pn_plan(x: Tensor, groups: int, eps: float, weight: Tensor, activation: Any
     return plan
 
 
-def _pn_plan_uncached(x: Tensor, groups: int, weight: Tensor, activation: Any) -> tuple[int, int, int, int, int, float] | None:
+def _pn_plan_uncached(
+    x: Tensor, groups: int, weight: Tensor, activation: Any
+) -> tuple[int, int, int, int, int, float] | None:
     code = _act_code(activation)
     layout = _layout(x) if x.dim() >= 3 else None
     if code is None or layout is None or (x.dtype == torch.float64) != (weight.dtype == torch.float64):
@@ -630,10 +832,19 @@ def _pn_plan_uncached(x: Tensor, groups: int, weight: Tensor, activation: Any) -
 
 
 def gn_proxy_act(
-    x: Tensor, groups: int, eps: float, weight: Tensor, bias: Tensor, proxy_bias: Tensor, proxy_weight: Tensor,
-    points: Tensor, activation: Any, proxy_eps: float,
+    x: Tensor,
+    groups: int,
+    eps: float,
+    weight: Tensor,
+    bias: Tensor,
+    proxy_bias: Tensor,
+    proxy_weight: Tensor,
+    points: Tensor,
+    activation: Any,
+    proxy_eps: float,
 ) -> Tensor | None:
-    """GroupNorm (no affine) + Proxy Norm's activation, the :class:`~normkit.nn.GroupNormProxyAct2d` step, or ``None``."""
+    """GroupNorm (no affine) + Proxy Norm's activation, the :class:`~normkit.nn.GroupNormProxyAct2d` step, or
+    ``None``."""
     if _NoFast.depth:
         return None
     plan = _pn_plan(x, groups, eps, weight, activation)
@@ -649,7 +860,9 @@ def gn_proxy_act(
         return None
     node = _node()
     if node is not None and all(p.is_contiguous() for p in params):  # one C++ call: kernels and autograd node
-        return node.gn_proxy_act(x, *params, _points(points, dtype), mode, N, C, S, groups, eps, code, slope, float(proxy_eps))  # type: ignore[no-any-return]
+        return node.gn_proxy_act(  # type: ignore[no-any-return]
+            x, *params, _points(points, dtype), mode, N, C, S, groups, eps, code, slope, float(proxy_eps)
+        )
     spec = _Spec(mode, N, C, S, groups, eps, _gn_reference(groups, eps))
     ps, u = [p.detach().contiguous() for p in params], _points(points, dtype)
     try:

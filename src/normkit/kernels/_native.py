@@ -1,4 +1,5 @@
-"""The ``"native"`` backend: torch's own ATen norm kernels behind ``normkit::norm``, where they compute the same thing.
+"""The ``"native"`` backend: torch's own ATen norm kernels behind ``normkit::norm``, where they compute the
+same thing.
 
 Four patterns of (input view, reduced dims, affine shape) map onto ATen's fused norms:
 
@@ -17,7 +18,7 @@ Everything else, and any call ATen rejects (a dtype mix it does not take), runs 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -29,7 +30,9 @@ aten = torch.ops.aten
 BN, LN, LN_INNER, GN = range(4)
 
 
-def _pattern(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor | None) -> tuple[int, int] | None:
+def _pattern(
+    x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor | None
+) -> tuple[int, int] | None:
     """(pattern, extra): extra is the first reduced dim (LN), the inner dim (LN_INNER) or G (GN)."""
     nd = x.dim()
     shapes = [p.shape for p in (weight, bias) if p is not None]
@@ -75,10 +78,14 @@ def _stats(x: Tensor, dims: tuple[int, ...], mean: Tensor, rstd: Tensor, eps: fl
     for d in dims:
         count *= x.shape[d]
     var = (rstd.square().reciprocal() - eps).clamp_min(0.0)
-    return torch.stack([mean, torch.ones_like(mean), torch.zeros_like(mean), rstd, var, torch.full_like(mean, count)])
+    return torch.stack(
+        [mean, torch.ones_like(mean), torch.zeros_like(mean), rstd, var, torch.full_like(mean, count)]
+    )
 
 
-def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims: Sequence[int], eps: float) -> tuple[Tensor, Tensor] | None:
+def forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, dims: Sequence[int], eps: float
+) -> tuple[Tensor, Tensor] | None:
     """``(y, stats)`` by ATen's kernel for this pattern, or ``None`` (then the reference runs)."""
     dims = tuple(dims)
     pat = _pattern(x, dims, weight, bias)
@@ -93,7 +100,11 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, dims: Sequenc
         elif kind == LN:
             shape = list(x.shape[extra:])
             y, mean, rstd = aten.native_layer_norm(
-                x, shape, None if w is None else w.reshape(shape), None if b is None else b.reshape(shape), eps
+                x,
+                shape,
+                None if w is None else w.reshape(shape),
+                None if b is None else b.reshape(shape),
+                eps,
             )
         elif kind == LN_INNER:
             xm = x.movedim(extra, -1)
@@ -138,20 +149,40 @@ def backward(
         elif kind == LN:
             shape = list(x.shape[extra:])
             dx, dw, db = aten.native_layer_norm_backward(
-                dy, x, shape, mean, rstd, None if w is None else w.reshape(shape),
-                None if bias is None else bias.detach().reshape(shape), mask,
+                dy,
+                x,
+                shape,
+                mean,
+                rstd,
+                None if w is None else w.reshape(shape),
+                None if bias is None else bias.detach().reshape(shape),
+                mask,
             )
         elif kind == LN_INNER:
             C = x.shape[extra]
             dx, dw, db = aten.native_layer_norm_backward(
-                dy.movedim(extra, -1), x.movedim(extra, -1), [C], mean.movedim(extra, -1), rstd.movedim(extra, -1),
-                _vec(w), None if bias is None else _vec(bias.detach()), mask,
+                dy.movedim(extra, -1),
+                x.movedim(extra, -1),
+                [C],
+                mean.movedim(extra, -1),
+                rstd.movedim(extra, -1),
+                _vec(w),
+                None if bias is None else _vec(bias.detach()),
+                mask,
             )
             dx = dx.movedim(-1, extra) if dx is not None else None
         else:
             N, G, C, S = _gn_sizes(x, extra)
             dx, dw, db = aten.native_group_norm_backward(
-                dy.reshape(N, C, S), x.reshape(N, C, S), mean.reshape(N, G), rstd.reshape(N, G), _vec(w), N, C, S, G,
+                dy.reshape(N, C, S),
+                x.reshape(N, C, S),
+                mean.reshape(N, G),
+                rstd.reshape(N, G),
+                _vec(w),
+                N,
+                C,
+                S,
+                G,
                 mask,
             )
             dx = dx.view(x.shape) if dx is not None else None

@@ -76,7 +76,9 @@ def _blocks(
         else:
             blocks.append((kind, x.shape[i]))
     order = None
-    if varying != sorted(varying):  # e.g. LayerNorm over (C, H, W) on channels_last: flatten the affine as x lies
+    if varying != sorted(  # e.g. LayerNorm over (C, H, W) on channels_last: flatten the affine as x lies
+        varying
+    ):
         order = (*varying, *(i for i in range(x.dim()) if i not in varying))
     return blocks, order
 
@@ -149,7 +151,9 @@ def plan(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor |
     return result
 
 
-def describe(x: Tensor, dims: tuple[int, ...], weight: Tensor | None = None, bias: Tensor | None = None) -> str:
+def describe(
+    x: Tensor, dims: tuple[int, ...], weight: Tensor | None = None, bias: Tensor | None = None
+) -> str:
     """A one-line description of the pattern (for ``normkit kernels status`` and error messages)."""
     p = plan(x, dims, weight, bias)
     if p is None:

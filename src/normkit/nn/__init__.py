@@ -20,8 +20,8 @@ from .layer_norm import LayerNorm, LayerNorm2d
 from .norm_act import BatchNormAct2d, GroupNormAct2d, LayerNormAct2d, create_norm_act_layer
 from .optim import param_groups
 from .proxy_norm import GroupNormProxyAct2d, ProxyNormAct
-from .sync_batch_norm import SyncBatchNorm, SyncBatchNormAct
 from .registry import available_norms, create_norm_layer, default_groups, get_norm_layer, register_norm
+from .sync_batch_norm import SyncBatchNorm, SyncBatchNormAct
 from .weight_norm import remove_weight_norm, weight_norm
 from .weight_standardization import (
     ScaledStdConv1d,

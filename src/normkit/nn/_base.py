@@ -30,11 +30,13 @@ def make_affine(
 
 
 def reset_affine(module: nn.Module) -> None:
+    weight: Tensor | None = getattr(module, "weight", None)
+    bias: Tensor | None = getattr(module, "bias", None)
     with torch.no_grad():
-        if getattr(module, "weight", None) is not None:
-            module.weight.fill_(1.0)
-        if getattr(module, "bias", None) is not None:
-            module.bias.zero_()
+        if weight is not None:
+            weight.fill_(1.0)
+        if bias is not None:
+            bias.zero_()
 
 
 def check_channels(x: Tensor, expected: int, name: str) -> None:
@@ -54,7 +56,8 @@ def store_stats(
     num_batches_tracked: Tensor | None,
     num_skipped_updates: Tensor | None,
 ) -> Tensor:
-    """Copy the updated running statistics a functional op returned into a module's buffers; return the output.
+    """Copy the updated running statistics a functional op returned into a module's buffers; return the
+    output.
 
     The one place a layer writes its buffers (in place, under ``no_grad``, as torch.nn does). A
     step whose update was skipped (non-finite statistics) did not advance ``num_batches_tracked``
@@ -94,10 +97,15 @@ class _StatsMixin:
         running_mean: Tensor | None
         running_var: Tensor | None
         num_batches_tracked: Tensor | None
+        num_skipped_updates: Tensor | None
+        weight: Tensor | None
+        bias: Tensor | None
+
+        def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None: ...
 
     def _register_skip_counter(self, device: Any) -> None:
         counter = torch.tensor(0, dtype=torch.long, device=device) if self.running_mean is not None else None
-        self.register_buffer("num_skipped_updates", counter, persistent=False)  # type: ignore[attr-defined]
+        self.register_buffer("num_skipped_updates", counter, persistent=False)
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, counters 0."""
@@ -156,9 +164,9 @@ class _StatsMixin:
                 # cannot raise only for strict loads: warn with the reason; a strict load then fails
                 # on the unexpected keys, a non-strict one reports them.
                 warnings.warn(
-                    f"{type(self).__name__}: the state_dict has running statistics ({', '.join(found)}) but this "
-                    "layer was built with track_running_stats=False, so they are not loaded; build it with "
-                    "track_running_stats=True to load them",
+                    f"{type(self).__name__}: the state_dict has running statistics ({', '.join(found)}) "
+                    "but this layer was built with track_running_stats=False, so they are not loaded; build "
+                    "it with track_running_stats=True to load them",
                     UserWarning,
                     stacklevel=4,
                 )
@@ -228,10 +236,12 @@ def fx_leaf(module: nn.Module, *args: Any, root_traceable: bool = False) -> Any:
     if proxy is None:
         return None
     tracer = proxy.tracer
-    try:
-        path = tracer.path_of_module(module)
-    except NameError:
-        path = ""
+    path = ""
+    if isinstance(tracer, torch.fx.Tracer):  # a symbolic trace (not a graph being appended to by hand)
+        try:
+            path = tracer.path_of_module(module)
+        except NameError:
+            pass
     if not path:
         if root_traceable:
             return None

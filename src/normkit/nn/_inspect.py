@@ -109,7 +109,10 @@ def _from(module: nn.Module, prefixes: tuple[str, ...]) -> bool:
 
 
 def _bn_like(module: Any, kind: str, rank: int | None, **kw: Any) -> NormInfo:
-    kw["extra"] = {"track_running_stats": bool(getattr(module, "track_running_stats", True)), **kw.get("extra", {})}
+    kw["extra"] = {
+        "track_running_stats": bool(getattr(module, "track_running_stats", True)),
+        **kw.get("extra", {}),
+    }
     return NormInfo(
         kind=kind,
         num_channels=int(module.num_features),
@@ -126,7 +129,8 @@ def _bn_like(module: Any, kind: str, rank: int | None, **kw: Any) -> NormInfo:
 
 
 def _timm_act(module: nn.Module) -> tuple[Any, nn.Module | None] | str:
-    """timm norm+act layers: ``(activation, act_module)`` from ``.act`` (Identity: no activation), or why not."""
+    """timm norm+act layers: ``(activation, act_module)`` from ``.act`` (Identity: no activation), or why
+    not."""
     drop = getattr(module, "drop", None)
     if drop is not None and not isinstance(drop, (nn.Identity, nn.Dropout)):
         return f"its drop layer {type(drop).__name__} sits between the norm and the activation"
@@ -151,24 +155,43 @@ def _describe_duck(module: nn.Module) -> NormInfo | str | None:
     if not _from(module, ("timm.", "torchvision.")):
         return None
     if name in ("FrozenBatchNorm2d", "FrozenBatchNormAct2d"):
-        if not all(isinstance(getattr(module, k, None), Tensor) for k in ("weight", "bias", "running_mean", "running_var")):
+        w, b, rm, rv = (getattr(module, k, None) for k in ("weight", "bias", "running_mean", "running_var"))
+        if not (
+            isinstance(w, Tensor)
+            and isinstance(b, Tensor)
+            and isinstance(rm, Tensor)
+            and isinstance(rv, Tensor)
+        ):
             return f"{name} without weight/bias/running_mean/running_var tensors"
-        c = int(module.running_mean.numel())  # type: ignore[union-attr]
+        c = int(rm.numel())
         act = _timm_act(module) if name.endswith("Act2d") else (None, None)
         if isinstance(act, str):
             return act
         return NormInfo(
-            kind="frozen_bn", num_channels=c, rank=2, eps=float(getattr(module, "eps", 1e-5)),
-            weight=module.weight, bias=module.bias,  # type: ignore[arg-type]
-            running_mean=module.running_mean, running_var=module.running_var,  # type: ignore[arg-type]
-            activation=act[0], act_module=act[1],
+            kind="frozen_bn",
+            num_channels=c,
+            rank=2,
+            eps=float(getattr(module, "eps", 1e-5)),
+            weight=w,
+            bias=b,
+            running_mean=rm,
+            running_var=rv,
+            activation=act[0],
+            act_module=act[1],
         )
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and name in ("BatchNormAct2d", "SyncBatchNormAct"):
         act = _timm_act(module)
         if isinstance(act, str):
             return act
-        return _bn_like(module, "bn", 2 if name == "BatchNormAct2d" else None, activation=act[0], act_module=act[1])
-    if isinstance(module, nn.GroupNorm) and name in ("GroupNorm", "GroupNorm1", "GroupNormAct", "GroupNorm1Act"):
+        return _bn_like(
+            module, "bn", 2 if name == "BatchNormAct2d" else None, activation=act[0], act_module=act[1]
+        )
+    if isinstance(module, nn.GroupNorm) and name in (
+        "GroupNorm",
+        "GroupNorm1",
+        "GroupNormAct",
+        "GroupNorm1Act",
+    ):
         act = _timm_act(module) if name.endswith("Act") else (None, None)
         if isinstance(act, str):
             return act
@@ -180,8 +203,13 @@ def _describe_duck(module: nn.Module) -> NormInfo | str | None:
         if isinstance(act, str):
             return act
         return NormInfo(
-            kind="ln2d", num_channels=int(module.normalized_shape[0]), eps=float(module.eps),
-            weight=module.weight, bias=module.bias, activation=act[0], act_module=act[1],
+            kind="ln2d",
+            num_channels=int(module.normalized_shape[0]),
+            eps=float(module.eps),
+            weight=module.weight,
+            bias=module.bias,
+            activation=act[0],
+            act_module=act[1],
         )
     if isinstance(module, nn.LayerNorm) and name in ("LayerNorm", "LayerNormAct"):
         return _channels_last(module)
@@ -190,20 +218,27 @@ def _describe_duck(module: nn.Module) -> NormInfo | str | None:
 
 def _gn_info(module: nn.GroupNorm, **kw: Any) -> NormInfo:
     return NormInfo(
-        kind="gn", num_channels=int(module.num_channels), groups=int(module.num_groups), eps=float(module.eps),
-        weight=module.weight, bias=module.bias, **kw,
+        kind="gn",
+        num_channels=int(module.num_channels),
+        groups=int(module.num_groups),
+        eps=float(module.eps),
+        weight=module.weight,
+        bias=module.bias,
+        **kw,
     )
 
 
 def _channels_last(module: nn.Module) -> str:
     return (
-        f"{type(module).__name__} normalizes the trailing dims {tuple(getattr(module, 'normalized_shape', ()))} "
+        f"{type(module).__name__} normalizes the trailing dims "
+        f"{tuple(getattr(module, 'normalized_shape', ()))} "
         "(a channels-last layer); the registry's norms are channels-first (N, C, *spatial) layers"
     )
 
 
 def describe_norm(module: nn.Module) -> NormInfo | str | None:
-    """A :class:`NormInfo` for a norm layer, a reason string for a norm-like layer that is not understood, else None.
+    """A :class:`NormInfo` for a norm layer, a reason string for a norm-like layer that is not understood,
+    else None.
 
     Example:
         >>> import torch, normkit
@@ -226,16 +261,31 @@ def describe_norm(module: nn.Module) -> NormInfo | str | None:
             return f"{cls.__name__} with use_running_stats=False normalizes with batch statistics"
         return _bn_like(module, "frozen_bn", _rank_of_name(cls.__name__), extra=_frozen_extra(module))
     if isinstance(module, BatchNormAct2d):
-        return _bn_like(module, "bn", 2, activation=module.activation, act_module=module._modules.get("act"),
-                        extra=_bn_extra(module))
+        return _bn_like(
+            module,
+            "bn",
+            2,
+            activation=module.activation,
+            act_module=module._modules.get("act"),
+            extra=_bn_extra(module),
+        )
     if isinstance(module, _nk_bn._BatchNorm):
         return _bn_like(module, "bn", _rank_of_name(cls.__name__), extra=_bn_extra(module))
     if isinstance(module, GroupNormProxyAct2d):
         return NormInfo(
-            kind="pn", num_channels=module.num_features, groups=module.num_groups, eps=module.eps,
-            weight=module.weight, bias=module.bias, activation=module.activation,
-            extra={"proxy_bias": module.proxy_bias, "proxy_weight": module.proxy_weight,
-                   "proxy_eps": module.proxy_eps, "num_points": module.num_points},
+            kind="pn",
+            num_channels=module.num_features,
+            groups=module.num_groups,
+            eps=module.eps,
+            weight=module.weight,
+            bias=module.bias,
+            activation=module.activation,
+            extra={
+                "proxy_bias": module.proxy_bias,
+                "proxy_weight": module.proxy_weight,
+                "proxy_eps": module.proxy_eps,
+                "num_points": module.num_points,
+            },
         )
     if isinstance(module, ProxyNormAct):
         return f"{cls.__name__} is an activation that needs a norm before it (it normalizes nothing itself)"
@@ -246,8 +296,12 @@ def describe_norm(module: nn.Module) -> NormInfo | str | None:
     if isinstance(module, (LayerNormAct2d, LayerNorm2d)):
         act = module.activation if isinstance(module, LayerNormAct2d) else None
         return NormInfo(
-            kind="ln" if module.over == "chw" else "ln2d", num_channels=module.num_channels, eps=module.eps,
-            weight=module.weight, bias=module.bias, activation=act,
+            kind="ln" if module.over == "chw" else "ln2d",
+            num_channels=module.num_channels,
+            eps=module.eps,
+            weight=module.weight,
+            bias=module.bias,
+            activation=act,
             act_module=module._modules.get("act") if act is not None else None,
         )
     if isinstance(module, LayerNorm):
@@ -271,7 +325,11 @@ def describe_norm(module: nn.Module) -> NormInfo | str | None:
                     return _unknown_subclass(module, base)
                 return _bn_like(module, kind, rank)
     if isinstance(module, nn.GroupNorm):
-        return _unknown_subclass(module, nn.GroupNorm) if _own_forward(module, nn.GroupNorm) else _gn_info(module)
+        return (
+            _unknown_subclass(module, nn.GroupNorm)
+            if _own_forward(module, nn.GroupNorm)
+            else _gn_info(module)
+        )
     if isinstance(module, nn.LayerNorm) or type(module).__name__ == "RMSNorm":
         return _channels_last(module)
     return None
@@ -285,8 +343,10 @@ def _unknown_subclass(module: nn.Module, base: type) -> str:
 
 
 def _bn_extra(module: nn.Module) -> dict[str, Any]:
-    extra: dict[str, Any] = {"unbiased_running_var": getattr(module, "unbiased_running_var", True),
-                             "track_running_stats": getattr(module, "track_running_stats", True)}
+    extra: dict[str, Any] = {
+        "unbiased_running_var": getattr(module, "unbiased_running_var", True),
+        "track_running_stats": getattr(module, "track_running_stats", True),
+    }
     if isinstance(module, _fam._GhostBatchNorm):
         extra.update(ghost_batch_size=module.ghost_batch_size, momentum_mode=module.momentum_mode)
     if isinstance(module, _fam._BatchRenorm):
@@ -303,20 +363,50 @@ def _frozen_extra(module: _fam._FrozenBatchNorm) -> dict[str, Any]:
 _F = torch.nn.functional
 #: Elementwise activation modules (no parameters, no cross-element coupling).
 ACT_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
 )
 #: Elementwise activation functions as they appear in a traced graph, and their out-of-place form.
 ACT_FUNCTIONS: dict[Any, Callable[..., Tensor]] = {
-    torch.relu: torch.relu, torch.relu_: torch.relu, _F.relu: _F.relu, _F.relu_: _F.relu, _F.relu6: _F.relu6,
-    _F.silu: _F.silu, _F.gelu: _F.gelu, _F.leaky_relu: _F.leaky_relu, _F.elu: _F.elu, _F.hardswish: _F.hardswish,
-    _F.hardsigmoid: _F.hardsigmoid, _F.mish: _F.mish, torch.sigmoid: torch.sigmoid, torch.tanh: torch.tanh,
-    _F.sigmoid: torch.sigmoid, _F.tanh: torch.tanh, _F.softplus: _F.softplus,
+    torch.relu: torch.relu,
+    torch.relu_: torch.relu,
+    _F.relu: _F.relu,
+    _F.relu_: _F.relu,
+    _F.relu6: _F.relu6,
+    _F.silu: _F.silu,
+    _F.gelu: _F.gelu,
+    _F.leaky_relu: _F.leaky_relu,
+    _F.elu: _F.elu,
+    _F.hardswish: _F.hardswish,
+    _F.hardsigmoid: _F.hardsigmoid,
+    _F.mish: _F.mish,
+    torch.sigmoid: torch.sigmoid,
+    torch.tanh: torch.tanh,
+    _F.sigmoid: torch.sigmoid,
+    _F.tanh: torch.tanh,
+    _F.softplus: _F.softplus,
 }
 #: Tensor methods that are elementwise activations.
 ACT_METHODS: dict[str, Callable[..., Tensor]] = {
-    "relu": torch.relu, "relu_": torch.relu, "sigmoid": torch.sigmoid, "sigmoid_": torch.sigmoid,
-    "tanh": torch.tanh, "tanh_": torch.tanh,
+    "relu": torch.relu,
+    "relu_": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "sigmoid_": torch.sigmoid,
+    "tanh": torch.tanh,
+    "tanh_": torch.tanh,
 }
 
 
@@ -330,7 +420,9 @@ def is_activation_module(module: Any) -> bool:
     return type(module) in ACT_MODULES
 
 
-def elementwise_activation(fn: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> ActivationLike:
+def elementwise_activation(
+    fn: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+) -> ActivationLike:
     """The out-of-place activation a module, function (with its extra arguments) or method name applies.
 
     Returns a name Proxy Norm's op knows (``"relu"``, ``"leaky_relu:0.2"``) when there is one, else
@@ -373,7 +465,8 @@ def _named(spec: tuple[str, float] | None) -> str:
 
 
 def pn_activation(info: NormInfo) -> ActivationLike:
-    """The activation of a norm+act layer in the form Proxy Norm takes (see :func:`elementwise_activation`)."""
+    """The activation of a norm+act layer in the form Proxy Norm takes (see
+    :func:`elementwise_activation`)."""
     act = info.activation
     if isinstance(act, nn.Module):
         return elementwise_activation(act)

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 __all__ = ["make_picklable"]
 
 
-def _new(base_cls: type) -> nn.Module:
+def _new(base_cls: type[nn.Module]) -> nn.Module:
     return base_cls.__new__(base_cls)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,15 +26,15 @@ def _check_dims(x: Tensor, dims: tuple[int, ...], num_features: int, name: str) 
 
 def _bn_module_forward(
     x: Tensor,
-    mask: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    num_batches_tracked: Optional[Tensor],
-    num_skipped_updates: Optional[Tensor],
+    mask: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    num_skipped_updates: Tensor | None,
     training: bool,
-    momentum: Optional[float],
+    momentum: float | None,
     eps: float,
     unbiased_running_var: bool,
     dims: tuple[int, ...],
@@ -67,7 +67,8 @@ torch.fx.wrap("_bn_module_forward")
 
 
 class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
-    """normkit's BN: torch.nn's class (constructor, parameters, buffers, state_dict) with normkit's forward."""
+    """normkit's BN: torch.nn's class (constructor, parameters, buffers, state_dict) with normkit's
+    forward."""
 
     _dims: tuple[int, ...] = ()
 
@@ -97,9 +98,10 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
     def _check_input_dim(self, x: Tensor) -> None:
         _check_dims(x, self._dims, self.num_features, type(self).__name__)
 
-    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (bool, broadcastable to it, True = valid) limits the statistics."""
-        if torch.jit.is_scripting():
+        # torch.jit.is_scripting is public API that torch.jit.__all__ leaves out:
+        if torch.jit.is_scripting():  # pyright: ignore[reportPrivateImportUsage]
             # TorchScript (deprecated in torch 2.13) runs torch.nn's semantics on ATen's batch_norm.
             factor = 0.0
             if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -121,15 +123,15 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
         return self._forward(input, mask)
 
     @torch.jit.unused
-    def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         tracking = self._tracking
-        if (
+        if (  # plain eager on a CPU tensor: one fused call (and one for the backward)
             mask is None
             and (self.training or not tracking)
             and _fast.eligible(x)
             and x.dim() in self._dims
             and x.shape[1] == self.num_features
-        ):  # plain eager on a CPU tensor: one fused call (and one for the backward)
+        ):
             y = _fast.batch_norm_train(
                 x,
                 self.weight,
@@ -166,7 +168,8 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
-    r"""Batch normalization over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input; a drop-in for ``torch.nn.BatchNorm1d``.
+    r"""Batch normalization over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input; a drop-in for
+    ``torch.nn.BatchNorm1d``.
 
     .. math::
         y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta

@@ -9,7 +9,7 @@ variance instead; :mod:`normkit.convert` maps between the two.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,10 +18,10 @@ from .._errors import NormError
 from ..functional._autograd import norm
 from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional._moments import acc_dtype, normalize
-from ..functional._running import update_running_stats
+from ..functional._running import NormOutput, update_running_stats
 from ..functional.batch_norm import batch_norm
 from ..functional.batch_renorm import batch_renorm, mean_only_batch_norm
-from ..functional.ghost_batch_norm import ghost_batch_norm
+from ..functional.ghost_batch_norm import MomentumMode, ghost_batch_norm
 from ._base import _NormBase, check_channels, fx_leaf
 from .batch_norm import _BatchNorm
 
@@ -44,6 +44,9 @@ __all__ = [
 
 
 class _GhostBatchNorm(_BatchNorm):
+    ghost_batch_size: int
+    momentum_mode: MomentumMode
+
     def __init__(
         self,
         num_features: int,
@@ -55,16 +58,14 @@ class _GhostBatchNorm(_BatchNorm):
         device: Any = None,
         dtype: Any = None,
         *,
-        momentum_mode: Literal["per_chunk", "averaged"] = "per_chunk",
+        momentum_mode: MomentumMode = "per_chunk",
         bias: bool = True,
         unbiased_running_var: bool = True,
     ) -> None:
         name = type(self).__name__
         self_ghost = check_positive_int(ghost_batch_size, name, "ghost_batch_size")
         if momentum_mode not in ("per_chunk", "averaged"):
-            raise NormError(
-                f"{name}: momentum_mode must be 'per_chunk' or 'averaged', got {momentum_mode!r}"
-            )
+            raise NormError(f"{name}: momentum_mode must be 'per_chunk' or 'averaged', got {momentum_mode!r}")
         super().__init__(
             num_features,
             eps,
@@ -101,17 +102,21 @@ class _GhostBatchNorm(_BatchNorm):
         )
         return self._store(out)
 
-    def _store(self, out: Any) -> Tensor:
-        if out.running_mean is not None and out.running_mean is not self.running_mean:
+    def _store(self, out: NormOutput) -> Tensor:
+        rm, rv, nbt = self.running_mean, self.running_var, self.num_batches_tracked
+        if out.running_mean is not None and out.running_mean is not rm:
+            # the statistics were passed in (tracking), so they came back updated, with the buffers
+            assert rm is not None and rv is not None and out.running_var is not None
             with torch.no_grad():
-                self.running_mean.copy_(out.running_mean)
-                self.running_var.copy_(out.running_var)
+                rm.copy_(out.running_mean)
+                rv.copy_(out.running_var)
                 if out.num_batches_tracked is not None:
+                    assert nbt is not None and self.num_skipped_updates is not None
                     # per_chunk mode advances the counter by the number of chunks; count only the
                     # skipped *steps* (a non-finite batch leaves the counter where it was).
                     # Branch-free: no host sync.
-                    self.num_skipped_updates.add_((out.num_batches_tracked == self.num_batches_tracked).long())
-                    self.num_batches_tracked.copy_(out.num_batches_tracked)
+                    self.num_skipped_updates.add_((out.num_batches_tracked == nbt).long())
+                    nbt.copy_(out.num_batches_tracked)
         return out.output
 
     def extra_repr(self) -> str:
@@ -178,6 +183,11 @@ class GhostBatchNorm3d(_GhostBatchNorm):
 
 
 class _BatchRenorm(_BatchNorm):
+    # Batch Renorm is built with track_running_stats=True only: its buffers always exist.
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+
     def __init__(
         self,
         num_features: int,
@@ -309,6 +319,10 @@ class BatchRenorm3d(_BatchRenorm):
 
 class _FrozenBatchNorm(_NormBase):
     _dims: tuple[int, ...] = ()
+    # built with track_running_stats=True only: its buffers always exist
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
 
     def __init__(
         self,
@@ -351,18 +365,30 @@ class _FrozenBatchNorm(_NormBase):
             return leaf
         self._check_input_dim(x)
         rm, rv, nbt = self.running_mean, self.running_var, self.num_batches_tracked
-        common = dict(momentum=self.momentum, eps=self.eps, unbiased_running_var=self.unbiased_running_var)
+        mom, eps, unbiased = self.momentum, self.eps, self.unbiased_running_var
+        w, b = self.weight, self.bias
         if not self.use_running_stats:
             if self.update_running_stats:
-                return self._store(
-                    batch_norm(x, rm, rv, self.weight, self.bias, True, num_batches_tracked=nbt, **common)
-                )  # type: ignore[arg-type]
-            out = batch_norm(x, None, None, self.weight, self.bias, True, **common)  # type: ignore[arg-type]
-            return out.output
-        y = batch_norm(x, rm, rv, self.weight, self.bias, False, **common).output  # type: ignore[arg-type]
+                out = batch_norm(
+                    x, rm, rv, w, b, True, mom, eps, num_batches_tracked=nbt, unbiased_running_var=unbiased
+                )
+                return self._store(out)
+            return batch_norm(x, None, None, w, b, True, mom, eps, unbiased_running_var=unbiased).output
+        y = batch_norm(x, rm, rv, w, b, False, mom, eps, unbiased_running_var=unbiased).output
         if self.update_running_stats:
             with torch.no_grad():
-                upd = batch_norm(x, rm, rv, None, None, True, num_batches_tracked=nbt, **common)  # type: ignore[arg-type]
+                upd = batch_norm(
+                    x,
+                    rm,
+                    rv,
+                    None,
+                    None,
+                    True,
+                    mom,
+                    eps,
+                    num_batches_tracked=nbt,
+                    unbiased_running_var=unbiased,
+                )
                 self._store(upd)
         return y
 
@@ -461,6 +487,10 @@ class MeanOnlyBatchNorm(nn.Module):
     Reference: https://arxiv.org/abs/1602.07868
     """
 
+    bias: Tensor | None
+    running_mean: Tensor | None
+    num_batches_tracked: Tensor | None
+
     def __init__(
         self,
         num_features: int,
@@ -488,6 +518,7 @@ class MeanOnlyBatchNorm(nn.Module):
     def reset_running_stats(self) -> None:
         """Running mean 0, counter 0."""
         if self.running_mean is not None:
+            assert self.num_batches_tracked is not None  # registered together
             self.running_mean.zero_()
             self.num_batches_tracked.zero_()
 
@@ -506,19 +537,23 @@ class MeanOnlyBatchNorm(nn.Module):
             got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise NormError(f"MeanOnlyBatchNorm: expected an (N, C, *) input, got {got}")
         check_channels(x, self.num_features, "MeanOnlyBatchNorm")
-        tracking = self.track_running_stats and self.running_mean is not None
+        rm, nbt = self.running_mean, self.num_batches_tracked
+        tracking = self.track_running_stats and rm is not None
         out = mean_only_batch_norm(
             x,
-            self.running_mean if tracking else None,
+            rm if tracking else None,
             self.bias,
             training=self.training or not tracking,
             momentum=self.momentum,
-            num_batches_tracked=self.num_batches_tracked if tracking else None,
+            num_batches_tracked=nbt if tracking else None,
         )
-        if tracking and out.running_mean is not self.running_mean:
+        if tracking and out.running_mean is not rm:
+            # a training step on the running mean (and its counter, registered with it) returns both
+            assert rm is not None and nbt is not None
+            assert out.running_mean is not None and out.num_batches_tracked is not None
             with torch.no_grad():
-                self.running_mean.copy_(out.running_mean)  # type: ignore[arg-type]
-                self.num_batches_tracked.copy_(out.num_batches_tracked)  # type: ignore[arg-type]
+                rm.copy_(out.running_mean)
+                nbt.copy_(out.num_batches_tracked)
         return out.output
 
     def extra_repr(self) -> str:
@@ -574,6 +609,11 @@ class BatchNormalization(nn.Module):
 
     Reference: https://keras.io/api/layers/normalization_layers/batch_normalization/
     """
+
+    gamma: Tensor | None
+    beta: Tensor | None
+    moving_mean: Tensor
+    moving_variance: Tensor
 
     def __init__(
         self,
@@ -636,8 +676,7 @@ class BatchNormalization(nn.Module):
         if x.shape[ax] != self.num_features:
             raise NormError(
                 f"BatchNormalization: expected {self.num_features} features along axis {self.axis}, "
-                f"got input of "
-                f"shape {tuple(x.shape)} with {x.shape[ax]}; channels-first input needs axis=1"
+                f"got input of shape {tuple(x.shape)} with {x.shape[ax]}; channels-first input needs axis=1"
             )
         return ax
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,9 +17,9 @@ __all__ = ["GroupNorm"]
 
 def _gn_module_forward(
     x: Tensor,
-    mask: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    mask: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
     num_groups: int,
     num_channels: int,
     eps: float,
@@ -30,7 +30,6 @@ def _gn_module_forward(
 
 
 torch.fx.wrap("_gn_module_forward")
-
 
 
 class GroupNorm(nn.GroupNorm):
@@ -81,14 +80,16 @@ class GroupNorm(nn.GroupNorm):
         eps = check_eps(eps, "GroupNorm")
         super().__init__(num_groups, num_channels, eps, bool(affine), device, dtype, bias=bias)
 
-    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (bool, broadcastable to it, True = valid) limits the statistics."""
-        if torch.jit.is_scripting():  # TorchScript (deprecated in torch 2.13): ATen's group_norm
+        # TorchScript (deprecated in torch 2.13): ATen's group_norm
+        # torch.jit.is_scripting is public API that torch.jit.__all__ leaves out:
+        if torch.jit.is_scripting():  # pyright: ignore[reportPrivateImportUsage]
             return torch.nn.functional.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
         return self._forward(input, mask)
 
     @torch.jit.unused
-    def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         if mask is None and _fast.eligible(x) and x.dim() >= 3 and x.shape[1] == self.num_channels:
             y = _fast.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # one fused call
             if y is not None:
@@ -96,7 +97,9 @@ class GroupNorm(nn.GroupNorm):
         leaf = fx_leaf(self, x, mask, root_traceable=True)
         if leaf is not None:
             return leaf
-        return _gn_module_forward(x, mask, self.weight, self.bias, self.num_groups, self.num_channels, self.eps)
+        return _gn_module_forward(
+            x, mask, self.weight, self.bias, self.num_groups, self.num_channels, self.eps
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,22 +19,23 @@ __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 def _in_module_forward(
     x: Tensor,
-    mask: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    num_batches_tracked: Optional[Tensor],
-    num_skipped_updates: Optional[Tensor],
+    mask: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    num_skipped_updates: Tensor | None,
     use_input_stats: bool,
-    momentum: Optional[float],
+    momentum: float | None,
     eps: float,
     ndim: int,
     num_features: int,
     affine: bool,
     name: str,
 ) -> Tensor:
-    """An IN layer's forward on its parameters and buffers (one ``torch.fx`` call, see ``torch.fx.wrap`` below)."""
+    """An IN layer's forward on its parameters and buffers (one ``torch.fx`` call, see ``torch.fx.wrap``
+    below)."""
     if not isinstance(x, Tensor) or x.dim() not in (ndim - 1, ndim):
         got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
         raise NormError(f"{name}: expected {ndim}D (batched) or {ndim - 1}D (unbatched) input, got {got}")
@@ -47,7 +48,8 @@ def _in_module_forward(
         if affine or running_mean is not None:
             raise NormError(
                 f"{name}: expected input's size at dim={0 if unbatched else 1} to match num_features "
-                f"({num_features}), but got: {x.shape[1]}; the layer was built with num_features={num_features}"
+                f"({num_features}), but got: {x.shape[1]}; the layer was built with "
+                f"num_features={num_features}"
             )
         # torch's behaviour: the channel count is unused without affine or running statistics.
         warnings.warn(
@@ -77,7 +79,8 @@ torch.fx.wrap("_in_module_forward")
 
 
 class _InstanceNorm(_StatsMixin, nn.modules.instancenorm._InstanceNorm):
-    """normkit's IN: torch.nn's class (constructor, parameters, buffers, state_dict) with normkit's forward."""
+    """normkit's IN: torch.nn's class (constructor, parameters, buffers, state_dict) with normkit's
+    forward."""
 
     _ndim = 0
 
@@ -97,14 +100,22 @@ class _InstanceNorm(_StatsMixin, nn.modules.instancenorm._InstanceNorm):
         check_positive_int(num_features, name, "num_features")
         eps = check_eps(eps, name)
         momentum = check_momentum(momentum, name)
-        super().__init__(
-            num_features, eps, momentum, bool(affine), bool(track_running_stats), device, dtype, bias=bias
+        super().__init__(  # torch annotates momentum as float, yet takes None (cumulative average)
+            num_features,
+            eps,
+            momentum,  # pyright: ignore[reportArgumentType]
+            bool(affine),
+            bool(track_running_stats),
+            device,
+            dtype,
+            bias=bias,
         )
         self._register_skip_counter(device)
 
-    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (bool, broadcastable to it, True = valid) limits the statistics."""
-        if torch.jit.is_scripting():
+        # torch.jit.is_scripting is public API that torch.jit.__all__ leaves out:
+        if torch.jit.is_scripting():  # pyright: ignore[reportPrivateImportUsage]
             # TorchScript (deprecated in torch 2.13): the eager layer's semantics on ATen's instance_norm
             # (the step is counted; momentum=None is a cumulative average).
             use_input_stats = self.training or not self.track_running_stats
@@ -126,15 +137,15 @@ class _InstanceNorm(_StatsMixin, nn.modules.instancenorm._InstanceNorm):
         return self._forward(input, mask)
 
     @torch.jit.unused
-    def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         tracking = self._tracking
-        if (
+        if (  # instance statistics, no running buffers: GroupNorm with one group per channel, one fused call
             mask is None
             and not tracking
             and _fast.eligible(x)
             and x.dim() == self._ndim
             and x.shape[1] == self.num_features
-        ):  # instance statistics, no running buffers: GroupNorm with one group per channel, one fused call
+        ):
             y = _fast.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
             if y is not None:
                 return y
@@ -164,7 +175,8 @@ class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
     r"""Instance normalization over a 3D ``(N, C, L)`` input; a drop-in for ``torch.nn.InstanceNorm1d``.
 
     .. math::
-        y_{nc} = \frac{x_{nc} - \mathrm{E}_{L}[x_{nc}]}{\sqrt{\mathrm{Var}_{L}[x_{nc}] + \epsilon}} \gamma_c + \beta_c
+        y_{nc} = \frac{x_{nc} - \mathrm{E}_{L}[x_{nc}]}{\sqrt{\mathrm{Var}_{L}[x_{nc}] + \epsilon}}
+                 \gamma_c + \beta_c
 
     Defaults follow torch: ``affine=False``, ``track_running_stats=False``. With tracking, the
     batch-averaged instance statistics update the running buffers in training and are used in eval.

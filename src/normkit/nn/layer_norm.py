@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -19,9 +20,9 @@ __all__ = ["LayerNorm", "LayerNorm2d"]
 
 def _ln_module_forward(
     x: Tensor,
-    mask: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    mask: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
     normalized_shape: tuple[int, ...],
     eps: float,
 ) -> Tensor:
@@ -30,7 +31,7 @@ def _ln_module_forward(
 
 
 def _ln2d_module_forward(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_channels: int, eps: float, over: str
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, num_channels: int, eps: float, over: str
 ) -> Tensor:
     """A LayerNorm2d layer's forward (one ``torch.fx`` call)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 3:
@@ -88,16 +89,20 @@ class LayerNorm(nn.LayerNorm):
         for s in shape:
             check_positive_int(s, "LayerNorm", "each entry of normalized_shape")
         eps = check_eps(eps, "LayerNorm")
-        super().__init__(shape, eps, bool(elementwise_affine), bias, device, dtype)
+        super().__init__(torch.Size(shape), eps, bool(elementwise_affine), bias, device, dtype)
 
-    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (bool, broadcastable to it, True = valid) limits the statistics."""
-        if torch.jit.is_scripting():  # TorchScript (deprecated in torch 2.13): ATen's layer_norm
-            return torch.nn.functional.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        # TorchScript (deprecated in torch 2.13): ATen's layer_norm
+        # torch.jit.is_scripting is public API that torch.jit.__all__ leaves out:
+        if torch.jit.is_scripting():  # pyright: ignore[reportPrivateImportUsage]
+            return torch.nn.functional.layer_norm(
+                input, self.normalized_shape, self.weight, self.bias, self.eps
+            )
         return self._forward(input, mask)
 
     @torch.jit.unused
-    def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         leaf = fx_leaf(self, x, mask, root_traceable=True)
         if leaf is not None:
             return leaf
@@ -164,7 +169,9 @@ class LayerNorm2d(nn.LayerNorm):
         self.over = over
 
     def forward(self, input: Tensor) -> Tensor:
-        if torch.jit.is_scripting():  # TorchScript (deprecated in torch 2.13): ATen's layer/group norm
+        # TorchScript (deprecated in torch 2.13): ATen's layer/group norm
+        # torch.jit.is_scripting is public API that torch.jit.__all__ leaves out:
+        if torch.jit.is_scripting():  # pyright: ignore[reportPrivateImportUsage]
             if self.over == "chw":
                 return torch.nn.functional.group_norm(input, 1, self.weight, self.bias, self.eps)
             y = torch.nn.functional.layer_norm(
@@ -188,4 +195,7 @@ class LayerNorm2d(nn.LayerNorm):
         return _ln2d_module_forward(x, self.weight, self.bias, self.num_channels, self.eps, self.over)
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}, bias={self.bias is not None}, over={self.over!r}"
+        return (
+            f"{self.num_channels}, eps={self.eps}, affine={self.affine}, bias={self.bias is not None}, "
+            f"over={self.over!r}"
+        )

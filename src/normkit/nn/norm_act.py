@@ -117,7 +117,9 @@ class _SequentialNormAct(nn.Sequential):
     """Fallback ``norm`` then ``act`` for registry entries without a fused norm+act class."""
 
 
-def create_norm_act_layer(spec: str, num_features: int, activation: ActivationLike = "relu", **kwargs: Any) -> nn.Module:
+def create_norm_act_layer(
+    spec: str, num_features: int, activation: ActivationLike = "relu", **kwargs: Any
+) -> nn.Module:
     """A norm followed by an activation, by name: what a CNN block needs after each conv.
 
     ``"bn"`` gives :class:`BatchNormAct2d`, ``"gn"``/``"gn:G"`` :class:`GroupNormAct2d`, ``"ln"`` /
@@ -137,7 +139,9 @@ def create_norm_act_layer(spec: str, num_features: int, activation: ActivationLi
     if key == "gn":
         from .registry import default_groups
 
-        return GroupNormAct2d(num_features, arg if arg is not None else default_groups(num_features), activation, **kwargs)
+        return GroupNormAct2d(
+            num_features, arg if arg is not None else default_groups(num_features), activation, **kwargs
+        )
     if key in ("ln", "ln2d") and arg is None:
         return LayerNormAct2d(num_features, activation, over="chw" if key == "ln" else "c", **kwargs)
     if key is not None and key in _REGISTRY and getattr(_REGISTRY[key][0], "includes_activation", False):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
+
 from .._errors import NormError
 
 __all__ = ["param_groups"]
@@ -57,7 +59,8 @@ def param_groups(model: nn.Module, weight_decay: float, **group_options: Any) ->
         >>> import torch, normkit
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), normkit.create_norm_layer("ln+pn", 8))
         >>> groups = normkit.param_groups(model, 5e-4)
-        >>> [len(g["params"]) for g in groups]      # conv.weight, proxy_bias, proxy_weight | conv.bias, weight, bias
+        >>> # the groups: conv.weight, proxy_bias, proxy_weight | conv.bias, weight, bias
+        >>> [len(g["params"]) for g in groups]
         [3, 3]
         >>> opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
     """

@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._errors import NormError
-from ..kernels import _fast
 from .. import functional as F
+from .._errors import NormError
 from ..functional._checks import check_eps, check_groups, check_positive_int
 from ..functional.activations import ActivationLike, get_activation
+from ..kernels import _fast, triton_ready
 from ._base import check_channels, fx_leaf
 from .registry import default_groups as _default_groups
 from .registry import register_norm
@@ -24,7 +24,8 @@ def _act_name(act: ActivationLike) -> str:
 
 
 class ProxyNormAct(nn.Module):
-    r"""Proxy-normalized activation (Labatie et al., 2021): ``(act(weight*y + bias) - m_c) / sqrt(v_c + eps)``.
+    r"""Proxy-normalized activation (Labatie et al., 2021):
+    ``(act(weight*y + bias) - m_c) / sqrt(v_c + eps)``.
 
     ``m_c`` and ``v_c`` are the mean and variance of ``act(weight * Y~ + bias)`` for a Gaussian
     proxy ``Y~ ~ N(proxy_bias, (1 + proxy_weight)^2)``, discretized by 200 fixed mid-point
@@ -106,14 +107,27 @@ class ProxyNormAct(nn.Module):
     def proxy_stats(self) -> tuple[Tensor, Tensor]:
         """The current per-channel proxy mean and ``1/sqrt(var + eps)`` (differentiable)."""
         return F.proxy_stats(
-            self.weight, self.bias, self.proxy_bias, self.proxy_weight, self.activation, self.proxy_eps,
-            self.num_points, self.proxy_points,
+            self.weight,
+            self.bias,
+            self.proxy_bias,
+            self.proxy_weight,
+            self.activation,
+            self.proxy_eps,
+            self.num_points,
+            self.proxy_points,
         )
 
     def _proxy_act(self, y: Tensor) -> Tensor:
         return F.proxy_norm_act(
-            y, self.weight, self.bias, self.proxy_bias, self.proxy_weight, self.activation, self.proxy_eps,
-            self.num_points, points=self.proxy_points,
+            y,
+            self.weight,
+            self.bias,
+            self.proxy_bias,
+            self.proxy_weight,
+            self.activation,
+            self.proxy_eps,
+            self.num_points,
+            points=self.proxy_points,
         )
 
     def forward(self, input: Tensor) -> Tensor:
@@ -176,6 +190,23 @@ class GroupNormProxyAct2d(ProxyNormAct):
         check_channels(input, self.num_features, type(self).__name__)
         if _fast.eligible(input):  # eager CPU: one fused pass each way (F.group_norm_proxy_act's fast path)
             out = _fast.gn_proxy_act(
+                input,
+                self.num_groups,
+                self.eps,
+                self.weight,
+                self.bias,
+                self.proxy_bias,
+                self.proxy_weight,
+                self.proxy_points,
+                self.activation,
+                self.proxy_eps,
+            )
+            if out is not None:
+                return out
+        elif triton_ready(input):  # GPU: GN and the step fused in one Triton kernel each way
+            from ..kernels import triton as _triton
+
+            out = _triton.gn_proxy_act(
                 input, self.num_groups, self.eps, self.weight, self.bias, self.proxy_bias, self.proxy_weight,
                 self.proxy_points, self.activation, self.proxy_eps,
             )
@@ -190,7 +221,7 @@ class GroupNormProxyAct2d(ProxyNormAct):
         )
 
 
-def _pn_factory(default_groups: int | None):
+def _pn_factory(default_groups: int):
     def factory(c: int, arg: int | None, activation: ActivationLike = "relu", **kw: Any) -> nn.Module:
         if default_groups == 1 and arg is not None:
             raise NormError(f"create_norm_layer: 'ln+pn' takes no ':<int>' argument, got ln:{arg}+pn")
@@ -204,4 +235,7 @@ def _pn_factory(default_groups: int | None):
 register_norm("ln+pn", "LayerNorm over (C, H, W) without affine + Proxy Norm activation (relu by default)")(
     _pn_factory(1)
 )
-register_norm("gn+pn", "GroupNorm without affine (4 groups, or fewer if C needs; 'gn:G+pn' for G) + Proxy Norm activation")(_pn_factory(4))
+register_norm(
+    "gn+pn",
+    "GroupNorm without affine (4 groups, or fewer if C needs; 'gn:G+pn' for G) + Proxy Norm activation",
+)(_pn_factory(4))

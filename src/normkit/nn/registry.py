@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
+
 from .._errors import NormError
 
 __all__ = ["available_norms", "create_norm_layer", "default_groups", "get_norm_layer", "register_norm"]
@@ -74,7 +76,9 @@ def create_norm_layer(spec: str, num_features: int, **kwargs: Any) -> nn.Module:
         BatchNorm2d(64, eps=1e-05, momentum=0.01, affine=True, bias=True, track_running_stats=True)
     """
     if not isinstance(spec, str):
-        raise TypeError(f"create_norm_layer: spec must be a string such as 'bn' or 'gn:16', got {type(spec).__name__}")
+        raise TypeError(
+            f"create_norm_layer: spec must be a string such as 'bn' or 'gn:16', got {type(spec).__name__}"
+        )
     match = _SPEC.match(spec.strip().lower())
     key = None if match is None else match["base"] + match["suffix"]
     if match is None or key not in _REGISTRY:
@@ -108,7 +112,8 @@ _CLASS_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def get_norm_layer(spec: str, **kwargs: Any) -> Callable[..., nn.Module]:
-    """A layer *class* (or a keyword-only ``functools.partial``) for a spec, for APIs that take ``norm_layer=``.
+    """A layer *class* (or a keyword-only ``functools.partial``) for a spec, for APIs that take
+    ``norm_layer=``.
 
     torchvision calls ``norm_layer(num_channels)``; timm keeps a partial's keywords and drops its
     positional arguments. So this returns a class where the spec is one (``"bn"`` ->
@@ -127,7 +132,9 @@ def get_norm_layer(spec: str, **kwargs: Any) -> Callable[..., nn.Module]:
         1e-06
     """
     if not isinstance(spec, str):
-        raise TypeError(f"get_norm_layer: spec must be a string such as 'bn' or 'gn:16', got {type(spec).__name__}")
+        raise TypeError(
+            f"get_norm_layer: spec must be a string such as 'bn' or 'gn:16', got {type(spec).__name__}"
+        )
     key = spec.strip().lower()
     if key in _CLASS_SPECS:
         import importlib
@@ -187,9 +194,12 @@ def _register_core() -> None:
         from .sync_batch_norm import SyncBatchNorm  # here: it imports norm_act, which imports this module
 
         return SyncBatchNorm(c, **kw)
+
     simple("frozen_bn", FrozenBatchNorm2d, "FrozenBatchNorm2d: running statistics and affine frozen")
 
-    @register_norm("gbn", "GhostBatchNorm2d; 'gbn' = ghost batches of 32, 'gbn:B' = ghost batches of B samples")
+    @register_norm(
+        "gbn", "GhostBatchNorm2d; 'gbn' = ghost batches of 32, 'gbn:B' = ghost batches of B samples"
+    )
     def _gbn(c: int, arg: int | None, **kw: Any) -> nn.Module:
         return GhostBatchNorm2d(c, ghost_batch_size=arg if arg is not None else 32, **kw)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -104,7 +104,7 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
 
     @torch.jit.unused
-    def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         if not (self.training and group_size(self.process_group) > 1):
             return super()._forward(x, mask)  # eval, one process, or no process group: plain BN
         leaf = fx_leaf(self, x, mask)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -59,11 +59,17 @@ class WeightNorm(nn.Module):
         return f"dim={self.dim}"
 
 
+def _plist(module: nn.Module, name: str) -> parametrize.ParametrizationList:
+    """``module.parametrizations[name]``, for a ``name`` that ``parametrize.is_parametrized``."""
+    return cast(parametrize.ParametrizationList, cast(nn.ModuleDict, module.parametrizations)[name])
+
+
 def _find(module: nn.Module, name: str) -> WeightNorm | None:
     if not parametrize.is_parametrized(module, name):
         return None
-    plist = module.parametrizations[name]  # type: ignore[index]
-    return plist[0] if len(plist) == 1 and isinstance(plist[0], WeightNorm) else None
+    plist = _plist(module, name)
+    first = plist[0]
+    return first if len(plist) == 1 and isinstance(first, WeightNorm) else None
 
 
 def _load_hook(
@@ -191,7 +197,7 @@ def weight_norm(
     if parametrize.is_parametrized(module, name):
         raise NormError(
             f"weight_norm: {_cls_name(module)}.{name} already has a parametrization "
-            f"({type(module.parametrizations[name][0]).__name__}); "  # type: ignore[index]
+            f"({type(_plist(module, name)[0]).__name__}); "
             "weight norm goes on a plain parameter"
         )
     w = getattr(module, name, None)

@@ -160,7 +160,7 @@ class _ScaledStdConvMixin(_StdConvMixin):
         return f"{super().extra_repr()}, gamma={self.gamma}"
 
 
-_STD_DOC = r"""``Conv{d}d`` with Weight Standardization: the kernel standardized per output channel at each call.
+_STD_DOC = r"""``Conv{d}d`` with Weight Standardization: the kernel standardized per output channel per call.
 
     .. math::
         \hat W_o = \frac{{W_o - \mathrm{{E}}[W_o]}}{{\sqrt{{\mathrm{{Var}}[W_o] + \epsilon}}}}

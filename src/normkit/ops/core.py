@@ -46,9 +46,11 @@ of later backends); :mod:`normkit.ops.library` registers them as ``torch.library
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+import torch.utils._python_dispatch  # the attribute below is a submodule: import it explicitly
 from torch import Tensor
 
 __all__ = [
@@ -162,7 +164,9 @@ def _reduce(t: Tensor, dims: tuple[int, ...], op: str) -> Tensor:
     return getattr(getattr(t, op)(outer, keepdim=True), op)(inner, keepdim=True)
 
 
-def _scale_shift(x: Tensor, dims: tuple[int, ...], mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _scale_shift(
+    x: Tensor, dims: tuple[int, ...], mask: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Per-set ``(shift, inv)``: the mid-range shift and the power-of-two inverse scale ``2^-e``."""
     if mask is None:
         hi = _reduce(x, dims, "amax").to(dtype)
@@ -368,7 +372,8 @@ def moments(x: Tensor, dims: Sequence[int], mask: Tensor | None = None) -> Momen
         tensor([2., 1.])
     """
     dims = tuple(int(d) % x.dim() for d in dims)
-    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+    # torch.jit.is_tracing is public API that torch.jit.__all__ leaves out:
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():  # pyright: ignore[reportPrivateImportUsage]
         _, mean, var, count = composite_norm(x, None, None, mask, dims, 0.0)  # standard ops for exporters
         return Moments(count, mean, var)
     _, stats = norm_forward(x, None, None, mask, dims, 0.0)
@@ -435,7 +440,7 @@ def norm_backward(
     s_dyd = _reduce(prod, fine, "sum") if fine else prod
     cm = cmean if mask is None else None  # the centring still to fold into the sums
     s_dyxh = (s_dyd if cm is None else s_dyd - cm * s_dy) * rstd  # sum dy * x_hat, at the fine shape
-    dweight = _sum_to(s_dyxh, weight) if need_w else None
+    dweight = _sum_to(s_dyxh, weight) if need_w and weight is not None else None
     if not need_x:
         return None, dweight, dbias
     if mask is None and all(x.shape[i] == 1 for i in dims):
@@ -471,7 +476,13 @@ def norm_backward(
 
 
 def _differentiable_stats(
-    x: Tensor, mask: Tensor | None, dims: tuple[int, ...], eps: float, shift: Tensor, inv: Tensor, count: Tensor
+    x: Tensor,
+    mask: Tensor | None,
+    dims: tuple[int, ...],
+    eps: float,
+    shift: Tensor,
+    inv: Tensor,
+    count: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """``(x_hat, true_rstd)`` from plain differentiable ops (double backward, jvp reference)."""
     dtype = inv.dtype

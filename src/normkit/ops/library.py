@@ -25,20 +25,22 @@ The statistics output is non-differentiable: running statistics never carry grad
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import core
 from .. import kernels
+from . import core
 
 __all__ = ["exporting", "norm", "norm_stats", "proxy_act"]
 
 
 def exporting() -> bool:
     """True while ``torch.export`` / ``torch.onnx.export`` / ``torch.jit.trace`` records the model."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+    # torch.jit.is_tracing is public API that torch.jit.__all__ leaves out:
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()  # pyright: ignore[reportPrivateImportUsage]
 
 
 def _is_dense(x: Tensor) -> bool:
@@ -77,9 +79,9 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
 @torch.library.custom_op("normkit::norm", mutates_args=())
 def _norm_op(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    mask: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
     dims: Sequence[int],
     eps: float,
 ) -> tuple[Tensor, Tensor]:
@@ -96,9 +98,9 @@ def _norm_fake(x, weight, bias, mask, dims, eps):  # type: ignore[no-untyped-def
 def _norm_backward_op(
     dy: Tensor,
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    mask: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
     stats: Tensor,
     dims: Sequence[int],
     needs: Sequence[bool],
@@ -123,7 +125,13 @@ def _norm_backward_fake(dy, x, weight, bias, mask, stats, dims, needs):  # type:
 
 
 def _backward(
-    ctx: Any, dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, stats: Tensor
+    ctx: Any,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stats: Tensor,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     needs = list(ctx.needs_input_grad[:3])
     dims, eps = ctx.dims, ctx.eps
@@ -161,7 +169,12 @@ class _NormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: tuple[int, ...], eps: float
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mask: Tensor | None,
+        dims: tuple[int, ...],
+        eps: float,
     ) -> tuple[Tensor, Tensor]:
         return kernels.norm_forward(x, weight, bias, mask, dims, eps)
 
@@ -181,7 +194,9 @@ class _NormFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
     @staticmethod
-    def jvp(ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, *_: Any) -> tuple[Tensor, None]:  # type: ignore[override]
+    def jvp(  # type: ignore[override]
+        ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, *_: Any
+    ) -> tuple[Tensor, None]:
         x, weight, _bias, mask, stats = ctx.saved_tensors
         return core.norm_jvp(tx, tw, tb, x, weight, mask, stats, ctx.dims), None
 
@@ -212,7 +227,8 @@ class _NormFunctionEager(torch.autograd.Function):
         ctx.dims, ctx.eps = dims, eps
         return y, stats
 
-    backward = _NormFunction.backward
+    # autograd.Function types backward as (ctx, *grad_outputs); this one names its two gradients
+    backward = _NormFunction.backward  # pyright: ignore[reportAssignmentType]
     jvp = _NormFunction.jvp
 
 

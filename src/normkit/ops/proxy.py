@@ -102,19 +102,47 @@ def _vec(p: Tensor, dtype: torch.dtype) -> Tensor:
     return p.detach().to(dtype).contiguous()
 
 
-def _forward(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float) -> Tensor:
+def _triton(y: Tensor) -> Any:
+    """:mod:`normkit.kernels.triton` where this call on ``y`` runs on it (CUDA, or its interpreter), else ``None``."""
+    from ..kernels import triton_ready
+
+    if not triton_ready(y):
+        return None
+    from ..kernels import triton
+
+    return triton
+
+
+def _forward(
+    y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float
+) -> Tensor:
+    tri = _triton(y)
+    if tri is not None:
+        out = tri.proxy_act_forward(y, weight, bias, m, rstd, act, slope)
+        if out is not None:
+            return out
     layout = _fused_layout(y) if act in _FUSED_ACTS else None
     if layout is not None:  # one fused pass (normkit.kernels)
-        from ..kernels import _build
-        from ..kernels import DTYPE_CODE
+        from ..kernels import DTYPE_CODE, _build
 
         dtype = m.dtype
         w, b, mm, r = _vec(weight, dtype), _vec(bias, dtype), _vec(m, dtype), _vec(rstd, dtype)
         out = torch.empty_like(y)
         N, C, S = _shape3(y)
         _build.lib().normkit_act_forward(
-            DTYPE_CODE[y.dtype], y.data_ptr(), w.data_ptr(), b.data_ptr(), mm.data_ptr(), r.data_ptr(), out.data_ptr(),
-            _ACT_CODE[act], float(slope), N, C, S, layout,
+            DTYPE_CODE[y.dtype],
+            y.data_ptr(),
+            w.data_ptr(),
+            b.data_ptr(),
+            mm.data_ptr(),
+            r.data_ptr(),
+            out.data_ptr(),
+            _ACT_CODE[act],
+            float(slope),
+            N,
+            C,
+            S,
+            layout,
         )
         return out
     nd = y.dim()
@@ -129,9 +157,25 @@ def _forward(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, a
 
 
 def _backward(
-    dout: Tensor, y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float,
+    dout: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    m: Tensor,
+    rstd: Tensor,
+    act: str,
+    slope: float,
     needs: list[bool],
 ) -> tuple[Tensor | None, ...]:
+    tri = (
+        _triton(y)
+        if not torch.is_grad_enabled() and type(dout) is Tensor and torch._C._has_storage(dout)
+        else None
+    )
+    if tri is not None:  # create_graph=True takes the ATen formula below
+        got = tri.proxy_act_backward(dout, y, weight, bias, m, rstd, act, slope, needs)
+        if got is not None:
+            return got
     layout = (
         _fused_layout(y)
         if act in _FUSED_ACTS
@@ -143,8 +187,7 @@ def _backward(
         else None
     )
     if layout is not None:  # one fused pass (normkit.kernels); create_graph=True takes the ATen formula below
-        from ..kernels import _build
-        from ..kernels import DTYPE_CODE
+        from ..kernels import DTYPE_CODE, _build
 
         dtype = m.dtype
         w, b, mm, r = _vec(weight, dtype), _vec(bias, dtype), _vec(m, dtype), _vec(rstd, dtype)
@@ -152,8 +195,21 @@ def _backward(
         dy_t = torch.empty_like(y) if needs[0] else None
         sums = torch.empty(4, C, dtype=torch.float64)
         _build.lib().normkit_act_backward(
-            DTYPE_CODE[y.dtype], dout.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), mm.data_ptr(), r.data_ptr(),
-            None if dy_t is None else dy_t.data_ptr(), sums.data_ptr(), _ACT_CODE[act], float(slope), N, C, S, layout,
+            DTYPE_CODE[y.dtype],
+            dout.data_ptr(),
+            y.data_ptr(),
+            w.data_ptr(),
+            b.data_ptr(),
+            mm.data_ptr(),
+            r.data_ptr(),
+            None if dy_t is None else dy_t.data_ptr(),
+            sums.data_ptr(),
+            _ACT_CODE[act],
+            float(slope),
+            N,
+            C,
+            S,
+            layout,
         )
         # separate tensors (the registered backward op may not return aliases of one another)
         return (
@@ -180,7 +236,9 @@ def _backward(
 
 
 @torch.library.custom_op("normkit::proxy_norm_act", mutates_args=())
-def _pn_op(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float) -> Tensor:
+def _pn_op(
+    y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float
+) -> Tensor:
     return _forward(y, weight, bias, m, rstd, act, slope)
 
 
@@ -191,7 +249,14 @@ def _pn_fake(y, weight, bias, m, rstd, act, slope):  # type: ignore[no-untyped-d
 
 @torch.library.custom_op("normkit::proxy_norm_act_backward", mutates_args=())
 def _pn_backward_op(
-    dout: Tensor, y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float,
+    dout: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    m: Tensor,
+    rstd: Tensor,
+    act: str,
+    slope: float,
     needs: list[bool],
 ) -> list[Tensor]:
     grads = _backward(dout, y, weight, bias, m, rstd, act, slope, needs)
@@ -210,7 +275,9 @@ def _grads(ctx: Any, dout: Tensor) -> tuple[Any, ...]:
     needs = list(ctx.needs_input_grad[:5])
     dout = dout if dout.stride() == y.stride() else torch.empty_like(y, dtype=dout.dtype).copy_(dout)
     if torch.compiler.is_compiling() and not torch.is_grad_enabled():
-        out = torch.ops.normkit.proxy_norm_act_backward(dout, y, weight, bias, m, rstd, ctx.act, ctx.slope, needs)
+        out = torch.ops.normkit.proxy_norm_act_backward(
+            dout, y, weight, bias, m, rstd, ctx.act, ctx.slope, needs
+        )
         grads: tuple[Any, ...] = tuple(g if n else None for g, n in zip(out, needs))
     else:
         # Eager, torch.func, and create_graph=True: the same formula in differentiable ATen ops.
@@ -233,7 +300,9 @@ class _ProxyActFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float
+    ) -> Tensor:
         return _forward(y, weight, bias, m, rstd, act, slope)
 
     @staticmethod
@@ -273,13 +342,15 @@ def proxy_act_composite(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd
     """The plain composite (any elementwise callable ``act``; also what exporters record)."""
     nd = y.dim()
     dtype = m.dtype
-    out = (act(_cview(weight.to(dtype), nd) * y.to(dtype) + _cview(bias.to(dtype), nd)) - _cview(m, nd)) * _cview(
-        rstd, nd
-    )
+    out = (
+        act(_cview(weight.to(dtype), nd) * y.to(dtype) + _cview(bias.to(dtype), nd)) - _cview(m, nd)
+    ) * _cview(rstd, nd)
     return out.to(y.dtype)
 
 
-def proxy_act(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float = 0.01) -> Tensor:
+def proxy_act(
+    y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float = 0.01
+) -> Tensor:
     """``(act(weight * y + bias) - m) * rstd`` per channel for a named activation, on the registered op."""
     if act not in ACT_NAMES:
         raise NormError(f"proxy_act: unknown activation {act!r}; expected one of {', '.join(ACT_NAMES)}")

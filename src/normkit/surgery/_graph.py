@@ -19,7 +19,8 @@ __all__ = ["NormTracer", "call_counts", "module_paths", "probe_input", "replace_
 
 
 class NormTracer(torch.fx.Tracer):
-    """fx's tracer, with every norm layer (any library) and activation module kept as one ``call_module`` node."""
+    """fx's tracer, with every norm layer (any library) and activation module kept as one ``call_module``
+    node."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, ProxyNormAct) or is_activation_module(m) or describe_norm(m) is not None:
@@ -36,7 +37,7 @@ def trace_or_reason(model: nn.Module) -> tuple[torch.fx.Graph | None, str]:
     """``(graph, "")``, or ``(None, why)`` when torch.fx cannot trace the model."""
     try:
         return trace(model), ""
-    except Exception as exc:  # noqa: BLE001 - fx raises many kinds on data-dependent control flow
+    except Exception as exc:  # fx raises many kinds of exception on data-dependent control flow
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
@@ -70,7 +71,8 @@ _VIEW_METHODS = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "__getite
 
 
 def is_singleton_view(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """A view that only adds or removes trailing size-1 dims of an ``(N, C, 1, ...)`` value (shapes from ShapeProp)."""
+    """A view that only adds or removes trailing size-1 dims of an ``(N, C, 1, ...)`` value (shapes from
+    ShapeProp)."""
     is_view = (
         (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
         or (node.op == "call_method" and node.target in _VIEW_METHODS)

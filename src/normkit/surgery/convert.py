@@ -1,4 +1,5 @@
-"""Swap the norm layers of any model for a registry spec ("gn", "ln+pn", "frozen_bn", ...), keeping what keeps its meaning."""
+"""Swap the norm layers of any model for a registry spec ("gn", "ln+pn", "frozen_bn", ...), keeping what
+keeps its meaning."""
 
 from __future__ import annotations
 
@@ -46,7 +47,14 @@ _FROZEN = {1: fam.FrozenBatchNorm1d, 2: fam.FrozenBatchNorm2d, 3: fam.FrozenBatc
 _RENORM = {1: fam.BatchRenorm1d, 2: fam.BatchRenorm2d, 3: fam.BatchRenorm3d}
 _GHOST = {1: fam.GhostBatchNorm1d, 2: fam.GhostBatchNorm2d, 3: fam.GhostBatchNorm3d}
 _IN = {1: InstanceNorm1d, 2: InstanceNorm2d, 3: InstanceNorm3d}
-_CONV_RANK = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+_CONV_RANK = {
+    nn.Conv1d: 1,
+    nn.Conv2d: 2,
+    nn.Conv3d: 3,
+    nn.ConvTranspose1d: 1,
+    nn.ConvTranspose2d: 2,
+    nn.ConvTranspose3d: 3,
+}
 
 
 class ConvertedLayer(NamedTuple):
@@ -89,12 +97,18 @@ class ConversionReport:
     def table(self) -> str:
         """The report as a plain-text table (what ``str(report)`` gives)."""
         head = ("layer", "was", "now", "kept", "activation")
-        rows = [(c.name or "<root>", c.source, c.target, ", ".join(c.kept) or "-", c.activation or "-")
-                for c in self.converted]
+        rows = [
+            (c.name or "<root>", c.source, c.target, ", ".join(c.kept) or "-", c.activation or "-")
+            for c in self.converted
+        ]
         widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(head)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [(f"convert_norms to {self.to!r}: {len(self.converted)} converted, {len(self.skipped)} skipped, "
-                  f"{len(self.fused)} norm+activation pairs fused ({self.method})")]
+        lines = [
+            (
+                f"convert_norms to {self.to!r}: {len(self.converted)} converted, {len(self.skipped)} "
+                f"skipped, {len(self.fused)} norm+activation pairs fused ({self.method})"
+            )
+        ]
         lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*r).rstrip() for r in rows]
         dropped: dict[str, list[str]] = {}
@@ -139,7 +153,9 @@ class _Spec(NamedTuple):
 
 def _parse(to: Any) -> _Spec:
     if not isinstance(to, str):
-        raise TypeError(f"convert_norms: to must be a norm spec string such as 'gn' or 'ln+pn', got {type(to).__name__}")
+        raise TypeError(
+            f"convert_norms: to must be a norm spec string such as 'gn' or 'ln+pn', got {type(to).__name__}"
+        )
     text = to.strip().lower()
     match = _SPEC.match(text)
     key = match["base"] + match["suffix"] if match else None
@@ -154,7 +170,8 @@ def _parse(to: Any) -> _Spec:
 
 
 def _plain_base(spec: _Spec, num_channels: int) -> _Spec:
-    """The plain norm of a norm+activation spec: ``ln+pn -> ln``, ``gn:4+pn -> gn:4``, ``gn+pn -> gn`` (4 groups)."""
+    """The plain norm of a norm+activation spec:
+    ``ln+pn -> ln``, ``gn:4+pn -> gn:4``, ``gn+pn -> gn`` (4 groups)."""
     base = spec.base.split("+")[0]
     arg = spec.arg
     if spec.base == "gn+pn" and arg is None:
@@ -172,7 +189,9 @@ class _Place(NamedTuple):
     after_linear: bool
 
 
-def _build(spec: _Spec, info: NormInfo, place: _Place, act: Any, transfer: bool, factory: dict[str, Any]) -> tuple[nn.Module, list[str]]:
+def _build(
+    spec: _Spec, info: NormInfo, place: _Place, act: Any, transfer: bool, factory: dict[str, Any]
+) -> tuple[nn.Module, list[str]]:
     """The new layer (with ``act`` inside or after it when not None) and notes on how it was chosen."""
     c, notes = info.num_channels, []
     base, arg = spec.base, spec.arg
@@ -190,7 +209,9 @@ def _build(spec: _Spec, info: NormInfo, place: _Place, act: Any, transfer: bool,
     eps = {"eps": info.eps} if keep else {}
     same_family = info.kind in BN_KINDS
     mom = {"momentum": info.momentum} if keep and same_family and info.momentum is not None else {}
-    unbiased = {"unbiased_running_var": info.extra.get("unbiased_running_var", True)} if keep and same_family else {}
+    unbiased = (
+        {"unbiased_running_var": info.extra.get("unbiased_running_var", True)} if keep and same_family else {}
+    )
     layer: nn.Module
     if spec.with_act and base not in ("ln+pn", "gn+pn"):  # a norm+activation the user registered
         return create_norm_layer(spec.text, c, activation=act, **factory), notes
@@ -198,10 +219,18 @@ def _build(spec: _Spec, info: NormInfo, place: _Place, act: Any, transfer: bool,
         groups = 1 if base == "ln+pn" else (arg if arg is not None else default_groups(c, 4))
         pn_kw: dict[str, Any] = {}
         if keep and info.kind == "pn":
-            pn_kw = {"eps": info.eps, "proxy_eps": info.extra["proxy_eps"], "num_points": info.extra["num_points"]}
+            pn_kw = {
+                "eps": info.eps,
+                "proxy_eps": info.extra["proxy_eps"],
+                "num_points": info.extra["num_points"],
+            }
         return GroupNormProxyAct2d(c, num_groups=groups, activation=act, **pn_kw, **factory), notes
     if base in ("bn", "bn1d", "bn2d", "bn3d"):
-        track = {"track_running_stats": info.extra.get("track_running_stats", info.has_running_stats)} if keep and same_family else {}
+        track = (
+            {"track_running_stats": info.extra.get("track_running_stats", info.has_running_stats)}
+            if keep and same_family
+            else {}
+        )
         kw = {**eps, **mom, **track, **unbiased, **factory}
         if act is not None and rank == 2:
             return BatchNormAct2d(c, activation=act, **kw), notes
@@ -216,12 +245,20 @@ def _build(spec: _Spec, info: NormInfo, place: _Place, act: Any, transfer: bool,
     elif base == "brn":
         layer = _RENORM[rank](c, **eps, **mom, **unbiased, **factory)
     elif base == "gbn":
-        layer = _GHOST[rank](c, ghost_batch_size=arg if arg is not None else 32, **eps, **mom, **unbiased, **factory)
+        layer = _GHOST[rank](
+            c, ghost_batch_size=arg if arg is not None else 32, **eps, **mom, **unbiased, **factory
+        )
     elif base in ("in", "in1d", "in3d"):
         if place.after_linear:
-            raise NormError("it normalizes the (N, C) output of a Linear layer: instance norm would see one value per channel")
-        track = {"track_running_stats": True, "momentum": info.momentum} \
-            if keep and info.kind == "in" and info.has_running_stats else {}
+            raise NormError(
+                "it normalizes the (N, C) output of a Linear layer: "
+                "instance norm would see one value per channel"
+            )
+        track = (
+            {"track_running_stats": True, "momentum": info.momentum}
+            if keep and info.kind == "in" and info.has_running_stats
+            else {}
+        )
         layer = _IN[rank](c, affine=True, **eps, **track, **factory)
     elif base == "gn":
         groups = arg if arg is not None else default_groups(c)
@@ -300,7 +337,9 @@ def _transfer(src: nn.Module, info: NormInfo, new: nn.Module, transfer: bool) ->
                 getattr(tgt, key).copy_(getattr(info, key).detach())
                 kept.append(key)
         elif tgt_stats:
-            dropped.append(f"running statistics (a {info.kind} layer's do not mean what a {tgt_kind} layer's do)")
+            dropped.append(
+                f"running statistics (a {info.kind} layer's do not mean what a {tgt_kind} layer's do)"
+            )
         else:
             dropped.append(f"running statistics ({type(tgt).__name__} has none)")
     if transfer and tgt_kind is not None and hasattr(tgt, "eps") and info.kind != "pn" and tgt_kind != "pn":
@@ -332,13 +371,18 @@ def _pair_in_graph(
         return f"its output feeds {len(users)} nodes, so the pre-activation value is needed elsewhere"
     user = users[0]
     extra = user.args[1:]
-    if not user.args or user.args[0] is not node or any(isinstance(a, torch.fx.Node) for a in extra) or any(
-        isinstance(v, torch.fx.Node) for v in user.kwargs.values()
+    if (
+        not user.args
+        or user.args[0] is not node
+        or any(isinstance(a, torch.fx.Node) for a in extra)
+        or any(isinstance(v, torch.fx.Node) for v in user.kwargs.values())
     ):
         return f"it is followed by {_what(user)} that takes more than its output"
     if user.op == "call_module" and is_activation_module(modules.get(str(user.target))):
         mod = modules[str(user.target)]
-        return _Pair(elementwise_activation(mod), f"{activation_name(mod)} ({user.target})", str(user.target), user)
+        return _Pair(
+            elementwise_activation(mod), f"{activation_name(mod)} ({user.target})", str(user.target), user
+        )
     if user.op == "call_function" and user.target in ACT_FUNCTIONS:
         act = elementwise_activation(user.target, tuple(extra), dict(user.kwargs))
         return _Pair(act, f"{activation_name(act)} (function)", None, user)
@@ -370,21 +414,31 @@ def _pair_in_sequential(path: str, model: nn.Module, paths: dict[int, list[str]]
     if not is_activation_module(nxt):
         return f"it is followed by {type(nxt).__name__} in its nn.Sequential"
     if len(paths[id(nxt)]) > 1:
-        return f"its activation {nxt_path} is shared with other places (torch.fx could not trace the model: {why})"
+        return (
+            f"its activation {nxt_path} is shared with other places "
+            f"(torch.fx could not trace the model: {why})"
+        )
     return _Pair(elementwise_activation(nxt), f"{activation_name(nxt)} ({nxt_path})", nxt_path, None)
 
 
 def _place(path: str, info: NormInfo, graph: torch.fx.Graph | None, modules: dict[str, nn.Module]) -> _Place:
-    """The input rank (from the class, else from the conv before it in the graph) and whether a Linear feeds it."""
+    """The input rank (from the class, else from the conv before it in the graph) and whether a Linear feeds
+    it."""
     rank, after_linear = info.rank, False
     if graph is not None:
         node = next((n for n in graph.nodes if n.op == "call_module" and str(n.target) == path), None)
         src = node.args[0] if node is not None and node.args else None
-        while isinstance(src, torch.fx.Node) and src.op == "call_module" and isinstance(
-            modules.get(str(src.target)), (nn.Dropout, nn.Identity)
+        while (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and isinstance(modules.get(str(src.target)), (nn.Dropout, nn.Identity))
         ):
             src = src.args[0]
-        prev = modules.get(str(src.target)) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
+        prev = (
+            modules.get(str(src.target))
+            if isinstance(src, torch.fx.Node) and src.op == "call_module"
+            else None
+        )
         if prev is not None:
             for cls, r in _CONV_RANK.items():
                 if isinstance(prev, cls):
@@ -504,7 +558,9 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
         else:
             candidates[name] = info
 
-    graph, why = trace_or_reason(new) if candidates and new is not None and "" not in candidates else (None, "")
+    graph, why = (
+        trace_or_reason(new) if candidates and new is not None and "" not in candidates else (None, "")
+    )
     if graph is None and why:
         report.method = f"nn.Sequential adjacency (torch.fx could not trace the model: {why})"
     modules = dict(new.named_modules())
@@ -517,7 +573,8 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
             if info.activation is not None:
                 continue  # a norm+activation layer: its own activation goes in
             found = (
-                _pair_in_graph(name, graph, modules, counts) if graph is not None
+                _pair_in_graph(name, graph, modules, counts)
+                if graph is not None
                 else _pair_in_sequential(name, new, paths, why)
             )
             if isinstance(found, str):
@@ -539,8 +596,9 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
         else:
             layer_spec, act = spec, (pn_activation(info) if info.activation is not None else None)
         try:
-            built, notes = _build(layer_spec, info, _place(name, info, graph, modules), act, transfer,
-                                  _factory(info, fallback))
+            built, notes = _build(
+                layer_spec, info, _place(name, info, graph, modules), act, transfer, _factory(info, fallback)
+            )
         except NormError as exc:
             raise NormError(
                 f"{op}: cannot convert '{label}' ({type(src).__name__}, {info.num_channels} channels) to "
@@ -560,8 +618,14 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
         if spec.with_act and act_label:
             report.fused.append((label, act_label))
         report.converted.append(
-            ConvertedLayer(label, f"{type(src).__name__} ({info.describe()})", _short(built), tuple(kept),
-                           tuple(dropped + notes), act_label)
+            ConvertedLayer(
+                label,
+                f"{type(src).__name__} ({info.describe()})",
+                _short(built),
+                tuple(kept),
+                tuple(dropped + notes),
+                act_label,
+            )
         )
         results[name] = built
 
@@ -588,7 +652,9 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
         else:
             assert graph is not None and pair.node is not None
             drop_nodes.append(pair.node)
-            reasons.append(f"{name}'s {pair.label}" + (" is also used elsewhere" if mp is not None else " is a function"))
+            reasons.append(
+                f"{name}'s {pair.label}" + (" is also used elsewhere" if mp is not None else " is a function")
+            )
     if drop_nodes:
         assert graph is not None
         for node in drop_nodes:

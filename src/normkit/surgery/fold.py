@@ -26,7 +26,8 @@ TF = torch.nn.functional
 
 
 class FoldedProxyAct(nn.Module):
-    """What is left of a Proxy Norm layer once its scale (and shift) live in the next layer: ``act(weight*y + bias) - shift``.
+    """What is left of a Proxy Norm layer once its scale (and shift) live in the next layer:
+    ``act(weight*y + bias) - shift``.
 
     With ``num_groups`` set, a GroupNorm without affine runs first (the GN/LN + PN block).
     ``shift`` is the proxy mean ``m_c`` when the next layer could take the scale but not the shift
@@ -37,7 +38,8 @@ class FoldedProxyAct(nn.Module):
         >>> layer = FoldedProxyAct(torch.ones(3), torch.zeros(3), "relu")
         >>> layer(torch.tensor([[-1.0, 0.5, 2.0]])).tolist()
         [[0.0, 0.5, 2.0]]
-        >>> FoldedProxyAct(torch.ones(3), torch.zeros(3), "relu", shift=torch.ones(3))(torch.tensor([[-1.0, 0.5, 2.0]])).tolist()
+        >>> shifted = FoldedProxyAct(torch.ones(3), torch.zeros(3), "relu", shift=torch.ones(3))
+        >>> shifted(torch.tensor([[-1.0, 0.5, 2.0]])).tolist()
         [[-1.0, -0.5, 1.0]]
     """
 
@@ -69,10 +71,13 @@ class FoldedProxyAct(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        act = self.activation if isinstance(self.activation, str) else getattr(self.activation, "__name__", type(self.activation).__name__)
-        return (
-            f"{self.weight.numel()}, activation={act}, num_groups={self.num_groups}"
-            + (", shift kept" if self.shift is not None else "")
+        act = (
+            self.activation
+            if isinstance(self.activation, str)
+            else getattr(self.activation, "__name__", type(self.activation).__name__)
+        )
+        return f"{self.weight.numel()}, activation={act}, num_groups={self.num_groups}" + (
+            ", shift kept" if self.shift is not None else ""
         )
 
 
@@ -84,14 +89,32 @@ def _pads(conv: Any) -> bool:
 
 
 _POOLS_AFFINE = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Identity, nn.Dropout, nn.Dropout1d,
-    nn.Dropout2d, nn.Dropout3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
 )
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _FN_AFFINE = {
-    TF.max_pool1d, TF.max_pool2d, TF.max_pool3d, TF.adaptive_max_pool1d, TF.adaptive_max_pool2d,
-    TF.adaptive_max_pool3d, TF.adaptive_avg_pool1d, TF.adaptive_avg_pool2d, TF.adaptive_avg_pool3d,
+    TF.max_pool1d,
+    TF.max_pool2d,
+    TF.max_pool3d,
+    TF.adaptive_max_pool1d,
+    TF.adaptive_max_pool2d,
+    TF.adaptive_max_pool3d,
+    TF.adaptive_avg_pool1d,
+    TF.adaptive_avg_pool2d,
+    TF.adaptive_avg_pool3d,
 }
 
 
@@ -120,7 +143,9 @@ def _commutes(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
             return "scale" if any(p > 0 for p in pad) and m.count_include_pad else "affine"  # type: ignore[union-attr]
     if node.op == "call_function" and node.target in _FN_AFFINE:
         return "affine"
-    if (node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean):
+    if (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target is torch.mean
+    ):
         return "affine" if _mean_dims_ok(node) else None
     if is_singleton_view(node, modules):
         return "affine"
@@ -133,7 +158,8 @@ class _Plan(NamedTuple):
 
 
 def _plan(pn_node: torch.fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]) -> _Plan | str:
-    """Where this PN layer's scale and shift can go (every path from it must end in a conv / linear), or why not."""
+    """Where this PN layer's scale and shift can go (every path from it must end in a conv / linear), or why
+    not."""
     if calls[str(pn_node.target)] > 1:
         return "the layer is called more than once in the model"
     channels = modules[str(pn_node.target)].num_features  # type: ignore[union-attr]
@@ -146,7 +172,8 @@ def _plan(pn_node: torch.fx.Node, modules: dict[str, nn.Module], calls: dict[str
             return "its output is not used by a conv/linear layer"
         for user in value.users:
             only_input = (
-                len(user.args) >= 1 and user.args[0] is value
+                len(user.args) >= 1
+                and user.args[0] is value
                 and not any(isinstance(a, torch.fx.Node) for a in user.args[1:])
                 and not any(isinstance(v, torch.fx.Node) for v in user.kwargs.values())
             )
@@ -164,13 +191,18 @@ def _plan(pn_node: torch.fx.Node, modules: dict[str, nn.Module], calls: dict[str
                     return "a Linear layer after a feature map acts on the last dim, not on the channels"
                 if shape is None or len(shape) < 2 or shape[1] != channels:
                     return f"the value reaching {user.target} does not keep the {channels} channels in dim 1"
-                if isinstance(nxt, _CONVS_T) or (isinstance(nxt, _CONVS) and _pads(nxt) and nxt.padding_mode == "zeros"):
+                if isinstance(nxt, _CONVS_T) or (
+                    isinstance(nxt, _CONVS) and _pads(nxt) and nxt.padding_mode == "zeros"
+                ):
                     shift = False  # padded zeros (or a transposed conv's uneven overlap) must not move
                 terminals.append(str(user.target))
                 continue
             how = _commutes(user, modules) if only_input else None
             if how is None:
-                return f"its output reaches {_what(user, modules)}, which is not a conv/linear layer (nor a pooling or view it passes through)"
+                return (
+                    f"its output reaches {_what(user, modules)}, which is not a conv/linear layer "
+                    "(nor a pooling or view it passes through)"
+                )
             shift = shift and how == "affine"
             frontier.append(user)
     return _Plan(sorted(set(terminals)), shift)
@@ -186,7 +218,8 @@ def _what(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
 
 @torch.no_grad()
 def _fold_into(m: Tensor, rstd: Tensor, nxt: Any, shift: bool) -> None:
-    """``nxt(rstd * (v - m))`` as ``nxt'(v)`` (``shift``) or ``nxt'(v - m)`` (scale only), in place on ``nxt``."""
+    """``nxt(rstd * (v - m))`` as ``nxt'(v)`` (``shift``) or ``nxt'(v - m)`` (scale only), in place on
+    ``nxt``."""
     w = nxt.weight
     if isinstance(nxt, _CONVS_T):  # weight (C_in, C_out / groups, *k): the input channel is dim 0
         w.mul_(rstd.to(w.dtype).view(-1, *([1] * (w.dim() - 1))))
@@ -272,7 +305,11 @@ def fold_proxy_norm(
     for n in graph.nodes:
         if n.op == "call_module":
             calls[str(n.target)] = calls.get(str(n.target), 0) + 1
-    pn_nodes = [n for n in graph.nodes if n.op == "call_module" and isinstance(modules.get(str(n.target)), ProxyNormAct)]
+    pn_nodes = [
+        n
+        for n in graph.nodes
+        if n.op == "call_module" and isinstance(modules.get(str(n.target)), ProxyNormAct)
+    ]
     refused: list[str] = []
     plans: list[tuple[str, _Plan]] = []
     for node in pn_nodes:
@@ -296,8 +333,11 @@ def fold_proxy_norm(
         eps = pn.eps if isinstance(pn, GroupNormProxyAct2d) else 1e-3
         parent_name, _, child = name.rpartition(".")
         parent = folded.get_submodule(parent_name) if parent_name else folded
-        setattr(parent, child, FoldedProxyAct(pn.weight, pn.bias, pn.activation, groups, eps,
-                                              shift=None if plan.shift else m))
+        setattr(
+            parent,
+            child,
+            FoldedProxyAct(pn.weight, pn.bias, pn.activation, groups, eps, shift=None if plan.shift else m),
+        )
     if refused:
         msg = "fold_proxy_norm: left these Proxy Norm layers unfolded:\n  " + "\n  ".join(refused)
         if strict:
@@ -307,5 +347,7 @@ def fold_proxy_norm(
         want, got = reference(example_input), folded(example_input)
     if not torch.allclose(want, got, atol=atol, rtol=rtol):
         err = (want - got).abs().max().item()
-        raise RuntimeError(f"fold_proxy_norm: the folded model differs from the original by {err:.3g} (atol={atol})")
+        raise RuntimeError(
+            f"fold_proxy_norm: the folded model differs from the original by {err:.3g} (atol={atol})"
+        )
     return folded

@@ -83,7 +83,9 @@ def fold_bn_weights(
         >>> import torch
         >>> conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4).eval()
         >>> _ = bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
-        >>> w, b = fold_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        >>> w, b = fold_bn_weights(
+        ...     conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        ... )
         >>> x = torch.randn(2, 3, 8, 8)
         >>> torch.allclose(torch.nn.functional.conv2d(x, w, b), bn(conv(x)), atol=1e-5)
         True
@@ -92,19 +94,28 @@ def fold_bn_weights(
         if not isinstance(t, Tensor):
             raise TypeError(f"fold_bn_weights: {label} must be a Tensor, got {type(t).__name__}")
     if weight.dim() < 2:
-        raise NormError(f"fold_bn_weights: weight must have at least 2 dims (out, in, ...), got shape {tuple(weight.shape)}")
+        raise NormError(
+            "fold_bn_weights: weight must have at least 2 dims (out, in, ...), got shape "
+            f"{tuple(weight.shape)}"
+        )
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise NormError(f"fold_bn_weights: groups must be a positive int, got {groups!r}")
     if transpose:
         if weight.shape[0] % groups:
             raise NormError(
-                f"fold_bn_weights: a ConvTranspose weight's dim 0 ({weight.shape[0]}) must be divisible by groups ({groups})"
+                f"fold_bn_weights: a ConvTranspose weight's dim 0 ({weight.shape[0]}) must be divisible by "
+                f"groups ({groups})"
             )
         out_channels = weight.shape[1] * groups
     else:
         out_channels = weight.shape[0]
-    for label, t in (("running_mean", running_mean), ("running_var", running_var), ("gamma", gamma),
-                     ("beta", beta), ("bias", bias)):
+    for label, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("gamma", gamma),
+        ("beta", beta),
+        ("bias", bias),
+    ):
         if t is not None and t.numel() != out_channels:
             raise NormError(
                 f"fold_bn_weights: {label} has {t.numel()} values but the layer has {out_channels} output "
@@ -124,7 +135,9 @@ def fold_bn_weights(
         # weight[i, j] feeds output channel (i // (C_in / groups)) * (C_out / groups) + j.
         c_in, per_group = weight.shape[0], weight.shape[1]
         grp = torch.arange(c_in, device=weight.device) // (c_in // groups)  # (C_in,)
-        idx = grp[:, None] * per_group + torch.arange(per_group, device=weight.device)[None, :]  # (C_in, C_out/g)
+        idx = (  # (C_in, C_out/g)
+            grp[:, None] * per_group + torch.arange(per_group, device=weight.device)[None, :]
+        )
         s = scale[idx].view(c_in, per_group, *([1] * (weight.dim() - 2)))
     else:
         s = scale.view(out_channels, *([1] * (weight.dim() - 1)))
@@ -151,8 +164,12 @@ class FoldReport:
     method: str = "torch.fx"
 
     def __str__(self) -> str:
-        lines = [(f"fold_bn ({self.method}): {len(self.folded)} folded, {len(self.skipped)} left; "
-                  f"max |folded - original| = {self.max_abs_diff:.3g}")]
+        lines = [
+            (
+                f"fold_bn ({self.method}): {len(self.folded)} folded, {len(self.skipped)} left; "
+                f"max |folded - original| = {self.max_abs_diff:.3g}"
+            )
+        ]
         lines += [f"  folded  {f.norm} -> {f.into} (now {f.replaced_by})" for f in self.folded]
         lines += [f"  left    {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
@@ -199,8 +216,13 @@ def _foldable_layer(m: nn.Module | None) -> str | None:
     if not isinstance(m, (*_CONV, *_CONV_T, nn.Linear)):
         return f"{type(m).__name__} is not a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear"
     base = next(b for b in (*_CONV, *_CONV_T, nn.Linear) if isinstance(m, b))
-    if type(m).forward is not base.forward or getattr(type(m), "_conv_forward", None) is not getattr(base, "_conv_forward", None):
-        return f"{type(m).__name__} subclasses {base.__name__} with its own forward (e.g. weight standardization)"
+    if type(m).forward is not base.forward or getattr(type(m), "_conv_forward", None) is not getattr(
+        base, "_conv_forward", None
+    ):
+        return (
+            f"{type(m).__name__} subclasses {base.__name__} with its own forward "
+            "(e.g. weight standardization)"
+        )
     if hasattr(m, "parametrizations") or m._forward_pre_hooks:
         return f"its weight is reparametrized (parametrization or pre-hook on {type(m).__name__})"
     if not isinstance(m.weight, nn.Parameter):
@@ -216,8 +238,9 @@ def _check_bn(name: str, module: nn.Module, info: NormInfo, op: str) -> None:
         )
     if not info.has_running_stats or (info.kind == "bn" and not getattr(module, "track_running_stats", True)):
         raise NormError(
-            f"{op}: '{name}' ({type(module).__name__}) has no running statistics (track_running_stats=False), "
-            "so it normalizes with batch statistics even in eval and cannot be folded into a fixed weight"
+            f"{op}: '{name}' ({type(module).__name__}) has no running statistics "
+            "(track_running_stats=False), so it normalizes with batch statistics even in eval and cannot "
+            "be folded into a fixed weight"
         )
 
 
@@ -244,7 +267,11 @@ def _find_pairs(
         while isinstance(src, torch.fx.Node) and is_singleton_view(src, modules) and len(src.users) == 1:
             src = src.args[0]  # (N, C) -> (N, C, 1, 1): CNN-4's head
         if not isinstance(src, torch.fx.Node) or src.op != "call_module":
-            what = f"{src.op} {getattr(src.target, '__name__', src.target)}" if isinstance(src, torch.fx.Node) else repr(src)
+            what = (
+                f"{src.op} {getattr(src.target, '__name__', src.target)}"
+                if isinstance(src, torch.fx.Node)
+                else repr(src)
+            )
             left.append((name, f"its input comes from {what}, not from a conv/linear layer"))
             continue
         layer_name = str(src.target)
@@ -259,7 +286,10 @@ def _find_pairs(
         if why is None and isinstance(layer, nn.Linear):
             shape = node_shape(src)
             if shape is None or len(shape) != 2:
-                why = f"the Linear '{layer_name}' gives {shape if shape else 'an unknown shape'}: its features are not dim 1"
+                why = (
+                    f"the Linear '{layer_name}' gives {shape if shape else 'an unknown shape'}: "
+                    "its features are not dim 1"
+                )
         if why is None:
             bn = modules[name]
             info = describe_norm(bn)
@@ -273,7 +303,9 @@ def _find_pairs(
     return pairs, left
 
 
-def _sequential_pairs(model: nn.Module, bn_paths: set[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def _sequential_pairs(
+    model: nn.Module, bn_paths: set[str]
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Pairs from ``nn.Sequential`` adjacency, for models torch.fx cannot trace."""
     pairs: list[tuple[str, str]] = []
     for name, m in model.named_modules():
@@ -285,7 +317,9 @@ def _sequential_pairs(model: nn.Module, bn_paths: set[str]) -> tuple[list[tuple[
             if full_b in bn_paths and _foldable_layer(a) is None:
                 pairs.append((full_b, f"{name}.{a_name}" if name else a_name))
     found = {bn for bn, _ in pairs}
-    left = [(p, "not directly after a conv/linear layer in an nn.Sequential") for p in sorted(bn_paths - found)]
+    left = [
+        (p, "not directly after a conv/linear layer in an nn.Sequential") for p in sorted(bn_paths - found)
+    ]
     return pairs, left
 
 
@@ -297,8 +331,15 @@ def _fold_pair(model: nn.Module, bn_path: str, layer_path: str) -> str:
     assert isinstance(info, NormInfo) and info.running_mean is not None and info.running_var is not None
     transpose = isinstance(layer, _CONV_T)
     w, b = fold_bn_weights(
-        layer.weight, layer.bias, info.running_mean, info.running_var, info.eps, info.weight, info.bias,
-        transpose=transpose, groups=getattr(layer, "groups", 1) if transpose else 1,
+        layer.weight,
+        layer.bias,
+        info.running_mean,
+        info.running_var,
+        info.eps,
+        info.weight,
+        info.bias,
+        transpose=transpose,
+        groups=getattr(layer, "groups", 1) if transpose else 1,
     )
     grad = layer.weight.requires_grad
     layer.weight = nn.Parameter(w, requires_grad=grad)
@@ -393,7 +434,8 @@ def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
                 ShapeProp(gm).propagate(*args)
         except Exception as exc:
             raise NormError(
-                f"{op}: the model failed on the {what} ({type(exc).__name__}: {exc}); pass an example_input it accepts"
+                f"{op}: the model failed on the {what} ({type(exc).__name__}: {exc}); "
+                "pass an example_input it accepts"
             ) from exc
         pairs, left = _find_pairs(folded, graph, bn_paths)
     else:
@@ -413,7 +455,8 @@ def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
             want, got = model(*args), folded(*args)
     except Exception as exc:
         raise NormError(
-            f"{op}: the model failed on the {what} ({type(exc).__name__}: {exc}); pass an example_input it accepts"
+            f"{op}: the model failed on the {what} ({type(exc).__name__}: {exc}); "
+            "pass an example_input it accepts"
         ) from exc
     report.max_abs_diff = max_abs_diff(want, got)
     return Folded(folded, report.max_abs_diff, report)

@@ -89,7 +89,8 @@ def freeze_bn(
     update_running_stats: bool = False,
     inplace: bool = True,
 ) -> nn.Module:
-    """Swap every BN layer of ``model`` for a :class:`~normkit.nn.FrozenBatchNorm2d` (1d/3d); returns the model.
+    """Swap every BN layer of ``model`` for a :class:`~normkit.nn.FrozenBatchNorm2d` (1d/3d); returns the
+    model.
 
     Frozen layers normalize with their running statistics and fixed affine, ignore
     ``model.train()``, and their ``weight``/``bias`` become buffers, so no optimizer built

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ from torch import Tensor
 from ...ops import core
 from .._plan import Plan
 
-__all__ = ["available", "backward", "forward", "why_not"]
+__all__ = ["available", "backward", "forward", "proxy_act_backward", "proxy_act_forward", "why_not"]
 
 _state: dict[str, object] = {"checked": False, "error": None}
 
@@ -41,7 +42,7 @@ def why_not() -> str | None:
     if not _state["checked"]:
         try:
             import triton  # noqa: F401
-        except Exception as e:  # noqa: BLE001 (any import failure means: not available)
+        except Exception as e:
             _state["error"] = f"{type(e).__name__}: {e}"
         _state["checked"] = True
     return _state["error"]  # type: ignore[return-value]
@@ -105,16 +106,56 @@ def _acc(x: Tensor) -> tuple[torch.dtype, object]:
     return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def forward(x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]) -> tuple[Tensor, Tensor]:
+# Split reduction: below this many programs a launch leaves most of a GPU idle, so the sets are cut
+# into chunks of positions (tests set ``_FORCE_CHUNK`` to take that path on small CPU shapes).
+_MIN_CHUNK = 4096  # values of a set per program, at least
+_FORCE_CHUNK: int | None = None
+
+
+def _programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _chunking(
+    nsets: int, NC: int, M: int, BC: int, BM: int, device: torch.device
+) -> tuple[int, int, bool, int, int]:
+    """``(nchunks, CH, split_c, BC, BM)``: each set cut into ``nchunks`` runs of ``CH`` positions, or
+    of ``CH`` channels (``split_c``: where a set has more channels than positions), ``CH`` a multiple
+    of the tile along that axis (which shrinks to a forced chunk)."""
+    import triton
+
+    split_c = NC > M
+    along, tile = (NC, BC) if split_c else (M, BM)
+    if _FORCE_CHUNK is not None:
+        tile = min(tile, triton.next_power_of_2(_FORCE_CHUNK))
+        ch = triton.cdiv(_FORCE_CHUNK, tile) * tile
+    else:
+        want = _programs(device)
+        if nsets >= want or NC * M < 2 * _MIN_CHUNK:
+            return 1, along, split_c, BC, BM
+        per = max(1, min(triton.cdiv(want, nsets), (NC * M) // _MIN_CHUNK, 1024))
+        ch = triton.cdiv(triton.cdiv(along, per), tile) * tile
+    return triton.cdiv(along, ch), ch, split_c, (tile if split_c else BC), (BM if split_c else tile)
+
+
+def forward(
+    x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]
+) -> tuple[Tensor, Tensor]:
     """``(y, stats)`` of a contiguous-per-plan ``x``; ``w`` / ``b`` flat in the plan's channel order.
 
     Called by :func:`normkit.kernels.norm_forward`; needs triton (and a GPU or its interpreter).
+    With few sets (BatchNorm's one per channel, GN on a small batch) each set is cut into chunks,
+    one program each: a two-phase reduction (chunk moments, combined per set) then the output.
 
     Example:
         >>> x = torch.randn(2, 4, 3, 3, device="cuda")  # doctest: +SKIP
         >>> p = normkit.kernels.plan(x, (2, 3), None, None)  # doctest: +SKIP
         >>> y, stats = forward(x, None, None, p, 1e-5, [2, 4, 1, 1])  # doctest: +SKIP
     """
+    from triton import next_power_of_2
+
     from . import _kernels
 
     acc, tacc = _acc(x)
@@ -124,9 +165,62 @@ def forward(x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, 
     y = torch.empty_like(x)
     stats = torch.empty((core.STAT_ROWS, *stat_shape), dtype=acc, device=x.device)
     bound = 1022.0 if acc == torch.float64 else 126.0
-    _kernels.norm_fwd_kernel[(nsets,)](
-        x, y, w if w is not None else x, b if b is not None else x, stats, nsets, *walk, float(eps), bound,
-        HAS_W=w is not None, HAS_B=b is not None, ACC=tacc, BC=BC, BM=BM,
+    wt = w if w is not None else x
+    bt = b if b is not None else x
+    nchunks, ch, split_c, BC, BM = _chunking(nsets, NC, M, BC, BM, x.device)
+    if nchunks == 1:
+        _kernels.norm_fwd_kernel[(nsets,)](
+            x,
+            y,
+            wt,
+            bt,
+            stats,
+            x,
+            x,
+            x,
+            nsets,
+            *walk,
+            float(eps),
+            bound,
+            HAS_W=w is not None,
+            HAS_B=b is not None,
+            ACC=tacc,
+            BC=BC,
+            BM=BM,
+        )
+        return y, stats
+    grid = (nsets, nchunks)
+    BJ = next_power_of_2(nchunks)
+    hl = torch.empty((2, nsets, nchunks), dtype=acc, device=x.device)
+    pm = torch.empty((3, nsets, nchunks), dtype=acc, device=x.device)
+    mwalk = walk[:9]  # NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2
+    _kernels.split_minmax_kernel[grid](
+        x, hl, nsets, nchunks, ch, *mwalk, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM
+    )
+    _kernels.split_moments_kernel[grid](
+        x, hl, pm, nsets, nchunks, ch, *mwalk, bound, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM, BJ=BJ
+    )
+    _kernels.split_apply_kernel[grid](
+        x,
+        y,
+        wt,
+        bt,
+        stats,
+        hl,
+        pm,
+        nsets,
+        nchunks,
+        ch,
+        *walk,
+        float(eps),
+        bound,
+        HAS_W=w is not None,
+        HAS_B=b is not None,
+        SPLIT_C=split_c,
+        ACC=tacc,
+        BC=BC,
+        BM=BM,
+        BJ=BJ,
     )
     return y, stats
 
@@ -142,24 +236,443 @@ def backward(
     Example:
         >>> dx, dw, db = backward(torch.randn_like(x), x, None, stats, p, True, False)  # doctest: +SKIP
     """
+    from triton import next_power_of_2
+
     from . import _kernels
 
     acc, tacc = _acc(x)
     nsets, walk = _walk(p)
     NC, M, D1, CK = walk[0], walk[1], walk[6], walk[9]
     BC, BM = _blocks(NC, M)
+    nchunks, ch, split_c, BC, BM = _chunking(nsets, NC, M, BC, BM, x.device)
     dx = torch.empty_like(x) if need_x else None
-    pw = torch.empty((nsets, NC), dtype=acc, device=x.device) if need_p else None
-    pb = torch.empty_like(pw) if pw is not None else None
-    _kernels.norm_bwd_kernel[(nsets,)](
-        dy, x, w if w is not None else x, stats, dx if dx is not None else x,
-        pw if pw is not None else stats, pb if pb is not None else stats, nsets, *walk,
-        HAS_W=w is not None, NEED_DX=need_x, NEED_P=need_p, ACC=tacc, BC=BC, BM=BM,
-    )
+    # (a chunk of channels writes only its own: the rest of its row stays zero)
+    alloc = torch.zeros if nchunks > 1 and split_c else torch.empty
+    pw = alloc((nsets, nchunks, NC), dtype=acc, device=x.device) if need_p else None
+    pb = alloc((nsets, nchunks, NC), dtype=acc, device=x.device) if need_p else None
+    wt = w if w is not None else x
+    if nchunks == 1:
+        _kernels.norm_bwd_kernel[(nsets,)](
+            dy,
+            x,
+            wt,
+            stats,
+            dx if dx is not None else x,
+            pw if pw is not None else stats,
+            pb if pb is not None else stats,
+            x,
+            x,
+            x,
+            x,
+            x,
+            x,
+            nsets,
+            *walk,
+            HAS_W=w is not None,
+            NEED_DX=need_x,
+            NEED_P=need_p,
+            ACC=tacc,
+            BC=BC,
+            BM=BM,
+        )
+    else:
+        grid = (nsets, nchunks)
+        pa = torch.empty((2, nsets, nchunks), dtype=acc, device=x.device)
+        _kernels.split_bwd_sums_kernel[grid](
+            dy,
+            x,
+            wt,
+            stats,
+            pa,
+            pw if pw is not None else stats,
+            pb if pb is not None else stats,
+            nsets,
+            nchunks,
+            ch,
+            *walk,
+            HAS_W=w is not None,
+            NEED_P=need_p,
+            SPLIT_C=split_c,
+            ACC=tacc,
+            BC=BC,
+            BM=BM,
+        )
+        if dx is not None:
+            _kernels.split_bwd_dx_kernel[grid](
+                dy,
+                x,
+                wt,
+                stats,
+                pa,
+                dx,
+                nsets,
+                nchunks,
+                ch,
+                *walk,
+                HAS_W=w is not None,
+                SPLIT_C=split_c,
+                ACC=tacc,
+                BC=BC,
+                BM=BM,
+                BJ=next_power_of_2(nchunks),
+            )
     if pw is None or pb is None:
         return dx, None, None
-    # per set and channel-in-set -> per channel: sets sharing a channel are summed here
-    pw, pb = pw.view(nsets // D1, D1, NC), pb.view(nsets // D1, D1, NC)
+    # per set, chunk and channel-in-set -> per channel: chunks, and sets sharing a channel, are summed
+    pw, pb = pw.view(nsets // D1, D1, nchunks, NC).sum(2), pb.view(nsets // D1, D1, nchunks, NC).sum(2)
     if CK == 0:  # every set holds every channel
         return dx, pw.sum((0, 1)), pb.sum((0, 1))
     return dx, pw.sum(0).reshape(-1), pb.sum(0).reshape(-1)
+
+
+# --- Proxy Norm's activation step -------------------------------------------------------------------
+
+_ACTS = ("relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh", "identity")  # kernel codes
+
+
+def _ce_walk(y: Tensor) -> tuple[int, int, int, int, int, int, int, int] | None:
+    """``(C, E, E2, s_c, s_e1, s_e2, BCC, BE)`` of ``y`` as a (channel, element) matrix, or ``None``
+    when ``y`` is neither contiguous nor channels-last."""
+    from triton import next_power_of_2
+
+    N, C = y.shape[0], y.shape[1]
+    S = y[0, 0].numel() if y.dim() > 2 else 1
+    E = N * S
+    if y.is_contiguous():
+        BE = min(next_power_of_2(max(S, 1)), 1024)
+        return C, E, S, S, C * S, 1, max(1, min(next_power_of_2(C), 2048 // BE)), BE
+    if y.dim() in (4, 5) and y.is_contiguous(
+        memory_format=torch.channels_last if y.dim() == 4 else torch.channels_last_3d
+    ):
+        BCC = min(next_power_of_2(C), 64)
+        return C, E, 1, 1, C, 0, BCC, max(1, min(next_power_of_2(E), 2048 // BCC))
+    return None
+
+
+def _ce_chunks(C: int, E: int, BCC: int, BE: int, device: torch.device) -> tuple[int, int, int]:
+    """``(nchunks, CH, BE)`` along the elements: enough programs to fill the device."""
+    import triton
+
+    if _FORCE_CHUNK is not None:
+        be = min(BE, triton.next_power_of_2(_FORCE_CHUNK))
+        ch = triton.cdiv(_FORCE_CHUNK, be) * be
+        return triton.cdiv(E, ch), ch, be
+    blocks = triton.cdiv(C, BCC)
+    per = max(1, min(triton.cdiv(_programs(device), blocks), (E * BCC) // _MIN_CHUNK, 1024))
+    ch = triton.cdiv(triton.cdiv(E, per), BE) * BE
+    return triton.cdiv(E, ch), ch, BE
+
+
+def proxy_act_forward(
+    y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float
+) -> Tensor | None:
+    """``(act(weight * y + bias) - m) * rstd`` per channel in one pass, or ``None`` where ``y``'s
+    layout or the activation is not covered (the caller then runs its composite).
+
+    Called by ``normkit::proxy_norm_act`` (:mod:`normkit.ops.proxy`) on CUDA tensors; the
+    per-channel vectors are in ``m``'s dtype, the output in ``y``'s.
+
+    Example:
+        >>> out = proxy_act_forward(y, w, b, m, r, "relu", 0.0)  # doctest: +SKIP
+    """
+    walk = _ce_walk(y) if act in _ACTS else None
+    if walk is None:
+        return None
+    from triton import cdiv
+
+    from . import _kernels
+
+    C, E, E2, s_c, s_e1, s_e2, BCC, BE = walk
+    nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, y.device)
+    acc = m.dtype
+    vec = [t.detach().to(acc).contiguous() for t in (weight, bias, m, rstd)]
+    vec.append(torch.full((1,), float(slope), dtype=acc, device=y.device))
+    out = torch.empty_like(y)
+    _kernels.proxy_act_fwd_kernel[(cdiv(C, BCC), nchunks)](
+        y,
+        *vec,
+        out,
+        C,
+        E,
+        E2,
+        s_c,
+        s_e1,
+        s_e2,
+        ch,
+        ACT=_ACTS.index(act),
+        ACC=_acc(m)[1],
+        BCC=BCC,
+        BE=BE,
+    )
+    return out
+
+
+def proxy_act_backward(
+    dout: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    m: Tensor,
+    rstd: Tensor,
+    act: str,
+    slope: float,
+    needs: list[bool],
+) -> tuple[Tensor | None, ...] | None:
+    """``(dy, dweight, dbias, dm, drstd)`` of :func:`proxy_act_forward` (``None`` where not needed),
+    or ``None`` where the layout is not covered; ``dout`` must share ``y``'s strides and dtype.
+
+    Example:
+        >>> dy, dw, db, dm, dr = proxy_act_backward(g, y, w, b, m, r, "relu", 0.0, [True] * 5)  # doctest: +SKIP
+    """
+    walk = _ce_walk(y) if act in _ACTS and dout.stride() == y.stride() and dout.dtype == y.dtype else None
+    if walk is None:
+        return None
+    from triton import cdiv
+
+    from . import _kernels
+
+    C, E, E2, s_c, s_e1, s_e2, BCC, BE = walk
+    nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, y.device)
+    acc = m.dtype
+    vec = [t.detach().to(acc).contiguous() for t in (weight, bias, m, rstd)]
+    vec.append(torch.full((1,), float(slope), dtype=acc, device=y.device))
+    dy = torch.empty_like(y) if needs[0] else None
+    part = torch.empty((4, C, nchunks), dtype=acc, device=y.device)
+    _kernels.proxy_act_bwd_kernel[(cdiv(C, BCC), nchunks)](
+        dout,
+        y,
+        *vec,
+        dy if dy is not None else y,
+        part,
+        C,
+        E,
+        E2,
+        s_c,
+        s_e1,
+        s_e2,
+        ch,
+        nchunks,
+        NEED_DY=dy is not None,
+        ACT=_ACTS.index(act),
+        ACC=_acc(m)[1],
+        BCC=BCC,
+        BE=BE,
+    )
+    sums = part.sum(2)
+    return (
+        dy,
+        sums[0].to(weight.dtype) if needs[1] else None,
+        sums[1].to(bias.dtype) if needs[2] else None,
+        -(sums[2] * rstd.to(acc)) if needs[3] else None,
+        sums[3].clone() if needs[4] else None,
+    )
+
+
+# --- GroupNorm + Proxy Norm's step in one kernel each way ----------------------------------------
+
+
+def gn_proxy_forward(
+    x: Tensor, p: Plan, eps: float, vec: list[Tensor], act: str
+) -> tuple[Tensor, Tensor] | None:
+    """``(out, stats)``: GroupNorm without affine, then ``(act(w * y + b) - m) * rstd`` per channel,
+    in one kernel (the normalized ``y`` is never stored); ``vec`` = ``[w, b, m, rstd, slope]`` in the
+    accumulation dtype. ``None`` where the fused kernel does not apply (a split reduction would be
+    needed, or an activation it lacks): the caller then runs the two ops.
+
+    Example:
+        >>> out, stats = gn_proxy_forward(x, p, 1e-5, [w, b, m, r, slope], "relu")  # doctest: +SKIP
+    """
+    if act not in _ACTS or p.mode not in (2, 3):
+        return None
+    nsets, walk = _walk(p)
+    NC, M = walk[0], walk[1]
+    BC, BM = _blocks(NC, M)
+    if _chunking(nsets, NC, M, BC, BM, x.device)[0] != 1:
+        return None
+    from . import _kernels
+
+    acc, tacc = _acc(x)
+    out = torch.empty_like(x)
+    stats = torch.empty((core.STAT_ROWS, p.N, p.G), dtype=acc, device=x.device)
+    bound = 1022.0 if acc == torch.float64 else 126.0
+    _kernels.norm_fwd_kernel[(nsets,)](
+        x,
+        out,
+        vec[0],
+        vec[1],
+        stats,
+        vec[2],
+        vec[3],
+        vec[4],
+        nsets,
+        *walk,
+        float(eps),
+        bound,
+        HAS_W=True,
+        HAS_B=True,
+        ACC=tacc,
+        BC=BC,
+        BM=BM,
+        PN=True,
+        ACT=_ACTS.index(act),
+    )
+    return out, stats
+
+
+def gn_proxy_backward(
+    dout: Tensor, x: Tensor, stats: Tensor, p: Plan, vec: list[Tensor], act: str, need_x: bool
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias, sum dout, sum dout * (z - m))`` per channel of :func:`gn_proxy_forward`
+    (``dm = -rstd * sum dout``, ``drstd`` the last), recomputing ``y`` from ``x`` and the statistics.
+
+    Example:
+        >>> dx, dw, db, sg, sz = gn_proxy_backward(g, x, stats, p, [w, b, m, r, slope], "relu", True)  # doctest: +SKIP
+    """
+    from . import _kernels
+
+    acc, tacc = _acc(x)
+    nsets, walk = _walk(p)
+    NC, M = walk[0], walk[1]
+    BC, BM = _blocks(NC, M)
+    dx = torch.empty_like(x) if need_x else None
+    part = torch.empty((4, nsets, NC), dtype=acc, device=x.device)
+    _kernels.norm_bwd_kernel[(nsets,)](
+        dout,
+        x,
+        vec[0],
+        stats,
+        dx if dx is not None else x,
+        part[0],
+        part[1],
+        vec[1],
+        vec[2],
+        vec[3],
+        vec[4],
+        part[2],
+        part[3],
+        nsets,
+        *walk,
+        HAS_W=True,
+        NEED_DX=need_x,
+        NEED_P=True,
+        ACC=tacc,
+        BC=BC,
+        BM=BM,
+        PN=True,
+        ACT=_ACTS.index(act),
+    )
+    sums = part.view(4, p.N, p.C).sum(1)  # per (sample, channel) -> per channel
+    return dx, sums[0], sums[1], sums[2], sums[3]
+
+
+def _gn_plan(x: Tensor, groups: int) -> Plan | None:
+    """The GROUP_NCHW / GROUP_CL plan of ``x`` normalized in ``groups`` groups with a per-channel affine."""
+    from .. import plan
+
+    N, C, k = x.shape[0], x.shape[1], x.dim() - 2
+    if k < 1 or C % groups:
+        return None
+    if x.is_contiguous():
+        xv = x.view(N, groups, C // groups, *x.shape[2:])
+        pshape, dims = (1, groups, C // groups) + (1,) * k, tuple(range(2, xv.dim()))
+    elif x.stride(1) == 1 and x.permute(0, *range(2, 2 + k), 1).is_contiguous():
+        xv = x.permute(0, *range(2, 2 + k), 1).reshape(N, *x.shape[2:], groups, C // groups)
+        pshape, dims = (1,) * (1 + k) + (groups, C // groups), (*range(1, 1 + k), 2 + k)
+    else:
+        return None
+    p = plan(xv, dims, torch.empty(pshape, device="meta"), None)
+    return p if p is not None and p.mode in (2, 3) and p.order is None else None
+
+
+class _GNProxy(torch.autograd.Function):
+    """GroupNorm (no affine) then Proxy Norm's step, one Triton kernel each way. ``m`` and ``rstd``
+    come in from :func:`normkit.functional.proxy_stats` (their gradients flow on into the four
+    parameters through its graph)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        m: Tensor,
+        r: Tensor,
+        p: Plan,
+        G: int,
+        eps: float,
+        act: str,
+        slope: float,
+    ) -> Tensor:  # type: ignore[override]
+        acc = _acc(x)[0]
+        vec = [t.detach().to(acc).contiguous() for t in (w, b, m, r)]
+        vec.append(torch.full((1,), float(slope), dtype=acc, device=x.device))
+        got = gn_proxy_forward(x, p, eps, vec, act)
+        assert got is not None  # (the caller checked that it applies)
+        out, stats = got
+        ctx.save_for_backward(
+            x, stats, w, b, m, r, *vec
+        )  # (the originals: a double backward differentiates them)
+        ctx.p, ctx.G, ctx.eps, ctx.act, ctx.slope = p, G, eps, act, slope
+        ctx.dtypes = (w.dtype, b.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, stats, w0, b0, m0, r0, w, b, m, r, sl = ctx.saved_tensors
+        if torch.is_grad_enabled() or type(dout) is not Tensor or not torch._C._has_storage(dout):
+            # create_graph=True (or batched gradients): differentiate the composite of reference ops
+            from ...functional.activations import get_activation
+            from ...functional.group_norm import group_norm
+            from ...ops.proxy import proxy_act_composite
+            from .. import use
+
+            with torch.enable_grad(), use("reference"):
+                ins = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, w0, b0, m0, r0)]
+                act = get_activation(ctx.act if ctx.act != "leaky_relu" else torch.nn.LeakyReLU(ctx.slope))
+                y = group_norm(ins[0], ctx.G, None, None, ctx.eps)
+                out = proxy_act_composite(y, *ins[1:], act)
+                grads = torch.autograd.grad(
+                    out, ins, dout, create_graph=torch.is_grad_enabled(), allow_unused=True
+                )
+            return (*grads, None, None, None, None, None)
+        if dout.dtype != x.dtype or dout.stride() != x.stride():
+            dout = torch.empty_like(x).copy_(dout)
+        dx, sw, sb, sg, sz = gn_proxy_backward(
+            dout, x, stats, ctx.p, [w, b, m, r, sl], ctx.act, ctx.needs_input_grad[0]
+        )
+        return dx, sw.to(ctx.dtypes[0]), sb.to(ctx.dtypes[1]), -(sg * r), sz, None, None, None, None, None
+
+
+def gn_proxy_act(
+    x: Tensor,
+    groups: int,
+    eps: float,
+    weight: Tensor,
+    bias: Tensor,
+    proxy_bias: Tensor,
+    proxy_weight: Tensor,
+    points: Tensor,
+    activation: Any,
+    proxy_eps: float,
+) -> Tensor | None:
+    """:class:`~normkit.nn.GroupNormProxyAct2d`'s step on the Triton kernels: the proxy statistics
+    (plain ops, C x 200 values), then GroupNorm and the activation step fused in one kernel each way;
+    ``None`` where it does not apply (the layer then runs the two ops).
+
+    Example:
+        >>> out = gn_proxy_act(x, 4, 1e-3, w, b, pb, pw, points, "relu", 0.03)  # doctest: +SKIP
+    """
+    from ...functional.activations import activation_spec
+    from ...functional.proxy_norm import proxy_stats
+
+    spec = activation_spec(activation)
+    if spec is None or spec[0] not in _ACTS:
+        return None
+    p = _gn_plan(x, groups)
+    if p is None:
+        return None
+    nsets, walk = _walk(p)
+    if _chunking(nsets, walk[0], walk[1], *_blocks(walk[0], walk[1]), x.device)[0] != 1:
+        return None  # (sets too few for one program each: the two ops' split kernels fill the GPU)
+    m, r = proxy_stats(weight, bias, proxy_bias, proxy_weight, activation, proxy_eps, points.shape[0], points)
+    return _GNProxy.apply(x, weight, bias, m, r, p, groups, float(eps), spec[0], float(spec[1]))  # type: ignore[no-any-return]

@@ -37,8 +37,34 @@ def _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC: tl.constexpr
 
 @triton.jit
 def norm_fwd_kernel(
-    X, Y, W, B, ST, nsets, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK, eps, exp_bound,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+    X,
+    Y,
+    W,
+    B,
+    ST,
+    MU,
+    R,
+    SL,
+    nsets,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    CK,
+    eps,
+    exp_bound,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
+    PN: tl.constexpr = False,
+    ACT: tl.constexpr = 7,
 ):
     k = tl.program_id(0)
     n = (NC * M).to(ACC)
@@ -90,6 +116,10 @@ def norm_fwd_kernel(
                 y = y * tl.load(W + cbase + ci, mask=ci < NC, other=1.0).to(ACC)[:, None]
             if HAS_B:
                 y = y + tl.load(B + cbase + ci, mask=ci < NC, other=0.0).to(ACC)[:, None]
+            if PN:  # Proxy Norm's step on the affine output: (act(y) - m) * rstd per channel
+                mu = tl.load(MU + cbase + ci, mask=ci < NC, other=0.0).to(ACC)[:, None]
+                r = tl.load(R + cbase + ci, mask=ci < NC, other=0.0).to(ACC)[:, None]
+                y = (_act_fwd(y, tl.load(SL).to(ACC), ACT) - mu) * r
             tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(ST + k, mid)
     tl.store(ST + nsets + k, inv)
@@ -100,11 +130,55 @@ def norm_fwd_kernel(
 
 
 @triton.jit
+def _pn_grad(dout, xh, ci, cbase, NC, W, B, MU, R, slope, ACC: tl.constexpr, ACT: tl.constexpr):
+    """Proxy Norm's step backward to its affine output: ``(da, z - m)``; ``dout`` the step's gradient."""
+    cm = ci < NC
+    w = tl.load(W + cbase + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    b = tl.load(B + cbase + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    r = tl.load(R + cbase + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    mu = tl.load(MU + cbase + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    a = w * xh + b
+    z = _act_fwd(a, slope, ACT)
+    return dout * r * _act_grad(a, z, slope, ACT), z - mu
+
+
+@triton.jit
 def norm_bwd_kernel(
-    DY, X, W, ST, DX, PW, PB, nsets, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, CK,
-    HAS_W: tl.constexpr, NEED_DX: tl.constexpr, NEED_P: tl.constexpr, ACC: tl.constexpr,
-    BC: tl.constexpr, BM: tl.constexpr,
+    DY,
+    X,
+    W,
+    ST,
+    DX,
+    PW,
+    PB,
+    B,
+    MU,
+    R,
+    SL,
+    PG,
+    PZ,
+    nsets,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    CK,
+    HAS_W: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    NEED_P: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
+    PN: tl.constexpr = False,
+    ACT: tl.constexpr = 7,
 ):
+    # With PN, DY is the gradient of Proxy Norm's step that followed the affine (W, B): it is taken
+    # back to the affine output first, and each channel also sums it (PG) and it times z - m (PZ).
     k = tl.program_id(0)
     n = (NC * M).to(ACC)
     shift = tl.load(ST + k).to(ACC)
@@ -115,14 +189,24 @@ def norm_bwd_kernel(
     # 1. the set's sums of g = w * dy and g * x_hat; each channel's sums of dy * x_hat and dy
     a1 = tl.zeros([BC, BM], ACC)
     a2 = tl.zeros([BC, BM], ACC)
+    slope = 0.0
+    if PN:
+        slope = tl.load(SL).to(ACC)
     for c0 in range(0, NC, BC):
         pw = tl.zeros([BC], ACC)
         pb = tl.zeros([BC], ACC)
+        pg = tl.zeros([BC], ACC)
+        pz = tl.zeros([BC], ACC)
         for m0 in range(0, M, BM):
             ci, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC, BM)
             x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
             dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
             xh = tl.where(mask, ((x - shift) * inv - cm) * rstd, 0.0)
+            if PN:
+                pg += tl.sum(dy, axis=1)
+                da, zm = _pn_grad(dy, xh, ci, cbase, NC, W, B, MU, R, slope, ACC, ACT)
+                pz += tl.sum(tl.where(mask, dy * zm, 0.0), axis=1)
+                dy = tl.where(mask, da, 0.0)
             g = dy
             if HAS_W:
                 g = dy * tl.load(W + cbase + ci, mask=ci < NC, other=1.0).to(ACC)[:, None]
@@ -134,6 +218,9 @@ def norm_bwd_kernel(
             ci = c0 + tl.arange(0, BC)
             tl.store(PW + k.to(tl.int64) * NC + ci, pw, mask=ci < NC)
             tl.store(PB + k.to(tl.int64) * NC + ci, pb, mask=ci < NC)
+            if PN:
+                tl.store(PG + k.to(tl.int64) * NC + ci, pg, mask=ci < NC)
+                tl.store(PZ + k.to(tl.int64) * NC + ci, pz, mask=ci < NC)
     if NEED_DX:
         mg = tl.sum(tl.sum(a1, axis=1), axis=0) / n
         mgx = tl.sum(tl.sum(a2, axis=1), axis=0) / n
@@ -145,8 +232,493 @@ def norm_bwd_kernel(
                 x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
                 dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
                 xh = ((x - shift) * inv - cm) * rstd
+                if PN:
+                    dy, _ = _pn_grad(dy, xh, ci, cbase, NC, W, B, MU, R, slope, ACC, ACT)
                 g = dy
                 if HAS_W:
                     g = dy * tl.load(W + cbase + ci, mask=ci < NC, other=1.0).to(ACC)[:, None]
                 dx = rt * (g - mg - xh * mgx)
                 tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --- split reduction: a set cut into chunks of positions, one program per (set, chunk) -------------
+#
+# Chunks are runs of positions, or of channels where a set has more channels than positions (LN
+# over (C, H, W) with an elementwise affine). Used where there are too few sets to fill the GPU (BatchNorm: one set per channel; GN / LN on a
+# small batch). Three launches forward (each chunk's max / min; each chunk's count, mean and centred
+# second moment of the scaled values; the output, after combining the chunks' moments with Chan's
+# formula), two backward (each chunk's sums; dx). Every program recomputes the set's shift and scale
+# from the chunks' max / min with the same instructions, so all of them agree bit for bit.
+
+
+@triton.jit
+def _set_scale(HL, k, nsets, nchunks, exp_bound, ACC: tl.constexpr, BJ: tl.constexpr):
+    j = tl.arange(0, BJ)
+    jm = j < nchunks
+    row = k.to(tl.int64) * nchunks + j
+    h = tl.max(tl.load(HL + row, mask=jm, other=float("-inf")), axis=0)
+    l = tl.min(tl.load(HL + nsets * nchunks + row, mask=jm, other=float("inf")), axis=0)
+    half = h * 0.5 - l * 0.5
+    mid = h * 0.5 + l * 0.5
+    est = tl.maximum(half, tl.maximum(tl.abs(h), tl.abs(l)) * 7.888609052210118e-31)  # 2^-100
+    e = tl.minimum(tl.maximum(tl.floor(tl.log2(est)) + 1.0, -exp_bound), exp_bound)
+    return mid, tl.exp2(-e)
+
+
+@triton.jit
+def _chunk(jc, CH, NC, M, SPLIT_C: tl.constexpr):
+    """The chunk's channel and position ranges: a run of ``CH`` channels (``SPLIT_C``) or positions."""
+    if SPLIT_C:
+        c_lo = jc * CH
+        c_hi = tl.minimum(c_lo + CH, NC)
+        m_lo = jc * 0
+        m_hi = M + jc * 0
+    else:
+        c_lo = jc * 0
+        c_hi = NC + jc * 0
+        m_lo = jc * CH
+        m_hi = tl.minimum(m_lo + CH, M)
+    return c_lo, c_hi, m_lo, m_hi
+
+
+@triton.jit
+def split_minmax_kernel(
+    X,
+    HL,
+    nsets,
+    nchunks,
+    CH,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    SPLIT_C: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
+):
+    k = tl.program_id(0)
+    jc = tl.program_id(1)
+    c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
+    hi = tl.full([BC, BM], float("-inf"), ACC)
+    lo = tl.full([BC, BM], float("inf"), ACC)
+    for c0 in range(c_lo, c_hi, BC):
+        for m0 in range(lo_m, hi_m, BM):
+            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
+            lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
+    row = k.to(tl.int64) * nchunks + jc
+    tl.store(HL + row, tl.max(tl.max(hi, axis=1), axis=0))
+    tl.store(HL + nsets * nchunks + row, tl.min(tl.min(lo, axis=1), axis=0))
+
+
+@triton.jit
+def split_moments_kernel(
+    X,
+    HL,
+    PM,
+    nsets,
+    nchunks,
+    CH,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    exp_bound,
+    SPLIT_C: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
+    BJ: tl.constexpr,
+):
+    k = tl.program_id(0)
+    jc = tl.program_id(1)
+    c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
+    mid, inv = _set_scale(HL, k, nsets, nchunks, exp_bound, ACC, BJ)
+    cnt = ((c_hi - c_lo) * (hi_m - lo_m)).to(ACC)
+    acc = tl.zeros([BC, BM], ACC)
+    for c0 in range(c_lo, c_hi, BC):
+        for m0 in range(lo_m, hi_m, BM):
+            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            acc += tl.where(mask, (x - mid) * inv, 0.0)
+    mb = tl.sum(tl.sum(acc, axis=1), axis=0) / cnt
+    acc = tl.zeros([BC, BM], ACC)
+    for c0 in range(c_lo, c_hi, BC):
+        for m0 in range(lo_m, hi_m, BM):
+            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            d = tl.where(mask, (x - mid) * inv - mb, 0.0)
+            acc += d * d
+    row = k.to(tl.int64) * nchunks + jc
+    tl.store(PM + row, cnt)
+    tl.store(PM + nsets * nchunks + row, mb)
+    tl.store(PM + 2 * nsets * nchunks + row, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+@triton.jit
+def split_apply_kernel(
+    X,
+    Y,
+    W,
+    B,
+    ST,
+    HL,
+    PM,
+    nsets,
+    nchunks,
+    CH,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    CK,
+    eps,
+    exp_bound,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    SPLIT_C: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
+    BJ: tl.constexpr,
+):
+    k = tl.program_id(0)
+    jc = tl.program_id(1)
+    c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
+    mid, inv = _set_scale(HL, k, nsets, nchunks, exp_bound, ACC, BJ)
+    # Chan et al.'s combination of the chunks' (count, mean, M2)
+    j = tl.arange(0, BJ)
+    jm = j < nchunks
+    row = k.to(tl.int64) * nchunks + j
+    cnt = tl.load(PM + row, mask=jm, other=0.0)
+    mb = tl.load(PM + nsets * nchunks + row, mask=jm, other=0.0)
+    m2 = tl.load(PM + 2 * nsets * nchunks + row, mask=jm, other=0.0)
+    n = tl.sum(cnt, axis=0)
+    cm = tl.sum(cnt * mb, axis=0) / n
+    dm = mb - cm
+    var = tl.sum(m2 + cnt * dm * dm, axis=0) / n
+    a = tl.minimum(inv, 1.0)
+    c = tl.minimum(1.0 / inv, 1.0)
+    rstd = tl.where(inv <= 1.0, 1.0 / tl.sqrt(var + eps * a * a), c / tl.sqrt(var * c * c + eps))
+    cbase = (k % D1) * CK
+    for c0 in range(c_lo, c_hi, BC):
+        for m0 in range(lo_m, hi_m, BM):
+            ci, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            y = ((x - mid) * inv - cm) * rstd
+            if HAS_W:
+                y = y * tl.load(W + cbase + ci, mask=ci < c_hi, other=1.0).to(ACC)[:, None]
+            if HAS_B:
+                y = y + tl.load(B + cbase + ci, mask=ci < c_hi, other=0.0).to(ACC)[:, None]
+            tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+    if jc == 0:
+        tl.store(ST + k, mid)
+        tl.store(ST + nsets + k, inv)
+        tl.store(ST + 2 * nsets + k, cm)
+        tl.store(ST + 3 * nsets + k, rstd)
+        tl.store(ST + 4 * nsets + k, var)
+        tl.store(ST + 5 * nsets + k, n)
+
+
+@triton.jit
+def split_bwd_sums_kernel(
+    DY,
+    X,
+    W,
+    ST,
+    PA,
+    PW,
+    PB,
+    nsets,
+    nchunks,
+    CH,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    CK,
+    HAS_W: tl.constexpr,
+    NEED_P: tl.constexpr,
+    SPLIT_C: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
+):
+    k = tl.program_id(0)
+    jc = tl.program_id(1)
+    c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
+    shift = tl.load(ST + k).to(ACC)
+    inv = tl.load(ST + nsets + k).to(ACC)
+    cm = tl.load(ST + 2 * nsets + k).to(ACC)
+    rstd = tl.load(ST + 3 * nsets + k).to(ACC)
+    cbase = (k % D1) * CK
+    a1 = tl.zeros([BC, BM], ACC)
+    a2 = tl.zeros([BC, BM], ACC)
+    for c0 in range(c_lo, c_hi, BC):
+        pw = tl.zeros([BC], ACC)
+        pb = tl.zeros([BC], ACC)
+        for m0 in range(lo_m, hi_m, BM):
+            ci, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
+            xh = tl.where(mask, ((x - shift) * inv - cm) * rstd, 0.0)
+            g = dy
+            if HAS_W:
+                g = dy * tl.load(W + cbase + ci, mask=ci < c_hi, other=1.0).to(ACC)[:, None]
+            a1 += g
+            a2 += g * xh
+            pw += tl.sum(dy * xh, axis=1)
+            pb += tl.sum(dy, axis=1)
+        if NEED_P:
+            ci = c0 + tl.arange(0, BC)
+            prow = (k.to(tl.int64) * nchunks + jc) * NC + ci
+            tl.store(PW + prow, pw, mask=ci < c_hi)
+            tl.store(PB + prow, pb, mask=ci < c_hi)
+    row = k.to(tl.int64) * nchunks + jc
+    tl.store(PA + row, tl.sum(tl.sum(a1, axis=1), axis=0))
+    tl.store(PA + nsets * nchunks + row, tl.sum(tl.sum(a2, axis=1), axis=0))
+
+
+@triton.jit
+def split_bwd_dx_kernel(
+    DY,
+    X,
+    W,
+    ST,
+    PA,
+    DX,
+    nsets,
+    nchunks,
+    CH,
+    NC,
+    M,
+    M2,
+    s_c,
+    s_m1,
+    s_m2,
+    D1,
+    B1,
+    B2,
+    CK,
+    HAS_W: tl.constexpr,
+    SPLIT_C: tl.constexpr,
+    ACC: tl.constexpr,
+    BC: tl.constexpr,
+    BM: tl.constexpr,
+    BJ: tl.constexpr,
+):
+    k = tl.program_id(0)
+    jc = tl.program_id(1)
+    c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
+    shift = tl.load(ST + k).to(ACC)
+    inv = tl.load(ST + nsets + k).to(ACC)
+    cm = tl.load(ST + 2 * nsets + k).to(ACC)
+    rstd = tl.load(ST + 3 * nsets + k).to(ACC)
+    n = (NC * M).to(ACC)
+    j = tl.arange(0, BJ)
+    jm = j < nchunks
+    row = k.to(tl.int64) * nchunks + j
+    mg = tl.sum(tl.load(PA + row, mask=jm, other=0.0), axis=0) / n
+    mgx = tl.sum(tl.load(PA + nsets * nchunks + row, mask=jm, other=0.0), axis=0) / n
+    rt = rstd * inv
+    cbase = (k % D1) * CK
+    for c0 in range(c_lo, c_hi, BC):
+        for m0 in range(lo_m, hi_m, BM):
+            ci, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
+            xh = ((x - shift) * inv - cm) * rstd
+            g = dy
+            if HAS_W:
+                g = dy * tl.load(W + cbase + ci, mask=ci < c_hi, other=1.0).to(ACC)[:, None]
+            dx = rt * (g - mg - xh * mgx)
+            tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --- Proxy Norm's activation step: out = (act(w * y + b) - m) * rstd, per channel ------------------
+#
+# The tensor is walked as a (C, E) matrix, E = N * positions: element (c, e) lies at c * s_c +
+# (e // E2) * s_e1 + (e % E2) * s_e2 (NCHW: s_c = S, E2 = S; channels last: s_c = 1, E2 = 1), one
+# program per block of channels and chunk of E (``SL`` holds leaky_relu's slope in the accumulation dtype). The backward recomputes ``a = w * y + b`` and writes
+# each program's per-channel sums; the launcher adds the chunks.
+# Activation codes: 0 relu, 1 leaky_relu, 2 silu, 3 gelu, 4 gelu_tanh, 5 sigmoid, 6 tanh, 7 identity.
+
+
+@triton.jit
+def _act_fwd(a, slope, ACT: tl.constexpr):
+    if ACT == 0:
+        z = tl.maximum(a, 0.0)
+    elif ACT == 1:
+        z = tl.where(a > 0, a, a * slope)
+    elif ACT == 2:
+        z = a * tl.sigmoid(a)
+    elif ACT == 3:
+        z = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
+    elif ACT == 4:
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        z = 0.5 * a * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
+    elif ACT == 5:
+        z = tl.sigmoid(a)
+    elif ACT == 6:
+        z = 2.0 * tl.sigmoid(2.0 * a) - 1.0
+    else:
+        z = a
+    return z
+
+
+@triton.jit
+def _act_grad(a, z, slope, ACT: tl.constexpr):
+    """act'(a), with z = act(a)."""
+    if ACT == 0:
+        d = tl.where(a > 0, 1.0, 0.0)
+    elif ACT == 1:
+        d = tl.where(a > 0, 1.0, slope)
+    elif ACT == 2:
+        s = tl.sigmoid(a)
+        d = s * (1.0 + a * (1.0 - s))
+    elif ACT == 3:
+        d = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
+    elif ACT == 4:
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        d = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * a * a)
+    elif ACT == 5:
+        d = z * (1.0 - z)
+    elif ACT == 6:
+        d = 1.0 - z * z
+    else:
+        d = a * 0.0 + 1.0
+    return d
+
+
+@triton.jit
+def _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC: tl.constexpr, BE: tl.constexpr):
+    ci = c0 + tl.arange(0, BCC)
+    ei = e0 + tl.arange(0, BE)
+    off = (
+        ci.to(tl.int64)[:, None] * s_c
+        + (ei // E2).to(tl.int64)[None, :] * s_e1
+        + (ei % E2).to(tl.int64)[None, :] * s_e2
+    )
+    mask = (ci < C)[:, None] & (ei < e_hi)[None, :]
+    return ci, off, mask
+
+
+@triton.jit
+def proxy_act_fwd_kernel(
+    Yn,
+    W,
+    B,
+    MU,
+    R,
+    SL,
+    OUT,
+    C,
+    E,
+    E2,
+    s_c,
+    s_e1,
+    s_e2,
+    CH,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    BCC: tl.constexpr,
+    BE: tl.constexpr,
+):
+    slope = tl.load(SL).to(ACC)
+    c0 = tl.program_id(0) * BCC
+    e_lo = tl.program_id(1) * CH
+    e_hi = tl.minimum(e_lo + CH, E)
+    ci = c0 + tl.arange(0, BCC)
+    cm = ci < C
+    w = tl.load(W + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    b = tl.load(B + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    mu = tl.load(MU + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    r = tl.load(R + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    for e0 in range(e_lo, e_hi, BE):
+        _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
+        y = tl.load(Yn + off, mask=mask, other=0.0).to(ACC)
+        z = _act_fwd(w * y + b, slope, ACT)
+        tl.store(OUT + off, ((z - mu) * r).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def proxy_act_bwd_kernel(
+    DOUT,
+    Yn,
+    W,
+    B,
+    MU,
+    R,
+    SL,
+    DY,
+    P,
+    C,
+    E,
+    E2,
+    s_c,
+    s_e1,
+    s_e2,
+    CH,
+    nchunks,
+    NEED_DY: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    BCC: tl.constexpr,
+    BE: tl.constexpr,
+):
+    slope = tl.load(SL).to(ACC)
+    c0 = tl.program_id(0) * BCC
+    jc = tl.program_id(1)
+    e_lo = jc * CH
+    e_hi = tl.minimum(e_lo + CH, E)
+    ci = c0 + tl.arange(0, BCC)
+    cm = ci < C
+    w = tl.load(W + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    b = tl.load(B + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    mu = tl.load(MU + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    r = tl.load(R + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    s_w = tl.zeros([BCC, BE], ACC)  # sum da * y      (dweight)
+    s_b = tl.zeros([BCC, BE], ACC)  # sum da          (dbias)
+    s_g = tl.zeros([BCC, BE], ACC)  # sum g           (dm = -rstd * this)
+    s_r = tl.zeros([BCC, BE], ACC)  # sum g * (z - m) (drstd)
+    for e0 in range(e_lo, e_hi, BE):
+        _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
+        y = tl.load(Yn + off, mask=mask, other=0.0).to(ACC)
+        g = tl.load(DOUT + off, mask=mask, other=0.0).to(ACC)
+        a = w * y + b
+        z = _act_fwd(a, slope, ACT)
+        da = tl.where(mask, g * r * _act_grad(a, z, slope, ACT), 0.0)
+        if NEED_DY:
+            tl.store(DY + off, (da * w).to(DY.dtype.element_ty), mask=mask)
+        s_w += da * y
+        s_b += da
+        s_g += g
+        s_r += tl.where(mask, g * (z - mu), 0.0)
+    row = ci.to(tl.int64) * nchunks + jc
+    tl.store(P + row, tl.sum(s_w, axis=1), mask=cm)
+    tl.store(P + C * nchunks + row, tl.sum(s_b, axis=1), mask=cm)
+    tl.store(P + 2 * C * nchunks + row, tl.sum(s_g, axis=1), mask=cm)
+    tl.store(P + 3 * C * nchunks + row, tl.sum(s_r, axis=1), mask=cm)

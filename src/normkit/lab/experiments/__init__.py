@@ -15,7 +15,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .compare import CompareConfig, run_compare
 from .landscape import LandscapeConfig, run_landscape

@@ -37,9 +37,10 @@ import os
 import statistics
 import time
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -54,6 +55,7 @@ __all__ = [
     "config_from_args",
     "free_cores",
     "opt",
+    "parse_auto_int",
     "resolve_threads",
     "config_dict",
     "fmt",
@@ -126,7 +128,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _threads(text: str) -> int | None:
+def parse_auto_int(text: str) -> int | None:
+    """A command-line count that may be ``auto`` (``None``: let the experiment choose).
+
+    Example:
+        >>> parse_auto_int("auto"), parse_auto_int("3")
+        (None, 3)
+    """
     if text.strip().lower() == "auto":
         return None
     return int(text)
@@ -161,7 +169,7 @@ class LabConfig:
     limit_test: int | None = opt(None, "use only the first N test samples", min=1, metavar="N")
     device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
     threads: int | None = opt(None, "torch intra-op threads, or 'auto': the cores free at the start", min=1,
-                              parse=_threads, metavar="N|auto")
+                              parse=parse_auto_int, metavar="N|auto")
     out: str = opt("runs", "runs root; each run writes DIR/<experiment>-<timestamp>/", metavar="DIR")
     quiet: bool = opt(False, "no progress bars")
 
@@ -282,7 +290,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: Seque
             kw["metavar"] = meta["metavar"]
         if meta["choices"] is not None and typing.get_origin(base) is not list:
             kw["choices"] = list(meta["choices"])
-        shown = "auto" if meta["parse"] is _threads and default is None else _fmt_default(default)
+        shown = "auto" if meta["parse"] is parse_auto_int and default is None else _fmt_default(default)
         target.add_argument(_flag(f.name), help=f"{help_text} (default: {shown})", **kw)
 
 

@@ -30,9 +30,10 @@ import threading
 import time
 import traceback
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -45,13 +46,13 @@ from ._common import (
     LabConfig,
     RunInterrupted,
     _norm_specs,
-    _threads,
     check_norm_fits,
     distributed_env,
     fmt,
     markdown_table,
     mean_std,
     opt,
+    parse_auto_int,
     resolve_device,
     set_threads,
     start_record,
@@ -113,9 +114,9 @@ class CompareConfig(LabConfig):
     schedule: str = opt("cosine", "LR schedule", choices=("cosine", "constant"))
     max_steps: int | None = opt(None, "stop each run after N optimizer steps (quick runs)", min=1, metavar="N")
     jobs: int | None = opt(None, "runs in parallel one-thread worker processes, CPU only, or 'auto': one per core",
-                           min=1, parse=_threads, metavar="N|auto")
+                           min=1, parse=parse_auto_int, metavar="N|auto")
     threads: int | None = opt(None, "torch intra-op threads per worker process, or 'auto': 1 per worker (under "
-                                    "torchrun: the cores divided among the local processes)", min=1, parse=_threads,
+                                    "torchrun: the cores divided among the local processes)", min=1, parse=parse_auto_int,
                               metavar="N|auto")
     sync_bn: bool = opt(False, "under torchrun: BN statistics over all processes' batches "
                                "(BN layers become normkit.nn.SyncBatchNorm)")

@@ -23,9 +23,10 @@ P_varmean and P_varstd fractions > 1e-6 at every layer.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn

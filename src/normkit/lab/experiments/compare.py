@@ -304,7 +304,7 @@ def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
         text = f"{gn} − BN >= −0.5 pt at B={hi} and <= −1 pt at B={lo}"
         g_hi, b_hi, g_lo, b_lo = (_row(agg, model, gn, hi), _row(agg, model, bn, hi), _row(agg, model, gn, lo),
                                   _row(agg, model, bn, lo))
-        if None in (g_hi, b_hi, g_lo, b_lo):
+        if g_hi is None or b_hi is None or g_lo is None or b_lo is None:
             out.append(_criterion("E1 (iii)", text, None,
                                   _not_measurable(agg, model, [(gn, hi), (bn, hi), (gn, lo), (bn, lo)])))
         else:
@@ -528,7 +528,9 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
 
     def finished(i: int) -> None:  # on disk the moment it finishes
         if record is not None:
-            record.log_many(_rows(results[i]))  # type: ignore[arg-type]
+            result = results[i]
+            assert result is not None
+            record.log_many(_rows(result))
             record.set_status("running", done=sum(r is not None for r in results), total=len(runs))
 
     try:
@@ -581,9 +583,9 @@ def _train_all(cfg: CompareConfig, runs: list[tuple[int, str, int, str]], result
                 def on_epoch(row: dict[str, Any]) -> None:
                     progress.advance(epoch_bar, info=f"test err {row['test_err']:.2f}%")
 
-                results[i] = _train_one(cfg, run, device, world, rank, on_epoch)
+                result = results[i] = _train_one(cfg, run, device, world, rank, on_epoch)
                 finished(i)
-                progress.advance(run_bar, info=f"{_label(run)}: {results[i]['final'].get('test_err', float('nan')):.2f}%")
+                progress.advance(run_bar, info=f"{_label(run)}: {result['final'].get('test_err', float('nan')):.2f}%")
         else:
             _run_pool(cfg, runs, results, jobs, threads, progress, run_bar, finished)
 
@@ -665,12 +667,12 @@ def _run_pool(
                     bars[i] = progress.add(_label(runs[i]), total=cfg.epochs)
                 progress.advance(bars[i], info=f"test err {msg[2]:.2f}%")
             elif kind == "done":
-                results[i] = msg[2]
+                result = results[i] = msg[2]
                 remaining -= 1
                 finished(i)
                 if i in bars:
                     progress.remove(bars.pop(i))
-                progress.advance(run_bar, info=f"{_label(runs[i])}: {results[i]['final'].get('test_err', float('nan')):.2f}%")
+                progress.advance(run_bar, info=f"{_label(runs[i])}: {result['final'].get('test_err', float('nan')):.2f}%")
             else:
                 raise RuntimeError(f"run {_label(runs[i])} failed: {msg[2]}")
         clean = True

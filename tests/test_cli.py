@@ -82,7 +82,7 @@ def test_torchrun_two_process_gloo_smoke(tmp_path: Path) -> None:
     """Data-parallel compare under torchrun: 2 processes on gloo (about 15 s here)."""
     proc = _run(["torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "normkit.cli", "compare",
                  "--norms", "bn,gn:8", "--batch-sizes", "4", "--seeds", "0", "--epochs", "1", "--max-steps", "2",
-                 "--out", str(tmp_path), *TINY], timeout=120)
+                 "--out", str(tmp_path), *TINY], timeout=600)  # a bound for a hung run, not a timing
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run,) = tmp_path.iterdir()  # only rank 0 writes
     env = json.loads((run / "env.json").read_text())
@@ -90,3 +90,150 @@ def test_torchrun_two_process_gloo_smoke(tmp_path: Path) -> None:
     finals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line]
     assert len(finals) == 2 and all(r["steps"] == 2 for r in finals)
     assert proc.stdout.count("run folder:") == 1
+
+
+def _interrupted_compare(tmp_path: Path, presses: int) -> tuple[subprocess.CompletedProcess[str], float, Path, int]:
+    """Start ``compare --jobs 2`` as a terminal would (own process group), press Ctrl-C once the first training is
+    on disk, ``presses`` times 0.3 s apart; return the process, seconds from the first press to its exit, the run
+    folder and the process group (for checking that no worker outlives it)."""
+    import signal
+    import time
+
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "normkit.cli", "compare", "--jobs", "2", "--norms", "bn,gn:8", "--batch-sizes", "8",
+           "--seeds", ",".join(map(str, range(12))), "--epochs", "3", "--limit-train", "256", "--limit-test", "64",
+           "--quiet", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        deadline = time.monotonic() + 600  # a wait, not a timing: the shared machine can be slow to spawn workers
+        run = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            runs = list(out.glob("compare-*"))
+            if runs and '"final"' in (runs[0] / "metrics.jsonl").read_text():
+                run = runs[0]
+                break
+            time.sleep(0.1)
+        assert run is not None, "no training finished within 600 s"
+        t0 = time.monotonic()
+        for k in range(presses):
+            if k:
+                time.sleep(0.3)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("compare did not exit within 30 s of Ctrl-C") from None
+    finally:  # never leave the run behind, whatever failed above
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    elapsed = time.monotonic() - t0
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), elapsed, run, proc.pid
+
+
+def _group_gone(pgid: int, within: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("presses", [1, 2], ids=["one-ctrl-c", "two-ctrl-c"])
+def test_ctrl_c_stops_compare_workers_and_keeps_finished_trainings(tmp_path: Path, presses: int) -> None:
+    proc, elapsed, run, pgid = _interrupted_compare(tmp_path, presses)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert elapsed < 10.0  # generous: it stops in well under a second here
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("normkit compare: interrupted") and str(run) in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _group_gone(pgid), "a worker process outlived the interrupted run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    finals = [r for r in rows if r["kind"] == "final"]
+    assert 1 <= len(finals) < 24
+    for f in finals:  # every finished training is on disk whole: its 3 epochs, then its final line
+        epochs = [r for r in rows if r["kind"] == "epoch" and (r["norm"], r["seed"]) == (f["norm"], f["seed"])]
+        assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert not (run / "summary.md").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compare", "--norms", "bn,gn:3"], "--norms 'gn:3' does not fit cnn4-head: GroupNorm: num_channels (32) must be divisible by num_groups (3)"),
+        (["compare", "--batch-sizes", "1000000"], "--batch-sizes 1000000: 1000000 exceeds the 32 training samples of digits"),
+        (["compare", "--weight-decay", "-1"], "--weight-decay must be >= 0, got -1"),
+        (["compare", "--momentum", "5"], "--momentum must be < 1, got 5"),
+        (["compare", "--warmup-epochs", "-1"], "--warmup-epochs must be >= 0, got -1"),
+        (["compare", "--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["compare", "--lr", "1e6"], "--lr must be <= 100, got 1e+06"),
+        (["compare", "--seeds", "-1"], "--seeds must be >= 0, got -1"),
+        (["compare", "--models", "vgg"], "--models must be one of cnn4-head, cnn4, resnet, got 'vgg'"),
+        (["compare", "--data", "digits100000"], "--data 'digits100000': the image size must be 8..64, got 100000"),
+        (["compare", "--jobs", "0"], "--jobs must be >= 1, got 0"),
+        (["lr-sweep", "--mlp-steps", "-1"], "--mlp-steps must be >= 0, got -1"),
+        (["lr-sweep", "--unit", "100"], "--unit must be <= 99, got 100"),
+        (["lr-sweep", "--norms", "none"], "lr-sweep compares a baseline with at least one norm"),
+        (["lr-sweep", "--norms", "none,in"], "--norms 'in' does not fit MLP-3"),
+        (["lr-sweep", "--skip-cnn", "--mlp-steps", "0"], "leaves nothing to run"),
+        (["lr-sweep", "--skip-cnn", "--mlp-batch-size", "64"], "--mlp-batch-size 64 exceeds the 32 training samples"),
+        (["power", "--norms", "gn:3"], "--norms 'gn:3' does not fit RandNet (width 64)"),
+        (["power", "--samples", "100"], "--samples 100 exceeds the 32 samples of digits16"),
+        (["power", "--depth", "0"], "--depth must be >= 1, got 0"),
+        (["landscape", "--eta-min", "0.5", "--eta-max", "0.4"], "--eta-min 0.5 must be <= --eta-max 0.4"),
+        (["landscape", "--norms", "none,gn:5"], "--norms 'gn:5' does not fit the VGG-ish net (width 32)"),
+        (["landscape", "--batch-size", "64"], "--batch-size 64 exceeds the 32 training samples of digits"),
+        (["landscape", "--threads", "0"], "--threads must be >= 1, got 0"),
+    ],
+)
+def test_every_setting_is_checked_before_any_work(args: list[str], message: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        main([args[0], "--out", str(out), *TINY, *args[1:]])  # the case's options last: they override TINY's
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"normkit {args[0]}: error: ") and message in err, err
+    assert not out.exists() or not any(out.iterdir())  # no stub run folder
+
+
+@pytest.mark.parametrize("sub", ["compare", "power", "lr-sweep", "landscape", "report"])
+def test_an_unwritable_out_is_one_line_before_any_work(sub: str, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "runs"
+    args = ["--runs-root", str(tmp_path), "--out", str(out)] if sub == "report" else ["--out", str(out), *TINY]
+    if sub == "report":
+        (tmp_path / "x-1").mkdir()
+        (tmp_path / "x-1" / "config.json").write_text("{}")
+        (tmp_path / "x-1" / "summary.md").write_text("# x\n")
+    proc = _run(["normkit.cli", sub, *args])
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "is a file, not a folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_repeated_settings_run_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["compare", "--norms", "gn:8,GN:8", "--batch-sizes", "4,4", "--seeds", "0,0", "--epochs", "1", "--max-steps", "1",
+          "--jobs", "1", "--out", str(tmp_path), *TINY])
+    (run,) = tmp_path.iterdir()
+    finals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line]
+    assert [(r["norm"], r["batch_size"], r["seed"]) for r in finals] == [("gn:8", 4, 0)]
+
+
+def test_a_diverging_training_reads_diverged_not_an_error_rate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["compare", "--norms", "gn:8", "--batch-sizes", "8,4", "--seeds", "0", "--epochs", "1", "--lr", "100",
+          "--jobs", "1", "--out", str(tmp_path), *TINY])
+    out = capsys.readouterr().out
+    (run,) = tmp_path.iterdir()
+    finals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line]
+    assert len(finals) == 2 and all(r["diverged"] for r in finals)
+    assert "| gn:8 | diverged (1/1 seeds) | diverged (1/1 seeds) |" in out and "**Warning**: 2 training(s) diverged" in out
+    assert "E1 (ii): gn:8 at B=4 within ±1.5 pt of B=8: **n/a**" in out

@@ -1,10 +1,15 @@
 """The ``normkit`` command: argument parsing only; the work is in :mod:`normkit.lab`.
 
+The experiments' options are generated from their config dataclasses
+(:func:`normkit.lab.experiments._common.add_config_arguments`), which also hold the defaults and
+the checks: every setting is checked before any data is loaded or any run folder made.
+
 Subcommands: ``compare`` (E1/E3, the main job), ``power`` (E4), ``lr-sweep`` (E2), ``landscape``
-(E5), ``report``, ``bench`` (torch native vs normkit's backends) and ``kernels`` (``status`` /
+(E5), ``reproduce`` (all of them, writing docs/RESULTS.md), ``report``, ``bench`` (torch native vs normkit's backends) and ``kernels`` (``status`` /
 ``build`` of the fused CPU kernels). ``normkit <subcommand> --help`` lists each one's options. Every experiment
 writes ``runs/<experiment>-<timestamp>/`` (``--out`` moves the root). A bad option, an unknown
-norm or an unreadable data path exits with status 2 and a one-line message.
+norm or an unreadable data path exits with status 2 and a one-line message; Ctrl-C stops the run
+within a couple of seconds, marks its folder ``interrupted`` and exits with status 130.
 
 Data-parallel: ``torchrun --nproc-per-node 2 -m normkit.cli compare ...`` (add ``--sync-bn`` for BN
 statistics over all processes).
@@ -14,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["build_parser", "main"]
+
+EXPERIMENTS = ("compare", "power", "lr-sweep", "landscape")
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -48,19 +56,6 @@ _pint = _positive(int)
 _pfloat = _positive(float)
 
 
-def _common(p: argparse.ArgumentParser, data: str = "digits") -> None:
-    g = p.add_argument_group("common")
-    g.add_argument("--data", default=data,
-                   help=f"data set: 'digits' (scikit-learn, no download), 'digits16', 'cifar10:PATH' "
-                        f"(CIFAR-10 python batches), 'synthetic' (default: {data})")
-    g.add_argument("--out", default="runs", metavar="DIR", help="runs root; each run writes DIR/<experiment>-<timestamp>/ (default: runs)")
-    g.add_argument("--limit-train", type=_pint, metavar="N", help="use only the first N training samples")
-    g.add_argument("--limit-test", type=_pint, metavar="N", help="use only the first N test samples")
-    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda (default: auto)")
-    g.add_argument("--threads", type=_pint, default=2, help="torch intra-op threads (default: 2)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``normkit`` argument parser (subcommands and their options)."""
     parser = argparse.ArgumentParser(
@@ -71,75 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("compare", help="E1/E3: test error per norm, batch size and seed (the main job)",
-                       description="Train small CNNs with each norm across batch sizes and seeds; print the test error "
-                                   "(mean ± std over seeds) and check ALGORITHMS.md §4's E1/E3 pass criteria.")
-    p.add_argument("--models", type=_csv(str), default=["cnn4-head"],
-                   help="cnn4-head (CNN-4 + Linear-norm-ReLU head), cnn4, resnet (pre-activation ResNet) (default: cnn4-head)")
-    p.add_argument("--norms", type=_csv(str), default=["bn", "gn:8", "ln+pn"],
-                   help="registry specs, e.g. bn,gn:8,ln,in,ln+pn,gn:4+pn (default: bn,gn:8,ln+pn)")
-    p.add_argument("--batch-sizes", type=_csv(int), default=[32, 8, 2], help="per-process batch sizes (default: 32,8,2)")
-    p.add_argument("--seeds", type=_csv(int), default=[0, 1], help="seeds, one run each (default: 0,1)")
-    p.add_argument("--epochs", type=_pint, default=8, help="epochs per run (default: 8)")
-    p.add_argument("--lr", type=_pfloat, default=0.05, help="peak LR at a global batch of 32, scaled linearly (default: 0.05)")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, epochs (default: 1)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: 5e-4)")
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="LR schedule (default: cosine)")
-    p.add_argument("--max-steps", type=_pint, help="stop each run after N optimizer steps (quick runs)")
-    p.add_argument("--jobs", type=_pint, default=2,
-                   help="runs in parallel worker processes, CPU only; each gets threads/jobs threads (default: 2)")
-    p.add_argument("--sync-bn", action="store_true", help="under torchrun: BN statistics over all processes' batches (BN layers become normkit.nn.SyncBatchNorm)")
-    _common(p)
+    from .lab.experiments import CONFIGS
+    from .lab.experiments._common import add_config_arguments
 
-    p = sub.add_parser("power", help="E4: power decomposition per layer of deep random (and trained) nets",
-                       description="Decompose each layer's activation power into P_mean, P_varmean, P_varstd, P_meanstd "
-                                   "(ALGORITHMS.md §2.8), before and after the norm, for random nets (and trained CNN-4s).")
-    p.add_argument("--norms", type=_csv(str), default=["bn", "ln", "in", "gn:8", "ln+pn"],
-                   help="registry specs (default: bn,ln,in,gn:8,ln+pn)")
-    p.add_argument("--depth", type=_pint, default=20, help="random-net depth L (default: 20)")
-    p.add_argument("--width", type=_pint, default=64, help="random-net width (default: 64)")
-    p.add_argument("--samples", type=_pint, default=256, help="inputs to measure on (default: 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    p.add_argument("--trained", action="store_true", help="also train CNN-4 with each norm and decompose its 4 layers")
-    p.add_argument("--epochs", type=_pint, default=5, help="epochs for --trained (default: 5)")
-    p.add_argument("--batch-size", type=_pint, default=32, help="batch size for --trained (default: 32)")
-    p.add_argument("--max-steps", type=_pint, help="cap optimizer steps for --trained")
-    _common(p, data="digits16")
+    for name, (cls, help_text, description) in CONFIGS.items():
+        p = sub.add_parser(name, help=help_text, description=description)
+        add_config_arguments(p, cls)
 
-    p = sub.add_parser("lr-sweep", help="E2: largest stable LR with and without BN; MLP-3 sigmoid percentiles",
-                       description="CNN-4 without a norm vs with BN over a learning-rate grid (divergence, steps to the "
-                                   "no-norm net's best accuracy), and the BN paper's MLP-3 sigmoid experiment with the "
-                                   "15/50/85th percentiles of a last-hidden-layer input over training.")
-    p.add_argument("--norms", type=_csv(str), default=["none", "bn"], help="baseline first, then the norm (default: none,bn)")
-    p.add_argument("--lrs", type=_csv(float), default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], help="LR grid (default: 0.01,...,3.0)")
-    p.add_argument("--epochs", type=_pint, default=5, help="epochs per CNN run (default: 5)")
-    p.add_argument("--batch-size", type=_pint, default=64, help="CNN batch size (default: 64)")
-    p.add_argument("--eval-every", type=_pint, default=5, help="test accuracy every N steps (default: 5)")
-    p.add_argument("--max-steps", type=_pint, help="cap optimizer steps per CNN run")
-    p.add_argument("--mlp-steps", type=int, default=3000, help="MLP-3 steps; 0 skips the MLP part (default: 3000)")
-    p.add_argument("--mlp-lr", type=_pfloat, default=0.1, help="MLP-3 learning rate (default: 0.1)")
-    p.add_argument("--mlp-batch-size", type=_pint, default=60, help="MLP-3 batch size (default: 60)")
-    p.add_argument("--percentile-every", type=_pint, default=50, help="record the percentiles every N steps (default: 50)")
-    p.add_argument("--unit", type=int, default=0, help="which last-hidden-layer unit to plot (default: 0)")
-    p.add_argument("--skip-cnn", action="store_true", help="only the MLP-3 part")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    _common(p)
+    from .lab.reproduce import ReproduceConfig
 
-    p = sub.add_parser("landscape", help="E5: Santurkar et al.'s loss-landscape measures with and without BN",
-                       description="Train a plain 6-conv net with and without BN; every few steps measure, along the "
-                                   "gradient, the loss range, the gradient change and the effective beta-smoothness.")
-    p.add_argument("--norms", type=_csv(str), default=["none", "bn"], help="(default: none,bn)")
-    p.add_argument("--steps", type=_pint, default=1000, help="training steps (default: 1000)")
-    p.add_argument("--every", type=_pint, default=25, help="measure every N steps (default: 25)")
-    p.add_argument("--lr", type=_pfloat, default=0.1, help="SGD learning rate (default: 0.1)")
-    p.add_argument("--batch-size", type=_pint, default=64, help="(default: 64)")
-    p.add_argument("--etas", type=_pint, default=8, help="number of step sizes in [0.05, 0.4] (default: 8)")
-    p.add_argument("--eta-max", type=_pfloat, default=0.4, help="largest step size (default: 0.4)")
-    p.add_argument("--delta", type=_pfloat, default=1.0, help="fixed-distance variant: steps of eta*delta along g/|g| (default: 1)")
-    p.add_argument("--width", type=_pint, default=32, help="first conv width (default: 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    _common(p)
+    p = sub.add_parser("reproduce", help="run E1..E5 as docs/RESULTS.md reports them and write RESULTS.md from the runs",
+                       description="Run the lab's protocol (compare with and without the head, E3, power --trained, "
+                                   "lr-sweep, landscape) with the current code and write docs/RESULTS.md (tables, "
+                                   "verdicts with their margins over the seeds, figures, and the machine it ran on). "
+                                   "About 25 minutes on 2 idle CPU cores with the default 5 seeds.")
+    add_config_arguments(p, ReproduceConfig)
 
     p = sub.add_parser("report", help="gather runs into one Markdown report and a static HTML page",
                        description="Collect the run folders under a runs root (or the folders given) into report.md and "
@@ -233,45 +174,18 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         return _kernels(args)
     if cmd == "bench":
         return _bench(args, argv)
-    if cmd == "compare":
-        from .lab.experiments.compare import CompareConfig, run_compare
+    if cmd in EXPERIMENTS:
+        from .lab.experiments import CONFIGS, RUNNERS
+        from .lab.experiments._common import config_from_args
 
-        outcome = run_compare(CompareConfig(
-            data=args.data, models=args.models, norms=args.norms, batch_sizes=args.batch_sizes, seeds=args.seeds,
-            epochs=args.epochs, lr=args.lr, warmup_epochs=args.warmup_epochs, momentum=args.momentum,
-            weight_decay=args.weight_decay, schedule=args.schedule, max_steps=args.max_steps,
-            limit_train=args.limit_train, limit_test=args.limit_test, device=args.device, threads=args.threads,
-            jobs=args.jobs, sync_bn=args.sync_bn, out=args.out, quiet=args.quiet,
-        ))
-        path, summary = outcome.path, outcome.summary
-    elif cmd == "power":
-        from .lab.experiments.power import PowerConfig, run_power
+        out = RUNNERS[cmd](config_from_args(CONFIGS[cmd][0], args))
+        path, summary = (out.path, out.summary) if hasattr(out, "summary") else out
+    elif cmd == "reproduce":
+        from .lab.experiments._common import config_from_args
+        from .lab.reproduce import ReproduceConfig, run_reproduce
 
-        path, summary = run_power(PowerConfig(
-            data=args.data, norms=args.norms, depth=args.depth, width=args.width, samples=args.samples, seed=args.seed,
-            trained=args.trained, epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps,
-            limit_train=args.limit_train, limit_test=args.limit_test, device=args.device, threads=args.threads,
-            out=args.out, quiet=args.quiet,
-        ))
-    elif cmd == "lr-sweep":
-        from .lab.experiments.lr_sweep import LRSweepConfig, run_lr_sweep
-
-        path, summary = run_lr_sweep(LRSweepConfig(
-            data=args.data, norms=args.norms, lrs=args.lrs, epochs=args.epochs, batch_size=args.batch_size,
-            eval_every=args.eval_every, max_steps=args.max_steps, mlp_steps=args.mlp_steps, mlp_lr=args.mlp_lr,
-            mlp_batch_size=args.mlp_batch_size, percentile_every=args.percentile_every, unit=args.unit,
-            skip_cnn=args.skip_cnn, seed=args.seed, limit_train=args.limit_train, limit_test=args.limit_test,
-            device=args.device, threads=args.threads, out=args.out, quiet=args.quiet,
-        ))
-    elif cmd == "landscape":
-        from .lab.experiments.landscape import LandscapeConfig, run_landscape
-
-        path, summary = run_landscape(LandscapeConfig(
-            data=args.data, norms=args.norms, steps=args.steps, every=args.every, lr=args.lr, batch_size=args.batch_size,
-            etas=args.etas, eta_max=args.eta_max, delta=args.delta, width=args.width, seed=args.seed,
-            limit_train=args.limit_train, limit_test=args.limit_test, device=args.device, threads=args.threads,
-            out=args.out, quiet=args.quiet,
-        ))
+        print(f"reproduce: wrote {run_reproduce(config_from_args(ReproduceConfig, args))}")
+        return 0
     else:  # report
         from .lab.report import write_report
 
@@ -297,14 +211,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .lab.data import DataError
     from .lab.experiments.compare import NotAvailableError
+    from .lab.records import RunInterrupted
 
     try:
         return _run(args, argv)
     except (DataError, NotAvailableError, ValueError) as e:
         print(f"normkit {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(f"normkit {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting: a second Ctrl-C must not cut this short
+        where = ""
+        if isinstance(e, RunInterrupted) and e.path is not None:
+            done = f"{e.done} of {e.total} trainings finished, " if e.total else ""
+            where = f"; {done}kept in {e.path} (marked interrupted)"
+        print(f"normkit {args.command}: interrupted{where}", file=sys.stderr)
         raise SystemExit(130) from None
 
 

@@ -50,8 +50,7 @@ def test_compare_same_seed_same_files(tmp_path: Path) -> None:
 def test_compare_worker_processes_give_the_same_numbers(tmp_path: Path) -> None:
     kw = {"norms": ["bn", "ln+pn"], "batch_sizes": [4], "seeds": [0, 1], "epochs": 1, "max_steps": 2, "out": None}
     one = run_compare(CompareConfig(**{**kw, "out": str(tmp_path / "one"), "jobs": 1}, **TINY)).path
-    two = run_compare(CompareConfig(**{**kw, "out": str(tmp_path / "two"), "jobs": 2, "threads": 2},
-                                    **{k: v for k, v in TINY.items() if k != "threads"})).path
+    two = run_compare(CompareConfig(**{**kw, "out": str(tmp_path / "two"), "jobs": 2}, **TINY)).path  # 1 thread each
     assert one is not None and two is not None
     assert (one / "metrics.jsonl").read_bytes() == (two / "metrics.jsonl").read_bytes()
 
@@ -59,7 +58,7 @@ def test_compare_worker_processes_give_the_same_numbers(tmp_path: Path) -> None:
 def test_compare_rejects_bad_configs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown norm 'xn'"):
         run_compare(CompareConfig(norms=["xn"], out=str(tmp_path)))
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="--models must be one of cnn4-head, cnn4, resnet, got .vgg."):
         run_compare(CompareConfig(models=["vgg"], out=str(tmp_path)))
     assert not list(tmp_path.iterdir())  # nothing written for a rejected config
 
@@ -119,3 +118,72 @@ def test_report_gathers_runs(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no runs"):
         write_report([], runs_root=tmp_path / "empty")
+
+
+def test_report_never_lets_an_unfinished_run_replace_a_finished_one(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from normkit.lab.records import RunRecord
+
+    done = _compare(tmp_path)
+    stubs = []
+    for status in ("interrupted", "failed", "running"):
+        rec = RunRecord.create(tmp_path, "compare", {"norms": ["bn"]})
+        if status != "running":
+            rec.set_status(status, **({"done": 2, "total": 18} if status == "interrupted" else {"error": "ValueError: x"}))
+        later = time.time() + 10 + len(stubs)
+        os.utime(rec.path / "config.json", (later, later))  # newer than the finished run
+        stubs.append(rec.path)
+    md, _ = write_report([], runs_root=tmp_path)
+    text = md.read_text()
+    assert f"## compare: {done.name}" in text and "E1 (i)" in text
+    assert all(s.name not in text for s in stubs) and "did not finish" not in text
+    md, _ = write_report([], runs_root=tmp_path, latest_only=False)
+    text = md.read_text()
+    assert f"## compare: {stubs[0].name} (interrupted)" in text and "2 of 18 trainings finished" in text
+    assert f"## compare: {stubs[1].name} (failed)" in text and "ValueError: x" in text
+    assert f"## compare: {stubs[2].name} (running)" in text
+    env = json.loads((done / "env.json").read_text())
+    assert f"CPU {env['cpu_model']}, {env['cpu_count']} cores" in text and f"numpy {env['numpy']}" in text
+
+
+def test_configs_check_and_deduplicate() -> None:
+    from normkit.lab.experiments._common import ConfigError
+
+    cfg = CompareConfig(norms=["BN", "bn", "gn:8"], batch_sizes=[8, 8, 2], seeds=[1, 1], out="/tmp").validate()
+    assert (cfg.norms, cfg.batch_sizes, cfg.seeds) == (["bn", "gn:8"], [8, 2], [1])
+    with pytest.raises(ConfigError, match="batch size 1 cannot train BN"):
+        CompareConfig(batch_sizes=[1], out="/tmp").validate()
+    with pytest.raises(ConfigError, match="--etas must be >= 1, got 0"):
+        LandscapeConfig(etas=0, out="/tmp").validate()
+    with pytest.raises(ConfigError, match="--lrs must be > 0, got 0"):
+        LRSweepConfig(lrs=[0.1, 0.0], out="/tmp").validate()
+    with pytest.raises(ConfigError, match="--norms must list at least one value"):
+        PowerConfig(norms=[], out="/tmp").validate()
+
+
+def test_auto_threads_leave_busy_cores_alone_and_are_recorded(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not 2 <= usable <= 8:
+        pytest.skip(f"needs 2..8 usable cores to keep all but one busy, this machine has {usable}")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(usable - 1)]
+    try:
+        time.sleep(1.0)
+        path, _ = run_power(PowerConfig(depth=2, width=8, samples=16, out=str(tmp_path),
+                                        **{**TINY, "threads": None}))
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    env = json.loads((path / "env.json").read_text())
+    assert env["threads"] == 1 and env["parallelism"].startswith("auto: 1 free of")
+    assert json.loads((path / "config.json").read_text())["threads"] is None  # the setting; env.json has the choice
+    path, _ = run_power(PowerConfig(depth=2, width=8, samples=16, out=str(tmp_path), **{**TINY, "threads": 2}))
+    env = json.loads((path / "env.json").read_text())
+    assert env["threads"] == 2 and env["parallelism"] == "--threads 2"

@@ -82,3 +82,22 @@ def test_max_steps_caps_the_run() -> None:
     set_seed(0)
     res = train_classifier(CNN4("gn:8"), load_synthetic(64, 16), TrainConfig(epochs=5, batch_size=8, max_steps=3))
     assert res.steps == 3 and len(res.history) == 1
+
+
+def test_an_exploding_loss_counts_as_diverged_where_it_first_exceeds_the_limit() -> None:
+    import math
+
+    data = load_dataset("digits", limit_train=128, limit_test=32)
+    cfg = dict(epochs=2, batch_size=8, lr=20.0, momentum=0.9, seed=0, eval_batch_stats=False)
+    # oracle: the same seeded run without the limit, its batch losses as they come
+    losses: list[float] = []
+    set_seed(0)
+    free = train_classifier(CNN4("gn:8"), data, TrainConfig(**cfg), on_step=lambda step, loss: losses.append(loss))
+    limit = 100.0 * max(free.first_loss, math.log(10))
+    first_bad = next((j for j, loss in enumerate(losses) if not math.isfinite(loss) or loss > limit), None)
+    if first_bad is None and free.diverged:
+        first_bad = len(losses)  # the unguarded run met a non-finite loss at the batch after its last step
+    assert first_bad is not None, "LR 20 should blow this net up; pick a larger one if the maths changed"
+    set_seed(0)
+    guarded = train_classifier(CNN4("gn:8"), data, TrainConfig(**cfg, diverge_factor=100.0))
+    assert guarded.diverged and guarded.steps == first_bad and guarded.final["diverged"]

@@ -5,7 +5,7 @@ statistics of the *training* split only, and int64 labels.
 
 * ``"digits"``: ``sklearn.datasets.load_digits`` (1,797 8x8 grey images, 10 classes), a fixed
   stratified split 1,437 train / 360 test (``random_state=0``), pixels scaled to [0, 1], then
-  standardised with the train split's mean and std (ALGORITHMS.md §4). ``"digits16"``: the same,
+  standardised with the train split's mean and std (docs/EXPERIMENTS.md). ``"digits16"``: the same,
   bilinearly upsampled to 16x16 (E4's random nets).
 * ``"cifar10:PATH"``: the ``data_batch_*`` and ``test_batch`` files of the CIFAR-10 python
   version (``cifar-10-batches-py``) under PATH, standardised per channel.
@@ -26,7 +26,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DIGITS_MAX_SIZE",
     "DataError",
+    "check_data_spec",
     "Dataset",
     "load_cifar10",
     "load_dataset",
@@ -35,7 +37,8 @@ __all__ = [
     "write_cifar10_batches",
 ]
 
-DIGITS_TEST_SIZE = 360  # ALGORITHMS.md §4: 1,437 train / 360 test
+DIGITS_MAX_SIZE = 64  # 'digitsN' upsamples to N x N: 1,797 x 64 x 64 floats = 29 MB; beyond is no longer "small"
+DIGITS_TEST_SIZE = 360  # docs/EXPERIMENTS.md: 1,437 train / 360 test
 CIFAR_FIELDS = 3 * 32 * 32
 
 
@@ -287,6 +290,41 @@ def write_cifar10_batches(
     return written
 
 
+def check_data_spec(spec: str) -> tuple[str, str]:
+    """Check the form of a data spec without loading anything; returns ``(kind, argument)``.
+
+    Raises:
+        DataError: an unknown spec, or ``digitsN`` with N outside 8..64.
+
+    Example:
+        >>> check_data_spec("digits16"), check_data_spec("cifar10:/data")
+        (('digits', '16'), ('cifar10', '/data'))
+        >>> check_data_spec("digits100000")
+        Traceback (most recent call last):
+        ...
+        normkit.lab.data.DataError: --data 'digits100000': the image size must be 8..64, got 100000
+    """
+    if not isinstance(spec, str):
+        raise DataError(f"--data must be a string such as 'digits', got {type(spec).__name__}")
+    kind, sep, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind == "digits" and not sep:
+        return "digits", "8"
+    if kind.startswith("digits") and kind[6:].isdigit() and not sep:
+        size = int(kind[6:])
+        if not 8 <= size <= DIGITS_MAX_SIZE:
+            raise DataError(f"--data {spec!r}: the image size must be 8..{DIGITS_MAX_SIZE}, got {size}")
+        return "digits", str(size)
+    if kind == "cifar10":
+        if not arg:
+            raise DataError("cifar10 needs a path: --data cifar10:PATH (the cifar-10-batches-py folder)")
+        return "cifar10", arg
+    if kind == "synthetic" and not sep:
+        return "synthetic", ""
+    raise DataError(f"unknown data set {spec!r}; expected 'digits', 'digitsN' (N in 8..{DIGITS_MAX_SIZE}), "
+                    "'cifar10:PATH' or 'synthetic'")
+
+
 def load_dataset(spec: str = "digits", *, limit_train: int | None = None, limit_test: int | None = None) -> Dataset:
     """Load a data set by spec: ``"digits"``, ``"digits16"``, ``"cifar10:PATH"`` or ``"synthetic"``.
 
@@ -301,18 +339,11 @@ def load_dataset(spec: str = "digits", *, limit_train: int | None = None, limit_
         >>> load_dataset("digits", limit_train=100).describe()
         {'name': 'digits', 'train': 100, 'test': 360, 'shape': [1, 8, 8], 'classes': 10}
     """
-    kind, sep, arg = spec.partition(":")
-    kind = kind.strip().lower()
-    if kind == "digits" and not sep:
-        ds = load_digits()
-    elif kind.startswith("digits") and kind[6:].isdigit() and not sep:
-        ds = load_digits(int(kind[6:]))
+    kind, arg = check_data_spec(spec)
+    if kind == "digits":
+        ds = load_digits(int(arg))
     elif kind == "cifar10":
-        if not arg:
-            raise DataError("cifar10 needs a path: --data cifar10:PATH (the cifar-10-batches-py folder)")
         ds = load_cifar10(arg)
-    elif kind == "synthetic" and not sep:
-        ds = load_synthetic()
     else:
-        raise DataError(f"unknown data set {spec!r}; expected 'digits', 'digits16', 'cifar10:PATH' or 'synthetic'")
+        ds = load_synthetic()
     return ds if limit_train is None and limit_test is None else ds.limit(limit_train, limit_test)

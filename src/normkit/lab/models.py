@@ -3,9 +3,9 @@
 Each model takes a norm spec (``"bn"``, ``"gn:8"``, ``"ln"``, ``"in"``, ``"ln+pn"``, ``"gn:4+pn"``,
 ``"none"``, ...) or a ``norm_layer`` callable ``C -> nn.Module``; the layer it builds is the norm
 *and* its activation (:func:`normkit.create_norm_act_layer`), so Proxy Norm specs, whose layer
-contains its own activation, drop in like any other norm (ALGORITHMS.md §2.5).
+contains its own activation, drop in like any other norm.
 
-Models (ALGORITHMS.md §4):
+Models (docs/EXPERIMENTS.md, E1..E5):
 
 * :class:`CNN4`: 4 conv3x3 layers (32, 32, pool, 64, 64), global average pool, linear; optional
   ``Linear(64->64, bias=False) -> norm -> act`` head (E1's head variant, where BN pools over
@@ -101,7 +101,7 @@ def _conv_bias(norm: NormLayer) -> bool:
 
 
 class CNN4(nn.Module):
-    """CNN-4 (ALGORITHMS.md §4): conv(in->32) N conv(32->32) N pool conv(32->64) N conv(64->64) N GAP [head] linear.
+    """CNN-4 (docs/EXPERIMENTS.md, E1): conv(in->32) N conv(32->32) N pool conv(32->64) N conv(64->64) N GAP [head] linear.
 
     Args:
         norm: norm spec or ``norm_layer`` callable (norm + activation).

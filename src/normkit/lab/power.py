@@ -1,4 +1,4 @@
-"""The power decomposition of a layer's activations (Proxy Norm paper's diagnostic, ALGORITHMS.md §2.8).
+"""The power decomposition of a layer's activations (Proxy Norm paper's diagnostic, docs/EXPERIMENTS.md, E4).
 
 The maths and the functions live in :mod:`normkit.diagnostics.stats` (below the lab, so
 :class:`normkit.NormMonitor` uses them too); they are re-exported here for the lab's experiments.

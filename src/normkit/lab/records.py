@@ -1,9 +1,14 @@
-"""Runs are records: every experiment writes ``<root>/<experiment>-<timestamp>/`` (ARCHITECTURE.md §7).
+"""Runs are records: every experiment writes ``<root>/<experiment>-<timestamp>/``.
 
 A run folder holds:
 
+* ``manifest.json``: the run's ``status``: ``"running"`` from the start, then ``"finished"``,
+  ``"interrupted"`` (Ctrl-C) or ``"failed"`` (with the error); ``normkit report`` reads only
+  finished runs unless asked for all;
 * ``config.json``: the resolved configuration (every default filled in) and the command line;
-* ``env.json``: torch and Python versions, threads, device, git revision, host;
+* ``env.json``: what explains a difference between two machines: CPU model and cores, load at
+  the start, torch / numpy / normkit / Python versions, threads, BLAS, git revision and whether
+  the tree was dirty, device;
 * ``metrics.jsonl``: one JSON object per line (per epoch, per layer, per step: whatever the
   experiment measures). No wall-clock times go in it, so the same seed gives the same file;
 * ``results.json``: the aggregated numbers the summary is made of;
@@ -29,13 +34,39 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["RunRecord", "environment", "git_revision", "read_metrics", "to_jsonable"]
+__all__ = [
+    "STATUSES",
+    "RunInterrupted",
+    "RunRecord",
+    "check_writable",
+    "cpu_model",
+    "environment",
+    "git_revision",
+    "git_state",
+    "read_manifest",
+    "read_metrics",
+    "to_jsonable",
+]
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; ``path`` is its folder (marked ``interrupted``), ``done``/``total`` what finished."""
+
+    def __init__(self, path: Path | None, done: int | None = None, total: int | None = None) -> None:
+        super().__init__(str(path))
+        self.path, self.done, self.total = path, done, total
+
+
+#: The values of ``manifest.json``'s ``status``.
+STATUSES = ("running", "finished", "interrupted", "failed")
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -60,8 +91,14 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def git_revision(cwd: str | Path | None = None) -> str | None:
-    """The git commit of the source tree (``"<sha>+dirty"`` with uncommitted changes), or ``None``."""
+def git_state(cwd: str | Path | None = None) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the source tree (tracked files only), or ``(None, None)`` outside git.
+
+    Example:
+        >>> sha, dirty = git_state("/")
+        >>> sha is None or len(sha) == 40
+        True
+    """
     where = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
@@ -71,38 +108,157 @@ def git_revision(cwd: str | Path | None = None) -> str | None:
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True, timeout=10
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{sha}+dirty" if dirty else sha
+        return None, None
+    return sha, bool(dirty)
 
 
-def environment(device: str | torch.device = "cpu", world_size: int = 1) -> dict[str, Any]:
-    """What a run needs recorded to be reproduced: versions, threads, device, git revision.
+def git_revision(cwd: str | Path | None = None) -> str | None:
+    """The git commit of the source tree (``"<sha>+dirty"`` with uncommitted changes), or ``None``."""
+    sha, dirty = git_state(cwd)
+    return None if sha is None else (f"{sha}+dirty" if dirty else sha)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`), ``"unknown"`` if neither says.
 
     Example:
-        >>> env = environment()
-        >>> env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+        >>> isinstance(cpu_model(), str) and cpu_model() != ""
         True
     """
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _blas() -> str | None:
+    """The BLAS torch was built with (``BLAS_INFO`` of ``torch.__config__.show()``, e.g. ``"mkl"``)."""
+    import re
+
+    match = re.search(r"\bBLAS_INFO=([^,\s]+)", torch.__config__.show())
+    return match.group(1) if match else None
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def environment(device: str | torch.device = "cpu", world_size: int = 1, **extra: Any) -> dict[str, Any]:
+    """What explains a difference between two runs: hardware, load, versions, threads, BLAS, git state.
+
+    ``extra`` (e.g. the parallelism an experiment chose) is added as is.
+
+    Example:
+        >>> env = environment(jobs=2)
+        >>> env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads() and env["jobs"]
+        2
+        >>> {"cpu_model", "cpu_count", "numpy", "blas", "git", "git_dirty", "load_avg"} <= set(env)
+        True
+    """
+    import numpy
+
     from .. import __version__
 
     dev = torch.device(device)
+    sha, dirty = git_state()
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # pragma: no cover - not Unix
+        load = None
     env: dict[str, Any] = {
         "normkit": __version__,
         "torch": torch.__version__,
+        "numpy": numpy.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpus_usable": _usable_cpus(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "load_avg": load,
         "threads": torch.get_num_threads(),
+        "blas": _blas(),
         "device": str(dev),
         "world_size": world_size,
-        "git": git_revision(),
+        "git": sha,
+        "git_dirty": dirty,
         "argv": sys.argv,
     }
     if dev.type == "cuda" and torch.cuda.is_available():
         env["cuda"] = torch.version.cuda
         env["gpu"] = torch.cuda.get_device_name(dev)
+    env.update(extra)
     return env
+
+
+def check_writable(root: str | Path) -> Path:
+    """Make sure run folders can be written under ``root`` before any work starts; creates nothing.
+
+    ``root`` may not exist yet: then its nearest existing parent must be a writable folder (the run
+    creates the rest).
+
+    Raises:
+        ValueError: one line naming the folder and what is wrong (a file in the way, no permission, ...).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = pathlib.Path(d, "f").write_text("x")
+        ...     check_writable(pathlib.Path(d, "f", "runs"))
+        Traceback (most recent call last):
+        ...
+        ValueError: --out ...: cannot create the runs folder: ... is a file, not a folder
+    """
+    root = Path(root)
+    existing = next(p for p in [root, *root.absolute().parents] if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise ValueError(f"--out {str(root)!r}: cannot create the runs folder: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(root)!r}: cannot write run folders there: {str(existing)!r} is not writable")
+    return root
+
+
+def read_manifest(run: str | Path) -> dict[str, Any]:
+    """A run folder's ``manifest.json``; a folder from before manifests counts as finished if it has ``summary.md``.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     rec = RunRecord.create(root, "demo", {})
+        ...     before = read_manifest(rec.path)["status"]
+        ...     _ = rec.finish()
+        ...     before, read_manifest(rec.path)["status"]
+        ('running', 'finished')
+    """
+    run = Path(run)
+    try:
+        return json.loads((run / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {"status": "finished" if (run / "summary.md").is_file() else "failed", "legacy": True}
+
+
+@contextmanager
+def _sigint_ignored(active: bool = True) -> Iterator[None]:
+    """Ignore Ctrl-C inside the block (main thread only; elsewhere a no-op)."""
+    import signal
+    import threading
+
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -112,16 +268,18 @@ class RunRecord:
     Attributes:
         path: the run folder.
         started: ``time.perf_counter()`` at creation, for :meth:`finish`'s wall time.
+        experiment: the experiment's name (``manifest.json``).
     """
 
     path: Path
     started: float = field(default_factory=time.perf_counter)
+    experiment: str = ""
 
     @classmethod
     def create(
         cls, root: str | Path, experiment: str, config: dict[str, Any], env: dict[str, Any] | None = None
     ) -> RunRecord:
-        """Make ``<root>/<experiment>-<YYYYmmdd-HHMMSS>[-k]/`` and write ``config.json`` and ``env.json``.
+        """Make ``<root>/<experiment>-<YYYYmmdd-HHMMSS>[-k]/``; write ``manifest.json`` (running), ``config.json``, ``env.json``.
 
         Two runs started in the same second get ``-2``, ``-3``, ... suffixes.
         """
@@ -137,16 +295,70 @@ class RunRecord:
                 continue
         else:  # pragma: no cover
             raise RuntimeError(f"could not create a run folder under {root}")
-        rec = cls(path)
+        rec = cls(path, experiment=experiment)
+        rec.set_status("running")
         rec.write_json("config.json", {"experiment": experiment, **config})
         rec.write_json("env.json", env if env is not None else environment())
         (path / "metrics.jsonl").touch()
         return rec
 
+    def set_status(self, status: str, **info: Any) -> None:
+        """Write ``manifest.json``: ``{"experiment", "status", "updated", **info}`` (atomically: a rename)."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        manifest = {"experiment": self.experiment or self.path.name.rsplit("-", 2)[0], "status": status,
+                    "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+        tmp = self.path / ".manifest.json.tmp"
+        tmp.write_text(json.dumps(to_jsonable(manifest), indent=2) + "\n")
+        os.replace(tmp, self.path / "manifest.json")
+
+    @contextmanager
+    def guard(self) -> Iterator[RunRecord]:
+        """Mark the run ``interrupted`` (Ctrl-C, re-raised as :class:`RunInterrupted`) or ``failed`` (any other
+        exception, re-raised as is) if the block raises.
+
+        Example:
+            >>> import tempfile
+            >>> with tempfile.TemporaryDirectory() as root:
+            ...     rec = RunRecord.create(root, "demo", {})
+            ...     try:
+            ...         with rec.guard():
+            ...             raise KeyboardInterrupt
+            ...     except KeyboardInterrupt:
+            ...         pass
+            ...     read_manifest(rec.path)["status"]
+            'interrupted'
+        """
+        try:
+            yield self
+        except BaseException as e:
+            interrupted = isinstance(e, KeyboardInterrupt)
+            info: dict[str, Any] = {} if interrupted else {
+                "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
+            with _sigint_ignored(interrupted):  # a second Ctrl-C must not leave the status at "running"
+                try:
+                    self.set_status("interrupted" if interrupted else "failed", **info)
+                except OSError:  # pragma: no cover - the folder went away; the original error matters more
+                    pass
+            if interrupted and not isinstance(e, RunInterrupted):
+                raise RunInterrupted(self.path) from None
+            raise
+
     def log(self, **metrics: Any) -> None:
-        """Append one JSON line to ``metrics.jsonl`` (keys in the order given)."""
+        """Append one JSON line to ``metrics.jsonl`` (keys in the order given), flushed to disk at once."""
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(to_jsonable(metrics)) + "\n")
+
+    def log_many(self, rows: list[dict[str, Any]]) -> None:
+        """Append several JSON lines in one write (one finished training: all of it or none)."""
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write("".join(json.dumps(to_jsonable(r)) + "\n" for r in rows))
+
+    def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` atomically with ``rows`` (a finished run puts them in a fixed order)."""
+        tmp = self.path / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(to_jsonable(r)) + "\n" for r in rows))
+        os.replace(tmp, self.path / "metrics.jsonl")
 
     def write_json(self, name: str, obj: Any) -> Path:
         """Write ``obj`` as indented JSON to ``name`` in the run folder."""
@@ -161,9 +373,10 @@ class RunRecord:
         return p
 
     def finish(self, **timing: float) -> float:
-        """Write ``timing.json`` (total wall seconds plus any named timings); return the total."""
+        """Write ``timing.json`` (total wall seconds plus any named timings), mark the run finished; return the total."""
         total = time.perf_counter() - self.started
         self.write_json("timing.json", {"wall_s": round(total, 3), **{k: round(v, 3) for k, v in timing.items()}})
+        self.set_status("finished")
         return total
 
 

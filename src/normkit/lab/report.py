@@ -23,10 +23,13 @@ import json
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-__all__ = ["find_runs", "render_html", "write_report"]
+from .records import check_writable, read_manifest
+
+__all__ = ["environment_line", "find_runs", "render_html", "write_report"]
 
 _IMG = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 
@@ -39,7 +42,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def find_runs(root: str | Path, latest_only: bool = True) -> list[Path]:
-    """Run folders under ``root`` (those with a ``config.json``), oldest first; the newest per experiment if ``latest_only``."""
+    """Run folders under ``root`` (those with a ``config.json``), oldest first.
+
+    With ``latest_only``, the newest *finished* run per experiment: a run that was interrupted,
+    failed or is still running (``manifest.json``) never replaces a finished one. Without it, every
+    run, whatever its status (the report marks the unfinished ones).
+    """
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"report: runs root {str(root)!r} is not a folder (run an experiment first, or pass --runs-root)")
@@ -48,6 +56,8 @@ def find_runs(root: str | Path, latest_only: bool = True) -> list[Path]:
         return runs
     latest: dict[str, Path] = {}
     for p in runs:
+        if read_manifest(p).get("status") != "finished":
+            continue
         latest[_read_json(p / "config.json").get("experiment", p.name.split("-")[0])] = p
     return sorted(latest.values(), key=lambda p: ((p / "config.json").stat().st_mtime, p.name))
 
@@ -60,7 +70,14 @@ def _section(run: Path, out_dir: Path) -> str:
     cfg = _read_json(run / "config.json")
     env = _read_json(run / "env.json")
     timing = _read_json(run / "timing.json")
-    summary = (run / "summary.md").read_text() if (run / "summary.md").is_file() else "(no summary.md: the run did not finish)\n"
+    manifest = read_manifest(run)
+    status = manifest.get("status", "?")
+    if status == "finished" and (run / "summary.md").is_file():
+        summary = (run / "summary.md").read_text()
+    else:
+        done = f": {manifest['done']} of {manifest['total']} trainings finished" if "total" in manifest else ""
+        error = f" ({manifest['error']})" if manifest.get("error") else ""
+        summary = f"**Run {status}**{done}{error}; its finished work is in `metrics.jsonl`, there is no summary.\n"
     rel = Path(os.path.relpath(run, out_dir))
 
     def relink(m: re.Match[str]) -> str:
@@ -71,13 +88,37 @@ def _section(run: Path, out_dir: Path) -> str:
 
     argv = env.get("argv") or []
     command = " ".join(["normkit", *argv[1:]]) if argv else "(not recorded)"
-    facts = [f"run folder `{run.name}`", f"command `{command}`"]
+    facts = [f"run folder `{run.name}`", f"status {status}", f"command `{command}`"]
     if env:
-        facts.append(f"torch {env.get('torch')}, {env.get('threads')} threads, device {env.get('device')}, git {str(env.get('git'))[:12]}")
+        facts.append(environment_line(env))
     if timing.get("wall_s") is not None:
         facts.append(f"{timing['wall_s']:.0f} s wall")
-    title = f"## {cfg.get('experiment', run.name)}: {run.name}"
+    title = f"## {cfg.get('experiment', run.name)}: {run.name}" + ("" if status == "finished" else f" ({status})")
     return "\n".join([title, "", "; ".join(facts) + ".", "", _IMG.sub(relink, _shift_headings(summary, 2))])
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    """``env.json`` in one line: machine, load, parallelism, versions, BLAS, git state (what explains a difference).
+
+    Example:
+        >>> environment_line({"cpu_model": "AMD EPYC", "cpu_count": 2, "load_avg": [1.0, 0.5, 0.2], "threads": 1,
+        ...                   "torch": "2.13.0", "numpy": "2.4.6", "normkit": "0.1", "blas": "mkl", "device": "cpu",
+        ...                   "git": "0123456789abcdef", "git_dirty": True})
+        'CPU AMD EPYC, 2 cores, load 1.00 at the start; 1 thread(s); device cpu; torch 2.13.0, numpy 2.4.6, normkit 0.1, BLAS mkl; git 0123456789ab (dirty)'
+    """
+    load = env.get("load_avg")
+    parts = [f"CPU {env.get('cpu_model', '(not recorded)')}, {env.get('cpu_count', '?')} cores"
+             + (f", load {load[0]:.2f} at the start" if load else "")]
+    parts.append(env.get("parallelism") or f"{env.get('threads')} thread(s)")
+    parts.append(f"device {env.get('device')}")
+    parts.append(f"torch {env.get('torch')}, numpy {env.get('numpy', '?')}, normkit {env.get('normkit', '?')}, "
+                 f"BLAS {env.get('blas', '?')}")
+    git = env.get("git")
+    dirty = env.get("git_dirty")
+    if git and "+dirty" in str(git):  # records from before git_dirty
+        git, dirty = str(git).replace("+dirty", ""), True
+    parts.append(f"git {str(git)[:12]}" + (" (dirty)" if dirty else ""))
+    return "; ".join(parts)
 
 
 def render_html(markdown: str, base: Path, title: str = "normkit report") -> str:
@@ -123,12 +164,14 @@ def write_report(
     if not folders:
         raise ValueError(f"report: no runs under {str(runs_root)!r}; run an experiment first (e.g. normkit compare)")
     out_dir = Path(out) if out is not None else (Path(runs_root) if not runs else folders[0].parent)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir)
     header = [
         "# normkit lab report", "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {len(folders)} run(s). Each section is one run: its command, "
-        "environment, summary table with the pass criteria of ALGORITHMS.md §4, and plots.", "",
-        *[f"- {_read_json(f / 'config.json').get('experiment', '?')}: `{f.name}`" for f in folders], "",
+        "environment, summary table with the pass criteria of docs/EXPERIMENTS.md (E1..E5), and plots.", "",
+        *[f"- {_read_json(f / 'config.json').get('experiment', '?')}: `{f.name}`"
+          + ("" if read_manifest(f).get("status") == "finished" else f" ({read_manifest(f).get('status')})")
+          for f in folders], "",
     ]
     md = "\n".join(header) + "\n" + "\n\n".join(_section(f, out_dir) for f in folders) + "\n"
     md_path = out_dir / "report.md"

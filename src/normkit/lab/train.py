@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +58,9 @@ class TrainConfig:
         seed: batch order seed.
         eval_batch_stats: also measure the final test error with batch (train-mode) statistics,
             in test batches of ``batch_size``, for nets that have them (BN).
+        diverge_factor: also stop as diverged when a batch's loss exceeds this many times the
+            untrained loss (the larger of the first batch's loss and ln(classes)); ``None``: only a
+            non-finite loss counts as diverged.
     """
 
     epochs: int = 10
@@ -69,6 +73,7 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 0
     eval_batch_stats: bool = True
+    diverge_factor: float | None = None
 
 
 @dataclass
@@ -264,7 +269,10 @@ def train_classifier(
             loss_value = loss.detach().item()
             if step == 0:
                 result.first_loss = loss_value
-            if not math.isfinite(loss_value):
+            if not math.isfinite(loss_value) or (
+                cfg.diverge_factor is not None
+                and loss_value > cfg.diverge_factor * max(result.first_loss, math.log(data.num_classes))
+            ):
                 result.diverged = True
                 break
             optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""E5: Santurkar et al.'s loss-landscape measures along the gradient, with and without BN (ALGORITHMS.md §3.4).
+"""E5: Santurkar et al.'s loss-landscape measures along the gradient, with and without BN (docs/EXPERIMENTS.md, E5).
 
 A plain 6-conv net (:class:`~normkit.lab.models.VGGish`) trains with SGD. Every ``every`` steps,
 on the batch about to be used, with ``g = grad L_B(theta)`` and step sizes ``eta`` in
@@ -18,17 +18,30 @@ gives the medians over the second half of training (informational).
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..data import load_dataset
-from ..models import VGGish, check_norm_spec
+from ..models import VGGish
 from ..progress import Progress
 from ..train import evaluate, set_seed
-from ._common import markdown_table, resolve_device, set_threads, start_record, verdict
+from ._common import (
+    ConfigError,
+    LabConfig,
+    _norm_specs,
+    check_norm_fits,
+    markdown_table,
+    opt,
+    resolve_device,
+    resolve_threads,
+    set_threads,
+    start_record,
+    verdict,
+)
 
 __all__ = ["LandscapeConfig", "landscape_probe", "run_landscape"]
 
@@ -36,11 +49,10 @@ MEASURES = ("loss_range", "grad_change", "beta")
 
 
 @dataclass
-class LandscapeConfig:
-    """Configuration of ``normkit landscape``.
+class LandscapeConfig(LabConfig):
+    """Configuration of ``normkit landscape`` (every field is also a command-line option; :meth:`validate` checks them).
 
     Attributes:
-        data: data spec.
         norms: baseline first (``"none"``), then ``"bn"`` (any registry spec works).
         steps: training steps per net.
         every: probe every N steps (step 0 included).
@@ -51,28 +63,37 @@ class LandscapeConfig:
         eta_min, eta_max: the step-size range (Santurkar et al.: up to 0.4).
         delta: distance unit of the fixed-distance variant.
         width: first conv width of the net.
-        seed, limit_train, limit_test, device, threads, out, quiet: as elsewhere.
+        seed: seed of the nets and the batch order.
+        data, limit_train, limit_test, device, threads, out, quiet: as in :class:`LabConfig`.
     """
 
-    data: str = "digits"
-    norms: list[str] = field(default_factory=lambda: ["none", "bn"])
-    steps: int = 1000
-    every: int = 25
-    lr: float = 0.1
-    momentum: float = 0.0
-    batch_size: int = 64
-    etas: int = 8
-    eta_min: float = 0.05
-    eta_max: float = 0.4
-    delta: float = 1.0
-    width: int = 32
-    seed: int = 0
-    limit_train: int | None = None
-    limit_test: int | None = None
-    device: str = "auto"
-    threads: int = 2
-    out: str = "runs"
-    quiet: bool = False
+    norms: list[str] = opt(["none", "bn"], "baseline first, then the norms")
+    steps: int = opt(1000, "training steps", min=1)
+    every: int = opt(25, "measure every N steps", min=1)
+    lr: float = opt(0.1, "SGD learning rate", min=0, min_open=True, max=100)
+    momentum: float = opt(0.0, "SGD momentum", min=0, max=1, max_open=True)
+    batch_size: int = opt(64, "samples per step", min=2)
+    etas: int = opt(8, "number of step sizes in [eta-min, eta-max]", min=1, max=1000)
+    eta_min: float = opt(0.05, "smallest step size", min=0, min_open=True)
+    eta_max: float = opt(0.4, "largest step size", min=0, min_open=True)
+    delta: float = opt(1.0, "fixed-distance variant: steps of eta*delta along g/|g|", min=0, min_open=True)
+    width: int = opt(32, "first conv width", min=1, max=512)
+    seed: int = opt(0, "seed", min=0)
+
+    def _check(self) -> None:
+        self.norms = _norm_specs(self.norms, at_least=2, what="landscape compares a baseline with at least one norm")
+        if self.eta_min > self.eta_max:
+            raise ConfigError(f"--eta-min {self.eta_min:g} must be <= --eta-max {self.eta_max:g}")
+        for n in self.norms:
+            check_norm_fits(n, lambda n=n: VGGish(n, width=self.width), f"the VGG-ish net (width {self.width})")
+
+    def check_data(self, data: Any) -> None:
+        """``batch_size`` against the training samples; the norms against the data's channels."""
+        if self.batch_size > len(data.x_train):
+            raise ConfigError(f"--batch-size {self.batch_size} exceeds the {len(data.x_train)} training samples of {data.name}")
+        if data.in_channels != 1 or data.num_classes != 10:
+            for n in self.norms:
+                check_norm_fits(n, lambda n=n: VGGish(n, data.in_channels, data.num_classes, width=self.width), "VGG-ish")
 
 
 def _loss_grad(model: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor) -> tuple[float, Tensor]:
@@ -129,86 +150,91 @@ def landscape_probe(model: nn.Module, x: Tensor, y: Tensor, etas: list[float], d
 
 
 def run_landscape(cfg: LandscapeConfig) -> tuple[Path, str]:
-    """Run E5; returns the run folder and the Markdown summary."""
-    cfg.norms = [check_norm_spec(n) for n in cfg.norms]
-    if cfg.etas < 1:
-        raise ValueError(f"etas must be >= 1, got {cfg.etas}")
-    set_threads(cfg.threads)
+    """Run E5; returns the run folder and the Markdown summary.
+
+    Raises:
+        ConfigError: a bad setting (checked before the data is loaded or the run folder made).
+        normkit.lab.data.DataError: the data cannot be loaded.
+        RunInterrupted: Ctrl-C (the run folder is marked ``interrupted``).
+    """
+    cfg.validate()
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
-    if cfg.batch_size > len(data.x_train):
-        raise ValueError(f"batch size {cfg.batch_size} exceeds the {len(data.x_train)} training samples (--limit-train)")
-    record = start_record(cfg.out, "landscape", cfg, device)
-    etas = torch.linspace(cfg.eta_min, cfg.eta_max, cfg.etas).tolist() if cfg.etas > 1 else [cfg.eta_max]
-    x, y = data.x_train.to(device), data.y_train.to(device)
-    series: dict[str, dict[str, list[float]]] = {}
-    finals: dict[str, dict[str, float]] = {}
-    with Progress(cfg.quiet) as progress:
-        for norm in cfg.norms:
-            bar = progress.add(f"{norm}: steps", total=cfg.steps)
-            set_seed(cfg.seed, device)
-            model = VGGish(norm, data.in_channels, data.num_classes, width=cfg.width).to(device).train()
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-            gen = torch.Generator().manual_seed(cfg.seed)
-            perm, pos = torch.randperm(len(x), generator=gen), 0
-            s: dict[str, list[float]] = {}
-            diverged = False
-            for step in range(cfg.steps):
-                if pos + cfg.batch_size > len(x):
-                    perm, pos = torch.randperm(len(x), generator=gen), 0
-                idx = perm[pos: pos + cfg.batch_size].to(device)
-                pos += cfg.batch_size
-                xb, yb = x[idx], y[idx]
-                if step % cfg.every == 0:
-                    m = landscape_probe(model, xb, yb, etas, cfg.delta)
-                    record.log(norm=norm, step=step, **m)
-                    for k, v in {"step": float(step), **m}.items():
-                        s.setdefault(k, []).append(v)
-                loss = nn.functional.cross_entropy(model(xb), yb)
-                if not torch.isfinite(loss):
-                    diverged = True
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                progress.advance(bar, info=f"loss {loss.detach().item():.3f}")
-            test_loss, test_err = evaluate(model, data.x_test.to(device), data.y_test.to(device))
-            finals[norm] = {"test_err": test_err, "test_loss": test_loss, "diverged": diverged}
-            record.log(norm=norm, kind="final", **finals[norm])
-            series[norm] = s
-    base, others = cfg.norms[0], cfg.norms[1:]
-    med = {n: {k: statistics.median(s[k]) for suffix in ("", "_fixed") for k in (m + suffix for m in MEASURES)}
-           for n, s in series.items()}
-    crit = []
-    for n in others:
-        for suffix in ("", "_fixed"):
-            lower = all(med[n][m + suffix] < med[base][m + suffix] for m in MEASURES)
-            detail = ", ".join(f"{m}: {med[n][m + suffix]:.3g} vs {med[base][m + suffix]:.3g}" for m in MEASURES)
-            crit.append({"text": f"{n}: medians of loss range, gradient change and beta all lower than {base}'s"
-                         + (" (fixed-distance steps)" if suffix else " (steps eta*g)"), "ok": lower, "detail": detail})
-    # The same medians over the second half of training only: a net that sits on its initial plateau
-    # (flat loss, tiny gradients) for long has a deceptively smooth landscape there.
-    late = {n: {k: statistics.median([v for st, v in zip(s["step"], s[k]) if st >= cfg.steps / 2] or s[k])
-                for suffix in ("", "_fixed") for k in (m + suffix for m in MEASURES)} for n, s in series.items()}
-    rows = [[n, *[f"{med[n][m + suffix]:.3g}" for suffix in ("", "_fixed") for m in MEASURES],
-             f"{finals[n]['test_err']:.2f}"] for n in series]
-    rows += [[f"{n} (2nd half)", *[f"{late[n][m + suffix]:.3g}" for suffix in ("", "_fixed") for m in MEASURES], ""]
-             for n in series]
-    summary = "\n".join([
-        f"# landscape: Santurkar et al.'s measures on {data.name} (VGG-ish, width {cfg.width})", "",
-        f"SGD LR {cfg.lr}, batch {cfg.batch_size}, {cfg.steps} steps, probe every {cfg.every} steps with "
-        f"{len(etas)} step sizes in [{etas[0]:.2f}, {etas[-1]:.2f}]; fixed variant: distance eta*{cfg.delta} along g/|g|. "
-        "Medians over time (all probes, then the second half of training only):", "",
-        markdown_table(["norm", "loss range", "grad change", "beta", "loss range (fixed)", "grad change (fixed)",
-                        "beta (fixed)", "final test err %"], rows), "",
-        "Pass criteria (ALGORITHMS.md §4 E5):", "",
-        *[f"- {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit],
-    ]) + "\n"
-    from ..plots import plot_landscape
+    cfg.check_data(data)
+    threads, why = resolve_threads(cfg.threads)
+    set_threads(threads)
+    record = start_record(cfg.out, "landscape", cfg, device, parallelism=why)
+    with record.guard():
+        etas = torch.linspace(cfg.eta_min, cfg.eta_max, cfg.etas).tolist() if cfg.etas > 1 else [cfg.eta_max]
+        x, y = data.x_train.to(device), data.y_train.to(device)
+        series: dict[str, dict[str, list[float]]] = {}
+        finals: dict[str, dict[str, float]] = {}
+        with Progress(cfg.quiet) as progress:
+            for norm in cfg.norms:
+                bar = progress.add(f"{norm}: steps", total=cfg.steps)
+                set_seed(cfg.seed, device)
+                model = VGGish(norm, data.in_channels, data.num_classes, width=cfg.width).to(device).train()
+                opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+                gen = torch.Generator().manual_seed(cfg.seed)
+                perm, pos = torch.randperm(len(x), generator=gen), 0
+                s: dict[str, list[float]] = {}
+                diverged = False
+                for step in range(cfg.steps):
+                    if pos + cfg.batch_size > len(x):
+                        perm, pos = torch.randperm(len(x), generator=gen), 0
+                    idx = perm[pos: pos + cfg.batch_size].to(device)
+                    pos += cfg.batch_size
+                    xb, yb = x[idx], y[idx]
+                    if step % cfg.every == 0:
+                        m = landscape_probe(model, xb, yb, etas, cfg.delta)
+                        record.log(norm=norm, step=step, **m)
+                        for k, v in {"step": float(step), **m}.items():
+                            s.setdefault(k, []).append(v)
+                    loss = nn.functional.cross_entropy(model(xb), yb)
+                    if not torch.isfinite(loss):
+                        diverged = True
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    progress.advance(bar, info=f"loss {loss.detach().item():.3f}")
+                test_loss, test_err = evaluate(model, data.x_test.to(device), data.y_test.to(device))
+                finals[norm] = {"test_err": test_err, "test_loss": test_loss, "diverged": diverged}
+                record.log(norm=norm, kind="final", **finals[norm])
+                series[norm] = s
+        base, others = cfg.norms[0], cfg.norms[1:]
+        med = {n: {k: statistics.median(s[k]) for suffix in ("", "_fixed") for k in (m + suffix for m in MEASURES)}
+               for n, s in series.items()}
+        crit = []
+        for n in others:
+            for suffix in ("", "_fixed"):
+                lower = all(med[n][m + suffix] < med[base][m + suffix] for m in MEASURES)
+                detail = ", ".join(f"{m}: {med[n][m + suffix]:.3g} vs {med[base][m + suffix]:.3g}" for m in MEASURES)
+                crit.append({"text": f"{n}: medians of loss range, gradient change and beta all lower than {base}'s"
+                             + (" (fixed-distance steps)" if suffix else " (steps eta*g)"), "ok": lower, "detail": detail})
+        # The same medians over the second half of training only: a net that sits on its initial plateau
+        # (flat loss, tiny gradients) for long has a deceptively smooth landscape there.
+        late = {n: {k: statistics.median([v for st, v in zip(s["step"], s[k]) if st >= cfg.steps / 2] or s[k])
+                    for suffix in ("", "_fixed") for k in (m + suffix for m in MEASURES)} for n, s in series.items()}
+        rows = [[n, *[f"{med[n][m + suffix]:.3g}" for suffix in ("", "_fixed") for m in MEASURES],
+                 f"{finals[n]['test_err']:.2f}"] for n in series]
+        rows += [[f"{n} (2nd half)", *[f"{late[n][m + suffix]:.3g}" for suffix in ("", "_fixed") for m in MEASURES], ""]
+                 for n in series]
+        summary = "\n".join([
+            f"# landscape: Santurkar et al.'s measures on {data.name} (VGG-ish, width {cfg.width})", "",
+            f"SGD LR {cfg.lr}, batch {cfg.batch_size}, {cfg.steps} steps, probe every {cfg.every} steps with "
+            f"{len(etas)} step sizes in [{etas[0]:.2f}, {etas[-1]:.2f}]; fixed variant: distance eta*{cfg.delta} along g/|g|. "
+            "Medians over time (all probes, then the second half of training only):", "",
+            markdown_table(["norm", "loss range", "grad change", "beta", "loss range (fixed)", "grad change (fixed)",
+                            "beta (fixed)", "final test err %"], rows), "",
+            "Pass criteria (docs/EXPERIMENTS.md, E5):", "",
+            *[f"- {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit],
+        ]) + "\n"
+        from ..plots import plot_landscape
 
-    plot_landscape(series, record.path / "landscape.png")
-    plot_landscape(series, record.path / "landscape_fixed.png", suffix="_fixed")
-    record.write_json("results.json", {"medians": med, "medians_second_half": late, "final": finals, "criteria": crit, "etas": etas})
-    record.write_text("summary.md", summary + "\n![landscape](landscape.png)\n\n![landscape, fixed steps](landscape_fixed.png)\n")
-    record.finish()
-    return record.path, summary
+        plot_landscape(series, record.path / "landscape.png")
+        plot_landscape(series, record.path / "landscape_fixed.png", suffix="_fixed")
+        record.write_json("results.json", {"medians": med, "medians_second_half": late, "final": finals, "criteria": crit, "etas": etas})
+        record.write_text("summary.md", summary + "\n![landscape](landscape.png)\n\n![landscape, fixed steps](landscape_fixed.png)\n")
+        record.finish()
+        return record.path, summary

@@ -18,7 +18,7 @@ test accuracy climbs faster (higher mean accuracy over the checkpoints).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,33 @@ import torch
 from torch import nn
 
 from ..data import load_dataset
-from ..models import CNN4, MLP3, check_norm_spec
+from ..models import CNN4, MLP3
 from ..progress import Progress
 from ..train import TrainConfig, evaluate, set_seed, train_classifier
-from ._common import markdown_table, resolve_device, set_threads, start_record, verdict
+from ._common import (
+    ConfigError,
+    LabConfig,
+    _norm_specs,
+    check_norm_fits,
+    markdown_table,
+    opt,
+    resolve_device,
+    resolve_threads,
+    set_threads,
+    start_record,
+    verdict,
+)
+
+MLP_WIDTH = 100  # the BN paper's MNIST net: 3 hidden layers of 100 sigmoid units
 
 __all__ = ["LRSweepConfig", "run_lr_sweep"]
 
 
 @dataclass
-class LRSweepConfig:
-    """Configuration of ``normkit lr-sweep``.
+class LRSweepConfig(LabConfig):
+    """Configuration of ``normkit lr-sweep`` (every field is also a command-line option; :meth:`validate` checks them).
 
     Attributes:
-        data: data spec.
         norms: the baseline first (``"none"``), then the norms to compare (``"bn"``).
         lrs: the CNN learning-rate grid.
         epochs: epochs per CNN run.
@@ -50,31 +63,47 @@ class LRSweepConfig:
         mlp_lr: MLP-3 learning rate (plain SGD).
         mlp_batch_size: MLP-3 batch size.
         percentile_every: record the percentiles every N steps.
-        unit: the last-hidden-layer unit whose input is plotted.
+        unit: the last-hidden-layer unit whose input is plotted (0..99).
         skip_cnn: run only the MLP part.
-        seed, limit_train, limit_test, device, threads, out, quiet: as elsewhere.
+        seed: seed of the nets and the batch order.
+        data, limit_train, limit_test, device, threads, out, quiet: as in :class:`LabConfig`.
     """
 
-    data: str = "digits"
-    norms: list[str] = field(default_factory=lambda: ["none", "bn"])
-    lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
-    epochs: int = 5
-    batch_size: int = 64
-    eval_every: int = 5
-    max_steps: int | None = None
-    mlp_steps: int = 3000
-    mlp_lr: float = 0.1
-    mlp_batch_size: int = 60
-    percentile_every: int = 50
-    unit: int = 0
-    skip_cnn: bool = False
-    seed: int = 0
-    limit_train: int | None = None
-    limit_test: int | None = None
-    device: str = "auto"
-    threads: int = 2
-    out: str = "runs"
-    quiet: bool = False
+    norms: list[str] = opt(["none", "bn"], "baseline first, then the norms")
+    lrs: list[float] = opt([0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "LR grid", min=0, min_open=True, max=1e4)
+    epochs: int = opt(5, "epochs per CNN run", min=1)
+    batch_size: int = opt(64, "CNN batch size", min=2)
+    eval_every: int = opt(5, "test accuracy every N steps", min=1)
+    max_steps: int | None = opt(None, "cap optimizer steps per CNN run", min=1, metavar="N")
+    mlp_steps: int = opt(3000, "MLP-3 steps; 0 skips the MLP part", min=0)
+    mlp_lr: float = opt(0.1, "MLP-3 learning rate", min=0, min_open=True, max=1e4)
+    mlp_batch_size: int = opt(60, "MLP-3 batch size", min=2)
+    percentile_every: int = opt(50, "record the percentiles every N steps", min=1)
+    unit: int = opt(0, f"which last-hidden-layer unit of MLP-3 to plot (0..{MLP_WIDTH - 1})", min=0, max=MLP_WIDTH - 1)
+    skip_cnn: bool = opt(False, "only the MLP-3 part")
+    seed: int = opt(0, "seed", min=0)
+
+    def _check(self) -> None:
+        self.norms = _norm_specs(self.norms, at_least=2, what="lr-sweep compares a baseline with at least one norm")
+        if self.skip_cnn and self.mlp_steps == 0:
+            raise ConfigError("--skip-cnn with --mlp-steps 0 leaves nothing to run")
+        for n in self.norms:
+            if not self.skip_cnn:
+                check_norm_fits(n, lambda n=n: CNN4(n), "CNN-4")
+            if self.mlp_steps > 0:
+                check_norm_fits(n, lambda n=n: MLP3(n, width=MLP_WIDTH), "MLP-3")
+
+    def check_data(self, data: Any) -> None:
+        """Batch sizes against the training samples; the norms against the data's channels."""
+        n = len(data.x_train)
+        if not self.skip_cnn and self.batch_size > n:
+            raise ConfigError(f"--batch-size {self.batch_size} exceeds the {n} training samples of {data.name}")
+        if self.mlp_steps > 0 and self.mlp_batch_size > n:
+            raise ConfigError(f"--mlp-batch-size {self.mlp_batch_size} exceeds the {n} training samples of {data.name}")
+        if data.in_channels != 1 or data.num_classes != 10:
+            for norm in self.norms:
+                if not self.skip_cnn:
+                    check_norm_fits(norm, lambda norm=norm: CNN4(norm, data.in_channels, data.num_classes), "CNN-4")
 
 
 def _steps_to(curve: list[tuple[int, float]], target_acc: float) -> int | None:
@@ -113,14 +142,10 @@ def _cnn_run(cfg: LRSweepConfig, data: Any, norm: str, lr: float, device: torch.
 
 def _mlp_run(cfg: LRSweepConfig, data: Any, norm: str, device: torch.device, record: Any) -> dict[str, Any]:
     set_seed(cfg.seed, device)
-    model = MLP3(norm, in_features=data.x_train[0].numel(), num_classes=data.num_classes).to(device)
+    model = MLP3(norm, in_features=data.x_train[0].numel(), num_classes=data.num_classes, width=MLP_WIDTH).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.mlp_lr)
     x, y = data.x_train.flatten(1).to(device), data.y_train.to(device)
     xt, yt = data.x_test.flatten(1).to(device), data.y_test.to(device)
-    if not 0 <= cfg.unit < 100:
-        raise ValueError(f"unit must be in 0..99 (a last-hidden-layer unit of MLP-3), got {cfg.unit}")
-    if cfg.mlp_batch_size > len(x):
-        raise ValueError(f"mlp batch size {cfg.mlp_batch_size} exceeds the {len(x)} training samples")
     gen = torch.Generator().manual_seed(cfg.seed)
     perm, pos = torch.randperm(len(x), generator=gen), 0
     series: dict[str, list[float]] = {"steps": [], "p15": [], "p50": [], "p85": [], "acc": []}
@@ -162,61 +187,66 @@ def _mlp_run(cfg: LRSweepConfig, data: Any, norm: str, device: torch.device, rec
 
 
 def run_lr_sweep(cfg: LRSweepConfig) -> tuple[Path, str]:
-    """Run E2; returns the run folder and the Markdown summary."""
-    cfg.norms = [check_norm_spec(n) for n in cfg.norms]
-    if len(cfg.norms) < 2:
-        raise ValueError(f"lr-sweep compares a baseline with at least one norm, got norms={cfg.norms}")
-    if any(lr <= 0 for lr in cfg.lrs):
-        raise ValueError(f"learning rates must be > 0, got {cfg.lrs}")
-    set_threads(cfg.threads)
+    """Run E2; returns the run folder and the Markdown summary.
+
+    Raises:
+        ConfigError: a bad setting (checked before the data is loaded or the run folder made).
+        normkit.lab.data.DataError: the data cannot be loaded.
+        RunInterrupted: Ctrl-C (the run folder is marked ``interrupted``).
+    """
+    cfg.validate()
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
-    record = start_record(cfg.out, "lr-sweep", cfg, device)
-    base, others = cfg.norms[0], cfg.norms[1:]
-    cnn: list[dict[str, Any]] = []
-    mlp: dict[str, dict[str, Any]] = {}
-    lines = [f"# lr-sweep: learning-rate tolerance with and without a norm on {data.name}", ""]
-    crit: list[dict[str, Any]] = []
-    with Progress(cfg.quiet) as progress:
-        if not cfg.skip_cnn:
-            bar = progress.add("CNN-4 LR grid", total=len(cfg.lrs) * len(cfg.norms))
-            for norm in cfg.norms:
-                for lr in sorted(cfg.lrs):
-                    cnn.append(_cnn_run(cfg, data, norm, lr, device, record))
-                    progress.advance(bar, info=f"{norm} lr={lr}: {'diverged' if cnn[-1]['diverged'] else 'ok'}")
-            base_runs = [r for r in cnn if r["norm"] == base and not r["diverged"]]
-            best = max(base_runs, key=lambda r: r["best_acc"]) if base_runs else None
-            if best is not None:
-                lr5 = 5 * best["lr"]
-                for norm in others:
-                    if not any(r["norm"] == norm and math.isclose(r["lr"], lr5) for r in cnn):
-                        cnn.append(_cnn_run(cfg, data, norm, lr5, device, record))
-            crit = _cnn_criteria(cnn, base, others, best)
-            lines += _cnn_summary(cfg, cnn, base, best, crit)
-        if cfg.mlp_steps > 0:
-            bar = progress.add("MLP-3 sigmoid", total=len(cfg.norms))
-            for norm in cfg.norms:
-                mlp[norm] = _mlp_run(cfg, data, norm, device, record)
-                progress.advance(bar, info=norm)
-            mcrit = _mlp_criteria(mlp, base, others)
-            crit += mcrit
-            lines += _mlp_summary(cfg, mlp, mcrit)
-    from ..plots import plot_lr_sweep, plot_percentiles
+    cfg.check_data(data)
+    threads, why = resolve_threads(cfg.threads)
+    set_threads(threads)
+    record = start_record(cfg.out, "lr-sweep", cfg, device, parallelism=why)
+    with record.guard():
+        base, others = cfg.norms[0], cfg.norms[1:]
+        cnn: list[dict[str, Any]] = []
+        mlp: dict[str, dict[str, Any]] = {}
+        lines = [f"# lr-sweep: learning-rate tolerance with and without a norm on {data.name}", ""]
+        crit: list[dict[str, Any]] = []
+        with Progress(cfg.quiet) as progress:
+            if not cfg.skip_cnn:
+                bar = progress.add("CNN-4 LR grid", total=len(cfg.lrs) * len(cfg.norms))
+                for norm in cfg.norms:
+                    for lr in sorted(cfg.lrs):
+                        cnn.append(_cnn_run(cfg, data, norm, lr, device, record))
+                        progress.advance(bar, info=f"{norm} lr={lr}: {'diverged' if cnn[-1]['diverged'] else 'ok'}")
+                base_runs = [r for r in cnn if r["norm"] == base and not r["diverged"]]
+                best = max(base_runs, key=lambda r: r["best_acc"]) if base_runs else None
+                if best is not None:
+                    lr5 = 5 * best["lr"]
+                    for norm in others:
+                        if not any(r["norm"] == norm and math.isclose(r["lr"], lr5) for r in cnn):
+                            cnn.append(_cnn_run(cfg, data, norm, lr5, device, record))
+                crit = _cnn_criteria(cnn, base, others, best)
+                lines += _cnn_summary(cfg, cnn, base, best, crit)
+            if cfg.mlp_steps > 0:
+                bar = progress.add("MLP-3 sigmoid", total=len(cfg.norms))
+                for norm in cfg.norms:
+                    mlp[norm] = _mlp_run(cfg, data, norm, device, record)
+                    progress.advance(bar, info=norm)
+                mcrit = _mlp_criteria(mlp, base, others)
+                crit += mcrit
+                lines += _mlp_summary(cfg, mlp, mcrit)
+        from ..plots import plot_lr_sweep, plot_percentiles
 
-    figs = []
-    if cnn:
-        plot_lr_sweep(cnn, record.path / "lr_sweep.png")
-        _plot_cnn_curves(cnn, base, record.path / "lr_curves.png")
-        figs += ["lr_sweep.png", "lr_curves.png"]
-    if mlp:
-        plot_percentiles({n: s for n, s in mlp.items()}, record.path / "mlp_percentiles.png",
-                         acc={n: s["acc"] for n, s in mlp.items()})
-        figs.append("mlp_percentiles.png")
-    summary = "\n".join(lines) + "\n"
-    record.write_json("results.json", {"cnn": cnn, "mlp": mlp, "criteria": crit})
-    record.write_text("summary.md", summary + "\n" + "\n".join(f"![{f}]({f})" for f in figs) + "\n")
-    record.finish()
-    return record.path, summary
+        figs = []
+        if cnn:
+            plot_lr_sweep(cnn, record.path / "lr_sweep.png")
+            _plot_cnn_curves(cnn, base, record.path / "lr_curves.png")
+            figs += ["lr_sweep.png", "lr_curves.png"]
+        if mlp:
+            plot_percentiles({n: s for n, s in mlp.items()}, record.path / "mlp_percentiles.png",
+                             acc={n: s["acc"] for n, s in mlp.items()})
+            figs.append("mlp_percentiles.png")
+        summary = "\n".join(lines) + "\n"
+        record.write_json("results.json", {"cnn": cnn, "mlp": mlp, "criteria": crit})
+        record.write_text("summary.md", summary + "\n" + "\n".join(f"![{f}]({f})" for f in figs) + "\n")
+        record.finish()
+        return record.path, summary
 
 
 def _max_stable(cnn: list[dict[str, Any]], norm: str) -> float | None:
@@ -260,7 +290,7 @@ def _cnn_summary(cfg: LRSweepConfig, cnn: list[dict[str, Any]], base: str, best:
         "", "Cells: final train loss / best test accuracy; 'diverged' = NaN or final loss above the initial loss (max of the first batch's and ln(classes)).", "",
         markdown_table(["norm", *[f"LR {lr:g}" for lr in lrs]], rows), "",
         *(["Baseline best: LR " + f"{best['lr']:g}, {100 * best['best_acc']:.2f}% test accuracy.", ""] if best else []),
-        "Pass criteria (ALGORITHMS.md §4 E2):", "",
+        "Pass criteria (docs/EXPERIMENTS.md, E2):", "",
         *[f"- {c['name']}: {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit], "",
     ]
 

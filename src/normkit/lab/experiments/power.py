@@ -1,4 +1,4 @@
-"""E4: the power decomposition per layer (ALGORITHMS.md §2.8, §4 E4), before and after the norm.
+"""E4: the power decomposition per layer (docs/EXPERIMENTS.md, E4), before and after the norm.
 
 For each norm, a random ``RandNet-L`` (L conv3x3 layers, circular padding, He-normal weights,
 random per-channel affine ``gamma ~ N(1, 0.2^2)``, ``beta ~ N(0, 0.2^2)``) sees ``samples``
@@ -23,9 +23,10 @@ P_varmean and P_varstd fractions > 1e-6 at every layer.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,11 +36,23 @@ from ...nn import GroupNorm, GroupNormProxyAct2d, LayerNorm2d
 from ...nn.batch_norm import _BatchNorm
 from ...nn.instance_norm import _InstanceNorm
 from ..data import load_dataset
-from ..models import CNN4, RandNet, check_norm_spec, is_instance_norm
+from ..models import CNN4, RandNet, is_instance_norm
 from ..power import TERMS, power_decomposition
 from ..progress import Progress
 from ..train import TrainConfig, set_seed, train_classifier
-from ._common import markdown_table, resolve_device, set_threads, start_record, verdict
+from ._common import (
+    ConfigError,
+    LabConfig,
+    _norm_specs,
+    check_norm_fits,
+    markdown_table,
+    opt,
+    resolve_device,
+    resolve_threads,
+    set_threads,
+    start_record,
+    verdict,
+)
 
 __all__ = ["SITES", "PowerConfig", "decompose_sequence", "normalized_output", "power_criteria", "run_power"]
 
@@ -47,8 +60,8 @@ SITES = ("pre_norm", "post_norm", "post_act")
 
 
 @dataclass
-class PowerConfig:
-    """Configuration of ``normkit power``.
+class PowerConfig(LabConfig):
+    """Configuration of ``normkit power`` (every field is also a command-line option; :meth:`validate` checks them).
 
     Attributes:
         data: inputs (default ``"digits16"``: digits upsampled to 16x16).
@@ -59,27 +72,39 @@ class PowerConfig:
         seed: seed of the random nets (the same for every norm).
         trained: also train CNN-4 per norm and decompose its layers.
         epochs, batch_size, lr, max_steps: training of the ``trained`` nets.
-        limit_train, limit_test: quick runs.
-        device, threads, out, quiet: as elsewhere.
+        limit_train, limit_test, device, threads, out, quiet: as in :class:`LabConfig`.
     """
 
-    data: str = "digits16"
-    norms: list[str] = field(default_factory=lambda: ["bn", "ln", "in", "gn:8", "ln+pn"])
-    depth: int = 20
-    width: int = 64
-    samples: int = 256
-    seed: int = 0
-    trained: bool = False
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 0.05
-    max_steps: int | None = None
-    limit_train: int | None = None
-    limit_test: int | None = None
-    device: str = "auto"
-    threads: int = 2
-    out: str = "runs"
-    quiet: bool = False
+    data: str = opt("digits16", "data set: 'digits', 'digitsN' (upsampled to NxN, 8..64), 'cifar10:PATH', 'synthetic'")
+    norms: list[str] = opt(["bn", "ln", "in", "gn:8", "ln+pn"], "registry specs")
+    depth: int = opt(20, "random-net depth L", min=1, max=500)
+    width: int = opt(64, "random-net width", min=1, max=1024)
+    samples: int = opt(256, "inputs to measure on", min=2)
+    seed: int = opt(0, "seed", min=0)
+    trained: bool = opt(False, "also train CNN-4 with each norm and decompose its 4 layers")
+    epochs: int = opt(5, "epochs for --trained", min=1)
+    batch_size: int = opt(32, "batch size for --trained", min=2)
+    lr: float = opt(0.05, "peak LR for --trained at batch 32, scaled linearly", min=0, min_open=True, max=100)
+    max_steps: int | None = opt(None, "cap optimizer steps for --trained", min=1, metavar="N")
+
+    def _check(self) -> None:
+        self.norms = _norm_specs(self.norms)
+        for n in self.norms:
+            check_norm_fits(n, lambda n=n: RandNet(n, depth=1, width=self.width), f"RandNet (width {self.width})")
+            if self.trained:
+                check_norm_fits(n, lambda n=n: CNN4(n), "CNN-4")
+
+    def check_data(self, data: Any) -> None:
+        """``samples`` and ``batch_size`` against the data; the norms against its channels."""
+        n_train, n_test = len(data.x_train), len(data.x_test)
+        if self.samples > n_train or (self.trained and self.samples > n_test):
+            raise ConfigError(f"--samples {self.samples} exceeds the {min(n_train, n_test) if self.trained else n_train} "
+                              f"samples of {data.name}")
+        if self.trained and self.batch_size > n_train:
+            raise ConfigError(f"--batch-size {self.batch_size} exceeds the {n_train} training samples of {data.name}")
+        if data.in_channels != 1:
+            for n in self.norms:
+                check_norm_fits(n, lambda n=n: RandNet(n, depth=1, width=self.width, in_channels=data.in_channels), "RandNet")
 
 
 def normalized_output(layer: nn.Module, x: Tensor) -> Tensor:
@@ -205,76 +230,85 @@ def _table(fr: dict[str, list[dict[str, dict[str, float]]]], site: str) -> str:
 
 
 def run_power(cfg: PowerConfig) -> tuple[Path, str]:
-    """Run E4; returns the run folder and the Markdown summary."""
-    cfg.norms = [check_norm_spec(n) for n in cfg.norms]
-    set_threads(cfg.threads)
+    """Run E4; returns the run folder and the Markdown summary.
+
+    Raises:
+        ConfigError: a bad setting (checked before the data is loaded or the run folder made).
+        normkit.lab.data.DataError: the data cannot be loaded.
+        RunInterrupted: Ctrl-C (the run folder is marked ``interrupted``).
+    """
+    cfg.validate()
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+    cfg.check_data(data)
+    threads, why = resolve_threads(cfg.threads)
+    set_threads(threads)
     x = data.x_train[: cfg.samples].to(device)
-    record = start_record(cfg.out, "power", cfg, device)
-    random_fr: dict[str, list[dict[str, dict[str, float]]]] = {}
-    trained_fr: dict[str, dict[str, list[dict[str, dict[str, float]]]]] = {"init": {}, "trained": {}}
-    with Progress(cfg.quiet) as progress:
-        bar = progress.add("random nets", total=len(cfg.norms))
-        for norm in cfg.norms:
-            set_seed(cfg.seed, device)
-            net = RandNet(norm, depth=cfg.depth, width=cfg.width, in_channels=data.in_channels).to(device).train()
-            seq = [m for pair in zip(net.convs, net.norm_acts) for m in pair]
-            random_fr[norm] = decompose_sequence(seq, x)
-            for i, layer in enumerate(random_fr[norm], 1):
-                for site, d in layer.items():
-                    record.log(net="randnet", norm=norm, layer=i, site=site, **d)
-            progress.advance(bar, info=norm)
-        if cfg.trained:
-            bar = progress.add("trained CNN-4", total=len(cfg.norms))
-            xt = data.x_test[: cfg.samples].to(device)
+    record = start_record(cfg.out, "power", cfg, device, parallelism=why)
+    with record.guard():
+        random_fr: dict[str, list[dict[str, dict[str, float]]]] = {}
+        trained_fr: dict[str, dict[str, list[dict[str, dict[str, float]]]]] = {"init": {}, "trained": {}}
+        with Progress(cfg.quiet) as progress:
+            bar = progress.add("random nets", total=len(cfg.norms))
             for norm in cfg.norms:
                 set_seed(cfg.seed, device)
-                model = CNN4(norm, data.in_channels, data.num_classes).to(device)
-                # at initialisation BN's running statistics are still (0, 1): measure with batch statistics
-                trained_fr["init"][norm] = decompose_sequence(list(copy.deepcopy(model).train().features), xt)
-                res = train_classifier(model, data, TrainConfig(
-                    epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr * cfg.batch_size / 32, warmup_epochs=1.0,
-                    max_steps=cfg.max_steps, seed=cfg.seed, eval_batch_stats=False), device=device)
-                trained_fr["trained"][norm] = decompose_sequence(list(model.eval().features), xt)
-                for stage in ("init", "trained"):
-                    for i, layer in enumerate(trained_fr[stage][norm], 1):
-                        for site, d in layer.items():
-                            record.log(net=f"cnn4-{stage}", norm=norm, layer=i, site=site, **d)
-                record.log(net="cnn4-trained", norm=norm, kind="final", test_err=res.final.get("test_err"))
-                progress.advance(bar, info=f"{norm}: {res.final.get('test_err', float('nan')):.2f}% test error")
-    post = {n: [layer["post_norm"] for layer in v] for n, v in random_fr.items()}
-    crit = power_criteria(post)
-    lines = [
-        f"# power: decomposition of RandNet-{cfg.depth} (width {cfg.width}) on {cfg.samples} {data.name} inputs",
-        "",
-        "Fractions of the total power (ALGORITHMS.md §2.8). P_mean = channel-wise squared mean (LN's collapse), "
-        "P_varmean / P_varstd = variance over inputs of the instance means / stds (IN forces 0).",
-        "", "## After the norm, before its affine (the pass-criteria site)", "", _table(random_fr, "post_norm"),
-        "", "## Before the norm (conv output)", "", _table(random_fr, "pre_norm"),
-        "", "## Layer output (after affine + activation; Proxy Norm's output for +pn)", "", _table(random_fr, "post_act"),
-        "", "Pass criteria (ALGORITHMS.md §4 E4):", "",
-        *[f"- {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit],
-    ]
-    if cfg.trained:
-        for stage in ("init", "trained"):
-            lines += ["", f"## CNN-4 {stage} ({cfg.epochs} epochs at B={cfg.batch_size})" if stage == "trained" else
-                      "## CNN-4 at initialisation", "", _table(trained_fr[stage], "post_norm"), "",
-                      _table(trained_fr[stage], "pre_norm").replace("| norm |", "| norm (pre-norm) |")]
-    summary = "\n".join(lines) + "\n"
-    from ..plots import plot_power, plot_power_lines
+                net = RandNet(norm, depth=cfg.depth, width=cfg.width, in_channels=data.in_channels).to(device).train()
+                seq = [m for pair in zip(net.convs, net.norm_acts) for m in pair]
+                random_fr[norm] = decompose_sequence(seq, x)
+                for i, layer in enumerate(random_fr[norm], 1):
+                    for site, d in layer.items():
+                        record.log(net="randnet", norm=norm, layer=i, site=site, **d)
+                progress.advance(bar, info=norm)
+            if cfg.trained:
+                bar = progress.add("trained CNN-4", total=len(cfg.norms))
+                xt = data.x_test[: cfg.samples].to(device)
+                for norm in cfg.norms:
+                    set_seed(cfg.seed, device)
+                    model = CNN4(norm, data.in_channels, data.num_classes).to(device)
+                    # at initialisation BN's running statistics are still (0, 1): measure with batch statistics
+                    trained_fr["init"][norm] = decompose_sequence(list(copy.deepcopy(model).train().features), xt)
+                    res = train_classifier(model, data, TrainConfig(
+                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr * cfg.batch_size / 32, warmup_epochs=1.0,
+                        max_steps=cfg.max_steps, seed=cfg.seed, eval_batch_stats=False), device=device)
+                    trained_fr["trained"][norm] = decompose_sequence(list(model.eval().features), xt)
+                    for stage in ("init", "trained"):
+                        for i, layer in enumerate(trained_fr[stage][norm], 1):
+                            for site, d in layer.items():
+                                record.log(net=f"cnn4-{stage}", norm=norm, layer=i, site=site, **d)
+                    record.log(net="cnn4-trained", norm=norm, kind="final", test_err=res.final.get("test_err"))
+                    progress.advance(bar, info=f"{norm}: {res.final.get('test_err', float('nan')):.2f}% test error")
+        post = {n: [layer["post_norm"] for layer in v] for n, v in random_fr.items()}
+        crit = power_criteria(post)
+        lines = [
+            f"# power: decomposition of RandNet-{cfg.depth} (width {cfg.width}) on {cfg.samples} {data.name} inputs",
+            "",
+            "Fractions of the total power (docs/EXPERIMENTS.md, E4). P_mean = channel-wise squared mean (LN's collapse), "
+            "P_varmean / P_varstd = variance over inputs of the instance means / stds (IN forces 0).",
+            "", "## After the norm, before its affine (the pass-criteria site)", "", _table(random_fr, "post_norm"),
+            "", "## Before the norm (conv output)", "", _table(random_fr, "pre_norm"),
+            "", "## Layer output (after affine + activation; Proxy Norm's output for +pn)", "", _table(random_fr, "post_act"),
+            "", "Pass criteria (docs/EXPERIMENTS.md, E4):", "",
+            *[f"- {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit],
+        ]
+        if cfg.trained:
+            for stage in ("init", "trained"):
+                lines += ["", f"## CNN-4 {stage} ({cfg.epochs} epochs at B={cfg.batch_size})" if stage == "trained" else
+                          "## CNN-4 at initialisation", "", _table(trained_fr[stage], "post_norm"), "",
+                          _table(trained_fr[stage], "pre_norm").replace("| norm |", "| norm (pre-norm) |")]
+        summary = "\n".join(lines) + "\n"
+        from ..plots import plot_power, plot_power_lines
 
-    plot_power(post, record.path / "power_post_norm.png", title=f"RandNet-{cfg.depth}: after the norm (before affine)")
-    plot_power({n: [layer["pre_norm"] for layer in v] for n, v in random_fr.items()}, record.path / "power_pre_norm.png",
-               title=f"RandNet-{cfg.depth}: conv output, before the norm")
-    plot_power_lines(post, record.path / "pmean_vs_depth.png", title="P_mean fraction after the norm")
-    figs = ["power_post_norm.png", "power_pre_norm.png", "pmean_vs_depth.png"]
-    if cfg.trained:
-        plot_power({n: [layer["post_norm"] for layer in v] for n, v in trained_fr["trained"].items()},
-                   record.path / "power_trained.png", title="trained CNN-4: after the norm")
-        figs.append("power_trained.png")
-    record.write_json("results.json", {"randnet": random_fr, "cnn4": trained_fr if cfg.trained else None, "criteria": crit,
-                                       "terms": list(TERMS)})
-    record.write_text("summary.md", summary + "\n" + "\n".join(f"![{f}]({f})" for f in figs) + "\n")
-    record.finish()
-    return record.path, summary
+        plot_power(post, record.path / "power_post_norm.png", title=f"RandNet-{cfg.depth}: after the norm (before affine)")
+        plot_power({n: [layer["pre_norm"] for layer in v] for n, v in random_fr.items()}, record.path / "power_pre_norm.png",
+                   title=f"RandNet-{cfg.depth}: conv output, before the norm")
+        plot_power_lines(post, record.path / "pmean_vs_depth.png", title="P_mean fraction after the norm")
+        figs = ["power_post_norm.png", "power_pre_norm.png", "pmean_vs_depth.png"]
+        if cfg.trained:
+            plot_power({n: [layer["post_norm"] for layer in v] for n, v in trained_fr["trained"].items()},
+                       record.path / "power_trained.png", title="trained CNN-4: after the norm")
+            figs.append("power_trained.png")
+        record.write_json("results.json", {"randnet": random_fr, "cnn4": trained_fr if cfg.trained else None, "criteria": crit,
+                                           "terms": list(TERMS)})
+        record.write_text("summary.md", summary + "\n" + "\n".join(f"![{f}]({f})" for f in figs) + "\n")
+        record.finish()
+        return record.path, summary

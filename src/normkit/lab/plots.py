@@ -708,7 +708,6 @@ def percentiles_figure(
         ax.set_ylim(0, 100)
         ax.set_title("test accuracy")
         ax.grid(alpha=0.3)
-        legend(ax, loc="lower right")
         col = 1
     lo = min(min(s["p15"]) for s in series.values())
     hi = max(max(s["p85"]) for s in series.values())
@@ -717,10 +716,10 @@ def percentiles_figure(
         s = series[label]
         ax = axes[0][col + i]
         color = styles[label]["color"]
-        ax.fill_between(s["steps"], s["p15"], s["p85"], alpha=0.2, color=color, lw=0, label="15th-85th percentile")
-        ax.plot(s["steps"], s["p50"], color=color, lw=2.0, label="median (50th)")
+        ax.fill_between(s["steps"], s["p15"], s["p85"], alpha=0.2, color=color, lw=0)
+        ax.plot(s["steps"], s["p50"], color=color, lw=2.0, label=f"{label}: median")
         for q in ("p15", "p85"):
-            ax.plot(s["steps"], s[q], color=color, lw=0.9, ls=(0, (4, 2)), label="15th / 85th" if q == "p15" else None)
+            ax.plot(s["steps"], s[q], color=color, lw=0.9, ls=(0, (4, 2)), label=f"{label}: {q[1:]}th percentile")
         med = list(s["p50"])
         mean = sum(med) / len(med)
         std = math.sqrt(sum((v - mean) ** 2 for v in med) / (len(med) - 1)) if len(med) > 1 else 0.0
@@ -729,7 +728,14 @@ def percentiles_figure(
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][col].set_ylabel("input to one last-hidden sigmoid")
-    _figure_legend(fig, axes[0][col:col + 1], ncols=3)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    grey = "#555555"
+    keys = [(Line2D([], [], color=grey, lw=2.0), "median (thick)"),
+            (Line2D([], [], color=grey, lw=0.9, ls=(0, (4, 2))), "15th and 85th percentiles (dashed)"),
+            (Patch(color=grey, alpha=0.2, lw=0), "15th-85th band")]
+    _figure_legend(fig, axes[0][:col], ncols=len(labels) + 3, extra=keys)
     fig.suptitle("MLP-3 (sigmoid) over training: test accuracy, and the distribution of one sigmoid's input")
     return fig
 

@@ -252,7 +252,8 @@ def _integer_x(ax: Any) -> None:
 def _threshold_label(ax: Any, y: float, text: str, x: float = 0.02, va: str = "bottom") -> None:
     """Write ``text`` next to a horizontal threshold at data height ``y``, from the left edge of ``ax``."""
     ax.annotate(text, xy=(x, y), xycoords=("axes fraction", "data"), fontsize=9, va=va, ha="left",
-                color=THRESHOLD_STYLE["color"], xytext=(0, 2 if va == "bottom" else -2), textcoords="offset points")
+                color=THRESHOLD_STYLE["color"], xytext=(0, 2 if va == "bottom" else -2), textcoords="offset points",
+                bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
 
 
 def _floor(values: Iterable[float], floor: float) -> list[float]:
@@ -485,8 +486,8 @@ def power_figure(
         ax = axes[k // ncols][k % ncols]
         layers = fractions[norm]
         depth = list(range(1, len(layers) + 1))
-        for t in TERMS:
-            ax.plot(depth, _floor([f[t] for f in layers], lo), **_TERM_STYLES[t], markersize=4, label=t)
+        for size, t in zip((6.5, 5.0, 4.0, 3.5), TERMS):  # shrinking markers: terms that coincide stay visible
+            ax.plot(depth, _floor([f[t] for f in layers], lo), **_TERM_STYLES[t], markersize=size, label=t)
         if criteria:
             for y, text in POWER_THRESHOLDS.get(norm_family(norm), []):
                 ax.axhline(y, **THRESHOLD_STYLE, label="pass threshold")
@@ -533,10 +534,10 @@ def power_lines_figure(
 
     Lines that coincide (BN's and IN's P_mean, both ~0) stay visible: markers shrink from the first
     norm to the last and alternate filled / hollow, and a norm whose values all lie below the floor
-    says so in the legend. With ``criteria`` and ``term == "P_mean"``: BN's 0.02 line and the point
+    (default 1e-6, well under the thresholds at 0.02 and 5x LN+PN's ~1e-3) says so in the legend. With ``criteria`` and ``term == "P_mean"``: BN's 0.02 line and the point
     LN's last-layer value must reach (5x LN+PN's).
     """
-    lo = _power_floor(floor)
+    lo = 1e-6 if floor is None else floor
     norms = list(fractions)
     styles = _styles(norms)
     fig, ax = new_figure(1, 1, width=MIN_WIDTH_IN, height=4.2)
@@ -616,9 +617,10 @@ def lr_sweep_figure(rows: Sequence[Mapping[str, Any]], num_classes: int = 10, cr
                              xycoords=("data", "axes fraction"), xytext=(4, 0), textcoords="offset points", fontsize=9)
     for ax in (ax_loss, ax_err):
         ax.set_xscale("log")
-        ax.set_yscale("log")
         ax.set_xlabel("learning rate")
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3)
+    ax_loss.set_yscale("log")
+    _error_axis(ax_err, [100 * (1 - r["best_acc"]) for r in rows if _finite(r.get("best_acc"))])
     ax_loss.set_ylim(top=top * 1.3)
     ax_loss.set_ylabel("final train loss")
     ax_loss.set_title("final train loss (x on top: diverged)")
@@ -641,7 +643,8 @@ def lr_curves_figure(cnn: Sequence[Mapping[str, Any]], base: str = "none", crite
     ``cnn`` holds ``lr-sweep``'s CNN runs (``norm, lr, diverged, best_acc, curve`` with ``curve`` a list of
     ``(step, test accuracy)``). With ``criteria``: the target, the baseline's best test error
     (its best accuracy over all LRs), as a horizontal line in every panel; E2 (ii) asks BN at 5x the
-    baseline's best LR to cross it in fewer steps than the baseline at its best LR.
+    baseline's best LR to cross it in fewer steps than the baseline at its best LR. Those two runs
+    are drawn thick.
     """
     from matplotlib import colormaps
 
@@ -653,6 +656,7 @@ def lr_curves_figure(cnn: Sequence[Mapping[str, Any]], base: str = "none", crite
     fig, axes = new_figure(1, len(norms), width=5.0, height=4.2, squeeze=False, sharey=True)
     ok_base = [r for r in cnn if r["norm"] == base and not r["diverged"] and _finite(r.get("best_acc"))]
     target = 100 * (1 - max(r["best_acc"] for r in ok_base)) if ok_base else None
+    best_lr = max(ok_base, key=lambda r: r["best_acc"])["lr"] if ok_base else None
     values: list[float] = []
     for ax, norm in zip(axes[0], norms):
         for r in sorted((r for r in cnn if r["norm"] == norm), key=lambda r: r["lr"]):
@@ -661,9 +665,12 @@ def lr_curves_figure(cnn: Sequence[Mapping[str, Any]], base: str = "none", crite
                 continue
             ys = [100 * (1 - a) for _, a in r["curve"]]
             values += ys
+            # the two runs E2 (ii) compares: the baseline at its best LR, the others at 5x that LR
+            key = best_lr is not None and math.isclose(r["lr"], best_lr if norm == base else 5 * best_lr)
             ax.plot([s for s, _ in r["curve"]], ys, color=cmap(k / max(len(lrs) - 1, 1) * 0.9),
                     marker=markers[k % len(markers)], ls=dashes[k % len(dashes)], markevery=max(1, len(ys) // 8),
-                    markersize=5, lw=1.3, label=f"LR {r['lr']:g}" + (" (diverged)" if r["diverged"] else ""))
+                    markersize=5, lw=2.8 if key else 1.2, zorder=3 if key else 2,
+                    label=f"LR {r['lr']:g}" + (" (diverged)" if r["diverged"] else "") + (" (E2 (ii), thick)" if key else ""))
         if criteria and target is not None:
             ax.axhline(target, **THRESHOLD_STYLE, label="pass threshold")
             _threshold_label(ax, target, f"target: {base}'s best, {target:.1f} %", x=0.4)

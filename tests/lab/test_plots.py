@@ -314,7 +314,7 @@ def test_landscape_draws_each_measure_and_each_norms_median() -> None:
     assert list(med[0].get_ydata()) == [1.0, 1.0]  # median of (5, 1, 1, 1)
     fixed = plots.landscape_figure({n: {**s, **{k + "_fixed": v for k, v in s.items() if k != "step"}}
                                     for n, s in series.items()}, suffix="_fixed")
-    assert "fixed distance" in fixed.get_suptitle()
+    assert "fixed length" in fixed.get_suptitle()
     assert list(_line(_axes(fixed)[1], "none").get_ydata()) == [10.0] * 4
 
 

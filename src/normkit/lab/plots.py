@@ -789,10 +789,12 @@ def landscape_figure(series: Mapping[str, Mapping[str, Sequence[float]]], suffix
         ax.set_xlabel("training step")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("fixed-distance steps" if suffix else "steps η·g, η ∈ [0.05, 0.4]")
+    for ax, label in zip(axes[0], ("loss range", "gradient change", "effective β")):
+        ax.set_ylabel(label)
     _figure_legend(fig, axes[0], ncols=4)
-    fig.suptitle("Loss landscape along the gradient" + (" (fixed distance)" if suffix else "")
-                 + ("; E5: every median lower with BN" if criteria else ""))
+    fig.suptitle("Loss landscape along the gradient, "
+                 + ("steps of fixed length η·Δ along −g/‖g‖" if suffix else "steps θ − ηg, η from 0.05 to 0.4")
+                 + ("; E5 asks every median to be lower with BN" if criteria else ""))
     return fig
 
 

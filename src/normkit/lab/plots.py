@@ -359,6 +359,8 @@ def _compare_single(rows: Sequence[Mapping[str, Any]], models: list[str], title:
         if criteria and ref is not None and any(norm_family(n) == "ln+pn" for n in norms):
             c = ref["test_err_mean"]
             ax.axhspan(max(c - 1.0, 0.0), c + 1.0, **BAND_STYLE, label="pass band")
+            for y in sorted({max(c - 1.0, 0.0), c + 1.0} - {0.0}):
+                ax.axhline(y, **{**THRESHOLD_STYLE, "linewidth": 0.8})
             _threshold_label(ax, c + 1.0, f"E3: LN+PN within {c:.2f} ± 1 (BN)")
             values.append(c + 1.0)
         ax.set_xticks(range(len(norms)))

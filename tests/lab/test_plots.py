@@ -12,9 +12,9 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from matplotlib.image import imread  # noqa: E402
+from matplotlib.image import imread
 
-from normkit.lab import plots  # noqa: E402
+from normkit.lab import plots
 
 # ---------------------------------------------------------------------------------------------- data
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 import re
 import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "DPI",

@@ -439,7 +439,9 @@ def curves_figure(histories: Mapping[str, Sequence[Mapping[str, Any]]], key: str
         else:
             ax.set_yscale("log")
     _figure_legend(fig, axes[0], ncols=min(len(lines), 6))
-    fig.suptitle(f"{ylabel.capitalize()} per epoch, one panel per batch size" if sizes else f"{ylabel.capitalize()} per epoch")
+    seeds = {t for lab in histories for t in lab.split() if _SEED_TOKEN.match(t)}
+    fig.suptitle(f"{ylabel.capitalize()} per epoch" + (", one panel per batch size" if sizes else "")
+                 + (f" ({seeds.pop().replace('=', ' ')})" if len(seeds) == 1 else ""))
     return fig
 
 

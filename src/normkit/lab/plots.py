@@ -265,6 +265,12 @@ def _floor(values: Iterable[float], floor: float) -> list[float]:
 # ------------------------------------------------------------------------------------------ E1 / E3
 
 
+def _seeds_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``"; one seed"`` when every cell has one seed (``seeds`` key of compare's rows), else the mean ± std note."""
+    counts = {r.get("seeds") for r in rows}
+    return "; one seed" if counts == {1} else "; mean ± std over seeds"
+
+
 def _cell(rows: Sequence[Mapping[str, Any]], model: str, norm: str, b: int) -> Mapping[str, Any] | None:
     return next((r for r in rows if r["model"] == model and r["norm"] == norm and r["batch_size"] == b), None)
 
@@ -335,8 +341,8 @@ def compare_figure(rows: Sequence[Mapping[str, Any]], title: str = "", criteria:
     for ax in axes.flat:
         _error_axis(ax, values)
     _figure_legend(fig, axes.flat)
-    fig.suptitle("Test error against batch size" + (f" ({title})" if title else "")
-                 + "; mean ± std over seeds" + ("; dashed lines and grey bands: E1 pass thresholds" if criteria else ""))
+    fig.suptitle("Test error against batch size" + (f" ({title})" if title else "") + _seeds_note(rows)
+                 + ("; dashed lines and grey bands: E1 pass thresholds" if criteria else ""))
     return fig
 
 
@@ -373,7 +379,7 @@ def _compare_single(rows: Sequence[Mapping[str, Any]], models: list[str], title:
     for ax in axes.flat:
         _error_axis(ax, values)
     _figure_legend(fig, axes.flat, ncols=min(len(norms) + 1, 7))
-    fig.suptitle("Test error per norm" + (f" ({title})" if title else "") + "; mean ± std over seeds")
+    fig.suptitle("Test error per norm" + (f" ({title})" if title else "") + _seeds_note(rows))
     return fig
 
 

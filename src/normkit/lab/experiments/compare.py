@@ -288,7 +288,7 @@ def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
         else:
             d = b["test_err_mean"] - a["test_err_mean"]
             out.append(_criterion("E1 (i)", f"BN error at B={lo} >= BN at B={hi} + 3 pt", [(d - 3.0, _se(a, b))],
-                                  f"{fmt(b['test_err_mean'])} vs {fmt(a['test_err_mean'])} (+{fmt(d)} pt)"))
+                                  f"{fmt(b['test_err_mean'])} vs {fmt(a['test_err_mean'])} ({'+' if d >= 0 else ''}{fmt(d)} pt)"))
     for n in norms:
         if _family(n) in ("bn",):
             continue

@@ -231,12 +231,12 @@ def run_lr_sweep(cfg: LRSweepConfig) -> tuple[Path, str]:
                 mcrit = _mlp_criteria(mlp, base, others)
                 crit += mcrit
                 lines += _mlp_summary(cfg, mlp, mcrit)
-        from ..plots import plot_lr_sweep, plot_percentiles
+        from ..plots import plot_lr_curves, plot_lr_sweep, plot_percentiles
 
         figs = []
         if cnn:
-            plot_lr_sweep(cnn, record.path / "lr_sweep.png")
-            _plot_cnn_curves(cnn, base, record.path / "lr_curves.png")
+            plot_lr_sweep(cnn, record.path / "lr_sweep.png", num_classes=data.num_classes)
+            plot_lr_curves(cnn, record.path / "lr_curves.png", base=base)
             figs += ["lr_sweep.png", "lr_curves.png"]
         if mlp:
             plot_percentiles({n: s for n, s in mlp.items()}, record.path / "mlp_percentiles.png",
@@ -321,19 +321,4 @@ def _mlp_summary(cfg: LRSweepConfig, mlp: dict[str, dict[str, Any]], crit: list[
                         "final test acc %", "final p15 / p50 / p85"], rows), "",
         *[f"- {c['name']}: {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit], "",
     ]
-
-
-def _plot_cnn_curves(cnn: list[dict[str, Any]], base: str, path: Path) -> None:
-    from ..plots import legend, new_figure, save
-
-    fig, ax = new_figure()
-    for i, r in enumerate(r for r in cnn if not r["diverged"] and r["curve"]):
-        ax.plot([s for s, _ in r["curve"]], [100 * (1 - a) for _, a in r["curve"]], lw=1,
-                ls="-" if r["norm"] == base else "--", label=f"{r['norm']} lr={r['lr']:g}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("test error (%)")
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.grid(alpha=0.3)
-    legend(ax, fontsize=6, ncol=2)
-    save(fig, path)
 

@@ -298,7 +298,8 @@ def run_power(cfg: PowerConfig) -> tuple[Path, str]:
         summary = "\n".join(lines) + "\n"
         from ..plots import plot_power, plot_power_lines
 
-        plot_power(post, record.path / "power_post_norm.png", title=f"RandNet-{cfg.depth}: after the norm (before affine)")
+        plot_power(post, record.path / "power_post_norm.png", criteria=True,
+                   title=f"RandNet-{cfg.depth}: after the norm (before affine)")
         plot_power({n: [layer["pre_norm"] for layer in v] for n, v in random_fr.items()}, record.path / "power_pre_norm.png",
                    title=f"RandNet-{cfg.depth}: conv output, before the norm")
         plot_power_lines(post, record.path / "pmean_vs_depth.png", title="P_mean fraction after the norm")

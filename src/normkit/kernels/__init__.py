@@ -429,8 +429,17 @@ def status() -> str:
         lines.append(f"  {name:<{width}}  {where}")
     from . import triton as _triton
 
-    tri = "installed" if _triton.available() else f"not available ({_triton.why_not()})"
-    lines.append(f"Triton kernels (CUDA tensors): {tri}")
+    if not _triton.available():
+        tri = f"not available ({_triton.why_not()})"
+    elif torch.cuda.is_available():
+        tri = f"installed, used for CUDA tensors ({torch.cuda.get_device_name()})"
+    else:
+        tri = "installed; no GPU here (use('triton') runs them in Triton's interpreter if TRITON_INTERPRET=1)"
+    lines.append(f"Triton kernels: {tri}")
+    lines.append(
+        "  every norm pattern above (a split reduction where sets are too few to fill the GPU), "
+        "Proxy Norm's activation step, GroupNormProxyAct2d fused in one kernel each way"
+    )
     lines.append(
         "  any norm with a mask or under torch.func: reference; "
         "on CUDA: triton when installed, else reference"

@@ -14,13 +14,18 @@ if os.environ.get("NORMKIT_TEST_DEVICE", "cpu") == "cpu":
 import pytest
 import torch
 
+# Imported before collection: pytest's importlib mode returns a module already in sys.modules, but
+# executes a package's __init__.py a second time when the doctest collector reaches it first, and
+# the layers would then hold the first normkit.kernels while the tests patch and select backends on
+# the second (a spy-based test then fails depending on the order of the paths given to pytest).
+import normkit
+
 # The kernels' module imports triton (the optional `triton` extra): no doctest collection without it.
 collect_ignore = [] if importlib.util.find_spec("triton") else ["src/normkit/kernels/triton/_kernels.py"]
 
 
 @pytest.fixture(autouse=True)
 def _doctest_namespace(doctest_namespace: dict) -> None:
-    import normkit
 
     doctest_namespace["torch"] = torch
     doctest_namespace["normkit"] = normkit

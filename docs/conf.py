@@ -11,7 +11,6 @@ Build it (from the repository root, with the ``docs`` extra installed)::
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import normkit
@@ -145,4 +144,15 @@ if os.environ.get("NORMKIT_DOCS_MATHJAX"):
 nitpicky = False
 suppress_warnings: list[str] = []
 
-sys.path.insert(0, str(DOCS))
+
+
+def _experiments_page(app, docname, source):
+    """List docs/EXPERIMENTS.md (the lab's protocol, when the repository has it) under the lab page."""
+    if docname == "lab" and (DOCS / "EXPERIMENTS.md").exists():
+        source[0] = source[0].replace(
+            "<!-- normkit-docs: experiments -->", "```{toctree}\n:maxdepth: 1\n\nEXPERIMENTS\n```\n"
+        )
+
+
+def setup(app):
+    app.connect("source-read", _experiments_page)

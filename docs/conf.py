@@ -11,6 +11,7 @@ Build it (from the repository root, with the ``docs`` extra installed)::
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import normkit
@@ -60,6 +61,7 @@ autodoc_default_options = {
     "member-order": "bysource",
 }
 autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented_params"  # no bare type lists for undocumented args
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
 autodoc_inherit_docstrings = False  # torch.nn.Module's docstrings are torch's, not ours
@@ -154,5 +156,31 @@ def _experiments_page(app, docname, source):
         )
 
 
+def _public_bases(app, name, obj, options, bases):
+    """Show a class's public bases: ``torch.nn.BatchNorm2d``, not normkit's private ``_BatchNorm`` mixins."""
+    import torch
+
+    public = []
+    for base in bases:
+        if base.__name__.startswith("_"):
+            continue
+        if base.__module__.startswith("torch.") and getattr(torch.nn, base.__name__, None) is base:
+            base = f"torch.nn.{base.__name__}"
+        public.append(base)
+    bases[:] = public or bases[:1]
+
+
+def _one_letter_args(app, what, name, obj, options, lines):
+    """An argument described as just ``C.`` would render as an enumerated list ("C."): make it the symbol ``C``.
+
+    Runs after napoleon, which puts such a description on the line after ``:param name:``.
+    """
+    for i, line in enumerate(lines):
+        if re.fullmatch(r"\s+[A-Z]\.", line) and i and lines[i - 1].lstrip().startswith(":param "):
+            lines[i] = re.sub(r"([A-Z])\.", r"``\1``.", line)
+
+
 def setup(app):
+    app.connect("autodoc-process-docstring", _one_letter_args)
     app.connect("source-read", _experiments_page)
+    app.connect("autodoc-process-bases", _public_bases)

@@ -183,4 +183,6 @@ def _one_letter_args(app, what, name, obj, options, lines):
 def setup(app):
     app.connect("autodoc-process-docstring", _one_letter_args)
     app.connect("source-read", _experiments_page)
+    # The lab page's contents depend on whether EXPERIMENTS.md exists: re-read it on every build.
+    app.connect("env-get-outdated", lambda app, env, added, changed, removed: ["lab"])
     app.connect("autodoc-process-bases", _public_bases)

@@ -73,7 +73,6 @@ napoleon_custom_sections = [("Shape", "notes_style"), ("Reference", "notes_style
 add_module_names = False
 
 
-
 def _api_modules() -> list[str]:
     """The modules api/index.rst documents, in its order (one place to add a module)."""
     lines = (DOCS / "api" / "index.rst").read_text().splitlines()
@@ -101,7 +100,9 @@ def _homes(modules: list[str]) -> dict[str, str]:
             if inspect.ismodule(obj) or not (inspect.isclass(obj) or callable(obj)):
                 continue
             defined = getattr(obj, "__module__", None) or name
-            owners = [m for m in mods if (defined == m or defined.startswith(m + ".")) and attr in mods[m].__all__]
+            owners = [
+                m for m in mods if (defined == m or defined.startswith(m + ".")) and attr in mods[m].__all__
+            ]
             home = max(owners, key=len) if owners else name
             homes[f"{name}.{attr}"] = f"{home}.{attr}"
     return homes
@@ -147,7 +148,6 @@ nitpicky = False
 suppress_warnings: list[str] = []
 
 
-
 def _experiments_page(app, docname, source):
     """List docs/EXPERIMENTS.md (the lab's protocol, when the repository has it) under the lab page."""
     if docname == "lab" and (DOCS / "EXPERIMENTS.md").exists():
@@ -171,7 +171,7 @@ def _public_bases(app, name, obj, options, bases):
 
 
 def _one_letter_args(app, what, name, obj, options, lines):
-    """An argument described as just ``C.`` would render as an enumerated list ("C."): make it the symbol ``C``.
+    """An argument described as just ``C.`` would render as an enumerated list: make it the symbol ``C``.
 
     Runs after napoleon, which puts such a description on the line after ``:param name:``.
     """

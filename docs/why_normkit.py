@@ -17,7 +17,7 @@ import normkit.functional as NF
 
 
 def offset_precision() -> tuple[float, float]:
-    """GroupNorm(8) of a float32 input ``1e4 + 1e-2 * noise``: largest error against float64, torch vs normkit."""
+    """GroupNorm(8) of float32 ``1e4 + 1e-2 * noise``: largest error against float64, torch vs normkit."""
     g = torch.Generator().manual_seed(0)
     x = 1e4 + 1e-2 * torch.randn(4, 32, 16, 16, generator=g)
     want = nn.functional.group_norm(x.double(), 8, eps=1e-5)
@@ -42,7 +42,7 @@ def nan_batch() -> tuple[str, str]:
 
 
 def checkpoint_round_trip() -> float:
-    """A torch.nn BN checkpoint loaded strictly into normkit's layer: largest output difference, train and eval."""
+    """A torch.nn BN checkpoint loaded strictly into normkit's layer: largest output difference."""
     ref = nn.BatchNorm2d(16)
     with torch.no_grad():
         ref.running_mean.uniform_(-1, 1)
@@ -66,7 +66,7 @@ def wrong_channels() -> tuple[str, str]:
     for cls in (nn.BatchNorm2d, normkit.nn.BatchNorm2d):
         try:
             cls(3)(torch.randn(2, 4, 5, 5))
-        except Exception as err:  # noqa: BLE001 - the point is what each raises
+        except Exception as err:
             out.append(f"{type(err).__name__}: {str(err).splitlines()[0][:70]}")
     return out[0], out[1]
 
@@ -76,10 +76,18 @@ def main() -> None:
     torch_nan, our_nan = nan_batch()
     torch_msg, our_msg = wrong_channels()
     rows = [
-        ("GroupNorm(8) of fp32 `1e4 + 1e-2 * noise`: largest error vs float64", f"{torch_err:.2g}", f"{our_err:.2g}"),
+        (
+            "GroupNorm(8) of fp32 `1e4 + 1e-2 * noise`: largest error vs float64",
+            f"{torch_err:.2g}",
+            f"{our_err:.2g}",
+        ),
         ("BN running statistics after one batch with a NaN", torch_nan, our_nan),
         ("BatchNorm2d(3) on a 4-channel input", torch_msg, our_msg),
-        ("torch.nn BN checkpoint, strict load, largest output difference (train, eval)", "-", f"{checkpoint_round_trip():.1g}"),
+        (
+            "torch.nn BN checkpoint, strict load, largest output difference (train, eval)",
+            "-",
+            f"{checkpoint_round_trip():.1g}",
+        ),
     ]
     print(f"torch {torch.__version__}, normkit {normkit.__version__}, backend {normkit.kernels.current()}\n")
     print("| measured | torch.nn | normkit |\n|---|---|---|")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -26,12 +27,14 @@ def _python_block_after(path: Path, heading: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "path, heading", [(README, "## A 30-second tour"), (DOCS / "index.md", "## Thirty seconds")], ids=["README", "docs-index"]
+    "path, heading",
+    [(README, "## A 30-second tour"), (DOCS / "index.md", "## Thirty seconds")],
+    ids=["README", "docs-index"],
 )
 def test_the_tour_runs(path: Path, heading: str) -> None:
     code = _python_block_after(path, heading)
     namespace: dict[str, object] = {}
-    exec(compile(code, f"{path.name}:{heading}", "exec"), namespace)  # noqa: S102 - the README's own code
+    exec(compile(code, f"{path.name}:{heading}", "exec"), namespace)
 
 
 @pytest.mark.parametrize("path", [README, *sorted(DOCS.glob("*.md"))], ids=lambda p: p.name)
@@ -50,7 +53,7 @@ def test_the_tutorials_readme_names_are_the_files() -> None:
     assert len(list((DOCS / "tutorials").glob("[0-9][0-9]_*.py"))) >= 3
 
 
-def _load_why() -> object:
+def _load_why() -> ModuleType:
     spec = importlib.util.spec_from_file_location("why_normkit", DOCS / "why_normkit.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

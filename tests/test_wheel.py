@@ -41,14 +41,18 @@ def _version_in_source() -> str:
     """``__version__`` as written in src/normkit/__init__.py (the one place it is set)."""
     tree = ast.parse((SRC / "__init__.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", None) == "__version__" for t in node.targets
+        ):
             return ast.literal_eval(node.value)
     raise AssertionError("src/normkit/__init__.py sets no __version__")
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    )
     return proc
 
 
@@ -68,7 +72,9 @@ def test_version_comes_from_one_place(dists: dict[str, Path]) -> None:
     assert dists["wheel"].name == f"normkit-{version}-py3-none-any.whl"
     assert dists["sdist"].name == f"normkit-{version}.tar.gz"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert "version" not in project and "version" in project["dynamic"], "pyproject.toml sets a version of its own"
+    assert "version" not in project and "version" in project["dynamic"], (
+        "pyproject.toml sets a version of its own"
+    )
     with zipfile.ZipFile(dists["wheel"]) as zf:
         metadata = zf.read(f"normkit-{version}.dist-info/METADATA").decode()
     assert f"\nVersion: {version}\n" in metadata
@@ -84,18 +90,39 @@ def test_wheel_carries_the_package_and_nothing_else(dists: dict[str, Path]) -> N
     package = {n for n in names if not n.startswith(info)}
 
     # Every module of the source tree, the typing marker and the C++ sources the kernels build from.
-    expected = {p.relative_to(SRC.parent).as_posix() for p in SRC.rglob("*.py") if "__pycache__" not in p.parts}
+    expected = {
+        p.relative_to(SRC.parent).as_posix() for p in SRC.rglob("*.py") if "__pycache__" not in p.parts
+    }
     expected |= {p.relative_to(SRC.parent).as_posix() for p in (SRC / "kernels" / "csrc").glob("*.cpp")}
     expected.add("normkit/py.typed")
     assert package == expected, (
-        f"missing from the wheel: {sorted(expected - package)}; unexpected in it: {sorted(package - expected)}"
+        f"missing from the wheel: {sorted(expected - package)}; "
+        f"unexpected in it: {sorted(package - expected)}"
     )
-    assert {"normkit/py.typed", "normkit/kernels/csrc/norm_cpu.cpp", "normkit/kernels/csrc/autograd.cpp"} <= package
-    for bad in ("tests/", "docs/", "runs/", "benchmarks/", "__pycache__", ".pyc", ".so", ".egg-info", "build/"):
+    assert {
+        "normkit/py.typed",
+        "normkit/kernels/csrc/norm_cpu.cpp",
+        "normkit/kernels/csrc/autograd.cpp",
+    } <= package
+    for bad in (
+        "tests/",
+        "docs/",
+        "runs/",
+        "benchmarks/",
+        "__pycache__",
+        ".pyc",
+        ".so",
+        ".egg-info",
+        "build/",
+    ):
         assert not any(bad in n for n in names), f"{bad} in the wheel"
 
-    assert {n[len(info):] for n in names if n.startswith(info)} == {
-        "METADATA", "WHEEL", "RECORD", "entry_points.txt", "top_level.txt"
+    assert {n[len(info) :] for n in names if n.startswith(info)} == {
+        "METADATA",
+        "WHEEL",
+        "RECORD",
+        "entry_points.txt",
+        "top_level.txt",
     }
     assert re.search(r"(?m)^\[console_scripts\]\nnormkit = normkit\.cli:main$", entry_points)
     assert "Requires-Python: >=3.11" in metadata
@@ -109,7 +136,13 @@ def test_wheel_carries_the_package_and_nothing_else(dists: dict[str, Path]) -> N
 def test_sdist_carries_the_sources_readme_and_changelog(dists: dict[str, Path]) -> None:
     with tarfile.open(dists["sdist"]) as tf:
         names = [n.split("/", 1)[1] for n in tf.getnames() if "/" in n]
-    for need in ("pyproject.toml", "README.md", "CHANGELOG.md", "src/normkit/__init__.py", "src/normkit/py.typed"):
+    for need in (
+        "pyproject.toml",
+        "README.md",
+        "CHANGELOG.md",
+        "src/normkit/__init__.py",
+        "src/normkit/py.typed",
+    ):
         assert need in names
     for bad in ("tests/", "docs/", "runs/", "benchmarks/", ".ci/"):
         assert not any(n.startswith(bad) for n in names), f"{bad} in the sdist"
@@ -119,7 +152,9 @@ def test_sdist_carries_the_sources_readme_and_changelog(dists: dict[str, Path]) 
 def test_twine_check_passes(dists: dict[str, Path]) -> None:
     if importlib.util.find_spec("twine") is None:
         pytest.skip("twine is not installed (the dist extra installs it)")
-    proc = _run([sys.executable, "-m", "twine", "check", "--strict", str(dists["sdist"]), str(dists["wheel"])])
+    proc = _run(
+        [sys.executable, "-m", "twine", "check", "--strict", str(dists["sdist"]), str(dists["wheel"])]
+    )
     assert proc.stdout.count("PASSED") == 2, proc.stdout
 
 
@@ -146,7 +181,7 @@ def _requirement_closure(names: list[str]) -> list[md.Distribution]:
 
 
 def _link_dependencies(target: Path) -> None:
-    """Link the top-level entries (packages, modules, dist-info) of normkit's runtime dependencies into ``target``."""
+    """Link the top-level entries (packages, modules, dist-info) of normkit's dependencies into ``target``."""
     target.mkdir()
     for dist in _requirement_closure(["torch", "ninja"]):
         site = Path(str(dist.locate_file("")))
@@ -164,12 +199,18 @@ def installed(dists: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     env_dir = root / "env"
     venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
     python = env_dir / "bin" / "python"
-    site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip())
+    site = Path(
+        _run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip()
+    )
     deps = root / "deps"
     _link_dependencies(deps)
     (site / "_normkit_test_deps.pth").write_text(f"{deps}\n")
 
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
+    }
     env.update(
         PIP_NO_INPUT="1",
         PIP_DISABLE_PIP_VERSION_CHECK="1",
@@ -214,7 +255,9 @@ print(json.dumps({
 
     proc = _run([str(installed["python"]), "-c", code], env=installed["env"], cwd=installed["cwd"])
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert Path(got["file"]).is_relative_to(Path(str(installed["site"]))), got["file"]  # the wheel, not the checkout
+    assert Path(got["file"]).is_relative_to(Path(str(installed["site"]))), got[
+        "file"
+    ]  # the wheel, not the checkout
     assert got["version"] == _version_in_source()
     assert got["ok"] and got["typed"]
     assert {"norm_cpu.cpp", "autograd.cpp"} <= set(got["csrc"])

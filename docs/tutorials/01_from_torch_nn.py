@@ -40,12 +40,14 @@ x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
 class SmallCNN(nn.Module):
     def __init__(self, norm_layer=nn.BatchNorm2d):
         super().__init__()
+        # fmt: off
         self.features = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1, bias=False), norm_layer(32), nn.ReLU(),
             nn.Conv2d(32, 32, 3, padding=1, bias=False), norm_layer(32), nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1, bias=False), norm_layer(64), nn.ReLU(),
         )
+        # fmt: on
         self.classifier = nn.Linear(64, 10)
 
     def forward(self, x):
@@ -133,7 +135,12 @@ bad[0, 0, 0, 0] = float("nan")
 model.train()
 with torch.no_grad():
     model(bad)
-print("running_mean finite:", bool(torch.isfinite(bn.running_mean).all()), "| skipped updates:", int(bn.num_skipped_updates))
+print(
+    "running_mean finite:",
+    bool(torch.isfinite(bn.running_mean).all()),
+    "| skipped updates:",
+    int(bn.num_skipped_updates),
+)
 
 try:
     normkit.nn.GroupNorm(4, 30)

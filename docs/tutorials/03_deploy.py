@@ -32,12 +32,14 @@ torch.manual_seed(0)
 
 
 def make_model(norm_layer):
+    # fmt: off
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1, bias=False), norm_layer(16), nn.ReLU(),
         nn.Conv2d(16, 32, 3, stride=2, padding=1), norm_layer(32), nn.ReLU(),
         nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False), norm_layer(32), nn.ReLU(),  # depthwise
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
     )
+    # fmt: on
 
 
 model = make_model(normkit.nn.BatchNorm2d)

@@ -222,7 +222,7 @@ def values_per_statistic(
     """How many values each mean / variance a norm computes on an input of ``shape`` pools over.
 
     BN: ``N * prod(spatial)`` (Ghost BN: its ghost batch instead of N); GN: ``C/G * prod(spatial)``;
-    LN over (C, *spatial): ``C * prod(spatial)``; LN over C per position: ``C``; IN: ``prod(spatial)``.
+    LN over ``(C, *spatial)``: ``C * prod(spatial)``; LN over C per position: ``C``; IN: ``prod(spatial)``.
 
     Example:
         >>> values_per_statistic("bn", (2, 64, 1, 1)), values_per_statistic("gn", (2, 64, 4, 4), groups=8)

@@ -74,8 +74,8 @@ def sync_batch_norm(
 
     Args:
         x: input ``(N, C, *spatial)`` of this process; ``N`` may differ between processes, and be 0.
-        running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
-        unbiased_running_var, mask: as :func:`normkit.functional.batch_norm`.
+        running_mean, running_var, weight, bias: as :func:`normkit.functional.batch_norm`.
+        training, momentum, eps, num_batches_tracked, unbiased_running_var, mask: likewise.
         process_group: the group to synchronise over (``None``: the default, whole world).
 
     Returns:

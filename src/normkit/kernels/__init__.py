@@ -12,7 +12,7 @@ a backend per call:
   more pass, the backward in two, parallel over sets with ``at::parallel_for``. They keep the
   core's contract: float32 statistics for half inputs (float64 for float64), the same saved
   statistics, channels_last kept; a call whose statistics would leave the exact range (a
-  non-finite input, |x| beyond ~1e19 in float32, a variance below 2^-100 that eps does not
+  non-finite input, ``|x|`` beyond ~1e19 in float32, a variance below 2^-100 that eps does not
   dominate) reruns on the reference's scaled path.
 * ``"native"``: torch's own ATen kernels (``native_batch_norm``, ``native_layer_norm``,
   ``native_group_norm`` and their backwards) for the patterns they compute identically (BatchNorm's

@@ -1,6 +1,6 @@
 """Convert batch-norm layers between Keras's and PyTorch's conventions, losslessly.
 
-The two frameworks store the same layer differently (ALGORITHMS.md §1.1, §1.7):
+The two frameworks store the same layer differently:
 
 ===============  ===========================================  =============================================
                  PyTorch (``BatchNorm*d``)                    Keras (``BatchNormalization``)

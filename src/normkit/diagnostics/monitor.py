@@ -109,7 +109,7 @@ class NormMonitor:
       :func:`~normkit.diagnostics.stats.batch_running_gap` between the batch's statistics and
       the running ones as they were before the call (``gap``, ``mean_shift``, ``log_std_ratio``);
     * ``dead`` / ``collapsed``: output channels that are 0 everywhere, or constant;
-    * ``power_in`` / ``power_out``: the power decomposition (ALGORITHMS.md §2.8) of ``x`` and ``y``
+    * ``power_in`` / ``power_out``: the power decomposition (docs/EXPERIMENTS.md, E4) of ``x`` and ``y``
       as fractions of the total, with the total.
 
     ``drift()`` compares the running statistics now with those when the monitor started.

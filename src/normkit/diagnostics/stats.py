@@ -1,7 +1,7 @@
 r"""Pure statistics for diagnosing norm layers: tensors in, numbers out, float64 throughout.
 
 * :func:`power_decomposition` / :func:`power_fractions`: the Proxy Norm paper's power plots
-  (ALGORITHMS.md §2.8). For activations ``y`` of shape ``(N, C, *spatial)``, with per-instance
+  (docs/EXPERIMENTS.md, E4). For activations ``y`` of shape ``(N, C, *spatial)``, with per-instance
   statistics ``mu_c(x) = mean_{hw} y[x, c]`` and ``sig_c(x) = std_{hw} y[x, c]`` (biased), the total
   power ``mean_c E_{x,hw} y^2`` splits *exactly* into four non-negative terms:
 

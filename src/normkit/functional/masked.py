@@ -1,7 +1,7 @@
 """Masked normalization: statistics over the valid positions of each reduction set only.
 
 For padded sequences and images. A boolean ``mask`` (broadcastable to ``x``; ``True`` = valid)
-selects the values each set's statistics pool over (ALGORITHMS.md §0 with 0/1 weights):
+selects the values each set's statistics pool over (:mod:`normkit.ops.core` with 0/1 weights):
 
     n     = sum_S(mask)
     mean  = sum_S(mask * x) / n

@@ -10,7 +10,7 @@ one collective between each (ARCHITECTURE.md §3):
   parallel formula in float64 (:mod:`normkit.functional._collective`), so all hold the same
   global statistics; then it normalizes its own values with them;
 * backward: each process forms the two per-channel sums ``sum dy`` and ``sum dy * x_hat`` over
-  its values; one ``all_reduce`` adds them over the group; then ``dx`` (ALGORITHMS.md §0) with the
+  its values; one ``all_reduce`` adds them over the group; then ``dx`` (:mod:`normkit.ops.core`) with the
   global count. ``dweight`` and ``dbias`` stay per process (sums over its own values), as in
   torch: DistributedDataParallel averages them like every other parameter gradient.
 
@@ -250,7 +250,7 @@ def _sync_batch_norm_train(
     acc = core.acc_dtype(x.dtype)
     # The mean as an exact sum shift + delta, shift representable in the accumulation dtype:
     # (x - shift) is exact for values near the mean (Sterbenz), so a large common offset costs
-    # nothing in fp32 (the core's trick, ALGORITHMS.md §0).
+    # nothing in fp32 (the core's trick, :mod:`normkit.ops.core`).
     shift = g.mean.to(acc)
     delta = (g.mean - shift.to(F64)).to(acc)
     rstd = torch.rsqrt(var + eps).to(acc)

@@ -64,7 +64,6 @@ __all__ = [
     "build",
     "build_dir",
     "current",
-    "describe",
     "is_built",
     "norm_backward",
     "norm_forward",

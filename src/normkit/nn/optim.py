@@ -44,7 +44,7 @@ def param_groups(model: nn.Module, weight_decay: float, **group_options: Any) ->
     ``proxy_weight`` (which it pulls back toward the N(0, 1) proxy), and on any other parameter
     with two or more dims. No decay on norm parameters (BN/GN/LN/IN weight and bias), on Proxy
     Norm's ``weight`` and ``bias``, or on biases: the rule of the Proxy Norm authors' code
-    (ALGORITHMS.md §2.4). Frozen parameters (``requires_grad=False``) are left out.
+    (Labatie et al. 2021). Frozen parameters (``requires_grad=False``) are left out.
 
     Args:
         model: the model.

@@ -1,7 +1,7 @@
 """The one numerical core: per-set statistics, normalize-from-statistics, and its backward.
 
 Every norm in normkit (BN, LN, IN, GN, LayerNorm2d, Ghost BN, Batch Renorm, the norm under Proxy
-Norm ...) is this computation over a different set of dims (ALGORITHMS.md §0):
+Norm ...) is this computation over a different set of dims:
 
     mean = mean_S(x),  var = mean_S((x - mean)^2)  (biased),  rstd = 1 / sqrt(var + eps)
     y    = (x - mean) * rstd * weight + bias

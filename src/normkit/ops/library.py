@@ -1,7 +1,7 @@
 """normkit's norms as ``torch.library`` ops, and the one entry point every norm calls.
 
 Two ops carry every norm (``normkit::norm`` and ``normkit::norm_backward``), because BN, LN, IN,
-GN, LayerNorm2d and the rest differ only in the dims they reduce over (ALGORITHMS.md §0): the
+GN, LayerNorm2d and the rest differ only in the dims they reduce over (:mod:`normkit.ops.core`): the
 schema takes the reduction ``dims`` of a view of the input, and a kernel backend can dispatch on
 that pattern. Proxy Norm's activation step has its own pair (``normkit::proxy_norm_act`` and
 ``normkit::proxy_norm_act_backward``).

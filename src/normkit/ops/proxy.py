@@ -103,7 +103,7 @@ def _vec(p: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _triton(y: Tensor) -> Any:
-    """:mod:`normkit.kernels.triton` where this call on ``y`` runs on it (CUDA, its interpreter), else ``None``."""
+    """:mod:`normkit.kernels.triton` where this call on ``y`` runs on it, else ``None``."""
     from ..kernels import triton_ready
 
     if not triton_ready(y):

@@ -1,4 +1,5 @@
-"""The ``normkit`` command: help for every subcommand, exit codes and messages, the console script, torchrun."""
+"""The ``normkit`` command: help for every subcommand, exit codes and messages, the console script,
+torchrun."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ TINY = ["--limit-train", "32", "--limit-test", "16", "--quiet", "--threads", "1"
 
 def _run(args: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env, **kw
+    )
 
 
 @pytest.mark.parametrize("sub", [None, *SUBCOMMANDS])
@@ -33,9 +36,29 @@ def test_help(sub: str | None, capsys: pytest.CaptureFixture[str]) -> None:
         assert "--out DIR" in out and "--quiet" in out and "--data" in out
 
 
-def test_compare_prints_the_table_and_writes_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["compare", "--norms", "bn,ln+pn", "--batch-sizes", "8,4", "--seeds", "0", "--epochs", "1",
-                 "--max-steps", "2", "--jobs", "1", "--out", str(tmp_path), *TINY])
+def test_compare_prints_the_table_and_writes_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "compare",
+            "--norms",
+            "bn,ln+pn",
+            "--batch-sizes",
+            "8,4",
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "2",
+            "--jobs",
+            "1",
+            "--out",
+            str(tmp_path),
+            *TINY,
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "| norm | B=8 | B=4 |" in out and "run folder:" in out
@@ -52,8 +75,9 @@ def test_compare_prints_the_table_and_writes_the_run(tmp_path: Path, capsys: pyt
         (["report", "--runs-root", "/no/such/runs"], "is not a folder"),
     ],
 )
-def test_errors_exit_2_with_a_clear_message(args: list[str], message: str, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_errors_exit_2_with_a_clear_message(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     extra = [] if args[0] == "report" else ["--out", str(tmp_path), *TINY]
     with pytest.raises(SystemExit) as e:
         main([*args, *extra])
@@ -65,48 +89,141 @@ def test_errors_exit_2_with_a_clear_message(args: list[str], message: str, tmp_p
 def test_corrupt_cifar_exits_nonzero_in_a_real_process(tmp_path: Path) -> None:
     write_cifar10_batches(tmp_path / "c", n_train=4, n_test=2, num_batches=1)
     (tmp_path / "c" / "test_batch").write_bytes(b"garbage")
-    proc = _run(["normkit.cli", "compare", "--data", f"cifar10:{tmp_path / 'c'}", "--out", str(tmp_path / "runs"), *TINY])
+    proc = _run(
+        [
+            "normkit.cli",
+            "compare",
+            "--data",
+            f"cifar10:{tmp_path / 'c'}",
+            "--out",
+            str(tmp_path / "runs"),
+            *TINY,
+        ]
+    )
     assert proc.returncode == 2
     assert "is not a CIFAR-10 python batch" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_compare_on_cifar_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_cifar10_batches(tmp_path / "c", n_train=24, n_test=8, num_batches=2)
-    main(["compare", "--data", f"cifar10:{tmp_path / 'c'}", "--models", "cnn4,resnet", "--norms", "gn:4+pn,in",
-          "--batch-sizes", "4", "--seeds", "0", "--epochs", "1", "--max-steps", "2", "--out", str(tmp_path / "runs"),
-          "--jobs", "1", "--quiet", "--threads", "1", "--device", "cpu"])
+    main(
+        [
+            "compare",
+            "--data",
+            f"cifar10:{tmp_path / 'c'}",
+            "--models",
+            "cnn4,resnet",
+            "--norms",
+            "gn:4+pn,in",
+            "--batch-sizes",
+            "4",
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "2",
+            "--out",
+            str(tmp_path / "runs"),
+            "--jobs",
+            "1",
+            "--quiet",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert "## resnet" in capsys.readouterr().out
 
 
 def test_torchrun_two_process_gloo_smoke(tmp_path: Path) -> None:
     """Data-parallel compare under torchrun: 2 processes on gloo (about 15 s here)."""
-    proc = _run(["torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "normkit.cli", "compare",
-                 "--norms", "bn,gn:8", "--batch-sizes", "4", "--seeds", "0", "--epochs", "1", "--max-steps", "2",
-                 "--out", str(tmp_path), *TINY], timeout=600)  # a bound for a hung run, not a timing
+    proc = _run(
+        [
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "normkit.cli",
+            "compare",
+            "--norms",
+            "bn,gn:8",
+            "--batch-sizes",
+            "4",
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "2",
+            "--out",
+            str(tmp_path),
+            *TINY,
+        ],
+        timeout=600,
+    )  # a bound for a hung run, not a timing
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run,) = tmp_path.iterdir()  # only rank 0 writes
     env = json.loads((run / "env.json").read_text())
     assert env["world_size"] == 2
-    finals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line]
+    finals = [
+        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line
+    ]
     assert len(finals) == 2 and all(r["steps"] == 2 for r in finals)
     assert proc.stdout.count("run folder:") == 1
 
 
-def _interrupted_compare(tmp_path: Path, presses: int) -> tuple[subprocess.CompletedProcess[str], float, Path, int]:
-    """Start ``compare --jobs 2`` as a terminal would (own process group), press Ctrl-C once the first training is
-    on disk, ``presses`` times 0.3 s apart; return the process, seconds from the first press to its exit, the run
+def _interrupted_compare(
+    tmp_path: Path, presses: int
+) -> tuple[subprocess.CompletedProcess[str], float, Path, int]:
+    """Start ``compare --jobs 2`` as a terminal would (own process group), press Ctrl-C once the first
+    training is
+    on disk, ``presses`` times 0.3 s apart; return the process, seconds from the first press to its exit, the
+    run
     folder and the process group (for checking that no worker outlives it)."""
     import signal
     import time
 
     out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "normkit.cli", "compare", "--jobs", "2", "--norms", "bn,gn:8", "--batch-sizes", "8",
-           "--seeds", ",".join(map(str, range(12))), "--epochs", "3", "--limit-train", "256", "--limit-test", "64",
-           "--quiet", "--device", "cpu", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "normkit.cli",
+        "compare",
+        "--jobs",
+        "2",
+        "--norms",
+        "bn,gn:8",
+        "--batch-sizes",
+        "8",
+        "--seeds",
+        ",".join(map(str, range(12))),
+        "--epochs",
+        "3",
+        "--limit-train",
+        "256",
+        "--limit-test",
+        "64",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     try:
-        deadline = time.monotonic() + 600  # a wait, not a timing: the shared machine can be slow to spawn workers
+        deadline = (
+            time.monotonic() + 600
+        )  # a wait, not a timing: the shared machine can be slow to spawn workers
         run = None
         while time.monotonic() < deadline and proc.poll() is None:
             runs = list(out.glob("compare-*"))
@@ -152,7 +269,9 @@ def test_ctrl_c_stops_compare_workers_and_keeps_finished_trainings(tmp_path: Pat
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert elapsed < 10.0  # generous: it stops in well under a second here
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("normkit compare: interrupted") and str(run) in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("normkit compare: interrupted") and str(run) in lines[0], (
+        proc.stderr
+    )
     assert "Traceback" not in proc.stderr
     assert _group_gone(pgid), "a worker process outlived the interrupted run"
     manifest = json.loads((run / "manifest.json").read_text())
@@ -161,7 +280,9 @@ def test_ctrl_c_stops_compare_workers_and_keeps_finished_trainings(tmp_path: Pat
     finals = [r for r in rows if r["kind"] == "final"]
     assert 1 <= len(finals) < 24
     for f in finals:  # every finished training is on disk whole: its 3 epochs, then its final line
-        epochs = [r for r in rows if r["kind"] == "epoch" and (r["norm"], r["seed"]) == (f["norm"], f["seed"])]
+        epochs = [
+            r for r in rows if r["kind"] == "epoch" and (r["norm"], r["seed"]) == (f["norm"], f["seed"])
+        ]
         assert [r["epoch"] for r in epochs] == [1, 2, 3]
     assert not (run / "summary.md").exists()
 
@@ -169,8 +290,15 @@ def test_ctrl_c_stops_compare_workers_and_keeps_finished_trainings(tmp_path: Pat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["compare", "--norms", "bn,gn:3"], "--norms 'gn:3' does not fit cnn4-head: GroupNorm: num_channels (32) must be divisible by num_groups (3)"),
-        (["compare", "--batch-sizes", "1000000"], "--batch-sizes 1000000: 1000000 exceeds the 32 training samples of digits"),
+        (
+            ["compare", "--norms", "bn,gn:3"],
+            "--norms 'gn:3' does not fit cnn4-head: GroupNorm: num_channels (32) must be divisible by "
+            "num_groups (3)",
+        ),
+        (
+            ["compare", "--batch-sizes", "1000000"],
+            "--batch-sizes 1000000: 1000000 exceeds the 32 training samples of digits",
+        ),
         (["compare", "--weight-decay", "-1"], "--weight-decay must be >= 0, got -1"),
         (["compare", "--momentum", "5"], "--momentum must be < 1, got 5"),
         (["compare", "--warmup-epochs", "-1"], "--warmup-epochs must be >= 0, got -1"),
@@ -178,14 +306,20 @@ def test_ctrl_c_stops_compare_workers_and_keeps_finished_trainings(tmp_path: Pat
         (["compare", "--lr", "1e6"], "--lr must be <= 100, got 1e+06"),
         (["compare", "--seeds", "-1"], "--seeds must be >= 0, got -1"),
         (["compare", "--models", "vgg"], "--models must be one of cnn4-head, cnn4, resnet, got 'vgg'"),
-        (["compare", "--data", "digits100000"], "--data 'digits100000': the image size must be 8..64, got 100000"),
+        (
+            ["compare", "--data", "digits100000"],
+            "--data 'digits100000': the image size must be 8..64, got 100000",
+        ),
         (["compare", "--jobs", "0"], "--jobs must be >= 1, got 0"),
         (["lr-sweep", "--mlp-steps", "-1"], "--mlp-steps must be >= 0, got -1"),
         (["lr-sweep", "--unit", "100"], "--unit must be <= 99, got 100"),
         (["lr-sweep", "--norms", "none"], "lr-sweep compares a baseline with at least one norm"),
         (["lr-sweep", "--norms", "none,in"], "--norms 'in' does not fit MLP-3"),
         (["lr-sweep", "--skip-cnn", "--mlp-steps", "0"], "leaves nothing to run"),
-        (["lr-sweep", "--skip-cnn", "--mlp-batch-size", "64"], "--mlp-batch-size 64 exceeds the 32 training samples"),
+        (
+            ["lr-sweep", "--skip-cnn", "--mlp-batch-size", "64"],
+            "--mlp-batch-size 64 exceeds the 32 training samples",
+        ),
         (["power", "--norms", "gn:3"], "--norms 'gn:3' does not fit RandNet (width 64)"),
         (["power", "--samples", "100"], "--samples 100 exceeds the 32 samples of digits16"),
         (["power", "--depth", "0"], "--depth must be >= 1, got 0"),
@@ -195,8 +329,9 @@ def test_ctrl_c_stops_compare_workers_and_keeps_finished_trainings(tmp_path: Pat
         (["landscape", "--threads", "0"], "--threads must be >= 1, got 0"),
     ],
 )
-def test_every_setting_is_checked_before_any_work(args: list[str], message: str, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_setting_is_checked_before_any_work(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "runs"
     with pytest.raises(SystemExit) as e:
         main([args[0], "--out", str(out), *TINY, *args[1:]])  # the case's options last: they override TINY's
@@ -210,30 +345,81 @@ def test_every_setting_is_checked_before_any_work(args: list[str], message: str,
 def test_an_unwritable_out_is_one_line_before_any_work(sub: str, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
     out = tmp_path / "file" / "runs"
-    args = ["--runs-root", str(tmp_path), "--out", str(out)] if sub == "report" else ["--out", str(out), *TINY]
+    args = (
+        ["--runs-root", str(tmp_path), "--out", str(out)] if sub == "report" else ["--out", str(out), *TINY]
+    )
     if sub == "report":
         (tmp_path / "x-1").mkdir()
         (tmp_path / "x-1" / "config.json").write_text("{}")
         (tmp_path / "x-1" / "summary.md").write_text("# x\n")
     proc = _run(["normkit.cli", sub, *args])
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "is a file, not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.count("\n") == 1
+        and "is a file, not a folder" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
 
 
 def test_repeated_settings_run_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    main(["compare", "--norms", "gn:8,GN:8", "--batch-sizes", "4,4", "--seeds", "0,0", "--epochs", "1", "--max-steps", "1",
-          "--jobs", "1", "--out", str(tmp_path), *TINY])
+    main(
+        [
+            "compare",
+            "--norms",
+            "gn:8,GN:8",
+            "--batch-sizes",
+            "4,4",
+            "--seeds",
+            "0,0",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--jobs",
+            "1",
+            "--out",
+            str(tmp_path),
+            *TINY,
+        ]
+    )
     (run,) = tmp_path.iterdir()
-    finals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line]
+    finals = [
+        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line
+    ]
     assert [(r["norm"], r["batch_size"], r["seed"]) for r in finals] == [("gn:8", 4, 0)]
 
 
-def test_a_diverging_training_reads_diverged_not_an_error_rate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    main(["compare", "--norms", "gn:8", "--batch-sizes", "8,4", "--seeds", "0", "--epochs", "1", "--lr", "100",
-          "--jobs", "1", "--out", str(tmp_path), *TINY])
+def test_a_diverging_training_reads_diverged_not_an_error_rate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(
+        [
+            "compare",
+            "--norms",
+            "gn:8",
+            "--batch-sizes",
+            "8,4",
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--lr",
+            "100",
+            "--jobs",
+            "1",
+            "--out",
+            str(tmp_path),
+            *TINY,
+        ]
+    )
     out = capsys.readouterr().out
     (run,) = tmp_path.iterdir()
-    finals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line]
+    finals = [
+        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line
+    ]
     assert len(finals) == 2 and all(r["diverged"] for r in finals)
-    assert "| gn:8 | diverged (1/1 seeds) | diverged (1/1 seeds) |" in out and "**Warning**: 2 training(s) diverged" in out
+    assert (
+        "| gn:8 | diverged (1/1 seeds) | diverged (1/1 seeds) |" in out
+        and "**Warning**: 2 training(s) diverged" in out
+    )
     assert "E1 (ii): gn:8 at B=4 within ±1.5 pt of B=8: **n/a**" in out

@@ -5,8 +5,10 @@ The experiments' options are generated from their config dataclasses
 the checks: every setting is checked before any data is loaded or any run folder made.
 
 Subcommands: ``compare`` (E1/E3, the main job), ``power`` (E4), ``lr-sweep`` (E2), ``landscape``
-(E5), ``reproduce`` (all of them, writing docs/RESULTS.md), ``report``, ``bench`` (torch native vs normkit's backends) and ``kernels`` (``status`` /
-``build`` of the fused CPU kernels). ``normkit <subcommand> --help`` lists each one's options. Every experiment
+(E5), ``reproduce`` (all of them, writing docs/RESULTS.md), ``report``, ``bench`` (torch native vs normkit's
+backends) and ``kernels`` (``status`` /
+``build`` of the fused CPU kernels). ``normkit <subcommand> --help`` lists each one's options. Every
+experiment
 writes ``runs/<experiment>-<timestamp>/`` (``--out`` moves the root). A bad option, an unknown
 norm or an unreadable data path exits with status 2 and a one-line message; Ctrl-C stops the run
 within a couple of seconds, marks its folder ``interrupted`` and exits with status 130.
@@ -60,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``normkit`` argument parser (subcommands and their options)."""
     parser = argparse.ArgumentParser(
         prog="normkit",
-        description="normkit's lab: experiments that reproduce the normalization papers' claims on small data.",
-        epilog="Run 'normkit compare' for the main job (3 to 6 minutes on 2 CPU cores). Results measured here: docs/RESULTS.md.",
+        description="normkit's lab: experiments that reproduce the normalization papers' claims on small "
+        "data.",
+        epilog="Run 'normkit compare' for the main job (3 to 6 minutes on 2 CPU cores). Results measured "
+        "here: docs/RESULTS.md.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -75,55 +79,114 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .lab.reproduce import ReproduceConfig
 
-    p = sub.add_parser("reproduce", help="run E1..E5 as docs/RESULTS.md reports them and write RESULTS.md from the runs",
-                       description="Run the lab's protocol (compare with and without the head, E3, power --trained, "
-                                   "lr-sweep, landscape) with the current code and write docs/RESULTS.md (tables, "
-                                   "verdicts with their margins over the seeds, figures, and the machine it ran on). "
-                                   "About 25 minutes on 2 idle CPU cores with the default 5 seeds.")
+    p = sub.add_parser(
+        "reproduce",
+        help="run E1..E5 as docs/RESULTS.md reports them and write RESULTS.md from the runs",
+        description="Run the lab's protocol (compare with and without the head, E3, power --trained, "
+        "lr-sweep, landscape) with the current code and write docs/RESULTS.md (tables, "
+        "verdicts with their margins over the seeds, figures, and the machine it ran on). "
+        "About 25 minutes on 2 idle CPU cores with the default 5 seeds.",
+    )
     add_config_arguments(p, ReproduceConfig)
 
-    p = sub.add_parser("report", help="gather runs into one Markdown report and a static HTML page",
-                       description="Collect the run folders under a runs root (or the folders given) into report.md and "
-                                   "report.html (plots embedded) that a person can read.")
-    p.add_argument("runs", nargs="*", help="run folders (default: the latest run of each experiment under --runs-root)")
+    p = sub.add_parser(
+        "report",
+        help="gather runs into one Markdown report and a static HTML page",
+        description="Collect the run folders under a runs root (or the folders given) into report.md and "
+        "report.html (plots embedded) that a person can read.",
+    )
+    p.add_argument(
+        "runs", nargs="*", help="run folders (default: the latest run of each experiment under --runs-root)"
+    )
     p.add_argument("--runs-root", default="runs", help="where to look for runs (default: runs)")
     p.add_argument("--all", action="store_true", help="every run, not only the latest per experiment")
-    p.add_argument("--out", metavar="DIR", help="where to write report.md/report.html (default: the runs root)")
+    p.add_argument(
+        "--out", metavar="DIR", help="where to write report.md/report.html (default: the runs root)"
+    )
 
-    p = sub.add_parser("bench", help="torch native vs every normkit backend, side by side (norms and training steps)",
-                       description="Time torch's norms and normkit's (each backend) on the same shapes in one process, "
-                                   "interleaved: ms, effective GB/s, ratios to native and to a same-size copy; then one "
-                                   "training step of a ResNet-18-style net and of CNN-4 with torch.nn's norms vs "
-                                   "normkit's. Prints Markdown; --json writes everything.")
-    p.add_argument("--shapes", type=_csv(_shape), help="e.g. 32x64x56x56,8x256x28x28 (default: PERFORMANCE.md's shapes)")
-    p.add_argument("--layouts", type=_csv(_choice("nchw", "cl")), default=["nchw", "cl"], help="nchw,cl (default: both)")
-    p.add_argument("--dtypes", type=_csv(_choice("fp32", "bf16")), default=["fp32", "bf16"], help="fp32,bf16 (default: both)")
-    p.add_argument("--passes", type=_csv(_choice("fwd", "fwdbwd")), default=["fwd", "fwdbwd"], help="fwd,fwdbwd (default: both)")
-    p.add_argument("--ops", type=_csv(str), help="only the ops whose name contains one of these, e.g. batch_norm,group")
-    p.add_argument("--backends", type=_csv(_choice("reference", "cpu", "native", "triton")),
-                   help="normkit backends to time (default: all available for the device)")
-    p.add_argument("--device", type=_choice("cpu", "cuda"), default="cpu",
-                   help="cpu, or cuda: torch native (cuDNN), normkit's Triton kernels and torch.compile on a GPU, "
-                        "with ResNet-50-sized shapes added and %% of the GPU's peak bandwidth (default: cpu)")
-    p.add_argument("--peak-gbps", type=_pfloat, help="the device's peak bandwidth for the %% of peak column "
-                                                     "(default: known GPUs' datasheet figure)")
-    p.add_argument("--repeats", type=_pint, default=3, help="interleaved repeats; the best median is kept (default: 3)")
+    p = sub.add_parser(
+        "bench",
+        help="torch native vs every normkit backend, side by side (norms and training steps)",
+        description="Time torch's norms and normkit's (each backend) on the same shapes in one process, "
+        "interleaved: ms, effective GB/s, ratios to native and to a same-size copy; then one "
+        "training step of a ResNet-18-style net and of CNN-4 with torch.nn's norms vs "
+        "normkit's. Prints Markdown; --json writes everything.",
+    )
+    p.add_argument(
+        "--shapes", type=_csv(_shape), help="e.g. 32x64x56x56,8x256x28x28 (default: PERFORMANCE.md's shapes)"
+    )
+    p.add_argument(
+        "--layouts", type=_csv(_choice("nchw", "cl")), default=["nchw", "cl"], help="nchw,cl (default: both)"
+    )
+    p.add_argument(
+        "--dtypes",
+        type=_csv(_choice("fp32", "bf16")),
+        default=["fp32", "bf16"],
+        help="fp32,bf16 (default: both)",
+    )
+    p.add_argument(
+        "--passes",
+        type=_csv(_choice("fwd", "fwdbwd")),
+        default=["fwd", "fwdbwd"],
+        help="fwd,fwdbwd (default: both)",
+    )
+    p.add_argument(
+        "--ops", type=_csv(str), help="only the ops whose name contains one of these, e.g. batch_norm,group"
+    )
+    p.add_argument(
+        "--backends",
+        type=_csv(_choice("reference", "cpu", "native", "triton")),
+        help="normkit backends to time (default: all available for the device)",
+    )
+    p.add_argument(
+        "--device",
+        type=_choice("cpu", "cuda"),
+        default="cpu",
+        help="cpu, or cuda: torch native (cuDNN), normkit's Triton kernels and torch.compile on a GPU, "
+        "with ResNet-50-sized shapes added and %% of the GPU's peak bandwidth (default: cpu)",
+    )
+    p.add_argument(
+        "--peak-gbps",
+        type=_pfloat,
+        help="the device's peak bandwidth for the %% of peak column (default: known GPUs' datasheet figure)",
+    )
+    p.add_argument(
+        "--repeats", type=_pint, default=3, help="interleaved repeats; the best median is kept (default: 3)"
+    )
     p.add_argument("--min-time", type=_pfloat, default=0.2, help="seconds per op measurement (default: 0.2)")
     p.add_argument("--threads", type=_pint, default=2, help="torch intra-op threads (default: 2)")
-    p.add_argument("--compile", action="store_true", help="also torch.compile: the naive composite, and the compiled training steps")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also torch.compile: the naive composite, and the compiled training steps",
+    )
     p.add_argument("--no-ops", action="store_true", help="skip the per-op part")
-    p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
-                   help="the training steps: ResNet-18-style 32x32/64x64 at batch 32 and 2, CNN-4 at batch 2 (default: on)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: one small shape, one repeat, small training steps")
+    p.add_argument(
+        "--e2e",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the training steps: ResNet-18-style 32x32/64x64 at batch 32 and 2, CNN-4 at batch 2 (default: "
+        "on)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke run: one small shape, one repeat, small training steps"
+    )
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     p.add_argument("--md", metavar="PATH", help="also write the Markdown tables to a file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no-pin", action="store_true", help="do not pin glibc's allocator (fresh large outputs then pay page faults)")
+    p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin glibc's allocator (fresh large outputs then pay page faults)",
+    )
 
-    p = sub.add_parser("kernels", help="the kernel backends: what is built, what each norm runs on; build ahead of time",
-                       description="'status' says which backend each common norm runs on here and whether the fused CPU "
-                                   "kernels are built; 'build' compiles them now (about 40 s, once per machine and torch "
-                                   "version) instead of on first use.")
+    p = sub.add_parser(
+        "kernels",
+        help="the kernel backends: what is built, what each norm runs on; build ahead of time",
+        description="'status' says which backend each common norm runs on here and whether the fused CPU "
+        "kernels are built; 'build' compiles them now (about 40 s, once per machine and torch "
+        "version) instead of on first use.",
+    )
     p.add_argument("action", choices=["status", "build"], help="status or build")
     p.add_argument("--verbose", action="store_true", help="build: show the compiler's output")
     return parser
@@ -132,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _shape(text: str) -> tuple[int, ...]:
     parts = text.lower().split("x")
     if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"a shape is N x C x H x W (four sizes joined by 'x'), e.g. 32x64x56x56; got {text!r}")
+        raise ValueError(
+            f"a shape is N x C x H x W (four sizes joined by 'x'), e.g. 32x64x56x56; got {text!r}"
+        )
     return tuple(int(p) for p in parts)
 
 

@@ -18,8 +18,16 @@ TINY = {"limit_train": 32, "limit_test": 16, "quiet": True, "device": "cpu", "th
 
 
 def _compare(out: Path, **kw) -> Path:
-    cfg = CompareConfig(norms=["bn", "gn:8", "ln+pn"], batch_sizes=[8, 4], seeds=[0], epochs=2, max_steps=2, jobs=1,
-                        out=str(out), **{**TINY, **kw})
+    cfg = CompareConfig(
+        norms=["bn", "gn:8", "ln+pn"],
+        batch_sizes=[8, 4],
+        seeds=[0],
+        epochs=2,
+        max_steps=2,
+        jobs=1,
+        out=str(out),
+        **{**TINY, **kw},
+    )
     outcome = run_compare(cfg)
     assert outcome.path is not None
     return outcome.path
@@ -27,8 +35,16 @@ def _compare(out: Path, **kw) -> Path:
 
 def test_compare_smoke_writes_a_complete_record(tmp_path: Path) -> None:
     path = _compare(tmp_path)
-    for name in ("config.json", "env.json", "metrics.jsonl", "results.json", "summary.md", "timing.json",
-                 "error_vs_batch.png", "curves.png"):
+    for name in (
+        "config.json",
+        "env.json",
+        "metrics.jsonl",
+        "results.json",
+        "summary.md",
+        "timing.json",
+        "error_vs_batch.png",
+        "curves.png",
+    ):
         assert (path / name).is_file(), name
     rows = read_metrics(path)
     finals = [r for r in rows if r["kind"] == "final"]
@@ -37,7 +53,11 @@ def test_compare_smoke_writes_a_complete_record(tmp_path: Path) -> None:
     summary = (path / "summary.md").read_text()
     assert "| bn (batch stats) |" in summary and "E1 (i)" in summary and "B=8" in summary
     cfg = json.loads((path / "config.json").read_text())
-    assert cfg["experiment"] == "compare" and cfg["norms"] == ["bn", "gn:8", "ln+pn"] and cfg["warmup_epochs"] == 1.0
+    assert (
+        cfg["experiment"] == "compare"
+        and cfg["norms"] == ["bn", "gn:8", "ln+pn"]
+        and cfg["warmup_epochs"] == 1.0
+    )
 
 
 def test_compare_same_seed_same_files(tmp_path: Path) -> None:
@@ -48,9 +68,18 @@ def test_compare_same_seed_same_files(tmp_path: Path) -> None:
 
 
 def test_compare_worker_processes_give_the_same_numbers(tmp_path: Path) -> None:
-    kw = {"norms": ["bn", "ln+pn"], "batch_sizes": [4], "seeds": [0, 1], "epochs": 1, "max_steps": 2, "out": None}
+    kw = {
+        "norms": ["bn", "ln+pn"],
+        "batch_sizes": [4],
+        "seeds": [0, 1],
+        "epochs": 1,
+        "max_steps": 2,
+        "out": None,
+    }
     one = run_compare(CompareConfig(**{**kw, "out": str(tmp_path / "one"), "jobs": 1}, **TINY)).path
-    two = run_compare(CompareConfig(**{**kw, "out": str(tmp_path / "two"), "jobs": 2}, **TINY)).path  # 1 thread each
+    two = run_compare(
+        CompareConfig(**{**kw, "out": str(tmp_path / "two"), "jobs": 2}, **TINY)
+    ).path  # 1 thread each
     assert one is not None and two is not None
     assert (one / "metrics.jsonl").read_bytes() == (two / "metrics.jsonl").read_bytes()
 
@@ -67,40 +96,79 @@ def test_e1_criteria_arithmetic() -> None:
     def row(norm: str, b: int, err: float) -> dict:
         return {"model": "m", "norm": norm, "batch_size": b, "test_err_mean": err, "test_err_std": 0.0}
 
-    agg = [row("bn", 32, 0.5), row("bn", 2, 20.0), row("gn:8", 32, 1.0), row("gn:8", 2, 1.5),
-           row("ln+pn", 32, 1.0), row("ln+pn", 2, 3.0)]
+    agg = [
+        row("bn", 32, 0.5),
+        row("bn", 2, 20.0),
+        row("gn:8", 32, 1.0),
+        row("gn:8", 2, 1.5),
+        row("ln+pn", 32, 1.0),
+        row("ln+pn", 2, 3.0),
+    ]
     got = {(c["name"], c["text"].split()[0]): c["ok"] for c in e1_criteria(agg, "m")}
-    assert got == {("E1 (i)", "BN"): True, ("E1 (ii)", "gn:8"): True, ("E1 (ii)", "ln+pn"): False,
-                   ("E1 (iii)", "gn:8"): True}
+    assert got == {
+        ("E1 (i)", "BN"): True,
+        ("E1 (ii)", "gn:8"): True,
+        ("E1 (ii)", "ln+pn"): False,
+        ("E1 (iii)", "gn:8"): True,
+    }
 
 
 def test_power_smoke(tmp_path: Path) -> None:
-    path, summary = run_power(PowerConfig(depth=3, width=8, samples=16, trained=True, epochs=1, max_steps=2,
-                                          batch_size=8, out=str(tmp_path), **TINY))
+    path, summary = run_power(
+        PowerConfig(
+            depth=3,
+            width=8,
+            samples=16,
+            trained=True,
+            epochs=1,
+            max_steps=2,
+            batch_size=8,
+            out=str(tmp_path),
+            **TINY,
+        )
+    )
     rows = read_metrics(path)
     rand = [r for r in rows if r["net"] == "randnet"]
     assert len(rand) == 5 * 3 * 3  # norms x layers x sites
     for r in rand:
-        assert sum(r[k] for k in ("P_mean", "P_varmean", "P_varstd", "P_meanstd")) == pytest.approx(1.0, abs=1e-9)
+        assert sum(r[k] for k in ("P_mean", "P_varmean", "P_varstd", "P_meanstd")) == pytest.approx(
+            1.0, abs=1e-9
+        )
     assert {r["net"] for r in rows} == {"randnet", "cnn4-init", "cnn4-trained"}
     assert "IN: P_varmean = P_varstd = 0" in summary and (path / "power_post_norm.png").is_file()
     assert (path / "power_trained.png").is_file()
 
 
 def test_lr_sweep_smoke(tmp_path: Path) -> None:
-    path, summary = run_lr_sweep(LRSweepConfig(lrs=[0.01, 1e4], epochs=1, max_steps=2, eval_every=1, batch_size=8,
-                                               mlp_steps=4, percentile_every=2, mlp_batch_size=8, out=str(tmp_path), **TINY))
+    path, summary = run_lr_sweep(
+        LRSweepConfig(
+            lrs=[0.01, 1e4],
+            epochs=1,
+            max_steps=2,
+            eval_every=1,
+            batch_size=8,
+            mlp_steps=4,
+            percentile_every=2,
+            mlp_batch_size=8,
+            out=str(tmp_path),
+            **TINY,
+        )
+    )
     res = json.loads((path / "results.json").read_text())
     by = {(r["norm"], r["lr"]): r for r in res["cnn"]}
     assert by[("none", 1e4)]["diverged"]
     if not by[("none", 0.01)]["diverged"]:
         assert ("bn", 0.05) in by  # 5x the baseline's best LR was added to BN's grid
     assert len(res["mlp"]["bn"]["steps"]) == 3  # steps 0, 2, 4
-    assert "E2 (i)" in summary and (path / "mlp_percentiles.png").is_file() and (path / "lr_sweep.png").is_file()
+    assert (
+        "E2 (i)" in summary and (path / "mlp_percentiles.png").is_file() and (path / "lr_sweep.png").is_file()
+    )
 
 
 def test_landscape_smoke(tmp_path: Path) -> None:
-    path, summary = run_landscape(LandscapeConfig(steps=2, every=1, etas=2, width=4, batch_size=8, out=str(tmp_path), **TINY))
+    path, summary = run_landscape(
+        LandscapeConfig(steps=2, every=1, etas=2, width=4, batch_size=8, out=str(tmp_path), **TINY)
+    )
     rows = [r for r in read_metrics(path) if "kind" not in r]
     assert len(rows) == 4 and all(r["beta"] > 0 and r["loss_max"] >= r["loss_min"] for r in rows)
     assert "fixed-distance" in summary and (path / "landscape.png").is_file()
@@ -131,7 +199,10 @@ def test_report_never_lets_an_unfinished_run_replace_a_finished_one(tmp_path: Pa
     for status in ("interrupted", "failed", "running"):
         rec = RunRecord.create(tmp_path, "compare", {"norms": ["bn"]})
         if status != "running":
-            rec.set_status(status, **({"done": 2, "total": 18} if status == "interrupted" else {"error": "ValueError: x"}))
+            rec.set_status(
+                status,
+                **({"done": 2, "total": 18} if status == "interrupted" else {"error": "ValueError: x"}),
+            )
         later = time.time() + 10 + len(stubs)
         os.utime(rec.path / "config.json", (later, later))  # newer than the finished run
         stubs.append(rec.path)
@@ -151,7 +222,9 @@ def test_report_never_lets_an_unfinished_run_replace_a_finished_one(tmp_path: Pa
 def test_configs_check_and_deduplicate() -> None:
     from normkit.lab.experiments._common import ConfigError
 
-    cfg = CompareConfig(norms=["BN", "bn", "gn:8"], batch_sizes=[8, 8, 2], seeds=[1, 1], out="/tmp").validate()
+    cfg = CompareConfig(
+        norms=["BN", "bn", "gn:8"], batch_sizes=[8, 8, 2], seeds=[1, 1], out="/tmp"
+    ).validate()
     assert (cfg.norms, cfg.batch_sizes, cfg.seeds) == (["bn", "gn:8"], [8, 2], [1])
     with pytest.raises(ConfigError, match="batch size 1 cannot train BN"):
         CompareConfig(batch_sizes=[1], out="/tmp").validate()
@@ -175,15 +248,20 @@ def test_auto_threads_leave_busy_cores_alone_and_are_recorded(tmp_path: Path) ->
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(usable - 1)]
     try:
         time.sleep(1.0)
-        path, _ = run_power(PowerConfig(depth=2, width=8, samples=16, out=str(tmp_path),
-                                        **{**TINY, "threads": None}))
+        path, _ = run_power(
+            PowerConfig(depth=2, width=8, samples=16, out=str(tmp_path), **{**TINY, "threads": None})
+        )
     finally:
         for p in spinners:
             p.kill()
             p.wait()
     env = json.loads((path / "env.json").read_text())
     assert env["threads"] == 1 and env["parallelism"].startswith("auto: 1 free of")
-    assert json.loads((path / "config.json").read_text())["threads"] is None  # the setting; env.json has the choice
-    path, _ = run_power(PowerConfig(depth=2, width=8, samples=16, out=str(tmp_path), **{**TINY, "threads": 2}))
+    assert (
+        json.loads((path / "config.json").read_text())["threads"] is None
+    )  # the setting; env.json has the choice
+    path, _ = run_power(
+        PowerConfig(depth=2, width=8, samples=16, out=str(tmp_path), **{**TINY, "threads": 2})
+    )
     env = json.loads((path / "env.json").read_text())
     assert env["threads"] == 2 and env["parallelism"] == "--threads 2"

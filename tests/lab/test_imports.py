@@ -1,4 +1,5 @@
-"""The lab sits on top of the import graph: ``import normkit`` loads none of it, nor its heavy dependencies."""
+"""The lab sits on top of the import graph: ``import normkit`` loads none of it, nor its heavy
+dependencies."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import sys
 def test_import_normkit_stays_light() -> None:
     code = (
         "import sys, normkit\n"
-        "heavy = [m for m in ('normkit.lab', 'normkit.cli', 'matplotlib', 'sklearn', 'rich') if m in sys.modules]\n"
+        "heavy = [m for m in ('normkit.lab', 'normkit.cli', 'matplotlib', 'sklearn', 'rich') if m in "
+        "sys.modules]\n"
         "print(','.join(heavy))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     assert out.strip() == ""
 
 
@@ -23,5 +27,7 @@ def test_lab_modules_import_without_plotting_libraries() -> None:
         "import normkit.lab.experiments.lr_sweep, normkit.lab.experiments.landscape, normkit.lab.report\n"
         "print(','.join(m for m in ('matplotlib', 'sklearn', 'rich') if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     assert out.strip() == ""

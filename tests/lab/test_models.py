@@ -6,7 +6,16 @@ import pytest
 import torch
 
 import normkit
-from normkit.lab.models import CNN4, MLP3, MODEL_NAMES, PreActResNet, RandNet, VGGish, build_model, check_norm_spec
+from normkit.lab.models import (
+    CNN4,
+    MLP3,
+    MODEL_NAMES,
+    PreActResNet,
+    RandNet,
+    VGGish,
+    build_model,
+    check_norm_spec,
+)
 
 NORMS = ["bn", "gn:8", "ln", "in", "none", "ln+pn", "gn:4+pn", "gn+pn"]
 

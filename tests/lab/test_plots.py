@@ -21,8 +21,17 @@ from normkit.lab import plots
 
 def _agg() -> list[dict[str, Any]]:
     """compare's aggregate rows: BN breaks at B=2, GN and LN+PN do not."""
-    err = {("bn", 32): 0.3, ("bn", 8): 0.6, ("bn", 2): 30.0, ("gn:8", 32): 2.8, ("gn:8", 8): 1.8, ("gn:8", 2): 1.0,
-           ("ln+pn", 32): 0.7, ("ln+pn", 8): 0.8, ("ln+pn", 2): 1.0}
+    err = {
+        ("bn", 32): 0.3,
+        ("bn", 8): 0.6,
+        ("bn", 2): 30.0,
+        ("gn:8", 32): 2.8,
+        ("gn:8", 8): 1.8,
+        ("gn:8", 2): 1.0,
+        ("ln+pn", 32): 0.7,
+        ("ln+pn", 8): 0.8,
+        ("ln+pn", 2): 1.0,
+    }
     rows = []
     for (norm, b), e in err.items():
         row = {"model": "cnn4-head", "norm": norm, "batch_size": b, "test_err_mean": e, "test_err_std": 0.2}
@@ -35,7 +44,9 @@ def _agg() -> list[dict[str, Any]]:
 def _histories() -> dict[str, list[dict[str, Any]]]:
     out = {}
     for b, norm in itertools.product((32, 8, 2), ("bn", "gn:8", "ln+pn")):
-        out[f"cnn4-head {norm} B={b} seed=0"] = [{"epoch": e, "test_err": 50.0 / e + b / 10 + len(norm)} for e in (1, 2, 3)]
+        out[f"cnn4-head {norm} B={b} seed=0"] = [
+            {"epoch": e, "test_err": 50.0 / e + b / 10 + len(norm)} for e in (1, 2, 3)
+        ]
     return out
 
 
@@ -56,21 +67,39 @@ def _cnn_rows() -> list[dict[str, Any]]:
     for norm, lr in itertools.product(("none", "bn"), (0.01, 0.1, 1.0)):
         diverged = norm == "none" and lr == 1.0
         acc = {0.01: 0.3, 0.1: 0.8, 1.0: 0.1}[lr] if norm == "none" else 0.99
-        rows.append({"norm": norm, "lr": lr, "final_train_loss": float("nan") if diverged else 0.1 / lr, "diverged": diverged,
-                     "best_acc": acc, "curve": [(s, acc * s / 20) for s in (5, 10, 15, 20)]})
+        rows.append(
+            {
+                "norm": norm,
+                "lr": lr,
+                "final_train_loss": float("nan") if diverged else 0.1 / lr,
+                "diverged": diverged,
+                "best_acc": acc,
+                "curve": [(s, acc * s / 20) for s in (5, 10, 15, 20)],
+            }
+        )
     return rows
 
 
 def _landscape() -> dict[str, dict[str, list[float]]]:
     steps = [0.0, 25.0, 50.0, 75.0]
-    return {n: {"step": steps, "loss_min": [1.0] * 4, "loss_max": [1.0 + k * s for s in (1, 2, 3, 4)],
-                "loss_range": [k * s for s in (1, 2, 3, 4)], "grad_change": [k * 10.0] * 4, "beta": [k * 5.0, k, k, k]}
-            for n, k in (("none", 1.0), ("bn", 0.01))}
+    return {
+        n: {
+            "step": steps,
+            "loss_min": [1.0] * 4,
+            "loss_max": [1.0 + k * s for s in (1, 2, 3, 4)],
+            "loss_range": [k * s for s in (1, 2, 3, 4)],
+            "grad_change": [k * 10.0] * 4,
+            "beta": [k * 5.0, k, k, k],
+        }
+        for n, k in (("none", 1.0), ("bn", 0.01))
+    }
 
 
 def _mlp() -> tuple[dict[str, dict[str, list[float]]], dict[str, list[float]]]:
-    series = {n: {"steps": [0, 50, 100], "p15": [-1, -1.2, -1.5], "p50": [0.0, a, 2 * a], "p85": [1, 1.5, 2.5]}
-              for n, a in (("none", 0.5), ("bn", 0.05))}
+    series = {
+        n: {"steps": [0, 50, 100], "p15": [-1, -1.2, -1.5], "p50": [0.0, a, 2 * a], "p85": [1, 1.5, 2.5]}
+        for n, a in (("none", 0.5), ("bn", 0.05))
+    }
     return series, {"none": [0.1, 0.5, 0.9], "bn": [0.1, 0.9, 0.95]}
 
 
@@ -150,7 +179,11 @@ def test_a_norm_keeps_its_style_across_figures() -> None:
     fig2 = plots.compare_figure(_agg())
     a = _line(_by_title(fig1, "B=32"), "bn")
     b = _line(_by_title(fig2, "cnn4-head: bn"), "bn (eval)")
-    assert a.get_color() == b.get_color() and a.get_marker() == b.get_marker() and a.get_linestyle() == b.get_linestyle()
+    assert (
+        a.get_color() == b.get_color()
+        and a.get_marker() == b.get_marker()
+        and a.get_linestyle() == b.get_linestyle()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- E1 / E3
@@ -159,7 +192,11 @@ def test_a_norm_keeps_its_style_across_figures() -> None:
 def test_compare_draws_the_input_means_one_panel_per_norm() -> None:
     rows = _agg()
     fig = plots.compare_figure(rows)
-    assert sorted(ax.get_title() for ax in _axes(fig)) == ["cnn4-head: bn", "cnn4-head: gn:8", "cnn4-head: ln+pn"]
+    assert sorted(ax.get_title() for ax in _axes(fig)) == [
+        "cnn4-head: bn",
+        "cnn4-head: gn:8",
+        "cnn4-head: ln+pn",
+    ]
     for norm in ("bn", "gn:8", "ln+pn"):
         ln = _line(_by_title(fig, f"cnn4-head: {norm}"), f"{norm} (eval)")
         expect = sorted((r["batch_size"], r["test_err_mean"]) for r in rows if r["norm"] == norm)
@@ -206,7 +243,9 @@ def test_curves_one_panel_per_batch_size_one_line_per_norm() -> None:
     assert list(_line(ax, "gn:8").get_ydata()) == [h["test_err"] for h in hist["cnn4-head gn:8 B=8 seed=0"]]
     lines = [_line(ax, n) for n in ("bn", "gn:8", "ln+pn")]
     for a, b in itertools.combinations(lines, 2):
-        assert a.get_color() != b.get_color() and (a.get_marker() != b.get_marker() or a.get_linestyle() != b.get_linestyle())
+        assert a.get_color() != b.get_color() and (
+            a.get_marker() != b.get_marker() or a.get_linestyle() != b.get_linestyle()
+        )
 
 
 def test_curves_without_batch_tokens_share_one_panel() -> None:
@@ -250,8 +289,12 @@ def test_power_lines_keep_coinciding_norms_visible_and_draw_the_thresholds() -> 
     (ax,) = _axes(fig)
     bn, inn = _line(ax, "bn (all < 1e-10)"), _line(ax, "in (all < 1e-10)")
     assert list(bn.get_ydata()) == list(inn.get_ydata()) == [1e-10] * 6  # same place ...
-    assert bn.get_markersize() != inn.get_markersize() and bn.get_marker() != inn.get_marker()  # ... both visible
-    assert list(_line(ax, "ln").get_ydata()) == [pytest.approx(min(0.2 * d, 0.95)) if d else 1e-10 for d in range(6)]
+    assert (
+        bn.get_markersize() != inn.get_markersize() and bn.get_marker() != inn.get_marker()
+    )  # ... both visible
+    assert list(_line(ax, "ln").get_ydata()) == [
+        pytest.approx(min(0.2 * d, 0.95)) if d else 1e-10 for d in range(6)
+    ]
     assert _hlines(ax) == [0.02]
     _drawn(fig)
     assert all(float(t).is_integer() for t in ax.get_xticks())  # layers are integers
@@ -281,7 +324,9 @@ def test_lr_curves_one_panel_per_norm_target_at_the_baselines_best_error() -> No
     fig = plots.lr_curves_figure(rows, base="none")
     assert [ax.get_title() for ax in _axes(fig)] == ["none", "bn"]
     ax = _by_title(fig, "bn")
-    assert list(_line(ax, "LR 0.1").get_ydata()) == [pytest.approx(100 * (1 - 0.99 * s / 20)) for s in (5, 10, 15, 20)]
+    assert list(_line(ax, "LR 0.1").get_ydata()) == [
+        pytest.approx(100 * (1 - 0.99 * s / 20)) for s in (5, 10, 15, 20)
+    ]
     for ax in _axes(fig):
         assert _hlines(ax) == [pytest.approx(20.0)]  # best baseline accuracy 0.8 -> 20 % error
     lines = [ln for ln in ax.get_lines() if ln.get_label().startswith("LR")]
@@ -312,8 +357,10 @@ def test_landscape_draws_each_measure_and_each_norms_median() -> None:
     assert list(_line(axes[2], "none").get_ydata()) == [5.0, 1.0, 1.0, 1.0]
     med = [ln for ln in axes[2].get_lines() if ln.get_label() == "none: median over time"]
     assert list(med[0].get_ydata()) == [1.0, 1.0]  # median of (5, 1, 1, 1)
-    fixed = plots.landscape_figure({n: {**s, **{k + "_fixed": v for k, v in s.items() if k != "step"}}
-                                    for n, s in series.items()}, suffix="_fixed")
+    fixed = plots.landscape_figure(
+        {n: {**s, **{k + "_fixed": v for k, v in s.items() if k != "step"}} for n, s in series.items()},
+        suffix="_fixed",
+    )
     assert "fixed length" in fixed.get_suptitle()
     assert list(_line(_axes(fixed)[1], "none").get_ydata()) == [10.0] * 4
 

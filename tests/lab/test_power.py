@@ -63,7 +63,9 @@ def test_instance_norm_zeroes_the_variance_terms() -> None:
     assert f["P_varmean"] < 1e-12 and f["P_varstd"] < 1e-6 and f["P_mean"] < 1e-12
     # and inside a deep random net, at every layer, after the norm
     net = RandNet("in", depth=4, width=8)
-    layers = decompose_sequence([m for pair in zip(net.convs, net.norm_acts) for m in pair], torch.randn(16, 1, 8, 8))
+    layers = decompose_sequence(
+        [m for pair in zip(net.convs, net.norm_acts) for m in pair], torch.randn(16, 1, 8, 8)
+    )
     assert len(layers) == 4
     for layer in layers:
         assert layer["post_norm"]["P_varmean"] <= 1e-6 and layer["post_norm"]["P_varstd"] <= 1e-6
@@ -113,8 +115,12 @@ def test_criteria_on_synthetic_fractions() -> None:
     def layers(pmean: list[float], var: float) -> list[dict[str, float]]:
         return [{"P_mean": p, "P_varmean": var, "P_varstd": var, "P_meanstd": 1 - p - 2 * var} for p in pmean]
 
-    fr = {"bn": layers([0.0] * 4, 0.01), "ln": layers([0.0, 0.5, 0.8, 0.9], 1e-4), "in": layers([0.0] * 4, 0.0),
-          "ln+pn": layers([0.0, 0.01, 0.01, 0.01], 0.003)}
+    fr = {
+        "bn": layers([0.0] * 4, 0.01),
+        "ln": layers([0.0, 0.5, 0.8, 0.9], 1e-4),
+        "in": layers([0.0] * 4, 0.0),
+        "ln+pn": layers([0.0, 0.01, 0.01, 0.01], 0.003),
+    }
     crit = power_criteria(fr)
     assert len(crit) == 5 and all(c["ok"] for c in crit)
     fr["ln"] = layers([0.5, 0.4, 0.3, 0.02], 1e-4)

@@ -42,21 +42,30 @@ def test_env_records_what_explains_a_difference(tmp_path: Path) -> None:
     env = environment("cpu", parallelism="test")
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.split(":")[0].strip() == "model name"]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.split(":")[0].strip() == "model name"
+        ]
         if names:
             assert env["cpu_model"] == names[0]
     assert env["cpu_count"] == os.cpu_count() and env["threads"] == 1 and env["parallelism"] == "test"
-    assert env["numpy"] == numpy.__version__ and env["normkit"] == normkit.__version__ and env["torch"] == torch.__version__
+    assert (
+        env["numpy"] == numpy.__version__
+        and env["normkit"] == normkit.__version__
+        and env["torch"] == torch.__version__
+    )
     show = torch.__config__.show()
     at = show.find("BLAS_INFO=")
-    assert env["blas"] == (None if at < 0 else show[at + len("BLAS_INFO="):].split(",")[0].split()[0])
+    assert env["blas"] == (None if at < 0 else show[at + len("BLAS_INFO=") :].split(",")[0].split()[0])
     if torch.backends.mkl.is_available() and at >= 0:
         assert env["blas"] == "mkl"
     src = Path(normkit.__file__).parent
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True)
     if sha.returncode == 0:
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src, capture_output=True, text=True)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=src, capture_output=True, text=True
+        )
         assert env["git"] == sha.stdout.strip() and env["git_dirty"] == bool(status.stdout.strip())
     else:
         assert env["git"] is None

@@ -1,4 +1,5 @@
-"""``normkit reproduce`` in its quick form: every step runs, RESULTS.md is written from the runs, notes are kept."""
+"""``normkit reproduce`` in its quick form: every step runs, RESULTS.md is written from the runs, notes are
+kept."""
 
 from __future__ import annotations
 
@@ -13,13 +14,33 @@ from normkit.lab.records import read_manifest
 from normkit.lab.reproduce import KEEP_MARKER, ReproduceConfig, plan
 
 
-def test_reproduce_quick_writes_results_from_its_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_reproduce_quick_writes_results_from_its_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     results = tmp_path / "docs" / "RESULTS.md"
     results.parent.mkdir()
     results.write_text(f"# old\n\nold numbers\n\n{KEEP_MARKER}\n\nA hand-written note on SyncBN.\n")
     runs = tmp_path / "runs"
-    assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(runs), "--results", str(results), "--quiet",
-                 "--device", "cpu", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "reproduce",
+                "--quick",
+                "--seeds",
+                "2",
+                "--out",
+                str(runs),
+                "--results",
+                str(results),
+                "--quiet",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     text = results.read_text()
     assert "old numbers" not in text and text.rstrip().endswith("A hand-written note on SyncBN.")
     assert text.count(KEEP_MARKER) == 1 and "Quick smoke run" in text
@@ -38,7 +59,11 @@ def test_reproduce_quick_writes_results_from_its_runs(tmp_path: Path, capsys: py
     assert f"CPU {env['cpu_model']}, {env['cpu_count']} cores" in text and f"torch {env['torch']}" in text
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file() and "model name" in cpuinfo.read_text():
-        model = next(line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        )
         assert f"CPU {model}," in text
     links = re.findall(r"\]\((figures/[^)]+\.png)\)", text)
     assert "figures/e1_head_error_vs_batch.png" in links and "figures/e4_power_post_norm.png" in links
@@ -47,12 +72,35 @@ def test_reproduce_quick_writes_results_from_its_runs(tmp_path: Path, capsys: py
         assert f"\n{step.command}\n" in text
 
 
-def test_reproduce_checks_every_step_before_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_reproduce_checks_every_step_before_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as e:
-        main(["reproduce", "--seeds", "1", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "R.md")])
+        main(
+            [
+                "reproduce",
+                "--seeds",
+                "1",
+                "--out",
+                str(tmp_path / "runs"),
+                "--results",
+                str(tmp_path / "R.md"),
+            ]
+        )
     assert e.value.code == 2 and "--seeds must be >= 2, got 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["reproduce", "--limit-train", "40", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "R.md")])
-    # compare (B=32) fits 40 samples; the 4th step, power (256 samples), does not: refused before the first step runs
+        main(
+            [
+                "reproduce",
+                "--limit-train",
+                "40",
+                "--out",
+                str(tmp_path / "runs"),
+                "--results",
+                str(tmp_path / "R.md"),
+            ]
+        )
+    # compare (B=32) fits 40 samples; the 4th step, power (256 samples), does not: refused before the first
+    # step runs
     assert e.value.code == 2 and "--samples 256 exceeds the 40 samples of digits16" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "R.md").exists()

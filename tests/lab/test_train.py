@@ -1,4 +1,5 @@
-"""The training loop: seeded determinism, data-parallel batch slicing, schedules, batch-statistics evaluation."""
+"""The training loop: seeded determinism, data-parallel batch slicing, schedules, batch-statistics
+evaluation."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def _train(seed: int, norm: str = "bn") -> tuple[list[dict], dict[str, torch.Ten
     data = load_dataset("digits", limit_train=64, limit_test=32)
     set_seed(seed)
     model = CNN4(norm, head=True)
-    res = train_classifier(model, data, TrainConfig(epochs=2, batch_size=8, lr=0.02, warmup_epochs=0.5, seed=seed))
+    res = train_classifier(
+        model, data, TrainConfig(epochs=2, batch_size=8, lr=0.02, warmup_epochs=0.5, seed=seed)
+    )
     return res.history + [res.final], model.state_dict()
 
 
@@ -74,13 +77,19 @@ def test_batch_stats_evaluation_leaves_running_stats_alone() -> None:
 
 def test_divergence_stops_the_run() -> None:
     set_seed(0)
-    res = train_classifier(CNN4("none"), load_synthetic(64, 16), TrainConfig(epochs=3, batch_size=16, lr=1e6, schedule="constant"))
+    res = train_classifier(
+        CNN4("none"),
+        load_synthetic(64, 16),
+        TrainConfig(epochs=3, batch_size=16, lr=1e6, schedule="constant"),
+    )
     assert res.diverged and res.final["diverged"] and res.steps < 12
 
 
 def test_max_steps_caps_the_run() -> None:
     set_seed(0)
-    res = train_classifier(CNN4("gn:8"), load_synthetic(64, 16), TrainConfig(epochs=5, batch_size=8, max_steps=3))
+    res = train_classifier(
+        CNN4("gn:8"), load_synthetic(64, 16), TrainConfig(epochs=5, batch_size=8, max_steps=3)
+    )
     assert res.steps == 3 and len(res.history) == 1
 
 
@@ -92,7 +101,9 @@ def test_an_exploding_loss_counts_as_diverged_where_it_first_exceeds_the_limit()
     # oracle: the same seeded run without the limit, its batch losses as they come
     losses: list[float] = []
     set_seed(0)
-    free = train_classifier(CNN4("gn:8"), data, TrainConfig(**cfg), on_step=lambda step, loss: losses.append(loss))
+    free = train_classifier(
+        CNN4("gn:8"), data, TrainConfig(**cfg), on_step=lambda step, loss: losses.append(loss)
+    )
     limit = 100.0 * max(free.first_loss, math.log(10))
     first_bad = next((j for j, loss in enumerate(losses) if not math.isfinite(loss) or loss > limit), None)
     if first_bad is None and free.diverged:

@@ -37,7 +37,9 @@ __all__ = [
     "write_cifar10_batches",
 ]
 
-DIGITS_MAX_SIZE = 64  # 'digitsN' upsamples to N x N: 1,797 x 64 x 64 floats = 29 MB; beyond is no longer "small"
+DIGITS_MAX_SIZE = (
+    64  # 'digitsN' upsamples to N x N: 1,797 x 64 x 64 floats = 29 MB; beyond is no longer "small"
+)
 DIGITS_TEST_SIZE = 360  # docs/EXPERIMENTS.md: 1,437 train / 360 test
 CIFAR_FIELDS = 3 * 32 * 32
 
@@ -88,7 +90,10 @@ class Dataset:
                 raise ValueError(f"{name} must be a positive number of samples, got {n}")
         return Dataset(
             self.name,
-            self.x_train[:train], self.y_train[:train], self.x_test[:test], self.y_test[:test],
+            self.x_train[:train],
+            self.y_train[:train],
+            self.x_test[:test],
+            self.y_test[:test],
             self.num_classes,
         )
 
@@ -117,7 +122,8 @@ def _standardise(x_train: Tensor, x_test: Tensor, per_channel: bool) -> tuple[Te
 
 
 def load_digits(image_size: int = 8) -> Dataset:
-    """scikit-learn's digits: stratified split 1,437 / 360 (seed 0), [0, 1] pixels standardised with train stats.
+    """scikit-learn's digits: stratified split 1,437 / 360 (seed 0), [0, 1] pixels standardised with train
+    stats.
 
     Args:
         image_size: 8 (native) or larger (bilinear upsampling, e.g. 16 for E4).
@@ -134,7 +140,7 @@ def load_digits(image_size: int = 8) -> Dataset:
         from sklearn.model_selection import train_test_split
     except ImportError as e:  # pragma: no cover - the lab extra installs it
         raise DataError("the digits data set needs scikit-learn: pip install 'normkit[lab]'") from e
-    bunch = _load()
+    bunch: Any = _load()  # (a Bunch; the stubs type the return_X_y tuple too)
     x = torch.as_tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0  # pixels 0..16 -> [0, 1]
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
     idx_train, idx_test = train_test_split(
@@ -153,7 +159,12 @@ def load_digits(image_size: int = 8) -> Dataset:
 
 
 def load_synthetic(
-    n_train: int = 1024, n_test: int = 256, image_size: int = 8, channels: int = 1, num_classes: int = 10, seed: int = 0
+    n_train: int = 1024,
+    n_test: int = 256,
+    image_size: int = 8,
+    channels: int = 1,
+    num_classes: int = 10,
+    seed: int = 0,
 ) -> Dataset:
     """Gaussian-noise images with random labels (nothing to learn; a fallback and for tests).
 
@@ -192,7 +203,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (a CIFAR-10 batch holds only numpy arrays)")
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name} (a CIFAR-10 batch holds only numpy arrays)"
+        )
 
 
 def _read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
@@ -207,7 +220,9 @@ def _read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
     except Exception as e:  # any unpickling failure means the file is not a CIFAR batch
         raise DataError(f"cifar10: {path} is not a CIFAR-10 python batch (unpickling failed: {e})") from e
     if not isinstance(obj, dict):
-        raise DataError(f"cifar10: {path} is not a CIFAR-10 python batch (expected a dict, got {type(obj).__name__})")
+        raise DataError(
+            f"cifar10: {path} is not a CIFAR-10 python batch (expected a dict, got {type(obj).__name__})"
+        )
     get = lambda key: obj.get(key.encode(), obj.get(key))  # noqa: E731 - bytes keys (python 2 pickles) or str keys
     data, labels = get("data"), get("labels")
     if data is None or labels is None:
@@ -244,7 +259,9 @@ def load_cifar10(path: str | Path) -> Dataset:
     """
     root = Path(path).expanduser()
     if not root.exists():
-        raise DataError(f"cifar10: path {str(root)!r} does not exist (expected the cifar-10-batches-py folder)")
+        raise DataError(
+            f"cifar10: path {str(root)!r} does not exist (expected the cifar-10-batches-py folder)"
+        )
     if not root.is_dir():
         raise DataError(f"cifar10: {str(root)!r} is not a folder (expected the cifar-10-batches-py folder)")
     if not (root / "test_batch").exists() and (root / "cifar-10-batches-py").is_dir():
@@ -252,8 +269,12 @@ def load_cifar10(path: str | Path) -> Dataset:
     train_files = sorted(root.glob("data_batch_*"))
     test_file = root / "test_batch"
     if not train_files or not test_file.exists():
-        missing = [n for n, ok in (("data_batch_*", bool(train_files)), ("test_batch", test_file.exists())) if not ok]
-        raise DataError(f"cifar10: {str(root)!r} has no {' or '.join(missing)} file (CIFAR-10 python version)")
+        missing = [
+            n for n, ok in (("data_batch_*", bool(train_files)), ("test_batch", test_file.exists())) if not ok
+        ]
+        raise DataError(
+            f"cifar10: {str(root)!r} has no {' or '.join(missing)} file (CIFAR-10 python version)"
+        )
     parts = [_read_cifar_batch(f) for f in train_files]
     x_train = torch.cat([p[0] for p in parts]).float() / 255.0
     y_train = torch.cat([p[1] for p in parts])
@@ -321,11 +342,15 @@ def check_data_spec(spec: str) -> tuple[str, str]:
         return "cifar10", arg
     if kind == "synthetic" and not sep:
         return "synthetic", ""
-    raise DataError(f"unknown data set {spec!r}; expected 'digits', 'digitsN' (N in 8..{DIGITS_MAX_SIZE}), "
-                    "'cifar10:PATH' or 'synthetic'")
+    raise DataError(
+        f"unknown data set {spec!r}; expected 'digits', 'digitsN' (N in 8..{DIGITS_MAX_SIZE}), "
+        "'cifar10:PATH' or 'synthetic'"
+    )
 
 
-def load_dataset(spec: str = "digits", *, limit_train: int | None = None, limit_test: int | None = None) -> Dataset:
+def load_dataset(
+    spec: str = "digits", *, limit_train: int | None = None, limit_test: int | None = None
+) -> Dataset:
     """Load a data set by spec: ``"digits"``, ``"digits16"``, ``"cifar10:PATH"`` or ``"synthetic"``.
 
     Args:

@@ -19,7 +19,7 @@ Models (docs/EXPERIMENTS.md, E1..E5):
 from __future__ import annotations
 
 import re
-from typing import Callable, Union
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 #: A norm spec (``"gn:8"``) or a callable ``num_channels -> nn.Module`` that returns norm + activation.
-NormLayer = Union[str, Callable[[int], nn.Module]]
+NormLayer = str | Callable[[int], nn.Module]
 
 _SPEC = re.compile(r"^(?P<base>[a-z][a-z0-9_]*)(?::(?P<arg>[0-9]+))?(?P<suffix>(?:\+[a-z][a-z0-9_]*)*)$")
 
@@ -101,7 +101,8 @@ def _conv_bias(norm: NormLayer) -> bool:
 
 
 class CNN4(nn.Module):
-    """CNN-4 (docs/EXPERIMENTS.md, E1): conv(in->32) N conv(32->32) N pool conv(32->64) N conv(64->64) N GAP [head] linear.
+    """CNN-4 (docs/EXPERIMENTS.md, E1): conv(in->32) N conv(32->32) N pool conv(32->64) N conv(64->64) N GAP
+    [head] linear.
 
     Args:
         norm: norm spec or ``norm_layer`` callable (norm + activation).
@@ -134,16 +135,22 @@ class CNN4(nn.Module):
         na = norm_act_factory(norm, activation)
         bias = _conv_bias(norm)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=1, bias=bias), na(32),
-            nn.Conv2d(32, 32, 3, padding=1, bias=bias), na(32),
+            nn.Conv2d(in_channels, 32, 3, padding=1, bias=bias),
+            na(32),
+            nn.Conv2d(32, 32, 3, padding=1, bias=bias),
+            na(32),
             nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1, bias=bias), na(64),
-            nn.Conv2d(64, 64, 3, padding=1, bias=bias), na(64),
+            nn.Conv2d(32, 64, 3, padding=1, bias=bias),
+            na(64),
+            nn.Conv2d(64, 64, 3, padding=1, bias=bias),
+            na(64),
         )
         self.head: nn.Module | None = None
         if head:
             hn = norm if head_norm is None else head_norm
-            self.head = nn.Sequential(nn.Linear(64, 64, bias=_conv_bias(hn)), _Spatial1x1(norm_act_factory(hn, activation)(64)))
+            self.head = nn.Sequential(
+                nn.Linear(64, 64, bias=_conv_bias(hn)), _Spatial1x1(norm_act_factory(hn, activation)(64))
+            )
         self.classifier = nn.Linear(64, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -165,7 +172,8 @@ class _Spatial1x1(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation residual block: ``x + conv(na(conv(na(x))))``; 1x1 projection shortcut when the shape changes."""
+    """Pre-activation residual block: ``x + conv(na(conv(na(x))))``; 1x1 projection shortcut when the shape
+    changes."""
 
     def __init__(self, cin: int, cout: int, stride: int, na: Callable[[int], nn.Module], bias: bool) -> None:
         super().__init__()
@@ -173,7 +181,9 @@ class PreActBlock(nn.Module):
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias)
         self.na2 = na(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=bias)
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False) if stride != 1 or cin != cout else None
+        self.shortcut = (
+            nn.Conv2d(cin, cout, 1, stride=stride, bias=False) if stride != 1 or cin != cout else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.na1(x)
@@ -182,7 +192,8 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    """A small pre-activation ResNet (ResNet v2) for 8x8 to 32x32 images; every norm is followed by an activation.
+    """A small pre-activation ResNet (ResNet v2) for 8x8 to 32x32 images; every norm is followed by an
+    activation.
 
     Stem conv3x3(in->widths[0]), then one stage per width (stride 2 from the second), each with
     ``blocks`` :class:`PreActBlock`, a final norm + activation, global average pool and linear.
@@ -243,17 +254,27 @@ class MLP3(nn.Module):
     """
 
     def __init__(
-        self, norm: str = "none", in_features: int = 64, num_classes: int = 10, width: int = 100, init_std: float = 0.1
+        self,
+        norm: str = "none",
+        in_features: int = 64,
+        num_classes: int = 10,
+        width: int = 100,
+        init_std: float = 0.1,
     ) -> None:
         super().__init__()
         spec = check_norm_spec(norm)
         if spec in ("bn", "bn2d"):
             spec = "bn1d"
         if is_instance_norm(spec):
-            raise ValueError(f"MLP3: instance norm {norm!r} has one value per channel on (N, C) features; use bn, ln, gn:G or none")
+            raise ValueError(
+                f"MLP3: instance norm {norm!r} has one value per channel on (N, C) features; use bn, ln, "
+                "gn:G or none"
+            )
         self.norm = spec
         dims = [in_features, width, width, width]
-        self.linears = nn.ModuleList(nn.Linear(a, b, bias=spec == "none") for a, b in zip(dims[:-1], dims[1:]))
+        self.linears = nn.ModuleList(
+            nn.Linear(a, b, bias=spec == "none") for a, b in zip(dims[:-1], dims[1:])
+        )
         self.norm_acts = nn.ModuleList(create_norm_act_layer(spec, width, "sigmoid") for _ in range(3))
         self.classifier = nn.Linear(width, num_classes)
         for lin in [*self.linears, self.classifier]:
@@ -290,15 +311,22 @@ class RandNet(nn.Module):
     """
 
     def __init__(
-        self, norm: NormLayer = "bn", depth: int = 20, width: int = 64, in_channels: int = 1,
-        affine_std: float = 0.2, activation: str = "relu",
+        self,
+        norm: NormLayer = "bn",
+        depth: int = 20,
+        width: int = 64,
+        in_channels: int = 1,
+        affine_std: float = 0.2,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         na = norm_act_factory(norm, activation)
         self.convs = nn.ModuleList()
         self.norm_acts = nn.ModuleList()
         for i in range(depth):
-            conv = nn.Conv2d(in_channels if i == 0 else width, width, 3, padding=1, padding_mode="circular", bias=False)
+            conv = nn.Conv2d(
+                in_channels if i == 0 else width, width, 3, padding=1, padding_mode="circular", bias=False
+            )
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
             layer = na(width)
             with torch.no_grad():
@@ -327,7 +355,12 @@ class VGGish(nn.Module):
     """
 
     def __init__(
-        self, norm: NormLayer = "bn", in_channels: int = 1, num_classes: int = 10, width: int = 32, activation: str = "relu"
+        self,
+        norm: NormLayer = "bn",
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 32,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         na = norm_act_factory(norm, activation)
@@ -363,10 +396,11 @@ def build_model(name: str, norm: str, in_channels: int = 1, num_classes: int = 1
     """
     norm = check_norm_spec(norm)
     if name == "cnn4-head":
-        return CNN4(norm, in_channels, num_classes, head=True, head_norm="none" if is_instance_norm(norm) else norm)
+        return CNN4(
+            norm, in_channels, num_classes, head=True, head_norm="none" if is_instance_norm(norm) else norm
+        )
     if name == "cnn4":
         return CNN4(norm, in_channels, num_classes)
     if name == "resnet":
         return PreActResNet(norm, in_channels, num_classes)
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
-

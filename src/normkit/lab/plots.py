@@ -63,9 +63,16 @@ BAND_STYLE = {"color": "#999999", "alpha": 0.25, "linewidth": 0}
 #: Reference line (BN's curve in the other norms' panels).
 REFERENCE_STYLE = {"color": "#9a9a9a", "linestyle": "-", "linewidth": 1.0, "marker": "o", "markersize": 3}
 
-_TEXT = {
-    "font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
-    "legend.fontsize": 9, "figure.titlesize": 11, "lines.linewidth": 1.6, "lines.markersize": 6,
+_TEXT: dict[Any, Any] = {  # (matplotlib's stubs key rc_context by its own literal type)
+    "font.size": 10,
+    "axes.titlesize": 10,
+    "axes.labelsize": 10,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "legend.fontsize": 9,
+    "figure.titlesize": 11,
+    "lines.linewidth": 1.6,
+    "lines.markersize": 6,
 }
 
 # Okabe & Ito's colour-blind-safe palette; every family also has its own marker and dash.
@@ -97,7 +104,9 @@ _ERROR_TICKS = [0, 0.5, 1, 2, 5, 10, 20, 50, 100]
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, width: float = 5.0, height: float = 3.6, **kw: Any) -> tuple[Any, Any]:
+def new_figure(
+    nrows: int = 1, ncols: int = 1, width: float = 5.0, height: float = 3.6, **kw: Any
+) -> tuple[Any, Any]:
     """A ``(Figure, axes)`` pair with an Agg canvas; ``axes`` is 2-D when ``squeeze=False``.
 
     ``width`` and ``height`` are per panel; the figure is at least :data:`MIN_WIDTH_IN` wide.
@@ -125,8 +134,11 @@ def legend(ax: Any, **kw: Any) -> None:
     ax.legend(**kw)
 
 
-def _figure_legend(fig: Any, axes: Iterable[Any], ncols: int | None = None, extra: Sequence[tuple[Any, str]] = ()) -> None:
-    """One legend for the whole figure, below the panels; entries collected from ``axes`` (first label wins)."""
+def _figure_legend(
+    fig: Any, axes: Iterable[Any], ncols: int | None = None, extra: Sequence[tuple[Any, str]] = ()
+) -> None:
+    """One legend for the whole figure, below the panels; entries collected from ``axes`` (first label
+    wins)."""
     seen: dict[str, Any] = {}
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -137,7 +149,9 @@ def _figure_legend(fig: Any, axes: Iterable[Any], ncols: int | None = None, extr
     if not seen:
         return
     n = len(seen)
-    fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=ncols or min(n, 4), frameon=False)
+    fig.legend(
+        list(seen.values()), list(seen), loc="outside lower center", ncols=ncols or min(n, 4), frameon=False
+    )
 
 
 def save(fig: Any, path: str | Path, dpi: int = DPI) -> Path:
@@ -179,7 +193,8 @@ def _save_styled(fig: Any, path: str | Path) -> Path:
 
 
 def norm_family(spec: str) -> str:
-    """The family a norm spec belongs to, which decides its style: ``bn, gn, ln, in, ln+pn, gn+pn, none`` or the spec.
+    """The family a norm spec belongs to, which decides its style: ``bn, gn, ln, in, ln+pn, gn+pn, none`` or
+    the spec.
 
     Example:
         >>> [norm_family(s) for s in ("bn", "bn1d", "gn:8", "gn:4+pn", "LN+PN", "in2d", "none", "ws")]
@@ -234,9 +249,10 @@ def _finite(v: Any) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def _error_axis(ax: Any, values: Iterable[float]) -> None:
-    """Test error (%) on a symmetric-log axis (linear below 1 %), ticks at 0, 0.5, 1, 2, 5, 10, 20, 50, 100."""
-    top = max([v for v in values if _finite(v)] + [1.0])
+def _error_axis(ax: Any, values: Iterable[float | None]) -> None:
+    """Test error (%) on a symmetric-log axis (linear below 1 %), ticks at 0, 0.5, 1, 2, 5, 10, 20, 50,
+    100."""
+    top = max([float(v) for v in values if v is not None and _finite(v)] + [1.0])
     ax.set_yscale("symlog", linthresh=1.0, linscale=0.6)
     ticks = [t for t in _ERROR_TICKS if t <= top * 1.05] + [t for t in _ERROR_TICKS if t > top * 1.05][:1]
     ax.set_yticks(ticks)
@@ -252,9 +268,18 @@ def _integer_x(ax: Any) -> None:
 
 def _threshold_label(ax: Any, y: float, text: str, x: float = 0.02, va: str = "bottom") -> None:
     """Write ``text`` next to a horizontal threshold at data height ``y``, from the left edge of ``ax``."""
-    ax.annotate(text, xy=(x, y), xycoords=("axes fraction", "data"), fontsize=9, va=va, ha="left",
-                color=THRESHOLD_STYLE["color"], xytext=(0, 2 if va == "bottom" else -2), textcoords="offset points",
-                bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+    ax.annotate(
+        text,
+        xy=(x, y),
+        xycoords=("axes fraction", "data"),
+        fontsize=9,
+        va=va,
+        ha="left",
+        color=THRESHOLD_STYLE["color"],
+        xytext=(0, 2 if va == "bottom" else -2),
+        textcoords="offset points",
+        bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+    )
 
 
 def _floor(values: Iterable[float], floor: float) -> list[float]:
@@ -266,7 +291,8 @@ def _floor(values: Iterable[float], floor: float) -> list[float]:
 
 
 def _seeds_note(rows: Sequence[Mapping[str, Any]]) -> str:
-    """``"; one seed"`` when every cell has one seed (``seeds`` key of compare's rows), else the mean ± std note."""
+    """``"; one seed"`` when every cell has one seed (``seeds`` key of compare's rows), else the mean ± std
+    note."""
     counts = {r.get("seeds") for r in rows}
     return "; one seed" if counts == {1} else "; mean ± std over seeds"
 
@@ -294,7 +320,9 @@ def compare_figure(rows: Sequence[Mapping[str, Any]], title: str = "", criteria:
     styles = _styles(norms)
     fig, axes = new_figure(len(models), len(norms), width=3.4, height=3.8, squeeze=False, sharey=True)
     values = [r.get(k) for r in rows for k in ("test_err_mean", "test_err_batch_stats_mean")]
-    values += [r["test_err_mean"] + (r["test_err_std"] if _finite(r.get("test_err_std")) else 0) for r in rows]
+    values += [
+        r["test_err_mean"] + (r["test_err_std"] if _finite(r.get("test_err_std")) else 0) for r in rows
+    ]
     for i, model in enumerate(models):
         sub = [r for r in rows if r["model"] == model]
         sizes = sorted({r["batch_size"] for r in sub})
@@ -305,16 +333,30 @@ def compare_figure(rows: Sequence[Mapping[str, Any]], title: str = "", criteria:
             pts = sorted((r for r in sub if r["norm"] == norm), key=lambda r: r["batch_size"])
             if bn is not None and norm != bn:
                 ref = sorted((r for r in sub if r["norm"] == bn), key=lambda r: r["batch_size"])
-                ax.plot([r["batch_size"] for r in ref], [r["test_err_mean"] for r in ref], **REFERENCE_STYLE,
-                        label=f"{bn} (eval), for reference")
+                ax.plot(
+                    [r["batch_size"] for r in ref],
+                    [r["test_err_mean"] for r in ref],
+                    **REFERENCE_STYLE,
+                    label=f"{bn} (eval), for reference",
+                )
             if pts:
                 bs = [r["batch_size"] for r in pts]
                 std = [r["test_err_std"] if _finite(r.get("test_err_std")) else 0.0 for r in pts]
-                ax.errorbar(bs, [r["test_err_mean"] for r in pts], yerr=std, capsize=3, **styles[norm],
-                            label=f"{norm} (eval)")
+                ax.errorbar(
+                    bs,
+                    [r["test_err_mean"] for r in pts],
+                    yerr=std,
+                    capsize=3,
+                    **styles[norm],
+                    label=f"{norm} (eval)",
+                )
                 if any(r.get("test_err_batch_stats_mean") is not None for r in pts):
-                    ax.plot(bs, [r.get("test_err_batch_stats_mean", float("nan")) for r in pts], **_hollow(styles[norm]),
-                            label=f"{norm} (batch stats)")
+                    ax.plot(
+                        bs,
+                        [r.get("test_err_batch_stats_mean", float("nan")) for r in pts],
+                        **_hollow(styles[norm]),
+                        label=f"{norm} (batch stats)",
+                    )
             if criteria and len(sizes) > 1:
                 at_hi, at_lo = _cell(sub, model, norm, hi), _cell(sub, model, norm, lo)
                 if at_hi is not None and at_lo is not None and norm_family(norm) == "bn":
@@ -341,13 +383,18 @@ def compare_figure(rows: Sequence[Mapping[str, Any]], title: str = "", criteria:
     for ax in axes.flat:
         _error_axis(ax, values)
     _figure_legend(fig, axes.flat)
-    fig.suptitle("Test error against batch size" + (f" ({title})" if title else "") + _seeds_note(rows)
-                 + ("; dashed lines and grey bands: E1 pass thresholds" if criteria else ""))
+    fig.suptitle(
+        "Test error against batch size"
+        + (f" ({title})" if title else "")
+        + _seeds_note(rows)
+        + ("; dashed lines and grey bands: E1 pass thresholds" if criteria else "")
+    )
     return fig
 
 
 def _compare_single(rows: Sequence[Mapping[str, Any]], models: list[str], title: str, criteria: bool) -> Any:
-    """E3: one batch size, one point per norm (mean ± std), one panel per model; band BN ± 1 pt (|LN+PN − BN| <= 1)."""
+    """E3: one batch size, one point per norm (mean ± std), one panel per model; band BN ± 1 pt (|LN+PN − BN|
+    <= 1)."""
     fig, axes = new_figure(1, len(models), width=5.0, height=3.4, squeeze=False, sharey=True)
     norms = list(dict.fromkeys(r["norm"] for r in rows))
     styles = _styles(norms)
@@ -359,8 +406,15 @@ def _compare_single(rows: Sequence[Mapping[str, Any]], models: list[str], title:
             if r is None:
                 continue
             st = {key: v for key, v in styles[norm].items() if key != "linestyle"}
-            ax.errorbar([k], [r["test_err_mean"]], yerr=[r["test_err_std"] if _finite(r.get("test_err_std")) else 0.0],
-                        capsize=3, ls="none", **st, label=norm)
+            ax.errorbar(
+                [k],
+                [r["test_err_mean"]],
+                yerr=[r["test_err_std"] if _finite(r.get("test_err_std")) else 0.0],
+                capsize=3,
+                ls="none",
+                **st,
+                label=norm,
+            )
         bn = next((n for n in norms if norm_family(n) == "bn"), None)
         ref = _cell(rows, model, bn, b) if bn else None
         if criteria and ref is not None and any(norm_family(n) == "ln+pn" for n in norms):
@@ -446,12 +500,17 @@ def curves_figure(histories: Mapping[str, Sequence[Mapping[str, Any]]], key: str
             ax.set_yscale("log")
     _figure_legend(fig, axes[0], ncols=min(len(lines), 6))
     seeds = {t for lab in histories for t in lab.split() if _SEED_TOKEN.match(t)}
-    fig.suptitle(f"{ylabel.capitalize()} per epoch" + (", one panel per batch size" if sizes else "")
-                 + (f" ({seeds.pop().replace('=', ' ')})" if len(seeds) == 1 else ""))
+    fig.suptitle(
+        f"{ylabel.capitalize()} per epoch"
+        + (", one panel per batch size" if sizes else "")
+        + (f" ({seeds.pop().replace('=', ' ')})" if len(seeds) == 1 else "")
+    )
     return fig
 
 
-def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, key: str = "test_err") -> Path:
+def plot_curves(
+    histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, key: str = "test_err"
+) -> Path:
     """Save :func:`curves_figure` to ``path``."""
     return _save_styled(curves_figure(histories, key=key), path)
 
@@ -473,7 +532,9 @@ def _power_floor(floor: float | None) -> float:
 
 @_styled
 def power_figure(
-    fractions: Mapping[str, Sequence[Mapping[str, float]]], title: str = "", criteria: bool = False,
+    fractions: Mapping[str, Sequence[Mapping[str, float]]],
+    title: str = "",
+    criteria: bool = False,
     floor: float | None = None,
 ) -> Any:
     """The four power fractions against depth, one panel per norm, on a log axis.
@@ -497,7 +558,9 @@ def power_figure(
         ax = axes[k // ncols][k % ncols]
         layers = fractions[norm]
         depth = list(range(1, len(layers) + 1))
-        for size, t in zip((6.5, 5.0, 4.0, 3.5), TERMS):  # shrinking markers: terms that coincide stay visible
+        for size, t in zip(
+            (6.5, 5.0, 4.0, 3.5), TERMS
+        ):  # shrinking markers: terms that coincide stay visible
             ax.plot(depth, _floor([f[t] for f in layers], lo), **_TERM_STYLES[t], markersize=size, label=t)
         if criteria:
             for y, text in POWER_THRESHOLDS.get(norm_family(norm), []):
@@ -505,22 +568,30 @@ def power_figure(
                 _threshold_label(ax, y, text, va="top" if y > 1e-3 else "bottom")
             if norm_family(norm) == "ln" and lnpn is not None and fractions[lnpn]:
                 y = max(5 * fractions[lnpn][-1]["P_mean"], lo)
-                ax.plot([depth[-1]], [y], marker="_", markersize=22, markeredgewidth=2.5, color=THRESHOLD_STYLE["color"],
-                        ls="none", label="E4: LN's last P_mean must be ≥ this (5× LN+PN's)")
+                ax.plot(
+                    [depth[-1]],
+                    [y],
+                    marker="_",
+                    markersize=22,
+                    markeredgewidth=2.5,
+                    color=THRESHOLD_STYLE["color"],
+                    ls="none",
+                    label="E4: LN's last P_mean must be ≥ this (5× LN+PN's)",
+                )
                 _threshold_label(ax, y, f"≥ 5× {lnpn} at layer {depth[-1]}", x=0.35, va="top")
         ax.set_yscale("log")
         ax.set_ylim(lo / 3, 3.0)
         ax.set_title(norm)
         ax.grid(alpha=0.3, which="major")
         _integer_x(ax)
-    for ax in axes.flat[len(norms):]:
+    for ax in axes.flat[len(norms) :]:
         ax.set_visible(False)
     for row in axes:
         row[0].set_ylabel("fraction of total power")
     for ax in axes[-1]:
         ax.set_xlabel("layer")
     if len(norms) % ncols:  # the hidden panel's column has no x label: put it on the panel above
-        for ax in axes[-2][len(norms) % ncols:] if nrows > 1 else []:
+        for ax in axes[-2][len(norms) % ncols :] if nrows > 1 else []:
             ax.set_xlabel("layer")
             ax.xaxis.set_tick_params(labelbottom=True)
     _figure_legend(fig, axes.flat)
@@ -529,7 +600,10 @@ def power_figure(
 
 
 def plot_power(
-    fractions: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str = "", criteria: bool = False,
+    fractions: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | Path,
+    title: str = "",
+    criteria: bool = False,
     floor: float | None = None,
 ) -> Path:
     """Save :func:`power_figure` (power fractions against depth, one panel per norm) to ``path``."""
@@ -538,14 +612,18 @@ def plot_power(
 
 @_styled
 def power_lines_figure(
-    fractions: Mapping[str, Sequence[Mapping[str, float]]], term: str = "P_mean", title: str = "",
-    criteria: bool = True, floor: float | None = None,
+    fractions: Mapping[str, Sequence[Mapping[str, float]]],
+    term: str = "P_mean",
+    title: str = "",
+    criteria: bool = True,
+    floor: float | None = None,
 ) -> Any:
     """One power fraction (default ``P_mean``) against depth, one line per norm, log axis.
 
     Lines that coincide (BN's and IN's P_mean, both ~0) stay visible: markers shrink from the first
     norm to the last and alternate filled / hollow, and a norm whose values all lie below the floor
-    (default 1e-6, well under the thresholds at 0.02 and 5x LN+PN's ~1e-3) says so in the legend. With ``criteria`` and ``term == "P_mean"``: BN's 0.02 line and the point
+    (default 1e-6, well under the thresholds at 0.02 and 5x LN+PN's ~1e-3) says so in the legend. With
+    ``criteria`` and ``term == "P_mean"``: BN's 0.02 line and the point
     LN's last-layer value must reach (5x LN+PN's).
     """
     lo = 1e-6 if floor is None else floor
@@ -568,8 +646,16 @@ def power_lines_figure(
         if lnpn is not None and any(norm_family(n) == "ln" for n in norms) and fractions[lnpn]:
             depth = len(fractions[lnpn])
             y = max(5 * fractions[lnpn][-1]["P_mean"], lo)
-            ax.plot([depth], [y], marker="_", markersize=26, markeredgewidth=2.5, color=THRESHOLD_STYLE["color"],
-                    ls="none", label=f"E4: LN at layer {depth} must be ≥ this (5× {lnpn})")
+            ax.plot(
+                [depth],
+                [y],
+                marker="_",
+                markersize=26,
+                markeredgewidth=2.5,
+                color=THRESHOLD_STYLE["color"],
+                ls="none",
+                label=f"E4: LN at layer {depth} must be ≥ this (5× {lnpn})",
+            )
     ax.set_yscale("log")
     ax.set_ylim(lo / 3, 3.0)
     _integer_x(ax)
@@ -582,11 +668,17 @@ def power_lines_figure(
 
 
 def plot_power_lines(
-    fractions: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, term: str = "P_mean", title: str = "",
-    criteria: bool = True, floor: float | None = None,
+    fractions: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | Path,
+    term: str = "P_mean",
+    title: str = "",
+    criteria: bool = True,
+    floor: float | None = None,
 ) -> Path:
     """Save :func:`power_lines_figure` to ``path``."""
-    return _save_styled(power_lines_figure(fractions, term=term, title=title, criteria=criteria, floor=floor), path)
+    return _save_styled(
+        power_lines_figure(fractions, term=term, title=title, criteria=criteria, floor=floor), path
+    )
 
 
 # ------------------------------------------------------------------------------------------ E2
@@ -615,17 +707,34 @@ def lr_sweep_figure(rows: Sequence[Mapping[str, Any]], num_classes: int = 10, cr
         ax_err.plot([e[0] for e in errs], [e[1] for e in errs], **styles[norm], label=norm)
         bad = [r for r in pts if r["diverged"]]
         if bad:
-            ax_loss.plot([r["lr"] for r in bad], [top] * len(bad), ls="none", marker="x", markersize=9, mew=2,
-                         color=styles[norm]["color"], label=f"{norm}: diverged", clip_on=False)
-    ax_loss.axhline(math.log(num_classes), color="#666666", lw=1, ls=(0, (1, 2)), label=f"chance loss ln {num_classes}")
+            ax_loss.plot(
+                [r["lr"] for r in bad],
+                [top] * len(bad),
+                ls="none",
+                marker="x",
+                markersize=9,
+                mew=2,
+                color=styles[norm]["color"],
+                label=f"{norm}: diverged",
+                clip_on=False,
+            )
+    ax_loss.axhline(
+        math.log(num_classes), color="#666666", lw=1, ls=(0, (1, 2)), label=f"chance loss ln {num_classes}"
+    )
     if criteria and norms:
         stable = [r["lr"] for r in rows if r["norm"] == norms[0] and not r["diverged"]]
         if stable and len(norms) > 1:
             x = 5 * max(stable)
             for ax in (ax_loss, ax_err):
                 ax.axvline(x, **THRESHOLD_STYLE, label="pass threshold")
-            ax_loss.annotate(f"E2 (i): 5× {norms[0]}'s largest\nstable LR = {x:g}", xy=(x, 0.02),
-                             xycoords=("data", "axes fraction"), xytext=(4, 0), textcoords="offset points", fontsize=9)
+            ax_loss.annotate(
+                f"E2 (i): 5× {norms[0]}'s largest\nstable LR = {x:g}",
+                xy=(x, 0.02),
+                xycoords=("data", "axes fraction"),
+                xytext=(4, 0),
+                textcoords="offset points",
+                fontsize=9,
+            )
     for ax in (ax_loss, ax_err):
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
@@ -642,7 +751,9 @@ def lr_sweep_figure(rows: Sequence[Mapping[str, Any]], num_classes: int = 10, cr
     return fig
 
 
-def plot_lr_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path, num_classes: int = 10, criteria: bool = True) -> Path:
+def plot_lr_sweep(
+    rows: Sequence[Mapping[str, Any]], path: str | Path, num_classes: int = 10, criteria: bool = True
+) -> Path:
     """Save :func:`lr_sweep_figure` to ``path``."""
     return _save_styled(lr_sweep_figure(rows, num_classes=num_classes, criteria=criteria), path)
 
@@ -678,10 +789,20 @@ def lr_curves_figure(cnn: Sequence[Mapping[str, Any]], base: str = "none", crite
             values += ys
             # the two runs E2 (ii) compares: the baseline at its best LR, the others at 5x that LR
             key = best_lr is not None and math.isclose(r["lr"], best_lr if norm == base else 5 * best_lr)
-            ax.plot([s for s, _ in r["curve"]], ys, color=cmap(k / max(len(lrs) - 1, 1) * 0.9),
-                    marker=markers[k % len(markers)], ls=dashes[k % len(dashes)], markevery=max(1, len(ys) // 8),
-                    markersize=5, lw=2.8 if key else 1.2, zorder=3 if key else 2,
-                    label=f"LR {r['lr']:g}" + (" (diverged)" if r["diverged"] else "") + (" (E2 (ii), thick)" if key else ""))
+            ax.plot(
+                [s for s, _ in r["curve"]],
+                ys,
+                color=cmap(k / max(len(lrs) - 1, 1) * 0.9),
+                marker=markers[k % len(markers)],
+                ls=dashes[k % len(dashes)],
+                markevery=max(1, len(ys) // 8),
+                markersize=5,
+                lw=2.8 if key else 1.2,
+                zorder=3 if key else 2,
+                label=f"LR {r['lr']:g}"
+                + (" (diverged)" if r["diverged"] else "")
+                + (" (E2 (ii), thick)" if key else ""),
+            )
         if criteria and target is not None:
             ax.axhline(target, **THRESHOLD_STYLE, label="pass threshold")
             _threshold_label(ax, target, f"target: {base}'s best, {target:.1f} %", x=0.4)
@@ -696,7 +817,9 @@ def lr_curves_figure(cnn: Sequence[Mapping[str, Any]], base: str = "none", crite
     return fig
 
 
-def plot_lr_curves(cnn: Sequence[Mapping[str, Any]], path: str | Path, base: str = "none", criteria: bool = True) -> Path:
+def plot_lr_curves(
+    cnn: Sequence[Mapping[str, Any]], path: str | Path, base: str = "none", criteria: bool = True
+) -> Path:
     """Save :func:`lr_curves_figure` to ``path`` (``lr-sweep``'s ``lr_curves.png``)."""
     return _save_styled(lr_curves_figure(cnn, base=base, criteria=criteria), path)
 
@@ -737,7 +860,9 @@ def percentiles_figure(
         ax.fill_between(s["steps"], s["p15"], s["p85"], alpha=0.2, color=color, lw=0)
         ax.plot(s["steps"], s["p50"], color=color, lw=2.0, label=f"{label}: median")
         for q in ("p15", "p85"):
-            ax.plot(s["steps"], s[q], color=color, lw=0.9, ls=(0, (4, 2)), label=f"{label}: {q[1:]}th percentile")
+            ax.plot(
+                s["steps"], s[q], color=color, lw=0.9, ls=(0, (4, 2)), label=f"{label}: {q[1:]}th percentile"
+            )
         med = list(s["p50"])
         mean = sum(med) / len(med)
         std = math.sqrt(sum((v - mean) ** 2 for v in med) / (len(med) - 1)) if len(med) > 1 else 0.0
@@ -750,16 +875,20 @@ def percentiles_figure(
     from matplotlib.patches import Patch
 
     grey = "#555555"
-    keys = [(Line2D([], [], color=grey, lw=2.0), "median (thick)"),
-            (Line2D([], [], color=grey, lw=0.9, ls=(0, (4, 2))), "15th and 85th percentiles (dashed)"),
-            (Patch(color=grey, alpha=0.2, lw=0), "15th-85th band")]
+    keys = [
+        (Line2D([], [], color=grey, lw=2.0), "median (thick)"),
+        (Line2D([], [], color=grey, lw=0.9, ls=(0, (4, 2))), "15th and 85th percentiles (dashed)"),
+        (Patch(color=grey, alpha=0.2, lw=0), "15th-85th band"),
+    ]
     _figure_legend(fig, axes[0][:col], ncols=len(labels) + 3, extra=keys)
     fig.suptitle("MLP-3 (sigmoid) over training: test accuracy, and the distribution of one sigmoid's input")
     return fig
 
 
 def plot_percentiles(
-    series: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, acc: Mapping[str, Sequence[float]] | None = None
+    series: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | Path,
+    acc: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
     """Save :func:`percentiles_figure` to ``path``."""
     return _save_styled(percentiles_figure(series, acc=acc), path)
@@ -769,7 +898,9 @@ def plot_percentiles(
 
 
 @_styled
-def landscape_figure(series: Mapping[str, Mapping[str, Sequence[float]]], suffix: str = "", criteria: bool = True) -> Any:
+def landscape_figure(
+    series: Mapping[str, Mapping[str, Sequence[float]]], suffix: str = "", criteria: bool = True
+) -> Any:
     """Santurkar et al.'s measures over training: loss range, gradient change, effective beta; one panel each.
 
     ``series[norm]`` holds ``step`` and, per measure, ``loss_range`` (or ``loss_min`` / ``loss_max``),
@@ -780,7 +911,11 @@ def landscape_figure(series: Mapping[str, Mapping[str, Sequence[float]]], suffix
     norms = list(series)
     styles = _styles(norms)
     fig, axes = new_figure(1, 3, width=3.6, height=3.9, squeeze=False)
-    titles = ("loss range along −g (max − min)", "gradient change: max ‖∇L(θ−ηg) − g‖", "effective β-smoothness")
+    titles = (
+        "loss range along −g (max − min)",
+        "gradient change: max ‖∇L(θ−ηg) − g‖",
+        "effective β-smoothness",
+    )
     for norm in norms:
         s = series[norm]
         steps = s["step"]
@@ -790,11 +925,24 @@ def landscape_figure(series: Mapping[str, Mapping[str, Sequence[float]]], suffix
         for ax, vals in zip(axes[0], (rng, s["grad_change" + suffix], s["beta" + suffix])):
             pos = [v for v in vals if _finite(v) and v > 0]
             floor = min(pos) / 10 if pos else 1e-12
-            ax.plot(steps, _floor(vals, floor), **styles[norm], markevery=max(1, len(vals) // 10), markersize=5, lw=1.3,
-                    label=norm)
+            ax.plot(
+                steps,
+                _floor(vals, floor),
+                **styles[norm],
+                markevery=max(1, len(vals) // 10),
+                markersize=5,
+                lw=1.3,
+                label=norm,
+            )
             if criteria and pos:
                 med = statistics.median(v for v in vals if _finite(v))
-                ax.axhline(max(med, floor), color=styles[norm]["color"], lw=1.0, ls=(0, (5, 3)), label=f"{norm}: median over time")
+                ax.axhline(
+                    max(med, floor),
+                    color=styles[norm]["color"],
+                    lw=1.0,
+                    ls=(0, (5, 3)),
+                    label=f"{norm}: median over time",
+                )
     for ax, t in zip(axes[0], titles):
         ax.set_title(t)
         ax.set_xlabel("training step")
@@ -803,14 +951,19 @@ def landscape_figure(series: Mapping[str, Mapping[str, Sequence[float]]], suffix
     for ax, label in zip(axes[0], ("loss range", "gradient change", "effective β")):
         ax.set_ylabel(label)
     _figure_legend(fig, axes[0], ncols=4)
-    fig.suptitle("Loss landscape along the gradient, "
-                 + ("steps of fixed length η·Δ along −g/‖g‖" if suffix else "steps θ − ηg, η from 0.05 to 0.4")
-                 + ("; E5 asks every median to be lower with BN" if criteria else ""))
+    fig.suptitle(
+        "Loss landscape along the gradient, "
+        + ("steps of fixed length η·Δ along −g/‖g‖" if suffix else "steps θ − ηg, η from 0.05 to 0.4")
+        + ("; E5 asks every median to be lower with BN" if criteria else "")
+    )
     return fig
 
 
 def plot_landscape(
-    series: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, suffix: str = "", criteria: bool = True
+    series: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | Path,
+    suffix: str = "",
+    criteria: bool = True,
 ) -> Path:
     """Save :func:`landscape_figure` to ``path``."""
     return _save_styled(landscape_figure(series, suffix=suffix, criteria=criteria), path)

@@ -1,4 +1,5 @@
-"""A progress display for runs and epochs (rich), or nothing with ``quiet``: :class:`normkit._progress.Progress`.
+"""A progress display for runs and epochs (rich), or nothing with ``quiet``:
+:class:`normkit._progress.Progress`.
 
 Progress goes to stderr so that stdout carries only the results table.
 

@@ -57,8 +57,10 @@ __all__ = [
     "to_jsonable",
 ]
 
+
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a run; ``path`` is its folder (marked ``interrupted``), ``done``/``total`` what finished."""
+    """Ctrl-C stopped a run; ``path`` is its folder (marked ``interrupted``), ``done``/``total`` what
+    finished."""
 
     def __init__(self, path: Path | None, done: int | None = None, total: int | None = None) -> None:
         super().__init__(str(path))
@@ -86,8 +88,9 @@ def to_jsonable(obj: Any) -> Any:
         return str(obj)
     if isinstance(obj, Path):
         return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return to_jsonable(obj.item())
+    item = getattr(obj, "item", None)
+    if callable(item):  # numpy scalars
+        return to_jsonable(item())
     return obj
 
 
@@ -105,7 +108,11 @@ def git_state(cwd: str | Path | None = None) -> tuple[str | None, bool | None]:
             ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True, timeout=10
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None, None
@@ -119,7 +126,8 @@ def git_revision(cwd: str | Path | None = None) -> str | None:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`), ``"unknown"`` if neither says.
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`), ``"unknown"`` if
+    neither says.
 
     Example:
         >>> isinstance(cpu_model(), str) and cpu_model() != ""
@@ -220,14 +228,19 @@ def check_writable(root: str | Path) -> Path:
     root = Path(root)
     existing = next(p for p in [root, *root.absolute().parents] if p.exists() or p == Path(p.anchor))
     if not existing.is_dir():
-        raise ValueError(f"--out {str(root)!r}: cannot create the runs folder: {str(existing)!r} is a file, not a folder")
+        raise ValueError(
+            f"--out {str(root)!r}: cannot create the runs folder: {str(existing)!r} is a file, not a folder"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {str(root)!r}: cannot write run folders there: {str(existing)!r} is not writable")
+        raise ValueError(
+            f"--out {str(root)!r}: cannot write run folders there: {str(existing)!r} is not writable"
+        )
     return root
 
 
 def read_manifest(run: str | Path) -> dict[str, Any]:
-    """A run folder's ``manifest.json``; a folder from before manifests counts as finished if it has ``summary.md``.
+    """A run folder's ``manifest.json``; a folder from before manifests counts as finished if it has
+    ``summary.md``.
 
     Example:
         >>> import tempfile
@@ -279,7 +292,8 @@ class RunRecord:
     def create(
         cls, root: str | Path, experiment: str, config: dict[str, Any], env: dict[str, Any] | None = None
     ) -> RunRecord:
-        """Make ``<root>/<experiment>-<YYYYmmdd-HHMMSS>[-k]/``; write ``manifest.json`` (running), ``config.json``, ``env.json``.
+        """Make ``<root>/<experiment>-<YYYYmmdd-HHMMSS>[-k]/``; write ``manifest.json`` (running),
+        ``config.json``, ``env.json``.
 
         Two runs started in the same second get ``-2``, ``-3``, ... suffixes.
         """
@@ -306,15 +320,20 @@ class RunRecord:
         """Write ``manifest.json``: ``{"experiment", "status", "updated", **info}`` (atomically: a rename)."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
-        manifest = {"experiment": self.experiment or self.path.name.rsplit("-", 2)[0], "status": status,
-                    "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+        manifest = {
+            "experiment": self.experiment or self.path.name.rsplit("-", 2)[0],
+            "status": status,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **info,
+        }
         tmp = self.path / ".manifest.json.tmp"
         tmp.write_text(json.dumps(to_jsonable(manifest), indent=2) + "\n")
         os.replace(tmp, self.path / "manifest.json")
 
     @contextmanager
     def guard(self) -> Iterator[RunRecord]:
-        """Mark the run ``interrupted`` (Ctrl-C, re-raised as :class:`RunInterrupted`) or ``failed`` (any other
+        """Mark the run ``interrupted`` (Ctrl-C, re-raised as :class:`RunInterrupted`) or ``failed`` (any
+        other
         exception, re-raised as is) if the block raises.
 
         Example:
@@ -333,8 +352,11 @@ class RunRecord:
             yield self
         except BaseException as e:
             interrupted = isinstance(e, KeyboardInterrupt)
-            info: dict[str, Any] = {} if interrupted else {
-                "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
+            info: dict[str, Any] = (
+                {}
+                if interrupted
+                else {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
+            )
             with _sigint_ignored(interrupted):  # a second Ctrl-C must not leave the status at "running"
                 try:
                     self.set_status("interrupted" if interrupted else "failed", **info)
@@ -373,9 +395,12 @@ class RunRecord:
         return p
 
     def finish(self, **timing: float) -> float:
-        """Write ``timing.json`` (total wall seconds plus any named timings), mark the run finished; return the total."""
+        """Write ``timing.json`` (total wall seconds plus any named timings), mark the run finished; return
+        the total."""
         total = time.perf_counter() - self.started
-        self.write_json("timing.json", {"wall_s": round(total, 3), **{k: round(v, 3) for k, v in timing.items()}})
+        self.write_json(
+            "timing.json", {"wall_s": round(total, 3), **{k: round(v, 3) for k, v in timing.items()}}
+        )
         self.set_status("finished")
         return total
 

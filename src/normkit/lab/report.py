@@ -50,8 +50,13 @@ def find_runs(root: str | Path, latest_only: bool = True) -> list[Path]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"report: runs root {str(root)!r} is not a folder (run an experiment first, or pass --runs-root)")
-    runs = sorted((p for p in root.iterdir() if (p / "config.json").is_file()), key=lambda p: ((p / "config.json").stat().st_mtime, p.name))
+        raise ValueError(
+            f"report: runs root {str(root)!r} is not a folder (run an experiment first, or pass --runs-root)"
+        )
+    runs = sorted(
+        (p for p in root.iterdir() if (p / "config.json").is_file()),
+        key=lambda p: ((p / "config.json").stat().st_mtime, p.name),
+    )
     if not latest_only:
         return runs
     latest: dict[str, Path] = {}
@@ -75,9 +80,13 @@ def _section(run: Path, out_dir: Path) -> str:
     if status == "finished" and (run / "summary.md").is_file():
         summary = (run / "summary.md").read_text()
     else:
-        done = f": {manifest['done']} of {manifest['total']} trainings finished" if "total" in manifest else ""
+        done = (
+            f": {manifest['done']} of {manifest['total']} trainings finished" if "total" in manifest else ""
+        )
         error = f" ({manifest['error']})" if manifest.get("error") else ""
-        summary = f"**Run {status}**{done}{error}; its finished work is in `metrics.jsonl`, there is no summary.\n"
+        summary = (
+            f"**Run {status}**{done}{error}; its finished work is in `metrics.jsonl`, there is no summary.\n"
+        )
     rel = Path(os.path.relpath(run, out_dir))
 
     def relink(m: re.Match[str]) -> str:
@@ -93,26 +102,35 @@ def _section(run: Path, out_dir: Path) -> str:
         facts.append(environment_line(env))
     if timing.get("wall_s") is not None:
         facts.append(f"{timing['wall_s']:.0f} s wall")
-    title = f"## {cfg.get('experiment', run.name)}: {run.name}" + ("" if status == "finished" else f" ({status})")
+    title = f"## {cfg.get('experiment', run.name)}: {run.name}" + (
+        "" if status == "finished" else f" ({status})"
+    )
     return "\n".join([title, "", "; ".join(facts) + ".", "", _IMG.sub(relink, _shift_headings(summary, 2))])
 
 
 def environment_line(env: dict[str, Any]) -> str:
-    """``env.json`` in one line: machine, load, parallelism, versions, BLAS, git state (what explains a difference).
+    """``env.json`` in one line: machine, load, parallelism, versions, BLAS, git state (what explains a
+    difference).
 
     Example:
-        >>> environment_line({"cpu_model": "AMD EPYC", "cpu_count": 2, "load_avg": [1.0, 0.5, 0.2], "threads": 1,
-        ...                   "torch": "2.13.0", "numpy": "2.4.6", "normkit": "0.1", "blas": "mkl", "device": "cpu",
-        ...                   "git": "0123456789abcdef", "git_dirty": True})
-        'CPU AMD EPYC, 2 cores, load 1.00 at the start; 1 thread(s); device cpu; torch 2.13.0, numpy 2.4.6, normkit 0.1, BLAS mkl; git 0123456789ab (dirty)'
+        >>> line = environment_line({"cpu_model": "AMD EPYC", "cpu_count": 2, "load_avg": [1.0, 0.5, 0.2],
+        ...     "threads": 1, "torch": "2.13.0", "numpy": "2.4.6", "normkit": "0.1", "blas": "mkl",
+        ...     "device": "cpu", "git": "0123456789abcdef", "git_dirty": True})
+        >>> line.split("; ")  # doctest: +NORMALIZE_WHITESPACE
+        ['CPU AMD EPYC, 2 cores, load 1.00 at the start', '1 thread(s)', 'device cpu',
+         'torch 2.13.0, numpy 2.4.6, normkit 0.1, BLAS mkl', 'git 0123456789ab (dirty)']
     """
     load = env.get("load_avg")
-    parts = [f"CPU {env.get('cpu_model', '(not recorded)')}, {env.get('cpu_count', '?')} cores"
-             + (f", load {load[0]:.2f} at the start" if load else "")]
+    parts = [
+        f"CPU {env.get('cpu_model', '(not recorded)')}, {env.get('cpu_count', '?')} cores"
+        + (f", load {load[0]:.2f} at the start" if load else "")
+    ]
     parts.append(env.get("parallelism") or f"{env.get('threads')} thread(s)")
     parts.append(f"device {env.get('device')}")
-    parts.append(f"torch {env.get('torch')}, numpy {env.get('numpy', '?')}, normkit {env.get('normkit', '?')}, "
-                 f"BLAS {env.get('blas', '?')}")
+    parts.append(
+        f"torch {env.get('torch')}, numpy {env.get('numpy', '?')}, normkit {env.get('normkit', '?')}, "
+        f"BLAS {env.get('blas', '?')}"
+    )
     git = env.get("git")
     dirty = env.get("git_dirty")
     if git and "+dirty" in str(git):  # records from before git_dirty
@@ -122,7 +140,8 @@ def environment_line(env: dict[str, Any]) -> str:
 
 
 def render_html(markdown: str, base: Path, title: str = "normkit report") -> str:
-    """Markdown to a self-contained HTML page; local images (relative to ``base``) inlined as PNG data URIs."""
+    """Markdown to a self-contained HTML page; local images (relative to ``base``) inlined as PNG data
+    URIs."""
 
     def inline(m: re.Match[str]) -> str:
         target = base / m.group(2)
@@ -139,18 +158,27 @@ def render_html(markdown: str, base: Path, title: str = "normkit report") -> str
     except ImportError:  # pragma: no cover - markdown-it-py comes with rich
         body = f"<pre>{html_lib.escape(text)}</pre>"
     style = (
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}"
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 "
+        "1em;line-height:1.45}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px "
+        "8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:0 "
+        "3px}"
     )
-    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html_lib.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
+    return (
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html_lib.escape(title)}</title>"
+        f"<style>{style}</style></head><body>\n{body}</body></html>\n"
+    )
 
 
 def write_report(
-    runs: Sequence[str | Path] = (), runs_root: str | Path = "runs", out: str | Path | None = None, latest_only: bool = True
+    runs: Sequence[str | Path] = (),
+    runs_root: str | Path = "runs",
+    out: str | Path | None = None,
+    latest_only: bool = True,
 ) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` for ``runs`` (default: found under ``runs_root``); return their paths.
+    """Write ``report.md`` and ``report.html`` for ``runs`` (default: found under ``runs_root``); return their
+    paths.
 
     Raises:
         ValueError: no runs found, or a given folder is not a run folder.
@@ -162,16 +190,24 @@ def write_report(
     if not folders:
         folders = find_runs(runs_root, latest_only)
     if not folders:
-        raise ValueError(f"report: no runs under {str(runs_root)!r}; run an experiment first (e.g. normkit compare)")
+        raise ValueError(
+            f"report: no runs under {str(runs_root)!r}; run an experiment first (e.g. normkit compare)"
+        )
     out_dir = Path(out) if out is not None else (Path(runs_root) if not runs else folders[0].parent)
     check_writable(out_dir)
     header = [
-        "# normkit lab report", "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {len(folders)} run(s). Each section is one run: its command, "
-        "environment, summary table with the pass criteria of docs/EXPERIMENTS.md (E1..E5), and plots.", "",
-        *[f"- {_read_json(f / 'config.json').get('experiment', '?')}: `{f.name}`"
-          + ("" if read_manifest(f).get("status") == "finished" else f" ({read_manifest(f).get('status')})")
-          for f in folders], "",
+        "# normkit lab report",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {len(folders)} run(s). Each section is one "
+        "run: its command, "
+        "environment, summary table with the pass criteria of docs/EXPERIMENTS.md (E1..E5), and plots.",
+        "",
+        *[
+            f"- {_read_json(f / 'config.json').get('experiment', '?')}: `{f.name}`"
+            + ("" if read_manifest(f).get("status") == "finished" else f" ({read_manifest(f).get('status')})")
+            for f in folders
+        ],
+        "",
     ]
     md = "\n".join(header) + "\n" + "\n\n".join(_section(f, out_dir) for f in folders) + "\n"
     md_path = out_dir / "report.md"

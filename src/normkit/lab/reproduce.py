@@ -1,4 +1,5 @@
-"""``normkit reproduce``: run the lab's protocol (docs/EXPERIMENTS.md, E1..E5) and write docs/RESULTS.md from it.
+"""``normkit reproduce``: run the lab's protocol (docs/EXPERIMENTS.md, E1..E5) and write docs/RESULTS.md from
+it.
 
 RESULTS.md is this command's output, not a hand-kept file: every table, verdict and figure in it
 comes from the runs this command just made with the current code, and its header names the
@@ -53,7 +54,14 @@ _TITLES = {
     "e5": "E5: Santurkar et al.'s loss-landscape measures",
 }
 
-_SHORT = {"e1-head": "E1 (head, the default)", "e1-nohead": "E1 (no head)", "e3": "E3", "e4": "E4", "e2": "E2", "e5": "E5"}
+_SHORT = {
+    "e1-head": "E1 (head, the default)",
+    "e1-nohead": "E1 (no head)",
+    "e3": "E3",
+    "e4": "E4",
+    "e2": "E2",
+    "e5": "E5",
+}
 
 
 @dataclass
@@ -65,11 +73,14 @@ class ReproduceConfig(LabConfig):
         results: the Markdown file to write (its ``figures/`` folder gets the plots).
         quick: a smoke run (a handful of samples and steps per experiment) that checks the pipeline,
             not the claims; its RESULTS.md says so in its first line.
-        data, limit_train, limit_test, device, threads, out, quiet: as in :class:`LabConfig`, passed to every step.
+        data, limit_train, limit_test, device, threads, out, quiet: as in :class:`LabConfig`, passed to every
+        step.
     """
 
     seeds: int = opt(5, "seeds per compare cell (E1, E3)", min=2, max=50)
-    results: str = opt("docs/RESULTS.md", "the Markdown file to write; the plots go to figures/ next to it", metavar="PATH")
+    results: str = opt(
+        "docs/RESULTS.md", "the Markdown file to write; the plots go to figures/ next to it", metavar="PATH"
+    )
     quick: bool = opt(False, "a smoke run of the pipeline (tiny data and steps), not a measurement")
 
     def _check(self) -> None:
@@ -81,7 +92,8 @@ class ReproduceConfig(LabConfig):
 
 @dataclass(frozen=True)
 class Step:
-    """One experiment run of the plan: ``key`` (e.g. ``"e1-head"``), the subcommand, its config, the command shown."""
+    """One experiment run of the plan: ``key`` (e.g. ``"e1-head"``), the subcommand, its config, the command
+    shown."""
 
     key: str
     experiment: str
@@ -111,24 +123,91 @@ def plan(cfg: ReproduceConfig) -> list[Step]:
     """The runs RESULTS.md is made of, with this config's seeds and common settings."""
     seeds = list(range(cfg.seeds))
     common = {f.name: getattr(cfg, f.name) for f in fields(LabConfig)}
-    quick_compare = {"limit_train": 64, "limit_test": 32, "epochs": 1, "max_steps": 2, "jobs": 1} if cfg.quick else {}
+    quick_compare = (
+        {"limit_train": 64, "limit_test": 32, "epochs": 1, "max_steps": 2, "jobs": 1} if cfg.quick else {}
+    )
     specs: list[tuple[str, str, dict[str, Any]]] = [
         ("e1-head", "compare", {"seeds": seeds, **quick_compare}),
         ("e1-nohead", "compare", {"models": ["cnn4"], "seeds": seeds, **quick_compare}),
-        ("e3", "compare", {"models": ["cnn4"], "norms": ["bn", "gn:8", "ln", "in", "ln+pn", "gn:4+pn"],
-                           "batch_sizes": [32], "epochs": 15, "seeds": seeds, **quick_compare}),
-        ("e4", "power", {"trained": True, **({"limit_train": 64, "limit_test": 32, "depth": 3, "width": 8, "samples": 16,
-                                              "epochs": 1, "max_steps": 2} if cfg.quick else {})}),
-        ("e2", "lr-sweep", {**({"limit_train": 64, "limit_test": 32, "lrs": [0.01, 0.1], "epochs": 1, "max_steps": 2,
-                                "batch_size": 8, "mlp_steps": 4, "percentile_every": 2, "mlp_batch_size": 8}
-                               if cfg.quick else {})}),
-        ("e5", "landscape", {**({"limit_train": 64, "limit_test": 32, "steps": 2, "every": 1, "etas": 2, "width": 4,
-                                 "batch_size": 8} if cfg.quick else {})}),
+        (
+            "e3",
+            "compare",
+            {
+                "models": ["cnn4"],
+                "norms": ["bn", "gn:8", "ln", "in", "ln+pn", "gn:4+pn"],
+                "batch_sizes": [32],
+                "epochs": 15,
+                "seeds": seeds,
+                **quick_compare,
+            },
+        ),
+        (
+            "e4",
+            "power",
+            {
+                "trained": True,
+                **(
+                    {
+                        "limit_train": 64,
+                        "limit_test": 32,
+                        "depth": 3,
+                        "width": 8,
+                        "samples": 16,
+                        "epochs": 1,
+                        "max_steps": 2,
+                    }
+                    if cfg.quick
+                    else {}
+                ),
+            },
+        ),
+        (
+            "e2",
+            "lr-sweep",
+            {
+                **(
+                    {
+                        "limit_train": 64,
+                        "limit_test": 32,
+                        "lrs": [0.01, 0.1],
+                        "epochs": 1,
+                        "max_steps": 2,
+                        "batch_size": 8,
+                        "mlp_steps": 4,
+                        "percentile_every": 2,
+                        "mlp_batch_size": 8,
+                    }
+                    if cfg.quick
+                    else {}
+                )
+            },
+        ),
+        (
+            "e5",
+            "landscape",
+            {
+                **(
+                    {
+                        "limit_train": 64,
+                        "limit_test": 32,
+                        "steps": 2,
+                        "every": 1,
+                        "etas": 2,
+                        "width": 4,
+                        "batch_size": 8,
+                    }
+                    if cfg.quick
+                    else {}
+                )
+            },
+        ),
     ]
     steps = []
     for key, experiment, kw in specs:
         cls = CONFIGS[experiment][0]
-        own = {k: v for k, v in common.items() if not (k == "data" and v == LabConfig.data)}  # power keeps digits16
+        own = {
+            k: v for k, v in common.items() if not (k == "data" and v == LabConfig.data)
+        }  # power keeps digits16
         if cfg.quick:
             own = {k: v for k, v in own.items() if k not in ("limit_train", "limit_test") or v is not None}
         config = cls(**{**own, **kw})
@@ -182,19 +261,34 @@ def _section(step: Step, run: Path, figures: Path, rel: str, wall: float) -> str
         return f"![{m.group(1)}]({rel}/{name})"
 
     summary = _IMG.sub(relink, summary)
-    return "\n".join([f"## {_TITLES[step.key]}", "", "```bash", step.command, "```", "",
-                      f"Run folder `{run.name}`, {wall / 60:.1f} min.", "", summary.rstrip(), ""])
+    return "\n".join(
+        [
+            f"## {_TITLES[step.key]}",
+            "",
+            "```bash",
+            step.command,
+            "```",
+            "",
+            f"Run folder `{run.name}`, {wall / 60:.1f} min.",
+            "",
+            summary.rstrip(),
+            "",
+        ]
+    )
 
 
 def run_reproduce(cfg: ReproduceConfig) -> Path:
-    """Run :func:`plan`'s experiments one after the other and write ``cfg.results`` (and its figures); return its path.
+    """Run :func:`plan`'s experiments one after the other and write ``cfg.results`` (and its figures); return
+    its path.
 
     Every step's settings are checked before the first one starts. A step that fails stops the
     command (its run folder says why); nothing is written to ``cfg.results`` then.
     """
     cfg.validate()
     steps = plan(cfg)
-    for step in steps:  # all checks first, data ones included: a bad setting must not surface after an hour of runs
+    for (
+        step
+    ) in steps:  # all checks first, data ones included: a bad setting must not surface after an hour of runs
         c = step.config.validate()
         c.check_data(load_dataset(c.data, limit_train=c.limit_train, limit_test=c.limit_test))
     results = Path(cfg.results)
@@ -214,7 +308,9 @@ def run_reproduce(cfg: ReproduceConfig) -> Path:
     rows = []
     for step, run, wall in done:
         res = json.loads((run / "results.json").read_text())
-        rows.append([_SHORT[step.key], _verdict_cell(_verdicts(res)), f"`{step.command}`", f"{wall / 60:.1f} min"])
+        rows.append(
+            [_SHORT[step.key], _verdict_cell(_verdicts(res)), f"`{step.command}`", f"{wall / 60:.1f} min"]
+        )
     kept = ""
     if results.is_file():
         old = results.read_text()
@@ -224,20 +320,35 @@ def run_reproduce(cfg: ReproduceConfig) -> Path:
     head = [
         "# What the lab measured here",
         "",
-        *(["**Quick smoke run (`--quick`): a handful of samples and steps, the numbers below mean nothing.**", ""]
-          if cfg.quick else []),
+        *(
+            [
+                "**Quick smoke run (`--quick`): a handful of samples and steps, the numbers below mean "
+                "nothing.**",
+                "",
+            ]
+            if cfg.quick
+            else []
+        ),
         f"Generated by `normkit reproduce --seeds {cfg.seeds}{' --quick' if cfg.quick else ''}` on "
-        f"{time.strftime('%Y-%m-%d')}, in {total / 60:.0f} min; do not edit the part above the notes marker by "
+        f"{time.strftime('%Y-%m-%d')}, in {total / 60:.0f} min; do not edit the part above the notes marker "
+        "by "
         "hand: change the code and run the command again.",
         "",
-        f"Machine: {environment_line(env)}. Each run's `env.json` has the rest (cores usable, Python, platform).",
+        f"Machine: {environment_line(env)}. Each run's `env.json` has the rest (cores usable, Python, "
+        "platform).",
         "",
-        f"Seeds: {cfg.seeds} per cell of E1 and E3. Each verdict is read with its margin (distance to its threshold, "
-        "> 0 on the passing side) and the standard error of that margin over the seeds; it *holds* when the margin "
-        "is more than 2 SE from 0, else it is *within the seeds' noise* and not decided either way. With n seeds the "
-        f"SE of a difference of two cells is sigma·sqrt(2/n): with n = {cfg.seeds} and the widest spread seen at B=2 "
-        f"(sigma = 7.7 pt) 2 SE is {2 * 7.7 * (2 / cfg.seeds) ** 0.5:.1f} pt, under E1's margins at B=2 (about "
-        "25 pt), so BN's B=2 spread cannot decide E1 (i) or (iii). Protocol and pass criteria: docs/EXPERIMENTS.md.",
+        f"Seeds: {cfg.seeds} per cell of E1 and E3. Each verdict is read with its margin (distance to its "
+        "threshold, "
+        "> 0 on the passing side) and the standard error of that margin over the seeds; it *holds* when the "
+        "margin "
+        "is more than 2 SE from 0, else it is *within the seeds' noise* and not decided either way. With n "
+        "seeds the "
+        f"SE of a difference of two cells is sigma·sqrt(2/n): with n = {cfg.seeds} and the widest spread "
+        "seen at B=2 "
+        f"(sigma = 7.7 pt) 2 SE is {2 * 7.7 * (2 / cfg.seeds) ** 0.5:.1f} pt, under E1's margins at B=2 "
+        "(about "
+        "25 pt), so BN's B=2 spread cannot decide E1 (i) or (iii). Protocol and pass criteria: "
+        "docs/EXPERIMENTS.md.",
         "",
         markdown_table(["experiment", "verdicts", "command", "wall time"], rows),
         "",
@@ -246,6 +357,8 @@ def run_reproduce(cfg: ReproduceConfig) -> Path:
         "",
     ]
     body = [_section(step, run, figures, rel, wall) for step, run, wall in done]
-    text = "\n".join(head) + "\n" + "\n".join(body) + "\n" + KEEP_MARKER + "\n" + (f"\n{kept}\n" if kept else "")
+    text = (
+        "\n".join(head) + "\n" + "\n".join(body) + "\n" + KEEP_MARKER + "\n" + (f"\n{kept}\n" if kept else "")
+    )
     results.write_text(text)
     return results

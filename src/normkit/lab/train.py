@@ -81,7 +81,8 @@ class TrainResult:
     """What :func:`train_classifier` returns.
 
     Attributes:
-        history: one dict per epoch (``epoch, step, lr, train_loss, train_err, test_loss, test_err``; errors in %).
+        history: one dict per epoch (``epoch, step, lr, train_loss, train_err, test_loss, test_err``; errors
+            in %).
         final: the last epoch's numbers plus ``test_err_batch_stats`` when measured.
         diverged: the loss became NaN or infinite (training stopped there).
         steps: optimizer steps taken.
@@ -109,7 +110,8 @@ def set_seed(seed: int, device: torch.device | str = "cpu") -> None:
 def epoch_batches(
     n: int, batch_size: int, generator: torch.Generator, world_size: int = 1, rank: int = 0
 ) -> list[Tensor]:
-    """Index tensors of one epoch: a random permutation cut into global batches of ``batch_size * world_size``.
+    """Index tensors of one epoch: a random permutation cut into global batches of ``batch_size *
+    world_size``.
 
     The last incomplete global batch is dropped (BN needs at least 2 values per channel, and
     every process must take the same number of steps); process ``rank`` gets its own slice.
@@ -127,7 +129,7 @@ def epoch_batches(
         )
     perm = torch.randperm(n, generator=generator)
     steps = n // glob
-    return [perm[s * glob + rank * batch_size: s * glob + (rank + 1) * batch_size] for s in range(steps)]
+    return [perm[s * glob + rank * batch_size : s * glob + (rank + 1) * batch_size] for s in range(steps)]
 
 
 def has_batch_stats(model: nn.Module) -> bool:
@@ -159,9 +161,9 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> 
     model.eval()
     loss, wrong = 0.0, 0
     for i in range(0, len(x), batch_size):
-        out = model(x[i: i + batch_size])
-        loss += float(nn.functional.cross_entropy(out, y[i: i + batch_size], reduction="sum"))
-        wrong += int((out.argmax(1) != y[i: i + batch_size]).sum())
+        out = model(x[i : i + batch_size])
+        loss += float(nn.functional.cross_entropy(out, y[i : i + batch_size], reduction="sum"))
+        wrong += int((out.argmax(1) != y[i : i + batch_size]).sum())
     model.train(was_training)
     return loss / len(x), 100.0 * wrong / len(x)
 

@@ -207,8 +207,16 @@ class GroupNormProxyAct2d(ProxyNormAct):
             from ..kernels import triton as _triton
 
             out = _triton.gn_proxy_act(
-                input, self.num_groups, self.eps, self.weight, self.bias, self.proxy_bias, self.proxy_weight,
-                self.proxy_points, self.activation, self.proxy_eps,
+                input,
+                self.num_groups,
+                self.eps,
+                self.weight,
+                self.bias,
+                self.proxy_bias,
+                self.proxy_weight,
+                self.proxy_points,
+                self.activation,
+                self.proxy_eps,
             )
             if out is not None:
                 return out

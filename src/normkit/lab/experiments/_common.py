@@ -69,11 +69,13 @@ __all__ = [
 
 
 class ConfigError(ValueError):
-    """A setting is out of range or inconsistent; the message names the option, what was expected and what came."""
+    """A setting is out of range or inconsistent; the message names the option, what was expected and what
+    came."""
 
 
 def _norm_specs(norms: list[str], at_least: int = 1, what: str = "") -> list[str]:
-    """Normalise and de-duplicate norm specs (the one place they are parsed); ConfigError for an unknown one."""
+    """Normalise and de-duplicate norm specs (the one place they are parsed); ConfigError for an unknown
+    one."""
     from ..models import check_norm_spec
 
     try:
@@ -86,14 +88,15 @@ def _norm_specs(norms: list[str], at_least: int = 1, what: str = "") -> list[str
 
 
 def check_norm_fits(norm: str, build: Callable[[], Any], what: str) -> None:
-    """Build a model with ``norm`` (cheap: small nets) so a spec that does not fit its channel counts fails up front.
+    """Build a model with ``norm`` (cheap: small nets) so a spec that does not fit its channel counts fails up
+    front.
 
     Example:
         >>> from normkit.lab.models import CNN4
-        >>> check_norm_fits("gn:3", lambda: CNN4("gn:3"), "CNN-4")
+        >>> check_norm_fits("gn:3", lambda: CNN4("gn:3"), "CNN-4")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        normkit.lab.experiments._common.ConfigError: --norms 'gn:3' does not fit CNN-4: GroupNorm: num_channels (32) must be divisible by num_groups (3); try num_groups=2 or 4
+        normkit.lab.experiments._common.ConfigError: --norms 'gn:3' does not fit CNN-4: ...
     """
     try:
         build()
@@ -101,24 +104,45 @@ def check_norm_fits(norm: str, build: Callable[[], Any], what: str) -> None:
         raise ConfigError(f"--norms {norm!r} does not fit {what}: {e}") from None
 
 
-def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None, min_open: bool = False,
-        max_open: bool = False,
-        choices: Sequence[Any] | None = None, metavar: str | None = None, parse: Callable[[str], Any] | None = None,
-        unique: bool = True, nonempty: bool = True) -> Any:
+def opt(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    min_open: bool = False,
+    max_open: bool = False,
+    choices: Sequence[Any] | None = None,
+    metavar: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    unique: bool = True,
+    nonempty: bool = True,
+) -> Any:
     """A config field with its command-line help and its checks.
 
     Args:
         default: the default (lists are copied per instance).
         help: the option's help text; ``(default: ...)`` is appended.
-        min, max: bounds of the value (of every element, for a list); ``min_open`` / ``max_open``: strict bounds.
+        min, max: bounds of the value (of every element, for a list); ``min_open`` / ``max_open``: strict
+            bounds.
         choices: allowed values (of every element, for a list).
         metavar: the option's metavar.
         parse: parser of one command-line value (or one list element); default from the field's type.
         unique: lists: drop repeated elements (keeping the first).
         nonempty: lists: at least one element.
     """
-    meta = {"help": help, "min": min, "max": max, "min_open": min_open, "max_open": max_open, "choices": choices, "metavar": metavar,
-            "parse": parse, "unique": unique, "nonempty": nonempty}
+    meta = {
+        "help": help,
+        "min": min,
+        "max": max,
+        "min_open": min_open,
+        "max_open": max_open,
+        "choices": choices,
+        "metavar": metavar,
+        "parse": parse,
+        "unique": unique,
+        "nonempty": nonempty,
+    }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -163,19 +187,29 @@ class LabConfig:
         quiet: no progress bars.
     """
 
-    data: str = opt("digits", "data set: 'digits' (scikit-learn, no download), 'digitsN' (upsampled to NxN, 8..64), "
-                              "'cifar10:PATH' (CIFAR-10 python batches), 'synthetic'")
+    data: str = opt(
+        "digits",
+        "data set: 'digits' (scikit-learn, no download), 'digitsN' (upsampled to NxN, 8..64), "
+        "'cifar10:PATH' (CIFAR-10 python batches), 'synthetic'",
+    )
     limit_train: int | None = opt(None, "use only the first N training samples", min=1, metavar="N")
     limit_test: int | None = opt(None, "use only the first N test samples", min=1, metavar="N")
     device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
-    threads: int | None = opt(None, "torch intra-op threads, or 'auto': the cores free at the start", min=1,
-                              parse=parse_auto_int, metavar="N|auto")
+    threads: int | None = opt(
+        None,
+        "torch intra-op threads, or 'auto': the cores free at the start",
+        min=1,
+        parse=parse_auto_int,
+        metavar="N|auto",
+    )
     out: str = opt("runs", "runs root; each run writes DIR/<experiment>-<timestamp>/", metavar="DIR")
     quiet: bool = opt(False, "no progress bars")
 
     def validate(self) -> LabConfig:
-        """Check every field against its :func:`opt` bounds and choices, drop repeated list elements, check the
-        data spec and that ``out`` is writable; then the experiment's own checks (:meth:`_check`). Returns ``self``.
+        """Check every field against its :func:`opt` bounds and choices, drop repeated list elements, check
+        the
+        data spec and that ``out`` is writable; then the experiment's own checks (:meth:`_check`). Returns
+        ``self``.
 
         Raises:
             ConfigError: the first problem, one line naming the option.
@@ -215,7 +249,8 @@ class LabConfig:
         """The experiment's own checks (override); raise :class:`ConfigError`."""
 
     def check_data(self, data: Any) -> None:
-        """Checks against the loaded data (override): batch sizes, channel counts; raise :class:`ConfigError`."""
+        """Checks against the loaded data (override): batch sizes, channel counts; raise
+        :class:`ConfigError`."""
 
 
 def _check_value(flag: str, v: Any, meta: Any) -> None:
@@ -254,7 +289,8 @@ def _csv(kind: Callable[[str], Any], name: str) -> Callable[[str], list[Any]]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
-    """Add one ``--option`` per field of the config dataclass ``cls`` (its own first, then a ``common`` group).
+    """Add one ``--option`` per field of the config dataclass ``cls`` (its own first, then a ``common``
+    group).
 
     Types come from the annotations (``int``, ``float``, ``str``, ``bool`` flags, ``X | None``, ``list[X]``
     as comma-separated values); help, metavar and choices from :func:`opt`. Range checks are left to
@@ -295,7 +331,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: Seque
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """The config ``cls`` with the options given on the command line; the dataclass's defaults for the rest."""
+    """The config ``cls`` with the options given on the command line; the dataclass's defaults for the
+    rest."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names})
 
@@ -337,7 +374,8 @@ def free_cores(sample_s: float = 0.25) -> tuple[int, float]:
 
 
 def resolve_threads(threads: int | None) -> tuple[int, str]:
-    """The intra-op threads to use and why: ``threads`` if given, else the cores free now (:func:`free_cores`).
+    """The intra-op threads to use and why: ``threads`` if given, else the cores free now
+    (:func:`free_cores`).
 
     A multi-threaded run slows down 10x and more when another process takes one of its cores
     (its OpenMP threads wait for each other), so by default a run takes only the cores that are free
@@ -433,8 +471,8 @@ def verdict(ok: bool | None) -> str:
 
 def config_dict(cfg: Any) -> dict[str, Any]:
     """A dataclass config as a plain dict (tuples become lists)."""
-    if not is_dataclass(cfg):
-        raise TypeError(f"expected a dataclass config, got {type(cfg).__name__}")
+    if not is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"expected a dataclass config instance, got {cfg!r}")
     out = asdict(cfg)
     for f in fields(cfg):
         if isinstance(out[f.name], tuple):
@@ -442,14 +480,17 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def start_record(out: str | Path, experiment: str, cfg: Any, device: torch.device, world_size: int = 1,
-                 **env: Any) -> RunRecord:
-    """Create the run folder with the resolved config and the environment (plus ``env``: e.g. the parallelism chosen)."""
+def start_record(
+    out: str | Path, experiment: str, cfg: Any, device: torch.device, world_size: int = 1, **env: Any
+) -> RunRecord:
+    """Create the run folder with the resolved config and the environment (plus ``env``: e.g. the parallelism
+    chosen)."""
     return RunRecord.create(out, experiment, config_dict(cfg), environment(device, world_size, **env))
 
 
 def distributed_env() -> tuple[int, int, int]:
-    """``(world_size, rank, local_rank)`` from torchrun's environment variables (``(1, 0, 0)`` outside torchrun)."""
+    """``(world_size, rank, local_rank)`` from torchrun's environment variables (``(1, 0, 0)`` outside
+    torchrun)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

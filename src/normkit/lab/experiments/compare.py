@@ -59,7 +59,14 @@ from ._common import (
     verdict,
 )
 
-__all__ = ["CompareConfig", "CompareOutcome", "NotAvailableError", "e1_criteria", "e3_criteria", "run_compare"]
+__all__ = [
+    "CompareConfig",
+    "CompareOutcome",
+    "NotAvailableError",
+    "e1_criteria",
+    "e3_criteria",
+    "run_compare",
+]
 
 
 #: A training whose loss exceeds this many times the untrained loss (max of its first batch's and
@@ -101,8 +108,11 @@ class CompareConfig(LabConfig):
         data, limit_train, limit_test, device, out, quiet: as in :class:`LabConfig`.
     """
 
-    models: list[str] = opt(["cnn4-head"], "cnn4-head (CNN-4 + Linear-norm-ReLU head), cnn4, resnet (pre-activation ResNet)",
-                            choices=MODEL_NAMES)
+    models: list[str] = opt(
+        ["cnn4-head"],
+        "cnn4-head (CNN-4 + Linear-norm-ReLU head), cnn4, resnet (pre-activation ResNet)",
+        choices=MODEL_NAMES,
+    )
     norms: list[str] = opt(["bn", "gn:8", "ln+pn"], "registry specs, e.g. bn,gn:8,ln,in,ln+pn,gn:4+pn")
     batch_sizes: list[int] = opt([32, 8, 2], "per-process batch sizes", min=1)
     seeds: list[int] = opt([0, 1], "seeds, one run each", min=0)
@@ -112,14 +122,29 @@ class CompareConfig(LabConfig):
     momentum: float = opt(0.9, "SGD momentum", min=0, max=1, max_open=True)
     weight_decay: float = opt(5e-4, "weight decay", min=0)
     schedule: str = opt("cosine", "LR schedule", choices=("cosine", "constant"))
-    max_steps: int | None = opt(None, "stop each run after N optimizer steps (quick runs)", min=1, metavar="N")
-    jobs: int | None = opt(None, "runs in parallel one-thread worker processes, CPU only, or 'auto': one per core",
-                           min=1, parse=parse_auto_int, metavar="N|auto")
-    threads: int | None = opt(None, "torch intra-op threads per worker process, or 'auto': 1 per worker (under "
-                                    "torchrun: the cores divided among the local processes)", min=1, parse=parse_auto_int,
-                              metavar="N|auto")
-    sync_bn: bool = opt(False, "under torchrun: BN statistics over all processes' batches "
-                               "(BN layers become normkit.nn.SyncBatchNorm)")
+    max_steps: int | None = opt(
+        None, "stop each run after N optimizer steps (quick runs)", min=1, metavar="N"
+    )
+    jobs: int | None = opt(
+        None,
+        "runs in parallel one-thread worker processes, CPU only, or 'auto': one per core",
+        min=1,
+        parse=parse_auto_int,
+        metavar="N|auto",
+    )
+    threads: int | None = opt(
+        None,
+        "torch intra-op threads per worker process, or 'auto': 1 per worker (under "
+        "torchrun: the cores divided among the local processes)",
+        min=1,
+        parse=parse_auto_int,
+        metavar="N|auto",
+    )
+    sync_bn: bool = opt(
+        False,
+        "under torchrun: BN statistics over all processes' batches "
+        "(BN layers become normkit.nn.SyncBatchNorm)",
+    )
 
     def validate(self) -> CompareConfig:
         """Check every setting (see :class:`LabConfig`); norm specs are normalised here, once.
@@ -141,24 +166,33 @@ class CompareConfig(LabConfig):
     def _check(self) -> None:
         self.norms = _norm_specs(self.norms)
         if any(b < 2 for b in self.batch_sizes) and any(_family(n) == "bn" for n in self.norms):
-            raise ConfigError(f"--batch-sizes {_csv_text(self.batch_sizes)}: batch size 1 cannot train BN (one value per "
-                              "channel); use batch sizes >= 2")
+            raise ConfigError(
+                f"--batch-sizes {_csv_text(self.batch_sizes)}: batch size 1 cannot train BN (one value per "
+                "channel); use batch sizes >= 2"
+            )
         for m in self.models:
             for n in self.norms:
                 check_norm_fits(n, lambda m=m, n=n: build_model(m, n), m)
 
     def check_data(self, data: Any, world: int = 1) -> None:
-        """Batch sizes (times the processes) against the training samples; norms against the data's channels."""
+        """Batch sizes (times the processes) against the training samples; norms against the data's
+        channels."""
         n = len(data.x_train)
         too_big = [b for b in self.batch_sizes if b * world > n]
         if too_big:
-            raise ConfigError(f"--batch-sizes {_csv_text(self.batch_sizes)}: {too_big[0]}"
-                              + (f" x {world} processes" if world > 1 else "")
-                              + f" exceeds the {n} training samples of {data.name}")
+            raise ConfigError(
+                f"--batch-sizes {_csv_text(self.batch_sizes)}: {too_big[0]}"
+                + (f" x {world} processes" if world > 1 else "")
+                + f" exceeds the {n} training samples of {data.name}"
+            )
         if data.in_channels != 1 or data.num_classes != 10:
             for m in self.models:
                 for norm in self.norms:
-                    check_norm_fits(norm, lambda m=m, norm=norm: build_model(m, norm, data.in_channels, data.num_classes), m)
+                    check_norm_fits(
+                        norm,
+                        lambda m=m, norm=norm: build_model(m, norm, data.in_channels, data.num_classes),
+                        m,
+                    )
 
 
 def _csv_text(values: list[Any]) -> str:
@@ -188,8 +222,13 @@ def _aggregate(finals: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (model, norm, b), rs in groups.items():
         m, s = mean_std([r["test_err"] for r in rs])
         row: dict[str, Any] = {
-            "model": model, "norm": norm, "batch_size": b, "lr": rs[0]["lr_peak"], "seeds": len(rs),
-            "test_err_mean": m, "test_err_std": s,
+            "model": model,
+            "norm": norm,
+            "batch_size": b,
+            "lr": rs[0]["lr_peak"],
+            "seeds": len(rs),
+            "test_err_mean": m,
+            "test_err_std": s,
             "train_loss_mean": mean_std([r["train_loss"] for r in rs])[0],
             "diverged": sum(bool(r["diverged"]) for r in rs),
         }
@@ -214,7 +253,8 @@ def _lookup(agg: list[dict[str, Any]], model: str, norm: str, b: int) -> float |
 
 
 def _se(*rows: dict[str, Any]) -> float | None:
-    """Standard error of a sum or difference of the rows' means (seeds independent); ``None`` with one seed."""
+    """Standard error of a sum or difference of the rows' means (seeds independent); ``None`` with one
+    seed."""
     total = 0.0
     for r in rows:
         std, n = r.get("test_err_std"), r.get("seeds", 1)
@@ -224,14 +264,25 @@ def _se(*rows: dict[str, Any]) -> float | None:
     return math.sqrt(total)
 
 
-def _criterion(name: str, text: str, margins: list[tuple[float, float | None]] | None, detail: str) -> dict[str, Any]:
-    """A criterion from its margins (distance to each threshold, > 0 on the passing side) and their standard errors.
+def _criterion(
+    name: str, text: str, margins: list[tuple[float, float | None]] | None, detail: str
+) -> dict[str, Any]:
+    """A criterion from its margins (distance to each threshold, > 0 on the passing side) and their standard
+    errors.
 
     ``ok``: every margin >= 0. ``holds``: the verdict is outside the seed noise: the deciding margin (the
     failing one, or the smallest when met) is more than 2 standard errors away from 0; ``None`` with one seed.
     """
     if margins is None:
-        return {"name": name, "text": text, "ok": None, "detail": detail, "margin": None, "se": None, "holds": None}
+        return {
+            "name": name,
+            "text": text,
+            "ok": None,
+            "detail": detail,
+            "margin": None,
+            "se": None,
+            "holds": None,
+        }
     ok = all(m >= 0 for m, _ in margins)
     deciding = [x for x in margins if (x[0] < 0) != ok] if not ok else margins
     m, se = min(deciding, key=lambda x: abs(x[0]))
@@ -248,7 +299,11 @@ def _diverged(agg: list[dict[str, Any]], model: str, norm: str, b: int) -> str:
 
 
 def _not_measurable(agg: list[dict[str, Any]], model: str, cells: list[tuple[str, int]]) -> str:
-    why = [f"{n} B={b} diverged in {_diverged(agg, model, n, b)}" for n, b in cells if _diverged(agg, model, n, b)]
+    why = [
+        f"{n} B={b} diverged in {_diverged(agg, model, n, b)}"
+        for n, b in cells
+        if _diverged(agg, model, n, b)
+    ]
     return "not measurable: " + ("; ".join(why) if why else "a cell is missing")
 
 
@@ -265,8 +320,8 @@ def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
     decide the verdict).
 
     Example:
-        >>> rows = [{"model": "m", "norm": n, "batch_size": b, "test_err_mean": e, "test_err_std": 0.5, "seeds": 4,
-        ...          "diverged": 0} for n, b, e in [("bn", 32, 1.0), ("bn", 2, 9.0)]]
+        >>> rows = [{"model": "m", "norm": n, "batch_size": b, "test_err_mean": e, "test_err_std": 0.5,
+        ...          "seeds": 4, "diverged": 0} for n, b, e in [("bn", 32, 1.0), ("bn", 2, 9.0)]]
         >>> c = e1_criteria(rows, "m")[0]
         >>> c["ok"], c["margin"], round(c["se"], 3), c["holds"]
         (True, 5.0, 0.354, True)
@@ -283,12 +338,25 @@ def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
     if bn is not None:
         a, b = _row(agg, model, bn, hi), _row(agg, model, bn, lo)
         if a is None or b is None:
-            out.append(_criterion("E1 (i)", f"BN error at B={lo} >= BN at B={hi} + 3 pt", None,
-                                  _not_measurable(agg, model, [(bn, lo), (bn, hi)])))
+            out.append(
+                _criterion(
+                    "E1 (i)",
+                    f"BN error at B={lo} >= BN at B={hi} + 3 pt",
+                    None,
+                    _not_measurable(agg, model, [(bn, lo), (bn, hi)]),
+                )
+            )
         else:
             d = b["test_err_mean"] - a["test_err_mean"]
-            out.append(_criterion("E1 (i)", f"BN error at B={lo} >= BN at B={hi} + 3 pt", [(d - 3.0, _se(a, b))],
-                                  f"{fmt(b['test_err_mean'])} vs {fmt(a['test_err_mean'])} ({'+' if d >= 0 else ''}{fmt(d)} pt)"))
+            out.append(
+                _criterion(
+                    "E1 (i)",
+                    f"BN error at B={lo} >= BN at B={hi} + 3 pt",
+                    [(d - 3.0, _se(a, b))],
+                    f"{fmt(b['test_err_mean'])} vs {fmt(a['test_err_mean'])} "
+                    f"({'+' if d >= 0 else ''}{fmt(d)} pt)",
+                )
+            )
     for n in norms:
         if _family(n) in ("bn",):
             continue
@@ -298,25 +366,48 @@ def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
             out.append(_criterion("E1 (ii)", text, None, _not_measurable(agg, model, [(n, lo), (n, hi)])))
             continue
         d = b["test_err_mean"] - a["test_err_mean"]
-        out.append(_criterion("E1 (ii)", text, [(1.5 - abs(d), _se(a, b))],
-                              f"{fmt(b['test_err_mean'])} vs {fmt(a['test_err_mean'])} (diff {fmt(d)} pt)"))
+        out.append(
+            _criterion(
+                "E1 (ii)",
+                text,
+                [(1.5 - abs(d), _se(a, b))],
+                f"{fmt(b['test_err_mean'])} vs {fmt(a['test_err_mean'])} (diff {fmt(d)} pt)",
+            )
+        )
     if bn is not None and gn is not None:
         text = f"{gn} − BN >= −0.5 pt at B={hi} and <= −1 pt at B={lo}"
-        g_hi, b_hi, g_lo, b_lo = (_row(agg, model, gn, hi), _row(agg, model, bn, hi), _row(agg, model, gn, lo),
-                                  _row(agg, model, bn, lo))
+        g_hi, b_hi, g_lo, b_lo = (
+            _row(agg, model, gn, hi),
+            _row(agg, model, bn, hi),
+            _row(agg, model, gn, lo),
+            _row(agg, model, bn, lo),
+        )
         if g_hi is None or b_hi is None or g_lo is None or b_lo is None:
-            out.append(_criterion("E1 (iii)", text, None,
-                                  _not_measurable(agg, model, [(gn, hi), (bn, hi), (gn, lo), (bn, lo)])))
+            out.append(
+                _criterion(
+                    "E1 (iii)",
+                    text,
+                    None,
+                    _not_measurable(agg, model, [(gn, hi), (bn, hi), (gn, lo), (bn, lo)]),
+                )
+            )
         else:
             d_hi = g_hi["test_err_mean"] - b_hi["test_err_mean"]
             d_lo = g_lo["test_err_mean"] - b_lo["test_err_mean"]
-            out.append(_criterion("E1 (iii)", text, [(d_hi + 0.5, _se(g_hi, b_hi)), (-1.0 - d_lo, _se(g_lo, b_lo))],
-                                  f"{fmt(d_hi)} pt at B={hi}, {fmt(d_lo)} pt at B={lo}"))
+            out.append(
+                _criterion(
+                    "E1 (iii)",
+                    text,
+                    [(d_hi + 0.5, _se(g_hi, b_hi)), (-1.0 - d_lo, _se(g_lo, b_lo))],
+                    f"{fmt(d_hi)} pt at B={hi}, {fmt(d_lo)} pt at B={lo}",
+                )
+            )
     return out
 
 
 def e3_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
-    """E3's (soft) pass criteria (docs/EXPERIMENTS.md, E3) at the largest batch size, for the norms that were run."""
+    """E3's (soft) pass criteria (docs/EXPERIMENTS.md, E3) at the largest batch size, for the norms that were
+    run."""
     rows = [r for r in agg if r["model"] == model]
     if not rows:
         return []
@@ -329,18 +420,36 @@ def e3_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
         out.append(_criterion("E3", f"{text} (B={hi})", [(margin, se)], detail))
 
     if "ln+pn" in err and "ln" in err:
-        add("LN+PN <= LN", err["ln"] - err["ln+pn"], _se(at["ln"], at["ln+pn"]), f"{fmt(err['ln+pn'])} vs {fmt(err['ln'])}")
+        add(
+            "LN+PN <= LN",
+            err["ln"] - err["ln+pn"],
+            _se(at["ln"], at["ln+pn"]),
+            f"{fmt(err['ln+pn'])} vs {fmt(err['ln'])}",
+        )
     gnpn = next((n for n in err if n in ("gn:4+pn", "gn+pn")), None)
     if gnpn and "gn:8" in err:
-        add(f"{gnpn} <= gn:8", err["gn:8"] - err[gnpn], _se(at["gn:8"], at[gnpn]), f"{fmt(err[gnpn])} vs {fmt(err['gn:8'])}")
+        add(
+            f"{gnpn} <= gn:8",
+            err["gn:8"] - err[gnpn],
+            _se(at["gn:8"], at[gnpn]),
+            f"{fmt(err[gnpn])} vs {fmt(err['gn:8'])}",
+        )
     if "ln+pn" in err and "bn" in err:
-        add("|LN+PN − BN| <= 1 pt", 1.0 - abs(err["ln+pn"] - err["bn"]), _se(at["ln+pn"], at["bn"]),
-            f"{fmt(err['ln+pn'])} vs {fmt(err['bn'])}")
+        add(
+            "|LN+PN − BN| <= 1 pt",
+            1.0 - abs(err["ln+pn"] - err["bn"]),
+            _se(at["ln+pn"], at["bn"]),
+            f"{fmt(err['ln+pn'])} vs {fmt(err['bn'])}",
+        )
     inn = next((n for n in err if is_instance_norm(n)), None)
     if inn and len(err) > 2:
         worst = max(err, key=lambda n: err[n])
-        add("IN is the worst or within 0.5 pt of it", err[inn] - err[worst] + 0.5, _se(at[inn], at[worst]),
-            f"{fmt(err[inn])} vs worst {fmt(err[worst])}")
+        add(
+            "IN is the worst or within 0.5 pt of it",
+            err[inn] - err[worst] + 0.5,
+            _se(at[inn], at[worst]),
+            f"{fmt(err[inn])} vs worst {fmt(err[worst])}",
+        )
     return out
 
 
@@ -348,7 +457,8 @@ def criterion_line(c: dict[str, Any]) -> str:
     """One Markdown bullet: the verdict, its numbers, and whether the seeds' spread could flip it.
 
     Example:
-        >>> criterion_line({"name": "E1 (i)", "text": "t", "ok": True, "detail": "d", "margin": 5.0, "se": 0.4, "holds": True})
+        >>> criterion_line({"name": "E1 (i)", "text": "t", "ok": True, "detail": "d", "margin": 5.0,
+        ...                 "se": 0.4, "holds": True})
         '- E1 (i): t: **MET** (d; margin 5.00 pt, 2 SE 0.80 pt: holds over the seeds)'
     """
     if c.get("margin") is None:
@@ -356,8 +466,9 @@ def criterion_line(c: dict[str, Any]) -> str:
     elif c.get("se") is None:
         note = f"; margin {c['margin']:.2f} pt, spread unknown (one seed)"
     else:
-        note = (f"; margin {c['margin']:.2f} pt, 2 SE {2 * c['se']:.2f} pt: "
-                + ("holds over the seeds" if c["holds"] else "within the seeds' noise, not decided"))
+        note = f"; margin {c['margin']:.2f} pt, 2 SE {2 * c['se']:.2f} pt: " + (
+            "holds over the seeds" if c["holds"] else "within the seeds' noise, not decided"
+        )
     return f"- {c['name']}: {c['text']}: **{verdict(c['ok'])}** ({c['detail']}{note})"
 
 
@@ -368,8 +479,12 @@ def _summary(cfg: CompareConfig, agg: list[dict[str, Any]], data_desc: dict[str,
         f"{data_desc['train']} train / {data_desc['test']} test samples; {cfg.epochs} epochs; "
         f"SGD momentum {cfg.momentum}, peak LR {cfg.lr} x B_global/32, {cfg.warmup_epochs} warm-up epoch(s), "
         f"{cfg.schedule} decay, weight decay {cfg.weight_decay}; seeds {cfg.seeds}"
-        + (f"; {world} processes (BN statistics {'synchronised over all processes: SyncBatchNorm' if cfg.sync_bn else 'per process'})"
-           if world > 1 else ("; --sync-bn with one process: SyncBatchNorm is plain BN" if cfg.sync_bn else ""))
+        + (
+            f"; {world} processes (BN statistics "
+            f"{'synchronised over all processes: SyncBatchNorm' if cfg.sync_bn else 'per process'})"
+            if world > 1
+            else ("; --sync-bn with one process: SyncBatchNorm is plain BN" if cfg.sync_bn else "")
+        )
         + ". Mean ± std over seeds; eval mode (BN: running statistics); 'batch stats' = BN in train mode "
         "on test batches of the training batch size.",
     ]
@@ -378,27 +493,44 @@ def _summary(cfg: CompareConfig, agg: list[dict[str, Any]], data_desc: dict[str,
         rows = []
         for norm in cfg.norms:
             cells = [fmt(*_pair(agg, model, norm, b, "test_err")) for b in sizes]
-            cells = [f"diverged ({_diverged(agg, model, norm, b)})" if _diverged(agg, model, norm, b) else c
-                     for c, b in zip(cells, sizes)]
+            cells = [
+                f"diverged ({_diverged(agg, model, norm, b)})" if _diverged(agg, model, norm, b) else c
+                for c, b in zip(cells, sizes)
+            ]
             rows.append([norm, *cells])
             if any(_pair(agg, model, norm, b, "test_err_batch_stats")[0] is not None for b in sizes):
-                rows.append([f"{norm} (batch stats)", *[fmt(*_pair(agg, model, norm, b, "test_err_batch_stats")) for b in sizes]])
+                rows.append(
+                    [
+                        f"{norm} (batch stats)",
+                        *[fmt(*_pair(agg, model, norm, b, "test_err_batch_stats")) for b in sizes],
+                    ]
+                )
         lines += ["", f"## {model}", "", markdown_table(["norm", *[f"B={b}" for b in sizes]], rows)]
         crit = e1_criteria(agg, model) + e3_criteria(agg, model)
         if crit:
-            lines += ["", "Pass criteria (docs/EXPERIMENTS.md, E1 and E3; margin: distance to the threshold, > 0 on "
-                          "the passing side; SE: its standard error over the seeds):", ""]
+            lines += [
+                "",
+                "Pass criteria (docs/EXPERIMENTS.md, E1 and E3; margin: distance to the threshold, > 0 on "
+                "the passing side; SE: its standard error over the seeds):",
+                "",
+            ]
             lines += [criterion_line(c) for c in crit]
     diverged = [r for r in agg if r.get("diverged")]
     if diverged:
-        lines += ["", f"**Warning**: {sum(r['diverged'] for r in diverged)} training(s) diverged (non-finite loss, or a "
-                      f"loss above {DIVERGE_FACTOR:g}x the untrained loss): " + ", ".join(
-                          f"{r['model']} {r['norm']} B={r['batch_size']}" for r in diverged)
-                  + ". Their cells read 'diverged'; a lower --lr trains them."]
+        lines += [
+            "",
+            f"**Warning**: {sum(r['diverged'] for r in diverged)} training(s) diverged (non-finite loss, or "
+            "a "
+            f"loss above {DIVERGE_FACTOR:g}x the untrained loss): "
+            + ", ".join(f"{r['model']} {r['norm']} B={r['batch_size']}" for r in diverged)
+            + ". Their cells read 'diverged'; a lower --lr trains them.",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def _pair(agg: list[dict[str, Any]], model: str, norm: str, b: int, key: str) -> tuple[float | None, float | None]:
+def _pair(
+    agg: list[dict[str, Any]], model: str, norm: str, b: int, key: str
+) -> tuple[float | None, float | None]:
     for r in agg:
         if r["model"] == model and r["norm"] == norm and r["batch_size"] == b:
             return r.get(f"{key}_mean"), r.get(f"{key}_std")
@@ -425,10 +557,15 @@ def _data(cfg: CompareConfig) -> Any:
 
 
 def _train_one(
-    cfg: CompareConfig, run: tuple[int, str, int, str], device: torch.device, world: int, rank: int,
+    cfg: CompareConfig,
+    run: tuple[int, str, int, str],
+    device: torch.device,
+    world: int,
+    rank: int,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train one (seed, model, batch size, norm) run; returns its keys, per-epoch history, final numbers and seconds."""
+    """Train one (seed, model, batch size, norm) run; returns its keys, per-epoch history, final numbers and
+    seconds."""
     seed, model_name, b, norm = run
     data = _data(cfg)
     set_seed(seed, device)
@@ -446,14 +583,26 @@ def _train_one(
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     lr = cfg.lr * b * world / 32
     tcfg = TrainConfig(
-        epochs=cfg.epochs, batch_size=b, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs, max_steps=cfg.max_steps, seed=seed,
+        epochs=cfg.epochs,
+        batch_size=b,
+        lr=lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        schedule=cfg.schedule,
+        warmup_epochs=cfg.warmup_epochs,
+        max_steps=cfg.max_steps,
+        seed=seed,
         diverge_factor=DIVERGE_FACTOR,
     )
     t0 = time.perf_counter()
     res = train_classifier(model, data, tcfg, device=device, world_size=world, rank=rank, on_epoch=on_epoch)
     keys = {"model": model_name, "norm": norm, "batch_size": b, "seed": seed}
-    final = {**keys, "lr_peak": lr, "steps": res.steps, **{k: v for k, v in res.final.items() if k != "epoch"}}
+    final = {
+        **keys,
+        "lr_peak": lr,
+        "steps": res.steps,
+        **{k: v for k, v in res.final.items() if k != "epoch"},
+    }
     if sync_layers is not None:
         final["sync_bn_layers"] = sync_layers
     return {"keys": keys, "history": res.history, "final": final, "seconds": time.perf_counter() - t0}
@@ -476,18 +625,23 @@ def _rows(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _parallelism(cfg: CompareConfig, world: int, device: torch.device, n_runs: int) -> tuple[int, int, str]:
-    """``(jobs, threads per process, why)``: one-thread workers, one per usable core, unless told otherwise."""
+    """``(jobs, threads per process, why)``: one-thread workers, one per usable core, unless told
+    otherwise."""
     if world > 1 or device.type != "cpu":
         sharers = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else 1
         threads = cfg.threads if cfg.threads is not None else max(1, (os.cpu_count() or 1) // sharers)
-        return 1, threads, (f"{world} torchrun processes" if world > 1 else str(device)) + f", {threads} thread(s) each"
+        return (
+            1,
+            threads,
+            (f"{world} torchrun processes" if world > 1 else str(device)) + f", {threads} thread(s) each",
+        )
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         usable = os.cpu_count() or 1
     jobs = cfg.jobs if cfg.jobs is not None else max(1, min(usable, n_runs))
     threads = cfg.threads if cfg.threads is not None else 1
-    why = (f"--jobs {cfg.jobs}" if cfg.jobs is not None else f"auto: one worker per usable core ({usable})")
+    why = f"--jobs {cfg.jobs}" if cfg.jobs is not None else f"auto: one worker per usable core ({usable})"
     why += f", {threads} thread(s) per worker" + (" (--threads)" if cfg.threads is not None else "")
     return jobs, threads, why
 
@@ -507,7 +661,8 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
     the numbers equal those of ``jobs=1`` with the same threads per run.
 
     Raises:
-        ConfigError: a bad setting (unknown norm or model, a norm that does not fit, a batch larger than the data, ...).
+        ConfigError: a bad setting (unknown norm or model, a norm that does not fit, a batch larger than the
+            data, ...).
         normkit.lab.data.DataError: the data cannot be loaded.
         NotAvailableError: torch.distributed is missing from the torch build (under torchrun).
         RunInterrupted: Ctrl-C.
@@ -515,15 +670,26 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
     cfg.validate()
     world, rank, local_rank = distributed_env()
     device = resolve_device(cfg.device, local_rank if world > 1 else None)
-    runs = [(s, m, b, n) for s in cfg.seeds for m in cfg.models for b in sorted(cfg.batch_sizes, reverse=True) for n in cfg.norms]
+    runs = [
+        (s, m, b, n)
+        for s in cfg.seeds
+        for m in cfg.models
+        for b in sorted(cfg.batch_sizes, reverse=True)
+        for n in cfg.norms
+    ]
     jobs, threads, why = _parallelism(cfg, world, device, len(runs))
     data = _data(cfg)
     cfg.check_data(data, world)
     set_threads(threads)
     if world > 1:
         _init_distributed(world, device)
-    record = (start_record(cfg.out, "compare", cfg, device, world, jobs=jobs, threads_per_job=threads, parallelism=why)
-              if rank == 0 else None)
+    record = (
+        start_record(
+            cfg.out, "compare", cfg, device, world, jobs=jobs, threads_per_job=threads, parallelism=why
+        )
+        if rank == 0
+        else None
+    )
     results: list[dict[str, Any] | None] = [None] * len(runs)
 
     def finished(i: int) -> None:  # on disk the moment it finishes
@@ -549,15 +715,28 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
         with record.guard():
             record.rewrite_metrics([row for r in results if r is not None for row in _rows(r)])
             crit = {m: e1_criteria(agg, m) + e3_criteria(agg, m) for m in cfg.models}
-            record.write_json("results.json", {"data": data.describe(), "aggregate": agg, "criteria": crit, "runs": finals})
-            record.write_text("summary.md", summary + "\n![test error vs batch size](error_vs_batch.png)\n\n"
-                              "![test error per epoch](curves.png)\n")
+            record.write_json(
+                "results.json", {"data": data.describe(), "aggregate": agg, "criteria": crit, "runs": finals}
+            )
+            record.write_text(
+                "summary.md",
+                summary + "\n![test error vs batch size](error_vs_batch.png)\n\n"
+                "![test error per epoch](curves.png)\n",
+            )
             from ..plots import plot_compare, plot_curves
 
             plot_compare(agg, record.path / "error_vs_batch.png", title=data.describe()["name"])
-            plot_curves({_label(run): r["history"] for run, r in zip(runs, results) if r is not None and run[0] == cfg.seeds[0]},
-                        record.path / "curves.png")
-            record.finish(**{f"run {_label(run)}": r["seconds"] for run, r in zip(runs, results) if r is not None})
+            plot_curves(
+                {
+                    _label(run): r["history"]
+                    for run, r in zip(runs, results)
+                    if r is not None and run[0] == cfg.seeds[0]
+                },
+                record.path / "curves.png",
+            )
+            record.finish(
+                **{f"run {_label(run)}": r["seconds"] for run, r in zip(runs, results) if r is not None}
+            )
     if world > 1:
         import torch.distributed as dist
 
@@ -566,9 +745,17 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
     return CompareOutcome(record.path if record is not None else None, agg, summary)
 
 
-def _train_all(cfg: CompareConfig, runs: list[tuple[int, str, int, str]], results: list[dict[str, Any] | None],
-               device: torch.device, world: int, rank: int, jobs: int, threads: int,
-               finished: Callable[[int], None]) -> None:
+def _train_all(
+    cfg: CompareConfig,
+    runs: list[tuple[int, str, int, str]],
+    results: list[dict[str, Any] | None],
+    device: torch.device,
+    world: int,
+    rank: int,
+    jobs: int,
+    threads: int,
+    finished: Callable[[int], None],
+) -> None:
     if jobs > 1:  # compile the fused CPU kernels here, once: the worker processes then load the cached build
         from ...kernels import build as build_kernels
 
@@ -585,7 +772,9 @@ def _train_all(cfg: CompareConfig, runs: list[tuple[int, str, int, str]], result
 
                 result = results[i] = _train_one(cfg, run, device, world, rank, on_epoch)
                 finished(i)
-                progress.advance(run_bar, info=f"{_label(run)}: {result['final'].get('test_err', float('nan')):.2f}%")
+                progress.advance(
+                    run_bar, info=f"{_label(run)}: {result['final'].get('test_err', float('nan')):.2f}%"
+                )
         else:
             _run_pool(cfg, runs, results, jobs, threads, progress, run_bar, finished)
 
@@ -619,8 +808,14 @@ def _worker_main(cfg: CompareConfig, tasks: Any, messages: Any, threads: int, pa
 
 
 def _run_pool(
-    cfg: CompareConfig, runs: list[tuple[int, str, int, str]], results: list[dict[str, Any] | None], jobs: int,
-    threads: int, progress: Progress, run_bar: int, finished: Callable[[int], None],
+    cfg: CompareConfig,
+    runs: list[tuple[int, str, int, str]],
+    results: list[dict[str, Any] | None],
+    jobs: int,
+    threads: int,
+    progress: Progress,
+    run_bar: int,
+    finished: Callable[[int], None],
 ) -> None:
     """Spread the runs over ``jobs`` spawned worker processes, longest runs first.
 
@@ -641,8 +836,10 @@ def _run_pool(
     # import torch cannot print tracebacks from them
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
     try:
-        procs = [ctx.Process(target=_worker_main, args=(cfg, tasks, messages, threads, os.getpid()), daemon=True)
-                 for _ in range(jobs)]
+        procs = [
+            ctx.Process(target=_worker_main, args=(cfg, tasks, messages, threads, os.getpid()), daemon=True)
+            for _ in range(jobs)
+        ]
         for proc in procs:
             proc.start()
     finally:
@@ -658,8 +855,10 @@ def _run_pool(
             except queue_lib.Empty:
                 dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
                 if dead or not any(p.is_alive() for p in procs):
-                    raise RuntimeError(f"a worker process died (exit code {dead[0].exitcode if dead else 0}) "
-                                       f"with {remaining} run(s) left") from None
+                    raise RuntimeError(
+                        f"a worker process died (exit code {dead[0].exitcode if dead else 0}) "
+                        f"with {remaining} run(s) left"
+                    ) from None
                 continue
             kind, i = msg[0], msg[1]
             if kind == "epoch":
@@ -672,7 +871,9 @@ def _run_pool(
                 finished(i)
                 if i in bars:
                     progress.remove(bars.pop(i))
-                progress.advance(run_bar, info=f"{_label(runs[i])}: {result['final'].get('test_err', float('nan')):.2f}%")
+                progress.advance(
+                    run_bar, info=f"{_label(runs[i])}: {result['final'].get('test_err', float('nan')):.2f}%"
+                )
             else:
                 raise RuntimeError(f"run {_label(runs[i])} failed: {msg[2]}")
         clean = True
@@ -681,7 +882,8 @@ def _run_pool(
 
 
 def _stop_workers(procs: list[Any], queues: tuple[Any, ...], clean: bool, main_thread: bool) -> None:
-    """Join the workers after a clean finish; otherwise terminate them (kill after 2 s), Ctrl-C ignored meanwhile."""
+    """Join the workers after a clean finish; otherwise terminate them (kill after 2 s), Ctrl-C ignored
+    meanwhile."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread and not clean else None
     try:
         if not clean:

@@ -1,4 +1,5 @@
-"""E5: Santurkar et al.'s loss-landscape measures along the gradient, with and without BN (docs/EXPERIMENTS.md, E5).
+"""E5: Santurkar et al.'s loss-landscape measures along the gradient, with and without BN
+    (docs/EXPERIMENTS.md, E5).
 
 A plain 6-conv net (:class:`~normkit.lab.models.VGGish`) trains with SGD. Every ``every`` steps,
 on the batch about to be used, with ``g = grad L_B(theta)`` and step sizes ``eta`` in
@@ -50,7 +51,8 @@ MEASURES = ("loss_range", "grad_change", "beta")
 
 @dataclass
 class LandscapeConfig(LabConfig):
-    """Configuration of ``normkit landscape`` (every field is also a command-line option; :meth:`validate` checks them).
+    """Configuration of ``normkit landscape`` (every field is also a command-line option; :meth:`validate`
+    checks them).
 
     Attributes:
         norms: baseline first (``"none"``), then ``"bn"`` (any registry spec works).
@@ -81,19 +83,28 @@ class LandscapeConfig(LabConfig):
     seed: int = opt(0, "seed", min=0)
 
     def _check(self) -> None:
-        self.norms = _norm_specs(self.norms, at_least=2, what="landscape compares a baseline with at least one norm")
+        self.norms = _norm_specs(
+            self.norms, at_least=2, what="landscape compares a baseline with at least one norm"
+        )
         if self.eta_min > self.eta_max:
             raise ConfigError(f"--eta-min {self.eta_min:g} must be <= --eta-max {self.eta_max:g}")
         for n in self.norms:
-            check_norm_fits(n, lambda n=n: VGGish(n, width=self.width), f"the VGG-ish net (width {self.width})")
+            check_norm_fits(
+                n, lambda n=n: VGGish(n, width=self.width), f"the VGG-ish net (width {self.width})"
+            )
 
     def check_data(self, data: Any) -> None:
         """``batch_size`` against the training samples; the norms against the data's channels."""
         if self.batch_size > len(data.x_train):
-            raise ConfigError(f"--batch-size {self.batch_size} exceeds the {len(data.x_train)} training samples of {data.name}")
+            raise ConfigError(
+                f"--batch-size {self.batch_size} exceeds the {len(data.x_train)} training samples of "
+                f"{data.name}"
+            )
         if data.in_channels != 1 or data.num_classes != 10:
             for n in self.norms:
-                check_norm_fits(n, lambda n=n: VGGish(n, data.in_channels, data.num_classes, width=self.width), "VGG-ish")
+                check_norm_fits(
+                    n, lambda n=n: VGGish(n, data.in_channels, data.num_classes, width=self.width), "VGG-ish"
+                )
 
 
 def _loss_grad(model: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor) -> tuple[float, Tensor]:
@@ -102,7 +113,9 @@ def _loss_grad(model: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tenso
     return loss.detach().item(), torch.cat([g.reshape(-1) for g in grads])
 
 
-def landscape_probe(model: nn.Module, x: Tensor, y: Tensor, etas: list[float], delta: float) -> dict[str, float]:
+def landscape_probe(
+    model: nn.Module, x: Tensor, y: Tensor, etas: list[float], delta: float
+) -> dict[str, float]:
     """The three measures at the current parameters on batch ``(x, y)``, raw and fixed-distance (``*_fixed``).
 
     Leaves the parameters and buffers (running statistics) exactly as they were.
@@ -131,16 +144,22 @@ def landscape_probe(model: nn.Module, x: Tensor, y: Tensor, etas: list[float], d
                 offset = 0
                 for p, p0 in zip(params, saved_params):
                     n = p.numel()
-                    p.copy_(p0 - step * g[offset: offset + n].view_as(p))
+                    p.copy_(p0 - step * g[offset : offset + n].view_as(p))
                     offset += n
             loss, g_eta = _loss_grad(model, params, x, y)
             change = float((g_eta - g).norm())
             losses.append(loss)
             changes.append(change)
             betas.append(change / max(step * gnorm, 1e-12))
-        out.update({f"loss_min{suffix}": min(losses), f"loss_max{suffix}": max(losses),
-                    f"loss_range{suffix}": max(losses) - min(losses), f"grad_change{suffix}": max(changes),
-                    f"beta{suffix}": max(betas)})
+        out.update(
+            {
+                f"loss_min{suffix}": min(losses),
+                f"loss_max{suffix}": max(losses),
+                f"loss_range{suffix}": max(losses) - min(losses),
+                f"grad_change{suffix}": max(changes),
+                f"beta{suffix}": max(betas),
+            }
+        )
     with torch.no_grad():
         for p, p0 in zip(params, saved_params):
             p.copy_(p0)
@@ -182,7 +201,7 @@ def run_landscape(cfg: LandscapeConfig) -> tuple[Path, str]:
                 for step in range(cfg.steps):
                     if pos + cfg.batch_size > len(x):
                         perm, pos = torch.randperm(len(x), generator=gen), 0
-                    idx = perm[pos: pos + cfg.batch_size].to(device)
+                    idx = perm[pos : pos + cfg.batch_size].to(device)
                     pos += cfg.batch_size
                     xb, yb = x[idx], y[idx]
                     if step % cfg.every == 0:
@@ -203,38 +222,98 @@ def run_landscape(cfg: LandscapeConfig) -> tuple[Path, str]:
                 record.log(norm=norm, kind="final", **finals[norm])
                 series[norm] = s
         base, others = cfg.norms[0], cfg.norms[1:]
-        med = {n: {k: statistics.median(s[k]) for suffix in ("", "_fixed") for k in (m + suffix for m in MEASURES)}
-               for n, s in series.items()}
+        med = {
+            n: {
+                k: statistics.median(s[k])
+                for suffix in ("", "_fixed")
+                for k in (m + suffix for m in MEASURES)
+            }
+            for n, s in series.items()
+        }
         crit = []
         for n in others:
             for suffix in ("", "_fixed"):
                 lower = all(med[n][m + suffix] < med[base][m + suffix] for m in MEASURES)
-                detail = ", ".join(f"{m}: {med[n][m + suffix]:.3g} vs {med[base][m + suffix]:.3g}" for m in MEASURES)
-                crit.append({"text": f"{n}: medians of loss range, gradient change and beta all lower than {base}'s"
-                             + (" (fixed-distance steps)" if suffix else " (steps eta*g)"), "ok": lower, "detail": detail})
+                detail = ", ".join(
+                    f"{m}: {med[n][m + suffix]:.3g} vs {med[base][m + suffix]:.3g}" for m in MEASURES
+                )
+                crit.append(
+                    {
+                        "text": f"{n}: medians of loss range, gradient change and beta all lower "
+                        f"than {base}'s" + (" (fixed-distance steps)" if suffix else " (steps eta*g)"),
+                        "ok": lower,
+                        "detail": detail,
+                    }
+                )
         # The same medians over the second half of training only: a net that sits on its initial plateau
         # (flat loss, tiny gradients) for long has a deceptively smooth landscape there.
-        late = {n: {k: statistics.median([v for st, v in zip(s["step"], s[k]) if st >= cfg.steps / 2] or s[k])
-                    for suffix in ("", "_fixed") for k in (m + suffix for m in MEASURES)} for n, s in series.items()}
-        rows = [[n, *[f"{med[n][m + suffix]:.3g}" for suffix in ("", "_fixed") for m in MEASURES],
-                 f"{finals[n]['test_err']:.2f}"] for n in series]
-        rows += [[f"{n} (2nd half)", *[f"{late[n][m + suffix]:.3g}" for suffix in ("", "_fixed") for m in MEASURES], ""]
-                 for n in series]
-        summary = "\n".join([
-            f"# landscape: Santurkar et al.'s measures on {data.name} (VGG-ish, width {cfg.width})", "",
-            f"SGD LR {cfg.lr}, batch {cfg.batch_size}, {cfg.steps} steps, probe every {cfg.every} steps with "
-            f"{len(etas)} step sizes in [{etas[0]:.2f}, {etas[-1]:.2f}]; fixed variant: distance eta*{cfg.delta} along g/|g|. "
-            "Medians over time (all probes, then the second half of training only):", "",
-            markdown_table(["norm", "loss range", "grad change", "beta", "loss range (fixed)", "grad change (fixed)",
-                            "beta (fixed)", "final test err %"], rows), "",
-            "Pass criteria (docs/EXPERIMENTS.md, E5):", "",
-            *[f"- {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit],
-        ]) + "\n"
+        late = {
+            n: {
+                k: statistics.median([v for st, v in zip(s["step"], s[k]) if st >= cfg.steps / 2] or s[k])
+                for suffix in ("", "_fixed")
+                for k in (m + suffix for m in MEASURES)
+            }
+            for n, s in series.items()
+        }
+        rows = [
+            [
+                n,
+                *[f"{med[n][m + suffix]:.3g}" for suffix in ("", "_fixed") for m in MEASURES],
+                f"{finals[n]['test_err']:.2f}",
+            ]
+            for n in series
+        ]
+        rows += [
+            [
+                f"{n} (2nd half)",
+                *[f"{late[n][m + suffix]:.3g}" for suffix in ("", "_fixed") for m in MEASURES],
+                "",
+            ]
+            for n in series
+        ]
+        summary = (
+            "\n".join(
+                [
+                    f"# landscape: Santurkar et al.'s measures on {data.name} (VGG-ish, width {cfg.width})",
+                    "",
+                    f"SGD LR {cfg.lr}, batch {cfg.batch_size}, {cfg.steps} steps, probe every {cfg.every} "
+                    "steps with "
+                    f"{len(etas)} step sizes in [{etas[0]:.2f}, {etas[-1]:.2f}]; fixed variant: distance "
+                    f"eta*{cfg.delta} along g/|g|. "
+                    "Medians over time (all probes, then the second half of training only):",
+                    "",
+                    markdown_table(
+                        [
+                            "norm",
+                            "loss range",
+                            "grad change",
+                            "beta",
+                            "loss range (fixed)",
+                            "grad change (fixed)",
+                            "beta (fixed)",
+                            "final test err %",
+                        ],
+                        rows,
+                    ),
+                    "",
+                    "Pass criteria (docs/EXPERIMENTS.md, E5):",
+                    "",
+                    *[f"- {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit],
+                ]
+            )
+            + "\n"
+        )
         from ..plots import plot_landscape
 
         plot_landscape(series, record.path / "landscape.png")
         plot_landscape(series, record.path / "landscape_fixed.png", suffix="_fixed")
-        record.write_json("results.json", {"medians": med, "medians_second_half": late, "final": finals, "criteria": crit, "etas": etas})
-        record.write_text("summary.md", summary + "\n![landscape](landscape.png)\n\n![landscape, fixed steps](landscape_fixed.png)\n")
+        record.write_json(
+            "results.json",
+            {"medians": med, "medians_second_half": late, "final": finals, "criteria": crit, "etas": etas},
+        )
+        record.write_text(
+            "summary.md",
+            summary + "\n![landscape](landscape.png)\n\n![landscape, fixed steps](landscape_fixed.png)\n",
+        )
         record.finish()
         return record.path, summary

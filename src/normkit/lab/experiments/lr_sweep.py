@@ -50,7 +50,8 @@ __all__ = ["LRSweepConfig", "run_lr_sweep"]
 
 @dataclass
 class LRSweepConfig(LabConfig):
-    """Configuration of ``normkit lr-sweep`` (every field is also a command-line option; :meth:`validate` checks them).
+    """Configuration of ``normkit lr-sweep`` (every field is also a command-line option; :meth:`validate`
+    checks them).
 
     Attributes:
         norms: the baseline first (``"none"``), then the norms to compare (``"bn"``).
@@ -79,12 +80,16 @@ class LRSweepConfig(LabConfig):
     mlp_lr: float = opt(0.1, "MLP-3 learning rate", min=0, min_open=True, max=1e4)
     mlp_batch_size: int = opt(60, "MLP-3 batch size", min=2)
     percentile_every: int = opt(50, "record the percentiles every N steps", min=1)
-    unit: int = opt(0, f"which last-hidden-layer unit of MLP-3 to plot (0..{MLP_WIDTH - 1})", min=0, max=MLP_WIDTH - 1)
+    unit: int = opt(
+        0, f"which last-hidden-layer unit of MLP-3 to plot (0..{MLP_WIDTH - 1})", min=0, max=MLP_WIDTH - 1
+    )
     skip_cnn: bool = opt(False, "only the MLP-3 part")
     seed: int = opt(0, "seed", min=0)
 
     def _check(self) -> None:
-        self.norms = _norm_specs(self.norms, at_least=2, what="lr-sweep compares a baseline with at least one norm")
+        self.norms = _norm_specs(
+            self.norms, at_least=2, what="lr-sweep compares a baseline with at least one norm"
+        )
         if self.skip_cnn and self.mlp_steps == 0:
             raise ConfigError("--skip-cnn with --mlp-steps 0 leaves nothing to run")
         for n in self.norms:
@@ -97,13 +102,19 @@ class LRSweepConfig(LabConfig):
         """Batch sizes against the training samples; the norms against the data's channels."""
         n = len(data.x_train)
         if not self.skip_cnn and self.batch_size > n:
-            raise ConfigError(f"--batch-size {self.batch_size} exceeds the {n} training samples of {data.name}")
+            raise ConfigError(
+                f"--batch-size {self.batch_size} exceeds the {n} training samples of {data.name}"
+            )
         if self.mlp_steps > 0 and self.mlp_batch_size > n:
-            raise ConfigError(f"--mlp-batch-size {self.mlp_batch_size} exceeds the {n} training samples of {data.name}")
+            raise ConfigError(
+                f"--mlp-batch-size {self.mlp_batch_size} exceeds the {n} training samples of {data.name}"
+            )
         if data.in_channels != 1 or data.num_classes != 10:
             for norm in self.norms:
                 if not self.skip_cnn:
-                    check_norm_fits(norm, lambda norm=norm: CNN4(norm, data.in_channels, data.num_classes), "CNN-4")
+                    check_norm_fits(
+                        norm, lambda norm=norm: CNN4(norm, data.in_channels, data.num_classes), "CNN-4"
+                    )
 
 
 def _steps_to(curve: list[tuple[int, float]], target_acc: float) -> int | None:
@@ -113,7 +124,9 @@ def _steps_to(curve: list[tuple[int, float]], target_acc: float) -> int | None:
     return None
 
 
-def _cnn_run(cfg: LRSweepConfig, data: Any, norm: str, lr: float, device: torch.device, record: Any) -> dict[str, Any]:
+def _cnn_run(
+    cfg: LRSweepConfig, data: Any, norm: str, lr: float, device: torch.device, record: Any
+) -> dict[str, Any]:
     set_seed(cfg.seed, device)
     model = CNN4(norm, data.in_channels, data.num_classes).to(device)
     curve: list[tuple[int, float]] = []
@@ -126,23 +139,46 @@ def _cnn_run(cfg: LRSweepConfig, data: Any, norm: str, lr: float, device: torch.
             model.train()
             record.log(part="cnn", norm=norm, lr=lr, step=step, train_loss=loss, test_acc=acc)
 
-    res = train_classifier(model, data, TrainConfig(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=lr, schedule="constant", max_steps=cfg.max_steps,
-        seed=cfg.seed, eval_batch_stats=False), device=device, on_step=on_step)
+    res = train_classifier(
+        model,
+        data,
+        TrainConfig(
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=lr,
+            schedule="constant",
+            max_steps=cfg.max_steps,
+            seed=cfg.seed,
+            eval_batch_stats=False,
+        ),
+        device=device,
+        on_step=on_step,
+    )
     final_loss = res.history[-1]["train_loss"] if res.history else float("nan")
-    initial = max(res.first_loss, math.log(data.num_classes))  # the first batch's loss is a noisy estimate of it
+    initial = max(
+        res.first_loss, math.log(data.num_classes)
+    )  # the first batch's loss is a noisy estimate of it
     diverged = res.diverged or not math.isfinite(final_loss) or final_loss > initial
     if not curve and res.history:
         curve.append((res.steps, 1.0 - res.final["test_err"] / 100.0))
-    row = {"norm": norm, "lr": lr, "final_train_loss": final_loss, "first_loss": res.first_loss, "diverged": diverged,
-           "best_acc": max((a for _, a in curve), default=float("nan")), "steps": res.steps}
+    row = {
+        "norm": norm,
+        "lr": lr,
+        "final_train_loss": final_loss,
+        "first_loss": res.first_loss,
+        "diverged": diverged,
+        "best_acc": max((a for _, a in curve), default=float("nan")),
+        "steps": res.steps,
+    }
     record.log(part="cnn", kind="final", **row)
     return {**row, "curve": curve}
 
 
 def _mlp_run(cfg: LRSweepConfig, data: Any, norm: str, device: torch.device, record: Any) -> dict[str, Any]:
     set_seed(cfg.seed, device)
-    model = MLP3(norm, in_features=data.x_train[0].numel(), num_classes=data.num_classes, width=MLP_WIDTH).to(device)
+    model = MLP3(norm, in_features=data.x_train[0].numel(), num_classes=data.num_classes, width=MLP_WIDTH).to(
+        device
+    )
     opt = torch.optim.SGD(model.parameters(), lr=cfg.mlp_lr)
     x, y = data.x_train.flatten(1).to(device), data.y_train.to(device)
     xt, yt = data.x_test.flatten(1).to(device), data.y_test.to(device)
@@ -168,7 +204,7 @@ def _mlp_run(cfg: LRSweepConfig, data: Any, norm: str, device: torch.device, rec
     for step in range(1, cfg.mlp_steps + 1):
         if pos + cfg.mlp_batch_size > len(x):
             perm, pos = torch.randperm(len(x), generator=gen), 0
-        idx = perm[pos: pos + cfg.mlp_batch_size].to(device)
+        idx = perm[pos : pos + cfg.mlp_batch_size].to(device)
         pos += cfg.mlp_batch_size
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
@@ -179,8 +215,12 @@ def _mlp_run(cfg: LRSweepConfig, data: Any, norm: str, device: torch.device, rec
     meds = torch.stack(medians_all)  # (checkpoints, 100 units)
     return {
         **series,
-        "median_std_unit": float(torch.tensor(series["p50"], dtype=torch.float64).std()) if len(series["p50"]) > 1 else 0.0,
-        "median_std_all_units": float(meds.std(dim=0).mean()) if len(meds) > 1 else 0.0,  # ok: one summary number, not a hot path
+        "median_std_unit": float(torch.tensor(series["p50"], dtype=torch.float64).std())
+        if len(series["p50"]) > 1
+        else 0.0,
+        "median_std_all_units": float(meds.std(dim=0).mean())
+        if len(meds) > 1
+        else 0.0,  # ok: one summary number, not a hot path
         "mean_acc": sum(series["acc"]) / len(series["acc"]),
         "final_acc": series["acc"][-1],
     }
@@ -213,7 +253,9 @@ def run_lr_sweep(cfg: LRSweepConfig) -> tuple[Path, str]:
                 for norm in cfg.norms:
                     for lr in sorted(cfg.lrs):
                         cnn.append(_cnn_run(cfg, data, norm, lr, device, record))
-                        progress.advance(bar, info=f"{norm} lr={lr}: {'diverged' if cnn[-1]['diverged'] else 'ok'}")
+                        progress.advance(
+                            bar, info=f"{norm} lr={lr}: {'diverged' if cnn[-1]['diverged'] else 'ok'}"
+                        )
                 base_runs = [r for r in cnn if r["norm"] == base and not r["diverged"]]
                 best = max(base_runs, key=lambda r: r["best_acc"]) if base_runs else None
                 if best is not None:
@@ -239,8 +281,11 @@ def run_lr_sweep(cfg: LRSweepConfig) -> tuple[Path, str]:
             plot_lr_curves(cnn, record.path / "lr_curves.png", base=base)
             figs += ["lr_sweep.png", "lr_curves.png"]
         if mlp:
-            plot_percentiles({n: s for n, s in mlp.items()}, record.path / "mlp_percentiles.png",
-                             acc={n: s["acc"] for n, s in mlp.items()})
+            plot_percentiles(
+                {n: s for n, s in mlp.items()},
+                record.path / "mlp_percentiles.png",
+                acc={n: s["acc"] for n, s in mlp.items()},
+            )
             figs.append("mlp_percentiles.png")
         summary = "\n".join(lines) + "\n"
         record.write_json("results.json", {"cnn": cnn, "mlp": mlp, "criteria": crit})
@@ -254,28 +299,48 @@ def _max_stable(cnn: list[dict[str, Any]], norm: str) -> float | None:
     return max(ok) if ok else None
 
 
-def _cnn_criteria(cnn: list[dict[str, Any]], base: str, others: list[str], best: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _cnn_criteria(
+    cnn: list[dict[str, Any]], base: str, others: list[str], best: dict[str, Any] | None
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     mb = _max_stable(cnn, base)
     for norm in others:
         mn = _max_stable(cnn, norm)
         ok = None if mb is None or mn is None else mn >= 5 * mb
-        out.append({"name": "E2 (i)", "text": f"largest stable LR with {norm} >= 5x {base}'s", "ok": ok,
-                    "detail": f"{mn} vs {mb}" + (f" ({mn / mb:.0f}x)" if ok is not None else "")})
+        out.append(
+            {
+                "name": "E2 (i)",
+                "text": f"largest stable LR with {norm} >= 5x {base}'s",
+                "ok": ok,
+                "detail": f"{mn} vs {mb}"
+                + (f" ({mn / mb:.0f}x)" if mn is not None and mb is not None else ""),
+            }
+        )
         if best is not None:
             target = best["best_acc"]
             s_base = _steps_to(best["curve"], target)
             run5 = next((r for r in cnn if r["norm"] == norm and math.isclose(r["lr"], 5 * best["lr"])), None)
             s5 = _steps_to(run5["curve"], target) if run5 else None
             ok = None if s_base is None else (s5 is not None and s5 < s_base)
-            out.append({"name": "E2 (ii)", "text": f"{norm} at 5x {base}'s best LR ({5 * best['lr']:g}) reaches {base}'s best "
-                        f"accuracy ({100 * target:.2f}%) in fewer steps", "ok": ok,
-                        "detail": f"{s5 if s5 is not None else 'never'} vs {s_base} steps at LR {best['lr']:g}"})
+            out.append(
+                {
+                    "name": "E2 (ii)",
+                    "text": f"{norm} at 5x {base}'s best LR ({5 * best['lr']:g}) reaches {base}'s best "
+                    f"accuracy ({100 * target:.2f}%) in fewer steps",
+                    "ok": ok,
+                    "detail": f"{s5 if s5 is not None else 'never'} vs {s_base} steps at LR {best['lr']:g}",
+                }
+            )
     return out
 
 
-def _cnn_summary(cfg: LRSweepConfig, cnn: list[dict[str, Any]], base: str, best: dict[str, Any] | None,
-                 crit: list[dict[str, Any]]) -> list[str]:
+def _cnn_summary(
+    cfg: LRSweepConfig,
+    cnn: list[dict[str, Any]],
+    base: str,
+    best: dict[str, Any] | None,
+    crit: list[dict[str, Any]],
+) -> list[str]:
     lrs = sorted({r["lr"] for r in cnn})
     norms = list(dict.fromkeys(r["norm"] for r in cnn))
     rows = []
@@ -283,15 +348,33 @@ def _cnn_summary(cfg: LRSweepConfig, cnn: list[dict[str, Any]], base: str, best:
         cells = []
         for lr in lrs:
             r = next((r for r in cnn if r["norm"] == n and r["lr"] == lr), None)
-            cells.append("" if r is None else ("diverged" if r["diverged"] else f"{r['final_train_loss']:.3g} / {100 * r['best_acc']:.1f}%"))
+            cells.append(
+                ""
+                if r is None
+                else (
+                    "diverged"
+                    if r["diverged"]
+                    else f"{r['final_train_loss']:.3g} / {100 * r['best_acc']:.1f}%"
+                )
+            )
         rows.append([n, *cells])
     return [
         f"## CNN-4, batch {cfg.batch_size}, {cfg.epochs} epochs per LR, constant LR",
-        "", "Cells: final train loss / best test accuracy; 'diverged' = NaN or final loss above the initial loss (max of the first batch's and ln(classes)).", "",
-        markdown_table(["norm", *[f"LR {lr:g}" for lr in lrs]], rows), "",
-        *(["Baseline best: LR " + f"{best['lr']:g}, {100 * best['best_acc']:.2f}% test accuracy.", ""] if best else []),
-        "Pass criteria (docs/EXPERIMENTS.md, E2):", "",
-        *[f"- {c['name']}: {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit], "",
+        "",
+        "Cells: final train loss / best test accuracy; 'diverged' = NaN or final loss above the initial loss "
+        "(max of the first batch's and ln(classes)).",
+        "",
+        markdown_table(["norm", *[f"LR {lr:g}" for lr in lrs]], rows),
+        "",
+        *(
+            ["Baseline best: LR " + f"{best['lr']:g}, {100 * best['best_acc']:.2f}% test accuracy.", ""]
+            if best
+            else []
+        ),
+        "Pass criteria (docs/EXPERIMENTS.md, E2):",
+        "",
+        *[f"- {c['name']}: {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit],
+        "",
     ]
 
 
@@ -300,25 +383,56 @@ def _mlp_criteria(mlp: dict[str, dict[str, Any]], base: str, others: list[str]) 
     b = mlp[base]
     for n in others:
         m = mlp[n]
-        out.append({"name": "E2 MLP", "text": f"{n}: std over time of the unit's median < half of {base}'s",
-                    "ok": m["median_std_unit"] < 0.5 * b["median_std_unit"],
-                    "detail": f"{m['median_std_unit']:.3f} vs {b['median_std_unit']:.3f}; all 100 units: "
-                              f"{m['median_std_all_units']:.3f} vs {b['median_std_all_units']:.3f}"})
-        out.append({"name": "E2 MLP", "text": f"{n}: test accuracy climbs faster (mean over checkpoints)",
-                    "ok": m["mean_acc"] > b["mean_acc"],
-                    "detail": f"{100 * m['mean_acc']:.1f}% vs {100 * b['mean_acc']:.1f}%; final {100 * m['final_acc']:.1f}% "
-                              f"vs {100 * b['final_acc']:.1f}%"})
+        out.append(
+            {
+                "name": "E2 MLP",
+                "text": f"{n}: std over time of the unit's median < half of {base}'s",
+                "ok": m["median_std_unit"] < 0.5 * b["median_std_unit"],
+                "detail": f"{m['median_std_unit']:.3f} vs {b['median_std_unit']:.3f}; all 100 units: "
+                f"{m['median_std_all_units']:.3f} vs {b['median_std_all_units']:.3f}",
+            }
+        )
+        out.append(
+            {
+                "name": "E2 MLP",
+                "text": f"{n}: test accuracy climbs faster (mean over checkpoints)",
+                "ok": m["mean_acc"] > b["mean_acc"],
+                "detail": f"{100 * m['mean_acc']:.1f}% vs {100 * b['mean_acc']:.1f}%; "
+                f"final {100 * m['final_acc']:.1f}% "
+                f"vs {100 * b['final_acc']:.1f}%",
+            }
+        )
     return out
 
 
 def _mlp_summary(cfg: LRSweepConfig, mlp: dict[str, dict[str, Any]], crit: list[dict[str, Any]]) -> list[str]:
-    rows = [[n, f"{s['median_std_unit']:.3f}", f"{s['median_std_all_units']:.3f}", f"{100 * s['mean_acc']:.1f}",
-             f"{100 * s['final_acc']:.1f}", f"{s['p15'][-1]:.2f} / {s['p50'][-1]:.2f} / {s['p85'][-1]:.2f}"]
-            for n, s in mlp.items()]
-    return [
-        f"## MLP-3 sigmoid, batch {cfg.mlp_batch_size}, LR {cfg.mlp_lr}, {cfg.mlp_steps} steps (the BN paper's Figure 1)", "",
-        markdown_table(["norm", f"std of unit {cfg.unit}'s median", "same, mean over units", "mean test acc %",
-                        "final test acc %", "final p15 / p50 / p85"], rows), "",
-        *[f"- {c['name']}: {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit], "",
+    rows = [
+        [
+            n,
+            f"{s['median_std_unit']:.3f}",
+            f"{s['median_std_all_units']:.3f}",
+            f"{100 * s['mean_acc']:.1f}",
+            f"{100 * s['final_acc']:.1f}",
+            f"{s['p15'][-1]:.2f} / {s['p50'][-1]:.2f} / {s['p85'][-1]:.2f}",
+        ]
+        for n, s in mlp.items()
     ]
-
+    return [
+        f"## MLP-3 sigmoid, batch {cfg.mlp_batch_size}, LR {cfg.mlp_lr}, {cfg.mlp_steps} steps (the BN "
+        "paper's Figure 1)",
+        "",
+        markdown_table(
+            [
+                "norm",
+                f"std of unit {cfg.unit}'s median",
+                "same, mean over units",
+                "mean test acc %",
+                "final test acc %",
+                "final p15 / p50 / p85",
+            ],
+            rows,
+        ),
+        "",
+        *[f"- {c['name']}: {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit],
+        "",
+    ]

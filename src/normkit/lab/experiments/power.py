@@ -61,21 +61,25 @@ SITES = ("pre_norm", "post_norm", "post_act")
 
 @dataclass
 class PowerConfig(LabConfig):
-    """Configuration of ``normkit power`` (every field is also a command-line option; :meth:`validate` checks them).
+    """Configuration of ``normkit power`` (every field is also a command-line option; :meth:`validate` checks
+    them).
 
     Attributes:
         data: inputs (default ``"digits16"``: digits upsampled to 16x16).
         norms: registry specs.
         depth: random-net depth L.
         width: random-net channels.
-        samples: inputs to measure on (taken from the training split for random nets, the test split for trained ones).
+        samples: inputs to measure on (taken from the training split for random nets, the test split for
+            trained ones).
         seed: seed of the random nets (the same for every norm).
         trained: also train CNN-4 per norm and decompose its layers.
         epochs, batch_size, lr, max_steps: training of the ``trained`` nets.
         limit_train, limit_test, device, threads, out, quiet: as in :class:`LabConfig`.
     """
 
-    data: str = opt("digits16", "data set: 'digits', 'digitsN' (upsampled to NxN, 8..64), 'cifar10:PATH', 'synthetic'")
+    data: str = opt(
+        "digits16", "data set: 'digits', 'digitsN' (upsampled to NxN, 8..64), 'cifar10:PATH', 'synthetic'"
+    )
     norms: list[str] = opt(["bn", "ln", "in", "gn:8", "ln+pn"], "registry specs")
     depth: int = opt(20, "random-net depth L", min=1, max=500)
     width: int = opt(64, "random-net width", min=1, max=1024)
@@ -90,7 +94,9 @@ class PowerConfig(LabConfig):
     def _check(self) -> None:
         self.norms = _norm_specs(self.norms)
         for n in self.norms:
-            check_norm_fits(n, lambda n=n: RandNet(n, depth=1, width=self.width), f"RandNet (width {self.width})")
+            check_norm_fits(
+                n, lambda n=n: RandNet(n, depth=1, width=self.width), f"RandNet (width {self.width})"
+            )
             if self.trained:
                 check_norm_fits(n, lambda n=n: CNN4(n), "CNN-4")
 
@@ -98,13 +104,21 @@ class PowerConfig(LabConfig):
         """``samples`` and ``batch_size`` against the data; the norms against its channels."""
         n_train, n_test = len(data.x_train), len(data.x_test)
         if self.samples > n_train or (self.trained and self.samples > n_test):
-            raise ConfigError(f"--samples {self.samples} exceeds the {min(n_train, n_test) if self.trained else n_train} "
-                              f"samples of {data.name}")
+            raise ConfigError(
+                f"--samples {self.samples} exceeds the {min(n_train, n_test) if self.trained else n_train} "
+                f"samples of {data.name}"
+            )
         if self.trained and self.batch_size > n_train:
-            raise ConfigError(f"--batch-size {self.batch_size} exceeds the {n_train} training samples of {data.name}")
+            raise ConfigError(
+                f"--batch-size {self.batch_size} exceeds the {n_train} training samples of {data.name}"
+            )
         if data.in_channels != 1:
             for n in self.norms:
-                check_norm_fits(n, lambda n=n: RandNet(n, depth=1, width=self.width, in_channels=data.in_channels), "RandNet")
+                check_norm_fits(
+                    n,
+                    lambda n=n: RandNet(n, depth=1, width=self.width, in_channels=data.in_channels),
+                    "RandNet",
+                )
 
 
 def normalized_output(layer: nn.Module, x: Tensor) -> Tensor:
@@ -133,7 +147,7 @@ def normalized_output(layer: nn.Module, x: Tensor) -> Tensor:
     if isinstance(layer, (GroupNorm, GroupNormProxyAct2d, nn.GroupNorm)):
         return F.group_norm(x, layer.num_groups, None, None, layer.eps)
     if isinstance(layer, LayerNorm2d):
-        return F.layer_norm_2d(x, None, None, layer.eps, over=layer.over)
+        return F.layer_norm_2d(x, None, None, layer.eps, over="chw" if layer.over == "chw" else "c")
     if isinstance(layer, _InstanceNorm):
         use_input = layer.training or not layer._tracking
         rm = None if use_input else layer.running_mean
@@ -141,8 +155,13 @@ def normalized_output(layer: nn.Module, x: Tensor) -> Tensor:
         return F.instance_norm(x, rm, rv, use_input_stats=use_input, eps=layer.eps).output
     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
         batch = layer.training or layer.running_mean is None
-        return nn.functional.batch_norm(x, None if batch else layer.running_mean, None if batch else layer.running_var,
-                                        training=batch, eps=layer.eps)
+        return nn.functional.batch_norm(
+            x,
+            None if batch else layer.running_mean,
+            None if batch else layer.running_var,
+            training=batch,
+            eps=layer.eps,
+        )
     if isinstance(layer, nn.modules.instancenorm._InstanceNorm):
         return nn.functional.instance_norm(x, eps=layer.eps)
     raise TypeError(f"normalized_output: don't know the normalization of {type(layer).__name__}")
@@ -154,7 +173,8 @@ def _is_conv(m: nn.Module) -> bool:
 
 @torch.no_grad()
 def decompose_sequence(modules: Sequence[nn.Module], x: Tensor) -> list[dict[str, dict[str, float]]]:
-    """Run ``x`` through ``modules``; for every conv followed by a norm(+act) layer, decompose the three sites.
+    """Run ``x`` through ``modules``; for every conv followed by a norm(+act) layer, decompose the three
+    sites.
 
     Returns one ``{site: {P_mean, P_varmean, P_varstd, P_meanstd (fractions), total}}`` per conv.
     """
@@ -164,7 +184,9 @@ def decompose_sequence(modules: Sequence[nn.Module], x: Tensor) -> list[dict[str
         if pending is not None and not _is_conv(m) and not isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
             y = m(pending)
             sites = {"pre_norm": pending, "post_norm": normalized_output(m, pending), "post_act": y}
-            out.append({k: {**(d := power_decomposition(v)).fractions(), "total": d.total} for k, v in sites.items()})
+            out.append(
+                {k: {**(d := power_decomposition(v)).fractions(), "total": d.total} for k, v in sites.items()}
+            )
             pending, x = None, y
             continue
         if pending is not None:  # a conv or a pool straight after a conv: nothing to decompose
@@ -185,25 +207,55 @@ def power_criteria(fr: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]
     inn = next((n for n in norms if is_instance_norm(n)), None)
     if bn:
         worst = max(f["P_mean"] for f in fr[bn])
-        out.append({"text": "BN: P_mean fraction < 0.02 at every layer", "ok": worst < 0.02, "detail": f"max {worst:.2e}"})
+        out.append(
+            {
+                "text": "BN: P_mean fraction < 0.02 at every layer",
+                "ok": worst < 0.02,
+                "detail": f"max {worst:.2e}",
+            }
+        )
     if ln:
         pm = [f["P_mean"] for f in fr[ln]]
         half = len(pm) // 2
-        grows = len(pm) > 1 and pm[-1] > pm[0] and sum(pm[half:]) / len(pm[half:]) > sum(pm[:half or 1]) / len(pm[:half or 1])
-        out.append({"text": "LN: P_mean fraction increases with depth", "ok": grows,
-                    "detail": " / ".join(f"{v:.3f}" for v in _at_depths(pm))})
+        grows = (
+            len(pm) > 1
+            and pm[-1] > pm[0]
+            and sum(pm[half:]) / len(pm[half:]) > sum(pm[: half or 1]) / len(pm[: half or 1])
+        )
+        out.append(
+            {
+                "text": "LN: P_mean fraction increases with depth",
+                "ok": grows,
+                "detail": " / ".join(f"{v:.3f}" for v in _at_depths(pm)),
+            }
+        )
         if lnpn:
             a, b = pm[-1], fr[lnpn][-1]["P_mean"]
-            out.append({"text": f"LN: P_mean fraction at layer {len(pm)} >= 5x LN+PN's", "ok": a >= 5 * b,
-                        "detail": f"{a:.3f} vs {b:.4f} ({a / b if b > 0 else float('inf'):.0f}x)"})
+            out.append(
+                {
+                    "text": f"LN: P_mean fraction at layer {len(pm)} >= 5x LN+PN's",
+                    "ok": a >= 5 * b,
+                    "detail": f"{a:.3f} vs {b:.4f} ({a / b if b > 0 else float('inf'):.0f}x)",
+                }
+            )
     if inn:
         worst = max(max(f["P_varmean"], f["P_varstd"]) for f in fr[inn])
-        out.append({"text": "IN: P_varmean = P_varstd = 0 (<= 1e-6) at every layer", "ok": worst <= 1e-6,
-                    "detail": f"max {worst:.1e}"})
+        out.append(
+            {
+                "text": "IN: P_varmean = P_varstd = 0 (<= 1e-6) at every layer",
+                "ok": worst <= 1e-6,
+                "detail": f"max {worst:.1e}",
+            }
+        )
     if lnpn:
         least = min(min(f["P_varmean"], f["P_varstd"]) for f in fr[lnpn])
-        out.append({"text": "LN+PN: P_varmean > 0 and P_varstd > 0 (> 1e-6) at every layer", "ok": least > 1e-6,
-                    "detail": f"min {least:.1e}"})
+        out.append(
+            {
+                "text": "LN+PN: P_varmean > 0 and P_varstd > 0 (> 1e-6) at every layer",
+                "ok": least > 1e-6,
+                "detail": f"min {least:.1e}",
+            }
+        )
     return out
 
 
@@ -223,10 +275,25 @@ def _table(fr: dict[str, list[dict[str, dict[str, float]]]], site: str) -> str:
     rows = []
     for n in norms:
         layers = [layer[site] for layer in fr[n]]
-        rows.append([n, *[f"{layers[d - 1]['P_mean']:.3f}" for d in ds],
-                     f"{layers[-1]['P_varmean']:.4f}", f"{layers[-1]['P_varstd']:.4f}", f"{layers[-1]['P_meanstd']:.3f}"])
-    return markdown_table(["norm", *[f"P_mean @{d}" for d in ds], f"P_varmean @{depth}", f"P_varstd @{depth}",
-                           f"P_meanstd @{depth}"], rows)
+        rows.append(
+            [
+                n,
+                *[f"{layers[d - 1]['P_mean']:.3f}" for d in ds],
+                f"{layers[-1]['P_varmean']:.4f}",
+                f"{layers[-1]['P_varstd']:.4f}",
+                f"{layers[-1]['P_meanstd']:.3f}",
+            ]
+        )
+    return markdown_table(
+        [
+            "norm",
+            *[f"P_mean @{d}" for d in ds],
+            f"P_varmean @{depth}",
+            f"P_varstd @{depth}",
+            f"P_meanstd @{depth}",
+        ],
+        rows,
+    )
 
 
 def run_power(cfg: PowerConfig) -> tuple[Path, str]:
@@ -252,7 +319,11 @@ def run_power(cfg: PowerConfig) -> tuple[Path, str]:
             bar = progress.add("random nets", total=len(cfg.norms))
             for norm in cfg.norms:
                 set_seed(cfg.seed, device)
-                net = RandNet(norm, depth=cfg.depth, width=cfg.width, in_channels=data.in_channels).to(device).train()
+                net = (
+                    RandNet(norm, depth=cfg.depth, width=cfg.width, in_channels=data.in_channels)
+                    .to(device)
+                    .train()
+                )
                 seq = [m for pair in zip(net.convs, net.norm_acts) for m in pair]
                 random_fr[norm] = decompose_sequence(seq, x)
                 for i, layer in enumerate(random_fr[norm], 1):
@@ -265,51 +336,106 @@ def run_power(cfg: PowerConfig) -> tuple[Path, str]:
                 for norm in cfg.norms:
                     set_seed(cfg.seed, device)
                     model = CNN4(norm, data.in_channels, data.num_classes).to(device)
-                    # at initialisation BN's running statistics are still (0, 1): measure with batch statistics
-                    trained_fr["init"][norm] = decompose_sequence(list(copy.deepcopy(model).train().features), xt)
-                    res = train_classifier(model, data, TrainConfig(
-                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr * cfg.batch_size / 32, warmup_epochs=1.0,
-                        max_steps=cfg.max_steps, seed=cfg.seed, eval_batch_stats=False), device=device)
+                    # at initialisation BN's running statistics are still (0, 1): measure with batch
+                    # statistics
+                    trained_fr["init"][norm] = decompose_sequence(
+                        list(copy.deepcopy(model).train().features), xt
+                    )
+                    res = train_classifier(
+                        model,
+                        data,
+                        TrainConfig(
+                            epochs=cfg.epochs,
+                            batch_size=cfg.batch_size,
+                            lr=cfg.lr * cfg.batch_size / 32,
+                            warmup_epochs=1.0,
+                            max_steps=cfg.max_steps,
+                            seed=cfg.seed,
+                            eval_batch_stats=False,
+                        ),
+                        device=device,
+                    )
                     trained_fr["trained"][norm] = decompose_sequence(list(model.eval().features), xt)
                     for stage in ("init", "trained"):
                         for i, layer in enumerate(trained_fr[stage][norm], 1):
                             for site, d in layer.items():
                                 record.log(net=f"cnn4-{stage}", norm=norm, layer=i, site=site, **d)
-                    record.log(net="cnn4-trained", norm=norm, kind="final", test_err=res.final.get("test_err"))
-                    progress.advance(bar, info=f"{norm}: {res.final.get('test_err', float('nan')):.2f}% test error")
+                    record.log(
+                        net="cnn4-trained", norm=norm, kind="final", test_err=res.final.get("test_err")
+                    )
+                    progress.advance(
+                        bar, info=f"{norm}: {res.final.get('test_err', float('nan')):.2f}% test error"
+                    )
         post = {n: [layer["post_norm"] for layer in v] for n, v in random_fr.items()}
         crit = power_criteria(post)
         lines = [
-            f"# power: decomposition of RandNet-{cfg.depth} (width {cfg.width}) on {cfg.samples} {data.name} inputs",
+            f"# power: decomposition of RandNet-{cfg.depth} (width {cfg.width}) on {cfg.samples} {data.name} "
+            "inputs",
             "",
-            "Fractions of the total power (docs/EXPERIMENTS.md, E4). P_mean = channel-wise squared mean (LN's collapse), "
+            "Fractions of the total power (docs/EXPERIMENTS.md, E4). P_mean = channel-wise squared mean "
+            "(LN's collapse), "
             "P_varmean / P_varstd = variance over inputs of the instance means / stds (IN forces 0).",
-            "", "## After the norm, before its affine (the pass-criteria site)", "", _table(random_fr, "post_norm"),
-            "", "## Before the norm (conv output)", "", _table(random_fr, "pre_norm"),
-            "", "## Layer output (after affine + activation; Proxy Norm's output for +pn)", "", _table(random_fr, "post_act"),
-            "", "Pass criteria (docs/EXPERIMENTS.md, E4):", "",
+            "",
+            "## After the norm, before its affine (the pass-criteria site)",
+            "",
+            _table(random_fr, "post_norm"),
+            "",
+            "## Before the norm (conv output)",
+            "",
+            _table(random_fr, "pre_norm"),
+            "",
+            "## Layer output (after affine + activation; Proxy Norm's output for +pn)",
+            "",
+            _table(random_fr, "post_act"),
+            "",
+            "Pass criteria (docs/EXPERIMENTS.md, E4):",
+            "",
             *[f"- {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit],
         ]
         if cfg.trained:
             for stage in ("init", "trained"):
-                lines += ["", f"## CNN-4 {stage} ({cfg.epochs} epochs at B={cfg.batch_size})" if stage == "trained" else
-                          "## CNN-4 at initialisation", "", _table(trained_fr[stage], "post_norm"), "",
-                          _table(trained_fr[stage], "pre_norm").replace("| norm |", "| norm (pre-norm) |")]
+                lines += [
+                    "",
+                    f"## CNN-4 {stage} ({cfg.epochs} epochs at B={cfg.batch_size})"
+                    if stage == "trained"
+                    else "## CNN-4 at initialisation",
+                    "",
+                    _table(trained_fr[stage], "post_norm"),
+                    "",
+                    _table(trained_fr[stage], "pre_norm").replace("| norm |", "| norm (pre-norm) |"),
+                ]
         summary = "\n".join(lines) + "\n"
         from ..plots import plot_power, plot_power_lines
 
-        plot_power(post, record.path / "power_post_norm.png", criteria=True,
-                   title=f"RandNet-{cfg.depth}: after the norm (before affine)")
-        plot_power({n: [layer["pre_norm"] for layer in v] for n, v in random_fr.items()}, record.path / "power_pre_norm.png",
-                   title=f"RandNet-{cfg.depth}: conv output, before the norm")
+        plot_power(
+            post,
+            record.path / "power_post_norm.png",
+            criteria=True,
+            title=f"RandNet-{cfg.depth}: after the norm (before affine)",
+        )
+        plot_power(
+            {n: [layer["pre_norm"] for layer in v] for n, v in random_fr.items()},
+            record.path / "power_pre_norm.png",
+            title=f"RandNet-{cfg.depth}: conv output, before the norm",
+        )
         plot_power_lines(post, record.path / "pmean_vs_depth.png", title="P_mean fraction after the norm")
         figs = ["power_post_norm.png", "power_pre_norm.png", "pmean_vs_depth.png"]
         if cfg.trained:
-            plot_power({n: [layer["post_norm"] for layer in v] for n, v in trained_fr["trained"].items()},
-                       record.path / "power_trained.png", title="trained CNN-4: after the norm")
+            plot_power(
+                {n: [layer["post_norm"] for layer in v] for n, v in trained_fr["trained"].items()},
+                record.path / "power_trained.png",
+                title="trained CNN-4: after the norm",
+            )
             figs.append("power_trained.png")
-        record.write_json("results.json", {"randnet": random_fr, "cnn4": trained_fr if cfg.trained else None, "criteria": crit,
-                                           "terms": list(TERMS)})
+        record.write_json(
+            "results.json",
+            {
+                "randnet": random_fr,
+                "cnn4": trained_fr if cfg.trained else None,
+                "criteria": crit,
+                "terms": list(TERMS),
+            },
+        )
         record.write_text("summary.md", summary + "\n" + "\n".join(f"![{f}]({f})" for f in figs) + "\n")
         record.finish()
         return record.path, summary

@@ -188,25 +188,15 @@ class GroupNormProxyAct2d(ProxyNormAct):
         if leaf is not None:
             return leaf
         check_channels(input, self.num_features, type(self).__name__)
+        fused: Any = None
         if _fast.eligible(input):  # eager CPU: one fused pass each way (F.group_norm_proxy_act's fast path)
-            out = _fast.gn_proxy_act(
-                input,
-                self.num_groups,
-                self.eps,
-                self.weight,
-                self.bias,
-                self.proxy_bias,
-                self.proxy_weight,
-                self.proxy_points,
-                self.activation,
-                self.proxy_eps,
-            )
-            if out is not None:
-                return out
+            fused = _fast.gn_proxy_act
         elif triton_ready(input):  # GPU: GN and the step fused in one Triton kernel each way
             from ..kernels import triton as _triton
 
-            out = _triton.gn_proxy_act(
+            fused = _triton.gn_proxy_act
+        if fused is not None:
+            out = fused(
                 input,
                 self.num_groups,
                 self.eps,

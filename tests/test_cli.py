@@ -178,11 +178,10 @@ def test_torchrun_two_process_gloo_smoke(tmp_path: Path) -> None:
 def _interrupted_compare(
     tmp_path: Path, presses: int
 ) -> tuple[subprocess.CompletedProcess[str], float, Path, int]:
-    """Start ``compare --jobs 2`` as a terminal would (own process group), press Ctrl-C once the first
-    training is
-    on disk, ``presses`` times 0.3 s apart; return the process, seconds from the first press to its exit, the
-    run
-    folder and the process group (for checking that no worker outlives it)."""
+    """Start ``compare --jobs 2`` as a terminal would (own process group, Ctrl-C's default action), press
+    Ctrl-C once the first training is on disk, ``presses`` times 0.3 s apart; return the process, seconds
+    from the first press to its exit, the run folder and the process group (for checking that no worker
+    outlives it)."""
     import signal
     import time
 
@@ -218,6 +217,8 @@ def _interrupted_compare(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # as from a shell: SIGINT at its default, whatever this test process inherited or was left with
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     try:
@@ -423,3 +424,21 @@ def test_a_diverging_training_reads_diverged_not_an_error_rate(
         and "**Warning**: 2 training(s) diverged" in out
     )
     assert "E1 (ii): gn:8 at B=4 within ±1.5 pt of B=8: **n/a**" in out
+
+
+def test_an_interrupted_call_leaves_ctrl_c_as_it_was(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # main() called in-process (a notebook, a test): after its "interrupted" line and exit status 130,
+    # Ctrl-C's handler is the caller's again (an ignored SIGINT would also be inherited by child processes)
+    import signal
+
+    import normkit.cli as cli
+
+    def interrupted(*args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        main(["power", "--out", str(tmp_path), "--quiet"])
+    assert e.value.code == 130
+    assert signal.getsignal(signal.SIGINT) is before

@@ -286,12 +286,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         import signal
 
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting: a second Ctrl-C must not cut this short
-        where = ""
-        if isinstance(e, RunInterrupted) and e.path is not None:
-            done = f"{e.done} of {e.total} trainings finished, " if e.total else ""
-            where = f"; {done}kept in {e.path} (marked interrupted)"
-        print(f"normkit {args.command}: interrupted{where}", file=sys.stderr)
+        # exiting: a second Ctrl-C must not cut this short. As the process's entry point (argv None)
+        # Ctrl-C stays ignored until the exit; an in-process caller (main([...]): a notebook, a test)
+        # gets its handler back, so that neither it nor its child processes are left ignoring Ctrl-C.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            where = ""
+            if isinstance(e, RunInterrupted) and e.path is not None:
+                done = f"{e.done} of {e.total} trainings finished, " if e.total else ""
+                where = f"; {done}kept in {e.path} (marked interrupted)"
+            print(f"normkit {args.command}: interrupted{where}", file=sys.stderr)
+        finally:
+            if argv is not None:
+                signal.signal(signal.SIGINT, previous)
         raise SystemExit(130) from None
 
 

@@ -82,7 +82,7 @@ def test_manifest_follows_the_run(tmp_path: Path) -> None:
     assert read_manifest(ok.path)["status"] == "finished"
     bad = RunRecord.create(tmp_path, "demo", {})
     with pytest.raises(ZeroDivisionError), bad.guard():
-        1 / 0  # noqa: B018
+        1 / 0  # noqa: B018 - evaluated for its ZeroDivisionError, whose message the manifest records
     m = read_manifest(bad.path)
     assert m["status"] == "failed" and m["error"] == "ZeroDivisionError: division by zero"
     cut = RunRecord.create(tmp_path, "demo", {})

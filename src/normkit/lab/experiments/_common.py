@@ -303,7 +303,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: Seque
         if f.name in skip or not f.metadata:
             continue
         meta = f.metadata
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:  # every option needs a default (the parser's default); calling MISSING failed the same way
+            raise TypeError(f"{cls.__name__}.{f.name}: a lab option needs a default or a default_factory")
         kind = hints[f.name]
         args = [t for t in typing.get_args(kind) if t is not type(None)]
         base = args[0] if args and typing.get_origin(kind) is not list else kind

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -279,7 +280,11 @@ def test_ctrl_c_stops_compare_workers_and_keeps_finished_trainings(tmp_path: Pat
     assert manifest["status"] == "interrupted"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     finals = [r for r in rows if r["kind"] == "final"]
-    assert 1 <= len(finals) < 24
+    # the one line counts the finished trainings: exactly those are on disk, each once, and not all 24 ran
+    reported = re.search(r"interrupted; (\d+) of 24 trainings finished", lines[0])
+    assert reported is not None, lines[0]
+    assert len(finals) == int(reported.group(1)) < 24
+    assert len({(f["norm"], f["seed"]) for f in finals}) == len(finals)
     for f in finals:  # every finished training is on disk whole: its 3 epochs, then its final line
         epochs = [
             r for r in rows if r["kind"] == "epoch" and (r["norm"], r["seed"]) == (f["norm"], f["seed"])

@@ -148,6 +148,14 @@ def _chunking(
     return triton.cdiv(along, ch), ch, split_c, (tile if split_c else BC), (BM if split_c else tile)
 
 
+def _tiling(x: Tensor, p: Plan) -> tuple[int, tuple[int, ...], int, int, bool, int, int]:
+    """``(nsets, walk, nchunks, CH, split_c, BC, BM)`` of a launch on ``x`` with plan ``p``: the walk
+    (:func:`_walk`), the tile (:func:`_blocks`) and the chunks (:func:`_chunking`), in one place."""
+    nsets, walk = _walk(p)
+    BC, BM = _blocks(walk[0], walk[1])
+    return (nsets, walk, *_chunking(nsets, walk[0], walk[1], BC, BM, x.device))
+
+
 def forward(
     x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]
 ) -> tuple[Tensor, Tensor]:
@@ -167,15 +175,12 @@ def forward(
     _kernels = _kern()
 
     acc, tacc = _acc(x)
-    nsets, walk = _walk(p)
-    NC, M = walk[0], walk[1]
-    BC, BM = _blocks(NC, M)
+    nsets, walk, nchunks, ch, split_c, BC, BM = _tiling(x, p)
     y = torch.empty_like(x)
     stats = torch.empty((core.STAT_ROWS, *stat_shape), dtype=acc, device=x.device)
     bound = 1022.0 if acc == torch.float64 else 126.0
     wt = w if w is not None else x
     bt = b if b is not None else x
-    nchunks, ch, split_c, BC, BM = _chunking(nsets, NC, M, BC, BM, x.device)
     if nchunks == 1:
         _kernels.norm_fwd_kernel[(nsets,)](
             x,
@@ -249,10 +254,8 @@ def backward(
     _kernels = _kern()
 
     acc, tacc = _acc(x)
-    nsets, walk = _walk(p)
-    NC, M, D1, CK = walk[0], walk[1], walk[6], walk[9]
-    BC, BM = _blocks(NC, M)
-    nchunks, ch, split_c, BC, BM = _chunking(nsets, NC, M, BC, BM, x.device)
+    nsets, walk, nchunks, ch, split_c, BC, BM = _tiling(x, p)
+    NC, D1, CK = walk[0], walk[6], walk[9]
     dx = torch.empty_like(x) if need_x else None
     # (a chunk of channels writes only its own: the rest of its row stays zero)
     alloc = torch.zeros if nchunks > 1 and split_c else torch.empty
@@ -492,10 +495,8 @@ def gn_proxy_forward(
     """
     if act not in _ACTS or p.mode not in (2, 3):
         return None
-    nsets, walk = _walk(p)
-    NC, M = walk[0], walk[1]
-    BC, BM = _blocks(NC, M)
-    if _chunking(nsets, NC, M, BC, BM, x.device)[0] != 1:
+    nsets, walk, nchunks, _, _, BC, BM = _tiling(x, p)
+    if nchunks != 1:
         return None
     _kernels = _kern()
 
@@ -680,8 +681,7 @@ def gn_proxy_act(
     p = _gn_plan(x, groups)
     if p is None:
         return None
-    nsets, walk = _walk(p)
-    if _chunking(nsets, walk[0], walk[1], *_blocks(walk[0], walk[1]), x.device)[0] != 1:
+    if _tiling(x, p)[2] != 1:
         return None  # (sets too few for one program each: the two ops' split kernels fill the GPU)
     m, r = proxy_stats(weight, bias, proxy_bias, proxy_weight, activation, proxy_eps, points.shape[0], points)
     return _GNProxy.apply(x, weight, bias, m, r, p, groups, float(eps), spec[0], float(spec[1]))  # type: ignore[no-any-return]

@@ -1222,6 +1222,15 @@ def _spy_plans(monkeypatch) -> list:
         return real_run(x, w, b, spec, train)
 
     monkeypatch.setattr(_fast, "_run", spy_run)
+    real_checked = _fast.checked
+
+    def spy_checked(op, x, *args):  # the functional ops' C++ entry: the pattern its kernel call ran
+        out = real_checked(op, x, *args)
+        if out is not None:
+            seen.append(_plan.MODES[_fast._node().last_mode()])
+        return out
+
+    monkeypatch.setattr(_fast, "checked", spy_checked)
     return seen
 
 

@@ -94,6 +94,22 @@ def batch_norm(
 
     Reference: https://arxiv.org/abs/1502.03167
     """
+    if mask is None and _fast.eligible(x):  # eager CPU with batch statistics: checks and kernel in C++
+        fast = _fast.checked(
+            "batch_norm",
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            num_batches_tracked,
+            unbiased_running_var,
+        )
+        if fast is not None:
+            return NormOutput(*fast)
     op = "batch_norm"
     check_input(x, op)
     eps = check_eps(eps, op)

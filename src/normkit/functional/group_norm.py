@@ -53,6 +53,12 @@ def group_norm(
 
     Reference: https://arxiv.org/abs/1803.08494
     """
+    if mask is None and _fast.eligible(x):
+        y = _fast.checked(
+            "group_norm", x, num_groups, weight, bias, eps
+        )  # eager CPU: checks and kernel in C++
+        if y is not None:
+            return y
     op = "group_norm"
     check_input(x, op)
     eps = check_eps(eps, op)

@@ -51,6 +51,10 @@ def layer_norm(
 
     Reference: https://arxiv.org/abs/1607.06450
     """
+    if mask is None and _fast.eligible(x):
+        y = _fast.checked("layer_norm", x, normalized_shape, weight, bias, eps)  # checks and kernel in C++
+        if y is not None:
+            return y
     op = "layer_norm"
     check_input(x, op, min_dim=1)
     eps = check_eps(eps, op)
@@ -106,6 +110,10 @@ def layer_norm_2d(
         >>> torch.allclose(layer_norm_2d(x, over="c"), ref, atol=1e-5)
         True
     """
+    if over == "c" and _fast.eligible(x):
+        y = _fast.checked("layer_norm_2d", x, weight, bias, eps)  # eager CPU: checks and kernel in C++
+        if y is not None:
+            return y
     op = "layer_norm_2d"
     check_input(x, op, min_dim=2)
     if over == "chw":

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..ops import core
 from . import _build
 
-__all__ = ["batch_norm_train", "eligible", "group_norm", "layer_norm_c"]
+__all__ = ["batch_norm_train", "checked", "eligible", "group_norm", "layer_norm_c"]
 
 BATCH_NCHW, BATCH_CL, GROUP_NCHW, GROUP_CL, CHANNEL_NCHW = range(5)
 _CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -298,6 +298,21 @@ def _run(x: Tensor, w: Tensor | None, b: Tensor | None, spec: _Spec, train: Any)
         return _forward(x, w, b, spec, train)[0]
     except _Fallback:
         return None
+
+
+def checked(op: str, x: Tensor, *args: Any) -> Any:
+    """A functional op's whole call in C++ (``"group_norm"``, ``"layer_norm"``, ``"layer_norm_2d"``: the
+    output; ``"batch_norm"`` with batch statistics: the output and running statistics), or ``None``.
+
+    The C++ node checks the Python arguments as the functional checks do and runs the fused kernel;
+    it returns ``None`` for anything it does not take exactly (bad arguments included, so that the
+    caller's general path raises the typed error), or when the node is not built. Call it only when
+    :func:`eligible` holds.
+    """
+    node = _node()
+    if node is None:
+        return None
+    return getattr(node, op + "_checked")(x, *args)
 
 
 def _spatial(x: Tensor) -> int:

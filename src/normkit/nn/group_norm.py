@@ -91,7 +91,10 @@ class GroupNorm(nn.GroupNorm):
     @torch.jit.unused
     def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         if mask is None and _fast.eligible(x) and x.dim() >= 3 and x.shape[1] == self.num_channels:
-            y = _fast.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # one fused call
+            # one C++ call: kernel and autograd node
+            y = _fast.checked("group_norm", x, self.num_groups, self.weight, self.bias, self.eps)
+            if y is None:
+                y = _fast.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
             if y is not None:
                 return y
         leaf = fx_leaf(self, x, mask, root_traceable=True)

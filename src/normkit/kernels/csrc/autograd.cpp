@@ -11,6 +11,7 @@
 
 #include <torch/extension.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -143,6 +144,9 @@ struct FastNorm : public torch::autograd::Function<FastNorm> {
   }
 };
 
+// the kernel pattern of the last fast_norm call (the tests check which pattern each op runs)
+int64_t last_mode = -1;
+
 // The fused norm: output (an autograd node when any input requires grad), or None when the batch
 // needs the general path (statistics outside the kernels' exact range).
 Tensor fast_norm(const Tensor& x, const std::optional<Tensor>& w, const std::optional<Tensor>& b, int64_t mode,
@@ -153,6 +157,7 @@ Tensor fast_norm(const Tensor& x, const std::optional<Tensor>& w, const std::opt
   for (const auto* p : {&w, &b})
     TORCH_CHECK(!*p || !(*p)->defined() || ((*p)->device().is_cpu() && (*p)->numel() == C),
                 "normkit_autograd: expected a CPU affine of ", C, " values");
+  last_mode = mode;
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t nsets = mode == BATCH_NCHW || mode == BATCH_CL ? C : (mode == CHANNEL_NCHW ? N * S : N * G);
   auto prep = std::make_shared<Prepared>();
@@ -176,6 +181,194 @@ Tensor fast_norm(const Tensor& x, const std::optional<Tensor>& w, const std::opt
                     (x.requires_grad() || (w && w->defined() && w->requires_grad()) || (b && b->defined() && b->requires_grad()));
   if (!grad) return prep->y;
   return FastNorm::apply(x, w, b, prep, std::vector<int64_t>{mode, N, C, S, G, kind}, eps);
+}
+
+// ---- The functional ops' checked entry points ----------------------------------------------------------
+// F.group_norm / F.layer_norm / F.layer_norm_2d on a small input: Python's argument checks, the layout
+// test and the kernel pattern cost as much as the kernel (about 8 us on a 5 us call). These take the
+// Python arguments as they came, make the same checks in C++ and run fast_norm; anything they do not
+// accept exactly (a wrong shape or dtype, an odd layout, a non-int group count, ...) returns None, and
+// the caller's general path then raises its typed error or computes the unusual case.
+namespace py = pybind11;
+
+// 0: contiguous, 1: channels-last (4-d or 5-d), -1: anything else
+int layout_of(const Tensor& x) {
+  if (x.is_contiguous()) return 0;
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return 1;
+  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return 1;
+  return -1;
+}
+
+// An affine argument as the functional checks accept it: None, or a CPU tensor of `shape` with x's dtype
+// (float32 for a half x), contiguous when `contiguous`. False for anything else.
+bool affine_arg(py::handle h, const Tensor& x, at::IntArrayRef shape, bool contiguous, std::optional<Tensor>& out) {
+  if (h.is_none()) return true;
+  if (!THPVariable_Check(h.ptr())) return false;
+  const Tensor& t = THPVariable_Unpack(h.ptr());
+  const at::ScalarType xd = x.scalar_type(), pd = t.scalar_type();
+  if (!t.device().is_cpu() || t.sizes() != shape || (contiguous && !t.is_contiguous())) return false;
+  if (pd != xd && !(pd == at::kFloat && (xd == at::kHalf || xd == at::kBFloat16))) return false;
+  out = t;
+  return true;
+}
+
+// eps as the functional checks accept it (a finite float >= 0); -1 for anything else
+double eps_arg(py::handle h) {
+  if (!PyFloat_CheckExact(h.ptr())) return -1.0;
+  const double e = PyFloat_AS_DOUBLE(h.ptr());
+  return std::isfinite(e) && e >= 0.0 ? e : -1.0;
+}
+
+// a Python int (not a bool) in [1, 2^62], or -1
+int64_t int_arg(py::handle h) {
+  if (!PyLong_CheckExact(h.ptr())) return -1;
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+  if (overflow || v < 1 || v > (1LL << 62)) {
+    PyErr_Clear();
+    return -1;
+  }
+  return static_cast<int64_t>(v);
+}
+
+// The input: a CPU tensor of a kernel dtype with elements, or nullptr
+const Tensor* input_arg(py::handle h) {
+  if (!THPVariable_Check(h.ptr())) return nullptr;
+  const Tensor& x = THPVariable_Unpack(h.ptr());
+  if (code(x.scalar_type()) < 0 || !x.device().is_cpu() || x.numel() == 0 || !x.has_storage()) return nullptr;
+  return &x;
+}
+
+py::object wrap(const Tensor& y) {
+  if (!y.defined()) return py::none();
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(y));
+}
+
+int64_t spatial(const Tensor& x) {
+  int64_t s = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) s *= x.size(d);
+  return s;
+}
+
+// the C++ node runs with both affine tensors or neither (a lone one: the caller's Python Function)
+py::object run(const Tensor& x, const std::optional<Tensor>& w, const std::optional<Tensor>& b, int64_t mode, int64_t N,
+               int64_t C, int64_t S, int64_t G, int64_t kind, double eps) {
+  if (w.has_value() != b.has_value()) return py::none();
+  return wrap(fast_norm(x, w, b, mode, N, C, S, G, kind, eps, std::nullopt, std::nullopt, std::nullopt, -1.0, false));
+}
+
+// normkit.functional.group_norm(x, num_groups, weight, bias, eps) on (N, C, *spatial), NCHW or channels-last
+py::object group_norm_checked(py::handle xh, py::handle gh, py::handle wh, py::handle bh, py::handle eh) {
+  const Tensor* xp = input_arg(xh);
+  if (!xp || xp->dim() < 3) return py::none();
+  const Tensor& x = *xp;
+  const int lay = layout_of(x);
+  const int64_t G = int_arg(gh), C = x.size(1), S = spatial(x);
+  const double eps = eps_arg(eh);
+  if (lay < 0 || G < 1 || G > C || C % G != 0 || (C / G) * S < 2 || eps < 0.0) return py::none();
+  std::optional<Tensor> w, b;
+  if (!affine_arg(wh, x, {C}, false, w) || !affine_arg(bh, x, {C}, false, b)) return py::none();
+  return run(x, w, b, lay == 1 ? GROUP_CL : GROUP_NCHW, x.size(0), C, S, G, K_GROUP, eps);
+}
+
+// normkit.functional.layer_norm(x, normalized_shape, weight, bias, eps) on a contiguous x
+py::object layer_norm_checked(py::handle xh, py::handle sh, py::handle wh, py::handle bh, py::handle eh) {
+  const Tensor* xp = input_arg(xh);
+  if (!xp || !xp->is_contiguous()) return py::none();
+  const Tensor& x = *xp;
+  std::vector<int64_t> shape;
+  if (PyLong_CheckExact(sh.ptr())) {
+    shape.push_back(int_arg(sh));
+  } else if (PyTuple_Check(sh.ptr()) || PyList_Check(sh.ptr())) {  // a tuple, torch.Size or list of ints
+    for (py::handle item : sh) shape.push_back(int_arg(item));
+  } else {
+    return py::none();
+  }
+  const int64_t k = static_cast<int64_t>(shape.size());
+  if (k == 0 || k > x.dim()) return py::none();
+  int64_t D = 1;
+  for (int64_t i = 0; i < k; ++i) {
+    if (shape[i] != x.size(x.dim() - k + i)) return py::none();
+    D *= shape[i];
+  }
+  const double eps = eps_arg(eh);
+  if (D < 2 || eps < 0.0) return py::none();
+  std::optional<Tensor> w, b;
+  if (!affine_arg(wh, x, shape, true, w) || !affine_arg(bh, x, shape, true, b)) return py::none();
+  // rows of D values: a GroupNorm with one group over D channels
+  return run(x, w, b, GROUP_NCHW, x.numel() / D, D, 1, 1, K_LAST, eps);
+}
+
+// normkit.functional.layer_norm_2d(x, weight, bias, eps) (over the channels) on (N, C, *spatial)
+py::object layer_norm_2d_checked(py::handle xh, py::handle wh, py::handle bh, py::handle eh) {
+  const Tensor* xp = input_arg(xh);
+  if (!xp || xp->dim() < 3) return py::none();
+  const Tensor& x = *xp;
+  const int lay = layout_of(x);
+  const int64_t C = x.size(1), N = x.size(0), S = spatial(x);
+  const double eps = eps_arg(eh);
+  if (lay < 0 || C < 2 || eps < 0.0) return py::none();
+  std::optional<Tensor> w, b;
+  if (!affine_arg(wh, x, {C}, false, w) || !affine_arg(bh, x, {C}, false, b)) return py::none();
+  if (lay == 1) return run(x, w, b, GROUP_NCHW, N * S, C, 1, 1, K_CHANNEL, eps);  // rows of C values
+  return run(x, w, b, CHANNEL_NCHW, N, C, S, 1, K_CHANNEL, eps);
+}
+
+// normkit.functional.batch_norm with batch statistics (training, or no running statistics): a tuple
+// (output, running_mean, running_var, num_batches_tracked), the running statistics updated copies when
+// training with them (the functional contract: never written in place); None: the general path.
+py::object batch_norm_checked(py::handle xh, py::handle rmh, py::handle rvh, py::handle wh, py::handle bh,
+                              py::handle th, py::handle mh, py::handle eh, py::handle nh, py::handle uh) {
+  const Tensor* xp = input_arg(xh);
+  if (!xp || xp->dim() < 2) return py::none();
+  const Tensor& x = *xp;
+  const int lay = layout_of(x);
+  if (lay < 0 || (th.ptr() != Py_True && th.ptr() != Py_False) || (uh.ptr() != Py_True && uh.ptr() != Py_False))
+    return py::none();
+  const bool training = th.ptr() == Py_True, unbiased = uh.ptr() == Py_True;
+  const int64_t N = x.size(0), C = x.size(1), S = spatial(x);
+  const double eps = eps_arg(eh);
+  double momentum = -1.0;  // None: a cumulative average
+  if (!mh.is_none()) {
+    if (!PyFloat_CheckExact(mh.ptr())) return py::none();
+    momentum = PyFloat_AS_DOUBLE(mh.ptr());
+    if (!(momentum >= 0.0 && momentum <= 1.0)) return py::none();
+  }
+  if (eps < 0.0 || N * S < 2) return py::none();
+  std::optional<Tensor> w, b, rm, rv;
+  if (!affine_arg(wh, x, {C}, false, w) || !affine_arg(bh, x, {C}, false, b) || !affine_arg(rmh, x, {C}, true, rm) ||
+      !affine_arg(rvh, x, {C}, true, rv) || rm.has_value() != rv.has_value())
+    return py::none();
+  if (rm && !training) return py::none();  // the running statistics' affine map: the general path (ATen)
+  const bool update = training && rm.has_value();
+  std::optional<Tensor> nbt;
+  if (!nh.is_none()) {
+    if (!THPVariable_Check(nh.ptr())) return py::none();
+    nbt = THPVariable_Unpack(nh.ptr());
+  }
+  if (momentum < 0.0 && !nbt) return py::none();  // a cumulative average needs the counter: the general path says so
+  if (w.has_value() != b.has_value()) return py::none();
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (update && (rm->scalar_type() != acc || rv->scalar_type() != acc)) return py::none();
+  if (update && nbt && (nbt->scalar_type() != at::kLong || !nbt->device().is_cpu() || nbt->numel() != 1))
+    return py::none();
+  const int64_t mode = x.dim() == 2 || lay == 1 ? BATCH_CL : BATCH_NCHW;
+  if (!update) {
+    const Tensor y = fast_norm(x, w, b, mode, N, C, S, 1, K_BATCH, eps, std::nullopt, std::nullopt, std::nullopt,
+                               momentum, unbiased);
+    if (!y.defined()) return py::none();
+    return py::make_tuple(wrap(y), rmh, rvh, nh);
+  }
+  std::optional<Tensor> rm2, rv2, nbt2;
+  {
+    at::NoGradGuard no_grad;
+    rm2 = rm->clone();
+    rv2 = rv->clone();
+    if (nbt) nbt2 = nbt->clone();
+  }
+  const Tensor y = fast_norm(x, w, b, mode, N, C, S, 1, K_BATCH, eps, rm2, rv2, nbt2, momentum, unbiased);
+  if (!y.defined()) return py::none();
+  return py::make_tuple(wrap(y), wrap(*rm2), wrap(*rv2), nbt2 ? wrap(*nbt2) : py::none());
 }
 
 // ---- GroupNorm (no affine) + Proxy Norm's activation (GroupNormProxyAct2d) ----------------------------
@@ -311,6 +504,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("init", &init, "the fused kernels' C entry points (addresses)");
   m.def("fast_norm", &fast_norm,
         "the fused norm as one autograd node: output, or None when the batch needs the general path");
+  m.def("last_mode", []() { return last_mode; }, "the kernel pattern of the last fast_norm call (for tests)");
+  m.def("group_norm_checked", &group_norm_checked,
+        "normkit.functional.group_norm's arguments checked and run, or None (the general path)");
+  m.def("layer_norm_checked", &layer_norm_checked,
+        "normkit.functional.layer_norm's arguments checked and run, or None (the general path)");
+  m.def("batch_norm_checked", &batch_norm_checked,
+        "normkit.functional.batch_norm's arguments checked and run with batch statistics, or None");
+  m.def("layer_norm_2d_checked", &layer_norm_2d_checked,
+        "normkit.functional.layer_norm_2d's arguments checked and run, or None (the general path)");
   m.def("gn_proxy_act", &gn_proxy_act,
         "GroupNorm + Proxy Norm's activation as one autograd node: output, or None (the general path)");
 }

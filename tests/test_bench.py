@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import runpy
 import sys
@@ -281,3 +282,32 @@ def test_cuda_providers_leave_out_the_cpu_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda: ["auto", "reference", "cpu", "native", "triton"])
     assert bench._backends(BenchConfig(device="cuda")) == ["reference", "native", "triton"]
     assert bench._backends(BenchConfig()) == ["reference", "cpu", "native", "triton"]
+
+
+def _ab_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ab_kernels.py"
+    spec = importlib.util.spec_from_file_location("ab_kernels", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ab_kernels_variants_get_their_own_namespace_and_the_source_honours_it():
+    """benchmarks/ab_kernels.py builds two versions side by side through the NORMKIT_CPU_NS macro."""
+    import re
+
+    ab = _ab_module()
+    text = ab.source_of(None)
+    assert text == (Path(__file__).resolve().parents[1] / ab.SOURCE).read_text()
+    # the library namespace must stay overridable, or the two builds cannot load together
+    assert "#ifndef NORMKIT_CPU_NS" in text and "NORMKIT_LIBRARY(NORMKIT_CPU_NS" in text
+    a, b = ab.variant_namespace(text), ab.variant_namespace(text + "\n// changed")
+    assert a != b and a == ab.variant_namespace(text)
+    assert all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", ns) for ns in (a, b))
+    assert ab.parse_shape("8x256x28x28") == (8, 256, 28, 28)
+    for bad in ("8", "8x0x3", "ax2"):
+        with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+            ab.parse_shape(bad)

@@ -1094,6 +1094,30 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
         for (int64_t n = 0; n < N; ++n) run_apply<T, O>(x + (n * C + c) * S, y + (n * C + c) * S, S, s.shift, A, B);
       }
     });
+  } else if (mode == GROUP_CL && N >= nthreads) {
+    // a sample at a time, statistics then output: the second read of the sample comes from cache
+    const int64_t group = C / G;
+    torch::stable::parallel_for(0, N, grain(S * C), [&](int64_t n0, int64_t n1) {
+      std::vector<O> shift(C), sh(C), A(C), B(C);
+      std::vector<double> s1(C), s2(C);
+      std::vector<Mom> part(static_cast<size_t>(C));
+      for (int64_t n = n0; n < n1; ++n) {
+        const T* xs = x + n * S * C;
+        cols_moments1<T, O>(xs, S, C, C, part.data(), shift, s1, s2);
+        for (int64_t k = 0; k < G; ++k) {
+          Mom mo;
+          for (int64_t c = k * group; c < (k + 1) * group; ++c) mo.add(part[c]);
+          auto sk = finish_set<O>(mo, eps, st, N * G, n * G + k, ok);
+          for (int64_t c = k * group; c < (k + 1) * group; ++c) {
+            sh[c] = sk.shift;
+            affine_coef<O>(sk, w, b, c, A[c], B[c]);
+          }
+        }
+        if (!__atomic_load_n(ok, __ATOMIC_RELAXED)) return;  // the caller recomputes the whole call
+        T* ys = y + n * S * C;
+        for (int64_t r = 0; r < S; ++r) row_apply<T, O>(xs + r * C, ys + r * C, C, sh.data(), A.data(), B.data());
+      }
+    });
   } else if (mode == BATCH_CL || mode == GROUP_CL) {
     const bool batch = mode == BATCH_CL;
     std::vector<O> sh, A, B;

@@ -117,6 +117,30 @@ def test_every_op_matches_float64_oracle(name, layout, dtype):
     assert y.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("threads", [1, 4])  # 1: a sample per task; 4 > N: the blocked two-phase kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["gn4", "in", "gn1"])
+def test_channels_last_group_kernels_on_both_schedules(name, dtype, threads):
+    """GroupNorm on channels_last runs one sample per task when N >= threads, else the blocked kernels."""
+    fn, ref = OPS[name]
+    shape = (3, 8, 9, 5)
+    g = torch.Generator().manual_seed(7)
+    x = (-1.0 + 2.0 * torch.randn(shape, generator=g, dtype=F64)).to(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=g, dtype=F64).to(memory_format=torch.channels_last)
+    w, b = _params(name, shape, True, 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, grads = _run(fn, x, w, b, dy, dtype, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    ey, egrads = _oracle(ref, x, w, b, dy.to(dtype).double())
+    _close(y, ey, TOL[dtype])
+    for got, exp in zip(grads, egrads):
+        _close(got, exp, GTOL[dtype])
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize(
     "shape,name",
     [

@@ -1309,6 +1309,81 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
                        static_cast<O>(wv(c) * k.tr), static_cast<O>(k.bx), static_cast<O>(k.cc));
       }
     });
+  } else if (mode == GROUP_CL && N >= nthreads) {
+    // a sample at a time, sums then dx: the second read of the sample's dy and x comes from cache
+    const int64_t group = C / G, nsets = N * G;
+    std::vector<double> p1(static_cast<size_t>(N * C)), p2(p1.size());  // per (n, c): sum dy, sum dy * x_hat
+    torch::stable::parallel_for(0, N, grain(S * C), [&](int64_t n0, int64_t n1) {
+      std::vector<O> a1(C), a2(C), sh(C), A(C), Bx(C), Cc(C);
+      std::vector<double> sdy(C), sdyd(C);
+      for (int64_t n = n0; n < n1; ++n) {
+        const T* gs = dy + n * S * C;
+        const T* xs = x + n * S * C;
+        for (int64_t c = 0; c < C; ++c) sh[c] = st[n * G + c / group];
+        std::fill(sdy.begin(), sdy.end(), 0.0);
+        std::fill(sdyd.begin(), sdyd.end(), 0.0);
+        for (int64_t q0 = 0; q0 < S; q0 += ROWS) {
+          const int64_t q1 = std::min(S, q0 + ROWS);
+          std::fill(a1.begin(), a1.end(), O(0));
+          std::fill(a2.begin(), a2.end(), O(0));
+          O* A1 = a1.data();
+          O* A2 = a2.data();
+          const O* SH = sh.data();
+          for (int64_t r = q0; r < q1; ++r) {
+            const T* g = gs + r * C;
+            const T* xr = xs + r * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              O gv = cv<O>(g[c]);
+              A1[c] += gv;
+              A2[c] += gv * (cv<O>(xr[c]) - SH[c]);
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            sdy[c] += a1[c];
+            sdyd[c] += a2[c];
+          }
+        }
+        for (int64_t k = 0; k < G; ++k) {
+          const int64_t set = n * G + k;
+          double inv = st[nsets + set], cm = st[2 * nsets + set], rstd = st[3 * nsets + set];
+          double g_sum = 0.0, gd_sum = 0.0;
+          for (int64_t c = k * group; c < (k + 1) * group; ++c) {
+            p1[n * C + c] = sdy[c];
+            p2[n * C + c] = (sdyd[c] * inv - cm * sdy[c]) * rstd;
+            g_sum += wv(c) * sdy[c];
+            gd_sum += wv(c) * sdyd[c] * inv;
+          }
+          auto kc = back_coef<O>(st, nsets, set, g_sum, gd_sum);
+          for (int64_t c = k * group; c < (k + 1) * group; ++c) {
+            A[c] = static_cast<O>(wv(c) * kc.tr);
+            Bx[c] = static_cast<O>(kc.bx);
+            Cc[c] = static_cast<O>(kc.cc);
+          }
+        }
+        if (!dx) continue;
+        T* os = dx + n * S * C;
+        const O *SH = sh.data(), *AA = A.data(), *BB = Bx.data(), *CC = Cc.data();
+        for (int64_t r = 0; r < S; ++r) {
+          const T* g = gs + r * C;
+          const T* xr = xs + r * C;
+          T* out = os + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) out[c] = to<T>(AA[c] * cv<O>(g[c]) + BB[c] * (cv<O>(xr[c]) - SH[c]) + CC[c]);
+        }
+      }
+    });
+    if (dw || db) {
+      for (int64_t c = 0; c < C; ++c) {
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t n = 0; n < N; ++n) {
+          s1 += p1[n * C + c];
+          s2 += p2[n * C + c];
+        }
+        if (db) db[c] = s1;
+        if (dw) dw[c] = s2;
+      }
+    }
   } else if (mode == BATCH_CL || mode == GROUP_CL) {
     const ClLayout L(mode, N, C, S, G, nthreads);
     const bool batch = L.batch;

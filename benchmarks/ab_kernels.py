@@ -59,14 +59,7 @@ def build(text: str) -> str:
         cpp_extension.load(
             name=ns,
             sources=[str(src)],
-            extra_cflags=[
-                "-O3",
-                "-march=native",
-                "-fopenmp-simd",
-                "-fno-math-errno",
-                "-fno-trapping-math",
-                f"-DNORMKIT_CPU_NS={ns}",
-            ],
+            extra_cflags=[*_build.CFLAGS, f"-DNORMKIT_CPU_NS={ns}"],
             build_directory=str(d),
             is_python_module=False,
         )

@@ -33,6 +33,8 @@ __all__ = ["KernelBuildWarning", "build_dir", "is_built", "lib", "load", "load_e
 
 _SOURCE = Path(__file__).with_name("csrc") / "norm_cpu.cpp"
 _NAME = "normkit_cpu"
+# the kernels' compiler flags (benchmarks/ab_kernels.py builds its variants with the same)
+CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
 _LOCK = threading.Lock()
 _state: dict[str, object] = {"loaded": False, "error": None, "tried": False, "lib": None}
 _AUTOGRAD_SOURCE = Path(__file__).with_name("csrc") / "autograd.cpp"
@@ -120,13 +122,7 @@ def load(build: bool = True, verbose: bool = False) -> bool:
             path = cpp_extension.load(
                 name=_NAME,
                 sources=[str(_SOURCE)],
-                extra_cflags=[
-                    "-O3",
-                    "-march=native",
-                    "-fopenmp-simd",
-                    "-fno-math-errno",
-                    "-fno-trapping-math",
-                ],
+                extra_cflags=list(CFLAGS),
                 build_directory=str(d),
                 is_python_module=False,
                 verbose=verbose,

@@ -94,7 +94,8 @@ def batch_norm(
 
     Reference: https://arxiv.org/abs/1502.03167
     """
-    if mask is None and _fast.eligible(x):  # eager CPU with batch statistics: checks and kernel in C++
+    eager = mask is None and _fast.eligible(x)  # plain eager CPU: the fused kernels may run
+    if eager:  # with batch statistics: checks and kernel in C++
         fast = _fast.checked(
             "batch_norm",
             x,
@@ -157,8 +158,7 @@ def batch_norm(
         mask is None
         and m > 1
         and not (momentum is None and num_batches_tracked is None)  # the general path says why not
-        and not exporting()
-        and _fast.eligible(x)
+        and eager
     ):
         fast = _fast_batch_norm(
             x,

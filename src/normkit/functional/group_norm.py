@@ -53,10 +53,9 @@ def group_norm(
 
     Reference: https://arxiv.org/abs/1803.08494
     """
-    if mask is None and _fast.eligible(x):
-        y = _fast.checked(
-            "group_norm", x, num_groups, weight, bias, eps
-        )  # eager CPU: checks and kernel in C++
+    eager = mask is None and _fast.eligible(x)  # plain eager CPU: the fused kernels may run
+    if eager:  # checks and kernel in one C++ call
+        y = _fast.checked("group_norm", x, num_groups, weight, bias, eps)
         if y is not None:
             return y
     op = "group_norm"
@@ -77,7 +76,7 @@ def group_norm(
         )
     if mask is None and exporting():
         return torch.nn.functional.group_norm(x, G, weight, bias, eps)  # the standard op for exporters
-    if mask is None and x.dim() >= 3 and _fast.eligible(x):
+    if eager and x.dim() >= 3:
         y = _fast.group_norm(x, G, weight, bias, eps)  # eager CPU: one fused call each way
         if y is not None:
             return y

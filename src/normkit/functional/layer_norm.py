@@ -51,7 +51,8 @@ def layer_norm(
 
     Reference: https://arxiv.org/abs/1607.06450
     """
-    if mask is None and _fast.eligible(x):
+    eager = mask is None and _fast.eligible(x)  # plain eager CPU: the fused kernels may run
+    if eager:
         y = _fast.checked("layer_norm", x, normalized_shape, weight, bias, eps)  # checks and kernel in C++
         if y is not None:
             return y
@@ -69,7 +70,7 @@ def layer_norm(
     check_param(bias, x, shape, op, "bias")
     if mask is None and exporting():
         return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)  # the standard op for exporters
-    if mask is None and _fast.eligible(x):
+    if eager:
         fast = _fast.layer_norm_rows(x, k, weight, bias, eps)  # eager CPU: one fused call each way
         if fast is not None:
             return fast
@@ -110,7 +111,8 @@ def layer_norm_2d(
         >>> torch.allclose(layer_norm_2d(x, over="c"), ref, atol=1e-5)
         True
     """
-    if over == "c" and _fast.eligible(x):
+    eager = over == "c" and _fast.eligible(x)  # plain eager CPU: the fused kernels may run
+    if eager:
         y = _fast.checked("layer_norm_2d", x, weight, bias, eps)  # eager CPU: checks and kernel in C++
         if y is not None:
             return y
@@ -129,7 +131,7 @@ def layer_norm_2d(
         nd = x.dim()
         y = torch.nn.functional.layer_norm(x.permute(0, *range(2, nd), 1), (C,), weight, bias, eps)
         return y.permute(0, nd - 1, *range(1, nd - 1))
-    if _fast.eligible(x):
+    if eager:
         fast = _fast.layer_norm_c(x, weight, bias, eps)  # eager CPU: one fused call each way
         if fast is not None:
             return fast

@@ -1036,6 +1036,24 @@ struct ClLayout {
         blocks(batch ? std::max<int64_t>(1, std::min({nthreads, rows / ROWS, rows * C / GRAIN})) : 1) {}
 };
 
+// One sample's `per` sets of `group` channels each, from the per-column moments of `blocks` blocks of
+// rows (part[blk * C + c]): statistics stored (sets set0 ..), and per channel the coefficients of
+// y = (x - sh) * A + B.
+template <typename O>
+inline void sample_coefs(const Mom* part, int64_t blocks, int64_t C, int64_t group, int64_t per, int64_t set0,
+                         int64_t nsets, double eps, const O* w, const O* b, O* st, int32_t* ok, O* sh, O* A, O* B) {
+  for (int64_t k = 0; k < per; ++k) {
+    Mom mo;  // the set's columns, from every block
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      for (int64_t c = k * group; c < (k + 1) * group; ++c) mo.add(part[blk * C + c]);
+    auto s = finish_set<O>(mo, eps, st, nsets, set0 + k, ok);
+    for (int64_t c = k * group; c < (k + 1) * group; ++c) {
+      sh[c] = s.shift;
+      affine_coef<O>(s, w, b, c, A[c], B[c]);
+    }
+  }
+}
+
 // The statistics of the channels-last patterns (one pass, exact merges across blocks of rows), stored in
 // st, and per (sample, channel) the coefficients of y = (x - sh) * A + B (one sample for BATCH_CL).
 template <typename T, typename O>
@@ -1058,18 +1076,9 @@ void cl_coefs(const T* x, const O* w, const O* b, O* st, int32_t* ok, int64_t mo
   sh.assign(static_cast<size_t>(samples * C), O(0));
   A.assign(sh.size(), O(0));
   B.assign(sh.size(), O(0));
-  for (int64_t n = 0; n < samples; ++n) {
-    for (int64_t k = 0; k < per; ++k) {
-      Mom mo;  // the set's columns, from every block
-      for (int64_t blk = 0; blk < blocks; ++blk)
-        for (int64_t c = k * group; c < (k + 1) * group; ++c) mo.add(part[(n * blocks + blk) * C + c]);
-      auto s = finish_set<O>(mo, eps, st, nsets, n * per + k, ok);
-      for (int64_t c = k * group; c < (k + 1) * group; ++c) {
-        sh[n * C + c] = s.shift;
-        affine_coef<O>(s, w, b, c, A[n * C + c], B[n * C + c]);
-      }
-    }
-  }
+  for (int64_t n = 0; n < samples; ++n)
+    sample_coefs<O>(part.data() + n * blocks * C, blocks, C, group, per, n * per, nsets, eps, w, b, st, ok,
+                    sh.data() + n * C, A.data() + n * C, B.data() + n * C);
 }
 
 // ---- forward ---------------------------------------------------------------------------------
@@ -1104,15 +1113,7 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
       for (int64_t n = n0; n < n1; ++n) {
         const T* xs = x + n * S * C;
         cols_moments1<T, O>(xs, S, C, C, part.data(), shift, s1, s2);
-        for (int64_t k = 0; k < G; ++k) {
-          Mom mo;
-          for (int64_t c = k * group; c < (k + 1) * group; ++c) mo.add(part[c]);
-          auto sk = finish_set<O>(mo, eps, st, N * G, n * G + k, ok);
-          for (int64_t c = k * group; c < (k + 1) * group; ++c) {
-            sh[c] = sk.shift;
-            affine_coef<O>(sk, w, b, c, A[c], B[c]);
-          }
-        }
+        sample_coefs<O>(part.data(), 1, C, group, G, n * G, N * G, eps, w, b, st, ok, sh.data(), A.data(), B.data());
         if (!__atomic_load_n(ok, __ATOMIC_RELAXED)) return;  // the caller recomputes the whole call
         T* ys = y + n * S * C;
         for (int64_t r = 0; r < S; ++r) row_apply<T, O>(xs + r * C, ys + r * C, C, sh.data(), A.data(), B.data());

@@ -23,24 +23,24 @@ stage() { echo "== $1 (at ${SECONDS}s, $((SECONDS - t0))s in)"; }
 status=0
 
 stage "0. smoke"
-timeout 120 "$PY" benchmarks/gpu_smoke.py 2>&1 | tee "$OUT/smoke.log" || status=1
+timeout 90 "$PY" benchmarks/gpu_smoke.py 2>&1 | tee "$OUT/smoke.log" || status=1
 
 stage "1. tests"
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-NORMKIT_TEST_DEVICE=cuda timeout 170 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+NORMKIT_TEST_DEVICE=cuda timeout 150 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" \
   -W ignore::DeprecationWarning -o addopts="--import-mode=importlib" tests/kernels/test_triton.py > "$OUT/tests.log" 2>&1 || status=1
 tail -n 15 "$OUT/tests.log"
 
 stage "2. bench"
 for dt in bf16 fp32; do
-  timeout 115 "$PY" -m normkit.cli bench --device cuda --no-e2e --dtypes "$dt" --backends reference,triton \
+  timeout 110 "$PY" -m normkit.cli bench --device cuda --no-e2e --dtypes "$dt" --backends reference,triton \
     --repeats 2 --min-time 0.05 --quiet --json "$OUT/bench_$dt.json" --md "$OUT/bench_$dt.md" \
     > /dev/null 2> "$OUT/bench_$dt.err" || { status=1; tail -n 20 "$OUT/bench_$dt.err"; }
 done
 
 stage "3. compiled"
-timeout 130 "$PY" -m normkit.cli bench --device cuda --no-e2e --compile --backends triton --repeats 2 \
+timeout 100 "$PY" -m normkit.cli bench --device cuda --no-e2e --compile --backends triton --repeats 2 \
   --min-time 0.05 --quiet --ops group_norm,batch_norm,proxy --shapes 64x256x56x56 --dtypes bf16 \
   --json "$OUT/bench_compiled.json" --md "$OUT/bench_compiled.md" \
   > /dev/null 2> "$OUT/bench_compiled.err" || { status=1; tail -n 20 "$OUT/bench_compiled.err"; }

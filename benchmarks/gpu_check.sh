@@ -2,14 +2,15 @@
 # The GPU run of issue #13 as one prepared script (under 10 minutes on one GPU, each stage capped):
 #   0. versions, and every op once through the Triton kernels against torch on the GPU (smoke);
 #   1. the Triton kernels' tests (the same module as CI's interpreter run) compiled for the GPU;
-#   2. `normkit bench --device cuda`: torch native / cuDNN, normkit's Triton kernels and reference,
-#      on PERFORMANCE.md's and ResNet-50's shapes, both layouts, forward and forward + backward
-#      (one run per dtype, so that a stage cut short by its cap still leaves the other's table);
+#   2. `normkit bench --device cuda`'s measurement (benchmarks/gpu_bench.py, one op and shape at a
+#      time under a deadline): torch native / cuDNN, normkit's Triton kernels and reference, on
+#      PERFORMANCE.md's and ResNet-50's shapes, both layouts and dtypes, forward and forward + backward;
 #   3. torch.compile of the composite next to them, on the ResNet-50 stage-1 activation.
 #
 # Needs: a Python with a CUDA build of torch and triton (PY, default python3), run from a checkout
 # (src/ goes on PYTHONPATH; nothing is installed). Writes to $OUT (default ./gpu-out): smoke.log,
-# tests.log, bench_{bf16,fp32,compiled}.{md,json}.
+# tests.log, bench_cuda.{md,json} and bench_compiled.{md,json} (+ their rows as they landed, .jsonl).
+# The stages' caps (seconds): TESTS_S, BENCH_S, COMPILED_S; SMOKE=0 skips stage 0.
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,29 +23,27 @@ t0=$SECONDS
 stage() { echo "== $1 (at ${SECONDS}s, $((SECONDS - t0))s in)"; }
 status=0
 
-stage "0. smoke"
-timeout 90 "$PY" benchmarks/gpu_smoke.py 2>&1 | tee "$OUT/smoke.log" || status=1
+if [ "${SMOKE:-1}" = 1 ]; then
+  stage "0. smoke"
+  timeout 90 "$PY" benchmarks/gpu_smoke.py 2>&1 | tee "$OUT/smoke.log" || status=1
+fi
 
 stage "1. tests"
 xdist=()
-"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-NORMKIT_TEST_DEVICE=cuda timeout 150 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" \
-  -W ignore::DeprecationWarning -o addopts="--import-mode=importlib" tests/kernels/test_triton.py > "$OUT/tests.log" 2>&1 || status=1
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8 -p no:benchmark)
+NORMKIT_TEST_DEVICE=cuda timeout "${TESTS_S:-150}" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+  -W ignore::DeprecationWarning -o addopts="--import-mode=importlib" tests/kernels/test_triton.py \
+  > "$OUT/tests.log" 2>&1 || status=1
 tail -n 15 "$OUT/tests.log"
 
-stage "2. bench"
-for dt in bf16 fp32; do
-  timeout 110 "$PY" -m normkit.cli bench --device cuda --no-e2e --dtypes "$dt" --backends reference,triton \
-    --repeats 2 --min-time 0.05 --quiet --json "$OUT/bench_$dt.json" --md "$OUT/bench_$dt.md" \
-    > /dev/null 2> "$OUT/bench_$dt.err" || { status=1; tail -n 20 "$OUT/bench_$dt.err"; }
-done
+stage "2. bench"  # a row per case as it lands; no new case after the deadline
+timeout "${BENCH_S:-220}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --backends reference,triton \
+  --deadline "$(( ${BENCH_S:-220} - 30 ))" 2>&1 || status=1
 
 stage "3. compiled"
-timeout 100 "$PY" -m normkit.cli bench --device cuda --no-e2e --compile --backends triton --repeats 2 \
-  --min-time 0.05 --quiet --ops group_norm,batch_norm,proxy --shapes 64x256x56x56 --dtypes bf16 \
-  --json "$OUT/bench_compiled.json" --md "$OUT/bench_compiled.md" \
-  > /dev/null 2> "$OUT/bench_compiled.err" || { status=1; tail -n 20 "$OUT/bench_compiled.err"; }
+timeout "${COMPILED_S:-120}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --name bench_compiled --compile \
+  --ops group_norm,proxy,batch_norm --shapes 64x256x56x56 --dtypes bf16 \
+  --deadline "$(( ${COMPILED_S:-120} - 60 ))" 2>&1 || status=1
 
 stage "done, status $status"
-for f in "$OUT"/bench_*.md; do [ -f "$f" ] && { echo "### $f"; grep -v '^$' "$f" | head -n 80; }; done
 exit $status

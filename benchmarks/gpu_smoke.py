@@ -25,6 +25,10 @@ from normkit.kernels import triton as nkt
 F64 = torch.float64
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1, a local dry run
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # relative L2 error of outputs and gradients
+# GN + proxy activation in bf16: the parameter gradients are sums with cancellation over bf16-rounded
+# activations; normkit's reference path in bf16 is itself 3-5e-2 off float64 there (seen on (4,64,9,7)),
+# the Triton kernels 4-7e-2 (the H200 run of 2026-12-04)
+PN_BF16_GRAD_TOL = 1e-1
 
 
 def _ln_c(x, w, b):
@@ -113,7 +117,8 @@ def check(name: str, shape: tuple[int, ...], layout: str, dtype: torch.dtype) ->
     y64 = oracle(x64, w64, b64)
     g64 = torch.autograd.grad(y64, (x64, w64, b64), dy.to("cpu", F64))
     errs = [_rel(y, y64.detach()), *(_rel(g, r) for g, r in zip(grads, g64))]
-    ok = all(e <= TOL[dtype] for e in errs) and launches["forward"] >= 1 and launches["backward"] >= 1
+    tol = [TOL[dtype]] + [PN_BF16_GRAD_TOL if "proxy" in name and dtype == torch.bfloat16 else TOL[dtype]] * 3
+    ok = all(e <= t for e, t in zip(errs, tol)) and launches["forward"] >= 1 and launches["backward"] >= 1
     ok = ok and (layout != "cl" or y.is_contiguous(memory_format=torch.channels_last))
     print(
         f"{'ok  ' if ok else 'FAIL'} {name:18s} {str(shape):18s} {layout:4s} {str(dtype)[6:]:8s} "

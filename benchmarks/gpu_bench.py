@@ -24,7 +24,7 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=200.0, help="seconds after which no new case starts")
     p.add_argument("--ops", default="group_norm,proxy,batch_norm,layer_norm_2d,instance_norm,layer_norm over")
     p.add_argument("--shapes", default="")
-    p.add_argument("--backends", default="triton")
+    p.add_argument("--backends", default="auto,triton")
     p.add_argument("--dtypes", default="bf16,fp32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--min-time", type=float, default=0.02)

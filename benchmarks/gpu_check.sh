@@ -37,11 +37,11 @@ NORMKIT_TEST_DEVICE=cuda timeout "${TESTS_S:-150}" "$PY" -m pytest -q -p no:cach
 tail -n 15 "$OUT/tests.log"
 
 stage "2. bench"  # a row per case as it lands; no new case after the deadline
-timeout "${BENCH_S:-220}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --backends reference,triton \
+timeout "${BENCH_S:-220}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --backends auto,reference,triton \
   --deadline "$(( ${BENCH_S:-220} - 30 ))" 2>&1 || status=1
 
 stage "3. compiled"
-timeout "${COMPILED_S:-120}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --name bench_compiled --compile \
+timeout "${COMPILED_S:-120}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --name bench_compiled --compile --backends auto,triton \
   --ops group_norm,proxy,batch_norm --shapes 64x256x56x56 --dtypes bf16 \
   --deadline "$(( ${COMPILED_S:-120} - 60 ))" 2>&1 || status=1
 

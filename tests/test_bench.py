@@ -277,11 +277,14 @@ def test_cuda_device_is_refused_with_its_reason_where_there_is_none():
 
 
 def test_cuda_providers_leave_out_the_cpu_kernels(monkeypatch):
+    # on CUDA "auto" is a provider of its own (torch's op where normkit hands the call to it)
     from normkit import bench
 
     monkeypatch.setattr(kernels, "available", lambda: ["auto", "reference", "cpu", "native", "triton"])
-    assert bench._backends(BenchConfig(device="cuda")) == ["reference", "native", "triton"]
+    assert bench._backends(BenchConfig(device="cuda")) == ["auto", "reference", "native", "triton"]
     assert bench._backends(BenchConfig()) == ["reference", "cpu", "native", "triton"]
+    assert bench._selectable(BenchConfig(device="cuda"))[0] == ["auto", "reference", "native", "triton"]
+    assert "auto" not in bench._selectable(BenchConfig())[0]
 
 
 def _ab_module():

@@ -228,14 +228,20 @@ class BenchConfig:
     quiet: bool = False
 
 
-_CUDA_BACKENDS = ("reference", "native", "triton")  # the cpu backend's kernels take CPU tensors only
+# the cpu backend's kernels take CPU tensors only; on CUDA "auto" is a provider of its own (torch's op
+# where normkit hands the call to it, the Triton kernels elsewhere: normkit.kernels._direct)
+_CUDA_BACKENDS = ("auto", "reference", "native", "triton")
+
+
+def _selectable(cfg: BenchConfig) -> tuple[list[str], list[str]]:
+    """(known, available here) backends for ``--backends`` on ``cfg.device``."""
+    if cfg.device == "cuda":
+        return list(_CUDA_BACKENDS), [b for b in kernels.available() if b in _CUDA_BACKENDS]
+    return [b for b in kernels.BACKENDS if b != "auto"], [b for b in kernels.available() if b != "auto"]
 
 
 def _backends(cfg: BenchConfig) -> list[str]:
-    if cfg.backends is not None:
-        return cfg.backends
-    here = [b for b in kernels.available() if b != "auto"]
-    return [b for b in here if b in _CUDA_BACKENDS] if cfg.device == "cuda" else here
+    return cfg.backends if cfg.backends is not None else _selectable(cfg)[1]
 
 
 def peak_gbps(cfg: BenchConfig) -> float | None:
@@ -291,10 +297,7 @@ def check_config(cfg: BenchConfig) -> None:
         if not any(o.lower() in n.lower() for n in OPS):
             raise ValueError(f"--ops {o!r} matches no op; the ops are: {', '.join(OPS)}")
     if cfg.backends is not None:
-        known = [b for b in kernels.BACKENDS if b != "auto"]
-        here = [b for b in kernels.available() if b != "auto"]
-        if cfg.device == "cuda":
-            here = [b for b in here if b in _CUDA_BACKENDS]
+        known, here = _selectable(cfg)
         for b in cfg.backends:
             if b not in known:
                 raise ValueError(f"--backends: unknown backend {b!r}; expected one of {', '.join(known)}")

@@ -452,6 +452,35 @@ def test_fused_group_norm_proxy_matches_the_reference_layer(act, groups, layout,
     assert ran_fused == {"gn_proxy_forward": 2, "gn_proxy_backward": 2}, ran_fused
 
 
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_functional_group_norm_proxy_act_takes_the_fused_kernels(layout, ran_fused):
+    # F.group_norm_proxy_act on the Triton backend runs the layer's fused kernels too (the bench times it)
+    torch.manual_seed(26)
+    x = torch.randn(3, 4, 5, 6, dtype=F64)
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    w, b, pb, pw = (torch.randn(4, dtype=F64) * 0.3 + s for s in (1.0, 0.0, 0.0, 0.0))
+    dout = torch.randn(3, 4, 5, 6, dtype=F64)
+
+    def run(backend, dtype):
+        ins = [t.to(dtype).to(DEVICE).detach().requires_grad_() for t in (x, w, b, pb, pw)]
+        with kernels.use(backend):
+            y = F.group_norm_proxy_act(ins[0], 2, *ins[1:], activation="silu")
+            grads = torch.autograd.grad(y, ins, dout.to(dtype).to(DEVICE))
+        return y, grads
+
+    yr, gr = run("reference", F64)
+    for dtype, tol, gtol in ((F64, 1e-10, 1e-9), (torch.float32, 2e-5, 2e-4)):
+        yt, gt = run("triton", dtype)
+        assert yt.is_contiguous(
+            memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format
+        )
+        _close(yt.detach().cpu(), yr.detach(), tol)
+        for a, r in zip(gt, gr):
+            _close(a.cpu(), r, gtol)
+    assert ran_fused == {"gn_proxy_forward": 2, "gn_proxy_backward": 2}, ran_fused
+
+
 def test_fused_group_norm_proxy_double_backward_takes_the_composite():
     from normkit.nn import GroupNormProxyAct2d
 
@@ -463,3 +492,53 @@ def test_fused_group_norm_proxy_double_backward_takes_the_composite():
     with kernels.use("triton"):
         assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
         assert torch.autograd.gradgradcheck(lambda t: layer(t), (x,))
+
+
+@pytest.fixture
+def ran_stats(monkeypatch):
+    from normkit.kernels import triton as nkt
+
+    calls = {"n": 0}
+    real = nkt._ProxyStats.apply
+
+    def spy(*a):
+        calls["n"] += 1
+        return real(*a)
+
+    monkeypatch.setattr(nkt._ProxyStats, "apply", spy)
+    return calls
+
+
+# (the interpreter's numpy warns when fp32 sigmoid's exp overflows to inf, which gives the right 0 there;
+# compiled kernels do not warn: the points reach |a| ~ 16 here, so gelu_tanh's 2u does overflow)
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize(
+    "act", ["relu", "silu", "gelu", "gelu_tanh", "leaky_relu:0.2", "sigmoid", "tanh", "identity"]
+)
+def test_proxy_stats_kernel_matches_the_composite(act, ran_stats):
+    # Proxy Norm's (C, 200) quadrature in one kernel each way, against the composite in float64
+    torch.manual_seed(27)
+    ps = [torch.randn(7, dtype=F64) * 0.5 + s for s in (1.0, 0.0, 0.0, 0.0)]
+    dm, dr = torch.randn(7, dtype=F64), torch.randn(7, dtype=F64)
+
+    def run(backend, dtype):
+        ins = [p.to(dtype).to(DEVICE).requires_grad_() for p in ps]
+        with kernels.use(backend):
+            m, r = F.proxy_stats(*ins, act)
+        grads = torch.autograd.grad((m, r), ins, (dm.to(m.dtype).to(DEVICE), dr.to(m.dtype).to(DEVICE)))
+        return [t.detach().cpu() for t in (m, r, *grads)]
+
+    ref = run("reference", F64)
+    for dtype, tol in ((F64, 1e-12), (torch.float32, 2e-5)):
+        for got, want in zip(run("triton", dtype), ref):
+            _close(got, want, tol)
+    assert ran_stats["n"] == 2
+
+
+def test_proxy_stats_kernel_double_backward_takes_the_composite(ran_stats):
+    torch.manual_seed(28)
+    ps = [(torch.randn(3, dtype=F64, device=DEVICE) * 0.5 + s).requires_grad_() for s in (1.0, 0.0, 0.0, 0.0)]
+    with kernels.use("triton"):
+        assert torch.autograd.gradcheck(lambda *p: F.proxy_stats(*p, "silu"), ps)
+        assert torch.autograd.gradgradcheck(lambda *p: F.proxy_stats(*p, "silu"), ps)
+    assert ran_stats["n"] > 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from .._errors import NormError
-from ..kernels import _fast
+from ..kernels import _direct, _fast
 from ..ops.library import exporting
 from ._autograd import norm_count
 from ._checks import check_eps, check_input, check_momentum, check_param
@@ -158,7 +160,7 @@ def batch_norm(
         mask is None
         and m > 1
         and not (momentum is None and num_batches_tracked is None)  # the general path says why not
-        and eager
+        and (eager or _direct.route(x))
     ):
         fast = _fast_batch_norm(
             x,
@@ -171,6 +173,7 @@ def batch_norm(
             eps,
             num_batches_tracked,
             unbiased_running_var,
+            _fast.batch_norm_train if eager else _direct.batch_norm_train,  # CPU kernels, or torch on a GPU
         )
         if fast is not None:
             return fast
@@ -205,16 +208,18 @@ def _fast_batch_norm(
     eps: float,
     num_batches_tracked: Tensor | None,
     unbiased: bool,
+    train_step: Callable[..., Tensor | None],
 ) -> NormOutput | None:
-    """The eager CPU fast path (one fused call each way), or ``None`` for the general path.
+    """A fast path (``train_step``: the eager CPU kernels' one fused call each way, or torch's own
+    op on a GPU), or ``None`` for the general path.
 
-    The kernel updates running statistics in place; this function's contract returns new ones, so
-    it updates copies (C values each).
+    ``train_step`` updates running statistics in place; this function's contract returns new ones,
+    so it updates copies (C values each).
     """
     if training and running_mean is not None and running_var is not None:
         rm, rv = running_mean.clone(), running_var.clone()
         nbt = None if num_batches_tracked is None else num_batches_tracked.clone()
-        y = _fast.batch_norm_train(x, weight, bias, rm, rv, nbt, momentum, eps, unbiased)
+        y = train_step(x, weight, bias, rm, rv, nbt, momentum, eps, unbiased)
         return None if y is None else NormOutput(y, rm, rv, nbt)
-    y = _fast.batch_norm_train(x, weight, bias, None, None, None, momentum, eps, unbiased)
+    y = train_step(x, weight, bias, None, None, None, momentum, eps, unbiased)
     return None if y is None else NormOutput(y, running_mean, running_var, num_batches_tracked)

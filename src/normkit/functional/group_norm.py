@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .._errors import NormError
-from ..kernels import _fast
+from ..kernels import _direct, _fast
 from ..ops.library import exporting
 from ._autograd import norm_output
 from ._checks import check_eps, check_groups, check_input, check_param
@@ -76,6 +76,10 @@ def group_norm(
         )
     if mask is None and exporting():
         return torch.nn.functional.group_norm(x, G, weight, bias, eps)  # the standard op for exporters
+    if mask is None and not eager:
+        y = _direct.group_norm(x, G, weight, bias, eps)  # on a GPU: torch's own kernel, one call
+        if y is not None:
+            return y
     if eager and x.dim() >= 3:
         y = _fast.group_norm(x, G, weight, bias, eps)  # eager CPU: one fused call each way
         if y is not None:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .._errors import NormError
-from ..kernels import _fast
+from ..kernels import _direct, _fast
 from ..ops.library import exporting
 from ._autograd import norm_count
 from ._checks import check_eps, check_input, check_momentum, check_param
@@ -120,8 +120,11 @@ def instance_norm(
         # The standard op, so exporters record instance_norm itself.
         y = torch.nn.functional.instance_norm(x, None, None, weight, bias, use_input_stats=True, eps=eps)
         return NormOutput(y, running_mean, running_var, num_batches_tracked)
-    if mask is None and running_mean is None and _fast.eligible(x):
-        fast = _fast.group_norm(x, C, weight, bias, eps)  # eager CPU: one fused call each way
+    if mask is None and running_mean is None:
+        if _fast.eligible(x):
+            fast = _fast.group_norm(x, C, weight, bias, eps)  # eager CPU: one fused call each way
+        else:
+            fast = _direct.group_norm(x, C, weight, bias, eps)  # on a GPU: torch's own kernel, one call
         if fast is not None:
             return NormOutput(fast, running_mean, running_var, num_batches_tracked)
     w, b = channel_view(weight, x.dim()), channel_view(bias, x.dim())

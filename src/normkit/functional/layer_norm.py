@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._errors import NormError
-from ..kernels import _fast
+from ..kernels import _direct, _fast
 from ..ops.library import exporting
 from ._autograd import norm_output
 from ._checks import check_eps, check_input, check_param
@@ -70,6 +70,10 @@ def layer_norm(
     check_param(bias, x, shape, op, "bias")
     if mask is None and exporting():
         return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)  # the standard op for exporters
+    if mask is None and not eager:
+        y = _direct.layer_norm(x, shape, weight, bias, eps)  # on a GPU: torch's own kernel, one call
+        if y is not None:
+            return y
     if eager:
         fast = _fast.layer_norm_rows(x, k, weight, bias, eps)  # eager CPU: one fused call each way
         if fast is not None:
@@ -131,6 +135,10 @@ def layer_norm_2d(
         nd = x.dim()
         y = torch.nn.functional.layer_norm(x.permute(0, *range(2, nd), 1), (C,), weight, bias, eps)
         return y.permute(0, nd - 1, *range(1, nd - 1))
+    if not eager:
+        y = _direct.layer_norm_2d(x, weight, bias, eps)  # on a GPU: torch's LayerNorm, one call
+        if y is not None:
+            return y
     if eager:
         fast = _fast.layer_norm_c(x, weight, bias, eps)  # eager CPU: one fused call each way
         if fast is not None:

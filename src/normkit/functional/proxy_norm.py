@@ -43,6 +43,21 @@ def proxy_points(num_points: int = 200, *, dtype: torch.dtype = torch.float32, d
     return u.to(dtype=dtype, device=device)
 
 
+_POINTS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _points(num_points: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:func:`proxy_points`, computed once per (count, dtype, device) for the ops' internal use (never
+    handed to a caller): on a GPU each fresh set is a host computation and a host-to-device copy."""
+    key = (check_positive_int(num_points, "proxy_points", "num_points"), dtype, device)
+    u = _POINTS.get(key)
+    if u is None:
+        if len(_POINTS) > 32:
+            _POINTS.clear()
+        u = _POINTS[key] = proxy_points(num_points, dtype=dtype, device=device)
+    return u
+
+
 def proxy_stats(
     weight: Tensor,
     bias: Tensor,
@@ -66,13 +81,35 @@ def proxy_stats(
         (0.398451, 1.648373)
     """
     dtype = acc_dtype(weight.dtype)
-    u = points if points is not None else proxy_points(num_points, dtype=dtype, device=weight.device)
+    u = points if points is not None else _points(num_points, dtype, weight.device)
     if weight.device.type == "cpu":  # eager CPU: one fused C++ call each way (None where it does not apply)
         from ..kernels import _fast
 
         fast = _fast.proxy_stats(weight, bias, proxy_bias, proxy_weight, u, activation, eps)
         if fast is not None:
             return fast
+    from ..kernels import triton_ready
+
+    if triton_ready(weight):  # a GPU: one Triton kernel each way instead of ~15 small ops
+        from ..kernels import triton as _triton
+
+        fast = _triton.proxy_stats(weight, bias, proxy_bias, proxy_weight, u, activation, eps)
+        if fast is not None:
+            return fast
+    return _proxy_stats_composite(weight, bias, proxy_bias, proxy_weight, u, activation, eps)
+
+
+def _proxy_stats_composite(
+    weight: Tensor,
+    bias: Tensor,
+    proxy_bias: Tensor,
+    proxy_weight: Tensor,
+    u: Tensor,
+    activation: ActivationLike,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`proxy_stats` as plain ops (what autograd, torch.compile and the exporters see)."""
+    dtype = acc_dtype(weight.dtype)
     u = u.to(dtype)
     y_tilde = (1.0 + proxy_weight.to(dtype))[:, None] * u[None, :] + proxy_bias.to(dtype)[:, None]  # (C, n)
     zp = get_activation(activation)(weight.to(dtype)[:, None] * y_tilde + bias.to(dtype)[:, None])
@@ -152,8 +189,8 @@ def proxy_norm_act(
         if p is None:
             raise TypeError(f"{op}: {name} is required (a (C,) tensor), got None")
         check_param(p, y, (C,), op, name)
-    act = get_activation(activation)
-    m, rstd = proxy_stats(weight, bias, proxy_bias, proxy_weight, act, eps, num_points, points)
+    act = get_activation(activation)  # (checks it)
+    m, rstd = proxy_stats(weight, bias, proxy_bias, proxy_weight, activation, eps, num_points, points)
     spec = activation_spec(activation)
     if memory_efficient and spec is not None and not exporting():
         return proxy_act(y, weight, bias, m, rstd, spec[0], spec[1])
@@ -219,14 +256,19 @@ def group_norm_proxy_act(
         if p is None:
             raise TypeError(f"{op}: {name} is required (a (C,) tensor), got None")
         check_param(p, x, (C,), op, name)
-    if x.device.type == "cpu" and x.dim() >= 3:
-        from ..kernels import _fast
+    if x.dim() >= 3:
+        from ..kernels import _fast, triton_ready
 
-        if _fast.eligible(x):
-            u = points if points is not None else proxy_points(num_points, dtype=torch.float64)
-            out = _fast.gn_proxy_act(
-                x, groups, eps, weight, bias, proxy_bias, proxy_weight, u, activation, proxy_eps
-            )
+        fused = None
+        if _fast.eligible(x):  # eager CPU: one fused C++ pass each way
+            fused = _fast.gn_proxy_act
+        elif triton_ready(x):  # a GPU (or Triton's interpreter): GN and the step in one kernel each way
+            from ..kernels import triton as _triton
+
+            fused = _triton.gn_proxy_act
+        if fused is not None:
+            u = points if points is not None else _points(num_points, torch.float64, x.device)
+            out = fused(x, groups, eps, weight, bias, proxy_bias, proxy_weight, u, activation, proxy_eps)
             if out is not None:
                 return out
     from .group_norm import group_norm

@@ -437,7 +437,12 @@ def status() -> str:
     lines.append(f"Triton kernels: {tri}")
     lines.append(
         "  every norm pattern above (a split reduction where sets are too few to fill the GPU), "
-        "Proxy Norm's activation step, GroupNormProxyAct2d fused in one kernel each way"
+        "Proxy Norm's statistics and activation step, GroupNormProxyAct2d fused in one kernel each way"
+    )
+    lines.append(
+        "  on CUDA with auto / native, plain eager GroupNorm, InstanceNorm (no running statistics), "
+        "LayerNorm, LayerNorm2d and BatchNorm training steps call torch's own op (faster there, "
+        "PERFORMANCE.md §5); the Triton kernels run the rest"
     )
     lines.append(
         "  any norm with a mask or under torch.func: reference; "

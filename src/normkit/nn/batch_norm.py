@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .._errors import NormError
 from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional.batch_norm import batch_norm as _batch_norm
-from ..kernels import _fast
+from ..kernels import _direct, _fast
 from ._base import _StatsMixin, check_channels, fx_leaf, store_stats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -142,6 +142,28 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
                 self.momentum,
                 self.eps,
                 self.unbiased_running_var,
+            )
+            if y is not None:
+                return y
+        elif (
+            mask is None
+            and (self.training or not tracking)
+            and _direct.route(x)
+            and x.dim() in self._dims
+            and x.shape[1] == self.num_features
+        ):
+            train = tracking and self.training  # on a GPU: torch's own kernel, buffers guarded
+            y = _direct.batch_norm_train(
+                x,
+                self.weight,
+                self.bias,
+                self.running_mean if train else None,
+                self.running_var if train else None,
+                self.num_batches_tracked if train else None,
+                self.momentum,
+                self.eps,
+                self.unbiased_running_var,
+                self.num_skipped_updates if train else None,
             )
             if y is not None:
                 return y

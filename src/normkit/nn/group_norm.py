@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..functional._checks import check_eps, check_groups, check_positive_int
 from ..functional.group_norm import group_norm as _group_norm
-from ..kernels import _fast
+from ..kernels import _direct, _fast
 from ._base import check_channels, fx_leaf
 
 __all__ = ["GroupNorm"]
@@ -95,6 +95,12 @@ class GroupNorm(nn.GroupNorm):
             y = _fast.checked("group_norm", x, self.num_groups, self.weight, self.bias, self.eps)
             if y is None:
                 y = _fast.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            if y is not None:
+                return y
+        elif (
+            mask is None and _direct.route(x) and x.dim() >= 2 and x.shape[1] == self.num_channels
+        ):  # on a GPU: torch's own
+            y = _direct.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
             if y is not None:
                 return y
         leaf = fx_leaf(self, x, mask, root_traceable=True)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .._errors import NormError
 from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional.instance_norm import instance_norm as _instance_norm
-from ..kernels import _fast
+from ..kernels import _direct, _fast
 from ._base import _StatsMixin, fx_leaf, store_stats
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
@@ -147,6 +147,16 @@ class _InstanceNorm(_StatsMixin, nn.modules.instancenorm._InstanceNorm):
             and x.shape[1] == self.num_features
         ):
             y = _fast.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+            if y is not None:
+                return y
+        elif (
+            mask is None
+            and not tracking
+            and _direct.route(x)
+            and x.dim() == self._ndim
+            and x.shape[1] == self.num_features
+        ):
+            y = _direct.group_norm(x, self.num_features, self.weight, self.bias, self.eps)  # GPU: torch's
             if y is not None:
                 return y
         leaf = fx_leaf(self, x, mask, root_traceable=True)

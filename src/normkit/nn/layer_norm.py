@@ -12,7 +12,7 @@ from .._errors import NormError
 from ..functional._checks import check_eps, check_positive_int
 from ..functional.layer_norm import layer_norm as _layer_norm
 from ..functional.layer_norm import layer_norm_2d as _layer_norm_2d
-from ..kernels import _fast
+from ..kernels import _direct, _fast
 from ._base import check_channels, fx_leaf
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
@@ -103,6 +103,10 @@ class LayerNorm(nn.LayerNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        if mask is None:  # on a GPU: torch's own kernel, one call
+            y = _direct.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            if y is not None:
+                return y
         leaf = fx_leaf(self, x, mask, root_traceable=True)
         if leaf is not None:
             return leaf
@@ -187,6 +191,13 @@ class LayerNorm2d(nn.LayerNorm):
                 y = _fast.group_norm(x, 1, self.weight, self.bias, self.eps)
             else:
                 y = _fast.layer_norm_c(x, self.weight, self.bias, self.eps)
+            if y is not None:
+                return y
+        elif _direct.route(x) and x.dim() >= 3 and x.shape[1] == self.num_channels:  # a GPU: torch's op
+            if self.over == "chw":
+                y = _direct.group_norm(x, 1, self.weight, self.bias, self.eps)
+            else:
+                y = _direct.layer_norm_2d(x, self.weight, self.bias, self.eps)
             if y is not None:
                 return y
         leaf = fx_leaf(self, x, root_traceable=True)

@@ -76,6 +76,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints. (Triton's own ``triton.cdiv`` and ``triton.next_power_of_2`` are
+    constexpr functions, about 3 us a call from the host: a launch's set-up made 20 of them.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (``n`` itself for 0 and 1), as ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length() if n > 1 else n
+
+
 def _kern() -> Any:
     """The kernels module, untyped: Triton's ``kernel[grid](...)`` launch is not a call a static
     checker can match to the kernel's ``tl.constexpr`` signature."""
@@ -101,7 +112,6 @@ def _walk(p: Plan) -> tuple[int, tuple[int, ...]]:
 
 def _blocks(NC: int, M: int) -> tuple[int, int]:
     """Tile of a set's ``(NC, M)`` matrix: up to 256 positions by as many channels as fit 1024 values."""
-    from triton import next_power_of_2
 
     BM = min(next_power_of_2(M), 256)
     BC = max(1, min(next_power_of_2(NC), 1024 // BM))
@@ -132,20 +142,18 @@ def _chunking(
     """``(nchunks, CH, split_c, BC, BM)``: each set cut into ``nchunks`` runs of ``CH`` positions, or
     of ``CH`` channels (``split_c``: where a set has more channels than positions), ``CH`` a multiple
     of the tile along that axis (which shrinks to a forced chunk)."""
-    import triton
-
     split_c = NC > M
     along, tile = (NC, BC) if split_c else (M, BM)
     if _FORCE_CHUNK is not None:
-        tile = min(tile, triton.next_power_of_2(_FORCE_CHUNK))
-        ch = triton.cdiv(_FORCE_CHUNK, tile) * tile
+        tile = min(tile, next_power_of_2(_FORCE_CHUNK))
+        ch = cdiv(_FORCE_CHUNK, tile) * tile
     else:
         want = _programs(device)
         if nsets >= want or NC * M < 2 * _MIN_CHUNK:
             return 1, along, split_c, BC, BM
-        per = max(1, min(triton.cdiv(want, nsets), (NC * M) // _MIN_CHUNK, 1024))
-        ch = triton.cdiv(triton.cdiv(along, per), tile) * tile
-    return triton.cdiv(along, ch), ch, split_c, (tile if split_c else BC), (BM if split_c else tile)
+        per = max(1, min(cdiv(want, nsets), (NC * M) // _MIN_CHUNK, 1024))
+        ch = cdiv(cdiv(along, per), tile) * tile
+    return cdiv(along, ch), ch, split_c, (tile if split_c else BC), (BM if split_c else tile)
 
 
 def _tiling(x: Tensor, p: Plan) -> tuple[int, tuple[int, ...], int, int, bool, int, int]:
@@ -170,7 +178,6 @@ def forward(
         >>> p = normkit.kernels.plan(x, (2, 3), None, None)  # doctest: +SKIP
         >>> y, stats = forward(x, None, None, p, 1e-5, [2, 4, 1, 1])  # doctest: +SKIP
     """
-    from triton import next_power_of_2
 
     _kernels = _kern()
 
@@ -249,7 +256,6 @@ def backward(
     Example:
         >>> dx, dw, db = backward(torch.randn_like(x), x, None, stats, p, True, False)  # doctest: +SKIP
     """
-    from triton import next_power_of_2
 
     _kernels = _kern()
 
@@ -344,7 +350,6 @@ _ACTS = ("relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh", "
 def _ce_walk(y: Tensor) -> tuple[int, int, int, int, int, int, int, int] | None:
     """``(C, E, E2, s_c, s_e1, s_e2, BCC, BE)`` of ``y`` as a (channel, element) matrix, or ``None``
     when ``y`` is neither contiguous nor channels-last."""
-    from triton import next_power_of_2
 
     N, C = y.shape[0], y.shape[1]
     S = y[0, 0].numel() if y.dim() > 2 else 1
@@ -362,16 +367,14 @@ def _ce_walk(y: Tensor) -> tuple[int, int, int, int, int, int, int, int] | None:
 
 def _ce_chunks(C: int, E: int, BCC: int, BE: int, device: torch.device) -> tuple[int, int, int]:
     """``(nchunks, CH, BE)`` along the elements: enough programs to fill the device."""
-    import triton
-
     if _FORCE_CHUNK is not None:
-        be = min(BE, triton.next_power_of_2(_FORCE_CHUNK))
-        ch = triton.cdiv(_FORCE_CHUNK, be) * be
-        return triton.cdiv(E, ch), ch, be
-    blocks = triton.cdiv(C, BCC)
-    per = max(1, min(triton.cdiv(_programs(device), blocks), (E * BCC) // _MIN_CHUNK, 1024))
-    ch = triton.cdiv(triton.cdiv(E, per), BE) * BE
-    return triton.cdiv(E, ch), ch, BE
+        be = min(BE, next_power_of_2(_FORCE_CHUNK))
+        ch = cdiv(_FORCE_CHUNK, be) * be
+        return cdiv(E, ch), ch, be
+    blocks = cdiv(C, BCC)
+    per = max(1, min(cdiv(_programs(device), blocks), (E * BCC) // _MIN_CHUNK, 1024))
+    ch = cdiv(cdiv(E, per), BE) * BE
+    return cdiv(E, ch), ch, BE
 
 
 def proxy_act_forward(
@@ -389,7 +392,6 @@ def proxy_act_forward(
     walk = _ce_walk(y) if act in _ACTS else None
     if walk is None:
         return None
-    from triton import cdiv
 
     _kernels = _kern()
 
@@ -438,7 +440,6 @@ def proxy_act_backward(
     walk = _ce_walk(y) if act in _ACTS and dout.stride() == y.stride() and dout.dtype == y.dtype else None
     if walk is None:
         return None
-    from triton import cdiv
 
     _kernels = _kern()
 
@@ -477,6 +478,105 @@ def proxy_act_backward(
         -(sums[2] * rstd.to(acc)) if needs[3] else None,
         sums[3].clone() if needs[4] else None,
     )
+
+
+# --- Proxy Norm's statistics: the (C, n) quadrature in one kernel each way -------------------------
+
+#: the quadrature points one program holds in a tile (num_points is 200 by default)
+PROXY_MAX_POINTS = 4096
+
+
+class _ProxyStats(torch.autograd.Function):
+    """``(m, rstd)`` of :func:`normkit.functional.proxy_stats` in one kernel each way (the composite
+    is about 15 small ops forward and 25 backward, each a kernel launch and host time on a GPU)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, act: str, slope: float, eps: float
+    ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        acc, tacc = _acc(w)
+        vec = [t.detach().to(acc).contiguous() for t in (w, b, pb, pw, u)]
+        sl = torch.full((1,), float(slope), dtype=acc, device=w.device)
+        C, n = w.shape[0], u.shape[0]
+        BN = next_power_of_2(n)
+        BCC = max(1, min(next_power_of_2(C), 2048 // BN))
+        m = torch.empty(C, dtype=acc, device=w.device)
+        r = torch.empty_like(m)
+        _kern().proxy_stats_fwd_kernel[(cdiv(C, BCC),)](
+            *vec, sl, m, r, C, n, float(eps), ACT=_ACTS.index(act), ACC=tacc, BCC=BCC, BN=BN
+        )
+        ctx.save_for_backward(w, b, pb, pw, u, m, r, *vec, sl)
+        ctx.act, ctx.slope, ctx.eps, ctx.tiles = act, slope, eps, (BCC, BN, tacc)
+        return m, r
+
+    @staticmethod
+    def backward(ctx: Any, dm: Tensor | None, dr: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
+        w0, b0, pb0, pw0, u0, m, r, *vec, sl = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite of plain ops
+            from ...functional.proxy_norm import _proxy_stats_composite
+
+            with torch.enable_grad():
+                w1, b1, pb1, pw1 = ins = [
+                    t if t.requires_grad else t.detach().requires_grad_() for t in (w0, b0, pb0, pw0)
+                ]
+                act: Any = ctx.act if ctx.act != "leaky_relu" else f"leaky_relu:{ctx.slope}"
+                outs = _proxy_stats_composite(w1, b1, pb1, pw1, u0, act, ctx.eps)
+                pairs = [(o, g) for o, g in zip(outs, (dm, dr)) if g is not None]
+                grads = torch.autograd.grad(
+                    [o for o, _ in pairs], ins, [g for _, g in pairs], create_graph=True, allow_unused=True
+                )
+            return (*grads, None, None, None, None)
+        C, n = m.shape[0], u0.shape[0]
+        dm = torch.zeros_like(m) if dm is None else dm.to(m.dtype).contiguous()
+        dr = torch.zeros_like(m) if dr is None else dr.to(m.dtype).contiguous()
+        g = torch.empty((4, C), dtype=m.dtype, device=m.device)
+        BCC, BN, tacc = ctx.tiles
+        _kern().proxy_stats_bwd_kernel[(cdiv(C, BCC),)](
+            *vec, sl, m, r, dm, dr, g, C, n, ACT=_ACTS.index(ctx.act), ACC=tacc, BCC=BCC, BN=BN
+        )
+        return (
+            g[0].to(w0.dtype),
+            g[1].to(b0.dtype),
+            g[2].to(pb0.dtype),
+            g[3].to(pw0.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def proxy_stats(
+    weight: Tensor,
+    bias: Tensor,
+    proxy_bias: Tensor,
+    proxy_weight: Tensor,
+    points: Tensor,
+    activation: Any,
+    eps: float,
+) -> tuple[Tensor, Tensor] | None:
+    """``(m, rstd)`` of :func:`normkit.functional.proxy_stats` in one Triton kernel each way, or ``None``
+    where it does not apply (an activation outside the kernels' list, more than
+    :data:`PROXY_MAX_POINTS` points, tensors on different devices): the caller runs the composite.
+
+    Example:
+        >>> m, rstd = proxy_stats(w, b, pb, pw, points, "relu", 0.03)  # doctest: +SKIP
+    """
+    from ...functional.activations import activation_spec
+
+    spec = activation_spec(activation)
+    if (
+        spec is None
+        or spec[0] not in _ACTS
+        or points.dim() != 1
+        or not 0 < points.shape[0] <= PROXY_MAX_POINTS
+    ):
+        return None
+    if any(t.device != weight.device for t in (bias, proxy_bias, proxy_weight, points)):
+        return None
+    return _ProxyStats.apply(
+        weight, bias, proxy_bias, proxy_weight, points, spec[0], float(spec[1]), float(eps)
+    )  # type: ignore[no-any-return]
 
 
 # --- GroupNorm + Proxy Norm's step in one kernel each way ----------------------------------------

@@ -721,3 +721,59 @@ def proxy_act_bwd_kernel(
     tl.store(P + C * nchunks + row, tl.sum(s_b, axis=1), mask=cm)
     tl.store(P + 2 * C * nchunks + row, tl.sum(s_g, axis=1), mask=cm)
     tl.store(P + 3 * C * nchunks + row, tl.sum(s_r, axis=1), mask=cm)
+
+
+# Proxy Norm's statistics (normkit.functional.proxy_stats): per channel c, over the n quadrature points u,
+# a = w * ((1 + pw) * u + pb) + b, z = act(a), m = mean(z), v = mean((z - m)^2), rstd = 1 / sqrt(v + eps).
+# One program per block of channels, all n points in one tile (n <= 4096: the launcher checks).
+
+
+@triton.jit
+def _proxy_points(W, B, PB, PW, U, c0, C, n, ACC: tl.constexpr, BCC: tl.constexpr, BN: tl.constexpr):
+    ci = c0 + tl.arange(0, BCC)
+    cm = ci < C
+    ni = tl.arange(0, BN)
+    valid = cm[:, None] & (ni < n)[None, :]
+    w = tl.load(W + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    b = tl.load(B + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    pb = tl.load(PB + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    pw = tl.load(PW + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    u = tl.load(U + ni, mask=ni < n, other=0.0).to(ACC)[None, :]
+    yt = (1.0 + pw) * u + pb
+    return ci, cm, valid, w, u, yt, w * yt + b
+
+
+@triton.jit
+def proxy_stats_fwd_kernel(
+    W, B, PB, PW, U, SL, MU, R, C, n, eps,
+    ACT: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    slope = tl.load(SL).to(ACC)
+    ci, cm, valid, w, u, yt, a = _proxy_points(W, B, PB, PW, U, tl.program_id(0) * BCC, C, n, ACC, BCC, BN)
+    z = _act_fwd(a, slope, ACT)
+    m = tl.sum(tl.where(valid, z, 0.0), axis=1) / n
+    d = tl.where(valid, z - m[:, None], 0.0)
+    v = tl.sum(d * d, axis=1) / n
+    tl.store(MU + ci, m, mask=cm)
+    tl.store(R + ci, 1.0 / tl.sqrt(v + eps), mask=cm)
+
+
+@triton.jit
+def proxy_stats_bwd_kernel(
+    W, B, PB, PW, U, SL, MU, R, DM, DR, G, C, n,
+    ACT: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    # dL/dz_k = (dm - dr * rstd^3 * (z_k - m)) / n (v's dependence on m vanishes: sum (z - m) = 0);
+    # G's four rows: dweight, dbias, dproxy_bias, dproxy_weight
+    slope = tl.load(SL).to(ACC)
+    ci, cm, valid, w, u, yt, a = _proxy_points(W, B, PB, PW, U, tl.program_id(0) * BCC, C, n, ACC, BCC, BN)
+    z = _act_fwd(a, slope, ACT)
+    m = tl.load(MU + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    r = tl.load(R + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    dm = tl.load(DM + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    dr = tl.load(DR + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    da = tl.where(valid, (dm - dr * r * r * r * (z - m)) / n * _act_grad(a, z, slope, ACT), 0.0)
+    tl.store(G + ci, tl.sum(da * yt, axis=1), mask=cm)
+    tl.store(G + C + ci, tl.sum(da, axis=1), mask=cm)
+    tl.store(G + 2 * C + ci, tl.sum(da * w, axis=1), mask=cm)
+    tl.store(G + 3 * C + ci, tl.sum(da * w * u, axis=1), mask=cm)

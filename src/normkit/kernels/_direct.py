@@ -1,0 +1,212 @@
+"""Plain eager calls handed straight to torch's own op, on the devices where that is the fast path.
+
+On a GPU, a norm that torch computes the same way (GroupNorm and LayerNorm on a contiguous input,
+LayerNorm2d, BatchNorm's training step) runs fastest as the one torch call: torch's CUDA / cuDNN
+kernels beat normkit's Triton kernels on these patterns (docs/PERFORMANCE.md §5, measured on an
+H200), and one call costs the least host time, which is most of a small norm's time on a GPU.
+So on :data:`DEVICES` (CUDA), with the ``"auto"`` or ``"native"`` backend, in plain eager mode, the
+functional ops and the layers call :mod:`torch.nn.functional` directly, after their own argument
+checks (so errors stay normkit's typed errors), and keep normkit's contract:
+
+* the output keeps the input's layout (channels-last in, channels-last out);
+* BatchNorm's running statistics follow normkit's rule (momentum or the cumulative average, the
+  unbiased or biased variance; a batch whose statistics are not finite leaves every buffer
+  unchanged and counts a skipped update, with no device sync); the functional op returns new ones
+  and never writes the ones passed in, the layers update their buffers in place;
+* the one-value-per-set cases, masks, dtype mixes torch does not take, and anything under
+  ``torch.compile``, export, tracing or ``torch.func`` return ``None`` here and run normkit's
+  general path (which raises its typed errors);
+* LayerNorm2d on an NCHW input: the input's gradient comes back channels-last (values equal), as
+  from timm's ``LayerNorm2d`` (permute, ``F.layer_norm``, permute back).
+
+Every function returns ``None`` where it does not apply. Channels-last GroupNorm / InstanceNorm,
+LayerNorm over (C, H, W) on few samples, Proxy Norm and the fused GN + activation stay on normkit's
+kernels (torch has no layout-keeping or fused equivalent, or is slower there).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as TF
+import torch.utils._python_dispatch  # the attribute below is a submodule: import it explicitly
+from torch import Tensor
+
+__all__ = ["DEVICES", "batch_norm_train", "group_norm", "layer_norm", "layer_norm_2d", "route"]
+
+#: Device types whose plain eager calls go straight to torch (tests add ``"cpu"`` to check the path).
+DEVICES: set[str] = {"cuda"}
+#: GroupNorm and LayerNorm go to torch from this many sets (groups of all samples, rows): torch's
+#: kernels give each set one block of threads, so with fewer (LN or GN(1) over (C, H, W) of a few
+#: samples) most of a GPU idles and normkit's split kernels win (PERFORMANCE.md §5: LN over (C,H,W)
+#: of 64 samples, torch 1.5 ms, normkit 0.3 ms).
+MIN_SETS = 128
+_HALF = (torch.float16, torch.bfloat16)
+
+_is_compiling = torch.compiler.is_compiling
+_is_exporting = torch.compiler.is_exporting
+_functorch_active = torch._C._are_functorch_transforms_active
+_dispatch_mode = torch.utils._python_dispatch._get_current_dispatch_mode
+_tracing_state = torch._C._get_tracing_state
+_fwad = torch.autograd.forward_ad
+_backend: list = []  # normkit.kernels.current, bound on first use
+
+
+def route(x: Tensor) -> bool:
+    """Whether a call on ``x`` may go straight to torch: a plain tensor on one of :data:`DEVICES`,
+    the ``"auto"`` or ``"native"`` backend, plain eager mode.
+
+    Example:
+        >>> route(torch.randn(2, 3))  # a CPU tensor: normkit's own CPU kernels are the fast path
+        False
+    """
+    if type(x) is not Tensor or x.device.type not in DEVICES:  # first: a CPU call pays these checks
+        return False
+    if not _backend:
+        from . import current
+
+        _backend.append(current)
+    return (
+        x.numel() > 0
+        and not _is_compiling()
+        and _backend[0]() in ("auto", "native")
+        and not _functorch_active()
+        and _fwad._current_level < 0
+        and _dispatch_mode() is None
+        and _tracing_state() is None
+        and not _is_exporting()
+    )
+
+
+def _same(x: Tensor, *params: Tensor | None) -> bool:
+    """Every given parameter in ``x``'s dtype, on its device."""
+    return all(p is None or (p.dtype == x.dtype and p.device == x.device) for p in params)
+
+
+def _spatial(x: Tensor) -> int:
+    return math.prod(x.shape[2:])
+
+
+def group_norm(
+    x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor | None:
+    """``F.group_norm`` of a contiguous or channels-last input with more than one value per group and at
+    least :data:`MIN_SETS` (sample, group) sets, in ``x``'s layout (on CUDA torch's GroupNorm takes a
+    channels-last input through a contiguous copy, and normkit copies the output back: still faster
+    there than the Triton kernels, PERFORMANCE.md §5), or ``None``. InstanceNorm without running
+    statistics is ``groups = C``.
+
+    Example:
+        >>> group_norm(torch.randn(2, 4, 3, 3), 2, None, None, 1e-5) is None  # not a CUDA tensor
+        True
+    """
+    if not (route(x) and x.dim() >= 2 and _same(x, weight, bias)):
+        return None
+    cl = not x.is_contiguous()
+    if cl and not _channels_last(x):
+        return None
+    C = x.shape[1]
+    if C % groups or (C // groups) * _spatial(x) < 2 or x.shape[0] * groups < MIN_SETS:
+        return None
+    if any(p is not None and p.shape != (C,) for p in (weight, bias)):
+        return None
+    y = TF.group_norm(x, groups, weight, bias, eps)
+    if cl:
+        return y.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return y
+
+
+def layer_norm(
+    x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor | None:
+    """``F.layer_norm`` over the trailing ``shape`` of a contiguous input with many rows, or ``None``."""
+    if not (route(x) and x.is_contiguous() and _same(x, weight, bias)):
+        return None
+    shape = tuple(shape)
+    k = math.prod(shape)
+    if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape) :]) != shape:
+        return None
+    if k < 2 or x.numel() // k < MIN_SETS or any(p is not None and p.shape != shape for p in (weight, bias)):
+        return None
+    return TF.layer_norm(x, shape, weight, bias, eps)
+
+
+def layer_norm_2d(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
+    """LayerNorm over dim 1 (the channels) as ``F.layer_norm`` of the channels-last view, in ``x``'s
+    layout (a contiguous input costs torch a copy in and normkit one out), or ``None``."""
+    if not (route(x) and x.dim() >= 3 and x.shape[1] >= 2 and _same(x, weight, bias)):
+        return None
+    if any(p is not None and p.shape != (x.shape[1],) for p in (weight, bias)):
+        return None
+    xl = x.movedim(1, -1)
+    if xl.is_contiguous():  # channels-last
+        return TF.layer_norm(xl, (x.shape[1],), weight, bias, eps).movedim(-1, 1)
+    if x.is_contiguous():
+        return TF.layer_norm(xl, (x.shape[1],), weight, bias, eps).movedim(-1, 1).contiguous()
+    return None
+
+
+def batch_norm_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    unbiased: bool,
+    num_skipped_updates: Tensor | None = None,
+) -> Tensor | None:
+    """BatchNorm's training step (batch statistics) as ``F.batch_norm``, or ``None``.
+
+    The running statistics, if given, are updated in place, as a layer's buffers are, by normkit's
+    own rule (:func:`normkit.functional._running.update_running_stats`: momentum or the cumulative
+    average, the unbiased or biased variance, and a batch whose statistics are not finite leaves
+    every buffer unchanged, branch-free, no device sync). Torch hands over the batch's mean and
+    unbiased variance as the "running" statistics of a momentum-1 update of two scratch vectors.
+    ``num_batches_tracked`` counts finite batches and ``num_skipped_updates`` the rest.
+    """
+    if not route(x) or x.dim() < 2 or not (x.is_contiguous() or _channels_last(x)):
+        return None
+    C = x.shape[1]
+    count = x.shape[0] * _spatial(x)
+    if count < 2 or any(p is not None and p.shape != (C,) for p in (weight, bias, running_mean, running_var)):
+        return None
+    tracking = running_mean is not None and running_var is not None
+    params = (weight, bias, running_mean, running_var) if tracking else (weight, bias)
+    mixed = x.dtype in _HALF and all(  # AMP's BatchNorm: half input, float32 parameters
+        p is None or (p.dtype == torch.float32 and p.device == x.device) for p in params
+    )
+    if not (_same(x, *params) or mixed):
+        return None
+    if not tracking:
+        return TF.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    assert running_mean is not None and running_var is not None
+    if momentum is None and num_batches_tracked is None:
+        return None  # (the general path says why not)
+    from ..functional._running import update_running_stats
+
+    mean = torch.zeros_like(running_mean)
+    var = torch.ones_like(running_var)
+    y = TF.batch_norm(x, mean, var, weight, bias, True, 1.0, eps)  # mean, var <- the batch's (var unbiased)
+    if not unbiased:
+        var = var * ((count - 1) / count)
+    rm, rv, nbt = update_running_stats(
+        running_mean, running_var, num_batches_tracked, mean, var, count, momentum, False, "batch_norm"
+    )
+    with torch.no_grad():
+        running_mean.copy_(rm)
+        running_var.copy_(rv)
+        if nbt is not None and num_batches_tracked is not None:
+            if num_skipped_updates is not None:  # (as normkit.nn._base.store_stats counts them)
+                num_skipped_updates.add_(num_batches_tracked + 1 - nbt)
+            num_batches_tracked.copy_(nbt)
+    return y
+
+
+def _channels_last(x: Tensor) -> bool:
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)

@@ -947,3 +947,48 @@ def test_cpu_tensors_never_take_the_route_by_default(default_spy, backend):
         for case in (LAYERS[0], LAYERS[2], LAYERS[6], LAYERS[9], LAYERS[14]):
             _check(_layer(case[1], case[2], case[3], F32), default_spy, {})
         _check(_bn_functional((16, 4, 3, 3), "cl", "running+nbt", F32), default_spy, {})
+
+
+# Autocast: torch's GroupNorm and LayerNorm run in float32 under autocast and return float32, where
+# normkit returns the input's dtype, so those stay on normkit's path; torch's batch_norm keeps the
+# input's dtype, so BatchNorm still takes the route.
+
+AUTOCAST = [
+    ("gn", lambda x, w, b: F.group_norm(x, 4, w, b), (64, 8, 3, 3), {}),
+    ("ln", lambda x, w, b: F.layer_norm(x, 3, w[:3], b[:3]), (64, 8, 3), {}),
+    ("ln2d", lambda x, w, b: F.layer_norm_2d(x, w, b), (4, 8, 3, 3), {}),
+    (
+        "bn",
+        lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output,
+        (16, 8, 3, 3),
+        {"batch_norm": 1},
+    ),
+]
+
+
+@pytest.mark.parametrize("case", AUTOCAST, ids=[c[0] for c in AUTOCAST])
+def test_autocast_keeps_normkit_dtypes(spy, case):
+    _, call, shape, calls = case
+    x = _x(shape, BF16)
+    w, b = (t.detach().to(BF16) for t in _wb((8,)))
+    with torch.autocast("cpu", dtype=BF16):
+        got = call(x, w, b)
+    assert spy.calls == calls
+    with _reference(), torch.autocast("cpu", dtype=BF16):
+        want = call(x, w, b)
+    assert got.dtype == want.dtype == BF16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_autocast_batch_norm_layer_takes_the_route(spy):
+    x = _x((16, 8, 3, 3), BF16)
+    layer, ref = nkn.BatchNorm2d(8), nkn.BatchNorm2d(8)  # float32 parameters and buffers: AMP's case
+    with torch.autocast("cpu", dtype=BF16):
+        got = layer(x)
+    assert spy.calls == {"batch_norm": 1}
+    with _reference(), torch.autocast("cpu", dtype=BF16):
+        want = ref(x)
+    assert got.dtype == want.dtype == BF16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    for a, b in zip(layer.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

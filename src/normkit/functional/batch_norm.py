@@ -160,7 +160,7 @@ def batch_norm(
         mask is None
         and m > 1
         and not (momentum is None and num_batches_tracked is None)  # the general path says why not
-        and (eager or _direct.route(x))
+        and (eager or _direct.route(x, under_autocast=True))
     ):
         fast = _fast_batch_norm(
             x,

@@ -13,6 +13,9 @@ checks (so errors stay normkit's typed errors), and keep normkit's contract:
   unbiased or biased variance; a batch whose statistics are not finite leaves every buffer
   unchanged and counts a skipped update, with no device sync); the functional op returns new ones
   and never writes the ones passed in, the layers update their buffers in place;
+* GroupNorm / LayerNorm under autocast (torch's run in float32 and return float32 there, normkit's
+  return the input's dtype) and with float32 parameters on a half input (AMP's usual mix: not yet
+  checked against torch's CUDA kernels) stay on normkit's kernels; BatchNorm takes both;
 * the one-value-per-set cases, masks, dtype mixes torch does not take, and anything under
   ``torch.compile``, export, tracing or ``torch.func`` return ``None`` here and run normkit's
   general path (which raises its typed errors);
@@ -53,9 +56,11 @@ _fwad = torch.autograd.forward_ad
 _backend: list = []  # normkit.kernels.current, bound on first use
 
 
-def route(x: Tensor) -> bool:
+def route(x: Tensor, under_autocast: bool = False) -> bool:
     """Whether a call on ``x`` may go straight to torch: a plain tensor on one of :data:`DEVICES`,
-    the ``"auto"`` or ``"native"`` backend, plain eager mode.
+    the ``"auto"`` or ``"native"`` backend, plain eager mode, and (unless ``under_autocast``) no
+    autocast on ``x``'s device: torch's GroupNorm and LayerNorm run in float32 under autocast and
+    return float32, where normkit returns the input's dtype.
 
     Example:
         >>> route(torch.randn(2, 3))  # a CPU tensor: normkit's own CPU kernels are the fast path
@@ -69,6 +74,7 @@ def route(x: Tensor) -> bool:
         _backend.append(current)
     return (
         x.numel() > 0
+        and (under_autocast or not torch.is_autocast_enabled(x.device.type))
         and not _is_compiling()
         and _backend[0]() in ("auto", "native")
         and not _functorch_active()
@@ -168,7 +174,8 @@ def batch_norm_train(
     unbiased variance as the "running" statistics of a momentum-1 update of two scratch vectors.
     ``num_batches_tracked`` counts finite batches and ``num_skipped_updates`` the rest.
     """
-    if not route(x) or x.dim() < 2 or not (x.is_contiguous() or _channels_last(x)):
+    # (torch's batch_norm keeps the input's dtype under autocast, as normkit does)
+    if not route(x, under_autocast=True) or x.dim() < 2 or not (x.is_contiguous() or _channels_last(x)):
         return None
     C = x.shape[1]
     count = x.shape[0] * _spatial(x)

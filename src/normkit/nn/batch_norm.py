@@ -148,7 +148,7 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
         elif (
             mask is None
             and (self.training or not tracking)
-            and _direct.route(x)
+            and _direct.route(x, under_autocast=True)
             and x.dim() in self._dims
             and x.shape[1] == self.num_features
         ):

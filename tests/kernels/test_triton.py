@@ -196,6 +196,20 @@ def test_split_reduction_keeps_the_shifted_accuracy(name, split):
     _close(y, yo, 1e-4)
 
 
+@pytest.mark.parametrize("name", ["ln_chw", "gn1"])
+def test_one_read_moments_over_many_tiles_keep_the_shifted_accuracy(name):
+    # a set of 6000 values walked in tiles of 1024 (six Welford updates per lane, then the lanes
+    # combined): an offset of 1e4 with 1e-2 noise and a skewed set (one outlier) stay at fp32 accuracy
+    y, yo, got, exp, _ = _case(name, (2, 3, 40, 50), torch.float32, "nchw", scale=1e-2, offset=1e4, seed=29)
+    _close(y, yo, 1e-3)
+    for g, e in zip(got, exp):
+        _close(g, e, 1e-2)
+    y, yo, got, exp, xs = _case(name, (2, 3, 40, 50), torch.float32, "cl", seed=30)
+    _close(y, yo, TOL[torch.float32])
+    for g, e in zip(got, exp):
+        _close(g, e, GTOL[torch.float32])
+
+
 def test_chunking_policy_fills_the_device_only_when_sets_are_few():
     from normkit.kernels import triton as nkt
 

@@ -6,10 +6,11 @@ of the same walk: set ``k`` starts at ``(k // D1) * B1 + (k % D1) * B2``; its el
 (``i`` the channel within the set, ``m`` the position) lies at ``i * s_c + (m // M2) * s_m1 +
 (m % M2) * s_m2`` from there, and its affine index is ``(k % D1) * CK + i``.
 
-The forward is normkit's *scaled* two-pass (:func:`normkit.ops.core.norm_forward`): per-set
-max / min give the mid-range shift and a power-of-two scale, then the mean of the scaled values,
-then the centred second moment, then the output: four reads of the set, exact for every finite
-input and with no data-dependent host decision. The saved statistics are the reference's six rows,
+The forward is normkit's *scaled* statistics (:func:`normkit.ops.core.norm_forward`): per-set
+max / min give the mid-range shift and a power-of-two scale, then the mean and centred second moment
+of the scaled values in one read (Welford per tile lane, Chan's combination of the lanes), then the
+output: three reads of the set, stable for every finite input and with no data-dependent host
+decision. The saved statistics are the reference's six rows,
 so every backend's backward accepts them. The backward makes two reads: the per-set sums (and each
 channel's ``sum dy * x_hat``, ``sum dy`` into a per-set buffer, summed by the launcher), then ``dx``.
 """
@@ -74,6 +75,32 @@ def _saved(ST, k, nsets, ACC: tl.constexpr):
 
 
 @triton.jit
+def _moments(
+    X, k, c_lo, c_hi, lo_m, hi_m, D1, B1, B2, s_c, s_m1, s_m2, M2, mid, inv,
+    ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+):  # fmt: skip
+    """``(count, mean, M2)`` of the scaled values ``(x - mid) * inv`` over channels ``[c_lo, c_hi)`` x
+    positions ``[lo_m, hi_m)`` of set ``k``, in one read: each lane of the tile keeps Welford's running
+    (count, mean, M2) of the values it sees, and Chan et al.'s formula combines the lanes (every term
+    non-negative: no cancellation). This replaced a mean pass and a centred second-moment pass."""
+    cnt = tl.zeros([BC, BM], ACC)
+    mean = tl.zeros([BC, BM], ACC)
+    m2 = tl.zeros([BC, BM], ACC)
+    for c0 in range(c_lo, c_hi, BC):
+        for m0 in range(lo_m, hi_m, BM):
+            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
+            v = (tl.load(X + off, mask=mask, other=0.0).to(ACC) - mid) * inv
+            cnt += tl.where(mask, 1.0, 0.0)
+            d = tl.where(mask, v - mean, 0.0)
+            mean += d / tl.maximum(cnt, 1.0)
+            m2 += d * tl.where(mask, v - mean, 0.0)
+    n = tl.sum(tl.sum(cnt, axis=1), axis=0)
+    mb = tl.sum(tl.sum(cnt * mean, axis=1), axis=0) / n
+    dm = mean - mb
+    return n, mb, tl.sum(tl.sum(m2 + cnt * dm * dm, axis=1), axis=0)
+
+
+@triton.jit
 def norm_fwd_kernel(
     X,
     Y,
@@ -116,24 +143,11 @@ def norm_fwd_kernel(
             hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
             lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
     mid, inv = _shift_scale(tl.max(tl.max(hi, axis=1), axis=0), tl.min(tl.min(lo, axis=1), axis=0), exp_bound)
-    # 2. mean of the scaled values, 3. their centred second moment
-    acc = tl.zeros([BC, BM], ACC)
-    for c0 in range(0, NC, BC):
-        for m0 in range(0, M, BM):
-            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC, BM)
-            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-            acc += tl.where(mask, (x - mid) * inv, 0.0)
-    cm = tl.sum(tl.sum(acc, axis=1), axis=0) / n
-    acc = tl.zeros([BC, BM], ACC)
-    for c0 in range(0, NC, BC):
-        for m0 in range(0, M, BM):
-            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC, BM)
-            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-            d = tl.where(mask, (x - mid) * inv - cm, 0.0)
-            acc += d * d
-    var = tl.sum(tl.sum(acc, axis=1), axis=0) / n
+    # 2. mean and centred second moment of the scaled values, in one read
+    _, cm, m2 = _moments(X, k, 0, NC, 0, M, D1, B1, B2, s_c, s_m1, s_m2, M2, mid, inv, ACC, BC, BM)
+    var = m2 / n
     rstd = _rstd(var, inv, eps)
-    # 4. the output
+    # 3. the output
     cbase = (k % D1) * CK
     for c0 in range(0, NC, BC):
         for m0 in range(0, M, BM):
@@ -360,25 +374,13 @@ def split_moments_kernel(
     jc = tl.program_id(1)
     c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
     mid, inv = _set_scale(HL, k, nsets, nchunks, exp_bound, ACC, BJ)
-    cnt = ((c_hi - c_lo) * (hi_m - lo_m)).to(ACC)
-    acc = tl.zeros([BC, BM], ACC)
-    for c0 in range(c_lo, c_hi, BC):
-        for m0 in range(lo_m, hi_m, BM):
-            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
-            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-            acc += tl.where(mask, (x - mid) * inv, 0.0)
-    mb = tl.sum(tl.sum(acc, axis=1), axis=0) / cnt
-    acc = tl.zeros([BC, BM], ACC)
-    for c0 in range(c_lo, c_hi, BC):
-        for m0 in range(lo_m, hi_m, BM):
-            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
-            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-            d = tl.where(mask, (x - mid) * inv - mb, 0.0)
-            acc += d * d
+    cnt, mb, m2 = _moments(
+        X, k, c_lo, c_hi, lo_m, hi_m, D1, B1, B2, s_c, s_m1, s_m2, M2, mid, inv, ACC, BC, BM
+    )
     row = k.to(tl.int64) * nchunks + jc
     tl.store(PM + row, cnt)
     tl.store(PM + nsets * nchunks + row, mb)
-    tl.store(PM + 2 * nsets * nchunks + row, tl.sum(tl.sum(acc, axis=1), axis=0))
+    tl.store(PM + 2 * nsets * nchunks + row, m2)
 
 
 @triton.jit

@@ -1,9 +1,9 @@
 """``normkit bench --device cuda`` one op and shape at a time, under a deadline (gpu_check.sh's stage 2).
 
 A device lease is short: this runs the same measurement as ``normkit bench`` (``normkit.bench.run_bench``)
-per (op, shape), prints each row as it lands, appends it to ``OUT/rows.jsonl``, and starts no new
+per (op, shape), prints each row as it lands, appends it to ``OUT/NAME_rows.jsonl``, and starts no new
 case after ``--deadline`` seconds, so a cut-short run still leaves every finished row and the table
-(``OUT/bench_cuda.md`` / ``.json``).
+(``OUT/bench_cuda.md``, and ``.json`` with ``--json``).
 
     PYTHONPATH=src python benchmarks/gpu_bench.py --out gpu-out --deadline 200
 """
@@ -31,6 +31,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--name", default="bench_cuda")
     p.add_argument("--device", default="cuda", help="cpu: a local dry run of this script")
+    p.add_argument("--json", action="store_true", help="also write the whole run as NAME.json")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",") if s] or bench.CUDA_SHAPES
@@ -73,7 +74,8 @@ def main() -> int:
     md = bench.format_markdown(data)
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
         f.write(md + "\n")
-    bench.write_json(data, os.path.join(a.out, f"{a.name}.json"))
+    if a.json:  # (the rows are in the .jsonl already; a device lease returns at most 8 files)
+        bench.write_json(data, os.path.join(a.out, f"{a.name}.json"))
     print(f"{len(rows)} rows in {data['wall_s']:.0f} s on {data.get('device')}", flush=True)
     return 0
 

@@ -9,8 +9,9 @@
 #
 # Needs: a Python with a CUDA build of torch and triton (PY, default python3), run from a checkout
 # (src/ goes on PYTHONPATH; nothing is installed). Writes to $OUT (default ./gpu-out): smoke.log,
-# tests.log, bench_cuda.{md,json} and bench_compiled.{md,json} (+ their rows as they landed, .jsonl).
-# The stages' caps (seconds): TESTS_S, BENCH_S, COMPILED_S; SMOKE=0 skips stage 0.
+# tests.log, bench_cuda.md and bench_compiled.md (+ their rows as they landed, *_rows.jsonl),
+# profile.txt (stage 1b: benchmarks/gpu_profile.py). The stages' caps (seconds): TESTS_S, PROFILE_S,
+# BENCH_S, COMPILED_S; SMOKE=0 skips stage 0, PROFILE=0 stage 1b.
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,12 @@ NORMKIT_TEST_DEVICE=cuda timeout "${TESTS_S:-150}" "$PY" -m pytest -q -p no:cach
   -W ignore::DeprecationWarning -o addopts="--import-mode=importlib" tests/kernels/test_triton.py \
   > "$OUT/tests.log" 2>&1 || status=1
 tail -n 15 "$OUT/tests.log"
+
+if [ "${PROFILE:-1}" = 1 ]; then
+  stage "1b. where the time goes (torch.profiler per kernel, registers and spills)"
+  timeout "${PROFILE_S:-90}" "$PY" benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1 || status=1
+  tail -n 25 "$OUT/profile.txt"
+fi
 
 stage "2. bench"  # a row per case as it lands; no new case after the deadline
 timeout "${BENCH_S:-220}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --backends auto,reference,triton \

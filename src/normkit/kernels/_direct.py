@@ -172,8 +172,9 @@ def batch_norm_train(
     average, the unbiased or biased variance, and a batch whose statistics are not finite leaves
     every buffer unchanged, branch-free, no device sync), in about ten small ops (on the CPU the
     route's BatchNorm step costs 139 us against torch's 20 us at (2,16,8,8): host time a GPU pays
-    per call too, next to 183 us through ``update_running_stats`` itself). Torch hands over the batch's mean and
-    unbiased variance as the "running" statistics of a momentum-1 update of two scratch vectors.
+    per call too, next to 183 us through ``update_running_stats`` itself). Torch hands over the
+    batch's mean and unbiased variance as the "running" statistics of a momentum-1 update of two
+    scratch vectors.
     ``num_batches_tracked`` counts finite batches and ``num_skipped_updates`` the rest.
     """
     # (torch's batch_norm keeps the input's dtype under autocast, as normkit does)

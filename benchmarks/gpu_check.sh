@@ -10,8 +10,9 @@
 # Needs: a Python with a CUDA build of torch and triton (PY, default python3), run from a checkout
 # (src/ goes on PYTHONPATH; nothing is installed). Writes to $OUT (default ./gpu-out): smoke.log,
 # tests.log, bench_cuda.md and bench_compiled.md (+ their rows as they landed, *_rows.jsonl),
-# profile.txt (stage 1b: benchmarks/gpu_profile.py). The stages' caps (seconds): TESTS_S, PROFILE_S,
-# BENCH_S, COMPILED_S; SMOKE=0 skips stage 0, PROFILE=0 stage 1b.
+# profile.txt (stage 1b: benchmarks/gpu_profile.py). The stages' caps in seconds (550 in all, so one
+# `run` of the device tool with timeout_s 580 fits): SMOKE_S, TESTS_S, PROFILE_S, BENCH_S,
+# COMPILED_S; SMOKE=0 skips stage 0, PROFILE=0 stage 1b.
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,13 +27,13 @@ status=0
 
 if [ "${SMOKE:-1}" = 1 ]; then
   stage "0. smoke"
-  timeout 90 "$PY" benchmarks/gpu_smoke.py 2>&1 | tee "$OUT/smoke.log" || status=1
+  timeout "${SMOKE_S:-60}" "$PY" benchmarks/gpu_smoke.py 2>&1 | tee "$OUT/smoke.log" || status=1
 fi
 
 stage "1. tests"
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8 -p no:benchmark)
-NORMKIT_TEST_DEVICE=cuda timeout "${TESTS_S:-150}" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+NORMKIT_TEST_DEVICE=cuda timeout "${TESTS_S:-100}" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" \
   -W ignore::DeprecationWarning -o addopts="--import-mode=importlib" tests/kernels/test_triton.py \
   > "$OUT/tests.log" 2>&1 || status=1
 tail -n 15 "$OUT/tests.log"
@@ -44,13 +45,13 @@ if [ "${PROFILE:-1}" = 1 ]; then
 fi
 
 stage "2. bench"  # a row per case as it lands; no new case after the deadline
-timeout "${BENCH_S:-220}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --backends auto,reference,triton \
-  --deadline "$(( ${BENCH_S:-220} - 30 ))" 2>&1 || status=1
+timeout "${BENCH_S:-200}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --backends auto,reference,triton \
+  --deadline "$(( ${BENCH_S:-200} - 30 ))" 2>&1 || status=1
 
 stage "3. compiled"
-timeout "${COMPILED_S:-120}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --name bench_compiled --compile --backends auto,triton \
+timeout "${COMPILED_S:-100}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --name bench_compiled --compile --backends auto,triton \
   --ops group_norm,proxy,batch_norm --shapes 64x256x56x56 --dtypes bf16 \
-  --deadline "$(( ${COMPILED_S:-120} - 60 ))" 2>&1 || status=1
+  --deadline "$(( ${COMPILED_S:-100} - 60 ))" 2>&1 || status=1
 
 stage "done, status $status"
 exit $status

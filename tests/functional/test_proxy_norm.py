@@ -217,3 +217,23 @@ def test_bad_inputs_raise_typed_errors():
         proxy_norm_act(torch.randn(2, 3), *ps, activation="relu6x")
     with pytest.raises(ValueError, match="eps"):
         proxy_norm_act(torch.randn(2, 3), *ps, eps=-1.0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_cached_points_survive_a_first_call_in_inference_mode(backend):
+    # the quadrature points are computed once per (count, dtype, device) and cached: a first call under
+    # torch.inference_mode() must not leave an inference tensor that a later backward cannot save
+    from normkit.functional import proxy_norm as pn
+
+    pn._POINTS.clear()
+    w = torch.ones(3, dtype=torch.float64)
+    z = torch.zeros(3, dtype=torch.float64)
+    from normkit import kernels
+
+    with kernels.use(backend):
+        with torch.inference_mode():
+            proxy_stats(w, z, z, z, "relu")
+        ws = w.clone().requires_grad_()
+        m, rstd = proxy_stats(ws, z, z, z, "relu")
+        (m.sum() + rstd.sum()).backward()
+    assert ws.grad is not None and torch.isfinite(ws.grad).all()

@@ -556,3 +556,24 @@ def test_proxy_stats_kernel_double_backward_takes_the_composite(ran_stats):
         assert torch.autograd.gradcheck(lambda *p: F.proxy_stats(*p, "silu"), ps)
         assert torch.autograd.gradgradcheck(lambda *p: F.proxy_stats(*p, "silu"), ps)
     assert ran_stats["n"] > 0
+
+
+def test_fused_proxy_layer_trains_after_running_in_inference_mode():
+    # the kernels' cached constants (leaky_relu's slope) are made outside inference mode, so a layer
+    # first run under torch.inference_mode() still saves them for a later backward
+    from normkit.kernels import triton as nkt
+    from normkit.nn import GroupNormProxyAct2d
+
+    nkt._SLOPES.clear()
+    layer = GroupNormProxyAct2d(4, num_groups=2, activation="leaky_relu:0.2").double().to(DEVICE)
+    x = torch.randn(2, 4, 3, 3, dtype=F64, device=DEVICE)
+    with kernels.use("triton"):
+        with torch.inference_mode():
+            layer(x)
+        xg = x.clone().requires_grad_()
+        layer(xg).sum().backward()
+    with kernels.use("reference"):
+        xr = x.clone().requires_grad_()
+        layer(xr).sum().backward()
+    assert xg.grad is not None and xr.grad is not None
+    _close(xg.grad.cpu(), xr.grad.cpu(), 1e-9)

@@ -54,7 +54,8 @@ def _points(num_points: int, dtype: torch.dtype, device: torch.device) -> Tensor
     if u is None:
         if len(_POINTS) > 32:
             _POINTS.clear()
-        u = _POINTS[key] = proxy_points(num_points, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # (a normal tensor even if first made in inference mode)
+            u = _POINTS[key] = proxy_points(num_points, dtype=dtype, device=device)
     return u
 
 

@@ -342,6 +342,22 @@ def backward(
     return dx, pw.sum(0).reshape(-1), pb.sum(0).reshape(-1)
 
 
+_SLOPES: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+
+
+def _slope(slope: float, acc: torch.dtype, device: torch.device) -> Tensor:
+    """leaky_relu's slope as the one-element tensor the kernels read, made once per (value, dtype,
+    device): on a GPU each fresh one is a fill kernel launched from the host. The kernels only read it."""
+    key = (float(slope), acc, device)
+    t = _SLOPES.get(key)
+    if t is None:
+        if len(_SLOPES) > 64:
+            _SLOPES.clear()
+        with torch.inference_mode(False):  # (a normal tensor even if first made in inference mode)
+            t = _SLOPES[key] = torch.full((1,), key[0], dtype=acc, device=device)
+    return t
+
+
 # --- Proxy Norm's activation step -------------------------------------------------------------------
 
 _ACTS = ("relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh", "identity")  # kernel codes
@@ -399,7 +415,7 @@ def proxy_act_forward(
     nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, y.device)
     acc = m.dtype
     vec = [t.detach().to(acc).contiguous() for t in (weight, bias, m, rstd)]
-    vec.append(torch.full((1,), float(slope), dtype=acc, device=y.device))
+    vec.append(_slope(slope, acc, y.device))
     out = torch.empty_like(y)
     _kernels.proxy_act_fwd_kernel[(cdiv(C, BCC), nchunks)](
         y,
@@ -447,7 +463,7 @@ def proxy_act_backward(
     nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, y.device)
     acc = m.dtype
     vec = [t.detach().to(acc).contiguous() for t in (weight, bias, m, rstd)]
-    vec.append(torch.full((1,), float(slope), dtype=acc, device=y.device))
+    vec.append(_slope(slope, acc, y.device))
     dy = torch.empty_like(y) if needs[0] else None
     part = torch.empty((4, C, nchunks), dtype=acc, device=y.device)
     _kernels.proxy_act_bwd_kernel[(cdiv(C, BCC), nchunks)](
@@ -496,7 +512,7 @@ class _ProxyStats(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         acc, tacc = _acc(w)
         vec = [t.detach().to(acc).contiguous() for t in (w, b, pb, pw, u)]
-        sl = torch.full((1,), float(slope), dtype=acc, device=w.device)
+        sl = _slope(slope, acc, w.device)
         C, n = w.shape[0], u.shape[0]
         BN = next_power_of_2(n)
         BCC = max(1, min(next_power_of_2(C), 2048 // BN))
@@ -715,7 +731,7 @@ class _GNProxy(torch.autograd.Function):
     ) -> Tensor:  # type: ignore[override]
         acc = _acc(x)[0]
         vec = [t.detach().to(acc).contiguous() for t in (w, b, m, r)]
-        vec.append(torch.full((1,), float(slope), dtype=acc, device=x.device))
+        vec.append(_slope(slope, acc, x.device))
         got = gn_proxy_forward(x, p, eps, vec, act)
         assert got is not None  # (the caller checked that it applies)
         out, stats = got

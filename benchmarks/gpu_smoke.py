@@ -149,6 +149,61 @@ def copy_gbps() -> float:
     return 10 * 2 * x.numel() * x.element_size() / (start.elapsed_time(end) * 1e-3) / 1e9
 
 
+def check_route() -> bool:
+    """``auto`` on CUDA: the calls normkit hands to torch (normkit.kernels._direct) against normkit's
+    reference path in float64 on the CPU: outputs, layouts, BatchNorm's buffers (a NaN batch too)."""
+    import normkit.nn as nkn
+    from normkit.kernels import _direct
+
+    ok = True
+    cases = {
+        "F.group_norm": lambda x: NF.group_norm(x, 32),
+        "F.instance_norm": lambda x: NF.instance_norm(x).output,
+        "F.layer_norm": lambda x: NF.layer_norm(x, x.shape[-1]),
+        "F.layer_norm_2d": lambda x: NF.layer_norm_2d(x),
+    }
+    for name, fn in cases.items():
+        for layout in ("nchw", "cl"):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(8, 64, 9, 7, device=DEV).to(dtype)
+                if layout == "cl":
+                    x = x.to(memory_format=torch.channels_last)
+                took = _direct.route(x)
+                y = fn(x)
+                with kernels.use("reference"):
+                    ref = fn(x.detach().to("cpu", F64))
+                err = _rel(y, ref)
+                good = err <= TOL[dtype] and (y.stride() == x.stride() or name == "F.layer_norm")
+                ok &= good
+                print(
+                    f"{'ok  ' if good else 'FAIL'} auto {name:16s} {layout:4s} {str(dtype)[6:]:8s} "
+                    f"route {took}  rel err {err:.1e}",
+                    flush=True,
+                )
+    for layout in ("nchw", "cl"):
+        bn, ref = nkn.BatchNorm2d(64).to(DEV), nkn.BatchNorm2d(64).double()
+        x = torch.randn(8, 64, 9, 7, device=DEV)
+        if layout == "cl":
+            x = x.to(memory_format=torch.channels_last)
+        xn = x.clone()
+        xn[0, 0, 0, 0] = float("nan")
+        for batch in (x, xn, x):
+            bn(batch)
+            with kernels.use("reference"):
+                ref(batch.detach().to("cpu", F64))
+        errs = [_rel(a, b) for a, b in zip(bn.buffers(), ref.buffers()) if a.is_floating_point()]
+        counts = [int(a) for a in bn.buffers() if not a.is_floating_point()]
+        want = [int(a) for a in ref.buffers() if not a.is_floating_point()]
+        good = max(errs) <= 1e-5 and counts == want
+        ok &= good
+        print(
+            f"{'ok  ' if good else 'FAIL'} auto BatchNorm2d {layout:4s} three steps (one NaN batch): "
+            f"buffers rel err {max(errs):.1e}, counters {counts} (reference {want})",
+            flush=True,
+        )
+    return ok
+
+
 def main() -> int:
     import triton
 
@@ -173,6 +228,11 @@ def main() -> int:
                         ok = False
                         print(f"FAIL {name} {shape} {layout} {dtype}: {type(e).__name__}: {e}", flush=True)
     if DEV == "cuda":
+        try:
+            ok &= check_route()
+        except Exception as e:
+            ok = False
+            print(f"FAIL auto route: {type(e).__name__}: {e}", flush=True)
         print(f"copy (2 GiB bf16, read + write): {copy_gbps():.0f} GB/s", flush=True)
     print(f"smoke: {'all ok' if ok else 'FAILURES'} in {time.perf_counter() - t:.1f} s", flush=True)
     return 0 if ok else 1

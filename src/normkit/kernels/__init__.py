@@ -446,7 +446,7 @@ def status() -> str:
     )
     lines.append(
         "  any norm with a mask or under torch.func: reference; "
-        "on CUDA: triton when installed, else reference"
+        "the rest on CUDA: triton when installed, else reference"
     )
     return "\n".join(lines)
 

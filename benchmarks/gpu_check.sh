@@ -5,14 +5,15 @@
 #   2. `normkit bench --device cuda`'s measurement (benchmarks/gpu_bench.py, one op and shape at a
 #      time under a deadline): torch native / cuDNN, normkit's Triton kernels and reference, on
 #      PERFORMANCE.md's and ResNet-50's shapes, both layouts and dtypes, forward and forward + backward;
-#   3. torch.compile of the composite next to them, on the ResNet-50 stage-1 activation.
+#   3. torch.compile of the composite next to them, on the ResNet-50 stage-1 activation;
+#   4. whole training steps with torch.nn's norms and normkit's (`normkit bench --no-ops --quick`).
 #
 # Needs: a Python with a CUDA build of torch and triton (PY, default python3), run from a checkout
 # (src/ goes on PYTHONPATH; nothing is installed). Writes to $OUT (default ./gpu-out): smoke.log,
 # tests.log, bench_cuda.md and bench_compiled.md (+ their rows as they landed, *_rows.jsonl),
-# profile.txt (stage 1b: benchmarks/gpu_profile.py). The stages' caps in seconds (550 in all, so one
-# `run` of the device tool with timeout_s 580 fits): SMOKE_S, TESTS_S, PROFILE_S, BENCH_S,
-# COMPILED_S; SMOKE=0 skips stage 0, PROFILE=0 stage 1b.
+# profile.txt (stage 1b: benchmarks/gpu_profile.py), e2e.md (stage 4). The stages' caps in seconds
+# (580 in all, so one `run` of the device tool with timeout_s 595 fits): SMOKE_S, TESTS_S, PROFILE_S,
+# BENCH_S, COMPILED_S, E2E_S; SMOKE=0 skips stage 0, PROFILE=0 stage 1b.
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,13 +46,19 @@ if [ "${PROFILE:-1}" = 1 ]; then
 fi
 
 stage "2. bench"  # a row per case as it lands; no new case after the deadline
-timeout "${BENCH_S:-200}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --backends auto,reference,triton \
-  --deadline "$(( ${BENCH_S:-200} - 30 ))" 2>&1 || status=1
+timeout "${BENCH_S:-170}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --backends auto,reference,triton \
+  --deadline "$(( ${BENCH_S:-170} - 30 ))" 2>&1 || status=1
 
 stage "3. compiled"
 timeout "${COMPILED_S:-100}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --name bench_compiled --compile --backends auto,triton \
   --ops group_norm,proxy,batch_norm --shapes 64x256x56x56 --dtypes bf16 \
   --deadline "$(( ${COMPILED_S:-100} - 60 ))" 2>&1 || status=1
+
+stage "4. whole training steps (ResNet-18-style and CNN-4, torch.nn's norms vs normkit's, quick)"
+timeout "${E2E_S:-60}" "$PY" -m normkit.cli bench --device cuda --no-ops --quick --quiet --backends auto,triton \
+  --md "$OUT/e2e.md" > /dev/null 2> "$OUT/e2e.err" || { status=1; tail -n 20 "$OUT/e2e.err"; }
+[ -s "$OUT/e2e.err" ] || rm -f "$OUT/e2e.err"  # (a device lease returns at most 8 files)
+grep '^|' "$OUT/e2e.md" 2>/dev/null | head -n 12
 
 stage "done, status $status"
 exit $status

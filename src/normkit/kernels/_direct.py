@@ -20,7 +20,10 @@ checks (so errors stay normkit's typed errors), and keep normkit's contract:
   ``torch.compile``, export, tracing or ``torch.func`` return ``None`` here and run normkit's
   general path (which raises its typed errors);
 * LayerNorm2d on an NCHW input: the input's gradient comes back channels-last (values equal), as
-  from timm's ``LayerNorm2d`` (permute, ``F.layer_norm``, permute back).
+  from timm's ``LayerNorm2d`` (permute, ``F.layer_norm``, permute back);
+* the statistics are torch's (one pass in float32 on CUDA), which overflow on float32 sets beyond
+  about 1e17 where normkit's scaled statistics stay finite: ``normkit.kernels.use("triton")`` or
+  ``"reference"`` keeps normkit's numerics (docs/differences.md).
 
 Every function returns ``None`` where it does not apply. Channels-last GroupNorm / InstanceNorm,
 LayerNorm over (C, H, W) on few samples, Proxy Norm and the fused GN + activation stay on normkit's

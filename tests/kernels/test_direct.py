@@ -778,7 +778,7 @@ def test_other_backends_refuse_the_route(spy, backend):
         assert not _direct.route(x)
         assert _direct.group_norm(x, 4, None, None, 1e-5) is None
         assert _direct.layer_norm(x, (3,), None, None, 1e-5) is None
-        assert _direct.layer_norm_2d(x, None, None, 1e-5) is None
+        assert _direct.layer_norm_c(x, None, None, 1e-5) is None
         assert _direct.batch_norm_train(x, None, None, None, None, None, 0.1, 1e-5, True) is None
     assert spy.calls == {}
 
@@ -921,7 +921,7 @@ def test_dispatch_mode_refuses_the_route_for_layers(spy):
 def test_empty_input_refuses_the_route(spy, call):
     x = torch.empty(0, 4, 3, 3, dtype=F64)
     assert not _direct.route(x)
-    assert _direct.layer_norm_2d(x, None, None, 1e-5) is None  # the one check that refuses it is route's
+    assert _direct.layer_norm_c(x, None, None, 1e-5) is None  # the one check that refuses it is route's
     y = call(x)
     assert spy.calls == {}
     assert y.shape == x.shape and y.dtype == x.dtype

@@ -136,7 +136,7 @@ def layer_norm_2d(
         y = torch.nn.functional.layer_norm(x.permute(0, *range(2, nd), 1), (C,), weight, bias, eps)
         return y.permute(0, nd - 1, *range(1, nd - 1))
     if not eager:
-        y = _direct.layer_norm_2d(x, weight, bias, eps)  # on a GPU: torch's LayerNorm, one call
+        y = _direct.layer_norm_c(x, weight, bias, eps)  # on a GPU: torch's LayerNorm, one call
         if y is not None:
             return y
     if eager:

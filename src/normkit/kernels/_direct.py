@@ -39,7 +39,7 @@ import torch.nn.functional as TF
 import torch.utils._python_dispatch  # the attribute below is a submodule: import it explicitly
 from torch import Tensor
 
-__all__ = ["DEVICES", "batch_norm_train", "group_norm", "layer_norm", "layer_norm_2d", "route"]
+__all__ = ["DEVICES", "batch_norm_train", "group_norm", "layer_norm", "layer_norm_c", "route"]
 
 #: Device types whose plain eager calls go straight to torch (tests add ``"cpu"`` to check the path).
 DEVICES: set[str] = {"cuda"}
@@ -129,7 +129,12 @@ def group_norm(
 def layer_norm(
     x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor | None:
-    """``F.layer_norm`` over the trailing ``shape`` of a contiguous input with many rows, or ``None``."""
+    """``F.layer_norm`` over the trailing ``shape`` of a contiguous input with many rows, or ``None``.
+
+    Example:
+        >>> layer_norm(torch.randn(256, 8), (8,), None, None, 1e-5) is None  # not a CUDA tensor
+        True
+    """
     if not (route(x) and x.is_contiguous() and _same(x, weight, bias)):
         return None
     shape = tuple(shape)
@@ -141,9 +146,14 @@ def layer_norm(
     return TF.layer_norm(x, shape, weight, bias, eps)
 
 
-def layer_norm_2d(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
+def layer_norm_c(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
     """LayerNorm over dim 1 (the channels) as ``F.layer_norm`` of the channels-last view, in ``x``'s
-    layout (a contiguous input costs torch a copy in and normkit one out), or ``None``."""
+    layout (a contiguous input costs torch a copy in and normkit one out), or ``None``.
+
+    Example:
+        >>> layer_norm_c(torch.randn(2, 8, 4, 4), None, None, 1e-5) is None  # not a CUDA tensor
+        True
+    """
     if not (route(x) and x.dim() >= 3 and x.shape[1] >= 2 and _same(x, weight, bias)):
         return None
     if any(p is not None and p.shape != (x.shape[1],) for p in (weight, bias)):
@@ -173,12 +183,16 @@ def batch_norm_train(
     The running statistics, if given, are updated in place, as a layer's buffers are, by normkit's
     own rule (:func:`normkit.functional._running.update_running_stats`: momentum or the cumulative
     average, the unbiased or biased variance, and a batch whose statistics are not finite leaves
-    every buffer unchanged, branch-free, no device sync), in about ten small ops (on the CPU the
-    route's BatchNorm step costs 139 us against torch's 20 us at (2,16,8,8): host time a GPU pays
-    per call too, next to 183 us through ``update_running_stats`` itself). Torch hands over the
+    every buffer unchanged, branch-free, no device sync; about a dozen small ops, each a kernel
+    launch on a GPU: one fused update is the next step). Torch hands over the
     batch's mean and unbiased variance as the "running" statistics of a momentum-1 update of two
     scratch vectors.
     ``num_batches_tracked`` counts finite batches and ``num_skipped_updates`` the rest.
+
+    Example:
+        >>> x, rm, rv = torch.randn(8, 3, 4, 4), torch.zeros(3), torch.ones(3)
+        >>> batch_norm_train(x, None, None, rm, rv, None, 0.1, 1e-5, True) is None  # not a CUDA tensor
+        True
     """
     # (torch's batch_norm keeps the input's dtype under autocast, as normkit does)
     if not route(x, under_autocast=True) or x.dim() < 2 or not (x.is_contiguous() or _channels_last(x)):
@@ -199,28 +213,23 @@ def batch_norm_train(
     assert running_mean is not None and running_var is not None
     if momentum is None and num_batches_tracked is None:
         return None  # (the general path says why not)
+    from ..functional._running import update_running_stats
+
     mean = torch.zeros_like(running_mean)
     var = torch.ones_like(running_var)
     y = TF.batch_norm(x, mean, var, weight, bias, True, 1.0, eps)  # mean, var <- the batch's (var unbiased)
-    # normkit's rule (normkit.functional._running.update_running_stats) in fewer ops, each a kernel
-    # launch on a GPU: a non-finite batch becomes the running statistics themselves, so the update
-    # leaves them as they are
-    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
     if not unbiased:
         var = var * ((count - 1) / count)
-    factor: Tensor | float
-    if momentum is None:
-        assert num_batches_tracked is not None
-        factor = 1.0 / (num_batches_tracked + finite).clamp(min=1).to(running_mean.dtype)
-    else:
-        factor = momentum
+    rm, rv, nbt = update_running_stats(
+        running_mean, running_var, num_batches_tracked, mean, var, count, momentum, False, "batch_norm"
+    )
     with torch.no_grad():
-        running_mean.lerp_(torch.where(finite, mean, running_mean), factor)
-        running_var.lerp_(torch.where(finite, var, running_var), factor)
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(finite)
+        running_mean.copy_(rm)
+        running_var.copy_(rv)
+        if nbt is not None and num_batches_tracked is not None:
             if num_skipped_updates is not None:  # (as normkit.nn._base.store_stats counts them)
-                num_skipped_updates.add_(~finite)
+                num_skipped_updates.add_(num_batches_tracked + 1 - nbt)
+            num_batches_tracked.copy_(nbt)
     return y
 
 

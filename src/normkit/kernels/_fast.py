@@ -329,9 +329,12 @@ def batch_norm_train(
     momentum: float | None,
     eps: float,
     unbiased: bool,
+    num_skipped_updates: Tensor | None = None,
 ) -> Tensor | None:
     """A BatchNorm layer's training step (batch statistics; running statistics, if any, updated in place), or
-    ``None``."""
+    ``None``. The same interface as :func:`normkit.kernels._direct.batch_norm_train`;
+    ``num_skipped_updates`` is never written here: a batch with non-finite statistics is handed back
+    (``None``) and the general path counts it."""
     acc = core.acc_dtype(x.dtype)
     if running_mean is None or running_var is None:
         train = None

@@ -125,35 +125,15 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
     @torch.jit.unused
     def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         tracking = self._tracking
-        if (  # plain eager on a CPU tensor: one fused call (and one for the backward)
-            mask is None
-            and (self.training or not tracking)
-            and _fast.eligible(x)
-            and x.dim() in self._dims
-            and x.shape[1] == self.num_features
-        ):
-            y = _fast.batch_norm_train(
-                x,
-                self.weight,
-                self.bias,
-                self.running_mean if tracking and self.training else None,
-                self.running_var if tracking and self.training else None,
-                self.num_batches_tracked if tracking and self.training else None,
-                self.momentum,
-                self.eps,
-                self.unbiased_running_var,
-            )
-            if y is not None:
-                return y
-        elif (
-            mask is None
-            and (self.training or not tracking)
-            and _direct.route(x, under_autocast=True)
-            and x.dim() in self._dims
-            and x.shape[1] == self.num_features
-        ):
-            train = tracking and self.training  # on a GPU: torch's own kernel, buffers guarded
-            y = _direct.batch_norm_train(
+        step = None  # a fast path: one call with the same interface either way
+        if mask is None and (self.training or not tracking):
+            if _fast.eligible(x):  # plain eager on a CPU tensor: one fused call (and one for the backward)
+                step = _fast.batch_norm_train
+            elif _direct.route(x, under_autocast=True):  # on a GPU: torch's own kernel, buffers guarded
+                step = _direct.batch_norm_train
+        if step is not None and x.dim() in self._dims and x.shape[1] == self.num_features:
+            train = tracking and self.training
+            y = step(
                 x,
                 self.weight,
                 self.bias,

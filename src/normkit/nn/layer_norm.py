@@ -186,18 +186,14 @@ class LayerNorm2d(nn.LayerNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor) -> Tensor:
-        if _fast.eligible(x) and x.dim() >= 3 and x.shape[1] == self.num_channels:  # one fused call
+        # a fast path, with the same interface: the fused CPU kernels (plain eager on a CPU tensor, one
+        # call each way) or torch's own op (on a GPU)
+        fast = _fast if _fast.eligible(x) else _direct if _direct.route(x) else None
+        if fast is not None and x.dim() >= 3 and x.shape[1] == self.num_channels:
             if self.over == "chw":
-                y = _fast.group_norm(x, 1, self.weight, self.bias, self.eps)
+                y = fast.group_norm(x, 1, self.weight, self.bias, self.eps)
             else:
-                y = _fast.layer_norm_c(x, self.weight, self.bias, self.eps)
-            if y is not None:
-                return y
-        elif _direct.route(x) and x.dim() >= 3 and x.shape[1] == self.num_channels:  # a GPU: torch's op
-            if self.over == "chw":
-                y = _direct.group_norm(x, 1, self.weight, self.bias, self.eps)
-            else:
-                y = _direct.layer_norm_2d(x, self.weight, self.bias, self.eps)
+                y = fast.layer_norm_c(x, self.weight, self.bias, self.eps)
             if y is not None:
                 return y
         leaf = fx_leaf(self, x, root_traceable=True)

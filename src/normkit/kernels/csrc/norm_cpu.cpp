@@ -593,8 +593,9 @@ inline BackCoef back_coef(const O* st, int64_t nsets, int64_t k, double g_sum, d
 
 // ---- rows: GROUP_NCHW with S == 1 (LayerNorm over trailing dims, LayerNorm2d on channels_last) --------
 // Each row (sample) holds G sets of Cg contiguous values, with a per-element affine.
-//  * short sets (Cg <= SHORT) are processed RB at a time, so their short reductions form independent
-//    dependency chains (one set alone is latency-bound: a row of 64 floats is four vector adds);
+//  * the forward processes short sets (Cg <= SHORT) RB at a time, so their short reductions form
+//    independent dependency chains (one set alone is latency-bound: a row of 64 floats is four vector
+//    adds); the backward takes one set at a time (see rows_bwd_set);
 //  * the backward accumulates dweight / dbias in float per column for up to RFLUSH rows, then in
 //    double (a double read-modify-write per element would cost more than the data);
 //  * long sets (Cg > LONG_ROW) take the backward in two parallel passes: the per-set sums by chunks,
@@ -636,8 +637,7 @@ inline void fence(bool stream) {
 #endif
 }
 
-constexpr int RB = 4;  // (tried 1, 2, 4, 8 with 32- and 64-byte lanes here: 4 x 32 bytes was fastest)
-constexpr int64_t RSHORT = 512;      // sets interleaved RB at a time in the backward up to this length
+constexpr int RB = 4;  // sets interleaved in the forward (tried 1, 2, 4, 8 with 32- and 64-byte lanes: 4 x 32 bytes)
 constexpr int64_t RFLUSH = 256;      // rows of dweight / dbias terms summed in float before a flush
 constexpr int64_t LONG_ROW = 16384;  // longer sets: the column-tiled backward
 constexpr int64_t RTILE = 2048;      // columns per tile of that backward
@@ -799,62 +799,34 @@ inline void row_dx(const T* __restrict gp, const T* __restrict xp, const O* __re
   }
 }
 
-// The backward of R sets k .. k + R - 1 of at most LONG_ROW values: sums from memory, dx from cache.
+// The backward of set k (at most LONG_ROW values): sums from memory, dx from cache. One set at a time:
+// interleaving 2 or 4 sets (as the forward does) was measured 1.2-1.5x slower here at 6272 rows of 256
+// with a fresh dx (`python benchmarks/ab_kernels.py --modes rows`), and no faster at 64 or 128.
 // aw / ab: float accumulators over the C columns (or null).
-template <int R, bool W, typename T, typename O>
-inline void rows_bwd_sets(const T* dy, const T* x, const O* w, const O* st, T* dx, O* aw, O* ab, int64_t nsets,
-                          int64_t k, int64_t Cg, int64_t G) {
+template <bool W, typename T, typename O>
+inline void rows_bwd_set(const T* dy, const T* x, const O* w, const O* st, T* dx, O* aw, O* ab, int64_t nsets,
+                         int64_t k, int64_t Cg, int64_t G) {
   constexpr int L = row_lanes<O>();
   const int64_t body = Cg - Cg % L;
-  O a1[R][L] = {}, a2[R][L] = {};
-  const T* gp0 = dy + k * Cg;  // set r at gp0 + r * Cg (affine indexing: the loops vectorise)
-  const T* xp0 = x + k * Cg;
-  const O* wc[R];
-  O shift[R];
-  for (int r = 0; r < R; ++r) {
-    wc[r] = W ? w + (G == 1 ? 0 : ((k + r) % G) * Cg) : nullptr;
-    shift[r] = st[k + r];
+  O a1[L] = {}, a2[L] = {};
+  const T* gp = dy + k * Cg;
+  const T* xp = x + k * Cg;
+  const int64_t c0 = G == 1 ? 0 : (k % G) * Cg;
+  const O* wc = W ? w + c0 : nullptr;
+  const O shift = st[k];
+  wdsums<L, W, T, O>(gp, xp, wc, body, shift, a1, a2);
+  double g_sum = hsum<L, O>(a1), gd_sum = hsum<L, O>(a2);
+  for (int64_t j = body; j < Cg; ++j) {
+    O gw = cv<O>(gp[j]);
+    if constexpr (W) gw *= wc[j];
+    g_sum += gw;
+    gd_sum += static_cast<double>(gw) * (cv<O>(xp[j]) - shift);
   }
-  if constexpr (R == 1) {
-    wdsums<L, W, T, O>(gp0, xp0, wc[0], body, shift[0], a1[0], a2[0]);
-  } else if (!W || G == 1) {  // one weight row for all R sets
-    const O* w0 = wc[0];
-    for (int64_t i = 0; i < body; i += L)
-      for (int r = 0; r < R; ++r) {
-        const O sh = shift[r];
-#pragma omp simd
-        for (int l = 0; l < L; ++l) {
-          O gw = cv<O>(gp0[r * Cg + i + l]);
-          if constexpr (W) gw *= w0[i + l];
-          a1[r][l] += gw;
-          a2[r][l] += gw * (cv<O>(xp0[r * Cg + i + l]) - sh);
-        }
-      }
-  } else {
-    for (int r = 0; r < R; ++r) wdsums<L, W, T, O>(gp0 + r * Cg, xp0 + r * Cg, wc[r], body, shift[r], a1[r], a2[r]);
-  }
-  const double invn = 1.0 / static_cast<double>(Cg);
-  const T *gp[R], *xp[R];
-  for (int r = 0; r < R; ++r) {
-    gp[r] = gp0 + r * Cg;
-    xp[r] = xp0 + r * Cg;
-  }
-  for (int r = 0; r < R; ++r) {
-    double g_sum = hsum<L, O>(a1[r]), gd_sum = hsum<L, O>(a2[r]);
-    for (int64_t j = body; j < Cg; ++j) {
-      O gw = cv<O>(gp[r][j]);
-      if constexpr (W) gw *= wc[r][j];
-      g_sum += gw;
-      gd_sum += static_cast<double>(gw) * (cv<O>(xp[r][j]) - shift[r]);
-    }
-    const int64_t kk = k + r;
-    const double inv = st[nsets + kk], cm = st[2 * nsets + kk], rstd = st[3 * nsets + kk];
-    auto kc = back_coef_n<O>(st, nsets, kk, g_sum, gd_sum * inv, invn);
-    const int64_t c0 = G == 1 ? 0 : (kk % G) * Cg;
-    row_dx<W, T, O>(gp[r], xp[r], wc[r], dx ? dx + kk * Cg : nullptr, aw ? aw + c0 : nullptr, ab ? ab + c0 : nullptr,
-                    Cg, shift[r], static_cast<O>(kc.tr), static_cast<O>(kc.bx), static_cast<O>(kc.cc),
-                    static_cast<O>(inv * rstd), static_cast<O>(cm * rstd));
-  }
+  const double inv = st[nsets + k], cm = st[2 * nsets + k], rstd = st[3 * nsets + k];
+  auto kc = back_coef_n<O>(st, nsets, k, g_sum, gd_sum * inv, 1.0 / static_cast<double>(Cg));
+  row_dx<W, T, O>(gp, xp, wc, dx ? dx + k * Cg : nullptr, aw ? aw + c0 : nullptr, ab ? ab + c0 : nullptr, Cg, shift,
+                  static_cast<O>(kc.tr), static_cast<O>(kc.bx), static_cast<O>(kc.cc), static_cast<O>(inv * rstd),
+                  static_cast<O>(cm * rstd));
 }
 
 // dweight / dbias (D: double, or the statistics dtype straight into the caller's tensors) are stored,
@@ -981,9 +953,7 @@ void rows_backward_w(const T* dy, const T* x, const O* w, const O* st, T* dx, do
       const int64_t kend = (N * (blk + 1) / blocks) * G;
       for (int64_t k = (N * blk / blocks) * G; k < kend;) {
         const int64_t kstop = std::min(kend, k + RFLUSH * G);  // then flush the float sums
-        if (Cg <= RSHORT)
-          for (; k + RB <= kstop; k += RB) rows_bwd_sets<RB, W, T, O>(dy, x, w, st, dx, AW, AB, nsets, k, Cg, G);
-        for (; k < kstop; ++k) rows_bwd_sets<1, W, T, O>(dy, x, w, st, dx, AW, AB, nsets, k, Cg, G);
+        for (; k < kstop; ++k) rows_bwd_set<W, T, O>(dy, x, w, st, dx, AW, AB, nsets, k, Cg, G);
         if (need_p) {
           double* PW = pw.data() + blk * C;
           double* PB = pb.data() + blk * C;

@@ -161,14 +161,15 @@ def split(monkeypatch):
 
     monkeypatch.setattr(nkt, "_FORCE_CHUNK", 16)
     launched = []
-    real = nkt._chunking
+    for name in ("_chunking", "_ce_chunks"):  # the per-set walk's chunks; the (C, E) walks' (BatchNorm cl)
+        real = getattr(nkt, name)
 
-    def spy(*a, **k):
-        out = real(*a, **k)
-        launched.append(out[0])
-        return out
+        def spy(*a, _real=real, **k):
+            out = _real(*a, **k)
+            launched.append(out[0])
+            return out
 
-    monkeypatch.setattr(nkt, "_chunking", spy)
+        monkeypatch.setattr(nkt, name, spy)
     return launched
 
 
@@ -184,6 +185,35 @@ def test_split_reduction_matches_the_float64_oracle(name, layout, dtype, split, 
     _close(y, yo, TOL[dtype])
     for g, e in zip(got, exp):
         _close(g, e, GTOL[dtype])
+
+
+@pytest.mark.parametrize("shape", [(4, 70, 9, 9), (37, 70)], ids=["cl-4d", "bn1d"])
+def test_batch_norm_channels_last_runs_in_blocks_of_channels(shape, split, monkeypatch):
+    # BatchNorm on rows of C contiguous channels (channels_last; BatchNorm1d on (N, C)) takes the (C, E)
+    # kernels: blocks of 64 channels (70: a ragged second block) by chunks of 16 rows; 324 rows make
+    # 21 chunks, more than one step (16) of the per-channel combination of the chunks
+    from normkit.kernels import triton as nkt
+
+    walks = []
+    real = nkt._bn_cl_walk
+    monkeypatch.setattr(nkt, "_bn_cl_walk", lambda *a: walks.append(real(*a)) or walks[-1])
+    layout = "cl" if len(shape) == 4 else "nchw"
+    for dtype in (torch.float32, torch.bfloat16):
+        y, yo, got, exp, _ = _case("bn", shape, dtype, layout, seed=31)
+        _close(y, yo, TOL[dtype])
+        for g, e in zip(got, exp):
+            _close(g, e, GTOL[dtype])
+    assert walks and all(w[1] == 64 for w in walks), walks
+    assert max(w[4] for w in walks) == (21 if len(shape) == 4 else 3), walks
+    # one shift and scale per channel over all its chunks: 1e4 + 1e-2 noise stays at fp32 accuracy
+    y, yo, got, exp, _ = _case("bn", shape, torch.float32, layout, scale=1e-2, offset=1e4, seed=32)
+    _close(y, yo, 1e-3)
+    for g, e in zip(got, exp):
+        _close(g, e, 1e-2)
+    # no weight: the gradient of x alone
+    y, yo, got, exp, _ = _case("bn", shape, torch.float32, layout, affine=False, seed=33)
+    _close(y, yo, TOL[torch.float32])
+    _close(got[0], exp[0], GTOL[torch.float32])
 
 
 @pytest.mark.parametrize("name", ["bn", "gn2"])

@@ -7,7 +7,9 @@ call when triton is installed (or, with ``TRITON_INTERPRET=1``, for CPU tensors 
 Kernels (``_kernels.py``) → launchers here, which return the saved statistics in the reference's
 format (so any backend's backward accepts them) → :func:`normkit.kernels.norm_forward` /
 :func:`normkit.kernels.norm_backward` dispatch. Every kernel pattern of the CPU kernels is covered
-by one parametrised kernel pair; see ``_kernels.py``.
+by one parametrised kernel pair (one program per set), except BatchNorm on rows of contiguous
+channels (channels-last, BatchNorm1d), which takes blocks of channels (the ``bn_*`` kernels); see
+``_kernels.py``.
 
 Example:
     >>> import normkit.kernels.triton as nkt
@@ -164,6 +166,79 @@ def _tiling(x: Tensor, p: Plan) -> tuple[int, tuple[int, ...], int, int, bool, i
     return (nsets, walk, *_chunking(nsets, walk[0], walk[1], BC, BM, x.device))
 
 
+_BN_BJ = 16  # chunks per step of the BatchNorm kernels' per-channel combination (bounds registers)
+
+
+def _bn_cl_walk(p: Plan, device: torch.device) -> tuple[tuple[int, ...], int, int, int, int]:
+    """BatchNorm on channels-last memory (``p.mode == 1``: rows of ``C`` contiguous channels) as the
+    (C, E) walk of the ``bn_*`` kernels: ``((C, E, E2, s_c, s_e1, s_e2, CH, nchunks), BCC, BE, BJ,
+    nchunks)``, blocks of up to 64 channels by chunks of rows that fill the device."""
+    C, E = p.C, p.N * p.S
+    BCC = min(next_power_of_2(C), 64)
+    BE = max(1, min(next_power_of_2(E), 2048 // BCC))
+    nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, device)
+    return (C, E, E, 1, 0, C, ch, nchunks), BCC, BE, min(_BN_BJ, next_power_of_2(nchunks)), nchunks
+
+
+def _bn_cl_forward(
+    x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]
+) -> tuple[Tensor, Tensor]:
+    _kernels = _kern()
+    acc, tacc = _acc(x)
+    walk, BCC, BE, BJ, nchunks = _bn_cl_walk(p, x.device)
+    C = walk[0]
+    grid = (cdiv(C, BCC), nchunks)
+    y = torch.empty_like(x)
+    stats = torch.empty((core.STAT_ROWS, *stat_shape), dtype=acc, device=x.device)
+    hl = torch.empty((2, C, nchunks), dtype=acc, device=x.device)
+    pm = torch.empty((3, C, nchunks), dtype=acc, device=x.device)
+    bound = 1022.0 if acc == torch.float64 else 126.0
+    _kernels.bn_minmax_kernel[grid](x, hl, *walk, ACC=tacc, BCC=BCC, BE=BE)
+    _kernels.bn_moments_kernel[grid](x, hl, pm, *walk, bound, ACC=tacc, BCC=BCC, BE=BE, BJ=BJ)
+    _kernels.bn_apply_kernel[grid](
+        x,
+        y,
+        w if w is not None else x,
+        b if b is not None else x,
+        stats,
+        hl,
+        pm,
+        *walk,
+        float(eps),
+        bound,
+        HAS_W=w is not None,
+        HAS_B=b is not None,
+        ACC=tacc,
+        BCC=BCC,
+        BE=BE,
+        BJ=BJ,
+    )
+    return y, stats
+
+
+def _bn_cl_backward(
+    dy: Tensor, x: Tensor, w: Tensor | None, stats: Tensor, p: Plan, need_x: bool, need_p: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    _kernels = _kern()
+    acc, tacc = _acc(x)
+    walk, BCC, BE, BJ, nchunks = _bn_cl_walk(p, x.device)
+    C = walk[0]
+    grid = (cdiv(C, BCC), nchunks)
+    part = torch.empty((2, C, nchunks), dtype=acc, device=x.device)
+    _kernels.bn_bwd_sums_kernel[grid](dy, x, stats, part, *walk, ACC=tacc, BCC=BCC, BE=BE)
+    dx = None
+    if need_x:
+        dx = torch.empty_like(x)
+        wt = w if w is not None else x
+        _kernels.bn_bwd_dx_kernel[grid](
+            dy, x, wt, stats, part, dx, *walk, HAS_W=w is not None, ACC=tacc, BCC=BCC, BE=BE, BJ=BJ
+        )
+    if not need_p:
+        return dx, None, None
+    sums = part.sum(2)
+    return dx, sums[1], sums[0]
+
+
 def forward(
     x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]
 ) -> tuple[Tensor, Tensor]:
@@ -179,6 +254,8 @@ def forward(
         >>> y, stats = forward(x, None, None, p, 1e-5, [2, 4, 1, 1])  # doctest: +SKIP
     """
 
+    if p.mode == 1:
+        return _bn_cl_forward(x, w, b, p, eps, stat_shape)
     _kernels = _kern()
 
     acc, tacc = _acc(x)
@@ -257,6 +334,8 @@ def backward(
         >>> dx, dw, db = backward(torch.randn_like(x), x, None, stats, p, True, False)  # doctest: +SKIP
     """
 
+    if p.mode == 1:
+        return _bn_cl_backward(dy, x, w, stats, p, need_x, need_p)
     _kernels = _kern()
 
     acc, tacc = _acc(x)

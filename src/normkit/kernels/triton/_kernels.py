@@ -1,4 +1,5 @@
-"""Triton kernels of ``normkit::norm``: one program per set, the set seen as a ``(NC, M)`` matrix.
+"""Triton kernels of ``normkit::norm``: one program per set, the set seen as a ``(NC, M)`` matrix
+(BatchNorm on rows of contiguous channels: blocks of channels, the ``bn_*`` kernels below).
 
 Every kernel pattern of :mod:`normkit.kernels._plan` (BN on NCHW / channels-last, GN / IN / LN over
 (C, H, W) on NCHW / channels-last, LN over a last dim, LayerNorm2d over C) is one parametrisation
@@ -555,6 +556,201 @@ def split_bwd_dx_kernel(
             g = _affine(dy, W, W, cbase + ci, ci < c_hi, HAS_W, False, ACC)
             dx = rt * (g - mg - xh * mgx)
             tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --- BatchNorm on channels-last memory: blocks of channels, chunks of rows -------------------------
+#
+# The per-set walk above gives BatchNorm channels-last one program per channel, whose values lie C
+# apart: every load is its own memory transaction (measured 9-13x torch's time on an H200). Here a
+# program takes a block of BCC channels, contiguous in every row, and a chunk of rows (the (C, E)
+# walk of Proxy Norm's step below: element (c, e) at c * s_c + (e // E2) * s_e1 + (e % E2) * s_e2),
+# so each row of the tile is one coalesced load; every reduction is per channel (axis 1). Three
+# launches forward (max / min; count, mean and centred second moment of the scaled values; the output
+# after Chan's combination of the chunks), two backward (sum dy and sum dy * x_hat; dx). The saved
+# statistics are the per-set kernels' (one set per channel), so either backward reads either's.
+
+
+@triton.jit
+def _bn_chunk(C, E, CH, BCC: tl.constexpr):
+    c0 = tl.program_id(0) * BCC
+    jc = tl.program_id(1)
+    ci = c0 + tl.arange(0, BCC)
+    e_lo = jc * CH
+    return c0, jc, ci, ci < C, e_lo, tl.minimum(e_lo + CH, E)
+
+
+@triton.jit
+def _bn_idx(ci, cm, j0, nchunks, BJ: tl.constexpr):
+    j = j0 + tl.arange(0, BJ)
+    return ci.to(tl.int64)[:, None] * nchunks + j[None, :], cm[:, None] & (j < nchunks)[None, :]
+
+
+@triton.jit
+def _bn_scale(HL, ci, cm, C, nchunks, exp_bound, ACC: tl.constexpr, BCC: tl.constexpr, BJ: tl.constexpr):
+    """Per channel of the block: the shift and scale from every chunk's max / min (as _set_scale),
+    BJ chunks at a time (a BatchNorm on a large GPU has hundreds of chunks per channel)."""
+    h = tl.full([BCC], float("-inf"), ACC)
+    lw = tl.full([BCC], float("inf"), ACC)
+    for j0 in range(0, nchunks, BJ):
+        idx, m = _bn_idx(ci, cm, j0, nchunks, BJ)
+        h = tl.maximum(h, tl.max(tl.load(HL + idx, mask=m, other=float("-inf")), axis=1))
+        lw = tl.minimum(lw, tl.min(tl.load(HL + C * nchunks + idx, mask=m, other=float("inf")), axis=1))
+    return _shift_scale(tl.where(cm, h, 1.0), tl.where(cm, lw, 1.0), exp_bound)  # (masked: any finite)
+
+
+@triton.jit
+def _bn_combine(PM, ci, cm, C, nchunks, ACC: tl.constexpr, BCC: tl.constexpr, BJ: tl.constexpr):
+    """Per channel: ``(count, mean, var)`` of the scaled values from the chunks' (count, mean, M2)
+    by Chan et al.'s formula (the mean first, then every chunk's M2 plus its mean's deviation)."""
+    n = tl.zeros([BCC], ACC)
+    s = tl.zeros([BCC], ACC)
+    for j0 in range(0, nchunks, BJ):
+        idx, m = _bn_idx(ci, cm, j0, nchunks, BJ)
+        cnt = tl.load(PM + idx, mask=m, other=0.0)
+        n += tl.sum(cnt, axis=1)
+        s += tl.sum(cnt * tl.load(PM + C * nchunks + idx, mask=m, other=0.0), axis=1)
+    nn = tl.maximum(n, 1.0)
+    mean = s / nn
+    q = tl.zeros([BCC], ACC)
+    for j0 in range(0, nchunks, BJ):
+        idx, m = _bn_idx(ci, cm, j0, nchunks, BJ)
+        cnt = tl.load(PM + idx, mask=m, other=0.0)
+        dm = tl.load(PM + C * nchunks + idx, mask=m, other=0.0) - mean[:, None]
+        q += tl.sum(tl.load(PM + 2 * C * nchunks + idx, mask=m, other=0.0) + cnt * dm * dm, axis=1)
+    return n, mean, q / nn
+
+
+@triton.jit
+def _bn_psum(P, ci, cm, nchunks, ACC: tl.constexpr, BCC: tl.constexpr, BJ: tl.constexpr):
+    """Per channel: the sum over chunks of one (C, nchunks) row block of partial sums."""
+    t = tl.zeros([BCC], ACC)
+    for j0 in range(0, nchunks, BJ):
+        idx, m = _bn_idx(ci, cm, j0, nchunks, BJ)
+        t += tl.sum(tl.load(P + idx, mask=m, other=0.0), axis=1)
+    return t
+
+
+@triton.jit
+def _bn_saved(ST, ci, cm, C, ACC: tl.constexpr):
+    shift = tl.load(ST + ci, mask=cm, other=0.0).to(ACC)
+    inv = tl.load(ST + C + ci, mask=cm, other=1.0).to(ACC)
+    cmean = tl.load(ST + 2 * C + ci, mask=cm, other=0.0).to(ACC)
+    rstd = tl.load(ST + 3 * C + ci, mask=cm, other=0.0).to(ACC)
+    return shift, inv, cmean, rstd
+
+
+@triton.jit
+def bn_minmax_kernel(
+    X, HL, C, E, E2, s_c, s_e1, s_e2, CH, nchunks,
+    ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    c0, jc, ci, cm, e_lo, e_hi = _bn_chunk(C, E, CH, BCC)
+    hi = tl.full([BCC, BE], float("-inf"), ACC)
+    lo = tl.full([BCC, BE], float("inf"), ACC)
+    for e0 in range(e_lo, e_hi, BE):
+        _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
+        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
+        lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
+    row = ci.to(tl.int64) * nchunks + jc
+    tl.store(HL + row, tl.max(hi, axis=1), mask=cm)
+    tl.store(HL + C * nchunks + row, tl.min(lo, axis=1), mask=cm)
+
+
+@triton.jit
+def bn_moments_kernel(
+    X, HL, PM, C, E, E2, s_c, s_e1, s_e2, CH, nchunks, exp_bound,
+    ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr, BJ: tl.constexpr,
+):  # fmt: skip
+    c0, jc, ci, cm, e_lo, e_hi = _bn_chunk(C, E, CH, BCC)
+    mid, inv = _bn_scale(HL, ci, cm, C, nchunks, exp_bound, ACC, BCC, BJ)
+    cnt = tl.zeros([BCC, BE], ACC)
+    mean = tl.zeros([BCC, BE], ACC)
+    m2 = tl.zeros([BCC, BE], ACC)
+    for e0 in range(e_lo, e_hi, BE):  # Welford per lane, as _moments
+        _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
+        v = (tl.load(X + off, mask=mask, other=0.0).to(ACC) - mid[:, None]) * inv[:, None]
+        cnt += tl.where(mask, 1.0, 0.0)
+        d = tl.where(mask, v - mean, 0.0)
+        mean += d / tl.maximum(cnt, 1.0)
+        m2 += d * tl.where(mask, v - mean, 0.0)
+    n = tl.sum(cnt, axis=1)
+    mb = tl.sum(cnt * mean, axis=1) / tl.maximum(n, 1.0)
+    dm = mean - mb[:, None]
+    row = ci.to(tl.int64) * nchunks + jc
+    tl.store(PM + row, n, mask=cm)
+    tl.store(PM + C * nchunks + row, mb, mask=cm)
+    tl.store(PM + 2 * C * nchunks + row, tl.sum(m2 + cnt * dm * dm, axis=1), mask=cm)
+
+
+@triton.jit
+def bn_apply_kernel(
+    X, Y, W, B, ST, HL, PM, C, E, E2, s_c, s_e1, s_e2, CH, nchunks, eps, exp_bound,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
+    BJ: tl.constexpr,
+):  # fmt: skip
+    c0, jc, ci, cm, e_lo, e_hi = _bn_chunk(C, E, CH, BCC)
+    mid, inv = _bn_scale(HL, ci, cm, C, nchunks, exp_bound, ACC, BCC, BJ)
+    n, cmean, var = _bn_combine(PM, ci, cm, C, nchunks, ACC, BCC, BJ)
+    rstd = _rstd(var, inv, eps)
+    for e0 in range(e_lo, e_hi, BE):
+        _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
+        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        y = ((x - mid[:, None]) * inv[:, None] - cmean[:, None]) * rstd[:, None]
+        y = _affine(y, W, B, ci, cm, HAS_W, HAS_B, ACC)
+        tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+    if jc == 0:
+        tl.store(ST + ci, mid, mask=cm)
+        tl.store(ST + C + ci, inv, mask=cm)
+        tl.store(ST + 2 * C + ci, cmean, mask=cm)
+        tl.store(ST + 3 * C + ci, rstd, mask=cm)
+        tl.store(ST + 4 * C + ci, var, mask=cm)
+        tl.store(ST + 5 * C + ci, n, mask=cm)
+
+
+@triton.jit
+def bn_bwd_sums_kernel(
+    DY, X, ST, P, C, E, E2, s_c, s_e1, s_e2, CH, nchunks,
+    ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    """Per channel and chunk: sum dy (dbias) and sum dy * x_hat (dweight); with the per-channel
+    weight, the dx formula's sums of g = w * dy are these times w."""
+    c0, jc, ci, cm, e_lo, e_hi = _bn_chunk(C, E, CH, BCC)
+    shift, inv, cmean, rstd = _bn_saved(ST, ci, cm, C, ACC)
+    s1 = tl.zeros([BCC, BE], ACC)
+    s2 = tl.zeros([BCC, BE], ACC)
+    for e0 in range(e_lo, e_hi, BE):
+        _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
+        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
+        s1 += dy
+        s2 += dy * tl.where(mask, ((x - shift[:, None]) * inv[:, None] - cmean[:, None]) * rstd[:, None], 0.0)
+    row = ci.to(tl.int64) * nchunks + jc
+    tl.store(P + row, tl.sum(s1, axis=1), mask=cm)
+    tl.store(P + C * nchunks + row, tl.sum(s2, axis=1), mask=cm)
+
+
+@triton.jit
+def bn_bwd_dx_kernel(
+    DY, X, W, ST, P, DX, C, E, E2, s_c, s_e1, s_e2, CH, nchunks,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr, BJ: tl.constexpr,
+):  # fmt: skip
+    c0, jc, ci, cm, e_lo, e_hi = _bn_chunk(C, E, CH, BCC)
+    shift, inv, cmean, rstd = _bn_saved(ST, ci, cm, C, ACC)
+    n = tl.load(ST + 5 * C + ci, mask=cm, other=1.0).to(ACC)
+    w = tl.full([BCC], 1.0, ACC)
+    if HAS_W:
+        w = tl.load(W + ci, mask=cm, other=1.0).to(ACC)
+    mg = w * _bn_psum(P, ci, cm, nchunks, ACC, BCC, BJ) / n
+    mgx = w * _bn_psum(P + C * nchunks, ci, cm, nchunks, ACC, BCC, BJ) / n
+    rt = rstd * inv  # the true 1 / sqrt(var + eps)
+    for e0 in range(e_lo, e_hi, BE):
+        _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
+        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
+        xh = ((x - shift[:, None]) * inv[:, None] - cmean[:, None]) * rstd[:, None]
+        dx = rt[:, None] * (w[:, None] * dy - mg[:, None] - xh * mgx[:, None])
+        tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 # --- Proxy Norm's activation step: out = (act(w * y + b) - m) * rstd, per channel ------------------

@@ -121,7 +121,8 @@ def test_every_op_matches_float64_oracle(name, layout, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["gn4", "in", "gn1"])
 def test_channels_last_group_kernels_on_both_schedules(name, dtype, threads):
-    """GroupNorm on channels_last runs one sample per task when N >= threads, else the blocked kernels."""
+    """GroupNorm on channels_last runs one sample per task when N >= threads (the forward only up to
+    8 MB), else the blocked kernels."""
     fn, ref = OPS[name]
     shape = (3, 8, 9, 5)
     g = torch.Generator().manual_seed(7)
@@ -139,6 +140,27 @@ def test_channels_last_group_kernels_on_both_schedules(name, dtype, threads):
     for got, exp in zip(grads, egrads):
         _close(got, exp, GTOL[dtype])
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_group_norm_above_the_per_sample_forward_size():
+    """Above 8 MB the channels-last GroupNorm forward takes the blocked kernels even when N >= threads,
+    while the backward stays per sample: (2, 64, 128, 129) float32 is 8.5 MB."""
+    fn, ref = OPS["gn4"]
+    shape = (2, 64, 128, 129)
+    g = torch.Generator().manual_seed(8)
+    x = (3.0 + torch.randn(shape, generator=g, dtype=F64)).to(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=g, dtype=F64).to(memory_format=torch.channels_last)
+    w, b = _params("gn4", shape, True, 3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        y, grads = _run(fn, x, w, b, dy, torch.float32, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    ey, egrads = _oracle(ref, x, w, b, dy.double())
+    _close(y, ey, TOL[torch.float32])
+    for got, exp in zip(grads, egrads):
+        _close(got, exp, GTOL[torch.float32])
 
 
 @pytest.mark.parametrize(

@@ -606,6 +606,11 @@ inline BackCoef back_coef(const O* st, int64_t nsets, int64_t k, double g_sum, d
 // writes (measured: the long-row LayerNorm forward at (32, 64*56*56) 1.8 -> 1.55 ms; at (8, 256*28*28),
 // whose output stays in cache, streaming costs 0.29 -> 0.35 ms, hence the threshold).
 constexpr int64_t STREAM_BYTES = int64_t(16) << 20;
+// The channels-last GroupNorm forward takes a sample at a time (statistics, then the output from this
+// core's cache) only for inputs up to this size: beyond it the blocked schedule (all statistics, then
+// all outputs) measured faster, 1.35-1.4x at (32, 32, 56, 56) and (32, 64, 56, 56) with fresh outputs
+// (`python benchmarks/ab_kernels.py --base d074594~1 --modes group_cl`).
+constexpr int64_t SAMPLE_FWD_BYTES = int64_t(8) << 20;
 constexpr int64_t EMIT = 1024;  // outputs per L1 buffer of those stores
 
 // Writes n outputs at q through `fill(j, len, dst)` (which writes outputs j .. j + len - 1 to dst); with
@@ -1073,7 +1078,7 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
         for (int64_t n = 0; n < N; ++n) run_apply<T, O>(x + (n * C + c) * S, y + (n * C + c) * S, S, s.shift, A, B);
       }
     });
-  } else if (mode == GROUP_CL && N >= nthreads) {
+  } else if (mode == GROUP_CL && N >= nthreads && N * S * C * static_cast<int64_t>(sizeof(T)) <= SAMPLE_FWD_BYTES) {
     // a sample at a time, statistics then output: the second read of the sample comes from cache
     const int64_t group = C / G;
     torch::stable::parallel_for(0, N, grain(S * C), [&](int64_t n0, int64_t n1) {

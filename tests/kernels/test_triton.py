@@ -216,6 +216,32 @@ def test_batch_norm_channels_last_runs_in_blocks_of_channels(shape, split, monke
     _close(got[0], exp[0], GTOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=str)
+def test_layer_norm_2d_on_nchw_runs_in_blocks_of_positions(dtype, split, monkeypatch):
+    # LayerNorm2d on NCHW (a set: one position's C values, S apart) takes the (C, E) kernels: under
+    # _FORCE_CHUNK blocks of 16 positions by tiles of 16 channels. 3 * 9 * 7 = 189 positions make 12
+    # blocks (a ragged last one; blocks straddle the images' edges) and 37 channels make 3 tiles
+    from normkit.kernels import triton as nkt
+
+    walks = []
+    real = nkt._ln2d_walk
+    monkeypatch.setattr(nkt, "_ln2d_walk", lambda *a: walks.append(real(*a)) or walks[-1])
+    y, yo, got, exp, _ = _case("ln2d", (3, 37, 9, 7), dtype, "nchw", seed=41)
+    _close(y, yo, TOL[dtype])
+    for g, e in zip(got, exp):
+        _close(g, e, GTOL[dtype])
+    assert len(walks) == 2 and all(w[1:] == (16, 16) for w in walks), walks
+    if dtype == torch.float32:
+        # a shift and scale per position: 1e4 + 1e-2 noise stays at fp32 accuracy; no affine
+        y, yo, got, exp, _ = _case("ln2d", (3, 37, 9, 7), dtype, "nchw", scale=1e-2, offset=1e4, seed=42)
+        _close(y, yo, 1e-3)
+        for g, e in zip(got, exp):
+            _close(g, e, 1e-2)
+        y, yo, got, exp, _ = _case("ln2d", (3, 37, 9, 7), dtype, "nchw", affine=False, seed=43)
+        _close(y, yo, TOL[dtype])
+        _close(got[0], exp[0], GTOL[dtype])
+
+
 @pytest.mark.parametrize("name", ["bn", "gn2"])
 def test_split_reduction_keeps_the_shifted_accuracy(name, split):
     # the chunks share one shift and scale (from all chunks' max / min): 1e4 + 1e-2 noise stays exact

@@ -8,8 +8,8 @@ Kernels (``_kernels.py``) → launchers here, which return the saved statistics 
 format (so any backend's backward accepts them) → :func:`normkit.kernels.norm_forward` /
 :func:`normkit.kernels.norm_backward` dispatch. Every kernel pattern of the CPU kernels is covered
 by one parametrised kernel pair (one program per set), except BatchNorm on rows of contiguous
-channels (channels-last, BatchNorm1d), which takes blocks of channels (the ``bn_*`` kernels); see
-``_kernels.py``.
+channels (channels-last, BatchNorm1d), which takes blocks of channels (the ``bn_*`` kernels), and
+LayerNorm2d on NCHW, which takes blocks of positions (the ``ln2d_*`` kernels); see ``_kernels.py``.
 
 Example:
     >>> import normkit.kernels.triton as nkt
@@ -239,6 +239,81 @@ def _bn_cl_backward(
     return dx, sums[1], sums[0]
 
 
+def _ln2d_walk(p: Plan, device: torch.device) -> tuple[tuple[int, ...], int, int]:
+    """LayerNorm2d on NCHW memory (``p.mode == 4``: set (n, s) = C values S apart) as the (C, E) walk
+    of the ``ln2d_*`` kernels: ``((C, E, E2, s_c, s_e1, s_e2), BCC, BE)``, blocks of BE positions
+    (up to 256, fewer where that leaves the device short of programs; 16 under ``_FORCE_CHUNK``, so
+    the tests cross several blocks and channel tiles) by tiles of channels."""
+    C, S = p.C, p.S
+    E = p.N * S
+    if _FORCE_CHUNK is not None:
+        BE = BCC = 16
+    else:
+        BE = min(256, next_power_of_2(E))
+        while BE > 32 and cdiv(E, BE) < _programs(device):
+            BE //= 2
+        BCC = max(1, min(next_power_of_2(C), 2048 // BE))
+    return (C, E, S, S, C * S, 1), BCC, BE
+
+
+def _ln2d_forward(
+    x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]
+) -> tuple[Tensor, Tensor]:
+    _kernels = _kern()
+    acc, tacc = _acc(x)
+    walk, BCC, BE = _ln2d_walk(p, x.device)
+    y = torch.empty_like(x)
+    stats = torch.empty((core.STAT_ROWS, *stat_shape), dtype=acc, device=x.device)
+    _kernels.ln2d_fwd_kernel[(cdiv(walk[1], BE),)](
+        x,
+        y,
+        w if w is not None else x,
+        b if b is not None else x,
+        stats,
+        *walk,
+        float(eps),
+        1022.0 if acc == torch.float64 else 126.0,
+        HAS_W=w is not None,
+        HAS_B=b is not None,
+        ACC=tacc,
+        BCC=BCC,
+        BE=BE,
+    )
+    return y, stats
+
+
+def _ln2d_backward(
+    dy: Tensor, x: Tensor, w: Tensor | None, stats: Tensor, p: Plan, need_x: bool, need_p: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    _kernels = _kern()
+    acc, tacc = _acc(x)
+    walk, BCC, BE = _ln2d_walk(p, x.device)
+    C, E = walk[0], walk[1]
+    nblocks = cdiv(E, BE)
+    dx = torch.empty_like(x) if need_x else None
+    pw = torch.empty((nblocks, C), dtype=acc, device=x.device) if need_p else None
+    pb = torch.empty((nblocks, C), dtype=acc, device=x.device) if need_p else None
+    _kernels.ln2d_bwd_kernel[(nblocks,)](
+        dy,
+        x,
+        w if w is not None else x,
+        stats,
+        dx if dx is not None else x,
+        pw if pw is not None else stats,
+        pb if pb is not None else stats,
+        *walk,
+        HAS_W=w is not None,
+        NEED_DX=need_x,
+        NEED_P=need_p,
+        ACC=tacc,
+        BCC=BCC,
+        BE=BE,
+    )
+    if pw is None or pb is None:
+        return dx, None, None
+    return dx, pw.sum(0), pb.sum(0)
+
+
 def forward(
     x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]
 ) -> tuple[Tensor, Tensor]:
@@ -256,6 +331,8 @@ def forward(
 
     if p.mode == 1:
         return _bn_cl_forward(x, w, b, p, eps, stat_shape)
+    if p.mode == 4:
+        return _ln2d_forward(x, w, b, p, eps, stat_shape)
     _kernels = _kern()
 
     acc, tacc = _acc(x)
@@ -336,6 +413,8 @@ def backward(
 
     if p.mode == 1:
         return _bn_cl_backward(dy, x, w, stats, p, need_x, need_p)
+    if p.mode == 4:
+        return _ln2d_backward(dy, x, w, stats, p, need_x, need_p)
     _kernels = _kern()
 
     acc, tacc = _acc(x)

@@ -1,5 +1,6 @@
 """Triton kernels of ``normkit::norm``: one program per set, the set seen as a ``(NC, M)`` matrix
-(BatchNorm on rows of contiguous channels: blocks of channels, the ``bn_*`` kernels below).
+(BatchNorm on rows of contiguous channels: blocks of channels, the ``bn_*`` kernels; LayerNorm2d on
+NCHW: blocks of positions, the ``ln2d_*`` kernels).
 
 Every kernel pattern of :mod:`normkit.kernels._plan` (BN on NCHW / channels-last, GN / IN / LN over
 (C, H, W) on NCHW / channels-last, LN over a last dim, LayerNorm2d over C) is one parametrisation
@@ -751,6 +752,116 @@ def bn_bwd_dx_kernel(
         xh = ((x - shift[:, None]) * inv[:, None] - cmean[:, None]) * rstd[:, None]
         dx = rt[:, None] * (w[:, None] * dy - mg[:, None] - xh * mgx[:, None])
         tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --- LayerNorm2d on NCHW memory: blocks of positions, every channel ---------------------------------
+#
+# LayerNorm2d's set (n, s) holds the C values of one position, S apart: the per-set walk gives each
+# program C scattered values. Here a program takes BE consecutive positions (contiguous in every
+# channel plane) and walks the channels in tiles (the (C, E) walk again, E = N * S, set k = e), so
+# every load is a coalesced row and each reduction is per position (axis 0); a block's values are
+# re-read from cache by the second and third passes. The backward writes each program's per-channel
+# dweight / dbias terms (PW, PB: one row of C per program), summed by the launcher.
+
+
+@triton.jit
+def _ln2d_saved(ST, ei, em, E, ACC: tl.constexpr):
+    shift = tl.load(ST + ei, mask=em, other=0.0).to(ACC)[None, :]
+    inv = tl.load(ST + E + ei, mask=em, other=1.0).to(ACC)[None, :]
+    cm = tl.load(ST + 2 * E + ei, mask=em, other=0.0).to(ACC)[None, :]
+    rstd = tl.load(ST + 3 * E + ei, mask=em, other=0.0).to(ACC)[None, :]
+    return shift, inv, cm, rstd
+
+
+@triton.jit
+def ln2d_fwd_kernel(
+    X, Y, W, B, ST, C, E, E2, s_c, s_e1, s_e2, eps, exp_bound,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    e0 = tl.program_id(0) * BE
+    ei = e0 + tl.arange(0, BE)
+    em = ei < E
+    # 1. per position: the mid-range shift and power-of-two scale
+    hi = tl.full([BCC, BE], float("-inf"), ACC)
+    lo = tl.full([BCC, BE], float("inf"), ACC)
+    for c0 in range(0, C, BCC):
+        _, off, mask = _ce_offsets(c0, e0, E, C, E2, s_c, s_e1, s_e2, BCC, BE)
+        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
+        lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
+    h = tl.where(em, tl.max(hi, axis=0), 1.0)  # (masked positions: any finite value)
+    lw = tl.where(em, tl.min(lo, axis=0), 1.0)
+    mid, inv = _shift_scale(h, lw, exp_bound)
+    # 2. mean and centred second moment of the scaled values: Welford per lane, lanes combined
+    cnt = tl.zeros([BCC, BE], ACC)
+    mean = tl.zeros([BCC, BE], ACC)
+    m2 = tl.zeros([BCC, BE], ACC)
+    for c0 in range(0, C, BCC):
+        _, off, mask = _ce_offsets(c0, e0, E, C, E2, s_c, s_e1, s_e2, BCC, BE)
+        v = (tl.load(X + off, mask=mask, other=0.0).to(ACC) - mid[None, :]) * inv[None, :]
+        cnt += tl.where(mask, 1.0, 0.0)
+        d = tl.where(mask, v - mean, 0.0)
+        mean += d / tl.maximum(cnt, 1.0)
+        m2 += d * tl.where(mask, v - mean, 0.0)
+    n = tl.sum(cnt, axis=0)
+    nn = tl.maximum(n, 1.0)
+    cmean = tl.sum(cnt * mean, axis=0) / nn
+    dm = mean - cmean[None, :]
+    var = tl.sum(m2 + cnt * dm * dm, axis=0) / nn
+    rstd = _rstd(var, inv, eps)
+    # 3. the output
+    for c0 in range(0, C, BCC):
+        ci, off, mask = _ce_offsets(c0, e0, E, C, E2, s_c, s_e1, s_e2, BCC, BE)
+        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        y = ((x - mid[None, :]) * inv[None, :] - cmean[None, :]) * rstd[None, :]
+        y = _affine(y, W, B, ci, ci < C, HAS_W, HAS_B, ACC)
+        tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(ST + ei, mid, mask=em)
+    tl.store(ST + E + ei, inv, mask=em)
+    tl.store(ST + 2 * E + ei, cmean, mask=em)
+    tl.store(ST + 3 * E + ei, rstd, mask=em)
+    tl.store(ST + 4 * E + ei, var, mask=em)
+    tl.store(ST + 5 * E + ei, n, mask=em)
+
+
+@triton.jit
+def ln2d_bwd_kernel(
+    DY, X, W, ST, DX, PW, PB, C, E, E2, s_c, s_e1, s_e2,
+    HAS_W: tl.constexpr, NEED_DX: tl.constexpr, NEED_P: tl.constexpr, ACC: tl.constexpr,
+    BCC: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    e0 = pid * BE
+    ei = e0 + tl.arange(0, BE)
+    em = ei < E
+    shift, inv, cm, rstd = _ln2d_saved(ST, ei, em, E, ACC)
+    n = tl.load(ST + 5 * E + ei, mask=em, other=1.0).to(ACC)
+    # 1. per position: sums of g = w * dy and g * x_hat; per channel: this block's dy * x_hat, dy
+    a1 = tl.zeros([BCC, BE], ACC)
+    a2 = tl.zeros([BCC, BE], ACC)
+    for c0 in range(0, C, BCC):
+        ci, off, mask = _ce_offsets(c0, e0, E, C, E2, s_c, s_e1, s_e2, BCC, BE)
+        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
+        xh = tl.where(mask, ((x - shift) * inv - cm) * rstd, 0.0)
+        g = _affine(dy, W, W, ci, ci < C, HAS_W, False, ACC)
+        a1 += g
+        a2 += g * xh
+        if NEED_P:
+            tl.store(PW + pid.to(tl.int64) * C + ci, tl.sum(dy * xh, axis=1), mask=ci < C)
+            tl.store(PB + pid.to(tl.int64) * C + ci, tl.sum(dy, axis=1), mask=ci < C)
+    if NEED_DX:
+        mg = (tl.sum(a1, axis=0) / n)[None, :]
+        mgx = (tl.sum(a2, axis=0) / n)[None, :]
+        rt = rstd * inv  # the true 1 / sqrt(var + eps)
+        # 2. dx = rt * (g - mean(g) - x_hat * mean(g * x_hat))
+        for c0 in range(0, C, BCC):
+            ci, off, mask = _ce_offsets(c0, e0, E, C, E2, s_c, s_e1, s_e2, BCC, BE)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
+            xh = ((x - shift) * inv - cm) * rstd
+            g = _affine(dy, W, W, ci, ci < C, HAS_W, False, ACC)
+            tl.store(DX + off, (rt * (g - mg - xh * mgx)).to(DX.dtype.element_ty), mask=mask)
 
 
 # --- Proxy Norm's activation step: out = (act(w * y + b) - m) * rstd, per channel ------------------

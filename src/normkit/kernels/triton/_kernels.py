@@ -572,6 +572,18 @@ def split_bwd_dx_kernel(
 
 
 @triton.jit
+def _store_stats(ST, k, mask, nsets, mid, inv, cm, rstd, var, n):
+    """The six saved statistic rows (shift, scale, mean of the scaled values, rstd, var, count) of the
+    sets ``k`` (a block of them: ``mask`` marks the real ones)."""
+    tl.store(ST + k, mid, mask=mask)
+    tl.store(ST + nsets + k, inv, mask=mask)
+    tl.store(ST + 2 * nsets + k, cm, mask=mask)
+    tl.store(ST + 3 * nsets + k, rstd, mask=mask)
+    tl.store(ST + 4 * nsets + k, var, mask=mask)
+    tl.store(ST + 5 * nsets + k, n, mask=mask)
+
+
+@triton.jit
 def _bn_chunk(C, E, CH, BCC: tl.constexpr):
     c0 = tl.program_id(0) * BCC
     jc = tl.program_id(1)
@@ -701,12 +713,7 @@ def bn_apply_kernel(
         y = _affine(y, W, B, ci, cm, HAS_W, HAS_B, ACC)
         tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
     if jc == 0:
-        tl.store(ST + ci, mid, mask=cm)
-        tl.store(ST + C + ci, inv, mask=cm)
-        tl.store(ST + 2 * C + ci, cmean, mask=cm)
-        tl.store(ST + 3 * C + ci, rstd, mask=cm)
-        tl.store(ST + 4 * C + ci, var, mask=cm)
-        tl.store(ST + 5 * C + ci, n, mask=cm)
+        _store_stats(ST, ci, cm, C, mid, inv, cmean, rstd, var, n)
 
 
 @triton.jit
@@ -816,12 +823,7 @@ def ln2d_fwd_kernel(
         y = ((x - mid[None, :]) * inv[None, :] - cmean[None, :]) * rstd[None, :]
         y = _affine(y, W, B, ci, ci < C, HAS_W, HAS_B, ACC)
         tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(ST + ei, mid, mask=em)
-    tl.store(ST + E + ei, inv, mask=em)
-    tl.store(ST + 2 * E + ei, cmean, mask=em)
-    tl.store(ST + 3 * E + ei, rstd, mask=em)
-    tl.store(ST + 4 * E + ei, var, mask=em)
-    tl.store(ST + 5 * E + ei, n, mask=em)
+    _store_stats(ST, ei, em, E, mid, inv, cmean, rstd, var, n)
 
 
 @triton.jit

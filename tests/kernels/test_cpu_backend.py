@@ -142,6 +142,23 @@ def test_channels_last_group_kernels_on_both_schedules(name, dtype, threads):
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 24, 25), (2, 256, 17, 18)], ids=["C8-S600", "C256-S306"])
+def test_layer_norm_2d_nchw_over_several_column_blocks(shape):
+    """LayerNorm2d on NCHW works in blocks of positions (256 KB of x: 512 positions at C = 8, 256 at
+    C = 256): 600 and 306 positions per image make two blocks, the second ragged."""
+    fn, ref = OPS["ln2d"]
+    g = torch.Generator().manual_seed(9)
+    x = 2.0 + torch.randn(shape, generator=g, dtype=F64)
+    dy = torch.randn(shape, generator=g, dtype=F64)
+    w, b = _params("ln2d", shape, True, 4)
+    for dtype in (torch.float32, torch.bfloat16):
+        y, grads = _run(fn, x, w, b, dy, dtype, "cpu")
+        ey, egrads = _oracle(ref, x.to(dtype).double(), w, b, dy.to(dtype).double())
+        _close(y, ey, TOL[dtype])
+        for got, exp in zip(grads, egrads):
+            _close(got, exp, GTOL[dtype])
+
+
 def test_channels_last_group_norm_above_the_per_sample_forward_size():
     """Above 8 MB the channels-last GroupNorm forward takes the blocked kernels even when N >= threads,
     while the backward stays per sample: (2, 64, 128, 129) float32 is 8.5 MB."""

@@ -103,6 +103,50 @@ def _moments(
 
 
 @triton.jit
+def _moments_range(
+    X, k, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, x0, exp_bound,
+    ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+):  # fmt: skip
+    """``(max, min, mean, M2)`` of set ``k`` in one read: the range of x, and the mean and centred
+    second moment of ``x - x0`` (Welford per tile lane, Chan's combination of the lanes, as
+    :func:`_moments`). Deviations are clamped to :func:`_plain`'s bound, so no square overflows;
+    a set where the clamp bites is not plain, and its moments are discarded."""
+    lim = tl.exp2(x0 * 0.0 + exp_bound * 0.47)
+    hi = tl.full([BC, BM], float("-inf"), ACC)
+    lo = tl.full([BC, BM], float("inf"), ACC)
+    cnt = tl.zeros([BC, BM], ACC)
+    mean = tl.zeros([BC, BM], ACC)
+    m2 = tl.zeros([BC, BM], ACC)
+    for c0 in range(0, NC, BC):
+        for m0 in range(0, M, BM):
+            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC, BM)
+            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+            hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
+            lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
+            v = tl.minimum(tl.maximum(x - x0, -lim), lim)
+            cnt += tl.where(mask, 1.0, 0.0)
+            d = tl.where(mask, v - mean, 0.0)
+            mean += d / tl.maximum(cnt, 1.0)
+            m2 += d * tl.where(mask, v - mean, 0.0)
+    n = tl.sum(tl.sum(cnt, axis=1), axis=0)
+    mb = tl.sum(tl.sum(cnt * mean, axis=1), axis=0) / n
+    dm = mean - mb
+    m2 = tl.sum(tl.sum(m2 + cnt * dm * dm, axis=1), axis=0)
+    return tl.max(tl.max(hi, axis=1), axis=0), tl.min(tl.min(lo, axis=1), axis=0), mb, m2
+
+
+@triton.jit
+def _plain(h, lw, exp_bound):
+    """Whether a set with max ``h`` and min ``lw`` takes its moments unscaled: a range within
+    [2^-0.32 b, 2^0.47 b] (b = 126 for float32: 2^-40 .. 2^59; 1022 for float64), or constant, so no
+    deviation or its square leaves the float range and none underflows where eps would not dominate.
+    False for a non-finite range (inf, NaN), which takes the scaled path."""
+    r = h - lw
+    b = r * 0.0 + exp_bound  # in the set's dtype (2^480 is beyond float32)
+    return (r <= tl.exp2(b * 0.47)) & ((r >= tl.exp2(b * -0.32)) | (r == 0.0))
+
+
+@triton.jit
 def norm_fwd_kernel(
     X,
     Y,
@@ -135,18 +179,16 @@ def norm_fwd_kernel(
 ):
     k = tl.program_id(0)
     n = (NC * M).to(ACC)
-    # 1. mid-range shift and power-of-two scale
-    hi = tl.full([BC, BM], float("-inf"), ACC)
-    lo = tl.full([BC, BM], float("inf"), ACC)
-    for c0 in range(0, NC, BC):
-        for m0 in range(0, M, BM):
-            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC, BM)
-            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-            hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
-            lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
-    mid, inv = _shift_scale(tl.max(tl.max(hi, axis=1), axis=0), tl.min(tl.min(lo, axis=1), axis=0), exp_bound)
-    # 2. mean and centred second moment of the scaled values, in one read
-    _, cm, m2 = _moments(X, k, 0, NC, 0, M, D1, B1, B2, s_c, s_m1, s_m2, M2, mid, inv, ACC, BC, BM)
+    # 1. one read: the set's max / min, and the moments of x - x0 (x0: the set's first value, a shift
+    #    within the set's range, so a large offset costs no precision)
+    x0 = tl.load(X + (k // D1).to(tl.int64) * B1 + (k % D1).to(tl.int64) * B2).to(ACC)
+    h, lw, cm, m2 = _moments_range(X, k, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, x0, exp_bound, ACC, BC, BM)
+    if _plain(h, lw, exp_bound):
+        mid = x0
+        inv = x0 * 0.0 + 1.0
+    else:  # 2. rare: values or deviations beyond float range -> normkit's scaled statistics, one more read
+        mid, inv = _shift_scale(h, lw, exp_bound)
+        _, cm, m2 = _moments(X, k, 0, NC, 0, M, D1, B1, B2, s_c, s_m1, s_m2, M2, mid, inv, ACC, BC, BM)
     var = m2 / n
     rstd = _rstd(var, inv, eps)
     # 3. the output

@@ -77,6 +77,26 @@ def _saved(ST, k, nsets, ACC: tl.constexpr):
 
 
 @triton.jit
+def _welford(cnt, mean, m2, v, mask):
+    """One Welford update of every tile lane with its value ``v`` (lanes outside ``mask`` unchanged)."""
+    cnt += tl.where(mask, 1.0, 0.0)
+    d = tl.where(mask, v - mean, 0.0)
+    mean += d / tl.maximum(cnt, 1.0)
+    m2 += d * tl.where(mask, v - mean, 0.0)
+    return cnt, mean, m2
+
+
+@triton.jit
+def _lanes0(cnt, mean, m2):
+    """Per column of the tile: ``(count, mean, var)`` from its lanes' Welford states (Chan et al.)."""
+    n = tl.sum(cnt, axis=0)
+    nn = tl.maximum(n, 1.0)
+    cmean = tl.sum(cnt * mean, axis=0) / nn
+    dm = mean - cmean[None, :]
+    return n, cmean, tl.sum(m2 + cnt * dm * dm, axis=0) / nn
+
+
+@triton.jit
 def _moments(
     X, k, c_lo, c_hi, lo_m, hi_m, D1, B1, B2, s_c, s_m1, s_m2, M2, mid, inv,
     ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
@@ -92,10 +112,7 @@ def _moments(
         for m0 in range(lo_m, hi_m, BM):
             _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
             v = (tl.load(X + off, mask=mask, other=0.0).to(ACC) - mid) * inv
-            cnt += tl.where(mask, 1.0, 0.0)
-            d = tl.where(mask, v - mean, 0.0)
-            mean += d / tl.maximum(cnt, 1.0)
-            m2 += d * tl.where(mask, v - mean, 0.0)
+            cnt, mean, m2 = _welford(cnt, mean, m2, v, mask)
     n = tl.sum(tl.sum(cnt, axis=1), axis=0)
     mb = tl.sum(tl.sum(cnt * mean, axis=1), axis=0) / n
     dm = mean - mb
@@ -124,10 +141,7 @@ def _moments_range(
             hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
             lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
             v = tl.minimum(tl.maximum(x - x0, -lim), lim)
-            cnt += tl.where(mask, 1.0, 0.0)
-            d = tl.where(mask, v - mean, 0.0)
-            mean += d / tl.maximum(cnt, 1.0)
-            m2 += d * tl.where(mask, v - mean, 0.0)
+            cnt, mean, m2 = _welford(cnt, mean, m2, v, mask)
     n = tl.sum(tl.sum(cnt, axis=1), axis=0)
     mb = tl.sum(tl.sum(cnt * mean, axis=1), axis=0) / n
     dm = mean - mb
@@ -725,10 +739,7 @@ def bn_moments_kernel(
     for e0 in range(e_lo, e_hi, BE):  # Welford per lane, as _moments
         _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
         v = (tl.load(X + off, mask=mask, other=0.0).to(ACC) - mid[:, None]) * inv[:, None]
-        cnt += tl.where(mask, 1.0, 0.0)
-        d = tl.where(mask, v - mean, 0.0)
-        mean += d / tl.maximum(cnt, 1.0)
-        m2 += d * tl.where(mask, v - mean, 0.0)
+        cnt, mean, m2 = _welford(cnt, mean, m2, v, mask)
     n = tl.sum(cnt, axis=1)
     mb = tl.sum(cnt * mean, axis=1) / tl.maximum(n, 1.0)
     dm = mean - mb[:, None]
@@ -830,33 +841,37 @@ def ln2d_fwd_kernel(
     e0 = tl.program_id(0) * BE
     ei = e0 + tl.arange(0, BE)
     em = ei < E
-    # 1. per position: the mid-range shift and power-of-two scale
+    # 1. one read: per position the range of x and the moments of x - x0 (x0: its channel-0 value)
+    off0 = (ei // E2).to(tl.int64) * s_e1 + (ei % E2).to(tl.int64) * s_e2
+    x0 = tl.load(X + off0, mask=em, other=0.0).to(ACC)
+    lim = tl.exp2(x0 * 0.0 + exp_bound * 0.47)[None, :]  # (see _moments_range)
     hi = tl.full([BCC, BE], float("-inf"), ACC)
     lo = tl.full([BCC, BE], float("inf"), ACC)
-    for c0 in range(0, C, BCC):
-        _, off, mask = _ce_offsets(c0, e0, E, C, E2, s_c, s_e1, s_e2, BCC, BE)
-        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-        hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
-        lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
-    h = tl.where(em, tl.max(hi, axis=0), 1.0)  # (masked positions: any finite value)
-    lw = tl.where(em, tl.min(lo, axis=0), 1.0)
-    mid, inv = _shift_scale(h, lw, exp_bound)
-    # 2. mean and centred second moment of the scaled values: Welford per lane, lanes combined
     cnt = tl.zeros([BCC, BE], ACC)
     mean = tl.zeros([BCC, BE], ACC)
     m2 = tl.zeros([BCC, BE], ACC)
     for c0 in range(0, C, BCC):
         _, off, mask = _ce_offsets(c0, e0, E, C, E2, s_c, s_e1, s_e2, BCC, BE)
-        v = (tl.load(X + off, mask=mask, other=0.0).to(ACC) - mid[None, :]) * inv[None, :]
-        cnt += tl.where(mask, 1.0, 0.0)
-        d = tl.where(mask, v - mean, 0.0)
-        mean += d / tl.maximum(cnt, 1.0)
-        m2 += d * tl.where(mask, v - mean, 0.0)
-    n = tl.sum(cnt, axis=0)
-    nn = tl.maximum(n, 1.0)
-    cmean = tl.sum(cnt * mean, axis=0) / nn
-    dm = mean - cmean[None, :]
-    var = tl.sum(m2 + cnt * dm * dm, axis=0) / nn
+        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
+        lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
+        cnt, mean, m2 = _welford(cnt, mean, m2, tl.minimum(tl.maximum(x - x0[None, :], -lim), lim), mask)
+    h = tl.where(em, tl.max(hi, axis=0), 1.0)  # (masked positions: any finite value)
+    lw = tl.where(em, tl.min(lo, axis=0), 1.0)
+    n, cmean, var = _lanes0(cnt, mean, m2)
+    mid = x0
+    inv = x0 * 0.0 + 1.0
+    if tl.min(_plain(h, lw, exp_bound).to(tl.int32), axis=0) == 0:
+        # 2. rare: a position's values leave float range -> the block's scaled statistics, one more read
+        mid, inv = _shift_scale(h, lw, exp_bound)
+        cnt = tl.zeros([BCC, BE], ACC)
+        mean = tl.zeros([BCC, BE], ACC)
+        m2 = tl.zeros([BCC, BE], ACC)
+        for c0 in range(0, C, BCC):
+            _, off, mask = _ce_offsets(c0, e0, E, C, E2, s_c, s_e1, s_e2, BCC, BE)
+            v = (tl.load(X + off, mask=mask, other=0.0).to(ACC) - mid[None, :]) * inv[None, :]
+            cnt, mean, m2 = _welford(cnt, mean, m2, v, mask)
+        n, cmean, var = _lanes0(cnt, mean, m2)
     rstd = _rstd(var, inv, eps)
     # 3. the output
     for c0 in range(0, C, BCC):

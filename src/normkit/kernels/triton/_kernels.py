@@ -8,11 +8,14 @@ of the same walk: set ``k`` starts at ``(k // D1) * B1 + (k % D1) * B2``; its el
 (``i`` the channel within the set, ``m`` the position) lies at ``i * s_c + (m // M2) * s_m1 +
 (m % M2) * s_m2`` from there, and its affine index is ``(k % D1) * CK + i``.
 
-The forward is normkit's *scaled* statistics (:func:`normkit.ops.core.norm_forward`): per-set
-max / min give the mid-range shift and a power-of-two scale, then the mean and centred second moment
-of the scaled values in one read (Welford per tile lane, Chan's combination of the lanes), then the
-output: three reads of the set, stable for every finite input and with no data-dependent host
-decision. The saved statistics are the reference's six rows,
+The forward keeps normkit's *scaled* statistics contract (:func:`normkit.ops.core.norm_forward`):
+stable for every finite input, with no data-dependent host decision. One read gives the set's
+max / min and the mean and centred second moment of ``x - x0`` (``x0`` the set's first value;
+Welford per tile lane, Chan's combination of the lanes); where the range stays within float range
+(:func:`_plain`) those are the statistics, and the second read writes the output. Only a set whose
+range does not takes the mid-range shift and power-of-two scale and re-reads for the moments of the
+scaled values (the split and BatchNorm channels-last kernels always do: three reads). The saved
+statistics are the reference's six rows,
 so every backend's backward accepts them. The backward makes two reads: the per-set sums (and each
 channel's ``sum dy * x_hat``, ``sum dy`` into a per-set buffer, summed by the launcher), then ``dx``.
 """

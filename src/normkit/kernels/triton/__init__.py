@@ -368,8 +368,8 @@ def forward(
     hl = torch.empty((2, nsets, nchunks), dtype=acc, device=x.device)
     pm = torch.empty((3, nsets, nchunks), dtype=acc, device=x.device)
     mwalk = walk[:9]  # NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2
-    _kernels.split_minmax_kernel[grid](
-        x, hl, nsets, nchunks, ch, *mwalk, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM
+    _kernels.split_stats_kernel[grid](
+        x, hl, pm, nsets, nchunks, ch, *mwalk, bound, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM
     )
     _kernels.split_moments_kernel[grid](
         x, hl, pm, nsets, nchunks, ch, *mwalk, bound, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM, BJ=BJ

@@ -14,7 +14,7 @@ max / min and the mean and centred second moment of ``x - x0`` (``x0`` the set's
 Welford per tile lane, Chan's combination of the lanes); where the range stays within float range
 (:func:`_plain`) those are the statistics, and the second read writes the output. Only a set whose
 range does not takes the mid-range shift and power-of-two scale and re-reads for the moments of the
-scaled values (the split and BatchNorm channels-last kernels always do: three reads). The saved
+scaled values (the BatchNorm channels-last kernels always do: three reads). The saved
 statistics are the reference's six rows,
 so every backend's backward accepts them. The backward makes two reads: the per-set sums (and each
 channel's ``sum dy * x_hat``, ``sum dy`` into a per-set buffer, summed by the launcher), then ``dx``.
@@ -123,11 +123,18 @@ def _moments(
 
 
 @triton.jit
+def _first(X, k, D1, B1, B2, ACC: tl.constexpr):
+    """Set ``k``'s first value (element (0, 0) of its walk): the shift of its one-read moments."""
+    return tl.load(X + (k // D1).to(tl.int64) * B1 + (k % D1).to(tl.int64) * B2).to(ACC)
+
+
+@triton.jit
 def _moments_range(
-    X, k, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, x0, exp_bound,
+    X, k, c_lo, c_hi, lo_m, hi_m, D1, B1, B2, s_c, s_m1, s_m2, M2, x0, exp_bound,
     ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
 ):  # fmt: skip
-    """``(max, min, mean, M2)`` of set ``k`` in one read: the range of x, and the mean and centred
+    """``(max, min, count, mean, M2)`` over channels ``[c_lo, c_hi)`` x positions ``[lo_m, hi_m)`` of
+    set ``k`` in one read: the range of x, and the mean and centred
     second moment of ``x - x0`` (Welford per tile lane, Chan's combination of the lanes, as
     :func:`_moments`). Deviations are clamped to :func:`_plain`'s bound, so no square overflows;
     a set where the clamp bites is not plain, and its moments are discarded."""
@@ -137,9 +144,9 @@ def _moments_range(
     cnt = tl.zeros([BC, BM], ACC)
     mean = tl.zeros([BC, BM], ACC)
     m2 = tl.zeros([BC, BM], ACC)
-    for c0 in range(0, NC, BC):
-        for m0 in range(0, M, BM):
-            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC, BM)
+    for c0 in range(c_lo, c_hi, BC):
+        for m0 in range(lo_m, hi_m, BM):
+            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
             x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
             hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
             lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
@@ -149,7 +156,7 @@ def _moments_range(
     mb = tl.sum(tl.sum(cnt * mean, axis=1), axis=0) / n
     dm = mean - mb
     m2 = tl.sum(tl.sum(m2 + cnt * dm * dm, axis=1), axis=0)
-    return tl.max(tl.max(hi, axis=1), axis=0), tl.min(tl.min(lo, axis=1), axis=0), mb, m2
+    return tl.max(tl.max(hi, axis=1), axis=0), tl.min(tl.min(lo, axis=1), axis=0), n, mb, m2
 
 
 @triton.jit
@@ -198,8 +205,10 @@ def norm_fwd_kernel(
     n = (NC * M).to(ACC)
     # 1. one read: the set's max / min, and the moments of x - x0 (x0: the set's first value, a shift
     #    within the set's range, so a large offset costs no precision)
-    x0 = tl.load(X + (k // D1).to(tl.int64) * B1 + (k % D1).to(tl.int64) * B2).to(ACC)
-    h, lw, cm, m2 = _moments_range(X, k, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, x0, exp_bound, ACC, BC, BM)
+    x0 = _first(X, k, D1, B1, B2, ACC)
+    h, lw, _, cm, m2 = _moments_range(
+        X, k, 0, NC, 0, M, D1, B1, B2, s_c, s_m1, s_m2, M2, x0, exp_bound, ACC, BC, BM
+    )
     if _plain(h, lw, exp_bound):
         mid = x0
         inv = x0 * 0.0 + 1.0
@@ -338,20 +347,22 @@ def norm_bwd_kernel(
 # Chunks are runs of positions, or of channels where a set has more channels than positions (LN
 # over (C, H, W) with an elementwise affine). Used where there are too few sets to fill the GPU
 # (BatchNorm: one set per channel; GN / LN on a small batch). Three launches forward (each chunk's
-# max / min; each chunk's count, mean and centred second moment of the scaled values; the output,
-# after combining the chunks' moments with Chan's formula), two backward (each chunk's sums; dx).
-# Every program recomputes the set's shift and scale from the chunks' max / min with the same
-# instructions, so all of them agree bit for bit.
+# max / min and count, mean and centred second moment of x - x0; only for a set whose range is not
+# plain, each chunk's moments of the scaled values, in place of those; the output, after combining
+# the chunks' moments with Chan's formula): two reads of x, three for a set that is not plain. Two
+# launches backward (each chunk's sums; dx). Every program recomputes the set's range, shift and
+# scale from the chunks' max / min with the same instructions, so all of them agree bit for bit.
 
 
 @triton.jit
-def _set_scale(HL, k, nsets, nchunks, exp_bound, ACC: tl.constexpr, BJ: tl.constexpr):
+def _set_range(HL, k, nsets, nchunks, BJ: tl.constexpr):
+    """Set ``k``'s max / min from its chunks' (every program of the set computes the same)."""
     j = tl.arange(0, BJ)
     jm = j < nchunks
     row = k.to(tl.int64) * nchunks + j
     h = tl.max(tl.load(HL + row, mask=jm, other=float("-inf")), axis=0)
     lw = tl.min(tl.load(HL + nsets * nchunks + row, mask=jm, other=float("inf")), axis=0)
-    return _shift_scale(h, lw, exp_bound)
+    return h, lw
 
 
 @triton.jit
@@ -371,77 +382,47 @@ def _chunk(jc, CH, NC, M, SPLIT_C: tl.constexpr):
 
 
 @triton.jit
-def split_minmax_kernel(
-    X,
-    HL,
-    nsets,
-    nchunks,
-    CH,
-    NC,
-    M,
-    M2,
-    s_c,
-    s_m1,
-    s_m2,
-    D1,
-    B1,
-    B2,
-    SPLIT_C: tl.constexpr,
-    ACC: tl.constexpr,
-    BC: tl.constexpr,
-    BM: tl.constexpr,
-):
+def split_stats_kernel(
+    X, HL, PM, nsets, nchunks, CH, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, exp_bound,
+    SPLIT_C: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+):  # fmt: skip
+    """Per (set, chunk), one read: the chunk's max / min, and the count, mean and M2 of x - x0 (x0 the
+    set's first value, the same for all its chunks): the set's statistics where its range is plain."""
     k = tl.program_id(0)
     jc = tl.program_id(1)
     c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
-    hi = tl.full([BC, BM], float("-inf"), ACC)
-    lo = tl.full([BC, BM], float("inf"), ACC)
-    for c0 in range(c_lo, c_hi, BC):
-        for m0 in range(lo_m, hi_m, BM):
-            _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
-            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-            hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
-            lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
+    x0 = _first(X, k, D1, B1, B2, ACC)
+    h, lw, cnt, mb, m2 = _moments_range(
+        X, k, c_lo, c_hi, lo_m, hi_m, D1, B1, B2, s_c, s_m1, s_m2, M2, x0, exp_bound, ACC, BC, BM
+    )
     row = k.to(tl.int64) * nchunks + jc
-    tl.store(HL + row, tl.max(tl.max(hi, axis=1), axis=0))
-    tl.store(HL + nsets * nchunks + row, tl.min(tl.min(lo, axis=1), axis=0))
+    tl.store(HL + row, h)
+    tl.store(HL + nsets * nchunks + row, lw)
+    tl.store(PM + row, cnt)
+    tl.store(PM + nsets * nchunks + row, mb)
+    tl.store(PM + 2 * nsets * nchunks + row, m2)
 
 
 @triton.jit
 def split_moments_kernel(
-    X,
-    HL,
-    PM,
-    nsets,
-    nchunks,
-    CH,
-    NC,
-    M,
-    M2,
-    s_c,
-    s_m1,
-    s_m2,
-    D1,
-    B1,
-    B2,
-    exp_bound,
-    SPLIT_C: tl.constexpr,
-    ACC: tl.constexpr,
-    BC: tl.constexpr,
-    BM: tl.constexpr,
-    BJ: tl.constexpr,
-):
+    X, HL, PM, nsets, nchunks, CH, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, exp_bound,
+    SPLIT_C: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr,
+):  # fmt: skip
+    """Only for a set whose range is not plain (its programs return at once otherwise): the chunk's
+    moments of the scaled values (x - mid) * inv, over split_stats_kernel's."""
     k = tl.program_id(0)
     jc = tl.program_id(1)
-    c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
-    mid, inv = _set_scale(HL, k, nsets, nchunks, exp_bound, ACC, BJ)
-    cnt, mb, m2 = _moments(
-        X, k, c_lo, c_hi, lo_m, hi_m, D1, B1, B2, s_c, s_m1, s_m2, M2, mid, inv, ACC, BC, BM
-    )
-    row = k.to(tl.int64) * nchunks + jc
-    tl.store(PM + row, cnt)
-    tl.store(PM + nsets * nchunks + row, mb)
-    tl.store(PM + 2 * nsets * nchunks + row, m2)
+    h, lw = _set_range(HL, k, nsets, nchunks, BJ)
+    if _plain(h, lw, exp_bound).to(tl.int32) == 0:
+        c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
+        mid, inv = _shift_scale(h, lw, exp_bound)
+        cnt, mb, m2 = _moments(
+            X, k, c_lo, c_hi, lo_m, hi_m, D1, B1, B2, s_c, s_m1, s_m2, M2, mid, inv, ACC, BC, BM
+        )
+        row = k.to(tl.int64) * nchunks + jc
+        tl.store(PM + row, cnt)
+        tl.store(PM + nsets * nchunks + row, mb)
+        tl.store(PM + 2 * nsets * nchunks + row, m2)
 
 
 @triton.jit
@@ -479,7 +460,11 @@ def split_apply_kernel(
     k = tl.program_id(0)
     jc = tl.program_id(1)
     c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
-    mid, inv = _set_scale(HL, k, nsets, nchunks, exp_bound, ACC, BJ)
+    h, lw = _set_range(HL, k, nsets, nchunks, BJ)
+    mid = _first(X, k, D1, B1, B2, ACC)
+    inv = mid * 0.0 + 1.0
+    if _plain(h, lw, exp_bound).to(tl.int32) == 0:
+        mid, inv = _shift_scale(h, lw, exp_bound)
     # Chan et al.'s combination of the chunks' (count, mean, M2)
     j = tl.arange(0, BJ)
     jm = j < nchunks
@@ -659,7 +644,7 @@ def _bn_idx(ci, cm, j0, nchunks, BJ: tl.constexpr):
 
 @triton.jit
 def _bn_scale(HL, ci, cm, C, nchunks, exp_bound, ACC: tl.constexpr, BCC: tl.constexpr, BJ: tl.constexpr):
-    """Per channel of the block: the shift and scale from every chunk's max / min (as _set_scale),
+    """Per channel of the block: the shift and scale from every chunk's max / min (as _set_range),
     BJ chunks at a time (a BatchNorm on a large GPU has hundreds of chunks per channel)."""
     h = tl.full([BCC], float("-inf"), ACC)
     lw = tl.full([BCC], float("inf"), ACC)

@@ -210,6 +210,10 @@ def test_batch_norm_channels_last_runs_in_blocks_of_channels(shape, split, monke
     _close(y, yo, 1e-3)
     for g, e in zip(got, exp):
         _close(g, e, 1e-2)
+    # values of 1e30 (squares beyond float32): the scaled statistics
+    y, yo, got, exp, _ = _case("bn", shape, torch.float32, layout, scale=1e30, seed=34)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in got)
+    _close(y, yo, 1e-4)
     # no weight: the gradient of x alone
     y, yo, got, exp, _ = _case("bn", shape, torch.float32, layout, affine=False, seed=33)
     _close(y, yo, TOL[torch.float32])

@@ -193,7 +193,7 @@ def _bn_cl_forward(
     hl = torch.empty((2, C, nchunks), dtype=acc, device=x.device)
     pm = torch.empty((3, C, nchunks), dtype=acc, device=x.device)
     bound = 1022.0 if acc == torch.float64 else 126.0
-    _kernels.bn_minmax_kernel[grid](x, hl, *walk, ACC=tacc, BCC=BCC, BE=BE)
+    _kernels.bn_stats_kernel[grid](x, hl, pm, *walk, bound, ACC=tacc, BCC=BCC, BE=BE)
     _kernels.bn_moments_kernel[grid](x, hl, pm, *walk, bound, ACC=tacc, BCC=BCC, BE=BE, BJ=BJ)
     _kernels.bn_apply_kernel[grid](
         x,

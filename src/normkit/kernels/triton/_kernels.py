@@ -14,7 +14,7 @@ max / min and the mean and centred second moment of ``x - x0`` (``x0`` the set's
 Welford per tile lane, Chan's combination of the lanes); where the range stays within float range
 (:func:`_plain`) those are the statistics, and the second read writes the output. Only a set whose
 range does not takes the mid-range shift and power-of-two scale and re-reads for the moments of the
-scaled values (the BatchNorm channels-last kernels always do: three reads). The saved
+scaled values (the blocked kernels decide per block of sets, the split ones per set). The saved
 statistics are the reference's six rows,
 so every backend's backward accepts them. The backward makes two reads: the per-set sums (and each
 channel's ``sum dy * x_hat``, ``sum dy`` into a per-set buffer, summed by the launcher), then ``dx``.
@@ -610,9 +610,10 @@ def split_bwd_dx_kernel(
 # program takes a block of BCC channels, contiguous in every row, and a chunk of rows (the (C, E)
 # walk of Proxy Norm's step below: element (c, e) at c * s_c + (e // E2) * s_e1 + (e % E2) * s_e2),
 # so each row of the tile is one coalesced load; every reduction is per channel (axis 1). Three
-# launches forward (max / min; count, mean and centred second moment of the scaled values; the output
-# after Chan's combination of the chunks), two backward (sum dy and sum dy * x_hat; dx). The saved
-# statistics are the per-set kernels' (one set per channel), so either backward reads either's.
+# launches forward, as the split kernels (max / min and the moments of x - x0; only for a block with a
+# channel that is not plain, the moments of the scaled values; the output after Chan's combination of
+# the chunks), two backward (sum dy and sum dy * x_hat; dx). The saved statistics are the per-set
+# kernels' (one set per channel), so either backward reads either's.
 
 
 @triton.jit
@@ -643,21 +644,38 @@ def _bn_idx(ci, cm, j0, nchunks, BJ: tl.constexpr):
 
 
 @triton.jit
-def _bn_scale(HL, ci, cm, C, nchunks, exp_bound, ACC: tl.constexpr, BCC: tl.constexpr, BJ: tl.constexpr):
-    """Per channel of the block: the shift and scale from every chunk's max / min (as _set_range),
-    BJ chunks at a time (a BatchNorm on a large GPU has hundreds of chunks per channel)."""
+def _bn_range(HL, ci, cm, C, nchunks, ACC: tl.constexpr, BCC: tl.constexpr, BJ: tl.constexpr):
+    """Per channel of the block: the max / min over every chunk (as _set_range), BJ chunks at a time
+    (a BatchNorm on a large GPU has hundreds of chunks per channel); 1.0 for masked channels."""
     h = tl.full([BCC], float("-inf"), ACC)
     lw = tl.full([BCC], float("inf"), ACC)
     for j0 in range(0, nchunks, BJ):
         idx, m = _bn_idx(ci, cm, j0, nchunks, BJ)
         h = tl.maximum(h, tl.max(tl.load(HL + idx, mask=m, other=float("-inf")), axis=1))
         lw = tl.minimum(lw, tl.min(tl.load(HL + C * nchunks + idx, mask=m, other=float("inf")), axis=1))
-    return _shift_scale(tl.where(cm, h, 1.0), tl.where(cm, lw, 1.0), exp_bound)  # (masked: any finite)
+    return tl.where(cm, h, 1.0), tl.where(cm, lw, 1.0)
+
+
+@triton.jit
+def _bn_all_plain(h, lw, exp_bound):
+    """Whether every channel of the block is plain: then the block keeps the one-read moments of
+    x - x0, else all its channels take the scaled statistics (the moments and apply kernels decide
+    alike, per block)."""
+    return tl.min(_plain(h, lw, exp_bound).to(tl.int32), axis=0)  # 1: all plain
+
+
+@triton.jit
+def _lanes1(cnt, mean, m2):
+    """Per row of the tile: ``(count, mean, M2)`` from its lanes' Welford states (Chan et al.)."""
+    n = tl.sum(cnt, axis=1)
+    mb = tl.sum(cnt * mean, axis=1) / tl.maximum(n, 1.0)
+    dm = mean - mb[:, None]
+    return n, mb, tl.sum(m2 + cnt * dm * dm, axis=1)
 
 
 @triton.jit
 def _bn_combine(PM, ci, cm, C, nchunks, ACC: tl.constexpr, BCC: tl.constexpr, BJ: tl.constexpr):
-    """Per channel: ``(count, mean, var)`` of the scaled values from the chunks' (count, mean, M2)
+    """Per channel: ``(count, mean, var)`` of the values the chunks' (count, mean, M2) describe
     by Chan et al.'s formula (the mean first, then every chunk's M2 plus its mean's deviation)."""
     n = tl.zeros([BCC], ACC)
     s = tl.zeros([BCC], ACC)
@@ -697,21 +715,33 @@ def _bn_saved(ST, ci, cm, C, ACC: tl.constexpr):
 
 
 @triton.jit
-def bn_minmax_kernel(
-    X, HL, C, E, E2, s_c, s_e1, s_e2, CH, nchunks,
+def bn_stats_kernel(
+    X, HL, PM, C, E, E2, s_c, s_e1, s_e2, CH, nchunks, exp_bound,
     ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
+    """Per block of channels and chunk, one read: max / min, and the count, mean and M2 of x - x0
+    (x0 each channel's first value), as split_stats_kernel."""
     c0, jc, ci, cm, e_lo, e_hi = _bn_chunk(C, E, CH, BCC)
+    x0 = tl.load(X + ci.to(tl.int64) * s_c, mask=cm, other=0.0).to(ACC)
+    lim = tl.exp2(x0 * 0.0 + exp_bound * 0.47)[:, None]  # (see _moments_range)
     hi = tl.full([BCC, BE], float("-inf"), ACC)
     lo = tl.full([BCC, BE], float("inf"), ACC)
+    cnt = tl.zeros([BCC, BE], ACC)
+    mean = tl.zeros([BCC, BE], ACC)
+    m2 = tl.zeros([BCC, BE], ACC)
     for e0 in range(e_lo, e_hi, BE):
         _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
         x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
         hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
         lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
+        cnt, mean, m2 = _welford(cnt, mean, m2, tl.minimum(tl.maximum(x - x0[:, None], -lim), lim), mask)
+    n, mb, q = _lanes1(cnt, mean, m2)
     row = ci.to(tl.int64) * nchunks + jc
     tl.store(HL + row, tl.max(hi, axis=1), mask=cm)
     tl.store(HL + C * nchunks + row, tl.min(lo, axis=1), mask=cm)
+    tl.store(PM + row, n, mask=cm)
+    tl.store(PM + C * nchunks + row, mb, mask=cm)
+    tl.store(PM + 2 * C * nchunks + row, q, mask=cm)
 
 
 @triton.jit
@@ -719,22 +749,24 @@ def bn_moments_kernel(
     X, HL, PM, C, E, E2, s_c, s_e1, s_e2, CH, nchunks, exp_bound,
     ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
+    """Only for a block with a channel that is not plain (its programs return at once otherwise):
+    each chunk's moments of the scaled values, over bn_stats_kernel's."""
     c0, jc, ci, cm, e_lo, e_hi = _bn_chunk(C, E, CH, BCC)
-    mid, inv = _bn_scale(HL, ci, cm, C, nchunks, exp_bound, ACC, BCC, BJ)
-    cnt = tl.zeros([BCC, BE], ACC)
-    mean = tl.zeros([BCC, BE], ACC)
-    m2 = tl.zeros([BCC, BE], ACC)
-    for e0 in range(e_lo, e_hi, BE):  # Welford per lane, as _moments
-        _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
-        v = (tl.load(X + off, mask=mask, other=0.0).to(ACC) - mid[:, None]) * inv[:, None]
-        cnt, mean, m2 = _welford(cnt, mean, m2, v, mask)
-    n = tl.sum(cnt, axis=1)
-    mb = tl.sum(cnt * mean, axis=1) / tl.maximum(n, 1.0)
-    dm = mean - mb[:, None]
-    row = ci.to(tl.int64) * nchunks + jc
-    tl.store(PM + row, n, mask=cm)
-    tl.store(PM + C * nchunks + row, mb, mask=cm)
-    tl.store(PM + 2 * C * nchunks + row, tl.sum(m2 + cnt * dm * dm, axis=1), mask=cm)
+    h, lw = _bn_range(HL, ci, cm, C, nchunks, ACC, BCC, BJ)
+    if _bn_all_plain(h, lw, exp_bound) == 0:
+        mid, inv = _shift_scale(h, lw, exp_bound)
+        cnt = tl.zeros([BCC, BE], ACC)
+        mean = tl.zeros([BCC, BE], ACC)
+        m2 = tl.zeros([BCC, BE], ACC)
+        for e0 in range(e_lo, e_hi, BE):  # Welford per lane, as _moments
+            _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
+            v = (tl.load(X + off, mask=mask, other=0.0).to(ACC) - mid[:, None]) * inv[:, None]
+            cnt, mean, m2 = _welford(cnt, mean, m2, v, mask)
+        n, mb, q = _lanes1(cnt, mean, m2)
+        row = ci.to(tl.int64) * nchunks + jc
+        tl.store(PM + row, n, mask=cm)
+        tl.store(PM + C * nchunks + row, mb, mask=cm)
+        tl.store(PM + 2 * C * nchunks + row, q, mask=cm)
 
 
 @triton.jit
@@ -744,7 +776,11 @@ def bn_apply_kernel(
     BJ: tl.constexpr,
 ):  # fmt: skip
     c0, jc, ci, cm, e_lo, e_hi = _bn_chunk(C, E, CH, BCC)
-    mid, inv = _bn_scale(HL, ci, cm, C, nchunks, exp_bound, ACC, BCC, BJ)
+    h, lw = _bn_range(HL, ci, cm, C, nchunks, ACC, BCC, BJ)
+    mid = tl.load(X + ci.to(tl.int64) * s_c, mask=cm, other=0.0).to(ACC)
+    inv = mid * 0.0 + 1.0
+    if _bn_all_plain(h, lw, exp_bound) == 0:
+        mid, inv = _shift_scale(h, lw, exp_bound)
     n, cmean, var = _bn_combine(PM, ci, cm, C, nchunks, ACC, BCC, BJ)
     rstd = _rstd(var, inv, eps)
     for e0 in range(e_lo, e_hi, BE):

@@ -90,6 +90,23 @@ def _welford(cnt, mean, m2, v, mask):
 
 
 @triton.jit
+def _range_state(ACC: tl.constexpr, R: tl.constexpr, K: tl.constexpr):
+    """Empty per-lane state of a one-read range-and-moments pass: (max, min, count, mean, M2)."""
+    hi = tl.full([R, K], float("-inf"), ACC)
+    lo = tl.full([R, K], float("inf"), ACC)
+    return hi, lo, tl.zeros([R, K], ACC), tl.zeros([R, K], ACC), tl.zeros([R, K], ACC)
+
+
+@triton.jit
+def _range_step(hi, lo, cnt, mean, m2, x, v, mask):
+    """One tile of that pass: the lanes' max / min of ``x`` and Welford's update with ``v``."""
+    hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
+    lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
+    cnt, mean, m2 = _welford(cnt, mean, m2, v, mask)
+    return hi, lo, cnt, mean, m2
+
+
+@triton.jit
 def _lanes0(cnt, mean, m2):
     """Per column of the tile: ``(count, mean, var)`` from its lanes' Welford states (Chan et al.)."""
     n = tl.sum(cnt, axis=0)
@@ -139,19 +156,13 @@ def _moments_range(
     :func:`_moments`). Deviations are clamped to :func:`_plain`'s bound, so no square overflows;
     a set where the clamp bites is not plain, and its moments are discarded."""
     lim = tl.exp2(x0 * 0.0 + exp_bound * 0.47)
-    hi = tl.full([BC, BM], float("-inf"), ACC)
-    lo = tl.full([BC, BM], float("inf"), ACC)
-    cnt = tl.zeros([BC, BM], ACC)
-    mean = tl.zeros([BC, BM], ACC)
-    m2 = tl.zeros([BC, BM], ACC)
+    hi, lo, cnt, mean, m2 = _range_state(ACC, BC, BM)
     for c0 in range(c_lo, c_hi, BC):
         for m0 in range(lo_m, hi_m, BM):
             _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
             x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-            hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
-            lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
             v = tl.minimum(tl.maximum(x - x0, -lim), lim)
-            cnt, mean, m2 = _welford(cnt, mean, m2, v, mask)
+            hi, lo, cnt, mean, m2 = _range_step(hi, lo, cnt, mean, m2, x, v, mask)
     n = tl.sum(tl.sum(cnt, axis=1), axis=0)
     mb = tl.sum(tl.sum(cnt * mean, axis=1), axis=0) / n
     dm = mean - mb
@@ -724,17 +735,12 @@ def bn_stats_kernel(
     c0, jc, ci, cm, e_lo, e_hi = _bn_chunk(C, E, CH, BCC)
     x0 = tl.load(X + ci.to(tl.int64) * s_c, mask=cm, other=0.0).to(ACC)
     lim = tl.exp2(x0 * 0.0 + exp_bound * 0.47)[:, None]  # (see _moments_range)
-    hi = tl.full([BCC, BE], float("-inf"), ACC)
-    lo = tl.full([BCC, BE], float("inf"), ACC)
-    cnt = tl.zeros([BCC, BE], ACC)
-    mean = tl.zeros([BCC, BE], ACC)
-    m2 = tl.zeros([BCC, BE], ACC)
+    hi, lo, cnt, mean, m2 = _range_state(ACC, BCC, BE)
     for e0 in range(e_lo, e_hi, BE):
         _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
         x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-        hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
-        lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
-        cnt, mean, m2 = _welford(cnt, mean, m2, tl.minimum(tl.maximum(x - x0[:, None], -lim), lim), mask)
+        v = tl.minimum(tl.maximum(x - x0[:, None], -lim), lim)
+        hi, lo, cnt, mean, m2 = _range_step(hi, lo, cnt, mean, m2, x, v, mask)
     n, mb, q = _lanes1(cnt, mean, m2)
     row = ci.to(tl.int64) * nchunks + jc
     tl.store(HL + row, tl.max(hi, axis=1), mask=cm)
@@ -869,17 +875,12 @@ def ln2d_fwd_kernel(
     off0 = (ei // E2).to(tl.int64) * s_e1 + (ei % E2).to(tl.int64) * s_e2
     x0 = tl.load(X + off0, mask=em, other=0.0).to(ACC)
     lim = tl.exp2(x0 * 0.0 + exp_bound * 0.47)[None, :]  # (see _moments_range)
-    hi = tl.full([BCC, BE], float("-inf"), ACC)
-    lo = tl.full([BCC, BE], float("inf"), ACC)
-    cnt = tl.zeros([BCC, BE], ACC)
-    mean = tl.zeros([BCC, BE], ACC)
-    m2 = tl.zeros([BCC, BE], ACC)
+    hi, lo, cnt, mean, m2 = _range_state(ACC, BCC, BE)
     for c0 in range(0, C, BCC):
         _, off, mask = _ce_offsets(c0, e0, E, C, E2, s_c, s_e1, s_e2, BCC, BE)
         x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-        hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
-        lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
-        cnt, mean, m2 = _welford(cnt, mean, m2, tl.minimum(tl.maximum(x - x0[None, :], -lim), lim), mask)
+        v = tl.minimum(tl.maximum(x - x0[None, :], -lim), lim)
+        hi, lo, cnt, mean, m2 = _range_step(hi, lo, cnt, mean, m2, x, v, mask)
     h = tl.where(em, tl.max(hi, axis=0), 1.0)  # (masked positions: any finite value)
     lw = tl.where(em, tl.min(lo, axis=0), 1.0)
     n, cmean, var = _lanes0(cnt, mean, m2)

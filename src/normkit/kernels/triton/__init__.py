@@ -126,6 +126,12 @@ def _acc(x: Tensor) -> tuple[torch.dtype, object]:
     return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
+def _bound(acc: torch.dtype) -> float:
+    """The exponent bound of the kernels' scaled statistics (and of their plain-range test) in the
+    accumulation dtype ``acc``."""
+    return 1022.0 if acc == torch.float64 else 126.0
+
+
 # Split reduction: below this many programs a launch leaves most of a GPU idle, so the sets are cut
 # into chunks of positions (tests set ``_FORCE_CHUNK`` to take that path on small CPU shapes).
 _MIN_CHUNK = 4096  # values of a set per program, at least
@@ -169,15 +175,15 @@ def _tiling(x: Tensor, p: Plan) -> tuple[int, tuple[int, ...], int, int, bool, i
 _BN_BJ = 16  # chunks per step of the BatchNorm kernels' per-channel combination (bounds registers)
 
 
-def _bn_cl_walk(p: Plan, device: torch.device) -> tuple[tuple[int, ...], int, int, int, int]:
+def _bn_cl_walk(p: Plan, device: torch.device) -> tuple[tuple[int, ...], int, int, int]:
     """BatchNorm on channels-last memory (``p.mode == 1``: rows of ``C`` contiguous channels) as the
-    (C, E) walk of the ``bn_*`` kernels: ``((C, E, E2, s_c, s_e1, s_e2, CH, nchunks), BCC, BE, BJ,
-    nchunks)``, blocks of up to 64 channels by chunks of rows that fill the device."""
+    (C, E) walk of the ``bn_*`` kernels: ``((C, E, E2, s_c, s_e1, s_e2, CH, nchunks), BCC, BE, BJ)``,
+    blocks of up to 64 channels by chunks of rows that fill the device."""
     C, E = p.C, p.N * p.S
     BCC = min(next_power_of_2(C), 64)
     BE = max(1, min(next_power_of_2(E), 2048 // BCC))
     nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, device)
-    return (C, E, E, 1, 0, C, ch, nchunks), BCC, BE, min(_BN_BJ, next_power_of_2(nchunks)), nchunks
+    return (C, E, E, 1, 0, C, ch, nchunks), BCC, BE, min(_BN_BJ, next_power_of_2(nchunks))
 
 
 def _bn_cl_forward(
@@ -185,14 +191,14 @@ def _bn_cl_forward(
 ) -> tuple[Tensor, Tensor]:
     _kernels = _kern()
     acc, tacc = _acc(x)
-    walk, BCC, BE, BJ, nchunks = _bn_cl_walk(p, x.device)
-    C = walk[0]
+    walk, BCC, BE, BJ = _bn_cl_walk(p, x.device)
+    C, nchunks = walk[0], walk[7]
     grid = (cdiv(C, BCC), nchunks)
     y = torch.empty_like(x)
     stats = torch.empty((core.STAT_ROWS, *stat_shape), dtype=acc, device=x.device)
     hl = torch.empty((2, C, nchunks), dtype=acc, device=x.device)
     pm = torch.empty((3, C, nchunks), dtype=acc, device=x.device)
-    bound = 1022.0 if acc == torch.float64 else 126.0
+    bound = _bound(acc)
     _kernels.bn_stats_kernel[grid](x, hl, pm, *walk, bound, ACC=tacc, BCC=BCC, BE=BE)
     _kernels.bn_moments_kernel[grid](x, hl, pm, *walk, bound, ACC=tacc, BCC=BCC, BE=BE, BJ=BJ)
     _kernels.bn_apply_kernel[grid](
@@ -221,8 +227,8 @@ def _bn_cl_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     _kernels = _kern()
     acc, tacc = _acc(x)
-    walk, BCC, BE, BJ, nchunks = _bn_cl_walk(p, x.device)
-    C = walk[0]
+    walk, BCC, BE, BJ = _bn_cl_walk(p, x.device)
+    C, nchunks = walk[0], walk[7]
     grid = (cdiv(C, BCC), nchunks)
     part = torch.empty((2, C, nchunks), dtype=acc, device=x.device)
     _kernels.bn_bwd_sums_kernel[grid](dy, x, stats, part, *walk, ACC=tacc, BCC=BCC, BE=BE)
@@ -272,7 +278,7 @@ def _ln2d_forward(
         stats,
         *walk,
         float(eps),
-        1022.0 if acc == torch.float64 else 126.0,
+        _bound(acc),
         HAS_W=w is not None,
         HAS_B=b is not None,
         ACC=tacc,
@@ -291,16 +297,15 @@ def _ln2d_backward(
     C, E = walk[0], walk[1]
     nblocks = cdiv(E, BE)
     dx = torch.empty_like(x) if need_x else None
-    pw = torch.empty((nblocks, C), dtype=acc, device=x.device) if need_p else None
-    pb = torch.empty((nblocks, C), dtype=acc, device=x.device) if need_p else None
+    part = torch.empty((2, nblocks, C), dtype=acc, device=x.device) if need_p else None  # dweight, dbias
     _kernels.ln2d_bwd_kernel[(nblocks,)](
         dy,
         x,
         w if w is not None else x,
         stats,
         dx if dx is not None else x,
-        pw if pw is not None else stats,
-        pb if pb is not None else stats,
+        part[0] if part is not None else stats,
+        part[1] if part is not None else stats,
         *walk,
         HAS_W=w is not None,
         NEED_DX=need_x,
@@ -309,9 +314,10 @@ def _ln2d_backward(
         BCC=BCC,
         BE=BE,
     )
-    if pw is None or pb is None:
+    if part is None:
         return dx, None, None
-    return dx, pw.sum(0), pb.sum(0)
+    sums = part.sum(1)  # one reduction for both
+    return dx, sums[0], sums[1]
 
 
 def forward(
@@ -339,7 +345,7 @@ def forward(
     nsets, walk, nchunks, ch, split_c, BC, BM = _tiling(x, p)
     y = torch.empty_like(x)
     stats = torch.empty((core.STAT_ROWS, *stat_shape), dtype=acc, device=x.device)
-    bound = 1022.0 if acc == torch.float64 else 126.0
+    bound = _bound(acc)
     wt = w if w is not None else x
     bt = b if b is not None else x
     if nchunks == 1:
@@ -423,8 +429,8 @@ def backward(
     dx = torch.empty_like(x) if need_x else None
     # (a chunk of channels writes only its own: the rest of its row stays zero)
     alloc = torch.zeros if nchunks > 1 and split_c else torch.empty
-    pw = alloc((nsets, nchunks, NC), dtype=acc, device=x.device) if need_p else None
-    pb = alloc((nsets, nchunks, NC), dtype=acc, device=x.device) if need_p else None
+    part = alloc((2, nsets, nchunks, NC), dtype=acc, device=x.device) if need_p else None  # dweight, dbias
+    pw, pb = (part[0], part[1]) if part is not None else (None, None)
     wt = w if w is not None else x
     if nchunks == 1:
         _kernels.norm_bwd_kernel[(nsets,)](
@@ -491,15 +497,15 @@ def backward(
                 BM=BM,
                 BJ=next_power_of_2(nchunks),
             )
-    if pw is None or pb is None:
+    if part is None:
         return dx, None, None
     # per set, chunk and channel-in-set -> per channel: chunks, and sets sharing a channel, are summed,
-    # in one reduction each (on a GPU every extra op is a launch)
-    dims = (0, 2) if nchunks > 1 else (0,)
+    # dweight and dbias in one reduction (on a GPU every extra op is a launch)
+    dims = (1, 3) if nchunks > 1 else (1,)
     if CK == 0:  # every set holds every channel
-        dims = (*dims, 1)
-    shape = (nsets // D1, D1, nchunks, NC)
-    return dx, pw.view(shape).sum(dims).reshape(-1), pb.view(shape).sum(dims).reshape(-1)
+        dims = (*dims, 2)
+    sums = part.view(2, nsets // D1, D1, nchunks, NC).sum(dims).reshape(2, -1)
+    return dx, sums[0], sums[1]
 
 
 _SLOPES: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
@@ -779,7 +785,7 @@ def gn_proxy_forward(
     acc, tacc = _acc(x)
     out = torch.empty_like(x)
     stats = torch.empty((core.STAT_ROWS, p.N, p.G), dtype=acc, device=x.device)
-    bound = 1022.0 if acc == torch.float64 else 126.0
+    bound = _bound(acc)
     _kernels.norm_fwd_kernel[(nsets,)](
         x,
         out,

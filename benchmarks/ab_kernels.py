@@ -34,9 +34,11 @@ MODES = {"batch_nchw": 0, "batch_cl": 1, "group_nchw": 2, "group_cl": 3, "channe
 
 
 def source_of(rev: str | None) -> str:
-    """norm_cpu.cpp at a git revision, or the working tree's (``None``)."""
+    """norm_cpu.cpp at a git revision, the working tree's (``None``), or a file's (a path ending in .cpp)."""
     if rev is None:
         return (ROOT / SOURCE).read_text()
+    if rev.endswith(".cpp"):
+        return Path(rev).read_text()
     return subprocess.run(
         ["git", "show", f"{rev}:{SOURCE}"], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout
@@ -116,8 +118,10 @@ def _calls(so, name: str, shape: tuple[int, ...], groups: int):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--base", default="HEAD", help="git revision of A (default: HEAD)")
-    p.add_argument("--other", default=None, help="git revision of B (default: the working tree)")
+    p.add_argument("--base", default="HEAD", help="git revision of A, or a .cpp file (default: HEAD)")
+    p.add_argument(
+        "--other", default=None, help="git revision of B, or a .cpp file (default: the working tree)"
+    )
     p.add_argument("--modes", default="group_cl", help=f"comma-separated, of {', '.join(MODES)}")
     p.add_argument(
         "--shapes", type=lambda s: [parse_shape(v) for v in s.split(",")], default=[(8, 256, 28, 28)]

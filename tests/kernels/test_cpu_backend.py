@@ -208,21 +208,33 @@ def test_edge_shapes(shape, name, affine):
 
 
 @pytest.mark.parametrize(
-    ("shape", "name"),
+    ("shape", "name", "cl"),
     [
-        ((5, 1, 1001, 1003), "ln_chw"),  # odd rows: each row's output starts unaligned
-        ((2, 4, 1024, 600), "gn4"),  # long groups (G > 1)
+        ((5, 1, 1001, 1003), "ln_chw", False),  # odd rows: each row's output starts unaligned
+        ((2, 4, 1024, 600), "gn4", False),  # long groups (G > 1)
+        # odd H * W: every (n, c) run of the NCHW patterns starts unaligned, and is not a whole
+        # number of the stores' 1024-value blocks
+        ((5, 8, 337, 331), "bn", False),
+        ((5, 8, 337, 331), "gn4", False),
+        ((5, 8, 337, 331), "in", False),
+        ((5, 24, 193, 193), "ln2d", False),  # LayerNorm2d on NCHW: blocks of columns
+        # channels_last: the stores' blocks cross rows of C = 25 or 28 values, and end unaligned
+        ((5, 25, 193, 193), "bn", True),
+        ((5, 28, 193, 193), "gn4", True),  # a sample at a time backward (N >= threads)
+        ((1, 28, 401, 401), "gn4", True),  # the blocked backward (N = 1)
     ],
 )
-def test_outputs_beyond_the_cache_take_the_streamed_stores(shape, name):
+def test_outputs_beyond_the_cache_take_the_streamed_stores(shape, name, cl):
     # fp32 outputs above 16 MB go through the kernels' non-temporal stores (forward y, backward dx)
     fn, ref = OPS[name]
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(shape, generator=g, dtype=F64) * 2 + 1
-    dy = torch.randn(shape, generator=g, dtype=F64)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = (torch.randn(shape, generator=g, dtype=F64) * 2 + 1).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, generator=g, dtype=F64).contiguous(memory_format=fmt)
     w, b = _params(name, shape, True, 4)
     assert x.numel() * 4 > 16 << 20
     y, grads = _run(fn, x, w, b, dy, torch.float32, "cpu")
+    assert y.is_contiguous(memory_format=fmt)
     ey, egrads = _oracle(ref, x, w, b, dy.float().double())
     _close(y, ey, TOL[torch.float32])
     for got, exp in zip(grads, egrads):

@@ -604,7 +604,11 @@ inline BackCoef back_coef(const O* st, int64_t nsets, int64_t k, double g_sum, d
 // Outputs larger than this many bytes (about half this machine's last-level cache) are written with
 // non-temporal stores: they cannot stay cached anyway, and a plain store first reads every line it
 // writes (measured: the long-row LayerNorm forward at (32, 64*56*56) 1.8 -> 1.55 ms; at (8, 256*28*28),
-// whose output stays in cache, streaming costs 0.29 -> 0.35 ms, hence the threshold).
+// whose output stays in cache, streaming costs 0.29 -> 0.35 ms, hence the threshold). Every pattern's
+// forward y and backward dx take them (but the short rows' backward, below): at (32, 64, 56, 56) with
+// fresh outputs, BatchNorm NCHW forward 0.57x / backward 0.76x the cached stores' time, GroupNorm NCHW
+// 0.77x / 0.69x, LayerNorm2d NCHW 0.79x / 0.87x, the channels-last patterns about 0.92x each way
+// (`python benchmarks/ab_kernels.py --modes ...`); runs shorter than a buffer stream too.
 constexpr int64_t STREAM_BYTES = int64_t(16) << 20;
 // The channels-last GroupNorm forward takes a sample at a time (statistics, then the output from this
 // core's cache) only for inputs up to this size: beyond it the blocked schedule (all statistics, then
@@ -612,6 +616,11 @@ constexpr int64_t STREAM_BYTES = int64_t(16) << 20;
 // (`python benchmarks/ab_kernels.py --base d074594~1 --modes group_cl`).
 constexpr int64_t SAMPLE_FWD_BYTES = int64_t(8) << 20;
 constexpr int64_t EMIT = 1024;  // outputs per L1 buffer of those stores
+// Short rows (LayerNorm over a last dim, LayerNorm2d on channels_last) stream their forward output only
+// from 256 values on: at (25088, 256) and (12544, 512) 0.63-0.76x the cached stores' time, at 128 values
+// neutral, at 64 values 1.27x (the L1 buffer's round trip per short row). Their backward writes dx with
+// plain stores: streamed, it measured 1.0-1.3x at 128-512 values (`ab_kernels.py --modes rows`).
+constexpr int64_t STREAM_ROW = 256;
 
 // Writes n outputs at q through `fill(j, len, dst)` (which writes outputs j .. j + len - 1 to dst); with
 // `stream`, float outputs go through an L1 buffer and non-temporal stores (call fence() after).
@@ -623,17 +632,37 @@ inline void emit(T* q, int64_t n, bool stream, F&& fill) {
       const int64_t head = std::min<int64_t>(n, ((32 - (reinterpret_cast<uintptr_t>(q) & 31)) & 31) / 4);
       fill(0, head, q);
       alignas(32) float buf[EMIT];
-      int64_t j = head;
-      for (; j + EMIT <= n; j += EMIT) {
-        fill(j, EMIT, buf);
-        for (int64_t i = 0; i < EMIT; i += 8) _mm256_stream_ps(q + j + i, _mm256_load_ps(buf + i));
+      for (int64_t j = head; j < n;) {
+        const int64_t m = std::min(EMIT, n - j), body = m & ~int64_t(7);
+        fill(j, m, buf);
+        for (int64_t i = 0; i < body; i += 8) _mm256_stream_ps(q + j + i, _mm256_load_ps(buf + i));
+        for (int64_t i = body; i < m; ++i) q[j + i] = buf[i];
+        j += m;
       }
-      fill(j, n - j, q + j);
       return;
     }
   }
 #endif
   fill(0, n, q);
+}
+
+// Rows r0 .. r1 - 1 of C contiguous values at q, as emit() writes them: row(r, c, len, dst) writes
+// columns c .. c + len - 1 of row r to dst (a run of a row: the L1 buffer's blocks cross rows).
+template <typename T, typename F>
+inline void emit_rows(T* q, int64_t r0, int64_t r1, int64_t C, bool stream, F&& row) {
+  if (!stream) {
+    for (int64_t r = r0; r < r1; ++r) row(r, 0, C, q + r * C);
+    return;
+  }
+  emit(q + r0 * C, (r1 - r0) * C, true, [&](int64_t j, int64_t m, T* dst) {
+    while (m > 0) {
+      const int64_t r = r0 + j / C, c = j % C, len = std::min(m, C - c);
+      row(r, c, len, dst);
+      j += len;
+      dst += len;
+      m -= len;
+    }
+  });
 }
 
 inline void fence(bool stream) {
@@ -682,7 +711,7 @@ inline void row_out(const T* __restrict p, T* __restrict q, int64_t n, O sh, O r
 // R short sets k .. k + R - 1: two-pass moments from L1 (lanes of the compute type), then the output.
 template <int R, typename T, typename O>
 inline void rows_fwd_short(const T* x, const O* w, const O* b, T* y, O* st, int32_t* ok, int64_t nsets, int64_t k,
-                           int64_t Cg, int64_t G, double eps) {
+                           int64_t Cg, int64_t G, double eps, bool stream) {
   constexpr int L = row_lanes<O>();
   const int64_t body = Cg - Cg % L;
   const T* p = x + k * Cg;  // set r at p + r * Cg (affine indexing: the loops vectorise)
@@ -726,8 +755,13 @@ inline void rows_fwd_short(const T* x, const O* w, const O* b, T* y, O* st, int3
   for (int r = 0; r < R; ++r) {
     auto s = finish_stats<O>(mean[r], var[r], rstd[r], static_cast<double>(Cg), eps, st, nsets, k + r, ok);
     const int64_t c0 = G == 1 ? 0 : ((k + r) % G) * Cg;
-    row_out<T, O>(p + r * Cg, y + (k + r) * Cg, Cg, s.shift, static_cast<O>(s.rstd), static_cast<O>(s.cm * s.rstd),
-                  w ? w + c0 : nullptr, b ? b + c0 : nullptr);
+    const O rs = static_cast<O>(s.rstd), cmr = static_cast<O>(s.cm * s.rstd);
+    if (stream)
+      emit(y + (k + r) * Cg, Cg, true, [&](int64_t j, int64_t n, T* q) {
+        row_out<T, O>(p + r * Cg + j, q, n, s.shift, rs, cmr, w ? w + c0 + j : nullptr, b ? b + c0 + j : nullptr);
+      });
+    else
+      row_out<T, O>(p + r * Cg, y + (k + r) * Cg, Cg, s.shift, rs, cmr, w ? w + c0 : nullptr, b ? b + c0 : nullptr);
   }
 }
 
@@ -735,14 +769,15 @@ template <typename T, typename O>
 void rows_forward(const T* x, const O* w, const O* b, T* y, O* st, int32_t* ok, int64_t N, int64_t C, int64_t G,
                   double eps) {
   const int64_t Cg = C / G, nsets = N * G;
+  const bool stream = N * C * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES && Cg >= STREAM_ROW;
   torch::stable::parallel_for(0, nsets, grain(Cg), [&](int64_t k0, int64_t k1) {
     int64_t k = k0;
     if (Cg <= SHORT) {
-      for (; k + RB <= k1; k += RB) rows_fwd_short<RB, T, O>(x, w, b, y, st, ok, nsets, k, Cg, G, eps);
-      for (; k < k1; ++k) rows_fwd_short<1, T, O>(x, w, b, y, st, ok, nsets, k, Cg, G, eps);
+      for (; k + RB <= k1; k += RB) rows_fwd_short<RB, T, O>(x, w, b, y, st, ok, nsets, k, Cg, G, eps, stream);
+      for (; k < k1; ++k) rows_fwd_short<1, T, O>(x, w, b, y, st, ok, nsets, k, Cg, G, eps, stream);
+      fence(stream);
       return;
     }
-    const bool stream = N * C * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
     for (; k < k1; ++k) {
       const int64_t c0 = (k % G) * Cg;
       auto s = finish_set<O>(set_moments<T, O>(x + k * Cg, 1, Cg, Cg), eps, st, nsets, k, ok);
@@ -1071,6 +1106,7 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
     rows_forward<T, O>(x, w, b, y, st, ok, N, C, G, eps);
     return;
   }
+  const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
   if (mode == BATCH_NCHW) {
     torch::stable::parallel_for(0, C, grain(N * S), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -1078,8 +1114,13 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
         auto s = finish_set<O>(mo, eps, st, C, c, ok);
         O A, B;
         affine_coef<O>(s, w, b, c, A, B);
-        for (int64_t n = 0; n < N; ++n) run_apply<T, O>(x + (n * C + c) * S, y + (n * C + c) * S, S, s.shift, A, B);
+        for (int64_t n = 0; n < N; ++n) {
+          const T* p = x + (n * C + c) * S;
+          emit(y + (n * C + c) * S, S, stream,
+               [&](int64_t j, int64_t m, T* q) { run_apply<T, O>(p + j, q, m, s.shift, A, B); });
+        }
       }
+      fence(stream);
     });
   } else if (mode == GROUP_CL && N >= nthreads && N * S * C * static_cast<int64_t>(sizeof(T)) <= SAMPLE_FWD_BYTES) {
     // a sample at a time, statistics then output: the second read of the sample comes from cache
@@ -1103,10 +1144,11 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
     cl_coefs<T, O>(x, w, b, st, ok, mode, N, C, S, G, eps, nthreads, sh, A, B);
     if (!__atomic_load_n(ok, __ATOMIC_RELAXED)) return;
     torch::stable::parallel_for(0, N * S, grain(C), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        int64_t n = batch ? 0 : r / S;
-        row_apply<T, O>(x + r * C, y + r * C, C, sh.data() + n * C, A.data() + n * C, B.data() + n * C);
-      }
+      emit_rows(y, r0, r1, C, stream, [&](int64_t r, int64_t c, int64_t len, T* q) {
+        const int64_t o = (batch ? 0 : r / S) * C + c;
+        row_apply<T, O>(x + r * C + c, q, len, sh.data() + o, A.data() + o, B.data() + o);
+      });
+      fence(stream);
     });
   } else if (mode == GROUP_NCHW) {
     const int64_t Cg = C / G, L = Cg * S;
@@ -1121,7 +1163,8 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
           for (int64_t j = 0; j < Cg; ++j) {
             O A, B;
             affine_coef<O>(s, w, b, c0 + j, A, B);
-            run_apply<T, O>(p + j * S, q + j * S, S, s.shift, A, B);
+            emit(q + j * S, S, stream,
+                 [&](int64_t i, int64_t m, T* o) { run_apply<T, O>(p + j * S + i, o, m, s.shift, A, B); });
           }
         } else {  // one value per channel: vectorise over the channels
           const O r = static_cast<O>(s.rstd), cmr = static_cast<O>(s.cm * s.rstd), sh = s.shift;
@@ -1140,6 +1183,7 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
           }
         }
       }
+      fence(stream);
     });
   } else if (mode == CHANNEL_NCHW) {
     // sets (n, s) reduce over the C rows of stride S: blocks of W columns, in cache from stats to output
@@ -1162,15 +1206,20 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
         }
         for (int64_t c = 0; c < C; ++c) {
           const T* row = p + c * S;
-          T* out = q + c * S;
           const O wc = w ? w[c] : O(1), bc = b ? b[c] : O(0);
-          const O* SH = sh.data();
-          const O* R = r.data();
-          const O* CM = cmr.data();
+          const O *SH = sh.data(), *R = r.data(), *CM = cmr.data();
+          auto fill = [=](int64_t j0, int64_t m, T* __restrict out) {
 #pragma omp simd
-          for (int64_t j = 0; j < ns; ++j) out[j] = to<T>(((cv<O>(row[j]) - SH[j]) * R[j] - CM[j]) * wc + bc);
+            for (int64_t j = 0; j < m; ++j)
+              out[j] = to<T>(((cv<O>(row[j0 + j]) - SH[j0 + j]) * R[j0 + j] - CM[j0 + j]) * wc + bc);
+          };
+          if (stream)
+            emit(q + c * S, ns, true, fill);
+          else
+            fill(0, ns, q + c * S);
         }
       }
+      fence(stream);
     });
   }
 }
@@ -1246,6 +1295,14 @@ inline void short_dsums(const T* dy, const T* x, int64_t len, O shift, double& s
   sdyd += static_cast<double>(c[0]) + t2;
 }
 
+// dx[c] = A[c] * dy[c] + B[c] * (x[c] - sh[c]) + Cc[c] over a run of a channels-last row
+template <typename T, typename O>
+inline void cl_dx(const T* __restrict g, const T* __restrict xr, T* __restrict out, int64_t len, const O* SH,
+                  const O* AA, const O* BB, const O* CC) {
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) out[c] = to<T>(AA[c] * cv<O>(g[c]) + BB[c] * (cv<O>(xr[c]) - SH[c]) + CC[c]);
+}
+
 template <typename T, typename O>
 inline void run_dx(const T* dy, const T* x, T* dx, int64_t len, O shift, O a, O bx, O cc) {
 #pragma omp simd
@@ -1263,6 +1320,7 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
     rows_backward<T, O>(dy, x, w, st, dx, dw, db, N, C, G);
     return;
   }
+  const bool stream = dx && N * C * S * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
   if (mode == BATCH_NCHW) {
     torch::stable::parallel_for(0, C, grain(N * S), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -1283,10 +1341,14 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
         if (db) db[c] = sdy;
         if (!dx) continue;
         auto k = back_coef<O>(st, C, c, wv(c) * sdy, wv(c) * sdyd * inv);
-        for (int64_t n = 0; n < N; ++n)
-          run_dx<T, O>(dy + (n * C + c) * S, x + (n * C + c) * S, dx + (n * C + c) * S, S, shift,
-                       static_cast<O>(wv(c) * k.tr), static_cast<O>(k.bx), static_cast<O>(k.cc));
+        const O a = static_cast<O>(wv(c) * k.tr), bx = static_cast<O>(k.bx), cc = static_cast<O>(k.cc);
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t off = (n * C + c) * S;
+          emit(dx + off, S, stream,
+               [&](int64_t j, int64_t m, T* q) { run_dx<T, O>(dy + off + j, x + off + j, q, m, shift, a, bx, cc); });
+        }
       }
+      fence(stream);
     });
   } else if (mode == GROUP_CL && N >= nthreads) {
     // a sample at a time, sums then dx: the second read of the sample's dy and x comes from cache
@@ -1341,16 +1403,12 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
           }
         }
         if (!dx) continue;
-        T* os = dx + n * S * C;
-        const O *SH = sh.data(), *AA = A.data(), *BB = Bx.data(), *CC = Cc.data();
-        for (int64_t r = 0; r < S; ++r) {
-          const T* g = gs + r * C;
-          const T* xr = xs + r * C;
-          T* out = os + r * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) out[c] = to<T>(AA[c] * cv<O>(g[c]) + BB[c] * (cv<O>(xr[c]) - SH[c]) + CC[c]);
-        }
+        emit_rows(dx, n * S, (n + 1) * S, C, stream, [&](int64_t r, int64_t c0, int64_t len, T* out) {
+          cl_dx<T, O>(dy + r * C + c0, x + r * C + c0, out, len, sh.data() + c0, A.data() + c0, Bx.data() + c0,
+                      Cc.data() + c0);
+        });
       }
+      fence(stream);
     });
     if (dw || db) {
       for (int64_t c = 0; c < C; ++c) {
@@ -1428,16 +1486,12 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
     }
     if (!dx) return;
     torch::stable::parallel_for(0, N * S, grain(C), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        int64_t o = batch ? 0 : (r / S) * C;
-        const T* g = dy + r * C;
-        const T* xr = x + r * C;
-        T* out = dx + r * C;
-        const O *SH = sh.data() + o, *AA = A.data() + o, *BB = Bx.data() + o, *CC = Cc.data() + o;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c)
-          out[c] = to<T>(AA[c] * cv<O>(g[c]) + BB[c] * (cv<O>(xr[c]) - SH[c]) + CC[c]);
-      }
+      emit_rows(dx, r0, r1, C, stream, [&](int64_t r, int64_t c0, int64_t len, T* out) {
+        const int64_t o = (batch ? 0 : r / S) * C + c0;
+        cl_dx<T, O>(dy + r * C + c0, x + r * C + c0, out, len, sh.data() + o, A.data() + o, Bx.data() + o,
+                    Cc.data() + o);
+      });
+      fence(stream);
     });
   } else if (mode == GROUP_NCHW) {
     const int64_t Cg = C / G, L = Cg * S;
@@ -1472,8 +1526,12 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
         auto kc = back_coef<O>(st, N * G, k, g_sum, gd_sum);
         const O bx = static_cast<O>(kc.bx), cc = static_cast<O>(kc.cc);
         if (S > 1) {
-          for (int64_t j = 0; j < Cg; ++j)
-            run_dx<T, O>(g + j * S, xp + j * S, dx + k * L + j * S, S, shift, static_cast<O>(wv(c0 + j) * kc.tr), bx, cc);
+          for (int64_t j = 0; j < Cg; ++j) {
+            const O a = static_cast<O>(wv(c0 + j) * kc.tr);
+            emit(dx + k * L + j * S, S, stream, [&](int64_t i, int64_t m, T* q) {
+              run_dx<T, O>(g + j * S + i, xp + j * S + i, q, m, shift, a, bx, cc);
+            });
+          }
         } else {
           T* out = dx + k * L;
           const O tr = static_cast<O>(kc.tr);
@@ -1483,6 +1541,7 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
           }
         }
       }
+      fence(stream);
     });
     if (dw || db) {
       for (int64_t c = 0; c < C; ++c) {
@@ -1548,16 +1607,18 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
           Cc[j] = static_cast<O>(kc.cc);
         }
         for (int64_t c = 0; c < C; ++c) {
-          const T* g = gp + c * S;
-          const T* xx = xp + c * S;
-          T* out = dx + n * C * S + s0 + c * S;
           const O wc = w ? w[c] : O(1);
-          const O *SH = sh.data(), *AA = A.data(), *BB = Bx.data(), *CC = Cc.data();
+          emit(dx + n * C * S + s0 + c * S, ns, stream, [&](int64_t j0, int64_t m, T* out) {
+            const T* g = gp + c * S + j0;
+            const T* xx = xp + c * S + j0;
+            const O *SH = sh.data() + j0, *AA = A.data() + j0, *BB = Bx.data() + j0, *CC = Cc.data() + j0;
 #pragma omp simd
-          for (int64_t j = 0; j < ns; ++j)
-            out[j] = to<T>(wc * AA[j] * cv<O>(g[j]) + BB[j] * (cv<O>(xx[j]) - SH[j]) + CC[j]);
+            for (int64_t j = 0; j < m; ++j)
+              out[j] = to<T>(wc * AA[j] * cv<O>(g[j]) + BB[j] * (cv<O>(xx[j]) - SH[j]) + CC[j]);
+          });
         }
       }
+      fence(stream);
     });
     if (dw || db) {
       for (int64_t c = 0; c < C; ++c) {

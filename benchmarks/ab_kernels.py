@@ -28,9 +28,19 @@ from normkit.kernels import _build
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "src/normkit/kernels/csrc/norm_cpu.cpp"
-MODES = {"batch_nchw": 0, "batch_cl": 1, "group_nchw": 2, "group_cl": 3, "channel_nchw": 4, "rows": 2}
+MODES = {
+    "batch_nchw": 0,
+    "batch_cl": 1,
+    "group_nchw": 2,
+    "group_cl": 3,
+    "channel_nchw": 4,
+    "rows": 2,
+    "gn_act_nchw": 2,
+    "gn_act_cl": 3,
+}
 # "rows": LayerNorm over the last dim (GROUP_NCHW with one group and S = 1): --shapes 6272x256 is
-# LayerNorm2d of (8, 256, 28, 28) channels_last
+# LayerNorm2d of (8, 256, 28, 28) channels_last; "gn_act_*": GroupNormProxyAct2d's fused GroupNorm +
+# ReLU + proxy scaling (normkit_gn_act_forward / _backward)
 
 
 def source_of(rev: str | None) -> str:
@@ -93,8 +103,37 @@ def _calls(so, name: str, shape: tuple[int, ...], groups: int):
     st, dy = torch.empty(6, nsets), torch.randn_like(x)
     dw, db = torch.empty(C), torch.empty(C)
 
-    # y and dx are fresh each call, as in training (fixed buffers stay cached between calls and hid a
-    # 1.5x slower row backward)
+    if name.startswith("gn_act"):
+        m, r, sums = torch.randn(C), torch.rand(C) + 0.5, torch.empty(4, C, dtype=torch.float64)
+
+        def fwd():
+            y = torch.empty_like(x)
+            so.normkit_gn_act_forward(
+                0, x.data_ptr(), w.data_ptr(), b.data_ptr(), m.data_ptr(), r.data_ptr(), y.data_ptr(),
+                st.data_ptr(), mode, N, C, S, G, 1e-5, 0, 0.0,
+            )  # fmt: skip
+
+        def bwd():
+            dx = torch.empty_like(x)
+            so.normkit_gn_act_backward(
+                0, dy.data_ptr(), x.data_ptr(), w.data_ptr(), b.data_ptr(), m.data_ptr(), r.data_ptr(),
+                st.data_ptr(), dx.data_ptr(), sums.data_ptr(), mode, N, C, S, G, 0, 0.0,
+            )  # fmt: skip
+
+    else:
+        # y and dx are fresh each call, as in training (fixed buffers stay cached between calls and hid
+        # a 1.5x slower row backward)
+        fwd, bwd = _norm_calls(so, x, w, b, st, dy, dw, db, mode, N, C, S, G)
+
+    def both():
+        fwd()
+        bwd()
+
+    fwd()  # the statistics the backward reads
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
+
+
+def _norm_calls(so, x, w, b, st, dy, dw, db, mode, N, C, S, G):
     def fwd():
         y = torch.empty_like(x)
         so.normkit_forward(
@@ -108,12 +147,7 @@ def _calls(so, name: str, shape: tuple[int, ...], groups: int):
             db.data_ptr(), mode, N, C, S, G,
         )  # fmt: skip
 
-    def both():
-        fwd()
-        bwd()
-
-    fwd()  # the statistics the backward reads
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
+    return fwd, bwd
 
 
 def main(argv: list[str] | None = None) -> None:

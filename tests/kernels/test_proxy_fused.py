@@ -98,6 +98,19 @@ def _use_path(monkeypatch, path):
     "shape, groups", [((4, 16, 7, 5), 4), ((3, 12, 6, 6), 1), ((2, 8, 5, 3), 8), ((1, 6, 9, 1), 2)]
 )
 def test_gn_proxy_layer_matches_the_float64_oracle(monkeypatch, path, dtype, layout, act, shape, groups):
+    _check_layer(monkeypatch, path, dtype, layout, act, shape, groups)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_gn_proxy_layer_beyond_the_cache_takes_the_streamed_stores(monkeypatch, layout):
+    # float32 outputs above 16 MB (out forward, dx backward) go through non-temporal stores; odd H * W and
+    # C = 28 put the ends of the stores' blocks off the vector width in both layouts
+    shape = (5, 28, 193, 193)
+    assert math.prod(shape) * 4 > 16 << 20
+    _check_layer(monkeypatch, "node", torch.float32, layout, "relu", shape, 4)
+
+
+def _check_layer(monkeypatch, path, dtype, layout, act, shape, groups):
     _use_path(monkeypatch, path)
     spy = _Spy(monkeypatch, "_gn_act_forward")
     C = shape[1]

@@ -1819,6 +1819,7 @@ template <int A, typename T, typename O>
 void gn_act_forward_impl(const T* x, const O* wa, const O* ba, const O* M, const O* R, T* out, O* st, int32_t* ok,
                          O slope, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G, double eps) {
   const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
   if (mode == GROUP_NCHW) {
     const int64_t Cg = C / G, L = Cg * S;
     torch::stable::parallel_for(0, N * G, grain(L), [&](int64_t k0, int64_t k1) {
@@ -1831,12 +1832,19 @@ void gn_act_forward_impl(const T* x, const O* wa, const O* ba, const O* M, const
         for (int64_t j = 0; j < Cg; ++j) {
           const int64_t c = (k % G) * Cg + j;
           const O P = static_cast<O>(wa[c] * s.rstd), Q = static_cast<O>(wa[c] * b0 + ba[c]), Mc = M[c], Rc = R[c];
-          const T* __restrict pp = p + j * S;
-          T* __restrict qq = q + j * S;
+          const T* pp = p + j * S;
+          auto fill = [=](int64_t i0, int64_t m, T* __restrict qq) {
 #pragma omp simd
-          for (int64_t i = 0; i < S; ++i) qq[i] = to<T>((act_f<A, O>((cv<O>(pp[i]) - sh) * P + Q, slope) - Mc) * Rc);
+            for (int64_t i = 0; i < m; ++i)
+              qq[i] = to<T>((act_f<A, O>((cv<O>(pp[i0 + i]) - sh) * P + Q, slope) - Mc) * Rc);
+          };
+          if (stream)
+            emit(q + j * S, S, true, fill);
+          else
+            fill(0, S, q + j * S);
         }
       }
+      fence(stream);
     });
     return;
   }
@@ -1851,17 +1859,21 @@ void gn_act_forward_impl(const T* x, const O* wa, const O* ba, const O* M, const
       q = q * wa[c] + ba[c];
       p = p * wa[c];
     }
+  const O *SH0 = sh.data(), *PP0 = P.data(), *QQ0 = Q.data();
   torch::stable::parallel_for(0, N * S, grain(C), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / S;
-      const T* __restrict p = x + r * C;
-      T* __restrict q = out + r * C;
-      const O* __restrict SH = sh.data() + n * C;
-      const O* __restrict PP = P.data() + n * C;
-      const O* __restrict QQ = Q.data() + n * C;
+    emit_rows(out, r0, r1, C, stream, [=](int64_t r, int64_t c0, int64_t len, T* __restrict q) {
+      const int64_t o = (r / S) * C + c0;
+      const T* __restrict p = x + r * C + c0;
+      const O* __restrict SH = SH0 + o;
+      const O* __restrict PP = PP0 + o;
+      const O* __restrict QQ = QQ0 + o;
+      const O* __restrict Mc = M + c0;
+      const O* __restrict Rc = R + c0;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) q[c] = to<T>((act_f<A, O>((cv<O>(p[c]) - SH[c]) * PP[c] + QQ[c], slope) - M[c]) * R[c]);
-    }
+      for (int64_t c = 0; c < len; ++c)
+        q[c] = to<T>((act_f<A, O>((cv<O>(p[c]) - SH[c]) * PP[c] + QQ[c], slope) - Mc[c]) * Rc[c]);
+    });
+    fence(stream);
   });
 }
 
@@ -2017,41 +2029,46 @@ void gn_act_backward_impl(const T* dout, const T* x, const O* wa, const O* ba, c
   }
   if (!dx) return;
   // dx = K1 t + bx d + cc
+  const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
   if (mode == GROUP_NCHW) {
     torch::stable::parallel_for(0, N * C, grain(S), [&](int64_t i0, int64_t i1) {
       for (int64_t nc = i0; nc < i1; ++nc) {
         const O sh = SH[nc], P = PP[nc], Q = QQ[nc], Mc = M[nc % C], k1 = K1[nc], bx = BX[nc], cc = CC[nc];
-        const T* __restrict gp = dout + nc * S;
-        const T* __restrict xp = x + nc * S;
-        T* __restrict q = dx + nc * S;
+        const T* gp = dout + nc * S;
+        const T* xp = x + nc * S;
+        auto fill = [=](int64_t j0, int64_t m, T* __restrict q) {
 #pragma omp simd
-        for (int64_t j = 0; j < S; ++j) {
-          O d, t, gz;
-          gn_act_point<A, O>(cv<O>(xp[j]), cv<O>(gp[j]), sh, P, Q, Mc, slope, d, t, gz);
-          q[j] = to<T>(k1 * t + bx * d + cc);
-        }
+          for (int64_t j = 0; j < m; ++j) {
+            O d, t, gz;
+            gn_act_point<A, O>(cv<O>(xp[j0 + j]), cv<O>(gp[j0 + j]), sh, P, Q, Mc, slope, d, t, gz);
+            q[j] = to<T>(k1 * t + bx * d + cc);
+          }
+        };
+        if (stream)
+          emit(dx + nc * S, S, true, fill);
+        else
+          fill(0, S, dx + nc * S);
       }
+      fence(stream);
     });
   } else {
+    const O *SH0 = SH.data(), *PP0 = PP.data(), *QQ0 = QQ.data(), *K10 = K1.data(), *BX0 = BX.data(), *CC0 = CC.data();
     torch::stable::parallel_for(0, N * S, grain(C), [&](int64_t r0, int64_t r1) {
-      for (int64_t row = r0; row < r1; ++row) {
-        const int64_t n = row / S;
-        const T* __restrict gp = dout + row * C;
-        const T* __restrict xp = x + row * C;
-        T* __restrict q = dx + row * C;
-        const O* __restrict sh = SH.data() + n * C;
-        const O* __restrict pp = PP.data() + n * C;
-        const O* __restrict qq = QQ.data() + n * C;
-        const O* __restrict k1 = K1.data() + n * C;
-        const O* __restrict bx = BX.data() + n * C;
-        const O* __restrict cc = CC.data() + n * C;
+      emit_rows(dx, r0, r1, C, stream, [=](int64_t row, int64_t c0, int64_t len, T* __restrict q) {
+        const int64_t o = (row / S) * C + c0;
+        const T* __restrict gp = dout + row * C + c0;
+        const T* __restrict xp = x + row * C + c0;
+        const O *__restrict sh = SH0 + o, *__restrict pp = PP0 + o, *__restrict qq = QQ0 + o;
+        const O *__restrict k1 = K10 + o, *__restrict bx = BX0 + o, *__restrict cc = CC0 + o;
+        const O* __restrict Mc = M + c0;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
+        for (int64_t c = 0; c < len; ++c) {
           O d, t, gz;
-          gn_act_point<A, O>(cv<O>(xp[c]), cv<O>(gp[c]), sh[c], pp[c], qq[c], M[c], slope, d, t, gz);
+          gn_act_point<A, O>(cv<O>(xp[c]), cv<O>(gp[c]), sh[c], pp[c], qq[c], Mc[c], slope, d, t, gz);
           q[c] = to<T>(k1[c] * t + bx[c] * d + cc[c]);
         }
-      }
+      });
+      fence(stream);
     });
   }
 }

@@ -427,22 +427,41 @@ struct GNProxy : public torch::autograd::Function<GNProxy> {
       return out;
     }
     if (dout.scalar_type() != x.scalar_type() || dout.strides() != x.strides()) dout = at::empty_like(x).copy_(dout);
-    const Tensor wd = w.detach(), bd = b.detach(), pbd = pb.detach(), pwd = pw.detach();
     const int dt = m.scalar_type() == at::kDouble ? 1 : 0;
     Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(x) : Tensor();
     Tensor sums = at::empty({4, C}, x.options().dtype(at::kDouble));
-    k_gnact_bwd(code(x.scalar_type()), dout.data_ptr(), x.data_ptr(), wd.data_ptr(), bd.data_ptr(), m.data_ptr(),
+    k_gnact_bwd(code(x.scalar_type()), dout.data_ptr(), x.data_ptr(), w.data_ptr(), b.data_ptr(), m.data_ptr(),
                 r.data_ptr(), st.data_ptr(), ptr(dx), sums.data_ptr<double>(), mode, N, C, S, G, act, fs[1]);
-    const Tensor s = sums.to(m.scalar_type());
-    const Tensor gm = (-(s[2] * r)).contiguous(), gr = s[3].contiguous();
     Tensor dw = at::empty({C}, m.options()), db = at::empty({C}, m.options()), dpb = at::empty({C}, m.options()),
            dpw = at::empty({C}, m.options());
-    k_pstats_bwd(dt, wd.data_ptr(), bd.data_ptr(), pbd.data_ptr(), pwd.data_ptr(), u.data_ptr(), u.size(0), C, act,
-                 fs[1], m.data_ptr(), r.data_ptr(), gm.data_ptr(), gr.data_ptr(), dw.data_ptr(), db.data_ptr(),
-                 dpb.data_ptr(), dpw.data_ptr());
+    // the proxy statistics' backward, then the activation step's own parameter sums: in the parameters'
+    // dtype, as ATen would (a dozen small ATen ops here cost more than the layer's kernels at small sizes)
+    auto params = [&](auto o) {
+      using O = decltype(o);
+      const double* sp = sums.data_ptr<double>();
+      const O* rp = r.data_ptr<O>();
+      std::vector<O> gm(static_cast<size_t>(C)), gr(gm.size());
+      for (int64_t c = 0; c < C; ++c) {
+        gm[c] = -(static_cast<O>(sp[2 * C + c]) * rp[c]);
+        gr[c] = static_cast<O>(sp[3 * C + c]);
+      }
+      k_pstats_bwd(dt, w.data_ptr(), b.data_ptr(), pb.data_ptr(), pw.data_ptr(), u.data_ptr(), u.size(0), C, act,
+                   fs[1], m.data_ptr(), r.data_ptr(), gm.data(), gr.data(), dw.data_ptr(), db.data_ptr(),
+                   dpb.data_ptr(), dpw.data_ptr());
+      O* pw_ = dw.data_ptr<O>();
+      O* pb_ = db.data_ptr<O>();
+      for (int64_t c = 0; c < C; ++c) {
+        pw_[c] += static_cast<O>(sp[c]);
+        pb_[c] += static_cast<O>(sp[C + c]);
+      }
+    };
+    if (dt)
+      params(double{});
+    else
+      params(float{});
     out[0] = dx;
-    out[1] = dw.add_(s[0]);
-    out[2] = db.add_(s[1]);
+    out[1] = dw;
+    out[2] = db;
     out[3] = dpb;
     out[4] = dpw;
     return out;
@@ -468,14 +487,13 @@ Tensor gn_proxy_act(const Tensor& x, const Tensor& w, const Tensor& b, const Ten
   {
     at::NoGradGuard no_grad;
     const int dt = w.scalar_type() == at::kDouble ? 1 : 0;
-    const Tensor wd = w.detach(), bd = b.detach(), pbd = pb.detach(), pwd = pw.detach();
     P[2] = at::empty({C}, w.options());
     P[3] = at::empty({C}, w.options());
-    k_pstats(dt, wd.data_ptr(), bd.data_ptr(), pbd.data_ptr(), pwd.data_ptr(), u.data_ptr(), u.size(0), C, act, slope,
+    k_pstats(dt, w.data_ptr(), b.data_ptr(), pb.data_ptr(), pw.data_ptr(), u.data_ptr(), u.size(0), C, act, slope,
              peps, P[2].data_ptr(), P[3].data_ptr());
     P[0] = at::empty_like(x);
     P[1] = at::empty({6, N * G}, w.options());
-    if (!k_gnact_fwd(code(x.scalar_type()), x.data_ptr(), wd.data_ptr(), bd.data_ptr(), P[2].data_ptr(),
+    if (!k_gnact_fwd(code(x.scalar_type()), x.data_ptr(), w.data_ptr(), b.data_ptr(), P[2].data_ptr(),
                      P[3].data_ptr(), P[0].data_ptr(), P[1].data_ptr(), mode, N, C, S, G, eps, act, slope))
       return Tensor();
     P[4] = u;

@@ -37,10 +37,13 @@ MODES = {
     "rows": 2,
     "gn_act_nchw": 2,
     "gn_act_cl": 3,
+    "act_nchw": 2,
+    "act_cl": 3,
 }
 # "rows": LayerNorm over the last dim (GROUP_NCHW with one group and S = 1): --shapes 6272x256 is
 # LayerNorm2d of (8, 256, 28, 28) channels_last; "gn_act_*": GroupNormProxyAct2d's fused GroupNorm +
-# ReLU + proxy scaling (normkit_gn_act_forward / _backward)
+# ReLU + proxy scaling (normkit_gn_act_forward / _backward); "act_*": Proxy Norm's activation step alone
+# (normkit_act_forward / _backward, ReLU)
 
 
 def source_of(rev: str | None) -> str:
@@ -120,6 +123,24 @@ def _calls(so, name: str, shape: tuple[int, ...], groups: int):
                 st.data_ptr(), dx.data_ptr(), sums.data_ptr(), mode, N, C, S, G, 0, 0.0,
             )  # fmt: skip
 
+    elif name.startswith("act"):
+        m, r, sums = torch.randn(C), torch.rand(C) + 0.5, torch.empty(4, C, dtype=torch.float64)
+        cl = int(name.endswith("cl"))
+
+        def fwd():
+            y = torch.empty_like(x)
+            so.normkit_act_forward(
+                0, x.data_ptr(), w.data_ptr(), b.data_ptr(), m.data_ptr(), r.data_ptr(), y.data_ptr(),
+                0, 0.0, N, C, S, cl,
+            )  # fmt: skip
+
+        def bwd():
+            dx = torch.empty_like(x)
+            so.normkit_act_backward(
+                0, dy.data_ptr(), x.data_ptr(), w.data_ptr(), b.data_ptr(), m.data_ptr(), r.data_ptr(),
+                dx.data_ptr(), sums.data_ptr(), 0, 0.0, N, C, S, cl,
+            )  # fmt: skip
+
     else:
         # y and dx are fresh each call, as in training (fixed buffers stay cached between calls and hid
         # a 1.5x slower row backward)
@@ -150,6 +171,23 @@ def _norm_calls(so, x, w, b, st, dy, dw, db, mode, N, C, S, G):
     return fwd, bwd
 
 
+def _rotating(sets: list[dict]) -> dict:
+    """Calls that take the next of several independent inputs each time: with enough of them (their x
+    and dy together beyond the last-level cache), every call reads its inputs from memory, as a
+    training step does; one input reused stays cached when the outputs bypass the cache."""
+    turn = {ps: 0 for ps in sets[0]}
+
+    def make(ps):
+        def call():
+            i = turn[ps]
+            turn[ps] = (i + 1) % len(sets)
+            sets[i][ps]()
+
+        return call
+
+    return {ps: make(ps) for ps in sets[0]}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--base", default="HEAD", help="git revision of A, or a .cpp file (default: HEAD)")
@@ -163,6 +201,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--groups", type=int, default=32, help="G of the group patterns (default: 32)")
     p.add_argument("--repeats", type=int, default=8, help="interleaved repeats (default: 8)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--rotate",
+        type=int,
+        default=1,
+        help="independent inputs taken in turn (default: 1, one input reused); 4 or more at the "
+        "PERFORMANCE.md shapes put every call's inputs out of the cache",
+    )
     a = p.parse_args(argv)
     modes = a.modes.split(",")
     for m in modes:
@@ -173,13 +218,16 @@ def main(argv: list[str] | None = None) -> None:
     libs = {k: _build._bind(build(t)) for k, t in texts.items()}
     print(
         f"A = {a.base}, B = {a.other or 'working tree'}; {a.threads} threads, "
-        f"best of {a.repeats} interleaved\n"
+        f"best of {a.repeats} interleaved, {max(1, a.rotate)} input(s) in turn\n"
     )
     print("| mode | shape | pass | A ms | B ms | B / A |")
     print("|---|---|---|---:|---:|---:|")
     for mode in modes:
         for shape in a.shapes:
-            calls = {k: _calls(so, mode, shape, a.groups) for k, so in libs.items()}
+            calls = {
+                k: _rotating([_calls(so, mode, shape, a.groups) for _ in range(max(1, a.rotate))])
+                for k, so in libs.items()
+            }
             best = {(k, ps): float("inf") for k in libs for ps in ("fwd", "bwd", "fwd+bwd")}
             for _ in range(a.repeats):
                 order = list(libs)

@@ -314,3 +314,21 @@ def test_ab_kernels_variants_get_their_own_namespace_and_the_source_honours_it()
     for bad in ("8", "8x0x3", "ax2"):
         with pytest.raises((argparse.ArgumentTypeError, ValueError)):
             ab.parse_shape(bad)
+
+
+def test_large_inputs_are_read_cold_from_copies_taken_in_turn():
+    from normkit.bench import COLD_BYTES, ROTATE_BYTES, _input_copies, _op_stmt, _turns
+
+    small = torch.randn(2, 3, 4, 4)
+    assert _input_copies(small) == [small]
+    big = torch.empty(COLD_BYTES // 4 + 1).view(1, 1, 1, -1).to(memory_format=torch.channels_last)
+    xs = _input_copies(big)
+    assert len(xs) * big.numel() * 4 >= ROTATE_BYTES > (len(xs) - 1) * big.numel() * 4
+    assert xs[0] is big and all(x.stride() == big.stride() and x.data_ptr() != big.data_ptr() for x in xs[1:])
+    turn = _turns(3)
+    assert [turn() for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    seen: list[int] = []
+    stmt = _op_stmt(lambda x, w, b: seen.append(x.data_ptr()) or x * w, xs[:3], torch.ones(()), None, False)
+    for _ in range(4):
+        stmt()
+    assert seen == [xs[0].data_ptr(), xs[1].data_ptr(), xs[2].data_ptr(), xs[0].data_ptr()]

@@ -23,8 +23,13 @@ under ``no_grad``; forward + backward is the forward then ``torch.autograd.grad`
 ``(x, weight, bias)`` for a fixed ``dy`` (nothing accumulates into ``.grad``, as for an activation in
 a network). Effective GB/s counts the bytes an ideal kernel moves: forward 2 x the tensor's bytes
 (read x, write y), forward + backward 5 x (plus read dy, read x, write dx); parameters and
-statistics are ignored. Ratios below 1 mean normkit is faster. The machine this project runs on
-drifts 10-30 % between runs: compare providers within one run only.
+statistics are ignored. Ratios below 1 mean normkit is faster. On the CPU, inputs of at least
+:data:`COLD_BYTES` are taken in turn from enough copies (x and dy) to fill :data:`ROTATE_BYTES`, so
+that every call reads them from memory, as a training step does for an activation that large: one
+input reused stays in the last-level cache between calls, which flatters a kernel whose outputs
+bypass the cache (non-temporal stores) against one whose outputs evict its input. The copy baseline
+rotates the same way. The machine this project runs on drifts 10-30 % between runs: compare
+providers within one run only.
 
 Example:
     >>> md, data = run_bench(BenchConfig(shapes=[(2, 32, 4, 4)], dtypes=["fp32"], layouts=["nchw"],
@@ -94,6 +99,9 @@ GPU_PEAK_GBPS = {
     "V100": 900.0,
     "T4": 320.0,
 }
+#: CPU inputs at least this large are read cold: taken in turn from copies filling ROTATE_BYTES.
+COLD_BYTES = 16 << 20
+ROTATE_BYTES = 64 << 20
 #: The shape of ``--quick``.
 QUICK_SHAPES: list[tuple[int, ...]] = [(4, 64, 16, 16)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -360,15 +368,41 @@ def _time_cuda(stmt: Callable[[], Any], min_time: float, blocks: int = 5) -> flo
     return sorted(times)[len(times) // 2]
 
 
-def _op_stmt(fn: Op, x: Tensor, w: Tensor, b: Tensor, backward: bool) -> Callable[[], Any]:
+def _input_copies(x: Tensor) -> list[Tensor]:
+    """x, and on the CPU for x of at least COLD_BYTES enough clones (same layout) to fill ROTATE_BYTES."""
+    nbytes = x.numel() * x.element_size()
+    if x.device.type != "cpu" or nbytes < COLD_BYTES:
+        return [x]
+    return [x] + [x.clone() for _ in range(math.ceil(ROTATE_BYTES / nbytes) - 1)]
+
+
+def _turns(n: int) -> Callable[[], int]:
+    """0, 1, ..., n - 1, 0, ... on successive calls."""
+    state = [n - 1]
+
+    def nxt() -> int:
+        state[0] = (state[0] + 1) % n
+        return state[0]
+
+    return nxt
+
+
+def _op_stmt(fn: Op, xs: list[Tensor], w: Tensor, b: Tensor, backward: bool) -> Callable[[], Any]:
+    turn = _turns(len(xs))
     if backward:
-        xg = x.detach().requires_grad_(True)
-        dy = torch.randn_like(x)
-        return lambda: torch.autograd.grad(fn(xg, w, b), (xg, w, b), dy)
+        xgs = [x.detach().requires_grad_(True) for x in xs]
+        dys = [torch.randn_like(x) for x in xs]
+
+        def step() -> Any:
+            k = turn()
+            return torch.autograd.grad(fn(xgs[k], w, b), (xgs[k], w, b), dys[k])
+
+        return step
 
     def stmt() -> None:
+        k = turn()
         with torch.no_grad():
-            fn(x, w, b)
+            fn(xs[k], w, b)
 
     return stmt
 
@@ -420,10 +454,11 @@ def _op_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
             pshape = tuple(shape[1:]) if spec.affine == "chw" else (shape[1],)
             w = (torch.rand(pshape, device=cfg.device) + 0.5).to(dt).requires_grad_(True)
             b = torch.randn(pshape, device=cfg.device).to(dt).requires_grad_(True)
+            xs = _input_copies(x)
             key = (tuple(shape), layout, dtype)
             if key not in copies:
-                y = torch.empty_like(x)
-                copies[key] = _time(lambda y=y, x=x: y.copy_(x), cfg.min_time)
+                y, turn = torch.empty_like(x), _turns(len(xs))
+                copies[key] = _time(lambda y=y, xs=xs, turn=turn: y.copy_(xs[turn()]), cfg.min_time)
             fns: dict[str, Op] = {}
             for prov in providers:
                 if prov == "native":
@@ -442,7 +477,7 @@ def _op_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
                         continue
                     try:
                         with _backend(prov):
-                            ms = _time(_op_stmt(fns[prov], x, w, b, backward), cfg.min_time)
+                            ms = _time(_op_stmt(fns[prov], xs, w, b, backward), cfg.min_time)
                     except Exception:
                         if prov not in cfg.extra_providers:
                             raise
@@ -461,6 +496,7 @@ def _op_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
                     "pass": p,
                     "ms": best,
                     "copy_ms": copies[key],
+                    "inputs_in_turn": len(xs),
                     "gbps": gbps,
                     "pct_peak": {
                         k: None if v is None or peak is None else 100 * v / peak for k, v in gbps.items()

@@ -519,13 +519,25 @@ def test_layer_norm_rows_fast_path_gradcheck_and_double_backward(affine, autogra
 @pytest.mark.parametrize("act", ["relu", "leaky_relu", "identity"])
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_proxy_act_fused_matches_reference(act, layout):
+    _proxy_act_case(act, layout, (3, 6, 4, 5))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_proxy_act_beyond_the_cache_matches_reference(layout):
+    # above 16 MB the NCHW pattern streams out / dy through an L1 buffer (the backward's sums then add
+    # per buffer run); odd H * W puts every run's ends off the vector width
+    _proxy_act_case("leaky_relu", layout, (5, 8, 337, 331))
+
+
+def _proxy_act_case(act, layout, shape):
     g = torch.Generator().manual_seed(5)
-    y = torch.randn(3, 6, 4, 5, generator=g, dtype=F64)
-    dout = torch.randn(3, 6, 4, 5, generator=g, dtype=F64)
+    C = shape[1]
+    y = torch.randn(shape, generator=g, dtype=F64)
+    dout = torch.randn(shape, generator=g, dtype=F64)
     if layout == "cl":
         y, dout = y.to(memory_format=torch.channels_last), dout.to(memory_format=torch.channels_last)
-    params = [1 + 0.3 * torch.randn(6, generator=g, dtype=F64)] + [
-        0.3 * torch.randn(6, generator=g, dtype=F64) for _ in range(3)
+    params = [1 + 0.3 * torch.randn(C, generator=g, dtype=F64)] + [
+        0.3 * torch.randn(C, generator=g, dtype=F64) for _ in range(3)
     ]
     res = {}
     for backend in ("cpu", "reference"):

@@ -1676,25 +1676,35 @@ inline O act_d(O a, O z, O slope) {
 template <int A, typename T, typename O>
 void act_forward_impl(const T* y, const O* w, const O* b, const O* m, const O* r, T* out, O slope, int64_t N, int64_t C,
                       int64_t S, bool cl) {
+  // NCHW only: on channels-last rows of 64 values the streamed stores measured 1.13x forward and 1.2x
+  // backward with inputs out of the cache (`ab_kernels.py --modes act_cl --rotate 4`)
+  const bool stream = !cl && N * C * S * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
   if (!cl) {
     torch::stable::parallel_for(0, N * C, grain(S), [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t c = k % C;
         const O W = w[c], B = b[c], M = m[c], R = r[c];
         const T* p = y + k * S;
-        T* q = out + k * S;
+        auto fill = [=](int64_t i0, int64_t n, T* __restrict q) {
 #pragma omp simd
-        for (int64_t i = 0; i < S; ++i) q[i] = to<T>((act_f<A, O>(W * cv<O>(p[i]) + B, slope) - M) * R);
+          for (int64_t i = 0; i < n; ++i) q[i] = to<T>((act_f<A, O>(W * cv<O>(p[i0 + i]) + B, slope) - M) * R);
+        };
+        if (stream)
+          emit(out + k * S, S, true, fill);
+        else
+          fill(0, S, out + k * S);
       }
+      fence(stream);
     });
   } else {
     torch::stable::parallel_for(0, N * S, grain(C), [&](int64_t r0, int64_t r1) {
-      for (int64_t row = r0; row < r1; ++row) {
-        const T* p = y + row * C;
-        T* q = out + row * C;
+      emit_rows(out, r0, r1, C, stream, [=](int64_t row, int64_t c0, int64_t len, T* __restrict q) {
+        const T* p = y + row * C + c0;
+        const O *wc = w + c0, *bc = b + c0, *mc = m + c0, *rc = r + c0;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) q[c] = to<T>((act_f<A, O>(w[c] * cv<O>(p[c]) + b[c], slope) - m[c]) * r[c]);
-      }
+        for (int64_t c = 0; c < len; ++c) q[c] = to<T>((act_f<A, O>(wc[c] * cv<O>(p[c]) + bc[c], slope) - mc[c]) * rc[c]);
+      });
+      fence(stream);
     });
   }
 }
@@ -1746,6 +1756,7 @@ template <int A, typename T, typename O>
 void act_backward_impl(const T* dout, const T* y, const O* w, const O* b, const O* m, const O* r, T* dy, double* sums,
                        O slope, int64_t N, int64_t C, int64_t S, bool cl) {
   const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  const bool stream = !cl && dy && N * C * S * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;  // as forward
   // sums: 4 rows of C (dw, db, sdo, sdz)
   if (!cl) {
     torch::stable::parallel_for(0, C, grain(N * S), [&](int64_t c0, int64_t c1) {
@@ -1757,6 +1768,13 @@ void act_backward_impl(const T* dout, const T* y, const O* w, const O* b, const 
           const T* g = dout + off;
           const T* p = y + off;
           O t[4] = {0, 0, 0, 0};
+          if (stream) {  // through the L1 buffer: the sums of each buffer's run added in double
+            emit(dy + off, S, true, [&](int64_t j, int64_t n, T* q) {
+              act_bwd_run<A, true, T, O>(g + j, p + j, q, n, W, B, M, R, slope, t);
+              s0 += t[0]; s1 += t[1]; s2 += t[2]; s3 += t[3];
+            });
+            continue;
+          }
           if (dy)
             act_bwd_run<A, true, T, O>(g, p, dy + off, S, W, B, M, R, slope, t);
           else
@@ -1766,6 +1784,7 @@ void act_backward_impl(const T* dout, const T* y, const O* w, const O* b, const 
         }
         sums[c] = s0; sums[C + c] = s1; sums[2 * C + c] = s2; sums[3 * C + c] = s3;
       }
+      fence(stream);
     });
     return;
   }
@@ -1782,26 +1801,33 @@ void act_backward_impl(const T* dout, const T* y, const O* w, const O* b, const 
         const int64_t q1 = std::min(rb, q0 + ROWS);
         std::fill(acc.begin(), acc.end(), O(0));
         O *A0 = acc.data(), *A1 = A0 + C, *A2 = A1 + C, *A3 = A2 + C;
-        for (int64_t row = q0; row < q1; ++row) {
-          const T* g = dout + row * C;
-          const T* p = y + row * C;
-          T* q = dy ? dy + row * C : scratch.data();  // dy not needed: written to a scratch row
+        // run [c0, c0 + len) of a row: dy into q, the per-channel sums into the accumulators
+        auto run = [=](int64_t row, int64_t c0, int64_t len, T* __restrict q) {
+          const T* g = dout + row * C + c0;
+          const T* p = y + row * C + c0;
+          const O *wc = w + c0, *bc = b + c0, *mc = m + c0, *rc = r + c0;
+          O *B0 = A0 + c0, *B1 = A1 + c0, *B2 = A2 + c0, *B3 = A3 + c0;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
+          for (int64_t c = 0; c < len; ++c) {
             O yv = cv<O>(p[c]), gv = cv<O>(g[c]);
-            O a = w[c] * yv + b[c];
+            O a = wc[c] * yv + bc[c];
             O z = act_f<A, O>(a, slope);
-            O da = act_d<A, O>(a, z, slope) * gv * r[c];
-            q[c] = to<T>(da * w[c]);
-            A0[c] += da * yv;
-            A1[c] += da;
-            A2[c] += gv;
-            A3[c] += gv * (z - m[c]);
+            O da = act_d<A, O>(a, z, slope) * gv * rc[c];
+            q[c] = to<T>(da * wc[c]);
+            B0[c] += da * yv;
+            B1[c] += da;
+            B2[c] += gv;
+            B3[c] += gv * (z - mc[c]);
           }
-        }
+        };
+        if (stream)
+          emit_rows(dy, q0, q1, C, true, run);
+        else
+          for (int64_t row = q0; row < q1; ++row) run(row, 0, C, dy ? dy + row * C : scratch.data());
         for (int64_t j = 0; j < 4 * C; ++j) P[j] += acc[j];
       }
     }
+    fence(stream);
   });
   std::fill(sums, sums + 4 * C, 0.0);
   for (int64_t blk = 0; blk < blocks; ++blk)

@@ -245,6 +245,24 @@ def test_outputs_beyond_the_cache_take_the_streamed_stores(shape, name, cl):
     _close(dx_only.grad, egrads[0], GTOL[torch.float32])
 
 
+@pytest.mark.parametrize("C", [32, 64, 72, 96, 160])
+@pytest.mark.parametrize("name", ["bn", "gn4"])
+def test_channels_last_statistics_register_blocks(name, C):
+    # the channels-last statistics walk rows in register blocks of 64 columns, then 32, then one at a
+    # time: every mix of the three, about a large mean (the shifted sums)
+    fn, ref = OPS[name]
+    shape = (3, C, 5, 7)
+    g = torch.Generator().manual_seed(C)
+    x = (1e3 + torch.randn(shape, generator=g, dtype=F64)).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=g, dtype=F64).contiguous(memory_format=torch.channels_last)
+    w, b = _params(name, shape, True, 6)
+    y, grads = _run(fn, x, w, b, dy, torch.float32, "cpu")
+    ey, egrads = _oracle(ref, x.float().double(), w, b, dy.float().double())
+    _close(y, ey, TOL[torch.float32])
+    for got, exp in zip(grads, egrads):
+        _close(got, exp, GTOL[torch.float32])
+
+
 def test_non_contiguous_input_and_weight_view():
     base = torch.randn(4, 8, 6, 10, dtype=F64)
     x = base[:, :, :, ::2]  # not dense: normkit copies it once

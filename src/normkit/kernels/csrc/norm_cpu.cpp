@@ -322,6 +322,20 @@ inline Mom set_moments(const T* p, int64_t nruns, int64_t len, int64_t stride) {
   return mo;
 }
 
+// u[j] += d and v[j] += d^2, d = x - m[j], over `nr` rows of the CB columns from c0 (row stride `ld`)
+template <int64_t CB, typename T, typename O>
+inline void block_dev_sums(const T* q, int64_t nr, int64_t c0, int64_t ld, const O* m, O* u, O* v) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* row = q + r * ld + c0;
+#pragma omp simd
+    for (int j = 0; j < CB; ++j) {
+      O d = cv<O>(row[j]) - m[j];
+      u[j] += d;
+      v[j] += d * d;
+    }
+  }
+}
+
 // Per-column sums of d = x - shift[c] and d^2 over `nr` rows of the CB columns from c0 (row stride `ld`),
 // in registers, added into the double sums s1, s2.
 template <int64_t CB, typename T, typename O>
@@ -329,15 +343,7 @@ inline void cols_block(const T* q, int64_t nr, int64_t c0, int64_t ld, const O* 
   O sh[CB], u[CB] = {}, v[CB] = {};
 #pragma omp simd
   for (int j = 0; j < CB; ++j) sh[j] = shift[c0 + j];
-  for (int64_t r = 0; r < nr; ++r) {
-    const T* row = q + r * ld + c0;
-#pragma omp simd
-    for (int j = 0; j < CB; ++j) {
-      O d = cv<O>(row[j]) - sh[j];
-      u[j] += d;
-      v[j] += d * d;
-    }
-  }
+  block_dev_sums<CB, T, O>(q, nr, c0, ld, sh, u, v);
 #pragma omp simd
   for (int j = 0; j < CB; ++j) {
     s1[c0 + j] += u[j];
@@ -470,15 +476,7 @@ inline void cols_moments(const T* p, int64_t rows, int64_t cols, int64_t ld, Col
       O mm[CB], u[CB] = {}, v[CB] = {};
 #pragma omp simd
       for (int j = 0; j < CB; ++j) mm[j] = (s0[j] + s1[j]) * inr;
-      for (r = 0; r < nr; ++r) {
-        const T* row = q + r * ld + c0;
-#pragma omp simd
-        for (int j = 0; j < CB; ++j) {
-          O d = cv<O>(row[j]) - mm[j];
-          u[j] += d;
-          v[j] += d * d;
-        }
-      }
+      block_dev_sums<CB, T, O>(q, nr, c0, ld, mm, u, v);
       for (int j = 0; j < CB; ++j) {
         M[c0 + j] = mm[j];
         A1[c0 + j] = u[j];

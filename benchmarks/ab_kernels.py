@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from normkit.bench import _turns
 from normkit.kernels import _build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +107,8 @@ def _calls(so, name: str, shape: tuple[int, ...], groups: int):
     st, dy = torch.empty(6, nsets), torch.randn_like(x)
     dw, db = torch.empty(C), torch.empty(C)
 
+    m, r, sums = torch.randn(C), torch.rand(C) + 0.5, torch.empty(4, C, dtype=torch.float64)  # the act modes'
     if name.startswith("gn_act"):
-        m, r, sums = torch.randn(C), torch.rand(C) + 0.5, torch.empty(4, C, dtype=torch.float64)
 
         def fwd():
             y = torch.empty_like(x)
@@ -124,7 +125,6 @@ def _calls(so, name: str, shape: tuple[int, ...], groups: int):
             )  # fmt: skip
 
     elif name.startswith("act"):
-        m, r, sums = torch.randn(C), torch.rand(C) + 0.5, torch.empty(4, C, dtype=torch.float64)
         cl = int(name.endswith("cl"))
 
         def fwd():
@@ -175,17 +175,8 @@ def _rotating(sets: list[dict]) -> dict:
     """Calls that take the next of several independent inputs each time: with enough of them (their x
     and dy together beyond the last-level cache), every call reads its inputs from memory, as a
     training step does; one input reused stays cached when the outputs bypass the cache."""
-    turn = {ps: 0 for ps in sets[0]}
-
-    def make(ps):
-        def call():
-            i = turn[ps]
-            turn[ps] = (i + 1) % len(sets)
-            sets[i][ps]()
-
-        return call
-
-    return {ps: make(ps) for ps in sets[0]}
+    turns = {ps: _turns(len(sets)) for ps in sets[0]}
+    return {ps: (lambda ps=ps: sets[turns[ps]()][ps]()) for ps in sets[0]}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -448,11 +448,11 @@ struct GNProxy : public torch::autograd::Function<GNProxy> {
       k_pstats_bwd(dt, w.data_ptr(), b.data_ptr(), pb.data_ptr(), pw.data_ptr(), u.data_ptr(), u.size(0), C, act,
                    fs[1], m.data_ptr(), r.data_ptr(), gm.data(), gr.data(), dw.data_ptr(), db.data_ptr(),
                    dpb.data_ptr(), dpw.data_ptr());
-      O* pw_ = dw.data_ptr<O>();
-      O* pb_ = db.data_ptr<O>();
+      O* gw = dw.data_ptr<O>();
+      O* gb = db.data_ptr<O>();
       for (int64_t c = 0; c < C; ++c) {
-        pw_[c] += static_cast<O>(sp[c]);
-        pb_[c] += static_cast<O>(sp[C + c]);
+        gw[c] += static_cast<O>(sp[c]);
+        gb[c] += static_cast<O>(sp[C + c]);
       }
     };
     if (dt)

@@ -611,11 +611,17 @@ inline BackCoef back_coef(const O* st, int64_t nsets, int64_t k, double g_sum, d
 // non-temporal stores: they cannot stay cached anyway, and a plain store first reads every line it
 // writes (measured: the long-row LayerNorm forward at (32, 64*56*56) 1.8 -> 1.55 ms; at (8, 256*28*28),
 // whose output stays in cache, streaming costs 0.29 -> 0.35 ms, hence the threshold). Every pattern's
-// forward y and backward dx take them (but the short rows' backward, below): at (32, 64, 56, 56) with
-// fresh outputs, BatchNorm NCHW forward 0.57x / backward 0.76x the cached stores' time, GroupNorm NCHW
-// 0.77x / 0.69x, LayerNorm2d NCHW 0.79x / 0.87x, the channels-last patterns about 0.92x each way
-// (`python benchmarks/ab_kernels.py --modes ...`); runs shorter than a buffer stream too.
+// forward y and backward dx take them (but the short rows' backward and the channels-last Proxy Norm
+// activation step, below): at (32, 64, 56, 56) with fresh outputs and inputs read cold, forward +
+// backward 0.76x the plain stores' time for BatchNorm NCHW, 0.78x GroupNorm NCHW, 0.84x LayerNorm2d
+// NCHW, 0.87-0.88x the channels-last patterns (`python benchmarks/ab_kernels.py --modes ... --rotate 4`);
+// runs shorter than a buffer stream too.
 constexpr int64_t STREAM_BYTES = int64_t(16) << 20;
+// whether an output of n values of T is written with non-temporal stores
+template <typename T>
+inline bool streamed(int64_t n) {
+  return n * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
+}
 // The channels-last GroupNorm forward takes a sample at a time (statistics, then the output from this
 // core's cache) only for inputs up to this size: beyond it the blocked schedule (all statistics, then
 // all outputs) measured faster, 1.35-1.4x at (32, 32, 56, 56) and (32, 64, 56, 56) with fresh outputs
@@ -775,7 +781,7 @@ template <typename T, typename O>
 void rows_forward(const T* x, const O* w, const O* b, T* y, O* st, int32_t* ok, int64_t N, int64_t C, int64_t G,
                   double eps) {
   const int64_t Cg = C / G, nsets = N * G;
-  const bool stream = N * C * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES && Cg >= STREAM_ROW;
+  const bool stream = streamed<T>(N * C) && Cg >= STREAM_ROW;
   torch::stable::parallel_for(0, nsets, grain(Cg), [&](int64_t k0, int64_t k1) {
     int64_t k = k0;
     if (Cg <= SHORT) {
@@ -935,7 +941,7 @@ void rows_backward_long(const T* dy, const T* x, const O* w, const O* st, T* dx,
   }
   // 3. dx and dweight / dbias by column tiles: each tile walks all rows, its sums stay in L1
   const bool need_p = dw || db;
-  const bool stream = dx && nsets * Cg * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
+  const bool stream = dx && streamed<T>(nsets * Cg);
   const int64_t ntile = (Cg + RTILE - 1) / RTILE;
   torch::stable::parallel_for(0, G * ntile, 1, [&](int64_t t0, int64_t t1) {
     std::vector<O> aw(need_p ? RTILE : 0), ab(aw.size());
@@ -1112,7 +1118,7 @@ void forward_impl(const T* x, const typename OpMath<T>::type* w, const typename 
     rows_forward<T, O>(x, w, b, y, st, ok, N, C, G, eps);
     return;
   }
-  const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
+  const bool stream = streamed<T>(N * C * S);
   if (mode == BATCH_NCHW) {
     torch::stable::parallel_for(0, C, grain(N * S), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -1326,7 +1332,7 @@ void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, c
     rows_backward<T, O>(dy, x, w, st, dx, dw, db, N, C, G);
     return;
   }
-  const bool stream = dx && N * C * S * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
+  const bool stream = dx && streamed<T>(N * C * S);
   if (mode == BATCH_NCHW) {
     torch::stable::parallel_for(0, C, grain(N * S), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -1684,7 +1690,7 @@ void act_forward_impl(const T* y, const O* w, const O* b, const O* m, const O* r
                       int64_t S, bool cl) {
   // NCHW only: on channels-last rows of 64 values the streamed stores measured 1.13x forward and 1.2x
   // backward with inputs out of the cache (`ab_kernels.py --modes act_cl --rotate 4`)
-  const bool stream = !cl && N * C * S * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
+  const bool stream = !cl && streamed<T>(N * C * S);
   if (!cl) {
     torch::stable::parallel_for(0, N * C, grain(S), [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
@@ -1704,13 +1710,12 @@ void act_forward_impl(const T* y, const O* w, const O* b, const O* m, const O* r
     });
   } else {
     torch::stable::parallel_for(0, N * S, grain(C), [&](int64_t r0, int64_t r1) {
-      emit_rows(out, r0, r1, C, stream, [=](int64_t row, int64_t c0, int64_t len, T* __restrict q) {
-        const T* p = y + row * C + c0;
-        const O *wc = w + c0, *bc = b + c0, *mc = m + c0, *rc = r + c0;
+      for (int64_t row = r0; row < r1; ++row) {
+        const T* p = y + row * C;
+        T* q = out + row * C;
 #pragma omp simd
-        for (int64_t c = 0; c < len; ++c) q[c] = to<T>((act_f<A, O>(wc[c] * cv<O>(p[c]) + bc[c], slope) - mc[c]) * rc[c]);
-      });
-      fence(stream);
+        for (int64_t c = 0; c < C; ++c) q[c] = to<T>((act_f<A, O>(w[c] * cv<O>(p[c]) + b[c], slope) - m[c]) * r[c]);
+      }
     });
   }
 }
@@ -1762,7 +1767,7 @@ template <int A, typename T, typename O>
 void act_backward_impl(const T* dout, const T* y, const O* w, const O* b, const O* m, const O* r, T* dy, double* sums,
                        O slope, int64_t N, int64_t C, int64_t S, bool cl) {
   const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
-  const bool stream = !cl && dy && N * C * S * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;  // as forward
+  const bool stream = !cl && dy && streamed<T>(N * C * S);  // as the forward
   // sums: 4 rows of C (dw, db, sdo, sdz)
   if (!cl) {
     torch::stable::parallel_for(0, C, grain(N * S), [&](int64_t c0, int64_t c1) {
@@ -1807,33 +1812,26 @@ void act_backward_impl(const T* dout, const T* y, const O* w, const O* b, const 
         const int64_t q1 = std::min(rb, q0 + ROWS);
         std::fill(acc.begin(), acc.end(), O(0));
         O *A0 = acc.data(), *A1 = A0 + C, *A2 = A1 + C, *A3 = A2 + C;
-        // run [c0, c0 + len) of a row: dy into q, the per-channel sums into the accumulators
-        auto run = [=](int64_t row, int64_t c0, int64_t len, T* __restrict q) {
-          const T* g = dout + row * C + c0;
-          const T* p = y + row * C + c0;
-          const O *wc = w + c0, *bc = b + c0, *mc = m + c0, *rc = r + c0;
-          O *B0 = A0 + c0, *B1 = A1 + c0, *B2 = A2 + c0, *B3 = A3 + c0;
+        for (int64_t row = q0; row < q1; ++row) {
+          const T* g = dout + row * C;
+          const T* p = y + row * C;
+          T* q = dy ? dy + row * C : scratch.data();  // dy not needed: written to a scratch row
 #pragma omp simd
-          for (int64_t c = 0; c < len; ++c) {
+          for (int64_t c = 0; c < C; ++c) {
             O yv = cv<O>(p[c]), gv = cv<O>(g[c]);
-            O a = wc[c] * yv + bc[c];
+            O a = w[c] * yv + b[c];
             O z = act_f<A, O>(a, slope);
-            O da = act_d<A, O>(a, z, slope) * gv * rc[c];
-            q[c] = to<T>(da * wc[c]);
-            B0[c] += da * yv;
-            B1[c] += da;
-            B2[c] += gv;
-            B3[c] += gv * (z - mc[c]);
+            O da = act_d<A, O>(a, z, slope) * gv * r[c];
+            q[c] = to<T>(da * w[c]);
+            A0[c] += da * yv;
+            A1[c] += da;
+            A2[c] += gv;
+            A3[c] += gv * (z - m[c]);
           }
-        };
-        if (stream)
-          emit_rows(dy, q0, q1, C, true, run);
-        else
-          for (int64_t row = q0; row < q1; ++row) run(row, 0, C, dy ? dy + row * C : scratch.data());
+        }
         for (int64_t j = 0; j < 4 * C; ++j) P[j] += acc[j];
       }
     }
-    fence(stream);
   });
   std::fill(sums, sums + 4 * C, 0.0);
   for (int64_t blk = 0; blk < blocks; ++blk)
@@ -1851,7 +1849,7 @@ template <int A, typename T, typename O>
 void gn_act_forward_impl(const T* x, const O* wa, const O* ba, const O* M, const O* R, T* out, O* st, int32_t* ok,
                          O slope, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G, double eps) {
   const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
-  const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
+  const bool stream = streamed<T>(N * C * S);
   if (mode == GROUP_NCHW) {
     const int64_t Cg = C / G, L = Cg * S;
     torch::stable::parallel_for(0, N * G, grain(L), [&](int64_t k0, int64_t k1) {
@@ -2061,7 +2059,7 @@ void gn_act_backward_impl(const T* dout, const T* x, const O* wa, const O* ba, c
   }
   if (!dx) return;
   // dx = K1 t + bx d + cc
-  const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) > STREAM_BYTES;
+  const bool stream = streamed<T>(N * C * S);
   if (mode == GROUP_NCHW) {
     torch::stable::parallel_for(0, N * C, grain(S), [&](int64_t i0, int64_t i1) {
       for (int64_t nc = i0; nc < i1; ++nc) {

@@ -83,19 +83,19 @@ OPS = {
 }
 
 
-def _case(name, shape, dtype, layout, affine=True, seed=0, scale=1.0, offset=0.0):
+def _case(name, shape, dtype, layout, affine=True, seed=0, scale=1.0, offset=0.0, ops=None, x_grad=True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=F64) * scale + offset
     dy = torch.randn(shape, generator=g, dtype=F64)
     pshape = tuple(shape[1:]) if name == "ln_chw" else (shape[1],)
     w = 1 + 0.3 * torch.randn(pshape, generator=g, dtype=F64) if affine else None
     b = 0.3 * torch.randn(pshape, generator=g, dtype=F64) if affine else None
-    fn, ref = OPS[name]
+    fn, ref = (ops or OPS)[name]
     pdtype = F64 if dtype == F64 else torch.float32
     xs = x.to(dtype)
     if layout == "cl":
         xs = xs.to(memory_format=torch.channels_last)
-    xs = xs.to(DEVICE).requires_grad_()
+    xs = xs.to(DEVICE).requires_grad_(x_grad)
     ws = None if w is None else w.to(pdtype).to(DEVICE).requires_grad_()
     bs = None if b is None else b.to(pdtype).to(DEVICE).requires_grad_()
     with kernels.use("triton"):
@@ -107,8 +107,8 @@ def _case(name, shape, dtype, layout, affine=True, seed=0, scale=1.0, offset=0.0
     bo = None if bs is None else bs.detach().cpu().double().requires_grad_()
     yo = ref(xo, wo, bo)
     yo.backward(dy.to(dtype).double())
-    got = [t.grad.cpu() for t in (xs, ws, bs) if t is not None]
-    exp = [t.grad for t in (xo, wo, bo) if t is not None]
+    got = [t.grad.cpu() for t in (xs, ws, bs) if t is not None and t.requires_grad]
+    exp = [t.grad for t, u in zip((xo, wo, bo), (xs, ws, bs)) if t is not None and u.requires_grad]
     return y.detach().cpu(), yo.detach(), got, exp, xs
 
 
@@ -220,6 +220,89 @@ def test_batch_norm_channels_last_runs_in_blocks_of_channels(shape, split, monke
     _close(got[0], exp[0], GTOL[torch.float32])
 
 
+GCL_OPS = {
+    "gn32": (lambda x, w, b: F.group_norm(x, 32, w, b), lambda x, w, b: ref_group_norm(x, 32, w, b)),
+    "in": OPS["in"],
+    "gn1": OPS["gn1"],
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "C"),
+    [("gn32", 96), ("in", 70), ("gn1", 70)],
+    ids=["gn32-cg3", "in-cg1", "gn1-cg70"],
+)
+def test_group_norm_channels_last_runs_in_blocks_across_groups(name, C, split, monkeypatch):
+    # GroupNorm / InstanceNorm / GN(1) on channels-last memory take the gcl_* kernels: blocks of 64
+    # contiguous channels across groups (96 = 32 groups of 3: group 21 straddles the two blocks; 70
+    # channels: a ragged second block, and GN(1)'s one group spans both) by chunks of 16 positions
+    # (35 per image: three chunks, a ragged last one)
+    from normkit.kernels import triton as nkt
+
+    walks = []
+    real = nkt._gcl_walk
+    monkeypatch.setattr(nkt, "_gcl_walk", lambda *a: walks.append(real(*a)) or walks[-1])
+    shape = (2, C, 5, 7)
+    for dtype in (torch.float32, torch.bfloat16):
+        y, yo, got, exp, _ = _case(name, shape, dtype, "cl", seed=51, ops=GCL_OPS)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        _close(y, yo, TOL[dtype])
+        for g, e in zip(got, exp):
+            _close(g, e, GTOL[dtype])
+    assert walks and all((w.nCB, w.BCC, w.nchunks, w.CH) == (2, 64, 3, 16) for w in walks), walks
+    # one shift per group, shared by its channels and chunks: 1e4 + 1e-2 noise stays at fp32 accuracy
+    y, yo, got, exp, _ = _case(name, shape, torch.float32, "cl", scale=1e-2, offset=1e4, seed=52, ops=GCL_OPS)
+    _close(y, yo, 1e-3)
+    for g, e in zip(got, exp):
+        _close(g, e, 1e-2)
+    # values of 1e30 (squares beyond float32): every set re-reads its values, scaled
+    y, yo, got, exp, _ = _case(name, shape, torch.float32, "cl", scale=1e30, seed=53, ops=GCL_OPS)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in got)
+    _close(y, yo, 1e-4)
+    # no affine: dx alone; parameters only (x needs no gradient): dweight, dbias without dx
+    y, yo, got, exp, _ = _case(name, shape, torch.float32, "cl", affine=False, seed=54, ops=GCL_OPS)
+    _close(y, yo, TOL[torch.float32])
+    _close(got[0], exp[0], GTOL[torch.float32])
+    y, yo, got, exp, _ = _case(name, shape, torch.float32, "cl", seed=55, ops=GCL_OPS, x_grad=False)
+    assert len(got) == 2
+    for g, e in zip(got, exp):
+        _close(g, e, GTOL[torch.float32])
+
+
+# (the interpreter's numpy warns on the NaN arithmetic)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize(
+    ("name", "layout", "chunks"),
+    [
+        ("gn32", "cl", True),  # the gcl_* kernels
+        ("gn32", "nchw", False),  # one program per set
+        ("gn32", "nchw", True),  # the split reduction
+        ("bn", "cl", True),  # the bn_* kernels
+        ("ln2d", "nchw", True),  # the ln2d_* kernels
+    ],
+)
+def test_a_nan_stays_in_its_own_set(name, layout, chunks, monkeypatch):
+    # a NaN makes its set's range non-finite: that set's outputs are NaN, as the oracle's, and every
+    # other set's match it (Triton's max / min drop NaN: before, the NaN set came out finite)
+    from normkit.kernels import triton as nkt
+
+    if chunks:
+        monkeypatch.setattr(nkt, "_FORCE_CHUNK", 16)
+    fn, ref = GCL_OPS.get(name) or OPS[name]
+    g = torch.Generator().manual_seed(56)
+    x = torch.randn(2, 96, 5, 7, generator=g)
+    x[1, 40, 2, 3] = float("nan")  # GN(32): sample 1, group 13 (channels 39-41)
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    with kernels.use("triton"):
+        y = fn(x.to(DEVICE), None, None).cpu()
+    yo = ref(x.double(), None, None)
+    assert torch.isnan(yo).any() and not torch.isnan(yo).all()
+    assert torch.equal(torch.isnan(y), torch.isnan(yo))
+    ok = ~torch.isnan(yo)
+    _close(y[ok], yo[ok], TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=str)
 def test_layer_norm_2d_on_nchw_runs_in_blocks_of_positions(dtype, split, monkeypatch):
     # LayerNorm2d on NCHW (a set: one position's C values, S apart) takes the (C, E) kernels: under
@@ -276,6 +359,7 @@ def test_one_read_moments_over_many_tiles_keep_the_shifted_accuracy(name):
 
 def test_chunking_policy_fills_the_device_only_when_sets_are_few():
     from normkit.kernels import triton as nkt
+    from normkit.kernels._plan import Plan
 
     class Cuda:  # a stand-in device: the policy reads only the SM count
         type = "cuda"
@@ -294,6 +378,14 @@ def test_chunking_policy_fills_the_device_only_when_sets_are_few():
         # LN over (C, H, W) with an elementwise affine on a batch of 8: one set per sample, cut by channels
         n, ch, split_c, bc, _ = nkt._chunking(8, 256 * 28 * 28, 1, 1024, 1, Cuda())
         assert split_c and n > 1 and ch % bc == 0 and ch >= nkt._MIN_CHUNK  # (the minimum chunk caps n)
+        # GroupNorm(32) channels-last on (64, 256, 56, 56): 64 samples x 4 blocks of 64 channels, cut
+        # into chunks of positions until the programs fill the device
+        w = nkt._gcl_walk(Plan(3, 64, 256, 56 * 56, 32), Cuda())
+        assert (w.nCB, w.BCC) == (4, 64) and w.CH % w.BE == 0
+        assert (w.nchunks - 1) * w.CH < 56 * 56 <= w.nchunks * w.CH
+        assert 64 * 4 * w.nchunks >= 4 * 132 and w.nchunks == 3
+        # a small input: one chunk, never below the minimum chunk
+        assert nkt._gcl_walk(Plan(3, 2, 64, 8 * 8, 32), Cuda()).nchunks == 1
     finally:
         nkt._programs = real
 

@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -320,6 +320,111 @@ def _ln2d_backward(
     return dx, sums[0], sums[1]
 
 
+class _GclWalk(NamedTuple):
+    """GroupNorm on channels-last memory (``p.mode == 3``) as the ``gcl_*`` kernels walk it: per
+    sample, ``nCB`` blocks of ``BCC`` contiguous channels (across groups) by ``nchunks`` chunks of
+    ``CH`` positions, tiles of ``BE`` positions; ``BL`` partials per step of a set's combination,
+    ``(BC, BM)`` the tile of a set's own walk (the rare re-read of a set that is not plain)."""
+
+    nCB: int
+    BCC: int
+    BE: int
+    nchunks: int
+    CH: int
+    BL: int
+    BC: int
+    BM: int
+
+
+def _gcl_walk(p: Plan, device: torch.device) -> _GclWalk:
+    C, S, Cg = p.C, p.S, p.C // p.G
+    BCC = min(next_power_of_2(C), 64)
+    nchunks, ch, BE = _ce_chunks(C, S, BCC, max(1, min(next_power_of_2(S), 2048 // BCC)), device, p.N)
+    BC = min(next_power_of_2(Cg), 64)
+    return _GclWalk(
+        cdiv(C, BCC),
+        BCC,
+        BE,
+        nchunks,
+        ch,
+        min(next_power_of_2(Cg * nchunks), 1024),
+        BC,
+        max(1, min(next_power_of_2(S), 1024 // BC)),
+    )
+
+
+def _gcl_forward(
+    x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int],
+    pn: tuple[list[Tensor], int] | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """GroupNorm (InstanceNorm, LN over (C, H, W) with a per-channel affine) on channels-last memory in
+    blocks of channels across groups: three launches (per-channel partials, per-set combination,
+    output). ``pn``: ``([m, rstd, slope], act code)`` of Proxy Norm's step after the affine."""
+    _kernels = _kern()
+    acc, tacc = _acc(x)
+    N, C, S, G = p.N, p.C, p.S, p.G
+    Cg = C // G
+    t = _gcl_walk(p, x.device)
+    tot = N * C * t.nchunks
+    grid = (N * t.nCB, t.nchunks)
+    y = torch.empty_like(x)
+    stats = torch.empty((core.STAT_ROWS, *stat_shape), dtype=acc, device=x.device)
+    hl = torch.empty((2, tot), dtype=acc, device=x.device)
+    pm = torch.empty((3, tot), dtype=acc, device=x.device)
+    bound = _bound(acc)
+    _kernels.gcl_stats_kernel[grid](
+        x, hl, pm, C, S, Cg, t.nCB, t.CH, t.nchunks, tot, bound, ACC=tacc, BCC=t.BCC, BE=t.BE
+    )
+    _kernels.gcl_combine_kernel[(N * G,)](
+        x, hl, pm, stats, C, S, S * C, G, Cg, t.nchunks, tot, float(eps), bound,
+        ACC=tacc, BL=t.BL, BC=t.BC, BM=t.BM,
+    )  # fmt: skip
+    mu, r, sl = pn[0] if pn is not None else (x, x, x)
+    _kernels.gcl_apply_kernel[grid](
+        x, y, w if w is not None else x, b if b is not None else x, stats, mu, r, sl,
+        C, S, G, Cg, t.nCB, t.CH, N * G,
+        HAS_W=w is not None, HAS_B=b is not None, ACC=tacc, BCC=t.BCC, BE=t.BE,
+        PN=pn is not None, ACT=pn[1] if pn is not None else 7,
+    )  # fmt: skip
+    return y, stats
+
+
+def _gcl_backward(
+    dy: Tensor, x: Tensor, w: Tensor | None, stats: Tensor, p: Plan, need_x: bool, need_p: bool,
+    pn: tuple[list[Tensor], int] | None = None,
+) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """``(dx, sums)`` of :func:`_gcl_forward`: ``sums`` (when ``need_p``) per channel, rows
+    ``sum dy * x_hat``, ``sum dy`` (dweight, dbias), and with ``pn`` (``([b, m, rstd, slope], act
+    code)``, ``w`` the affine weight before the step) the step's ``sum dout``, ``sum dout * (z - m)``."""
+    _kernels = _kern()
+    acc, tacc = _acc(x)
+    N, C, S, G = p.N, p.C, p.S, p.G
+    Cg = C // G
+    t = _gcl_walk(p, x.device)
+    tot = N * C * t.nchunks
+    grid = (N * t.nCB, t.nchunks)
+    part = torch.empty((4 if pn is not None else 2, tot), dtype=acc, device=x.device)
+    wt = w if w is not None else x
+    bt, mu, r, sl = pn[0] if pn is not None else (x, x, x, x)
+    extra = {"PN": pn is not None, "ACT": pn[1] if pn is not None else 7}
+    _kernels.gcl_bwd_sums_kernel[grid](
+        dy, x, wt, bt, stats, mu, r, sl, part, C, S, G, Cg, t.nCB, t.CH, t.nchunks, tot, N * G,
+        ACC=tacc, BCC=t.BCC, BE=t.BE, **extra,
+    )  # fmt: skip
+    dx = None
+    if need_x:
+        dx = torch.empty_like(x)
+        pa = torch.empty((2, N * G), dtype=acc, device=x.device)
+        _kernels.gcl_bwd_combine_kernel[(N * G,)](
+            wt, part, pa, G, Cg, t.nchunks, tot, HAS_W=w is not None, ACC=tacc, BL=t.BL
+        )
+        _kernels.gcl_bwd_dx_kernel[grid](
+            dy, x, wt, bt, stats, mu, r, sl, pa, dx, C, S, G, Cg, t.nCB, t.CH, N * G,
+            HAS_W=w is not None, ACC=tacc, BCC=t.BCC, BE=t.BE, **extra,
+        )  # fmt: skip
+    return dx, part.view(-1, N, C, t.nchunks).sum((1, 3)) if need_p else None
+
+
 def forward(
     x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]
 ) -> tuple[Tensor, Tensor]:
@@ -337,6 +442,8 @@ def forward(
 
     if p.mode == 1:
         return _bn_cl_forward(x, w, b, p, eps, stat_shape)
+    if p.mode == 3:
+        return _gcl_forward(x, w, b, p, eps, stat_shape)
     if p.mode == 4:
         return _ln2d_forward(x, w, b, p, eps, stat_shape)
     _kernels = _kern()
@@ -419,6 +526,9 @@ def backward(
 
     if p.mode == 1:
         return _bn_cl_backward(dy, x, w, stats, p, need_x, need_p)
+    if p.mode == 3:
+        dx, sums = _gcl_backward(dy, x, w, stats, p, need_x, need_p)
+        return (dx, sums[0], sums[1]) if sums is not None else (dx, None, None)
     if p.mode == 4:
         return _ln2d_backward(dy, x, w, stats, p, need_x, need_p)
     _kernels = _kern()
@@ -547,13 +657,16 @@ def _ce_walk(y: Tensor) -> tuple[int, int, int, int, int, int, int, int] | None:
     return None
 
 
-def _ce_chunks(C: int, E: int, BCC: int, BE: int, device: torch.device) -> tuple[int, int, int]:
-    """``(nchunks, CH, BE)`` along the elements: enough programs to fill the device."""
+def _ce_chunks(
+    C: int, E: int, BCC: int, BE: int, device: torch.device, samples: int = 1
+) -> tuple[int, int, int]:
+    """``(nchunks, CH, BE)`` along the elements: enough programs to fill the device (with ``samples``
+    walks of ``C`` channels by ``E`` elements side by side: GroupNorm channels-last's per sample)."""
     if _FORCE_CHUNK is not None:
         be = min(BE, next_power_of_2(_FORCE_CHUNK))
         ch = cdiv(_FORCE_CHUNK, be) * be
         return cdiv(E, ch), ch, be
-    blocks = cdiv(C, BCC)
+    blocks = samples * cdiv(C, BCC)
     per = max(1, min(cdiv(_programs(device), blocks), (E * BCC) // _MIN_CHUNK, 1024))
     ch = cdiv(cdiv(E, per), BE) * BE
     return cdiv(E, ch), ch, BE
@@ -768,15 +881,18 @@ def gn_proxy_forward(
     x: Tensor, p: Plan, eps: float, vec: list[Tensor], act: str
 ) -> tuple[Tensor, Tensor] | None:
     """``(out, stats)``: GroupNorm without affine, then ``(act(w * y + b) - m) * rstd`` per channel,
-    in one kernel (the normalized ``y`` is never stored); ``vec`` = ``[w, b, m, rstd, slope]`` in the
-    accumulation dtype. ``None`` where the fused kernel does not apply (a split reduction would be
-    needed, or an activation it lacks): the caller then runs the two ops.
+    in one kernel (the normalized ``y`` is never stored; on channels-last memory the statistics take
+    two small launches before it, see :func:`_gcl_forward`); ``vec`` = ``[w, b, m, rstd, slope]`` in
+    the accumulation dtype. ``None`` where the fused kernel does not apply (NCHW sets too few to fill
+    the device, which need a split reduction, or an activation it lacks): the caller then runs the two ops.
 
     Example:
         >>> out, stats = gn_proxy_forward(x, p, 1e-5, [w, b, m, r, slope], "relu")  # doctest: +SKIP
     """
     if act not in _ACTS or p.mode not in (2, 3):
         return None
+    if p.mode == 3:  # channels-last: blocks of channels across groups (any number of sets)
+        return _gcl_forward(x, vec[0], vec[1], p, eps, [p.N, p.G], (vec[2:5], _ACTS.index(act)))
     nsets, walk, nchunks, _, _, BC, BM = _tiling(x, p)
     if nchunks != 1:
         return None
@@ -820,6 +936,10 @@ def gn_proxy_backward(
         >>> vec = [w, b, m, r, slope]  # doctest: +SKIP
         >>> dx, dw, db, sg, sz = gn_proxy_backward(g, x, stats, p, vec, "relu", True)  # doctest: +SKIP
     """
+    if p.mode == 3:
+        dx, sums = _gcl_backward(dout, x, vec[0], stats, p, need_x, True, (vec[1:5], _ACTS.index(act)))
+        assert sums is not None
+        return dx, sums[0], sums[1], sums[2], sums[3]
     _kernels = _kern()
 
     acc, tacc = _acc(x)
@@ -963,7 +1083,7 @@ def gn_proxy_act(
     p = _gn_plan(x, groups)
     if p is None:
         return None
-    if _tiling(x, p)[2] != 1:
+    if p.mode == 2 and _tiling(x, p)[2] != 1:
         return None  # (sets too few for one program each: the two ops' split kernels fill the GPU)
     m, r = proxy_stats(weight, bias, proxy_bias, proxy_weight, activation, proxy_eps, points.shape[0], points)
     return _GNProxy.apply(x, weight, bias, m, r, p, groups, float(eps), spec[0], float(spec[1]))  # type: ignore[no-any-return]

@@ -99,8 +99,10 @@ def _range_state(ACC: tl.constexpr, R: tl.constexpr, K: tl.constexpr):
 
 @triton.jit
 def _range_step(hi, lo, cnt, mean, m2, x, v, mask):
-    """One tile of that pass: the lanes' max / min of ``x`` and Welford's update with ``v``."""
-    hi = tl.maximum(hi, tl.where(mask, x, float("-inf")))
+    """One tile of that pass: the lanes' max / min of ``x`` and Welford's update with ``v``. A NaN
+    counts as +inf in the max (Triton's max drops NaN, and the clamp to the plain bound would turn it
+    into a number): its set is not plain, and its scaled statistics come out NaN, as every backend's."""
+    hi = tl.maximum(hi, tl.where(mask, tl.where(x == x, x, float("inf")), float("-inf")))
     lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
     cnt, mean, m2 = _welford(cnt, mean, m2, v, mask)
     return hi, lo, cnt, mean, m2
@@ -1170,3 +1172,246 @@ def proxy_stats_bwd_kernel(
     tl.store(G + C + ci, tl.sum(da, axis=1), mask=cm)
     tl.store(G + 2 * C + ci, tl.sum(da * w, axis=1), mask=cm)
     tl.store(G + 3 * C + ci, tl.sum(da * w * u, axis=1), mask=cm)
+
+
+# --- GroupNorm on channels-last memory: blocks of channels across groups, chunks of positions ------
+#
+# On channels-last memory a GroupNorm set (n, g) holds Cg contiguous channels of each of the sample's
+# S positions, C apart: the per-set walk reads a short run per position (Cg = 2 for GroupNorm(32) on
+# 64 channels, 1 for InstanceNorm; measured 5-7 % of an H200's bandwidth). Here a program takes one
+# sample's block of BCC contiguous channels, across groups, by a chunk of positions, so each position
+# of the tile is one coalesced run; the reductions are per channel (axis 1). Each channel's partial
+# (max / min, and the count, mean and M2 of x - x0 with x0 its *group's* first value, so a group's
+# channels share one shift) goes to a (N * C, nchunks) buffer in which a group's partials are one
+# contiguous run, (n * C + g * Cg) * nchunks onwards; a small kernel combines each run into the set's
+# saved statistics (the rare set whose range is not plain re-reads its values there, scaled); the
+# apply kernel gathers each channel's set statistics. Forward: stats, combine, apply; backward:
+# per-channel sums, per-set combination (with the weight), dx. With PN, Proxy Norm's activation step
+# follows the affine, as in norm_fwd_kernel / norm_bwd_kernel.
+
+
+@triton.jit
+def _gcl_tile(C, S, CH, nCB, BCC: tl.constexpr):
+    """This program's sample ``n``, its channels ``ci`` (mask ``cm``), chunk ``jc`` = positions
+    ``[s_lo, s_hi)``, and the sample's base offset."""
+    pid = tl.program_id(0)
+    n = pid // nCB
+    ci = (pid % nCB) * BCC + tl.arange(0, BCC)
+    jc = tl.program_id(1)
+    s_lo = jc * CH
+    return n, ci, ci < C, jc, s_lo, tl.minimum(s_lo + CH, S), n.to(tl.int64) * S * C
+
+
+@triton.jit
+def _gcl_offsets(base, ci, cm, s0, s_hi, C, BE: tl.constexpr):
+    si = s0 + tl.arange(0, BE)
+    return base + si.to(tl.int64)[None, :] * C + ci[:, None], cm[:, None] & (si < s_hi)[None, :]
+
+
+@triton.jit
+def _gcl_saved(ST, k, cm, nsets, ACC: tl.constexpr):
+    """Per channel of the tile (``k`` its set): shift, scale, mean of the scaled values, rstd, as columns."""
+    shift = tl.load(ST + k, mask=cm, other=0.0).to(ACC)[:, None]
+    inv = tl.load(ST + nsets + k, mask=cm, other=1.0).to(ACC)[:, None]
+    cmean = tl.load(ST + 2 * nsets + k, mask=cm, other=0.0).to(ACC)[:, None]
+    rstd = tl.load(ST + 3 * nsets + k, mask=cm, other=0.0).to(ACC)[:, None]
+    return shift, inv, cmean, rstd
+
+
+@triton.jit
+def _pn_vectors(W, B, MU, R, ci, cm, ACC: tl.constexpr):
+    """Proxy Norm's per-channel ``(w, b, m, rstd)`` as columns of a tile."""
+    w = tl.load(W + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    b = tl.load(B + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    mu = tl.load(MU + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    r = tl.load(R + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    return w, b, mu, r
+
+
+@triton.jit
+def gcl_stats_kernel(
+    X, HL, PM, C, S, Cg, nCB, CH, nchunks, tot, exp_bound,
+    ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    n, ci, cm, jc, s_lo, s_hi, base = _gcl_tile(C, S, CH, nCB, BCC)
+    x0 = tl.load(X + base + (ci // Cg) * Cg, mask=cm, other=0.0).to(ACC)  # the group's first value
+    lim = tl.exp2(x0 * 0.0 + exp_bound * 0.47)[:, None]  # (see _moments_range)
+    hi, lo, cnt, mean, m2 = _range_state(ACC, BCC, BE)
+    for s0 in range(s_lo, s_hi, BE):
+        off, mask = _gcl_offsets(base, ci, cm, s0, s_hi, C, BE)
+        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        v = tl.minimum(tl.maximum(x - x0[:, None], -lim), lim)
+        hi, lo, cnt, mean, m2 = _range_step(hi, lo, cnt, mean, m2, x, v, mask)
+    cn, mb, q = _lanes1(cnt, mean, m2)
+    row = n * C * nchunks + ci * nchunks + jc  # (tot = N * C * nchunks entries per buffer row)
+    tl.store(HL + row, tl.max(hi, axis=1), mask=cm)
+    tl.store(HL + tot + row, tl.min(lo, axis=1), mask=cm)
+    tl.store(PM + row, cn, mask=cm)
+    tl.store(PM + tot + row, mb, mask=cm)
+    tl.store(PM + 2 * tot + row, q, mask=cm)
+
+
+@triton.jit
+def gcl_combine_kernel(
+    X, HL, PM, ST, C, S, SC, G, Cg, nchunks, tot, eps, exp_bound,
+    ACC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+):  # fmt: skip
+    """Set ``k = (n, g)``: its Cg * nchunks partials, one contiguous run, combined by Chan et al.'s
+    formula into the six saved statistic rows; a set whose range is not plain takes the scaled
+    statistics with one more (per-set, strided) read of its values."""
+    k = tl.program_id(0)
+    nsets = tl.num_programs(0)
+    L = Cg * nchunks
+    r0 = k.to(tl.int64) * L  # ((n * G + g) * Cg == n * C + g * Cg)
+    h = tl.full([BL], float("-inf"), ACC)
+    lw = tl.full([BL], float("inf"), ACC)
+    cnt = tl.zeros([BL], ACC)
+    s = tl.zeros([BL], ACC)
+    for j0 in range(0, L, BL):
+        j = j0 + tl.arange(0, BL)
+        jm = j < L
+        h = tl.maximum(h, tl.load(HL + r0 + j, mask=jm, other=float("-inf")))
+        lw = tl.minimum(lw, tl.load(HL + tot + r0 + j, mask=jm, other=float("inf")))
+        c = tl.load(PM + r0 + j, mask=jm, other=0.0)
+        cnt += c
+        s += c * tl.load(PM + tot + r0 + j, mask=jm, other=0.0)
+    h = tl.max(h, axis=0)
+    lw = tl.min(lw, axis=0)
+    n = tl.sum(cnt, axis=0)
+    cm = tl.sum(s, axis=0) / n
+    mid = _first(X, k, G, SC, Cg, ACC)
+    inv = mid * 0.0 + 1.0
+    if _plain(h, lw, exp_bound).to(tl.int32) == 0:  # rare: the set's own walk, scaled
+        mid, inv = _shift_scale(h, lw, exp_bound)
+        _, cm, m2 = _moments(X, k, 0, Cg, 0, S, G, SC, Cg, 1, 0, C, S, mid, inv, ACC, BC, BM)
+    else:  # the partials' M2 plus each one's mean deviation (clamped partials could overflow: not here)
+        q = tl.zeros([BL], ACC)
+        for j0 in range(0, L, BL):
+            j = j0 + tl.arange(0, BL)
+            jm = j < L
+            c = tl.load(PM + r0 + j, mask=jm, other=0.0)
+            dm = tl.load(PM + tot + r0 + j, mask=jm, other=0.0) - cm
+            q += tl.load(PM + 2 * tot + r0 + j, mask=jm, other=0.0) + c * dm * dm
+        m2 = tl.sum(q, axis=0)
+    var = m2 / n
+    rstd = _rstd(var, inv, eps)
+    tl.store(ST + k, mid)
+    tl.store(ST + nsets + k, inv)
+    tl.store(ST + 2 * nsets + k, cm)
+    tl.store(ST + 3 * nsets + k, rstd)
+    tl.store(ST + 4 * nsets + k, var)
+    tl.store(ST + 5 * nsets + k, n)
+
+
+@triton.jit
+def gcl_apply_kernel(
+    X, Y, W, B, ST, MU, R, SL, C, S, G, Cg, nCB, CH, nsets,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
+    PN: tl.constexpr = False, ACT: tl.constexpr = 7,
+):  # fmt: skip
+    n, ci, cm, jc, s_lo, s_hi, base = _gcl_tile(C, S, CH, nCB, BCC)
+    mid, inv, cmean, rstd = _gcl_saved(ST, n * G + ci // Cg, cm, nsets, ACC)
+    if PN:
+        slope = tl.load(SL).to(ACC)
+        mu = tl.load(MU + ci, mask=cm, other=0.0).to(ACC)[:, None]
+        r = tl.load(R + ci, mask=cm, other=0.0).to(ACC)[:, None]
+    for s0 in range(s_lo, s_hi, BE):
+        off, mask = _gcl_offsets(base, ci, cm, s0, s_hi, C, BE)
+        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        y = _affine(((x - mid) * inv - cmean) * rstd, W, B, ci, cm, HAS_W, HAS_B, ACC)
+        if PN:
+            y = (_act_fwd(y, slope, ACT) - mu) * r
+        tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gcl_bwd_sums_kernel(
+    DY, X, W, B, ST, MU, R, SL, P, C, S, G, Cg, nCB, CH, nchunks, tot, nsets,
+    ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr, PN: tl.constexpr = False, ACT: tl.constexpr = 7,
+):  # fmt: skip
+    """Per channel and chunk: sum dy * x_hat and sum dy (dweight, dbias); with PN, ``dy`` is taken
+    back through Proxy Norm's step first, and the step's own sums (sum dout, sum dout * (z - m)) follow."""
+    n, ci, cm, jc, s_lo, s_hi, base = _gcl_tile(C, S, CH, nCB, BCC)
+    k = n * G + ci // Cg
+    shift, inv, cmean, rstd = _gcl_saved(ST, k, cm, nsets, ACC)
+    s1 = tl.zeros([BCC, BE], ACC)
+    s2 = tl.zeros([BCC, BE], ACC)
+    if PN:
+        slope = tl.load(SL).to(ACC)
+        w, b, mu, r = _pn_vectors(W, B, MU, R, ci, cm, ACC)
+        s3 = tl.zeros([BCC, BE], ACC)
+        s4 = tl.zeros([BCC, BE], ACC)
+    for s0 in range(s_lo, s_hi, BE):
+        off, mask = _gcl_offsets(base, ci, cm, s0, s_hi, C, BE)
+        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
+        xh = tl.where(mask, ((x - shift) * inv - cmean) * rstd, 0.0)
+        if PN:
+            a = w * xh + b
+            z = _act_fwd(a, slope, ACT)
+            s3 += dy
+            s4 += tl.where(mask, dy * (z - mu), 0.0)
+            dy = tl.where(mask, dy * r * _act_grad(a, z, slope, ACT), 0.0)
+        s1 += dy * xh
+        s2 += dy
+    row = n * C * nchunks + ci * nchunks + jc
+    tl.store(P + row, tl.sum(s1, axis=1), mask=cm)
+    tl.store(P + tot + row, tl.sum(s2, axis=1), mask=cm)
+    if PN:
+        tl.store(P + 2 * tot + row, tl.sum(s3, axis=1), mask=cm)
+        tl.store(P + 3 * tot + row, tl.sum(s4, axis=1), mask=cm)
+
+
+@triton.jit
+def gcl_bwd_combine_kernel(
+    W, P, PA, G, Cg, nchunks, tot, HAS_W: tl.constexpr, ACC: tl.constexpr, BL: tl.constexpr
+):  # fmt: skip
+    """Set ``k``: the sums of g = w * dy and g * x_hat over its channels' chunks (one contiguous run)."""
+    k = tl.program_id(0)
+    nsets = tl.num_programs(0)
+    L = Cg * nchunks
+    r0 = k.to(tl.int64) * L
+    c0 = (k % G) * Cg  # the group's first channel
+    a1 = tl.zeros([BL], ACC)
+    a2 = tl.zeros([BL], ACC)
+    for j0 in range(0, L, BL):
+        j = j0 + tl.arange(0, BL)
+        jm = j < L
+        w = tl.full([BL], 1.0, ACC)
+        if HAS_W:
+            w = tl.load(W + c0 + j // nchunks, mask=jm, other=0.0).to(ACC)
+        a1 += w * tl.load(P + tot + r0 + j, mask=jm, other=0.0)
+        a2 += w * tl.load(P + r0 + j, mask=jm, other=0.0)
+    tl.store(PA + k, tl.sum(a1, axis=0))
+    tl.store(PA + nsets + k, tl.sum(a2, axis=0))
+
+
+@triton.jit
+def gcl_bwd_dx_kernel(
+    DY, X, W, B, ST, MU, R, SL, PA, DX, C, S, G, Cg, nCB, CH, nsets,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
+    PN: tl.constexpr = False, ACT: tl.constexpr = 7,
+):  # fmt: skip
+    n, ci, cm, jc, s_lo, s_hi, base = _gcl_tile(C, S, CH, nCB, BCC)
+    k = n * G + ci // Cg
+    shift, inv, cmean, rstd = _gcl_saved(ST, k, cm, nsets, ACC)
+    cnt = tl.load(ST + 5 * nsets + k, mask=cm, other=1.0).to(ACC)[:, None]
+    mg = tl.load(PA + k, mask=cm, other=0.0).to(ACC)[:, None] / cnt
+    mgx = tl.load(PA + nsets + k, mask=cm, other=0.0).to(ACC)[:, None] / cnt
+    rt = rstd * inv  # the true 1 / sqrt(var + eps)
+    wt = tl.full([BCC, 1], 1.0, ACC)
+    if HAS_W:
+        wt = tl.load(W + ci, mask=cm, other=1.0).to(ACC)[:, None]
+    if PN:
+        slope = tl.load(SL).to(ACC)
+        w, b, mu, r = _pn_vectors(W, B, MU, R, ci, cm, ACC)
+    for s0 in range(s_lo, s_hi, BE):
+        off, mask = _gcl_offsets(base, ci, cm, s0, s_hi, C, BE)
+        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
+        xh = ((x - shift) * inv - cmean) * rstd
+        if PN:
+            a = w * xh + b
+            dy = dy * r * _act_grad(a, _act_fwd(a, slope, ACT), slope, ACT)
+        dx = rt * (wt * dy - mg - xh * mgx)
+        tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)

@@ -1,0 +1,197 @@
+"""Compile every Triton kernel launch normkit's tests make, for a CUDA GPU, on a machine without one.
+
+Triton's interpreter (tests/kernels/test_triton.py) runs the kernels' arithmetic on CPU tensors, but
+it is plain Python: code that the compiler rejects (a name typed differently on two branches, a
+loop-carried value that changes type, a constexpr misuse) passes there and fails on the first GPU
+launch. This drives the same launchers with CPU tensors while every ``kernel[grid](...)`` launch is
+replaced by Triton's own ``warmup`` (specialisation, then compilation through TTIR, TTGIR, LLVM IR,
+PTX and ptxas to a cubin) against a stand-in driver that reports an sm_90 (H100 / H200) target.
+Nothing runs: the outputs are left unwritten, which the launchers never read back.
+
+It must run in a process without ``TRITON_INTERPRET=1`` (the kernels must be JIT functions, not
+interpreted ones)::
+
+    python -m tests.kernels.triton_compile            # every pattern, dtype, layout and activation
+    python -m tests.kernels.triton_compile --quick    # float32 and bfloat16 only
+
+It prints one line per kernel (variants compiled, vectorised global loads / all global loads in
+their PTX: a static view of coalescing) and exits 1 if any launch failed to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from typing import Any
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise SystemExit("triton_compile: run without TRITON_INTERPRET=1 (the kernels must be compiled)")
+
+import torch
+import triton
+from triton.backends import DriverBase
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+import normkit.functional as F
+from normkit import kernels
+from normkit.functional.proxy_norm import proxy_points
+from normkit.kernels import triton as nkt
+from normkit.kernels.triton import _kernels
+from normkit.nn import GroupNormProxyAct2d
+
+
+class _Sm90(DriverBase):
+    """A driver that only names its target: enough for Triton to specialise and compile."""
+
+    def __init__(self, arch: int) -> None:
+        self.target = GPUTarget("cuda", arch, 32)
+
+    @classmethod
+    def is_active(cls) -> bool:
+        return True
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        raise NotImplementedError
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_benchmarker(self) -> Any:
+        raise NotImplementedError
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def set_current_device(self, device: int) -> None:
+        pass
+
+    def get_device_capability(self, device: int = 0) -> tuple[int, int]:
+        return divmod(self.target.arch, 10)
+
+
+FAILURES: list[str] = []
+COMPILED: dict[str, list[Any]] = defaultdict(list)
+
+
+class _Warm:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Any:
+        def launch(*args: Any, **kwargs: Any) -> None:
+            name = self.fn.__name__
+            try:
+                k = self.fn.warmup(*args, grid=grid, **kwargs)
+            except Exception as e:  # (a compile error: recorded, the launcher goes on)
+                FAILURES.append(f"{name}: {type(e).__name__}: {str(e).strip()[:2000]}")
+                return
+            if all(k is not c for c in COMPILED[name]):
+                COMPILED[name].append(k)
+
+        return launch
+
+
+class _Kernels:
+    def __getattr__(self, name: str) -> Any:
+        return _Warm(getattr(_kernels, name))
+
+
+def _run(fn: Any, *args: Any) -> None:
+    with kernels.use("triton"):
+        out = fn(*args)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor)]
+        outs = [o for o in outs if o.requires_grad]
+        if outs:
+            ins = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            torch.autograd.grad(outs, ins, [torch.zeros_like(o) for o in outs], allow_unused=True)
+
+
+def drive(dtypes: list[torch.dtype], acts: list[str]) -> None:
+    """Every launch pattern: the norms on both layouts (forward, backward with and without the
+    parameters' gradients, with and without an affine), the split reduction, Proxy Norm's step and
+    statistics, and GroupNorm + proxy activation fused."""
+    for dtype in dtypes:
+        pd = torch.float64 if dtype == torch.float64 else torch.float32
+        for force in (None, 16):
+            nkt._FORCE_CHUNK = force
+            for layout in ("nchw", "cl"):
+                x = torch.zeros(3, 64, 9, 7, dtype=dtype)
+                if layout == "cl":
+                    x = x.to(memory_format=torch.channels_last)
+                x.requires_grad_()
+                w = torch.ones(64, dtype=pd, requires_grad=True)
+                b = torch.zeros(64, dtype=pd, requires_grad=True)
+                for affine in ((w, b), (None, None)):
+                    _run(lambda x, *p: F.group_norm(x, 32, *p), x, *affine)
+                    _run(lambda x, *p: F.group_norm(x, 1, *p), x, *affine)
+                    _run(lambda x, *p: F.batch_norm(x, None, None, *p, training=True).output, x, *affine)
+                    _run(lambda x, *p: F.instance_norm(x, weight=p[0], bias=p[1]).output, x, *affine)
+                    _run(lambda x, *p: F.layer_norm_2d(x, *p), x, *affine)
+                _run(lambda w, b, x=x: F.group_norm(x.detach(), 32, w, b), w, b)  # parameters only
+                lw = torch.ones(x.shape[1:], dtype=pd, requires_grad=True)
+                _run(lambda x, w: F.layer_norm(x, x.shape[1:], w, None), x, lw)
+                _run(lambda x: F.layer_norm(x, x.shape[-1:]), x)
+            nkt._FORCE_CHUNK = None
+        for layout in ("nchw", "cl"):
+            x = torch.zeros(3, 8, 5, 6, dtype=dtype)
+            if layout == "cl":
+                x = x.to(memory_format=torch.channels_last)
+            x.requires_grad_()
+            for act in acts:
+                layer = GroupNormProxyAct2d(8, num_groups=2, activation=act).to(dtype)
+                _run(layer, x)
+                _run(lambda x, *p, a=act: F.proxy_norm_act(x, *p, activation=a), x, *layer.parameters())
+        u = proxy_points(200, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        for act in acts:  # (on CPU the statistics take the C++ kernels: called directly here)
+            ps = [torch.ones(8, dtype=u.dtype, requires_grad=True) for _ in range(4)]
+            _run(lambda *p, u=u, a=act: nkt.proxy_stats(*p, u, a, 0.03), *ps)
+
+
+def _loads(ptx: str) -> tuple[int, int]:
+    loads = re.findall(r"\bld\.global(?:\.\w+)*", ptx)
+    return sum(".v" in ld for ld in loads), len(loads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="float32 and bfloat16, two activations")
+    ap.add_argument("--arch", type=int, default=90, help="the CUDA compute capability (default 90)")
+    a = ap.parse_args(argv)
+    driver.set_active(_Sm90(a.arch))
+    nkt._kern = _Kernels  # type: ignore[assignment]  # each launch compiles, nothing runs
+    nkt.interpreting = lambda: True  # CPU tensors take the Triton launchers
+    t0 = time.perf_counter()
+    if a.quick:
+        drive([torch.float32, torch.bfloat16], ["relu", "silu"])
+    else:
+        drive(
+            [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+            ["relu", torch.nn.LeakyReLU(0.2), "silu", "gelu", "gelu_tanh", "sigmoid", "tanh", "identity"],
+        )
+    print(f"triton {triton.__version__}, target sm_{a.arch}: {time.perf_counter() - t0:.0f} s")
+    for name in sorted(COMPILED):
+        vec, tot = map(sum, zip(*(_loads(k.asm["ptx"]) for k in COMPILED[name])))
+        print(f"  {name:28s} {len(COMPILED[name]):3d} variants, vector loads {vec}/{tot}")
+    for f in FAILURES:
+        print("FAILED", f)
+    missing = sorted(
+        n for n in dir(_kernels) if n.endswith("_kernel") and n not in COMPILED
+    )  # every kernel the module defines was launched at least once
+    for n in missing:
+        print("NOT LAUNCHED", n)
+    return 1 if FAILURES or missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

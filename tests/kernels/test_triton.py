@@ -733,3 +733,74 @@ def test_fused_proxy_layer_trains_after_running_in_inference_mode():
         layer(xr).sum().backward()
     assert xg.grad is not None and xr.grad is not None
     _close(xg.grad.cpu(), xr.grad.cpu(), 1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize(
+    ("momentum", "unbiased", "nbt", "skipped", "rdtype", "bad"),
+    [
+        (0.1, True, True, True, torch.float32, False),
+        (0.1, False, False, False, torch.float32, False),
+        (None, True, True, False, torch.float32, False),  # the cumulative average
+        (0.3, True, True, True, F64, False),  # (on a float64 input)
+        (0.3, True, True, True, torch.bfloat16, False),  # AMP: bf16 input, float32 buffers
+        (0.7, True, True, False, torch.float32, False),  # lerp's other form
+        (0.1, True, True, True, torch.float32, True),  # a non-finite batch
+        (None, True, True, True, torch.float32, True),
+    ],
+)
+def test_running_statistics_take_one_launch_on_the_route(
+    momentum, unbiased, nbt, skipped, rdtype, bad, monkeypatch
+):
+    # BatchNorm's training step on the route to torch's op (a GPU's "auto"; here CPU tensors with "cpu"
+    # admitted to the route): the running statistics take normkit's rule in one Triton launch, against
+    # that rule in float64 (momentum or 1 / num_batches_tracked; unbiased or biased variance; a batch
+    # with a non-finite statistic leaves every buffer as it is and counts a skip)
+    from normkit.kernels import _direct
+
+    monkeypatch.setattr(_direct, "DEVICES", {"cpu", "cuda"})
+    launched = []
+    real = _kernels_module().bn_running_kernel
+    spy = type("Spy", (), {"__getitem__": lambda s, g: launched.append(g) or real[g]})
+    monkeypatch.setattr(_kernels_module(), "bn_running_kernel", spy())
+    g = torch.Generator().manual_seed(61)
+    x = torch.randn(6, 70, 3, 4, generator=g) * 2 + 1
+    if bad:
+        x[2, 5, 1, 1] = float("inf")
+    x = x.to(rdtype)
+    if rdtype == torch.bfloat16:
+        rdtype = torch.float32
+    rm0 = torch.randn(70, generator=g).to(rdtype)
+    rv0 = (torch.rand(70, generator=g) + 0.5).to(rdtype)
+    rm, rv = rm0.clone(), rv0.clone()
+    n0 = torch.tensor(4) if nbt else None
+    s0 = torch.tensor(2) if skipped else None
+    n1 = None if n0 is None else n0.clone()
+    s1 = None if s0 is None else s0.clone()
+    with kernels.use("auto"):
+        y = _direct.batch_norm_train(x, None, None, rm, rv, n1, momentum, 1e-5, unbiased, s1)
+    assert y is not None and launched == [(1,)], launched
+    xd = x.double()
+    mean = xd.mean((0, 2, 3))
+    var = xd.var((0, 2, 3), unbiased=unbiased)
+    if bad:
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+        if nbt:
+            assert n1.item() == 4
+        if skipped:
+            assert s1.item() == 3
+        return
+    f = momentum if momentum is not None else 1 / 5
+    torch.testing.assert_close(rm.double(), (1 - f) * rm0.double() + f * mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rv.double(), (1 - f) * rv0.double() + f * var, rtol=1e-6, atol=1e-6)
+    assert rm.dtype == rdtype and rv.dtype == rdtype
+    if nbt:
+        assert n1.item() == 5
+    if skipped:
+        assert s1.item() == 2
+    tol = 2e-2 if x.dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True).output, rtol=tol, atol=tol)
+
+
+def _kernels_module():
+    return importlib.import_module("normkit.kernels.triton._kernels")

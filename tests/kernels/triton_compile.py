@@ -28,56 +28,73 @@ import time
 from collections import defaultdict
 from typing import Any
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    raise SystemExit("triton_compile: run without TRITON_INTERPRET=1 (the kernels must be compiled)")
-
 import torch
-import triton
-from triton.backends import DriverBase
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
 
-import normkit.functional as F
-from normkit import kernels
-from normkit.functional.proxy_norm import proxy_points
-from normkit.kernels import triton as nkt
-from normkit.kernels.triton import _kernels
-from normkit.nn import GroupNormProxyAct2d
+# (triton and normkit's kernels are imported in main(): pytest's doctest collection imports this
+# module, with TRITON_INTERPRET=1 and perhaps without triton)
+F: Any = None
+kernels: Any = None
+nkt: Any = None
+_kernels: Any = None
 
 
-class _Sm90(DriverBase):
+def _sm90(arch: int) -> Any:
     """A driver that only names its target: enough for Triton to specialise and compile."""
+    from triton.backends import DriverBase
+    from triton.backends.compiler import GPUTarget
 
-    def __init__(self, arch: int) -> None:
-        self.target = GPUTarget("cuda", arch, 32)
+    class _Target(DriverBase):
+        def __init__(self) -> None:
+            self.target = GPUTarget("cuda", arch, 32)
 
-    @classmethod
-    def is_active(cls) -> bool:
-        return True
+        @classmethod
+        def is_active(cls) -> bool:
+            return True
 
-    def map_python_to_cpp_type(self, ty: str) -> str:
-        raise NotImplementedError
+        def map_python_to_cpp_type(self, ty: str) -> str:
+            raise NotImplementedError
 
-    def get_current_target(self) -> GPUTarget:
-        return self.target
+        def get_current_target(self) -> Any:
+            return self.target
 
-    def get_active_torch_device(self) -> torch.device:
-        return torch.device("cpu")
+        def get_active_torch_device(self) -> torch.device:
+            return torch.device("cpu")
 
-    def get_benchmarker(self) -> Any:
-        raise NotImplementedError
+        def get_benchmarker(self) -> Any:
+            raise NotImplementedError
 
-    def get_current_device(self) -> int:
-        return 0
+        def get_current_device(self) -> int:
+            return 0
 
-    def get_current_stream(self, device: int | None = None) -> int:
-        return 0
+        def get_current_stream(self, device: int | None = None) -> int:
+            return 0
 
-    def set_current_device(self, device: int) -> None:
-        pass
+        def set_current_device(self, device: int) -> None:
+            pass
 
-    def get_device_capability(self, device: int = 0) -> tuple[int, int]:
-        return divmod(self.target.arch, 10)
+        def get_device_capability(self, device: int = 0) -> tuple[int, int]:
+            return divmod(arch, 10)
+
+    return _Target()
+
+
+def setup(arch: int = 90) -> None:
+    """Import triton and the kernels (compiled, not interpreted), make every launch a compilation
+    against an sm_``arch`` target, and let CPU tensors take the Triton launchers."""
+    global F, kernels, nkt, _kernels
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("triton_compile: run without TRITON_INTERPRET=1 (the kernels must be compiled)")
+    from triton.runtime.driver import driver
+
+    import normkit.functional as F_
+    from normkit import kernels as kernels_
+    from normkit.kernels import triton as nkt_
+    from normkit.kernels.triton import _kernels as kernels_mod
+
+    F, kernels, nkt, _kernels = F_, kernels_, nkt_, kernels_mod
+    driver.set_active(_sm90(arch))
+    nkt._kern = _Kernels  # each launch compiles, nothing runs
+    nkt.interpreting = lambda: True  # CPU tensors take the Triton launchers
 
 
 FAILURES: list[str] = []
@@ -121,6 +138,9 @@ def drive(dtypes: list[torch.dtype], acts: list[str]) -> None:
     """Every launch pattern: the norms on both layouts (forward, backward with and without the
     parameters' gradients, with and without an affine), the split reduction, Proxy Norm's step and
     statistics, and GroupNorm + proxy activation fused."""
+    from normkit.functional.proxy_norm import proxy_points
+    from normkit.nn import GroupNormProxyAct2d
+
     nkt._programs = lambda device: 4 * 132  # an H100 / H200's chunking policy
     for dtype in dtypes:
         pd = torch.float64 if dtype == torch.float64 else torch.float32
@@ -156,6 +176,11 @@ def drive(dtypes: list[torch.dtype], acts: list[str]) -> None:
                 layer = GroupNormProxyAct2d(8, num_groups=2, activation=act).to(dtype)
                 _run(layer, x)
                 _run(lambda x, *p, a=act: F.proxy_norm_act(x, *p, activation=a), x, *layer.parameters())
+        # BatchNorm's running statistics in one launch (the route to torch's op on a GPU)
+        z = torch.zeros((), dtype=torch.int64)
+        for mom, nbt, skip in ((0.1, z, z), (None, z, None), (0.1, None, None)):
+            vecs = [torch.zeros(64, dtype=pd) for _ in range(4)]
+            nkt.bn_running_update(*vecs, nbt, skip, mom, 1.0)
         u = proxy_points(200, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         for act in acts:  # (on CPU the statistics take the C++ kernels: called directly here)
             ps = [torch.ones(8, dtype=u.dtype, requires_grad=True) for _ in range(4)]
@@ -172,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="float32 and bfloat16, two activations")
     ap.add_argument("--arch", type=int, default=90, help="the CUDA compute capability (default 90)")
     a = ap.parse_args(argv)
-    driver.set_active(_Sm90(a.arch))
-    nkt._kern = _Kernels  # type: ignore[assignment]  # each launch compiles, nothing runs
-    nkt.interpreting = lambda: True  # CPU tensors take the Triton launchers
+    setup(a.arch)
+    import triton
+
     t0 = time.perf_counter()
     if a.quick:
         drive([torch.float32, torch.bfloat16], ["relu", "silu"])

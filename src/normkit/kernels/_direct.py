@@ -183,8 +183,8 @@ def batch_norm_train(
     The running statistics, if given, are updated in place, as a layer's buffers are, by normkit's
     own rule (:func:`normkit.functional._running.update_running_stats`: momentum or the cumulative
     average, the unbiased or biased variance, and a batch whose statistics are not finite leaves
-    every buffer unchanged, branch-free, no device sync; about a dozen small ops, each a kernel
-    launch on a GPU: one fused update is the next step). Torch hands over the
+    every buffer unchanged, branch-free, no device sync: one Triton launch on ``"auto"`` with triton
+    installed, else about a dozen small ops, each a kernel launch on a GPU). Torch hands over the
     batch's mean and unbiased variance as the "running" statistics of a momentum-1 update of two
     scratch vectors.
     ``num_batches_tracked`` counts finite batches and ``num_skipped_updates`` the rest.
@@ -218,6 +218,13 @@ def batch_norm_train(
     mean = torch.zeros_like(running_mean)
     var = torch.ones_like(running_var)
     y = TF.batch_norm(x, mean, var, weight, bias, True, 1.0, eps)  # mean, var <- the batch's (var unbiased)
+    if _fused_update(x):
+        from .triton import bn_running_update
+
+        scale = 1.0 if unbiased else (count - 1) / count
+        args = (num_batches_tracked, num_skipped_updates, momentum, scale)
+        if bn_running_update(mean, var, running_mean, running_var, *args):
+            return y
     if not unbiased:
         var = var * ((count - 1) / count)
     rm, rv, nbt = update_running_stats(
@@ -231,6 +238,17 @@ def batch_norm_train(
                 num_skipped_updates.add_(num_batches_tracked + 1 - nbt)
             num_batches_tracked.copy_(nbt)
     return y
+
+
+def _fused_update(x: Tensor) -> bool:
+    """Whether the running statistics take the one-launch Triton update: on ``"auto"``, with triton
+    installed, on CUDA (or CPU tensors under Triton's interpreter, in tests); the ``"native"`` backend
+    keeps torch's ops throughout."""
+    if _backend[0]() != "auto":
+        return False
+    from . import triton as _triton
+
+    return _triton.available() and (x.device.type == "cuda" or _triton.interpreting())
 
 
 def _channels_last(x: Tensor) -> bool:

@@ -1087,3 +1087,56 @@ def gn_proxy_act(
         return None  # (sets too few for one program each: the two ops' split kernels fill the GPU)
     m, r = proxy_stats(weight, bias, proxy_bias, proxy_weight, activation, proxy_eps, points.shape[0], points)
     return _GNProxy.apply(x, weight, bias, m, r, p, groups, float(eps), spec[0], float(spec[1]))  # type: ignore[no-any-return]
+
+
+# --- BatchNorm's running statistics in one launch ---------------------------------------------------
+
+
+def bn_running_update(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    num_skipped_updates: Tensor | None,
+    momentum: float | None,
+    var_scale: float,
+) -> bool:
+    """normkit's running-statistics rule (:func:`normkit.functional._running.update_running_stats`),
+    in place, in one Triton launch instead of about a dozen small ops (each a launch on a GPU):
+    ``running <- lerp(running, batch, factor)``, ``factor`` the momentum or (``momentum=None``) the
+    cumulative ``1 / num_batches_tracked``; a batch with any non-finite statistic changes nothing but
+    ``num_skipped_updates``. ``var`` is the batch's unbiased variance, ``var_scale`` times it the one
+    to store. Returns ``False`` (nothing done) where the buffers are not plain contiguous vectors.
+
+    Example:
+        >>> ok = bn_running_update(m, v, rm, rv, nbt, None, 0.1, 1.0)  # doctest: +SKIP
+    """
+    C = running_mean.numel()
+    vecs = (mean, var, running_mean, running_var)
+    counters = [t for t in (num_batches_tracked, num_skipped_updates) if t is not None]
+    if (
+        C == 0
+        or any(t.numel() != C or not t.is_contiguous() for t in vecs)
+        or any(t.numel() != 1 or t.dtype != torch.int64 for t in counters)
+        or (momentum is None and num_batches_tracked is None)
+    ):
+        return False
+    acc, tacc = _acc(running_mean)
+    _kern().bn_running_kernel[(1,)](
+        mean,
+        var,
+        running_mean,
+        running_var,
+        num_batches_tracked if num_batches_tracked is not None else running_mean,
+        num_skipped_updates if num_skipped_updates is not None else running_mean,
+        C,
+        float(momentum) if momentum is not None else 0.0,
+        float(var_scale),
+        HAS_NBT=num_batches_tracked is not None,
+        HAS_SKIP=num_skipped_updates is not None and num_batches_tracked is not None,
+        CUMULATIVE=momentum is None,
+        ACC=tacc,
+        BLOCK=min(next_power_of_2(C), 1024),
+    )
+    return True

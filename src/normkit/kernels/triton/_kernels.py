@@ -1415,3 +1415,52 @@ def gcl_bwd_dx_kernel(
             dy = dy * r * _act_grad(a, _act_fwd(a, slope, ACT), slope, ACT)
         dx = rt * (wt * dy - mg - xh * mgx)
         tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --- BatchNorm's running statistics: normkit's update rule in one launch ----------------------------
+
+
+@triton.jit
+def bn_running_kernel(
+    MEAN, VAR, RM, RV, NBT, SKIP, C, momentum, var_scale,
+    HAS_NBT: tl.constexpr, HAS_SKIP: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program: ``running <- lerp(running, batch, factor)`` per channel, ``factor`` the momentum or
+    (``CUMULATIVE``) ``1 / num_batches_tracked`` after this step; a batch with a non-finite mean or
+    variance anywhere leaves every buffer as it is, no device sync (as
+    :func:`normkit.functional._running.update_running_stats`); ``num_batches_tracked`` advances by
+    one for a finite batch, ``num_skipped_updates`` for the other. ``VAR`` is the batch's unbiased
+    variance, times ``var_scale`` for the biased one."""
+    fin = tl.full([BLOCK], 1, tl.int32)
+    for c0 in range(0, C, BLOCK):
+        ci = c0 + tl.arange(0, BLOCK)
+        cm = ci < C
+        m = tl.load(MEAN + ci, mask=cm, other=0.0).to(ACC)
+        v = tl.load(VAR + ci, mask=cm, other=0.0).to(ACC) * var_scale
+        ok = (tl.abs(m) < float("inf")) & (tl.abs(v) < float("inf"))  # (False for NaN too)
+        fin = fin & ok.to(tl.int32)
+    f = tl.min(fin, axis=0)  # 1: every channel finite
+    if HAS_NBT:
+        nbt = tl.load(NBT) + f.to(tl.int64)
+        tl.store(NBT, nbt)
+        if HAS_SKIP:
+            tl.store(SKIP, tl.load(SKIP) + (1 - f).to(tl.int64))
+        if CUMULATIVE:
+            w = 1.0 / tl.maximum(nbt, 1).to(ACC)
+        else:
+            w = tl.full([], momentum, ACC)
+    else:
+        w = tl.full([], momentum, ACC)
+    for c0 in range(0, C, BLOCK):
+        ci = c0 + tl.arange(0, BLOCK)
+        cm = ci < C
+        rm = tl.load(RM + ci, mask=cm, other=0.0).to(ACC)
+        rv = tl.load(RV + ci, mask=cm, other=0.0).to(ACC)
+        m = tl.where(f == 1, tl.load(MEAN + ci, mask=cm, other=0.0).to(ACC), rm)
+        v = tl.where(f == 1, tl.load(VAR + ci, mask=cm, other=0.0).to(ACC) * var_scale, rv)
+        # torch.lerp's two forms (exact at either end)
+        m = tl.where(w < 0.5, rm + w * (m - rm), m - (m - rm) * (1.0 - w))
+        v = tl.where(w < 0.5, rv + w * (v - rv), v - (v - rv) * (1.0 - w))
+        tl.store(RM + ci, m.to(RM.dtype.element_ty), mask=cm)
+        tl.store(RV + ci, v.to(RV.dtype.element_ty), mask=cm)

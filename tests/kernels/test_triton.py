@@ -8,6 +8,7 @@ CUDA machine (``NORMKIT_TEST_DEVICE=cuda``), where the kernels are compiled inst
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import pytest
@@ -87,7 +88,7 @@ def _case(name, shape, dtype, layout, affine=True, seed=0, scale=1.0, offset=0.0
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=F64) * scale + offset
     dy = torch.randn(shape, generator=g, dtype=F64)
-    pshape = tuple(shape[1:]) if name == "ln_chw" else (shape[1],)
+    pshape = {"ln_chw": tuple(shape[1:]), "ln_last": tuple(shape[-1:])}.get(name, (shape[1],))
     w = 1 + 0.3 * torch.randn(pshape, generator=g, dtype=F64) if affine else None
     b = 0.3 * torch.randn(pshape, generator=g, dtype=F64) if affine else None
     fn, ref = (ops or OPS)[name]
@@ -160,6 +161,7 @@ def split(monkeypatch):
     from normkit.kernels import triton as nkt
 
     monkeypatch.setattr(nkt, "_FORCE_CHUNK", 16)
+    monkeypatch.setattr(nkt, "_ROW_MAX", 0)  # (short rows would take the blocked row walk instead)
     launched = []
     for name in ("_chunking", "_ce_chunks"):  # the per-set walk's chunks; the (C, E) walks' (BatchNorm cl)
         real = getattr(nkt, name)
@@ -301,6 +303,55 @@ def test_a_nan_stays_in_its_own_set(name, layout, chunks, monkeypatch):
     assert torch.equal(torch.isnan(y), torch.isnan(yo))
     ok = ~torch.isnan(yo)
     _close(y[ok], yo[ok], TOL[torch.float32])
+
+
+ROW_OPS = {
+    "ln_last": (
+        lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b),
+        lambda x, w, b: ref_layer_norm(x, x.shape[-1:], w, b),
+    ),
+    "ln2d": OPS["ln2d"],
+    "ln_chw": OPS["ln_chw"],
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "layout", "L"),
+    [
+        ("ln_last", (3, 5, 37), "nchw", 37),  # 15 rows of 37: three tiles of 16 values, a ragged one
+        ("ln2d", (3, 37, 2, 3), "cl", 37),  # LayerNorm2d on channels-last: a row per position
+        ("ln_chw", (19, 2, 3, 3), "nchw", 18),  # LN over (C, H, W) of 19 samples of 18 values
+    ],
+)
+def test_short_rows_run_in_blocks_of_rows(name, shape, layout, L, monkeypatch):
+    # sets that are consecutive contiguous rows of at most _ROW_MAX values take the ln2d_* kernels'
+    # blocked walk: blocks of 16 rows by tiles of 16 values under _FORCE_CHUNK (ragged on both axes),
+    # the per-row statistics shifted by each row's first value
+    from normkit.kernels import triton as nkt
+
+    monkeypatch.setattr(nkt, "_FORCE_CHUNK", 16)
+    walks = []
+    real = nkt._rows_walk
+    monkeypatch.setattr(nkt, "_rows_walk", lambda *a: walks.append(real(*a)) or walks[-1])
+    specs = [(torch.float32, {}), (torch.bfloat16, {}), (F64, {})]
+    specs += [(torch.float32, {"scale": 1e-2, "offset": 1e4}), (torch.float32, {"scale": 1e30})]
+    specs += [(torch.float32, {"affine": False}), (torch.float32, {"x_grad": False})]
+    for dtype, kw in specs:
+        y, yo, got, exp, _ = _case(name, shape, dtype, layout, seed=71, ops=ROW_OPS, **kw)
+        assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in got)
+        big = "offset" in kw or "scale" in kw
+        _close(y, yo, 1e-3 if big else TOL[dtype])
+        for g, e in zip(got, exp):
+            _close(g, e, 1e-2 if big else GTOL[dtype])
+    assert walks and all(w[0][:2] == (L, math.prod(shape) // L) for w in walks), walks
+    # a mean-only row pattern (LN over the last dim without an affine: one set per row of BatchNorm's
+    # one-sample walk) takes it too
+    walks.clear()
+    y, yo, got, exp, _ = _case("ln_last", shape, torch.float32, layout, affine=False, seed=72, ops=ROW_OPS)
+    if name == "ln_last":
+        assert walks, "no row walk"
+        _close(y, yo, TOL[torch.float32])
+        _close(got[0], exp[0], GTOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16], ids=str)

@@ -14,8 +14,9 @@ interpreted ones)::
     python -m tests.kernels.triton_compile            # every pattern, dtype, layout and activation
     python -m tests.kernels.triton_compile --quick    # float32 and bfloat16 only
 
-It prints one line per kernel (variants compiled, vectorised global loads / all global loads in
-their PTX: a static view of coalescing) and exits 1 if any launch failed to compile.
+It prints one line per kernel (variants compiled; vectorised global loads / all global loads in
+their PTX, a static view of coalescing; registers per thread and bytes spilled to local memory, from
+the cuobjdump that ships with Triton) and exits 1 if any launch failed to compile or spills.
 """
 
 from __future__ import annotations
@@ -192,6 +193,34 @@ def _loads(ptx: str) -> tuple[int, int]:
     return sum(".v" in ld for ld in loads), len(loads)
 
 
+def _resources(cubin: bytes) -> tuple[int, int] | None:
+    """``(registers per thread, local memory bytes)`` of a cubin from the cuobjdump that ships with
+    Triton (local memory is where registers spill), or ``None`` without it."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    reg, local = re.search(r"REG:(\d+)", out), re.search(r"LOCAL:(\d+)", out)
+    return (int(reg.group(1)), int(local.group(1))) if reg and local else None
+
+
+def _resident_warps(regs: int, num_warps: int) -> int:
+    """Warps one SM of a Hopper GPU holds for a kernel with ``regs`` registers per thread, as the
+    register file allows (65536 per SM, allocated 256 per warp; at most 64 warps): a bandwidth-bound
+    kernel with few resident warps has few loads in flight."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(64, 65536 // (per_warp * num_warps) * num_warps)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="float32 and bfloat16, two activations")
@@ -209,9 +238,20 @@ def main(argv: list[str] | None = None) -> int:
             ["relu", torch.nn.LeakyReLU(0.2), "silu", "gelu", "gelu_tanh", "sigmoid", "tanh", "identity"],
         )
     print(f"triton {triton.__version__}, target sm_{a.arch}: {time.perf_counter() - t0:.0f} s")
+    spills = []
     for name in sorted(COMPILED):
         vec, tot = map(sum, zip(*(_loads(k.asm["ptx"]) for k in COMPILED[name])))
-        print(f"  {name:28s} {len(COMPILED[name]):3d} variants, vector loads {vec}/{tot}")
+        res = [(r, k.metadata.num_warps) for k in COMPILED[name] if (r := _resources(k.asm["cubin"]))]
+        use = ""
+        if res:
+            regs, local = [r[0] for r, _ in res], max(r[1] for r, _ in res)
+            warps = min(_resident_warps(r[0], nw) for r, nw in res)
+            use = f", registers {min(regs)}-{max(regs)} (>= {warps} warps / SM), spilled {local} B"
+            if local:
+                spills.append(name)
+        print(f"  {name:28s} {len(COMPILED[name]):3d} variants, vector loads {vec}/{tot}{use}")
+    for name in spills:  # a spill is local-memory traffic inside a bandwidth-bound loop
+        print("SPILLS", name)
     for f in FAILURES:
         print("FAILED", f)
     missing = sorted(
@@ -219,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # every kernel the module defines was launched at least once
     for n in missing:
         print("NOT LAUNCHED", n)
-    return 1 if FAILURES or missing else 0
+    return 1 if FAILURES or missing or spills else 0
 
 
 if __name__ == "__main__":

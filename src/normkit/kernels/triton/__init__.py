@@ -262,12 +262,46 @@ def _ln2d_walk(p: Plan, device: torch.device) -> tuple[tuple[int, ...], int, int
     return (C, E, S, S, C * S, 1), BCC, BE
 
 
+_ROW_MAX = 512  # the longest row the blocked row walk takes (a longer one fills a program's tiles alone)
+
+
+def _rows(p: Plan, affine: bool) -> tuple[int, int] | None:
+    """``(L, R)`` where a plan's sets are ``R`` consecutive contiguous rows of ``L <= _ROW_MAX``
+    values, with an affine (if any) indexed by the position in the row: LayerNorm over a short last
+    dim, LayerNorm2d on channels-last (GROUP_NCHW with one value per run, one group); a mean-only
+    row pattern without an affine (BATCH_NCHW of one sample). Else ``None``."""
+    if p.mode == 2 and p.S == 1 and p.G == 1:
+        L, R = p.C, p.N
+    elif p.mode == 0 and p.N == 1 and not affine:
+        L, R = p.S, p.C
+    else:
+        return None
+    return (L, R) if L <= _ROW_MAX else None
+
+
+def _rows_walk(rows: tuple[int, int], device: torch.device) -> tuple[tuple[int, ...], int, int]:
+    """Short rows as the (C, E) walk of the ``ln2d_*`` kernels (C = the row's values, contiguous;
+    E = the rows, ``L`` apart): blocks of ``BE`` rows by tiles of up to 256 values, so a program
+    holds whole rows in coalesced tiles where one program per row left most of its threads idle
+    (a row of 64 values to 128 threads, one scalar access each); 16 by 16 under ``_FORCE_CHUNK``."""
+    L, R = rows
+    if _FORCE_CHUNK is not None:
+        BCC = BE = 16
+    else:
+        BCC = min(next_power_of_2(L), 256)
+        BE = max(1, 2048 // BCC)
+        while BE > 1 and cdiv(R, BE) < _programs(device):
+            BE //= 2
+    return (L, R, 1, 1, L, 0), BCC, BE
+
+
 def _ln2d_forward(
-    x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]
-) -> tuple[Tensor, Tensor]:
+    x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int],
+    rows: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     _kernels = _kern()
     acc, tacc = _acc(x)
-    walk, BCC, BE = _ln2d_walk(p, x.device)
+    walk, BCC, BE = _rows_walk(rows, x.device) if rows is not None else _ln2d_walk(p, x.device)
     y = torch.empty_like(x)
     stats = torch.empty((core.STAT_ROWS, *stat_shape), dtype=acc, device=x.device)
     _kernels.ln2d_fwd_kernel[(cdiv(walk[1], BE),)](
@@ -289,11 +323,12 @@ def _ln2d_forward(
 
 
 def _ln2d_backward(
-    dy: Tensor, x: Tensor, w: Tensor | None, stats: Tensor, p: Plan, need_x: bool, need_p: bool
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    dy: Tensor, x: Tensor, w: Tensor | None, stats: Tensor, p: Plan, need_x: bool, need_p: bool,
+    rows: tuple[int, int] | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
     _kernels = _kern()
     acc, tacc = _acc(x)
-    walk, BCC, BE = _ln2d_walk(p, x.device)
+    walk, BCC, BE = _rows_walk(rows, x.device) if rows is not None else _ln2d_walk(p, x.device)
     C, E = walk[0], walk[1]
     nblocks = cdiv(E, BE)
     dx = torch.empty_like(x) if need_x else None
@@ -446,6 +481,9 @@ def forward(
         return _gcl_forward(x, w, b, p, eps, stat_shape)
     if p.mode == 4:
         return _ln2d_forward(x, w, b, p, eps, stat_shape)
+    rows = _rows(p, w is not None or b is not None)
+    if rows is not None:
+        return _ln2d_forward(x, w, b, p, eps, stat_shape, rows)
     _kernels = _kern()
 
     acc, tacc = _acc(x)
@@ -531,6 +569,9 @@ def backward(
         return (dx, sums[0], sums[1]) if sums is not None else (dx, None, None)
     if p.mode == 4:
         return _ln2d_backward(dy, x, w, stats, p, need_x, need_p)
+    rows = _rows(p, w is not None or need_p)  # (BATCH_NCHW's affine is per row: not this walk's)
+    if rows is not None:
+        return _ln2d_backward(dy, x, w, stats, p, need_x, need_p, rows)
     _kernels = _kern()
 
     acc, tacc = _acc(x)

@@ -388,6 +388,15 @@ def _gcl_walk(p: Plan, device: torch.device) -> _GclWalk:
     )
 
 
+def _gcl_launch(
+    p: Plan, device: torch.device
+) -> tuple[int, int, int, int, int, _GclWalk, int, tuple[int, int]]:
+    """``(N, C, S, G, Cg, walk, tot, grid)`` of a gcl launch: ``tot`` partials per buffer row (one
+    per sample, channel and chunk), ``grid`` one program per sample's channel block and chunk."""
+    t = _gcl_walk(p, device)
+    return p.N, p.C, p.S, p.G, p.C // p.G, t, p.N * p.C * t.nchunks, (p.N * t.nCB, t.nchunks)
+
+
 def _gcl_forward(
     x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int],
     pn: tuple[list[Tensor], int] | None = None,
@@ -397,11 +406,7 @@ def _gcl_forward(
     output). ``pn``: ``([m, rstd, slope], act code)`` of Proxy Norm's step after the affine."""
     _kernels = _kern()
     acc, tacc = _acc(x)
-    N, C, S, G = p.N, p.C, p.S, p.G
-    Cg = C // G
-    t = _gcl_walk(p, x.device)
-    tot = N * C * t.nchunks
-    grid = (N * t.nCB, t.nchunks)
+    N, C, S, G, Cg, t, tot, grid = _gcl_launch(p, x.device)
     y = torch.empty_like(x)
     stats = torch.empty((core.STAT_ROWS, *stat_shape), dtype=acc, device=x.device)
     hl = torch.empty((2, tot), dtype=acc, device=x.device)
@@ -433,11 +438,7 @@ def _gcl_backward(
     code)``, ``w`` the affine weight before the step) the step's ``sum dout``, ``sum dout * (z - m)``."""
     _kernels = _kern()
     acc, tacc = _acc(x)
-    N, C, S, G = p.N, p.C, p.S, p.G
-    Cg = C // G
-    t = _gcl_walk(p, x.device)
-    tot = N * C * t.nchunks
-    grid = (N * t.nCB, t.nchunks)
+    N, C, S, G, Cg, t, tot, grid = _gcl_launch(p, x.device)
     part = torch.empty((4 if pn is not None else 2, tot), dtype=acc, device=x.device)
     wt = w if w is not None else x
     bt, mu, r, sl = pn[0] if pn is not None else (x, x, x, x)
@@ -1163,7 +1164,7 @@ def bn_running_update(
         or (momentum is None and num_batches_tracked is None)
     ):
         return False
-    acc, tacc = _acc(running_mean)
+    tacc = _acc(running_mean)[1]
     _kern().bn_running_kernel[(1,)](
         mean,
         var,

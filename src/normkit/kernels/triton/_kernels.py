@@ -242,12 +242,7 @@ def norm_fwd_kernel(
                 r = tl.load(R + cbase + ci, mask=ci < NC, other=0.0).to(ACC)[:, None]
                 y = (_act_fwd(y, tl.load(SL).to(ACC), ACT) - mu) * r
             tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(ST + k, mid)
-    tl.store(ST + nsets + k, inv)
-    tl.store(ST + 2 * nsets + k, cm)
-    tl.store(ST + 3 * nsets + k, rstd)
-    tl.store(ST + 4 * nsets + k, var)
-    tl.store(ST + 5 * nsets + k, n)
+    _store_stats(ST, k, k < nsets, nsets, mid, inv, cm, rstd, var, n)
 
 
 @triton.jit
@@ -498,12 +493,7 @@ def split_apply_kernel(
             y = _affine(((x - mid) * inv - cm) * rstd, W, B, cbase + ci, ci < c_hi, HAS_W, HAS_B, ACC)
             tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
     if jc == 0:
-        tl.store(ST + k, mid)
-        tl.store(ST + nsets + k, inv)
-        tl.store(ST + 2 * nsets + k, cm)
-        tl.store(ST + 3 * nsets + k, rstd)
-        tl.store(ST + 4 * nsets + k, var)
-        tl.store(ST + 5 * nsets + k, n)
+        _store_stats(ST, k, k < nsets, nsets, mid, inv, cm, rstd, var, n)
 
 
 @triton.jit
@@ -1295,12 +1285,7 @@ def gcl_combine_kernel(
         m2 = tl.sum(q, axis=0)
     var = m2 / n
     rstd = _rstd(var, inv, eps)
-    tl.store(ST + k, mid)
-    tl.store(ST + nsets + k, inv)
-    tl.store(ST + 2 * nsets + k, cm)
-    tl.store(ST + 3 * nsets + k, rstd)
-    tl.store(ST + 4 * nsets + k, var)
-    tl.store(ST + 5 * nsets + k, n)
+    _store_stats(ST, k, k < nsets, nsets, mid, inv, cm, rstd, var, n)
 
 
 @triton.jit

@@ -823,14 +823,13 @@ def test_running_statistics_take_one_launch_on_the_route(
         rdtype = torch.float32
     rm0 = torch.randn(70, generator=g).to(rdtype)
     rv0 = (torch.rand(70, generator=g) + 0.5).to(rdtype)
-    rm, rv = rm0.clone(), rv0.clone()
-    n0 = torch.tensor(4) if nbt else None
-    s0 = torch.tensor(2) if skipped else None
-    n1 = None if n0 is None else n0.clone()
-    s1 = None if s0 is None else s0.clone()
+    rm, rv = rm0.clone().to(DEVICE), rv0.clone().to(DEVICE)
+    n1 = torch.tensor(4, device=DEVICE) if nbt else None
+    s1 = torch.tensor(2, device=DEVICE) if skipped else None
     with kernels.use("auto"):
-        y = _direct.batch_norm_train(x, None, None, rm, rv, n1, momentum, 1e-5, unbiased, s1)
+        y = _direct.batch_norm_train(x.to(DEVICE), None, None, rm, rv, n1, momentum, 1e-5, unbiased, s1)
     assert y is not None and launched == [(1,)], launched
+    y, rm, rv = y.cpu(), rm.cpu(), rv.cpu()
     xd = x.double()
     mean = xd.mean((0, 2, 3))
     var = xd.var((0, 2, 3), unbiased=unbiased)

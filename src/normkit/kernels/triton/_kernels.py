@@ -1,6 +1,8 @@
 """Triton kernels of ``normkit::norm``: one program per set, the set seen as a ``(NC, M)`` matrix
 (BatchNorm on rows of contiguous channels: blocks of channels, the ``bn_*`` kernels; LayerNorm2d on
-NCHW: blocks of positions, the ``ln2d_*`` kernels).
+NCHW, and short contiguous rows: blocks of positions or rows, the ``ln2d_*`` kernels; GroupNorm /
+InstanceNorm on channels-last: blocks of channels across groups, the ``gcl_*`` kernels; BatchNorm's
+running statistics: ``bn_running_kernel``).
 
 Every kernel pattern of :mod:`normkit.kernels._plan` (BN on NCHW / channels-last, GN / IN / LN over
 (C, H, W) on NCHW / channels-last, LN over a last dim, LayerNorm2d over C) is one parametrisation

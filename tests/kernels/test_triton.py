@@ -826,9 +826,11 @@ def test_running_statistics_take_one_launch_on_the_route(
     rm, rv = rm0.clone().to(DEVICE), rv0.clone().to(DEVICE)
     n1 = torch.tensor(4, device=DEVICE) if nbt else None
     s1 = torch.tensor(2, device=DEVICE) if skipped else None
+    versions = (rm._version, rv._version)
     with kernels.use("auto"):
         y = _direct.batch_norm_train(x.to(DEVICE), None, None, rm, rv, n1, momentum, 1e-5, unbiased, s1)
     assert y is not None and launched == [(1,)], launched
+    assert rm._version > versions[0] and rv._version > versions[1]  # (autograd sees the in-place writes)
     y, rm, rv = y.cpu(), rm.cpu(), rv.cpu()
     xd = x.double()
     mean = xd.mean((0, 2, 3))

@@ -359,7 +359,9 @@ class _GclWalk(NamedTuple):
     """GroupNorm on channels-last memory (``p.mode == 3``) as the ``gcl_*`` kernels walk it: per
     sample, ``nCB`` blocks of ``BCC`` contiguous channels (across groups) by ``nchunks`` chunks of
     ``CH`` positions, tiles of ``BE`` positions; ``BL`` partials per step of a set's combination,
-    ``(BC, BM)`` the tile of a set's own walk (the rare re-read of a set that is not plain)."""
+    ``(BC, BM)`` the tile of a set's own walk (the rare re-read of a set that is not plain); ``tot``
+    partials per buffer row (one per sample, channel and chunk), ``grid`` one program per sample's
+    channel block and chunk."""
 
     nCB: int
     BCC: int
@@ -369,6 +371,8 @@ class _GclWalk(NamedTuple):
     BL: int
     BC: int
     BM: int
+    tot: int
+    grid: tuple[int, int]
 
 
 def _gcl_walk(p: Plan, device: torch.device) -> _GclWalk:
@@ -376,8 +380,9 @@ def _gcl_walk(p: Plan, device: torch.device) -> _GclWalk:
     BCC = min(next_power_of_2(C), 64)
     nchunks, ch, BE = _ce_chunks(C, S, BCC, max(1, min(next_power_of_2(S), 2048 // BCC)), device, p.N)
     BC = min(next_power_of_2(Cg), 64)
+    nCB = cdiv(C, BCC)
     return _GclWalk(
-        cdiv(C, BCC),
+        nCB,
         BCC,
         BE,
         nchunks,
@@ -385,16 +390,9 @@ def _gcl_walk(p: Plan, device: torch.device) -> _GclWalk:
         min(next_power_of_2(Cg * nchunks), 1024),
         BC,
         max(1, min(next_power_of_2(S), 1024 // BC)),
+        p.N * C * nchunks,
+        (p.N * nCB, nchunks),
     )
-
-
-def _gcl_launch(
-    p: Plan, device: torch.device
-) -> tuple[int, int, int, int, int, _GclWalk, int, tuple[int, int]]:
-    """``(N, C, S, G, Cg, walk, tot, grid)`` of a gcl launch: ``tot`` partials per buffer row (one
-    per sample, channel and chunk), ``grid`` one program per sample's channel block and chunk."""
-    t = _gcl_walk(p, device)
-    return p.N, p.C, p.S, p.G, p.C // p.G, t, p.N * p.C * t.nchunks, (p.N * t.nCB, t.nchunks)
 
 
 def _gcl_forward(
@@ -406,7 +404,9 @@ def _gcl_forward(
     output). ``pn``: ``([m, rstd, slope], act code)`` of Proxy Norm's step after the affine."""
     _kernels = _kern()
     acc, tacc = _acc(x)
-    N, C, S, G, Cg, t, tot, grid = _gcl_launch(p, x.device)
+    N, C, S, G, Cg = p.N, p.C, p.S, p.G, p.C // p.G
+    t = _gcl_walk(p, x.device)
+    tot, grid = t.tot, t.grid
     y = torch.empty_like(x)
     stats = torch.empty((core.STAT_ROWS, *stat_shape), dtype=acc, device=x.device)
     hl = torch.empty((2, tot), dtype=acc, device=x.device)
@@ -438,7 +438,9 @@ def _gcl_backward(
     code)``, ``w`` the affine weight before the step) the step's ``sum dout``, ``sum dout * (z - m)``."""
     _kernels = _kern()
     acc, tacc = _acc(x)
-    N, C, S, G, Cg, t, tot, grid = _gcl_launch(p, x.device)
+    N, C, S, G, Cg = p.N, p.C, p.S, p.G, p.C // p.G
+    t = _gcl_walk(p, x.device)
+    tot, grid = t.tot, t.grid
     part = torch.empty((4 if pn is not None else 2, tot), dtype=acc, device=x.device)
     wt = w if w is not None else x
     bt, mu, r, sl = pn[0] if pn is not None else (x, x, x, x)
@@ -1181,4 +1183,6 @@ def bn_running_update(
         ACC=tacc,
         BLOCK=min(next_power_of_2(C), 1024),
     )
+    # (written in place by the kernel: autograd's record of in-place changes, as copy_ would leave)
+    torch.autograd.graph.increment_version([running_mean, running_var, *counters])
     return True

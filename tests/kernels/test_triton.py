@@ -466,6 +466,33 @@ def test_huge_and_constant_inputs_stay_finite():
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize(
+    ("name", "shape", "layout", "chunks"),
+    [
+        ("gn1", (1, 1, 256, 256), "nchw", None),  # the per-set walk
+        ("gn1", (1, 1, 256, 256), "nchw", 4096),  # the split reduction
+        ("gn1", (1, 4, 128, 128), "cl", None),  # GroupNorm channels-last, blocks across groups
+        ("bn", (65536, 2), "nchw", None),  # BatchNorm's rows of channels
+    ],
+)
+def test_the_plain_range_counts_the_set_size(name, shape, layout, chunks, monkeypatch):
+    # 2^16 values in [-2^58, 2^58]: each deviation's square fits float32 (the range is under the
+    # plain bound of 2^59) but their sum, 2^16 * 2^114, does not. The plain statistics would give an
+    # infinite variance (every output the bias): the size-aware bound takes the scaled statistics.
+    from normkit.kernels import triton as nkt
+
+    if chunks:
+        monkeypatch.setattr(nkt, "_FORCE_CHUNK", chunks)
+    g = torch.Generator().manual_seed(71)
+    x = (torch.rand(shape, generator=g, dtype=F64) * 2 - 1) * 2.0**58
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    fn, ref = OPS[name]
+    with kernels.use("triton"):
+        y = fn(x.float().to(DEVICE), None, None).cpu()
+    _close(y, ref(x.float().double(), None, None), 1e-4)
+
+
 def test_statistics_interoperate_with_the_reference_backward():
     # the kernels save the reference's six statistic rows: the reference's backward accepts them
     from normkit.ops import core

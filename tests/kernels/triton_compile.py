@@ -213,6 +213,64 @@ def _resources(cubin: bytes) -> tuple[int, int] | None:
     return (int(reg.group(1)), int(local.group(1))) if reg and local else None
 
 
+def _sass(cubin: bytes) -> str:
+    """The cubin's SASS (the GPU's own instructions) from Triton's cuobjdump, or "" without it."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+
+
+def _inner_loops(sass: str) -> list[tuple[int, int]]:
+    """``(instructions, barriers)`` of each innermost loop of a kernel's SASS: the bodies between a
+    backward branch and its target that hold no other such loop. These are the per-tile steps that
+    stream the tensor; a barrier there (a shared-memory round trip, e.g. a layout conversion or a
+    reduction across warps) stalls every step."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    spans = []
+    for at, ins in code:
+        t = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
+        if t and int(t.group(1), 16) < at:
+            spans.append((int(t.group(1), 16), at))
+    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    return [
+        (len(body), sum("BAR.SYNC" in i for i in body))
+        for lo, hi in inner
+        for body in [[i for at, i in code if lo <= at <= hi]]
+    ]
+
+
+def _tile_per_thread(k: Any) -> int | None:
+    """Values of a kernel's tile per thread (its ``BC`` x ``BM`` or ``BCC`` x ``BE`` constexprs over
+    its threads), or ``None`` for a kernel without such a tile."""
+    try:
+        names = k.src.fn.arg_names
+        consts = {names[key[0] if isinstance(key, tuple) else key]: v for key, v in k.src.constants.items()}
+    except Exception:  # (another Triton's layout of the compiled kernel's source)
+        return None
+    tile = [consts[n] for n in ("BC", "BM", "BCC", "BE") if isinstance(consts.get(n), int)]
+    if len(tile) != 2:
+        return None
+    return max(1, tile[0] * tile[1] // (32 * k.metadata.num_warps))
+
+
+# the kernels that stream the tensor for statistics or sums: none may hold a barrier in a loop step
+# (measured before: the Welford count in its own layout cost four per step in the per-set walk)
+NO_BARRIER = (
+    "bn_bwd_sums_kernel", "bn_moments_kernel", "bn_stats_kernel", "gcl_bwd_sums_kernel",
+    "gcl_stats_kernel", "ln2d_fwd_kernel", "split_moments_kernel", "split_stats_kernel",
+)  # fmt: skip
+
+
 def _resident_warps(regs: int, num_warps: int) -> int:
     """Warps one SM of a Hopper GPU holds for a kernel with ``regs`` registers per thread, as the
     register file allows (65536 per SM, allocated 256 per warp; at most 64 warps): a bandwidth-bound
@@ -238,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             ["relu", torch.nn.LeakyReLU(0.2), "silu", "gelu", "gelu_tanh", "sigmoid", "tanh", "identity"],
         )
     print(f"triton {triton.__version__}, target sm_{a.arch}: {time.perf_counter() - t0:.0f} s")
-    spills = []
+    spills, barriers = [], []
     for name in sorted(COMPILED):
         vec, tot = map(sum, zip(*(_loads(k.asm["ptx"]) for k in COMPILED[name])))
         res = [(r, k.metadata.num_warps) for k in COMPILED[name] if (r := _resources(k.asm["cubin"]))]
@@ -249,9 +307,24 @@ def main(argv: list[str] | None = None) -> int:
             use = f", registers {min(regs)}-{max(regs)} (>= {warps} warps / SM), spilled {local} B"
             if local:
                 spills.append(name)
+        per_value, with_bar = [], 0
+        for k in COMPILED[name]:
+            loops = _inner_loops(_sass(k.asm["cubin"]))
+            with_bar += any(b for _, b in loops)
+            per = _tile_per_thread(k)
+            if per and loops:
+                per_value.append(max(n for n, _ in loops) / per)
+        if per_value:
+            use += f", loop steps <= {max(per_value):.1f} instructions / value"
+        if with_bar:
+            use += f", barriers in loop steps of {with_bar} variants"
+            if name in NO_BARRIER:
+                barriers.append(name)
         print(f"  {name:28s} {len(COMPILED[name]):3d} variants, vector loads {vec}/{tot}{use}")
     for name in spills:  # a spill is local-memory traffic inside a bandwidth-bound loop
         print("SPILLS", name)
+    for name in barriers:
+        print("BARRIER IN LOOP", name)
     for f in FAILURES:
         print("FAILED", f)
     missing = sorted(
@@ -259,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # every kernel the module defines was launched at least once
     for n in missing:
         print("NOT LAUNCHED", n)
-    return 1 if FAILURES or missing or spills else 0
+    return 1 if FAILURES or missing or spills or barriers else 0
 
 
 if __name__ == "__main__":

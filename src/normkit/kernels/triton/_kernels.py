@@ -82,32 +82,35 @@ def _saved(ST, k, nsets, ACC: tl.constexpr):
 
 
 @triton.jit
-def _welford(cnt, mean, m2, v, mask):
-    """One Welford update of every tile lane with its value ``v`` (lanes outside ``mask`` unchanged)."""
-    cnt += tl.where(mask, 1.0, 0.0)
-    d = tl.where(mask, v - mean, 0.0)
-    mean += d / tl.maximum(cnt, 1.0)
-    m2 += d * tl.where(mask, v - mean, 0.0)
-    return cnt, mean, m2
-
-
-@triton.jit
 def _range_state(ACC: tl.constexpr, R: tl.constexpr, K: tl.constexpr):
-    """Empty per-lane state of a one-read range-and-moments pass: (max, min, count, mean, M2)."""
+    """Empty per-lane state of a one-read range-and-moments pass: (max, min, mean, M2)."""
     hi = tl.full([R, K], float("-inf"), ACC)
     lo = tl.full([R, K], float("inf"), ACC)
-    return hi, lo, tl.zeros([R, K], ACC), tl.zeros([R, K], ACC), tl.zeros([R, K], ACC)
+    return hi, lo, tl.zeros([R, K], ACC), tl.zeros([R, K], ACC)
 
 
 @triton.jit
-def _range_step(hi, lo, cnt, mean, m2, x, v, mask):
-    """One tile of that pass: the lanes' max / min of ``x`` and Welford's update with ``v``. A NaN
-    counts as +inf in the max (Triton's max drops NaN, and the clamp to the plain bound would turn it
-    into a number): its set is not plain, and its scaled statistics come out NaN, as every backend's."""
-    hi = tl.maximum(hi, tl.where(mask, tl.where(x == x, x, float("inf")), float("-inf")))
-    lo = tl.minimum(lo, tl.where(mask, x, float("inf")))
-    cnt, mean, m2 = _welford(cnt, mean, m2, v, mask)
-    return hi, lo, cnt, mean, m2
+def _range_step(hi, lo, mean, m2, x, x0, mask, rc):
+    """One tile of that pass: the lanes' max / min of ``x`` and Welford's update with ``x - x0``
+    (``rc``: 1 / each lane's count after it). Lanes outside the walk must hold ``x0`` (load them with
+    ``other=x0``): they leave the max and min as they are, and the mask keeps them out of the moments.
+    No clamp: a set whose deviations or squares could leave the float range is not plain
+    (:func:`_plain`) and its moments are discarded. A NaN is dropped by the max and min but not by
+    the moments: its set comes out NaN, as on every backend."""
+    hi = tl.maximum(hi, x)
+    lo = tl.minimum(lo, x)
+    mean, m2 = _welford_at(mean, m2, x - x0, mask, rc)
+    return hi, lo, mean, m2
+
+
+@triton.jit
+def _run_counts(lo, hi, B: tl.constexpr):
+    """Per lane index of a walk over ``[lo, hi)`` in steps of ``B``: how many steps reach it (the
+    walk's lanes all see a value at every step but the ragged last). A lane's count after step ``t``
+    is then ``t + 1``: the same for every lane the step reaches, one reciprocal per step."""
+    j = tl.arange(0, B)
+    ns = (hi - lo + (B - 1)) // B
+    return tl.where(j < hi - lo - (ns - 1) * B, ns, ns - 1)
 
 
 @triton.jit
@@ -121,26 +124,72 @@ def _lanes0(cnt, mean, m2):
 
 
 @triton.jit
+def _walk_counts(c_lo, c_hi, lo_m, hi_m, BC: tl.constexpr, BM: tl.constexpr):
+    """The lane counts of a tile walk over channels ``[c_lo, c_hi)`` x positions ``[lo_m, hi_m)``,
+    known from the bounds: ``(nm, full, cnt)``, the steps of one pass over the positions, which
+    columns the last (ragged) step reaches, and each lane's count of values in all. A lane's count
+    after a step is one of two numbers, the same for the whole tile (:func:`_step_rc`). (A count
+    carried through the loop took a layout of its own and a shared-memory round trip with barriers
+    every step, and a division per value: read from the compiled code.)"""
+    j = tl.arange(0, BM)
+    r = tl.arange(0, BC)
+    nm = (hi_m - lo_m + (BM - 1)) // BM
+    full = j < hi_m - lo_m - (nm - 1) * BM
+    passes = (tl.maximum(c_hi - c_lo - r, 0) + (BC - 1)) // BC
+    return nm, full, passes[:, None] * tl.where(full, nm, nm - 1)[None, :]
+
+
+@triton.jit
+def _step_rc(c0, c_lo, m0, lo_m, nm, full, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr):
+    """``1 / count`` of every column of the tile after the step at ``(c0, m0)``: a column the ragged
+    last step reaches has seen ``nm`` values per pass of the blocks of channels before, the others
+    ``nm - 1``; two reciprocals per step, not one per value."""
+    ic = (c0 - c_lo) // BC
+    im = (m0 - lo_m) // BM + 1
+    r_full = 1.0 / tl.cast(ic * nm + im, ACC)
+    r_short = 1.0 / tl.cast(tl.maximum(ic * (nm - 1) + im, 1), ACC)
+    return tl.where(full, r_full, r_short)[None, :]
+
+
+@triton.jit
+def _welford_at(mean, m2, v, mask, rc):
+    """Welford's update of every tile lane with its value ``v``, ``rc`` the reciprocal of each lane's
+    count after it (lanes outside ``mask`` unchanged: ``d`` is 0 there, so M2's product is too)."""
+    d = tl.where(mask, v - mean, 0.0)
+    mean += d * rc
+    m2 += d * (v - mean)
+    return mean, m2
+
+
+@triton.jit
+def _chan(cnt, mean, m2):
+    """``(count, mean, M2)`` of a whole tile from its lanes' Welford states (Chan et al.: every term
+    non-negative, no cancellation)."""
+    n = tl.sum(tl.sum(cnt, axis=1), axis=0)
+    mb = tl.sum(tl.sum(cnt * mean, axis=1), axis=0) / n
+    dm = mean - mb
+    return n, mb, tl.sum(tl.sum(m2 + cnt * dm * dm, axis=1), axis=0)
+
+
+@triton.jit
 def _moments(
     X, k, c_lo, c_hi, lo_m, hi_m, D1, B1, B2, s_c, s_m1, s_m2, M2, mid, inv,
     ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
 ):  # fmt: skip
     """``(count, mean, M2)`` of the scaled values ``(x - mid) * inv`` over channels ``[c_lo, c_hi)`` x
     positions ``[lo_m, hi_m)`` of set ``k``, in one read: each lane of the tile keeps Welford's running
-    (count, mean, M2) of the values it sees, and Chan et al.'s formula combines the lanes (every term
-    non-negative: no cancellation). This replaced a mean pass and a centred second-moment pass."""
-    cnt = tl.zeros([BC, BM], ACC)
+    mean and M2 of the values it sees (its count known from the walk), and Chan et al.'s formula
+    combines the lanes. This replaced a mean pass and a centred second-moment pass."""
     mean = tl.zeros([BC, BM], ACC)
     m2 = tl.zeros([BC, BM], ACC)
+    nm, full, cnt = _walk_counts(c_lo, c_hi, lo_m, hi_m, BC, BM)
     for c0 in range(c_lo, c_hi, BC):
         for m0 in range(lo_m, hi_m, BM):
             _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
             v = (tl.load(X + off, mask=mask, other=0.0).to(ACC) - mid) * inv
-            cnt, mean, m2 = _welford(cnt, mean, m2, v, mask)
-    n = tl.sum(tl.sum(cnt, axis=1), axis=0)
-    mb = tl.sum(tl.sum(cnt * mean, axis=1), axis=0) / n
-    dm = mean - mb
-    return n, mb, tl.sum(tl.sum(m2 + cnt * dm * dm, axis=1), axis=0)
+            rc = _step_rc(c0, c_lo, m0, lo_m, nm, full, ACC, BC, BM)
+            mean, m2 = _welford_at(mean, m2, v, mask, rc)
+    return _chan(cnt.to(ACC), mean, m2)
 
 
 @triton.jit
@@ -158,31 +207,32 @@ def _moments_range(
     set ``k`` in one read: the range of x, and the mean and centred
     second moment of ``x - x0`` (Welford per tile lane, Chan's combination of the lanes, as
     :func:`_moments`). Deviations are clamped to :func:`_plain`'s bound, so no square overflows;
-    a set where the clamp bites is not plain, and its moments are discarded."""
-    lim = tl.exp2(x0 * 0.0 + exp_bound * 0.47)
-    hi, lo, cnt, mean, m2 = _range_state(ACC, BC, BM)
+    no clamp is needed: a set whose deviations or squares could leave the float range is not plain
+    (:func:`_plain`), and its moments are discarded. A NaN is dropped by the max and min but not by
+    the moments: its set comes out NaN, as on every backend. Lanes outside the walk read x0, which
+    leaves the max and min as they are (the moments skip them by the mask)."""
+    hi, lo, mean, m2 = _range_state(ACC, BC, BM)
+    nm, full, cnt = _walk_counts(c_lo, c_hi, lo_m, hi_m, BC, BM)
     for c0 in range(c_lo, c_hi, BC):
         for m0 in range(lo_m, hi_m, BM):
             _, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
-            x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-            v = tl.minimum(tl.maximum(x - x0, -lim), lim)
-            hi, lo, cnt, mean, m2 = _range_step(hi, lo, cnt, mean, m2, x, v, mask)
-    n = tl.sum(tl.sum(cnt, axis=1), axis=0)
-    mb = tl.sum(tl.sum(cnt * mean, axis=1), axis=0) / n
-    dm = mean - mb
-    m2 = tl.sum(tl.sum(m2 + cnt * dm * dm, axis=1), axis=0)
+            x = tl.load(X + off, mask=mask, other=x0).to(ACC)
+            rc = _step_rc(c0, c_lo, m0, lo_m, nm, full, ACC, BC, BM)
+            hi, lo, mean, m2 = _range_step(hi, lo, mean, m2, x, x0, mask, rc)
+    n, mb, m2 = _chan(cnt.to(ACC), mean, m2)
     return tl.max(tl.max(hi, axis=1), axis=0), tl.min(tl.min(lo, axis=1), axis=0), n, mb, m2
 
 
 @triton.jit
-def _plain(h, lw, exp_bound):
-    """Whether a set with max ``h`` and min ``lw`` takes its moments unscaled: a range within
-    [2^-0.32 b, 2^0.47 b] (b = 126 for float32: 2^-40 .. 2^59; 1022 for float64), or constant, so no
-    deviation or its square leaves the float range and none underflows where eps would not dominate.
-    False for a non-finite range (inf, NaN), which takes the scaled path."""
+def _plain(h, lw, exp_bound, n):
+    """Whether a set of ``n`` values with max ``h`` and min ``lw`` takes its moments unscaled: a range
+    r with n r^2 <= 2^0.94b (b = 126 for float32; 1022 for float64: so r <= 2^59 in float32) and
+    r >= 2^-0.32b (2^-40), or constant, so no deviation, square or sum of squares leaves the float
+    range and none underflows where eps would not dominate. False for a non-finite range (inf, NaN),
+    which takes the scaled path."""
     r = h - lw
     b = r * 0.0 + exp_bound  # in the set's dtype (2^480 is beyond float32)
-    return (r <= tl.exp2(b * 0.47)) & ((r >= tl.exp2(b * -0.32)) | (r == 0.0))
+    return (r * r * n <= tl.exp2(b * 0.94)) & ((r >= tl.exp2(b * -0.32)) | (r == 0.0))
 
 
 @triton.jit
@@ -224,7 +274,7 @@ def norm_fwd_kernel(
     h, lw, _, cm, m2 = _moments_range(
         X, k, 0, NC, 0, M, D1, B1, B2, s_c, s_m1, s_m2, M2, x0, exp_bound, ACC, BC, BM
     )
-    if _plain(h, lw, exp_bound):
+    if _plain(h, lw, exp_bound, n):
         mid = x0
         inv = x0 * 0.0 + 1.0
     else:  # 2. rare: values or deviations beyond float range -> normkit's scaled statistics, one more read
@@ -245,19 +295,6 @@ def norm_fwd_kernel(
                 y = (_act_fwd(y, tl.load(SL).to(ACC), ACT) - mu) * r
             tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
     _store_stats(ST, k, k < nsets, nsets, mid, inv, cm, rstd, var, n)
-
-
-@triton.jit
-def _pn_grad(dout, xh, ci, cbase, NC, W, B, MU, R, slope, ACC: tl.constexpr, ACT: tl.constexpr):
-    """Proxy Norm's step backward to its affine output: ``(da, z - m)``; ``dout`` the step's gradient."""
-    cm = ci < NC
-    w = tl.load(W + cbase + ci, mask=cm, other=0.0).to(ACC)[:, None]
-    b = tl.load(B + cbase + ci, mask=cm, other=0.0).to(ACC)[:, None]
-    r = tl.load(R + cbase + ci, mask=cm, other=0.0).to(ACC)[:, None]
-    mu = tl.load(MU + cbase + ci, mask=cm, other=0.0).to(ACC)[:, None]
-    a = w * xh + b
-    z = _act_fwd(a, slope, ACT)
-    return dout * r * _act_grad(a, z, slope, ACT), z - mu
 
 
 @triton.jit
@@ -301,54 +338,69 @@ def norm_bwd_kernel(
     n = (NC * M).to(ACC)
     shift, inv, cm, rstd = _saved(ST, k, nsets, ACC)
     cbase = (k % D1) * CK
-    # 1. the set's sums of g = w * dy and g * x_hat; each channel's sums of dy * x_hat and dy
-    a1 = tl.zeros([BC, BM], ACC)
-    a2 = tl.zeros([BC, BM], ACC)
+    # 1. each channel's sums of dy * x_hat and dy, elementwise over the tile and reduced once per block
+    # of channels (a reduction across the tile inside the loop costs a barrier per step); the set's
+    # sums of g = w * dy and g * x_hat follow from them, weighted by each channel's w
+    a1 = tl.zeros([BC], ACC)
+    a2 = tl.zeros([BC], ACC)
     slope = 0.0
     if PN:
         slope = tl.load(SL).to(ACC)
     for c0 in range(0, NC, BC):
-        pw = tl.zeros([BC], ACC)
-        pb = tl.zeros([BC], ACC)
-        pg = tl.zeros([BC], ACC)
-        pz = tl.zeros([BC], ACC)
+        cv = c0 + tl.arange(0, BC)
+        s_w = tl.zeros([BC, BM], ACC)
+        s_b = tl.zeros([BC, BM], ACC)
+        if PN:
+            pw_, pb_, pmu, pr = _pn_vectors(W + cbase, B + cbase, MU + cbase, R + cbase, cv, cv < NC, ACC)
+            s_g = tl.zeros([BC, BM], ACC)
+            s_z = tl.zeros([BC, BM], ACC)
         for m0 in range(0, M, BM):
             ci, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC, BM)
             x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
             dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
             xh = tl.where(mask, ((x - shift) * inv - cm) * rstd, 0.0)
             if PN:
-                pg += tl.sum(dy, axis=1)
-                da, zm = _pn_grad(dy, xh, ci, cbase, NC, W, B, MU, R, slope, ACC, ACT)
-                pz += tl.sum(tl.where(mask, dy * zm, 0.0), axis=1)
-                dy = tl.where(mask, da, 0.0)
-            g = _affine(dy, W, W, cbase + ci, ci < NC, HAS_W, False, ACC)
-            a1 += g
-            a2 += g * xh
-            pw += tl.sum(dy * xh, axis=1)
-            pb += tl.sum(dy, axis=1)
+                a = pw_ * xh + pb_
+                z = _act_fwd(a, slope, ACT)
+                s_g += dy
+                s_z += tl.where(mask, dy * (z - pmu), 0.0)
+                dy = tl.where(mask, dy * pr * _act_grad(a, z, slope, ACT), 0.0)
+            s_w += dy * xh
+            s_b += dy
+        pw = tl.sum(s_w, axis=1)
+        pb = tl.sum(s_b, axis=1)
+        wv = tl.full([BC], 1.0, ACC)
+        if HAS_W:
+            wv = tl.load(W + cbase + cv, mask=cv < NC, other=0.0).to(ACC)
+        a1 += wv * pb
+        a2 += wv * pw
         if NEED_P:
-            ci = c0 + tl.arange(0, BC)
-            tl.store(PW + k.to(tl.int64) * NC + ci, pw, mask=ci < NC)
-            tl.store(PB + k.to(tl.int64) * NC + ci, pb, mask=ci < NC)
+            tl.store(PW + k.to(tl.int64) * NC + cv, pw, mask=cv < NC)
+            tl.store(PB + k.to(tl.int64) * NC + cv, pb, mask=cv < NC)
             if PN:
-                tl.store(PG + k.to(tl.int64) * NC + ci, pg, mask=ci < NC)
-                tl.store(PZ + k.to(tl.int64) * NC + ci, pz, mask=ci < NC)
+                tl.store(PG + k.to(tl.int64) * NC + cv, tl.sum(s_g, axis=1), mask=cv < NC)
+                tl.store(PZ + k.to(tl.int64) * NC + cv, tl.sum(s_z, axis=1), mask=cv < NC)
     if NEED_DX:
-        mg = tl.sum(tl.sum(a1, axis=1), axis=0) / n
-        mgx = tl.sum(tl.sum(a2, axis=1), axis=0) / n
+        mg = tl.sum(a1, axis=0) / n
+        mgx = tl.sum(a2, axis=0) / n
         rt = rstd * inv  # the true 1 / sqrt(var + eps)
         # 2. dx = rt * (g - mean(g) - x_hat * mean(g * x_hat))
         for c0 in range(0, NC, BC):
+            cv = c0 + tl.arange(0, BC)
+            wt = tl.full([BC, 1], 1.0, ACC)
+            if HAS_W:
+                wt = tl.load(W + cbase + cv, mask=cv < NC, other=1.0).to(ACC)[:, None]
+            if PN:
+                pw_, pb_, pmu, pr = _pn_vectors(W + cbase, B + cbase, MU + cbase, R + cbase, cv, cv < NC, ACC)
             for m0 in range(0, M, BM):
                 ci, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC, BM)
                 x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
                 dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
                 xh = ((x - shift) * inv - cm) * rstd
                 if PN:
-                    dy, _ = _pn_grad(dy, xh, ci, cbase, NC, W, B, MU, R, slope, ACC, ACT)
-                g = _affine(dy, W, W, cbase + ci, ci < NC, HAS_W, False, ACC)
-                dx = rt * (g - mg - xh * mgx)
+                    a = pw_ * xh + pb_
+                    dy = dy * pr * _act_grad(a, _act_fwd(a, slope, ACT), slope, ACT)
+                dx = rt * (wt * dy - mg - xh * mgx)
                 tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -423,7 +475,7 @@ def split_moments_kernel(
     k = tl.program_id(0)
     jc = tl.program_id(1)
     h, lw = _set_range(HL, k, nsets, nchunks, BJ)
-    if _plain(h, lw, exp_bound).to(tl.int32) == 0:
+    if _plain(h, lw, exp_bound, NC * M).to(tl.int32) == 0:
         c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
         mid, inv = _shift_scale(h, lw, exp_bound)
         cnt, mb, m2 = _moments(
@@ -473,7 +525,7 @@ def split_apply_kernel(
     h, lw = _set_range(HL, k, nsets, nchunks, BJ)
     mid = _first(X, k, D1, B1, B2, ACC)
     inv = mid * 0.0 + 1.0
-    if _plain(h, lw, exp_bound).to(tl.int32) == 0:
+    if _plain(h, lw, exp_bound, NC * M).to(tl.int32) == 0:
         mid, inv = _shift_scale(h, lw, exp_bound)
     # Chan et al.'s combination of the chunks' (count, mean, M2)
     j = tl.arange(0, BJ)
@@ -532,29 +584,33 @@ def split_bwd_sums_kernel(
     c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
     shift, inv, cm, rstd = _saved(ST, k, nsets, ACC)
     cbase = (k % D1) * CK
-    a1 = tl.zeros([BC, BM], ACC)
-    a2 = tl.zeros([BC, BM], ACC)
+    a1 = tl.zeros([BC], ACC)  # (as norm_bwd_kernel: elementwise sums, reduced once per block)
+    a2 = tl.zeros([BC], ACC)
     for c0 in range(c_lo, c_hi, BC):
-        pw = tl.zeros([BC], ACC)
-        pb = tl.zeros([BC], ACC)
+        s_w = tl.zeros([BC, BM], ACC)
+        s_b = tl.zeros([BC, BM], ACC)
         for m0 in range(lo_m, hi_m, BM):
             ci, off, mask = _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, c_hi, hi_m, BC, BM)
             x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
             dy = tl.load(DY + off, mask=mask, other=0.0).to(ACC)
             xh = tl.where(mask, ((x - shift) * inv - cm) * rstd, 0.0)
-            g = _affine(dy, W, W, cbase + ci, ci < c_hi, HAS_W, False, ACC)
-            a1 += g
-            a2 += g * xh
-            pw += tl.sum(dy * xh, axis=1)
-            pb += tl.sum(dy, axis=1)
+            s_w += dy * xh
+            s_b += dy
+        cv = c0 + tl.arange(0, BC)
+        pw = tl.sum(s_w, axis=1)
+        pb = tl.sum(s_b, axis=1)
+        wv = tl.full([BC], 1.0, ACC)
+        if HAS_W:
+            wv = tl.load(W + cbase + cv, mask=cv < c_hi, other=0.0).to(ACC)
+        a1 += wv * pb
+        a2 += wv * pw
         if NEED_P:
-            ci = c0 + tl.arange(0, BC)
-            prow = (k.to(tl.int64) * nchunks + jc) * NC + ci
-            tl.store(PW + prow, pw, mask=ci < c_hi)
-            tl.store(PB + prow, pb, mask=ci < c_hi)
+            prow = (k.to(tl.int64) * nchunks + jc) * NC + cv
+            tl.store(PW + prow, pw, mask=cv < c_hi)
+            tl.store(PB + prow, pb, mask=cv < c_hi)
     row = k.to(tl.int64) * nchunks + jc
-    tl.store(PA + row, tl.sum(tl.sum(a1, axis=1), axis=0))
-    tl.store(PA + nsets * nchunks + row, tl.sum(tl.sum(a2, axis=1), axis=0))
+    tl.store(PA + row, tl.sum(a1, axis=0))
+    tl.store(PA + nsets * nchunks + row, tl.sum(a2, axis=0))
 
 
 @triton.jit
@@ -662,11 +718,11 @@ def _bn_range(HL, ci, cm, C, nchunks, ACC: tl.constexpr, BCC: tl.constexpr, BJ: 
 
 
 @triton.jit
-def _bn_all_plain(h, lw, exp_bound):
+def _bn_all_plain(h, lw, exp_bound, n):
     """Whether every channel of the block is plain: then the block keeps the one-read moments of
     x - x0, else all its channels take the scaled statistics (the moments and apply kernels decide
     alike, per block)."""
-    return tl.min(_plain(h, lw, exp_bound).to(tl.int32), axis=0)  # 1: all plain
+    return tl.min(_plain(h, lw, exp_bound, n).to(tl.int32), axis=0)  # 1: all plain
 
 
 @triton.jit
@@ -727,14 +783,14 @@ def bn_stats_kernel(
     """Per block of channels and chunk, one read: max / min, and the count, mean and M2 of x - x0
     (x0 each channel's first value), as split_stats_kernel."""
     c0, jc, ci, cm, e_lo, e_hi = _bn_chunk(C, E, CH, BCC)
-    x0 = tl.load(X + ci.to(tl.int64) * s_c, mask=cm, other=0.0).to(ACC)
-    lim = tl.exp2(x0 * 0.0 + exp_bound * 0.47)[:, None]  # (see _moments_range)
-    hi, lo, cnt, mean, m2 = _range_state(ACC, BCC, BE)
+    x0 = tl.load(X + ci.to(tl.int64) * s_c, mask=cm, other=0.0).to(ACC)[:, None]
+    hi, lo, mean, m2 = _range_state(ACC, BCC, BE)
     for e0 in range(e_lo, e_hi, BE):
         _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
-        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-        v = tl.minimum(tl.maximum(x - x0[:, None], -lim), lim)
-        hi, lo, cnt, mean, m2 = _range_step(hi, lo, cnt, mean, m2, x, v, mask)
+        x = tl.load(X + off, mask=mask, other=x0).to(ACC)
+        rc = 1.0 / tl.cast((e0 - e_lo) // BE + 1, ACC)
+        hi, lo, mean, m2 = _range_step(hi, lo, mean, m2, x, x0, mask, rc)
+    cnt = tl.where(cm[:, None], _run_counts(e_lo, e_hi, BE)[None, :], 0).to(ACC)
     n, mb, q = _lanes1(cnt, mean, m2)
     row = ci.to(tl.int64) * nchunks + jc
     tl.store(HL + row, tl.max(hi, axis=1), mask=cm)
@@ -753,15 +809,15 @@ def bn_moments_kernel(
     each chunk's moments of the scaled values, over bn_stats_kernel's."""
     c0, jc, ci, cm, e_lo, e_hi = _bn_chunk(C, E, CH, BCC)
     h, lw = _bn_range(HL, ci, cm, C, nchunks, ACC, BCC, BJ)
-    if _bn_all_plain(h, lw, exp_bound) == 0:
+    if _bn_all_plain(h, lw, exp_bound, E) == 0:
         mid, inv = _shift_scale(h, lw, exp_bound)
-        cnt = tl.zeros([BCC, BE], ACC)
         mean = tl.zeros([BCC, BE], ACC)
         m2 = tl.zeros([BCC, BE], ACC)
         for e0 in range(e_lo, e_hi, BE):  # Welford per lane, as _moments
             _, off, mask = _ce_offsets(c0, e0, e_hi, C, E2, s_c, s_e1, s_e2, BCC, BE)
             v = (tl.load(X + off, mask=mask, other=0.0).to(ACC) - mid[:, None]) * inv[:, None]
-            cnt, mean, m2 = _welford(cnt, mean, m2, v, mask)
+            mean, m2 = _welford_at(mean, m2, v, mask, 1.0 / tl.cast((e0 - e_lo) // BE + 1, ACC))
+        cnt = tl.where(cm[:, None], _run_counts(e_lo, e_hi, BE)[None, :], 0).to(ACC)
         n, mb, q = _lanes1(cnt, mean, m2)
         row = ci.to(tl.int64) * nchunks + jc
         tl.store(PM + row, n, mask=cm)
@@ -779,7 +835,7 @@ def bn_apply_kernel(
     h, lw = _bn_range(HL, ci, cm, C, nchunks, ACC, BCC, BJ)
     mid = tl.load(X + ci.to(tl.int64) * s_c, mask=cm, other=0.0).to(ACC)
     inv = mid * 0.0 + 1.0
-    if _bn_all_plain(h, lw, exp_bound) == 0:
+    if _bn_all_plain(h, lw, exp_bound, E) == 0:
         mid, inv = _shift_scale(h, lw, exp_bound)
     n, cmean, var = _bn_combine(PM, ci, cm, C, nchunks, ACC, BCC, BJ)
     rstd = _rstd(var, inv, eps)
@@ -868,28 +924,28 @@ def ln2d_fwd_kernel(
     # 1. one read: per position the range of x and the moments of x - x0 (x0: its channel-0 value)
     off0 = (ei // E2).to(tl.int64) * s_e1 + (ei % E2).to(tl.int64) * s_e2
     x0 = tl.load(X + off0, mask=em, other=0.0).to(ACC)
-    lim = tl.exp2(x0 * 0.0 + exp_bound * 0.47)[None, :]  # (see _moments_range)
-    hi, lo, cnt, mean, m2 = _range_state(ACC, BCC, BE)
+    hi, lo, mean, m2 = _range_state(ACC, BCC, BE)
     for c0 in range(0, C, BCC):
         _, off, mask = _ce_offsets(c0, e0, E, C, E2, s_c, s_e1, s_e2, BCC, BE)
-        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-        v = tl.minimum(tl.maximum(x - x0[None, :], -lim), lim)
-        hi, lo, cnt, mean, m2 = _range_step(hi, lo, cnt, mean, m2, x, v, mask)
+        x = tl.load(X + off, mask=mask, other=x0[None, :]).to(ACC)
+        hi, lo, mean, m2 = _range_step(
+            hi, lo, mean, m2, x, x0[None, :], mask, 1.0 / tl.cast(c0 // BCC + 1, ACC)
+        )
     h = tl.where(em, tl.max(hi, axis=0), 1.0)  # (masked positions: any finite value)
     lw = tl.where(em, tl.min(lo, axis=0), 1.0)
+    cnt = tl.where(em[None, :], _run_counts(0, C, BCC)[:, None], 0).to(ACC)
     n, cmean, var = _lanes0(cnt, mean, m2)
     mid = x0
     inv = x0 * 0.0 + 1.0
-    if tl.min(_plain(h, lw, exp_bound).to(tl.int32), axis=0) == 0:
+    if tl.min(_plain(h, lw, exp_bound, C).to(tl.int32), axis=0) == 0:
         # 2. rare: a position's values leave float range -> the block's scaled statistics, one more read
         mid, inv = _shift_scale(h, lw, exp_bound)
-        cnt = tl.zeros([BCC, BE], ACC)
         mean = tl.zeros([BCC, BE], ACC)
         m2 = tl.zeros([BCC, BE], ACC)
         for c0 in range(0, C, BCC):
             _, off, mask = _ce_offsets(c0, e0, E, C, E2, s_c, s_e1, s_e2, BCC, BE)
             v = (tl.load(X + off, mask=mask, other=0.0).to(ACC) - mid[None, :]) * inv[None, :]
-            cnt, mean, m2 = _welford(cnt, mean, m2, v, mask)
+            mean, m2 = _welford_at(mean, m2, v, mask, 1.0 / tl.cast(c0 // BCC + 1, ACC))
         n, cmean, var = _lanes0(cnt, mean, m2)
     rstd = _rstd(var, inv, eps)
     # 3. the output
@@ -1226,14 +1282,14 @@ def gcl_stats_kernel(
     ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
     n, ci, cm, jc, s_lo, s_hi, base = _gcl_tile(C, S, CH, nCB, BCC)
-    x0 = tl.load(X + base + (ci // Cg) * Cg, mask=cm, other=0.0).to(ACC)  # the group's first value
-    lim = tl.exp2(x0 * 0.0 + exp_bound * 0.47)[:, None]  # (see _moments_range)
-    hi, lo, cnt, mean, m2 = _range_state(ACC, BCC, BE)
+    x0 = tl.load(X + base + (ci // Cg) * Cg, mask=cm, other=0.0).to(ACC)[:, None]  # the group's first
+    hi, lo, mean, m2 = _range_state(ACC, BCC, BE)
     for s0 in range(s_lo, s_hi, BE):
         off, mask = _gcl_offsets(base, ci, cm, s0, s_hi, C, BE)
-        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
-        v = tl.minimum(tl.maximum(x - x0[:, None], -lim), lim)
-        hi, lo, cnt, mean, m2 = _range_step(hi, lo, cnt, mean, m2, x, v, mask)
+        x = tl.load(X + off, mask=mask, other=x0).to(ACC)
+        rc = 1.0 / tl.cast((s0 - s_lo) // BE + 1, ACC)
+        hi, lo, mean, m2 = _range_step(hi, lo, mean, m2, x, x0, mask, rc)
+    cnt = tl.where(cm[:, None], _run_counts(s_lo, s_hi, BE)[None, :], 0).to(ACC)
     cn, mb, q = _lanes1(cnt, mean, m2)
     row = n * C * nchunks + ci * nchunks + jc  # (tot = N * C * nchunks entries per buffer row)
     tl.store(HL + row, tl.max(hi, axis=1), mask=cm)
@@ -1273,9 +1329,9 @@ def gcl_combine_kernel(
     cm = tl.sum(s, axis=0) / n
     mid = _first(X, k, G, SC, Cg, ACC)
     inv = mid * 0.0 + 1.0
-    if _plain(h, lw, exp_bound).to(tl.int32) == 0:  # rare: the set's own walk, scaled
+    if _plain(h, lw, exp_bound, n).to(tl.int32) == 0:  # rare: the set's own walk, scaled
         mid, inv = _shift_scale(h, lw, exp_bound)
-        _, cm, m2 = _moments(X, k, 0, Cg, 0, S, G, SC, Cg, 1, 0, C, S, mid, inv, ACC, BC, BM)
+        _, cm, m2 = _moments(X, k, 0, Cg, 0, S, G, SC, Cg, 1, C, 0, 1, mid, inv, ACC, BC, BM)
     else:  # the partials' M2 plus each one's mean deviation (clamped partials could overflow: not here)
         q = tl.zeros([BL], ACC)
         for j0 in range(0, L, BL):

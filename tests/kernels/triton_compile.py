@@ -230,11 +230,11 @@ def _sass(cubin: bytes) -> str:
         return subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
 
 
-def _inner_loops(sass: str) -> list[tuple[int, int]]:
-    """``(instructions, barriers)`` of each innermost loop of a kernel's SASS: the bodies between a
-    backward branch and its target that hold no other such loop. These are the per-tile steps that
-    stream the tensor; a barrier there (a shared-memory round trip, e.g. a layout conversion or a
-    reduction across warps) stalls every step."""
+def _inner_loops(sass: str) -> list[tuple[int, int, int]]:
+    """``(instructions, barriers, global bytes)`` per thread of each innermost loop of a kernel's
+    SASS: the bodies between a backward branch and its target that hold no other such loop. These
+    are the per-tile steps that stream the tensor; a barrier there (a shared-memory round trip, e.g. a
+    layout conversion or a reduction across warps) stalls every step."""
     code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     spans = []
     for at, ins in code:
@@ -243,10 +243,19 @@ def _inner_loops(sass: str) -> list[tuple[int, int]]:
             spans.append((int(t.group(1), 16), at))
     inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     return [
-        (len(body), sum("BAR.SYNC" in i for i in body))
+        (len(body), sum("BAR.SYNC" in i for i in body), sum(_access_bytes(i) for i in body))
         for lo, hi in inner
         for body in [[i for at, i in code if lo <= at <= hi]]
     ]
+
+
+def _access_bytes(ins: str) -> int:
+    """Bytes one thread moves with a global load or store instruction (0 for any other)."""
+    m = re.search(r"\b(?:LDG|STG)\.E(\S*)", ins)
+    if not m:
+        return 0
+    width = re.search(r"\.(128|64|U16|S16|U8|S8)\b", m.group(1))
+    return {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}.get(width.group(1), 4) if width else 4
 
 
 def _tile_per_thread(k: Any) -> int | None:
@@ -271,6 +280,62 @@ NO_BARRIER = (
 )  # fmt: skip
 
 
+# An H100 / H200 SXM: 132 SMs, four warp schedulers each issuing one instruction a clock at up to
+# 1.98 GHz (32 threads each); HBM3e at 4.8 TB/s (the H200's datasheet; 4.23 TB/s measured for a copy)
+ISSUE = 132 * 4 * 1.98e9 * 32  # thread-instructions per second
+PEAK = 4.8e12  # bytes per second
+
+
+def roofline(shape: tuple[int, ...] = (64, 256, 56, 56)) -> list[str]:
+    """The issue-bound share of peak bandwidth of every streaming loop of the main patterns, forward
+    and backward, on ``shape`` (bfloat16 and float32, NCHW and channels-last), read from the compiled
+    SASS: each innermost loop's instructions and global bytes per value. A loop of ``i``
+    instructions and ``b`` bytes per value cannot run faster than ``max(i / ISSUE, b / PEAK)`` a
+    value; ``min(1, (b / PEAK) / (i / ISSUE))`` is the share of peak bandwidth instruction issue
+    leaves it (latency, occupancy and the memory system take more: a GPU measures the rest). Returns
+    the table's lines."""
+    from normkit.functional.proxy_norm import proxy_points  # noqa: F401 (Proxy Norm's quadrature, loaded)
+
+    ops = {
+        "group_norm G=32": lambda x, w, b: F.group_norm(x, 32, w, b),
+        "instance_norm": lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output,
+        "group_norm G=1": lambda x, w, b: F.group_norm(x, 1, w, b),
+        "batch_norm train": lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output,
+        "layer_norm_2d": lambda x, w, b: F.layer_norm_2d(x, w, b),
+        "GN32 + proxy act": lambda x, w, b: F.group_norm_proxy_act(x, 32, w, b, w * 0, w * 0 + 1),
+    }
+    nkt._programs = lambda device: 4 * 132
+    lines = [
+        f"{'op':18s} {'layout':6s} {'dtype':9s} {'kernel':24s} {'values/thread':>13s} {'instr/value':>11s} "
+        f"{'bytes/value':>11s} {'issue-bound % of peak':>21s}"
+    ]
+    for name, fn in ops.items():
+        for layout in ("nchw", "cl"):
+            for dtype in (torch.bfloat16, torch.float32):
+                COMPILED.clear()
+                x = torch.zeros(shape, dtype=dtype)
+                if layout == "cl":
+                    x = x.to(memory_format=torch.channels_last)
+                w = torch.ones(shape[1], requires_grad=True)
+                b = torch.zeros(shape[1], requires_grad=True)
+                _run(fn, x.requires_grad_(), w, b)
+                for kname in sorted(set(COMPILED) - {"gcl_combine_kernel", "gcl_bwd_combine_kernel"}):
+                    for k in COMPILED[kname]:  # (the combining kernels walk per-channel partials)
+                        per = _tile_per_thread(k)
+                        if not per:
+                            continue
+                        for n, _, nbytes in _inner_loops(_sass(k.asm["cubin"])):
+                            if nbytes == 0:
+                                continue
+                            i, by = n / per, nbytes / per
+                            share = min(1.0, (by / PEAK) / (i / ISSUE))
+                            lines.append(
+                                f"{name:18s} {layout:6s} {str(dtype)[6:]:9s} {kname:24s} {per:13d} {i:11.1f} "
+                                f"{by:11.1f} {100 * share:20.0f}%"
+                            )
+    return lines
+
+
 def _resident_warps(regs: int, num_warps: int) -> int:
     """Warps one SM of a Hopper GPU holds for a kernel with ``regs`` registers per thread, as the
     register file allows (65536 per SM, allocated 256 per warp; at most 64 warps): a bandwidth-bound
@@ -283,8 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="float32 and bfloat16, two activations")
     ap.add_argument("--arch", type=int, default=90, help="the CUDA compute capability (default 90)")
+    ap.add_argument(
+        "--roofline",
+        action="store_true",
+        help="only the issue-bound share of peak bandwidth of each loop on a ResNet-50 activation",
+    )
     a = ap.parse_args(argv)
     setup(a.arch)
+    if a.roofline:
+        print("\n".join(roofline()))
+        return 0
     import triton
 
     t0 = time.perf_counter()
@@ -310,10 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         per_value, with_bar = [], 0
         for k in COMPILED[name]:
             loops = _inner_loops(_sass(k.asm["cubin"]))
-            with_bar += any(b for _, b in loops)
+            with_bar += any(b for _, b, _ in loops)
             per = _tile_per_thread(k)
             if per and loops:
-                per_value.append(max(n for n, _ in loops) / per)
+                per_value.append(max(n for n, _, _ in loops) / per)
         if per_value:
             use += f", loop steps <= {max(per_value):.1f} instructions / value"
         if with_bar:

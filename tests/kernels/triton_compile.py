@@ -303,6 +303,7 @@ def roofline(shape: tuple[int, ...] = (64, 256, 56, 56)) -> list[str]:
         "batch_norm train": lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output,
         "layer_norm_2d": lambda x, w, b: F.layer_norm_2d(x, w, b),
         "GN32 + proxy act": lambda x, w, b: F.group_norm_proxy_act(x, 32, w, b, w * 0, w * 0 + 1),
+        "proxy act step": lambda x, w, b: F.proxy_norm_act(x, w, b, w * 0, w * 0 + 1),
     }
     nkt._programs = lambda device: 4 * 132
     lines = [

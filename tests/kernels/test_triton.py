@@ -729,6 +729,165 @@ def test_functional_group_norm_proxy_act_takes_the_fused_kernels(layout, ran_fus
     assert ran_fused == {"gn_proxy_forward": 2, "gn_proxy_backward": 2}, ran_fused
 
 
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize(
+    ("wants", "affine"),
+    [("all", True), ("x", True), ("params", True), ("none", True), ("all", False), ("none", False)],
+)
+def test_group_norm_is_one_node_and_differentiates_what_is_asked(wants, layout, affine, ran):
+    # F.group_norm on the Triton kernels is one autograd node on x as it lies (no views of x, the
+    # affine or the output around it); frozen parameters, a constant input or no grad at all run the
+    # same kernels, and what is asked for matches the float64 reference
+    torch.manual_seed(33)
+    x = torch.randn(2, 6, 4, 5, dtype=F64)
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    w, b = (torch.randn(6, dtype=F64) * 0.3 + s for s in (1.0, 0.0))
+    dy = torch.randn(2, 6, 4, 5, dtype=F64)
+
+    def run(backend, dtype):
+        xt = x.to(dtype).to(DEVICE).detach().requires_grad_(wants in ("all", "x"))
+        ps = (
+            [t.detach().to(dtype).to(DEVICE).requires_grad_(wants in ("all", "params")) for t in (w, b)]
+            if affine
+            else [None, None]
+        )
+        with kernels.use(backend):
+            y = F.group_norm(xt, 3, *ps)
+        live = [t for t in (xt, *ps) if t is not None and t.requires_grad]
+        return y, live, (torch.autograd.grad(y, live, dy.to(dtype).to(DEVICE)) if live else ())
+
+    yr, _, gr = run("reference", F64)
+    for dtype in (F64, torch.float32):
+        yt, live, gt = run("triton", dtype)
+        _close(yt.detach().cpu(), yr.detach(), TOL[dtype])
+        assert yt.stride() == x.stride()
+        if wants == "none":
+            assert yt.grad_fn is None
+            continue
+        assert type(yt.grad_fn).__name__ == "_GroupNormBackward"
+        assert {type(f).__name__ for f, _ in yt.grad_fn.next_functions if f is not None} == {"AccumulateGrad"}
+        assert len(gt) == len(gr)
+        for a, r in zip(gt, gr):
+            _close(a.cpu(), r, GTOL[dtype])
+    assert ran["forward"] == 2 and ran["backward"] == (0 if wants == "none" else 2), ran
+
+
+def test_group_norm_double_backward_and_forward_ad_on_the_triton_backend():
+    # create_graph=True differentiates the reference composite; dual tensors take the general op's jvp
+    torch.manual_seed(34)
+    x = torch.randn(1, 4, 2, 3, dtype=F64, device=DEVICE, requires_grad=True)
+    w = (torch.rand(4, dtype=F64, device=DEVICE) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=F64, device=DEVICE, requires_grad=True)
+    with kernels.use("triton"):
+        assert torch.autograd.gradcheck(lambda *t: F.group_norm(t[0], 2, t[1], t[2]), (x, w, b))
+        assert torch.autograd.gradgradcheck(lambda *t: F.group_norm(t[0], 2, t[1], t[2]), (x, w, b))
+        tx = torch.randn_like(x)
+        with torch.autograd.forward_ad.dual_level():
+            y = F.group_norm(torch.autograd.forward_ad.make_dual(x.detach(), tx), 2, w.detach(), b.detach())
+            jvp = torch.autograd.forward_ad.unpack_dual(y).tangent
+    _, want = torch.func.jvp(lambda t: ref_group_norm(t, 2, w.detach(), b.detach()), (x.detach(),), (tx,))
+    _close(jvp, want, 1e-9)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("wants", ["all", "x", "params", "none"])
+def test_fused_group_norm_proxy_is_one_node_and_differentiates_what_is_asked(layout, wants, ran_fused):
+    # the proxy statistics and GN + the step are one autograd node (the parameters' AccumulateGrad
+    # nodes hang straight off it): with frozen parameters, a constant input, or no grad at all the
+    # same kernels run and what is asked for matches the float64 reference layer
+    from normkit.nn import GroupNormProxyAct2d
+
+    torch.manual_seed(29)
+    layer = GroupNormProxyAct2d(6, num_groups=3, activation="silu").double()
+    with torch.no_grad():
+        for q in layer.parameters():
+            q.add_(0.3 * torch.randn_like(q))
+    x = torch.randn(2, 6, 4, 5, dtype=F64)
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    dout = torch.randn(2, 6, 4, 5, dtype=F64)
+
+    def run(backend, dtype):
+        lt = GroupNormProxyAct2d(6, num_groups=3, activation="silu").to(dtype).to(DEVICE)
+        lt.load_state_dict(layer.state_dict())
+        lt.requires_grad_(wants in ("all", "params"))
+        xt = x.to(dtype).to(DEVICE).detach().requires_grad_(wants in ("all", "x"))
+        with kernels.use(backend):
+            y = lt(xt)
+            if wants != "none":
+                y.backward(dout.to(dtype).to(DEVICE))
+        return y, xt.grad, [q.grad for q in lt.parameters()]
+
+    yr, gxr, gpr = run("reference", F64)
+    for dtype in (F64, torch.float32):
+        yt, gxt, gpt = run("triton", dtype)
+        _close(yt.detach().cpu(), yr.detach(), TOL[dtype])
+        if wants == "none":
+            assert yt.grad_fn is None and not yt.requires_grad
+            continue
+        assert type(yt.grad_fn).__name__ == "_GNProxyActBackward"
+        assert {type(f).__name__ for f, _ in yt.grad_fn.next_functions if f is not None} == {"AccumulateGrad"}
+        assert (gxt is None) == (gxr is None) and all((a is None) == (b is None) for a, b in zip(gpt, gpr))
+        if gxt is not None:
+            _close(gxt.cpu(), gxr, GTOL[dtype])
+        for a, b in zip(gpt, gpr):
+            if a is not None:
+                _close(a.cpu(), b, GTOL[dtype])
+    grads = 0 if wants == "none" else 2
+    assert ran_fused == {"gn_proxy_forward": 2, "gn_proxy_backward": grads}, ran_fused
+
+
+def test_fused_group_norm_proxy_forward_ad_takes_the_general_ops():
+    # dual tensors: the fused node has no jvp, so the call takes GroupNorm + the step's ops, whose
+    # tangent matches torch.func.jvp of the float64 reference composite
+    from normkit.ops.proxy import proxy_act_composite
+
+    torch.manual_seed(32)
+    x = torch.randn(2, 4, 3, 3, dtype=F64, device=DEVICE)
+    tx = torch.randn_like(x)
+    w, b, pb, pw = (torch.randn(4, dtype=F64, device=DEVICE) * 0.3 + s for s in (1.0, 0.0, 0.0, 0.0))
+    with kernels.use("triton"), torch.autograd.forward_ad.dual_level():
+        y = F.group_norm_proxy_act(
+            torch.autograd.forward_ad.make_dual(x, tx), 2, w, b, pb, pw, activation="silu"
+        )
+        got = torch.autograd.forward_ad.unpack_dual(y).tangent
+
+    def ref(t):
+        m, r = F.proxy_stats(w, b, pb, pw, "silu")
+        return proxy_act_composite(ref_group_norm(t, 2, eps=1e-3), w, b, m, r, torch.nn.functional.silu)
+
+    with kernels.use("reference"):
+        _, want = torch.func.jvp(ref, (x,), (tx,))
+    _close(got.cpu(), want.cpu(), 1e-9)
+
+
+def test_fused_group_norm_proxy_half_parameters(ran_fused):
+    # a bf16 layer (bf16 input and parameters): float32 statistics inside, gradients in bf16
+    from normkit.nn import GroupNormProxyAct2d
+
+    torch.manual_seed(31)
+    layer = GroupNormProxyAct2d(8, num_groups=2, activation="relu").double()
+    with torch.no_grad():
+        for q in layer.parameters():
+            q.add_(0.3 * torch.randn_like(q))
+    x = torch.randn(3, 8, 4, 4, dtype=F64)
+    dout = torch.randn(3, 8, 4, 4, dtype=F64)
+    outs = {}
+    for backend, dtype in (("reference", F64), ("triton", torch.bfloat16)):
+        lt = GroupNormProxyAct2d(8, num_groups=2, activation="relu").to(dtype).to(DEVICE)
+        lt.load_state_dict(layer.state_dict())
+        xt = x.to(dtype).to(DEVICE).detach().requires_grad_()
+        with kernels.use(backend):
+            y = lt(xt)
+            y.backward(dout.to(dtype).to(DEVICE))
+        outs[backend] = [y.detach(), xt.grad, *(q.grad for q in lt.parameters())]
+    for got, want in zip(outs["triton"], outs["reference"]):
+        assert got.dtype == torch.bfloat16
+        _close(got.double().cpu(), want, GTOL[torch.bfloat16])
+    assert ran_fused == {"gn_proxy_forward": 1, "gn_proxy_backward": 1}, ran_fused
+
+
 def test_fused_group_norm_proxy_double_backward_takes_the_composite():
     from normkit.nn import GroupNormProxyAct2d
 

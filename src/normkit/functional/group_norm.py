@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .._errors import NormError
-from ..kernels import _direct, _fast
+from ..kernels import _direct, _fast, triton_ready
 from ..ops.library import exporting
 from ._autograd import norm_output
 from ._checks import check_eps, check_groups, check_input, check_param
@@ -80,6 +80,12 @@ def group_norm(
         y = _direct.group_norm(x, G, weight, bias, eps)  # on a GPU: torch's own kernel, one call
         if y is not None:
             return y
+        if not torch.compiler.is_compiling() and triton_ready(x):  # normkit's Triton kernels, one node
+            from ..kernels import triton as _triton
+
+            y = _triton.group_norm(x, G, weight, bias, eps)
+            if y is not None:
+                return y
     if eager and x.dim() >= 3:
         y = _fast.group_norm(x, G, weight, bias, eps)  # eager CPU: one fused call each way
         if y is not None:

@@ -450,11 +450,12 @@ def _gcl_forward(
 
 def _gcl_backward(
     dy: Tensor, x: Tensor, w: Tensor | None, stats: Tensor, p: Plan, need_x: bool, need_p: bool,
-    pn: tuple[list[Tensor], int] | None = None,
+    pn: tuple[list[Tensor], int] | None = None, reduce: bool = True,
 ) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
     """``(dx, sums)`` of :func:`_gcl_forward`: ``sums`` (when ``need_p``) per channel, rows
     ``sum dy * x_hat``, ``sum dy`` (dweight, dbias), and with ``pn`` (``([b, m, rstd, slope], act
-    code)``, ``w`` the affine weight before the step) the step's ``sum dout``, ``sum dout * (z - m)``."""
+    code)``, ``w`` the affine weight before the step) the step's ``sum dout``, ``sum dout * (z - m)``;
+    with ``reduce=False`` the ``(rows, N, C, nchunks)`` partial sums as they are."""
     _kernels = _kern()
     acc, tacc = _acc(x)
     N, C, S, G, Cg = p.N, p.C, p.S, p.G, p.C // p.G
@@ -479,7 +480,10 @@ def _gcl_backward(
             dy, x, wt, bt, stats, mu, r, sl, pa, dx, C, S, G, Cg, t.nCB, t.CH, N * G,
             HAS_W=w is not None, ACC=tacc, BCC=t.BCC, BE=t.BE, **extra,
         )  # fmt: skip
-    return dx, part.view(-1, N, C, t.nchunks).sum((1, 3)) if need_p else None
+    if not need_p:
+        return dx, None
+    part = part.view(-1, N, C, t.nchunks)
+    return dx, part.sum((1, 3)) if reduce else part
 
 
 def forward(
@@ -844,6 +848,61 @@ def proxy_act_backward(
 PROXY_MAX_POINTS = 4096
 
 
+def _vec(t: Tensor, acc: torch.dtype) -> Tensor:
+    """A parameter vector as the kernels read it: itself where it already is (no new tensor, no
+    host time), else a detached contiguous copy in the accumulation dtype."""
+    return t if t.dtype == acc and t.is_contiguous() else t.detach().to(acc).contiguous()
+
+
+def _proxy_tiles(C: int, n: int) -> tuple[int, int]:
+    """``(BCC, BN)``: the proxy statistics kernels' tile of channels by quadrature points."""
+    BN = next_power_of_2(n)
+    return max(1, min(next_power_of_2(C), 2048 // BN)), BN
+
+
+def _proxy_stats_fwd(vec: list[Tensor], sl: Tensor, act: str, eps: float) -> tuple[Tensor, Tensor]:
+    """``(m, rstd)`` per channel from ``vec`` = ``[w, b, pb, pw, points]`` (accumulation dtype)."""
+    w, u = vec[0], vec[4]
+    C, n = w.shape[0], u.shape[0]
+    BCC, BN = _proxy_tiles(C, n)
+    m = torch.empty(C, dtype=w.dtype, device=w.device)
+    r = torch.empty_like(m)
+    _kern().proxy_stats_fwd_kernel[(cdiv(C, BCC),)](
+        *vec, sl, m, r, C, n, float(eps), ACT=_ACTS.index(act), ACC=_acc(w)[1], BCC=BCC, BN=BN
+    )
+    return m, r
+
+
+def _proxy_stats_bwd(
+    vec: list[Tensor], sl: Tensor, m: Tensor, r: Tensor, act: str, dm: Tensor, dr: Tensor,
+    sums: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """``(4, C)``: the gradients of the four parameters in ``vec`` (``[w, b, pb, pw, points]``) from
+    ``dm``, ``drstd``; or, with ``sums`` (the fused GroupNorm + step's ``(4, NP, C, NK)`` partial
+    sums, see ``proxy_stats_bwd_kernel``), from those, with the step's own dweight and dbias added."""
+    C, n = m.shape[0], vec[4].shape[0]
+    BCC, BN = _proxy_tiles(C, n)
+    g = torch.empty((4, C), dtype=m.dtype, device=m.device)
+    P, NP, NK = (sums, sums.shape[1], sums.shape[3]) if sums is not None else (dm, 1, 1)
+    _kern().proxy_stats_bwd_kernel[(cdiv(C, BCC),)](
+        *vec, sl, m, r, dm, dr, P, NP, NK, g, C, n,
+        ACT=_ACTS.index(act), ACC=_acc(m)[1], BCC=BCC, BN=BN, FROM_SUMS=sums is not None,
+    )  # fmt: skip
+    return g
+
+
+def _proxy_stats_double_backward(
+    ins0: tuple[Tensor, ...], u: Tensor, act: str, slope: float, eps: float
+) -> tuple[list[Tensor], Any]:
+    """``(ins, outs)``: the four parameters made leaves that require grad where they did not, and
+    the composite's ``(m, rstd)`` of them (a graph autograd differentiates, for create_graph=True)."""
+    from ...functional.proxy_norm import _proxy_stats_composite
+
+    w, b, pb, pw = ins = [t if t.requires_grad else t.detach().requires_grad_() for t in ins0]
+    spec: Any = act if act != "leaky_relu" else f"leaky_relu:{slope}"
+    return ins, _proxy_stats_composite(w, b, pb, pw, u, spec, eps)
+
+
 class _ProxyStats(torch.autograd.Function):
     """``(m, rstd)`` of :func:`normkit.functional.proxy_stats` in one kernel each way (the composite
     is about 15 small ops forward and 25 backward, each a kernel launch and host time on a GPU)."""
@@ -852,56 +911,29 @@ class _ProxyStats(torch.autograd.Function):
     def forward(
         ctx: Any, w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, act: str, slope: float, eps: float
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        acc, tacc = _acc(w)
-        vec = [t.detach().to(acc).contiguous() for t in (w, b, pb, pw, u)]
+        acc = _acc(w)[0]
+        vec = [_vec(t, acc) for t in (w, b, pb, pw, u)]
         sl = _slope(slope, acc, w.device)
-        C, n = w.shape[0], u.shape[0]
-        BN = next_power_of_2(n)
-        BCC = max(1, min(next_power_of_2(C), 2048 // BN))
-        m = torch.empty(C, dtype=acc, device=w.device)
-        r = torch.empty_like(m)
-        _kern().proxy_stats_fwd_kernel[(cdiv(C, BCC),)](
-            *vec, sl, m, r, C, n, float(eps), ACT=_ACTS.index(act), ACC=tacc, BCC=BCC, BN=BN
-        )
+        m, r = _proxy_stats_fwd(vec, sl, act, eps)
         ctx.save_for_backward(w, b, pb, pw, u, m, r, *vec, sl)
-        ctx.act, ctx.slope, ctx.eps, ctx.tiles = act, slope, eps, (BCC, BN, tacc)
+        ctx.act, ctx.slope, ctx.eps = act, slope, eps
         return m, r
 
     @staticmethod
     def backward(ctx: Any, dm: Tensor | None, dr: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
         w0, b0, pb0, pw0, u0, m, r, *vec, sl = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite of plain ops
-            from ...functional.proxy_norm import _proxy_stats_composite
-
             with torch.enable_grad():
-                w1, b1, pb1, pw1 = ins = [
-                    t if t.requires_grad else t.detach().requires_grad_() for t in (w0, b0, pb0, pw0)
-                ]
-                act: Any = ctx.act if ctx.act != "leaky_relu" else f"leaky_relu:{ctx.slope}"
-                outs = _proxy_stats_composite(w1, b1, pb1, pw1, u0, act, ctx.eps)
+                ins, outs = _proxy_stats_double_backward((w0, b0, pb0, pw0), u0, ctx.act, ctx.slope, ctx.eps)
                 pairs = [(o, g) for o, g in zip(outs, (dm, dr)) if g is not None]
                 grads = torch.autograd.grad(
                     [o for o, _ in pairs], ins, [g for _, g in pairs], create_graph=True, allow_unused=True
                 )
             return (*grads, None, None, None, None)
-        C, n = m.shape[0], u0.shape[0]
         dm = torch.zeros_like(m) if dm is None else dm.to(m.dtype).contiguous()
         dr = torch.zeros_like(m) if dr is None else dr.to(m.dtype).contiguous()
-        g = torch.empty((4, C), dtype=m.dtype, device=m.device)
-        BCC, BN, tacc = ctx.tiles
-        _kern().proxy_stats_bwd_kernel[(cdiv(C, BCC),)](
-            *vec, sl, m, r, dm, dr, g, C, n, ACT=_ACTS.index(ctx.act), ACC=tacc, BCC=BCC, BN=BN
-        )
-        return (
-            g[0].to(w0.dtype),
-            g[1].to(b0.dtype),
-            g[2].to(pb0.dtype),
-            g[3].to(pw0.dtype),
-            None,
-            None,
-            None,
-            None,
-        )
+        g = _proxy_stats_bwd(vec, sl, m, r, ctx.act, dm, dr)
+        return (*(g[i].to(t.dtype) for i, t in enumerate((w0, b0, pb0, pw0))), None, None, None, None)
 
 
 def proxy_stats(
@@ -991,18 +1023,23 @@ def gn_proxy_forward(
 
 def gn_proxy_backward(
     dout: Tensor, x: Tensor, stats: Tensor, p: Plan, vec: list[Tensor], act: str, need_x: bool
-) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, dweight, dbias, sum dout, sum dout * (z - m))`` per channel of :func:`gn_proxy_forward`
-    (``dm = -rstd * sum dout``, ``drstd`` the last), recomputing ``y`` from ``x`` and the statistics.
+) -> tuple[Tensor | None, Tensor]:
+    """``(dx, sums)`` of :func:`gn_proxy_forward`, recomputing ``y`` from ``x`` and the statistics:
+    ``sums`` the per-channel partial sums ``(4, NP, C, NK)`` (summed over NP and NK, rows: dweight,
+    dbias, ``sum dout``, ``sum dout * (z - m)``; ``dm = -rstd * sum dout``, ``drstd`` the last), which
+    :func:`_proxy_stats_bwd` reduces while it takes the step's gradients on into the parameters.
 
     Example:
         >>> vec = [w, b, m, r, slope]  # doctest: +SKIP
-        >>> dx, dw, db, sg, sz = gn_proxy_backward(g, x, stats, p, vec, "relu", True)  # doctest: +SKIP
+        >>> dx, sums = gn_proxy_backward(g, x, stats, p, vec, "relu", True)  # doctest: +SKIP
+        >>> dweight, dbias, sg, sz = sums.sum((1, 3))  # doctest: +SKIP
     """
     if p.mode == 3:
-        dx, sums = _gcl_backward(dout, x, vec[0], stats, p, need_x, True, (vec[1:5], _ACTS.index(act)))
-        assert sums is not None
-        return dx, sums[0], sums[1], sums[2], sums[3]
+        dx, part = _gcl_backward(
+            dout, x, vec[0], stats, p, need_x, True, (vec[1:5], _ACTS.index(act)), reduce=False
+        )
+        assert part is not None
+        return dx, part
     _kernels = _kern()
 
     acc, tacc = _acc(x)
@@ -1036,12 +1073,10 @@ def gn_proxy_backward(
         PN=True,
         ACT=_ACTS.index(act),
     )
-    sums = part.view(4, p.N, p.C).sum(1)  # per (sample, channel) -> per channel
-    return dx, sums[0], sums[1], sums[2], sums[3]
+    return dx, part.view(4, p.N, p.C, 1)  # (the (n, g, channel-in-group) sets are (n, c))
 
 
-def _gn_plan(x: Tensor, groups: int) -> Plan | None:
-    """The GROUP_NCHW / GROUP_CL plan of ``x`` normalized in ``groups`` groups with a per-channel affine."""
+def _gn_plan_of(x: Tensor, groups: int, fused: bool) -> Plan | None:
     from .. import plan
 
     N, C, k = x.shape[0], x.shape[1], x.dim() - 2
@@ -1056,13 +1091,125 @@ def _gn_plan(x: Tensor, groups: int) -> Plan | None:
     else:
         return None
     p = plan(xv, dims, torch.empty(pshape, device="meta"), None)
-    return p if p is not None and p.mode in (2, 3) and p.order is None else None
+    if p is None or p.mode not in (2, 3) or p.order is not None:
+        return None
+    if fused and p.mode == 2 and _tiling(x, p)[2] != 1:
+        return None  # (sets too few for one program each: the two ops' split kernels fill the GPU)
+    return p
 
 
-class _GNProxy(torch.autograd.Function):
-    """GroupNorm (no affine) then Proxy Norm's step, one Triton kernel each way. ``m`` and ``rstd``
-    come in from :func:`normkit.functional.proxy_stats` (their gradients flow on into the four
-    parameters through its graph)."""
+_GN_PLANS: dict[tuple[object, ...], Plan | None] = {}
+
+
+def _gn_plan(x: Tensor, groups: int, fused: bool = True) -> Plan | None:
+    """The GROUP_NCHW / GROUP_CL plan of ``x`` (``(N, C, *spatial)``, ``*spatial`` not empty)
+    normalized in ``groups`` groups with a per-channel affine, else ``None``; ``fused``: only where
+    the fused GroupNorm + step takes it (one program per set on NCHW). Kept per (shape, strides,
+    groups, device, fused): a training step meets the same few."""
+    key = (x.shape, x.stride(), groups, x.device, fused)
+    try:
+        return _GN_PLANS[key]
+    except KeyError:
+        pass
+    if len(_GN_PLANS) > 1024:
+        _GN_PLANS.clear()
+    p = _GN_PLANS[key] = _gn_plan_of(x, groups, fused)
+    return p
+
+
+class _GroupNorm(torch.autograd.Function):
+    """GroupNorm on the Triton kernels as one autograd node on ``x`` as it is: no views of ``x``,
+    the affine or the output around it (each one more node for autograd, ~6 us of host time a
+    call each way, which on a GPU is most of a small norm's time)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, G: int, eps: float
+    ) -> Tensor:  # type: ignore[override]
+        acc = _acc(x)[0]
+        wv = _vec(w, acc) if w is not None else None
+        y, stats = forward(x, wv, _vec(b, acc) if b is not None else None, p, eps, [p.N, G])
+        ctx.save_for_backward(x, w, b, stats, wv)
+        ctx.p, ctx.G, ctx.eps = p, G, eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, w, b, stats, wv = ctx.saved_tensors
+        if torch.is_grad_enabled() or type(dy) is not Tensor or not torch._C._has_storage(dy):
+            # create_graph=True (or batched gradients): differentiate the composite of reference ops
+            from ...functional.group_norm import group_norm as _composite
+            from .. import use
+
+            with torch.enable_grad(), use("reference"):
+                xi = x if x.requires_grad else x.detach().requires_grad_()
+                ins = [
+                    xi,
+                    *(t if t is None or t.requires_grad else t.detach().requires_grad_() for t in (w, b)),
+                ]
+                y = _composite(xi, ctx.G, ins[1], ins[2], ctx.eps)
+                live = [t for t in ins if t is not None]
+                got = iter(
+                    torch.autograd.grad(y, live, dy, create_graph=torch.is_grad_enabled(), allow_unused=True)
+                )
+            return (*(next(got) if t is not None else None for t in ins), None, None, None)
+        if dy.dtype != x.dtype or dy.stride() != x.stride():
+            dy = torch.empty_like(x).copy_(dy)
+        need_w = ctx.needs_input_grad[1] and w is not None
+        need_b = ctx.needs_input_grad[2] and b is not None
+        dx, dw, db = backward(dy, x, wv, stats, ctx.p, ctx.needs_input_grad[0], need_w or need_b)
+        return (
+            dx,
+            dw.to(w.dtype) if need_w else None,  # type: ignore[union-attr]
+            db.to(b.dtype) if need_b else None,  # type: ignore[union-attr]
+            None,
+            None,
+            None,
+        )
+
+
+def group_norm(
+    x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor | None:
+    """:func:`normkit.functional.group_norm` (checked arguments, no mask) on the Triton kernels as one
+    autograd node, or ``None`` where this path does not take it (the caller then runs the general
+    op, which may still reach the same kernels).
+
+    Example:
+        >>> y = group_norm(x, 32, weight, bias, 1e-5)  # doctest: +SKIP
+    """
+    if x.dim() < 3 or torch.autograd.forward_ad._current_level >= 0:
+        return None  # ((N, C) inputs, and dual tensors: the general op, which has a jvp)
+    p = _gn_plan(x, groups, fused=False)
+    if p is None or any(t is not None and t.device != x.device for t in (weight, bias)):
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _GroupNorm.apply(x, weight, bias, p, groups, float(eps))  # type: ignore[no-any-return]
+    acc = _acc(x)[0]
+    w = _vec(weight, acc) if weight is not None else None
+    return forward(x, w, _vec(bias, acc) if bias is not None else None, p, float(eps), [p.N, groups])[0]
+
+
+def _gn_proxy_fwd(
+    x: Tensor, params: tuple[Tensor, ...], u: Tensor, p: Plan, eps: float, act: str, slope: float,
+    peps: float,
+) -> tuple[Tensor, Tensor, list[Tensor], Tensor, Tensor]:  # fmt: skip
+    """``(out, stats, vec, m, rstd)``: the proxy statistics, then GroupNorm and the step (two
+    launches, or four on channels-last); ``vec`` = ``[w, b, pb, pw, points, slope]`` as the kernels
+    read them."""
+    acc = _acc(x)[0]
+    vec = [_vec(t, acc) for t in (*params, u)]
+    vec.append(_slope(slope, acc, x.device))
+    m, r = _proxy_stats_fwd(vec[:5], vec[5], act, peps)
+    got = gn_proxy_forward(x, p, eps, [vec[0], vec[1], m, r, vec[5]], act)
+    assert got is not None  # (the caller checked that it applies)
+    return got[0], got[1], vec, m, r
+
+
+class _GNProxyAct(torch.autograd.Function):
+    """GroupNorm (no affine), then Proxy Norm's step with its statistics from the four parameters:
+    one autograd node, two kernels each way (the proxy statistics, GroupNorm + the step); on a GPU
+    each node and each small op between kernels is host time a norm this size cannot hide."""
 
     @staticmethod
     def forward(
@@ -1070,30 +1217,27 @@ class _GNProxy(torch.autograd.Function):
         x: Tensor,
         w: Tensor,
         b: Tensor,
-        m: Tensor,
-        r: Tensor,
+        pb: Tensor,
+        pw: Tensor,
+        u: Tensor,
         p: Plan,
         G: int,
         eps: float,
         act: str,
         slope: float,
+        peps: float,
     ) -> Tensor:  # type: ignore[override]
-        acc = _acc(x)[0]
-        vec = [t.detach().to(acc).contiguous() for t in (w, b, m, r)]
-        vec.append(_slope(slope, acc, x.device))
-        got = gn_proxy_forward(x, p, eps, vec, act)
-        assert got is not None  # (the caller checked that it applies)
-        out, stats = got
-        ctx.save_for_backward(
-            x, stats, w, b, m, r, *vec
-        )  # (the originals: a double backward differentiates them)
-        ctx.p, ctx.G, ctx.eps, ctx.act, ctx.slope = p, G, eps, act, slope
-        ctx.dtypes = (w.dtype, b.dtype)
+        out, stats, vec, m, r = _gn_proxy_fwd(x, (w, b, pb, pw), u, p, eps, act, slope, peps)
+        # (the originals too: a double backward differentiates them)
+        ctx.save_for_backward(x, stats, w, b, pb, pw, m, r, *vec)
+        ctx.p, ctx.G, ctx.eps, ctx.act, ctx.slope, ctx.peps = p, G, eps, act, slope, peps
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x, stats, w0, b0, m0, r0, w, b, m, r, sl = ctx.saved_tensors
+        x, stats, *params, m, r = ctx.saved_tensors[:8]
+        vec = list(ctx.saved_tensors[8:])
+        none = (None,) * 7
         if torch.is_grad_enabled() or type(dout) is not Tensor or not torch._C._has_storage(dout):
             # create_graph=True (or batched gradients): differentiate the composite of reference ops
             from ...functional.activations import get_activation
@@ -1102,20 +1246,25 @@ class _GNProxy(torch.autograd.Function):
             from .. import use
 
             with torch.enable_grad(), use("reference"):
-                ins = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, w0, b0, m0, r0)]
-                act = get_activation(ctx.act if ctx.act != "leaky_relu" else torch.nn.LeakyReLU(ctx.slope))
-                y = group_norm(ins[0], ctx.G, None, None, ctx.eps)
-                out = proxy_act_composite(y, ins[1], ins[2], ins[3], ins[4], act)
-                grads = torch.autograd.grad(
-                    out, ins, dout, create_graph=torch.is_grad_enabled(), allow_unused=True
+                xi = x if x.requires_grad else x.detach().requires_grad_()
+                ps, (mc, rc) = _proxy_stats_double_backward(
+                    tuple(params), vec[4], ctx.act, ctx.slope, ctx.peps
                 )
-            return (*grads, None, None, None, None, None)
+                a = get_activation(ctx.act if ctx.act != "leaky_relu" else torch.nn.LeakyReLU(ctx.slope))
+                y = group_norm(xi, ctx.G, None, None, ctx.eps)
+                out = proxy_act_composite(y, ps[0], ps[1], mc, rc, a)
+                grads = torch.autograd.grad(
+                    out, [xi, *ps], dout, create_graph=torch.is_grad_enabled(), allow_unused=True
+                )
+            return (*grads, *none)
         if dout.dtype != x.dtype or dout.stride() != x.stride():
             dout = torch.empty_like(x).copy_(dout)
-        dx, sw, sb, sg, sz = gn_proxy_backward(
-            dout, x, stats, ctx.p, [w, b, m, r, sl], ctx.act, ctx.needs_input_grad[0]
-        )
-        return dx, sw.to(ctx.dtypes[0]), sb.to(ctx.dtypes[1]), -(sg * r), sz, None, None, None, None, None
+        need_x = ctx.needs_input_grad[0]
+        dx, sums = gn_proxy_backward(dout, x, stats, ctx.p, [vec[0], vec[1], m, r, vec[5]], ctx.act, need_x)
+        if not any(ctx.needs_input_grad[1:5]):
+            return (dx, None, None, None, None, *none)
+        g = _proxy_stats_bwd(vec[:5], vec[5], m, r, ctx.act, m, r, sums)
+        return (dx, *(g[i].to(t.dtype) for i, t in enumerate(params)), *none)
 
 
 def gn_proxy_act(
@@ -1131,25 +1280,32 @@ def gn_proxy_act(
     proxy_eps: float,
 ) -> Tensor | None:
     """:class:`~normkit.nn.GroupNormProxyAct2d`'s step on the Triton kernels: the proxy statistics
-    (plain ops, C x 200 values), then GroupNorm and the activation step fused in one kernel each way;
-    ``None`` where it does not apply (the layer then runs the two ops).
+    (C x 200 values), then GroupNorm and the activation step fused, one kernel each (and one autograd
+    node for both); ``None`` where it does not apply (the layer then runs the two ops).
 
     Example:
         >>> out = gn_proxy_act(x, 4, 1e-3, w, b, pb, pw, points, "relu", 0.03)  # doctest: +SKIP
     """
     from ...functional.activations import activation_spec
-    from ...functional.proxy_norm import proxy_stats
 
     spec = activation_spec(activation)
     if spec is None or spec[0] not in _ACTS:
         return None
-    p = _gn_plan(x, groups)
-    if p is None:
+    p = _gn_plan(x, groups, fused=True)
+    params = (weight, bias, proxy_bias, proxy_weight)
+    if (
+        p is None
+        or points.dim() != 1
+        or not 0 < points.shape[0] <= PROXY_MAX_POINTS
+        or any(t.device != x.device for t in (*params, points))
+    ):
         return None
-    if p.mode == 2 and _tiling(x, p)[2] != 1:
-        return None  # (sets too few for one program each: the two ops' split kernels fill the GPU)
-    m, r = proxy_stats(weight, bias, proxy_bias, proxy_weight, activation, proxy_eps, points.shape[0], points)
-    return _GNProxy.apply(x, weight, bias, m, r, p, groups, float(eps), spec[0], float(spec[1]))  # type: ignore[no-any-return]
+    act, slope = spec[0], float(spec[1])
+    if torch.autograd.forward_ad._current_level >= 0:
+        return None  # (dual tensors: the composite, which forward-mode AD differentiates)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
+        return _GNProxyAct.apply(x, *params, points, p, groups, float(eps), act, slope, float(proxy_eps))  # type: ignore[no-any-return]
+    return _gn_proxy_fwd(x, params, points, p, float(eps), act, slope, float(proxy_eps))[0]
 
 
 # --- BatchNorm's running statistics in one launch ---------------------------------------------------

@@ -1203,21 +1203,41 @@ def proxy_stats_fwd_kernel(
 
 @triton.jit
 def proxy_stats_bwd_kernel(
-    W, B, PB, PW, U, SL, MU, R, DM, DR, G, C, n,
-    ACT: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BN: tl.constexpr,
+    W, B, PB, PW, U, SL, MU, R, DM, DR, P, NP, NK, G, C, n,
+    ACT: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BN: tl.constexpr, FROM_SUMS: tl.constexpr,
 ):  # fmt: skip
     # dL/dz_k = (dm - dr * rstd^3 * (z_k - m)) / n (v's dependence on m vanishes: sum (z - m) = 0);
-    # G's four rows: dweight, dbias, dproxy_bias, dproxy_weight
+    # G's four rows: dweight, dbias, dproxy_bias, dproxy_weight. FROM_SUMS: dm and drstd come from the
+    # fused GroupNorm + step's backward partial sums P, (4, NP, C, NK) contiguous, summed over NP and NK
+    # here (rows: sum dout * x_hat-part of dweight, of dbias, sum dout, sum dout * (z - m)):
+    # dm = -rstd * sum dout, drstd = sum dout * (z - m), and the first two rows add to dweight, dbias.
     slope = tl.load(SL).to(ACC)
     ci, cm, valid, w, u, yt, a = _proxy_points(W, B, PB, PW, U, tl.program_id(0) * BCC, C, n, ACC, BCC, BN)
     z = _act_fwd(a, slope, ACT)
-    m = tl.load(MU + ci, mask=cm, other=0.0).to(ACC)[:, None]
-    r = tl.load(R + ci, mask=cm, other=0.0).to(ACC)[:, None]
-    dm = tl.load(DM + ci, mask=cm, other=0.0).to(ACC)[:, None]
-    dr = tl.load(DR + ci, mask=cm, other=0.0).to(ACC)[:, None]
-    da = tl.where(valid, (dm - dr * r * r * r * (z - m)) / n * _act_grad(a, z, slope, ACT), 0.0)
-    tl.store(G + ci, tl.sum(da * yt, axis=1), mask=cm)
-    tl.store(G + C + ci, tl.sum(da, axis=1), mask=cm)
+    m = tl.load(MU + ci, mask=cm, other=0.0).to(ACC)
+    r = tl.load(R + ci, mask=cm, other=0.0).to(ACC)
+    sw = tl.zeros([BCC], dtype=ACC)
+    sb = tl.zeros([BCC], dtype=ACC)
+    if FROM_SUMS:
+        sg = tl.zeros([BCC], dtype=ACC)
+        sz = tl.zeros([BCC], dtype=ACC)
+        row = NP * C * NK
+        for j in range(0, NP):
+            for k in range(0, NK):
+                q = P + (j * C + ci) * NK + k
+                sw += tl.load(q, mask=cm, other=0.0).to(ACC)
+                sb += tl.load(q + row, mask=cm, other=0.0).to(ACC)
+                sg += tl.load(q + 2 * row, mask=cm, other=0.0).to(ACC)
+                sz += tl.load(q + 3 * row, mask=cm, other=0.0).to(ACC)
+        dm = -r * sg
+        dr = sz
+    else:
+        dm = tl.load(DM + ci, mask=cm, other=0.0).to(ACC)
+        dr = tl.load(DR + ci, mask=cm, other=0.0).to(ACC)
+    k3 = (dr * r * r * r)[:, None]
+    da = tl.where(valid, (dm[:, None] - k3 * (z - m[:, None])) / n * _act_grad(a, z, slope, ACT), 0.0)
+    tl.store(G + ci, tl.sum(da * yt, axis=1) + sw, mask=cm)
+    tl.store(G + C + ci, tl.sum(da, axis=1) + sb, mask=cm)
     tl.store(G + 2 * C + ci, tl.sum(da * w, axis=1), mask=cm)
     tl.store(G + 3 * C + ci, tl.sum(da * w * u, axis=1), mask=cm)
 

@@ -50,8 +50,8 @@ def _best_us(fn, n: int = 300) -> float:
 def main(names: list[str]) -> None:
     nkt._kern = lambda: _NoLaunch()  # the Triton path's host work only
     x = torch.randn(2, 64, 8, 8)
-    w, b = torch.rand(64) + 0.5, torch.randn(64)
-    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    w1, b1 = torch.rand(64) + 0.5, torch.randn(64)
+    xg, wg1, bg1 = (t.clone().requires_grad_() for t in (x, w1, b1))
     dy = torch.randn_like(x)
     z = torch.zeros(64)
     cases = {
@@ -64,20 +64,30 @@ def main(names: list[str]) -> None:
             lambda x, w, b: NF.layer_norm_2d(x, w, b),
             lambda x, w, b: TF.layer_norm(x.permute(0, 2, 3, 1), (64,), w, b).permute(0, 3, 1, 2),
         ),
+        "ln": (  # LayerNorm over (C, H, W), the case auto keeps on the Triton kernels for few samples
+            lambda x, w, b: NF.layer_norm(x, x.shape[1:], w, b),
+            lambda x, w, b: TF.layer_norm(x, x.shape[1:], w, b),
+        ),
         "pn": (
             lambda x, w, b: NF.group_norm_proxy_act(x, 32, w, b, z, z, eps=1e-5),
             lambda x, w, b: torch.relu(TF.group_norm(x, 32, w, b)),
         ),
     }
     print(f"{'call':6s} {'fwd us':>8s} {'torch cpu':>10s} {'fwd+bwd us':>11s} {'torch cpu':>10s}")
+    w3, b3 = torch.rand(64, 8, 8) + 0.5, torch.randn(64, 8, 8)  # (LayerNorm's (C, H, W) affine)
+    wg3, bg3 = (t.clone().requires_grad_() for t in (w3, b3))
     for name in names or list(cases):
-        ours, ref = cases[name]
-        with kernels.use("triton"):
-            f = _best_us(lambda ours=ours: ours(x, w, b))
-            fb = _best_us(lambda ours=ours: torch.autograd.grad(ours(xg, wg, bg), (xg, wg, bg), dy), 200)
-        nf = _best_us(lambda ref=ref: ref(x, w, b))
-        nfb = _best_us(lambda ref=ref: torch.autograd.grad(ref(xg, wg, bg), (xg, wg, bg), dy), 200)
-        print(f"{name:6s} {f:8.1f} {nf:10.1f} {fb:11.1f} {nfb:10.1f}")
+        params = (w3, b3, wg3, bg3) if name == "ln" else (w1, b1, wg1, bg1)
+        print(f"{name:6s} " + _row(*cases[name], x, xg, dy, *params))
+
+
+def _row(ours, ref, x, xg, dy, w, b, wg, bg) -> str:  # type: ignore[no-untyped-def]
+    with kernels.use("triton"):
+        f = _best_us(lambda: ours(x, w, b))
+        fb = _best_us(lambda: torch.autograd.grad(ours(xg, wg, bg), (xg, wg, bg), dy), 200)
+    nf = _best_us(lambda: ref(x, w, b))
+    nfb = _best_us(lambda: torch.autograd.grad(ref(xg, wg, bg), (xg, wg, bg), dy), 200)
+    return f"{f:8.1f} {nf:10.1f} {fb:11.1f} {nfb:10.1f}"
 
 
 if __name__ == "__main__":

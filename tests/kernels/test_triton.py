@@ -729,20 +729,32 @@ def test_functional_group_norm_proxy_act_takes_the_fused_kernels(layout, ran_fus
     assert ran_fused == {"gn_proxy_forward": 2, "gn_proxy_backward": 2}, ran_fused
 
 
+# GroupNorm(3) and InstanceNorm with a per-channel affine; LayerNorm over (C, H, W) with a (C, H, W)
+# affine (on channels-last memory its plan reorders the affine to the memory's order)
+_ONE_NODE = {
+    "gn": (lambda x, w, b: F.group_norm(x, 3, w, b), (6,)),
+    "ln": (lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b), (6, 4, 5)),
+    "in": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output, (6,)),
+}
+
+
+@pytest.mark.parametrize("op", list(_ONE_NODE))
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize(
     ("wants", "affine"),
     [("all", True), ("x", True), ("params", True), ("none", True), ("all", False), ("none", False)],
 )
-def test_group_norm_is_one_node_and_differentiates_what_is_asked(wants, layout, affine, ran):
-    # F.group_norm on the Triton kernels is one autograd node on x as it lies (no views of x, the
-    # affine or the output around it); frozen parameters, a constant input or no grad at all run the
-    # same kernels, and what is asked for matches the float64 reference
+def test_norm_is_one_node_and_differentiates_what_is_asked(op, wants, layout, affine, ran):
+    # F.group_norm, F.layer_norm and F.instance_norm on the Triton kernels are one autograd node on
+    # x as it lies (no views of x, the affine or the output around it); frozen parameters, a
+    # constant input or no grad at all run the same kernels, and what is asked for matches the
+    # float64 reference
+    fn, pshape = _ONE_NODE[op]
     torch.manual_seed(33)
     x = torch.randn(2, 6, 4, 5, dtype=F64)
     if layout == "cl":
         x = x.to(memory_format=torch.channels_last)
-    w, b = (torch.randn(6, dtype=F64) * 0.3 + s for s in (1.0, 0.0))
+    w, b = (torch.randn(pshape, dtype=F64) * 0.3 + s for s in (1.0, 0.0))
     dy = torch.randn(2, 6, 4, 5, dtype=F64)
 
     def run(backend, dtype):
@@ -753,7 +765,7 @@ def test_group_norm_is_one_node_and_differentiates_what_is_asked(wants, layout, 
             else [None, None]
         )
         with kernels.use(backend):
-            y = F.group_norm(xt, 3, *ps)
+            y = fn(xt, *ps)
         live = [t for t in (xt, *ps) if t is not None and t.requires_grad]
         return y, live, (torch.autograd.grad(y, live, dy.to(dtype).to(DEVICE)) if live else ())
 
@@ -765,12 +777,27 @@ def test_group_norm_is_one_node_and_differentiates_what_is_asked(wants, layout, 
         if wants == "none":
             assert yt.grad_fn is None
             continue
-        assert type(yt.grad_fn).__name__ == "_GroupNormBackward"
+        assert type(yt.grad_fn).__name__ == "_NormBackward"
         assert {type(f).__name__ for f, _ in yt.grad_fn.next_functions if f is not None} == {"AccumulateGrad"}
         assert len(gt) == len(gr)
         for a, r in zip(gt, gr):
+            assert a.shape == r.shape
             _close(a.cpu(), r, GTOL[dtype])
     assert ran["forward"] == 2 and ran["backward"] == (0 if wants == "none" else 2), ran
+
+
+def test_layer_norm_double_backward_on_the_triton_backend():
+    # create_graph=True differentiates the reference composite (LayerNorm over (C, H, W), channels-last)
+    torch.manual_seed(35)
+    x = (
+        torch.randn(2, 3, 2, 2, dtype=F64, device=DEVICE)
+        .to(memory_format=torch.channels_last)
+        .requires_grad_()
+    )
+    w = (torch.rand(3, 2, 2, dtype=F64, device=DEVICE) + 0.5).requires_grad_()
+    b = torch.randn(3, 2, 2, dtype=F64, device=DEVICE, requires_grad=True)
+    with kernels.use("triton"):
+        assert torch.autograd.gradgradcheck(lambda *t: F.layer_norm(t[0], (3, 2, 2), t[1], t[2]), (x, w, b))
 
 
 def test_group_norm_double_backward_and_forward_ad_on_the_triton_backend():

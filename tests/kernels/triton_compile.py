@@ -276,7 +276,7 @@ def _tile_per_thread(k: Any) -> int | None:
 # (measured before: the Welford count in its own layout cost four per step in the per-set walk)
 NO_BARRIER = (
     "bn_bwd_sums_kernel", "bn_moments_kernel", "bn_stats_kernel", "gcl_bwd_sums_kernel",
-    "gcl_stats_kernel", "ln2d_fwd_kernel", "split_moments_kernel", "split_stats_kernel",
+    "gcl_stats_kernel", "ln2d_fwd_kernel", "split_stats_kernel",
 )  # fmt: skip
 
 

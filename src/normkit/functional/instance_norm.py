@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .._errors import NormError
-from ..kernels import _direct, _fast
+from ..kernels import _direct, _fast, triton_ready
 from ..ops.library import exporting
 from ._autograd import norm_count
 from ._checks import check_eps, check_input, check_momentum, check_param
@@ -125,6 +125,10 @@ def instance_norm(
             fast = _fast.group_norm(x, C, weight, bias, eps)  # eager CPU: one fused call each way
         else:
             fast = _direct.group_norm(x, C, weight, bias, eps)  # on a GPU: torch's own kernel, one call
+            if fast is None and not torch.compiler.is_compiling() and triton_ready(x):
+                from ..kernels import triton as _triton
+
+                fast = _triton.group_norm(x, C, weight, bias, eps)  # normkit's Triton kernels, one node
         if fast is not None:
             return NormOutput(fast, running_mean, running_var, num_batches_tracked)
     w, b = channel_view(weight, x.dim()), channel_view(bias, x.dim())

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._errors import NormError
-from ..kernels import _direct, _fast
+from ..kernels import _direct, _fast, triton_ready
 from ..ops.library import exporting
 from ._autograd import norm_output
 from ._checks import check_eps, check_input, check_param
@@ -74,6 +74,12 @@ def layer_norm(
         y = _direct.layer_norm(x, shape, weight, bias, eps)  # on a GPU: torch's own kernel, one call
         if y is not None:
             return y
+        if not torch.compiler.is_compiling() and triton_ready(x):  # normkit's Triton kernels, one node
+            from ..kernels import triton as _triton
+
+            y = _triton.layer_norm(x, shape, weight, bias, eps)
+            if y is not None:
+                return y
     if eager:
         fast = _fast.layer_norm_rows(x, k, weight, bias, eps)  # eager CPU: one fused call each way
         if fast is not None:

@@ -138,10 +138,20 @@ def _blocks(NC: int, M: int) -> tuple[int, int]:
     return BC, BM
 
 
-def _acc(x: Tensor) -> tuple[torch.dtype, object]:
-    import triton.language as tl
+_ACC: dict[torch.dtype, tuple[torch.dtype, object]] = {}
 
-    return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
+
+def _acc(x: Tensor) -> tuple[torch.dtype, object]:
+    """``(torch dtype, Triton dtype)`` the kernels accumulate ``x`` in (float64 for float64, else
+    float32); kept per dtype (an ``import`` inside a function is a microsecond a call)."""
+    got = _ACC.get(x.dtype)
+    if got is None:
+        import triton.language as tl
+
+        got = _ACC[x.dtype] = (
+            (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
+        )
+    return got
 
 
 def _bound(acc: torch.dtype) -> float:
@@ -493,7 +503,7 @@ def forward(
 
     Called by :func:`normkit.kernels.norm_forward`; needs triton (and a GPU or its interpreter).
     With few sets (BatchNorm's one per channel, GN on a small batch) each set is cut into chunks,
-    one program each: a two-phase reduction (chunk moments, combined per set) then the output.
+    one program each: a two-phase reduction (chunk moments; combined per set by the output kernel).
 
     Example:
         >>> x = torch.randn(2, 4, 3, 3, device="cuda")  # doctest: +SKIP
@@ -548,9 +558,6 @@ def forward(
     _kernels.split_stats_kernel[grid](
         x, hl, pm, nsets, nchunks, ch, *mwalk, bound, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM
     )
-    _kernels.split_moments_kernel[grid](
-        x, hl, pm, nsets, nchunks, ch, *mwalk, bound, SPLIT_C=split_c, ACC=tacc, BC=BC, BM=BM, BJ=BJ
-    )
     _kernels.split_apply_kernel[grid](
         x,
         y,
@@ -572,6 +579,7 @@ def forward(
         BC=BC,
         BM=BM,
         BJ=BJ,
+        RBM=max(1, BM // 8),
     )
     return y, stats
 
@@ -1117,28 +1125,37 @@ def _gn_plan(x: Tensor, groups: int, fused: bool = True) -> Plan | None:
     return p
 
 
-class _GroupNorm(torch.autograd.Function):
-    """GroupNorm on the Triton kernels as one autograd node on ``x`` as it is: no views of ``x``,
-    the affine or the output around it (each one more node for autograd, ~6 us of host time a
-    call each way, which on a GPU is most of a small norm's time)."""
+class _Norm(torch.autograd.Function):
+    """A norm on the Triton kernels as one autograd node on ``x`` as it lies: no views of ``x``, the
+    affine or the output around it (each a node for autograd, about 6 us of host time a call each
+    way, which on a GPU is much of a small norm's time). ``pview``: the broadcast shape of the affine
+    the plan was made for; ``composite``: ``(name, arg)`` of the :mod:`normkit.functional` call
+    ``name(x, arg, w, b, eps)`` that a double backward differentiates on the reference path."""
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, G: int, eps: float
+        ctx: Any,
+        x: Tensor,
+        w: Tensor | None,
+        b: Tensor | None,
+        p: Plan,
+        pview: tuple[int, ...],
+        stat_shape: list[int],
+        eps: float,
+        composite: Any,
     ) -> Tensor:  # type: ignore[override]
-        acc = _acc(x)[0]
-        wv = _vec(w, acc) if w is not None else None
-        y, stats = forward(x, wv, _vec(b, acc) if b is not None else None, p, eps, [p.N, G])
+        wv, bv = _affine(x, w, b, p, pview)
+        y, stats = forward(x, wv, bv, p, eps, stat_shape)
         ctx.save_for_backward(x, w, b, stats, wv)
-        ctx.p, ctx.G, ctx.eps = p, G, eps
+        ctx.p, ctx.pview, ctx.composite, ctx.eps = p, pview, composite, eps
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         x, w, b, stats, wv = ctx.saved_tensors
+        none = (None,) * 5
         if torch.is_grad_enabled() or type(dy) is not Tensor or not torch._C._has_storage(dy):
             # create_graph=True (or batched gradients): differentiate the composite of reference ops
-            from ...functional.group_norm import group_norm as _composite
             from .. import use
 
             with torch.enable_grad(), use("reference"):
@@ -1147,12 +1164,15 @@ class _GroupNorm(torch.autograd.Function):
                     xi,
                     *(t if t is None or t.requires_grad else t.detach().requires_grad_() for t in (w, b)),
                 ]
-                y = _composite(xi, ctx.G, ins[1], ins[2], ctx.eps)
+                import normkit.functional as nf
+
+                name, arg = ctx.composite
+                y = getattr(nf, name)(xi, arg, ins[1], ins[2], ctx.eps)
                 live = [t for t in ins if t is not None]
                 got = iter(
                     torch.autograd.grad(y, live, dy, create_graph=torch.is_grad_enabled(), allow_unused=True)
                 )
-            return (*(next(got) if t is not None else None for t in ins), None, None, None)
+            return (*(next(got) if t is not None else None for t in ins), *none)
         if dy.dtype != x.dtype or dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)
         need_w = ctx.needs_input_grad[1] and w is not None
@@ -1160,12 +1180,59 @@ class _GroupNorm(torch.autograd.Function):
         dx, dw, db = backward(dy, x, wv, stats, ctx.p, ctx.needs_input_grad[0], need_w or need_b)
         return (
             dx,
-            dw.to(w.dtype) if need_w else None,  # type: ignore[union-attr]
-            db.to(b.dtype) if need_b else None,  # type: ignore[union-attr]
-            None,
-            None,
-            None,
+            _affine_grad(dw, w, ctx.pview, ctx.p.order) if need_w else None,  # type: ignore[arg-type]
+            _affine_grad(db, b, ctx.pview, ctx.p.order) if need_b else None,  # type: ignore[arg-type]
+            *none,
         )
+
+
+def _affine_grad(g: Tensor, t: Tensor, pview: tuple[int, ...], order: tuple[int, ...] | None) -> Tensor:
+    """A flat affine gradient from the kernels (the plan's channel order) as the parameter ``t``."""
+    if order is None:
+        return g.view(t.shape).to(t.dtype)
+    from .. import _unflat
+
+    return _unflat(g, t.view(pview), order).view(t.shape)
+
+
+def _affine(
+    x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, pview: tuple[int, ...]
+) -> tuple[Tensor | None, Tensor | None]:
+    """The affine as the kernels read it: flat, in the plan's channel order, accumulation dtype."""
+    from .. import _flat
+
+    acc = _acc(x)[0]
+    if p.order is None:  # (then the flat order is the parameter's own)
+        return (_vec(w, acc) if w is not None else None), (_vec(b, acc) if b is not None else None)
+    return (
+        _flat(w.view(pview), acc, p.order) if w is not None else None,
+        _flat(b.view(pview), acc, p.order) if b is not None else None,
+    )
+
+
+def _norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    p: Plan,
+    pview: tuple[int, ...],
+    stat_shape: list[int],
+    eps: float,
+    composite: Any,
+) -> Tensor:
+    """``y`` of the norm ``p`` on ``x``: the one-node Function where autograd needs it, else the launches."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _Norm.apply(x, weight, bias, p, pview, stat_shape, float(eps), composite)  # type: ignore[no-any-return]
+    wv, bv = _affine(x, weight, bias, p, pview)
+    return forward(x, wv, bv, p, float(eps), stat_shape)[0]
+
+
+def _usable(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether the one-node path may take a call: not dual tensors (the general op has the jvp), and
+    the affine on x's device."""
+    return torch.autograd.forward_ad._current_level < 0 and all(
+        t is None or t.device == x.device for t in (weight, bias)
+    )
 
 
 def group_norm(
@@ -1178,16 +1245,46 @@ def group_norm(
     Example:
         >>> y = group_norm(x, 32, weight, bias, 1e-5)  # doctest: +SKIP
     """
-    if x.dim() < 3 or torch.autograd.forward_ad._current_level >= 0:
-        return None  # ((N, C) inputs, and dual tensors: the general op, which has a jvp)
+    if x.dim() < 3 or not _usable(x, weight, bias):
+        return None  # ((N, C) inputs: the general op)
     p = _gn_plan(x, groups, fused=False)
-    if p is None or any(t is not None and t.device != x.device for t in (weight, bias)):
+    if p is None:
         return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _GroupNorm.apply(x, weight, bias, p, groups, float(eps))  # type: ignore[no-any-return]
-    acc = _acc(x)[0]
-    w = _vec(weight, acc) if weight is not None else None
-    return forward(x, w, _vec(bias, acc) if bias is not None else None, p, float(eps), [p.N, groups])[0]
+    pview = (x.shape[1],)  # (the GN plans have no channel permutation: the flat affine is w itself)
+    return _norm(x, weight, bias, p, pview, [p.N, groups], eps, ("group_norm", groups))
+
+
+_LN_PLANS: dict[tuple[object, ...], tuple[Plan, tuple[int, ...], list[int]] | None] = {}
+
+
+def layer_norm(
+    x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor | None:
+    """:func:`normkit.functional.layer_norm` over the trailing ``shape`` (checked arguments, no mask)
+    on the Triton kernels as one autograd node, or ``None`` where this path does not take it.
+
+    Example:
+        >>> y = layer_norm(x, (256, 14, 14), weight, bias, 1e-5)  # doctest: +SKIP
+    """
+    if not _usable(x, weight, bias):
+        return None
+    key = (x.shape, x.stride(), len(shape), weight is not None, bias is not None, x.device)
+    if key not in _LN_PLANS:
+        from .. import plan
+
+        k = len(shape)
+        pview = (1,) * (x.dim() - k) + tuple(shape)
+        dims = tuple(range(x.dim() - k, x.dim()))
+        meta = torch.empty(pview, device="meta")
+        p = plan(x, dims, meta if weight is not None else None, meta if bias is not None else None)
+        if len(_LN_PLANS) > 1024:
+            _LN_PLANS.clear()
+        _LN_PLANS[key] = (p, pview, core.stat_shape(x, dims)) if p is not None else None
+    got = _LN_PLANS[key]
+    if got is None:
+        return None
+    p, pview, stat_shape = got
+    return _norm(x, weight, bias, p, pview, stat_shape, eps, ("layer_norm", shape))
 
 
 def _gn_proxy_fwd(

@@ -408,12 +408,13 @@ def norm_bwd_kernel(
 #
 # Chunks are runs of positions, or of channels where a set has more channels than positions (LN
 # over (C, H, W) with an elementwise affine). Used where there are too few sets to fill the GPU
-# (BatchNorm: one set per channel; GN / LN on a small batch). Three launches forward (each chunk's
-# max / min and count, mean and centred second moment of x - x0; only for a set whose range is not
-# plain, each chunk's moments of the scaled values, in place of those; the output, after combining
-# the chunks' moments with Chan's formula): two reads of x, three for a set that is not plain. Two
-# launches backward (each chunk's sums; dx). Every program recomputes the set's range, shift and
-# scale from the chunks' max / min with the same instructions, so all of them agree bit for bit.
+# (BatchNorm: one set per channel; GN / LN on a small batch). Two launches forward (each chunk's
+# max / min and count, mean and centred second moment of x - x0; the output, after combining the
+# chunks' moments with Chan's formula): two reads of x. A set whose range is not plain (rare) has
+# each of its output programs read the whole set once more for its scaled moments, where a launch
+# between the two passes cost every call a launch (host time and a GPU launch). Two launches
+# backward (each chunk's sums; dx). Every program recomputes the set's range, shift and scale from
+# the chunks' max / min with the same instructions, so all of them agree bit for bit.
 
 
 @triton.jit
@@ -466,25 +467,21 @@ def split_stats_kernel(
 
 
 @triton.jit
-def split_moments_kernel(
-    X, HL, PM, nsets, nchunks, CH, NC, M, M2, s_c, s_m1, s_m2, D1, B1, B2, exp_bound,
-    SPLIT_C: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr,
+def _scaled_set_moments(
+    X, k, z, h, lw, mid, inv, NC, M, D1, B1, B2, s_c, s_m1, s_m2, M2,
+    ACC: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
 ):  # fmt: skip
-    """Only for a set whose range is not plain (its programs return at once otherwise): the chunk's
-    moments of the scaled values (x - mid) * inv, over split_stats_kernel's."""
-    k = tl.program_id(0)
-    jc = tl.program_id(1)
-    h, lw = _set_range(HL, k, nsets, nchunks, BJ)
-    if _plain(h, lw, exp_bound, NC * M).to(tl.int32) == 0:
-        c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
-        mid, inv = _shift_scale(h, lw, exp_bound)
-        cnt, mb, m2 = _moments(
-            X, k, c_lo, c_hi, lo_m, hi_m, D1, B1, B2, s_c, s_m1, s_m2, M2, mid, inv, ACC, BC, BM
-        )
-        row = k.to(tl.int64) * nchunks + jc
-        tl.store(PM + row, cnt)
-        tl.store(PM + nsets * nchunks + row, mb)
-        tl.store(PM + 2 * nsets * nchunks + row, m2)
+    """``(count, mean, var)`` of the scaled values ``(x - mid) * inv`` of the whole of set ``k``: for
+    a set whose range is not plain (rare: values beyond about 2^59 or a range below 2^-40 in float32),
+    each of its programs reads the set once more itself, where a launch between the statistics and
+    the output would cost every call a launch. A non-finite range (an inf) reads nothing: NaN."""
+    span = h - lw
+    finite = span < float("inf")  # (False for inf and NaN)
+    hi_m = tl.where(finite, M, 0) + z
+    cnt, mb, m2 = _moments(X, k, z, NC + z, z, hi_m, D1, B1, B2, s_c, s_m1, s_m2, M2, mid, inv, ACC, BC, BM)
+    n = (NC * M + z).to(ACC)
+    bad = tl.where(finite, 0.0, float("nan")).to(ACC)
+    return n, mb + bad, m2 / tl.maximum(cnt, 1.0) + bad
 
 
 @triton.jit
@@ -518,26 +515,33 @@ def split_apply_kernel(
     BC: tl.constexpr,
     BM: tl.constexpr,
     BJ: tl.constexpr,
+    RBM: tl.constexpr,
 ):
+    # RBM: the narrower tile of the rare scaled re-read (its registers would otherwise be the
+    # kernel's, and halve the warps an SM holds for the common output pass)
     k = tl.program_id(0)
     jc = tl.program_id(1)
     c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
     h, lw = _set_range(HL, k, nsets, nchunks, BJ)
     mid = _first(X, k, D1, B1, B2, ACC)
     inv = mid * 0.0 + 1.0
-    if _plain(h, lw, exp_bound, NC * M).to(tl.int32) == 0:
+    if _plain(h, lw, exp_bound, NC * M).to(tl.int32) != 0:
+        # Chan et al.'s combination of the chunks' (count, mean, M2) of x - x0
+        j = tl.arange(0, BJ)
+        jm = j < nchunks
+        row = k.to(tl.int64) * nchunks + j
+        cnt = tl.load(PM + row, mask=jm, other=0.0)
+        mb = tl.load(PM + nsets * nchunks + row, mask=jm, other=0.0)
+        m2 = tl.load(PM + 2 * nsets * nchunks + row, mask=jm, other=0.0)
+        n = tl.sum(cnt, axis=0)
+        cm = tl.sum(cnt * mb, axis=0) / n
+        dm = mb - cm
+        var = tl.sum(m2 + cnt * dm * dm, axis=0) / n
+    else:
         mid, inv = _shift_scale(h, lw, exp_bound)
-    # Chan et al.'s combination of the chunks' (count, mean, M2)
-    j = tl.arange(0, BJ)
-    jm = j < nchunks
-    row = k.to(tl.int64) * nchunks + j
-    cnt = tl.load(PM + row, mask=jm, other=0.0)
-    mb = tl.load(PM + nsets * nchunks + row, mask=jm, other=0.0)
-    m2 = tl.load(PM + 2 * nsets * nchunks + row, mask=jm, other=0.0)
-    n = tl.sum(cnt, axis=0)
-    cm = tl.sum(cnt * mb, axis=0) / n
-    dm = mb - cm
-    var = tl.sum(m2 + cnt * dm * dm, axis=0) / n
+        n, cm, var = _scaled_set_moments(
+            X, k, jc * 0, h, lw, mid, inv, NC, M, D1, B1, B2, s_c, s_m1, s_m2, M2, ACC, BC, RBM
+        )
     rstd = _rstd(var, inv, eps)
     cbase = (k % D1) * CK
     for c0 in range(c_lo, c_hi, BC):

@@ -34,14 +34,14 @@ fi
 stage "1. tests"
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8 -p no:benchmark)
-NORMKIT_TEST_DEVICE=cuda timeout "${TESTS_S:-100}" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+NORMKIT_TEST_DEVICE=cuda timeout "${TESTS_S:-130}" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" \
   -W ignore::DeprecationWarning -o addopts="--import-mode=importlib" tests/kernels/test_triton.py \
   > "$OUT/tests.log" 2>&1 || status=1
 tail -n 15 "$OUT/tests.log"
 
 if [ "${PROFILE:-1}" = 1 ]; then
   stage "1b. where the time goes (torch.profiler per kernel, registers and spills)"
-  timeout "${PROFILE_S:-90}" "$PY" benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1 || status=1
+  timeout "${PROFILE_S:-60}" "$PY" benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1 || status=1
   tail -n 25 "$OUT/profile.txt"
 fi
 

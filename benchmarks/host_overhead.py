@@ -26,12 +26,15 @@ from normkit import kernels
 
 
 class _NoLaunch:
-    """Stands in for the kernels module: ``kernel[grid](...)`` does nothing."""
+    """Stands in for the kernels module: ``kernel[grid](...)`` does nothing (and is counted)."""
+
+    launches = 0
 
     def __getattr__(self, name: str):
         return self
 
     def __getitem__(self, grid):
+        _NoLaunch.launches += 1
         return lambda *a, **k: None
 
 
@@ -73,7 +76,10 @@ def main(names: list[str]) -> None:
             lambda x, w, b: torch.relu(TF.group_norm(x, 32, w, b)),
         ),
     }
-    print(f"{'call':6s} {'fwd us':>8s} {'torch cpu':>10s} {'fwd+bwd us':>11s} {'torch cpu':>10s}")
+    print(
+        f"{'call':6s} {'fwd us':>8s} {'torch cpu':>10s} {'fwd+bwd us':>11s} {'torch cpu':>10s} "
+        f"{'launches fwd / fwd+bwd':>23s}"
+    )
     w3, b3 = torch.rand(64, 8, 8) + 0.5, torch.randn(64, 8, 8)  # (LayerNorm's (C, H, W) affine)
     wg3, bg3 = (t.clone().requires_grad_() for t in (w3, b3))
     for name in names or list(cases):
@@ -85,9 +91,15 @@ def _row(ours, ref, x, xg, dy, w, b, wg, bg) -> str:  # type: ignore[no-untyped-
     with kernels.use("triton"):
         f = _best_us(lambda: ours(x, w, b))
         fb = _best_us(lambda: torch.autograd.grad(ours(xg, wg, bg), (xg, wg, bg), dy), 200)
+        _NoLaunch.launches = 0
+        ours(x, w, b)
+        lf = _NoLaunch.launches
+        torch.autograd.grad(ours(xg, wg, bg), (xg, wg, bg), dy)
+        lfb = _NoLaunch.launches - lf
     nf = _best_us(lambda: ref(x, w, b))
     nfb = _best_us(lambda: torch.autograd.grad(ref(xg, wg, bg), (xg, wg, bg), dy), 200)
-    return f"{f:8.1f} {nf:10.1f} {fb:11.1f} {nfb:10.1f}"
+    # (the launches of this small shape's path: one program per set; a GPU splits few sets into chunks)
+    return f"{f:8.1f} {nf:10.1f} {fb:11.1f} {nfb:10.1f} {lf:>11d} / {lfb:<11d}"
 
 
 if __name__ == "__main__":

@@ -729,12 +729,13 @@ def test_functional_group_norm_proxy_act_takes_the_fused_kernels(layout, ran_fus
     assert ran_fused == {"gn_proxy_forward": 2, "gn_proxy_backward": 2}, ran_fused
 
 
-# GroupNorm(3) and InstanceNorm with a per-channel affine; LayerNorm over (C, H, W) with a (C, H, W)
-# affine (on channels-last memory its plan reorders the affine to the memory's order)
+# GroupNorm(3), InstanceNorm and LayerNorm2d with a per-channel affine; LayerNorm over (C, H, W)
+# with a (C, H, W) affine (on channels-last memory its plan reorders the affine to the memory's order)
 _ONE_NODE = {
     "gn": (lambda x, w, b: F.group_norm(x, 3, w, b), (6,)),
     "ln": (lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b), (6, 4, 5)),
     "in": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output, (6,)),
+    "ln2d": (lambda x, w, b: F.layer_norm_2d(x, w, b), (6,)),
 }
 
 
@@ -745,7 +746,7 @@ _ONE_NODE = {
     [("all", True), ("x", True), ("params", True), ("none", True), ("all", False), ("none", False)],
 )
 def test_norm_is_one_node_and_differentiates_what_is_asked(op, wants, layout, affine, ran):
-    # F.group_norm, F.layer_norm and F.instance_norm on the Triton kernels are one autograd node on
+    # F.group_norm, F.layer_norm, F.instance_norm and F.layer_norm_2d on the Triton kernels are one node on
     # x as it lies (no views of x, the affine or the output around it); frozen parameters, a
     # constant input or no grad at all run the same kernels, and what is asked for matches the
     # float64 reference
@@ -787,7 +788,8 @@ def test_norm_is_one_node_and_differentiates_what_is_asked(op, wants, layout, af
 
 
 def test_layer_norm_double_backward_on_the_triton_backend():
-    # create_graph=True differentiates the reference composite (LayerNorm over (C, H, W), channels-last)
+    # create_graph=True differentiates the reference composite (LayerNorm over (C, H, W) and
+    # LayerNorm2d, channels-last)
     torch.manual_seed(35)
     x = (
         torch.randn(2, 3, 2, 2, dtype=F64, device=DEVICE)
@@ -796,8 +798,10 @@ def test_layer_norm_double_backward_on_the_triton_backend():
     )
     w = (torch.rand(3, 2, 2, dtype=F64, device=DEVICE) + 0.5).requires_grad_()
     b = torch.randn(3, 2, 2, dtype=F64, device=DEVICE, requires_grad=True)
+    w2, b2 = (t[:, 0, 0].detach().clone().requires_grad_() for t in (w, b))  # LayerNorm2d's (C,) affine
     with kernels.use("triton"):
         assert torch.autograd.gradgradcheck(lambda *t: F.layer_norm(t[0], (3, 2, 2), t[1], t[2]), (x, w, b))
+        assert torch.autograd.gradgradcheck(lambda *t: F.layer_norm_2d(t[0], t[1], t[2]), (x, w2, b2))
 
 
 def test_group_norm_double_backward_and_forward_ad_on_the_triton_backend():

@@ -145,6 +145,12 @@ def layer_norm_2d(
         y = _direct.layer_norm_c(x, weight, bias, eps)  # on a GPU: torch's LayerNorm, one call
         if y is not None:
             return y
+        if not torch.compiler.is_compiling() and triton_ready(x):  # normkit's Triton kernels, one node
+            from ..kernels import triton as _triton
+
+            y = _triton.layer_norm_2d(x, weight, bias, eps)
+            if y is not None:
+                return y
     if eager:
         fast = _fast.layer_norm_c(x, weight, bias, eps)  # eager CPU: one fused call each way
         if fast is not None:

@@ -1129,8 +1129,8 @@ class _Norm(torch.autograd.Function):
     """A norm on the Triton kernels as one autograd node on ``x`` as it lies: no views of ``x``, the
     affine or the output around it (each a node for autograd, about 6 us of host time a call each
     way, which on a GPU is much of a small norm's time). ``pview``: the broadcast shape of the affine
-    the plan was made for; ``composite``: ``(name, arg)`` of the :mod:`normkit.functional` call
-    ``name(x, arg, w, b, eps)`` that a double backward differentiates on the reference path."""
+    the plan was made for; ``composite``: ``(name, args)`` of the :mod:`normkit.functional` call
+    ``name(x, *args, w, b, eps)`` that a double backward differentiates on the reference path."""
 
     @staticmethod
     def forward(
@@ -1166,8 +1166,8 @@ class _Norm(torch.autograd.Function):
                 ]
                 import normkit.functional as nf
 
-                name, arg = ctx.composite
-                y = getattr(nf, name)(xi, arg, ins[1], ins[2], ctx.eps)
+                name, args = ctx.composite
+                y = getattr(nf, name)(xi, *args, ins[1], ins[2], ctx.eps)
                 live = [t for t in ins if t is not None]
                 got = iter(
                     torch.autograd.grad(y, live, dy, create_graph=torch.is_grad_enabled(), allow_unused=True)
@@ -1251,10 +1251,38 @@ def group_norm(
     if p is None:
         return None
     pview = (x.shape[1],)  # (the GN plans have no channel permutation: the flat affine is w itself)
-    return _norm(x, weight, bias, p, pview, [p.N, groups], eps, ("group_norm", groups))
+    return _norm(x, weight, bias, p, pview, [p.N, groups], eps, ("group_norm", (groups,)))
 
 
-_LN_PLANS: dict[tuple[object, ...], tuple[Plan, tuple[int, ...], list[int]] | None] = {}
+_PLANS: dict[tuple[object, ...], tuple[Plan, list[int]] | None] = {}
+
+
+def _planned_norm(
+    x: Tensor,
+    dims: tuple[int, ...],
+    pview: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    composite: tuple[str, tuple[Any, ...]],
+) -> Tensor | None:
+    """``x`` normalized over ``dims`` with an affine of broadcast shape ``pview`` on the one-node path,
+    its plan kept per (shape, strides, dims, affine): a training step meets the same few."""
+    if not _usable(x, weight, bias):
+        return None
+    key = (x.shape, x.stride(), dims, pview, weight is not None, bias is not None, x.device)
+    if key not in _PLANS:
+        from .. import plan
+
+        meta = torch.empty(pview, device="meta")
+        p = plan(x, dims, meta if weight is not None else None, meta if bias is not None else None)
+        if len(_PLANS) > 1024:
+            _PLANS.clear()
+        _PLANS[key] = (p, core.stat_shape(x, dims)) if p is not None else None
+    got = _PLANS[key]
+    if got is None:
+        return None
+    return _norm(x, weight, bias, got[0], pview, got[1], eps, composite)
 
 
 def layer_norm(
@@ -1266,25 +1294,21 @@ def layer_norm(
     Example:
         >>> y = layer_norm(x, (256, 14, 14), weight, bias, 1e-5)  # doctest: +SKIP
     """
-    if not _usable(x, weight, bias):
-        return None
-    key = (x.shape, x.stride(), len(shape), weight is not None, bias is not None, x.device)
-    if key not in _LN_PLANS:
-        from .. import plan
+    k = len(shape)
+    pview = (1,) * (x.dim() - k) + tuple(shape)
+    dims = tuple(range(x.dim() - k, x.dim()))
+    return _planned_norm(x, dims, pview, weight, bias, eps, ("layer_norm", (tuple(shape),)))
 
-        k = len(shape)
-        pview = (1,) * (x.dim() - k) + tuple(shape)
-        dims = tuple(range(x.dim() - k, x.dim()))
-        meta = torch.empty(pview, device="meta")
-        p = plan(x, dims, meta if weight is not None else None, meta if bias is not None else None)
-        if len(_LN_PLANS) > 1024:
-            _LN_PLANS.clear()
-        _LN_PLANS[key] = (p, pview, core.stat_shape(x, dims)) if p is not None else None
-    got = _LN_PLANS[key]
-    if got is None:
-        return None
-    p, pview, stat_shape = got
-    return _norm(x, weight, bias, p, pview, stat_shape, eps, ("layer_norm", shape))
+
+def layer_norm_2d(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
+    """:func:`normkit.functional.layer_norm_2d` over the channels (checked arguments) on the Triton
+    kernels as one autograd node (a ConvNeXt block under bf16 autocast keeps it there), or ``None``.
+
+    Example:
+        >>> y = layer_norm_2d(x, weight, bias, 1e-6)  # doctest: +SKIP
+    """
+    pview = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    return _planned_norm(x, (1,), pview, weight, bias, eps, ("layer_norm_2d", ()))
 
 
 def _gn_proxy_fwd(

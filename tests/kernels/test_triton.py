@@ -821,6 +821,18 @@ def test_group_norm_double_backward_and_forward_ad_on_the_triton_backend():
     _close(jvp, want, 1e-9)
 
 
+def _pn_layer(C, groups, act, seed):
+    """A float64 GroupNormProxyAct2d with its four parameter vectors moved off their init (seeded)."""
+    from normkit.nn import GroupNormProxyAct2d
+
+    torch.manual_seed(seed)
+    layer = GroupNormProxyAct2d(C, num_groups=groups, activation=act).double()
+    with torch.no_grad():
+        for q in layer.parameters():
+            q.add_(0.3 * torch.randn_like(q))
+    return layer
+
+
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("wants", ["all", "x", "params", "none"])
 def test_fused_group_norm_proxy_is_one_node_and_differentiates_what_is_asked(layout, wants, ran_fused):
@@ -829,11 +841,7 @@ def test_fused_group_norm_proxy_is_one_node_and_differentiates_what_is_asked(lay
     # same kernels run and what is asked for matches the float64 reference layer
     from normkit.nn import GroupNormProxyAct2d
 
-    torch.manual_seed(29)
-    layer = GroupNormProxyAct2d(6, num_groups=3, activation="silu").double()
-    with torch.no_grad():
-        for q in layer.parameters():
-            q.add_(0.3 * torch.randn_like(q))
+    layer = _pn_layer(6, 3, "silu", seed=29)
     x = torch.randn(2, 6, 4, 5, dtype=F64)
     if layout == "cl":
         x = x.to(memory_format=torch.channels_last)
@@ -897,11 +905,7 @@ def test_fused_group_norm_proxy_half_parameters(ran_fused):
     # a bf16 layer (bf16 input and parameters): float32 statistics inside, gradients in bf16
     from normkit.nn import GroupNormProxyAct2d
 
-    torch.manual_seed(31)
-    layer = GroupNormProxyAct2d(8, num_groups=2, activation="relu").double()
-    with torch.no_grad():
-        for q in layer.parameters():
-            q.add_(0.3 * torch.randn_like(q))
+    layer = _pn_layer(8, 2, "relu", seed=31)
     x = torch.randn(3, 8, 4, 4, dtype=F64)
     dout = torch.randn(3, 8, 4, 4, dtype=F64)
     outs = {}

@@ -6,7 +6,7 @@ launches. This script runs normkit's Triton path on CPU tensors (``kernels.use("
 the host work around the kernels, next to torch.nn.functional's whole CPU call on the same small
 input for scale. Ratios between runs of this script are the useful numbers (the machine drifts).
 
-    python benchmarks/host_overhead.py [gn bn ln2d pn ...]
+    python benchmarks/host_overhead.py [gn bn ln2d ln pn step ...]
 """
 
 from __future__ import annotations
@@ -74,6 +74,10 @@ def main(names: list[str]) -> None:
         "pn": (
             lambda x, w, b: NF.group_norm_proxy_act(x, 32, w, b, z, z, eps=1e-5),
             lambda x, w, b: torch.relu(TF.group_norm(x, 32, w, b)),
+        ),
+        "step": (  # Proxy Norm's step alone (after a LayerNorm): its statistics and the activation
+            lambda x, w, b: NF.proxy_norm_act(x, w, b, z, z),
+            lambda x, w, b: torch.relu(torch.addcmul(b[:, None, None], x, w[:, None, None])),
         ),
     }
     print(

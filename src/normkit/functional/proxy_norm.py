@@ -153,7 +153,8 @@ def proxy_norm_act(
     ``torch.autograd.graph.saved_tensors_hooks`` on a (32, 64, 56, 56) fp32 ReLU layer (25.7 MB per
     full-size tensor): the composite saves 77.1 MB of full-size tensors (``y``, the ReLU output and
     ``z - m``), this Function 25.7 MB (``y`` only): 3.0x less (tests/functional/test_proxy_norm.py
-    checks the ratio).
+    checks the ratio). On normkit's Triton kernels (CUDA) the statistics and the step are one
+    autograd node, one kernel each way, keeping ``y`` too.
 
     Args:
         y: normalized input ``(N, C, *spatial)`` or ``(N, C)``, any layout and floating dtype.
@@ -191,8 +192,18 @@ def proxy_norm_act(
             raise TypeError(f"{op}: {name} is required (a (C,) tensor), got None")
         check_param(p, y, (C,), op, name)
     act = get_activation(activation)  # (checks it)
-    m, rstd = proxy_stats(weight, bias, proxy_bias, proxy_weight, activation, eps, num_points, points)
     spec = activation_spec(activation)
+    if memory_efficient and spec is not None and not exporting():
+        from ..kernels import triton_ready
+
+        if triton_ready(y):  # a GPU (or Triton's interpreter): statistics + step, one node, a kernel each
+            from ..kernels import triton as _triton
+
+            u = points if points is not None else _points(num_points, acc_dtype(weight.dtype), y.device)
+            out = _triton.proxy_norm_act(y, weight, bias, proxy_bias, proxy_weight, u, activation, eps)
+            if out is not None:
+                return out
+    m, rstd = proxy_stats(weight, bias, proxy_bias, proxy_weight, activation, eps, num_points, points)
     if memory_efficient and spec is not None and not exporting():
         return proxy_act(y, weight, bias, m, rstd, spec[0], spec[1])
     return proxy_act_composite(y, weight, bias, m, rstd, act)

@@ -747,6 +747,34 @@ def _ce_chunks(
     return cdiv(E, ch), ch, BE
 
 
+def _step_fwd(y: Tensor, walk: tuple[int, ...], vec: list[Tensor], act: str) -> Tensor:
+    """The step's output from ``vec`` = ``[w, b, m, rstd, slope]`` (accumulation dtype, contiguous)."""
+    C, E, E2, s_c, s_e1, s_e2, BCC, BE = walk
+    nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, y.device)
+    out = torch.empty_like(y)
+    _kern().proxy_act_fwd_kernel[(cdiv(C, BCC), nchunks)](
+        y, *vec, out, C, E, E2, s_c, s_e1, s_e2, ch,
+        ACT=_ACTS.index(act), ACC=_acc(vec[2])[1], BCC=BCC, BE=BE,
+    )  # fmt: skip
+    return out
+
+
+def _step_bwd(
+    dout: Tensor, y: Tensor, walk: tuple[int, ...], vec: list[Tensor], act: str, need_dy: bool
+) -> tuple[Tensor | None, Tensor]:
+    """``(dy, part)``: the step's input gradient (if ``need_dy``) and its ``(4, C, nchunks)`` partial
+    sums (rows: of dweight, of dbias, sum dout, sum dout * (z - m)); ``dout`` shares ``y``'s strides."""
+    C, E, E2, s_c, s_e1, s_e2, BCC, BE = walk
+    nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, y.device)
+    dy = torch.empty_like(y) if need_dy else None
+    part = torch.empty((4, C, nchunks), dtype=vec[2].dtype, device=y.device)
+    _kern().proxy_act_bwd_kernel[(cdiv(C, BCC), nchunks)](
+        dout, y, *vec, dy if dy is not None else y, part, C, E, E2, s_c, s_e1, s_e2, ch, nchunks,
+        NEED_DY=dy is not None, ACT=_ACTS.index(act), ACC=_acc(vec[2])[1], BCC=BCC, BE=BE,
+    )  # fmt: skip
+    return dy, part
+
+
 def proxy_act_forward(
     y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float
 ) -> Tensor | None:
@@ -762,32 +790,9 @@ def proxy_act_forward(
     walk = _ce_walk(y) if act in _ACTS else None
     if walk is None:
         return None
-
-    _kernels = _kern()
-
-    C, E, E2, s_c, s_e1, s_e2, BCC, BE = walk
-    nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, y.device)
     acc = m.dtype
     vec = [t.detach().to(acc).contiguous() for t in (weight, bias, m, rstd)]
-    vec.append(_slope(slope, acc, y.device))
-    out = torch.empty_like(y)
-    _kernels.proxy_act_fwd_kernel[(cdiv(C, BCC), nchunks)](
-        y,
-        *vec,
-        out,
-        C,
-        E,
-        E2,
-        s_c,
-        s_e1,
-        s_e2,
-        ch,
-        ACT=_ACTS.index(act),
-        ACC=_acc(m)[1],
-        BCC=BCC,
-        BE=BE,
-    )
-    return out
+    return _step_fwd(y, walk, [*vec, _slope(slope, acc, y.device)], act)
 
 
 def proxy_act_backward(
@@ -810,36 +815,9 @@ def proxy_act_backward(
     walk = _ce_walk(y) if act in _ACTS and dout.stride() == y.stride() and dout.dtype == y.dtype else None
     if walk is None:
         return None
-
-    _kernels = _kern()
-
-    C, E, E2, s_c, s_e1, s_e2, BCC, BE = walk
-    nchunks, ch, BE = _ce_chunks(C, E, BCC, BE, y.device)
     acc = m.dtype
     vec = [t.detach().to(acc).contiguous() for t in (weight, bias, m, rstd)]
-    vec.append(_slope(slope, acc, y.device))
-    dy = torch.empty_like(y) if needs[0] else None
-    part = torch.empty((4, C, nchunks), dtype=acc, device=y.device)
-    _kernels.proxy_act_bwd_kernel[(cdiv(C, BCC), nchunks)](
-        dout,
-        y,
-        *vec,
-        dy if dy is not None else y,
-        part,
-        C,
-        E,
-        E2,
-        s_c,
-        s_e1,
-        s_e2,
-        ch,
-        nchunks,
-        NEED_DY=dy is not None,
-        ACT=_ACTS.index(act),
-        ACC=_acc(m)[1],
-        BCC=BCC,
-        BE=BE,
-    )
+    dy, part = _step_bwd(dout, y, walk, [*vec, _slope(slope, acc, y.device)], act, needs[0])
     sums = part.sum(2)
     return (
         dy,
@@ -975,6 +953,116 @@ def proxy_stats(
     return _ProxyStats.apply(
         weight, bias, proxy_bias, proxy_weight, points, spec[0], float(spec[1]), float(eps)
     )  # type: ignore[no-any-return]
+
+
+def _proxy_norm_act_fwd(
+    y: Tensor, walk: tuple[int, ...], params: tuple[Tensor, ...], u: Tensor, act: str, slope: float,
+    peps: float,
+) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:  # fmt: skip
+    """``(out, vec, m, rstd)``: the proxy statistics, then the step (two launches); ``vec`` =
+    ``[w, b, pb, pw, points, slope]`` as the kernels read them."""
+    acc = _acc(params[0])[0]
+    vec = [_vec(t, acc) for t in (*params, u)]
+    vec.append(_slope(slope, acc, y.device))
+    m, r = _proxy_stats_fwd(vec[:5], vec[5], act, peps)
+    return _step_fwd(y, walk, [vec[0], vec[1], m, r, vec[5]], act), vec, m, r
+
+
+class _ProxyNormAct(torch.autograd.Function):
+    """:func:`normkit.functional.proxy_norm_act` (the statistics from the four parameters, then the
+    step) as one autograd node, two kernels each way; the step's backward partial sums go straight
+    into the statistics' backward kernel (no torch ops between them)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        y: Tensor,
+        w: Tensor,
+        b: Tensor,
+        pb: Tensor,
+        pw: Tensor,
+        u: Tensor,
+        walk: tuple[int, ...],
+        act: str,
+        slope: float,
+        peps: float,
+    ) -> Tensor:  # type: ignore[override]
+        out, vec, m, r = _proxy_norm_act_fwd(y, walk, (w, b, pb, pw), u, act, slope, peps)
+        # (the originals too: a double backward differentiates them)
+        ctx.save_for_backward(y, w, b, pb, pw, m, r, *vec)
+        ctx.walk, ctx.act, ctx.slope, ctx.peps = walk, act, slope, peps
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        y, *params, m, r = ctx.saved_tensors[:7]
+        vec = list(ctx.saved_tensors[7:])
+        none = (None,) * 5
+        if torch.is_grad_enabled() or type(dout) is not Tensor or not torch._C._has_storage(dout):
+            # create_graph=True (or batched gradients): differentiate the composite of plain ops
+            from ...functional.activations import get_activation
+            from ...ops.proxy import proxy_act_composite
+
+            with torch.enable_grad():
+                yi = y if y.requires_grad else y.detach().requires_grad_()
+                ps, (mc, rc) = _proxy_stats_double_backward(
+                    tuple(params), vec[4], ctx.act, ctx.slope, ctx.peps
+                )
+                a = get_activation(ctx.act if ctx.act != "leaky_relu" else torch.nn.LeakyReLU(ctx.slope))
+                out = proxy_act_composite(yi, ps[0], ps[1], mc, rc, a)
+                grads = torch.autograd.grad(
+                    out, [yi, *ps], dout, create_graph=torch.is_grad_enabled(), allow_unused=True
+                )
+            return (*grads, *none)
+        if dout.dtype != y.dtype or dout.stride() != y.stride():
+            dout = torch.empty_like(y).copy_(dout)
+        need_y = ctx.needs_input_grad[0]
+        dy, part = _step_bwd(dout, y, ctx.walk, [vec[0], vec[1], m, r, vec[5]], ctx.act, need_y)
+        if not any(ctx.needs_input_grad[1:5]):
+            return (dy, None, None, None, None, *none)
+        C, nchunks = part.shape[1], part.shape[2]
+        g = _proxy_stats_bwd(vec[:5], vec[5], m, r, ctx.act, m, r, part.view(4, 1, C, nchunks))
+        return (dy, *(g[i].to(t.dtype) for i, t in enumerate(params)), *none)
+
+
+def proxy_norm_act(
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    proxy_bias: Tensor,
+    proxy_weight: Tensor,
+    points: Tensor,
+    activation: Any,
+    eps: float,
+) -> Tensor | None:
+    """:func:`normkit.functional.proxy_norm_act` (checked arguments) on the Triton kernels as one
+    autograd node: the proxy statistics (C x 200 values), then the step, one kernel each way; or
+    ``None`` where it does not apply (an activation or layout the kernels lack, more than
+    :data:`PROXY_MAX_POINTS` points, tensors on different devices, dual tensors): the caller then
+    runs the statistics and the registered step.
+
+    Example:
+        >>> out = proxy_norm_act(y, w, b, pb, pw, points, "relu", 0.03)  # doctest: +SKIP
+    """
+    from ...functional.activations import activation_spec
+
+    spec = activation_spec(activation)
+    if spec is None or spec[0] not in _ACTS:
+        return None
+    params = (weight, bias, proxy_bias, proxy_weight)
+    walk = _ce_walk(y)
+    if (
+        walk is None
+        or points.dim() != 1
+        or not 0 < points.shape[0] <= PROXY_MAX_POINTS
+        or any(t.device != y.device for t in (*params, points))
+        or torch.autograd.forward_ad._current_level >= 0  # (dual tensors: the general ops)
+    ):
+        return None
+    act, slope = spec[0], float(spec[1])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (y, *params)):
+        return _ProxyNormAct.apply(y, *params, points, walk, act, slope, float(eps))  # type: ignore[no-any-return]
+    return _proxy_norm_act_fwd(y, walk, params, points, act, slope, float(eps))[0]
 
 
 # --- GroupNorm + Proxy Norm's step in one kernel each way ----------------------------------------

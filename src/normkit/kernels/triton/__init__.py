@@ -999,21 +999,7 @@ class _ProxyNormAct(torch.autograd.Function):
         vec = list(ctx.saved_tensors[7:])
         none = (None,) * 5
         if torch.is_grad_enabled() or type(dout) is not Tensor or not torch._C._has_storage(dout):
-            # create_graph=True (or batched gradients): differentiate the composite of plain ops
-            from ...functional.activations import get_activation
-            from ...ops.proxy import proxy_act_composite
-
-            with torch.enable_grad():
-                yi = y if y.requires_grad else y.detach().requires_grad_()
-                ps, (mc, rc) = _proxy_stats_double_backward(
-                    tuple(params), vec[4], ctx.act, ctx.slope, ctx.peps
-                )
-                a = get_activation(ctx.act if ctx.act != "leaky_relu" else torch.nn.LeakyReLU(ctx.slope))
-                out = proxy_act_composite(yi, ps[0], ps[1], mc, rc, a)
-                grads = torch.autograd.grad(
-                    out, [yi, *ps], dout, create_graph=torch.is_grad_enabled(), allow_unused=True
-                )
-            return (*grads, *none)
+            return (*_pn_composite_grads(ctx, y, params, vec[4], dout, lambda t: t), *none)
         if dout.dtype != y.dtype or dout.stride() != y.stride():
             dout = torch.empty_like(y).copy_(dout)
         need_y = ctx.needs_input_grad[0]
@@ -1021,8 +1007,34 @@ class _ProxyNormAct(torch.autograd.Function):
         if not any(ctx.needs_input_grad[1:5]):
             return (dy, None, None, None, None, *none)
         C, nchunks = part.shape[1], part.shape[2]
-        g = _proxy_stats_bwd(vec[:5], vec[5], m, r, ctx.act, m, r, part.view(4, 1, C, nchunks))
-        return (dy, *(g[i].to(t.dtype) for i, t in enumerate(params)), *none)
+        return (dy, *_pn_param_grads(ctx.act, params, vec, m, r, part.view(4, 1, C, nchunks)), *none)
+
+
+def _pn_composite_grads(
+    ctx: Any, x: Tensor, params: list[Tensor], u: Tensor, dout: Tensor, to_y: Any
+) -> tuple[Tensor | None, ...]:
+    """create_graph=True (or batched gradients) on a Proxy Norm node: the gradients of ``x`` and the
+    four parameters from the composite of reference ops (``to_y`` maps ``x`` to the step's input),
+    which autograd differentiates again."""
+    from ...functional.activations import get_activation
+    from ...ops.proxy import proxy_act_composite
+    from .. import use
+
+    again = torch.is_grad_enabled()  # (create_graph=True called it: a graph of the gradients)
+    with torch.enable_grad(), use("reference"):
+        xi = x if x.requires_grad else x.detach().requires_grad_()
+        ps, (mc, rc) = _proxy_stats_double_backward(tuple(params), u, ctx.act, ctx.slope, ctx.peps)
+        a = get_activation(ctx.act if ctx.act != "leaky_relu" else torch.nn.LeakyReLU(ctx.slope))
+        out = proxy_act_composite(to_y(xi), ps[0], ps[1], mc, rc, a)
+        return torch.autograd.grad(out, [xi, *ps], dout, create_graph=again, allow_unused=True)
+
+
+def _pn_param_grads(
+    act: str, params: list[Tensor], vec: list[Tensor], m: Tensor, r: Tensor, sums: Tensor
+) -> tuple[Tensor, ...]:
+    """The four parameters' gradients from the step's backward partial sums ``(4, NP, C, NK)``."""
+    g = _proxy_stats_bwd(vec[:5], vec[5], m, r, act, m, r, sums)
+    return tuple(g[i].to(t.dtype) for i, t in enumerate(params))
 
 
 def proxy_norm_act(
@@ -1246,6 +1258,7 @@ class _Norm(torch.autograd.Function):
             # create_graph=True (or batched gradients): differentiate the composite of reference ops
             from .. import use
 
+            again = torch.is_grad_enabled()  # (create_graph=True called it: a graph of the gradients)
             with torch.enable_grad(), use("reference"):
                 xi = x if x.requires_grad else x.detach().requires_grad_()
                 ins = [
@@ -1257,9 +1270,7 @@ class _Norm(torch.autograd.Function):
                 name, args = ctx.composite
                 y = getattr(nf, name)(xi, *args, ins[1], ins[2], ctx.eps)
                 live = [t for t in ins if t is not None]
-                got = iter(
-                    torch.autograd.grad(y, live, dy, create_graph=torch.is_grad_enabled(), allow_unused=True)
-                )
+                got = iter(torch.autograd.grad(y, live, dy, create_graph=again, allow_unused=True))
             return (*(next(got) if t is not None else None for t in ins), *none)
         if dy.dtype != x.dtype or dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)
@@ -1448,32 +1459,17 @@ class _GNProxyAct(torch.autograd.Function):
         vec = list(ctx.saved_tensors[8:])
         none = (None,) * 7
         if torch.is_grad_enabled() or type(dout) is not Tensor or not torch._C._has_storage(dout):
-            # create_graph=True (or batched gradients): differentiate the composite of reference ops
-            from ...functional.activations import get_activation
             from ...functional.group_norm import group_norm
-            from ...ops.proxy import proxy_act_composite
-            from .. import use
 
-            with torch.enable_grad(), use("reference"):
-                xi = x if x.requires_grad else x.detach().requires_grad_()
-                ps, (mc, rc) = _proxy_stats_double_backward(
-                    tuple(params), vec[4], ctx.act, ctx.slope, ctx.peps
-                )
-                a = get_activation(ctx.act if ctx.act != "leaky_relu" else torch.nn.LeakyReLU(ctx.slope))
-                y = group_norm(xi, ctx.G, None, None, ctx.eps)
-                out = proxy_act_composite(y, ps[0], ps[1], mc, rc, a)
-                grads = torch.autograd.grad(
-                    out, [xi, *ps], dout, create_graph=torch.is_grad_enabled(), allow_unused=True
-                )
-            return (*grads, *none)
+            to_y = lambda t: group_norm(t, ctx.G, None, None, ctx.eps)  # noqa: E731
+            return (*_pn_composite_grads(ctx, x, params, vec[4], dout, to_y), *none)
         if dout.dtype != x.dtype or dout.stride() != x.stride():
             dout = torch.empty_like(x).copy_(dout)
         need_x = ctx.needs_input_grad[0]
         dx, sums = gn_proxy_backward(dout, x, stats, ctx.p, [vec[0], vec[1], m, r, vec[5]], ctx.act, need_x)
         if not any(ctx.needs_input_grad[1:5]):
             return (dx, None, None, None, None, *none)
-        g = _proxy_stats_bwd(vec[:5], vec[5], m, r, ctx.act, m, r, sums)
-        return (dx, *(g[i].to(t.dtype) for i, t in enumerate(params)), *none)
+        return (dx, *_pn_param_grads(ctx.act, params, vec, m, r, sums), *none)
 
 
 def gn_proxy_act(

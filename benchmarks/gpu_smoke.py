@@ -93,31 +93,46 @@ def check(name: str, shape: tuple[int, ...], layout: str, dtype: torch.dtype) ->
     dy = torch.randn_like(x)
     xs, ws, bs = (t.detach().requires_grad_(True) for t in (x, w, b))
     launches = {"forward": 0, "backward": 0}
-    real = {k: getattr(nkt, k) for k in launches}
+    phase = ["forward"]
+    real_kern = nkt._kern
 
-    def spy(k):
-        def f(*a, **kw):
-            launches[k] += 1
-            out = real[k](*a, **kw)
-            return out
+    class _Counted:  # every Triton kernel launch of the phase (a silent fallback launches none)
+        def __init__(self, kernels_module):
+            self._m = kernels_module
 
-        return f
+        def __getattr__(self, name):
+            kernel = getattr(self._m, name)
+
+            class _Grid:
+                def __getitem__(self, grid):
+                    launches[phase[0]] += 1
+                    return kernel[grid]
+
+            return _Grid()
 
     try:
-        for k in launches:
-            setattr(nkt, k, spy(k))
+        nkt._kern = lambda: _Counted(real_kern())
         with kernels.use("triton"):
             y = ours(xs, ws, bs)
+            phase[0] = "backward"
             grads = torch.autograd.grad(y, (xs, ws, bs), dy)
         _sync()
     finally:
-        for k, f in real.items():
-            setattr(nkt, k, f)
+        nkt._kern = real_kern
     x64, w64, b64 = (t.detach().to("cpu", F64).requires_grad_(True) for t in (x, w, b))
     y64 = oracle(x64, w64, b64)
     g64 = torch.autograd.grad(y64, (x64, w64, b64), dy.to("cpu", F64))
     errs = [_rel(y, y64.detach()), *(_rel(g, r) for g, r in zip(grads, g64))]
     tol = [TOL[dtype]] + [PN_BF16_GRAD_TOL if "proxy" in name and dtype == torch.bfloat16 else TOL[dtype]] * 3
+    # the oracle itself in this dtype on the CPU: where the float64 answer is a cancellation (BatchNorm's
+    # dx of two values per channel is ~0.1 of dy), its own error sets the scale, and 4x that passes
+    xd, wd, bd = (t.detach().cpu().requires_grad_(True) for t in (x, w, b))
+    yd = oracle(xd, wd, bd)
+    own = [
+        _rel(yd, y64.detach()),
+        *(_rel(g, r) for g, r in zip(torch.autograd.grad(yd, (xd, wd, bd), dy.cpu()), g64)),
+    ]
+    tol = [max(t, 4 * o) for t, o in zip(tol, own)]
     ok = all(e <= t for e, t in zip(errs, tol)) and launches["forward"] >= 1 and launches["backward"] >= 1
     ok = ok and (layout != "cl" or y.is_contiguous(memory_format=torch.channels_last))
     print(

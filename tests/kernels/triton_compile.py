@@ -13,6 +13,7 @@ interpreted ones)::
 
     python -m tests.kernels.triton_compile            # every pattern, dtype, layout and activation
     python -m tests.kernels.triton_compile --quick    # float32 and bfloat16 only
+    python -m tests.kernels.triton_compile --quick --dtypes bfloat16    # one of them
 
 It prints one line per kernel (variants compiled; vectorised global loads / all global loads in
 their PTX, a static view of coalescing; registers per thread and bytes spilled to local memory, from
@@ -354,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the issue-bound share of peak bandwidth of each loop on a ResNet-50 activation",
     )
+    ap.add_argument(
+        "--dtypes",
+        help="only these input dtypes, comma-separated (e.g. float32,bfloat16): the test splits the "
+        "work between processes this way",
+    )
     a = ap.parse_args(argv)
     setup(a.arch)
     if a.roofline:
@@ -362,11 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     t0 = time.perf_counter()
+    dtypes = [torch.float32, torch.bfloat16] + ([] if a.quick else [torch.float16, torch.float64])
+    if a.dtypes:
+        dtypes = [getattr(torch, d.strip()) for d in a.dtypes.split(",")]
     if a.quick:
-        drive([torch.float32, torch.bfloat16], ["relu", "silu"])
+        drive(dtypes, ["relu", "silu"])
     else:
         drive(
-            [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+            dtypes,
             ["relu", torch.nn.LeakyReLU(0.2), "silu", "gelu", "gelu_tanh", "sigmoid", "tanh", "identity"],
         )
     print(f"triton {triton.__version__}, target sm_{a.arch}: {time.perf_counter() - t0:.0f} s")

@@ -994,18 +994,38 @@ def test_fused_proxy_layer_trains_after_running_in_inference_mode():
     from normkit.nn import GroupNormProxyAct2d
 
     nkt._SLOPES.clear()
-    layer = GroupNormProxyAct2d(4, num_groups=2, activation="leaky_relu:0.2").double().to(DEVICE)
-    x = torch.randn(2, 4, 3, 3, dtype=F64, device=DEVICE)
-    with kernels.use("triton"):
-        with torch.inference_mode():
-            layer(x)
-        xg = x.clone().requires_grad_()
-        layer(xg).sum().backward()
-    with kernels.use("reference"):
-        xr = x.clone().requires_grad_()
-        layer(xr).sum().backward()
-    assert xg.grad is not None and xr.grad is not None
-    _close(xg.grad.cpu(), xr.grad.cpu(), 1e-9)
+    nkt._AS_ACC.clear()
+    for dtype, tol in ((F64, 1e-9), (torch.float32, 1e-4)):  # (float32: the points' conversion too)
+        layer = GroupNormProxyAct2d(4, num_groups=2, activation="leaky_relu:0.2").to(dtype).to(DEVICE)
+        x = torch.randn(2, 4, 3, 3, dtype=dtype, device=DEVICE)
+        with kernels.use("triton"):
+            with torch.inference_mode():
+                layer(x)
+            xg = x.clone().requires_grad_()
+            layer(xg).sum().backward()
+        with kernels.use("reference"):
+            xr = x.clone().requires_grad_()
+            layer(xr).sum().backward()
+        assert xg.grad is not None and xr.grad is not None
+        _close(xg.grad.cpu(), xr.grad.cpu(), tol)
+
+
+def test_float64_points_convert_once_per_version():
+    # a layer keeps its quadrature points in float64; the kernels read float32 ones: converted once
+    # (on a GPU each conversion is a launch), again after an in-place change, never across tensors
+    from normkit.kernels import triton as nkt
+
+    u = F.proxy_points(200, dtype=F64)
+    a = nkt._points_vec(u, torch.float32)
+    assert a.dtype == torch.float32 and torch.equal(a, u.float())
+    assert nkt._points_vec(u, torch.float32) is a
+    assert nkt._points_vec(u, F64) is u  # (already as the kernels read it)
+    u.mul_(2.0)
+    b = nkt._points_vec(u, torch.float32)
+    assert b is not a and torch.equal(b, u.float())
+    v = u.clone()  # (equal values, another tensor: its own conversion)
+    c = nkt._points_vec(v, torch.float32)
+    assert c is not b and torch.equal(c, b)
 
 
 def _step_run(backend, dtype, y, params, dout, wants, act="silu", layout="nchw"):

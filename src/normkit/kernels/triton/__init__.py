@@ -19,7 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -719,7 +721,7 @@ def _ce_walk(y: Tensor) -> tuple[int, int, int, int, int, int, int, int] | None:
     when ``y`` is neither contiguous nor channels-last."""
 
     N, C = y.shape[0], y.shape[1]
-    S = y[0, 0].numel() if y.dim() > 2 else 1
+    S = math.prod(y.shape[2:])  # (no view of y: one is a few us of host time)
     E = N * S
     if y.is_contiguous():
         BE = min(next_power_of_2(max(S, 1)), 1024)
@@ -840,6 +842,25 @@ def _vec(t: Tensor, acc: torch.dtype) -> Tensor:
     return t if t.dtype == acc and t.is_contiguous() else t.detach().to(acc).contiguous()
 
 
+_AS_ACC: dict[int, tuple[Any, int, torch.dtype, Tensor]] = {}
+
+
+def _points_vec(u: Tensor, acc: torch.dtype) -> Tensor:
+    """The quadrature points as the kernels read them. A layer keeps them in float64: converted once
+    per (points, version, dtype), not on every call (on a GPU each conversion is a kernel launch)."""
+    if u.dtype == acc and u.is_contiguous():
+        return u
+    got = _AS_ACC.get(id(u))
+    if got is not None and got[0]() is u and got[1] == u._version and got[2] == acc:
+        return got[3]
+    with torch.inference_mode(False):  # (a normal tensor even if first made in inference mode)
+        v = u.detach().to(acc).contiguous()
+    if len(_AS_ACC) > 64:
+        _AS_ACC.clear()
+    _AS_ACC[id(u)] = (weakref.ref(u), u._version, acc, v)  # (the weak reference tells a reused id)
+    return v
+
+
 def _proxy_tiles(C: int, n: int) -> tuple[int, int]:
     """``(BCC, BN)``: the proxy statistics kernels' tile of channels by quadrature points."""
     BN = next_power_of_2(n)
@@ -898,7 +919,7 @@ class _ProxyStats(torch.autograd.Function):
         ctx: Any, w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, act: str, slope: float, eps: float
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         acc = _acc(w)[0]
-        vec = [_vec(t, acc) for t in (w, b, pb, pw, u)]
+        vec = [*(_vec(t, acc) for t in (w, b, pb, pw)), _points_vec(u, acc)]
         sl = _slope(slope, acc, w.device)
         m, r = _proxy_stats_fwd(vec, sl, act, eps)
         ctx.save_for_backward(w, b, pb, pw, u, m, r, *vec, sl)
@@ -962,7 +983,7 @@ def _proxy_norm_act_fwd(
     """``(out, vec, m, rstd)``: the proxy statistics, then the step (two launches); ``vec`` =
     ``[w, b, pb, pw, points, slope]`` as the kernels read them."""
     acc = _acc(params[0])[0]
-    vec = [_vec(t, acc) for t in (*params, u)]
+    vec = [*(_vec(t, acc) for t in params), _points_vec(u, acc)]
     vec.append(_slope(slope, acc, y.device))
     m, r = _proxy_stats_fwd(vec[:5], vec[5], act, peps)
     return _step_fwd(y, walk, [vec[0], vec[1], m, r, vec[5]], act), vec, m, r
@@ -1418,7 +1439,7 @@ def _gn_proxy_fwd(
     launches, or four on channels-last); ``vec`` = ``[w, b, pb, pw, points, slope]`` as the kernels
     read them."""
     acc = _acc(x)[0]
-    vec = [_vec(t, acc) for t in (*params, u)]
+    vec = [*(_vec(t, acc) for t in params), _points_vec(u, acc)]
     vec.append(_slope(slope, acc, x.device))
     m, r = _proxy_stats_fwd(vec[:5], vec[5], act, peps)
     got = gn_proxy_forward(x, p, eps, [vec[0], vec[1], m, r, vec[5]], act)

@@ -200,7 +200,7 @@ def proxy_norm_act(
             from ..kernels import triton as _triton
 
             u = points if points is not None else _points(num_points, acc_dtype(weight.dtype), y.device)
-            out = _triton.proxy_norm_act(y, weight, bias, proxy_bias, proxy_weight, u, activation, eps)
+            out = _triton.proxy_norm_act(y, weight, bias, proxy_bias, proxy_weight, u, spec, eps)
             if out is not None:
                 return out
     m, rstd = proxy_stats(weight, bias, proxy_bias, proxy_weight, activation, eps, num_points, points)

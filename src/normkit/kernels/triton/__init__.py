@@ -793,7 +793,7 @@ def proxy_act_forward(
     if walk is None:
         return None
     acc = m.dtype
-    vec = [t.detach().to(acc).contiguous() for t in (weight, bias, m, rstd)]
+    vec = [_vec(t, acc) for t in (weight, bias, m, rstd)]
     return _step_fwd(y, walk, [*vec, _slope(slope, acc, y.device)], act)
 
 
@@ -818,7 +818,7 @@ def proxy_act_backward(
     if walk is None:
         return None
     acc = m.dtype
-    vec = [t.detach().to(acc).contiguous() for t in (weight, bias, m, rstd)]
+    vec = [_vec(t, acc) for t in (weight, bias, m, rstd)]
     dy, part = _step_bwd(dout, y, walk, [*vec, _slope(slope, acc, y.device)], act, needs[0])
     sums = part.sum(2)
     return (
@@ -1065,22 +1065,20 @@ def proxy_norm_act(
     proxy_bias: Tensor,
     proxy_weight: Tensor,
     points: Tensor,
-    activation: Any,
+    spec: tuple[str, float],
     eps: float,
 ) -> Tensor | None:
-    """:func:`normkit.functional.proxy_norm_act` (checked arguments) on the Triton kernels as one
-    autograd node: the proxy statistics (C x 200 values), then the step, one kernel each way; or
+    """:func:`normkit.functional.proxy_norm_act` (checked arguments; ``spec``: the activation's
+    ``(name, slope)``, :func:`~normkit.functional.activations.activation_spec`) on the Triton kernels
+    as one autograd node: the proxy statistics (C x 200 values), then the step, one kernel each way; or
     ``None`` where it does not apply (an activation or layout the kernels lack, more than
     :data:`PROXY_MAX_POINTS` points, tensors on different devices, dual tensors): the caller then
     runs the statistics and the registered step.
 
     Example:
-        >>> out = proxy_norm_act(y, w, b, pb, pw, points, "relu", 0.03)  # doctest: +SKIP
+        >>> out = proxy_norm_act(y, w, b, pb, pw, points, ("relu", 0.0), 0.03)  # doctest: +SKIP
     """
-    from ...functional.activations import activation_spec
-
-    spec = activation_spec(activation)
-    if spec is None or spec[0] not in _ACTS:
+    if spec[0] not in _ACTS:
         return None
     params = (weight, bias, proxy_bias, proxy_weight)
     walk = _ce_walk(y)

@@ -24,6 +24,19 @@ import normkit
 collect_ignore = [] if importlib.util.find_spec("triton") else ["src/normkit/kernels/triton/_kernels.py"]
 
 
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    """pyproject.toml sets pytest-timeout's per-test ``timeout`` (the test extra installs it); without
+    the plugin, an older environment still runs the tests, with no per-test limit, instead of stopping
+    on an unknown option."""
+    if not pluginmanager.has_plugin("timeout"):
+        parser.addini("timeout", "per-test limit in seconds (pytest-timeout is not installed: unused)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.has_plugin("timeout"):
+        config.addinivalue_line("markers", "timeout(seconds): pytest-timeout's limit (not installed: unused)")
+
+
 @pytest.fixture(autouse=True)
 def _doctest_namespace(doctest_namespace: dict) -> None:
 

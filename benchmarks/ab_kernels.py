@@ -73,15 +73,16 @@ def build(text: str) -> str:
     src = d / f"{ns}.cpp"
     if not src.exists() or src.read_text() != text:
         src.write_text(text)
-    return str(
-        cpp_extension.load(
-            name=ns,
-            sources=[str(src)],
-            extra_cflags=[*_build.CFLAGS, f"-DNORMKIT_CPU_NS={ns}"],
-            build_directory=str(d),
-            is_python_module=False,
+    with _build.exclusive(d):
+        return str(
+            cpp_extension.load(
+                name=ns,
+                sources=[str(src)],
+                extra_cflags=[*_build.CFLAGS, f"-DNORMKIT_CPU_NS={ns}"],
+                build_directory=str(d),
+                is_python_module=False,
+            )
         )
-    )
 
 
 def parse_shape(s: str) -> tuple[int, ...]:

@@ -212,16 +212,23 @@ def _interrupted_compare(
         "--out",
         str(out),
     ]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        # as from a shell: SIGINT at its default, whatever this test process inherited or was left with
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    # as from a shell: the child starts with SIGINT at its default action, whatever this test process
+    # inherited (a CI runner's background job starts with SIGINT ignored, and an ignored signal stays
+    # ignored across exec). A handler, unlike SIG_IGN, is reset to the default by exec, so one is set
+    # here around the start. Not preexec_fn: it runs Python between fork and exec, which can deadlock
+    # in a process with threads (torch's), and Popen then waits for the exec forever.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = (
             time.monotonic() + 600

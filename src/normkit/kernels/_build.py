@@ -18,6 +18,7 @@ use a Python ``autograd.Function`` instead (same results, more per-call overhead
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -25,11 +26,12 @@ import platform
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-__all__ = ["KernelBuildWarning", "build_dir", "is_built", "lib", "load", "load_error"]
+__all__ = ["KernelBuildWarning", "build_dir", "exclusive", "is_built", "lib", "load", "load_error"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "norm_cpu.cpp"
 _NAME = "normkit_cpu"
@@ -83,6 +85,49 @@ def is_built() -> bool:
     return d.is_dir() and any(d.glob(f"{_NAME}*.so"))
 
 
+@contextlib.contextmanager
+def exclusive(d: Path) -> Iterator[None]:
+    """Hold the build folder ``d`` while torch's extension machinery builds or loads into it.
+
+    ``torch.utils.cpp_extension.load`` guards a folder with a plain ``lock`` file and waits, without
+    end, for it to go away: a process killed while holding it (a Ctrl-C'd or timed-out run during a
+    build, a worker terminated at start-up) leaves every later load of that folder waiting forever.
+    normkit first takes an ``flock`` on ``d/normkit.lock``, which the kernel releases when its holder
+    dies, so a torch ``lock`` still there once normkit holds the folder is one such leftover: it is
+    removed (with a note on stderr) and torch goes on. Where ``fcntl`` is missing (Windows) this
+    only yields.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from normkit.kernels._build import exclusive
+    >>> d = Path(tempfile.mkdtemp())
+    >>> (d / "lock").touch()          # what a killed build leaves behind
+    >>> with exclusive(d):            # a note on stderr: removed .../lock, left by an interrupted build
+    ...     (d / "lock").exists()
+    False
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; torch's own lock file is all there is
+        yield
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "normkit.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"normkit: waiting for another process building in {d}", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = d / "lock"
+            if stale.exists():
+                stale.unlink(missing_ok=True)
+                print(f"normkit: removed {stale}, left by an interrupted build", file=sys.stderr, flush=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load_error() -> str | None:
     """Why the last build or load failed, or ``None``."""
     err = _state["error"]
@@ -119,14 +164,15 @@ def load(build: bool = True, verbose: bool = False) -> bool:
                     file=sys.stderr,
                     flush=True,
                 )
-            path = cpp_extension.load(
-                name=_NAME,
-                sources=[str(_SOURCE)],
-                extra_cflags=list(CFLAGS),
-                build_directory=str(d),
-                is_python_module=False,
-                verbose=verbose,
-            )
+            with exclusive(d):
+                path = cpp_extension.load(
+                    name=_NAME,
+                    sources=[str(_SOURCE)],
+                    extra_cflags=list(CFLAGS),
+                    build_directory=str(d),
+                    is_python_module=False,
+                    verbose=verbose,
+                )
             _state["lib"] = _bind(str(path))
             _state["loaded"] = True
             _state["error"] = None
@@ -270,13 +316,14 @@ def autograd_module(build: bool = True, verbose: bool = False) -> object | None:
                     file=sys.stderr,
                     flush=True,
                 )
-            mod = cpp_extension.load(
-                name=_AUTOGRAD_NAME,
-                sources=[str(_AUTOGRAD_SOURCE)],
-                extra_cflags=["-O2"],
-                build_directory=str(d),
-                verbose=verbose,
-            )
+            with exclusive(d):
+                mod = cpp_extension.load(
+                    name=_AUTOGRAD_NAME,
+                    sources=[str(_AUTOGRAD_SOURCE)],
+                    extra_cflags=["-O2"],
+                    build_directory=str(d),
+                    verbose=verbose,
+                )
             so = lib()
             entries = (
                 so.normkit_forward,

@@ -1,0 +1,96 @@
+"""The kernels' build folder under interrupted builds: a killed process must not stall later loads.
+
+torch's ``cpp_extension.load`` guards its build folder with a ``lock`` file and waits for it without
+end; a process killed while holding it (a timed-out or Ctrl-C'd run) used to leave every later
+``normkit compare`` and every in-process first use of the kernels waiting forever.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from normkit.kernels import _build
+
+fcntl = pytest.importorskip("fcntl", reason="flock is POSIX-only (Windows has torch's lock file only)")
+
+
+def test_a_lock_left_by_a_killed_build_does_not_stall_the_next_load(tmp_path: Path) -> None:
+    assert _build.load(), _build.load_error()  # the suite's own build (the cached one, normally)
+    _build.autograd_module()
+    src = _build.build_dir()
+    dst = tmp_path / "kernels" / src.name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("lock", "normkit.lock"))  # keeps mtimes
+    (dst / "lock").touch()  # what a process killed inside cpp_extension.load leaves behind
+    if (dst / "autograd").is_dir():
+        (dst / "autograd" / "lock").touch()
+    code = textwrap.dedent(
+        """
+        from normkit.kernels import _build
+        assert _build.load(), _build.load_error()
+        print("loaded", _build.autograd_module() is not None, _build.autograd_error())
+        """
+    )
+    env = {**os.environ, "NORMKIT_CACHE": str(tmp_path)}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError("loading the kernels waited on the lock a killed build left behind") from None
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("loaded"), out.stdout + out.stderr
+    assert f"removed {dst / 'lock'}, left by an interrupted build" in out.stderr
+    assert not (dst / "lock").exists()
+    # the autograd node's folder is cleared the same way (the node is optional: built here normally)
+    if (dst / "autograd").is_dir() and "loaded True" in out.stdout:
+        assert not (dst / "autograd" / "lock").exists()
+
+
+def test_the_folder_waits_for_a_live_holder_and_is_free_once_the_holder_is_killed(tmp_path: Path) -> None:
+    d = tmp_path / "build"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from normkit.kernels._build import exclusive\n"
+            f"with exclusive(Path({str(d)!r})):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        got = threading.Event()
+
+        def take() -> None:
+            with _build.exclusive(d):
+                got.set()
+
+        t = threading.Thread(target=take, daemon=True)
+        t.start()
+        assert not got.wait(1.0), "the folder was taken while another process held it"
+        holder.send_signal(signal.SIGKILL)  # dies holding it, as a killed build does
+        start = time.monotonic()
+        assert got.wait(30.0), "the folder stayed locked after its holder died"
+        t.join(5.0)
+        assert time.monotonic() - start < 30.0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(10)
+        if holder.stdout is not None:
+            holder.stdout.close()

@@ -7,6 +7,7 @@ CUDA machine (``NORMKIT_TEST_DEVICE=cuda``), where the kernels are compiled inst
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import os
@@ -737,6 +738,7 @@ _ONE_NODE = {
     "ln": (lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b), (6, 4, 5)),
     "in": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output, (6,)),
     "ln2d": (lambda x, w, b: F.layer_norm_2d(x, w, b), (6,)),
+    "bn": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True).output, (6,)),
 }
 
 
@@ -747,7 +749,8 @@ _ONE_NODE = {
     [("all", True), ("x", True), ("params", True), ("none", True), ("all", False), ("none", False)],
 )
 def test_norm_is_one_node_and_differentiates_what_is_asked(op, wants, layout, affine, ran):
-    # F.group_norm, F.layer_norm, F.instance_norm and F.layer_norm_2d on the Triton kernels are one node on
+    # F.group_norm, F.layer_norm, F.instance_norm, F.layer_norm_2d and F.batch_norm (batch statistics)
+    # on the Triton kernels are one node on
     # x as it lies (no views of x, the affine or the output around it); frozen parameters, a
     # constant input or no grad at all run the same kernels, and what is asked for matches the
     # float64 reference
@@ -820,6 +823,118 @@ def test_group_norm_double_backward_and_forward_ad_on_the_triton_backend():
             jvp = torch.autograd.forward_ad.unpack_dual(y).tangent
     _, want = torch.func.jvp(lambda t: ref_group_norm(t, 2, w.detach(), b.detach()), (x.detach(),), (tx,))
     _close(jvp, want, 1e-9)
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout"), [((4, 6, 3, 5), "nchw"), ((4, 6, 3, 5), "cl"), ((9, 6), "nchw")], ids=str
+)
+@pytest.mark.parametrize(("momentum", "unbiased"), [(0.1, True), (None, True), (0.3, False)], ids=str)
+def test_batch_norm_layer_trains_as_one_node_with_its_buffers_in_one_launch(
+    shape, layout, momentum, unbiased, ran, monkeypatch
+):
+    # BatchNorm1d / 2d training under use("triton"): the output is one node on x (no registered op, no
+    # views), the running statistics and counters are updated in one Triton launch from the statistics
+    # the forward kernel saved, and output, gradients and buffers match the float64 reference layer
+    # over three steps (momentum, cumulative average, biased stored variance)
+    from normkit.nn import BatchNorm1d, BatchNorm2d
+
+    launched = []
+    real = _kernels_module().bn_running_kernel
+    spy = type("Spy", (), {"__getitem__": lambda s, g: launched.append(g) or real[g]})
+    monkeypatch.setattr(_kernels_module(), "bn_running_kernel", spy())
+    cls = BatchNorm2d if len(shape) == 4 else BatchNorm1d
+    torch.manual_seed(71)
+    ref = cls(6, momentum=momentum, unbiased_running_var=unbiased).double()
+    with torch.no_grad():
+        ref.weight.add_(0.3 * torch.randn(6, dtype=F64))
+        ref.bias.add_(0.3 * torch.randn(6, dtype=F64))
+    layer = copy.deepcopy(ref).float().to(DEVICE)
+    for step in range(3):
+        x = torch.randn(shape, dtype=F64) * (1 + step) + step
+        if layout == "cl":
+            x = x.to(memory_format=torch.channels_last)
+        dy = torch.randn(shape, dtype=F64)
+        xt = x.float().to(DEVICE).requires_grad_()
+        with kernels.use("triton"):
+            y = layer(xt)
+        assert type(y.grad_fn).__name__ == "_NormBackward"
+        assert {type(f).__name__ for f, _ in y.grad_fn.next_functions if f is not None} == {"AccumulateGrad"}
+        y.backward(dy.float().to(DEVICE))
+        xr = x.clone().requires_grad_()
+        with kernels.use("reference"):
+            yr = ref(xr)
+        yr.backward(dy)
+        assert y.stride() == xt.stride()
+        _close(y.detach().cpu(), yr.detach(), TOL[torch.float32])
+        _close(xt.grad.cpu(), xr.grad, GTOL[torch.float32])
+        for a, r in ((layer.weight, ref.weight), (layer.bias, ref.bias)):
+            _close(a.grad.cpu(), r.grad, GTOL[torch.float32])
+        for name in ("running_mean", "running_var"):
+            _close(getattr(layer, name).cpu(), getattr(ref, name), 1e-5)
+        assert layer.num_batches_tracked.item() == ref.num_batches_tracked.item() == step + 1
+    assert launched == [(1,)] * 3, launched
+    assert ran == {"forward": 3, "backward": 3}, ran
+
+
+def test_batch_norm_on_triton_skips_a_non_finite_batch_and_returns_new_statistics(ran):
+    # a batch with a non-finite value leaves the layer's buffers as they are and counts a skip (as
+    # the reference layer does); the functional returns new running statistics, never writing its
+    # arguments
+    from normkit.nn import BatchNorm2d
+
+    torch.manual_seed(72)
+    layer = BatchNorm2d(5).to(DEVICE)
+    x = torch.randn(3, 5, 2, 2, device=DEVICE)
+    with kernels.use("triton"):
+        layer(x)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = x.clone()
+    bad[1, 2, 0, 0] = float("nan")
+    with kernels.use("triton"):
+        layer(bad)
+    after = layer.state_dict()
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(after[k], before[k]), k
+    assert layer.num_skipped_updates.item() == 1
+    rm, rv = torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE)
+    with kernels.use("triton"):
+        out = F.batch_norm(x, rm, rv, training=True, momentum=0.5)
+    assert torch.equal(rm, torch.zeros(5)) and torch.equal(rv, torch.ones(5))  # (the arguments, untouched)
+    xd = x.cpu().double()
+    _close(out.running_mean.cpu(), 0.5 * xd.mean((0, 2, 3)), 1e-5)
+    _close(out.running_var.cpu(), 0.5 + 0.5 * xd.var((0, 2, 3)), 1e-5)
+    assert ran["forward"] == 3
+
+
+def test_batch_norm_double_backward_and_declined_cases_on_the_triton_backend(ran):
+    # create_graph=True differentiates the reference composite; parameters the fast paths do not
+    # take (a float64 weight with a float32 input) reach the general path and its clear error, as
+    # one value per channel does
+    torch.manual_seed(73)
+    x = torch.randn(3, 4, 2, 1, dtype=F64, device=DEVICE, requires_grad=True)
+    w = (torch.rand(4, dtype=F64, device=DEVICE) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=F64, device=DEVICE, requires_grad=True)
+    bn = lambda *t: F.batch_norm(t[0], None, None, t[1], t[2], training=True).output  # noqa: E731
+    with kernels.use("triton"):
+        assert torch.autograd.gradcheck(bn, (x, w, b))
+        assert torch.autograd.gradgradcheck(bn, (x, w, b))
+    assert ran["forward"] > 0
+    with kernels.use("triton"), pytest.raises(TypeError, match="weight"):
+        F.batch_norm(x.detach().float(), None, None, w.detach(), None, training=True)
+    with kernels.use("triton"), pytest.raises(ValueError, match="more than 1 value per channel"):
+        F.batch_norm(torch.randn(1, 4, device=DEVICE), None, None, training=True)
+
+
+def test_batch_norm_layer_traces_with_fx_under_the_triton_backend():
+    # symbolic tracing hands the layer an fx Proxy: the fast-path choice must not read its device
+    from normkit.nn import BatchNorm2d
+
+    model = torch.nn.Sequential(BatchNorm2d(3)).to(DEVICE)
+    with kernels.use("triton"):
+        gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    with kernels.use("reference"):
+        torch.testing.assert_close(gm(x), copy.deepcopy(model)(x))
 
 
 def _pn_layer(C, groups, act, seed):

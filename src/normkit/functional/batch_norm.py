@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._errors import NormError
-from ..kernels import _direct, _fast
+from ..kernels import _direct, _fast, triton_ready
 from ..ops.library import exporting
 from ._autograd import norm_count
 from ._checks import check_eps, check_input, check_momentum, check_param
@@ -156,12 +156,12 @@ def batch_norm(
             f"{op}: expected more than 1 value per channel when using batch statistics{why}, got input of "
             f"shape {tuple(x.shape)}; use a batch of at least 2, or eval mode with running statistics"
         )
-    if (
-        mask is None
-        and m > 1
-        and not (momentum is None and num_batches_tracked is None)  # the general path says why not
-        and (eager or _direct.route(x, under_autocast=True))
-    ):
+    step = (
+        train_step(x, eager)
+        if mask is None and m > 1 and not (momentum is None and num_batches_tracked is None)
+        else None  # (the general path says why not)
+    )
+    if step is not None:
         fast = _fast_batch_norm(
             x,
             running_mean,
@@ -173,7 +173,7 @@ def batch_norm(
             eps,
             num_batches_tracked,
             unbiased_running_var,
-            _fast.batch_norm_train if eager else _direct.batch_norm_train,  # CPU kernels, or torch on a GPU
+            step,
         )
         if fast is not None:
             return fast
@@ -197,6 +197,22 @@ def batch_norm(
     return NormOutput(y, rm, rv, nbt)
 
 
+def train_step(x: Tensor, eager: bool) -> Callable[..., Tensor | None] | None:
+    """BatchNorm's training step for ``x`` on a fast path (``eager``: :func:`_fast.eligible`), with
+    the interface of :func:`normkit.kernels._direct.batch_norm_train`, or ``None``: the eager CPU
+    kernels' one fused call each way; torch's own op on a GPU (``"auto"``); normkit's Triton kernels
+    as one autograd node (``"triton"``)."""
+    if eager:
+        return _fast.batch_norm_train
+    if _direct.route(x, under_autocast=True):
+        return _direct.batch_norm_train
+    if type(x) is Tensor and triton_ready(x):  # (not an fx Proxy, whose device is one too)
+        from ..kernels import triton as _triton
+
+        return _triton.batch_norm_train
+    return None
+
+
 def _fast_batch_norm(
     x: Tensor,
     running_mean: Tensor | None,
@@ -210,8 +226,7 @@ def _fast_batch_norm(
     unbiased: bool,
     train_step: Callable[..., Tensor | None],
 ) -> NormOutput | None:
-    """A fast path (``train_step``: the eager CPU kernels' one fused call each way, or torch's own
-    op on a GPU), or ``None`` for the general path.
+    """A fast path (``train_step``: one of :func:`train_step`'s), or ``None`` for the general path.
 
     ``train_step`` updates running statistics in place; this function's contract returns new ones,
     so it updates copies (C values each).

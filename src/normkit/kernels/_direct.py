@@ -39,7 +39,16 @@ import torch.nn.functional as TF
 import torch.utils._python_dispatch  # the attribute below is a submodule: import it explicitly
 from torch import Tensor
 
-__all__ = ["DEVICES", "batch_norm_train", "group_norm", "layer_norm", "layer_norm_c", "route"]
+__all__ = [
+    "DEVICES",
+    "batch_norm_train",
+    "group_norm",
+    "layer_norm",
+    "layer_norm_c",
+    "params_fit",
+    "route",
+    "store_running",
+]
 
 #: Device types whose plain eager calls go straight to torch (tests add ``"cpu"`` to check the path).
 DEVICES: set[str] = {"cuda"}
@@ -91,6 +100,15 @@ def route(x: Tensor, under_autocast: bool = False) -> bool:
 def _same(x: Tensor, *params: Tensor | None) -> bool:
     """Every given parameter in ``x``'s dtype, on its device."""
     return all(p is None or (p.dtype == x.dtype and p.device == x.device) for p in params)
+
+
+def params_fit(x: Tensor, *params: Tensor | None) -> bool:
+    """BatchNorm's parameters and buffers as its fast paths take them: in ``x``'s dtype, or float32
+    with a half input (AMP's BatchNorm), on ``x``'s device; the general path checks the rest."""
+    return _same(x, *params) or (
+        x.dtype in _HALF
+        and all(p is None or (p.dtype == torch.float32 and p.device == x.device) for p in params)
+    )
 
 
 def _spatial(x: Tensor) -> int:
@@ -202,29 +220,63 @@ def batch_norm_train(
     if count < 2 or any(p is not None and p.shape != (C,) for p in (weight, bias, running_mean, running_var)):
         return None
     tracking = running_mean is not None and running_var is not None
-    params = (weight, bias, running_mean, running_var) if tracking else (weight, bias)
-    mixed = x.dtype in _HALF and all(  # AMP's BatchNorm: half input, float32 parameters
-        p is None or (p.dtype == torch.float32 and p.device == x.device) for p in params
-    )
-    if not (_same(x, *params) or mixed):
+    if not params_fit(x, *((weight, bias, running_mean, running_var) if tracking else (weight, bias))):
         return None
     if not tracking:
         return TF.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     assert running_mean is not None and running_var is not None
     if momentum is None and num_batches_tracked is None:
         return None  # (the general path says why not)
-    from ..functional._running import update_running_stats
-
     mean = torch.zeros_like(running_mean)
     var = torch.ones_like(running_var)
     y = TF.batch_norm(x, mean, var, weight, bias, True, 1.0, eps)  # mean, var <- the batch's (var unbiased)
-    if _fused_update(x):
+    store_running(
+        mean,
+        var,
+        count,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        num_skipped_updates,
+        momentum,
+        unbiased,
+        _fused_update(x),
+    )
+    return y
+
+
+def store_running(
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    num_skipped_updates: Tensor | None,
+    momentum: float | None,
+    unbiased: bool,
+    fused: bool,
+) -> None:
+    """Update the running statistics in place from a batch's ``(C,)`` mean and *unbiased* variance
+    over ``count`` values per channel, by normkit's rule (``unbiased``: store that variance, else the
+    biased one): one Triton launch where ``fused``, else torch's ops.
+
+    Example:
+        >>> rm, rv = torch.zeros(2), torch.ones(2)
+        >>> store_running(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]), 8, rm, rv, None, None,
+        ...               0.5, True, False)
+        >>> rm.tolist(), rv.tolist()
+        ([0.5, 1.0], [2.0, 2.5])
+    """
+    if fused:
         from .triton import bn_running_update
 
         scale = 1.0 if unbiased else (count - 1) / count
         args = (num_batches_tracked, num_skipped_updates, momentum, scale)
         if bn_running_update(mean, var, running_mean, running_var, *args):
-            return y
+            return
+    from ..functional._running import update_running_stats
+
     if not unbiased:
         var = var * ((count - 1) / count)
     rm, rv, nbt = update_running_stats(
@@ -237,7 +289,6 @@ def batch_norm_train(
             if num_skipped_updates is not None:  # (as normkit.nn._base.store_stats counts them)
                 num_skipped_updates.add_(num_batches_tracked + 1 - nbt)
             num_batches_tracked.copy_(nbt)
-    return y
 
 
 def _fused_update(x: Tensor) -> bool:

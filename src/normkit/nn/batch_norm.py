@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from .._errors import NormError
 from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional.batch_norm import batch_norm as _batch_norm
-from ..kernels import _direct, _fast
+from ..functional.batch_norm import train_step
+from ..kernels import _fast
 from ._base import _StatsMixin, check_channels, fx_leaf, store_stats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -127,10 +128,9 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
         tracking = self._tracking
         step = None  # a fast path: one call with the same interface either way
         if mask is None and (self.training or not tracking):
-            if _fast.eligible(x):  # plain eager on a CPU tensor: one fused call (and one for the backward)
-                step = _fast.batch_norm_train
-            elif _direct.route(x, under_autocast=True):  # on a GPU: torch's own kernel, buffers guarded
-                step = _direct.batch_norm_train
+            # plain eager on a CPU tensor: one fused call (and one for the backward); on a GPU: torch's
+            # own kernel, buffers guarded, or under use("triton") normkit's Triton kernels, one node
+            step = train_step(x, _fast.eligible(x))
         if step is not None and x.dim() in self._dims and x.shape[1] == self.num_features:
             train = tracking and self.training
             y = step(

@@ -1249,7 +1249,9 @@ class _Norm(torch.autograd.Function):
     affine or the output around it (each a node for autograd, about 6 us of host time a call each
     way, which on a GPU is much of a small norm's time). ``pview``: the broadcast shape of the affine
     the plan was made for; ``composite``: ``(name, args)`` of the :mod:`normkit.functional` call
-    ``name(x, *args, w, b, eps)`` that a double backward differentiates on the reference path."""
+    ``name(x, *args, w, b, eps)`` that a double backward differentiates on the reference path
+    (``name`` may be such a function itself); ``want_stats``: also return the saved statistics
+    (not differentiable: BatchNorm's running statistics read them)."""
 
     @staticmethod
     def forward(
@@ -1262,17 +1264,21 @@ class _Norm(torch.autograd.Function):
         stat_shape: list[int],
         eps: float,
         composite: Any,
-    ) -> Tensor:  # type: ignore[override]
+        want_stats: bool = False,
+    ) -> Any:  # type: ignore[override]
         wv, bv = _affine(x, w, b, p, pview)
         y, stats = forward(x, wv, bv, p, eps, stat_shape)
         ctx.save_for_backward(x, w, b, stats, wv)
         ctx.p, ctx.pview, ctx.composite, ctx.eps = p, pview, composite, eps
+        if want_stats:
+            ctx.mark_non_differentiable(stats)
+            return y, stats
         return y
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
         x, w, b, stats, wv = ctx.saved_tensors
-        none = (None,) * 5
+        none = (None,) * 6
         if torch.is_grad_enabled() or type(dy) is not Tensor or not torch._C._has_storage(dy):
             # create_graph=True (or batched gradients): differentiate the composite of reference ops
             from .. import use
@@ -1287,7 +1293,8 @@ class _Norm(torch.autograd.Function):
                 import normkit.functional as nf
 
                 name, args = ctx.composite
-                y = getattr(nf, name)(xi, *args, ins[1], ins[2], ctx.eps)
+                fn: Any = name if callable(name) else getattr(nf, name)
+                y: Tensor = fn(xi, *args, ins[1], ins[2], ctx.eps)
                 live = [t for t in ins if t is not None]
                 got = iter(torch.autograd.grad(y, live, dy, create_graph=again, allow_unused=True))
             return (*(next(got) if t is not None else None for t in ins), *none)
@@ -1337,12 +1344,15 @@ def _norm(
     stat_shape: list[int],
     eps: float,
     composite: Any,
-) -> Tensor:
-    """``y`` of the norm ``p`` on ``x``: the one-node Function where autograd needs it, else the launches."""
+    want_stats: bool = False,
+) -> Any:
+    """``y`` of the norm ``p`` on ``x`` (``(y, stats)`` with ``want_stats``): the one-node Function
+    where autograd needs it, else the launches."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _Norm.apply(x, weight, bias, p, pview, stat_shape, float(eps), composite)  # type: ignore[no-any-return]
+        return _Norm.apply(x, weight, bias, p, pview, stat_shape, float(eps), composite, want_stats)
     wv, bv = _affine(x, weight, bias, p, pview)
-    return forward(x, wv, bv, p, float(eps), stat_shape)[0]
+    got = forward(x, wv, bv, p, float(eps), stat_shape)
+    return got if want_stats else got[0]
 
 
 def _usable(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
@@ -1382,10 +1392,12 @@ def _planned_norm(
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
-    composite: tuple[str, tuple[Any, ...]],
-) -> Tensor | None:
-    """``x`` normalized over ``dims`` with an affine of broadcast shape ``pview`` on the one-node path,
-    its plan kept per (shape, strides, dims, affine): a training step meets the same few."""
+    composite: tuple[Any, tuple[Any, ...]],
+    want_stats: bool = False,
+) -> Any:
+    """``x`` normalized over ``dims`` with an affine of broadcast shape ``pview`` on the one-node path
+    (``(y, stats)`` with ``want_stats``), its plan kept per (shape, strides, dims, affine): a training
+    step meets the same few; ``None`` where no plan takes it."""
     if not _usable(x, weight, bias):
         return None
     key = (x.shape, x.stride(), dims, pview, weight is not None, bias is not None, x.device)
@@ -1400,7 +1412,73 @@ def _planned_norm(
     got = _PLANS[key]
     if got is None:
         return None
-    return _norm(x, weight, bias, got[0], pview, got[1], eps, composite)
+    return _norm(x, weight, bias, got[0], pview, got[1], eps, composite, want_stats)
+
+
+def _bn_composite(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """BatchNorm with batch statistics as reference ops (what a double backward differentiates)."""
+    import normkit.functional as nf
+
+    return nf.batch_norm(x, None, None, weight, bias, True, eps=eps).output
+
+
+def batch_norm_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    unbiased: bool,
+    num_skipped_updates: Tensor | None = None,
+) -> Tensor | None:
+    """BatchNorm's training step (batch statistics) on the Triton kernels as one autograd node, or
+    ``None`` where this path does not take it (the caller then runs the general op).
+
+    The interface of :func:`normkit.kernels._direct.batch_norm_train`: the running statistics, if
+    given, are updated in place by normkit's rule (one Triton launch), from the statistics the
+    forward kernel saved; ``num_batches_tracked`` counts finite batches, ``num_skipped_updates`` the
+    rest.
+
+    Example:
+        >>> y = batch_norm_train(x, w, b, rm, rv, nbt, 0.1, 1e-5, True)  # doctest: +SKIP
+    """
+    if x.dim() < 2 or not _usable(x, weight, bias):
+        return None
+    from .._direct import params_fit, store_running
+
+    C = x.shape[1]
+    count = x.numel() // C if C else 0
+    tracking = running_mean is not None and running_var is not None
+    vecs = (weight, bias, running_mean, running_var) if tracking else (weight, bias)
+    if count < 2 or any(t is not None and t.shape != (C,) for t in vecs) or not params_fit(x, *vecs):
+        return None
+    if tracking and momentum is None and num_batches_tracked is None:
+        return None  # (the general path says why not)
+    dims = (0, *range(2, x.dim()))
+    pview = (1, C) + (1,) * (x.dim() - 2)  # (the affine broadcast to x, as plan() reads it)
+    got = _planned_norm(x, dims, pview, weight, bias, eps, (_bn_composite, ()), want_stats=tracking)
+    if got is None or not tracking:
+        return got
+    assert running_mean is not None and running_var is not None
+    y, stats = got
+    mean, var = core.mean_var(stats)
+    mean, var = mean.reshape(C), var.reshape(C) * (count / (count - 1))  # (the unbiased variance)
+    store_running(
+        mean,
+        var,
+        count,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        num_skipped_updates,
+        momentum,
+        unbiased,
+        True,
+    )
+    return y
 
 
 def layer_norm(

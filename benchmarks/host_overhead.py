@@ -6,7 +6,7 @@ launches. This script runs normkit's Triton path on CPU tensors (``kernels.use("
 the host work around the kernels, next to torch.nn.functional's whole CPU call on the same small
 input for scale. Ratios between runs of this script are the useful numbers (the machine drifts).
 
-    python benchmarks/host_overhead.py [gn bn ln2d ln pn step ...]
+    python benchmarks/host_overhead.py [gn bn bnr ln2d ln pn step ...]
 """
 
 from __future__ import annotations
@@ -57,11 +57,16 @@ def main(names: list[str]) -> None:
     xg, wg1, bg1 = (t.clone().requires_grad_() for t in (x, w1, b1))
     dy = torch.randn_like(x)
     z = torch.zeros(64)
+    rm, rv = torch.zeros(64), torch.ones(64)
     cases = {
         "gn": (lambda x, w, b: NF.group_norm(x, 32, w, b), lambda x, w, b: TF.group_norm(x, 32, w, b)),
         "bn": (
             lambda x, w, b: NF.batch_norm(x, None, None, w, b, training=True).output,
             lambda x, w, b: TF.batch_norm(x, None, None, w, b, True),
+        ),
+        "bnr": (  # with running statistics (the functional returns updated copies; a layer, in place)
+            lambda x, w, b: NF.batch_norm(x, rm, rv, w, b, training=True).output,
+            lambda x, w, b: TF.batch_norm(x, rm.clone(), rv.clone(), w, b, True),
         ),
         "ln2d": (
             lambda x, w, b: NF.layer_norm_2d(x, w, b),

@@ -842,6 +842,13 @@ def test_batch_norm_layer_trains_as_one_node_with_its_buffers_in_one_launch(
     real = _kernels_module().bn_running_kernel
     spy = type("Spy", (), {"__getitem__": lambda s, g: launched.append(g) or real[g]})
     monkeypatch.setattr(_kernels_module(), "bn_running_kernel", spy())
+    from normkit.kernels import triton as nkt
+
+    took = []  # the update reads the saved statistics itself (no mean_var ops before it)
+    real_update = nkt.bn_running_update_from_stats
+    monkeypatch.setattr(
+        nkt, "bn_running_update_from_stats", lambda *a: took.append(real_update(*a)) or took[-1]
+    )
     cls = BatchNorm2d if len(shape) == 4 else BatchNorm1d
     torch.manual_seed(71)
     ref = cls(6, momentum=momentum, unbiased_running_var=unbiased).double()
@@ -873,6 +880,7 @@ def test_batch_norm_layer_trains_as_one_node_with_its_buffers_in_one_launch(
             _close(getattr(layer, name).cpu(), getattr(ref, name), 1e-5)
         assert layer.num_batches_tracked.item() == ref.num_batches_tracked.item() == step + 1
     assert launched == [(1,)] * 3, launched
+    assert took == [True] * 3, took
     assert ran == {"forward": 3, "backward": 3}, ran
 
 
@@ -896,6 +904,15 @@ def test_batch_norm_on_triton_skips_a_non_finite_batch_and_returns_new_statistic
     for k in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(after[k], before[k]), k
     assert layer.num_skipped_updates.item() == 1
+    # far from zero (the saved statistics' shift and power-of-two scale carry the mean): the buffers
+    # read from them inside the update launch match the float64 statistics
+    far = torch.randn(64, 5, 3, 3, dtype=F64) * 1e3 + 1e5
+    with kernels.use("triton"):
+        layer(far.float().to(DEVICE))
+    xf = far.float().double()
+    f = 0.1
+    _close(layer.running_mean.cpu(), (1 - f) * before["running_mean"].double() + f * xf.mean((0, 2, 3)), 1e-6)
+    _close(layer.running_var.cpu(), (1 - f) * before["running_var"].double() + f * xf.var((0, 2, 3)), 1e-5)
     rm, rv = torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE)
     with kernels.use("triton"):
         out = F.batch_norm(x, rm, rv, training=True, momentum=0.5)
@@ -903,7 +920,7 @@ def test_batch_norm_on_triton_skips_a_non_finite_batch_and_returns_new_statistic
     xd = x.cpu().double()
     _close(out.running_mean.cpu(), 0.5 * xd.mean((0, 2, 3)), 1e-5)
     _close(out.running_var.cpu(), 0.5 + 0.5 * xd.var((0, 2, 3)), 1e-5)
-    assert ran["forward"] == 3
+    assert ran["forward"] == 4
 
 
 def test_batch_norm_double_backward_and_declined_cases_on_the_triton_backend(ran):

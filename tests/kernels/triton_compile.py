@@ -183,6 +183,9 @@ def drive(dtypes: list[torch.dtype], acts: list[str]) -> None:
         for mom, nbt, skip in ((0.1, z, z), (None, z, None), (0.1, None, None)):
             vecs = [torch.zeros(64, dtype=pd) for _ in range(4)]
             nkt.bn_running_update(*vecs, nbt, skip, mom, 1.0)
+            # (the layers' path under use("triton"): from the forward kernels' saved statistics)
+            stats = torch.ones(6 * 64, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+            nkt.bn_running_update_from_stats(stats, 16, *vecs[2:], nbt, skip, mom, True)
         u = proxy_points(200, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         for act in acts:  # (on CPU the statistics take the C++ kernels: called directly here)
             ps = [torch.ones(8, dtype=u.dtype, requires_grad=True) for _ in range(4)]

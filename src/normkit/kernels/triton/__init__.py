@@ -1464,6 +1464,9 @@ def batch_norm_train(
         return got
     assert running_mean is not None and running_var is not None
     y, stats = got
+    args = (num_batches_tracked, num_skipped_updates, momentum, unbiased)
+    if bn_running_update_from_stats(stats, count, running_mean, running_var, *args):
+        return y
     mean, var = core.mean_var(stats)
     mean, var = mean.reshape(C), var.reshape(C) * (count / (count - 1))  # (the unbiased variance)
     store_running(
@@ -1633,8 +1636,67 @@ def bn_running_update(
     Example:
         >>> ok = bn_running_update(m, v, rm, rv, nbt, None, 0.1, 1.0)  # doctest: +SKIP
     """
+    return _bn_running(
+        mean,
+        var,
+        False,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        num_skipped_updates,
+        momentum,
+        var_scale,
+    )
+
+
+def bn_running_update_from_stats(
+    stats: Tensor,
+    count: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    num_skipped_updates: Tensor | None,
+    momentum: float | None,
+    unbiased: bool,
+) -> bool:
+    """:func:`bn_running_update` from the statistics a BatchNorm forward on these kernels saved
+    (``core.STAT_ROWS`` rows of ``C`` per-channel values over ``count`` values each): the batch's
+    mean and variance are read from them inside the same launch, where
+    :func:`normkit.ops.core.mean_var` and the unbiasing took five more. Returns ``False`` (nothing
+    done) where ``stats`` is not that contiguous block or the buffers not plain vectors.
+
+    Example:
+        >>> ok = bn_running_update_from_stats(stats, 512, rm, rv, nbt, None, 0.1, True)  # doctest: +SKIP
+    """
+    if stats.numel() != core.STAT_ROWS * running_mean.numel() or not stats.is_contiguous() or count < 2:
+        return False
+    scale = count / (count - 1) if unbiased else 1.0
+    return _bn_running(
+        stats,
+        stats,
+        True,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        num_skipped_updates,
+        momentum,
+        scale,
+    )
+
+
+def _bn_running(
+    mean: Tensor,
+    var: Tensor,
+    from_stats: bool,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    num_skipped_updates: Tensor | None,
+    momentum: float | None,
+    var_scale: float,
+) -> bool:
     C = running_mean.numel()
-    vecs = (mean, var, running_mean, running_var)
+    vecs = (running_mean, running_var) if from_stats else (mean, var, running_mean, running_var)
     counters = [t for t in (num_batches_tracked, num_skipped_updates) if t is not None]
     if (
         C == 0
@@ -1657,6 +1719,7 @@ def bn_running_update(
         HAS_NBT=num_batches_tracked is not None,
         HAS_SKIP=num_skipped_updates is not None and num_batches_tracked is not None,
         CUMULATIVE=momentum is None,
+        FROM_STATS=from_stats,
         ACC=tacc,
         BLOCK=min(next_power_of_2(C), 1024),
     )

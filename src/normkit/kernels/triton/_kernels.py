@@ -1488,23 +1488,39 @@ def gcl_bwd_dx_kernel(
 
 
 @triton.jit
+def _batch_moments(MEAN, VAR, ci, cm, C, var_scale, FROM_STATS: tl.constexpr, ACC: tl.constexpr):
+    """A block of channels' batch mean and variance (times ``var_scale``): read from two vectors, or
+    (``FROM_STATS``) from the forward kernels' saved statistics at ``MEAN`` (rows of ``C``: the shift,
+    the inverse scale 2^-e, the mean and the variance of the scaled values; normkit.ops.core.mean_var)."""
+    if FROM_STATS:
+        shift = tl.load(MEAN + ci, mask=cm, other=0.0).to(ACC)
+        s = 1.0 / tl.load(MEAN + C + ci, mask=cm, other=1.0).to(ACC)  # (exact: a power of two)
+        m = shift + tl.load(MEAN + 2 * C + ci, mask=cm, other=0.0).to(ACC) * s
+        v = tl.load(MEAN + 4 * C + ci, mask=cm, other=0.0).to(ACC) * (s * s) * var_scale
+    else:
+        m = tl.load(MEAN + ci, mask=cm, other=0.0).to(ACC)
+        v = tl.load(VAR + ci, mask=cm, other=0.0).to(ACC) * var_scale
+    return m, v
+
+
+@triton.jit
 def bn_running_kernel(
     MEAN, VAR, RM, RV, NBT, SKIP, C, momentum, var_scale,
-    HAS_NBT: tl.constexpr, HAS_SKIP: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    HAS_NBT: tl.constexpr, HAS_SKIP: tl.constexpr, CUMULATIVE: tl.constexpr, FROM_STATS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One program: ``running <- lerp(running, batch, factor)`` per channel, ``factor`` the momentum or
     (``CUMULATIVE``) ``1 / num_batches_tracked`` after this step; a batch with a non-finite mean or
     variance anywhere leaves every buffer as it is, no device sync (as
     :func:`normkit.functional._running.update_running_stats`); ``num_batches_tracked`` advances by
     one for a finite batch, ``num_skipped_updates`` for the other. ``VAR`` is the batch's unbiased
-    variance, times ``var_scale`` for the biased one."""
+    variance, times ``var_scale`` for the biased one; with ``FROM_STATS`` the batch's mean and biased
+    variance come from the saved statistics at ``MEAN`` (``var_scale`` then makes it the one stored)."""
     fin = tl.full([BLOCK], 1, tl.int32)
     for c0 in range(0, C, BLOCK):
         ci = c0 + tl.arange(0, BLOCK)
         cm = ci < C
-        m = tl.load(MEAN + ci, mask=cm, other=0.0).to(ACC)
-        v = tl.load(VAR + ci, mask=cm, other=0.0).to(ACC) * var_scale
+        m, v = _batch_moments(MEAN, VAR, ci, cm, C, var_scale, FROM_STATS, ACC)
         ok = (tl.abs(m) < float("inf")) & (tl.abs(v) < float("inf"))  # (False for NaN too)
         fin = fin & ok.to(tl.int32)
     f = tl.min(fin, axis=0)  # 1: every channel finite
@@ -1524,8 +1540,9 @@ def bn_running_kernel(
         cm = ci < C
         rm = tl.load(RM + ci, mask=cm, other=0.0).to(ACC)
         rv = tl.load(RV + ci, mask=cm, other=0.0).to(ACC)
-        m = tl.where(f == 1, tl.load(MEAN + ci, mask=cm, other=0.0).to(ACC), rm)
-        v = tl.where(f == 1, tl.load(VAR + ci, mask=cm, other=0.0).to(ACC) * var_scale, rv)
+        m, v = _batch_moments(MEAN, VAR, ci, cm, C, var_scale, FROM_STATS, ACC)
+        m = tl.where(f == 1, m, rm)
+        v = tl.where(f == 1, v, rv)
         # torch.lerp's two forms (exact at either end)
         m = tl.where(w < 0.5, rm + w * (m - rm), m - (m - rm) * (1.0 - w))
         v = tl.where(w < 0.5, rv + w * (v - rv), v - (v - rv) * (1.0 - w))

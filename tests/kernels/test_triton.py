@@ -923,6 +923,31 @@ def test_batch_norm_on_triton_skips_a_non_finite_batch_and_returns_new_statistic
     assert ran["forward"] == 4
 
 
+def test_batch_norm_buffers_the_update_launch_declines_take_torchs_ops(ran, monkeypatch):
+    # running statistics that are strided views: the one-launch update declines them, and the same
+    # rule runs on torch's ops (no launch of the update kernel at all, not one that fails first)
+    from normkit.kernels import triton as nkt
+
+    launched = []
+    real = _kernels_module().bn_running_kernel
+    spy = type("Spy", (), {"__getitem__": lambda s, g: launched.append(g) or real[g]})
+    monkeypatch.setattr(_kernels_module(), "bn_running_kernel", spy())
+    torch.manual_seed(74)
+    x = torch.randn(4, 5, 3, 3, device=DEVICE)
+    store = torch.stack([torch.zeros(5), torch.ones(5)], 1).to(DEVICE)  # (5, 2): columns stride 2
+    rm, rv = store[:, 0], store[:, 1]
+    nbt = torch.tensor(3, device=DEVICE)
+    with kernels.use("triton"):
+        y = nkt.batch_norm_train(x, None, None, rm, rv, nbt, None, 1e-5, False)
+    assert y is not None and launched == [], launched
+    xd = x.cpu().double()
+    _close(rm.cpu(), 0.25 * xd.mean((0, 2, 3)), 1e-6)  # (cumulative: 1 / 4 after this step)
+    _close(rv.cpu(), 0.75 + 0.25 * xd.var((0, 2, 3), unbiased=False), 1e-6)
+    assert nbt.item() == 4
+    _close(y.cpu(), ref_batch_norm(xd, None, None, training=True).output, TOL[torch.float32])
+    assert ran["forward"] == 1
+
+
 def test_batch_norm_double_backward_and_declined_cases_on_the_triton_backend(ran):
     # create_graph=True differentiates the reference composite; parameters the fast paths do not
     # take (a float64 weight with a float32 input) reach the general path and its clear error, as

@@ -1467,6 +1467,8 @@ def batch_norm_train(
     args = (num_batches_tracked, num_skipped_updates, momentum, unbiased)
     if bn_running_update_from_stats(stats, count, running_mean, running_var, *args):
         return y
+    # buffers the launch does not take (not plain vectors, counters not int64 scalars): torch's ops,
+    # without asking the same launch again through store_running's fused branch
     mean, var = core.mean_var(stats)
     mean, var = mean.reshape(C), var.reshape(C) * (count / (count - 1))  # (the unbiased variance)
     store_running(
@@ -1479,7 +1481,7 @@ def batch_norm_train(
         num_skipped_updates,
         momentum,
         unbiased,
-        True,
+        False,
     )
     return y
 

@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,11 +114,21 @@ def exclusive(d: Path) -> Iterator[None]:
         return
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "normkit.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"normkit: waiting for another process building in {d}", file=sys.stderr, flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
+        # another process loading a cached build holds the folder for a moment (torch's up-to-date
+        # check): wait quietly; a note only when it lasts (that process is compiling)
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    print(
+                        f"normkit: waiting for another process building in {d}", file=sys.stderr, flush=True
+                    )
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                    break
+                time.sleep(0.05)
         try:
             stale = d / "lock"
             if stale.exists():

@@ -332,3 +332,25 @@ def test_large_inputs_are_read_cold_from_copies_taken_in_turn():
     for _ in range(4):
         stmt()
     assert seen == [xs[0].data_ptr(), xs[1].data_ptr(), xs[2].data_ptr(), xs[0].data_ptr()]
+
+
+def test_compiled_rows_stay_compiled_past_dynamos_recompile_limit():
+    """The bench compiles one code object (the composite, a model's forward) for many shapes: each
+    must get a static graph of its own (by default Dynamo goes dynamic after one recompile and runs
+    eagerly after eight, which once made later "compiled" rows eager ones)."""
+    from normkit.bench import _compile_settings
+
+    seen: list[tuple[int, ...]] = []
+
+    def backend(gm, example_inputs):
+        seen.append(tuple(example_inputs[0].shape))
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x * 2 + 1, backend=backend)
+    with _compile_settings(True):
+        for n in range(1, 13):
+            assert torch.equal(f(torch.ones(n)), torch.full((n,), 3.0))
+    torch._dynamo.reset()
+    assert seen == [(n,) for n in range(1, 13)]
+    assert all(isinstance(s, int) for shape in seen for s in shape)

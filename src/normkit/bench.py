@@ -825,6 +825,26 @@ _MALLOC = {
 }
 
 
+@contextlib.contextmanager
+def _compile_settings(compile: bool) -> Iterator[None]:
+    """Every ``compiled`` row a compiled graph of its own shape: Dynamo recompiles a code object (the
+    composite, a model class's ``forward``) only 8 times before it silently runs it eagerly, and makes
+    sizes symbolic after the first recompile; a bench compiles each many times (shapes, dtypes,
+    models, backends). Hitting the raised limit fails loudly instead."""
+    if not compile:
+        yield
+        return
+    import torch._dynamo.config as dynamo_config
+
+    with dynamo_config.patch(
+        recompile_limit=4096,
+        accumulated_recompile_limit=4096,
+        fail_on_recompile_limit_hit=True,
+        automatic_dynamic_shapes=False,
+    ):
+        yield
+
+
 def run_bench(cfg: BenchConfig) -> tuple[str, dict[str, Any]]:
     """Run the benchmark; returns ``(markdown, data)`` (``data`` is what ``--json`` writes).
 
@@ -853,9 +873,10 @@ def run_bench(cfg: BenchConfig) -> tuple[str, dict[str, Any]]:
             "traffic": "fwd: 2 x tensor bytes; fwdbwd: 5 x tensor bytes",
             "config": config,
         }
-        data["ops"] = _op_rows(cfg) if cfg.run_ops else []
-        data["ops_s"] = time.perf_counter() - t0
-        data["e2e"] = _e2e_rows(cfg) if cfg.e2e else []
+        with _compile_settings(cfg.compile):
+            data["ops"] = _op_rows(cfg) if cfg.run_ops else []
+            data["ops_s"] = time.perf_counter() - t0
+            data["e2e"] = _e2e_rows(cfg) if cfg.e2e else []
     finally:
         torch.set_num_threads(threads)
     data["wall_s"] = time.perf_counter() - t0

@@ -62,6 +62,42 @@ def test_compile_fullgraph_equals_eager_with_gradients_and_buffers(sample: Sampl
 
 @pytest.mark.parametrize("train", MODES)
 @pytest.mark.parametrize("sample", SAMPLES, ids=SAMPLE_IDS)
+def test_compiled_module_runs_its_second_call_without_recompiling(sample: Sample, train: bool, monkeypatch):
+    """The first compiled call must not leave state its guards see changed on the second (a lazily
+    bound module-level list did: every model compiled twice in a fresh process)."""
+    from normkit.kernels import _fast
+
+    monkeypatch.setattr(_fast, "_backend", [])  # as in a fresh process: nothing bound yet
+    m = sample.module(train)
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    run(compiled, sample.input(), m)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run(compiled, sample.input(seed=2), m)
+
+
+def _other_batch(sample: Sample) -> torch.Tensor:
+    """The sample's input with 3 more samples (another size for a dynamic graph to serve)."""
+    shape = (sample.shape[0] + 3, *sample.shape[1:])
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    return x.contiguous(memory_format=torch.channels_last) if sample.channels_last else x
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("sample", SAMPLES, ids=SAMPLE_IDS)
+def test_compile_dynamic_fullgraph_equals_eager_on_two_batch_sizes(sample: Sample, train: bool):
+    """``torch.compile(dynamic=True)``: sizes and float attributes (eps, momentum) are symbolic. One
+    graph, no break (normkit's checks once called math.isfinite and divmod on them), for two batch
+    sizes. (aot_eager: Dynamo and AOTAutograd; Inductor's own handling is test_inductor.py's.)"""
+    ref, m = sample.module(train), sample.module(train)
+    compiled = torch.compile(m, dynamic=True, fullgraph=True, backend="aot_eager")
+    for x in (sample.input(), _other_batch(sample)):
+        _assert_same_run(run(ref, x), run(compiled, x, m))
+    for (k, a), b in zip(_buffers(ref).items(), _buffers(m).values()):
+        torch.testing.assert_close(b, a, **TOL, msg=lambda msg, k=k: f"buffer {k}: {msg}")
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("sample", SAMPLES, ids=SAMPLE_IDS)
 def test_export_module_equals_eager(sample: Sample, train: bool):
     ref, m = sample.module(train), sample.module(train)
     x = sample.input()

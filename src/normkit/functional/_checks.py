@@ -52,7 +52,8 @@ def check_param(p: Tensor | None, x: Tensor, shape: Sequence[int], op: str, name
 
 
 def check_eps(eps: float, op: str) -> float:
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
+    # (comparisons, not math.isfinite: under torch.compile(dynamic=True) eps may be a SymFloat)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < math.inf:
         raise NormError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     return float(eps)
 

@@ -128,7 +128,7 @@ def ghost_batch_norm(
     per_sample = 1
     for s in spatial:
         per_sample *= s
-    K, rem = divmod(N, B)
+    K, rem = N // B, N % B  # (not divmod: a SymInt under torch.compile(dynamic=True) has no divmod)
     if rem and rem * per_sample == 1:
         raise NormError(
             f"{op}: the last ghost chunk has 1 sample and no spatial dims (N={N}, ghost_batch_size={B}), so "

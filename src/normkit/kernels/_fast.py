@@ -47,13 +47,14 @@ _backend: list[Callable[[], str]] = []  # normkit.kernels.current, bound on firs
 
 def eligible(x: Tensor) -> bool:
     """Whether a layer call on ``x`` may take the fused fast path (plain eager, CPU, a supported dtype)."""
+    if _is_compiling():  # first: Dynamo must not look at the rest (a list bound in a trace recompiles)
+        return False
     if not _backend:
         from . import current
 
         _backend.append(current)
     return (
-        not _is_compiling()  # first: Dynamo must not look at the rest
-        and type(x) is Tensor
+        type(x) is Tensor
         and x.is_cpu
         and x.dtype in _CODE
         and x.numel() > 0

@@ -110,6 +110,21 @@ def _functorch_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def _tracing() -> bool:
+    """Traced rather than run: Dynamo (first: it must not look at the rest), or a Python dispatch
+    mode (fake tensors; ``make_fx`` tracing this code into a graph: Inductor's decomposition of the
+    ops, :mod:`normkit.ops._inductor`)."""
+    return (
+        torch.compiler.is_compiling() or torch.utils._python_dispatch._get_current_dispatch_mode() is not None
+    )
+
+
+def _inplace_ok() -> bool:
+    """Whether the computation may reuse its own temporaries in place: not under ``torch.func``
+    (above), nor while traced (a traced graph must be functional for the compiler)."""
+    return not _tracing() and not _functorch_active()
+
+
 def _stages(t: Tensor, dims: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """Split a reduction whose sets interleave with kept dims in memory into two stages, or ``None``.
 
@@ -119,7 +134,7 @@ def _stages(t: Tensor, dims: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[in
     than the same work in two stages (measured 2026-12: 32 ms vs 1.7 ms for (32, 64, 56, 56)): first
     over the reduced dims outside the innermost kept dim, then over those inside it.
     """
-    if len(dims) < 2:
+    if len(dims) < 2 or _tracing():  # (a trace: the compiler schedules its own reductions)
         return None
     key = (t.shape, t.stride(), dims)
     if key not in _STAGES:
@@ -199,7 +214,9 @@ def _sample(x: Tensor, dims: tuple[int, ...]) -> Tensor:
 def _centered(x: Tensor, shift: Tensor, inv: Tensor | None) -> Tensor:
     """``(x - shift) * inv`` in the statistics dtype: a fresh tensor in x's layout (``inv=None``: 1)."""
     d = torch.sub(x, shift)  # type promotion: a float16 / bfloat16 x gives a float32 result in one pass
-    return d if inv is None else d.mul_(inv)
+    if inv is None:
+        return d
+    return d.mul_(inv) if _inplace_ok() else d * inv
 
 
 def _count(x: Tensor, dims: tuple[int, ...], mask: Tensor | None, like: Tensor) -> Tensor:
@@ -232,13 +249,11 @@ _TINY_VAR = {torch.float32: 2.0**-100, torch.float64: 2.0**-900}
 def _fast_path_allowed(x: Tensor, mask: Tensor | None) -> bool:
     """Whether :func:`norm_forward` may try the unscaled path and check it (a CPU tensor in plain eager)."""
     return (
-        not torch.compiler.is_compiling()  # first: Dynamo must not look at the rest
+        not _tracing()  # first: Dynamo must not look at the rest
         and mask is None
         and type(x) is Tensor
         and x.device.type == "cpu"
         and not _functorch_active()
-        # no FakeTensorMode / make_fx proxy mode: they cannot answer the data-dependent check
-        and torch.utils._python_dispatch._get_current_dispatch_mode() is None
     )
 
 
@@ -249,7 +264,7 @@ def _centred_moments(
     d = _centered(x, shift, inv)
     if mask is None:
         cmean = _reduce(d, dims, "mean")
-        d.sub_(cmean)
+        d = d.sub_(cmean) if _inplace_ok() else d - cmean
         return d, cmean, _reduce(d * d, dims, "mean")
     zero = torch.zeros((), dtype=d.dtype, device=x.device)
     safe = count.clamp_min(1.0)
@@ -326,7 +341,7 @@ def _finish(
 ) -> tuple[Tensor, Tensor]:
     """``y = d * rstd * weight + bias`` in place on ``d``, and the stacked statistics."""
     scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-    if _functorch_active():  # d and the affine may be batched differently: no in-place arithmetic
+    if not _inplace_ok():  # d and the affine may be batched differently (torch.func), or a trace
         y = d * scale if bias is None else torch.addcmul(bias.to(rstd.dtype), d, scale)
     elif bias is None:
         y = d.mul_(scale)
@@ -421,7 +436,7 @@ def norm_backward(
     dbias = None
     # Reduce first over the set dims along which neither weight nor bias varies.
     fine = tuple(i for i in dims if all(p is None or p.shape[i] == 1 for p in (weight, bias)))
-    inplace = not _functorch_active()
+    inplace = _inplace_ok()
     # d = (x - shift) * inv: the scaled deviations before removing cmean, whose effect is folded
     # into the per-set sums and the constant term (one full-size temporary, as a plain two-pass).
     d = _centered(x, shift, inv) if inplace else (x.to(dtype) - shift) * inv

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from . import core
+from . import _inductor, core
 
 __all__ = ["exporting", "norm", "norm_stats", "proxy_act"]
 
@@ -76,8 +76,7 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
 # ---- normkit::norm ------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("normkit::norm", mutates_args=())
-def _norm_op(
+def _norm_impl(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -88,14 +87,13 @@ def _norm_op(
     return kernels.norm_forward(x, weight, bias, mask, tuple(dims), eps)
 
 
-@_norm_op.register_fake
 def _norm_fake(x, weight, bias, mask, dims, eps):  # type: ignore[no-untyped-def]
+    _inductor.ensure()
     stats = x.new_empty((core.STAT_ROWS, *core.stat_shape(x, tuple(dims))), dtype=core.acc_dtype(x.dtype))
     return torch.empty_like(x), stats
 
 
-@torch.library.custom_op("normkit::norm_backward", mutates_args=())
-def _norm_backward_op(
+def _norm_backward_impl(
     dy: Tensor,
     x: Tensor,
     weight: Tensor | None,
@@ -114,7 +112,6 @@ def _norm_backward_op(
     )
 
 
-@_norm_backward_op.register_fake
 def _norm_backward_fake(dy, x, weight, bias, mask, stats, dims, needs):  # type: ignore[no-untyped-def]
     empty = x.new_empty(0)
     return (
@@ -122,6 +119,22 @@ def _norm_backward_fake(dy, x, weight, bias, mask, stats, dims, needs):  # type:
         torch.empty_like(weight) if (needs[1] and weight is not None) else empty.clone(),
         torch.empty_like(bias) if (needs[2] and bias is not None) else empty.clone(),
     )
+
+
+# What a model's graph holds (one node per norm) ...
+_norm_op = torch.library.custom_op("normkit::norm", _norm_impl, mutates_args=())
+_norm_op.register_fake(_norm_fake)
+_norm_backward_op = torch.library.custom_op("normkit::norm_backward", _norm_backward_impl, mutates_args=())
+_norm_backward_op.register_fake(_norm_backward_fake)
+# ... and the same kernels under the names Inductor calls where they beat its generated code
+# (normkit.ops._inductor decomposes the two above into ATen ops or into these; no autograd: they
+# only ever appear after it).
+_norm_kernel_op = torch.library.custom_op("normkit::norm_kernel", _norm_impl, mutates_args=())
+_norm_kernel_op.register_fake(_norm_fake)
+_norm_backward_kernel_op = torch.library.custom_op(
+    "normkit::norm_backward_kernel", _norm_backward_impl, mutates_args=()
+)
+_norm_backward_kernel_op.register_fake(_norm_backward_fake)
 
 
 def _backward(

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from .._errors import NormError
-from .core import _functorch_active, acc_dtype
+from . import _inductor
+from .core import _inplace_ok, acc_dtype
 
 __all__ = ["ACT_NAMES", "proxy_act", "proxy_act_composite"]
 
@@ -145,11 +146,18 @@ def _forward(
             layout,
         )
         return out
+    return forward_aten(y, weight, bias, m, rstd, act, slope)
+
+
+def forward_aten(
+    y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float
+) -> Tensor:
+    """The step in ATen ops (differentiable; what Inductor generates code from)."""
     nd = y.dim()
     dtype = m.dtype
     a = torch.addcmul(_cview(bias.to(dtype), nd), y, _cview(weight.to(dtype), nd))
     z = _act(a, act, slope)
-    if not torch.is_grad_enabled() and not _functorch_active() and z is not a:
+    if not torch.is_grad_enabled() and _inplace_ok() and z is not a:
         out = z.sub_(_cview(m, nd)).mul_(_cview(rstd, nd))  # z is fresh: reuse it
     else:
         out = (z - _cview(m, nd)) * _cview(rstd, nd)
@@ -219,6 +227,21 @@ def _backward(
             -(sums[2].to(dtype) * rstd) if needs[3] else None,
             sums[3].to(dtype, copy=True) if needs[4] else None,
         )
+    return backward_aten(dout, y, weight, bias, m, rstd, act, slope, needs)
+
+
+def backward_aten(
+    dout: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    m: Tensor,
+    rstd: Tensor,
+    act: str,
+    slope: float,
+    needs: list[bool],
+) -> tuple[Tensor | None, ...]:
+    """The step's gradients in ATen ops (differentiable, for create_graph=True; Inductor compiles them)."""
     nd = y.dim()
     dims = [i for i in range(nd) if i != 1]
     dtype = m.dtype
@@ -235,20 +258,18 @@ def _backward(
     return dy, dweight, dbias, dm, drstd
 
 
-@torch.library.custom_op("normkit::proxy_norm_act", mutates_args=())
-def _pn_op(
+def _pn_impl(
     y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float
 ) -> Tensor:
     return _forward(y, weight, bias, m, rstd, act, slope)
 
 
-@_pn_op.register_fake
 def _pn_fake(y, weight, bias, m, rstd, act, slope):  # type: ignore[no-untyped-def]
+    _inductor.ensure()
     return torch.empty_like(y)
 
 
-@torch.library.custom_op("normkit::proxy_norm_act_backward", mutates_args=())
-def _pn_backward_op(
+def _pn_backward_impl(
     dout: Tensor,
     y: Tensor,
     weight: Tensor,
@@ -264,10 +285,25 @@ def _pn_backward_op(
     return [g if g is not None else t.new_empty(0) for g, t in zip(grads, like)]
 
 
-@_pn_backward_op.register_fake
 def _pn_backward_fake(dout, y, weight, bias, m, rstd, act, slope, needs):  # type: ignore[no-untyped-def]
     like = (y, weight, bias, m, rstd)
     return [torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, needs)]
+
+
+# What a model's graph holds, and (``*_kernel``) the same kernels under the names Inductor calls where
+# they beat its generated code (see normkit.ops._inductor; no autograd: they appear only after it).
+_pn_op = torch.library.custom_op("normkit::proxy_norm_act", _pn_impl, mutates_args=())
+_pn_op.register_fake(_pn_fake)
+_pn_backward_op = torch.library.custom_op(
+    "normkit::proxy_norm_act_backward", _pn_backward_impl, mutates_args=()
+)
+_pn_backward_op.register_fake(_pn_backward_fake)
+_pn_kernel_op = torch.library.custom_op("normkit::proxy_norm_act_kernel", _pn_impl, mutates_args=())
+_pn_kernel_op.register_fake(_pn_fake)
+_pn_backward_kernel_op = torch.library.custom_op(
+    "normkit::proxy_norm_act_backward_kernel", _pn_backward_impl, mutates_args=()
+)
+_pn_backward_kernel_op.register_fake(_pn_backward_fake)
 
 
 def _grads(ctx: Any, dout: Tensor) -> tuple[Any, ...]:

@@ -1,0 +1,151 @@
+"""What Inductor makes of normkit's ops (normkit.ops._inductor): generated code or normkit's kernels.
+
+Dynamo's graph holds one normkit node per norm (test_toolchain.py); Inductor decomposes each into
+ATen ops it compiles into its own loops (small inputs) or into a call of normkit's kernels (large
+ones, symbolic sizes). Both must compute what eager computes: outputs, every gradient, buffers.
+The oracle is the same module run eagerly (itself tested against torch.nn and float64 elsewhere).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import normkit
+import normkit.nn as nkn
+from normkit.ops import _inductor
+
+from .samples import SAMPLES, run
+
+TOL = {"atol": 2e-5, "rtol": 2e-5}
+_BY_NAME = {s.name: s for s in SAMPLES}
+# one of each kind of op and walk: BN (running statistics), GN channels-last, LN over C, Proxy Norm
+# (norm + proxy activation op), a fused norm + activation layer, Batch Renorm (its own correction)
+_CASES = [
+    ("BatchNorm2d", True),
+    ("LayerNorm2d-chw", False),
+    ("GroupNorm-cl", True),
+    ("LayerNorm2d-c", True),
+    ("ln+pn", True),
+    ("BatchNormAct2d", True),
+    ("BatchRenorm2d", True),
+]
+
+
+@pytest.fixture
+def fresh_inductor():
+    """Inductor without its on-disk caches: they key a graph by its nodes, not by how normkit's
+    ops decompose, and these tests compile the same graph both ways."""
+    torch._dynamo.reset()
+    with (
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
+        yield
+    torch._dynamo.reset()
+
+
+def _normkit_calls(codes: list[str]) -> set[str]:
+    return {m for c in codes for m in re.findall(r"torch\.ops\.normkit\.(\w+)", c)}
+
+
+def _compiled_run(m: torch.nn.Module, x: torch.Tensor):
+    compiled = torch.compile(m, fullgraph=True)
+    result, codes = run_and_get_code(run, compiled, x, m)
+    return result, codes
+
+
+def _assert_same(got, want) -> None:
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    assert got[1].keys() == want[1].keys()
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], **TOL, msg=lambda msg, k=k: f"grad {k}: {msg}")
+
+
+def _buffers_close(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (k, u), v in zip(a.named_buffers(), b.buffers()):
+        torch.testing.assert_close(v, u, **TOL, msg=lambda msg, k=k: f"buffer {k}: {msg}")
+
+
+@pytest.mark.parametrize("path", ["generated", "kernels"])
+@pytest.mark.parametrize(
+    ("name", "train"), _CASES, ids=[f"{n}-{'train' if t else 'eval'}" for n, t in _CASES]
+)
+def test_inductor_computes_what_eager_computes_on_either_path(
+    fresh_inductor, monkeypatch, name: str, train: bool, path: str
+):
+    sample = _BY_NAME[name]
+    if path == "kernels":  # every input counts as large: Inductor calls normkit's kernels
+        monkeypatch.setitem(_inductor.LIMITS, "cpu", 0)
+    ref, m = sample.module(train), sample.module(train)
+    x = sample.input()
+    got, codes = _compiled_run(m, x)
+    _assert_same(got, run(ref, x))
+    _buffers_close(ref, m)
+    calls = _normkit_calls(codes)
+    assert _inductor.installed(), _inductor._state
+    if path == "generated":
+        assert calls == set(), f"Inductor should have generated the norm's code, but calls {calls}"
+    else:
+        assert calls and all(c.endswith("_kernel") for c in calls), calls
+        assert any(c.startswith("norm_backward_kernel") for c in calls), calls
+
+
+def test_generated_code_keeps_normkits_numerics_where_torchs_float32_norm_overflows(fresh_inductor):
+    """Values near 1e20 in float32: their squares overflow, so a plain two-pass (torch's GroupNorm)
+    returns zeros; normkit's scaled statistics, in Inductor's code too, give the float64 answer."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 3) * 1e20 + 3e20
+    gn = nkn.GroupNorm(2, 4, affine=False)
+    got, codes = _compiled_run(gn, x)
+    assert _normkit_calls(codes) == set()
+    want = torch.nn.functional.group_norm(x.double(), 2).float()
+    torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)
+    assert (torch.nn.functional.group_norm(x, 2) - want).abs().max() > 0.5  # (the case's point)
+
+
+def test_dynamic_sizes_call_the_kernels_and_serve_every_size(fresh_inductor):
+    m = nkn.GroupNorm(2, 6)
+    compiled = torch.compile(m, dynamic=True, fullgraph=True)
+    for n, hw in ((2, 5), (3, 4), (5, 7)):
+        x = torch.randn(n, 6, hw, hw)
+        (got, grads), codes = run_and_get_code(run, compiled, x, m)
+        want, want_grads = run(m, x)
+        torch.testing.assert_close(got, want, **TOL)
+        for k in want_grads:
+            torch.testing.assert_close(grads[k], want_grads[k], **TOL)
+        if codes:  # (a size the graph already serves compiles nothing)
+            assert _normkit_calls(codes) == {"norm_kernel", "norm_backward_kernel"}, codes
+
+
+def test_the_choice_follows_the_size_and_device():
+    assert _inductor.generated(torch.empty(2, 32, 8, 8))  # 4096 values: Inductor's own code
+    assert not _inductor.generated(torch.empty(8, 32, 16, 16))  # 65536: normkit's CPU kernels
+    assert _inductor.generated(torch.empty(64, 64, 64, device="meta")) is False  # not a known device
+    assert _inductor.LIMITS["cpu"] < _inductor.LIMITS["cuda"]
+
+
+def test_ensure_outside_compile_touches_nothing(monkeypatch):
+    monkeypatch.setitem(_inductor._state, "done", False)
+    _inductor.ensure()
+    assert _inductor._state["done"] is False
+
+
+def test_dynamo_graph_still_holds_one_normkit_node_per_norm():
+    """What other backends and graph tools see is unchanged: the normkit op, once per norm."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(nkn.GroupNorm(2, 4), torch.nn.ReLU(), normkit.create_norm_layer("ln+pn", 4))
+    torch.compile(model, backend=backend, fullgraph=True)(torch.randn(2, 4, 3, 3))
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert targets.count("normkit.norm") == 2, targets
+    assert targets.count("normkit.proxy_norm_act") == 1, targets
+    torch._dynamo.reset()

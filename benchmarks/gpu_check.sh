@@ -6,14 +6,16 @@
 #      time under a deadline): torch native / cuDNN, normkit's Triton kernels and reference, on
 #      PERFORMANCE.md's and ResNet-50's shapes, both layouts and dtypes, forward and forward + backward;
 #   3. torch.compile of the composite next to them, on the ResNet-50 stage-1 activation;
-#   4. whole training steps with torch.nn's norms and normkit's (`normkit bench --no-ops --quick`).
+#   4. whole training steps with torch.nn's norms and normkit's (`normkit bench --no-ops --quick`);
+#   5. under torch.compile, Inductor's own code for a norm against a call of normkit's kernels, to set
+#      normkit.ops._inductor.LIMITS["cuda"] (benchmarks/inductor_crossover.py; appended to e2e.md).
 #
 # Needs: a Python with a CUDA build of torch and triton (PY, default python3), run from a checkout
 # (src/ goes on PYTHONPATH; nothing is installed). Writes to $OUT (default ./gpu-out): smoke.log,
 # tests.log, bench_cuda.md and bench_compiled.md (+ their rows as they landed, *_rows.jsonl),
-# profile.txt (stage 1b: benchmarks/gpu_profile.py), e2e.md (stage 4). The stages' caps in seconds
+# profile.txt (stage 1b: benchmarks/gpu_profile.py), e2e.md (stages 4 and 5). The stages' caps in seconds
 # (580 in all, so one `run` of the device tool with timeout_s 595 fits): SMOKE_S, TESTS_S, PROFILE_S,
-# BENCH_S, COMPILED_S, E2E_S; SMOKE=0 skips stage 0, PROFILE=0 stage 1b.
+# BENCH_S, COMPILED_S, E2E_S, CROSSOVER_S; SMOKE=0 skips stage 0, PROFILE=0 stage 1b.
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +43,7 @@ tail -n 15 "$OUT/tests.log"
 
 if [ "${PROFILE:-1}" = 1 ]; then
   stage "1b. where the time goes (torch.profiler per kernel, registers and spills)"
-  timeout "${PROFILE_S:-60}" "$PY" benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1 || status=1
+  timeout "${PROFILE_S:-40}" "$PY" benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1 || status=1
   tail -n 25 "$OUT/profile.txt"
 fi
 
@@ -55,10 +57,14 @@ timeout "${COMPILED_S:-100}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --name b
   --deadline "$(( ${COMPILED_S:-100} - 60 ))" 2>&1 || status=1
 
 stage "4. whole training steps (ResNet-18-style and CNN-4, torch.nn's norms vs normkit's, quick)"
-timeout "${E2E_S:-60}" "$PY" -m normkit.cli bench --device cuda --no-ops --quick --quiet --backends auto,triton \
+timeout "${E2E_S:-40}" "$PY" -m normkit.cli bench --device cuda --no-ops --quick --quiet --backends auto,triton \
   --md "$OUT/e2e.md" > /dev/null 2> "$OUT/e2e.err" || { status=1; tail -n 20 "$OUT/e2e.err"; }
 [ -s "$OUT/e2e.err" ] || rm -f "$OUT/e2e.err"  # (a device lease returns at most 8 files)
 grep '^|' "$OUT/e2e.md" 2>/dev/null | head -n 12
+
+stage "5. Inductor: its own code for a norm, or normkit's kernels (GroupNorm + ReLU, fwd + bwd)"
+timeout "${CROSSOVER_S:-40}" "$PY" benchmarks/inductor_crossover.py --device cuda --quick \
+  --shapes 8x64x32x32,64x256x56x56 2>/dev/null | grep '^|\|^torch' | tee -a "$OUT/e2e.md" || status=1
 
 stage "done, status $status"
 exit $status

@@ -13,7 +13,7 @@ import torch
 
 from normkit import kernels
 from normkit.bench import OPS, BenchConfig, ResNet18Style, _cnn4, _resnet, check_config, run_bench
-from normkit.cli import main
+from normkit.cli import build_parser, main
 
 TINY = dict(shapes=[(2, 32, 4, 4)], repeats=1, min_time=0.01, e2e_min_time=0.01, quiet=True)
 BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_norms.py"
@@ -285,6 +285,10 @@ def test_cuda_providers_leave_out_the_cpu_kernels(monkeypatch):
     assert bench._backends(BenchConfig()) == ["reference", "cpu", "native", "triton"]
     assert bench._selectable(BenchConfig(device="cuda"))[0] == ["auto", "reference", "native", "triton"]
     assert "auto" not in bench._selectable(BenchConfig())[0]
+    with pytest.raises(ValueError, match="unknown backend 'auto'"):  # on the CPU eager it is "cpu"
+        check_config(BenchConfig(backends=["auto"]))
+    parsed = build_parser().parse_args(["bench", "--backends", "auto,triton", "--device", "cuda"])
+    assert parsed.backends == ["auto", "triton"]  # (benchmarks/gpu_check.sh's stage 4 passes this)
 
 
 def _ab_module():

@@ -237,7 +237,8 @@ class BenchConfig:
 
 
 # the cpu backend's kernels take CPU tensors only; on CUDA "auto" is a provider of its own (torch's op
-# where normkit hands the call to it, the Triton kernels elsewhere: normkit.kernels._direct)
+# where normkit hands the call to it, the Triton kernels elsewhere: normkit.kernels._direct); on the CPU
+# it runs what "cpu" runs.
 _CUDA_BACKENDS = ("auto", "reference", "native", "triton")
 
 

@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backends",
-        type=_csv(_choice("reference", "cpu", "native", "triton")),
-        help="normkit backends to time (default: all available for the device)",
+        type=_csv(_choice("auto", "reference", "cpu", "native", "triton")),
+        help="normkit backends to time (default: all available for the device; auto: cuda only)",
     )
     p.add_argument(
         "--device",

@@ -5,6 +5,8 @@
   and ``normkit::proxy_norm_act`` / ``normkit::proxy_norm_act_backward``, and :func:`norm`, the one
   entry point that picks the registered op (``torch.compile``), plain standard ops (export) or the
   eager ``autograd.Function`` (``torch.func``, forward-mode AD).
+* :mod:`normkit.ops._inductor`: what ``torch.compile``'s Inductor makes of those ops (its own fused
+  loops from the ATen reference for small inputs, a call of normkit's kernels for large ones).
 
 Example:
     >>> import torch, normkit

@@ -19,7 +19,9 @@ lowers a graph it decomposes them, per node, into one of two things:
 :func:`generated` decides, from the input's size and device: up to :data:`LIMITS` elements (CPU:
 16384, from the measurement above; CUDA: 2^24, not yet measured on a GPU: where two extra passes
 over the tensor cost about what normkit's Python around a call costs, ~50 us at 4 TB/s). A graph
-with symbolic sizes (``dynamic=True``) keeps the kernels (no guard on the size). Nothing else
+with symbolic sizes (``dynamic=True``) keeps the kernels (no guard on the size). The choice does not
+follow ``normkit.kernels.use(...)``: a compiled call takes Inductor's code for a small input
+whatever the backend, and the backend in force when a large one runs (as in eager). Nothing else
 changes: ``torch.export`` and ONNX record ATen's norms as before, and other backends
 (``aot_eager``, custom ones) see the normkit nodes.
 

@@ -10,7 +10,8 @@ Which path runs (:func:`norm`):
 
 * under ``torch.compile`` (Dynamo): the registered op, with its fake (meta) implementation and
   ``register_autograd``, so a compiled graph holds one ``normkit.norm`` node per norm and no
-  graph break;
+  graph break (Inductor then compiles each into its own loops or a call of the kernels:
+  :mod:`normkit.ops._inductor`);
 * while exporting or tracing (``torch.export``, ``torch.onnx.export``, ``torch.jit.trace``):
   plain standard ops (:func:`normkit.ops.core.composite_norm`); the functional layer uses ATen's
   ``batch_norm`` / ``group_norm`` / ``layer_norm`` / ``instance_norm`` where they compute the same

@@ -13,14 +13,13 @@ is timed right after its compile: Dynamo serves one model class with one graph a
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import normkit.nn as nkn
+from normkit.bench import _time_steps  # (median of single steps, synchronised on a GPU)
 from normkit.ops import _inductor
 
 _SHAPES = "2x32x8x8,4x32x16x16,8x32x16x16,8x64x32x32,32x64x56x56"
@@ -57,18 +56,6 @@ def _step(m: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def _time(step: Callable[[], None], min_time: float, sync: Callable[[], None]) -> float:
-    times: list[float] = []
-    start = time.perf_counter()
-    while not times or (time.perf_counter() - start < min_time and len(times) < 2000):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -80,7 +67,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     layers = dict(list(_LAYERS.items())[:1]) if args.quick else _LAYERS
     if args.quick:
@@ -120,7 +106,7 @@ def main() -> None:
                     finally:
                         _inductor.LIMITS.clear()
                         _inductor.LIMITS.update(old)
-                    best[way] = min(_time(step, args.min_time, sync) for _ in range(args.repeats))
+                    best[way] = 1e3 * min(_time_steps(step, args.min_time) for _ in range(args.repeats))
                 t, g, k = best["torch.nn"], best["generated"], best["kernels"]
                 shp = "x".join(map(str, shape))
                 print(

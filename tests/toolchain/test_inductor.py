@@ -149,3 +149,71 @@ def test_dynamo_graph_still_holds_one_normkit_node_per_norm():
     assert targets.count("normkit.norm") == 2, targets
     assert targets.count("normkit.proxy_norm_act") == 1, targets
     torch._dynamo.reset()
+
+
+def _variant(kind: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 3) * 2 + 1
+    if kind == "bf16 module":  # bfloat16 parameters and input: the backward's casts to their dtypes
+        return nkn.GroupNorm(2, 4).to(torch.bfloat16), x.to(torch.bfloat16)
+    if kind == "float32 params, bf16 input":
+        return nkn.GroupNorm(2, 4), x.to(torch.bfloat16)
+    if kind == "no affine":
+        return nkn.LayerNorm2d(4, affine=False), x
+    if kind == "BatchNorm1d (N, C)":
+        return nkn.BatchNorm1d(6), torch.randn(5, 6)
+    if kind == "LayerNorm over the last dim":
+        return nkn.LayerNorm(7), torch.randn(4, 5, 7)
+    if kind == "ln+pn bf16":
+        return normkit.create_norm_layer("ln+pn", 4).to(torch.bfloat16), x.to(torch.bfloat16)
+    raise AssertionError(kind)
+
+
+_VARIANTS = [
+    "bf16 module",
+    "float32 params, bf16 input",
+    "no affine",
+    "BatchNorm1d (N, C)",
+    "LayerNorm over the last dim",
+    "ln+pn bf16",
+]
+
+
+_GRADS = ["all", "input only", "parameters only"]
+
+
+@pytest.mark.parametrize("path", ["generated", "kernels"])
+@pytest.mark.parametrize(
+    ("kind", "grads"),
+    # (a layer without parameters has only its input to differentiate)
+    [(k, g) for k in _VARIANTS for g in _GRADS if not (k == "no affine" and g == "parameters only")],
+)
+def test_dtypes_shapes_and_partial_gradients_match_eager(fresh_inductor, monkeypatch, kind, path, grads):
+    """The decompositions' outputs in each dtype (casts back to the input's and parameters' dtypes)
+    and with gradients asked for only in part (the ops' empty placeholders)."""
+    if path == "kernels":
+        monkeypatch.setitem(_inductor.LIMITS, "cpu", 0)
+    m, x = _variant(kind)
+    params = [p for p in m.parameters() if p.requires_grad]
+    results = []
+    for f in (m, torch.compile(m, fullgraph=True)):
+        for p in params:
+            p.grad = None
+            p.requires_grad_(grads != "input only")
+        xi = x.detach().clone().requires_grad_(grads != "parameters only")
+        y = f(xi)
+        (y.float() * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        results.append((y, xi.grad, [p.grad for p in params]))
+    (y0, gx0, gp0), (y1, gx1, gp1) = results
+    tol = {"atol": 5e-2, "rtol": 5e-2} if x.dtype == torch.bfloat16 else TOL
+    assert y1.dtype == y0.dtype
+    torch.testing.assert_close(y1, y0, **tol)
+    assert (gx1 is None) == (gx0 is None)
+    if gx0 is not None:
+        assert gx1.dtype == gx0.dtype == x.dtype
+        torch.testing.assert_close(gx1, gx0, **tol)
+    for a, b, p in zip(gp0, gp1, params):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert b.dtype == a.dtype == p.dtype
+            torch.testing.assert_close(b, a, **tol)

@@ -9,16 +9,17 @@ lowers a graph it decomposes them, per node, into one of two things:
   reference path with its scaled statistics, and the Proxy Norm step's ATen formula), which
   Inductor compiles into its own fused loops together with the surrounding activation, residual
   add or cast: no Python per call. This wins where a call's arithmetic is small next to the cost
-  of calling out (measured on the 2-core CPU: GroupNorm + ReLU forward + backward on (2, 32, 8, 8)
-  241 us against 381 us through the op, torch.nn compiled 215 us);
+  of calling out (GroupNorm + ReLU forward + backward on (2, 32, 8, 8), 2-core CPU: 264 us against
+  404 us through the kernels; torch.nn compiled 239 us);
 * **the same kernels as in eager** (``normkit::norm_kernel`` and friends: the fused CPU kernels,
   the Triton kernels, torch's op where ``auto`` routes there), where a generated loop nest over
   the reference's extra passes (the range, the centred moments) is slower than normkit's kernels
-  (the same measurement on (8, 32, 16, 16): 1044 us generated, 853 us through the kernels).
+  (the same layer on (8, 32, 16, 16): 1059 us generated, 869 us through the kernels).
 
 :func:`generated` decides, from the input's size and device: up to :data:`LIMITS` elements (CPU:
-16384, from the measurement above; CUDA: 2^24, not yet measured on a GPU: where two extra passes
-over the tensor cost about what normkit's Python around a call costs, ~50 us at 4 TB/s). A graph
+32768, from ``benchmarks/inductor_crossover.py``, docs/PERFORMANCE.md §6; CUDA: 2^24, not yet
+measured on a GPU: where two extra passes over the tensor cost about what normkit's Python around a
+call costs, tens of microseconds). A graph
 with symbolic sizes (``dynamic=True``) keeps the kernels (no guard on the size). The choice does not
 follow ``normkit.kernels.use(...)``: a compiled call takes Inductor's code for a small input
 whatever the backend, and the backend in force when a large one runs (as in eager). Nothing else
@@ -27,10 +28,12 @@ changes: ``torch.export`` and ONNX record ATen's norms as before, and other back
 
 The decompositions go into Inductor's table the first time Dynamo traces a normkit op
 (:func:`ensure`, from the ops' fake implementations), so ``import normkit`` does not import
-Inductor (about a second). Inductor's on-disk caches key a graph by its nodes, not by this
-table: after upgrading normkit across a change of these decompositions, remove Inductor's cache
-directory (``TORCHINDUCTOR_CACHE_DIR``, by default ``/tmp/torchinductor_<user>``) if a compiled
-model must pick up the change.
+Inductor (about a second). Inductor's on-disk caches key a graph by Dynamo's graph, which is the
+same whichever way the ops decompose: a graph compiled once keeps its choice. After changing
+:data:`LIMITS`, or upgrading or downgrading normkit across a change of these decompositions (or of
+the ``*_kernel`` ops), remove Inductor's cache directory (``TORCHINDUCTOR_CACHE_DIR``, by default
+``/tmp/torchinductor_<user>``) or compile with ``TORCHINDUCTOR_FX_GRAPH_CACHE=0
+TORCHINDUCTOR_AUTOGRAD_CACHE=0``, or the compiled model keeps what its cache holds.
 
 Example:
     >>> import torch
@@ -106,7 +109,8 @@ def ensure() -> None:
     ]
     try:
         for op, fn in table:
-            table_module.register_decomposition(op)(fn)
+            if op not in table_module.decompositions:  # (already there: this module was reloaded)
+                table_module.register_decomposition(op)(fn)
         # Inductor copies its table once (with its random-op decompositions): a copy taken by an
         # earlier compile in this process must not miss these
         copy = getattr(table_module, "fast_random_decomps", None)

@@ -151,14 +151,10 @@ def _norm_backward(
     if not generated(x):
         return torch.ops.normkit.norm_backward_kernel(dy, x, weight, bias, mask, stats, dims, needs)
     from . import core
+    from .library import op_grads
 
-    dx, dw, db = core.norm_backward(dy, x, weight, bias, mask, stats, tuple(dims), needs)
-    empty = x.new_empty(0)
-    # the op's outputs as its fake declares them (autograd casts a gradient to its input's dtype)
-    return (
-        dx.to(x.dtype) if dx is not None else empty,
-        dw.to(weight.dtype) if dw is not None and weight is not None else empty.clone(),
-        db.to(bias.dtype) if db is not None and bias is not None else empty.clone(),
+    return op_grads(
+        *core.norm_backward(dy, x, weight, bias, mask, stats, tuple(dims), needs), x, weight, bias
     )
 
 
@@ -187,8 +183,8 @@ def _proxy_act_backward(
         return torch.ops.normkit.proxy_norm_act_backward_kernel(
             dout, y, weight, bias, m, rstd, act, slope, needs
         )
-    from .proxy import backward_aten
+    from .proxy import backward_aten, op_grads
 
-    grads = backward_aten(dout, y, weight, bias, m, rstd, act, slope, needs)
-    like = (y, weight, bias, m, rstd)
-    return [g.to(t.dtype) if g is not None else t.new_empty(0) for g, t in zip(grads, like)]
+    return op_grads(
+        backward_aten(dout, y, weight, bias, m, rstd, act, slope, needs), (y, weight, bias, m, rstd)
+    )

@@ -104,12 +104,33 @@ def _norm_backward_impl(
     dims: Sequence[int],
     needs: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = kernels.norm_backward(dy, x, weight, bias, mask, stats, tuple(dims), needs)
+    return op_grads(
+        *kernels.norm_backward(dy, x, weight, bias, mask, stats, tuple(dims), needs), x, weight, bias
+    )
+
+
+def op_grads(
+    dx: Tensor | None,
+    dw: Tensor | None,
+    db: Tensor | None,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``normkit::norm_backward``'s outputs as its fake declares them: each gradient in its input's
+    dtype (autograd would cast it there anyway), a fresh empty tensor where none was asked for.
+
+    Example:
+        >>> x, w = torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16)
+        >>> dx, dw, db = op_grads(torch.zeros(2, 3), torch.ones(3), None, x, w, None)
+        >>> dx.dtype, dw.dtype, db.shape
+        (torch.bfloat16, torch.bfloat16, torch.Size([0]))
+    """
     empty = x.new_empty(0)
     return (
         dx.to(x.dtype) if dx is not None else empty,
-        dw if dw is not None else empty.clone(),
-        db if db is not None else empty.clone(),
+        dw.to(weight.dtype) if dw is not None and weight is not None else empty.clone(),
+        db.to(bias.dtype) if db is not None and bias is not None else empty.clone(),
     )
 
 

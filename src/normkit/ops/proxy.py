@@ -14,6 +14,7 @@ ops, outside the op).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -152,7 +153,13 @@ def _forward(
 def forward_aten(
     y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float
 ) -> Tensor:
-    """The step in ATen ops (differentiable; what Inductor generates code from)."""
+    """The step in ATen ops (differentiable; what Inductor generates code from).
+
+    Example:
+        >>> y, one, zero = torch.randn(2, 3, 4), torch.ones(3), torch.zeros(3)
+        >>> torch.equal(forward_aten(y, one, zero, zero, one, "relu", 0.01), torch.relu(y))
+        True
+    """
     nd = y.dim()
     dtype = m.dtype
     a = torch.addcmul(_cview(bias.to(dtype), nd), y, _cview(weight.to(dtype), nd))
@@ -241,7 +248,14 @@ def backward_aten(
     slope: float,
     needs: list[bool],
 ) -> tuple[Tensor | None, ...]:
-    """The step's gradients in ATen ops (differentiable, for create_graph=True; Inductor compiles them)."""
+    """The step's gradients in ATen ops (differentiable, for create_graph=True; Inductor compiles them).
+
+    Example:
+        >>> y, one, zero = torch.randn(2, 3, 4), torch.ones(3), torch.zeros(3)
+        >>> dy, *_ = backward_aten(torch.ones_like(y), y, one, zero, zero, one, "relu", 0.01, [True] * 5)
+        >>> torch.equal(dy, (y > 0).float())
+        True
+    """
     nd = y.dim()
     dims = [i for i in range(nd) if i != 1]
     dtype = m.dtype
@@ -281,8 +295,19 @@ def _pn_backward_impl(
     needs: list[bool],
 ) -> list[Tensor]:
     grads = _backward(dout, y, weight, bias, m, rstd, act, slope, needs)
-    like = (y, weight, bias, m, rstd)
-    return [g if g is not None else t.new_empty(0) for g, t in zip(grads, like)]
+    return op_grads(grads, (y, weight, bias, m, rstd))
+
+
+def op_grads(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
+    """``normkit::proxy_norm_act_backward``'s outputs as its fake declares them: each gradient in its
+    input's dtype, an empty tensor where none was asked for.
+
+    Example:
+        >>> y, c = torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(3)
+        >>> [g.dtype if g.numel() else None for g in op_grads([torch.zeros(2, 3), None], (y, c))]
+        [torch.bfloat16, None]
+    """
+    return [g.to(t.dtype) if g is not None else t.new_empty(0) for g, t in zip(grads, like)]
 
 
 def _pn_backward_fake(dout, y, weight, bias, m, rstd, act, slope, needs):  # type: ignore[no-untyped-def]

@@ -143,3 +143,87 @@ def test_moments_compile_fullgraph_equals_eager():
     assert torch._dynamo.explain(f)(x).graph_break_count == 0
     for got, want in zip(torch.compile(f, fullgraph=True)(x), f(x)):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# norm_forward_fused: the statistics Inductor reads the input once for (normkit.ops._inductor).
+
+
+@pytest.mark.parametrize("scale, offset, eps", CASES)
+@pytest.mark.parametrize("dims", [(0, 2, 3), (1, 2, 3), (2, 3)], ids=["bn", "ln", "in"])
+def test_one_read_statistics_match_the_float64_oracle(scale, offset, eps, dims):
+    x = _x(scale, offset)
+    w = torch.rand(1, 6, 1, 1) + 0.5
+    b = torch.randn(1, 6, 1, 1)
+    y, stats = core.norm_forward_fused(x, w, b, None, dims, eps)
+    xd = x.double()
+    mean = xd.mean(dims, keepdim=True)
+    var = (xd - mean).square().mean(dims, keepdim=True)
+    want = (xd - mean) / torch.sqrt(var + eps) * w.double() + b.double()
+    assert bool(torch.isfinite(y).all())
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=2e-5)
+    got_mean, got_var = core.mean_var(stats)
+    torch.testing.assert_close(got_mean.double(), mean, rtol=1e-6, atol=1e-6 * float(var.sqrt().max()))
+    if 1e-18 < scale < 1e18:
+        torch.testing.assert_close(got_var.double(), var, rtol=1e-4, atol=0.0)
+
+
+def test_one_read_statistics_take_the_wide_moments_only_where_the_plain_ones_overflow():
+    """A set whose squared deviations leave float32 (1e30, and values of both signs near the float32
+    maximum, whose difference itself overflows) takes the moments of x * 2^-96; others keep the
+    moments of x - x0 (the saved inverse scale says which)."""
+    x = torch.stack([_x(1.0, shape=(6, 5, 5)), _x(1e30, shape=(6, 5, 5)), _x(1e-2, 1e4, shape=(6, 5, 5))])
+    y, stats = core.norm_forward_fused(x, None, None, None, (1, 2, 3), 1e-5)
+    assert stats[core._INV].flatten().tolist() == [1.0, 2.0**-96, 1.0]
+    xd = x.double()
+    var = xd.var((1, 2, 3), keepdim=True, correction=0)
+    want = (xd - xd.mean((1, 2, 3), keepdim=True)) / torch.sqrt(var + 1e-5)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=2e-5)
+    edge = torch.tensor([[[3e38, -3e38, 1.0, 2.0]]])
+    y, stats = core.norm_forward_fused(edge, None, None, None, (2,), 1e-5)
+    ed = edge.double()
+    want = (ed - ed.mean(2, keepdim=True)) / ed.std(2, keepdim=True, correction=0)
+    assert float(stats[core._INV]) == 2.0**-96
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_read_statistics_leave_masks_and_a_tiny_eps_to_the_scaled_path(monkeypatch):
+    calls = []
+    real = core.norm_forward
+    monkeypatch.setattr(core, "norm_forward", lambda *a: calls.append(a[-1]) or real(*a))
+    x = _x(1e-30)
+    core.norm_forward_fused(x, None, None, None, (1, 2, 3), 1e-5)
+    assert calls == []
+    y, _ = core.norm_forward_fused(x, None, None, None, (1, 2, 3), 0.0)  # squares underflow, eps = 0
+    assert calls == [0.0] and bool(torch.isfinite(y).all())
+    core.norm_forward_fused(_x(1.0), None, None, torch.ones(4, 6, 5, 5, dtype=torch.bool), (1, 2, 3), 1e-5)
+    assert calls == [0.0, 1e-5]
+
+
+@pytest.mark.parametrize("scale, offset, eps", [c for c in GRAD_CASES if c[2] > 0] + [(1e30, 0.0, 1e-5)])
+def test_backward_from_one_read_statistics_matches_the_float64_oracle(scale, offset, eps):
+    """The backward as Inductor traces it (no in-place ops) from the one-read statistics, a wide set
+    included (1e30: squared deviations overflow float32; its gradient, like 1 / std, still fits)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Traced(TorchDispatchMode):  # core._tracing() is true under a dispatch mode, as in Inductor
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x = _x(scale, offset, seed=3)
+    w = torch.rand(1, 6, 1, 1, dtype=torch.float64) + 0.5
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    xd = x.double().requires_grad_(True)
+    wd = w.clone().requires_grad_(True)
+    ref = ref_group_norm(xd, 2, wd.view(6), None, eps)
+    want_dx, want_dw = torch.autograd.grad(ref, (xd, wd), dy)
+    xv = x.view(4, 2, 3, 5, 5)
+    wv = w.float().view(1, 2, 3, 1, 1)
+    with Traced():
+        _, stats = core.norm_forward_fused(xv, wv, None, None, (2, 3, 4), eps)
+        dx, dw, _ = core.norm_backward(
+            dy.float().view_as(xv), xv, wv, None, None, stats, (2, 3, 4), (True, True, False)
+        )
+    assert dx is not None and dw is not None
+    size = want_dx.abs().max()
+    torch.testing.assert_close(dx.view_as(x).double() / size, want_dx / size, rtol=0.0, atol=1e-5)
+    torch.testing.assert_close(dw.view(6).double(), want_dw.view(6), rtol=1e-4, atol=1e-4)

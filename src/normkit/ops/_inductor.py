@@ -5,21 +5,23 @@ custom backends and graph tools see). Left opaque, Inductor would call each of t
 (the registered op, then normkit's dispatch) and could fuse nothing around it. So when Inductor
 lowers a graph it decomposes them, per node, into one of two things:
 
-* **ATen ops** (:func:`normkit.ops.core.norm_forward` / :func:`~normkit.ops.core.norm_backward`, the
-  reference path with its scaled statistics, and the Proxy Norm step's ATen formula), which
-  Inductor compiles into its own fused loops together with the surrounding activation, residual
-  add or cast: no Python per call. This wins where a call's arithmetic is small next to the cost
-  of calling out (GroupNorm + ReLU forward + backward on (2, 32, 8, 8), 2-core CPU: 264 us against
-  404 us through the kernels; torch.nn compiled 239 us);
+* **ATen ops** (:func:`normkit.ops.core.norm_forward_fused` / :func:`~normkit.ops.core.norm_backward`:
+  normkit's statistics in a form whose reductions depend on the input alone, so Inductor reads
+  it once for them, then once for the output, as for torch's own norms; and the Proxy Norm step's
+  ATen formula), which Inductor compiles into its own fused loops together with the surrounding
+  activation, residual add or cast: no Python per call. This wins where a call's arithmetic is
+  small next to the cost of calling out (GroupNorm + ReLU forward + backward on (2, 32, 8, 8),
+  2-core CPU: 241-264 us against 392-404 us through the kernels; torch.nn compiled 220-239 us);
 * **the same kernels as in eager** (``normkit::norm_kernel`` and friends: the fused CPU kernels,
-  the Triton kernels, torch's op where ``auto`` routes there), where a generated loop nest over
-  the reference's extra passes (the range, the centred moments) is slower than normkit's kernels
-  (the same layer on (8, 32, 16, 16): 1059 us generated, 869 us through the kernels).
+  the Triton kernels, torch's op where ``auto`` routes there), where Inductor's generated loops
+  are slower than normkit's kernels (the same layer on (8, 64, 32, 32): 6696-7686 us generated,
+  5022-5608 us through the kernels; on the CPU Inductor's Welford loop costs more arithmetic per
+  value than normkit's kernels).
 
 :func:`generated` decides, from the input's size and device: up to :data:`LIMITS` elements (CPU:
 32768, from ``benchmarks/inductor_crossover.py``, docs/PERFORMANCE.md §6; CUDA: 2^24, not yet
-measured on a GPU: where two extra passes over the tensor cost about what normkit's Python around a
-call costs, tens of microseconds). A graph
+measured on a GPU, where a generated norm reads its input twice forward, as torch's compiled norms
+do, and a call of normkit's kernels costs tens of microseconds of Python). A graph
 with symbolic sizes (``dynamic=True``) keeps the kernels (no guard on the size). The choice does not
 follow ``normkit.kernels.use(...)``: a compiled call takes Inductor's code for a small input
 whatever the backend, and the backend in force when a large one runs (as in eager). Nothing else
@@ -135,7 +137,7 @@ def _norm(
         return torch.ops.normkit.norm_kernel(x, weight, bias, mask, dims, eps)
     from . import core
 
-    return core.norm_forward(x, weight, bias, mask, tuple(dims), eps)
+    return core.norm_forward_fused(x, weight, bias, mask, tuple(dims), eps)
 
 
 def _norm_backward(

@@ -30,6 +30,9 @@ transforms the call; the one data-dependent check is described below):
   scale (a finite variance, at least ``2^-100`` unless ``eps`` dominates it); only a failing check
   reruns the call on the scaled path (the check a fused kernel would make). Under ``torch.func``,
   Dynamo, tracing, fake tensors, on accelerators and with a mask, the scaled path runs directly.
+* For compilers, :func:`norm_forward_fused` computes the same statistics from reads that each
+  depend on ``x`` alone (Welford's moments of ``x - x0``, and sums of ``x * 2^-96`` for the sets
+  whose squares overflow), so Inductor reads ``x`` once for them, as for torch's own norms.
 * The variance itself is returned in the accumulation dtype and is ``inf`` only when the true
   variance exceeds it (fp32: ``|x|`` above about 1.8e19); ``rstd`` stays exact.
 
@@ -63,6 +66,7 @@ __all__ = [
     "norm_backward",
     "norm_backward_composite",
     "norm_forward",
+    "norm_forward_fused",
     "norm_jvp",
     "stat_shape",
 ]
@@ -319,6 +323,74 @@ def norm_forward(
     return _finish(x, d, weight, bias, count, shift, inv, cmean, rstd, var)
 
 
+# One-read statistics (norm_forward_fused): the second Welford runs on x * 2^-k, where a set's
+# squared deviations leave the float range (fp32: beyond ~2^63); 2^-96 keeps the largest float32
+# deviation (2^129) at 2^33 and every deviation the plain one cannot hold (>= 2^47) above 2^-49.
+_WIDE = {torch.float32: 2.0**-96, torch.float64: 2.0**-768}
+
+
+def norm_forward_fused(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    dims: Sequence[int],
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`norm_forward` with statistics a compiler reads ``x`` once for (``torch.compile``).
+
+    The scaled path reads ``x`` three times before its output (the range, the mean, the centred
+    second moment), each read depending on the one before. Here every statistic depends on ``x``
+    alone, so Inductor fuses them into one loop over the set, as it does for torch's own norms
+    (``var_mean``: Welford's running moments):
+
+    * the moments of ``x - x0``, ``x0`` each set's first value: a shift inside the set, exact for
+      values close to it (a large common offset costs nothing, as on the other paths);
+    * the moments of ``x * 2^-96`` (float64: ``2^-768``), for sets whose squared deviations leave
+      the float range (float32: deviations beyond about ``2^63``); a set takes them where the
+      first variance is not finite.
+
+    The wide moments are one-pass sums about ``x0`` (a second dependent read is what this
+    avoids): their variance is exact to about ``2^-24 * (1 + (x0 - mean)^2 / var)`` relative,
+    which a set's own member keeps below ``2^-24 * n`` for ``n`` values, and is about ``2^-24``
+    unless ``x0`` is the set's outlier. Only sets with deviations beyond ~2^47 in float32 take
+    them; the plain moments are Welford's (or Inductor's two-pass for small sets), as stable as
+    :func:`norm_forward`'s two-pass. Sets of tiny variance need no third read when ``eps``
+    dominates every variance that could lose bits (``eps >= 2^-60`` in float32, ``2^-860`` in
+    float64); a smaller ``eps``, or a mask, takes :func:`norm_forward`. Same outputs and saved
+    statistics (``shift`` is ``x0``; ``inv`` is 1 or the wide scale) as :func:`norm_forward`, to
+    rounding, and the same backward (:func:`norm_backward` scales before it subtracts the shift
+    when traced, so a wide set's ``x - x0`` cannot overflow).
+
+    Example:
+        >>> x = torch.randn(2, 4, 3, 3) + 1e4
+        >>> y, stats = norm_forward_fused(x, None, None, None, (1, 2, 3), 1e-5)
+        >>> ref, _ = norm_forward(x, None, None, None, (1, 2, 3), 1e-5)
+        >>> bool(torch.allclose(y, ref, atol=1e-4))
+        True
+    """
+    dims = tuple(dims)
+    dtype = acc_dtype(x.dtype)
+    if mask is not None or eps < _TINY_VAR[dtype] * 2.0**40:
+        return norm_forward(x, weight, bias, mask, dims, eps)
+    xa = x.to(dtype)
+    x0 = _sample(xa, dims)
+    var_p, mean_p = torch.var_mean(xa - x0, dims, correction=0, keepdim=True)
+    s = _WIDE[dtype]
+    count = _count(x, dims, None, x0)
+    dw = xa * s - x0 * s  # (no overflow: |dw| <= 2^33)
+    mean_w = dw.sum(dims, keepdim=True) / count
+    var_w = ((dw * dw).sum(dims, keepdim=True) / count - mean_w * mean_w).clamp_min(0.0)
+    plain = torch.isfinite(var_p)
+    inv = torch.where(plain, 1.0, s)
+    cmean = torch.where(plain, mean_p, mean_w)
+    var = torch.where(plain, var_p, var_w)
+    rstd = torch.rsqrt(var + torch.where(plain, eps, eps * s * s))
+    d = (xa * inv - x0 * inv) - cmean
+    shift = x0
+    return _finish(x, d, weight, bias, count, shift, inv, cmean, rstd, var)
+
+
 def _varies_innermost(x: Tensor, p: Tensor) -> bool:
     """Whether the broadcast factor ``p`` changes along ``x``'s innermost (stride-1) dim."""
     for i, (size, stride) in enumerate(zip(x.shape, x.stride())):
@@ -439,7 +511,8 @@ def norm_backward(
     inplace = _inplace_ok()
     # d = (x - shift) * inv: the scaled deviations before removing cmean, whose effect is folded
     # into the per-set sums and the constant term (one full-size temporary, as a plain two-pass).
-    d = _centered(x, shift, inv) if inplace else (x.to(dtype) - shift) * inv
+    # (scaled before subtracting when traced: the one-read statistics shift a wide set by a member)
+    d = _centered(x, shift, inv) if inplace else x.to(dtype) * inv - shift * inv
     if mask is not None:
         zero = torch.zeros((), dtype=dtype, device=x.device)
         if need_b:  # padded positions output the bias: their dy counts for it

@@ -7,7 +7,7 @@
 #      PERFORMANCE.md's and ResNet-50's shapes, both layouts and dtypes, forward and forward + backward;
 #   3. torch.compile of the composite next to them, on the ResNet-50 stage-1 activation;
 #   4. whole training steps with torch.nn's norms and normkit's (`normkit bench --no-ops --quick`);
-#   5. under torch.compile, Inductor's own code for a norm against a call of normkit's kernels, to set
+#   5. under torch.compile, Inductor's own code for a norm against a call of normkit's kernels, to check
 #      normkit.ops._inductor.LIMITS["cuda"] (benchmarks/inductor_crossover.py; appended to e2e.md).
 #
 # Needs: a Python with a CUDA build of torch and triton (PY, default python3), run from a checkout

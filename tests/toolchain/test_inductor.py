@@ -125,7 +125,31 @@ def test_the_choice_follows_the_size_and_device():
     assert _inductor.generated(torch.empty(2, 32, 8, 8))  # 4096 values: Inductor's own code
     assert not _inductor.generated(torch.empty(8, 32, 16, 16))  # 65536: normkit's CPU kernels
     assert _inductor.generated(torch.empty(64, 64, 64, device="meta")) is False  # not a known device
-    assert _inductor.LIMITS["cpu"] < _inductor.LIMITS["cuda"]
+    assert _inductor.LIMITS["cuda"] is None  # on CUDA Inductor's code always (PERFORMANCE.md §5)
+
+
+_DYNAMIC_CASES = ["BatchNorm2d", "GroupNorm-cl", "LayerNorm2d-c", "ln+pn"]
+
+
+@pytest.mark.parametrize("name", _DYNAMIC_CASES)
+def test_an_unlimited_device_generates_symbolic_sizes_without_recompiling(fresh_inductor, monkeypatch, name):
+    """``LIMITS[device] = None`` (CUDA's setting, tried here on the CPU): a ``dynamic=True`` graph
+    generates the norm's code for every size (no normkit call, no guard on the size: one compile
+    serves three batch sizes) and computes what eager computes."""
+    monkeypatch.setitem(_inductor.LIMITS, "cpu", None)
+    sample = _BY_NAME[name]
+    ref, m = sample.module(True), sample.module(True)
+    x0 = sample.input()
+    compiled = torch.compile(m, dynamic=True, fullgraph=True)
+    for i, n in enumerate((2, 3, 5)):
+        x = torch.cat([x0] * 5)[:n]
+        if sample.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got, codes = run_and_get_code(run, compiled, x, m)
+        _assert_same(got, run(ref, x))
+        _buffers_close(ref, m)
+        assert _normkit_calls(codes) == set(), codes
 
 
 def test_ensure_outside_compile_touches_nothing(monkeypatch):

@@ -18,11 +18,13 @@ lowers a graph it decomposes them, per node, into one of two things:
   5022-5608 us through the kernels; on the CPU Inductor's Welford loop costs more arithmetic per
   value than normkit's kernels).
 
-:func:`generated` decides, from the input's size and device: up to :data:`LIMITS` elements (CPU:
-32768, from ``benchmarks/inductor_crossover.py``, docs/PERFORMANCE.md §6; CUDA: 2^24, not yet
-measured on a GPU, where a generated norm reads its input twice forward, as torch's compiled norms
-do, and a call of normkit's kernels costs tens of microseconds of Python). A graph
-with symbolic sizes (``dynamic=True``) keeps the kernels (no guard on the size). The choice does not
+:func:`generated` decides, from the input's size and device: on the CPU up to :data:`LIMITS`
+elements (32768, from ``benchmarks/inductor_crossover.py``, docs/PERFORMANCE.md §6), and a graph
+with symbolic sizes (``dynamic=True``) keeps the kernels there (no guard on the size); on CUDA
+always, symbolic sizes too (on an H200, torch.compile's code for GroupNorm on ResNet-50's
+(64, 256, 56, 56) in bf16 ran 2.2-4x faster forward and 1.2-1.6x faster forward + backward than
+normkit's Triton kernels of 2026-12-04, and small inputs are the host's time there: docs/PERFORMANCE.md §5;
+``benchmarks/gpu_check.sh`` stage 5 measures the crossover again). The choice does not
 follow ``normkit.kernels.use(...)``: a compiled call takes Inductor's code for a small input
 whatever the backend, and the backend in force when a large one runs (as in eager). Nothing else
 changes: ``torch.export`` and ONNX record ATen's norms as before, and other backends
@@ -56,9 +58,10 @@ from torch import Tensor
 
 __all__ = ["LIMITS", "ensure", "generated", "installed"]
 
-LIMITS: dict[str, int] = {"cpu": 32768, "cuda": 1 << 24}
-"""Per device type, the largest input (elements) whose norm Inductor generates code for; larger ones
-call normkit's kernels. A device type not listed always calls the kernels."""
+LIMITS: dict[str, int | None] = {"cpu": 32768, "cuda": None}
+"""Per device type, the largest input (elements) whose norm Inductor generates code for; larger ones,
+and symbolic sizes, call normkit's kernels. ``None``: every input, symbolic sizes too. A device
+type not listed always calls the kernels."""
 
 _state: dict[str, Any] = {"done": False, "error": None}
 
@@ -69,9 +72,14 @@ def generated(x: Tensor) -> bool:
     Example:
         >>> generated(torch.empty(2, 4, 3, 3)), generated(torch.empty(64, 256, 56, 56))
         (True, False)
+        >>> generated(torch.empty(64, 256, 56, 56, device="meta"))  # a device type not listed
+        False
     """
+    limit = LIMITS.get(x.device.type, -1)
+    if limit is None:
+        return True
     n = x.numel()
-    return isinstance(n, int) and n <= LIMITS.get(x.device.type, -1)
+    return isinstance(n, int) and n <= limit
 
 
 def installed() -> bool:

@@ -228,6 +228,8 @@ def _count(x: Tensor, dims: tuple[int, ...], mask: Tensor | None, like: Tensor) 
         m = 1
         for d in dims:
             m *= x.shape[d]
+        if not isinstance(m, int):  # a symbolic size (torch.compile(dynamic=True)): no guard on it
+            return torch.ones_like(like) * m
         return torch.full_like(like, float(m))
     return mask.expand(x.shape).sum(dims, keepdim=True, dtype=like.dtype)
 

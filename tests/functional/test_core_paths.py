@@ -65,8 +65,9 @@ def test_both_paths_match_the_float64_oracle(monkeypatch, scale, offset, eps, di
 GRAD_CASES = [c for c in CASES if c[0] < 1e20 and not (c[0] < 1e-20 and c[2] == 0.0)]
 
 
-@pytest.mark.parametrize("scale, offset, eps", GRAD_CASES)
-def test_backward_from_either_path_matches_the_float64_oracle(monkeypatch, scale, offset, eps):
+def _check_group_norm_grads(forward, scale: float, offset: float, eps: float) -> None:
+    """GroupNorm(2) over 6 channels: ``forward(x, w, eps) -> stats`` (on the (N, G, C/G, H, W)
+    view), then :func:`core.norm_backward` from those statistics, against float64 autograd."""
     x = _x(scale, offset, seed=3)
     w = torch.rand(1, 6, 1, 1, dtype=torch.float64) + 0.5
     dy = torch.randn(x.shape, dtype=torch.float64)
@@ -74,21 +75,29 @@ def test_backward_from_either_path_matches_the_float64_oracle(monkeypatch, scale
     wd = w.clone().requires_grad_(True)
     ref = ref_group_norm(xd, 2, wd.view(6), None, eps)
     want_dx, want_dw = torch.autograd.grad(ref, (xd, wd), dy)
-    for scaled in (False, True):
-        with monkeypatch.context() as m:
-            if scaled:
-                _scaled_only(m)
-            xv = x.view(4, 2, 3, 5, 5)
-            wv = w.float().view(1, 2, 3, 1, 1)
-            _, stats = core.norm_forward(xv, wv, None, None, (2, 3, 4), eps)
-            dx, dw, _ = core.norm_backward(
-                dy.float().view_as(xv), xv, wv, None, None, stats, (2, 3, 4), (True, True, False)
-            )
-        assert dx is not None and dw is not None
-        # compare relative to the gradient's own size (its entries scale like 1 / std)
-        size = want_dx.abs().max()
-        torch.testing.assert_close(dx.view_as(x).double() / size, want_dx / size, rtol=0.0, atol=1e-5)
-        torch.testing.assert_close(dw.view(6).double(), want_dw.view(6), rtol=1e-4, atol=1e-4)
+    xv = x.view(4, 2, 3, 5, 5)
+    wv = w.float().view(1, 2, 3, 1, 1)
+    stats = forward(xv, wv, eps)
+    dx, dw, _ = core.norm_backward(
+        dy.float().view_as(xv), xv, wv, None, None, stats, (2, 3, 4), (True, True, False)
+    )
+    assert dx is not None and dw is not None
+    # compare relative to the gradient's own size (its entries scale like 1 / std)
+    size = want_dx.abs().max()
+    torch.testing.assert_close(dx.view_as(x).double() / size, want_dx / size, rtol=0.0, atol=1e-5)
+    torch.testing.assert_close(dw.view(6).double(), want_dw.view(6), rtol=1e-4, atol=1e-4)
+
+
+def _forward_stats(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return core.norm_forward(x, w, None, None, (2, 3, 4), eps)[1]
+
+
+@pytest.mark.parametrize("scale, offset, eps", GRAD_CASES)
+def test_backward_from_either_path_matches_the_float64_oracle(monkeypatch, scale, offset, eps):
+    _check_group_norm_grads(_forward_stats, scale, offset, eps)
+    with monkeypatch.context() as m:
+        _scaled_only(m)
+        _check_group_norm_grads(_forward_stats, scale, offset, eps)
 
 
 def test_fallback_is_taken_exactly_where_the_unscaled_path_fails(monkeypatch):
@@ -209,21 +218,8 @@ def test_backward_from_one_read_statistics_matches_the_float64_oracle(scale, off
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
-    x = _x(scale, offset, seed=3)
-    w = torch.rand(1, 6, 1, 1, dtype=torch.float64) + 0.5
-    dy = torch.randn(x.shape, dtype=torch.float64)
-    xd = x.double().requires_grad_(True)
-    wd = w.clone().requires_grad_(True)
-    ref = ref_group_norm(xd, 2, wd.view(6), None, eps)
-    want_dx, want_dw = torch.autograd.grad(ref, (xd, wd), dy)
-    xv = x.view(4, 2, 3, 5, 5)
-    wv = w.float().view(1, 2, 3, 1, 1)
-    with Traced():
-        _, stats = core.norm_forward_fused(xv, wv, None, None, (2, 3, 4), eps)
-        dx, dw, _ = core.norm_backward(
-            dy.float().view_as(xv), xv, wv, None, None, stats, (2, 3, 4), (True, True, False)
-        )
-    assert dx is not None and dw is not None
-    size = want_dx.abs().max()
-    torch.testing.assert_close(dx.view_as(x).double() / size, want_dx / size, rtol=0.0, atol=1e-5)
-    torch.testing.assert_close(dw.view(6).double(), want_dw.view(6), rtol=1e-4, atol=1e-4)
+    def forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return core.norm_forward_fused(x, w, None, None, (2, 3, 4), eps)[1]
+
+    with Traced():  # forward and backward as traced (the backward's branch without in-place ops)
+        _check_group_norm_grads(forward, scale, offset, eps)

@@ -195,6 +195,46 @@ def test_one_read_statistics_take_the_wide_moments_only_where_the_plain_ones_ove
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_one_read_statistics_in_float64_keep_float64():
+    """float64 sets, ordinary and wide (1e200: squares beyond float64), to float64 rounding: the
+    per-set selection and eps stay in float64 (a Python scalar in a ``where`` would be float32)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 64, generator=g, dtype=torch.float64) * 3e-3
+    x[1] *= 1e203
+    x[2] += 1e6
+    y, stats = core.norm_forward_fused(x, None, None, None, (1,), 1e-5)
+    assert stats.dtype == torch.float64
+    assert stats[core._INV].flatten().tolist() == [1.0, 2.0**-768, 1.0]
+    small = x.clone()
+    small[1] *= 1e-203  # (the oracle's own squares would overflow; eps is nothing next to that set)
+    var = small.var(1, keepdim=True, correction=0)
+    want = (small - small.mean(1, keepdim=True)) / torch.sqrt(
+        var + torch.tensor([[1e-5], [0.0], [1e-5]], dtype=torch.float64)
+    )
+    torch.testing.assert_close(y[:2], want[:2], rtol=1e-12, atol=1e-12)
+    # (the 1e6 offset: float64's own rounding of x, 1e-10, is 3e-8 of the spread; the exact path)
+    torch.testing.assert_close(y, core.norm_forward(x, None, None, None, (1,), 1e-5)[0], rtol=0, atol=1e-14)
+    mean, got_var = core.mean_var(stats)
+    torch.testing.assert_close(mean[0], x[0].mean(0, keepdim=True), rtol=1e-13, atol=1e-17)
+    torch.testing.assert_close(got_var[0], var[0], rtol=1e-12, atol=0.0)
+
+
+def test_one_read_statistics_of_a_wide_set_with_an_outlier_first():
+    """A wide set (1e30) whose first value, the shift, is its outlier: the wide moments are
+    centred (Welford or a two-pass), not one-pass sums about that value, whose cancellation grows
+    with the set's size (it was off by 0.6 at 32768 values compiled)."""
+    g = torch.Generator().manual_seed(6)
+    x = 1e30 + 1e27 * torch.randn(1, 32768, generator=g, dtype=torch.float64)
+    x[0, 0] = -1e30
+    xf = x.float()
+    compiled = torch.compile(lambda t: core.norm_forward_fused(t, None, None, None, (1,), 1e-5)[0])
+    xd = xf.double()
+    var = xd.var(1, keepdim=True, correction=0)
+    want = (xd - xd.mean(1, keepdim=True)) / torch.sqrt(var)
+    for y in (core.norm_forward_fused(xf, None, None, None, (1,), 1e-5)[0], compiled(xf)):
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=2e-3)  # |y| up to 181
+
+
 def test_one_read_statistics_leave_masks_and_a_tiny_eps_to_the_scaled_path(monkeypatch):
     calls = []
     real = core.norm_forward

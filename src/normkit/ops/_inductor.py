@@ -7,7 +7,8 @@ lowers a graph it decomposes them, per node, into one of two things:
 
 * **ATen ops** (:func:`normkit.ops.core.norm_forward_fused` / :func:`~normkit.ops.core.norm_backward`:
   normkit's statistics in a form whose reductions depend on the input alone, so Inductor reads
-  it once for them, then once for the output, as for torch's own norms; and the Proxy Norm step's
+  it once for them (Welford's loop; small sets on the CPU: its two-step variance, as for torch's
+  own norms), then once for the output; and the Proxy Norm step's
   ATen formula), which Inductor compiles into its own fused loops together with the surrounding
   activation, residual add or cast: no Python per call. This wins where a call's arithmetic is
   small next to the cost of calling out (GroupNorm + ReLU forward + backward on (2, 32, 8, 8),

@@ -31,7 +31,7 @@ transforms the call; the one data-dependent check is described below):
   reruns the call on the scaled path (the check a fused kernel would make). Under ``torch.func``,
   Dynamo, tracing, fake tensors, on accelerators and with a mask, the scaled path runs directly.
 * For compilers, :func:`norm_forward_fused` computes the same statistics from reads that each
-  depend on ``x`` alone (Welford's moments of ``x - x0``, and sums of ``x * 2^-96`` for the sets
+  depend on ``x`` alone (the moments of ``x - x0``, and of ``(x - x0) * 2^-96`` for the sets
   whose squares overflow), so Inductor reads ``x`` once for them, as for torch's own norms.
 * The variance itself is returned in the accumulation dtype and is ``inf`` only when the true
   variance exceeds it (fp32: ``|x|`` above about 1.8e19); ``rstd`` stays exact.
@@ -348,16 +348,14 @@ def norm_forward_fused(
 
     * the moments of ``x - x0``, ``x0`` each set's first value: a shift inside the set, exact for
       values close to it (a large common offset costs nothing, as on the other paths);
-    * the moments of ``x * 2^-96`` (float64: ``2^-768``), for sets whose squared deviations leave
-      the float range (float32: deviations beyond about ``2^63``); a set takes them where the
-      first variance is not finite.
+    * the moments of ``x * 2^-96 - x0 * 2^-96`` (float64: ``2^-768``), for sets whose squared
+      deviations leave the float range (float32: deviations beyond about ``2^47``-``2^63``); a set
+      takes them where the first variance is not finite.
 
-    The wide moments are one-pass sums about ``x0`` (a second dependent read is what this
-    avoids): their variance is exact to about ``2^-24 * (1 + (x0 - mean)^2 / var)`` relative,
-    which a set's own member keeps below ``2^-24 * n`` for ``n`` values, and is about ``2^-24``
-    unless ``x0`` is the set's outlier. Only sets with deviations beyond ~2^47 in float32 take
-    them; the plain moments are Welford's (or Inductor's two-pass for small sets), as stable as
-    :func:`norm_forward`'s two-pass. Sets of tiny variance need no third read when ``eps``
+    Both are ``torch.var_mean``, which Inductor computes as it does for torch's own norms: Welford's
+    running moments in one read, or, for small sets (CPU: up to 1024 values), its two-step
+    variance (a second read, of data in cache). Both arms read the same values in the same
+    loops. Sets of tiny variance need no third read when ``eps``
     dominates every variance that could lose bits (``eps >= 2^-60`` in float32, ``2^-860`` in
     float64); a smaller ``eps``, or a mask, takes :func:`norm_forward`. Same outputs and saved
     statistics (``shift`` is ``x0``; ``inv`` is 1 or the wide scale) as :func:`norm_forward`, to
@@ -379,17 +377,17 @@ def norm_forward_fused(
     x0 = _sample(xa, dims)
     var_p, mean_p = torch.var_mean(xa - x0, dims, correction=0, keepdim=True)
     s = _WIDE[dtype]
-    count = _count(x, dims, None, x0)
-    dw = xa * s - x0 * s  # (no overflow: |dw| <= 2^33)
-    mean_w = dw.sum(dims, keepdim=True) / count
-    var_w = ((dw * dw).sum(dims, keepdim=True) / count - mean_w * mean_w).clamp_min(0.0)
+    # (scaled before the shift: |x * s - x0 * s| <= 2^34 in float32, where x - x0 can overflow)
+    var_w, mean_w = torch.var_mean(xa * s - x0 * s, dims, correction=0, keepdim=True)
     plain = torch.isfinite(var_p)
-    inv = torch.where(plain, 1.0, s)
+    one = torch.ones((), dtype=dtype, device=x.device)  # (tensors: Python scalars in a where
+    inv = torch.where(plain, one, one * s)  # would come out in the default dtype, float32)
     cmean = torch.where(plain, mean_p, mean_w)
     var = torch.where(plain, var_p, var_w)
-    rstd = torch.rsqrt(var + torch.where(plain, eps, eps * s * s))
+    rstd = torch.where(plain, torch.rsqrt(var_p + eps), torch.rsqrt(var_w + eps * s * s))
     d = (xa * inv - x0 * inv) - cmean
     shift = x0
+    count = _count(x, dims, None, x0)
     return _finish(x, d, weight, bias, count, shift, inv, cmean, rstd, var)
 
 

@@ -12,11 +12,11 @@ lowers a graph it decomposes them, per node, into one of two things:
   ATen formula), which Inductor compiles into its own fused loops together with the surrounding
   activation, residual add or cast: no Python per call. This wins where a call's arithmetic is
   small next to the cost of calling out (GroupNorm + ReLU forward + backward on (2, 32, 8, 8),
-  2-core CPU: 241-264 us against 392-404 us through the kernels; torch.nn compiled 220-239 us);
+  2-core CPU: 238-264 us against 392-423 us through the kernels; torch.nn compiled 220-239 us);
 * **the same kernels as in eager** (``normkit::norm_kernel`` and friends: the fused CPU kernels,
   the Triton kernels, torch's op where ``auto`` routes there), where Inductor's generated loops
   are slower than normkit's kernels (the same layer on (8, 64, 32, 32): 6696-7686 us generated,
-  5022-5608 us through the kernels; on the CPU Inductor's Welford loop costs more arithmetic per
+  4767-5608 us through the kernels; on the CPU Inductor's Welford loop costs more arithmetic per
   value than normkit's kernels).
 
 :func:`generated` decides, from the input's size and device: on the CPU up to :data:`LIMITS`

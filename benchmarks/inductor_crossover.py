@@ -5,7 +5,9 @@ own loops, or into a call of normkit's kernels (``normkit.ops._inductor``; the c
 ``_inductor.LIMITS``). This times one compiled forward + backward of a few layers both ways,
 next to the torch.nn layers they replace compiled the same way, on a range of sizes, in one
 process, and prints the ratios: the crossover is where "generated / kernels" passes 1. (Each way
-is timed right after its compile: Dynamo serves one model class with one graph at a time.)
+is timed right after its compile: Dynamo serves one model class with one graph at a time.) Each
+way's output and input gradient are also compared with the module run eagerly (largest difference
+relative to the largest entry: float32 rounding, about 1e-6, on a correct path).
 
     python benchmarks/inductor_crossover.py [--device cuda] [--shapes 2x32x8x8,8x32x16x16] [--quick]
 """
@@ -45,7 +47,9 @@ class _PermutedLayerNorm(nn.Module):
         return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def _step(m: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _step(m: nn.Module, x: torch.Tensor) -> tuple[Callable[[], None], Callable[[], float]]:
+    """``(step, check)``: one compiled forward + backward, and the largest difference of its output
+    and input gradient from the same module run eagerly, relative to their largest entry."""
     f = torch.compile(m)
     w = torch.randn_like(x)
 
@@ -53,7 +57,18 @@ def _step(m: nn.Module, x: torch.Tensor) -> Callable[[], None]:
         x.grad = None
         (f(x) * w).sum().backward()
 
-    return step
+    def check() -> float:
+        got = []
+        for fn in (f, m):
+            x.grad = None
+            y = fn(x)
+            (y * w).sum().backward()
+            assert x.grad is not None
+            got.append((y.detach().float(), x.grad.float()))
+        x.grad = None
+        return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*got))
+
+    return step, check
 
 
 def main() -> None:
@@ -79,8 +94,9 @@ def main() -> None:
         f"torch {torch.__version__}, {dev}, {torch.get_num_threads()} threads; limits now: {_inductor.LIMITS}"
     )
     head = ["layer", "shape", "torch.nn compiled us", "normkit generated us", "normkit kernels us"]
-    print("| " + " | ".join([*head, "generated / kernels", "best normkit / torch.nn"]) + " |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    tail = ["generated / kernels", "best normkit / torch.nn", "max diff from eager: generated / kernels"]
+    print("| " + " | ".join([*head, *tail]) + " |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     # each (layer, shape, way) a static graph of its own, compiled afresh (the caches key a graph by its
     # nodes, not by how normkit's ops decompose)
     with (
@@ -93,6 +109,7 @@ def main() -> None:
                 torch.manual_seed(0)
                 x = torch.randn(shape, device=dev, requires_grad=True)
                 best: dict[str, float] = {}
+                err: dict[str, float] = {}
                 for way in ("torch.nn", "generated", "kernels"):
                     # (a reset between the ways: Dynamo would serve the second normkit model with the
                     # first one's graph, the same code and guards, whatever the limit says now)
@@ -101,16 +118,19 @@ def main() -> None:
                     old = dict(_inductor.LIMITS)
                     _inductor.LIMITS[dev.type] = 1 << 62 if way == "generated" else 0
                     try:
-                        step = _step(m, x)
+                        step, check = _step(m, x)
                         step()  # compile now, under this way's limit (forward and backward graphs)
                     finally:
                         _inductor.LIMITS.clear()
                         _inductor.LIMITS.update(old)
                     best[way] = 1e3 * min(_time_steps(step, args.min_time) for _ in range(args.repeats))
+                    if way != "torch.nn":
+                        err[way] = check()
                 t, g, k = best["torch.nn"], best["generated"], best["kernels"]
                 shp = "x".join(map(str, shape))
                 print(
-                    f"| {name} | {shp} | {t:.0f} | {g:.0f} | {k:.0f} | {g / k:.2f} | {min(g, k) / t:.2f} |",
+                    f"| {name} | {shp} | {t:.0f} | {g:.0f} | {k:.0f} | {g / k:.2f} | {min(g, k) / t:.2f} "
+                    f"| {err['generated']:.1e} / {err['kernels']:.1e} |",
                     flush=True,
                 )
 

@@ -244,3 +244,24 @@ def test_dtypes_shapes_and_partial_gradients_match_eager(fresh_inductor, monkeyp
         if a is not None:
             assert b.dtype == a.dtype == p.dtype
             torch.testing.assert_close(b, a, **tol)
+
+
+def test_the_crossover_script_times_both_ways_and_checks_them_against_eager(
+    fresh_inductor, monkeypatch, capsys
+):
+    """``benchmarks/inductor_crossover.py`` (the GPU script's stage 5) on one small CPU shape: a row
+    with the three timings, and each way's largest difference from eager at float32 rounding."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "inductor_crossover.py"
+    monkeypatch.setattr("sys.argv", [str(script), "--quick", "--shapes", "2x8x4x4", "--threads", "1"])
+    limits = dict(_inductor.LIMITS)
+    runpy.run_path(str(script), run_name="__main__")
+    assert _inductor.LIMITS == limits  # (restored)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| GroupNorm")]
+    assert len(rows) == 1, rows
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[1] == "2x8x4x4" and all(float(c) > 0 for c in cells[2:7])
+    gen, kern = (float(v) for v in cells[7].split("/"))
+    assert gen < 1e-5 and kern < 1e-5

@@ -253,6 +253,18 @@ def _inner_loops(sass: str) -> list[tuple[int, int, int]]:
     ]
 
 
+def _inner_load_bytes(sass: str) -> list[int]:
+    """Global bytes one thread loads (LDG only) in each innermost loop of :func:`_inner_loops`."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    spans = []
+    for at, ins in code:
+        t = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
+        if t and int(t.group(1), 16) < at:
+            spans.append((int(t.group(1), 16), at))
+    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    return [sum(_access_bytes(i) for at, i in code if lo <= at <= hi and "LDG" in i) for lo, hi in inner]
+
+
 def _access_bytes(ins: str) -> int:
     """Bytes one thread moves with a global load or store instruction (0 for any other)."""
     m = re.search(r"\b(?:LDG|STG)\.E(\S*)", ins)
@@ -296,8 +308,12 @@ def roofline(shape: tuple[int, ...] = (64, 256, 56, 56)) -> list[str]:
     SASS: each innermost loop's instructions and global bytes per value. A loop of ``i``
     instructions and ``b`` bytes per value cannot run faster than ``max(i / ISSUE, b / PEAK)`` a
     value; ``min(1, (b / PEAK) / (i / ISSUE))`` is the share of peak bandwidth instruction issue
-    leaves it (latency, occupancy and the memory system take more: a GPU measures the rest). Returns
-    the table's lines."""
+    leaves it (latency, occupancy and the memory system take more: a GPU measures the rest). The
+    last columns: the kernel's registers per thread, the warps an SM holds with them
+    (:func:`_resident_warps`), and the bytes an SM has in flight when each of those warps waits on
+    one loop step's global loads (KiB): by Little's law a loop sustains at most that over the
+    memory latency per SM (an H200 at peak needs about 36 B/ns x ~600 ns, ~22 KiB, an assumed
+    latency that a GPU measures). Returns the table's lines."""
     from normkit.functional.proxy_norm import proxy_points  # noqa: F401 (Proxy Norm's quadrature, loaded)
 
     ops = {
@@ -312,7 +328,7 @@ def roofline(shape: tuple[int, ...] = (64, 256, 56, 56)) -> list[str]:
     nkt._programs = lambda device: 4 * 132
     lines = [
         f"{'op':18s} {'layout':6s} {'dtype':9s} {'kernel':24s} {'values/thread':>13s} {'instr/value':>11s} "
-        f"{'bytes/value':>11s} {'issue-bound % of peak':>21s}"
+        f"{'bytes/value':>11s} {'issue-bound % of peak':>21s} {'regs':>5s} {'warps':>5s} {'KiB/SM':>8s}"
     ]
     for name, fn in ops.items():
         for layout in ("nchw", "cl"):
@@ -329,14 +345,19 @@ def roofline(shape: tuple[int, ...] = (64, 256, 56, 56)) -> list[str]:
                         per = _tile_per_thread(k)
                         if not per:
                             continue
-                        for n, _, nbytes in _inner_loops(_sass(k.asm["cubin"])):
+                        sass = _sass(k.asm["cubin"])
+                        res = _resources(k.asm["cubin"])
+                        warps = _resident_warps(res[0], k.metadata.num_warps) if res else 0
+                        for (n, _, nbytes), ld in zip(_inner_loops(sass), _inner_load_bytes(sass)):
                             if nbytes == 0:
                                 continue
                             i, by = n / per, nbytes / per
                             share = min(1.0, (by / PEAK) / (i / ISSUE))
+                            flight = warps * 32 * ld
                             lines.append(
                                 f"{name:18s} {layout:6s} {str(dtype)[6:]:9s} {kname:24s} {per:13d} {i:11.1f} "
-                                f"{by:11.1f} {100 * share:20.0f}%"
+                                f"{by:11.1f} {100 * share:20.0f}% {res[0] if res else 0:5d} {warps:5d} "
+                                f"{flight / 1024:8.1f}"
                             )
     return lines
 

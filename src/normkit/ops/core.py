@@ -325,9 +325,9 @@ def norm_forward(
     return _finish(x, d, weight, bias, count, shift, inv, cmean, rstd, var)
 
 
-# One-read statistics (norm_forward_fused): the second Welford runs on x * 2^-k, where a set's
-# squared deviations leave the float range (fp32: beyond ~2^63); 2^-96 keeps the largest float32
-# deviation (2^129) at 2^33 and every deviation the plain one cannot hold (>= 2^47) above 2^-49.
+# One-read statistics (norm_forward_fused): the second moments run on (x - x0) * 2^-k, for the sets
+# whose squared deviations leave the float range (fp32: beyond ~2^47-2^63); 2^-96 keeps the largest
+# float32 deviation (2^129) at 2^33 and every deviation the plain one cannot hold above 2^-49.
 _WIDE = {torch.float32: 2.0**-96, torch.float64: 2.0**-768}
 
 
@@ -377,7 +377,7 @@ def norm_forward_fused(
     x0 = _sample(xa, dims)
     var_p, mean_p = torch.var_mean(xa - x0, dims, correction=0, keepdim=True)
     s = _WIDE[dtype]
-    # (scaled before the shift: |x * s - x0 * s| <= 2^34 in float32, where x - x0 can overflow)
+    # (scaled before the shift: |x * s - x0 * s| <= 2^33 in float32, where x - x0 can overflow)
     var_w, mean_w = torch.var_mean(xa * s - x0 * s, dims, correction=0, keepdim=True)
     plain = torch.isfinite(var_p)
     one = torch.ones((), dtype=dtype, device=x.device)  # (tensors: Python scalars in a where

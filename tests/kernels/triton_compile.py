@@ -234,11 +234,9 @@ def _sass(cubin: bytes) -> str:
         return subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
 
 
-def _inner_loops(sass: str) -> list[tuple[int, int, int]]:
-    """``(instructions, barriers, global bytes)`` per thread of each innermost loop of a kernel's
-    SASS: the bodies between a backward branch and its target that hold no other such loop. These
-    are the per-tile steps that stream the tensor; a barrier there (a shared-memory round trip, e.g. a
-    layout conversion or a reduction across warps) stalls every step."""
+def _inner_bodies(sass: str) -> list[list[str]]:
+    """The instructions of each innermost loop of a kernel's SASS: the bodies between a backward
+    branch and its target that hold no other such loop."""
     code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     spans = []
     for at, ins in code:
@@ -246,23 +244,23 @@ def _inner_loops(sass: str) -> list[tuple[int, int, int]]:
         if t and int(t.group(1), 16) < at:
             spans.append((int(t.group(1), 16), at))
     inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    return [[i for at, i in code if lo <= at <= hi] for lo, hi in inner]
+
+
+def _inner_loops(sass: str) -> list[tuple[int, int, int]]:
+    """``(instructions, barriers, global bytes)`` per thread of each innermost loop of a kernel's
+    SASS (:func:`_inner_bodies`). These are the per-tile steps that stream the tensor; a barrier
+    there (a shared-memory round trip, e.g. a layout conversion or a reduction across warps) stalls
+    every step."""
     return [
         (len(body), sum("BAR.SYNC" in i for i in body), sum(_access_bytes(i) for i in body))
-        for lo, hi in inner
-        for body in [[i for at, i in code if lo <= at <= hi]]
+        for body in _inner_bodies(sass)
     ]
 
 
 def _inner_load_bytes(sass: str) -> list[int]:
     """Global bytes one thread loads (LDG only) in each innermost loop of :func:`_inner_loops`."""
-    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    spans = []
-    for at, ins in code:
-        t = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
-        if t and int(t.group(1), 16) < at:
-            spans.append((int(t.group(1), 16), at))
-    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
-    return [sum(_access_bytes(i) for at, i in code if lo <= at <= hi and "LDG" in i) for lo, hi in inner]
+    return [sum(_access_bytes(i) for i in body if "LDG" in i) for body in _inner_bodies(sass)]
 
 
 def _access_bytes(ins: str) -> int:

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LIMITS", "ensure", "generated", "installed"]
+__all__ = ["LIMITS", "ensure", "generated", "installed", "register_op"]
 
 LIMITS: dict[str, int | None] = {"cpu": 32768, "cuda": None}
 """Per device type, the largest input (elements) whose norm Inductor generates code for; larger ones,
@@ -132,6 +132,22 @@ def ensure() -> None:
             _state["error"] = f"not in Inductor's table after registering: {', '.join(missing)}"
     except Exception as e:  # (the private table moved or changed shape)
         _state["error"] = f"{type(e).__name__}: {e}"
+
+
+def register_op(name: str, impl: Callable[..., Any], fake: Callable[..., Any]) -> Any:
+    """Register ``normkit::<name>`` (what a model's graph holds) and ``normkit::<name>_kernel``, the
+    same implementation under the name Inductor calls where normkit's kernels beat its generated
+    code (this module's decompositions turn the first into ATen ops or into the second; no autograd
+    on the second: it only ever appears after them). Returns the first.
+
+    Example:
+        >>> torch.ops.normkit.norm_kernel.default.name()   # registered by normkit.ops.library
+        'normkit::norm_kernel'
+    """
+    ops = [torch.library.custom_op(f"normkit::{n}", impl, mutates_args=()) for n in (name, f"{name}_kernel")]
+    for op in ops:
+        op.register_fake(fake)
+    return ops[0]
 
 
 def _norm(

@@ -143,20 +143,9 @@ def _norm_backward_fake(dy, x, weight, bias, mask, stats, dims, needs):  # type:
     )
 
 
-# What a model's graph holds (one node per norm) ...
-_norm_op = torch.library.custom_op("normkit::norm", _norm_impl, mutates_args=())
-_norm_op.register_fake(_norm_fake)
-_norm_backward_op = torch.library.custom_op("normkit::norm_backward", _norm_backward_impl, mutates_args=())
-_norm_backward_op.register_fake(_norm_backward_fake)
-# ... and the same kernels under the names Inductor calls where they beat its generated code
-# (normkit.ops._inductor decomposes the two above into ATen ops or into these; no autograd: they
-# only ever appear after it).
-_norm_kernel_op = torch.library.custom_op("normkit::norm_kernel", _norm_impl, mutates_args=())
-_norm_kernel_op.register_fake(_norm_fake)
-_norm_backward_kernel_op = torch.library.custom_op(
-    "normkit::norm_backward_kernel", _norm_backward_impl, mutates_args=()
-)
-_norm_backward_kernel_op.register_fake(_norm_backward_fake)
+# What a model's graph holds (one node per norm), and the same under the names Inductor calls
+_norm_op = _inductor.register_op("norm", _norm_impl, _norm_fake)
+_inductor.register_op("norm_backward", _norm_backward_impl, _norm_backward_fake)
 
 
 def _backward(

@@ -315,20 +315,9 @@ def _pn_backward_fake(dout, y, weight, bias, m, rstd, act, slope, needs):  # typ
     return [torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, needs)]
 
 
-# What a model's graph holds, and (``*_kernel``) the same kernels under the names Inductor calls where
-# they beat its generated code (see normkit.ops._inductor; no autograd: they appear only after it).
-_pn_op = torch.library.custom_op("normkit::proxy_norm_act", _pn_impl, mutates_args=())
-_pn_op.register_fake(_pn_fake)
-_pn_backward_op = torch.library.custom_op(
-    "normkit::proxy_norm_act_backward", _pn_backward_impl, mutates_args=()
-)
-_pn_backward_op.register_fake(_pn_backward_fake)
-_pn_kernel_op = torch.library.custom_op("normkit::proxy_norm_act_kernel", _pn_impl, mutates_args=())
-_pn_kernel_op.register_fake(_pn_fake)
-_pn_backward_kernel_op = torch.library.custom_op(
-    "normkit::proxy_norm_act_backward_kernel", _pn_backward_impl, mutates_args=()
-)
-_pn_backward_kernel_op.register_fake(_pn_backward_fake)
+# What a model's graph holds, and the same under the names Inductor calls (normkit.ops._inductor)
+_pn_op = _inductor.register_op("proxy_norm_act", _pn_impl, _pn_fake)
+_inductor.register_op("proxy_norm_act_backward", _pn_backward_impl, _pn_backward_fake)
 
 
 def _grads(ctx: Any, dout: Tensor) -> tuple[Any, ...]:

@@ -157,9 +157,17 @@ def test_moments_compile_fullgraph_equals_eager():
 # norm_forward_fused: the statistics Inductor reads the input once for (normkit.ops._inductor).
 
 
+@pytest.fixture(params=["welford", "two_pass"])
+def moments(request, monkeypatch):
+    """Each test of the fused statistics twice: with torch.var_mean (Welford, in generated code) and
+    with the two-pass sums GPUs take for half-precision inputs (here forced for every input)."""
+    monkeypatch.setattr(core, "two_pass_moments", lambda x: request.param == "two_pass")
+    return request.param
+
+
 @pytest.mark.parametrize("scale, offset, eps", CASES)
 @pytest.mark.parametrize("dims", [(0, 2, 3), (1, 2, 3), (2, 3)], ids=["bn", "ln", "in"])
-def test_one_read_statistics_match_the_float64_oracle(scale, offset, eps, dims):
+def test_one_read_statistics_match_the_float64_oracle(moments, scale, offset, eps, dims):
     x = _x(scale, offset)
     w = torch.rand(1, 6, 1, 1) + 0.5
     b = torch.randn(1, 6, 1, 1)
@@ -176,7 +184,7 @@ def test_one_read_statistics_match_the_float64_oracle(scale, offset, eps, dims):
         torch.testing.assert_close(got_var.double(), var, rtol=1e-4, atol=0.0)
 
 
-def test_one_read_statistics_take_the_wide_moments_only_where_the_plain_ones_overflow():
+def test_one_read_statistics_take_the_wide_moments_only_where_the_plain_ones_overflow(moments):
     """A set whose squared deviations leave float32 (1e30, and values of both signs near the float32
     maximum, whose difference itself overflows) takes the moments of x * 2^-96; others keep the
     moments of x - x0 (the saved inverse scale says which)."""
@@ -195,7 +203,7 @@ def test_one_read_statistics_take_the_wide_moments_only_where_the_plain_ones_ove
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_one_read_statistics_in_float64_keep_float64():
+def test_one_read_statistics_in_float64_keep_float64(moments):
     """float64 sets, ordinary and wide (1e200: squares beyond float64), to float64 rounding: the
     per-set selection and eps stay in float64 (a Python scalar in a ``where`` would be float32)."""
     g = torch.Generator().manual_seed(5)
@@ -219,7 +227,7 @@ def test_one_read_statistics_in_float64_keep_float64():
     torch.testing.assert_close(got_var[0], var[0], rtol=1e-12, atol=0.0)
 
 
-def test_one_read_statistics_of_a_wide_set_with_an_outlier_first():
+def test_one_read_statistics_of_a_wide_set_with_an_outlier_first(moments):
     """A wide set (1e30) whose first value, the shift, is its outlier: the wide moments are
     centred (Welford or a two-pass), not one-pass sums about that value, whose cancellation grows
     with the set's size (it was off by 0.6 at 32768 values compiled)."""
@@ -249,7 +257,7 @@ def test_one_read_statistics_leave_masks_and_a_tiny_eps_to_the_scaled_path(monke
 
 
 @pytest.mark.parametrize("scale, offset, eps", [c for c in GRAD_CASES if c[2] > 0] + [(1e30, 0.0, 1e-5)])
-def test_backward_from_one_read_statistics_matches_the_float64_oracle(scale, offset, eps):
+def test_backward_from_one_read_statistics_matches_the_float64_oracle(moments, scale, offset, eps):
     """The backward as Inductor traces it (no in-place ops) from the one-read statistics, a wide set
     included (1e30: squared deviations overflow float32; its gradient, like 1 / std, still fits)."""
     from torch.utils._python_dispatch import TorchDispatchMode

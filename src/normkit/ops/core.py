@@ -32,7 +32,9 @@ transforms the call; the one data-dependent check is described below):
   Dynamo, tracing, fake tensors, on accelerators and with a mask, the scaled path runs directly.
 * For compilers, :func:`norm_forward_fused` computes the same statistics from reads that each
   depend on ``x`` alone (the moments of ``x - x0``, and of ``(x - x0) * 2^-96`` for the sets
-  whose squares overflow), so Inductor reads ``x`` once for them, as for torch's own norms.
+  whose squares overflow), so Inductor reads ``x`` once for them, as for torch's own norms; on
+  GPUs, bfloat16 / float16 inputs take two passes of sums instead of Welford's divisions
+  (:func:`two_pass_moments`).
 * The variance itself is returned in the accumulation dtype and is ``inf`` only when the true
   variance exceeds it (fp32: ``|x|`` above about 1.8e19); ``rstd`` stays exact.
 
@@ -69,6 +71,7 @@ __all__ = [
     "norm_forward_fused",
     "norm_jvp",
     "stat_shape",
+    "two_pass_moments",
 ]
 
 STAT_ROWS = 6
@@ -329,6 +332,14 @@ def norm_forward(
 # whose squared deviations leave the float range (fp32: beyond ~2^47-2^63); 2^-96 keeps the largest
 # float32 deviation (2^129) at 2^33 and every deviation the plain one cannot hold above 2^-49.
 _WIDE = {torch.float32: 2.0**-96, torch.float64: 2.0**-768}
+# The two-pass moments' mean is the sum of x - x0, or, where that overflows, of (x - x0) * 2^-34: a
+# float32 deviation (at most 2^129) scales to 2^95, so sets of up to 2^32 values cannot overflow it
+# (the values it loses below 2^-92 are nothing next to such a set's spread).
+_MEAN_SCALE = 2.0**-34
+#: Device types whose generated code takes Welford's one-read moments for every input. On the
+#: others (GPUs: Inductor's Triton code), inputs of 2 bytes a value (bfloat16, float16) take the
+#: two-pass moments (:func:`two_pass_moments`).
+WELFORD_DEVICES = {"cpu"}
 
 
 def norm_forward_fused(
@@ -355,7 +366,9 @@ def norm_forward_fused(
     Both are ``torch.var_mean``, which Inductor computes as it does for torch's own norms: Welford's
     running moments in one read, or, for small sets (CPU: up to 1024 values), its two-step
     variance (a second read, of data in cache). Both arms read the same values in the same
-    loops. Sets of tiny variance need no third read when ``eps``
+    loops. On GPUs a bfloat16 / float16 input takes both as two passes of sums instead (the mean,
+    then the centred second moments), which Inductor's code issues in half the instructions
+    (:func:`two_pass_moments`). Sets of tiny variance need no third read when ``eps``
     dominates every variance that could lose bits (``eps >= 2^-60`` in float32, ``2^-860`` in
     float64); a smaller ``eps``, or a mask, takes :func:`norm_forward`. Same outputs and saved
     statistics (``shift`` is ``x0``; ``inv`` is 1 or the wide scale) as :func:`norm_forward`, to
@@ -375,10 +388,13 @@ def norm_forward_fused(
         return norm_forward(x, weight, bias, mask, dims, eps)
     xa = x.to(dtype)
     x0 = _sample(xa, dims)
-    var_p, mean_p = torch.var_mean(xa - x0, dims, correction=0, keepdim=True)
     s = _WIDE[dtype]
-    # (scaled before the shift: |x * s - x0 * s| <= 2^33 in float32, where x - x0 can overflow)
-    var_w, mean_w = torch.var_mean(xa * s - x0 * s, dims, correction=0, keepdim=True)
+    if two_pass_moments(x):
+        mean_p, var_p, mean_w, var_w = _two_pass_moments(x, xa, x0, dims, s)
+    else:
+        var_p, mean_p = torch.var_mean(xa - x0, dims, correction=0, keepdim=True)
+        # (scaled before the shift: |x * s - x0 * s| <= 2^33 in float32, where x - x0 can overflow)
+        var_w, mean_w = torch.var_mean(xa * s - x0 * s, dims, correction=0, keepdim=True)
     plain = torch.isfinite(var_p)
     one = torch.ones((), dtype=dtype, device=x.device)  # (tensors: Python scalars in a where
     inv = torch.where(plain, one, one * s)  # would come out in the default dtype, float32)
@@ -389,6 +405,45 @@ def norm_forward_fused(
     shift = x0
     count = _count(x, dims, None, x0)
     return _finish(x, d, weight, bias, count, shift, inv, cmean, rstd, var)
+
+
+def two_pass_moments(x: Tensor) -> bool:
+    """Whether :func:`norm_forward_fused` computes ``x``'s moments in two passes (the mean, then the
+    centred second moments) rather than with ``torch.var_mean``: for bfloat16 / float16 inputs
+    outside :data:`WELFORD_DEVICES` (GPUs).
+
+    Inductor's Triton code for ``var_mean`` is Welford's update per value, a division each; with
+    the wide moments beside the plain ones that is about 40 instructions per value, against the 14
+    an H100 / H200 can issue per bfloat16 value it reads at full bandwidth: the statistics would
+    run at about a third of the memory's speed (read from the compiled code by
+    ``python -m tests.kernels.inductor_compile``). Two passes of sums take about 20, for a second
+    read of each set from the GPU's cache (the generated kernel walks one set at a time, and reads
+    it again for the output already). A float32 value brings twice the bytes per instruction and
+    keeps Welford's single read; so does the CPU, whose generated Welford multiplies by tabled
+    reciprocals instead of dividing, and runs the two-step variance on small sets itself.
+
+    Example:
+        >>> two_pass_moments(torch.zeros(2, dtype=torch.bfloat16))  # (a CPU tensor)
+        False
+    """
+    return x.element_size() <= 2 and x.device.type not in WELFORD_DEVICES
+
+
+def _two_pass_moments(
+    x: Tensor, xa: Tensor, x0: Tensor, dims: tuple[int, ...], s: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(mean_p, var_p, mean_w, var_w)``: the moments of ``x - x0`` and of ``x * s - x0 * s``, as
+    :func:`torch.var_mean` gives them, from the sums for the mean and a second pass for the centred
+    second moments (of deviations from that mean: never ``E[y^2] - E[y]^2``)."""
+    n = _count(x, dims, None, x0)
+    m = (xa - x0).sum(dims, keepdim=True) / n
+    # (scaled first, for the sets whose sum of x - x0 overflows: exact powers of two after the sum)
+    m_s = (xa * _MEAN_SCALE - x0 * _MEAN_SCALE).sum(dims, keepdim=True) / n
+    mean_p = torch.where(torch.isfinite(m), m, m_s * (1.0 / _MEAN_SCALE))  # (inf if even that
+    mean_w = m_s * (s / _MEAN_SCALE)  # overflows: that set's var_p is not finite, and it goes wide)
+    var_p = ((xa - x0) - mean_p).square().sum(dims, keepdim=True) / n
+    var_w = ((xa * s - x0 * s) - mean_w).square().sum(dims, keepdim=True) / n
+    return mean_p, var_p, mean_w, var_w
 
 
 def _varies_innermost(x: Tensor, p: Tensor) -> bool:

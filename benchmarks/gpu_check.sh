@@ -8,7 +8,9 @@
 #   3. torch.compile of the composite next to them, on the ResNet-50 stage-1 activation;
 #   4. whole training steps with torch.nn's norms and normkit's (`normkit bench --no-ops --quick`);
 #   5. under torch.compile, Inductor's own code for a norm against a call of normkit's kernels, to check
-#      normkit.ops._inductor.LIMITS["cuda"] (benchmarks/inductor_crossover.py; appended to e2e.md).
+#      normkit.ops._inductor.LIMITS["cuda"], and the generated code with Welford's moments against the
+#      two-pass ones, in float32 and bfloat16, to check normkit.ops.core.two_pass_moments
+#      (benchmarks/inductor_crossover.py; appended to e2e.md).
 #
 # Needs: a Python with a CUDA build of torch and triton (PY, default python3), run from a checkout
 # (src/ goes on PYTHONPATH; nothing is installed). Writes to $OUT (default ./gpu-out): smoke.log,
@@ -48,8 +50,8 @@ if [ "${PROFILE:-1}" = 1 ]; then
 fi
 
 stage "2. bench"  # a row per case as it lands; no new case after the deadline
-timeout "${BENCH_S:-170}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --backends auto,reference,triton \
-  --deadline "$(( ${BENCH_S:-170} - 30 ))" 2>&1 || status=1
+timeout "${BENCH_S:-140}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --backends auto,reference,triton \
+  --deadline "$(( ${BENCH_S:-140} - 30 ))" 2>&1 || status=1
 
 stage "3. compiled"
 timeout "${COMPILED_S:-100}" "$PY" benchmarks/gpu_bench.py --out "$OUT" --name bench_compiled --compile --backends auto,triton \
@@ -62,9 +64,9 @@ timeout "${E2E_S:-40}" "$PY" -m normkit.cli bench --device cuda --no-ops --quick
 [ -s "$OUT/e2e.err" ] || rm -f "$OUT/e2e.err"  # (a device lease returns at most 8 files)
 grep '^|' "$OUT/e2e.md" 2>/dev/null | head -n 12
 
-stage "5. Inductor: its own code for a norm, or normkit's kernels (GroupNorm + ReLU, fwd + bwd)"
-timeout "${CROSSOVER_S:-40}" "$PY" benchmarks/inductor_crossover.py --device cuda --quick \
-  --shapes 8x64x32x32,64x256x56x56 2>/dev/null | grep '^|\|^torch' | tee -a "$OUT/e2e.md" || status=1
+stage "5. Inductor: its own code for a norm (Welford's moments or two passes), or normkit's kernels (GroupNorm + ReLU, fwd + bwd)"
+timeout "${CROSSOVER_S:-70}" "$PY" benchmarks/inductor_crossover.py --device cuda --quick \
+  --shapes 64x256x56x56 --dtypes bf16,fp32 --moments both 2>/dev/null | grep '^|\|^torch' | tee -a "$OUT/e2e.md" || status=1
 
 stage "done, status $status"
 exit $status

@@ -9,20 +9,26 @@ is timed right after its compile: Dynamo serves one model class with one graph a
 way's output and input gradient are also compared with the module run eagerly (largest difference
 relative to the largest entry: float32 rounding, about 1e-6, on a correct path).
 
+On CUDA, bfloat16 / float16 inputs' generated code computes the moments in two passes of sums
+instead of Welford's (``normkit.ops.core.two_pass_moments``, chosen from the compiled code's
+instruction counts); ``--moments both`` times the generated code both ways, to check that choice.
+
     python benchmarks/inductor_crossover.py [--device cuda] [--shapes 2x32x8x8,8x32x16x16] [--quick]
+        [--dtypes fp32,bf16] [--moments both]
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 import normkit.nn as nkn
 from normkit.bench import _time_steps  # (median of single steps, synchronised on a GPU)
-from normkit.ops import _inductor
+from normkit.ops import _inductor, core
 
 _SHAPES = "2x32x8x8,4x32x16x16,8x32x16x16,8x64x32x32,32x64x56x56"
 _LAYERS: dict[str, tuple[Callable[[int], nn.Module], Callable[[int], nn.Module]]] = {
@@ -71,10 +77,45 @@ def _step(m: nn.Module, x: torch.Tensor) -> tuple[Callable[[], None], Callable[[
     return step, check
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _ways(moments: str) -> list[str]:
+    """The normkit ways: the generated code (with the device's moments, or each of the two), and a
+    call of normkit's kernels."""
+    gen = ["generated"] if moments == "auto" else ["generated Welford", "generated two-pass"]
+    return [*gen, "kernels"]
+
+
+@contextmanager
+def _way(way: str, device: str) -> Iterator[None]:
+    """normkit's decomposition set for ``way`` while a model compiles: Inductor's own code or a call of
+    normkit's kernels (``_inductor.LIMITS``), and with ``"... Welford"`` / ``"... two-pass"`` the
+    moments that code computes (``core.two_pass_moments``; by default two passes for bfloat16 and
+    float16 off the CPU)."""
+    old, old_moments = dict(_inductor.LIMITS), core.two_pass_moments
+    _inductor.LIMITS[device] = 0 if way == "kernels" else 1 << 62
+    if way.endswith(" Welford") or way.endswith(" two-pass"):
+        core.two_pass_moments = (lambda x: True) if way.endswith("two-pass") else (lambda x: False)
+    try:
+        yield
+    finally:
+        _inductor.LIMITS.clear()
+        _inductor.LIMITS.update(old)
+        core.two_pass_moments = old_moments
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shapes", default=_SHAPES)
+    ap.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16")
+    ap.add_argument(
+        "--moments",
+        choices=("auto", "both"),
+        default="auto",
+        help="both: time the generated code with Welford's moments and with the two-pass ones",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-time", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=3)
@@ -93,10 +134,16 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {dev}, {torch.get_num_threads()} threads; limits now: {_inductor.LIMITS}"
     )
-    head = ["layer", "shape", "torch.nn compiled us", "normkit generated us", "normkit kernels us"]
-    tail = ["generated / kernels", "best normkit / torch.nn", "max diff from eager: generated / kernels"]
+    ways = _ways(args.moments)
+    gen = [w for w in ways if w != "kernels"]
+    head = ["layer", "shape", "dtype", "torch.nn compiled us", *(f"normkit {w} us" for w in ways)]
+    tail = [
+        "best generated / kernels",
+        "best normkit / torch.nn",
+        f"max diff from eager: {' / '.join(ways)}",
+    ]
     print("| " + " | ".join([*head, *tail]) + " |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|" + "---:|" * (len(head) - 3 + len(tail)))
     # each (layer, shape, way) a static graph of its own, compiled afresh (the caches key a graph by its
     # nodes, not by how normkit's ops decompose)
     with (
@@ -105,34 +152,34 @@ def main() -> None:
         functorch_config.patch(enable_autograd_cache=False),
     ):
         for name, (make_torch, make_nk) in layers.items():
-            for shape in shapes:
-                torch.manual_seed(0)
-                x = torch.randn(shape, device=dev, requires_grad=True)
-                best: dict[str, float] = {}
-                err: dict[str, float] = {}
-                for way in ("torch.nn", "generated", "kernels"):
-                    # (a reset between the ways: Dynamo would serve the second normkit model with the
-                    # first one's graph, the same code and guards, whatever the limit says now)
-                    torch._dynamo.reset()
-                    m = (make_torch if way == "torch.nn" else make_nk)(shape[1]).to(dev)
-                    old = dict(_inductor.LIMITS)
-                    _inductor.LIMITS[dev.type] = 1 << 62 if way == "generated" else 0
-                    try:
-                        step, check = _step(m, x)
-                        step()  # compile now, under this way's limit (forward and backward graphs)
-                    finally:
-                        _inductor.LIMITS.clear()
-                        _inductor.LIMITS.update(old)
-                    best[way] = 1e3 * min(_time_steps(step, args.min_time) for _ in range(args.repeats))
-                    if way != "torch.nn":
-                        err[way] = check()
-                t, g, k = best["torch.nn"], best["generated"], best["kernels"]
-                shp = "x".join(map(str, shape))
-                print(
-                    f"| {name} | {shp} | {t:.0f} | {g:.0f} | {k:.0f} | {g / k:.2f} | {min(g, k) / t:.2f} "
-                    f"| {err['generated']:.1e} / {err['kernels']:.1e} |",
-                    flush=True,
-                )
+            for dname in args.dtypes.split(","):
+                dtype = _DTYPES[dname]
+                for shape in shapes:
+                    torch.manual_seed(0)
+                    x = torch.randn(shape, device=dev, dtype=dtype, requires_grad=True)
+                    best: dict[str, float] = {}
+                    err: dict[str, float] = {}
+                    for way in ("torch.nn", *ways):
+                        # (a reset between the ways: Dynamo would serve the second normkit model with
+                        # the first one's graph, the same code and guards, whatever the limit says now)
+                        torch._dynamo.reset()
+                        m = (make_torch if way == "torch.nn" else make_nk)(shape[1]).to(dev, dtype)
+                        with _way(way, dev.type) if way != "torch.nn" else nullcontext():
+                            step, check = _step(m, x)
+                            step()  # compile now, under this way's setting (forward and backward graphs)
+                        best[way] = 1e3 * min(_time_steps(step, args.min_time) for _ in range(args.repeats))
+                        if way != "torch.nn":
+                            err[way] = check()
+                    t, k = best["torch.nn"], best["kernels"]
+                    g = min(best[w] for w in gen)
+                    shp = "x".join(map(str, shape))
+                    cells = [name, shp, dname, f"{t:.0f}", *(f"{best[w]:.0f}" for w in ways)]
+                    cells += [
+                        f"{g / k:.2f}",
+                        f"{min(g, k) / t:.2f}",
+                        " / ".join(f"{err[w]:.1e}" for w in ways),
+                    ]
+                    print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

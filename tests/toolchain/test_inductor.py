@@ -249,22 +249,29 @@ def test_dtypes_shapes_and_partial_gradients_match_eager(fresh_inductor, monkeyp
             torch.testing.assert_close(b, a, **tol)
 
 
+@pytest.mark.parametrize("moments", ["auto", "both"])
 def test_the_crossover_script_times_both_ways_and_checks_them_against_eager(
-    fresh_inductor, monkeypatch, capsys
+    fresh_inductor, monkeypatch, capsys, moments
 ):
     """``benchmarks/inductor_crossover.py`` (the GPU script's stage 5) on one small CPU shape: a row
-    with the three timings, and each way's largest difference from eager at float32 rounding."""
+    with the timings (torch.nn; normkit's generated code, with ``--moments both`` once with
+    Welford's moments and once with the two-pass ones; normkit's kernels), and each normkit way's
+    largest difference from eager at float32 rounding."""
     import runpy
     from pathlib import Path
 
+    from normkit.ops import core
+
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "inductor_crossover.py"
-    monkeypatch.setattr("sys.argv", [str(script), "--quick", "--shapes", "2x8x4x4", "--threads", "1"])
-    limits = dict(_inductor.LIMITS)
+    argv = [str(script), "--quick", "--shapes", "2x8x4x4", "--threads", "1", "--moments", moments]
+    monkeypatch.setattr("sys.argv", argv)
+    limits, choice = dict(_inductor.LIMITS), core.two_pass_moments
     runpy.run_path(str(script), run_name="__main__")
-    assert _inductor.LIMITS == limits  # (restored)
+    assert _inductor.LIMITS == limits and core.two_pass_moments is choice  # (restored)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| GroupNorm")]
     assert len(rows) == 1, rows
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert cells[1] == "2x8x4x4" and all(float(c) > 0 for c in cells[2:7])
-    gen, kern = (float(v) for v in cells[7].split("/"))
-    assert gen < 1e-5 and kern < 1e-5
+    ways = 2 if moments == "auto" else 3
+    assert cells[1:3] == ["2x8x4x4", "fp32"] and all(float(c) > 0 for c in cells[3 : 6 + ways])
+    diffs = [float(v) for v in cells[6 + ways].split("/")]
+    assert len(diffs) == ways and max(diffs) < 1e-5

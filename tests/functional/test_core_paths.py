@@ -271,3 +271,40 @@ def test_backward_from_one_read_statistics_matches_the_float64_oracle(moments, s
 
     with Traced():  # forward and backward as traced (the backward's branch without in-place ops)
         _check_group_norm_grads(forward, scale, offset, eps)
+
+
+def test_two_pass_moments_are_for_half_precision_inputs_off_the_cpu(monkeypatch):
+    """GPUs' generated code takes the two-pass moments for bfloat16 / float16 only; the CPU keeps
+    Welford's for every dtype (``core.WELFORD_DEVICES``). A meta tensor stands for a GPU one."""
+
+    def on(device: str, dtype: torch.dtype) -> bool:
+        return core.two_pass_moments(torch.empty(2, dtype=dtype, device=device))
+
+    assert [on("meta", d) for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64)] == [
+        True, True, False, False,
+    ]  # fmt: skip
+    assert not any(on("cpu", d) for d in (torch.bfloat16, torch.float16, torch.float32))
+    monkeypatch.setattr(core, "WELFORD_DEVICES", set())
+    assert on("cpu", torch.bfloat16) and not on("cpu", torch.float32)
+
+
+def test_a_wide_sets_variance_is_finite_where_it_fits_float32(moments):
+    """A set that takes the wide moments (its squared deviations from its first value overflow
+    float32) but whose variance fits float32 (3e36): ``mean_var`` gives it, not inf (the scale's
+    square, 2^192, does not fit float32 itself)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.zeros(1, 4096)
+    x[0, 0] = -2.0e19
+    x[0, 1:20] = 2.0e19
+    x[0, 20:] = torch.randn(4076, generator=g) * 1e18
+    xd = x.double()
+    want = (xd - xd.mean(1, keepdim=True)) / xd.std(1, keepdim=True, correction=0)
+    fused = lambda t: core.norm_forward_fused(t, None, None, None, (1,), 1e-5)  # noqa: E731
+    scales = []
+    for y, stats in (fused(x), torch.compile(fused)(x)):  # (eager CPU var_mean sums in float64)
+        scales.append(float(stats[core._INV]))
+        mean, var = core.mean_var(stats)
+        torch.testing.assert_close(var.double(), xd.var(1, keepdim=True, correction=0), rtol=1e-5, atol=0.0)
+        torch.testing.assert_close(mean.double(), xd.mean(1, keepdim=True), rtol=0.0, atol=1e13)  # (std 2e18)
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    assert scales[1] == 2.0**-96  # (the compiled code's float32 sums overflow: the wide moments)

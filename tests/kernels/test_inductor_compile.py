@@ -33,6 +33,9 @@ def test_generated_group_norm_issues_about_what_torch_nns_does():
 
     if "nvidia" not in backends:
         pytest.skip("this triton build has no CUDA backend to compile for")
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("this triton build ships no cuobjdump to read the compiled code with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     r = subprocess.run(
@@ -44,7 +47,9 @@ def test_generated_group_norm_issues_about_what_torch_nns_does():
         text=True,
         timeout=540,
     )  # fmt: skip
-    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    assert r.returncode == 0, (r.stdout + r.stderr)[
+        -6000:
+    ]  # (1 also if a kernel compiled in no configuration)
     sums = {
         (d["by"], d["step"]): d
         for d in (json.loads(ln[5:]) for ln in r.stdout.splitlines() if ln.startswith("json "))

@@ -332,9 +332,9 @@ def norm_forward(
 # whose squared deviations leave the float range (fp32: beyond ~2^47-2^63); 2^-96 keeps the largest
 # float32 deviation (2^129) at 2^33 and every deviation the plain one cannot hold above 2^-49.
 _WIDE = {torch.float32: 2.0**-96, torch.float64: 2.0**-768}
-# The two-pass moments' mean is the sum of x - x0, or, where that overflows, of (x - x0) * 2^-34: a
-# float32 deviation (at most 2^129) scales to 2^95, so sets of up to 2^32 values cannot overflow it
-# (the values it loses below 2^-92 are nothing next to such a set's spread).
+# The two-pass moments' wide mean is the sum of (x - x0) * 2^-34, rescaled: a float32 deviation (at
+# most 2^129) scales to 2^95, so sets of up to 2^32 values cannot overflow it (the values it loses
+# below 2^-92 are nothing next to a wide set's spread).
 _MEAN_SCALE = 2.0**-34
 #: Device types whose generated code takes Welford's one-read moments for every input. On the
 #: others (GPUs: Inductor's Triton code), inputs of 2 bytes a value (bfloat16, float16) take the
@@ -353,9 +353,9 @@ def norm_forward_fused(
     """:func:`norm_forward` with statistics a compiler reads ``x`` once for (``torch.compile``).
 
     The scaled path reads ``x`` three times before its output (the range, the mean, the centred
-    second moment), each read depending on the one before. Here every statistic depends on ``x``
-    alone, so Inductor fuses them into one loop over the set, as it does for torch's own norms
-    (``var_mean``: Welford's running moments):
+    second moment), each read depending on the one before. Here (with Welford's moments, below)
+    every statistic depends on ``x`` alone, so Inductor fuses them into one loop over the set, as
+    it does for torch's own norms (``var_mean``: Welford's running moments):
 
     * the moments of ``x - x0``, ``x0`` each set's first value: a shift inside the set, exact for
       values close to it (a large common offset costs nothing, as on the other paths);
@@ -364,16 +364,16 @@ def norm_forward_fused(
       takes them where the first variance is not finite.
 
     Both are ``torch.var_mean``, which Inductor computes as it does for torch's own norms: Welford's
-    running moments in one read, or, for small sets (CPU: up to 1024 values), its two-step
-    variance (a second read, of data in cache). Both arms read the same values in the same
-    loops. On GPUs a bfloat16 / float16 input takes both as two passes of sums instead (the mean,
-    then the centred second moments), which Inductor's code issues in half the instructions
-    (:func:`two_pass_moments`). Sets of tiny variance need no third read when ``eps``
+    running moments in one read, or, for small sets (CPU: up to 1024 values), its two-step variance
+    (a second read, of data in cache). Both arms read the same values in the same loops. On GPUs a
+    bfloat16 / float16 input takes both as two passes of sums instead (the mean, then the centred
+    second moments: two reads for the statistics), which Inductor's code issues in about half the
+    instructions (:func:`two_pass_moments`). Sets of tiny variance need no further read when ``eps``
     dominates every variance that could lose bits (``eps >= 2^-60`` in float32, ``2^-860`` in
     float64); a smaller ``eps``, or a mask, takes :func:`norm_forward`. Same outputs and saved
     statistics (``shift`` is ``x0``; ``inv`` is 1 or the wide scale) as :func:`norm_forward`, to
-    rounding, and the same backward (:func:`norm_backward` scales before it subtracts the shift
-    when traced, so a wide set's ``x - x0`` cannot overflow).
+    rounding, and the same backward (:func:`norm_backward` scales before it subtracts the shift when
+    traced, so a wide set's ``x - x0`` cannot overflow).
 
     Example:
         >>> x = torch.randn(2, 4, 3, 3) + 1e4
@@ -417,10 +417,13 @@ def two_pass_moments(x: Tensor) -> bool:
     an H100 / H200 can issue per bfloat16 value it reads at full bandwidth: the statistics would
     run at about a third of the memory's speed (read from the compiled code by
     ``python -m tests.kernels.inductor_compile``). Two passes of sums take about 20, for a second
-    read of each set from the GPU's cache (the generated kernel walks one set at a time, and reads
-    it again for the output already). A float32 value brings twice the bytes per instruction and
-    keeps Welford's single read; so does the CPU, whose generated Welford multiplies by tabled
-    reciprocals instead of dividing, and runs the two-step variance on small sets itself.
+    read of each set: even if every read of the generated kernel (two for the statistics, one for
+    the output) came from memory, the bfloat16 forward's bytes would take less time (about 86 µs
+    on ResNet-50's (64, 256, 56, 56) on an H200) than Welford's instructions (116 µs). A float32
+    value brings twice the bytes per instruction: there the extra read could cost more than the
+    instructions save, and it keeps Welford's single read; so does the CPU, whose generated
+    Welford multiplies by tabled reciprocals instead of dividing, and which takes the two-step
+    variance on small sets itself. ``benchmarks/gpu_check.sh``'s stage 5 times both on a GPU.
 
     Example:
         >>> two_pass_moments(torch.zeros(2, dtype=torch.bfloat16))  # (a CPU tensor)
@@ -436,11 +439,10 @@ def _two_pass_moments(
     :func:`torch.var_mean` gives them, from the sums for the mean and a second pass for the centred
     second moments (of deviations from that mean: never ``E[y^2] - E[y]^2``)."""
     n = _count(x, dims, None, x0)
-    m = (xa - x0).sum(dims, keepdim=True) / n
-    # (scaled first, for the sets whose sum of x - x0 overflows: exact powers of two after the sum)
-    m_s = (xa * _MEAN_SCALE - x0 * _MEAN_SCALE).sum(dims, keepdim=True) / n
-    mean_p = torch.where(torch.isfinite(m), m, m_s * (1.0 / _MEAN_SCALE))  # (inf if even that
-    mean_w = m_s * (s / _MEAN_SCALE)  # overflows: that set's var_p is not finite, and it goes wide)
+    # (a set whose sum of x - x0 overflows has deviations whose squares do: its var_p is not finite
+    # either way, and it takes the wide moments, whose mean sums values scaled first)
+    mean_p = (xa - x0).sum(dims, keepdim=True) / n
+    mean_w = (xa * _MEAN_SCALE - x0 * _MEAN_SCALE).sum(dims, keepdim=True) / n * (s / _MEAN_SCALE)
     var_p = ((xa - x0) - mean_p).square().sum(dims, keepdim=True) / n
     var_w = ((xa * s - x0 * s) - mean_w).square().sum(dims, keepdim=True) / n
     return mean_p, var_p, mean_w, var_w
@@ -489,7 +491,7 @@ def mean_var(stats: Tensor) -> tuple[Tensor, Tensor]:
     """
     s = stats[_INV].reciprocal()  # exact: a power of two
     mean = torch.addcmul(stats[_SHIFT], stats[_CMEAN], s)
-    var = stats[_VAR] * (s * s)
+    var = (stats[_VAR] * s) * s  # (not s * s: 2^192, a wide float32 set's, is beyond float32)
     return mean, var
 
 

@@ -1496,7 +1496,7 @@ def _batch_moments(MEAN, VAR, ci, cm, C, var_scale, FROM_STATS: tl.constexpr, AC
         shift = tl.load(MEAN + ci, mask=cm, other=0.0).to(ACC)
         s = 1.0 / tl.load(MEAN + C + ci, mask=cm, other=1.0).to(ACC)  # (exact: a power of two)
         m = shift + tl.load(MEAN + 2 * C + ci, mask=cm, other=0.0).to(ACC) * s
-        v = tl.load(MEAN + 4 * C + ci, mask=cm, other=0.0).to(ACC) * (s * s) * var_scale
+        v = tl.load(MEAN + 4 * C + ci, mask=cm, other=0.0).to(ACC) * s * s * var_scale  # (s * s: > 2^128)
     else:
         m = tl.load(MEAN + ci, mask=cm, other=0.0).to(ACC)
         v = tl.load(VAR + ci, mask=cm, other=0.0).to(ACC) * var_scale

@@ -389,9 +389,12 @@ def norm_forward_fused(
     xa = x.to(dtype)
     x0 = _sample(xa, dims)
     s = _WIDE[dtype]
+    count = _count(x, dims, None, x0)
     if two_pass_moments(x):
-        mean_p, var_p, mean_w, var_w = _two_pass_moments(x, xa, x0, dims, s)
+        mean_p, var_p, mean_w, var_w = _two_pass_moments(xa, x0, dims, s, count)
     else:
+        # (traced only: Inductor writes var_mean into its own loops; ATen's var_mean, far slower than
+        # a sum on the CPU, never runs here outside tests)
         var_p, mean_p = torch.var_mean(xa - x0, dims, correction=0, keepdim=True)
         # (scaled before the shift: |x * s - x0 * s| <= 2^33 in float32, where x - x0 can overflow)
         var_w, mean_w = torch.var_mean(xa * s - x0 * s, dims, correction=0, keepdim=True)
@@ -403,7 +406,6 @@ def norm_forward_fused(
     rstd = torch.where(plain, torch.rsqrt(var_p + eps), torch.rsqrt(var_w + eps * s * s))
     d = (xa * inv - x0 * inv) - cmean
     shift = x0
-    count = _count(x, dims, None, x0)
     return _finish(x, d, weight, bias, count, shift, inv, cmean, rstd, var)
 
 
@@ -433,12 +435,12 @@ def two_pass_moments(x: Tensor) -> bool:
 
 
 def _two_pass_moments(
-    x: Tensor, xa: Tensor, x0: Tensor, dims: tuple[int, ...], s: float
+    xa: Tensor, x0: Tensor, dims: tuple[int, ...], s: float, n: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(mean_p, var_p, mean_w, var_w)``: the moments of ``x - x0`` and of ``x * s - x0 * s``, as
-    :func:`torch.var_mean` gives them, from the sums for the mean and a second pass for the centred
-    second moments (of deviations from that mean: never ``E[y^2] - E[y]^2``)."""
-    n = _count(x, dims, None, x0)
+    """``(mean_p, var_p, mean_w, var_w)``: the moments of ``xa - x0`` and of ``xa * s - x0 * s`` over
+    sets of ``n`` values, as :func:`torch.var_mean` gives them, from the sums for the mean and a
+    second pass for the centred second moments (of deviations from that mean: never
+    ``E[y^2] - E[y]^2``)."""
     # (a set whose sum of x - x0 overflows has deviations whose squares do: its var_p is not finite
     # either way, and it takes the wide moments, whose mean sums values scaled first)
     mean_p = (xa - x0).sum(dims, keepdim=True) / n

@@ -712,13 +712,13 @@ def _bn_idx(ci, cm, j0, nchunks, BJ: tl.constexpr):
 def _bn_range(HL, ci, cm, C, nchunks, ACC: tl.constexpr, BCC: tl.constexpr, BJ: tl.constexpr):
     """Per channel of the block: the max / min over every chunk (as _set_range), BJ chunks at a time
     (a BatchNorm on a large GPU has hundreds of chunks per channel); 1.0 for masked channels."""
-    h = tl.full([BCC], float("-inf"), ACC)
-    lw = tl.full([BCC], float("inf"), ACC)
-    for j0 in range(0, nchunks, BJ):
+    h = tl.full([BCC, BJ], float("-inf"), ACC)
+    lw = tl.full([BCC, BJ], float("inf"), ACC)
+    for j0 in range(0, nchunks, BJ):  # (elementwise per step, reduced once: see _bn_psum)
         idx, m = _bn_idx(ci, cm, j0, nchunks, BJ)
-        h = tl.maximum(h, tl.max(tl.load(HL + idx, mask=m, other=float("-inf")), axis=1))
-        lw = tl.minimum(lw, tl.min(tl.load(HL + C * nchunks + idx, mask=m, other=float("inf")), axis=1))
-    return tl.where(cm, h, 1.0), tl.where(cm, lw, 1.0)
+        h = tl.maximum(h, tl.load(HL + idx, mask=m, other=float("-inf")))
+        lw = tl.minimum(lw, tl.load(HL + C * nchunks + idx, mask=m, other=float("inf")))
+    return tl.where(cm, tl.max(h, axis=1), 1.0), tl.where(cm, tl.min(lw, axis=1), 1.0)
 
 
 @triton.jit
@@ -742,32 +742,38 @@ def _lanes1(cnt, mean, m2):
 def _bn_combine(PM, ci, cm, C, nchunks, ACC: tl.constexpr, BCC: tl.constexpr, BJ: tl.constexpr):
     """Per channel: ``(count, mean, var)`` of the values the chunks' (count, mean, M2) describe
     by Chan et al.'s formula (the mean first, then every chunk's M2 plus its mean's deviation)."""
-    n = tl.zeros([BCC], ACC)
-    s = tl.zeros([BCC], ACC)
-    for j0 in range(0, nchunks, BJ):
+    n2 = tl.zeros([BCC, BJ], ACC)
+    s2 = tl.zeros([BCC, BJ], ACC)
+    for j0 in range(0, nchunks, BJ):  # (elementwise per step, reduced once: see _bn_psum)
         idx, m = _bn_idx(ci, cm, j0, nchunks, BJ)
         cnt = tl.load(PM + idx, mask=m, other=0.0)
-        n += tl.sum(cnt, axis=1)
-        s += tl.sum(cnt * tl.load(PM + C * nchunks + idx, mask=m, other=0.0), axis=1)
+        n2 += cnt
+        s2 += cnt * tl.load(PM + C * nchunks + idx, mask=m, other=0.0)
+    n = tl.sum(n2, axis=1)
     nn = tl.maximum(n, 1.0)
-    mean = s / nn
-    q = tl.zeros([BCC], ACC)
+    mean = tl.sum(s2, axis=1) / nn
+    q2 = tl.zeros([BCC, BJ], ACC)
     for j0 in range(0, nchunks, BJ):
         idx, m = _bn_idx(ci, cm, j0, nchunks, BJ)
         cnt = tl.load(PM + idx, mask=m, other=0.0)
         dm = tl.load(PM + C * nchunks + idx, mask=m, other=0.0) - mean[:, None]
-        q += tl.sum(tl.load(PM + 2 * C * nchunks + idx, mask=m, other=0.0) + cnt * dm * dm, axis=1)
-    return n, mean, q / nn
+        q2 += tl.load(PM + 2 * C * nchunks + idx, mask=m, other=0.0) + cnt * dm * dm
+    return n, mean, tl.sum(q2, axis=1) / nn
 
 
 @triton.jit
 def _bn_psum(P, ci, cm, nchunks, ACC: tl.constexpr, BCC: tl.constexpr, BJ: tl.constexpr):
-    """Per channel: the sum over chunks of one (C, nchunks) row block of partial sums."""
-    t = tl.zeros([BCC], ACC)
+    """Per channel: the sum over chunks of one (C, nchunks) row block of partial sums.
+
+    The chunks are summed elementwise per step and the tile reduced once after the loop, here and in
+    :func:`_bn_range` / :func:`_bn_combine`: a reduction inside the loop whose result has two uses
+    after it fails Triton 3.6's compiler for sm_90 (an assertion in its thread-locality pass; read by
+    ``python -m tests.kernels.triton_compile`` under each Triton release)."""
+    t = tl.zeros([BCC, BJ], ACC)
     for j0 in range(0, nchunks, BJ):
         idx, m = _bn_idx(ci, cm, j0, nchunks, BJ)
-        t += tl.sum(tl.load(P + idx, mask=m, other=0.0), axis=1)
-    return t
+        t += tl.load(P + idx, mask=m, other=0.0)
+    return tl.sum(t, axis=1)
 
 
 @triton.jit

@@ -273,9 +273,13 @@ def norm_forward(
         from . import triton as _triton
 
         acc = core.acc_dtype(x.dtype)
-        return _triton.forward(
-            x, _flat(weight, acc, tp.order), _flat(bias, acc, tp.order), tp, eps, core.stat_shape(x, dims)
-        )
+        try:
+            return _triton.forward(
+                x, _flat(weight, acc, tp.order), _flat(bias, acc, tp.order), tp, eps, core.stat_shape(x, dims)
+            )
+        except Exception as e:
+            if not _triton.gave_up(e):  # (Triton failing to compile a kernel: the next backend takes it)
+                raise
     p = _cpu_plan(x, weight, bias, mask, dims)
     if p is None:
         return core.norm_forward(x, weight, bias, mask, dims, eps)
@@ -329,14 +333,18 @@ def norm_backward(
         from . import triton as _triton
 
         need_x, need_w, need_b = needs[0], needs[1] and weight is not None, needs[2] and bias is not None
-        tdx, tdw, tdb = _triton.backward(
-            dy, x, _flat(weight, stats.dtype, tp.order), stats, tp, need_x, need_w or need_b
-        )
-        return (
-            tdx,
-            _unflat(tdw, weight, tp.order) if need_w else None,  # type: ignore[arg-type]
-            _unflat(tdb, bias, tp.order) if need_b else None,  # type: ignore[arg-type]
-        )
+        try:
+            tdx, tdw, tdb = _triton.backward(
+                dy, x, _flat(weight, stats.dtype, tp.order), stats, tp, need_x, need_w or need_b
+            )
+            return (
+                tdx,
+                _unflat(tdw, weight, tp.order) if need_w else None,  # type: ignore[arg-type]
+                _unflat(tdb, bias, tp.order) if need_b else None,  # type: ignore[arg-type]
+            )
+        except Exception as e:
+            if not _triton.gave_up(e):  # (Triton failing to compile a kernel: the next backend takes it)
+                raise
     p = _cpu_plan(x, weight, bias, mask, dims)
     if (
         p is None

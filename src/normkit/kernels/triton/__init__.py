@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import weakref
@@ -60,6 +61,120 @@ def available() -> bool:
         True
     """
     return why_not() is None
+
+
+_COMPILE_ERRORS = ("CompilationError", "OutOfResources", "PTXASError")  # (triton.compiler / .runtime)
+
+
+def compile_failure(e: BaseException) -> bool:
+    """Whether ``e`` is Triton failing to build one of normkit's kernels for this GPU, not a failure of
+    the call itself: an exception of Triton's compiler or its resource checks, or one raised from
+    inside Triton's compiler (its MLIR passes, ptxas). Each Triton release has its own compiler bugs
+    (Triton 3.6 rejected a BatchNorm kernel that 3.0-3.5 and 3.7-3.9 compile:
+    ``python -m tests.kernels.triton_compile`` under each release reads them without a GPU).
+
+    Example:
+        >>> compile_failure(ValueError("a bad shape"))
+        False
+    """
+    t = type(e)
+    if t.__module__.startswith("triton.") and t.__name__ in _COMPILE_ERRORS:
+        return True
+    here = _triton_dir()
+    if here is None:
+        return False
+    comp, back = os.path.join(here, "compiler", ""), os.path.join(here, "backends", "")
+    tb = e.__traceback__
+    while tb is not None:
+        f = tb.tb_frame.f_code.co_filename
+        if f.startswith(comp) or (f.startswith(back) and os.path.basename(f) == "compiler.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _triton_dir() -> str | None:
+    import sys
+
+    mod = sys.modules.get("triton")
+    f = getattr(mod, "__file__", None)
+    return os.path.dirname(f) if f else None
+
+
+def _kernel_named(e: BaseException) -> str:
+    """Which Triton kernel was being compiled when ``e`` was raised, in words."""
+    tb = e.__traceback__
+    while tb is not None:
+        me = tb.tb_frame.f_locals.get("self")
+        name = getattr(getattr(me, "fn", None), "__name__", None)
+        if type(me).__name__ == "JITFunction" and name:
+            return f"normkit's {name}"
+        tb = tb.tb_next
+    return "one of normkit's kernels"
+
+
+def gave_up(e: Exception) -> bool:
+    """After an exception from the Triton path: ``True`` where it is Triton failing to compile a kernel
+    (:func:`compile_failure`) on the default backend: the Triton kernels are then switched off for this
+    process (:func:`why_not` says why, and so does ``normkit kernels status``), with one warning, and
+    the caller runs the call on the next backend (torch's op or normkit's reference path, the same
+    values). ``False`` for any other exception (the caller re-raises it). Under
+    ``normkit.kernels.use("triton")``, which asked for these kernels by name, a compile failure raises
+    a ``RuntimeError`` naming the Triton release and the kernel instead.
+
+    Example:
+        >>> try:
+        ...     raise KeyError("not Triton's")
+        ... except Exception as e:
+        ...     gave_up(e)
+        False
+    """
+    if not compile_failure(e):
+        return False
+    import triton
+
+    from .. import current
+
+    first = (str(e).strip().splitlines() or [""])[-1][:300]
+    why = (
+        f"Triton {triton.__version__} could not compile {_kernel_named(e)} for this device "
+        f"({type(e).__name__}: {first})"
+    )
+    if current() == "triton":
+        raise RuntimeError(
+            f"normkit: {why}; normkit.kernels.use('auto') runs these norms on torch's ops and normkit's "
+            "reference path instead (please report it with the output of `normkit kernels status`)"
+        ) from e
+    _state["error"] = why
+    _state["checked"] = True
+    import warnings
+
+    warnings.warn(
+        f"normkit: {why}. normkit's norms run on torch's ops and normkit's reference path for the rest "
+        "of this process (the same values); `normkit kernels status` says so. Please report it.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+def _or(default: Any) -> Any:
+    """Decorates a Triton entry point that returns ``default`` where it does not take a call: it
+    returns ``default`` too where Triton fails to compile one of its kernels (:func:`gave_up`)."""
+
+    def wrap(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if not gave_up(e):
+                    raise
+                return default
+
+        return guarded
+
+    return wrap
 
 
 def interpreting() -> bool:
@@ -777,6 +892,7 @@ def _step_bwd(
     return dy, part
 
 
+@_or(None)
 def proxy_act_forward(
     y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float
 ) -> Tensor | None:
@@ -797,6 +913,7 @@ def proxy_act_forward(
     return _step_fwd(y, walk, [*vec, _slope(slope, acc, y.device)], act)
 
 
+@_or(None)
 def proxy_act_backward(
     dout: Tensor,
     y: Tensor,
@@ -929,20 +1046,27 @@ class _ProxyStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dm: Tensor | None, dr: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
         w0, b0, pb0, pw0, u0, m, r, *vec, sl = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite of plain ops
-            with torch.enable_grad():
-                ins, outs = _proxy_stats_double_backward((w0, b0, pb0, pw0), u0, ctx.act, ctx.slope, ctx.eps)
-                pairs = [(o, g) for o, g in zip(outs, (dm, dr)) if g is not None]
-                grads = torch.autograd.grad(
-                    [o for o, _ in pairs], ins, [g for _, g in pairs], create_graph=True, allow_unused=True
-                )
-            return (*grads, None, None, None, None)
-        dm = torch.zeros_like(m) if dm is None else dm.to(m.dtype).contiguous()
-        dr = torch.zeros_like(m) if dr is None else dr.to(m.dtype).contiguous()
-        g = _proxy_stats_bwd(vec, sl, m, r, ctx.act, dm, dr)
-        return (*(g[i].to(t.dtype) for i, t in enumerate((w0, b0, pb0, pw0))), None, None, None, None)
+        if not torch.is_grad_enabled():
+            try:
+                dm_ = torch.zeros_like(m) if dm is None else dm.to(m.dtype).contiguous()
+                dr_ = torch.zeros_like(m) if dr is None else dr.to(m.dtype).contiguous()
+                g = _proxy_stats_bwd(vec, sl, m, r, ctx.act, dm_, dr_)
+                return (*(g[i].to(t.dtype) for i, t in enumerate((w0, b0, pb0, pw0))), None, None, None, None)
+            except Exception as e:
+                if not gave_up(e):
+                    raise
+        # create_graph=True (or the kernel would not compile): differentiate the composite of plain ops
+        again = torch.is_grad_enabled()
+        with torch.enable_grad():
+            ins, outs = _proxy_stats_double_backward((w0, b0, pb0, pw0), u0, ctx.act, ctx.slope, ctx.eps)
+            pairs = [(o, g) for o, g in zip(outs, (dm, dr)) if g is not None]
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs], ins, [g for _, g in pairs], create_graph=again, allow_unused=True
+            )
+        return (*grads, None, None, None, None)
 
 
+@_or(None)
 def proxy_stats(
     weight: Tensor,
     bias: Tensor,
@@ -1019,16 +1143,21 @@ class _ProxyNormAct(torch.autograd.Function):
         y, *params, m, r = ctx.saved_tensors[:7]
         vec = list(ctx.saved_tensors[7:])
         none = (None,) * 5
-        if torch.is_grad_enabled() or type(dout) is not Tensor or not torch._C._has_storage(dout):
-            return (*_pn_composite_grads(ctx, y, params, vec[4], dout, lambda t: t), *none)
-        if dout.dtype != y.dtype or dout.stride() != y.stride():
-            dout = torch.empty_like(y).copy_(dout)
-        need_y = ctx.needs_input_grad[0]
-        dy, part = _step_bwd(dout, y, ctx.walk, [vec[0], vec[1], m, r, vec[5]], ctx.act, need_y)
-        if not any(ctx.needs_input_grad[1:5]):
-            return (dy, None, None, None, None, *none)
-        C, nchunks = part.shape[1], part.shape[2]
-        return (dy, *_pn_param_grads(ctx.act, params, vec, m, r, part.view(4, 1, C, nchunks)), *none)
+        if not (torch.is_grad_enabled() or type(dout) is not Tensor or not torch._C._has_storage(dout)):
+            try:
+                if dout.dtype != y.dtype or dout.stride() != y.stride():
+                    dout = torch.empty_like(y).copy_(dout)
+                need_y = ctx.needs_input_grad[0]
+                dy, part = _step_bwd(dout, y, ctx.walk, [vec[0], vec[1], m, r, vec[5]], ctx.act, need_y)
+                if not any(ctx.needs_input_grad[1:5]):
+                    return (dy, None, None, None, None, *none)
+                C, nchunks = part.shape[1], part.shape[2]
+                return (dy, *_pn_param_grads(ctx.act, params, vec, m, r, part.view(4, 1, C, nchunks)), *none)
+            except Exception as e:
+                if not gave_up(e):
+                    raise
+        # create_graph=True, batched gradients (or a kernel that would not compile): the composite
+        return (*_pn_composite_grads(ctx, y, params, vec[4], dout, lambda t: t), *none)
 
 
 def _pn_composite_grads(
@@ -1058,6 +1187,7 @@ def _pn_param_grads(
     return tuple(g[i].to(t.dtype) for i, t in enumerate(params))
 
 
+@_or(None)
 def proxy_norm_act(
     y: Tensor,
     weight: Tensor,
@@ -1278,26 +1408,44 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
         x, w, b, stats, wv = ctx.saved_tensors
-        none = (None,) * 6
         if torch.is_grad_enabled() or type(dy) is not Tensor or not torch._C._has_storage(dy):
             # create_graph=True (or batched gradients): differentiate the composite of reference ops
-            from .. import use
+            return _Norm._composite(ctx, dy, x, w, b)
+        try:
+            return _Norm._kernels(ctx, dy, x, w, b, stats, wv)
+        except Exception as e:
+            if not gave_up(e):
+                raise
+            return _Norm._composite(ctx, dy, x, w, b)  # (the same gradients, on the reference path)
 
-            again = torch.is_grad_enabled()  # (create_graph=True called it: a graph of the gradients)
-            with torch.enable_grad(), use("reference"):
-                xi = x if x.requires_grad else x.detach().requires_grad_()
-                ins = [
-                    xi,
-                    *(t if t is None or t.requires_grad else t.detach().requires_grad_() for t in (w, b)),
-                ]
-                import normkit.functional as nf
+    @staticmethod
+    def _composite(ctx: Any, dy: Tensor, x: Tensor, w: Tensor | None, b: Tensor | None) -> tuple[Any, ...]:
+        """The gradients from the composite of reference ops (autograd differentiates it again under
+        create_graph=True)."""
+        none = (None,) * 6
+        from .. import use
 
-                name, args = ctx.composite
-                fn: Any = name if callable(name) else getattr(nf, name)
-                y: Tensor = fn(xi, *args, ins[1], ins[2], ctx.eps)
-                live = [t for t in ins if t is not None]
-                got = iter(torch.autograd.grad(y, live, dy, create_graph=again, allow_unused=True))
-            return (*(next(got) if t is not None else None for t in ins), *none)
+        again = torch.is_grad_enabled()  # (create_graph=True called it: a graph of the gradients)
+        with torch.enable_grad(), use("reference"):
+            xi = x if x.requires_grad else x.detach().requires_grad_()
+            ins = [
+                xi,
+                *(t if t is None or t.requires_grad else t.detach().requires_grad_() for t in (w, b)),
+            ]
+            import normkit.functional as nf
+
+            name, args = ctx.composite
+            fn: Any = name if callable(name) else getattr(nf, name)
+            y: Tensor = fn(xi, *args, ins[1], ins[2], ctx.eps)
+            live = [t for t in ins if t is not None]
+            got = iter(torch.autograd.grad(y, live, dy, create_graph=again, allow_unused=True))
+        return (*(next(got) if t is not None else None for t in ins), *none)
+
+    @staticmethod
+    def _kernels(
+        ctx: Any, dy: Tensor, x: Tensor, w: Tensor | None, b: Tensor | None, stats: Tensor, wv: Tensor | None
+    ) -> tuple[Any, ...]:
+        none = (None,) * 6
         if dy.dtype != x.dtype or dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)
         need_w = ctx.needs_input_grad[1] and w is not None
@@ -1363,6 +1511,7 @@ def _usable(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     )
 
 
+@_or(None)
 def group_norm(
     x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor | None:
@@ -1422,6 +1571,7 @@ def _bn_composite(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     return nf.batch_norm(x, None, None, weight, bias, True, eps=eps).output
 
 
+@_or(None)
 def batch_norm_train(
     x: Tensor,
     weight: Tensor | None,
@@ -1486,6 +1636,7 @@ def batch_norm_train(
     return y
 
 
+@_or(None)
 def layer_norm(
     x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor | None:
@@ -1501,6 +1652,7 @@ def layer_norm(
     return _planned_norm(x, dims, pview, weight, bias, eps, ("layer_norm", (tuple(shape),)))
 
 
+@_or(None)
 def layer_norm_2d(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
     """:func:`normkit.functional.layer_norm_2d` over the channels (checked arguments) on the Triton
     kernels as one autograd node (a ConvNeXt block under bf16 autocast keeps it there), or ``None``.
@@ -1560,20 +1712,27 @@ class _GNProxyAct(torch.autograd.Function):
         x, stats, *params, m, r = ctx.saved_tensors[:8]
         vec = list(ctx.saved_tensors[8:])
         none = (None,) * 7
-        if torch.is_grad_enabled() or type(dout) is not Tensor or not torch._C._has_storage(dout):
-            from ...functional.group_norm import group_norm
+        if not (torch.is_grad_enabled() or type(dout) is not Tensor or not torch._C._has_storage(dout)):
+            try:
+                if dout.dtype != x.dtype or dout.stride() != x.stride():
+                    dout = torch.empty_like(x).copy_(dout)
+                need_x = ctx.needs_input_grad[0]
+                vec5 = [vec[0], vec[1], m, r, vec[5]]
+                dx, sums = gn_proxy_backward(dout, x, stats, ctx.p, vec5, ctx.act, need_x)
+                if not any(ctx.needs_input_grad[1:5]):
+                    return (dx, None, None, None, None, *none)
+                return (dx, *_pn_param_grads(ctx.act, params, vec, m, r, sums), *none)
+            except Exception as e:
+                if not gave_up(e):
+                    raise
+        # create_graph=True, batched gradients (or a kernel that would not compile): the composite
+        from ...functional.group_norm import group_norm
 
-            to_y = lambda t: group_norm(t, ctx.G, None, None, ctx.eps)  # noqa: E731
-            return (*_pn_composite_grads(ctx, x, params, vec[4], dout, to_y), *none)
-        if dout.dtype != x.dtype or dout.stride() != x.stride():
-            dout = torch.empty_like(x).copy_(dout)
-        need_x = ctx.needs_input_grad[0]
-        dx, sums = gn_proxy_backward(dout, x, stats, ctx.p, [vec[0], vec[1], m, r, vec[5]], ctx.act, need_x)
-        if not any(ctx.needs_input_grad[1:5]):
-            return (dx, None, None, None, None, *none)
-        return (dx, *_pn_param_grads(ctx.act, params, vec, m, r, sums), *none)
+        to_y = lambda t: group_norm(t, ctx.G, None, None, ctx.eps)  # noqa: E731
+        return (*_pn_composite_grads(ctx, x, params, vec[4], dout, to_y), *none)
 
 
+@_or(None)
 def gn_proxy_act(
     x: Tensor,
     groups: int,
@@ -1618,6 +1777,7 @@ def gn_proxy_act(
 # --- BatchNorm's running statistics in one launch ---------------------------------------------------
 
 
+@_or(False)
 def bn_running_update(
     mean: Tensor,
     var: Tensor,

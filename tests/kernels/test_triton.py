@@ -163,6 +163,7 @@ def split(monkeypatch):
 
     monkeypatch.setattr(nkt, "_FORCE_CHUNK", 16)
     monkeypatch.setattr(nkt, "_ROW_MAX", 0)  # (short rows would take the blocked row walk instead)
+    monkeypatch.setattr(nkt, "_TILINGS", {})  # (each launch's chunking computed afresh, for the spy)
     launched = []
     for name in ("_chunking", "_ce_chunks"):  # the per-set walk's chunks; the (C, E) walks' (BatchNorm cl)
         real = getattr(nkt, name)

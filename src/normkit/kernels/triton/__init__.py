@@ -309,12 +309,24 @@ def _chunking(
     return cdiv(along, ch), ch, split_c, (tile if split_c else BC), (BM if split_c else tile)
 
 
+_TILINGS: dict[tuple[object, ...], tuple[int, tuple[int, ...], int, int, bool, int, int]] = {}
+
+
 def _tiling(x: Tensor, p: Plan) -> tuple[int, tuple[int, ...], int, int, bool, int, int]:
     """``(nsets, walk, nchunks, CH, split_c, BC, BM)`` of a launch on ``x`` with plan ``p``: the walk
-    (:func:`_walk`), the tile (:func:`_blocks`) and the chunks (:func:`_chunking`), in one place."""
-    nsets, walk = _walk(p)
-    BC, BM = _blocks(walk[0], walk[1])
-    return (nsets, walk, *_chunking(nsets, walk[0], walk[1], BC, BM, x.device))
+    (:func:`_walk`), the tile (:func:`_blocks`) and the chunks (:func:`_chunking`), in one place.
+    Kept per (plan, device): a training step meets the same few, forward and backward (each a few
+    microseconds of host time, which on a GPU is much of a small norm's)."""
+    key = (p, x.device, _FORCE_CHUNK, _programs)  # (tests and tools replace the last two)
+    got = _TILINGS.get(key)
+    if got is None:
+        nsets, walk = _walk(p)
+        BC, BM = _blocks(walk[0], walk[1])
+        got = (nsets, walk, *_chunking(nsets, walk[0], walk[1], BC, BM, x.device))
+        if len(_TILINGS) > 1024:
+            _TILINGS.clear()
+        _TILINGS[key] = got
+    return got
 
 
 _BN_BJ = 16  # chunks per step of the BatchNorm kernels' per-channel combination (bounds registers)

@@ -277,7 +277,11 @@ def test_ctrl_c_stops_compare_workers_and_keeps_finished_trainings(tmp_path: Pat
     proc, elapsed, run, pgid = _interrupted_compare(tmp_path, presses)
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert elapsed < 10.0  # generous: it stops in well under a second here
-    lines = proc.stderr.strip().splitlines()
+    # (torch's own log lines aside: a CUDA build of torch on a machine without CUDA logs one per process
+    # when its extension loader is imported, "No CUDA runtime is found")
+    lines = [
+        ln for ln in proc.stderr.strip().splitlines() if not re.match(r"[WIE]\d{4} [\d:.]+ +\d+ \S+\] ", ln)
+    ]
     assert len(lines) == 1 and lines[0].startswith("normkit compare: interrupted") and str(run) in lines[0], (
         proc.stderr
     )

@@ -49,6 +49,11 @@ def test_a_lock_left_by_a_killed_build_does_not_stall_the_next_load(tmp_path: Pa
         raise AssertionError("loading the kernels waited on the lock a killed build left behind") from None
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("loaded"), out.stdout + out.stderr
+    if not _build._torch_waits_on_lock_files():
+        # torch 2.14 and later: an advisory lock on the same file, released by the kernel when its
+        # holder dies: the load did not wait (above), and the file is left alone, without a note
+        assert "left by an interrupted build" not in out.stderr, out.stderr
+        return
     assert f"removed {dst / 'lock'}, left by an interrupted build" in out.stderr
     assert not (dst / "lock").exists()
     # the autograd node's folder is cleared the same way (the node is optional: built here normally)

@@ -95,17 +95,20 @@ def exclusive(d: Path) -> Iterator[None]:
     build, a worker terminated at start-up) leaves every later load of that folder waiting forever.
     normkit first takes an ``flock`` on ``d/normkit.lock``, which the kernel releases when its holder
     dies, so a torch ``lock`` still there once normkit holds the folder is one such leftover: it is
-    removed (with a note on stderr) and torch goes on. Where ``fcntl`` is missing (Windows) this
-    only yields.
+    removed (with a note on stderr) and torch goes on. torch 2.14 and later lock the folder with an
+    advisory lock that a dead holder releases: nothing is removed there. Where ``fcntl`` is missing
+    (Windows) this only yields.
 
     >>> import tempfile
     >>> from pathlib import Path
     >>> from normkit.kernels._build import exclusive
     >>> d = Path(tempfile.mkdtemp())
+    >>> from normkit.kernels._build import _torch_waits_on_lock_files
     >>> (d / "lock").touch()          # what a killed build leaves behind
-    >>> with exclusive(d):            # a note on stderr: removed .../lock, left by an interrupted build
-    ...     (d / "lock").exists()
-    False
+    >>> with exclusive(d):            # torch <= 2.13: a note on stderr, removed .../lock, left by ...
+    ...     left = (d / "lock").exists()
+    >>> left == (not _torch_waits_on_lock_files())   # (torch 2.14 and later: harmless, and kept)
+    True
     """
     try:
         import fcntl
@@ -131,12 +134,23 @@ def exclusive(d: Path) -> Iterator[None]:
                 time.sleep(0.05)
         try:
             stale = d / "lock"
-            if stale.exists():
+            if _torch_waits_on_lock_files() and stale.exists():
                 stale.unlink(missing_ok=True)
                 print(f"normkit: removed {stale}, left by an interrupted build", file=sys.stderr, flush=True)
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _torch_waits_on_lock_files() -> bool:
+    """Whether torch's extension loader guards a folder with a lock file whose mere existence blocks
+    (``FileBaton``: torch up to 2.13), which :func:`exclusive` clears when a killed build left one.
+    From torch 2.14 it holds an OS-level advisory lock on the same path instead: the kernel releases
+    it when its holder dies, and the file stays after every load, so there is nothing to clear (and a
+    note at every start would be wrong)."""
+    from torch.utils import cpp_extension
+
+    return hasattr(cpp_extension, "FileBaton")
 
 
 def load_error() -> str | None:

@@ -145,8 +145,7 @@ def gave_up(e: Exception) -> bool:
             f"normkit: {why}; normkit.kernels.use('auto') runs these norms on torch's ops and normkit's "
             "reference path instead (please report it with the output of `normkit kernels status`)"
         ) from e
-    _state["error"] = why
-    _state["checked"] = True
+    _state["error"] = why  # (why_not() ran before any launch: this stays its answer)
     import warnings
 
     warnings.warn(

@@ -716,6 +716,12 @@ REFUSED: list[tuple[str, Build]] = [
         _layer(lambda dt: nkn.LayerNorm2d(4, over="chw", dtype=dt), (64, 4, 3, 3), "nchw", F64),
     ),
     ("BatchNorm2d-eval", _layer(lambda dt: _bn_layer()(dt).eval(), (16, 4, 3, 3), "nchw", F64)),
+    # eps=0, which normkit takes and torch's training op refuses (ValueError)
+    ("BatchNorm2d-eps-0", _layer(_bn_layer(eps=0.0), (16, 4, 3, 3), "nchw", F64)),
+    (
+        "BatchNorm2d-eps-0-untracked",
+        _layer(_bn_layer(eps=0.0, track_running_stats=False), (16, 4, 3, 3), "cl", F64),
+    ),
 ]
 
 

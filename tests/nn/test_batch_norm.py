@@ -16,6 +16,7 @@ from torch import nn
 
 import normkit.nn as nkn
 from tests.tolerances import Tol
+from tests.torch_compat import assert_same_repr, torch_kwargs
 
 F64 = torch.float64
 TOL: Tol = {"atol": 1e-5, "rtol": 1e-5}
@@ -63,7 +64,7 @@ def _randomize(module: nn.Module, seed: int = 1) -> nn.Module:
 
 
 def _pair(ours_cls, torch_cls, C, **kw):
-    ref = _randomize(torch_cls(C, **kw))
+    ref = _randomize(torch_cls(C, **torch_kwargs(kw)))
     ours = ours_cls(C, **kw)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ours, ref
@@ -778,4 +779,4 @@ def test_train_mode_is_permutation_equivariant_over_the_batch():
     [{}, {"eps": 1e-3, "momentum": None, "affine": False, "track_running_stats": False}, {"bias": False}],
 )
 def test_repr_matches_torch(ours_cls, torch_cls, kw):
-    assert repr(ours_cls(64, **kw)) == repr(torch_cls(64, **kw))
+    assert_same_repr(ours_cls(64, **kw), torch_cls(64, **torch_kwargs(kw)))

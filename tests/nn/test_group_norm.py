@@ -10,6 +10,7 @@ from torch import nn
 
 import normkit.nn as nkn
 from tests.tolerances import Tol
+from tests.torch_compat import assert_same_repr, torch_kwargs
 
 F64 = torch.float64
 TOL: Tol = {"atol": 1e-5, "rtol": 1e-5}
@@ -91,7 +92,7 @@ def _closed_form(x, G, eps, weight=None, bias=None):
     ],
 )
 def test_matches_torch_with_the_same_weights(G, C, shape, kw):
-    ref = _randomize(nn.GroupNorm(G, C, **kw))
+    ref = _randomize(nn.GroupNorm(G, C, **torch_kwargs(kw)))
     ours = nkn.GroupNorm(G, C, **kw)
     ours.load_state_dict(ref.state_dict(), strict=True)
     assert sorted(ours.state_dict()) == sorted(ref.state_dict())
@@ -279,4 +280,4 @@ def test_reset_parameters():
     "args, kw", [((32, 64), {}), ((4, 8), {"eps": 1e-3, "affine": False}), ((2, 8), {"bias": False})]
 )
 def test_repr_matches_torch(args, kw):
-    assert repr(nkn.GroupNorm(*args, **kw)) == repr(nn.GroupNorm(*args, **kw))
+    assert_same_repr(nkn.GroupNorm(*args, **kw), nn.GroupNorm(*args, **torch_kwargs(kw)))

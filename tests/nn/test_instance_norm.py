@@ -10,6 +10,7 @@ from torch import nn
 
 import normkit.nn as nkn
 from tests.tolerances import Tol
+from tests.torch_compat import assert_same_repr, torch_kwargs
 
 F64 = torch.float64
 TOL: Tol = {"atol": 1e-5, "rtol": 1e-5}
@@ -57,7 +58,7 @@ def _randomize(module, seed=1):
 
 
 def _pair(ours_cls, torch_cls, C, **kw):
-    ref = _randomize(torch_cls(C, **kw))
+    ref = _randomize(torch_cls(C, **torch_kwargs(kw)))
     ours = ours_cls(C, **kw)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ours, ref
@@ -415,4 +416,4 @@ def test_batch_independence(training):
     "kw", [{}, {"affine": True, "track_running_stats": True, "momentum": 0.2}, {"bias": False}]
 )
 def test_repr_matches_torch(kw):
-    assert repr(nkn.InstanceNorm2d(8, **kw)) == repr(nn.InstanceNorm2d(8, **kw))
+    assert_same_repr(nkn.InstanceNorm2d(8, **kw), nn.InstanceNorm2d(8, **torch_kwargs(kw)))

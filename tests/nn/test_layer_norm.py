@@ -10,6 +10,7 @@ from torch import nn
 
 import normkit.nn as nkn
 from tests.tolerances import Tol
+from tests.torch_compat import assert_same_repr, torch_kwargs
 
 F64 = torch.float64
 TOL: Tol = {"atol": 1e-5, "rtol": 1e-5}
@@ -185,7 +186,7 @@ def test_reset_parameters():
     [((32,), {}), (((3, 4),), {"eps": 1e-6}), ((8,), {"bias": False}), ((8,), {"elementwise_affine": False})],
 )
 def test_repr_matches_torch(args, kw):
-    assert repr(nkn.LayerNorm(*args, **kw)) == repr(nn.LayerNorm(*args, **kw))
+    assert_same_repr(nkn.LayerNorm(*args, **kw), nn.LayerNorm(*args, **kw))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def test_layer_norm_2d_over_c_is_torch_layer_norm_on_the_permuted_input(shape, k
 @pytest.mark.parametrize("kw", [{}, {"bias": False}, {"affine": False}, {"eps": 1e-3}])
 def test_layer_norm_2d_over_chw_is_torch_group_norm_with_one_group(shape, kw):
     C = shape[1]
-    ref = _randomize(nn.GroupNorm(1, C, **kw))
+    ref = _randomize(nn.GroupNorm(1, C, **torch_kwargs(kw)))
     ours = nkn.LayerNorm2d(C, over="chw", **kw)
     ours.load_state_dict(ref.state_dict(), strict=True)
     _compare(ours, ref, _x(shape, seed=2))

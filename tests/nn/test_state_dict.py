@@ -17,6 +17,7 @@ from torch import nn
 
 import normkit.nn as nkn
 from tests.tolerances import Tol
+from tests.torch_compat import needs_torch_bias
 
 F64 = torch.float64
 TOL: Tol = {"atol": 1e-5, "rtol": 1e-5}
@@ -49,6 +50,7 @@ PAIRS = [
         lambda: nn.BatchNorm2d(6, momentum=None, bias=False),
         (4, 6, 3, 3),
         id="bn2d-cma-nobias",
+        marks=needs_torch_bias,
     ),
     pytest.param(
         lambda: nkn.BatchNorm2d(6, affine=False, track_running_stats=False),

@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from .._errors import NormError
 from ..nn import batch_norm as nk_bn
 from ..nn import batch_norm_family as fam
+from ..nn._base import build_norm
 from ..nn.norm_act import BatchNormAct2d
 from ..nn.sync_batch_norm import SyncBatchNorm, SyncBatchNormAct, _BatchNormXd
 
@@ -245,10 +246,8 @@ def _from_sync(m: Any) -> nn.Module:
     if issubclass(cls, nk_bn._BatchNorm):
         kw["unbiased_running_var"] = unbiased
     if issubclass(cls, BatchNormAct2d):
-        act: Any = m.activation
-        bn = cls(m.num_features, activation=act, **kw)
-    else:
-        bn = cls(m.num_features, **kw)
+        kw["activation"] = m.activation
+    bn = build_norm(cls, m.num_features, **kw)  # (cls may be torch's, which takes bias from 2.12)
     _share_state(m, bn)
     return bn
 

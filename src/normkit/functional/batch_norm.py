@@ -136,8 +136,10 @@ def batch_norm(
             exporting() or (x.dtype == running_mean.dtype and not _aten_eval_grad_hazard(x))
         ):
             # The affine map from the running statistics: ATen's batch_norm computes exactly it
-            # (and exporters record the standard op).
-            y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+            # (and exporters record the standard op). ATen's op itself: torch.nn.functional's
+            # refuses eps=0 in eval too before torch 2.12, which normkit takes.
+            cudnn = torch.backends.cudnn.enabled
+            y = torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, cudnn)
             return NormOutput(y, running_mean, running_var, num_batches_tracked)
         dtype = acc_dtype(x.dtype)
         mean = channel_view(running_mean.to(dtype), x.dim())

@@ -217,6 +217,8 @@ def batch_norm_train(
         return None
     C = x.shape[1]
     count = x.shape[0] * _spatial(x)
+    if not eps > 0:
+        return None  # (torch's training op refuses eps=0, which normkit takes: the general path)
     if count < 2 or any(p is not None and p.shape != (C,) for p in (weight, bias, running_mean, running_var)):
         return None
     tracking = running_mean is not None and running_var is not None

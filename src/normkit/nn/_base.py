@@ -29,6 +29,57 @@ def make_affine(
         module.register_parameter("bias", None)
 
 
+def torch_norm_init(init: Any, module: nn.Module, *args: Any, bias: bool) -> None:
+    """``init(*args, bias=bias)``: a torch.nn norm's ``__init__`` (``super().__init__``) on any torch.
+
+    torch's BatchNorm, InstanceNorm and GroupNorm take ``bias`` from torch 2.12; before, the affine
+    always had both parameters. There ``init`` makes them and ``bias=False`` then drops the bias as
+    torch >= 2.12 leaves it: a ``None`` parameter, no ``bias`` key in the state_dict.
+
+    Example:
+        >>> gn = torch.nn.GroupNorm.__new__(torch.nn.GroupNorm)
+        >>> torch_norm_init(torch.nn.GroupNorm.__init__.__get__(gn), gn, 2, 4, bias=False)
+        >>> gn.bias is None, list(gn.state_dict())
+        (True, ['weight'])
+    """
+    if _takes_bias(init):
+        init(*args, bias=bias)
+        return
+    init(*args)
+    if not bias:
+        module.register_parameter("bias", None)
+
+
+def build_norm(cls: type[nn.Module], *args: Any, bias: bool, **kwargs: Any) -> nn.Module:
+    """``cls(*args, bias=bias, **kwargs)``, a torch.nn or normkit norm class, on any torch release
+    (see :func:`torch_norm_init`: torch's own classes take ``bias`` from 2.12).
+
+    Example:
+        >>> bn = build_norm(torch.nn.BatchNorm2d, 4, bias=False, momentum=0.2)
+        >>> bn.bias is None, bn.momentum
+        (True, 0.2)
+    """
+    if _takes_bias(cls.__init__):
+        return cls(*args, bias=bias, **kwargs)
+    module = cls(*args, **kwargs)
+    if not bias:
+        module.register_parameter("bias", None)
+    return module
+
+
+_TAKES_BIAS: dict[Any, bool] = {}
+
+
+def _takes_bias(init: Any) -> bool:
+    key = getattr(init, "__func__", init)
+    got = _TAKES_BIAS.get(key)
+    if got is None:
+        import inspect
+
+        got = _TAKES_BIAS[key] = "bias" in inspect.signature(init).parameters
+    return got
+
+
 def reset_affine(module: nn.Module) -> None:
     weight: Tensor | None = getattr(module, "weight", None)
     bias: Tensor | None = getattr(module, "bias", None)

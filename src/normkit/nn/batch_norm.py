@@ -12,7 +12,7 @@ from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional.batch_norm import batch_norm as _batch_norm
 from ..functional.batch_norm import train_step
 from ..kernels import _fast
-from ._base import _StatsMixin, check_channels, fx_leaf, store_stats
+from ._base import _StatsMixin, check_channels, fx_leaf, store_stats, torch_norm_init
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -90,8 +90,17 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
         check_positive_int(num_features, name, "num_features")
         eps = check_eps(eps, name)
         momentum = check_momentum(momentum, name)
-        super().__init__(
-            num_features, eps, momentum, bool(affine), bool(track_running_stats), device, dtype, bias=bias
+        torch_norm_init(
+            super().__init__,
+            self,
+            num_features,
+            eps,
+            momentum,
+            bool(affine),
+            bool(track_running_stats),
+            device,
+            dtype,
+            bias=bias,
         )
         self.unbiased_running_var = bool(unbiased_running_var)
         self._register_skip_counter(device)

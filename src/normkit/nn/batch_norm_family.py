@@ -22,7 +22,7 @@ from ..functional._running import NormOutput, update_running_stats
 from ..functional.batch_norm import batch_norm
 from ..functional.batch_renorm import batch_renorm, mean_only_batch_norm
 from ..functional.ghost_batch_norm import MomentumMode, ghost_batch_norm
-from ._base import _NormBase, check_channels, fx_leaf
+from ._base import _NormBase, check_channels, fx_leaf, torch_norm_init
 from .batch_norm import _BatchNorm
 
 __all__ = [
@@ -338,7 +338,9 @@ class _FrozenBatchNorm(_NormBase):
         update_running_stats: bool = False,
         unbiased_running_var: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype, bias=bias)
+        torch_norm_init(
+            super().__init__, self, num_features, eps, momentum, affine, True, device, dtype, bias=bias
+        )
         # The affine is frozen: buffers, not Parameters (no optimizer sees them), same state_dict keys.
         for key in ("weight", "bias"):
             p = self._parameters.pop(key)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..functional._checks import check_eps, check_groups, check_positive_int
 from ..functional.group_norm import group_norm as _group_norm
 from ..kernels import _direct, _fast
-from ._base import check_channels, fx_leaf
+from ._base import check_channels, fx_leaf, torch_norm_init
 
 __all__ = ["GroupNorm"]
 
@@ -78,7 +78,9 @@ class GroupNorm(nn.GroupNorm):
         check_positive_int(num_channels, "GroupNorm", "num_channels")
         check_groups(num_groups, num_channels, "GroupNorm")
         eps = check_eps(eps, "GroupNorm")
-        super().__init__(num_groups, num_channels, eps, bool(affine), device, dtype, bias=bias)
+        torch_norm_init(
+            super().__init__, self, num_groups, num_channels, eps, bool(affine), device, dtype, bias=bias
+        )
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (bool, broadcastable to it, True = valid) limits the statistics."""

@@ -12,7 +12,7 @@ from .._errors import NormError
 from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional.instance_norm import instance_norm as _instance_norm
 from ..kernels import _direct, _fast
-from ._base import _StatsMixin, fx_leaf, store_stats
+from ._base import _StatsMixin, fx_leaf, store_stats, torch_norm_init
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -100,10 +100,12 @@ class _InstanceNorm(_StatsMixin, nn.modules.instancenorm._InstanceNorm):
         check_positive_int(num_features, name, "num_features")
         eps = check_eps(eps, name)
         momentum = check_momentum(momentum, name)
-        super().__init__(  # torch annotates momentum as float, yet takes None (cumulative average)
+        torch_norm_init(  # torch annotates momentum as float, yet takes None (cumulative average)
+            super().__init__,
+            self,
             num_features,
             eps,
-            momentum,  # pyright: ignore[reportArgumentType]
+            momentum,
             bool(affine),
             bool(track_running_stats),
             device,

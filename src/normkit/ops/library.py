@@ -39,9 +39,26 @@ __all__ = ["exporting", "norm", "norm_stats", "proxy_act"]
 
 
 def exporting() -> bool:
-    """True while ``torch.export`` / ``torch.onnx.export`` / ``torch.jit.trace`` records the model."""
+    """True while ``torch.export`` / ``torch.onnx.export`` / ``torch.jit.trace`` records the model.
+
+    Reads the flag behind ``torch.compiler.is_exporting()`` rather than calling it: Dynamo in
+    torch <= 2.11 traces that call as ``True`` under ``torch.compile`` too (pytorch/pytorch#176347,
+    fixed in 2.12), which sent every compiled norm to the standard op meant for exporters (torch's
+    semantics, not normkit's: a compiled BatchRenorm took plain BatchNorm's gradient). Dynamo reads
+    the module attribute's value at trace time instead: set by torch.export, not by torch.compile.
+
+    Example:
+        >>> exporting()
+        False
+        >>> torch.compile(lambda x: x + exporting(), backend="eager")(torch.zeros(1))
+        tensor([0.])
+        >>> torch._dynamo.reset()  # (what it compiled refers to this example's namespace)
+    """
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if not isinstance(flag, bool):  # (a torch without the flag: its public function)
+        flag = torch.compiler.is_exporting()
     # torch.jit.is_tracing is public API that torch.jit.__all__ leaves out:
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()  # pyright: ignore[reportPrivateImportUsage]
+    return flag or torch.jit.is_tracing()  # pyright: ignore[reportPrivateImportUsage]
 
 
 def _is_dense(x: Tensor) -> bool:

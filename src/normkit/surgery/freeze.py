@@ -10,6 +10,7 @@ from torch import nn
 
 from ..nn import batch_norm as nk_bn
 from ..nn import batch_norm_family as fam
+from ..nn._base import build_norm
 
 __all__ = ["freeze_bn", "unfreeze_bn"]
 
@@ -138,12 +139,14 @@ def _unfrozen_from(frozen: fam._FrozenBatchNorm, training: bool) -> nn.Module:
     rank = _RANK_OF_FROZEN[type(frozen)]
     cls = getattr(frozen, "_unfrozen_cls", None) or nk_bn.__dict__[f"BatchNorm{rank}d"]
     kwargs = dict(getattr(frozen, "_unfrozen_kwargs", None) or {})
+    bias = kwargs.pop("bias", frozen.bias is not None or not frozen.affine)
     if issubclass(cls, nk_bn._BatchNorm):
-        kwargs.setdefault("bias", frozen.bias is not None or not frozen.affine)
         kwargs.setdefault("unbiased_running_var", frozen.unbiased_running_var)
     rm = frozen.running_mean
-    bn = cls(
+    bn = build_norm(  # (torch's BN too: an affine without bias stays so)
+        cls,
         frozen.num_features,
+        bias=bias,
         eps=frozen.eps,
         momentum=frozen.momentum,
         affine=frozen.affine,

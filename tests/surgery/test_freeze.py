@@ -19,6 +19,7 @@ from normkit.nn import (
     GhostBatchNorm2d,
 )
 from normkit.surgery import freeze_bn, unfreeze_bn
+from tests.torch_compat import needs_torch_bias
 
 
 def _net() -> nn.Module:
@@ -100,6 +101,19 @@ def test_unfreeze_restores_classes_values_flags_and_mode():
     x = torch.randn(4, 3, 6, 6)
     torch.testing.assert_close(net(x), ref(x))  # a BN training step again, stats updated alike
     torch.testing.assert_close(net[1].running_var, ref[1].running_var)
+
+
+@needs_torch_bias
+def test_a_bias_less_torch_batch_norm_comes_back_bias_less():
+    """torch.nn.BatchNorm2d(bias=False) (torch >= 2.12) through freeze and unfreeze: the same class,
+    still no bias (unfreeze gave it a zero bias Parameter and a state_dict key torch's has not)."""
+    bn = _warm(nn.Sequential(nn.BatchNorm2d(3, bias=False)))
+    ref = copy.deepcopy(bn)
+    back = unfreeze_bn(freeze_bn(bn, inplace=False))
+    assert type(back[0]) is nn.BatchNorm2d and back[0].bias is None
+    assert list(back.state_dict()) == list(ref.state_dict())
+    for v, v2 in zip(back.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(v, v2)
 
 
 def test_what_is_left_alone_inplace_false_and_single_layers():

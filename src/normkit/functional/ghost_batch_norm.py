@@ -156,7 +156,7 @@ def ghost_batch_norm(
         y = torch.cat([y, y_r])
         means = torch.cat([means, mean_r.reshape(1, C)])
         vars_ = torch.cat([vars_, var_r.reshape(1, C)])
-        sizes.append(rem * per_sample)
+        sizes = [*sizes, rem * per_sample]  # (not append: Dynamo <= 2.11 cannot append a symbolic size)
     if running_mean is None or running_var is None:
         return NormOutput(y, running_mean, running_var, num_batches_tracked)
 

@@ -103,7 +103,9 @@ def ensure() -> None:
     Example:
         >>> ensure()   # outside torch.compile: does nothing
     """
-    if _state["done"] or not torch.compiler.is_compiling():
+    from .core import compiling
+
+    if _state["done"] or not compiling():
         return
     _state["done"] = True
     try:

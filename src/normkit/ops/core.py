@@ -111,6 +111,25 @@ def stat_shape(x: Tensor, dims: Sequence[int]) -> list[int]:
     return [1 if i in dims else s for i, s in enumerate(x.shape)]
 
 
+def compiling() -> bool:
+    """Whether torch.compile (or torch.export) is tracing, also where normkit's Python runs as plain
+    Python inside a trace: a fake implementation Dynamo calls, a backward AOTAutograd traces.
+
+    ``torch.compiler.is_compiling()`` alone says so there only from torch 2.12 (which sets its flag
+    for a whole compile); torch <= 2.11 sets it for torch.export only, so Dynamo's tracing context
+    is asked too. Under Dynamo's own bytecode tracing the first call answers.
+
+    Example:
+        >>> compiling()
+        False
+    """
+    if torch.compiler.is_compiling():
+        return True
+    from torch._guards import TracingContext
+
+    return TracingContext.try_get() is not None
+
+
 def _functorch_active() -> bool:
     # Under torch.func transforms some tensors are batched and others not: in-place arithmetic
     # between them is not allowed, so the backward then builds fresh tensors.

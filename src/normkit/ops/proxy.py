@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._errors import NormError
 from . import _inductor
-from .core import _inplace_ok, acc_dtype
+from .core import _inplace_ok, acc_dtype, compiling
 
 __all__ = ["ACT_NAMES", "proxy_act", "proxy_act_composite"]
 
@@ -324,7 +324,7 @@ def _grads(ctx: Any, dout: Tensor) -> tuple[Any, ...]:
     y, weight, bias, m, rstd = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     dout = dout if dout.stride() == y.stride() else torch.empty_like(y, dtype=dout.dtype).copy_(dout)
-    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and compiling():
         out = torch.ops.normkit.proxy_norm_act_backward(
             dout, y, weight, bias, m, rstd, ctx.act, ctx.slope, needs
         )

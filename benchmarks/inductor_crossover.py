@@ -72,6 +72,11 @@ def _step(m: nn.Module, x: torch.Tensor) -> tuple[Callable[[], None], Callable[[
             assert x.grad is not None
             got.append((y.detach().float(), x.grad.float()))
         x.grad = None
+        if any(type(s).__module__.startswith("normkit.") for s in m.modules()):
+            from normkit.ops import _inductor
+
+            if not _inductor.installed():  # (else this times something other than normkit's norms)
+                raise RuntimeError(f"normkit's ops never reached Inductor's lowering: {_inductor._state}")
         return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*got))
 
     return step, check

@@ -25,6 +25,8 @@ with symbolic sizes (``dynamic=True``) keeps the kernels there (no guard on the 
 always, symbolic sizes too (on an H200, torch.compile's code for GroupNorm on ResNet-50's
 (64, 256, 56, 56) in bf16 ran 2.2-4x faster forward and 1.2-1.6x faster forward + backward than
 normkit's Triton kernels of 2026-12-04, and small inputs are the host's time there: docs/PERFORMANCE.md §5;
+that machine's torch 2.11 compiled normkit's GroupNorm into ATen's, so this is Inductor's code for
+torch's GroupNorm, not yet normkit's composite;
 ``benchmarks/gpu_check.sh`` stage 5 measures the crossover again). The choice does not
 follow ``normkit.kernels.use(...)``: a compiled call takes Inductor's code for a small input
 whatever the backend, and the backend in force when a large one runs (as in eager). Nothing else

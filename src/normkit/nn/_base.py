@@ -154,6 +154,28 @@ class _StatsMixin:
 
         def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None: ...
 
+    def _init_torch_norm(
+        self,
+        init: Any,
+        num_features: int,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        track_running_stats: bool,
+        device: Any,
+        dtype: Any,
+        bias: bool,
+    ) -> None:
+        """Check the arguments, then torch.nn's BatchNorm / InstanceNorm ``__init__`` (``init``, on any
+        torch release: :func:`torch_norm_init`), then the skipped-updates counter."""
+        name = type(self).__name__
+        check_positive_int(num_features, name, "num_features")
+        eps = check_eps(eps, name)
+        momentum = check_momentum(momentum, name)
+        args = (num_features, eps, momentum, bool(affine), bool(track_running_stats), device, dtype)
+        torch_norm_init(init, self, *args, bias=bias)  # type: ignore[arg-type]  # (a mixin of Modules)
+        self._register_skip_counter(device)
+
     def _register_skip_counter(self, device: Any) -> None:
         counter = torch.tensor(0, dtype=torch.long, device=device) if self.running_mean is not None else None
         self.register_buffer("num_skipped_updates", counter, persistent=False)

@@ -8,11 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import NormError
-from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional.batch_norm import batch_norm as _batch_norm
 from ..functional.batch_norm import train_step
 from ..kernels import _fast
-from ._base import _StatsMixin, check_channels, fx_leaf, store_stats, torch_norm_init
+from ._base import _StatsMixin, check_channels, fx_leaf, store_stats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -86,24 +85,11 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
         bias: bool = True,
         unbiased_running_var: bool = True,
     ) -> None:
-        name = type(self).__name__
-        check_positive_int(num_features, name, "num_features")
-        eps = check_eps(eps, name)
-        momentum = check_momentum(momentum, name)
-        torch_norm_init(
-            super().__init__,
-            self,
-            num_features,
-            eps,
-            momentum,
-            bool(affine),
-            bool(track_running_stats),
-            device,
-            dtype,
-            bias=bias,
+        init = super().__init__
+        self._init_torch_norm(
+            init, num_features, eps, momentum, affine, track_running_stats, device, dtype, bias
         )
         self.unbiased_running_var = bool(unbiased_running_var)
-        self._register_skip_counter(device)
 
     def _check_input_dim(self, x: Tensor) -> None:
         _check_dims(x, self._dims, self.num_features, type(self).__name__)

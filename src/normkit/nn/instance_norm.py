@@ -9,10 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import NormError
-from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional.instance_norm import instance_norm as _instance_norm
 from ..kernels import _direct, _fast
-from ._base import _StatsMixin, fx_leaf, store_stats, torch_norm_init
+from ._base import _StatsMixin, fx_leaf, store_stats
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -96,23 +95,11 @@ class _InstanceNorm(_StatsMixin, nn.modules.instancenorm._InstanceNorm):
         *,
         bias: bool = True,
     ) -> None:
-        name = type(self).__name__
-        check_positive_int(num_features, name, "num_features")
-        eps = check_eps(eps, name)
-        momentum = check_momentum(momentum, name)
-        torch_norm_init(  # torch annotates momentum as float, yet takes None (cumulative average)
-            super().__init__,
-            self,
-            num_features,
-            eps,
-            momentum,
-            bool(affine),
-            bool(track_running_stats),
-            device,
-            dtype,
-            bias=bias,
+        # (torch annotates momentum as float, yet takes None: the cumulative average)
+        init = super().__init__
+        self._init_torch_norm(
+            init, num_features, eps, momentum, affine, track_running_stats, device, dtype, bias
         )
-        self._register_skip_counter(device)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (bool, broadcastable to it, True = valid) limits the statistics."""

@@ -29,8 +29,9 @@ def make_affine(
         module.register_parameter("bias", None)
 
 
-def torch_norm_init(init: Any, module: nn.Module, *args: Any, bias: bool) -> None:
-    """``init(*args, bias=bias)``: a torch.nn norm's ``__init__`` (``super().__init__``) on any torch.
+def torch_norm_init(init: Any, module: nn.Module, *args: Any, bias: bool, **kwargs: Any) -> None:
+    """``init(*args, bias=bias, **kwargs)``: a torch.nn norm's ``__init__`` (``super().__init__``) on
+    any torch.
 
     torch's BatchNorm, InstanceNorm and GroupNorm take ``bias`` from torch 2.12; before, the affine
     always had both parameters. There ``init`` makes them and ``bias=False`` then drops the bias as
@@ -43,27 +44,24 @@ def torch_norm_init(init: Any, module: nn.Module, *args: Any, bias: bool) -> Non
         (True, ['weight'])
     """
     if _takes_bias(init):
-        init(*args, bias=bias)
+        init(*args, bias=bias, **kwargs)
         return
-    init(*args)
+    init(*args, **kwargs)
     if not bias:
         module.register_parameter("bias", None)
 
 
 def build_norm(cls: type[nn.Module], *args: Any, bias: bool, **kwargs: Any) -> nn.Module:
     """``cls(*args, bias=bias, **kwargs)``, a torch.nn or normkit norm class, on any torch release
-    (see :func:`torch_norm_init`: torch's own classes take ``bias`` from 2.12).
+    (:func:`torch_norm_init`: torch's own classes take ``bias`` from 2.12).
 
     Example:
         >>> bn = build_norm(torch.nn.BatchNorm2d, 4, bias=False, momentum=0.2)
         >>> bn.bias is None, bn.momentum
         (True, 0.2)
     """
-    if _takes_bias(cls.__init__):
-        return cls(*args, bias=bias, **kwargs)
-    module = cls(*args, **kwargs)
-    if not bias:
-        module.register_parameter("bias", None)
+    module = cls.__new__(cls)
+    torch_norm_init(module.__init__, module, *args, bias=bias, **kwargs)
     return module
 
 

@@ -34,7 +34,9 @@ def main() -> None:
     dy = torch.randn(2, 16, 8, 8)
     pairs = [
         ("BatchNorm2d (train)", nkn.BatchNorm2d(16), torch.nn.BatchNorm2d(16)),
+        ("BatchNorm2d (eval)", nkn.BatchNorm2d(16).eval(), torch.nn.BatchNorm2d(16).eval()),
         ("GroupNorm(4)", nkn.GroupNorm(4, 16), torch.nn.GroupNorm(4, 16)),
+        ("LayerNorm(8) over the last dim", nkn.LayerNorm(8), torch.nn.LayerNorm(8)),
         (
             "InstanceNorm2d(affine)",
             nkn.InstanceNorm2d(16, affine=True),
@@ -48,12 +50,18 @@ def main() -> None:
         ),
     ]
     w, b = torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
+    rm, rv = torch.randn(16), torch.rand(16) + 0.5
     tf = torch.nn.functional
     functional = [  # (name, normkit's call, torch's call), both on (x, w, b)
         (
             "F.batch_norm (train)",
             lambda: nkf.batch_norm(x, None, None, w, b, training=True).output,
             lambda: tf.batch_norm(x, None, None, w, b, training=True),
+        ),
+        (
+            "F.batch_norm (eval)",
+            lambda: nkf.batch_norm(x, rm, rv, w, b).output,
+            lambda: tf.batch_norm(x, rm, rv, w, b),
         ),
         ("F.group_norm(4)", lambda: nkf.group_norm(x, 4, w, b), lambda: tf.group_norm(x, 4, w, b)),
         (

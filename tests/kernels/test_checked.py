@@ -157,6 +157,28 @@ def test_batch_norm_accepted_forms_match_torch_and_leave_the_given_statistics_al
     torch.testing.assert_close(rv2, rv + (var - rv) / 5, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((3, 8, 5, 7), "nchw"), ((3, 8, 5, 7), "cl"), ((1, 8, 1, 1), "nchw"), ((6, 8), "nchw"), ((2, 8, 3), "nchw")],
+)
+def test_batch_norm_eval_is_atens_affine_map_of_the_given_statistics(shape, layout):
+    """Running statistics in eval: ATen's batch_norm of them, the given buffers handed back as they were
+    (the same objects); one value per channel and a cumulative momentum without a counter are fine here."""
+    x = _x(shape, layout)
+    w, b = _wb()
+    rm, rv, nbt = torch.randn(8), torch.rand(8) + 0.5, torch.tensor(3)
+    saved = (rm.clone(), rv.clone())
+    for momentum, counter in ((0.1, nbt), (None, None)):
+        out = _fast.checked("batch_norm", x, rm, rv, w, b, False, momentum, 1e-3, counter, True)
+        assert out is not None
+        y, rm2, rv2, nbt2 = out
+        assert rm2 is rm and rv2 is rv and nbt2 is counter
+        y_ref = TF.batch_norm(x, rm.clone(), rv.clone(), w, b, training=False, eps=1e-3)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        _check_grads(y, y_ref, [x, w, b])
+    assert torch.equal(rm, saved[0]) and torch.equal(rv, saved[1])
+
+
 x4 = _x(grad=False)
 w8, b8 = torch.ones(8), torch.zeros(8)
 REFUSED = [  # (why, op, x, args): the C++ entry hands these to the general path
@@ -191,7 +213,19 @@ REFUSED = [  # (why, op, x, args): the C++ entry hands these to the general path
     ("channels-last rows", "layer_norm", x4.to(memory_format=torch.channels_last), (7, None, None, 1e-5)),
     ("one channel", "layer_norm_2d", torch.randn(2, 1, 4, 4), (None, None, 1e-5)),
     ("weight of the wrong size", "layer_norm_2d", x4, (torch.ones(7), torch.zeros(7), 1e-5)),
-    ("eval with running stats", "batch_norm", x4, (w8, w8 + 1, None, None, False, 0.1, 1e-5, None, True)),
+    (
+        "eval, float32 running stats for a half input",
+        "batch_norm",
+        x4.half(),
+        (w8, w8 + 1, None, None, False, 0.1, 1e-5, None, True),
+    ),
+    (
+        "eval, channels-last input with a size-1 dim that needs a gradient",  # ATen's CPU backward errs
+        "batch_norm",
+        torch.randn(2, 5, 8, 1).permute(0, 2, 3, 1).requires_grad_(),
+        (w8, w8 + 1, None, None, False, 0.1, 1e-5, None, True),
+    ),
+    ("eval, int eps", "batch_norm", x4, (w8, w8 + 1, None, None, False, 0.1, 0, None, True)),
     ("one running stat", "batch_norm", x4, (w8, None, None, None, True, 0.1, 1e-5, None, True)),
     ("momentum out of range", "batch_norm", x4, (None, None, None, None, True, 1.5, 1e-5, None, True)),
     ("int momentum", "batch_norm", x4, (None, None, None, None, True, 1, 1e-5, None, True)),

@@ -122,7 +122,8 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
     def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         tracking = self._tracking
         step = None  # a fast path: one call with the same interface either way
-        if mask is None and (self.training or not tracking):
+        batch_stats = self.training or not tracking
+        if mask is None and batch_stats:
             # plain eager on a CPU tensor: one fused call (and one for the backward); on a GPU: torch's
             # own kernel, buffers guarded, or under use("triton") normkit's Triton kernels, one node
             step = train_step(x, _fast.eligible(x))
@@ -142,6 +143,23 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
             )
             if y is not None:
                 return y
+        if mask is None and not batch_stats and _fast.eligible(x) and x.dim() in self._dims:
+            # eval with running statistics, plain eager on a CPU tensor: checks and ATen's batch_norm in C++
+            out = _fast.checked(
+                "batch_norm",
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                False,
+                self.momentum,
+                self.eps,
+                self.num_batches_tracked,
+                self.unbiased_running_var,
+            )
+            if out is not None:
+                return out[0]
         leaf = fx_leaf(self, x, mask, root_traceable=True)
         if leaf is not None:
             return leaf

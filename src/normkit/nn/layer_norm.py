@@ -103,8 +103,11 @@ class LayerNorm(nn.LayerNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        if mask is None:  # on a GPU: torch's own kernel, one call
-            y = _direct.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if mask is None:
+            if _fast.eligible(x):  # plain eager on a CPU tensor: checks and the fused kernel in C++
+                y = _fast.checked("layer_norm", x, self.normalized_shape, self.weight, self.bias, self.eps)
+            else:  # on a GPU: torch's own kernel, one call
+                y = _direct.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
             if y is not None:
                 return y
         leaf = fx_leaf(self, x, mask, root_traceable=True)

@@ -334,12 +334,24 @@ py::object batch_norm_checked(py::handle xh, py::handle rmh, py::handle rvh, py:
     momentum = PyFloat_AS_DOUBLE(mh.ptr());
     if (!(momentum >= 0.0 && momentum <= 1.0)) return py::none();
   }
-  if (eps < 0.0 || N * S < 2) return py::none();
+  if (eps < 0.0) return py::none();
   std::optional<Tensor> w, b, rm, rv;
   if (!affine_arg(wh, x, {C}, false, w) || !affine_arg(bh, x, {C}, false, b) || !affine_arg(rmh, x, {C}, true, rm) ||
       !affine_arg(rvh, x, {C}, true, rv) || rm.has_value() != rv.has_value())
     return py::none();
-  if (rm && !training) return py::none();  // the running statistics' affine map: the general path (ATen)
+  if (rm && !training) {
+    // The running statistics' affine map: ATen's batch_norm, as the general path calls it, for running
+    // statistics of x's dtype. (A half x with float32 statistics, and the channels-last input with a
+    // size-1 spatial dim whose gradient ATen's CPU backward gets wrong, take the general path.)
+    if (rm->scalar_type() != x.scalar_type() || rv->scalar_type() != x.scalar_type()) return py::none();
+    if (lay != 0 && x.requires_grad() && at::GradMode::is_enabled() && x.dim() > 2) {
+      for (int64_t d = 2; d < x.dim(); ++d)
+        if (x.size(d) == 1) return py::none();
+    }
+    const Tensor y = at::batch_norm(x, w, b, rm, rv, false, 0.0, eps, false);
+    return py::make_tuple(wrap(y), rmh, rvh, nh);
+  }
+  if (N * S < 2) return py::none();
   const bool update = training && rm.has_value();
   std::optional<Tensor> nbt;
   if (!nh.is_none()) {

@@ -159,7 +159,13 @@ def test_batch_norm_accepted_forms_match_torch_and_leave_the_given_statistics_al
 
 @pytest.mark.parametrize(
     "shape,layout",
-    [((3, 8, 5, 7), "nchw"), ((3, 8, 5, 7), "cl"), ((1, 8, 1, 1), "nchw"), ((6, 8), "nchw"), ((2, 8, 3), "nchw")],
+    [
+        ((3, 8, 5, 7), "nchw"),
+        ((3, 8, 5, 7), "cl"),
+        ((1, 8, 1, 1), "nchw"),
+        ((6, 8), "nchw"),
+        ((2, 8, 3), "nchw"),
+    ],
 )
 def test_batch_norm_eval_is_atens_affine_map_of_the_given_statistics(shape, layout):
     """Running statistics in eval: ATen's batch_norm of them, the given buffers handed back as they were

@@ -17,7 +17,10 @@ Which path runs (:func:`norm`):
   ``batch_norm`` / ``group_norm`` / ``layer_norm`` / ``instance_norm`` where they compute the same
   thing, so ONNX Runtime and other backends see operators they know;
 * otherwise (eager, ``torch.func``, forward-mode AD): an ``autograd.Function`` with
-  ``setup_context``, an analytic ``jvp`` and a generated vmap rule around the same implementation.
+  ``setup_context``, an analytic ``jvp`` and a vmap rule around the same implementation. Under
+  ``torch.func`` the kernels run too: the vmap rule folds the vmapped dim into the samples, and a
+  recorded backward (``grad``, ``jacrev``, ``create_graph=True``) is one more Function on the kernels
+  whose own derivatives differentiate the composite.
   (Measured with torch 2.13: an op with ``register_autograd`` alone returns zero tangents under
   ``torch.func.jvp``, and Dynamo refuses Functions with a custom ``jvp``: hence two wrappers.)
 
@@ -176,8 +179,16 @@ def _backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     needs = list(ctx.needs_input_grad[:3])
     dims, eps = ctx.dims, ctx.eps
-    if torch.is_grad_enabled():
-        # create_graph=True: differentiable recomputation, so that autograd can differentiate it.
+    if torch.is_grad_enabled() and not core.compiling():
+        # create_graph=True, or a torch.func transform (grad, vjp, jacrev: they always record the
+        # backward): the kernels' backward as a Function whose own derivatives recompute the composite.
+        dx, dw, db = _NormBackward.apply(dy, x, weight, bias, mask, stats, dims, eps, tuple(needs))
+        return (
+            dx if needs[0] else None,
+            dw if needs[1] and weight is not None else None,
+            db if needs[2] and bias is not None else None,
+        )
+    if torch.is_grad_enabled():  # (compiling with create_graph=True: the composite, traced)
         dx, dw, db = core.norm_backward_composite(dy, x, weight, bias, mask, stats, dims, eps, needs)
         return (dx.to(x.dtype) if dx is not None else None), dw, db
     dy = _like(dy, x)
@@ -203,10 +214,51 @@ def _op_backward(ctx: Any, dy: Tensor, _dstats: Tensor | None) -> tuple[Any, ...
 _norm_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-class _NormFunction(torch.autograd.Function):
-    """Eager / ``torch.func`` wrapper of the same computation: analytic backward and jvp, vmap-able."""
+def _batch_first(t: Tensor, bdim: int | None, size: int) -> Tensor:
+    """``t`` with its vmapped dim first (an unbatched ``t`` expanded to ``size`` there, no copy)."""
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
 
-    generate_vmap_rule = True
+
+def _batched_param(p: Tensor | None, bdim: int | None, size: int) -> Tensor | None:
+    return None if p is None else _batch_first(p, bdim, size)
+
+
+def _foldable(
+    in_dims: Sequence[int | None],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    dims: Sequence[int],
+) -> bool:
+    """Whether a vmapped call folds its batch into dim 0 (every set within one sample, the affine shared
+    and not varying along dim 0, no mask): then it is one call of the unbatched pattern, B times as many
+    samples, which the kernels take as they take an ordinary batch."""
+    return (
+        0 not in dims
+        and all(d is None for d in in_dims)
+        and mask is None
+        and all(p is None or p.shape[0] == 1 for p in (weight, bias))
+    )
+
+
+def _fold(t: Tensor, at: int = 0) -> Tensor:
+    """Merge dims ``at`` and ``at + 1`` (the vmapped dim and the samples)."""
+    return t.reshape(*t.shape[:at], t.shape[at] * t.shape[at + 1], *t.shape[at + 2 :])
+
+
+def _unfold(t: Tensor, size: int, at: int = 0) -> Tensor:
+    return t.reshape(*t.shape[:at], size, t.shape[at] // size, *t.shape[at + 1 :])
+
+
+class _NormFunction(torch.autograd.Function):
+    """Eager / ``torch.func`` wrapper of the same computation: analytic backward and jvp, a vmap rule.
+
+    The vmap rule (``torch.func.vmap``, per-sample gradients, ``jacrev`` / ``jacfwd``) calls the op
+    once on the whole batch: for per-sample sets with a shared affine (GroupNorm, LayerNorm,
+    InstanceNorm, LayerNorm2d: the usual case) the vmapped dim folds into the samples, so the fused
+    kernels run as on an ordinary batch; otherwise the sets gain the vmapped dim (``dims`` shift by
+    one), on the reference where the kernels do not take the pattern.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -240,6 +292,172 @@ class _NormFunction(torch.autograd.Function):
     ) -> tuple[Tensor, None]:
         x, weight, _bias, mask, stats = ctx.saved_tensors
         return core.norm_jvp(tx, tw, tb, x, weight, mask, stats, ctx.dims), None
+
+    @staticmethod
+    def vmap(  # type: ignore[override]
+        info: Any,
+        in_dims: tuple[Any, ...],
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mask: Tensor | None,
+        dims: tuple[int, ...],
+        eps: float,
+    ) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+        B = info.batch_size
+        x = _batch_first(x, in_dims[0], B)
+        if _foldable(in_dims[1:4], weight, bias, mask, dims):
+            y, stats = norm(_fold(x), weight, bias, dims, eps)
+            return (_unfold(y, B), _unfold(stats, B, at=1)), (0, 1)
+        w, b, m = (_batched_param(t, d, B) for t, d in zip((weight, bias, mask), in_dims[1:4]))
+        y, stats = norm(x, w, b, tuple(d + 1 for d in dims), eps, mask=m)
+        return (y, stats), (0, 1)
+
+
+def _composite_grads(
+    ctx: Any,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stats: Tensor,
+) -> tuple[Any, tuple[Tensor, ...]]:
+    """The backward as a differentiable function of ``(dy, x[, weight])`` returning the needed gradients
+    (in their inputs' dtypes), and those primals: what :class:`_NormBackward` differentiates."""
+    dims, eps, needs = ctx.dims, ctx.eps, ctx.needs
+
+    def grads(dy: Tensor, x: Tensor, weight: Tensor | None = None) -> tuple[Tensor, ...]:
+        dx, dw, db = core.norm_backward_composite(dy, x, weight, bias, mask, stats, dims, eps, needs)
+        return tuple(
+            t.to(like.dtype)
+            for t, like in ((dx, x), (dw, weight), (db, bias))
+            if t is not None and like is not None
+        )
+
+    return grads, (dy, x) if weight is None else (dy, x, weight)
+
+
+def _which(ctx: Any, weight: Tensor | None, bias: Tensor | None) -> tuple[bool, bool, bool]:
+    """Which of ``(dx, dweight, dbias)`` :class:`_NormBackward` computes (the rest are empty tensors)."""
+    needs = ctx.needs
+    return bool(needs[0]), bool(needs[1]) and weight is not None, bool(needs[2]) and bias is not None
+
+
+class _NormBackward(torch.autograd.Function):
+    """``normkit::norm``'s backward (the kernels' ``(dx, dweight, dbias)``) as a differentiable function.
+
+    What the norm's backward calls when autograd records it (``create_graph=True``, and always under
+    ``torch.func.grad`` / ``vjp`` / ``jacrev``): the first derivative runs on the fused kernels, as
+    without recording, and only the derivatives of this one (double backward, ``hessian``, ``jvp``
+    of a gradient) differentiate the composite recomputation
+    (:func:`normkit.ops.core.norm_backward_composite`).
+    Its vmap rule folds the vmapped dim into the samples as :class:`_NormFunction`'s does, for
+    ``dx``; per-sample affine gradients come from the reference's sums.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mask: Tensor | None,
+        stats: Tensor,
+        dims: tuple[int, ...],
+        eps: float,
+        needs: tuple[bool, bool, bool],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dx, dw, db = kernels.norm_backward(_like(dy, x), x, weight, bias, mask, stats, dims, needs)
+        return op_grads(dx, dw, db, x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        dy, x, weight, bias, mask, stats, dims, eps, needs = inputs
+        ctx.save_for_backward(dy, x, weight, bias, mask, stats)
+        ctx.save_for_forward(dy, x, weight, bias, mask, stats)
+        ctx.dims, ctx.eps, ctx.needs = dims, eps, needs
+
+    @staticmethod
+    def backward(ctx: Any, gdx: Tensor, gdw: Tensor, gdb: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        dy, x, weight, bias, mask, stats = ctx.saved_tensors
+        fn, primals = _composite_grads(ctx, dy, x, weight, bias, mask, stats)
+        vjp = torch.func.vjp(fn, *primals)[1]
+        cotangents = tuple(g for g, keep in zip((gdx, gdw, gdb), _which(ctx, weight, bias)) if keep)
+        got = vjp(cotangents)
+        gw = got[2] if len(got) > 2 else None
+        return got[0], got[1], gw, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(
+        ctx: Any, tdy: Tensor | None, tx: Tensor | None, tw: Tensor | None, *_: Any
+    ) -> tuple[Tensor, ...]:  # type: ignore[override]
+        dy, x, weight, bias, mask, stats = ctx.saved_tensors
+        fn, primals = _composite_grads(ctx, dy, x, weight, bias, mask, stats)
+        tangents = tuple(t if t is not None else torch.zeros_like(p) for t, p in zip((tdy, tx, tw), primals))
+        out = torch.func.jvp(fn, primals, tangents)[1]
+        it = iter(out)
+        empty = x.new_empty(0)
+        return tuple(next(it) if keep else empty.clone() for keep in _which(ctx, weight, bias))
+
+    @staticmethod
+    def vmap(  # type: ignore[override]
+        info: Any,
+        in_dims: tuple[Any, ...],
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mask: Tensor | None,
+        stats: Tensor,
+        dims: tuple[int, ...],
+        eps: float,
+        needs: tuple[bool, bool, bool],
+    ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int | None, int | None, int | None]]:
+        B = info.batch_size
+        dy, x = _batch_first(dy, in_dims[0], B), _batch_first(x, in_dims[1], B)
+        stats = (
+            stats.movedim(in_dims[5], 1)
+            if in_dims[5] is not None
+            else stats.unsqueeze(1).expand(stats.shape[0], B, *stats.shape[1:])
+        )
+        need_x, need_w, need_b = needs[0], needs[1] and weight is not None, needs[2] and bias is not None
+        empty = x.new_empty(0)
+        if _foldable(in_dims[2:5], weight, bias, mask, dims):
+            dx = empty
+            if need_x:  # one call of the unbatched pattern on the folded batch
+                dx = _NormBackward.apply(
+                    _fold(dy),
+                    _fold(x),
+                    weight,
+                    bias,
+                    None,
+                    _fold(stats, at=1),
+                    dims,
+                    eps,
+                    (True, False, False),
+                )[0]
+                dx = _unfold(dx, B)
+            dw = db = empty
+            if need_w or need_b:  # per-sample affine gradients: the sets gain the vmapped dim, the affine
+                # is expanded to it (the reference's sums: no kernel pattern takes an expanded affine)
+                _, dw, db = _NormBackward.apply(
+                    dy,
+                    x,
+                    _batched_param(weight, None, B),
+                    _batched_param(bias, None, B),
+                    None,
+                    stats,
+                    tuple(d + 1 for d in dims),
+                    eps,
+                    (False, need_w, need_b),
+                )
+            return (dx, dw, db), (0 if need_x else None, 0 if need_w else None, 0 if need_b else None)
+        # the sets gain the vmapped dim; the affine gets it too (expanded where shared), so that its
+        # gradients stay per sample
+        w, b, m = (_batched_param(t, d, B) for t, d in zip((weight, bias, mask), in_dims[2:5]))
+        dx, dw, db = _NormBackward.apply(dy, x, w, b, m, stats, tuple(d + 1 for d in dims), eps, needs)
+        return (dx, dw, db), (0 if need_x else None, 0 if need_w else None, 0 if need_b else None)
 
 
 class _NormFunctionEager(torch.autograd.Function):

@@ -1,0 +1,215 @@
+"""normkit's own torch.func rules, float64, against independent oracles.
+
+Under ``torch.func`` the norms run one op per call: a vmap rule that folds the vmapped dim into the
+samples (or gives the sets that dim where it cannot: batch statistics, per-member affines, masks),
+and a backward that is itself a differentiable ``autograd.Function`` (first derivative on the
+kernels, higher ones through the composite). Every case here is checked against a Python loop of
+the float64 reference (``tests/reference.py``), ``torch.autograd.functional.hessian`` of that
+reference, or finite differences; never against normkit's own transforms.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import grad, hessian, jacrev, vmap
+
+import normkit.functional as NF
+from normkit import kernels
+from tests.reference import (
+    ref_batch_norm,
+    ref_group_norm,
+    ref_instance_norm,
+    ref_layer_norm,
+    ref_layer_norm_2d,
+)
+
+F64 = torch.float64
+SHAPE = (3, 8, 5, 4)  # one vmapped member: (N, C, H, W)
+
+# name -> (normkit's call on (x, w, b), the float64 reference's, the affine's shape)
+OPS = {
+    "group_norm": (
+        lambda x, w, b: NF.group_norm(x, 4, w, b),
+        lambda x, w, b: ref_group_norm(x, 4, w, b),
+        (8,),
+    ),
+    "layer_norm_last": (
+        lambda x, w, b: NF.layer_norm(x, (4,), w, b),
+        lambda x, w, b: ref_layer_norm(x, (4,), w, b),
+        (4,),
+    ),
+    "layer_norm_2d": (
+        lambda x, w, b: NF.layer_norm_2d(x, w, b),
+        lambda x, w, b: ref_layer_norm_2d(x, w, b),
+        (8,),
+    ),
+    "instance_norm": (
+        lambda x, w, b: NF.instance_norm(x, weight=w, bias=b).output,
+        lambda x, w, b: ref_instance_norm(x, weight=w, bias=b).output,
+        (8,),
+    ),
+    "batch_norm_batch_stats": (  # its sets span the samples: the vmap rule cannot fold
+        lambda x, w, b: NF.batch_norm(x, None, None, w, b, training=True).output,
+        lambda x, w, b: ref_batch_norm(x, None, None, w, b, training=True).output,
+        (8,),
+    ),
+}
+BACKENDS = [b for b in ("reference", "auto") if b in kernels.available()]
+
+
+def _t(shape, seed, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=F64) * scale + offset
+
+
+def _affine(name, seed, members=None):
+    shape = OPS[name][2] if members is None else (members, *OPS[name][2])
+    return 1 + 0.3 * _t(shape, seed), 0.2 * _t(shape, seed + 1)
+
+
+def _close(got, want, what=""):
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_dim", [0, 2])
+@pytest.mark.parametrize("name", OPS)
+def test_vmap_equals_a_loop_of_the_reference(name, in_dim, backend):
+    run, ref, _ = OPS[name]
+    xs = _t((5, *SHAPE), 1, scale=2.0, offset=1.5).movedim(0, in_dim)
+    w, b = _affine(name, 2)
+    with kernels.use(backend):
+        got = vmap(lambda x: run(x, w, b), in_dims=in_dim)(xs)
+    want = torch.stack([ref(xs.select(in_dim, i), w, b) for i in range(5)])
+    _close(got, want, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared_input", [False, True], ids=["own-input", "shared-input"])
+@pytest.mark.parametrize("name", OPS)
+def test_vmap_over_an_ensemble_of_affines_equals_a_loop(name, shared_input, backend):
+    """``stack_module_state``-style ensembles: each member its own weight and bias."""
+    run, ref, _ = OPS[name]
+    w, b = _affine(name, 3, members=4)
+    x = _t(SHAPE, 4) if shared_input else _t((4, *SHAPE), 4)
+    with kernels.use(backend):
+        got = vmap(run, in_dims=(None if shared_input else 0, 0, 0))(x, w, b)
+    want = torch.stack([ref(x if shared_input else x[i], w[i], b[i]) for i in range(4)])
+    _close(got, want, name)
+
+
+@pytest.mark.parametrize("name", ["group_norm", "layer_norm_2d", "batch_norm_batch_stats"])
+def test_nested_vmap_equals_a_loop(name):
+    run, ref, _ = OPS[name]
+    xs = _t((2, 3, *SHAPE), 5)
+    w, b = _affine(name, 6)
+    got = vmap(vmap(lambda x: run(x, w, b)))(xs)
+    want = torch.stack([torch.stack([ref(xs[i, j], w, b) for j in range(3)]) for i in range(2)])
+    _close(got, want, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", OPS)
+def test_per_sample_gradients_of_input_and_affine_equal_a_loop(name, backend):
+    """``vmap(grad)``: per-member gradients of the input, the weight and the bias, each member's own."""
+    run, ref, _ = OPS[name]
+    xs = _t((4, *SHAPE), 7, scale=1.5, offset=-0.5)
+    w, b = _affine(name, 8)
+    dy = _t(SHAPE, 9)
+
+    def loss(fn, x, w, b):
+        return (fn(x, w, b) * dy).sum()
+
+    with kernels.use(backend):
+        got = vmap(grad(lambda x, w, b: loss(run, x, w, b), argnums=(0, 1, 2)), in_dims=(0, None, None))(
+            xs, w, b
+        )
+    for i in range(4):
+        leaves = [t.clone().requires_grad_() for t in (xs[i], w, b)]
+        want = torch.autograd.grad(loss(ref, *leaves), leaves)
+        for g, e, what in zip(got, want, ("dx", "dweight", "dbias")):
+            _close(g[i], e, f"{name} member {i} {what}")
+
+
+# the same ops on a smaller member (a (48 x 48) Hessian): 2 groups of 2 channels, LayerNorm over 2 values
+SMALL = {
+    **{name: (run, ref, (4,)) for name, (run, ref, _) in OPS.items()},
+    "group_norm": (
+        lambda x, w, b: NF.group_norm(x, 2, w, b),
+        lambda x, w, b: ref_group_norm(x, 2, w, b),
+        (4,),
+    ),
+    "layer_norm_last": (
+        lambda x, w, b: NF.layer_norm(x, (2,), w, b),
+        lambda x, w, b: ref_layer_norm(x, (2,), w, b),
+        (2,),
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", OPS)
+def test_hessian_equals_autograd_of_the_reference(name, backend):
+    """``hessian`` = ``jacfwd(jacrev)``: the backward's jvp and vmap rules, w.r.t. input and weight."""
+    run, ref, wshape = SMALL[name]
+    x = _t((2, 4, 3, 2), 10, scale=1.5, offset=0.5)
+    w, b = 1 + 0.3 * _t(wshape, 11), 0.2 * _t(wshape, 12)
+    dy = _t(x.shape, 13)
+
+    def f(fn):
+        return lambda x, w: (torch.tanh(fn(x, w, b)) * dy).sum()  # tanh: a non-zero second derivative
+
+    with kernels.use(backend):
+        got = hessian(f(run), argnums=(0, 1))(x, w)
+    want = torch.autograd.functional.hessian(f(ref), (x, w))
+    for i in range(2):
+        for j in range(2):
+            _close(got[i][j], want[i][j], f"{name} H[{i}][{j}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_third_order_eager_derivatives_equal_the_reference(backend):
+    """create_graph=True three times: the backward's backward is itself differentiable."""
+    x0 = _t((2, 4, 3, 2), 14, offset=0.3)
+    w0 = 1 + 0.3 * _t((4,), 15)
+    v = _t((2, 4, 3, 2), 16)
+
+    def third(fn):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = torch.tanh(fn(x, 2, w, None))
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        (gxx,) = torch.autograd.grad((gx * v).sum(), x, create_graph=True)
+        return torch.autograd.grad(gxx.square().sum(), (x, w))
+
+    with kernels.use(backend):
+        got = third(NF.group_norm)
+    want = third(ref_group_norm)
+    for g, e in zip(got, want):
+        _close(g, e, "third order")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_of_a_masked_norm_with_per_member_masks_equals_a_loop(backend):
+    xs = _t((3, 4, 6, 5), 17)
+    masks = _t((3, 4, 6, 1), 18) > -0.5
+    masks[:, :, 0] = True  # every row keeps a valid position
+    w, b = 1 + 0.3 * _t((5,), 19), 0.2 * _t((5,), 20)
+    with kernels.use(backend):
+        got = vmap(lambda x, m: NF.layer_norm(x, (5,), w, b, mask=m))(xs, masks)
+    for i in range(3):
+        want = NF.layer_norm(xs[i], (5,), w, b, mask=masks[i])  # eager: itself checked in test_masked
+        _close(got[i], want, f"member {i}")
+        row = xs[i, 0, 0]  # one row with every position valid: plain LayerNorm of it
+        _close(got[i, 0, 0], ref_layer_norm(row, (5,), w, b), "a full row")
+
+
+def test_jacrev_of_vmapped_group_norm_wrt_the_shared_weight_sums_the_members():
+    """A shared (unbatched) weight's Jacobian through a vmapped call: the members' contributions add up."""
+    xs = _t((3, *SHAPE), 21)
+    w, b = _affine("group_norm", 22)
+    got = jacrev(lambda w: vmap(lambda x: NF.group_norm(x, 4, w, b))(xs).sum((1, 2, 3, 4)))(w)
+    want = torch.autograd.functional.jacobian(
+        lambda w: torch.stack([ref_group_norm(xs[i], 4, w, b).sum() for i in range(3)]), w
+    )
+    _close(got, want, "jacobian")

@@ -1,0 +1,111 @@
+"""normkit's layers under ``torch.func`` next to the torch.nn layers they replace, in one process.
+
+    python benchmarks/func_transforms.py            # the table in docs/PERFORMANCE.md §7
+    python benchmarks/func_transforms.py --quick     # one small shape, fewer repeats
+
+Each model is two norms with a tanh between them (so the second norm's input depends on the first's
+parameters), run on torch.nn's layer and on normkit's, interleaved, ``timeit`` best of the repeats:
+
+* ``grad``: ``torch.func.grad`` of a loss w.r.t. the parameters (``functional_call``);
+* ``per-sample``: ``vmap(grad(loss), in_dims=(None, 0))``, the per-sample gradients of DP-SGD;
+* ``vmap``: the forward, vmapped over the samples (each a batch of one);
+* ``jvp``: ``torch.func.jvp`` w.r.t. the input.
+
+Ratios are normkit / torch (below 1: normkit is faster). The machine is noisy: compare within a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import timeit
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+import normkit.nn as nkn
+
+# name -> (torch.nn's layer, normkit's) for C channels
+PAIRS: dict[str, tuple[Callable[[int, int], nn.Module], Callable[[int, int], nn.Module]]] = {
+    "GroupNorm(8)": (lambda c, w: nn.GroupNorm(8, c), lambda c, w: nkn.GroupNorm(8, c)),
+    "InstanceNorm2d(affine)": (
+        lambda c, w: nn.InstanceNorm2d(c, affine=True),
+        lambda c, w: nkn.InstanceNorm2d(c, affine=True),
+    ),
+    "LayerNorm(W) (last dim)": (lambda c, w: nn.LayerNorm(w), lambda c, w: nkn.LayerNorm(w)),
+    "LayerNorm2d(chw) vs GroupNorm(1)": (
+        lambda c, w: nn.GroupNorm(1, c),
+        lambda c, w: nkn.LayerNorm2d(c, over="chw"),
+    ),
+    "BatchNorm2d (eval)": (lambda c, w: nn.BatchNorm2d(c).eval(), lambda c, w: nkn.BatchNorm2d(c).eval()),
+    "GroupNormProxyAct2d(8) vs GroupNorm(8) + ReLU": (
+        lambda c, w: nn.Sequential(nn.GroupNorm(8, c), nn.ReLU()),
+        lambda c, w: nkn.GroupNormProxyAct2d(c, num_groups=8),
+    ),
+}
+
+
+def _best_ms(fns: list[Callable[[], object]], number: int, repeat: int) -> list[float]:
+    """Each function's best time per call (ms), the repeats interleaved."""
+    best = [float("inf")] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], timeit.timeit(fn, number=number) / number * 1e3)
+    return best
+
+
+def _cases(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, {**p, **buffers}, (xi,)).square().mean()
+
+    per_sample = vmap(grad(lambda p, xi: loss(p, xi.unsqueeze(0))), in_dims=(None, 0))
+    forward = vmap(lambda xi: functional_call(model, {**params, **buffers}, (xi.unsqueeze(0),)))
+    tangent = torch.randn_like(x)
+    return {
+        "grad": lambda: grad(loss)(params, x),
+        "per-sample": lambda: per_sample(params, x),
+        "vmap": lambda: forward(x),
+        "jvp": lambda: jvp(lambda t: functional_call(model, {**params, **buffers}, (t,)), (x,), (tangent,)),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one small shape, fewer repeats")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = [(4, 64, 16, 16)] if args.quick else [(4, 64, 16, 16), (64, 32, 16, 16), (16, 64, 32, 32)]
+    repeat = 3 if args.quick else 5
+    print(f"torch {torch.__version__}, {args.threads} threads; ms, best of {repeat}; ratio = normkit / torch")
+    print()
+    print(
+        "| layer | shape | "
+        + " | ".join(f"{k} ms (torch / normkit) | ratio" for k in ("grad", "per-sample", "vmap", "jvp"))
+        + " |"
+    )
+    print("|---|---|" + "---:|---:|" * 4)
+    for shape in shapes:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        number = max(1, int(2e6 // x.numel()))
+        for name, (make_torch, make_ours) in PAIRS.items():
+            models = []
+            for make in (make_torch, make_ours):
+                torch.manual_seed(0)
+                models.append(nn.Sequential(make(shape[1], shape[-1]), nn.Tanh(), make(shape[1], shape[-1])))
+            theirs, ours = (_cases(m, x) for m in models)
+            cells = []
+            for kind in theirs:
+                for fn in (theirs[kind], ours[kind]):
+                    fn()  # warm up
+                t_torch, t_ours = _best_ms([theirs[kind], ours[kind]], number, repeat)
+                cells.append(f"{t_torch:.2f} / {t_ours:.2f} | {t_ours / t_torch:.2f}")
+            print(f"| {name} | {tuple(shape)} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

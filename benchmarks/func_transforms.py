@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [(4, 64, 16, 16)] if args.quick else [(4, 64, 16, 16), (64, 32, 16, 16), (16, 64, 32, 32)]
-    repeat = 3 if args.quick else 5
+    repeat = 3 if args.quick else 7
     print(f"torch {torch.__version__}, {args.threads} threads; ms, best of {repeat}; ratio = normkit / torch")
     print()
     print(
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|" + "---:|---:|" * 4)
     for shape in shapes:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        number = max(1, int(2e6 // x.numel()))
+        number = max(2, int(8e6 // x.numel()))
         for name, (make_torch, make_ours) in PAIRS.items():
             models = []
             for make in (make_torch, make_ours):

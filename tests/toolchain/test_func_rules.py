@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import grad, hessian, jacrev, vmap
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 import normkit.functional as NF
+import normkit.nn as nkn
 from normkit import kernels
 from tests.reference import (
     ref_batch_norm,
@@ -213,3 +215,76 @@ def test_jacrev_of_vmapped_group_norm_wrt_the_shared_weight_sums_the_members():
         lambda w: torch.stack([ref_group_norm(xs[i], 4, w, b).sum() for i in range(3)]), w
     )
     _close(got, want, "jacobian")
+
+
+# --- torch.func inside torch.compile ----------------------------------------------------------------
+# (torch.library's autograd for a custom op does not compose with functorch transforms, and the op has
+# no batching rule: under a transform a compiled norm is traced as plain ops instead.)
+# oracle: torch.nn's layer where there is one, else normkit's eager reference backend
+COMPILED_LAYERS = {
+    "GroupNorm": (lambda: nkn.GroupNorm(4, 8), lambda: nn.GroupNorm(4, 8)),
+    "InstanceNorm2d": (lambda: nkn.InstanceNorm2d(8, affine=True), lambda: nn.InstanceNorm2d(8, affine=True)),
+    "GroupNormProxyAct2d": (lambda: nkn.GroupNormProxyAct2d(8, num_groups=4), None),
+}
+
+
+def _func_cases(model: nn.Module):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x):
+        return functional_call(model, p, (x,)).tanh().square().sum()
+
+    return {
+        "vmap": lambda xs: vmap(lambda x: functional_call(model, params, (x,)))(xs),
+        "grad": lambda xs: grad(loss)(params, xs[0]),
+        "vmap(grad)": lambda xs: vmap(grad(loss), in_dims=(None, 0))(params, xs),
+    }
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad", "vmap(grad)"])
+@pytest.mark.parametrize("name", COMPILED_LAYERS)
+def test_torch_func_inside_torch_compile_equals_the_oracle(name, transform):
+    make, make_torch = COMPILED_LAYERS[name]
+    torch.manual_seed(0)
+    ours = make().double()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    xs = _t((3, 2, 8, 5, 4), 23, scale=1.5, offset=0.5)
+    if make_torch is not None:
+        oracle = make_torch().double()
+        oracle.load_state_dict(ours.state_dict())
+        want = _func_cases(oracle)[transform](xs)
+    else:
+        with kernels.use("reference"):
+            want = _func_cases(ours)[transform](xs)
+    code: list[str] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs):  # Dynamo's graph, run as traced
+        code.extend(m.code for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
+        return gm.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(_func_cases(ours)[transform], backend=capture, fullgraph=True)(xs)
+    torch._dynamo.reset()
+    # no registered normkit op under a transform (vmap would run it once per sample: no batching rule)
+    assert code and not any("normkit" in c for c in code), "\n".join(code)
+    if isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for k in want:
+            _close(got[k], want[k], f"{name} {transform} d{k}")
+    else:
+        _close(got, want, f"{name} {transform}")
+
+
+def test_per_sample_gradients_compile_with_inductor():
+    """The same through Inductor (the default backend), once."""
+    model = nkn.GroupNorm(4, 8).double()
+    cases = _func_cases(model)
+    xs = _t((3, 2, 8, 5, 4), 24)
+    want = cases["vmap(grad)"](xs)
+    torch._dynamo.reset()
+    got = torch.compile(cases["vmap(grad)"], fullgraph=True)(xs)
+    torch._dynamo.reset()
+    for k in want:
+        _close(got[k], want[k], k)

@@ -510,6 +510,11 @@ def norm(
     if mask is not None:
         mask = _like(mask.expand(x.shape), x)
     if torch.compiler.is_compiling():
+        if torch._C._are_functorch_transforms_active():
+            # torch.func inside torch.compile: a custom op's autograd does not compose with functorch
+            # transforms (torch.library's generated Function has no setup_context), so the norm is
+            # traced as the reference's plain ops, which every transform and Inductor take.
+            return core.norm_forward(x, weight, bias, mask, dims, float(eps))
         return torch.ops.normkit.norm(x, weight, bias, mask, list(dims), float(eps))
     if torch._C._are_functorch_transforms_active():
         return _NormFunction.apply(x, weight, bias, mask, dims, float(eps))  # type: ignore[no-any-return]

@@ -407,5 +407,8 @@ def proxy_act(
     if acc_dtype(y.dtype) != m.dtype:
         m, rstd = m.to(acc_dtype(y.dtype)), rstd.to(acc_dtype(y.dtype))
     if torch.compiler.is_compiling():
+        if torch._C._are_functorch_transforms_active():  # torch.func inside torch.compile: plain ATen
+            # ops (a custom op's autograd does not compose with functorch transforms; see library.norm)
+            return forward_aten(y, weight, bias, m, rstd, act, float(slope))
         return torch.ops.normkit.proxy_norm_act(y, weight, bias, m, rstd, act, float(slope))
     return _ProxyActFunction.apply(y, weight, bias, m, rstd, act, float(slope))  # type: ignore[no-any-return]

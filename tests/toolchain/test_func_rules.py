@@ -217,6 +217,60 @@ def test_jacrev_of_vmapped_group_norm_wrt_the_shared_weight_sums_the_members():
     _close(got, want, "jacobian")
 
 
+def _proxy_oracle(y, w, b, pb, pw, u, eps=0.03):
+    """Proxy Norm's activation step in float64 from its definition (Labatie et al., 2021): the proxy
+    mean and variance of relu(w * ((1 + pw) * u + pb) + b) over the quadrature points u."""
+    zp = torch.relu(w[:, None] * ((1 + pw)[:, None] * u[None, :] + pb[:, None]) + b[:, None])
+    m, v = zp.mean(1), zp.var(1, unbiased=False)
+    view = (1, -1, *([1] * (y.dim() - 2)))
+    return (torch.relu(w.view(view) * y + b.view(view)) - m.view(view)) / torch.sqrt(v.view(view) + eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("members", [False, True], ids=["shared-params", "per-member-params"])
+def test_vmap_of_proxy_norm_act_equals_a_loop(members, backend, monkeypatch):
+    from normkit.kernels import _build
+    from normkit.ops import proxy
+
+    aten_steps: list[tuple[int, ...]] = []
+    real = proxy.forward_aten
+    monkeypatch.setattr(proxy, "forward_aten", lambda y, *a: aten_steps.append(tuple(y.shape)) or real(y, *a))
+    u = NF.proxy_points(200, dtype=F64)
+    ys = _t((4, 3, 6, 5, 2), 25)
+    shape = (4, 6) if members else (6,)
+    w, b = 1 + 0.3 * _t(shape, 26), 0.2 * _t(shape, 27)
+    pb, pw = 0.1 * _t(shape, 28), 0.1 * _t(shape, 29)
+    in_dims = (0, 0, 0, 0, 0) if members else (0, None, None, None, None)
+
+    def step(y, w, b, pb, pw):
+        return NF.proxy_norm_act(y, w, b, pb, pw, "relu", points=u)
+
+    with kernels.use(backend):
+        got = vmap(step, in_dims=in_dims)(ys, w, b, pb, pw)
+    for i in range(4):
+        p = [t[i] if members else t for t in (w, b, pb, pw)]
+        _close(got[i], _proxy_oracle(ys[i], *p, u), f"member {i}")
+    if backend == "auto" and not members and _build.load(build=False):
+        # the vmap rule folds the members into the samples: the fused step, once, not ATen's ops
+        assert not aten_steps, f"the vmapped step ran ATen's ops on {aten_steps}"
+    if members:
+        return
+    dy = _t(ys.shape[1:], 30)
+
+    def loss(y, *p):
+        return (step(y, *p) * dy).sum()
+
+    with kernels.use(backend):  # per-sample gradients of the input and the four parameters
+        grads = vmap(grad(loss, argnums=(0, 1, 2, 3, 4)), in_dims=(0, None, None, None, None))(
+            ys, w, b, pb, pw
+        )
+    for i in range(4):
+        leaves = [t.clone().requires_grad_() for t in (ys[i], w, b, pb, pw)]
+        want = torch.autograd.grad((_proxy_oracle(*leaves, u) * dy).sum(), leaves)
+        for g, e, what in zip(grads, want, ("y", "weight", "bias", "proxy_bias", "proxy_weight")):
+            _close(g[i], e, f"member {i} d{what}")
+
+
 # --- torch.func inside torch.compile ----------------------------------------------------------------
 # (torch.library's autograd for a custom op does not compose with functorch transforms, and the op has
 # no batching rule: under a transform a compiled norm is traced as plain ops instead.)

@@ -345,9 +345,9 @@ _pn_op.register_autograd(_grads, setup_context=_setup)
 
 
 class _ProxyActFunction(torch.autograd.Function):
-    """Eager / ``torch.func`` wrapper: analytic backward (recomputing from ``y``) and jvp."""
-
-    generate_vmap_rule = True
+    """Eager / ``torch.func`` wrapper: analytic backward (recomputing from ``y``), jvp and a vmap rule
+    (shared per-channel vectors: one call on the vmapped dim folded into the samples, so the fused
+    step runs once per batch; per-member vectors, as in an ensemble: the step's ATen ops)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -363,6 +363,32 @@ class _ProxyActFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         return _grads(ctx, dout)
+
+    @staticmethod
+    def vmap(  # type: ignore[override]
+        info: Any,
+        in_dims: tuple[Any, ...],
+        y: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        m: Tensor,
+        rstd: Tensor,
+        act: str,
+        slope: float,
+    ) -> tuple[Tensor, int]:
+        B = info.batch_size
+        y = y.movedim(in_dims[0], 0) if in_dims[0] is not None else y.expand(B, *y.shape)
+        if all(d is None for d in in_dims[1:5]) and y.dim() >= 3:
+            out = proxy_act(y.reshape(-1, *y.shape[2:]), weight, bias, m, rstd, act, slope)
+            return out.reshape(y.shape), 0
+        shape = [B, 1, -1] + [1] * (y.dim() - 3)  # a member's (C,) vector against its (N, C, ...) input
+
+        def member(p: Tensor, d: int | None) -> Tensor:
+            return (p.movedim(d, 0) if d is not None else p.expand(B, *p.shape)).reshape(shape)
+
+        w, b, mm, r = (member(p, d) for p, d in zip((weight, bias, m, rstd), in_dims[1:5]))
+        a = torch.addcmul(b.to(mm.dtype), y, w.to(mm.dtype))
+        return ((_act(a, act, slope) - mm) * r).to(y.dtype), 0
 
     @staticmethod
     def jvp(ctx: Any, ty: Any, tw: Any, tb: Any, tm: Any, tr: Any, *_: Any) -> Tensor:  # type: ignore[override]

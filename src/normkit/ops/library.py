@@ -182,12 +182,8 @@ def _backward(
     if torch.is_grad_enabled() and not core.compiling():
         # create_graph=True, or a torch.func transform (grad, vjp, jacrev: they always record the
         # backward): the kernels' backward as a Function whose own derivatives recompute the composite.
-        dx, dw, db = _NormBackward.apply(dy, x, weight, bias, mask, stats, dims, eps, tuple(needs))
-        return (
-            dx if needs[0] else None,
-            dw if needs[1] and weight is not None else None,
-            db if needs[2] and bias is not None else None,
-        )
+        grads = _NormBackward.apply(dy, x, weight, bias, mask, stats, dims, eps, tuple(needs))
+        return tuple(g if keep else None for g, keep in zip(grads, _which(needs, weight, bias)))  # type: ignore[return-value]
     if torch.is_grad_enabled():  # (compiling with create_graph=True: the composite, traced)
         dx, dw, db = core.norm_backward_composite(dy, x, weight, bias, mask, stats, dims, eps, needs)
         return (dx.to(x.dtype) if dx is not None else None), dw, db
@@ -338,9 +334,8 @@ def _composite_grads(
     return grads, (dy, x) if weight is None else (dy, x, weight)
 
 
-def _which(ctx: Any, weight: Tensor | None, bias: Tensor | None) -> tuple[bool, bool, bool]:
-    """Which of ``(dx, dweight, dbias)`` :class:`_NormBackward` computes (the rest are empty tensors)."""
-    needs = ctx.needs
+def _which(needs: Sequence[bool], weight: Tensor | None, bias: Tensor | None) -> tuple[bool, bool, bool]:
+    """Which of ``(dx, dweight, dbias)`` the backward computes (the rest are empty tensors / ``None``)."""
     return bool(needs[0]), bool(needs[1]) and weight is not None, bool(needs[2]) and bias is not None
 
 
@@ -383,7 +378,7 @@ class _NormBackward(torch.autograd.Function):
         dy, x, weight, bias, mask, stats = ctx.saved_tensors
         fn, primals = _composite_grads(ctx, dy, x, weight, bias, mask, stats)
         vjp = torch.func.vjp(fn, *primals)[1]
-        cotangents = tuple(g for g, keep in zip((gdx, gdw, gdb), _which(ctx, weight, bias)) if keep)
+        cotangents = tuple(g for g, keep in zip((gdx, gdw, gdb), _which(ctx.needs, weight, bias)) if keep)
         got = vjp(cotangents)
         gw = got[2] if len(got) > 2 else None
         return got[0], got[1], gw, None, None, None, None, None, None
@@ -398,7 +393,7 @@ class _NormBackward(torch.autograd.Function):
         out = torch.func.jvp(fn, primals, tangents)[1]
         it = iter(out)
         empty = x.new_empty(0)
-        return tuple(next(it) if keep else empty.clone() for keep in _which(ctx, weight, bias))
+        return tuple(next(it) if keep else empty.clone() for keep in _which(ctx.needs, weight, bias))
 
     @staticmethod
     def vmap(  # type: ignore[override]
@@ -421,43 +416,24 @@ class _NormBackward(torch.autograd.Function):
             if in_dims[5] is not None
             else stats.unsqueeze(1).expand(stats.shape[0], B, *stats.shape[1:])
         )
-        need_x, need_w, need_b = needs[0], needs[1] and weight is not None, needs[2] and bias is not None
-        empty = x.new_empty(0)
-        if _foldable(in_dims[2:5], weight, bias, mask, dims):
-            dx = empty
-            if need_x:  # one call of the unbatched pattern on the folded batch
-                dx = _NormBackward.apply(
-                    _fold(dy),
-                    _fold(x),
-                    weight,
-                    bias,
-                    None,
-                    _fold(stats, at=1),
-                    dims,
-                    eps,
-                    (True, False, False),
-                )[0]
-                dx = _unfold(dx, B)
-            dw = db = empty
-            if need_w or need_b:  # per-sample affine gradients: the sets gain the vmapped dim, the affine
-                # is expanded to it (the reference's sums: no kernel pattern takes an expanded affine)
-                _, dw, db = _NormBackward.apply(
-                    dy,
-                    x,
-                    _batched_param(weight, None, B),
-                    _batched_param(bias, None, B),
-                    None,
-                    stats,
-                    tuple(d + 1 for d in dims),
-                    eps,
-                    (False, need_w, need_b),
-                )
-            return (dx, dw, db), (0 if need_x else None, 0 if need_w else None, 0 if need_b else None)
-        # the sets gain the vmapped dim; the affine gets it too (expanded where shared), so that its
-        # gradients stay per sample
-        w, b, m = (_batched_param(t, d, B) for t, d in zip((weight, bias, mask), in_dims[2:5]))
-        dx, dw, db = _NormBackward.apply(dy, x, w, b, m, stats, tuple(d + 1 for d in dims), eps, needs)
-        return (dx, dw, db), (0 if need_x else None, 0 if need_w else None, 0 if need_b else None)
+        need_x, need_w, need_b = _which(needs, weight, bias)
+        out_dims = (0 if need_x else None, 0 if need_w else None, 0 if need_b else None)
+
+        def with_the_vmapped_dim(wanted: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor]:
+            # the sets gain the vmapped dim; the affine gets it too (expanded where shared), so that its
+            # gradients stay per member (the reference's sums: no kernel pattern takes an expanded affine)
+            w, b, m = (_batched_param(t, d, B) for t, d in zip((weight, bias, mask), in_dims[2:5]))
+            return _NormBackward.apply(dy, x, w, b, m, stats, tuple(d + 1 for d in dims), eps, wanted)
+
+        if not _foldable(in_dims[2:5], weight, bias, mask, dims):
+            return with_the_vmapped_dim(needs), out_dims
+        dx = dw = db = x.new_empty(0)
+        if need_x:  # one call of the unbatched pattern on the folded batch
+            folded = (_fold(dy), _fold(x), weight, bias, None, _fold(stats, at=1))
+            dx = _unfold(_NormBackward.apply(*folded, dims, eps, (True, False, False))[0], B)
+        if need_w or need_b:  # per-member affine gradients
+            _, dw, db = with_the_vmapped_dim((False, need_w, need_b))
+        return (dx, dw, db), out_dims
 
 
 class _NormFunctionEager(torch.autograd.Function):

@@ -2,6 +2,7 @@
 
     python benchmarks/func_transforms.py            # the table in docs/PERFORMANCE.md §7
     python benchmarks/func_transforms.py --quick     # one small shape, fewer repeats
+    python benchmarks/func_transforms.py --layers Proxy   # only the layers whose names contain "Proxy"
 
 Each model is two norms with a tanh between them (so the second norm's input depends on the first's
 parameters), run on torch.nn's layer and on normkit's, interleaved, ``timeit`` best of the repeats:
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one small shape, fewer repeats")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", default="", help="only the layers whose names contain this text")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [(4, 64, 16, 16)] if args.quick else [(4, 64, 16, 16), (64, 32, 16, 16), (16, 64, 32, 32)]
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         number = max(2, int(8e6 // x.numel()))
         for name, (make_torch, make_ours) in PAIRS.items():
+            if args.layers not in name:
+                continue
             models = []
             for make in (make_torch, make_ours):
                 torch.manual_seed(0)

@@ -235,6 +235,20 @@ def test_vmap_of_proxy_norm_act_equals_a_loop(members, backend, monkeypatch):
     aten_steps: list[tuple[int, ...]] = []
     real = proxy.forward_aten
     monkeypatch.setattr(proxy, "forward_aten", lambda y, *a: aten_steps.append(tuple(y.shape)) or real(y, *a))
+    aten_grads: list[tuple[int, ...]] = []
+    real_bw = proxy.backward_aten
+    monkeypatch.setattr(
+        proxy, "backward_aten", lambda g, y, *a: aten_grads.append(tuple(y.shape)) or real_bw(g, y, *a)
+    )
+    from normkit.functional import proxy_norm as pn_module
+
+    composite_stats: list[tuple[int, ...]] = []
+    real_stats = pn_module._proxy_stats_composite
+    monkeypatch.setattr(
+        pn_module,
+        "_proxy_stats_composite",
+        lambda w, *a: composite_stats.append(tuple(w.shape)) or real_stats(w, *a),
+    )
     u = NF.proxy_points(200, dtype=F64)
     ys = _t((4, 3, 6, 5, 2), 25)
     shape = (4, 6) if members else (6,)
@@ -250,9 +264,11 @@ def test_vmap_of_proxy_norm_act_equals_a_loop(members, backend, monkeypatch):
     for i in range(4):
         p = [t[i] if members else t for t in (w, b, pb, pw)]
         _close(got[i], _proxy_oracle(ys[i], *p, u), f"member {i}")
-    if backend == "auto" and not members and _build.load(build=False):
-        # the vmap rule folds the members into the samples: the fused step, once, not ATen's ops
+    if backend == "auto" and _build.load(build=False):
+        # the vmap rules: the fused step once (shared vectors fold the members into the samples,
+        # per-member ones make them channels), the statistics on the C++ kernel, not ATen's ops
         assert not aten_steps, f"the vmapped step ran ATen's ops on {aten_steps}"
+        assert not composite_stats, f"the vmapped statistics ran the composite on {composite_stats}"
     if members:
         return
     dy = _t(ys.shape[1:], 30)
@@ -269,6 +285,267 @@ def test_vmap_of_proxy_norm_act_equals_a_loop(members, backend, monkeypatch):
         want = torch.autograd.grad((_proxy_oracle(*leaves, u) * dy).sum(), leaves)
         for g, e, what in zip(grads, want, ("y", "weight", "bias", "proxy_bias", "proxy_weight")):
             _close(g[i], e, f"member {i} d{what}")
+    if backend == "auto" and _build.load(build=False):
+        # the recorded backwards' vmap rules make the members channels: the fused backward, once, and
+        # the statistics' backward on the C++ kernel
+        assert not aten_grads, f"the per-sample backward ran ATen's formula on {aten_grads}"
+        assert not composite_stats, f"the per-sample statistics ran the composite on {composite_stats}"
+
+
+PROXY_ARGS = ("y", "weight", "bias", "proxy_bias", "proxy_weight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("samples", [1, 3], ids=["one-sample-members", "three-sample-members"])
+def test_per_member_gradients_of_an_ensembles_proxy_step_equal_a_loop(samples, backend):
+    """vmap over an ensemble (per-member parameters and inputs) of ``grad``: the recorded backward's
+    vmap rule with batched per-channel vectors, its members as channels."""
+    u = NF.proxy_points(200, dtype=F64)
+    ys = _t((4, samples, 6, 5, 2), 31)
+    w, b = 1 + 0.3 * _t((4, 6), 32), 0.2 * _t((4, 6), 33)
+    pb, pw = 0.1 * _t((4, 6), 34), 0.1 * _t((4, 6), 35)
+    dy = _t(ys.shape[1:], 36)
+
+    def loss(y, *p):
+        return (NF.proxy_norm_act(y, *p, "relu", points=u) * dy).sum()
+
+    with kernels.use(backend):
+        grads = vmap(grad(loss, argnums=(0, 1, 2, 3, 4)))(ys, w, b, pb, pw)
+    for i in range(4):
+        leaves = [t[i].clone().requires_grad_() for t in (ys, w, b, pb, pw)]
+        want = torch.autograd.grad((_proxy_oracle(*leaves, u) * dy).sum(), leaves)
+        for g, e, what in zip(grads, want, PROXY_ARGS):
+            _close(g[i], e, f"member {i} d{what}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jvp_of_the_proxy_step_in_every_argument_equals_its_definition(backend):
+    """``torch.func.jvp`` w.r.t. the input and the four parameters (the statistics' and the step's jvp
+    rules) against forward-mode AD of the float64 definition."""
+    u = NF.proxy_points(200, dtype=F64)
+    primals = (
+        _t((2, 3, 4, 2), 49),
+        1 + 0.3 * _t((3,), 50),
+        0.2 * _t((3,), 51),
+        0.1 * _t((3,), 52),
+        0.1 * _t((3,), 53),
+    )
+    tangents = tuple(_t(p.shape, 54 + i) for i, p in enumerate(primals))
+    with kernels.use(backend):
+        got = torch.func.jvp(lambda y, *p: NF.proxy_norm_act(y, *p, "relu", points=u), primals, tangents)
+    want = torch.func.jvp(lambda y, *p: _proxy_oracle(y, *p, u), primals, tangents)
+    _close(got[0], want[0], "value")
+    _close(got[1], want[1], "tangent")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hessian_of_the_proxy_step_equals_autograd_of_its_definition(backend):
+    """``hessian`` (jacfwd of jacrev) w.r.t. the input and the weight: the recorded backward's jvp and
+    vmap rules, whose own derivatives are the ATen formula's."""
+    u = NF.proxy_points(200, dtype=F64)
+    y = _t((2, 3, 2, 2), 37, offset=0.2)
+    w, b = 1 + 0.3 * _t((3,), 38), 0.2 * _t((3,), 39)
+    pb, pw = 0.1 * _t((3,), 40), 0.1 * _t((3,), 41)
+    dy = _t(y.shape, 42)
+
+    def f(step):
+        return lambda y, w: (torch.tanh(step(y, w)) * dy).sum()  # tanh: non-zero second derivatives
+
+    with kernels.use(backend):
+        step = f(lambda y, w: NF.proxy_norm_act(y, w, b, pb, pw, "relu", points=u))
+        got = hessian(step, argnums=(0, 1))(y, w)
+    want = torch.autograd.functional.hessian(f(lambda y, w: _proxy_oracle(y, w, b, pb, pw, u)), (y, w))
+    for i in range(2):
+        for j in range(2):
+            _close(got[i][j], want[i][j], f"H[{i}][{j}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_third_order_eager_derivatives_of_the_proxy_step_equal_its_definition(backend):
+    """create_graph=True three times through the step (eager double backward: the recorded backward)."""
+    u = NF.proxy_points(200, dtype=F64)
+    y0 = _t((2, 3, 4, 2), 43, offset=0.2)
+    p0 = (1 + 0.3 * _t((3,), 44), 0.2 * _t((3,), 45), 0.1 * _t((3,), 46), 0.1 * _t((3,), 47))
+    v = _t(y0.shape, 48)
+
+    def third(step):
+        leaves = [t.clone().requires_grad_() for t in (y0, *p0)]
+        out = torch.tanh(step(*leaves))
+        (gy,) = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+        (gyy,) = torch.autograd.grad((gy * v).sum(), leaves[0], create_graph=True)
+        return torch.autograd.grad(gyy.square().sum(), leaves)
+
+    with kernels.use(backend):
+        got = third(lambda y, *p: NF.proxy_norm_act(y, *p, "relu", points=u))
+    want = third(lambda y, *p: _proxy_oracle(y, *p, u))
+    for g, e, what in zip(got, want, PROXY_ARGS):
+        _close(g, e, f"third order d{what}")
+
+
+# --- GroupNorm + Proxy Norm's activation (GroupNormProxyAct2d's step), one Function under torch.func ---
+GN_PN = {"groups": 3, "eps": 1e-3}
+
+
+def _gn_pn_oracle(x, w, b, pb, pw, u):
+    """GroupNormProxyAct2d's step in float64 from its definition: GroupNorm without affine (the float64
+    reference), then the proxy-normalized activation."""
+    return _proxy_oracle(ref_group_norm(x, GN_PN["groups"], eps=GN_PN["eps"]), w, b, pb, pw, u)
+
+
+def _gn_pn(x, w, b, pb, pw, u):
+    return NF.group_norm_proxy_act(x, GN_PN["groups"], w, b, pb, pw, "relu", GN_PN["eps"], points=u)
+
+
+def _gn_pn_params(seed, members=None):
+    shape = (6,) if members is None else (members, 6)
+    return (
+        1 + 0.3 * _t(shape, seed),
+        0.2 * _t(shape, seed + 1),
+        0.1 * _t(shape, seed + 2),
+        0.1 * _t(shape, seed + 3),
+    )
+
+
+@pytest.fixture
+def gn_pn_calls(monkeypatch):
+    """Records which implementation ran: the fused Function's kernels, or the unfused composite's parts
+    (normkit's norm Function, the ATen step, the composite statistics)."""
+    from normkit.functional import proxy_norm as pn_module
+    from normkit.kernels import _func
+    from normkit.ops import library, proxy
+
+    seen: dict[str, int] = {"fused forward": 0, "fused backward": 0, "unfused": 0}
+
+    def count(key, fn):
+        def wrapped(*a, **k):
+            seen[key] += 1
+            return fn(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(_func, "_gn_act_forward", count("fused forward", _func._gn_act_forward))
+    monkeypatch.setattr(_func, "_stats_backward", count("fused backward", _func._stats_backward))
+    monkeypatch.setattr(library, "norm", count("unfused", library.norm))
+    monkeypatch.setattr(proxy, "forward_aten", count("unfused", proxy.forward_aten))
+    monkeypatch.setattr(
+        pn_module, "_proxy_stats_composite", count("unfused", pn_module._proxy_stats_composite)
+    )
+    return seen
+
+
+def _fused_only(seen, backend, backward):
+    from normkit.kernels import _build
+
+    if backend != "auto" or not _build.load(build=False):
+        return
+    assert seen["fused forward"] > 0 and (seen["fused backward"] > 0 or not backward), seen
+    assert seen["unfused"] == 0, f"the composite's parts ran under the transform: {seen}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("members", [False, True], ids=["shared-params", "per-member-params"])
+def test_vmap_of_group_norm_proxy_act_equals_a_loop(members, layout, backend, gn_pn_calls):
+    u = NF.proxy_points(200, dtype=F64)
+    xs = _t((4, 3, 6, 5, 2), 60, scale=1.5, offset=0.3)
+    if layout == "channels_last":  # each member channels-last, as a vmapped channels-last batch is
+        xs = xs.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 3))
+    params = _gn_pn_params(61, 4 if members else None)
+    in_dims = (0, 0, 0, 0, 0) if members else (0, None, None, None, None)
+    with kernels.use(backend):
+        got = vmap(lambda x, *p: _gn_pn(x, *p, u), in_dims=in_dims)(xs, *params)
+    for i in range(4):
+        _close(got[i], _gn_pn_oracle(xs[i], *(p[i] if members else p for p in params), u), f"member {i}")
+    _fused_only(gn_pn_calls, backend, backward=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "case", ["per-sample", "ensemble, one sample each", "ensemble, three samples each", "grad"]
+)
+def test_gradients_of_group_norm_proxy_act_under_transforms_equal_a_loop(case, backend, gn_pn_calls):
+    """grad, per-sample gradients (shared parameters) and per-member gradients of an ensemble: the
+    fused Function's recorded backward and its vmap rule (members folded, or made channels)."""
+    u = NF.proxy_points(200, dtype=F64)
+    samples = 3 if "three" in case else 1
+    xs = _t((4, samples, 6, 5, 2), 62, scale=1.5, offset=0.3)
+    members = case.startswith("ensemble")
+    params = _gn_pn_params(63, 4 if members else None)
+    dy = _t(xs.shape[1:], 64)
+
+    def loss(step):
+        return lambda x, *p: (torch.tanh(step(x, *p, u)) * dy).sum()
+
+    argnums = (0, 1, 2, 3, 4)
+    with kernels.use(backend):
+        if case == "grad":
+            grads = [g.unsqueeze(0) for g in grad(loss(_gn_pn), argnums=argnums)(xs[0], *params)]
+        else:
+            in_dims = (0, 0, 0, 0, 0) if members else (0, None, None, None, None)
+            grads = vmap(grad(loss(_gn_pn), argnums=argnums), in_dims=in_dims)(xs, *params)
+    for i in range(grads[0].shape[0]):
+        leaves = [t.clone().requires_grad_() for t in (xs[i], *(p[i] if members else p for p in params))]
+        want = torch.autograd.grad(loss(_gn_pn_oracle)(*leaves), leaves)
+        for g, e, what in zip(grads, want, ("x", *PROXY_ARGS[1:])):
+            _close(g[i], e, f"{case}, member {i}, d{what}")
+    _fused_only(gn_pn_calls, backend, backward=True)
+
+
+@pytest.mark.parametrize("members", [False, True], ids=["shared-params", "per-member-params"])
+def test_group_norm_proxy_act_under_transforms_takes_float32_inputs_near_1e20(members):
+    """Where the float32 kernels hand a batch back (squares overflow), the Function computes it by the
+    reference, each way and in its vmap rules; against the float64 definition of the same values."""
+    u = NF.proxy_points(200, dtype=F64)
+    xs = (_t((3, 1, 6, 4, 2), 80) * 1e20).float()
+    params = _gn_pn_params(81, 3 if members else None)
+    dy = _t(xs.shape[1:], 85)
+    in_dims = (0, 0, 0, 0, 0) if members else (0, None, None, None, None)
+    p32 = tuple(p.float() for p in params)
+
+    def loss(step, u):
+        return lambda x, *p: (step(x, *p, u) * dy.to(x.dtype)).sum()
+
+    grads = vmap(grad(loss(_gn_pn, u.float()), argnums=(0, 1, 2, 3, 4)), in_dims=in_dims)(xs, *p32)
+    for i in range(3):
+        leaves = [
+            t.double().clone().requires_grad_() for t in (xs[i], *(p[i] if members else p for p in p32))
+        ]
+        want = torch.autograd.grad(loss(_gn_pn_oracle, u)(*leaves), leaves)
+        for g, e, what in zip(grads, want, ("x", *PROXY_ARGS[1:])):
+            scale = 1e-20 if what == "x" else 1.0  # (dx is about 1e-20: compare it relative to that)
+            torch.testing.assert_close(
+                g[i].double() / scale,
+                e / scale,
+                rtol=1e-4,
+                atol=1e-4,
+                msg=lambda m, label=f"member {i} d{what}": f"{label}: {m}",
+            )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hessian_and_jvp_of_group_norm_proxy_act_equal_its_definition(backend):
+    """``hessian`` (jacfwd of jacrev: the recorded backward's jvp and vmap rules) w.r.t. the input and
+    the weight, and ``jvp`` in every argument, against autograd of the float64 definition."""
+    u = NF.proxy_points(200, dtype=F64)
+    x = _t((2, 6, 2, 2), 65, offset=0.2)
+    w, b, pb, pw = _gn_pn_params(66)
+    dy = _t(x.shape, 70)
+
+    def f(step):
+        return lambda x, w: (torch.tanh(step(x, w, b, pb, pw, u)) * dy).sum()
+
+    with kernels.use(backend):
+        got = hessian(f(_gn_pn), argnums=(0, 1))(x, w)
+        primals = (x, w, b, pb, pw)
+        tangents = tuple(_t(t.shape, 71 + i) for i, t in enumerate(primals))
+        got_jvp = torch.func.jvp(lambda *a: _gn_pn(*a, u), primals, tangents)
+    want = torch.autograd.functional.hessian(f(_gn_pn_oracle), (x, w))
+    for i in range(2):
+        for j in range(2):
+            _close(got[i][j], want[i][j], f"H[{i}][{j}]")
+    want_jvp = torch.func.jvp(lambda *a: _gn_pn_oracle(*a, u), primals, tangents)
+    _close(got_jvp[0], want_jvp[0], "jvp value")
+    _close(got_jvp[1], want_jvp[1], "jvp tangent")
 
 
 # --- torch.func inside torch.compile ----------------------------------------------------------------

@@ -11,6 +11,7 @@ of a sample never depends on the rest of the batch, and train and eval are the s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -209,6 +210,26 @@ def proxy_norm_act(
     return proxy_act_composite(y, weight, bias, m, rstd, act)
 
 
+def gn_proxy_kernels(x: Tensor) -> Callable[..., Tensor | None] | None:
+    """The fused GroupNorm + Proxy Norm activation for a call on ``x`` (``gn_proxy_act(x, groups, eps,
+    weight, bias, proxy_bias, proxy_weight, points, activation, proxy_eps)``, ``None`` where it does not
+    take the case), or ``None``: eager CPU, the C++ kernels (one pass each way); a GPU, Triton's;
+    a CPU tensor under ``torch.func`` transforms, the C++ kernels as one Function with torch.func's rules."""
+    from ..kernels import _fast, triton_ready
+
+    if _fast.eligible(x):
+        return _fast.gn_proxy_act
+    if triton_ready(x):
+        from ..kernels import triton as _triton
+
+        return _triton.gn_proxy_act  # type: ignore[no-any-return]
+    if x.is_cpu and torch._C._are_functorch_transforms_active():
+        from ..kernels import _func
+
+        return _func.gn_proxy_act
+    return None
+
+
 def group_norm_proxy_act(
     x: Tensor,
     num_groups: int,
@@ -227,10 +248,11 @@ def group_norm_proxy_act(
     step.
 
     ``proxy_norm_act(group_norm(x, num_groups, eps=eps), weight, bias, proxy_bias, proxy_weight, ...)``.
-    On an eager CPU tensor with a ``relu``, ``leaky_relu`` or identity activation, the fused kernels
-    run it in one pass each way (the normalized input is never stored; the backward recomputes it
-    from ``x``); elsewhere (torch.compile, export, torch.func, other devices or activations) the
-    composition above runs. ``num_groups=1`` is LN over (C, H, W) + PN, the paper's recommendation.
+    On a CPU tensor with a ``relu``, ``leaky_relu`` or identity activation, eager or under ``torch.func``
+    transforms, the fused kernels run it in one pass each way (the normalized input is never stored;
+    the backward recomputes it from ``x``); elsewhere (torch.compile, export, other devices or
+    activations) the composition above runs. ``num_groups=1`` is LN over (C, H, W) + PN, the paper's
+    recommendation.
 
     Args:
         x: ``(N, C, *spatial)`` input, any layout and floating dtype.
@@ -269,15 +291,7 @@ def group_norm_proxy_act(
             raise TypeError(f"{op}: {name} is required (a (C,) tensor), got None")
         check_param(p, x, (C,), op, name)
     if x.dim() >= 3:
-        from ..kernels import _fast, triton_ready
-
-        fused = None
-        if _fast.eligible(x):  # eager CPU: one fused C++ pass each way
-            fused = _fast.gn_proxy_act
-        elif triton_ready(x):  # a GPU (or Triton's interpreter): GN and the step in one kernel each way
-            from ..kernels import triton as _triton
-
-            fused = _triton.gn_proxy_act
+        fused = gn_proxy_kernels(x)
         if fused is not None:
             u = points if points is not None else _points(num_points, torch.float64, x.device)
             out = fused(x, groups, eps, weight, bias, proxy_bias, proxy_weight, u, activation, proxy_eps)

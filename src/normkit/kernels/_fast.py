@@ -675,8 +675,12 @@ def proxy_stats(
     apply."""
     from . import current
 
-    if current() not in ("auto", "cpu") or not _proxy_ok():
+    if current() not in ("auto", "cpu"):
         return None
+    if not _proxy_ok():  # under a torch.func transform: the same kernels with torch.func's rules
+        from . import _func
+
+        return _func.proxy_stats(weight, bias, proxy_bias, proxy_weight, points, activation, eps)
     code = _act_code(activation)
     got = _proxy_params((weight, bias, proxy_bias, proxy_weight), points)
     if code is None or got is None:

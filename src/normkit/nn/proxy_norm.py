@@ -11,7 +11,7 @@ from .. import functional as F
 from .._errors import NormError
 from ..functional._checks import check_eps, check_groups, check_positive_int
 from ..functional.activations import ActivationLike, get_activation
-from ..kernels import _fast, triton_ready
+from ..functional.proxy_norm import gn_proxy_kernels
 from ._base import check_channels, fx_leaf
 from .registry import default_groups as _default_groups
 from .registry import register_norm
@@ -188,13 +188,8 @@ class GroupNormProxyAct2d(ProxyNormAct):
         if leaf is not None:
             return leaf
         check_channels(input, self.num_features, type(self).__name__)
-        fused: Any = None
-        if _fast.eligible(input):  # eager CPU: one fused pass each way (F.group_norm_proxy_act's fast path)
-            fused = _fast.gn_proxy_act
-        elif triton_ready(input):  # GPU: GN and the step fused in one Triton kernel each way
-            from ..kernels import triton as _triton
-
-            fused = _triton.gn_proxy_act
+        # eager CPU, a GPU, torch.func on a CPU: GN and the step fused (F.group_norm_proxy_act's kernels)
+        fused = gn_proxy_kernels(input)
         if fused is not None:
             out = fused(
                 input,

@@ -324,13 +324,20 @@ def _grads(ctx: Any, dout: Tensor) -> tuple[Any, ...]:
     y, weight, bias, m, rstd = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     dout = dout if dout.stride() == y.stride() else torch.empty_like(y, dtype=dout.dtype).copy_(dout)
-    if not torch.is_grad_enabled() and compiling():
-        out = torch.ops.normkit.proxy_norm_act_backward(
-            dout, y, weight, bias, m, rstd, ctx.act, ctx.slope, needs
-        )
-        grads: tuple[Any, ...] = tuple(g if n else None for g, n in zip(out, needs))
+    if compiling():
+        if torch.is_grad_enabled():  # (compiling with create_graph=True: the formula, traced)
+            grads: tuple[Any, ...] = backward_aten(dout, y, weight, bias, m, rstd, ctx.act, ctx.slope, needs)
+        else:  # (AOTAutograd tracing the backward: the op, which Inductor lowers)
+            out = torch.ops.normkit.proxy_norm_act_backward(
+                dout, y, weight, bias, m, rstd, ctx.act, ctx.slope, needs
+            )
+            grads = tuple(g if n else None for g, n in zip(out, needs))
+    elif torch.is_grad_enabled():
+        # create_graph=True, or a torch.func transform (grad, vjp, jacrev always record the backward):
+        # the fused backward as a Function whose own derivatives differentiate the ATen formula
+        out = _ProxyActBackward.apply(dout, y, weight, bias, m, rstd, ctx.act, ctx.slope, tuple(needs))
+        grads = tuple(g if n else None for g, n in zip(out, needs))
     else:
-        # Eager, torch.func, and create_graph=True: the same formula in differentiable ATen ops.
         grads = _backward(dout, y, weight, bias, m, rstd, ctx.act, ctx.slope, needs)
     return (*grads, None, None)
 
@@ -342,6 +349,113 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 
 
 _pn_op.register_autograd(_grads, setup_context=_setup)
+
+
+def _batch_first(t: Tensor, bdim: int | None, size: int) -> Tensor:
+    """``t`` with its vmapped dim first (an unbatched ``t`` expanded to ``size`` there, no copy)."""
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
+
+
+def _members(p: Tensor, bdim: int | None, size: int) -> Tensor:
+    """A member's ``(C,)`` vector, vmapped, as the ``(B * C,)`` vector of the members-as-channels view."""
+    return _batch_first(p, bdim, size).reshape(-1)
+
+
+def _as_channels(t: Tensor) -> Tensor:
+    """``(B, N, C, *S)`` -> ``(N, B * C, *S)``: the vmapped members as channels (a view when N = 1), so
+    that one call of the per-channel step, forward or backward, serves per-member vectors and gives
+    per-member sums."""
+    B, N, C = t.shape[:3]
+    return t.movedim(0, 1).reshape(N, B * C, *t.shape[3:])
+
+
+def _from_channels(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """The inverse of :func:`_as_channels` (``shape``: the ``(B, N, C, *S)`` it came from)."""
+    B, N, C = shape[:3]
+    return t.reshape(N, B, C, *shape[3:]).movedim(0, 1)
+
+
+class _ProxyActBackward(torch.autograd.Function):
+    """The step's backward (``dy, dweight, dbias, dm, drstd``) as a differentiable function.
+
+    What the step's backward calls when autograd records it (``create_graph=True``, and always under
+    ``torch.func.grad`` / ``vjp`` / ``jacrev``): the first derivative runs on the fused kernel, as
+    without recording, and only this function's own derivatives (double backward, ``hessian``)
+    differentiate the ATen formula (:func:`backward_aten`). Its vmap rule makes the vmapped members
+    channels (:func:`_as_channels`), so that per-sample gradients are one call of the fused backward,
+    whose per-channel sums are then the per-member ones.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        dout: Tensor,
+        y: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        m: Tensor,
+        rstd: Tensor,
+        act: str,
+        slope: float,
+        needs: tuple[bool, ...],
+    ) -> tuple[Tensor, ...]:
+        if dout.stride() != y.stride():
+            dout = torch.empty_like(y, dtype=dout.dtype).copy_(dout)
+        grads = _backward(dout, y, weight, bias, m, rstd, act, slope, list(needs))
+        return tuple(op_grads(grads, (y, weight, bias, m, rstd)))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(*inputs[:6])
+        ctx.save_for_forward(*inputs[:6])
+        ctx.act, ctx.slope, ctx.needs = inputs[6:9]
+
+    @staticmethod
+    def _formula(ctx: Any) -> Any:
+        needs = list(ctx.needs)
+
+        def grads(dout: Tensor, y: Tensor, w: Tensor, b: Tensor, m: Tensor, r: Tensor) -> tuple[Tensor, ...]:
+            got = backward_aten(dout, y, w, b, m, r, ctx.act, ctx.slope, needs)
+            return tuple(g for g in got if g is not None)
+
+        return grads
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        primals = ctx.saved_tensors
+        vjp = torch.func.vjp(_ProxyActBackward._formula(ctx), *primals)[1]
+        got = vjp(tuple(g for g, keep in zip(cotangents, ctx.needs) if keep))
+        return (*got, None, None, None)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
+        primals = ctx.saved_tensors
+        ts = tuple(t if t is not None else torch.zeros_like(p) for t, p in zip(tangents[:6], primals))
+        out = iter(torch.func.jvp(_ProxyActBackward._formula(ctx), primals, ts)[1])
+        like = primals[1:6]
+        return tuple(next(out) if keep else t.new_empty(0) for keep, t in zip(ctx.needs, like))
+
+    @staticmethod
+    def vmap(  # type: ignore[override]
+        info: Any,
+        in_dims: tuple[Any, ...],
+        dout: Tensor,
+        y: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        m: Tensor,
+        rstd: Tensor,
+        act: str,
+        slope: float,
+        needs: tuple[bool, ...],
+    ) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
+        B = info.batch_size
+        dout, y = _batch_first(dout, in_dims[0], B), _batch_first(y, in_dims[1], B)
+        out_dims = tuple(0 if keep else None for keep in needs)
+        w, b, mm, r = (_members(p, d, B) for p, d in zip((weight, bias, m, rstd), in_dims[2:6]))
+        got = _ProxyActBackward.apply(_as_channels(dout), _as_channels(y), w, b, mm, r, act, slope, needs)
+        dy = _from_channels(got[0], y.shape) if needs[0] else got[0]
+        per_member = tuple(g.reshape(B, -1) if keep else g for g, keep in zip(got[1:], needs[1:]))
+        return (dy, *per_member), out_dims
 
 
 class _ProxyActFunction(torch.autograd.Function):
@@ -377,18 +491,14 @@ class _ProxyActFunction(torch.autograd.Function):
         slope: float,
     ) -> tuple[Tensor, int]:
         B = info.batch_size
-        y = y.movedim(in_dims[0], 0) if in_dims[0] is not None else y.expand(B, *y.shape)
+        y = _batch_first(y, in_dims[0], B)
         if all(d is None for d in in_dims[1:5]) and y.dim() >= 3:
             out = proxy_act(y.reshape(-1, *y.shape[2:]), weight, bias, m, rstd, act, slope)
             return out.reshape(y.shape), 0
-        shape = [B, 1, -1] + [1] * (y.dim() - 3)  # a member's (C,) vector against its (N, C, ...) input
-
-        def member(p: Tensor, d: int | None) -> Tensor:
-            return (p.movedim(d, 0) if d is not None else p.expand(B, *p.shape)).reshape(shape)
-
-        w, b, mm, r = (member(p, d) for p, d in zip((weight, bias, m, rstd), in_dims[1:5]))
-        a = torch.addcmul(b.to(mm.dtype), y, w.to(mm.dtype))
-        return ((_act(a, act, slope) - mm) * r).to(y.dtype), 0
+        # per-member vectors (an ensemble): the members become channels, one call of the step
+        w, b, mm, r = (_members(p, d, B) for p, d in zip((weight, bias, m, rstd), in_dims[1:5]))
+        out = proxy_act(_as_channels(y), w, b, mm, r, act, slope)
+        return _from_channels(out, y.shape), 0
 
     @staticmethod
     def jvp(ctx: Any, ty: Any, tw: Any, tb: Any, tm: Any, tr: Any, *_: Any) -> Tensor:  # type: ignore[override]

@@ -1,0 +1,581 @@
+"""The fused CPU kernels under ``torch.func`` transforms: ``autograd.Function`` s with their own rules.
+
+Under ``grad``, ``vmap``, ``jvp`` and their compositions the eager fast paths (:mod:`._fast`) stand
+aside: their tensors are functorch wrappers. Without these Functions, Proxy Norm ran as its
+composite there: a dozen ATen ops on ``(C, points)`` tensors for the statistics (``(B, C, points)``
+ones for per-sample gradients) and, for :class:`~normkit.nn.GroupNormProxyAct2d`, the norm, the
+statistics and the activation step as separate Functions, each with torch.func's per-call Python
+overhead. Here:
+
+* :func:`proxy_stats`: the proxy statistics on the C++ kernel each way;
+* :func:`gn_proxy_act`: GroupNorm without affine + Proxy Norm's activation, one fused pass each
+  way, as one Function.
+
+Each has a vmap rule that runs one call per batch: per-sample sets with shared parameters fold the
+vmapped dim into the samples; otherwise the vmapped members become channels (``(B, N, C, *S)`` ->
+``(N, B * C, *S)``, a view for one sample per member: per-sample gradients), so that the kernels'
+per-channel sums are the per-member ones. A recorded backward (``grad`` always records it) is
+itself a Function whose forward is the kernels' backward; only its own derivatives (``hessian``,
+double backward) differentiate the composite, through ``torch.func.vjp`` / ``jvp``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.utils._python_dispatch  # the attribute below is a submodule: import it explicitly
+from torch import Tensor
+
+from . import _build
+from ._fast import (
+    _CODE,
+    _act_code,
+    _Fallback,
+    _gn_act_forward,
+    _gn_reference,
+    _NoFast,
+    _pn_plan,
+    _proxy_params_ok,
+    _Spec,
+    _stats_backward,
+    _stats_forward,
+)
+
+__all__ = ["gn_proxy_act", "proxy_stats"]
+
+
+def _active() -> bool:
+    """Whether a call may take these Functions: a torch.func transform is active, and nothing that the
+    C++ side must stand aside for (compiling, a dispatch mode, tracing, exporting, a double backward's
+    recomputation); the kernels built."""
+    from . import current
+
+    return (
+        torch._C._are_functorch_transforms_active()
+        and _NoFast.depth == 0
+        and current() in ("auto", "cpu")
+        and not torch.compiler.is_compiling()
+        and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+        and not torch.jit.is_tracing()  # pyright: ignore[reportPrivateImportUsage]
+        and not torch.compiler.is_exporting()
+        and (bool(_build._state["loaded"]) or _build.load(build=True))
+    )
+
+
+def _composite_stats_of(act: Any, eps: float, u: Tensor) -> Any:
+    """The proxy statistics as a differentiable function of the four parameters (plain ops)."""
+    from ..functional.proxy_norm import _proxy_stats_composite
+
+    def stats(w: Tensor, b: Tensor, pb: Tensor, pw: Tensor) -> tuple[Tensor, Tensor]:
+        return _proxy_stats_composite(w, b, pb, pw, u, act, eps)
+
+    return stats
+
+
+def _composite_stats_grads_of(act: Any, eps: float, u: Tensor) -> Any:
+    """The statistics' parameter gradients as a differentiable function of ``(params..., gm, gr)``."""
+    stats = _composite_stats_of(act, eps, u)
+
+    def grads(w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, gm: Tensor, gr: Tensor) -> tuple[Tensor, ...]:
+        return tuple(torch.func.vjp(stats, w, b, pb, pw)[1]((gm, gr)))
+
+    return grads
+
+
+def _vmapped_stats_call(
+    fn: Any,
+    info: Any,
+    in_dims: tuple[Any, ...],
+    vectors: tuple[Tensor, ...],
+    u: Tensor,
+    rest: tuple[Any, ...],
+) -> tuple[Any, ...]:
+    """One call of a per-channel statistics Function on the vmapped members as channels: each ``(C,)``
+    vector vmapped to ``(B, C)`` becomes a ``(B * C,)`` one (the statistics are per channel, so the
+    members' channels are independent), and each output ``(B * C,)`` goes back to ``(B, C)``."""
+    B = info.batch_size
+    flat = [
+        (v.movedim(d, 0) if d is not None else v.expand(B, *v.shape)).reshape(-1)
+        for v, d in zip(vectors, in_dims)
+    ]
+    if in_dims[len(vectors)] is not None:  # (points vmapped too: one member at a time)
+        us = u.movedim(in_dims[len(vectors)], 0)
+        C = flat[0].shape[0] // B
+        per = [fn.apply(*(v[i * C : (i + 1) * C] for v in flat), us[i], *rest) for i in range(B)]
+        return tuple(torch.stack(col) for col in zip(*per))
+    return tuple(o.reshape(B, -1) for o in fn.apply(*flat, u, *rest))
+
+
+class _FuncProxyStats(torch.autograd.Function):
+    """:func:`normkit.functional.proxy_stats` under ``torch.func`` transforms: the C++ statistics each way
+    (a recorded backward is :class:`_FuncProxyStatsBackward`, whose own derivatives differentiate the
+    composite), with a vmap rule that makes the vmapped members channels. Without it the transforms
+    ran the composite's dozen ops on ``(C, points)`` tensors (``(B, C, points)`` ones for per-sample
+    gradients), each way."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, act: Any, code: int, slope: float, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        ps = [p.contiguous() for p in (w, b, pb, pw)]
+        return _stats_forward(ps, u.to(ps[0].dtype).contiguous(), code, slope, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        ctx.save_for_backward(*inputs[:5], *output)
+        ctx.save_for_forward(*inputs[:5], *output)
+        ctx.rest = inputs[5:]
+
+    @staticmethod
+    def backward(ctx: Any, gm: Tensor, gr: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        w, b, pb, pw, u, m, r = ctx.saved_tensors
+        grads = _FuncProxyStatsBackward.apply(w, b, pb, pw, u, m, r, gm, gr, *ctx.rest)
+        return (*grads, None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        w, b, pb, pw, u, _m, _r = ctx.saved_tensors
+        primals = (w, b, pb, pw)
+        ts = tuple(t if t is not None else torch.zeros_like(p) for t, p in zip(tangents[:4], primals))
+        return torch.func.jvp(_composite_stats_of(ctx.rest[0], ctx.rest[3], u), primals, ts)[1]
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: tuple[Any, ...],
+        w: Tensor,
+        b: Tensor,
+        pb: Tensor,
+        pw: Tensor,
+        u: Tensor,
+        *rest: Any,
+    ) -> Any:  # type: ignore[override]
+        return _vmapped_stats_call(_FuncProxyStats, info, in_dims, (w, b, pb, pw), u, rest), (0, 0)
+
+
+class _FuncProxyStatsBackward(torch.autograd.Function):
+    """The statistics' backward (the four parameter gradients) on the C++ kernel, differentiable."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        w: Tensor,
+        b: Tensor,
+        pb: Tensor,
+        pw: Tensor,
+        u: Tensor,
+        m: Tensor,
+        r: Tensor,
+        gm: Tensor,
+        gr: Tensor,
+        act: Any,
+        code: int,
+        slope: float,
+        eps: float,
+    ) -> tuple[Tensor, ...]:
+        ps = [p.contiguous() for p in (w, b, pb, pw)]
+        u = u.to(ps[0].dtype).contiguous()
+        return tuple(_stats_backward(ps, u, code, slope, m.contiguous(), r.contiguous(), gm, gr))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        w, b, pb, pw, u, _m, _r, gm, gr = inputs[:9]
+        ctx.save_for_backward(w, b, pb, pw, gm, gr, u)
+        ctx.save_for_forward(w, b, pb, pw, gm, gr, u)
+        ctx.act, ctx.eps = inputs[9], inputs[12]
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        *primals, u = ctx.saved_tensors
+        got = torch.func.vjp(_composite_stats_grads_of(ctx.act, ctx.eps, u), *primals)[1](cotangents)
+        # (m and r come back as constants: the composite recomputes them from the parameters)
+        return (*got[:4], None, None, None, *got[4:], None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
+        *primals, u = ctx.saved_tensors
+        tin = (*tangents[:4], *tangents[7:9])
+        ts = tuple(t if t is not None else torch.zeros_like(p) for t, p in zip(tin, primals))
+        return torch.func.jvp(_composite_stats_grads_of(ctx.act, ctx.eps, u), tuple(primals), ts)[1]
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: tuple[Any, ...],
+        w: Tensor,
+        b: Tensor,
+        pb: Tensor,
+        pw: Tensor,
+        u: Tensor,
+        m: Tensor,
+        r: Tensor,
+        gm: Tensor,
+        gr: Tensor,
+        *rest: Any,
+    ) -> Any:  # type: ignore[override]
+        dims = (*in_dims[:4], *in_dims[5:9], in_dims[4])  # the points last, as _vmapped_stats_call takes them
+        out = _vmapped_stats_call(_StatsBackwardPointsLast, info, dims, (w, b, pb, pw, m, r, gm, gr), u, rest)
+        return out, (0, 0, 0, 0)
+
+
+class _StatsBackwardPointsLast:
+    """:class:`_FuncProxyStatsBackward` with its points after the other vectors (for the vmap helper)."""
+
+    @staticmethod
+    def apply(
+        w: Tensor,
+        b: Tensor,
+        pb: Tensor,
+        pw: Tensor,
+        m: Tensor,
+        r: Tensor,
+        gm: Tensor,
+        gr: Tensor,
+        u: Tensor,
+        *rest: Any,
+    ) -> Any:
+        return _FuncProxyStatsBackward.apply(w, b, pb, pw, u, m, r, gm, gr, *rest)
+
+
+def proxy_stats(
+    weight: Tensor,
+    bias: Tensor,
+    proxy_bias: Tensor,
+    proxy_weight: Tensor,
+    points: Tensor,
+    activation: Any,
+    eps: float,
+) -> tuple[Tensor, Tensor] | None:
+    """Under a ``torch.func`` transform (and nothing else that the C++ side must stand aside for): the
+    statistics as :class:`_FuncProxyStats`, or ``None``."""
+    if not _active():
+        return None
+    code = _act_code(activation)
+    if code is None or not _proxy_params_ok((weight, bias, proxy_bias, proxy_weight), points):
+        return None
+    return _FuncProxyStats.apply(  # type: ignore[no-any-return]
+        weight, bias, proxy_bias, proxy_weight, points, activation, code[0], code[1], float(eps)
+    )
+
+
+# --- GroupNorm without affine + Proxy Norm's activation, one Function -------------------------------
+
+
+def _gn_proxy_reference(
+    x: Tensor, w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, cfg: tuple[Any, ...]
+) -> Tensor:
+    """The layer's step from normkit's reference (plain ops): what the derivatives of the recorded
+    backward differentiate, and the forward where the kernels hand a batch back."""
+    from ..functional.group_norm import group_norm
+    from ..functional.proxy_norm import proxy_norm_act
+    from . import use
+
+    groups, eps, act, peps = cfg
+    with use("reference"):
+        y = group_norm(x, groups, None, None, eps)
+        return proxy_norm_act(y, w, b, pb, pw, act, peps, u.shape[0], points=u, memory_efficient=False)
+
+
+def _gn_proxy_grads_of(u: Tensor, cfg: tuple[Any, ...], needs: tuple[bool, ...]) -> Any:
+    """The step's needed gradients as a differentiable function of ``(dout, x, w, b, pb, pw)``."""
+
+    def grads(dout: Tensor, x: Tensor, w: Tensor, b: Tensor, pb: Tensor, pw: Tensor) -> tuple[Tensor, ...]:
+        def step(x: Tensor, w: Tensor, b: Tensor, pb: Tensor, pw: Tensor) -> Tensor:
+            return _gn_proxy_reference(x, w, b, pb, pw, u, cfg)
+
+        vjp = torch.func.vjp(step, x, w, b, pb, pw)[1]
+        return tuple(g for g, keep in zip(vjp(dout), needs) if keep)
+
+    return grads
+
+
+def _plan(x: Tensor, w: Tensor, cfg: tuple[Any, ...]) -> tuple[_Spec, int, float] | None:
+    groups, eps, act, _peps = cfg
+    plan = _pn_plan(x, groups, eps, w, act)
+    if plan is None:
+        return None
+    mode, N, C, S, code, slope = plan
+    return _Spec(mode, N, C, S, groups, eps, _gn_reference(groups, eps)), code, slope
+
+
+def _batch_first(t: Tensor, bdim: int | None, size: int) -> Tensor:
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
+
+
+def _as_channels(t: Tensor) -> Tensor:
+    """``(B, N, C, *S)`` -> ``(N, B * C, *S)`` (a view when N = 1 and ``t`` is contiguous)."""
+    B, N, C = t.shape[:3]
+    return t.movedim(0, 1).reshape(N, B * C, *t.shape[3:])
+
+
+def _from_channels(t: Tensor, B: int) -> Tensor:
+    N, BC = t.shape[:2]
+    return t.reshape(N, B, BC // B, *t.shape[2:]).movedim(0, 1)
+
+
+def _stats_as_channels(stats: Tensor, N: int) -> Tensor:
+    """Per-member GroupNorm statistics ``(B, rows, N * G)`` -> those of the members-as-channels call,
+    ``(rows, N * B * G)`` (its sets: sample-major, then the B * G groups)."""
+    B, rows = stats.shape[:2]
+    return stats.reshape(B, rows, N, -1).permute(1, 2, 0, 3).reshape(rows, -1)
+
+
+def _stats_from_channels(stats: Tensor, N: int, B: int) -> Tensor:
+    rows = stats.shape[0]
+    return stats.reshape(rows, N, B, -1).permute(2, 0, 1, 3).reshape(B, rows, -1)
+
+
+class _GNProxyAct(torch.autograd.Function):
+    """:class:`~normkit.nn.GroupNormProxyAct2d`'s step under torch.func: the proxy statistics, then
+    GroupNorm with the activation step in one pass (the kernels of the eager path). Outputs
+    ``(out, stats, m, rstd)``; the last three (the norm's and the proxy's statistics, kept for the
+    backward) are not differentiable; ``stats`` is empty where the kernels handed the batch back."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor, w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, cfg: tuple[Any, ...]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        ps = [p.contiguous() for p in (w, b, pb, pw)]
+        u = u.to(ps[0].dtype).contiguous()
+        plan = _plan(x, ps[0], cfg)
+        code = _act_code(cfg[2])
+        assert code is not None  # (checked by gn_proxy_act)
+        m, r = _stats_forward(ps, u, code[0], code[1], cfg[3])
+        if plan is not None:
+            try:
+                out, stats = _gn_act_forward(x, ps, m, r, *plan)
+                return out, stats, m, r
+            except _Fallback:
+                pass
+        w, b, pb, pw = ps
+        return _gn_proxy_reference(x, w, b, pb, pw, u, cfg), x.new_empty(0, dtype=m.dtype), m, r
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        x, w, b, pb, pw, u, cfg = inputs
+        ctx.save_for_backward(x, w, b, pb, pw, u, *output[1:])
+        ctx.save_for_forward(x, w, b, pb, pw, u, *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.cfg = cfg
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        needs = tuple(ctx.needs_input_grad[:5])
+        grads = _GNProxyActBackward.apply(dout, *ctx.saved_tensors, ctx.cfg, needs)
+        it = iter(grads)
+        return (*(next(it) if keep else None for keep in needs), None, None)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        x, w, b, pb, pw, u = ctx.saved_tensors[:6]
+        primals = (x, w, b, pb, pw)
+        ts = tuple(t if t is not None else torch.zeros_like(p) for t, p in zip(tangents[:5], primals))
+        tout = torch.func.jvp(
+            lambda x, w, b, pb, pw: _gn_proxy_reference(x, w, b, pb, pw, u, ctx.cfg), primals, ts
+        )[1]
+        return tout, None, None, None
+
+    @staticmethod
+    def vmap(  # type: ignore[override]
+        info: Any,
+        in_dims: tuple[Any, ...],
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        pb: Tensor,
+        pw: Tensor,
+        u: Tensor,
+        cfg: tuple[Any, ...],
+    ) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
+        B = info.batch_size
+        x = _batch_first(x, in_dims[0], B)
+        N = x.shape[1]
+        if all(d is None for d in in_dims[1:6]):  # shared parameters: the members are more samples
+            out, stats, m, r = _GNProxyAct.apply(x.reshape(B * N, *x.shape[2:]), w, b, pb, pw, u, cfg)
+            stats = stats.reshape(stats.shape[0], B, -1) if stats.numel() else stats.new_empty(0, B)
+            return (out.reshape(x.shape), stats, m, r), (0, 1, None, None)
+        if in_dims[5] is not None:  # (the points vmapped too: one member at a time)
+            us = u.movedim(in_dims[5], 0)
+            ps = [_batch_first(p, d, B) for p, d in zip((w, b, pb, pw), in_dims[1:5])]
+            per = [_GNProxyAct.apply(x[i], *(p[i] for p in ps), us[i], cfg) for i in range(B)]
+            return tuple(torch.stack(col) for col in zip(*per)), (0, 0, 0, 0)
+        # per-member parameters: the members become channels (groups: B * G)
+        ps = [_batch_first(p, d, B).reshape(-1) for p, d in zip((w, b, pb, pw), in_dims[1:5])]
+        wide = (cfg[0] * B, *cfg[1:])
+        out, stats, m, r = _GNProxyAct.apply(_as_channels(x), *ps, u, wide)
+        stats = _stats_from_channels(stats, N, B) if stats.numel() else stats.expand(B, 0)
+        return (_from_channels(out, B), stats, m.reshape(B, -1), r.reshape(B, -1)), (0, 0, 0, 0)
+
+
+class _GNProxyActBackward(torch.autograd.Function):
+    """:class:`_GNProxyAct`'s backward, ``(dx, dw, db, dpb, dpw)`` (those asked for), on the kernels;
+    differentiable (its own derivatives differentiate the reference's composite)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        dout: Tensor,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        pb: Tensor,
+        pw: Tensor,
+        u: Tensor,
+        stats: Tensor,
+        m: Tensor,
+        r: Tensor,
+        cfg: tuple[Any, ...],
+        needs: tuple[bool, ...],
+    ) -> tuple[Tensor, ...]:
+        ps = [p.contiguous() for p in (w, b, pb, pw)]
+        u = u.to(ps[0].dtype).contiguous()
+        plan = _plan(x, ps[0], cfg)
+        if plan is None or not stats.numel():  # (the kernels handed the batch back: the reference)
+            with torch.enable_grad():
+                return _gn_proxy_grads_of(u, cfg, needs)(dout, x, *ps)
+        spec, code, slope = plan
+        if dout.dtype != x.dtype or dout.stride() != x.stride():
+            dout = torch.empty_like(x).copy_(dout)
+        dx = torch.empty_like(x) if needs[0] else None
+        sums = torch.empty(4, spec.C, dtype=torch.float64)
+        _build.lib().normkit_gn_act_backward(
+            _CODE[x.dtype],
+            dout.data_ptr(),
+            x.data_ptr(),
+            ps[0].data_ptr(),
+            ps[1].data_ptr(),
+            m.contiguous().data_ptr(),
+            r.contiguous().data_ptr(),
+            stats.contiguous().data_ptr(),
+            None if dx is None else dx.data_ptr(),
+            sums.data_ptr(),
+            spec.mode,
+            spec.N,
+            spec.C,
+            spec.S,
+            spec.G,
+            code,
+            slope,
+        )
+        sums = sums.to(m.dtype)
+        dw, db, dpb, dpw = _stats_backward(ps, u, code, slope, m, r, -(sums[2] * r), sums[3])
+        grads = (dx, dw.add_(sums[0]), db.add_(sums[1]), dpb, dpw)
+        return tuple(
+            g.to(t.dtype) for g, t, keep in zip(grads, (x, w, b, pb, pw), needs) if keep and g is not None
+        )
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(*inputs[:7])
+        ctx.save_for_forward(*inputs[:7])
+        ctx.cfg, ctx.needs = inputs[10:12]
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        *primals, u = ctx.saved_tensors
+        got = torch.func.vjp(_gn_proxy_grads_of(u, ctx.cfg, ctx.needs), *primals)[1](cotangents)
+        return (*got, None, None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
+        *primals, u = ctx.saved_tensors
+        ts = tuple(t if t is not None else torch.zeros_like(p) for t, p in zip(tangents[:6], primals))
+        return torch.func.jvp(_gn_proxy_grads_of(u, ctx.cfg, ctx.needs), tuple(primals), ts)[1]
+
+    @staticmethod
+    def vmap(  # type: ignore[override]
+        info: Any,
+        in_dims: tuple[Any, ...],
+        dout: Tensor,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        pb: Tensor,
+        pw: Tensor,
+        u: Tensor,
+        stats: Tensor,
+        m: Tensor,
+        r: Tensor,
+        cfg: tuple[Any, ...],
+        needs: tuple[bool, ...],
+    ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        B = info.batch_size
+        dout, x = _batch_first(dout, in_dims[0], B), _batch_first(x, in_dims[1], B)
+        N = x.shape[1]
+        stats = _batch_first(stats, in_dims[7], B)
+        out_dims = tuple(0 for keep in needs if keep)
+        shared = all(d is None for d in (*in_dims[2:7], *in_dims[8:10]))
+        if shared and not any(needs[1:]):  # only dx, shared parameters: the members are more samples
+            fold = (dout.reshape(B * N, *x.shape[2:]), x.reshape(B * N, *x.shape[2:]))
+            flat = stats.movedim(0, 1).reshape(stats.shape[1], -1) if stats.shape[-1] else stats[0]
+            (dx,) = _GNProxyActBackward.apply(*fold, w, b, pb, pw, u, flat, m, r, cfg, needs)
+            return (dx.reshape(x.shape),), out_dims
+        if in_dims[6] is not None:  # (the points vmapped too: one member at a time)
+            us = u.movedim(in_dims[6], 0)
+            vs = [_batch_first(t, d, B) for t, d in zip((w, b, pb, pw), in_dims[2:6])]
+            ms = [_batch_first(t, d, B) for t, d in zip((m, r), in_dims[8:10])]
+            per = [
+                _GNProxyActBackward.apply(
+                    dout[i],
+                    x[i],
+                    vs[0][i],
+                    vs[1][i],
+                    vs[2][i],
+                    vs[3][i],
+                    us[i],
+                    stats[i],
+                    ms[0][i],
+                    ms[1][i],
+                    cfg,
+                    needs,
+                )
+                for i in range(B)
+            ]
+            return tuple(torch.stack(col) for col in zip(*per)), out_dims
+        # per-member gradients (or parameters): the members become channels
+        vs = [
+            _batch_first(t, d, B).reshape(-1)
+            for t, d in zip((w, b, pb, pw, m, r), (*in_dims[2:6], *in_dims[8:10]))
+        ]
+        flat = _stats_as_channels(stats, N) if stats.shape[-1] else stats[0]
+        wide = (cfg[0] * B, *cfg[1:])
+        wv, bv, pbv, pwv, mv, rv = vs
+        got = _GNProxyActBackward.apply(
+            _as_channels(dout), _as_channels(x), wv, bv, pbv, pwv, u, flat, mv, rv, wide, needs
+        )
+        it = iter(got)
+        back = []
+        for i, keep in enumerate(needs):
+            if keep:
+                g = next(it)
+                back.append(_from_channels(g, B) if i == 0 else g.reshape(B, -1))
+        return tuple(back), out_dims
+
+
+def gn_proxy_act(
+    x: Tensor,
+    groups: int,
+    eps: float,
+    weight: Tensor,
+    bias: Tensor,
+    proxy_bias: Tensor,
+    proxy_weight: Tensor,
+    points: Tensor,
+    activation: Any,
+    proxy_eps: float,
+) -> Tensor | None:
+    """GroupNorm (no affine) + Proxy Norm's activation under a torch.func transform, as one Function (the
+    fused kernels each way), or ``None`` where it does not apply."""
+    if not _active() or not x.is_cpu or x.dtype not in _CODE or x.dim() < 3:
+        return None
+    params = (weight, bias, proxy_bias, proxy_weight)
+    code = _act_code(activation)
+    if (
+        code is None
+        or not _proxy_params_ok(params, points)
+        or (x.dtype == torch.float64) != (weight.dtype == torch.float64)
+        or weight.shape[0] != x.shape[1]
+        or (x.shape[1] // groups) * (x.numel() // max(x.shape[0] * x.shape[1], 1)) < 2
+    ):
+        return None
+    out, *_ = _GNProxyAct.apply(x, *params, points, (groups, float(eps), activation, float(proxy_eps)))
+    return out  # type: ignore[no-any-return]

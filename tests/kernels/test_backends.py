@@ -665,9 +665,24 @@ def test_torch_func_transforms_run_on_the_chosen_backend(monkeypatch, backend):
     want = torch.func.grad(ref_loss, argnums=(0, 1))(x, w)
     fwd = _spy(monkeypatch, "norm_forward")
     bwd = _spy(monkeypatch, "norm_backward")
+
+    def sample_loss(xi, w, dyi):
+        return (F.group_norm(xi.unsqueeze(0), 4, w, b) * dyi).sum()
+
     with kernels.use(backend):
         got = torch.func.grad(loss, argnums=(0, 1))(x, w)
         per_sample = torch.func.vmap(lambda xi: F.layer_norm_2d(xi.unsqueeze(0), w, b))(x)
+        # per-sample gradients of the input and the shared weight
+        sample_grads = torch.func.vmap(torch.func.grad(sample_loss, argnums=(0, 1)), in_dims=(0, None, 0))(
+            x, w, dy.unsqueeze(1)
+        )
+    for i in range(x.shape[0]):
+        leaves = [x[i : i + 1].clone().requires_grad_(), w.clone().requires_grad_()]
+        want_i = torch.autograd.grad(
+            (ref_group_norm(leaves[0], 4, leaves[1], b) * dy[i : i + 1]).sum(), leaves
+        )
+        assert_close_rel(sample_grads[0][i], want_i[0][0], 1e-10)
+        assert_close_rel(sample_grads[1][i], want_i[1], 1e-10)
     if backend == "reference":
         assert fwd and bwd, "the reference backend runs the reference core"
     elif backend == "cpu":

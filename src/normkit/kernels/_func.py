@@ -551,6 +551,16 @@ class _GNProxyActBackward(torch.autograd.Function):
         return tuple(back), out_dims
 
 
+def _forward_mode() -> bool:
+    """Whether a ``jvp`` transform (``jvp``, ``jacfwd``, ``hessian``) is active: the unfused parts have
+    analytic jvp rules (the norm's, the statistics', the step's), where this Function's would
+    differentiate the composite."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+
+
 def gn_proxy_act(
     x: Tensor,
     groups: int,
@@ -565,7 +575,7 @@ def gn_proxy_act(
 ) -> Tensor | None:
     """GroupNorm (no affine) + Proxy Norm's activation under a torch.func transform, as one Function (the
     fused kernels each way), or ``None`` where it does not apply."""
-    if not _active() or not x.is_cpu or x.dtype not in _CODE or x.dim() < 3:
+    if not _active() or not x.is_cpu or x.dtype not in _CODE or x.dim() < 3 or _forward_mode():
         return None
     params = (weight, bias, proxy_bias, proxy_weight)
     code = _act_code(activation)

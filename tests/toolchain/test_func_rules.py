@@ -424,7 +424,7 @@ def gn_pn_calls(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(_func, "_gn_act_forward", count("fused forward", _func._gn_act_forward))
-    monkeypatch.setattr(_func, "_stats_backward", count("fused backward", _func._stats_backward))
+    monkeypatch.setattr(_func, "_gn_act_backward", count("fused backward", _func._gn_act_backward))
     monkeypatch.setattr(library, "norm", count("unfused", library.norm))
     monkeypatch.setattr(proxy, "forward_aten", count("unfused", proxy.forward_aten))
     monkeypatch.setattr(

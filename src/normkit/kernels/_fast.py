@@ -768,31 +768,52 @@ class _FastGNProxy(torch.autograd.Function):
         if dout.dtype != x.dtype or dout.stride() != x.stride():
             dout = torch.empty_like(x).copy_(dout)
         ps = [w.detach(), b.detach(), pb.detach(), pw.detach()]
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        sums = torch.empty(4, spec.C, dtype=torch.float64)
-        _build.lib().normkit_gn_act_backward(
-            _CODE[x.dtype],
-            dout.data_ptr(),
-            x.data_ptr(),
-            ps[0].data_ptr(),
-            ps[1].data_ptr(),
-            m.data_ptr(),
-            r.data_ptr(),
-            stats.data_ptr(),
-            _ptr(dx),
-            sums.data_ptr(),
-            spec.mode,
-            spec.N,
-            spec.C,
-            spec.S,
-            spec.G,
-            ctx.code,
-            ctx.slope,
+        grads = _gn_act_backward(
+            dout, x, ps, u, m, r, stats, spec, ctx.code, ctx.slope, ctx.needs_input_grad[0]
         )
-        dtype = m.dtype
-        sums = sums.to(dtype)
-        dw_s, db_s, dpb, dpw = _stats_backward(ps, u, ctx.code, ctx.slope, m, r, -(sums[2] * r), sums[3])
-        return dx, dw_s.add_(sums[0]), db_s.add_(sums[1]), dpb, dpw, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None
+
+
+def _gn_act_backward(
+    dout: Tensor,
+    x: Tensor,
+    ps: list[Tensor],
+    u: Tensor,
+    m: Tensor,
+    r: Tensor,
+    stats: Tensor,
+    spec: _Spec,
+    code: int,
+    slope: float,
+    need_x: bool,
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
+    """GroupNorm + Proxy Norm activation's backward on the kernels: ``(dx, dweight, dbias, dproxy_bias,
+    dproxy_weight)`` (``dx`` ``None`` unless ``need_x``). ``dout`` laid out as ``x``; ``ps`` the four
+    parameters and ``m``, ``r``, ``stats`` contiguous."""
+    dx = torch.empty_like(x) if need_x else None
+    sums = torch.empty(4, spec.C, dtype=torch.float64)
+    _build.lib().normkit_gn_act_backward(
+        _CODE[x.dtype],
+        dout.data_ptr(),
+        x.data_ptr(),
+        ps[0].data_ptr(),
+        ps[1].data_ptr(),
+        m.data_ptr(),
+        r.data_ptr(),
+        stats.data_ptr(),
+        _ptr(dx),
+        sums.data_ptr(),
+        spec.mode,
+        spec.N,
+        spec.C,
+        spec.S,
+        spec.G,
+        code,
+        slope,
+    )
+    sums = sums.to(m.dtype)
+    dw_s, db_s, dpb, dpw = _stats_backward(ps, u, code, slope, m, r, -(sums[2] * r), sums[3])
+    return dx, dw_s.add_(sums[0]), db_s.add_(sums[1]), dpb, dpw
 
 
 _U_CACHE: dict[tuple[Any, ...], tuple[Any, Tensor]] = {}

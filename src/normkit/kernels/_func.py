@@ -27,11 +27,13 @@ import torch
 import torch.utils._python_dispatch  # the attribute below is a submodule: import it explicitly
 from torch import Tensor
 
+from ..ops._vmap import as_channels, batch_first, from_channels
 from . import _build
 from ._fast import (
     _CODE,
     _act_code,
     _Fallback,
+    _gn_act_backward,
     _gn_act_forward,
     _gn_reference,
     _NoFast,
@@ -298,22 +300,7 @@ def _plan(x: Tensor, w: Tensor, cfg: tuple[Any, ...]) -> tuple[_Spec, int, float
     return _Spec(mode, N, C, S, groups, eps, _gn_reference(groups, eps)), code, slope
 
 
-def _batch_first(t: Tensor, bdim: int | None, size: int) -> Tensor:
-    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
-
-
-def _as_channels(t: Tensor) -> Tensor:
-    """``(B, N, C, *S)`` -> ``(N, B * C, *S)`` (a view when N = 1 and ``t`` is contiguous)."""
-    B, N, C = t.shape[:3]
-    return t.movedim(0, 1).reshape(N, B * C, *t.shape[3:])
-
-
-def _from_channels(t: Tensor, B: int) -> Tensor:
-    N, BC = t.shape[:2]
-    return t.reshape(N, B, BC // B, *t.shape[2:]).movedim(0, 1)
-
-
-def _stats_as_channels(stats: Tensor, N: int) -> Tensor:
+def _statsas_channels(stats: Tensor, N: int) -> Tensor:
     """Per-member GroupNorm statistics ``(B, rows, N * G)`` -> those of the members-as-channels call,
     ``(rows, N * B * G)`` (its sets: sample-major, then the B * G groups)."""
     B, rows = stats.shape[:2]
@@ -388,7 +375,7 @@ class _GNProxyAct(torch.autograd.Function):
         cfg: tuple[Any, ...],
     ) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
         B = info.batch_size
-        x = _batch_first(x, in_dims[0], B)
+        x = batch_first(x, in_dims[0], B)
         N = x.shape[1]
         if all(d is None for d in in_dims[1:6]):  # shared parameters: the members are more samples
             out, stats, m, r = _GNProxyAct.apply(x.reshape(B * N, *x.shape[2:]), w, b, pb, pw, u, cfg)
@@ -396,15 +383,15 @@ class _GNProxyAct(torch.autograd.Function):
             return (out.reshape(x.shape), stats, m, r), (0, 1, None, None)
         if in_dims[5] is not None:  # (the points vmapped too: one member at a time)
             us = u.movedim(in_dims[5], 0)
-            ps = [_batch_first(p, d, B) for p, d in zip((w, b, pb, pw), in_dims[1:5])]
+            ps = [batch_first(p, d, B) for p, d in zip((w, b, pb, pw), in_dims[1:5])]
             per = [_GNProxyAct.apply(x[i], *(p[i] for p in ps), us[i], cfg) for i in range(B)]
             return tuple(torch.stack(col) for col in zip(*per)), (0, 0, 0, 0)
         # per-member parameters: the members become channels (groups: B * G)
-        ps = [_batch_first(p, d, B).reshape(-1) for p, d in zip((w, b, pb, pw), in_dims[1:5])]
+        ps = [batch_first(p, d, B).reshape(-1) for p, d in zip((w, b, pb, pw), in_dims[1:5])]
         wide = (cfg[0] * B, *cfg[1:])
-        out, stats, m, r = _GNProxyAct.apply(_as_channels(x), *ps, u, wide)
+        out, stats, m, r = _GNProxyAct.apply(as_channels(x), *ps, u, wide)
         stats = _stats_from_channels(stats, N, B) if stats.numel() else stats.expand(B, 0)
-        return (_from_channels(out, B), stats, m.reshape(B, -1), r.reshape(B, -1)), (0, 0, 0, 0)
+        return (from_channels(out, x.shape), stats, m.reshape(B, -1), r.reshape(B, -1)), (0, 0, 0, 0)
 
 
 class _GNProxyActBackward(torch.autograd.Function):
@@ -435,30 +422,8 @@ class _GNProxyActBackward(torch.autograd.Function):
         spec, code, slope = plan
         if dout.dtype != x.dtype or dout.stride() != x.stride():
             dout = torch.empty_like(x).copy_(dout)
-        dx = torch.empty_like(x) if needs[0] else None
-        sums = torch.empty(4, spec.C, dtype=torch.float64)
-        _build.lib().normkit_gn_act_backward(
-            _CODE[x.dtype],
-            dout.data_ptr(),
-            x.data_ptr(),
-            ps[0].data_ptr(),
-            ps[1].data_ptr(),
-            m.contiguous().data_ptr(),
-            r.contiguous().data_ptr(),
-            stats.contiguous().data_ptr(),
-            None if dx is None else dx.data_ptr(),
-            sums.data_ptr(),
-            spec.mode,
-            spec.N,
-            spec.C,
-            spec.S,
-            spec.G,
-            code,
-            slope,
-        )
-        sums = sums.to(m.dtype)
-        dw, db, dpb, dpw = _stats_backward(ps, u, code, slope, m, r, -(sums[2] * r), sums[3])
-        grads = (dx, dw.add_(sums[0]), db.add_(sums[1]), dpb, dpw)
+        mc, rc = m.contiguous(), r.contiguous()
+        grads = _gn_act_backward(dout, x, ps, u, mc, rc, stats.contiguous(), spec, code, slope, needs[0])
         return tuple(
             g.to(t.dtype) for g, t, keep in zip(grads, (x, w, b, pb, pw), needs) if keep and g is not None
         )
@@ -499,9 +464,9 @@ class _GNProxyActBackward(torch.autograd.Function):
         needs: tuple[bool, ...],
     ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
         B = info.batch_size
-        dout, x = _batch_first(dout, in_dims[0], B), _batch_first(x, in_dims[1], B)
+        dout, x = batch_first(dout, in_dims[0], B), batch_first(x, in_dims[1], B)
         N = x.shape[1]
-        stats = _batch_first(stats, in_dims[7], B)
+        stats = batch_first(stats, in_dims[7], B)
         out_dims = tuple(0 for keep in needs if keep)
         shared = all(d is None for d in (*in_dims[2:7], *in_dims[8:10]))
         if shared and not any(needs[1:]):  # only dx, shared parameters: the members are more samples
@@ -511,8 +476,8 @@ class _GNProxyActBackward(torch.autograd.Function):
             return (dx.reshape(x.shape),), out_dims
         if in_dims[6] is not None:  # (the points vmapped too: one member at a time)
             us = u.movedim(in_dims[6], 0)
-            vs = [_batch_first(t, d, B) for t, d in zip((w, b, pb, pw), in_dims[2:6])]
-            ms = [_batch_first(t, d, B) for t, d in zip((m, r), in_dims[8:10])]
+            vs = [batch_first(t, d, B) for t, d in zip((w, b, pb, pw), in_dims[2:6])]
+            ms = [batch_first(t, d, B) for t, d in zip((m, r), in_dims[8:10])]
             per = [
                 _GNProxyActBackward.apply(
                     dout[i],
@@ -533,21 +498,21 @@ class _GNProxyActBackward(torch.autograd.Function):
             return tuple(torch.stack(col) for col in zip(*per)), out_dims
         # per-member gradients (or parameters): the members become channels
         vs = [
-            _batch_first(t, d, B).reshape(-1)
+            batch_first(t, d, B).reshape(-1)
             for t, d in zip((w, b, pb, pw, m, r), (*in_dims[2:6], *in_dims[8:10]))
         ]
-        flat = _stats_as_channels(stats, N) if stats.shape[-1] else stats[0]
+        flat = _statsas_channels(stats, N) if stats.shape[-1] else stats[0]
         wide = (cfg[0] * B, *cfg[1:])
         wv, bv, pbv, pwv, mv, rv = vs
         got = _GNProxyActBackward.apply(
-            _as_channels(dout), _as_channels(x), wv, bv, pbv, pwv, u, flat, mv, rv, wide, needs
+            as_channels(dout), as_channels(x), wv, bv, pbv, pwv, u, flat, mv, rv, wide, needs
         )
         it = iter(got)
         back = []
         for i, keep in enumerate(needs):
             if keep:
                 g = next(it)
-                back.append(_from_channels(g, B) if i == 0 else g.reshape(B, -1))
+                back.append(from_channels(g, x.shape) if i == 0 else g.reshape(B, -1))
         return tuple(back), out_dims
 
 

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .. import kernels
 from . import _inductor, core
+from ._vmap import batch_first
 
 __all__ = ["exporting", "norm", "norm_stats", "proxy_act"]
 
@@ -210,13 +211,8 @@ def _op_backward(ctx: Any, dy: Tensor, _dstats: Tensor | None) -> tuple[Any, ...
 _norm_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-def _batch_first(t: Tensor, bdim: int | None, size: int) -> Tensor:
-    """``t`` with its vmapped dim first (an unbatched ``t`` expanded to ``size`` there, no copy)."""
-    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
-
-
 def _batched_param(p: Tensor | None, bdim: int | None, size: int) -> Tensor | None:
-    return None if p is None else _batch_first(p, bdim, size)
+    return None if p is None else batch_first(p, bdim, size)
 
 
 def _foldable(
@@ -301,7 +297,7 @@ class _NormFunction(torch.autograd.Function):
         eps: float,
     ) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
         B = info.batch_size
-        x = _batch_first(x, in_dims[0], B)
+        x = batch_first(x, in_dims[0], B)
         if _foldable(in_dims[1:4], weight, bias, mask, dims):
             y, stats = norm(_fold(x), weight, bias, dims, eps)
             return (_unfold(y, B), _unfold(stats, B, at=1)), (0, 1)
@@ -410,7 +406,7 @@ class _NormBackward(torch.autograd.Function):
         needs: tuple[bool, bool, bool],
     ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int | None, int | None, int | None]]:
         B = info.batch_size
-        dy, x = _batch_first(dy, in_dims[0], B), _batch_first(x, in_dims[1], B)
+        dy, x = batch_first(dy, in_dims[0], B), batch_first(x, in_dims[1], B)
         stats = (
             stats.movedim(in_dims[5], 1)
             if in_dims[5] is not None

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .._errors import NormError
 from . import _inductor
+from ._vmap import as_channels, batch_first, from_channels, member_vector
 from .core import _inplace_ok, acc_dtype, compiling
 
 __all__ = ["ACT_NAMES", "proxy_act", "proxy_act_composite"]
@@ -351,30 +352,6 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 _pn_op.register_autograd(_grads, setup_context=_setup)
 
 
-def _batch_first(t: Tensor, bdim: int | None, size: int) -> Tensor:
-    """``t`` with its vmapped dim first (an unbatched ``t`` expanded to ``size`` there, no copy)."""
-    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
-
-
-def _members(p: Tensor, bdim: int | None, size: int) -> Tensor:
-    """A member's ``(C,)`` vector, vmapped, as the ``(B * C,)`` vector of the members-as-channels view."""
-    return _batch_first(p, bdim, size).reshape(-1)
-
-
-def _as_channels(t: Tensor) -> Tensor:
-    """``(B, N, C, *S)`` -> ``(N, B * C, *S)``: the vmapped members as channels (a view when N = 1), so
-    that one call of the per-channel step, forward or backward, serves per-member vectors and gives
-    per-member sums."""
-    B, N, C = t.shape[:3]
-    return t.movedim(0, 1).reshape(N, B * C, *t.shape[3:])
-
-
-def _from_channels(t: Tensor, shape: Sequence[int]) -> Tensor:
-    """The inverse of :func:`_as_channels` (``shape``: the ``(B, N, C, *S)`` it came from)."""
-    B, N, C = shape[:3]
-    return t.reshape(N, B, C, *shape[3:]).movedim(0, 1)
-
-
 class _ProxyActBackward(torch.autograd.Function):
     """The step's backward (``dy, dweight, dbias, dm, drstd``) as a differentiable function.
 
@@ -382,8 +359,8 @@ class _ProxyActBackward(torch.autograd.Function):
     ``torch.func.grad`` / ``vjp`` / ``jacrev``): the first derivative runs on the fused kernel, as
     without recording, and only this function's own derivatives (double backward, ``hessian``)
     differentiate the ATen formula (:func:`backward_aten`). Its vmap rule makes the vmapped members
-    channels (:func:`_as_channels`), so that per-sample gradients are one call of the fused backward,
-    whose per-channel sums are then the per-member ones.
+    channels (:func:`normkit.ops._vmap.as_channels`), so that per-sample gradients are one call of the
+    fused backward, whose per-channel sums are then the per-member ones.
     """
 
     @staticmethod
@@ -449,11 +426,11 @@ class _ProxyActBackward(torch.autograd.Function):
         needs: tuple[bool, ...],
     ) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
         B = info.batch_size
-        dout, y = _batch_first(dout, in_dims[0], B), _batch_first(y, in_dims[1], B)
+        dout, y = batch_first(dout, in_dims[0], B), batch_first(y, in_dims[1], B)
         out_dims = tuple(0 if keep else None for keep in needs)
-        w, b, mm, r = (_members(p, d, B) for p, d in zip((weight, bias, m, rstd), in_dims[2:6]))
-        got = _ProxyActBackward.apply(_as_channels(dout), _as_channels(y), w, b, mm, r, act, slope, needs)
-        dy = _from_channels(got[0], y.shape) if needs[0] else got[0]
+        w, b, mm, r = (member_vector(p, d, B) for p, d in zip((weight, bias, m, rstd), in_dims[2:6]))
+        got = _ProxyActBackward.apply(as_channels(dout), as_channels(y), w, b, mm, r, act, slope, needs)
+        dy = from_channels(got[0], y.shape) if needs[0] else got[0]
         per_member = tuple(g.reshape(B, -1) if keep else g for g, keep in zip(got[1:], needs[1:]))
         return (dy, *per_member), out_dims
 
@@ -461,7 +438,8 @@ class _ProxyActBackward(torch.autograd.Function):
 class _ProxyActFunction(torch.autograd.Function):
     """Eager / ``torch.func`` wrapper: analytic backward (recomputing from ``y``), jvp and a vmap rule
     (shared per-channel vectors: one call on the vmapped dim folded into the samples, so the fused
-    step runs once per batch; per-member vectors, as in an ensemble: the step's ATen ops)."""
+    step runs once per batch; per-member vectors, as in an ensemble: the members as channels, one
+    call too)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -491,14 +469,14 @@ class _ProxyActFunction(torch.autograd.Function):
         slope: float,
     ) -> tuple[Tensor, int]:
         B = info.batch_size
-        y = _batch_first(y, in_dims[0], B)
+        y = batch_first(y, in_dims[0], B)
         if all(d is None for d in in_dims[1:5]) and y.dim() >= 3:
             out = proxy_act(y.reshape(-1, *y.shape[2:]), weight, bias, m, rstd, act, slope)
             return out.reshape(y.shape), 0
         # per-member vectors (an ensemble): the members become channels, one call of the step
-        w, b, mm, r = (_members(p, d, B) for p, d in zip((weight, bias, m, rstd), in_dims[1:5]))
-        out = proxy_act(_as_channels(y), w, b, mm, r, act, slope)
-        return _from_channels(out, y.shape), 0
+        w, b, mm, r = (member_vector(p, d, B) for p, d in zip((weight, bias, m, rstd), in_dims[1:5]))
+        out = proxy_act(as_channels(y), w, b, mm, r, act, slope)
+        return from_channels(out, y.shape), 0
 
     @staticmethod
     def jvp(ctx: Any, ty: Any, tw: Any, tb: Any, tm: Any, tr: Any, *_: Any) -> Tensor:  # type: ignore[override]

@@ -1,0 +1,58 @@
+"""Shared pieces of normkit's ``torch.func`` vmap rules.
+
+A rule receives its tensors with the vmapped dim wherever ``in_dims`` says (or none); these put it
+first, and turn the vmapped members of a per-channel computation into channels: for a per-channel
+step (Proxy Norm's activation, its statistics, GroupNorm's groups) the members' channels are
+independent, so ``(B, N, C, *S)`` becomes ``(N, B * C, *S)`` (a view when N = 1), one call of the
+unbatched kernel serves per-member parameters, and its per-channel sums are the per-member ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+__all__ = ["as_channels", "batch_first", "from_channels", "member_vector"]
+
+
+def batch_first(t: Tensor, bdim: int | None, size: int) -> Tensor:
+    """``t`` with its vmapped dim first (an unbatched ``t`` expanded to ``size`` there, no copy).
+
+    Example:
+        >>> import torch
+        >>> batch_first(torch.zeros(3, 5), 1, 5).shape, batch_first(torch.zeros(3), None, 4).shape
+        (torch.Size([5, 3]), torch.Size([4, 3]))
+    """
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
+
+
+def member_vector(p: Tensor, bdim: int | None, size: int) -> Tensor:
+    """A member's ``(C,)`` vector, vmapped, as the ``(B * C,)`` vector of :func:`as_channels`."""
+    return batch_first(p, bdim, size).reshape(-1)
+
+
+def as_channels(t: Tensor) -> Tensor:
+    """``(B, N, C, *S)`` -> ``(N, B * C, *S)``: the vmapped members as channels.
+
+    Example:
+        >>> import torch
+        >>> t = torch.arange(24.0).reshape(2, 1, 3, 4)      # two members, one sample each
+        >>> as_channels(t).shape, as_channels(t).data_ptr() == t.data_ptr()
+        (torch.Size([1, 6, 4]), True)
+    """
+    B, N, C = t.shape[:3]
+    return t.movedim(0, 1).reshape(N, B * C, *t.shape[3:])
+
+
+def from_channels(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """The inverse of :func:`as_channels` (``shape``: the ``(B, N, C, *S)`` it came from).
+
+    Example:
+        >>> import torch
+        >>> t = torch.randn(2, 3, 4, 5)
+        >>> torch.equal(from_channels(as_channels(t), t.shape), t)
+        True
+    """
+    B, N, C = shape[:3]
+    return t.reshape(N, B, C, *shape[3:]).movedim(0, 1)

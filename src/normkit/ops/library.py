@@ -83,7 +83,13 @@ def _dense(x: Tensor) -> Tensor:
     The ops give their output ``x``'s strides (``torch.empty_like`` in the fake), which only a
     dense input makes well defined.
     """
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) or _is_dense(x):
+    if x.is_contiguous():
+        return x
+    if torch._C._are_functorch_transforms_active() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        # a vmapped or grad-tracked tensor: functorch answers only the contiguous-format query (the other
+        # layouts raise NYI inside vmap), and the Function's rules reach the kernels with plain tensors
+        return x
+    if x.is_contiguous(memory_format=torch.channels_last) or _is_dense(x):
         return x
     return torch.empty_like(x).copy_(x)  # empty_like picks the memory format a non-dense x suggests
 

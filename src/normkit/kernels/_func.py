@@ -27,7 +27,7 @@ import torch
 import torch.utils._python_dispatch  # the attribute below is a submodule: import it explicitly
 from torch import Tensor
 
-from ..ops._vmap import as_channels, batch_first, from_channels
+from ..ops._vmap import as_channels, batch_first, from_channels, member_vector
 from . import _build
 from ._fast import (
     _CODE,
@@ -97,10 +97,7 @@ def _vmapped_stats_call(
     vector vmapped to ``(B, C)`` becomes a ``(B * C,)`` one (the statistics are per channel, so the
     members' channels are independent), and each output ``(B * C,)`` goes back to ``(B, C)``."""
     B = info.batch_size
-    flat = [
-        (v.movedim(d, 0) if d is not None else v.expand(B, *v.shape)).reshape(-1)
-        for v, d in zip(vectors, in_dims)
-    ]
+    flat = [member_vector(v, d, B) for v, d in zip(vectors, in_dims)]
     if in_dims[len(vectors)] is not None:  # (points vmapped too: one member at a time)
         us = u.movedim(in_dims[len(vectors)], 0)
         C = flat[0].shape[0] // B

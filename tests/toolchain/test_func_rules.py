@@ -628,3 +628,85 @@ def test_per_sample_gradients_compile_with_inductor():
     torch._dynamo.reset()
     for k in want:
         _close(got[k], want[k], k)
+
+
+# --- regressions found by probing layers x transforms (2026-12-06) ----------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["group_norm", "layer_norm_last", "layer_norm_2d", "instance_norm"])
+def test_grad_and_jvp_of_a_strided_input_equal_the_reference(name, backend):
+    """A strided view under grad / jvp (a transform wraps it, so the layout check passes it on): the
+    kernels must not read it as dense memory (they once did, silently wrong)."""
+    run, ref, _ = OPS[name]
+    x = _t((3, 8, 5, 8), 90)[..., ::2]
+    w, b = _affine(name, 91)
+    dy, tx = _t(x.shape, 92), _t(x.shape, 93)
+    with kernels.use(backend):
+        out, vjp_fn = torch.func.vjp(lambda x: run(x, w, b), x)
+        (gx,) = vjp_fn(dy)
+        _, tangent = torch.func.jvp(lambda x: run(x, w, b), (x,), (tx,))
+    leaf = x.clone().requires_grad_()
+    want = ref(leaf, w, b)
+    _close(out, want.detach(), f"{name} value")
+    _close(gx, torch.autograd.grad(want, leaf, dy)[0], f"{name} grad")
+    _close(tangent, torch.func.jvp(lambda x: ref(x, w, b), (x,), (tx,))[1], f"{name} tangent")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jacrev_of_proxy_norm_act_on_a_channels_last_input_equals_its_definition(backend):
+    """jacrev vmaps the backward over a channels-last cotangent (it once tried an in-place copy of the
+    vmapped cotangent into y's layout)."""
+    u = NF.proxy_points(200, dtype=F64)
+    y = _t((1, 3, 2, 2), 94).contiguous(memory_format=torch.channels_last)
+    w, b, pb, pw = (1 + 0.3 * _t((3,), 95), 0.2 * _t((3,), 96), 0.1 * _t((3,), 97), 0.1 * _t((3,), 98))
+    with kernels.use(backend):
+        got = jacrev(lambda y: NF.proxy_norm_act(y, w, b, pb, pw, "relu", points=u))(y)
+    want = torch.autograd.functional.jacobian(lambda y: _proxy_oracle(y, w, b, pb, pw, u), y)
+    _close(got, want, "jacobian")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_of_grad_of_group_norm_proxy_act_equals_its_definition(backend):
+    """grad of grad through the fused Function (its recorded backward's derivative once hit a
+    functorch internal assert: normkit's own norm Functions nested inside its torch.func.vjp)."""
+    u = NF.proxy_points(200, dtype=F64)
+    x = _t((2, 6, 3, 3), 99, offset=0.2)
+    r = _t(x.shape, 100)
+    params = _gn_pn_params(101)
+
+    def second(step):
+        inner = grad(lambda z: (torch.tanh(step(z, *params, u)) * r).sum())
+        return grad(lambda z: inner(z).square().sum())(x)
+
+    with kernels.use(backend):
+        got = second(_gn_pn)
+    _close(got, second(_gn_pn_oracle), "d/dx |d/dx f|^2")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_instance_norm_tracking_stats_trains_under_grad_as_torch_nn(backend):
+    """InstanceNorm2d(track_running_stats=True) in train mode under grad: torch.nn updates its buffers
+    inside the ATen op; normkit's layer stores the values (it once raised functorch's error for an
+    in-place op on a captured tensor)."""
+    x = _t((2, 6, 4, 5), 102, scale=3.0, offset=1.0)
+    ours = nkn.InstanceNorm2d(6, affine=True, track_running_stats=True).double()
+    theirs = nn.InstanceNorm2d(6, affine=True, track_running_stats=True).double()
+    with kernels.use(backend):
+        got = grad(lambda z: (ours(z) ** 3).sum())(x)
+    want = grad(lambda z: (theirs(z) ** 3).sum())(x)
+    _close(got, want, "dx")
+    _close(ours.running_mean, theirs.running_mean, "running_mean")
+    _close(ours.running_var, theirs.running_var, "running_var")
+
+
+def test_batch_norm_training_under_vmap_names_the_fix():
+    """A training step under vmap would update one set of running statistics per member: refused with
+    the fixes named (torch.nn raises too), never functorch's generic in-place error."""
+    from normkit import NormError
+
+    bn = nkn.BatchNorm2d(6).train()
+    before = bn.running_mean.clone()
+    with pytest.raises(NormError, match="track_running_stats=False.*replace_all_batch_norm_modules_"):
+        vmap(bn)(_t((3, 4, 6, 5, 5), 103).float())
+    assert torch.equal(bn.running_mean, before)

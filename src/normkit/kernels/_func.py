@@ -265,13 +265,17 @@ def _gn_proxy_reference(
 ) -> Tensor:
     """The layer's step from normkit's reference (plain ops): what the derivatives of the recorded
     backward differentiate, and the forward where the kernels hand a batch back."""
-    from ..functional.group_norm import group_norm
     from ..functional.proxy_norm import proxy_norm_act
+    from ..ops import core
     from . import use
 
     groups, eps, act, peps = cfg
-    with use("reference"):
-        y = group_norm(x, groups, None, None, eps)
+    # GroupNorm by the reference's plain ops (normkit's own norm is a Function, whose rules would nest
+    # their torch.func calls inside this one's: grad of grad failed there)
+    N, C = x.shape[:2]
+    xv = x.reshape(N, groups, C // groups, *x.shape[2:])
+    y = core.norm_forward(xv, None, None, None, tuple(range(2, xv.dim())), eps)[0].reshape(x.shape)
+    with use("reference"):  # (the statistics and the step as plain ops too)
         return proxy_norm_act(y, w, b, pb, pw, act, peps, u.shape[0], points=u, memory_efficient=False)
 
 

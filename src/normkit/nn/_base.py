@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from .._errors import NormError
 from ..functional._checks import check_eps, check_momentum, check_positive_int
@@ -114,14 +117,37 @@ def store_stats(
     """
     if out.running_mean is not None and running_mean is not None and out.running_mean is not running_mean:
         assert running_var is not None and out.running_var is not None
-        with torch.no_grad():
-            running_mean.copy_(out.running_mean)
-            running_var.copy_(out.running_var)
-            if out.num_batches_tracked is not None and num_batches_tracked is not None:
+        new_mean, new_var, new_count = out.running_mean, out.running_var, out.num_batches_tracked
+        outside = contextlib.nullcontext()
+        if torch._C._are_functorch_transforms_active() and not is_functorch_wrapped_tensor(running_mean):
+            # buffers from outside the transforms (grad / jvp: store the values, outside the transforms, as
+            # torch.nn's norms update theirs inside the ATen op, below them; vmap: refused)
+            new_mean, new_var, new_count = (_plain(t) for t in (new_mean, new_var, new_count))
+            outside = temporarily_clear_interpreter_stack()
+        with torch.no_grad(), outside:
+            running_mean.copy_(new_mean)  # type: ignore[arg-type]
+            running_var.copy_(new_var)  # type: ignore[arg-type]
+            if new_count is not None and num_batches_tracked is not None:
                 if num_skipped_updates is not None:
-                    num_skipped_updates.add_(num_batches_tracked + 1 - out.num_batches_tracked)
-                num_batches_tracked.copy_(out.num_batches_tracked)
+                    num_skipped_updates.add_(num_batches_tracked + 1 - new_count)
+                num_batches_tracked.copy_(new_count)
     return out.output
+
+
+def _plain(t: Tensor | None) -> Tensor | None:
+    """The value of updated running statistics computed under ``torch.func`` transforms, for the module's
+    buffers (which live outside them, as torch.nn's norms update theirs inside the ATen op): a
+    ``grad`` / ``jvp`` wrapper is unwrapped; a vmapped value has no single one to store."""
+    while t is not None and is_functorch_wrapped_tensor(t):
+        if is_batchedtensor(t):
+            raise NormError(
+                "a training step under torch.func.vmap updates the running statistics in place, but the "
+                "running statistics are not vmapped (one set for all the members): use "
+                "track_running_stats=False, eval mode, or torch.func.replace_all_batch_norm_modules_; for "
+                "per-member statistics, vmap over the buffers too (torch.func.stack_module_state)"
+            )
+        t = get_unwrapped(t)
+    return t
 
 
 class _StatsMixin:

@@ -85,12 +85,12 @@ def _dense(x: Tensor) -> Tensor:
     """
     if x.is_contiguous():
         return x
-    if torch._C._are_functorch_transforms_active() and torch._C._functorch.is_functorch_wrapped_tensor(x):
-        # a vmapped or grad-tracked tensor: functorch answers only the contiguous-format query (the other
-        # layouts raise NYI inside vmap), and the Function's rules reach the kernels with plain tensors
-        return x
-    if x.is_contiguous(memory_format=torch.channels_last) or _is_dense(x):
-        return x
+    try:
+        if x.is_contiguous(memory_format=torch.channels_last) or _is_dense(x):
+            return x
+    except RuntimeError:
+        # inside vmap functorch answers only the contiguous-format query (the other layouts raise NYI)
+        return x.contiguous()
     return torch.empty_like(x).copy_(x)  # empty_like picks the memory format a non-dense x suggests
 
 

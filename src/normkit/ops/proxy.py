@@ -324,7 +324,8 @@ _inductor.register_op("proxy_norm_act_backward", _pn_backward_impl, _pn_backward
 def _grads(ctx: Any, dout: Tensor) -> tuple[Any, ...]:
     y, weight, bias, m, rstd = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
-    dout = dout if dout.stride() == y.stride() else torch.empty_like(y, dtype=dout.dtype).copy_(dout)
+    if dout.stride() != y.stride() and torch._C._has_storage(dout):  # (the fused kernels want y's layout;
+        dout = torch.empty_like(y, dtype=dout.dtype).copy_(dout)  # a vmapped dout is laid out by the rules)
     if compiling():
         if torch.is_grad_enabled():  # (compiling with create_graph=True: the formula, traced)
             grads: tuple[Any, ...] = backward_aten(dout, y, weight, bias, m, rstd, ctx.act, ctx.slope, needs)

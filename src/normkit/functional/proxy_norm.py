@@ -210,7 +210,7 @@ def proxy_norm_act(
     return proxy_act_composite(y, weight, bias, m, rstd, act)
 
 
-def gn_proxy_kernels(x: Tensor) -> Callable[..., Tensor | None] | None:
+def _gn_proxy_kernels(x: Tensor) -> Callable[..., Tensor | None] | None:
     """The fused GroupNorm + Proxy Norm activation for a call on ``x`` (``gn_proxy_act(x, groups, eps,
     weight, bias, proxy_bias, proxy_weight, points, activation, proxy_eps)``, ``None`` where it does not
     take the case), or ``None``: eager CPU, the C++ kernels (one pass each way); a GPU, Triton's;
@@ -291,7 +291,7 @@ def group_norm_proxy_act(
             raise TypeError(f"{op}: {name} is required (a (C,) tensor), got None")
         check_param(p, x, (C,), op, name)
     if x.dim() >= 3:
-        fused = gn_proxy_kernels(x)
+        fused = _gn_proxy_kernels(x)
         if fused is not None:
             u = points if points is not None else _points(num_points, torch.float64, x.device)
             out = fused(x, groups, eps, weight, bias, proxy_bias, proxy_weight, u, activation, proxy_eps)

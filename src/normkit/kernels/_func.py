@@ -27,7 +27,7 @@ import torch
 import torch.utils._python_dispatch  # the attribute below is a submodule: import it explicitly
 from torch import Tensor
 
-from ..ops._vmap import as_channels, batch_first, from_channels, member_vector
+from ..ops._vmap import as_channels, batch_first, dense_tangents, from_channels, member_vector
 from . import _build
 from ._fast import (
     _CODE,
@@ -136,7 +136,7 @@ class _FuncProxyStats(torch.autograd.Function):
     def jvp(ctx: Any, *tangents: Any) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         w, b, pb, pw, u, _m, _r = ctx.saved_tensors
         primals = (w, b, pb, pw)
-        ts = tuple(t if t is not None else torch.zeros_like(p) for t, p in zip(tangents[:4], primals))
+        ts = dense_tangents(tangents[:4], primals)
         return torch.func.jvp(_composite_stats_of(ctx.rest[0], ctx.rest[3], u), primals, ts)[1]
 
     @staticmethod
@@ -194,7 +194,7 @@ class _FuncProxyStatsBackward(torch.autograd.Function):
     def jvp(ctx: Any, *tangents: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
         *primals, u = ctx.saved_tensors
         tin = (*tangents[:4], *tangents[7:9])
-        ts = tuple(t if t is not None else torch.zeros_like(p) for t, p in zip(tin, primals))
+        ts = dense_tangents(tin, primals)
         return torch.func.jvp(_composite_stats_grads_of(ctx.act, ctx.eps, u), tuple(primals), ts)[1]
 
     @staticmethod
@@ -357,7 +357,7 @@ class _GNProxyAct(torch.autograd.Function):
     def jvp(ctx: Any, *tangents: Any) -> tuple[Any, ...]:  # type: ignore[override]
         x, w, b, pb, pw, u = ctx.saved_tensors[:6]
         primals = (x, w, b, pb, pw)
-        ts = tuple(t if t is not None else torch.zeros_like(p) for t, p in zip(tangents[:5], primals))
+        ts = dense_tangents(tangents[:5], primals)
         tout = torch.func.jvp(
             lambda x, w, b, pb, pw: _gn_proxy_reference(x, w, b, pb, pw, u, ctx.cfg), primals, ts
         )[1]
@@ -444,7 +444,7 @@ class _GNProxyActBackward(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
         *primals, u = ctx.saved_tensors
-        ts = tuple(t if t is not None else torch.zeros_like(p) for t, p in zip(tangents[:6], primals))
+        ts = dense_tangents(tangents[:6], primals)
         return torch.func.jvp(_gn_proxy_grads_of(u, ctx.cfg, ctx.needs), tuple(primals), ts)[1]
 
     @staticmethod

@@ -11,7 +11,7 @@ from .. import functional as F
 from .._errors import NormError
 from ..functional._checks import check_eps, check_groups, check_positive_int
 from ..functional.activations import ActivationLike, get_activation
-from ..functional.proxy_norm import gn_proxy_kernels
+from ..functional.proxy_norm import _gn_proxy_kernels
 from ._base import check_channels, fx_leaf
 from .registry import default_groups as _default_groups
 from .registry import register_norm
@@ -189,7 +189,7 @@ class GroupNormProxyAct2d(ProxyNormAct):
             return leaf
         check_channels(input, self.num_features, type(self).__name__)
         # eager CPU, a GPU, torch.func on a CPU: GN and the step fused (F.group_norm_proxy_act's kernels)
-        fused = gn_proxy_kernels(input)
+        fused = _gn_proxy_kernels(input)
         if fused is not None:
             out = fused(
                 input,

@@ -1,4 +1,4 @@
-"""Shared pieces of normkit's ``torch.func`` vmap rules.
+"""Shared pieces of normkit's ``torch.func`` rules (vmap, and the jvp of a composite).
 
 A rule receives its tensors with the vmapped dim wherever ``in_dims`` says (or none); these put it
 first, and turn the vmapped members of a per-channel computation into channels: for a per-channel
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
-__all__ = ["as_channels", "batch_first", "from_channels", "member_vector"]
+__all__ = ["as_channels", "batch_first", "dense_tangents", "from_channels", "member_vector"]
 
 
 def batch_first(t: Tensor, bdim: int | None, size: int) -> Tensor:
@@ -56,3 +57,14 @@ def from_channels(t: Tensor, shape: Sequence[int]) -> Tensor:
     """
     B, N, C = shape[:3]
     return t.reshape(N, B, C, *shape[3:]).movedim(0, 1)
+
+
+def dense_tangents(tangents: Sequence[Tensor | None], primals: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """A Function's jvp tangents for ``torch.func.jvp`` of its composite: zeros where autograd gave none.
+
+    Example:
+        >>> import torch
+        >>> [t.tolist() for t in dense_tangents([None, torch.ones(2)], [torch.ones(1), torch.ones(2)])]
+        [[0.0], [1.0, 1.0]]
+    """
+    return tuple(t if t is not None else torch.zeros_like(p) for t, p in zip(tangents, primals))

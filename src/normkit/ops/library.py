@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .. import kernels
 from . import _inductor, core
-from ._vmap import batch_first
+from ._vmap import batch_first, dense_tangents
 
 __all__ = ["exporting", "norm", "norm_stats", "proxy_act"]
 
@@ -391,7 +391,7 @@ class _NormBackward(torch.autograd.Function):
     ) -> tuple[Tensor, ...]:  # type: ignore[override]
         dy, x, weight, bias, mask, stats = ctx.saved_tensors
         fn, primals = _composite_grads(ctx, dy, x, weight, bias, mask, stats)
-        tangents = tuple(t if t is not None else torch.zeros_like(p) for t, p in zip((tdy, tx, tw), primals))
+        tangents = dense_tangents((tdy, tx, tw), primals)
         out = torch.func.jvp(fn, primals, tangents)[1]
         it = iter(out)
         empty = x.new_empty(0)

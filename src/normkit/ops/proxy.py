@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._errors import NormError
 from . import _inductor
-from ._vmap import as_channels, batch_first, from_channels, member_vector
+from ._vmap import as_channels, batch_first, dense_tangents, from_channels, member_vector
 from .core import _inplace_ok, acc_dtype, compiling
 
 __all__ = ["ACT_NAMES", "proxy_act", "proxy_act_composite"]
@@ -407,7 +407,7 @@ class _ProxyActBackward(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
         primals = ctx.saved_tensors
-        ts = tuple(t if t is not None else torch.zeros_like(p) for t, p in zip(tangents[:6], primals))
+        ts = dense_tangents(tangents[:6], primals)
         out = iter(torch.func.jvp(_ProxyActBackward._formula(ctx), primals, ts)[1])
         like = primals[1:6]
         return tuple(next(out) if keep else t.new_empty(0) for keep, t in zip(ctx.needs, like))

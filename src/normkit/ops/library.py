@@ -33,11 +33,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.utils._python_dispatch  # (a submodule: imported explicitly for the check below)
 from torch import Tensor
 
 from .. import kernels
 from . import _inductor, core
 from ._vmap import batch_first, dense_tangents
+
+_JVP = torch._C._functorch.TransformType.Jvp  # type: ignore[attr-defined]
 
 __all__ = ["exporting", "norm", "norm_stats", "proxy_act"]
 
@@ -313,17 +316,18 @@ class _NormFunction(torch.autograd.Function):
 
 
 def _composite_grads(
-    ctx: Any,
     dy: Tensor,
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     mask: Tensor | None,
     stats: Tensor,
+    dims: tuple[int, ...],
+    eps: float,
+    needs: Sequence[bool],
 ) -> tuple[Any, tuple[Tensor, ...]]:
     """The backward as a differentiable function of ``(dy, x[, weight])`` returning the needed gradients
     (in their inputs' dtypes), and those primals: what :class:`_NormBackward` differentiates."""
-    dims, eps, needs = ctx.dims, ctx.eps, ctx.needs
 
     def grads(dy: Tensor, x: Tensor, weight: Tensor | None = None) -> tuple[Tensor, ...]:
         dx, dw, db = core.norm_backward_composite(dy, x, weight, bias, mask, stats, dims, eps, needs)
@@ -339,6 +343,33 @@ def _composite_grads(
 def _which(needs: Sequence[bool], weight: Tensor | None, bias: Tensor | None) -> tuple[bool, bool, bool]:
     """Which of ``(dx, dweight, dbias)`` the backward computes (the rest are empty tensors / ``None``)."""
     return bool(needs[0]), bool(needs[1]) and weight is not None, bool(needs[2]) and bias is not None
+
+
+def _double_backward(
+    gdx: Tensor | None,
+    gdw: Tensor | None,
+    gdb: Tensor | None,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stats: Tensor,
+    dims: Sequence[int],
+    eps: float,
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d dy, d x, d weight)`` (an empty tensor for the weight without one): the vjp of the backward's
+    composite recomputation with the cotangents ``(gdx, gdweight, gdbias)`` (``None``: zero)."""
+    fn, primals = _composite_grads(dy, x, weight, bias, mask, stats, tuple(dims), eps, needs)
+    wanted = _which(needs, weight, bias)
+    cotangents = tuple(
+        g if g is not None else torch.zeros_like(like)  # type: ignore[arg-type]
+        for g, keep, like in zip((gdx, gdw, gdb), wanted, (x, weight, bias))
+        if keep
+    )
+    got = torch.func.vjp(fn, *primals)[1](cotangents)
+    return got[0], got[1], (got[2] if len(got) > 2 else x.new_empty(0))
 
 
 class _NormBackward(torch.autograd.Function):
@@ -378,19 +409,15 @@ class _NormBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, gdx: Tensor, gdw: Tensor, gdb: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         dy, x, weight, bias, mask, stats = ctx.saved_tensors
-        fn, primals = _composite_grads(ctx, dy, x, weight, bias, mask, stats)
-        vjp = torch.func.vjp(fn, *primals)[1]
-        cotangents = tuple(g for g, keep in zip((gdx, gdw, gdb), _which(ctx.needs, weight, bias)) if keep)
-        got = vjp(cotangents)
-        gw = got[2] if len(got) > 2 else None
-        return got[0], got[1], gw, None, None, None, None, None, None
+        got = _double_backward(gdx, gdw, gdb, dy, x, weight, bias, mask, stats, ctx.dims, ctx.eps, ctx.needs)
+        return got[0], got[1], got[2] if weight is not None else None, None, None, None, None, None, None
 
     @staticmethod
     def jvp(
         ctx: Any, tdy: Tensor | None, tx: Tensor | None, tw: Tensor | None, *_: Any
     ) -> tuple[Tensor, ...]:  # type: ignore[override]
         dy, x, weight, bias, mask, stats = ctx.saved_tensors
-        fn, primals = _composite_grads(ctx, dy, x, weight, bias, mask, stats)
+        fn, primals = _composite_grads(dy, x, weight, bias, mask, stats, ctx.dims, ctx.eps, ctx.needs)
         tangents = dense_tangents((tdy, tx, tw), primals)
         out = torch.func.jvp(fn, primals, tangents)[1]
         it = iter(out)
@@ -398,44 +425,52 @@ class _NormBackward(torch.autograd.Function):
         return tuple(next(it) if keep else empty.clone() for keep in _which(ctx.needs, weight, bias))
 
     @staticmethod
-    def vmap(  # type: ignore[override]
-        info: Any,
-        in_dims: tuple[Any, ...],
-        dy: Tensor,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        mask: Tensor | None,
-        stats: Tensor,
-        dims: tuple[int, ...],
-        eps: float,
-        needs: tuple[bool, bool, bool],
-    ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int | None, int | None, int | None]]:
-        B = info.batch_size
-        dy, x = batch_first(dy, in_dims[0], B), batch_first(x, in_dims[1], B)
-        stats = (
-            stats.movedim(in_dims[5], 1)
-            if in_dims[5] is not None
-            else stats.unsqueeze(1).expand(stats.shape[0], B, *stats.shape[1:])
-        )
-        need_x, need_w, need_b = _which(needs, weight, bias)
-        out_dims = (0 if need_x else None, 0 if need_w else None, 0 if need_b else None)
+    def vmap(info: Any, in_dims: tuple[Any, ...], *args: Any) -> Any:  # type: ignore[override]
+        return _backward_vmap(_NormBackward.apply, info, in_dims, *args)
 
-        def with_the_vmapped_dim(wanted: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor]:
-            # the sets gain the vmapped dim; the affine gets it too (expanded where shared), so that its
-            # gradients stay per member (the reference's sums: no kernel pattern takes an expanded affine)
-            w, b, m = (_batched_param(t, d, B) for t, d in zip((weight, bias, mask), in_dims[2:5]))
-            return _NormBackward.apply(dy, x, w, b, m, stats, tuple(d + 1 for d in dims), eps, wanted)
 
-        if not _foldable(in_dims[2:5], weight, bias, mask, dims):
-            return with_the_vmapped_dim(needs), out_dims
-        dx = dw = db = x.new_empty(0)
-        if need_x:  # one call of the unbatched pattern on the folded batch
-            folded = (_fold(dy), _fold(x), weight, bias, None, _fold(stats, at=1))
-            dx = _unfold(_NormBackward.apply(*folded, dims, eps, (True, False, False))[0], B)
-        if need_w or need_b:  # per-member affine gradients
-            _, dw, db = with_the_vmapped_dim((False, need_w, need_b))
-        return (dx, dw, db), out_dims
+def _backward_vmap(
+    apply: Any,
+    info: Any,
+    in_dims: tuple[Any, ...],
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stats: Tensor,
+    dims: tuple[int, ...],
+    eps: float,
+    needs: tuple[bool, bool, bool],
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int | None, int | None, int | None]]:
+    """The backward's vmap rule, calling ``apply`` (:class:`_NormBackward`'s, or the ``normkit_func`` op)
+    with the backward's arguments: ``dx`` on the folded batch where the pattern folds, per-member affine
+    gradients with the vmapped dim as one more set dim."""
+    B = info.batch_size
+    dy, x = batch_first(dy, in_dims[0], B), batch_first(x, in_dims[1], B)
+    stats = (
+        stats.movedim(in_dims[5], 1)
+        if in_dims[5] is not None
+        else stats.unsqueeze(1).expand(stats.shape[0], B, *stats.shape[1:])
+    )
+    need_x, need_w, need_b = _which(needs, weight, bias)
+    out_dims = (0 if need_x else None, 0 if need_w else None, 0 if need_b else None)
+
+    def with_the_vmapped_dim(wanted: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor]:
+        # the sets gain the vmapped dim; the affine gets it too (expanded where shared), so that its
+        # gradients stay per member (the reference's sums: no kernel pattern takes an expanded affine)
+        w, b, m = (_batched_param(t, d, B) for t, d in zip((weight, bias, mask), in_dims[2:5]))
+        return apply(dy, x, w, b, m, stats, tuple(d + 1 for d in dims), eps, wanted)
+
+    if not _foldable(in_dims[2:5], weight, bias, mask, dims):
+        return with_the_vmapped_dim(needs), out_dims
+    dx = dw = db = x.new_empty(0)
+    if need_x:  # one call of the unbatched pattern on the folded batch
+        folded = (_fold(dy), _fold(x), weight, bias, None, _fold(stats, at=1))
+        dx = _unfold(apply(*folded, dims, eps, (True, False, False))[0], B)
+    if need_w or need_b:  # per-member affine gradients
+        _, dw, db = with_the_vmapped_dim((False, need_w, need_b))
+    return (dx, dw, db), out_dims
 
 
 class _NormFunctionEager(torch.autograd.Function):
@@ -495,11 +530,80 @@ def norm(
             return core.norm_forward(x, weight, bias, mask, dims, float(eps))
         return torch.ops.normkit.norm(x, weight, bias, mask, list(dims), float(eps))
     if torch._C._are_functorch_transforms_active():
+        if _func_ops_ready():
+            return torch.ops.normkit_func.norm(x, weight, bias, mask, list(dims), float(eps))  # type: ignore[no-any-return]
         return _NormFunction.apply(x, weight, bias, mask, dims, float(eps))  # type: ignore[no-any-return]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if not needs_grad and torch.autograd.forward_ad._current_level < 0:
         return kernels.norm_forward(x, weight, bias, mask, dims, float(eps))  # nothing to differentiate
     return _NormFunctionEager.apply(x, weight, bias, mask, dims, float(eps))  # type: ignore[no-any-return]
+
+
+# ---- torch.func: the normkit_func ops (C++ autograd kernels) -----------------------------------------
+# Under a torch.func transform an autograd.Function costs about 0.25 ms of torch's Python per call
+# (custom_function_call), and a norm is two of them under grad. The optional C++ module
+# (kernels/csrc/autograd.cpp) defines the same pair as dispatcher ops with C++ autograd kernels, as
+# torch's own norms are; here they get their backend kernels (the kernels' dispatch, as the Functions'
+# forwards) and the same vmap rules. A jvp transform or forward AD keeps the Functions: the ops have no
+# forward-mode rule.
+_func_ops: dict[str, Any] = {"ready": False, "tried": False, "lib": None}
+
+
+def _func_kernel(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: list[int], eps: float
+) -> tuple[Tensor, Tensor]:
+    return kernels.norm_forward(x, weight, bias, mask, tuple(dims), eps)
+
+
+def _func_backward_kernel(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stats: Tensor,
+    dims: list[int],
+    eps: float,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _NormBackward.forward(dy, x, weight, bias, mask, stats, tuple(dims), eps, tuple(needs))  # type: ignore[arg-type]
+
+
+def _func_backward_op(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    dy, x, weight, bias, mask, stats, dims, eps, needs = args
+    return torch.ops.normkit_func.norm_backward(  # type: ignore[no-any-return]
+        dy, x, weight, bias, mask, stats, list(dims), float(eps), list(needs)
+    )
+
+
+def _func_ops_ready() -> bool:
+    """Whether :func:`norm` under this torch.func transform takes the ``normkit_func`` ops: the C++
+    module loaded (built on first use where the CPU kernels are the backend), no jvp transform or
+    forward AD, no dispatch mode or tracer."""
+    if not _func_ops["ready"]:
+        if _func_ops["tried"] or kernels.current() not in ("auto", "cpu"):
+            return False
+        _func_ops["tried"] = True
+        mod = kernels._build.autograd_module()
+        if mod is None or not hasattr(mod, "set_double_backward"):
+            return False
+        mod.set_double_backward(_double_backward)  # type: ignore[attr-defined]
+        lib = torch.library.Library("normkit_func", "IMPL")
+        lib.impl("norm", _func_kernel, "CompositeExplicitAutograd")
+        lib.impl("norm_backward", _func_backward_kernel, "CompositeExplicitAutograd")
+        torch.library.register_vmap("normkit_func::norm", _NormFunction.vmap, lib=lib)
+        torch.library.register_vmap(
+            "normkit_func::norm_backward",
+            lambda info, in_dims, *a: _backward_vmap(_func_backward_op, info, in_dims, *a),
+            lib=lib,
+        )
+        _func_ops["lib"], _func_ops["ready"] = lib, True
+    return (
+        torch.autograd.forward_ad._current_level < 0
+        and not any(i.key() == _JVP for i in torch._C._functorch.get_interpreter_stack() or ())  # type: ignore[attr-defined]
+        and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+        and not exporting()
+    )
 
 
 def norm_stats(stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:

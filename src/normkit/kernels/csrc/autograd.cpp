@@ -8,12 +8,18 @@
 // It uses torch's C++ API (not the stable ABI: autograd is not part of it), so it is built per torch
 // and Python version, next to normkit_cpu, and is optional: without it the Python Function runs. It
 // never links normkit_cpu: Python hands it the kernels' C entry points (ctypes addresses) once.
+//
+// It also defines the `normkit_func` ops: the norm and its backward as dispatcher ops with C++ autograd
+// kernels, which normkit takes under torch.func transforms (see the section near the end).
 
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 namespace {
 
@@ -528,10 +534,194 @@ void init(int64_t fwd, int64_t train, int64_t bwd, int64_t gnact_fwd, int64_t gn
   k_pstats_bwd = reinterpret_cast<pstats_bwd_t>(pstats_bwd);
 }
 
+// ---- torch.func: the norm as dispatcher ops with a C++ autograd kernel ----------------------------------
+// Under a torch.func transform an autograd.Function runs through torch's custom_function_call: argument
+// binding, pytree flattening and a class generated per transform level, all Python (about 0.25 ms per
+// Function per call, two per norm under grad: more than a small norm's arithmetic). torch's own norms
+// are dispatcher ops whose derivative is a C++ autograd kernel, which functorch's grad levels run at no
+// such cost. These ops do the same for normkit's norm (normkit/ops/_func_ops.py registers their backend
+// kernels, the kernels' dispatch in Python, and their vmap rules): `norm` and `norm_backward` record C++
+// nodes; the backward's node calls back into Python for its own derivative (a composite's vjp). A torch::autograd::Function
+// cannot serve (functorch refuses C++ Functions: it disables grad mode around their forward), so the
+// nodes are recorded as ATen's generated kernels record theirs. No forward-mode rule: a jvp transform
+// takes the Python Functions (analytic jvp), and these ops refuse a tangent rather than drop it.
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
+using NodePtr = decltype(torch::autograd::Edge::function);  // shared_ptr (torch <= 2.11) or intrusive_ptr
+
+template <class T>
+NodePtr make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<Node>>) {
+    return std::make_shared<T>();
+  } else {
+    return c10::make_intrusive<T>();
+  }
+}
+
+using OptT = std::optional<Tensor>;
+using norm_sig = std::tuple<Tensor, Tensor>(const Tensor&, const OptT&, const OptT&, const OptT&, c10::IntArrayRef,
+                                            double);
+using bwd_sig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptT&, const OptT&, const OptT&,
+                                                   const Tensor&, c10::IntArrayRef, double, std::array<bool, 3>);
+const c10::TypedOperatorHandle<norm_sig>& norm_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("normkit_func::norm", "").typed<norm_sig>();
+  return op;
+}
+const c10::TypedOperatorHandle<bwd_sig>& bwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("normkit_func::norm_backward", "").typed<bwd_sig>();
+  return op;
+}
+// the backward's derivative: normkit.ops.library._double_backward (torch.func.vjp of the composite: run
+// from the engine, as a Python Function's backward is, not from a kernel inside functorch's dispatch)
+// (a leaked pointer: a static object would be destroyed after the interpreter, at exit)
+pybind11::object* double_backward_fn = nullptr;
+
+OptT opt(const Tensor& t) { return t.defined() ? OptT(t) : std::nullopt; }
+Tensor val(const OptT& t) { return t ? *t : Tensor(); }
+
+void no_tangent(const char* op, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    TORCH_CHECK(!t->defined() || !t->_fw_grad(/*level=*/0).defined(), "normkit_func::", op,
+                " has no forward-mode derivative: normkit runs its Python Function under jvp and forward AD "
+                "(this op was called directly with a dual tensor)");
+}
+
+struct NormNode : public Node {
+  SavedVariable x, w, b, mask, stats;
+  std::vector<int64_t> dims;
+  double eps = 0.0;
+  std::string name() const override { return "NormkitNormBackward"; }
+  void release_variables() override {
+    for (auto* v : {&x, &w, &b, &mask, &stats}) v->reset_data();
+  }
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    torch::autograd::variable_list out(3);
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return out;
+    const Tensor ww = w.unpack(), bb = b.unpack();
+    std::array<bool, 3> needs{task_should_compute_output(0), ww.defined() && task_should_compute_output(1),
+                              bb.defined() && task_should_compute_output(2)};
+    if (!needs[0] && !needs[1] && !needs[2]) return out;
+    auto [dx, dw, db] = bwd_op().call(dy, x.unpack(), opt(ww), opt(bb), opt(mask.unpack()), stats.unpack(), dims, eps,
+                                      needs);
+    if (needs[0]) out[0] = dx;
+    if (needs[1]) out[1] = dw;
+    if (needs[2]) out[2] = db;
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor> norm_autograd(c10::DispatchKeySet ks, const Tensor& x, const OptT& w, const OptT& b,
+                                         const OptT& mask, c10::IntArrayRef dims, double eps) {
+  const Tensor W = val(w), B = val(b);
+  no_tangent("norm", {&x, &W, &B});
+  NodePtr node;
+  NormNode* n = nullptr;
+  if (torch::autograd::compute_requires_grad(x, W, B)) {
+    node = make_node<NormNode>();
+    n = static_cast<NormNode*>(node.get());
+    n->set_next_edges(torch::autograd::collect_next_edges(x, W, B));
+    n->x = SavedVariable(x, false);
+    n->w = SavedVariable(W, false);
+    n->b = SavedVariable(B, false);
+    n->mask = SavedVariable(val(mask), false);
+    n->dims = dims.vec();
+    n->eps = eps;
+  }
+  auto out = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return norm_op().redispatch(ks & c10::after_autograd_keyset, x, w, b, mask, dims, eps);
+  }();
+  if (n) {
+    torch::autograd::set_history(std::get<0>(out), node);
+    n->stats = SavedVariable(std::get<1>(out), false);
+  }
+  return out;
+}
+
+// the backward's own derivative (double backward, hessian, third order): double_backward_fn
+struct NormBackwardNode : public Node {
+  SavedVariable dy, x, w, b, mask, stats;
+  std::vector<int64_t> dims;
+  double eps = 0.0;
+  std::array<bool, 3> needs{};
+  std::string name() const override { return "NormkitNormBackwardBackward"; }
+  void release_variables() override {
+    for (auto* v : {&dy, &x, &w, &b, &mask, &stats}) v->reset_data();
+  }
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    torch::autograd::variable_list out(3);
+    if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined()) return out;
+    const Tensor ww = w.unpack();
+    TORCH_CHECK(double_backward_fn, "normkit_autograd: set_double_backward() was not called");
+    Tensor gdy, gx, gw;
+    {
+      pybind11::gil_scoped_acquire gil;
+      std::tie(gdy, gx, gw) =
+          (*double_backward_fn)(opt(grads[0]), opt(grads[1]), opt(grads[2]), dy.unpack(), x.unpack(), opt(ww),
+                             opt(b.unpack()), opt(mask.unpack()), stats.unpack(), dims, eps, needs)
+              .cast<std::tuple<Tensor, Tensor, Tensor>>();
+    }
+    if (task_should_compute_output(0)) out[0] = gdy;
+    if (task_should_compute_output(1)) out[1] = gx;
+    if (ww.defined() && task_should_compute_output(2)) out[2] = gw;
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> norm_backward_autograd(c10::DispatchKeySet ks, const Tensor& dy, const Tensor& x,
+                                                          const OptT& w, const OptT& b, const OptT& mask,
+                                                          const Tensor& stats, c10::IntArrayRef dims, double eps,
+                                                          std::array<bool, 3> needs) {
+  const Tensor W = val(w);
+  no_tangent("norm_backward", {&dy, &x, &W});
+  NodePtr node;
+  NormBackwardNode* n = nullptr;
+  if (torch::autograd::compute_requires_grad(dy, x, W)) {
+    node = make_node<NormBackwardNode>();
+    n = static_cast<NormBackwardNode*>(node.get());
+    n->set_next_edges(torch::autograd::collect_next_edges(dy, x, W));
+    n->dy = SavedVariable(dy, false);
+    n->x = SavedVariable(x, false);
+    n->w = SavedVariable(W, false);
+    n->b = SavedVariable(val(b), false);
+    n->mask = SavedVariable(val(mask), false);
+    n->stats = SavedVariable(stats, false);
+    n->dims = dims.vec();
+    n->eps = eps;
+    n->needs = needs;
+  }
+  auto out = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return bwd_op().redispatch(ks & c10::after_autograd_keyset, dy, x, w, b, mask, stats, dims, eps, needs);
+  }();
+  if (n) {
+    // every output gets the node (one not computed is an empty tensor; its gradient is never used)
+    for (const Tensor* t : {&std::get<0>(out), &std::get<1>(out), &std::get<2>(out)})
+      torch::autograd::set_history(*t, node);
+  }
+  return out;
+}
+
 }  // namespace
+
+TORCH_LIBRARY(normkit_func, m) {
+  m.def("norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? mask, int[] dims, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? mask, Tensor stats, int[] dims, "
+      "float eps, bool[3] needs) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(normkit_func, Autograd, m) {
+  m.impl("norm", norm_autograd);
+  m.impl("norm_backward", norm_backward_autograd);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("init", &init, "the fused kernels' C entry points (addresses)");
+  m.def("set_double_backward", [](pybind11::object f) { double_backward_fn = new pybind11::object(std::move(f)); },
+        "the Python function normkit_func::norm_backward's node calls for its own derivative");
   m.def("fast_norm", &fast_norm,
         "the fused norm as one autograd node: output, or None when the batch needs the general path");
   m.def("last_mode", []() { return last_mode; }, "the kernel pattern of the last fast_norm call (for tests)");

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .. import kernels
 from . import _inductor, core
-from ._vmap import batch_first, dense_tangents
+from ._vmap import batch_first, dense_tangents, register_batched
 
 _JVP = torch._C._functorch.TransformType.Jvp  # type: ignore[attr-defined]
 
@@ -576,6 +576,10 @@ def _func_backward_op(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
     )
 
 
+def _func_backward_vmap(info: Any, in_dims: tuple[Any, ...], *args: Any) -> Any:
+    return _backward_vmap(_func_backward_op, info, in_dims, *args)
+
+
 def _func_ops_ready() -> bool:
     """Whether :func:`norm` under this torch.func transform takes the ``normkit_func`` ops: the C++
     module loaded (built on first use where the CPU kernels are the backend), no jvp transform or
@@ -591,12 +595,8 @@ def _func_ops_ready() -> bool:
         lib = torch.library.Library("normkit_func", "IMPL")
         lib.impl("norm", _func_kernel, "CompositeExplicitAutograd")
         lib.impl("norm_backward", _func_backward_kernel, "CompositeExplicitAutograd")
-        torch.library.register_vmap("normkit_func::norm", _NormFunction.vmap, lib=lib)
-        torch.library.register_vmap(
-            "normkit_func::norm_backward",
-            lambda info, in_dims, *a: _backward_vmap(_func_backward_op, info, in_dims, *a),
-            lib=lib,
-        )
+        register_batched(lib, "norm", _NormFunction.vmap)
+        register_batched(lib, "norm_backward", _func_backward_vmap)
         _func_ops["lib"], _func_ops["ready"] = lib, True
     return (
         torch.autograd.forward_ad._current_level < 0

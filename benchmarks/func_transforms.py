@@ -3,6 +3,7 @@
     python benchmarks/func_transforms.py            # the table in docs/PERFORMANCE.md §7
     python benchmarks/func_transforms.py --quick     # one small shape, fewer repeats
     python benchmarks/func_transforms.py --layers Proxy   # only the layers whose names contain "Proxy"
+    python benchmarks/func_transforms.py --functions # also normkit without its normkit_func ops
 
 Each model is two norms with a tanh between them (so the second norm's input depends on the first's
 parameters), run on torch.nn's layer and on normkit's, interleaved, ``timeit`` best of the repeats:
@@ -26,6 +27,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 import normkit.nn as nkn
+from normkit.ops import library
 
 # name -> (torch.nn's layer, normkit's) for C channels
 PAIRS: dict[str, tuple[Callable[[int, int], nn.Module], Callable[[int, int], nn.Module]]] = {
@@ -74,23 +76,45 @@ def _cases(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]
     }
 
 
+def _without_the_ops(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with normkit's ``normkit_func`` ops switched off: the Python autograd.Functions run."""
+
+    def run() -> object:
+        saved = library._func_ops_ready
+        library._func_ops_ready = lambda: False
+        try:
+            return fn()
+        finally:
+            library._func_ops_ready = saved
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one small shape, fewer repeats")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", default="", help="only the layers whose names contain this text")
+    ap.add_argument(
+        "--functions",
+        action="store_true",
+        help="a third provider: normkit with its normkit_func ops switched off (the Python "
+        "autograd.Functions, which run without the C++ module)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [(4, 64, 16, 16)] if args.quick else [(4, 64, 16, 16), (64, 32, 16, 16), (16, 64, 32, 32)]
     repeat = 3 if args.quick else 7
     print(f"torch {torch.__version__}, {args.threads} threads; ms, best of {repeat}; ratio = normkit / torch")
     print()
+    who = "torch / normkit / Functions" if args.functions else "torch / normkit"
+    ratios = "ratio | Functions' ratio" if args.functions else "ratio"
     print(
         "| layer | shape | "
-        + " | ".join(f"{k} ms (torch / normkit) | ratio" for k in ("grad", "per-sample", "vmap", "jvp"))
+        + " | ".join(f"{k} ms ({who}) | {ratios}" for k in ("grad", "per-sample", "vmap", "jvp"))
         + " |"
     )
-    print("|---|---|" + "---:|---:|" * 4)
+    print("|---|---|" + ("---:|---:|---:|" if args.functions else "---:|---:|") * 4)
     for shape in shapes:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         number = max(2, int(8e6 // x.numel()))
@@ -101,13 +125,21 @@ def main(argv: list[str] | None = None) -> None:
             for make in (make_torch, make_ours):
                 torch.manual_seed(0)
                 models.append(nn.Sequential(make(shape[1], shape[-1]), nn.Tanh(), make(shape[1], shape[-1])))
-            theirs, ours = (_cases(m, x) for m in models)
+            if args.functions:
+                torch.manual_seed(0)
+                make = make_ours
+                models.append(nn.Sequential(make(shape[1], shape[-1]), nn.Tanh(), make(shape[1], shape[-1])))
+            cases = [_cases(m, x) for m in models]
+            if args.functions:
+                cases[2] = {k: _without_the_ops(fn) for k, fn in cases[2].items()}
             cells = []
-            for kind in theirs:
-                for fn in (theirs[kind], ours[kind]):
+            for kind in cases[0]:
+                fns = [c[kind] for c in cases]
+                for fn in fns:
                     fn()  # warm up
-                t_torch, t_ours = _best_ms([theirs[kind], ours[kind]], number, repeat)
-                cells.append(f"{t_torch:.2f} / {t_ours:.2f} | {t_ours / t_torch:.2f}")
+                times = _best_ms(fns, number, repeat)
+                ratio = " | ".join(f"{t / times[0]:.2f}" for t in times[1:])
+                cells.append(" / ".join(f"{t:.2f}" for t in times) + " | " + ratio)
             print(f"| {name} | {tuple(shape)} | " + " | ".join(cells) + " |", flush=True)
 
 

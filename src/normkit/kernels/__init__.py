@@ -403,8 +403,14 @@ def status() -> str:
         (build_dir() / "autograd").glob("normkit_autograd*.so")
     )
     lines.append(
-        "layers' C++ autograd node: "
-        + ("loaded" if node else "built" if node_built else "not built (the layers use a Python Function)")
+        "layers' C++ autograd node and torch.func ops: "
+        + (
+            "loaded"
+            if node
+            else "built"
+            if node_built
+            else "not built (the layers, and the norms under torch.func, use Python Functions)"
+        )
     )
     aerr = _build.autograd_error()
     if aerr:

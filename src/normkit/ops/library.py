@@ -16,6 +16,10 @@ Which path runs (:func:`norm`):
   plain standard ops (:func:`normkit.ops.core.composite_norm`); the functional layer uses ATen's
   ``batch_norm`` / ``group_norm`` / ``layer_norm`` / ``instance_norm`` where they compute the same
   thing, so ONNX Runtime and other backends see operators they know;
+* under a ``torch.func`` transform other than ``jvp`` (``grad``, ``vjp``, ``jacrev``, ``vmap``, per-sample
+  gradients), where the optional C++ module is built: the ``normkit_func`` ops, the same pair with
+  C++ autograd kernels (``kernels/csrc/autograd.cpp``) and the vmap rules below, since torch runs an
+  ``autograd.Function`` under a transform through about 0.25 ms of Python per call;
 * otherwise (eager, ``torch.func``, forward-mode AD): an ``autograd.Function`` with
   ``setup_context``, an analytic ``jvp`` and a vmap rule around the same implementation. Under
   ``torch.func`` the kernels run too: the vmap rule folds the vmapped dim into the samples, and a

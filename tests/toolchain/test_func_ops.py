@@ -16,49 +16,10 @@ import pytest
 import torch
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
-import normkit.functional as NF
 from normkit import kernels
 from normkit.kernels import _build
 from normkit.ops import library
-from tests.reference import (
-    ref_batch_norm,
-    ref_group_norm,
-    ref_instance_norm,
-    ref_layer_norm,
-    ref_layer_norm_2d,
-)
-
-F64 = torch.float64
-SHAPE = (3, 8, 5, 4)  # one vmapped member
-
-# name -> (normkit's call, the float64 reference's, the affine's shape)
-OPS = {
-    "group_norm": (
-        lambda x, w, b: NF.group_norm(x, 4, w, b),
-        lambda x, w, b: ref_group_norm(x, 4, w, b),
-        (8,),
-    ),
-    "layer_norm_last": (
-        lambda x, w, b: NF.layer_norm(x, (4,), w, b),
-        lambda x, w, b: ref_layer_norm(x, (4,), w, b),
-        (4,),
-    ),
-    "layer_norm_2d": (
-        lambda x, w, b: NF.layer_norm_2d(x, w, b),
-        lambda x, w, b: ref_layer_norm_2d(x, w, b),
-        (8,),
-    ),
-    "instance_norm": (
-        lambda x, w, b: NF.instance_norm(x, weight=w, bias=b).output,
-        lambda x, w, b: ref_instance_norm(x, weight=w, bias=b).output,
-        (8,),
-    ),
-    "batch_norm_batch_stats": (
-        lambda x, w, b: NF.batch_norm(x, None, None, w, b, training=True).output,
-        lambda x, w, b: ref_batch_norm(x, None, None, w, b, training=True).output,
-        (8,),
-    ),
-}
+from tests.toolchain.test_func_rules import OPS, SHAPE, _affine, _close, _t  # the same ops and oracles
 
 
 def _module_or_skip() -> None:
@@ -88,20 +49,6 @@ def route(request, monkeypatch):
     else:
         monkeypatch.setattr(library, "_func_ops_ready", lambda: False)
     return request.param
-
-
-def _t(shape, seed, scale=1.0, offset=0.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=F64) * scale + offset
-
-
-def _affine(name, seed):
-    shape = OPS[name][2]
-    return 1 + 0.3 * _t(shape, seed), 0.2 * _t(shape, seed + 1)
-
-
-def _close(got, want, what=""):
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("name", OPS)

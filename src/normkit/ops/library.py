@@ -33,6 +33,7 @@ The statistics output is non-differentiable: running statistics never carry grad
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -551,6 +552,7 @@ def norm(
 # forwards) and the same vmap rules. A jvp transform or forward AD keeps the Functions: the ops have no
 # forward-mode rule.
 _func_ops: dict[str, Any] = {"ready": False, "tried": False, "lib": None}
+_FUNC_OPS_LOCK = threading.Lock()
 
 
 def _func_kernel(
@@ -591,17 +593,20 @@ def _func_ops_ready() -> bool:
     if not _func_ops["ready"]:
         if _func_ops["tried"] or kernels.current() not in ("auto", "cpu"):
             return False
-        _func_ops["tried"] = True
-        mod = kernels._build.autograd_module()
-        if mod is None or not hasattr(mod, "set_double_backward"):
-            return False
-        mod.set_double_backward(_double_backward)  # type: ignore[attr-defined]
-        lib = torch.library.Library("normkit_func", "IMPL")
-        lib.impl("norm", _func_kernel, "CompositeExplicitAutograd")
-        lib.impl("norm_backward", _func_backward_kernel, "CompositeExplicitAutograd")
-        register_batched(lib, "norm", _NormFunction.vmap)
-        register_batched(lib, "norm_backward", _func_backward_vmap)
-        _func_ops["lib"], _func_ops["ready"] = lib, True
+        with _FUNC_OPS_LOCK:  # (one registration; a thread arriving meanwhile takes the Functions)
+            if _func_ops["tried"]:
+                return bool(_func_ops["ready"])
+            _func_ops["tried"] = True
+            mod = kernels._build.autograd_module()
+            if mod is None or not hasattr(mod, "set_double_backward"):
+                return False
+            mod.set_double_backward(_double_backward)  # type: ignore[attr-defined]
+            lib = torch.library.Library("normkit_func", "IMPL")
+            lib.impl("norm", _func_kernel, "CompositeExplicitAutograd")
+            lib.impl("norm_backward", _func_backward_kernel, "CompositeExplicitAutograd")
+            register_batched(lib, "norm", _NormFunction.vmap)
+            register_batched(lib, "norm_backward", _func_backward_vmap)
+            _func_ops["lib"], _func_ops["ready"] = lib, True
     return (
         torch.autograd.forward_ad._current_level < 0
         and not any(i.key() == _JVP for i in torch._C._functorch.get_interpreter_stack() or ())  # type: ignore[attr-defined]

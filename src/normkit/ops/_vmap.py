@@ -83,8 +83,18 @@ def register_batched(lib: torch.library.Library, name: str, rule: Callable[..., 
 
     What ``torch.library.register_vmap`` registers, without its pytree passes over the arguments and
     outputs (about 50 us a call here, as much as a small norm's kernel): the ops' arguments are flat
-    and their outputs a tuple of new tensors. Falls back to ``register_vmap`` where the functorch
-    internals it uses are missing.
+    and their outputs a tuple of new tensors (the op's schema returns a tuple). Falls back to
+    ``register_vmap`` where the functorch internals it uses are missing.
+
+    Example:
+        >>> lib = torch.library.Library("normkit_doc", "DEF")
+        >>> _ = lib.define("pair(Tensor x) -> (Tensor, Tensor)")
+        >>> lib.impl("pair", lambda x: (x + 1, x.sum(-1)), "CompositeExplicitAutograd")
+        >>> def rule(info, in_dims, x):  # the vmapped dim first; the op runs once on the whole batch
+        ...     return torch.ops.normkit_doc.pair(batch_first(x, in_dims[0], info.batch_size)), (0, 0)
+        >>> register_batched(lib, "pair", rule)
+        >>> [t.shape for t in torch.vmap(torch.ops.normkit_doc.pair)(torch.zeros(4, 3))]
+        [torch.Size([4, 3]), torch.Size([4])]
     """
     op = getattr(getattr(torch.ops, lib.ns), name).default
     try:

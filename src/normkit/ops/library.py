@@ -555,12 +555,6 @@ _func_ops: dict[str, Any] = {"ready": False, "tried": False, "lib": None}
 _FUNC_OPS_LOCK = threading.Lock()
 
 
-def _func_kernel(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: list[int], eps: float
-) -> tuple[Tensor, Tensor]:
-    return kernels.norm_forward(x, weight, bias, mask, tuple(dims), eps)
-
-
 def _func_backward_kernel(
     dy: Tensor,
     x: Tensor,
@@ -602,10 +596,11 @@ def _func_ops_ready() -> bool:
                 return False
             mod.set_double_backward(_double_backward)  # type: ignore[attr-defined]
             lib = torch.library.Library("normkit_func", "IMPL")
-            lib.impl("norm", _func_kernel, "CompositeExplicitAutograd")
+            lib.impl("norm", _norm_impl, "CompositeExplicitAutograd")  # (normkit::norm's own kernel)
             lib.impl("norm_backward", _func_backward_kernel, "CompositeExplicitAutograd")
             register_batched(lib, "norm", _NormFunction.vmap)
             register_batched(lib, "norm_backward", _func_backward_vmap)
+            # (the registrations last as long as the Library object: it is kept here)
             _func_ops["lib"], _func_ops["ready"] = lib, True
     return (
         torch.autograd.forward_ad._current_level < 0

@@ -8,6 +8,8 @@ under every transform but ``jvp`` / forward AD (no forward-mode rule there: the 
 Each case asserts two things: the transform ran without normkit's Python Functions (they are made to
 raise), and its result equals a loop of the float64 reference (``tests/reference.py``) or autograd of
 it. The Functions' own path (a machine without the C++ module) is checked against the same oracles.
+GroupNormProxyAct2d's step (GroupNorm without affine + Proxy Norm's activation,
+``normkit_func::gn_proxy_act``) is checked the same way, against its float64 definition.
 """
 
 from __future__ import annotations
@@ -16,10 +18,21 @@ import pytest
 import torch
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
+import normkit.functional as NF
 from normkit import kernels
-from normkit.kernels import _build
+from normkit.kernels import _build, _func
 from normkit.ops import library
-from tests.toolchain.test_func_rules import OPS, SHAPE, _affine, _close, _t  # the same ops and oracles
+from tests.toolchain.test_func_rules import (  # the same ops and oracles
+    OPS,
+    SHAPE,
+    _affine,
+    _close,
+    _fused_only,
+    _gn_pn,
+    _gn_pn_oracle,
+    _gn_pn_params,
+    _t,
+)
 
 
 def _module_or_skip() -> None:
@@ -39,6 +52,8 @@ def cpp_ops(monkeypatch):
 
     monkeypatch.setattr(library._NormFunction, "apply", refuse)
     monkeypatch.setattr(library._NormBackward, "apply", refuse)
+    monkeypatch.setattr(_func._GNProxyAct, "apply", refuse)
+    monkeypatch.setattr(_func._GNProxyActBackward, "apply", refuse)
 
 
 @pytest.fixture(params=["cpp-ops", "python-functions"])
@@ -187,3 +202,110 @@ def test_the_ops_called_eagerly_record_c_plus_plus_nodes_that_pass_gradcheck():
     assert gx.grad_fn is not None
     assert torch.autograd.gradcheck(f, (x, w, b), check_batched_grad=True)
     assert torch.autograd.gradgradcheck(f, (x, w, b), check_batched_grad=True)
+
+
+# --- GroupNormProxyAct2d's step: normkit_func::gn_proxy_act and its backward --------------------------
+GN_PN_CASES = ["grad", "per-sample", "ensemble, three samples each", "vmap, shared", "vmap, per-member"]
+
+
+@pytest.mark.parametrize("case", GN_PN_CASES)
+def test_group_norm_proxy_act_under_transforms_equals_a_loop_of_its_definition(case, route, gn_pn_calls):
+    """grad (all five arguments), per-sample gradients, an ensemble's per-member gradients and vmap
+    (shared or per-member parameters): the op's vmap rules fold the members into the samples or make
+    them channels."""
+    u = NF.proxy_points(200, dtype=torch.float64)
+    members = case in ("ensemble, three samples each", "vmap, per-member")
+    xs = _t((4, 3 if "three" in case else 1, 6, 5, 2), 30, scale=1.5, offset=0.3)
+    params = _gn_pn_params(31, 4 if members else None)
+    in_dims = (0, 0, 0, 0, 0) if members else (0, None, None, None, None)
+    pick = [(lambda p, i=i: p[i] if members else p) for i in range(4)]
+    if case.startswith("vmap"):
+        got = vmap(lambda x, *p: _gn_pn(x, *p, u), in_dims=in_dims)(xs, *params)
+        for i in range(4):
+            _close(got[i], _gn_pn_oracle(xs[i], *map(pick[i], params), u), f"{case}, member {i}")
+        _fused_only(gn_pn_calls, "auto", backward=False)  # (the fused kernels ran, no unfused part)
+        return
+    dy = _t(xs.shape[1:], 32)
+
+    def loss(step):
+        return lambda x, *p: (torch.tanh(step(x, *p, u)) * dy).sum()
+
+    argnums = (0, 1, 2, 3, 4)
+    if case == "grad":
+        grads = [g.unsqueeze(0) for g in grad(loss(_gn_pn), argnums=argnums)(xs[0], *params)]
+    else:
+        grads = vmap(grad(loss(_gn_pn), argnums=argnums), in_dims=in_dims)(xs, *params)
+    for i in range(grads[0].shape[0]):
+        leaves = [t.clone().requires_grad_() for t in (xs[i], *map(pick[i], params))]
+        want = torch.autograd.grad(loss(_gn_pn_oracle)(*leaves), leaves)
+        for g, e, what in zip(grads, want, ("x", "weight", "bias", "proxy_bias", "proxy_weight")):
+            _close(g[i], e, f"{case}, member {i}, d{what}")
+    _fused_only(gn_pn_calls, "auto", backward=True)
+
+
+def test_group_norm_proxy_act_jacrev_and_grad_of_grad_equal_its_definition(route, gn_pn_calls):
+    """``jacrev`` (vmap of the recorded backward) and ``grad(grad)`` (the backward's own node, whose
+    derivative differentiates the reference)."""
+    u = NF.proxy_points(200, dtype=torch.float64)
+    x = _t((2, 6, 3, 2), 33, offset=0.2)
+    params = _gn_pn_params(34)
+    r = _t(x.shape, 35)
+    got = jacrev(lambda x: _gn_pn(x, *params, u))(x)
+    want = torch.autograd.functional.jacobian(lambda x: _gn_pn_oracle(x, *params, u), x)
+    _close(got, want, "jacrev")
+    _fused_only(gn_pn_calls, "auto", backward=True)
+
+    def second(step):
+        inner = grad(lambda z, w: (torch.tanh(step(z, w, *params[1:], u)) * r).sum(), argnums=(0, 1))
+        return grad(lambda z, w: inner(z, w)[0].square().sum() + inner(z, w)[1].sin().sum(), argnums=(0, 1))(
+            x, params[0]
+        )
+
+    for g, e, what in zip(second(_gn_pn), second(_gn_pn_oracle), ("x", "weight")):
+        _close(g, e, f"grad of grad w.r.t. {what}")
+
+
+def test_group_norm_proxy_act_hands_float32_near_1e20_to_the_reference_inside_the_ops(route):
+    """Where the float32 kernels hand a batch back (squares overflow), the ops' backend kernels compute
+    it by the reference, each way (a torch.func.vjp inside the backward's kernel)."""
+    u = NF.proxy_points(200, dtype=torch.float64)
+    xs = (_t((3, 1, 6, 4, 2), 36) * 1e20).float()
+    params = tuple(p.float() for p in _gn_pn_params(37))
+    dy = _t(xs.shape[1:], 38)
+
+    def loss(step, u):
+        return lambda x, *p: (step(x, *p, u) * dy.to(x.dtype)).sum()
+
+    in_dims = (0, None, None, None, None)
+    grads = vmap(grad(loss(_gn_pn, u.float()), argnums=(0, 1)), in_dims=in_dims)(xs, *params)
+    for i in range(3):
+        leaves = [t.double().clone().requires_grad_() for t in (xs[i], *params)]
+        want = torch.autograd.grad(loss(_gn_pn_oracle, u)(*leaves), leaves[:2])
+        for g, e, scale, what in zip(grads, want, (1e-20, 1.0), ("x", "weight")):
+            torch.testing.assert_close(g[i].double() / scale, e / scale, rtol=1e-4, atol=1e-4, msg=what)
+
+
+def _gnp_op(x, w, b, pb, pw, u):
+    return torch.ops.normkit_func.gn_proxy_act(x, w, b, pb, pw, u, 3, 1e-3, 0, 0.01, 0.03)[0]
+
+
+def test_the_group_norm_proxy_op_called_eagerly_passes_gradcheck_and_refuses_a_dual_tensor():
+    """The op outside torch.func: its C++ nodes, ``gradcheck`` / ``gradgradcheck`` (finite differences;
+    ``check_batched_grad`` runs the backward's vmap rule), and a dual tensor refused."""
+    _module_or_skip()
+    assert library._func_ops_ready() and library._func_ops["gn_proxy_act"]
+    u = NF.proxy_points(200, dtype=torch.float64)
+    x = _t((2, 6, 2, 2), 39, offset=0.2).requires_grad_()
+    params = tuple(p.clone().requires_grad_() for p in _gn_pn_params(40))
+    y = _gnp_op(x, *params, u)
+    _close(y, _gn_pn_oracle(x, *params, u), "output")
+    assert y.grad_fn.name() == "NormkitGNProxyActBackward"
+    (gx,) = torch.autograd.grad(y.sin().sum(), x, create_graph=True)
+    assert gx.grad_fn.name() == "NormkitGNProxyActBackwardBackward"
+    f = lambda x, *p: _gnp_op(x, *p, u)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, *params), check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(f, (x, *params), check_batched_grad=True)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x.detach(), torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="no forward-mode derivative"):
+            _gnp_op(dual, *(p.detach() for p in params), u)

@@ -30,6 +30,7 @@ from torch import Tensor
 from ..ops._vmap import as_channels, batch_first, dense_tangents, from_channels, member_vector
 from . import _build
 from ._fast import (
+    _ACT_CODE,
     _CODE,
     _act_code,
     _Fallback,
@@ -365,34 +366,43 @@ class _GNProxyAct(torch.autograd.Function):
 
     @staticmethod
     def vmap(  # type: ignore[override]
-        info: Any,
-        in_dims: tuple[Any, ...],
-        x: Tensor,
-        w: Tensor,
-        b: Tensor,
-        pb: Tensor,
-        pw: Tensor,
-        u: Tensor,
-        cfg: tuple[Any, ...],
+        info: Any, in_dims: tuple[Any, ...], *args: Any
     ) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
-        B = info.batch_size
-        x = batch_first(x, in_dims[0], B)
-        N = x.shape[1]
-        if all(d is None for d in in_dims[1:6]):  # shared parameters: the members are more samples
-            out, stats, m, r = _GNProxyAct.apply(x.reshape(B * N, *x.shape[2:]), w, b, pb, pw, u, cfg)
-            stats = stats.reshape(stats.shape[0], B, -1) if stats.numel() else stats.new_empty(0, B)
-            return (out.reshape(x.shape), stats, m, r), (0, 1, None, None)
-        if in_dims[5] is not None:  # (the points vmapped too: one member at a time)
-            us = u.movedim(in_dims[5], 0)
-            ps = [batch_first(p, d, B) for p, d in zip((w, b, pb, pw), in_dims[1:5])]
-            per = [_GNProxyAct.apply(x[i], *(p[i] for p in ps), us[i], cfg) for i in range(B)]
-            return tuple(torch.stack(col) for col in zip(*per)), (0, 0, 0, 0)
-        # per-member parameters: the members become channels (groups: B * G)
-        ps = [batch_first(p, d, B).reshape(-1) for p, d in zip((w, b, pb, pw), in_dims[1:5])]
-        wide = (cfg[0] * B, *cfg[1:])
-        out, stats, m, r = _GNProxyAct.apply(as_channels(x), *ps, u, wide)
-        stats = _stats_from_channels(stats, N, B) if stats.numel() else stats.expand(B, 0)
-        return (from_channels(out, x.shape), stats, m.reshape(B, -1), r.reshape(B, -1)), (0, 0, 0, 0)
+        return _gnp_vmap(_GNProxyAct.apply, info, in_dims, *args)
+
+
+def _gnp_vmap(
+    apply: Any,
+    info: Any,
+    in_dims: tuple[Any, ...],
+    x: Tensor,
+    w: Tensor,
+    b: Tensor,
+    pb: Tensor,
+    pw: Tensor,
+    u: Tensor,
+    cfg: tuple[Any, ...],
+) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
+    """The step's vmap rule, calling ``apply`` (:class:`_GNProxyAct`'s, or the ``normkit_func`` op's)
+    with the Function's arguments ``(x, w, b, pb, pw, u, cfg)``."""
+    B = info.batch_size
+    x = batch_first(x, in_dims[0], B)
+    N = x.shape[1]
+    if all(d is None for d in in_dims[1:6]):  # shared parameters: the members are more samples
+        out, stats, m, r = apply(x.reshape(B * N, *x.shape[2:]), w, b, pb, pw, u, cfg)
+        stats = stats.reshape(stats.shape[0], B, -1) if stats.numel() else stats.new_empty(0, B)
+        return (out.reshape(x.shape), stats, m, r), (0, 1, None, None)
+    if in_dims[5] is not None:  # (the points vmapped too: one member at a time)
+        us = u.movedim(in_dims[5], 0)
+        ps = [batch_first(p, d, B) for p, d in zip((w, b, pb, pw), in_dims[1:5])]
+        per = [apply(x[i], *(p[i] for p in ps), us[i], cfg) for i in range(B)]
+        return tuple(torch.stack(col) for col in zip(*per)), (0, 0, 0, 0)
+    # per-member parameters: the members become channels (groups: B * G)
+    ps = [batch_first(p, d, B).reshape(-1) for p, d in zip((w, b, pb, pw), in_dims[1:5])]
+    wide = (cfg[0] * B, *cfg[1:])
+    out, stats, m, r = apply(as_channels(x), *ps, u, wide)
+    stats = _stats_from_channels(stats, N, B) if stats.numel() else stats.expand(B, 0)
+    return (from_channels(out, x.shape), stats, m.reshape(B, -1), r.reshape(B, -1)), (0, 0, 0, 0)
 
 
 class _GNProxyActBackward(torch.autograd.Function):
@@ -449,72 +459,181 @@ class _GNProxyActBackward(torch.autograd.Function):
 
     @staticmethod
     def vmap(  # type: ignore[override]
-        info: Any,
-        in_dims: tuple[Any, ...],
-        dout: Tensor,
-        x: Tensor,
-        w: Tensor,
-        b: Tensor,
-        pb: Tensor,
-        pw: Tensor,
-        u: Tensor,
-        stats: Tensor,
-        m: Tensor,
-        r: Tensor,
-        cfg: tuple[Any, ...],
-        needs: tuple[bool, ...],
+        info: Any, in_dims: tuple[Any, ...], *args: Any
     ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
-        B = info.batch_size
-        dout, x = batch_first(dout, in_dims[0], B), batch_first(x, in_dims[1], B)
-        N = x.shape[1]
-        stats = batch_first(stats, in_dims[7], B)
-        out_dims = tuple(0 for keep in needs if keep)
-        shared = all(d is None for d in (*in_dims[2:7], *in_dims[8:10]))
-        if shared and not any(needs[1:]):  # only dx, shared parameters: the members are more samples
-            fold = (dout.reshape(B * N, *x.shape[2:]), x.reshape(B * N, *x.shape[2:]))
-            flat = stats.movedim(0, 1).reshape(stats.shape[1], -1) if stats.shape[-1] else stats[0]
-            (dx,) = _GNProxyActBackward.apply(*fold, w, b, pb, pw, u, flat, m, r, cfg, needs)
-            return (dx.reshape(x.shape),), out_dims
-        if in_dims[6] is not None:  # (the points vmapped too: one member at a time)
-            us = u.movedim(in_dims[6], 0)
-            vs = [batch_first(t, d, B) for t, d in zip((w, b, pb, pw), in_dims[2:6])]
-            ms = [batch_first(t, d, B) for t, d in zip((m, r), in_dims[8:10])]
-            per = [
-                _GNProxyActBackward.apply(
-                    dout[i],
-                    x[i],
-                    vs[0][i],
-                    vs[1][i],
-                    vs[2][i],
-                    vs[3][i],
-                    us[i],
-                    stats[i],
-                    ms[0][i],
-                    ms[1][i],
-                    cfg,
-                    needs,
-                )
-                for i in range(B)
-            ]
-            return tuple(torch.stack(col) for col in zip(*per)), out_dims
-        # per-member gradients (or parameters): the members become channels
-        vs = [
-            batch_first(t, d, B).reshape(-1)
-            for t, d in zip((w, b, pb, pw, m, r), (*in_dims[2:6], *in_dims[8:10]))
+        return _gnp_backward_vmap(_GNProxyActBackward.apply, info, in_dims, *args)
+
+
+def _gnp_backward_vmap(
+    apply: Any,
+    info: Any,
+    in_dims: tuple[Any, ...],
+    dout: Tensor,
+    x: Tensor,
+    w: Tensor,
+    b: Tensor,
+    pb: Tensor,
+    pw: Tensor,
+    u: Tensor,
+    stats: Tensor,
+    m: Tensor,
+    r: Tensor,
+    cfg: tuple[Any, ...],
+    needs: tuple[bool, ...],
+) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+    """The backward's vmap rule, calling ``apply`` (:class:`_GNProxyActBackward`'s, or the
+    ``normkit_func`` op's, each returning the gradients asked for) with the Function's arguments."""
+    B = info.batch_size
+    dout, x = batch_first(dout, in_dims[0], B), batch_first(x, in_dims[1], B)
+    N = x.shape[1]
+    stats = batch_first(stats, in_dims[7], B)
+    out_dims = tuple(0 for keep in needs if keep)
+    shared = all(d is None for d in (*in_dims[2:7], *in_dims[8:10]))
+    if shared and not any(needs[1:]):  # only dx, shared parameters: the members are more samples
+        fold = (dout.reshape(B * N, *x.shape[2:]), x.reshape(B * N, *x.shape[2:]))
+        flat = stats.movedim(0, 1).reshape(stats.shape[1], -1) if stats.shape[-1] else stats[0]
+        (dx,) = apply(*fold, w, b, pb, pw, u, flat, m, r, cfg, needs)
+        return (dx.reshape(x.shape),), out_dims
+    if in_dims[6] is not None:  # (the points vmapped too: one member at a time)
+        us = u.movedim(in_dims[6], 0)
+        vs = [batch_first(t, d, B) for t, d in zip((w, b, pb, pw), in_dims[2:6])]
+        ms = [batch_first(t, d, B) for t, d in zip((m, r), in_dims[8:10])]
+        per = [
+            apply(
+                dout[i],
+                x[i],
+                vs[0][i],
+                vs[1][i],
+                vs[2][i],
+                vs[3][i],
+                us[i],
+                stats[i],
+                ms[0][i],
+                ms[1][i],
+                cfg,
+                needs,
+            )
+            for i in range(B)
         ]
-        flat = _statsas_channels(stats, N) if stats.shape[-1] else stats[0]
-        wide = (cfg[0] * B, *cfg[1:])
-        wv, bv, pbv, pwv, mv, rv = vs
-        got = _GNProxyActBackward.apply(
-            as_channels(dout), as_channels(x), wv, bv, pbv, pwv, u, flat, mv, rv, wide, needs
-        )
-        it = iter(got)
-        back = []
-        for i, keep in enumerate(needs):
-            if keep:
-                g = next(it)
-                back.append(from_channels(g, x.shape) if i == 0 else g.reshape(B, -1))
-        return tuple(back), out_dims
+        return tuple(torch.stack(col) for col in zip(*per)), out_dims
+    # per-member gradients (or parameters): the members become channels
+    vs = [
+        batch_first(t, d, B).reshape(-1)
+        for t, d in zip((w, b, pb, pw, m, r), (*in_dims[2:6], *in_dims[8:10]))
+    ]
+    flat = _statsas_channels(stats, N) if stats.shape[-1] else stats[0]
+    wide = (cfg[0] * B, *cfg[1:])
+    wv, bv, pbv, pwv, mv, rv = vs
+    got = apply(as_channels(dout), as_channels(x), wv, bv, pbv, pwv, u, flat, mv, rv, wide, needs)
+    it = iter(got)
+    back = []
+    for i, keep in enumerate(needs):
+        if keep:
+            g = next(it)
+            back.append(from_channels(g, x.shape) if i == 0 else g.reshape(B, -1))
+    return tuple(back), out_dims
+
+
+# --- the same step as normkit_func ops (C++ autograd kernels; see normkit.ops.library) ---------------
+# An autograd.Function costs about 0.25 ms of torch's Python per call under a transform (two per layer
+# under grad). The C++ module defines `normkit_func::gn_proxy_act` and its backward as dispatcher ops
+# whose autograd kernels record C++ nodes; here are their backend kernels (the Functions' forwards),
+# their vmap rules (the Functions' own) and the backward's own derivative. The activation travels as
+# its kernel code and slope.
+_ACT_NAME = {code: name for name, code in _ACT_CODE.items()}
+
+
+def _act_name(code: int, slope: float) -> str:
+    name = _ACT_NAME[int(code)]
+    return f"leaky_relu:{float(slope)!r}" if name == "leaky_relu" else name
+
+
+def _gnp_kernel(
+    x: Tensor,
+    w: Tensor,
+    b: Tensor,
+    pb: Tensor,
+    pw: Tensor,
+    u: Tensor,
+    groups: int,
+    eps: float,
+    act: int,
+    slope: float,
+    peps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _GNProxyAct.forward(x, w, b, pb, pw, u, (groups, eps, _act_name(act, slope), peps))
+
+
+def _gnp_backward_kernel(*args: Any) -> tuple[Tensor, ...]:
+    *tensors, groups, eps, act, slope, peps, needs = args
+    needs = tuple(needs)
+    got = iter(_GNProxyActBackward.forward(*tensors, (groups, eps, _act_name(act, slope), peps), needs))
+    x = tensors[1]
+    return tuple(next(got) if keep else x.new_empty(0) for keep in needs)
+
+
+def _gnp_apply(
+    x: Tensor, w: Tensor, b: Tensor, pb: Tensor, pw: Tensor, u: Tensor, cfg: tuple[Any, ...]
+) -> Any:
+    """The forward op, called as :class:`_GNProxyAct` is."""
+    groups, eps, act, peps = cfg
+    code, slope = _act_code(act)  # type: ignore[misc]
+    return torch.ops.normkit_func.gn_proxy_act(x, w, b, pb, pw, u, groups, eps, code, slope, peps)
+
+
+def _gnp_backward_apply(*args: Any) -> tuple[Tensor, ...]:
+    """The backward op, called as :class:`_GNProxyActBackward` is (the gradients asked for)."""
+    *tensors, (groups, eps, act, peps), needs = args
+    code, slope = _act_code(act)  # type: ignore[misc]
+    got = torch.ops.normkit_func.gn_proxy_act_backward(*tensors, groups, eps, code, slope, peps, list(needs))
+    return tuple(g for g, keep in zip(got, needs) if keep)
+
+
+def _gnp_op_vmap(info: Any, in_dims: tuple[Any, ...], *args: Any) -> Any:
+    *tensors, groups, eps, act, slope, peps = args
+    return _gnp_vmap(_gnp_apply, info, in_dims, *tensors, (groups, eps, _act_name(act, slope), peps))
+
+
+def _gnp_op_backward_vmap(info: Any, in_dims: tuple[Any, ...], *args: Any) -> Any:
+    *tensors, groups, eps, act, slope, peps, needs = args
+    needs = tuple(needs)
+    cfg = (groups, eps, _act_name(act, slope), peps)
+    outs, _ = _gnp_backward_vmap(_gnp_backward_apply, info, in_dims, *tensors, cfg, needs)
+    got, x = iter(outs), tensors[1]
+    full = tuple(next(got) if keep else x.new_empty(0) for keep in needs)  # (a new tensor each)
+    return full, tuple(0 if keep else None for keep in needs)
+
+
+def _gnp_double_backward(*args: Any) -> list[Tensor]:
+    """``gn_proxy_act_backward``'s own derivative, called by its C++ node: ``(d dout, d x, d w, d b, d pb,
+    d pw)``, the vjp of the reference's gradients with the cotangents of the five outputs (``None``:
+    zero)."""
+    g = args[:5]
+    dout, x, w, b, pb, pw, u, _stats, _m, _r, groups, eps, act, slope, peps, needs = args[5:]
+    needs = tuple(needs)
+    cfg = (groups, eps, _act_name(act, slope), peps)
+    cotangents = tuple(
+        t if t is not None else torch.zeros_like(like)
+        for t, like, keep in zip(g, (x, w, b, pb, pw), needs)
+        if keep
+    )
+    return list(torch.func.vjp(_gn_proxy_grads_of(u, cfg, needs), dout, x, w, b, pb, pw)[1](cotangents))
+
+
+def register_ops(lib: torch.library.Library, module: Any) -> bool:
+    """Give the C++ module's ``normkit_func::gn_proxy_act`` pair its kernels, vmap rules and double
+    backward (called once, by :func:`normkit.ops.library._func_ops_ready`); ``False`` for a module
+    without them."""
+    from ..ops._vmap import register_batched
+
+    if not hasattr(module, "set_gn_proxy_double_backward"):
+        return False
+    module.set_gn_proxy_double_backward(_gnp_double_backward)
+    lib.impl("gn_proxy_act", _gnp_kernel, "CompositeExplicitAutograd")
+    lib.impl("gn_proxy_act_backward", _gnp_backward_kernel, "CompositeExplicitAutograd")
+    register_batched(lib, "gn_proxy_act", _gnp_op_vmap)
+    register_batched(lib, "gn_proxy_act_backward", _gnp_op_backward_vmap)
+    return True
 
 
 def _forward_mode() -> bool:
@@ -553,5 +672,10 @@ def gn_proxy_act(
         or (x.shape[1] // groups) * (x.numel() // max(x.shape[0] * x.shape[1], 1)) < 2
     ):
         return None
+    from ..ops.library import _func_ops, _func_ops_ready
+
+    if _func_ops_ready() and _func_ops["gn_proxy_act"]:
+        args = (groups, float(eps), code[0], code[1], float(proxy_eps))
+        return torch.ops.normkit_func.gn_proxy_act(x, *params, points, *args)[0]  # type: ignore[no-any-return]
     out, *_ = _GNProxyAct.apply(x, *params, points, (groups, float(eps), activation, float(proxy_eps)))
     return out  # type: ignore[no-any-return]

@@ -551,7 +551,7 @@ def norm(
 # torch's own norms are; here they get their backend kernels (the kernels' dispatch, as the Functions'
 # forwards) and the same vmap rules. A jvp transform or forward AD keeps the Functions: the ops have no
 # forward-mode rule.
-_func_ops: dict[str, Any] = {"ready": False, "tried": False, "lib": None}
+_func_ops: dict[str, Any] = {"ready": False, "tried": False, "lib": None, "gn_proxy_act": False}
 _FUNC_OPS_LOCK = threading.Lock()
 
 
@@ -600,6 +600,9 @@ def _func_ops_ready() -> bool:
             lib.impl("norm_backward", _func_backward_kernel, "CompositeExplicitAutograd")
             register_batched(lib, "norm", _NormFunction.vmap)
             register_batched(lib, "norm_backward", _func_backward_vmap)
+            from ..kernels import _func  # (GroupNormProxyAct2d's step: the same op pair)
+
+            _func_ops["gn_proxy_act"] = _func.register_ops(lib, mod)
             # (the registrations last as long as the Library object: it is kept here)
             _func_ops["lib"], _func_ops["ready"] = lib, True
     return (

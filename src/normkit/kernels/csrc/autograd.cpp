@@ -704,6 +704,159 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward_autograd(c10::DispatchKeySet ks
   return out;
 }
 
+
+// ---- GroupNorm (no affine) + Proxy Norm's activation: GroupNormProxyAct2d's step, the same op pair ----------
+// `gn_proxy_act` returns (out, stats, m, r): the output, the norm's saved statistics (empty where the kernels
+// handed the batch to the reference) and the proxy statistics; only `out` is differentiable (w.r.t. x, weight,
+// bias, proxy_bias, proxy_weight; the points are a buffer). Its backward returns the five gradients (an empty
+// tensor for one not asked for); the backward's own derivative is Python's (gn_proxy_double_backward_fn).
+struct GNPConfig {
+  int64_t groups = 0, act = 0;
+  double eps = 0.0, slope = 0.0, peps = 0.0;
+};
+using gnp_sig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                           const Tensor&, const Tensor&, int64_t, double, int64_t,
+                                                           double, double);
+using gnp_bwd_sig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, const Tensor&, int64_t, double, int64_t, double, double, std::array<bool, 5>);
+const c10::TypedOperatorHandle<gnp_sig>& gnp_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("normkit_func::gn_proxy_act", "").typed<gnp_sig>();
+  return op;
+}
+const c10::TypedOperatorHandle<gnp_bwd_sig>& gnp_bwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("normkit_func::gn_proxy_act_backward", "")
+                             .typed<gnp_bwd_sig>();
+  return op;
+}
+pybind11::object* gnp_double_backward_fn = nullptr;  // normkit.kernels._func._gnp_double_backward (leaked)
+
+struct GNProxyNode : public Node {
+  SavedVariable x, w, b, pb, pw, u, stats, m, r;
+  GNPConfig cfg;
+  std::string name() const override { return "NormkitGNProxyActBackward"; }
+  void release_variables() override {
+    for (auto* v : {&x, &w, &b, &pb, &pw, &u, &stats, &m, &r}) v->reset_data();
+  }
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    torch::autograd::variable_list out(5);
+    if (!grads[0].defined()) return out;
+    std::array<bool, 5> needs{};
+    bool any = false;
+    for (size_t i = 0; i < 5; ++i) any |= needs[i] = task_should_compute_output(i);
+    if (!any) return out;
+    auto got = gnp_bwd_op().call(grads[0], x.unpack(), w.unpack(), b.unpack(), pb.unpack(), pw.unpack(), u.unpack(),
+                                 stats.unpack(), m.unpack(), r.unpack(), cfg.groups, cfg.eps, cfg.act, cfg.slope,
+                                 cfg.peps, needs);
+    const std::array<Tensor, 5> all{std::get<0>(got), std::get<1>(got), std::get<2>(got), std::get<3>(got),
+                                    std::get<4>(got)};
+    for (size_t i = 0; i < 5; ++i)
+      if (needs[i]) out[i] = all[i];
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gnp_autograd(c10::DispatchKeySet ks, const Tensor& x, const Tensor& w,
+                                                        const Tensor& b, const Tensor& pb, const Tensor& pw,
+                                                        const Tensor& u, int64_t groups, double eps, int64_t act,
+                                                        double slope, double peps) {
+  no_tangent("gn_proxy_act", {&x, &w, &b, &pb, &pw});
+  NodePtr node;
+  GNProxyNode* n = nullptr;
+  if (torch::autograd::compute_requires_grad(x, w, b, pb, pw)) {
+    node = make_node<GNProxyNode>();
+    n = static_cast<GNProxyNode*>(node.get());
+    n->set_next_edges(torch::autograd::collect_next_edges(x, w, b, pb, pw));
+    n->x = SavedVariable(x, false);
+    n->w = SavedVariable(w, false);
+    n->b = SavedVariable(b, false);
+    n->pb = SavedVariable(pb, false);
+    n->pw = SavedVariable(pw, false);
+    n->u = SavedVariable(u, false);
+    n->cfg = GNPConfig{groups, act, eps, slope, peps};
+  }
+  auto out = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return gnp_op().redispatch(ks & c10::after_autograd_keyset, x, w, b, pb, pw, u, groups, eps, act, slope, peps);
+  }();
+  if (n) {
+    torch::autograd::set_history(std::get<0>(out), node);
+    n->stats = SavedVariable(std::get<1>(out), false);
+    n->m = SavedVariable(std::get<2>(out), false);
+    n->r = SavedVariable(std::get<3>(out), false);
+  }
+  return out;
+}
+
+struct GNProxyBackwardNode : public Node {
+  SavedVariable dout, x, w, b, pb, pw, u, stats, m, r;
+  GNPConfig cfg;
+  std::array<bool, 5> needs{};
+  std::string name() const override { return "NormkitGNProxyActBackwardBackward"; }
+  void release_variables() override {
+    for (auto* v : {&dout, &x, &w, &b, &pb, &pw, &u, &stats, &m, &r}) v->reset_data();
+  }
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    torch::autograd::variable_list out(6);
+    bool any = false;
+    for (const Tensor& g : grads) any |= g.defined();
+    if (!any) return out;
+    TORCH_CHECK(gnp_double_backward_fn, "normkit_autograd: set_double_backward() was not called");
+    std::vector<Tensor> got;
+    {
+      pybind11::gil_scoped_acquire gil;
+      got = (*gnp_double_backward_fn)(opt(grads[0]), opt(grads[1]), opt(grads[2]), opt(grads[3]), opt(grads[4]),
+                                      dout.unpack(), x.unpack(), w.unpack(), b.unpack(), pb.unpack(), pw.unpack(),
+                                      u.unpack(), stats.unpack(), m.unpack(), r.unpack(), cfg.groups, cfg.eps, cfg.act,
+                                      cfg.slope, cfg.peps, needs)
+                .cast<std::vector<Tensor>>();
+    }
+    TORCH_CHECK(got.size() == 6, "normkit_autograd: the GN + proxy double backward returned ", got.size(),
+                " tensors, expected 6");
+    for (size_t i = 0; i < 6; ++i)
+      if (task_should_compute_output(i)) out[i] = got[i];
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gnp_backward_autograd(
+    c10::DispatchKeySet ks, const Tensor& dout, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& pb,
+    const Tensor& pw, const Tensor& u, const Tensor& stats, const Tensor& m, const Tensor& r, int64_t groups,
+    double eps, int64_t act, double slope, double peps, std::array<bool, 5> needs) {
+  no_tangent("gn_proxy_act_backward", {&dout, &x, &w, &b, &pb, &pw});
+  NodePtr node;
+  GNProxyBackwardNode* n = nullptr;
+  if (torch::autograd::compute_requires_grad(dout, x, w, b, pb, pw)) {
+    node = make_node<GNProxyBackwardNode>();
+    n = static_cast<GNProxyBackwardNode*>(node.get());
+    n->set_next_edges(torch::autograd::collect_next_edges(dout, x, w, b, pb, pw));
+    n->dout = SavedVariable(dout, false);
+    n->x = SavedVariable(x, false);
+    n->w = SavedVariable(w, false);
+    n->b = SavedVariable(b, false);
+    n->pb = SavedVariable(pb, false);
+    n->pw = SavedVariable(pw, false);
+    n->u = SavedVariable(u, false);
+    n->stats = SavedVariable(stats, false);
+    n->m = SavedVariable(m, false);
+    n->r = SavedVariable(r, false);
+    n->cfg = GNPConfig{groups, act, eps, slope, peps};
+    n->needs = needs;
+  }
+  auto out = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return gnp_bwd_op().redispatch(ks & c10::after_autograd_keyset, dout, x, w, b, pb, pw, u, stats, m, r, groups,
+                                   eps, act, slope, peps, needs);
+  }();
+  if (n) {
+    for (Tensor* t : {&std::get<0>(out), &std::get<1>(out), &std::get<2>(out), &std::get<3>(out), &std::get<4>(out)})
+      torch::autograd::set_history(*t, node);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(normkit_func, m) {
@@ -711,17 +864,29 @@ TORCH_LIBRARY(normkit_func, m) {
   m.def(
       "norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? mask, Tensor stats, int[] dims, "
       "float eps, bool[3] needs) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gn_proxy_act(Tensor x, Tensor weight, Tensor bias, Tensor proxy_bias, Tensor proxy_weight, Tensor points, "
+      "int groups, float eps, int act, float slope, float proxy_eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gn_proxy_act_backward(Tensor dout, Tensor x, Tensor weight, Tensor bias, Tensor proxy_bias, "
+      "Tensor proxy_weight, Tensor points, Tensor stats, Tensor m, Tensor r, int groups, float eps, int act, "
+      "float slope, float proxy_eps, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(normkit_func, Autograd, m) {
   m.impl("norm", norm_autograd);
   m.impl("norm_backward", norm_backward_autograd);
+  m.impl("gn_proxy_act", gnp_autograd);
+  m.impl("gn_proxy_act_backward", gnp_backward_autograd);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("init", &init, "the fused kernels' C entry points (addresses)");
   m.def("set_double_backward", [](pybind11::object f) { double_backward_fn = new pybind11::object(std::move(f)); },
         "the Python function normkit_func::norm_backward's node calls for its own derivative");
+  m.def("set_gn_proxy_double_backward",
+        [](pybind11::object f) { gnp_double_backward_fn = new pybind11::object(std::move(f)); },
+        "the Python function normkit_func::gn_proxy_act_backward's node calls for its own derivative");
   m.def("fast_norm", &fast_norm,
         "the fused norm as one autograd node: output, or None when the batch needs the general path");
   m.def("last_mode", []() { return last_mode; }, "the kernel pattern of the last fast_norm call (for tests)");

@@ -565,10 +565,10 @@ def _gnp_kernel(
 
 
 def _gnp_backward_kernel(*args: Any) -> tuple[Tensor, ...]:
-    *tensors, groups, eps, act, slope, peps, needs = args
+    dout, x, w, b, pb, pw, u, stats, m, r, groups, eps, act, slope, peps, needs = args
     needs = tuple(needs)
-    got = iter(_GNProxyActBackward.forward(*tensors, (groups, eps, _act_name(act, slope), peps), needs))
-    x = tensors[1]
+    cfg = (groups, eps, _act_name(act, slope), peps)
+    got = iter(_GNProxyActBackward.forward(dout, x, w, b, pb, pw, u, stats, m, r, cfg, needs))
     return tuple(next(got) if keep else x.new_empty(0) for keep in needs)
 
 
@@ -590,16 +590,19 @@ def _gnp_backward_apply(*args: Any) -> tuple[Tensor, ...]:
 
 
 def _gnp_op_vmap(info: Any, in_dims: tuple[Any, ...], *args: Any) -> Any:
-    *tensors, groups, eps, act, slope, peps = args
-    return _gnp_vmap(_gnp_apply, info, in_dims, *tensors, (groups, eps, _act_name(act, slope), peps))
+    x, w, b, pb, pw, u, groups, eps, act, slope, peps = args
+    return _gnp_vmap(
+        _gnp_apply, info, in_dims, x, w, b, pb, pw, u, (groups, eps, _act_name(act, slope), peps)
+    )
 
 
 def _gnp_op_backward_vmap(info: Any, in_dims: tuple[Any, ...], *args: Any) -> Any:
-    *tensors, groups, eps, act, slope, peps, needs = args
+    dout, x, w, b, pb, pw, u, stats, m, r, groups, eps, act, slope, peps, needs = args
     needs = tuple(needs)
     cfg = (groups, eps, _act_name(act, slope), peps)
+    tensors = (dout, x, w, b, pb, pw, u, stats, m, r)
     outs, _ = _gnp_backward_vmap(_gnp_backward_apply, info, in_dims, *tensors, cfg, needs)
-    got, x = iter(outs), tensors[1]
+    got = iter(outs)
     full = tuple(next(got) if keep else x.new_empty(0) for keep in needs)  # (a new tensor each)
     return full, tuple(0 if keep else None for keep in needs)
 

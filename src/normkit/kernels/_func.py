@@ -9,7 +9,9 @@ overhead. Here:
 
 * :func:`proxy_stats`: the proxy statistics on the C++ kernel each way;
 * :func:`gn_proxy_act`: GroupNorm without affine + Proxy Norm's activation, one fused pass each
-  way, as one Function.
+  way, as one Function; where the optional C++ module is built (and no ``jvp`` transform is
+  active), as the ``normkit_func::gn_proxy_act`` op pair instead, whose autograd nodes are C++
+  (no torch.func Python per call) and whose kernels and vmap rules are this Function's.
 
 Each has a vmap rule that runs one call per batch: per-sample sets with shared parameters fold the
 vmapped dim into the samples; otherwise the vmapped members become channels (``(B, N, C, *S)`` ->

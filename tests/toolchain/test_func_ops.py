@@ -309,3 +309,42 @@ def test_the_group_norm_proxy_op_called_eagerly_passes_gradcheck_and_refuses_a_d
         dual = torch.autograd.forward_ad.make_dual(x.detach(), torch.ones_like(x))
         with pytest.raises(RuntimeError, match="no forward-mode derivative"):
             _gnp_op(dual, *(p.detach() for p in params), u)
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu:0.2", "identity"])
+def test_group_norm_proxy_act_ops_carry_the_activation(activation, route, gn_pn_calls):
+    """The op takes the activation as its kernel code and slope: per-sample gradients and a vmap over
+    per-member parameters with leaky_relu(0.2) and no activation, against the float64 definition."""
+    from tests.reference import ref_group_norm
+
+    act = (lambda t: torch.nn.functional.leaky_relu(t, 0.2)) if activation != "identity" else (lambda t: t)
+
+    def oracle(x, w, b, pb, pw, u):
+        y = ref_group_norm(x, 3, eps=1e-3)
+        zp = act(w[:, None] * ((1 + pw)[:, None] * u[None, :] + pb[:, None]) + b[:, None])
+        m, v = zp.mean(1), zp.var(1, unbiased=False)
+        view = (1, -1, *([1] * (y.dim() - 2)))
+        return (act(w.view(view) * y + b.view(view)) - m.view(view)) / torch.sqrt(v.view(view) + 0.03)
+
+    def step(x, w, b, pb, pw, u):
+        return NF.group_norm_proxy_act(x, 3, w, b, pb, pw, activation, 1e-3, points=u)
+
+    u = NF.proxy_points(200, dtype=torch.float64)
+    xs = _t((3, 1, 6, 4, 3), 41, scale=1.5, offset=0.3)
+    params = _gn_pn_params(42)
+    dy = _t(xs.shape[1:], 43)
+
+    def loss(f):
+        return lambda x, *p: (torch.tanh(f(x, *p, u)) * dy).sum()
+
+    grads = vmap(grad(loss(step), argnums=(0, 1, 2, 3, 4)), in_dims=(0, None, None, None, None))(xs, *params)
+    for i in range(3):
+        leaves = [t.clone().requires_grad_() for t in (xs[i], *params)]
+        want = torch.autograd.grad(loss(oracle)(*leaves), leaves)
+        for g, e, what in zip(grads, want, ("x", "weight", "bias", "proxy_bias", "proxy_weight")):
+            _close(g[i], e, f"{activation}, sample {i}, d{what}")
+    members = _gn_pn_params(44, 3)
+    got = vmap(lambda x, *p: step(x, *p, u))(xs, *members)
+    for i in range(3):
+        _close(got[i], oracle(xs[i], *(p[i] for p in members), u), f"{activation}, member {i}")
+    _fused_only(gn_pn_calls, "auto", backward=True)

@@ -348,3 +348,52 @@ def test_group_norm_proxy_act_ops_carry_the_activation(activation, route, gn_pn_
     for i in range(3):
         _close(got[i], oracle(xs[i], *(p[i] for p in members), u), f"{activation}, member {i}")
     _fused_only(gn_pn_calls, "auto", backward=True)
+
+
+# --- ensembles: vmap over stacked parameters (torch.func.stack_module_state) ---------------------------
+ENSEMBLE_LAYERS = {
+    "GroupNorm": (lambda: __import__("normkit.nn").nn.GroupNorm(4, 8), lambda: torch.nn.GroupNorm(4, 8)),
+    "InstanceNorm2d": (
+        lambda: __import__("normkit.nn").nn.InstanceNorm2d(8, affine=True),
+        lambda: torch.nn.InstanceNorm2d(8, affine=True),
+    ),
+    "LayerNorm2d(chw)": (
+        lambda: __import__("normkit.nn").nn.LayerNorm2d(8, over="chw"),
+        lambda: torch.nn.GroupNorm(1, 8),
+    ),
+}
+
+
+@pytest.mark.parametrize("shared_input", [True, False], ids=["one-input", "an-input-per-member"])
+@pytest.mark.parametrize("name", ENSEMBLE_LAYERS)
+def test_an_ensembles_forward_normalizes_without_affine_then_applies_each_members(
+    name, shared_input, monkeypatch
+):
+    """An ensemble's forward (``vmap`` over stacked parameters): the norm runs once without affine (on the
+    shared input, or the folded batch) and each member's affine is applied after it; against a loop of
+    the torch.nn layer each member replaces, in float64."""
+    import copy
+
+    from torch.func import functional_call, stack_module_state
+
+    calls = []
+    real = library._members_affine_forward
+    monkeypatch.setattr(library, "_members_affine_forward", lambda *a: calls.append(1) or real(*a))
+    ours, theirs = ENSEMBLE_LAYERS[name]
+    torch.manual_seed(0)
+    members = [ours().double() for _ in range(3)]
+    with torch.no_grad():
+        for m in members:
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_()
+    params, buffers = stack_module_state(members)
+    base = copy.deepcopy(members[0]).to("meta")
+    x = _t((2, 8, 3, 4), 50, scale=2.0, offset=0.5) if shared_input else _t((3, 2, 8, 3, 4), 50, offset=0.5)
+    got = vmap(
+        lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None if shared_input else 0)
+    )(params, buffers, x)
+    assert calls, "the ensemble's forward did not take the per-member affine rule"
+    for i, m in enumerate(members):
+        ref = theirs().double()
+        ref.load_state_dict({k: v for k, v in m.state_dict().items() if k in ref.state_dict()})
+        _close(got[i], ref(x if shared_input else x[i]), f"{name} member {i}")

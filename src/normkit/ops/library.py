@@ -247,6 +247,60 @@ def _foldable(
     )
 
 
+def _members_affine(
+    in_dims: Sequence[int | None],
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    dims: Sequence[int],
+) -> bool:
+    """Whether a vmapped call is foldable but for a per-member affine (an ensemble's stacked
+    parameters, ``torch.func.stack_module_state``): every set within one sample, no mask, an affine
+    that does not vary along the samples, batched itself; a float32 / float64 input (the affine is
+    then applied after the norm without a rounding of its own in between)."""
+    if mask is not None or 0 in dims or x.dtype not in (torch.float32, torch.float64):
+        return False
+    rank = x.dim() - (in_dims[0] is not None)  # the unbatched input's
+    batched = False
+    for p, d in zip((weight, bias), in_dims[1:3]):
+        if p is None:
+            continue
+        shape = p.shape if d is None else p.movedim(d, 0).shape[1:]  # the unbatched parameter's
+        if len(shape) != rank or shape[0] != 1:  # (full-rank and the same for every sample)
+            return False
+        batched |= d is not None
+    return batched
+
+
+def _members_affine_forward(
+    B: int,
+    in_dims: Sequence[int | None],
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dims: tuple[int, ...],
+    eps: float,
+) -> tuple[tuple[Tensor, Tensor], tuple[int, int | None]]:
+    """:func:`_members_affine`'s case: the norm without affine, one call (once for an input every member
+    shares, the usual ensemble; on the folded batch otherwise), then each member's affine, broadcast
+    (one elementwise pass). Without it the sets gained the vmapped dim and ran on the reference."""
+    if in_dims[0] is None:  # one input for every member: its statistics are every member's
+        y, stats = norm(x, None, None, dims, eps)
+        y, stats_dim = y.unsqueeze(0), None
+    else:
+        xb = batch_first(x, in_dims[0], B)
+        y, stats = norm(_fold(xb), None, None, dims, eps)
+        y, stats, stats_dim = _unfold(y, B), _unfold(stats, B, at=1), 1
+    w, b = (None if t is None else batch_first(t, d, B) for t, d in zip((weight, bias), in_dims[1:3]))
+    # (a product, then the bias added in place: torch's CPU addcmul took twice as long here); the
+    # batch_first parameters have the members first, so every result does
+    out = y if w is None else y * w.to(y.dtype)
+    if b is not None:
+        out = out.add_(b.to(y.dtype)) if w is not None else out + b.to(y.dtype)
+    return (out, stats), (0, stats_dim)
+
+
 def _fold(t: Tensor, at: int = 0) -> Tensor:
     """Merge dims ``at`` and ``at + 1`` (the vmapped dim and the samples)."""
     return t.reshape(*t.shape[:at], t.shape[at] * t.shape[at + 1], *t.shape[at + 2 :])
@@ -309,8 +363,10 @@ class _NormFunction(torch.autograd.Function):
         mask: Tensor | None,
         dims: tuple[int, ...],
         eps: float,
-    ) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+    ) -> tuple[tuple[Tensor, Tensor], tuple[int, int | None]]:
         B = info.batch_size
+        if _members_affine(in_dims, x, weight, bias, mask, dims):
+            return _members_affine_forward(B, in_dims, x, weight, bias, dims, eps)
         x = batch_first(x, in_dims[0], B)
         if _foldable(in_dims[1:4], weight, bias, mask, dims):
             y, stats = norm(_fold(x), weight, bias, dims, eps)

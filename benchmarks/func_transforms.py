@@ -4,6 +4,7 @@
     python benchmarks/func_transforms.py --quick     # one small shape, fewer repeats
     python benchmarks/func_transforms.py --layers Proxy   # only the layers whose names contain "Proxy"
     python benchmarks/func_transforms.py --functions # also normkit without its normkit_func ops
+    python benchmarks/func_transforms.py --ensembles # model ensembling: vmap over stacked parameters
 
 Each model is two norms with a tanh between them (so the second norm's input depends on the first's
 parameters), run on torch.nn's layer and on normkit's, interleaved, ``timeit`` best of the repeats:
@@ -13,18 +14,25 @@ parameters), run on torch.nn's layer and on normkit's, interleaved, ``timeit`` b
 * ``vmap``: the forward, vmapped over the samples (each a batch of one);
 * ``jvp``: ``torch.func.jvp`` w.r.t. the input.
 
+With ``--ensembles`` the columns are torch.func's model ensembling instead (four members'
+parameters stacked by ``torch.func.stack_module_state``, one input shared by every member):
+
+* ``ensemble``: the members' forward, ``vmap(functional_call, in_dims=(0, 0, None))``;
+* ``ensemble grad``: each member's parameter gradients, ``vmap(grad(loss), in_dims=(0, 0, None))``.
+
 Ratios are normkit / torch (below 1: normkit is faster). The machine is noisy: compare within a run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import timeit
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, stack_module_state, vmap
 
 import normkit.nn as nkn
 from normkit.ops import library
@@ -76,6 +84,21 @@ def _cases(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]
     }
 
 
+def _ensemble_cases(members: list[nn.Module], x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    params, buffers = stack_module_state(members)  # pyright: ignore[reportArgumentType]
+    base = copy.deepcopy(members[0]).to("meta")
+
+    def forward(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(base, (p, b), (xi,))
+
+    def loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return forward(p, b, xi).square().mean()
+
+    fwd = vmap(forward, in_dims=(0, 0, None))
+    grads = vmap(grad(loss), in_dims=(0, 0, None))
+    return {"ensemble": lambda: fwd(params, buffers, x), "ensemble grad": lambda: grads(params, buffers, x)}
+
+
 def _without_the_ops(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` with normkit's ``normkit_func`` ops switched off: the Python autograd.Functions run."""
 
@@ -101,6 +124,11 @@ def main(argv: list[str] | None = None) -> None:
         help="a third provider: normkit with its normkit_func ops switched off (the Python "
         "autograd.Functions, which run without the C++ module)",
     )
+    ap.add_argument(
+        "--ensembles",
+        action="store_true",
+        help="model ensembling (vmap over four members' stacked parameters) instead of the four transforms",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [(4, 64, 16, 16)] if args.quick else [(4, 64, 16, 16), (64, 32, 16, 16), (16, 64, 32, 32)]
@@ -109,27 +137,24 @@ def main(argv: list[str] | None = None) -> None:
     print()
     who = "torch / normkit / Functions" if args.functions else "torch / normkit"
     ratios = "ratio | Functions' ratio" if args.functions else "ratio"
-    print(
-        "| layer | shape | "
-        + " | ".join(f"{k} ms ({who}) | {ratios}" for k in ("grad", "per-sample", "vmap", "jvp"))
-        + " |"
-    )
-    print("|---|---|" + ("---:|---:|---:|" if args.functions else "---:|---:|") * 4)
+    kinds = ("ensemble", "ensemble grad") if args.ensembles else ("grad", "per-sample", "vmap", "jvp")
+    print("| layer | shape | " + " | ".join(f"{k} ms ({who}) | {ratios}" for k in kinds) + " |")
+    print("|---|---|" + ("---:|---:|---:|" if args.functions else "---:|---:|") * len(kinds))
     for shape in shapes:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         number = max(2, int(8e6 // x.numel()))
         for name, (make_torch, make_ours) in PAIRS.items():
             if args.layers not in name:
                 continue
-            models = []
-            for make in (make_torch, make_ours):
+            makes = (make_torch, make_ours, *((make_ours,) if args.functions else ()))
+            cases = []
+            for make in makes:
                 torch.manual_seed(0)
-                models.append(nn.Sequential(make(shape[1], shape[-1]), nn.Tanh(), make(shape[1], shape[-1])))
-            if args.functions:
-                torch.manual_seed(0)
-                make = make_ours
-                models.append(nn.Sequential(make(shape[1], shape[-1]), nn.Tanh(), make(shape[1], shape[-1])))
-            cases = [_cases(m, x) for m in models]
+                nets = [
+                    nn.Sequential(make(shape[1], shape[-1]), nn.Tanh(), make(shape[1], shape[-1]))
+                    for _ in range(4 if args.ensembles else 1)
+                ]
+                cases.append(_ensemble_cases(nets, x) if args.ensembles else _cases(nets[0], x))
             if args.functions:
                 cases[2] = {k: _without_the_ops(fn) for k, fn in cases[2].items()}
             cells = []

@@ -297,6 +297,26 @@ def test_plan_recognises_each_norm():
     assert plan(m, (), None, None) is None  # one value per set: the reference's exact zero gradient
 
 
+@pytest.mark.parametrize("D", [3, 16, 1024, 2048])
+def test_short_runs_without_affine_take_the_row_kernels_and_equal_torch(D):
+    """LayerNorm over a last dim without an affine matches the BatchNorm template with one sample; runs
+    of up to 1024 values take the row kernels instead (faster, the eager LayerNorm's): the same sets,
+    checked against torch's layer_norm and its gradient in float64."""
+    if not kernels.build():
+        pytest.skip("the CPU kernels are not built on this machine (no compiler?)")
+    x = torch.randn(6, 5, D, generator=torch.Generator().manual_seed(D)) * 2 + 0.5
+    p = kernels._cpu_plan(x, None, None, None, (2,))
+    assert p is not None and (p.mode, p.N, p.C, p.S) == ((2, 30, D, 1) if D <= 1024 else (0, 1, 30, D))
+    y, stats = kernels.norm_forward(x, None, None, None, (2,), 1e-5)
+    dy = torch.randn_like(x)
+    (dx,) = kernels.norm_backward(dy, x, None, None, None, stats, (2,), (True, False, False))[:1]
+    xd = x.double().requires_grad_()
+    want = torch.nn.functional.layer_norm(xd, (D,), eps=1e-5)
+    (want_dx,) = torch.autograd.grad(want, xd, dy.double())
+    torch.testing.assert_close(y.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx.double(), want_dx, rtol=1e-4, atol=1e-4)
+
+
 def test_use_validates_nests_and_restores():
     with pytest.raises(ValueError, match="reference"):
         with kernels.use("gpu"):

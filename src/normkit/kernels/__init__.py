@@ -192,6 +192,12 @@ def _cpu_plan(
     p = plan(x, dims, weight, bias)
     if p is None or not _cpu_ready():
         return None
+    if p.mode == 0 and p.N == 1 and p.S <= 1024 and weight is None and bias is None:
+        # Without an affine, short contiguous runs (LayerNorm over a last dim) match the BatchNorm
+        # template with one sample: the same sets in the same order as rows of the GroupNorm pattern,
+        # whose row kernels the eager LayerNorm uses (LayerNorm(16) on (16, 64, 16, 16): 320 -> 195 us
+        # forward, 146 -> 93 us backward here; runs of 2048 and more measured the same either way).
+        return Plan(2, p.C, p.S, 1, 1, p.order)
     return p
 
 

@@ -257,8 +257,9 @@ def _members_affine(
 ) -> bool:
     """Whether a vmapped call is foldable but for a per-member affine (an ensemble's stacked
     parameters, ``torch.func.stack_module_state``): every set within one sample, no mask, an affine
-    that does not vary along the samples, batched itself; a float32 / float64 input (the affine is
-    then applied after the norm without a rounding of its own in between)."""
+    that does not vary along the samples (full-rank with one sample, or of lower rank: LayerNorm's
+    ``(W,)``), batched itself; a float32 / float64 input (the affine is then applied after the norm
+    without a rounding of its own in between)."""
     if mask is not None or 0 in dims or x.dtype not in (torch.float32, torch.float64):
         return False
     rank = x.dim() - (in_dims[0] is not None)  # the unbatched input's
@@ -267,10 +268,17 @@ def _members_affine(
         if p is None:
             continue
         shape = p.shape if d is None else p.movedim(d, 0).shape[1:]  # the unbatched parameter's
-        if len(shape) != rank or shape[0] != 1:  # (full-rank and the same for every sample)
+        if len(shape) > rank or (len(shape) == rank and shape[0] != 1):  # (the same for every sample)
             return False
         batched |= d is not None
     return batched
+
+
+def _members_first(p: Tensor, bdim: int | None, B: int, rank: int) -> Tensor:
+    """A parameter with the members first and ``rank`` dims in all, broadcasting against the output
+    (one of lower rank than the input aligns with its trailing dims, as in the unbatched call)."""
+    p = batch_first(p, bdim, B)
+    return p.reshape(B, *([1] * (rank - p.dim())), *p.shape[1:])
 
 
 def _members_affine_forward(
@@ -292,7 +300,9 @@ def _members_affine_forward(
         xb = batch_first(x, in_dims[0], B)
         y, stats = norm(_fold(xb), None, None, dims, eps)
         y, stats, stats_dim = _unfold(y, B), _unfold(stats, B, at=1), 1
-    w, b = (None if t is None else batch_first(t, d, B) for t, d in zip((weight, bias), in_dims[1:3]))
+    w, b = (
+        None if t is None else _members_first(t, d, B, y.dim()) for t, d in zip((weight, bias), in_dims[1:3])
+    )
     # (a product, then the bias added in place: torch's CPU addcmul took twice as long here); the
     # batch_first parameters have the members first, so every result does
     out = y if w is None else y * w.to(y.dtype)

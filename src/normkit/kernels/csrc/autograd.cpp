@@ -733,13 +733,34 @@ const c10::TypedOperatorHandle<gnp_bwd_sig>& gnp_bwd_op() {
 }
 pybind11::object* gnp_double_backward_fn = nullptr;  // normkit.kernels._func._gnp_double_backward (leaked)
 
-struct GNProxyNode : public Node {
+// What both GN + proxy nodes save: the step's inputs, its statistics and its configuration.
+struct GNPSaved {
   SavedVariable x, w, b, pb, pw, u, stats, m, r;
   GNPConfig cfg;
-  std::string name() const override { return "NormkitGNProxyActBackward"; }
-  void release_variables() override {
+  void save_inputs(const Tensor& x_, const Tensor& w_, const Tensor& b_, const Tensor& pb_, const Tensor& pw_,
+                   const Tensor& u_, const GNPConfig& cfg_) {
+    x = SavedVariable(x_, false);
+    w = SavedVariable(w_, false);
+    b = SavedVariable(b_, false);
+    pb = SavedVariable(pb_, false);
+    pw = SavedVariable(pw_, false);
+    u = SavedVariable(u_, false);
+    cfg = cfg_;
+  }
+  void save_stats(const Tensor& stats_, const Tensor& m_, const Tensor& r_) {
+    stats = SavedVariable(stats_, false);
+    m = SavedVariable(m_, false);
+    r = SavedVariable(r_, false);
+  }
+  void reset() {
     for (auto* v : {&x, &w, &b, &pb, &pw, &u, &stats, &m, &r}) v->reset_data();
   }
+};
+
+struct GNProxyNode : public Node {
+  GNPSaved s;
+  std::string name() const override { return "NormkitGNProxyActBackward"; }
+  void release_variables() override { s.reset(); }
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     torch::autograd::variable_list out(5);
     if (!grads[0].defined()) return out;
@@ -747,9 +768,10 @@ struct GNProxyNode : public Node {
     bool any = false;
     for (size_t i = 0; i < 5; ++i) any |= needs[i] = task_should_compute_output(i);
     if (!any) return out;
-    auto got = gnp_bwd_op().call(grads[0], x.unpack(), w.unpack(), b.unpack(), pb.unpack(), pw.unpack(), u.unpack(),
-                                 stats.unpack(), m.unpack(), r.unpack(), cfg.groups, cfg.eps, cfg.act, cfg.slope,
-                                 cfg.peps, needs);
+    const GNPConfig& c = s.cfg;
+    auto got = gnp_bwd_op().call(grads[0], s.x.unpack(), s.w.unpack(), s.b.unpack(), s.pb.unpack(), s.pw.unpack(),
+                                 s.u.unpack(), s.stats.unpack(), s.m.unpack(), s.r.unpack(), c.groups, c.eps, c.act,
+                                 c.slope, c.peps, needs);
     const std::array<Tensor, 5> all{std::get<0>(got), std::get<1>(got), std::get<2>(got), std::get<3>(got),
                                     std::get<4>(got)};
     for (size_t i = 0; i < 5; ++i)
@@ -769,13 +791,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gnp_autograd(c10::DispatchKeySet ks, 
     node = make_node<GNProxyNode>();
     n = static_cast<GNProxyNode*>(node.get());
     n->set_next_edges(torch::autograd::collect_next_edges(x, w, b, pb, pw));
-    n->x = SavedVariable(x, false);
-    n->w = SavedVariable(w, false);
-    n->b = SavedVariable(b, false);
-    n->pb = SavedVariable(pb, false);
-    n->pw = SavedVariable(pw, false);
-    n->u = SavedVariable(u, false);
-    n->cfg = GNPConfig{groups, act, eps, slope, peps};
+    n->s.save_inputs(x, w, b, pb, pw, u, GNPConfig{groups, act, eps, slope, peps});
   }
   auto out = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -783,34 +799,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gnp_autograd(c10::DispatchKeySet ks, 
   }();
   if (n) {
     torch::autograd::set_history(std::get<0>(out), node);
-    n->stats = SavedVariable(std::get<1>(out), false);
-    n->m = SavedVariable(std::get<2>(out), false);
-    n->r = SavedVariable(std::get<3>(out), false);
+    n->s.save_stats(std::get<1>(out), std::get<2>(out), std::get<3>(out));
   }
   return out;
 }
 
 struct GNProxyBackwardNode : public Node {
-  SavedVariable dout, x, w, b, pb, pw, u, stats, m, r;
-  GNPConfig cfg;
+  GNPSaved s;
+  SavedVariable dout;
   std::array<bool, 5> needs{};
   std::string name() const override { return "NormkitGNProxyActBackwardBackward"; }
   void release_variables() override {
-    for (auto* v : {&dout, &x, &w, &b, &pb, &pw, &u, &stats, &m, &r}) v->reset_data();
+    s.reset();
+    dout.reset_data();
   }
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     torch::autograd::variable_list out(6);
     bool any = false;
     for (const Tensor& g : grads) any |= g.defined();
     if (!any) return out;
-    TORCH_CHECK(gnp_double_backward_fn, "normkit_autograd: set_double_backward() was not called");
+    TORCH_CHECK(gnp_double_backward_fn, "normkit_autograd: set_gn_proxy_double_backward() was not called");
+    const GNPConfig& c = s.cfg;
     std::vector<Tensor> got;
     {
       pybind11::gil_scoped_acquire gil;
       got = (*gnp_double_backward_fn)(opt(grads[0]), opt(grads[1]), opt(grads[2]), opt(grads[3]), opt(grads[4]),
-                                      dout.unpack(), x.unpack(), w.unpack(), b.unpack(), pb.unpack(), pw.unpack(),
-                                      u.unpack(), stats.unpack(), m.unpack(), r.unpack(), cfg.groups, cfg.eps, cfg.act,
-                                      cfg.slope, cfg.peps, needs)
+                                      dout.unpack(), s.x.unpack(), s.w.unpack(), s.b.unpack(), s.pb.unpack(),
+                                      s.pw.unpack(), s.u.unpack(), s.stats.unpack(), s.m.unpack(), s.r.unpack(),
+                                      c.groups, c.eps, c.act, c.slope, c.peps, needs)
                 .cast<std::vector<Tensor>>();
     }
     TORCH_CHECK(got.size() == 6, "normkit_autograd: the GN + proxy double backward returned ", got.size(),
@@ -833,16 +849,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gnp_backward_autograd(
     n = static_cast<GNProxyBackwardNode*>(node.get());
     n->set_next_edges(torch::autograd::collect_next_edges(dout, x, w, b, pb, pw));
     n->dout = SavedVariable(dout, false);
-    n->x = SavedVariable(x, false);
-    n->w = SavedVariable(w, false);
-    n->b = SavedVariable(b, false);
-    n->pb = SavedVariable(pb, false);
-    n->pw = SavedVariable(pw, false);
-    n->u = SavedVariable(u, false);
-    n->stats = SavedVariable(stats, false);
-    n->m = SavedVariable(m, false);
-    n->r = SavedVariable(r, false);
-    n->cfg = GNPConfig{groups, act, eps, slope, peps};
+    n->s.save_inputs(x, w, b, pb, pw, u, GNPConfig{groups, act, eps, slope, peps});
+    n->s.save_stats(stats, m, r);
     n->needs = needs;
   }
   auto out = [&] {

@@ -566,12 +566,18 @@ def _gnp_kernel(
     return _GNProxyAct.forward(x, w, b, pb, pw, u, (groups, eps, _act_name(act, slope), peps))
 
 
+def _all_five(got: tuple[Tensor, ...], needs: tuple[bool, ...], x: Tensor) -> tuple[Tensor, ...]:
+    """The gradients asked for (``got``, in order) as the backward op's five outputs: a new empty tensor
+    for each one not asked for (outputs of an op never share a tensor)."""
+    it = iter(got)
+    return tuple(next(it) if keep else x.new_empty(0) for keep in needs)
+
+
 def _gnp_backward_kernel(*args: Any) -> tuple[Tensor, ...]:
     dout, x, w, b, pb, pw, u, stats, m, r, groups, eps, act, slope, peps, needs = args
     needs = tuple(needs)
     cfg = (groups, eps, _act_name(act, slope), peps)
-    got = iter(_GNProxyActBackward.forward(dout, x, w, b, pb, pw, u, stats, m, r, cfg, needs))
-    return tuple(next(got) if keep else x.new_empty(0) for keep in needs)
+    return _all_five(_GNProxyActBackward.forward(dout, x, w, b, pb, pw, u, stats, m, r, cfg, needs), needs, x)
 
 
 def _gnp_apply(
@@ -604,9 +610,7 @@ def _gnp_op_backward_vmap(info: Any, in_dims: tuple[Any, ...], *args: Any) -> An
     cfg = (groups, eps, _act_name(act, slope), peps)
     tensors = (dout, x, w, b, pb, pw, u, stats, m, r)
     outs, _ = _gnp_backward_vmap(_gnp_backward_apply, info, in_dims, *tensors, cfg, needs)
-    got = iter(outs)
-    full = tuple(next(got) if keep else x.new_empty(0) for keep in needs)  # (a new tensor each)
-    return full, tuple(0 if keep else None for keep in needs)
+    return _all_five(outs, needs, x), tuple(0 if keep else None for keep in needs)
 
 
 def _gnp_double_backward(*args: Any) -> list[Tensor]:
@@ -617,11 +621,8 @@ def _gnp_double_backward(*args: Any) -> list[Tensor]:
     dout, x, w, b, pb, pw, u, _stats, _m, _r, groups, eps, act, slope, peps, needs = args[5:]
     needs = tuple(needs)
     cfg = (groups, eps, _act_name(act, slope), peps)
-    cotangents = tuple(
-        t if t is not None else torch.zeros_like(like)
-        for t, like, keep in zip(g, (x, w, b, pb, pw), needs)
-        if keep
-    )
+    picked = [(t, like) for t, like, keep in zip(g, (x, w, b, pb, pw), needs) if keep]
+    cotangents = dense_tangents([t for t, _ in picked], [like for _, like in picked])
     return list(torch.func.vjp(_gn_proxy_grads_of(u, cfg, needs), dout, x, w, b, pb, pw)[1](cotangents))
 
 

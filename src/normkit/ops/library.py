@@ -433,12 +433,12 @@ def _double_backward(
     """``(d dy, d x, d weight)`` (an empty tensor for the weight without one): the vjp of the backward's
     composite recomputation with the cotangents ``(gdx, gdweight, gdbias)`` (``None``: zero)."""
     fn, primals = _composite_grads(dy, x, weight, bias, mask, stats, tuple(dims), eps, needs)
-    wanted = _which(needs, weight, bias)
-    cotangents = tuple(
-        g if g is not None else torch.zeros_like(like)  # type: ignore[arg-type]
-        for g, keep, like in zip((gdx, gdw, gdb), wanted, (x, weight, bias))
+    picked = [
+        (g, like)
+        for g, keep, like in zip((gdx, gdw, gdb), _which(needs, weight, bias), (x, weight, bias))
         if keep
-    )
+    ]
+    cotangents = dense_tangents([g for g, _ in picked], [like for _, like in picked])  # type: ignore[misc]
     got = torch.func.vjp(fn, *primals)[1](cotangents)
     return got[0], got[1], (got[2] if len(got) > 2 else x.new_empty(0))
 

@@ -397,3 +397,145 @@ def test_an_ensembles_forward_normalizes_without_affine_then_applies_each_member
         ref = theirs().double()
         ref.load_state_dict({k: v for k, v in m.state_dict().items() if k in ref.state_dict()})
         _close(got[i], ref(x if shared_input else x[i]), f"{name} member {i}")
+
+
+@pytest.fixture
+def members_calls(monkeypatch):
+    """Counts the backward calls that took the kernels' per-member sums (one call for ``dx`` and every
+    member's affine gradients), and their dtypes."""
+    calls: list[torch.dtype] = []
+    real = kernels.norm_backward_members
+
+    def spy(dy, *a, **k):
+        got = real(dy, *a, **k)
+        if got is not None:
+            calls.append(dy.dtype)
+        return got
+
+    monkeypatch.setattr(kernels, "norm_backward_members", spy)
+    return calls
+
+
+def _per_sample_layer_norm_case(width, dtype, offset=0.5):
+    from tests.reference import ref_layer_norm
+
+    xs = _t((4, 2, 3, width), 60, scale=1.5, offset=offset)
+    w, b = 1 + 0.3 * _t((width,), 61), 0.2 * _t((width,), 62)
+    dy = _t((2, 3, width), 63)
+
+    def loss(fn):
+        return lambda x, w, b: (torch.tanh(fn(x, (width,), w, b)) * dy.to(x.dtype)).sum()
+
+    got = vmap(grad(loss(NF.layer_norm), argnums=(0, 1, 2)), in_dims=(0, None, None))(
+        *(t.to(dtype) for t in (xs, w, b))
+    )
+    want = []
+    for i in range(4):
+        leaves = [t.clone().requires_grad_() for t in (xs[i], w, b)]
+        want.append(torch.autograd.grad(loss(ref_layer_norm)(*leaves), leaves))
+    return got, want
+
+
+@pytest.mark.parametrize(
+    "width, dtype, tol",
+    [
+        (6, torch.float64, 1e-9),
+        (6, torch.float32, 2e-5),
+        (20000, torch.float32, 2e-5),  # past the kernels' long-row threshold: column tiles per member
+        (6, torch.bfloat16, 6e-2),
+    ],
+    ids=["short-f64", "short-f32", "long-f32", "short-bf16"],
+)
+def test_per_sample_affine_gradients_of_layer_norm_come_from_one_kernel_call(
+    width, dtype, tol, route, members_calls
+):
+    """Per-sample gradients of LayerNorm over a last dim: ``dx`` and each member's ``dweight`` /
+    ``dbias`` in one call of the row kernels (no per-member pass of the reference), on both routes;
+    against autograd of the float64 reference, member by member."""
+    _module_or_skip()
+    got, want = _per_sample_layer_norm_case(width, dtype)
+    assert members_calls, "the per-member affine gradients did not come from the kernels"
+    for i in range(4):
+        for g, e, what in zip(got, want[i], ("dx", "dweight", "dbias")):
+            assert g.dtype == dtype
+            torch.testing.assert_close(
+                g[i].double(),
+                e,
+                rtol=tol,
+                atol=tol * e.abs().max().item(),
+                msg=lambda m, i=i, what=what: f"member {i} {what}: {m}",
+            )
+
+
+def test_per_sample_layer_norm_near_1e20_takes_the_reference_and_stays_exact(members_calls):
+    """float32 inputs near 1e20 (the reference's scaled statistics): the kernels hand the per-member
+    sums back, and the general route gives the same gradients as the float64 reference."""
+    _module_or_skip()
+    from tests.reference import ref_layer_norm
+
+    xs = (_t((3, 2, 5), 70) * 1e20 + 1e20).float()  # (squares of the deviations past float32)
+    w = (1 + 0.3 * _t((5,), 71)).float()
+    got = vmap(
+        grad(lambda x, w: (NF.layer_norm(x, (5,), w) * torch.arange(5.0)).sum(), argnums=1), (0, None)
+    )(xs, w)
+    assert not members_calls
+    for i in range(3):
+        leaf = w.double().requires_grad_()
+        want = torch.autograd.grad(
+            (ref_layer_norm(xs[i].double(), (5,), leaf) * torch.arange(5.0)).sum(), leaf
+        )[0]
+        torch.testing.assert_close(got[i].double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_grad_through_per_sample_gradients_takes_the_recorded_route(route, members_calls):
+    """Differentiating the per-sample gradients again (an outer ``grad``, or autograd on parameters that
+    require grad): the direct kernel call would record nothing, so the rule keeps the recorded one;
+    against autograd of autograd of the float64 reference."""
+    from tests.reference import ref_layer_norm
+
+    xs = _t((3, 2, 4), 80, offset=0.5)
+    w = 1 + 0.3 * _t((4,), 81)
+    dy = _t((2, 4), 82)
+
+    def per_sample(fn, w):
+        inner = grad(lambda w, x: (torch.tanh(fn(x, (4,), w)) * dy).sum())
+        return vmap(inner, in_dims=(None, 0))(w, xs)
+
+    got = grad(lambda w: per_sample(NF.layer_norm, w).square().sum())(w)
+    leaf = w.clone().requires_grad_()
+    rows = []
+    for i in range(3):
+        out = (torch.tanh(ref_layer_norm(xs[i], (4,), leaf)) * dy).sum()
+        rows.append(torch.autograd.grad(out, leaf, create_graph=True)[0])
+    want = torch.autograd.grad(torch.stack(rows).square().sum(), leaf)[0]
+    _close(got, want, "grad of per-sample dweight")
+    assert not members_calls
+    # autograd on parameters that require grad, through the per-sample gradients
+    leaf2 = w.clone().requires_grad_()
+    (g2,) = torch.autograd.grad(per_sample(NF.layer_norm, leaf2).square().sum(), leaf2)
+    _close(g2, want, "autograd through per-sample dweight")
+    assert not members_calls
+
+
+def test_per_sample_gradients_of_group_norm_on_features_come_from_one_kernel_call(route, members_calls):
+    """GroupNorm of ``(N, C)`` features (an MLP's): the same row kernels with groups, per member."""
+    _module_or_skip()
+    from tests.reference import ref_group_norm
+
+    xs, w, b, dy = (
+        _t((5, 3, 12), 90, offset=0.5),
+        1 + 0.3 * _t((12,), 91),
+        0.2 * _t((12,), 92),
+        _t((3, 12), 93),
+    )
+
+    def loss(fn):
+        return lambda x, w, b: (torch.tanh(fn(x, 4, w, b)) * dy).sum()
+
+    got = vmap(grad(loss(NF.group_norm), argnums=(0, 1, 2)), in_dims=(0, None, None))(xs, w, b)
+    assert members_calls
+    for i in range(5):
+        leaves = [t.clone().requires_grad_() for t in (xs[i], w, b)]
+        want = torch.autograd.grad(loss(ref_group_norm)(*leaves), leaves)
+        for g, e, what in zip(got, want, ("dx", "dweight", "dbias")):
+            _close(g[i], e, f"member {i} {what}")

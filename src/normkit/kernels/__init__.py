@@ -169,7 +169,7 @@ def _cpu_ready() -> bool:
     return bool(_build._state["loaded"]) or _build.load(build=True)
 
 
-def _eligible(x: Tensor, mask: Tensor | None) -> bool:
+def _eligible(x: Tensor, mask: Tensor | None, in_vmap_rule: bool = False) -> bool:
     return (
         mask is None
         and type(x) is Tensor
@@ -178,16 +178,21 @@ def _eligible(x: Tensor, mask: Tensor | None) -> bool:
         and x.numel() > 0
         and torch._C._has_storage(x)
         and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
+        and (in_vmap_rule or not torch._C._are_functorch_transforms_active())
         and torch.utils._python_dispatch._get_current_dispatch_mode() is None
     )
 
 
 def _cpu_plan(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None, dims: tuple[int, ...]
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    dims: tuple[int, ...],
+    in_vmap_rule: bool = False,
 ) -> Plan | None:
     backend = current()
-    if backend in ("reference", "native", "triton") or not _eligible(x, mask):
+    if backend in ("reference", "native", "triton") or not _eligible(x, mask, in_vmap_rule):
         return None
     p = plan(x, dims, weight, bias)
     if p is None or not _cpu_ready():
@@ -389,6 +394,81 @@ def norm_backward(
         _unflat(dw, weight, p.order) if need_w else None,  # type: ignore[arg-type]
         _unflat(db, bias, p.order) if need_b else None,  # type: ignore[arg-type]
     )
+
+
+def norm_backward_members(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    stats: Tensor,
+    dims: Sequence[int],
+    needs: Sequence[bool],
+    members: int,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:
+    """:func:`norm_backward` of a batch made of ``members`` equal parts along dim 0 (a vmapped call
+    folded into the samples), with ``dweight`` / ``dbias`` per member: ``(members, *weight.shape)``,
+    each part's own sum (the per-sample gradients of ``torch.func``). One kernel call, for the
+    pattern of short rows (LayerNorm over a last dim, GroupNorm of ``(N, C)``); ``None`` where the
+    kernels do not take the call (the caller then takes the general route). For plain tensors only,
+    called where nothing records the call (a vmap rule's own level, see ``ops.library._plain_call``).
+
+    Example:
+        >>> x, w = torch.randn(4, 3, 8), torch.ones(1, 1, 8)  # two members of two samples; w as the op has it
+        >>> y, stats = normkit.ops.core.norm_forward(x, w, None, None, (2,), 1e-5)
+        >>> got = norm_backward_members(torch.ones_like(x), x, w, None, stats, (2,), (True, True, False), 2)
+        >>> dx, dw, _ = got  # (None on a machine without the compiled kernels)  # doctest: +SKIP
+        >>> dw.shape  # doctest: +SKIP
+        torch.Size([2, 1, 1, 8])
+    """
+    p = _cpu_plan(x, weight, bias, None, tuple(dims), in_vmap_rule=True)
+    if (
+        p is None
+        or p.mode != 2
+        or p.S != 1
+        or members < 1
+        or x.shape[0] % members
+        or p.N % members
+        or type(dy) is not Tensor
+        or not torch._C._has_storage(dy)
+        or dy.stride() != x.stride()
+        or dy.dtype != x.dtype
+        or not stats.is_contiguous()
+    ):
+        return None
+    need_x, need_w, need_b = needs[0], needs[1] and weight is not None, needs[2] and bias is not None
+    acc = stats.dtype
+    dx = torch.empty_like(x) if need_x else None
+    dw = x.new_empty(members, p.C, dtype=acc) if need_w else None
+    db = x.new_empty(members, p.C, dtype=acc) if need_b else None
+    w = _flat(weight, acc, p.order)
+    ok = _build.lib().normkit_backward_members(
+        DTYPE_CODE[x.dtype],
+        dy.data_ptr(),
+        x.data_ptr(),
+        _ptr(w),
+        stats.data_ptr(),
+        _ptr(dx),
+        _ptr(dw),
+        _ptr(db),
+        p.N,
+        p.C,
+        p.G,
+        members,
+    )
+    if not ok:
+        return None
+
+    def per_member(g: Tensor | None, t: Tensor | None) -> Tensor | None:
+        if g is None or t is None:
+            return None
+        return (
+            torch.stack([_unflat(r, t, p.order) for r in g.unbind(0)])
+            if p.order
+            else g.reshape(members, *t.shape).to(t.dtype)
+        )
+
+    return dx, per_member(dw, weight), per_member(db, bias)
 
 
 def status() -> str:

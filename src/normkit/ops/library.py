@@ -46,6 +46,7 @@ from . import _inductor, core
 from ._vmap import batch_first, dense_tangents, register_batched
 
 _JVP = torch._C._functorch.TransformType.Jvp  # type: ignore[attr-defined]
+_VMAP = torch._C._functorch.TransformType.Vmap  # type: ignore[attr-defined]
 
 __all__ = ["exporting", "norm", "norm_stats", "proxy_act"]
 
@@ -500,6 +501,17 @@ class _NormBackward(torch.autograd.Function):
         return _backward_vmap(_NormBackward.apply, info, in_dims, *args)
 
 
+def _plain_call(*ts: Tensor | None) -> bool:
+    """Whether a call on these tensors made now is seen by no transform and no autograd: plain tensors
+    (not functorch's wrappers), no transform on the stack but vmaps (inside a vmap rule, the rule's
+    own level: a vmap does nothing to plain tensors), none of them requiring grad."""
+    if any(i.key() != _VMAP for i in torch._C._functorch.get_interpreter_stack() or ()):  # type: ignore[attr-defined]
+        return False
+    if any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts):  # type: ignore[attr-defined]
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts))
+
+
 def _backward_vmap(
     apply: Any,
     info: Any,
@@ -536,6 +548,19 @@ def _backward_vmap(
     if not _foldable(in_dims[2:5], weight, bias, mask, dims):
         return with_the_vmapped_dim(needs), out_dims
     dx = dw = db = x.new_empty(0)
+    if (need_w or need_b) and _plain_call(dy, x, weight, bias, stats):
+        # per-member sums straight from the kernels (short rows: LayerNorm over a last dim), where nothing
+        # records this call (no transform left below this one, no autograd)
+        got = kernels.norm_backward_members(
+            _fold(dy), _fold(x), weight, bias, _fold(stats, at=1), dims, (need_x, need_w, need_b), B
+        )
+        if got is not None:
+            gx, gw, gb = got
+            return (
+                _unfold(gx, B) if gx is not None else dx,
+                gw if gw is not None else dw,
+                gb if gb is not None else db,
+            ), out_dims
     if need_x:  # one call of the unbatched pattern on the folded batch
         folded = (_fold(dy), _fold(x), weight, bias, None, _fold(stats, at=1))
         dx = _unfold(apply(*folded, dims, eps, (True, False, False))[0], B)

@@ -882,10 +882,12 @@ inline void rows_bwd_set(const T* dy, const T* x, const O* w, const O* st, T* dx
 }
 
 // dweight / dbias (D: double, or the statistics dtype straight into the caller's tensors) are stored,
-// not added: the column tiles partition the columns, each tile sums its own in double.
+// not added: the column tiles partition the columns, each tile sums its own in double. With M > 1
+// members (M dividing N: member m holds rows [m N / M, (m + 1) N / M)), dweight / dbias are (M, C),
+// each member's rows summed on their own (per-sample gradients under torch.func.vmap).
 template <bool W, typename T, typename O, typename D>
 void rows_backward_long(const T* dy, const T* x, const O* w, const O* st, T* dx, D* dw, D* db, int64_t N,
-                        int64_t C, int64_t G) {
+                        int64_t C, int64_t G, int64_t M = 1) {
   constexpr int L = row_lanes<O>();
   const int64_t Cg = C / G, nsets = N * G, nch = (Cg + RCHUNK - 1) / RCHUNK;
   // 1. per-set sums, by chunks (parallel even for one set)
@@ -959,25 +961,30 @@ void rows_backward_long(const T* dy, const T* x, const O* w, const O* st, T* dx,
           aw[j] = ab[j] = O(0);
         }
       };
-      for (int64_t r = 0; r < N; ++r) {
-        const int64_t k = r * G + g, off = k * Cg + j0;
-        const O* c = co.data() + 5 * k;
-        if (dx) {
-          emit(dx + off, n, stream, [&](int64_t j, int64_t m, T* q) {
-            row_dx<W, T, O>(dy + off + j, x + off + j, W ? w + c0 + j : nullptr, q, need_p ? aw.data() + j : nullptr,
-                            need_p ? ab.data() + j : nullptr, m, st[k], c[0], c[1], c[2], c[3], c[4]);
-          });
-        } else {
-          row_dx<W, T, O>(dy + off, x + off, W ? w + c0 : nullptr, nullptr, aw.data(), ab.data(), n, st[k], c[0], c[1],
-                          c[2], c[3], c[4]);
+      for (int64_t mem = 0; mem < M; ++mem) {
+        const int64_t r1 = N * (mem + 1) / M;
+        for (int64_t r = N * mem / M; r < r1; ++r) {
+          const int64_t k = r * G + g, off = k * Cg + j0;
+          const O* c = co.data() + 5 * k;
+          if (dx) {
+            emit(dx + off, n, stream, [&](int64_t j, int64_t m, T* q) {
+              row_dx<W, T, O>(dy + off + j, x + off + j, W ? w + c0 + j : nullptr, q,
+                              need_p ? aw.data() + j : nullptr, need_p ? ab.data() + j : nullptr, m, st[k], c[0],
+                              c[1], c[2], c[3], c[4]);
+            });
+          } else {
+            row_dx<W, T, O>(dy + off, x + off, W ? w + c0 : nullptr, nullptr, aw.data(), ab.data(), n, st[k], c[0],
+                            c[1], c[2], c[3], c[4]);
+          }
+          if (need_p && (r + 1) % RFLUSH == 0) flush();
         }
-        if (need_p && (r + 1) % RFLUSH == 0) flush();
-      }
-      if (need_p) {
-        flush();
-        for (int64_t j = 0; j < n; ++j) {
-          if (dw) dw[c0 + j] = static_cast<D>(sw[j]);
-          if (db) db[c0 + j] = static_cast<D>(sb[j]);
+        if (need_p) {
+          flush();
+          for (int64_t j = 0; j < n; ++j) {
+            if (dw) dw[mem * C + c0 + j] = static_cast<D>(sw[j]);
+            if (db) db[mem * C + c0 + j] = static_cast<D>(sb[j]);
+            sw[j] = sb[j] = 0.0;
+          }
         }
       }
     }
@@ -985,17 +992,20 @@ void rows_backward_long(const T* dy, const T* x, const O* w, const O* st, T* dx,
   });
 }
 
+// dweight / dbias: (C,) summed over every row, or with M > 1 members (M dividing N) (M, C), one sum per
+// member's rows (as rows_backward_long); the caller zeroes them.
 template <bool W, typename T, typename O>
 void rows_backward_w(const T* dy, const T* x, const O* w, const O* st, T* dx, double* dw, double* db, int64_t N,
-                     int64_t C, int64_t G) {
+                     int64_t C, int64_t G, int64_t M = 1) {
   const int64_t Cg = C / G, nsets = N * G;
   if (Cg > LONG_ROW) {
-    rows_backward_long<W, T, O, double>(dy, x, w, st, dx, dw, db, N, C, G);
+    rows_backward_long<W, T, O, double>(dy, x, w, st, dx, dw, db, N, C, G, M);
     return;
   }
   const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
   const bool need_p = dw || db;
-  const int64_t blocks = std::max<int64_t>(1, std::min({nthreads, N, N * C / GRAIN}));
+  // (members: one block each, its partial sums its own result)
+  const int64_t blocks = M > 1 ? M : std::max<int64_t>(1, std::min({nthreads, N, N * C / GRAIN}));
   std::vector<double> pw(need_p ? static_cast<size_t>(blocks * C) : 0, 0.0), pb(pw.size(), 0.0);
   torch::stable::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<O> aw(need_p ? C : 0, O(0)), ab(aw.size(), O(0));
@@ -1019,22 +1029,23 @@ void rows_backward_w(const T* dy, const T* x, const O* w, const O* st, T* dx, do
     }
   });
   if (need_p) {
+    const int64_t stride = M > 1 ? C : 0;  // (members: each block its own row of the result)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       if (dw)
-        for (int64_t c = 0; c < C; ++c) dw[c] += pw[blk * C + c];
+        for (int64_t c = 0; c < C; ++c) dw[blk * stride + c] += pw[blk * C + c];
       if (db)
-        for (int64_t c = 0; c < C; ++c) db[c] += pb[blk * C + c];
+        for (int64_t c = 0; c < C; ++c) db[blk * stride + c] += pb[blk * C + c];
     }
   }
 }
 
 template <typename T, typename O>
 void rows_backward(const T* dy, const T* x, const O* w, const O* st, T* dx, double* dw, double* db, int64_t N,
-                   int64_t C, int64_t G) {
+                   int64_t C, int64_t G, int64_t M = 1) {
   if (w)
-    rows_backward_w<true, T, O>(dy, x, w, st, dx, dw, db, N, C, G);
+    rows_backward_w<true, T, O>(dy, x, w, st, dx, dw, db, N, C, G, M);
   else
-    rows_backward_w<false, T, O>(dy, x, w, st, dx, dw, db, N, C, G);
+    rows_backward_w<false, T, O>(dy, x, w, st, dx, dw, db, N, C, G, M);
 }
 
 // Columns per block of the CHANNEL_NCHW pattern: a (C x W) tile of about 256 KB of x stays in L2 between
@@ -1324,12 +1335,13 @@ inline void run_dx(const T* dy, const T* x, T* dx, int64_t len, O shift, O a, O 
 
 template <typename T>
 void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, const typename OpMath<T>::type* st,
-                   T* dx, double* dw, double* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
+                   T* dx, double* dw, double* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G,
+                   int64_t M = 1) {
   using O = typename OpMath<T>::type;
   const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
   auto wv = [&](int64_t c) { return w ? static_cast<double>(w[c]) : 1.0; };
   if (mode == GROUP_NCHW && S == 1) {
-    rows_backward<T, O>(dy, x, w, st, dx, dw, db, N, C, G);
+    rows_backward<T, O>(dy, x, w, st, dx, dw, db, N, C, G, M);
     return;
   }
   const bool stream = dx && streamed<T>(N * C * S);
@@ -2293,8 +2305,10 @@ int32_t forward_train_ptr(int dt, const void* x, const void* w, const void* b, v
   return ok;
 }
 
+// M > 1 members (the rows pattern only, M dividing N): dw / db are (M, C), a sum over each member's rows.
 int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx, void* dw,
-                     void* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
+                     void* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G, int64_t M = 1) {
+  if (M < 1 || (M > 1 && !(mode == GROUP_NCHW && S == 1 && N % M == 0))) return 0;
   const int64_t nsets = mode == BATCH_NCHW || mode == BATCH_CL ? C : (mode == CHANNEL_NCHW ? N * S : N * G);
   // Statistics saved by the reference's scaled path (inv != 1, for |x| beyond the float32 squares):
   // the caller recomputes on the reference, whose backward keeps every factor representable.
@@ -2314,7 +2328,7 @@ int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const
       auto run = [&](auto wflag) {
         rows_backward_long<decltype(wflag)::value, T, O, O>(
             static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w), static_cast<const O*>(st),
-            static_cast<T*>(dx), static_cast<O*>(dw), static_cast<O*>(db), N, C, G);
+            static_cast<T*>(dx), static_cast<O*>(dw), static_cast<O*>(db), N, C, G, M);
       };
       if (w)
         run(std::true_type{});
@@ -2324,15 +2338,16 @@ int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const
     return 1;
   }
   // dweight / dbias accumulate in double and are stored in the statistics dtype (float32 / float64)
-  std::vector<double> acc(static_cast<size_t>((dw ? C : 0) + (db ? C : 0)), 0.0);
+  const int64_t P = M * C;  // (the parameters' gradients: M rows of C)
+  std::vector<double> acc(static_cast<size_t>((dw ? P : 0) + (db ? P : 0)), 0.0);
   double* dwa = dw ? acc.data() : nullptr;
-  double* dba = db ? acc.data() + (dw ? C : 0) : nullptr;
+  double* dba = db ? acc.data() + (dw ? P : 0) : nullptr;
   by_dtype(dt, [&](auto t, auto o) {
     using T = decltype(t);
     using O = decltype(o);
     backward_impl<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w),
-                     static_cast<const O*>(st), static_cast<T*>(dx), dwa, dba, mode, N, C, S, G);
-    for (int64_t c = 0; c < C; ++c) {
+                     static_cast<const O*>(st), static_cast<T*>(dx), dwa, dba, mode, N, C, S, G, M);
+    for (int64_t c = 0; c < P; ++c) {
       if (dw) static_cast<O*>(dw)[c] = cv<O>(dwa[c]);
       if (db) static_cast<O*>(db)[c] = cv<O>(dba[c]);
     }
@@ -2412,6 +2427,13 @@ int32_t normkit_forward_train(int dt, const void* x, const void* w, const void* 
 int32_t normkit_backward(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx, void* dw,
                          void* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
   return backward_ptr(dt, dy, x, w, st, dx, dw, db, mode, N, C, S, G);
+}
+// The rows pattern's backward with dw / db per member (M members dividing N; (M, C) each): per-sample
+// gradients of LayerNorm over a last dim. Returns 0 where it does not apply (as normkit_backward for
+// the scaled statistics): the caller then takes another route.
+int32_t normkit_backward_members(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx,
+                                 void* dw, void* db, int64_t N, int64_t C, int64_t G, int64_t M) {
+  return backward_ptr(dt, dy, x, w, st, dx, dw, db, GROUP_NCHW, N, C, 1, G, M);
 }
 int32_t normkit_act_forward(int dt, const void* y, const void* w, const void* b, const void* m, const void* r, void* out,
                             int64_t act, double slope, int64_t N, int64_t C, int64_t S, int32_t cl) {

@@ -539,3 +539,49 @@ def test_per_sample_gradients_of_group_norm_on_features_come_from_one_kernel_cal
         want = torch.autograd.grad(loss(ref_group_norm)(*leaves), leaves)
         for g, e, what in zip(got, want, ("dx", "dweight", "dbias")):
             _close(g[i], e, f"member {i} {what}")
+
+
+@pytest.mark.parametrize("width", [6, 20000], ids=["short", "long"])
+def test_an_ensemble_of_layer_norms_takes_the_member_kernel_and_equals_torch_nn(width, route, members_calls):
+    """torch.func's model ensembling (``stack_module_state``, one input every member shares) of two
+    LayerNorms over the last dim with a tanh between: the first one's backward has the shared input
+    and each member's affine, the second's each member's input and affine; short rows take one kernel
+    call each; against a loop of torch.nn.LayerNorm in float64."""
+    import copy
+
+    from torch.func import functional_call, stack_module_state
+
+    _module_or_skip()
+    import normkit.nn as nkn
+
+    torch.manual_seed(1)
+    members = [
+        torch.nn.Sequential(nkn.LayerNorm(width), torch.nn.Tanh(), nkn.LayerNorm(width)).double()
+        for _ in range(3)
+    ]
+    with torch.no_grad():
+        for m in members:
+            for p in m.parameters():
+                p.uniform_(0.5, 1.5)
+    params, buffers = stack_module_state(members)
+    base = copy.deepcopy(members[0]).to("meta")
+    x = _t((2, 3, width), 95, scale=2.0, offset=0.5)
+    dy = _t((2, 3, width), 96)
+
+    def loss(p, b, x):
+        return (functional_call(base, (p, b), (x,)) * dy).sum()
+
+    # detached parameters: nothing records the rule's call (stack_module_state's require grad: autograd
+    # might differentiate the gradients again, so the recorded route runs)
+    for detached in (True, False):
+        members_calls.clear()
+        ps = {k: v.detach() for k, v in params.items()} if detached else params
+        got = vmap(grad(loss), in_dims=(0, 0, None))(ps, buffers, x)
+        assert len(members_calls) == (2 if width == 6 and detached else 0)  # (long rows: the general route)
+        for i, m in enumerate(members):
+            ref = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Tanh(), torch.nn.LayerNorm(width))
+            ref = ref.double()
+            ref.load_state_dict(m.state_dict())
+            want = torch.autograd.grad((ref(x) * dy).sum(), list(ref.parameters()))
+            for (k, _), e in zip(ref.named_parameters(), want):
+                _close(got[k][i], e, f"member {i} {k}")

@@ -405,10 +405,14 @@ def norm_backward_members(
     dims: Sequence[int],
     needs: Sequence[bool],
     members: int,
+    shared_x: bool = False,
+    member_weight: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:
-    """:func:`norm_backward` of a batch made of ``members`` equal parts along dim 0 (a vmapped call
-    folded into the samples), with ``dweight`` / ``dbias`` per member: ``(members, *weight.shape)``,
-    each part's own sum (the per-sample gradients of ``torch.func``). One kernel call, for the
+    """:func:`norm_backward` of ``members`` calls at once (a vmapped call: per-sample gradients, an
+    ensemble), with ``dweight`` / ``dbias`` per member, ``(members, *weight.shape)``, in one kernel
+    call. ``dy`` holds the members' batches one after another along dim 0; ``x`` and ``stats`` too, or
+    one batch every member shares (``shared_x``); ``weight`` is shared, or ``(members, ...)`` with
+    ``member_weight`` (``bias`` only gives ``dbias`` its shape and dtype: pass one member's). For the
     pattern of short rows (LayerNorm over a last dim, GroupNorm of ``(N, C)``); ``None`` where the
     kernels do not take the call (the caller then takes the general route). For plain tensors only,
     called where nothing records the call (a vmap rule's own level, see ``ops.library._plain_call``).
@@ -421,27 +425,31 @@ def norm_backward_members(
         >>> dw.shape  # doctest: +SKIP
         torch.Size([2, 1, 1, 8])
     """
-    p = _cpu_plan(x, weight, bias, None, tuple(dims), in_vmap_rule=True)
+    n = dy.shape[0] // members if members > 0 else 0
+    one = x if shared_x else x[:n]  # one member's call, for the plan
+    w1 = weight[0] if member_weight and weight is not None else weight
+    p = _cpu_plan(one, w1, bias, None, tuple(dims), in_vmap_rule=True)
     if (
         p is None
         or p.mode != 2
         or p.S != 1
-        or members < 1
-        or x.shape[0] % members
-        or p.N % members
+        or p.order is not None
+        or n * members != dy.shape[0]
+        or x.shape[0] != (n if shared_x else dy.shape[0])
         or type(dy) is not Tensor
         or not torch._C._has_storage(dy)
-        or dy.stride() != x.stride()
+        or not (dy.is_contiguous() and x.is_contiguous() and stats.is_contiguous())
         or dy.dtype != x.dtype
-        or not stats.is_contiguous()
+        or stats.numel() != 6 * p.N * p.G * (1 if shared_x else members)
     ):
         return None
     need_x, need_w, need_b = needs[0], needs[1] and weight is not None, needs[2] and bias is not None
     acc = stats.dtype
-    dx = torch.empty_like(x) if need_x else None
+    dx = torch.empty_like(dy) if need_x else None
     dw = x.new_empty(members, p.C, dtype=acc) if need_w else None
     db = x.new_empty(members, p.C, dtype=acc) if need_b else None
-    w = _flat(weight, acc, p.order)
+    w = None if weight is None else weight.detach().reshape(members if member_weight else 1, p.C)
+    w = None if w is None else w.to(acc).contiguous()
     ok = _build.lib().normkit_backward_members(
         DTYPE_CODE[x.dtype],
         dy.data_ptr(),
@@ -455,20 +463,18 @@ def norm_backward_members(
         p.C,
         p.G,
         members,
+        0 if shared_x else p.N * p.C,
+        p.C if member_weight else 0,
+        0 if shared_x else p.N * p.G,
     )
     if not ok:
         return None
-
-    def per_member(g: Tensor | None, t: Tensor | None) -> Tensor | None:
-        if g is None or t is None:
-            return None
-        return (
-            torch.stack([_unflat(r, t, p.order) for r in g.unbind(0)])
-            if p.order
-            else g.reshape(members, *t.shape).to(t.dtype)
-        )
-
-    return dx, per_member(dw, weight), per_member(db, bias)
+    shape = lambda t: tuple(t.shape[1:]) if member_weight and t is weight else tuple(t.shape)  # noqa: E731
+    return (
+        dx,
+        None if dw is None or weight is None else dw.reshape(members, *shape(weight)).to(weight.dtype),
+        None if db is None or bias is None else db.reshape(members, *bias.shape).to(bias.dtype),
+    )
 
 
 def status() -> str:

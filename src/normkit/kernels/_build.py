@@ -242,7 +242,7 @@ def _bind(path: str) -> ctypes.CDLL:
     so.normkit_forward_train.restype = i32
     so.normkit_backward.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, i64, i64, i64, i64, i64]
     so.normkit_backward.restype = i32
-    so.normkit_backward_members.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, i64, i64, i64, i64]
+    so.normkit_backward_members.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, *[i64] * 7]
     so.normkit_backward_members.restype = i32
     so.normkit_act_forward.argtypes = [ctypes.c_int, p, p, p, p, p, p, i64, dbl, i64, i64, i64, i32]
     so.normkit_act_forward.restype = i32

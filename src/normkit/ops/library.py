@@ -512,6 +512,56 @@ def _plain_call(*ts: Tensor | None) -> bool:
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts))
 
 
+def _members_backward(
+    B: int,
+    in_dims: tuple[Any, ...],
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    stats: Tensor,
+    dims: tuple[int, ...],
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The backward's vmap rule in one kernel call where the kernels take it (short rows: LayerNorm over a
+    last dim): per-sample gradients (the members' inputs folded into the samples, the affine shared)
+    and ensembles (one input every member shares, or one each; the affine shared or each member's),
+    ``dx`` and each member's ``dweight`` / ``dbias``. ``None``: the rule's general route."""
+    if 0 in dims or (in_dims[1] is None) != (in_dims[5] is None):
+        return None
+    shared_x = in_dims[1] is None
+    rank = x.dim() - (0 if shared_x else 1)  # the unbatched input's
+    ps, shapes = [], []  # (each parameter at the input's rank; its unbatched shape, the gradient's)
+    for p, d in zip((weight, bias), in_dims[2:4]):
+        if p is not None:
+            p = p if d is None else batch_first(p, d, B)
+            one = p if d is None else p[0]
+            if one.dim() > rank or (one.dim() == rank and one.shape[0] != 1):  # (varies along the samples)
+                return None
+            shapes.append(one.shape)
+            p = p.reshape(*(() if d is None else (B,)), *([1] * (rank - one.dim())), *one.shape)
+        else:
+            shapes.append(None)
+        ps.append(p)
+    w, b = ps
+    dyf = _fold(batch_first(dy, in_dims[0], B).contiguous())
+    xf = x if shared_x else _fold(batch_first(x, in_dims[1], B))
+    st = stats if shared_x else _fold(stats.movedim(in_dims[5], 1), at=1)
+    b1 = b if b is None or in_dims[3] is None else b[0]
+    got = kernels.norm_backward_members(
+        dyf, xf.contiguous(), w, b1, st.contiguous(), dims, needs, B, shared_x, in_dims[2] is not None
+    )
+    if got is None:
+        return None
+    empty = dy.new_empty(0)
+    gx, gw, gb = got
+    return (
+        _unfold(gx, B) if gx is not None else empty,
+        gw.reshape(B, *shapes[0]) if gw is not None else empty.clone(),
+        gb.reshape(B, *shapes[1]) if gb is not None else empty.clone(),
+    )
+
+
 def _backward_vmap(
     apply: Any,
     info: Any,
@@ -530,14 +580,18 @@ def _backward_vmap(
     with the backward's arguments: ``dx`` on the folded batch where the pattern folds, per-member affine
     gradients with the vmapped dim as one more set dim."""
     B = info.batch_size
+    need_x, need_w, need_b = _which(needs, weight, bias)
+    out_dims = (0 if need_x else None, 0 if need_w else None, 0 if need_b else None)
+    if (need_w or need_b) and mask is None and _plain_call(dy, x, weight, bias, stats):
+        got = _members_backward(B, in_dims, dy, x, weight, bias, stats, dims, (need_x, need_w, need_b))
+        if got is not None:
+            return got, out_dims
     dy, x = batch_first(dy, in_dims[0], B), batch_first(x, in_dims[1], B)
     stats = (
         stats.movedim(in_dims[5], 1)
         if in_dims[5] is not None
         else stats.unsqueeze(1).expand(stats.shape[0], B, *stats.shape[1:])
     )
-    need_x, need_w, need_b = _which(needs, weight, bias)
-    out_dims = (0 if need_x else None, 0 if need_w else None, 0 if need_b else None)
 
     def with_the_vmapped_dim(wanted: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor]:
         # the sets gain the vmapped dim; the affine gets it too (expanded where shared), so that its
@@ -548,19 +602,6 @@ def _backward_vmap(
     if not _foldable(in_dims[2:5], weight, bias, mask, dims):
         return with_the_vmapped_dim(needs), out_dims
     dx = dw = db = x.new_empty(0)
-    if (need_w or need_b) and _plain_call(dy, x, weight, bias, stats):
-        # per-member sums straight from the kernels (short rows: LayerNorm over a last dim), where nothing
-        # records this call (no transform left below this one, no autograd)
-        got = kernels.norm_backward_members(
-            _fold(dy), _fold(x), weight, bias, _fold(stats, at=1), dims, (need_x, need_w, need_b), B
-        )
-        if got is not None:
-            gx, gw, gb = got
-            return (
-                _unfold(gx, B) if gx is not None else dx,
-                gw if gw is not None else dw,
-                gb if gb is not None else db,
-            ), out_dims
     if need_x:  # one call of the unbatched pattern on the folded batch
         folded = (_fold(dy), _fold(x), weight, bias, None, _fold(stats, at=1))
         dx = _unfold(apply(*folded, dims, eps, (True, False, False))[0], B)

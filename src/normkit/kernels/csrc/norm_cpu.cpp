@@ -992,20 +992,17 @@ void rows_backward_long(const T* dy, const T* x, const O* w, const O* st, T* dx,
   });
 }
 
-// dweight / dbias: (C,) summed over every row, or with M > 1 members (M dividing N) (M, C), one sum per
-// member's rows (as rows_backward_long); the caller zeroes them.
 template <bool W, typename T, typename O>
 void rows_backward_w(const T* dy, const T* x, const O* w, const O* st, T* dx, double* dw, double* db, int64_t N,
-                     int64_t C, int64_t G, int64_t M = 1) {
+                     int64_t C, int64_t G) {
   const int64_t Cg = C / G, nsets = N * G;
   if (Cg > LONG_ROW) {
-    rows_backward_long<W, T, O, double>(dy, x, w, st, dx, dw, db, N, C, G, M);
+    rows_backward_long<W, T, O, double>(dy, x, w, st, dx, dw, db, N, C, G);
     return;
   }
   const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
   const bool need_p = dw || db;
-  // (members: one block each, its partial sums its own result)
-  const int64_t blocks = M > 1 ? M : std::max<int64_t>(1, std::min({nthreads, N, N * C / GRAIN}));
+  const int64_t blocks = std::max<int64_t>(1, std::min({nthreads, N, N * C / GRAIN}));
   std::vector<double> pw(need_p ? static_cast<size_t>(blocks * C) : 0, 0.0), pb(pw.size(), 0.0);
   torch::stable::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<O> aw(need_p ? C : 0, O(0)), ab(aw.size(), O(0));
@@ -1029,23 +1026,55 @@ void rows_backward_w(const T* dy, const T* x, const O* w, const O* st, T* dx, do
     }
   });
   if (need_p) {
-    const int64_t stride = M > 1 ? C : 0;  // (members: each block its own row of the result)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       if (dw)
-        for (int64_t c = 0; c < C; ++c) dw[blk * stride + c] += pw[blk * C + c];
+        for (int64_t c = 0; c < C; ++c) dw[c] += pw[blk * C + c];
       if (db)
-        for (int64_t c = 0; c < C; ++c) db[blk * stride + c] += pb[blk * C + c];
+        for (int64_t c = 0; c < C; ++c) db[c] += pb[blk * C + c];
     }
   }
 }
 
+// The rows pattern for M members (a vmapped call: per-sample gradients, an ensemble), each member N rows of
+// G sets, its own dweight / dbias row (M, C) (stored, in double). Member m reads dy / writes dx at
+// m N C, x at m x_step (0: one input every member shares), the affine at m w_step (0: shared; C: its
+// own) and the statistics from set m st_step on, nst sets to a statistics row.
+template <bool W, typename T, typename O>
+void rows_backward_members(const T* dy, const T* x, const O* w, const O* st, T* dx, double* dw, double* db,
+                           int64_t N, int64_t C, int64_t G, int64_t M, int64_t x_step, int64_t w_step,
+                           int64_t st_step, int64_t nst) {
+  const int64_t Cg = C / G, nsets = N * G;
+  const bool need_p = dw || db;
+  torch::stable::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<O> aw(need_p ? C : 0, O(0)), ab(aw.size(), O(0));
+    O* AW = need_p ? aw.data() : nullptr;
+    O* AB = need_p ? ab.data() : nullptr;
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* dym = dy + m * N * C;
+      const T* xm = x + m * x_step;
+      const O* wm = W ? w + m * w_step : nullptr;
+      const O* stm = st + m * st_step;
+      T* dxm = dx ? dx + m * N * C : nullptr;
+      for (int64_t k = 0; k < nsets;) {
+        const int64_t kstop = std::min(nsets, k + RFLUSH * G);  // then flush the float sums
+        for (; k < kstop; ++k) rows_bwd_set<W, T, O>(dym, xm, wm, stm, dxm, AW, AB, nst, k, Cg, G);
+        for (int64_t c = 0; need_p && c < C; ++c) {
+          if (dw) dw[m * C + c] += aw[c];
+          if (db) db[m * C + c] += ab[c];
+          aw[c] = ab[c] = O(0);
+        }
+      }
+    }
+  });
+}
+
 template <typename T, typename O>
 void rows_backward(const T* dy, const T* x, const O* w, const O* st, T* dx, double* dw, double* db, int64_t N,
-                   int64_t C, int64_t G, int64_t M = 1) {
+                   int64_t C, int64_t G) {
   if (w)
-    rows_backward_w<true, T, O>(dy, x, w, st, dx, dw, db, N, C, G, M);
+    rows_backward_w<true, T, O>(dy, x, w, st, dx, dw, db, N, C, G);
   else
-    rows_backward_w<false, T, O>(dy, x, w, st, dx, dw, db, N, C, G, M);
+    rows_backward_w<false, T, O>(dy, x, w, st, dx, dw, db, N, C, G);
 }
 
 // Columns per block of the CHANNEL_NCHW pattern: a (C x W) tile of about 256 KB of x stays in L2 between
@@ -1335,13 +1364,12 @@ inline void run_dx(const T* dy, const T* x, T* dx, int64_t len, O shift, O a, O 
 
 template <typename T>
 void backward_impl(const T* dy, const T* x, const typename OpMath<T>::type* w, const typename OpMath<T>::type* st,
-                   T* dx, double* dw, double* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G,
-                   int64_t M = 1) {
+                   T* dx, double* dw, double* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
   using O = typename OpMath<T>::type;
   const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
   auto wv = [&](int64_t c) { return w ? static_cast<double>(w[c]) : 1.0; };
   if (mode == GROUP_NCHW && S == 1) {
-    rows_backward<T, O>(dy, x, w, st, dx, dw, db, N, C, G, M);
+    rows_backward<T, O>(dy, x, w, st, dx, dw, db, N, C, G);
     return;
   }
   const bool stream = dx && streamed<T>(N * C * S);
@@ -2305,13 +2333,9 @@ int32_t forward_train_ptr(int dt, const void* x, const void* w, const void* b, v
   return ok;
 }
 
-// M > 1 members (the rows pattern only, M dividing N): dw / db are (M, C), a sum over each member's rows.
-int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx, void* dw,
-                     void* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G, int64_t M = 1) {
-  if (M < 1 || (M > 1 && !(mode == GROUP_NCHW && S == 1 && N % M == 0))) return 0;
-  const int64_t nsets = mode == BATCH_NCHW || mode == BATCH_CL ? C : (mode == CHANNEL_NCHW ? N * S : N * G);
-  // Statistics saved by the reference's scaled path (inv != 1, for |x| beyond the float32 squares):
-  // the caller recomputes on the reference, whose backward keeps every factor representable.
+// Statistics saved by the reference's scaled path (inv != 1, for |x| beyond the float32 squares): the
+// caller recomputes on the reference, whose backward keeps every factor representable.
+bool scaled_stats(int dt, const void* st, int64_t nsets) {
   bool scaled = false;
   if (dt == 1) {
     const double* inv = static_cast<const double*>(st) + nsets;
@@ -2320,7 +2344,13 @@ int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const
     const float* inv = static_cast<const float*>(st) + nsets;
     for (int64_t k = 0; k < nsets; ++k) scaled |= inv[k] != 1.0f;
   }
-  if (scaled) return 0;
+  return scaled;
+}
+
+int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx, void* dw,
+                     void* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
+  const int64_t nsets = mode == BATCH_NCHW || mode == BATCH_CL ? C : (mode == CHANNEL_NCHW ? N * S : N * G);
+  if (scaled_stats(dt, st, nsets)) return 0;
   if (mode == GROUP_NCHW && S == 1 && G > 0 && C / G > LONG_ROW) {  // long rows store dweight / dbias themselves
     by_dtype(dt, [&](auto t, auto o) {
       using T = decltype(t);
@@ -2328,7 +2358,7 @@ int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const
       auto run = [&](auto wflag) {
         rows_backward_long<decltype(wflag)::value, T, O, O>(
             static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w), static_cast<const O*>(st),
-            static_cast<T*>(dx), static_cast<O*>(dw), static_cast<O*>(db), N, C, G, M);
+            static_cast<T*>(dx), static_cast<O*>(dw), static_cast<O*>(db), N, C, G);
       };
       if (w)
         run(std::true_type{});
@@ -2338,15 +2368,63 @@ int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const
     return 1;
   }
   // dweight / dbias accumulate in double and are stored in the statistics dtype (float32 / float64)
-  const int64_t P = M * C;  // (the parameters' gradients: M rows of C)
+  std::vector<double> acc(static_cast<size_t>((dw ? C : 0) + (db ? C : 0)), 0.0);
+  double* dwa = dw ? acc.data() : nullptr;
+  double* dba = db ? acc.data() + (dw ? C : 0) : nullptr;
+  by_dtype(dt, [&](auto t, auto o) {
+    using T = decltype(t);
+    using O = decltype(o);
+    backward_impl<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w),
+                     static_cast<const O*>(st), static_cast<T*>(dx), dwa, dba, mode, N, C, S, G);
+    for (int64_t c = 0; c < C; ++c) {
+      if (dw) static_cast<O*>(dw)[c] = cv<O>(dwa[c]);
+      if (db) static_cast<O*>(db)[c] = cv<O>(dba[c]);
+    }
+  });
+  return 1;
+}
+
+// rows_backward_members (N rows of G sets per member, C values a row); dw / db (M, C) in the statistics
+// dtype. Long rows take the column-tiled kernel, for members that each have their own input and
+// statistics and share the affine (per-sample gradients) only. 0: not taken (as backward_ptr).
+int32_t backward_members_ptr(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx,
+                             void* dw, void* db, int64_t N, int64_t C, int64_t G, int64_t M, int64_t x_step,
+                             int64_t w_step, int64_t st_step) {
+  const int64_t nst = st_step ? M * N * G : N * G;
+  if (M < 1 || G < 1 || scaled_stats(dt, st, nst)) return 0;
+  if (C / G > LONG_ROW) {
+    if (x_step != N * C || w_step != 0 || st_step != N * G) return 0;
+    by_dtype(dt, [&](auto t, auto o) {
+      using T = decltype(t);
+      using O = decltype(o);
+      auto run = [&](auto wflag) {
+        rows_backward_long<decltype(wflag)::value, T, O, O>(
+            static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w), static_cast<const O*>(st),
+            static_cast<T*>(dx), static_cast<O*>(dw), static_cast<O*>(db), M * N, C, G, M);
+      };
+      if (w)
+        run(std::true_type{});
+      else
+        run(std::false_type{});
+    });
+    return 1;
+  }
+  const int64_t P = M * C;
   std::vector<double> acc(static_cast<size_t>((dw ? P : 0) + (db ? P : 0)), 0.0);
   double* dwa = dw ? acc.data() : nullptr;
   double* dba = db ? acc.data() + (dw ? P : 0) : nullptr;
   by_dtype(dt, [&](auto t, auto o) {
     using T = decltype(t);
     using O = decltype(o);
-    backward_impl<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w),
-                     static_cast<const O*>(st), static_cast<T*>(dx), dwa, dba, mode, N, C, S, G, M);
+    auto run = [&](auto wflag) {
+      rows_backward_members<decltype(wflag)::value, T, O>(
+          static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w), static_cast<const O*>(st),
+          static_cast<T*>(dx), dwa, dba, N, C, G, M, x_step, w_step, st_step, nst);
+    };
+    if (w)
+      run(std::true_type{});
+    else
+      run(std::false_type{});
     for (int64_t c = 0; c < P; ++c) {
       if (dw) static_cast<O*>(dw)[c] = cv<O>(dwa[c]);
       if (db) static_cast<O*>(db)[c] = cv<O>(dba[c]);
@@ -2428,12 +2506,12 @@ int32_t normkit_backward(int dt, const void* dy, const void* x, const void* w, c
                          void* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
   return backward_ptr(dt, dy, x, w, st, dx, dw, db, mode, N, C, S, G);
 }
-// The rows pattern's backward with dw / db per member (M members dividing N; (M, C) each): per-sample
-// gradients of LayerNorm over a last dim. Returns 0 where it does not apply (as normkit_backward for
-// the scaled statistics): the caller then takes another route.
+// The rows pattern's backward for M members, dw / db (M, C) (backward_members_ptr): per-sample gradients
+// and ensembles of LayerNorm over a last dim. 0 where it does not apply: the caller takes another route.
 int32_t normkit_backward_members(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx,
-                                 void* dw, void* db, int64_t N, int64_t C, int64_t G, int64_t M) {
-  return backward_ptr(dt, dy, x, w, st, dx, dw, db, GROUP_NCHW, N, C, 1, G, M);
+                                 void* dw, void* db, int64_t N, int64_t C, int64_t G, int64_t M, int64_t x_step,
+                                 int64_t w_step, int64_t st_step) {
+  return backward_members_ptr(dt, dy, x, w, st, dx, dw, db, N, C, G, M, x_step, w_step, st_step);
 }
 int32_t normkit_act_forward(int dt, const void* y, const void* w, const void* b, const void* m, const void* r, void* out,
                             int64_t act, double slope, int64_t N, int64_t C, int64_t S, int32_t cl) {

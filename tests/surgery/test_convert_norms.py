@@ -280,7 +280,8 @@ def test_sequential_adjacency_when_fx_cannot_trace():
         def forward(self, x):
             return self.body(x) if x.sum() > 0 else -self.body(x)
 
-    new, report = normkit.convert_norms(Branchy(), "ln+pn")
+    with pytest.warns(UserWarning, match=r"fused into body\.1 were found by nn\.Sequential adjacency"):
+        new, report = normkit.convert_norms(Branchy(), "ln+pn")
     assert report.method.startswith("nn.Sequential adjacency (torch.fx could not trace the model: TraceError")
     assert report.fused == [("body.1", "relu (body.2)")]
     assert isinstance(new.body[1], GroupNormProxyAct2d) and isinstance(new.body[2], nn.Identity)
@@ -471,3 +472,44 @@ def test_real_timm_models_convert_where_timm_imports():
         pn, _ = normkit.convert_norms(net, "ln+pn")
         pn.eval()
         torch.testing.assert_close(pn(x)[:1], pn(x[:1]), atol=1e-4, rtol=1e-4)  # no batch dependence
+
+
+# --- what a same-family conversion keeps (found by an audit: momentum None, no affine, own forward) --------
+
+
+@pytest.mark.parametrize("spec", ["bn", "gbn:2", "brn", "syncbn", "frozen_bn"])
+def test_momentum_none_and_no_affine_survive_a_batch_norm_family_conversion(spec):
+    """``momentum=None`` (the cumulative average) and ``affine=False`` carry over within the BN family:
+    the original checkpoint loads with ``strict=True`` and no trainable affine appears."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None, affine=False))
+    new, _ = normkit.convert_norms(net, spec)
+    assert new[1].momentum is None
+    assert [n for n, _ in new.named_parameters()] == ["0.weight", "0.bias"]
+    new.load_state_dict(net.state_dict(), strict=True)
+
+
+def test_an_instance_norm_without_affine_stays_so_and_loads_its_checkpoint():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4))
+    new, _ = normkit.convert_norms(net, "in")
+    assert not new[1].affine and [n for n, _ in new.named_parameters()] == ["0.weight", "0.bias"]
+    new.load_state_dict(net.state_dict(), strict=True)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(new(x), net(x))
+
+
+@pytest.mark.parametrize("base", [nn.BatchNorm2d, normkit.nn.BatchNorm2d])
+def test_a_subclass_with_its_own_forward_is_skipped_by_convert_and_fold(base):
+    """A user's subclass of torch.nn's or normkit's BatchNorm2d whose forward differs: neither converted
+    nor folded (what it computes is unknown); the model's output is unchanged."""
+
+    class ScaledBN(base):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), ScaledBN(4)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    new, report = normkit.convert_norms(net, "bn")
+    assert report.skipped and "with its own forward" in report.skipped[0][2] and type(new[1]) is ScaledBN
+    folded, diff, fold_report = normkit.fold_bn(net, x)
+    torch.testing.assert_close(folded(x), net(x))
+    assert type(folded[1]) is ScaledBN

@@ -255,6 +255,9 @@ def describe_norm(module: nn.Module) -> NormInfo | str | None:
     if duck is not None:
         return duck
     cls = type(module)
+    own = _normkit_base(cls)
+    if own is not None and own is not cls and _own_forward(module, own):  # (a user's subclass)
+        return _unknown_subclass(module, own)
     # normkit's own classes first (several subclass torch.nn's with their own forward).
     if isinstance(module, _fam._FrozenBatchNorm):
         if not module.use_running_stats:
@@ -336,10 +339,19 @@ def describe_norm(module: nn.Module) -> NormInfo | str | None:
 
 
 def _unknown_subclass(module: nn.Module, base: type) -> str:
+    where = "normkit.nn" if base.__module__.startswith("normkit.") else "torch.nn"
     return (
-        f"{type(module).__name__} subclasses torch.nn.{base.__name__} with its own forward, so what it "
+        f"{type(module).__name__} subclasses {where}.{base.__name__} with its own forward, so what it "
         "computes is unknown; exclude it with where= or convert it by hand"
     )
+
+
+def _normkit_base(cls: type) -> type | None:
+    """The first of normkit's own classes in ``cls``'s MRO (``cls`` itself when it is one), else None."""
+    for base in cls.__mro__:
+        if base.__module__.startswith("normkit."):
+            return base
+    return None
 
 
 def _bn_extra(module: nn.Module) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Union
@@ -208,10 +209,14 @@ def _build(
     keep = transfer
     eps = {"eps": info.eps} if keep else {}
     same_family = info.kind in BN_KINDS
-    mom = {"momentum": info.momentum} if keep and same_family and info.momentum is not None else {}
+    # (momentum None is the cumulative average: carried over as it is)
+    mom = {"momentum": info.momentum} if keep and same_family else {}
     unbiased = (
         {"unbiased_running_var": info.extra.get("unbiased_running_var", True)} if keep and same_family else {}
     )
+    # (a layer without affine, or without bias, stays so within its family: its checkpoint still loads)
+    same_in = info.kind == "in" and base in ("in", "in1d", "in3d")
+    aff = _affine_flags(info) if keep and (same_family or same_in) else {}
     layer: nn.Module
     if spec.with_act and base not in ("ln+pn", "gn+pn"):  # a norm+activation the user registered
         return create_norm_layer(spec.text, c, activation=act, **factory), notes
@@ -231,7 +236,7 @@ def _build(
             if keep and same_family
             else {}
         )
-        kw = {**eps, **mom, **track, **unbiased, **factory}
+        kw = {**eps, **mom, **track, **unbiased, **aff, **factory}
         if act is not None and rank == 2:
             return BatchNormAct2d(c, activation=act, **kw), notes
         layer = _BN[rank](c, **kw)
@@ -241,12 +246,12 @@ def _build(
                 "frozen_bn normalizes with running statistics and this layer has none to give it "
                 "(pass transfer=False for a frozen BN at running mean 0 and variance 1)"
             )
-        layer = _FROZEN[rank](c, **eps, **mom, **unbiased, **factory)
+        layer = _FROZEN[rank](c, **eps, **mom, **unbiased, **aff, **factory)
     elif base == "brn":
-        layer = _RENORM[rank](c, **eps, **mom, **unbiased, **factory)
+        layer = _RENORM[rank](c, **eps, **mom, **unbiased, **aff, **factory)
     elif base == "gbn":
         layer = _GHOST[rank](
-            c, ghost_batch_size=arg if arg is not None else 32, **eps, **mom, **unbiased, **factory
+            c, ghost_batch_size=arg if arg is not None else 32, **eps, **mom, **unbiased, **aff, **factory
         )
     elif base in ("in", "in1d", "in3d"):
         if place.after_linear:
@@ -259,7 +264,7 @@ def _build(
             if keep and info.kind == "in" and info.has_running_stats
             else {}
         )
-        layer = _IN[rank](c, affine=True, **eps, **track, **factory)
+        layer = _IN[rank](c, **{"affine": True, **aff}, **eps, **track, **factory)
     elif base == "gn":
         groups = arg if arg is not None else default_groups(c)
         if act is not None:
@@ -280,13 +285,23 @@ def _build(
     elif base == "none":
         layer = nn.Identity()
     else:  # a norm registered by the user: built as the registry builds it
-        layer = create_norm_layer(spec.text, c, **factory)
+        try:  # (with the source's affine flags where it takes them: "syncbn")
+            layer = create_norm_layer(spec.text, c, **aff, **factory)
+        except TypeError:
+            layer = create_norm_layer(spec.text, c, **factory)
     if act is not None:
         from ..nn.norm_act import _Lambda
 
         fn = act if isinstance(act, nn.Module) else _Lambda(act)
         return _SequentialNormAct(layer, fn), notes
     return layer, notes
+
+
+def _affine_flags(info: NormInfo) -> dict[str, bool]:
+    """``affine`` / ``bias`` as the source layer has them."""
+    if info.weight is None and info.bias is None:
+        return {"affine": False}
+    return {"affine": True, "bias": info.bias is not None}
 
 
 def _norm_part(layer: nn.Module) -> nn.Module:
@@ -332,6 +347,10 @@ def _transfer(src: nn.Module, info: NormInfo, new: nn.Module, transfer: bool) ->
                 if isinstance(s, Tensor) and isinstance(t, Tensor):
                     t.copy_(s.detach())
                     kept.append(key)
+            if hasattr(
+                tgt, "momentum"
+            ):  # (a registered layer, built without it; None: the cumulative average)
+                setattr(tgt, "momentum", info.momentum)  # noqa: B010 (nn.Module's __setattr__ typing)
         elif info.kind == "in" and tgt_kind == "in" and tgt_stats:
             for key in ("running_mean", "running_var", "num_batches_tracked"):
                 getattr(tgt, key).copy_(getattr(info, key).detach())
@@ -343,6 +362,7 @@ def _transfer(src: nn.Module, info: NormInfo, new: nn.Module, transfer: bool) ->
         else:
             dropped.append(f"running statistics ({type(tgt).__name__} has none)")
     if transfer and tgt_kind is not None and hasattr(tgt, "eps") and info.kind != "pn" and tgt_kind != "pn":
+        setattr(tgt, "eps", info.eps)  # noqa: B010 (a registered layer is built without it)
         kept.append("eps")
     return kept, dropped
 
@@ -581,6 +601,15 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
                 report.unfused.append((name, found))
             else:
                 pairs[name] = found
+        if graph is None and pairs:
+            warnings.warn(
+                f"convert_norms: torch.fx could not trace the model ({why}), so the activations fused "
+                f"into {', '.join(p or '<root>' for p in pairs)} were found by nn.Sequential adjacency, "
+                "which holds only where each nn.Sequential's own forward runs its children in order "
+                "(not where the model calls them one by one or reuses them): compare the converted "
+                "model's output with the original's on an input",
+                stacklevel=2,
+            )
 
     results: dict[str, nn.Module] = {}
     for name, info in candidates.items():

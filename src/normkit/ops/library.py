@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._python_dispatch  # (a submodule: imported explicitly for the check below)
@@ -502,14 +502,23 @@ class _NormBackward(torch.autograd.Function):
 
 
 def _plain_call(*ts: Tensor | None) -> bool:
-    """Whether a call on these tensors made now is seen by no transform and no autograd: plain tensors
-    (not functorch's wrappers), no transform on the stack but vmaps (inside a vmap rule, the rule's
-    own level: a vmap does nothing to plain tensors), none of them requiring grad."""
+    """Whether a call on these tensors made now is seen by no transform: plain tensors (not functorch's
+    wrappers) and no transform on the stack but vmaps (inside a vmap rule, the rule's own level: a
+    vmap does nothing to plain tensors). Plain autograd may still record it."""
     if any(i.key() != _VMAP for i in torch._C._functorch.get_interpreter_stack() or ()):  # type: ignore[attr-defined]
         return False
-    if any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts):  # type: ignore[attr-defined]
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts))
+    return not any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts)  # type: ignore[attr-defined]
+
+
+def _lowered(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` with the vmap level this rule runs at (if any: the Functions' rules run below it
+    already) off functorch's stack, as ``torch.library.register_vmap``'s rules run."""
+    if not torch._C._functorch.get_interpreter_stack():  # type: ignore[attr-defined]
+        return fn(*args)
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+
+    with retrieve_current_functorch_interpreter().lower():
+        return fn(*args)
 
 
 def _members_backward(
@@ -521,12 +530,14 @@ def _members_backward(
     bias: Tensor | None,
     stats: Tensor,
     dims: tuple[int, ...],
+    eps: float,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """The backward's vmap rule in one kernel call where the kernels take it (short rows: LayerNorm over a
     last dim): per-sample gradients (the members' inputs folded into the samples, the affine shared)
     and ensembles (one input every member shares, or one each; the affine shared or each member's),
-    ``dx`` and each member's ``dweight`` / ``dbias``. ``None``: the rule's general route."""
+    ``dx`` and each member's ``dweight`` / ``dbias``. Where autograd records (parameters that require
+    grad), the result is a :class:`_MembersBackward` node. ``None``: the rule's general route."""
     if 0 in dims or (in_dims[1] is None) != (in_dims[5] is None):
         return None
     shared_x = in_dims[1] is None
@@ -544,22 +555,122 @@ def _members_backward(
             shapes.append(None)
         ps.append(p)
     w, b = ps
-    dyf = _fold(batch_first(dy, in_dims[0], B).contiguous())
-    xf = x if shared_x else _fold(batch_first(x, in_dims[1], B))
-    st = stats if shared_x else _fold(stats.movedim(in_dims[5], 1), at=1)
-    b1 = b if b is None or in_dims[3] is None else b[0]
-    got = kernels.norm_backward_members(
-        dyf, xf.contiguous(), w, b1, st.contiguous(), dims, needs, B, shared_x, in_dims[2] is not None
+    lay = _Members(
+        B, shared_x, in_dims[2] is not None, b if b is None or in_dims[3] is None else b[0], dims, eps, needs
     )
+    dyb = batch_first(dy, in_dims[0], B)
+    xb = x if shared_x else batch_first(x, in_dims[1], B)
+    st = stats if shared_x else stats.movedim(in_dims[5], 1)
+    with torch.no_grad():
+        got = lay.kernel(dyb, xb, w, st)
     if got is None:
         return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (dyb, xb, w, st)):
+        got = _lowered(_MembersBackward.apply, dyb, xb, w, st, lay, got)
     empty = dy.new_empty(0)
     gx, gw, gb = got
     return (
-        _unfold(gx, B) if gx is not None else empty,
-        gw.reshape(B, *shapes[0]) if gw is not None else empty.clone(),
-        gb.reshape(B, *shapes[1]) if gb is not None else empty.clone(),
+        gx if gx.numel() else empty,
+        gw.reshape(B, *shapes[0]) if gw.numel() else empty.clone(),
+        gb.reshape(B, *shapes[1]) if gb.numel() else empty.clone(),
     )
+
+
+class _Members(NamedTuple):
+    """How a vmapped backward's members lie (see :func:`_members_backward`): ``B`` members; one input for
+    all (``shared_x``, its statistics too) or one each, members first; the weight shared or each
+    member's (``member_w``, members first), at the input's rank; one member's bias (its shape, dtype)."""
+
+    B: int
+    shared_x: bool
+    member_w: bool
+    bias: Tensor | None
+    dims: tuple[int, ...]
+    eps: float
+    needs: tuple[bool, bool, bool]
+
+    def kernel(
+        self, dyb: Tensor, xb: Tensor, w: Tensor | None, st: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(dx, dweight, dbias)``, members first (empty where not asked for), from one kernel call."""
+        B = self.B
+        xf = xb if self.shared_x else _fold(xb)
+        stf = st if self.shared_x else _fold(st, at=1)
+        got = kernels.norm_backward_members(
+            _fold(dyb.contiguous()),
+            xf.contiguous(),
+            w,
+            self.bias,
+            stf.contiguous(),
+            self.dims,
+            self.needs,
+            B,
+            self.shared_x,
+            self.member_w,
+        )
+        if got is None:
+            return None
+        empty = dyb.new_empty(0)
+        gx, gw, gb = got
+        return (
+            _unfold(gx, B) if gx is not None else empty,
+            gw if gw is not None else empty.clone(),
+            gb if gb is not None else empty.clone(),
+        )
+
+    def composite(self, dyb: Tensor, xb: Tensor, w: Tensor | None, st: Tensor) -> tuple[Tensor, ...]:
+        """The same gradients from the composite recomputation, vmapped over the members (the needed
+        ones only): what :class:`_MembersBackward`'s own derivatives differentiate."""
+        x_dim, w_dim = None if self.shared_x else 0, 0 if self.member_w else None
+
+        def one(dy: Tensor, x: Tensor, w: Tensor | None, st: Tensor) -> tuple[Tensor, ...]:
+            fn, primals = _composite_grads(dy, x, w, self.bias, None, st, self.dims, self.eps, self.needs)
+            return fn(*primals)
+
+        st_dim = None if self.shared_x else 1  # (the statistics: (6, members, ...))
+        return torch.func.vmap(one, in_dims=(0, x_dim, w_dim if w is not None else None, st_dim))(
+            dyb, xb, w, st
+        )
+
+
+class _MembersBackward(torch.autograd.Function):
+    """:func:`_members_backward`'s kernel result as an autograd node (where the gradients may be
+    differentiated again: parameters that require grad): its backward is the vjp of the members'
+    composite recomputation (:meth:`_Members.composite`)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        dyb: Tensor,
+        xb: Tensor,
+        w: Tensor | None,
+        st: Tensor,
+        lay: _Members,
+        got: tuple[Tensor, Tensor, Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return got
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        # (setup_context style: functorch accepts it with the rule's vmap level on the stack)
+        ctx.save_for_backward(*inputs[:4])
+        ctx.lay = inputs[4]
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
+        dyb, xb, w, st = ctx.saved_tensors
+        lay: _Members = ctx.lay
+
+        def grads(dy: Tensor, x: Tensor, *wp: Tensor) -> tuple[Tensor, ...]:
+            return lay.composite(dy, x, wp[0] if wp else None, st)
+
+        primals = (dyb, xb) if w is None else (dyb, xb, w)
+        outs, pull = torch.func.vjp(grads, *primals)[:2]
+        picked = [g for g, keep in zip(cotangents, _which(lay.needs, w, lay.bias)) if keep]
+        cts = dense_tangents(
+            [None if g is None else g.reshape(o.shape) for g, o in zip(picked, outs)], list(outs)
+        )
+        got = pull(tuple(cts))
+        return got[0], got[1], (got[2] if w is not None else None), None, None, None
 
 
 def _backward_vmap(
@@ -583,7 +694,7 @@ def _backward_vmap(
     need_x, need_w, need_b = _which(needs, weight, bias)
     out_dims = (0 if need_x else None, 0 if need_w else None, 0 if need_b else None)
     if (need_w or need_b) and mask is None and _plain_call(dy, x, weight, bias, stats):
-        got = _members_backward(B, in_dims, dy, x, weight, bias, stats, dims, (need_x, need_w, need_b))
+        got = _members_backward(B, in_dims, dy, x, weight, bias, stats, dims, eps, (need_x, need_w, need_b))
         if got is not None:
             return got, out_dims
     dy, x = batch_first(dy, in_dims[0], B), batch_first(x, in_dims[1], B)

@@ -191,6 +191,10 @@ def test_train_eval_gap_equals_direct_batch_norm_and_restores_the_model():
 def test_errors_and_optional_dependencies(tmp_path, monkeypatch):
     with pytest.raises(normkit.NormError, match="no norm layer"):
         normkit.NormMonitor(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(normkit.NormError, match=r"layer '1' \(LazyBatchNorm2d\).*forward pass"):
+        normkit.NormMonitor(nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d()))  # not "no norm layer"
+    with pytest.raises(TypeError, match="scripted modules .* not supported"):
+        normkit.NormMonitor(torch.jit.script(_bn_net()))
     with pytest.raises(TypeError, match="where must be"):
         normkit.NormMonitor(_bn_net(), where=5)
     with pytest.raises(normkit.NormError, match="no BN layer with running statistics"):

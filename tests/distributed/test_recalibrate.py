@@ -209,6 +209,17 @@ def test_bad_arguments() -> None:
         normkit.recalibrate_bn(bn, torch.randn(3, 2))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="expected an nn.Module"):
         normkit.recalibrate_bn(None, [])  # type: ignore[arg-type]
+    x = torch.randn(4, 3, 6, 6)
+    for lazy, name in (
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d()), r"'1' \(LazyBatchNorm2d\)"),
+        (nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4)), r"'0' \(LazyConv2d\)"),
+    ):
+        with pytest.raises(NormError, match=f"layer {name}.*run one forward pass"):
+            normkit.recalibrate_bn(lazy, [x], progress=False)
+        assert any(getattr(m, "has_uninitialized_params", lambda: False)() for m in lazy)  # untouched
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(TypeError, match="scripted modules .* not supported"):
+        normkit.recalibrate_bn(scripted, [x], progress=False)
     with pytest.raises(NormError, match="expected batches that are a Tensor"):
         normkit.recalibrate_bn(bn, [3], progress=False)
     assert bn.training  # restored after the failure

@@ -177,6 +177,23 @@ def test_momentum_none_needs_the_step_counter():
         batch_norm(x, rm, rv, training=True, momentum=None)
 
 
+@pytest.mark.parametrize("shape", [(4, 3), (3, 3, 4, 5)])
+def test_momentum_none_takes_an_int_step_counter(shape):
+    """An int counter works as the long tensor would (oracle: the closed form
+    ``running = running + (batch - running) / (n + 1)`` with torch.var), and comes back as a tensor."""
+    x = randn(shape, F64, seed=12, offset=1.0)
+    rm, rv = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
+    mean, var = _unbiased_batch_stats(x)
+    for n in (0, 3):
+        out = batch_norm(x, rm, rv, training=True, momentum=None, num_batches_tracked=n)
+        torch.testing.assert_close(out.running_mean, rm + (mean - rm) / (n + 1), **TOL[F64])
+        torch.testing.assert_close(out.running_var, rv + (var - rv) / (n + 1), **TOL[F64])
+        assert torch.equal(out.num_batches_tracked, _nbt(n + 1))
+    for bad in (1.0, "0", True):
+        with pytest.raises(TypeError, match="num_batches_tracked must be None, an int or a Tensor"):
+            batch_norm(x, rm, rv, training=True, momentum=None, num_batches_tracked=bad)
+
+
 # --- non-finite batches never reach the buffers --------------------------------------------
 
 

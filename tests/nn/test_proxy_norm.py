@@ -208,3 +208,26 @@ def test_param_groups_follow_the_authors_weight_decay_rule():
     torch.optim.SGD(groups, lr=0.1)  # accepted by an optimizer
     with pytest.raises(ValueError, match="weight_decay"):
         param_groups(model, -1.0)
+
+
+def test_param_groups_rmsnorm_is_a_norm_and_bad_arguments_are_typed_errors():
+    """Oracle: torch.nn.RMSNorm's weight is a norm parameter like LayerNorm's (no decay), here a 2-D one
+    that the ``dim >= 2`` rule alone would decay."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.RMSNorm((6, 6)), torch.nn.LayerNorm((6, 6))
+    )
+    decay, no_decay = ({id(p) for p in g["params"]} for g in param_groups(model, 1e-4))
+    assert decay == {id(model[0].weight)}
+    assert id(model[1].weight) in no_decay and id(model[2].weight) in no_decay
+    for bad, err, got in (
+        ("1e-4", TypeError, "got str"),
+        (None, TypeError, "got NoneType"),
+        (True, TypeError, "got bool"),
+        (float("nan"), ValueError, "got nan"),
+        (float("inf"), ValueError, "got inf"),
+    ):
+        with pytest.raises(err, match=f"weight_decay must be a (finite )?float >= 0, {got}"):
+            param_groups(model, bad)  # type: ignore[arg-type]
+    assert param_groups(model, 0)[0]["weight_decay"] == 0.0  # an int is fine
+    with pytest.raises(TypeError, match="expected an eager nn.Module, got list"):
+        param_groups([torch.nn.Linear(2, 2)], 1e-4)  # type: ignore[arg-type]

@@ -315,3 +315,89 @@ def test_the_comparison_runs_in_eval_and_flags_are_kept():
     folded, diff, _ = normkit.fold_bn(net)
     assert diff < 1e-5  # dropout was off for the comparison
     assert net[2].training and folded[2].training and not net[1].training and net.training
+
+
+class _MaskedBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 1)
+        self.bn = normkit.nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x), mask)
+
+
+def test_bn_called_with_a_mask_is_left_with_the_reason():
+    """Oracle: the original model on (x, mask); an Identity in the BN's place could not take the mask."""
+    net = randomize_norms(_MaskedBN()).eval()
+    x = torch.randn(2, 3, 6)
+    mask = torch.ones(2, 1, 6, dtype=torch.bool)
+    mask[..., 4:] = False
+    folded, diff, report = normkit.fold_bn(net, (x, mask))
+    assert report.folded == [] and report.skipped == [("bn", "it is called with extra arguments")]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x, mask), net(x, mask))
+    assert diff == 0.0
+
+
+def test_old_hook_based_weight_norm_conv_is_left_as_reparametrized():
+    """torch.nn.utils.weight_norm (hooks) makes the weight a non-leaf tensor that deepcopy refuses;
+    oracle: the original model's output."""
+    with pytest.warns(FutureWarning):
+        conv = nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
+    net = randomize_norms(nn.Sequential(conv, nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    folded, diff, report = normkit.fold_bn(net, x)
+    assert report.folded == [] and [n for n, _ in report.skipped] == ["1"]
+    assert "reparametrized" in report.skipped[0][1]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x))
+
+
+def test_lazy_and_scripted_models_are_refused():
+    """Uninitialized lazy layers and TorchScript modules: typed errors, not torch's or a silent no-op."""
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(normkit.NormError, match=r"layer '1' \(LazyBatchNorm2d\).*forward pass"):
+        normkit.fold_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d()).eval(), x)
+    with pytest.raises(normkit.NormError, match=r"layer '0' \(LazyConv2d\)"):
+        normkit.fold_bn(nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4)).eval(), x)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    for scripted in (torch.jit.script(net), torch.jit.trace(net, x)):
+        with pytest.raises(TypeError, match="scripted modules .* not supported; pass the eager"):
+            normkit.fold_bn(scripted, x)
+
+
+def test_bad_example_input_prints_nothing(capfd):
+    """fx's ShapeProp prints a traceback before raising; only fold_bn's NormError must come out."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(normkit.NormError, match="failed on the example input of shape"):
+        normkit.fold_bn(net, torch.randn(2, 5, 6, 6))
+    assert capfd.readouterr().err == ""
+
+
+def test_a_fold_by_sequential_adjacency_that_is_not_exact_warns():
+    """torch.fx cannot trace this model and its forward calls the nn.Sequential's children one by one (the
+    conv's output also feeds an addition): the adjacency fold is wrong, and fold_bn says so, with the
+    difference it measured against the original model."""
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+        def forward(self, x):
+            if x.sum() > -1e9:  # (data-dependent: fx cannot trace it)
+                y = self.block[0](x)
+                return self.block[2](self.block[1](y) + y)
+            return x
+
+    torch.manual_seed(0)
+    net = Untraceable().eval()
+    with torch.no_grad():
+        net.block[1].running_mean.uniform_(-1, 1)
+        net.block[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match="a fold was not exact .*nn.Sequential adjacency"):
+        folded, diff, _ = normkit.fold_bn(net, x)
+    with torch.no_grad():
+        assert diff == pytest.approx((folded(x) - net(x)).abs().max().item()) and diff > 1e-3

@@ -195,3 +195,52 @@ def test_converted_torchvision_resnet_folds_its_proxy_norms():
     names = {n for n, m in folded.named_modules() if isinstance(m, FoldedProxyAct)}
     assert names == {f"layer{i}.0.bn1" for i in range(1, 5)}
     torch.testing.assert_close(folded(x), net.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_avg_pool_with_divisor_override_keeps_its_proxy_norm():
+    """sum / d does not pass a shift through (b becomes b * window / d): the PN layer is left, with a
+    warning; oracle: the original model's output."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        _rand(normkit.create_norm_layer("ln+pn", 8)),
+        nn.AvgPool2d(2, divisor_override=1),
+        nn.Conv2d(8, 4, 1),
+    ).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"1: its output reaches module AvgPool2d"):
+        folded = normkit.fold_proxy_norm(net, x)
+    assert isinstance(folded[1], ProxyNormAct)
+    torch.testing.assert_close(folded(x), net(x))
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Sequential(nn.Conv2d(3, 8, 3), normkit.create_norm_layer("ln+pn", 8), nn.Conv2d(8, 4, 1))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.s(a + b)
+
+
+def test_tuple_example_input_and_a_bad_input_prints_nothing(capfd):
+    """A tuple is the model's positional inputs (as in fold_bn); oracle: the original model's output. A
+    wrong input gives fold_proxy_norm's NormError and nothing on stderr (fx's ShapeProp prints one)."""
+    net = _rand(_TwoInputs()).eval()
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    folded = normkit.fold_proxy_norm(net, (a, b))
+    assert isinstance(folded.s[1], FoldedProxyAct)
+    torch.testing.assert_close(folded(b, a), net(b, a), atol=1e-5, rtol=1e-5)
+    capfd.readouterr()
+    with pytest.raises(normkit.NormError, match="failed on the example input"):
+        normkit.fold_proxy_norm(net, a)  # one input short
+    assert capfd.readouterr().err == ""
+
+
+def test_scripted_and_lazy_models_are_refused():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), normkit.create_norm_layer("ln+pn", 8), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(TypeError, match="scripted modules .* not supported"):
+        normkit.fold_proxy_norm(torch.jit.trace(nn.Sequential(nn.Conv2d(3, 4, 3)), x), x)
+    with pytest.raises(normkit.NormError, match=r"layer '0' \(LazyConv2d\).*forward pass"):
+        normkit.fold_proxy_norm(nn.Sequential(nn.LazyConv2d(8, 3), net[1], net[2]), x)

@@ -143,3 +143,47 @@ def test_what_is_left_alone_inplace_false_and_single_layers():
         freeze_bn("model")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="expected an nn.Module"):
         unfreeze_bn(3)  # type: ignore[arg-type]
+
+
+class _Aliased(nn.Module):
+    """A BN reachable under two attribute names (``self.final_norm = self.bn``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.final_norm = self.bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_norm(self.conv(x))
+
+
+def test_a_bn_under_two_names_is_frozen_under_both_and_stays_shared():
+    """Oracle: the running statistics and the outputs of the model before freezing (eval mode)."""
+    torch.manual_seed(0)
+    net = _Aliased()
+    net.train()(torch.randn(4, 3, 6, 6) * 2 + 1)  # non-trivial running statistics
+    x = torch.randn(4, 3, 6, 6) + 5
+    with torch.no_grad():
+        want = net.eval()(x)
+    stats = net.bn.running_mean.clone()
+    net = freeze_bn(net).train()
+    assert isinstance(net.bn, FrozenBatchNorm2d) and net.final_norm is net.bn
+    assert [n for n, _ in net.named_parameters()] == ["conv.weight", "conv.bias"]
+    with torch.no_grad():
+        got = net(x)  # train mode: a frozen layer still uses the running statistics
+    torch.testing.assert_close(got, want)
+    assert torch.equal(net.final_norm.running_mean, stats)
+    net = unfreeze_bn(net)
+    assert type(net.bn) is nn.BatchNorm2d and net.final_norm is net.bn
+
+
+def test_lazy_and_scripted_models_are_refused():
+    """A LazyBatchNorm2d has nothing to freeze yet: a typed error naming it, not a silent skip."""
+    with pytest.raises(normkit.NormError, match=r"layer '1' \(LazyBatchNorm2d\).*forward pass"):
+        freeze_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d()))
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(TypeError, match="scripted modules .* not supported"):
+        freeze_bn(scripted)
+    with pytest.raises(TypeError, match="scripted modules"):
+        unfreeze_bn(scripted)

@@ -16,6 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .._errors import NormError
 from ..nn._inspect import BN_KINDS, NormInfo, describe_norm
+from ..surgery._graph import check_model
 from .stats import (
     batch_running_gap,
     channel_moments,
@@ -46,8 +47,7 @@ def _selector(where: Where, op: str) -> Callable[[str, nn.Module], bool]:
 
 
 def _norm_layers(model: nn.Module, where: Where, op: str) -> dict[str, tuple[nn.Module, NormInfo]]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{op}: expected an nn.Module, got {type(model).__name__}")
+    check_model(model, op, lazy="norms")
     selected = _selector(where, op)
     found: dict[str, tuple[nn.Module, NormInfo]] = {}
     inside: list[str] = []

@@ -28,6 +28,7 @@ from .._errors import NormError
 from ..functional._collective import F64, all_gather_moments, chan_merge, comm_device, group_size
 from ..functional._moments import moments
 from ..nn.batch_norm_family import BatchNormalization
+from ..surgery._graph import check_model
 
 __all__ = ["recalibrate_bn"]
 
@@ -185,8 +186,7 @@ def recalibrate_bn(
     Reference: https://arxiv.org/abs/2105.07576 (Wu & Johnson, Rethinking "Batch" in BatchNorm, §3)
     """
     op = "recalibrate_bn"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{op}: expected an nn.Module, got {type(model).__name__}")
+    check_model(model, op)
     bad_count = isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
     if num_batches is not None and bad_count:
         raise NormError(f"{op}: num_batches must be None or an int >= 1, got {num_batches!r}")

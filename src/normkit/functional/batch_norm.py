@@ -46,7 +46,7 @@ def batch_norm(
     training: bool = False,
     momentum: float | None = 0.1,
     eps: float = 1e-5,
-    num_batches_tracked: Tensor | None = None,
+    num_batches_tracked: Tensor | int | None = None,
     *,
     unbiased_running_var: bool = True,
     mask: Tensor | None = None,
@@ -70,7 +70,8 @@ def batch_norm(
         training: use (and update) batch statistics.
         momentum: weight of the new batch in the running average, or ``None`` for a cumulative average.
         eps: added to the variance inside the square root.
-        num_batches_tracked: the step counter (needed for ``momentum=None``); returned incremented.
+        num_batches_tracked: the step counter (needed for ``momentum=None``), a Tensor or an int; returned
+            incremented (an int comes back as a long tensor).
         unbiased_running_var: store the unbiased batch variance (PyTorch, BN paper) or the biased one.
         mask: optional bool tensor broadcastable to ``x`` (True = valid, e.g. ``(N, 1, L)`` for padded
             sequences): statistics pool over the valid positions only, padded positions output the
@@ -96,6 +97,14 @@ def batch_norm(
 
     Reference: https://arxiv.org/abs/1502.03167
     """
+    if num_batches_tracked is not None and not isinstance(num_batches_tracked, Tensor):
+        if isinstance(num_batches_tracked, bool) or not isinstance(num_batches_tracked, int):
+            raise TypeError(
+                "batch_norm: num_batches_tracked must be None, an int or a Tensor, got "
+                f"{type(num_batches_tracked).__name__}"
+            )  # an int (as a torch user may pass) counts like torch's long buffer
+        device = x.device if isinstance(x, Tensor) else None
+        num_batches_tracked = torch.tensor(num_batches_tracked, dtype=torch.long, device=device)
     eager = mask is None and _fast.eligible(x)  # plain eager CPU: the fused kernels may run
     if eager:  # with batch statistics: checks and kernel in C++
         fast = _fast.checked(

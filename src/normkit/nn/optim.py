@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from .._errors import NormError
@@ -17,6 +19,7 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
     nn.LayerNorm,
     nn.LocalResponseNorm,
+    nn.RMSNorm,
 )
 
 
@@ -42,7 +45,7 @@ def param_groups(model: nn.Module, weight_decay: float, **group_options: Any) ->
 
     Decay goes on convolution and linear weights, on Proxy Norm's ``proxy_bias`` and
     ``proxy_weight`` (which it pulls back toward the N(0, 1) proxy), and on any other parameter
-    with two or more dims. No decay on norm parameters (BN/GN/LN/IN weight and bias), on Proxy
+    with two or more dims. No decay on norm parameters (BN/GN/LN/IN/RMSNorm weight and bias), on Proxy
     Norm's ``weight`` and ``bias``, or on biases: the rule of the Proxy Norm authors' code
     (Labatie et al. 2021). Frozen parameters (``requires_grad=False``) are left out.
 
@@ -66,8 +69,16 @@ def param_groups(model: nn.Module, weight_decay: float, **group_options: Any) ->
     """
     from .proxy_norm import ProxyNormAct
 
-    if weight_decay < 0:
-        raise NormError(f"param_groups: weight_decay must be >= 0, got {weight_decay}")
+    if isinstance(model, torch.jit.ScriptModule) or not isinstance(model, nn.Module):
+        got = "a scripted module" if isinstance(model, nn.Module) else type(model).__name__
+        raise TypeError(f"param_groups: expected an eager nn.Module, got {got}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
+        raise TypeError(
+            f"param_groups: weight_decay must be a float >= 0, got {type(weight_decay).__name__} "
+            f"{weight_decay!r}"
+        )
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise NormError(f"param_groups: weight_decay must be a finite float >= 0, got {weight_decay!r}")
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for module, name, p in _named_params(model):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import math
 import operator
 from collections import Counter
@@ -10,12 +13,99 @@ from typing import Any
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .._errors import NormError
 from ..nn._inspect import describe_norm, is_activation_module
 from ..nn.proxy_norm import ProxyNormAct
 
-__all__ = ["NormTracer", "call_counts", "module_paths", "probe_input", "replace_module", "trace"]
+__all__ = [
+    "NormTracer",
+    "call_counts",
+    "check_model",
+    "deepcopy_model",
+    "module_paths",
+    "probe_input",
+    "propagate_shapes",
+    "replace_module",
+    "trace",
+]
+
+
+def check_model(model: object, op: str, *, lazy: str = "all") -> nn.Module:
+    """The model-wide tools' shared check of ``model``; returns it.
+
+    Raises ``TypeError`` for a non-``nn.Module`` and for a TorchScript module (``torch.jit.script`` /
+    ``torch.jit.trace``: its submodules are compiled code the tools cannot see into or replace), and
+    :class:`NormError` naming the first lazy layer (``torch.nn.LazyBatchNorm2d``, ``LazyConv2d`` ...)
+    whose parameters are still uninitialized. ``lazy="norms"`` checks only lazy norm layers (for a tool
+    that touches nothing else), ``lazy="all"`` every lazy module.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{op}: scripted modules (torch.jit.script / torch.jit.trace, here {type(model).__name__}) are "
+            "not supported; pass the eager nn.Module they were made from (and script it afterwards)"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: expected an nn.Module, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        if not isinstance(m, LazyModuleMixin):
+            continue
+        if lazy == "norms" and not isinstance(m, nn.modules.batchnorm._LazyNormBase):
+            continue
+        if m.has_uninitialized_params():  # type: ignore[operator]
+            where = f"layer '{name}'" if name else "the model"
+            raise NormError(
+                f"{op}: {where} ({type(m).__name__}) is a lazy layer whose parameters are not initialized "
+                "yet (no shape); run one forward pass through the model first, so that it gets its shape"
+            )
+    return model
+
+
+def deepcopy_model(model: nn.Module, op: str) -> nn.Module:
+    """``copy.deepcopy(model)``, also for layers under the old hook-based ``torch.nn.utils.weight_norm``.
+
+    Such a layer keeps its weight as a computed (non-leaf) tensor, which deepcopy refuses; the copy gets
+    it detached (its pre-hook recomputes it at every forward anyway). Anything else deepcopy refuses
+    raises :class:`NormError` saying so.
+    """
+    computed: list[tuple[nn.Module, str, Tensor]] = []
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            name = getattr(hook, "name", None)
+            w = getattr(m, name, None) if isinstance(name, str) else None
+            if type(hook).__name__ == "WeightNorm" and isinstance(w, Tensor) and not w.is_leaf:
+                computed.append((m, name, w))  # type: ignore[arg-type]
+    try:
+        for m, name, w in computed:
+            setattr(m, name, w.detach())
+        return copy.deepcopy(model)
+    except RuntimeError as exc:
+        raise NormError(
+            f"{op}: the model cannot be deep-copied ({exc}); if it uses the old hook-based "
+            "torch.nn.utils.weight_norm, call torch.nn.utils.remove_weight_norm first or use "
+            "torch.nn.utils.parametrizations.weight_norm"
+        ) from exc
+    finally:
+        for m, name, w in computed:
+            setattr(m, name, w)
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, args: tuple[Any, ...], op: str, what: str) -> None:
+    """Run fx's ShapeProp on ``args`` (no grad); its failure becomes :class:`NormError` blaming the input.
+
+    ShapeProp prints the traceback of a failing node to stderr before raising; that print is swallowed,
+    the exception is kept as the cause.
+    """
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm).propagate(*args)
+    except Exception as exc:
+        raise NormError(
+            f"{op}: the model failed on the {what} ({type(exc).__name__}: {exc}); "
+            "pass an example_input it accepts"
+        ) from exc
 
 
 class NormTracer(torch.fx.Tracer):

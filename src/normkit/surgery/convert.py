@@ -3,7 +3,6 @@ keeps its meaning."""
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import re
 import warnings
@@ -35,7 +34,7 @@ from ..nn.layer_norm import LayerNorm2d
 from ..nn.norm_act import BatchNormAct2d, GroupNormAct2d, LayerNormAct2d, _SequentialNormAct
 from ..nn.proxy_norm import GroupNormProxyAct2d
 from ..nn.registry import _REGISTRY, _SPEC, create_norm_layer, default_groups
-from ._graph import call_counts, module_paths, replace_module, trace_or_reason
+from ._graph import call_counts, check_model, deepcopy_model, module_paths, replace_module, trace_or_reason
 
 __all__ = ["ConversionReport", "Converted", "ConvertedLayer", "convert_norms"]
 
@@ -552,13 +551,12 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
         (GroupNorm(4, 8, eps=1e-05, affine=True, bias=True), True)
     """
     op = "convert_norms"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{op}: expected an nn.Module, got {type(model).__name__}")
+    check_model(model, op)  # (an nn.Module, not TorchScript, no uninitialized lazy layer)
     spec = _parse(to)
     if not isinstance(transfer, bool):
         raise TypeError(f"{op}: transfer must be a bool, got {type(transfer).__name__}")
     selected = _selector(where)
-    new = copy.deepcopy(model)
+    new = deepcopy_model(model, op)
     report = ConversionReport(to=spec.text)
     fallback = next((t for t in [*new.parameters(), *new.buffers()] if t.is_floating_point()), None)
 

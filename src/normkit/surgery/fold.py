@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any, NamedTuple
 
 import torch
 import torch.fx
 from torch import Tensor, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_leaves
 
 from .. import functional as F
 from .._errors import NormError
 from ..functional.activations import ActivationLike, get_activation
 from ..nn.proxy_norm import GroupNormProxyAct2d, ProxyNormAct
-from ._graph import NormTracer, is_singleton_view, node_shape
+from ._graph import (
+    NormTracer,
+    check_model,
+    deepcopy_model,
+    is_singleton_view,
+    max_abs_diff,
+    node_shape,
+    propagate_shapes,
+)
 from .fold_bn import _foldable_layer
 
 __all__ = ["FoldedProxyAct", "fold_proxy_norm"]
@@ -139,6 +146,8 @@ def _commutes(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
         if type(m) in _POOLS_AFFINE:
             return "affine"
         if type(m) in _AVG_POOLS:
+            if getattr(m, "divisor_override", None):  # sum / d: a shift b comes out as b * window / d
+                return None
             pad = m.padding if isinstance(m.padding, tuple) else (m.padding,)  # type: ignore[union-attr]
             return "scale" if any(p > 0 for p in pad) and m.count_include_pad else "affine"  # type: ignore[union-attr]
     if node.op == "call_function" and node.target in _FN_AFFINE:
@@ -242,7 +251,7 @@ def _fold_into(m: Tensor, rstd: Tensor, nxt: Any, shift: bool) -> None:
 
 def fold_proxy_norm(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: Tensor | tuple[Any, ...],
     *,
     strict: bool = False,
     atol: float = 1e-4,
@@ -253,20 +262,22 @@ def fold_proxy_norm(
     PN computes ``rstd_c * (act(...) - m_c)``; once training is over ``m`` and ``rstd`` are
     constants, so ``W' = W * rstd[in]`` and ``b' = b - sum(W' * m[in])`` give the same outputs
     while the layer keeps only ``act(weight * y + bias)`` (:class:`FoldedProxyAct`). The output
-    may pass through max / average poolings, spatial means and size-1 views first (they commute
-    with a per-channel scale and shift), and may feed several layers, as long as every path ends
-    in a Conv1d/2d/3d, ConvTranspose or Linear (on ``(N, C)`` features) that takes only this
-    value. When one of them zero-pads (a 3x3 conv with ``padding=1``), is a ConvTranspose, or an
-    average pooling counts padded zeros, only the scale moves: the layer keeps ``- m_c``
-    (``FoldedProxyAct.shift``), which keeps the padded zeros exact. Other places (an addition, a
-    concatenation, the model's output) are refused with the reason (a warning, or ``NormError``
-    with ``strict=True``) and keep their PN layer. Other norms in the model (BN, GN ...) are left
-    alone: fold BN with :func:`normkit.fold_bn`. The result is checked against the original on
-    ``example_input`` (``RuntimeError`` if they differ beyond ``atol``/``rtol``); both run in eval.
+    may pass through max / average poolings (not one with ``divisor_override``), spatial means and
+    size-1 views first (they commute with a per-channel scale and shift), and may feed several
+    layers, as long as every path ends in a Conv1d/2d/3d, ConvTranspose or Linear (on ``(N, C)``
+    features) that takes only this value. When one of them zero-pads (a 3x3 conv with
+    ``padding=1``), is a ConvTranspose, or an average pooling counts padded zeros, only the scale
+    moves: the layer keeps ``- m_c`` (``FoldedProxyAct.shift``), which keeps the padded zeros
+    exact. Other places (an addition, a concatenation, the model's output) are refused with the
+    reason (a warning, or ``NormError`` with ``strict=True``) and keep their PN layer. Other norms
+    in the model (BN, GN ...) are left alone: fold BN with :func:`normkit.fold_bn`. The result is
+    checked against the original on ``example_input`` (``RuntimeError`` if they differ beyond
+    ``atol``/``rtol``); both run in eval.
 
     Args:
         model: the model (left untouched; a folded deep copy is returned).
-        example_input: a batch to trace shapes and verify the folded model with.
+        example_input: a batch, or a tuple of positional inputs, to trace shapes and verify the folded
+            model with.
         strict: raise instead of warn when a PN layer cannot be folded.
         atol, rtol: verification tolerances.
 
@@ -286,10 +297,11 @@ def fold_proxy_norm(
         >>> sum(type(m).__name__ == "FoldedProxyAct" for m in folded.modules())
         4
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fold_proxy_norm: expected an nn.Module, got {type(model).__name__}")
-    folded = copy.deepcopy(model).eval()
-    reference = copy.deepcopy(model).eval()
+    check_model(model, "fold_proxy_norm")
+    op = "fold_proxy_norm"
+    folded = deepcopy_model(model, op).eval()
+    reference = deepcopy_model(model, op).eval()
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
         graph = NormTracer().trace(folded)
     except Exception as exc:  # torch.fx raises many kinds on data-dependent control flow
@@ -298,8 +310,8 @@ def fold_proxy_norm(
             "fold a traceable sub-module instead"
         ) from exc
     gm = torch.fx.GraphModule(folded, graph)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example_input)
+    shape = tuple(getattr(args[0], "shape", ())) if args else ()
+    propagate_shapes(gm, args, op, f"example input of shape {shape}")
     modules = dict(folded.named_modules())
     calls: dict[str, int] = {}
     for n in graph.nodes:
@@ -344,9 +356,10 @@ def fold_proxy_norm(
             raise NormError(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
     with torch.no_grad():
-        want, got = reference(example_input), folded(example_input)
-    if not torch.allclose(want, got, atol=atol, rtol=rtol):
-        err = (want - got).abs().max().item()
+        want, got = reference(*args), folded(*args)
+    pairs = list(zip(tree_leaves(want), tree_leaves(got)))
+    if not all(torch.allclose(w, g, atol=atol, rtol=rtol) for w, g in pairs if isinstance(w, Tensor)):
+        err = max_abs_diff(want, got)
         raise RuntimeError(
             f"fold_proxy_norm: the folded model differs from the original by {err:.3g} (atol={atol})"
         )

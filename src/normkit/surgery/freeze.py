@@ -11,6 +11,7 @@ from torch import nn
 from ..nn import batch_norm as nk_bn
 from ..nn import batch_norm_family as fam
 from ..nn._base import build_norm
+from ._graph import check_model
 
 __all__ = ["freeze_bn", "unfreeze_bn"]
 
@@ -72,11 +73,28 @@ def _extra_kwargs(bn: nn.Module) -> dict[str, Any]:
 
 
 def _swap(module: nn.Module, make: Any, match: Any) -> None:
-    for name, child in list(module.named_children()):
-        if match(child):
-            setattr(module, name, make(child))
-        else:
-            _swap(child, make, match)
+    """Replace every matching submodule under every name it has (``named_children`` lists a module once,
+    so an alias such as ``self.final_norm = self.bn`` would be missed); a module reachable by several
+    paths gets one replacement, shared by all of them."""
+    made: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(old) -> (old, new); old kept alive
+    visited: set[int] = set()
+
+    def walk(parent: nn.Module) -> None:
+        if id(parent) in visited:
+            return
+        visited.add(id(parent))
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) in made:
+                setattr(parent, name, made[id(child)][1])
+            elif match(child):
+                made[id(child)] = (child, make(child))
+                setattr(parent, name, made[id(child)][1])
+            else:
+                walk(child)
+
+    walk(module)
 
 
 def _freezable(m: nn.Module) -> bool:
@@ -99,7 +117,13 @@ def freeze_bn(
     every frozen layer's buffers bit-identical. state_dict keys do not change. Swapped: exact
     ``torch.nn.BatchNorm1d/2d/3d`` and normkit's BatchNorm, GhostBatchNorm and BatchRenorm layers
     with running statistics; others (no running statistics, or subclasses with their own forward
-    such as ``BatchNormAct2d``) are left alone. :func:`unfreeze_bn` restores the original classes.
+    such as ``BatchNormAct2d``) are left alone. A BN reachable under several names (``self.head_norm
+    = self.bn``) becomes one FrozenBatchNorm shared by all of them. :func:`unfreeze_bn` restores the
+    original classes (one shared module again).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or is a TorchScript module.
+        NormError: a lazy BN layer (``torch.nn.LazyBatchNorm2d``) not initialized yet.
 
     Args:
         model: the model (changed in place unless ``inplace=False``), or a single BN layer.
@@ -120,8 +144,7 @@ def freeze_bn(
         >>> net[1].num_batches_tracked.item()                # nothing was updated
         0
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"freeze_bn: expected an nn.Module, got {type(model).__name__}")
+    check_model(model, "freeze_bn", lazy="norms")
     if not inplace:
         model = copy.deepcopy(model)
 
@@ -179,8 +202,7 @@ def unfreeze_bn(model: nn.Module, *, inplace: bool = True) -> nn.Module:
         >>> type(net[1]), net[1].weight.requires_grad
         (<class 'torch.nn.modules.batchnorm.BatchNorm1d'>, True)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"unfreeze_bn: expected an nn.Module, got {type(model).__name__}")
+    check_model(model, "unfreeze_bn", lazy="norms")
     if not inplace:
         model = copy.deepcopy(model)
     training = model.training

@@ -236,7 +236,9 @@ def _interrupted_compare(
         run = None
         while time.monotonic() < deadline and proc.poll() is None:
             runs = list(out.glob("compare-*"))
-            if runs and '"final"' in (runs[0] / "metrics.jsonl").read_text():
+            metrics = runs[0] / "metrics.jsonl" if runs else None
+            # (the run folder appears before its metrics file: a poll may fall between the two)
+            if metrics is not None and metrics.exists() and '"final"' in metrics.read_text():
                 run = runs[0]
                 break
             time.sleep(0.1)

@@ -161,10 +161,17 @@ def test_eps_checked(kw, word):
         nkn.GroupNorm(2, 8, **kw)
 
 
-@pytest.mark.parametrize("bad", [0, -4, 4.0])
+@pytest.mark.parametrize("bad", [0, -4])
 def test_num_channels_must_be_a_positive_int(bad):
     with pytest.raises(ValueError, match="num_channels"):
         nkn.GroupNorm(1, bad)
+
+
+def test_a_float_num_channels_is_a_type_error_as_in_torch():
+    with pytest.raises(TypeError, match="num_channels must be an int.*got 4.0 of type float"):
+        nkn.GroupNorm(1, 4.0)
+    with pytest.raises(TypeError):
+        torch.nn.GroupNorm(1, 4.0)
 
 
 # ---------------------------------------------------------------------------------------------

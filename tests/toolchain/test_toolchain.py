@@ -107,6 +107,30 @@ def test_export_module_equals_eager(sample: Sample, train: bool):
     torch.testing.assert_close(got, want, **TOL)
 
 
+# Ghost BatchNorm splits the batch into ghost batches with a Python loop: its export fixes the batch size
+DYNAMIC_BATCH = [s for s in SAMPLES if s.name != "GhostBatchNorm2d"]
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("sample", DYNAMIC_BATCH, ids=[s.name for s in DYNAMIC_BATCH])
+def test_export_with_a_dynamic_batch_runs_another_batch_size_as_eager(sample: Sample, train: bool):
+    """``torch.export`` with a dynamic batch dim (``Dim``), then the program run on 3 more samples: the
+    output and the buffers it updates equal eager's (a training BatchNorm's sample count once pinned
+    the batch: "specialized it to be a constant")."""
+    ref, m = sample.module(train), sample.module(train)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(m, (sample.input(),), dynamic_shapes=({0: batch},)).module()
+    x = _other_batch(sample)
+    with torch.no_grad():
+        want, got = ref(x), program(x)
+    torch.testing.assert_close(got, want, **TOL)
+    ours = {k.rpartition(".")[2]: v for k, v in program.named_buffers()}
+    for k, v in _buffers(ref).items():
+        torch.testing.assert_close(
+            ours[k.rpartition(".")[2]], v, **TOL, msg=lambda msg, k=k: f"buffer {k}: {msg}"
+        )
+
+
 def _ort(model_bytes: bytes, x: torch.Tensor) -> torch.Tensor:
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
@@ -148,6 +172,46 @@ def test_onnx_legacy_export_runs_in_onnxruntime(sample: Sample, train: bool):
     torch.testing.assert_close(got, want, **TOL)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: normkit.nn.LayerNorm2d(4),
+        lambda: normkit.nn.LayerNorm2d(4, affine=False),
+        lambda: normkit.nn.LayerNormAct2d(4),
+        lambda: normkit.nn.LayerNorm2d(4, over="chw"),
+    ],
+    ids=["LayerNorm2d-c", "LayerNorm2d-c-no-affine", "LayerNormAct2d", "LayerNorm2d-chw"],
+)
+def test_onnx_legacy_export_with_dynamic_axes_runs_on_another_batch_size(make):
+    """dynamic_axes (batch and height): the channel count of ``over="c"`` must be recorded as a constant
+    (it was a traced size, which the legacy exporter's LayerNorm refused); the model then runs in ONNX
+    Runtime on a batch size and height other than the exported ones, equal to eager."""
+    pytest.importorskip("onnx", reason="onnx is not installed")
+    m = make().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.uniform_(0.5, 1.5)  # non-trivial affine
+    buf = io.BytesIO()
+    dims = {0: "batch", 2: "height"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's own deprecation and tracer notes
+        torch.onnx.export(
+            m,
+            (torch.randn(2, 4, 3, 3),),
+            buf,
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": dims, "y": dims},
+        )
+    x = torch.randn(5, 4, 6, 3)
+    with torch.no_grad():
+        want = m(x)
+    got = _ort(buf.getvalue(), x)
+    assert got.shape == want.shape == (5, 4, 6, 3)
+    torch.testing.assert_close(got, want, **TOL)
+
+
 @pytest.mark.parametrize("train", MODES)
 @pytest.mark.parametrize("sample", SAMPLES, ids=SAMPLE_IDS)
 def test_fx_symbolic_trace_keeps_the_layer_and_equals_eager(sample: Sample, train: bool):
@@ -166,12 +230,24 @@ def test_fx_symbolic_trace_keeps_the_layer_and_equals_eager(sample: Sample, trai
 CORE = ["BatchNorm2d", "InstanceNorm2d", "GroupNorm", "LayerNorm", "LayerNorm2d-c", "LayerNorm2d-chw"]
 
 
-@pytest.mark.parametrize("name", CORE)
-def test_fx_traces_a_core_layer_as_the_root(name: str):
+# the layers whose output depends on train/eval (running statistics)
+MODAL = {"BatchNorm2d", "InstanceNorm2d-affine-tracked"}
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("name", [*CORE, "InstanceNorm2d-affine-tracked"])
+def test_fx_traces_a_core_layer_as_the_root(name: str, train: bool):
+    """A core layer as the traced root: its graph equals eager in the mode it was traced in. That mode is
+    fixed at trace time (as for any root-traced module, torch.nn.Dropout's too); where train/eval
+    changes the output the trace says so, and a layer without running statistics traces silently."""
     sample = next(s for s in SAMPLES if s.name == name)
-    ref, m = sample.module(True), sample.module(True)
+    ref, m = sample.module(train), sample.module(train)
     x = sample.input()
-    gm = torch.fx.symbolic_trace(m)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = torch.fx.symbolic_trace(m)
+    said = [str(w.message) for w in caught if "fixed at trace time" in str(w.message)]
+    assert len(said) == (1 if name in MODAL else 0), said
     _assert_same_run(run(ref, x), run(gm, x))
 
 
@@ -188,3 +264,69 @@ def test_torch_fx_fuser_runs_on_a_model_with_normkit_layers():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(fuse(copy.deepcopy(model))(x), model(x), **TOL)
+
+
+# --- inputs that are neither contiguous nor channels-last (a transposed (N, L, C), a permuted image) ------
+
+STRIDED = {
+    "BatchNorm1d on (N, L, C).transpose(1, 2)": (
+        lambda: nn.BatchNorm1d(4),
+        lambda: normkit.nn.BatchNorm1d(4),
+        lambda x: x.transpose(1, 2),
+        (3, 5, 4),
+    ),
+    "LayerNorm over the last dim of a transpose": (
+        lambda: nn.LayerNorm(3),
+        lambda: normkit.nn.LayerNorm(3),
+        lambda x: x.transpose(1, 2),
+        (3, 3, 5),
+    ),
+    "InstanceNorm1d on (N, L, C).transpose(1, 2)": (
+        lambda: nn.InstanceNorm1d(4, affine=True),
+        lambda: normkit.nn.InstanceNorm1d(4, affine=True),
+        lambda x: x.transpose(1, 2),
+        (3, 5, 4),
+    ),
+    "BatchNorm2d on (N, H, C, W).transpose(1, 2)": (
+        lambda: nn.BatchNorm2d(4),
+        lambda: normkit.nn.BatchNorm2d(4),
+        lambda x: x.transpose(1, 2),
+        (2, 3, 4, 5),
+    ),
+    "BatchNorm3d on channels_last_3d": (
+        lambda: nn.BatchNorm3d(4),
+        lambda: normkit.nn.BatchNorm3d(4),
+        lambda x: x.permute(0, 4, 1, 2, 3),  # (N, D, H, W, C) memory: channels_last_3d
+        (2, 3, 3, 2, 4),
+    ),
+}
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("name", STRIDED)
+def test_a_transposed_input_equals_torch_nn(name: str, train: bool):
+    """A dense input in any layout is read as it lies: the values and buffers are torch.nn's. (The
+    training step's output keeps the input's strides where torch.nn returns a transposed input's
+    output contiguous: differences.md, "Output layout".)"""
+    theirs, ours, view, shape = STRIDED[name]
+    ref, m = theirs().train(train), ours().train(train)
+    x = view(torch.randn(shape, generator=torch.Generator().manual_seed(11)))
+    with torch.no_grad():
+        want, got = ref(x), m(x)
+    torch.testing.assert_close(got, want, **TOL)
+    if train:
+        assert got.stride() == x.stride()
+    for (k, a), b in zip(_buffers(ref).items(), _buffers(m).values()):
+        torch.testing.assert_close(b, a, **TOL, msg=lambda msg, k=k: f"buffer {k}: {msg}")
+
+
+@pytest.mark.parametrize("name", STRIDED)
+def test_compile_dynamic_takes_a_transposed_input_in_one_graph(name: str):
+    """``torch.compile(dynamic=True, fullgraph=True)`` on a transposed / channels_last_3d input: one graph
+    on two sizes (normkit's layout check once sorted symbolic strides: "sort with non-constant keys")."""
+    _, ours, view, shape = STRIDED[name]
+    ref, m = ours(), ours()
+    compiled = torch.compile(m, dynamic=True, fullgraph=True, backend="aot_eager")
+    for n in (shape[0], shape[0] + 3):
+        x = view(torch.randn((n, *shape[1:]), generator=torch.Generator().manual_seed(n)))
+        _assert_same_run(run(ref, x), run(compiled, x, m))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -51,9 +53,52 @@ def check_param(p: Tensor | None, x: Tensor, shape: Sequence[int], op: str, name
         raise NormError(f"{op}: {name} is on {p.device} but the input is on {x.device}; move them together")
 
 
+def _describe(value: object) -> str:
+    """``value`` for an error message: its repr, and its type where the repr does not show it."""
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 80 else f"a {type(value).__name__}"
+
+
+def as_int(value: object, op: str, name: str) -> int:
+    """``value`` as a Python int if it is an integer that ``operator.index`` accepts (an int, a numpy
+    integer, an integer tensor of one element), as torch.nn takes sizes; a ``bool``, a float or
+    anything else is a ``TypeError`` naming what was expected and what came."""
+    if type(value) is int:
+        return value
+    if not isinstance(value, bool) and not (isinstance(value, Tensor) and value.dtype == torch.bool):
+        try:
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise TypeError(
+        f"{op}: {name} must be an int (a Python int, a numpy integer or an integer tensor of one "
+        f"element), got {_describe(value)} of type {type(value).__name__}"
+    )
+
+
+def as_real(value: object, op: str, name: str) -> float:
+    """``value`` as a Python float if it is a real number (an int or float, a numpy scalar, a 0-d real
+    tensor), as torch.nn's layers take ``eps`` and ``momentum``; a ``bool`` or anything else is a
+    ``TypeError``."""
+    if isinstance(value, Tensor):
+        ok = value.dim() == 0 and value.dtype != torch.bool and not value.is_complex()
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok:
+        raise TypeError(
+            f"{op}: {name} must be a real number (a Python or numpy int/float, or a 0-d tensor), got "
+            f"{_describe(value)} of type {type(value).__name__}"
+        )
+    return float(value)  # type: ignore[arg-type]
+
+
 def check_eps(eps: float, op: str) -> float:
     # (comparisons, not math.isfinite: under torch.compile(dynamic=True) eps may be a SymFloat)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < math.inf:
+    if type(eps) is not float and type(eps) is not int:
+        eps = as_real(eps, op, "eps")
+    if not 0 <= eps < math.inf:
         raise NormError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     return float(eps)
 
@@ -61,7 +106,9 @@ def check_eps(eps: float, op: str) -> float:
 def check_momentum(momentum: float | None, op: str) -> float | None:
     if momentum is None:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+    if type(momentum) is not float and type(momentum) is not int:
+        momentum = as_real(momentum, op, "momentum")
+    if not 0.0 <= momentum <= 1.0:
         raise NormError(
             f"{op}: momentum must be a number in [0, 1] (PyTorch convention: the weight of the new batch) "
             f"or None for a cumulative average, got {momentum!r}; a Keras momentum k converts to 1 - k"
@@ -70,9 +117,12 @@ def check_momentum(momentum: float | None, op: str) -> float | None:
 
 
 def check_positive_int(value: object, op: str, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise NormError(f"{op}: {name} must be a positive int, got {value!r}")
-    return value
+    """``value`` as a Python int > 0 (:func:`as_int`: numpy integers and integer tensors of one element
+    are taken, as torch.nn takes them); a non-integer is a ``TypeError``, ``<= 0`` a ``NormError``."""
+    n = as_int(value, op, name)
+    if n <= 0:
+        raise NormError(f"{op}: {name} must be a positive int, got {n!r}")
+    return n
 
 
 def check_groups(num_groups: object, num_channels: int, op: str) -> int:

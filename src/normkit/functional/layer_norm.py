@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -92,6 +93,17 @@ def layer_norm(
     return y
 
 
+def _static_channels(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> int:
+    """The channel count as a constant for the legacy tracer: from a parameter's static shape if there is
+    one, else ``x``'s (recorded as a constant: only the batch and spatial axes may be dynamic)."""
+    for p in (weight, bias):
+        if p is not None:
+            return int(p.numel())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # pyright: ignore[reportPrivateImportUsage]
+        return int(x.shape[1])
+
+
 def layer_norm_2d(
     x: Tensor,
     weight: Tensor | None = None,
@@ -138,8 +150,13 @@ def layer_norm_2d(
     check_param(bias, x, (C,), op, "bias")
     if exporting():
         # LayerNorm over the channels of the channels-last permutation: the standard op.
+        # normalized_shape as a Python int: the legacy (TorchScript) exporter records ``x.shape[1]`` as a
+        # traced size, and its LayerNorm needs a constant shape (it failed with dynamic_axes); the
+        # channel count is fixed by the weight anyway, as torch.nn.LayerNorm's stored normalized_shape is.
         nd = x.dim()
-        y = torch.nn.functional.layer_norm(x.permute(0, *range(2, nd), 1), (C,), weight, bias, eps)
+        tracing = torch.jit.is_tracing()  # pyright: ignore[reportPrivateImportUsage]
+        shape = (_static_channels(x, weight, bias),) if tracing else (C,)
+        y = torch.nn.functional.layer_norm(x.permute(0, *range(2, nd), 1), shape, weight, bias, eps)
         return y.permute(0, nd - 1, *range(1, nd - 1))
     if not eager:
         y = _direct.layer_norm_c(x, weight, bias, eps)  # on a GPU: torch's LayerNorm, one call

@@ -91,13 +91,23 @@ def reset_affine(module: nn.Module) -> None:
             bias.zero_()
 
 
-def check_channels(x: Tensor, expected: int, name: str) -> None:
+def check_tensor(x: object, name: str) -> None:
+    """A ``TypeError`` naming what came for an input that is not a ``torch.Tensor`` (a numpy array)."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor input, got {type(x).__name__}")
+        hint = "; convert it with torch.from_numpy(x)" if type(x).__module__ == "numpy" else ""
+        raise TypeError(
+            f"{name}: expected a torch.Tensor input, got {type(x).__module__}.{type(x).__name__}{hint}"
+        )
+
+
+def check_channels(x: Tensor, expected: int, name: str, arg: str = "num_features") -> None:
+    """The input's channel dim (1) must be ``expected``, the layer's ``arg`` (``num_features``,
+    ``num_channels``)."""
+    check_tensor(x, name)
     if x.dim() >= 2 and x.shape[1] != expected:
         raise NormError(
             f"{name}: expected {expected} channels (dim 1), got input of shape {tuple(x.shape)} with "
-            f"{x.shape[1]} channels; the layer was built with num_features={expected}"
+            f"{x.shape[1]} channels; the layer was built with {arg}={expected}"
         )
 
 
@@ -193,7 +203,7 @@ class _StatsMixin:
         """Check the arguments, then torch.nn's BatchNorm / InstanceNorm ``__init__`` (``init``, on any
         torch release: :func:`torch_norm_init`), then the skipped-updates counter."""
         name = type(self).__name__
-        check_positive_int(num_features, name, "num_features")
+        num_features = check_positive_int(num_features, name, "num_features")
         eps = check_eps(eps, name)
         momentum = check_momentum(momentum, name)
         args = (num_features, eps, momentum, bool(affine), bool(track_running_stats), device, dtype)
@@ -295,7 +305,7 @@ class _NormBase(_StatsMixin, nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        self.num_features = check_positive_int(num_features, name, "num_features")
+        self.num_features = num_features = check_positive_int(num_features, name, "num_features")
         self.eps = check_eps(eps, name)
         self.momentum = check_momentum(momentum, name)
         self.affine = bool(affine)
@@ -341,6 +351,18 @@ def fx_leaf(module: nn.Module, *args: Any, root_traceable: bool = False) -> Any:
             pass
     if not path:
         if root_traceable:
+            if isinstance(getattr(module, "running_mean", None), Tensor) and not getattr(
+                module, "use_running_stats", False
+            ):
+                mode = "training" if module.training else "eval"
+                warnings.warn(
+                    f"{type(module).__name__} traced as the root of torch.fx.symbolic_trace: the graph "
+                    f"computes its {mode} mode, fixed at trace time (the GraphModule's train() / eval() "
+                    "no longer switch it, as for any root-traced module); trace a module that contains "
+                    "it (e.g. torch.nn.Sequential(layer)), where it stays one call_module node that "
+                    "follows train/eval",
+                    stacklevel=3,
+                )
             return None
         raise NormError(
             f"{type(module).__name__} cannot be the root of torch.fx.symbolic_trace; trace a module that "

@@ -11,14 +11,15 @@ from .._errors import NormError
 from ..functional.batch_norm import batch_norm as _batch_norm
 from ..functional.batch_norm import train_step
 from ..kernels import _fast
-from ._base import _StatsMixin, check_channels, fx_leaf, store_stats
+from ._base import _StatsMixin, check_channels, check_tensor, fx_leaf, store_stats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
 def _check_dims(x: Tensor, dims: tuple[int, ...], num_features: int, name: str) -> None:
-    if not isinstance(x, Tensor) or x.dim() not in dims:
-        got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
+    check_tensor(x, name)
+    if x.dim() not in dims:
+        got = f"{x.dim()}D input"
         want = " or ".join(f"{d}D" for d in dims)
         raise NormError(f"{name}: expected {want} input (N, C, ...), got {got}")
     check_channels(x, num_features, name)

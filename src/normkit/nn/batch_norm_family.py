@@ -22,7 +22,7 @@ from ..functional._running import NormOutput, update_running_stats
 from ..functional.batch_norm import batch_norm
 from ..functional.batch_renorm import batch_renorm, mean_only_batch_norm
 from ..functional.ghost_batch_norm import MomentumMode, ghost_batch_norm
-from ._base import _NormBase, check_channels, fx_leaf, torch_norm_init
+from ._base import _NormBase, check_channels, check_tensor, fx_leaf, torch_norm_init
 from .batch_norm import _BatchNorm
 
 __all__ = [
@@ -355,10 +355,10 @@ class _FrozenBatchNorm(_NormBase):
         return self
 
     def _check_input_dim(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dim() not in self._dims:
-            got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
+        check_tensor(x, type(self).__name__)
+        if x.dim() not in self._dims:
             want = " or ".join(f"{d}D" for d in self._dims)
-            raise NormError(f"{type(self).__name__}: expected {want} input (N, C, ...), got {got}")
+            raise NormError(f"{type(self).__name__}: expected {want} input (N, C, ...), got {x.dim()}D input")
         check_channels(x, self.num_features, type(self).__name__)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -503,7 +503,9 @@ class MeanOnlyBatchNorm(nn.Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        self.num_features = check_positive_int(num_features, "MeanOnlyBatchNorm", "num_features")
+        self.num_features = num_features = check_positive_int(
+            num_features, "MeanOnlyBatchNorm", "num_features"
+        )
         self.momentum = check_momentum(momentum, "MeanOnlyBatchNorm")
         self.track_running_stats = bool(track_running_stats)
         if bias:
@@ -535,9 +537,9 @@ class MeanOnlyBatchNorm(nn.Module):
         leaf = fx_leaf(self, x)
         if leaf is not None:
             return leaf
-        if not isinstance(x, Tensor) or x.dim() < 2:
-            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-            raise NormError(f"MeanOnlyBatchNorm: expected an (N, C, *) input, got {got}")
+        check_tensor(x, "MeanOnlyBatchNorm")
+        if x.dim() < 2:
+            raise NormError(f"MeanOnlyBatchNorm: expected an (N, C, *) input, got shape {tuple(x.shape)}")
         check_channels(x, self.num_features, "MeanOnlyBatchNorm")
         rm, nbt = self.running_mean, self.num_batches_tracked
         tracking = self.track_running_stats and rm is not None
@@ -631,15 +633,16 @@ class BatchNormalization(nn.Module):
     ) -> None:
         super().__init__()
         name = "BatchNormalization"
-        self.num_features = check_positive_int(num_features, name, "num_features")
+        self.num_features = num_features = check_positive_int(num_features, name, "num_features")
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise NormError(f"{name}: axis must be an int, got {axis!r}")
-        if momentum is None or check_momentum(momentum, name) is None:
+        keras_momentum = None if momentum is None else check_momentum(momentum, name)
+        if keras_momentum is None:
             raise NormError(
                 f"{name}: momentum must be a number in [0, 1] (Keras convention), got {momentum!r}"
             )
         self.axis = axis
-        self.momentum = float(momentum)
+        self.momentum = keras_momentum
         self.epsilon = check_eps(epsilon, name)
         self.center, self.scale = bool(center), bool(scale)
         factory = {"device": device, "dtype": dtype}

@@ -25,7 +25,7 @@ def _gn_module_forward(
     eps: float,
 ) -> Tensor:
     """A GN layer's forward (one ``torch.fx`` call, see ``torch.fx.wrap`` below)."""
-    check_channels(x, num_channels, "GroupNorm")
+    check_channels(x, num_channels, "GroupNorm", "num_channels")
     return _group_norm(x, num_groups, weight, bias, eps, mask=mask)
 
 
@@ -75,8 +75,8 @@ class GroupNorm(nn.GroupNorm):
         *,
         bias: bool = True,
     ) -> None:
-        check_positive_int(num_channels, "GroupNorm", "num_channels")
-        check_groups(num_groups, num_channels, "GroupNorm")
+        num_channels = check_positive_int(num_channels, "GroupNorm", "num_channels")
+        num_groups = check_groups(num_groups, num_channels, "GroupNorm")
         eps = check_eps(eps, "GroupNorm")
         torch_norm_init(
             super().__init__, self, num_groups, num_channels, eps, bool(affine), device, dtype, bias=bias

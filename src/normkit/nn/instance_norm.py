@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .._errors import NormError
 from ..functional.instance_norm import instance_norm as _instance_norm
 from ..kernels import _direct, _fast
-from ._base import _StatsMixin, fx_leaf, store_stats
+from ._base import _StatsMixin, check_tensor, fx_leaf, store_stats
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -35,9 +35,11 @@ def _in_module_forward(
 ) -> Tensor:
     """An IN layer's forward on its parameters and buffers (one ``torch.fx`` call, see ``torch.fx.wrap``
     below)."""
-    if not isinstance(x, Tensor) or x.dim() not in (ndim - 1, ndim):
-        got = f"{x.dim()}D input" if isinstance(x, Tensor) else type(x).__name__
-        raise NormError(f"{name}: expected {ndim}D (batched) or {ndim - 1}D (unbatched) input, got {got}")
+    check_tensor(x, name)
+    if x.dim() not in (ndim - 1, ndim):
+        raise NormError(
+            f"{name}: expected {ndim}D (batched) or {ndim - 1}D (unbatched) input, got {x.dim()}D input"
+        )
     unbatched = x.dim() == ndim - 1
     if unbatched:  # (C, *spatial), as torch.nn.InstanceNorm accepts
         x = x.unsqueeze(0)

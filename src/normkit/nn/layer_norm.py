@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -13,7 +13,7 @@ from ..functional._checks import check_eps, check_positive_int
 from ..functional.layer_norm import layer_norm as _layer_norm
 from ..functional.layer_norm import layer_norm_2d as _layer_norm_2d
 from ..kernels import _direct, _fast
-from ._base import check_channels, fx_leaf
+from ._base import check_channels, check_tensor, fx_leaf
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
 
@@ -34,10 +34,10 @@ def _ln2d_module_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, num_channels: int, eps: float, over: str
 ) -> Tensor:
     """A LayerNorm2d layer's forward (one ``torch.fx`` call)."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 3:
-        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise NormError(f"LayerNorm2d: expected an (N, C, *spatial) input, got {got}")
-    check_channels(x, num_channels, "LayerNorm2d")
+    check_tensor(x, "LayerNorm2d")
+    if x.dim() < 3:
+        raise NormError(f"LayerNorm2d: expected an (N, C, *spatial) input, got shape {tuple(x.shape)}")
+    check_channels(x, num_channels, "LayerNorm2d", "num_channels")
     return _layer_norm_2d(x, weight, bias, eps, over=over)  # type: ignore[arg-type]
 
 
@@ -78,16 +78,16 @@ class LayerNorm(nn.LayerNorm):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        if isinstance(normalized_shape, int):
-            shape: tuple[int, ...] = (normalized_shape,)
-        elif isinstance(normalized_shape, (tuple, list, torch.Size)):
-            shape = tuple(normalized_shape)
-        else:
+        # as torch.nn.LayerNorm: an integer (int, numpy integer, 0-d integer tensor) or an iterable of them
+        # (a list, tuple, torch.Size, 1-d array or tensor); stored as Python ints
+        scalar = getattr(normalized_shape, "ndim", None) == 0 or not isinstance(normalized_shape, Iterable)
+        if isinstance(normalized_shape, (str, bytes)):
             raise TypeError(
                 f"LayerNorm: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
             )
-        for s in shape:
-            check_positive_int(s, "LayerNorm", "each entry of normalized_shape")
+        entries = [normalized_shape] if scalar else list(normalized_shape)  # type: ignore[arg-type]
+        name = "normalized_shape" if scalar else "each entry of normalized_shape"
+        shape = tuple(check_positive_int(s, "LayerNorm", name) for s in entries)
         eps = check_eps(eps, "LayerNorm")
         super().__init__(torch.Size(shape), eps, bool(elementwise_affine), bias, device, dtype)
 
@@ -168,7 +168,7 @@ class LayerNorm2d(nn.LayerNorm):
     ) -> None:
         if over not in ("c", "chw"):
             raise NormError(f"LayerNorm2d: over must be 'c' or 'chw', got {over!r}")
-        check_positive_int(num_channels, "LayerNorm2d", "num_channels")
+        num_channels = check_positive_int(num_channels, "LayerNorm2d", "num_channels")
         eps = check_eps(eps, "LayerNorm2d")
         super().__init__(num_channels, eps, bool(affine), bool(affine) and bias, device, dtype)
         self.num_channels = num_channels

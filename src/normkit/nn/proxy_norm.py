@@ -14,7 +14,7 @@ from ..functional.activations import ActivationLike, get_activation
 from ..functional.proxy_norm import _gn_proxy_kernels
 from ._base import check_channels, fx_leaf
 from .registry import default_groups as _default_groups
-from .registry import register_norm
+from .registry import register_norm, spec_or_keyword
 
 __all__ = ["GroupNormProxyAct2d", "ProxyNormAct"]
 
@@ -70,7 +70,7 @@ class ProxyNormAct(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        self.num_features = check_positive_int(num_features, name, "num_features")
+        self.num_features = num_features = check_positive_int(num_features, name, "num_features")
         self.proxy_eps = check_eps(eps, name)
         self.num_points = check_positive_int(num_points, name, "num_points")
         get_activation(activation)  # validate now, not at the first forward
@@ -218,7 +218,9 @@ def _pn_factory(default_groups: int):
     def factory(c: int, arg: int | None, activation: ActivationLike = "relu", **kw: Any) -> nn.Module:
         if default_groups == 1 and arg is not None:
             raise NormError(f"create_norm_layer: 'ln+pn' takes no ':<int>' argument, got ln:{arg}+pn")
-        groups = arg if arg is not None else _default_groups(c, default_groups)
+        if default_groups == 1 and "num_groups" in kw:
+            raise NormError("create_norm_layer: 'ln+pn' is one group; use 'gn+pn' with num_groups=...")
+        groups = spec_or_keyword("gn", arg, kw, "num_groups", lambda: _default_groups(c, default_groups))
         return GroupNormProxyAct2d(c, num_groups=groups, activation=activation, **kw)
 
     factory.includes_activation = True  # type: ignore[attr-defined]

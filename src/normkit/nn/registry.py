@@ -152,6 +152,20 @@ def get_norm_layer(spec: str, **kwargs: Any) -> Callable[..., nn.Module]:
     return functools.partial(norm_from_spec, spec=spec, **kwargs)
 
 
+def spec_or_keyword(name: str, arg: int | None, kw: dict[str, Any], key: str, default: Any) -> Any:
+    """The value of ``key`` for a spec ``name[:arg]``: from the spec's ``:<int>``, else from the keyword
+    (popped from ``kw``), else ``default``; given both ways, a ``NormError`` naming the conflict."""
+    if key in kw:
+        value = kw.pop(key)
+        if arg is not None:
+            raise NormError(
+                f"create_norm_layer: {key} is given twice: {arg} by the spec '{name}:{arg}' and {value!r} by "
+                f"the keyword {key}={value!r}; give it one way ('{name}:<int>' or {key}=...)"
+            )
+        return value
+    return arg if arg is not None else default()
+
+
 def _no_arg(name: str, arg: int | None) -> None:
     if arg is not None:
         raise NormError(f"create_norm_layer: {name!r} takes no ':<int>' argument, got {name}:{arg}")
@@ -182,7 +196,7 @@ def _register_core() -> None:
 
     @register_norm("gn", "GroupNorm; 'gn' = 32 groups (or the largest divisor of C below), 'gn:G' = G groups")
     def _gn(c: int, arg: int | None, **kw: Any) -> nn.Module:
-        return GroupNorm(arg if arg is not None else default_groups(c), c, **kw)
+        return GroupNorm(spec_or_keyword("gn", arg, kw, "num_groups", lambda: default_groups(c)), c, **kw)
 
     from .batch_norm_family import BatchRenorm2d, FrozenBatchNorm2d, GhostBatchNorm2d
 
@@ -201,7 +215,8 @@ def _register_core() -> None:
         "gbn", "GhostBatchNorm2d; 'gbn' = ghost batches of 32, 'gbn:B' = ghost batches of B samples"
     )
     def _gbn(c: int, arg: int | None, **kw: Any) -> nn.Module:
-        return GhostBatchNorm2d(c, ghost_batch_size=arg if arg is not None else 32, **kw)
+        size = spec_or_keyword("gbn", arg, kw, "ghost_batch_size", lambda: 32)
+        return GhostBatchNorm2d(c, ghost_batch_size=size, **kw)
 
     @register_norm("none", "no normalization (Identity)")
     def _none(c: int, arg: int | None, **kw: Any) -> nn.Module:

@@ -765,7 +765,8 @@ def composite_norm(
         mean = xa.mean(dims, keepdim=True)
         xc = xa - mean
         var = (xc * xc).mean(dims, keepdim=True)
-        count = torch.full_like(mean, float(x.numel() // max(mean.numel(), 1)))
+        # (no float() of the count: a symbolic batch size stays symbolic under torch.export)
+        count = torch.ones_like(mean) * (x.numel() // max(mean.numel(), 1))
     else:
         zero = torch.zeros((), dtype=dtype, device=x.device)
         count = mask.expand(x.shape).sum(dims, keepdim=True, dtype=dtype)

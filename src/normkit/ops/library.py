@@ -90,12 +90,19 @@ def _dense(x: Tensor) -> Tensor:
     """``x`` itself when its memory is dense and non-overlapping, else a dense copy in its memory format.
 
     The ops give their output ``x``'s strides (``torch.empty_like`` in the fake), which only a
-    dense input makes well defined.
+    dense input makes well defined: a transposed ``(N, L, C) -> (N, C, L)`` input keeps its layout in
+    eager code (differences.md, "Output layout"). Under ``torch.compile`` the strides may be symbolic,
+    which Dynamo cannot sort: there an input neither contiguous nor channels-last is made contiguous.
     """
     if x.is_contiguous():
         return x
     try:
-        if x.is_contiguous(memory_format=torch.channels_last) or _is_dense(x):
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return x
+        if torch.compiler.is_compiling():  # (no sort of possibly symbolic strides)
+            cl3d = x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+            return x if cl3d else x.contiguous()
+        if _is_dense(x):
             return x
     except RuntimeError:
         # inside vmap functorch answers only the contiguous-format query (the other layouts raise NYI)

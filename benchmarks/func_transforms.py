@@ -86,7 +86,6 @@ def _cases(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]
 
 def _ensemble_cases(members: list[nn.Module], x: torch.Tensor) -> dict[str, Callable[[], object]]:
     params, buffers = stack_module_state(members)  # pyright: ignore[reportArgumentType]
-    params = {k: v.detach() for k, v in params.items()}  # (as the per-sample recipe: nothing records twice)
     base = copy.deepcopy(members[0]).to("meta")
 
     def forward(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:

@@ -2347,24 +2347,31 @@ bool scaled_stats(int dt, const void* st, int64_t nsets) {
   return scaled;
 }
 
+// rows_backward_long for any dtype, with or without weight: dweight / dbias ((M, C), M members of N / M
+// rows) stored straight into the caller's tensors in the statistics dtype.
+void long_rows_backward(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx, void* dw,
+                        void* db, int64_t N, int64_t C, int64_t G, int64_t M) {
+  by_dtype(dt, [&](auto t, auto o) {
+    using T = decltype(t);
+    using O = decltype(o);
+    auto run = [&](auto wflag) {
+      rows_backward_long<decltype(wflag)::value, T, O, O>(
+          static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w), static_cast<const O*>(st),
+          static_cast<T*>(dx), static_cast<O*>(dw), static_cast<O*>(db), N, C, G, M);
+    };
+    if (w)
+      run(std::true_type{});
+    else
+      run(std::false_type{});
+  });
+}
+
 int32_t backward_ptr(int dt, const void* dy, const void* x, const void* w, const void* st, void* dx, void* dw,
                      void* db, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G) {
   const int64_t nsets = mode == BATCH_NCHW || mode == BATCH_CL ? C : (mode == CHANNEL_NCHW ? N * S : N * G);
   if (scaled_stats(dt, st, nsets)) return 0;
   if (mode == GROUP_NCHW && S == 1 && G > 0 && C / G > LONG_ROW) {  // long rows store dweight / dbias themselves
-    by_dtype(dt, [&](auto t, auto o) {
-      using T = decltype(t);
-      using O = decltype(o);
-      auto run = [&](auto wflag) {
-        rows_backward_long<decltype(wflag)::value, T, O, O>(
-            static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w), static_cast<const O*>(st),
-            static_cast<T*>(dx), static_cast<O*>(dw), static_cast<O*>(db), N, C, G);
-      };
-      if (w)
-        run(std::true_type{});
-      else
-        run(std::false_type{});
-    });
+    long_rows_backward(dt, dy, x, w, st, dx, dw, db, N, C, G, 1);
     return 1;
   }
   // dweight / dbias accumulate in double and are stored in the statistics dtype (float32 / float64)
@@ -2394,19 +2401,7 @@ int32_t backward_members_ptr(int dt, const void* dy, const void* x, const void* 
   if (M < 1 || G < 1 || scaled_stats(dt, st, nst)) return 0;
   if (C / G > LONG_ROW) {
     if (x_step != N * C || w_step != 0 || st_step != N * G) return 0;
-    by_dtype(dt, [&](auto t, auto o) {
-      using T = decltype(t);
-      using O = decltype(o);
-      auto run = [&](auto wflag) {
-        rows_backward_long<decltype(wflag)::value, T, O, O>(
-            static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const O*>(w), static_cast<const O*>(st),
-            static_cast<T*>(dx), static_cast<O*>(dw), static_cast<O*>(db), M * N, C, G, M);
-      };
-      if (w)
-        run(std::true_type{});
-      else
-        run(std::false_type{});
-    });
+    long_rows_backward(dt, dy, x, w, st, dx, dw, db, M * N, C, G, M);
     return 1;
   }
   const int64_t P = M * C;

@@ -21,6 +21,10 @@ Example:
     torch.Size([2, 64, 8, 8])
 """
 
+import warnings as _warnings
+
+import torch as _torch
+
 from . import convert, distributed, functional, kernels, nn, ops, surgery
 from ._errors import NormError
 from .distributed import convert_sync_batchnorm, recalibrate_bn, revert_sync_batchnorm, sync_bn_buffers
@@ -67,3 +71,8 @@ from .diagnostics import NormMonitor, train_eval_gap
 from .surgery import convert_norms, fold_bn, fold_bn_weights
 
 __all__ += ["NormMonitor", "convert_norms", "diagnostics", "fold_bn", "fold_bn_weights", "train_eval_gap"]
+
+# torch.jit.trace (and the legacy ONNX exporter, which traces) warns at every Python bool taken of a
+# traced size; normkit's argument checks take a dozen per layer, on shapes a trace fixes anyway. Only
+# the warnings raised from normkit's own modules are silenced; the model's own still show.
+_warnings.filterwarnings("ignore", category=_torch.jit.TracerWarning, module=r"normkit\.")

@@ -330,3 +330,27 @@ def test_compile_dynamic_takes_a_transposed_input_in_one_graph(name: str):
     for n in (shape[0], shape[0] + 3):
         x = view(torch.randn((n, *shape[1:]), generator=torch.Generator().manual_seed(n)))
         _assert_same_run(run(ref, x), run(compiled, x, m))
+
+
+def test_jit_trace_shows_the_models_tracer_warnings_and_none_from_normkits_checks():
+    """``torch.jit.trace`` (and the legacy ONNX exporter) warn at each Python bool of a traced value:
+    normkit's own argument checks took a dozen per layer (torch.nn's BatchNorm2d: one). Those are
+    silenced, the model's own still show (a fresh interpreter with the default warning filters)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, normkit\n"
+        "nkn = normkit.nn\n"
+        "m = torch.nn.Sequential(nkn.BatchNorm2d(3), nkn.GroupNorm(1, 3), nkn.LayerNorm(5))\n"
+        "torch.jit.trace(m.train(), (torch.randn(4, 3, 5, 5),), check_trace=False)\n"
+        "def user(x):\n"
+        "    return x * 2 if bool(x.sum() > -1e9) else x\n"
+        "torch.jit.trace(user, (torch.randn(3),), check_trace=False)\n"
+    )
+    err = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300, check=True
+    ).stderr
+    lines = [ln for ln in err.splitlines() if "TracerWarning" in ln]
+    assert not [ln for ln in lines if "normkit" in ln], err
+    assert any("<string>" in ln for ln in lines), err  # the model's own warning

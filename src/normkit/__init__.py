@@ -75,4 +75,8 @@ __all__ += ["NormMonitor", "convert_norms", "diagnostics", "fold_bn", "fold_bn_w
 # torch.jit.trace (and the legacy ONNX exporter, which traces) warns at every Python bool taken of a
 # traced size; normkit's argument checks take a dozen per layer, on shapes a trace fixes anyway. Only
 # the warnings raised from normkit's own modules are silenced; the model's own still show.
-_warnings.filterwarnings("ignore", category=_torch.jit.TracerWarning, module=r"normkit\.")
+_warnings.filterwarnings(
+    "ignore",
+    category=_torch.jit.TracerWarning,  # pyright: ignore[reportPrivateImportUsage]
+    module=r"normkit\.",
+)

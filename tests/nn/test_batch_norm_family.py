@@ -652,3 +652,40 @@ def test_ghost_track_running_stats_flipped_later_leaves_buffers_alone():
     assert torch.equal(layer.running_mean, torch.zeros(3)) and layer.num_batches_tracked.item() == 0
     layer.eval()
     torch.testing.assert_close(layer(x), TF.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d])
+def test_frozen_bn_updating_its_statistics_backpropagates_through_the_old_ones(cls):
+    """``use_running_stats=True, update_running_stats=True``: the output normalizes with the statistics
+    before this batch (its gradient too: dx = dy * w / sqrt(var + eps)), then the buffers take the
+    batch's (momentum 0.1, unbiased variance). The backward once failed: the update wrote the buffers
+    the output's backward had saved."""
+    torch.manual_seed(0)
+    rank = {FrozenBatchNorm1d: 1, FrozenBatchNorm2d: 2, FrozenBatchNorm3d: 3}[cls]
+    m = cls(3, use_running_stats=True, update_running_stats=True).double()
+    with torch.no_grad():
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_()
+    rm, rv = m.running_mean.clone(), m.running_var.clone()
+    x = torch.randn(4, 3, *([3] * rank), dtype=torch.float64, requires_grad=True)
+    view = (1, 3) + (1,) * rank
+    y = m(x)
+    want = (x - rm.view(view)) / (rv.view(view) + m.eps).sqrt() * m.weight.view(view) + m.bias.view(view)
+    torch.testing.assert_close(y, want)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    torch.testing.assert_close(dx, dy * (m.weight / (rv + m.eps).sqrt()).view(view))
+    dims = (0, *range(2, x.dim()))
+    torch.testing.assert_close(m.running_mean, 0.9 * rm + 0.1 * x.detach().mean(dims))
+    torch.testing.assert_close(m.running_var, 0.9 * rv + 0.1 * x.detach().var(dims, unbiased=True))
+
+
+def test_ghost_batches_of_one_sample_without_spatial_dims_are_refused():
+    """One value per channel in every ghost batch: an error naming the fix (the layer returned zeros and
+    skipped its update), as BatchNorm refuses one value per channel."""
+    with pytest.raises(normkit.NormError, match="ghost_batch_size of at least 2"):
+        GhostBatchNorm1d(3, ghost_batch_size=1)(torch.randn(4, 3))
+    y = GhostBatchNorm1d(3, ghost_batch_size=1)(torch.randn(4, 3, 5))  # (5 values a channel: fine)
+    assert torch.isfinite(y).all() and y.abs().sum() > 0

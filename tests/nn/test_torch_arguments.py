@@ -233,3 +233,29 @@ def test_registry_group_count_given_twice_names_the_conflict():
     # given one way, the keyword counts
     assert normkit.create_norm_layer("gn", 8, num_groups=2).num_groups == 2
     assert normkit.create_norm_layer("gn:4", 8).num_groups == 4
+
+
+# -- forward's argument name: torch.nn's layers take `input=` --------------------------------------------
+
+KEYWORD_LAYERS = {
+    "BatchNormAct2d": (lambda: nkn.BatchNormAct2d(3), (4, 3, 2, 2)),
+    "BatchRenorm2d": (lambda: nkn.BatchRenorm2d(3), (4, 3, 2, 2)),
+    "FrozenBatchNorm2d": (lambda: nkn.FrozenBatchNorm2d(3), (4, 3, 2, 2)),
+    "GhostBatchNorm2d": (lambda: nkn.GhostBatchNorm2d(3, ghost_batch_size=2), (4, 3, 2, 2)),
+    "MeanOnlyBatchNorm": (lambda: nkn.MeanOnlyBatchNorm(3), (4, 3, 2, 2)),
+    "GroupNormAct2d": (lambda: nkn.GroupNormAct2d(4, num_groups=2), (2, 4, 3, 3)),
+    "LayerNormAct2d": (lambda: nkn.LayerNormAct2d(4), (2, 4, 3, 3)),
+    "SyncBatchNormAct": (lambda: nkn.SyncBatchNormAct(3), (4, 3, 2, 2)),
+    "StdConv2d": (lambda: nkn.StdConv2d(3, 4, 3), (2, 3, 5, 5)),
+    "ScaledStdConv2d": (lambda: nkn.ScaledStdConv2d(3, 4, 3), (2, 3, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("name", KEYWORD_LAYERS)
+def test_every_layer_takes_its_input_by_torch_nns_keyword(name):
+    """``layer(input=t)`` works as for torch.nn's layers (these named it ``x``) and equals ``layer(t)``."""
+    make, shape = KEYWORD_LAYERS[name]
+    torch.manual_seed(0)
+    m = make().eval()
+    x = torch.randn(shape)
+    torch.testing.assert_close(m(input=x), m(x))

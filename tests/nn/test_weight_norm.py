@@ -61,10 +61,14 @@ def test_weight_is_g_v_over_norm_and_unchanged_at_registration(make, dim):
     torch.testing.assert_close(m.weight.double(), _ref_weight(g, v, dim), rtol=1e-6, atol=1e-7)
 
 
-def test_matches_torch_weight_norm_values_and_grads_and_checkpoints_load_both_ways():
+@pytest.mark.parametrize("dim", [0, 1, -1, None])
+def test_matches_torch_weight_norm_values_and_grads_and_checkpoints_load_both_ways(dim):
+    """Against torch.nn.utils.parametrizations.weight_norm with the same ``dim`` (``-1`` is one norm over
+    the whole weight there, as ``None``: the same here, so its checkpoints load)."""
     torch.manual_seed(1)
-    ours = weight_norm(nn.Conv2d(3, 5, 3))
-    ref = tparam.weight_norm(nn.Conv2d(3, 5, 3))
+    ours = weight_norm(nn.Conv2d(3, 5, 3), dim=dim)
+    ref = tparam.weight_norm(nn.Conv2d(3, 5, 3), dim=dim)
+    assert _gv(ours)[0].shape == ref.parametrizations.weight.original0.shape
     ref.load_state_dict(ours.state_dict())  # ours -> torch's layout, strict
     x = _randn((2, 3, 6, 6), seed=2)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
@@ -75,7 +79,7 @@ def test_matches_torch_weight_norm_values_and_grads_and_checkpoints_load_both_wa
     )
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    back = weight_norm(nn.Conv2d(3, 5, 3))
+    back = weight_norm(nn.Conv2d(3, 5, 3), dim=dim)
     back.load_state_dict(ref.state_dict())  # torch's -> ours
     torch.testing.assert_close(back(x), ref(x), rtol=1e-5, atol=1e-6)
     assert torch.equal(_gv(back)[1], ref.parametrizations.weight.original1)

@@ -129,6 +129,11 @@ def ghost_batch_norm(
     for s in spatial:
         per_sample *= s
     K, rem = N // B, N % B  # (not divmod: a SymInt under torch.compile(dynamic=True) has no divmod)
+    if K and B * per_sample == 1:
+        raise NormError(
+            f"{op}: ghost batches of {B} sample with no spatial dims (input of shape {tuple(x.shape)}) have "
+            "1 value per channel; use a ghost_batch_size of at least 2"
+        )
     if rem and rem * per_sample == 1:
         raise NormError(
             f"{op}: the last ghost chunk has 1 sample and no spatial dims (N={N}, ghost_batch_size={B}), so "

@@ -80,7 +80,8 @@ class _GhostBatchNorm(_BatchNorm):
         self.ghost_batch_size = self_ghost
         self.momentum_mode = momentum_mode
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
         leaf = fx_leaf(self, x)
         if leaf is not None:
             return leaf
@@ -241,7 +242,8 @@ class _BatchRenorm(_BatchNorm):
         frac = (t / self.warmup_steps).clamp(max=1.0) if self.warmup_steps else torch.ones_like(t)
         return 1.0 + (self.r_max - 1.0) * frac, self.d_max * frac
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
         leaf = fx_leaf(self, x)
         if leaf is not None:
             return leaf
@@ -361,7 +363,8 @@ class _FrozenBatchNorm(_NormBase):
             raise NormError(f"{type(self).__name__}: expected {want} input (N, C, ...), got {x.dim()}D input")
         check_channels(x, self.num_features, type(self).__name__)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
         leaf = fx_leaf(self, x)
         if leaf is not None:
             return leaf
@@ -376,8 +379,11 @@ class _FrozenBatchNorm(_NormBase):
                 )
                 return self._store(out)
             return batch_norm(x, None, None, w, b, True, mom, eps, unbiased_running_var=unbiased).output
+        if self.update_running_stats:  # (the output's backward keeps these: the update below writes them)
+            rm, rv = rm.clone(), rv.clone()
         y = batch_norm(x, rm, rv, w, b, False, mom, eps, unbiased_running_var=unbiased).output
         if self.update_running_stats:
+            rm, rv = self.running_mean, self.running_var
             with torch.no_grad():
                 upd = batch_norm(
                     x,
@@ -533,7 +539,8 @@ class MeanOnlyBatchNorm(nn.Module):
             with torch.no_grad():
                 self.bias.zero_()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
         leaf = fx_leaf(self, x)
         if leaf is not None:
             return leaf
@@ -685,7 +692,8 @@ class BatchNormalization(nn.Module):
             )
         return ax
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
         leaf = fx_leaf(self, x)
         if leaf is not None:
             return leaf

@@ -55,7 +55,8 @@ class BatchNormAct2d(_ActMixin, BatchNorm2d):
         super().__init__(num_features, **kwargs)
         self._init_act(activation)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
         leaf = fx_leaf(self, x, root_traceable=True)
         if leaf is not None:
             return leaf
@@ -80,7 +81,8 @@ class GroupNormAct2d(_ActMixin, GroupNorm):
         super().__init__(num_groups, num_channels, **kwargs)
         self._init_act(activation)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
         leaf = fx_leaf(self, x, root_traceable=True)
         if leaf is not None:
             return leaf
@@ -103,7 +105,8 @@ class LayerNormAct2d(_ActMixin, LayerNorm2d):
         super().__init__(num_channels, **kwargs)
         self._init_act(activation)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
         leaf = fx_leaf(self, x, root_traceable=True)
         if leaf is not None:
             return leaf

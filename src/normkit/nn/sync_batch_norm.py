@@ -164,7 +164,8 @@ class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
         super().__init__(num_features, **kwargs)
         self._init_act(activation)
 
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
+        x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
         leaf = fx_leaf(self, x, root_traceable=True)
         if leaf is not None:
             return leaf

@@ -23,7 +23,8 @@ class WeightNorm(nn.Module):
 
     ``forward(g, v)`` builds the weight; ``right_inverse(w)`` returns ``(||w||, w)`` so that
     registering it leaves the weight unchanged. ``g`` has ``v``'s rank with size 1 outside
-    ``dim`` (a 0-dim tensor for ``dim=None``: one norm over the whole tensor), the shapes of
+    ``dim`` (a 0-dim tensor for ``dim=None`` or ``dim=-1``, torch's convention: one norm over the
+    whole tensor; the last dim is ``dim=v.dim() - 1``), the shapes of
     ``torch.nn.utils.parametrizations.weight_norm``, whose checkpoints therefore load as they are.
     A row with ``||v|| = 0`` gives a zero weight row and finite gradients (the norm is clamped at
     ``1e-12``) instead of NaN.
@@ -40,7 +41,9 @@ class WeightNorm(nn.Module):
 
     def __init__(self, dim: int | None = 0) -> None:
         super().__init__()
-        self.dim = dim
+        # dim=-1 is one norm over the whole tensor, as in torch (its weight_norm maps None to -1), so
+        # that a checkpoint saved with torch's dim=-1 loads (g of shape ())
+        self.dim = None if dim == -1 else dim
 
     def _norm(self, v: Tensor) -> Tensor:
         if self.dim is None:
@@ -173,7 +176,8 @@ def weight_norm(
     Args:
         module: the module holding the weight.
         name: the parameter to reparameterize.
-        dim: the dim kept by the norm (one ``g`` per index), or ``None`` for a single norm.
+        dim: the dim kept by the norm (one ``g`` per index), or ``None`` (or ``-1``, as in torch)
+            for a single norm over the whole weight.
         init_batch: an input batch for the data-dependent initialisation, or ``None``.
 
     Example:

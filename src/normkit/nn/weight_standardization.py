@@ -132,7 +132,8 @@ class _StdConvMixin:
         """The kernel the conv actually uses."""
         return standardize_weight(self.weight, self.eps)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
         return self._conv_forward(x, self.standardized_weight(), self.bias)  # type: ignore[attr-defined]
 
     def extra_repr(self) -> str:

@@ -1452,3 +1452,61 @@ def test_no_build_falls_back_to_the_reference(tmp_path):
     assert "RuntimeError:" in out.stdout and "normkit kernels build" in out.stdout
     assert "not built" in out.stdout
     assert not any((tmp_path / "cache").rglob("*.so")), "NORMKIT_NO_BUILD must not compile anything"
+
+
+@pytest.mark.parametrize(
+    ("value", "want"), [("", "auto"), ("  ", "auto"), ("REFERENCE", "reference"), ("native", "native")]
+)
+def test_normkit_backend_reads_empty_as_unset_and_any_case(value, want):
+    """``NORMKIT_BACKEND=`` (empty, as shells and CI files leave it) is auto; the name in any case."""
+    env = dict(os.environ, NORMKIT_BACKEND=value)
+    out = subprocess.run(
+        [sys.executable, "-c", "import normkit; print(normkit.kernels.current())"],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.stdout.strip() == want
+
+
+def test_a_bad_normkit_backend_is_one_clear_error_at_the_first_norm_and_in_the_cli():
+    """``import normkit`` works; the first norm raises a ValueError naming the choices; ``normkit kernels
+    status`` says the same in one line (exit 2), no traceback."""
+    env = dict(os.environ, NORMKIT_BACKEND="bogus")
+    code = (
+        "import torch, normkit\n"
+        "try:\n"
+        "    normkit.nn.GroupNorm(1, 2)(torch.randn(2, 2, 3))\n"
+        "except ValueError as e:\n"
+        "    print('ValueError:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "ValueError: NORMKIT_BACKEND must be one of auto, reference, cpu, native, triton" in out.stdout
+    cli = subprocess.run(
+        [sys.executable, "-m", "normkit.cli", "kernels", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert "NORMKIT_BACKEND must be one of" in cli.stderr
+
+
+def test_status_under_triton_without_a_gpu_says_the_reference_runs():
+    """``use("triton")`` on CPU tensors without Triton's interpreter runs the reference (the output equals
+    ``use("reference")`` bit for bit): ``kernels.status()`` says so, not "cpu kernel"."""
+    x = torch.randn(4, 8, 5, 5)
+    with kernels.use("reference"):
+        ref = F.group_norm(x, 2)
+    with kernels.use("triton"):
+        text = kernels.status()
+        got = F.group_norm(x, 2)
+        interpreted = kernels.triton_ready(x)  # (TRITON_INTERPRET=1 and triton installed: the interpreter)
+    if interpreted:
+        assert "Triton kernels in the interpreter" in text
+        return
+    assert torch.equal(got, ref)
+    assert "cpu kernel" not in text and "reference (Triton takes CUDA tensors" in text

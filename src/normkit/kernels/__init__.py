@@ -83,14 +83,24 @@ class _Local(threading.local):
 
 
 _local = _Local()
-_default = os.environ.get("NORMKIT_BACKEND", "auto")
-if _default not in BACKENDS:
-    raise ValueError(f"NORMKIT_BACKEND must be one of {', '.join(BACKENDS)}, got {_default!r}")
+_default: list[str] = []  # NORMKIT_BACKEND, read and checked at the first norm (not at import)
+
+
+def _env_backend() -> str:
+    """``NORMKIT_BACKEND`` (empty: unset, as shells and CI files leave it; any case), checked."""
+    raw = os.environ.get("NORMKIT_BACKEND", "")
+    backend = raw.strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"NORMKIT_BACKEND must be one of {', '.join(BACKENDS)} (or empty for auto), got {raw!r}"
+        )
+    _default.append(backend)
+    return backend
 
 
 def current() -> str:
     """The backend chosen for this thread (``"auto"`` unless :func:`use` or ``NORMKIT_BACKEND`` says so)."""
-    return _local.backend or _default
+    return _local.backend or (_default[0] if _default else _env_backend())
 
 
 @contextlib.contextmanager
@@ -525,6 +535,12 @@ def status() -> str:
             where = f"ATen {aten[pat[0]]}" if pat else "reference"
         elif p is None:
             where = "reference"
+        elif current() == "triton":  # (CPU tensors: the Triton kernels only in Triton's interpreter)
+            where = (
+                f"Triton kernels in the interpreter ({p.name})"
+                if triton_ready(torch.zeros(1))  # (the cases are meta tensors: a CPU one decides)
+                else "reference (Triton takes CUDA tensors; CPU ones only with TRITON_INTERPRET=1)"
+            )
         elif current() == "reference":
             where = f"reference (fused pattern {p.name} not used)"
         elif loaded or built:

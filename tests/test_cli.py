@@ -460,3 +460,71 @@ def test_an_interrupted_call_leaves_ctrl_c_as_it_was(monkeypatch: pytest.MonkeyP
         main(["power", "--out", str(tmp_path), "--quiet"])
     assert e.value.code == 130
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def _fake_run(root: Path, name: str = "x-1") -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text('{"experiment": "x"}')
+    (run / "summary.md").write_text("# x\n")
+    return run
+
+
+def test_report_creates_its_out_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fake_run(tmp_path / "runs")
+    out = tmp_path / "new" / "reports"
+    assert main(["report", "--runs-root", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (a folder nothing can be made in)")
+@pytest.mark.parametrize("sub", ["compare", "power", "lr-sweep", "landscape", "reproduce", "report"])
+def test_an_out_that_cannot_be_created_is_one_line_before_any_work(
+    sub: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = "/proc/normkit-no-such-folder/runs"
+    if sub == "report":
+        args = ["--runs-root", str(_fake_run(tmp_path).parent), "--out", out]
+    else:
+        args = ["--out", out, *TINY] + (["--results", str(tmp_path / "R.md")] if sub == "reproduce" else [])
+    with pytest.raises(SystemExit) as e:
+        main([sub, *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"normkit {sub}: error: --out '{out}': "), err
+    assert f"cannot create the runs folder '{out}': no folder can be made in '/proc'" in err
+    assert not (tmp_path / "R.md").exists()
+
+
+def test_report_names_the_skipped_unfinished_run_and_its_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import normkit.lab.experiments.compare as compare
+
+    train_one, calls = compare._train_one, []
+
+    def ctrl_c_on_the_second(*args: object, **kw: object) -> object:  # Ctrl-C during the 2nd training
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train_one(*args, **kw)
+
+    monkeypatch.setattr(compare, "_train_one", ctrl_c_on_the_second)
+    runs = tmp_path / "runs"
+    args = ["--norms", "bn,gn:8", "--batch-sizes", "8", "--seeds", "0", "--epochs", "1", "--max-steps", "1"]
+    with pytest.raises(SystemExit) as e:
+        main(["compare", *args, "--jobs", "1", "--out", str(runs), *TINY])
+    assert e.value.code == 130
+    assert "interrupted; 1 of 2 trainings finished" in capsys.readouterr().err
+    (run,) = runs.iterdir()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert (manifest["status"], manifest["done"], manifest["total"]) == ("interrupted", 1, 2)
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--runs-root", str(runs)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 unfinished run(s) skipped" in err, err
+    assert f"{run.name}: interrupted, 1 of 2 trainings finished" in err and "--all" in err
+    assert str(run) in err  # how to report it: its folder
+    assert main(["report", "--runs-root", str(runs), "--all"]) == 0
+    assert "1 of 2 trainings finished" in (runs / "report.md").read_text()

@@ -265,3 +265,52 @@ def test_auto_threads_leave_busy_cores_alone_and_are_recorded(tmp_path: Path) ->
     )
     env = json.loads((path / "env.json").read_text())
     assert env["threads"] == 2 and env["parallelism"] == "--threads 2"
+
+
+def test_e1_criteria_with_one_batch_size_are_listed_as_not_measurable(tmp_path: Path) -> None:
+    cfg = CompareConfig(
+        norms=["bn", "gn:8", "ln+pn"],
+        batch_sizes=[8],
+        seeds=[0],
+        epochs=1,
+        max_steps=1,
+        jobs=1,
+        out=str(tmp_path),
+        **TINY,
+    )
+    path = run_compare(cfg).path
+    assert path is not None
+    crit = json.loads((path / "results.json").read_text())["criteria"]["cnn4-head"]
+    e1 = [c for c in crit if c["name"].startswith("E1")]
+    assert [c["name"] for c in e1] == ["E1 (i)", "E1 (ii)", "E1 (ii)", "E1 (iii)"]
+    assert all(c["ok"] is None and "needs two batch sizes, only B=8 was run" in c["detail"] for c in e1)
+    summary = (path / "summary.md").read_text()
+    assert "Pass criteria" in summary
+    assert (
+        "- E1 (i): BN error at the smallest B >= BN at the largest B + 3 pt: **n/a** (not measurable: "
+        in summary
+    )
+
+
+def test_e2_i_is_not_decided_by_a_largest_stable_lr_that_is_only_a_lower_bound() -> None:
+    from normkit.lab.experiments.lr_sweep import _cnn_criteria
+
+    def runs(norm: str, diverged_from: float | None, top: float = 1.0) -> list[dict[str, object]]:
+        return [
+            {"norm": norm, "lr": lr, "diverged": diverged_from is not None and lr >= diverged_from}
+            for lr in [0.01, 0.1, 1.0, 5.0]
+            if lr <= top
+        ]
+
+    # none stable everywhere: its 1.0 is a lower bound, so bn's 5.0 >= 5 x 1.0 decides nothing
+    (c,) = _cnn_criteria(runs("none", None) + runs("bn", None, 5.0), "none", ["bn"], None)
+    assert c["ok"] is None and "none was stable at every learning rate tried; extend --lrs" in c["detail"]
+    # none diverged at 1.0: its largest stable LR (0.1) is known, and bn's lower bound 5.0 passes 5 x 0.1
+    (c,) = _cnn_criteria(runs("none", 1.0) + runs("bn", None, 5.0), "none", ["bn"], None)
+    assert c["ok"] is True
+    # none's 1.0 known (diverged at 5.0), bn stable everywhere up to 1.0: bn's bound decides nothing either
+    (c,) = _cnn_criteria(runs("none", 5.0, 5.0) + runs("bn", None), "none", ["bn"], None)
+    assert c["ok"] is None and "bn was stable at every learning rate tried" in c["detail"]
+    # both known: a real NOT MET
+    (c,) = _cnn_criteria(runs("none", 5.0, 5.0) + runs("bn", 5.0, 5.0), "none", ["bn"], None)
+    assert c["ok"] is False

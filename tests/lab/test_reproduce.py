@@ -11,7 +11,7 @@ import pytest
 
 from normkit.cli import main
 from normkit.lab.records import read_manifest
-from normkit.lab.reproduce import KEEP_MARKER, ReproduceConfig, plan
+from normkit.lab.reproduce import KEEP_MARKER, ReproduceConfig, plan, seed_noise_note
 
 
 def test_reproduce_quick_writes_results_from_its_runs(
@@ -44,6 +44,8 @@ def test_reproduce_quick_writes_results_from_its_runs(
     text = results.read_text()
     assert "old numbers" not in text and text.rstrip().endswith("A hand-written note on SyncBN.")
     assert text.count(KEEP_MARKER) == 1 and "Quick smoke run" in text
+    # the header's seed-noise numbers are this run's, the reference ones named as such
+    assert "(sigma = 7.7 pt)" not in text and "reference values from full runs, not measured here" in text
     folders = sorted(p for p in runs.iterdir() if p.is_dir())
     assert len(folders) == 6 and all(read_manifest(p)["status"] == "finished" for p in folders)
     for p in folders:  # every run is in the file, with its verdicts as its results.json has them
@@ -104,3 +106,16 @@ def test_reproduce_checks_every_step_before_running(
     # step runs
     assert e.value.code == 2 and "--samples 256 exceeds the 40 samples of digits16" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "R.md").exists()
+
+
+def test_seed_noise_note_reads_the_runs_numbers_not_hard_coded_ones() -> None:
+    def row(b: int, std: float) -> dict[str, object]:
+        return {"model": "cnn4", "norm": "bn", "batch_size": b, "test_err_std": std, "diverged": 0}
+
+    crit = {"cnn4": [{"name": "E1 (i)", "margin": 1.0}, {"name": "E1 (ii)", "margin": 0.1}]}
+    note = seed_noise_note(2, [{"aggregate": [row(32, 0.2), row(2, 1.5)], "criteria": crit}])
+    assert "in this run the widest spread at B=2 was sigma = 1.5 pt (cnn4 bn): 2 SE is 3.0 pt" in note
+    assert "smallest margin of E1 (i) and (iii) here, 1.0 pt: this spread can decide them" in note
+    assert "not measured here" in note
+    one_seed = seed_noise_note(2, [{"aggregate": [row(2, float("nan"))], "criteria": {}}])
+    assert "no spread over seeds was measured at B=2 in this run" in one_seed and "sigma =" not in one_seed

@@ -258,6 +258,21 @@ def _error_axis(ax: Any, values: Iterable[float | None]) -> None:
     ax.set_yticks(ticks)
     ax.set_yticklabels([f"{t:g}" for t in ticks])
     ax.set_ylim(0, ticks[-1] * 1.1)
+    _keep_threshold_labels_inside(ax)
+
+
+def _keep_threshold_labels_inside(ax: Any, top: float = 0.85) -> None:
+    """Move the threshold labels (:func:`_threshold_label`) written above a line in the top part of the axes
+    below it: above, they would cross the top edge into the panel's title (a threshold near 100 %)."""
+    x0 = ax.get_xlim()[0]
+    to_axes = ax.transAxes.inverted()
+    for text in ax.texts:
+        if text.get_gid() != _THRESHOLD_GID or text.get_va() != "bottom":
+            continue
+        frac = to_axes.transform(ax.transData.transform((x0, text.xy[1])))[1]
+        if frac > top:
+            text.set_va("top")
+            text.xyann = (text.xyann[0], -abs(text.xyann[1]))
 
 
 def _integer_x(ax: Any) -> None:
@@ -266,9 +281,13 @@ def _integer_x(ax: Any) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+_THRESHOLD_GID = "normkit-threshold-label"
+
+
 def _threshold_label(ax: Any, y: float, text: str, x: float = 0.02, va: str = "bottom") -> None:
-    """Write ``text`` next to a horizontal threshold at data height ``y``, from the left edge of ``ax``."""
-    ax.annotate(
+    """Write ``text`` next to a horizontal threshold at data height ``y``, from the left edge of ``ax``
+    (above the line; :func:`_error_axis` moves it below when the line is near the top)."""
+    ann = ax.annotate(
         text,
         xy=(x, y),
         xycoords=("axes fraction", "data"),
@@ -280,6 +299,7 @@ def _threshold_label(ax: Any, y: float, text: str, x: float = 0.02, va: str = "b
         textcoords="offset points",
         bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
     )
+    ann.set_gid(_THRESHOLD_GID)
 
 
 def _floor(values: Iterable[float], floor: float) -> list[float]:

@@ -208,10 +208,11 @@ def environment(device: str | torch.device = "cpu", world_size: int = 1, **extra
 
 
 def check_writable(root: str | Path) -> Path:
-    """Make sure run folders can be written under ``root`` before any work starts; creates nothing.
+    """Make sure run folders can be written under ``root`` before any work starts; leaves nothing behind.
 
-    ``root`` may not exist yet: then its nearest existing parent must be a writable folder (the run
-    creates the rest).
+    ``root`` may not exist yet: then its nearest existing parent must be a folder in which a folder
+    can be made (the run creates the rest). That is tried, not only read from the permissions: a
+    probe folder is made there and removed at once (a read-only mount, or ``/proc``, refuses it).
 
     Raises:
         ValueError: one line naming the folder and what is wrong (a file in the way, no permission, ...).
@@ -235,6 +236,19 @@ def check_writable(root: str | Path) -> Path:
         raise ValueError(
             f"--out {str(root)!r}: cannot write run folders there: {str(existing)!r} is not writable"
         )
+    import tempfile
+
+    try:  # os.access says yes to root everywhere: try it
+        probe = tempfile.mkdtemp(prefix=".normkit-check-", dir=existing)
+    except OSError as e:
+        raise ValueError(
+            f"--out {str(root)!r}: cannot create the runs folder {str(root)!r}: no folder can be made in "
+            f"{str(existing)!r} ({e.strerror or e})"
+        ) from None
+    try:
+        os.rmdir(probe)
+    except OSError:  # pragma: no cover - made a moment ago by this process
+        pass
     return root
 
 
@@ -357,6 +371,11 @@ class RunRecord:
                 if interrupted
                 else {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
             )
+            if isinstance(e, RunInterrupted) and e.total is not None:
+                info.update(done=e.done, total=e.total)
+            else:  # keep the progress the run recorded while running (done / total trainings)
+                before = read_manifest(self.path)
+                info.update({k: before[k] for k in ("done", "total") if k in before})
             with _sigint_ignored(interrupted):  # a second Ctrl-C must not leave the status at "running"
                 try:
                     self.set_status("interrupted" if interrupted else "failed", **info)

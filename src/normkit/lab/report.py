@@ -71,6 +71,13 @@ def _shift_headings(md: str, by: int = 1) -> str:
     return re.sub(r"^(#{1,5}) ", lambda m: "#" * (len(m.group(1)) + by) + " ", md, flags=re.M)
 
 
+def _status_text(run: Path) -> str:
+    """``"interrupted, 4 of 6 trainings finished"``: a run's status and, when recorded, its progress."""
+    manifest = read_manifest(run)
+    done = f", {manifest['done']} of {manifest['total']} trainings finished" if "total" in manifest else ""
+    return f"{manifest.get('status', '?')}{done}"
+
+
 def _section(run: Path, out_dir: Path) -> str:
     cfg = _read_json(run / "config.json")
     env = _read_json(run / "env.json")
@@ -190,11 +197,27 @@ def write_report(
     if not folders:
         folders = find_runs(runs_root, latest_only)
     if not folders:
+        unfinished = [
+            p for p in find_runs(runs_root, latest_only=False) if read_manifest(p).get("status") != "finished"
+        ]
+        if unfinished:
+            last = unfinished[-1]
+            raise ValueError(
+                f"report: no finished runs under {str(runs_root)!r}; {len(unfinished)} unfinished run(s) "
+                f"skipped ({', '.join(f'{p.name}: {_status_text(p)}' for p in unfinished)}); report one by "
+                f"passing its folder (normkit report {str(last)!r}), or all of them with --all"
+            )
         raise ValueError(
             f"report: no runs under {str(runs_root)!r}; run an experiment first (e.g. normkit compare)"
         )
     out_dir = Path(out) if out is not None else (Path(runs_root) if not runs else folders[0].parent)
     check_writable(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"--out {str(out_dir)!r}: cannot create the report folder: {e.strerror or e}"
+        ) from None
     header = [
         "# normkit lab report",
         "",
@@ -204,7 +227,7 @@ def write_report(
         "",
         *[
             f"- {_read_json(f / 'config.json').get('experiment', '?')}: `{f.name}`"
-            + ("" if read_manifest(f).get("status") == "finished" else f" ({read_manifest(f).get('status')})")
+            + ("" if read_manifest(f).get("status") == "finished" else f" ({_status_text(f)})")
             for f in folders
         ],
         "",

@@ -40,7 +40,7 @@ from .experiments._common import ConfigError, LabConfig, markdown_table, opt
 from .records import check_writable
 from .report import environment_line
 
-__all__ = ["KEEP_MARKER", "ReproduceConfig", "Step", "plan", "run_reproduce"]
+__all__ = ["KEEP_MARKER", "ReproduceConfig", "Step", "plan", "run_reproduce", "seed_noise_note"]
 
 #: Text after this line in an existing RESULTS.md is kept as it is.
 KEEP_MARKER = "<!-- Hand-written notes below this line are kept by `normkit reproduce`. -->"
@@ -240,6 +240,69 @@ def _verdict_cell(crits: list[dict[str, Any]]) -> str:
     return ", ".join(parts)
 
 
+#: Reference values (this module's docstring: full runs on two CPUs of the same kind), not measurements of
+#: any one run: BN's widest spread over seeds at B=2 (pt), and E1 (i)'s / (iii)'s margins at B=2 (pt).
+REFERENCE_SIGMA, REFERENCE_MARGIN = 7.7, 25.0
+
+
+def seed_noise_note(seeds: int, e1_results: list[dict[str, Any]]) -> str:
+    """RESULTS.md's sentence on whether the seeds' spread can decide E1 (i) / (iii), from the E1 runs'
+    ``results.json`` (the widest std over seeds at the smallest batch size, the smallest margin of those
+    criteria); the reference values are named as such, never as measured here.
+
+    Example:
+        >>> rows = [{"model": "m", "norm": "bn", "batch_size": 2, "test_err_std": 3.0, "diverged": 0},
+        ...         {"model": "m", "norm": "bn", "batch_size": 32, "test_err_std": 0.5, "diverged": 0}]
+        >>> crit = {"m": [{"name": "E1 (i)", "margin": 20.0}, {"name": "E1 (ii)", "margin": 0.1}]}
+        >>> note = seed_noise_note(2, [{"aggregate": rows, "criteria": crit}])
+        >>> "in this run the widest spread at B=2 was sigma = 3.0 pt (m bn): 2 SE is 6.0 pt" in note
+        True
+        >>> "smallest margin of E1 (i) and (iii) here, 20.0 pt: this spread cannot decide them" in note
+        True
+    """
+    import math
+
+    lead = "With n seeds the SE of a difference of two cells is sigma·sqrt(2/n)"
+    reference = (
+        f"(reference values from full runs, not measured here: sigma up to {REFERENCE_SIGMA:g} pt at B=2 "
+        f"between two CPUs of the same kind, E1 margins at B=2 about {REFERENCE_MARGIN:g} pt; "
+        "normkit.lab.reproduce)"
+    )
+    rows = [r for res in e1_results for r in res.get("aggregate") or []]
+    if not rows:
+        return f"{lead} {reference}."
+    lo = min(r["batch_size"] for r in rows)
+    spread = [
+        (float(r["test_err_std"]), f"{r['model']} {r['norm']}")
+        for r in rows
+        if r["batch_size"] == lo
+        and not r.get("diverged")
+        and isinstance(r.get("test_err_std"), (int, float))
+        and math.isfinite(r["test_err_std"])
+    ]
+    margins = [
+        abs(c["margin"])
+        for res in e1_results
+        for cs in (res.get("criteria") or {}).values()
+        for c in cs
+        if c.get("name") in ("E1 (i)", "E1 (iii)") and isinstance(c.get("margin"), (int, float))
+    ]
+    if not spread:
+        return f"{lead}; no spread over seeds was measured at B={lo} in this run {reference}."
+    sigma, where = max(spread)
+    two_se = 2 * sigma * math.sqrt(2 / seeds)
+    text = (
+        f"{lead}: with n = {seeds}, in this run the widest spread at B={lo} was sigma = {sigma:.1f} pt "
+        f"({where}): 2 SE is {two_se:.1f} pt"
+    )
+    if margins:
+        m = min(margins)
+        text += f", against the smallest margin of E1 (i) and (iii) here, {m:.1f} pt: this spread " + (
+            "cannot decide them" if two_se < m else "can decide them (see their notes)"
+        )
+    return f"{text} {reference}."
+
+
 def _figure_name(key: str, png: str) -> str:
     """``figures/`` name of a run's plot: ``e1_head_error_vs_batch.png``, ``e4_power_post_norm.png``, ..."""
     return f"{key.replace('-', '_')}_{png}"
@@ -338,17 +401,18 @@ def run_reproduce(cfg: ReproduceConfig) -> Path:
         "platform).",
         "",
         f"Seeds: {cfg.seeds} per cell of E1 and E3. Each verdict is read with its margin (distance to its "
-        "threshold, "
-        "> 0 on the passing side) and the standard error of that margin over the seeds; it *holds* when the "
-        "margin "
-        "is more than 2 SE from 0, else it is *within the seeds' noise* and not decided either way. With n "
-        "seeds the "
-        f"SE of a difference of two cells is sigma·sqrt(2/n): with n = {cfg.seeds} and the widest spread "
-        "seen at B=2 "
-        f"(sigma = 7.7 pt) 2 SE is {2 * 7.7 * (2 / cfg.seeds) ** 0.5:.1f} pt, under E1's margins at B=2 "
-        "(about "
-        "25 pt), so BN's B=2 spread cannot decide E1 (i) or (iii). Protocol and pass criteria: "
-        "docs/EXPERIMENTS.md.",
+        "threshold, > 0 on the passing side) and the standard error of that margin over the seeds; it "
+        "*holds* when the margin is more than 2 SE from 0, else it is *within the seeds' noise* and not "
+        "decided either way. "
+        + seed_noise_note(
+            cfg.seeds,
+            [
+                json.loads((run / "results.json").read_text())
+                for step, run, _ in done
+                if step.key.startswith("e1")
+            ],
+        )
+        + " Protocol and pass criteria: docs/EXPERIMENTS.md.",
         "",
         markdown_table(["experiment", "verdicts", "command", "wall time"], rows),
         "",

@@ -314,8 +314,9 @@ def _family(norm: str) -> str:
 def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
     """E1's pass criteria (docs/EXPERIMENTS.md, E1) for one model, on the largest and smallest batch size.
 
-    Returns one dict per criterion: ``name, text, ok`` (``None`` when not measurable, e.g. a run
-    diverged), ``detail``, ``margin`` (distance to the threshold, > 0 on the passing side), ``se``
+    Returns one dict per criterion: ``name, text, ok`` (``None`` when not measurable: a run
+    diverged, or only one batch size was run), ``detail`` (for ``None``: why), ``margin`` (distance
+    to the threshold, > 0 on the passing side), ``se``
     (its standard error over seeds) and ``holds`` (``|margin| > 2 se``: the seeds' spread does not
     decide the verdict).
 
@@ -329,12 +330,27 @@ def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
     rows = [r for r in agg if r["model"] == model]
     sizes = sorted({r["batch_size"] for r in rows})
     out: list[dict[str, Any]] = []
-    if len(sizes) < 2:
-        return out
-    lo, hi = sizes[0], sizes[-1]
     norms = list(dict.fromkeys(r["norm"] for r in rows))
     bn = next((n for n in norms if _family(n) == "bn"), None)
     gn = next((n for n in norms if _family(n) == "gn"), None)
+    if len(sizes) == 1:  # each criterion compares a small batch with a large one: n/a, and why
+        why = f"not measurable: needs two batch sizes, only B={sizes[0]} was run (--batch-sizes)"
+        if bn is not None:
+            out.append(
+                _criterion("E1 (i)", "BN error at the smallest B >= BN at the largest B + 3 pt", None, why)
+            )
+        out += [
+            _criterion("E1 (ii)", f"{n} at the smallest B within ±1.5 pt of the largest B", None, why)
+            for n in norms
+            if _family(n) != "bn"
+        ]
+        if bn is not None and gn is not None:
+            text = f"{gn} − BN >= −0.5 pt at the largest B and <= −1 pt at the smallest B"
+            out.append(_criterion("E1 (iii)", text, None, why))
+        return out
+    if not sizes:
+        return out
+    lo, hi = sizes[0], sizes[-1]
     if bn is not None:
         a, b = _row(agg, model, bn, hi), _row(agg, model, bn, lo)
         if a is None or b is None:
@@ -707,6 +723,11 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
             _train_all(cfg, runs, results, device, world, rank, jobs, threads, finished)
     except KeyboardInterrupt:
         done = sum(r is not None for r in results)
+        if record is not None:  # the counts the report reads (the guard kept the last "running" ones)
+            try:
+                record.set_status("interrupted", done=done, total=len(runs))
+            except OSError:  # pragma: no cover - the folder went away
+                pass
         raise RunInterrupted(record.path if record is not None else None, done, len(runs)) from None
     finals = [r["final"] for r in results if r is not None]
     agg = _aggregate(finals)

@@ -6,7 +6,9 @@ Part 1 (CNN-4, no head, batch 64, constant LR, 5 epochs per LR): for the baselin
 accuracy over all its LRs and checkpoints. "Initial loss" is the larger of the first batch's loss and
 ln(classes), the loss of an uninformed classifier. Pass: (i) the largest non-diverging LR with BN is
 >= 5x the baseline's; (ii) BN at 5x the baseline's best LR reaches the target in fewer steps
-than the baseline at its best LR (that LR is added to BN's grid when missing).
+than the baseline at its best LR (that LR is added to BN's grid when missing). A largest stable LR
+that is the largest LR tried is only a lower bound: (i) is n/a when such a bound decides it
+(the baseline never diverged and (i) would be met, or BN never diverged and it would not).
 
 Part 2 (MLP-3, 64-100-100-100-10 sigmoid, batch 60, plain SGD at LR 0.1): every
 ``percentile_every`` steps, the test accuracy and the {15, 50, 85}th percentiles over the test
@@ -299,6 +301,12 @@ def _max_stable(cnn: list[dict[str, Any]], norm: str) -> float | None:
     return max(ok) if ok else None
 
 
+def _bounded(cnn: list[dict[str, Any]], norm: str, stable: float) -> bool:
+    """Whether ``norm`` diverged at some LR above ``stable`` (else ``stable`` is only a lower bound of its
+    largest stable LR)."""
+    return any(r["norm"] == norm and r["diverged"] and r["lr"] > stable for r in cnn)
+
+
 def _cnn_criteria(
     cnn: list[dict[str, Any]], base: str, others: list[str], best: dict[str, Any] | None
 ) -> list[dict[str, Any]]:
@@ -307,13 +315,18 @@ def _cnn_criteria(
     for norm in others:
         mn = _max_stable(cnn, norm)
         ok = None if mb is None or mn is None else mn >= 5 * mb
+        detail = f"{mn} vs {mb}" + (f" ({mn / mb:.0f}x)" if mn is not None and mb is not None else "")
+        # a norm stable at every LR tried has only a lower bound: it decides nothing in its favour
+        if ok is True and mb is not None and not _bounded(cnn, base, mb):
+            ok, detail = None, f"{detail}; {base} was stable at every learning rate tried; extend --lrs"
+        elif ok is False and mn is not None and not _bounded(cnn, norm, mn):
+            ok, detail = None, f"{detail}; {norm} was stable at every learning rate tried; extend --lrs"
         out.append(
             {
                 "name": "E2 (i)",
                 "text": f"largest stable LR with {norm} >= 5x {base}'s",
                 "ok": ok,
-                "detail": f"{mn} vs {mb}"
-                + (f" ({mn / mb:.0f}x)" if mn is not None and mb is not None else ""),
+                "detail": detail,
             }
         )
         if best is not None:

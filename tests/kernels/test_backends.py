@@ -1498,9 +1498,16 @@ def test_a_bad_normkit_backend_is_one_clear_error_at_the_first_norm_and_in_the_c
 def test_status_under_triton_without_a_gpu_says_the_reference_runs():
     """``use("triton")`` on CPU tensors without Triton's interpreter runs the reference (the output equals
     ``use("reference")`` bit for bit): ``kernels.status()`` says so, not "cpu kernel"."""
+    from normkit.kernels import triton as nk_triton
+
     x = torch.randn(4, 8, 5, 5)
     with kernels.use("reference"):
         ref = F.group_norm(x, 2)
+    if not nk_triton.available():  # (triton not installed: use("triton") refuses, saying how to get it)
+        with pytest.raises(RuntimeError, match=r"pip install normkit\[triton\]"):
+            with kernels.use("triton"):
+                pass
+        return
     with kernels.use("triton"):
         text = kernels.status()
         got = F.group_norm(x, 2)

@@ -530,6 +530,110 @@ def test_hessian_and_jvp_of_group_norm_proxy_act_equal_its_definition(backend):
     _close(got_jvp[1], want_jvp[1], "jvp tangent")
 
 
+GN_PN_ACTS = {
+    "relu": torch.relu,
+    "leaky_relu:0.2": lambda a: torch.nn.functional.leaky_relu(a, 0.2),
+    "identity": lambda a: a,
+}
+
+
+def _gn_pn_act_oracle(x, w, b, pb, pw, u, groups, act):
+    """GroupNorm (no affine) + the proxy-normalized ``act`` in float64, from the definitions."""
+    y = ref_group_norm(x, groups, eps=GN_PN["eps"])
+    zp = act(w[:, None] * ((1 + pw)[:, None] * u[None, :] + pb[:, None]) + b[:, None])
+    m, v = zp.mean(1), zp.var(1, unbiased=False)
+    view = (1, -1, *([1] * (y.dim() - 2)))
+    return (act(w.view(view) * y + b.view(view)) - m.view(view)) / torch.sqrt(v.view(view) + 0.03)
+
+
+def _gn_pn_act(groups, act, u):
+    return lambda x, *p: NF.group_norm_proxy_act(x, groups, *p, act, GN_PN["eps"], points=u)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", GN_PN_ACTS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("groups", [1, 3, 6], ids=["G=1", "G=3", "G=C"])
+def test_jvp_of_group_norm_proxy_act_in_the_input_equals_its_definition(
+    groups, layout, act, backend, gn_pn_calls
+):
+    """``jvp`` w.r.t. the input alone (the common case: forward gradients, jvp-based Hessian products):
+    the fused forward and its analytic jvp (GroupNorm's jvp as the backward kernel of the tangent), not
+    the composite's parts. The tangent is contiguous where ``x`` is channels_last."""
+    u = NF.proxy_points(200, dtype=F64)
+    x = _t((2, 6, 3, 2), 90, scale=1.3, offset=0.2)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    params = _gn_pn_params(91)
+    tx = _t(x.shape, 92)
+    with kernels.use(backend):
+        got = torch.func.jvp(lambda x: _gn_pn_act(groups, act, u)(x, *params), (x,), (tx,))
+    want = torch.func.jvp(lambda x: _gn_pn_act_oracle(x, *params, u, groups, GN_PN_ACTS[act]), (x,), (tx,))
+    _close(got[0], want[0], "value")
+    _close(got[1], want[1], "tangent")
+    _fused_only(gn_pn_calls, backend, backward=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", GN_PN_ACTS)
+@pytest.mark.parametrize("which", PROXY_ARGS[1:])
+def test_jvp_of_group_norm_proxy_act_in_one_parameter_equals_its_definition(which, act, backend, gn_pn_calls):
+    """A tangent in one parameter alone: the statistics' jvp and the step's parameter terms."""
+    u = NF.proxy_points(200, dtype=F64)
+    x = _t((2, 6, 2, 3), 93, offset=-0.1)
+    params = list(_gn_pn_params(94))
+    k = PROXY_ARGS.index(which) - 1
+    t = _t((6,), 95)
+
+    def f(step):
+        return lambda p: step(x, *params[:k], p, *params[k + 1 :])
+
+    with kernels.use(backend):
+        got = torch.func.jvp(f(_gn_pn_act(3, act, u)), (params[k],), (t,))
+    oracle = lambda x, *p: _gn_pn_act_oracle(x, *p, u, 3, GN_PN_ACTS[act])  # noqa: E731
+    want = torch.func.jvp(f(oracle), (params[k],), (t,))
+    _close(got[1], want[1], f"tangent in {which}")
+    if backend == "auto":  # (the statistics' jvp is their composite's, on (C, points) tensors)
+        assert gn_pn_calls["fused forward"] > 0, gn_pn_calls
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_jvp_of_group_norm_proxy_act_in_low_precision_is_close_to_float64(dtype, layout, gn_pn_calls):
+    """float32 / bf16 inputs (float32 parameters, as a layer holds them): the jvp in the accumulation
+    dtype, rounded once (the backward kernel's ``t_xhat`` in the input's dtype for bf16)."""
+    u = NF.proxy_points(200, dtype=torch.float32)
+    x = _t((3, 6, 4, 4), 96, scale=1.5, offset=0.5).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    params = tuple(p.float() for p in _gn_pn_params(97))
+    tx = _t(x.shape, 98).to(dtype)
+    got = torch.func.jvp(lambda x: _gn_pn_act(3, "relu", u)(x, *params), (x,), (tx,))[1]
+    want = torch.func.jvp(
+        lambda x: _gn_pn_act_oracle(x, *(p.double() for p in params), u.double(), 3, torch.relu),
+        (x.double(),),
+        (tx.double(),),
+    )[1]
+    tol = 2e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    assert got.dtype == dtype
+    _fused_only(gn_pn_calls, "auto", backward=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jacfwd_of_group_norm_proxy_act_equals_the_jacobian_of_its_definition(backend):
+    """``jacfwd`` (vmap over the jvp: the jvp rule sees batched tangents and takes plain ops for them)."""
+    u = NF.proxy_points(200, dtype=F64)
+    x = _t((2, 6, 2, 2), 99, offset=0.3)
+    params = _gn_pn_params(100)
+    with kernels.use(backend):
+        got = torch.func.jacfwd(lambda x: _gn_pn_act(3, "leaky_relu:0.2", u)(x, *params))(x)
+    want = torch.autograd.functional.jacobian(
+        lambda x: _gn_pn_act_oracle(x, *params, u, 3, GN_PN_ACTS["leaky_relu:0.2"]), x
+    )
+    _close(got, want, "jacfwd")
+
+
 # --- torch.func inside torch.compile ----------------------------------------------------------------
 # (torch.library's autograd for a custom op does not compose with functorch transforms, and the op has
 # no batching rule: under a transform a compiled norm is traced as plain ops instead.)

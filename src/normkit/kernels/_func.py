@@ -11,7 +11,9 @@ overhead. Here:
 * :func:`gn_proxy_act`: GroupNorm without affine + Proxy Norm's activation, one fused pass each
   way, as one Function; where the optional C++ module is built (and no ``jvp`` transform is
   active), as the ``normkit_func::gn_proxy_act`` op pair instead, whose autograd nodes are C++
-  (no torch.func Python per call) and whose kernels and vmap rules are this Function's.
+  (no torch.func Python per call) and whose kernels and vmap rules are this Function's. Under
+  ``jvp`` the Function's analytic jvp runs: GroupNorm's jvp of the input's tangent is the backward
+  kernel of it (the norm's Jacobian is symmetric), then three elementwise ops.
 
 Each has a vmap rule that runs one call per batch: per-sample sets with shared parameters fold the
 vmapped dim into the samples; otherwise the vmapped members become channels (``(B, N, C, *S)`` ->
@@ -358,7 +360,15 @@ class _GNProxyAct(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> tuple[Any, ...]:  # type: ignore[override]
-        x, w, b, pb, pw, u = ctx.saved_tensors[:6]
+        x, w, b, pb, pw, u, stats, m, r = ctx.saved_tensors
+        if stats.numel():
+            return (
+                _below_jvp_level(_gnp_jvp, (x, (w, b, pb, pw), u, stats, m, r, ctx.cfg, tangents[:5])),
+                None,
+                None,
+                None,
+            )
+        # (the kernels handed the batch back: the reference's forward ran, so differentiate it)
         primals = (x, w, b, pb, pw)
         ts = dense_tangents(tangents[:5], primals)
         tout = torch.func.jvp(
@@ -371,6 +381,116 @@ class _GNProxyAct(torch.autograd.Function):
         info: Any, in_dims: tuple[Any, ...], *args: Any
     ) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
         return _gnp_vmap(_GNProxyAct.apply, info, in_dims, *args)
+
+
+def _wrapped(t: Tensor) -> bool:
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))  # type: ignore[attr-defined]
+
+
+def _below_jvp_level(fn: Any, args: tuple[Any, ...]) -> Tensor:
+    """``fn(*args)`` for a Function's jvp rule, which torch.func runs at the jvp level itself: the tensors
+    (in ``args`` and its tuples) and their tangents come wrapped for that level. Where they are plain one
+    level down (a ``jvp`` of its own, not under ``jacfwd``'s vmap) ``fn`` runs there, on plain tensors
+    (the kernels take them; no per-op dispatch through the level) and its result is wrapped back; else
+    ``fn`` runs on the wrapped tensors (plain ops)."""
+    from torch._C import _functorch as ft  # pyright: ignore[reportAttributeAccessIssue]
+
+    if not ft.get_interpreter_stack():  # type: ignore[attr-defined]
+        return fn(*args)  # type: ignore[no-any-return]
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+
+    interp = retrieve_current_functorch_interpreter()
+    level = interp.level()
+
+    def down(a: Any) -> Any:
+        if isinstance(a, tuple):
+            return tuple(down(t) for t in a)
+        return ft._unwrap_for_grad(a, level) if isinstance(a, Tensor) else a  # type: ignore[attr-defined]
+
+    flat = down(args)
+    leaves = [t for a in flat for t in (a if isinstance(a, tuple) else (a,)) if isinstance(t, Tensor)]
+    if any(_wrapped(t) for t in leaves):
+        return fn(*args)  # type: ignore[no-any-return]
+    with interp.lower():
+        out = fn(*flat)
+    return ft._wrap_for_grad(out, level)  # type: ignore[attr-defined, no-any-return]
+
+
+def _gnp_jvp(
+    x: Tensor,
+    ps: tuple[Tensor, ...],
+    u: Tensor,
+    stats: Tensor,
+    m: Tensor,
+    r: Tensor,
+    cfg: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+) -> Tensor:
+    """The step's forward-mode derivative from the fused forward's statistics.
+
+    With ``a = w * x_hat + b``, ``z = act(a)`` and ``out = (z - m) * r`` per channel:
+    ``t_out = act'(a) * r * (w * t_xhat + x_hat * t_w + t_b) - r * t_m + (z - m) * t_r``, where
+    ``t_xhat`` is GroupNorm's jvp of ``t_x``. GroupNorm's Jacobian (no affine) is symmetric, so
+    ``t_xhat`` is its backward of ``t_x``: one call of the backward kernel (two passes over ``x`` and
+    ``t_x``); ``t_m``, ``t_r`` are the proxy statistics' jvp (``(C, points)`` sized), only for
+    parameter tangents. A jvp w.r.t. the input alone is that kernel call and three elementwise ops.
+    """
+    from ..ops import core
+    from ..ops.proxy import _act, _act_backward
+    from . import norm_backward
+
+    # (functorch hands zeros for the inputs without a tangent: the small ones are tested, so that a jvp
+    # w.r.t. the input skips the parameter terms; a wrapped tangent, batched under jacfwd, is kept)
+    tx, tw, tb, tpb, tpw = tangents[:1] + tuple(
+        None if t is not None and not _wrapped(t) and not bool(t.any()) else t for t in tangents[1:]
+    )
+    groups, _eps, act, peps = cfg
+    code = _act_code(act)
+    assert code is not None  # (checked by gn_proxy_act)
+    name, slope = _ACT_NAME[code[0]], code[1]
+    N, C = x.shape[:2]
+    nd, dtype = x.dim(), m.dtype
+    ones = (1,) * (nd - 2)
+    w, b = (p.to(dtype) for p in ps[:2])
+
+    def per_channel(v: Tensor) -> Tensor:  # (C,) -> (1, C, 1, ...)
+        return v.reshape(1, C, *ones)
+
+    # x_hat = x * alpha + beta per (sample, channel), from the per-set statistics
+    st = stats.reshape(core.STAT_ROWS, N, groups, 1)
+    shift, inv, cmean, rstd = st[0], st[1], st[2], st[3]
+    alpha = (inv * rstd).expand(N, groups, C // groups).reshape(N, C, *ones)
+    beta = (-(shift * inv + cmean) * rstd).expand(N, groups, C // groups).reshape(N, C, *ones)
+    a = torch.addcmul(beta * per_channel(w) + per_channel(b), x, alpha * per_channel(w))
+    ta: Tensor | None = None
+    if tx is not None:
+        xv = x.reshape(N, groups, C // groups, *x.shape[2:])  # (a view for contiguous / channels_last x)
+        txv = tx.reshape(xv.shape)
+        if type(txv) is Tensor and txv.stride() != xv.stride():
+            txv = torch.empty_like(xv).copy_(txv)  # the kernels take the tangent in x's layout
+        st6 = stats.reshape(core.STAT_ROWS, N, groups, *((1,) * (xv.dim() - 2)))
+        t_xhat = norm_backward(
+            txv, xv, None, None, None, st6, tuple(range(2, xv.dim())), (True, False, False)
+        )[0]
+        assert t_xhat is not None
+        ta = t_xhat.reshape(x.shape) * per_channel(w * r)  # (r folded in here: one product fewer)
+    if tw is not None or tb is not None:
+        extra = torch.zeros((), dtype=dtype, device=x.device)
+        if tw is not None:
+            extra = torch.addcmul(beta, x, alpha) * per_channel(tw.to(dtype))
+        if tb is not None:
+            extra = extra + per_channel(tb.to(dtype))
+        extra = extra * per_channel(r)
+        ta = extra if ta is None else ta + extra
+    tout = torch.zeros_like(a) if ta is None else _act_backward(ta.expand(a.shape), a, a, name, slope)
+    if any(t is not None for t in (tw, tb, tpb, tpw)):
+        primals = tuple(p.to(dtype) for p in ps)
+        tm, tr = torch.func.jvp(
+            _composite_stats_of(act, peps, u), primals, dense_tangents((tw, tb, tpb, tpw), primals)
+        )[1]
+        tout = tout - per_channel(tm * r)
+        tout = tout + (_act(a, name, slope) - per_channel(m)) * per_channel(tr)
+    return tout.to(x.dtype)
 
 
 def _gnp_vmap(
@@ -643,9 +763,8 @@ def register_ops(lib: torch.library.Library, module: Any) -> bool:
 
 
 def _forward_mode() -> bool:
-    """Whether a ``jvp`` transform (``jvp``, ``jacfwd``, ``hessian``) is active: the unfused parts have
-    analytic jvp rules (the norm's, the statistics', the step's), where this Function's would
-    differentiate the composite."""
+    """Whether a ``jvp`` transform (``jvp``, ``jacfwd``, ``hessian``) is active: the C++ ops have no
+    forward-mode rule, so :class:`_GNProxyAct` (whose jvp is analytic) runs instead."""
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
@@ -666,7 +785,7 @@ def gn_proxy_act(
 ) -> Tensor | None:
     """GroupNorm (no affine) + Proxy Norm's activation under a torch.func transform, as one Function (the
     fused kernels each way), or ``None`` where it does not apply."""
-    if not _active() or not x.is_cpu or x.dtype not in _CODE or x.dim() < 3 or _forward_mode():
+    if not _active() or not x.is_cpu or x.dtype not in _CODE or x.dim() < 3:
         return None
     params = (weight, bias, proxy_bias, proxy_weight)
     code = _act_code(activation)
@@ -680,7 +799,7 @@ def gn_proxy_act(
         return None
     from ..ops.library import _func_ops, _func_ops_ready
 
-    if _func_ops_ready() and _func_ops["gn_proxy_act"]:
+    if _func_ops_ready() and _func_ops["gn_proxy_act"] and not _forward_mode():  # (no forward-mode rule)
         args = (groups, float(eps), code[0], code[1], float(proxy_eps))
         return torch.ops.normkit_func.gn_proxy_act(x, *params, points, *args)[0]  # type: ignore[no-any-return]
     out, *_ = _GNProxyAct.apply(x, *params, points, (groups, float(eps), activation, float(proxy_eps)))

@@ -365,6 +365,43 @@ def functional_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _raised(fn: Any) -> dict[str, Any]:
+    try:
+        fn()
+    except (NormError, TypeError) as e:
+        return {"type": type(e).__name__, "message": str(e)}
+    return {"type": None, "message": "no error"}
+
+
+def mismatch_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
+    """Processes that disagree on sizes (a user's bug): each call must raise on every rank, not abort or hang.
+
+    (Without the size checks gloo aborts the processes, std::terminate, or the others wait forever.)
+    """
+    F = normkit.functional
+    c3 = torch.randn(4, 3, 5)
+    other = torch.randn(4, 5, 5) if rank == 1 else c3  # 5 channels on rank 1, 3 on rank 0
+    flat = torch.randn(4) if rank == 1 else c3  # rank 1: no channel dim, and no parameter to tell C
+    return {
+        "functional_channels": _raised(lambda: F.sync_batch_norm(other, training=True)),
+        "functional_no_channels": _raised(lambda: F.sync_batch_norm(flat, training=True)),
+        "functional_eps": _raised(lambda: F.sync_batch_norm(c3, training=True, eps=-1.0 if rank else 1e-5)),
+        "buffers_sizes": _raised(lambda: normkit.sync_bn_buffers(nn.Sequential(nn.BatchNorm2d(3 + rank)))),
+        "buffers_none_on_1": _raised(
+            lambda: normkit.sync_bn_buffers(nn.Sequential(nn.BatchNorm2d(3) if rank == 0 else nn.ReLU()))
+        ),
+        "recalibrate_sizes": _raised(
+            lambda: normkit.recalibrate_bn(
+                nn.Sequential(nn.Conv2d(2, 3 + rank, 1), nn.BatchNorm2d(3 + rank)),
+                [torch.randn(2, 2, 2, 2)],
+                progress=False,
+            )
+        ),
+        # the group still works afterwards: nothing was left half-done
+        "after": F.sync_batch_norm(c3, training=True).output.shape,
+    }
+
+
 TASKS = {
     "functional": functional_case,
     "sync_bn": sync_bn_case,
@@ -374,6 +411,7 @@ TASKS = {
     "train_steps": train_steps,
     "recalibrate": recalibrate_case,
     "buffers": buffers_case,
+    "mismatch": mismatch_case,
 }
 
 

@@ -53,7 +53,7 @@ def test_average_and_broadcast_leave_identical_expected_buffers(
     want = _expected_average(world)
     src = buffer_net(world - 1).state_dict()
     for r in ranks:
-        assert r["average_collectives"] == 1 and r["broadcast_collectives"] == 1  # one collective per call
+        assert r["average_collectives"] == 2 and r["broadcast_collectives"] == 2  # sizes, then values
         assert sorted(r["average"]) == sorted(want)  # Frozen BN, InstanceNorm (tracked), Keras BN included
         for k, v in want.items():
             got = r["average"][k]

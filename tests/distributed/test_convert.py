@@ -153,6 +153,17 @@ def test_torch_sync_batch_norm_converts_and_keeps_its_process_group() -> None:
     assert type(normkit.revert_sync_batchnorm(nn.SyncBatchNorm(2))).__name__ == "_BatchNormXd"
 
 
+def test_torch_spelling_of_the_conversion_works_on_normkit_classes() -> None:
+    # torch's idiom: nn.SyncBatchNorm.convert_sync_batchnorm(model, group), a classmethod
+    group = object()
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nkn.BatchNormAct2d(4))
+    weight = net[1].weight
+    out = nkn.SyncBatchNorm.convert_sync_batchnorm(net, group)
+    assert [type(m).__name__ for m in out] == ["Conv2d", "SyncBatchNorm", "SyncBatchNormAct"]
+    assert out[1].weight is weight and out[1].process_group is group and out[2].process_group is group
+    assert type(nkn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(2))) is nkn.SyncBatchNorm
+
+
 def test_process_group_is_given_to_every_converted_layer_and_kept_through_the_round_trip() -> None:
     group = object()
     net = nn.Sequential(nn.BatchNorm2d(2), nn.Sequential(nkn.BatchNorm1d(3)))

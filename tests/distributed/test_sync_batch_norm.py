@@ -352,3 +352,25 @@ def test_compile_sees_plain_bn_without_a_process_group() -> None:
         torch.testing.assert_close(layer.running_mean, ref.running_mean)
         assert torch._dynamo.explain(normkit.nn.SyncBatchNorm(3).train(train))(x).graph_break_count == 0
     torch._dynamo.reset()
+
+
+def test_processes_that_disagree_on_sizes_all_raise_a_clear_error(world2: list[dict[str, Any]]) -> None:
+    """Channel counts (functional form), buffer sets (sync_bn_buffers) or BN layers (recalibrate_bn)
+    that differ between processes: gloo would abort every process (std::terminate) or leave the
+    others waiting; instead every process raises a NormError that gives the sizes."""
+    r0, r1 = (r["mismatch"] for r in world2)
+    for key, words in {
+        "functional_channels": ["same channel count", "[3, 5]"],
+        "buffers_sizes": ["same normalization buffers", "[7, 9]"],
+        "buffers_none_on_1": ["same normalization buffers", "[7, 0]"],
+        "recalibrate_sizes": ["same BN layers", "between 3 and 4"],
+    }.items():
+        for r in (r0, r1):
+            assert r[key]["type"] == "NormError", (key, r[key])
+            assert all(w in r[key]["message"] for w in words), (key, r[key]["message"])
+    # a process that cannot tell its channel count, or got a bad eps, raises its own error; the others name it
+    own_errors = {"functional_no_channels": "cannot tell the channel count", "functional_eps": "eps"}
+    for key, own in own_errors.items():
+        assert r1[key]["type"] == "NormError" and own in r1[key]["message"], r1[key]
+        assert r0[key]["type"] == "NormError" and "process(es) [1]" in r0[key]["message"], r0[key]
+    assert r0["after"] == (4, 3, 5) and r1["after"] == (4, 3, 5)

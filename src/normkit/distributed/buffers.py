@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import NormError
-from ..functional._collective import F64, comm_device, group_size
+from ..functional._collective import F64, all_gather_sizes, comm_device, group_size
 
 __all__ = ["sync_bn_buffers"]
 
@@ -39,7 +39,7 @@ def sync_bn_buffers(
     *,
     process_group: Any = None,
 ) -> nn.Module:
-    """Make every process's running statistics equal (one collective for the whole model); returns the model.
+    """Make every process's running statistics equal (one exchange for the whole model); returns the model.
 
     Every layer with running statistics is covered: BN (torch's and normkit's, SyncBatchNorm, Ghost
     BN, Batch Renorm), FrozenBatchNorm, InstanceNorm with ``track_running_stats``, mean-only BN and
@@ -55,7 +55,9 @@ def sync_bn_buffers(
       channel's average (no NaN is ever spread); if none is finite the channel is kept.
 
     With one process, or without an initialised process group, nothing happens. Every process of
-    the group must call this, with the same model structure.
+    the group must call this, with the same model structure (buffers that differ in number or
+    size between processes raise a :class:`~normkit.NormError` on every process). Two
+    collectives: the buffer sizes are compared first.
 
     Args:
         model: the model (or a DDP wrapper).
@@ -80,15 +82,27 @@ def sync_bn_buffers(
     if world > 1 and src >= world:
         raise NormError(f"{op}: src={src} is not a rank of the {world}-process group; use 0 to {world - 1}")
     groups = _stat_buffers(model)
-    if world == 1 or not groups:
+    if world == 1:
         return model
     import torch.distributed as dist
 
     tensors: list[Tensor] = []
     for mean, var, nbt in groups:
         tensors += [t for t in (mean, var, nbt) if t is not None]
-    device = comm_device(process_group, tensors[0].device)
-    flat = torch.cat([t.detach().reshape(-1).to(device, F64) for t in tensors])
+    device = comm_device(process_group, tensors[0].device if tensors else torch.device("cpu"))
+    parts = [t.detach().reshape(-1).to(device, F64) for t in tensors]
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=F64, device=device)
+    # gloo aborts every process when one collective's sizes differ: compare them first
+    # (a process without buffers joins too, so that none waits for it)
+    sizes = all_gather_sizes(flat.numel(), process_group, device)
+    if not any(sizes):
+        return model
+    if len(set(sizes)) > 1:
+        raise NormError(
+            f"{op}: expected the same normalization buffers on every process (the same model), got "
+            f"{sizes} buffer values on processes 0 to {len(sizes) - 1} (this one: {len(groups)} layer(s) "
+            "with running statistics); call it on the same model on every process"
+        )
     with torch.no_grad():
         if mode == "broadcast":
             dist.broadcast(flat, group=process_group, group_src=src)

@@ -118,13 +118,26 @@ def _run(model: nn.Module, batch: Any, device: Any) -> None:
         )
 
 
-def _all_have(have: bool, group: Any, device: torch.device) -> bool:
-    """Whether every process still has a batch (one tiny all-reduce): all stop together, none waits."""
+def _all_have(have: bool, channels: int, group: Any, device: torch.device, op: str) -> bool:
+    """Whether every process still has a batch (one tiny all-reduce): all stop together, none waits.
+
+    The same all-reduce compares the processes' numbers of BN channels: the statistics exchanged
+    at the end have that size, and gloo aborts every process when sizes differ.
+    """
     import torch.distributed as dist
 
-    flag = torch.tensor([1.0 if have else 0.0], device=comm_device(group, device))
+    flag = torch.tensor([1.0 if have else 0.0, channels, -channels], dtype=F64)
+    flag = flag.to(comm_device(group, device))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    return bool(flag.item() > 0.0)
+    all_have, least, neg_most = flag.tolist()  # one host read
+    most = -neg_most
+    if least != most:
+        raise NormError(
+            f"{op}: expected the same BN layers on every process (the same model), got between "
+            f"{int(least)} and {int(most)} BN channels with running statistics on the processes of the "
+            f"group (this one: {channels}); call it on the same model on every process"
+        )
+    return all_have > 0.0
 
 
 @torch.no_grad()
@@ -200,7 +213,7 @@ def recalibrate_bn(
 
     layers = _targets(model)
     world = group_size(process_group)
-    rank = dist.get_rank() if world > 1 else 0
+    rank = dist.get_rank(process_group) if world > 1 else 0  # in the group: its first process shows progress
     home = layers[0].stats[0].device if layers else torch.device("cpu")
 
     snapshot = [(b, b.detach().clone()) for b in model.buffers()]
@@ -225,7 +238,7 @@ def recalibrate_bn(
                     except StopIteration:
                         have = False
                 if world > 1:
-                    have = _all_have(have, process_group, home)
+                    have = _all_have(have, sum(layer.C for layer in layers), process_group, home, op)
                 if not have:
                     break
                 _run(model, batch, device)

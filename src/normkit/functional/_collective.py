@@ -25,6 +25,7 @@ from torch import Tensor
 __all__ = [
     "GatheredMoments",
     "all_gather_moments",
+    "all_gather_sizes",
     "chan_merge",
     "comm_device",
     "group_size",
@@ -64,6 +65,23 @@ def comm_device(group: Any, like: torch.device) -> torch.device:
     if like.type == "cpu":
         return like if cpu_ok or not gpu_ok else torch.device("cuda", torch.cuda.current_device())
     return like if gpu_ok or not cpu_ok else torch.device("cpu")
+
+
+def all_gather_sizes(size: int, group: Any = None, device: torch.device | None = None) -> list[int]:
+    """Every process's ``size`` (an int, ``-1`` for "failed"), with one small ``all_gather``.
+
+    Run before a collective whose tensor size each process works out for itself (a channel count,
+    a number of buffer values): gloo aborts the whole process (``std::terminate``) when the sizes
+    of one collective differ between processes, so they are compared first and a clear error can
+    be raised on every process instead.
+    """
+    import torch.distributed as dist
+
+    dev = comm_device(group, device if device is not None else torch.device("cpu"))
+    local = torch.tensor([float(size)], dtype=F64, device=dev)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    return [int(v) for v in torch.cat(parts).tolist()]
 
 
 def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from .._errors import NormError
 from ..ops import core
 from ._checks import check_eps, check_input, check_momentum, check_param
-from ._collective import F64, all_gather_moments, comm_device, group_size
+from ._collective import F64, all_gather_moments, all_gather_sizes, comm_device, group_size
 from ._running import NormOutput, update_running_stats_where
 from ._views import channel_view
 from .batch_norm import batch_norm
@@ -66,10 +66,11 @@ def sync_batch_norm(
     1)``), identical on every process; they are returned, never written in place.
 
     In training, with torch.distributed initialised and more than one process in the group, every
-    process must call this (same channel count, same ``training``): one ``all_gather`` in the
-    forward, one ``all_reduce`` in the backward. A bad input on one process makes *every* process
-    raise (the others name the failing rank) instead of leaving them waiting; so does a global
-    count of one value per channel. Otherwise (eval mode, one process, no process group) it is
+    process must call this (same channel count, same ``training``): two ``all_gather`` in the
+    forward (the channel counts, then the statistics), one ``all_reduce`` in the backward. A bad
+    input on one process, or channel counts that differ between processes, make *every* process
+    raise (the others name the failing rank) instead of leaving them waiting or aborting; so does
+    a global count of one value per channel. Otherwise (eval mode, one process, no process group) it is
     :func:`normkit.functional.batch_norm` and issues no collective.
 
     Args:
@@ -91,10 +92,10 @@ def sync_batch_norm(
     Reference: https://arxiv.org/abs/1711.07240 (MegDet: cross-GPU batch normalization)
     """
     op = "sync_batch_norm"
-    eps = check_eps(eps, op)
-    momentum = check_momentum(momentum, op)
     if training and group_size(process_group) > 1:
-        num_features = _channels(x, (weight, bias, running_mean, running_var), op)
+        num_features, eps, momentum = _agree_eagerly(
+            x, (weight, bias, running_mean, running_var), eps, momentum, process_group, op
+        )
         return sync_batch_norm_train(
             x,
             running_mean,
@@ -110,6 +111,8 @@ def sync_batch_norm(
             num_features,
             op,
         )
+    eps = check_eps(eps, op)
+    momentum = check_momentum(momentum, op)
     return batch_norm(
         x,
         running_mean,
@@ -137,6 +140,60 @@ def _channels(x: object, params: tuple[Tensor | None, ...], op: str) -> int:
         f"statistic, got {type(x).__name__}"
         + (f" of shape {tuple(x.shape)}" if isinstance(x, Tensor) else "")
     )
+
+
+def _agree_on_channels(
+    x: object,
+    params: tuple[Tensor | None, ...],
+    eps: float,
+    momentum: float | None,
+    group: Any,
+    op: str,
+) -> tuple[int, float, float | None]:
+    """The channel count, the same on every process of ``group`` (one small all_gather), eps, momentum.
+
+    Each process of the functional form works the count out for itself (from its parameters, or
+    its input when it has none), and the statistics exchange has ``3 * C`` values: with different
+    counts gloo would abort every process, and a process that cannot tell its count (or got a bad
+    ``eps`` / ``momentum``) would leave the others waiting. So the counts are exchanged first and,
+    where they differ or one is missing, every process raises.
+    """
+    error: NormError | TypeError | None = None
+    C = -1
+    try:
+        eps = check_eps(eps, op)
+        momentum = check_momentum(momentum, op)
+        C = _channels(x, params, op)
+    except (NormError, TypeError) as e:
+        error = e
+    device = x.device if isinstance(x, Tensor) else None
+    sizes = all_gather_sizes(C, group, device)
+    if error is not None:
+        raise error
+    failed = [r for r, n in enumerate(sizes) if n < 0]
+    if failed:
+        raise NormError(
+            f"{op}: process(es) {failed} of the {len(sizes)}-process group got invalid arguments (their own "
+            "error says which); every process of the group stops here instead of waiting for them"
+        )
+    if len(set(sizes)) > 1:
+        raise NormError(
+            f"{op}: expected the same channel count on every process of the group, got {sizes} (process 0 "
+            f"to {len(sizes) - 1}; from each process's weight, bias or running statistics, else dim 1 of its "
+            "input); give every process the same parameters and inputs of the same channel count"
+        )
+    return C, eps, momentum
+
+
+_AGREE_EAGER: Any = None
+
+
+def _agree_eagerly(*args: Any) -> tuple[int, float, float | None]:
+    """:func:`_agree_on_channels` outside Dynamo (a collective and a host read: a graph break)."""
+    global _AGREE_EAGER
+    if _AGREE_EAGER is None:
+        _AGREE_EAGER = torch.compiler.disable(_agree_on_channels)
+    return _AGREE_EAGER(*args)
 
 
 def _local_moments(

@@ -130,6 +130,25 @@ class SyncBatchNorm(_BatchNorm):
         )
         return self._store(out)
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any = None) -> torch.nn.Module:
+        """:func:`normkit.convert_sync_batchnorm` under ``torch.nn.SyncBatchNorm``'s name for it.
+
+        So that code written for torch's class (``SyncBatchNorm.convert_sync_batchnorm(model, group)``)
+        runs unchanged with normkit's; the conversion is :func:`normkit.convert_sync_batchnorm`'s.
+
+        Example:
+            >>> import torch, normkit
+            >>> net = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+            >>> net = normkit.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            >>> type(net[0]).__name__
+            'SyncBatchNorm'
+        """
+        # Imported here, not at the top: normkit.nn never imports normkit.distributed at import time.
+        from ..distributed.convert import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(module, process_group)
+
     def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
         # A process group is a handle to live connections: copies share it instead of copying it.
         group = self.__dict__.get("process_group")

@@ -210,3 +210,68 @@ def test_errors_and_optional_dependencies(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib", reason="matplotlib (normkit[lab]) draws the plot")
     out = mon.plot(tmp_path / "norms.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_called_with_input_keyword_is_recorded():
+    # torch.nn's argument name: bn(input=x) passes no positional args to a plain forward hook
+    bn = nn.BatchNorm2d(4)
+    with normkit.NormMonitor(bn) as monitor:
+        bn(input=torch.randn(3, 4, 5, 2))
+    rec = monitor.to_dict()["<root>"]
+    assert rec["calls"] == 1
+    assert rec["last"]["values_per_stat"] == 3 * 5 * 2  # N * H * W
+
+
+def test_empty_batch_is_a_call_without_statistics():
+    net = _bn_net()
+    with normkit.NormMonitor(net) as monitor:
+        net(torch.randn(0, 3, 7, 7))
+    d = monitor.to_dict()
+    assert [d[n]["calls"] for n in ("1", "4", "6")] == [1, 1, 1]
+    last = d["1"]["last"]
+    assert last["shape"] == (0, 6, 5, 5) and last["values_per_stat"] == 0
+    assert "gap" not in last and "power_in" not in last
+    assert "not called" not in monitor.table(print_=False)
+
+
+def test_non_finite_activations_are_reported_not_cleaned():
+    net = _bn_net()
+    x = torch.randn(2, 3, 7, 7)
+    x[0, 0, 3, 3] = float("nan")
+    with normkit.NormMonitor(net) as monitor:
+        net(x)
+    last = monitor.to_dict()["1"]["last"]
+    assert all(v != v for v in (last["power_in"]["P_mean"], last["power_out"]["P_mean"], last["gap"]))
+    assert "nan" in monitor.table(print_=False)
+
+    lin = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    xb = torch.randn(16, 4)
+    xb[0, 0] = float("nan")
+    gap = normkit.train_eval_gap(lin, xb)
+    assert gap.layers["1"] != gap.layers["1"] and gap.output != gap.output  # NaN, not inf
+
+
+# dynamo itself reads .grad of the non-leaf conv output when it resumes after the hook's graph break
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_compiled_model_is_monitored_with_the_eager_names_and_numbers():
+    # torch does not recompile for hooks added after compilation: without a reset nothing was recorded
+    net = _bn_net()
+    x = torch.randn(2, 3, 7, 7)
+    compiled = torch.compile(net, backend="eager")
+    compiled(x)  # compiled before the monitor exists
+    eager = copy.deepcopy(net)
+    with normkit.NormMonitor(eager) as ref:
+        eager(x)
+    with normkit.NormMonitor(compiled) as monitor:
+        compiled(x)
+    got, want = monitor.to_dict(), ref.to_dict()
+    assert sorted(got) == sorted(want) == ["1", "4", "6"]
+    for name in want:
+        assert got[name]["calls"] == 1
+        assert got[name]["last"]["uses"] == want[name]["last"]["uses"]
+        assert got[name]["last"]["values_per_stat"] == want[name]["last"]["values_per_stat"]
+    assert got["1"]["last"]["gap"] == pytest.approx(want["1"]["last"]["gap"], rel=1e-5)
+    compiled(x)  # hooks gone after exit
+    assert got["1"]["calls"] == monitor.to_dict()["1"]["calls"] == 1
+    gap = normkit.train_eval_gap(compiled, x)
+    assert sorted(gap.layers) == ["1"]

@@ -83,3 +83,12 @@ def test_dead_and_collapsed_and_channel_moments():
     torch.testing.assert_close(var, y.double().var((0, 2), unbiased=False))
     with pytest.raises(TypeError):
         stats.channel_moments([1.0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_power_fractions_of_non_finite_values_are_nan(bad):
+    y = torch.randn(4, 3, 5)
+    y[1, 2, 0] = bad
+    f = stats.power_fractions(y)
+    assert all(f[k] != f[k] for k in stats.TERMS)  # NaN: not the 0.0 of an all-zero tensor
+    assert stats.power_fractions(torch.zeros(4, 3, 5))["P_mean"] == 0.0

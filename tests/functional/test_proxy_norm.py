@@ -237,3 +237,14 @@ def test_cached_points_survive_a_first_call_in_inference_mode(backend):
         m, rstd = proxy_stats(ws, z, z, z, "relu")
         (m.sum() + rstd.sum()).backward()
     assert ws.grad is not None and torch.isfinite(ws.grad).all()
+
+
+@pytest.mark.parametrize("proxy_eps", [-1.0, float("nan")])
+def test_group_norm_proxy_act_checks_proxy_eps(proxy_eps):
+    # unchecked, the fused path returned NaN everywhere
+    from normkit.functional.proxy_norm import group_norm_proxy_act
+
+    C = 4
+    one, zero = torch.ones(C), torch.zeros(C)
+    with pytest.raises(ValueError, match="group_norm_proxy_act: proxy_eps"):
+        group_norm_proxy_act(torch.randn(2, C, 3, 3), 2, one, zero, zero, zero, proxy_eps=proxy_eps)

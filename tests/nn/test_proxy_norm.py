@@ -231,3 +231,12 @@ def test_param_groups_rmsnorm_is_a_norm_and_bad_arguments_are_typed_errors():
     assert param_groups(model, 0)[0]["weight_decay"] == 0.0  # an int is fine
     with pytest.raises(TypeError, match="expected an eager nn.Module, got list"):
         param_groups([torch.nn.Linear(2, 2)], 1e-4)  # type: ignore[arg-type]
+
+
+def test_bad_proxy_eps_and_activation_spec_are_named_errors():
+    with pytest.raises(ValueError, match=r"GroupNormProxyAct2d: proxy_eps .* got -1"):
+        GroupNormProxyAct2d(4, proxy_eps=-1)
+    with pytest.raises(TypeError, match="proxy_eps must be a real number"):
+        GroupNormProxyAct2d(4, proxy_eps="0.03")
+    with pytest.raises(ValueError, match=r"'leaky_relu:abc'.*leaky_relu:<negative slope>"):
+        ProxyNormAct(4, activation="leaky_relu:abc")

@@ -237,3 +237,37 @@ def test_errors():
         weight_norm(nn.Linear(2, 2), dim=2)
     with pytest.raises(TypeError, match="expected an nn.Module"):
         weight_norm(torch.zeros(2, 2))  # type: ignore[arg-type]
+
+
+def test_removing_weight_norm_from_a_deepcopy_leaves_the_original_intact():
+    # torch's deepcopy shared the on-the-fly ParametrizedLinear class: removing the parametrization
+    # from the copy deleted the `weight` property of the original too
+    layer = weight_norm(nn.Linear(5, 3))
+    with torch.no_grad():
+        layer.parametrizations.weight.original0.mul_(1.5)
+    x = _randn((4, 5), seed=1)
+    g = layer.parametrizations.weight.original0.detach().to(F64)
+    v = layer.parametrizations.weight.original1.detach().to(F64)
+    want = x.to(F64) @ (g * v / v.norm(dim=1, keepdim=True)).T + layer.bias.detach().to(F64)
+    dup = remove_weight_norm(copy.deepcopy(layer))
+    assert type(dup) is nn.Linear and type(layer).__name__ == "ParametrizedLinear"
+    torch.testing.assert_close(layer(x).to(F64), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dup(x).to(F64), want, atol=1e-5, rtol=1e-5)
+    again = copy.deepcopy(layer)  # a copy of the original still loads a plain checkpoint
+    again.load_state_dict(nn.Linear(5, 3).state_dict())
+
+
+@pytest.mark.parametrize("batch", [torch.randn(1, 4), torch.ones(6, 4)], ids=["one-sample", "constant"])
+def test_data_init_refuses_a_batch_that_gives_a_unit_no_spread(batch):
+    # it used to set g = 1/sqrt(tiny) ~ 9e18: every later input blew up
+    layer = nn.Linear(4, 3)
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    with pytest.raises(ValueError, match="init_batch"):
+        weight_norm(layer, init_batch=batch)
+    torch.testing.assert_close(layer.weight, w0)  # g (and the bias) left as they were
+    assert torch.equal(layer.bias, b0)
+
+
+def test_weight_norm_dim_of_the_wrong_type_is_a_type_error():
+    with pytest.raises(TypeError, match=r"dim must be None or an int.*got 1\.0 of type float"):
+        weight_norm(nn.Linear(3, 3), dim=1.0)

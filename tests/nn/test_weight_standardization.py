@@ -142,3 +142,19 @@ def test_errors():
         StdConv2d(2, 2, 3, eps=-1.0)
     with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
         weight_standardization(nn.Conv2d(2, 2, 3), eps=float("nan"))
+
+
+def test_weight_standardization_arguments_and_deepcopy():
+    with pytest.raises(TypeError, match="expected an nn.Module, got str"):
+        weight_standardization("conv")
+    conv = weight_standardization(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match="Conv2d.weight is already standardized"):
+        weight_standardization(conv)
+    # removing it from a deepcopy must not delete the original's weight property (shared class)
+    raw = conv.parametrizations.weight.original.detach().to(torch.float64)
+    flat = raw.flatten(1)
+    want = (flat - flat.mean(1, keepdim=True)) / (flat.var(1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+    dup = copy.deepcopy(conv)
+    torch.nn.utils.parametrize.remove_parametrizations(dup, "weight")
+    torch.testing.assert_close(conv.weight.to(torch.float64).flatten(1), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dup.weight.to(torch.float64).flatten(1), want, atol=1e-5, rtol=1e-5)

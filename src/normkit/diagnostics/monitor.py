@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,34 @@ def _norm_layers(model: nn.Module, where: Where, op: str) -> dict[str, tuple[nn.
     return found
 
 
+def _compiled(model: nn.Module) -> nn.Module | None:
+    """The eager module inside what ``torch.compile`` returned, else None (without importing dynamo)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return model._orig_mod  # type: ignore[no-any-return]
+    return None
+
+
+def _reset_compiled() -> None:
+    """Drop torch.compile's cached code, so that the next call recompiles and sees (or stops seeing) the
+    monitor's hooks: torch does not guard on module hooks (``skip_nnmodule_hook_guards``), so code
+    compiled before the hooks were added would never call them."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
+def _eager(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` run eagerly (one graph break) when called from compiled code, instead of traced into it.
+
+    Only once dynamo is loaded (importing it just for this would cost an eager user seconds)."""
+    if "torch._dynamo" in sys.modules:
+        import torch._dynamo
+
+        return torch._dynamo.disable(fn)  # type: ignore[no-any-return]
+    return fn
+
+
 def _first_tensor(value: Any) -> Tensor | None:
     if isinstance(value, Tensor):
         return value
@@ -114,7 +143,14 @@ class NormMonitor:
 
     ``drift()`` compares the running statistics now with those when the monitor started.
     ``table()`` prints one table (with rich when installed), ``to_dict()`` returns everything,
-    ``plot(path)`` draws it (matplotlib). The hooks are removed on exit (or by ``detach()``).
+    ``plot(path)`` draws it (matplotlib). The hooks are removed on exit (or by ``detach()``), also
+    when the block raises. An empty batch counts as a call with no statistics (``values_per_stat``
+    0, no gap, no power); non-finite values give NaN (or inf) numbers, never a clean-looking 0.
+
+    A ``torch.compile``'d model: pass what ``torch.compile`` returned. The layers get the eager
+    model's names, and its compiled code is reset on entry and on exit (``torch._dynamo.reset()``),
+    because torch does not recompile for hooks added later, so code compiled before would never call
+    them; while the monitor is attached each hook runs eagerly (a graph break per norm layer).
 
     Args:
         model: the model (only hooks are added; nothing else changes).
@@ -138,7 +174,9 @@ class NormMonitor:
         self, model: nn.Module, *, where: Where = None, power: bool = True, history: bool = True
     ) -> None:
         self.model = model
-        self.layers = _norm_layers(model, where, "NormMonitor")
+        inner = _compiled(model)
+        self._compiled = inner is not None
+        self.layers = _norm_layers(inner if inner is not None else model, where, "NormMonitor")
         if not self.layers:
             raise NormError(
                 "NormMonitor: the model has no norm layer to watch" + (" matching where=" if where else "")
@@ -162,14 +200,21 @@ class NormMonitor:
             if info.has_running_stats:
                 self._start[name] = (info.running_mean.detach().clone(), info.running_var.detach().clone())  # type: ignore[union-attr]
             self.handles.append(module.register_forward_pre_hook(self._pre_hook(name, info)))
-            self.handles.append(module.register_forward_hook(self._hook(name, module, info)))
+            self.handles.append(
+                module.register_forward_hook(self._hook(name, module, info), with_kwargs=True)
+            )
+        if self._compiled:
+            _reset_compiled()
         return self
 
     def detach(self) -> None:
         """Remove every hook this monitor added."""
+        had = bool(self.handles)
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        if had and self._compiled:
+            _reset_compiled()
 
     def __enter__(self) -> Self:
         return self.attach()
@@ -182,17 +227,21 @@ class NormMonitor:
             if info.has_running_stats:  # the statistics before this call updates them
                 self._before[name] = (info.running_mean.detach().clone(), info.running_var.detach().clone())  # type: ignore[union-attr]
 
-        return hook
+        return _eager(hook)
 
     def _hook(self, name: str, module: nn.Module, info: NormInfo) -> Callable[..., None]:
-        def hook(mod: nn.Module, args: Any, output: Any) -> None:
-            x, y = _first_tensor(args), _first_tensor(output)
-            if x is None or y is None or x.dim() < 2 or x.numel() == 0:
+        def hook(mod: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+            x = _first_tensor(args)
+            if x is None:  # layer(input=x), as torch.nn names it
+                x = _first_tensor(kwargs.get("input", tuple(kwargs.values())))
+            y = _first_tensor(output)
+            if x is None or y is None or x.dim() < 2:
+                self._before.pop(name, None)
                 return
             with torch.no_grad():
                 self._record(name, module, info, x, y)
 
-        return hook
+        return _eager(hook)
 
     def _record(self, name: str, module: nn.Module, info: NormInfo, x: Tensor, y: Tensor) -> None:
         uses = _uses(module, info)
@@ -203,6 +252,10 @@ class NormMonitor:
             values_per_statistic(info.kind, shape, info.groups, ghost) if uses != "running" else None
         )
         before = self._before.pop(name, None)
+        if x.numel() == 0:  # an empty batch: counted, nothing to measure (no gap, no power)
+            rec["dead"], rec["collapsed"] = [], []
+            self._store(name, rec)
+            return
         if info.has_running_stats and before is not None:
             nbt = info.num_batches_tracked
             rec["ema_batches"] = (
@@ -219,13 +272,16 @@ class NormMonitor:
             for key, t in (("power_in", x), ("power_out", y)):
                 d = power_decomposition(t)
                 rec[key] = {**d.fractions(), "total": d.total}
+        self._store(name, rec)
+
+    def _store(self, name: str, rec: dict[str, Any]) -> None:
         record = self.records[name]
         record.calls += 1
         record.last = rec
         if self.keep_history:
             record.history.append(
                 {k: v for k, v in rec.items() if k not in ("dead", "collapsed")}
-                | {"dead": len(dead), "collapsed": len(collapsed)}
+                | {"dead": len(rec["dead"]), "collapsed": len(rec["collapsed"])}
             )
 
     # --- results -------------------------------------------------------------------------------
@@ -449,6 +505,8 @@ def _rel(a: Tensor, b: Tensor) -> float:
     a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
     den = b64.norm()
     num = (a64 - b64).norm()
+    if not (torch.isfinite(num) and torch.isfinite(den)):
+        return math.nan  # non-finite outputs: reported as such, not as an infinite (or zero) gap
     return float(num / den) if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
@@ -460,7 +518,8 @@ def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> Trai
     statistics that disagree with any one batch; this measures by how much, layer by layer,
     and how it adds up at the output. Only the BN layers switch mode (dropout and the rest stay
     in eval). The model is left exactly as it was: running statistics, counters and every
-    module's train/eval flag are restored, and no gradient is recorded.
+    module's train/eval flag are restored, and no gradient is recorded. A ``torch.compile``'d model
+    runs compiled, with the eager model's layer names (its compiled code is reset before and after).
 
     Args:
         model: the model.
@@ -478,9 +537,10 @@ def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> Trai
         >>> gap.layers["1"] > 0.5, net.training, int(net[1].num_batches_tracked)
         (True, True, 0)
     """
+    inner = _compiled(model)
     bns = {
         n: (m, i)
-        for n, (m, i) in _norm_layers(model, where, "train_eval_gap").items()
+        for n, (m, i) in _norm_layers(inner if inner is not None else model, where, "train_eval_gap").items()
         if i.kind == "bn" and i.has_running_stats and getattr(m, "track_running_stats", True)
     }
     if not bns:
@@ -511,6 +571,8 @@ def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> Trai
         with torch.no_grad():
             model.eval()
             handles = [m.register_forward_hook(capture(n, eval_out, True)) for n, (m, _) in bns.items()]
+            if inner is not None:  # code compiled before the hooks would not call them (see NormMonitor)
+                _reset_compiled()
             y_eval = model(*args)
             for h in handles:
                 h.remove()
@@ -547,6 +609,8 @@ def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> Trai
         _restore(buffers, saved)
         for m, flag in flags.items():
             m.training = flag
+        if inner is not None:
+            _reset_compiled()
     return TrainEvalGap(layers, propagated, output, stats)
 
 

@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -66,8 +67,11 @@ class PowerDecomposition(NamedTuple):
     total: float
 
     def fractions(self) -> dict[str, float]:
-        """Each term divided by the total power (all 0 when the total is 0)."""
+        """Each term divided by the total power (all 0 when the total is 0, all NaN when it is not finite:
+        a tensor with NaN or inf values has no meaningful split, and must not look clean)."""
         t = self.total
+        if not math.isfinite(t):
+            return {k: math.nan for k in TERMS}
         return {k: (getattr(self, k) / t if t > 0 else 0.0) for k in TERMS}
 
 

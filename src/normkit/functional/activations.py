@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,20 @@ _ACTS: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
     "identity": lambda t: t,
 }
+
+
+def _slope(act: str, arg: str) -> float:
+    """The negative slope of ``"leaky_relu:<slope>"``, or a NormError naming the spec."""
+    try:
+        slope = float(arg)
+    except ValueError:
+        slope = math.nan
+    if not math.isfinite(slope):
+        raise NormError(
+            f"unknown activation {act!r}: expected 'leaky_relu:<negative slope>' with a finite number, "
+            f"e.g. 'leaky_relu:0.2', got slope {arg!r}"
+        )
+    return slope
 
 
 def activation_names() -> list[str]:
@@ -53,7 +68,7 @@ def get_activation(act: ActivationLike) -> Callable[[Tensor], Tensor]:
     if isinstance(act, str):
         name, _, arg = act.lower().partition(":")
         if name == "leaky_relu" and arg:
-            return functools.partial(torch.nn.functional.leaky_relu, negative_slope=float(arg))
+            return functools.partial(torch.nn.functional.leaky_relu, negative_slope=_slope(act, arg))
         if name in _ACTS and not arg:
             return _ACTS[name]
     raise NormError(
@@ -78,7 +93,7 @@ def activation_spec(act: ActivationLike) -> tuple[str, float] | None:
     if isinstance(act, str):
         name, _, arg = act.lower().partition(":")
         if name == "leaky_relu":
-            return ("leaky_relu", float(arg) if arg else 0.01)
+            return ("leaky_relu", _slope(act, arg) if arg else 0.01)
         name = "silu" if name == "swish" else name
         if name in ("relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh", "identity") and not arg:
             return (name, 0.01)

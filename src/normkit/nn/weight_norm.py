@@ -138,16 +138,40 @@ def _data_init(module: nn.Module, name: str, dim: int | None, x: Tensor) -> None
         )
     g = module.parametrizations[name].original0  # type: ignore[index]
     bias = getattr(module, "bias", None)
+    saved = [(t, t.clone()) for t in (g, bias) if isinstance(t, Tensor)]
     g.fill_(1.0)  # w = v / ||v||: t = v.x / ||v||, as in the paper
     if isinstance(bias, Tensor):
         bias.zero_()
-    t = module(x)
-    axis = out_axis % t.dim()
-    stats = moments(t, tuple(i for i in range(t.dim()) if i != axis))
-    inv_std = torch.rsqrt(stats.var.clamp_min(torch.finfo(stats.var.dtype).tiny)).flatten()
+    try:
+        inv_std, mean = _unit_stats(module(x), out_axis)
+    except BaseException:
+        for t, old in saved:  # a refused batch leaves the layer as it was
+            t.copy_(old)
+        raise
     g.copy_(inv_std.reshape(g.shape).to(g.dtype))
     if isinstance(bias, Tensor):
-        bias.copy_((-stats.mean.flatten() * inv_std).to(bias.dtype))
+        bias.copy_((-mean * inv_std).to(bias.dtype))
+
+
+def _unit_stats(t: Tensor, out_axis: int) -> tuple[Tensor, Tensor]:
+    """``(1 / std, mean)`` of each output unit's pre-activations ``t``, flat; refuses a unit with fewer than
+    2 values or zero variance (its ``g`` would be infinite)."""
+    axis = out_axis % t.dim()
+    count = t.numel() // max(t.shape[axis], 1)
+    if count < 2:
+        raise NormError(
+            f"weight_norm: init_batch must give each output unit at least 2 values to standardize, got "
+            f"{count} (output shape {tuple(t.shape)}); pass a larger batch"
+        )
+    stats = moments(t, tuple(i for i in range(t.dim()) if i != axis))
+    flat = stats.var.flatten()
+    zero = (flat == 0).nonzero().flatten().tolist()
+    if zero:
+        raise NormError(
+            f"weight_norm: init_batch gives output unit(s) {zero[:8]}{' ...' if len(zero) > 8 else ''} "
+            "zero variance, so g = 1/std(t) would be infinite; pass a batch whose inputs vary"
+        )
+    return torch.rsqrt(stats.var).flatten(), stats.mean.flatten()
 
 
 def weight_norm(
@@ -171,7 +195,9 @@ def weight_norm(
     zero bias the pre-activations ``t`` of each output unit on that batch are measured, then
     ``g = 1 / std(t)`` and ``bias = -mean(t) / std(t)``, so the initial pre-activations have mean 0
     and (biased) std 1 per unit. It needs ``dim`` to index the output units (0 for Linear/Conv,
-    1 for an ungrouped ConvTranspose); a module without bias gets only ``g``.
+    1 for an ungrouped ConvTranspose); a module without bias gets only ``g``. A batch that gives a
+    unit fewer than 2 values or zero variance is refused (:class:`NormError`; ``g`` would be
+    infinite), leaving ``g`` and the bias as they were.
 
     Args:
         module: the module holding the weight.
@@ -210,9 +236,12 @@ def weight_norm(
             f"weight_norm: {type(module).__name__} has no parameter {name!r} (got {type(w).__name__}); "
             "pass name= the weight's attribute name"
         )
-    if dim is not None and (
-        isinstance(dim, bool) or not isinstance(dim, int) or not -w.dim() <= dim < w.dim()
-    ):
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+        raise TypeError(
+            f"weight_norm: dim must be None or an int in [{-w.dim()}, {w.dim() - 1}], got {dim!r} of type "
+            f"{type(dim).__name__}"
+        )
+    if dim is not None and not -w.dim() <= dim < w.dim():
         raise NormError(
             f"weight_norm: dim must be None or an int in [{-w.dim()}, {w.dim() - 1}], got {dim!r}"
         )

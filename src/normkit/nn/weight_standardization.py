@@ -108,6 +108,15 @@ def weight_standardization(module: nn.Module, name: str = "weight", eps: float =
 
     Reference: https://arxiv.org/abs/1903.10520
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"weight_standardization: expected an nn.Module, got {type(module).__name__}")
+    if parametrize.is_parametrized(module, name) and any(
+        isinstance(p, WeightStandardization)
+        for p in module.parametrizations[name]  # type: ignore[index, union-attr]
+    ):
+        raise NormError(
+            f"weight_standardization: {type(module).__bases__[0].__name__}.{name} is already standardized"
+        )
     w = getattr(module, name, None)
     if not isinstance(w, Tensor) or w.dim() < 2:
         raise NormError(

@@ -530,6 +530,56 @@ def test_hessian_and_jvp_of_group_norm_proxy_act_equal_its_definition(backend):
     _close(got_jvp[1], want_jvp[1], "jvp tangent")
 
 
+@pytest.mark.parametrize("wrt", ["x", "x-and-affine"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", OPS)
+def test_jvp_in_the_input_is_the_backward_kernel_of_the_tangent(name, layout, wrt, monkeypatch):
+    """``jvp`` of a norm: the normalization's Jacobian is symmetric, so the tangent of ``x_hat`` is one
+    backward-kernel call on the input's tangent (on plain tensors, one functorch level down), times
+    the weight; the affine's tangents add ``x_hat * tw + tb``. Against the float64 reference's jvp, with
+    a contiguous tangent for a channels_last ``x``."""
+    from normkit.kernels import _build
+    from normkit.ops import library
+
+    run, ref, _ = OPS[name]
+    seen = []
+    backward = kernels.norm_backward
+
+    def spy(dy, *a, **k):
+        seen.append(torch._C._has_storage(dy))
+        return backward(dy, *a, **k)
+
+    monkeypatch.setattr(library.kernels, "norm_backward", spy)
+    x = _t(SHAPE, 110, scale=2.0, offset=1.5)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = _affine(name, 111)
+    primals = (x, w, b) if wrt == "x-and-affine" else (x,)
+    tangents = tuple(_t(p.shape, 112 + i) for i, p in enumerate(primals))
+
+    def f(step):
+        return lambda x, *p: step(x, *p, *(w, b)[len(p) :])
+
+    got = torch.func.jvp(f(run), primals, tangents)
+    want = torch.func.jvp(f(ref), primals, tangents)
+    _close(got[0], want[0], "value")
+    _close(got[1], want[1], "tangent")
+    if _build.load(build=False):
+        assert seen and all(seen), f"the jvp did not run the backward kernel on plain tensors: {seen}"
+
+
+def test_jvp_of_a_bf16_group_norm_is_close_to_float64():
+    x = _t((4, 8, 6, 6), 115, scale=1.5, offset=0.5).to(torch.bfloat16)
+    w, b = (p.float() for p in _affine("group_norm", 116))
+    tx = _t(x.shape, 117).to(torch.bfloat16)
+    got = torch.func.jvp(lambda x: NF.group_norm(x, 4, w, b), (x,), (tx,))[1]
+    want = torch.func.jvp(
+        lambda x: ref_group_norm(x, 4, w.double(), b.double()), (x.double(),), (tx.double(),)
+    )[1]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2)
+
+
 GN_PN_ACTS = {
     "relu": torch.relu,
     "leaky_relu:0.2": lambda a: torch.nn.functional.leaky_relu(a, 0.2),

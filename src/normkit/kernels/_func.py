@@ -31,7 +31,15 @@ import torch
 import torch.utils._python_dispatch  # the attribute below is a submodule: import it explicitly
 from torch import Tensor
 
-from ..ops._vmap import as_channels, batch_first, dense_tangents, from_channels, member_vector
+from ..ops._vmap import (
+    as_channels,
+    batch_first,
+    below_jvp_level,
+    dense_tangents,
+    from_channels,
+    member_vector,
+    unwrapped_zero,
+)
 from . import _build
 from ._fast import (
     _ACT_CODE,
@@ -363,7 +371,7 @@ class _GNProxyAct(torch.autograd.Function):
         x, w, b, pb, pw, u, stats, m, r = ctx.saved_tensors
         if stats.numel():
             return (
-                _below_jvp_level(_gnp_jvp, (x, (w, b, pb, pw), u, stats, m, r, ctx.cfg, tangents[:5])),
+                below_jvp_level(_gnp_jvp, (x, (w, b, pb, pw), u, stats, m, r, ctx.cfg, tangents[:5])),
                 None,
                 None,
                 None,
@@ -381,39 +389,6 @@ class _GNProxyAct(torch.autograd.Function):
         info: Any, in_dims: tuple[Any, ...], *args: Any
     ) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
         return _gnp_vmap(_GNProxyAct.apply, info, in_dims, *args)
-
-
-def _wrapped(t: Tensor) -> bool:
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))  # type: ignore[attr-defined]
-
-
-def _below_jvp_level(fn: Any, args: tuple[Any, ...]) -> Tensor:
-    """``fn(*args)`` for a Function's jvp rule, which torch.func runs at the jvp level itself: the tensors
-    (in ``args`` and its tuples) and their tangents come wrapped for that level. Where they are plain one
-    level down (a ``jvp`` of its own, not under ``jacfwd``'s vmap) ``fn`` runs there, on plain tensors
-    (the kernels take them; no per-op dispatch through the level) and its result is wrapped back; else
-    ``fn`` runs on the wrapped tensors (plain ops)."""
-    from torch._C import _functorch as ft  # pyright: ignore[reportAttributeAccessIssue]
-
-    if not ft.get_interpreter_stack():  # type: ignore[attr-defined]
-        return fn(*args)  # type: ignore[no-any-return]
-    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
-
-    interp = retrieve_current_functorch_interpreter()
-    level = interp.level()
-
-    def down(a: Any) -> Any:
-        if isinstance(a, tuple):
-            return tuple(down(t) for t in a)
-        return ft._unwrap_for_grad(a, level) if isinstance(a, Tensor) else a  # type: ignore[attr-defined]
-
-    flat = down(args)
-    leaves = [t for a in flat for t in (a if isinstance(a, tuple) else (a,)) if isinstance(t, Tensor)]
-    if any(_wrapped(t) for t in leaves):
-        return fn(*args)  # type: ignore[no-any-return]
-    with interp.lower():
-        out = fn(*flat)
-    return ft._wrap_for_grad(out, level)  # type: ignore[attr-defined, no-any-return]
 
 
 def _gnp_jvp(
@@ -441,9 +416,7 @@ def _gnp_jvp(
 
     # (functorch hands zeros for the inputs without a tangent: the small ones are tested, so that a jvp
     # w.r.t. the input skips the parameter terms; a wrapped tangent, batched under jacfwd, is kept)
-    tx, tw, tb, tpb, tpw = tangents[:1] + tuple(
-        None if t is not None and not _wrapped(t) and not bool(t.any()) else t for t in tangents[1:]
-    )
+    tx, tw, tb, tpb, tpw = tangents[:1] + tuple(None if unwrapped_zero(t) else t for t in tangents[1:])
     groups, _eps, act, peps = cfg
     code = _act_code(act)
     assert code is not None  # (checked by gn_proxy_act)

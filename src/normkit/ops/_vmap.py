@@ -13,15 +13,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.utils._python_dispatch  # (a submodule: imported explicitly)
 from torch import Tensor
 
 __all__ = [
     "as_channels",
     "batch_first",
+    "below_jvp_level",
     "dense_tangents",
     "from_channels",
     "member_vector",
     "register_batched",
+    "unwrapped_zero",
 ]
 
 
@@ -124,3 +127,63 @@ def register_batched(lib: torch.library.Library, name: str, rule: Callable[..., 
         return tuple(o if d is None else _add_batch_dim(o, d, level) for o, d in zip(out, out_dims))
 
     lib.impl(name, kernel, "FuncTorchBatched", with_keyset=True)
+
+
+def _wrapped(t: Tensor) -> bool:
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))  # type: ignore[attr-defined]
+
+
+def unwrapped_zero(t: Tensor | None) -> bool:
+    """Whether a jvp rule's tangent is a plain tensor of zeros: functorch hands zeros for the inputs
+    that have no tangent, which a rule may skip (small ones: this reads the tensor). A wrapped tangent
+    (batched under ``jacfwd``), one being traced (``linearize``, compile) or one on a GPU (no sync for
+    it) counts as not zero.
+
+    Example:
+        >>> import torch
+        >>> unwrapped_zero(torch.zeros(3)), unwrapped_zero(torch.ones(3)), unwrapped_zero(None)
+        (True, False, False)
+    """
+    return (
+        t is not None
+        and t.device.type == "cpu"  # (no device sync for it)
+        and not _wrapped(t)
+        and not torch.compiler.is_compiling()
+        and torch.utils._python_dispatch._get_current_dispatch_mode() is None  # (make_fx: linearize)
+        and not bool(t.any())
+    )
+
+
+def below_jvp_level(fn: Callable[..., Tensor], args: tuple[Any, ...]) -> Tensor:
+    """``fn(*args)`` for an autograd.Function's jvp rule, which torch.func runs at the jvp level itself:
+    its saved tensors and tangents come wrapped for that level. Where they are plain one level down (a
+    ``jvp`` of its own, not under ``jacfwd``'s vmap) ``fn`` runs there on the plain tensors (normkit's
+    kernels take them, and no op dispatches through the level) and its result is wrapped back; else
+    ``fn`` runs on the wrapped tensors (plain ops). ``args`` may hold tuples of tensors.
+
+    Example:
+        >>> import torch
+        >>> below_jvp_level(torch.add, (torch.ones(2), torch.ones(2))).tolist()  # (no transform: a call)
+        [2.0, 2.0]
+    """
+    from torch._C import _functorch as ft  # pyright: ignore[reportAttributeAccessIssue]
+
+    if not ft.get_interpreter_stack():
+        return fn(*args)
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+
+    interp = retrieve_current_functorch_interpreter()
+    level = interp.level()
+
+    def down(a: Any) -> Any:
+        if isinstance(a, tuple):
+            return tuple(down(t) for t in a)
+        return ft._unwrap_for_grad(a, level) if isinstance(a, Tensor) else a
+
+    flat = down(args)
+    leaves = [t for a in flat for t in (a if isinstance(a, tuple) else (a,)) if isinstance(t, Tensor)]
+    if any(_wrapped(t) for t in leaves):
+        return fn(*args)
+    with interp.lower():
+        out = fn(*flat)
+    return ft._wrap_for_grad(out, level)  # type: ignore[no-any-return]

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .. import kernels
 from . import _inductor, core
-from ._vmap import batch_first, dense_tangents, register_batched
+from ._vmap import batch_first, below_jvp_level, dense_tangents, register_batched, unwrapped_zero
 
 _JVP = torch._C._functorch.TransformType.Jvp  # type: ignore[attr-defined]
 _VMAP = torch._C._functorch.TransformType.Vmap  # type: ignore[attr-defined]
@@ -369,6 +369,8 @@ class _NormFunction(torch.autograd.Function):
         ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, *_: Any
     ) -> tuple[Tensor, None]:
         x, weight, _bias, mask, stats = ctx.saved_tensors
+        if mask is None and tx is not None:
+            return below_jvp_level(_norm_jvp, (tx, tw, tb, x, weight, stats, ctx.dims)), None
         return core.norm_jvp(tx, tw, tb, x, weight, mask, stats, ctx.dims), None
 
     @staticmethod
@@ -392,6 +394,30 @@ class _NormFunction(torch.autograd.Function):
         w, b, m = (_batched_param(t, d, B) for t, d in zip((weight, bias, mask), in_dims[1:4]))
         y, stats = norm(x, w, b, tuple(d + 1 for d in dims), eps, mask=m)
         return (y, stats), (0, 1)
+
+
+def _norm_jvp(
+    tx: Tensor,
+    tw: Tensor | None,
+    tb: Tensor | None,
+    x: Tensor,
+    weight: Tensor | None,
+    stats: Tensor,
+    dims: tuple[int, ...],
+) -> Tensor:
+    """:func:`core.norm_jvp` on the backend's kernels: the normalization's Jacobian is symmetric, so the
+    jvp of ``x_hat`` is the backward (no affine) of ``tx``, one kernel call; the affine's tangents
+    (where not zero) add ``x_hat * tw + tb``."""
+    tw, tb = (None if unwrapped_zero(t) else t for t in (tw, tb))
+    if torch._C._has_storage(tx) and tx.stride() != x.stride():
+        tx = torch.empty_like(x).copy_(tx)  # (the kernels take the tangent in x's layout)
+    ty = kernels.norm_backward(tx, x, None, None, None, stats, dims, (True, False, False))[0]
+    assert ty is not None
+    if weight is not None:
+        ty = ty * weight
+    if tw is not None or tb is not None:
+        ty = ty + core.norm_jvp(None, tw, tb, x, weight, None, stats, dims)
+    return ty.to(x.dtype)
 
 
 def _composite_grads(

@@ -580,6 +580,43 @@ def test_jvp_of_a_bf16_group_norm_is_close_to_float64():
     torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2)
 
 
+PN_STEP_ACTS = {
+    "relu": torch.relu,
+    "leaky_relu:0.2": lambda a: torch.nn.functional.leaky_relu(a, 0.2),
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "tanh": torch.tanh,
+    "identity": lambda a: a,
+}
+
+
+@pytest.mark.parametrize("which", ["y", *PROXY_ARGS[1:]])
+@pytest.mark.parametrize("act", PN_STEP_ACTS)
+def test_jvp_of_proxy_norm_act_in_one_argument_equals_its_definition(act, which):
+    """``F.proxy_norm_act`` (after LayerNorm: the ln+pn step) under ``jvp`` in one argument at a time:
+    the step's rule skips the tangents functorch hands as zeros, so each term is checked alone."""
+    fn = PN_STEP_ACTS[act]
+    u = NF.proxy_points(200, dtype=F64)
+    params = [1 + 0.3 * _t((5,), 122), 0.2 * _t((5,), 123), 0.1 * _t((5,), 124), 0.1 * _t((5,), 125)]
+    args = [_t((3, 5, 2, 2), 120, offset=0.1), *params]
+    k = ["y", *PROXY_ARGS[1:]].index(which)
+    t = _t(args[k].shape, 126)
+
+    def oracle(y, w, b, pb, pw):
+        zp = fn(w[:, None] * ((1 + pw)[:, None] * u[None, :] + pb[:, None]) + b[:, None])
+        m, v = zp.mean(1), zp.var(1, unbiased=False)
+        view = (1, -1, 1, 1)
+        return (fn(w.view(view) * y + b.view(view)) - m.view(view)) / torch.sqrt(v.view(view) + 0.03)
+
+    def f(step):
+        return lambda a: step(*args[:k], a, *args[k + 1 :])
+
+    got = torch.func.jvp(f(lambda *a: NF.proxy_norm_act(*a, act, points=u)), (args[k],), (t,))
+    want = torch.func.jvp(f(oracle), (args[k],), (t,))
+    _close(got[0], want[0], "value")
+    _close(got[1], want[1], f"tangent in {which}")
+
+
 GN_PN_ACTS = {
     "relu": torch.relu,
     "leaky_relu:0.2": lambda a: torch.nn.functional.leaky_relu(a, 0.2),

@@ -22,7 +22,15 @@ from torch import Tensor
 
 from .._errors import NormError
 from . import _inductor
-from ._vmap import as_channels, batch_first, dense_tangents, from_channels, member_vector
+from ._vmap import (
+    as_channels,
+    batch_first,
+    below_jvp_level,
+    dense_tangents,
+    from_channels,
+    member_vector,
+    unwrapped_zero,
+)
 from .core import _inplace_ok, acc_dtype, compiling
 
 __all__ = ["ACT_NAMES", "proxy_act", "proxy_act_composite"]
@@ -482,25 +490,45 @@ class _ProxyActFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, ty: Any, tw: Any, tb: Any, tm: Any, tr: Any, *_: Any) -> Tensor:  # type: ignore[override]
         y, weight, bias, m, rstd = ctx.saved_tensors
-        nd = y.dim()
-        dtype = m.dtype
-        w = _cview(weight.to(dtype), nd)
-        a = torch.addcmul(_cview(bias.to(dtype), nd), y, w)
-        z = _act(a, ctx.act, ctx.slope)
-        ta = torch.zeros_like(a)
-        if ty is not None:
-            ta = ta + ty.to(dtype) * w
-        if tw is not None:
-            ta = ta + y.to(dtype) * _cview(tw.to(dtype), nd)
-        if tb is not None:
-            ta = ta + _cview(tb.to(dtype), nd)
-        r = _cview(rstd, nd)
-        tout = _act_backward(ta, a, z, ctx.act, ctx.slope) * r
-        if tm is not None:
-            tout = tout - _cview(tm, nd) * r
-        if tr is not None:
-            tout = tout + (z - _cview(m, nd)) * _cview(tr, nd)
-        return tout.to(y.dtype)
+        args = (y, weight, bias, m, rstd, (ty, tw, tb, tm, tr), ctx.act, ctx.slope)
+        return below_jvp_level(_jvp, args)
+
+
+def _jvp(
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    m: Tensor,
+    rstd: Tensor,
+    tangents: tuple[Any, ...],
+    act: str,
+    slope: float,
+) -> Tensor:
+    """The step's jvp: ``act'(a) * r * (w * ty + y * tw + tb) - r * tm + (z - m) * tr``, ``a = w * y + b``;
+    the per-channel tangents that functorch hands as zeros (no tangent) are skipped."""
+    ty = tangents[0]
+    tw, tb, tm, tr = (None if unwrapped_zero(t) else t for t in tangents[1:])
+    nd = y.dim()
+    dtype = m.dtype
+    w = _cview(weight.to(dtype), nd)
+    r = _cview(rstd, nd)
+    a = torch.addcmul(_cview(bias.to(dtype), nd), y, w)
+    ta: Tensor | None = None
+    if ty is not None:
+        ta = ty.to(dtype) * (w * r)  # (r folded into the per-channel factor)
+    if tw is not None:
+        extra = y.to(dtype) * _cview(tw.to(dtype), nd) * r
+        ta = extra if ta is None else ta + extra
+    if tb is not None:
+        extra = _cview(tb.to(dtype), nd) * r
+        ta = extra if ta is None else ta + extra
+    z = _act(a, act, slope) if act not in ("relu", "leaky_relu", "identity") or tr is not None else a
+    tout = torch.zeros_like(a) if ta is None else _act_backward(ta.expand(a.shape), a, z, act, slope)
+    if tm is not None:
+        tout = tout - _cview(tm, nd) * r
+    if tr is not None:
+        tout = tout + (z - _cview(m, nd)) * _cview(tr, nd)
+    return tout.to(y.dtype)
 
 
 def proxy_act_composite(y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: Any) -> Tensor:

@@ -93,7 +93,7 @@ print(f"torch.nn model: test error {test_error(torch_model):.1f} %")
 # of a copy of it and reports what it did.
 
 model = SmallCNN(norm_layer=normkit.nn.BatchNorm2d)
-print(type(model.features[1]).__mro__[:3])
+print(type(model.features[1]), isinstance(model.features[1], nn.BatchNorm2d))
 
 converted, report = normkit.convert_norms(torch_model, "bn")
 print(report)

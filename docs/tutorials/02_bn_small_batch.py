@@ -16,8 +16,8 @@ epochs, is ``normkit compare`` (3 to 4 minutes); what it measured is on the :doc
 # -------------------------------------------------
 #
 # The model is the lab's CNN-4 with a head: ``Linear(64 -> 64) -> norm -> ReLU`` on the pooled
-# features, so the head's norm sees ``(N, 64)``. A BatchNorm there pools each channel's statistics
-# over the N samples of the batch only. With N = 2 the two normalized values of a channel are
+# features, so the head's norm sees ``(N, 64, 1, 1)``. A BatchNorm there pools each channel's
+# statistics over the N samples of the batch only. With N = 2 the two normalized values of a channel are
 # always -1 and +1, whatever the inputs were: the layer throws away everything but the sign.
 
 import json
@@ -35,7 +35,7 @@ from normkit.lab.experiments.compare import CompareConfig, run_compare
 bn = normkit.nn.BatchNorm1d(4, affine=False)
 x = torch.randn(2, 4) * 10 + 3
 print(bn(x))
-print(normkit.diagnostics.values_per_statistic("bn", (2, 64)), "values behind each mean and variance")
+print(normkit.diagnostics.values_per_statistic("bn", (2, 64, 1, 1)), "values behind each mean and variance")
 
 # %%
 # Run the experiment

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the lab's protocol (compare with and without the head, E3, power --trained, "
         "lr-sweep, landscape) with the current code and write docs/RESULTS.md (tables, "
         "verdicts with their margins over the seeds, figures, and the machine it ran on). "
-        "About 25 minutes on 2 idle CPU cores with the default 5 seeds.",
+        "About 17 minutes on 2 idle CPU cores with the default 5 seeds (docs/RESULTS.md).",
     )
     add_config_arguments(p, ReproduceConfig)
 

@@ -492,7 +492,8 @@ def _summary(cfg: CompareConfig, agg: list[dict[str, Any]], data_desc: dict[str,
     lines = [
         f"# compare: test error (%) on {data_desc['name']}",
         "",
-        f"{data_desc['train']} train / {data_desc['test']} test samples; {cfg.epochs} epochs; "
+        f"{data_desc['train']} train / {data_desc['test']} test samples; "
+        f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}; "
         f"SGD momentum {cfg.momentum}, peak LR {cfg.lr} x B_global/32, {cfg.warmup_epochs} warm-up epoch(s), "
         f"{cfg.schedule} decay, weight decay {cfg.weight_decay}; seeds {cfg.seeds}"
         + (

@@ -372,7 +372,7 @@ def _cnn_summary(
             )
         rows.append([n, *cells])
     return [
-        f"## CNN-4, batch {cfg.batch_size}, {cfg.epochs} epochs per LR, constant LR",
+        f"## CNN-4, batch {cfg.batch_size}, {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} per LR, constant LR",
         "",
         "Cells: final train loss / best test accuracy; 'diverged' = NaN or final loss above the initial loss "
         "(max of the first batch's and ln(classes)).",

@@ -396,7 +396,7 @@ def run_power(cfg: PowerConfig) -> tuple[Path, str]:
             for stage in ("init", "trained"):
                 lines += [
                     "",
-                    f"## CNN-4 {stage} ({cfg.epochs} epochs at B={cfg.batch_size})"
+                    f"## CNN-4 {stage} ({cfg.epochs} epoch{'s' * (cfg.epochs != 1)} at B={cfg.batch_size})"
                     if stage == "trained"
                     else "## CNN-4 at initialisation",
                     "",

@@ -191,3 +191,42 @@ def test_errors():
         keras_to_torch_momentum(1.5)
     assert normkit.convert.to_keras_bn is to_keras_bn
     assert isinstance(from_keras_bn(BatchNormalization(3, trainable=False)), FrozenBatchNorm2d)
+
+
+def test_to_keras_bn_refuses_what_keras_bn_cannot_express():
+    # A norm+activation layer would lose its activation (eval outputs differed by ~3 with relu).
+    with pytest.raises(ValueError, match="BatchNormAct2d applies the activation relu .* would drop it"):
+        to_keras_bn(normkit.nn.BatchNormAct2d(3, activation="relu"))
+    k = to_keras_bn(normkit.nn.BatchNormAct2d(3, activation=None))  # nothing to drop
+    assert k.num_features == 3
+    # InstanceNorm with running statistics: eval looks like BN, training normalizes per sample.
+    with pytest.raises(TypeError, match="expected a batch-norm layer, got InstanceNorm2d"):
+        to_keras_bn(torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True))
+    with pytest.raises(ValueError, match="dim must be 1, 2 or 3 .* got True"):
+        from_keras_bn(BatchNormalization(3), dim=True)  # type: ignore[arg-type]
+
+
+def _torchvision_frozen_bn(C: int) -> torch.nn.Module:
+    """torchvision.ops.FrozenBatchNorm2d's layout (and class name): four buffers and eps, no momentum."""
+
+    class FrozenBatchNorm2d(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.eps = 1e-5
+            self.register_buffer("weight", torch.linspace(0.5, 1.5, C, dtype=F64))
+            self.register_buffer("bias", torch.linspace(-1, 1, C, dtype=F64))
+            self.register_buffer("running_mean", torch.linspace(-2, 2, C, dtype=F64))
+            self.register_buffer("running_var", torch.linspace(0.5, 3, C, dtype=F64))
+
+    return FrozenBatchNorm2d()
+
+
+def test_to_keras_bn_takes_torchvision_frozen_bn():
+    f = _torchvision_frozen_bn(3)
+    k = to_keras_bn(f)  # (was an AttributeError: no momentum)
+    assert k.trainable is False
+    x = _randn((2, 4, 4, 3), F64, seed=5)
+    want = (x - f.running_mean) / torch.sqrt(f.running_var + 1e-5) * f.weight + f.bias  # closed form
+    torch.testing.assert_close(
+        k.train()(x), want, rtol=1e-12, atol=1e-12
+    )  # frozen: running stats in training

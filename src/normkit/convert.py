@@ -163,7 +163,7 @@ def from_keras_bn(layer: Any, *, dim: int = 2, count: int | None = None) -> nn.M
         True
     """
     op = "from_keras_bn"
-    if dim not in _BN:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim not in _BN:
         raise NormError(f"{op}: dim must be 1, 2 or 3 (BatchNorm1d/2d/3d), got {dim!r}")
     _check_count(count, op)
     src = _keras_source(layer)
@@ -206,6 +206,21 @@ def from_keras_bn(layer: Any, *, dim: int = 2, count: int | None = None) -> nn.M
     return out
 
 
+def _refuse_activation(bn: nn.Module, op: str) -> None:
+    """A norm+activation layer (normkit's or timm's ``BatchNormAct2d``) would lose its activation."""
+    act = bn._modules.get("act") if isinstance(bn, nn.Module) else None
+    if act is None or isinstance(act, nn.Identity):
+        act = getattr(bn, "activation", None)
+    if act is None or isinstance(act, nn.Identity) or act == "identity":
+        return
+    name = act if isinstance(act, str) else getattr(act, "__name__", type(act).__name__)
+    raise NormError(
+        f"{op}: {type(bn).__name__} applies the activation {name} after the norm, and Keras's "
+        "BatchNormalization has none, so converting it would drop it; convert a plain BatchNorm with the "
+        "same state_dict and add the activation as its own Keras layer"
+    )
+
+
 @torch.no_grad()
 def to_keras_bn(bn: nn.Module, *, axis: int = -1, count: int | None = None) -> BatchNormalization:
     """A Keras-convention :class:`normkit.nn.BatchNormalization` with a PyTorch BN's weights and statistics.
@@ -233,21 +248,31 @@ def to_keras_bn(bn: nn.Module, *, axis: int = -1, count: int | None = None) -> B
     """
     op = "to_keras_bn"
     _check_count(count, op)
+    if isinstance(bn, nn.modules.instancenorm._InstanceNorm):
+        # (its running statistics make eval look like BN, but training normalizes per sample)
+        raise TypeError(
+            f"{op}: expected a batch-norm layer, got {type(bn).__name__}, which normalizes each sample on "
+            "its own in training; Keras's BatchNormalization cannot express that"
+        )
+    _refuse_activation(bn, op)
     rm, rv = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
     if not isinstance(rm, Tensor) or not isinstance(rv, Tensor):
         raise NormError(
             f"{op}: expected a BatchNorm layer with running statistics, got {type(bn).__name__} without "
             "running_mean/running_var (track_running_stats=False has nothing to convert)"
         )
+    # torchvision's FrozenBatchNorm2d (buffers only, no momentum) converts like normkit's frozen BN
+    frozen = isinstance(bn, _FrozenBatchNorm) or type(bn).__name__.startswith("FrozenBatchNorm")
     # a layer with running statistics: BN's momentum and eps
-    momentum, eps = cast("float | None", bn.momentum), cast(float, bn.eps)
+    momentum = cast("float | None", bn.momentum if hasattr(bn, "momentum") or not frozen else 0.01)
+    eps = cast(float, bn.eps)
     if momentum is None:
         raise NormError(
             f"{op}: momentum=None (cumulative average) has no Keras equivalent; set a momentum first"
         )
     weight, bias = getattr(bn, "weight", None), getattr(bn, "bias", None)
     C = rm.numel()
-    trainable = not isinstance(bn, _FrozenBatchNorm)
+    trainable = not frozen
     out = BatchNormalization(
         C,
         axis=axis,

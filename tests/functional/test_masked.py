@@ -364,3 +364,55 @@ def test_mask_errors_are_typed_and_name_the_shapes():
         nkf.instance_norm(x, mask=torch.ones(4, 3, 5, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="does not broadcast"):
         normkit.nn.BatchNorm1d(3)(x, mask=torch.ones(3, 3, 5, dtype=torch.bool))
+
+
+# --- masked_norm / masked_moments, the public helpers: every broadcastable mask, typed errors --
+
+
+@pytest.mark.parametrize(
+    "mshape", [(4, 6, 5), (4, 1, 5), (1, 1, 5), (5,), (1, 5), (4, 6, 1), (6, 1), (1,), ()]
+)
+@pytest.mark.parametrize("dims", [(0, 2), (2,), (-1,), (1, 2)])
+def test_masked_norm_every_broadcastable_mask_matches_float64_oracle(mshape, dims):
+    x = _randn((4, 6, 5), seed=3)
+    mask = _mask(mshape, seed=len(mshape) + sum(mshape)) if mshape else torch.tensor(True)
+    w, b = _wb(6)
+    wv, bv = _view(w, 3), _view(b, 3)
+    xr = x.clone().requires_grad_()
+    y, mean, var, n = nkf.masked_norm(xr, mask, dims, wv, bv, eps=1e-5)
+    torch.testing.assert_close(y, ref_masked_norm(x, mask, dims, wv, bv, 1e-5).float(), atol=2e-5, rtol=1e-5)
+    y.backward(_randn(y.shape, seed=9))
+    assert (xr.grad[~mask.expand(x.shape)] == 0).all()  # padded positions get no gradient
+    mean2, var2, n2 = nkf.masked_moments(x, mask, dims)
+    torch.testing.assert_close(n2, mask.expand(x.shape).sum(dims, keepdim=True).float())
+    torch.testing.assert_close((mean2, var2), (mean, var))
+
+
+def test_masked_helpers_validate_like_the_ops():
+    x = _randn((2, 3, 4))
+    mask = torch.ones(2, 1, 4, dtype=torch.bool)
+    calls = (
+        lambda m, d: nkf.masked_norm(x, m, d, None, None, 1e-5),
+        lambda m, d: nkf.masked_moments(x, m, d),
+    )
+    for call in calls:
+        with pytest.raises(TypeError, match=r"mask must have dtype torch\.bool .* got torch\.float32"):
+            call(mask.float(), (2,))
+        with pytest.raises(
+            ValueError, match=r"mask of shape \(3,\) does not broadcast to the input shape \(2, 3, 4\)"
+        ):
+            call(torch.ones(3, dtype=torch.bool), (2,))
+        with pytest.raises(ValueError, match=r"dim 3 is out of range .* 3 dims"):  # was wrapped onto dim 0
+            call(mask, (3,))
+        with pytest.raises(ValueError, match="dims is empty"):  # sum(dim=()) would reduce every dim
+            call(mask, ())
+        with pytest.raises(ValueError, match="same dim twice"):
+            call(mask, (2, -1))
+    with pytest.raises(TypeError, match="floating-point input .* got torch.int64"):
+        nkf.masked_norm(x.long(), mask, (2,), None, None, 1e-5)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0, got -1.0"):
+        nkf.masked_norm(x, mask, (2,), None, None, -1.0)
+    with pytest.raises(ValueError, match=r"weight of shape \(1, 4, 1\) does not broadcast to the input shape \(2, 3, 4\)"):
+        nkf.masked_norm(x, mask, (2,), torch.ones(4).view(1, 4, 1), None, 1e-5)
+    with pytest.raises(TypeError, match="bias has dtype torch.float64 but the input is torch.float32"):
+        nkf.masked_norm(x, mask, (2,), None, torch.zeros(1, 3, 1, dtype=F64), 1e-5)

@@ -201,3 +201,55 @@ def test_register_norm_adds_a_factory():
     assert name not in normkit.available_norms()
     with pytest.raises(ValueError):
         normkit.create_norm_layer(name, 8)
+
+
+@pytest.mark.parametrize("spec", ["bn:4", "in:2", "ln2d:8", "none:1", "syncbn:2"])
+def test_get_norm_layer_rejects_an_argument_at_once_naming_the_spec(spec):
+    # (it used to hand back a partial that failed only when the model was built)
+    with pytest.raises(ValueError, match=rf"get_norm_layer: .* takes no ':<int>' argument, got '{spec}'"):
+        normkit.get_norm_layer(spec)
+
+
+@pytest.mark.parametrize(
+    "spec, C, error, match",
+    [
+        ("gn", 0, ValueError, r"num_channels must be a positive int, got 0"),  # was max() of nothing
+        ("gn", 6.0, TypeError, r"num_channels must be an int .* got 6\.0"),
+        (
+            "gn:4",
+            6,
+            ValueError,
+            r"num_channels \(6\) must be divisible by num_groups \(4\); try num_groups=3",
+        ),
+        ("gn:0", 6, ValueError, r"num_groups must be a positive int, got 0"),
+    ],
+)
+def test_bad_channel_or_group_counts_are_typed(spec, C, error, match):
+    with pytest.raises(error, match=match):
+        normkit.create_norm_layer(spec, C)
+    with pytest.raises(error, match=match):
+        normkit.get_norm_layer(spec)(C)
+
+
+def test_registered_names_must_be_creatable_and_overrides_reach_get_norm_layer():
+    with pytest.raises(ValueError, match=r"name 'MyNorm' is not a valid spec name"):
+        normkit.register_norm("MyNorm")  # lower-cased specs could never find it
+    with pytest.raises(ValueError, match="not a valid spec name"):
+        normkit.register_norm("gn:4")
+    saved_factory, saved_class = reg._REGISTRY["bn"], reg._CLASS_SPECS["bn"]
+    try:
+        normkit.register_norm("bn", "user BN")(lambda c, arg, **kw: nn.BatchNorm2d(c, eps=1e-3, **kw))
+        built = normkit.get_norm_layer("bn")(8)
+        assert type(built) is nn.BatchNorm2d and built.eps == 1e-3  # the same as create_norm_layer's
+        assert type(normkit.create_norm_layer("bn", 8)) is nn.BatchNorm2d
+    finally:
+        reg._REGISTRY["bn"] = saved_factory
+        reg._CLASS_SPECS["bn"] = saved_class
+    assert normkit.get_norm_layer("bn") is nkn.BatchNorm2d
+
+
+def test_get_norm_layer_refuses_an_int_on_ln_pn_at_once():
+    """'ln+pn' is one group: ``get_norm_layer("ln:1+pn")`` raises when asked, not when the model is built."""
+    with pytest.raises(normkit.NormError, match=r"'ln\+pn' takes no ':<int>'"):
+        normkit.get_norm_layer("ln:1+pn")
+    assert normkit.get_norm_layer("ln+pn")(8).num_groups == 1

@@ -196,7 +196,9 @@ def test_eps_zero_in_eval_with_running_statistics_equals_torch():
     ],
 )
 def test_eps_zero_elsewhere_is_taken_as_torch_takes_it(ours, theirs):
-    x = torch.randn(4, 3, 2, 2)
+    # (seeded: with eps=0, LayerNorm(2) of two close values divides by their small difference, and
+    # float32 rounding then differs between implementations by more than the tolerance)
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ours()(x), theirs()(x))
 
 

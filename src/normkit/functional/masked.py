@@ -29,6 +29,7 @@ from torch import Tensor
 from .._errors import NormError
 from ..ops.core import moments
 from ._autograd import norm_count
+from ._checks import as_int, check_eps, check_input
 from ._running import update_running_stats_where
 
 __all__ = ["check_mask", "masked_moments", "masked_norm", "update_running_stats_where"]
@@ -59,7 +60,60 @@ def check_mask(mask: object, x: Tensor, op: str) -> Tensor:
     return mask
 
 
-def masked_moments(x: Tensor, mask: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+def _check_dims(dims: object, x: Tensor, op: str) -> tuple[int, ...]:
+    """``dims`` as distinct non-negative ints within ``x``'s rank; typed errors that name what came.
+
+    (An empty tuple would make ``sum(dim=())`` reduce over *every* dim, and ``d % x.dim()`` would
+    quietly wrap an out-of-range dim onto another one: both are errors here.)
+    """
+    if isinstance(dims, (int, Tensor)) and not isinstance(dims, bool):
+        dims = (dims,)
+    if not isinstance(dims, (tuple, list)):
+        raise TypeError(f"{op}: dims must be a tuple of ints, got {type(dims).__name__} {dims!r}")
+    nd = x.dim()
+    out: list[int] = []
+    for d in dims:
+        i = as_int(d, op, "dims")
+        if not -nd <= i < nd:
+            raise NormError(
+                f"{op}: dim {i} is out of range for an input with {nd} dims (shape {tuple(x.shape)}); "
+                f"expected dims in [{-nd}, {nd - 1}]"
+            )
+        out.append(i % nd)
+    if not out:
+        raise NormError(f"{op}: dims is empty; give the dims each set's statistics pool over, e.g. (1,)")
+    if len(set(out)) != len(out):
+        raise NormError(f"{op}: dims {tuple(dims)} name the same dim twice (input shape {tuple(x.shape)})")
+    return tuple(out)
+
+
+def _check_affine(p: object, x: Tensor, op: str, name: str) -> None:
+    """A weight / bias view: None or a tensor that broadcasts to ``x``, of x's dtype (fp32 for fp16/bf16)."""
+    if p is None:
+        return
+    if not isinstance(p, Tensor):
+        raise TypeError(
+            f"{op}: {name} must be a Tensor (a view that broadcasts to x) or None, got {type(p).__name__}"
+        )
+    try:
+        ok = torch.broadcast_shapes(p.shape, x.shape) == x.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise NormError(
+            f"{op}: {name} of shape {tuple(p.shape)} does not broadcast to the input shape {tuple(x.shape)}; "
+            "pass a view such as weight.view(1, -1, 1) for a per-channel affine"
+        )
+    half = x.dtype in (torch.float16, torch.bfloat16) and p.dtype == torch.float32
+    if p.dtype != x.dtype and not half:
+        raise TypeError(
+            f"{op}: {name} has dtype {p.dtype} but the input is {x.dtype}; convert one with .to(dtype)"
+        )
+    if p.device != x.device:
+        raise NormError(f"{op}: {name} is on {p.device} but the input is on {x.device}; move them together")
+
+
+def masked_moments(x: Tensor, mask: Tensor | None, dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
     """Mean, biased variance and valid count of ``x`` over ``dims``, valid positions only (keepdim).
 
     A set without valid positions has count 0, mean 0 and var 0.
@@ -70,13 +124,17 @@ def masked_moments(x: Tensor, mask: Tensor, dims: tuple[int, ...]) -> tuple[Tens
         >>> mean.item(), round(var.item(), 4), n.item()
         (2.0, 0.6667, 3.0)
     """
-    m = moments(x, dims, mask=mask)
+    op = "masked_moments"
+    check_input(x, op, min_dim=1)
+    if mask is not None:
+        check_mask(mask, x, op)
+    m = moments(x, _check_dims(dims, x, op), mask=mask)
     return m.mean, m.var, m.count
 
 
 def masked_norm(
     x: Tensor,
-    mask: Tensor,
+    mask: Tensor | None,
     dims: tuple[int, ...],
     weight: Tensor | None,
     bias: Tensor | None,
@@ -98,5 +156,11 @@ def masked_norm(
         >>> n.flatten().tolist()
         [2.0, 0.0]
     """
-    dims = tuple(int(d) % x.dim() for d in dims)
-    return norm_count(x, dims, weight, bias, eps, mask)
+    op = "masked_norm"
+    check_input(x, op, min_dim=1)
+    if mask is not None:  # (None: every position is valid, as in :func:`normkit.functional.norm`)
+        check_mask(mask, x, op)
+    dims = _check_dims(dims, x, op)
+    _check_affine(weight, x, op, "weight")
+    _check_affine(bias, x, op, "bias")
+    return norm_count(x, dims, weight, bias, check_eps(eps, op), mask)

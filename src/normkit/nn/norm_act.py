@@ -2,34 +2,80 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
+from .._errors import NormError
 from ..functional.activations import ActivationLike, get_activation
 from ._base import fx_leaf
 from .batch_norm import BatchNorm2d
 from .group_norm import GroupNorm
 from .layer_norm import LayerNorm2d
-from .registry import _REGISTRY, _SPEC, create_norm_layer
+from .registry import _REGISTRY, _SPEC, create_norm_layer, default_groups, spec_or_keyword
 
 __all__ = ["BatchNormAct2d", "GroupNormAct2d", "LayerNormAct2d", "create_norm_act_layer"]
 
 
 def _act_repr(act: ActivationLike) -> str:
+    if act is None:
+        return "identity"
     return act if isinstance(act, str) else getattr(act, "__name__", type(act).__name__)
 
 
 class _ActMixin:
-    """Applies ``self.act`` after the parent norm's forward; keeps the parent's state_dict keys."""
+    """Applies ``self.act`` after the parent norm's forward; keeps the parent's state_dict keys.
+
+    A Module activation is registered once, as ``act`` (timm's name: its parameters, e.g. PReLU's,
+    save as ``act.weight``); ``activation`` gives back what was passed, without registering it a
+    second time. A named activation is resolved again after unpickling, so that the layer pickles
+    whatever function the name resolves to.
+    """
 
     def _init_act(self, activation: ActivationLike) -> None:
-        self.activation = activation
         fn = get_activation(activation)
         if isinstance(fn, nn.Module):
             self.act = fn  # a Module activation registers (and saves) its own state
         else:
+            self.__dict__["_activation"] = activation
             self._act_fn = fn
+
+    @property
+    def activation(self) -> ActivationLike:
+        act = self._modules.get("act")  # type: ignore[attr-defined]
+        return act if act is not None else self.__dict__.get("_activation")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "activation":
+            super().__setattr__(name, value)
+            return
+        # ``layer.activation = ...`` swaps the activation (nn.Module would register a Module value
+        # as a second child, or refuse a string)
+        self._modules.pop("act", None)  # type: ignore[attr-defined]
+        self.__dict__.pop("_act_fn", None)
+        self.__dict__.pop("_activation", None)
+        self._init_act(value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = cast("dict[str, Any]", super().__getstate__())  # type: ignore[misc]
+        named = state.get("_activation")
+        if "_act_fn" in state and (named is None or isinstance(named, str)):
+            state = dict(state)
+            del state["_act_fn"]  # (a named activation may be a lambda: resolved again on load)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        if "act" not in self._modules and "_act_fn" not in self.__dict__:  # type: ignore[attr-defined]
+            self._act_fn = get_activation(self.__dict__.get("_activation"))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # checkpoints saved before a Module activation was registered once hold its state twice, as
+        # ``activation.*`` beside ``act.*``: the copies are dropped, so they load with strict=True
+        for key in [k for k in state_dict if k.startswith(prefix + "activation.")]:
+            if "act" in self._modules and prefix + "act." + key[len(prefix + "activation.") :] in state_dict:  # type: ignore[attr-defined]
+                del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
 
     def _apply_act(self, y: Tensor) -> Tensor:
         act = self.__dict__.get("_act_fn") or self._modules["act"]  # type: ignore[attr-defined]
@@ -55,12 +101,13 @@ class BatchNormAct2d(_ActMixin, BatchNorm2d):
         super().__init__(num_features, **kwargs)
         self._init_act(activation)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``act(norm(input))``; ``mask`` (bool, True = valid) limits the statistics as in the plain norm."""
         x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
-        leaf = fx_leaf(self, x, root_traceable=True)
+        leaf = fx_leaf(self, x, mask, root_traceable=True)
         if leaf is not None:
             return leaf
-        return self._apply_act(super().forward(x))
+        return self._apply_act(super().forward(x) if mask is None else super().forward(x, mask))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={_act_repr(self.activation)}"
@@ -81,12 +128,13 @@ class GroupNormAct2d(_ActMixin, GroupNorm):
         super().__init__(num_groups, num_channels, **kwargs)
         self._init_act(activation)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``act(norm(input))``; ``mask`` (bool, True = valid) limits the statistics as in the plain norm."""
         x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
-        leaf = fx_leaf(self, x, root_traceable=True)
+        leaf = fx_leaf(self, x, mask, root_traceable=True)
         if leaf is not None:
             return leaf
-        return self._apply_act(super().forward(x))
+        return self._apply_act(super().forward(x) if mask is None else super().forward(x, mask))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={_act_repr(self.activation)}"
@@ -140,30 +188,42 @@ def create_norm_act_layer(
     if key in ("bn", "bn2d") and arg is None:
         return BatchNormAct2d(num_features, activation=activation, **kwargs)
     if key == "gn":
-        from .registry import default_groups
-
-        return GroupNormAct2d(
-            num_features, arg if arg is not None else default_groups(num_features), activation, **kwargs
-        )
+        # the group count from the spec or num_groups=, as create_norm_layer("gn", ...) takes it
+        groups = spec_or_keyword("gn", arg, kwargs, "num_groups", lambda: default_groups(num_features))
+        return GroupNormAct2d(num_features, groups, activation, **kwargs)
     if key in ("ln", "ln2d") and arg is None:
-        return LayerNormAct2d(num_features, activation, over="chw" if key == "ln" else "c", **kwargs)
+        over = "chw" if key == "ln" else "c"
+        if kwargs.get("over", over) != over:
+            raise NormError(
+                f"create_norm_act_layer: spec {spec!r} normalizes over={over!r} but the keyword says "
+                f"over={kwargs['over']!r}; use 'ln' for over='chw' or 'ln2d' for over='c'"
+            )
+        kwargs.pop("over", None)
+        return LayerNormAct2d(num_features, activation, over=over, **kwargs)
     if key is not None and key in _REGISTRY and getattr(_REGISTRY[key][0], "includes_activation", False):
         return create_norm_layer(spec, num_features, activation=activation, **kwargs)
+    norm = create_norm_layer(spec, num_features, **kwargs)
     fn = get_activation(activation)
-    act = fn if isinstance(fn, nn.Module) else _Lambda(fn)
-    return _SequentialNormAct(create_norm_layer(spec, num_features, **kwargs), act)
+    act = fn if isinstance(fn, nn.Module) else _Lambda(activation)
+    return _SequentialNormAct(norm, act)
 
 
-class _Lambda(nn.Module):
-    def __init__(self, fn: Any) -> None:
+class _Lambda(_ActMixin, nn.Module):
+    """A function activation as a module (named: pickles by name, resolved again on load)."""
+
+    def __init__(self, activation: ActivationLike) -> None:
         super().__init__()
-        self.fn = fn
+        self._init_act(activation)
+
+    @property
+    def fn(self) -> Any:
+        return self._act_fn
 
     def forward(self, x: Tensor) -> Tensor:
         leaf = fx_leaf(self, x, root_traceable=True)
         if leaf is not None:
             return leaf
-        return self.fn(x)
+        return self._act_fn(x)
 
     def extra_repr(self) -> str:
-        return getattr(self.fn, "__name__", repr(self.fn))
+        return _act_repr(self.activation)

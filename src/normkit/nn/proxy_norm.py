@@ -225,6 +225,8 @@ def _pn_factory(default_groups: int):
         return GroupNormProxyAct2d(c, num_groups=groups, activation=activation, **kw)
 
     factory.includes_activation = True  # type: ignore[attr-defined]
+    if default_groups == 1:
+        factory.takes_arg = False  # type: ignore[attr-defined]  # (get_norm_layer refuses 'ln:<int>+pn' at once)
     return factory
 
 

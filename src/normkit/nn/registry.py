@@ -10,12 +10,15 @@ from typing import Any
 from torch import nn
 
 from .._errors import NormError
+from ..functional._checks import check_positive_int
 
 __all__ = ["available_norms", "create_norm_layer", "default_groups", "get_norm_layer", "register_norm"]
 
 Factory = Callable[..., nn.Module]
 _REGISTRY: dict[str, tuple[Factory, str]] = {}
 _SPEC = re.compile(r"^(?P<base>[a-z][a-z0-9_]*)(?::(?P<arg>[0-9]+))?(?P<suffix>(?:\+[a-z][a-z0-9_]*)*)$")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*(?:\+[a-z][a-z0-9_]*)*$")
+_CORE_DONE = False  # set once the built-in specs are registered
 
 
 def register_norm(name: str, help: str = "") -> Callable[[Factory], Factory]:
@@ -32,8 +35,22 @@ def register_norm(name: str, help: str = "") -> Callable[[Factory], Factory]:
         'Identity'
     """
 
+    if not isinstance(name, str):
+        raise TypeError(f"register_norm: name must be a string such as 'mynorm', got {type(name).__name__}")
+    if _NAME.match(name) is None:
+        # Specs are matched lower-cased against this form: any other name could never be created.
+        raise NormError(
+            f"register_norm: name {name!r} is not a valid spec name; expected lower-case letters, digits "
+            "and '_' starting with a letter, optionally with '+suffix' parts (e.g. 'mynorm' or 'gn+pn'), "
+            "and no ':<int>' (the factory receives that as its arg)"
+        )
+
     def deco(factory: Factory) -> Factory:
         _REGISTRY[name] = (factory, help)
+        if _CORE_DONE:
+            # get_norm_layer must build what create_norm_layer builds: a re-registered class spec
+            # is no longer the class.
+            _CLASS_SPECS.pop(name, None)
         return factory
 
     return deco
@@ -56,6 +73,8 @@ def default_groups(num_channels: int, preferred: int = 32) -> int:
         >>> default_groups(64), default_groups(16), default_groups(48)
         (32, 16, 24)
     """
+    num_channels = check_positive_int(num_channels, "default_groups", "num_channels")
+    preferred = check_positive_int(preferred, "default_groups", "preferred")
     return max(g for g in range(1, min(preferred, num_channels) + 1) if num_channels % g == 0)
 
 
@@ -79,16 +98,24 @@ def create_norm_layer(spec: str, num_features: int, **kwargs: Any) -> nn.Module:
         raise TypeError(
             f"create_norm_layer: spec must be a string such as 'bn' or 'gn:16', got {type(spec).__name__}"
         )
+    factory, arg = _parse(spec, "create_norm_layer")
+    return factory(num_features, arg, **kwargs)
+
+
+def _parse(spec: str, op: str) -> tuple[Factory, int | None]:
+    """The factory and the ``:<int>`` argument of a spec, or a ``NormError`` naming it and the valid forms."""
     match = _SPEC.match(spec.strip().lower())
     key = None if match is None else match["base"] + match["suffix"]
     if match is None or key not in _REGISTRY:
         raise NormError(
-            f"create_norm_layer: unknown norm spec {spec!r}; expected one of {', '.join(sorted(_REGISTRY))} "
-            "(optionally with ':<int>', e.g. 'gn:16')"
+            f"{op}: unknown norm spec {spec!r}; expected one of {', '.join(sorted(_REGISTRY))}, "
+            "optionally with ':<int>' after the norm's name (e.g. 'gn:16', 'gn:4+pn')"
         )
     factory, _ = _REGISTRY[key]
     arg = int(match["arg"]) if match["arg"] is not None else None
-    return factory(num_features, arg, **kwargs)
+    if arg is not None and getattr(factory, "takes_arg", True) is False:
+        raise NormError(f"{op}: {key!r} takes no ':<int>' argument, got {spec!r}; use {key!r}")
+    return factory, arg
 
 
 def norm_from_spec(num_features: int, *, spec: str, **kwargs: Any) -> nn.Module:
@@ -143,12 +170,7 @@ def get_norm_layer(spec: str, **kwargs: Any) -> Callable[..., nn.Module]:
         cls = getattr(importlib.import_module("normkit.nn"), name)
         both = {**defaults, **kwargs}
         return functools.partial(cls, **both) if both else cls
-    match = _SPEC.match(key)
-    if match is None or match["base"] + match["suffix"] not in _REGISTRY:
-        raise NormError(
-            f"get_norm_layer: unknown norm spec {spec!r}; expected one of {', '.join(sorted(_REGISTRY))} "
-            "(optionally with ':<int>', e.g. 'gn:16')"
-        )
+    _parse(spec, "get_norm_layer")  # a bad spec fails here, not when the model is built
     return functools.partial(norm_from_spec, spec=spec, **kwargs)
 
 
@@ -182,6 +204,7 @@ def _register_core() -> None:
             _no_arg(name, arg)
             return cls(c, **{**defaults, **kw})
 
+        factory.takes_arg = False  # type: ignore[attr-defined]
         register_norm(name, help)(factory)
 
     simple("bn", BatchNorm2d, "BatchNorm2d")
@@ -209,6 +232,8 @@ def _register_core() -> None:
 
         return SyncBatchNorm(c, **kw)
 
+    _syncbn.takes_arg = False  # type: ignore[attr-defined]
+
     simple("frozen_bn", FrozenBatchNorm2d, "FrozenBatchNorm2d: running statistics and affine frozen")
 
     @register_norm(
@@ -223,5 +248,8 @@ def _register_core() -> None:
         _no_arg("none", arg)
         return nn.Identity()
 
+    _none.takes_arg = False  # type: ignore[attr-defined]
+
 
 _register_core()
+_CORE_DONE = True

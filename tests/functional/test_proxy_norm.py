@@ -248,3 +248,14 @@ def test_group_norm_proxy_act_checks_proxy_eps(proxy_eps):
     one, zero = torch.ones(C), torch.zeros(C)
     with pytest.raises(ValueError, match="group_norm_proxy_act: proxy_eps"):
         group_norm_proxy_act(torch.randn(2, C, 3, 3), 2, one, zero, zero, zero, proxy_eps=proxy_eps)
+
+
+def test_the_identity_activation_pickles():
+    """What holds the resolved ``"identity"`` activation pickles (it was a lambda)."""
+    import pickle
+
+    from normkit.functional.activations import get_activation
+
+    fn = pickle.loads(pickle.dumps(get_activation("identity")))
+    x = torch.randn(3)
+    assert torch.equal(fn(x), x)

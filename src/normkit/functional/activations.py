@@ -15,6 +15,12 @@ __all__ = ["ActivationLike", "activation_names", "activation_spec", "get_activat
 
 ActivationLike = str | Callable[[Tensor], Tensor] | None
 
+
+def _identity(t: Tensor) -> Tensor:
+    """The identity activation (a module-level function, so that what holds it pickles)."""
+    return t
+
+
 _ACTS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu,
     "silu": torch.nn.functional.silu,
@@ -24,7 +30,7 @@ _ACTS: dict[str, Callable[[Tensor], Tensor]] = {
     "leaky_relu": torch.nn.functional.leaky_relu,
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
-    "identity": lambda t: t,
+    "identity": _identity,
 }
 
 

@@ -412,7 +412,8 @@ def test_masked_helpers_validate_like_the_ops():
         nkf.masked_norm(x.long(), mask, (2,), None, None, 1e-5)
     with pytest.raises(ValueError, match="eps must be a finite number >= 0, got -1.0"):
         nkf.masked_norm(x, mask, (2,), None, None, -1.0)
-    with pytest.raises(ValueError, match=r"weight of shape \(1, 4, 1\) does not broadcast to the input shape \(2, 3, 4\)"):
+    broadcast = r"weight of shape \(1, 4, 1\) does not broadcast to the input shape \(2, 3, 4\)"
+    with pytest.raises(ValueError, match=broadcast):
         nkf.masked_norm(x, mask, (2,), torch.ones(4).view(1, 4, 1), None, 1e-5)
     with pytest.raises(TypeError, match="bias has dtype torch.float64 but the input is torch.float32"):
         nkf.masked_norm(x, mask, (2,), None, torch.zeros(1, 3, 1, dtype=F64), 1e-5)

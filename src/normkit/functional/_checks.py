@@ -94,12 +94,23 @@ def as_real(value: object, op: str, name: str) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def check_eps(eps: float, op: str) -> float:
+def check_eps(eps: float, op: str, name: str = "eps") -> float:
+    """``eps`` as a float, or a ``TypeError`` / :class:`NormError` naming the argument (``name``: e.g.
+    ``"proxy_eps"``) and what came.
+
+    Example:
+        >>> check_eps(1e-5, "group_norm")
+        1e-05
+        >>> check_eps(-1.0, "group_norm_proxy_act", "proxy_eps")
+        Traceback (most recent call last):
+        ...
+        normkit._errors.NormError: group_norm_proxy_act: proxy_eps must be a finite number >= 0, got -1.0
+    """
     # (comparisons, not math.isfinite: under torch.compile(dynamic=True) eps may be a SymFloat)
     if type(eps) is not float and type(eps) is not int:
-        eps = as_real(eps, op, "eps")
+        eps = as_real(eps, op, name)
     if not 0 <= eps < math.inf:
-        raise NormError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+        raise NormError(f"{op}: {name} must be a finite number >= 0, got {eps!r}")
     return float(eps)
 
 

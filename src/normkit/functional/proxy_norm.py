@@ -20,7 +20,7 @@ from torch import Tensor
 from .._errors import NormError
 from ..ops.library import exporting
 from ..ops.proxy import proxy_act, proxy_act_composite
-from ._checks import as_real, check_eps, check_groups, check_input, check_param, check_positive_int
+from ._checks import check_eps, check_groups, check_input, check_param, check_positive_int
 from ._moments import acc_dtype
 from .activations import ActivationLike, activation_spec, get_activation
 
@@ -45,17 +45,6 @@ def proxy_points(num_points: int = 200, *, dtype: torch.dtype = torch.float32, d
 
 
 _POINTS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
-
-
-def check_proxy_eps(proxy_eps: float, op: str) -> float:
-    """``proxy_eps`` as a float, or a ``TypeError`` / :class:`NormError` that names it (not ``eps``)."""
-    if type(proxy_eps) is not float and type(proxy_eps) is not int:
-        proxy_eps = as_real(proxy_eps, op, "proxy_eps")
-    if not 0 <= proxy_eps < math.inf:
-        raise NormError(
-            f"{op}: proxy_eps (added to the proxy variance) must be a finite number >= 0, got {proxy_eps!r}"
-        )
-    return float(proxy_eps)
 
 
 def _points(num_points: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -292,7 +281,7 @@ def group_norm_proxy_act(
     C = x.shape[1]
     groups = check_groups(num_groups, C, op)
     eps = check_eps(eps, op)
-    proxy_eps = check_proxy_eps(proxy_eps, op)
+    proxy_eps = check_eps(proxy_eps, op, "proxy_eps")
     for name, p in (
         ("weight", weight),
         ("bias", bias),

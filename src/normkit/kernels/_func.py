@@ -401,69 +401,50 @@ def _gnp_jvp(
     cfg: tuple[Any, ...],
     tangents: tuple[Any, ...],
 ) -> Tensor:
-    """The step's forward-mode derivative from the fused forward's statistics.
+    """The step's forward-mode derivative from the fused forward's statistics: GroupNorm's jvp of ``t_x``,
+    then the activation step's jvp (:func:`normkit.ops.proxy._jvp`, ``y = x_hat``).
 
-    With ``a = w * x_hat + b``, ``z = act(a)`` and ``out = (z - m) * r`` per channel:
-    ``t_out = act'(a) * r * (w * t_xhat + x_hat * t_w + t_b) - r * t_m + (z - m) * t_r``, where
-    ``t_xhat`` is GroupNorm's jvp of ``t_x``. GroupNorm's Jacobian (no affine) is symmetric, so
-    ``t_xhat`` is its backward of ``t_x``: one call of the backward kernel (two passes over ``x`` and
-    ``t_x``); ``t_m``, ``t_r`` are the proxy statistics' jvp (``(C, points)`` sized), only for
-    parameter tangents. A jvp w.r.t. the input alone is that kernel call and three elementwise ops.
+    GroupNorm's Jacobian (no affine) is symmetric, so ``t_xhat`` is its backward of ``t_x``: one call
+    of the backward kernel (two passes over ``x`` and ``t_x``). The proxy statistics' jvp
+    (``(C, points)`` sized) runs only for parameter tangents; functorch hands zeros for the inputs
+    without one, which are tested (the small ones), so a jvp w.r.t. the input skips them.
     """
     from ..ops import core
-    from ..ops.proxy import _act, _act_backward
+    from ..ops.proxy import _jvp as step_jvp
     from . import norm_backward
 
-    # (functorch hands zeros for the inputs without a tangent: the small ones are tested, so that a jvp
-    # w.r.t. the input skips the parameter terms; a wrapped tangent, batched under jacfwd, is kept)
     tx, tw, tb, tpb, tpw = tangents[:1] + tuple(None if unwrapped_zero(t) else t for t in tangents[1:])
     groups, _eps, act, peps = cfg
     code = _act_code(act)
     assert code is not None  # (checked by gn_proxy_act)
-    name, slope = _ACT_NAME[code[0]], code[1]
     N, C = x.shape[:2]
     nd, dtype = x.dim(), m.dtype
-    ones = (1,) * (nd - 2)
-    w, b = (p.to(dtype) for p in ps[:2])
-
-    def per_channel(v: Tensor) -> Tensor:  # (C,) -> (1, C, 1, ...)
-        return v.reshape(1, C, *ones)
-
     # x_hat = x * alpha + beta per (sample, channel), from the per-set statistics
     st = stats.reshape(core.STAT_ROWS, N, groups, 1)
     shift, inv, cmean, rstd = st[0], st[1], st[2], st[3]
+    ones = (1,) * (nd - 2)
     alpha = (inv * rstd).expand(N, groups, C // groups).reshape(N, C, *ones)
     beta = (-(shift * inv + cmean) * rstd).expand(N, groups, C // groups).reshape(N, C, *ones)
-    a = torch.addcmul(beta * per_channel(w) + per_channel(b), x, alpha * per_channel(w))
-    ta: Tensor | None = None
+    x_hat = torch.addcmul(beta, x, alpha)
+    t_xhat = None
     if tx is not None:
         xv = x.reshape(N, groups, C // groups, *x.shape[2:])  # (a view for contiguous / channels_last x)
         txv = tx.reshape(xv.shape)
         if type(txv) is Tensor and txv.stride() != xv.stride():
             txv = torch.empty_like(xv).copy_(txv)  # the kernels take the tangent in x's layout
         st6 = stats.reshape(core.STAT_ROWS, N, groups, *((1,) * (xv.dim() - 2)))
-        t_xhat = norm_backward(
-            txv, xv, None, None, None, st6, tuple(range(2, xv.dim())), (True, False, False)
-        )[0]
+        dims = tuple(range(2, xv.dim()))
+        t_xhat = norm_backward(txv, xv, None, None, None, st6, dims, (True, False, False))[0]
         assert t_xhat is not None
-        ta = t_xhat.reshape(x.shape) * per_channel(w * r)  # (r folded in here: one product fewer)
-    if tw is not None or tb is not None:
-        extra = torch.zeros((), dtype=dtype, device=x.device)
-        if tw is not None:
-            extra = torch.addcmul(beta, x, alpha) * per_channel(tw.to(dtype))
-        if tb is not None:
-            extra = extra + per_channel(tb.to(dtype))
-        extra = extra * per_channel(r)
-        ta = extra if ta is None else ta + extra
-    tout = torch.zeros_like(a) if ta is None else _act_backward(ta.expand(a.shape), a, a, name, slope)
+        t_xhat = t_xhat.reshape(x.shape)
+    tm = tr = None
     if any(t is not None for t in (tw, tb, tpb, tpw)):
         primals = tuple(p.to(dtype) for p in ps)
         tm, tr = torch.func.jvp(
             _composite_stats_of(act, peps, u), primals, dense_tangents((tw, tb, tpb, tpw), primals)
         )[1]
-        tout = tout - per_channel(tm * r)
-        tout = tout + (_act(a, name, slope) - per_channel(m)) * per_channel(tr)
-    return tout.to(x.dtype)
+    out = step_jvp(x_hat, ps[0], ps[1], m, r, (t_xhat, tw, tb, tm, tr), _ACT_NAME[code[0]], code[1])
+    return out.to(x.dtype)
 
 
 def _gnp_vmap(

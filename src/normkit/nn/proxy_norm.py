@@ -11,7 +11,7 @@ from .. import functional as F
 from .._errors import NormError
 from ..functional._checks import check_eps, check_groups, check_positive_int
 from ..functional.activations import ActivationLike, get_activation
-from ..functional.proxy_norm import _gn_proxy_kernels, check_proxy_eps
+from ..functional.proxy_norm import _gn_proxy_kernels
 from ._base import check_channels, fx_leaf
 from .registry import default_groups as _default_groups
 from .registry import register_norm, spec_or_keyword
@@ -179,7 +179,7 @@ class GroupNormProxyAct2d(ProxyNormAct):
         dtype: Any = None,
     ) -> None:
         name = type(self).__name__
-        proxy_eps = check_proxy_eps(proxy_eps, name)  # (named proxy_eps, not the base class's eps)
+        proxy_eps = check_eps(proxy_eps, name, "proxy_eps")  # (named proxy_eps, not the base class's eps)
         super().__init__(num_features, activation, proxy_eps, num_points, device, dtype)
         self.num_groups = check_groups(num_groups, num_features, name)
         self.eps = check_eps(eps, name)

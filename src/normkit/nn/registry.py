@@ -176,7 +176,15 @@ def get_norm_layer(spec: str, **kwargs: Any) -> Callable[..., nn.Module]:
 
 def spec_or_keyword(name: str, arg: int | None, kw: dict[str, Any], key: str, default: Any) -> Any:
     """The value of ``key`` for a spec ``name[:arg]``: from the spec's ``:<int>``, else from the keyword
-    (popped from ``kw``), else ``default``; given both ways, a ``NormError`` naming the conflict."""
+    (popped from ``kw``), else ``default``; given both ways, a ``NormError`` naming the conflict.
+
+    Example:
+        >>> kw = {"num_groups": 4, "eps": 1e-3}
+        >>> spec_or_keyword("gn", None, kw, "num_groups", lambda: 32), kw
+        (4, {'eps': 0.001})
+        >>> spec_or_keyword("gn", 8, {}, "num_groups", lambda: 32)
+        8
+    """
     if key in kw:
         value = kw.pop(key)
         if arg is not None:

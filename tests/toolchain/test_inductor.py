@@ -275,3 +275,116 @@ def test_the_crossover_script_times_both_ways_and_checks_them_against_eager(
     assert cells[1:3] == ["2x8x4x4", "fp32"] and all(float(c) > 0 for c in cells[3 : 6 + ways])
     diffs = [float(v) for v in cells[6 + ways].split("/")]
     assert len(diffs) == ways and max(diffs) < 1e-5
+
+
+# ---- the kernel ops take the layout Inductor chose (flexible_layout) --------------------------------
+
+
+def _layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``x``'s values in five layouts: contiguous, channels-last, a dense permutation that is
+    neither, and two non-dense views (every other column of a wider tensor; an expanded batch)."""
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+    wide[..., ::2] = x
+    perm = x.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
+    return {
+        "contiguous": x,
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "permuted": perm,
+        "strided": wide[..., ::2],
+        "expanded": x[:1].expand(x.shape),
+    }
+
+
+def _fake_strides(op, *args):
+    """The strides ``op``'s fake gives its outputs for these inputs (what Inductor lays its buffers
+    out by, and asserts the real outputs against)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    with mode:
+        out = op(*fake_args)
+    return [o.stride() for o in (out if isinstance(out, (list, tuple)) else [out])]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "strided", "expanded"])
+@pytest.mark.parametrize("dy_layout", ["same", "contiguous", "channels_last"])
+def test_kernel_ops_take_any_strides_and_return_what_their_fakes_declare(layout, dy_layout):
+    """``normkit::norm_kernel`` and ``norm_backward_kernel`` are ``flexible_layout``: Inductor passes
+    its buffers as laid out (a CPU convolution's output is channels-last) and takes the outputs'
+    strides from the fakes. Every layout gives the fake's strides and the values of the graph op
+    on a contiguous copy (itself tested against float64 elsewhere)."""
+    ops = torch.ops.normkit
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 4, 5, 6)
+    w, b = torch.randn(1, 4, 1, 1), torch.randn(1, 4, 1, 1)
+    x = _layouts(x0)[layout]
+    x0 = x.contiguous()  # (the expanded view's values are its first sample's)
+    want_y, want_stats = ops.norm(x0, w, b, None, [0, 2, 3], 1e-5)
+    y, stats = ops.norm_kernel(x, w, b, None, [0, 2, 3], 1e-5)
+    assert [y.stride(), stats.stride()] == _fake_strides(ops.norm_kernel, x, w, b, None, [0, 2, 3], 1e-5)
+    torch.testing.assert_close(y, want_y, **TOL)
+    torch.testing.assert_close(stats, want_stats, **TOL)
+
+    dy0 = torch.randn_like(x0)
+    dy = {"same": _layouts(dy0)[layout], "contiguous": dy0}.get(
+        dy_layout, dy0.contiguous(memory_format=torch.channels_last)
+    )
+    dy0 = dy.contiguous()
+    needs = [True, True, True]
+    want = ops.norm_backward(dy0, x0, w, b, None, want_stats, [0, 2, 3], needs)
+    got = ops.norm_backward_kernel(dy, x, w, b, None, stats, [0, 2, 3], needs)
+    fake = _fake_strides(ops.norm_backward_kernel, dy, x, w, b, None, stats, [0, 2, 3], needs)
+    assert [g.stride() for g in got] == fake
+    for g, ref in zip(got, want):
+        torch.testing.assert_close(g, ref, **TOL)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "strided", "expanded"])
+def test_proxy_kernel_ops_take_any_strides_and_return_what_their_fakes_declare(layout):
+    ops = torch.ops.normkit
+    torch.manual_seed(0)
+    y0 = torch.randn(3, 4, 5, 6)
+    w, b, m, r = torch.randn(4), torch.randn(4), torch.randn(4), torch.rand(4) + 0.5
+    y = _layouts(y0)[layout]
+    y0 = y.contiguous()
+    args = (w, b, m, r, "relu", 0.01)
+    out = ops.proxy_norm_act_kernel(y, *args)
+    assert [out.stride()] == _fake_strides(ops.proxy_norm_act_kernel, y, *args)
+    torch.testing.assert_close(out, ops.proxy_norm_act(y0, *args), **TOL)
+    dout0 = torch.randn_like(y0)
+    for dout in (dout0, dout0.contiguous(memory_format=torch.channels_last)):
+        needs = [True] * 5
+        got = ops.proxy_norm_act_backward_kernel(dout, y, *args, needs)
+        assert [g.stride() for g in got] == _fake_strides(
+            ops.proxy_norm_act_backward_kernel, dout, y, *args, needs
+        )
+        for g, ref in zip(got, ops.proxy_norm_act_backward(dout0, y0, *args, needs)):
+            torch.testing.assert_close(g, ref, **TOL)
+
+
+def test_a_channels_last_convolution_output_reaches_the_norm_kernel_uncopied(fresh_inductor, monkeypatch):
+    """On the CPU Inductor lays convolutions out channels-last. The norm's kernel call takes that
+    buffer as it is: before the flexible layout, a generated kernel copied it to the traced graph's
+    NCHW strides first (and the gradient back), a full read and write of the activation each way."""
+    monkeypatch.setitem(_inductor.LIMITS, "cpu", 0)
+    torch.manual_seed(0)
+    m, ref = (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(4, 8, 3, padding=1, bias=False), nkn.BatchNorm2d(8), torch.nn.ReLU()
+        )
+        for _ in range(2)
+    )
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 4, 6, 6)
+    got, codes = _compiled_run(m, x)
+    _assert_same(got, run(ref, x))
+    _buffers_close(ref, m)
+    forward = codes[0]
+    conv = re.search(r"(buf\d+) = extern_kernels\.convolution\(", forward)
+    assert conv, forward
+    call = re.search(r"torch\.ops\.normkit\.norm_kernel\.default\((\w+),", forward)
+    took = call and call.group(1)
+    assert took == conv.group(1), f"the kernel takes {took}, not the convolution's {conv.group(1)}"
+    layout = re.search(rf"assert_size_stride\({conv.group(1)}, \(2, 8, 6, 6\), \(([\d, ]+)\)", forward)
+    assert layout and layout.group(1) == "288, 1, 48, 8", "the test's premise: a channels-last convolution"

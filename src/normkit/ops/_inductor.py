@@ -138,20 +138,32 @@ def ensure() -> None:
         _state["error"] = f"{type(e).__name__}: {e}"
 
 
-def register_op(name: str, impl: Callable[..., Any], fake: Callable[..., Any]) -> Any:
-    """Register ``normkit::<name>`` (what a model's graph holds) and ``normkit::<name>_kernel``, the
-    same implementation under the name Inductor calls where normkit's kernels beat its generated
-    code (this module's decompositions turn the first into ATen ops or into the second; no autograd
-    on the second: it only ever appears after them). Returns the first.
+def register_op(
+    name: str, impl: Callable[..., Any], fake: Callable[..., Any], kernel_impl: Callable[..., Any]
+) -> Any:
+    """Register ``normkit::<name>`` (what a model's graph holds, running ``impl``) and
+    ``normkit::<name>_kernel`` (running ``kernel_impl``), the name Inductor calls where normkit's
+    kernels beat its generated code (this module's decompositions turn the first into ATen ops or
+    into the second; no autograd on the second: it only ever appears after them). Returns the first.
+
+    The second is tagged ``flexible_layout``: Inductor hands it its inputs in the layout it chose
+    for them (a convolution's output is channels-last on the CPU) instead of copying them into the
+    strides the traced graph had, and takes the output's strides from ``fake`` run on those inputs.
+    So ``kernel_impl`` must accept any strides and return what ``fake`` says (``x``'s strides where
+    ``x`` is dense, ``torch.empty_like(x)``'s where not: the kernel impls copy such an input first).
 
     Example:
-        >>> torch.ops.normkit.norm_kernel.default.name()   # registered by normkit.ops.library
-        'normkit::norm_kernel'
+        >>> op = torch.ops.normkit.norm_kernel.default   # registered by normkit.ops.library
+        >>> op.name(), torch.Tag.flexible_layout in op.tags
+        ('normkit::norm_kernel', True)
     """
-    ops = [torch.library.custom_op(f"normkit::{n}", impl, mutates_args=()) for n in (name, f"{name}_kernel")]
-    for op in ops:
-        op.register_fake(fake)
-    return ops[0]
+    op = torch.library.custom_op(f"normkit::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    kernel_op = torch.library.custom_op(
+        f"normkit::{name}_kernel", kernel_impl, mutates_args=(), tags=(torch.Tag.flexible_layout,)
+    )
+    kernel_op.register_fake(fake)
+    return op
 
 
 def _norm(

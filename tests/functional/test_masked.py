@@ -202,6 +202,22 @@ def test_all_masked_channel_keeps_running_stats_and_outputs_bias():
     assert out.num_batches_tracked.item() == 1
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_eps_zero_constant_set_pads_with_the_bias_not_nan(bias):
+    """eps=0 and a set whose valid values are all equal: its valid positions are 0 / 0 (NaN, as
+    torch's norms give for a constant input at eps=0), but its padded positions output the bias as
+    everywhere else, not 0 * inf."""
+    x = torch.tensor([[[1.0, 1.0, 50.0], [2.0, 3.0, 2.0]]])
+    mask = torch.tensor([[[True, True, False], [True, True, True]]])
+    b = torch.tensor([0.5, -0.25]) if bias else None
+    y, *_ = nkf.masked_norm(x, mask, (2,), None, None if b is None else b.view(1, 2, 1), eps=0.0)
+    assert torch.isnan(y[0, 0, :2]).all()
+    assert y[0, 0, 2].item() == (0.5 if bias else 0.0)
+    want = (x[0, 1] - x[0, 1].mean()) / x[0, 1].var(unbiased=False).sqrt() + (-0.25 if bias else 0.0)
+    torch.testing.assert_close(y[0, 1], want)
+    assert TF.layer_norm(torch.ones(1, 2), (2,), eps=0.0).isnan().all()  # (torch's, for the valid ones)
+
+
 def test_fully_masked_batch_changes_nothing_and_grads_are_zero():
     x = _randn((3, 4, 5), seed=12).requires_grad_()
     w, b = (t.requires_grad_() for t in _wb(4))

@@ -344,7 +344,13 @@ def norm_forward(
     rstd = _scaled_rstd(var, inv, eps)
     if mask is not None:
         rstd = torch.where(count > 0, rstd, 0.0)
-    return _finish(x, d, weight, bias, count, shift, inv, cmean, rstd, var)
+    y, stats = _finish(x, d, weight, bias, count, shift, inv, cmean, rstd, var)
+    if mask is not None and eps == 0:
+        # eps=0 and a set of one repeated value: rstd is inf, and its padded positions (d = 0) would
+        # come out 0 * inf = NaN; they output the bias (its valid ones are 0 / 0, NaN, as in torch)
+        fill = torch.zeros((), dtype=y.dtype, device=y.device) if bias is None else bias.to(y.dtype)
+        y = torch.where(mask, y, fill)
+    return y, stats
 
 
 # One-read statistics (norm_forward_fused): the second moments run on (x - x0) * 2^-k, for the sets

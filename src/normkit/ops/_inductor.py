@@ -53,6 +53,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -139,18 +140,22 @@ def ensure() -> None:
 
 
 def register_op(
-    name: str, impl: Callable[..., Any], fake: Callable[..., Any], kernel_impl: Callable[..., Any]
+    name: str,
+    impl: Callable[..., Any],
+    fake: Callable[..., Any],
+    prepare: Callable[..., Sequence[Any]],
 ) -> Any:
     """Register ``normkit::<name>`` (what a model's graph holds, running ``impl``) and
-    ``normkit::<name>_kernel`` (running ``kernel_impl``), the name Inductor calls where normkit's
-    kernels beat its generated code (this module's decompositions turn the first into ATen ops or
-    into the second; no autograd on the second: it only ever appears after them). Returns the first.
+    ``normkit::<name>_kernel``, the name Inductor calls where normkit's kernels beat its generated
+    code (this module's decompositions turn the first into ATen ops or into the second; no autograd
+    on the second: it only ever appears after them). Returns the first.
 
     The second is tagged ``flexible_layout``: Inductor hands it its inputs in the layout it chose
     for them (a convolution's output is channels-last on the CPU) instead of copying them into the
-    strides the traced graph had, and takes the output's strides from ``fake`` run on those inputs.
-    So ``kernel_impl`` must accept any strides and return what ``fake`` says (``x``'s strides where
-    ``x`` is dense, ``torch.empty_like(x)``'s where not: the kernel impls copy such an input first).
+    strides the traced graph had, and takes the outputs' strides from ``fake`` run on those inputs.
+    So it runs ``impl(*prepare(*args))``: ``prepare`` makes a non-dense input dense (as
+    ``torch.empty_like`` lays it out, which is what ``fake`` declares) and brings the inputs that
+    must match it (a gradient, a mask) to its strides.
 
     Example:
         >>> op = torch.ops.normkit.norm_kernel.default   # registered by normkit.ops.library
@@ -159,6 +164,11 @@ def register_op(
     """
     op = torch.library.custom_op(f"normkit::{name}", impl, mutates_args=())
     op.register_fake(fake)
+
+    @functools.wraps(impl)  # (the op's schema is read from impl's signature)
+    def kernel_impl(*args: Any) -> Any:
+        return impl(*prepare(*args))
+
     kernel_op = torch.library.custom_op(
         f"normkit::{name}_kernel", kernel_impl, mutates_args=(), tags=(torch.Tag.flexible_layout,)
     )

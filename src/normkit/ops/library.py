@@ -186,39 +186,24 @@ def _norm_backward_fake(dy, x, weight, bias, mask, stats, dims, needs):  # type:
     )
 
 
-def _norm_kernel_impl(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    mask: Tensor | None,
-    dims: Sequence[int],
-    eps: float,
-) -> tuple[Tensor, Tensor]:
-    """``normkit::norm_kernel``: Inductor's inputs in whatever strides it gave them (flexible layout)."""
+def _norm_kernel_args(x, weight, bias, mask, dims, eps):  # type: ignore[no-untyped-def]
+    """``normkit::norm_kernel``'s arguments as the kernels take them: Inductor passes its buffers in
+    the layout it chose (flexible layout), which may be any strides."""
     x = _dense(x)
-    return _norm_impl(x, weight, bias, None if mask is None else _like(mask, x), dims, eps)
+    return x, weight, bias, None if mask is None else _like(mask, x), dims, eps
 
 
-def _norm_backward_kernel_impl(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    mask: Tensor | None,
-    stats: Tensor,
-    dims: Sequence[int],
-    needs: Sequence[bool],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``normkit::norm_backward_kernel``: ``dy`` and ``mask`` brought to ``x``'s strides (the kernels'
+def _norm_backward_kernel_args(dy, x, weight, bias, mask, stats, dims, needs):  # type: ignore[no-untyped-def]
+    """``normkit::norm_backward_kernel``'s arguments: ``dy`` and ``mask`` in ``x``'s strides (the kernels'
     condition) where Inductor gave them others."""
     x = _dense(x)
     mask = None if mask is None else _like(mask, x)
-    return _norm_backward_impl(_like(dy, x), x, weight, bias, mask, stats.contiguous(), dims, needs)
+    return _like(dy, x), x, weight, bias, mask, stats.contiguous(), dims, needs
 
 
 # What a model's graph holds (one node per norm), and the same under the names Inductor calls
-_norm_op = _inductor.register_op("norm", _norm_impl, _norm_fake, _norm_kernel_impl)
-_inductor.register_op("norm_backward", _norm_backward_impl, _norm_backward_fake, _norm_backward_kernel_impl)
+_norm_op = _inductor.register_op("norm", _norm_impl, _norm_fake, _norm_kernel_args)
+_inductor.register_op("norm_backward", _norm_backward_impl, _norm_backward_fake, _norm_backward_kernel_args)
 
 
 def _backward(

@@ -324,37 +324,25 @@ def _pn_backward_fake(dout, y, weight, bias, m, rstd, act, slope, needs):  # typ
     return [torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, needs)]
 
 
-def _pn_kernel_impl(
-    y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float
-) -> Tensor:
-    """``normkit::proxy_norm_act_kernel``: ``y`` in whatever strides Inductor gave it (flexible layout)."""
+def _pn_kernel_args(y, weight, bias, m, rstd, act, slope):  # type: ignore[no-untyped-def]
+    """``normkit::proxy_norm_act_kernel``'s arguments: ``y`` made dense (Inductor gives any strides)."""
     from .library import _dense
 
-    return _pn_impl(_dense(y), weight, bias, m, rstd, act, slope)
+    return _dense(y), weight, bias, m, rstd, act, slope
 
 
-def _pn_backward_kernel_impl(
-    dout: Tensor,
-    y: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    m: Tensor,
-    rstd: Tensor,
-    act: str,
-    slope: float,
-    needs: list[bool],
-) -> list[Tensor]:
-    """``normkit::proxy_norm_act_backward_kernel``: ``dout`` brought to ``y``'s strides where they differ."""
+def _pn_backward_kernel_args(dout, y, weight, bias, m, rstd, act, slope, needs):  # type: ignore[no-untyped-def]
+    """``normkit::proxy_norm_act_backward_kernel``'s arguments: ``dout`` in ``y``'s strides."""
     from .library import _dense, _like
 
     y = _dense(y)
-    return _pn_backward_impl(_like(dout, y), y, weight, bias, m, rstd, act, slope, needs)
+    return _like(dout, y), y, weight, bias, m, rstd, act, slope, needs
 
 
 # What a model's graph holds, and the same under the names Inductor calls (normkit.ops._inductor)
-_pn_op = _inductor.register_op("proxy_norm_act", _pn_impl, _pn_fake, _pn_kernel_impl)
+_pn_op = _inductor.register_op("proxy_norm_act", _pn_impl, _pn_fake, _pn_kernel_args)
 _inductor.register_op(
-    "proxy_norm_act_backward", _pn_backward_impl, _pn_backward_fake, _pn_backward_kernel_impl
+    "proxy_norm_act_backward", _pn_backward_impl, _pn_backward_fake, _pn_backward_kernel_args
 )
 
 

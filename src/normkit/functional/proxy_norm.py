@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .._errors import NormError
+from ..kernels import _fast, triton_ready
 from ..ops.library import exporting
 from ..ops.proxy import proxy_act, proxy_act_composite
 from ._checks import check_eps, check_groups, check_input, check_param, check_positive_int
@@ -85,13 +86,9 @@ def proxy_stats(
     dtype = acc_dtype(weight.dtype)
     u = points if points is not None else _points(num_points, dtype, weight.device)
     if weight.device.type == "cpu":  # eager CPU: one fused C++ call each way (None where it does not apply)
-        from ..kernels import _fast
-
         fast = _fast.proxy_stats(weight, bias, proxy_bias, proxy_weight, u, activation, eps)
         if fast is not None:
             return fast
-    from ..kernels import triton_ready
-
     if triton_ready(weight):  # a GPU: one Triton kernel each way instead of ~15 small ops
         from ..kernels import triton as _triton
 
@@ -195,8 +192,6 @@ def proxy_norm_act(
     act = get_activation(activation)  # (checks it)
     spec = activation_spec(activation)
     if memory_efficient and spec is not None and not exporting():
-        from ..kernels import triton_ready
-
         if triton_ready(y):  # a GPU (or Triton's interpreter): statistics + step, one node, a kernel each
             from ..kernels import triton as _triton
 
@@ -215,8 +210,6 @@ def _gn_proxy_kernels(x: Tensor) -> Callable[..., Tensor | None] | None:
     weight, bias, proxy_bias, proxy_weight, points, activation, proxy_eps)``, ``None`` where it does not
     take the case), or ``None``: eager CPU, the C++ kernels (one pass each way); a GPU, Triton's;
     a CPU tensor under ``torch.func`` transforms, the C++ kernels as one Function with torch.func's rules."""
-    from ..kernels import _fast, triton_ready
-
     if _fast.eligible(x):
         return _fast.gn_proxy_act
     if triton_ready(x):

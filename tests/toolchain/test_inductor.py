@@ -8,6 +8,7 @@ The oracle is the same module run eagerly (itself tested against torch.nn and fl
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -388,3 +389,23 @@ def test_a_channels_last_convolution_output_reaches_the_norm_kernel_uncopied(fre
     assert took == conv.group(1), f"the kernel takes {took}, not the convolution's {conv.group(1)}"
     layout = re.search(rf"assert_size_stride\({conv.group(1)}, \(2, 8, 6, 6\), \(([\d, ]+)\)", forward)
     assert layout and layout.group(1) == "288, 1, 48, 8", "the test's premise: a channels-last convolution"
+
+
+@pytest.mark.parametrize("spec", ["ln", "ln+pn", "bn", "ln2d", "in"])
+def test_a_second_input_size_recompiles_with_symbolic_sizes_between_convolutions(fresh_inductor, spec):
+    """A plain ``torch.compile(model)`` recompiles with symbolic sizes at the second spatial size.
+    A norm between two convolutions must compile then too (one group normalizes ``x`` itself: the
+    view that splits channels into groups is what Inductor cannot lay out channels-last with
+    symbolic sizes; docs/differences.md) and compute what eager computes."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), normkit.create_norm_layer(spec, 8), torch.nn.Conv2d(8, 4, 1)
+    )
+    ref = copy.deepcopy(m)
+    compiled = torch.compile(m)
+    for hw in (6, 7, 9):
+        m.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        x = torch.randn(2, 3, hw, hw)
+        _assert_same(run(compiled, x, m), run(ref, x))
+        _buffers_close(ref, m)

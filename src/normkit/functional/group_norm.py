@@ -91,6 +91,14 @@ def group_norm(
         if y is not None:
             return y
     k = len(spatial)
+    if G == 1:
+        # one group: the statistics pool over (C, *S), the affine per channel, on x itself (no view
+        # to split the channels, which Inductor cannot lay out channels-last with symbolic sizes)
+        pshape = (1, C) + (1,) * k
+        w = weight.view(pshape) if weight is not None else None
+        b = bias.view(pshape) if bias is not None else None
+        mx = None if mask is None else check_mask(mask, x, op).expand(x.shape)
+        return norm_output(x, tuple(range(1, 2 + k)), w, b, eps, mx)
     if k and x.stride(1) == 1 and not x.is_contiguous():
         # channels_last: work on the (N, *S, G, C // G) view of the memory as it lies, where every
         # elementwise pass is one flat loop and the statistics reduce in two fast stages.

@@ -91,15 +91,14 @@ def group_norm(
         if y is not None:
             return y
     k = len(spatial)
+    perm = None
     if G == 1:
-        # one group: the statistics pool over (C, *S), the affine per channel, on x itself (no view
-        # to split the channels, which Inductor cannot lay out channels-last with symbolic sizes)
+        # one group: the statistics pool over (C, *S) of x itself (no view splitting the channels,
+        # which Inductor cannot lay out channels-last once the spatial sizes are symbolic)
+        xv = x
         pshape = (1, C) + (1,) * k
-        w = weight.view(pshape) if weight is not None else None
-        b = bias.view(pshape) if bias is not None else None
-        mx = None if mask is None else check_mask(mask, x, op).expand(x.shape)
-        return norm_output(x, tuple(range(1, 2 + k)), w, b, eps, mx)
-    if k and x.stride(1) == 1 and not x.is_contiguous():
+        dims = tuple(range(1, 2 + k))
+    elif k and x.stride(1) == 1 and not x.is_contiguous():
         # channels_last: work on the (N, *S, G, C // G) view of the memory as it lies, where every
         # elementwise pass is one flat loop and the statistics reduce in two fast stages.
         perm = (0, *range(2, 2 + k), 1)
@@ -108,7 +107,6 @@ def group_norm(
         dims = (*range(1, 1 + k), 2 + k)
     else:
         # (N, C, *S) -> (N, G, C // G, *S): splitting one dim is a view for any strides.
-        perm = None
         xv = x.view(N, G, C // G, *spatial)
         pshape = (1, G, C // G) + (1,) * k
         dims = tuple(range(2, xv.dim()))
@@ -118,8 +116,10 @@ def group_norm(
     if mask is not None:
         # The mask, expanded to x, laid out the same way (a copy only when the broadcast needs one).
         me = check_mask(mask, x, op).expand(x.shape)
-        mv = (me if perm is None else me.permute(perm)).reshape(xv.shape)
+        mv = me if xv is x else (me if perm is None else me.permute(perm)).reshape(xv.shape)
     y = norm_output(xv, dims, w, b, eps, mv)
+    if xv is x:
+        return y
     if perm is None:
         return y.view(x.shape)
     # (N, *S, G, C // G) -> (N, *S, C) -> (N, C, *S): a view, channels_last again.

@@ -17,7 +17,7 @@ from torch._inductor.utils import run_and_get_code
 
 import normkit
 import normkit.nn as nkn
-from normkit.ops import _inductor
+from normkit.ops import _inductor, core
 
 from .samples import SAMPLES, run
 
@@ -341,6 +341,32 @@ def test_kernel_ops_take_any_strides_and_return_what_their_fakes_declare(layout,
         torch.testing.assert_close(g, ref, **TOL)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "strided", "expanded"])
+def test_the_grouped_kernel_op_is_the_kernel_op_on_the_grouped_view(layout, masked):
+    """``normkit::norm_kernel(x, ..., groups=G)`` (GroupNorm under torch.compile) is the op on
+    ``(N, G, C // G, H, W)`` with the output in ``x``'s shape, in any layout, with the strides its
+    fake declares."""
+    ops = torch.ops.normkit
+    torch.manual_seed(0)
+    x = _layouts(torch.randn(3, 6, 5, 4))[layout]
+    w, b = torch.randn(1, 2, 3, 1, 1), torch.randn(1, 2, 3, 1, 1)
+    mask = (torch.rand(3, 6, 5, 4) > 0.3) if masked else None
+    x0 = x.contiguous()
+    grouped = (3, 2, 3, 5, 4)
+    m0 = None if mask is None else mask.view(grouped)
+    want_y, want_stats = ops.norm(x0.view(grouped), w, b, m0, [2, 3, 4], 1e-5)
+    y, stats = ops.norm_kernel(x, w, b, mask, [2, 3, 4], 1e-5, 2)
+    fake = _fake_strides(ops.norm_kernel, x, w, b, mask, [2, 3, 4], 1e-5, 2)
+    assert [y.stride(), stats.stride()] == fake
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, want_y.view(x.shape), **TOL)
+    # (the saved shift is an implementation's choice, which a layout may change: the moments are not)
+    for got, want in zip(core.mean_var(stats), core.mean_var(want_stats)):
+        torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(core.stats_count(stats), core.stats_count(want_stats))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "strided", "expanded"])
 def test_proxy_kernel_ops_take_any_strides_and_return_what_their_fakes_declare(layout):
     ops = torch.ops.normkit
@@ -391,21 +417,63 @@ def test_a_channels_last_convolution_output_reaches_the_norm_kernel_uncopied(fre
     assert layout and layout.group(1) == "288, 1, 48, 8", "the test's premise: a channels-last convolution"
 
 
-@pytest.mark.parametrize("spec", ["ln", "ln+pn", "bn", "ln2d", "in"])
+def _between_convolutions(compiled, m, shapes, channels_last=False) -> None:
+    """Each input shape through ``compiled`` and through an eager copy of ``m``: outputs, gradients and
+    buffers alike."""
+    ref = copy.deepcopy(m)
+    for shape in shapes:
+        m.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        x = torch.randn(shape)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        _assert_same(run(compiled, x, m), run(ref, x))
+        _buffers_close(ref, m)
+
+
+@pytest.mark.parametrize("spec", ["ln", "ln+pn", "gn:2", "gn+pn", "bn", "ln2d", "in"])
 def test_a_second_input_size_recompiles_with_symbolic_sizes_between_convolutions(fresh_inductor, spec):
     """A plain ``torch.compile(model)`` recompiles with symbolic sizes at the second spatial size.
-    A norm between two convolutions must compile then too (one group normalizes ``x`` itself: the
-    view that splits channels into groups is what Inductor cannot lay out channels-last with
-    symbolic sizes; docs/differences.md) and compute what eager computes."""
+    A norm between two convolutions must compile then too and compute what eager computes.
+
+    The case GroupNorm's grouped view makes hard: Inductor (torch 2.13) cannot lay out channels-last
+    a 4-d view that the graph saves for the backward once the sizes are symbolic
+    (``TypeError: cannot determine truth value of Relational``). One group normalizes ``x`` itself;
+    more groups take the kernel op that reads and writes ``(N, C, H, W)`` (ops/_inductor.py)."""
     torch.manual_seed(0)
     m = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1), normkit.create_norm_layer(spec, 8), torch.nn.Conv2d(8, 4, 1)
     )
-    ref = copy.deepcopy(m)
-    compiled = torch.compile(m)
-    for hw in (6, 7, 9):
-        m.zero_grad(set_to_none=True)
-        ref.zero_grad(set_to_none=True)
-        x = torch.randn(2, 3, hw, hw)
-        _assert_same(run(compiled, x, m), run(ref, x))
-        _buffers_close(ref, m)
+    _between_convolutions(torch.compile(m), m, [(2, 3, 6, 6), (2, 3, 7, 7), (3, 3, 9, 5)])
+
+
+@pytest.mark.parametrize(
+    ("case", "path"),
+    [
+        ("2d-channels_last", "generated"),
+        ("2d-channels_last", "kernels"),
+        ("no-affine", "generated"),
+        ("no-affine", "kernels"),
+        ("1d", "kernels"),
+        ("3d", "generated"),
+    ],
+)
+def test_group_norm_between_convolutions_compiles_with_symbolic_sizes_on_either_path(
+    fresh_inductor, monkeypatch, path, case
+):
+    """``dynamic=True``, GroupNorm with several groups between convolutions, every spatial rank and
+    layout: on the kernels (the CPU's choice for symbolic sizes) and on generated code
+    (``LIMITS[device] = None``, CUDA's setting, tried here on the CPU: the output's last op is then
+    elementwise on ``(N, C, *S)``). (Inductor's convolution backward fixes the spatial size it
+    compiled for, so each size compiles anew: torch's doing, as for torch.nn's GroupNorm.)"""
+    monkeypatch.setitem(_inductor.LIMITS, "cpu", None if path == "generated" else 0)
+    torch.manual_seed(0)
+    conv = {"1d": torch.nn.Conv1d, "3d": torch.nn.Conv3d}.get(case, torch.nn.Conv2d)
+    rank = {"1d": 1, "3d": 3}.get(case, 2)
+    m = torch.nn.Sequential(
+        conv(3, 8, 3, padding=1), nkn.GroupNorm(4, 8, affine=case != "no-affine"), conv(8, 4, 1)
+    )
+    sizes = [(5,) * rank, (6,) * (rank - 1) + (4,), (7,) * rank]
+    compiled = torch.compile(m, dynamic=True, fullgraph=True)
+    shapes = [(2, 3, *s) for s in sizes]
+    _between_convolutions(compiled, m, shapes, channels_last=case.endswith("last"))

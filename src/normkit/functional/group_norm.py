@@ -8,6 +8,7 @@ from torch import Tensor
 from .._errors import NormError
 from ..kernels import _direct, _fast, triton_ready
 from ..ops.library import exporting
+from ..ops.library import norm as _norm
 from ._autograd import norm_output
 from ._checks import check_eps, check_groups, check_input, check_param
 from .masked import check_mask
@@ -98,9 +99,11 @@ def group_norm(
         xv = x
         pshape = (1, C) + (1,) * k
         dims = tuple(range(1, 2 + k))
-    elif k and x.stride(1) == 1 and not x.is_contiguous():
+    elif k and x.stride(1) == 1 and not x.is_contiguous() and not torch.compiler.is_compiling():
         # channels_last: work on the (N, *S, G, C // G) view of the memory as it lies, where every
-        # elementwise pass is one flat loop and the statistics reduce in two fast stages.
+        # elementwise pass is one flat loop and the statistics reduce in two fast stages. (Not under
+        # torch.compile, which takes the view below whatever the layout: Inductor lays out the loops
+        # itself, and finds the (N, G, C // G, *S) view there, ops/_inductor.py's _groups.)
         perm = (0, *range(2, 2 + k), 1)
         xv = x.permute(perm).reshape(N, *spatial, G, C // G)
         pshape = (1,) * (1 + k) + (G, C // G)
@@ -112,6 +115,11 @@ def group_norm(
         dims = tuple(range(2, xv.dim()))
     w = weight.view(pshape) if weight is not None else None
     b = bias.view(pshape) if bias is not None else None
+    if perm is None and xv is not x and torch.compiler.is_compiling() and not exporting() and x.numel():
+        # one op on x itself, whose sets are those of the grouped view: no view of x in the graph
+        # (ops.library.norm says why)
+        me = None if mask is None else check_mask(mask, x, op).expand(x.shape)
+        return _norm(x, w, b, dims, eps, me, groups=G)[0]
     mv = None
     if mask is not None:
         # The mask, expanded to x, laid out the same way (a copy only when the broadcast needs one).

@@ -183,12 +183,42 @@ def _norm(
     mask: Tensor | None,
     dims: Sequence[int],
     eps: float,
+    groups: int = 0,
 ) -> tuple[Tensor, Tensor]:
     if not generated(x):
-        return torch.ops.normkit.norm_kernel(x, weight, bias, mask, dims, eps)
+        return torch.ops.normkit.norm_kernel(x, weight, bias, mask, dims, eps, groups)
     from . import core
+    from .library import split_groups
 
-    return core.norm_forward_fused(x, weight, bias, mask, tuple(dims), eps)
+    if not groups:
+        return core.norm_forward_fused(x, weight, bias, mask, tuple(dims), eps)
+    xg = split_groups(x, groups)
+    mg = None if mask is None else split_groups(mask, groups)
+    y, stats = core.norm_forward_fused(xg, weight, bias, mg, tuple(dims), eps)
+    if mask is not None or not any(isinstance(s, torch.SymInt) for s in x.shape):
+        return y.view(x.shape), stats
+    # symbolic sizes: the output's last op elementwise on x's shape, not a view (library.norm)
+    return _grouped_output(x, xg, stats, weight, bias), stats
+
+
+def _grouped_output(
+    x: Tensor, xg: Tensor, stats: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """:func:`normkit.ops.core.norm_forward_fused`'s output for ``xg``, the grouped view of ``x``,
+    computed on ``x`` with each group's statistics spread over its channels (as Inductor decomposes
+    torch's GroupNorm), so that it is an elementwise op on ``x``'s shape (Inductor fuses it with the
+    statistics' loops as before)."""
+
+    def per_channel(t: Tensor) -> Tensor:  # (n, G, 1 or C // G, 1, ...) -> (n, C, 1, ...)
+        t = t.expand(*t.shape[:2], xg.shape[2], *t.shape[3:]).contiguous()
+        return t.view(t.shape[0], t.shape[1] * t.shape[2], *t.shape[3:])
+
+    shift, inv, cmean, rstd = (per_channel(stats[i]) for i in range(4))
+    # (GroupNorm's affine, (1, G, C // G, 1, ...), as the grouped view takes it)
+    scale = rstd if weight is None else rstd * per_channel(weight)
+    d = (x.to(stats.dtype) * inv - shift * inv) - cmean
+    y = d * scale if bias is None else torch.addcmul(per_channel(bias).to(stats.dtype), d, scale)
+    return y.to(x.dtype)
 
 
 def _norm_backward(

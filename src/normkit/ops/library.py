@@ -120,6 +120,16 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
 # ---- normkit::norm ------------------------------------------------------------------------------
 
 
+def split_groups(t: Tensor, groups: int) -> Tensor:
+    """``(N, C, *S) -> (N, groups, C // groups, *S)``: GroupNorm's grouped view (a view for any strides).
+
+    Example:
+        >>> split_groups(torch.zeros(2, 6, 5), 3).shape
+        torch.Size([2, 3, 2, 5])
+    """
+    return t.view(t.shape[0], groups, t.shape[1] // groups, *t.shape[2:])
+
+
 def _norm_impl(
     x: Tensor,
     weight: Tensor | None,
@@ -127,14 +137,20 @@ def _norm_impl(
     mask: Tensor | None,
     dims: Sequence[int],
     eps: float,
+    groups: int = 0,
 ) -> tuple[Tensor, Tensor]:
+    if groups:  # (see norm: dims, the affine and the statistics are those of x's grouped view)
+        m = None if mask is None else split_groups(mask, groups)
+        y, stats = kernels.norm_forward(split_groups(x, groups), weight, bias, m, tuple(dims), eps)
+        return y.view(x.shape), stats
     return kernels.norm_forward(x, weight, bias, mask, tuple(dims), eps)
 
 
-def _norm_fake(x, weight, bias, mask, dims, eps):  # type: ignore[no-untyped-def]
+def _norm_fake(x, weight, bias, mask, dims, eps, groups=0):  # type: ignore[no-untyped-def]
     _inductor.ensure()
-    stats = x.new_empty((core.STAT_ROWS, *core.stat_shape(x, tuple(dims))), dtype=core.acc_dtype(x.dtype))
-    return torch.empty_like(x), stats
+    sets = split_groups(x, groups) if groups else x
+    shape = core.stat_shape(sets, tuple(dims))
+    return torch.empty_like(x), x.new_empty((core.STAT_ROWS, *shape), dtype=core.acc_dtype(x.dtype))
 
 
 def _norm_backward_impl(
@@ -186,11 +202,11 @@ def _norm_backward_fake(dy, x, weight, bias, mask, stats, dims, needs):  # type:
     )
 
 
-def _norm_kernel_args(x, weight, bias, mask, dims, eps):  # type: ignore[no-untyped-def]
+def _norm_kernel_args(x, weight, bias, mask, dims, eps, groups=0):  # type: ignore[no-untyped-def]
     """``normkit::norm_kernel``'s arguments as the kernels take them: Inductor passes its buffers in
     the layout it chose (flexible layout), which may be any strides."""
     x = _dense(x)
-    return x, weight, bias, None if mask is None else _like(mask, x), dims, eps
+    return x, weight, bias, None if mask is None else _like(mask, x), dims, eps, groups
 
 
 def _norm_backward_kernel_args(dy, x, weight, bias, mask, stats, dims, needs):  # type: ignore[no-untyped-def]
@@ -234,15 +250,21 @@ def _backward(
 
 
 def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    x, weight, bias, mask, dims, eps = inputs
+    x, weight, bias, mask, dims, eps, groups = inputs
     ctx.save_for_backward(x, weight, bias, mask, output[1])
-    ctx.dims, ctx.eps = tuple(dims), eps
+    ctx.dims, ctx.eps, ctx.groups = tuple(dims), eps, groups
 
 
 def _op_backward(ctx: Any, dy: Tensor, _dstats: Tensor | None) -> tuple[Any, ...]:
     x, weight, bias, mask, stats = ctx.saved_tensors
-    dx, dw, db = _backward(ctx, dy, x, weight, bias, mask, stats)
-    return dx, dw, db, None, None, None
+    if not ctx.groups:
+        dx, dw, db = _backward(ctx, dy, x, weight, bias, mask, stats)
+        return dx, dw, db, None, None, None, None
+    # the grouped views here (a backward graph has no layout preference that views could upset)
+    g = ctx.groups
+    m = None if mask is None else split_groups(mask, g)
+    dx, dw, db = _backward(ctx, split_groups(dy, g), split_groups(x, g), weight, bias, m, stats)
+    return (None if dx is None else dx.view(x.shape)), dw, db, None, None, None, None
 
 
 _norm_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -807,24 +829,43 @@ def norm(
     dims: Sequence[int],
     eps: float,
     mask: Tensor | None = None,
+    groups: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """``(y, stats)``: normalize ``x`` over ``dims`` (non-negative) with a broadcastable affine.
 
     ``stats`` is the non-differentiable saved-statistics tensor (see :mod:`normkit.ops.core`);
     :func:`norm_stats` gives the mean, variance and count from it. Not for tracers: while
     exporting, callers use :func:`normkit.ops.core.composite_norm`.
+
+    ``groups=G`` (GroupNorm's case): the sets are those of the grouped view
+    ``split_groups(x, G)``, ``(N, G, C // G, *S)``, which ``dims``, the affine and ``stats`` refer
+    to; ``x``, ``mask`` and ``y`` keep ``x``'s shape. A compiled graph then holds the op on ``x``
+    itself, with no view of it: Inductor (torch 2.13) cannot lay out channels-last a 4-d view that a
+    graph saves for the backward once the sizes are symbolic (``TypeError: cannot determine truth
+    value of Relational``), which a view back from the grouped shape next to a convolution is.
+
+    Example:
+        >>> x = torch.randn(2, 6, 4, 4)
+        >>> y, _ = norm(x, None, None, (2, 3, 4), 1e-5, groups=3)
+        >>> torch.allclose(y, torch.nn.functional.group_norm(x, 3), atol=1e-5)
+        True
     """
     dims = tuple(dims)
     x = _dense(x)
     if mask is not None:
         mask = _like(mask.expand(x.shape), x)
+    functorch = torch._C._are_functorch_transforms_active()
+    if groups and not (torch.compiler.is_compiling() and not functorch):  # the grouped view itself
+        m = None if mask is None else split_groups(mask, groups)
+        y, stats = norm(split_groups(x, groups), weight, bias, dims, eps, m)
+        return y.view(x.shape), stats
     if torch.compiler.is_compiling():
-        if torch._C._are_functorch_transforms_active():
+        if functorch:
             # torch.func inside torch.compile: a custom op's autograd does not compose with functorch
             # transforms (torch.library's generated Function has no setup_context), so the norm is
             # traced as the reference's plain ops, which every transform and Inductor take.
             return core.norm_forward(x, weight, bias, mask, dims, float(eps))
-        return torch.ops.normkit.norm(x, weight, bias, mask, list(dims), float(eps))
+        return torch.ops.normkit.norm(x, weight, bias, mask, list(dims), float(eps), groups)
     if torch._C._are_functorch_transforms_active():
         if _func_ops_ready():
             return torch.ops.normkit_func.norm(x, weight, bias, mask, list(dims), float(eps))  # type: ignore[no-any-return]

@@ -390,15 +390,21 @@ def test_proxy_kernel_ops_take_any_strides_and_return_what_their_fakes_declare(l
             torch.testing.assert_close(g, ref, **TOL)
 
 
-def test_a_channels_last_convolution_output_reaches_the_norm_kernel_uncopied(fresh_inductor, monkeypatch):
+@pytest.mark.parametrize("norm", ["BatchNorm2d", "GroupNorm"])
+def test_a_channels_last_convolution_output_reaches_the_norm_kernel_uncopied(fresh_inductor, monkeypatch, norm):
     """On the CPU Inductor lays convolutions out channels-last. The norm's kernel call takes that
-    buffer as it is: before the flexible layout, a generated kernel copied it to the traced graph's
-    NCHW strides first (and the gradient back), a full read and write of the activation each way."""
+    buffer as it is, and its backward's ``dx`` goes to the convolution's backward as it is: before
+    the flexible layout, a generated kernel copied the activation to the traced graph's NCHW strides
+    first and the gradient back, a full read and write of the activation each way (GroupNorm with
+    several groups kept those copies until its op took the input itself, ``groups=``: the grouped
+    view it saved had the traced strides)."""
     monkeypatch.setitem(_inductor.LIMITS, "cpu", 0)
     torch.manual_seed(0)
     m, ref = (
         torch.nn.Sequential(
-            torch.nn.Conv2d(4, 8, 3, padding=1, bias=False), nkn.BatchNorm2d(8), torch.nn.ReLU()
+            torch.nn.Conv2d(4, 8, 3, padding=1, bias=False),
+            nkn.BatchNorm2d(8) if norm == "BatchNorm2d" else nkn.GroupNorm(2, 8),
+            torch.nn.ReLU(),
         )
         for _ in range(2)
     )
@@ -415,6 +421,12 @@ def test_a_channels_last_convolution_output_reaches_the_norm_kernel_uncopied(fre
     assert took == conv.group(1), f"the kernel takes {took}, not the convolution's {conv.group(1)}"
     layout = re.search(rf"assert_size_stride\({conv.group(1)}, \(2, 8, 6, 6\), \(([\d, ]+)\)", forward)
     assert layout and layout.group(1) == "288, 1, 48, 8", "the test's premise: a channels-last convolution"
+    backward = codes[1]
+    call = re.search(r"(buf\d+) = torch\.ops\.normkit\.norm_backward_kernel\.default\(\w+, (\w+),", backward)
+    assert call and call.group(2) == "convolution", f"the backward kernel takes {call and call.group(2)}"
+    dx = re.search(rf"(buf\d+) = {call.group(1)}\[0\]", backward)
+    conv_backward = re.search(r"convolution_backward\.default\((\w+),", backward)
+    assert dx and conv_backward and conv_backward.group(1) == dx.group(1), backward
 
 
 def _between_convolutions(compiled, m, shapes, channels_last=False) -> None:

@@ -102,8 +102,8 @@ def group_norm(
     elif k and x.stride(1) == 1 and not x.is_contiguous() and not torch.compiler.is_compiling():
         # channels_last: work on the (N, *S, G, C // G) view of the memory as it lies, where every
         # elementwise pass is one flat loop and the statistics reduce in two fast stages. (Not under
-        # torch.compile, which takes the view below whatever the layout: Inductor lays out the loops
-        # itself, and finds the (N, G, C // G, *S) view there, ops/_inductor.py's _groups.)
+        # torch.compile, where the op below takes x itself, whatever its layout, and Inductor lays
+        # out the loops.)
         perm = (0, *range(2, 2 + k), 1)
         xv = x.permute(perm).reshape(N, *spatial, G, C // G)
         pshape = (1,) * (1 + k) + (G, C // G)

@@ -230,12 +230,18 @@ def _norm_backward(
     stats: Tensor,
     dims: Sequence[int],
     needs: Sequence[bool],
+    groups: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if not generated(x):
-        return torch.ops.normkit.norm_backward_kernel(dy, x, weight, bias, mask, stats, dims, needs)
+        return torch.ops.normkit.norm_backward_kernel(dy, x, weight, bias, mask, stats, dims, needs, groups)
     from . import core
-    from .library import op_grads
+    from .library import op_grads, split_groups
 
+    if groups:  # the grouped views (no layout preference in a backward graph that they could upset)
+        mask = None if mask is None else split_groups(mask, groups)
+        xg, dyg = split_groups(x, groups), split_groups(dy, groups)
+        dx, dw, db = core.norm_backward(dyg, xg, weight, bias, mask, stats, tuple(dims), needs)
+        return op_grads(None if dx is None else dx.view(x.shape), dw, db, x, weight, bias)
     return op_grads(
         *core.norm_backward(dy, x, weight, bias, mask, stats, tuple(dims), needs), x, weight, bias
     )

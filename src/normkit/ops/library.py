@@ -162,7 +162,13 @@ def _norm_backward_impl(
     stats: Tensor,
     dims: Sequence[int],
     needs: Sequence[bool],
+    groups: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if groups:  # (see norm: x, dy, mask and dx in x's shape; the rest the grouped view's)
+        m = None if mask is None else split_groups(mask, groups)
+        xg, dyg = split_groups(x, groups), split_groups(dy, groups)
+        dx, dw, db = kernels.norm_backward(dyg, xg, weight, bias, m, stats, tuple(dims), needs)
+        return op_grads(None if dx is None else dx.view(x.shape), dw, db, x, weight, bias)
     return op_grads(
         *kernels.norm_backward(dy, x, weight, bias, mask, stats, tuple(dims), needs), x, weight, bias
     )
@@ -193,7 +199,7 @@ def op_grads(
     )
 
 
-def _norm_backward_fake(dy, x, weight, bias, mask, stats, dims, needs):  # type: ignore[no-untyped-def]
+def _norm_backward_fake(dy, x, weight, bias, mask, stats, dims, needs, groups=0):  # type: ignore[no-untyped-def]
     empty = x.new_empty(0)
     return (
         torch.empty_like(x) if needs[0] else empty,
@@ -209,12 +215,12 @@ def _norm_kernel_args(x, weight, bias, mask, dims, eps, groups=0):  # type: igno
     return x, weight, bias, None if mask is None else _like(mask, x), dims, eps, groups
 
 
-def _norm_backward_kernel_args(dy, x, weight, bias, mask, stats, dims, needs):  # type: ignore[no-untyped-def]
+def _norm_backward_kernel_args(dy, x, weight, bias, mask, stats, dims, needs, groups=0):  # type: ignore[no-untyped-def]
     """``normkit::norm_backward_kernel``'s arguments: ``dy`` and ``mask`` in ``x``'s strides (the kernels'
     condition) where Inductor gave them others."""
     x = _dense(x)
     mask = None if mask is None else _like(mask, x)
-    return _like(dy, x), x, weight, bias, mask, stats.contiguous(), dims, needs
+    return _like(dy, x), x, weight, bias, mask, stats.contiguous(), dims, needs, groups
 
 
 # What a model's graph holds (one node per norm), and the same under the names Inductor calls
@@ -230,9 +236,14 @@ def _backward(
     bias: Tensor | None,
     mask: Tensor | None,
     stats: Tensor,
+    groups: int = 0,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     needs = list(ctx.needs_input_grad[:3])
     dims, eps = ctx.dims, ctx.eps
+    if groups and (torch.is_grad_enabled() or not core.compiling()):  # on the grouped view itself
+        m = None if mask is None else split_groups(mask, groups)
+        dx, dw, db = _backward(ctx, split_groups(dy, groups), split_groups(x, groups), weight, bias, m, stats)
+        return (None if dx is None else dx.view(x.shape)), dw, db
     if torch.is_grad_enabled() and not core.compiling():
         # create_graph=True, or a torch.func transform (grad, vjp, jacrev: they always record the
         # backward): the kernels' backward as a Function whose own derivatives recompute the composite.
@@ -243,7 +254,9 @@ def _backward(
         return (dx.to(x.dtype) if dx is not None else None), dw, db
     dy = _like(dy, x)
     if core.compiling():  # (AOTAutograd tracing the backward: the op, which Inductor lowers)
-        dx, dw, db = torch.ops.normkit.norm_backward(dy, x, weight, bias, mask, stats, list(dims), needs)
+        dx, dw, db = torch.ops.normkit.norm_backward(
+            dy, x, weight, bias, mask, stats, list(dims), needs, groups
+        )
         return (dx if needs[0] else None), (dw if needs[1] else None), (db if needs[2] else None)
     dx, dw, db = kernels.norm_backward(dy, x, weight, bias, mask, stats, dims, needs)
     return (dx.to(x.dtype) if dx is not None else None), dw, db
@@ -257,14 +270,8 @@ def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, T
 
 def _op_backward(ctx: Any, dy: Tensor, _dstats: Tensor | None) -> tuple[Any, ...]:
     x, weight, bias, mask, stats = ctx.saved_tensors
-    if not ctx.groups:
-        dx, dw, db = _backward(ctx, dy, x, weight, bias, mask, stats)
-        return dx, dw, db, None, None, None, None
-    # the grouped views here (a backward graph has no layout preference that views could upset)
-    g = ctx.groups
-    m = None if mask is None else split_groups(mask, g)
-    dx, dw, db = _backward(ctx, split_groups(dy, g), split_groups(x, g), weight, bias, m, stats)
-    return (None if dx is None else dx.view(x.shape)), dw, db, None, None, None, None
+    dx, dw, db = _backward(ctx, dy, x, weight, bias, mask, stats, ctx.groups)
+    return dx, dw, db, None, None, None, None
 
 
 _norm_op.register_autograd(_op_backward, setup_context=_op_setup_context)

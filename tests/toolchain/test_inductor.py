@@ -344,9 +344,9 @@ def test_kernel_ops_take_any_strides_and_return_what_their_fakes_declare(layout,
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "strided", "expanded"])
 def test_the_grouped_kernel_op_is_the_kernel_op_on_the_grouped_view(layout, masked):
-    """``normkit::norm_kernel(x, ..., groups=G)`` (GroupNorm under torch.compile) is the op on
-    ``(N, G, C // G, H, W)`` with the output in ``x``'s shape, in any layout, with the strides its
-    fake declares."""
+    """``normkit::norm_kernel(x, ..., view=(N, G, C // G, H, W))`` (GroupNorm under torch.compile) is
+    the op on that view with the output in ``x``'s shape, in any layout (the kernel op makes a
+    non-dense one dense first), with the strides its fake declares."""
     ops = torch.ops.normkit
     torch.manual_seed(0)
     x = _layouts(torch.randn(3, 6, 5, 4))[layout]
@@ -356,8 +356,8 @@ def test_the_grouped_kernel_op_is_the_kernel_op_on_the_grouped_view(layout, mask
     grouped = (3, 2, 3, 5, 4)
     m0 = None if mask is None else mask.view(grouped)
     want_y, want_stats = ops.norm(x0.view(grouped), w, b, m0, [2, 3, 4], 1e-5)
-    y, stats = ops.norm_kernel(x, w, b, mask, [2, 3, 4], 1e-5, 2)
-    fake = _fake_strides(ops.norm_kernel, x, w, b, mask, [2, 3, 4], 1e-5, 2)
+    y, stats = ops.norm_kernel(x, w, b, mask, [2, 3, 4], 1e-5, list(grouped))
+    fake = _fake_strides(ops.norm_kernel, x, w, b, mask, [2, 3, 4], 1e-5, list(grouped))
     assert [y.stride(), stats.stride()] == fake
     assert y.shape == x.shape
     torch.testing.assert_close(y, want_y.view(x.shape), **TOL)
@@ -391,12 +391,14 @@ def test_proxy_kernel_ops_take_any_strides_and_return_what_their_fakes_declare(l
 
 
 @pytest.mark.parametrize("norm", ["BatchNorm2d", "GroupNorm"])
-def test_a_channels_last_convolution_output_reaches_the_norm_kernel_uncopied(fresh_inductor, monkeypatch, norm):
+def test_a_channels_last_convolution_output_reaches_the_norm_kernel_uncopied(
+    fresh_inductor, monkeypatch, norm
+):
     """On the CPU Inductor lays convolutions out channels-last. The norm's kernel call takes that
     buffer as it is, and its backward's ``dx`` goes to the convolution's backward as it is: before
     the flexible layout, a generated kernel copied the activation to the traced graph's NCHW strides
     first and the gradient back, a full read and write of the activation each way (GroupNorm with
-    several groups kept those copies until its op took the input itself, ``groups=``: the grouped
+    several groups kept those copies until its op took the input itself, ``view=``: the grouped
     view it saved had the traced strides)."""
     monkeypatch.setitem(_inductor.LIMITS, "cpu", 0)
     torch.manual_seed(0)
@@ -457,6 +459,21 @@ def test_a_second_input_size_recompiles_with_symbolic_sizes_between_convolutions
         torch.nn.Conv2d(3, 8, 3, padding=1), normkit.create_norm_layer(spec, 8), torch.nn.Conv2d(8, 4, 1)
     )
     _between_convolutions(torch.compile(m), m, [(2, 3, 6, 6), (2, 3, 7, 7), (3, 3, 9, 5)])
+
+
+def test_ghost_batch_norm_between_convolutions_compiles_at_new_sizes(fresh_inductor):
+    """Ghost BN views the batch as ``(K, B, C, H, W)``: the op takes the input itself (``view=``), so
+    new spatial sizes (symbolic) and a new number of ghost batches compile, and every size computes
+    what eager computes (running statistics too). A batch that leaves a ragged last chunk is a new
+    batch size, fine while the spatial sizes are static (docs/differences.md: with symbolic spatial
+    sizes it is the one case that still fails)."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), normkit.create_norm_layer("gbn:2", 8), torch.nn.Conv2d(8, 4, 1)
+    )
+    _between_convolutions(torch.compile(m), m, [(4, 3, 6, 6), (4, 3, 7, 5), (6, 3, 9, 5)])
+    torch._dynamo.reset()
+    _between_convolutions(torch.compile(m), m, [(4, 3, 6, 6), (5, 3, 6, 6), (7, 3, 6, 6)])
 
 
 @pytest.mark.parametrize(

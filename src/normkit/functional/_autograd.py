@@ -23,8 +23,13 @@ def norm_count(
     bias: Tensor | None,
     eps: float,
     mask: Tensor | None = None,
+    view: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, var, count)``: :func:`norm` plus the number of (valid) values behind each statistic."""
+    if view is not None and (x.numel() == 0 or exporting()):  # (plain ops: the view is no obstacle)
+        m = None if mask is None else mask.expand(x.shape).reshape(view)
+        y, mean, var, count = norm_count(x.view(view), dims, weight, bias, eps, m)
+        return y.view(x.shape), mean, var, count
     if x.numel() == 0:
         # An empty input: empty output, zero parameter grads, NaN statistics that callers never store.
         y = x * weight if weight is not None else x.clone()
@@ -35,7 +40,7 @@ def norm_count(
         return y.to(x.dtype), nan, nan.clone(), torch.zeros_like(nan)
     if exporting():
         return core.composite_norm(x, weight, bias, mask, dims, eps)
-    y, stats = _norm_op(x, weight, bias, dims, eps, mask)
+    y, stats = _norm_op(x, weight, bias, dims, eps, mask, view)
     mean, var = core.mean_var(stats)
     return y, mean, var, core.stats_count(stats)
 
@@ -61,13 +66,16 @@ def norm(
     bias: Tensor | None,
     eps: float,
     mask: Tensor | None = None,
+    view: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Normalize ``x`` over ``dims`` with a broadcastable affine; returns ``(y, mean, var)``.
 
     ``mean`` and ``var`` (biased, keepdim, accumulation dtype) are non-differentiable: callers use
     them for running statistics. An input with no elements returns an empty output (and NaN
     statistics, which callers must not store); its parameter gradients are zero. A ``mask`` (bool,
-    x's shape or broadcastable, True = valid) limits each set to its valid values.
+    x's shape or broadcastable, True = valid) limits each set to its valid values. ``view`` (a shape):
+    the sets, ``dims``, the affine and the statistics are those of ``x.view(view)``; ``y`` keeps
+    ``x``'s shape (:func:`normkit.ops.library.norm`: what keeps a compiled graph free of the view).
 
     Example:
         >>> x = torch.randn(8, 3, 4, 4)
@@ -75,5 +83,5 @@ def norm(
         >>> torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-5)
         True
     """
-    y, mean, var, _ = norm_count(x, dims, weight, bias, eps, mask)
+    y, mean, var, _ = norm_count(x, dims, weight, bias, eps, mask, view)
     return y, mean, var

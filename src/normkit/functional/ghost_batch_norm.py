@@ -141,15 +141,16 @@ def ghost_batch_norm(
             "or drop the last sample"
         )
     nd = x.dim()
-    # (K*B_g, C, *S) -> (K, B_g, C, *S): splitting dim 0 is a view for any strides (channels_last too).
-    # split (not slicing): its backward concatenates the chunk grads, which keeps channels_last.
+    # The sets are those of the (K, B_g, C, *S) view of the first K*B_g samples (splitting dim 0 is a
+    # view for any strides, channels_last too). split (not slicing): its backward concatenates the
+    # chunk grads, which keeps channels_last.
     main, rest = x.split([K * B, rem]) if rem else (x, None)
-    main = main.view(K, B, C, *spatial)
     pshape = (1, 1, C) + (1,) * len(spatial)
     wv = weight.view(pshape) if weight is not None else None
     bv = bias.view(pshape) if bias is not None else None
-    y, mean, var = norm(main, (1, *range(3, nd + 1)), wv, bv, eps)
-    y = y.reshape(K * B, C, *spatial)
+    # the op on main itself, its sets those of the view (no view of it in a compiled graph: the view
+    # argument of normkit.ops.library.norm says why)
+    y, mean, var = norm(main, (1, *range(3, nd + 1)), wv, bv, eps, view=(K, B, C, *spatial))
     means, vars_ = mean.reshape(K, C), var.reshape(K, C)
     sizes = [B * per_sample] * K
     if rem:

@@ -119,7 +119,7 @@ def group_norm(
         # one op on x itself, whose sets are those of the grouped view: no view of x in the graph
         # (ops.library.norm says why)
         me = None if mask is None else check_mask(mask, x, op).expand(x.shape)
-        return _norm(x, w, b, dims, eps, me, groups=G)[0]
+        return _norm(x, w, b, dims, eps, me, view=xv.shape)[0]
     mv = None
     if mask is not None:
         # The mask, expanded to x, laid out the same way (a copy only when the broadcast needs one).

@@ -183,41 +183,54 @@ def _norm(
     mask: Tensor | None,
     dims: Sequence[int],
     eps: float,
-    groups: int = 0,
+    view: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     if not generated(x):
-        return torch.ops.normkit.norm_kernel(x, weight, bias, mask, dims, eps, groups)
+        return torch.ops.normkit.norm_kernel(x, weight, bias, mask, dims, eps, view)
     from . import core
-    from .library import split_groups
 
-    if not groups:
+    if view is None:
         return core.norm_forward_fused(x, weight, bias, mask, tuple(dims), eps)
-    xg = split_groups(x, groups)
-    mg = None if mask is None else split_groups(mask, groups)
+    xg = x.view(view)
+    mg = None if mask is None else mask.view(view)
     y, stats = core.norm_forward_fused(xg, weight, bias, mg, tuple(dims), eps)
-    if mask is not None or not any(isinstance(s, torch.SymInt) for s in x.shape):
+    split = _split_dim(x, xg)
+    ranks = all(p is None or p.dim() == xg.dim() for p in (weight, bias))
+    symbolic = any(isinstance(s, torch.SymInt) for s in x.shape)
+    if mask is not None or split is None or not ranks or not symbolic:
         return y.view(x.shape), stats
     # symbolic sizes: the output's last op elementwise on x's shape, not a view (library.norm)
-    return _grouped_output(x, xg, stats, weight, bias), stats
+    return _view_output(x, xg, split, stats, weight, bias), stats
 
 
-def _grouped_output(
-    x: Tensor, xg: Tensor, stats: Tensor, weight: Tensor | None, bias: Tensor | None
+def _split_dim(x: Tensor, xg: Tensor) -> int | None:
+    """``d`` where ``xg`` is ``x`` with its dim ``d`` split in two (GroupNorm's view: 1, Ghost BN's: 0)."""
+    if xg.dim() != x.dim() + 1:
+        return None
+    for d in range(x.dim()):
+        if x.shape[:d] == xg.shape[:d] and x.shape[d + 1 :] == xg.shape[d + 2 :]:
+            return d
+    return None
+
+
+def _view_output(
+    x: Tensor, xg: Tensor, split: int, stats: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> Tensor:
-    """:func:`normkit.ops.core.norm_forward_fused`'s output for ``xg``, the grouped view of ``x``,
-    computed on ``x`` with each group's statistics spread over its channels (as Inductor decomposes
-    torch's GroupNorm), so that it is an elementwise op on ``x``'s shape (Inductor fuses it with the
-    statistics' loops as before)."""
+    """:func:`normkit.ops.core.norm_forward_fused`'s output for ``xg``, ``x`` with its dim ``split``
+    split in two, computed on ``x`` with the statistics spread over that dim (as Inductor decomposes
+    torch's GroupNorm: each group's over its channels), so that it is an elementwise op on ``x``'s
+    shape (Inductor fuses it with the statistics' loops as before)."""
+    d = split
 
-    def per_channel(t: Tensor) -> Tensor:  # (n, G, 1 or C // G, 1, ...) -> (n, C, 1, ...)
-        t = t.expand(*t.shape[:2], xg.shape[2], *t.shape[3:]).contiguous()
-        return t.view(t.shape[0], t.shape[1] * t.shape[2], *t.shape[3:])
+    def merged(t: Tensor) -> Tensor:  # a statistic or parameter of xg's rank -> x's rank
+        if t.shape[d] != 1 or t.shape[d + 1] != 1:  # (one varies along the split: spread both)
+            t = t.expand(*t.shape[:d], xg.shape[d], xg.shape[d + 1], *t.shape[d + 2 :]).contiguous()
+        return t.view(*t.shape[:d], t.shape[d] * t.shape[d + 1], *t.shape[d + 2 :])
 
-    shift, inv, cmean, rstd = (per_channel(stats[i]) for i in range(4))
-    # (GroupNorm's affine, (1, G, C // G, 1, ...), as the grouped view takes it)
-    scale = rstd if weight is None else rstd * per_channel(weight)
-    d = (x.to(stats.dtype) * inv - shift * inv) - cmean
-    y = d * scale if bias is None else torch.addcmul(per_channel(bias).to(stats.dtype), d, scale)
+    shift, inv, cmean, rstd = (merged(stats[i]) for i in range(4))
+    scale = rstd if weight is None else rstd * merged(weight)
+    c = (x.to(stats.dtype) * inv - shift * inv) - cmean
+    y = c * scale if bias is None else torch.addcmul(merged(bias).to(stats.dtype), c, scale)
     return y.to(x.dtype)
 
 
@@ -230,16 +243,16 @@ def _norm_backward(
     stats: Tensor,
     dims: Sequence[int],
     needs: Sequence[bool],
-    groups: int = 0,
+    view: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if not generated(x):
-        return torch.ops.normkit.norm_backward_kernel(dy, x, weight, bias, mask, stats, dims, needs, groups)
+        return torch.ops.normkit.norm_backward_kernel(dy, x, weight, bias, mask, stats, dims, needs, view)
     from . import core
-    from .library import op_grads, split_groups
+    from .library import op_grads
 
-    if groups:  # the grouped views (no layout preference in a backward graph that they could upset)
-        mask = None if mask is None else split_groups(mask, groups)
-        xg, dyg = split_groups(x, groups), split_groups(dy, groups)
+    if view is not None:  # the views (no layout preference in a backward graph that they could upset)
+        mask = None if mask is None else mask.view(view)
+        xg, dyg = x.view(view), dy.view(view)
         dx, dw, db = core.norm_backward(dyg, xg, weight, bias, mask, stats, tuple(dims), needs)
         return op_grads(None if dx is None else dx.view(x.shape), dw, db, x, weight, bias)
     return op_grads(

@@ -120,14 +120,15 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
 # ---- normkit::norm ------------------------------------------------------------------------------
 
 
-def split_groups(t: Tensor, groups: int) -> Tensor:
-    """``(N, C, *S) -> (N, groups, C // groups, *S)``: GroupNorm's grouped view (a view for any strides).
+def sets_view(t: Tensor, view: Sequence[int] | None) -> Tensor:
+    """``t.view(view)`` (``t`` itself for ``None``): the view of a norm's input whose dims name its sets
+    (:func:`norm`'s ``view``: GroupNorm's ``(N, G, C // G, *S)``, Ghost BN's ``(K, B, C, *S)``).
 
     Example:
-        >>> split_groups(torch.zeros(2, 6, 5), 3).shape
+        >>> sets_view(torch.zeros(2, 6, 5), (2, 3, 2, 5)).shape
         torch.Size([2, 3, 2, 5])
     """
-    return t.view(t.shape[0], groups, t.shape[1] // groups, *t.shape[2:])
+    return t if view is None else t.view(view)
 
 
 def _norm_impl(
@@ -137,19 +138,18 @@ def _norm_impl(
     mask: Tensor | None,
     dims: Sequence[int],
     eps: float,
-    groups: int = 0,
+    view: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    if groups:  # (see norm: dims, the affine and the statistics are those of x's grouped view)
-        m = None if mask is None else split_groups(mask, groups)
-        y, stats = kernels.norm_forward(split_groups(x, groups), weight, bias, m, tuple(dims), eps)
+    if view is not None:  # (see norm: dims, the affine and the statistics are those of the view)
+        m = None if mask is None else mask.view(view)
+        y, stats = kernels.norm_forward(x.view(view), weight, bias, m, tuple(dims), eps)
         return y.view(x.shape), stats
     return kernels.norm_forward(x, weight, bias, mask, tuple(dims), eps)
 
 
-def _norm_fake(x, weight, bias, mask, dims, eps, groups=0):  # type: ignore[no-untyped-def]
+def _norm_fake(x, weight, bias, mask, dims, eps, view=None):  # type: ignore[no-untyped-def]
     _inductor.ensure()
-    sets = split_groups(x, groups) if groups else x
-    shape = core.stat_shape(sets, tuple(dims))
+    shape = core.stat_shape(sets_view(x, view), tuple(dims))
     return torch.empty_like(x), x.new_empty((core.STAT_ROWS, *shape), dtype=core.acc_dtype(x.dtype))
 
 
@@ -162,12 +162,12 @@ def _norm_backward_impl(
     stats: Tensor,
     dims: Sequence[int],
     needs: Sequence[bool],
-    groups: int = 0,
+    view: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if groups:  # (see norm: x, dy, mask and dx in x's shape; the rest the grouped view's)
-        m = None if mask is None else split_groups(mask, groups)
-        xg, dyg = split_groups(x, groups), split_groups(dy, groups)
-        dx, dw, db = kernels.norm_backward(dyg, xg, weight, bias, m, stats, tuple(dims), needs)
+    if view is not None:  # (see norm: x, dy, mask and dx in x's shape; the rest the view's)
+        m = None if mask is None else mask.view(view)
+        xv, dyv = x.view(view), dy.view(view)
+        dx, dw, db = kernels.norm_backward(dyv, xv, weight, bias, m, stats, tuple(dims), needs)
         return op_grads(None if dx is None else dx.view(x.shape), dw, db, x, weight, bias)
     return op_grads(
         *kernels.norm_backward(dy, x, weight, bias, mask, stats, tuple(dims), needs), x, weight, bias
@@ -199,7 +199,7 @@ def op_grads(
     )
 
 
-def _norm_backward_fake(dy, x, weight, bias, mask, stats, dims, needs, groups=0):  # type: ignore[no-untyped-def]
+def _norm_backward_fake(dy, x, weight, bias, mask, stats, dims, needs, view=None):  # type: ignore[no-untyped-def]
     empty = x.new_empty(0)
     return (
         torch.empty_like(x) if needs[0] else empty,
@@ -208,19 +208,19 @@ def _norm_backward_fake(dy, x, weight, bias, mask, stats, dims, needs, groups=0)
     )
 
 
-def _norm_kernel_args(x, weight, bias, mask, dims, eps, groups=0):  # type: ignore[no-untyped-def]
+def _norm_kernel_args(x, weight, bias, mask, dims, eps, view=None):  # type: ignore[no-untyped-def]
     """``normkit::norm_kernel``'s arguments as the kernels take them: Inductor passes its buffers in
     the layout it chose (flexible layout), which may be any strides."""
     x = _dense(x)
-    return x, weight, bias, None if mask is None else _like(mask, x), dims, eps, groups
+    return x, weight, bias, None if mask is None else _like(mask, x), dims, eps, view
 
 
-def _norm_backward_kernel_args(dy, x, weight, bias, mask, stats, dims, needs, groups=0):  # type: ignore[no-untyped-def]
+def _norm_backward_kernel_args(dy, x, weight, bias, mask, stats, dims, needs, view=None):  # type: ignore[no-untyped-def]
     """``normkit::norm_backward_kernel``'s arguments: ``dy`` and ``mask`` in ``x``'s strides (the kernels'
     condition) where Inductor gave them others."""
     x = _dense(x)
     mask = None if mask is None else _like(mask, x)
-    return _like(dy, x), x, weight, bias, mask, stats.contiguous(), dims, needs, groups
+    return _like(dy, x), x, weight, bias, mask, stats.contiguous(), dims, needs, view
 
 
 # What a model's graph holds (one node per norm), and the same under the names Inductor calls
@@ -236,13 +236,13 @@ def _backward(
     bias: Tensor | None,
     mask: Tensor | None,
     stats: Tensor,
-    groups: int = 0,
+    view: Sequence[int] | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     needs = list(ctx.needs_input_grad[:3])
     dims, eps = ctx.dims, ctx.eps
-    if groups and (torch.is_grad_enabled() or not core.compiling()):  # on the grouped view itself
-        m = None if mask is None else split_groups(mask, groups)
-        dx, dw, db = _backward(ctx, split_groups(dy, groups), split_groups(x, groups), weight, bias, m, stats)
+    if view is not None and (torch.is_grad_enabled() or not core.compiling()):  # on the view itself
+        m = None if mask is None else mask.view(view)
+        dx, dw, db = _backward(ctx, dy.view(view), x.view(view), weight, bias, m, stats)
         return (None if dx is None else dx.view(x.shape)), dw, db
     if torch.is_grad_enabled() and not core.compiling():
         # create_graph=True, or a torch.func transform (grad, vjp, jacrev: they always record the
@@ -255,7 +255,7 @@ def _backward(
     dy = _like(dy, x)
     if core.compiling():  # (AOTAutograd tracing the backward: the op, which Inductor lowers)
         dx, dw, db = torch.ops.normkit.norm_backward(
-            dy, x, weight, bias, mask, stats, list(dims), needs, groups
+            dy, x, weight, bias, mask, stats, list(dims), needs, view
         )
         return (dx if needs[0] else None), (dw if needs[1] else None), (db if needs[2] else None)
     dx, dw, db = kernels.norm_backward(dy, x, weight, bias, mask, stats, dims, needs)
@@ -263,14 +263,14 @@ def _backward(
 
 
 def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    x, weight, bias, mask, dims, eps, groups = inputs
+    x, weight, bias, mask, dims, eps, view = inputs
     ctx.save_for_backward(x, weight, bias, mask, output[1])
-    ctx.dims, ctx.eps, ctx.groups = tuple(dims), eps, groups
+    ctx.dims, ctx.eps, ctx.view = tuple(dims), eps, view
 
 
 def _op_backward(ctx: Any, dy: Tensor, _dstats: Tensor | None) -> tuple[Any, ...]:
     x, weight, bias, mask, stats = ctx.saved_tensors
-    dx, dw, db = _backward(ctx, dy, x, weight, bias, mask, stats, ctx.groups)
+    dx, dw, db = _backward(ctx, dy, x, weight, bias, mask, stats, ctx.view)
     return dx, dw, db, None, None, None, None
 
 
@@ -836,7 +836,7 @@ def norm(
     dims: Sequence[int],
     eps: float,
     mask: Tensor | None = None,
-    groups: int = 0,
+    view: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(y, stats)``: normalize ``x`` over ``dims`` (non-negative) with a broadcastable affine.
 
@@ -844,16 +844,17 @@ def norm(
     :func:`norm_stats` gives the mean, variance and count from it. Not for tracers: while
     exporting, callers use :func:`normkit.ops.core.composite_norm`.
 
-    ``groups=G`` (GroupNorm's case): the sets are those of the grouped view
-    ``split_groups(x, G)``, ``(N, G, C // G, *S)``, which ``dims``, the affine and ``stats`` refer
-    to; ``x``, ``mask`` and ``y`` keep ``x``'s shape. A compiled graph then holds the op on ``x``
-    itself, with no view of it: Inductor (torch 2.13) cannot lay out channels-last a 4-d view that a
-    graph saves for the backward once the sizes are symbolic (``TypeError: cannot determine truth
-    value of Relational``), which a view back from the grouped shape next to a convolution is.
+    ``view`` (a shape): the sets are those of ``x.view(view)``, which ``dims``, the affine and
+    ``stats`` refer to (GroupNorm's ``(N, G, C // G, *S)``, Ghost BN's ``(K, B, C, *S)``); ``x``,
+    ``mask`` and ``y`` keep ``x``'s shape. A compiled graph then holds the op on ``x`` itself, with no
+    view of it around the op: in a graph that saves such a view for the backward next to a
+    convolution, Inductor (torch 2.13) materialises it in the traced strides (a copy of the
+    channels-last activation each way) and, once the sizes are symbolic, cannot lay it out at all
+    (``TypeError: cannot determine truth value of Relational``).
 
     Example:
         >>> x = torch.randn(2, 6, 4, 4)
-        >>> y, _ = norm(x, None, None, (2, 3, 4), 1e-5, groups=3)
+        >>> y, _ = norm(x, None, None, (2, 3, 4), 1e-5, view=(2, 3, 2, 4, 4))
         >>> torch.allclose(y, torch.nn.functional.group_norm(x, 3), atol=1e-5)
         True
     """
@@ -862,9 +863,9 @@ def norm(
     if mask is not None:
         mask = _like(mask.expand(x.shape), x)
     functorch = torch._C._are_functorch_transforms_active()
-    if groups and not (torch.compiler.is_compiling() and not functorch):  # the grouped view itself
-        m = None if mask is None else split_groups(mask, groups)
-        y, stats = norm(split_groups(x, groups), weight, bias, dims, eps, m)
+    if view is not None and not (torch.compiler.is_compiling() and not functorch):  # on the view itself
+        m = None if mask is None else mask.view(view)
+        y, stats = norm(x.view(view), weight, bias, dims, eps, m)
         return y.view(x.shape), stats
     if torch.compiler.is_compiling():
         if functorch:
@@ -872,7 +873,8 @@ def norm(
             # transforms (torch.library's generated Function has no setup_context), so the norm is
             # traced as the reference's plain ops, which every transform and Inductor take.
             return core.norm_forward(x, weight, bias, mask, dims, float(eps))
-        return torch.ops.normkit.norm(x, weight, bias, mask, list(dims), float(eps), groups)
+        shape = None if view is None else list(view)
+        return torch.ops.normkit.norm(x, weight, bias, mask, list(dims), float(eps), shape)
     if torch._C._are_functorch_transforms_active():
         if _func_ops_ready():
             return torch.ops.normkit_func.norm(x, weight, bias, mask, list(dims), float(eps))  # type: ignore[no-any-return]

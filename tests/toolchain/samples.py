@@ -100,6 +100,17 @@ SAMPLES: list[Sample] = [
         batch_free=True,
     ),
     Sample("LayerNormAct2d", lambda: nkn.LayerNormAct2d(6, activation="gelu"), (4, 6, 5, 5), batch_free=True),
+    Sample("MeanOnlyBatchNorm", lambda: nkn.MeanOnlyBatchNorm(6), (4, 6, 5, 5)),
+    Sample("BatchNormalization-keras", lambda: nkn.BatchNormalization(6), (4, 5, 5, 6)),
+    # the weight-standardized convolutions: a norm of the kernel (batch-free: one sample's output is its own)
+    Sample("StdConv2d", lambda: nkn.StdConv2d(6, 6, 3, padding=1), (4, 6, 5, 5), batch_free=True),
+    Sample(
+        "ScaledStdConv2d-cl",
+        lambda: nkn.ScaledStdConv2d(6, 6, 3, padding=1, gamma=1.7),
+        (4, 6, 5, 5),
+        batch_free=True,
+        channels_last=True,
+    ),
 ]
 
 SAMPLE_IDS = [s.name for s in SAMPLES]

@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 from .._errors import NormError
 from ..functional._autograd import norm
 from ..functional._checks import check_eps
+from ._base import fx_leaf
 from ._parametrize import make_picklable
 
 __all__ = [
@@ -143,6 +144,9 @@ class _StdConvMixin:
 
     def forward(self, input: Tensor) -> Tensor:
         x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
+        leaf = fx_leaf(self, x)  # (torch.fx: one call_module node, as torch.nn's Conv)
+        if leaf is not None:
+            return leaf
         return self._conv_forward(x, self.standardized_weight(), self.bias)  # type: ignore[attr-defined]
 
     def extra_repr(self) -> str:

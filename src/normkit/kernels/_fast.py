@@ -603,6 +603,12 @@ class _no_fast:
         _NoFast.depth -= 1
 
 
+def _leaf(t: Tensor) -> Tensor:
+    """``t`` itself when it requires grad, else a detached copy that does (for ``torch.autograd.grad``,
+    which refuses an input outside the graph; the gradient of a tensor that needs none is dropped)."""
+    return t if t.requires_grad else t.detach().requires_grad_()
+
+
 class _FastProxyStats(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -631,8 +637,8 @@ class _FastProxyStats(torch.autograd.Function):
             g is None or (type(g) is Tensor and torch._C._has_storage(g)) for g in (gm, gr)
         ):
             with torch.enable_grad():
-                params = [w, b, pb, pw]
-                outs = _composite_stats(w, b, pb, pw, u, ctx.act, ctx.eps)
+                params = [_leaf(t) for t in (w, b, pb, pw)]  # (a frozen parameter too: grad() needs all)
+                outs = _composite_stats(*params, u, ctx.act, ctx.eps)
                 pairs = [(o, g) for o, g in zip(outs, (gm, gr)) if g is not None]
                 grads = torch.autograd.grad(
                     [o for o, _ in pairs], params, [g for _, g in pairs], create_graph=True, allow_unused=True
@@ -759,9 +765,18 @@ class _FastGNProxy(torch.autograd.Function):
             from . import use
 
             with torch.enable_grad(), use("reference"):
-                inputs = [x, w, b, pb, pw]
+                inputs = [_leaf(t) for t in (x, w, b, pb, pw)]  # (a frozen parameter too: grad() needs all)
+                xi, wi, bi, pbi, pwi = inputs
                 out = proxy_norm_act(
-                    gn(x, spec.G, None, None, spec.eps), w, b, pb, pw, ctx.act, ctx.peps, u.shape[0], points=u
+                    gn(xi, spec.G, None, None, spec.eps),
+                    wi,
+                    bi,
+                    pbi,
+                    pwi,
+                    ctx.act,
+                    ctx.peps,
+                    u.shape[0],
+                    points=u,
                 )
                 grads = torch.autograd.grad(out, inputs, dout, create_graph=True, allow_unused=True)
             return (*grads, None, None, None, None, None, None)

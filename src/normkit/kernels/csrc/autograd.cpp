@@ -436,12 +436,19 @@ struct GNProxy : public torch::autograd::Function<GNProxy> {
     const auto fs = ctx->saved_data["fspec"].toDoubleVector();  // eps, slope, peps
     const int64_t mode = spec[0], N = spec[1], C = spec[2], S = spec[3], G = spec[4], act = spec[5];
     if (at::GradMode::is_enabled() || !dout.has_storage()) {  // create_graph=True: the differentiable composite
-      std::vector<Tensor> inputs{x, w, b, pb, pw};
+      // only what needs a gradient: grad() refuses an input outside the graph (a frozen parameter,
+      // an input without requires_grad)
+      std::vector<Tensor> inputs;
+      std::vector<int> where;
+      const Tensor* all[] = {&x, &w, &b, &pb, &pw};
+      for (int i = 0; i < 5; ++i)
+        if (ctx->needs_input_grad(i)) inputs.push_back(*all[i]), where.push_back(i);
+      if (inputs.empty()) return out;
       const bool create = at::GradMode::is_enabled();
       at::AutoGradMode enable_grad(true);
       const Tensor y = gn_proxy_recompute(x, w, b, pb, pw, u, G, fs[0], act, fs[1], fs[2]);
       auto g = torch::autograd::grad({y}, inputs, {dout}, true, create, true);
-      for (size_t i = 0; i < g.size(); ++i) out[i] = g[i];
+      for (size_t i = 0; i < g.size(); ++i) out[where[i]] = g[i];
       return out;
     }
     if (dout.scalar_type() != x.scalar_type() || dout.strides() != x.strides()) dout = at::empty_like(x).copy_(dout);

@@ -638,7 +638,8 @@ class _FastProxyStats(torch.autograd.Function):
         ):
             with torch.enable_grad():
                 params = [_leaf(t) for t in (w, b, pb, pw)]  # (a frozen parameter too: grad() needs all)
-                outs = _composite_stats(*params, u, ctx.act, ctx.eps)
+                wi, bi, pbi, pwi = params
+                outs = _composite_stats(wi, bi, pbi, pwi, u, ctx.act, ctx.eps)
                 pairs = [(o, g) for o, g in zip(outs, (gm, gr)) if g is not None]
                 grads = torch.autograd.grad(
                     [o for o, _ in pairs], params, [g for _, g in pairs], create_graph=True, allow_unused=True

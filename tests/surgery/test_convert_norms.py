@@ -513,3 +513,77 @@ def test_a_subclass_with_its_own_forward_is_skipped_by_convert_and_fold(base):
     folded, diff, fold_report = normkit.fold_bn(net, x)
     torch.testing.assert_close(folded(x), net(x))
     assert type(folded[1]) is ScaledBN
+
+
+# --- the source's flags: track_running_stats=False, affine=False; group norms on a Linear head ---------
+
+
+@pytest.mark.parametrize("spec", ["bn", "gbn:2", "syncbn"])
+def test_batch_statistics_in_eval_stay_so_between_batch_norms(spec):
+    """A BN built with track_running_stats=False normalizes with batch statistics in eval too. Oracle: the
+    torch.nn source model in eval; a converted layer with fresh running statistics gave another output."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    x = torch.randn(4, 3, 4, 4) * 3 + 2
+    new, _ = normkit.convert_norms(net, spec)
+    assert new[1].track_running_stats is False and new[1].running_mean is None
+    with torch.no_grad():
+        torch.testing.assert_close(new.eval()(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_batch_renorm_refuses_a_layer_without_running_statistics():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(normkit.NormError, match=r"'1' \(BatchNorm2d.*'brn'.*track_running_stats=False"):
+        normkit.convert_norms(net, "brn")
+    new, _ = normkit.convert_norms(net, "brn", transfer=False)  # asked for a fresh one: it has its own
+    assert isinstance(new[1], BatchRenorm2d) and new[1].track_running_stats
+
+
+@pytest.mark.parametrize("spec, groups", [("gn:2", 2), ("ln", 1), ("ln2d", None), ("in", None)])
+def test_a_norm_without_affine_gets_no_learnable_affine(spec, groups):
+    """Oracle: torch.nn.functional's norm with weight=None, bias=None; the source's affine=False flag."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False), nn.ReLU())
+    new, _ = normkit.convert_norms(net, spec)
+    assert list(new[1].parameters()) == [] and new[1].weight is None and new[1].bias is None
+    h = torch.randn(2, 4, 3, 3) * 2 + 1
+    F = torch.nn.functional
+    if groups is not None:
+        want = F.group_norm(h, groups, None, None, 1e-5)
+    elif spec == "in":
+        want = F.instance_norm(h, eps=1e-5)
+    else:  # per position over C
+        want = F.layer_norm(h.permute(0, 2, 3, 1), (4,), eps=1e-5).permute(0, 3, 1, 2)
+    torch.testing.assert_close(new[1](h), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_norm_without_bias_gets_no_bias_and_proxy_norm_a_fixed_identity_affine():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNorm2d(4, bias=False), nn.ReLU())
+    new, _ = normkit.convert_norms(net, "gn:2")
+    assert new[1].bias is None and torch.equal(new[1].weight, net[1].weight)
+    # Proxy Norm blocks always have weight and bias: fixed at 1 and 0, not trainable, and said so.
+    plain = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False), nn.ReLU())
+    new, report = normkit.convert_norms(plain, "ln+pn")
+    pn = new[1]
+    assert isinstance(pn, GroupNormProxyAct2d)
+    assert not pn.weight.requires_grad and not pn.bias.requires_grad
+    assert torch.equal(pn.weight, torch.ones(4)) and torch.equal(pn.bias, torch.zeros(4))
+    assert "affine=False" in str(report)
+    new, report = normkit.convert_norms(net, "ln+pn")
+    assert new[1].weight.requires_grad and not new[1].bias.requires_grad and "bias=False" in str(report)
+
+
+@pytest.mark.parametrize("spec", ["gn", "gn:6", "gn:6+pn"])
+def test_a_group_norm_with_one_value_per_group_on_a_linear_head_is_refused_at_conversion(spec):
+    """On the (N, C) output of a Linear, GroupNorm(6, 6) sees one value per group: refused at conversion
+    time, as "in" refuses the same layer, not at the first forward."""
+    head = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6))
+    with pytest.raises(normkit.NormError, match="cannot convert '1'.*'in'.*Linear"):
+        normkit.convert_norms(head, "in")  # the oracle for consistency
+    with pytest.raises(normkit.NormError, match=r"cannot convert '1'.*Linear.*one value per group.*'gn:3'"):
+        normkit.convert_norms(head, spec)
+    new, _ = normkit.convert_norms(head, "gn:3")  # what the message suggests works
+    x = torch.randn(4, 5)
+    h = head[0](x)
+    torch.testing.assert_close(new(x), torch.nn.functional.group_norm(h, 3, new[1].weight, new[1].bias))

@@ -401,3 +401,103 @@ def test_a_fold_by_sequential_adjacency_that_is_not_exact_warns():
         folded, diff, _ = normkit.fold_bn(net, x)
     with torch.no_grad():
         assert diff == pytest.approx((folded(x) - net(x)).abs().max().item()) and diff > 1e-3
+
+
+# --- Linear folds without an example input; the probe's failure ---------------------------------------
+
+
+def test_a_linear_on_the_models_own_input_is_folded_only_with_an_example_input():
+    """Linear(5, 4) -> BatchNorm1d(4) used on (N, L=4, F=5): the BN normalizes L, not the Linear's outputs.
+    The generated probe is 2-D and cannot show it, so without example_input the pair is left (it used to
+    fold and report success). Oracle: the unfolded eval model, eagerly, on each input."""
+    net = _pair(nn.Linear(5, 4), nn.BatchNorm1d(4), torch.float32)
+    x3 = torch.randn(3, 4, 5)
+    folded, _, report = normkit.fold_bn(net)
+    assert report.folded == [] and "pass example_input" in report.skipped[0][1], report
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x3), net(x3))
+    _, _, report = normkit.fold_bn(net, x3)  # the real input: refused, as before
+    assert report.folded == [] and "not dim 1" in report.skipped[0][1]
+    folded, _, report = normkit.fold_bn(net, torch.randn(6, 5))  # a real (N, F) batch: folded
+    assert len(report.folded) == 1
+    x = torch.randn(7, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_an_untraceable_linear_pair_is_folded_only_with_an_example_input():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))
+
+        def forward(self, x):
+            return self.body(x) if x.sum() > -1e9 else x
+
+    torch.manual_seed(0)
+    net = randomize_norms(Branchy()).eval()
+    folded, _, report = normkit.fold_bn(net)
+    assert report.method.startswith("nn.Sequential adjacency") and report.folded == []
+    assert "pass example_input" in report.skipped[0][1]
+    x3 = torch.randn(3, 4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x3), net(x3))
+    _, diff, report = normkit.fold_bn(net, torch.randn(6, 5))
+    assert len(report.folded) == 1 and diff < 1e-5
+
+
+class _PoolViewHead(nn.Module):
+    """conv -> BN -> global pool -> ``h.view(h.size(0), -1)`` -> Linear -> BN: the Linear's input is 2-D."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.pool, self.fc, self.bn_fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        h = self.pool(self.bn(self.conv(x)))
+        return self.bn_fc(self.fc(h.view(h.size(0), -1)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 6),
+            nn.BatchNorm1d(6),
+        ),
+        _PoolViewHead,
+    ],
+)
+def test_a_linear_whose_input_the_graph_proves_2d_still_folds_without_an_example(make):
+    """After Flatten (or a view to (N, -1)) the Linear's input is (N, features) whatever the model is
+    given: folded with the generated probe. Oracle: the unfolded eval model on another input."""
+    torch.manual_seed(0)
+    net = randomize_norms(make()).eval()
+    folded, _, report = normkit.fold_bn(net)
+    assert len(report.folded) == 2 and report.skipped == [], report
+    x = torch.randn(5, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_probe_the_model_rejects_names_the_layer_and_its_error():
+    """A model sized for 8x8 inputs fails on the 32x32 probe: the message gives the layer and torch's own
+    error (oracle: the eager model on the probe's shape), not fx's ShapeProp wrapper, and the fix."""
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
+    ).eval()
+    with pytest.raises(RuntimeError) as eager:
+        net(torch.randn(2, 1, 32, 32))
+    with pytest.raises(normkit.NormError) as err:
+        normkit.fold_bn(net)
+    msg = str(err.value)
+    assert "probe input of shape (2, 1, 32, 32) in layer '4' (Linear)" in msg
+    assert str(eager.value).splitlines()[0] in msg and "ShapeProp" not in msg
+    assert "pass example_input" in msg
+    _, diff, report = normkit.fold_bn(net, torch.randn(2, 1, 8, 8))  # what the message asks for works
+    assert len(report.folded) == 1 and diff < 1e-5

@@ -19,6 +19,7 @@ from normkit.nn import (
     GhostBatchNorm2d,
 )
 from normkit.surgery import freeze_bn, unfreeze_bn
+from normkit.surgery.freeze import FrozenBatchNormAct2d, FrozenBatchNormXd, FrozenSyncBatchNormAct
 from tests.torch_compat import needs_torch_bias
 
 
@@ -122,13 +123,17 @@ def test_what_is_left_alone_inplace_false_and_single_layers():
         nn.BatchNorm2d(3, track_running_stats=False),
         nn.BatchNorm3d(3),
         BatchNorm1d(3, bias=False),
+        nn.BatchNorm2d(3, affine=False, track_running_stats=False),  # nothing to freeze: no warning for it
     )
-    out = freeze_bn(model, inplace=False)
-    assert type(model[2]) is nn.BatchNorm3d  # the original is untouched
-    assert type(out[0]) is BatchNormAct2d and type(out[1]) is nn.BatchNorm2d
+    with pytest.warns(
+        UserWarning, match=r"1 batch-norm layer\(s\) left unfrozen.*'1' \(BatchNorm2d\): no running"
+    ):
+        out = freeze_bn(model, inplace=False)
+    assert type(model[2]) is nn.BatchNorm3d and type(model[0]) is BatchNormAct2d  # the original is untouched
+    assert type(out[0]) is FrozenBatchNormAct2d and type(out[1]) is nn.BatchNorm2d
     assert type(out[2]) is FrozenBatchNorm3d and type(out[3]) is FrozenBatchNorm1d and out[3].bias is None
     back = unfreeze_bn(out)
-    assert type(back[3]) is BatchNorm1d and back[3].bias is None
+    assert type(back[3]) is BatchNorm1d and back[3].bias is None and type(back[0]) is BatchNormAct2d
     single = freeze_bn(nn.BatchNorm1d(3), use_running_stats=False, update_running_stats=True)
     assert (
         isinstance(single, FrozenBatchNorm1d) and single.update_running_stats and not single.use_running_stats
@@ -187,3 +192,123 @@ def test_lazy_and_scripted_models_are_refused():
         freeze_bn(scripted)
     with pytest.raises(TypeError, match="scripted modules"):
         unfreeze_bn(scripted)
+
+
+# --- every batch-norm type, and what freeze_bn cannot freeze ------------------------------------------
+
+
+def _sync_layers() -> dict[str, nn.Module]:
+    from normkit.nn.sync_batch_norm import SyncBatchNormAct, _BatchNormXd
+
+    return {
+        "torch SyncBatchNorm": nn.SyncBatchNorm(4),  # what torch's convert_sync_batchnorm leaves
+        "normkit SyncBatchNorm": normkit.nn.SyncBatchNorm(4),  # what normkit.convert_sync_batchnorm leaves
+        "normkit _BatchNormXd": _BatchNormXd(4),  # what revert_sync_batchnorm leaves of an unknown rank
+        "BatchNormAct2d": BatchNormAct2d(4, activation="silu"),  # convert_norms(.., "bn") fuses into it
+        "SyncBatchNormAct": SyncBatchNormAct(4, activation="silu"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_sync_layers()))
+def test_every_batch_norm_type_is_frozen_and_comes_back(name):
+    """Oracle: the original layer in eval mode (torch's own forward), and the layer's own state before
+    freezing. After freeze_bn(model); model.train(), a training step must leave the layer's affine and
+    running statistics bit-identical (they used to stay trainable / keep updating)."""
+    torch.manual_seed(0)
+    bn = _sync_layers()[name]
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+    bn.bias.requires_grad_(False)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), bn)
+    original = copy.deepcopy(model).eval()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    freeze_bn(model)
+    model.train()
+    frozen = model[1]
+    assert isinstance(frozen, (FrozenBatchNormXd, FrozenBatchNormAct2d, FrozenSyncBatchNormAct)), type(frozen)
+    assert list(frozen.parameters()) == [] and not frozen.training
+    assert sorted(model.state_dict()) == sorted(sd)
+    x = torch.randn(4, 3, 5, 5) + 3
+    if type(bn) is not nn.SyncBatchNorm:  # (torch's needs a process group in training mode)
+        torch.testing.assert_close(model(x), original(x))  # frozen in train mode == original in eval
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        model(x).square().mean().backward()
+        opt.step()
+        for k, v in sd.items():
+            if not k.startswith("0."):
+                assert torch.equal(model.state_dict()[k], v), k
+    back = unfreeze_bn(model)
+    assert type(back[1]) is type(bn) and back[1].training
+    assert [p.requires_grad for p in (back[1].weight, back[1].bias)] == [True, False]
+    assert list(back[1].state_dict()) == list(original[1].state_dict())
+    for k, v in back[1].state_dict().items():
+        assert torch.equal(v, original[1].state_dict()[k]), k
+    if hasattr(bn, "activation"):
+        assert back[1].activation == "silu"
+    h = torch.randn(4, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(back[1].eval()(h), original[1](h))
+
+
+def test_a_frozen_sync_batch_norm_takes_any_rank_like_the_original():
+    """Oracle: torch.nn.SyncBatchNorm in eval on 2-D, 3-D and 5-D inputs."""
+    torch.manual_seed(0)
+    sbn = nn.SyncBatchNorm(3).eval()
+    with torch.no_grad():
+        sbn.running_mean.uniform_(-1, 1), sbn.running_var.uniform_(0.5, 2)
+    frozen = freeze_bn(copy.deepcopy(sbn))
+    for shape in ((4, 3), (4, 3, 5), (2, 3, 2, 2, 2)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(frozen.train()(x), sbn(x))
+
+
+def test_norm_act_layers_refuse_the_batch_statistics_switches():
+    """A frozen norm+activation layer only normalizes with the running statistics: asking for batch
+    statistics (or updates) is refused before anything is changed, naming the layer."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), BatchNormAct2d(4))
+    for kw in ({"use_running_stats": False}, {"update_running_stats": True}):
+        with pytest.raises(normkit.NormError, match=r"'2' \(BatchNormAct2d\)"):
+            freeze_bn(model, **kw)
+        assert type(model[1]) is nn.BatchNorm2d  # untouched
+
+
+def test_a_batch_norm_subclass_with_its_own_forward_is_named_in_a_warning():
+    class ScaledBN(nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), ScaledBN(4), nn.BatchNorm2d(4))
+    with pytest.warns(UserWarning, match=r"'1' \(ScaledBN\): a subclass of BatchNorm2d"):
+        freeze_bn(model)
+    assert type(model[1]) is ScaledBN and model[1].weight.requires_grad  # left as it was, and said so
+    assert type(model[2]) is FrozenBatchNorm2d
+
+
+def test_unfreeze_gives_back_a_layer_kept_in_eval_inside_a_training_model():
+    """Oracle: every module's train/eval flag as the user set them before freeze_bn."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
+        BatchNormAct2d(4),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)),
+    ).train()
+    model[1].eval()  # a stem BN kept in eval on purpose
+    model[4].eval()
+    model[5].eval()  # a whole block kept in eval
+    flags = [m.training for m in model.modules()]
+    unfreeze_bn(freeze_bn(model))
+    assert [m.training for m in model.modules()] == flags
+    before = model[1].running_mean.clone()
+    model(torch.randn(4, 3, 5, 5) + 3)
+    assert torch.equal(model[1].running_mean, before)  # still in eval: not updated
+    # A layer that had the model's mode follows the model's mode at unfreeze time.
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)).train()
+    model[2].eval()
+    freeze_bn(model).eval()
+    unfreeze_bn(model)
+    assert not model[1].training and not model[2].training
+    # A single layer gets the mode it had.
+    assert unfreeze_bn(freeze_bn(nn.BatchNorm2d(4).train())).training
+    assert not unfreeze_bn(freeze_bn(nn.BatchNorm2d(4).eval())).training

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import math
 import operator
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from .._errors import NormError
-from ..nn._inspect import describe_norm, is_activation_module
+from ..nn._inspect import ACT_FUNCTIONS, ACT_METHODS, BN_KINDS, NormInfo, describe_norm, is_activation_module
 from ..nn.proxy_norm import ProxyNormAct
 
 __all__ = [
@@ -27,8 +29,10 @@ __all__ = [
     "deepcopy_model",
     "module_paths",
     "probe_input",
+    "possible_ranks",
     "propagate_shapes",
     "replace_module",
+    "run_failure",
     "trace",
 ]
 
@@ -92,20 +96,66 @@ def deepcopy_model(model: nn.Module, op: str) -> nn.Module:
             setattr(m, name, w)
 
 
-def propagate_shapes(gm: torch.fx.GraphModule, args: tuple[Any, ...], op: str, what: str) -> None:
-    """Run fx's ShapeProp on ``args`` (no grad); its failure becomes :class:`NormError` blaming the input.
+class _ShapeProp(ShapeProp):
+    """fx's ShapeProp, remembering the node that failed."""
+
+    failed: torch.fx.Node | None = None
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            return super().run_node(n)
+        except Exception:
+            self.failed = n
+            raise
+
+
+def run_failure(
+    op: str,
+    what: str,
+    exc: BaseException,
+    *,
+    node: torch.fx.Node | None = None,
+    modules: Mapping[str, nn.Module] | None = None,
+    probed: bool = False,
+) -> NormError:
+    """The :class:`NormError` for a model that failed on an input: where (the layer, when known), the
+    underlying error (not fx's wrapper around it), and the fix (pass ``example_input``)."""
+    root: BaseException = exc
+    while root.__cause__ is not None and str(root).startswith("ShapeProp error"):
+        root = root.__cause__  # fx's "ShapeProp error for: node=..." wraps the real error
+    where = ""
+    if node is not None:
+        mod = (modules or {}).get(str(node.target)) if node.op == "call_module" else None
+        if mod is not None:
+            where = f" in layer '{node.target}' ({type(mod).__name__})"
+        else:
+            where = f" in {node.op} {getattr(node.target, '__name__', node.target)}"
+    msg = str(root).strip().splitlines()[0] if str(root).strip() else ""
+    fix = (
+        "the probe is only a guess shaped for the model's first layer, not the input size the rest of the "
+        "model expects: pass example_input=<a batch the model accepts>"
+        if probed
+        else "pass an example_input the model accepts"
+    )
+    return NormError(f"{op}: the model failed on the {what}{where}: {type(root).__name__}: {msg}; {fix}")
+
+
+def propagate_shapes(
+    gm: torch.fx.GraphModule, args: tuple[Any, ...], op: str, what: str, *, probed: bool = False
+) -> None:
+    """Run fx's ShapeProp on ``args`` (no grad); its failure becomes :class:`NormError` naming the failing
+    layer, the underlying error (``mat1 and mat2 shapes cannot be multiplied ...``) and the fix.
 
     ShapeProp prints the traceback of a failing node to stderr before raising; that print is swallowed,
     the exception is kept as the cause.
     """
+    prop = _ShapeProp(gm)
     try:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(gm).propagate(*args)
+            prop.propagate(*args)
     except Exception as exc:
-        raise NormError(
-            f"{op}: the model failed on the {what} ({type(exc).__name__}: {exc}); "
-            "pass an example_input it accepts"
-        ) from exc
+        modules = dict(gm.named_modules())
+        raise run_failure(op, what, exc, node=prop.failed, modules=modules, probed=probed) from exc
 
 
 class NormTracer(torch.fx.Tracer):
@@ -188,6 +238,131 @@ def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
 def node_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
     """The output shape ShapeProp recorded for a node, or None."""
     return _shape(node)
+
+
+# --- the input ranks a value can have --------------------------------------------------------------
+
+Ranks = frozenset[int] | None  # the ranks a value can have; None: any (nothing in the graph fixes it)
+
+_POOLS = (
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+)
+_SAME_RANK_METHODS = {"contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as"}
+_REDUCTIONS = {"mean", "sum", "amax", "amin", "nanmean", "nansum"}
+_BROADCASTS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
+
+
+def _arg(node: torch.fx.Node, i: int, key: str, default: Any) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
+
+
+def _flattened(start: Any, end: Any) -> Ranks:
+    """``flatten(start, -1)`` gives ``start + 1`` dims, whatever the input rank."""
+    if isinstance(start, int) and not isinstance(start, bool) and start >= 0 and end == -1:
+        return frozenset({start + 1})
+    return None
+
+
+def _reduced(ranks: Ranks, dims: Any, keepdim: Any) -> Ranks:
+    if ranks is None or keepdim not in (True, False):
+        return None
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    out = {r if keepdim else r - len({d % r for d in dims}) for r in ranks if all(-r <= d < r for d in dims)}
+    return frozenset(out)
+
+
+def _module_ranks(m: nn.Module | None, r: Ranks) -> Ranks:
+    def within(*allowed: int) -> Ranks:
+        return frozenset(allowed) if r is None else r & frozenset(allowed)
+
+    if isinstance(m, nn.modules.conv._ConvNd):
+        nd = len(m.kernel_size)
+        return within(nd + 1, nd + 2)  # (C, *spatial) or (N, C, *spatial); the output has the same rank
+    if isinstance(m, _POOLS):
+        nd = _rank_suffix(type(m).__name__)
+        return within(nd + 1, nd + 2) if nd else None
+    if isinstance(m, nn.Flatten):
+        return _flattened(m.start_dim, m.end_dim)
+    if isinstance(m, (nn.Linear, nn.Identity, nn.modules.dropout._DropoutNd)) or is_activation_module(m):
+        return r
+    info = describe_norm(m) if m is not None else None
+    if isinstance(info, NormInfo):
+        if info.kind in BN_KINDS and info.rank is not None:
+            return within(*{1: (2, 3), 2: (4,), 3: (5,)}[info.rank])
+        return r  # (a norm keeps its input's shape)
+    return None
+
+
+def _rank_suffix(name: str) -> int | None:
+    for nd in (1, 2, 3):
+        if name.endswith(f"{nd}d"):
+            return nd
+    return None
+
+
+def possible_ranks(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> dict[torch.fx.Node, Ranks]:
+    """For each node, the ranks its value can have for *any* input the model accepts (None: any rank).
+
+    Only what the graph proves: a Conv2d's output is 3-D or 4-D (unbatched or batched), a
+    BatchNorm2d's 4-D, ``x.mean(dim=(2, 3))`` of a 4-D value 2-D, ``Flatten()`` / ``torch.flatten(x, 1)``
+    2-D, ``x.view(n, -1)`` 2-D; a Linear, an activation, dropout and the norms keep their input's rank;
+    the model's inputs and every other operation give None. :func:`normkit.fold_bn` folds a BN into a
+    Linear without an example input only where this proves the Linear's output 2-D ``(N, C)``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(36, 5))
+        >>> ranks = possible_ranks(trace(net), dict(net.named_modules()))
+        >>> [(n.name, sorted(r) if r is not None else "any") for n, r in ranks.items() if n.op != "output"]
+        [('input_1', 'any'), ('_0', [3, 4]), ('_1', [2]), ('_2', [2])]
+    """
+    ranks: dict[torch.fx.Node, Ranks] = {}
+
+    def of(a: Any) -> Ranks:
+        return ranks.get(a) if isinstance(a, torch.fx.Node) else None
+
+    for node in graph.nodes:
+        r0 = of(node.args[0]) if node.args else None
+        out: Ranks = None
+        if node.op == "call_module":
+            out = _module_ranks(modules.get(str(node.target)), r0)
+        elif node.op == "call_function":
+            if node.target in ACT_FUNCTIONS:
+                out = r0
+            elif node.target is torch.flatten:
+                out = _flattened(_arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+            elif node.target is torch.reshape:
+                shape = _arg(node, 1, "shape", None)
+                out = frozenset({len(shape)}) if isinstance(shape, (tuple, list)) else None
+            elif node.target in (torch.mean, torch.sum, torch.amax, torch.amin):
+                out = _reduced(r0, _arg(node, 1, "dim", None), _arg(node, 2, "keepdim", False))
+            elif node.target in _BROADCASTS:
+                tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+                sets = [r for r in map(of, tensors) if r is not None]
+                if tensors and len(sets) == len(tensors):
+                    out = frozenset(max(c) for c in itertools.product(*sets))  # (broadcasting)
+        elif node.op == "call_method":
+            name = str(node.target)
+            if name in ACT_METHODS or name in _SAME_RANK_METHODS:
+                out = r0
+            elif name == "flatten":
+                out = _flattened(_arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+            elif name in ("view", "reshape"):
+                sizes = node.args[1:]
+                if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                    out = frozenset({len(sizes[0])})
+                elif sizes and not (len(sizes) == 1 and isinstance(sizes[0], torch.fx.Node)):
+                    out = frozenset({len(sizes)})  # (one Node alone may be a whole shape)
+            elif name in _REDUCTIONS:
+                out = _reduced(r0, _arg(node, 1, "dim", None), _arg(node, 2, "keepdim", False))
+        ranks[node] = out
+    return ranks
 
 
 def probe_input(model: nn.Module, op: str, graph: torch.fx.Graph | None = None) -> Tensor:

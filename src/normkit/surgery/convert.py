@@ -213,14 +213,22 @@ def _build(
     unbiased = (
         {"unbiased_running_var": info.extra.get("unbiased_running_var", True)} if keep and same_family else {}
     )
-    # (a layer without affine, or without bias, stays so within its family: its checkpoint still loads)
-    same_in = info.kind == "in" and base in ("in", "in1d", "in3d")
-    aff = _affine_flags(info) if keep and (same_family or same_in) else {}
+    # (a layer without affine, or without bias, stays so, whatever the new norm: no learnable affine
+    # appears that the user had switched off, and within a family its checkpoint still loads)
+    aff = _affine_flags(info) if keep else {}
+    # (batch statistics in eval too, track_running_stats=False, stay so between batch norms)
+    track = (
+        {"track_running_stats": bool(info.extra.get("track_running_stats", info.has_running_stats))}
+        if keep and same_family
+        else {}
+    )
+    no_tracking = track.get("track_running_stats") is False
     layer: nn.Module
     if spec.with_act and base not in ("ln+pn", "gn+pn"):  # a norm+activation the user registered
-        return create_norm_layer(spec.text, c, activation=act, **factory), notes
+        return _registered(spec.text, c, aff, track, notes, factory, activation=act), notes
     if spec.with_act:
         groups = 1 if base == "ln+pn" else (arg if arg is not None else default_groups(c, 4))
+        _check_groups(place, c, groups)
         pn_kw: dict[str, Any] = {}
         if keep and info.kind == "pn":
             pn_kw = {
@@ -228,13 +236,10 @@ def _build(
                 "proxy_eps": info.extra["proxy_eps"],
                 "num_points": info.extra["num_points"],
             }
-        return GroupNormProxyAct2d(c, num_groups=groups, activation=act, **pn_kw, **factory), notes
+        pn = GroupNormProxyAct2d(c, num_groups=groups, activation=act, **pn_kw, **factory)
+        _fix_affine(pn, aff, notes)
+        return pn, notes
     if base in ("bn", "bn1d", "bn2d", "bn3d"):
-        track = (
-            {"track_running_stats": info.extra.get("track_running_stats", info.has_running_stats)}
-            if keep and same_family
-            else {}
-        )
         kw = {**eps, **mom, **track, **unbiased, **aff, **factory}
         if act is not None and rank == 2:
             return BatchNormAct2d(c, activation=act, **kw), notes
@@ -247,10 +252,23 @@ def _build(
             )
         layer = _FROZEN[rank](c, **eps, **mom, **unbiased, **aff, **factory)
     elif base == "brn":
+        if no_tracking:
+            raise NormError(
+                "it has track_running_stats=False (batch statistics in eval too), and Batch Renorm corrects "
+                "the batch statistics towards running ones, so it needs them; convert it to 'bn' or 'gbn' "
+                "(which keep track_running_stats=False), or pass transfer=False for a fresh Batch Renorm"
+            )
         layer = _RENORM[rank](c, **eps, **mom, **unbiased, **aff, **factory)
     elif base == "gbn":
         layer = _GHOST[rank](
-            c, ghost_batch_size=arg if arg is not None else 32, **eps, **mom, **unbiased, **aff, **factory
+            c,
+            ghost_batch_size=arg if arg is not None else 32,
+            **eps,
+            **mom,
+            **track,
+            **unbiased,
+            **aff,
+            **factory,
         )
     elif base in ("in", "in1d", "in3d"):
         if place.after_linear:
@@ -258,42 +276,105 @@ def _build(
                 "it normalizes the (N, C) output of a Linear layer: "
                 "instance norm would see one value per channel"
             )
-        track = (
+        in_stats = (
             {"track_running_stats": True, "momentum": info.momentum}
             if keep and info.kind == "in" and info.has_running_stats
             else {}
         )
-        layer = _IN[rank](c, **{"affine": True, **aff}, **eps, **track, **factory)
+        layer = _IN[rank](c, **{"affine": True, **aff}, **eps, **in_stats, **factory)
     elif base == "gn":
         groups = arg if arg is not None else default_groups(c)
+        _check_groups(place, c, groups)
         if act is not None:
-            return GroupNormAct2d(c, groups, act, **eps, **factory), notes
-        layer = GroupNorm(groups, c, **eps, **factory)
+            return GroupNormAct2d(c, groups, act, **eps, **aff, **factory), notes
+        layer = GroupNorm(groups, c, **eps, **aff, **factory)
     elif base in ("ln", "ln2d"):
         if place.after_linear or (rank == 1 and base == "ln" and info.kind != "ln"):
             # (N, C) features, or a 1d layer that may see them: GroupNorm(1, C) is LN over all of C (and L).
+            _check_groups(place, c, 1)
             notes.append("GroupNorm(1, C): LayerNorm over the features of an (N, C) or (N, C, L) input")
-            layer = GroupNorm(1, c, **eps, **factory)
+            layer = GroupNorm(1, c, **eps, **aff, **factory)
             if act is not None:
-                return GroupNormAct2d(c, 1, act, **eps, **factory), notes
+                return GroupNormAct2d(c, 1, act, **eps, **aff, **factory), notes
         else:
             over = "chw" if base == "ln" else "c"
             if act is not None:
-                return LayerNormAct2d(c, act, over=over, **eps, **factory), notes
-            layer = LayerNorm2d(c, **eps, over=over, **factory)
+                return LayerNormAct2d(c, act, over=over, **eps, **aff, **factory), notes
+            layer = LayerNorm2d(c, **eps, over=over, **aff, **factory)
     elif base == "none":
         layer = nn.Identity()
     else:  # a norm registered by the user: built as the registry builds it
-        try:  # (with the source's affine flags where it takes them: "syncbn")
-            layer = create_norm_layer(spec.text, c, **aff, **factory)
-        except TypeError:
-            layer = create_norm_layer(spec.text, c, **factory)
+        layer = _registered(spec.text, c, aff, track, notes, factory)
     if act is not None:
         from ..nn.norm_act import _Lambda
 
         fn = act if isinstance(act, nn.Module) else _Lambda(act)
         return _SequentialNormAct(layer, fn), notes
     return layer, notes
+
+
+def _check_groups(place: _Place, c: int, groups: int) -> None:
+    """Refuse a group norm that would see one value per group on the ``(N, C)`` output of a Linear layer
+    (it fails at the first forward otherwise), as ``"in"`` does."""
+    if not place.after_linear or c // groups > 1:
+        return
+    fix = (
+        f"use 'gn:{default_groups(c, c // 2)}' (2 channels or more per group) or 'ln'"
+        if c > 1
+        else "with one feature there is nothing to normalize per sample"
+    )
+    raise NormError(
+        f"it normalizes the (N, C) output of a Linear layer: a group norm of {groups} group(s) of "
+        f"{c // groups} channel would see one value per group; {fix} (or leave the layer out with where=)"
+    )
+
+
+def _registered(
+    spec: str,
+    c: int,
+    aff: dict[str, bool],
+    track: dict[str, bool],
+    notes: list[str],
+    factory: dict[str, Any],
+    **kw: Any,
+) -> nn.Module:
+    """A norm registered by the user (or ``"syncbn"``), built as the registry builds it, with the source's
+    affine and track_running_stats flags where it takes them."""
+    try:
+        layer = create_norm_layer(spec, c, **aff, **track, **kw, **factory)
+    except TypeError:
+        layer = create_norm_layer(spec, c, **kw, **factory)
+        norm = _norm_part(layer)
+        if track.get("track_running_stats") is False and isinstance(
+            getattr(norm, "running_mean", None), Tensor
+        ):
+            raise NormError(
+                f"it has track_running_stats=False (batch statistics in eval too) and {type(norm).__name__} "
+                "takes no track_running_stats argument, so it would normalize with running statistics in "
+                "eval; pass transfer=False to accept that"
+            ) from None
+        _fix_affine(norm, aff, notes)
+    return layer
+
+
+@torch.no_grad()
+def _fix_affine(layer: nn.Module, aff: dict[str, bool], notes: list[str]) -> None:
+    """Give a layer that always has an affine the source's "no affine" (or "no bias"): weight 1 and bias 0,
+    not trainable (``requires_grad=False``), said in the report."""
+    if not aff or (aff["affine"] and aff["bias"]):
+        return
+    off = ("weight", "bias") if not aff["affine"] else ("bias",)
+    fixed = [k for k in off if isinstance(getattr(layer, k, None), nn.Parameter)]
+    for key in fixed:
+        t = getattr(layer, key)
+        t.fill_(1.0 if key == "weight" else 0.0)
+        t.requires_grad_(False)
+    if fixed:
+        what = "affine" if not aff["affine"] else "bias"
+        values = " and ".join(f"{k} at {1 if k == 'weight' else 0}" for k in fixed)
+        notes.append(
+            f"{what} ({what}=False: {values}, requires_grad=False; {type(layer).__name__} always has them)"
+        )
 
 
 def _affine_flags(info: NormInfo) -> dict[str, bool]:
@@ -510,6 +591,11 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
     ``requires_grad`` and train/eval flag. With ``transfer`` the per-channel affine and eps always
     carry over, and the running statistics (and momentum) between batch norms (BN, frozen BN,
     Ghost BN, Batch Renorm), where they mean the same thing; the report lists what was dropped.
+    So do the flags: a layer without affine (or without bias) gets none, whatever the new norm
+    (Proxy Norm blocks, which always have one, get weight 1 and bias 0 with
+    ``requires_grad=False``, said in the report), and ``track_running_stats=False`` (batch
+    statistics in eval too) stays so between batch norms (``"brn"``, which needs running
+    statistics, refuses such a layer).
 
     A norm+activation spec (Proxy Norm: ``"ln+pn"``, ``"gn:4+pn"``) takes the activation that
     follows the norm into the new block and removes it from the model: found with torch.fx where
@@ -535,7 +621,8 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
 
     Raises:
         NormError: an unknown spec, or a spec that does not fit a layer (``"gn:3"`` on 64
-            channels), naming the layer.
+            channels; ``"in"``, or a group norm with one channel per group, on the ``(N, C)``
+            output of a Linear layer, where it would see one value per group), naming the layer.
 
     Example:
         >>> import torch, normkit

@@ -39,9 +39,11 @@ from ._graph import (
     max_abs_diff,
     module_paths,
     node_shape,
+    possible_ranks,
     probe_input,
     propagate_shapes,
     replace_module,
+    run_failure,
     trace_or_reason,
 )
 
@@ -249,11 +251,16 @@ def _check_bn(name: str, module: nn.Module, info: NormInfo, op: str) -> None:
 
 
 def _find_pairs(
-    model: nn.Module, graph: torch.fx.Graph, bn_paths: set[str]
+    model: nn.Module, graph: torch.fx.Graph, bn_paths: set[str], probed: bool = False
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """``[(bn path, layer path)]`` that fold exactly, and ``[(bn path, why not)]`` for the rest."""
+    """``[(bn path, layer path)]`` that fold exactly, and ``[(bn path, why not)]`` for the rest.
+
+    ``probed``: the shapes come from a generated probe, not from the user's input, so a Linear's
+    output is taken as ``(N, C)`` only where the graph proves it (:func:`possible_ranks`).
+    """
     modules = dict(model.named_modules())
     counts = call_counts(graph)
+    ranks = possible_ranks(graph, modules) if probed else {}
     pairs: list[tuple[str, str]] = []
     left: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -300,6 +307,15 @@ def _find_pairs(
                     f"the Linear '{layer_name}' gives {shape if shape else 'an unknown shape'}: "
                     "its features are not dim 1"
                 )
+            elif probed and ranks.get(src) != frozenset({2}):
+                # A Linear takes any rank: on an (N, L, F) input the BN after it normalizes dim 1 (L),
+                # not the Linear's features, which a 2-D probe cannot show.
+                why = (
+                    f"the Linear '{layer_name}' may be given inputs of any rank (nothing before it fixes "
+                    "its input to (N, features)), and on an (N, L, F) input the BN would normalize L, "
+                    "not its features; the generated probe is 2-D and cannot tell: pass example_input "
+                    "(a real batch) to fold it"
+                )
         if why is None:
             bn = modules[name]
             info = describe_norm(bn)
@@ -314,10 +330,12 @@ def _find_pairs(
 
 
 def _sequential_pairs(
-    model: nn.Module, bn_paths: set[str]
+    model: nn.Module, bn_paths: set[str], probed: bool = False
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Pairs from ``nn.Sequential`` adjacency, for models torch.fx cannot trace."""
+    """Pairs from ``nn.Sequential`` adjacency, for models torch.fx cannot trace (a Linear only with the
+    user's example input: without a graph nothing says what rank it is given)."""
     pairs: list[tuple[str, str]] = []
+    linear: list[tuple[str, str]] = []
     for name, m in model.named_modules():
         if not isinstance(m, nn.Sequential) or type(m).forward is not nn.Sequential.forward:
             continue
@@ -325,10 +343,20 @@ def _sequential_pairs(
         for (a_name, a), (b_name, _) in itertools.pairwise(kids):
             full_b = f"{name}.{b_name}" if name else b_name
             if full_b in bn_paths and _foldable_layer(a) is None:
-                pairs.append((full_b, f"{name}.{a_name}" if name else a_name))
-    found = {bn for bn, _ in pairs}
+                a_path = f"{name}.{a_name}" if name else a_name
+                (linear if probed and isinstance(a, nn.Linear) else pairs).append((full_b, a_path))
+    found = {bn for bn, _ in pairs} | {bn for bn, _ in linear}
     left = [
         (p, "not directly after a conv/linear layer in an nn.Sequential") for p in sorted(bn_paths - found)
+    ]
+    left += [
+        (
+            bn,
+            f"the Linear '{layer}' may be given inputs of any rank, and on an (N, L, F) input the BN would "
+            "normalize L, not its features; torch.fx could not trace the model and the generated probe "
+            "cannot tell: pass example_input (a real batch) to fold it",
+        )
+        for bn, layer in linear
     ]
     return pairs, left
 
@@ -378,12 +406,16 @@ def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
     torch.nn's BatchNorm1d/2d/3d and SyncBatchNorm, normkit's BN family (BatchNorm, GhostBatchNorm,
     BatchRenorm, FrozenBatchNorm, BatchNormAct2d) and timm's / torchvision's BN and frozen BN
     layers are folded when their input is the output of a Conv1d/2d/3d, ConvTranspose1d/2d/3d
-    (any groups, depthwise included) or Linear (on ``(N, C)`` features) that feeds nothing else:
-    the layer's weight and bias absorb the BN (:func:`fold_bn_weights`) and the BN becomes
-    ``nn.Identity`` (a norm+activation layer leaves its activation). A BN elsewhere (after an
-    addition, a pooling, a concatenation), or called with more than its input (``bn(x, mask)``),
-    is left in place, with the reason in the report. The
-    graph comes from ``torch.fx``; a model fx cannot trace is folded where a conv and a BN are
+    (any groups, depthwise included) or Linear that feeds nothing else: the layer's weight and
+    bias absorb the BN (:func:`fold_bn_weights`) and the BN becomes ``nn.Identity`` (a
+    norm+activation layer leaves its activation). A Linear is folded only on ``(N, C)`` features:
+    on an ``(N, L, F)`` input the BN after it normalizes ``L``, not the Linear's outputs. So it
+    must give 2-D outputs on ``example_input``, and without one the graph must prove it (a
+    ``flatten(x, 1)``, ``x.view(n, -1)`` or global mean before it, see
+    :func:`~normkit.surgery._graph.possible_ranks`): a Linear given the model's own input is left,
+    with the reason. A BN elsewhere (after an addition, a pooling, a concatenation), or called
+    with more than its input (``bn(x, mask)``), is left in place, with the reason in the report.
+    The graph comes from ``torch.fx``; a model fx cannot trace is folded where a conv and a BN are
     neighbours in an ``nn.Sequential``.
 
     Both models are then run in eval mode (dropout off; every train/eval flag restored after) on
@@ -399,7 +431,9 @@ def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
 
     Raises:
         NormError: a BN layer in training mode, or without running statistics; a lazy layer not
-            initialized yet; a model that cannot be deep-copied.
+            initialized yet; a model that cannot be deep-copied; a model that fails on the input
+            (the message names the layer and its error; for the generated probe, pass
+            ``example_input``).
         TypeError: ``model`` is not an ``nn.Module``, or is a TorchScript module.
 
     Example:
@@ -442,11 +476,11 @@ def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
     if graph is not None:
         gm = torch.fx.GraphModule(folded, graph)
         with _eval_mode(folded):
-            propagate_shapes(gm, args, op, what)
-        pairs, left = _find_pairs(folded, graph, bn_paths)
+            propagate_shapes(gm, args, op, what, probed=probed)
+        pairs, left = _find_pairs(folded, graph, bn_paths, probed)
     else:
         report.method = f"nn.Sequential adjacency (torch.fx could not trace the model: {why})"
-        pairs, left = _sequential_pairs(folded, bn_paths)
+        pairs, left = _sequential_pairs(folded, bn_paths, probed)
     left += unknown
     paths = module_paths(folded)
     for bn_path, layer_path in pairs:
@@ -460,10 +494,7 @@ def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
         with torch.no_grad(), _eval_mode(model, folded):
             want, got = model(*args), folded(*args)
     except Exception as exc:
-        raise NormError(
-            f"{op}: the model failed on the {what} ({type(exc).__name__}: {exc}); "
-            "pass an example_input it accepts"
-        ) from exc
+        raise run_failure(op, what, exc, probed=probed) from exc
     report.max_abs_diff = max_abs_diff(want, got)
     scale = max_abs_diff(want, tree_map(lambda t: t * 0 if isinstance(t, Tensor) else t, want))
     if report.folded and not report.max_abs_diff <= 1e-4 * (1.0 + scale):  # (NaN too)

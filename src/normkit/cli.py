@@ -11,7 +11,8 @@ backends) and ``kernels`` (``status`` /
 experiment
 writes ``runs/<experiment>-<timestamp>/`` (``--out`` moves the root). A bad option, an unknown
 norm or an unreadable data path exits with status 2 and a one-line message; Ctrl-C stops the run
-within a couple of seconds, marks its folder ``interrupted`` and exits with status 130.
+within a couple of seconds, marks its folder ``interrupted`` and exits with status 130. SIGTERM
+(``kill``, ``timeout``, a job scheduler) does the same and exits with status 143 (128 + 15).
 
 Data-parallel: ``torchrun --nproc-per-node 2 -m normkit.cli compare ...`` (add ``--sync-bn`` for BN
 statistics over all processes).
@@ -276,30 +277,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .lab.data import DataError
     from .lab.experiments.compare import NotAvailableError
-    from .lab.records import RunInterrupted
+    from .lab.records import RunInterrupted, sigterm_interrupts
 
     try:
-        return _run(args, argv)
+        with sigterm_interrupts():  # SIGTERM: a KeyboardInterrupt (Terminated), handled as Ctrl-C below
+            return _run(args, argv)
     except (DataError, NotAvailableError, ValueError) as e:
         print(f"normkit {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
         import signal
 
-        # exiting: a second Ctrl-C must not cut this short. As the process's entry point (argv None)
-        # Ctrl-C stays ignored until the exit; an in-process caller (main([...]): a notebook, a test)
-        # gets its handler back, so that neither it nor its child processes are left ignoring Ctrl-C.
+        # exiting: a second Ctrl-C (or SIGTERM) must not cut this short. As the process's entry point
+        # (argv None) both stay ignored until the exit; an in-process caller (main([...]): a notebook, a
+        # test) gets its handlers back, so that neither it nor its child processes are left ignoring them.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signum = int(getattr(e, "signum", signal.SIGINT))
         try:
             where = ""
             if isinstance(e, RunInterrupted) and e.path is not None:
                 done = f"{e.done} of {e.total} trainings finished, " if e.total else ""
                 where = f"; {done}kept in {e.path} (marked interrupted)"
-            print(f"normkit {args.command}: interrupted{where}", file=sys.stderr)
+            how = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+            print(f"normkit {args.command}: {how}{where}", file=sys.stderr)
         finally:
             if argv is not None:
                 signal.signal(signal.SIGINT, previous)
-        raise SystemExit(130) from None
+                signal.signal(signal.SIGTERM, previous_term)
+        raise SystemExit(128 + signum) from None
 
 
 if __name__ == "__main__":

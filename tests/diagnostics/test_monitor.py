@@ -4,7 +4,9 @@ was."""
 from __future__ import annotations
 
 import copy
+import math
 import sys
+import warnings
 
 import pytest
 import torch
@@ -275,3 +277,243 @@ def test_compiled_model_is_monitored_with_the_eager_names_and_numbers():
     assert got["1"]["calls"] == monitor.to_dict()["1"]["calls"] == 1
     gap = normkit.train_eval_gap(compiled, x)
     assert sorted(gap.layers) == ["1"]
+
+
+# --- every norm layer: LayerNorm over trailing dims, and the rest of torch.nn / normkit.nn ------------
+
+
+def _power_by_hand(t: torch.Tensor, channel_dim: int) -> dict[str, float]:
+    """The four power fractions of ``t`` with channels along ``channel_dim`` (every other non-batch dim a
+    position), written out with torch: per (sample, channel) mean and biased std over the positions."""
+    t = t.detach().double().movedim(channel_dim, 1)
+    t = t.reshape(t.shape[0], t.shape[1], -1)
+    mu, sig = t.mean(2), t.var(2, unbiased=False).sqrt()
+    total = float(t.pow(2).mean())
+    terms = {
+        "P_mean": mu.mean(0).pow(2).mean(),
+        "P_varmean": mu.var(0, unbiased=False).mean(),
+        "P_varstd": sig.var(0, unbiased=False).mean(),
+        "P_meanstd": sig.mean(0).pow(2).mean(),
+    }
+    return {k: float(v) / total for k, v in terms.items()} | {"total": total}
+
+
+_LAYER_NORMS = {
+    # id: (layer, the model's input, what runs before the layer)
+    "torch-ln-last-dim": (lambda: nn.LayerNorm(16), (4, 10, 8), lambda: nn.Linear(8, 16)),
+    "normkit-ln-last-dim": (lambda: normkit.nn.LayerNorm(16), (4, 10, 8), lambda: nn.Linear(8, 16)),
+    "torch-ln-chw": (lambda: nn.LayerNorm([8, 4, 4]), (4, 3, 4, 4), lambda: nn.Conv2d(3, 8, 1)),
+    "normkit-ln-hw": (lambda: normkit.nn.LayerNorm([4, 4]), (4, 3, 4, 4), lambda: nn.Conv2d(3, 8, 1)),
+    "torch-rmsnorm": (lambda: nn.RMSNorm(16), (4, 10, 8), lambda: nn.Linear(8, 16)),
+}
+
+
+@pytest.mark.parametrize("case", list(_LAYER_NORMS))
+def test_layer_norm_over_trailing_dims_is_watched_with_its_statistics(case):
+    # they were silently missing from the table (a model with only them raised "no norm layer to watch")
+    make_ln, in_shape, make_before = _LAYER_NORMS[case]
+    torch.manual_seed(0)
+    ln = make_ln()
+    net = nn.Sequential(make_before(), ln, nn.ReLU())
+    shape = tuple(ln.normalized_shape)
+    # the channels are along the first normalized dim (a feature of (N, T, C), a channel of (N, C, H, W)):
+    # with its affine, channel 1 is 0 everywhere (dead) and channel 2 the constant 1.5 (collapsed)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.weight[1] = 0.0
+        ln.weight[2] = 0.0
+        if getattr(ln, "bias", None) is not None:
+            ln.bias.normal_()
+            ln.bias[1] = 0.0
+            ln.bias[2] = 1.5
+    x_model = torch.randn(in_shape) * 2 + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot watch" warning either
+        mon = normkit.NormMonitor(net)
+    with mon:
+        net(x_model)
+    assert list(mon.to_dict()) == ["1"]
+    with torch.no_grad():  # the oracle: the layer's input and output, computed here
+        x = net[0](x_model)
+        y = ln(x)
+    cd = x.dim() - len(shape)
+    rec = mon.to_dict()["1"]
+    last = rec["last"]
+    assert rec["kind"] == ("rms" if isinstance(ln, nn.RMSNorm) else "ln_last") and rec["calls"] == 1
+    assert last["uses"] == "sample" and last["channel_dim"] == cd and last["shape"] == tuple(x.shape)
+    assert last["values_per_stat"] == math.prod(shape)  # each mean / variance pools over normalized_shape
+    assert "gap" not in last and rec["drift"] is None
+    per_channel = y.detach().double().movedim(cd, 0).flatten(1)  # (C, everything else)
+    std, rms = per_channel.std(1, unbiased=False), per_channel.pow(2).mean(1).sqrt()
+    dead = [c for c in range(len(rms)) if rms[c] == 0]
+    collapsed = [c for c in range(len(rms)) if rms[c] > 0 and std[c] <= 1e-3 * rms[c]]
+    if isinstance(ln, nn.RMSNorm):  # no bias: both weight-0 channels are 0 everywhere
+        assert dead == [1, 2] and collapsed == []
+    else:
+        assert dead == [1] and collapsed == [2]
+    assert last["dead"] == dead and last["collapsed"] == collapsed
+    for key, t in (("power_in", x), ("power_out", y)):
+        want = _power_by_hand(t, cd)
+        assert last[key]["total"] == pytest.approx(want["total"], rel=1e-12)
+        for k in ("P_mean", "P_varmean", "P_varstd", "P_meanstd"):
+            assert last[key][k] == pytest.approx(want[k], rel=1e-9, abs=1e-12), k
+    (row,) = [line for line in mon.table(print_=False).splitlines() if f" {rec['kind']} " in line]
+    channels = x.shape[cd]
+    assert f" {len(dead)}/{channels} " in row and f" {len(collapsed)}/{channels} " in row
+
+
+def test_layer_norm_in_a_mixed_model_and_alone_and_unbatched():
+    # the audit's mixed model: the LayerNorm ('3') was missing next to the BN ('1')
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 16), nn.LayerNorm(16))
+    with normkit.NormMonitor(net) as mon:
+        net(torch.randn(4, 8))
+    assert list(mon.to_dict()) == ["1", "3"]
+    assert mon.records["3"].last["values_per_stat"] == 16 and mon.records["3"].last["channel_dim"] == 1
+    assert "gap" in mon.records["1"].last
+    # a model whose only norm is a LayerNorm, called on an unbatched input: a batch of one
+    ln = normkit.nn.LayerNorm([8, 4, 4])
+    x = torch.randn(8, 4, 4)
+    with normkit.NormMonitor(ln) as mon:
+        y = ln(x)
+    last = mon.to_dict()["<root>"]["last"]
+    assert last["channel_dim"] == 0 and last["values_per_stat"] == 128 and last["shape"] == (8, 4, 4)
+    assert last["power_out"]["total"] == pytest.approx(_power_by_hand(y[None], 1)["total"], rel=1e-12)
+    assert last["power_out"]["P_mean"] == pytest.approx(_power_by_hand(y[None], 1)["P_mean"], rel=1e-9)
+
+
+def _every_norm() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """One layer of every norm class of torch.nn and normkit.nn, with an input it takes."""
+    import inspect
+
+    n = normkit.nn
+    x1, x2, x3 = torch.randn(4, 8, 5), torch.randn(4, 8, 5, 5), torch.randn(4, 8, 3, 3, 3)
+    make: dict[str, tuple[nn.Module, torch.Tensor]] = {
+        "torch.BatchNorm1d": (nn.BatchNorm1d(8), x1),
+        "torch.BatchNorm2d": (nn.BatchNorm2d(8), x2),
+        "torch.BatchNorm3d": (nn.BatchNorm3d(8), x3),
+        "torch.SyncBatchNorm": (nn.SyncBatchNorm(8).eval(), x2),  # (train mode needs a process group)
+        "torch.InstanceNorm1d": (nn.InstanceNorm1d(8), x1),
+        "torch.InstanceNorm2d": (nn.InstanceNorm2d(8, affine=True), x2),
+        "torch.InstanceNorm3d": (nn.InstanceNorm3d(8, track_running_stats=True), x3),
+        "torch.GroupNorm": (nn.GroupNorm(2, 8), x2),
+        "torch.LayerNorm": (nn.LayerNorm([5, 5]), x2),
+        "torch.RMSNorm": (nn.RMSNorm(5), x1),
+        "torch.LocalResponseNorm": (nn.LocalResponseNorm(3), x2),
+        "torch.CrossMapLRN2d": (nn.CrossMapLRN2d(3), x2),
+        "torch.LazyBatchNorm1d": (nn.LazyBatchNorm1d(), x1),
+        "torch.LazyBatchNorm2d": (nn.LazyBatchNorm2d(), x2),
+        "torch.LazyBatchNorm3d": (nn.LazyBatchNorm3d(), x3),
+        "torch.LazyInstanceNorm1d": (nn.LazyInstanceNorm1d(), x1),
+        "torch.LazyInstanceNorm2d": (nn.LazyInstanceNorm2d(), x2),
+        "torch.LazyInstanceNorm3d": (nn.LazyInstanceNorm3d(), x3),
+    }
+    for d, x in ((1, x1), (2, x2), (3, x3)):
+        for cls in ("BatchNorm", "BatchRenorm", "FrozenBatchNorm", "GhostBatchNorm", "InstanceNorm"):
+            make[f"normkit.{cls}{d}d"] = (getattr(n, f"{cls}{d}d")(8), x)
+    make |= {
+        "normkit.BatchNormAct2d": (n.BatchNormAct2d(8), x2),
+        "normkit.BatchNormalization": (n.BatchNormalization(8, axis=1), x2),
+        "normkit.GroupNorm": (n.GroupNorm(2, 8), x2),
+        "normkit.GroupNormAct2d": (n.GroupNormAct2d(8, 2), x2),
+        "normkit.GroupNormProxyAct2d": (n.GroupNormProxyAct2d(8, 2), x2),
+        "normkit.LayerNorm": (n.LayerNorm(5), x2),
+        "normkit.LayerNorm2d": (n.LayerNorm2d(8), x2),
+        "normkit.LayerNormAct2d": (n.LayerNormAct2d(8), x2),
+        "normkit.MeanOnlyBatchNorm": (n.MeanOnlyBatchNorm(8), x2),
+        "normkit.ProxyNormAct": (n.ProxyNormAct(8), x2),
+        "normkit.SyncBatchNorm": (n.SyncBatchNorm(8).eval(), x2),
+        "normkit.SyncBatchNormAct": (n.SyncBatchNormAct(8).eval(), x2),
+    }
+    # every class is here: a new norm class must be added (and watched, or named as not watched)
+    weight_norms = ("StdConv", "ScaledStdConv")  # normalize weights, not activations: not norm layers here
+    nk = {
+        f"normkit.{c}"
+        for c in n.__all__
+        if inspect.isclass(getattr(n, c))
+        and issubclass(getattr(n, c), nn.Module)
+        and not c.startswith(weight_norms)
+    }
+    import torch.nn.modules.batchnorm as tbn
+    import torch.nn.modules.instancenorm as tin
+    import torch.nn.modules.normalization as tno
+
+    tn = {f"torch.{c}" for mod in (tbn, tin, tno) for c in mod.__all__}
+    assert {k for k in make if k.startswith("normkit.")} == nk
+    assert {k for k in make if k.startswith("torch.")} == tn
+    return make
+
+
+def test_every_norm_of_torch_nn_and_normkit_nn_is_watched_or_named():
+    cannot = {"normkit.ProxyNormAct"}  # an activation after a norm: it normalizes nothing itself
+    for key, (layer, x) in _every_norm().items():
+        if key.startswith("torch.Lazy"):
+            layer(x)  # (a lazy layer gets its shape from a first batch; NormMonitor says so before)
+        if key in cannot:
+            with pytest.raises(
+                normkit.NormError, match=r"no norm layer to watch; it cannot watch '<root>' \(Pro"
+            ):
+                normkit.NormMonitor(layer)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            mon = normkit.NormMonitor(layer)
+        with mon, torch.no_grad():
+            layer(x)
+        rec = mon.to_dict()["<root>"]
+        last = rec["last"]
+        assert rec["calls"] == 1 and last["uses"] in ("batch", "running", "sample"), key
+        assert (last["values_per_stat"] is None) == (last["uses"] == "running"), key
+        assert "power_out" in last and len(last["dead"]) <= x.shape[last["channel_dim"]], key
+        if last["uses"] == "running" and key not in ("normkit.MeanOnlyBatchNorm",):
+            assert "gap" in last, key  # batch vs running statistics
+    # in a model: what it cannot watch is named in a warning (and in .unwatched), next to what it watches
+
+    class ScaledBN(nn.BatchNorm2d):  # its own forward: what it computes is unknown
+        def forward(self, input):
+            return 2 * super().forward(input)
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 1), normkit.nn.GroupNorm(1, 8, affine=False), normkit.nn.ProxyNormAct(8)
+    )
+    net.append(ScaledBN(8))
+    with pytest.warns(
+        UserWarning, match=r"not watching 2 norm layer\(s\): '2' \(ProxyNormAct: .*'3' \(ScaledBN: "
+    ):
+        mon = normkit.NormMonitor(net)
+    assert list(mon.layers) == ["1"] and list(mon.unwatched) == ["2", "3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normkit.NormMonitor(net, where="1")  # left out by where=: no warning
+
+
+def test_keras_and_mean_only_batch_norm_report_against_direct_statistics():
+    torch.manual_seed(0)
+    keras = normkit.nn.BatchNormalization(6)  # channels last, Keras's momentum and epsilon
+    with torch.no_grad():
+        keras.moving_mean.normal_()
+        keras.moving_variance.uniform_(0.5, 2.0)
+    x = torch.randn(5, 3, 4, 6) * 1.5 + 0.5
+    rm, rv = keras.moving_mean.double().clone(), keras.moving_variance.double().clone()
+    with normkit.NormMonitor(keras) as mon:
+        keras(x)
+    last = mon.to_dict()["<root>"]["last"]
+    h = x.double().reshape(-1, 6)
+    mean_b, var_b = h.mean(0), h.var(0, unbiased=False)
+    eps = keras.epsilon
+    diff = (h - mean_b) / (var_b + eps).sqrt() - (h - rm) / (rv + eps).sqrt()
+    assert last["uses"] == "batch" and last["channel_dim"] == 3 and last["values_per_stat"] == 5 * 3 * 4
+    assert last["gap"] == pytest.approx(float(diff.pow(2).mean().sqrt()), rel=1e-6)
+    keras.trainable = False  # Keras: inference mode even in training
+    with normkit.NormMonitor(keras) as mon:
+        keras(x)
+    assert mon.to_dict()["<root>"]["last"]["uses"] == "running"
+
+    mobn = normkit.nn.MeanOnlyBatchNorm(4)
+    with normkit.NormMonitor(mobn) as mon:
+        mobn(torch.randn(3, 4, 5))
+        mobn.eval()
+        mobn(torch.randn(3, 4, 5))
+    hist = mon.to_dict()["<root>"]["history"]
+    assert [(h["uses"], h["values_per_stat"]) for h in hist] == [("batch", 15), ("running", None)]
+    assert hist[1]["ema_batches"] == pytest.approx(1.0)  # one update of the running mean so far

@@ -6,6 +6,7 @@ import fnmatch
 import math
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .._errors import NormError
-from ..nn._inspect import BN_KINDS, NormInfo, describe_norm
+from ..nn import batch_norm_family as _fam
+from ..nn._inspect import BN_KINDS, NormInfo, _own_forward, describe_norm
+from ..nn.layer_norm import LayerNorm as _NkLayerNorm
 from ..surgery._graph import check_model
 from .stats import (
     batch_running_gap,
@@ -47,7 +50,95 @@ def _selector(where: Where, op: str) -> Callable[[str, nn.Module], bool]:
     )
 
 
-def _norm_layers(model: nn.Module, where: Where, op: str) -> dict[str, tuple[nn.Module, NormInfo]]:
+#: Kinds the monitor watches beyond :func:`~normkit.nn._inspect.describe_norm`'s (which serves the model
+#: tools, whose norms are channels-first): the norms over the trailing ``normalized_shape`` dims, local
+#: response normalization, and the BN variants that no other norm can replace.
+WATCH_KINDS = ("ln_last", "rms", "lrn", "mean_bn", "keras_bn", "frozen_batch")
+
+
+def _same_forward(module: nn.Module, *bases: type) -> bool:
+    """Whether ``module`` computes what one of ``bases`` computes (it is one, or a subclass that keeps its
+    forward)."""
+    return any(isinstance(module, b) and not _own_forward(module, b) for b in bases)
+
+
+def _watch_more(module: nn.Module) -> NormInfo | str | None:
+    """A :class:`NormInfo` for the norm layers only the monitor watches (``WATCH_KINDS``), a reason string for
+    one of them it cannot (a subclass with its own forward), else None."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        timm_ln = type(module).__module__.startswith("timm.") and type(module).__name__ == "LayerNorm"
+        if not (timm_ln or _same_forward(module, _NkLayerNorm, nn.LayerNorm, nn.RMSNorm)):
+            base = "RMSNorm" if isinstance(module, nn.RMSNorm) else "LayerNorm"
+            return (
+                f"it subclasses torch.nn.{base} with its own forward, so what it computes is unknown; "
+                "exclude it with where="
+            )
+        shape = tuple(int(s) for s in module.normalized_shape)
+        if not shape:
+            return "its normalized_shape is empty, so it refuses every input (torch builds it all the same)"
+        rms = isinstance(module, nn.RMSNorm)
+        eps = module.eps if module.eps is not None else torch.finfo(torch.float32).eps
+        return NormInfo(
+            kind="rms" if rms else "ln_last",
+            num_channels=shape[0],
+            eps=float(eps),
+            weight=module.weight,
+            bias=None if rms else module.bias,
+            extra={"normalized_shape": shape},
+        )
+    if isinstance(module, (nn.LocalResponseNorm, nn.CrossMapLRN2d)):
+        if not _same_forward(module, nn.LocalResponseNorm, nn.CrossMapLRN2d):
+            base = "LocalResponseNorm" if isinstance(module, nn.LocalResponseNorm) else "CrossMapLRN2d"
+            return (
+                f"it subclasses torch.nn.{base} with its own forward, so what it computes is unknown; "
+                "exclude it with where="
+            )
+        return NormInfo(kind="lrn", num_channels=0, extra={"size": int(module.size)})
+    if isinstance(module, _fam.MeanOnlyBatchNorm) and _same_forward(module, _fam.MeanOnlyBatchNorm):
+        return NormInfo(  # a running mean, no running variance
+            kind="mean_bn",
+            num_channels=module.num_features,
+            momentum=module.momentum,
+            bias=module.bias,
+            running_mean=module.running_mean,
+            num_batches_tracked=module.num_batches_tracked,
+            extra={"track_running_stats": module.track_running_stats},
+        )
+    if (
+        isinstance(module, _fam._FrozenBatchNorm)
+        and not module.use_running_stats
+        and _same_forward(module, _fam._FrozenBatchNorm)
+    ):
+        return NormInfo(  # a frozen affine, always the batch's statistics; running ones kept (or updated)
+            kind="frozen_batch",
+            num_channels=module.num_features,
+            eps=module.eps,
+            momentum=module.momentum,
+            weight=module.weight,
+            bias=module.bias,
+            running_mean=module.running_mean,
+            running_var=module.running_var,
+            num_batches_tracked=module.num_batches_tracked,
+        )
+    if isinstance(module, _fam.BatchNormalization) and _same_forward(module, _fam.BatchNormalization):
+        return NormInfo(  # momentum left out: Keras's weights the old value (see ``extra``)
+            kind="keras_bn",
+            num_channels=module.num_features,
+            eps=module.epsilon,
+            weight=module.gamma,
+            bias=module.beta,
+            running_mean=module.moving_mean,
+            running_var=module.moving_variance,
+            extra={"axis": module.axis, "keras_momentum": module.momentum},
+        )
+    return None
+
+
+def _norm_layers(
+    model: nn.Module, where: Where, op: str, unwatched: dict[str, str] | None = None
+) -> dict[str, tuple[nn.Module, NormInfo]]:
+    """The norm layers ``where`` selects, by path; with ``unwatched``, it gets the selected norm-like layers
+    that are left out, with why (``"Class: reason"``)."""
     check_model(model, op, lazy="norms")
     selected = _selector(where, op)
     found: dict[str, tuple[nn.Module, NormInfo]] = {}
@@ -56,11 +147,33 @@ def _norm_layers(model: nn.Module, where: Where, op: str) -> dict[str, tuple[nn.
         if any(name.startswith(p + ".") for p in inside):
             continue
         info = describe_norm(m)
+        if not isinstance(info, NormInfo):
+            more = _watch_more(m)
+            info = more if more is not None else info
         if isinstance(info, NormInfo):
             inside.append(name)
             if selected(name, m):
                 found[name or "<root>"] = (m, info)
+        elif isinstance(info, str) and unwatched is not None and selected(name, m):
+            unwatched[name or "<root>"] = f"{type(m).__name__}: {info}"
     return found
+
+
+def _channel_dim(info: NormInfo, ndim: int) -> int | None:
+    """The input's channel (feature) dim for ``info``'s kind, or None when a call of that rank has none.
+
+    Channels-first norms: 1. LayerNorm / RMSNorm over the trailing ``normalized_shape`` (k dims): the
+    first normalized dim, ``ndim - k`` (the features of ``(N, T, C)`` under ``LayerNorm(C)``, the
+    channels of ``(N, C, H, W)`` under ``LayerNorm([C, H, W])``; 0 for an unbatched input). Keras's
+    BatchNormalization: its ``axis`` (0 for a 1-d input: one unbatched sample).
+    """
+    if info.kind in ("ln_last", "rms"):
+        k = len(info.extra["normalized_shape"])
+        return ndim - k if ndim >= k else None
+    if info.kind == "keras_bn":
+        axis = int(info.extra["axis"])
+        return axis % ndim if -ndim <= axis < ndim else None
+    return 1 if ndim >= 2 else None
 
 
 def _compiled(model: nn.Module) -> nn.Module | None:
@@ -103,12 +216,34 @@ def _uses(module: nn.Module, info: NormInfo) -> str:
     """Which statistics the layer normalizes with in its current mode: batch, running or per-sample."""
     if info.kind == "frozen_bn":
         return "running"
+    if info.kind == "frozen_batch":
+        return "batch"
+    if info.kind == "mean_bn":
+        tracking = info.running_mean is not None and info.extra["track_running_stats"]
+        return "batch" if module.training or not tracking else "running"
+    if info.kind == "keras_bn":  # Keras's rule: trainable=False runs in inference mode even in training
+        return "batch" if module.training and getattr(module, "trainable", True) else "running"
     if info.kind in ("bn", "in"):
         tracking = info.has_running_stats and getattr(module, "track_running_stats", True)
         if module.training or not tracking:
             return "batch" if info.kind == "bn" else "sample"
         return "running"
     return "sample"
+
+
+def _values_per_stat(info: NormInfo, uses: str, shape: tuple[int, ...]) -> int | None:
+    """How many values each statistic pooled over, for an ``(N, C, *spatial)`` ``shape`` (None: running
+    statistics)."""
+    if uses == "running":
+        return None
+    if info.kind in ("ln_last", "rms"):
+        return math.prod(info.extra["normalized_shape"])
+    if info.kind == "lrn":  # the window of channels (zero-padded at the ends, still divided by its size)
+        return int(info.extra["size"])
+    if info.kind in ("mean_bn", "keras_bn", "frozen_batch"):
+        return values_per_statistic("bn", shape)
+    ghost = info.extra.get("ghost_batch_size") if uses == "batch" else None
+    return values_per_statistic(info.kind, shape, info.groups, ghost)
 
 
 @dataclass
@@ -126,20 +261,40 @@ class LayerRecord:
 class NormMonitor:
     """Record what every norm layer of a model does, batch after batch (a context manager).
 
-    On each forward of each norm layer (any library, see :func:`normkit.surgery.convert_norms`)
-    it records, from the layer's input ``x`` and output ``y`` (float64, no effect on the model):
+    It watches the norm layers of torch.nn, normkit.nn, timm and torchvision: BN and its variants
+    (Sync, Ghost, Renorm, frozen, norm+act, mean-only, Keras's ``BatchNormalization``), GN, IN,
+    Proxy Norm, the channels-first LayerNorms (``normkit.nn.LayerNorm2d``, ``LayerNormAct2d``), the
+    norms over the trailing ``normalized_shape`` dims (``torch.nn.LayerNorm``, ``normkit.nn.LayerNorm``,
+    ``torch.nn.RMSNorm``, one dim or several) and local response normalization. Each record's
+    ``kind`` is :class:`~normkit.nn._inspect.NormInfo`'s, or ``ln_last`` / ``rms`` (over the trailing
+    dims), ``lrn``, ``mean_bn``, ``keras_bn``, ``frozen_batch`` (a frozen BN with
+    ``use_running_stats=False``). A norm layer it cannot watch (a subclass with its own ``forward``,
+    whose computation is unknown; ``ProxyNormAct``, an activation that normalizes nothing itself; a
+    timm norm+act layer with a drop layer before its activation ...) is never skipped silently: it is
+    named, with why, in a ``UserWarning`` and in ``unwatched`` (``where=`` leaves it out). Weight
+    normalizations (``weight_norm``, ``StdConv2d``, ``ScaledStdConv2d``) normalize weights, not
+    activations, and are not norm layers here.
+
+    On each forward of each watched layer it records, from the layer's input ``x`` and output ``y``
+    (float64, no effect on the model):
 
     * ``uses``: which statistics normalized this batch: ``batch`` (BN in training), ``running``
-      (BN in eval, frozen BN) or ``sample`` (GN, LN, IN, Proxy Norm: per sample);
+      (BN in eval, frozen BN) or ``sample`` (GN, LN, IN, RMSNorm, LRN, Proxy Norm: per sample);
+    * ``channel_dim``: the dim of ``x`` that holds the channels (features) the per-channel numbers
+      below are about: 1 for channels-first layers; for a norm over the trailing ``normalized_shape``
+      its first dim (``C`` of ``(N, T, C)`` under ``LayerNorm(C)``, of ``(N, C, H, W)`` under
+      ``LayerNorm([C, H, W])``; an unbatched input counts as a batch of one); Keras's BN: its ``axis``;
     * ``values_per_stat``: how many values each mean / variance pooled over (BN at batch 2 on a
-      ``(2, C, 1, 1)`` head: 2), and for running statistics ``ema_batches``, the effective number
-      of batches the running averages hold (``(2 - m) / m`` in the long run);
+      ``(2, C, 1, 1)`` head: 2; a LayerNorm: the product of its ``normalized_shape``; LRN: its window
+      ``size``), and for running statistics ``ema_batches``, the effective number of batches the
+      running averages hold (``(2 - m) / m`` in the long run);
     * for layers with running statistics, the **train/eval gap** on this batch:
       :func:`~normkit.diagnostics.stats.batch_running_gap` between the batch's statistics and
       the running ones as they were before the call (``gap``, ``mean_shift``, ``log_std_ratio``);
     * ``dead`` / ``collapsed``: output channels that are 0 everywhere, or constant;
     * ``power_in`` / ``power_out``: the power decomposition (docs/EXPERIMENTS.md, E4) of ``x`` and ``y``
-      as fractions of the total, with the total.
+      as fractions of the total, with the total (channels along ``channel_dim``, the dims other than
+      the batch's as positions).
 
     ``drift()`` compares the running statistics now with those when the monitor started.
     ``table()`` prints one table (with rich when installed), ``to_dict()`` returns everything,
@@ -158,6 +313,17 @@ class NormMonitor:
         power: compute the power decompositions (cheap; turn off for big activations).
         history: keep the scalars of every call (False: only the last call).
 
+    Attributes:
+        layers: the watched layers, by path: ``(module, NormInfo)``.
+        unwatched: the norm layers ``where`` selects that it cannot watch, by path: ``"Class: why"``.
+        records: what it saw, per watched layer.
+
+    Raises:
+        NormError: no norm layer to watch (the message names those it cannot watch).
+
+    Warns:
+        UserWarning: naming the norm layers it cannot watch, if any.
+
     Example:
         >>> import torch, normkit
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
@@ -168,6 +334,12 @@ class NormMonitor:
         (1, 'batch', 32)
         >>> len(monitor.handles)                                 # removed on exit
         0
+        >>> tf = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
+        >>> with normkit.NormMonitor(tf) as monitor:             # LayerNorm over the last dim
+        ...     _ = tf(torch.randn(4, 10, 8))
+        >>> last = monitor.to_dict()["1"]["last"]
+        >>> monitor.records["1"].kind, last["uses"], last["values_per_stat"], last["channel_dim"]
+        ('ln_last', 'sample', 16, 2)
     """
 
     def __init__(
@@ -176,10 +348,22 @@ class NormMonitor:
         self.model = model
         inner = _compiled(model)
         self._compiled = inner is not None
-        self.layers = _norm_layers(inner if inner is not None else model, where, "NormMonitor")
+        self.unwatched: dict[str, str] = {}
+        self.layers = _norm_layers(
+            inner if inner is not None else model, where, "NormMonitor", self.unwatched
+        )
+        left_out = "; ".join(f"'{n}' ({why})" for n, why in self.unwatched.items())
         if not self.layers:
             raise NormError(
-                "NormMonitor: the model has no norm layer to watch" + (" matching where=" if where else "")
+                "NormMonitor: the model has no norm layer to watch"
+                + (" matching where=" if where else "")
+                + (f"; it cannot watch {left_out}" if left_out else "")
+            )
+        if left_out:
+            warnings.warn(
+                f"NormMonitor: not watching {len(self.unwatched)} norm layer(s): {left_out}",
+                UserWarning,
+                stacklevel=2,
             )
         self.power = bool(power)
         self.keep_history = bool(history)
@@ -235,27 +419,38 @@ class NormMonitor:
             if x is None:  # layer(input=x), as torch.nn names it
                 x = _first_tensor(kwargs.get("input", tuple(kwargs.values())))
             y = _first_tensor(output)
-            if x is None or y is None or x.dim() < 2:
+            cd = None if x is None or y is None else _channel_dim(info, x.dim())
+            if x is None or y is None or cd is None:
                 self._before.pop(name, None)
                 return
             with torch.no_grad():
-                self._record(name, module, info, x, y)
+                self._record(name, module, info, x, y, cd)
 
         return _eager(hook)
 
-    def _record(self, name: str, module: nn.Module, info: NormInfo, x: Tensor, y: Tensor) -> None:
+    def _record(self, name: str, module: nn.Module, info: NormInfo, x: Tensor, y: Tensor, cd: int) -> None:
         uses = _uses(module, info)
         shape = tuple(x.shape)
-        rec: dict[str, Any] = {"mode": "train" if module.training else "eval", "uses": uses, "shape": shape}
-        ghost = info.extra.get("ghost_batch_size") if uses == "batch" else None
-        rec["values_per_stat"] = (
-            values_per_statistic(info.kind, shape, info.groups, ghost) if uses != "running" else None
-        )
+        rec: dict[str, Any] = {
+            "mode": "train" if module.training else "eval",
+            "uses": uses,
+            "shape": shape,
+            "channel_dim": cd,
+        }
+        # (N, C, *spatial) views: the channel dim moved to 1; an unbatched input is a batch of one
+        if cd == 0 and (x.dim() == 1 or info.kind in ("ln_last", "rms")):
+            x, y = x.unsqueeze(0), y.unsqueeze(0)
+        elif cd != 1:
+            x, y = x.movedim(cd, 1), y.movedim(cd, 1)
+        rec["values_per_stat"] = _values_per_stat(info, uses, tuple(x.shape))
         before = self._before.pop(name, None)
         if x.numel() == 0:  # an empty batch: counted, nothing to measure (no gap, no power)
             rec["dead"], rec["collapsed"] = [], []
             self._store(name, rec)
             return
+        if info.kind == "mean_bn" and info.running_mean is not None:
+            nbt = info.num_batches_tracked
+            rec["ema_batches"] = ema_effective_batches(info.momentum, int(nbt) if nbt is not None else 0)
         if info.has_running_stats and before is not None:
             nbt = info.num_batches_tracked
             rec["ema_batches"] = (
@@ -263,7 +458,7 @@ class NormMonitor:
                 if info.kind == "bn"
                 else None
             )
-            if info.kind in BN_KINDS:
+            if info.kind in (*BN_KINDS, "keras_bn", "frozen_batch"):
                 _, mean, var = channel_moments(x)
                 rec.update(batch_running_gap(mean, var, before[0], before[1], info.eps))
         dead, collapsed = dead_and_collapsed(y)
@@ -344,7 +539,7 @@ class NormMonitor:
                 vps_s = f"EMA ~{last['ema_batches']:.1f} batches"
             else:
                 vps_s = "-" if vps is None else str(vps)
-            channels = last["shape"][1]
+            channels = last["shape"][last["channel_dim"]]
             d = drift.get(name)
             rows.append(
                 [
@@ -417,12 +612,16 @@ class NormMonitor:
         axes[0].bar(pos, [r.get("gap", 0.0) or 0.0 for r in last], color="tab:red")
         axes[0].set_ylabel("train/eval gap")
         width = 0.4
+        channels = [max(1, r["shape"][r["channel_dim"]]) for r in last]
         axes[1].bar(
-            [p - width / 2 for p in pos], [len(r["dead"]) / r["shape"][1] for r in last], width, label="dead"
+            [p - width / 2 for p in pos],
+            [len(r["dead"]) / c for r, c in zip(last, channels)],
+            width,
+            label="dead",
         )
         axes[1].bar(
             [p + width / 2 for p in pos],
-            [len(r["collapsed"]) / r["shape"][1] for r in last],
+            [len(r["collapsed"]) / c for r, c in zip(last, channels)],
             width,
             label="collapsed",
         )

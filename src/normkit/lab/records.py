@@ -3,8 +3,8 @@
 A run folder holds:
 
 * ``manifest.json``: the run's ``status``: ``"running"`` from the start, then ``"finished"``,
-  ``"interrupted"`` (Ctrl-C) or ``"failed"`` (with the error); ``normkit report`` reads only
-  finished runs unless asked for all;
+  ``"interrupted"`` (Ctrl-C, or SIGTERM: then also ``"signal": "SIGTERM"``) or ``"failed"`` (with the
+  error); ``normkit report`` reads only finished runs unless asked for all;
 * ``config.json``: the resolved configuration (every default filled in) and the command line;
 * ``env.json``: what explains a difference between two machines: CPU model and cores, load at
   the start, torch / numpy / normkit / Python versions, threads, BLAS, git revision and whether
@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ __all__ = [
     "STATUSES",
     "RunInterrupted",
     "RunRecord",
+    "Terminated",
     "check_writable",
     "cpu_model",
     "environment",
@@ -54,17 +56,93 @@ __all__ = [
     "git_state",
     "read_manifest",
     "read_metrics",
+    "sigterm_interrupts",
     "to_jsonable",
 ]
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a run; ``path`` is its folder (marked ``interrupted``), ``done``/``total`` what
-    finished."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread inside :func:`sigterm_interrupts`: a run stops as on Ctrl-C.
 
-    def __init__(self, path: Path | None, done: int | None = None, total: int | None = None) -> None:
+    A ``KeyboardInterrupt``, so every ``except KeyboardInterrupt`` and ``finally`` that cleans up after
+    Ctrl-C (worker processes, queues, the run's ``manifest.json``) does so for SIGTERM too.
+    """
+
+    signum = int(signal.SIGTERM)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped a run; ``path`` is its folder (marked ``interrupted``), ``done``/``total``
+    what finished, ``signum`` the signal (``signal.SIGINT`` for Ctrl-C, ``signal.SIGTERM``)."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        done: int | None = None,
+        total: int | None = None,
+        signum: int = int(signal.SIGINT),
+    ) -> None:
         super().__init__(str(path))
-        self.path, self.done, self.total = path, done, total
+        self.path, self.done, self.total, self.signum = path, done, total, int(signum)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside the block SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) instead of ending the
+    process on the spot, so that a run stopped by ``kill``, ``timeout`` or a job scheduler cleans up and
+    marks its folder ``interrupted`` as on Ctrl-C; the previous handler is restored on exit.
+
+    Only in the main thread and only where SIGTERM has its default action: a program's own handler (or
+    ``SIG_IGN``) is left alone, and nested blocks are no-ops.
+
+    Example:
+        >>> import signal
+        >>> before = signal.getsignal(signal.SIGTERM)
+        >>> with sigterm_interrupts():      # here SIGTERM raises Terminated (where it had its default action)
+        ...     pass
+        >>> signal.getsignal(signal.SIGTERM) is before, issubclass(Terminated, KeyboardInterrupt)
+        (True, True)
+    """
+    if not _main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        if _converting_sigterm():  # (a handler the block itself set stays)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _converting_sigterm() -> bool:
+    return signal.getsignal(signal.SIGTERM) is _raise_terminated
+
+
+@contextmanager
+def _sigterm_deferred() -> Iterator[None]:
+    """While SIGTERM raises :class:`Terminated`, hold it back during the block and raise it after (for a step
+    that must not be cut in two, such as starting worker processes). Elsewhere a no-op."""
+    if not _main_thread() or not _converting_sigterm():
+        yield
+        return
+    pending: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        if pending:
+            raise Terminated()
 
 
 #: The values of ``manifest.json``'s ``status``.
@@ -273,19 +351,21 @@ def read_manifest(run: str | Path) -> dict[str, Any]:
 
 
 @contextmanager
-def _sigint_ignored(active: bool = True) -> Iterator[None]:
-    """Ignore Ctrl-C inside the block (main thread only; elsewhere a no-op)."""
-    import signal
-    import threading
-
-    if not active or threading.current_thread() is not threading.main_thread():
+def _interrupts_ignored(active: bool = True) -> Iterator[None]:
+    """Ignore Ctrl-C inside the block, and SIGTERM too where it raises :class:`Terminated` (inside
+    :func:`sigterm_interrupts`): a second signal must not cut a clean-up short. Main thread only;
+    elsewhere a no-op."""
+    if not active or not _main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    if _converting_sigterm():
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass
@@ -346,9 +426,11 @@ class RunRecord:
 
     @contextmanager
     def guard(self) -> Iterator[RunRecord]:
-        """Mark the run ``interrupted`` (Ctrl-C, re-raised as :class:`RunInterrupted`) or ``failed`` (any
-        other
-        exception, re-raised as is) if the block raises.
+        """Mark the run ``interrupted`` (Ctrl-C or SIGTERM, re-raised as :class:`RunInterrupted`) or
+        ``failed`` (any other exception, re-raised as is) if the block raises.
+
+        Inside the block SIGTERM stops the run as Ctrl-C does (:func:`sigterm_interrupts`, where SIGTERM
+        has its default action), and the manifest also says ``"signal": "SIGTERM"``.
 
         Example:
             >>> import tempfile
@@ -362,28 +444,35 @@ class RunRecord:
             ...     read_manifest(rec.path)["status"]
             'interrupted'
         """
-        try:
-            yield self
-        except BaseException as e:
-            interrupted = isinstance(e, KeyboardInterrupt)
-            info: dict[str, Any] = (
-                {}
-                if interrupted
-                else {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
-            )
-            if isinstance(e, RunInterrupted) and e.total is not None:
-                info.update(done=e.done, total=e.total)
-            else:  # keep the progress the run recorded while running (done / total trainings)
-                before = read_manifest(self.path)
-                info.update({k: before[k] for k in ("done", "total") if k in before})
-            with _sigint_ignored(interrupted):  # a second Ctrl-C must not leave the status at "running"
-                try:
-                    self.set_status("interrupted" if interrupted else "failed", **info)
-                except OSError:  # pragma: no cover - the folder went away; the original error matters more
-                    pass
-            if interrupted and not isinstance(e, RunInterrupted):
-                raise RunInterrupted(self.path) from None
-            raise
+        with sigterm_interrupts():
+            try:
+                yield self
+            except BaseException as e:
+                interrupted = isinstance(e, KeyboardInterrupt)
+                signum = int(getattr(e, "signum", signal.SIGINT))
+                info: dict[str, Any] = (
+                    {}
+                    if interrupted
+                    else {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
+                )
+                if isinstance(e, RunInterrupted) and e.total is not None:
+                    info.update(done=e.done, total=e.total)
+                else:  # keep the progress the run recorded while running (done / total trainings)
+                    before = read_manifest(self.path)
+                    info.update({k: before[k] for k in ("done", "total") if k in before})
+                if interrupted and signum != signal.SIGINT:
+                    info["signal"] = signal.Signals(signum).name
+                # a second Ctrl-C (or SIGTERM) must not leave the status at "running"
+                with _interrupts_ignored(interrupted):
+                    try:
+                        self.set_status("interrupted" if interrupted else "failed", **info)
+                    except (
+                        OSError
+                    ):  # pragma: no cover - the folder went away; the original error matters more
+                        pass
+                if interrupted and not isinstance(e, RunInterrupted):
+                    raise RunInterrupted(self.path, signum=signum) from None
+                raise
 
     def log(self, **metrics: Any) -> None:
         """Append one JSON line to ``metrics.jsonl`` (keys in the order given), flushed to disk at once."""

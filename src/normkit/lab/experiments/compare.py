@@ -40,6 +40,7 @@ import torch
 from ..data import load_dataset
 from ..models import MODEL_NAMES, build_model, is_instance_norm
 from ..progress import Progress
+from ..records import _interrupts_ignored, _sigterm_deferred
 from ..train import TrainConfig, set_seed, train_classifier
 from ._common import (
     ConfigError,
@@ -669,9 +670,10 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
     Every setting is checked first (:meth:`CompareConfig.validate`, then against the data), before
     the run folder is created. Each training's lines are appended to ``metrics.jsonl`` the moment
     it finishes; at the end the file is rewritten in the fixed run order, so the same command gives
-    the same file. On Ctrl-C the worker processes are stopped, the folder is marked
-    ``interrupted`` (``manifest.json``) and :class:`RunInterrupted` is raised; on an error it is
-    marked ``failed``.
+    the same file. On Ctrl-C, or SIGTERM (where it has its default action, see
+    :func:`~normkit.lab.records.sigterm_interrupts`), the worker processes are stopped, the folder is
+    marked ``interrupted`` (``manifest.json``) and :class:`RunInterrupted` is raised; on an error it
+    is marked ``failed``.
 
     With ``jobs > 1`` (CPU, not under torchrun) the runs are spread over that many worker
     processes with ``threads`` threads each (1 by default); every run is still seeded on its own, so
@@ -682,7 +684,7 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
             data, ...).
         normkit.lab.data.DataError: the data cannot be loaded.
         NotAvailableError: torch.distributed is missing from the torch build (under torchrun).
-        RunInterrupted: Ctrl-C.
+        RunInterrupted: Ctrl-C or SIGTERM (its ``signum`` says which).
     """
     cfg.validate()
     world, rank, local_rank = distributed_env()
@@ -722,14 +724,17 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
                 _train_all(cfg, runs, results, device, world, rank, jobs, threads, finished)
         else:
             _train_all(cfg, runs, results, device, world, rank, jobs, threads, finished)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         done = sum(r is not None for r in results)
+        signum = int(getattr(e, "signum", signal.SIGINT))
+        how = {"signal": signal.Signals(signum).name} if signum != signal.SIGINT else {}
         if record is not None:  # the counts the report reads (the guard kept the last "running" ones)
-            try:
-                record.set_status("interrupted", done=done, total=len(runs))
-            except OSError:  # pragma: no cover - the folder went away
-                pass
-        raise RunInterrupted(record.path if record is not None else None, done, len(runs)) from None
+            with _interrupts_ignored():
+                try:
+                    record.set_status("interrupted", done=done, total=len(runs), **how)
+                except OSError:  # pragma: no cover - the folder went away
+                    pass
+        raise RunInterrupted(record.path if record is not None else None, done, len(runs), signum) from None
     finals = [r["final"] for r in results if r is not None]
     agg = _aggregate(finals)
     summary = _summary(cfg, agg, data.describe(), world)
@@ -842,8 +847,9 @@ def _run_pool(
     """Spread the runs over ``jobs`` spawned worker processes, longest runs first.
 
     The workers are plain processes fed from a queue, so that the parent can stop them at once: on
-    Ctrl-C or a failed run it terminates them (then kills what is left after 2 s) while ignoring a
-    second Ctrl-C, so stopping never waits on a training and never deadlocks.
+    Ctrl-C, SIGTERM or a failed run it terminates them (then kills what is left after 2 s) while
+    ignoring a second signal, so stopping never waits on a training and never deadlocks. A SIGTERM
+    while they start is held back until all have started (and then stops them).
     """
     import multiprocessing as mp
 
@@ -856,20 +862,22 @@ def _run_pool(
     main_thread = threading.current_thread() is threading.main_thread()
     # the workers start with SIGINT ignored (the disposition survives exec), so a Ctrl-C while they
     # import torch cannot print tracebacks from them
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
-    try:
-        procs = [
-            ctx.Process(target=_worker_main, args=(cfg, tasks, messages, threads, os.getpid()), daemon=True)
-            for _ in range(jobs)
-        ]
-        for proc in procs:
-            proc.start()
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
+    # (SIGTERM is held back instead: the workers must keep its default action, which terminate() uses)
+    procs = [
+        ctx.Process(target=_worker_main, args=(cfg, tasks, messages, threads, os.getpid()), daemon=True)
+        for _ in range(jobs)
+    ]
     bars: dict[int, int] = {}
     clean = False
     try:
+        with _sigterm_deferred():
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+            try:
+                for proc in procs:
+                    proc.start()
+            finally:
+                if main_thread:
+                    signal.signal(signal.SIGINT, previous)
         remaining = len(runs)
         while remaining:
             try:
@@ -904,24 +912,21 @@ def _run_pool(
 
 
 def _stop_workers(procs: list[Any], queues: tuple[Any, ...], clean: bool, main_thread: bool) -> None:
-    """Join the workers after a clean finish; otherwise terminate them (kill after 2 s), Ctrl-C ignored
-    meanwhile."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread and not clean else None
-    try:
+    """Join the workers after a clean finish; otherwise terminate them (kill after 2 s), Ctrl-C (and a
+    SIGTERM that would raise) ignored meanwhile. Workers never started are skipped."""
+    with _interrupts_ignored(main_thread and not clean):
+        started = [proc for proc in procs if proc.pid is not None]
         if not clean:
-            for proc in procs:
+            for proc in started:
                 if proc.is_alive():
                     proc.terminate()
         deadline = time.monotonic() + (10.0 if clean else 2.0)
-        for proc in procs:
+        for proc in started:
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
-        for proc in procs:
+        for proc in started:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=2.0)
         for q in queues:
             q.cancel_join_thread()  # never block the exit on a queue's feeder thread
             q.close()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 import normkit
 import normkit.nn as nkn
 from normkit import NormError
+from tests.distributed._spawn import run_world
 from tests.distributed._workers import recal_batches, recal_net
 from tests.distributed.conftest import RECAL
 
@@ -192,13 +193,136 @@ def test_unused_layers_warn_and_non_finite_values_are_never_stored() -> None:
     assert torch.equal(net["unused"].running_var, torch.ones(2))
 
     bn = nkn.BatchNorm1d(2)
-    bad = torch.randn(4, 2)
+    good, bad = torch.randn(4, 2), torch.randn(4, 2)
     bad[0, 1] = float("inf")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        normkit.recalibrate_bn(bn, [torch.randn(4, 2), bad], progress=False)
+    with pytest.warns(
+        UserWarning, match=r"'BatchNorm1d' \(BatchNorm1d\): 1 of 2 input batch\(es\) left out, for channel 1;"
+    ):
+        normkit.recalibrate_bn(bn, [good, bad], progress=False)
     assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
-    assert bn.running_var[1] == 1.0 and bn.running_var[0] != 1.0  # the bad channel kept its value
+    mean, var = _finite_oracle([good, bad])  # channel 1: the finite batch only
+    torch.testing.assert_close(bn.running_mean, mean.float(), **TOL)
+    torch.testing.assert_close(bn.running_var, var.float(), **TOL)
+
+
+# --- non-finite batches ------------------------------------------------------------------------------
+
+
+def _finite_oracle(batches: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per channel: mean and unbiased variance over the batches in which that channel is all finite."""
+    means, variances = [], []
+    for c in range(batches[0].shape[1]):
+        kept = [x[:, c : c + 1] for x in batches if torch.isfinite(x[:, c]).all()]
+        mean, var = population(kept, dims=(0,))
+        means.append(mean[0])
+        variances.append(var[0])
+    return torch.stack(means), torch.stack(variances)
+
+
+def test_a_non_finite_batch_is_left_out_of_its_channels_only() -> None:
+    """One NaN among 64 values used to make the whole channel keep its old statistics, silently."""
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(16, 3, generator=g, dtype=F64) * 3 + 1 for _ in range(4)]
+    batches[1][0, 0] = float("nan")
+    batches[2][5, 2] = float("-inf")
+    batches[3][:, 0] = float("nan")
+    bn = nkn.BatchNorm1d(3, dtype=F64)
+    bn.num_skipped_updates.fill_(2)  # (a count from training: added to)
+    with pytest.warns(UserWarning) as record:
+        normkit.recalibrate_bn(nn.Sequential(bn), batches, progress=False)
+
+    mean, var = _finite_oracle(batches)
+    torch.testing.assert_close(bn.running_mean, mean, **TOL)
+    torch.testing.assert_close(bn.running_var, var, **TOL)
+    assert int(bn.num_skipped_updates) == 2 + 3  # batches 1, 2 and 3 each left something out
+    assert int(bn.num_batches_tracked) == 0
+    (message,) = [str(w.message) for w in record]
+    assert "'0' (BatchNorm1d): 3 of 4 input batch(es) left out, for channels 0, 2;" in message
+    assert "saw no finite value" not in message
+
+
+def test_channels_or_layers_without_a_finite_value_keep_their_statistics_and_are_named() -> None:
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(8, 2, generator=g, dtype=F64) for _ in range(3)]
+    for x in batches:
+        x[0, 1] = float("nan")  # channel 1: never finite
+    bn = nkn.BatchNorm1d(2, dtype=F64)
+    with torch.no_grad():
+        bn.running_mean.fill_(7.0)
+        bn.running_var.fill_(7.0)
+    with pytest.warns(
+        UserWarning, match=r"3 of 3 input batch\(es\) left out, for channel 1 \(channel 1 saw no "
+    ):
+        normkit.recalibrate_bn(bn, batches, progress=False)
+    mean, var = population([x[:, :1] for x in batches], dims=(0,))
+    torch.testing.assert_close(bn.running_mean, torch.cat([mean, mean.new_tensor([7.0])]), **TOL)
+    torch.testing.assert_close(bn.running_var, torch.cat([var, var.new_tensor([7.0])]), **TOL)
+    assert int(bn.num_skipped_updates) == 3
+
+    # A NaN before a layer that mixes channels spoils every channel after it, for that batch only.
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nkn.BatchNorm1d(2, dtype=F64), nn.Linear(2, 3, dtype=F64), nkn.BatchNorm1d(3, dtype=F64)
+    )
+    batches[1][:, 1] = torch.randn(8, generator=g, dtype=F64)  # channel 1 finite in batch 1 only
+    with pytest.warns(UserWarning) as record:
+        normkit.recalibrate_bn(net, batches, progress=False)
+    seen = [net[1](_bn(x, net[0])) for x in batches]
+    mean, var = _finite_oracle(seen)
+    torch.testing.assert_close(net[2].running_mean, mean, **TOL)
+    torch.testing.assert_close(net[2].running_var, var, **TOL)
+    (message,) = [str(w.message) for w in record]
+    assert "'2' (BatchNorm1d): 2 of 3 input batch(es) left out, for all 3 channels;" in message
+
+    every = nkn.BatchNorm1d(2)  # nothing finite at all: the layer is named once, as such
+    with pytest.warns(
+        UserWarning, match=r"1 of 1 input batch\(es\) left out, for all 2 channels \(all 2 channels "
+    ):
+        normkit.recalibrate_bn(every, [torch.full((4, 2), float("nan"))], progress=False)
+    assert torch.equal(every.running_mean, torch.zeros(2)) and torch.equal(every.running_var, torch.ones(2))
+
+
+# --- frozen layers -----------------------------------------------------------------------------------
+
+
+def test_frozen_layers_are_left_alone_norm_act_ones_too() -> None:
+    """freeze_bn's FrozenBatchNormAct2d / FrozenSyncBatchNormAct are frozen as FrozenBatchNorm2d is: kept."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        nkn.BatchNormAct2d(4, activation="relu"),
+        nn.Conv2d(4, 4, 1),
+        nkn.SyncBatchNormAct(4, activation="silu"),
+        nn.Conv2d(4, 4, 1),
+        nkn.BatchNorm2d(4),
+        nn.Conv2d(4, 5, 1),
+        nkn.BatchNorm2d(5),
+    ).double()
+    for i in (1, 3, 5):  # the first three norms
+        net[i] = normkit.surgery.freeze_bn(net[i])
+    assert [type(net[i]).__name__ for i in (1, 3, 5)] == [
+        "FrozenBatchNormAct2d",
+        "FrozenSyncBatchNormAct",
+        "FrozenBatchNorm2d",
+    ]
+    with torch.no_grad():
+        for i in (1, 3, 5):
+            net[i].running_mean.uniform_(-1, 1)
+            net[i].running_var.uniform_(0.5, 2)
+    frozen = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("7.")}
+    batches = _batches()
+
+    normkit.recalibrate_bn(net.train(), batches, progress=False)
+
+    for k, v in net.state_dict().items():
+        if not k.startswith("7."):
+            assert torch.equal(v, frozen[k]), k
+    assert not net[1].training and not net[3].training
+    with torch.no_grad():
+        seen = [net[:7](x) for x in batches]  # the frozen layers normalize with their kept statistics
+    mean, var = population(seen)
+    torch.testing.assert_close(net[7].running_mean, mean, **TOL)
+    torch.testing.assert_close(net[7].running_var, var, **TOL)
 
 
 def test_bad_arguments() -> None:
@@ -273,3 +397,42 @@ def test_two_processes_pool_their_statistics(world2: list[dict[str, Any]], key: 
         assert world2[1][key]["batches_seen"] == world2[0][key]["batches_seen"] + 1
         for k, v in world2[0]["recalibrate"]["buffers"].items():
             assert torch.equal(world2[0][key]["buffers"][k], v), k
+
+
+def _nan_batches() -> list[Tensor]:
+    """Rank 0 gets the even batches, rank 1 the odd ones: channel 2 is NaN in all of rank 0's, and one
+    value of channel 0 is NaN in one batch of rank 1."""
+    g = torch.Generator().manual_seed(6)
+    batches = [torch.randn(n, 3, generator=g, dtype=F64) * 2 + 1 for n in (5, 3, 4, 6, 2, 4)]
+    for x in batches[0::2]:
+        x[1, 2] = float("nan")
+    batches[3][2, 0] = float("inf")
+    return batches
+
+
+def nan_worker(rank: int, world: int, payload: Any) -> dict[str, Any]:
+    """recalibrate_bn on this rank's share of :func:`_nan_batches` (run in a spawned gloo world)."""
+    bn = nkn.BatchNorm1d(3, dtype=F64)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        normkit.recalibrate_bn(nn.Sequential(bn), _nan_batches()[rank::world], progress=False)
+    return {
+        "mean": bn.running_mean.clone(),
+        "var": bn.running_var.clone(),
+        "skipped": int(bn.num_skipped_updates),
+        "warnings": [str(w.message) for w in record],
+    }
+
+
+def test_two_processes_pool_the_left_out_batches_alike() -> None:
+    """Counts and drops are pooled as the statistics are: every rank stores and reports the same."""
+    ranks = run_world(nan_worker, 2, timeout=90)
+    mean, var = _finite_oracle(_nan_batches())
+    for r in ranks:
+        torch.testing.assert_close(r["mean"], mean, **TOL)
+        torch.testing.assert_close(r["var"], var, **TOL)
+        assert r["skipped"] == 4  # rank 0's three batches and rank 1's one
+        (message,) = r["warnings"]
+        assert "'0' (BatchNorm1d): 4 of 6 input batch(es) left out, for channels 0, 2;" in message
+    assert ranks[0]["warnings"] == ranks[1]["warnings"]
+    assert torch.equal(ranks[0]["mean"], ranks[1]["mean"]) and torch.equal(ranks[0]["var"], ranks[1]["var"])

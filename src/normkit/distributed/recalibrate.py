@@ -29,12 +29,18 @@ from ..functional._collective import F64, all_gather_moments, chan_merge, comm_d
 from ..functional._moments import moments
 from ..nn.batch_norm_family import BatchNormalization
 from ..surgery._graph import check_model
+from ..surgery.freeze import _EvalPinned
 
 __all__ = ["recalibrate_bn"]
 
 
 class _Layer:
-    """One layer being recalibrated: where its statistics live and the running ``(count, mean, M2)``."""
+    """One layer being recalibrated: where its statistics live and the running ``(count, mean, M2)``.
+
+    Also counts, per channel, the calls whose statistics were not finite (left out of that channel's
+    pooled statistics), and the calls with values and those with any such channel (float64 tensors,
+    pooled across processes with the statistics).
+    """
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -47,6 +53,8 @@ class _Layer:
         self.unbiased = False if self.keras else bool(getattr(module, "unbiased_running_var", True))
         zero = torch.zeros(self.C, dtype=F64, device=mean.device)
         self.stats = (zero, zero.clone(), zero.clone())
+        self.dropped = zero.clone()  # per channel: calls left out for non-finite statistics
+        self.calls = torch.zeros(2, dtype=F64, device=mean.device)  # (calls with values, calls with a drop)
 
     def dims(self, x: Tensor) -> tuple[int, ...] | None:
         """The reduced dims for this input, or ``None`` when the layer will reject it anyway."""
@@ -69,8 +77,19 @@ class _Layer:
         dev = self.stats[0].device
         count = m.count.reshape(self.C).to(dev, F64)
         mean = m.mean.reshape(self.C).to(dev, F64)
-        m2 = (m.var.reshape(self.C).to(dev, F64)) * count
+        var = m.var.reshape(self.C).to(dev, F64)
+        # A channel whose statistics for this call are not finite (a NaN or Inf value, or an overflow) is
+        # left out for this call only: merged in, it would make the channel's pooled statistics NaN for
+        # the whole pass. Branch-free (no host read per call); counted, and reported at the end.
+        has = count > 0
+        bad = has & ~(torch.isfinite(mean) & torch.isfinite(var))
+        zero = torch.zeros((), dtype=F64, device=dev)
+        count = torch.where(bad, zero, count)
+        mean = torch.where(bad, zero, mean)
+        m2 = torch.where(bad, zero, var * count)
         self.stats = chan_merge(self.stats, (count, mean, m2))
+        self.dropped += bad.to(F64)
+        self.calls += torch.stack([has.any(), bad.any()]).to(F64)
 
     def hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = args[0] if args else kwargs.get("input", kwargs.get("x"))
@@ -79,9 +98,12 @@ class _Layer:
 
 
 def _targets(model: nn.Module) -> list[_Layer]:
-    """The layers to recalibrate: BN with running statistics in use (not Frozen BN, not frozen Keras BN)."""
+    """The layers to recalibrate: BN with running statistics in use (not Frozen BN, not the frozen
+    norm+activation layers of ``freeze_bn``, not frozen Keras BN)."""
     out = []
     for name, m in model.named_modules():
+        if isinstance(m, _EvalPinned):
+            continue  # FrozenBatchNormAct2d / FrozenSyncBatchNormAct: frozen, as a FrozenBatchNorm is
         if isinstance(m, _TorchBatchNorm):
             if m.track_running_stats and m.running_mean is not None and m.running_var is not None:
                 out.append(_Layer(name, m))
@@ -163,15 +185,23 @@ def recalibrate_bn(
     process ends with the same population statistics.
 
     Recalibrated: every ``torch.nn`` / normkit batch-norm layer with running statistics in use
-    (BatchNorm, SyncBatchNorm, Ghost BN, Batch Renorm, BatchNormAct2d) and trainable Keras-style
-    layers. Left alone: FrozenBatchNorm (and frozen Keras layers), layers with
-    ``track_running_stats=False``, and every other buffer of the model: the pass has no other
-    side effect (each layer's ``num_batches_tracked`` too is kept, as Batch Renorm's warm-up reads
-    it; during the pass running statistics are held fixed, momentum 0). Masked inputs
-    (``layer(x, mask)``) count their valid values only, and a layer called several times per
-    forward, or on inputs of different sizes, pools all of its calls. A layer that saw no value
-    keeps its statistics (with a warning); a channel that saw fewer than 2 values keeps its
-    variance; nothing non-finite is ever stored. Momentum and train/eval flags are restored.
+    (BatchNorm, SyncBatchNorm, Ghost BN, Batch Renorm, BatchNormAct2d, SyncBatchNormAct) and
+    trainable Keras-style layers. Left alone: the frozen layers, FrozenBatchNorm and what
+    :func:`~normkit.surgery.freeze_bn` makes of a norm+activation layer (``FrozenBatchNormAct2d``,
+    ``FrozenSyncBatchNormAct``: they stay in eval and normalize their inputs with the statistics
+    they keep; to recalibrate them, :func:`~normkit.surgery.unfreeze_bn` first and freeze again
+    after), frozen Keras layers, layers with ``track_running_stats=False``, and every other
+    buffer of the model: the pass has no other side effect (each layer's ``num_batches_tracked``
+    too is kept, as Batch Renorm's warm-up reads it; during the pass running statistics are held
+    fixed, momentum 0). Masked inputs (``layer(x, mask)``) count their valid values only, and a
+    layer called several times per forward, or on inputs of different sizes, pools all of its
+    calls. A layer that saw no value keeps its statistics (with a warning); a channel that saw
+    fewer than 2 values keeps its variance; nothing non-finite is ever stored. An input batch
+    whose statistics are not finite for some channels (a NaN or Inf value, or an overflow) is
+    left out of those channels' statistics only, the rest is pooled as usual, and a
+    ``UserWarning`` names the layers, channels and number of such batches (they are added to the
+    layer's ``num_skipped_updates``; pooled over the processes); a channel that saw no finite
+    value keeps its statistics. Momentum and train/eval flags are restored.
 
     Args:
         model: the model (a DDP-wrapped one works too).
@@ -256,21 +286,26 @@ def recalibrate_bn(
 
     if not layers:
         return model
-    count = torch.cat([layer.stats[0] for layer in layers])
-    mean = torch.cat([layer.stats[1] for layer in layers])
-    m2 = torch.cat([layer.stats[2] for layer in layers])
-    if world > 1:
-        g = all_gather_moments(count, mean, m2, process_group)
-        count, mean, m2 = g.count, g.mean, g.m2
-    unused = []
+    count, mean, m2, dropped, calls = _pooled(layers, world, process_group)
+    unused: list[str] = []
+    partly: list[str] = []  # layers with calls left out for some channels
     start = 0
-    for layer in layers:
+    for i, layer in enumerate(layers):
         n = count[start : start + layer.C]
         mu = mean[start : start + layer.C]
         M2 = m2[start : start + layer.C]
+        lost = dropped[start : start + layer.C]
         start += layer.C
+        label = layer.name or type(layer.module).__name__
+        n_calls, n_dropped = (int(v) for v in calls[i].tolist())
+        if n_dropped:
+            partly.append(_dropped_line(label, layer.module, n_calls, n_dropped, lost, n))
+            skipped = getattr(layer.module, "num_skipped_updates", None)
+            if isinstance(skipped, Tensor):  # (after the buffers were restored: the pass's own count undone)
+                skipped.add_(n_dropped)
         if not bool((n > 0).any()):
-            unused.append(layer.name or type(layer.module).__name__)
+            if not n_dropped:
+                unused.append(label)
             continue
         if layer.unbiased:
             var, var_ok = M2 / (n - 1.0).clamp_min(1.0), n >= 2.0
@@ -289,4 +324,60 @@ def recalibrate_bn(
             UserWarning,
             stacklevel=2,
         )
+    if partly:
+        warnings.warn(
+            f"{op}: non-finite statistics (a NaN or Inf value in the input, or an overflow) in {len(partly)} "
+            "BN layer(s); each such input batch was left out of the statistics of the channels it made "
+            "non-finite (the other channels and batches are pooled as usual) and counted in the layer's "
+            "num_skipped_updates: " + "; ".join(partly) + "; check the data (or the model) for NaN/Inf",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
+
+
+def _pooled(layers: list[_Layer], world: int, group: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Every layer's ``(count, mean, M2)`` (concatenated, ``sum(C)`` each), dropped-call counts per channel
+    and ``(calls, calls with a drop)`` per layer (``(L, 2)``): pooled over the group's processes when
+    ``world > 1``, so every process reads the same numbers and warns alike."""
+    count = torch.cat([layer.stats[0] for layer in layers])
+    mean = torch.cat([layer.stats[1] for layer in layers])
+    m2 = torch.cat([layer.stats[2] for layer in layers])
+    dropped = torch.cat([layer.dropped for layer in layers])
+    calls = torch.cat([layer.calls.to(count.device) for layer in layers])
+    if world > 1:
+        # The counters ride in the same all_gather, as extra entries with mean and M2 zero: merging
+        # sums their counts across processes (exact integers in float64), and no collective is added.
+        C, D = count.numel(), dropped.numel()
+        extra = torch.cat([dropped.to(count.device), calls])
+        zeros = torch.zeros_like(extra)
+        g = all_gather_moments(
+            torch.cat([count, extra]), torch.cat([mean, zeros]), torch.cat([m2, zeros]), group
+        )
+        count, mean, m2 = g.count[:C], g.mean[:C], g.m2[:C]
+        dropped, calls = g.count[C : C + D], g.count[C + D :]
+    return count, mean, m2, dropped, calls.reshape(len(layers), 2)
+
+
+def _dropped_line(label: str, module: nn.Module, calls: int, dropped: int, lost: Tensor, n: Tensor) -> str:
+    """``'name' (Class): 1 of 4 input batch(es) left out, for channel 0``, and the channels that saw no
+    finite value (they keep their statistics)."""
+    hit = torch.nonzero(lost > 0).flatten().tolist()
+    kept = torch.nonzero((lost > 0) & (n <= 0)).flatten().tolist()
+    C = lost.numel()
+    line = f"'{label}' ({type(module).__name__}): {dropped} of {calls} input batch(es) left out, for "
+    line += _channels(hit, C)
+    if kept:
+        keeps = "keeps its statistics" if len(kept) == 1 else "keep their statistics"
+        line += f" ({_channels(kept, C)} saw no finite value and {keeps})"
+    return line
+
+
+def _channels(idx: list[int], C: int, most: int = 8) -> str:
+    """``channel 3``, ``channels 0, 2, 5``, ``all 64 channels``, ``channels 0, 1, ... (20 of 64)``."""
+    if len(idx) == C and C > 1:
+        return f"all {C} channels"
+    if len(idx) == 1:
+        return f"channel {idx[0]}"
+    shown = ", ".join(str(i) for i in idx[:most])
+    return f"channels {shown}" + (f", ... ({len(idx)} of {C})" if len(idx) > most else "")

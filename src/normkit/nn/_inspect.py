@@ -29,7 +29,7 @@ from . import batch_norm_family as _fam
 from .group_norm import GroupNorm
 from .instance_norm import _InstanceNorm
 from .layer_norm import LayerNorm, LayerNorm2d
-from .norm_act import BatchNormAct2d, GroupNormAct2d, LayerNormAct2d
+from .norm_act import BatchNormAct2d, _ActMixin
 from .proxy_norm import GroupNormProxyAct2d, ProxyNormAct
 
 __all__ = [
@@ -263,17 +263,13 @@ def describe_norm(module: nn.Module) -> NormInfo | str | None:
         if not module.use_running_stats:
             return f"{cls.__name__} with use_running_stats=False normalizes with batch statistics"
         return _bn_like(module, "frozen_bn", _rank_of_name(cls.__name__), extra=_frozen_extra(module))
-    if isinstance(module, BatchNormAct2d):
-        return _bn_like(
-            module,
-            "bn",
-            2,
-            activation=module.activation,
-            act_module=module._modules.get("act"),
-            extra=_bn_extra(module),
-        )
     if isinstance(module, _nk_bn._BatchNorm):
-        return _bn_like(module, "bn", _rank_of_name(cls.__name__), extra=_bn_extra(module))
+        # Every BN+activation class (BatchNormAct2d, SyncBatchNormAct, their frozen forms from
+        # freeze_bn) applies its activation after the norm: report it, or tools that replace the norm
+        # (fold_bn) would drop it.
+        act = _normkit_act(module)
+        rank = 2 if isinstance(module, BatchNormAct2d) else _rank_of_name(cls.__name__)
+        return _bn_like(module, "bn", rank, activation=act[0], act_module=act[1], extra=_bn_extra(module))
     if isinstance(module, GroupNormProxyAct2d):
         return NormInfo(
             kind="pn",
@@ -292,20 +288,19 @@ def describe_norm(module: nn.Module) -> NormInfo | str | None:
         )
     if isinstance(module, ProxyNormAct):
         return f"{cls.__name__} is an activation that needs a norm before it (it normalizes nothing itself)"
-    if isinstance(module, GroupNormAct2d):
-        return _gn_info(module, activation=module.activation, act_module=module._modules.get("act"))
     if isinstance(module, GroupNorm):
-        return _gn_info(module)
-    if isinstance(module, (LayerNormAct2d, LayerNorm2d)):
-        act = module.activation if isinstance(module, LayerNormAct2d) else None
+        act = _normkit_act(module)
+        return _gn_info(module, activation=act[0], act_module=act[1])
+    if isinstance(module, LayerNorm2d):
+        act = _normkit_act(module)
         return NormInfo(
             kind="ln" if module.over == "chw" else "ln2d",
             num_channels=module.num_channels,
             eps=module.eps,
             weight=module.weight,
             bias=module.bias,
-            activation=act,
-            act_module=module._modules.get("act") if act is not None else None,
+            activation=act[0],
+            act_module=act[1],
         )
     if isinstance(module, LayerNorm):
         return _channels_last(module)
@@ -336,6 +331,15 @@ def describe_norm(module: nn.Module) -> NormInfo | str | None:
     if isinstance(module, nn.LayerNorm) or type(module).__name__ == "RMSNorm":
         return _channels_last(module)
     return None
+
+
+def _normkit_act(module: nn.Module) -> tuple[Any, nn.Module | None]:
+    """``(activation, act_module)`` of a normkit norm+activation layer (any class with ``_ActMixin``),
+    ``(None, None)`` for a plain norm."""
+    if not isinstance(module, _ActMixin):
+        return (None, None)
+    act = module.activation
+    return (act, module._modules.get("act") if act is not None else None)
 
 
 def _unknown_subclass(module: nn.Module, base: type) -> str:

@@ -212,3 +212,17 @@ def test_batch_independence():
     other[1:] = randn((4, 3, 4, 3), seed=9, offset=3.0, scale=9.0)
     torch.testing.assert_close(instance_norm(other, None, None, w, b).output[0], y[0], rtol=0, atol=0)
     torch.testing.assert_close(instance_norm(x[1:2], None, None, w, b).output[0], y[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (0, 3, 4, 4)])
+def test_running_statistics_take_an_empty_batch(shape):
+    """``use_input_stats=False`` on N=0: the empty output (ATen's instance_norm raises IndexError there);
+    on a non-empty batch the same call equals torch's (the oracle)."""
+    g = torch.Generator().manual_seed(0)
+    rm, rv = torch.rand(3, generator=g), torch.rand(3, generator=g) + 0.5
+    w, b = torch.rand(3, generator=g), torch.rand(3, generator=g)
+    y = instance_norm(torch.randn(shape), rm, rv, w, b, use_input_stats=False).output
+    assert y.shape == shape
+    x = torch.randn((2, *shape[1:]), generator=g)
+    want = TF.instance_norm(x, rm, rv, w, b, use_input_stats=False)
+    torch.testing.assert_close(instance_norm(x, rm, rv, w, b, use_input_stats=False).output, want)

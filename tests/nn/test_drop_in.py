@@ -353,7 +353,9 @@ def test_meta_build_to_empty_reset_parameters_equals_a_fresh_layer(sample: Sampl
     m = _meta_build(sample)
     if not hasattr(m, "reset_parameters"):
         pytest.skip("no reset_parameters")
+    torch.manual_seed(0)  # (a conv's reset_parameters draws its kernel: the same draws as the fresh build's)
     m.reset_parameters()
+    torch.manual_seed(0)
     fresh = sample.build()
     m.train(train)
     fresh.train(train)
@@ -363,6 +365,58 @@ def test_meta_build_to_empty_reset_parameters_equals_a_fresh_layer(sample: Sampl
     x = sample.input()
     with torch.no_grad():
         torch.testing.assert_close(m(x), fresh(x), **EXACT)
+
+
+def _same_buffers(got: nn.Module, want: nn.Module, when: str) -> None:
+    """Every buffer (non-persistent ones too: ``num_skipped_updates``, ``proxy_points``) equal, on the CPU."""
+    got_buffers, want_buffers = dict(got.named_buffers()), dict(want.named_buffers())
+    assert list(got_buffers) == list(want_buffers)
+    for k, a in want_buffers.items():
+        assert got_buffers[k].device == a.device, f"buffer {k} {when}"
+        torch.testing.assert_close(got_buffers[k], a, **EXACT, msg=lambda s, k=k: f"buffer {k} {when}: {s}")
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("sample", SAMPLES, ids=SAMPLE_IDS)
+def test_meta_build_assign_load_then_to_cpu_equals_a_layer_built_on_the_cpu(sample: Sample, train: bool):
+    """The fast-load pattern: build on the meta device, ``load_state_dict(sd, assign=True)``, then
+    ``.to("cpu")``. The buffers the state_dict does not hold (``num_skipped_updates``, Proxy Norm's
+    ``proxy_points``) were left on the meta device: ``.to`` raised "Cannot copy out of meta tensor"
+    (torch.nn's BN, which has none, moves), Proxy Norm's forward failed."""
+    ref = sample.module(train)
+    with torch.device("meta"):
+        m = sample.build()
+    m.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True)
+    m = m.to("cpu").train(train)
+    _same_buffers(m, ref, "after the load")
+    x = sample.input()
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(m(x), ref(x), **EXACT)
+    _same_buffers(m, ref, "after two steps")
+
+
+def test_meta_build_assign_load_counts_skipped_updates_as_a_cpu_built_layer():
+    """The skip counter a meta-built, assign-loaded BN keeps (inside a model, as users load them) is
+    a real one: a NaN batch counts as in a BN built on the CPU, and torch.nn's BN loads the same way."""
+
+    def build(bn: type[nn.Module]) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3), bn(4), nn.ReLU())
+
+    sd = _randomize(build(nn.BatchNorm2d)).state_dict()
+    ref = build(nkn.BatchNorm2d)
+    ref.load_state_dict(sd)
+    for bn in (nn.BatchNorm2d, nkn.BatchNorm2d):  # (torch.nn's: the pattern itself works)
+        with torch.device("meta"):
+            m = build(bn)
+        m.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=True)
+        m.to("cpu")
+    x = _x((4, 3, 6, 6))
+    x[0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        m(x), ref(x)
+    assert int(ref[1].num_skipped_updates) == 1
+    _same_buffers(m, ref, "after a NaN batch")
 
 
 # --- dtype casts of Proxy Norm ----------------------------------------------------------------------

@@ -318,6 +318,34 @@ def test_empty_batch_forward_backward(shape, kw):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("kw", [{"affine": True}, {"affine": True, "bias": False}, {}])
+@pytest.mark.parametrize("ours_cls, torch_cls, shape", IN_CASES)
+def test_eval_with_running_stats_takes_an_empty_batch(ours_cls, torch_cls, shape, kw):
+    """Eval with running statistics on N=0: the empty output (as in training), zero parameter grads,
+    the buffers untouched. torch.nn raises ``IndexError: select()`` on N=0 here (its instance_norm
+    repeats the statistics N times), so its output on a non-empty batch is the oracle: ours equals it
+    there, and the empty batch gives that output's first 0 rows."""
+    kw = {**kw, "track_running_stats": True}
+    ours, ref = _pair(ours_cls, torch_cls, shape[1], **kw)
+    for layer in (ref, ours):
+        _set_buffers(layer, shape[1])
+        layer.eval()
+    x = _x(shape, seed=3)
+    with torch.no_grad():
+        want = ref(x)
+        torch.testing.assert_close(ours(x), want, **TOL)
+    before = {k: v.clone() for k, v in ours.named_buffers()}
+    empty = x[:0].clone().requires_grad_(True)
+    y = ours(empty)
+    assert (y.shape, y.dtype) == (want[:0].shape, want.dtype)
+    y.sum().backward()
+    assert empty.grad is not None and empty.grad.shape == empty.shape
+    for name, p in ours.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
+    for k, v in ours.named_buffers():
+        assert torch.equal(v, before[k]), k
+
+
 @pytest.mark.parametrize("kw", [{"affine": True}, {"track_running_stats": True}])
 def test_wrong_channel_count_names_both_sizes(kw):
     # Affine parameters or running statistics need the channel count: a clear error (as torch for affine).

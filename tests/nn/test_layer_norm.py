@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import normkit
 import normkit.nn as nkn
 from tests.tolerances import Tol
 from tests.torch_compat import assert_same_repr, torch_kwargs
@@ -112,6 +113,18 @@ def test_normalized_shape_that_does_not_fit_is_a_value_error(normalized_shape, s
 def test_normalized_shape_checked_at_construction(bad):
     with pytest.raises((ValueError, TypeError), match="normalized_shape"):
         nkn.LayerNorm(bad)
+
+
+@pytest.mark.parametrize("empty", [(), [], torch.Size([])], ids=["tuple", "list", "Size"])
+def test_empty_normalized_shape_refused_at_construction(empty):
+    """``normalized_shape=()`` names no dim: torch.nn.LayerNorm builds it, then refuses every input
+    ("Expected normalized_shape to be at least 1-dimensional"); normkit refuses at construction,
+    with a typed error torch code catches as well (a RuntimeError), naming what came."""
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        nn.LayerNorm(empty)(torch.randn(2, 3))  # the oracle: no input fits such a layer
+    with pytest.raises(normkit.NormError, match="normalized_shape") as info:
+        nkn.LayerNorm(empty)
+    assert isinstance(info.value, RuntimeError) and repr(empty) in str(info.value)
 
 
 def test_eps_checked_at_construction():

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import copy
 import io
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +78,30 @@ def test_compiled_module_runs_its_second_call_without_recompiling(sample: Sample
         run(compiled, sample.input(seed=2), m)
 
 
+@pytest.mark.parametrize("train", MODES)
+def test_a_fresh_process_compiles_every_layer_once(train: bool):
+    """In a new process (nothing of normkit's bound yet), one compiled function calling every sample
+    layer runs a second time without recompiling: NORMKIT_BACKEND was read while Dynamo traced the
+    first norm, and the guard on it failed on the next call (torch.nn's layers compile once)."""
+    code = f"""
+import torch
+from tests.toolchain.samples import SAMPLES
+mods = [s.module({train}) for s in SAMPLES]
+def f(xs):
+    return [m(x) for m, x in zip(mods, xs)]
+compiled = torch.compile(f, backend="eager", fullgraph=True)
+compiled([s.input() for s in SAMPLES])
+with torch._dynamo.config.patch(error_on_recompile=True):
+    compiled([s.input(seed=2) for s in SAMPLES])
+print("compiled once")
+"""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert out.returncode == 0 and "compiled once" in out.stdout, (out.stdout + out.stderr)[-3000:]
+
+
 def _other_batch(sample: Sample) -> torch.Tensor:
     """The sample's input with 3 more samples (another size for a dynamic graph to serve)."""
     shape = (sample.shape[0] + 3, *sample.shape[1:])
@@ -124,6 +151,31 @@ def test_export_with_a_dynamic_batch_runs_another_batch_size_as_eager(sample: Sa
     with torch.no_grad():
         want, got = ref(x), program(x)
     torch.testing.assert_close(got, want, **TOL)
+    ours = {k.rpartition(".")[2]: v for k, v in program.named_buffers()}
+    for k, v in _buffers(ref).items():
+        torch.testing.assert_close(
+            ours[k.rpartition(".")[2]], v, **TOL, msg=lambda msg, k=k: f"buffer {k}: {msg}"
+        )
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("sample", SAMPLES, ids=SAMPLE_IDS)
+def test_export_save_load_runs_as_eager_with_buffers(sample: Sample, train: bool):
+    """``torch.export.export`` -> ``torch.export.save`` -> ``torch.export.load``, then the loaded program
+    run twice: its outputs and the buffers it updates equal eager's. (A training layer's buffer update
+    under ``no_grad`` became a ``wrap_with_set_grad_enabled`` node that ``torch.export.save`` refused:
+    "Node.meta wrap_with_set_grad_enabled is missing val field"; torch.nn.BatchNorm2d saved fine.)"""
+    ref, m = sample.module(train), sample.module(train)
+    x = sample.input()
+    buf = io.BytesIO()
+    torch.export.save(torch.export.export(m, (x,)), buf)
+    buf.seek(0)
+    program = torch.export.load(buf).module()
+    for seed in (1, 2):
+        x = sample.input(seed=seed)
+        with torch.no_grad():
+            want, got = ref(x), program(x)
+        torch.testing.assert_close(got, want, **TOL)
     ours = {k.rpartition(".")[2]: v for k, v in program.named_buffers()}
     for k, v in _buffers(ref).items():
         torch.testing.assert_close(

@@ -93,7 +93,8 @@ def instance_norm(
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise NormError(f"{op}: use_input_stats=False needs running_mean and running_var")
-        if mask is None and (exporting() or x.dtype == running_mean.dtype):
+        # (ATen's instance_norm cannot take an empty batch; the arithmetic below can)
+        if mask is None and (exporting() or (x.dtype == running_mean.dtype and x.shape[0] > 0)):
             y = torch.nn.functional.instance_norm(
                 x, running_mean, running_var, weight, bias, use_input_stats=False, eps=eps
             )

@@ -83,24 +83,33 @@ class _Local(threading.local):
 
 
 _local = _Local()
-_default: list[str] = []  # NORMKIT_BACKEND, read and checked at the first norm (not at import)
 
 
-def _env_backend() -> str:
-    """``NORMKIT_BACKEND`` (empty: unset, as shells and CI files leave it; any case), checked."""
+def _env_backend() -> tuple[str, str | None]:
+    """``NORMKIT_BACKEND`` (empty: unset, as shells and CI files leave it; any case), and its error."""
     raw = os.environ.get("NORMKIT_BACKEND", "")
     backend = raw.strip().lower() or "auto"
     if backend not in BACKENDS:
-        raise ValueError(
-            f"NORMKIT_BACKEND must be one of {', '.join(BACKENDS)} (or empty for auto), got {raw!r}"
+        return (
+            "auto",
+            f"NORMKIT_BACKEND must be one of {', '.join(BACKENDS)} (or empty for auto), got {raw!r}",
         )
-    _default.append(backend)
-    return backend
+    return backend, None
+
+
+# NORMKIT_BACKEND, read at import (so that nothing is bound while torch.compile traces the first
+# norm: a lazily bound value changed state the compiled graph's guards see, and every model
+# compiled twice in a fresh process); a bad value raises at the first norm, not at import.
+_default, _default_error = _env_backend()
 
 
 def current() -> str:
     """The backend chosen for this thread (``"auto"`` unless :func:`use` or ``NORMKIT_BACKEND`` says so)."""
-    return _local.backend or (_default[0] if _default else _env_backend())
+    if _local.backend:
+        return _local.backend
+    if _default_error is not None:
+        raise ValueError(_default_error)
+    return _default
 
 
 @contextlib.contextmanager

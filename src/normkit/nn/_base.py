@@ -14,8 +14,9 @@ from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 from .._errors import NormError
 from ..functional._checks import check_eps, check_momentum, check_positive_int
 from ..functional._running import NormOutput
+from ..ops.library import exporting
 
-__all__ = ["_NormBase", "_StatsMixin", "store_stats"]
+__all__ = ["_NormBase", "_StatsMixin", "buffer_writes", "store_stats"]
 
 
 def make_affine(
@@ -111,6 +112,25 @@ def check_channels(x: Tensor, expected: int, name: str, arg: str = "num_features
         )
 
 
+def buffer_writes() -> contextlib.AbstractContextManager[Any]:
+    """The context of a layer's in-place writes to its own buffers: ``torch.no_grad()``, as torch.nn
+    does, except while ``torch.export`` (or ONNX, ``torch.jit.trace``) records the model.
+
+    There a ``no_grad`` block becomes a ``wrap_with_set_grad_enabled`` node that
+    ``torch.export.save`` refuses ("Node.meta wrap_with_set_grad_enabled is missing val field");
+    torch.nn's BatchNorm writes its buffers inside one ATen op, with no such block. So the callers
+    copy ``.detach()``-ed values, which keeps gradients out of the buffers without the block.
+
+    Example:
+        >>> buf, grad_x = torch.zeros(2), torch.ones(2, requires_grad=True)
+        >>> with buffer_writes():
+        ...     _ = buf.copy_((grad_x * 2).detach())
+        >>> buf, buf.requires_grad
+        (tensor([2., 2.]), False)
+    """
+    return contextlib.nullcontext() if exporting() else torch.no_grad()
+
+
 def store_stats(
     out: NormOutput,
     running_mean: Tensor | None,
@@ -121,9 +141,10 @@ def store_stats(
     """Copy the updated running statistics a functional op returned into a module's buffers; return the
     output.
 
-    The one place a layer writes its buffers (in place, under ``no_grad``, as torch.nn does). A
-    step whose update was skipped (non-finite statistics) did not advance ``num_batches_tracked``
-    and is counted in ``num_skipped_updates``.
+    The one place a layer writes its buffers (in place, detached values, under ``no_grad`` as
+    torch.nn does except while exporting: :func:`buffer_writes`). A step whose update was skipped
+    (non-finite statistics) did not advance ``num_batches_tracked`` and is counted in
+    ``num_skipped_updates``.
     """
     if out.running_mean is not None and running_mean is not None and out.running_mean is not running_mean:
         assert running_var is not None and out.running_var is not None
@@ -134,9 +155,10 @@ def store_stats(
             # torch.nn's norms update theirs inside the ATen op, below them; vmap: refused)
             new_mean, new_var, new_count = (_plain(t) for t in (new_mean, new_var, new_count))
             outside = temporarily_clear_interpreter_stack()
-        with torch.no_grad(), outside:
-            running_mean.copy_(new_mean)  # type: ignore[arg-type]
-            running_var.copy_(new_var)  # type: ignore[arg-type]
+        assert new_mean is not None and new_var is not None
+        with buffer_writes(), outside:
+            running_mean.copy_(new_mean.detach())
+            running_var.copy_(new_var.detach())
             if new_count is not None and num_batches_tracked is not None:
                 if num_skipped_updates is not None:
                     num_skipped_updates.add_(num_batches_tracked + 1 - new_count)
@@ -160,6 +182,29 @@ def _plain(t: Tensor | None) -> Tensor | None:
     return t
 
 
+def loaded_device(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s own parameters and persistent buffers once a state_dict is loaded,
+    ``None`` while they are all on the meta device.
+
+    Its non-persistent buffers (``num_skipped_updates``, Proxy Norm's ``proxy_points``) are not in
+    the state_dict, so ``load_state_dict(..., assign=True)`` on a module built on the meta device
+    leaves them there (torch.nn's own layers have none); ``_load_from_state_dict`` rebuilds them on
+    this device.
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     bn = torch.nn.BatchNorm1d(2)
+        >>> print(loaded_device(bn))
+        None
+        >>> _ = bn.load_state_dict(torch.nn.BatchNorm1d(2).state_dict(), assign=True)
+        >>> loaded_device(bn)
+        device(type='cpu')
+    """
+    skip = module._non_persistent_buffers_set
+    own = [*module._parameters.values(), *(b for k, b in module._buffers.items() if k not in skip)]
+    return next((t.device for t in own if t is not None and t.device.type != "meta"), None)
+
+
 class _StatsMixin:
     """Shared behaviour of the layers with optional running statistics (BN, IN, and their family).
 
@@ -168,7 +213,8 @@ class _StatsMixin:
     momentum) * running + momentum * batch`` (``momentum=None``: cumulative average). A batch with
     non-finite statistics never reaches the buffers; such skipped updates are counted in the
     non-persistent buffer ``num_skipped_updates`` (reset by ``reset_running_stats`` and by loading
-    a state_dict).
+    a state_dict; a layer built on the meta device gets it, 0, on the loaded tensors' device from
+    ``load_state_dict(..., assign=True)``, so ``.to(device)`` then works as for torch.nn's BN).
     """
 
     _stat_keys = ("running_mean", "running_var", "num_batches_tracked")
@@ -281,7 +327,14 @@ class _StatsMixin:
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         skipped = getattr(self, "num_skipped_updates", None)
-        if skipped is not None and skipped.device.type != "meta":
+        if skipped is None:
+            return
+        device = loaded_device(self)  # type: ignore[arg-type]  # (a mixin of Modules)
+        if device is not None and skipped.device != device:
+            # an assign=True load onto a layer built on the meta device (or elsewhere): the counter is
+            # not in the state_dict, so it is made anew, on the device of what was loaded
+            self.num_skipped_updates = torch.zeros((), dtype=torch.long, device=device)
+        elif skipped.device.type != "meta":
             with torch.no_grad():
                 skipped.zero_()  # derived, not saved: "skipped since this state was loaded"
 

@@ -22,7 +22,7 @@ from ..functional._running import NormOutput, update_running_stats
 from ..functional.batch_norm import batch_norm
 from ..functional.batch_renorm import batch_renorm, mean_only_batch_norm
 from ..functional.ghost_batch_norm import MomentumMode, ghost_batch_norm
-from ._base import _NormBase, check_channels, check_tensor, fx_leaf, torch_norm_init
+from ._base import _NormBase, buffer_writes, check_channels, check_tensor, fx_leaf, torch_norm_init
 from .batch_norm import _BatchNorm
 
 __all__ = [
@@ -108,9 +108,9 @@ class _GhostBatchNorm(_BatchNorm):
         if out.running_mean is not None and out.running_mean is not rm:
             # the statistics were passed in (tracking), so they came back updated, with the buffers
             assert rm is not None and rv is not None and out.running_var is not None
-            with torch.no_grad():
-                rm.copy_(out.running_mean)
-                rv.copy_(out.running_var)
+            with buffer_writes():  # (no_grad, but not while exporting: torch.export.save refuses its node)
+                rm.copy_(out.running_mean.detach())
+                rv.copy_(out.running_var.detach())
                 if out.num_batches_tracked is not None:
                     assert nbt is not None and self.num_skipped_updates is not None
                     # per_chunk mode advances the counter by the number of chunks; count only the
@@ -384,7 +384,7 @@ class _FrozenBatchNorm(_NormBase):
         y = batch_norm(x, rm, rv, w, b, False, mom, eps, unbiased_running_var=unbiased).output
         if self.update_running_stats:
             rm, rv = self.running_mean, self.running_var
-            with torch.no_grad():
+            with buffer_writes():  # (no_grad, but not while exporting; _store copies detached values)
                 upd = batch_norm(
                     x,
                     rm,
@@ -562,8 +562,8 @@ class MeanOnlyBatchNorm(nn.Module):
             # a training step on the running mean (and its counter, registered with it) returns both
             assert rm is not None and nbt is not None
             assert out.running_mean is not None and out.num_batches_tracked is not None
-            with torch.no_grad():
-                rm.copy_(out.running_mean)
+            with buffer_writes():  # (no_grad, but not while exporting: torch.export.save refuses its node)
+                rm.copy_(out.running_mean.detach())
                 nbt.copy_(out.num_batches_tracked)
         return out.output
 
@@ -732,9 +732,9 @@ class BatchNormalization(nn.Module):
             False,
             "BatchNormalization",
         )
-        with torch.no_grad():
-            self.moving_mean.copy_(mm)
-            self.moving_variance.copy_(mv)
+        with buffer_writes():  # (no_grad, but not while exporting: torch.export.save refuses its node)
+            self.moving_mean.copy_(mm.detach())
+            self.moving_variance.copy_(mv.detach())
         return y
 
     # -- Keras's weight-list API --------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import NormError
+from ..functional.batch_norm import batch_norm as _batch_norm
 from ..functional.instance_norm import instance_norm as _instance_norm
 from ..kernels import _direct, _fast
 from ._base import _StatsMixin, check_tensor, fx_leaf, store_stats
@@ -60,6 +61,12 @@ def _in_module_forward(
             UserWarning,
             stacklevel=4,
         )
+    if not use_input_stats and x.shape[0] == 0 and mask is None:
+        # An empty batch normalized by the running statistics: eval IN is then the per-channel affine
+        # map of those statistics, i.e. eval BN on them, which takes N=0. (ATen's instance_norm, which
+        # the functional op calls here, repeats the statistics N times and then fails to index them:
+        # "IndexError: select(): index 0 out of range", torch.nn.InstanceNorm's own behaviour.)
+        return _batch_norm(x, running_mean, running_var, weight, bias, False, eps=eps).output
     out = _instance_norm(
         x,
         running_mean,
@@ -181,7 +188,8 @@ class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
 
     Defaults follow torch: ``affine=False``, ``track_running_stats=False``. With tracking, the
     batch-averaged instance statistics update the running buffers in training and are used in eval.
-    Equivalent to ``GroupNorm(C, C)``.
+    Equivalent to ``GroupNorm(C, C)``. An empty batch (N=0) gives the empty output in training and
+    in eval, with or without running statistics (torch.nn's eval with them raises an ``IndexError``).
 
     Example:
         >>> import torch, normkit

@@ -55,7 +55,8 @@ class LayerNorm(nn.LayerNorm):
     maps with a per-channel affine use :class:`LayerNorm2d`.
 
     Args:
-        normalized_shape: the trailing shape to normalize over.
+        normalized_shape: the trailing shape to normalize over: an int or a non-empty sequence of
+            positive ints (``()`` is refused here; torch.nn builds it, then refuses every input).
         eps: added to the variance inside the square root.
         elementwise_affine: learnable weight (init 1) and bias (init 0).
         bias: with ``elementwise_affine``, whether to learn the bias.
@@ -88,6 +89,13 @@ class LayerNorm(nn.LayerNorm):
         entries = [normalized_shape] if scalar else list(normalized_shape)  # type: ignore[arg-type]
         name = "normalized_shape" if scalar else "each entry of normalized_shape"
         shape = tuple(check_positive_int(s, "LayerNorm", name) for s in entries)
+        if not shape:
+            # torch.nn.LayerNorm(()) builds, then refuses every input ("Expected normalized_shape to be at
+            # least 1-dimensional"): a layer that can never run is refused here, once
+            raise NormError(
+                f"LayerNorm: normalized_shape must name at least one dim to normalize over, got "
+                f"{normalized_shape!r}; pass the trailing size(s), e.g. LayerNorm(x.shape[-1])"
+            )
         eps = check_eps(eps, "LayerNorm")
         super().__init__(torch.Size(shape), eps, bool(elementwise_affine), bias, device, dtype)
 

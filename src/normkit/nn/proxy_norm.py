@@ -12,7 +12,7 @@ from .._errors import NormError
 from ..functional._checks import check_eps, check_groups, check_positive_int
 from ..functional.activations import ActivationLike, get_activation
 from ..functional.proxy_norm import _gn_proxy_kernels
-from ._base import check_channels, fx_leaf
+from ._base import check_channels, fx_leaf, loaded_device
 from .registry import default_groups as _default_groups
 from .registry import register_norm, spec_or_keyword
 
@@ -80,7 +80,8 @@ class ProxyNormAct(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features, **factory))
         self.proxy_bias = nn.Parameter(torch.zeros(num_features, **factory))
         self.proxy_weight = nn.Parameter(torch.zeros(num_features, **factory))
-        # Deterministic, so not saved in the state_dict.
+        # Deterministic, so not saved in the state_dict: recomputed by _apply (moves, casts, to_empty)
+        # and by an assign=True load_state_dict (onto a layer built on the meta device).
         self.register_buffer(
             "proxy_points", F.proxy_points(num_points, dtype=torch.float64, device=device), persistent=False
         )
@@ -95,6 +96,14 @@ class ProxyNormAct(nn.Module):
         else:
             self.proxy_points = F.proxy_points(self.num_points, dtype=torch.float64, device=device)
         return self
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        # The state_dict does not hold the quadrature points: load_state_dict(..., assign=True) onto a
+        # layer built on the meta device leaves them there; recompute them where the parameters landed.
+        device = loaded_device(self)
+        if device is not None and self.proxy_points.device != device:
+            self.proxy_points = F.proxy_points(self.num_points, dtype=torch.float64, device=device)
 
     def reset_parameters(self) -> None:
         """weight 1, bias 0, proxy_bias 0, proxy_weight 0."""

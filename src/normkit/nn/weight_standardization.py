@@ -144,7 +144,8 @@ class _StdConvMixin:
 
     def forward(self, input: Tensor) -> Tensor:
         x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
-        leaf = fx_leaf(self, x)  # (torch.fx: one call_module node, as torch.nn's Conv)
+        # (torch.fx: one call_module node, as torch.nn's Conv)
+        leaf = fx_leaf(self, x)  # type: ignore[arg-type]  # (a mixin of Modules)
         if leaf is not None:
             return leaf
         return self._conv_forward(x, self.standardized_weight(), self.bias)  # type: ignore[attr-defined]
@@ -160,11 +161,21 @@ class _ScaledStdConvMixin(_StdConvMixin):
     def _init_gain(self, gamma: float, gain_init: float, eps: float) -> None:
         self.eps = check_eps(eps, type(self).__name__)
         self.gamma = float(gamma)
+        self.gain_init = float(gain_init)
         out = self.weight.shape[0]
         self.gain = nn.Parameter(
             torch.full((out,), float(gain_init), device=self.weight.device, dtype=self.weight.dtype)
         )
         self.fan_in = self.weight[0].numel()
+
+    def reset_parameters(self) -> None:
+        """The conv's own initialisation (kernel, bias), and ``gain`` back to ``gain_init`` (after
+        ``to_empty`` from the meta device it held whatever the memory held)."""
+        super().reset_parameters()  # type: ignore[misc]  # (the torch conv's, next in the MRO)
+        gain = getattr(self, "gain", None)  # (the conv's __init__ calls this before the gain exists)
+        if gain is not None:
+            with torch.no_grad():
+                gain.fill_(self.gain_init)
 
     def standardized_weight(self) -> Tensor:
         scale = self.gamma / math.sqrt(self.fan_in)

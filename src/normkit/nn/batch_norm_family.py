@@ -23,6 +23,7 @@ from ..functional.batch_norm import batch_norm
 from ..functional.batch_renorm import batch_renorm, mean_only_batch_norm
 from ..functional.ghost_batch_norm import MomentumMode, ghost_batch_norm
 from ._base import _NormBase, buffer_writes, check_channels, check_tensor, fx_leaf, torch_norm_init
+from ._recompute import ForwardStates
 from .batch_norm import _BatchNorm
 
 __all__ = [
@@ -233,12 +234,16 @@ class _BatchRenorm(_BatchNorm):
             unbiased_running_var=unbiased_running_var,
         )
         self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), warmup_steps
+        self._forward_states = ForwardStates()  # (for torch.utils.checkpoint: see forward)
 
     def current_limits(self) -> tuple[Tensor, Tensor]:
         """The ``(r_max, d_max)`` in force now: a linear ramp from ``(1, 0)`` to ``(r_max, d_max)``
         over the first ``warmup_steps`` training steps (counted by ``num_batches_tracked``), then flat.
         Returned as 0-dim tensors (no host sync)."""
-        t = self.num_batches_tracked.to(torch.float64)
+        return self._limits(self.num_batches_tracked)
+
+    def _limits(self, num_batches_tracked: Tensor) -> tuple[Tensor, Tensor]:
+        t = num_batches_tracked.to(torch.float64)
         frac = (t / self.warmup_steps).clamp(max=1.0) if self.warmup_steps else torch.ones_like(t)
         return 1.0 + (self.r_max - 1.0) * frac, self.d_max * frac
 
@@ -250,6 +255,30 @@ class _BatchRenorm(_BatchNorm):
         self._check_input_dim(x)
         if not self._tracking:  # track_running_stats switched off later: plain BN on batch statistics
             return batch_norm(x, None, None, self.weight, self.bias, True, self.momentum, self.eps).output
+        # Under torch.utils.checkpoint the forward runs again inside the backward, after it updated
+        # the running statistics that r and d read: the recomputation takes the state its forward
+        # started from, and updates nothing (docs/differences.md, "Gradient checkpointing").
+        states = self.__dict__.get("_forward_states")
+        started = None
+        if self.training and states is not None:
+            started = states.begin(x, (self.running_mean, self.running_var, self.num_batches_tracked))
+        if started is not None:
+            rm, rv, nbt = started
+            r_max, d_max = self._limits(nbt)
+            return batch_renorm(
+                x,
+                rm,
+                rv,
+                self.weight,
+                self.bias,
+                training=True,
+                momentum=self.momentum,
+                eps=self.eps,
+                num_batches_tracked=nbt,
+                r_max=r_max,
+                d_max=d_max,
+                unbiased_running_var=self.unbiased_running_var,
+            ).output
         r_max, d_max = self.current_limits()
         out = batch_renorm(
             x,

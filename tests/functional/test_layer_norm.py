@@ -122,6 +122,12 @@ def test_bad_normalized_shape_is_a_value_error(shape, ns):
     assert str(tuple(shape)) in str(info.value)
 
 
+def test_an_empty_normalized_shape_says_so():
+    # (torch.nn.functional.layer_norm refuses it too: "Expected normalized_shape to be at least 1-dimensional")
+    with pytest.raises(ValueError, match="at least one trailing dim"):
+        layer_norm(randn((2, 3)), ())
+
+
 def test_bad_over_is_a_value_error():
     with pytest.raises(ValueError, match="over"):
         layer_norm_2d(randn((2, 3, 4)), over="hw")  # type: ignore[arg-type]

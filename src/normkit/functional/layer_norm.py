@@ -62,7 +62,12 @@ def layer_norm(
     eps = check_eps(eps, op)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(shape)
-    if k == 0 or k > x.dim() or tuple(x.shape[x.dim() - k :]) != shape:
+    if k == 0:
+        raise NormError(
+            f"{op}: normalized_shape must name at least one trailing dim (e.g. the last: x.shape[-1:]), "
+            f"got () for an input of shape {tuple(x.shape)}"
+        )
+    if k > x.dim() or tuple(x.shape[x.dim() - k :]) != shape:
         raise NormError(
             f"{op}: normalized_shape {shape} must match the trailing dims of the input, got input of shape "
             f"{tuple(x.shape)}"

@@ -123,7 +123,7 @@ def test_bad_normalized_shape_is_a_value_error(shape, ns):
 
 
 def test_an_empty_normalized_shape_says_so():
-    # (torch.nn.functional.layer_norm refuses it too: "Expected normalized_shape to be at least 1-dimensional")
+    # (torch.nn.functional.layer_norm refuses it too: "Expected normalized_shape to be at least 1-dim...")
     with pytest.raises(ValueError, match="at least one trailing dim"):
         layer_norm(randn((2, 3)), ())
 

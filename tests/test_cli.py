@@ -184,81 +184,25 @@ def _interrupted_compare(
     from the first press to its exit, the run folder and the process group (for checking that no worker
     outlives it)."""
     import signal
-    import time
+
+    from tests.interrupt import compare_command, interrupt_compare
 
     out = tmp_path / "runs"
-    cmd = [
-        sys.executable,
-        "-m",
-        "normkit.cli",
-        "compare",
-        "--jobs",
-        "2",
-        "--norms",
-        "bn,gn:8",
-        "--batch-sizes",
-        "8",
-        "--seeds",
-        ",".join(map(str, range(12))),
-        "--epochs",
-        "3",
-        "--limit-train",
-        "256",
-        "--limit-test",
-        "64",
-        "--quiet",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-    ]
-    # as from a shell: the child starts with SIGINT at its default action, whatever this test process
-    # inherited (a CI runner's background job starts with SIGINT ignored, and an ignored signal stays
-    # ignored across exec). A handler, unlike SIG_IGN, is reset to the default by exec, so one is set
-    # here around the start. Not preexec_fn: it runs Python between fork and exec, which can deadlock
-    # in a process with threads (torch's), and Popen then waits for the exec forever.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        )
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    try:
-        deadline = (
-            time.monotonic() + 600
-        )  # a wait, not a timing: the shared machine can be slow to spawn workers
-        run = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            runs = list(out.glob("compare-*"))
-            metrics = runs[0] / "metrics.jsonl" if runs else None
-            # (the run folder appears before its metrics file: a poll may fall between the two)
-            if metrics is not None and metrics.exists() and '"final"' in metrics.read_text():
-                run = runs[0]
-                break
-            time.sleep(0.1)
-        assert run is not None, "no training finished within 600 s"
-        t0 = time.monotonic()
-        for k in range(presses):
-            if k:
-                time.sleep(0.3)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-        try:
-            stdout, stderr = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("compare did not exit within 30 s of Ctrl-C") from None
-    finally:  # never leave the run behind, whatever failed above
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    elapsed = time.monotonic() - t0
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), elapsed, run, proc.pid
+    cmd = compare_command(
+        out,
+        *(
+            "--jobs",
+            "2",
+            "--norms",
+            "bn,gn:8",
+            "--batch-sizes",
+            "8",
+            "--seeds",
+            ",".join(map(str, range(12))),
+        ),
+        *("--epochs", "3", "--limit-train", "256", "--limit-test", "64"),
+    )
+    return interrupt_compare(cmd, out, signal.SIGINT, presses, 0.3, group=True)
 
 
 def _group_gone(pgid: int, within: float = 10.0) -> bool:

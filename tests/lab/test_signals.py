@@ -7,14 +7,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from normkit.lab.records import RunInterrupted, RunRecord, Terminated, read_manifest, sigterm_interrupts
+from tests.interrupt import compare_command, interrupt_compare
 
 needs_default_sigterm = pytest.mark.skipif(
     signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL,
@@ -59,65 +58,22 @@ def _terminated_compare(tmp_path: Path, jobs: int, signals: int) -> tuple[int, s
     apart once its first training is on disk; return the exit status, stderr, the run folder and the
     process group."""
     out = tmp_path / "runs"
-    cmd = [
-        sys.executable,
-        "-m",
-        "normkit.cli",
-        "compare",
-        "--jobs",
-        str(jobs),
-        "--norms",
-        "bn",
-        "--batch-sizes",
-        "8",
-        "--seeds",
-        ",".join(map(str, range(200))),
-        "--epochs",
-        "1",
-        "--limit-train",
-        "64",
-        "--limit-test",
-        "32",
-        "--quiet",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-    ]
-    # the child starts with SIGTERM at its default action, as from a shell, whatever this process has: a
-    # handler (unlike SIG_IGN) is reset to the default by exec
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    try:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-        )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    try:
-        deadline = time.monotonic() + 300  # a bound for a stalled start, not a timing
-        run = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            runs = list(out.glob("compare-*"))
-            metrics = runs[0] / "metrics.jsonl" if runs else None
-            if metrics is not None and metrics.exists() and '"final"' in metrics.read_text():
-                run = runs[0]
-                break
-            time.sleep(0.05)
-        assert run is not None, f"no training finished: {proc.poll()}"
-        for k in range(signals):
-            if k:
-                time.sleep(0.2)
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-        try:
-            _, stderr = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("compare did not exit within 30 s of SIGTERM") from None
-    finally:  # never leave the run behind, whatever failed above
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    return proc.returncode, stderr, run, proc.pid
+    cmd = compare_command(
+        out,
+        *(
+            "--jobs",
+            str(jobs),
+            "--norms",
+            "bn",
+            "--batch-sizes",
+            "8",
+            "--seeds",
+            ",".join(map(str, range(200))),
+        ),
+        *("--epochs", "1", "--limit-train", "64", "--limit-test", "32"),
+    )
+    proc, _, run, pgid = interrupt_compare(cmd, out, signal.SIGTERM, signals, 0.2, group=False)
+    return proc.returncode, proc.stderr, run, pgid
 
 
 @pytest.mark.parametrize(("jobs", "signals"), [(1, 1), (2, 2)], ids=["one-process", "workers-two-sigterms"])

@@ -382,6 +382,18 @@ class _NormBase(_StatsMixin, nn.Module):
         reset_affine(self)
 
 
+def not_scriptable(module: nn.Module) -> Any:
+    """``__prepare_scriptable__`` of the layers TorchScript cannot compile: ``torch.jit.script`` calls it
+    on every submodule first, so a model holding one gets this error, not TorchScript's own about some
+    annotation deep in normkit."""
+    raise NormError(
+        f"{type(module).__name__} cannot be compiled by torch.jit.script (TorchScript, deprecated); "
+        "normkit's layers that script are BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm1d/2d/3d, GroupNorm, "
+        "LayerNorm and LayerNorm2d. torch.jit.trace, torch.compile, torch.export and ONNX export take every "
+        "normkit layer"
+    )
+
+
 def fx_leaf(module: nn.Module, *args: Any, root_traceable: bool = False) -> Any:
     """Under ``torch.fx`` symbolic tracing, record ``module`` as one ``call_module`` node; else ``None``.
 

@@ -22,7 +22,15 @@ from ..functional._running import NormOutput, update_running_stats
 from ..functional.batch_norm import batch_norm
 from ..functional.batch_renorm import batch_renorm, mean_only_batch_norm
 from ..functional.ghost_batch_norm import MomentumMode, ghost_batch_norm
-from ._base import _NormBase, buffer_writes, check_channels, check_tensor, fx_leaf, torch_norm_init
+from ._base import (
+    _NormBase,
+    buffer_writes,
+    check_channels,
+    check_tensor,
+    fx_leaf,
+    not_scriptable,
+    torch_norm_init,
+)
 from ._recompute import ForwardStates
 from .batch_norm import _BatchNorm
 
@@ -45,6 +53,7 @@ __all__ = [
 
 
 class _GhostBatchNorm(_BatchNorm):
+    __prepare_scriptable__ = not_scriptable  # (torch.jit.script: a clear error)
     ghost_batch_size: int
     momentum_mode: MomentumMode
 
@@ -185,6 +194,7 @@ class GhostBatchNorm3d(_GhostBatchNorm):
 
 
 class _BatchRenorm(_BatchNorm):
+    __prepare_scriptable__ = not_scriptable  # (torch.jit.script: a clear error)
     # Batch Renorm is built with track_running_stats=True only: its buffers always exist.
     running_mean: Tensor
     running_var: Tensor
@@ -349,6 +359,7 @@ class BatchRenorm3d(_BatchRenorm):
 
 
 class _FrozenBatchNorm(_NormBase):
+    __prepare_scriptable__ = not_scriptable  # (torch.jit.script: a clear error)
     _dims: tuple[int, ...] = ()
     # built with track_running_stats=True only: its buffers always exist
     running_mean: Tensor
@@ -524,6 +535,8 @@ class MeanOnlyBatchNorm(nn.Module):
     Reference: https://arxiv.org/abs/1602.07868
     """
 
+    __prepare_scriptable__ = not_scriptable  # (torch.jit.script: a clear error)
+
     bias: Tensor | None
     running_mean: Tensor | None
     num_batches_tracked: Tensor | None
@@ -649,6 +662,8 @@ class BatchNormalization(nn.Module):
 
     Reference: https://keras.io/api/layers/normalization_layers/batch_normalization/
     """
+
+    __prepare_scriptable__ = not_scriptable  # (torch.jit.script: a clear error)
 
     gamma: Tensor | None
     beta: Tensor | None

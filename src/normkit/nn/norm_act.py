@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .._errors import NormError
 from ..functional.activations import ActivationLike, get_activation
-from ._base import fx_leaf
+from ._base import fx_leaf, not_scriptable
 from .batch_norm import BatchNorm2d
 from .group_norm import GroupNorm
 from .layer_norm import LayerNorm2d
@@ -31,6 +31,8 @@ class _ActMixin:
     second time. A named activation is resolved again after unpickling, so that the layer pickles
     whatever function the name resolves to.
     """
+
+    __prepare_scriptable__ = not_scriptable  # (torch.jit.script: a clear error)
 
     def _init_act(self, activation: ActivationLike) -> None:
         fn = get_activation(activation)

@@ -12,7 +12,7 @@ from .._errors import NormError
 from ..functional._checks import check_eps, check_groups, check_positive_int
 from ..functional.activations import ActivationLike, get_activation
 from ..functional.proxy_norm import _gn_proxy_kernels
-from ._base import check_channels, fx_leaf, loaded_device
+from ._base import check_channels, fx_leaf, loaded_device, not_scriptable
 from .registry import default_groups as _default_groups
 from .registry import register_norm, spec_or_keyword
 
@@ -56,6 +56,8 @@ class ProxyNormAct(nn.Module):
 
     Reference: https://arxiv.org/abs/2106.03743
     """
+
+    __prepare_scriptable__ = not_scriptable  # (torch.jit.script: a clear error)
 
     includes_activation = True
 

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from .._errors import NormError
 from ..functional._autograd import norm
 from ..functional._checks import check_eps
-from ._base import fx_leaf
+from ._base import fx_leaf, not_scriptable
 from ._parametrize import make_picklable
 
 __all__ = [
@@ -132,6 +132,8 @@ def weight_standardization(module: nn.Module, name: str = "weight", eps: float =
 
 class _StdConvMixin:
     """``conv(x, standardize(weight))``; same constructor and state_dict as the torch conv it extends."""
+
+    __prepare_scriptable__ = not_scriptable  # (torch.jit.script: a clear error)
 
     eps: float
     weight: Tensor

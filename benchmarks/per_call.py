@@ -36,6 +36,8 @@ def main() -> None:
         ("BatchNorm2d (train)", nkn.BatchNorm2d(16), torch.nn.BatchNorm2d(16)),
         ("BatchNorm2d (eval)", nkn.BatchNorm2d(16).eval(), torch.nn.BatchNorm2d(16).eval()),
         ("GroupNorm(4)", nkn.GroupNorm(4, 16), torch.nn.GroupNorm(4, 16)),
+        # (no torch layer: against the BatchNorm it generalises, whose step it runs after its own statistics)
+        ("BatchRenorm2d (vs BatchNorm2d, train)", nkn.BatchRenorm2d(16), torch.nn.BatchNorm2d(16)),
         ("LayerNorm(8) over the last dim", nkn.LayerNorm(8), torch.nn.LayerNorm(8)),
         (
             "InstanceNorm2d(affine)",

@@ -234,3 +234,35 @@ def test_first_order_grads_under_create_graph_match_reference_for_huge_inputs():
     torch.testing.assert_close(
         dw.double(), (dy.double() * xhat).sum((0, 2), keepdim=True), rtol=1e-4, atol=1e-4
     )
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda t: t[:, :, ::2, ::2],  # strided: not dense
+        lambda t: t.transpose(2, 3),
+        lambda t: t.contiguous(memory_format=torch.channels_last),
+        lambda t: t[:, ::2],
+    ],
+    ids=["strided", "transposed", "channels-last", "every-other-channel"],
+)
+def test_public_moments_on_any_layout_equal_the_float64_reference(view):
+    """normkit.functional.moments takes the fused kernel's statistics pass in plain eager calls: on any
+    layout (the kernel reads dense memory) it equals the float64 moments, and Batch Renorm, which
+    uses it for r and d, gives the same step on the view and on a contiguous copy."""
+    import normkit.functional as nf
+    import normkit.nn as nkn
+
+    x = view(torch.randn(4, 6, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 + 1)
+    got = nf.moments(x, (0, 2, 3))
+    xd = x.double()
+    torch.testing.assert_close(got.mean.double(), xd.mean((0, 2, 3), keepdim=True), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        got.var.double(), xd.var((0, 2, 3), correction=0, keepdim=True), rtol=1e-6, atol=1e-6
+    )
+    a, b = nkn.BatchRenorm2d(x.shape[1]), nkn.BatchRenorm2d(x.shape[1])
+    for m in (a, b):
+        with torch.no_grad():
+            m.running_var.fill_(0.5)
+    torch.testing.assert_close(a(x), b(x.contiguous()))
+    torch.testing.assert_close(a.running_mean, b.running_mean)

@@ -6,12 +6,39 @@ fp64; branch-free, so compile and export see no data-dependent control flow).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from ..ops.core import Moments, acc_dtype, moments
+from .. import kernels
+from ..kernels import _fast
+from ..ops import core
+from ..ops.core import Moments, acc_dtype
+from ..ops.library import _dense
 
 __all__ = ["Moments", "acc_dtype", "moments", "normalize"]
+
+
+def moments(x: Tensor, dims: Sequence[int], mask: Tensor | None = None) -> Moments:
+    """``(count, mean, var)`` of ``x`` over ``dims`` (biased variance, keepdim, fp32 / fp64 for fp64).
+
+    :func:`normkit.ops.core.moments`; a plain eager CPU call with nothing to differentiate runs the
+    fused kernel's statistics pass (about a tenth of the reference ops' time on a DRAM-sized input),
+    with the same numerics. A ``mask`` limits each set to its valid values (reference ops).
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0, 3.0], [1e4, 1e4 + 1.0, 1e4 + 2.0]])
+        >>> m = moments(x, dims=(1,))
+        >>> m.mean.squeeze(1), m.var.squeeze(1)
+        (tensor([2.0000e+00, 1.0001e+04]), tensor([0.6667, 0.6667]))
+    """
+    if mask is None and _fast.eligible(x) and not (torch.is_grad_enabled() and x.requires_grad):
+        dims = tuple(int(d) % x.dim() for d in dims)
+        _, stats = kernels.norm_forward(_dense(x), None, None, None, dims, 0.0)  # (the kernels take dense x)
+        mean, var = core.mean_var(stats)
+        return Moments(core.stats_count(stats), mean, var)
+    return core.moments(x, dims, mask)
 
 
 def normalize(

@@ -7,10 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .. import kernels
 from .._errors import NormError
-from ..kernels import _fast
-from ..ops.core import mean_var
 from ._autograd import norm
 from ._checks import check_eps, check_input, check_momentum, check_param
 from ._moments import acc_dtype, moments
@@ -133,12 +130,8 @@ def batch_renorm(
         # r and d: constants for the backward (the paper's stop_gradient).
         # detach(): no_grad stops the backward but not forward-mode AD (jvp), so r and d would
         # otherwise carry tangents while the backward holds them constant.
-        if _fast.eligible(x):  # plain eager CPU: the statistics from the fused kernel (a tenth of the time)
-            _, packed = kernels.norm_forward(x.detach(), None, None, None, dims, 0.0)
-            mean_b, var_b = mean_var(packed)
-        else:
-            stats = moments(x.detach(), dims)
-            mean_b, var_b = stats.mean, stats.var
+        stats = moments(x.detach(), dims)  # (plain eager CPU: the fused kernel's statistics pass)
+        mean_b, var_b = stats.mean, stats.var
         rstd_run = torch.rsqrt(running_var.detach().to(dtype) + eps)
         r_hi = torch.as_tensor(r_max, dtype=dtype, device=x.device)
         d_hi = torch.as_tensor(d_max, dtype=dtype, device=x.device)

@@ -17,7 +17,7 @@ from torch import nn
 
 import normkit.nn as nkn
 from tests.tolerances import Tol
-from tests.torch_compat import needs_torch_bias
+from tests.torch_compat import needs_torch_bias, torch_kwargs
 
 F64 = torch.float64
 TOL: Tol = {"atol": 1e-5, "rtol": 1e-5}
@@ -166,9 +166,13 @@ def test_save_to_disk_and_load(tmp_path, dtype):
         lambda: nkn.GroupNorm(2, 4),
         lambda: nkn.LayerNorm2d(4),
         lambda: nkn.LayerNorm2d(4, over="chw"),
+        lambda: nkn.BatchRenorm2d(4, warmup_steps=2),
+        lambda: nkn.GhostBatchNorm2d(4, ghost_batch_size=2),
+        lambda: nkn.FrozenBatchNorm2d(4, use_running_stats=False, update_running_stats=True),
+        lambda: nkn.BatchNormAct2d(4, activation="silu"),
     ],
 )
-@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch.save"])
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch.save", "weights_only"])
 def test_whole_module_pickle_and_deepcopy(make, how):
     m = _randomize(make())
     shape = (3, 4, 3, 3)
@@ -186,7 +190,11 @@ def test_whole_module_pickle_and_deepcopy(make, how):
         buf = io.BytesIO()
         torch.save(m, buf)
         buf.seek(0)
-        c = torch.load(buf, weights_only=False)
+        if how == "weights_only":  # torch's default: the layer's class allow-listed, nothing else
+            with torch.serialization.safe_globals([type(m)]):
+                c = torch.load(buf, weights_only=True)
+        else:
+            c = torch.load(buf, weights_only=False)
     assert type(c) is type(m) and repr(c) == repr(m)
     for (k, v), (k2, v2) in zip(m.named_buffers(), c.named_buffers()):
         assert k == k2 and v.dtype == v2.dtype and torch.equal(v, v2), k
@@ -197,10 +205,28 @@ def test_whole_module_pickle_and_deepcopy(make, how):
         m.train(training)
         c.train(training)
         assert torch.equal(c(x), m(x))
+
     # The copy is independent of the original.
+    def first(mod):
+        return next(t for t in (*mod.parameters(), *mod.buffers()) if t.is_floating_point())
+
     with torch.no_grad():
-        next(c.parameters()).add_(1.0)
-    assert not torch.equal(next(c.parameters()), next(m.parameters()))
+        first(c).add_(1.0)
+    assert not torch.equal(first(c), first(m))
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"affine": False}, {"bias": False}], ids=["affine", "no-affine", "no-bias"]
+)
+def test_frozen_batch_norm_keys_come_in_torch_order(dim, kwargs):
+    """FrozenBatchNorm keeps its affine in buffers, yet its state_dict lists the keys as torch's
+    BatchNorm does (scripts that port a checkpoint by position depend on the order)."""
+    frozen = getattr(nkn, f"FrozenBatchNorm{dim}d")(5, **kwargs)
+    ref = getattr(nn, f"BatchNorm{dim}d")(5, **torch_kwargs(kwargs))
+    assert list(frozen.state_dict()) == list(ref.state_dict())
+    frozen.load_state_dict(_randomize(ref).state_dict(), strict=True)
+    _assert_same_state(frozen.state_dict(), ref.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,11 +109,9 @@ def test_scaled_stdconv_is_gain_gamma_over_sqrt_fan_in_times_ws():
     torch.manual_seed(3)
     conv = ScaledStdConv2d(4, 3, 3, gamma=1.7139, gain_init=0.5, eps=1e-5).double()
     with torch.no_grad():
-        conv.gain.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=F64))
+        conv.gain.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=F64).reshape(3, 1, 1, 1))
     fan_in = 4 * 9
-    want = (
-        conv.gain.detach()[:, None, None, None] * 1.7139 / fan_in**0.5 * _ref_ws(conv.weight.detach(), 1e-5)
-    )
+    want = conv.gain.detach() * 1.7139 / fan_in**0.5 * _ref_ws(conv.weight.detach(), 1e-5)
     torch.testing.assert_close(conv.standardized_weight(), want, rtol=1e-10, atol=1e-10)
     x = torch.randn(2, 4, 6, 6, dtype=F64)
     torch.testing.assert_close(conv(x), TF.conv2d(x, want, conv.bias), rtol=1e-10, atol=1e-10)
@@ -158,3 +156,31 @@ def test_weight_standardization_arguments_and_deepcopy():
     torch.nn.utils.parametrize.remove_parametrizations(dup, "weight")
     torch.testing.assert_close(conv.weight.to(torch.float64).flatten(1), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dup.weight.to(torch.float64).flatten(1), want, atol=1e-5, rtol=1e-5)
+
+
+def test_scaled_stdconv_loads_timm_and_flat_gain_checkpoints():
+    """timm's ScaledStdConv2d stores ``gain`` as (out, 1, 1, 1), so does this layer (it loads a timm
+    checkpoint with strict=True, and saves one timm loads); a flat (out,) gain, as earlier normkit
+    versions saved it, still loads."""
+    torch.manual_seed(0)
+    ref = ScaledStdConv2d(3, 4, 3, gamma=1.7139)
+    timm_sd = {
+        "weight": torch.randn(4, 3, 3, 3),
+        "bias": torch.randn(4),
+        "gain": torch.rand(4, 1, 1, 1) + 0.5,
+    }
+    ref.load_state_dict(timm_sd, strict=True)
+    assert ref.state_dict()["gain"].shape == (4, 1, 1, 1)
+    x = torch.randn(2, 3, 7, 7)
+    # timm's formula: gain * gamma / sqrt(fan_in) * the standardized kernel (eps=1e-6), written out here
+    w = timm_sd["weight"]
+    ws = (w - w.mean((1, 2, 3), keepdim=True)) / torch.sqrt(
+        w.var((1, 2, 3), unbiased=False, keepdim=True) + 1e-6
+    )
+    want = TF.conv2d(x, timm_sd["gain"] * 1.7139 / 27**0.5 * ws, timm_sd["bias"])
+    torch.testing.assert_close(ref(x), want, rtol=1e-5, atol=1e-5)
+    flat = dict(timm_sd, gain=timm_sd["gain"].flatten())
+    old = ScaledStdConv2d(3, 4, 3, gamma=1.7139)
+    old.load_state_dict(flat, strict=True)
+    assert torch.equal(old(x), ref(x))
+    assert ScaledStdConv1d(2, 5, 3).gain.shape == (5, 1, 1)

@@ -87,7 +87,7 @@ def norm_act_factory(norm: NormLayer, activation: str = "relu") -> Callable[[int
 
     Example:
         >>> norm_act_factory("gn:4")(16)
-        GroupNormAct2d(4, 16, eps=1e-05, affine=True, bias=True, activation=relu)
+        GroupNormAct2d(16, num_groups=4, eps=1e-05, affine=True, bias=True, activation=relu)
     """
     if callable(norm):
         return norm

@@ -290,6 +290,7 @@ class _StatsMixin:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"bias={getattr(self, 'bias', None) is not None}, track_running_stats={self.track_running_stats}"
+            + ("" if getattr(self, "unbiased_running_var", True) else ", unbiased_running_var=False")
         )
 
     def _load_from_state_dict(

@@ -246,6 +246,18 @@ class _BatchRenorm(_BatchNorm):
         self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), warmup_steps
         self._forward_states = ForwardStates()  # (for torch.utils.checkpoint: see forward)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The forward states are a cache for a checkpoint's recomputation, not state: left out of
+        # pickles and copies (torch.load(weights_only=True) cannot rebuild them, and each would carry
+        # up to 16 copies of the running statistics).
+        state = dict(super().__getstate__())
+        state.pop("_forward_states", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._forward_states = ForwardStates()
+
     def current_limits(self) -> tuple[Tensor, Tensor]:
         """The ``(r_max, d_max)`` in force now: a linear ramp from ``(1, 0)`` to ``(r_max, d_max)``
         over the first ``warmup_steps`` training steps (counted by ``num_batches_tracked``), then flat.
@@ -383,10 +395,14 @@ class _FrozenBatchNorm(_NormBase):
         torch_norm_init(
             super().__init__, self, num_features, eps, momentum, affine, True, device, dtype, bias=bias
         )
-        # The affine is frozen: buffers, not Parameters (no optimizer sees them), same state_dict keys.
+        # The affine is frozen: buffers, not Parameters (no optimizer sees them), same state_dict keys
+        # in torch.nn's order (weight, bias, running_mean, running_var, num_batches_tracked): scripts
+        # that port checkpoints by position rely on it.
+        stats = {key: self._buffers.pop(key) for key in list(self._buffers)}
         for key in ("weight", "bias"):
             p = self._parameters.pop(key)
             self.register_buffer(key, None if p is None else p.detach())
+        self._buffers.update(stats)
         self.use_running_stats = bool(use_running_stats)
         self.update_running_stats = bool(update_running_stats)
         self.unbiased_running_var = bool(unbiased_running_var)
@@ -443,7 +459,9 @@ class _FrozenBatchNorm(_NormBase):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"use_running_stats={self.use_running_stats}, update_running_stats={self.update_running_stats}"
+            f"bias={self.bias is not None}, use_running_stats={self.use_running_stats}, "
+            f"update_running_stats={self.update_running_stats}"
+            + ("" if self.unbiased_running_var else ", unbiased_running_var=False")
         )
 
 

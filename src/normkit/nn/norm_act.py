@@ -130,6 +130,12 @@ class GroupNormAct2d(_ActMixin, GroupNorm):
         super().__init__(num_groups, num_channels, **kwargs)
         self._init_act(activation)
 
+    def extra_repr(self) -> str:  # (this constructor's order: the channel count first)
+        return (
+            f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, affine={self.affine}, "
+            f"bias={self.bias is not None}, activation={_act_repr(self.activation)}"
+        )
+
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """``act(norm(input))``; ``mask`` (bool, True = valid) limits the statistics as in the plain norm."""
         x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
@@ -137,9 +143,6 @@ class GroupNormAct2d(_ActMixin, GroupNorm):
         if leaf is not None:
             return leaf
         return self._apply_act(super().forward(x) if mask is None else super().forward(x, mask))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={_act_repr(self.activation)}"
 
 
 class LayerNormAct2d(_ActMixin, LayerNorm2d):
@@ -182,7 +185,7 @@ def create_norm_act_layer(
 
     Example:
         >>> create_norm_act_layer("gn:4", 16, "relu")
-        GroupNormAct2d(4, 16, eps=1e-05, affine=True, bias=True, activation=relu)
+        GroupNormAct2d(16, num_groups=4, eps=1e-05, affine=True, bias=True, activation=relu)
     """
     match = _SPEC.match(spec.strip().lower()) if isinstance(spec, str) else None
     key = match["base"] + match["suffix"] if match else None

@@ -164,9 +164,10 @@ class _ScaledStdConvMixin(_StdConvMixin):
         self.eps = check_eps(eps, type(self).__name__)
         self.gamma = float(gamma)
         self.gain_init = float(gain_init)
-        out = self.weight.shape[0]
+        # (out, 1, ..., 1), the weight's rank: timm's ScaledStdConv2d stores it so, and loads here as is
+        shape = (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1)
         self.gain = nn.Parameter(
-            torch.full((out,), float(gain_init), device=self.weight.device, dtype=self.weight.dtype)
+            torch.full(shape, float(gain_init), device=self.weight.device, dtype=self.weight.dtype)
         )
         self.fan_in = self.weight[0].numel()
 
@@ -178,6 +179,13 @@ class _ScaledStdConvMixin(_StdConvMixin):
         if gain is not None:
             with torch.no_grad():
                 gain.fill_(self.gain_init)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # earlier normkit checkpoints stored the gain flat, (out,): reshaped to (out, 1, ..., 1)
+        gain = state_dict.get(prefix + "gain")
+        if isinstance(gain, Tensor) and gain.dim() == 1 and gain.shape[0] == self.gain.shape[0]:
+            state_dict[prefix + "gain"] = gain.reshape(self.gain.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
 
     def standardized_weight(self) -> Tensor:
         scale = self.gamma / math.sqrt(self.fan_in)

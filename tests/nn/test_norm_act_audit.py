@@ -68,7 +68,8 @@ def test_named_activations_pickle_and_repr(act):
     for layer in (
         nkn.BatchNormAct2d(4, activation=act),
         nkn.GroupNormAct2d(4, 2, activation=act),
-        nkn.create_norm_act_layer("in", 4, act),  # the nn.Sequential fallback
+        nkn.create_norm_act_layer("in", 4, act),  # InstanceNormAct2d
+        nkn.create_norm_act_layer("frozen_bn", 4, act),  # the nn.Sequential fallback
     ):
         torch.testing.assert_close(_roundtrip(layer)(x), layer(x))  # (None / identity: a lambda)
         assert "NoneType" not in repr(layer) and "<lambda>" not in repr(layer)
@@ -193,3 +194,37 @@ def test_a_checkpoint_that_saved_a_module_activation_twice_loads_strictly():
     wrapped = nn.Sequential(BatchNormAct2d(4, activation=nn.PReLU(4)))
     wrapped.load_state_dict({f"0.{k}": v for k, v in old.items()}, strict=True)
     torch.testing.assert_close(wrapped[0].act.weight, src.act.weight)
+
+
+@pytest.mark.parametrize(
+    "spec, shape",
+    [
+        ("bn1d", (6, 4)),
+        ("bn3d", (2, 4, 2, 3, 3)),
+        ("in", (2, 4, 3, 3)),
+        ("in1d", (2, 4, 7)),
+        ("brn", (6, 4, 3, 3)),
+        ("gbn:2", (6, 4, 3, 3)),
+        ("syncbn", (6, 4, 3, 3)),
+    ],
+)
+def test_norm_act_layers_keep_the_plain_norms_keys(spec, shape):
+    """create_norm_act_layer gives every BN-family / instance spec a norm+activation class with the plain
+    norm's state_dict keys (they were an nn.Sequential with keys ``0.*``, so a "bn" checkpoint did not
+    load into a "syncbn" / "brn" / "gbn" model): it loads the plain norm's checkpoint strictly, in
+    both directions, and computes act(norm(x)) in training and eval."""
+    ref = _randomize(nkn.create_norm_layer(spec, 4))
+    x = _randn(shape)
+    ref.train()(x)  # running statistics that are not the defaults
+    layer = nkn.create_norm_act_layer(spec, 4, "silu")
+    assert type(layer).__name__.replace("Act", "") == type(ref).__name__.replace("Act", "")
+    assert list(layer.state_dict()) == list(ref.state_dict())
+    layer.load_state_dict(ref.state_dict(), strict=True)
+    back = nkn.create_norm_layer(spec, 4)
+    back.load_state_dict(layer.state_dict(), strict=True)
+    for mode in (True, False):
+        torch.testing.assert_close(layer.train(mode)(x), nn.functional.silu(back.train(mode)(x)))
+    if spec in ("brn", "bn1d"):  # a "bn" model's checkpoint loads into the other BN specs' layers
+        plain = nkn.create_norm_act_layer("bn" if spec == "brn" else "bn1d", 4, "silu")
+        layer.load_state_dict(plain.state_dict(), strict=True)
+    torch.testing.assert_close(_roundtrip(layer)(x), layer(x))

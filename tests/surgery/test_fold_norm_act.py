@@ -39,29 +39,52 @@ FOLDED: dict[str, Callable[[], nn.Module]] = {
     "SyncBatchNormAct-callable": lambda: nkn.SyncBatchNormAct(C, activation=torch.tanh),
     "FrozenBatchNormAct2d": lambda: _frozen(nkn.BatchNormAct2d(C, activation="relu")),
     "FrozenSyncBatchNormAct": lambda: _frozen(nkn.SyncBatchNormAct(C, activation="silu")),
+    "BatchNormAct1d": lambda: nkn.BatchNormAct1d(C, activation="relu"),
+    "BatchNormAct3d": lambda: nkn.BatchNormAct3d(C, activation="relu"),
+    "BatchRenormAct1d": lambda: nkn.BatchRenormAct1d(C, activation="relu"),
+    "BatchRenormAct2d": lambda: normkit.create_norm_act_layer("brn", C, "relu"),
+    "BatchRenormAct3d": lambda: nkn.BatchRenormAct3d(C, activation="relu"),
+    "GhostBatchNormAct1d": lambda: nkn.GhostBatchNormAct1d(C, activation="relu"),
+    "GhostBatchNormAct2d": lambda: normkit.create_norm_act_layer("gbn:2", C, "relu"),
+    "GhostBatchNormAct3d": lambda: nkn.GhostBatchNormAct3d(C, activation="relu"),
 }
 #: Norm+activation layers that are not BN: fold_bn leaves them as they are.
 LEFT: dict[str, Callable[[], nn.Module]] = {
     "GroupNormAct2d": lambda: nkn.GroupNormAct2d(C, num_groups=2, activation="relu"),
     "LayerNormAct2d": lambda: nkn.LayerNormAct2d(C, activation="relu"),
     "LayerNormAct2d-chw": lambda: nkn.LayerNormAct2d(C, over="chw", activation="gelu"),
+    "InstanceNormAct1d": lambda: nkn.InstanceNormAct1d(C, activation="relu", affine=True),
+    "InstanceNormAct2d": lambda: normkit.create_norm_act_layer("in", C, "relu"),
+    "InstanceNormAct3d": lambda: nkn.InstanceNormAct3d(C, activation="relu"),
 }
+
+
+def _rank(layer: nn.Module) -> int:
+    name = type(layer).__name__
+    return 1 if name.endswith("1d") else 3 if name.endswith("3d") else 2
 
 
 def _net(make: Callable[[], nn.Module]) -> nn.Sequential:
     torch.manual_seed(0)
-    return randomize_norms(nn.Sequential(nn.Conv2d(3, C, 3, padding=1), make())).eval()
+    layer = make()
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[_rank(layer) - 1](3, C, 3, padding=1)
+    return randomize_norms(nn.Sequential(conv, layer)).eval()
+
+
+def _input(net: nn.Sequential, seed: int) -> torch.Tensor:
+    shape = {1: (4, 3, 7), 2: (4, 3, 5, 5), 3: (2, 3, 3, 4, 4)}[_rank(net[1])]
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("name", list(FOLDED))
 def test_bn_act_layers_fold_and_keep_their_activation(name: str) -> None:
     net = _net(FOLDED[name])
-    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    x = _input(net, 1)
     folded, diff, report = normkit.fold_bn(net, example_input=x)  # (a mismatch would warn: an error here)
 
     assert [tuple(f[:2]) for f in report.folded] == [("1", "0")], report  # (norm, into)
     assert not isinstance(folded[1], nn.Identity)  # the activation stays where the layer was
-    x2 = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(2))
+    x2 = _input(net, 2)
     with torch.no_grad():
         want, got = net(x2), folded(x2)
     assert (want < 0).any() or (want == 0).any()  # the activation matters on this input
@@ -73,7 +96,7 @@ def test_bn_act_layers_fold_and_keep_their_activation(name: str) -> None:
 @pytest.mark.parametrize("name", list(LEFT))
 def test_other_norm_act_layers_are_left_as_they_are(name: str) -> None:
     net = _net(LEFT[name])
-    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(3))
+    x = _input(net, 3)
     folded, diff, report = normkit.fold_bn(net, example_input=x)
     assert report.folded == [] and type(folded[1]) is type(net[1])
     with torch.no_grad():

@@ -86,6 +86,7 @@ SAMPLES: list[Sample] = [
     ),
     Sample("GhostBatchNorm2d", lambda: nkn.GhostBatchNorm2d(6, ghost_batch_size=2), (4, 6, 5, 5)),
     Sample("BatchRenorm2d", lambda: nkn.BatchRenorm2d(6), (4, 6, 5, 5)),
+    Sample("BatchRenormAct2d", lambda: normkit.create_norm_act_layer("brn", 6, "silu"), (4, 6, 5, 5)),
     Sample("FrozenBatchNorm2d", lambda: nkn.FrozenBatchNorm2d(6), (4, 6, 5, 5), batch_free=True),
     Sample("BatchNormAct2d", lambda: nkn.BatchNormAct2d(6, activation="relu"), (4, 6, 5, 5)),
     # SyncBatchNorm without a process group (and with one process) is BatchNorm: the toolchain sees that

@@ -305,7 +305,8 @@ def describe_norm(module: nn.Module) -> NormInfo | str | None:
     if isinstance(module, LayerNorm):
         return _channels_last(module)
     if isinstance(module, _InstanceNorm):
-        return _bn_like(module, "in", _rank_of_name(cls.__name__))
+        act = _normkit_act(module)  # (InstanceNormAct{1,2,3}d)
+        return _bn_like(module, "in", _rank_of_name(cls.__name__), activation=act[0], act_module=act[1])
     if isinstance(module, _fam.MeanOnlyBatchNorm):
         return "MeanOnlyBatchNorm subtracts a mean and scales nothing; no other norm keeps its meaning"
     if isinstance(module, _fam.BatchNormalization):

@@ -8,13 +8,31 @@ from torch import Tensor, nn
 
 from .._errors import NormError
 from ..functional.activations import ActivationLike, get_activation
+from . import batch_norm_family as _fam
 from ._base import fx_leaf, not_scriptable
-from .batch_norm import BatchNorm2d
+from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .group_norm import GroupNorm
+from .instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm2d
 from .registry import _REGISTRY, _SPEC, create_norm_layer, default_groups, spec_or_keyword
 
-__all__ = ["BatchNormAct2d", "GroupNormAct2d", "LayerNormAct2d", "create_norm_act_layer"]
+__all__ = [
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "BatchRenormAct1d",
+    "BatchRenormAct2d",
+    "BatchRenormAct3d",
+    "GhostBatchNormAct1d",
+    "GhostBatchNormAct2d",
+    "GhostBatchNormAct3d",
+    "GroupNormAct2d",
+    "InstanceNormAct1d",
+    "InstanceNormAct2d",
+    "InstanceNormAct3d",
+    "LayerNormAct2d",
+    "create_norm_act_layer",
+]
 
 
 def _act_repr(act: ActivationLike) -> str:
@@ -169,8 +187,69 @@ class LayerNormAct2d(_ActMixin, LayerNorm2d):
         return f"{super().extra_repr()}, activation={_act_repr(self.activation)}"
 
 
+def _norm_act(norm_cls: type[nn.Module], name: str) -> type[nn.Module]:
+    """``act(norm_cls(x))`` as a class of its own, with ``norm_cls``'s state_dict keys and arguments."""
+    base = norm_cls.__name__
+
+    def __init__(self: Any, num_features: int, activation: ActivationLike = "relu", **kwargs: Any) -> None:
+        norm_cls.__init__(self, num_features, **kwargs)
+        self._init_act(activation)
+
+    def forward(self: Any, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
+        leaf = fx_leaf(self, x, *args, *kwargs.values(), root_traceable=True)
+        if leaf is not None:
+            return leaf
+        return self._apply_act(norm_cls.forward(self, x, *args, **kwargs))
+
+    def extra_repr(self: Any) -> str:
+        return f"{norm_cls.extra_repr(self)}, activation={_act_repr(self.activation)}"
+
+    doc = f"""``act({base}(x))``; loads a ``{base}`` state_dict as is (same keys).
+
+    Args:
+        num_features: C.
+        activation: name or callable (see :func:`normkit.functional.activations.get_activation`).
+        **kwargs: the arguments of :class:`{base}`.
+    """
+    body = {"__init__": __init__, "forward": forward, "extra_repr": extra_repr, "__doc__": doc}
+    cls = type(name, (_ActMixin, norm_cls), body)
+    cls.__module__ = __name__
+    cls.__qualname__ = name
+    return cls
+
+
+# The other BN-family and instance norms with an activation: what create_norm_act_layer gives for
+# their specs (keys as the plain norm's, so a checkpoint moves between "bn" and "brn" / "gbn" / "in").
+BatchNormAct1d = _norm_act(BatchNorm1d, "BatchNormAct1d")
+BatchNormAct3d = _norm_act(BatchNorm3d, "BatchNormAct3d")
+InstanceNormAct1d = _norm_act(InstanceNorm1d, "InstanceNormAct1d")
+InstanceNormAct2d = _norm_act(InstanceNorm2d, "InstanceNormAct2d")
+InstanceNormAct3d = _norm_act(InstanceNorm3d, "InstanceNormAct3d")
+BatchRenormAct1d = _norm_act(_fam.BatchRenorm1d, "BatchRenormAct1d")
+BatchRenormAct2d = _norm_act(_fam.BatchRenorm2d, "BatchRenormAct2d")
+BatchRenormAct3d = _norm_act(_fam.BatchRenorm3d, "BatchRenormAct3d")
+GhostBatchNormAct1d = _norm_act(_fam.GhostBatchNorm1d, "GhostBatchNormAct1d")
+GhostBatchNormAct2d = _norm_act(_fam.GhostBatchNorm2d, "GhostBatchNormAct2d")
+GhostBatchNormAct3d = _norm_act(_fam.GhostBatchNorm3d, "GhostBatchNormAct3d")
+_NORM_ACT: dict[type[nn.Module], type[nn.Module]] = {
+    BatchNorm1d: BatchNormAct1d,
+    BatchNorm2d: BatchNormAct2d,
+    BatchNorm3d: BatchNormAct3d,
+    InstanceNorm1d: InstanceNormAct1d,
+    InstanceNorm2d: InstanceNormAct2d,
+    InstanceNorm3d: InstanceNormAct3d,
+    _fam.BatchRenorm1d: BatchRenormAct1d,
+    _fam.BatchRenorm2d: BatchRenormAct2d,
+    _fam.BatchRenorm3d: BatchRenormAct3d,
+    _fam.GhostBatchNorm1d: GhostBatchNormAct1d,
+    _fam.GhostBatchNorm2d: GhostBatchNormAct2d,
+    _fam.GhostBatchNorm3d: GhostBatchNormAct3d,
+}
+
+
 class _SequentialNormAct(nn.Sequential):
-    """Fallback ``norm`` then ``act`` for registry entries without a fused norm+act class."""
+    """Fallback ``norm`` then ``act`` for registry entries without a norm+act class (keys ``0.*``)."""
 
 
 def create_norm_act_layer(
@@ -180,8 +259,11 @@ def create_norm_act_layer(
 
     ``"bn"`` gives :class:`BatchNormAct2d`, ``"gn"``/``"gn:G"`` :class:`GroupNormAct2d`, ``"ln"`` /
     ``"ln2d"`` :class:`LayerNormAct2d`; specs that already contain their activation (Proxy
-    Norm: ``"ln+pn"``, ``"gn:4+pn"``) take ``activation`` as their own argument; any other
-    registered norm is followed by the activation in an ``nn.Sequential``.
+    Norm: ``"ln+pn"``, ``"gn:4+pn"``) take ``activation`` as their own argument; the other BN-family
+    and instance norms (``"bn1d"``, ``"brn"``, ``"gbn"``, ``"in"``, ``"syncbn"``, ...) give their
+    norm+activation class (:class:`BatchRenormAct2d`, :class:`SyncBatchNormAct`, ...), with the plain
+    norm's state_dict keys; any other registered norm (``"frozen_bn"``, ``"none"``, your own) is
+    followed by the activation in an ``nn.Sequential`` (keys ``0.*``).
 
     Example:
         >>> create_norm_act_layer("gn:4", 16, "relu")
@@ -208,6 +290,17 @@ def create_norm_act_layer(
     if key is not None and key in _REGISTRY and getattr(_REGISTRY[key][0], "includes_activation", False):
         return create_norm_layer(spec, num_features, activation=activation, **kwargs)
     norm = create_norm_layer(spec, num_features, **kwargs)
+    cls = _NORM_ACT.get(type(norm))
+    if cls is None and key == "syncbn":
+        from .sync_batch_norm import SyncBatchNorm, SyncBatchNormAct  # (it imports this module)
+
+        cls = SyncBatchNormAct if type(norm) is SyncBatchNorm else None
+    if cls is not None:  # the norm's class with the activation: same state, same keys
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.__dict__.update(norm.__dict__)
+        layer._init_act(activation)  # type: ignore[attr-defined]
+        return layer
     fn = get_activation(activation)
     act = fn if isinstance(fn, nn.Module) else _Lambda(activation)
     return _SequentialNormAct(norm, act)

@@ -4,8 +4,10 @@ registers and spills (a stage of ``benchmarks/gpu_check.sh``).
 For each case (op, layout, dtype on ResNet-50's stage-1 activation by default) it runs forward +
 backward under ``normkit.kernels.use(backend)`` a few times inside ``torch.profiler`` and prints every
 GPU kernel that ran with its mean time per step and the bandwidth that time means for one read + one
-write of the tensor, then each compiled Triton kernel's register count and spill count. Read it next
-to docs/PERFORMANCE.md §5: it says which kernel (ours or the torch glue around it) holds the time.
+write of the tensor, then the register count and spill count of each Triton kernel that case compiled.
+Each case's lines are printed (and flushed) as soon as it is measured, so a run cut short by its
+stage's time limit keeps every case it finished. Read it next to docs/PERFORMANCE.md §5: it says
+which kernel (ours or the torch glue around it) holds the time.
 
     PYTHONPATH=src python benchmarks/gpu_profile.py [--shape 64x256x56x56] [--backends triton,auto]
 """
@@ -69,18 +71,21 @@ def profile(
         per[avg.key] += us / steps
     nbytes = 2 * x.numel() * x.element_size()
     total = sum(per.values())
-    print(
+    lines = [
         f"\n{name} [{backend}] {tuple(shape)} {layout} {str(dtype)[6:]}: "
         f"{total:.1f} us of GPU kernels per fwd+bwd"
-    )
+    ]
     for k, us in sorted(per.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"  {us:9.1f} us  {nbytes / (us * 1e-6) / 1e9 if us else 0:7.0f} GB/s(1r+1w)  {k[:90]}")
+        lines.append(f"  {us:9.1f} us  {nbytes / (us * 1e-6) / 1e9 if us else 0:7.0f} GB/s(1r+1w)  {k[:90]}")
+    print("\n".join(lines), flush=True)
 
 
-def registers() -> None:
+def registers(seen: set[int]) -> None:
+    """Prints (and flushes) the register and spill counts of the Triton kernels compiled in this
+    process that are not in ``seen`` (ids of the compiled kernels already printed), and adds them."""
     from normkit.kernels.triton import _kernels
 
-    print("\nTriton kernels compiled in this process: registers, spills")
+    lines = []
     for name in dir(_kernels):
         fn = getattr(_kernels, name)
         caches = getattr(fn, "device_caches", None)
@@ -89,8 +94,13 @@ def registers() -> None:
         for cache in caches.values():
             compiled = cache[0] if isinstance(cache, tuple) else cache
             for kern in getattr(compiled, "values", lambda: [])():
+                if id(kern) in seen:
+                    continue
+                seen.add(id(kern))
                 regs, spills = getattr(kern, "n_regs", "?"), getattr(kern, "n_spills", "?")
-                print(f"  {name:28s} regs {regs:>4} spills {spills:>4}")
+                lines.append(f"  {name:28s} regs {regs:>4} spills {spills:>4}")
+    if lines:
+        print("  Triton kernels it compiled: registers, spills\n" + "\n".join(lines), flush=True)
 
 
 def main() -> int:
@@ -107,6 +117,7 @@ def main() -> int:
         return 2
     shape = tuple(int(v) for v in a.shape.split("x"))
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    seen: set[int] = set()
     for name in a.cases.split(","):
         for backend in a.backends.split(",") if not name.startswith("torch") else ["auto"]:
             for layout in a.layouts.split(","):
@@ -114,11 +125,11 @@ def main() -> int:
                     try:
                         profile(name, backend, shape, layout, dtypes[dt], a.steps)
                     except Exception as e:  # report and go on: one broken case must not hide the rest
-                        print(f"\n{name} [{backend}] {layout} {dt}: {type(e).__name__}: {e}")
-    try:
-        registers()
-    except Exception as e:
-        print(f"registers: {type(e).__name__}: {e}")
+                        print(f"\n{name} [{backend}] {layout} {dt}: {type(e).__name__}: {e}", flush=True)
+                    try:  # (now, not at the end: the stage's time limit may cut the run short)
+                        registers(seen)
+                    except Exception as e:
+                        print(f"  registers: {type(e).__name__}: {e}", flush=True)
     return 0
 
 

@@ -18,15 +18,23 @@ import normkit
 import normkit.nn as nkn
 from normkit.nn._inspect import NormInfo, describe_norm
 from normkit.nn.norm_act import _ActMixin
-from normkit.surgery.freeze import FrozenBatchNormAct2d, FrozenSyncBatchNormAct, freeze_bn
+from normkit.surgery.freeze import (
+    FrozenBatchNormAct1d,
+    FrozenBatchNormAct2d,
+    FrozenBatchNormAct3d,
+    FrozenSyncBatchNormAct,
+    freeze_bn,
+)
 from tests.surgery.models import randomize_norms
+
+FROZEN_ACT = (FrozenBatchNormAct1d, FrozenBatchNormAct2d, FrozenBatchNormAct3d, FrozenSyncBatchNormAct)
 
 C = 6
 
 
 def _frozen(layer: nn.Module) -> nn.Module:
     frozen = freeze_bn(layer)
-    assert type(frozen) in (FrozenBatchNormAct2d, FrozenSyncBatchNormAct)
+    assert type(frozen) in FROZEN_ACT
     return frozen
 
 
@@ -39,6 +47,8 @@ FOLDED: dict[str, Callable[[], nn.Module]] = {
     "SyncBatchNormAct-callable": lambda: nkn.SyncBatchNormAct(C, activation=torch.tanh),
     "FrozenBatchNormAct2d": lambda: _frozen(nkn.BatchNormAct2d(C, activation="relu")),
     "FrozenSyncBatchNormAct": lambda: _frozen(nkn.SyncBatchNormAct(C, activation="silu")),
+    "FrozenBatchNormAct1d": lambda: _frozen(nkn.BatchRenormAct1d(C, activation="relu")),
+    "FrozenBatchNormAct3d": lambda: _frozen(nkn.GhostBatchNormAct3d(C, activation="relu")),
     "BatchNormAct1d": lambda: nkn.BatchNormAct1d(C, activation="relu"),
     "BatchNormAct3d": lambda: nkn.BatchNormAct3d(C, activation="relu"),
     "BatchRenormAct1d": lambda: nkn.BatchRenormAct1d(C, activation="relu"),
@@ -107,7 +117,7 @@ def test_other_norm_act_layers_are_left_as_they_are(name: str) -> None:
 def _act_classes() -> set[type[nn.Module]]:
     public = (getattr(nkn, n) for n in nkn.__all__)
     found = {c for c in public if inspect.isclass(c) and issubclass(c, _ActMixin)}
-    return found | {FrozenBatchNormAct2d, FrozenSyncBatchNormAct}
+    return found | set(FROZEN_ACT)
 
 
 def test_describe_norm_reports_the_activation_of_every_norm_act_class() -> None:

@@ -19,7 +19,13 @@ from normkit.nn import (
     GhostBatchNorm2d,
 )
 from normkit.surgery import freeze_bn, unfreeze_bn
-from normkit.surgery.freeze import FrozenBatchNormAct2d, FrozenBatchNormXd, FrozenSyncBatchNormAct
+from normkit.surgery.freeze import (
+    FrozenBatchNormAct1d,
+    FrozenBatchNormAct2d,
+    FrozenBatchNormAct3d,
+    FrozenBatchNormXd,
+    FrozenSyncBatchNormAct,
+)
 from tests.torch_compat import needs_torch_bias
 
 
@@ -206,6 +212,8 @@ def _sync_layers() -> dict[str, nn.Module]:
         "normkit _BatchNormXd": _BatchNormXd(4),  # what revert_sync_batchnorm leaves of an unknown rank
         "BatchNormAct2d": BatchNormAct2d(4, activation="silu"),  # convert_norms(.., "bn") fuses into it
         "SyncBatchNormAct": SyncBatchNormAct(4, activation="silu"),
+        "BatchRenormAct2d": normkit.create_norm_act_layer("brn", 4, "silu"),
+        "GhostBatchNormAct2d": normkit.create_norm_act_layer("gbn:2", 4, "silu"),
     }
 
 
@@ -312,3 +320,56 @@ def test_unfreeze_gives_back_a_layer_kept_in_eval_inside_a_training_model():
     # A single layer gets the mode it had.
     assert unfreeze_bn(freeze_bn(nn.BatchNorm2d(4).train())).training
     assert not unfreeze_bn(freeze_bn(nn.BatchNorm2d(4).eval())).training
+
+
+@pytest.mark.parametrize(
+    "make, conv, shape, frozen_cls",
+    [
+        (lambda: normkit.nn.BatchNormAct1d(4, activation="silu"), nn.Conv1d, (4, 3, 6), FrozenBatchNormAct1d),
+        (lambda: normkit.create_norm_act_layer("bn1d", 4, "silu"), nn.Conv1d, (4, 3), FrozenBatchNormAct1d),
+        (
+            lambda: normkit.nn.BatchRenormAct1d(4, activation="silu"),
+            nn.Conv1d,
+            (4, 3, 6),
+            FrozenBatchNormAct1d,
+        ),
+        (
+            lambda: normkit.nn.BatchNormAct3d(4, activation="silu"),
+            nn.Conv3d,
+            (2, 3, 2, 3, 3),
+            FrozenBatchNormAct3d,
+        ),
+        (
+            lambda: normkit.nn.GhostBatchNormAct3d(4, activation="silu"),
+            nn.Conv3d,
+            (2, 3, 2, 3, 3),
+            FrozenBatchNormAct3d,
+        ),
+    ],
+    ids=["bn-act-1d", "bn-act-1d-2dinput", "brn-act-1d", "bn-act-3d", "gbn-act-3d"],
+)
+def test_norm_act_layers_of_every_rank_are_frozen_and_come_back(make, conv, shape, frozen_cls):
+    """Oracle: the original model in eval (its activation included), and its state before freezing."""
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1), layer.running_var.uniform_(0.5, 2), layer.weight.uniform_(0.5, 2)
+    if len(shape) == 2:  # (N, C): a Linear before the norm
+        model = nn.Sequential(nn.Linear(3, 4), layer)
+    else:
+        model = nn.Sequential(conv(3, 4, 1), layer)
+    original = copy.deepcopy(model).eval()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    freeze_bn(model)
+    model.train()
+    assert type(model[1]) is frozen_cls and list(model[1].parameters()) == []
+    assert list(model.state_dict()) == list(sd)
+    x = torch.randn(shape) + 2
+    torch.testing.assert_close(model(x), original(x))  # frozen in train mode == original in eval
+    model(x).square().mean().backward()
+    for k, v in sd.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    back = unfreeze_bn(model)
+    assert type(back[1]) is type(layer) and back[1].training and back[1].activation == "silu"
+    back.eval()
+    torch.testing.assert_close(back(x), original(x))

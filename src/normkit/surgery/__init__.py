@@ -3,7 +3,15 @@
 from .convert import ConversionReport, Converted, ConvertedLayer, convert_norms
 from .fold import FoldedProxyAct, fold_proxy_norm
 from .fold_bn import Folded, FoldReport, fold_bn, fold_bn_weights
-from .freeze import FrozenBatchNormAct2d, FrozenBatchNormXd, FrozenSyncBatchNormAct, freeze_bn, unfreeze_bn
+from .freeze import (
+    FrozenBatchNormAct1d,
+    FrozenBatchNormAct2d,
+    FrozenBatchNormAct3d,
+    FrozenBatchNormXd,
+    FrozenSyncBatchNormAct,
+    freeze_bn,
+    unfreeze_bn,
+)
 
 __all__ = [
     "ConversionReport",
@@ -12,7 +20,9 @@ __all__ = [
     "FoldReport",
     "Folded",
     "FoldedProxyAct",
+    "FrozenBatchNormAct1d",
     "FrozenBatchNormAct2d",
+    "FrozenBatchNormAct3d",
     "FrozenBatchNormXd",
     "FrozenSyncBatchNormAct",
     "convert_norms",

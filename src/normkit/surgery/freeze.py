@@ -14,12 +14,21 @@ from .._errors import NormError
 from ..functional._collective import group_size
 from ..nn import batch_norm as nk_bn
 from ..nn import batch_norm_family as fam
+from ..nn import norm_act as nk_act
 from ..nn import sync_batch_norm as nk_sync
 from ..nn._base import build_norm
 from ..nn.norm_act import BatchNormAct2d
 from ._graph import check_model
 
-__all__ = ["FrozenBatchNormAct2d", "FrozenBatchNormXd", "FrozenSyncBatchNormAct", "freeze_bn", "unfreeze_bn"]
+__all__ = [
+    "FrozenBatchNormAct1d",
+    "FrozenBatchNormAct2d",
+    "FrozenBatchNormAct3d",
+    "FrozenBatchNormXd",
+    "FrozenSyncBatchNormAct",
+    "freeze_bn",
+    "unfreeze_bn",
+]
 
 
 class FrozenBatchNormXd(fam._FrozenBatchNorm):
@@ -62,6 +71,17 @@ class FrozenBatchNormAct2d(_EvalPinned, BatchNormAct2d):
     """
 
 
+class FrozenBatchNormAct1d(_EvalPinned, nk_act.BatchNormAct1d):  # type: ignore[misc, valid-type]
+    """:class:`FrozenBatchNormAct2d` for ``(N, C)`` / ``(N, C, L)`` inputs: what :func:`freeze_bn` makes of
+    a ``BatchNormAct1d`` (and of ``BatchRenormAct1d`` / ``GhostBatchNormAct1d``, which in eval
+    normalize as BatchNorm does)."""
+
+
+class FrozenBatchNormAct3d(_EvalPinned, nk_act.BatchNormAct3d):  # type: ignore[misc, valid-type]
+    """:class:`FrozenBatchNormAct2d` for ``(N, C, D, H, W)`` inputs (from ``BatchNormAct3d``,
+    ``BatchRenormAct3d``, ``GhostBatchNormAct3d``)."""
+
+
 class FrozenSyncBatchNormAct(_EvalPinned, nk_sync.SyncBatchNormAct):
     """A :class:`~normkit.nn.SyncBatchNormAct` frozen by :func:`freeze_bn`, as
     :class:`FrozenBatchNormAct2d` (in eval it issues no collective)."""
@@ -87,9 +107,24 @@ _RANK = {
 _ANY_RANK = (nn.SyncBatchNorm, nk_sync.SyncBatchNorm, nk_sync._BatchNormXd)
 # Norm+activation layers (no FrozenBatchNorm holds an activation): the same layer held in eval mode.
 _PINNED: dict[type[nn.Module], type[nn.Module]] = {
+    nk_act.BatchNormAct1d: FrozenBatchNormAct1d,
     BatchNormAct2d: FrozenBatchNormAct2d,
+    nk_act.BatchNormAct3d: FrozenBatchNormAct3d,
     nk_sync.SyncBatchNormAct: FrozenSyncBatchNormAct,
 }
+_UNPINNED = {v: k for k, v in _PINNED.items()}
+# Batch Renorm and Ghost BN in eval normalize as BatchNorm does: frozen, they are the BN+act layer
+# held in eval (unfreeze_bn gives back their own class, recorded on the frozen layer).
+_PINNED.update(
+    {
+        nk_act.BatchRenormAct1d: FrozenBatchNormAct1d,
+        nk_act.BatchRenormAct2d: FrozenBatchNormAct2d,
+        nk_act.BatchRenormAct3d: FrozenBatchNormAct3d,
+        nk_act.GhostBatchNormAct1d: FrozenBatchNormAct1d,
+        nk_act.GhostBatchNormAct2d: FrozenBatchNormAct2d,
+        nk_act.GhostBatchNormAct3d: FrozenBatchNormAct3d,
+    }
+)
 _FROZEN = {1: fam.FrozenBatchNorm1d, 2: fam.FrozenBatchNorm2d, 3: fam.FrozenBatchNorm3d}
 _RANK_OF_FROZEN: dict[type[nn.Module], int | None] = {
     fam.FrozenBatchNorm1d: 1,
@@ -97,7 +132,6 @@ _RANK_OF_FROZEN: dict[type[nn.Module], int | None] = {
     fam.FrozenBatchNorm3d: 3,
     FrozenBatchNormXd: None,
 }
-_UNPINNED = {v: k for k, v in _PINNED.items()}
 # What freeze_bn records on a frozen layer (plain attributes: not in the state_dict) for unfreeze_bn.
 _RECORD = (
     "_unfrozen_cls",
@@ -214,9 +248,11 @@ def freeze_bn(
     every frozen layer's buffers bit-identical. state_dict keys do not change. Swapped: exact
     ``torch.nn.BatchNorm1d/2d/3d`` and normkit's BatchNorm, GhostBatchNorm and BatchRenorm
     layers (to ``FrozenBatchNorm1d/2d/3d``), torch's and normkit's ``SyncBatchNorm`` (to
-    :class:`FrozenBatchNormXd`, any input rank), and normkit's ``BatchNormAct2d`` /
-    ``SyncBatchNormAct`` (to :class:`FrozenBatchNormAct2d` / :class:`FrozenSyncBatchNormAct`: the
-    same layer held in eval, its affine as buffers, its activation kept). A BN reachable under
+    :class:`FrozenBatchNormXd`, any input rank), and normkit's ``BatchNormAct1d/2d/3d`` (also
+    ``BatchRenormAct*`` / ``GhostBatchNormAct*``, which in eval normalize as BatchNorm) /
+    ``SyncBatchNormAct`` (to :class:`FrozenBatchNormAct1d` / :class:`FrozenBatchNormAct2d` /
+    :class:`FrozenBatchNormAct3d` / :class:`FrozenSyncBatchNormAct`: the same layer held in eval,
+    its affine as buffers, its activation kept). A BN reachable under
     several names (``self.head_norm = self.bn``) becomes one frozen layer shared by all of them.
     :func:`unfreeze_bn` restores the original classes (one shared module again) and train/eval
     flags. A batch-norm layer that cannot be frozen (no running statistics, or a subclass with its

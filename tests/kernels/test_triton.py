@@ -1368,3 +1368,115 @@ def test_running_statistics_take_one_launch_on_the_route(
 
 def _kernels_module():
     return importlib.import_module("normkit.kernels.triton._kernels")
+
+
+# --- the current CUDA device: Triton launches there, so the launchers make the tensors' current ----
+
+_ENTRY_POINTS = (
+    "forward",
+    "backward",
+    "proxy_act_forward",
+    "proxy_act_backward",
+    "proxy_stats",
+    "proxy_norm_act",
+    "gn_proxy_forward",
+    "gn_proxy_backward",
+    "group_norm",
+    "batch_norm_train",
+    "layer_norm",
+    "layer_norm_2d",
+    "gn_proxy_act",
+    "bn_running_update",
+    "bn_running_update_from_stats",
+)
+
+
+def test_launchers_run_under_their_tensors_cuda_device(monkeypatch):
+    # Triton launches on the current CUDA device: a call on cuda:1 tensors while cuda:0 is current
+    # must run under torch.cuda.device(cuda:1), and one on the current device (or the CPU) enter no
+    # context at all. Read here with a stand-in for the device guard and the current device's index.
+    from normkit.kernels import triton as nkt
+
+    log = []
+
+    class Guard:
+        def __init__(self, d):
+            self.d = d
+
+        def __enter__(self):
+            log.append(("enter", self.d))
+
+        def __exit__(self, *exc):
+            log.append(("exit", self.d))
+
+    class T:  # all the guard reads of a tensor
+        def __init__(self, dev):
+            self.device = torch.device(dev)
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(nkt, "_current_cuda", lambda: 0)
+
+    def launcher(t, a, k=0):
+        log.append(("ran", a, k))
+        return a + k
+
+    fn = nkt._on_device(launcher)
+    assert fn(T("cuda:1"), 1, k=2) == 3
+    one = torch.device("cuda", 1)
+    assert log == [("enter", one), ("ran", 1, 2), ("exit", one)]
+    log.clear()
+    assert fn(T("cuda:0"), 1) == 1 and fn(T("cpu"), 2, k=1) == 3
+    assert log == [("ran", 1, 0), ("ran", 2, 1)]  # (the common case: no context)
+    assert fn.__name__ == "launcher" and fn._device_guarded
+    # an autograd node's backward: the context it launches under
+    assert isinstance(nkt._device_of(T("cuda:1")), Guard)
+    assert nkt._device_of(T("cuda:0")) is nkt._device_of(T("cpu")) is nkt._SAME_DEVICE
+    # every entry point the rest of normkit calls is guarded (through _or's wrapper too)
+    for name in _ENTRY_POINTS:
+        assert getattr(getattr(nkt, name), "_device_guarded", False), name
+
+
+@pytest.mark.skipif(
+    DEVICE != "cuda" or torch.cuda.device_count() < 2,
+    reason="needs two CUDA devices (NORMKIT_TEST_DEVICE=cuda on a machine with at least 2 GPUs)",
+)
+def test_a_second_gpu_runs_its_own_kernels_while_the_first_is_current():
+    # every launcher on cuda:1 tensors with cuda:0 current: the kernels ran on cuda:1 (not cuda:0 with
+    # cuda:1's pointers: an illegal memory access), the same values as on cuda:0, and cuda:0 stays current
+    from normkit.nn import BatchNorm2d, GroupNormProxyAct2d
+
+    torch.cuda.set_device(0)
+    g = torch.Generator().manual_seed(91)
+    x = torch.randn(4, 8, 6, 5, generator=g)
+    dy = torch.randn(x.shape, generator=g)
+    w, b = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+
+    def run(dev, layout):
+        xs = x.to(memory_format=torch.channels_last) if layout == "cl" else x
+        outs = []
+        for name in ("bn", "gn2", "in", "ln2d"):
+            xi = xs.to(dev).requires_grad_()
+            wi, bi = w.to(dev).requires_grad_(), b.to(dev).requires_grad_()
+            with kernels.use("triton"):
+                y = OPS[name][0](xi, wi, bi)
+                outs += [y, *torch.autograd.grad(y, (xi, wi, bi), dy.to(dev))]
+        xi = xs.to(dev).requires_grad_()
+        ps = [t.to(dev).requires_grad_() for t in (w, b, b * 0.1, w * 0.1)]
+        layer = GroupNormProxyAct2d(8, num_groups=2).to(dev)
+        bn = BatchNorm2d(8).to(dev)
+        with kernels.use("triton"):
+            y = F.proxy_norm_act(xi, *ps, activation="silu")
+            outs += [y, *torch.autograd.grad(y, (xi, *ps), dy.to(dev))]
+            y = layer(xi)
+            outs += [y, *torch.autograd.grad(y, (xi, *layer.parameters()), dy.to(dev))]
+            outs += [bn(xs.to(dev)), bn.running_mean, bn.running_var]
+        torch.cuda.synchronize(dev)
+        return outs
+
+    for layout in ("nchw", "cl"):
+        on0 = run("cuda:0", layout)
+        on1 = run("cuda:1", layout)
+        assert torch.cuda.current_device() == 0
+        for a, e in zip(on1, on0):
+            assert a.device == torch.device("cuda", 1)
+            torch.testing.assert_close(a.cpu(), e.cpu(), rtol=1e-5, atol=1e-6)

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -174,6 +175,45 @@ def _or(default: Any) -> Any:
         return guarded
 
     return wrap
+
+
+def _current_cuda() -> int:
+    """The current CUDA device's index (the one Triton launches on). Asked only with a CUDA tensor
+    at hand, so CUDA is initialised: torch's own call without ``torch.cuda``'s lazy-init check."""
+    return torch._C._cuda_getDevice()
+
+
+def _on_device(fn: Any) -> Any:
+    """Decorates a launcher entry point whose first argument is a tensor on the device its kernels
+    must run on. Triton launches on the *current* CUDA device (and that device's current stream),
+    which normkit never sets: a call on ``cuda:1`` tensors while ``cuda:0`` is current ran its
+    kernels on ``cuda:0`` with ``cuda:1``'s pointers (an illegal memory access). Where the tensor's
+    device is not the current one, the call runs under ``torch.cuda.device(it)``; the common case
+    costs a comparison of indices (no context entered). Marks the wrapper ``_device_guarded``."""
+
+    @functools.wraps(fn)
+    def guarded(t: Any, *args: Any, **kwargs: Any) -> Any:
+        d = t.device
+        if d.type == "cuda" and d.index != _current_cuda():
+            with torch.cuda.device(d):
+                return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
+
+    guarded._device_guarded = True  # type: ignore[attr-defined]
+    return guarded
+
+
+_SAME_DEVICE = contextlib.nullcontext()
+
+
+def _device_of(t: Tensor) -> Any:
+    """The context an autograd node's backward launches its kernels under: ``torch.cuda.device`` of
+    ``t``'s device where that is not the current one (autograd's engine makes it current on its
+    device threads already: this holds where it does not), else a no-op context."""
+    d = t.device
+    if d.type == "cuda" and d.index != _current_cuda():
+        return torch.cuda.device(d)
+    return _SAME_DEVICE
 
 
 def interpreting() -> bool:
@@ -624,6 +664,7 @@ def _gcl_backward(
     return dx, part.sum((1, 3)) if reduce else part
 
 
+@_on_device
 def forward(
     x: Tensor, w: Tensor | None, b: Tensor | None, p: Plan, eps: float, stat_shape: list[int]
 ) -> tuple[Tensor, Tensor]:
@@ -712,6 +753,7 @@ def forward(
     return y, stats
 
 
+@_on_device
 def backward(
     dy: Tensor, x: Tensor, w: Tensor | None, stats: Tensor, p: Plan, need_x: bool, need_p: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -904,6 +946,7 @@ def _step_bwd(
 
 
 @_or(None)
+@_on_device
 def proxy_act_forward(
     y: Tensor, weight: Tensor, bias: Tensor, m: Tensor, rstd: Tensor, act: str, slope: float
 ) -> Tensor | None:
@@ -925,6 +968,7 @@ def proxy_act_forward(
 
 
 @_or(None)
+@_on_device
 def proxy_act_backward(
     dout: Tensor,
     y: Tensor,
@@ -1061,7 +1105,8 @@ class _ProxyStats(torch.autograd.Function):
             try:
                 dm_ = torch.zeros_like(m) if dm is None else dm.to(m.dtype).contiguous()
                 dr_ = torch.zeros_like(m) if dr is None else dr.to(m.dtype).contiguous()
-                g = _proxy_stats_bwd(vec, sl, m, r, ctx.act, dm_, dr_)
+                with _device_of(m):
+                    g = _proxy_stats_bwd(vec, sl, m, r, ctx.act, dm_, dr_)
                 return (*(g[i].to(t.dtype) for i, t in enumerate((w0, b0, pb0, pw0))), None, None, None, None)
             except Exception as e:
                 if not gave_up(e):
@@ -1078,6 +1123,7 @@ class _ProxyStats(torch.autograd.Function):
 
 
 @_or(None)
+@_on_device
 def proxy_stats(
     weight: Tensor,
     bias: Tensor,
@@ -1159,11 +1205,13 @@ class _ProxyNormAct(torch.autograd.Function):
                 if dout.dtype != y.dtype or dout.stride() != y.stride():
                     dout = torch.empty_like(y).copy_(dout)
                 need_y = ctx.needs_input_grad[0]
-                dy, part = _step_bwd(dout, y, ctx.walk, [vec[0], vec[1], m, r, vec[5]], ctx.act, need_y)
-                if not any(ctx.needs_input_grad[1:5]):
-                    return (dy, None, None, None, None, *none)
-                C, nchunks = part.shape[1], part.shape[2]
-                return (dy, *_pn_param_grads(ctx.act, params, vec, m, r, part.view(4, 1, C, nchunks)), *none)
+                with _device_of(y):
+                    dy, part = _step_bwd(dout, y, ctx.walk, [vec[0], vec[1], m, r, vec[5]], ctx.act, need_y)
+                    if not any(ctx.needs_input_grad[1:5]):
+                        return (dy, None, None, None, None, *none)
+                    C, nchunks = part.shape[1], part.shape[2]
+                    pg = _pn_param_grads(ctx.act, params, vec, m, r, part.view(4, 1, C, nchunks))
+                return (dy, *pg, *none)
             except Exception as e:
                 if not gave_up(e):
                     raise
@@ -1199,6 +1247,7 @@ def _pn_param_grads(
 
 
 @_or(None)
+@_on_device
 def proxy_norm_act(
     y: Tensor,
     weight: Tensor,
@@ -1240,6 +1289,7 @@ def proxy_norm_act(
 # --- GroupNorm + Proxy Norm's step in one kernel each way ----------------------------------------
 
 
+@_on_device
 def gn_proxy_forward(
     x: Tensor, p: Plan, eps: float, vec: list[Tensor], act: str
 ) -> tuple[Tensor, Tensor] | None:
@@ -1289,6 +1339,7 @@ def gn_proxy_forward(
     return out, stats
 
 
+@_on_device
 def gn_proxy_backward(
     dout: Tensor, x: Tensor, stats: Tensor, p: Plan, vec: list[Tensor], act: str, need_x: bool
 ) -> tuple[Tensor | None, Tensor]:
@@ -1523,6 +1574,7 @@ def _usable(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
 
 
 @_or(None)
+@_on_device
 def group_norm(
     x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor | None:
@@ -1583,6 +1635,7 @@ def _bn_composite(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 
 
 @_or(None)
+@_on_device
 def batch_norm_train(
     x: Tensor,
     weight: Tensor | None,
@@ -1648,6 +1701,7 @@ def batch_norm_train(
 
 
 @_or(None)
+@_on_device
 def layer_norm(
     x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor | None:
@@ -1664,6 +1718,7 @@ def layer_norm(
 
 
 @_or(None)
+@_on_device
 def layer_norm_2d(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
     """:func:`normkit.functional.layer_norm_2d` over the channels (checked arguments) on the Triton
     kernels as one autograd node (a ConvNeXt block under bf16 autocast keeps it there), or ``None``.
@@ -1729,10 +1784,12 @@ class _GNProxyAct(torch.autograd.Function):
                     dout = torch.empty_like(x).copy_(dout)
                 need_x = ctx.needs_input_grad[0]
                 vec5 = [vec[0], vec[1], m, r, vec[5]]
-                dx, sums = gn_proxy_backward(dout, x, stats, ctx.p, vec5, ctx.act, need_x)
-                if not any(ctx.needs_input_grad[1:5]):
-                    return (dx, None, None, None, None, *none)
-                return (dx, *_pn_param_grads(ctx.act, params, vec, m, r, sums), *none)
+                with _device_of(x):
+                    dx, sums = gn_proxy_backward(dout, x, stats, ctx.p, vec5, ctx.act, need_x)
+                    if not any(ctx.needs_input_grad[1:5]):
+                        return (dx, None, None, None, None, *none)
+                    pg = _pn_param_grads(ctx.act, params, vec, m, r, sums)
+                return (dx, *pg, *none)
             except Exception as e:
                 if not gave_up(e):
                     raise
@@ -1744,6 +1801,7 @@ class _GNProxyAct(torch.autograd.Function):
 
 
 @_or(None)
+@_on_device
 def gn_proxy_act(
     x: Tensor,
     groups: int,
@@ -1789,6 +1847,7 @@ def gn_proxy_act(
 
 
 @_or(False)
+@_on_device
 def bn_running_update(
     mean: Tensor,
     var: Tensor,
@@ -1822,6 +1881,7 @@ def bn_running_update(
     )
 
 
+@_on_device
 def bn_running_update_from_stats(
     stats: Tensor,
     count: int,

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from .._errors import NormError
 from ..nn import batch_norm as nk_bn
 from ..nn import batch_norm_family as fam
-from ..nn._base import build_norm
+from ..nn._base import build_norm, move_forward_hooks
 from ..nn.norm_act import BatchNormAct2d
 from ..nn.sync_batch_norm import SyncBatchNorm, SyncBatchNormAct, _BatchNormXd
 
@@ -143,6 +143,7 @@ def _to_sync(m: Any, base: type[nn.Module], group: Any) -> SyncBatchNorm:
 def _swap(module: nn.Module, make: Any, prefix: str = "") -> nn.Module:
     new = make(module, prefix)
     if new is not module:
+        move_forward_hooks(module, new)  # (a feature or output hook on the layer keeps running)
         return new
     for name, child in list(module._modules.items()):
         if child is None:

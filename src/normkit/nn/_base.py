@@ -55,6 +55,34 @@ def torch_norm_init(init: Any, module: nn.Module, *args: Any, bias: bool, **kwar
         module.register_parameter("bias", None)
 
 
+_FORWARD_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def forward_hook_count(module: nn.Module) -> int:
+    """How many forward hooks and pre-hooks ``module`` holds (its own, not the global ones)."""
+    return len(module._forward_pre_hooks) + len(module._forward_hooks)
+
+
+def move_forward_hooks(src: nn.Module, dst: nn.Module) -> int:
+    """Give ``dst`` the forward hooks and pre-hooks of ``src`` (the layer it replaces), so that a
+    feature extractor or an output hook registered on the old layer still runs; returns how many.
+    The handles the user holds still remove them (they key the same dicts)."""
+    n = forward_hook_count(src)
+    if n:
+        for key in _FORWARD_HOOKS:
+            held = getattr(src, key, None)
+            if held is not None:  # (the same dicts: a handle's remove() reaches the hook on dst)
+                held.update(getattr(dst, key))
+                dst.__dict__[key] = held
+    return n
+
+
 def build_norm(cls: type[nn.Module], *args: Any, bias: bool, **kwargs: Any) -> nn.Module:
     """``cls(*args, bias=bias, **kwargs)``, a torch.nn or normkit norm class, on any torch release
     (:func:`torch_norm_init`: torch's own classes take ``bias`` from 2.12).

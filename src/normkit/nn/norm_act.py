@@ -289,13 +289,18 @@ def create_norm_act_layer(
         return LayerNormAct2d(num_features, activation, over=over, **kwargs)
     if key is not None and key in _REGISTRY and getattr(_REGISTRY[key][0], "includes_activation", False):
         return create_norm_layer(spec, num_features, activation=activation, **kwargs)
-    norm = create_norm_layer(spec, num_features, **kwargs)
+    return with_activation(create_norm_layer(spec, num_features, **kwargs), activation)
+
+
+def with_activation(norm: nn.Module, activation: ActivationLike) -> nn.Module:
+    """``norm`` followed by ``activation``: the norm's norm+activation class (the same state, the same
+    state_dict keys) where it has one, else an ``nn.Sequential`` of the two (keys ``0.*``)."""
     cls = _NORM_ACT.get(type(norm))
-    if cls is None and key == "syncbn":
+    if cls is None:
         from .sync_batch_norm import SyncBatchNorm, SyncBatchNormAct  # (it imports this module)
 
         cls = SyncBatchNormAct if type(norm) is SyncBatchNorm else None
-    if cls is not None:  # the norm's class with the activation: same state, same keys
+    if cls is not None:
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.__dict__.update(norm.__dict__)

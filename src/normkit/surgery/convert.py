@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .._errors import NormError
 from ..nn import batch_norm as nk_bn
 from ..nn import batch_norm_family as fam
+from ..nn._base import move_forward_hooks
 from ..nn._inspect import (
     ACT_FUNCTIONS,
     ACT_METHODS,
@@ -31,7 +32,7 @@ from ..nn._inspect import (
 from ..nn.group_norm import GroupNorm
 from ..nn.instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from ..nn.layer_norm import LayerNorm2d
-from ..nn.norm_act import BatchNormAct2d, GroupNormAct2d, LayerNormAct2d, _SequentialNormAct
+from ..nn.norm_act import BatchNormAct2d, GroupNormAct2d, LayerNormAct2d, _SequentialNormAct, with_activation
 from ..nn.proxy_norm import GroupNormProxyAct2d
 from ..nn.registry import _REGISTRY, _SPEC, create_norm_layer, default_groups
 from ._graph import call_counts, check_model, deepcopy_model, module_paths, replace_module, trace_or_reason
@@ -306,10 +307,7 @@ def _build(
     else:  # a norm registered by the user: built as the registry builds it
         layer = _registered(spec.text, c, aff, track, notes, factory)
     if act is not None:
-        from ..nn.norm_act import _Lambda
-
-        fn = act if isinstance(act, nn.Module) else _Lambda(act)
-        return _SequentialNormAct(layer, fn), notes
+        return with_activation(layer, act), notes
     return layer, notes
 
 
@@ -723,6 +721,9 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
             continue
         kept, dropped = _transfer(src, info, built, transfer)
         built.train(src.training)
+        hooks = move_forward_hooks(src, built)
+        if hooks:
+            notes = [*notes, f"its {hooks} forward hook(s) moved to the new layer"]
         if info.activation is not None:
             act_label = f"{activation_name(info.activation)} (in the layer)"
         elif pair is not None:

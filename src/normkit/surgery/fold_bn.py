@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_map
 
 from .._errors import NormError
 from ..functional.activations import get_activation
+from ..nn._base import forward_hook_count
 from ..nn._inspect import BN_KINDS, NormInfo, describe_norm
 from ..nn.batch_norm_family import _FrozenBatchNorm
 from ._graph import (
@@ -486,6 +487,12 @@ def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
     for bn_path, layer_path in pairs:
         if len(paths[id(folded.get_submodule(bn_path))]) > 1:
             left.append((bn_path, "the same BN module is reachable by several paths"))
+            continue
+        if forward_hook_count(folded.get_submodule(bn_path)):
+            left.append((bn_path, "it has forward hooks, which folding it away would drop"))
+            continue
+        if folded.get_submodule(layer_path)._forward_hooks:
+            left.append((bn_path, f"'{layer_path}' has forward hooks, which would see the folded output"))
             continue
         kept = _fold_pair(folded, bn_path, layer_path)
         report.folded.append(FoldedLayer(bn_path, layer_path, kept))

@@ -16,7 +16,7 @@ from ..nn import batch_norm as nk_bn
 from ..nn import batch_norm_family as fam
 from ..nn import norm_act as nk_act
 from ..nn import sync_batch_norm as nk_sync
-from ..nn._base import build_norm
+from ..nn._base import build_norm, move_forward_hooks
 from ..nn.norm_act import BatchNormAct2d
 from ._graph import check_model
 
@@ -162,6 +162,7 @@ def _frozen_from(bn: Any, use_running_stats: bool, update_running_stats: bool) -
         src = getattr(bn, key)
         if src is not None:
             getattr(frozen, key).copy_(src)
+    move_forward_hooks(bn, frozen)  # (a feature or output hook on the layer keeps running)
     # What unfreeze_bn needs to rebuild the original exactly.
     _record(
         frozen,
@@ -410,6 +411,7 @@ def _unfrozen_from(frozen: fam._FrozenBatchNorm, training: bool) -> nn.Module:
         if src is not None and dst is not None:
             dst.copy_(src)
     _set_requires_grad(bn, getattr(frozen, "_unfrozen_requires_grad", None))
+    move_forward_hooks(frozen, bn)
     return bn.train(training)
 
 

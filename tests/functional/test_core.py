@@ -266,3 +266,21 @@ def test_public_moments_on_any_layout_equal_the_float64_reference(view):
             m.running_var.fill_(0.5)
     torch.testing.assert_close(a(x), b(x.contiguous()))
     torch.testing.assert_close(a.running_mean, b.running_mean)
+
+
+def test_moments_refuses_dims_out_of_range_and_takes_empty_inputs():
+    """``moments`` named the wrong dim for one out of range (5 on a 4-D input reduced dim 1, as ``% 4``)
+    and crashed on an empty input; torch's own reductions are the oracle for the valid calls."""
+    import normkit.functional as NF
+    from normkit._errors import NormError
+
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    for dims in [(4,), (5,), (-5,), (1, -3)]:
+        with pytest.raises(NormError, match="out of range|twice"):
+            NF.moments(x, dims)
+    m = NF.moments(x, (0, -2, -1))
+    torch.testing.assert_close(m.mean, x.mean((0, 2, 3), keepdim=True))
+    torch.testing.assert_close(m.var, x.var((0, 2, 3), unbiased=False, keepdim=True))
+    empty = NF.moments(torch.randn(0, 8, 5), (0, 2))  # every set empty: count 0, mean 0, var 0
+    assert empty.count.shape == (1, 8, 1) and not empty.count.any() and not empty.mean.any()
+    assert NF.moments(torch.randn(0, 8, 5), (2,)).mean.shape == (0, 8, 1)  # no set at all

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from normkit.lab.experiments.compare import CompareConfig, e1_criteria, run_compare
+from normkit.lab.experiments.compare import CompareConfig, e1_criteria, e3_criteria, run_compare
 from normkit.lab.experiments.landscape import LandscapeConfig, run_landscape
 from normkit.lab.experiments.lr_sweep import LRSweepConfig, run_lr_sweep
 from normkit.lab.experiments.power import PowerConfig, run_power
@@ -111,6 +111,38 @@ def test_e1_criteria_arithmetic() -> None:
         ("E1 (ii)", "ln+pn"): False,
         ("E1 (iii)", "gn:8"): True,
     }
+
+
+def test_bn2d_and_the_batch_dependent_norms_are_scored_as_bn() -> None:
+    """``bn2d`` (the alias of ``bn``) gets BN's criteria, and no norm that depends on the batch (Ghost BN,
+    Batch Renorm) is held to E1 (ii)'s batch independence (bn2d was scored as a batch-free norm)."""
+
+    def row(norm: str, b: int, err: float) -> dict:
+        return {"model": "m", "norm": norm, "batch_size": b, "test_err_mean": err, "test_err_std": 0.0}
+
+    agg = [
+        row("bn2d", 32, 0.5),
+        row("bn2d", 2, 20.0),
+        row("gbn:4", 32, 0.6),
+        row("gbn:4", 2, 9.0),
+        row("brn", 32, 0.5),
+        row("brn", 2, 7.0),
+        row("gn:8", 32, 1.0),
+        row("gn:8", 2, 1.5),
+        row("ln+pn", 32, 1.2),
+        row("ln+pn", 2, 1.4),
+    ]
+    got = {(c["name"], c["text"].split()[0]): c["ok"] for c in e1_criteria(agg, "m")}
+    assert got == {
+        ("E1 (i)", "BN"): True,
+        ("E1 (ii)", "gn:8"): True,
+        ("E1 (ii)", "ln+pn"): True,
+        ("E1 (iii)", "gn:8"): True,
+    }
+    e3 = [c["text"] for c in e3_criteria(agg, "m")]
+    assert any(t.startswith("|LN+PN − BN| <= 1 pt") for t in e3), e3
+    with pytest.raises(ValueError, match="batch size 1 cannot train BN"):
+        CompareConfig(norms=["gbn:2"], batch_sizes=[1, 4]).validate()
 
 
 def test_power_smoke(tmp_path: Path) -> None:

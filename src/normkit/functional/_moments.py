@@ -33,8 +33,8 @@ def moments(x: Tensor, dims: Sequence[int], mask: Tensor | None = None) -> Momen
         >>> m.mean.squeeze(1), m.var.squeeze(1)
         (tensor([2.0000e+00, 1.0001e+04]), tensor([0.6667, 0.6667]))
     """
-    if mask is None and _fast.eligible(x) and not (torch.is_grad_enabled() and x.requires_grad):
-        dims = tuple(int(d) % x.dim() for d in dims)
+    if mask is None and x.numel() and _fast.eligible(x) and not (torch.is_grad_enabled() and x.requires_grad):
+        dims = core.moment_dims(x, dims, "moments")
         _, stats = kernels.norm_forward(_dense(x), None, None, None, dims, 0.0)  # (the kernels take dense x)
         mean, var = core.mean_var(stats)
         return Moments(core.stats_count(stats), mean, var)

@@ -527,6 +527,26 @@ def stats_count(stats: Tensor) -> Tensor:
     return stats[_COUNT]
 
 
+def moment_dims(x: Tensor, dims: Sequence[int], op: str) -> tuple[int, ...]:
+    """``dims`` made non-negative; a ``ValueError`` (NormError) for one out of range or given twice."""
+    nd = x.dim()
+    out = []
+    for d in dims:
+        if not -nd <= int(d) < nd:
+            from .._errors import NormError  # (ops is imported before the package's other modules)
+
+            raise NormError(
+                f"{op}: dim {int(d)} is out of range for an input with {nd} dims (shape {tuple(x.shape)}); "
+                f"expected dims in [-{nd}, {nd - 1}]"
+            )
+        out.append(int(d) % nd)
+    if len(set(out)) != len(out):
+        from .._errors import NormError
+
+        raise NormError(f"{op}: dims {tuple(dims)} name a dim twice (input with {nd} dims)")
+    return tuple(out)
+
+
 def moments(x: Tensor, dims: Sequence[int], mask: Tensor | None = None) -> Moments:
     """``(count, mean, var)`` of ``x`` over ``dims`` (biased variance, keepdim, fp32 / fp64 for fp64).
 
@@ -542,7 +562,11 @@ def moments(x: Tensor, dims: Sequence[int], mask: Tensor | None = None) -> Momen
         >>> moments(x, (1,), mask=torch.tensor([[True, True, False], [True, False, False]])).count.squeeze(1)
         tensor([2., 1.])
     """
-    dims = tuple(int(d) % x.dim() for d in dims)
+    dims = moment_dims(x, dims, "moments")
+    if x.numel() == 0:  # every set is empty (count 0, mean 0, var 0, as a mask leaving none), or none exists
+        shape = [1 if i in dims else n for i, n in enumerate(x.shape)]
+        zero = x.new_zeros(shape, dtype=acc_dtype(x.dtype))
+        return Moments(zero, zero.clone(), zero.clone())
     # torch.jit.is_tracing is public API that torch.jit.__all__ leaves out:
     if torch.compiler.is_exporting() or torch.jit.is_tracing():  # pyright: ignore[reportPrivateImportUsage]
         _, mean, var, count = composite_norm(x, None, None, mask, dims, 0.0)  # standard ops for exporters

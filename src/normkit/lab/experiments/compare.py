@@ -166,7 +166,7 @@ class CompareConfig(LabConfig):
 
     def _check(self) -> None:
         self.norms = _norm_specs(self.norms)
-        if any(b < 2 for b in self.batch_sizes) and any(_family(n) == "bn" for n in self.norms):
+        if any(b < 2 for b in self.batch_sizes) and any(_family(n) in _BATCH_DEPENDENT for n in self.norms):
             raise ConfigError(
                 f"--batch-sizes {_csv_text(self.batch_sizes)}: batch size 1 cannot train BN (one value per "
                 "channel); use batch sizes >= 2"
@@ -308,8 +308,14 @@ def _not_measurable(agg: list[dict[str, Any]], model: str, cells: list[tuple[str
     return "not measurable: " + ("; ".join(why) if why else "a cell is missing")
 
 
+# Norms whose training output depends on the batch: E1 (ii) (batch independence) does not apply to them.
+_BATCH_DEPENDENT = ("bn", "gbn", "brn", "syncbn")
+
+
 def _family(norm: str) -> str:
-    return norm.split(":")[0].split("+")[0] + ("+pn" if norm.endswith("+pn") else "")
+    base = norm.split(":")[0].split("+")[0]
+    base = "bn" if base == "bn2d" else base  # (the documented alias: scored as BN)
+    return base + ("+pn" if norm.endswith("+pn") else "")
 
 
 def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
@@ -343,7 +349,7 @@ def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
         out += [
             _criterion("E1 (ii)", f"{n} at the smallest B within ±1.5 pt of the largest B", None, why)
             for n in norms
-            if _family(n) != "bn"
+            if _family(n) not in _BATCH_DEPENDENT
         ]
         if bn is not None and gn is not None:
             text = f"{gn} − BN >= −0.5 pt at the largest B and <= −1 pt at the smallest B"
@@ -375,7 +381,7 @@ def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
                 )
             )
     for n in norms:
-        if _family(n) in ("bn",):
+        if _family(n) in _BATCH_DEPENDENT:
             continue
         a, b = _row(agg, model, n, hi), _row(agg, model, n, lo)
         text = f"{n} at B={lo} within ±1.5 pt of B={hi}"
@@ -451,12 +457,13 @@ def e3_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
             _se(at["gn:8"], at[gnpn]),
             f"{fmt(err[gnpn])} vs {fmt(err['gn:8'])}",
         )
-    if "ln+pn" in err and "bn" in err:
+    bn = next((n for n in err if _family(n) == "bn"), None)
+    if "ln+pn" in err and bn is not None:
         add(
             "|LN+PN − BN| <= 1 pt",
-            1.0 - abs(err["ln+pn"] - err["bn"]),
-            _se(at["ln+pn"], at["bn"]),
-            f"{fmt(err['ln+pn'])} vs {fmt(err['bn'])}",
+            1.0 - abs(err["ln+pn"] - err[bn]),
+            _se(at["ln+pn"], at[bn]),
+            f"{fmt(err['ln+pn'])} vs {fmt(err[bn])}",
         )
     inn = next((n for n in err if is_instance_norm(n)), None)
     if inn and len(err) > 2:

@@ -411,8 +411,9 @@ def _every_norm() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     for d, x in ((1, x1), (2, x2), (3, x3)):
         for cls in ("BatchNorm", "BatchRenorm", "FrozenBatchNorm", "GhostBatchNorm", "InstanceNorm"):
             make[f"normkit.{cls}{d}d"] = (getattr(n, f"{cls}{d}d")(8), x)
+        for cls in ("BatchNormAct", "BatchRenormAct", "GhostBatchNormAct", "InstanceNormAct"):
+            make[f"normkit.{cls}{d}d"] = (getattr(n, f"{cls}{d}d")(8), x)
     make |= {
-        "normkit.BatchNormAct2d": (n.BatchNormAct2d(8), x2),
         "normkit.BatchNormalization": (n.BatchNormalization(8, axis=1), x2),
         "normkit.GroupNorm": (n.GroupNorm(2, 8), x2),
         "normkit.GroupNormAct2d": (n.GroupNormAct2d(8, 2), x2),

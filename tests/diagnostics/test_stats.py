@@ -92,3 +92,67 @@ def test_power_fractions_of_non_finite_values_are_nan(bad):
     f = stats.power_fractions(y)
     assert all(f[k] != f[k] for k in stats.TERMS)  # NaN: not the 0.0 of an all-zero tensor
     assert stats.power_fractions(torch.zeros(4, 3, 5))["P_mean"] == 0.0
+
+
+@pytest.mark.parametrize("pad", [50.0, float("nan"), float("inf")])
+def test_masked_statistics_are_over_the_valid_values_only(pad):
+    # the valid values by boolean indexing, in float64; the padding never reaches a number
+    torch.manual_seed(3)
+    y = torch.randn(4, 3, 6) * 2 + 1
+    mask = torch.zeros(4, 3, 6, dtype=torch.bool)
+    for i, length in enumerate([6, 2, 0, 4]):  # sample 2: nothing valid in channels 0 and 1
+        mask[i, :2, :length] = True
+    mask[:, 2, 0] = True  # channel 2: one valid value per sample
+    y[:, 0] = 0.0  # channel 0: 0 on its valid values (not on the padding)
+    y[:, 1] = 4.0  # channel 1: constant on its valid values
+    y = torch.where(mask, y, torch.full((), pad))
+    y64 = y.double()
+    n, mean, var = stats.channel_moments(y, mask=mask)
+    valid = [y64[:, c][mask[:, c]] for c in range(3)]
+    assert n == min(v.numel() for v in valid) == 4
+    torch.testing.assert_close(mean, torch.stack([v.mean() for v in valid]))
+    torch.testing.assert_close(var, torch.stack([v.var(unbiased=False) for v in valid]))
+    assert stats.dead_and_collapsed(y, mask=mask) == ([0], [1])
+    # the power decomposition: each (sample, channel) over its valid positions, weighted by their count
+    d = stats.power_decomposition(y, mask=mask)
+    terms = torch.zeros(5, dtype=F64)
+    for c in range(3):
+        inst = [y64[i, c][mask[i, c]] for i in range(4) if mask[i, c].any()]
+        w = torch.tensor([v.numel() for v in inst], dtype=F64) / sum(v.numel() for v in inst)
+        mu = torch.stack([v.mean() for v in inst])
+        sig = torch.stack([v.var(unbiased=False).sqrt() for v in inst])
+        e_mu, e_sig = (w * mu).sum(), (w * sig).sum()
+        terms += torch.stack(
+            [
+                e_mu**2,
+                (w * (mu - e_mu) ** 2).sum(),
+                (w * (sig - e_sig) ** 2).sum(),
+                e_sig**2,
+                valid[c].pow(2).mean(),
+            ]
+        )
+    terms /= 3
+    assert d.total == pytest.approx(float(terms[4]), rel=1e-12)
+    for i, k in enumerate(stats.TERMS):
+        assert getattr(d, k) == pytest.approx(float(terms[i]), rel=1e-9, abs=1e-15), k
+    assert sum(d.fractions().values()) == pytest.approx(1.0, rel=1e-12)
+    assert stats.power_fractions(y, mask=mask)["total"] == d.total
+    # an all-valid mask: what no mask gives
+    full = torch.ones(1, 1, 6, dtype=torch.bool)
+    x = torch.randn(4, 3, 6)
+    for a, b in zip(stats.power_decomposition(x, mask=full), stats.power_decomposition(x)):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-15)
+
+
+def test_masked_statistics_refuse_a_mask_they_cannot_use():
+    y = torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match="bool"):
+        stats.channel_moments(y, mask=torch.ones(2, 1, 4))
+    with pytest.raises(
+        normkit.NormError, match=r"\(2, 4\) does not broadcast to the input shape \(2, 3, 4\)"
+    ):
+        stats.dead_and_collapsed(y, mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(normkit.NormError, match="no valid value"):
+        stats.power_decomposition(y, mask=torch.zeros(1, 1, 1, dtype=torch.bool))
+    n, mean, _ = stats.channel_moments(y, mask=torch.zeros(1, 3, 1, dtype=torch.bool))
+    assert n == 0 and bool(mean.isnan().all())  # no valid value: NaN, not a clean-looking 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 import re
 import sys
@@ -22,8 +23,8 @@ from ..nn._inspect import BN_KINDS, NormInfo, _own_forward, describe_norm
 from ..nn.layer_norm import LayerNorm as _NkLayerNorm
 from ..surgery._graph import check_model
 from .stats import (
+    _channel_stats,
     batch_running_gap,
-    channel_moments,
     dead_and_collapsed,
     ema_effective_batches,
     power_decomposition,
@@ -212,6 +213,82 @@ def _first_tensor(value: Any) -> Tensor | None:
     return None
 
 
+def _call_input(args: Any, kwargs: dict[str, Any]) -> Tensor | None:
+    """The input tensor of a layer's call: the first positional tensor, else ``input=`` (torch.nn's
+    name), else the first keyword tensor."""
+    x = _first_tensor(args)
+    if x is None:
+        x = _first_tensor(kwargs.get("input", tuple(kwargs.values())))
+    return x
+
+
+def _mask_signature(module: nn.Module) -> inspect.Signature | None:
+    """The signature of ``module``'s forward when it takes a ``mask`` (normkit's BN, IN, GN, LayerNorm:
+    ``layer(x, mask)`` or ``layer(x, mask=mask)``), else None."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
+    return sig if "mask" in sig.parameters else None
+
+
+def _call_mask(sig: inspect.Signature | None, args: Any, kwargs: dict[str, Any]) -> Tensor | None:
+    """The ``mask`` a call passed (positionally or by keyword), or None."""
+    if sig is None:
+        return None
+    try:
+        mask = sig.bind(*args, **kwargs).arguments.get("mask")
+    except TypeError:
+        mask = kwargs.get("mask")
+    return mask if isinstance(mask, Tensor) else None
+
+
+def _expand_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
+    """``mask`` expanded to ``x``'s shape as the layer broadcast it (a leading batch dim of one that an
+    unbatched input lacks is dropped), or None without a mask or when it does not fit ``x``."""
+    if mask is None:
+        return None
+    while mask.dim() > x.dim() and mask.shape[0] == 1:
+        mask = mask[0]
+    try:
+        return mask.to(device=x.device, dtype=torch.bool).expand(x.shape)
+    except RuntimeError:
+        return None
+
+
+def _stat_counts(info: NormInfo, m: Tensor) -> Tensor | None:
+    """How many valid values each statistic of ``info``'s kind pools over, for the expanded mask ``m`` of
+    an ``(N, C, *spatial)`` view (None: a kind without pooled statistics, LRN)."""
+    kind = info.kind
+    nd = m.dim()
+    if kind in ("ln_last", "rms"):  # the first normalized dim moved to 1, the others still last
+        k = len(info.extra["normalized_shape"])
+        return m.sum(dim=(1, *range(nd - k + 1, nd)))
+    if kind == "lrn":
+        return None
+    if kind in (*BN_KINDS, "mean_bn", "keras_bn", "frozen_batch"):
+        return m.sum(dim=(0, *range(2, nd)))
+    if kind == "in":
+        return m.reshape(m.shape[0], m.shape[1], -1).sum(dim=2)
+    if kind == "ln2d":
+        return m.sum(dim=1)
+    if kind == "ln":
+        return m.flatten(1).sum(dim=1)
+    groups = info.groups or 1  # gn, pn: C / G channels of a sample and its positions
+    return m.reshape(m.shape[0], groups, -1).sum(dim=2)
+
+
+def _no_batch_dim(module: nn.Module) -> int | None:
+    """The rank of an unbatched input of an instance norm (torch's ``_get_no_batch_dim``: 2 for
+    ``InstanceNorm1d``), else None."""
+    get = getattr(module, "_get_no_batch_dim", None)
+    try:
+        rank = get() if callable(get) else None
+    except Exception:
+        return None
+    return rank if isinstance(rank, int) else None
+
+
 def _uses(module: nn.Module, info: NormInfo) -> str:
     """Which statistics the layer normalizes with in its current mode: batch, running or per-sample."""
     if info.kind == "frozen_bn":
@@ -283,7 +360,8 @@ class NormMonitor:
     * ``channel_dim``: the dim of ``x`` that holds the channels (features) the per-channel numbers
       below are about: 1 for channels-first layers; for a norm over the trailing ``normalized_shape``
       its first dim (``C`` of ``(N, T, C)`` under ``LayerNorm(C)``, of ``(N, C, H, W)`` under
-      ``LayerNorm([C, H, W])``; an unbatched input counts as a batch of one); Keras's BN: its ``axis``;
+      ``LayerNorm([C, H, W])``; an unbatched input counts as a batch of one, as for an instance norm's
+      unbatched ``(C, *spatial)``, whose channel dim is then 0); Keras's BN: its ``axis``;
     * ``values_per_stat``: how many values each mean / variance pooled over (BN at batch 2 on a
       ``(2, C, 1, 1)`` head: 2; a LayerNorm: the product of its ``normalized_shape``; LRN: its window
       ``size``), and for running statistics ``ema_batches``, the effective number of batches the
@@ -295,6 +373,17 @@ class NormMonitor:
     * ``power_in`` / ``power_out``: the power decomposition (docs/EXPERIMENTS.md, E4) of ``x`` and ``y``
       as fractions of the total, with the total (channels along ``channel_dim``, the dims other than
       the batch's as positions).
+
+    A layer called with a ``mask`` (normkit's BN, SyncBN, IN, GN and LayerNorm take
+    ``layer(x, mask)`` or ``layer(x, mask=mask)``: bool, broadcastable to ``x``, True = valid) is
+    measured on the values it normalizes with: every number above is over the valid values only
+    (the padding, whatever it holds, never enters one). ``values_per_stat`` is then the number of
+    valid values of the statistic with fewest (the sets with none, which the layer leaves at its
+    bias, left out; 0 when nothing is valid, which counts as a call with no statistics); the gap's
+    batch statistics are each channel's over its valid values; ``dead`` / ``collapsed`` look at the
+    valid outputs; the power decomposition takes each (sample, channel) over its valid positions and
+    weights the samples by their number of valid values
+    (:func:`~normkit.diagnostics.stats.power_decomposition`).
 
     ``drift()`` compares the running statistics now with those when the monitor started.
     ``table()`` prints one table (with rich when installed), ``to_dict()`` returns everything,
@@ -340,6 +429,12 @@ class NormMonitor:
         >>> last = monitor.to_dict()["1"]["last"]
         >>> monitor.records["1"].kind, last["uses"], last["values_per_stat"], last["channel_dim"]
         ('ln_last', 'sample', 16, 2)
+        >>> bn = normkit.nn.BatchNorm1d(4)                     # padded sequences: 7 of 2 * 5 positions valid
+        >>> mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3])[:, None, :]   # (N, 1, L)
+        >>> with normkit.NormMonitor(bn) as monitor:
+        ...     _ = bn(torch.randn(2, 4, 5), mask=mask)
+        >>> monitor.to_dict()["<root>"]["last"]["values_per_stat"]
+        7
     """
 
     def __init__(
@@ -414,21 +509,32 @@ class NormMonitor:
         return _eager(hook)
 
     def _hook(self, name: str, module: nn.Module, info: NormInfo) -> Callable[..., None]:
+        sig = _mask_signature(module)
+
         def hook(mod: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-            x = _first_tensor(args)
-            if x is None:  # layer(input=x), as torch.nn names it
-                x = _first_tensor(kwargs.get("input", tuple(kwargs.values())))
+            x = _call_input(args, kwargs)  # (layer(input=x), as torch.nn names it, too)
             y = _first_tensor(output)
             cd = None if x is None or y is None else _channel_dim(info, x.dim())
+            if x is not None and cd is not None and info.kind == "in" and x.dim() == _no_batch_dim(module):
+                cd = 0  # an unbatched (C, *spatial) instance norm input, as the layer reads it
             if x is None or y is None or cd is None:
                 self._before.pop(name, None)
                 return
             with torch.no_grad():
-                self._record(name, module, info, x, y, cd)
+                self._record(name, module, info, x, y, cd, _call_mask(sig, args, kwargs))
 
         return _eager(hook)
 
-    def _record(self, name: str, module: nn.Module, info: NormInfo, x: Tensor, y: Tensor, cd: int) -> None:
+    def _record(
+        self,
+        name: str,
+        module: nn.Module,
+        info: NormInfo,
+        x: Tensor,
+        y: Tensor,
+        cd: int,
+        mask: Tensor | None = None,
+    ) -> None:
         uses = _uses(module, info)
         shape = tuple(x.shape)
         rec: dict[str, Any] = {
@@ -437,14 +543,30 @@ class NormMonitor:
             "shape": shape,
             "channel_dim": cd,
         }
+        m = _expand_mask(mask, x)
+        if mask is not None and m is None:
+            warnings.warn(
+                f"NormMonitor: layer '{name}' was called with a mask of shape {tuple(mask.shape)} that "
+                f"does not broadcast to its input {shape}; its statistics here include every position",
+                UserWarning,
+                stacklevel=2,
+            )
         # (N, C, *spatial) views: the channel dim moved to 1; an unbatched input is a batch of one
-        if cd == 0 and (x.dim() == 1 or info.kind in ("ln_last", "rms")):
+        if cd == 0 and (x.dim() == 1 or info.kind in ("ln_last", "rms", "in")):
             x, y = x.unsqueeze(0), y.unsqueeze(0)
+            m = None if m is None else m.unsqueeze(0)
         elif cd != 1:
             x, y = x.movedim(cd, 1), y.movedim(cd, 1)
+            m = None if m is None else m.movedim(cd, 1)
         rec["values_per_stat"] = _values_per_stat(info, uses, tuple(x.shape))
+        if m is not None and uses != "running":  # the valid values of the statistic with fewest
+            counts = _stat_counts(info, m)
+            if counts is not None:
+                counts = counts[counts > 0]
+                rec["values_per_stat"] = int(counts.min()) if counts.numel() else 0
         before = self._before.pop(name, None)
-        if x.numel() == 0:  # an empty batch: counted, nothing to measure (no gap, no power)
+        if x.numel() == 0 or (m is not None and not bool(m.any())):
+            # an empty batch (or nothing valid): counted, nothing to measure (no gap, no power)
             rec["dead"], rec["collapsed"] = [], []
             self._store(name, rec)
             return
@@ -459,13 +581,12 @@ class NormMonitor:
                 else None
             )
             if info.kind in (*BN_KINDS, "keras_bn", "frozen_batch"):
-                _, mean, var = channel_moments(x)
-                rec.update(batch_running_gap(mean, var, before[0], before[1], info.eps))
-        dead, collapsed = dead_and_collapsed(y)
+                rec.update(_gap(x, m, before[0], before[1], info.eps))
+        dead, collapsed = dead_and_collapsed(y, mask=m)
         rec["dead"], rec["collapsed"] = dead, collapsed
         if self.power:
             for key, t in (("power_in", x), ("power_out", y)):
-                d = power_decomposition(t)
+                d = power_decomposition(t, mask=m)
                 rec[key] = {**d.fractions(), "total": d.total}
         self._store(name, rec)
 
@@ -645,6 +766,17 @@ class NormMonitor:
         return out
 
 
+def _gap(
+    x: Tensor, mask: Tensor | None, running_mean: Tensor, running_var: Tensor, eps: float
+) -> dict[str, float]:
+    """:func:`~normkit.diagnostics.stats.batch_running_gap` of the batch's statistics of ``x``
+    ``(N, C, *spatial)`` over its valid values (a channel without any is left out, as the layer keeps
+    its running statistics)."""
+    count, mean, var = _channel_stats(x, 1, mask)
+    keep = count > 0
+    return batch_running_gap(mean[keep], var[keep], running_mean[keep], running_var[keep], eps)
+
+
 def _f(v: Any) -> str:
     if v is None:
         return "-"
@@ -670,7 +802,7 @@ class TrainEvalGap:
 
     Attributes:
         layers: per BN layer, alone: its output on its (eval-mode) input with batch statistics
-            against running statistics.
+            against running statistics (with the mask the model passed it, over the valid positions).
         propagated: per BN layer, its output when *every* BN of the model uses batch statistics
             against all running (the differences of earlier layers included).
         output: the model's output, all BN layers in train mode against eval.
@@ -700,13 +832,55 @@ class TrainEvalGap:
         )
 
 
-def _rel(a: Tensor, b: Tensor) -> float:
+def _rel(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:
+    """``||a - b|| / ||b||`` in float64, over the positions ``mask`` keeps (all without one)."""
     a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    m = _expand_mask(mask, a64) if a64.shape == b64.shape else None
+    if m is not None:  # padded positions output the bias in both modes: left out, as from the statistics
+        a64, b64 = a64[m], b64[m]
     den = b64.norm()
     num = (a64 - b64).norm()
     if not (torch.isfinite(num) and torch.isfinite(den)):
         return math.nan  # non-finite outputs: reported as such, not as an infinite (or zero) gap
     return float(num / den) if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def _describe_batch(args: tuple[Any, ...]) -> str:
+    """``the batch of shape (2, 3, 8, 8)``, or the shapes (types) of several inputs."""
+    parts = [str(tuple(a.shape)) if isinstance(a, Tensor) else type(a).__name__ for a in args]
+    if len(args) == 1 and isinstance(args[0], Tensor):
+        return f"the batch of shape {parts[0]}"
+    return f"the batch ({', '.join(parts)})"
+
+
+def _failing_layer(model: nn.Module, args: tuple[Any, ...]) -> str:
+    """`` in layer 'conv1' (Conv2d)``: the innermost module running when ``model(*args)`` fails, found by
+    running it again with hooks on every module (no grad; the caller restores the buffers), or ""."""
+    stack: list[str] = []
+    handles: list[RemovableHandle] = []
+
+    def push(name: str) -> Callable[..., None]:
+        return lambda mod, a: stack.append(name)
+
+    def pop(mod: nn.Module, a: Any, out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    modules = dict(model.named_modules())
+    try:
+        for name, mod in modules.items():
+            if name:
+                handles.append(mod.register_forward_pre_hook(push(name)))
+                handles.append(mod.register_forward_hook(pop))
+        with torch.no_grad():
+            model(*args)
+    except Exception:
+        if stack:
+            return f" in layer '{stack[-1]}' ({type(modules[stack[-1]]).__name__})"
+    finally:
+        for h in handles:
+            h.remove()
+    return ""
 
 
 def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> TrainEvalGap:
@@ -720,6 +894,11 @@ def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> Trai
     module's train/eval flag are restored, and no gradient is recorded. A ``torch.compile``'d model
     runs compiled, with the eager model's layer names (its compiled code is reset before and after).
 
+    A BN layer the model calls with a ``mask`` (normkit's ``layer(x, mask)``, True = valid) is run
+    alone with that mask, its statistics are over the valid values, and its output differences
+    compare the valid positions only (padded positions output the bias in both modes), as the layer
+    itself normalizes them.
+
     Args:
         model: the model.
         batch: a tensor, or a tuple of positional inputs.
@@ -727,6 +906,10 @@ def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> Trai
 
     Returns:
         :class:`TrainEvalGap` (``print()`` it for a table).
+
+    Raises:
+        NormError: no BN layer with running statistics, or the model fails on ``batch`` (the message
+            names the batch's shape, the failing layer and the underlying error).
 
     Example:
         >>> import torch, normkit
@@ -737,9 +920,10 @@ def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> Trai
         (True, True, 0)
     """
     inner = _compiled(model)
+    eager_model = inner if inner is not None else model
     bns = {
         n: (m, i)
-        for n, (m, i) in _norm_layers(inner if inner is not None else model, where, "train_eval_gap").items()
+        for n, (m, i) in _norm_layers(eager_model, where, "train_eval_gap").items()
         if i.kind == "bn" and i.has_running_stats and getattr(m, "track_running_stats", True)
     }
     if not bns:
@@ -751,34 +935,54 @@ def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> Trai
     flags = {m: m.training for m in model.modules()}
     saved = {k: v.detach().clone() for k, v in model.named_buffers()}
     buffers = dict(model.named_buffers())
-    inputs: dict[str, Tensor] = {}
+    sigs = {n: _mask_signature(m) for n, (m, _) in bns.items()}
+    calls: dict[str, tuple[Tensor, tuple[Any, ...], dict[str, Any]]] = {}
+    masks: dict[str, Tensor | None] = {}
     eval_out: dict[str, Tensor] = {}
     train_out: dict[str, Tensor] = {}
     handles: list[RemovableHandle] = []
 
     def capture(name: str, store: dict[str, Tensor], keep_input: bool) -> Callable[..., None]:
-        def hook(mod: nn.Module, a: Any, out: Any) -> None:
-            x, y = _first_tensor(a), _first_tensor(out)
-            if keep_input and x is not None:
-                inputs[name] = x.detach()
+        def hook(mod: nn.Module, a: Any, kw: dict[str, Any], out: Any) -> None:
+            x, y = _call_input(a, kw), _first_tensor(out)
+            if keep_input and x is not None:  # the call itself (input, mask), to run the layer alone
+                calls[name] = (x, tuple(a), dict(kw))
+                masks[name] = _call_mask(sigs[name], a, kw)
             if y is not None:
                 store[name] = y.detach()
 
         return hook
 
+    def run(mode: str) -> Any:
+        try:
+            return model(*args)
+        except Exception as exc:
+            where_ = _failing_layer(eager_model, args)
+            raise NormError(
+                f"train_eval_gap: the model failed on {_describe_batch(args)}{mode}{where_}: "
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}; "
+                "pass a batch the model accepts"
+            ) from exc
+
     try:
         with torch.no_grad():
             model.eval()
-            handles = [m.register_forward_hook(capture(n, eval_out, True)) for n, (m, _) in bns.items()]
+            handles = [
+                m.register_forward_hook(capture(n, eval_out, True), with_kwargs=True)
+                for n, (m, _) in bns.items()
+            ]
             if inner is not None:  # code compiled before the hooks would not call them (see NormMonitor)
                 _reset_compiled()
-            y_eval = model(*args)
+            y_eval = run(" in eval mode")
             for h in handles:
                 h.remove()
             for m, _ in bns.values():
                 m.train()
-            handles = [m.register_forward_hook(capture(n, train_out, False)) for n, (m, _) in bns.items()]
-            y_train = model(*args)
+            handles = [
+                m.register_forward_hook(capture(n, train_out, False), with_kwargs=True)
+                for n, (m, _) in bns.items()
+            ]
+            y_train = run(" with its BN layers in train mode")
             for h in handles:
                 h.remove()
             handles = []
@@ -786,16 +990,17 @@ def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> Trai
             layers: dict[str, float] = {}
             stats: dict[str, dict[str, float]] = {}
             for name, (m, info) in bns.items():
-                if name not in inputs:
+                if name not in calls:
                     continue
-                x = inputs[name]
+                x, a, kw = calls[name]
                 m.train()
-                y_b = m(x)
+                y_b = _first_tensor(m(*a, **kw))  # the same call, mask and all
                 _restore(buffers, saved)
-                layers[name] = _rel(y_b, eval_out[name])
-                _, mean, var = channel_moments(x)
-                stats[name] = batch_running_gap(mean, var, info.running_mean, info.running_var, info.eps)  # type: ignore[arg-type]
-            propagated = {n: _rel(train_out[n], eval_out[n]) for n in layers if n in train_out}
+                mask = masks[name]
+                layers[name] = _rel(y_b, eval_out[name], mask) if y_b is not None else math.nan
+                xm = _expand_mask(mask, x)
+                stats[name] = _gap(x, xm, info.running_mean, info.running_var, info.eps)  # type: ignore[arg-type]
+            propagated = {n: _rel(train_out[n], eval_out[n], masks.get(n)) for n in layers if n in train_out}
             from torch.utils._pytree import tree_leaves
 
             outs = [

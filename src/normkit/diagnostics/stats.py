@@ -21,6 +21,11 @@ r"""Pure statistics for diagnosing norm layers: tensors in, numbers out, float64
 * :func:`channel_moments`, :func:`dead_and_collapsed`, :func:`values_per_statistic`,
   :func:`ema_effective_batches`: the rest of what :class:`normkit.NormMonitor` reports.
 
+:func:`channel_moments`, :func:`dead_and_collapsed`, :func:`power_decomposition` and
+:func:`power_fractions` take a ``mask=`` as normkit's layers do (bool, broadcastable to the tensor,
+True = valid): they then use the valid values only; masked-out values never enter the arithmetic, so
+NaN / inf padding is harmless.
+
 Example:
     >>> import torch
     >>> y = torch.randn(64, 8, 5, 5) + 3.0        # a channel-wise constant offset of 3
@@ -75,36 +80,93 @@ class PowerDecomposition(NamedTuple):
         return {k: (getattr(self, k) / t if t > 0 else 0.0) for k in TERMS}
 
 
-def _instance_stats(y: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-(sample, channel) mean and biased std over the spatial dims, float64 ``(N, C)`` each."""
+def _check_nc(y: object, op: str) -> Tensor:
     if not isinstance(y, Tensor) or y.dim() < 2:
         raise NormError(
-            "power_decomposition: expected an (N, C, *spatial) or (N, C) tensor, got "
-            f"{getattr(y, 'shape', y)!r}"
+            f"{op}: expected an (N, C, *spatial) or (N, C) tensor, got {getattr(y, 'shape', y)!r}"
         )
     if y.shape[0] < 1 or y.numel() == 0:
+        raise NormError(f"{op}: need at least one sample and one value, got shape {tuple(y.shape)}")
+    return y
+
+
+def _expand_mask(mask: object, x: Tensor, op: str) -> Tensor:
+    """``mask`` (bool, broadcastable to ``x``, True = valid) expanded to ``x``'s shape, on its device."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        what = f"a {mask.dtype} tensor" if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"{op}: mask must be a bool Tensor (True = valid) or None, got {what}")
+    try:
+        return mask.to(x.device).expand(x.shape)
+    except RuntimeError:
         raise NormError(
-            f"power_decomposition: need at least one sample and one value, got shape {tuple(y.shape)}"
-        )
+            f"{op}: mask of shape {tuple(mask.shape)} does not broadcast to the input shape {tuple(x.shape)}"
+        ) from None
+
+
+def _instance_stats(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(sample, channel) mean and biased std over the spatial dims, float64 ``(N, C)`` each."""
+    _check_nc(y, "power_decomposition")
     y64 = y.detach().to(torch.float64).flatten(2) if y.dim() > 2 else y.detach().to(torch.float64)[:, :, None]
     mu = y64.mean(dim=2)  # (N, C)
     sig = (y64 - mu[:, :, None]).pow(2).mean(dim=2).sqrt()  # two-pass biased std
     return mu, sig
 
 
-def power_decomposition(y: Tensor) -> PowerDecomposition:
+def _masked_power(y: Tensor, mask: Tensor) -> PowerDecomposition:
+    """:func:`power_decomposition` over the valid values: per instance over its valid positions, then per
+    channel over the instances weighted by their valid counts (the identity stays exact), the channels
+    without a valid value left out of the mean over channels."""
+    op = "power_decomposition"
+    _check_nc(y, op)
+    m = _expand_mask(mask, y, op)
+    y64 = y.detach().to(torch.float64).reshape(y.shape[0], y.shape[1], -1)  # (N, C, S)
+    m = m.reshape(y64.shape)
+    n = m.sum(dim=2).to(torch.float64)  # (N, C) valid values per instance
+    nc = n.sum(dim=0)  # (C,)
+    keep = nc > 0
+    if not bool(keep.any()):
+        raise NormError(f"{op}: the mask leaves no valid value (input shape {tuple(y.shape)})")
+    yv = torch.where(m, y64, torch.zeros((), dtype=torch.float64))
+    mu = torch.where(n > 0, yv.sum(dim=2) / n.clamp_min(1), 0.0)
+    dev = torch.where(m, y64 - mu[:, :, None], torch.zeros((), dtype=torch.float64))
+    sig = torch.where(n > 0, (dev.pow(2).sum(dim=2) / n.clamp_min(1)).sqrt(), 0.0)
+    w = n / nc.clamp_min(1)  # each instance's share of its channel's valid values
+    e_mu, e_sig = (w * mu).sum(dim=0), (w * sig).sum(dim=0)
+    terms = (
+        e_mu.pow(2),
+        (w * (mu - e_mu).pow(2)).sum(dim=0),
+        (w * (sig - e_sig).pow(2)).sum(dim=0),
+        e_sig.pow(2),
+        yv.pow(2).sum(dim=(0, 2)) / nc.clamp_min(1),
+    )
+    return PowerDecomposition(*(float(t[keep].mean()) for t in terms))
+
+
+def power_decomposition(y: Tensor, *, mask: Tensor | None = None) -> PowerDecomposition:
     """The four power terms of ``y`` ``(N, C, *spatial)``.
 
     An ``(N, C)`` input has no spatial spread: sig = 0.
 
     Variances over samples are biased (divide by N), so the identity is exact.
 
+    With a ``mask`` (bool, broadcastable to ``y``, True = valid) only the valid values count: each
+    (sample, channel)'s mean and std are over its valid positions, the moments over samples are
+    weighted by each sample's number of valid values in the channel (so ``total`` is each channel's
+    mean of ``y^2`` over its valid values, and the identity stays exact), and channels without a
+    valid value are left out of the mean over channels.
+
     Example:
         >>> import torch
         >>> d = power_decomposition(torch.randn(16, 4, 3, 3, dtype=torch.float64))
         >>> abs(d.P_mean + d.P_varmean + d.P_varstd + d.P_meanstd - d.total) < 1e-12
         True
+        >>> y = torch.tensor([[[1.0, 3.0, 99.0]], [[2.0, 2.0, 2.0]]])    # (2, 1, 3), 99 is padding
+        >>> mask = torch.tensor([[[True, True, False]], [[True, True, True]]])
+        >>> power_decomposition(y, mask=mask).total                     # (1 + 9 + 3 * 4) / 5
+        4.4
     """
+    if mask is not None:
+        return _masked_power(y, mask)
     mu, sig = _instance_stats(y)
     p_mean = mu.mean(dim=0).pow(2).mean()
     p_varmean = (mu - mu.mean(dim=0)).pow(2).mean(dim=0).mean()
@@ -116,8 +178,9 @@ def power_decomposition(y: Tensor) -> PowerDecomposition:
     )
 
 
-def power_fractions(y: Tensor) -> dict[str, float]:
-    """The four terms as fractions of the total power, plus ``"total"`` (the power itself).
+def power_fractions(y: Tensor, *, mask: Tensor | None = None) -> dict[str, float]:
+    """The four terms as fractions of the total power, plus ``"total"`` (the power itself); ``mask`` as in
+    :func:`power_decomposition`.
 
     Example:
         >>> import torch
@@ -127,28 +190,56 @@ def power_fractions(y: Tensor) -> dict[str, float]:
         >>> f["P_varmean"] < 1e-12 and f["P_varstd"] < 1e-6
         True
     """
-    d = power_decomposition(y)
+    d = power_decomposition(y, mask=mask)
     return {**d.fractions(), "total": d.total}
 
 
-def channel_moments(x: Tensor, channel_dim: int = 1) -> tuple[int, Tensor, Tensor]:
+def _channel_stats(
+    x: Tensor, channel_dim: int = 1, mask: Tensor | None = None, op: str = "channel_moments"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per channel: the number of (valid) values, float64 ``(C,)``, and their mean and biased variance
+    (NaN for a channel with no valid value)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: expected a Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise NormError(f"{op}: expected an (N, C, *spatial) tensor, got shape {tuple(x.shape)}")
+    C = x.shape[channel_dim]
+    x64 = x.detach().to(torch.float64).movedim(channel_dim, 0).reshape(C, -1)  # (C, N*S)
+    if mask is None:
+        count = torch.full((C,), float(x64.shape[1]), dtype=torch.float64, device=x64.device)
+        mean = x64.mean(dim=1)
+        var = (x64 - mean[:, None]).pow(2).mean(dim=1)
+        return count, mean, var
+    m = _expand_mask(mask, x, op).movedim(channel_dim, 0).reshape(C, -1)
+    zero = torch.zeros((), dtype=torch.float64, device=x64.device)
+    count = m.sum(dim=1).to(torch.float64)
+    mean = torch.where(m, x64, zero).sum(dim=1) / count  # (0 / 0: NaN for a channel with no valid value)
+    var = torch.where(m, x64 - mean[:, None], zero).pow(2).sum(dim=1) / count
+    return count, mean, var
+
+
+def channel_moments(
+    x: Tensor, channel_dim: int = 1, *, mask: Tensor | None = None
+) -> tuple[int, Tensor, Tensor]:
     """``(count, mean, biased var)`` per channel over every other dim, in float64 (two passes).
+
+    With a ``mask`` (bool, broadcastable to ``x``, True = valid) each channel's moments are over its
+    valid values only; ``count`` is then the smallest number of valid values of a channel that has
+    any, and a channel with none has NaN mean and variance.
 
     Example:
         >>> import torch
         >>> n, mean, var = channel_moments(torch.tensor([[1.0, 10.0], [3.0, 10.0]]))
         >>> n, mean.tolist(), var.tolist()
         (2, [2.0, 10.0], [1.0, 0.0])
+        >>> x = torch.tensor([[1.0, 10.0], [3.0, 10.0], [50.0, 50.0]])     # the last row is padding
+        >>> n, mean, var = channel_moments(x, mask=torch.tensor([[True], [True], [False]]))
+        >>> n, mean.tolist(), var.tolist()
+        (2, [2.0, 10.0], [1.0, 0.0])
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"channel_moments: expected a Tensor, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise NormError(f"channel_moments: expected an (N, C, *spatial) tensor, got shape {tuple(x.shape)}")
-    x64 = x.detach().to(torch.float64).movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)  # (C, N*S)
-    count = x64.shape[1]
-    mean = x64.mean(dim=1)
-    var = (x64 - mean[:, None]).pow(2).mean(dim=1)
-    return count, mean, var
+    count, mean, var = _channel_stats(x, channel_dim, mask)
+    valid = count[count > 0]
+    return int(valid.min()) if valid.numel() else 0, mean, var
 
 
 def batch_running_gap(
@@ -253,10 +344,15 @@ def values_per_statistic(
     )
 
 
-def dead_and_collapsed(y: Tensor, channel_dim: int = 1, rel_tol: float = 1e-3) -> tuple[list[int], list[int]]:
+def dead_and_collapsed(
+    y: Tensor, channel_dim: int = 1, rel_tol: float = 1e-3, *, mask: Tensor | None = None
+) -> tuple[list[int], list[int]]:
     """Channels of a layer's output that carry no signal: ``dead`` (exactly 0 everywhere, e.g. ReLU'd
     out or gamma = beta = 0) and ``collapsed`` (not 0, but constant over the batch and positions:
     std below ``rel_tol`` times the channel's root mean square).
+
+    With a ``mask`` (bool, broadcastable to ``y``, True = valid) only the valid values count; a
+    channel with no valid value is neither.
 
     Example:
         >>> import torch
@@ -265,8 +361,8 @@ def dead_and_collapsed(y: Tensor, channel_dim: int = 1, rel_tol: float = 1e-3) -
         >>> dead_and_collapsed(y)
         ([0], [2])
     """
-    _, mean, var = channel_moments(y, channel_dim)
-    rms = (var + mean.pow(2)).sqrt()
+    _, mean, var = _channel_stats(y, channel_dim, mask, "dead_and_collapsed")
+    rms = (var + mean.pow(2)).sqrt()  # (NaN for a channel with no valid value: neither dead nor collapsed)
     dead = rms == 0
     collapsed = ~dead & (var.sqrt() <= rel_tol * rms)
     return dead.nonzero().flatten().tolist(), collapsed.nonzero().flatten().tolist()

@@ -8,6 +8,8 @@ import io
 import itertools
 import math
 import operator
+import sys
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +37,28 @@ __all__ = [
     "run_failure",
     "trace",
 ]
+
+
+def compiled_inner(model: nn.Module) -> nn.Module | None:
+    """The eager module inside what ``torch.compile`` returned, else None (without importing dynamo)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return model._orig_mod  # type: ignore[no-any-return]
+    return None
+
+
+def uncompiled(model: nn.Module, op: str) -> nn.Module:
+    """``model``, or the eager module inside a ``torch.compile``-d one, with a warning that the result is
+    not compiled (the tools trace and rebuild the eager module; compile what they return)."""
+    inner = compiled_inner(model)
+    if inner is None:
+        return model
+    warnings.warn(
+        f"{op}: the model is a torch.compile'd module; {op} works on the eager module inside it "
+        "(model._orig_mod) and returns that, not compiled: call torch.compile on the result",
+        stacklevel=3,
+    )
+    return inner
 
 
 def check_model(model: object, op: str, *, lazy: str = "all") -> nn.Module:

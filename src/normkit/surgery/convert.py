@@ -35,7 +35,15 @@ from ..nn.layer_norm import LayerNorm2d
 from ..nn.norm_act import BatchNormAct2d, GroupNormAct2d, LayerNormAct2d, _SequentialNormAct, with_activation
 from ..nn.proxy_norm import GroupNormProxyAct2d
 from ..nn.registry import _REGISTRY, _SPEC, create_norm_layer, default_groups
-from ._graph import call_counts, check_model, deepcopy_model, module_paths, replace_module, trace_or_reason
+from ._graph import (
+    call_counts,
+    check_model,
+    deepcopy_model,
+    module_paths,
+    replace_module,
+    trace_or_reason,
+    uncompiled,
+)
 
 __all__ = ["ConversionReport", "Converted", "ConvertedLayer", "convert_norms"]
 
@@ -637,6 +645,7 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
     """
     op = "convert_norms"
     check_model(model, op)  # (an nn.Module, not TorchScript, no uninitialized lazy layer)
+    model = uncompiled(model, op)
     spec = _parse(to)
     if not isinstance(transfer, bool):
         raise TypeError(f"{op}: transfer must be a bool, got {type(transfer).__name__}")

@@ -46,6 +46,7 @@ from ._graph import (
     replace_module,
     run_failure,
     trace_or_reason,
+    uncompiled,
 )
 
 __all__ = ["FoldReport", "Folded", "fold_bn", "fold_bn_weights"]
@@ -451,6 +452,7 @@ def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
     """
     op = "fold_bn"
     check_model(model, op)
+    model = uncompiled(model, op)
     bn_paths: set[str] = set()
     unknown: list[tuple[str, str]] = []
     for name, m in model.named_modules():

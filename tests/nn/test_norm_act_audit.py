@@ -228,3 +228,26 @@ def test_norm_act_layers_keep_the_plain_norms_keys(spec, shape):
         plain = nkn.create_norm_act_layer("bn" if spec == "brn" else "bn1d", 4, "silu")
         layer.load_state_dict(plain.state_dict(), strict=True)
     torch.testing.assert_close(_roundtrip(layer)(x), layer(x))
+
+
+def test_a_built_in_spec_registered_again_is_built_by_the_users_factory():
+    """create_norm_act_layer took its fused classes for "bn" / "gn" / "ln" / "ln2d" even after the user
+    registered their own factory under that name, so the lab's models trained the stock norm."""
+    from normkit.nn import registry
+
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    saved, classes = dict(registry._REGISTRY), dict(registry._CLASS_SPECS)
+    try:
+        for spec in ("bn", "gn", "ln", "ln2d"):
+            nkn.register_norm(spec)(lambda c, arg, **kw: MyBN(c))
+            layer = nkn.create_norm_act_layer(spec, 4, "relu")
+            assert isinstance(layer[0], MyBN), (spec, layer)
+            x = _randn((2, 4, 3, 3))
+            torch.testing.assert_close(layer(x), torch.relu(layer[0](x)))
+    finally:
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(saved)
+        registry._CLASS_SPECS.update(classes)
+    assert type(nkn.create_norm_act_layer("bn", 4)) is nkn.BatchNormAct2d  # the built-in again

@@ -14,7 +14,7 @@ from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .group_norm import GroupNorm
 from .instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm2d
-from .registry import _REGISTRY, _SPEC, create_norm_layer, default_groups, spec_or_keyword
+from .registry import _REGISTRY, _SPEC, create_norm_layer, default_groups, is_builtin, spec_or_keyword
 
 __all__ = [
     "BatchNormAct1d",
@@ -272,13 +272,15 @@ def create_norm_act_layer(
     match = _SPEC.match(spec.strip().lower()) if isinstance(spec, str) else None
     key = match["base"] + match["suffix"] if match else None
     arg = int(match["arg"]) if match and match["arg"] is not None else None
-    if key in ("bn", "bn2d") and arg is None:
+    # (a spec the user registered again is built by their factory, below)
+    own = key is not None and is_builtin(key)
+    if own and key in ("bn", "bn2d") and arg is None:
         return BatchNormAct2d(num_features, activation=activation, **kwargs)
-    if key == "gn":
+    if own and key == "gn":
         # the group count from the spec or num_groups=, as create_norm_layer("gn", ...) takes it
         groups = spec_or_keyword("gn", arg, kwargs, "num_groups", lambda: default_groups(num_features))
         return GroupNormAct2d(num_features, groups, activation, **kwargs)
-    if key in ("ln", "ln2d") and arg is None:
+    if own and key in ("ln", "ln2d") and arg is None:
         over = "chw" if key == "ln" else "c"
         if kwargs.get("over", over) != over:
             raise NormError(

@@ -261,3 +261,12 @@ def _register_core() -> None:
 
 _register_core()
 _CORE_DONE = True
+# The built-in factories, to tell a spec the user registered again (create_norm_act_layer's fused
+# classes stand for these only).
+_BUILTIN: dict[str, Factory] = {k: f for k, (f, _) in _REGISTRY.items()}
+
+
+def is_builtin(key: str) -> bool:
+    """Whether ``key`` still names normkit's own factory (not one the user registered over it)."""
+    entry = _REGISTRY.get(key)
+    return entry is not None and _BUILTIN.get(key) is entry[0]

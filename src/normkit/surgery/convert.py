@@ -4,6 +4,7 @@ keeps its meaning."""
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import re
 import warnings
 from collections.abc import Callable
@@ -579,6 +580,23 @@ def _selector(where: Where) -> Callable[[str, nn.Module], bool]:
     )
 
 
+def _refuses_its_calls(layer: nn.Module, path: str, graph: torch.fx.Graph | None) -> str:
+    """The extra arguments (``mask=``) the model passes the layer at ``path`` that ``layer``'s forward
+    cannot take, described; "" when it takes every call (or the model did not trace)."""
+    if graph is None:
+        return ""
+    sig = inspect.signature(layer.forward)
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target != path or (len(node.args) <= 1 and not node.kwargs):
+            continue
+        try:
+            sig.bind(*node.args, **node.kwargs)
+        except TypeError:
+            extra = [f"{k}=" for k in node.kwargs] or [f"{len(node.args) - 1} more positional argument(s)"]
+            return ", ".join(extra)
+    return ""
+
+
 def _short(m: nn.Module) -> str:
     rep = m.extra_repr()
     return f"{type(m).__name__}({rep})" if len(rep) <= 40 else type(m).__name__
@@ -725,6 +743,13 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
                 f"{op}: cannot convert '{label}' ({type(src).__name__}, {info.num_channels} channels) to "
                 f"{spec.text!r}: {exc}"
             ) from None
+        refused = _refuses_its_calls(built, name, graph)
+        if refused:
+            raise NormError(
+                f"{op}: cannot convert '{label}' ({type(src).__name__}) to {spec.text!r}: the model calls "
+                f"it with {refused}, which {type(built).__name__} does not take; convert it to a spec whose "
+                "layer takes them ('bn', 'gn', 'in'), or leave it out with where="
+            )
         if type(built) is type(src) and built.extra_repr() == src.extra_repr():
             report.skipped.append((label, type(src).__name__, f"already {_short(src)}"))
             continue

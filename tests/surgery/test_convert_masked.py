@@ -46,3 +46,28 @@ def test_a_spec_whose_layer_takes_the_mask_converts(spec: str, make) -> None:
     layer.load_state_dict(new.bn.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(new(x, mask), torch.relu(layer(model.conv(x), mask=mask)))
+
+
+class _Positive(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softplus(w)
+
+
+def test_a_norm_with_a_parametrized_weight_is_left_with_the_reason() -> None:
+    """convert_norms copied the parametrization's computed weight into a plain layer (the constraint
+    and the state_dict key ``parametrizations.weight.original`` gone, the report saying "kept weight");
+    freeze_bn called the layer "a subclass ... (it may have its own forward)". Both now leave it and
+    say that it is parametrized."""
+    from torch.nn.utils import parametrize
+
+    from normkit.surgery import freeze_bn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    parametrize.register_parametrization(model[1], "weight", _Positive())
+    new, report = normkit.convert_norms(model, "gn:2")
+    assert report.converted == [] and parametrize.is_parametrized(new[1])
+    assert report.skipped[0][0] == "1" and "its weight is parametrized" in report.skipped[0][2]
+    assert list(new.state_dict()) == list(model.state_dict())
+    with pytest.warns(UserWarning, match="its weight is parametrized"):
+        freeze_bn(model)
+    assert parametrize.is_parametrized(model[1])

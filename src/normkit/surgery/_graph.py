@@ -39,6 +39,15 @@ __all__ = [
 ]
 
 
+def parametrized_reason(m: nn.Module, doing: str) -> str:
+    """Why a tool leaves a layer whose tensors are parametrized (``torch.nn.utils.parametrize``)."""
+    names = ", ".join(m.parametrizations)  # type: ignore[union-attr]
+    return (
+        f"its {names} is parametrized (torch.nn.utils.parametrize), which {doing} it would drop; remove "
+        "the parametrization first (parametrize.remove_parametrizations(layer, name))"
+    )
+
+
 def compiled_inner(model: nn.Module) -> nn.Module | None:
     """The eager module inside what ``torch.compile`` returned, else None (without importing dynamo)."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Union
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .._errors import NormError
 from ..nn import batch_norm as nk_bn
@@ -41,6 +42,7 @@ from ._graph import (
     check_model,
     deepcopy_model,
     module_paths,
+    parametrized_reason,
     replace_module,
     trace_or_reason,
     uncompiled,
@@ -685,6 +687,8 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
             report.excluded.append(name)
         elif isinstance(info, str):
             report.skipped.append((name or "<root>", type(m).__name__, info))
+        elif parametrize.is_parametrized(m):
+            report.skipped.append((name or "<root>", type(m).__name__, parametrized_reason(m, "converting")))
         else:
             candidates[name] = info
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+from torch.nn.utils import parametrize
 
 from .._errors import NormError
 from ..functional._collective import group_size
@@ -18,7 +19,7 @@ from ..nn import norm_act as nk_act
 from ..nn import sync_batch_norm as nk_sync
 from ..nn._base import build_norm, move_forward_hooks
 from ..nn.norm_act import BatchNormAct2d
-from ._graph import check_model
+from ._graph import check_model, parametrized_reason
 
 __all__ = [
     "FrozenBatchNormAct1d",
@@ -229,6 +230,8 @@ def _leaves_alone(m: nn.Module) -> str | None:
         if getattr(m, "running_mean", None) is None:
             return "no running statistics to freeze (track_running_stats=False)"
         return None
+    if parametrize.is_parametrized(m):
+        return parametrized_reason(m, "freezing")
     base = next(c for c in type(m).__mro__[1:] if c.__module__.startswith(("torch.nn", "normkit.")))
     return f"a subclass of {base.__name__}, which freeze_bn cannot rebuild (it may have its own forward)"
 

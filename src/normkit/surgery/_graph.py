@@ -18,6 +18,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn import functional as F
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from .._errors import NormError
@@ -37,6 +38,30 @@ __all__ = [
     "run_failure",
     "trace",
 ]
+
+
+_FUNCTIONAL_NORMS = {
+    F.batch_norm: "F.batch_norm",
+    F.instance_norm: "F.instance_norm",
+    F.group_norm: "F.group_norm",
+    F.layer_norm: "F.layer_norm",
+    F.rms_norm: "F.rms_norm",
+    F.local_response_norm: "F.local_response_norm",
+    torch.batch_norm: "torch.batch_norm",
+    torch.instance_norm: "torch.instance_norm",
+    torch.group_norm: "torch.group_norm",
+    torch.layer_norm: "torch.layer_norm",
+}
+
+
+def functional_norms(graph: torch.fx.Graph) -> list[tuple[str, str]]:
+    """``(graph node, function)`` for each norm the traced forward calls as a function
+    (``F.batch_norm(x, ...)``): the model-wide tools change modules, so they report these as left."""
+    return [
+        (n.name, _FUNCTIONAL_NORMS[n.target])  # type: ignore[index]
+        for n in graph.nodes
+        if n.op == "call_function" and n.target in _FUNCTIONAL_NORMS
+    ]
 
 
 def parametrized_reason(m: nn.Module, doing: str) -> str:

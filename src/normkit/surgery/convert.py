@@ -41,6 +41,7 @@ from ._graph import (
     call_counts,
     check_model,
     deepcopy_model,
+    functional_norms,
     module_paths,
     parametrized_reason,
     replace_module,
@@ -697,6 +698,10 @@ def convert_norms(model: nn.Module, to: str, *, where: Where = None, transfer: b
     )
     if graph is None and why:
         report.method = f"nn.Sequential adjacency (torch.fx could not trace the model: {why})"
+    for node, fn in functional_norms(graph) if graph is not None else ():
+        report.skipped.append(
+            (node, fn, "a function the forward calls, not a module: make it a norm module to convert it")
+        )
     modules = dict(new.named_modules())
     counts = call_counts(graph) if graph is not None else {}
     paths = module_paths(new)

@@ -36,6 +36,7 @@ from ._graph import (
     call_counts,
     check_model,
     deepcopy_model,
+    functional_norms,
     is_singleton_view,
     max_abs_diff,
     module_paths,
@@ -481,6 +482,11 @@ def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
         with _eval_mode(folded):
             propagate_shapes(gm, args, op, what, probed=probed)
         pairs, left = _find_pairs(folded, graph, bn_paths, probed)
+        left += [
+            (node, f"{fn}: a function the forward calls, not a module; make it a BN module to fold it")
+            for node, fn in functional_norms(graph)
+            if fn.endswith("batch_norm")
+        ]
     else:
         report.method = f"nn.Sequential adjacency (torch.fx could not trace the model: {why})"
         pairs, left = _sequential_pairs(folded, bn_paths, probed)

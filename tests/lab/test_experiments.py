@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from torch import nn
 
+import normkit
 from normkit.lab.experiments.compare import CompareConfig, e1_criteria, e3_criteria, run_compare
 from normkit.lab.experiments.landscape import LandscapeConfig, run_landscape
 from normkit.lab.experiments.lr_sweep import LRSweepConfig, run_lr_sweep
@@ -346,3 +348,49 @@ def test_e2_i_is_not_decided_by_a_largest_stable_lr_that_is_only_a_lower_bound()
     # both known: a real NOT MET
     (c,) = _cnn_criteria(runs("none", 5.0, 5.0) + runs("bn", 5.0, 5.0), "none", ["bn"], None)
     assert c["ok"] is False
+
+
+def _scaled_gn(c: int, arg: int | None, **kw) -> nn.Module:  # a user's norm (module level: picklable)
+    return nn.GroupNorm(2, c, **kw)
+
+
+def test_a_norm_the_user_registered_trains_in_the_worker_processes(tmp_path: Path) -> None:
+    """A norm registered with register_norm is sent to the spawned workers (they start with normkit's own
+    registry: it failed there with "unknown norm"), and gives the numbers it gives in-process; a factory
+    that cannot be sent is refused before anything runs. Oracle: the same runs with jobs=1."""
+    from normkit.lab.experiments._common import ConfigError
+    from normkit.nn import registry
+
+    saved = dict(registry._REGISTRY)
+    try:
+        normkit.register_norm("usergn", "GroupNorm(2, C), a user's norm")(_scaled_gn)
+
+        def run(name: str, norms: list[str], jobs: int) -> Path:
+            cfg = CompareConfig(
+                norms=norms,
+                batch_sizes=[8],
+                seeds=[0],
+                epochs=1,
+                max_steps=2,
+                jobs=jobs,
+                out=str(tmp_path / name),
+                **TINY,
+            )
+            path = run_compare(cfg).path
+            assert path is not None
+            return path
+
+        finals = []
+        for jobs in (1, 2):
+            path = run(f"j{jobs}", ["bn", "usergn"], jobs)
+            finals.append(
+                sorted((r["norm"], r["test_err"]) for r in read_metrics(path) if r["kind"] == "final")
+            )
+        assert finals[0] == finals[1] and [n for n, _ in finals[0]] == ["bn", "usergn"]
+        normkit.register_norm("userlocal")(lambda c, arg, **kw: nn.GroupNorm(2, c))
+        with pytest.raises(ConfigError, match="userlocal registered in this process .* --jobs 1"):
+            run("local", ["userlocal"], 2)
+        assert not (tmp_path / "local").exists()
+    finally:
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(saved)

@@ -34,6 +34,7 @@ from .norm_act import (
     LayerNormAct2d,
     create_norm_act_layer,
 )
+from . import registry
 from .optim import param_groups
 from .proxy_norm import GroupNormProxyAct2d, ProxyNormAct
 from .registry import available_norms, create_norm_layer, default_groups, get_norm_layer, register_norm
@@ -48,6 +49,8 @@ from .weight_standardization import (
     StdConv3d,
     weight_standardization,
 )
+
+registry._snapshot_builtins()  # (every built-in spec is registered by now: proxy_norm adds its own)
 
 __all__ = [
     "BatchNorm1d",

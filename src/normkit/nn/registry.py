@@ -261,12 +261,28 @@ def _register_core() -> None:
 
 _register_core()
 _CORE_DONE = True
-# The built-in factories, to tell a spec the user registered again (create_norm_act_layer's fused
-# classes stand for these only).
-_BUILTIN: dict[str, Factory] = {k: f for k, (f, _) in _REGISTRY.items()}
+# The built-in factories (normkit.nn's own registrations, taken once its import is done: see
+# _snapshot_builtins), to tell a spec the user registered, or registered again.
+_BUILTIN: dict[str, Factory] = {}
+
+
+def _snapshot_builtins() -> None:
+    _BUILTIN.update({k: f for k, (f, _) in _REGISTRY.items() if k not in _BUILTIN})
 
 
 def is_builtin(key: str) -> bool:
-    """Whether ``key`` still names normkit's own factory (not one the user registered over it)."""
+    """Whether ``key`` names normkit's own factory (not one the user registered, or registered over it)."""
     entry = _REGISTRY.get(key)
     return entry is not None and _BUILTIN.get(key) is entry[0]
+
+
+def user_registered(specs: list[str]) -> dict[str, tuple[Factory, str]]:
+    """The registry entries behind ``specs`` that the user registered (for worker processes, which
+    start with normkit's own registry only)."""
+    out: dict[str, tuple[Factory, str]] = {}
+    for spec in specs:
+        match = _SPEC.match(spec.strip().lower())
+        key = match["base"] + match["suffix"] if match else None
+        if key is not None and key in _REGISTRY and not is_builtin(key):
+            out[key] = _REGISTRY[key]
+    return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import queue as queue_lib
 import signal
 import threading
@@ -37,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ...nn.registry import register_norm, user_registered
 from ..data import load_dataset
 from ..models import MODEL_NAMES, build_model, is_instance_norm
 from ..progress import Progress
@@ -704,6 +706,8 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
         for n in cfg.norms
     ]
     jobs, threads, why = _parallelism(cfg, world, device, len(runs))
+    if jobs > 1:
+        _check_sendable(user_registered(cfg.norms))
     data = _data(cfg)
     cfg.check_data(data, world)
     set_threads(threads)
@@ -813,14 +817,32 @@ def _train_all(
             _run_pool(cfg, runs, results, jobs, threads, progress, run_bar, finished)
 
 
-def _worker_main(cfg: CompareConfig, tasks: Any, messages: Any, threads: int, parent: int) -> None:
+def _check_sendable(user: dict[str, Any]) -> None:
+    """Norms the user registered reach the worker processes by pickle (a spawned process starts with
+    normkit's own registry): a ConfigError up front for a factory that cannot be sent."""
+    try:
+        pickle.dumps(user)
+    except Exception as e:
+        raise ConfigError(
+            f"--norms: {', '.join(user)} registered in this process with a factory the worker processes "
+            f"cannot receive ({type(e).__name__}: {e}); define the factory as a function at module level "
+            "(e.g. in your script, under if __name__ == '__main__': for the run), or run with --jobs 1"
+        ) from None
+
+
+def _worker_main(
+    cfg: CompareConfig, tasks: Any, messages: Any, threads: int, parent: int, user: dict[str, Any]
+) -> None:
     """A worker process: train the runs it takes from ``tasks``; report epochs and results on ``messages``.
 
-    Ctrl-C is the parent's to handle (it stops the workers), so SIGINT is ignored here; a worker
-    whose parent has gone exits at the next epoch.
+    ``user``: the norms the parent's user registered, registered here too. Ctrl-C is the parent's to
+    handle (it stops the workers), so SIGINT is ignored here; a worker whose parent has gone exits at
+    the next epoch.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
+    for key, (factory, help) in user.items():
+        register_norm(key, help)(factory)
     while True:
         if os.getppid() != parent:
             return
@@ -871,7 +893,11 @@ def _run_pool(
     # import torch cannot print tracebacks from them
     # (SIGTERM is held back instead: the workers must keep its default action, which terminate() uses)
     procs = [
-        ctx.Process(target=_worker_main, args=(cfg, tasks, messages, threads, os.getpid()), daemon=True)
+        ctx.Process(
+            target=_worker_main,
+            args=(cfg, tasks, messages, threads, os.getpid(), user_registered(cfg.norms)),
+            daemon=True,
+        )
         for _ in range(jobs)
     ]
     bars: dict[int, int] = {}

@@ -1480,3 +1480,35 @@ def test_a_second_gpu_runs_its_own_kernels_while_the_first_is_current():
         for a, e in zip(on1, on0):
             assert a.device == torch.device("cuda", 1)
             torch.testing.assert_close(a.cpu(), e.cpu(), rtol=1e-5, atol=1e-6)
+
+
+# --- sizes past int32: the kernels' index helpers -----------------------------------------------
+
+tl = importlib.import_module("triton.language")
+_NK = importlib.import_module("normkit.kernels.triton._kernels")
+
+
+@triton.jit
+def _index_probe(OUT, NC, M, nsets, J, B, E):
+    tl.store(OUT, _NK._count(NC, M))
+    tl.store(OUT + 1, _NK._srow(5, nsets))
+    tl.store(OUT + 2, _NK._block_start(J, B, E))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ((3, 7, 10, 3, 256, 1000), [21, 50, 768]),  # (the common case: every product fits int32)
+        # a set of 2^16 x 2^16 values; 500M sets' sixth statistic row (LayerNorm2d's positions);
+        # block 2^25 + 3 of 256 along a walk past 2^31 (Triton passes that size as int64)
+        ((2**16, 2**16, 500_000_000, 2**25 + 3, 256, 2**33 + 5), [2**32, 2_500_000_000, (2**25 + 3) * 256]),
+    ],
+)
+def test_kernel_index_helpers_do_not_overflow_int32(args, expected):
+    # Triton passes each integer that fits as an int32, so a product of two (a set's NC * M values,
+    # the offset of a statistic row 5 * nsets, a block's start j * B) wrapped past 2^31, silently
+    # (the interpreter wraps as the GPU does). A set that large, or 429M LayerNorm2d positions, is
+    # gigabytes: the helpers every kernel takes those products from are checked here instead.
+    out = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    _index_probe[(1,)](out, *args)
+    assert out.cpu().tolist() == expected

@@ -44,6 +44,29 @@ def _offsets(k, c0, m0, D1, B1, B2, s_c, s_m1, s_m2, M2, NC, M, BC: tl.constexpr
 
 
 @triton.jit
+def _count(NC, M):
+    """The number of values of a ``(NC, M)`` set, in int64: Triton passes each size that fits as an
+    int32, and their product overflows past 2^31 values (a set of 2^16 channels by 2^16 positions)."""
+    return tl.cast(NC, tl.int64) * M
+
+
+@triton.jit
+def _srow(r: tl.constexpr, nsets):
+    """The offset of row ``r`` of the saved statistics (rows of ``nsets``), in int64: ``5 * nsets``
+    overflows int32 past about 429M sets (LayerNorm2d's positions). A scalar: the per-set offsets
+    added to it stay int32."""
+    return r * tl.cast(nsets, tl.int64)
+
+
+@triton.jit
+def _block_start(j, B, E):
+    """``j * B``, the first index of block ``j`` of ``B`` along a walk of ``E``, in ``E``'s integer
+    type: int32 while ``E`` fits one (``E * 0`` folds away), int64 where ``E`` is 2^31 or more (Triton
+    then passes it as int64), which a product of two int32 program indices would overflow."""
+    return (E * 0 + j) * B
+
+
+@triton.jit
 def _shift_scale(h, lw, exp_bound):
     """The mid-range shift and the power-of-two scale of a set with max ``h`` and min ``lw``."""
     half = h * 0.5 - lw * 0.5
@@ -75,9 +98,9 @@ def _affine(y, W, B, idx, valid, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: 
 def _saved(ST, k, nsets, ACC: tl.constexpr):
     """A set's shift, scale, mean of the scaled values and their rstd (the saved statistic rows)."""
     shift = tl.load(ST + k).to(ACC)
-    inv = tl.load(ST + nsets + k).to(ACC)
-    cm = tl.load(ST + 2 * nsets + k).to(ACC)
-    rstd = tl.load(ST + 3 * nsets + k).to(ACC)
+    inv = tl.load(ST + _srow(1, nsets) + k).to(ACC)
+    cm = tl.load(ST + _srow(2, nsets) + k).to(ACC)
+    rstd = tl.load(ST + _srow(3, nsets) + k).to(ACC)
     return shift, inv, cm, rstd
 
 
@@ -267,7 +290,7 @@ def norm_fwd_kernel(
     ACT: tl.constexpr = 7,
 ):
     k = tl.program_id(0)
-    n = (NC * M).to(ACC)
+    n = _count(NC, M).to(ACC)
     # 1. one read: the set's max / min, and the moments of x - x0 (x0: the set's first value, a shift
     #    within the set's range, so a large offset costs no precision)
     x0 = _first(X, k, D1, B1, B2, ACC)
@@ -335,7 +358,7 @@ def norm_bwd_kernel(
     # With PN, DY is the gradient of Proxy Norm's step that followed the affine (W, B): it is taken
     # back to the affine output first, and each channel also sums it (PG) and it times z - m (PZ).
     k = tl.program_id(0)
-    n = (NC * M).to(ACC)
+    n = _count(NC, M).to(ACC)
     shift, inv, cm, rstd = _saved(ST, k, nsets, ACC)
     cbase = (k % D1) * CK
     # 1. each channel's sums of dy * x_hat and dy, elementwise over the tile and reduced once per block
@@ -432,14 +455,14 @@ def _set_range(HL, k, nsets, nchunks, BJ: tl.constexpr):
 def _chunk(jc, CH, NC, M, SPLIT_C: tl.constexpr):
     """The chunk's channel and position ranges: a run of ``CH`` channels (``SPLIT_C``) or positions."""
     if SPLIT_C:
-        c_lo = jc * CH
+        c_lo = _block_start(jc, CH, NC)
         c_hi = tl.minimum(c_lo + CH, NC)
         m_lo = jc * 0
         m_hi = M + jc * 0
     else:
         c_lo = jc * 0
         c_hi = NC + jc * 0
-        m_lo = jc * CH
+        m_lo = _block_start(jc, CH, M)
         m_hi = tl.minimum(m_lo + CH, M)
     return c_lo, c_hi, m_lo, m_hi
 
@@ -479,7 +502,7 @@ def _scaled_set_moments(
     finite = span < float("inf")  # (False for inf and NaN)
     hi_m = tl.where(finite, M, 0) + z
     cnt, mb, m2 = _moments(X, k, z, NC + z, z, hi_m, D1, B1, B2, s_c, s_m1, s_m2, M2, mid, inv, ACC, BC, BM)
-    n = (NC * M + z).to(ACC)
+    n = (_count(NC, M) + z).to(ACC)
     bad = tl.where(finite, 0.0, float("nan")).to(ACC)
     return n, mb + bad, m2 / tl.maximum(cnt, 1.0) + bad
 
@@ -525,7 +548,7 @@ def split_apply_kernel(
     h, lw = _set_range(HL, k, nsets, nchunks, BJ)
     mid = _first(X, k, D1, B1, B2, ACC)
     inv = mid * 0.0 + 1.0
-    if _plain(h, lw, exp_bound, NC * M).to(tl.int32) != 0:
+    if _plain(h, lw, exp_bound, _count(NC, M)).to(tl.int32) != 0:
         # Chan et al.'s combination of the chunks' (count, mean, M2) of x - x0
         j = tl.arange(0, BJ)
         jm = j < nchunks
@@ -649,7 +672,7 @@ def split_bwd_dx_kernel(
     jc = tl.program_id(1)
     c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
     shift, inv, cm, rstd = _saved(ST, k, nsets, ACC)
-    n = (NC * M).to(ACC)
+    n = _count(NC, M).to(ACC)
     j = tl.arange(0, BJ)
     jm = j < nchunks
     row = k.to(tl.int64) * nchunks + j
@@ -686,11 +709,11 @@ def _store_stats(ST, k, mask, nsets, mid, inv, cm, rstd, var, n):
     """The six saved statistic rows (shift, scale, mean of the scaled values, rstd, var, count) of the
     sets ``k`` (a block of them: ``mask`` marks the real ones)."""
     tl.store(ST + k, mid, mask=mask)
-    tl.store(ST + nsets + k, inv, mask=mask)
-    tl.store(ST + 2 * nsets + k, cm, mask=mask)
-    tl.store(ST + 3 * nsets + k, rstd, mask=mask)
-    tl.store(ST + 4 * nsets + k, var, mask=mask)
-    tl.store(ST + 5 * nsets + k, n, mask=mask)
+    tl.store(ST + _srow(1, nsets) + k, inv, mask=mask)
+    tl.store(ST + _srow(2, nsets) + k, cm, mask=mask)
+    tl.store(ST + _srow(3, nsets) + k, rstd, mask=mask)
+    tl.store(ST + _srow(4, nsets) + k, var, mask=mask)
+    tl.store(ST + _srow(5, nsets) + k, n, mask=mask)
 
 
 @triton.jit
@@ -698,7 +721,7 @@ def _bn_chunk(C, E, CH, BCC: tl.constexpr):
     c0 = tl.program_id(0) * BCC
     jc = tl.program_id(1)
     ci = c0 + tl.arange(0, BCC)
-    e_lo = jc * CH
+    e_lo = _block_start(jc, CH, E)
     return c0, jc, ci, ci < C, e_lo, tl.minimum(e_lo + CH, E)
 
 
@@ -917,9 +940,9 @@ def bn_bwd_dx_kernel(
 @triton.jit
 def _ln2d_saved(ST, ei, em, E, ACC: tl.constexpr):
     shift = tl.load(ST + ei, mask=em, other=0.0).to(ACC)[None, :]
-    inv = tl.load(ST + E + ei, mask=em, other=1.0).to(ACC)[None, :]
-    cm = tl.load(ST + 2 * E + ei, mask=em, other=0.0).to(ACC)[None, :]
-    rstd = tl.load(ST + 3 * E + ei, mask=em, other=0.0).to(ACC)[None, :]
+    inv = tl.load(ST + _srow(1, E) + ei, mask=em, other=1.0).to(ACC)[None, :]
+    cm = tl.load(ST + _srow(2, E) + ei, mask=em, other=0.0).to(ACC)[None, :]
+    rstd = tl.load(ST + _srow(3, E) + ei, mask=em, other=0.0).to(ACC)[None, :]
     return shift, inv, cm, rstd
 
 
@@ -928,7 +951,7 @@ def ln2d_fwd_kernel(
     X, Y, W, B, ST, C, E, E2, s_c, s_e1, s_e2, eps, exp_bound,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
-    e0 = tl.program_id(0) * BE
+    e0 = _block_start(tl.program_id(0), BE, E)
     ei = e0 + tl.arange(0, BE)
     em = ei < E
     # 1. one read: per position the range of x and the moments of x - x0 (x0: its channel-0 value)
@@ -975,11 +998,11 @@ def ln2d_bwd_kernel(
     BCC: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    e0 = pid * BE
+    e0 = _block_start(pid, BE, E)
     ei = e0 + tl.arange(0, BE)
     em = ei < E
     shift, inv, cm, rstd = _ln2d_saved(ST, ei, em, E, ACC)
-    n = tl.load(ST + 5 * E + ei, mask=em, other=1.0).to(ACC)
+    n = tl.load(ST + _srow(5, E) + ei, mask=em, other=1.0).to(ACC)
     # 1. per position: sums of g = w * dy and g * x_hat; per channel: this block's dy * x_hat, dy
     a1 = tl.zeros([BCC, BE], ACC)
     a2 = tl.zeros([BCC, BE], ACC)
@@ -1101,7 +1124,7 @@ def proxy_act_fwd_kernel(
 ):
     slope = tl.load(SL).to(ACC)
     c0 = tl.program_id(0) * BCC
-    e_lo = tl.program_id(1) * CH
+    e_lo = _block_start(tl.program_id(1), CH, E)
     e_hi = tl.minimum(e_lo + CH, E)
     ci = c0 + tl.arange(0, BCC)
     cm = ci < C
@@ -1144,7 +1167,7 @@ def proxy_act_bwd_kernel(
     slope = tl.load(SL).to(ACC)
     c0 = tl.program_id(0) * BCC
     jc = tl.program_id(1)
-    e_lo = jc * CH
+    e_lo = _block_start(jc, CH, E)
     e_hi = tl.minimum(e_lo + CH, E)
     ci = c0 + tl.arange(0, BCC)
     cm = ci < C
@@ -1276,7 +1299,7 @@ def _gcl_tile(C, S, CH, nCB, BCC: tl.constexpr):
     n = pid // nCB
     ci = (pid % nCB) * BCC + tl.arange(0, BCC)
     jc = tl.program_id(1)
-    s_lo = jc * CH
+    s_lo = _block_start(jc, CH, S)
     return n, ci, ci < C, jc, s_lo, tl.minimum(s_lo + CH, S), n.to(tl.int64) * S * C
 
 
@@ -1290,9 +1313,9 @@ def _gcl_offsets(base, ci, cm, s0, s_hi, C, BE: tl.constexpr):
 def _gcl_saved(ST, k, cm, nsets, ACC: tl.constexpr):
     """Per channel of the tile (``k`` its set): shift, scale, mean of the scaled values, rstd, as columns."""
     shift = tl.load(ST + k, mask=cm, other=0.0).to(ACC)[:, None]
-    inv = tl.load(ST + nsets + k, mask=cm, other=1.0).to(ACC)[:, None]
-    cmean = tl.load(ST + 2 * nsets + k, mask=cm, other=0.0).to(ACC)[:, None]
-    rstd = tl.load(ST + 3 * nsets + k, mask=cm, other=0.0).to(ACC)[:, None]
+    inv = tl.load(ST + _srow(1, nsets) + k, mask=cm, other=1.0).to(ACC)[:, None]
+    cmean = tl.load(ST + _srow(2, nsets) + k, mask=cm, other=0.0).to(ACC)[:, None]
+    rstd = tl.load(ST + _srow(3, nsets) + k, mask=cm, other=0.0).to(ACC)[:, None]
     return shift, inv, cmean, rstd
 
 
@@ -1468,7 +1491,7 @@ def gcl_bwd_dx_kernel(
     n, ci, cm, jc, s_lo, s_hi, base = _gcl_tile(C, S, CH, nCB, BCC)
     k = n * G + ci // Cg
     shift, inv, cmean, rstd = _gcl_saved(ST, k, cm, nsets, ACC)
-    cnt = tl.load(ST + 5 * nsets + k, mask=cm, other=1.0).to(ACC)[:, None]
+    cnt = tl.load(ST + _srow(5, nsets) + k, mask=cm, other=1.0).to(ACC)[:, None]
     mg = tl.load(PA + k, mask=cm, other=0.0).to(ACC)[:, None] / cnt
     mgx = tl.load(PA + nsets + k, mask=cm, other=0.0).to(ACC)[:, None] / cnt
     rt = rstd * inv  # the true 1 / sqrt(var + eps)

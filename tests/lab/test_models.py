@@ -87,3 +87,21 @@ def test_randnet_random_affine_and_circular_padding() -> None:
 def test_vggish_has_six_convs() -> None:
     net = VGGish("bn", width=8)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 6
+
+
+def test_a_norm_layer_callable_without_an_activation_is_warned_about() -> None:
+    """The lab's models take norm + activation from norm_layer; torchvision's convention (a norm only)
+    built a network with no activation at all, silently."""
+    import functools
+    import warnings
+
+    import normkit
+    from normkit.lab.models import CNN4
+
+    with pytest.warns(UserWarning, match="norm_layer built BatchNorm2d, a norm without an activation"):
+        model = CNN4(torch.nn.BatchNorm2d)
+    assert not any(isinstance(m, (torch.nn.ReLU, normkit.nn.BatchNormAct2d)) for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CNN4(functools.partial(normkit.create_norm_act_layer, "gn:8"))
+        CNN4("gn:8")

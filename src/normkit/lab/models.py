@@ -19,6 +19,7 @@ Models (docs/EXPERIMENTS.md, E1..E5):
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -82,6 +83,31 @@ def is_instance_norm(spec: str) -> bool:
     return spec.strip().lower().split(":")[0].split("+")[0] in ("in", "in1d", "in2d", "in3d")
 
 
+def _warn_if_plain(make: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+    """``make``, warning once if what it builds is a norm without an activation: the lab's models take
+    their activations from ``norm_layer``, so such a network would have none."""
+    from ..nn._inspect import NormInfo, describe_norm
+
+    warned = False
+
+    def build(c: int) -> nn.Module:
+        nonlocal warned
+        layer = make(c)
+        info = describe_norm(layer)
+        if not warned and isinstance(info, NormInfo) and info.activation is None:
+            warned = True
+            warnings.warn(
+                f"norm_layer built {type(layer).__name__}, a norm without an activation: the lab's models "
+                "take the norm and its activation from norm_layer, so this network has no activation; pass "
+                "a spec ('gn:8') or a callable that returns norm + activation "
+                "(functools.partial(normkit.create_norm_act_layer, 'gn:8'))",
+                stacklevel=3,
+            )
+        return layer
+
+    return build
+
+
 def norm_act_factory(norm: NormLayer, activation: str = "relu") -> Callable[[int], nn.Module]:
     """``C -> norm + activation`` for a spec (through :func:`normkit.create_norm_act_layer`) or a callable.
 
@@ -90,7 +116,7 @@ def norm_act_factory(norm: NormLayer, activation: str = "relu") -> Callable[[int
         GroupNormAct2d(16, num_groups=4, eps=1e-05, affine=True, bias=True, activation=relu)
     """
     if callable(norm):
-        return norm
+        return _warn_if_plain(norm)
     spec = check_norm_spec(norm)
     return lambda c: create_norm_act_layer(spec, c, activation)
 

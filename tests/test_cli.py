@@ -304,6 +304,18 @@ def test_every_setting_is_checked_before_any_work(
     assert not out.exists() or not any(out.iterdir())  # no stub run folder
 
 
+@pytest.mark.parametrize("flag, value", [("--jobs", "abc"), ("--threads", "2.5")])
+def test_a_count_that_is_not_a_number_says_what_it_expects(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said "invalid parse_auto_int value", naming an internal function."""
+    with pytest.raises(SystemExit) as e:
+        main(["compare", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "parse_auto_int" not in err
+    assert f"argument {flag}: expected a whole number or 'auto', got '{value}'" in err
+
+
 @pytest.mark.parametrize("sub", ["compare", "power", "lr-sweep", "landscape", "report"])
 def test_an_unwritable_out_is_one_line_before_any_work(sub: str, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")

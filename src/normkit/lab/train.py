@@ -137,13 +137,19 @@ def has_batch_stats(model: nn.Module) -> bool:
 
     Example:
         >>> from normkit.lab.models import CNN4
-        >>> has_batch_stats(CNN4("bn")), has_batch_stats(CNN4("gn:8"))
-        (True, False)
+        >>> has_batch_stats(CNN4("bn")), has_batch_stats(CNN4("gn:8")), has_batch_stats(CNN4("frozen_bn"))
+        (True, False, False)
     """
+    from ..nn.batch_norm_family import _FrozenBatchNorm
+    from ..surgery.freeze import _EvalPinned
+
     for m in model.modules():
         rm = getattr(m, "running_mean", None)
-        if isinstance(rm, Tensor) and "Batch" in type(m).__name__:
-            return True
+        if not isinstance(rm, Tensor) or "Batch" not in type(m).__name__ or isinstance(m, _EvalPinned):
+            continue
+        if isinstance(m, _FrozenBatchNorm) and m.use_running_stats:
+            continue  # (frozen: its running statistics in training too)
+        return True
     return False
 
 

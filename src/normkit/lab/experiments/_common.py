@@ -161,7 +161,11 @@ def parse_auto_int(text: str) -> int | None:
     """
     if text.strip().lower() == "auto":
         return None
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        # (argparse prints this message; a bare ValueError would name this function instead)
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
 
 
 def _fmt_default(value: Any) -> str:

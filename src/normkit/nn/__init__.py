@@ -1,5 +1,6 @@
 """normkit.nn: drop-in torch.nn normalization modules built on normkit.functional."""
 
+from . import registry
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .batch_norm_family import (
     BatchNormalization,
@@ -34,7 +35,6 @@ from .norm_act import (
     LayerNormAct2d,
     create_norm_act_layer,
 )
-from . import registry
 from .optim import param_groups
 from .proxy_norm import GroupNormProxyAct2d, ProxyNormAct
 from .registry import available_norms, create_norm_layer, default_groups, get_norm_layer, register_norm

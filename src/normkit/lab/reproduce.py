@@ -12,7 +12,7 @@ Seeds: E1 is decided at B=2, where BN's error over seeds has spread from ±0.4 t
 two CPUs of the same kind. Each verdict is printed with its margin (the distance to its threshold)
 and the standard error of that margin over the seeds, and called *holding* only when the margin is
 more than 2 standard errors from 0. With ``n`` seeds per cell the standard error of a difference of
-two cells is ``sigma * sqrt(2 / n)``; the default ``n = 5`` puts 2 SE at 6.9 pt for the worst
+two cells is ``sigma * sqrt(2 / n)``; the default ``n = 5`` puts 2 SE at 9.7 pt for the worst
 spread seen (7.7 pt), well under E1 (i)'s and (iii)'s margins at B=2 (about 25 pt), so the B=2
 spread cannot decide them; verdicts with margins of a few tenths of a point (a test image is 0.28
 pt) are reported as not decided rather than forced either way.

@@ -78,6 +78,26 @@ def _status_text(run: Path) -> str:
     return f"{manifest.get('status', '?')}{done}"
 
 
+def run_command(argv: list[str]) -> str:
+    """The command that started a run, from its recorded ``sys.argv``: ``normkit ...`` for the CLI, the
+    script for a run started from Python.
+
+    Example:
+        >>> run_command(["/venv/bin/normkit", "compare", "--seeds", "0"]), run_command(["exp.py", "2"])
+        ('normkit compare --seeds 0', 'python exp.py 2')
+        >>> run_command([""]), run_command([])
+        ('(from Python, interactively)', '(not recorded)')
+    """
+    if not argv:
+        return "(not recorded)"
+    first = argv[0].replace("\\", "/")
+    if first.rsplit("/", 1)[-1] == "normkit" or first.endswith(("normkit/__main__.py", "normkit/cli.py")):
+        return " ".join(["normkit", *argv[1:]])
+    if first in ("", "-c"):
+        return "(from Python, interactively)"
+    return " ".join(["python", *argv])
+
+
 def _section(run: Path, out_dir: Path) -> str:
     cfg = _read_json(run / "config.json")
     env = _read_json(run / "env.json")
@@ -102,8 +122,7 @@ def _section(run: Path, out_dir: Path) -> str:
             return m.group(0)
         return f"![{m.group(1)}]({(rel / target).as_posix()})"
 
-    argv = env.get("argv") or []
-    command = " ".join(["normkit", *argv[1:]]) if argv else "(not recorded)"
+    command = run_command(env.get("argv") or [])
     facts = [f"run folder `{run.name}`", f"status {status}", f"command `{command}`"]
     if env:
         facts.append(environment_line(env))

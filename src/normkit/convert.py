@@ -1,4 +1,4 @@
-"""Convert batch-norm layers between Keras's and PyTorch's conventions, losslessly.
+"""Convert batch-norm layers between Keras's and PyTorch's conventions, without changing what they compute.
 
 The two frameworks store the same layer differently:
 
@@ -22,6 +22,13 @@ conversions, chosen with ``count``:
 * ``count=m`` (the per-channel count of the batches the statistics came from, ``N*H*W``): apply
   Bessel's factor ``m / (m - 1)`` (Keras -> PyTorch) or its inverse, giving each framework's
   own convention, as if the layer had been trained there.
+
+What Keras's layer has no field for is not carried: ``num_batches_tracked`` (a layer from Keras
+starts at 0, which matters only with ``momentum=None``) and PyTorch's variance convention itself,
+so a PyTorch -> Keras -> PyTorch round trip with ``count=None`` gives a layer with the same
+weights, statistics and eval output that updates its running variance as Keras does
+(``unbiased_running_var=False``); set ``unbiased_running_var = True`` on it to get PyTorch's update
+back.
 """
 
 from __future__ import annotations

@@ -397,6 +397,9 @@ def mismatch_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
                 progress=False,
             )
         ),
+        # the module form: SyncBatchNorm(3) on rank 0, SyncBatchNorm(5) on rank 1 (gloo aborted rank 0
+        # and gave rank 1 NaN); inputs that fit each process's own layer
+        "module_channels": _raised(lambda: normkit.nn.SyncBatchNorm(3 + 2 * rank).train()(other)),
         # the group still works afterwards: nothing was left half-done
         "after": F.sync_batch_norm(c3, training=True).output.shape,
     }

@@ -361,6 +361,7 @@ def test_processes_that_disagree_on_sizes_all_raise_a_clear_error(world2: list[d
     r0, r1 = (r["mismatch"] for r in world2)
     for key, words in {
         "functional_channels": ["same channel count", "[3, 5]"],
+        "module_channels": ["SyncBatchNorm: expected the same channel count", "[3, 5]"],
         "buffers_sizes": ["same normalization buffers", "[7, 9]"],
         "buffers_none_on_1": ["same normalization buffers", "[7, 0]"],
         "recalibrate_sizes": ["same BN layers", "between 3 and 4"],

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..functional._collective import group_size
 from ..functional.activations import ActivationLike
-from ..functional.sync_batch_norm import sync_batch_norm_train
+from ..functional.sync_batch_norm import _agree_eagerly, sync_batch_norm_train
 from ._base import fx_leaf
 from .batch_norm import _BatchNorm, _check_dims
 from .norm_act import _act_repr, _ActMixin
@@ -112,6 +112,12 @@ class SyncBatchNorm(_BatchNorm):
             return leaf
         tracking = self._tracking
         name = type(self).__name__
+        if self.__dict__.get("_agreed_with") != id(self.process_group):
+            # Once per group: every process's channel count is the same (mismatched counts made gloo
+            # abort one process and hand the others NaN); a small collective, on the first forward only.
+            params = (self.weight, self.bias, self.running_mean if tracking else None)
+            _agree_eagerly(x, params, self.eps, self.momentum, self.process_group, name)
+            self.__dict__["_agreed_with"] = id(self.process_group)
         out = sync_batch_norm_train(
             x,
             self.running_mean if tracking else None,

@@ -843,6 +843,8 @@ def _points(points: Tensor, dtype: torch.dtype) -> Tensor:
     """
     if points.dtype == dtype and points.is_contiguous():
         return points.detach()
+    if points.is_inference():  # (an inference tensor has no version counter to key a cache on)
+        return points.detach().to(dtype).contiguous()
     key = (id(points), points.data_ptr(), points._version, points.shape[0], dtype)
     hit = _U_CACHE.get(key)
     if hit is not None and hit[0]() is points:

@@ -132,6 +132,15 @@ def epoch_batches(
     return [perm[s * glob + rank * batch_size : s * glob + (rank + 1) * batch_size] for s in range(steps)]
 
 
+def _any_process(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any process of the default group (one small all_reduce)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def has_batch_stats(model: nn.Module) -> bool:
     """Whether the model has layers whose train-mode output depends on the batch (BN with running stats).
 
@@ -277,10 +286,13 @@ def train_classifier(
             loss_value = loss.detach().item()
             if step == 0:
                 result.first_loss = loss_value
-            if not math.isfinite(loss_value) or (
+            bad = not math.isfinite(loss_value) or (
                 cfg.diverge_factor is not None
                 and loss_value > cfg.diverge_factor * max(result.first_loss, math.log(data.num_classes))
-            ):
+            )
+            if world_size > 1:  # every process stops at the same step (one going on would wait forever)
+                bad = _any_process(bad, device)
+            if bad:
                 result.diverged = True
                 break
             optimizer.zero_grad(set_to_none=True)

@@ -33,6 +33,7 @@ def _plain_eager(x: Tensor) -> bool:
         and not torch.jit.is_tracing()  # pyright: ignore[reportPrivateImportUsage]
         and _get_current_dispatch_mode() is None
         and torch._C._has_storage(x)
+        and not x.is_inference()  # (no version counter; and no backward to recompute anything for)
     )
 
 

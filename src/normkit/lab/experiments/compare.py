@@ -22,6 +22,7 @@ unchanged).
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import pickle
@@ -570,7 +571,10 @@ def _init_distributed(world: int, device: torch.device) -> None:
     if not dist.is_available():
         raise NotAvailableError("torch.distributed is not available in this torch build")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # (a process left waiting on the others fails after 10 minutes, not torch's default 30)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10)
+        )
 
 
 _DATA_CACHE: dict[tuple[str, int | None, int | None], Any] = {}

@@ -7,6 +7,7 @@ return plain tensors, numbers and strings; they assert nothing themselves.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,10 +149,14 @@ def sync_bn_case(rank: int, case: dict[str, Any], group: Any = None) -> dict[str
         y = layer(x) if mask is None else layer(x, mask[sl])
         forward_counts = dict(counts)
         y.backward(dy)
+    twin = copy.deepcopy(layer)  # (its buffers apart) a later forward of the same layer
+    with count_collectives() as later:
+        twin(x.detach()) if mask is None else twin(x.detach(), mask[sl])
     out: dict[str, Any] = {
         "y": y.detach(),
         "dx": x.grad,
         "forward_collectives": forward_counts,
+        "later_forward_collectives": dict(later),
         "collectives": dict(counts),
         "y_channels_last": y.is_contiguous(memory_format=torch.channels_last) if y.dim() == 4 else None,
         "dx_channels_last": x.grad.is_contiguous(memory_format=torch.channels_last) if y.dim() == 4 else None,
@@ -405,6 +410,38 @@ def mismatch_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def diverge_on_one_rank(rank: int, case: dict[str, Any]) -> dict[str, Any]:
+    """The lab's training loop where only rank 1's loss turns NaN (at its third step): every process
+    must stop there as diverged (rank 0 went on alone: under DDP it then waited in a collective)."""
+    from normkit.lab.data import Dataset
+    from normkit.lab.train import TrainConfig, train_classifier
+
+    class NanOnRank1(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.calls = nn.Linear(4, 3), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            out = self.lin(x.flatten(1))
+            return out * float("nan") if rank == 1 and self.calls == 3 and self.training else out
+
+    g = torch.Generator().manual_seed(0)
+    data = Dataset(
+        "toy",
+        torch.randn(32, 1, 2, 2, generator=g),
+        torch.arange(32) % 3,
+        torch.randn(8, 1, 2, 2),
+        torch.arange(8) % 3,
+        3,
+    )
+    torch.manual_seed(0)
+    res = train_classifier(
+        NanOnRank1(), data, TrainConfig(epochs=2, batch_size=4, warmup_epochs=0), world_size=2, rank=rank
+    )
+    return {"diverged": res.diverged, "steps": res.steps}
+
+
 TASKS = {
     "functional": functional_case,
     "sync_bn": sync_bn_case,
@@ -415,6 +452,7 @@ TASKS = {
     "recalibrate": recalibrate_case,
     "buffers": buffers_case,
     "mismatch": mismatch_case,
+    "diverge": diverge_on_one_rank,
 }
 
 

@@ -100,6 +100,7 @@ def payload(world: int) -> list[tuple[str, str, dict[str, Any]]]:
             ("recalibrate", "recalibrate", RECAL[2]),
             ("recalibrate_extra", "recalibrate", RECAL_EXTRA[2]),
         ]
+        tasks += [("diverge", "diverge", {})]
         tasks += [("mismatch", "mismatch", {})]  # last: a regression aborts the processes
     else:
         tasks += [("subgroup", "subgroup", SUBGROUP)]

@@ -84,3 +84,10 @@ def test_torchrun_two_processes_gloo_sync_bn(tmp_path: Path) -> None:
     finals = {r["norm"]: r for r in _finals(run)}
     assert finals["bn"]["sync_bn_layers"] == 5 and finals["gn:8"]["sync_bn_layers"] == 0
     assert all(r["steps"] == 2 for r in finals.values())
+
+
+def test_a_run_that_diverges_on_one_process_stops_on_every_process(world2) -> None:
+    """Only rank 1's loss turns NaN (its third step): both processes stop there as diverged (rank 0 went
+    on alone; under DDP it then waited in the next collective for torch's 30-minute timeout)."""
+    r0, r1 = (r["diverge"] for r in world2)
+    assert r0 == r1 == {"diverged": True, "steps": 2}

@@ -389,8 +389,9 @@ def test_two_processes_pool_their_statistics(world2: list[dict[str, Any]], key: 
             torch.testing.assert_close(got["buffers"][f"{i}.running_mean"], mean, **TOL)
             torch.testing.assert_close(got["buffers"][f"{i}.running_var"], var, **TOL)
             assert int(got["buffers"][f"{i}.num_batches_tracked"]) == 0
-        # 3 SyncBN forwards + 1 pooling all_gather; 4 lockstep all_reduces (3 go, 1 stop)
-        assert got["collectives"] == {"all_gather": 4, "all_reduce": 4}
+        # 3 SyncBN forwards + the layer's channel-count check on its first forward + 1 pooling all_gather;
+        # 4 lockstep all_reduces (3 go, 1 stop)
+        assert got["collectives"] == {"all_gather": 5, "all_reduce": 4}
     for k, v in world2[0][key]["buffers"].items():
         assert torch.equal(world2[1][key]["buffers"][k], v), k
     if key == "recalibrate_extra":  # rank 1 had one more batch: stopped with rank 0, no hang, same result

@@ -484,3 +484,20 @@ def test_report_names_the_skipped_unfinished_run_and_its_progress(
     assert str(run) in err  # how to report it: its folder
     assert main(["report", "--runs-root", str(runs), "--all"]) == 0
     assert "1 of 2 trainings finished" in (runs / "report.md").read_text()
+
+
+def test_version_and_python_dash_m(capsys: pytest.CaptureFixture[str]) -> None:
+    """``normkit --version`` and ``python -m normkit`` (neither existed: "the following arguments are
+    required: COMMAND", "No module named normkit.__main__")."""
+    import subprocess
+    import sys
+
+    import normkit
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"normkit {normkit.__version__}"
+    out = subprocess.run(
+        [sys.executable, "-m", "normkit", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == f"normkit {normkit.__version__}", out.stderr

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'normkit compare' for the main job (3 to 6 minutes on 2 CPU cores). Results measured "
         "here: docs/RESULTS.md.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"normkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

@@ -33,11 +33,18 @@ def test_a_lock_left_by_a_killed_build_does_not_stall_the_next_load(tmp_path: Pa
     (dst / "lock").touch()  # what a process killed inside cpp_extension.load leaves behind
     if (dst / "autograd").is_dir():
         (dst / "autograd" / "lock").touch()
+    # the folder as a build killed while holding it leaves it; the finished build is loaded as is (no
+    # lock taken), and the next build's lock clears what the killed one left
     code = textwrap.dedent(
-        """
+        f"""
+        from pathlib import Path
         from normkit.kernels import _build
         assert _build.load(), _build.load_error()
         print("loaded", _build.autograd_module() is not None, _build.autograd_error())
+        for d in (Path({str(dst)!r}), Path({str(dst / "autograd")!r})):
+            if d.is_dir():
+                with _build.exclusive(d):
+                    pass
         """
     )
     env = {**os.environ, "NORMKIT_CACHE": str(tmp_path)}
@@ -134,3 +141,64 @@ def test_a_moment_of_waiting_says_nothing(tmp_path: Path, capfd: pytest.CaptureF
             holder.stdout.close()
     assert 0.05 < waited < 2.0, waited  # it did wait for the holder
     assert "waiting" not in capfd.readouterr().err
+
+
+def _copy_of_the_build(tmp_path: Path) -> Path:
+    assert _build.load(), _build.load_error()
+    _build.autograd_module()
+    src = _build.build_dir()
+    dst = tmp_path / "kernels" / src.name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("lock", "normkit.lock"))
+    return dst
+
+
+def test_a_truncated_library_is_not_loaded(tmp_path: Path) -> None:
+    """A library cut short (a build killed while linking, a full disk, a partial copy of the cache) killed
+    every process that loaded it (SIGBUS, exit 135), ``normkit kernels build`` too. Only a library whose
+    digest matches the one its build recorded is loaded: here, with building off, the norms run on the
+    reference backend and say why."""
+    dst = _copy_of_the_build(tmp_path)
+    so = dst / "normkit_cpu.so"
+    with open(so, "r+b") as f:
+        f.truncate(so.stat().st_size // 3)
+    code = textwrap.dedent(
+        """
+        import torch, normkit
+        from normkit.kernels import _build
+        x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+        y = normkit.nn.BatchNorm2d(6).double()(x)
+        want = torch.nn.BatchNorm2d(6).double()(x)
+        print("ok", _build.load(), float((y - want).abs().max()), _build.load_error())
+        """
+    )
+    env = {**os.environ, "NORMKIT_CACHE": str(tmp_path), "NORMKIT_NO_BUILD": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    ok, loaded, err, *why = out.stdout.split(maxsplit=3)
+    assert ok == "ok" and loaded == "False" and float(err) < 1e-12, out.stdout
+    assert "NORMKIT_NO_BUILD is set" in out.stdout and "no finished build" in out.stdout
+
+
+def test_a_finished_build_loads_read_only_and_names_its_own_sources(tmp_path: Path) -> None:
+    """A finished build is loaded without a lock, so a read-only cache (baked into an image) works (the
+    lock file could not be opened: every norm fell back); its build names the source copied into the
+    folder, so two installs of the same normkit sharing a cache do not rebuild for each other."""
+    dst = _copy_of_the_build(tmp_path)
+    built = _build.build_dir()
+    assert str(built / "src" / "norm_cpu.cpp") in (built / "build.ninja").read_text()
+    for p in sorted(dst.rglob("*"), reverse=True):
+        p.chmod(p.stat().st_mode & 0o555)
+    dst.chmod(0o555)
+    try:
+        code = (
+            "from normkit.kernels import _build\nprint(_build.load(), _build.autograd_module() is not None)"
+        )
+        env = {**os.environ, "NORMKIT_CACHE": str(tmp_path)}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        for p in [dst, *dst.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "True"], out.stdout + out.stderr[-2000:]
+    assert "compiling" not in out.stderr

@@ -129,7 +129,7 @@ def use(backend: str) -> Iterator[None]:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "cpu" and not _build.load():
         why = _build.load_error() or (
-            "not built, and NORMKIT_NO_BUILD is set" if os.environ.get("NORMKIT_NO_BUILD") else "not built"
+            "not built, and NORMKIT_NO_BUILD is set" if _build._no_build() else "not built"
         )
         raise RuntimeError(
             f"normkit: the fused CPU kernels are not available ({why}); `normkit kernels build` builds them"

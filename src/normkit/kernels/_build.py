@@ -3,9 +3,12 @@
 The extension is compiled once per machine and torch version, on first use or ahead of time with
 ``normkit kernels build`` (about 40 s with g++ and ninja), into an on-disk cache:
 ``$NORMKIT_CACHE`` or ``~/.cache/normkit`` (``$XDG_CACHE_HOME/normkit``), under a folder named
-after the torch version and the CPU's vector extensions, since the kernels are compiled for the
-machine they run on (``-march=native``). ``torch.utils.cpp_extension.load`` rebuilds when the
-source changes. Set ``NORMKIT_NO_BUILD=1`` to never compile (a cached build is still used).
+after the torch version, the CPU's vector extensions (the kernels are compiled for the machine they
+run on, ``-march=native``) and a hash of the sources and flags (each normkit version builds its
+own). A finished build records its library's digest; a library that does not match it (cut
+short) is never loaded but rebuilt, and a matching one is loaded as is, without a lock or a
+compiler (a read-only cache works). Set ``NORMKIT_NO_BUILD=1`` to never compile (a finished build
+is still used).
 
 It is written against the LibTorch stable ABI (``STABLE_TORCH_LIBRARY``): the kernels only touch
 memory the Python side allocated, and need nothing from torch but ``parallel_for``.
@@ -77,13 +80,76 @@ def build_dir() -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME")
         base = (Path(xdg) if xdg else Path.home() / ".cache") / "normkit"
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return base / "kernels" / f"torch{torch.__version__.replace('+', '_')}-{py}-{_cpu_tag()}"
+    name = f"torch{torch.__version__.replace('+', '_')}-{py}-{_cpu_tag()}-src{_source_tag()}"
+    return base / "kernels" / name
+
+
+def _source_tag() -> str:
+    """The kernels' sources and flags, hashed: each version of normkit builds into its own folder (two
+    installs sharing a cache rebuilt it for each other, in turn)."""
+    h = hashlib.sha1()
+    for src in (_SOURCE, _AUTOGRAD_SOURCE):
+        h.update(src.read_bytes())
+    h.update(" ".join(CFLAGS).encode())
+    return h.hexdigest()[:10]
 
 
 def is_built() -> bool:
-    """Whether a compiled extension is in the cache (it may still be rebuilt if the source changed)."""
+    """Whether a compiled extension is in the cache."""
     d = build_dir()
     return d.is_dir() and any(d.glob(f"{_NAME}*.so"))
+
+
+def _no_build() -> bool:
+    """``NORMKIT_NO_BUILD`` set to anything but empty, 0, false, no or off."""
+    return os.environ.get("NORMKIT_NO_BUILD", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _sealed(so: Path) -> bool:
+    """Whether ``so`` is the complete file a finished build left (its digest as recorded then): a
+    truncated library (a build killed while linking, a full disk, a partial copy) crashed every
+    process that loaded it with SIGBUS."""
+    try:
+        return (so.parent / (so.name + ".sha256")).read_text().strip() == _digest(so)
+    except OSError:
+        return False
+
+
+def _seal(so: Path) -> None:
+    with contextlib.suppress(OSError):  # (a read-only cache: it is only checked, never sealed)
+        tmp = so.parent / (so.name + ".sha256.tmp")
+        tmp.write_text(_digest(so))
+        tmp.replace(so.parent / (so.name + ".sha256"))
+
+
+def _staged(d: Path, src: Path) -> Path:
+    """``src`` copied into the build folder: the build then names the same path whichever install of
+    this normkit built it (a different path made ninja rebuild)."""
+    dst = d / "src" / src.name
+    data = src.read_bytes()
+    try:
+        if not dst.is_file() or dst.read_bytes() != data:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(dst)
+    except OSError:
+        return src
+    return dst
+
+
+def _build_cause(e: BaseException) -> str:
+    """The line of a failed build that says why (``c++: not found``, the compiler's ``error:``)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for pattern in ("not found", "error:", "fatal", "No such file"):
+        hit = next((line for line in lines if pattern in line), None)
+        if hit is not None:
+            return hit[:300]
+    return lines[0][:300] if lines else type(e).__name__
 
 
 @contextlib.contextmanager
@@ -175,44 +241,56 @@ def load(build: bool = True, verbose: bool = False) -> bool:
         if _state["tried"] and not verbose:
             return False
         _state["tried"] = True
-        if os.environ.get("NORMKIT_NO_BUILD") and not is_built():
+        d = build_dir()
+        so = d / f"{_NAME}.so"
+        if not verbose and _sealed(so):  # a finished build of these sources: no lock, no ninja
+            return _loaded(so)
+        if _no_build():
+            _state["error"] = f"NORMKIT_NO_BUILD is set and {d} holds no finished build"
             return False
         try:
             from torch.utils import cpp_extension
 
-            d = build_dir()
             d.mkdir(parents=True, exist_ok=True)
-            if not is_built() and not verbose:
-                print(
-                    "normkit: compiling the fused CPU kernels once (about 40 s; `normkit kernels build` does "
-                    f"it ahead of time) into {d}",
-                    file=sys.stderr,
-                    flush=True,
-                )
             with exclusive(d):
+                if not verbose and _sealed(so):  # another process built it while this one waited
+                    return _loaded(so)
+                with contextlib.suppress(OSError):
+                    so.unlink()  # (unsealed: possibly cut short; ninja would take it as up to date)
+                if not verbose:
+                    print(
+                        "normkit: compiling the fused CPU kernels once (about 40 s; `normkit kernels build` "
+                        f"does it ahead of time) into {d}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 path = cpp_extension.load(
                     name=_NAME,
-                    sources=[str(_SOURCE)],
+                    sources=[str(_staged(d, _SOURCE))],
                     extra_cflags=list(CFLAGS),
                     build_directory=str(d),
                     is_python_module=False,
                     verbose=verbose,
                 )
-            _state["lib"] = _bind(str(path))
-            _state["loaded"] = True
-            _state["error"] = None
-            return True
+                _seal(Path(str(path)))
+            return _loaded(Path(str(path)))
         except Exception as e:  # no compiler, no ninja, a compile error: keep working without the kernels
             _state["error"] = f"{type(e).__name__}: {e}".strip()
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             warnings.warn(
-                f"normkit: the fused CPU kernels could not be built ({first}); normkit runs on its reference "
-                "backend instead (correct, slower). `normkit kernels build --verbose` shows the compiler's "
-                "output.",
+                f"normkit: the fused CPU kernels could not be built ({_build_cause(e)}); normkit runs on its "
+                "reference backend instead (correct, slower). `normkit kernels build --verbose` shows the "
+                "compiler's output.",
                 KernelBuildWarning,
                 stacklevel=3,
             )
             return False
+
+
+def _loaded(so: Path) -> bool:
+    _state["lib"] = _bind(str(so))
+    _state["loaded"] = True
+    _state["error"] = None
+    return True
 
 
 def _bind(path: str) -> ctypes.CDLL:
@@ -329,28 +407,16 @@ def autograd_module(build: bool = True, verbose: bool = False) -> object | None:
         if _autograd["module"] is not None:
             return _autograd["module"]
         d = build_dir() / "autograd"
-        built = any(d.glob(f"{_AUTOGRAD_NAME}*.so"))
-        if not built and (not build or os.environ.get("NORMKIT_NO_BUILD")):
+        so_path = d / f"{_AUTOGRAD_NAME}.so"
+        sealed = not verbose and _sealed(so_path)
+        if not sealed and (not build or _no_build()):
             return None
         _autograd["tried"] = True
         try:
-            from torch.utils import cpp_extension
-
-            d.mkdir(parents=True, exist_ok=True)
-            if not built and not verbose:
-                print(
-                    "normkit: compiling the fused layers' autograd node once (about 35 s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            with exclusive(d):
-                mod = cpp_extension.load(
-                    name=_AUTOGRAD_NAME,
-                    sources=[str(_AUTOGRAD_SOURCE)],
-                    extra_cflags=["-O2"],
-                    build_directory=str(d),
-                    verbose=verbose,
-                )
+            if sealed:  # a finished build of these sources: imported as is (no lock, no ninja)
+                mod = _import_extension(so_path)
+            else:
+                mod = _build_autograd(d, so_path, verbose)
             so = lib()
             entries = (
                 so.normkit_forward,
@@ -368,6 +434,44 @@ def autograd_module(build: bool = True, verbose: bool = False) -> object | None:
         except Exception as e:  # optional: the Python Function does the same job, a little slower
             _autograd["error"] = f"{type(e).__name__}: {e}".strip()
             return None
+
+
+def _import_extension(so: Path) -> object:
+    """The Python extension module ``so``, imported from its path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(_AUTOGRAD_NAME, so)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _build_autograd(d: Path, so: Path, verbose: bool) -> object:
+    from torch.utils import cpp_extension
+
+    d.mkdir(parents=True, exist_ok=True)
+    with exclusive(d):
+        if not verbose and _sealed(so):  # another process built it while this one waited
+            return _import_extension(so)
+        with contextlib.suppress(OSError):
+            so.unlink()  # (unsealed: possibly cut short)
+        if not verbose:
+            print(
+                "normkit: compiling the fused layers' autograd node once (about 35 s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        mod = cpp_extension.load(
+            name=_AUTOGRAD_NAME,
+            sources=[str(_staged(d, _AUTOGRAD_SOURCE))],
+            extra_cflags=["-O2"],
+            build_directory=str(d),
+            verbose=verbose,
+        )
+        if so.is_file():
+            _seal(so)
+    return mod
 
 
 def autograd_error() -> str | None:

@@ -328,8 +328,9 @@ def recalibrate_bn(
         warnings.warn(
             f"{op}: non-finite statistics (a NaN or Inf value in the input, or an overflow) in {len(partly)} "
             "BN layer(s); each such input batch was left out of the statistics of the channels it made "
-            "non-finite (the other channels and batches are pooled as usual) and counted in the layer's "
-            "num_skipped_updates: " + "; ".join(partly) + "; check the data (or the model) for NaN/Inf",
+            "non-finite (the other channels and batches are pooled as usual; counted in num_skipped_updates "
+            "where the layer has one, as normkit's do): " + "; ".join(partly) + "; check the data (or the "
+            "model) for NaN/Inf",
             UserWarning,
             stacklevel=2,
         )

@@ -501,11 +501,14 @@ def status() -> str:
     lines = [
         f"backend: {current()}  (choices: {', '.join(BACKENDS)}; NORMKIT_BACKEND or normkit.kernels.use)"
     ]
-    built = is_built()
+    built = _build._sealed(build_dir() / "normkit_cpu.so")
     loaded = bool(_build._state["loaded"])
-    lines.append(
-        f"fused CPU kernels: {'loaded' if loaded else 'built' if built else 'not built'}  ({build_dir()})"
-    )
+    state = "loaded" if loaded else "built" if built else "not built"
+    if not loaded and not built and is_built():
+        state = "not built (an unfinished build is in the cache: rebuilt on first use)"
+    if not loaded and not built and _build._no_build():
+        state += "; NORMKIT_NO_BUILD is set: nothing is compiled"
+    lines.append(f"fused CPU kernels: {state}  ({build_dir()})")
     err = _build.load_error()
     if err:
         lines.append(f"  last build error: {err.splitlines()[0]}")

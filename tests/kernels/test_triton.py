@@ -1491,7 +1491,7 @@ _NK = importlib.import_module("normkit.kernels.triton._kernels")
 @triton.jit
 def _index_probe(OUT, NC, M, nsets, J, B, E):
     tl.store(OUT, _NK._count(NC, M))
-    tl.store(OUT + 1, _NK._srow(5, nsets))
+    tl.store(OUT + 1, _NK._srow(5, nsets, True))
     tl.store(OUT + 2, _NK._block_start(J, B, E))
 
 
@@ -1508,7 +1508,44 @@ def test_kernel_index_helpers_do_not_overflow_int32(args, expected):
     # Triton passes each integer that fits as an int32, so a product of two (a set's NC * M values,
     # the offset of a statistic row 5 * nsets, a block's start j * B) wrapped past 2^31, silently
     # (the interpreter wraps as the GPU does). A set that large, or 429M LayerNorm2d positions, is
-    # gigabytes: the helpers every kernel takes those products from are checked here instead.
+    # gigabytes: the helpers every kernel takes those products from are checked here instead (the
+    # statistic rows as launched WIDE: test_wide_statistic_rows_give_the_same_norms runs those kernels).
     out = torch.zeros(3, dtype=torch.int64, device=DEVICE)
     _index_probe[(1,)](out, *args)
     assert out.cpu().tolist() == expected
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_wide_statistic_rows_give_the_same_norms(layout, monkeypatch):
+    # the kernels' WIDE variants (int64 offsets of the saved statistic rows, launched where six rows
+    # of nsets pass 2^31 values) forced on small inputs: the same outputs and gradients as the float64
+    # oracle, on each kernel family that takes it (per set, channels-last GroupNorm, LayerNorm2d's
+    # blocks and short rows; GroupNorm + Proxy Norm's step fused)
+    from normkit.kernels import triton as nkt
+    from normkit.nn import GroupNormProxyAct2d
+
+    widened = []
+    real = nkt._wide
+    monkeypatch.setattr(nkt, "_FORCE_WIDE", True)
+    monkeypatch.setattr(nkt, "_wide", lambda n: widened.append(n) or real(n))
+    for name in ("gn2", "in", "ln2d", "ln_chw"):
+        y, yo, got, exp, _ = _case(name, (2, 6, 5, 4), torch.float32, layout, seed=95)
+        _close(y, yo, TOL[torch.float32])
+        for a, e in zip(got, exp):
+            _close(a, e, GTOL[torch.float32])
+    layer = GroupNormProxyAct2d(6, num_groups=2).double()
+    x = torch.randn(2, 6, 5, 4, dtype=F64, generator=torch.Generator().manual_seed(96))
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    with kernels.use("reference"):
+        xr = x.clone().requires_grad_()
+        yr = layer(xr)
+        yr.sum().backward()
+    lt = copy.deepcopy(layer).to(DEVICE)
+    xt = x.to(DEVICE).requires_grad_()
+    with kernels.use("triton"):
+        yt = lt(xt)
+        yt.sum().backward()
+    _close(yt.detach().cpu(), yr.detach(), TOL[F64])
+    _close(xt.grad.cpu(), xr.grad, GTOL[F64])
+    assert len(widened) >= 10, widened

@@ -169,6 +169,21 @@ def drive(dtypes: list[torch.dtype], acts: list[str]) -> None:
                 _run(lambda x, w: F.layer_norm(x, x.shape[1:], w, None), x, lw)
                 _run(lambda x: F.layer_norm(x, x.shape[-1:]), x)
             nkt._FORCE_CHUNK = None
+        if dtype == dtypes[0]:  # the WIDE variants (int64 statistic rows, launched past ~358M sets)
+            nkt._FORCE_WIDE = True
+            for layout in ("nchw", "cl"):
+                x = torch.zeros((3, 64, 9, 7), dtype=dtype)
+                if layout == "cl":
+                    x = x.to(memory_format=torch.channels_last)
+                x.requires_grad_()
+                w = torch.ones(64, dtype=pd, requires_grad=True)
+                b = torch.zeros(64, dtype=pd, requires_grad=True)
+                _run(lambda x, *p: F.group_norm(x, 32, *p), x, w, b)
+                _run(lambda x, *p: F.layer_norm_2d(x, *p), x, w, b)
+                _run(lambda x: F.layer_norm(x, x.shape[-1:]), x)
+                layer = GroupNormProxyAct2d(64, num_groups=32, activation=acts[0]).to(dtype)
+                _run(layer, x)
+            nkt._FORCE_WIDE = False
         for layout in ("nchw", "cl"):
             x = torch.zeros(3, 8, 5, 6, dtype=dtype)
             if layout == "cl":

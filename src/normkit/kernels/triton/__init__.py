@@ -368,6 +368,17 @@ def _tiling(x: Tensor, p: Plan) -> tuple[int, tuple[int, ...], int, int, bool, i
     return got
 
 
+# The saved statistics are six rows of ``nsets``: kernels address row ``r`` at ``r * nsets`` in int32
+# (Triton passes a size that fits as int32) unless the launch says ``WIDE`` (int64 row offsets, a
+# variant of its own: an int64 offset cost some kernels registers). Tests set ``_FORCE_WIDE``.
+_FORCE_WIDE = False
+
+
+def _wide(nsets: int) -> bool:
+    """Whether the saved statistics of ``nsets`` sets pass int32 offsets (the kernels' ``WIDE``)."""
+    return _FORCE_WIDE or 6 * nsets >= 2**31
+
+
 _BN_BJ = 16  # chunks per step of the BatchNorm kernels' per-channel combination (bounds registers)
 
 
@@ -515,6 +526,7 @@ def _ln2d_forward(
         ACC=tacc,
         BCC=BCC,
         BE=BE,
+        WIDE=_wide(walk[1]),
     )
     return y, stats
 
@@ -545,6 +557,7 @@ def _ln2d_backward(
         ACC=tacc,
         BCC=BCC,
         BE=BE,
+        WIDE=_wide(E),
     )
     if part is None:
         return dx, None, None
@@ -612,16 +625,17 @@ def _gcl_forward(
     _kernels.gcl_stats_kernel[grid](
         x, hl, pm, C, S, Cg, t.nCB, t.CH, t.nchunks, tot, bound, ACC=tacc, BCC=t.BCC, BE=t.BE
     )
+    wide = _wide(N * G)
     _kernels.gcl_combine_kernel[(N * G,)](
         x, hl, pm, stats, C, S, S * C, G, Cg, t.nchunks, tot, float(eps), bound,
-        ACC=tacc, BL=t.BL, BC=t.BC, BM=t.BM,
+        ACC=tacc, BL=t.BL, BC=t.BC, BM=t.BM, WIDE=wide,
     )  # fmt: skip
     mu, r, sl = pn[0] if pn is not None else (x, x, x)
     _kernels.gcl_apply_kernel[grid](
         x, y, w if w is not None else x, b if b is not None else x, stats, mu, r, sl,
         C, S, G, Cg, t.nCB, t.CH, N * G,
         HAS_W=w is not None, HAS_B=b is not None, ACC=tacc, BCC=t.BCC, BE=t.BE,
-        PN=pn is not None, ACT=pn[1] if pn is not None else 7,
+        PN=pn is not None, ACT=pn[1] if pn is not None else 7, WIDE=wide,
     )  # fmt: skip
     return y, stats
 
@@ -642,7 +656,7 @@ def _gcl_backward(
     part = torch.empty((4 if pn is not None else 2, tot), dtype=acc, device=x.device)
     wt = w if w is not None else x
     bt, mu, r, sl = pn[0] if pn is not None else (x, x, x, x)
-    extra = {"PN": pn is not None, "ACT": pn[1] if pn is not None else 7}
+    extra = {"PN": pn is not None, "ACT": pn[1] if pn is not None else 7, "WIDE": _wide(N * G)}
     _kernels.gcl_bwd_sums_kernel[grid](
         dy, x, wt, bt, stats, mu, r, sl, part, C, S, G, Cg, t.nCB, t.CH, t.nchunks, tot, N * G,
         ACC=tacc, BCC=t.BCC, BE=t.BE, **extra,
@@ -717,6 +731,7 @@ def forward(
             ACC=tacc,
             BC=BC,
             BM=BM,
+            WIDE=_wide(nsets),
         )
         return y, stats
     grid = (nsets, nchunks)
@@ -810,6 +825,7 @@ def backward(
             ACC=tacc,
             BC=BC,
             BM=BM,
+            WIDE=_wide(nsets),
         )
     else:
         grid = (nsets, nchunks)
@@ -1335,6 +1351,7 @@ def gn_proxy_forward(
         BM=BM,
         PN=True,
         ACT=_ACTS.index(act),
+        WIDE=_wide(nsets),
     )
     return out, stats
 
@@ -1391,6 +1408,7 @@ def gn_proxy_backward(
         BM=BM,
         PN=True,
         ACT=_ACTS.index(act),
+        WIDE=_wide(nsets),
     )
     return dx, part.view(4, p.N, p.C, 1)  # (the (n, g, channel-in-group) sets are (n, c))
 

@@ -51,11 +51,16 @@ def _count(NC, M):
 
 
 @triton.jit
-def _srow(r: tl.constexpr, nsets):
-    """The offset of row ``r`` of the saved statistics (rows of ``nsets``), in int64: ``5 * nsets``
-    overflows int32 past about 429M sets (LayerNorm2d's positions). A scalar: the per-set offsets
-    added to it stay int32."""
-    return r * tl.cast(nsets, tl.int64)
+def _srow(r: tl.constexpr, nsets, WIDE: tl.constexpr):
+    """The offset of row ``r`` of the saved statistics (rows of ``nsets``): ``r * nsets``, in int64
+    with ``WIDE``, which the launcher sets where the six rows pass 2^31 values (past about 358M
+    sets: LayerNorm2d's positions), as int32 wrapped there. Not always int64: one int64 row offset
+    took a GroupNorm backward from 42 to 56 registers a thread (read from the compiled code), so the
+    common sizes keep the int32 code they had."""
+    n = nsets
+    if WIDE:
+        n = tl.cast(nsets, tl.int64)
+    return r * n
 
 
 @triton.jit
@@ -95,12 +100,12 @@ def _affine(y, W, B, idx, valid, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: 
 
 
 @triton.jit
-def _saved(ST, k, nsets, ACC: tl.constexpr):
+def _saved(ST, k, nsets, ACC: tl.constexpr, WIDE: tl.constexpr):
     """A set's shift, scale, mean of the scaled values and their rstd (the saved statistic rows)."""
     shift = tl.load(ST + k).to(ACC)
-    inv = tl.load(ST + _srow(1, nsets) + k).to(ACC)
-    cm = tl.load(ST + _srow(2, nsets) + k).to(ACC)
-    rstd = tl.load(ST + _srow(3, nsets) + k).to(ACC)
+    inv = tl.load(ST + _srow(1, nsets, WIDE) + k).to(ACC)
+    cm = tl.load(ST + _srow(2, nsets, WIDE) + k).to(ACC)
+    rstd = tl.load(ST + _srow(3, nsets, WIDE) + k).to(ACC)
     return shift, inv, cm, rstd
 
 
@@ -288,6 +293,7 @@ def norm_fwd_kernel(
     BM: tl.constexpr,
     PN: tl.constexpr = False,
     ACT: tl.constexpr = 7,
+    WIDE: tl.constexpr = False,
 ):
     k = tl.program_id(0)
     n = _count(NC, M).to(ACC)
@@ -317,7 +323,7 @@ def norm_fwd_kernel(
                 r = tl.load(R + cbase + ci, mask=ci < NC, other=0.0).to(ACC)[:, None]
                 y = (_act_fwd(y, tl.load(SL).to(ACC), ACT) - mu) * r
             tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
-    _store_stats(ST, k, k < nsets, nsets, mid, inv, cm, rstd, var, n)
+    _store_stats(ST, k, k < nsets, nsets, mid, inv, cm, rstd, var, n, WIDE)
 
 
 @triton.jit
@@ -354,12 +360,13 @@ def norm_bwd_kernel(
     BM: tl.constexpr,
     PN: tl.constexpr = False,
     ACT: tl.constexpr = 7,
+    WIDE: tl.constexpr = False,
 ):
     # With PN, DY is the gradient of Proxy Norm's step that followed the affine (W, B): it is taken
     # back to the affine output first, and each channel also sums it (PG) and it times z - m (PZ).
     k = tl.program_id(0)
     n = _count(NC, M).to(ACC)
-    shift, inv, cm, rstd = _saved(ST, k, nsets, ACC)
+    shift, inv, cm, rstd = _saved(ST, k, nsets, ACC, WIDE)
     cbase = (k % D1) * CK
     # 1. each channel's sums of dy * x_hat and dy, elementwise over the tile and reduced once per block
     # of channels (a reduction across the tile inside the loop costs a barrier per step); the set's
@@ -574,7 +581,7 @@ def split_apply_kernel(
             y = _affine(((x - mid) * inv - cm) * rstd, W, B, cbase + ci, ci < c_hi, HAS_W, HAS_B, ACC)
             tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
     if jc == 0:
-        _store_stats(ST, k, k < nsets, nsets, mid, inv, cm, rstd, var, n)
+        _store_stats(ST, k, k < nsets, nsets, mid, inv, cm, rstd, var, n, False)  # (nsets < programs)
 
 
 @triton.jit
@@ -609,7 +616,7 @@ def split_bwd_sums_kernel(
     k = tl.program_id(0)
     jc = tl.program_id(1)
     c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
-    shift, inv, cm, rstd = _saved(ST, k, nsets, ACC)
+    shift, inv, cm, rstd = _saved(ST, k, nsets, ACC, False)  # (nsets < programs)
     cbase = (k % D1) * CK
     a1 = tl.zeros([BC], ACC)  # (as norm_bwd_kernel: elementwise sums, reduced once per block)
     a2 = tl.zeros([BC], ACC)
@@ -671,7 +678,7 @@ def split_bwd_dx_kernel(
     k = tl.program_id(0)
     jc = tl.program_id(1)
     c_lo, c_hi, lo_m, hi_m = _chunk(jc, CH, NC, M, SPLIT_C)
-    shift, inv, cm, rstd = _saved(ST, k, nsets, ACC)
+    shift, inv, cm, rstd = _saved(ST, k, nsets, ACC, False)  # (nsets < programs)
     n = _count(NC, M).to(ACC)
     j = tl.arange(0, BJ)
     jm = j < nchunks
@@ -705,15 +712,15 @@ def split_bwd_dx_kernel(
 
 
 @triton.jit
-def _store_stats(ST, k, mask, nsets, mid, inv, cm, rstd, var, n):
+def _store_stats(ST, k, mask, nsets, mid, inv, cm, rstd, var, n, WIDE: tl.constexpr):
     """The six saved statistic rows (shift, scale, mean of the scaled values, rstd, var, count) of the
     sets ``k`` (a block of them: ``mask`` marks the real ones)."""
     tl.store(ST + k, mid, mask=mask)
-    tl.store(ST + _srow(1, nsets) + k, inv, mask=mask)
-    tl.store(ST + _srow(2, nsets) + k, cm, mask=mask)
-    tl.store(ST + _srow(3, nsets) + k, rstd, mask=mask)
-    tl.store(ST + _srow(4, nsets) + k, var, mask=mask)
-    tl.store(ST + _srow(5, nsets) + k, n, mask=mask)
+    tl.store(ST + _srow(1, nsets, WIDE) + k, inv, mask=mask)
+    tl.store(ST + _srow(2, nsets, WIDE) + k, cm, mask=mask)
+    tl.store(ST + _srow(3, nsets, WIDE) + k, rstd, mask=mask)
+    tl.store(ST + _srow(4, nsets, WIDE) + k, var, mask=mask)
+    tl.store(ST + _srow(5, nsets, WIDE) + k, n, mask=mask)
 
 
 @triton.jit
@@ -879,7 +886,7 @@ def bn_apply_kernel(
         y = _affine(y, W, B, ci, cm, HAS_W, HAS_B, ACC)
         tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
     if jc == 0:
-        _store_stats(ST, ci, cm, C, mid, inv, cmean, rstd, var, n)
+        _store_stats(ST, ci, cm, C, mid, inv, cmean, rstd, var, n, False)  # (sets: the channels)
 
 
 @triton.jit
@@ -938,11 +945,11 @@ def bn_bwd_dx_kernel(
 
 
 @triton.jit
-def _ln2d_saved(ST, ei, em, E, ACC: tl.constexpr):
+def _ln2d_saved(ST, ei, em, E, ACC: tl.constexpr, WIDE: tl.constexpr):
     shift = tl.load(ST + ei, mask=em, other=0.0).to(ACC)[None, :]
-    inv = tl.load(ST + _srow(1, E) + ei, mask=em, other=1.0).to(ACC)[None, :]
-    cm = tl.load(ST + _srow(2, E) + ei, mask=em, other=0.0).to(ACC)[None, :]
-    rstd = tl.load(ST + _srow(3, E) + ei, mask=em, other=0.0).to(ACC)[None, :]
+    inv = tl.load(ST + _srow(1, E, WIDE) + ei, mask=em, other=1.0).to(ACC)[None, :]
+    cm = tl.load(ST + _srow(2, E, WIDE) + ei, mask=em, other=0.0).to(ACC)[None, :]
+    rstd = tl.load(ST + _srow(3, E, WIDE) + ei, mask=em, other=0.0).to(ACC)[None, :]
     return shift, inv, cm, rstd
 
 
@@ -950,6 +957,7 @@ def _ln2d_saved(ST, ei, em, E, ACC: tl.constexpr):
 def ln2d_fwd_kernel(
     X, Y, W, B, ST, C, E, E2, s_c, s_e1, s_e2, eps, exp_bound,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
+    WIDE: tl.constexpr = False,
 ):  # fmt: skip
     e0 = _block_start(tl.program_id(0), BE, E)
     ei = e0 + tl.arange(0, BE)
@@ -988,21 +996,21 @@ def ln2d_fwd_kernel(
         y = ((x - mid[None, :]) * inv[None, :] - cmean[None, :]) * rstd[None, :]
         y = _affine(y, W, B, ci, ci < C, HAS_W, HAS_B, ACC)
         tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
-    _store_stats(ST, ei, em, E, mid, inv, cmean, rstd, var, n)
+    _store_stats(ST, ei, em, E, mid, inv, cmean, rstd, var, n, WIDE)
 
 
 @triton.jit
 def ln2d_bwd_kernel(
     DY, X, W, ST, DX, PW, PB, C, E, E2, s_c, s_e1, s_e2,
     HAS_W: tl.constexpr, NEED_DX: tl.constexpr, NEED_P: tl.constexpr, ACC: tl.constexpr,
-    BCC: tl.constexpr, BE: tl.constexpr,
+    BCC: tl.constexpr, BE: tl.constexpr, WIDE: tl.constexpr = False,
 ):  # fmt: skip
     pid = tl.program_id(0)
     e0 = _block_start(pid, BE, E)
     ei = e0 + tl.arange(0, BE)
     em = ei < E
-    shift, inv, cm, rstd = _ln2d_saved(ST, ei, em, E, ACC)
-    n = tl.load(ST + _srow(5, E) + ei, mask=em, other=1.0).to(ACC)
+    shift, inv, cm, rstd = _ln2d_saved(ST, ei, em, E, ACC, WIDE)
+    n = tl.load(ST + _srow(5, E, WIDE) + ei, mask=em, other=1.0).to(ACC)
     # 1. per position: sums of g = w * dy and g * x_hat; per channel: this block's dy * x_hat, dy
     a1 = tl.zeros([BCC, BE], ACC)
     a2 = tl.zeros([BCC, BE], ACC)
@@ -1310,12 +1318,12 @@ def _gcl_offsets(base, ci, cm, s0, s_hi, C, BE: tl.constexpr):
 
 
 @triton.jit
-def _gcl_saved(ST, k, cm, nsets, ACC: tl.constexpr):
+def _gcl_saved(ST, k, cm, nsets, ACC: tl.constexpr, WIDE: tl.constexpr):
     """Per channel of the tile (``k`` its set): shift, scale, mean of the scaled values, rstd, as columns."""
     shift = tl.load(ST + k, mask=cm, other=0.0).to(ACC)[:, None]
-    inv = tl.load(ST + _srow(1, nsets) + k, mask=cm, other=1.0).to(ACC)[:, None]
-    cmean = tl.load(ST + _srow(2, nsets) + k, mask=cm, other=0.0).to(ACC)[:, None]
-    rstd = tl.load(ST + _srow(3, nsets) + k, mask=cm, other=0.0).to(ACC)[:, None]
+    inv = tl.load(ST + _srow(1, nsets, WIDE) + k, mask=cm, other=1.0).to(ACC)[:, None]
+    cmean = tl.load(ST + _srow(2, nsets, WIDE) + k, mask=cm, other=0.0).to(ACC)[:, None]
+    rstd = tl.load(ST + _srow(3, nsets, WIDE) + k, mask=cm, other=0.0).to(ACC)[:, None]
     return shift, inv, cmean, rstd
 
 
@@ -1355,7 +1363,7 @@ def gcl_stats_kernel(
 @triton.jit
 def gcl_combine_kernel(
     X, HL, PM, ST, C, S, SC, G, Cg, nchunks, tot, eps, exp_bound,
-    ACC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+    ACC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, WIDE: tl.constexpr = False,
 ):  # fmt: skip
     """Set ``k = (n, g)``: its Cg * nchunks partials, one contiguous run, combined by Chan et al.'s
     formula into the six saved statistic rows; a set whose range is not plain takes the scaled
@@ -1396,17 +1404,17 @@ def gcl_combine_kernel(
         m2 = tl.sum(q, axis=0)
     var = m2 / n
     rstd = _rstd(var, inv, eps)
-    _store_stats(ST, k, k < nsets, nsets, mid, inv, cm, rstd, var, n)
+    _store_stats(ST, k, k < nsets, nsets, mid, inv, cm, rstd, var, n, WIDE)
 
 
 @triton.jit
 def gcl_apply_kernel(
     X, Y, W, B, ST, MU, R, SL, C, S, G, Cg, nCB, CH, nsets,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
-    PN: tl.constexpr = False, ACT: tl.constexpr = 7,
+    PN: tl.constexpr = False, ACT: tl.constexpr = 7, WIDE: tl.constexpr = False,
 ):  # fmt: skip
     n, ci, cm, jc, s_lo, s_hi, base = _gcl_tile(C, S, CH, nCB, BCC)
-    mid, inv, cmean, rstd = _gcl_saved(ST, n * G + ci // Cg, cm, nsets, ACC)
+    mid, inv, cmean, rstd = _gcl_saved(ST, n * G + ci // Cg, cm, nsets, ACC, WIDE)
     if PN:
         slope = tl.load(SL).to(ACC)
         mu = tl.load(MU + ci, mask=cm, other=0.0).to(ACC)[:, None]
@@ -1424,12 +1432,13 @@ def gcl_apply_kernel(
 def gcl_bwd_sums_kernel(
     DY, X, W, B, ST, MU, R, SL, P, C, S, G, Cg, nCB, CH, nchunks, tot, nsets,
     ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr, PN: tl.constexpr = False, ACT: tl.constexpr = 7,
+    WIDE: tl.constexpr = False,
 ):  # fmt: skip
     """Per channel and chunk: sum dy * x_hat and sum dy (dweight, dbias); with PN, ``dy`` is taken
     back through Proxy Norm's step first, and the step's own sums (sum dout, sum dout * (z - m)) follow."""
     n, ci, cm, jc, s_lo, s_hi, base = _gcl_tile(C, S, CH, nCB, BCC)
     k = n * G + ci // Cg
-    shift, inv, cmean, rstd = _gcl_saved(ST, k, cm, nsets, ACC)
+    shift, inv, cmean, rstd = _gcl_saved(ST, k, cm, nsets, ACC, WIDE)
     s1 = tl.zeros([BCC, BE], ACC)
     s2 = tl.zeros([BCC, BE], ACC)
     if PN:
@@ -1486,12 +1495,12 @@ def gcl_bwd_combine_kernel(
 def gcl_bwd_dx_kernel(
     DY, X, W, B, ST, MU, R, SL, PA, DX, C, S, G, Cg, nCB, CH, nsets,
     HAS_W: tl.constexpr, ACC: tl.constexpr, BCC: tl.constexpr, BE: tl.constexpr,
-    PN: tl.constexpr = False, ACT: tl.constexpr = 7,
+    PN: tl.constexpr = False, ACT: tl.constexpr = 7, WIDE: tl.constexpr = False,
 ):  # fmt: skip
     n, ci, cm, jc, s_lo, s_hi, base = _gcl_tile(C, S, CH, nCB, BCC)
     k = n * G + ci // Cg
-    shift, inv, cmean, rstd = _gcl_saved(ST, k, cm, nsets, ACC)
-    cnt = tl.load(ST + _srow(5, nsets) + k, mask=cm, other=1.0).to(ACC)[:, None]
+    shift, inv, cmean, rstd = _gcl_saved(ST, k, cm, nsets, ACC, WIDE)
+    cnt = tl.load(ST + _srow(5, nsets, WIDE) + k, mask=cm, other=1.0).to(ACC)[:, None]
     mg = tl.load(PA + k, mask=cm, other=0.0).to(ACC)[:, None] / cnt
     mgx = tl.load(PA + nsets + k, mask=cm, other=0.0).to(ACC)[:, None] / cnt
     rt = rstd * inv  # the true 1 / sqrt(var + eps)

@@ -94,17 +94,19 @@ def test_compare_rejects_bad_configs(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())  # nothing written for a rejected config
 
 
-def test_e1_criteria_arithmetic() -> None:
-    def row(norm: str, b: int, err: float) -> dict:
-        return {"model": "m", "norm": norm, "batch_size": b, "test_err_mean": err, "test_err_std": 0.0}
+def _row(norm: str, b: int, err: float) -> dict:
+    """One aggregate row of model "m" (no spread over seeds)."""
+    return {"model": "m", "norm": norm, "batch_size": b, "test_err_mean": err, "test_err_std": 0.0}
 
+
+def test_e1_criteria_arithmetic() -> None:
     agg = [
-        row("bn", 32, 0.5),
-        row("bn", 2, 20.0),
-        row("gn:8", 32, 1.0),
-        row("gn:8", 2, 1.5),
-        row("ln+pn", 32, 1.0),
-        row("ln+pn", 2, 3.0),
+        _row("bn", 32, 0.5),
+        _row("bn", 2, 20.0),
+        _row("gn:8", 32, 1.0),
+        _row("gn:8", 2, 1.5),
+        _row("ln+pn", 32, 1.0),
+        _row("ln+pn", 2, 3.0),
     ]
     got = {(c["name"], c["text"].split()[0]): c["ok"] for c in e1_criteria(agg, "m")}
     assert got == {
@@ -119,20 +121,17 @@ def test_bn2d_and_the_batch_dependent_norms_are_scored_as_bn() -> None:
     """``bn2d`` (the alias of ``bn``) gets BN's criteria, and no norm that depends on the batch (Ghost BN,
     Batch Renorm) is held to E1 (ii)'s batch independence (bn2d was scored as a batch-free norm)."""
 
-    def row(norm: str, b: int, err: float) -> dict:
-        return {"model": "m", "norm": norm, "batch_size": b, "test_err_mean": err, "test_err_std": 0.0}
-
     agg = [
-        row("bn2d", 32, 0.5),
-        row("bn2d", 2, 20.0),
-        row("gbn:4", 32, 0.6),
-        row("gbn:4", 2, 9.0),
-        row("brn", 32, 0.5),
-        row("brn", 2, 7.0),
-        row("gn:8", 32, 1.0),
-        row("gn:8", 2, 1.5),
-        row("ln+pn", 32, 1.2),
-        row("ln+pn", 2, 1.4),
+        _row("bn2d", 32, 0.5),
+        _row("bn2d", 2, 20.0),
+        _row("gbn:4", 32, 0.6),
+        _row("gbn:4", 2, 9.0),
+        _row("brn", 32, 0.5),
+        _row("brn", 2, 7.0),
+        _row("gn:8", 32, 1.0),
+        _row("gn:8", 2, 1.5),
+        _row("ln+pn", 32, 1.2),
+        _row("ln+pn", 2, 1.4),
     ]
     got = {(c["name"], c["text"].split()[0]): c["ok"] for c in e1_criteria(agg, "m")}
     assert got == {

@@ -21,7 +21,7 @@ from .._errors import NormError
 from ..nn import batch_norm_family as _fam
 from ..nn._inspect import BN_KINDS, NormInfo, _own_forward, describe_norm
 from ..nn.layer_norm import LayerNorm as _NkLayerNorm
-from ..surgery._graph import check_model
+from ..surgery._graph import check_model, compiled_inner
 from .stats import (
     _channel_stats,
     batch_running_gap,
@@ -175,14 +175,6 @@ def _channel_dim(info: NormInfo, ndim: int) -> int | None:
         axis = int(info.extra["axis"])
         return axis % ndim if -ndim <= axis < ndim else None
     return 1 if ndim >= 2 else None
-
-
-def _compiled(model: nn.Module) -> nn.Module | None:
-    """The eager module inside what ``torch.compile`` returned, else None (without importing dynamo)."""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
-        return model._orig_mod  # type: ignore[no-any-return]
-    return None
 
 
 def _reset_compiled() -> None:
@@ -441,7 +433,7 @@ class NormMonitor:
         self, model: nn.Module, *, where: Where = None, power: bool = True, history: bool = True
     ) -> None:
         self.model = model
-        inner = _compiled(model)
+        inner = compiled_inner(model)
         self._compiled = inner is not None
         self.unwatched: dict[str, str] = {}
         self.layers = _norm_layers(
@@ -919,7 +911,7 @@ def train_eval_gap(model: nn.Module, batch: Any, *, where: Where = None) -> Trai
         >>> gap.layers["1"] > 0.5, net.training, int(net[1].num_batches_tracked)
         (True, True, 0)
     """
-    inner = _compiled(model)
+    inner = compiled_inner(model)
     eager_model = inner if inner is not None else model
     bns = {
         n: (m, i)

@@ -72,7 +72,16 @@ def forward_hook_count(module: nn.Module) -> int:
 def move_forward_hooks(src: nn.Module, dst: nn.Module) -> int:
     """Give ``dst`` the forward hooks and pre-hooks of ``src`` (the layer it replaces), so that a
     feature extractor or an output hook registered on the old layer still runs; returns how many.
-    The handles the user holds still remove them (they key the same dicts)."""
+    The handles the user holds still remove them (they key the same dicts).
+
+    Example:
+        >>> old, new = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+        >>> handle = old.register_forward_hook(lambda m, args, out: out * 0)
+        >>> move_forward_hooks(old, new), bool((new(torch.randn(2, 3, 2, 2)) == 0).all())
+        (1, True)
+        >>> handle.remove(); forward_hook_count(new)
+        0
+    """
     n = forward_hook_count(src)
     if n:
         for key in _FORWARD_HOOKS:

@@ -14,7 +14,7 @@ from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .group_norm import GroupNorm
 from .instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm2d
-from .registry import _REGISTRY, _SPEC, create_norm_layer, default_groups, is_builtin, spec_or_keyword
+from .registry import _REGISTRY, create_norm_layer, default_groups, is_builtin, spec_key, spec_or_keyword
 
 __all__ = [
     "BatchNormAct1d",
@@ -269,9 +269,7 @@ def create_norm_act_layer(
         >>> create_norm_act_layer("gn:4", 16, "relu")
         GroupNormAct2d(16, num_groups=4, eps=1e-05, affine=True, bias=True, activation=relu)
     """
-    match = _SPEC.match(spec.strip().lower()) if isinstance(spec, str) else None
-    key = match["base"] + match["suffix"] if match else None
-    arg = int(match["arg"]) if match and match["arg"] is not None else None
+    key, arg = spec_key(spec)
     # (a spec the user registered again is built by their factory, below)
     own = key is not None and is_builtin(key)
     if own and key in ("bn", "bn2d") and arg is None:
@@ -296,7 +294,14 @@ def create_norm_act_layer(
 
 def with_activation(norm: nn.Module, activation: ActivationLike) -> nn.Module:
     """``norm`` followed by ``activation``: the norm's norm+activation class (the same state, the same
-    state_dict keys) where it has one, else an ``nn.Sequential`` of the two (keys ``0.*``)."""
+    state_dict keys) where it has one, else an ``nn.Sequential`` of the two (keys ``0.*``).
+
+    Example:
+        >>> from normkit.nn import BatchRenorm2d
+        >>> layer = with_activation(BatchRenorm2d(4), "silu")
+        >>> type(layer).__name__, list(layer.state_dict()) == list(BatchRenorm2d(4).state_dict())
+        ('BatchRenormAct2d', True)
+    """
     cls = _NORM_ACT.get(type(norm))
     if cls is None:
         from .sync_batch_norm import SyncBatchNorm, SyncBatchNormAct  # (it imports this module)

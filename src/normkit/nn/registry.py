@@ -102,17 +102,28 @@ def create_norm_layer(spec: str, num_features: int, **kwargs: Any) -> nn.Module:
     return factory(num_features, arg, **kwargs)
 
 
+def spec_key(spec: object) -> tuple[str | None, int | None]:
+    """``(registry key, :<int> argument)`` of a spec; ``(None, None)`` when it is not of a spec's form.
+
+    Example:
+        >>> spec_key("GN:4+pn"), spec_key("bn"), spec_key("4gn")
+        (('gn+pn', 4), ('bn', None), (None, None))
+    """
+    match = _SPEC.match(spec.strip().lower()) if isinstance(spec, str) else None
+    if match is None:
+        return None, None
+    return match["base"] + match["suffix"], int(match["arg"]) if match["arg"] is not None else None
+
+
 def _parse(spec: str, op: str) -> tuple[Factory, int | None]:
     """The factory and the ``:<int>`` argument of a spec, or a ``NormError`` naming it and the valid forms."""
-    match = _SPEC.match(spec.strip().lower())
-    key = None if match is None else match["base"] + match["suffix"]
-    if match is None or key not in _REGISTRY:
+    key, arg = spec_key(spec)
+    if key is None or key not in _REGISTRY:
         raise NormError(
             f"{op}: unknown norm spec {spec!r}; expected one of {', '.join(sorted(_REGISTRY))}, "
             "optionally with ':<int>' after the norm's name (e.g. 'gn:16', 'gn:4+pn')"
         )
     factory, _ = _REGISTRY[key]
-    arg = int(match["arg"]) if match["arg"] is not None else None
     if arg is not None and getattr(factory, "takes_arg", True) is False:
         raise NormError(f"{op}: {key!r} takes no ':<int>' argument, got {spec!r}; use {key!r}")
     return factory, arg
@@ -271,18 +282,27 @@ def _snapshot_builtins() -> None:
 
 
 def is_builtin(key: str) -> bool:
-    """Whether ``key`` names normkit's own factory (not one the user registered, or registered over it)."""
+    """Whether ``key`` names normkit's own factory (not one the user registered, or registered over it).
+
+    Example:
+        >>> is_builtin("gn"), is_builtin("nosuchnorm")
+        (True, False)
+    """
     entry = _REGISTRY.get(key)
     return entry is not None and _BUILTIN.get(key) is entry[0]
 
 
 def user_registered(specs: list[str]) -> dict[str, tuple[Factory, str]]:
     """The registry entries behind ``specs`` that the user registered (for worker processes, which
-    start with normkit's own registry only)."""
+    start with normkit's own registry only).
+
+    Example:
+        >>> user_registered(["bn", "gn:8", "ln+pn"])  # normkit's own specs only
+        {}
+    """
     out: dict[str, tuple[Factory, str]] = {}
     for spec in specs:
-        match = _SPEC.match(spec.strip().lower())
-        key = match["base"] + match["suffix"] if match else None
+        key, _ = spec_key(spec)
         if key is not None and key in _REGISTRY and not is_builtin(key):
             out[key] = _REGISTRY[key]
     return out

@@ -58,6 +58,8 @@ import torch
 import torch.utils._python_dispatch  # the attribute below is a submodule: import it explicitly
 from torch import Tensor
 
+from .._errors import NormError
+
 __all__ = [
     "STAT_ROWS",
     "Moments",
@@ -528,21 +530,22 @@ def stats_count(stats: Tensor) -> Tensor:
 
 
 def moment_dims(x: Tensor, dims: Sequence[int], op: str) -> tuple[int, ...]:
-    """``dims`` made non-negative; a ``ValueError`` (NormError) for one out of range or given twice."""
+    """``dims`` made non-negative; a ``ValueError`` (NormError) for one out of range or given twice.
+
+    Example:
+        >>> moment_dims(torch.zeros(2, 3, 4), (0, -1), "moments")
+        (0, 2)
+    """
     nd = x.dim()
     out = []
     for d in dims:
         if not -nd <= int(d) < nd:
-            from .._errors import NormError  # (ops is imported before the package's other modules)
-
             raise NormError(
                 f"{op}: dim {int(d)} is out of range for an input with {nd} dims (shape {tuple(x.shape)}); "
                 f"expected dims in [-{nd}, {nd - 1}]"
             )
         out.append(int(d) % nd)
     if len(set(out)) != len(out):
-        from .._errors import NormError
-
         raise NormError(f"{op}: dims {tuple(dims)} name a dim twice (input with {nd} dims)")
     return tuple(out)
 

@@ -202,3 +202,60 @@ def test_a_finished_build_loads_read_only_and_names_its_own_sources(tmp_path: Pa
             p.chmod(p.stat().st_mode | 0o200)
     assert out.returncode == 0 and out.stdout.split() == ["True", "True"], out.stdout + out.stderr[-2000:]
     assert "compiling" not in out.stderr
+
+
+def test_a_failed_build_is_not_tried_again_by_each_process_until_the_compiler_changes(tmp_path: Path) -> None:
+    """A build that failed was compiled again by every later process (each of ``normkit compare``'s
+    workers, each test process: a compile error costs the whole compile each time). It is recorded in
+    the build folder with the compiler and ninja it ran: a process with the same toolchain warns, naming
+    the cause, and runs the reference backend (still correct); ``normkit kernels build`` tries again, and
+    so does a process after the compiler changed."""
+    cxx = tmp_path / "fake-c++"
+    cxx.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in --version|-v|-dumpversion) echo "g++ (GCC) 12.2.0"; exit 0;; esac\n'
+        "echo 'fake-c++: error: this compiler always fails' >&2\nexit 1\n"
+    )
+    cxx.chmod(0o755)
+    code = textwrap.dedent(
+        """
+        import warnings, torch, normkit
+        from normkit.kernels import _build
+        x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            y = normkit.nn.BatchNorm2d(6).double()(x)
+        want = torch.nn.BatchNorm2d(6).double()(x)
+        print(float((y - want).abs().max()))
+        print(" | ".join(str(m.message) for m in w if m.category is _build.KernelBuildWarning))
+        """
+    )
+    env = {**os.environ, "NORMKIT_CACHE": str(tmp_path / "cache"), "CXX": str(cxx)}
+    env.pop("NORMKIT_NO_BUILD", None)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*args], env=env, capture_output=True, text=True, timeout=300)
+
+    first = run(sys.executable, "-c", code)
+    assert first.returncode == 0, first.stderr[-2000:]
+    err, warned = first.stdout.splitlines()
+    assert float(err) < 1e-12 and "could not be built" in warned and "always fails" in warned, first.stdout
+    assert "compiling the fused CPU kernels" in first.stderr
+
+    second = run(sys.executable, "-c", code)
+    err, warned = second.stdout.splitlines()
+    assert float(err) < 1e-12, second.stdout
+    assert "compiling" not in second.stderr, second.stderr[-2000:]
+    assert "an earlier build failed" in warned and "always fails" in warned, warned
+
+    status = run(sys.executable, "-m", "normkit", "kernels", "status")
+    assert "an earlier build failed with this compiler" in status.stdout, status.stdout
+
+    explicit = run(sys.executable, "-m", "normkit", "kernels", "build")
+    assert explicit.returncode != 0 and "compiling the fused CPU kernels" in explicit.stderr, explicit.stderr[
+        -2000:
+    ]
+
+    os.utime(cxx, ns=(time.time_ns(), time.time_ns() + 10**9))  # an upgraded compiler
+    after = run(sys.executable, "-c", code)
+    assert "compiling the fused CPU kernels" in after.stderr, after.stderr[-2000:]

@@ -178,7 +178,7 @@ def build(verbose: bool = False) -> bool:
         >>> ok in (True, False)  # False: no compiler here (one warning; the reference backend runs)
         True
     """
-    ok = _build.load(build=True, verbose=verbose)
+    ok = _build.load(build=True, verbose=verbose, retry=True)
     if ok:
         _build.autograd_module(build=True, verbose=verbose)
     return ok
@@ -510,8 +510,14 @@ def status() -> str:
         state += "; NORMKIT_NO_BUILD is set: nothing is compiled"
     lines.append(f"fused CPU kernels: {state}  ({build_dir()})")
     err = _build.load_error()
+    failed = None if loaded or built else _build._recorded_failure(build_dir())
     if err:
         lines.append(f"  last build error: {err.splitlines()[0]}")
+    elif failed:
+        lines.append(
+            f"  an earlier build failed with this compiler: {failed} (not tried again until the compiler "
+            "or ninja changes; `normkit kernels build` tries now)"
+        )
     node = _build._autograd["module"] is not None
     node_built = (build_dir() / "autograd").is_dir() and any(
         (build_dir() / "autograd").glob("normkit_autograd*.so")

@@ -8,7 +8,10 @@ run on, ``-march=native``) and a hash of the sources and flags (each normkit ver
 own). A finished build records its library's digest; a library that does not match it (cut
 short) is never loaded but rebuilt, and a matching one is loaded as is, without a lock or a
 compiler (a read-only cache works). Set ``NORMKIT_NO_BUILD=1`` to never compile (a finished build
-is still used).
+is still used). A failed build is recorded in the folder with its cause and the toolchain it used
+(``build-failed.json``): later processes with the same compiler and ninja do not try again (each
+of ``normkit compare``'s workers, every test process, paid the failed compile again), they say why;
+``normkit kernels build`` always tries, and a changed ``CXX``, compiler or ninja tries again.
 
 It is written against the LibTorch stable ABI (``STABLE_TORCH_LIBRARY``): the kernels only touch
 memory the Python side allocated, and need nothing from torch but ``parallel_for``.
@@ -24,8 +27,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import json
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -142,6 +147,43 @@ def _staged(d: Path, src: Path) -> Path:
     return dst
 
 
+_FAILED = "build-failed.json"
+
+
+def _toolchain() -> dict[str, object]:
+    """What a build in this process would run: the compiler torch takes (``$CXX``, else ``c++``) and
+    ninja, each as found on the ``PATH`` with its modification time (an install or upgrade changes it)."""
+
+    def found(name: str) -> list[object]:
+        path = shutil.which(name)
+        if path is None:
+            return [name, None]
+        try:
+            return [path, os.stat(path).st_mtime_ns]
+        except OSError:
+            return [path, None]
+
+    return {"cxx": found(os.environ.get("CXX", "c++")), "ninja": found("ninja")}
+
+
+def _recorded_failure(d: Path) -> str | None:
+    """The cause of an earlier failed build in ``d`` with this process's toolchain, or ``None``."""
+    try:
+        rec = json.loads((d / _FAILED).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("toolchain") != _toolchain():
+        return None
+    return str(rec.get("cause", "unknown cause"))
+
+
+def _record_failure(d: Path, cause: str) -> None:
+    with contextlib.suppress(OSError):  # (a read-only cache: every process tries, as before)
+        tmp = d / (_FAILED + ".tmp")
+        tmp.write_text(json.dumps({"cause": cause, "toolchain": _toolchain(), "when": time.time()}))
+        tmp.replace(d / _FAILED)
+
+
 def _build_cause(e: BaseException) -> str:
     """The line of a failed build that says why (``c++: not found``, the compiler's ``error:``)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -225,11 +267,12 @@ def load_error() -> str | None:
     return None if err is None else str(err)
 
 
-def load(build: bool = True, verbose: bool = False) -> bool:
+def load(build: bool = True, verbose: bool = False, retry: bool = False) -> bool:
     """Load the fused CPU kernels, compiling them first when needed (and ``build``); True on success.
 
     A failed build warns once (:class:`KernelBuildWarning`) and returns False: every norm then runs
-    on the reference backend.
+    on the reference backend. It is recorded in the build folder, so later processes with the same
+    compiler and ninja warn without compiling again; ``retry`` (or ``verbose``) builds regardless.
     """
     if _state["loaded"]:
         return True
@@ -238,7 +281,7 @@ def load(build: bool = True, verbose: bool = False) -> bool:
             return True
         if not build and not is_built():
             return False
-        if _state["tried"] and not verbose:
+        if _state["tried"] and not (verbose or retry):
             return False
         _state["tried"] = True
         d = build_dir()
@@ -255,6 +298,17 @@ def load(build: bool = True, verbose: bool = False) -> bool:
             with exclusive(d):
                 if not verbose and _sealed(so):  # another process built it while this one waited
                     return _loaded(so)
+                failed = None if (retry or verbose) else _recorded_failure(d)
+                if failed is not None:
+                    _state["error"] = f"an earlier build in {d} failed with this compiler: {failed}"
+                    warnings.warn(
+                        f"normkit: the fused CPU kernels are not built: an earlier build failed ({failed}) "
+                        "and the compiler has not changed since; normkit runs on its reference backend "
+                        "(correct, slower). `normkit kernels build --verbose` tries again and shows why.",
+                        KernelBuildWarning,
+                        stacklevel=3,
+                    )
+                    return False
                 with contextlib.suppress(OSError):
                     so.unlink()  # (unsealed: possibly cut short; ninja would take it as up to date)
                 if not verbose:
@@ -273,9 +327,13 @@ def load(build: bool = True, verbose: bool = False) -> bool:
                     verbose=verbose,
                 )
                 _seal(Path(str(path)))
+                with contextlib.suppress(OSError):
+                    (d / _FAILED).unlink()
             return _loaded(Path(str(path)))
         except Exception as e:  # no compiler, no ninja, a compile error: keep working without the kernels
             _state["error"] = f"{type(e).__name__}: {e}".strip()
+            if d.is_dir():
+                _record_failure(d, _build_cause(e))
             warnings.warn(
                 f"normkit: the fused CPU kernels could not be built ({_build_cause(e)}); normkit runs on its "
                 "reference backend instead (correct, slower). `normkit kernels build --verbose` shows the "

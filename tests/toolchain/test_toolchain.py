@@ -134,7 +134,7 @@ def test_export_module_equals_eager(sample: Sample, train: bool):
     torch.testing.assert_close(got, want, **TOL)
 
 
-# Ghost BatchNorm splits the batch into ghost batches with a Python loop: its export fixes the batch size
+# Ghost BatchNorm's ghost batches need a batch that is a multiple of their size: its own test below
 DYNAMIC_BATCH = [s for s in SAMPLES if s.name != "GhostBatchNorm2d"]
 
 
@@ -156,6 +156,54 @@ def test_export_with_a_dynamic_batch_runs_another_batch_size_as_eager(sample: Sa
         torch.testing.assert_close(
             ours[k.rpartition(".")[2]], v, **TOL, msg=lambda msg, k=k: f"buffer {k}: {msg}"
         )
+
+
+@pytest.mark.parametrize("train", MODES)
+def test_ghost_batch_norm_exports_a_batch_that_is_any_multiple_of_its_ghost_batch(train: bool):
+    """``dynamic_shapes={0: B * Dim("k")}``: one program for every batch of whole ghost batches, whose
+    outputs and running statistics (K EMA steps, ``num_batches_tracked += K``) equal eager's at 2, 3
+    and 5 ghost batches. (Its sizes were read with ``int()``, which pinned the batch: "specialized it
+    to be a constant".) In training a plain ``Dim`` fails with torch's message naming the ``% 4``
+    guard; in eval (BatchNorm on the running statistics) it exports."""
+    ref = normkit.nn.GhostBatchNorm2d(6, ghost_batch_size=4).train(train)
+    m = copy.deepcopy(ref)
+    k = torch.export.Dim("k", min=2, max=16)  # (one ghost batch is plain BN: another program)
+    g = torch.Generator().manual_seed(0)
+    program = torch.export.export(m, (torch.randn(8, 6, 3, 3, generator=g),), dynamic_shapes=({0: 4 * k},))
+    program = program.module()
+    for n in (8, 12, 20):
+        x = torch.randn(n, 6, 3, 3, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), ref(x), **TOL)
+        ours = {k.rpartition(".")[2]: v for k, v in program.named_buffers()}
+        for name, v in _buffers(ref).items():
+            torch.testing.assert_close(ours[name], v, **TOL, msg=lambda msg, n=name: f"buffer {n}: {msg}")
+    plain = {0: torch.export.Dim("b", min=2, max=64)}
+    if train:
+        with pytest.raises(Exception, match=r"% 4"):
+            torch.export.export(m, (torch.randn(8, 6, 3, 3),), dynamic_shapes=(plain,))
+    else:
+        torch.export.export(m, (torch.randn(8, 6, 3, 3),), dynamic_shapes=(plain,))
+
+
+def test_ghost_batch_norm_compiles_one_graph_for_every_batch_of_whole_ghost_batches():
+    """``torch.compile(dynamic=True)``: batches of 2, 3, 5 and 8 ghost batches run one graph, and a
+    ragged last chunk one more (a chunk of one sample, or a single whole ghost batch, one each: size-1
+    dims are specialized); every call equals eager, running statistics too. Each batch size compiled
+    its own graph before."""
+    from torch._dynamo.testing import CompileCounter
+
+    ref = normkit.nn.GhostBatchNorm2d(6, ghost_batch_size=4).train()
+    m = copy.deepcopy(ref)
+    counter = CompileCounter()
+    compiled = torch.compile(m, backend=counter, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for n, graphs in ((8, 1), (12, 1), (20, 1), (32, 1), (10, 2), (14, 2), (22, 2)):
+        x = torch.randn(n, 6, 3, 3, generator=g)
+        torch.testing.assert_close(compiled(x), ref(x), **TOL)
+        assert counter.frame_count == graphs, (n, counter.frame_count)
+    for (k, a), b in zip(_buffers(ref).items(), _buffers(m).values()):
+        torch.testing.assert_close(b, a, **TOL, msg=lambda msg, k=k: f"buffer {k}: {msg}")
 
 
 @pytest.mark.parametrize("train", MODES)

@@ -98,7 +98,9 @@ def ghost_batch_norm(
     B = check_positive_int(ghost_batch_size, op, "ghost_batch_size")
     if momentum_mode not in ("per_chunk", "averaged"):
         raise NormError(f"{op}: momentum_mode must be 'per_chunk' or 'averaged', got {momentum_mode!r}")
-    N, C = int(x.shape[0]), int(x.shape[1])
+    # (sizes as they come: int() would pin a symbolic batch size under torch.compile(dynamic=True), one
+    # graph per batch size)
+    N, C = x.shape[0], x.shape[1]
     if not training or N <= B or x.numel() == 0:
         # Eval, or a single chunk: exactly BN (which also handles the checks and empty input).
         return batch_norm(
@@ -152,7 +154,7 @@ def ghost_batch_norm(
     # argument of normkit.ops.library.norm says why)
     y, mean, var = norm(main, (1, *range(3, nd + 1)), wv, bv, eps, view=(K, B, C, *spatial))
     means, vars_ = mean.reshape(K, C), var.reshape(K, C)
-    sizes = [B * per_sample] * K
+    sizes = torch.full((K,), B * per_sample, dtype=means.dtype, device=x.device)
     if rem:
         # The ragged last chunk: one more call on the remainder.
         assert rest is not None
@@ -162,11 +164,11 @@ def ghost_batch_norm(
         y = torch.cat([y, y_r])
         means = torch.cat([means, mean_r.reshape(1, C)])
         vars_ = torch.cat([vars_, var_r.reshape(1, C)])
-        sizes = [*sizes, rem * per_sample]  # (not append: Dynamo <= 2.11 cannot append a symbolic size)
+        sizes = torch.cat([sizes, torch.full((1,), rem * per_sample, dtype=means.dtype, device=x.device)])
     if running_mean is None or running_var is None:
         return NormOutput(y, running_mean, running_var, num_batches_tracked)
 
-    m = torch.tensor(sizes, dtype=means.dtype, device=x.device)[:, None]
+    m = sizes[:, None]
     if unbiased_running_var:
         vars_ = vars_ * (m / (m - 1))
     if momentum_mode == "averaged":
@@ -192,5 +194,5 @@ def ghost_batch_norm(
     rv = torch.where(finite, _chunk_update(running_var, vars_, start, momentum), running_var)
     nbt = None
     if num_batches_tracked is not None:
-        nbt = num_batches_tracked + finite.to(num_batches_tracked.dtype) * len(sizes)
+        nbt = num_batches_tracked + finite.to(num_batches_tracked.dtype) * means.shape[0]
     return NormOutput(y, rm, rv, nbt)

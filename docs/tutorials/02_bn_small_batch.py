@@ -8,7 +8,8 @@ version of it from Python (one norm, one seed, three epochs on 600 of scikit-lea
 about half a minute on two CPU cores), read the run folder it writes, and look at its plot.
 
 The full experiment, with GroupNorm and LayerNorm + Proxy Norm next to BN, two seeds and eight
-epochs, is ``normkit compare`` (3 to 4 minutes); what it measured is on the :doc:`/RESULTS` page.
+epochs, is ``normkit compare`` (3 to 6 minutes on two CPU cores); what it measured is on the
+:doc:`/RESULTS` page.
 """
 
 # %%
@@ -81,8 +82,9 @@ print(sorted(results))
 # --------------
 #
 # ``error_vs_batch.png`` is the plot ``normkit compare`` writes: test error against batch size,
-# one line per norm, and for BN a second line measured with batch statistics (the model in train
-# mode on test batches of the training batch size).
+# one panel per norm (here BN's only), and for BN a second, dotted line measured with batch
+# statistics (the model in train mode on test batches of the training batch size). The dashed line
+# is E1's pass threshold: BN's error at the smallest batch must reach its error at the largest + 3 pt.
 
 image = mpimg.imread(outcome.path / "error_vs_batch.png")
 fig, ax = plt.subplots(figsize=(6, 4.3))

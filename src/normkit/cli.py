@@ -5,11 +5,10 @@ The experiments' options are generated from their config dataclasses
 the checks: every setting is checked before any data is loaded or any run folder made.
 
 Subcommands: ``compare`` (E1/E3, the main job), ``power`` (E4), ``lr-sweep`` (E2), ``landscape``
-(E5), ``reproduce`` (all of them, writing docs/RESULTS.md), ``report``, ``bench`` (torch native vs normkit's
-backends) and ``kernels`` (``status`` /
-``build`` of the fused CPU kernels). ``normkit <subcommand> --help`` lists each one's options. Every
-experiment
-writes ``runs/<experiment>-<timestamp>/`` (``--out`` moves the root). A bad option, an unknown
+(E5), ``reproduce`` (all of them, writing docs/RESULTS.md), ``report``, ``bench`` (torch native vs
+normkit's backends) and ``kernels`` (``status`` / ``build`` of the fused CPU kernels).
+``normkit <subcommand> --help`` lists each one's options. Every experiment writes
+``runs/<experiment>-<timestamp>/`` (``--out`` moves the root). A bad option, an unknown
 norm or an unreadable data path exits with status 2 and a one-line message; Ctrl-C stops the run
 within a couple of seconds, marks its folder ``interrupted`` and exits with status 130. SIGTERM
 (``kill``, ``timeout``, a job scheduler) does the same and exits with status 143 (128 + 15).

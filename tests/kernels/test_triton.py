@@ -1366,6 +1366,37 @@ def test_running_statistics_take_one_launch_on_the_route(
     torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True).output, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("momentum", [0.1, 0.7, None])
+def test_float16_running_statistics_round_once_and_skip_only_what_the_buffers_cannot_hold(momentum):
+    # A float16 model's buffers: the update is computed in float32 and rounded once (as torch does), so a
+    # batch variance above 65504 (finite in float32) still updates them; a step whose result float16 cannot
+    # hold changes nothing but num_skipped_updates (inf was written before). Oracle: float64, rounded once.
+    from normkit.kernels import triton as nkt
+
+    g = torch.Generator().manual_seed(5)
+    mean = (torch.randn(37, generator=g) * 300).to(DEVICE)
+    var = (torch.rand(37, generator=g) * 2e4 + 6.6e4).to(DEVICE)  # above float16's 65504
+    rm0 = torch.randn(37, generator=g).half()
+    rv0 = (torch.rand(37, generator=g) + 0.5).half()
+    rm, rv = rm0.clone().to(DEVICE), rv0.clone().to(DEVICE)
+    nbt, skip = torch.tensor(9, device=DEVICE), torch.tensor(0, device=DEVICE)
+    assert nkt.bn_running_update(mean, var, rm, rv, nbt, skip, momentum, 1.0)
+    f = momentum if momentum is not None else 1 / 10
+    want_m = ((1 - f) * rm0.double() + f * mean.cpu().double()).half()
+    want_v = ((1 - f) * rv0.double() + f * var.cpu().double()).half()
+    assert torch.isfinite(want_v).all()
+    torch.testing.assert_close(rm.cpu(), want_m, rtol=0, atol=0)
+    torch.testing.assert_close(rv.cpu(), want_v, rtol=0, atol=0)
+    assert (nbt.item(), skip.item()) == (10, 0)
+    # a variance whose update float16 cannot hold: nothing changes, the skip is counted
+    huge = var.clone()
+    huge[3] = 1e9
+    before = (rm.clone(), rv.clone())
+    assert nkt.bn_running_update(mean, huge, rm, rv, nbt, skip, momentum, 1.0)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+    assert (nbt.item(), skip.item()) == (10, 1)
+
+
 def _kernels_module():
     return importlib.import_module("normkit.kernels.triton._kernels")
 

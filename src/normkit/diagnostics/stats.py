@@ -316,8 +316,13 @@ def values_per_statistic(
 ) -> int:
     """How many values each mean / variance a norm computes on an input of ``shape`` pools over.
 
-    BN: ``N * prod(spatial)`` (Ghost BN: its ghost batch instead of N); GN: ``C/G * prod(spatial)``;
-    LN over ``(C, *spatial)``: ``C * prod(spatial)``; LN over C per position: ``C``; IN: ``prod(spatial)``.
+    ``kind`` ``"bn"`` / ``"frozen_bn"``: ``N * prod(spatial)`` (Ghost BN, ``ghost_batch_size``: its ghost
+    batch instead of N); ``"gn"`` / ``"pn"`` (``groups``, default 1): ``C/G * prod(spatial)``; ``"ln"``
+    (over ``(C, *spatial)``): ``C * prod(spatial)``; ``"ln2d"`` (over C per position): ``C``; ``"in"``:
+    ``prod(spatial)``.
+
+    Raises:
+        NormError: an unknown ``kind``, or a ``shape`` of fewer than 2 dims.
 
     Example:
         >>> values_per_statistic("bn", (2, 64, 1, 1)), values_per_statistic("gn", (2, 64, 4, 4), groups=8)

@@ -190,7 +190,9 @@ def recalibrate_bn(
     :func:`~normkit.surgery.freeze_bn` makes of a norm+activation layer (``FrozenBatchNormAct2d``,
     ``FrozenSyncBatchNormAct``: they stay in eval and normalize their inputs with the statistics
     they keep; to recalibrate them, :func:`~normkit.surgery.unfreeze_bn` first and freeze again
-    after), frozen Keras layers, layers with ``track_running_stats=False``, and every other
+    after), frozen Keras layers, layers with ``track_running_stats=False``,
+    :class:`~normkit.nn.MeanOnlyBatchNorm` (its running mean follows its own EMA in training; it is
+    not a ``_BatchNorm``, so ``torch.optim.swa_utils.update_bn`` leaves it too), and every other
     buffer of the model: the pass has no other side effect (each layer's ``num_batches_tracked``
     too is kept, as Batch Renorm's warm-up reads it; during the pass running statistics are held
     fixed, momentum 0). Masked inputs (``layer(x, mask)``) count their valid values only, and a

@@ -16,6 +16,12 @@ class NormOutput(NamedTuple):
     ``running_mean``, ``running_var`` and ``num_batches_tracked`` are new tensors (or the ones
     passed in, unchanged, when nothing was updated, or ``None`` when none were given); a module
     copies them into its buffers.
+
+    Example:
+        >>> rm, rv = torch.zeros(3), torch.ones(3)
+        >>> out = normkit.functional.batch_norm(torch.randn(8, 3) + 5, rm, rv, training=True)
+        >>> out.output.shape, out.running_mean is rm, bool((out.running_mean > 0.3).all()), rm.sum().item()
+        (torch.Size([8, 3]), False, True, 0.0)
     """
 
     output: Tensor
@@ -40,29 +46,35 @@ def update_running_stats(
     ``batch_var`` is the biased variance over ``count`` values per set; the stored variance is
     the unbiased one, ``batch_var * count / (count - 1)``, when ``unbiased`` (PyTorch, and the BN
     paper's Algorithm 2). ``momentum=None`` gives the cumulative average ``1 / num_batches_tracked``.
-    A batch whose statistics are not finite leaves every buffer unchanged (no NaN/Inf is ever
-    written), branch-free so that it costs no device sync.
+    The update is computed in float32 (float64 for float64 buffers) and rounded once to the buffers'
+    dtype, as torch does: a float16 model's batch variance above 65504 still updates its buffers (it
+    was rounded to inf first, and the step skipped). A step whose result is not finite in the
+    buffers' dtype (a NaN or an infinity in the batch, or a value the dtype cannot hold) leaves every
+    buffer unchanged (no NaN/Inf is ever written), branch-free so that it costs no device sync.
     """
-    mean = batch_mean.reshape(running_mean.shape).to(running_mean.dtype)
-    var = batch_var.reshape(running_var.shape)
+    acc = torch.promote_types(running_mean.dtype, torch.float32)
+    mean = batch_mean.reshape(running_mean.shape).to(acc)
+    var = batch_var.reshape(running_var.shape).to(acc)
     if unbiased:
         var = var * (count / (count - 1))
-    var = var.to(running_var.dtype)
-    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise NormError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
+        # (this step's weight if it counts; a step that does not changes nothing)
+        factor: Tensor | float = 1.0 / (num_batches_tracked + 1).clamp(min=1).to(acc)
+    else:
+        factor = momentum
+    new_mean = torch.lerp(running_mean.to(acc), mean, factor).to(running_mean.dtype)
+    new_var = torch.lerp(running_var.to(acc), var, factor).to(running_var.dtype)
+    finite = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
     new_nbt = None
     if num_batches_tracked is not None:
         new_nbt = num_batches_tracked + finite.to(num_batches_tracked.dtype)
-    if momentum is None:
-        if new_nbt is None:
-            raise NormError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
-        factor: Tensor | float = 1.0 / new_nbt.clamp(min=1).to(running_mean.dtype)
-    else:
-        factor = momentum
-    # a non-finite batch's statistics become the running ones, so the update leaves them as they are
-    # (one op fewer per buffer than masking the update: each op is a kernel launch on a GPU)
-    new_mean = torch.lerp(running_mean, torch.where(finite, mean, running_mean), factor)
-    new_var = torch.lerp(running_var, torch.where(finite, var, running_var), factor)
-    return new_mean, new_var, new_nbt
+    return (
+        torch.where(finite, new_mean, running_mean),
+        torch.where(finite, new_var, running_var),
+        new_nbt,
+    )
 
 
 def update_running_stats_where(
@@ -82,8 +94,10 @@ def update_running_stats_where(
     """
     valid = valid.reshape(running_mean.shape)
     # Invalid channels get the running value as their "batch" value: rm + f * (rm - rm) == rm exactly.
-    bm = torch.where(valid, batch_mean.reshape(running_mean.shape).to(running_mean.dtype), running_mean)
-    bv = torch.where(valid, batch_var.reshape(running_var.shape).to(running_var.dtype), running_var)
+    # (in the update's dtype: a float16 buffer would round a large batch variance to inf here)
+    acc = torch.promote_types(running_mean.dtype, torch.float32)
+    bm = torch.where(valid, batch_mean.reshape(running_mean.shape).to(acc), running_mean.to(acc))
+    bv = torch.where(valid, batch_var.reshape(running_var.shape).to(acc), running_var.to(acc))
     rm, rv, nbt = update_running_stats(
         running_mean, running_var, num_batches_tracked, bm, bv, 2, momentum, False, op
     )

@@ -188,10 +188,15 @@ def ghost_batch_norm(
     if momentum is None and num_batches_tracked is None:
         raise NormError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
     start = num_batches_tracked if num_batches_tracked is not None else 0
-    # As in update_running_stats: a step with non-finite statistics leaves every buffer unchanged.
-    finite = torch.isfinite(means).all() & torch.isfinite(vars_).all()
-    rm = torch.where(finite, _chunk_update(running_mean, means, start, momentum), running_mean)
-    rv = torch.where(finite, _chunk_update(running_var, vars_, start, momentum), running_var)
+    # As in update_running_stats: computed in float32 (float64 for float64 buffers), rounded once to the
+    # buffers' dtype, and a step whose result is not finite there (a non-finite chunk, or a value a
+    # float16 buffer cannot hold) leaves every buffer unchanged.
+    acc = torch.promote_types(running_mean.dtype, torch.float32)
+    rm = _chunk_update(running_mean.to(acc), means, start, momentum).to(running_mean.dtype)
+    rv = _chunk_update(running_var.to(acc), vars_, start, momentum).to(running_var.dtype)
+    finite = torch.isfinite(rm).all() & torch.isfinite(rv).all()
+    rm = torch.where(finite, rm, running_mean)
+    rv = torch.where(finite, rv, running_var)
     nbt = None
     if num_batches_tracked is not None:
         nbt = num_batches_tracked + finite.to(num_batches_tracked.dtype) * means.shape[0]

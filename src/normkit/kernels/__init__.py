@@ -19,13 +19,16 @@ a backend per call:
   statistics, LayerNorm over trailing dims or over C, GroupNorm / InstanceNorm on a contiguous
   input, see :mod:`normkit.kernels._native`; outputs in the input's layout), the reference for
   everything else. For comparisons: on this project's CPUs the fused kernels are at least as fast
-  on every fp32 path, so ``"auto"`` never picks it.
+  on every fp32 path, so on a CPU ``"auto"`` never picks it.
 * ``"triton"``: normkit's Triton kernels (:mod:`normkit.kernels.triton`, the optional ``triton``
   extra) for CUDA tensors, every pattern the CPU kernels cover, saving the reference's statistics
   (the scaled two-pass: exact for every finite input, no host sync). With ``TRITON_INTERPRET=1``,
   ``use("triton")`` runs them on CPU tensors through Triton's interpreter (slow: for tests).
 * ``"auto"`` (the default): ``"cpu"`` where it applies and is built, ``"triton"`` for CUDA tensors
-  when triton is installed, else ``"reference"``.
+  when triton is installed, else ``"reference"``. On CUDA, plain eager GroupNorm, InstanceNorm
+  (without running statistics), LayerNorm, LayerNorm2d and BatchNorm training steps go straight to
+  torch's own op under ``"auto"`` and ``"native"`` (after normkit's checks, layouts and running-statistics
+  rules kept: :mod:`normkit.kernels._direct`), where torch's CUDA kernels were the faster ones.
 
 Choose explicitly with :func:`use` (a context manager, also per thread) or the ``NORMKIT_BACKEND``
 environment variable; :func:`status` (``normkit kernels status``) says what is built and what each
@@ -104,7 +107,16 @@ _default, _default_error = _env_backend()
 
 
 def current() -> str:
-    """The backend chosen for this thread (``"auto"`` unless :func:`use` or ``NORMKIT_BACKEND`` says so)."""
+    """The backend chosen for this thread (``"auto"`` unless :func:`use` or ``NORMKIT_BACKEND`` says so).
+
+    Raises:
+        ValueError: ``NORMKIT_BACKEND`` names no backend (and no :func:`use` block is active).
+
+    Example:
+        >>> with normkit.kernels.use("reference"):
+        ...     normkit.kernels.current()
+        'reference'
+    """
     if _local.backend:
         return _local.backend
     if _default_error is not None:
@@ -293,7 +305,14 @@ def norm_forward(
     dims: Sequence[int],
     eps: float,
 ) -> tuple[Tensor, Tensor]:
-    """``(y, stats)`` of :func:`normkit.ops.core.norm_forward`, on the backend this call dispatches to."""
+    """``(y, stats)`` of :func:`normkit.ops.core.norm_forward`, on the backend this call dispatches to.
+
+    Example:
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> y, stats = normkit.kernels.norm_forward(x, None, None, None, (1, 2, 3), 1e-5)  # LN over (C, H, W)
+        >>> torch.allclose(y, torch.nn.functional.layer_norm(x, (4, 3, 3)), atol=1e-5)
+        True
+    """
     dims = tuple(dims)
     if current() == "native" and _eligible(x, mask):
         got = _native.forward(x, weight, bias, dims, eps)
@@ -347,7 +366,18 @@ def norm_backward(
     dims: Sequence[int],
     needs: Sequence[bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx, dweight, dbias)`` of :func:`normkit.ops.core.norm_backward` (``dx`` in ``x.dtype`` here)."""
+    """``(dx, dweight, dbias)`` of :func:`normkit.ops.core.norm_backward` (``dx`` in ``x.dtype`` here).
+
+    Example:
+        >>> x, dy = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+        >>> y, stats = normkit.kernels.norm_forward(x, None, None, None, (1, 2, 3), 1e-5)
+        >>> needs = (True, False, False)  # dx only
+        >>> dx, dw, db = normkit.kernels.norm_backward(dy, x, None, None, None, stats, (1, 2, 3), needs)
+        >>> ref = x.clone().requires_grad_()
+        >>> torch.nn.functional.layer_norm(ref, (4, 3, 3)).backward(dy)
+        >>> torch.allclose(dx, ref.grad, atol=1e-5), dw, db
+        (True, None, None)
+    """
     dims = tuple(dims)
     if current() == "native" and _eligible(x, mask) and type(dy) is Tensor and torch._C._has_storage(dy):
         got = _native.backward(dy, x, weight, bias, stats, dims, needs)
@@ -497,7 +527,12 @@ def norm_backward_members(
 
 
 def status() -> str:
-    """What is built, where, and which backend each common norm runs on here (``normkit kernels status``)."""
+    """What is built, where, and which backend each common norm runs on here (``normkit kernels status``).
+
+    Example:
+        >>> print(normkit.kernels.status())  # doctest: +ELLIPSIS
+        backend: ...
+    """
     lines = [
         f"backend: {current()}  (choices: {', '.join(BACKENDS)}; NORMKIT_BACKEND or normkit.kernels.use)"
     ]

@@ -77,7 +77,13 @@ def _cpu_tag() -> str:
 
 
 def build_dir() -> Path:
-    """Where the compiled extension lives (created on build)."""
+    """Where the compiled extension lives (created on build): a folder per torch version, Python, CPU and
+    source under ``$NORMKIT_CACHE/kernels/`` (default ``$XDG_CACHE_HOME/normkit`` or ``~/.cache/normkit``).
+
+    Example:
+        >>> normkit.kernels.build_dir().parent.name
+        'kernels'
+    """
     root = os.environ.get("NORMKIT_CACHE")
     if root:
         base = Path(root)
@@ -100,7 +106,12 @@ def _source_tag() -> str:
 
 
 def is_built() -> bool:
-    """Whether a compiled extension is in the cache."""
+    """Whether a compiled extension is in the cache.
+
+    Example:
+        >>> normkit.kernels.is_built() in (True, False)
+        True
+    """
     d = build_dir()
     return d.is_dir() and any(d.glob(f"{_NAME}*.so"))
 

@@ -25,9 +25,9 @@ checks (so errors stay normkit's typed errors), and keep normkit's contract:
   about 1e17 where normkit's scaled statistics stay finite: ``normkit.kernels.use("triton")`` or
   ``"reference"`` keeps normkit's numerics (docs/differences.md).
 
-Every function returns ``None`` where it does not apply. Channels-last GroupNorm / InstanceNorm,
-LayerNorm over (C, H, W) on few samples, Proxy Norm and the fused GN + activation stay on normkit's
-kernels (torch has no layout-keeping or fused equivalent, or is slower there).
+Every function returns ``None`` where it does not apply. GroupNorm / InstanceNorm / LayerNorm with
+fewer than :data:`MIN_SETS` sets (LayerNorm over (C, H, W) of a few samples), Proxy Norm and the fused
+GN + activation stay on normkit's kernels (torch has no fused equivalent, or is slower there).
 """
 
 from __future__ import annotations

@@ -125,7 +125,13 @@ _CACHE: dict[tuple[object, ...], Plan | None] = {}
 
 
 def plan(x: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor | None) -> Plan | None:
-    """The kernel pattern of normalizing (dense) ``x`` over ``dims`` with this affine, or ``None``."""
+    """The kernel pattern of normalizing (dense) ``x`` over ``dims`` with this affine, or ``None``.
+
+    Example:
+        >>> x = torch.randn(8, 16, 5, 5)
+        >>> normkit.kernels.plan(x, (0, 2, 3), None, None).name  # BatchNorm2d's statistics
+        'batch_nchw'
+    """
     ws = None if weight is None else tuple(weight.shape)
     bs = None if bias is None else tuple(bias.shape)
     key = (x.shape, x.stride(), dims, ws, bs)

@@ -5,15 +5,20 @@ that second run. A layer whose training output depends on state its first run ch
 Renorm's ``r`` and ``d`` read the running statistics, which that run updated, and its warm-up reads
 ``num_batches_tracked``) then differentiates another function than the one that produced its
 output: silently wrong gradients, and a second update of the state. :class:`ForwardStates` keeps
-the state each plain eager training forward started from, keyed by its input, so that the
+the state each training forward run under a checkpoint started from, keyed by its input, so that the
 recomputation (a forward inside a backward) finds it again: the forward on the same input, else the
-newest on an input of the same shape. A layer called several times inside one checkpointed segment
-(weights shared within the segment) is the one case this pairs wrongly: its recomputed calls come in
-forward order.
+newest on an input of the same shape. Only forwards inside a checkpoint are kept (``use_reentrant=False``:
+its saved-tensors hooks are the innermost; ``use_reentrant=True``: its forward is on the call stack), so
+a training forward outside one (a ``no_grad`` pass for train accuracy between a checkpointed forward
+and its backward) is never taken for the checkpointed one. A layer called several times inside one
+checkpointed segment (weights shared within the segment) is the one case this pairs wrongly: its
+recomputed calls come in forward order. A recomputation that finds no saved state (more than
+``maxlen`` checkpointed forwards before their backward) says so with a warning and updates nothing.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from typing import Any
 
@@ -21,7 +26,10 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["ForwardStates"]
+__all__ = ["LOST", "ForwardStates"]
+
+#: What :meth:`ForwardStates.begin` returns for a recomputation that finds no saved state.
+LOST: tuple[Tensor, ...] = ()
 
 
 def _plain_eager(x: Tensor) -> bool:
@@ -37,6 +45,25 @@ def _plain_eager(x: Tensor) -> bool:
     )
 
 
+def _under_checkpoint() -> bool:
+    """Whether this forward runs inside a ``torch.utils.checkpoint`` segment (its first run)."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)  # pyright: ignore[reportAttributeAccessIssue]
+    if hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook."):
+        return True  # use_reentrant=False: the checkpoint's saved-tensors hooks are the innermost
+    if torch.is_grad_enabled():
+        return False
+    ckpt = sys.modules.get("torch.utils.checkpoint")
+    if ckpt is None:
+        return False
+    code = ckpt.CheckpointFunction.forward.__code__  # use_reentrant=True: its forward runs under no_grad
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _key(x: Tensor) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """``(what, which)``: the input's device, dtype and shape; and its memory and version. A checkpoint's
     recomputation of a segment's first layer gets the same tensor (``use_reentrant=False``) or a
@@ -47,12 +74,13 @@ def _key(x: Tensor) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
 
 
 class ForwardStates:
-    """The state of the last few training forwards, for a checkpoint's recomputation to find.
+    """The state of the last ``maxlen`` training forwards inside a checkpoint, for its recomputation to find.
 
-    ``begin(x, state)`` at the start of a training forward: returns ``None`` in a plain forward
-    (after saving a copy of ``state``, a few ``(C,)`` tensors), or the state the original forward on
-    ``x`` started from when this call is a recomputation inside a backward. The caller then computes
-    with that state and leaves its buffers alone (they were updated once, by the original forward).
+    ``begin(x, state)`` at the start of a training forward: returns ``None`` in a forward (after saving
+    a copy of ``state``, a few ``(C,)`` tensors, when it runs inside a checkpoint), or, when this call
+    is a recomputation inside a backward, the state the original forward on ``x`` started from (:data:`LOST`
+    if none was kept). The caller then computes with that state and leaves its buffers alone (they
+    were updated once, by the original forward).
 
     Example:
         >>> states = ForwardStates()
@@ -61,7 +89,7 @@ class ForwardStates:
         True
     """
 
-    def __init__(self, maxlen: int = 16) -> None:
+    def __init__(self, maxlen: int = 256) -> None:
         self._saved: deque[tuple[tuple[Any, ...], tuple[Tensor, ...]]] = deque(maxlen=maxlen)
 
     def begin(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
@@ -77,8 +105,9 @@ class ForwardStates:
                         found = self._saved[i][1]
                         del self._saved[i]
                         return found
-            return None
-        self._saved.append((key, tuple(t.detach().clone() for t in state)))
+            return LOST
+        if _under_checkpoint():
+            self._saved.append((key, tuple(t.detach().clone() for t in state)))
         return None
 
     def clear(self) -> None:

@@ -9,6 +9,7 @@ variance instead; :mod:`normkit.convert` maps between the two.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from .._errors import NormError
 from ..functional._autograd import norm
-from ..functional._checks import check_eps, check_momentum, check_positive_int
+from ..functional._checks import check_eps, check_momentum, check_param, check_positive_int
 from ..functional._moments import acc_dtype, normalize
 from ..functional._running import NormOutput, update_running_stats
 from ..functional.batch_norm import batch_norm
@@ -31,7 +32,7 @@ from ._base import (
     not_scriptable,
     torch_norm_init,
 )
-from ._recompute import ForwardStates
+from ._recompute import LOST, ForwardStates
 from .batch_norm import _BatchNorm
 
 __all__ = [
@@ -175,17 +176,17 @@ _GHOST_DOC = r"""Ghost batch normalization over a {shape} input: BN per chunk of
     """
 
 
-class GhostBatchNorm1d(_GhostBatchNorm):
+class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):  # (an nn.BatchNorm1d to isinstance, as normkit's BN)
     __doc__ = _GHOST_DOC.format(shape="``(N, C)`` or ``(N, C, L)``", d=1, example="10, 3")
     _dims = (2, 3)
 
 
-class GhostBatchNorm2d(_GhostBatchNorm):
+class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):  # (an nn.BatchNorm2d to isinstance, as normkit's BN)
     __doc__ = _GHOST_DOC.format(shape="``(N, C, H, W)``", d=2, example="10, 3, 4, 4")
     _dims = (4,)
 
 
-class GhostBatchNorm3d(_GhostBatchNorm):
+class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):  # (an nn.BatchNorm3d to isinstance, as normkit's BN)
     __doc__ = _GHOST_DOC.format(shape="``(N, C, D, H, W)``", d=3, example="10, 3, 2, 2, 2")
     _dims = (5,)
 
@@ -284,6 +285,15 @@ class _BatchRenorm(_BatchNorm):
         started = None
         if self.training and states is not None:
             started = states.begin(x, (self.running_mean, self.running_var, self.num_batches_tracked))
+        if started is LOST:
+            warnings.warn(
+                f"{type(self).__name__}: a checkpoint recomputed this layer's forward, but the state that "
+                "forward started from was not kept (more than 256 checkpointed forwards before their "
+                "backward): its gradients use the current running statistics, and nothing is updated",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            started = (self.running_mean, self.running_var, self.num_batches_tracked)
         if started is not None:
             rm, rv, nbt = started
             r_max, d_max = self._limits(nbt)
@@ -340,6 +350,10 @@ _RENORM_DOC = r"""Batch Renormalization (Ioffe 2017) over a {shape} input; BN th
         eps, momentum, affine: as :class:`BatchNorm{d}d` (``track_running_stats`` must stay True).
         r_max, d_max: the clipping limits reached after the warm-up (paper: 3 and 5).
         warmup_steps: length of the linear warm-up, in training steps (0: limits from the start).
+        bias, unbiased_running_var: as :class:`BatchNorm{d}d`.
+
+    Raises:
+        NormError: ``track_running_stats=False``.
 
     Example:
         >>> import torch, normkit
@@ -352,17 +366,17 @@ _RENORM_DOC = r"""Batch Renormalization (Ioffe 2017) over a {shape} input; BN th
     """
 
 
-class BatchRenorm1d(_BatchRenorm):
+class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):  # (an nn.BatchNorm1d to isinstance, as normkit's BN)
     __doc__ = _RENORM_DOC.format(shape="``(N, C)`` or ``(N, C, L)``", d=1, example="8, 3")
     _dims = (2, 3)
 
 
-class BatchRenorm2d(_BatchRenorm):
+class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):  # (an nn.BatchNorm2d to isinstance, as normkit's BN)
     __doc__ = _RENORM_DOC.format(shape="``(N, C, H, W)``", d=2, example="8, 3, 4, 4")
     _dims = (4,)
 
 
-class BatchRenorm3d(_BatchRenorm):
+class BatchRenorm3d(_BatchRenorm, nn.BatchNorm3d):  # (an nn.BatchNorm3d to isinstance, as normkit's BN)
     __doc__ = _RENORM_DOC.format(shape="``(N, C, D, H, W)``", d=3, example="4, 3, 2, 2, 2")
     _dims = (5,)
 
@@ -762,6 +776,13 @@ class BatchNormalization(nn.Module):
         ax = self._axis(x)
         if not x.is_floating_point():
             raise TypeError(f"BatchNormalization: expected a floating-point input, got {x.dtype}")
+        for name, p in (
+            ("gamma", self.gamma),
+            ("beta", self.beta),
+            ("moving_mean", self.moving_mean),
+            ("moving_variance", self.moving_variance),
+        ):  # (dtype and device as every other layer: a float64 input into a float32 layer is an error)
+            check_param(p, x, (self.num_features,), "BatchNormalization", name)
         nd = x.dim()
         view = [1] * nd
         view[ax] = self.num_features

@@ -211,6 +211,12 @@ def _norm_act(norm_cls: type[nn.Module], name: str) -> type[nn.Module]:
         num_features: C.
         activation: name or callable (see :func:`normkit.functional.activations.get_activation`).
         **kwargs: the arguments of :class:`{base}`.
+
+    Example:
+        >>> import normkit
+        >>> layer = normkit.nn.{name}(4, activation="silu")
+        >>> list(layer.state_dict()) == list(normkit.nn.{base}(4).state_dict())
+        True
     """
     body = {"__init__": __init__, "forward": forward, "extra_repr": extra_repr, "__doc__": doc}
     cls = type(name, (_ActMixin, norm_cls), body)

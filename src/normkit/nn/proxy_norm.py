@@ -128,6 +128,16 @@ class ProxyNormAct(nn.Module):
             self.proxy_points,
         )
 
+    @property
+    def eps(self) -> float:
+        """``proxy_eps`` under torch.nn's name: ``layer.eps = 0.01`` after construction is the same as
+        building with ``eps=0.01`` (it was a new attribute the forward never read)."""
+        return self.proxy_eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.proxy_eps = value
+
     def _proxy_act(self, y: Tensor) -> Tensor:
         return F.proxy_norm_act(
             y,
@@ -194,6 +204,20 @@ class GroupNormProxyAct2d(ProxyNormAct):
         super().__init__(num_features, activation, proxy_eps, num_points, device, dtype)
         self.num_groups = check_groups(num_groups, num_features, name)
         self.eps = check_eps(eps, name)
+
+    @property
+    def eps(self) -> float:  # type: ignore[override]
+        """The group norm's eps (the proxy's is ``proxy_eps``)."""
+        return self.__dict__["_group_eps"]
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.__dict__["_group_eps"] = value
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "eps" in state and "_group_eps" not in state:  # (a module pickled before eps was a property)
+            state["_group_eps"] = state.pop("eps")
+        super().__setstate__(state)
 
     def forward(self, input: Tensor) -> Tensor:
         leaf = fx_leaf(self, input)

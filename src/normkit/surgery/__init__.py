@@ -1,4 +1,6 @@
-"""Model surgery: returns the model, never mutates the caller's copy."""
+"""Model surgery on whole models. ``convert_norms``, ``fold_bn`` and ``fold_proxy_norm`` return a new
+model and leave the caller's untouched; ``freeze_bn`` / ``unfreeze_bn`` change it in place unless
+``inplace=False``."""
 
 from .convert import ConversionReport, Converted, ConvertedLayer, convert_norms
 from .fold import FoldedProxyAct, fold_proxy_norm

@@ -75,17 +75,38 @@ class FrozenBatchNormAct2d(_EvalPinned, BatchNormAct2d):
 class FrozenBatchNormAct1d(_EvalPinned, nk_act.BatchNormAct1d):  # type: ignore[misc, valid-type]
     """:class:`FrozenBatchNormAct2d` for ``(N, C)`` / ``(N, C, L)`` inputs: what :func:`freeze_bn` makes of
     a ``BatchNormAct1d`` (and of ``BatchRenormAct1d`` / ``GhostBatchNormAct1d``, which in eval
-    normalize as BatchNorm does)."""
+    normalize as BatchNorm does).
+
+    Example:
+        >>> import torch, normkit
+        >>> net = normkit.surgery.freeze_bn(torch.nn.Sequential(normkit.nn.BatchNormAct1d(3))).train()
+        >>> type(net[0]).__name__, net[0].training, net[0](torch.randn(2, 3)).shape
+        ('FrozenBatchNormAct1d', False, torch.Size([2, 3]))
+    """
 
 
 class FrozenBatchNormAct3d(_EvalPinned, nk_act.BatchNormAct3d):  # type: ignore[misc, valid-type]
     """:class:`FrozenBatchNormAct2d` for ``(N, C, D, H, W)`` inputs (from ``BatchNormAct3d``,
-    ``BatchRenormAct3d``, ``GhostBatchNormAct3d``)."""
+    ``BatchRenormAct3d``, ``GhostBatchNormAct3d``).
+
+    Example:
+        >>> import torch, normkit
+        >>> net = normkit.surgery.freeze_bn(torch.nn.Sequential(normkit.nn.BatchNormAct3d(3))).train()
+        >>> type(net[0]).__name__, net[0].training, net[0](torch.randn(2, 3, 2, 2, 2)).shape
+        ('FrozenBatchNormAct3d', False, torch.Size([2, 3, 2, 2, 2]))
+    """
 
 
 class FrozenSyncBatchNormAct(_EvalPinned, nk_sync.SyncBatchNormAct):
     """A :class:`~normkit.nn.SyncBatchNormAct` frozen by :func:`freeze_bn`, as
-    :class:`FrozenBatchNormAct2d` (in eval it issues no collective)."""
+    :class:`FrozenBatchNormAct2d` (in eval it issues no collective).
+
+    Example:
+        >>> import torch, normkit
+        >>> net = normkit.surgery.freeze_bn(torch.nn.Sequential(normkit.nn.SyncBatchNormAct(3))).train()
+        >>> type(net[0]).__name__, net[0].training, net[0](torch.randn(2, 3, 4, 4)).shape
+        ('FrozenSyncBatchNormAct', False, torch.Size([2, 3, 4, 4]))
+    """
 
 
 # Swapped for a FrozenBatchNorm{1,2,3}d. Exact types only: a subclass with its own forward would lose
@@ -449,6 +470,10 @@ def unfreeze_bn(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     Each layer gets the train/eval mode of ``model``, except a layer that had another mode than
     the model when it was frozen (a BN deliberately kept in eval inside a training model): it gets
     that mode back. A single frozen layer gets the mode it had.
+
+    Args:
+        model: the model (changed in place unless ``inplace=False``), or a single frozen layer.
+        inplace: ``False`` works on a deep copy and leaves ``model`` untouched.
 
     Example:
         >>> import torch, normkit

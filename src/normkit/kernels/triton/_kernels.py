@@ -1542,47 +1542,51 @@ def _batch_moments(MEAN, VAR, ci, cm, C, var_scale, FROM_STATS: tl.constexpr, AC
 
 
 @triton.jit
+def _lerp(a, b, w):
+    """torch.lerp's two forms (exact at either end)."""
+    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit
 def bn_running_kernel(
     MEAN, VAR, RM, RV, NBT, SKIP, C, momentum, var_scale,
     HAS_NBT: tl.constexpr, HAS_SKIP: tl.constexpr, CUMULATIVE: tl.constexpr, FROM_STATS: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One program: ``running <- lerp(running, batch, factor)`` per channel, ``factor`` the momentum or
-    (``CUMULATIVE``) ``1 / num_batches_tracked`` after this step; a batch with a non-finite mean or
-    variance anywhere leaves every buffer as it is, no device sync (as
+    (``CUMULATIVE``) ``1 / num_batches_tracked`` after this step, computed in ``ACC`` and rounded once to
+    the buffers' dtype; a step whose result is not finite there anywhere (a non-finite batch mean or
+    variance, or a value a float16 buffer cannot hold) leaves every buffer as it is, no device sync (as
     :func:`normkit.functional._running.update_running_stats`); ``num_batches_tracked`` advances by
-    one for a finite batch, ``num_skipped_updates`` for the other. ``VAR`` is the batch's unbiased
+    one for a finite step, ``num_skipped_updates`` for the other. ``VAR`` is the batch's unbiased
     variance, times ``var_scale`` for the biased one; with ``FROM_STATS`` the batch's mean and biased
     variance come from the saved statistics at ``MEAN`` (``var_scale`` then makes it the one stored)."""
-    fin = tl.full([BLOCK], 1, tl.int32)
-    for c0 in range(0, C, BLOCK):
-        ci = c0 + tl.arange(0, BLOCK)
-        cm = ci < C
-        m, v = _batch_moments(MEAN, VAR, ci, cm, C, var_scale, FROM_STATS, ACC)
-        ok = (tl.abs(m) < float("inf")) & (tl.abs(v) < float("inf"))  # (False for NaN too)
-        fin = fin & ok.to(tl.int32)
-    f = tl.min(fin, axis=0)  # 1: every channel finite
-    if HAS_NBT:
-        nbt = tl.load(NBT) + f.to(tl.int64)
-        tl.store(NBT, nbt)
-        if HAS_SKIP:
-            tl.store(SKIP, tl.load(SKIP) + (1 - f).to(tl.int64))
-        if CUMULATIVE:
-            w = 1.0 / tl.maximum(nbt, 1).to(ACC)
-        else:
-            w = tl.full([], momentum, ACC)
+    if CUMULATIVE:
+        w = 1.0 / tl.maximum(tl.load(NBT) + 1, 1).to(ACC)  # (this step's weight, if it counts)
     else:
         w = tl.full([], momentum, ACC)
+    fin = tl.full([BLOCK], 1, tl.int32)
     for c0 in range(0, C, BLOCK):
         ci = c0 + tl.arange(0, BLOCK)
         cm = ci < C
         rm = tl.load(RM + ci, mask=cm, other=0.0).to(ACC)
         rv = tl.load(RV + ci, mask=cm, other=0.0).to(ACC)
         m, v = _batch_moments(MEAN, VAR, ci, cm, C, var_scale, FROM_STATS, ACC)
-        m = tl.where(f == 1, m, rm)
-        v = tl.where(f == 1, v, rv)
-        # torch.lerp's two forms (exact at either end)
-        m = tl.where(w < 0.5, rm + w * (m - rm), m - (m - rm) * (1.0 - w))
-        v = tl.where(w < 0.5, rv + w * (v - rv), v - (v - rv) * (1.0 - w))
-        tl.store(RM + ci, m.to(RM.dtype.element_ty), mask=cm)
-        tl.store(RV + ci, v.to(RV.dtype.element_ty), mask=cm)
+        m = _lerp(rm, m, w).to(RM.dtype.element_ty).to(ACC)
+        v = _lerp(rv, v, w).to(RV.dtype.element_ty).to(ACC)
+        ok = (tl.abs(m) < float("inf")) & (tl.abs(v) < float("inf"))  # (False for NaN too)
+        fin = fin & ok.to(tl.int32)
+    f = tl.min(fin, axis=0)  # 1: every channel finite
+    if HAS_NBT:
+        tl.store(NBT, tl.load(NBT) + f.to(tl.int64))
+        if HAS_SKIP:
+            tl.store(SKIP, tl.load(SKIP) + (1 - f).to(tl.int64))
+    if f == 1:
+        for c0 in range(0, C, BLOCK):
+            ci = c0 + tl.arange(0, BLOCK)
+            cm = ci < C
+            rm = tl.load(RM + ci, mask=cm, other=0.0).to(ACC)
+            rv = tl.load(RV + ci, mask=cm, other=0.0).to(ACC)
+            m, v = _batch_moments(MEAN, VAR, ci, cm, C, var_scale, FROM_STATS, ACC)
+            tl.store(RM + ci, _lerp(rm, m, w).to(RM.dtype.element_ty), mask=cm)
+            tl.store(RV + ci, _lerp(rv, v, w).to(RV.dtype.element_ty), mask=cm)

@@ -30,6 +30,21 @@ class NormOutput(NamedTuple):
     num_batches_tracked: Tensor | None
 
 
+def live_count(counter: Tensor) -> Tensor:
+    """``counter`` (a one-element buffer such as ``num_batches_tracked``) read through a reduction.
+
+    AOTInductor (torch 2.13) folds pointwise arithmetic on a one-element buffer alone into its value at
+    compile time, although the graph writes that buffer: a package computed every later step from the
+    counter's compile-time value (Batch Renorm's warm-up stuck at step 0, the cumulative average
+    restarting at every step). A reduction is not folded, and costs one tiny op in eager.
+
+    Example:
+        >>> live_count(torch.tensor(7))
+        tensor(7)
+    """
+    return counter.sum()
+
+
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -61,7 +76,7 @@ def update_running_stats(
         if num_batches_tracked is None:
             raise NormError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
         # (this step's weight if it counts; a step that does not changes nothing)
-        factor: Tensor | float = 1.0 / (num_batches_tracked + 1).clamp(min=1).to(acc)
+        factor: Tensor | float = 1.0 / (live_count(num_batches_tracked) + 1).clamp(min=1).to(acc)
     else:
         factor = momentum
     new_mean = torch.lerp(running_mean.to(acc), mean, factor).to(running_mean.dtype)

@@ -10,7 +10,7 @@ from torch import Tensor
 from .._errors import NormError
 from ._autograd import norm
 from ._checks import check_eps, check_input, check_momentum, check_param, check_positive_int
-from ._running import NormOutput, update_running_stats
+from ._running import NormOutput, live_count, update_running_stats
 from ._views import channel_view, spatial_dims
 from .batch_norm import batch_norm
 
@@ -28,6 +28,8 @@ def _chunk_update(running: Tensor, stats: Tensor, start: Tensor | int, momentum:
     K = stats.shape[0]
     stats = stats.to(running.dtype)
     if momentum is None:
+        if isinstance(start, Tensor):
+            start = live_count(start)  # (a buffer: see live_count)
         t = torch.as_tensor(start, dtype=running.dtype, device=running.device)
         return (t * running + stats.sum(0)) / (t + K)
     decay = torch.full((K,), 1.0 - momentum, dtype=running.dtype, device=running.device)

@@ -289,7 +289,7 @@ def store_running(
         running_var.copy_(rv)
         if nbt is not None and num_batches_tracked is not None:
             if num_skipped_updates is not None:  # (as normkit.nn._base.store_stats counts them)
-                num_skipped_updates.add_(num_batches_tracked + 1 - nbt)
+                num_skipped_updates.add_(1 - (nbt - num_batches_tracked))  # (see live_count)
             num_batches_tracked.copy_(nbt)
 
 

@@ -198,7 +198,7 @@ def store_stats(
             running_var.copy_(new_var.detach())
             if new_count is not None and num_batches_tracked is not None:
                 if num_skipped_updates is not None:
-                    num_skipped_updates.add_(num_batches_tracked + 1 - new_count)
+                    num_skipped_updates.add_(1 - (new_count - num_batches_tracked))  # (see live_count)
                 num_batches_tracked.copy_(new_count)
     return out.output
 

@@ -19,7 +19,7 @@ from .._errors import NormError
 from ..functional._autograd import norm
 from ..functional._checks import check_eps, check_momentum, check_param, check_positive_int
 from ..functional._moments import acc_dtype, normalize
-from ..functional._running import NormOutput, update_running_stats
+from ..functional._running import NormOutput, live_count, update_running_stats
 from ..functional.batch_norm import batch_norm
 from ..functional.batch_renorm import batch_renorm, mean_only_batch_norm
 from ..functional.ghost_batch_norm import MomentumMode, ghost_batch_norm
@@ -266,7 +266,7 @@ class _BatchRenorm(_BatchNorm):
         return self._limits(self.num_batches_tracked)
 
     def _limits(self, num_batches_tracked: Tensor) -> tuple[Tensor, Tensor]:
-        t = num_batches_tracked.to(torch.float64)
+        t = live_count(num_batches_tracked).to(torch.float64)  # (read through a reduction: see live_count)
         frac = (t / self.warmup_steps).clamp(max=1.0) if self.warmup_steps else torch.ones_like(t)
         return 1.0 + (self.r_max - 1.0) * frac, self.d_max * frac
 

@@ -164,10 +164,6 @@ EVAL_KEYS = [e.key for e in ENTRIES if not e.train]
 TRAIN_KEYS = [e.key for e in ENTRIES if e.train]
 
 
-def _xfail(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"audit A: {reason}")
-
-
 @pytest.mark.parametrize(
     "key",
     EVAL_KEYS + TRAIN_KEYS,
@@ -294,7 +290,8 @@ def _ptq_fx(lib) -> tuple[nn.Module, nn.Module, torch.Tensor]:
 
     calib, x = _calibration()
     fp = _conv_bn_net(lib)
-    prepared = prepare_fx(copy.deepcopy(fp), get_default_qconfig_mapping("x86"), (x,))
+    plain = normkit.surgery.to_torch_nn(fp).model if lib is nkn else copy.deepcopy(fp)
+    prepared = prepare_fx(plain, get_default_qconfig_mapping("x86"), (x,))
     for c in calib:
         prepared(c)
     return fp, convert_fx(prepared), x
@@ -313,23 +310,19 @@ def test_fx_ptq_of_normkit_bn_runs_and_is_as_accurate_as_torch_nn():
     assert ours_err <= 2 * ref_err + 1e-3, (ours_err, ref_err)
 
 
-@_xfail(
-    "FX graph mode quantization (prepare_fx/convert_fx, x86 qconfig) matches torch.ao's fusion patterns by "
-    "exact type: Conv+normkit BatchNorm2d(+ReLU) is not fused, the BN stays a float module between a "
-    "dequantize and a quantize (torch.nn's model: one quantized ConvReLU2d / Conv2d each)"
-)
-def test_fx_ptq_fuses_conv_bn_relu_as_for_torch_nn():
-    _, ours, _ = _ptq_fx(nkn)
+def test_fx_ptq_after_to_torch_nn_fuses_conv_bn_relu_as_for_torch_nn():
+    """FX graph mode quantization matches torch.ao's fusion patterns by exact type: normkit's BN stayed a
+    float module between a dequantize and a quantize. After ``normkit.surgery.to_torch_nn`` the model
+    quantizes into the same modules as torch.nn's (a ConvReLU2d and a Conv2d), with the same output."""
+    _, ours, x = _ptq_fx(nkn)
     _, ref, _ = _ptq_fx(nn)
     assert _kinds(ours) == _kinds(ref)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-6)
 
 
-@_xfail(
-    "prepare_qat_fx does not fuse Conv+normkit BatchNorm2d into torch.ao's ConvBn2d / ConvBnReLU2d QAT "
-    "modules (exact-type patterns), so QAT trains without the folded-BN simulation and convert_fx "
-    "leaves float BNs"
-)
-def test_fx_qat_fuses_conv_bn_as_for_torch_nn():
+def test_fx_qat_after_to_torch_nn_fuses_conv_bn_as_for_torch_nn():
+    """``prepare_qat_fx`` builds torch.ao's ConvBn2d / ConvBnReLU2d QAT modules (the folded-BN simulation)
+    from the model ``to_torch_nn`` returns, as from torch.nn's."""
     from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
@@ -337,6 +330,8 @@ def test_fx_qat_fuses_conv_bn_as_for_torch_nn():
     kinds = {}
     for lib in (nn, nkn):
         net = _conv_bn_net(lib).train()
+        if lib is nkn:
+            net = normkit.surgery.to_torch_nn(net).model
         kinds[lib.__name__] = [
             k
             for k in _kinds(prepare_qat_fx(net, get_default_qat_qconfig_mapping("x86"), (x,)))
@@ -399,17 +394,27 @@ def test_eager_static_quantization_with_the_documented_fuser_mapping_equals_torc
     torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-6)
 
 
-@_xfail(
-    "eager static quantization without fusion: torch.ao's prepare/convert swap BatchNorm2d for the quantized "
-    "BatchNorm2d by exact type, so normkit's BN stays float, receives the quantized conv output and "
-    "raises 'TypeError: batch_norm: expected a floating-point input ..., got torch.quint8; convert it "
-    "with x.float()' (x.float() itself fails on a quantized tensor); torch.nn's model runs"
-)
-def test_eager_static_quantization_without_fusion_runs_as_torch_nn():
+def test_eager_static_quantization_without_fusion_names_to_torch_nn_and_runs_after_it():
+    """torch.ao's ``prepare`` / ``convert`` swap BatchNorm2d for the quantized one by exact type, so normkit's
+    BN stayed float and got the quantized convolution output, with a TypeError advising ``x.float()`` (which
+    fails on a quantized tensor). The error now names ``to_torch_nn``; after it the model quantizes as
+    torch.nn's does, with the same output."""
+    import torch.ao.quantization as tq
+
     _, x = _calibration()
-    _, ours = _eager_static_quant(nkn, fuse=False)
+    net = _stub_net(nkn)
+    net.qconfig = tq.get_default_qconfig("x86")  # pyright: ignore[reportArgumentType]
+    prepared = tq.prepare(copy.deepcopy(net))
+    prepared(x)
+    with pytest.raises(TypeError, match=r"quantized .*to_torch_nn"):
+        tq.convert(prepared)(x)
+    plain = normkit.surgery.to_torch_nn(net).model
+    prepared = tq.prepare(plain)
+    calib, _ = _calibration()
+    for c in calib:
+        prepared(c)
     _, ref = _eager_static_quant(nn, fuse=False)
-    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(tq.convert(prepared)(x), ref(x), rtol=0, atol=1e-6)
 
 
 def test_quantize_dynamic_leaves_normkit_layers_and_equals_torch_nn():

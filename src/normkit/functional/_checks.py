@@ -20,6 +20,14 @@ def check_input(x: object, op: str, *, min_dim: int = 2, ndim: int | None = None
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: expected a torch.Tensor input, got {type(x).__name__}")
     if not x.is_floating_point():
+        if x.is_quantized:  # (torch.ao's quantization swaps layers by exact type: this one was left float)
+            raise TypeError(
+                f"{op}: expected a floating-point input, got a quantized {x.dtype} tensor: "
+                "torch.ao.quantization left this normkit layer in float (it swaps and fuses torch.nn's own "
+                "classes only); normkit.surgery.to_torch_nn(model) before quantizing gives it torch.nn's "
+                "layers, or "
+                "dequantize the input (x.dequantize())"
+            )
         raise TypeError(
             f"{op}: expected a floating-point input (float16, bfloat16, float32 or float64), got {x.dtype}; "
             "convert it with x.float()"

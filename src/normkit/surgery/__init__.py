@@ -1,5 +1,5 @@
-"""Model surgery on whole models. ``convert_norms``, ``fold_bn`` and ``fold_proxy_norm`` return a new
-model and leave the caller's untouched; ``freeze_bn`` / ``unfreeze_bn`` change it in place unless
+"""Model surgery on whole models. ``convert_norms``, ``fold_bn``, ``fold_proxy_norm`` and ``to_torch_nn``
+return a new model and leave the caller's untouched; ``freeze_bn`` / ``unfreeze_bn`` change it in place unless
 ``inplace=False``."""
 
 from .convert import ConversionReport, Converted, ConvertedLayer, convert_norms
@@ -14,6 +14,7 @@ from .freeze import (
     freeze_bn,
     unfreeze_bn,
 )
+from .to_torch import to_torch_nn
 
 __all__ = [
     "ConversionReport",
@@ -32,5 +33,6 @@ __all__ = [
     "fold_bn_weights",
     "fold_proxy_norm",
     "freeze_bn",
+    "to_torch_nn",
     "unfreeze_bn",
 ]

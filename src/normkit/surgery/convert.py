@@ -96,6 +96,7 @@ class ConversionReport:
         method: how norm/activation pairs were found (``"torch.fx"``, or Sequential adjacency and why).
         graph_module: why the result is a ``torch.fx.GraphModule`` (activations that were functions or
             shared modules had to leave the graph), or ``""`` when the model kept its class.
+        op: the tool that made the report (``"convert_norms"``, or ``"to_torch_nn"``).
     """
 
     to: str
@@ -106,6 +107,7 @@ class ConversionReport:
     unfused: list[tuple[str, str]] = field(default_factory=list)
     method: str = "torch.fx"
     graph_module: str = ""
+    op: str = "convert_norms"
 
     def table(self) -> str:
         """The report as a plain-text table (what ``str(report)`` gives)."""
@@ -116,12 +118,10 @@ class ConversionReport:
         ]
         widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(head)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [
-            (
-                f"convert_norms to {self.to!r}: {len(self.converted)} converted, {len(self.skipped)} "
-                f"skipped, {len(self.fused)} norm+activation pairs fused ({self.method})"
-            )
-        ]
+        head_line = f"{self.op} to {self.to!r}: {len(self.converted)} converted, {len(self.skipped)} skipped"
+        if self.op == "convert_norms":
+            head_line += f", {len(self.fused)} norm+activation pairs fused ({self.method})"
+        lines = [head_line]
         lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*r).rstrip() for r in rows]
         dropped: dict[str, list[str]] = {}

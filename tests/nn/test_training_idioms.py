@@ -428,6 +428,15 @@ def _renorm_block() -> nn.Sequential:
     return m.train()
 
 
+def _assert_checkpointed_equals_plain(results: list) -> None:
+    """``[(grads, buffers) plain, (grads, buffers) checkpointed]``: the same gradients, the same buffers."""
+    (g_ref, b_ref), (g_ck, b_ck) = results
+    for a, b in zip(g_ck, g_ref, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    for a, b in zip(b_ck, b_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _renorm_head(m: nn.Sequential, x: torch.Tensor, ckpt: bool) -> torch.Tensor:
     h = checkpoint(m[:3], x, use_reentrant=False) if ckpt else m[:3](x)
     return m[3](h)
@@ -455,11 +464,7 @@ def test_batch_renorm_checkpoint_with_a_no_grad_train_forward_before_the_backwar
             m[1:3](h)
         y.square().mean().backward()
         results.append((_grads(m), [b.clone() for b in m.buffers()]))
-    (g_ref, b_ref), (g_ck, b_ck) = results
-    for a, b in zip(g_ck, g_ref, strict=True):
-        torch.testing.assert_close(a, b, **TOL)
-    for a, b in zip(b_ck, b_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_checkpointed_equals_plain(results)
 
 
 def test_batch_renorm_checkpoint_with_many_forwards_before_one_backward():
@@ -489,11 +494,7 @@ def test_batch_renorm_checkpoint_alternating_forward_backward_equals_plain():
                 m(x * 3)
             _renorm_head(m, x, ckpt).square().mean().backward()
         results.append((_grads(m), [b.clone() for b in m.buffers()]))
-    (g_ref, b_ref), (g_ck, b_ck) = results
-    for a, b in zip(g_ck, g_ref, strict=True):
-        torch.testing.assert_close(a, b, **TOL)
-    for a, b in zip(b_ck, b_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_checkpointed_equals_plain(results)
 
 
 # --- "freeze BN" by isinstance --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from normkit.lab.models import CNN4
 from normkit.lab.train import (
     TrainConfig,
     _lr_factor,
+    _run_length,
     epoch_batches,
     evaluate,
     evaluate_batch_stats,
@@ -83,6 +84,17 @@ def test_divergence_stops_the_run() -> None:
         TrainConfig(epochs=3, batch_size=16, lr=1e6, schedule="constant"),
     )
     assert res.diverged and res.final["diverged"] and res.steps < 12
+
+
+def test_a_capped_run_keeps_its_schedule_shape() -> None:
+    """``max_steps`` shortens the warm-up with the run: 5 epochs of 8 steps with 1 warm-up epoch capped at
+    10 steps warms up for 2 (a fifth), not 8 of its 10; uncapped, the warm-up is the full epoch."""
+    cfg = TrainConfig(epochs=5, warmup_epochs=1, max_steps=10)
+    assert _run_length(cfg, 8) == (10, 2)
+    assert _run_length(TrainConfig(epochs=5, warmup_epochs=1), 8) == (40, 8)
+    assert _run_length(TrainConfig(epochs=5, warmup_epochs=1, max_steps=100), 8) == (40, 8)
+    factor = _lr_factor("cosine", *_run_length(cfg, 8))
+    assert factor(1) == 1.0 and factor(9) < 0.1  # past the warm-up by step 2, then the cosine to its end
 
 
 def test_max_steps_caps_the_run() -> None:

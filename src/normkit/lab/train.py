@@ -54,7 +54,8 @@ class TrainConfig:
         schedule: ``"cosine"`` (decay to 0 over the run, by step) or ``"constant"``.
         warmup_epochs: linear warm-up from ``lr / warmup_steps`` to ``lr`` over this many epochs
             (Goyal et al.'s companion to the linear scaling rule), then the schedule.
-        max_steps: stop after this many optimizer steps (``None``: no cap); the schedule spans the capped run.
+        max_steps: stop after this many optimizer steps (``None``: no cap); the schedule spans the capped
+            run, its warm-up the same fraction of it.
         seed: batch order seed.
         eval_batch_stats: also measure the final test error with batch (train-mode) statistics,
             in test batches of ``batch_size``, for nets that have them (BN).
@@ -222,6 +223,18 @@ def _lr_factor(schedule: str, total: int, warmup: int = 0) -> Callable[[int], fl
     return factor
 
 
+def _run_length(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """``(optimizer steps, warm-up steps)``: a run capped by ``max_steps`` keeps its schedule's shape, the
+    warm-up the same fraction of the (shorter) run (it used to keep its full length: a capped run of
+    fewer steps than one epoch was all warm-up, its LR never reaching ``lr``)."""
+    full = cfg.epochs * steps_per_epoch
+    total = full if cfg.max_steps is None else min(full, cfg.max_steps)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if full and total < full:
+        warmup *= total / full
+    return total, round(warmup)
+
+
 def train_classifier(
     model: nn.Module,
     data: Dataset,
@@ -264,10 +277,8 @@ def train_classifier(
     optimizer = torch.optim.SGD(param_groups(inner, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = len(x_train) // (cfg.batch_size * world_size)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    factor = _lr_factor(cfg.schedule, total, round(cfg.warmup_epochs * steps_per_epoch))
+    total, warmup = _run_length(cfg, steps_per_epoch)
+    factor = _lr_factor(cfg.schedule, total, warmup)
     result = TrainResult()
     step = 0
     model.train()

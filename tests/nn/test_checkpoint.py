@@ -130,3 +130,35 @@ def test_every_layer_under_checkpoint_gives_the_plain_gradients(sample: Sample, 
     torch.testing.assert_close(y, y_ref)
     for i, (a, b) in enumerate(zip(g, g_ref)):
         torch.testing.assert_close(a, b, msg=lambda s, i=i: f"gradient {i}: {s}")
+
+
+def test_a_recomputed_input_at_a_dead_inputs_address_pairs_by_order(monkeypatch):
+    """A layer deeper in a segment gets a recomputed input, which the allocator may place where another
+    forward's (dead) input was: same address, same version, a key equal to that forward's. Pairing by
+    that key took the wrong state (a rare failure of the 17-forward test, depending on addresses); only a
+    saved input still alive (a segment's own input, which the checkpoint keeps) pairs by key, the rest
+    by order, newest first. Addresses are simulated (each tensor's ``addr``)."""
+    from normkit.nn import _recompute
+
+    monkeypatch.setattr(_recompute, "_key", lambda x: (("cpu",), (x.addr,)))
+    monkeypatch.setattr(_recompute, "_under_checkpoint", lambda: True)
+
+    def at(addr: str) -> torch.Tensor:
+        t = torch.randn(4, 3)
+        t.addr = addr  # pyright: ignore[reportAttributeAccessIssue]
+        return t
+
+    states = _recompute.ForwardStates()
+    first, second, third = ((torch.full((3,), v),) for v in (1.0, 2.0, 3.0))
+    kept = at("C")  # a segment's input: alive, the checkpoint holds it
+    for x, state in ((at("A"), first), (kept, second), (at("B"), third)):
+        assert states.begin(x, state) is None
+    del x  # (the inputs at A and B die here)
+    monkeypatch.setattr(torch._C, "_current_graph_task_id", lambda: 1)  # as inside a backward
+    got = states.begin(at("A"), ())  # recomputed, placed where the first forward's input was
+    assert got is not None and torch.equal(got[0], third[0])  # the newest, by order (not A's)
+    got = states.begin(kept, ())  # the kept input itself: its own state, whatever the order
+    assert got is not None and torch.equal(got[0], second[0])
+    got = states.begin(at("D"), ())
+    assert got is not None and torch.equal(got[0], first[0])
+    assert states.begin(at("E"), ()) is _recompute.LOST

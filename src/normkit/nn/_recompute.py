@@ -19,6 +19,7 @@ recomputed calls come in forward order. A recomputation that finds no saved stat
 from __future__ import annotations
 
 import sys
+import weakref
 from collections import deque
 from typing import Any
 
@@ -90,24 +91,32 @@ class ForwardStates:
     """
 
     def __init__(self, maxlen: int = 256) -> None:
-        self._saved: deque[tuple[tuple[Any, ...], tuple[Tensor, ...]]] = deque(maxlen=maxlen)
+        # (input key, a weak reference to the input, the state)
+        self._saved: deque[tuple[tuple[Any, ...], weakref.ref[Tensor], tuple[Tensor, ...]]] = deque(
+            maxlen=maxlen
+        )
 
     def begin(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
         if not _plain_eager(x):
             return None
         key = _key(x)
         if torch._C._current_graph_task_id() != -1:  # run by a backward: a checkpoint's recomputation
-            # the forward on this very input, else the newest forward on an input like it (the
-            # backward recomputes the segments in the reverse of their order)
-            for match in (lambda k: k == key, lambda k: k[0] == key[0]):
+            # the forward on this very input (still alive: a segment's input, which the checkpoint
+            # keeps; a dead one's memory may hold another tensor by now, at the same address), else the
+            # newest forward on an input like it (the backward recomputes the segments in the reverse
+            # of their order)
+            for match in (
+                lambda k, ref: k == key and ref() is not None,
+                lambda k, ref: k[0] == key[0],
+            ):
                 for i in range(len(self._saved) - 1, -1, -1):
-                    if match(self._saved[i][0]):
-                        found = self._saved[i][1]
+                    if match(*self._saved[i][:2]):
+                        found = self._saved[i][2]
                         del self._saved[i]
                         return found
             return LOST
         if _under_checkpoint():
-            self._saved.append((key, tuple(t.detach().clone() for t in state)))
+            self._saved.append((key, weakref.ref(x), tuple(t.detach().clone() for t in state)))
         return None
 
     def clear(self) -> None:

@@ -38,8 +38,12 @@ def test_env_records_what_explains_a_difference(tmp_path: Path) -> None:
 
     import normkit
 
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    env = environment("cpu", parallelism="test")
+    try:
+        env = environment("cpu", parallelism="test")
+    finally:
+        torch.set_num_threads(before)  # (left at 1, every later test in the process ran on one thread)
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         names = [

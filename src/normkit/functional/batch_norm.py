@@ -24,16 +24,18 @@ def _aten_eval_grad_hazard(x: Tensor) -> bool:
     """Whether ATen's eval batch_norm would return a wrong input gradient for this ``x``.
 
     torch 2.13's CPU ``native_batch_norm_backward`` mis-reads an input whose memory is channels-last
-    but whose size-1 spatial dim carries a non-canonical stride (e.g. ``randn(N, W, C, 1).permute(0,
-    2, 3, 1)``, strides ``(C*W, 1, 1, C)``) against a contiguous grad_output. Such inputs take
-    normkit's own elementwise path instead (same values, correct gradient).
+    but whose size-1 dim carries a non-canonical stride against a contiguous grad_output: a spatial
+    one (``randn(N, W, C, 1).permute(0, 2, 3, 1)``, strides ``(C*W, 1, 1, C)``) or the batch (one
+    HWC image made NCHW, ``img.permute(2, 0, 1).unsqueeze(0)``, strides ``(3, 1, 6, 3)``: the input
+    gradient of a saliency map was off by up to 2.4). Such inputs take normkit's own elementwise path
+    instead (same values, correct gradient).
     """
     return (
         x.requires_grad
         and torch.is_grad_enabled()
         and x.dim() > 2
         and not x.is_contiguous()
-        and any(s == 1 for s in x.shape[2:])
+        and any(s == 1 for s in x.shape)
     )
 
 

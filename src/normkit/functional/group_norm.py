@@ -99,11 +99,18 @@ def group_norm(
         xv = x
         pshape = (1, C) + (1,) * k
         dims = tuple(range(1, 2 + k))
-    elif k and x.stride(1) == 1 and not x.is_contiguous() and not torch.compiler.is_compiling():
-        # channels_last: work on the (N, *S, G, C // G) view of the memory as it lies, where every
-        # elementwise pass is one flat loop and the statistics reduce in two fast stages. (Not under
-        # torch.compile, where the op below takes x itself, whatever its layout, and Inductor lays
-        # out the loops.)
+    elif (
+        k
+        and x.stride(1) == 1
+        and not x.is_contiguous()
+        and x.permute(0, *range(2, 2 + k), 1).is_contiguous()
+        and not torch.compiler.is_compiling()
+    ):
+        # channels_last (dense: an input expanded along a spatial dim, stride 0, is not, and came out
+        # channels-innermost, neither torch's layout nor its own): work on the (N, *S, G, C // G) view
+        # of the memory as it lies, where every elementwise pass is one flat loop and the statistics
+        # reduce in two fast stages. (Not under torch.compile, where the op below takes x itself,
+        # whatever its layout, and Inductor lays out the loops.)
         perm = (0, *range(2, 2 + k), 1)
         xv = x.permute(perm).reshape(N, *spatial, G, C // G)
         pshape = (1,) * (1 + k) + (G, C // G)

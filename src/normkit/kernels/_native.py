@@ -69,7 +69,20 @@ def _vec(p: Tensor | None) -> Tensor | None:
     return None if p is None else p.reshape(-1)
 
 
-def _stats(x: Tensor, dims: tuple[int, ...], mean: Tensor, rstd: Tensor, eps: float) -> Tensor:
+def _half_params(x: Tensor, w: Tensor | None, b: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """For a float16 / bfloat16 ``x``: float32 weight and bias (ones and zeros where absent), which put
+    ATen's batch norm on its mixed-dtype path (float32 statistics)."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return w, b
+    C = x.shape[1]
+    w = torch.ones(C, device=x.device) if w is None else w.float()
+    b = torch.zeros(C, device=x.device) if b is None else b.float()
+    return w, b
+
+
+def _stats(
+    x: Tensor, dims: tuple[int, ...], mean: Tensor, rstd: Tensor, eps: float, var: Tensor | None = None
+) -> Tensor:
     acc = core.acc_dtype(x.dtype)
     shape = core.stat_shape(x, dims)
     mean = mean.to(acc).reshape(shape)
@@ -77,7 +90,10 @@ def _stats(x: Tensor, dims: tuple[int, ...], mean: Tensor, rstd: Tensor, eps: fl
     count = 1
     for d in dims:
         count *= x.shape[d]
-    var = (rstd.square().reciprocal() - eps).clamp_min(0.0)
+    if var is None:
+        var = (rstd.square().reciprocal() - eps).clamp_min(0.0)
+    else:
+        var = var.to(acc).reshape(shape)
     return torch.stack(
         [mean, torch.ones_like(mean), torch.zeros_like(mean), rstd, var, torch.full_like(mean, count)]
     )
@@ -91,12 +107,30 @@ def forward(
     pat = _pattern(x, dims, weight, bias)
     if pat is None or x.numel() == 0:
         return None
+    if eps == 0:
+        return None  # (the variance is rebuilt from rstd below, infinite for a constant set)
     kind, extra = pat
     w = weight.detach() if weight is not None else None
     b = bias.detach() if bias is not None else None
+    if kind != BN and eps > 1e-3:
+        # the variance, rebuilt from rstd below (InstanceNorm's running statistics read it), would lose
+        # about eps / var * 1e-7 of itself (all of it at eps 10 for a variance of 1e-6)
+        return None
+    var = None
     try:
         if kind == BN:
-            y, mean, rstd = aten.native_batch_norm(x, _vec(w), _vec(b), None, None, True, 0.0, eps)
+            # Scratch running statistics, momentum 1: ATen hands over the batch's mean and unbiased
+            # variance in them (the variance rebuilt from rstd lost its digits where eps dwarfs it), in
+            # float32 for a half x, with float32 parameters: ATen's mixed-dtype path, whose statistics
+            # are float32 (without a weight a half x ran in half: gradients 7-40% off)
+            acc = core.acc_dtype(x.dtype)
+            C = x.shape[1]
+            count = x.numel() // C
+            rm, rv = torch.zeros(C, dtype=acc, device=x.device), torch.ones(C, dtype=acc, device=x.device)
+            w, b = _half_params(x, w, b)
+            y, mean, rstd = aten.native_batch_norm(x, _vec(w), _vec(b), rm, rv, True, 1.0, eps)
+            if count > 1:
+                var = rv * ((count - 1) / count)
         elif kind == LN:
             shape = list(x.shape[extra:])
             y, mean, rstd = aten.native_layer_norm(
@@ -116,7 +150,7 @@ def forward(
             y = y.view(x.shape)
     except RuntimeError:  # e.g. a dtype mix this ATen kernel does not take
         return None
-    return y, _stats(x, dims, mean, rstd, eps)
+    return y, _stats(x, dims, mean, rstd, eps, var)
 
 
 def backward(
@@ -143,8 +177,9 @@ def backward(
     try:
         if kind == BN:
             C = x.shape[1]
+            w32 = _half_params(x, w, None)[0] if x.dtype in (torch.float16, torch.bfloat16) else w
             dx, dw, db = aten.native_batch_norm_backward(
-                dy, x, _vec(w), None, None, mean.reshape(C), rstd.reshape(C), True, 0.0, mask
+                dy, x, _vec(w32), None, None, mean.reshape(C), rstd.reshape(C), True, 0.0, mask
             )
         elif kind == LN:
             shape = list(x.shape[extra:])

@@ -16,11 +16,15 @@ from ._base import _StatsMixin, check_channels, check_tensor, fx_leaf, store_sta
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
+#: the ranks of a layer that takes any input of 2 dims or more, as torch's SyncBatchNorm does
+AT_LEAST_2D: tuple[int, ...] = tuple(range(2, 65))
+
+
 def _check_dims(x: Tensor, dims: tuple[int, ...], num_features: int, name: str) -> None:
     check_tensor(x, name)
     if x.dim() not in dims:
         got = f"{x.dim()}D input"
-        want = " or ".join(f"{d}D" for d in dims)
+        want = "at least 2D" if dims == AT_LEAST_2D else " or ".join(f"{d}D" for d in dims)
         raise NormError(f"{name}: expected {want} input (N, C, ...), got {got}")
     check_channels(x, num_features, name)
 

@@ -12,7 +12,7 @@ from ..functional._collective import group_size
 from ..functional.activations import ActivationLike
 from ..functional.sync_batch_norm import _agree_eagerly, sync_batch_norm_train
 from ._base import fx_leaf
-from .batch_norm import _BatchNorm, _check_dims
+from .batch_norm import AT_LEAST_2D, _BatchNorm, _check_dims
 from .norm_act import _act_repr, _ActMixin
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
@@ -74,7 +74,7 @@ class SyncBatchNorm(_BatchNorm):
     Reference: https://arxiv.org/abs/1711.07240 (MegDet: cross-GPU batch normalization)
     """
 
-    _dims = (2, 3, 4, 5)
+    _dims = AT_LEAST_2D  # (any rank from 2, as torch's SyncBatchNorm)
 
     def __init__(
         self,
@@ -207,4 +207,4 @@ class _BatchNormXd(_BatchNorm):
     reverts to that class instead.)
     """
 
-    _dims = (2, 3, 4, 5)
+    _dims = AT_LEAST_2D  # (any rank from 2, as torch's SyncBatchNorm)

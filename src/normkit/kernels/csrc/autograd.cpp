@@ -348,10 +348,11 @@ py::object batch_norm_checked(py::handle xh, py::handle rmh, py::handle rvh, py:
   if (rm && !training) {
     // The running statistics' affine map: ATen's batch_norm, as the general path calls it, for running
     // statistics of x's dtype. (A half x with float32 statistics, and the channels-last input with a
-    // size-1 spatial dim whose gradient ATen's CPU backward gets wrong, take the general path.)
+    // size-1 dim, spatial or the batch, whose gradient ATen's CPU backward gets wrong, take the general
+    // path: functional/batch_norm.py, _aten_eval_grad_hazard.)
     if (rm->scalar_type() != x.scalar_type() || rv->scalar_type() != x.scalar_type()) return py::none();
     if (lay != 0 && x.requires_grad() && at::GradMode::is_enabled() && x.dim() > 2) {
-      for (int64_t d = 2; d < x.dim(); ++d)
+      for (int64_t d = 0; d < x.dim(); ++d)
         if (x.size(d) == 1) return py::none();
     }
     const Tensor y = at::batch_norm(x, w, b, rm, rv, false, 0.0, eps, false);

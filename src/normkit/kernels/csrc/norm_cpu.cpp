@@ -2309,12 +2309,16 @@ void update_running(const O* st, int64_t C, O* rm, O* rv, int64_t* nbt, double m
     *nbt += 1;
     if (momentum < 0) f = 1.0 / static_cast<double>(*nbt);
   }
-  const O fo = static_cast<O>(f);
+  // in double, rounded once, in torch.lerp's two forms (exact at either end: a factor of 1, momentum=1 or
+  // the first step of a cumulative average as swa_utils.update_bn runs it, stores the batch's value; the
+  // one-form update in float rounded it to a multiple of ulp(old value): 3% off for a variance of 1e-6)
+  const double cv = static_cast<double>(corr);
+  auto lerp = [f](double a, double b) { return f < 0.5 ? a + f * (b - a) : b - (b - a) * (1.0 - f); };
   for (int64_t c = 0; c < C; ++c) {
-    O mean = static_cast<O>(static_cast<double>(st[c]) + static_cast<double>(st[2 * C + c]));
-    O var = st[4 * C + c] * corr;
-    rm[c] = rm[c] + fo * (mean - rm[c]);
-    rv[c] = rv[c] + fo * (var - rv[c]);
+    const double mean = static_cast<double>(st[c]) + static_cast<double>(st[2 * C + c]);
+    const double var = static_cast<double>(st[4 * C + c]) * cv;
+    rm[c] = static_cast<O>(lerp(static_cast<double>(rm[c]), mean));
+    rv[c] = static_cast<O>(lerp(static_cast<double>(rv[c]), var));
   }
 }
 

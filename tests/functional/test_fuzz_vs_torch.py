@@ -881,12 +881,21 @@ def test_the_channel_count_is_checked_without_affine_or_stats(make: Any) -> None
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_eval_batch_norm_input_grad_of_a_single_permuted_image(backend: str) -> None:
+@pytest.mark.parametrize("canonical", [False, True], ids=["permuted-image", "channels_last"])
+def test_eval_batch_norm_input_grad_of_a_single_permuted_image(backend: str, canonical: bool) -> None:
+    """One HWC image made NCHW (strides (3, 1, 6, 3): channels-last but for the size-1 batch's stride),
+    which ATen's CPU backward misreads (off by up to 2.4; torch.nn too), and the same image in a fresh
+    channels-last tensor (strides (12, 1, 6, 3), read right, ATen's op kept; ``.contiguous`` would keep
+    the odd stride, which ``is_contiguous`` ignores on a size-1 dim): the input gradient is
+    ``dy / sqrt(running_var + eps)`` for both."""
     g = torch.Generator().manual_seed(0)
     img = torch.randn(2, 2, 3, generator=g, dtype=F64)  # H, W, C
     dy = torch.randn(1, 3, 2, 2, generator=g, dtype=F64)
     leaf = img.clone().requires_grad_()
     x = leaf.permute(2, 0, 1).unsqueeze(0)
+    if canonical:
+        x = torch.empty((1, 3, 2, 2), dtype=F64, memory_format=torch.channels_last).copy_(x)
+        assert x.stride() == (12, 1, 6, 3)
     x.retain_grad()
     bn = normkit.nn.BatchNorm2d(3).double().eval()
     with normkit.kernels.use(backend):

@@ -36,7 +36,22 @@ def _aten_eval_grad_hazard(x: Tensor) -> bool:
         and x.dim() > 2
         and not x.is_contiguous()
         and any(s == 1 for s in x.shape)
+        and not _canonical_channels_last(x)  # (what .contiguous(memory_format=...) gives: read right)
     )
+
+
+def _canonical_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` has exactly the strides of ``x.contiguous(memory_format=channels_last(_3d))``,
+    size-1 dims included (``is_contiguous`` ignores their strides)."""
+    if x.dim() not in (4, 5):
+        return False
+    want = [0] * x.dim()
+    want[1], step = 1, x.shape[1]
+    for d in range(x.dim() - 1, 1, -1):
+        want[d] = step
+        step *= x.shape[d]
+    want[0] = step
+    return tuple(x.stride()) == tuple(want)
 
 
 def batch_norm(

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .._errors import NormError
+from ..ops.core import acc_dtype
 
 
 class NormOutput(NamedTuple):
@@ -67,7 +68,7 @@ def update_running_stats(
     buffers' dtype (a NaN or an infinity in the batch, or a value the dtype cannot hold) leaves every
     buffer unchanged (no NaN/Inf is ever written), branch-free so that it costs no device sync.
     """
-    acc = torch.promote_types(running_mean.dtype, torch.float32)
+    acc = acc_dtype(running_mean.dtype)
     mean = batch_mean.reshape(running_mean.shape).to(acc)
     var = batch_var.reshape(running_var.shape).to(acc)
     if unbiased:
@@ -110,7 +111,7 @@ def update_running_stats_where(
     valid = valid.reshape(running_mean.shape)
     # Invalid channels get the running value as their "batch" value: rm + f * (rm - rm) == rm exactly.
     # (in the update's dtype: a float16 buffer would round a large batch variance to inf here)
-    acc = torch.promote_types(running_mean.dtype, torch.float32)
+    acc = acc_dtype(running_mean.dtype)
     bm = torch.where(valid, batch_mean.reshape(running_mean.shape).to(acc), running_mean.to(acc))
     bv = torch.where(valid, batch_var.reshape(running_var.shape).to(acc), running_var.to(acc))
     rm, rv, nbt = update_running_stats(

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .._errors import NormError
+from ..ops.core import acc_dtype
 from ._autograd import norm
 from ._checks import check_eps, check_input, check_momentum, check_param, check_positive_int
 from ._running import NormOutput, live_count, update_running_stats
@@ -193,7 +194,7 @@ def ghost_batch_norm(
     # As in update_running_stats: computed in float32 (float64 for float64 buffers), rounded once to the
     # buffers' dtype, and a step whose result is not finite there (a non-finite chunk, or a value a
     # float16 buffer cannot hold) leaves every buffer unchanged.
-    acc = torch.promote_types(running_mean.dtype, torch.float32)
+    acc = acc_dtype(running_mean.dtype)
     rm = _chunk_update(running_mean.to(acc), means, start, momentum).to(running_mean.dtype)
     rv = _chunk_update(running_var.to(acc), vars_, start, momentum).to(running_var.dtype)
     finite = torch.isfinite(rm).all() & torch.isfinite(rv).all()

@@ -1548,6 +1548,16 @@ def _lerp(a, b, w):
 
 
 @triton.jit
+def _running_block(MEAN, VAR, RM, RV, ci, cm, C, w, var_scale, FROM_STATS: tl.constexpr, ACC: tl.constexpr):
+    """A block of channels' updated running mean and variance, ``lerp(running, batch, w)`` in ``ACC``,
+    rounded once to the buffers' dtype."""
+    rm = tl.load(RM + ci, mask=cm, other=0.0).to(ACC)
+    rv = tl.load(RV + ci, mask=cm, other=0.0).to(ACC)
+    m, v = _batch_moments(MEAN, VAR, ci, cm, C, var_scale, FROM_STATS, ACC)
+    return _lerp(rm, m, w).to(RM.dtype.element_ty), _lerp(rv, v, w).to(RV.dtype.element_ty)
+
+
+@triton.jit
 def bn_running_kernel(
     MEAN, VAR, RM, RV, NBT, SKIP, C, momentum, var_scale,
     HAS_NBT: tl.constexpr, HAS_SKIP: tl.constexpr, CUMULATIVE: tl.constexpr, FROM_STATS: tl.constexpr,
@@ -1569,11 +1579,8 @@ def bn_running_kernel(
     for c0 in range(0, C, BLOCK):
         ci = c0 + tl.arange(0, BLOCK)
         cm = ci < C
-        rm = tl.load(RM + ci, mask=cm, other=0.0).to(ACC)
-        rv = tl.load(RV + ci, mask=cm, other=0.0).to(ACC)
-        m, v = _batch_moments(MEAN, VAR, ci, cm, C, var_scale, FROM_STATS, ACC)
-        m = _lerp(rm, m, w).to(RM.dtype.element_ty).to(ACC)
-        v = _lerp(rv, v, w).to(RV.dtype.element_ty).to(ACC)
+        m, v = _running_block(MEAN, VAR, RM, RV, ci, cm, C, w, var_scale, FROM_STATS, ACC)
+        m, v = m.to(ACC), v.to(ACC)
         ok = (tl.abs(m) < float("inf")) & (tl.abs(v) < float("inf"))  # (False for NaN too)
         fin = fin & ok.to(tl.int32)
     f = tl.min(fin, axis=0)  # 1: every channel finite
@@ -1585,8 +1592,6 @@ def bn_running_kernel(
         for c0 in range(0, C, BLOCK):
             ci = c0 + tl.arange(0, BLOCK)
             cm = ci < C
-            rm = tl.load(RM + ci, mask=cm, other=0.0).to(ACC)
-            rv = tl.load(RV + ci, mask=cm, other=0.0).to(ACC)
-            m, v = _batch_moments(MEAN, VAR, ci, cm, C, var_scale, FROM_STATS, ACC)
-            tl.store(RM + ci, _lerp(rm, m, w).to(RM.dtype.element_ty), mask=cm)
-            tl.store(RV + ci, _lerp(rv, v, w).to(RV.dtype.element_ty), mask=cm)
+            m, v = _running_block(MEAN, VAR, RM, RV, ci, cm, C, w, var_scale, FROM_STATS, ACC)
+            tl.store(RM + ci, m, mask=cm)
+            tl.store(RV + ci, v, mask=cm)

@@ -219,11 +219,11 @@ REFUSED = [  # (why, op, x, args): the C++ entry hands these to the general path
     ("channels-last rows", "layer_norm", x4.to(memory_format=torch.channels_last), (7, None, None, 1e-5)),
     ("one channel", "layer_norm_2d", torch.randn(2, 1, 4, 4), (None, None, 1e-5)),
     ("weight of the wrong size", "layer_norm_2d", x4, (torch.ones(7), torch.zeros(7), 1e-5)),
-    (
-        "eval, float32 running stats for a half input",
+    (  # (float32 statistics and affine for a half input are ATen's mixed-dtype op: taken, test below)
+        "eval, float32 running stats with a half weight for a half input",
         "batch_norm",
         x4.half(),
-        (w8, w8 + 1, None, None, False, 0.1, 1e-5, None, True),
+        (w8, w8 + 1, w8.half(), None, False, 0.1, 1e-5, None, True),
     ),
     (
         "eval, channels-last input with a size-1 dim that needs a gradient",  # ATen's CPU backward errs
@@ -257,6 +257,27 @@ REFUSED = [  # (why, op, x, args): the C++ entry hands these to the general path
 def test_refused_arguments_go_to_the_general_path(case):
     _, op, x, args = case
     assert _fast.checked(op, x, *args) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_eval_half_input_with_float32_statistics_is_atens_mixed_dtype_op(dtype):
+    """A half input with float32 running statistics and affine (a float32 model fed half activations):
+    ATen's mixed-dtype eval op, as torch.nn's BatchNorm runs it (the half input kept for the backward,
+    no float32 copy), with torch.nn's output and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 7).to(dtype).requires_grad_()
+    rm, rv, w, b = torch.randn(8), torch.rand(8) + 0.5, torch.randn(8).requires_grad_(), torch.randn(8)
+    out = _fast.checked("batch_norm", x, rm, rv, w, b, False, 0.1, 1e-5, None, True)
+    assert out is not None
+    y = out[0]
+    xt = x.detach().clone().requires_grad_()
+    wt = w.detach().clone().requires_grad_()
+    ref = torch.nn.functional.batch_norm(xt, rm, rv, wt, b, False, 0.1, 1e-5)
+    assert y.dtype == dtype and torch.equal(y, ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    assert torch.equal(x.grad, xt.grad) and torch.equal(w.grad, wt.grad)
 
 
 PUBLIC = {

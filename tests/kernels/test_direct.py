@@ -62,6 +62,10 @@ class _Spy:
         self._count("group_norm")
         return TF.group_norm(*args, **kwargs)
 
+    def instance_norm(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._count("instance_norm")
+        return TF.instance_norm(*args, **kwargs)
+
     def layer_norm(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._count("layer_norm")
         return TF.layer_norm(*args, **kwargs)
@@ -242,7 +246,7 @@ FUNCTIONAL = [  # (id, shape, layout, affine shape or None, call(x, w, b), torch
         "nchw",
         (8,),
         lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output,
-        "group_norm",
+        "instance_norm",
     ),
     (
         "in-cl",
@@ -250,7 +254,7 @@ FUNCTIONAL = [  # (id, shape, layout, affine shape or None, call(x, w, b), torch
         "cl",
         (8,),
         lambda x, w, b: F.instance_norm(x, weight=w, bias=b).output,
-        "group_norm",
+        "instance_norm",
     ),
     (
         "in-no-affine",
@@ -258,7 +262,7 @@ FUNCTIONAL = [  # (id, shape, layout, affine shape or None, call(x, w, b), torch
         "nchw",
         None,
         lambda x, w, b: F.instance_norm(x, eps=1e-3).output,
-        "group_norm",
+        "instance_norm",
     ),
     ("gn-no-affine", (64, 4, 5), "nchw", None, lambda x, w, b: F.group_norm(x, 2, eps=1e-3), "group_norm"),
     ("ln-last", (16, 8, 12), "nchw", (12,), lambda x, w, b: F.layer_norm(x, 12, w, b), "layer_norm"),
@@ -409,16 +413,16 @@ LAYERS = [  # (id, make(dtype), shape, layout, torch op called)
         lambda dt: nkn.InstanceNorm2d(8, affine=True, dtype=dt),
         (32, 8, 3, 3),
         "nchw",
-        "group_norm",
+        "instance_norm",
     ),
     (
         "InstanceNorm2d-cl",
         lambda dt: nkn.InstanceNorm2d(8, affine=True, dtype=dt),
         (32, 8, 3, 3),
         "cl",
-        "group_norm",
+        "instance_norm",
     ),
-    ("InstanceNorm1d", lambda dt: nkn.InstanceNorm1d(8, dtype=dt), (32, 8, 5), "nchw", "group_norm"),
+    ("InstanceNorm1d", lambda dt: nkn.InstanceNorm1d(8, dtype=dt), (32, 8, 5), "nchw", "instance_norm"),
     ("LayerNorm", lambda dt: nkn.LayerNorm(12, dtype=dt), (16, 8, 12), "nchw", "layer_norm"),
     ("LayerNorm-two-dims", lambda dt: nkn.LayerNorm((3, 4), dtype=dt), (130, 3, 4), "nchw", "layer_norm"),
     ("LayerNorm-no-bias", lambda dt: nkn.LayerNorm(6, bias=False, dtype=dt), (200, 6), "nchw", "layer_norm"),

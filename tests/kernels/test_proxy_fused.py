@@ -133,7 +133,7 @@ def _check_layer(monkeypatch, path, dtype, layout, act, shape, groups):
     if path == "python":
         assert spy.calls == 1, "the fused GroupNorm + Proxy Norm pass must run"
     else:
-        assert "GNProxy" in out.grad_fn.name(), out.grad_fn.name()
+        assert "normkit::GroupNormProxyActBackward" in out.grad_fn.name(), out.grad_fn.name()
     assert out.dtype == dtype and out.stride() == x.stride()
 
     xo = x.detach().double().requires_grad_()

@@ -431,9 +431,11 @@ def test_a_channels_last_convolution_output_reaches_the_norm_kernel_uncopied(
     assert dx and conv_backward and conv_backward.group(1) == dx.group(1), backward
 
 
-def _between_convolutions(compiled, m, shapes, channels_last=False) -> None:
+def _between_convolutions(compiled, m, shapes, channels_last=False, vanishing=()) -> None:
     """Each input shape through ``compiled`` and through an eager copy of ``m``: outputs, gradients and
-    buffers alike."""
+    buffers alike. ``vanishing``: gradients that are 0 in closed form (a convolution's bias before a
+    batch norm: the norm removes each set's constant), float32 noise around 0 on both sides, checked
+    against 0 instead (compared with each other, their noise reads as a relative error of 40)."""
     ref = copy.deepcopy(m)
     for shape in shapes:
         m.zero_grad(set_to_none=True)
@@ -441,7 +443,12 @@ def _between_convolutions(compiled, m, shapes, channels_last=False) -> None:
         x = torch.randn(shape)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        _assert_same(run(compiled, x, m), run(ref, x))
+        got, want = run(compiled, x, m), run(ref, x)
+        for k in vanishing:
+            scale = want[1]["input"].abs().sum()  # (the sum the bias gradient adds up, without its signs)
+            for g in (got[1].pop(k), want[1].pop(k)):
+                assert g.abs().max() <= 1e-6 * scale, (k, g, scale)
+        _assert_same(got, want)
         _buffers_close(ref, m)
 
 
@@ -471,9 +478,11 @@ def test_ghost_batch_norm_between_convolutions_compiles_at_new_sizes(fresh_induc
     m = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1), normkit.create_norm_layer("gbn:2", 8), torch.nn.Conv2d(8, 4, 1)
     )
-    _between_convolutions(torch.compile(m), m, [(4, 3, 6, 6), (4, 3, 7, 5), (6, 3, 9, 5)])
+    shapes = [(4, 3, 6, 6), (4, 3, 7, 5), (6, 3, 9, 5)]
+    _between_convolutions(torch.compile(m), m, shapes, vanishing=("0.bias",))
     torch._dynamo.reset()
-    _between_convolutions(torch.compile(m), m, [(4, 3, 6, 6), (5, 3, 6, 6), (7, 3, 6, 6)])
+    shapes = [(4, 3, 6, 6), (5, 3, 6, 6), (7, 3, 6, 6)]
+    _between_convolutions(torch.compile(m), m, shapes, vanishing=("0.bias",))
 
 
 @pytest.mark.parametrize(

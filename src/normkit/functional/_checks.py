@@ -15,10 +15,18 @@ from .._errors import NormError
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _layout_message(x: Tensor, op: str) -> str:
+    what = "a NestedTensor" if x.is_nested else f"a {x.layout} tensor"
+    fix = "x.to_padded_tensor(0.0) with a mask" if x.is_nested else "x.to_dense()"
+    return f"{op}: expected a dense (torch.strided) input, got {what}; convert it with {fix}"
+
+
 def check_input(x: object, op: str, *, min_dim: int = 2, ndim: int | None = None) -> Tensor:
     """Raise ``TypeError`` for a non-tensor or non-floating input, ``ValueError`` for a wrong rank."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: expected a torch.Tensor input, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(_layout_message(x, op))
     if not x.is_floating_point():
         if x.is_quantized:  # (torch.ao's quantization swaps layers by exact type: this one was left float)
             raise TypeError(

@@ -66,5 +66,18 @@ def normalize(
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias.to(rstd.dtype)
-    y = torch.addcmul(shift, x.to(scale.dtype), scale)
+    # (x as it is: addcmul promotes it, and its backward keeps the half input, not a float32 copy)
+    y = torch.addcmul(shift, x, scale)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def aten_eval_dtypes(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether ATen's eval ``batch_norm`` takes these dtypes as they are: the running statistics in
+    ``x``'s dtype, or, for a float16 / bfloat16 ``x``, float32 statistics and affine (ATen's mixed-dtype
+    path: float32 arithmetic, the half input kept for the backward, no float32 copy of it)."""
+    stats = params[2:]
+    if all(p is None or p.dtype == x.dtype for p in stats):
+        return True
+    return x.dtype in (torch.float16, torch.bfloat16) and all(
+        p is None or p.dtype == torch.float32 for p in params
+    )

@@ -34,6 +34,49 @@ _ACTS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+def _silu_(t: Tensor) -> Tensor:
+    return torch.nn.functional.silu(t, inplace=True)
+
+
+#: in-place twins of the named activations' functions (gelu has none)
+_INPLACE: dict[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] = {
+    torch.relu: torch.relu_,
+    torch.nn.functional.relu: torch.relu_,
+    torch.nn.functional.silu: _silu_,
+    torch.sigmoid: torch.sigmoid_,
+    torch.tanh: torch.tanh_,
+    _identity: _identity,
+}
+
+
+def inplace_activation(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor] | None:
+    """The in-place form of an activation function :func:`get_activation` returns, or ``None`` (a Module, a
+    user's callable, gelu): what a norm + activation layer applies to its own fresh output where autograd
+    records nothing (inference), so that the layer holds one output, not two.
+
+    Example:
+        >>> t = torch.tensor([-1.0, 2.0])
+        >>> inplace_activation(get_activation("leaky_relu:0.5"))(t) is t, t
+        (True, tensor([-0.5000,  2.0000]))
+    """
+    if isinstance(fn, functools.partial):
+        if (
+            fn.func is torch.nn.functional.leaky_relu
+            and not fn.args
+            and set(fn.keywords) == {"negative_slope"}
+        ):
+            return functools.partial(
+                torch.nn.functional.leaky_relu_, negative_slope=fn.keywords["negative_slope"]
+            )
+        return None
+    if fn is torch.nn.functional.leaky_relu:
+        return torch.nn.functional.leaky_relu_
+    try:
+        return _INPLACE.get(fn)
+    except TypeError:  # (an unhashable callable)
+        return None
+
+
 def _slope(act: str, arg: str) -> float:
     """The negative slope of ``"leaky_relu:<slope>"``, or a NormError naming the spec."""
     try:

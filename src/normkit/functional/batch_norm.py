@@ -12,7 +12,7 @@ from ..kernels import _direct, _fast, triton_ready
 from ..ops.library import exporting
 from ._autograd import norm_count
 from ._checks import check_eps, check_input, check_momentum, check_param
-from ._moments import acc_dtype, normalize
+from ._moments import acc_dtype, aten_eval_dtypes, normalize
 from ._running import NormOutput, update_running_stats, update_running_stats_where
 from ._views import channel_view, spatial_dims
 from .masked import check_mask
@@ -37,6 +37,18 @@ def _aten_eval_grad_hazard(x: Tensor) -> bool:
         and not x.is_contiguous()
         and any(s == 1 for s in x.shape)
         and not _canonical_channels_last(x)  # (what .contiguous(memory_format=...) gives: read right)
+    )
+
+
+def _input_grad_only(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether only the input needs a gradient (a frozen BatchNorm, BN parameters with
+    ``requires_grad=False``): ATen's node would keep the whole input for gradients nobody asked for, where
+    ``x * scale + shift`` keeps the per-channel scale alone."""
+    return (
+        x.requires_grad
+        and torch.is_grad_enabled()
+        and not (weight is not None and weight.requires_grad)
+        and not (bias is not None and bias.requires_grad)
     )
 
 
@@ -159,13 +171,21 @@ def batch_norm(
     if not use_batch_stats:
         assert running_mean is not None and running_var is not None
         if mask is None and (
-            exporting() or (x.dtype == running_mean.dtype and not _aten_eval_grad_hazard(x))
+            exporting()
+            or (
+                aten_eval_dtypes(x, weight, bias, running_mean, running_var)
+                and not _aten_eval_grad_hazard(x)
+                and not _input_grad_only(x, weight, bias)
+            )
         ):
             # The affine map from the running statistics: ATen's batch_norm computes exactly it
             # (and exporters record the standard op). ATen's op itself: torch.nn.functional's
             # refuses eps=0 in eval too before torch 2.12, which normkit takes.
+            # (Dense affines: ATen's CPU backward misreads a strided weight, e.g. a parametrization's
+            # view, where the spatial size is 1: an input gradient off by 0.4.)
             cudnn = torch.backends.cudnn.enabled
-            y = torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, cudnn)
+            w, b = (None if p is None else p.contiguous() for p in (weight, bias))
+            y = torch.batch_norm(x, w, b, running_mean, running_var, False, 0.0, eps, cudnn)
             return NormOutput(y, running_mean, running_var, num_batches_tracked)
         dtype = acc_dtype(x.dtype)
         mean = channel_view(running_mean.to(dtype), x.dim())

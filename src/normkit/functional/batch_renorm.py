@@ -10,7 +10,7 @@ from torch import Tensor
 from .._errors import NormError
 from ._autograd import norm
 from ._checks import check_eps, check_input, check_momentum, check_param
-from ._moments import acc_dtype, moments
+from ._moments import acc_dtype, aten_eval_dtypes, moments
 from ._running import NormOutput, update_running_stats
 from ._views import channel_view, spatial_dims
 from .batch_norm import batch_norm
@@ -207,13 +207,28 @@ def mean_only_batch_norm(
     if use_batch and x.numel() == 0:
         y = x.clone() if bias is None else (x + channel_view(bias, nd)).to(x.dtype)
         return NormOutput(y, running_mean, None, num_batches_tracked)
+    if (
+        not use_batch
+        and aten_eval_dtypes(x, None, bias, running_mean, running_mean)
+        and x.shape[0] > 0
+        and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+    ):
+        # Inference: ATen's eval batch norm with a unit variance and eps 0 is x - mean + bias, in float32
+        # for a half x and rounded once, with no full-size float32 temporary (the sum below holds one).
+        # (Where autograd records, the sum: ATen's node would keep x, which a shift's gradient never reads.)
+        assert running_mean is not None
+        ones = torch.ones_like(running_mean)
+        cudnn = torch.backends.cudnn.enabled
+        b = None if bias is None else bias.contiguous()
+        y = torch.batch_norm(x, None, b, running_mean, ones, False, 0.0, 0.0, cudnn)
+        return NormOutput(y, running_mean, None, num_batches_tracked)
     if use_batch:
-        mean = x.to(dtype).mean((0, *spatial_dims(x)), keepdim=True)
+        mean = x.mean((0, *spatial_dims(x)), keepdim=True, dtype=dtype)  # (accumulated in dtype, no copy)
     else:
         assert running_mean is not None
         mean = channel_view(running_mean.to(dtype), nd)
     shift = -mean if bias is None else channel_view(bias.to(dtype), nd) - mean
-    y = (x.to(dtype) + shift).to(x.dtype)
+    y = (x + shift).to(x.dtype)  # (x as it is: the sum promotes it)
     if training and running_mean is not None:
         # The mean-only EMA is the first half of BN's: pass the mean as the "variance" too and drop it.
         batch_mean = mean.detach().reshape(C)

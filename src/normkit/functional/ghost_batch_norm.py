@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .._errors import NormError
 from ..ops.core import acc_dtype
+from ..ops.library import exporting
 from ._autograd import norm
 from ._checks import check_eps, check_input, check_momentum, check_param, check_positive_int
 from ._running import NormOutput, live_count, update_running_stats
@@ -153,6 +154,18 @@ def ghost_batch_norm(
     pshape = (1, 1, C) + (1,) * len(spatial)
     wv = weight.view(pshape) if weight is not None else None
     bv = bias.view(pshape) if bias is not None else None
+    if (
+        per_sample > 1
+        and x.is_cpu
+        and x.is_contiguous()
+        and not (torch.compiler.is_compiling() or exporting())
+    ):
+        # On NCHW the sets of the (K, B_g, C, S) view, with a per-channel affine, match no kernel pattern
+        # (K R K* R); with the affine spread over the spatial dims they are the channels-last GroupNorm
+        # pattern (K R K* R*), C groups of S values: the fused kernels instead of the reference's passes
+        # (a C * S affine; autograd sums its gradient back over S)
+        full = (1, 1, C, *spatial)
+        wv, bv = (None if p is None else p.expand(full) for p in (wv, bv))
     # the op on main itself, its sets those of the view (no view of it in a compiled graph: the view
     # argument of normkit.ops.library.norm says why)
     y, mean, var = norm(main, (1, *range(3, nd + 1)), wv, bv, eps, view=(K, B, C, *spatial))

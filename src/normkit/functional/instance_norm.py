@@ -10,7 +10,7 @@ from ..kernels import _direct, _fast, triton_ready
 from ..ops.library import exporting
 from ._autograd import norm_count
 from ._checks import check_eps, check_input, check_momentum, check_param
-from ._moments import acc_dtype, normalize
+from ._moments import acc_dtype, aten_eval_dtypes, normalize
 from ._running import NormOutput, update_running_stats, update_running_stats_where
 from ._views import channel_view, spatial_dims
 from .masked import check_mask
@@ -94,7 +94,9 @@ def instance_norm(
         if running_mean is None or running_var is None:
             raise NormError(f"{op}: use_input_stats=False needs running_mean and running_var")
         # (ATen's instance_norm cannot take an empty batch; the arithmetic below can)
-        if mask is None and (exporting() or (x.dtype == running_mean.dtype and x.shape[0] > 0)):
+        if mask is None and (
+            exporting() or (aten_eval_dtypes(x, weight, bias, running_mean, running_var) and x.shape[0] > 0)
+        ):
             y = torch.nn.functional.instance_norm(
                 x, running_mean, running_var, weight, bias, use_input_stats=False, eps=eps
             )
@@ -125,7 +127,7 @@ def instance_norm(
         if _fast.eligible(x):
             fast = _fast.group_norm(x, C, weight, bias, eps)  # eager CPU: one fused call each way
         else:
-            fast = _direct.group_norm(x, C, weight, bias, eps)  # on a GPU: torch's own kernel, one call
+            fast = _direct.instance_norm(x, weight, bias, eps)  # on a GPU: torch's own op
             if fast is None and not torch.compiler.is_compiling() and triton_ready(x):
                 from ..kernels import triton as _triton
 

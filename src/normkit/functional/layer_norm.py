@@ -21,6 +21,24 @@ from .masked import check_mask
 __all__ = ["layer_norm", "layer_norm_2d"]
 
 
+def _nested_layer_norm(
+    x: Tensor,
+    mask: Tensor | None,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """LayerNorm of a NestedTensor: ``torch.nn.functional.layer_norm``, which normalizes a jagged tensor's
+    trailing dense dims (normkit's kernels and composite take strided tensors only)."""
+    if mask is not None:
+        raise NormError(
+            "layer_norm: a mask marks padding of a dense tensor; a NestedTensor has none, so pass mask=None"
+        )
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)
+
+
 def layer_norm(
     x: Tensor,
     normalized_shape: int | Sequence[int],
@@ -57,6 +75,8 @@ def layer_norm(
         y = _fast.checked("layer_norm", x, normalized_shape, weight, bias, eps)  # checks and kernel in C++
         if y is not None:
             return y
+    if isinstance(x, Tensor) and x.is_nested:  # a jagged NestedTensor (rows of varying length): torch's op
+        return _nested_layer_norm(x, mask, normalized_shape, weight, bias, eps)
     op = "layer_norm"
     check_input(x, op, min_dim=1)
     eps = check_eps(eps, op)

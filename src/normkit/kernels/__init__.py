@@ -16,10 +16,11 @@ a backend per call:
   dominate) reruns on the reference's scaled path.
 * ``"native"``: torch's own ATen kernels (``native_batch_norm``, ``native_layer_norm``,
   ``native_group_norm`` and their backwards) for the patterns they compute identically (BatchNorm's
-  statistics, LayerNorm over trailing dims or over C, GroupNorm / InstanceNorm on a contiguous
-  input, see :mod:`normkit.kernels._native`; outputs in the input's layout), the reference for
-  everything else. For comparisons: on this project's CPUs the fused kernels are at least as fast
-  on every fp32 path, so on a CPU ``"auto"`` never picks it.
+  statistics, LayerNorm over trailing dims or over C, GroupNorm on a contiguous input,
+  InstanceNorm as torch.nn runs it, a batch norm of the ``(1, N * C, S)`` view; see
+  :mod:`normkit.kernels._native`; outputs in the input's layout), the reference for everything else.
+  For comparisons: on this project's CPUs the fused kernels are at least as fast on every fp32 path,
+  so on a CPU ``"auto"`` never picks it.
 * ``"triton"``: normkit's Triton kernels (:mod:`normkit.kernels.triton`, the optional ``triton``
   extra) for CUDA tensors, every pattern the CPU kernels cover, saving the reference's statistics
   (the scaled two-pass: exact for every finite input, no host sync). With ``TRITON_INTERPRET=1``,
@@ -584,6 +585,7 @@ def status() -> str:
                 "native_layer_norm",
                 "native_layer_norm (movedim)",
                 "native_group_norm",
+                "native_batch_norm (of the (1, N * C, S) view)",
             )
             where = f"ATen {aten[pat[0]]}" if pat else "reference"
         elif p is None:

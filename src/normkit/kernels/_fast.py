@@ -116,7 +116,22 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+#: whether a profiler listens (torch's C++ flag; torch.autograd does not list it in __all__)
+_profiling = torch.autograd._profiler_enabled  # pyright: ignore[reportPrivateImportUsage]
+#: the profiler's names for the kernels' forward by ``_Spec.kind`` (the C++ node records them, with shapes)
+_EVENT = ("normkit::batch_norm", "normkit::group_norm", "normkit::layer_norm_2d", "normkit::layer_norm")
+
+
 def _forward(
+    x: Tensor, w: Tensor | None, b: Tensor | None, spec: _Spec, train: tuple[Any, ...] | None
+) -> tuple[Tensor, Tensor]:
+    if _profiling():  # an event named after the norm (free while none listens)
+        with torch.profiler.record_function(_EVENT[spec.kind]):
+            return _forward_kernel(x, w, b, spec, train)
+    return _forward_kernel(x, w, b, spec, train)
+
+
+def _forward_kernel(
     x: Tensor, w: Tensor | None, b: Tensor | None, spec: _Spec, train: tuple[Any, ...] | None
 ) -> tuple[Tensor, Tensor]:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -525,9 +540,13 @@ def _proxy_params(params: tuple[Tensor, ...], points: Tensor) -> tuple[list[Tens
     :func:`_proxy_params_ok`)."""
     if not _proxy_params_ok(params, points):
         return None
-    return [p.detach() if p.is_contiguous() else p.detach().contiguous() for p in params], _points(
-        points, params[0].dtype
-    )
+    return _dense(*params), _points(points, params[0].dtype)
+
+
+def _dense(*ts: Tensor) -> list[Tensor]:
+    """Detached and contiguous, as the C kernels read them (a parametrization may hand over a strided
+    view, an ``expand`` among them, as a parameter)."""
+    return [t.detach().contiguous() for t in ts]
 
 
 def _stats_forward(ps: list[Tensor], u: Tensor, code: int, slope: float, eps: float) -> tuple[Tensor, Tensor]:
@@ -623,7 +642,7 @@ class _FastProxyStats(torch.autograd.Function):
         slope: float,
         eps: float,
     ):
-        ps = [w.detach(), b.detach(), pb.detach(), pw.detach()]
+        ps = _dense(w, b, pb, pw)
         m, r = _stats_forward(ps, u, code, slope, eps)
         ctx.save_for_backward(w, b, pb, pw, u, m, r)
         ctx.act, ctx.code, ctx.slope, ctx.eps = act, code, slope, eps
@@ -646,7 +665,7 @@ class _FastProxyStats(torch.autograd.Function):
                 )
             return (*grads, None, None, None, None, None)
         return (
-            *_stats_backward([w, b, pb, pw], u, ctx.code, ctx.slope, m, r, gm, gr),
+            *_stats_backward(_dense(w, b, pb, pw), u, ctx.code, ctx.slope, m, r, gm, gr),
             None,
             None,
             None,
@@ -703,6 +722,15 @@ def proxy_stats(
 def _gn_act_forward(
     x: Tensor, ps: list[Tensor], m: Tensor, r: Tensor, spec: _Spec, code: int, slope: float
 ) -> tuple[Tensor, Tensor]:
+    if _profiling():
+        with torch.profiler.record_function("normkit::group_norm_proxy_act"):
+            return _gn_act_kernel(x, ps, m, r, spec, code, slope)
+    return _gn_act_kernel(x, ps, m, r, spec, code, slope)
+
+
+def _gn_act_kernel(
+    x: Tensor, ps: list[Tensor], m: Tensor, r: Tensor, spec: _Spec, code: int, slope: float
+) -> tuple[Tensor, Tensor]:
     out = torch.empty_like(x)
     stats = torch.empty((core.STAT_ROWS, spec.N * spec.G), dtype=m.dtype)
     ok = _build.lib().normkit_gn_act_forward(
@@ -748,7 +776,7 @@ class _FastGNProxy(torch.autograd.Function):
         slope: float,
         peps: float,
     ):
-        ps = [w.detach(), b.detach(), pb.detach(), pw.detach()]
+        ps = _dense(w, b, pb, pw)
         m, r = _stats_forward(ps, u, code, slope, peps)
         out, stats = _gn_act_forward(x, ps, m, r, spec, code, slope)
         ctx.save_for_backward(x, stats, w, b, pb, pw, u, m, r)
@@ -783,7 +811,7 @@ class _FastGNProxy(torch.autograd.Function):
             return (*grads, None, None, None, None, None, None)
         if dout.dtype != x.dtype or dout.stride() != x.stride():
             dout = torch.empty_like(x).copy_(dout)
-        ps = [w.detach(), b.detach(), pb.detach(), pw.detach()]
+        ps = _dense(w, b, pb, pw)
         grads = _gn_act_backward(
             dout, x, ps, u, m, r, stats, spec, ctx.code, ctx.slope, ctx.needs_input_grad[0]
         )
@@ -863,10 +891,13 @@ def _pn_plan(
     x: Tensor, groups: int, eps: float, weight: Tensor, activation: Any
 ) -> tuple[int, int, int, int, int, float] | None:
     """(mode, N, C, S, act code, slope) of the fused GroupNorm + Proxy Norm call, or ``None`` (cached)."""
-    # the activation itself in the key (names, functions and modules hash by value or identity; the key
-    # keeps it alive, so its id is never reused for another one while cached)
+    # the activation itself in the key (names and functions hash by value or identity; the key keeps it
+    # alive, so its id is never reused for another one while cached), a Module by what it computes (a
+    # deleted layer's PReLU, with its weight and gradient, is not kept alive by the cache; a LeakyReLU
+    # whose slope changes gets its new code)
+    act = ("module", _act_code(activation)) if isinstance(activation, torch.nn.Module) else activation
     try:
-        key = (x.shape, x.stride(), x.dtype, groups, eps, activation, weight.dtype)
+        key = (x.shape, x.stride(), x.dtype, groups, eps, act, weight.dtype)
         hash(key)
     except TypeError:
         return _pn_plan_uncached(x, groups, weight, activation)
@@ -926,7 +957,7 @@ def gn_proxy_act(
             x, *params, _points(points, dtype), mode, N, C, S, groups, eps, code, slope, float(proxy_eps)
         )
     spec = _Spec(mode, N, C, S, groups, eps, _gn_reference(groups, eps))
-    ps, u = [p.detach().contiguous() for p in params], _points(points, dtype)
+    ps, u = _dense(*params), _points(points, dtype)
     try:
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return _FastGNProxy.apply(x, *params, u, spec, activation, code, slope, float(proxy_eps))  # type: ignore[no-any-return]

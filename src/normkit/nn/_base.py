@@ -12,7 +12,7 @@ from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wr
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from .._errors import NormError
-from ..functional._checks import check_eps, check_momentum, check_positive_int
+from ..functional._checks import _layout_message, check_eps, check_momentum, check_positive_int
 from ..functional._running import NormOutput
 from ..ops.library import exporting
 
@@ -136,6 +136,8 @@ def check_tensor(x: object, name: str) -> None:
         raise TypeError(
             f"{name}: expected a torch.Tensor input, got {type(x).__module__}.{type(x).__name__}{hint}"
         )
+    if x.layout != torch.strided:
+        raise TypeError(_layout_message(x, name))
 
 
 def check_channels(x: Tensor, expected: int, name: str, arg: str = "num_features") -> None:

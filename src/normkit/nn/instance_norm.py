@@ -154,7 +154,7 @@ class _InstanceNorm(_StatsMixin, nn.modules.instancenorm._InstanceNorm):
             and x.dim() == self._ndim
             and x.shape[1] == self.num_features
         ):
-            y = _direct.group_norm(x, self.num_features, self.weight, self.bias, self.eps)  # GPU: torch's
+            y = _direct.instance_norm(x, self.weight, self.bias, self.eps)  # on a GPU: torch's own op
             if y is not None:
                 return y
         leaf = fx_leaf(self, x, mask, root_traceable=True)

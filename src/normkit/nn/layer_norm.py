@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .._errors import NormError
 from ..functional._checks import check_eps, check_positive_int
+from ..functional.layer_norm import _nested_layer_norm
 from ..functional.layer_norm import layer_norm as _layer_norm
 from ..functional.layer_norm import layer_norm_2d as _layer_norm_2d
 from ..kernels import _direct, _fast
@@ -111,6 +112,8 @@ class LayerNorm(nn.LayerNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        if isinstance(x, Tensor) and x.is_nested:  # a jagged NestedTensor (rows of varying length)
+            return _nested_layer_norm(x, mask, self.normalized_shape, self.weight, self.bias, self.eps)
         if mask is None:
             if _fast.eligible(x):  # plain eager on a CPU tensor: checks and the fused kernel in C++
                 y = _fast.checked("layer_norm", x, self.normalized_shape, self.weight, self.bias, self.eps)

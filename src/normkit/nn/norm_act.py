@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import torch
 from torch import Tensor, nn
 
 from .._errors import NormError
-from ..functional.activations import ActivationLike, get_activation
+from ..functional.activations import ActivationLike, get_activation, inplace_activation
+from ..ops.library import exporting
 from . import batch_norm_family as _fam
 from ._base import fx_leaf, not_scriptable
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -33,6 +35,12 @@ __all__ = [
     "LayerNormAct2d",
     "create_norm_act_layer",
 ]
+
+
+def _plain_eager() -> bool:
+    # torch.jit.is_tracing is public API that torch.jit.__all__ leaves out:
+    tracing = torch.jit.is_tracing()  # pyright: ignore[reportPrivateImportUsage]
+    return not (torch.compiler.is_compiling() or exporting() or tracing)
 
 
 def _act_repr(act: ActivationLike) -> str:
@@ -98,8 +106,16 @@ class _ActMixin:
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
 
     def _apply_act(self, y: Tensor) -> Tensor:
-        act = self.__dict__.get("_act_fn") or self._modules["act"]  # type: ignore[attr-defined]
-        return act(y)
+        fn = self.__dict__.get("_act_fn")
+        if fn is None:
+            return self._modules["act"](y)  # type: ignore[attr-defined]  # (a Module: its hooks run)
+        # Inference (nothing recorded), plain eager: the activation in place on the norm's fresh output,
+        # as Sequential(norm, ReLU(inplace=True)) does (one full-size output alive, not two)
+        if not (y.requires_grad and torch.is_grad_enabled()) and type(y) is Tensor and _plain_eager():
+            inplace = inplace_activation(fn)
+            if inplace is not None:
+                return inplace(y)
+        return fn(y)
 
 
 class BatchNormAct2d(_ActMixin, BatchNorm2d):

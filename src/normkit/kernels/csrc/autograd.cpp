@@ -12,10 +12,12 @@
 // It also defines the `normkit_func` ops: the norm and its backward as dispatcher ops with C++ autograd
 // kernels, which normkit takes under torch.func transforms (see the section near the end).
 
+#include <ATen/record_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -77,8 +79,9 @@ void* ptr(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 // The norm by ATen's differentiable ops: what create_graph=True differentiates (double backward).
 Tensor recompute(const Tensor& x, const Tensor& w, const Tensor& b, int64_t kind, int64_t C, int64_t G, double eps) {
-  const std::optional<Tensor> ow = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
-  const std::optional<Tensor> ob = b.defined() ? std::optional<Tensor>(b) : std::nullopt;
+  // (dense: ATen's CPU batch-norm backward misreads a strided weight where the spatial size is 1)
+  const std::optional<Tensor> ow = w.defined() ? std::optional<Tensor>(w.contiguous()) : std::nullopt;
+  const std::optional<Tensor> ob = b.defined() ? std::optional<Tensor>(b.contiguous()) : std::nullopt;
   if (kind == K_BATCH) return at::batch_norm(x, ow, ob, std::nullopt, std::nullopt, true, 0.0, eps, false);
   if (kind == K_CHANNEL) return at::layer_norm(x.movedim(1, -1), {C}, ow, ob, eps, false).movedim(-1, 1);
   if (kind == K_LAST) {
@@ -95,7 +98,11 @@ struct Prepared {
   Tensor y, st;
 };
 
-struct FastNorm : public torch::autograd::Function<FastNorm> {
+// The fused norm's autograd Function, one class per norm (CRTP) so that its node is named after the norm:
+// torch::autograd::CppNode<normkit::BatchNormBackward> in grad_fn.name(), anomaly mode's messages and the
+// profiler's backward rows. (A CppNode, not a hand-made Node: compiled autograd traces CppNodes.)
+template <class T>
+struct FastNorm : public torch::autograd::Function<T> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& w,
                         const std::optional<Tensor>& b, const std::shared_ptr<Prepared>& prep,
                         std::vector<int64_t> spec, double eps) {
@@ -150,14 +157,42 @@ struct FastNorm : public torch::autograd::Function<FastNorm> {
   }
 };
 
+}  // namespace
+
+// (outside the anonymous namespace: the names read without "(anonymous namespace)::")
+namespace normkit {
+struct BatchNormBackward : FastNorm<BatchNormBackward> {};
+struct GroupNormBackward : FastNorm<GroupNormBackward> {};
+struct LayerNorm2dBackward : FastNorm<LayerNorm2dBackward> {};
+struct LayerNormBackward : FastNorm<LayerNormBackward> {};
+}  // namespace normkit
+
+namespace {
+
+// Without the GIL while the kernels run (other Python threads go on, as around torch's own ops), when
+// the caller holds it: the layers call in from Python; nothing here touches a Python object (what
+// calls back into Python, saved-tensor hooks or anomaly mode's stack, takes the GIL itself).
+struct NoGil {
+  std::optional<pybind11::gil_scoped_release> release;
+  NoGil() {
+    if (PyGILState_Check()) release.emplace();
+  }
+};
+
 // the kernel pattern of the last fast_norm call (the tests check which pattern each op runs)
-int64_t last_mode = -1;
+std::atomic<int64_t> last_mode{-1};
 
 // The fused norm: output (an autograd node when any input requires grad), or None when the batch
 // needs the general path (statistics outside the kernels' exact range).
 Tensor fast_norm(const Tensor& x, const std::optional<Tensor>& w, const std::optional<Tensor>& b, int64_t mode,
                  int64_t N, int64_t C, int64_t S, int64_t G, int64_t kind, double eps, const std::optional<Tensor>& rm,
                  const std::optional<Tensor>& rv, const std::optional<Tensor>& nbt, double momentum, bool unbiased) {
+  // a profiler event named after the norm, with the input shapes (nothing runs while no profiler listens)
+  static const char* const names[] = {"normkit::batch_norm", "normkit::group_norm", "normkit::layer_norm_2d",
+                                      "normkit::layer_norm"};
+  RECORD_FUNCTION(names[kind >= K_BATCH && kind <= K_LAST ? kind : K_LAST],
+                  std::vector<c10::IValue>({x, w ? c10::IValue(*w) : c10::IValue(), b ? c10::IValue(*b) : c10::IValue()}));
+  NoGil no_gil;
   TORCH_CHECK(k_fwd && k_train && k_bwd, "normkit_autograd: init() was not called");
   TORCH_CHECK(code(x.scalar_type()) >= 0 && x.device().is_cpu(), "normkit_autograd: unsupported input ", x.toString());
   for (const auto* p : {&w, &b})
@@ -186,7 +221,13 @@ Tensor fast_norm(const Tensor& x, const std::optional<Tensor>& w, const std::opt
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || (w && w->defined() && w->requires_grad()) || (b && b->defined() && b->requires_grad()));
   if (!grad) return prep->y;
-  return FastNorm::apply(x, w, b, prep, std::vector<int64_t>{mode, N, C, S, G, kind}, eps);
+  std::vector<int64_t> spec{mode, N, C, S, G, kind};
+  switch (kind) {
+    case K_BATCH: return normkit::BatchNormBackward::apply(x, w, b, prep, std::move(spec), eps);
+    case K_GROUP: return normkit::GroupNormBackward::apply(x, w, b, prep, std::move(spec), eps);
+    case K_CHANNEL: return normkit::LayerNorm2dBackward::apply(x, w, b, prep, std::move(spec), eps);
+    default: return normkit::LayerNormBackward::apply(x, w, b, prep, std::move(spec), eps);
+  }
 }
 
 // ---- The functional ops' checked entry points ----------------------------------------------------------
@@ -347,15 +388,31 @@ py::object batch_norm_checked(py::handle xh, py::handle rmh, py::handle rvh, py:
     return py::none();
   if (rm && !training) {
     // The running statistics' affine map: ATen's batch_norm, as the general path calls it, for running
-    // statistics of x's dtype. (A half x with float32 statistics, and the channels-last input with a
-    // size-1 dim, spatial or the batch, whose gradient ATen's CPU backward gets wrong, take the general
-    // path: functional/batch_norm.py, _aten_eval_grad_hazard.)
-    if (rm->scalar_type() != x.scalar_type() || rv->scalar_type() != x.scalar_type()) return py::none();
+    // statistics of x's dtype, or float32 statistics and affine for a half x (ATen's mixed-dtype path, which
+    // keeps the half input for the backward). (The channels-last input with a size-1 dim, spatial or the
+    // batch, whose gradient ATen's CPU backward gets wrong, takes the general path: functional/batch_norm.py,
+    // _aten_eval_grad_hazard; so does a half x with any other mix of dtypes.)
+    const at::ScalarType xt = x.scalar_type();
+    const auto f32 = [](const std::optional<Tensor>& p) { return !p || p->scalar_type() == at::kFloat; };
+    const bool same = rm->scalar_type() == xt && rv->scalar_type() == xt;
+    if (!same && !((xt == at::kHalf || xt == at::kBFloat16) && f32(rm) && f32(rv) && f32(w) && f32(b)))
+      return py::none();
+    // Only the input needs a gradient (a frozen BatchNorm): ATen's node would keep all of x for the
+    // affine's gradients; the general path's x * scale + shift keeps the scale alone.
+    if (x.requires_grad() && at::GradMode::is_enabled() && !(w && w->requires_grad()) && !(b && b->requires_grad()))
+      return py::none();
     if (lay != 0 && x.requires_grad() && at::GradMode::is_enabled() && x.dim() > 2) {
       for (int64_t d = 0; d < x.dim(); ++d)
         if (x.size(d) == 1) return py::none();
     }
-    const Tensor y = at::batch_norm(x, w, b, rm, rv, false, 0.0, eps, false);
+    // (dense affines: ATen's CPU backward misreads a strided weight where the spatial size is 1)
+    if (w && !w->is_contiguous()) w = w->contiguous();
+    if (b && !b->is_contiguous()) b = b->contiguous();
+    Tensor y;
+    {
+      NoGil no_gil;
+      y = at::batch_norm(x, w, b, rm, rv, false, 0.0, eps, false);
+    }
     return py::make_tuple(wrap(y), rmh, rvh, nh);
   }
   if (N * S < 2) return py::none();
@@ -414,7 +471,8 @@ Tensor gn_proxy_recompute(const Tensor& x, const Tensor& w, const Tensor& b, con
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
-struct GNProxy : public torch::autograd::Function<GNProxy> {
+template <class T>
+struct GNProxy : public torch::autograd::Function<T> {
   // prep: out, the GroupNorm statistics, the proxy mean and 1/std, already computed
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& pb,
                         const Tensor& pw, const std::shared_ptr<std::vector<Tensor>>& prep, std::vector<int64_t> spec,
@@ -494,11 +552,21 @@ struct GNProxy : public torch::autograd::Function<GNProxy> {
   }
 };
 
+}  // namespace
+
+namespace normkit {
+struct GroupNormProxyActBackward : GNProxy<GroupNormProxyActBackward> {};
+}  // namespace normkit
+
+namespace {
+
 // GroupNorm (no affine) + Proxy Norm's activation, or None (the general path). u: the quadrature points
 // in the parameters' dtype; w, b, pb, pw: (C,) contiguous, that dtype.
 Tensor gn_proxy_act(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& pb, const Tensor& pw,
                     const Tensor& u, int64_t mode, int64_t N, int64_t C, int64_t S, int64_t G, double eps, int64_t act,
                     double slope, double peps) {
+  RECORD_FUNCTION("normkit::group_norm_proxy_act", std::vector<c10::IValue>({x, w, b, pb, pw}));
+  NoGil no_gil;
   TORCH_CHECK(k_gnact_fwd && k_pstats, "normkit_autograd: init() was not called");
   TORCH_CHECK(code(x.scalar_type()) >= 0 && x.device().is_cpu(), "normkit_autograd: unsupported input ", x.toString());
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble,
@@ -527,7 +595,7 @@ Tensor gn_proxy_act(const Tensor& x, const Tensor& w, const Tensor& b, const Ten
   const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad() || b.requires_grad() ||
                                                    pb.requires_grad() || pw.requires_grad());
   if (!grad) return P[0];
-  return GNProxy::apply(x, w, b, pb, pw, prep, std::vector<int64_t>{mode, N, C, S, G, act},
+  return normkit::GroupNormProxyActBackward::apply(x, w, b, pb, pw, prep, std::vector<int64_t>{mode, N, C, S, G, act},
                         std::vector<double>{eps, slope, peps});
 }
 
@@ -905,7 +973,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the Python function normkit_func::gn_proxy_act_backward's node calls for its own derivative");
   m.def("fast_norm", &fast_norm,
         "the fused norm as one autograd node: output, or None when the batch needs the general path");
-  m.def("last_mode", []() { return last_mode; }, "the kernel pattern of the last fast_norm call (for tests)");
+  m.def("last_mode", []() { return last_mode.load(); }, "the kernel pattern of the last fast_norm call (for tests)");
   m.def("group_norm_checked", &group_norm_checked,
         "normkit.functional.group_norm's arguments checked and run, or None (the general path)");
   m.def("layer_norm_checked", &layer_norm_checked,

@@ -129,6 +129,15 @@ def group_norm(
         >>> group_norm(torch.randn(2, 4, 3, 3), 2, None, None, 1e-5) is None  # not a CUDA tensor
         True
     """
+    cl = _grouped(x, groups, weight, bias)
+    if cl is None:
+        return None
+    return _as_input(TF.group_norm(x, groups, weight, bias, eps), cl, x)
+
+
+def _grouped(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None) -> bool | None:
+    """For torch's GroupNorm / InstanceNorm: whether ``x`` is channels-last (else contiguous), or ``None``
+    where normkit's own path serves (see :func:`group_norm`)."""
     if not (route(x) and x.dim() >= 2 and _same(x, weight, bias)):
         return None
     cl = not x.is_contiguous()
@@ -139,7 +148,11 @@ def group_norm(
         return None
     if any(p is not None and p.shape != (C,) for p in (weight, bias)):
         return None
-    y = TF.group_norm(x, groups, weight, bias, eps)
+    return cl
+
+
+def _as_input(y: Tensor, cl: bool, x: Tensor) -> Tensor:
+    """torch's contiguous output of a channels-last ``x`` back in ``x``'s layout."""
     if cl:
         return y.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     return y
@@ -155,20 +168,10 @@ def instance_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
         >>> instance_norm(torch.randn(2, 4, 3, 3), None, None, 1e-5) is None  # not a CUDA tensor
         True
     """
-    if not (route(x) and x.dim() >= 3 and _same(x, weight, bias)):
+    cl = _grouped(x, x.shape[1], weight, bias) if x.dim() >= 3 else None
+    if cl is None:
         return None
-    cl = not x.is_contiguous()
-    if cl and not _channels_last(x):
-        return None
-    C = x.shape[1]
-    if _spatial(x) < 2 or x.shape[0] * C < MIN_SETS:
-        return None
-    if any(p is not None and p.shape != (C,) for p in (weight, bias)):
-        return None
-    y = TF.instance_norm(x, None, None, weight, bias, True, 0.0, eps)
-    if cl:
-        return y.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-    return y
+    return _as_input(TF.instance_norm(x, None, None, weight, bias, True, 0.0, eps), cl, x)
 
 
 def layer_norm(

@@ -71,13 +71,24 @@ def normalize(
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def aten_eval_dtypes(x: Tensor, *params: Tensor | None) -> bool:
+def aten_eval_dtypes(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+) -> bool:
     """Whether ATen's eval ``batch_norm`` takes these dtypes as they are: the running statistics in
     ``x``'s dtype, or, for a float16 / bfloat16 ``x``, float32 statistics and affine (ATen's mixed-dtype
-    path: float32 arithmetic, the half input kept for the backward, no float32 copy of it)."""
-    stats = params[2:]
-    if all(p is None or p.dtype == x.dtype for p in stats):
+    path: float32 arithmetic, the half input kept for the backward, no float32 copy of it).
+
+    Example:
+        >>> x, f32 = torch.randn(2, 3, 4).bfloat16(), torch.ones(3)
+        >>> aten_eval_dtypes(x, f32, f32, f32, f32), aten_eval_dtypes(x, f32.bfloat16(), None, f32, f32)
+        (True, False)
+    """
+    if all(p is None or p.dtype == x.dtype for p in (running_mean, running_var)):
         return True
-    return x.dtype in (torch.float16, torch.bfloat16) and all(
-        p is None or p.dtype == torch.float32 for p in params
-    )
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return all(p is None or p.dtype == torch.float32 for p in (weight, bias, running_mean, running_var))

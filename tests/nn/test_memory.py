@@ -709,7 +709,8 @@ def test_training_steps_do_not_grow_memory(name, how):
     tensors, caches = _live_tensors(), _cache_sizes()
     for _ in range(200):
         _train_step(model, opt, x, t, how)
-    assert _live_tensors() == tensors
+    # (at most: tensors an earlier test left, torch.export's fake ones, may be released meanwhile)
+    assert _live_tensors() <= tensors
     assert _cache_sizes() == caches
     states = model[1].__dict__.get("_forward_states")
     if states is not None:
@@ -746,7 +747,7 @@ def test_norm_monitor_holds_no_tensors_over_many_steps(history):
         tensors = _live_tensors()
         for _ in range(195):
             _train_step(model, opt, x, t, "eager")
-        assert _live_tensors() == tensors
+        assert _live_tensors() <= tensors  # (at most: see test_training_steps_do_not_grow_memory)
     assert not monitor._before
     for rec in monitor.records.values():
         assert not any(isinstance(v, Tensor) for v in rec.last.values())

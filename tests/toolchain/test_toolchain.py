@@ -351,6 +351,39 @@ def test_fx_traces_a_core_layer_as_the_root(name: str, train: bool):
     _assert_same_run(run(ref, x), run(gm, x))
 
 
+# the layers fx cannot trace the body of, as the root: they refuse with a NormError that says what to do
+ROOT_REFUSED = {
+    "ln+pn",
+    "gn:2+pn-silu",
+    "ProxyNormAct-gelu",
+    "GhostBatchNorm2d",
+    "BatchRenorm2d",
+    "BatchRenormAct2d",
+    "FrozenBatchNorm2d",
+    "MeanOnlyBatchNorm",
+    "BatchNormalization-keras",
+    "StdConv2d",
+    "ScaledStdConv2d-cl",
+}
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("sample", SAMPLES, ids=SAMPLE_IDS)
+def test_fx_traces_every_layer_as_the_root_or_says_what_to_do(sample: Sample, train: bool):
+    """Every layer as the traced root (the norm + act layers included: their in-place activation tested
+    a Proxy's requires_grad, and the generated ones took ``*args``, which fx cannot unpack)."""
+    ref, m = sample.module(train), sample.module(train)
+    x = sample.input()
+    if sample.name in ROOT_REFUSED:
+        with pytest.raises(normkit.NormError, match="Sequential"):
+            torch.fx.symbolic_trace(m)
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fixed at trace time")
+        gm = torch.fx.symbolic_trace(m)
+    _assert_same_run(run(ref, x), run(gm, x))
+
+
 def test_fx_root_trace_of_a_composite_layer_says_what_to_do():
     with pytest.raises(normkit.NormError, match="Sequential"):
         torch.fx.symbolic_trace(normkit.create_norm_layer("ln+pn", 4))

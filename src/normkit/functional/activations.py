@@ -101,6 +101,26 @@ def activation_names() -> list[str]:
     return sorted(_ACTS)
 
 
+def check_elementwise(act: ActivationLike, op: str) -> None:
+    """Raise a :class:`NormError` for an activation that is not elementwise in a way Proxy Norm can use:
+    its proxy statistics apply the activation to a ``(C, num_points)`` tensor, where a per-channel
+    module (``nn.PReLU(C)``) would broadcast its ``C`` parameters along the points.
+
+    Example:
+        >>> check_elementwise(torch.nn.PReLU(4), "ProxyNormAct")
+        Traceback (most recent call last):
+        ...
+        normkit._errors.NormError: ProxyNormAct: the activation must be elementwise ...
+    """
+    n = getattr(act, "num_parameters", 1) if isinstance(act, torch.nn.PReLU) else 1
+    if n != 1:
+        raise NormError(
+            f"{op}: the activation must be elementwise (Proxy Norm applies it to a (C, num_points) proxy "
+            f"tensor as well as to the input), got a per-channel PReLU({n}); use nn.PReLU() (one slope), "
+            "or a norm + act layer (e.g. GroupNormAct2d) for a per-channel activation"
+        )
+
+
 def get_activation(act: ActivationLike) -> Callable[[Tensor], Tensor]:
     """Resolve an activation: a name (``"relu"``, ``"silu"``/``"swish"``, ``"gelu"``, ``"leaky_relu"``,
     ``"leaky_relu:0.2"``, ``"sigmoid"``, ``"tanh"``, ``"identity"``), ``None`` (identity), an
@@ -156,12 +176,14 @@ def activation_spec(act: ActivationLike) -> tuple[str, float] | None:
         torch.tanh: "tanh",
         F.leaky_relu: "leaky_relu",
     }
-    if act in functions:
-        return (functions[act], 0.01)
+    for fn, name in functions.items():  # (by identity: a user's callable need not be hashable)
+        if act is fn:
+            return (name, 0.01)
     nn = torch.nn
-    if isinstance(act, nn.LeakyReLU):
+    # (exact types: a subclass may have its own forward, which runs as a composite)
+    if type(act) is nn.LeakyReLU:
         return ("leaky_relu", float(act.negative_slope))
-    if isinstance(act, nn.GELU):
+    if type(act) is nn.GELU:
         return ("gelu_tanh" if act.approximate == "tanh" else "gelu", 0.01)
     modules = {
         nn.ReLU: "relu",

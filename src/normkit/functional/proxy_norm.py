@@ -23,7 +23,7 @@ from ..ops.library import exporting
 from ..ops.proxy import proxy_act, proxy_act_composite
 from ._checks import check_eps, check_groups, check_input, check_param, check_positive_int
 from ._moments import acc_dtype
-from .activations import ActivationLike, activation_spec, get_activation
+from .activations import ActivationLike, activation_spec, check_elementwise, get_activation
 
 __all__ = ["proxy_norm_act", "proxy_points", "proxy_stats"]
 
@@ -195,6 +195,7 @@ def proxy_norm_act(
         # sum 5-40x less accurate than one rounding of the float32 result (the fused GN path does the same)
         weight, bias, proxy_bias, proxy_weight = (t.float() for t in (weight, bias, proxy_bias, proxy_weight))
     act = get_activation(activation)  # (checks it)
+    check_elementwise(activation, op)
     spec = activation_spec(activation)
     if memory_efficient and spec is not None and not exporting():
         if triton_ready(y):  # a GPU (or Triton's interpreter): statistics + step, one node, a kernel each

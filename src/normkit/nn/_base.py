@@ -442,7 +442,9 @@ def fx_leaf(module: nn.Module, *args: Any, root_traceable: bool = False) -> Any:
     keeps the layer itself (train/eval still switch it; fx passes see its torch.nn base class).
     When the layer is the traced root there is no parent to call it from: the core layers
     (``root_traceable=True``) then trace their own body, one ``torch.fx.wrap``-ed call; the others
-    raise a clear error.
+    raise a clear error. So does a user's subclass that overrides ``forward`` and reaches normkit's
+    through ``super().forward()``: fx is then tracing the subclass's own code, and a node calling
+    the module would run that code a second time.
     """
     proxy = next((a for a in args if isinstance(a, torch.fx.Proxy)), None)
     if proxy is None:
@@ -454,23 +456,46 @@ def fx_leaf(module: nn.Module, *args: Any, root_traceable: bool = False) -> Any:
             path = tracer.path_of_module(module)
         except NameError:
             pass
-    if not path:
+    forward = type(module).forward
+    owner = getattr(forward, "__module__", None) or ""
+    extended = not owner.startswith("normkit.")  # (a subclass's forward, tracing through normkit's)
+    if not path or extended:
+        name = type(module).__name__
+        leaf_hint = "trace with a torch.fx.Tracer whose is_leaf_module returns True for it"
         if root_traceable:
-            if isinstance(getattr(module, "running_mean", None), Tensor) and not getattr(
-                module, "use_running_stats", False
+            said: set[int] = tracer.__dict__.setdefault("_normkit_fixed_modes", set())
+            if (
+                isinstance(getattr(module, "running_mean", None), Tensor)
+                and not getattr(module, "use_running_stats", False)
+                and id(module) not in said  # (once: a norm + act layer reaches the norm's forward too)
             ):
+                said.add(id(module))
                 mode = "training" if module.training else "eval"
+                if extended:
+                    how = (
+                        f"{name} traced through by torch.fx (its forward, {owner}."
+                        f"{getattr(forward, '__qualname__', 'forward')}, extends normkit's)"
+                    )
+                    fix = f"to keep it one call_module node that follows train/eval, {leaf_hint}"
+                else:
+                    how = f"{name} traced as the root of torch.fx.symbolic_trace"
+                    fix = (
+                        "trace a module that contains it (e.g. torch.nn.Sequential(layer)), where it stays "
+                        "one call_module node that follows train/eval"
+                    )
                 warnings.warn(
-                    f"{type(module).__name__} traced as the root of torch.fx.symbolic_trace: the graph "
-                    f"computes its {mode} mode, fixed at trace time (the GraphModule's train() / eval() "
-                    "no longer switch it, as for any root-traced module); trace a module that contains "
-                    "it (e.g. torch.nn.Sequential(layer)), where it stays one call_module node that "
-                    "follows train/eval",
+                    f"{how}: the graph computes its {mode} mode, fixed at trace time (the GraphModule's "
+                    f"train() / eval() no longer switch it, as for any module traced through); {fix}",
                     stacklevel=3,
                 )
             return None
+        if extended:
+            raise NormError(
+                f"{name}'s forward ({owner}.{getattr(forward, '__qualname__', 'forward')}) extends "
+                f"normkit's, which torch.fx.symbolic_trace cannot trace through; {leaf_hint}"
+            )
         raise NormError(
-            f"{type(module).__name__} cannot be the root of torch.fx.symbolic_trace; trace a module that "
+            f"{name} cannot be the root of torch.fx.symbolic_trace; trace a module that "
             "contains it (e.g. torch.nn.Sequential(layer)), where it is kept as one call_module node"
         )
     while args and args[-1] is None:  # trailing optional arguments left at their defaults

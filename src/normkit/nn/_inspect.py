@@ -461,7 +461,7 @@ def elementwise_activation(
         if hasattr(act, "inplace"):
             setattr(act, "inplace", False)  # noqa: B010 - any activation module with the flag
         return act
-    fn = ACT_FUNCTIONS.get(fn, fn)
+    fn = next((v for k, v in ACT_FUNCTIONS.items() if k is fn), fn)  # (by identity: fn need not hash)
     if fn is _F.leaky_relu:
         slope = args[0] if args else kwargs.get("negative_slope", 0.01)
         return _named(("leaky_relu", float(slope)))

@@ -8,10 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import NormError
+from ..functional._moments import aten_eval_dtypes
+from ..functional._running import live_count
 from ..functional.batch_norm import batch_norm as _batch_norm
 from ..functional.batch_norm import train_step
 from ..kernels import _fast
-from ._base import _StatsMixin, check_channels, check_tensor, fx_leaf, store_stats
+from ..ops.library import exporting
+from ._base import _StatsMixin, buffer_writes, check_channels, check_tensor, fx_leaf, store_stats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -52,6 +55,20 @@ def _bn_module_forward(
     symbolic tracing sees through normkit's layers; Dynamo and export trace into it.
     """
     _check_dims(x, dims, num_features, name)
+    if _exported_as_torch(
+        x, mask, weight, bias, running_mean, running_var, training, momentum, unbiased_running_var
+    ):
+        # Exporters record torch.nn's own op, ATen's batch_norm in training, updating the buffers in
+        # place: tools find a BN by that node and its buffers (torchao's QAT conv + BN fusion,
+        # move_exported_model_to_eval, convert_pt2e's folding). As torch.nn's, it also updates them from
+        # a non-finite batch (docs/differences.md).
+        cudnn = torch.backends.cudnn.enabled
+        w, b = (None if p is None else p.contiguous() for p in (weight, bias))
+        y = torch.batch_norm(x, w, b, running_mean, running_var, True, momentum or 0.0, eps, cudnn)
+        if num_batches_tracked is not None and running_mean is not None and training:
+            with buffer_writes():  # (through a reduction: AOTInductor folds an add_ on it, see live_count)
+                num_batches_tracked.copy_(live_count(num_batches_tracked) + 1)
+        return y
     out = _batch_norm(
         x,
         running_mean,
@@ -69,6 +86,39 @@ def _bn_module_forward(
 
 
 torch.fx.wrap("_bn_module_forward")
+
+
+def _exported_as_torch(
+    x: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    unbiased_running_var: bool,
+) -> bool:
+    """Whether a BN layer's batch-statistics step is exported as ATen's ``batch_norm`` (torch.nn's op):
+    while exporting, without a mask, where that op computes normkit's step (the running statistics at
+    a fixed momentum with the unbiased variance, in dtypes it takes)."""
+    if mask is not None or not exporting():
+        return False
+    m = x.numel() // x.shape[1] if x.shape[1] else 0
+    if isinstance(m, int) and m <= 1:
+        return False  # (normkit's error: one value per channel)
+    if training and running_mean is not None and torch.onnx.is_in_onnx_export():
+        # (torch.onnx turns ATen's training batch_norm into ONNX's inference BatchNormalization, on the
+        # running statistics: wrong output; normkit's ops export the step itself)
+        return False
+    if running_mean is None or running_var is None:
+        return True  # (batch statistics in both modes, no buffers)
+    return (
+        training
+        and momentum is not None
+        and unbiased_running_var
+        and aten_eval_dtypes(x, weight, bias, running_mean, running_var)
+    )
 
 
 class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
@@ -125,6 +175,12 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
 
     @torch.jit.unused
     def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        dims = self._dims
+        if type(self)._check_input_dim is not _BatchNorm._check_input_dim:
+            # a subclass's own check (torch.nn's idiom for a BN of another rank): it runs, and the rest
+            # takes any rank from 2 as the functional op does (super()._check_input_dim keeps _dims)
+            self._check_input_dim(x)
+            dims = AT_LEAST_2D
         tracking = self._tracking
         step = None  # a fast path: one call with the same interface either way
         batch_stats = self.training or not tracking
@@ -132,7 +188,7 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
             # plain eager on a CPU tensor: one fused call (and one for the backward); on a GPU: torch's
             # own kernel, buffers guarded, or under use("triton") normkit's Triton kernels, one node
             step = train_step(x, _fast.eligible(x))
-        if step is not None and x.dim() in self._dims and x.shape[1] == self.num_features:
+        if step is not None and x.dim() in dims and x.shape[1] == self.num_features:
             train = tracking and self.training
             y = step(
                 x,
@@ -148,7 +204,7 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
             )
             if y is not None:
                 return y
-        if mask is None and not batch_stats and _fast.eligible(x) and x.dim() in self._dims:
+        if mask is None and not batch_stats and _fast.eligible(x) and x.dim() in dims:
             # eval with running statistics, plain eager on a CPU tensor: checks and ATen's batch_norm in C++
             out = _fast.checked(
                 "batch_norm",
@@ -181,7 +237,7 @@ class _BatchNorm(_StatsMixin, nn.modules.batchnorm._BatchNorm):
             self.momentum,
             self.eps,
             self.unbiased_running_var,
-            self._dims,
+            dims,
             self.num_features,
             type(self).__name__,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, cast
 
 import torch
@@ -111,7 +112,8 @@ class _ActMixin:
             return self._modules["act"](y)  # type: ignore[attr-defined]  # (a Module: its hooks run)
         # Inference (nothing recorded), plain eager: the activation in place on the norm's fresh output,
         # as Sequential(norm, ReLU(inplace=True)) does (one full-size output alive, not two)
-        if not (y.requires_grad and torch.is_grad_enabled()) and type(y) is Tensor and _plain_eager():
+        # (type first: under torch.fx y is a Proxy, whose requires_grad cannot be tested)
+        if type(y) is Tensor and not (y.requires_grad and torch.is_grad_enabled()) and _plain_eager():
             inplace = inplace_activation(fn)
             if inplace is not None:
                 return inplace(y)
@@ -203,20 +205,36 @@ class LayerNormAct2d(_ActMixin, LayerNorm2d):
         return f"{super().extra_repr()}, activation={_act_repr(self.activation)}"
 
 
-def _norm_act(norm_cls: type[nn.Module], name: str) -> type[nn.Module]:
-    """``act(norm_cls(x))`` as a class of its own, with ``norm_cls``'s state_dict keys and arguments."""
+def _norm_act(norm_cls: type[nn.Module], name: str, root_traceable: bool = True) -> type[nn.Module]:
+    """``act(norm_cls(x))`` as a class of its own, with ``norm_cls``'s state_dict keys and arguments
+    (``root_traceable``: whether ``torch.fx`` traces ``norm_cls``'s body as the root, see ``fx_leaf``)."""
     base = norm_cls.__name__
 
     def __init__(self: Any, num_features: int, activation: ActivationLike = "relu", **kwargs: Any) -> None:
         norm_cls.__init__(self, num_features, **kwargs)
         self._init_act(activation)
 
-    def forward(self: Any, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    # (the norm's own arguments, not *args: torch.fx gives a root's *args one Proxy, which it cannot unpack)
+    def forward_masked(self: Any, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``act(norm(input))``; ``mask`` (bool, True = valid) limits the statistics as in the plain norm."""
         x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
-        leaf = fx_leaf(self, x, *args, *kwargs.values(), root_traceable=True)
+        leaf = fx_leaf(self, x, mask, root_traceable=root_traceable)
         if leaf is not None:
             return leaf
-        return self._apply_act(norm_cls.forward(self, x, *args, **kwargs))
+        y = norm_cls.forward(self, x) if mask is None else norm_cls.forward(self, x, mask)
+        return self._apply_act(y)
+
+    def forward_plain(self: Any, input: Tensor) -> Tensor:
+        """``act(norm(input))``."""
+        x = input
+        leaf = fx_leaf(self, x, root_traceable=root_traceable)
+        if leaf is not None:
+            return leaf
+        return self._apply_act(norm_cls.forward(self, x))
+
+    masked = "mask" in inspect.signature(norm_cls.forward).parameters
+    forward = forward_masked if masked else forward_plain
+    forward.__name__ = forward.__qualname__ = "forward"
 
     def extra_repr(self: Any) -> str:
         return f"{norm_cls.extra_repr(self)}, activation={_act_repr(self.activation)}"
@@ -248,12 +266,12 @@ BatchNormAct3d = _norm_act(BatchNorm3d, "BatchNormAct3d")
 InstanceNormAct1d = _norm_act(InstanceNorm1d, "InstanceNormAct1d")
 InstanceNormAct2d = _norm_act(InstanceNorm2d, "InstanceNormAct2d")
 InstanceNormAct3d = _norm_act(InstanceNorm3d, "InstanceNormAct3d")
-BatchRenormAct1d = _norm_act(_fam.BatchRenorm1d, "BatchRenormAct1d")
-BatchRenormAct2d = _norm_act(_fam.BatchRenorm2d, "BatchRenormAct2d")
-BatchRenormAct3d = _norm_act(_fam.BatchRenorm3d, "BatchRenormAct3d")
-GhostBatchNormAct1d = _norm_act(_fam.GhostBatchNorm1d, "GhostBatchNormAct1d")
-GhostBatchNormAct2d = _norm_act(_fam.GhostBatchNorm2d, "GhostBatchNormAct2d")
-GhostBatchNormAct3d = _norm_act(_fam.GhostBatchNorm3d, "GhostBatchNormAct3d")
+BatchRenormAct1d = _norm_act(_fam.BatchRenorm1d, "BatchRenormAct1d", root_traceable=False)
+BatchRenormAct2d = _norm_act(_fam.BatchRenorm2d, "BatchRenormAct2d", root_traceable=False)
+BatchRenormAct3d = _norm_act(_fam.BatchRenorm3d, "BatchRenormAct3d", root_traceable=False)
+GhostBatchNormAct1d = _norm_act(_fam.GhostBatchNorm1d, "GhostBatchNormAct1d", root_traceable=False)
+GhostBatchNormAct2d = _norm_act(_fam.GhostBatchNorm2d, "GhostBatchNormAct2d", root_traceable=False)
+GhostBatchNormAct3d = _norm_act(_fam.GhostBatchNorm3d, "GhostBatchNormAct3d", root_traceable=False)
 _NORM_ACT: dict[type[nn.Module], type[nn.Module]] = {
     BatchNorm1d: BatchNormAct1d,
     BatchNorm2d: BatchNormAct2d,

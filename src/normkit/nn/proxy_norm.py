@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .._errors import NormError
 from ..functional._checks import check_eps, check_groups, check_positive_int
-from ..functional.activations import ActivationLike, get_activation
+from ..functional.activations import ActivationLike, check_elementwise, get_activation
 from ..functional.proxy_norm import _gn_proxy_kernels
 from ._base import check_channels, fx_leaf, loaded_device, not_scriptable
 from .registry import default_groups as _default_groups
@@ -76,6 +76,7 @@ class ProxyNormAct(nn.Module):
         self.proxy_eps = check_eps(eps, name)
         self.num_points = check_positive_int(num_points, name, "num_points")
         get_activation(activation)  # validate now, not at the first forward
+        check_elementwise(activation, name)
         self.activation = activation
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.ones(num_features, **factory))

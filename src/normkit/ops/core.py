@@ -153,6 +153,13 @@ def _inplace_ok() -> bool:
     return not _tracing() and not _functorch_active()
 
 
+def _recorded(*ts: Tensor | None) -> bool:
+    """Whether autograd records the ops on any of ``ts``: a direct call of this core on a tensor that
+    requires grad (``normkit.functional.moments``, a user's own norm), whose temporaries autograd may
+    have saved (the ops' own implementations run with grad mode off: there this is False)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
 def _stages(t: Tensor, dims: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """Split a reduction whose sets interleave with kept dims in memory into two stages, or ``None``.
 
@@ -244,7 +251,7 @@ def _centered(x: Tensor, shift: Tensor, inv: Tensor | None) -> Tensor:
     d = torch.sub(x, shift)  # type promotion: a float16 / bfloat16 x gives a float32 result in one pass
     if inv is None:
         return d
-    return d.mul_(inv) if _inplace_ok() else d * inv
+    return d.mul_(inv) if _inplace_ok() and not _recorded(d) else d * inv
 
 
 def _count(x: Tensor, dims: tuple[int, ...], mask: Tensor | None, like: Tensor) -> Tensor:
@@ -294,7 +301,7 @@ def _centred_moments(
     d = _centered(x, shift, inv)
     if mask is None:
         cmean = _reduce(d, dims, "mean")
-        d = d.sub_(cmean) if _inplace_ok() else d - cmean
+        d = d.sub_(cmean) if _inplace_ok() and not _recorded(d) else d - cmean
         return d, cmean, _reduce(d * d, dims, "mean")
     zero = torch.zeros((), dtype=d.dtype, device=x.device)
     safe = count.clamp_min(1.0)
@@ -499,7 +506,9 @@ def _finish(
 ) -> tuple[Tensor, Tensor]:
     """``y = d * rstd * weight + bias`` in place on ``d``, and the stacked statistics."""
     scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-    if not _inplace_ok():  # d and the affine may be batched differently (torch.func), or a trace
+    # (out of place: d and the affine may be batched differently (torch.func), a trace, or autograd
+    # saved d for the backward of the statistics)
+    if not _inplace_ok() or _recorded(d, weight, bias):
         y = d * scale if bias is None else torch.addcmul(bias.to(rstd.dtype), d, scale)
     elif bias is None:
         y = d.mul_(scale)
@@ -619,7 +628,7 @@ def norm_backward(
     dbias = None
     # Reduce first over the set dims along which neither weight nor bias varies.
     fine = tuple(i for i in dims if all(p is None or p.shape[i] == 1 for p in (weight, bias)))
-    inplace = _inplace_ok()
+    inplace = _inplace_ok() and not _recorded(x, dy, weight, bias)
     # d = (x - shift) * inv: the scaled deviations before removing cmean, whose effect is folded
     # into the per-set sums and the constant term (one full-size temporary, as a plain two-pass).
     # (scaled before subtracting when traced: the one-read statistics shift a wide set by a member)

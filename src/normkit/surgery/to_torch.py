@@ -145,8 +145,18 @@ def to_torch_nn(model: nn.Module, *, where: Where = None) -> Converted:
                                ("parameters", "buffers", "hooks"), _notes(m), "")
             )  # fmt: skip
             return new
-        if type(m).__module__.startswith("normkit.") and _is_norm(m):
+        ours = type(m).__module__.startswith("normkit.")
+        if ours and _is_norm(m):
             report.skipped.append((path or "<root>", type(m).__name__, _no_twin(m)))
+        elif not ours and isinstance(m, tuple(_TWINS)):  # a user's subclass of a normkit layer: kept
+            base = next(c for c in type(m).__mro__ if c in _TWINS)
+            why = (
+                parametrized_reason(m, "converting")
+                if parametrize.is_parametrized(m)  # (torch's generated Parametrized<Layer> class)
+                else f"a subclass of normkit.nn.{base.__name__} (from {type(m).__module__}): its own "
+                "class and code are kept; convert it yourself, or make it subclass the torch.nn layer"
+            )
+            report.skipped.append((path or "<root>", type(m).__name__, why))
         for child_name, child in list(m._modules.items()):
             if child is not None:
                 new_child = visit(f"{path}.{child_name}" if path else child_name, child)

@@ -61,30 +61,12 @@ def _breaks(fn: Callable[..., object], *args: object) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-class ScaledBN(nkn.BatchNorm2d):
-    """A researcher's BN: another ``__init__``, an extra buffer and parameter, a forward after super's."""
+class _Scaled(nn.Module):
+    """What a researcher's BN adds, on normkit's and on torch.nn's BatchNorm2d alike: another
+    ``__init__``, an extra buffer and parameter, a forward after super's."""
 
     def __init__(self, num_features: int, scale: float = 2.0, **kwargs: object) -> None:
-        super().__init__(num_features, **kwargs)  # type: ignore[arg-type]
-        self.scale = scale
-        self.calls: Tensor
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, num_features))
-
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        if self.training:
-            self.calls.add_(1)
-        return super().forward(x) * self.scale * self.gain.view(1, -1, 1, 1)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scale={self.scale}"
-
-
-class TorchScaledBN(nn.BatchNorm2d):
-    """The same subclass of torch.nn's BatchNorm2d: the oracle."""
-
-    def __init__(self, num_features: int, scale: float = 2.0, **kwargs: object) -> None:
-        super().__init__(num_features, **kwargs)  # type: ignore[arg-type]
+        super().__init__(num_features, **kwargs)  # type: ignore[call-arg]  # (the BN after it in the MRO)
         self.scale = scale
         self.calls: Tensor
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
@@ -93,7 +75,18 @@ class TorchScaledBN(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
             self.calls.add_(1)
-        return super().forward(x) * self.scale * self.gain.view(1, -1, 1, 1)
+        return super().forward(x) * self.scale * self.gain.view(1, -1, 1, 1)  # type: ignore[misc]
+
+
+class ScaledBN(_Scaled, nkn.BatchNorm2d):  # type: ignore[misc]
+    """The researcher's BN on normkit's BatchNorm2d, with its own repr."""
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale}"
+
+
+class TorchScaledBN(_Scaled, nn.BatchNorm2d):  # type: ignore[misc]
+    """The same subclass of torch.nn's BatchNorm2d: the oracle."""
 
 
 class TaggedBN(nkn.BatchNorm2d):

@@ -33,7 +33,7 @@ import normkit
 import normkit.nn as nkn
 from tests.tolerances import Tol
 from tests.toolchain.samples import SAMPLES, Sample
-from tests.toolchain.test_deploy import _Many
+from tests.toolchain.test_deploy import _conv_bn_net, _Many
 
 TOL: Tol = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -175,15 +175,8 @@ def test_ptq_x86_folds_every_bn_family_layer_and_equals_torch_nn(ptq):
 
 
 def _conv_bn(lib: Any) -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        lib.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        lib.BatchNorm2d(8),
-    )
-    return _perturb(net)
+    """conv + BN + ReLU + conv + BN (test_deploy's net without its head), perturbed."""
+    return _perturb(_conv_bn_net(lib)[:5])
 
 
 def test_ptq_x86_converted_model_compiles_with_freezing(ao):

@@ -71,6 +71,31 @@ def normalize(
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def aten_batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """ATen's ``batch_norm`` (torch.nn's op: what exporters record and graph tools match), with dense
+    affines: ATen's CPU backward misreads a strided weight (a parametrization's view) where the spatial
+    size is 1, an input gradient off by 0.4. In training it updates the running statistics in place.
+
+    Example:
+        >>> x, rm, rv = torch.randn(4, 3, 2), torch.zeros(3), torch.ones(3)
+        >>> y = aten_batch_norm(x, None, None, rm, rv, True, 0.1, 1e-5)
+        >>> torch.allclose(rm, 0.1 * x.mean((0, 2)))
+        True
+    """
+    w, b = (None if p is None else p.contiguous() for p in (weight, bias))
+    cudnn = torch.backends.cudnn.enabled
+    return torch.batch_norm(x, w, b, running_mean, running_var, training, momentum, eps, cudnn)
+
+
 def aten_eval_dtypes(
     x: Tensor,
     weight: Tensor | None,

@@ -112,7 +112,7 @@ def check_elementwise(act: ActivationLike, op: str) -> None:
         ...
         normkit._errors.NormError: ProxyNormAct: the activation must be elementwise ...
     """
-    n = getattr(act, "num_parameters", 1) if isinstance(act, torch.nn.PReLU) else 1
+    n = act.num_parameters if isinstance(act, torch.nn.PReLU) else 1
     if n != 1:
         raise NormError(
             f"{op}: the activation must be elementwise (Proxy Norm applies it to a (C, num_points) proxy "

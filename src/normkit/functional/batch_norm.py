@@ -12,7 +12,7 @@ from ..kernels import _direct, _fast, triton_ready
 from ..ops.library import exporting
 from ._autograd import norm_count
 from ._checks import check_eps, check_input, check_momentum, check_param
-from ._moments import acc_dtype, aten_eval_dtypes, normalize
+from ._moments import acc_dtype, aten_batch_norm, aten_eval_dtypes, normalize
 from ._running import NormOutput, update_running_stats, update_running_stats_where
 from ._views import channel_view, spatial_dims
 from .masked import check_mask
@@ -181,11 +181,7 @@ def batch_norm(
             # The affine map from the running statistics: ATen's batch_norm computes exactly it
             # (and exporters record the standard op). ATen's op itself: torch.nn.functional's
             # refuses eps=0 in eval too before torch 2.12, which normkit takes.
-            # (Dense affines: ATen's CPU backward misreads a strided weight, e.g. a parametrization's
-            # view, where the spatial size is 1: an input gradient off by 0.4.)
-            cudnn = torch.backends.cudnn.enabled
-            w, b = (None if p is None else p.contiguous() for p in (weight, bias))
-            y = torch.batch_norm(x, w, b, running_mean, running_var, False, 0.0, eps, cudnn)
+            y = aten_batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps)
             return NormOutput(y, running_mean, running_var, num_batches_tracked)
         dtype = acc_dtype(x.dtype)
         mean = channel_view(running_mean.to(dtype), x.dim())

@@ -10,7 +10,7 @@ from torch import Tensor
 from .._errors import NormError
 from ._autograd import norm
 from ._checks import check_eps, check_input, check_momentum, check_param
-from ._moments import acc_dtype, aten_eval_dtypes, moments
+from ._moments import acc_dtype, aten_batch_norm, aten_eval_dtypes, moments
 from ._running import NormOutput, update_running_stats
 from ._views import channel_view, spatial_dims
 from .batch_norm import batch_norm
@@ -217,10 +217,7 @@ def mean_only_batch_norm(
         # for a half x and rounded once, with no full-size float32 temporary (the sum below holds one).
         # (Where autograd records, the sum: ATen's node would keep x, which a shift's gradient never reads.)
         assert running_mean is not None
-        ones = torch.ones_like(running_mean)
-        cudnn = torch.backends.cudnn.enabled
-        b = None if bias is None else bias.contiguous()
-        y = torch.batch_norm(x, None, b, running_mean, ones, False, 0.0, 0.0, cudnn)
+        y = aten_batch_norm(x, None, bias, running_mean, torch.ones_like(running_mean), False, 0.0, 0.0)
         return NormOutput(y, running_mean, None, num_batches_tracked)
     if use_batch:
         mean = x.mean((0, *spatial_dims(x)), keepdim=True, dtype=dtype)  # (accumulated in dtype, no copy)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import NormError
-from ..functional._moments import aten_eval_dtypes
+from ..functional._moments import aten_batch_norm, aten_eval_dtypes
 from ..functional._running import live_count
 from ..functional.batch_norm import batch_norm as _batch_norm
 from ..functional.batch_norm import train_step
@@ -62,9 +62,7 @@ def _bn_module_forward(
         # place: tools find a BN by that node and its buffers (torchao's QAT conv + BN fusion,
         # move_exported_model_to_eval, convert_pt2e's folding). As torch.nn's, it also updates them from
         # a non-finite batch (docs/differences.md).
-        cudnn = torch.backends.cudnn.enabled
-        w, b = (None if p is None else p.contiguous() for p in (weight, bias))
-        y = torch.batch_norm(x, w, b, running_mean, running_var, True, momentum or 0.0, eps, cudnn)
+        y = aten_batch_norm(x, weight, bias, running_mean, running_var, True, momentum or 0.0, eps)
         if num_batches_tracked is not None and running_mean is not None and training:
             with buffer_writes():  # (through a reduction: AOTInductor folds an add_ on it, see live_count)
                 num_batches_tracked.copy_(live_count(num_batches_tracked) + 1)

@@ -147,17 +147,15 @@ def _tracing() -> bool:
     )
 
 
-def _inplace_ok() -> bool:
+def _inplace_ok(*ts: Tensor | None) -> bool:
     """Whether the computation may reuse its own temporaries in place: not under ``torch.func``
-    (above), nor while traced (a traced graph must be functional for the compiler)."""
-    return not _tracing() and not _functorch_active()
-
-
-def _recorded(*ts: Tensor | None) -> bool:
-    """Whether autograd records the ops on any of ``ts``: a direct call of this core on a tensor that
-    requires grad (``normkit.functional.moments``, a user's own norm), whose temporaries autograd may
-    have saved (the ops' own implementations run with grad mode off: there this is False)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+    (above), nor while traced (a traced graph must be functional for the compiler), nor where
+    autograd records the ops on any of ``ts`` (a direct call of this core on a tensor that requires
+    grad, ``normkit.functional.moments`` or a user's own norm: autograd may have saved a temporary;
+    the ops' own implementations run with grad mode off)."""
+    if _tracing() or _functorch_active():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts))
 
 
 def _stages(t: Tensor, dims: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -251,7 +249,7 @@ def _centered(x: Tensor, shift: Tensor, inv: Tensor | None) -> Tensor:
     d = torch.sub(x, shift)  # type promotion: a float16 / bfloat16 x gives a float32 result in one pass
     if inv is None:
         return d
-    return d.mul_(inv) if _inplace_ok() and not _recorded(d) else d * inv
+    return d.mul_(inv) if _inplace_ok(d) else d * inv
 
 
 def _count(x: Tensor, dims: tuple[int, ...], mask: Tensor | None, like: Tensor) -> Tensor:
@@ -301,7 +299,7 @@ def _centred_moments(
     d = _centered(x, shift, inv)
     if mask is None:
         cmean = _reduce(d, dims, "mean")
-        d = d.sub_(cmean) if _inplace_ok() and not _recorded(d) else d - cmean
+        d = d.sub_(cmean) if _inplace_ok(d) else d - cmean
         return d, cmean, _reduce(d * d, dims, "mean")
     zero = torch.zeros((), dtype=d.dtype, device=x.device)
     safe = count.clamp_min(1.0)
@@ -508,7 +506,7 @@ def _finish(
     scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
     # (out of place: d and the affine may be batched differently (torch.func), a trace, or autograd
     # saved d for the backward of the statistics)
-    if not _inplace_ok() or _recorded(d, weight, bias):
+    if not _inplace_ok(d, weight, bias):
         y = d * scale if bias is None else torch.addcmul(bias.to(rstd.dtype), d, scale)
     elif bias is None:
         y = d.mul_(scale)
@@ -628,7 +626,7 @@ def norm_backward(
     dbias = None
     # Reduce first over the set dims along which neither weight nor bias varies.
     fine = tuple(i for i in dims if all(p is None or p.shape[i] == 1 for p in (weight, bias)))
-    inplace = _inplace_ok() and not _recorded(x, dy, weight, bias)
+    inplace = _inplace_ok(x, dy, weight, bias)
     # d = (x - shift) * inv: the scaled deviations before removing cmean, whose effect is folded
     # into the per-set sums and the constant term (one full-size temporary, as a plain two-pass).
     # (scaled before subtracting when traced: the one-read statistics shift a wide set by a member)

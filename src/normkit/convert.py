@@ -7,7 +7,8 @@ The two frameworks store the same layer differently:
 ===============  ===========================================  =============================================
 names            ``weight, bias, running_mean, running_var``  ``gamma, beta, moving_mean, moving_variance``
 momentum         weight of the *new* batch (0.1)              weight of the *old* value (0.99)
-stored variance  unbiased (``* m / (m - 1)``)                 biased (Keras 3)
+stored variance  unbiased (``* m / (m - 1)``)                 biased (Keras 3, tf.keras 2 non-fused);
+                                                              unbiased (tf.keras 2's fused path)
 eps              1e-5                                         1e-3
 channel axis     1                                            -1
 ===============  ===========================================  =============================================
@@ -23,6 +24,48 @@ conversions, chosen with ``count``:
   Bessel's factor ``m / (m - 1)`` (Keras -> PyTorch) or its inverse, giving each framework's
   own convention, as if the layer had been trained there.
 
+**tf.keras 2's fused path.** tf.keras 2 (TensorFlow 2.x's ``tf.keras``) runs ``BatchNormalization``
+on ``tf.nn.fused_batch_norm`` whenever it can (4-D or 5-D input, the channel axis first or last, no
+``virtual_batch_size``, ``renorm`` or ``adjustment``: the usual ``Conv2D`` + BN), and that op
+averages the *unbiased* batch variance into ``moving_variance`` (tensorflow#55545); its non-fused
+path and Keras 3 average the biased one. :func:`from_keras_bn` reads ``layer.fused`` from a tf.keras
+2 layer (``"fused"`` in a mapping) and gives such a layer PyTorch's own unbiased update, the
+variance copied as it is (``variance="unbiased"``, or ``"biased"``, overrides what it reads).
+normkit's :class:`~normkit.nn.BatchNormalization` is Keras 3's layer (biased update); inference is
+the same either way.
+
+**tf.keras 2's ``virtual_batch_size`` and ``renorm``** have no exact counterpart, and
+:func:`from_keras_bn` refuses a layer that uses them, naming the option:
+
+* ``virtual_batch_size=v`` is Ghost Batch Normalization
+  (:class:`~normkit.nn.GhostBatchNorm2d` with ``ghost_batch_size=v``, ``momentum_mode="averaged"``,
+  ``unbiased_running_var=False``), but tf.keras 2 forms its ghost batches from *strided* samples
+  (sample ``n`` of a batch of ``N`` is in ghost batch ``n % (N / v)``) where normkit's are
+  contiguous chunks: reorder the batch as ``x[order]`` with ``order = arange(N).view(v, N //
+  v).t().reshape(-1)`` and the output back as ``y[order.argsort()]`` to get tf.keras's numbers;
+* ``renorm=True`` is Batch Renormalization (:class:`~normkit.nn.BatchRenorm2d`), but tf.keras 2
+  corrects towards separate ``renorm_mean`` / ``renorm_stddev`` averages with its own
+  ``renorm_momentum``, and clips only what ``renorm_clipping`` names (``rmin`` free of ``rmax``):
+  start a BatchRenorm2d from the layer's moving statistics (:func:`from_keras_bn` on a mapping of
+  them) and expect training to differ.
+
+**Keras's other normalization layers** need no conversion, only the channels-first view
+(``x.permute(0, 3, 1, 2)`` of an NHWC tensor) and Keras's ``epsilon=1e-3`` (PyTorch's default is
+1e-5); their weights load as they are (``gamma`` -> ``weight``, ``beta`` -> ``bias``):
+
+=============================================  ==============================================================
+Keras                                          normkit / torch.nn
+=============================================  ==============================================================
+``LayerNormalization()`` (axis -1)             ``LayerNorm(C, eps=1e-3)`` on the NHWC tensor itself, or
+                                               ``LayerNorm2d(C, eps=1e-3)`` on the NCHW view
+``LayerNormalization(axis=[1, 2, 3])``         ``LayerNorm((H, W, C), eps=1e-3)`` on NHWC, or
+                                               ``LayerNorm2d(C, over="chw", eps=1e-3)`` on NCHW (an affine
+                                               per channel: Keras's is per element unless the weights agree)
+``GroupNormalization(groups=G)`` (Keras 3)     ``GroupNorm(G, C, eps=1e-3)`` on the NCHW view
+``GroupNormalization(groups=-1)``              ``InstanceNorm2d(C, affine=True, eps=1e-3)`` or
+                                               ``GroupNorm(C, C, eps=1e-3)`` on the NCHW view
+=============================================  ==============================================================
+
 What Keras's layer has no field for is not carried: ``num_batches_tracked`` (a layer from Keras
 starts at 0, which matters only with ``momentum=None``) and PyTorch's variance convention itself,
 so a PyTorch -> Keras -> PyTorch round trip with ``count=None`` gives a layer with the same
@@ -35,12 +78,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 from ._errors import NormError
+from .functional._checks import as_real
 from .nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .nn.batch_norm_family import (
     BatchNormalization,
@@ -57,7 +101,8 @@ _FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
 
 
 def _one_minus(value: float, op: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    value = as_real(value, op, "momentum")  # (a numpy scalar or a 0-d tensor too)
+    if not 0.0 <= value <= 1.0:
         raise NormError(f"{op}: momentum must be a number in [0, 1], got {value!r}")
     # Decimal arithmetic on the shortest repr: 1 - 0.1 is 0.9 exactly, and back.
     return float(Decimal(1) - Decimal(repr(float(value))))
@@ -90,6 +135,31 @@ def _check_count(count: int | None, op: str) -> None:
         )
 
 
+def _refuse_keras_options(cfg: Mapping[str, Any], layer: Any) -> None:
+    """tf.keras 2's options that change what the layer computes and that a BatchNorm cannot carry."""
+    op = "from_keras_bn"
+    vbs = cfg.get("virtual_batch_size", getattr(layer, "virtual_batch_size", None))
+    if vbs is not None:
+        raise NormError(
+            f"{op}: the layer has virtual_batch_size={vbs!r} (Ghost Batch Normalization), which a BatchNorm "
+            "would drop; tf.keras 2 forms its ghost batches from strided samples, normkit's GhostBatchNorm2d "
+            "from contiguous chunks, so build one by hand and reorder the batch (normkit.convert's module "
+            "docs show how)"
+        )
+    if cfg.get("renorm", getattr(layer, "renorm", False)):
+        raise NormError(
+            f"{op}: the layer has renorm=True (Batch Renormalization), which a BatchNorm would drop; "
+            "tf.keras 2's renorm keeps its own renorm_mean / renorm_stddev averages, which normkit's "
+            "BatchRenorm2d does not, so convert a mapping of its moving statistics into a BatchRenorm2d by "
+            "hand (normkit.convert's module docs say what differs)"
+        )
+    if getattr(layer, "adjustment", None) is not None:
+        raise NormError(
+            f"{op}: the layer has an adjustment callable, which scales and shifts the normalized output "
+            "in training and has no PyTorch counterpart"
+        )
+
+
 def _keras_source(layer: Any) -> dict[str, Any]:
     """gamma/beta/moving stats (tensors or None) and momentum/epsilon/trainable from any Keras-like source."""
     if isinstance(layer, BatchNormalization):
@@ -101,9 +171,11 @@ def _keras_source(layer: Any) -> dict[str, Any]:
             "momentum": layer.momentum,
             "epsilon": layer.epsilon,
             "trainable": layer.trainable,
+            "fused": False,
         }
     if hasattr(layer, "get_weights") and hasattr(layer, "get_config"):  # a real Keras layer
         cfg = layer.get_config()
+        _refuse_keras_options(cfg, layer)
         weights = [torch.as_tensor(w) for w in layer.get_weights()]
         names = [n for n, on in (("gamma", cfg.get("scale", True)), ("beta", cfg.get("center", True))) if on]
         names += ["moving_mean", "moving_variance"]
@@ -116,9 +188,12 @@ def _keras_source(layer: Any) -> dict[str, Any]:
             momentum=cfg.get("momentum", 0.99),
             epsilon=cfg.get("epsilon", 1e-3),
             trainable=cfg.get("trainable", True),
+            # tf.keras 2 resolves `fused` at construction; Keras 3 has no such attribute
+            fused=getattr(layer, "fused", None) is True or cfg.get("fused") is True,
         )
         return src
     if isinstance(layer, Mapping):
+        _refuse_keras_options(layer, None)
         missing = [k for k in ("moving_mean", "moving_variance") if k not in layer]
         if missing:
             raise NormError(f"from_keras_bn: the mapping lacks {missing}; it has {sorted(layer)}")
@@ -130,6 +205,7 @@ def _keras_source(layer: Any) -> dict[str, Any]:
             momentum=layer.get("momentum", 0.99),
             epsilon=layer.get("epsilon", 1e-3),
             trainable=layer.get("trainable", True),
+            fused=layer.get("fused") is True,
         )
         return src
     raise TypeError(
@@ -139,7 +215,13 @@ def _keras_source(layer: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def from_keras_bn(layer: Any, *, dim: int = 2, count: int | None = None) -> nn.Module:
+def from_keras_bn(
+    layer: Any,
+    *,
+    dim: int = 2,
+    count: int | None = None,
+    variance: Literal["biased", "unbiased"] | None = None,
+) -> nn.Module:
     """A PyTorch-convention BN layer (channels first) with the weights and statistics of a Keras BN layer.
 
     Args:
@@ -150,12 +232,22 @@ def from_keras_bn(layer: Any, *, dim: int = 2, count: int | None = None) -> nn.M
         dim: the spatial rank: 1, 2 or 3 for ``BatchNorm1d/2d/3d``.
         count: ``None`` to copy the variance (identical inference, Keras's biased update kept), or
             the per-channel batch count ``m`` to convert it to PyTorch's unbiased convention.
+        variance: which batch variance the layer's ``moving_variance`` averages: ``"biased"`` (Keras
+            3, tf.keras 2's non-fused path) or ``"unbiased"`` (tf.keras 2's fused path: the variance
+            is copied and the result keeps PyTorch's unbiased update, so ``count`` must be None).
+            ``None`` (default): ``"unbiased"`` for a tf.keras 2 layer whose ``fused`` is True (or a
+            mapping with ``"fused": True``), ``"biased"`` otherwise.
 
     Returns:
         :class:`normkit.nn.BatchNorm{dim}d` (``eps = epsilon``, ``momentum = 1 - keras_momentum``), or
         :class:`normkit.nn.FrozenBatchNorm{dim}d` for a ``trainable=False`` layer (Keras runs those in
         inference mode). ``scale=False`` / ``center=False`` give ``weight`` / ``bias`` ``None``. Feed
         it ``x.permute(0, 3, 1, 2)`` for a channels-last Keras input (a view, no copy).
+
+    Raises:
+        NormError: a tf.keras 2 layer with ``virtual_batch_size``, ``renorm=True`` or an
+            ``adjustment`` (no BatchNorm computes those; the module docs say what to build instead),
+            ``count`` with an unbiased ``variance``, mismatched weight sizes, a bad ``dim``.
 
     Example:
         >>> import torch, normkit
@@ -173,7 +265,16 @@ def from_keras_bn(layer: Any, *, dim: int = 2, count: int | None = None) -> nn.M
     if isinstance(dim, bool) or not isinstance(dim, int) or dim not in _BN:
         raise NormError(f"{op}: dim must be 1, 2 or 3 (BatchNorm1d/2d/3d), got {dim!r}")
     _check_count(count, op)
+    if variance not in (None, "biased", "unbiased"):
+        raise NormError(f"{op}: variance must be None, 'biased' or 'unbiased', got {variance!r}")
     src = _keras_source(layer)
+    unbiased_source = variance == "unbiased" or (variance is None and src["fused"])
+    if unbiased_source and count is not None:
+        raise NormError(
+            f"{op}: the layer's moving_variance already averages the unbiased batch variance"
+            + (" (tf.keras 2's fused path)" if variance is None else "")
+            + f", so count={count} would apply Bessel's factor twice; pass count=None"
+        )
     mean, var = src["moving_mean"], src["moving_variance"]
     C = mean.numel()
     for k in ("gamma", "beta", "moving_variance"):
@@ -189,7 +290,7 @@ def from_keras_bn(layer: Any, *, dim: int = 2, count: int | None = None) -> nn.M
         device=mean.device,
         dtype=mean.dtype if mean.is_floating_point() else None,
     )
-    kwargs.update(bias=beta is not None, unbiased_running_var=count is not None)
+    kwargs.update(bias=beta is not None, unbiased_running_var=count is not None or unbiased_source)
     frozen = not src["trainable"]
     out = _FROZEN[dim](C, **kwargs) if frozen else _BN[dim](C, **kwargs)
     if affine and gamma is None:  # Keras scale=False, center=True: no weight
@@ -255,6 +356,11 @@ def to_keras_bn(bn: nn.Module, *, axis: int = -1, count: int | None = None) -> B
     """
     op = "to_keras_bn"
     _check_count(count, op)
+    if isinstance(bn, BatchNormalization):
+        raise TypeError(
+            f"{op}: expected a PyTorch-convention batch-norm layer, got a BatchNormalization, which already "
+            "has Keras's conventions (copy.deepcopy it for a copy; from_keras_bn converts it to PyTorch's)"
+        )
     if isinstance(bn, nn.modules.instancenorm._InstanceNorm):
         # (its running statistics make eval look like BN, but training normalizes per sample)
         raise TypeError(

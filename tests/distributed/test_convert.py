@@ -182,8 +182,7 @@ def test_other_layers_are_never_touched() -> None:
         nkn.GroupNorm(2, 4),
         nkn.LayerNorm2d(4),
         nn.Conv2d(4, 4, 1),
-        nkn.BatchNormalization(4),
-    ]
+    ]  # (Keras's BatchNormalization, a batch norm SyncBatchNorm cannot express, is refused: test_keras_port)
     net = nn.Sequential(*keep)
     out = normkit.convert_sync_batchnorm(net)
     assert out is net and all(a is b for a, b in zip(out, keep))

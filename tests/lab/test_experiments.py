@@ -86,6 +86,22 @@ def test_compare_worker_processes_give_the_same_numbers(tmp_path: Path) -> None:
     assert (one / "metrics.jsonl").read_bytes() == (two / "metrics.jsonl").read_bytes()
 
 
+def test_compare_never_starts_more_workers_than_runs() -> None:
+    """--jobs 500 for 3 runs starts 3 workers (each would import torch before finding no run to take:
+    a few hundred of them exhaust the memory), and says so; without --jobs, one per usable core."""
+    import os
+
+    import torch
+
+    from normkit.lab.experiments.compare import _parallelism
+
+    cpu = torch.device("cpu")
+    jobs, threads, why = _parallelism(CompareConfig(jobs=500), 1, cpu, 3)
+    assert (jobs, threads) == (3, 1) and "capped at the 3 run(s)" in why
+    assert _parallelism(CompareConfig(jobs=2), 1, cpu, 3)[:2] == (2, 1)
+    assert _parallelism(CompareConfig(), 1, cpu, 1000)[0] == len(os.sched_getaffinity(0))
+
+
 def test_compare_rejects_bad_configs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown norm 'xn'"):
         run_compare(CompareConfig(norms=["xn"], out=str(tmp_path)))

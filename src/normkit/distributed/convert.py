@@ -62,7 +62,16 @@ def _refusal(m: nn.Module, path: str) -> str:
     where = f"layer {path!r}" if path else "the model"
     name = type(m).__name__
     keep = "or keep it per process with convert_sync_batchnorm(..., unsupported='keep')"
-    if isinstance(m, fam._GhostBatchNorm):
+    if isinstance(m, fam.BatchNormalization):
+        why = (
+            f"a BatchNormalization keeps Keras's conventions (statistics along axis={m.axis}, Keras's "
+            "momentum, the biased variance), which no SyncBatchNorm has"
+        )
+        fix = (
+            "convert it with normkit.convert.from_keras_bn (a BatchNorm on the channels-first view) first "
+            f"if you want synchronised statistics, {keep}"
+        )
+    elif isinstance(m, fam._GhostBatchNorm):
         why = (
             f"a {name} normalizes each chunk of ghost_batch_size={m.ghost_batch_size} samples of a "
             "process's batch on its own, and a SyncBatchNorm would replace that with statistics over "
@@ -173,7 +182,8 @@ def convert_sync_batchnorm(
     rebuilds the original classes.
 
     Layers with a forward of their own that SyncBatchNorm would silently drop (Ghost BN, Batch
-    Renorm, other subclasses that override ``forward``) raise a :class:`~normkit.NormError` that
+    Renorm, Keras's :class:`~normkit.nn.BatchNormalization`, other subclasses that override
+    ``forward``) raise a :class:`~normkit.NormError` that
     names the layer and what to do (``unsupported="keep"`` leaves them as they are, per process).
     Layers that are not batch norm (GroupNorm, LayerNorm, FrozenBatchNorm ...) are never touched.
     Existing normkit SyncBatchNorm layers stay, with ``process_group`` set when one is given.
@@ -211,7 +221,8 @@ def convert_sync_batchnorm(
         refused = [
             (path, m)
             for path, m in model.named_modules()
-            if isinstance(m, _TorchBatchNorm) and not isinstance(m, SyncBatchNorm) and convertible(m) is None
+            if isinstance(m, fam.BatchNormalization)
+            or (isinstance(m, _TorchBatchNorm) and not isinstance(m, SyncBatchNorm) and not convertible(m))
         ]
         if refused:
             path, m = refused[0]

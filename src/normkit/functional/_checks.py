@@ -143,6 +143,23 @@ def check_momentum(momentum: float | None, op: str) -> float | None:
     return float(momentum)
 
 
+def check_keras_momentum(momentum: object, op: str) -> float:
+    """A Keras momentum (the weight of the *old* value, 0.99 by default) as a float in [0, 1]; a
+    numpy scalar or a 0-d tensor is taken, anything else is a ``TypeError``.
+
+    Example:
+        >>> check_keras_momentum(0.99, "BatchNormalization")
+        0.99
+    """
+    value = as_real(momentum, op, "momentum")
+    if not 0.0 <= value <= 1.0:
+        raise NormError(
+            f"{op}: momentum must be a number in [0, 1] (Keras convention: the weight of the old "
+            f"value, 0.99 by default), got {momentum!r}"
+        )
+    return value
+
+
 def check_positive_int(value: object, op: str, name: str) -> int:
     """``value`` as a Python int > 0 (:func:`as_int`: numpy integers and integer tensors of one element
     are taken, as torch.nn takes them); a non-integer is a ``TypeError``, ``<= 0`` a ``NormError``."""

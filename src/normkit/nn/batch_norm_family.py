@@ -17,7 +17,14 @@ from torch import Tensor, nn
 
 from .._errors import NormError
 from ..functional._autograd import norm
-from ..functional._checks import check_eps, check_momentum, check_param, check_positive_int
+from ..functional._checks import (
+    as_int,
+    check_eps,
+    check_keras_momentum,
+    check_momentum,
+    check_param,
+    check_positive_int,
+)
 from ..functional._moments import acc_dtype, normalize
 from ..functional._running import NormOutput, live_count, update_running_stats
 from ..functional.batch_norm import batch_norm
@@ -717,15 +724,9 @@ class BatchNormalization(nn.Module):
         super().__init__()
         name = "BatchNormalization"
         self.num_features = num_features = check_positive_int(num_features, name, "num_features")
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise NormError(f"{name}: axis must be an int, got {axis!r}")
-        keras_momentum = None if momentum is None else check_momentum(momentum, name)
-        if keras_momentum is None:
-            raise NormError(
-                f"{name}: momentum must be a number in [0, 1] (Keras convention), got {momentum!r}"
-            )
+        axis = as_int(axis, name, "axis")  # (a numpy integer too, as Keras's int(axis))
         self.axis = axis
-        self.momentum = keras_momentum
+        self.momentum = check_keras_momentum(momentum, name)
         self.epsilon = check_eps(epsilon, name)
         self.center, self.scale = bool(center), bool(scale)
         factory = {"device": device, "dtype": dtype}
@@ -836,14 +837,30 @@ class BatchNormalization(nn.Module):
                 f"BatchNormalization.set_weights: expected {len(targets)} arrays (gamma if scale, beta if "
                 f"center, moving_mean, moving_variance), got {len(weights)}"
             )
-        with torch.no_grad():
-            for t, w in zip(targets, weights):
+        names = ["gamma", "beta", "moving_mean", "moving_variance"]
+        names = [n for n in names if getattr(self, n) is not None]
+        sources = []
+        for n, t, w in zip(names, targets, weights):  # every array checked before any is written
+            try:
                 src = torch.as_tensor(w)
-                if tuple(src.shape) != tuple(t.shape):
-                    raise NormError(
-                        f"BatchNormalization.set_weights: expected arrays of shape {tuple(t.shape)}, "
-                        f"got {tuple(src.shape)}"
-                    )
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TypeError(
+                    f"BatchNormalization.set_weights: {n} must be an array or tensor of shape "
+                    f"{tuple(t.shape)}, got {type(w).__name__} ({exc})"
+                ) from None
+            if tuple(src.shape) != tuple(t.shape):
+                raise NormError(
+                    f"BatchNormalization.set_weights: expected {n} of shape {tuple(t.shape)}, got "
+                    f"{tuple(src.shape)}; nothing was loaded"
+                )
+            if src.dtype == torch.bool or src.is_complex():
+                raise TypeError(
+                    f"BatchNormalization.set_weights: {n} must hold real numbers, got {src.dtype}; "
+                    "nothing was loaded"
+                )
+            sources.append(src)
+        with torch.no_grad():
+            for t, src in zip(targets, sources):
                 t.copy_(src)
 
     def get_config(self) -> dict[str, Any]:

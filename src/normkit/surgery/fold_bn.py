@@ -31,7 +31,7 @@ from .._errors import NormError
 from ..functional.activations import get_activation
 from ..nn._base import forward_hook_count
 from ..nn._inspect import BN_KINDS, NormInfo, describe_norm
-from ..nn.batch_norm_family import _FrozenBatchNorm
+from ..nn.batch_norm_family import BatchNormalization, _FrozenBatchNorm
 from ._graph import (
     call_counts,
     check_model,
@@ -467,7 +467,7 @@ def fold_bn(model: nn.Module, example_input: Any = None) -> Folded:
                 f"{op}: '{label}' ({type(m).__name__}) has use_running_stats=False: it normalizes with batch "
                 "statistics, so it cannot be folded into a fixed weight"
             )
-        elif isinstance(info, str) and isinstance(m, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(info, str) and isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchNormalization)):
             unknown.append((label, info))
     folded = deepcopy_model(model, op)
     report = FoldReport()

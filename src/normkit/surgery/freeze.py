@@ -279,9 +279,12 @@ def freeze_bn(
     :class:`FrozenBatchNormAct3d` / :class:`FrozenSyncBatchNormAct`: the same layer held in eval,
     its affine as buffers, its activation kept). A BN reachable under
     several names (``self.head_norm = self.bn``) becomes one frozen layer shared by all of them.
-    :func:`unfreeze_bn` restores the original classes (one shared module again) and train/eval
-    flags. A batch-norm layer that cannot be frozen (no running statistics, or a subclass with its
-    own forward such as timm's ``BatchNormAct2d``) is left as it is, with a ``UserWarning`` naming it.
+    Keras's :class:`~normkit.nn.BatchNormalization` is frozen in place as Keras freezes it,
+    ``trainable=False`` (inference mode, ``gamma``/``beta`` without gradients).
+    :func:`unfreeze_bn` restores the original classes (one shared module again), train/eval
+    flags and ``trainable``. A batch-norm layer that cannot be frozen (no running statistics, or a
+    subclass with its own forward such as timm's ``BatchNormAct2d``) is left as it is, with a
+    ``UserWarning`` naming it.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or is a TorchScript module.
@@ -313,12 +316,12 @@ def freeze_bn(
     pinned = [
         (n or "<root>", m)
         for n, m in model.named_modules()
-        if type(m) in _PINNED and m.running_mean is not None
+        if (type(m) in _PINNED and m.running_mean is not None) or isinstance(m, fam.BatchNormalization)
     ]
     if pinned and (not use_running_stats or update_running_stats):
         raise NormError(
             f"{op}: use_running_stats={use_running_stats}, update_running_stats={update_running_stats} needs "
-            "a FrozenBatchNorm, and none holds an activation: "
+            "a FrozenBatchNorm, and none holds an activation or Keras's conventions: "
             + ", ".join(f"'{n}' ({type(m).__name__})" for n, m in pinned)
             + " can only be frozen with the defaults (use_running_stats=True, update_running_stats=False)"
         )
@@ -343,6 +346,10 @@ def freeze_bn(
         model = make(model)
     else:
         _swap(model, make, _freezable)
+    for layer in model.modules():  # Keras's layer freezes itself, as in Keras: trainable=False
+        if isinstance(layer, fam.BatchNormalization) and layer.trainable:
+            layer.trainable = False
+            _record(layer, _unfrozen_trainable=True)
     if per_process:
         warnings.warn(
             f"{op}: a frozen layer issues no collective, so with use_running_stats={use_running_stats}, "
@@ -497,6 +504,9 @@ def unfreeze_bn(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     def match(m: nn.Module) -> bool:
         return type(m) in _RANK_OF_FROZEN or type(m) in _UNPINNED
 
+    for layer in model.modules():  # Keras's layers freeze_bn set to trainable=False
+        if isinstance(layer, fam.BatchNormalization) and layer.__dict__.pop("_unfrozen_trainable", False):
+            layer.trainable = True
     if match(model):  # a single layer: the mode it had when frozen
         recorded = model.__dict__.get("_unfrozen_training")
         return make(model, model.training if recorded is None else bool(recorded))

@@ -670,9 +670,13 @@ def _parallelism(cfg: CompareConfig, world: int, device: torch.device, n_runs: i
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         usable = os.cpu_count() or 1
-    jobs = cfg.jobs if cfg.jobs is not None else max(1, min(usable, n_runs))
+    # never more workers than runs: each one imports torch (about 100 MB) before it finds no run to take
+    jobs = max(1, min(cfg.jobs if cfg.jobs is not None else usable, n_runs))
     threads = cfg.threads if cfg.threads is not None else 1
-    why = f"--jobs {cfg.jobs}" if cfg.jobs is not None else f"auto: one worker per usable core ({usable})"
+    if cfg.jobs is None:
+        why = f"auto: one worker per usable core ({usable})"
+    else:
+        why = f"--jobs {cfg.jobs}" + (f" (capped at the {n_runs} run(s))" if cfg.jobs > n_runs else "")
     why += f", {threads} thread(s) per worker" + (" (--threads)" if cfg.threads is not None else "")
     return jobs, threads, why
 

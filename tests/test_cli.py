@@ -448,7 +448,8 @@ def test_an_out_that_cannot_be_created_is_one_line_before_any_work(
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"normkit {sub}: error: --out '{out}': "), err
-    assert f"cannot create the runs folder '{out}': no folder can be made in '/proc'" in err
+    what = "the report's folder" if sub == "report" else "the runs folder"
+    assert f"cannot create {what} '{out}': no folder can be made in '/proc'" in err
     assert not (tmp_path / "R.md").exists()
 
 

@@ -305,6 +305,15 @@ def check_config(cfg: BenchConfig) -> None:
     for o in cfg.ops or []:
         if not any(o.lower() in n.lower() for n in OPS):
             raise ValueError(f"--ops {o!r} matches no op; the ops are: {', '.join(OPS)}")
+    if cfg.run_ops and not cfg.e2e:
+        names = _op_names(cfg)
+        if not any(s[1] % OPS[n].groups == 0 for n in names for s in cfg.shapes):
+            need = sorted({OPS[n].groups for n in names})
+            raise ValueError(
+                f"nothing to run: no shape fits the ops {', '.join(names)} (their channels must be "
+                f"divisible by {' or '.join(map(str, need))}; --shapes has C = "
+                f"{', '.join(str(s[1]) for s in cfg.shapes)}) and the training steps are off (--no-e2e)"
+            )
     if cfg.backends is not None:
         known, here = _selectable(cfg)
         for b in cfg.backends:
@@ -884,6 +893,27 @@ def run_bench(cfg: BenchConfig) -> tuple[str, dict[str, Any]]:
     return format_markdown(data), data
 
 
+def check_output_path(path: str | None, flag: str) -> None:
+    """Raise :class:`ValueError` naming ``flag`` when a file cannot be written at ``path`` (a folder, or
+    in a folder that does not exist or is not writable); ``None`` passes.
+
+    Example:
+        >>> check_output_path("/no/such/folder/b.json", "--json")
+        Traceback (most recent call last):
+        ...
+        ValueError: --json '/no/such/folder/b.json': the folder '/no/such/folder' does not exist
+    """
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a folder; give a file path")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path!r}: not writable")
+
+
 def write_json(data: dict[str, Any], path: str) -> None:
     """Write ``data`` as JSON (``inf``/``nan`` cannot occur: failed measurements are ``null``)."""
     with open(path, "w") as f:
@@ -904,8 +934,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         passes=args.passes,
         ops=args.ops,
         backends=args.backends,
-        repeats=1 if args.quick else args.repeats,
-        min_time=0.05 if args.quick else args.min_time,
+        repeats=args.repeats if args.repeats is not None else 1 if args.quick else 3,
+        min_time=args.min_time if args.min_time is not None else 0.05 if args.quick else 0.2,
         e2e_min_time=0.2 if args.quick else 1.0,
         threads=args.threads,
         compile=args.compile,
@@ -935,6 +965,8 @@ def main_from_args(args: argparse.Namespace, extra_providers: dict[str, Any] | N
     """Run ``normkit bench`` for parsed options: Markdown on stdout, ``--md`` / ``--json``; exit code."""
     cfg = config_from_args(args)
     cfg.extra_providers = dict(extra_providers or {})
+    for flag, path in (("--md", args.md), ("--json", args.json)):
+        check_output_path(path, flag)  # before measuring, not after
     md, data = run_bench(cfg)
     print(md)
     if args.md:

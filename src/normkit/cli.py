@@ -154,9 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the device's peak bandwidth for the %% of peak column (default: known GPUs' datasheet figure)",
     )
     p.add_argument(
-        "--repeats", type=_pint, default=3, help="interleaved repeats; the best median is kept (default: 3)"
+        "--repeats",
+        type=_pint,
+        help="interleaved repeats; the best median is kept (default: 3; 1 with --quick)",
     )
-    p.add_argument("--min-time", type=_pfloat, default=0.2, help="seconds per op measurement (default: 0.2)")
+    p.add_argument(
+        "--min-time", type=_pfloat, help="seconds per op measurement (default: 0.2; 0.05 with --quick)"
+    )
     p.add_argument("--threads", type=_pint, default=2, help="torch intra-op threads (default: 2)")
     p.add_argument(
         "--compile",
@@ -172,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         "on)",
     )
     p.add_argument(
-        "--quick", action="store_true", help="a smoke run: one small shape, one repeat, small training steps"
+        "--quick",
+        action="store_true",
+        help="a smoke run: one small shape, one repeat, small training steps (what you also give wins)",
     )
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     p.add_argument("--md", metavar="PATH", help="also write the Markdown tables to a file")
@@ -287,6 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, NotAvailableError, ValueError) as e:
         print(f"normkit {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BrokenPipeError:  # the reader went away (normkit ... | head -1): the work is done, say nothing
+        import os
+        import signal
+
+        try:  # (the interpreter flushes stdout at exit: it must not meet the closed pipe again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # an in-process caller's stdout without a file descriptor
+            pass
+        raise SystemExit(128 + signal.SIGPIPE) from None
     except KeyboardInterrupt as e:
         import signal
 

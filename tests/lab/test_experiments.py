@@ -404,7 +404,7 @@ def test_a_norm_the_user_registered_trains_in_the_worker_processes(tmp_path: Pat
         assert finals[0] == finals[1] and [n for n, _ in finals[0]] == ["bn", "usergn"]
         normkit.register_norm("userlocal")(lambda c, arg, **kw: nn.GroupNorm(2, c))
         with pytest.raises(ConfigError, match="userlocal registered in this process .* --jobs 1"):
-            run("local", ["userlocal"], 2)
+            run("local", ["bn", "userlocal"], 2)  # (two runs: two workers)
         assert not (tmp_path / "local").exists()
     finally:
         registry._REGISTRY.clear()

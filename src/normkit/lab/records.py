@@ -285,12 +285,13 @@ def environment(device: str | torch.device = "cpu", world_size: int = 1, **extra
     return env
 
 
-def check_writable(root: str | Path) -> Path:
+def check_writable(root: str | Path, flag: str = "--out", what: str = "the runs folder") -> Path:
     """Make sure run folders can be written under ``root`` before any work starts; leaves nothing behind.
 
     ``root`` may not exist yet: then its nearest existing parent must be a folder in which a folder
     can be made (the run creates the rest). That is tried, not only read from the permissions: a
     probe folder is made there and removed at once (a read-only mount, or ``/proc``, refuses it).
+    ``flag`` and ``what`` name the option and the folder in the message.
 
     Raises:
         ValueError: one line naming the folder and what is wrong (a file in the way, no permission, ...).
@@ -308,11 +309,11 @@ def check_writable(root: str | Path) -> Path:
     existing = next(p for p in [root, *root.absolute().parents] if p.exists() or p == Path(p.anchor))
     if not existing.is_dir():
         raise ValueError(
-            f"--out {str(root)!r}: cannot create the runs folder: {str(existing)!r} is a file, not a folder"
+            f"{flag} {str(root)!r}: cannot create {what}: {str(existing)!r} is a file, not a folder"
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(
-            f"--out {str(root)!r}: cannot write run folders there: {str(existing)!r} is not writable"
+            f"{flag} {str(root)!r}: cannot write {what} there: {str(existing)!r} is not writable"
         )
     import tempfile
 
@@ -320,7 +321,7 @@ def check_writable(root: str | Path) -> Path:
         probe = tempfile.mkdtemp(prefix=".normkit-check-", dir=existing)
     except OSError as e:
         raise ValueError(
-            f"--out {str(root)!r}: cannot create the runs folder {str(root)!r}: no folder can be made in "
+            f"{flag} {str(root)!r}: cannot create {what} {str(root)!r}: no folder can be made in "
             f"{str(existing)!r} ({e.strerror or e})"
         ) from None
     try:
@@ -344,10 +345,16 @@ def read_manifest(run: str | Path) -> dict[str, Any]:
         ('running', 'finished')
     """
     run = Path(run)
-    try:
-        return json.loads((run / "manifest.json").read_text())
-    except (OSError, ValueError):
+    path = run / "manifest.json"
+    if not path.is_file():  # a run from before manifests
         return {"status": "finished" if (run / "summary.md").is_file() else "failed", "legacy": True}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict):
+        return data
+    return {"status": "unreadable", "error": "manifest.json is not a JSON object"}
 
 
 @contextmanager

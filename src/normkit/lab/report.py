@@ -35,10 +35,12 @@ _IMG = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A run file's JSON object; ``{}`` when it is missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def find_runs(root: str | Path, latest_only: bool = True) -> list[Path]:
@@ -51,7 +53,7 @@ def find_runs(root: str | Path, latest_only: bool = True) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise ValueError(
-            f"report: runs root {str(root)!r} is not a folder (run an experiment first, or pass --runs-root)"
+            f"runs root {str(root)!r} is not a folder (run an experiment first, or pass --runs-root)"
         )
     runs = sorted(
         (p for p in root.iterdir() if (p / "config.json").is_file()),
@@ -209,10 +211,10 @@ def write_report(
     Raises:
         ValueError: no runs found, or a given folder is not a run folder.
     """
-    folders = [Path(r) for r in runs]
+    folders = list({Path(r).resolve(): Path(r) for r in runs}.values())  # a folder given twice: once
     for f in folders:
         if not (f / "config.json").is_file():
-            raise ValueError(f"report: {str(f)!r} is not a run folder (no config.json)")
+            raise ValueError(f"{str(f)!r} is not a run folder (no config.json)")
     if not folders:
         folders = find_runs(runs_root, latest_only)
     if not folders:
@@ -222,15 +224,13 @@ def write_report(
         if unfinished:
             last = unfinished[-1]
             raise ValueError(
-                f"report: no finished runs under {str(runs_root)!r}; {len(unfinished)} unfinished run(s) "
+                f"no finished runs under {str(runs_root)!r}; {len(unfinished)} unfinished run(s) "
                 f"skipped ({', '.join(f'{p.name}: {_status_text(p)}' for p in unfinished)}); report one by "
                 f"passing its folder (normkit report {str(last)!r}), or all of them with --all"
             )
-        raise ValueError(
-            f"report: no runs under {str(runs_root)!r}; run an experiment first (e.g. normkit compare)"
-        )
+        raise ValueError(f"no runs under {str(runs_root)!r}; run an experiment first (e.g. normkit compare)")
     out_dir = Path(out) if out is not None else (Path(runs_root) if not runs else folders[0].parent)
-    check_writable(out_dir)
+    check_writable(out_dir, "--out", "the report's folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -87,7 +87,7 @@ class ReproduceConfig(LabConfig):
         results = Path(self.results)
         if results.suffix.lower() != ".md":
             raise ConfigError(f"--results must name a Markdown file (.md), got {self.results!r}")
-        check_writable(results.parent if str(results.parent) else Path("."))
+        check_writable(results.parent if str(results.parent) else Path("."), "--results", "its folder")
 
 
 @dataclass(frozen=True)
@@ -208,8 +208,8 @@ def plan(cfg: ReproduceConfig) -> list[Step]:
         own = {
             k: v for k, v in common.items() if not (k == "data" and v == LabConfig.data)
         }  # power keeps digits16
-        if cfg.quick:
-            own = {k: v for k, v in own.items() if k not in ("limit_train", "limit_test") or v is not None}
+        if cfg.quick:  # the quick sizes, unless the user gave their own limits
+            kw = {k: v for k, v in kw.items() if k not in ("limit_train", "limit_test") or own.get(k) is None}
         config = cls(**{**own, **kw})
         command = " ".join(["normkit", experiment, *_argv(config)])
         steps.append(Step(key, experiment, config, command))

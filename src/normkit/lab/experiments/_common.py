@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from ... import kernels
 from ..records import RunInterrupted, RunRecord, check_writable, environment
 
 __all__ = [
@@ -245,6 +246,10 @@ class LabConfig:
                 _check_value(flag, v, meta)
         check_data_spec(self.data)
         resolve_device(self.device)
+        try:  # a bad NORMKIT_BACKEND: refused here, not at the first norm of a started run
+            kernels.current()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         check_writable(self.out)
         self._check()
         return self
@@ -427,6 +432,17 @@ def set_threads(threads: int) -> None:
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
+
+
+def epochs_text(epochs: int, max_steps: int | None) -> str:
+    """How long each training ran, for a summary: ``--max-steps`` named where it cut the epochs short.
+
+    Example:
+        >>> epochs_text(1, None), epochs_text(15, 2)
+        ('1 epoch', '15 epochs capped at 2 optimizer step(s) (--max-steps)')
+    """
+    text = f"{epochs} epoch{'s' * (epochs != 1)}"
+    return text + (f" capped at {max_steps} optimizer step(s) (--max-steps)" if max_steps else "")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

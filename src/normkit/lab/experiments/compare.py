@@ -44,7 +44,7 @@ from ..data import load_dataset
 from ..models import MODEL_NAMES, build_model, is_instance_norm
 from ..progress import Progress
 from ..records import _interrupts_ignored, _sigterm_deferred
-from ..train import TrainConfig, set_seed, train_classifier
+from ..train import TrainConfig, has_batch_stats, set_seed, train_classifier
 from ._common import (
     ConfigError,
     LabConfig,
@@ -52,6 +52,7 @@ from ._common import (
     _norm_specs,
     check_norm_fits,
     distributed_env,
+    epochs_text,
     fmt,
     markdown_table,
     mean_std,
@@ -189,6 +190,17 @@ class CompareConfig(LabConfig):
                 + (f" x {world} processes" if world > 1 else "")
                 + f" exceeds the {n} training samples of {data.name}"
             )
+        if len(data.x_test) < 2:  # BN's test error with batch statistics needs two values per channel
+            batch = [
+                norm
+                for norm in self.norms
+                if has_batch_stats(build_model(self.models[0], norm, data.in_channels, data.num_classes))
+            ]
+            if batch:
+                raise ConfigError(
+                    f"--limit-test {len(data.x_test)}: {batch[0]} is also evaluated with batch statistics, "
+                    "which needs at least 2 test samples; use --limit-test 2 or more"
+                )
         if data.in_channels != 1 or data.num_classes != 10:
             for m in self.models:
                 for norm in self.norms:
@@ -504,7 +516,7 @@ def _summary(cfg: CompareConfig, agg: list[dict[str, Any]], data_desc: dict[str,
         f"# compare: test error (%) on {data_desc['name']}",
         "",
         f"{data_desc['train']} train / {data_desc['test']} test samples; "
-        f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}; "
+        f"{epochs_text(cfg.epochs, cfg.max_steps)} per run; "
         f"SGD momentum {cfg.momentum}, peak LR {cfg.lr} x B_global/32, {cfg.warmup_epochs} warm-up epoch(s), "
         f"{cfg.schedule} decay, weight decay {cfg.weight_decay}; seeds {cfg.seeds}"
         + (

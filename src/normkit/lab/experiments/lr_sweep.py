@@ -36,6 +36,7 @@ from ._common import (
     LabConfig,
     _norm_specs,
     check_norm_fits,
+    epochs_text,
     markdown_table,
     opt,
     resolve_device,
@@ -307,6 +308,10 @@ def _bounded(cnn: list[dict[str, Any]], norm: str, stable: float) -> bool:
     return any(r["norm"] == norm and r["diverged"] and r["lr"] > stable for r in cnn)
 
 
+def _lr_text(lr: float | None) -> str:
+    return "no stable LR" if lr is None else f"{lr:g}"
+
+
 def _cnn_criteria(
     cnn: list[dict[str, Any]], base: str, others: list[str], best: dict[str, Any] | None
 ) -> list[dict[str, Any]]:
@@ -315,7 +320,9 @@ def _cnn_criteria(
     for norm in others:
         mn = _max_stable(cnn, norm)
         ok = None if mb is None or mn is None else mn >= 5 * mb
-        detail = f"{mn} vs {mb}" + (f" ({mn / mb:.0f}x)" if mn is not None and mb is not None else "")
+        detail = f"{_lr_text(mn)} vs {_lr_text(mb)}" + (
+            f" ({mn / mb:.0f}x)" if mn is not None and mb is not None else ""
+        )
         # a norm stable at every LR tried has only a lower bound: it decides nothing in its favour
         if ok is True and mb is not None and not _bounded(cnn, base, mb):
             ok, detail = None, f"{detail}; {base} was stable at every learning rate tried; extend --lrs"
@@ -372,7 +379,7 @@ def _cnn_summary(
             )
         rows.append([n, *cells])
     return [
-        f"## CNN-4, batch {cfg.batch_size}, {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} per LR, constant LR",
+        f"## CNN-4, batch {cfg.batch_size}, {epochs_text(cfg.epochs, cfg.max_steps)} per LR, constant LR",
         "",
         "Cells: final train loss / best test accuracy; 'diverged' = NaN or final loss above the initial loss "
         "(max of the first batch's and ln(classes)).",

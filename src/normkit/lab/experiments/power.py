@@ -45,6 +45,7 @@ from ._common import (
     LabConfig,
     _norm_specs,
     check_norm_fits,
+    epochs_text,
     markdown_table,
     opt,
     resolve_device,
@@ -396,7 +397,7 @@ def run_power(cfg: PowerConfig) -> tuple[Path, str]:
             for stage in ("init", "trained"):
                 lines += [
                     "",
-                    f"## CNN-4 {stage} ({cfg.epochs} epoch{'s' * (cfg.epochs != 1)} at B={cfg.batch_size})"
+                    f"## CNN-4 {stage} ({epochs_text(cfg.epochs, cfg.max_steps)} at B={cfg.batch_size})"
                     if stage == "trained"
                     else "## CNN-4 at initialisation",
                     "",

@@ -391,3 +391,11 @@ def test_more_bad_arguments_exit_2_without_a_traceback(
     code, _, err = _exit([*args, *extra], capsys)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_report_refuses_run_folders_with_all(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--all means every run under --runs-root: with explicit folders it was silently ignored."""
+    run = _fake_run(tmp_path / "runs")
+    code, _, err = _exit(["report", str(run), "--all"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--all" in err, err
+    assert not (tmp_path / "runs" / "report.md").exists()

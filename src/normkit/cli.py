@@ -101,10 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "runs", nargs="*", help="run folders (default: the latest run of each experiment under --runs-root)"
     )
-    p.add_argument("--runs-root", default="runs", help="where to look for runs (default: runs)")
-    p.add_argument("--all", action="store_true", help="every run, not only the latest per experiment")
     p.add_argument(
-        "--out", metavar="DIR", help="where to write report.md/report.html (default: the runs root)"
+        "--runs-root", default="runs", help="where to look for runs when none is given (default: runs)"
+    )
+    p.add_argument(
+        "--all", action="store_true", help="every run under --runs-root, not only the latest per experiment"
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write report.md/report.html (default: the runs root, or the folder of the first "
+        "run given)",
     )
 
     p = sub.add_parser(
@@ -263,6 +270,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     else:  # report
         from .lab.report import write_report
 
+        if args.runs and args.all:
+            raise ValueError("--all reports every run under --runs-root: give run folders or --all, not both")
         md, html = write_report(args.runs, runs_root=args.runs_root, out=args.out, latest_only=not args.all)
         print(f"report: {md}\n        {html}")
         return 0

@@ -5,10 +5,10 @@ A run folder holds:
 * ``manifest.json``: the run's ``status``: ``"running"`` from the start, then ``"finished"``,
   ``"interrupted"`` (Ctrl-C, or SIGTERM: then also ``"signal": "SIGTERM"``) or ``"failed"`` (with the
   error); ``normkit report`` reads only finished runs unless asked for all;
-* ``config.json``: the resolved configuration (every default filled in) and the command line;
-* ``env.json``: what explains a difference between two machines: CPU model and cores, load at
-  the start, torch / numpy / normkit / Python versions, threads, BLAS, git revision and whether
-  the tree was dirty, device;
+* ``config.json``: the resolved configuration (every default filled in);
+* ``env.json``: the command line (``argv``) and what explains a difference between two machines:
+  CPU model and cores, load at the start, torch / numpy / normkit / Python versions, threads, BLAS,
+  git revision and whether the tree was dirty, device;
 * ``metrics.jsonl``: one JSON object per line (per epoch, per layer, per step: whatever the
   experiment measures). No wall-clock times go in it, so the same seed gives the same file;
 * ``results.json``: the aggregated numbers the summary is made of;

@@ -26,22 +26,18 @@ def compare_command(out: Path, *options: str) -> list[str]:
     ]
 
 
-def interrupt_compare(
-    cmd: list[str], out: Path, sig: int, times: int, gap: float, *, group: bool
-) -> tuple[subprocess.CompletedProcess[str], float, Path, int]:
-    """Start ``cmd`` (a ``normkit compare`` writing under ``out``) as from a shell, in its own process group
-    with ``sig`` at its default action; once the first training is on disk send ``sig`` ``times`` times
-    ``gap`` seconds apart, to the process group (``group``, a terminal's Ctrl-C) or the process alone
-    (``kill PID``). Returns the finished process, the seconds from the first signal to its exit, the run
-    folder and the process group (for checking that no worker outlives it)."""
-    # The child must start with sig at its default action, whatever this test process inherited (a CI
-    # runner's background job starts with SIGINT ignored, and an ignored signal stays ignored across
-    # exec). A handler, unlike SIG_IGN, is reset to the default by exec, so one is set around the start.
-    # Not preexec_fn: it runs Python between fork and exec, which can deadlock in a process with threads
-    # (torch's), and Popen then waits for the exec forever.
+def start_in_own_group(cmd: list[str], sig: int = signal.SIGINT) -> subprocess.Popen[str]:
+    """Start ``cmd`` as a shell would, in its own process group, with ``sig`` at its default action.
+
+    The child must start with sig at its default action, whatever this test process inherited (a CI
+    runner's background job starts with SIGINT ignored, and an ignored signal stays ignored across
+    exec). A handler, unlike SIG_IGN, is reset to the default by exec, so one is set around the start.
+    Not preexec_fn: it runs Python between fork and exec, which can deadlock in a process with threads
+    (torch's), and Popen then waits for the exec forever.
+    """
     previous = signal.signal(sig, lambda signum, frame: None)
     try:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -51,6 +47,17 @@ def interrupt_compare(
         )
     finally:
         signal.signal(sig, previous)
+
+
+def interrupt_compare(
+    cmd: list[str], out: Path, sig: int, times: int, gap: float, *, group: bool
+) -> tuple[subprocess.CompletedProcess[str], float, Path, int]:
+    """Start ``cmd`` (a ``normkit compare`` writing under ``out``) as from a shell, in its own process group
+    with ``sig`` at its default action; once the first training is on disk send ``sig`` ``times`` times
+    ``gap`` seconds apart, to the process group (``group``, a terminal's Ctrl-C) or the process alone
+    (``kill PID``). Returns the finished process, the seconds from the first signal to its exit, the run
+    folder and the process group (for checking that no worker outlives it)."""
+    proc = start_in_own_group(cmd, sig)
     t0 = time.monotonic()
     try:
         deadline = time.monotonic() + 600  # a wait, not a timing: the shared machine can be slow to spawn

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from normkit.cli import main
+from tests.interrupt import start_in_own_group
 
 TINY = ["--limit-train", "32", "--limit-test", "16", "--quiet", "--threads", "1", "--device", "cpu"]
 # the smallest per-op benchmark that still measures something: one op, one shape, one provider
@@ -315,18 +316,7 @@ def test_ctrl_c_stops_landscape_and_marks_its_folder(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     cmd = [sys.executable, "-m", "normkit", "landscape", "--steps", "5000", "--every", "1", "--etas", "2"]
     cmd += ["--width", "4", "--batch-size", "8", "--out", str(out), *TINY]
-    previous = signal.signal(signal.SIGINT, lambda *a: None)  # the child starts with SIGINT at its default
-    try:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        )
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    proc = start_in_own_group(cmd)  # (SIGINT at its default action in the child)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:

@@ -23,6 +23,7 @@ import normkit
 from normkit import NormError
 from normkit.convert import from_keras_bn, keras_to_torch_momentum, to_keras_bn
 from normkit.nn import BatchNormalization
+from tests.test_convert import FakeKerasLayer
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,19 +139,6 @@ def _set(t: torch.Tensor | None, value: np.ndarray | None) -> None:
     if t is not None and value is not None:
         with torch.no_grad():
             t.copy_(torch.from_numpy(np.asarray(value)))
-
-
-class FakeKerasLayer:
-    """What from_keras_bn reads from a real Keras layer: get_weights() and get_config()."""
-
-    def __init__(self, weights, config):
-        self._w, self._c = weights, config
-
-    def get_weights(self):
-        return [np.array(w) for w in self._w]
-
-    def get_config(self):
-        return dict(self._c)
 
 
 _TF2_BASE_CONFIG = {

@@ -266,6 +266,11 @@ def peak_gbps(cfg: BenchConfig) -> float | None:
     return next((v for k, v in GPU_PEAK_GBPS.items() if k in name), None)
 
 
+def _fits(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether op ``name`` runs on ``shape`` (a group norm needs C divisible by its groups)."""
+    return shape[1] % OPS[name].groups == 0
+
+
 def _op_names(cfg: BenchConfig) -> list[str]:
     return [n for n in OPS if cfg.ops is None or any(o.lower() in n.lower() for o in cfg.ops)]
 
@@ -307,7 +312,7 @@ def check_config(cfg: BenchConfig) -> None:
             raise ValueError(f"--ops {o!r} matches no op; the ops are: {', '.join(OPS)}")
     if cfg.run_ops and not cfg.e2e:
         names = _op_names(cfg)
-        if not any(s[1] % OPS[n].groups == 0 for n in names for s in cfg.shapes):
+        if not any(_fits(n, s) for n in names for s in cfg.shapes):
             need = sorted({OPS[n].groups for n in names})
             raise ValueError(
                 f"nothing to run: no shape fits the ops {', '.join(names)} (their channels must be "
@@ -449,7 +454,7 @@ def _op_rows(cfg: BenchConfig) -> list[dict[str, Any]]:
         for layout in cfg.layouts
         for dtype in cfg.dtypes
         for p in cfg.passes
-        if shape[1] % OPS[name].groups == 0
+        if _fits(name, shape)
     ]
     rows: list[dict[str, Any]] = []
     copies: dict[tuple[Any, ...], float] = {}

@@ -4,7 +4,8 @@ A run folder holds:
 
 * ``manifest.json``: the run's ``status``: ``"running"`` from the start, then ``"finished"``,
   ``"interrupted"`` (Ctrl-C, or SIGTERM: then also ``"signal": "SIGTERM"``) or ``"failed"`` (with the
-  error); ``normkit report`` reads only finished runs unless asked for all;
+  error); ``normkit report`` reads only finished runs unless asked for all (a manifest that is not a
+  JSON object reads as ``"unreadable"``);
 * ``config.json``: the resolved configuration (every default filled in);
 * ``env.json``: the command line (``argv``) and what explains a difference between two machines:
   CPU model and cores, load at the start, torch / numpy / normkit / Python versions, threads, BLAS,
@@ -333,7 +334,7 @@ def check_writable(root: str | Path, flag: str = "--out", what: str = "the runs 
 
 def read_manifest(run: str | Path) -> dict[str, Any]:
     """A run folder's ``manifest.json``; a folder from before manifests counts as finished if it has
-    ``summary.md``.
+    ``summary.md``, and a manifest that is not a JSON object has the status ``"unreadable"``.
 
     Example:
         >>> import tempfile

@@ -822,25 +822,28 @@ class BatchNormalization(nn.Module):
         return y
 
     # -- Keras's weight-list API --------------------------------------------------------------------
+    def _keras_weights(self) -> list[tuple[str, Tensor]]:
+        """``(name, tensor)`` in Keras's order: gamma if scale, beta if center, the moving statistics."""
+        names = ("gamma", "beta", "moving_mean", "moving_variance")
+        return [(n, t) for n in names if (t := getattr(self, n)) is not None]
+
     def get_weights(self) -> list[Any]:
         """The weights as numpy arrays in Keras's order: ``[gamma?, beta?, moving_mean, moving_variance]``."""
-        ts = [t for t in (self.gamma, self.beta, self.moving_mean, self.moving_variance) if t is not None]
-        return [t.detach().cpu().numpy().copy() for t in ts]
+        return [t.detach().cpu().numpy().copy() for _, t in self._keras_weights()]
 
     def set_weights(self, weights: list[Any]) -> None:
-        """Load ``[gamma?, beta?, moving_mean, moving_variance]`` (numpy arrays or tensors), Keras's order."""
-        targets = [
-            t for t in (self.gamma, self.beta, self.moving_mean, self.moving_variance) if t is not None
-        ]
+        """Load ``[gamma?, beta?, moving_mean, moving_variance]`` (numpy arrays or tensors), Keras's order.
+
+        Every array is checked before any is written: a wrong one raises and loads nothing.
+        """
+        targets = self._keras_weights()
         if len(weights) != len(targets):
             raise NormError(
                 f"BatchNormalization.set_weights: expected {len(targets)} arrays (gamma if scale, beta if "
                 f"center, moving_mean, moving_variance), got {len(weights)}"
             )
-        names = ["gamma", "beta", "moving_mean", "moving_variance"]
-        names = [n for n in names if getattr(self, n) is not None]
         sources = []
-        for n, t, w in zip(names, targets, weights):  # every array checked before any is written
+        for (n, t), w in zip(targets, weights):
             try:
                 src = torch.as_tensor(w)
             except (TypeError, ValueError, RuntimeError) as exc:
@@ -860,7 +863,7 @@ class BatchNormalization(nn.Module):
                 )
             sources.append(src)
         with torch.no_grad():
-            for t, src in zip(targets, sources):
+            for (_, t), src in zip(targets, sources):
                 t.copy_(src)
 
     def get_config(self) -> dict[str, Any]:

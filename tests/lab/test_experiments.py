@@ -223,6 +223,31 @@ def test_landscape_smoke(tmp_path: Path) -> None:
     assert "fixed-distance" in summary and (path / "landscape.png").is_file()
 
 
+def test_landscape_marks_a_blown_up_net_diverged_and_its_criteria_na(tmp_path: Path) -> None:
+    """At LR 100 both nets blow up within a few steps (the batch loss passes 100x its untrained value or
+    becomes non-finite): results.json records where, the table says 'diverged at step k', the summary
+    warns, and no criterion reads MET or NOT MET on a blown-up net's landscape."""
+    path, summary = run_landscape(
+        LandscapeConfig(lr=100.0, steps=12, every=4, etas=2, width=4, batch_size=8, out=str(tmp_path), **TINY)
+    )
+    final = json.loads((path / "results.json").read_text())["final"]
+    for norm in ("none", "bn"):
+        assert final[norm]["diverged"] and 0 <= final[norm]["diverged_at_step"] < 12
+        assert f"diverged at step {final[norm]['diverged_at_step']}" in summary
+    crit = json.loads((path / "results.json").read_text())["criteria"]
+    assert [c["ok"] for c in crit] == [None, None]
+    assert "**Warning**" in summary and "MET" not in summary
+
+
+def test_landscape_at_a_sane_lr_marks_nothing_diverged(tmp_path: Path) -> None:
+    path, summary = run_landscape(
+        LandscapeConfig(lr=0.05, steps=4, every=2, etas=2, width=4, batch_size=8, out=str(tmp_path), **TINY)
+    )
+    res = json.loads((path / "results.json").read_text())
+    assert not any(f["diverged"] for f in res["final"].values())
+    assert all(c["ok"] in (True, False) for c in res["criteria"]) and "Warning" not in summary
+
+
 def test_report_gathers_runs(tmp_path: Path) -> None:
     _compare(tmp_path)
     run_landscape(LandscapeConfig(steps=1, every=1, etas=1, width=4, batch_size=8, out=str(tmp_path), **TINY))

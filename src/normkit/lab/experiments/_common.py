@@ -48,6 +48,7 @@ from ... import kernels
 from ..records import RunInterrupted, RunRecord, check_writable, environment
 
 __all__ = [
+    "DIVERGE_FACTOR",
     "ConfigError",
     "LabConfig",
     "RunInterrupted",
@@ -67,6 +68,12 @@ __all__ = [
     "start_record",
     "verdict",
 ]
+
+
+#: A training whose loss exceeds this many times the untrained loss (max of its first batch's and
+#: ln(classes)) counts as diverged, like one whose loss is not finite: ``compare`` does not report its
+#: error rate and ``landscape``'s criteria on it read n/a.
+DIVERGE_FACTOR = 100.0
 
 
 class ConfigError(ValueError):

@@ -46,6 +46,7 @@ from ..progress import Progress
 from ..records import _interrupts_ignored, _sigterm_deferred
 from ..train import TrainConfig, has_batch_stats, set_seed, train_classifier
 from ._common import (
+    DIVERGE_FACTOR,
     ConfigError,
     LabConfig,
     RunInterrupted,
@@ -72,11 +73,6 @@ __all__ = [
     "e3_criteria",
     "run_compare",
 ]
-
-
-#: A training whose loss exceeds this many times the untrained loss (max of its first batch's and
-#: ln(classes)) counts as diverged, like one whose loss is not finite: its error rate is not reported.
-DIVERGE_FACTOR = 100.0
 
 
 class NotAvailableError(RuntimeError):

@@ -14,10 +14,16 @@ steps scale with ``||g||``, which differs between the nets. BN nets are probed i
 (batch statistics: the function being optimised); their running statistics are restored after
 each probe. Pass: the medians over time of all three measures are lower with BN. The summary also
 gives the medians over the second half of training (informational).
+
+A net whose batch loss becomes non-finite, or exceeds ``DIVERGE_FACTOR`` (100) times its untrained
+loss (the larger of the first batch's loss and ln(classes), as in ``normkit compare``), stops there
+and is marked diverged: the summary says so and the criteria it takes part in read ``n/a`` (the
+landscape of a net that blew up says nothing about smoothness).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +37,7 @@ from ..models import VGGish
 from ..progress import Progress
 from ..train import evaluate, set_seed
 from ._common import (
+    DIVERGE_FACTOR,
     ConfigError,
     LabConfig,
     _norm_specs,
@@ -168,6 +175,18 @@ def landscape_probe(
     return out
 
 
+def _blown_text(norm: str, final: dict[str, Any]) -> str:
+    """``"none diverged at step 7"``."""
+    return f"{norm} diverged at step {final['diverged_at_step']}"
+
+
+def _final_text(final: dict[str, Any]) -> str:
+    """The final test error cell: the error in %, or ``"diverged at step k"``."""
+    if final["diverged"]:
+        return f"diverged at step {final['diverged_at_step']}"
+    return f"{final['test_err']:.2f}"
+
+
 def run_landscape(cfg: LandscapeConfig) -> tuple[Path, str]:
     """Run E5; returns the run folder and the Markdown summary.
 
@@ -187,7 +206,7 @@ def run_landscape(cfg: LandscapeConfig) -> tuple[Path, str]:
         etas = torch.linspace(cfg.eta_min, cfg.eta_max, cfg.etas).tolist() if cfg.etas > 1 else [cfg.eta_max]
         x, y = data.x_train.to(device), data.y_train.to(device)
         series: dict[str, dict[str, list[float]]] = {}
-        finals: dict[str, dict[str, float]] = {}
+        finals: dict[str, dict[str, Any]] = {}
         with Progress(cfg.quiet) as progress:
             for norm in cfg.norms:
                 bar = progress.add(f"{norm}: steps", total=cfg.steps)
@@ -197,7 +216,8 @@ def run_landscape(cfg: LandscapeConfig) -> tuple[Path, str]:
                 gen = torch.Generator().manual_seed(cfg.seed)
                 perm, pos = torch.randperm(len(x), generator=gen), 0
                 s: dict[str, list[float]] = {}
-                diverged = False
+                diverged_at: int | None = None
+                untrained = math.log(data.num_classes)
                 for step in range(cfg.steps):
                     if pos + cfg.batch_size > len(x):
                         perm, pos = torch.randperm(len(x), generator=gen), 0
@@ -210,15 +230,23 @@ def run_landscape(cfg: LandscapeConfig) -> tuple[Path, str]:
                         for k, v in {"step": float(step), **m}.items():
                             s.setdefault(k, []).append(v)
                     loss = nn.functional.cross_entropy(model(xb), yb)
-                    if not torch.isfinite(loss):
-                        diverged = True
+                    value = loss.detach().item()
+                    if step == 0:
+                        untrained = max(untrained, value)
+                    if not math.isfinite(value) or value > DIVERGE_FACTOR * untrained:
+                        diverged_at = step
                         break
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    progress.advance(bar, info=f"loss {loss.detach().item():.3f}")
+                    progress.advance(bar, info=f"loss {value:.3f}")
                 test_loss, test_err = evaluate(model, data.x_test.to(device), data.y_test.to(device))
-                finals[norm] = {"test_err": test_err, "test_loss": test_loss, "diverged": diverged}
+                finals[norm] = {
+                    "test_err": test_err,
+                    "test_loss": test_loss,
+                    "diverged": diverged_at is not None,
+                    "diverged_at_step": diverged_at,
+                }
                 record.log(norm=norm, kind="final", **finals[norm])
                 series[norm] = s
         base, others = cfg.norms[0], cfg.norms[1:]
@@ -231,12 +259,17 @@ def run_landscape(cfg: LandscapeConfig) -> tuple[Path, str]:
             for n, s in series.items()
         }
         crit = []
+        blown = [n for n in series if finals[n]["diverged"]]
         for n in others:
             for suffix in ("", "_fixed"):
-                lower = all(med[n][m + suffix] < med[base][m + suffix] for m in MEASURES)
+                lower: bool | None = all(med[n][m + suffix] < med[base][m + suffix] for m in MEASURES)
                 detail = ", ".join(
                     f"{m}: {med[n][m + suffix]:.3g} vs {med[base][m + suffix]:.3g}" for m in MEASURES
                 )
+                if n in blown or base in blown:
+                    lower = None
+                    who = " and ".join(x for x in (base, n) if x in blown)
+                    detail = f"{who} diverged: the comparison means nothing; {detail}"
                 crit.append(
                     {
                         "text": f"{n}: medians of loss range, gradient change and beta all lower "
@@ -259,7 +292,7 @@ def run_landscape(cfg: LandscapeConfig) -> tuple[Path, str]:
             [
                 n,
                 *[f"{med[n][m + suffix]:.3g}" for suffix in ("", "_fixed") for m in MEASURES],
-                f"{finals[n]['test_err']:.2f}",
+                _final_text(finals[n]),
             ]
             for n in series
         ]
@@ -296,6 +329,18 @@ def run_landscape(cfg: LandscapeConfig) -> tuple[Path, str]:
                         rows,
                     ),
                     "",
+                    *(
+                        [
+                            f"**Warning**: {', '.join(_blown_text(n, finals[n]) for n in blown)} "
+                            f"(non-finite loss, or loss above {DIVERGE_FACTOR:g}x the untrained loss); "
+                            + ("their" if len(blown) > 1 else "its")
+                            + " criteria read n/a. A lower --lr trains "
+                            + ("them." if len(blown) > 1 else "it."),
+                            "",
+                        ]
+                        if blown
+                        else []
+                    ),
                     "Pass criteria (docs/EXPERIMENTS.md, E5):",
                     "",
                     *[f"- {c['text']}: **{verdict(c['ok'])}** ({c['detail']})" for c in crit],

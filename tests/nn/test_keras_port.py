@@ -647,3 +647,71 @@ def test_torch_convention_layers_take_keras_momentum_silently_as_documented():
     bn(x)
     want = 0.01 * 0.0 + 0.99 * x.mean((0, 2, 3))
     torch.testing.assert_close(bn.running_mean, want, rtol=1e-12, atol=1e-12)
+
+
+# =============================================================================================
+# Keras's ``training`` call argument
+# =============================================================================================
+
+
+@pytest.mark.parametrize("module_mode", ["train", "eval"])
+@pytest.mark.parametrize("training", [True, False, np.bool_(True), np.bool_(False), None])
+@pytest.mark.parametrize("trainable", [True, False])
+def test_training_call_argument_picks_the_mode_as_keras_does(module_mode, training, trainable):
+    """``layer(x, training=...)`` overrides train() / eval() (None follows them); a
+    ``trainable=False`` layer stays in inference mode even with ``training=True`` (Keras's rule)."""
+    rng = _rng(91)
+    C = 3
+    layer = BatchNormalization(C, momentum=0.8, epsilon=1e-2, trainable=trainable, dtype=F64)
+    gamma, beta = rng.normal(1, 0.3, C), rng.normal(0, 0.3, C)
+    mm, mv = rng.normal(0, 1, C), rng.uniform(0.5, 2, C)
+    for t, v in (
+        (layer.gamma, gamma),
+        (layer.beta, beta),
+        (layer.moving_mean, mm),
+        (layer.moving_variance, mv),
+    ):
+        _set(t, v)
+    layer.train(module_mode == "train")
+    x = rng.normal(1, 2, (6, 4, C))
+    batch = bool(module_mode == "train" if training is None else training) and trainable
+    want, mm2, mv2 = keras3_bn(x, -1, gamma, beta, mm, mv, 0.8, 1e-2, batch)
+    y = layer(torch.from_numpy(x), training=training)
+    np.testing.assert_allclose(y.detach().numpy(), want, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mm2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), mv2, rtol=1e-12, atol=1e-12)
+    assert layer.training == (module_mode == "train")  # the call argument does not switch the module
+
+
+@pytest.mark.parametrize("bad", [1, 0, "False", torch.tensor(True)])
+def test_training_call_argument_refuses_what_is_not_a_bool(bad):
+    layer = BatchNormalization(3)
+    before = layer.moving_mean.clone()
+    with pytest.raises(TypeError, match="training must be True, False or None"):
+        layer(torch.randn(4, 3), training=bad)
+    assert torch.equal(layer.moving_mean, before)
+
+
+def test_training_call_argument_survives_torch_fx_and_torch_compile():
+    """fx keeps the argument on the layer's call_module node; torch.compile follows it per call."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = BatchNormalization(3, momentum=0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(x, training=False)
+
+    net = Net().train()
+    x = torch.from_numpy(_rng(92).normal(2, 3, (8, 4, 3))).float()
+    gm = torch.fx.symbolic_trace(net)
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    assert node.args[1:] == (False,)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    for run in (gm, compiled):
+        y = run(x)
+        want = (x - 0.0) / torch.sqrt(torch.ones(3) + 1e-3)
+        torch.testing.assert_close(y, want)
+        assert torch.equal(net.bn.moving_mean, torch.zeros(3))

@@ -673,6 +673,8 @@ class BatchNormalization(nn.Module):
     * ``epsilon`` defaults to 1e-3;
     * ``trainable=False`` freezes ``gamma``/``beta`` *and* runs the layer in inference mode even in
       training (Keras's rule since 2.1.3), so fine-tuning does not disturb the statistics.
+    * ``layer(x, training=False)`` / ``training=True`` picks the mode per call, as Keras's call
+      argument does (default ``None``: the module's ``train()`` / ``eval()``).
 
     Parameter and buffer names are Keras's (``gamma``, ``beta``, ``moving_mean``,
     ``moving_variance``); :meth:`get_weights` / :meth:`set_weights` / :meth:`get_config` speak
@@ -694,6 +696,10 @@ class BatchNormalization(nn.Module):
         >>> x = torch.randn(8, 5, 5, 3) + 2.0
         >>> y = layer(x)
         >>> torch.allclose(layer.moving_mean, 0.01 * x.mean((0, 1, 2)))
+        True
+        >>> before = layer.moving_mean.clone()
+        >>> y = layer(x, training=False)                          # Keras's call argument: no update
+        >>> torch.equal(layer.moving_mean, before)
         True
         >>> layer.trainable = False                               # inference mode, even in training
         >>> torch.allclose(layer(x), (x - layer.moving_mean) / torch.sqrt(layer.moving_variance + 1e-3))
@@ -769,11 +775,25 @@ class BatchNormalization(nn.Module):
             )
         return ax
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, training: bool | None = None) -> Tensor:
+        """Normalize ``input`` along ``axis``.
+
+        Args:
+            input: a floating-point tensor with ``num_features`` values along ``axis``.
+            training: Keras's call argument: ``True`` uses the batch's statistics and updates the
+                moving ones, ``False`` uses the moving statistics; ``None`` (default) follows the
+                module's ``train()`` / ``eval()``. A ``trainable=False`` layer runs in inference mode
+                either way, as in Keras.
+        """
         x = input  # (torch.nn's argument name, so that layer(input=t) works as there)
-        leaf = fx_leaf(self, x)
+        leaf = fx_leaf(self, x, training)
         if leaf is not None:
             return leaf
+        if training is not None and not isinstance(training, bool):
+            if type(training).__module__ == "numpy" and type(training).__name__ in ("bool", "bool_"):
+                training = bool(training)
+            else:
+                raise TypeError(f"BatchNormalization: training must be True, False or None, got {training!r}")
         ax = self._axis(x)
         if not x.is_floating_point():
             raise TypeError(f"BatchNormalization: expected a floating-point input, got {x.dtype}")
@@ -790,7 +810,7 @@ class BatchNormalization(nn.Module):
         g = self.gamma.view(view) if self.gamma is not None else None
         b = self.beta.view(view) if self.beta is not None else None
         dims = tuple(d for d in range(nd) if d != ax)
-        if not (self.training and self.trainable):
+        if not ((self.training if training is None else training) and self.trainable):
             dtype = acc_dtype(x.dtype)
             mean = self.moving_mean.to(dtype).view(view)
             rstd = torch.rsqrt(self.moving_variance.to(dtype) + self.epsilon).view(view)

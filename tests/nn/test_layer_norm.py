@@ -303,8 +303,10 @@ def test_layer_norm_2d_bad_arguments_and_inputs():
         nkn.LayerNorm2d(4, over="hw")
     with pytest.raises(ValueError, match="num_channels"):
         nkn.LayerNorm2d(0)
-    with pytest.raises(ValueError, match=r"\(N, C, \*spatial\)"):
-        nkn.LayerNorm2d(4)(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"\(N, C, \*spatial\) or \(N, C\)"):
+        nkn.LayerNorm2d(4)(torch.randn(4))
+    with pytest.raises(ValueError, match="4"):  # (N, C) with the wrong C
+        nkn.LayerNorm2d(4)(torch.randn(3, 5))
     for over in ("c", "chw"):
         for kw in ({}, {"affine": False}):
             with pytest.raises(ValueError) as info:
@@ -327,3 +329,31 @@ def test_layer_norm_2d_empty_batch_and_batch_independence(over):
     y = ln(x)
     torch.testing.assert_close(ln(other)[0], y[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(ln(x[:2]), y[:2], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("over", ["c", "chw"])
+def test_layer_norm_2d_on_n_c_features_is_torch_layer_norm_over_c(over, dtype, backend):
+    """On (N, C) features (an MLP's; the registry's "ln" in the lab's MLP-3) both ``over`` values are
+    LayerNorm over C, as GroupNorm(1, C) takes them: output and every gradient equal torch.nn.LayerNorm's."""
+    ours = _randomize(nkn.LayerNorm2d(7, over=over, dtype=dtype))
+    ref = nn.LayerNorm(7, dtype=dtype)
+    ref.load_state_dict(ours.state_dict())
+    x = _x((9, 7), seed=3, dtype=dtype)
+    g = torch.randn(9, 7, generator=_gen(4), dtype=dtype)
+    tol = TOL if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
+    with normkit.kernels.use(backend):
+        xa = x.clone().requires_grad_(True)
+        y = ours(xa)
+        y.backward(g)
+    xb = x.clone().requires_grad_(True)
+    y_ref = ref(xb)
+    y_ref.backward(g)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(xa.grad, xb.grad, **tol)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **tol)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **tol)
+    gn = nn.GroupNorm(1, 7, dtype=dtype)
+    gn.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(y.detach(), gn(x).detach(), **tol)

@@ -74,6 +74,11 @@ SAMPLES: list[Sample] = [
     Sample("LayerNorm-2dims", lambda: nkn.LayerNorm((5, 7)), (4, 5, 7), batch_free=True),
     Sample("LayerNorm2d-c", lambda: nkn.LayerNorm2d(6), (4, 6, 5, 5), batch_free=True),
     Sample("LayerNorm2d-chw", lambda: nkn.LayerNorm2d(6, over="chw"), (4, 6, 5, 5), batch_free=True),
+    # (N, C) features: the registry's "ln" in an MLP (LayerNorm over C, as GroupNorm(1, C) takes them)
+    Sample("LayerNorm2d-chw-NC", lambda: nkn.LayerNorm2d(6, over="chw"), (5, 6), batch_free=True),
+    Sample(
+        "ln-sigmoid-NC", lambda: normkit.create_norm_act_layer("ln", 6, "sigmoid"), (5, 6), batch_free=True
+    ),
     Sample("ln+pn", lambda: normkit.create_norm_layer("ln+pn", 6), (4, 6, 5, 5), batch_free=True),
     Sample(
         "gn:2+pn-silu",

@@ -443,6 +443,7 @@ SCRIPTABLE = {
     "LayerNorm-2dims",
     "LayerNorm2d-c",
     "LayerNorm2d-chw",
+    "LayerNorm2d-chw-NC",
     "SyncBatchNorm",
     "SyncBatchNorm-2d",
     "SyncBatchNorm-cl",

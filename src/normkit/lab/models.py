@@ -25,7 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..nn import available_norms, create_norm_act_layer
+from .. import functional as F
+from ..nn import GroupNormProxyAct2d, ProxyNormAct, available_norms, create_norm_act_layer
 
 __all__ = [
     "CNN4",
@@ -316,11 +317,24 @@ class MLP3(nn.Module):
             if isinstance(na, nn.Sequential):  # norm then activation: keep the activation's input
                 pre = na[0](z)
                 h = na[1](pre)
-            else:  # a fused layer (e.g. Proxy Norm): recover the sigmoid's input from its output
+            elif isinstance(na, ProxyNormAct):  # the activation's input: the proxy step's affine of
+                h = na(z)  # the normalized z (its output is the activation's, normalized again)
+                pre = _proxy_activation_input(na, z)
+            else:  # a fused norm + sigmoid layer: recover the sigmoid's input from its output
                 h = na(z)
                 pre = torch.logit(h, eps=1e-7)
         out = self.classifier(h)
         return (out, pre) if return_hidden else out
+
+
+def _proxy_activation_input(layer: ProxyNormAct, z: Tensor) -> Tensor:
+    """``weight * y + bias``, the activation's input inside a Proxy Norm layer, where ``y`` is ``z``
+    group-normalized without affine (:class:`~normkit.nn.GroupNormProxyAct2d`) or ``z`` itself."""
+    y = z
+    if isinstance(layer, GroupNormProxyAct2d):
+        y = F.group_norm(z, layer.num_groups, None, None, layer.eps)
+    shape = [1, -1] + [1] * (z.dim() - 2)
+    return y * layer.weight.view(shape) + layer.bias.view(shape)
 
 
 class RandNet(nn.Module):

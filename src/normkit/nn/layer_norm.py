@@ -36,8 +36,10 @@ def _ln2d_module_forward(
 ) -> Tensor:
     """A LayerNorm2d layer's forward (one ``torch.fx`` call)."""
     check_tensor(x, "LayerNorm2d")
-    if x.dim() < 3:
-        raise NormError(f"LayerNorm2d: expected an (N, C, *spatial) input, got shape {tuple(x.shape)}")
+    if x.dim() < 2:
+        raise NormError(
+            f"LayerNorm2d: expected an (N, C, *spatial) or (N, C) input, got shape {tuple(x.shape)}"
+        )
     check_channels(x, num_channels, "LayerNorm2d", "num_channels")
     return _layer_norm_2d(x, weight, bias, eps, over=over)  # type: ignore[arg-type]
 
@@ -140,7 +142,8 @@ class LayerNorm2d(nn.LayerNorm):
     ``LayerNorm2d``; equals ``torch.nn.LayerNorm(C)`` applied to the channels-last permutation.
     ``over="chw"``: each sample over (C, H, W), the LN of the Group Norm and Proxy Norm papers;
     equals ``GroupNorm(1, C)`` (registry name ``"ln"``). Works on NCHW and channels_last, and on
-    1d/3d spatial inputs.
+    1d/3d spatial inputs. On ``(N, C)`` features both are LayerNorm over C, Ba et al.'s LN of a
+    fully connected layer (as ``GroupNorm(1, C)`` takes them), so ``"ln"`` serves an MLP too.
 
     A subclass of ``torch.nn.LayerNorm`` (normalized_shape ``(C,)``, per-channel weight and bias),
     as timm's ``LayerNorm2d`` is, so its state_dict loads from either.
@@ -203,6 +206,13 @@ class LayerNorm2d(nn.LayerNorm):
         # a fast path, with the same interface: the fused CPU kernels (plain eager on a CPU tensor, one
         # call each way) or torch's own op (on a GPU)
         fast = _fast if _fast.eligible(x) else _direct if _direct.route(x) else None
+        if fast is not None and x.dim() == 2 and x.shape[1] == self.num_channels:  # (N, C): rows of C
+            if fast is _fast:  # (the LayerNorm layer's one C++ call: checks, kernel, autograd node)
+                y = _fast.checked("layer_norm", x, self.normalized_shape, self.weight, self.bias, self.eps)
+            else:
+                y = _direct.layer_norm(x, (self.num_channels,), self.weight, self.bias, self.eps)
+            if y is not None:
+                return y
         if fast is not None and x.dim() >= 3 and x.shape[1] == self.num_channels:
             if self.over == "chw":
                 y = fast.group_norm(x, 1, self.weight, self.bias, self.eps)

@@ -347,15 +347,6 @@ def digits():
     return d.x_train.flatten(1), d.y_train, d.x_test.flatten(1), d.y_test
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one intra-op thread is faster, and the steps are the same on any machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _mlp_accuracy(digits, norm: str, lr: float, init_std: float = 0.1, steps: int = 300) -> float:
     """Test accuracy of MLP-3 (3 sigmoid layers of 100, the BN paper's MNIST net) after plain SGD on
     batches of 60 drawn with a fixed seed."""

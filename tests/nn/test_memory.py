@@ -669,15 +669,6 @@ def _train_step(model: nn.Sequential, opt: torch.optim.Optimizer, x: Tensor, t: 
     opt.step()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models step faster (and steadier on a shared machine) on one thread; the count is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 _STATEFUL = {
     "BatchRenorm2d": lambda: nkn.BatchRenorm2d(8, warmup_steps=20),
     "BatchRenormAct2d": lambda: nkn.BatchRenormAct2d(8, activation="silu"),

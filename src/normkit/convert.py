@@ -49,6 +49,13 @@ the same either way.
   start a BatchRenorm2d from the layer's moving statistics (:func:`from_keras_bn` on a mapping of
   them) and expect training to differ.
 
+**A Keras model's config** (``model.to_json()``, or a layer's ``get_config()``) builds normkit's
+Keras-convention layer with :meth:`normkit.nn.BatchNormalization.from_config` (pass the feature
+count, which Keras learns from the first input); the weights then load with ``set_weights``.
+Regularizers and constraints act in Keras's training loop, not in the layer: both functions warn
+for them (in PyTorch they are weight decay through a param group, and a projection after each
+``optimizer.step()``).
+
 **Keras's other normalization layers** need no conversion, only the channels-first view
 (``x.permute(0, 3, 1, 2)`` of an NHWC tensor) and Keras's ``epsilon=1e-3`` (PyTorch's default is
 1e-5); their weights load as they are (``gamma`` -> ``weight``, ``beta`` -> ``bias``):
@@ -92,6 +99,7 @@ from .nn.batch_norm_family import (
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
     _FrozenBatchNorm,
+    warn_keras_training_options,
 )
 
 __all__ = ["from_keras_bn", "keras_to_torch_momentum", "to_keras_bn", "torch_to_keras_momentum"]
@@ -176,6 +184,7 @@ def _keras_source(layer: Any) -> dict[str, Any]:
     if hasattr(layer, "get_weights") and hasattr(layer, "get_config"):  # a real Keras layer
         cfg = layer.get_config()
         _refuse_keras_options(cfg, layer)
+        warn_keras_training_options(cfg, "from_keras_bn", stacklevel=4)
         weights = [torch.as_tensor(w) for w in layer.get_weights()]
         names = [n for n, on in (("gamma", cfg.get("scale", True)), ("beta", cfg.get("center", True))) if on]
         names += ["moving_mean", "moving_variance"]
@@ -194,6 +203,7 @@ def _keras_source(layer: Any) -> dict[str, Any]:
         return src
     if isinstance(layer, Mapping):
         _refuse_keras_options(layer, None)
+        warn_keras_training_options(layer, "from_keras_bn", stacklevel=4)
         missing = [k for k in ("moving_mean", "moving_variance") if k not in layer]
         if missing:
             raise NormError(f"from_keras_bn: the mapping lacks {missing}; it has {sorted(layer)}")

@@ -715,3 +715,99 @@ def test_training_call_argument_survives_torch_fx_and_torch_compile():
         want = (x - 0.0) / torch.sqrt(torch.ones(3) + 1e-3)
         torch.testing.assert_close(y, want)
         assert torch.equal(net.bn.moving_mean, torch.zeros(3))
+
+
+# =============================================================================================
+# BatchNormalization.from_config: a Keras config (model JSON) to a layer
+# =============================================================================================
+
+#: Keras 3's get_config() of BatchNormalization(momentum=0.9, epsilon=1e-4, gamma_initializer="zeros"):
+#: initializers serialized as dicts, a dtype policy, no feature count.
+_KERAS3_CONFIG = {
+    "name": "bn3",
+    "trainable": True,
+    "dtype": {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "float32"}},
+    "axis": -1,
+    "momentum": 0.9,
+    "epsilon": 1e-4,
+    "center": True,
+    "scale": True,
+    "beta_initializer": {"module": "keras.initializers", "class_name": "Zeros", "config": {}},
+    "gamma_initializer": {"module": "keras.initializers", "class_name": "Zeros", "config": {}},
+    "moving_mean_initializer": {"module": "keras.initializers", "class_name": "Zeros", "config": {}},
+    "moving_variance_initializer": {"module": "keras.initializers", "class_name": "Ones", "config": {}},
+    "beta_regularizer": None,
+    "gamma_regularizer": None,
+    "beta_constraint": None,
+    "gamma_constraint": None,
+    "synchronized": False,
+}
+
+
+def test_from_config_builds_the_keras3_layer_and_trains_as_keras():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain Keras 3 config warns about nothing
+        layer = BatchNormalization.from_config(_KERAS3_CONFIG, num_features=4, dtype=F64)
+    assert (layer.momentum, layer.epsilon, layer.axis, layer.trainable) == (0.9, 1e-4, -1, True)
+    assert torch.equal(layer.gamma, torch.zeros(4, dtype=F64))  # gamma_initializer="zeros" applied
+    rng = _rng(101)
+    mm, mv = np.zeros(4), np.ones(4)
+    for step in range(2):
+        x = rng.normal(step, 2, (6, 3, 4))
+        want, mm, mv = keras3_bn(x, -1, np.zeros(4), np.zeros(4), mm, mv, 0.9, 1e-4, True)
+        np.testing.assert_allclose(layer(torch.from_numpy(x)).detach().numpy(), want, atol=1e-12)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), mv, rtol=1e-12)
+
+
+def test_from_config_takes_tf_keras2_configs_its_own_and_constant_initializers():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tf2 = BatchNormalization.from_config(
+            {**_TF2_BASE_CONFIG, "gamma_initializer": {"class_name": "Constant", "config": {"value": 0.5}}}, 3
+        )
+        own = BatchNormalization(5, axis=1, momentum=0.97, epsilon=1e-4, center=False, trainable=False)
+        twin = BatchNormalization.from_config(own.get_config(), 5)
+    assert torch.equal(tf2.gamma.detach(), torch.full((3,), 0.5)) and tf2.get_config()["momentum"] == 0.99
+    assert twin.get_config() == own.get_config() and twin.beta is None and not twin.gamma.requires_grad
+
+
+def test_from_config_needs_the_feature_count_and_refuses_what_it_would_drop():
+    with pytest.raises(NormError, match="num_features=C"):
+        BatchNormalization.from_config(_KERAS3_CONFIG)
+    with pytest.raises(NormError, match="disagrees"):
+        BatchNormalization.from_config({"num_features": 3}, 4)
+    with pytest.raises(TypeError, match="expected a dict"):
+        BatchNormalization.from_config([("axis", -1)], 3)  # type: ignore[arg-type]
+    for key, value, match in [
+        ("renorm", True, "renorm=True"),
+        ("virtual_batch_size", 8, "virtual_batch_size=8"),
+        ("synchronized", True, "synchronized=True"),
+    ]:
+        with pytest.raises(NormError, match=match):
+            BatchNormalization.from_config({**_KERAS3_CONFIG, key: value}, 4)
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("gamma_regularizer", {"class_name": "L2", "config": {"l2": 1e-4}}, "weight decay"),
+        ("beta_constraint", "non_neg", "projection"),
+        ("fused", True, "unbiased batch variance"),
+        ("some_future_option", 1, "some_future_option"),
+        ("gamma_initializer", {"class_name": "RandomNormal", "config": {}}, "not applied"),
+    ],
+)
+def test_from_config_warns_for_what_acts_outside_the_layer(key, value, match):
+    with pytest.warns(UserWarning, match=match):
+        layer = BatchNormalization.from_config({**_KERAS3_CONFIG, key: value}, 4)
+    if key == "gamma_initializer":  # the default stands
+        assert torch.equal(layer.gamma.detach(), torch.ones(4))
+
+
+def test_from_keras_bn_warns_for_a_regularizer_it_cannot_carry():
+    k = FakeKerasLayer(
+        [np.ones(3), np.zeros(3), np.zeros(3), np.ones(3)],
+        {**_TF2_BASE_CONFIG, "gamma_regularizer": {"class_name": "L2", "config": {"l2": 1e-4}}},
+    )
+    with pytest.warns(UserWarning, match="gamma_regularizer.*weight decay"):
+        from_keras_bn(k)

@@ -658,6 +658,50 @@ class MeanOnlyBatchNorm(nn.Module):
 # --- Keras conventions -------------------------------------------------------------------------------
 
 
+#: The keys of Keras 3's and tf.keras 2's BatchNormalization configs (and this class's ``num_features``).
+_KERAS_BN_KEYS = frozenset(
+    {
+        "name", "trainable", "dtype", "axis", "momentum", "epsilon", "center", "scale",
+        "beta_initializer", "gamma_initializer", "moving_mean_initializer", "moving_variance_initializer",
+        "beta_regularizer", "gamma_regularizer", "beta_constraint", "gamma_constraint", "synchronized",
+        "renorm", "renorm_clipping", "renorm_momentum", "fused", "virtual_batch_size", "adjustment",
+        "num_features",
+    }
+)  # fmt: skip
+
+
+def warn_keras_training_options(cfg: Any, op: str, stacklevel: int = 2) -> None:
+    """Warn for each regularizer or constraint in a Keras BN config: they act in Keras's training loop,
+    and a PyTorch layer does not carry them."""
+    for key in ("beta_regularizer", "gamma_regularizer", "beta_constraint", "gamma_constraint"):
+        if cfg.get(key) is not None:
+            how = (
+                "weight decay on that parameter through an optimizer param group"
+                if key.endswith("regularizer")
+                else "a projection of the parameter after each optimizer.step()"
+            )
+            warnings.warn(
+                f"{op}: {key}={cfg[key]!r} acts in Keras's training loop and is not part of the layer "
+                f"here; in PyTorch that is {how}",
+                stacklevel=stacklevel + 1,
+            )
+
+
+def _keras_constant(spec: Any) -> float | None:
+    """The value of a serialized Keras ``Zeros`` / ``Ones`` / ``Constant`` initializer, else ``None``."""
+    if isinstance(spec, str):
+        return {"zeros": 0.0, "ones": 1.0}.get(spec.lower())
+    if isinstance(spec, dict):
+        kind = str(spec.get("class_name", "")).lower()
+        if kind in ("zeros", "ones"):
+            return 0.0 if kind == "zeros" else 1.0
+        if kind == "constant":
+            value = (spec.get("config") or {}).get("value", 0.0)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+    return None
+
+
 class BatchNormalization(nn.Module):
     r"""Keras's ``BatchNormalization``, with Keras's conventions, for channels-last (or any-axis) tensors.
 
@@ -896,6 +940,113 @@ class BatchNormalization(nn.Module):
             "scale": self.scale,
             "trainable": self.trainable,
         }
+
+    @classmethod
+    def from_config(
+        cls,
+        config: dict[str, Any],
+        num_features: int | None = None,
+        *,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> BatchNormalization:
+        """The layer a Keras ``BatchNormalization`` config describes (a Keras layer's ``get_config()``, a
+        model JSON's ``"config"`` entry, or this class's :meth:`get_config`).
+
+        Keras learns the feature count from the first input; PyTorch allocates the weights now, so pass
+        ``num_features`` (or put it in ``config``). ``axis``, ``momentum``, ``epsilon``, ``center``,
+        ``scale`` and ``trainable`` are taken; the initializers are applied when they are Keras's
+        ``Zeros`` / ``Ones`` / ``Constant`` (a ResNet's zero-initialised last ``gamma``), and another one
+        warns (load the trained weights with :meth:`set_weights`). ``name`` and ``dtype`` are
+        ignored (pass ``dtype=`` here). Options this layer would drop are errors, by name:
+        ``renorm``, ``virtual_batch_size``, ``synchronized=True`` (convert with
+        :func:`normkit.convert.from_keras_bn` and use the layers it names); regularizers and
+        constraints, which act in Keras's training loop, warn with their PyTorch counterparts, and so
+        do ``fused=True`` (tf.keras 2's unbiased moving variance) and keys Keras does not define.
+
+        Example:
+            >>> import normkit
+            >>> cfg = {"name": "bn", "axis": -1, "momentum": 0.9, "epsilon": 1e-5, "center": True,
+            ...        "scale": True, "gamma_initializer": {"class_name": "Zeros", "config": {}}}
+            >>> layer = normkit.nn.BatchNormalization.from_config(cfg, num_features=16)
+            >>> layer.momentum, layer.epsilon, layer.gamma.abs().max().item()
+            (0.9, 1e-05, 0.0)
+        """
+        name = "BatchNormalization.from_config"
+        if not isinstance(config, dict):
+            raise TypeError(f"{name}: expected a dict (a Keras get_config()), got {type(config).__name__}")
+        cfg = dict(config)
+        if "num_features" in cfg:
+            if num_features is not None and num_features != cfg["num_features"]:
+                raise NormError(
+                    f"{name}: num_features={num_features!r} disagrees with the config's "
+                    f"{cfg['num_features']!r}"
+                )
+            num_features = cfg["num_features"]
+        if num_features is None:
+            raise NormError(
+                f"{name}: Keras's config has no feature count (Keras learns it from the first input); pass "
+                "num_features=C, the size of the input along axis"
+            )
+        if cfg.get("renorm"):
+            raise NormError(
+                f"{name}: renorm=True (Batch Renormalization) is not this layer's algorithm; "
+                "normkit.convert.from_keras_bn says what to build"
+            )
+        if cfg.get("virtual_batch_size") is not None:
+            raise NormError(
+                f"{name}: virtual_batch_size={cfg['virtual_batch_size']!r} (Ghost Batch Normalization) is "
+                "not this layer's algorithm; normkit.convert's module docs show its GhostBatchNorm2d twin"
+            )
+        if cfg.get("synchronized"):
+            raise NormError(
+                f"{name}: synchronized=True averages the statistics over processes, which this layer does "
+                "not; convert with normkit.convert.from_keras_bn, then normkit.convert_sync_batchnorm"
+            )
+        warn_keras_training_options(cfg, name, stacklevel=2)
+        if cfg.get("fused") is True:
+            warnings.warn(
+                f"{name}: fused=True (tf.keras 2) averages the unbiased batch variance; this layer averages "
+                "the biased one (Keras 3), so continued training drifts slightly; "
+                "normkit.convert.from_keras_bn(layer) keeps tf.keras 2's update",
+                stacklevel=2,
+            )
+        unknown = sorted(set(cfg) - _KERAS_BN_KEYS)
+        if unknown:
+            warnings.warn(
+                f"{name}: ignored keys Keras's BatchNormalization does not define: {unknown}", stacklevel=2
+            )
+        layer = cls(
+            num_features,
+            axis=cfg.get("axis", -1),
+            momentum=cfg.get("momentum", 0.99),
+            epsilon=cfg.get("epsilon", 1e-3),
+            center=cfg.get("center", True),
+            scale=cfg.get("scale", True),
+            trainable=cfg.get("trainable", True),
+            device=device,
+            dtype=dtype,
+        )
+        targets = (
+            ("gamma_initializer", layer.gamma),
+            ("beta_initializer", layer.beta),
+            ("moving_mean_initializer", layer.moving_mean),
+            ("moving_variance_initializer", layer.moving_variance),
+        )
+        for key, t in targets:
+            if t is None or cfg.get(key) is None:
+                continue
+            value = _keras_constant(cfg[key])
+            if value is None:
+                warnings.warn(
+                    f"{name}: {key}={cfg[key]!r} is not Zeros / Ones / Constant and was not applied (the "
+                    "default stands); load the trained weights with set_weights",
+                    stacklevel=2,
+                )
+                continue
+            with torch.no_grad():
+                t.fill_(value)
+        return layer
 
     def reset_parameters(self) -> None:
         """gamma 1, beta 0, moving mean 0, moving variance 1 (Keras's initialisers)."""

@@ -5,6 +5,13 @@ Each model takes a norm spec (``"bn"``, ``"gn:8"``, ``"ln"``, ``"in"``, ``"ln+pn
 *and* its activation (:func:`normkit.create_norm_act_layer`), so Proxy Norm specs, whose layer
 contains its own activation, drop in like any other norm.
 
+A spec with the ``post:`` prefix (``"post:bn"``, ``"post:gn:8"``) puts the norm *after* the
+activation instead: the layer is :class:`ActNorm`, ``activation -> norm`` with the plain norm of
+:func:`normkit.create_norm_layer`, and the conv (or linear) before it keeps its bias, since no norm
+follows it directly any more. ``"post:none"`` and ``post:`` with a Proxy Norm spec (norm and
+activation by construction) are refused; so is :class:`RandNet` (E4 measures norm -> activation
+sites).
+
 Models (docs/EXPERIMENTS.md, E1..E5):
 
 * :class:`CNN4`: 4 conv3x3 layers (32, 32, pool, 64, 64), global average pool, linear; optional
@@ -26,20 +33,27 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..nn import GroupNormProxyAct2d, ProxyNormAct, available_norms, create_norm_act_layer
+from ..functional.activations import get_activation
+from ..nn import GroupNormProxyAct2d, ProxyNormAct, available_norms, create_norm_act_layer, create_norm_layer
+from ..nn.registry import _REGISTRY, spec_key
 
 __all__ = [
     "CNN4",
+    "POST_PREFIX",
+    "ActNorm",
     "MLP3",
     "MODEL_NAMES",
     "NormLayer",
     "PreActResNet",
     "RandNet",
     "VGGish",
+    "activation_module",
     "build_model",
     "check_norm_spec",
     "is_instance_norm",
+    "is_post",
     "norm_act_factory",
+    "split_post",
 ]
 
 #: A norm spec (``"gn:8"``) or a callable ``num_channels -> nn.Module`` that returns norm + activation.
@@ -47,23 +61,81 @@ NormLayer = str | Callable[[int], nn.Module]
 
 _SPEC = re.compile(r"^(?P<base>[a-z][a-z0-9_]*)(?::(?P<arg>[0-9]+))?(?P<suffix>(?:\+[a-z][a-z0-9_]*)*)$")
 
+#: Spec prefix that puts the norm after the activation (``"post:bn"``: ``activation -> BN``).
+POST_PREFIX = "post:"
+
+
+def split_post(spec: str) -> tuple[bool, str]:
+    """``(post, spec without the prefix)``: whether ``spec`` puts the norm after the activation.
+
+    Example:
+        >>> split_post("post:gn:8"), split_post("gn:8")
+        ((True, 'gn:8'), (False, 'gn:8'))
+    """
+    s = spec.strip().lower()
+    if s.startswith(POST_PREFIX):
+        return True, s[len(POST_PREFIX) :].strip()
+    return False, s
+
+
+def is_post(spec: NormLayer) -> bool:
+    """Whether ``spec`` is a ``post:`` spec (norm after the activation); ``False`` for a callable.
+
+    Example:
+        >>> is_post("post:bn"), is_post("bn")
+        (True, False)
+    """
+    return isinstance(spec, str) and split_post(spec)[0]
+
+
+def _includes_activation(spec: str) -> bool:
+    """Whether the registry builds ``spec`` with its activation inside (Proxy Norm)."""
+    key, _ = spec_key(spec)
+    factory = _REGISTRY[key][0] if key is not None and key in _REGISTRY else None
+    return bool(getattr(factory, "includes_activation", False))
+
 
 def check_norm_spec(spec: str) -> str:
     """Return ``spec`` normalised (stripped, lower case) if the registry knows it, else raise ValueError.
 
     The error lists the registered names, so a typo on the command line gets a useful message.
+    ``post:`` followed by a registered spec (``"post:bn"``) is a spec too: the norm after the
+    activation; ``"post:none"`` and ``post:`` with a spec that contains its own activation (Proxy Norm,
+    ``"post:ln+pn"``) are refused.
 
     Example:
-        >>> check_norm_spec(" GN:8 ")
-        'gn:8'
+        >>> check_norm_spec(" GN:8 "), check_norm_spec("Post:BN")
+        ('gn:8', 'post:bn')
         >>> check_norm_spec("batchnorm")
         Traceback (most recent call last):
         ...
         ValueError: unknown norm 'batchnorm'; registered norms: ...
+        >>> check_norm_spec("post:ln+pn")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: norm spec 'post:ln+pn': 'ln+pn' contains its own activation (Proxy Norm), so it ...
     """
     if not isinstance(spec, str):
         raise TypeError(f"norm spec must be a string such as 'bn' or 'gn:8', got {type(spec).__name__}")
-    s = spec.strip().lower()
+    post, inner = split_post(spec)
+    if post:
+        if inner.startswith(POST_PREFIX):
+            raise ValueError(f"norm spec {spec!r}: 'post:' given twice; use e.g. 'post:bn'")
+        try:
+            inner = check_norm_spec(inner)
+        except ValueError as e:
+            raise ValueError(f"norm spec {spec!r}: 'post:' must be followed by a norm spec: {e}") from None
+        if inner == "none":
+            raise ValueError(
+                f"norm spec {spec!r}: there is no norm to put after the activation; use 'none' for no norm"
+            )
+        if _includes_activation(inner):
+            raise ValueError(
+                f"norm spec {spec!r}: {inner!r} contains its own activation (Proxy Norm), so it cannot go "
+                f"after the activation; use {inner!r}"
+            )
+        return POST_PREFIX + inner
+    s = inner
     match = _SPEC.match(s)
     names = available_norms()
     if match is None or match["base"] + match["suffix"] not in names:
@@ -75,13 +147,68 @@ def check_norm_spec(spec: str) -> str:
 
 
 def is_instance_norm(spec: str) -> bool:
-    """Whether ``spec`` normalises each channel of each sample alone (IN), degenerate on 1x1 maps.
+    """Whether ``spec`` normalises each channel of each sample alone (IN), degenerate on 1x1 maps; a
+    ``post:`` spec is judged by its norm.
 
     Example:
-        >>> is_instance_norm("in"), is_instance_norm("gn:8")
-        (True, False)
+        >>> is_instance_norm("in"), is_instance_norm("gn:8"), is_instance_norm("post:in")
+        (True, False, True)
     """
-    return spec.strip().lower().split(":")[0].split("+")[0] in ("in", "in1d", "in2d", "in3d")
+    return split_post(spec)[1].split(":")[0].split("+")[0] in ("in", "in1d", "in2d", "in3d")
+
+
+_ACT_MODULES: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "identity": nn.Identity,
+}
+
+
+class _Activation(nn.Module):
+    """An activation by name (:func:`normkit.functional.activations.get_activation`) as a module."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.fn = get_activation(name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def activation_module(name: str) -> nn.Module:
+    """The activation ``name`` as a module: torch's own class where there is one (``nn.ReLU``).
+
+    Example:
+        >>> activation_module("relu")
+        ReLU()
+    """
+    make = _ACT_MODULES.get(name)
+    return make() if make is not None else _Activation(name)
+
+
+class ActNorm(nn.Sequential):
+    """``activation -> norm``: what a ``post:`` spec builds where the models put norm + activation.
+
+    ``self[0]`` is the activation, ``self[1]`` the plain norm (:func:`normkit.create_norm_layer`);
+    state_dict keys ``1.*``.
+
+    Example:
+        >>> ActNorm("relu", "bn", 8)
+        ActNorm(
+          (0): ReLU()
+          (1): BatchNorm2d(8, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)
+        )
+    """
+
+    def __init__(self, activation: str, spec: str, num_features: int) -> None:
+        super().__init__(activation_module(activation), create_norm_layer(spec, num_features))
 
 
 def _warn_if_plain(make: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
@@ -110,21 +237,28 @@ def _warn_if_plain(make: Callable[[int], nn.Module]) -> Callable[[int], nn.Modul
 
 
 def norm_act_factory(norm: NormLayer, activation: str = "relu") -> Callable[[int], nn.Module]:
-    """``C -> norm + activation`` for a spec (through :func:`normkit.create_norm_act_layer`) or a callable.
+    """``C -> norm + activation`` for a spec (through :func:`normkit.create_norm_act_layer`) or a callable;
+    ``C -> activation -> norm`` (:class:`ActNorm`) for a ``post:`` spec.
 
     Example:
         >>> norm_act_factory("gn:4")(16)
         GroupNormAct2d(16, num_groups=4, eps=1e-05, affine=True, bias=True, activation=relu)
+        >>> norm_act_factory("post:gn:4")(16)[1]
+        GroupNorm(4, 16, eps=1e-05, affine=True, bias=True)
     """
     if callable(norm):
         return _warn_if_plain(norm)
     spec = check_norm_spec(norm)
+    post, inner = split_post(spec)
+    if post:
+        return lambda c: ActNorm(activation, inner, c)
     return lambda c: create_norm_act_layer(spec, c, activation)
 
 
 def _conv_bias(norm: NormLayer) -> bool:
-    """A conv followed by a norm needs no bias; with ``"none"`` it keeps one."""
-    return isinstance(norm, str) and norm.strip().lower() == "none"
+    """A conv followed by a norm needs no bias; with ``"none"`` it keeps one, and with a ``post:`` spec too
+    (the activation comes between the conv and the norm, so the bias shifts what the activation sees)."""
+    return isinstance(norm, str) and (norm.strip().lower() == "none" or is_post(norm))
 
 
 class CNN4(nn.Module):
@@ -132,7 +266,8 @@ class CNN4(nn.Module):
     [head] linear.
 
     Args:
-        norm: norm spec or ``norm_layer`` callable (norm + activation).
+        norm: norm spec or ``norm_layer`` callable (norm + activation); a ``post:`` spec
+            (``"post:bn"``) builds ``conv -> act -> norm`` instead, its convs with a bias.
         in_channels: image channels (1 for digits, 3 for CIFAR-10).
         num_classes: outputs.
         head: add ``Linear(64->64, bias=False) -> norm -> act`` before the classifier. The norm
@@ -220,7 +355,7 @@ class PreActBlock(nn.Module):
 
 class PreActResNet(nn.Module):
     """A small pre-activation ResNet (ResNet v2) for 8x8 to 32x32 images; every norm is followed by an
-    activation.
+    activation (with a ``post:`` spec, preceded by one: ``act -> norm -> conv``, convs with a bias).
 
     Stem conv3x3(in->widths[0]), then one stage per width (stride 2 from the second), each with
     ``blocks`` :class:`PreActBlock`, a final norm + activation, global average pool and linear.
@@ -269,7 +404,8 @@ class MLP3(nn.Module):
     """MLP-3 (the BN paper's MNIST net): in->100->100->100->classes, norm before each sigmoid.
 
     ``norm`` is ``"none"`` or a norm usable on ``(N, C)`` features (``"bn"`` means ``"bn1d"``
-    here). Weights start ``N(0, init_std^2)`` ("small random Gaussian values"), biases 0.
+    here); a ``post:`` spec puts it after each sigmoid instead (the linears then keep their bias).
+    Weights start ``N(0, init_std^2)`` ("small random Gaussian values"), biases 0.
     :meth:`forward` can also return the pre-sigmoid input of the last hidden layer, whose
     percentiles the BN paper plots over training.
 
@@ -289,7 +425,7 @@ class MLP3(nn.Module):
         init_std: float = 0.1,
     ) -> None:
         super().__init__()
-        spec = check_norm_spec(norm)
+        post, spec = split_post(check_norm_spec(norm))
         if spec in ("bn", "bn2d"):
             spec = "bn1d"
         if is_instance_norm(spec):
@@ -297,12 +433,15 @@ class MLP3(nn.Module):
                 f"MLP3: instance norm {norm!r} has one value per channel on (N, C) features; use bn, ln, "
                 "gn:G or none"
             )
-        self.norm = spec
+        self.norm = POST_PREFIX + spec if post else spec
         dims = [in_features, width, width, width]
         self.linears = nn.ModuleList(
-            nn.Linear(a, b, bias=spec == "none") for a, b in zip(dims[:-1], dims[1:])
+            nn.Linear(a, b, bias=spec == "none" or post) for a, b in zip(dims[:-1], dims[1:])
         )
-        self.norm_acts = nn.ModuleList(create_norm_act_layer(spec, width, "sigmoid") for _ in range(3))
+        self.norm_acts = nn.ModuleList(
+            ActNorm("sigmoid", spec, width) if post else create_norm_act_layer(spec, width, "sigmoid")
+            for _ in range(3)
+        )
         self.classifier = nn.Linear(width, num_classes)
         for lin in [*self.linears, self.classifier]:
             nn.init.normal_(lin.weight, std=init_std)
@@ -314,7 +453,10 @@ class MLP3(nn.Module):
         pre = h
         for lin, na in zip(self.linears, self.norm_acts):
             z = lin(h)
-            if isinstance(na, nn.Sequential):  # norm then activation: keep the activation's input
+            if isinstance(na, ActNorm):  # activation then norm: the activation's input is z itself
+                pre = z
+                h = na(z)
+            elif isinstance(na, nn.Sequential):  # norm then activation: keep the activation's input
                 pre = na[0](z)
                 h = na[1](pre)
             elif isinstance(na, ProxyNormAct):  # the activation's input: the proxy step's affine of
@@ -360,6 +502,11 @@ class RandNet(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
+        if is_post(norm):
+            raise ValueError(
+                f"RandNet: {norm!r} puts the norm after the activation; RandNet (E4) measures the power at "
+                "conv -> norm -> activation sites, so it takes no 'post:' spec (use the spec without 'post:')"
+            )
         na = norm_act_factory(norm, activation)
         self.convs = nn.ModuleList()
         self.norm_acts = nn.ModuleList()
@@ -428,7 +575,8 @@ def build_model(name: str, norm: str, in_channels: int = 1, num_classes: int = 1
     """Build a classifier by name: ``"cnn4-head"`` (CNN-4 + Linear-norm-ReLU head), ``"cnn4"``, ``"resnet"``.
 
     For ``"cnn4-head"`` with an instance norm the head gets no norm (IN is undefined on a
-    ``(N, C, 1, 1)`` input).
+    ``(N, C, 1, 1)`` input). A ``post:`` spec (``"post:bn"``) works with every model here:
+    ``activation -> norm`` wherever the model has ``norm -> activation``.
 
     Example:
         >>> sum(p.numel() for p in build_model("cnn4", "bn").parameters())

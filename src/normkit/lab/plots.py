@@ -5,7 +5,8 @@ Conventions, shared by every figure (docs/EXPERIMENTS.md says which figure answe
 * at least 1000 px wide (:data:`MIN_WIDTH_IN` inches at :data:`DPI`), text 9-11 pt;
 * legends outside the data (below the panels, or right of the axes);
 * a norm has one style everywhere (:func:`norm_style`): colour *and* marker *and* dash differ
-  between norms, so lines stay apart in grey-scale print and for colour-blind readers;
+  between norms, so lines stay apart in grey-scale print and for colour-blind readers; a ``post:``
+  spec (norm after the activation) has its norm's colour and marker, half-filled, and its own dash;
 * facets (one panel per norm, per batch size or per measure) instead of a dozen lines in one;
 * log axes where the criterion lives at 1e-3 or below (values under a floor are drawn at the floor);
 * a pass criterion's threshold drawn in the panel it applies to (:data:`THRESHOLD_STYLE`).
@@ -84,6 +85,13 @@ _FAMILY_STYLES: dict[str, dict[str, Any]] = {
     "ln+pn": {"color": "#009E73", "marker": "P", "linestyle": (0, (3, 1))},
     "gn+pn": {"color": "#56B4E9", "marker": "X", "linestyle": (0, (3, 1, 1, 1, 1, 1))},
     "none": {"color": "#000000", "marker": "s", "linestyle": (0, (2, 2))},
+}
+#: What a ``post:`` spec changes in its norm's style: the marker half-filled (bottom half white) and a
+#: dash of its own, so ``bn`` and ``post:bn`` share a colour and still part in grey scale.
+_POST_STYLE: dict[str, Any] = {
+    "fillstyle": "top",
+    "markerfacecoloralt": "white",
+    "linestyle": (0, (5, 1, 1, 1)),
 }
 _SPARE_STYLES = [
     {"color": "#F0E442", "marker": "*", "linestyle": (0, (8, 2, 2, 2))},
@@ -194,13 +202,17 @@ def _save_styled(fig: Any, path: str | Path) -> Path:
 
 def norm_family(spec: str) -> str:
     """The family a norm spec belongs to, which decides its style: ``bn, gn, ln, in, ln+pn, gn+pn, none`` or
-    the spec.
+    the spec; ``post:`` and the family for a ``post:`` spec (the norm after the activation).
 
     Example:
         >>> [norm_family(s) for s in ("bn", "bn1d", "gn:8", "gn:4+pn", "LN+PN", "in2d", "none", "ws")]
         ['bn', 'bn', 'gn', 'gn+pn', 'ln+pn', 'in', 'none', 'ws']
+        >>> norm_family("post:gn:8")
+        'post:gn'
     """
     s = spec.strip().lower()
+    if s.startswith("post:"):
+        return "post:" + norm_family(s[len("post:") :])
     base = s.split(":")[0].split("+")[0]
     for fam in ("bn", "gn", "ln", "in"):
         if base == fam or re.fullmatch(fam + r"[123]d", base):
@@ -209,10 +221,16 @@ def norm_family(spec: str) -> str:
     return base + ("+pn" if s.endswith("+pn") and base in ("gn", "ln") else "")
 
 
+def _known(fam: str) -> bool:
+    """Whether a family has a fixed style (a ``post:`` family: when its norm's family has one)."""
+    return fam.removeprefix("post:") in _FAMILY_STYLES
+
+
 def norm_style(spec: str, index: int = 0) -> dict[str, Any]:
     """``color, marker, linestyle`` of a norm: fixed per family, so every figure draws BN alike.
 
     Norms outside the known families take a spare style by ``index`` (their rank among the unknown ones).
+    A ``post:`` spec takes its norm's style with a half-filled marker and a dash of its own.
 
     Example:
         >>> norm_style("gn:8") == norm_style("gn:32")
@@ -220,11 +238,18 @@ def norm_style(spec: str, index: int = 0) -> dict[str, Any]:
         >>> a, b = norm_style("bn"), norm_style("ln+pn")
         >>> a["color"] != b["color"] and a["marker"] != b["marker"] and a["linestyle"] != b["linestyle"]
         True
+        >>> c = norm_style("post:bn")
+        >>> c["color"] == a["color"] and c["linestyle"] != a["linestyle"] and c["fillstyle"]
+        'top'
     """
     fam = norm_family(spec)
+    post = fam.startswith("post:")
+    fam = fam.removeprefix("post:")
     if fam in _FAMILY_STYLES:
-        return dict(_FAMILY_STYLES[fam])
-    return dict(_SPARE_STYLES[index % len(_SPARE_STYLES)])
+        style = dict(_FAMILY_STYLES[fam])
+    else:
+        style = dict(_SPARE_STYLES[index % len(_SPARE_STYLES)])
+    return {**style, **_POST_STYLE} if post else style
 
 
 def _styles(norms: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -232,7 +257,7 @@ def _styles(norms: Sequence[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     spare = 0
     for n in norms:
-        if norm_family(n) in _FAMILY_STYLES:
+        if _known(norm_family(n)):
             out[n] = norm_style(n)
         else:
             out[n] = norm_style(n, spare)
@@ -384,7 +409,8 @@ def compare_figure(rows: Sequence[Mapping[str, Any]], title: str = "", criteria:
                     ax.axhline(y, **THRESHOLD_STYLE, label="pass threshold")
                     _threshold_label(ax, y, f"E1 (i): B={lo} must reach ≥ {y:.2f}")
                     values.append(y)
-                elif at_hi is not None and at_lo is not None:
+                # (post:bn is batch-dependent, so not E1 (ii)'s, and E1 (i) is BN's before the activation)
+                elif at_hi is not None and at_lo is not None and norm_family(norm) != "post:bn":
                     c = at_hi["test_err_mean"]
                     ax.axhspan(max(c - 1.5, 0.0), c + 1.5, **BAND_STYLE, label="pass band")
                     for y in (max(c - 1.5, 0.0), c + 1.5):

@@ -41,7 +41,7 @@ import torch
 
 from ...nn.registry import register_norm, user_registered
 from ..data import load_dataset
-from ..models import MODEL_NAMES, build_model, is_instance_norm
+from ..models import MODEL_NAMES, build_model, is_instance_norm, is_post, split_post
 from ..progress import Progress
 from ..records import _interrupts_ignored, _sigterm_deferred
 from ..train import TrainConfig, has_batch_stats, set_seed, train_classifier
@@ -88,7 +88,9 @@ class CompareConfig(LabConfig):
     Attributes:
         models: ``"cnn4-head"`` (CNN-4 + Linear(64->64)-norm-ReLU head, where BN pools over B values),
             ``"cnn4"``, ``"resnet"`` (small pre-activation ResNet).
-        norms: registry specs.
+        norms: registry specs; ``post:`` before one (``"post:bn"``) puts the norm after the activation
+            (docs/EXPERIMENTS.md, "Norm before or after the activation"). E1/E3's criteria take the
+            plain specs as BN, GN, LN, IN; a ``post:`` spec enters only E1 (ii), when batch-independent.
         batch_sizes: samples per step per process.
         seeds: one training run per seed.
         epochs: passes over the training set per run.
@@ -114,7 +116,10 @@ class CompareConfig(LabConfig):
         "cnn4-head (CNN-4 + Linear-norm-ReLU head), cnn4, resnet (pre-activation ResNet)",
         choices=MODEL_NAMES,
     )
-    norms: list[str] = opt(["bn", "gn:8", "ln+pn"], "registry specs, e.g. bn,gn:8,ln,in,ln+pn,gn:4+pn")
+    norms: list[str] = opt(
+        ["bn", "gn:8", "ln+pn"],
+        "registry specs, e.g. bn,gn:8,ln,in,ln+pn,gn:4+pn; post:SPEC puts the norm after the activation",
+    )
     batch_sizes: list[int] = opt([32, 8, 2], "per-process batch sizes", min=1)
     seeds: list[int] = opt([0, 1], "seeds, one run each", min=0)
     epochs: int = opt(8, "epochs per run", min=1)
@@ -166,7 +171,7 @@ class CompareConfig(LabConfig):
 
     def _check(self) -> None:
         self.norms = _norm_specs(self.norms)
-        if any(b < 2 for b in self.batch_sizes) and any(_family(n) in _BATCH_DEPENDENT for n in self.norms):
+        if any(b < 2 for b in self.batch_sizes) and any(_batch_dependent(n) for n in self.norms):
             raise ConfigError(
                 f"--batch-sizes {_csv_text(self.batch_sizes)}: batch size 1 cannot train BN (one value per "
                 "channel); use batch sizes >= 2"
@@ -324,9 +329,22 @@ _BATCH_DEPENDENT = ("bn", "gbn", "brn", "syncbn")
 
 
 def _family(norm: str) -> str:
+    """``"bn"``, ``"gn"``, ``"ln+pn"``, ...; ``"post:bn"`` for a ``post:`` spec, so that the criteria's
+    look-ups of BN, GN and IN (the norm before the activation) never take it."""
+    post, norm = split_post(norm)
     base = norm.split(":")[0].split("+")[0]
     base = "bn" if base == "bn2d" else base  # (the documented alias: scored as BN)
-    return base + ("+pn" if norm.endswith("+pn") else "")
+    return ("post:" if post else "") + base + ("+pn" if norm.endswith("+pn") else "")
+
+
+def _batch_dependent(norm: str) -> bool:
+    """Whether the norm's training output depends on the batch (BN, ``post:bn`` alike)."""
+    return _family(split_post(norm)[1]) in _BATCH_DEPENDENT
+
+
+def _registry_specs(norms: list[str]) -> list[str]:
+    """The registry specs behind the lab's specs (``post:`` dropped)."""
+    return [split_post(n)[1] for n in norms]
 
 
 def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
@@ -360,7 +378,7 @@ def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
         out += [
             _criterion("E1 (ii)", f"{n} at the smallest B within ±1.5 pt of the largest B", None, why)
             for n in norms
-            if _family(n) not in _BATCH_DEPENDENT
+            if not _batch_dependent(n)
         ]
         if bn is not None and gn is not None:
             text = f"{gn} − BN >= −0.5 pt at the largest B and <= −1 pt at the smallest B"
@@ -392,7 +410,7 @@ def e1_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
                 )
             )
     for n in norms:
-        if _family(n) in _BATCH_DEPENDENT:
+        if _batch_dependent(n):
             continue
         a, b = _row(agg, model, n, hi), _row(agg, model, n, lo)
         text = f"{n} at B={lo} within ±1.5 pt of B={hi}"
@@ -476,9 +494,10 @@ def e3_criteria(agg: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
             _se(at["ln+pn"], at[bn]),
             f"{fmt(err['ln+pn'])} vs {fmt(err[bn])}",
         )
-    inn = next((n for n in err if is_instance_norm(n)), None)
-    if inn and len(err) > 2:
-        worst = max(err, key=lambda n: err[n])
+    pre = [n for n in err if not is_post(n)]  # (E3 ranks the norms before the activation)
+    inn = next((n for n in pre if is_instance_norm(n)), None)
+    if inn and len(pre) > 2:
+        worst = max(pre, key=lambda n: err[n])
         add(
             "IN is the worst or within 0.5 pt of it",
             err[inn] - err[worst] + 0.5,
@@ -723,7 +742,7 @@ def run_compare(cfg: CompareConfig) -> CompareOutcome:
     ]
     jobs, threads, why = _parallelism(cfg, world, device, len(runs))
     if jobs > 1:
-        _check_sendable(user_registered(cfg.norms))
+        _check_sendable(user_registered(_registry_specs(cfg.norms)))
     data = _data(cfg)
     cfg.check_data(data, world)
     set_threads(threads)
@@ -911,7 +930,7 @@ def _run_pool(
     procs = [
         ctx.Process(
             target=_worker_main,
-            args=(cfg, tasks, messages, threads, os.getpid(), user_registered(cfg.norms)),
+            args=(cfg, tasks, messages, threads, os.getpid(), user_registered(_registry_specs(cfg.norms))),
             daemon=True,
         )
         for _ in range(jobs)

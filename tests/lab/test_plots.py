@@ -224,6 +224,17 @@ def test_compare_draws_the_e1_thresholds_at_the_criteria_values() -> None:
     assert all(not _hlines(ax) and not ax.patches for ax in _axes(no))
 
 
+@pytest.mark.parametrize("norm", ["gbn:4", "brn", "syncbn", "post:bn", "post:gbn:4"])
+def test_compare_draws_no_e1_ii_band_for_a_batch_dependent_norm(norm: str) -> None:
+    """E1 (ii) holds the batch-independent norms to ±1.5 pt; its criteria skip BN's relatives (and BN
+    after the activation), so their panels get no band; GN's keeps its band."""
+    rows = _agg() + [{**r, "norm": norm} for r in _agg() if r["norm"] == "bn"]
+    fig = plots.compare_figure(rows)
+    ax = _by_title(fig, f"cnn4-head: {norm}")
+    assert not ax.patches and not _hlines(ax)
+    assert any(p.get_label() == "pass band" for p in _by_title(fig, "cnn4-head: gn:8").patches)
+
+
 def test_compare_with_one_batch_size_draws_a_point_per_norm_and_the_e3_band() -> None:
     rows = [r for r in _agg() if r["batch_size"] == 32]
     fig = plots.compare_figure(rows)

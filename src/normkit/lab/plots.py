@@ -93,6 +93,8 @@ _POST_STYLE: dict[str, Any] = {
     "markerfacecoloralt": "white",
     "linestyle": (0, (5, 1, 1, 1)),
 }
+#: Families whose training output depends on the batch: E1 (ii)'s band is not theirs.
+_BATCH_DEPENDENT_FAMILIES = frozenset({"bn", "gbn", "brn", "syncbn"})
 _SPARE_STYLES = [
     {"color": "#F0E442", "marker": "*", "linestyle": (0, (8, 2, 2, 2))},
     {"color": "#7f7f7f", "marker": "h", "linestyle": (0, (4, 4))},
@@ -409,8 +411,12 @@ def compare_figure(rows: Sequence[Mapping[str, Any]], title: str = "", criteria:
                     ax.axhline(y, **THRESHOLD_STYLE, label="pass threshold")
                     _threshold_label(ax, y, f"E1 (i): B={lo} must reach ≥ {y:.2f}")
                     values.append(y)
-                # (post:bn is batch-dependent, so not E1 (ii)'s, and E1 (i) is BN's before the activation)
-                elif at_hi is not None and at_lo is not None and norm_family(norm) != "post:bn":
+                # (E1 (ii) is for the batch-independent norms; E1 (i) is BN's before the activation)
+                elif (
+                    at_hi is not None
+                    and at_lo is not None
+                    and norm_family(norm).removeprefix("post:") not in _BATCH_DEPENDENT_FAMILIES
+                ):
                     c = at_hi["test_err_mean"]
                     ax.axhspan(max(c - 1.5, 0.0), c + 1.5, **BAND_STYLE, label="pass band")
                     for y in (max(c - 1.5, 0.0), c + 1.5):

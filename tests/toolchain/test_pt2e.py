@@ -436,8 +436,8 @@ def _dynamic(s: Sample) -> dict[int, Dim]:
     name = s.name.replace("+", "_").replace(":", "_").replace("-", "_")
     if s.name == "BatchNormalization-keras":
         spatial = (1, 2)  # (N, H, W, C)
-    elif s.name == "LayerNorm-2dims":
-        spatial = ()  # (the normalized shape is fixed)
+    elif s.name == "LayerNorm-2dims" or len(s.shape) == 2:
+        spatial = ()  # (the normalized shape is fixed; (N, C) features have no spatial dim)
     elif s.name.startswith("LayerNorm"):
         spatial = (1,) if len(s.shape) == 3 else (2, 3)
     else:

@@ -189,3 +189,30 @@ def set_size(x: Tensor, dims: Sequence[int]) -> int:
     for d in dims:
         m *= x.shape[d]
     return m
+
+
+def check_dims(dims: object, x: Tensor, op: str) -> tuple[int, ...]:
+    """``dims`` as distinct non-negative ints within ``x``'s rank; typed errors that name what came.
+
+    (An empty tuple would make ``sum(dim=())`` reduce over *every* dim, and ``d % x.dim()`` would
+    quietly wrap an out-of-range dim onto another one: both are errors here.)
+    """
+    if isinstance(dims, (int, Tensor)) and not isinstance(dims, bool):
+        dims = (dims,)
+    if not isinstance(dims, (tuple, list)):
+        raise TypeError(f"{op}: dims must be a tuple of ints, got {type(dims).__name__} {dims!r}")
+    nd = x.dim()
+    out: list[int] = []
+    for d in dims:
+        i = as_int(d, op, "dims")
+        if not -nd <= i < nd:
+            raise NormError(
+                f"{op}: dim {i} is out of range for an input with {nd} dims (shape {tuple(x.shape)}); "
+                f"expected dims in [{-nd}, {nd - 1}]"
+            )
+        out.append(i % nd)
+    if not out:
+        raise NormError(f"{op}: dims is empty; give the dims each set's statistics pool over, e.g. (1,)")
+    if len(set(out)) != len(out):
+        raise NormError(f"{op}: dims {tuple(dims)} name the same dim twice (input shape {tuple(x.shape)})")
+    return tuple(out)

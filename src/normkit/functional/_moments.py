@@ -16,6 +16,7 @@ from ..kernels import _fast
 from ..ops import core
 from ..ops.core import Moments, acc_dtype
 from ..ops.library import _dense
+from ._checks import check_dims
 
 __all__ = ["Moments", "acc_dtype", "moments", "normalize"]
 
@@ -33,6 +34,8 @@ def moments(x: Tensor, dims: Sequence[int], mask: Tensor | None = None) -> Momen
         >>> m.mean.squeeze(1), m.var.squeeze(1)
         (tensor([2.0000e+00, 1.0001e+04]), tensor([0.6667, 0.6667]))
     """
+    if isinstance(x, Tensor):  # (dims as masked_moments takes them: ints, none twice, not empty)
+        dims = check_dims(dims, x, "moments")
     if mask is None and x.numel() and _fast.eligible(x) and not (torch.is_grad_enabled() and x.requires_grad):
         dims = core.moment_dims(x, dims, "moments")
         _, stats = kernels.norm_forward(_dense(x), None, None, None, dims, 0.0)  # (the kernels take dense x)

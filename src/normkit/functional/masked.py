@@ -29,7 +29,7 @@ from torch import Tensor
 from .._errors import NormError
 from ..ops.core import moments
 from ._autograd import norm_count
-from ._checks import as_int, check_eps, check_input
+from ._checks import check_dims, check_eps, check_input
 from ._running import update_running_stats_where
 
 __all__ = ["check_mask", "masked_moments", "masked_norm", "update_running_stats_where"]
@@ -58,33 +58,6 @@ def check_mask(mask: object, x: Tensor, op: str) -> Tensor:
     if mask.device != x.device:
         raise NormError(f"{op}: mask is on {mask.device} but the input is on {x.device}; move them together")
     return mask
-
-
-def _check_dims(dims: object, x: Tensor, op: str) -> tuple[int, ...]:
-    """``dims`` as distinct non-negative ints within ``x``'s rank; typed errors that name what came.
-
-    (An empty tuple would make ``sum(dim=())`` reduce over *every* dim, and ``d % x.dim()`` would
-    quietly wrap an out-of-range dim onto another one: both are errors here.)
-    """
-    if isinstance(dims, (int, Tensor)) and not isinstance(dims, bool):
-        dims = (dims,)
-    if not isinstance(dims, (tuple, list)):
-        raise TypeError(f"{op}: dims must be a tuple of ints, got {type(dims).__name__} {dims!r}")
-    nd = x.dim()
-    out: list[int] = []
-    for d in dims:
-        i = as_int(d, op, "dims")
-        if not -nd <= i < nd:
-            raise NormError(
-                f"{op}: dim {i} is out of range for an input with {nd} dims (shape {tuple(x.shape)}); "
-                f"expected dims in [{-nd}, {nd - 1}]"
-            )
-        out.append(i % nd)
-    if not out:
-        raise NormError(f"{op}: dims is empty; give the dims each set's statistics pool over, e.g. (1,)")
-    if len(set(out)) != len(out):
-        raise NormError(f"{op}: dims {tuple(dims)} name the same dim twice (input shape {tuple(x.shape)})")
-    return tuple(out)
 
 
 def _check_affine(p: object, x: Tensor, op: str, name: str) -> None:
@@ -128,7 +101,7 @@ def masked_moments(x: Tensor, mask: Tensor | None, dims: tuple[int, ...]) -> tup
     check_input(x, op, min_dim=1)
     if mask is not None:
         check_mask(mask, x, op)
-    m = moments(x, _check_dims(dims, x, op), mask=mask)
+    m = moments(x, check_dims(dims, x, op), mask=mask)
     return m.mean, m.var, m.count
 
 
@@ -160,7 +133,7 @@ def masked_norm(
     check_input(x, op, min_dim=1)
     if mask is not None:  # (None: every position is valid, as in :func:`normkit.functional.norm`)
         check_mask(mask, x, op)
-    dims = _check_dims(dims, x, op)
+    dims = check_dims(dims, x, op)
     _check_affine(weight, x, op, "weight")
     _check_affine(bias, x, op, "bias")
     return norm_count(x, dims, weight, bias, check_eps(eps, op), mask)

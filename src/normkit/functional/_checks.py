@@ -183,14 +183,6 @@ def check_groups(num_groups: object, num_channels: int, op: str) -> int:
     return g
 
 
-def set_size(x: Tensor, dims: Sequence[int]) -> int:
-    """Number of elements in one reduction set."""
-    m = 1
-    for d in dims:
-        m *= x.shape[d]
-    return m
-
-
 def check_dims(dims: object, x: Tensor, op: str) -> tuple[int, ...]:
     """``dims`` as distinct non-negative ints within ``x``'s rank; typed errors that name what came.
 

@@ -20,16 +20,9 @@ TINY = {"limit_train": 32, "limit_test": 16, "quiet": True, "device": "cpu", "th
 
 
 def _compare(out: Path, **kw) -> Path:
-    cfg = CompareConfig(
-        norms=["bn", "gn:8", "ln+pn"],
-        batch_sizes=[8, 4],
-        seeds=[0],
-        epochs=2,
-        max_steps=2,
-        jobs=1,
-        out=str(out),
-        **{**TINY, **kw},
-    )
+    """A tiny ``run_compare`` (two steps per run) into ``out``; ``kw`` overrides any setting."""
+    base = dict(norms=["bn", "gn:8", "ln+pn"], batch_sizes=[8, 4], seeds=[0], epochs=2, max_steps=2, jobs=1)
+    cfg = CompareConfig(**{**base, "out": str(out), **TINY, **kw})
     outcome = run_compare(cfg)
     assert outcome.path is not None
     return outcome.path

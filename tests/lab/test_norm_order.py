@@ -12,7 +12,7 @@ from torch import nn
 
 import normkit
 from normkit.lab.experiments._common import ConfigError
-from normkit.lab.experiments.compare import CompareConfig, e1_criteria, e3_criteria, run_compare
+from normkit.lab.experiments.compare import CompareConfig, e1_criteria, e3_criteria
 from normkit.lab.experiments.power import PowerConfig
 from normkit.lab.models import (
     CNN4,
@@ -25,8 +25,7 @@ from normkit.lab.models import (
     build_model,
     check_norm_spec,
 )
-
-TINY = {"limit_train": 32, "limit_test": 16, "quiet": True, "device": "cpu", "threads": 1}
+from tests.lab.test_experiments import TINY, _compare
 
 
 def _leaves(module: nn.Module) -> list[nn.Module]:
@@ -213,27 +212,15 @@ def test_compare_figure_with_one_batch_size_draws_post_specs() -> None:
 
 
 def test_compare_runs_bn_and_post_bn(tmp_path: Path) -> None:
-    cfg = CompareConfig(
-        models=["cnn4"],
-        norms=["bn", "post:bn"],
-        batch_sizes=[8, 4],
-        seeds=[0],
-        epochs=1,
-        max_steps=2,
-        jobs=1,
-        out=str(tmp_path),
-        **TINY,
-    )
-    outcome = run_compare(cfg)
-    assert outcome.path is not None
-    results = json.loads((outcome.path / "results.json").read_text())
+    path = _compare(tmp_path, models=["cnn4"], norms=["bn", "post:bn"], epochs=1)
+    results = json.loads((path / "results.json").read_text())
     cells = {(r["norm"], r["batch_size"]) for r in results["aggregate"]}
     assert cells == {(n, b) for n in ("bn", "post:bn") for b in (8, 4)}
     assert all("test_err_batch_stats_mean" in r for r in results["aggregate"])  # post:bn is BN too
-    summary = (outcome.path / "summary.md").read_text()
+    summary = (path / "summary.md").read_text()
     for row in ("| bn |", "| bn (batch stats) |", "| post:bn |", "| post:bn (batch stats) |"):
         assert row in summary, row
     e1 = [c for c in results["criteria"]["cnn4"] if c["name"] == "E1 (i)"]
     assert len(e1) == 1 and "post" not in e1[0]["text"]
     assert not any(c["name"] == "E1 (ii)" for c in results["criteria"]["cnn4"])  # both batch-dependent
-    assert (outcome.path / "error_vs_batch.png").is_file() and (outcome.path / "curves.png").is_file()
+    assert (path / "error_vs_batch.png").is_file() and (path / "curves.png").is_file()

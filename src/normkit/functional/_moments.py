@@ -37,7 +37,6 @@ def moments(x: Tensor, dims: Sequence[int], mask: Tensor | None = None) -> Momen
     if isinstance(x, Tensor):  # (dims as masked_moments takes them: ints, none twice, not empty)
         dims = check_dims(dims, x, "moments")
     if mask is None and x.numel() and _fast.eligible(x) and not (torch.is_grad_enabled() and x.requires_grad):
-        dims = core.moment_dims(x, dims, "moments")
         _, stats = kernels.norm_forward(_dense(x), None, None, None, dims, 0.0)  # (the kernels take dense x)
         mean, var = core.mean_var(stats)
         return Moments(core.stats_count(stats), mean, var)
